@@ -1,0 +1,285 @@
+"""Reading and writing LLaDA checkpoints in the Hugging Face layout.
+
+A checkpoint directory holds `config.json` and either `model.safetensors` or shards listed by
+`model.safetensors.index.json` (`{"metadata": {"total_size": ...}, "weight_map": {key: shard}}`).
+
+Loading is streamed: the model is built on the meta device and every tensor is read from its shard and put in
+place on its own, so peak memory is one copy of the weights (LLaDA-8B is 16 GB in bf16). All key names and
+shapes are checked against the model before any tensor is read, and every mismatch is reported in one error.
+
+Saving writes every file under a temporary name first and renames them into place, removing the old entry
+point (`model.safetensors` / the index) before and writing the new one last: a crash leaves either the old
+checkpoint, the new one, or a directory that fails to load with a clear error, never a mix of old and new.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import uuid
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from llada_trm.backbone.config import LLaDAConfig
+from llada_trm.errors import CheckpointError
+
+if TYPE_CHECKING:
+    from torch import nn
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+INDEX_NAME = "model.safetensors.index.json"
+_SHARD_PATTERN = re.compile(r"model-\d{5}-of-\d{5}\.safetensors")
+_MAX_LISTED = 20  # offending keys listed per category in a mismatch error
+
+DTypeLike = torch.dtype | str | None
+
+_DTYPE_NAMES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "float": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "half": torch.float16,
+    "float64": torch.float64,
+}
+
+
+def resolve_dtype(dtype: DTypeLike) -> torch.dtype | None:
+    """Floating dtype from a dtype or a name ("bfloat16", "bf16", "torch.float16"); None/"auto": keep."""
+    if dtype is None or dtype == "auto":
+        return None
+    if isinstance(dtype, str):
+        resolved = _DTYPE_NAMES.get(dtype.removeprefix("torch."))
+        if resolved is None:
+            raise ValueError(f"unknown dtype {dtype!r}; use one of {', '.join(sorted(_DTYPE_NAMES))}")
+        return resolved
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise ValueError(f"dtype must be a floating-point torch dtype, got {dtype!r}")
+    return dtype
+
+
+def parse_size(size: int | str | None) -> int | None:
+    """Bytes from an int or an HF-style size string ("5GB" = 5e9, "2GiB" = 2**31, "500MB", "100KB")."""
+    if size is None:
+        return None
+    if isinstance(size, int) and not isinstance(size, bool):
+        value = size
+    elif isinstance(size, str):
+        match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*", size, flags=re.IGNORECASE)
+        if match is None:
+            raise ValueError(f"cannot parse shard size {size!r}; use bytes or a string like '2GB' or '500MB'")
+        unit = (match.group(2) or "B").upper()
+        base = 1024 if "I" in unit else 1000
+        power = "BKMGT".index(unit[0])
+        value = int(float(match.group(1)) * base**power)
+    else:
+        raise ValueError(f"max_shard_size must be an int or a size string, got {size!r}")
+    if value <= 0:
+        raise ValueError(f"max_shard_size must be positive, got {size!r}")
+    return value
+
+
+# ---------------------------------------------------------------------------------------------------- reading
+def read_config(path: str | Path) -> LLaDAConfig:
+    """The `LLaDAConfig` of a checkpoint directory."""
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(f"checkpoint directory not found: {path}")
+    config_file = path / CONFIG_NAME
+    if not config_file.is_file():
+        raise CheckpointError(f"{config_file} not found: a LLaDA checkpoint directory needs its config.json")
+    return LLaDAConfig.from_json_file(config_file)
+
+
+def _read_header(file: Path) -> dict[str, tuple[int, ...]]:
+    """Tensor names and shapes of one safetensors file, without reading the data."""
+    try:
+        with safe_open(str(file), framework="pt") as f:
+            return {key: tuple(f.get_slice(key).get_shape()) for key in f.keys()}
+    except (SafetensorError, OSError, ValueError) as err:
+        raise CheckpointError(f"cannot read safetensors file {file}: {err} (corrupt or truncated?)") from None
+
+
+def _weight_map(path: Path) -> dict[str, Path]:
+    """Which file holds each tensor, from the index if there is one, else from model.safetensors."""
+    index_file, single_file = path / INDEX_NAME, path / WEIGHTS_NAME
+    if index_file.is_file():
+        try:
+            weight_map = json.loads(index_file.read_text(encoding="utf-8"))["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as err:
+            raise CheckpointError(f"{index_file} is not a valid safetensors index ({err!r})") from None
+        if not isinstance(weight_map, dict):
+            raise CheckpointError(f"{index_file}: 'weight_map' must map tensor names to shard files")
+        shards = {name: path / name for name in set(weight_map.values())}
+        absent = sorted(name for name, file in shards.items() if not file.is_file())
+        if absent:
+            raise CheckpointError(f"{index_file} lists shard(s) missing from {path}: {', '.join(absent)}")
+        return {key: shards[name] for key, name in weight_map.items()}
+    if single_file.is_file():
+        return dict.fromkeys(_read_header(single_file), single_file)
+    raise CheckpointError(f"no {WEIGHTS_NAME} or {INDEX_NAME} in {path}")
+
+
+def _listing(items: list[str]) -> str:
+    shown = items[:_MAX_LISTED]
+    more = f"\n    ... and {len(items) - len(shown)} more" if len(items) > len(shown) else ""
+    return "".join(f"\n    {item}" for item in shown) + more
+
+
+def _check_against_model(
+    model: nn.Module, weight_map: dict[str, Path], headers: dict[Path, dict[str, tuple[int, ...]]], path: Path
+) -> None:
+    """Raise one CheckpointError listing every missing, unexpected and mis-shaped tensor."""
+    expected = {key: tuple(t.shape) for key, t in model.state_dict().items()}
+    problems = []
+    missing = sorted(set(expected) - set(weight_map))
+    if missing:
+        problems.append(f"  missing from the checkpoint ({len(missing)}):" + _listing(missing))
+    unexpected = sorted(set(weight_map) - set(expected))
+    if unexpected:
+        lines = [f"{key} (in {weight_map[key].name})" for key in unexpected]
+        problems.append(f"  unexpected in the checkpoint ({len(unexpected)}):" + _listing(lines))
+    mismatched, not_in_shard = [], []
+    for key in sorted(set(expected) & set(weight_map)):
+        file = weight_map[key]
+        found = headers[file].get(key)
+        if found is None:
+            not_in_shard.append(f"{key} (index points to {file.name})")
+        elif found != expected[key]:
+            mismatched.append(f"{key}: model expects {expected[key]}, {file.name} has {found}")
+    if mismatched:
+        problems.append(f"  wrong shape ({len(mismatched)}):" + _listing(mismatched))
+    if not_in_shard:
+        header = f"  listed in {INDEX_NAME} but absent from the shard ({len(not_in_shard)}):"
+        problems.append(header + _listing(not_in_shard))
+    if problems:
+        summary = f"checkpoint {path} does not match the model built from its {CONFIG_NAME}:\n"
+        raise CheckpointError(summary + "\n".join(problems))
+
+
+def _set_tensor(model: nn.Module, key: str, value: torch.Tensor) -> None:
+    """Replace a (meta) parameter or buffer by `value`, keeping its requires_grad."""
+    module_name, _, attr = key.rpartition(".")
+    module = model.get_submodule(module_name)
+    if attr in module._parameters:
+        old = module._parameters[attr]
+        module._parameters[attr] = torch.nn.Parameter(value, requires_grad=old.requires_grad)
+    else:
+        module._buffers[attr] = value
+
+
+def load_weights(
+    model: nn.Module, path: str | Path, dtype: DTypeLike = None, device: str | torch.device | None = None
+) -> None:
+    """Stream a checkpoint's tensors into `model` (typically built on the meta device), shard by shard."""
+    path = Path(path)
+    target_dtype = resolve_dtype(dtype)
+    target_device = torch.device(device) if device is not None else torch.device("cpu")
+    weight_map = _weight_map(path)
+    files = sorted(set(weight_map.values()))
+    headers = {file: _read_header(file) for file in files}
+    _check_against_model(model, weight_map, headers, path)
+
+    for file in files:
+        keys = [key for key, f in weight_map.items() if f == file]
+        try:
+            with safe_open(str(file), framework="pt", device="cpu") as f:
+                for key in keys:
+                    tensor = f.get_tensor(key)
+                    if target_dtype is not None and tensor.is_floating_point():
+                        tensor = tensor.to(target_dtype)
+                    _set_tensor(model, key, tensor.to(target_device))
+        except (SafetensorError, OSError) as err:
+            raise CheckpointError(f"cannot read tensors from {file}: {err} (corrupt or truncated?)") from None
+
+    left = [name for name, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if left:
+        raise CheckpointError(f"checkpoint {path} left tensors uninitialised: {', '.join(left)}")
+
+
+# ---------------------------------------------------------------------------------------------------- writing
+def _plan_shards(state: dict[str, torch.Tensor], limit: int | None) -> list[list[str]]:
+    """Greedy split in state-dict order; a tensor larger than `limit` gets a shard of its own."""
+    shards: list[list[str]] = [[]]
+    size = 0
+    for key, tensor in state.items():
+        nbytes = tensor.numel() * tensor.element_size()
+        if limit is not None and shards[-1] and size + nbytes > limit:
+            shards.append([])
+            size = 0
+        shards[-1].append(key)
+        size += nbytes
+    return shards
+
+
+def _fsync(file: Path) -> None:
+    fd = os.open(file, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_text(file: Path, text: str) -> None:
+    with open(file, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def save_checkpoint(
+    model: nn.Module, config: LLaDAConfig, path: str | Path, max_shard_size: int | str | None = None
+) -> None:
+    """Write config.json plus model.safetensors, or HF-style shards and an index above `max_shard_size`."""
+    path = Path(path)
+    limit = parse_size(max_shard_size)
+    path.mkdir(parents=True, exist_ok=True)
+    state = model.state_dict()
+    if any(t.is_meta for t in state.values()):
+        raise CheckpointError("cannot save a model whose weights are still on the meta device")
+    shards = _plan_shards(state, limit)
+    n = len(shards)
+    names = [WEIGHTS_NAME] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+    tag = f".tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    staged: list[tuple[Path, Path]] = []  # (temporary, final) in rename order: config, shards, entry point
+
+    try:
+        config_tmp = path / (CONFIG_NAME + tag)
+        staged.append((config_tmp, path / CONFIG_NAME))
+        _write_text(config_tmp, json.dumps(config.to_llada_json_dict(), indent=2, sort_keys=True) + "\n")
+        for name, keys in zip(names, shards, strict=True):
+            tmp = path / (name + tag)
+            staged.append((tmp, path / name))
+            tensors = {k: state[k].detach().to("cpu").contiguous() for k in keys}
+            save_file(tensors, str(tmp), metadata={"format": "pt"})
+            del tensors
+            _fsync(tmp)
+        if n > 1:  # the index is the entry point of a sharded checkpoint, so it is renamed last
+            index = {
+                "metadata": {"total_size": sum(t.numel() * t.element_size() for t in state.values())},
+                "weight_map": {key: name for name, keys in zip(names, shards, strict=True) for key in keys},
+            }
+            index_tmp = path / (INDEX_NAME + tag)
+            staged.append((index_tmp, path / INDEX_NAME))
+            _write_text(index_tmp, json.dumps(index, indent=2, sort_keys=True) + "\n")
+        old_shards = [p for p in path.iterdir() if _SHARD_PATTERN.fullmatch(p.name)]
+        for old_entry in (INDEX_NAME, WEIGHTS_NAME):
+            (path / old_entry).unlink(missing_ok=True)
+        for tmp, final in staged:
+            os.replace(tmp, final)
+    except BaseException:
+        for tmp, _ in staged:
+            tmp.unlink(missing_ok=True)
+        raise
+    keep = {path / name for name in names}
+    for old in old_shards:
+        if old not in keep:
+            old.unlink(missing_ok=True)

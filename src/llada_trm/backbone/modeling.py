@@ -1,0 +1,291 @@
+"""The LLaDA backbone: a llama-style transformer with bidirectional attention.
+
+Per block (pre-norm, as in LLaDA's `LLaDALlamaBlock`):
+
+    c = softmax(RoPE(q) RoPE(k)^T / sqrt(head_dim) + padding_bias) v      q, k, v from attn_norm(x)
+    x = x + attn_out(c)
+    h = ff_norm(x)
+    x = x + ff_out(silu(ff_proj(h)) * up_proj(h))                          ff_proj is the gate
+
+then `ln_f` and the output layer. Module names reproduce LLaDA's state-dict keys
+(`model.transformer.blocks.{i}.q_proj.weight`, ...), so released checkpoints load without renaming.
+
+Numerics follow the reference implementation: RMSNorm statistics and RoPE in float32 (cast back to the
+activation dtype), RoPE on absolute positions 0..L-1 with the rotate-half convention, and padding applied as
+an additive `finfo.min` bias on padded keys. The logits have `embedding_size` columns, as in LLaDA (columns
+past `vocab_size`, if any, are returned rather than sliced off).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from llada_trm.backbone.checkpoint import DTypeLike, load_weights, read_config, save_checkpoint
+from llada_trm.backbone.config import LLaDAConfig
+
+
+@dataclass
+class BackboneOutput:
+    """What one backbone pass returns.
+
+    `attention_contexts[i]` is block i's concatenated head outputs (attn @ V, the input of its `attn_out`),
+    keyed by the layer index exactly as the caller passed it (so `-1` stays `-1`).
+    """
+
+    logits: torch.Tensor | None
+    hidden_states: torch.Tensor
+    attention_contexts: dict[int, torch.Tensor] = field(default_factory=dict)
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm with float32 statistics even for bf16/fp16 activations (LLaDA's `RMSLayerNorm`)."""
+
+    def __init__(self, dim: int, eps: float, bias: bool = False):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.bias = nn.Parameter(torch.zeros(dim)) if bias else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x32 = x.float()
+        x = (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).to(dtype)
+        x = self.weight * x
+        return x + self.bias if self.bias is not None else x
+
+
+def rotary_tables(
+    seq_len: int, head_dim: int, theta: float, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """float32 (sin, cos) of shape [L, head_dim]: frequency j is used by both dims j and j + head_dim/2."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim))
+    angles = torch.outer(torch.arange(seq_len, device=device, dtype=torch.float32), inv_freq)
+    angles = torch.cat((angles, angles), dim=-1)
+    return angles.sin(), angles.cos()
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rotary(x: torch.Tensor, sin: torch.Tensor, cos: torch.Tensor) -> torch.Tensor:
+    """Rotate [B, H, L, head_dim] queries or keys; computed in float32 and cast back, as LLaDA does."""
+    x32 = x.float()
+    return (x32 * cos + rotate_half(x32) * sin).to(x.dtype)
+
+
+class LLaDABlock(nn.Module):
+    """One pre-norm transformer block with LLaDA's parameter names."""
+
+    def __init__(self, config: LLaDAConfig):
+        super().__init__()
+        self.n_heads = config.n_heads
+        self.n_kv_heads = config.effective_n_kv_heads
+        self.head_dim = config.head_dim
+        self.attention_dropout = config.attention_dropout
+        d, hidden = config.d_model, config.effective_mlp_hidden_size
+        kv_dim = config.effective_n_kv_heads * config.head_dim
+        qkv_bias = config.include_bias or config.include_qkv_bias
+        bias = config.include_bias
+
+        self.attn_norm = RMSNorm(d, config.rms_norm_eps, bias=config.layer_norm_bias)
+        self.q_proj = nn.Linear(d, d, bias=qkv_bias)
+        self.k_proj = nn.Linear(d, kv_dim, bias=qkv_bias)
+        self.v_proj = nn.Linear(d, kv_dim, bias=qkv_bias)
+        self.attn_out = nn.Linear(d, d, bias=bias)
+        self.ff_norm = RMSNorm(d, config.rms_norm_eps, bias=config.layer_norm_bias)
+        self.ff_proj = nn.Linear(d, hidden, bias=bias)  # gate
+        self.up_proj = nn.Linear(d, hidden, bias=bias)
+        self.ff_out = nn.Linear(hidden, d, bias=bias)
+        self.dropout = nn.Dropout(config.residual_dropout)
+
+    def attention(
+        self, x: torch.Tensor, sin: torch.Tensor, cos: torch.Tensor, attn_bias: torch.Tensor | None
+    ) -> torch.Tensor:
+        """Bidirectional attention; returns the concatenated head outputs [B, L, n_heads*head_dim]."""
+        B, L, _ = x.shape
+        q = self.q_proj(x).view(B, L, self.n_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(B, L, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(B, L, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rotary(q, sin, cos), apply_rotary(k, sin, cos)
+        if self.n_kv_heads != self.n_heads:  # grouped KV: query head h reads kv head h // group
+            group = self.n_heads // self.n_kv_heads
+            k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+        if attn_bias is not None and attn_bias.dtype != q.dtype:  # autocast: recast, keeping it finite
+            attn_bias = attn_bias.to(q.dtype).clamp_min(torch.finfo(q.dtype).min)
+        dropout = self.attention_dropout if self.training else 0.0
+        c = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_bias, dropout_p=dropout, is_causal=False)
+        return c.transpose(1, 2).reshape(B, L, self.n_heads * self.head_dim)
+
+    def forward(
+        self, x: torch.Tensor, sin: torch.Tensor, cos: torch.Tensor, attn_bias: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Returns (new residual stream, attention context)."""
+        context = self.attention(self.attn_norm(x), sin, cos, attn_bias)
+        x = x + self.dropout(self.attn_out(context))
+        h = self.ff_norm(x)
+        x = x + self.dropout(self.ff_out(F.silu(self.ff_proj(h)) * self.up_proj(h)))
+        return x, context
+
+
+class LLaDAModel(nn.Module):
+    """LLaDA's network under LLaDA's parameter names (`model.transformer.*`)."""
+
+    def __init__(self, config: LLaDAConfig):
+        super().__init__()
+        config.validate()
+        self.config = config
+        self.gradient_checkpointing = False  # recompute each block in backward (training only)
+        vocab_rows = config.effective_embedding_size
+        transformer = nn.ModuleDict(
+            {
+                "wte": nn.Embedding(vocab_rows, config.d_model),
+                "blocks": nn.ModuleList(LLaDABlock(config) for _ in range(config.n_layers)),
+                "ln_f": RMSNorm(config.d_model, config.rms_norm_eps, bias=config.layer_norm_bias),
+            }
+        )
+        if not config.weight_tying:
+            transformer["ff_out"] = nn.Linear(config.d_model, vocab_rows, bias=config.include_bias)
+        # LLaDA's checkpoints come from an HF wrapper holding the network as `.model`; mirror that nesting.
+        self.model = nn.ModuleDict({"transformer": transformer})
+        self.embedding_dropout = nn.Dropout(config.embedding_dropout)
+        if not any(p.is_meta for p in self.parameters()):
+            self.reset_parameters()
+
+    # ------------------------------------------------------------------ convenient handles
+    @property
+    def transformer(self) -> nn.ModuleDict:
+        return self.model.transformer
+
+    @property
+    def blocks(self) -> nn.ModuleList:
+        return self.model.transformer.blocks
+
+    @property
+    def wte(self) -> nn.Embedding:
+        return self.model.transformer.wte
+
+    @property
+    def ln_f(self) -> RMSNorm:
+        return self.model.transformer.ln_f
+
+    @property
+    def device(self) -> torch.device:
+        return self.wte.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.wte.weight.dtype
+
+    def reset_parameters(self) -> None:
+        """Init for training from scratch: N(0, init_std), residual outputs scaled by 1/sqrt(2 n_layers)."""
+        std = self.config.init_std
+        for name, module in self.named_modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                residual_out = isinstance(module, nn.Linear) and name.endswith((".attn_out", ".ff_out"))
+                residual_out = residual_out and ".blocks." in name
+                scale = 1 / math.sqrt(2 * self.config.n_layers) if residual_out else 1.0
+                nn.init.normal_(module.weight, mean=0.0, std=std * scale)
+                if getattr(module, "bias", None) is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, RMSNorm):
+                nn.init.ones_(module.weight)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+
+    # ------------------------------------------------------------------ forward
+    def lm_head(self, h: torch.Tensor) -> torch.Tensor:
+        """Logits [..., embedding_size] from hidden states already normalised by `ln_f`."""
+        weight = self.wte.weight if self.config.weight_tying else self.transformer.ff_out.weight
+        bias = None if self.config.weight_tying else self.transformer.ff_out.bias
+        logits = F.linear(h, weight, bias)
+        if self.config.scale_logits:
+            logits = logits * (1 / math.sqrt(self.config.d_model))
+        return logits
+
+    def _resolve_layers(self, context_layers: Sequence[int]) -> dict[int, int]:
+        n = self.config.n_layers
+        resolved = {}
+        for index in context_layers:
+            if isinstance(index, bool) or not isinstance(index, int) or not -n <= index < n:
+                raise ValueError(
+                    f"context layer {index!r} is out of range for a {n}-layer backbone (use -{n}..{n - 1})"
+                )
+            resolved[index] = index % n
+        return resolved
+
+    @staticmethod
+    def padding_bias(attention_mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+        """Additive attention bias [B, 1, 1, L] that removes padded keys; None when nothing is padded."""
+        if attention_mask is None:
+            return None
+        keep = attention_mask.bool()
+        if bool(keep.all()):
+            return None
+        bias = torch.zeros(keep.shape, dtype=dtype, device=keep.device)
+        bias.masked_fill_(~keep, torch.finfo(dtype).min)  # finite, so an all-padding row gives no NaN
+        return bias[:, None, None, :]
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        context_layers: Sequence[int] = (),
+        output_logits: bool = True,
+    ) -> BackboneOutput:
+        """Run on token ids [B, L]; `attention_mask` [B, L] has 1 for real tokens, 0 for padding."""
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be [batch, length], got shape {tuple(input_ids.shape)}")
+        if attention_mask is not None and attention_mask.shape != input_ids.shape:
+            shapes = f"{tuple(attention_mask.shape)} != input_ids shape {tuple(input_ids.shape)}"
+            raise ValueError(f"attention_mask shape {shapes}")
+        wanted = self._resolve_layers(context_layers)
+        x = self.wte(input_ids)
+        if self.config.input_emb_norm:
+            x = x * (self.config.d_model**0.5)
+        x = self.embedding_dropout(x)
+        sin, cos = rotary_tables(input_ids.shape[1], self.config.head_dim, self.config.rope_theta, x.device)
+        attn_bias = self.padding_bias(attention_mask, x.dtype)
+
+        contexts: dict[int, torch.Tensor] = {}
+        use_checkpoint = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
+        for i, block in enumerate(self.blocks):
+            if use_checkpoint:
+                x, context = checkpoint(block, x, sin, cos, attn_bias, use_reentrant=False)
+            else:
+                x, context = block(x, sin, cos, attn_bias)
+            for asked, layer in wanted.items():
+                if layer == i:
+                    contexts[asked] = context
+        h = self.ln_f(x)
+        logits = self.lm_head(h) if output_logits else None
+        return BackboneOutput(logits=logits, hidden_states=h, attention_contexts=contexts)
+
+    # ------------------------------------------------------------------ checkpoints
+    @classmethod
+    def from_pretrained(
+        cls, path: str | Path, dtype: DTypeLike = None, device: str | torch.device | None = None
+    ) -> LLaDAModel:
+        """Load a LLaDA-layout checkpoint (config.json + model.safetensors or a sharded index).
+
+        The model is built on the meta device and each tensor is read from its shard straight into place, so
+        peak memory is one copy of the weights. `dtype=None` keeps the stored dtype. Returns it in eval mode.
+        """
+        config = read_config(path)
+        with torch.device("meta"):
+            model = cls(config)
+        load_weights(model, path, dtype=dtype, device=device)
+        return model.eval()
+
+    def save_pretrained(self, path: str | Path, max_shard_size: int | str | None = None) -> None:
+        """Write config.json and safetensors weights (sharded HF-style above `max_shard_size`, e.g. "2GB")."""
+        save_checkpoint(self, self.config, path, max_shard_size=max_shard_size)
