@@ -1,0 +1,350 @@
+"""A generated GSM8K-style task: short multi-step word problems with answers in GSM8K's exact format.
+
+The embedded default model is trained on these, so every answer looks like a GSM8K solution: one reasoning
+line per arithmetic step with a ``<<a*b=c>>`` calculator annotation, then ``#### n``. A problem is a story
+about one running amount (items, boxes or dollars): an opening sentence states it and each step changes it
+with one operation, phrased by one of several templates (buying, giving away, prices, comparisons, sharing,
+packing).
+
+Train and test never share a question: a question belongs to the test split exactly when a stable hash of its
+text falls in the test buckets (``test_fraction`` of them), so the two splits are disjoint by construction.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
+
+from .gsm8k import DataError, GSM8KRecord
+
+__all__ = ["OPERATIONS", "SyntheticTaskConfig", "generate_problems", "is_test_question", "problem_stats"]
+
+OPERATIONS = ("+", "-", "*", "/")
+MAX_STEPS = 8
+_HASH_BUCKETS = 1_000_000
+_MAX_MISSES = 5000
+
+DEFAULT_NAMES = (
+    "Tom", "Ann", "Ben", "Mia", "Sam", "Lily", "Max", "Emma", "Leo", "Zoe", "Jack", "Ruby",
+    "Noah", "Ella", "Liam", "Ava", "Owen", "Nora", "Eli", "Ivy", "Finn", "Lucy", "Jake", "Rosa",
+)  # fmt: skip
+DEFAULT_ITEMS = (
+    "apples", "oranges", "marbles", "stickers", "pencils", "cookies", "books", "cards",
+    "shells", "toys", "eggs", "stamps", "candies", "balloons", "flowers", "crayons",
+)  # fmt: skip
+DEFAULT_CONTAINERS = ("boxes", "bags", "jars", "baskets", "crates")
+DEFAULT_GROUPS = (
+    ("friends", "friend"), ("cousins", "cousin"), ("classmates", "classmate"),
+    ("neighbors", "neighbor"), ("teammates", "teammate"), ("students", "student"),
+)  # fmt: skip
+DEFAULT_PURCHASES = ("book", "toy", "hat", "ticket", "ball", "kite", "game", "lunch box")
+_FRACTIONS = {2: "half", 3: "a third", 4: "a quarter"}
+
+
+@dataclass(frozen=True)
+class SyntheticTaskConfig:
+    """Difficulty knobs and vocabulary of the generated task.
+
+    ``max_number`` bounds every number written in a question (the starting amount and each operand);
+    ``max_result`` bounds every intermediate and final value, which keeps answers a few digits long.
+    """
+
+    min_steps: int = 1
+    max_steps: int = 4
+    max_number: int = 20
+    max_result: int = 1000
+    operations: tuple[str, ...] = OPERATIONS
+    seed: int = 0
+    test_fraction: float = 0.1
+    names: tuple[str, ...] = DEFAULT_NAMES
+    items: tuple[str, ...] = DEFAULT_ITEMS
+    containers: tuple[str, ...] = DEFAULT_CONTAINERS
+    groups: tuple[tuple[str, str], ...] = DEFAULT_GROUPS
+    purchases: tuple[str, ...] = DEFAULT_PURCHASES
+
+    def __post_init__(self) -> None:
+        # Lists arrive from YAML/JSON configs; store tuples so the config stays hashable and frozen.
+        for name in ("operations", "names", "items", "containers", "purchases"):
+            object.__setattr__(self, name, tuple(getattr(self, name)))
+        object.__setattr__(self, "groups", tuple(tuple(group) for group in self.groups))
+        if not 1 <= self.min_steps <= self.max_steps <= MAX_STEPS:
+            raise ValueError(
+                f"steps must satisfy 1 <= min_steps <= max_steps <= {MAX_STEPS}, "
+                f"got min_steps={self.min_steps}, max_steps={self.max_steps}"
+            )
+        if self.max_number < 2:
+            raise ValueError(f"max_number must be >= 2, got {self.max_number}")
+        if self.max_result < self.max_number:
+            raise ValueError(f"max_result ({self.max_result}) must be >= max_number ({self.max_number})")
+        unknown = [op for op in self.operations if op not in OPERATIONS]
+        if not self.operations or unknown:
+            raise ValueError(f"operations must be a non-empty subset of {OPERATIONS}, got {self.operations}")
+        if not 0.0 < self.test_fraction < 1.0:
+            raise ValueError(f"test_fraction must be in (0, 1), got {self.test_fraction}")
+        if len(set(self.names)) < 2:
+            raise ValueError("names needs at least two distinct names (problems involve a second person)")
+        for name in ("items", "containers", "groups", "purchases"):
+            if not getattr(self, name):
+                raise ValueError(f"{name} must not be empty")
+        if any(len(group) != 2 for group in self.groups):
+            raise ValueError("groups must be (plural, singular) pairs, e.g. ('friends', 'friend')")
+
+
+def is_test_question(question: str, test_fraction: float) -> bool:
+    """Stable split assignment: a question is in test when its SHA-256 bucket is below ``test_fraction``."""
+    bucket = int.from_bytes(hashlib.sha256(question.encode("utf-8")).digest()[:8], "big") % _HASH_BUCKETS
+    return bucket < test_fraction * _HASH_BUCKETS
+
+
+# ----------------------------------------------------------------------------------------------------
+# one problem = an opening amount followed by ``steps`` moves
+# ----------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _State:
+    """The running amount: ``value`` of ``noun`` held by ``subject`` ('Tom' or 'each cousin')."""
+
+    value: int
+    subject: str
+    noun: str
+    kind: str  # "item", "container" or "money"
+
+
+@dataclass
+class _Story:
+    """The problem being written: its random stream and who appeared, so new people and groups are fresh."""
+
+    config: SyntheticTaskConfig
+    rng: random.Random
+    used_names: set[str] = field(default_factory=set)
+    used_groups: set[str] = field(default_factory=set)
+
+    def other_person(self, subject: str) -> str:
+        """A name not yet in the story (any name but the subject once all are used)."""
+        fresh = [name for name in self.config.names if name not in self.used_names]
+        pool = fresh or [name for name in self.config.names if name != subject]
+        name = self.rng.choice(pool)
+        self.used_names.add(name)
+        return name
+
+    def operand(self, high: int, accept: Callable[[int], bool] = lambda b: True) -> int | None:
+        """A random operand in [2, min(high, max_number)] passing ``accept``; None when there is none."""
+        candidates = [b for b in range(2, min(high, self.config.max_number) + 1) if accept(b)]
+        return self.rng.choice(candidates) if candidates else None
+
+
+@dataclass(frozen=True)
+class _Step:
+    sentence: str
+    line: str
+    state: _State
+
+
+def _cap(text: str) -> str:
+    return text[:1].upper() + text[1:]
+
+
+def _amount(value: int, state: _State) -> str:
+    return f"${value}" if state.kind == "money" else f"{value} {state.noun}"
+
+
+def _calc(x: int, op: str, b: int, y: int, money: bool) -> str:
+    """GSM8K's calculator annotation, e.g. ``3*4=<<3*4=12>>12`` (``$`` before ``<<`` for money)."""
+    return f"{x}{op}{b}={'$' if money else ''}<<{x}{op}{b}={y}>>{y}"
+
+
+def _result_line(
+    subject: str, verb: str, x: int, op: str, b: int, y: int, state: _State, tail: str = ""
+) -> str:
+    """The answer line of one step: ``Tom has 3*4=<<3*4=12>>12 apples.``"""
+    money = state.kind == "money"
+    noun = "" if money else f" {state.noun}"
+    return f"{_cap(subject)} {verb} {_calc(x, op, b, y, money)}{noun}{tail}."
+
+
+def _add(story: _Story, st: _State) -> _Step | None:
+    b = story.operand(story.config.max_result - st.value)
+    if b is None:
+        return None
+    s, what = st.subject, (f"${b}" if st.kind == "money" else f"{b} more {st.noun}")
+    template = story.rng.randrange(3)
+    if template == 0:
+        sentence = f"{_cap(s)} {'earns' if st.kind == 'money' else 'buys'} {what}."
+    elif template == 1:
+        sentence = f"{_cap(s)} finds {what}."
+    else:
+        sentence = f"{story.other_person(s)} gives {s} {what}."
+    y = st.value + b
+    return _Step(sentence, _result_line(s, "has", st.value, "+", b, y, st, " now"), replace(st, value=y))
+
+
+def _subtract(story: _Story, st: _State) -> _Step | None:
+    b = story.operand(st.value - 2)  # keep every amount >= 2 so plural nouns stay grammatical
+    if b is None:
+        return None
+    s, rng = st.subject, story.rng
+    template = rng.randrange(3)
+    if template == 0:
+        what = f"${b}" if st.kind == "money" else f"{b} {st.noun}"
+        sentence = f"{_cap(s)} gives {what} to {story.other_person(s)}."
+    elif st.kind == "money":
+        sentence = f"{_cap(s)} spends ${b} on a {rng.choice(story.config.purchases)}."
+    else:
+        sentence = f"{_cap(s)} {'sells' if template == 1 else 'loses'} {b} of the {st.noun}."
+    y = st.value - b
+    return _Step(sentence, _result_line(s, "has", st.value, "-", b, y, st, " left"), replace(st, value=y))
+
+
+def _multiply(story: _Story, st: _State) -> _Step | None:
+    b = story.operand(story.config.max_result // st.value)
+    if b is None:
+        return None
+    y = st.value * b
+    s = st.subject
+    if st.kind != "money" and story.rng.random() < 0.5:
+        money = replace(st, value=y, noun="dollars", kind="money")
+        sentence = f"{_cap(s)} sells all the {st.noun} for ${b} each."
+        return _Step(sentence, _result_line(s, "makes", st.value, "*", b, y, money), money)
+    other = story.other_person(s)
+    what = "much money" if st.kind == "money" else f"many {st.noun}"
+    sentence = f"{other} has {b} times as {what} as {s}."
+    line = _result_line(other, "has", st.value, "*", b, y, st)
+    return _Step(sentence, line, replace(st, value=y, subject=other))
+
+
+def _divide(story: _Story, st: _State) -> _Step | None:
+    x, rng = st.value, story.rng
+    moves = []
+    groups = [group for group in story.config.groups if group[0] not in story.used_groups]
+    share = story.operand(x - 1, lambda b: x % b == 0)
+    if groups and share is not None:
+        moves.append("share")
+    if st.kind == "item" and share is not None:
+        moves.append("pack")
+    fraction = story.operand(min(x - 1, max(_FRACTIONS)), lambda b: x % b == 0)
+    if fraction is not None:
+        moves.append("fraction")
+    if not moves:
+        return None
+    move, s = rng.choice(moves), st.subject
+    if move == "share":
+        plural, singular = rng.choice(groups)
+        story.used_groups.add(plural)
+        what = "the money" if st.kind == "money" else f"the {st.noun}"
+        sentence = f"{_cap(s)} shares {what} equally among {share} {plural}."
+        each = f"each {singular}"
+        y = x // share
+        line = _result_line(each, "gets", x, "/", share, y, st)
+        return _Step(sentence, line, replace(st, value=y, subject=each))
+    if move == "pack":
+        container = rng.choice(story.config.containers)
+        packed = replace(st, value=x // share, noun=container, kind="container")
+        sentence = f"{_cap(s)} packs the {st.noun} into {container} of {share}."
+        return _Step(sentence, _result_line(s, "fills", x, "/", share, x // share, packed), packed)
+    other = story.other_person(s)
+    what = "much money" if st.kind == "money" else f"many {st.noun}"
+    sentence = f"{other} has {_FRACTIONS[fraction]} as {what} as {s}."
+    y = x // fraction
+    line = _result_line(other, "has", x, "/", fraction, y, st)
+    return _Step(sentence, line, replace(st, value=y, subject=other))
+
+
+_MOVES: dict[str, Callable[[_Story, _State], _Step | None]] = {
+    "+": _add,
+    "-": _subtract,
+    "*": _multiply,
+    "/": _divide,
+}
+
+
+def _opening(story: _Story) -> tuple[str, _State]:
+    config, rng = story.config, story.rng
+    owner = rng.choice(config.names)
+    story.used_names.add(owner)
+    value = rng.randint(2, config.max_number)
+    if rng.random() < 0.3:
+        state = _State(value, owner, "dollars", "money")
+        return rng.choice([f"{owner} has ${value}.", f"{owner} saves ${value}."]), state
+    state = _State(value, owner, rng.choice(config.items), "item")
+    verb = rng.choice(["has", "buys", "collects"])
+    return f"{owner} {verb} {value} {state.noun}.", state
+
+
+def _sample_problem(config: SyntheticTaskConfig, rng: random.Random) -> GSM8KRecord | None:
+    """One problem, or None when the drawn numbers leave no allowed operation feasible (caller redraws)."""
+    story = _Story(config, rng)
+    steps = rng.randint(config.min_steps, config.max_steps)
+    opening, state = _opening(story)
+    sentences, lines = [opening], []
+    for _ in range(steps):
+        step = None
+        for op in rng.sample(config.operations, len(config.operations)):
+            step = _MOVES[op](story, state)
+            if step is not None:
+                break
+        if step is None:
+            return None
+        sentences.append(step.sentence)
+        lines.append(step.line)
+        state = step.state
+    what = "dollars" if state.kind == "money" else state.noun
+    sentences.append(f"How many {what} does {state.subject} have now?")
+    lines.append(f"#### {state.value}")
+    return GSM8KRecord(question=" ".join(sentences), answer="\n".join(lines))
+
+
+def generate_problems(
+    config: SyntheticTaskConfig, n: int, split: str = "train", seed: int | None = None
+) -> list[GSM8KRecord]:
+    """``n`` distinct problems of ``split`` ("train" or "test"), deterministic for ``seed`` (or config.seed).
+
+    The first ``k`` problems do not depend on ``n``, so a larger request extends a smaller one.
+    """
+    if split not in ("train", "test"):
+        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+    if n < 0:
+        raise ValueError(f"n must be >= 0, got {n}")
+    seed = config.seed if seed is None else seed
+    rng = random.Random(f"llada-trm/synthetic/{seed}/{split}")
+    want_test = split == "test"
+    problems: list[GSM8KRecord] = []
+    seen: set[str] = set()
+    misses = 0  # draws in a row that gave nothing new: a long run means the problem space is used up
+    for _ in range(200 * n + 1000):
+        if len(problems) == n or misses >= _MAX_MISSES:
+            break
+        record = _sample_problem(config, rng)
+        misses += 1
+        if record is None or record.question in seen:
+            continue
+        if is_test_question(record.question, config.test_fraction) != want_test:
+            continue
+        seen.add(record.question)
+        problems.append(record)
+        misses = 0
+    if len(problems) < n:
+        raise DataError(
+            f"could only generate {len(problems)} of {n} distinct {split} problems (steps "
+            f"{config.min_steps}-{config.max_steps}, max_number={config.max_number}, "
+            f"max_result={config.max_result}, operations={''.join(config.operations)}); "
+            "widen the task (larger max_number/max_result, more operations, other steps) or ask for fewer"
+        )
+    return problems
+
+
+def problem_stats(records: Sequence[GSM8KRecord]) -> dict[str, float]:
+    """Mean and max word counts of questions and answer line counts, to check problems stay short."""
+    if not records:
+        return {"n": 0}
+    q_words = [len(r.question.split()) for r in records]
+    a_lines = [len(r.answer.splitlines()) for r in records]
+    return {
+        "n": len(records),
+        "question_words_mean": sum(q_words) / len(q_words),
+        "question_words_max": max(q_words),
+        "answer_lines_mean": sum(a_lines) / len(a_lines),
+        "answer_lines_max": max(a_lines),
+    }
