@@ -1,0 +1,225 @@
+"""The recursive-refiner interface shared by the slot refiner and the MLP baseline.
+
+A refiner improves the backbone's final hidden states `h` [B, L, D] by K small residual steps
+(Tiny Recursive Models style): `h_{k+1} = h_k + update(h_k)`. `step` is one such update and is all a caller
+needs to drive its own loop (per-chunk halting, deep supervision); `forward` is the plain K-step loop.
+
+Positions outside the `active` / `chunk_mask` set are carried through with `torch.where`, so they come out
+bit-identical to their input, whatever the refiner's dtype or arithmetic.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+ContextInput = Tensor | Sequence[Tensor] | None
+
+
+@dataclass(frozen=True)
+class RefinerState:
+    """What a refiner carries from one step to the next (TRM's "carry").
+
+    `prev` is the refiner's own working representation from the previous step, detached so that the
+    recurrence never back-propagates through the carry itself; `None` before the first step.
+    """
+
+    prev: Tensor | None = None
+    steps: int = 0
+
+
+def masked_mean(values: Tensor, active: Tensor | None) -> Tensor:
+    """Mean of `values` [B, L] over the active positions; over all positions when none (or no mask) is given.
+
+    Falling back to all positions (instead of a 0/0 NaN) keeps logged metrics finite when a batch has no chunk
+    to refine. Computed without a host sync so that it is cheap inside a step loop.
+    """
+    values = values.float()
+    if active is None:
+        return values.mean()
+    weights = active.to(values.dtype)
+    count = weights.sum()
+    return torch.where(count > 0, (values * weights).sum() / count.clamp_min(1.0), values.mean())
+
+
+def check_active(active: Tensor | None, h: Tensor, name: str = "active") -> Tensor | None:
+    """Validate a [B, L] position mask and return it as bool (accepts 0/1 float or int masks)."""
+    if active is None:
+        return None
+    if active.shape != h.shape[:2]:
+        raise ValueError(
+            f"{name} must have shape [B, L] = {list(h.shape[:2])} matching the hidden states, "
+            f"got {list(active.shape)}"
+        )
+    return active if active.dtype == torch.bool else active != 0
+
+
+def context_list(context: ContextInput, h: Tensor, expected_dim: int | None, owner: str) -> list[Tensor]:
+    """Normalise an external context (one tensor or several, e.g. one per backbone layer) to a list.
+
+    Every tensor must be [B, L, expected_dim] with the hidden states' B and L. `expected_dim=None` means
+    the refiner was built without an external-context input.
+    """
+    if context is None:
+        return []
+    tensors = [context] if isinstance(context, Tensor) else list(context)
+    for i, c in enumerate(tensors):
+        if not isinstance(c, Tensor) or c.dim() != 3 or c.shape[:2] != h.shape[:2]:
+            shape = list(c.shape) if isinstance(c, Tensor) else type(c).__name__
+            raise ValueError(
+                f"context[{i}] must be a [B, L, Dc] tensor with B, L = {list(h.shape[:2])}, got {shape}"
+            )
+        if expected_dim is None:
+            raise ValueError(
+                f"{owner} was built without an external-context input; construct it with "
+                f"context_dim={c.shape[-1]} to accept contexts of width {c.shape[-1]}"
+            )
+        if c.shape[-1] != expected_dim:
+            raise ValueError(
+                f"context width {c.shape[-1]} does not match {owner}'s expected width {expected_dim}; "
+                f"construct it with context_dim={c.shape[-1]}"
+            )
+    return tensors
+
+
+class StatsAccumulator:
+    """Collects `step` statistics and reduces them to the stats dict that `Refiner.forward` returns.
+
+    Public so that a caller driving `step` itself (per-chunk halting) reports the same keys: call
+    `add(step_stats, active)` after every step and `summary(refiner)` at the end. All per-step reductions
+    stay on the device; `summary` does the one host sync.
+    """
+
+    def __init__(self) -> None:
+        self.steps = 0
+        self._confidence: list[Tensor] = []
+        self._delta_norms: list[Tensor] = []
+        self._slot_norms: dict[str, list[Tensor]] = {}
+        self.final_confidence: Tensor | None = None
+
+    @torch.no_grad()
+    def add(self, step_stats: dict[str, Any], active: Tensor | None = None) -> None:
+        self.steps += 1
+        confidence = step_stats["confidence"].detach()
+        self.final_confidence = confidence
+        self._confidence.append(masked_mean(confidence, active))
+        # The applied update is exactly zero off the active set, so its mean is taken over active positions.
+        norms = step_stats["update_norm"].float()
+        if active is None:
+            self._delta_norms.append(norms.mean())
+        else:
+            self._delta_norms.append(norms.sum() / active.sum().clamp_min(1))
+        for name, values in step_stats.get("slot_norms", {}).items():
+            self._slot_norms.setdefault(name, []).append(masked_mean(values.detach(), active))
+
+    def summary(self, refiner: Refiner, like: Tensor) -> dict[str, Any]:
+        """The stats dict; `like` (the input states) gives the shape/device of `final_confidence` at K=0."""
+        scalars = torch.stack(self._confidence + self._delta_norms).tolist() if self.steps else []
+        k = self.steps
+        confidence_per_step, delta_norms = scalars[:k], scalars[k:]
+        slot_norms = {
+            name: torch.stack(values).mean().item() for name, values in self._slot_norms.items()
+        }
+        final = self.final_confidence
+        if final is None:  # no step ran: nothing was estimated
+            final = torch.full(like.shape[:2], float("nan"), device=like.device)
+        return {
+            "steps": k,
+            "confidence": sum(confidence_per_step) / k if k else float("nan"),
+            "confidence_per_step": confidence_per_step,
+            "delta_norms": delta_norms,
+            "final_confidence": final.float(),
+            "slot_norms": slot_norms,
+            "gates": refiner.gate_values(),
+        }
+
+
+class Refiner(nn.Module, ABC):
+    """Base class of the recursive refiners: K residual steps on hidden states [B, L, d_model].
+
+    Subclasses implement `step`; the loop, the chunk-mask semantics and the statistics live here so that every
+    refiner behaves the same way for the hybrid model and the trainer.
+    """
+
+    d_model: int
+    num_steps: int
+
+    def init_state(self, x: Tensor) -> RefinerState:
+        """The carry before the first step (nothing to compare against yet)."""
+        return RefinerState()
+
+    @abstractmethod
+    def step(
+        self,
+        h: Tensor,
+        state: RefinerState,
+        *,
+        context: ContextInput = None,
+        active: Tensor | None = None,
+        attention_mask: Tensor | None = None,
+    ) -> tuple[Tensor, RefinerState, dict[str, Any]]:
+        """One recursive step.
+
+        Returns `(h_next, state, step_stats)`; positions where `active` [B, L] is False are bit-identical
+        in `h_next`. `step_stats` holds per-position tensors: `confidence` [B, L] (not detached, so that a
+        calibration loss can train it), `update_norm` [B, L] (detached L2 norm of the applied update, zero
+        off the active set) and, for the slot refiner, `slot_norms` {name: [B, L]}.
+        """
+
+    def forward(
+        self,
+        x: Tensor,
+        chunk_mask: Tensor | None = None,
+        context: ContextInput = None,
+        return_stats: bool = False,
+        num_steps: int | None = None,
+        return_all_steps: bool = False,
+        attention_mask: Tensor | None = None,
+    ) -> Tensor | list[Tensor] | tuple[Tensor | list[Tensor], dict[str, Any]]:
+        """Run K steps (`num_steps` overrides `self.num_steps`; K=0 returns `x` itself).
+
+        `chunk_mask` [B, L] marks the positions to refine (None: all); `context` is the backbone's attention
+        context [B, L, Dc] (or a list of them); `attention_mask` [B, L] (1 = real token) keeps padding out of
+        the refiner's own attention. Returns the final states, or `[h_1, ..., h_K]` with `return_all_steps`,
+        plus the stats dict when `return_stats`.
+        """
+        k = self.num_steps if num_steps is None else num_steps
+        if isinstance(k, bool) or not isinstance(k, int) or k < 0:
+            raise ValueError(f"num_steps must be a non-negative int, got {k!r}")
+        if x.dim() != 3 or x.shape[-1] != self.d_model:
+            raise ValueError(f"x must be [B, L, {self.d_model}] hidden states, got {list(x.shape)}")
+        active = check_active(chunk_mask, x, "chunk_mask")
+        pad = check_active(attention_mask, x, "attention_mask")
+
+        state = self.init_state(x)
+        stats = StatsAccumulator() if return_stats else None
+        h, all_steps = x, []
+        for _ in range(k):
+            h, state, step_stats = self.step(h, state, context=context, active=active, attention_mask=pad)
+            if stats is not None:
+                stats.add(step_stats, active)
+            if return_all_steps:
+                all_steps.append(h)
+
+        out: Tensor | list[Tensor] = all_steps if return_all_steps else h
+        if stats is None:
+            return out
+        return out, stats.summary(self, x)
+
+    def orthogonality_loss(self) -> Tensor:
+        """Regulariser on slot overlap; a refiner without slots has none."""
+        param = next(self.parameters(), None)
+        device = param.device if param is not None else None
+        return torch.zeros((), device=device)
+
+    def gate_values(self) -> dict[str, float]:
+        """Slot-gate openings for logging; empty for refiners without gates."""
+        return {}
+
+    def num_parameters(self, trainable_only: bool = False) -> int:
+        return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)

@@ -1,0 +1,395 @@
+"""Slot-based TRM refiner: recursive refinement through four named slots.
+
+Each step reads the current hidden states through the refiner's own small transformer blocks (and,
+optionally, the backbone's attention contexts), splits what it sees into four slots and turns them into a
+bounded, confidence-weighted residual update:
+
+    u         = blocks(in_proj(h))                   the refiner's working representation, width d_inner
+    c         = mean(block contexts [, W_ext c_bb])  concatenated heads attn@V (before the output projection)
+    s_ctx     = LN(W_ctx c)                          cross-token context
+    s_reason  = LN(W_reason s_ctx)                   slow logical state, read from the context slot
+    s_refine  = LN(W_refine (u - sg(u_prev)) / ds)   fast update direction: the change since the last step
+    s_conf    = LN(W_conf (u - mean(u))^2)           learned weighted per-token variance of u
+    delta     = clamp(MLP([g_i s_i]_i), -c, c)       g_i = sigmoid(gate_i), c = delta_clamp
+    p         = sigmoid(head(s_conf))                per-token confidence [B, L, 1]
+    h_next    = h + ds * p * delta                   ds = delta_scale
+
+`sg` is stop-gradient. The working width `d_inner` defaults to min(d_model, 512), so the refiner stays near
+0.2 % of LLaDA-8B's parameters, and the slot widths default to fractions of it (1/2, 1/4, 1/4, 1/8), which
+leaves room for the slot projections reading `d_inner`-wide inputs to be mutually orthogonal.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from llada_trm.errors import ConfigError
+from llada_trm.refiners.base import ContextInput, Refiner, RefinerState, check_active, context_list
+
+DEFAULT_MAX_INNER = 512
+
+
+class SlotOutput(NamedTuple):
+    """The four slots of one step, each [B, L, d_slot], gated."""
+
+    ctx: Tensor
+    reason: Tensor
+    refine: Tensor
+    conf: Tensor
+
+
+SLOT_NAMES: tuple[str, ...] = SlotOutput._fields
+
+
+@dataclass
+class SlotConfig:
+    """Hyper-parameters of `SlotTRMRefiner`. `None` fields are filled from `d_model` on construction.
+
+    d_inner: width of the refiner's own blocks and of the slots' inputs (default min(d_model, 512)).
+    d_ctx / d_reason / d_refine / d_conf: slot widths (default d_inner/2, /4, /4, /8).
+    context_dim: width of external (backbone) attention contexts; a learned projection maps it to d_inner
+        when it differs. None: external contexts must already be d_inner wide.
+    """
+
+    d_model: int
+    d_inner: int | None = None
+    d_ctx: int | None = None
+    d_reason: int | None = None
+    d_refine: int | None = None
+    d_conf: int | None = None
+    n_heads: int = 8
+    n_blocks: int = 2
+    mlp_ratio: float = 4.0
+    num_steps: int = 4
+    delta_clamp: float = 0.5
+    delta_scale: float = 0.1
+    use_gates: bool = True
+    dropout: float = 0.0
+    context_dim: int | None = None
+
+    def __post_init__(self) -> None:
+        _check_int("d_model", self.d_model, minimum=1)
+        if self.d_inner is None:
+            self.d_inner = min(self.d_model, DEFAULT_MAX_INNER)
+        _check_int("d_inner", self.d_inner, minimum=1)
+        for name, divisor in (("d_ctx", 2), ("d_reason", 4), ("d_refine", 4), ("d_conf", 8)):
+            if getattr(self, name) is None:
+                setattr(self, name, self.d_inner // divisor)
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ConfigError(
+                    f"SlotConfig.{name} must be a positive int, got {getattr(self, name)!r} "
+                    f"(d_inner={self.d_inner} is too small for the default d_inner/{divisor}; set {name})"
+                )
+        _check_int("n_heads", self.n_heads, minimum=1)
+        if self.d_inner % self.n_heads:
+            raise ConfigError(
+                f"SlotConfig.n_heads={self.n_heads} does not divide d_inner={self.d_inner}; "
+                f"choose n_heads among the divisors of {self.d_inner}"
+            )
+        _check_int("n_blocks", self.n_blocks, minimum=0)
+        _check_int("num_steps", self.num_steps, minimum=0)
+        if self.context_dim is not None:
+            _check_int("context_dim", self.context_dim, minimum=1)
+        for name in ("mlp_ratio", "delta_clamp", "delta_scale"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+                raise ConfigError(f"SlotConfig.{name} must be a positive number, got {value!r}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"SlotConfig.dropout must be in [0, 1), got {self.dropout!r}")
+
+    @property
+    def slot_dims(self) -> dict[str, int]:
+        return {name: getattr(self, f"d_{name}") for name in SLOT_NAMES}
+
+    @property
+    def slot_total(self) -> int:
+        return sum(self.slot_dims.values())
+
+
+def _check_int(name: str, value: Any, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ConfigError(f"SlotConfig.{name} must be an int >= {minimum}, got {value!r}")
+
+
+class AttentionContextExtractor(nn.Module):
+    """Bidirectional multi-head self-attention that also returns its context.
+
+    The context is the concatenation of the heads' outputs attn@V, taken before the output projection: it is
+    the cross-token information each position gathered, in the same form as a backbone layer's context.
+    """
+
+    def __init__(self, d_model: int, n_heads: int, dropout: float = 0.0, bias: bool = False) -> None:
+        super().__init__()
+        if d_model % n_heads:
+            raise ValueError(f"n_heads={n_heads} must divide d_model={d_model}")
+        self.n_heads = n_heads
+        self.head_dim = d_model // n_heads
+        self.dropout = dropout
+        self.q_proj = nn.Linear(d_model, d_model, bias=bias)
+        self.k_proj = nn.Linear(d_model, d_model, bias=bias)
+        self.v_proj = nn.Linear(d_model, d_model, bias=bias)
+        self.o_proj = nn.Linear(d_model, d_model, bias=bias)
+
+    def forward(self, x: Tensor, attention_mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """x [B, L, D]; attention_mask [B, L] (True/1 = real token, may be attended) -> (output, context)."""
+        b, n, d = x.shape
+
+        def heads(t: Tensor) -> Tensor:
+            return t.view(b, n, self.n_heads, self.head_dim).transpose(1, 2)
+
+        q, k, v = heads(self.q_proj(x)), heads(self.k_proj(x)), heads(self.v_proj(x))
+        mask = None
+        if attention_mask is not None:
+            mask = attention_mask.to(torch.bool)[:, None, None, :]  # keys only: [B, 1, 1, L]
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0
+        )
+        context = y.transpose(1, 2).reshape(b, n, d)
+        return self.o_proj(context), context
+
+
+class TransformerBlock(nn.Module):
+    """Pre-norm transformer block that exposes its attention context: x + attn(LN x), then x + MLP(LN x)."""
+
+    def __init__(self, d_model: int, n_heads: int, mlp_ratio: float = 4.0, dropout: float = 0.0) -> None:
+        super().__init__()
+        hidden = max(1, int(d_model * mlp_ratio))
+        self.attn_norm = nn.LayerNorm(d_model)
+        self.attn = AttentionContextExtractor(d_model, n_heads, dropout)
+        self.mlp_norm = nn.LayerNorm(d_model)
+        self.mlp = nn.Sequential(
+            nn.Linear(d_model, hidden),
+            nn.GELU(),
+            nn.Dropout(dropout),
+            nn.Linear(hidden, d_model),
+            nn.Dropout(dropout),
+        )
+
+    def forward(self, x: Tensor, attention_mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        attn_out, context = self.attn(self.attn_norm(x), attention_mask)
+        x = x + attn_out
+        x = x + self.mlp(self.mlp_norm(x))
+        return x, context
+
+
+class SlotProjector(nn.Module):
+    """Splits the refiner's view of a token into the context, reasoning, refinement and confidence slots.
+
+    Inputs are `d_inner` wide: `h` (the refiner's working representation), `context` (attn@V) and `h_prev`
+    (the working representation of the previous step, detached here). Each slot is layer-normed and, with
+    `use_gates`, scaled by a learnable scalar gate sigmoid(g) that lets training turn a slot down.
+    """
+
+    def __init__(self, config: SlotConfig) -> None:
+        super().__init__()
+        d_in, dims = config.d_inner, config.slot_dims
+        self.W_ctx = nn.Linear(d_in, dims["ctx"], bias=False)
+        self.W_reason = nn.Linear(dims["ctx"], dims["reason"], bias=False)
+        self.W_refine = nn.Linear(d_in, dims["refine"], bias=False)
+        self.W_conf = nn.Linear(d_in, dims["conf"], bias=False)
+        # The change is measured in units of the update's own scale (h moves by delta_scale * p * delta), so
+        # the slot sees O(delta) values rather than ones the LayerNorm's eps would flatten.
+        self.change_scale = 1.0 / config.delta_scale
+        self.norms = nn.ModuleDict({name: nn.LayerNorm(dim) for name, dim in dims.items()})
+        # sigmoid(0) = 0.5: every slot starts half open, where the gate's gradient is largest.
+        self.gates = (
+            nn.ParameterDict({name: nn.Parameter(torch.zeros(())) for name in SLOT_NAMES})
+            if config.use_gates
+            else None
+        )
+
+    def forward(self, h: Tensor, context: Tensor, h_prev: Tensor | None = None) -> SlotOutput:
+        ctx = self.norms["ctx"](self.W_ctx(context))
+        reason = self.norms["reason"](self.W_reason(ctx))
+        if h_prev is None:  # first step: nothing has changed yet
+            change = self.W_refine.weight.new_zeros(*h.shape[:-1], self.W_refine.out_features)
+        else:
+            change = self.W_refine((h - h_prev.detach()) * self.change_scale)
+        refine = self.norms["refine"](change)
+        variance = (h - h.mean(dim=-1, keepdim=True)).square()
+        conf = self.norms["conf"](self.W_conf(variance))
+        slots = SlotOutput(ctx, reason, refine, conf)
+        if self.gates is None:
+            return slots
+        return SlotOutput(*(s * torch.sigmoid(self.gates[name]) for name, s in slots._asdict().items()))
+
+    def projection_weights(self) -> dict[str, Tensor]:
+        return {name: getattr(self, f"W_{name}").weight for name in SLOT_NAMES}
+
+    @torch.no_grad()
+    def gate_values(self) -> dict[str, float]:
+        """sigmoid(gate) per slot; a gate of any shape reports its mean, so logging never breaks on it."""
+        if self.gates is None:
+            return {}
+        return {name: torch.sigmoid(self.gates[name].float()).mean().item() for name in SLOT_NAMES}
+
+    @staticmethod
+    @torch.no_grad()
+    def slot_norms(slots: SlotOutput) -> dict[str, float]:
+        """Mean per-token L2 norm of each slot."""
+        return {name: s.float().norm(dim=-1).mean().item() for name, s in slots._asdict().items()}
+
+    def orthogonality_loss(self) -> Tensor:
+        """Mean overlap of the slot projections that read inputs of the same width.
+
+        For such a pair, with G = W^T W the operator by which a projection reads its input,
+            overlap(W_i, W_j) = <G_i, G_j>_F / (||G_i||_F ||G_j||_F)
+                              = ||W_i W_j^T||_F^2 / (||W_i W_i^T||_F ||W_j W_j^T||_F),
+        the cosine between the two reading operators: 0 exactly when the projections read orthogonal
+        subspaces, 1 when they read the same one the same way. It is scale-free, so it cannot be lowered by
+        shrinking weights (the slot LayerNorms would undo that anyway). With the default widths the pairs are
+        ctx/refine/conf, which read d_inner-wide inputs; zero when no two projections share an input width.
+        """
+        weights = list(self.projection_weights().values())
+        pairs = [(a, b) for a, b in itertools.combinations(weights, 2) if a.shape[1] == b.shape[1]]
+        if not pairs:
+            return weights[0].new_zeros((), dtype=torch.float32)
+        overlaps = []
+        for a, b in pairs:
+            a, b = a.float(), b.float()
+            cross = (a @ b.T).square().sum()
+            overlaps.append(cross / ((a @ a.T).norm() * (b @ b.T).norm()).clamp_min(1e-12))
+        return torch.stack(overlaps).mean()
+
+
+class SlotTRMRefiner(Refiner):
+    """Slot-based recursive refiner (see the module docstring for the step equations).
+
+    Build it from a `SlotConfig`, or from keyword arguments: `SlotTRMRefiner(d_model=64, num_steps=2)`;
+    keywords given with a config override its fields.
+    """
+
+    def __init__(self, config: SlotConfig | int | None = None, **overrides: Any) -> None:
+        super().__init__()
+        if isinstance(config, int) and not isinstance(config, bool):
+            config = SlotConfig(d_model=config, **overrides)
+        elif config is None:
+            if "d_model" not in overrides:
+                raise ValueError(
+                    "SlotTRMRefiner needs a SlotConfig or d_model=..., e.g. SlotTRMRefiner(d_model=64)"
+                )
+            config = SlotConfig(**overrides)
+        elif overrides:
+            config = dataclasses.replace(config, **overrides)
+        self.config = config
+        self.d_model = config.d_model
+        self.num_steps = config.num_steps
+        self.delta_scale = config.delta_scale
+        self.delta_clamp = config.delta_clamp
+        d_inner = config.d_inner
+
+        self.in_proj = (
+            nn.Linear(config.d_model, d_inner, bias=False) if d_inner != config.d_model else nn.Identity()
+        )
+        self.context_proj = (
+            nn.Linear(config.context_dim, d_inner, bias=False)
+            if config.context_dim is not None and config.context_dim != d_inner
+            else None
+        )
+        self.blocks = nn.ModuleList(
+            TransformerBlock(d_inner, config.n_heads, config.mlp_ratio, config.dropout)
+            for _ in range(config.n_blocks)
+        )
+        self.slot_proj = SlotProjector(config)
+        self.delta_net = nn.Sequential(
+            nn.Linear(config.slot_total, d_inner),
+            nn.GELU(),
+            nn.Dropout(config.dropout),
+            nn.Linear(d_inner, config.d_model),
+        )
+        conf_hidden = max(1, config.d_conf // 2)
+        self.confidence_head = nn.Sequential(
+            nn.Linear(config.d_conf, conf_hidden), nn.GELU(), nn.Linear(conf_hidden, 1)
+        )
+        # Near-identity start: the last delta layer is small (not zero), so the untrained refiner barely moves
+        # h while every earlier layer still receives gradient through it.
+        nn.init.normal_(self.delta_net[-1].weight, std=1e-3)
+        nn.init.zeros_(self.delta_net[-1].bias)
+
+    @property
+    def _dtype(self) -> torch.dtype:
+        return self.delta_net[-1].weight.dtype
+
+    def _context(self, u: Tensor, block_contexts: list[Tensor], context: ContextInput) -> Tensor:
+        """Average the refiner's own block contexts with the backbone's context (its layers averaged first,
+        then projected to d_inner), so that the backbone counts as one source however many layers it gives."""
+        expected = self.config.context_dim if self.config.context_dim is not None else self.config.d_inner
+        external = context_list(context, u, expected, "SlotTRMRefiner")
+        sources = list(block_contexts)
+        if external:
+            backbone = external[0] if len(external) == 1 else torch.stack(external).mean(dim=0)
+            backbone = backbone.to(u.dtype)
+            sources.append(self.context_proj(backbone) if self.context_proj is not None else backbone)
+        if not sources:  # no blocks and no backbone context: the representation is its own context
+            return u
+        return sources[0] if len(sources) == 1 else torch.stack(sources).mean(dim=0)
+
+    def step(
+        self,
+        h: Tensor,
+        state: RefinerState,
+        *,
+        context: ContextInput = None,
+        active: Tensor | None = None,
+        attention_mask: Tensor | None = None,
+    ) -> tuple[Tensor, RefinerState, dict[str, Any]]:
+        active = check_active(active, h)
+        u = self.in_proj(h.to(self._dtype))
+        block_contexts = []
+        for block in self.blocks:
+            u, c = block(u, attention_mask)
+            block_contexts.append(c)
+        slots = self.slot_proj(u, self._context(u, block_contexts, context), state.prev)
+
+        delta = self.delta_net(torch.cat(slots, dim=-1)).clamp(-self.delta_clamp, self.delta_clamp)
+        confidence = torch.sigmoid(self.confidence_head(slots.conf))  # [B, L, 1]
+        update = (self.delta_scale * confidence * delta).to(h.dtype)
+        if active is not None:
+            update = torch.where(active.unsqueeze(-1), update, torch.zeros_like(update))
+            h_next = torch.where(active.unsqueeze(-1), h + update, h)
+        else:
+            h_next = h + update
+
+        with torch.no_grad():
+            step_stats = {
+                "update_norm": update.float().norm(dim=-1),
+                "slot_norms": {name: s.float().norm(dim=-1) for name, s in slots._asdict().items()},
+            }
+        step_stats["confidence"] = confidence.squeeze(-1)
+        return h_next, RefinerState(prev=u.detach(), steps=state.steps + 1), step_stats
+
+    def orthogonality_loss(self) -> Tensor:
+        return self.slot_proj.orthogonality_loss()
+
+    def gate_values(self) -> dict[str, float]:
+        return self.slot_proj.gate_values()
+
+    @torch.no_grad()
+    def slot_statistics(self) -> dict[str, float]:
+        """Flat, CSV-friendly parameter statistics: gate openings, projection norms, orthogonality."""
+        stats = {f"gate_{name}": value for name, value in self.gate_values().items()}
+        for name, w in self.slot_proj.projection_weights().items():
+            stats[f"w_{name}_norm"] = w.float().norm().item()
+        stats["orthogonality"] = self.orthogonality_loss().item()
+        return stats
+
+
+SIZE_PRESETS: dict[str, dict[str, Any]] = {
+    "tiny": {"n_blocks": 1, "mlp_ratio": 2.0},
+    "base": {},
+    "large": {"n_blocks": 4},
+}
+
+
+def create_slot_trm_refiner(d_model: int, size: str = "base", **overrides: Any) -> SlotTRMRefiner:
+    """A `SlotTRMRefiner` from a size preset ('tiny', 'base', 'large'); keywords override the preset."""
+    if size not in SIZE_PRESETS:
+        raise ValueError(f"unknown refiner size {size!r}; choose one of {sorted(SIZE_PRESETS)}")
+    return SlotTRMRefiner(SlotConfig(d_model=d_model, **{**SIZE_PRESETS[size], **overrides}))
