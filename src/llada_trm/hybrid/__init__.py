@@ -1,0 +1,16 @@
+"""Backbone + recursive refiner: chunked selective refinement with per-chunk halting (see `hybrid.model`)."""
+
+from llada_trm.hybrid.chunking import chunk_confidence, expand_chunks, max_probability, num_chunks
+from llada_trm.hybrid.config import HybridConfig
+from llada_trm.hybrid.model import BackboneFeatures, HybridOutput, LLaDATRMHybrid
+
+__all__ = [
+    "BackboneFeatures",
+    "HybridConfig",
+    "HybridOutput",
+    "LLaDATRMHybrid",
+    "chunk_confidence",
+    "expand_chunks",
+    "max_probability",
+    "num_chunks",
+]

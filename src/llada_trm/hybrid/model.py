@@ -1,0 +1,418 @@
+"""`LLaDATRMHybrid`: a LLaDA backbone whose final hidden states are refined, chunk by chunk, before lm_head.
+
+    h, logits_0, ctx = backbone(x_t)                       (frozen in phase 1; what the feature cache stores)
+    c_j   = mean_{i in chunk j, masked} max softmax(logits_0[i])
+    R     = {j : chunk j has a masked position and c_j < threshold}        the chunks to refine
+    h_k   = refiner.step(h_{k-1}, active = positions of R_k)             k = 1..K,  R_1 = R
+    R_k+1 = {j in R_k : confidence of lm_head(h_k) on chunk j < threshold}   (per-chunk halting)
+    logits_k = lm_head(h_k) on the positions of R, logits_0 elsewhere
+
+Positions outside the refined chunks are never touched: their hidden states and logits are the backbone's,
+bit for bit. The LM head is evaluated only where something changed (the positions of chunks active at that
+step; for halting, only their masked positions), which matters when V is LLaDA's 126k.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import Tensor, nn
+
+from llada_trm.backbone import LLaDAModel
+from llada_trm.errors import CheckpointError, ConfigError
+from llada_trm.hybrid.chunking import chunk_confidence, expand_chunks, max_probability, num_chunks
+from llada_trm.hybrid.config import ACTIVE_CHOICES, HybridConfig
+from llada_trm.refiners import Refiner, StatsAccumulator, build_refiner
+
+PREFIX = "refinement_head."
+
+
+@dataclass
+class BackboneFeatures:
+    """The backbone's part of a forward pass.
+
+    `contexts` is the average of the requested layers' attention contexts [B, L, n_heads*head_dim] (None when
+    no layer is requested). `masked` [B, L] (input_ids == mask id) and `attention_mask` [B, L] ride along so
+    that `refine(features)` needs nothing else; both may be None (e.g. features rebuilt from a cache).
+    """
+
+    hidden_states: Tensor
+    base_logits: Tensor
+    contexts: Tensor | None = None
+    masked: Tensor | None = None
+    attention_mask: Tensor | None = None
+
+
+@dataclass
+class HybridOutput:
+    """Result of `LLaDATRMHybrid.refine` / `forward`.
+
+    `step_logits[k-1]` are the logits after step k (empty without a refiner or when step logits are off);
+    a chunk that halted or was never refined keeps its last logits in the later entries. `step_confidence`
+    holds the refiner's own per-position confidence of each step (not detached: a calibration loss may train
+    it). `stats` are detached numbers and small tensors (see `LLaDATRMHybrid.refine`).
+    """
+
+    logits: Tensor
+    step_logits: list[Tensor]
+    base_logits: Tensor
+    hidden_states: Tensor
+    stats: dict[str, Any] = field(default_factory=dict)
+    step_confidence: list[Tensor] = field(default_factory=list)
+
+
+class LLaDATRMHybrid(nn.Module):
+    """Backbone (`backbone`) plus recursive refiners (`refinement_head`, ModuleDict keyed 'mlp'/'slot')."""
+
+    def __init__(self, backbone: LLaDAModel, config: HybridConfig | None = None) -> None:
+        super().__init__()
+        config = HybridConfig() if config is None else config
+        if not isinstance(config, HybridConfig):
+            raise TypeError(f"config must be a HybridConfig, got {type(config).__name__}")
+        self.backbone = backbone
+        self.config = config
+        bb = backbone.config
+        self.mask_token_id = bb.mask_token_id
+        layers = self._check_layers(config.context_layers or [], bb.n_layers)
+        # Only the slot refiner reads backbone contexts; without it they are not even requested.
+        self.context_layers = layers if "slot" in config.refiner_kinds else []
+        context_width = bb.n_heads * bb.head_dim
+        self.refinement_head = nn.ModuleDict()
+        for kind in config.refiner_kinds:
+            if kind == "slot":
+                context_dim = context_width if self.context_layers else None
+                refiner = build_refiner(
+                    "slot", bb.d_model, num_steps=config.max_recursive_steps, context_dim=context_dim,
+                    **config.slot,
+                )
+            else:
+                refiner = build_refiner(
+                    "mlp", bb.d_model, num_steps=config.max_recursive_steps, **config.mlp_kwargs(bb.d_model)
+                )
+            self.refinement_head[kind] = refiner.to(device=backbone.device)
+        self._active_refiner = config.active_refiner
+
+    @staticmethod
+    def _check_layers(layers: list[int], n_layers: int) -> list[int]:
+        resolved = []
+        for index in layers:
+            if not -n_layers <= index < n_layers:
+                raise ConfigError(
+                    f"context layer {index} is out of range for a {n_layers}-layer backbone "
+                    f"(use -{n_layers}..{n_layers - 1})"
+                )
+            resolved.append(index % n_layers)
+        if len(set(resolved)) != len(resolved):
+            raise ConfigError(f"context_layers {layers} name the same layer twice")
+        return resolved
+
+    # ------------------------------------------------------------------ construction and handles
+    @classmethod
+    def from_pretrained(
+        cls,
+        backbone_dir: str | Path,
+        config: HybridConfig | None = None,
+        dtype: torch.dtype | str | None = None,
+        device: str | torch.device | None = None,
+    ) -> LLaDATRMHybrid:
+        """Load the backbone from a LLaDA-layout directory and build fresh refiners beside it.
+
+        The backbone takes `dtype`; the refiners stay float32 (they cast their inputs), so the small trained
+        part keeps full-precision weights even next to a bf16 backbone.
+        """
+        backbone = LLaDAModel.from_pretrained(backbone_dir, dtype=dtype, device=device)
+        return cls(backbone, config)
+
+    @property
+    def active_refiner(self) -> str:
+        """The refiner that 'hybrid' integration runs; settable between runs ('mlp' or 'slot')."""
+        return self._active_refiner
+
+    @active_refiner.setter
+    def active_refiner(self, kind: str) -> None:
+        if kind not in ACTIVE_CHOICES:
+            raise ValueError(f"unknown active_refiner {kind!r}; choose one of {list(ACTIVE_CHOICES)}")
+        self._active_refiner = kind
+
+    def refiner_parameters(self) -> list[nn.Parameter]:
+        """The parameters of every built refiner (what phase 1 trains)."""
+        return list(self.refinement_head.parameters())
+
+    def orthogonality_loss(self) -> Tensor:
+        """Sum of the refiners' slot-orthogonality penalties (a zero scalar without refiners)."""
+        losses = [refiner.orthogonality_loss() for refiner in self.refinement_head.values()]
+        if not losses:
+            return torch.zeros((), device=self.backbone.device)
+        return torch.stack([loss.float() for loss in losses]).sum()
+
+    def lm_head(self, h: Tensor) -> Tensor:
+        """The backbone's LM head, applied in the backbone's dtype."""
+        return self.backbone.lm_head(h.to(self.backbone.dtype))
+
+    # ------------------------------------------------------------------ forward
+    def features(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> BackboneFeatures:
+        """Run the backbone. Without trainable backbone parameters no graph is built through it."""
+        frozen = not any(p.requires_grad for p in self.backbone.parameters())
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not frozen):
+            out = self.backbone(input_ids, attention_mask=attention_mask, context_layers=self.context_layers)
+        contexts = None
+        if self.context_layers:
+            layers = [out.attention_contexts[i] for i in self.context_layers]
+            contexts = layers[0] if len(layers) == 1 else torch.stack(layers).mean(dim=0)
+        return BackboneFeatures(
+            hidden_states=out.hidden_states,
+            base_logits=out.logits,
+            contexts=contexts,
+            masked=input_ids == self.mask_token_id,
+            attention_mask=attention_mask,
+        )
+
+    def forward(
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor | None = None,
+        masked: Tensor | None = None,
+        num_steps: int | None = None,
+        return_step_logits: bool | None = None,
+    ) -> HybridOutput:
+        """`refine(features(input_ids, attention_mask), masked)`; masked defaults to input_ids == mask_id."""
+        features = self.features(input_ids, attention_mask)
+        return self.refine(features, masked, num_steps=num_steps, return_step_logits=return_step_logits)
+
+    def refine(
+        self,
+        features: BackboneFeatures,
+        masked: Tensor | None = None,
+        num_steps: int | None = None,
+        return_step_logits: bool | None = None,
+    ) -> HybridOutput:
+        """Selective, chunked, halting refinement of the backbone's hidden states.
+
+        masked: [B, L] bool, the predicted positions (default `features.masked`; if that is None too, every
+            position). num_steps: K for this call (default `max_recursive_steps`). return_step_logits: see
+            `HybridConfig.return_step_logits` (None: the config's value, else `self.training`).
+
+        stats: `refine_steps` (mean steps per refined chunk), `steps_per_chunk` [B, C], `chunks_total`,
+        `chunks_refined`, `chunks_halted` (refined chunks that stopped before K), `skipped_fraction`,
+        `chunk_confidence` [B, C] (the backbone's), plus the refiner's own `steps`, `confidence`,
+        `confidence_per_step`, `delta_norms`, `final_confidence`, `slot_norms`, `gates`.
+        """
+        h0, base = features.hidden_states, features.base_logits
+        if base is None:
+            raise ValueError("features.base_logits is None; run the backbone with output_logits=True")
+        batch, length = h0.shape[:2]
+        masked = self._masked(masked, features, (batch, length))
+        cfg = self.config
+        schedule = cfg.schedule(num_steps, self._active_refiner)
+        n_chunks = num_chunks(length, cfg.chunk_size)
+
+        rows = masked.nonzero(as_tuple=True)
+        token_conf = torch.zeros(batch, length, device=h0.device)
+        token_conf[rows] = max_probability(base[rows].detach())
+        conf0, n_masked = chunk_confidence(token_conf, masked, cfg.chunk_size)
+        refined = (n_masked > 0) & (conf0 < cfg.confidence_threshold)
+        if not schedule:  # no refiner, or K = 0: every chunk passes through
+            refined = torch.zeros_like(refined)
+        steps = torch.zeros(batch, n_chunks, dtype=torch.long, device=h0.device)
+
+        if return_step_logits is None:
+            return_step_logits = self.training if cfg.return_step_logits is None else cfg.return_step_logits
+        accumulator = StatsAccumulator()
+        h, logits = h0, base
+        step_logits: list[Tensor] = []
+        step_confidence: list[Tensor] = []
+        if schedule:
+            h, logits, step_logits, step_confidence = self._run_steps(
+                features, masked, schedule, refined, steps, accumulator, return_step_logits
+            )
+
+        stats = self._stats(refined, steps, conf0, len(schedule), accumulator, schedule, h0)
+        return HybridOutput(
+            logits=logits,
+            step_logits=step_logits,
+            base_logits=base,
+            hidden_states=h,
+            stats=stats,
+            step_confidence=step_confidence,
+        )
+
+    def _masked(self, masked: Tensor | None, features: BackboneFeatures, shape: tuple[int, int]) -> Tensor:
+        if masked is None:
+            masked = features.masked
+        if masked is None:
+            return torch.ones(shape, dtype=torch.bool, device=features.hidden_states.device)
+        if tuple(masked.shape) != shape:
+            raise ValueError(f"masked must be [B, L] = {list(shape)}, got {list(masked.shape)}")
+        return masked.to(device=features.hidden_states.device, dtype=torch.bool)
+
+    def _run_steps(
+        self,
+        features: BackboneFeatures,
+        masked: Tensor,
+        schedule: list[str],
+        refined: Tensor,
+        steps: Tensor,
+        accumulator: StatsAccumulator,
+        return_step_logits: bool,
+    ) -> tuple[Tensor, Tensor, list[Tensor], list[Tensor]]:
+        """The K-step loop over the refined chunks; updates `steps` in place."""
+        cfg = self.config
+        h0, base = features.hidden_states, features.base_logits
+        length = h0.shape[1]
+        # Work in at least float32 so that small updates survive a bf16 backbone; cast back at the end
+        # (exact for pass-through positions, since bf16 -> fp32 -> bf16 round-trips).
+        param = next(self.refinement_head[schedule[0]].parameters(), None)
+        work_dtype = h0.dtype if param is None else torch.promote_types(h0.dtype, param.dtype)
+        h = h0.to(work_dtype)
+        logits = base
+        step_logits: list[Tensor] = []
+        step_confidence: list[Tensor] = []
+        active = refined.clone()
+        state, current = None, None
+        for k, kind in enumerate(schedule):
+            if not bool(active.any()):  # nothing (left) to refine: later steps repeat the frozen logits
+                if return_step_logits:
+                    step_logits.extend([logits] * (len(schedule) - k))
+                break
+            refiner: Refiner = self.refinement_head[kind]
+            if kind != current:  # a cascade hands over: the next refiner starts its own carry
+                state, current = refiner.init_state(h), kind
+            positions = expand_chunks(active, length, cfg.chunk_size)
+            context = features.contexts if kind == "slot" else None
+            h, state, step_stats = refiner.step(
+                h, state, context=context, active=positions, attention_mask=features.attention_mask
+            )
+            accumulator.add(step_stats, positions)
+            step_confidence.append(step_stats["confidence"])
+            steps += active.long()
+            if return_step_logits:
+                rows = positions.nonzero(as_tuple=True)
+                logits = logits.index_put(rows, self.lm_head(h[rows]).to(logits.dtype))
+                step_logits.append(logits)
+            if cfg.halt_on_confidence and k + 1 < len(schedule):
+                known = logits if return_step_logits else None
+                active = active & ~self._confident(h, known, positions & masked)
+
+        if not return_step_logits:  # one LM-head pass over every refined position
+            rows = expand_chunks(refined, length, cfg.chunk_size).nonzero(as_tuple=True)
+            if rows[0].numel():
+                logits = base.index_put(rows, self.lm_head(h[rows]).to(base.dtype))
+        return h.to(h0.dtype), logits, step_logits, step_confidence
+
+    @torch.no_grad()
+    def _confident(self, h: Tensor, logits: Tensor | None, probe: Tensor) -> Tensor:
+        """[B, C] chunks whose mean max probability over the `probe` positions reached the threshold.
+
+        Uses the step's logits when they exist; otherwise runs the LM head on the probed rows only.
+        """
+        rows = probe.nonzero(as_tuple=True)
+        row_logits = logits[rows] if logits is not None else self.lm_head(h[rows].detach())
+        token_conf = torch.zeros(probe.shape, device=h.device)
+        token_conf[rows] = max_probability(row_logits)
+        confidence, n_probed = chunk_confidence(token_conf, probe, self.config.chunk_size)
+        return (n_probed > 0) & (confidence >= self.config.confidence_threshold)
+
+    def _stats(
+        self,
+        refined: Tensor,
+        steps: Tensor,
+        conf0: Tensor,
+        k: int,
+        accumulator: StatsAccumulator,
+        schedule: list[str],
+        like: Tensor,
+    ) -> dict[str, Any]:
+        total = refined.numel()
+        n_refined = int(refined.sum())
+        stats: dict[str, Any] = {
+            "refine_steps": float(steps[refined].float().mean()) if n_refined else 0.0,
+            "steps_per_chunk": steps.detach(),
+            "chunks_total": total,
+            "chunks_refined": n_refined,
+            "chunks_halted": int((refined & (steps < k)).sum()),
+            "skipped_fraction": 1.0 - n_refined / total if total else 1.0,
+            "chunk_confidence": conf0.detach(),
+        }
+        reporter = self._reporting_refiner(schedule)
+        if reporter is not None:
+            stats.update(accumulator.summary(reporter, like))
+        else:
+            stats.update(
+                {
+                    "steps": 0,
+                    "confidence": float("nan"),
+                    "confidence_per_step": [],
+                    "delta_norms": [],
+                    "final_confidence": torch.full(like.shape[:2], float("nan"), device=like.device),
+                    "slot_norms": {},
+                    "gates": {},
+                }
+            )
+        return stats
+
+    def _reporting_refiner(self, schedule: list[str]) -> Refiner | None:
+        """The refiner whose gates the stats show: the one that ran last, else the one that would have."""
+        heads = self.refinement_head
+        if schedule:
+            return heads[schedule[-1]]
+        if not heads:
+            return None
+        if self.config.integration == "hybrid":
+            return heads[self._active_refiner]
+        return list(heads.values())[-1]  # replace: the only one; cascade: the slot refiner, built last
+
+    # ------------------------------------------------------------------ refiner weights on disk
+    def refiner_state_dict(self) -> dict[str, Tensor]:
+        """The refiners' tensors under their full names (`refinement_head.<kind>.…`)."""
+        return {PREFIX + name: t for name, t in self.refinement_head.state_dict().items()}
+
+    def save_refiner(self, path: str | Path) -> Path:
+        """Write only the `refinement_head.*` tensors to safetensors (atomic: temp file, then rename)."""
+        path = Path(path)
+        tensors = {name: t.detach().contiguous().cpu() for name, t in self.refiner_state_dict().items()}
+        if not tensors:
+            raise ValueError("this model has no refiner (refiner='none'); there is nothing to save")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        metadata = {"integration": self.config.integration, "refiners": ",".join(self.refinement_head)}
+        fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+        os.close(fd)
+        try:
+            save_file(tensors, tmp, metadata=metadata)
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        return path
+
+    def load_refiner(self, path: str | Path) -> None:
+        """Load weights written by `save_refiner`; names and shapes must match this model's refiners."""
+        path = Path(path)
+        if not path.is_file():
+            raise CheckpointError(f"refiner weights {path} not found")
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            stored = {name: f.get_tensor(name) for name in f.keys()}
+        expected = self.refiner_state_dict()
+        missing = sorted(set(expected) - set(stored))
+        unexpected = sorted(set(stored) - set(expected))
+        if missing or unexpected:
+            raise CheckpointError(
+                f"refiner weights {path} do not match this model's refiners "
+                f"({', '.join(self.refinement_head) or 'none'}): missing {missing[:5]}"
+                f"{' ...' if len(missing) > 5 else ''}, unexpected {unexpected[:5]}"
+                f"{' ...' if len(unexpected) > 5 else ''}; build the model with the HybridConfig they were "
+                "trained with"
+            )
+        for name, tensor in stored.items():
+            if tensor.shape != expected[name].shape:
+                raise CheckpointError(
+                    f"refiner weights {path}: {name} has shape {list(tensor.shape)}, the model expects "
+                    f"{list(expected[name].shape)}; build the model with the HybridConfig it was trained with"
+                )
+        self.refinement_head.load_state_dict({name[len(PREFIX):]: t for name, t in stored.items()})

@@ -1,0 +1,432 @@
+"""LLaDATRMHybrid: chunked selective refinement, halting, integrations, context layers, refiner weights."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import pytest
+import torch
+from torch import Tensor, nn
+
+from llada_trm.backbone import LLaDAConfig, LLaDAModel
+from llada_trm.errors import CheckpointError, ConfigError
+from llada_trm.hybrid import (
+    BackboneFeatures,
+    HybridConfig,
+    LLaDATRMHybrid,
+    chunk_confidence,
+    expand_chunks,
+    max_probability,
+    num_chunks,
+)
+from llada_trm.refiners import Refiner, RefinerState
+
+VOCAB, MASK, D = 50, 49, 32
+SLOT = {"n_heads": 2, "n_blocks": 1}
+
+
+def tiny_backbone(seed: int = 0) -> LLaDAModel:
+    torch.manual_seed(seed)
+    config = LLaDAConfig(
+        d_model=D, n_heads=2, n_layers=2, vocab_size=VOCAB, mlp_hidden_size=64, max_sequence_length=64,
+        mask_token_id=MASK, eos_token_id=48, pad_token_id=48,
+    )
+    return LLaDAModel(config).eval()
+
+
+def make_model(seed: int = 0, **kwargs: Any) -> LLaDATRMHybrid:
+    kwargs.setdefault("slot", SLOT)
+    kwargs.setdefault("chunk_size", 4)
+    model = LLaDATRMHybrid(tiny_backbone(seed), HybridConfig(**kwargs))
+    torch.manual_seed(seed + 1)  # refiners are built after the backbone; re-seed for the next draws
+    return model
+
+
+def noisy_ids(batch: int = 2, length: int = 10, seed: int = 0) -> Tensor:
+    """Prompt-like tokens in the first half, masks in the second (chunk 0 of size 4 has no mask)."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, MASK - 1, (batch, length), generator=g)
+    ids[:, length // 2 :] = MASK
+    return ids
+
+
+# ---------------------------------------------------------------- chunking helpers (no model needed)
+
+
+def test_num_chunks_and_expand():
+    assert num_chunks(10, 4) == 3
+    assert num_chunks(8, 4) == 2
+    assert num_chunks(1, 16) == 1
+    with pytest.raises(ValueError, match="chunk_size"):
+        num_chunks(8, 0)
+    values = torch.tensor([[1, 2, 3], [4, 5, 6]])
+    assert expand_chunks(values, 10, 4).tolist() == [[1] * 4 + [2] * 4 + [3] * 2, [4] * 4 + [5] * 4 + [6] * 2]
+
+
+def test_max_probability_matches_softmax():
+    logits = torch.randn(3, 5, 7)
+    assert torch.allclose(max_probability(logits), logits.softmax(-1).amax(-1), atol=1e-6)
+    assert torch.allclose(max_probability(logits, rows_per_block=4), logits.softmax(-1).amax(-1), atol=1e-6)
+    assert max_probability(torch.zeros(0, 7)).shape == (0,)
+
+
+def test_chunk_confidence_by_hand():
+    # L = 7, chunk_size 3 -> chunks [0,1,2] [3,4,5] [6]; unmasked values (even nan) are ignored
+    conf = torch.tensor([[0.9, 0.1, 0.5, 0.2, 0.4, float("nan"), 0.7]])
+    masked = torch.tensor([[True, True, False, False, False, False, True]])
+    c, n = chunk_confidence(conf, masked, 3)
+    assert n.tolist() == [[2, 0, 1]]
+    assert torch.allclose(c, torch.tensor([[(0.9 + 0.1) / 2, 1.0, 0.7]]))
+    with pytest.raises(ValueError, match="must match"):
+        chunk_confidence(conf, masked[:, :5], 3)
+
+
+# ---------------------------------------------------------------- config
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"refiner": "tree"}, r"unknown refiner 'tree'; choose one of \['none', 'mlp', 'slot'\]"),
+        ({"integration": "parallel"}, "choose one of"),
+        ({"active_refiner": "none"}, "active_refiner"),
+        ({"refiner": "none", "integration": "hybrid"}, "refiner='none'"),
+        ({"max_recursive_steps": -1}, "max_recursive_steps"),
+        ({"chunk_size": 0}, "chunk_size"),
+        ({"cascade_mlp_steps": 5}, "cascade_mlp_steps"),
+        ({"confidence_threshold": -0.1}, "confidence_threshold"),
+        ({"context_layers": [1, 1]}, "twice"),
+        ({"slot": {"n_head": 2}}, r"unknown slot setting\(s\) \['n_head'\]"),
+        ({"slot": {"num_steps": 2}}, "derives them"),
+        ({"mlp": {"hidden_mult": 2, "hidden_dim": 8}}, "hidden_mult"),
+    ],
+)
+def test_config_rejects_bad_values(kwargs, message):
+    with pytest.raises(ConfigError, match=message):
+        HybridConfig(**kwargs)
+
+
+def test_config_schedules_and_dict_round_trip():
+    assert HybridConfig(refiner="mlp").schedule() == ["mlp"] * 4
+    assert HybridConfig(refiner="none").schedule() == []
+    assert HybridConfig(integration="hybrid", active_refiner="mlp").schedule(2) == ["mlp", "mlp"]
+    assert HybridConfig(integration="cascade").schedule() == ["mlp", "mlp", "slot", "slot"]
+    assert HybridConfig(integration="cascade").schedule(3) == ["mlp", "slot", "slot"]
+    one_mlp_step = HybridConfig(integration="cascade", cascade_mlp_steps=1)
+    assert one_mlp_step.schedule() == ["mlp", "slot", "slot", "slot"]
+    config = HybridConfig(refiner="mlp", context_layers=[0], mlp={"hidden_mult": 1.5})
+    assert HybridConfig.from_dict(config.to_dict()) == config
+    with pytest.raises(ConfigError, match="unknown HybridConfig field"):
+        HybridConfig.from_dict({"refiners": "slot"})
+
+
+def test_context_layer_out_of_range():
+    with pytest.raises(ConfigError, match="out of range for a 2-layer backbone"):
+        LLaDATRMHybrid(tiny_backbone(), HybridConfig(context_layers=[2], slot=SLOT))
+
+
+# ---------------------------------------------------------------- shapes, refiner kinds, integrations
+
+
+@pytest.mark.parametrize("refiner", ["mlp", "slot"])
+def test_shapes_and_step_logits(refiner):
+    model = make_model(refiner=refiner, confidence_threshold=2.0).train()
+    ids = noisy_ids()
+    out = model(ids)
+    assert out.logits.shape == out.base_logits.shape == (2, 10, VOCAB)
+    assert out.hidden_states.shape == (2, 10, D)
+    assert len(out.step_logits) == 4 and all(s.shape == (2, 10, VOCAB) for s in out.step_logits)
+    assert out.logits is out.step_logits[-1]
+    assert len(out.step_confidence) == 4
+    stats = out.stats
+    assert stats["steps_per_chunk"].tolist() == [[0, 4, 4], [0, 4, 4]]
+    assert (stats["chunks_total"], stats["chunks_refined"], stats["refine_steps"]) == (6, 4, 4.0)
+    assert stats["skipped_fraction"] == pytest.approx(2 / 6)
+    assert len(stats["delta_norms"]) == 4 and math.isfinite(stats["confidence"])
+    assert set(stats["slot_norms"]) == ({"ctx", "reason", "refine", "conf"} if refiner == "slot" else set())
+    # eval mode computes only the final logits, and they agree
+    model.eval()
+    with torch.no_grad():
+        evaluated = model(ids)
+    assert evaluated.step_logits == []
+    assert torch.allclose(evaluated.logits, out.logits, atol=1e-6)
+    assert model(ids, return_step_logits=True).step_logits[-1].shape == (2, 10, VOCAB)
+    assert len(model(ids, num_steps=2, return_step_logits=True).step_logits) == 2
+    zero_steps = model(ids, num_steps=0)
+    assert torch.equal(zero_steps.logits, out.base_logits) and zero_steps.stats["chunks_refined"] == 0
+    assert zero_steps.stats["gates"] == model.refinement_head[refiner].gate_values()
+    padding = torch.ones_like(ids)
+    padding[1, -2:] = 0  # right padding: the refiner's own attention must skip it
+    assert model(ids, attention_mask=padding).logits.shape == (2, 10, VOCAB)
+
+
+def test_refiner_none_is_the_backbone():
+    model = make_model(refiner="none").train()
+    assert len(model.refinement_head) == 0 and model.refiner_parameters() == []
+    ids = noisy_ids()
+    out = model(ids)
+    assert out.logits is out.base_logits and out.step_logits == []
+    assert torch.equal(out.logits, model.backbone(ids).logits)
+    assert out.stats["refine_steps"] == 0.0 and out.stats["chunks_refined"] == 0
+    assert out.stats["skipped_fraction"] == 1.0 and out.stats["steps_per_chunk"].sum() == 0
+    assert model.orthogonality_loss().item() == 0.0
+
+
+def test_hybrid_builds_both_and_switches():
+    model = make_model(integration="hybrid", confidence_threshold=2.0).eval()
+    assert set(model.refinement_head) == {"mlp", "slot"}
+    ids = noisy_ids()
+    slot_out = model(ids)
+    model.active_refiner = "mlp"
+    mlp_out = model(ids)
+    assert not torch.equal(slot_out.logits, mlp_out.logits)
+    assert slot_out.stats["slot_norms"] and not mlp_out.stats["slot_norms"]
+    with pytest.raises(ValueError, match="choose one of"):
+        model.active_refiner = "none"
+    heads = model.refinement_head
+    expected = heads["slot"].orthogonality_loss() + heads["mlp"].orthogonality_loss()
+    assert torch.allclose(model.orthogonality_loss(), expected) and model.orthogonality_loss() > 0
+    assert len(model.refiner_parameters()) == len(list(model.refinement_head.parameters()))
+
+
+def test_cascade_runs_mlp_then_slot(monkeypatch):
+    model = make_model(integration="cascade", confidence_threshold=2.0).eval()
+    calls: list[str] = []
+    for kind, refiner in model.refinement_head.items():
+        original = refiner.step
+
+        def recorded(*args, _kind=kind, _original=original, **kwargs):
+            calls.append(_kind)
+            return _original(*args, **kwargs)
+
+        monkeypatch.setattr(refiner, "step", recorded)
+    out = model(noisy_ids())
+    assert calls == ["mlp", "mlp", "slot", "slot"]
+    assert out.stats["refine_steps"] == 4.0 and len(out.stats["delta_norms"]) == 4
+
+
+# ---------------------------------------------------------------- selection by chunk confidence
+
+
+def crafted_features(model: LLaDATRMHybrid, base_logits: Tensor, masked: Tensor) -> BackboneFeatures:
+    torch.manual_seed(3)
+    hidden = torch.randn(*base_logits.shape[:2], D)
+    return BackboneFeatures(hidden_states=hidden, base_logits=base_logits, masked=masked)
+
+
+def peaked_logits(length: int, peaks: list[float]) -> Tensor:
+    """[1, L, V] logits: position i puts `peaks[i]` on token 0 and 0 elsewhere."""
+    logits = torch.zeros(1, length, VOCAB)
+    logits[0, :, 0] = torch.tensor(peaks)
+    return logits
+
+
+def test_chunk_confidence_by_hand_through_the_model():
+    model = make_model(refiner="mlp", chunk_size=3, confidence_threshold=0.5).eval()
+    peaks = [8.0, 8.0, 0.0, 0.0, 1.0, 0.0, 6.0]
+    masked = torch.tensor([[True, False, False, True, True, False, True]])
+    out = model.refine(crafted_features(model, peaked_logits(7, peaks), masked))
+
+    def p(peak: float) -> float:
+        return math.exp(peak) / (math.exp(peak) + VOCAB - 1)
+
+    expected = [p(8.0), (p(0.0) + p(1.0)) / 2, p(6.0)]
+    assert torch.allclose(out.stats["chunk_confidence"][0], torch.tensor(expected), atol=1e-6)
+    # chunk 1 is below 0.5 and refined; chunks 0 and 2 are confident and pass through bit-identical
+    assert out.stats["steps_per_chunk"].tolist() == [[0, 4, 0]]
+    features = crafted_features(model, peaked_logits(7, peaks), masked)
+    for sl in (slice(0, 3), slice(6, 7)):
+        assert torch.equal(out.logits[:, sl], features.base_logits[:, sl])
+        assert torch.equal(out.hidden_states[:, sl], features.hidden_states[:, sl])
+    assert not torch.equal(out.hidden_states[:, 3:6], features.hidden_states[:, 3:6])
+
+
+def test_threshold_zero_refines_nothing_and_above_one_everything():
+    ids = noisy_ids()
+    model = make_model(refiner="slot", confidence_threshold=0.0, context_layers=[-1]).train()
+    out = model(ids)
+    assert out.stats["chunks_refined"] == 0 and out.stats["skipped_fraction"] == 1.0
+    assert torch.equal(out.logits, out.base_logits)
+    assert all(torch.equal(s, out.base_logits) for s in out.step_logits) and len(out.step_logits) == 4
+    assert torch.equal(out.hidden_states, model.features(ids).hidden_states)
+
+    model.config.confidence_threshold = 1.5
+    out = model(ids)
+    # every chunk with a masked position is refined; chunk 0 (no mask) is skipped and bit-identical
+    assert out.stats["steps_per_chunk"].tolist() == [[0, 4, 4], [0, 4, 4]]
+    assert torch.equal(out.logits[:, :4], out.base_logits[:, :4])
+    assert not torch.equal(out.logits[:, 4:], out.base_logits[:, 4:])
+
+
+def test_no_masked_positions_means_nothing_to_refine():
+    model = make_model(refiner="mlp", confidence_threshold=2.0).train()
+    ids = noisy_ids()
+    out = model(ids, masked=torch.zeros_like(ids, dtype=torch.bool))
+    assert out.stats["chunks_refined"] == 0 and torch.equal(out.logits, out.base_logits)
+    with pytest.raises(ValueError, match="masked must be"):
+        model(ids, masked=torch.zeros(2, 3, dtype=torch.bool))
+
+
+def test_bf16_backbone_passes_through_exactly():
+    model = make_model(refiner="slot", confidence_threshold=2.0)
+    model.backbone.to(torch.bfloat16)
+    out = model.eval()(noisy_ids())
+    assert out.logits.dtype == out.hidden_states.dtype == torch.bfloat16
+    assert torch.equal(out.logits[:, :4], out.base_logits[:, :4])
+
+
+# ---------------------------------------------------------------- per-chunk halting
+
+
+class PushRefiner(Refiner):
+    """Fake refiner: each step adds `push[l]` to coordinate 0 of h at active positions."""
+
+    def __init__(self, push: Tensor) -> None:
+        super().__init__()
+        self.d_model, self.num_steps = D, 4
+        self.push = nn.Parameter(push.clone())
+
+    def step(self, h, state, *, context=None, active=None, attention_mask=None):
+        update = torch.zeros_like(h)
+        update[..., 0] = self.push
+        if active is not None:
+            update = torch.where(active.unsqueeze(-1), update, torch.zeros_like(update))
+        stats = {"confidence": torch.full(h.shape[:2], 0.5), "update_norm": update.detach().norm(dim=-1)}
+        return h + update, RefinerState(steps=state.steps + 1), stats
+
+
+def halting_model(**kwargs: Any) -> LLaDATRMHybrid:
+    model = make_model(refiner="mlp", chunk_size=2, confidence_threshold=0.9, **kwargs)
+    with torch.no_grad():  # lm_head(h) = [h_0, 0, ..., 0]: confidence grows with coordinate 0
+        weight = model.backbone.transformer.ff_out.weight
+        weight.zero_()
+        weight[0, 0] = 1.0
+    # chunk 0 jumps to confidence ~1 in one step, chunk 1 creeps and never gets there
+    model.refinement_head["mlp"] = PushRefiner(torch.tensor([20.0, 20.0, 0.01, 0.01]))
+    return model
+
+
+def halting_features(model: LLaDATRMHybrid) -> BackboneFeatures:
+    hidden = torch.zeros(1, 4, D)
+    masked = torch.ones(1, 4, dtype=torch.bool)
+    return BackboneFeatures(hidden_states=hidden, base_logits=model.lm_head(hidden), masked=masked)
+
+
+def test_confident_chunk_halts_and_keeps_its_logits():
+    model = halting_model().train()
+    out = model.refine(halting_features(model))
+    assert out.stats["steps_per_chunk"].tolist() == [[1, 4]]
+    assert out.stats["chunks_halted"] == 1 and out.stats["refine_steps"] == 2.5
+    assert out.hidden_states[0, :2, 0].tolist() == [20.0, 20.0]  # frozen after one step
+    assert out.hidden_states[0, 2:, 0].allclose(torch.tensor([0.04, 0.04]))
+    first = out.step_logits[0]
+    for later in out.step_logits[1:]:
+        assert torch.equal(later[:, :2], first[:, :2])
+    assert not torch.equal(out.step_logits[-1][:, 2:], first[:, 2:])
+
+    # the eval path (LM head only on probed rows) halts the same way
+    evaluated = model.eval().refine(halting_features(model))
+    assert evaluated.step_logits == []
+    assert evaluated.stats["steps_per_chunk"].tolist() == [[1, 4]]
+    assert torch.allclose(evaluated.logits, out.logits)
+
+    # without halting every refined chunk takes all K steps
+    model.config.halt_on_confidence = False
+    assert model.refine(halting_features(model)).stats["steps_per_chunk"].tolist() == [[4, 4]]
+
+
+def test_all_chunks_halting_repeats_the_last_logits():
+    model = halting_model()
+    model.refinement_head["mlp"].push.data.fill_(20.0)
+    out = model.train().refine(halting_features(model))
+    assert out.stats["steps_per_chunk"].tolist() == [[1, 1]]
+    assert len(out.step_logits) == 4 and all(s is out.step_logits[0] for s in out.step_logits)
+
+
+# ---------------------------------------------------------------- backbone contexts
+
+
+def test_context_layers_feed_the_slot_refiner(monkeypatch):
+    plain = make_model(refiner="slot", confidence_threshold=2.0).eval()
+    with_ctx = make_model(refiner="slot", confidence_threshold=2.0, context_layers=[0, -1]).eval()
+    with_ctx.refinement_head.load_state_dict(plain.refinement_head.state_dict())  # same refiner weights
+    ids = noisy_ids()
+
+    seen: list[Any] = []
+    original = with_ctx.backbone.forward
+
+    def spy(*args, **kwargs):
+        seen.append(list(kwargs["context_layers"]))
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(with_ctx.backbone, "forward", spy)
+    features = with_ctx.features(ids)
+    assert seen == [[0, 1]]
+    direct = original(ids, context_layers=[0, 1]).attention_contexts
+    assert torch.allclose(features.contexts, (direct[0] + direct[1]) / 2)
+    assert features.contexts.shape == (2, 10, D)
+    assert plain.features(ids).contexts is None
+    assert make_model(refiner="mlp", context_layers=[0]).features(ids).contexts is None  # slot-only input
+
+    out_ctx, out_plain = with_ctx.refine(features), plain(ids)
+    assert torch.equal(out_ctx.base_logits, out_plain.base_logits)
+    assert not torch.equal(out_ctx.logits, out_plain.logits)
+
+
+# ---------------------------------------------------------------- gradients
+
+
+def test_gradients_reach_the_refiner_not_a_frozen_backbone():
+    model = make_model(refiner="slot", confidence_threshold=2.0, context_layers=[-1]).train()
+    model.backbone.requires_grad_(False)
+    ids = noisy_ids()
+    features = model.features(ids)
+    assert not features.hidden_states.requires_grad and not features.base_logits.requires_grad
+    out = model.refine(features)
+    loss = sum(torch.nn.functional.cross_entropy(s.flatten(0, 1), ids.flatten()) for s in out.step_logits)
+    (loss + model.orthogonality_loss()).backward()
+    assert all(p.grad is None for p in model.backbone.parameters())
+    grads = [p.grad for p in model.refiner_parameters()]
+    assert all(g is not None for g in grads) and any(g.abs().sum() > 0 for g in grads)
+
+
+def test_trainable_backbone_builds_a_graph():
+    model = make_model(refiner="mlp").train()
+    assert model.features(noisy_ids()).hidden_states.requires_grad
+
+
+# ---------------------------------------------------------------- weights on disk
+
+
+def test_save_and_load_refiner_round_trip(tmp_path):
+    model = make_model(seed=0, integration="hybrid", confidence_threshold=2.0).eval()
+    path = model.save_refiner(tmp_path / "sub" / "refiner.safetensors")
+    assert sorted(p.name for p in path.parent.iterdir()) == ["refiner.safetensors"]  # no temp file left
+
+    other = make_model(seed=5, integration="hybrid", confidence_threshold=2.0).eval()
+    other.backbone.load_state_dict(model.backbone.state_dict())
+    ids = noisy_ids()
+    assert not torch.equal(other(ids).logits, model(ids).logits)
+    other.load_refiner(path)
+    assert torch.equal(other(ids).logits, model(ids).logits)
+    assert all(name.startswith("refinement_head.") for name in model.refiner_state_dict())
+
+    with pytest.raises(CheckpointError, match="do not match"):
+        make_model(refiner="mlp").load_refiner(path)
+    with pytest.raises(CheckpointError, match="has shape"):
+        bigger = make_model(integration="hybrid", slot={"n_heads": 2, "n_blocks": 1, "d_ctx": 8})
+        bigger.load_refiner(path)
+    with pytest.raises(CheckpointError, match="not found"):
+        model.load_refiner(tmp_path / "missing.safetensors")
+    with pytest.raises(ValueError, match="nothing to save"):
+        make_model(refiner="none").save_refiner(tmp_path / "none.safetensors")
+
+
+def test_from_pretrained_loads_the_backbone(tmp_path):
+    source = tiny_backbone(seed=7)
+    source.save_pretrained(tmp_path)
+    model = LLaDATRMHybrid.from_pretrained(tmp_path, HybridConfig(refiner="mlp", chunk_size=4))
+    ids = noisy_ids()
+    assert torch.equal(model.eval()(ids).base_logits, source(ids).logits)
+    assert isinstance(model.refinement_head["mlp"], Refiner)
