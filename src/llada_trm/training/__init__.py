@@ -1,0 +1,86 @@
+"""Training the refiner: freezing and phases, objective, schedules, checkpoints, metrics, health checks.
+
+The CLI's `llada-trm train --config FILE [--set k=v ...] [--resume DIR]` is `run_train(FILE, overrides, DIR)`.
+"""
+
+from llada_trm.training.checkpoint import (
+    TrainState,
+    capture_rng_state,
+    load_trainer_state,
+    load_weights,
+    resolve_checkpoint_dir,
+    restore_rng_state,
+    save_checkpoint,
+)
+from llada_trm.training.distributed import is_distributed, is_main_process, rank, world_size
+from llada_trm.training.freezing import (
+    FreezePlan,
+    ParamGroupSpec,
+    apply_freezing,
+    freeze_report,
+    match_pattern,
+    matching_parameters,
+    set_train_mode,
+)
+from llada_trm.training.health import CHECKS, HealthMonitor
+from llada_trm.training.metrics import TRAIN_COLUMNS, VALIDATION_COLUMNS, MetricsWriter
+from llada_trm.training.objective import LossWeights, ObjectiveResult, diffusion_objective
+from llada_trm.training.schedule import (
+    build_optimizer,
+    build_scheduler,
+    resolve_warmup_steps,
+    warmup_cosine,
+)
+from llada_trm.training.stats import forward_statistics, gate_values, parameter_statistics
+from llada_trm.training.trainer import (
+    Trainer,
+    hybrid_config,
+    resolve_backbone_dir,
+    resolve_device,
+    resolve_precision,
+    run_train,
+    seed_everything,
+)
+
+__all__ = [
+    "CHECKS",
+    "TRAIN_COLUMNS",
+    "VALIDATION_COLUMNS",
+    "FreezePlan",
+    "HealthMonitor",
+    "LossWeights",
+    "MetricsWriter",
+    "ObjectiveResult",
+    "ParamGroupSpec",
+    "TrainState",
+    "Trainer",
+    "apply_freezing",
+    "build_optimizer",
+    "build_scheduler",
+    "capture_rng_state",
+    "diffusion_objective",
+    "forward_statistics",
+    "freeze_report",
+    "gate_values",
+    "hybrid_config",
+    "is_distributed",
+    "is_main_process",
+    "load_trainer_state",
+    "load_weights",
+    "match_pattern",
+    "matching_parameters",
+    "parameter_statistics",
+    "rank",
+    "resolve_backbone_dir",
+    "resolve_checkpoint_dir",
+    "resolve_device",
+    "resolve_precision",
+    "resolve_warmup_steps",
+    "restore_rng_state",
+    "run_train",
+    "save_checkpoint",
+    "seed_everything",
+    "set_train_mode",
+    "warmup_cosine",
+    "world_size",
+]

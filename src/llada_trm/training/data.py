@@ -1,0 +1,136 @@
+"""Datasets and a resumable, rank-sharded sampler for the trainer.
+
+The training order of an epoch is a permutation that depends only on (seed, epoch), so a resumed run can
+rebuild it and skip the micro-batches it already consumed instead of replaying a data loader's RNG.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Iterator
+
+import torch
+from torch.utils.data import DataLoader, Sampler
+from transformers import PreTrainedTokenizerBase
+
+from llada_trm.config import DataConfig
+from llada_trm.data import GSM8KRecord, SFTDataset, SyntheticTaskConfig, generate_problems, load_gsm8k
+from llada_trm.errors import ConfigError
+
+__all__ = ["EpochSampler", "build_datasets", "build_records", "make_loader"]
+
+logger = logging.getLogger("llada_trm")
+
+
+class EpochSampler(Sampler[int]):
+    """Indices of one epoch: a (seed, epoch)-determined permutation, this rank's shard, from `start` on.
+
+    With several ranks the permutation is padded by wrapping around (as `DistributedSampler` does) so every
+    rank sees the same number of examples.
+    """
+
+    def __init__(self, size: int, *, seed: int, shuffle: bool = True, rank: int = 0, world_size: int = 1):
+        if size < 1:
+            raise ValueError("EpochSampler needs a non-empty dataset")
+        self.size = size
+        self.seed = seed
+        self.shuffle = shuffle
+        self.rank = rank
+        self.world_size = world_size
+        self.epoch = 0
+        self.start = 0
+
+    @property
+    def shard_size(self) -> int:
+        return math.ceil(self.size / self.world_size)
+
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        """Select the epoch's order and skip its first `start` indices of this rank's shard."""
+        self.epoch = epoch
+        self.start = start
+
+    def indices(self) -> list[int]:
+        if self.shuffle:
+            generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+            order = torch.randperm(self.size, generator=generator).tolist()
+        else:
+            order = list(range(self.size))
+        total = self.shard_size * self.world_size
+        order = (order * math.ceil(total / self.size))[:total]
+        return order[self.rank : total : self.world_size]
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.indices()[self.start :])
+
+    def __len__(self) -> int:
+        return max(0, self.shard_size - self.start)
+
+
+def build_records(data: DataConfig) -> tuple[list[GSM8KRecord], list[GSM8KRecord]]:
+    """Training and evaluation records: a GSM8K source sliced by the splits, or the generated task."""
+    try:
+        if data.dataset == "synthetic":
+            s = data.synthetic
+            task = SyntheticTaskConfig(
+                min_steps=s.min_steps,
+                max_steps=s.max_steps,
+                max_number=s.max_number,
+                max_result=s.max_result,
+                seed=s.seed,
+            )
+            train = generate_problems(task, s.n_train, "train")
+            evaluation = generate_problems(task, s.n_eval, "test") if s.n_eval else []
+        else:
+            train = load_gsm8k(data.path, data.train_split)
+            evaluation = load_gsm8k(data.path, data.eval_split) if data.eval_split else []
+    except (ValueError, FileNotFoundError) as exc:
+        raise ConfigError(f"data: {exc}") from None
+    return train, evaluation
+
+
+def build_datasets(
+    data: DataConfig, tokenizer: PreTrainedTokenizerBase
+) -> tuple[SFTDataset, SFTDataset | None]:
+    """Tokenised SFT datasets; examples longer than `data.max_length` are skipped (and counted)."""
+    train_records, eval_records = build_records(data)
+    train = SFTDataset(tokenizer, train_records, data.max_length)
+    if len(train) == 0:
+        raise ConfigError(
+            f"data.max_length: none of the {len(train_records)} training examples fits in {data.max_length} "
+            "tokens; raise data.max_length"
+        )
+    if train.num_skipped:
+        logger.warning(
+            "skipped %d of %d training examples longer than data.max_length=%d",
+            train.num_skipped,
+            len(train_records),
+            data.max_length,
+        )
+    evaluation = SFTDataset(tokenizer, eval_records, data.max_length) if eval_records else None
+    if evaluation is not None and len(evaluation) == 0:
+        logger.warning("no evaluation example fits data.max_length=%d; validation is off", data.max_length)
+        evaluation = None
+    return train, evaluation
+
+
+def make_loader(
+    dataset: SFTDataset,
+    *,
+    batch_size: int,
+    sampler: Sampler[int],
+    num_workers: int,
+    pin_memory: bool,
+    seed: int,
+) -> DataLoader:
+    """A DataLoader whose seed draws use a private generator, never the global torch RNG (resumability)."""
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        sampler=sampler,
+        collate_fn=dataset.collate,
+        num_workers=num_workers,
+        pin_memory=pin_memory,
+        generator=torch.Generator().manual_seed(seed),
+        drop_last=False,
+    )

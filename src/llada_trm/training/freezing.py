@@ -1,0 +1,242 @@
+"""Which parameters train, and at which learning rate: module-name patterns and the three phases.
+
+Patterns (in `training_params.trainable_modules`) select modules or parameters by their dotted name in
+`model.named_modules()` / `model.named_parameters()`:
+
+* a plain name matches that name and everything below it: `refinement_head` selects
+  `refinement_head.slot.blocks.0.attn.weight`, but not `refinement_head_old.x` (whole dotted components only);
+* a glob (contains `*`, `?` or `[`) is matched against whole names with `fnmatch`:
+  `backbone.model.transformer.blocks.*.attn_norm` selects every block's attention norm;
+* `re:<regex>` is a Python regular expression searched in the name: `re:blocks\\.(30|31)\\.`.
+
+Phases:
+
+1. only the patterns train (by default the refiner, `refinement_head`); backbone, embeddings and LM head are
+   frozen, run in eval mode and (in the trainer) under `torch.no_grad()`;
+2. phase 1 plus the last `unfreeze_last_n_layers` backbone blocks, in their own parameter group at
+   `backbone_lr`;
+3. everything: the patterns at `lr`, the rest of the model at `backbone_lr`.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+
+import torch.nn as nn
+
+from llada_trm.errors import ConfigError
+
+__all__ = [
+    "FreezePlan",
+    "ParamGroupSpec",
+    "apply_freezing",
+    "freeze_report",
+    "match_pattern",
+    "matching_parameters",
+    "set_train_mode",
+]
+
+
+@dataclass
+class ParamGroupSpec:
+    """One optimizer parameter group before weight-decay splitting: a name, its parameters and its LR."""
+
+    name: str
+    lr: float
+    params: dict[str, nn.Parameter] = field(default_factory=dict)
+
+    @property
+    def numel(self) -> int:
+        return sum(p.numel() for p in self.params.values())
+
+
+@dataclass
+class FreezePlan:
+    """The outcome of freezing: parameter groups, counts, and whether the backbone is wholly frozen."""
+
+    phase: int
+    groups: list[ParamGroupSpec]
+    total_params: int
+    backbone_frozen: bool
+
+    @property
+    def trainable_names(self) -> list[str]:
+        return [name for group in self.groups for name in group.params]
+
+    @property
+    def trainable_params(self) -> int:
+        return sum(group.numel for group in self.groups)
+
+    def report(self) -> str:
+        return freeze_report(self)
+
+
+def match_pattern(pattern: str, name: str) -> bool:
+    """Whether a freezing pattern selects the module/parameter called `name` (see the module docstring)."""
+    if pattern.startswith("re:"):
+        return re.search(pattern[3:], name) is not None
+    if any(ch in pattern for ch in "*?["):
+        return fnmatch.fnmatchcase(name, pattern) or fnmatch.fnmatchcase(name, pattern + ".*")
+    return name == pattern or name.startswith(pattern + ".")
+
+
+def matching_parameters(model: nn.Module, patterns: Sequence[str], *, key: str) -> dict[str, nn.Parameter]:
+    """The parameters selected by `patterns`; a pattern that selects nothing is a `ConfigError` at once.
+
+    A pattern may name a module (all its parameters) or a single parameter. The error lists the top-level
+    modules that do exist, so `trainable_modules: [refiner]` fails here, not as an empty optimizer later.
+    """
+    params = dict(model.named_parameters())
+    modules = [name for name, _ in model.named_modules() if name]
+    selected: dict[str, nn.Parameter] = {}
+    for pattern in patterns:
+        _check_regex(pattern, key)
+        hits = {name: p for name, p in params.items() if match_pattern(pattern, name)}
+        if not hits:
+            matched_module = any(match_pattern(pattern, name) for name in modules)
+            top = sorted({name.split(".")[0] for name in modules})
+            reason = "matches a module without parameters" if matched_module else "matches no module"
+            raise ConfigError(
+                f"{key}: pattern {pattern!r} {reason}; top-level modules are: {', '.join(top) or '(none)'}"
+            )
+        selected.update(hits)
+    return selected
+
+
+def apply_freezing(
+    model: nn.Module,
+    *,
+    phase: int,
+    trainable_modules: Sequence[str],
+    lr: float,
+    backbone_lr: float,
+    unfreeze_last_n_layers: int = 0,
+    train_layer_norms: bool = True,
+    train_refiner_blocks: bool = True,
+    backbone_attr: str = "backbone",
+) -> FreezePlan:
+    """Set `requires_grad` on every parameter for `phase` and return the parameter groups to optimise."""
+    if phase not in (1, 2, 3):
+        raise ConfigError(f"training.phase: expected 1, 2 or 3, got {phase!r}")
+    for p in model.parameters():
+        p.requires_grad_(False)
+
+    head = matching_parameters(model, trainable_modules, key="training_params.trainable_modules")
+    excluded = set()
+    if not train_layer_norms:
+        excluded |= _norm_parameter_names(model)
+    if not train_refiner_blocks:
+        excluded |= {name for name in head if ".blocks." in f".{name}" and name.startswith("refinement_head")}
+    head = {name: p for name, p in head.items() if name not in excluded}
+    groups = [ParamGroupSpec("head", lr, head)]
+
+    if phase == 2:
+        blocks = _last_backbone_blocks(model, backbone_attr, unfreeze_last_n_layers)
+        extra = {name: p for name, p in model.named_parameters() if name not in head and _under(name, blocks)}
+        groups.append(ParamGroupSpec("backbone", backbone_lr, extra))
+    elif phase == 3:
+        rest = {name: p for name, p in model.named_parameters() if name not in head}
+        groups.append(ParamGroupSpec("backbone", backbone_lr, rest))
+
+    groups = [g for g in groups if g.params]
+    if not groups:
+        raise ConfigError(
+            "training_params: every selected parameter was excluded (train_layer_norms / "
+            "train_refiner_blocks are false); nothing would train"
+        )
+    for group in groups:
+        for p in group.params.values():
+            p.requires_grad_(True)
+
+    backbone = getattr(model, backbone_attr, None)
+    backbone_frozen = backbone is None or not any(p.requires_grad for p in backbone.parameters())
+    return FreezePlan(
+        phase=phase,
+        groups=groups,
+        total_params=sum(p.numel() for p in model.parameters()),
+        backbone_frozen=backbone_frozen,
+    )
+
+
+def set_train_mode(model: nn.Module, training: bool = True) -> nn.Module:
+    """`model.train(training)`, then wholly frozen submodules back to eval mode (no dropout in frozen parts).
+
+    Call it instead of `model.train()`: a plain `model.train()` would switch the frozen backbone's dropout on.
+    """
+    model.train(training)
+    if training:
+        _eval_frozen(model)
+    return model
+
+
+def freeze_report(plan: FreezePlan) -> str:
+    """Total / trainable / frozen parameter counts in millions and percent, one line per group."""
+    total = max(plan.total_params, 1)
+    trainable = plan.trainable_params
+    frozen = plan.total_params - trainable
+    lines = [
+        f"phase {plan.phase}: backbone {'frozen' if plan.backbone_frozen else 'partly trainable'}",
+        f"  total params:     {plan.total_params / 1e6:10.3f}M",
+        f"  trainable params: {trainable / 1e6:10.3f}M ({100 * trainable / total:6.2f}%)",
+        f"  frozen params:    {frozen / 1e6:10.3f}M ({100 * frozen / total:6.2f}%)",
+    ]
+    for group in plan.groups:
+        lines.append(
+            f"  group {group.name!r}: {group.numel / 1e6:.3f}M params in {len(group.params)} tensors, "
+            f"lr {group.lr:g}"
+        )
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------- helpers
+
+
+def _eval_frozen(module: nn.Module) -> bool:
+    """Put wholly frozen subtrees in eval mode; returns whether nothing below `module` is trainable.
+
+    A parameterless child (dropout) inside a partly trainable module keeps its training behaviour.
+    """
+    children_frozen = [_eval_frozen(child) for child in module.children()]
+    frozen = all(children_frozen) and not any(p.requires_grad for p in module.parameters(recurse=False))
+    if frozen and any(True for _ in module.parameters()):
+        module.eval()
+    return frozen
+
+
+def _norm_parameter_names(model: nn.Module) -> set[str]:
+    names = set()
+    for mod_name, module in model.named_modules():
+        cls = type(module).__name__
+        if isinstance(module, nn.LayerNorm | nn.RMSNorm) or cls.endswith("Norm"):
+            names |= {f"{mod_name}.{p}" if mod_name else p for p, _ in module.named_parameters(recurse=False)}
+    return names
+
+
+def _last_backbone_blocks(model: nn.Module, backbone_attr: str, n: int) -> list[str]:
+    """Module names of the backbone's last `n` transformer blocks (for phase 2)."""
+    backbone = getattr(model, backbone_attr, None)
+    blocks = getattr(backbone, "blocks", None)
+    if not isinstance(blocks, nn.ModuleList):
+        raise ConfigError(f"training.phase 2 needs a model with '{backbone_attr}.blocks' (an nn.ModuleList)")
+    if n < 1 or n > len(blocks):
+        raise ConfigError(
+            f"training.unfreeze_last_n_layers: expected 1..{len(blocks)} for this backbone "
+            f"({len(blocks)} blocks), got {n}"
+        )
+    wanted = {id(block) for block in list(blocks)[-n:]}
+    return [name for name, module in model.named_modules() if id(module) in wanted]
+
+
+def _under(name: str, prefixes: Iterable[str]) -> bool:
+    return any(name.startswith(prefix + ".") for prefix in prefixes)
+
+
+def _check_regex(pattern: str, key: str) -> None:
+    if pattern.startswith("re:"):
+        try:
+            re.compile(pattern[3:])
+        except re.error as exc:
+            raise ConfigError(f"{key}: {pattern!r} is not a valid regular expression ({exc})") from None

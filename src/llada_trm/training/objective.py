@@ -1,0 +1,120 @@
+"""The training objective of the refiner, as one function a DDP wrapper can call.
+
+    L = L_K + w_ds * mean(L_1 .. L_{K-1}) + w_ortho * ortho(slot projections) [+ w_cal * calibration]
+
+L_k is LLaDA's masked-diffusion SFT loss on the logits after refinement step k (L_K on the final logits);
+deep supervision asks every intermediate step to be a usable answer, so the recursion can halt early.
+`calibration` is the binary cross-entropy between the refiner's final per-token confidence and whether the
+final prediction is right, over the masked positions of refined chunks: it teaches the confidence head what
+the halting and the confidence-weighted update rely on. Without a refiner, L is the plain SFT loss.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from llada_trm.diffusion import forward_process, masked_diffusion_loss
+from llada_trm.hybrid import HybridOutput, expand_chunks
+
+__all__ = ["LossWeights", "ObjectiveResult", "diffusion_objective"]
+
+LOSS_TERMS = ("loss", "loss_final", "loss_deep_supervision", "loss_orthogonality", "loss_calibration")
+
+
+@dataclass(frozen=True)
+class LossWeights:
+    deep_supervision: float = 0.3
+    orthogonality: float = 0.01
+    calibration: float = 0.0
+
+
+@dataclass
+class ObjectiveResult:
+    """The total loss (with graph), every term (detached), the noised batch and the model's output."""
+
+    loss: Tensor
+    terms: dict[str, Tensor]
+    output: HybridOutput
+    masked: Tensor
+    p_mask: Tensor
+    tokens: int
+
+
+def diffusion_objective(
+    model: nn.Module,
+    batch: Mapping[str, Tensor],
+    *,
+    mask_id: int,
+    weights: LossWeights,
+    generator: torch.Generator | None = None,
+    backbone_frozen: bool = False,
+    chunk_size: int | None = None,
+) -> ObjectiveResult:
+    """Noise `batch` with LLaDA's forward process, run the hybrid model, and compute every loss term.
+
+    `model` is an `LLaDATRMHybrid` (or a wrapper exposing `features` / `refine`). With `backbone_frozen` the
+    backbone runs under `torch.no_grad()`: phase 1 never builds a graph through the 8B part. The padding
+    is attended and trained on, as in LLaDA's SFT, so no attention mask is passed.
+    """
+    input_ids = batch["input_ids"]
+    noisy, masked, p_mask = forward_process(input_ids, batch["prompt_lengths"], mask_id, generator=generator)
+    answer_lengths = batch["answer_lengths"]
+
+    if backbone_frozen and hasattr(model, "features"):
+        with torch.no_grad():
+            features = model.features(noisy)
+        output = model.refine(features, masked)
+    else:  # a DDP/FSDP wrapper exposes only forward (the hybrid skips the backbone graph when it is frozen)
+        output = model(noisy, masked=masked)
+    core = getattr(model, "module", model)
+
+    def sft_loss(logits: Tensor) -> Tensor:
+        return masked_diffusion_loss(logits, input_ids, masked, p_mask, answer_lengths)
+
+    loss_final = sft_loss(output.logits)
+    zero = loss_final.new_zeros(())
+    intermediate = output.step_logits[:-1]
+    loss_ds = torch.stack([sft_loss(logits) for logits in intermediate]).mean() if intermediate else zero
+    has_refiner = bool(output.step_logits) or bool(getattr(core, "refinement_head", None))
+    loss_ortho = core.orthogonality_loss().float() if has_refiner and weights.orthogonality > 0 else zero
+    loss_cal = zero
+    if weights.calibration > 0 and output.step_confidence:
+        loss_cal = _calibration_loss(output, input_ids, masked, chunk_size)
+
+    loss = (
+        loss_final
+        + weights.deep_supervision * loss_ds
+        + weights.orthogonality * loss_ortho
+        + weights.calibration * loss_cal
+    )
+    terms = {
+        "loss": loss.detach(),
+        "loss_final": loss_final.detach(),
+        "loss_deep_supervision": loss_ds.detach(),
+        "loss_orthogonality": loss_ortho.detach(),
+        "loss_calibration": loss_cal.detach(),
+    }
+    return ObjectiveResult(
+        loss=loss, terms=terms, output=output, masked=masked, p_mask=p_mask, tokens=int(input_ids.numel())
+    )
+
+
+def _calibration_loss(
+    output: HybridOutput, targets: Tensor, masked: Tensor, chunk_size: int | None
+) -> Tensor:
+    """BCE(final refiner confidence, final prediction correct) over masked positions of refined chunks."""
+    confidence = output.step_confidence[-1].float()
+    where = masked
+    steps = output.stats.get("steps_per_chunk")
+    if chunk_size is not None and isinstance(steps, Tensor):
+        where = where & expand_chunks(steps > 0, masked.shape[1], chunk_size)
+    if not bool(where.any()):
+        return confidence.new_zeros(())
+    correct = (output.logits.detach().argmax(dim=-1) == targets)[where].float()
+    # Written out rather than F.binary_cross_entropy, which refuses to run under CUDA autocast.
+    p = confidence[where].clamp(1e-6, 1 - 1e-6)
+    return -(correct * p.log() + (1 - correct) * (1 - p).log()).mean()

@@ -1,0 +1,164 @@
+"""Checkpoint I/O: round trip, RNG states, validation errors, and atomicity under a crash mid-write."""
+
+from __future__ import annotations
+
+import os
+import random
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from llada_trm.errors import CheckpointError
+from llada_trm.training import checkpoint as ckpt
+from llada_trm.training.checkpoint import (
+    TrainState,
+    capture_rng_state,
+    load_trainer_state,
+    load_weights,
+    resolve_checkpoint_dir,
+    restore_rng_state,
+    save_checkpoint,
+)
+
+
+class Toy(nn.Module):
+    def __init__(self, d: int = 4):
+        super().__init__()
+        self.backbone = nn.Linear(d, d)
+        self.refinement_head = nn.ModuleDict({"mlp": nn.Linear(d, d)})
+
+
+def head_weights(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p for n, p in model.named_parameters() if n.startswith("refinement_head.")}
+
+
+def save(directory, model, step: int, **extra):
+    state = {"train_state": TrainState(step=step, epoch=1, batches_in_epoch=3).to_dict(), **extra}
+    weights = head_weights(model)
+    return save_checkpoint(directory, weights=weights, trainer_state=state, config_yaml=f"step: {step}\n")
+
+
+def test_round_trip(tmp_path):
+    torch.manual_seed(0)
+    model = Toy()
+    opt = torch.optim.AdamW(model.refinement_head.parameters(), lr=1e-3)
+    model.refinement_head["mlp"](torch.randn(2, 4)).sum().backward()
+    opt.step()
+    directory = save(tmp_path / "checkpoints" / "last", model, 7, optimizer=opt.state_dict())
+    files = sorted(p.name for p in directory.iterdir())
+    assert files == ["config.yaml", "model.safetensors", "trainer_state.pt"]
+
+    fresh = Toy()
+    names = load_weights(fresh, directory, require=head_weights(fresh))
+    assert names == sorted(head_weights(model))
+    for name, p in head_weights(fresh).items():
+        assert torch.equal(p, head_weights(model)[name])
+    assert not torch.equal(fresh.backbone.weight, model.backbone.weight)  # frozen parts are not saved
+
+    state = load_trainer_state(directory)
+    assert TrainState.from_dict(state["train_state"]) == TrainState(step=7, epoch=1, batches_in_epoch=3)
+    opt2 = torch.optim.AdamW(fresh.refinement_head.parameters(), lr=1e-3)
+    opt2.load_state_dict(state["optimizer"])
+    assert opt2.state_dict()["state"][0]["step"] == opt.state_dict()["state"][0]["step"]
+    assert resolve_checkpoint_dir(tmp_path) == directory  # a run directory finds checkpoints/last
+
+
+def test_rng_states_restore_every_stream(tmp_path):
+    model = Toy()
+    gen = torch.Generator().manual_seed(3)
+    random.seed(1)
+    np.random.seed(2)
+    torch.manual_seed(4)
+    state = capture_rng_state({"noise": gen})
+    directory = save(tmp_path / "c", model, 1, rng=state)
+    first = (random.random(), np.random.rand(), torch.rand(2), torch.rand(2, generator=gen))
+    random.seed(99), np.random.seed(99), torch.manual_seed(99), gen.manual_seed(99)
+    restore_rng_state(load_trainer_state(directory)["rng"], {"noise": gen})
+    again = (random.random(), np.random.rand(), torch.rand(2), torch.rand(2, generator=gen))
+    assert first[0] == again[0] and first[1] == again[1]
+    assert torch.equal(first[2], again[2]) and torch.equal(first[3], again[3])
+
+
+def test_crash_while_writing_keeps_the_old_checkpoint(tmp_path, monkeypatch):
+    model = Toy()
+    target = tmp_path / "checkpoints" / "last"
+    save(target, model, 1)
+    before = {n: p.detach().clone() for n, p in head_weights(model).items()}
+
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+
+    def crash(*args, **kwargs):
+        raise OSError("disk full (simulated)")
+
+    monkeypatch.setattr(ckpt.torch, "save", crash)  # dies after the weights file, before the state file
+    with pytest.raises(OSError, match="simulated"):
+        save(target, model, 2)
+    monkeypatch.undo()
+
+    assert resolve_checkpoint_dir(target) == target
+    fresh = Toy()
+    load_weights(fresh, target)
+    for name, p in head_weights(fresh).items():
+        assert torch.equal(p, before[name])
+    assert load_trainer_state(target)["train_state"]["step"] == 1
+
+    save(target, model, 3)  # the next save cleans the half-written temporary directory up
+    assert load_trainer_state(target)["train_state"]["step"] == 3
+    assert sorted(p.name for p in target.parent.iterdir()) == ["last"]
+
+
+def test_crash_between_the_renames_is_recovered(tmp_path, monkeypatch):
+    model = Toy()
+    target = tmp_path / "last"
+    save(target, model, 1)
+    real_replace = os.replace
+    calls = []
+
+    def replace(src, dst):
+        calls.append((src, dst))
+        if len(calls) == 2:  # old moved aside, new not yet in place
+            raise OSError("power cut (simulated)")
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(ckpt.os, "replace", replace)
+    with pytest.raises(OSError, match="simulated"):
+        save(target, model, 2)
+    monkeypatch.undo()
+    assert not target.exists()
+    assert resolve_checkpoint_dir(target) == target  # the aside copy is put back
+    assert load_trainer_state(target)["train_state"]["step"] == 1
+
+
+def test_validation_errors(tmp_path):
+    model = Toy()
+    directory = save(tmp_path / "c", model, 1)
+
+    class Other(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.refinement_head = nn.ModuleDict({"slot": nn.Linear(4, 4)})
+
+    with pytest.raises(CheckpointError, match="do not exist in this model.*refinement_head.mlp"):
+        load_weights(Other(), directory)
+    with pytest.raises(CheckpointError, match=r"mlp\.bias has shape \(4,\), the model expects \(5,\)"):
+        load_weights(Toy(d=5), directory)
+    with pytest.raises(CheckpointError, match="lacks 1 trainable tensors.*backbone.weight"):
+        load_weights(Toy(), directory, require=["backbone.weight"])
+    with pytest.raises(CheckpointError, match="no such checkpoint directory"):
+        resolve_checkpoint_dir(tmp_path / "missing")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(CheckpointError, match="not a llada-trm checkpoint"):
+        resolve_checkpoint_dir(tmp_path / "empty")
+    (directory / "config.yaml").unlink()
+    with pytest.raises(CheckpointError, match="incomplete checkpoint, missing config.yaml"):
+        resolve_checkpoint_dir(directory)
+    (directory / "model.safetensors").write_bytes(b"not safetensors")
+    with pytest.raises(CheckpointError, match="unreadable safetensors"):
+        load_weights(Toy(), directory)
+    (directory / "trainer_state.pt").write_bytes(b"garbage")
+    with pytest.raises(CheckpointError, match="unreadable trainer state"):
+        load_trainer_state(directory)

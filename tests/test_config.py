@@ -1,0 +1,156 @@
+"""The run config: YAML 1.1 numbers, one-line errors with dotted paths, typo suggestions, overrides."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from llada_trm.config import RunConfig, load_config, parse_config, parse_override, save_config
+from llada_trm.errors import ConfigError
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+# Configs of other commands, with their own schemas (`llada-trm pretrain` reads tiny_backbone.yaml).
+NOT_RUN_CONFIGS = {"tiny_backbone.yaml"}
+RUN_CONFIGS = sorted(p for p in CONFIGS.glob("*.yaml") if p.name not in NOT_RUN_CONFIGS)
+
+
+def write(tmp_path: Path, text: str, name: str = "run.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+def test_yaml11_exponent_without_dot_loads_as_float(tmp_path):
+    # Regression: PyYAML reads `5e-4` as the string '5e-4' (YAML 1.1 needs a dot); the schema must coerce it.
+    assert isinstance(yaml.safe_load("lr: 5e-4")["lr"], str)
+    config = load_config(write(tmp_path, "training:\n  lr: 5e-4\n  adam_eps: 1e-8\n  backbone_lr: 1e-5\n"))
+    assert isinstance(config.training.lr, float) and config.training.lr == pytest.approx(5e-4)
+    assert config.training.adam_eps == pytest.approx(1e-8)
+    assert config.training.backbone_lr == pytest.approx(1e-5)
+
+
+def test_override_exponent_is_a_float_too(tmp_path):
+    overrides = ["training.lr=3e-4", "model.context_layers=[1, -1]"]
+    config = load_config(write(tmp_path, "{}\n"), overrides=overrides)
+    assert config.training.lr == pytest.approx(3e-4)
+    assert config.model.context_layers == [1, -1]
+
+
+def test_wrong_type_names_file_and_dotted_path(tmp_path):
+    path = write(tmp_path, "training:\n  lr: fast\n", name="x.yaml")
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    message = str(info.value)
+    assert message == f"{path}: training.lr: expected a number, got 'fast'"
+    assert "\n" not in message and "pydantic" not in message
+
+
+def test_unknown_key_suggests_the_right_one(tmp_path):
+    path = write(tmp_path, "training:\n  learnig_rate: 0.001\n")
+    with pytest.raises(ConfigError, match=r"training\.learnig_rate: unknown key; did you mean 'lr'\?"):
+        load_config(path)
+
+
+def test_unknown_nested_key_and_section(tmp_path):
+    with pytest.raises(ConfigError, match=r"model\.slot\.n_head: unknown key; did you mean 'n_heads'\?"):
+        load_config(write(tmp_path, "model:\n  slot:\n    n_head: 2\n"))
+    with pytest.raises(ConfigError, match=r"trainin: unknown key; did you mean 'training'\?"):
+        load_config(write(tmp_path, "trainin:\n  lr: 1.0e-3\n"))
+
+
+def test_other_type_errors_are_one_line(tmp_path):
+    cases = {
+        "model:\n  refiner: big\n": "model.refiner: expected one of 'none', 'mlp' or 'slot', got 'big'",
+        "training:\n  batch_size: two\n": "training.batch_size: expected an integer, got 'two'",
+        "training:\n  batch_size: 2.5\n": "training.batch_size: expected an integer, got 2.5",
+        "training:\n  phase: 4\n": "training.phase: expected one of 1, 2 or 3",
+        "training:\n  lr: true\n": "training.lr: expected a number, got True",
+        "model:\n  slot: 3\n": "model.slot: expected a section",
+    }
+    for text, expected in cases.items():
+        with pytest.raises(ConfigError) as info:
+            load_config(write(tmp_path, text))
+        assert expected in str(info.value)
+        assert "\n" not in str(info.value)
+
+
+def test_override_errors_name_the_override(tmp_path):
+    path = write(tmp_path, "{}\n")
+    expected = r"^--set training\.lr: training\.lr: expected a number, got 'fast'$"
+    with pytest.raises(ConfigError, match=expected):
+        load_config(path, overrides=["training.lr=fast"])
+    with pytest.raises(ConfigError, match="expected KEY=VALUE"):
+        load_config(path, overrides=["training.lr"])
+    with pytest.raises(ConfigError, match="training.lr is a value, not a section"):
+        load_config(path, overrides=["training.lr=1.0", "training.lr.x=1"])
+
+
+def test_parse_override_reads_yaml_values():
+    assert parse_override("training.max_steps=null") == (["training", "max_steps"], None)
+    assert parse_override("advanced.compile=true") == (["advanced", "compile"], True)
+    assert parse_override("output.dir=runs/a=b") == (["output", "dir"], "runs/a=b")
+
+
+def test_integer_fields_accept_integral_floats_and_exponents():
+    config = parse_config({"training": {"max_steps": "1e3", "batch_size": 8.0}})
+    assert config.training.max_steps == 1000 and config.training.batch_size == 8
+
+
+def test_missing_file_and_bad_yaml(tmp_path):
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(tmp_path / "nope.yaml")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(write(tmp_path, "training: [\n"))
+    with pytest.raises(ConfigError, match="expected a mapping"):
+        load_config(write(tmp_path, "- 1\n- 2\n"))
+
+
+def test_cross_field_rules():
+    with pytest.raises(ConfigError, match="needs data.path"):
+        parse_config({"data": {"dataset": "gsm8k"}})
+    with pytest.raises(ConfigError, match=r"min_steps \(4\) must not exceed max_steps \(2\)"):
+        parse_config({"data": {"synthetic": {"min_steps": 4, "max_steps": 2}}})
+
+
+def test_round_trip_through_yaml(tmp_path):
+    config = parse_config(
+        {"training": {"lr": "5e-4", "adam_betas": [0.9, 0.95]}, "model": {"context_layers": [2, -1]}}
+    )
+    path = save_config(config, tmp_path / "out" / "config.yaml")
+    again = load_config(path)
+    assert again == config
+    assert again.model_dump() == config.model_dump()
+
+
+def test_defaults_are_a_valid_run():
+    config = RunConfig()
+    assert config.training_params.trainable_modules == ["refinement_head"]
+    assert config.training_params.deep_supervision_weight == pytest.approx(0.3)
+    assert config.output.best_is_lower  # 'loss' is minimised
+
+
+@pytest.mark.parametrize("path", RUN_CONFIGS, ids=lambda p: p.name)
+def test_every_shipped_config_validates(path):
+    config = load_config(path)
+    assert isinstance(config, RunConfig)
+
+
+def test_shipped_configs_exist():
+    names = {p.name for p in CONFIGS.glob("*.yaml")}
+    seeds = {"slot_trm_projection_warmup.yaml", "slot_trm_projection_warmup_cpu.yaml", "tiny_refiner.yaml"}
+    assert seeds <= names
+
+
+def test_seed_configs_keep_the_original_settings():
+    gpu = load_config(CONFIGS / "slot_trm_projection_warmup.yaml")
+    assert (gpu.training.batch_size, gpu.training.gradient_accumulation_steps) == (4, 4)
+    assert gpu.training.lr == pytest.approx(5e-4) and gpu.training.num_epochs == 5
+    assert (gpu.model.max_recursive_steps, gpu.model.chunk_size) == (4, 16)
+    assert gpu.training.mixed_precision == "bf16"
+    cpu = load_config(CONFIGS / "slot_trm_projection_warmup_cpu.yaml")
+    assert cpu.data.train_split == "train[:1000]" and cpu.data.max_length == 256
+    assert (cpu.training.batch_size, cpu.training.gradient_accumulation_steps) == (1, 16)
+    assert cpu.model.max_recursive_steps == 2 and cpu.training.num_epochs == 2
+    assert cpu.data.num_workers == 0 and cpu.data.pin_memory is False
