@@ -7,7 +7,6 @@ transformers only for the commands that need them) and so that users never need 
 from __future__ import annotations
 
 import importlib
-from typing import TYPE_CHECKING
 
 __version__ = "0.1.0"
 
@@ -26,8 +25,28 @@ _EXPORTS: dict[str, str] = {
     "HybridConfig": "llada_trm.hybrid",
     "generate": "llada_trm.diffusion",
     "generate_with_stats": "llada_trm.diffusion",
+    "BackboneFeatures": "llada_trm.hybrid",
+    "HybridOutput": "llada_trm.hybrid",
+    "Refiner": "llada_trm.refiners",
+    "MLPRefinerConfig": "llada_trm.refiners",
+    "create_slot_trm_refiner": "llada_trm.refiners",
+    "GenerationResult": "llada_trm.diffusion",
+    "forward_process": "llada_trm.diffusion",
+    "masked_diffusion_loss": "llada_trm.diffusion",
+    "decode_generated": "llada_trm.diffusion",
     "load_config": "llada_trm.config",
     "RunConfig": "llada_trm.config",
+    "Trainer": "llada_trm.training",
+    "run_train": "llada_trm.training",
+    "GSM8KRecord": "llada_trm.data",
+    "load_gsm8k": "llada_trm.data",
+    "SyntheticTaskConfig": "llada_trm.data",
+    "generate_problems": "llada_trm.data",
+    "build_tokenizer": "llada_trm.data",
+    "load_tokenizer": "llada_trm.data",
+    "embedded_backbone_dir": "llada_trm.assets",
+    "ConfigError": "llada_trm.errors",
+    "CheckpointError": "llada_trm.errors",
 }
 
 __all__ = ["__version__", *_EXPORTS]
@@ -45,18 +64,3 @@ def __getattr__(name: str):
 def __dir__() -> list[str]:
     return sorted(__all__)
 
-
-if TYPE_CHECKING:  # pragma: no cover - static analysers see the real imports
-    from llada_trm.backbone import BackboneOutput, LLaDAConfig, LLaDAModel
-    from llada_trm.config import RunConfig, load_config
-    from llada_trm.diffusion import generate, generate_with_stats
-    from llada_trm.hybrid import HybridConfig, LLaDATRMHybrid
-    from llada_trm.refiners import (
-        AttentionContextExtractor,
-        RecursiveRefinementHead,
-        SlotConfig,
-        SlotProjector,
-        SlotTRMRefiner,
-        TransformerBlock,
-        build_refiner,
-    )

@@ -278,14 +278,33 @@ class HealthThresholds(_Section):
 
 
 class AdvancedConfig(_Section):
-    """Speed/memory switches and the health checks."""
+    """Speed/memory switches and the health checks.
+
+    feature_cache: phase 1 trains on the frozen backbone's outputs computed once and stored
+        (docs/feature_cache.md); `feature_cache_dir` (null = <output.dir>/feature_cache) holds them,
+        `cache_noise_draws` noise draws per example (epoch e trains on draw e % draws), hidden states and
+        contexts stored as `cache_dtype`.
+    distributed: under torchrun, how the processes share the work (docs/distributed.md): `ddp` replicates
+        the model and averages the trainable parameters' gradients, `fsdp` shards a trainable backbone
+        block by block; `auto` is ddp in phases 1 and 2, fsdp in phase 3. One process ignores it.
+    """
 
     gradient_checkpointing: bool = False
     compile: bool = False
     feature_cache: bool = False
+    feature_cache_dir: str | None = None
+    cache_noise_draws: PosInt = 1
+    cache_dtype: Literal["bfloat16", "float32"] = "bfloat16"
     detect_anomaly: bool = False
     health_checks: bool = True
     health: HealthThresholds = Field(default_factory=HealthThresholds)
+    distributed: Literal["auto", "ddp", "fsdp"] = "auto"
+
+    @model_validator(mode="after")
+    def _cache_needs_replicas(self) -> AdvancedConfig:
+        if self.feature_cache and self.distributed == "fsdp":
+            raise ValueError("feature_cache needs a replicated backbone; set distributed to ddp or auto")
+        return self
 
 
 # -------------------------------------------------------------------------------------------------- output

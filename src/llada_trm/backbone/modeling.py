@@ -14,6 +14,10 @@ Numerics follow the reference implementation: RMSNorm statistics and RoPE in flo
 activation dtype), RoPE on absolute positions 0..L-1 with the rotate-half convention, and padding applied as
 an additive `finfo.min` bias on padded keys. The logits have `embedding_size` columns, as in LLaDA (columns
 past `vocab_size`, if any, are returned rather than sliced off).
+
+For fast sampling the forward can also run on a window of the sequence against a `KVCache` of the other
+positions (Fast-dLLM's prefix and dual caches, see `backbone.kv_cache`): the window's queries and keys are
+rotated at their absolute positions and attend to the cached keys plus their own.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ from torch.utils.checkpoint import checkpoint
 
 from llada_trm.backbone.checkpoint import DTypeLike, load_weights, read_config, save_checkpoint
 from llada_trm.backbone.config import LLaDAConfig
+from llada_trm.backbone.kv_cache import KVCache
 
 
 @dataclass
@@ -37,12 +42,15 @@ class BackboneOutput:
     """What one backbone pass returns.
 
     `attention_contexts[i]` is block i's concatenated head outputs (attn @ V, the input of its `attn_out`),
-    keyed by the layer index exactly as the caller passed it (so `-1` stays `-1`).
+    keyed by the layer index exactly as the caller passed it (so `-1` stays `-1`). With a cache, every tensor
+    covers only the positions that were run. `past_key_values` is the cache of every attended position
+    (cached and new), returned when `use_cache=True`.
     """
 
     logits: torch.Tensor | None
     hidden_states: torch.Tensor
     attention_contexts: dict[int, torch.Tensor] = field(default_factory=dict)
+    past_key_values: KVCache | None = None
 
 
 class RMSNorm(nn.Module):
@@ -63,11 +71,16 @@ class RMSNorm(nn.Module):
 
 
 def rotary_tables(
-    seq_len: int, head_dim: int, theta: float, device: torch.device
+    seq_len: int, head_dim: int, theta: float, device: torch.device, offset: int = 0
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """float32 (sin, cos) of shape [L, head_dim]: frequency j is used by both dims j and j + head_dim/2."""
+    """float32 (sin, cos) of shape [L, head_dim] for absolute positions offset..offset+L-1.
+
+    Frequency j is used by both dims j and j + head_dim/2. Each entry depends only on its own position, so a
+    window's tables equal the matching rows of the full sequence's tables bit for bit.
+    """
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim))
-    angles = torch.outer(torch.arange(seq_len, device=device, dtype=torch.float32), inv_freq)
+    positions = torch.arange(offset, offset + seq_len, device=device, dtype=torch.float32)
+    angles = torch.outer(positions, inv_freq)
     angles = torch.cat((angles, angles), dim=-1)
     return angles.sin(), angles.cos()
 
@@ -109,14 +122,30 @@ class LLaDABlock(nn.Module):
         self.dropout = nn.Dropout(config.residual_dropout)
 
     def attention(
-        self, x: torch.Tensor, sin: torch.Tensor, cos: torch.Tensor, attn_bias: torch.Tensor | None
-    ) -> torch.Tensor:
-        """Bidirectional attention; returns the concatenated head outputs [B, L, n_heads*head_dim]."""
+        self,
+        x: torch.Tensor,
+        sin: torch.Tensor,
+        cos: torch.Tensor,
+        attn_bias: torch.Tensor | None,
+        past: tuple[torch.Tensor, torch.Tensor] | None = None,
+        cache_position: int = 0,
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        """Bidirectional attention of the L input positions over every key.
+
+        Without `past` the keys are the inputs' own. With `past` (cached rotated keys and values
+        [B, n_kv_heads, T, head_dim]) the inputs sit at absolute positions `cache_position..+L-1` and the keys
+        are `past[:cache_position] ++ own ++ past[cache_position+L:]`. Returns the concatenated head outputs
+        [B, L, n_heads*head_dim] and the (keys, values) attended to, for the caller's cache.
+        """
         B, L, _ = x.shape
         q = self.q_proj(x).view(B, L, self.n_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(B, L, self.n_kv_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(B, L, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rotary(q, sin, cos), apply_rotary(k, sin, cos)
+        if past is not None:
+            k = KVCache.splice(past[0], k, cache_position)
+            v = KVCache.splice(past[1], v, cache_position)
+        present = (k, v)
         if self.n_kv_heads != self.n_heads:  # grouped KV: query head h reads kv head h // group
             group = self.n_heads // self.n_kv_heads
             k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
@@ -124,17 +153,23 @@ class LLaDABlock(nn.Module):
             attn_bias = attn_bias.to(q.dtype).clamp_min(torch.finfo(q.dtype).min)
         dropout = self.attention_dropout if self.training else 0.0
         c = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_bias, dropout_p=dropout, is_causal=False)
-        return c.transpose(1, 2).reshape(B, L, self.n_heads * self.head_dim)
+        return c.transpose(1, 2).reshape(B, L, self.n_heads * self.head_dim), present
 
     def forward(
-        self, x: torch.Tensor, sin: torch.Tensor, cos: torch.Tensor, attn_bias: torch.Tensor | None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Returns (new residual stream, attention context)."""
-        context = self.attention(self.attn_norm(x), sin, cos, attn_bias)
+        self,
+        x: torch.Tensor,
+        sin: torch.Tensor,
+        cos: torch.Tensor,
+        attn_bias: torch.Tensor | None,
+        past: tuple[torch.Tensor, torch.Tensor] | None = None,
+        cache_position: int = 0,
+    ) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        """Returns (new residual stream, attention context, (keys, values) attended to)."""
+        context, present = self.attention(self.attn_norm(x), sin, cos, attn_bias, past, cache_position)
         x = x + self.dropout(self.attn_out(context))
         h = self.ff_norm(x)
         x = x + self.dropout(self.ff_out(F.silu(self.ff_proj(h)) * self.up_proj(h)))
-        return x, context
+        return x, context, present
 
 
 class LLaDAModel(nn.Module):
@@ -241,34 +276,90 @@ class LLaDAModel(nn.Module):
         attention_mask: torch.Tensor | None = None,
         context_layers: Sequence[int] = (),
         output_logits: bool = True,
+        past_key_values: KVCache | None = None,
+        use_cache: bool = False,
+        cache_position: int | None = None,
     ) -> BackboneOutput:
-        """Run on token ids [B, L]; `attention_mask` [B, L] has 1 for real tokens, 0 for padding."""
+        """Run on token ids [B, L]; `attention_mask` [B, L] has 1 for real tokens, 0 for padding.
+
+        Cached sampling (see `backbone.kv_cache`): with `past_key_values`, `input_ids` are the tokens at
+        absolute positions `cache_position .. cache_position+L-1` (default: right after the cached ones, a
+        prefix cache); they attend to the cached keys outside that window plus their own, and cached entries
+        inside the window are replaced (a dual cache). `attention_mask` still covers only `input_ids`; the
+        cache remembers the padding of its own positions. Every output covers only the L positions run.
+        `use_cache=True` also returns `past_key_values`: the cache of all attended positions.
+        """
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be [batch, length], got shape {tuple(input_ids.shape)}")
         if attention_mask is not None and attention_mask.shape != input_ids.shape:
             shapes = f"{tuple(attention_mask.shape)} != input_ids shape {tuple(input_ids.shape)}"
             raise ValueError(f"attention_mask shape {shapes}")
+        start = self._cache_start(past_key_values, cache_position, input_ids.shape)
         wanted = self._resolve_layers(context_layers)
         x = self.wte(input_ids)
         if self.config.input_emb_norm:
             x = x * (self.config.d_model**0.5)
         x = self.embedding_dropout(x)
-        sin, cos = rotary_tables(input_ids.shape[1], self.config.head_dim, self.config.rope_theta, x.device)
-        attn_bias = self.padding_bias(attention_mask, x.dtype)
+        sin, cos = rotary_tables(
+            input_ids.shape[1], self.config.head_dim, self.config.rope_theta, x.device, offset=start
+        )
+        key_mask = attention_mask
+        if past_key_values is not None:
+            key_mask = past_key_values.key_mask(start, attention_mask, input_ids.shape[1])
+        attn_bias = self.padding_bias(key_mask, x.dtype)
 
         contexts: dict[int, torch.Tensor] = {}
+        keys: list[torch.Tensor] = []
+        values: list[torch.Tensor] = []
         use_checkpoint = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
         for i, block in enumerate(self.blocks):
+            past = None
+            if past_key_values is not None:
+                past = (past_key_values.keys[i], past_key_values.values[i])
             if use_checkpoint:
-                x, context = checkpoint(block, x, sin, cos, attn_bias, use_reentrant=False)
+                x, context, (k, v) = checkpoint(
+                    block, x, sin, cos, attn_bias, past, start, use_reentrant=False
+                )
             else:
-                x, context = block(x, sin, cos, attn_bias)
+                x, context, (k, v) = block(x, sin, cos, attn_bias, past, start)
+            if use_cache:
+                keys.append(k)
+                values.append(v)
             for asked, layer in wanted.items():
                 if layer == i:
                     contexts[asked] = context
         h = self.ln_f(x)
         logits = self.lm_head(h) if output_logits else None
-        return BackboneOutput(logits=logits, hidden_states=h, attention_contexts=contexts)
+        cache = KVCache(keys, values, key_mask) if use_cache else None
+        return BackboneOutput(
+            logits=logits, hidden_states=h, attention_contexts=contexts, past_key_values=cache
+        )
+
+    def _cache_start(
+        self, cache: KVCache | None, cache_position: int | None, shape: tuple[int, ...]
+    ) -> int:
+        """Absolute position of input_ids[:, 0]: 0 without a cache, else cache_position (default: its end)."""
+        if cache is None:
+            if cache_position is not None:
+                raise ValueError(
+                    "cache_position only applies with past_key_values; pass the cache built by a forward "
+                    "with use_cache=True, or leave cache_position unset"
+                )
+            return 0
+        if not isinstance(cache, KVCache):
+            raise ValueError(
+                f"past_key_values must be a KVCache returned by a forward with use_cache=True, "
+                f"got {type(cache).__name__}"
+            )
+        if cache.num_layers != self.config.n_layers:
+            raise ValueError(
+                f"past_key_values has {cache.num_layers} layers but the model has {self.config.n_layers}"
+            )
+        start = cache.length if cache_position is None else cache_position
+        if isinstance(start, bool) or not isinstance(start, int):
+            raise ValueError(f"cache_position must be an int, got {start!r}")
+        cache.check_window(start, shape[1], shape[0])
+        return start
 
     # ------------------------------------------------------------------ checkpoints
     @classmethod

@@ -3,10 +3,12 @@
 Every denoising step predicts all masked tokens at once (x0 = argmax, optionally Gumbel-perturbed) and keeps
 only the most confident ones; the rest stay masked for later steps. With the defaults this is token-identical
 to ``generate`` in ML-GSAI/LLaDA, random-number draws included. ``threshold`` switches to Fast-dLLM's
-confidence-aware parallel decoding.
+confidence-aware parallel decoding and ``cache`` to its block-wise KV caches (``generate_with_prefix_cache`` /
+``generate_with_dual_cache`` of NVlabs/Fast-dLLM's ``llada/generate.py``).
 
 The loop is split so that options slot in without a rewrite: ``_Denoiser`` owns the model call (CFG batching,
-NFE count, refinement statistics) and ``_commit_step`` owns the choice of tokens to un-mask.
+KV cache arguments, NFE count, refinement statistics) and ``_commit_step`` owns the choice of tokens to
+un-mask.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ LLADA_MASK_ID = 126336
 LLADA_EOS_ID = 126081
 LLADA_EOT_ID = 126348
 REMASKING_STRATEGIES = ("low_confidence", "random")
+CACHE_MODES = ("prefix", "dual")
 
 
 @dataclass
@@ -123,28 +126,55 @@ class _Denoiser:
         self.nfe = 0
         self.stats = _StatsAccumulator()
 
-    def _call(self, x: Tensor, attention_mask: Tensor | None) -> Tensor:
-        output = self.model(x, attention_mask=attention_mask)
+    def _call(
+        self, x: Tensor, attention_mask: Tensor | None, cache_kwargs: dict[str, Any]
+    ) -> tuple[Tensor, Any]:
+        output = self.model(x, attention_mask=attention_mask, **cache_kwargs)
         self.nfe += 1
         if isinstance(output, Tensor):
-            return output
+            return output, None
         if isinstance(output, Mapping):
             self.stats.add(output.get("stats"))
-            return output["logits"]
+            return output["logits"], output.get("past_key_values")
         self.stats.add(getattr(output, "stats", None))
-        return output.logits
+        return output.logits, getattr(output, "past_key_values", None)
 
     def __call__(self, x: Tensor) -> Tensor:
+        """Logits [B, L, V] of the whole sequence (no cache)."""
+        return self.run(x)[0]
+
+    def run(
+        self,
+        x: Tensor,
+        *,
+        build_cache: bool = False,
+        cache: Any = None,
+        start: int = 0,
+        end: int | None = None,
+    ) -> tuple[Tensor, Any]:
+        """Logits of positions ``start:end`` of ``x``, and the model's cache when ``build_cache``.
+
+        With ``cache`` the model runs only on that window, as ``model(x[:, start:end], attention_mask=...,
+        past_key_values=cache, cache_position=start)``; ``build_cache`` asks for ``use_cache=True`` on a full
+        call. Without either option the model is called exactly as LLaDA's sampler calls it.
+        """
+        cache_kwargs: dict[str, Any] = {}
+        if build_cache:
+            cache_kwargs["use_cache"] = True
+        if cache is not None:
+            cache_kwargs.update(past_key_values=cache, cache_position=start)
+        window = x[:, start:end]
+        attention_mask = None if self.attention_mask is None else self.attention_mask[:, start:end]
         if self.cfg_scale <= 0:
-            return self._call(x, self.attention_mask)
+            return self._call(window, attention_mask, cache_kwargs)
         unconditional = x.clone()
         unconditional[self.prompt_index] = self.mask_id
-        attention_mask = None
-        if self.attention_mask is not None:
-            attention_mask = torch.cat([self.attention_mask, self.attention_mask], dim=0)
-        logits = self._call(torch.cat([x, unconditional], dim=0), attention_mask)
+        if attention_mask is not None:
+            attention_mask = torch.cat([attention_mask, attention_mask], dim=0)
+        both = torch.cat([window, unconditional[:, start:end]], dim=0)
+        logits, new_cache = self._call(both, attention_mask, cache_kwargs)
         cond_logits, uncond_logits = torch.chunk(logits, 2, dim=0)
-        return uncond_logits + (self.cfg_scale + 1) * (cond_logits - uncond_logits)
+        return uncond_logits + (self.cfg_scale + 1) * (cond_logits - uncond_logits), new_cache
 
 
 def _set_logit(logits: Tensor, token_id: int, value: float) -> Tensor:
@@ -164,6 +194,7 @@ def _commit_step(
     remasking: str,
     mask_id: int,
     threshold: float | None,
+    float64_confidence: bool,
     logits_eos_inf: bool,
     confidence_eos_eot_inf: bool,
     eos_id: int,
@@ -172,8 +203,9 @@ def _commit_step(
 ) -> None:
     """Predict every masked token, then un-mask (in place in ``x``) the ones chosen by the schedule/threshold.
 
-    Random draws happen in LLaDA's order: the Gumbel uniforms [B, L, V] first, then (``random`` remasking) the
-    [B, L] confidences, so seeded runs reproduce the reference bit for bit.
+    ``x`` [B, L] may be a window (a view) of the sequence with ``logits`` [B, L, V] of the same positions and
+    ``block_end`` relative to it. Random draws happen in LLaDA's order: the Gumbel uniforms [B, L, V] first,
+    then (``random`` remasking) the [B, L] confidences, so seeded runs reproduce the reference bit for bit.
     """
     mask_index = x == mask_id
     if logits_eos_inf:
@@ -189,8 +221,8 @@ def _commit_step(
             logits[..., eos_id] = -torch.inf
 
     if remasking == "low_confidence":
-        # LLaDA takes the softmax in the logits' own dtype; Fast-dLLM's threshold rule uses float64.
-        probs = F.softmax(logits if threshold is None else logits.to(torch.float64), dim=-1)
+        # LLaDA takes the softmax in the logits' own dtype; Fast-dLLM's sampling functions use float64.
+        probs = F.softmax(logits.to(torch.float64) if float64_confidence else logits, dim=-1)
         x0_p = torch.gather(probs, dim=-1, index=x0.unsqueeze(-1)).squeeze(-1)
     else:
         x0_p = torch.rand(x0.shape, device=x0.device, generator=generator)
@@ -224,6 +256,7 @@ def _check_arguments(
     cfg_scale: float,
     remasking: str,
     threshold: float | None,
+    cache: str | None,
 ) -> None:
     if prompt.dim() != 2:
         raise ValueError(f"prompt must be [batch, prompt_len] token ids, got shape {tuple(prompt.shape)}")
@@ -252,6 +285,55 @@ def _check_arguments(
         raise ValueError(f"remasking must be one of {REMASKING_STRATEGIES}, got {remasking!r}")
     if threshold is not None and not 0.0 < threshold <= 1.0:
         raise ValueError(f"threshold must be in (0, 1] or None, got {threshold}")
+    if cache is not None and cache not in CACHE_MODES:
+        raise ValueError(f"cache must be None, 'prefix' or 'dual', got {cache!r}")
+
+
+def _denoise_block_cached(
+    x: Tensor,
+    denoiser: _Denoiser,
+    block_start: int,
+    block_end: int,
+    steps_per_block: int,
+    threshold: float | None,
+    cache: str,
+    mask_id: int,
+    step_options: dict[str, Any],
+) -> None:
+    """Denoise one block with a KV cache, as Fast-dLLM's ``generate_with_prefix_cache`` / ``_dual_cache``.
+
+    Step 0 is a full forward that builds the cache (and counts as one NFE). Then at least one cached step runs
+    even if step 0 completed the block (Fast-dLLM counts that call too), and the block ends as soon as it has
+    no mask left. With the fixed schedule step i reveals ``schedule[i]`` tokens, so a block stops early when
+    the schedule ends in zeros, and never runs more than ``steps_per_block`` steps (where Fast-dLLM would fail
+    on a model that keeps predicting the mask token); with ``threshold`` at most ``block_length`` cached steps
+    run. Unlike Fast-dLLM's prefix-cache loop, no extra Gumbel noise is drawn and discarded per cached step,
+    so at temperature > 0 the random stream (not the distribution) differs from that reference.
+    """
+    block_length = block_end - block_start
+    schedule = None
+    if threshold is None:
+        schedule = get_num_transfer_tokens(x[:, block_start:block_end] == mask_id, steps_per_block)
+    logits, kv = denoiser.run(x, build_cache=True)
+    if kv is None:
+        raise ValueError(
+            f"cache={cache!r} needs a model that returns past_key_values when called with use_cache=True "
+            "(LLaDAModel, LLaDATRMHybrid); use cache=None for this model"
+        )
+    _commit_step(x, logits, block_end, None if schedule is None else schedule[:, 0], **step_options)
+    # The prefix cache keeps the positions before the block and runs the block plus everything after it;
+    # the dual cache keeps the whole sequence and runs only the block.
+    window_end = None if cache == "prefix" else block_end
+    if cache == "prefix":
+        kv = kv.truncate(block_start)
+    window = x[:, block_start:window_end]  # a view: commits write through to x
+    limit = block_length + 1 if schedule is None else steps_per_block
+    for step in range(1, limit):
+        logits, _ = denoiser.run(x, cache=kv, start=block_start, end=window_end)
+        transfer = None if schedule is None else schedule[:, step]
+        _commit_step(window, logits, block_length, transfer, **step_options)
+        if not bool((x[:, block_start:block_end] == mask_id).any()):
+            break
 
 
 def _synchronize(device: torch.device) -> None:
@@ -275,13 +357,15 @@ def generate_with_stats(
     confidence_eos_eot_inf: bool = False,
     *,
     threshold: float | None = None,
+    cache: str | None = None,
     eos_id: int = LLADA_EOS_ID,
     eot_id: int = LLADA_EOT_ID,
     generator: torch.Generator | None = None,
 ) -> GenerationResult:
     """:func:`generate`, plus the number of model calls, wall time, throughput and the model's statistics."""
     _check_arguments(
-        prompt, attention_mask, steps, gen_length, block_length, temperature, cfg_scale, remasking, threshold
+        prompt, attention_mask, steps, gen_length, block_length, temperature, cfg_scale, remasking, threshold,
+        cache,
     )
     batch_size, prompt_length = prompt.shape
     device = prompt.device
@@ -298,6 +382,7 @@ def generate_with_stats(
         remasking=remasking,
         mask_id=mask_id,
         threshold=threshold,
+        float64_confidence=threshold is not None or cache is not None,
         logits_eos_inf=logits_eos_inf,
         confidence_eos_eot_inf=confidence_eos_eot_inf,
         eos_id=eos_id,
@@ -312,7 +397,11 @@ def generate_with_stats(
     for block in range(num_blocks):
         block_start = prompt_length + block * block_length
         block_end = block_start + block_length
-        if threshold is None:
+        if cache is not None:
+            _denoise_block_cached(
+                x, denoiser, block_start, block_end, steps_per_block, threshold, cache, mask_id, step_options
+            )
+        elif threshold is None:
             schedule = get_num_transfer_tokens(x[:, block_start:block_end] == mask_id, steps_per_block)
             for step in range(steps_per_block):
                 _commit_step(x, denoiser(x), block_end, schedule[:, step], **step_options)
@@ -352,6 +441,7 @@ def generate(
     confidence_eos_eot_inf: bool = False,
     *,
     threshold: float | None = None,
+    cache: str | None = None,
     eos_id: int = LLADA_EOS_ID,
     eot_id: int = LLADA_EOT_ID,
     generator: torch.Generator | None = None,
@@ -376,6 +466,14 @@ def generate(
         threshold: Fast-dLLM parallel decoding: at each step un-mask every masked token of the current block
             whose confidence is >= threshold, and at least the most confident one; ``steps`` is then ignored.
             None (default) keeps LLaDA's fixed schedule.
+        cache: Fast-dLLM's block-wise KV cache (approximate: cached keys are not refreshed within a block).
+            None (default): every step runs the whole sequence. ``"prefix"``: each block starts with one full
+            forward that also builds the cache of the positions before the block; the block's later steps run
+            only the block and what follows it. ``"dual"``: the later steps run only the block, reusing the
+            cached keys of the prefix and of the (still masked) suffix. Works with both schedules and with
+            ``threshold``; the model must accept ``use_cache``, ``past_key_values`` and ``cache_position``
+            and return ``past_key_values`` (``LLaDAModel``, ``LLaDATRMHybrid``). See
+            ``_denoise_block_cached`` for the step and NFE accounting.
         eos_id, eot_id: ids used by the two EOS options (LLaDA's 126081 and 126348).
         generator: random generator for the Gumbel noise and random remasking (default: torch's global one).
     """
@@ -393,6 +491,7 @@ def generate(
         logits_eos_inf,
         confidence_eos_eot_inf,
         threshold=threshold,
+        cache=cache,
         eos_id=eos_id,
         eot_id=eot_id,
         generator=generator,

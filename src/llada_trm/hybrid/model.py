@@ -10,6 +10,11 @@
 Positions outside the refined chunks are never touched: their hidden states and logits are the backbone's,
 bit for bit. The LM head is evaluated only where something changed (the positions of chunks active at that
 step; for halting, only their masked positions), which matters when V is LLaDA's 126k.
+
+With a KV cache (fast sampling) the backbone runs only on a window of the sequence and the refiner runs on
+that window's hidden states. Chunks stay anchored to absolute positions (chunk j is positions
+j*chunk_size .. (j+1)*chunk_size - 1 of the whole sequence), so a window that starts inside a chunk begins
+with the part of that chunk it holds: a position belongs to the same chunk in cached and uncached calls.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from llada_trm.backbone import LLaDAModel
+from llada_trm.backbone.kv_cache import KVCache
 from llada_trm.errors import CheckpointError, ConfigError
 from llada_trm.hybrid.chunking import chunk_confidence, expand_chunks, max_probability, num_chunks
 from llada_trm.hybrid.config import ACTIVE_CHOICES, HybridConfig
@@ -41,6 +47,8 @@ class BackboneFeatures:
     `contexts` is the average of the requested layers' attention contexts [B, L, n_heads*head_dim] (None when
     no layer is requested). `masked` [B, L] (input_ids == mask id) and `attention_mask` [B, L] ride along so
     that `refine(features)` needs nothing else; both may be None (e.g. features rebuilt from a cache).
+    With a KV cache the tensors cover a window of the sequence: `position_offset` is the absolute position of
+    its first row (it anchors the chunks) and `past_key_values` the backbone's cache when one was asked for.
     """
 
     hidden_states: Tensor
@@ -48,6 +56,8 @@ class BackboneFeatures:
     contexts: Tensor | None = None
     masked: Tensor | None = None
     attention_mask: Tensor | None = None
+    position_offset: int = 0
+    past_key_values: KVCache | None = None
 
 
 @dataclass
@@ -66,6 +76,7 @@ class HybridOutput:
     hidden_states: Tensor
     stats: dict[str, Any] = field(default_factory=dict)
     step_confidence: list[Tensor] = field(default_factory=list)
+    past_key_values: KVCache | None = None
 
 
 class LLaDATRMHybrid(nn.Module):
@@ -157,11 +168,33 @@ class LLaDATRMHybrid(nn.Module):
         return self.backbone.lm_head(h.to(self.backbone.dtype))
 
     # ------------------------------------------------------------------ forward
-    def features(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> BackboneFeatures:
-        """Run the backbone. Without trainable backbone parameters no graph is built through it."""
+    def features(
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor | None = None,
+        *,
+        past_key_values: KVCache | None = None,
+        use_cache: bool = False,
+        cache_position: int | None = None,
+    ) -> BackboneFeatures:
+        """Run the backbone. Without trainable backbone parameters no graph is built through it.
+
+        The cache arguments are the backbone's (`LLaDAModel.forward`): with `past_key_values` the features
+        cover only `input_ids`, which sit at absolute position `cache_position` (default: the cache's end).
+        """
         frozen = not any(p.requires_grad for p in self.backbone.parameters())
         with torch.set_grad_enabled(torch.is_grad_enabled() and not frozen):
-            out = self.backbone(input_ids, attention_mask=attention_mask, context_layers=self.context_layers)
+            out = self.backbone(
+                input_ids,
+                attention_mask=attention_mask,
+                context_layers=self.context_layers,
+                past_key_values=past_key_values,
+                use_cache=use_cache,
+                cache_position=cache_position,
+            )
+        offset = 0
+        if past_key_values is not None:
+            offset = past_key_values.length if cache_position is None else cache_position
         contexts = None
         if self.context_layers:
             layers = [out.attention_contexts[i] for i in self.context_layers]
@@ -172,6 +205,8 @@ class LLaDATRMHybrid(nn.Module):
             contexts=contexts,
             masked=input_ids == self.mask_token_id,
             attention_mask=attention_mask,
+            position_offset=offset,
+            past_key_values=out.past_key_values,
         )
 
     def forward(
@@ -181,9 +216,23 @@ class LLaDATRMHybrid(nn.Module):
         masked: Tensor | None = None,
         num_steps: int | None = None,
         return_step_logits: bool | None = None,
+        *,
+        past_key_values: KVCache | None = None,
+        use_cache: bool = False,
+        cache_position: int | None = None,
     ) -> HybridOutput:
-        """`refine(features(input_ids, attention_mask), masked)`; masked defaults to input_ids == mask_id."""
-        features = self.features(input_ids, attention_mask)
+        """`refine(features(input_ids, attention_mask), masked)`; masked defaults to input_ids == mask_id.
+
+        With `past_key_values` (see `features`) the backbone and then the refiner run on `input_ids` only, a
+        window of the sequence; `use_cache=True` returns the backbone's cache as `past_key_values`.
+        """
+        features = self.features(
+            input_ids,
+            attention_mask,
+            past_key_values=past_key_values,
+            use_cache=use_cache,
+            cache_position=cache_position,
+        )
         return self.refine(features, masked, num_steps=num_steps, return_step_logits=return_step_logits)
 
     def refine(
@@ -211,12 +260,13 @@ class LLaDATRMHybrid(nn.Module):
         masked = self._masked(masked, features, (batch, length))
         cfg = self.config
         schedule = cfg.schedule(num_steps, self._active_refiner)
-        n_chunks = num_chunks(length, cfg.chunk_size)
+        chunks = _Chunks(length, cfg.chunk_size, features.position_offset)
+        n_chunks = chunks.count
 
         rows = masked.nonzero(as_tuple=True)
         token_conf = torch.zeros(batch, length, device=h0.device)
         token_conf[rows] = max_probability(base[rows].detach())
-        conf0, n_masked = chunk_confidence(token_conf, masked, cfg.chunk_size)
+        conf0, n_masked = chunks.confidence(token_conf, masked)
         refined = (n_masked > 0) & (conf0 < cfg.confidence_threshold)
         if not schedule:  # no refiner, or K = 0: every chunk passes through
             refined = torch.zeros_like(refined)
@@ -230,7 +280,7 @@ class LLaDATRMHybrid(nn.Module):
         step_confidence: list[Tensor] = []
         if schedule:
             h, logits, step_logits, step_confidence = self._run_steps(
-                features, masked, schedule, refined, steps, accumulator, return_step_logits
+                features, masked, schedule, refined, steps, accumulator, return_step_logits, chunks
             )
 
         stats = self._stats(refined, steps, conf0, len(schedule), accumulator, schedule, h0)
@@ -241,6 +291,7 @@ class LLaDATRMHybrid(nn.Module):
             hidden_states=h,
             stats=stats,
             step_confidence=step_confidence,
+            past_key_values=features.past_key_values,
         )
 
     def _masked(self, masked: Tensor | None, features: BackboneFeatures, shape: tuple[int, int]) -> Tensor:
@@ -261,11 +312,11 @@ class LLaDATRMHybrid(nn.Module):
         steps: Tensor,
         accumulator: StatsAccumulator,
         return_step_logits: bool,
+        chunks: _Chunks,
     ) -> tuple[Tensor, Tensor, list[Tensor], list[Tensor]]:
         """The K-step loop over the refined chunks; updates `steps` in place."""
         cfg = self.config
         h0, base = features.hidden_states, features.base_logits
-        length = h0.shape[1]
         # Work in at least float32 so that small updates survive a bf16 backbone; cast back at the end
         # (exact for pass-through positions, since bf16 -> fp32 -> bf16 round-trips).
         param = next(self.refinement_head[schedule[0]].parameters(), None)
@@ -284,7 +335,7 @@ class LLaDATRMHybrid(nn.Module):
             refiner: Refiner = self.refinement_head[kind]
             if kind != current:  # a cascade hands over: the next refiner starts its own carry
                 state, current = refiner.init_state(h), kind
-            positions = expand_chunks(active, length, cfg.chunk_size)
+            positions = chunks.expand(active)
             context = features.contexts if kind == "slot" else None
             h, state, step_stats = refiner.step(
                 h, state, context=context, active=positions, attention_mask=features.attention_mask
@@ -298,16 +349,16 @@ class LLaDATRMHybrid(nn.Module):
                 step_logits.append(logits)
             if cfg.halt_on_confidence and k + 1 < len(schedule):
                 known = logits if return_step_logits else None
-                active = active & ~self._confident(h, known, positions & masked)
+                active = active & ~self._confident(h, known, positions & masked, chunks)
 
         if not return_step_logits:  # one LM-head pass over every refined position
-            rows = expand_chunks(refined, length, cfg.chunk_size).nonzero(as_tuple=True)
+            rows = chunks.expand(refined).nonzero(as_tuple=True)
             if rows[0].numel():
                 logits = base.index_put(rows, self.lm_head(h[rows]).to(base.dtype))
         return h.to(h0.dtype), logits, step_logits, step_confidence
 
     @torch.no_grad()
-    def _confident(self, h: Tensor, logits: Tensor | None, probe: Tensor) -> Tensor:
+    def _confident(self, h: Tensor, logits: Tensor | None, probe: Tensor, chunks: _Chunks) -> Tensor:
         """[B, C] chunks whose mean max probability over the `probe` positions reached the threshold.
 
         Uses the step's logits when they exist; otherwise runs the LM head on the probed rows only.
@@ -316,7 +367,7 @@ class LLaDATRMHybrid(nn.Module):
         row_logits = logits[rows] if logits is not None else self.lm_head(h[rows].detach())
         token_conf = torch.zeros(probe.shape, device=h.device)
         token_conf[rows] = max_probability(row_logits)
-        confidence, n_probed = chunk_confidence(token_conf, probe, self.config.chunk_size)
+        confidence, n_probed = chunks.confidence(token_conf, probe)
         return (n_probed > 0) & (confidence >= self.config.confidence_threshold)
 
     def _stats(
@@ -416,3 +467,31 @@ class LLaDATRMHybrid(nn.Module):
                     f"{list(expected[name].shape)}; build the model with the HybridConfig it was trained with"
                 )
         self.refinement_head.load_state_dict({name[len(PREFIX):]: t for name, t in stored.items()})
+
+
+class _Chunks:
+    """Chunk bookkeeping for a window of `length` positions starting at absolute position `offset`.
+
+    Chunks are anchored at absolute multiples of `chunk_size`, so the window's first chunk may be partial:
+    [B, L] tensors are padded in front by `offset % chunk_size` empty (unmasked) positions before chunking.
+    The chunk tensors [B, C] list only the chunks the window touches. Offset 0 is the plain chunking.
+    """
+
+    def __init__(self, length: int, chunk_size: int, offset: int = 0) -> None:
+        self.length = length
+        self.chunk_size = chunk_size
+        self.lead = offset % chunk_size
+        self.count = num_chunks(self.lead + length, chunk_size)
+
+    def _pad(self, values: Tensor) -> Tensor:
+        if not self.lead:
+            return values
+        return torch.cat((values.new_zeros(values.shape[0], self.lead), values), dim=1)
+
+    def confidence(self, token_confidence: Tensor, masked: Tensor) -> tuple[Tensor, Tensor]:
+        """`chunk_confidence` of the window's chunks (the padding is unmasked, so it never counts)."""
+        return chunk_confidence(self._pad(token_confidence), self._pad(masked), self.chunk_size)
+
+    def expand(self, chunk_values: Tensor) -> Tensor:
+        """[B, C] per-chunk values -> [B, L] per-position values of the window."""
+        return expand_chunks(chunk_values, self.lead + self.length, self.chunk_size)[:, self.lead :]

@@ -1,17 +1,17 @@
 """Datasets and a resumable, rank-sharded sampler for the trainer.
 
 The training order of an epoch is a permutation that depends only on (seed, epoch), so a resumed run can
-rebuild it and skip the micro-batches it already consumed instead of replaying a data loader's RNG.
+rebuild it and skip the micro-batches it already consumed instead of replaying a data loader's RNG; with
+several processes each rank reads its strided share of that same order.
 """
 
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Iterator
 
 import torch
-from torch.utils.data import DataLoader, Sampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 from transformers import PreTrainedTokenizerBase
 
 from llada_trm.config import DataConfig
@@ -23,48 +23,47 @@ __all__ = ["EpochSampler", "build_datasets", "build_records", "make_loader"]
 logger = logging.getLogger("llada_trm")
 
 
-class EpochSampler(Sampler[int]):
-    """Indices of one epoch: a (seed, epoch)-determined permutation, this rank's shard, from `start` on.
+class EpochSampler(DistributedSampler):
+    """torch's `DistributedSampler`, able to start an epoch part-way (for resuming).
 
-    With several ranks the permutation is padded by wrapping around (as `DistributedSampler` does) so every
-    rank sees the same number of examples.
+    An epoch's order is a permutation seeded by seed + epoch (`set_epoch`), padded by wrapping around to a
+    multiple of the world size; rank r takes positions r, r + W, r + 2W, ... So in every micro-step the W
+    ranks together read consecutive positions of the one global order, and W processes with batch b read the
+    same examples per step as one process with batch W*b. `set_epoch(epoch, start)` skips the first `start`
+    indices of this rank's shard.
     """
 
     def __init__(self, size: int, *, seed: int, shuffle: bool = True, rank: int = 0, world_size: int = 1):
         if size < 1:
             raise ValueError("EpochSampler needs a non-empty dataset")
+        super().__init__(
+            range(size), num_replicas=world_size, rank=rank, shuffle=shuffle, seed=seed, drop_last=False
+        )
         self.size = size
-        self.seed = seed
-        self.shuffle = shuffle
-        self.rank = rank
-        self.world_size = world_size
-        self.epoch = 0
         self.start = 0
+        self._order: tuple[int, list[int]] | None = None
 
     @property
     def shard_size(self) -> int:
-        return math.ceil(self.size / self.world_size)
+        """Examples of this rank per epoch (the padded global order / world size)."""
+        return self.num_samples
 
     def set_epoch(self, epoch: int, start: int = 0) -> None:
         """Select the epoch's order and skip its first `start` indices of this rank's shard."""
-        self.epoch = epoch
+        super().set_epoch(epoch)
         self.start = start
 
     def indices(self) -> list[int]:
-        if self.shuffle:
-            generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
-            order = torch.randperm(self.size, generator=generator).tolist()
-        else:
-            order = list(range(self.size))
-        total = self.shard_size * self.world_size
-        order = (order * math.ceil(total / self.size))[:total]
-        return order[self.rank : total : self.world_size]
+        """This rank's whole shard of the current epoch, in order (dataset indices)."""
+        if self._order is None or self._order[0] != self.epoch:
+            self._order = (self.epoch, list(super().__iter__()))
+        return self._order[1]
 
     def __iter__(self) -> Iterator[int]:
         return iter(self.indices()[self.start :])
 
     def __len__(self) -> int:
-        return max(0, self.shard_size - self.start)
+        return max(0, self.num_samples - self.start)
 
 
 def build_records(data: DataConfig) -> tuple[list[GSM8KRecord], list[GSM8KRecord]]:
@@ -115,7 +114,7 @@ def build_datasets(
 
 
 def make_loader(
-    dataset: SFTDataset,
+    dataset: SFTDataset | Dataset,
     *,
     batch_size: int,
     sampler: Sampler[int],
@@ -123,7 +122,10 @@ def make_loader(
     pin_memory: bool,
     seed: int,
 ) -> DataLoader:
-    """A DataLoader whose seed draws use a private generator, never the global torch RNG (resumability)."""
+    """A DataLoader whose seed draws use a private generator, never the global torch RNG (resumability).
+
+    `dataset` is an `SFTDataset` or any dataset with a `collate` method (the feature cache).
+    """
     return DataLoader(
         dataset,
         batch_size=batch_size,

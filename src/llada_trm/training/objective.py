@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from llada_trm.diffusion import forward_process, masked_diffusion_loss
-from llada_trm.hybrid import HybridOutput, expand_chunks
+from llada_trm.hybrid import BackboneFeatures, HybridOutput, expand_chunks
 
 __all__ = ["LossWeights", "ObjectiveResult", "diffusion_objective"]
 
@@ -53,18 +53,28 @@ def diffusion_objective(
     generator: torch.Generator | None = None,
     backbone_frozen: bool = False,
     chunk_size: int | None = None,
+    noise: tuple[Tensor, Tensor, Tensor] | None = None,
+    features: BackboneFeatures | None = None,
 ) -> ObjectiveResult:
     """Noise `batch` with LLaDA's forward process, run the hybrid model, and compute every loss term.
 
     `model` is an `LLaDATRMHybrid` (or a wrapper exposing `features` / `refine`). With `backbone_frozen` the
     backbone runs under `torch.no_grad()`: phase 1 never builds a graph through the 8B part. The padding
     is attended and trained on, as in LLaDA's SFT, so no attention mask is passed.
+
+    `noise` = `(noisy_ids, masked, p_mask)` replaces the forward-process draw (e.g. the per-example draws of
+    `feature_cache.draw_noise`); `features` (the frozen backbone's outputs for that noise, from the feature
+    cache) replace the backbone pass, so only the refiner and the LM head run.
     """
     input_ids = batch["input_ids"]
-    noisy, masked, p_mask = forward_process(input_ids, batch["prompt_lengths"], mask_id, generator=generator)
+    if noise is None:
+        noise = forward_process(input_ids, batch["prompt_lengths"], mask_id, generator=generator)
+    noisy, masked, p_mask = noise
     answer_lengths = batch["answer_lengths"]
 
-    if backbone_frozen and hasattr(model, "features"):
+    if features is not None:
+        output = getattr(model, "module", model).refine(features, masked)
+    elif backbone_frozen and hasattr(model, "features"):
         with torch.no_grad():
             features = model.features(noisy)
         output = model.refine(features, masked)

@@ -44,7 +44,34 @@ from llada_trm.training.checkpoint import (
     save_checkpoint,
 )
 from llada_trm.training.data import EpochSampler, build_datasets, make_loader
-from llada_trm.training.distributed import is_main_process, rank, world_size
+from llada_trm.training.distributed import (
+    TrainStep,
+    all_finite,
+    broadcast_object,
+    clip_grad_norm,
+    full_state_dict,
+    gradient_sync,
+    init_distributed,
+    is_main_process,
+    is_sharded,
+    load_optimizer_state,
+    load_sharded_weights,
+    optimizer_state,
+    rank,
+    reduce_sums,
+    resolve_strategy,
+    sync_ignored_gradients,
+    unsharded,
+    world_size,
+    wrap_for_training,
+)
+from llada_trm.training.feature_cache import (
+    DrawSampler,
+    FeatureCache,
+    cached_features,
+    draw_noise,
+    prepare_feature_cache,
+)
 from llada_trm.training.freezing import apply_freezing, set_train_mode
 from llada_trm.training.health import HealthMonitor
 from llada_trm.training.metrics import TRAIN_COLUMNS, VALIDATION_COLUMNS, MetricsWriter
@@ -156,16 +183,11 @@ class Trainer:
     """Builds the model, data, freezing plan, optimizer and schedule of a run, then trains it."""
 
     def __init__(self, config: RunConfig, *, progress: bool = True):
-        if config.advanced.feature_cache:
-            raise ConfigError(
-                "advanced.feature_cache: the frozen-backbone feature cache is not available in this version; "
-                "set it to false"
-            )
         self.config = config
         self.progress = progress
         self._check_save_best()
         self._config_yaml = config.to_yaml()
-        self.device = resolve_device(config.training.device)
+        self.device = init_distributed(resolve_device(config.training.device))  # per rank under torchrun
         self.amp_dtype = resolve_precision(config.training.mixed_precision, self.device)
         seed_everything(config.training.seed)
 
@@ -173,8 +195,6 @@ class Trainer:
         self._build_data()
         self._build_optimization()
 
-        t = config.training
-        self.noise = torch.Generator(device=self.device).manual_seed(t.seed + 1)  # forward-process draws
         self.state = TrainState()
         self._window = _Averager()  # metrics since the last logged row (checkpointed: rows survive a resume)
         self._window_tokens = 0
@@ -193,7 +213,7 @@ class Trainer:
         self._say(
             f"data: {len(self.train_set)} training examples{validation}; {self.steps_per_epoch} optimizer "
             f"steps per epoch, {self.total_steps} in all ({self.warmup_steps} warmup); device {self.device}, "
-            f"{precision}"
+            f"{precision}" + (f"; {world_size()} processes, {self.strategy}" if world_size() > 1 else "")
         )
 
     def _build_model(self) -> None:
@@ -237,6 +257,34 @@ class Trainer:
             orthogonality=p.orthogonality_weight,
             calibration=p.confidence_calibration_weight,
         )
+        self._wrap_for_distribution()
+
+    def _wrap_for_distribution(self) -> None:
+        """`self.engine`: the objective as a module, alone, in DDP or sharded by FSDP (docs/distributed.md).
+
+        FSDP swaps every parameter for its shard, so the plan's groups are re-read before the optimizer is
+        built from them.
+        """
+        self.strategy = resolve_strategy(self.config.advanced.distributed, phase=self.config.training.phase)
+        step = TrainStep(
+            self.model,
+            diffusion_objective,
+            mask_id=self.mask_id,
+            weights=self.weights,
+            backbone_frozen=self.plan.backbone_frozen,
+            chunk_size=self.config.model.chunk_size,
+        )
+        self.engine = wrap_for_training(
+            step,
+            self.strategy,
+            device=self.device,
+            blocks=list(self.model.backbone.blocks),
+            param_dtype=self.amp_dtype,
+        )
+        if self.strategy == "fsdp":
+            params = dict(self.model.named_parameters())
+            for group in self.plan.groups:
+                group.params = {name: params[name] for name in group.params}
 
     def _build_data(self) -> None:
         """Datasets, the resumable sampler and the loaders; the epoch geometry follows from them."""
@@ -249,7 +297,13 @@ class Trainer:
             "pin_memory": data.pin_memory and self.device.type == "cuda",
             "seed": t.seed,
         }
-        self.train_loader = make_loader(self.train_set, sampler=self.sampler, **loader_args)
+        self.feature_cache: FeatureCache | None = None
+        if self.config.advanced.feature_cache:  # phase 1 reads the backbone's outputs from disk
+            self.feature_cache = self._open_feature_cache()
+            draws = DrawSampler(self.sampler, self.feature_cache.n_draws)
+            self.train_loader = make_loader(self.feature_cache, sampler=draws, **loader_args)
+        else:
+            self.train_loader = make_loader(self.train_set, sampler=self.sampler, **loader_args)
         self.eval_loader = None
         if self.eval_set is not None:
             in_order = EpochSampler(len(self.eval_set), seed=t.seed, shuffle=False)
@@ -258,6 +312,23 @@ class Trainer:
         self.steps_per_epoch = math.ceil(self.micro_per_epoch / t.gradient_accumulation_steps)
         planned = self.steps_per_epoch * t.num_epochs
         self.total_steps = min(planned, t.max_steps) if t.max_steps else planned
+
+    def _open_feature_cache(self) -> FeatureCache:
+        if not self.plan.backbone_frozen:
+            raise ConfigError(
+                "advanced.feature_cache: the cache holds a frozen backbone's outputs, but this run trains "
+                "backbone parameters; use training.phase 1 with trainable_modules inside refinement_head"
+            )
+        return prepare_feature_cache(
+            self.config,
+            self.model,
+            self.train_set.examples,
+            backbone_dir=resolve_backbone_dir(self.config.model.backbone),
+            pad_id=self.train_set.pad_id,
+            device=self.device,
+            autocast_dtype=self.amp_dtype,
+            progress=self.progress and is_main_process(),
+        )
 
     def _build_optimization(self) -> None:
         t = self.config.training
@@ -319,21 +390,26 @@ class Trainer:
                 f"{directory}: it trained {len(saved_names)} tensors, this run trains {len(names)}; resume "
                 "with the same training.phase and training_params.trainable_modules (or start a new run)"
             )
-        load_weights(self.model, directory, require=names)
+        if is_sharded(self.model):  # FSDP: every rank reads the full tensors and keeps its shards
+            load_sharded_weights(self.model, directory, require=names)
+        else:
+            load_weights(self.model, directory, require=names)
         try:
-            self.optimizer.load_state_dict(state["optimizer"])
+            load_optimizer_state(self.model, self.optimizer, state["optimizer"])
             self.scheduler.load_state_dict(state["scheduler"])
-        except (KeyError, ValueError) as exc:
+        except (KeyError, ValueError, RuntimeError) as exc:
             raise CheckpointError(
                 f"{directory}: optimizer/scheduler state does not fit this run ({exc})"
             ) from None
-        restore_rng_state(state["rng"], {"noise": self.noise})
+        restore_rng_state(state["rng"])
         self.state = TrainState.from_dict(state["train_state"])
+        self._convert_data_position()
         self.health.load_state_dict(state.get("health", {}))
         window = state.get("log_window") or {}
         self._window = _Averager()
-        self._window.sums.update(window.get("sums", {}))
-        self._window.counts.update(window.get("counts", {}))
+        if is_main_process():  # the saved window already sums every rank's micro-batches
+            self._window.sums.update(window.get("sums", {}))
+            self._window.counts.update(window.get("counts", {}))
         if state.get("total_steps") not in (None, self.total_steps):
             logger.warning(
                 "resuming a run planned for %s steps with a config planning %d; from here on the LR "
@@ -341,9 +417,47 @@ class Trainer:
                 state.get("total_steps"),
                 self.total_steps,
             )
+            # The optimizer holds the old schedule's LR for the next step: take this schedule's instead.
+            scheduler = self.scheduler
+            for group, base, factor in zip(
+                self.optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas, strict=True
+            ):
+                group["lr"] = base * factor(scheduler.last_epoch)
         self._warn_config_changes(directory)
         self._say(f"resumed from {directory} at step {self.state.step} (epoch {self.state.epoch})")
         return self
+
+    def _convert_data_position(self) -> None:
+        """Re-express the position in the epoch for another world size or batch size.
+
+        A checkpoint records the global number of examples consumed in its epoch (`samples_in_epoch`); the
+        order of an epoch does not depend on the world size, so a run with M processes continues at that
+        global position: each rank skips samples / M of its own shard. When that is not a whole number of
+        accumulation windows, the position is rounded down and the few examples in between are seen again.
+        """
+        t, extra = self.config.training, self.state.extra
+        saved_world = int(extra.get("world_size", 1))
+        saved_batch = int(extra.get("batch_size", t.batch_size))
+        if (saved_world, saved_batch) == (world_size(), t.batch_size):
+            return  # the same geometry: the micro-batch count is exact
+        samples = int(extra.get("samples_in_epoch", self.state.batches_in_epoch * saved_batch * saved_world))
+        if samples >= len(self.train_set):
+            batches = self.micro_per_epoch  # the epoch was complete
+        else:
+            batches = min(samples // world_size() // t.batch_size, self.micro_per_epoch)
+            batches -= batches % t.gradient_accumulation_steps
+        replayed = samples - min(batches * t.batch_size * world_size(), samples)
+        if replayed:
+            logger.warning(
+                "resuming with %d processes x batch %d (saved: %d x %d): the epoch continues %d examples "
+                "before the saved position, at an optimizer-step boundary",
+                world_size(),
+                t.batch_size,
+                saved_world,
+                saved_batch,
+                replayed,
+            )
+        self.state.batches_in_epoch = batches
 
     def _warn_config_changes(self, directory: Path) -> None:
         saved = _flatten(yaml.safe_load((directory / "config.yaml").read_text(encoding="utf-8")) or {})
@@ -412,7 +526,7 @@ class Trainer:
             index = self.state.batches_in_epoch
             window_start = (index // accum) * accum
             window = min(accum, self.micro_per_epoch - window_start)  # an epoch's last window may be short
-            self._micro_step(batch, scale=1.0 / window)
+            self._micro_step(batch, scale=1.0 / window, sync=index + 1 - window_start >= window)
             self.state.batches_in_epoch += 1
             if self.state.batches_in_epoch - window_start < window:
                 continue
@@ -430,36 +544,50 @@ class Trainer:
             if step >= stop_at:
                 return
 
-    def _micro_step(self, batch: Mapping[str, torch.Tensor], scale: float) -> None:
+    def _micro_step(self, batch: Mapping[str, torch.Tensor], scale: float, sync: bool = True) -> None:
+        """Forward + backward of one micro-batch; `sync`: it closes an accumulation window (DDP reduces)."""
+        noise = None if self.feature_cache is not None else self._draw_noise(batch)
         batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
-        with self._autocast():
-            result = diffusion_objective(
-                self.model,
-                batch,
-                mask_id=self.mask_id,
-                weights=self.weights,
-                generator=self.noise,
-                backbone_frozen=self.plan.backbone_frozen,
-                chunk_size=self.config.model.chunk_size,
-            )
-        terms = {name: float(value) for name, value in result.terms.items()}
-        if not math.isfinite(terms["loss"]):
-            self.optimizer.zero_grad(set_to_none=True)
-            self._non_finite("the loss is not finite", terms)
-        (result.loss * scale).backward()
+        with gradient_sync(self.engine, sync):
+            with self._autocast():
+                features = None
+                if self.feature_cache is not None:  # the backbone's outputs and their noise, from disk
+                    features, noise = cached_features(self.model, batch)
+                else:
+                    noise = tuple(x.to(self.device, non_blocking=True) for x in noise)
+                result = self.engine(batch, noise=noise, features=features)
+            terms = {name: float(value) for name, value in result.terms.items()}
+            if not all_finite(terms["loss"]):  # every rank stops, none waits in the next all-reduce
+                self.optimizer.zero_grad(set_to_none=True)
+                self._non_finite("the loss is not finite", terms)
+            (result.loss * scale).backward()
         self._last_loss = terms["loss"]
         self._window.add(terms)
         self._window.add(forward_statistics(result.output.stats, result.masked, self.config.model.chunk_size))
         self._window_tokens += result.tokens
 
+    def _draw_noise(self, batch: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
+        """LLaDA's forward process row by row, seeded by (seed, dataset index, epoch).
+
+        A row's noise depends on nothing else (not the batch, the world size or a resume), so N processes
+        with batch b train on exactly the draws of one process with batch N*b.
+        """
+        first = self.state.batches_in_epoch * self.config.training.batch_size
+        examples = self.sampler.indices()[first : first + batch["input_ids"].shape[0]]
+        return draw_noise(
+            batch["input_ids"],
+            batch["prompt_lengths"],
+            self.mask_id,
+            seed=self.config.training.seed,
+            examples=examples,
+            draws=self.state.epoch,
+        )
+
     def _optimizer_step(self) -> None:
         t = self.config.training
         params = [p for group in self.optimizer.param_groups for p in group["params"]]
-        if t.max_grad_norm > 0:
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm))
-        else:
-            norms = [p.grad.detach().float().norm() for p in params if p.grad is not None]
-            grad_norm = float(torch.linalg.vector_norm(torch.stack(norms))) if norms else 0.0
+        sync_ignored_gradients(self.engine)
+        grad_norm = clip_grad_norm(params, t.max_grad_norm)
         if not math.isfinite(grad_norm):
             self.optimizer.zero_grad(set_to_none=True)
             terms = {"grad_norm": grad_norm, "loss": self._last_loss}
@@ -494,12 +622,17 @@ class Trainer:
     def _log_train_row(self) -> None:
         elapsed = max(time.perf_counter() - self._window_started, 1e-9)
         row: dict[str, Any] = {"step": self.state.step, "epoch": self._epoch_progress()}
-        row.update(self._window.means())
+        # Means over every rank's micro-batches; throughput of all ranks together.
+        local = {**self._window.sums, "__tokens": self._window_tokens}
+        sums, counts = reduce_sums(local, self._window.counts)
+        tokens = sums.pop("__tokens")
+        row.update({key: sums[key] / counts[key] for key in sums})
         row["lr"] = self.optimizer.param_groups[0]["lr"]
         backbone = [g["lr"] for g in self.optimizer.param_groups if g["name"].startswith("backbone")]
         row["lr_backbone"] = backbone[0] if backbone else None
-        row["tokens_per_s"] = self._window_tokens / elapsed
-        row.update(parameter_statistics(self.model))
+        row["tokens_per_s"] = tokens / elapsed
+        with unsharded(self.engine):
+            row.update(parameter_statistics(self.model))
         self.last_train_row = row
         self._window = _Averager()
         self._window_started = time.perf_counter()
@@ -520,13 +653,18 @@ class Trainer:
 
     # ---------------------------------------------------------------------------------- validation
 
-    @torch.no_grad()
     def evaluate(self, max_batches: int | None = None) -> dict[str, Any]:
         """Validation loss and masked-token accuracies (final, backbone, after each refinement step).
 
         The noise is drawn from a generator re-seeded for every evaluation: every validation sees the same
         masks, so rows are comparable, and training's RNG streams are untouched (resume stays exact).
+        Under torch.distributed every rank evaluates the whole validation set (same result everywhere).
         """
+        with unsharded(self.engine):  # FSDP: gather the root's tensors for direct features/refine calls
+            return self._evaluate(max_batches)
+
+    @torch.no_grad()
+    def _evaluate(self, max_batches: int | None) -> dict[str, Any]:
         if self.eval_loader is None:
             return {}
         limit = max_batches if max_batches is not None else self.config.training.eval_max_batches
@@ -587,7 +725,7 @@ class Trainer:
         return row
 
     def _validate_and_track_best(self) -> None:
-        row = self.evaluate()
+        row = broadcast_object(self.evaluate())  # rank 0's numbers: every rank takes the same save decision
         if not row:
             return
         self.last_val_row = row
@@ -606,18 +744,30 @@ class Trainer:
     # ---------------------------------------------------------------------------------- checkpoints
 
     def _save(self, name: str) -> Path | None:
-        """Write checkpoints/<name> (rank 0 only); `keep_last` also keeps numbered copies of `last`."""
+        """Write checkpoints/<name> (rank 0); `keep_last` also keeps numbered copies of `last`.
+
+        Every rank calls it: under FSDP the full tensors are gathered from the shards first. The layout is
+        the single-process one whatever the world size; the position in the epoch is also stored as a
+        global example count, so that another world size can resume it.
+        """
+        t = self.config.training
+        weights = full_state_dict(self.model, self.plan.trainable_names)
+        optimizer = optimizer_state(self.model, self.optimizer)
+        window_sums, window_counts = reduce_sums(self._window.sums, self._window.counts)
         if not is_main_process():
             return None
-        params = dict(self.model.named_parameters())
-        weights = {n: params[n] for n in self.plan.trainable_names}
+        train_state = self.state.to_dict()
+        consumed = min(self.state.batches_in_epoch * t.batch_size, self.sampler.shard_size) * world_size()
+        train_state["extra"].update(
+            world_size=world_size(), batch_size=t.batch_size, samples_in_epoch=consumed
+        )
         trainer_state = {
-            "train_state": self.state.to_dict(),
-            "optimizer": self.optimizer.state_dict(),
+            "train_state": train_state,
+            "optimizer": optimizer,
             "scheduler": self.scheduler.state_dict(),
-            "rng": capture_rng_state({"noise": self.noise}),
+            "rng": capture_rng_state(),
             "health": self.health.state_dict(),
-            "log_window": {"sums": dict(self._window.sums), "counts": dict(self._window.counts)},
+            "log_window": {"sums": window_sums, "counts": window_counts},
             "trainable_names": list(self.plan.trainable_names),
             "phase": self.plan.phase,
             "total_steps": self.total_steps,

@@ -1,0 +1,322 @@
+"""Sampler throughput, NFE and accuracy: exact LLaDA vs threshold decoding vs threshold + KV caches.
+
+Every variant runs in this one process on the same problems (the generated task's test split, rebuilt from the
+backbone's `pretrain_summary.json`), interleaved batch by batch so that all see the same machine load; the
+printed ratios compare like with like. Two parts:
+
+1. decoding modes, with the backbone alone and with the slot refiner inside every denoising step: the exact
+   LLaDA schedule (default one token per step, the baseline of Fast-dLLM's GSM8K figures), threshold decoding,
+   threshold + prefix cache, threshold + dual cache. tokens/s counts all `gen_length` positions (EOS padding
+   included), NFE is model calls per batch;
+2. the refiner's share of sampling time at K = 1, 2, 4, 8, refining only low-confidence chunks
+   (confidence_threshold 0.5) or every chunk with a masked position (threshold 2.0, i.e. > 1).
+
+The refiner's time is measured by timing `LLaDATRMHybrid.refine` (chunk selection, K steps, LM head on the
+refined rows) inside the sampler's own calls; its share is that time over the sampler's wall time.
+
+    .venv/bin/python bench/bench_sampler.py --quick
+    .venv/bin/python bench/bench_sampler.py --backbone DIR --refiner-checkpoint refiner.safetensors
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from llada_trm.assets import embedded_backbone_dir
+from llada_trm.backbone import LLaDAModel
+from llada_trm.config import load_config
+from llada_trm.data import (
+    GSM8KRecord,
+    SyntheticTaskConfig,
+    generate_problems,
+    load_tokenizer,
+    prompt_batch,
+    special_token_ids,
+)
+from llada_trm.diffusion import decode_generated, generate_with_stats
+from llada_trm.evaluate.extraction import is_correct
+from llada_trm.hybrid import HybridConfig, LLaDATRMHybrid
+from llada_trm.training import hybrid_config
+
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_REFINER_CONFIG = ROOT / "configs" / "tiny_refiner.yaml"
+TASK_FIELDS = ("min_steps", "max_steps", "max_number", "max_result", "seed")
+
+
+@dataclass(frozen=True)
+class Mode:
+    """One sampler setting: `threshold` None is LLaDA's fixed schedule; `cache` None runs full sequences."""
+
+    name: str
+    threshold: float | None = None
+    cache: str | None = None
+
+
+def modes(threshold: float) -> list[Mode]:
+    return [
+        Mode("exact"),
+        Mode(f"threshold {threshold}", threshold=threshold),
+        Mode(f"threshold {threshold} + prefix cache", threshold=threshold, cache="prefix"),
+        Mode(f"threshold {threshold} + dual cache", threshold=threshold, cache="dual"),
+    ]
+
+
+@dataclass
+class Variant:
+    """A model, a sampler mode and (for the hybrid) the config to run it with; accumulates its results."""
+
+    label: str
+    model: Any
+    mode: Mode
+    hybrid_config: HybridConfig | None = None
+    elapsed: list[float] = field(default_factory=list)  # per repeat: summed over batches
+    nfe: int = 0
+    batches: int = 0
+    tokens: int = 0
+    strict: int = 0
+    flexible: int = 0
+    refine_s: list[float] = field(default_factory=list)
+    stats: dict[str, float] = field(default_factory=dict)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--backbone", type=Path, default=None,
+                        help="backbone directory (default: the packaged tiny backbone)")
+    parser.add_argument("--refiner-config", type=Path, default=DEFAULT_REFINER_CONFIG,
+                        help="run config whose `model` section builds the hybrid (tiny_refiner.yaml)")
+    parser.add_argument("--refiner-checkpoint", type=Path, default=None,
+                        help="refiner weights written by LLaDATRMHybrid.save_refiner (default: random)")
+    parser.add_argument("--n-problems", type=int, default=32)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--gen-length", type=int, default=128)
+    parser.add_argument("--block-length", type=int, default=32)
+    parser.add_argument("--steps", type=int, default=None,
+                        help="steps of the exact sampler (default gen_length: one token per step, the "
+                        "baseline of LLaDA's and Fast-dLLM's GSM8K numbers)")
+    parser.add_argument("--threshold", type=float, default=0.9, help="Fast-dLLM's confidence threshold")
+    parser.add_argument("--ks", default="1,2,4,8", help="refiner steps K for the share table")
+    parser.add_argument("--share-modes", default=None,
+                        help="sampler modes of the share table, comma-separated: exact (fixed schedule) "
+                        "and/or prefix (threshold + prefix cache); default both, exact with --quick")
+    parser.add_argument("--repeats", type=int, default=1, help="timed repeats; the fastest one is reported")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch CPU threads (default 1: steadier timings on a shared machine)")
+    parser.add_argument("--quick", action="store_true",
+                        help="4 problems in one batch, gen_length 64 in blocks of 16, share table on the "
+                        "exact sampler only: a minute or two on an idle CPU")
+    parser.add_argument("--json", type=Path, default=None, help="also write the results here")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.n_problems, args.batch_size, args.gen_length, args.block_length = 4, 4, 64, 16
+    if args.steps is None:
+        args.steps = args.gen_length
+    if args.share_modes is None:
+        args.share_modes = "exact" if args.quick else "exact,prefix"
+    args.ks = [int(k) for k in args.ks.split(",") if k]
+    args.share_modes = [m for m in args.share_modes.split(",") if m]
+    unknown = sorted(set(args.share_modes) - {"exact", "prefix"})
+    if unknown:
+        parser.error(f"--share-modes: unknown {unknown}; choose from exact, prefix")
+    if args.gen_length % args.block_length or args.steps % (args.gen_length // args.block_length):
+        parser.error("--gen-length must be a multiple of --block-length, --steps one of the number of blocks")
+    return args
+
+
+def test_problems(backbone_dir: Path, n: int) -> list[GSM8KRecord]:
+    """The generated task's test problems, with the settings the backbone was trained on when recorded."""
+    summary = backbone_dir / "pretrain_summary.json"
+    task = SyntheticTaskConfig()
+    if summary.is_file():
+        data = json.loads(summary.read_text())["config"]["data"]
+        task = SyntheticTaskConfig(**{k: data[k] for k in TASK_FIELDS if k in data})
+    else:
+        print(f"note: {summary} not found; using the default task settings", file=sys.stderr)
+    return generate_problems(task, n, split="test")
+
+
+class RefineTimer:
+    """Accumulates the wall time of every `model.refine` call (the refiner's part of a hybrid forward)."""
+
+    def __init__(self, model: LLaDATRMHybrid) -> None:
+        self.seconds = 0.0
+        self.device = model.backbone.device
+        original = model.refine
+
+        def timed(*args: Any, **kwargs: Any) -> Any:
+            start = time.perf_counter()
+            out = original(*args, **kwargs)
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            self.seconds += time.perf_counter() - start
+            return out
+
+        model.refine = timed  # instance attribute: forward() calls self.refine
+
+
+def run_interleaved(
+    variants: list[Variant], tokenizer: Any, records: list[GSM8KRecord], args: argparse.Namespace, ids: Any,
+    timer: RefineTimer | None = None,
+) -> None:
+    """Greedy sampling of every problem with every variant, the variants interleaved batch by batch.
+
+    Interleaving puts every variant under the same machine load, so their ratios hold on a shared CPU.
+    """
+    device = torch.device(args.device)
+    batches = []
+    for start in range(0, len(records), args.batch_size):
+        chunk = records[start : start + args.batch_size]
+        prompt, attention_mask = prompt_batch(tokenizer, [r.question for r in chunk])
+        batches.append((chunk, prompt.to(device), attention_mask.to(device)))
+    for repeat in range(args.repeats):
+        for variant in variants:
+            variant.elapsed.append(0.0)
+            variant.refine_s.append(0.0)
+        for chunk, prompt, attention_mask in batches:
+            for variant in variants:
+                if variant.hybrid_config is not None:
+                    variant.model.config = variant.hybrid_config  # weights do not depend on K or threshold
+                if timer is not None:
+                    timer.seconds = 0.0
+                result = generate_with_stats(
+                    variant.model, prompt, attention_mask, steps=args.steps, gen_length=args.gen_length,
+                    block_length=args.block_length, mask_id=ids.mask, eos_id=ids.eos, eot_id=ids.eot,
+                    threshold=variant.mode.threshold, cache=variant.mode.cache,
+                )
+                variant.elapsed[-1] += result.elapsed_s
+                if timer is not None:
+                    variant.refine_s[-1] += timer.seconds
+                if repeat:  # tokens are the same in every repeat: score the first only
+                    continue
+                texts = decode_generated(tokenizer, result.tokens.cpu(), result.prompt_length)
+                variant.strict += sum(is_correct(t, r.answer) for t, r in zip(texts, chunk, strict=True))
+                variant.flexible += sum(
+                    is_correct(t, r.answer, flexible=True) for t, r in zip(texts, chunk, strict=True)
+                )
+                variant.nfe += result.nfe
+                variant.batches += 1
+                variant.tokens += result.generated.numel()
+                for key, value in result.model_stats_total.items():
+                    variant.stats[key] = variant.stats.get(key, 0.0) + value
+
+
+def summary(variant: Variant, n_problems: int) -> dict[str, Any]:
+    best = min(range(len(variant.elapsed)), key=variant.elapsed.__getitem__)
+    elapsed = variant.elapsed[best]
+    calls = max(1, variant.nfe)
+    return {
+        "variant": variant.label,
+        "mode": variant.mode.name,
+        "elapsed_s": elapsed,
+        "tokens_per_s": variant.tokens / elapsed,
+        "nfe_per_batch": variant.nfe / variant.batches,
+        "nfe": variant.nfe,
+        "accuracy_strict": variant.strict / n_problems,
+        "accuracy_flexible": variant.flexible / n_problems,
+        "refine_s": variant.refine_s[best],
+        "refiner_share": variant.refine_s[best] / elapsed,
+        "chunks_refined_per_call": variant.stats.get("chunks_refined", 0.0) / calls,
+        "chunks_total_per_call": variant.stats.get("chunks_total", 0.0) / calls,
+        "refine_steps": variant.stats.get("refine_steps", 0.0) / calls,
+    }
+
+
+def print_modes(title: str, rows: list[dict[str, Any]]) -> None:
+    base = rows[0]
+    print(f"\n{title}")
+    print(f"{'mode':32s} {'tok/s':>8s} {'speedup':>8s} {'NFE/batch':>10s} {'NFE ratio':>10s} "
+          f"{'acc strict':>10s} {'acc flex':>9s}")
+    for row in rows:
+        speedup = row["tokens_per_s"] / base["tokens_per_s"]
+        print(f"{row['mode']:32s} {row['tokens_per_s']:8.1f} {speedup:7.2f}x "
+              f"{row['nfe_per_batch']:10.1f} {base['nfe'] / row['nfe']:9.2f}x "
+              f"{row['accuracy_strict']:10.3f} {row['accuracy_flexible']:9.3f}")
+
+
+def share_variants(hybrid: LLaDATRMHybrid, args: argparse.Namespace) -> list[Variant]:
+    """K x (selective 0.5, refine-all 2.0) x the share table's sampler modes."""
+    by_key = {"exact": modes(args.threshold)[0], "prefix": modes(args.threshold)[2]}
+    variants = []
+    for key in args.share_modes:
+        for k in args.ks:
+            for label, threshold in (("selective 0.5", 0.5), ("all (2.0)", 2.0)):
+                config = dataclasses.replace(
+                    hybrid.config, max_recursive_steps=k, confidence_threshold=threshold
+                )
+                variants.append(Variant(f"K={k} {label}", hybrid, by_key[key], hybrid_config=config))
+    return variants
+
+
+def print_share(rows: list[dict[str, Any]]) -> None:
+    print("\nrefiner share of sampling time (time inside LLaDATRMHybrid.refine / sampler wall time)")
+    print(f"{'sampler':32s} {'variant':18s} {'tok/s':>8s} {'NFE/batch':>9s} {'refiner s':>9s} {'share':>6s} "
+          f"{'chunks refined/call':>20s} {'steps/chunk':>11s} {'acc':>6s}")
+    for r in rows:
+        chunks = f"{r['chunks_refined_per_call']:.1f}/{r['chunks_total_per_call']:.1f}"
+        print(f"{r['mode']:32s} {r['variant']:18s} {r['tokens_per_s']:8.1f} {r['nfe_per_batch']:9.1f} "
+              f"{r['refine_s']:9.2f} {100 * r['refiner_share']:5.1f}% {chunks:>20s} "
+              f"{r['refine_steps']:11.2f} {r['accuracy_strict']:6.3f}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    backbone_dir = Path(args.backbone or embedded_backbone_dir())
+    backbone = LLaDAModel.from_pretrained(backbone_dir, dtype=getattr(torch, args.dtype), device=args.device)
+    tokenizer = load_tokenizer(backbone_dir)
+    ids = special_token_ids(tokenizer)
+    records = test_problems(backbone_dir, args.n_problems)
+    hybrid = LLaDATRMHybrid(backbone, hybrid_config(load_config(args.refiner_config))).eval()
+    if args.refiner_checkpoint is not None:
+        hybrid.load_refiner(args.refiner_checkpoint)
+    base_config = hybrid.config
+    timer = RefineTimer(hybrid)
+
+    size = sum(p.numel() for p in backbone.parameters()) / 1e6
+    print(f"backbone {backbone_dir} ({size:.2f} M parameters, {args.dtype}, {args.device}), "
+          f"torch threads {torch.get_num_threads()}")
+    print(f"{len(records)} test problems in batches of {args.batch_size}; gen_length {args.gen_length}, "
+          f"block_length {args.block_length}, exact sampler {args.steps} steps; fastest of {args.repeats}")
+    weights = str(args.refiner_checkpoint) if args.refiner_checkpoint else "random (untrained)"
+    cfg = base_config
+    print(f"hybrid: {args.refiner_config.name} (refiner {cfg.refiner}, K={cfg.max_recursive_steps}, "
+          f"chunk {cfg.chunk_size}, threshold {cfg.confidence_threshold}); refiner weights {weights}")
+
+    warmup = [Variant("warm-up", backbone, m) for m in modes(args.threshold)[1:]]
+    run_interleaved(warmup, tokenizer, records[:1], argparse.Namespace(**{**vars(args), "repeats": 1}), ids)
+
+    sections = {
+        "backbone alone": [Variant(m.name, backbone, m) for m in modes(args.threshold)],
+        "backbone + slot refiner inside every step": [
+            Variant(m.name, hybrid, m, hybrid_config=base_config) for m in modes(args.threshold)
+        ],
+    }
+    results: dict[str, Any] = {"args": {k: str(v) for k, v in vars(args).items()}}
+    for title, variants in sections.items():
+        run_interleaved(variants, tokenizer, records, args, ids, timer)
+        results[title] = [summary(v, len(records)) for v in variants]
+        print_modes(title, results[title])
+    variants = share_variants(hybrid, args)
+    run_interleaved(variants, tokenizer, records, args, ids, timer)
+    results["refiner share"] = [summary(v, len(records)) for v in variants]
+    print_share(results["refiner share"])
+    hybrid.config = base_config
+
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()

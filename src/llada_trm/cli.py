@@ -1,0 +1,352 @@
+"""The `llada-trm` command line: pretrain, train, eval, generate, plot, compare.
+
+Heavy modules (torch, transformers) are imported inside the subcommands, so `llada-trm --help` is instant.
+Every user error (a bad config key, a missing checkpoint or data file, an invalid option) is printed as one
+line, `llada-trm: error: ...`, with exit status 2; `--debug` shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from llada_trm.errors import NonFiniteLossError
+
+__all__ = ["build_parser", "main"]
+
+PROG = "llada-trm"
+USAGE_ERROR = 2
+RUN_FAILED = 1
+
+
+class UserError(Exception):
+    """A problem the user can fix from the command line (reported without a traceback)."""
+
+
+# ------------------------------------------------------------------------------------------ subcommands
+
+
+def _cmd_pretrain(args: argparse.Namespace) -> int:
+    from llada_trm.pretrain import load_pretrain_config, pretrain
+
+    config = load_pretrain_config(args.config, args.set)
+    result = pretrain(config, progress=not args.no_progress)
+    print(
+        f"saved {result.output_dir} ({result.parameters / 1e6:.2f}M parameters, {result.steps} steps): "
+        f"final loss {result.final_loss:.4f}, masked accuracy {result.masked_accuracy:.3f}, sampled accuracy "
+        f"{result.accuracy:.3f}, {result.elapsed_s / 60:.1f} min"
+    )
+    return 0
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from llada_trm.training import run_train
+
+    summary = run_train(args.config, args.set, args.resume, progress=not args.no_progress)
+    val = summary.get("val") or {}
+    parts = [f"trained {summary['steps']} steps in {summary['elapsed_s'] / 60:.1f} min"]
+    if summary.get("train_loss") is not None:
+        parts.append(f"train loss {summary['train_loss']:.4f}")
+    if "loss" in val:
+        parts.append(f"val loss {val['loss']:.4f} (backbone {val.get('loss_base', float('nan')):.4f})")
+    if "accuracy" in val:
+        base = val.get("accuracy_base", float("nan"))
+        parts.append(f"val masked accuracy {val['accuracy']:.3f} (backbone {base:.3f})")
+    print("; ".join(parts))
+    print(f"checkpoint: {summary['checkpoint']}")
+    for warning in summary.get("health_warnings") or []:
+        print(f"health warning: {warning}")
+    return 0
+
+
+def _cmd_cache(args: argparse.Namespace) -> int:
+    from llada_trm.config import load_config
+    from llada_trm.training.feature_cache import build_feature_cache
+
+    config = load_config(args.config, args.set)
+    directory = build_feature_cache(config, progress=not args.no_progress, rebuild=args.rebuild)
+    print(f"feature cache ready: {directory} (train with --set advanced.feature_cache=true)")
+    return 0
+
+
+def _sampling_options(args: argparse.Namespace) -> Any:
+    from llada_trm.evaluate import SamplingOptions
+
+    return SamplingOptions(
+        steps=args.steps,
+        gen_length=args.gen_length,
+        block_length=args.block_length,
+        temperature=args.temperature,
+        remasking=args.remasking,
+        threshold=args.threshold,
+        cache=args.cache,
+        cfg_scale=args.cfg_scale,
+        batch_size=getattr(args, "batch_size", 1),
+        seed=args.seed,
+    )
+
+
+def _default_eval_dir(loaded: Any, dataset: str, split: str) -> Path:
+    """`<run>/eval/<dataset>-<split>-<refiner>` for a run; `runs/eval/<backbone>/...` for a backbone."""
+    name = f"{dataset}-{split.split('[')[0]}"
+    if loaded.run_dir is not None:
+        return loaded.run_dir / "eval" / f"{name}-{loaded.refiner}"
+    backbone = "embedded" if loaded.source == "embedded" else Path(loaded.source).resolve().name
+    return Path("runs") / "eval" / backbone / name
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from llada_trm.evaluate import evaluate_model, load_checkpoint, load_eval_records, synthetic_settings
+
+    options = _sampling_options(args)  # bad options and data fail before a (possibly 8B) model loads
+    records = None
+    if args.dataset == "gsm8k" and args.data_path:
+        records = load_eval_records("gsm8k", args.split, data_path=args.data_path, limit=args.limit)
+    loaded = load_checkpoint(args.checkpoint, refiner=args.refiner, device=args.device, dtype=args.dtype)
+    if records is None:
+        run = loaded.run_config
+        records = load_eval_records(
+            args.dataset,
+            args.split,
+            data_path=run.data.path if run is not None else None,
+            synthetic=synthetic_settings(run.data if run is not None else None, loaded.backbone_config),
+            limit=args.limit,
+        )
+    out = Path(args.out) if args.out else _default_eval_dir(loaded, args.dataset, args.split)
+    result = evaluate_model(
+        loaded.model,
+        loaded.tokenizer,
+        records,
+        options,
+        num_steps=loaded.num_steps,
+        out_dir=out,
+        metadata={"model": loaded.describe(), "dataset": args.dataset, "split": args.split},
+        progress=not args.no_progress,
+        desc=f"eval {loaded.refiner}",
+    )
+    s = result.summary
+    print(
+        f"{args.dataset} {args.split} ({s['n']} problems, refiner {loaded.refiner}): accuracy strict "
+        f"{s['accuracy_strict']:.3f} ({s['correct_strict']}/{s['n']}), flexible {s['accuracy_flexible']:.3f} "
+        f"({s['correct_flexible']}/{s['n']})"
+    )
+    refinement = s.get("refinement")
+    if refinement and loaded.refiner != "none":
+        print(
+            f"refinement: {refinement['mean_refine_steps']:.2f} steps per refined chunk, "
+            f"{refinement['skipped_fraction']:.1%} of chunks skipped"
+        )
+    speed = s["speed"]
+    rate, calls, seconds = speed["tokens_per_s"], speed["nfe"], speed["total_s"]
+    print(f"speed: {rate:.1f} tokens/s, {calls} model calls, {seconds:.1f} s in all")
+    print(f"wrote {out / 'predictions.jsonl'} and {out / 'summary.json'}")
+    return 0
+
+
+def _cmd_generate(args: argparse.Namespace) -> int:
+    from llada_trm.data import GSM8KRecord
+    from llada_trm.evaluate import evaluate_model, load_checkpoint
+
+    if not args.question.strip():
+        raise UserError("the question is empty; pass it as one quoted argument")
+    options = _sampling_options(args)
+    loaded = load_checkpoint(args.checkpoint, refiner=args.refiner, device=args.device, dtype=args.dtype)
+    record = GSM8KRecord(question=args.question, answer="")
+    result = evaluate_model(
+        loaded.model, loaded.tokenizer, [record], options, num_steps=loaded.num_steps, progress=False
+    )
+    prediction = result.predictions[0]
+    print(prediction["completion"].strip())
+    if args.verbose:
+        print(json.dumps({"answer": prediction["prediction_strict"] or prediction["prediction_flexible"],
+                          "refinement": result.summary.get("refinement"),
+                          "speed": result.summary["speed"]}, indent=2))
+    return 0
+
+
+def _cmd_plot(args: argparse.Namespace) -> int:
+    from llada_trm.plots import plot_run
+
+    written = plot_run(args.run_dir, args.out)
+    for path in written:
+        print(path)
+    return 0
+
+
+def _cmd_compare(args: argparse.Namespace) -> int:
+    from llada_trm.compare import load_compare_config, run_compare
+
+    config = load_compare_config(args.config, args.set)
+    run_compare(config, progress=not args.no_progress)
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------ parser
+
+
+def _add_config_options(parser: argparse.ArgumentParser, required: bool = True) -> None:
+    hint = "YAML config file" + ("" if required else " (default: the built-in defaults)")
+    parser.add_argument("--config", required=required, metavar="FILE", help=hint)
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config value by its dotted key, e.g. --set training.lr=3e-4 (repeatable)",
+    )
+
+
+def _add_model_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--checkpoint",
+        required=True,
+        metavar="DIR",
+        help="a training run's checkpoint (checkpoints/last or best) or run directory, a backbone directory "
+        "in Hugging Face layout, or 'embedded'",
+    )
+    parser.add_argument(
+        "--refiner",
+        choices=("none", "mlp", "slot"),
+        default=None,
+        help="which refiner runs (default: the checkpoint's own; none = the backbone alone)",
+    )
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
+    parser.add_argument(
+        "--dtype",
+        default="auto",
+        choices=("auto", "float32", "bfloat16", "float16"),
+        help="backbone dtype (auto: bf16 on a GPU, fp32 on a CPU)",
+    )
+
+
+def _add_sampling_options(parser: argparse.ArgumentParser, batch: bool = True) -> None:
+    group = parser.add_argument_group("sampling (LLaDA's low-confidence remasking)")
+    group.add_argument("--steps", type=int, default=64, help="denoising steps in all (default 64)")
+    group.add_argument("--gen-length", type=int, default=128, help="answer tokens (default 128)")
+    group.add_argument("--block-length", type=int, default=32, help="semi-autoregressive block (default 32)")
+    group.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    group.add_argument("--remasking", choices=("low_confidence", "random"), default="low_confidence")
+    group.add_argument(
+        "--threshold", type=float, default=None, help="Fast-dLLM parallel decoding threshold, e.g. 0.9"
+    )
+    group.add_argument(
+        "--cache", choices=("prefix", "dual"), default=None, help="Fast-dLLM's block-wise KV cache (off)"
+    )
+    group.add_argument("--cfg-scale", type=float, default=0.0, help="classifier-free guidance (default off)")
+    group.add_argument("--seed", type=int, default=0, help="seed of the sampling noise")
+    if batch:
+        group.add_argument("--batch-size", type=int, default=16, help="problems per batch (default 16)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        description="A LLaDA masked-diffusion model with a recursive (TRM-style) refinement head.",
+    )
+    parser.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+
+    def command(name: str, summary: str) -> argparse.ArgumentParser:
+        return sub.add_parser(name, help=summary, description=summary, parents=[common])
+
+    p = command("pretrain", "train the tiny embedded backbone from scratch")
+    _add_config_options(p, required=False)
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=_cmd_pretrain)
+
+    p = command("train", "train a refiner (phases 1-3) from a run config")
+    _add_config_options(p)
+    p.add_argument("--resume", metavar="DIR", help="continue from a checkpoint (or a run directory)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=_cmd_train)
+
+    p = command("cache", "compute a phase-1 run's frozen-backbone features once (advanced.feature_cache)")
+    _add_config_options(p)
+    p.add_argument("--rebuild", action="store_true", help="delete an existing (e.g. stale) cache first")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=_cmd_cache)
+
+    p = command("eval", "sampled GSM8K-style accuracy, refinement efficiency and speed")
+    _add_model_options(p)
+    p.add_argument("--dataset", choices=("gsm8k", "synthetic"), default="synthetic")
+    p.add_argument("--split", default="test", help="a split, optionally sliced: test (default), test[:200]")
+    p.add_argument("--data-path", metavar="PATH", help="GSM8K JSONL/parquet file or folder (for gsm8k)")
+    p.add_argument("--limit", type=int, default=None, metavar="N", help="evaluate the first N problems")
+    p.add_argument("--out", metavar="DIR", help="where predictions.jsonl and summary.json go")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _add_sampling_options(p)
+    p.set_defaults(func=_cmd_eval)
+
+    p = command("generate", "answer one question")
+    _add_model_options(p)
+    p.add_argument("question", help="the question, quoted")
+    p.add_argument("-v", "--verbose", action="store_true", help="also print the extracted answer and stats")
+    _add_sampling_options(p, batch=False)
+    p.set_defaults(func=_cmd_generate)
+
+    p = command("plot", "PNG plots of a training run's metrics")
+    p.add_argument("run_dir", metavar="RUN_DIR", help="a run's output.dir")
+    p.add_argument("--out", metavar="DIR", help="where the PNGs go (default RUN_DIR/plots)")
+    p.set_defaults(func=_cmd_plot)
+
+    p = command("compare", "the main job: train MLP and slot refiners, compare them with the backbone alone")
+    _add_config_options(p)
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(func=_cmd_compare)
+    return parser
+
+
+def _version() -> str:
+    from llada_trm import __version__
+
+    return __version__
+
+
+# -------------------------------------------------------------------------------------------------- main
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """Exception types that mean "fix your input": our ValueError subclasses, missing files, UserError."""
+    return (UserError, ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError)
+
+
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    if isinstance(exc, OSError) and exc.filename and str(exc.filename) not in text:
+        text = f"{exc.filename}: {exc.strerror or text}"
+    return text or type(exc).__name__
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the CLI; returns the exit status (0 ok, 2 user error, 1 failed run, 130 interrupted)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        if args.debug:
+            raise
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return 130
+    except _user_errors() as exc:
+        if args.debug:
+            raise
+        print(f"{PROG}: error: {_one_line(exc)}", file=sys.stderr)
+        return USAGE_ERROR
+    except NonFiniteLossError as exc:  # a failed run: the message names the step and the last checkpoint
+        if args.debug:
+            raise
+        print(f"{PROG}: error: {_one_line(exc)}", file=sys.stderr)
+        return RUN_FAILED
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,316 @@
+"""GSM8K-style accuracy of a model under LLaDA's sampler, with the refiner running inside every step.
+
+For each batch of problems the prompts are left-padded, `generate_with_stats` denoises the answers (the
+hybrid model refines low-confidence chunks at every denoising step), and the decoded completions are scored
+with strict (`#### n`) and flexible (last number) extraction. Alongside accuracy the summary reports
+
+- refinement efficiency: mean refinement steps per refined chunk, and the fraction of chunks that held a
+  masked position (the ones the refiner could work on) but were skipped because the backbone was confident;
+- speed: generated tokens per second, model calls (NFE) and wall time.
+
+Both come from the per-call statistics the sampler sums over the run.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+from transformers import PreTrainedTokenizerBase
+
+from llada_trm.data import GSM8KRecord, prompt_batch, special_token_ids
+from llada_trm.diffusion import decode_generated, generate_with_stats
+from llada_trm.evaluate.extraction import extract_flexible, extract_strict
+from llada_trm.evaluate.io import write_json, write_jsonl
+from llada_trm.hybrid.chunking import chunk_sum
+from llada_trm.training.distributed import gather_objects, is_main_process, shard_indices
+
+__all__ = ["PREDICTIONS_FILE", "SUMMARY_FILE", "EvalResult", "SamplingOptions", "evaluate_model"]
+
+PREDICTIONS_FILE = "predictions.jsonl"
+SUMMARY_FILE = "summary.json"
+_REMASKING = ("low_confidence", "random")
+_CACHES = ("prefix", "dual")
+
+
+@dataclass(frozen=True)
+class SamplingOptions:
+    """LLaDA's sampler settings. The defaults suit the embedded tiny backbone (answers up to ~114 tokens);
+    LLaDA-8B's GSM8K setting is gen_length 256, block_length 8 or 32, steps = gen_length. `threshold` and
+    `cache` ('prefix' / 'dual') are Fast-dLLM's parallel decoding and block-wise KV cache."""
+
+    steps: int = 64
+    gen_length: int = 128
+    block_length: int = 32
+    temperature: float = 0.0
+    remasking: str = "low_confidence"
+    threshold: float | None = None
+    cache: str | None = None
+    cfg_scale: float = 0.0
+    batch_size: int = 16
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "gen_length", "block_length", "batch_size"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if self.gen_length % self.block_length:
+            raise ValueError(
+                f"gen_length ({self.gen_length}) must be a multiple of block_length ({self.block_length})"
+            )
+        blocks = self.gen_length // self.block_length
+        if self.steps % blocks:
+            raise ValueError(
+                f"steps ({self.steps}) must be a multiple of the number of blocks gen_length / block_length "
+                f"= {blocks}"
+            )
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if self.cfg_scale < 0:
+            raise ValueError(f"cfg_scale must be >= 0, got {self.cfg_scale}")
+        if self.remasking not in _REMASKING:
+            raise ValueError(f"remasking must be one of {', '.join(_REMASKING)}, got {self.remasking!r}")
+        if self.threshold is not None and not 0.0 < self.threshold <= 1.0:
+            raise ValueError(f"threshold must be in (0, 1], got {self.threshold}")
+        if self.cache is not None and self.cache not in _CACHES:
+            raise ValueError(f"cache must be one of {', '.join(_CACHES)} (or none), got {self.cache!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class EvalResult:
+    """The summary (accuracy, refinement efficiency, speed), every prediction, and the files written."""
+
+    summary: dict[str, Any]
+    predictions: list[dict[str, Any]]
+    out_dir: Path | None = None
+    files: list[Path] = field(default_factory=list)
+
+    @property
+    def accuracy_strict(self) -> float:
+        return self.summary["accuracy_strict"]
+
+    @property
+    def accuracy_flexible(self) -> float:
+        return self.summary["accuracy_flexible"]
+
+
+class _CountingModel:
+    """Runs the model with a fixed refinement budget and adds the per-call counts the sampler sums.
+
+    The hybrid reports `chunks_refined` and a per-chunk step tensor; the efficiency figures need the step
+    total and the number of chunks that held a masked position, as scalars, so the sampler can add them up.
+    With a KV cache the call covers a window starting at `cache_position`; chunks stay anchored at absolute
+    positions, as the hybrid anchors them, so the window's first chunk may be partial.
+    """
+
+    def __init__(self, model: Any, num_steps: int | None, mask_id: int, chunk_size: int | None) -> None:
+        self.model = model
+        self.num_steps = num_steps
+        self.mask_id = mask_id
+        self.chunk_size = chunk_size
+
+    def __call__(self, input_ids: Tensor, attention_mask: Tensor | None = None, **cache_kwargs: Any) -> Any:
+        if self.num_steps is not None:
+            cache_kwargs["num_steps"] = self.num_steps
+        output = self.model(input_ids, attention_mask=attention_mask, **cache_kwargs)
+        stats = getattr(output, "stats", None)
+        if not isinstance(stats, Mapping) or self.chunk_size is None or "steps_per_chunk" not in stats:
+            return output
+        masked = (input_ids == self.mask_id).float()
+        past = cache_kwargs.get("past_key_values")
+        offset = cache_kwargs.get("cache_position")
+        if offset is None:
+            offset = 0 if past is None else past.length
+        lead = offset % self.chunk_size
+        if lead:
+            masked = torch.cat((masked.new_zeros(masked.shape[0], lead), masked), dim=1)
+        output.stats = {
+            **stats,
+            "chunks_candidate": int((chunk_sum(masked, self.chunk_size) > 0).sum()),
+            "chunk_steps": int(stats["steps_per_chunk"].sum()),
+        }
+        return output
+
+
+def _device_of(model: Any) -> torch.device:
+    parameter = next(iter(model.parameters()), None) if hasattr(model, "parameters") else None
+    return parameter.device if parameter is not None else torch.device("cpu")
+
+
+def _score(record: GSM8KRecord, completion: str, index: int) -> dict[str, Any]:
+    reference = extract_strict(record.answer)
+    strict, flexible = extract_strict(completion), extract_flexible(completion)
+    return {
+        "index": index,
+        "question": record.question,
+        "reference": record.answer,
+        "reference_answer": reference,
+        "completion": completion,
+        "prediction_strict": strict,
+        "prediction_flexible": flexible,
+        "correct_strict": reference is not None and strict == reference,
+        "correct_flexible": reference is not None and flexible == reference,
+    }
+
+
+@torch.no_grad()
+def evaluate_model(
+    model: Any,
+    tokenizer: PreTrainedTokenizerBase,
+    records: Sequence[GSM8KRecord],
+    options: SamplingOptions | None = None,
+    *,
+    num_steps: int | None = None,
+    out_dir: str | Path | None = None,
+    metadata: Mapping[str, Any] | None = None,
+    progress: bool = True,
+    desc: str = "eval",
+) -> EvalResult:
+    """Sample an answer for every record and score it; write predictions.jsonl + summary.json to `out_dir`.
+
+    model: an `LLaDATRMHybrid` (its stats feed the efficiency figures) or any callable the sampler accepts.
+    num_steps: refinement steps per model call (None = the model's K; 0 switches refinement off).
+    metadata: extra JSON-friendly entries for the summary (which checkpoint, which dataset).
+    """
+    if not records:
+        raise ValueError("evaluate_model needs at least one record")
+    options = options or SamplingOptions()
+    ids = special_token_ids(tokenizer)
+    mask_id = getattr(model, "mask_token_id", ids.mask)
+    config = getattr(model, "config", None)
+    chunk_size = getattr(config, "chunk_size", None)
+    counting = _CountingModel(model, num_steps, mask_id, chunk_size)
+    device = _device_of(model)
+    was_training = getattr(model, "training", False)
+    if hasattr(model, "eval"):
+        model.eval()
+    generator = torch.Generator(device=device).manual_seed(options.seed)
+
+    started = time.perf_counter()
+    predictions: list[dict[str, Any]] = []
+    totals: dict[str, float] = {}
+    nfe, generation_s = 0, 0.0
+    # Under torchrun each rank samples every world-th batch, each batch formed as one process forms it.
+    starts = range(0, len(records), options.batch_size)
+    starts = [starts[i] for i in shard_indices(len(starts))]
+    share = sum(len(records[start : start + options.batch_size]) for start in starts)
+    main = is_main_process()
+    bar = tqdm(total=share, desc=desc, unit="problem", disable=not (progress and main), dynamic_ncols=True)
+    try:
+        for start in starts:
+            batch = list(records[start : start + options.batch_size])
+            prompt, attention_mask = prompt_batch(tokenizer, [r.question for r in batch])
+            result = generate_with_stats(
+                counting,
+                prompt.to(device),
+                attention_mask.to(device),
+                steps=options.steps,
+                gen_length=options.gen_length,
+                block_length=options.block_length,
+                temperature=options.temperature,
+                cfg_scale=options.cfg_scale,
+                remasking=options.remasking,
+                mask_id=mask_id,
+                threshold=options.threshold,
+                cache=options.cache,
+                eos_id=ids.eos,
+                eot_id=ids.eot,
+                generator=generator,
+            )
+            nfe += result.nfe
+            generation_s += result.elapsed_s
+            for key, value in result.model_stats_total.items():
+                totals[key] = totals.get(key, 0.0) + value
+            completions = decode_generated(tokenizer, result.tokens, result.prompt_length)
+            for offset, (record, completion) in enumerate(zip(batch, completions, strict=True)):
+                predictions.append(_score(record, completion, start + offset))
+            bar.update(len(batch))
+            correct = sum(p["correct_strict"] for p in predictions)
+            bar.set_postfix(acc=f"{correct / len(predictions):.3f}")
+    finally:
+        bar.close()
+        if was_training and hasattr(model, "train"):
+            model.train()
+
+    predictions, totals, nfe, generation_s = _merge_ranks(predictions, totals, nfe, generation_s)
+    summary = _summary(predictions, totals, nfe, generation_s, time.perf_counter() - started, options)
+    summary.update(dict(metadata or {}))
+    files: list[Path] = []
+    out = Path(out_dir) if out_dir is not None else None
+    if out is not None and is_main_process():
+        files.append(write_jsonl(out / PREDICTIONS_FILE, predictions))
+        files.append(write_json(out / SUMMARY_FILE, summary))
+    return EvalResult(summary=summary, predictions=predictions, out_dir=out, files=files)
+
+
+def _merge_ranks(
+    predictions: list[dict[str, Any]], totals: dict[str, float], nfe: int, generation_s: float
+) -> tuple[list[dict[str, Any]], dict[str, float], int, float]:
+    """Every rank's share of the evaluation, on every rank: predictions in record order, counts summed, the
+    generation time of the slowest rank (the ranks sample side by side). One process: unchanged."""
+    parts = gather_objects((predictions, totals, nfe, generation_s))
+    if len(parts) == 1:
+        return predictions, totals, nfe, generation_s
+    merged = sorted((p for part in parts for p in part[0]), key=lambda p: p["index"])
+    summed: dict[str, float] = {}
+    for part in parts:
+        for key, value in part[1].items():
+            summed[key] = summed.get(key, 0.0) + value
+    return merged, summed, sum(part[2] for part in parts), max(part[3] for part in parts)
+
+
+def _summary(
+    predictions: list[dict[str, Any]],
+    totals: Mapping[str, float],
+    nfe: int,
+    generation_s: float,
+    total_s: float,
+    options: SamplingOptions,
+) -> dict[str, Any]:
+    n = len(predictions)
+    strict = sum(p["correct_strict"] for p in predictions)
+    flexible = sum(p["correct_flexible"] for p in predictions)
+    tokens = n * options.gen_length
+    summary: dict[str, Any] = {
+        "n": n,
+        "correct_strict": strict,
+        "correct_flexible": flexible,
+        "accuracy_strict": strict / n,
+        "accuracy_flexible": flexible / n,
+        "formatted_fraction": sum(p["prediction_strict"] is not None for p in predictions) / n,
+        "refinement": _refinement(totals),
+        "speed": {
+            "tokens_per_s": tokens / generation_s if generation_s > 0 else None,
+            "generated_tokens": tokens,
+            "nfe": nfe,
+            "generation_s": generation_s,
+            "total_s": total_s,
+        },
+        "sampling": options.to_dict(),
+    }
+    return summary
+
+
+def _refinement(totals: Mapping[str, float]) -> dict[str, Any] | None:
+    """Efficiency from the summed per-call counts; None when the model reports no refinement stats."""
+    if "chunks_candidate" not in totals:
+        return None
+    refined = totals.get("chunks_refined", 0.0)
+    candidates = totals["chunks_candidate"]
+    return {
+        "mean_refine_steps": totals.get("chunk_steps", 0.0) / refined if refined else 0.0,
+        "skipped_fraction": 1.0 - refined / candidates if candidates else 1.0,
+        "chunks_refined": int(refined),
+        "chunks_candidate": int(candidates),
+        "chunks_halted": int(totals.get("chunks_halted", 0.0)),
+    }

@@ -1,0 +1,227 @@
+"""Load what `--checkpoint` names for evaluation or generation.
+
+Three kinds of checkpoint are accepted, so that one command compares a trained refiner with its backbone:
+
+- a training run's checkpoint (`<run>/checkpoints/last` or `best`, or the run directory itself): the trained
+  tensors, plus the resolved `config.yaml` that says which backbone and refiner they belong to;
+- a plain backbone directory in Hugging Face layout (`config.json`, safetensors, tokenizer): no refiner;
+- `embedded`: the package's tiny backbone.
+
+`refiner` picks what runs: None keeps the checkpoint's own choice, `"none"` evaluates the backbone alone
+(refinement switched off with K = 0, so it costs nothing), `"mlp"` / `"slot"` selects one refiner of a
+checkpoint that has it (the active one of a `hybrid` integration).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from transformers import PreTrainedTokenizerBase
+
+from llada_trm.assets import EMBEDDED_NAME, embedded_backbone_dir
+from llada_trm.config import RunConfig, parse_config
+from llada_trm.data import load_tokenizer, mask_token_id
+from llada_trm.errors import CheckpointError
+from llada_trm.hybrid import HybridConfig, LLaDATRMHybrid
+from llada_trm.training import hybrid_config, load_weights, resolve_backbone_dir, resolve_checkpoint_dir
+from llada_trm.training.checkpoint import CONFIG_FILE, STATE_FILE
+
+__all__ = ["REFINER_CHOICES", "LoadedModel", "load_checkpoint", "resolve_eval_device"]
+
+REFINER_CHOICES = ("none", "mlp", "slot")
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class LoadedModel:
+    """A model ready for sampling, its tokenizer, and where it came from.
+
+    `num_steps` is the refinement budget to sample with (None = the model's K, 0 = no refinement).
+    `run_config` is the training run's config (None for a plain backbone); `backbone_config` holds the
+    pretraining summary's config when the backbone directory has one (the embedded default does).
+    """
+
+    model: LLaDATRMHybrid
+    tokenizer: PreTrainedTokenizerBase
+    source: str
+    kind: str  # "run" or "backbone"
+    refiner: str  # what runs: "none", "mlp", "slot" or "cascade"
+    num_steps: int | None
+    backbone_dir: Path
+    checkpoint_dir: Path | None = None
+    run_config: RunConfig | None = None
+    backbone_config: dict[str, Any] | None = None
+
+    @property
+    def run_dir(self) -> Path | None:
+        """The training run's output directory (the parent of `checkpoints/`), when there is one."""
+        if self.checkpoint_dir is None:
+            return None
+        parent = self.checkpoint_dir.parent
+        return parent.parent if parent.name == "checkpoints" else parent
+
+    def describe(self) -> dict[str, Any]:
+        """The JSON-friendly identity of the model, for result files."""
+        return {
+            "checkpoint": self.source,
+            "kind": self.kind,
+            "refiner": self.refiner,
+            "num_steps": self.num_steps,
+            "backbone": str(self.backbone_dir),
+            "checkpoint_dir": None if self.checkpoint_dir is None else str(self.checkpoint_dir),
+        }
+
+
+def resolve_eval_device(name: str = "auto") -> torch.device:
+    """'auto' = CUDA when available, else CPU; asking for CUDA without one is a clear error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r}: torch sees no CUDA device; use --device cpu or auto")
+    return device
+
+
+def _resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """'auto': bf16 on a bf16-capable GPU, fp32 on a CPU (bf16 matmuls are slow there)."""
+    if name == "auto":
+        bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
+        return torch.bfloat16 if bf16 else torch.float32
+    if name not in _DTYPES:
+        raise ValueError(f"dtype {name!r}: choose one of auto, {', '.join(_DTYPES)}")
+    return _DTYPES[name]
+
+
+def load_checkpoint(
+    checkpoint: str | Path,
+    *,
+    refiner: str | None = None,
+    device: str | torch.device = "auto",
+    dtype: str = "auto",
+) -> LoadedModel:
+    """Load a run checkpoint, a backbone directory or `embedded` (see the module docstring)."""
+    if refiner is not None and refiner not in REFINER_CHOICES:
+        raise ValueError(f"--refiner {refiner!r}: choose one of {', '.join(REFINER_CHOICES)}")
+    device = device if isinstance(device, torch.device) else resolve_eval_device(device)
+    torch_dtype = _resolve_dtype(dtype, device)
+    source = str(checkpoint)
+    if source == EMBEDDED_NAME:
+        return _load_backbone(embedded_backbone_dir(), source, refiner, device, torch_dtype)
+    path = Path(checkpoint).expanduser()
+    if not path.exists():
+        raise CheckpointError(
+            f"{path}: no such checkpoint (give a run's checkpoints/last or best, a run directory, a backbone "
+            f"directory with config.json, or '{EMBEDDED_NAME}')"
+        )
+    if (path / "config.json").is_file() and not (path / STATE_FILE).is_file():
+        return _load_backbone(path, source, refiner, device, torch_dtype)
+    return _load_run(resolve_checkpoint_dir(path), source, refiner, device, torch_dtype)
+
+
+def _tokenizer(backbone_dir: Path) -> PreTrainedTokenizerBase:
+    try:
+        return load_tokenizer(backbone_dir)
+    except (FileNotFoundError, ValueError) as exc:
+        raise CheckpointError(f"{backbone_dir}: cannot load the backbone's tokenizer ({exc})") from None
+
+
+def _check_mask_ids(model: LLaDATRMHybrid, tokenizer: PreTrainedTokenizerBase, where: Path) -> None:
+    if mask_token_id(tokenizer) != model.mask_token_id:
+        raise CheckpointError(
+            f"{where}: the tokenizer's mask token id {mask_token_id(tokenizer)} differs from the backbone's "
+            f"mask_token_id {model.mask_token_id}; they must come from the same checkpoint"
+        )
+
+
+def _load_backbone(
+    directory: Path, source: str, refiner: str | None, device: torch.device, dtype: torch.dtype
+) -> LoadedModel:
+    if refiner not in (None, "none"):
+        raise CheckpointError(
+            f"{source}: a plain backbone has no trained refiner, so --refiner {refiner} cannot run; train "
+            "one (llada-trm train --config FILE) and pass its checkpoint, or use --refiner none"
+        )
+    tokenizer = _tokenizer(directory)
+    plain = HybridConfig(refiner="none")
+    model = LLaDATRMHybrid.from_pretrained(directory, plain, dtype=dtype, device=device)
+    _check_mask_ids(model, tokenizer, directory)
+    summary = directory / "pretrain_summary.json"
+    backbone_config = None
+    if summary.is_file():
+        try:
+            backbone_config = json.loads(summary.read_text(encoding="utf-8")).get("config")
+        except (json.JSONDecodeError, AttributeError):
+            backbone_config = None  # a damaged model card only loses the task defaults, not the model
+    return LoadedModel(
+        model=model.eval(),
+        tokenizer=tokenizer,
+        source=source,
+        kind="backbone",
+        refiner="none",
+        num_steps=0,
+        backbone_dir=directory,
+        backbone_config=backbone_config,
+    )
+
+
+def _load_run(
+    directory: Path, source: str, refiner: str | None, device: torch.device, dtype: torch.dtype
+) -> LoadedModel:
+    config_path = directory / CONFIG_FILE
+    try:
+        raw = yaml.safe_load(config_path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        raise CheckpointError(f"{config_path}: not valid YAML ({' '.join(str(exc).split())})") from None
+    config = parse_config(raw, source=str(config_path))
+    backbone_dir = resolve_backbone_dir(config.model.backbone)
+    tokenizer = _tokenizer(backbone_dir)
+    if config.model.dtype != "auto":
+        dtype = _DTYPES[config.model.dtype]
+    model = LLaDATRMHybrid.from_pretrained(backbone_dir, hybrid_config(config), dtype=dtype, device=device)
+    _check_mask_ids(model, tokenizer, backbone_dir)
+    load_weights(model, directory)
+    running, num_steps = _select_refiner(model, config, refiner, source)
+    return LoadedModel(
+        model=model.eval(),
+        tokenizer=tokenizer,
+        source=source,
+        kind="run",
+        refiner=running,
+        num_steps=num_steps,
+        backbone_dir=backbone_dir,
+        checkpoint_dir=directory,
+        run_config=config,
+    )
+
+
+def _select_refiner(
+    model: LLaDATRMHybrid, config: RunConfig, refiner: str | None, source: str
+) -> tuple[str, int | None]:
+    """(what runs, num_steps) for `--refiner`; sets the active refiner of a `hybrid` integration."""
+    integration = config.model.integration
+    own = config.model.refiner if integration == "replace" else integration
+    if refiner == "none":
+        return "none", 0
+    if refiner is None:
+        if integration == "hybrid":
+            return model.active_refiner, None
+        return own, (0 if own == "none" else None)
+    if integration == "replace":
+        if refiner != config.model.refiner:
+            raise CheckpointError(
+                f"{source}: this run trained the {config.model.refiner!r} refiner only, so --refiner "
+                f"{refiner} cannot run; use --refiner {config.model.refiner} or none"
+            )
+        return refiner, None
+    if integration == "hybrid":
+        model.active_refiner = refiner
+        return refiner, None
+    raise CheckpointError(
+        f"{source}: a cascade runs the MLP and slot refiners together; omit --refiner, or use --refiner none "
+        "for the backbone alone"
+    )

@@ -1,0 +1,618 @@
+"""Frozen-backbone feature cache: phase 1 pays for the backbone once, then every epoch costs only the refiner.
+
+With the backbone frozen, its outputs for a fixed noise draw are a pure function of the data:
+
+    x_t^(i,d) = forward_process(x_0^(i), generator seeded by (seed, i, d))     example i, draw d
+    h, ctx, logits_0 = backbone(x_t^(i,d))
+
+so they are computed once (`n_draws` draws per example; epoch e uses draw e % n_draws) and stored.
+Training then runs `hybrid.refine(features)` and the same objective. `logits_0` is not stored (LLaDA-8B's
+V = 126k would take 250 KB a token): the LM head recomputes it from the cached h at the masked positions, the
+only ones the objective reads. With an fp32 cache this reproduces the live step to rounding; with bf16 (the
+default) the hidden states carry bf16's 8-bit mantissa, as they already do when the backbone runs in bf16.
+
+Every example is padded to the longest training example (the backbone attends to the padding, so a row's
+features would otherwise depend on the batch it was drawn with).
+
+Layout of a cache directory:
+
+    manifest.json            what the cache was built from (see `expected_manifest`), `complete` once done
+    shard_00000.safetensors  examples [k*E, (k+1)*E): hidden_states [n, D_draws, L, D] (cache dtype),
+    ...                      contexts [n, D_draws, L, Dc] (when the slot refiner reads backbone layers),
+                             masked [n, D_draws, L] bool, p_mask [n, D_draws] f32, input_ids [n, L] i32,
+                             prompt_lengths [n] i64
+
+Shards are written to a temporary name and renamed, so a present shard is complete and an interrupted build
+resumes after the last one. A cache whose manifest disagrees with the run (other backbone weights, data,
+noise or feature settings) is refused with a one-line `StaleFeatureCacheError` saying how to rebuild it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+from torch import Tensor
+from torch.utils.data import Dataset, Sampler
+from tqdm.auto import tqdm
+
+from llada_trm.config import RunConfig
+from llada_trm.data import EncodedExample, collate_batch
+from llada_trm.diffusion import forward_process
+from llada_trm.errors import ConfigError
+from llada_trm.hybrid import BackboneFeatures, LLaDATRMHybrid
+from llada_trm.training.distributed import is_distributed, is_main_process
+
+__all__ = [
+    "CACHE_FORMAT_VERSION",
+    "MANIFEST_FILE",
+    "FeatureCache",
+    "StaleFeatureCacheError",
+    "backbone_fingerprint",
+    "build_feature_cache",
+    "cache_directory",
+    "cached_features",
+    "data_fingerprint",
+    "draw_for_epoch",
+    "draw_noise",
+    "expected_manifest",
+    "noise_seed",
+    "open_feature_cache",
+    "prepare_feature_cache",
+    "write_feature_cache",
+]
+
+CACHE_FORMAT_VERSION = 1
+MANIFEST_FILE = "manifest.json"
+SHARD_BYTES = 256 * 2**20  # target shard size: big enough for few files, small enough to redo after a crash
+_FULL_HASH_BYTES = 64 * 2**20  # weight files up to this size are hashed whole, larger ones by samples
+_SAMPLE_BYTES = 4 * 2**20
+_DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}
+
+
+class StaleFeatureCacheError(ConfigError):
+    """A feature cache on disk was built from another backbone, data, noise or feature settings."""
+
+
+# ------------------------------------------------------------------------------------------------- noise
+
+
+def noise_seed(seed: int, example: int, draw: int) -> int:
+    """The generator seed of one (example, draw): a hash, so nearby seeds give unrelated streams."""
+    digest = hashlib.blake2b(f"llada-trm/noise/{seed}/{example}/{draw}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & (2**63 - 1)
+
+
+def draw_for_epoch(epoch: int, n_draws: int) -> int:
+    """Which stored noise draw epoch `epoch` trains on."""
+    return epoch % n_draws
+
+
+def draw_noise(
+    input_ids: Tensor,
+    prompt_lengths: Tensor,
+    mask_id: int,
+    *,
+    seed: int,
+    examples: Sequence[int],
+    draws: int | Sequence[int],
+    eps: float = 1e-3,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """LLaDA's forward process with one CPU generator per row, seeded by (seed, example, draw).
+
+    The noise of an example is thereby independent of its batch, its position in it and the device, which is
+    what lets the cache store it and a live step reproduce it. Returns `(noisy_ids, masked, p_mask)` on the
+    device of `input_ids`, as `forward_process` does.
+    """
+    batch = input_ids.shape[0]
+    draws = [draws] * batch if isinstance(draws, int) else list(draws)
+    if len(examples) != batch or len(draws) != batch:
+        raise ValueError(f"draw_noise: {batch} rows but {len(examples)} example ids and {len(draws)} draws")
+    ids, prompts = input_ids.cpu(), torch.as_tensor(prompt_lengths).reshape(-1).cpu()
+    rows = []
+    for row, (example, draw) in enumerate(zip(examples, draws, strict=True)):
+        generator = torch.Generator().manual_seed(noise_seed(seed, int(example), int(draw)))
+        rows.append(forward_process(ids[row : row + 1], prompts[row : row + 1], mask_id, eps, generator))
+    noisy, masked, p_mask = (torch.cat(parts).to(input_ids.device) for parts in zip(*rows, strict=True))
+    return noisy, masked, p_mask
+
+
+# ------------------------------------------------------------------------------------------ fingerprints
+
+
+def backbone_fingerprint(directory: str | Path) -> str:
+    """A content hash of a checkpoint: config.json, every safetensors file's header and its bytes.
+
+    Files up to 64 MiB are hashed whole; larger ones (LLaDA-8B's 5 GB shards) by size, header and three
+    4 MiB samples (start, middle, end), which any re-training or fine-tuning changes. Modification times are
+    deliberately left out, so a copied checkpoint keeps its caches.
+    """
+    directory = Path(directory)
+    digest = hashlib.sha256()
+    digest.update((directory / "config.json").read_bytes())
+    for path in sorted(directory.glob("*.safetensors")):
+        size = path.stat().st_size
+        digest.update(f"\0{path.name}\0{size}\0".encode())
+        with open(path, "rb") as handle:
+            if size <= _FULL_HASH_BYTES:
+                for block in iter(lambda: handle.read(2**20), b""):
+                    digest.update(block)
+                continue
+            header = int.from_bytes(handle.read(8), "little")
+            digest.update(handle.read(header))
+            for offset in (0, size // 2, max(size - _SAMPLE_BYTES, 0)):
+                handle.seek(offset)
+                digest.update(handle.read(_SAMPLE_BYTES))
+    return digest.hexdigest()
+
+
+def data_fingerprint(examples: Sequence[EncodedExample], seq_len: int, pad_id: int) -> str:
+    """A hash of the encoded training examples (ids and prompt lengths, in order) and their padding."""
+    digest = hashlib.sha256(f"{seq_len}/{pad_id}/{len(examples)}".encode())
+    for example in examples:
+        digest.update(int(example["prompt_length"]).to_bytes(4, "little"))
+        ids = np.asarray(example["input_ids"], dtype=np.int64)
+        digest.update(len(ids).to_bytes(4, "little"))
+        digest.update(ids.tobytes())
+    return digest.hexdigest()
+
+
+def expected_manifest(
+    *,
+    backbone: str,
+    examples: Sequence[EncodedExample],
+    pad_id: int,
+    mask_id: int,
+    seed: int,
+    n_draws: int,
+    cache_dtype: torch.dtype,
+    compute: str,
+    context_layers: Sequence[int],
+    d_model: int,
+    context_dim: int | None,
+    eps: float = 1e-3,
+    backbone_path: str = "",
+) -> dict[str, Any]:
+    """What a cache for this run must have been built from; `compute` names the backbone's precision.
+
+    `backbone` is `backbone_fingerprint(dir)`. The sections other than `layout` and `complete` must match a
+    cache on disk exactly (`check_manifest`); `backbone.path` is informational.
+    """
+    if n_draws < 1:
+        raise ValueError(f"n_draws must be >= 1, got {n_draws}")
+    if not examples:
+        raise ValueError("a feature cache needs at least one training example")
+    seq_len = max(len(example["input_ids"]) for example in examples)
+    layers = list(context_layers)
+    return {
+        "format_version": CACHE_FORMAT_VERSION,
+        "complete": False,
+        "backbone": {"fingerprint": backbone, "path": backbone_path},
+        "data": {
+            "fingerprint": data_fingerprint(examples, seq_len, pad_id),
+            "examples": len(examples),
+            "seq_len": seq_len,
+        },
+        "noise": {"seed": seed, "draws": n_draws, "eps": eps, "mask_id": mask_id},
+        "features": {
+            "dtype": str(cache_dtype).removeprefix("torch."),
+            "compute": compute,
+            "context_layers": layers,
+            "d_model": d_model,
+            "context_dim": context_dim if layers else None,
+        },
+    }
+
+
+_CHECKED = {  # manifest section -> what a mismatch means to the user
+    "format_version": "another cache format version",
+    "backbone": "other backbone weights or config (model.backbone)",
+    "data": "other training data (data.* settings, data.max_length or the tokenizer)",
+    "noise": "other noise draws (training.seed or advanced.cache_noise_draws)",
+    "features": "other feature settings (model.context_layers, advanced.cache_dtype or backbone precision)",
+}
+
+
+def check_manifest(stored: Mapping[str, Any], expected: Mapping[str, Any], directory: Path) -> None:
+    """Refuse a cache whose manifest disagrees with `expected` in any checked section."""
+    for section, meaning in _CHECKED.items():
+        have, want = stored.get(section), expected[section]
+        if section == "backbone":
+            have, want = (have or {}).get("fingerprint"), want["fingerprint"]
+        if have != want:
+            raise StaleFeatureCacheError(
+                f"{directory}: stale feature cache, built from {meaning}; rebuild it with `llada-trm cache "
+                f"--config <config> --rebuild` (or `rm -r {directory}`), or set advanced.feature_cache_dir "
+                "to a new directory"
+            )
+
+
+# ------------------------------------------------------------------------------------------- the cache
+
+
+class FeatureCache(Dataset):
+    """A complete cache on disk as a dataset of (example, draw) items; `collate` stacks them into a batch.
+
+    Items are read lazily from memory-mapped shards; the open handles are dropped when the dataset is
+    pickled into DataLoader workers, which reopen their own.
+    """
+
+    def __init__(self, directory: str | Path, manifest: Mapping[str, Any]) -> None:
+        self.directory = Path(directory)
+        self.manifest = dict(manifest)
+        self.num_examples = int(manifest["data"]["examples"])
+        self.seq_len = int(manifest["data"]["seq_len"])
+        self.n_draws = int(manifest["noise"]["draws"])
+        self.examples_per_shard = int(manifest["layout"]["examples_per_shard"])
+        self.has_contexts = bool(manifest["features"]["context_layers"])
+        self._handles: dict[int, Any] = {}
+
+    def __len__(self) -> int:
+        return self.num_examples
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_handles": {}}
+
+    def _shard(self, index: int) -> tuple[Any, int]:
+        if not 0 <= index < self.num_examples:
+            raise IndexError(f"example {index} is outside the cache's {self.num_examples} examples")
+        shard, local = divmod(index, self.examples_per_shard)
+        if shard not in self._handles:
+            self._handles[shard] = safe_open(str(self.directory / shard_name(shard)), framework="pt")
+        return self._handles[shard], local
+
+    def __getitem__(self, item: tuple[int, int]) -> dict[str, Tensor]:
+        """One (example, draw): hidden_states [L, D], contexts [L, Dc], masked [L], p_mask [], input_ids [L],
+        prompt_lengths []."""
+        index, draw = item
+        if not 0 <= draw < self.n_draws:
+            raise IndexError(f"draw {draw} is outside the cache's {self.n_draws} draws")
+        handle, local = self._shard(index)
+        out = {
+            "hidden_states": handle.get_slice("hidden_states")[local, draw],
+            "masked": handle.get_slice("masked")[local, draw],
+            "p_mask": handle.get_slice("p_mask")[local, draw],
+            "input_ids": handle.get_slice("input_ids")[local].long(),
+            "prompt_lengths": handle.get_slice("prompt_lengths")[local],
+        }
+        if self.has_contexts:
+            out["contexts"] = handle.get_slice("contexts")[local, draw]
+        return out
+
+    def collate(self, items: Sequence[Mapping[str, Tensor]]) -> dict[str, Tensor]:
+        """Stack items into the batch `cached_features` reads (plus the SFT keys the objective reads)."""
+        batch = {key: torch.stack([item[key] for item in items]) for key in items[0]}
+        batch["p_mask"] = batch["p_mask"][:, None].expand(-1, self.seq_len).contiguous()
+        batch["answer_lengths"] = self.seq_len - batch["prompt_lengths"]
+        return batch
+
+
+class DrawSampler(Sampler[tuple[int, int]]):
+    """Wraps the trainer's `EpochSampler`: its example indices, each paired with the epoch's noise draw."""
+
+    def __init__(self, examples: Sampler[int], n_draws: int) -> None:
+        self.examples = examples
+        self.n_draws = n_draws
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        draw = draw_for_epoch(getattr(self.examples, "epoch", 0), self.n_draws)
+        return ((index, draw) for index in self.examples)
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+
+def cached_features(
+    model: torch.nn.Module, batch: Mapping[str, Tensor]
+) -> tuple[BackboneFeatures, tuple[Tensor, Tensor, Tensor]]:
+    """A cached batch as `(BackboneFeatures, (noisy_ids, masked, p_mask))` for `diffusion_objective`.
+
+    The backbone logits are rebuilt by the LM head at the masked positions only: the objective, the chunk
+    confidence and the halting read nothing else, and elsewhere they stay zero. Call under the same autocast
+    as the live step.
+    """
+    core = getattr(model, "module", model)
+    dtype = core.backbone.dtype
+    hidden = batch["hidden_states"].to(dtype)
+    contexts = batch.get("contexts")
+    masked = batch["masked"].bool()
+    with torch.no_grad():
+        rows = masked.nonzero(as_tuple=True)
+        row_logits = core.lm_head(hidden[rows])
+        base = row_logits.new_zeros(*masked.shape, row_logits.shape[-1]).index_put_(rows, row_logits)
+    features = BackboneFeatures(
+        hidden_states=hidden,
+        base_logits=base,
+        contexts=None if contexts is None else contexts.to(dtype),
+        masked=masked,
+    )
+    noisy = torch.where(masked, torch.full_like(batch["input_ids"], core.mask_token_id), batch["input_ids"])
+    return features, (noisy, masked, batch["p_mask"])
+
+
+# ---------------------------------------------------------------------------------------- build / open
+
+
+def shard_name(index: int) -> str:
+    return f"shard_{index:05d}.safetensors"
+
+
+def _read_manifest(directory: Path) -> dict[str, Any] | None:
+    path = directory / MANIFEST_FILE
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as exc:
+        raise StaleFeatureCacheError(
+            f"{path}: unreadable feature-cache manifest ({exc}); remove {directory} and rebuild the cache"
+        ) from None
+
+
+def _write_json(path: Path, data: Mapping[str, Any]) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    with os.fdopen(fd, "w", encoding="utf-8") as handle:
+        json.dump(data, handle, indent=2)
+        handle.write("\n")
+    os.replace(tmp, path)
+
+
+def _shard_complete(path: Path, first: int, count: int) -> bool:
+    """A renamed-into-place shard is complete; its metadata must still say which examples it holds."""
+    if not path.is_file():
+        return False
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            meta = handle.metadata() or {}
+    except (SafetensorError, OSError):
+        return False
+    return meta.get("first_example") == str(first) and meta.get("count") == str(count)
+
+
+def open_feature_cache(directory: str | Path, expected: Mapping[str, Any]) -> FeatureCache:
+    """Open a complete cache, refusing a stale or unfinished one."""
+    directory = Path(directory)
+    stored = _read_manifest(directory)
+    if stored is None:
+        raise ConfigError(
+            f"{directory}: no feature cache here (no {MANIFEST_FILE}); build it with "
+            "`llada-trm cache --config <config>` or train with advanced.feature_cache: true"
+        )
+    check_manifest(stored, expected, directory)
+    if not stored.get("complete"):
+        raise ConfigError(
+            f"{directory}: the feature cache is unfinished; `llada-trm cache --config <config>` resumes it"
+        )
+    return FeatureCache(directory, stored)
+
+
+def write_feature_cache(
+    model: LLaDATRMHybrid,
+    examples: Sequence[EncodedExample],
+    directory: str | Path,
+    manifest: Mapping[str, Any],
+    *,
+    pad_id: int,
+    batch_size: int,
+    device: torch.device | str = "cpu",
+    autocast_dtype: torch.dtype | None = None,
+    examples_per_shard: int | None = None,
+    progress: bool = True,
+) -> FeatureCache:
+    """Build (or resume building) the cache described by `manifest` and return it opened.
+
+    An existing manifest must match `manifest` (else `StaleFeatureCacheError`); its shard layout is kept,
+    and shards already on disk are skipped. `examples_per_shard` defaults to ~256 MiB shards.
+    """
+    directory = Path(directory)
+    device = torch.device(device)
+    stored = _read_manifest(directory)
+    if stored is not None:
+        check_manifest(stored, manifest, directory)
+        if stored.get("complete"):
+            return FeatureCache(directory, stored)
+        manifest = stored
+    elif directory.is_dir() and any(directory.iterdir()):
+        raise ConfigError(
+            f"{directory}: not empty and not a feature cache (no {MANIFEST_FILE}); set "
+            "advanced.feature_cache_dir to an empty or new directory"
+        )
+    else:
+        layout = _layout(manifest, examples_per_shard)
+        manifest = {**manifest, "layout": layout}
+        directory.mkdir(parents=True, exist_ok=True)
+        _write_json(directory / MANIFEST_FILE, manifest)
+
+    writer = _ShardWriter(model, examples, manifest, pad_id, batch_size, device, autocast_dtype)
+    n_shards = int(manifest["layout"]["shards"])
+    todo = [k for k in range(n_shards) if not _shard_complete(directory / shard_name(k), *writer.span(k))]
+    total = sum(writer.span(k)[1] for k in todo) * writer.n_draws
+    with tqdm(total=total, desc="feature cache", unit="item", disable=not progress) as bar:
+        for k in todo:
+            writer.write(k, directory / shard_name(k), bar)
+    manifest = {**manifest, "complete": True}
+    _write_json(directory / MANIFEST_FILE, manifest)
+    return FeatureCache(directory, manifest)
+
+
+def _layout(manifest: Mapping[str, Any], examples_per_shard: int | None) -> dict[str, int]:
+    n = int(manifest["data"]["examples"])
+    if examples_per_shard is None:
+        feats = manifest["features"]
+        width = int(feats["d_model"]) + int(feats["context_dim"] or 0)
+        itemsize = torch.empty((), dtype=_DTYPES[feats["dtype"]]).element_size()
+        per_example = int(manifest["noise"]["draws"]) * int(manifest["data"]["seq_len"]) * width * itemsize
+        examples_per_shard = max(1, SHARD_BYTES // per_example)
+    if examples_per_shard < 1:
+        raise ValueError(f"examples_per_shard must be >= 1, got {examples_per_shard}")
+    examples_per_shard = min(examples_per_shard, n)
+    return {"examples_per_shard": examples_per_shard, "shards": math.ceil(n / examples_per_shard)}
+
+
+class _ShardWriter:
+    """Runs the frozen backbone over one shard's examples (every draw) and writes the shard atomically."""
+
+    def __init__(
+        self,
+        model: LLaDATRMHybrid,
+        examples: Sequence[EncodedExample],
+        manifest: Mapping[str, Any],
+        pad_id: int,
+        batch_size: int,
+        device: torch.device,
+        autocast_dtype: torch.dtype | None,
+    ) -> None:
+        self.model = model
+        self.examples = examples
+        self.pad_id = pad_id
+        self.batch_size = batch_size
+        self.device = device
+        self.autocast_dtype = autocast_dtype
+        self.seq_len = int(manifest["data"]["seq_len"])
+        noise = manifest["noise"]
+        self.seed, self.n_draws = int(noise["seed"]), int(noise["draws"])
+        self.eps, self.mask_id = float(noise["eps"]), int(noise["mask_id"])
+        self.dtype = _DTYPES[manifest["features"]["dtype"]]
+        self.per_shard = int(manifest["layout"]["examples_per_shard"])
+
+    def span(self, shard: int) -> tuple[int, int]:
+        first = shard * self.per_shard
+        return first, min(self.per_shard, len(self.examples) - first)
+
+    def write(self, shard: int, path: Path, bar: tqdm) -> None:
+        first, count = self.span(shard)
+        batch = collate_batch(self.examples[first : first + count], self.pad_id, pad_to=self.seq_len)
+        tensors: dict[str, list[Tensor]] = {"hidden_states": [], "contexts": [], "masked": [], "p_mask": []}
+        for draw in range(self.n_draws):
+            per_draw: dict[str, list[Tensor]] = {key: [] for key in tensors}
+            for start in range(0, count, self.batch_size):
+                rows = slice(start, min(start + self.batch_size, count))
+                ids = batch["input_ids"][rows]
+                noisy, masked, p_mask = draw_noise(
+                    ids,
+                    batch["prompt_lengths"][rows],
+                    self.mask_id,
+                    seed=self.seed,
+                    examples=range(first + rows.start, first + rows.stop),
+                    draws=draw,
+                    eps=self.eps,
+                )
+                features = self._features(noisy)
+                per_draw["hidden_states"].append(features.hidden_states.to("cpu", self.dtype))
+                if features.contexts is not None:
+                    per_draw["contexts"].append(features.contexts.to("cpu", self.dtype))
+                per_draw["masked"].append(masked)
+                per_draw["p_mask"].append(p_mask[:, 0].float())
+                bar.update(ids.shape[0])
+            for key, parts in per_draw.items():
+                if parts:
+                    tensors[key].append(torch.cat(parts))
+        out = {key: torch.stack(parts, dim=1).contiguous() for key, parts in tensors.items() if parts}
+        out["input_ids"] = batch["input_ids"].to(torch.int32)
+        out["prompt_lengths"] = batch["prompt_lengths"].to(torch.int64)
+        fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+        os.close(fd)
+        try:
+            save_file(out, tmp, metadata={"first_example": str(first), "count": str(count)})
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+    @torch.no_grad()
+    def _features(self, noisy: Tensor) -> BackboneFeatures:
+        noisy = noisy.to(self.device)
+        if self.autocast_dtype is None:
+            return self.model.features(noisy)
+        with torch.autocast(device_type=self.device.type, dtype=self.autocast_dtype):
+            return self.model.features(noisy)
+
+
+# ----------------------------------------------------------------------------------------- run configs
+
+
+def cache_directory(config: RunConfig) -> Path:
+    """`advanced.feature_cache_dir`, or `<output.dir>/feature_cache` when unset."""
+    configured = config.advanced.feature_cache_dir
+    return Path(configured).expanduser() if configured else Path(config.output.dir) / "feature_cache"
+
+
+def prepare_feature_cache(
+    config: RunConfig,
+    model: LLaDATRMHybrid,
+    examples: Sequence[EncodedExample],
+    *,
+    backbone_dir: str | Path,
+    pad_id: int,
+    device: torch.device,
+    autocast_dtype: torch.dtype | None,
+    progress: bool = True,
+) -> FeatureCache:
+    """The run's cache, opened; built first if absent, resumed if unfinished, refused if stale.
+
+    Under torch.distributed only rank 0 builds; the others wait at a barrier and then open it.
+    """
+    directory = cache_directory(config)
+    adv = config.advanced
+    bb = model.backbone.config
+    compute = str(model.backbone.dtype).removeprefix("torch.")
+    if autocast_dtype is not None:
+        compute += f" autocast {str(autocast_dtype).removeprefix('torch.')}"
+    manifest = expected_manifest(
+        backbone=backbone_fingerprint(backbone_dir),
+        backbone_path=str(backbone_dir),
+        examples=examples,
+        pad_id=pad_id,
+        mask_id=model.mask_token_id,
+        seed=config.training.seed,
+        n_draws=adv.cache_noise_draws,
+        cache_dtype=_DTYPES[adv.cache_dtype],
+        compute=compute,
+        context_layers=model.context_layers,
+        d_model=bb.d_model,
+        context_dim=bb.n_heads * bb.head_dim,
+    )
+    if is_main_process():
+        cache = write_feature_cache(
+            model,
+            examples,
+            directory,
+            manifest,
+            pad_id=pad_id,
+            batch_size=config.training.batch_size,
+            device=device,
+            autocast_dtype=autocast_dtype,
+            progress=progress,
+        )
+    if is_distributed():
+        torch.distributed.barrier()
+    if not is_main_process():
+        cache = open_feature_cache(directory, manifest)
+    return cache
+
+
+def build_feature_cache(config: RunConfig, *, progress: bool = True, rebuild: bool = False) -> Path:
+    """`llada-trm cache --config FILE`: build (or resume, or confirm) the run's feature cache; its directory.
+
+    The run is set up exactly as `Trainer` sets it up (backbone, precision, data), so the cache is the one
+    training will accept. `rebuild=True` deletes an existing cache first.
+    """
+    from llada_trm.training.trainer import Trainer  # the trainer imports this module
+
+    if rebuild and cache_directory(config).exists():
+        shutil.rmtree(cache_directory(config))
+    config = config.model_copy(deep=True)
+    config.advanced.feature_cache = True
+    trainer = Trainer(config, progress=progress)
+    return trainer.feature_cache.directory

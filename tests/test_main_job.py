@@ -1,0 +1,103 @@
+"""The main job (`llada-trm compare`): a tiny end-to-end run prints the table and writes every result."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+from tiny_assets import TINY_SAMPLING, run_config, tiny_backbone
+
+from llada_trm.cli import main
+from llada_trm.compare import format_table, load_compare_config
+from llada_trm.errors import ConfigError
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def backbone_dir(tmp_path_factory) -> Path:
+    return tiny_backbone(tmp_path_factory)
+
+
+def compare_yaml(backbone_dir: Path, out: Path) -> dict:
+    run = run_config(backbone_dir, out / "unused")
+    del run["output"], run["model"]["refiner"]
+    evaluation = {"n_problems": 3, "batch_size": 2, **TINY_SAMPLING}
+    return {"run": run, "refiners": ["mlp", "slot"], "evaluation": evaluation, "output": {"dir": str(out)}}
+
+
+def test_tiny_compare_prints_the_table_and_writes_results(backbone_dir, tmp_path, capsys):
+    config_path = tmp_path / "compare.yaml"
+    config_path.write_text(yaml.safe_dump(compare_yaml(backbone_dir, tmp_path / "cmp")))
+    assert main(["compare", "--config", str(config_path), "--no-progress"]) == 0
+    out = capsys.readouterr().out
+
+    header = next(line for line in out.splitlines() if line.startswith("| refiner"))
+    for title in ("acc strict", "acc flexible", "val loss", "refine steps", "skipped", "tokens/s"):
+        assert title in header
+    table_rows = [line.split("|")[1].strip() for line in out.splitlines() if line.startswith("| ")]
+    assert table_rows == ["refiner", "none", "mlp", "slot"]
+
+    cmp = tmp_path / "cmp"
+    report = json.loads((cmp / "comparison.json").read_text())
+    rows = {row["refiner"]: row for row in report["rows"]}
+    assert list(rows) == ["none", "mlp", "slot"] and report["problems"] == 3
+    for kind in ("mlp", "slot"):
+        val = list(csv_rows(cmp / kind / "validation_metrics.csv"))[-1]
+        assert rows[kind]["val_loss"] == pytest.approx(float(val["loss"]), rel=1e-4)
+        assert rows[kind]["mean_refine_steps"] == 2.0 and rows[kind]["skipped_fraction"] == 0.0
+        assert (cmp / kind / "plots" / "loss.png").is_file()
+    # the backbone-alone row is the frozen backbone on the refiners' validation masks
+    mlp_val = list(csv_rows(cmp / "mlp" / "validation_metrics.csv"))[-1]
+    assert rows["none"]["val_loss"] == pytest.approx(float(mlp_val["loss_base"]), rel=1e-4)
+    assert rows["none"]["mean_refine_steps"] is None
+    # every model answered the same problems
+    questions = {}
+    for kind in rows:
+        lines = (cmp / kind / "eval" / "synthetic-test" / "predictions.jsonl").read_text().splitlines()
+        questions[kind] = [json.loads(line)["question"] for line in lines]
+    assert questions["none"] == questions["mlp"] == questions["slot"] and len(questions["none"]) == 3
+    assert "| none" in (cmp / "comparison.md").read_text()
+    assert (cmp / "comparison.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def csv_rows(path: Path):
+    import csv
+
+    with open(path, newline="") as handle:
+        yield from csv.DictReader(handle)
+
+
+def test_shipped_config_validates_and_stays_small():
+    config = load_compare_config(REPO / "configs" / "compare_tiny.yaml")
+    assert config.run.model.backbone == "embedded" and config.refiners == ["mlp", "slot"] and config.baseline
+    assert config.run.training.phase == 1 and config.run.data.dataset == "synthetic"
+    # the generated task must be the one the embedded backbone learnt
+    backbone = yaml.safe_load((REPO / "configs" / "tiny_backbone.yaml").read_text())["data"]
+    task = config.run.data.synthetic
+    assert (task.max_steps, task.max_number, task.seed) == (
+        backbone["max_steps"],
+        backbone["max_number"],
+        backbone["seed"],
+    )
+
+
+def test_config_errors_name_the_key(tmp_path, capsys):
+    with pytest.raises(ConfigError, match="evaluation.n_problem.*did you mean 'n_problems'"):
+        load_compare_config(None, ["evaluation.n_problem=3"])
+    with pytest.raises(ConfigError, match="refiners"):
+        load_compare_config(None, ["refiners=[big]"])
+    config = str(REPO / "configs" / "compare_tiny.yaml")
+    assert main(["compare", "--config", config, "--set", "run.training.lr=fast"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("llada-trm: error: ") and "run.training.lr" in err and len(err.splitlines()) == 1
+
+
+def test_table_formats_missing_values():
+    table = format_table([{"refiner": "none", "accuracy_strict": 0.5, "skipped_fraction": None}])
+    lines = table.splitlines()
+    assert len(lines) == 3 and len({len(line) for line in lines}) == 1
+    assert "0.500" in lines[2] and " - " in lines[2]
+

@@ -1,0 +1,61 @@
+"""`llada-trm pretrain`: a few steps on a tiny architecture produce a loadable HF-layout checkpoint."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from llada_trm.backbone import LLaDAModel
+from llada_trm.data import load_tokenizer
+from llada_trm.errors import ConfigError
+from llada_trm.pretrain import load_pretrain_config, pretrain
+
+
+def test_tiny_pretrain_writes_a_loadable_checkpoint_with_model_card(tmp_path):
+    out = tmp_path / "backbone"
+    config = load_pretrain_config(
+        None,
+        [
+            "model.d_model=32",
+            "model.n_layers=1",
+            "model.n_heads=2",
+            "model.mlp_hidden_size=64",
+            "data.n_train=60",
+            "data.n_eval=4",
+            "data.max_steps=1",
+            "training.steps=3",
+            "training.batch_size=4",
+            "training.warmup_steps=1",
+            "training.eval_every=3",
+            "evaluation.n_problems=2",
+            "evaluation.gen_length=32",
+            "evaluation.block_length=32",
+            "evaluation.steps=4",
+            f"output.dir={out}",
+        ],
+    )
+    result = pretrain(config, progress=False)
+
+    assert result.output_dir == out and result.steps == 3
+    assert 0.0 <= result.accuracy <= 1.0 and 0.0 <= result.masked_accuracy <= 1.0
+    assert not (tmp_path / "backbone.partial").exists()
+    model = LLaDAModel.from_pretrained(out, dtype=torch.float32)
+    tokenizer = load_tokenizer(out)
+    assert model.config.vocab_size == len(tokenizer)
+    assert model.config.mask_token_id == tokenizer.convert_tokens_to_ids("<|mdm_mask|>")
+    summary = json.loads((out / "pretrain_summary.json").read_text())
+    assert summary["steps"] == 3 and summary["eval_problems"] == 2
+    rows = (out / "pretrain_metrics.csv").read_text().splitlines()
+    assert rows[0].startswith("step,loss") and rows[-1].startswith("3,")
+    assert "llada-trm pretrain --config configs/tiny_backbone.yaml" in (out / "README.md").read_text()
+
+
+def test_pretrain_config_rejects_unknown_keys_with_a_suggestion():
+    with pytest.raises(ConfigError, match=r"training\.stpes: unknown key; did you mean 'steps'"):
+        load_pretrain_config(None, ["training.stpes=3"])
+
+
+def test_shipped_config_validates():
+    config = load_pretrain_config(Path(__file__).parents[1] / "configs" / "tiny_backbone.yaml")
+    assert config.output.dir == "src/llada_trm/assets/tiny_backbone"
