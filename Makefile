@@ -16,7 +16,7 @@ $(VENV)/.installed: pyproject.toml
 setup: $(VENV)/.installed
 
 run: setup
-	$(PY) examples/slot_trm_usage.py
+	$(VENV)/bin/llada-trm compare --config configs/compare_tiny.yaml
 
 test: setup
 	$(PY) -m pytest
