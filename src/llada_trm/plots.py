@@ -83,7 +83,7 @@ def _figure(
     axes = figure.subplots(1, len(panels), squeeze=False)[0]
     # fixed margins: a layout engine doubles the drawing time, which adds up over a run's plots
     n = len(panels)
-    figure.subplots_adjust(left=0.1 / n, right=1 - 0.03 / n, top=0.86, bottom=0.12, wspace=0.25)
+    figure.subplots_adjust(left=0.13 / n, right=1 - 0.03 / n, top=0.86, bottom=0.12, wspace=0.25)
     for ax, (name, series) in zip(axes, panels, strict=True):
         for label, (steps, values) in series.items():
             marker = "o" if len(steps) <= 20 else None
