@@ -25,16 +25,11 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 from safetensors.torch import load_file
+from tiny_assets import make_tiny_backbone
 
-from llada_trm.backbone import LLaDAConfig, LLaDAModel
+from llada_trm.backbone import LLaDAConfig
 from llada_trm.config import parse_config
-from llada_trm.data import (
-    SyntheticTaskConfig,
-    build_tokenizer,
-    generate_problems,
-    load_tokenizer,
-    special_token_ids,
-)
+from llada_trm.data import SyntheticTaskConfig, generate_problems, load_tokenizer
 from llada_trm.errors import ConfigError
 from llada_trm.evaluate import PREDICTIONS_FILE, SamplingOptions, evaluate_model
 from llada_trm.hybrid import LLaDATRMHybrid
@@ -51,26 +46,8 @@ EVAL_OPTIONS = SamplingOptions(steps=8, gen_length=16, block_length=8, batch_siz
 @pytest.fixture(scope="module")
 def backbone_dir(tmp_path_factory) -> Path:
     """A random 2-layer LLaDA backbone and a tokenizer trained on the generated task, in HF layout."""
-    directory = tmp_path_factory.mktemp("dist_backbone")
-    records = generate_problems(SyntheticTaskConfig(max_steps=2, max_number=10), 200, "train")
-    texts = [f"{r.question}\n{r.answer}" for r in records]
-    tokenizer = build_tokenizer(texts, vocab_size=512, out_dir=directory)
-    ids = special_token_ids(tokenizer)
-    torch.manual_seed(0)
-    config = LLaDAConfig(
-        d_model=32,
-        n_heads=2,
-        n_layers=2,
-        vocab_size=len(tokenizer),
-        mlp_hidden_size=64,
-        max_sequence_length=256,
-        mask_token_id=ids.mask,
-        eos_token_id=ids.eos,
-        pad_token_id=ids.pad,
-        init_std=0.3,  # a random model whose sampled answers differ from problem to problem
-    )
-    LLaDAModel(config).save_pretrained(directory)
-    return directory
+    # init_std 0.3: a random model whose sampled answers differ from problem to problem
+    return make_tiny_backbone(tmp_path_factory.mktemp("dist_backbone"), vocab_size=512, init_std=0.3)
 
 
 def run_config(backbone_dir: Path, out: Path, *, threshold: float = 1.5, **training) -> dict:

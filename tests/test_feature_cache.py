@@ -10,17 +10,15 @@ import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
+from tiny_assets import make_tiny_backbone, save_tiny_backbone
 
-from llada_trm.backbone import LLaDAConfig, LLaDAModel
 from llada_trm.config import parse_config
 from llada_trm.data import (
     SFTDataset,
     SyntheticTaskConfig,
-    build_tokenizer,
     collate_batch,
     generate_problems,
     load_tokenizer,
-    special_token_ids,
 )
 from llada_trm.errors import ConfigError
 from llada_trm.hybrid import HybridConfig, LLaDATRMHybrid
@@ -41,32 +39,10 @@ from llada_trm.training.feature_cache import (
 SEED = 7
 
 
-def _save_backbone(directory: Path, tokenizer, seed: int) -> None:
-    ids = special_token_ids(tokenizer)
-    torch.manual_seed(seed)
-    config = LLaDAConfig(
-        d_model=32,
-        n_heads=2,
-        n_layers=2,
-        vocab_size=len(tokenizer),
-        mlp_hidden_size=64,
-        max_sequence_length=256,
-        mask_token_id=ids.mask,
-        eos_token_id=ids.eos,
-        pad_token_id=ids.pad,
-    )
-    LLaDAModel(config).save_pretrained(directory)
-
-
 @pytest.fixture(scope="module")
 def backbone_dir(tmp_path_factory) -> Path:
     """A random 2-layer LLaDA backbone with a tokenizer trained on the generated task, in HF layout."""
-    directory = tmp_path_factory.mktemp("fc_backbone")
-    records = generate_problems(SyntheticTaskConfig(max_steps=2, max_number=10), 200, "train")
-    texts = [f"{r.question}\n{r.answer}" for r in records]
-    tokenizer = build_tokenizer(texts, vocab_size=512, out_dir=directory)
-    _save_backbone(directory, tokenizer, seed=0)
-    return directory
+    return make_tiny_backbone(tmp_path_factory.mktemp("fc_backbone"), vocab_size=512)
 
 
 @pytest.fixture(scope="module")
@@ -191,7 +167,7 @@ def test_stale_cache_is_refused(backbone_dir, dataset, tmp_path):
 
     retrained = tmp_path / "retrained"
     shutil.copytree(backbone_dir, retrained)
-    _save_backbone(retrained, load_tokenizer(backbone_dir), seed=1)  # same shapes, other weights
+    save_tiny_backbone(retrained, load_tokenizer(backbone_dir), seed=1)  # same shapes, other weights
     stale = {
         "other backbone weights": manifest_for(model, retrained, dataset),
         "other training data": manifest_for(model, backbone_dir, dataset, examples=dataset.examples[:-1]),

@@ -9,10 +9,9 @@ import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
+from tiny_assets import make_tiny_backbone
 
-from llada_trm.backbone import LLaDAConfig, LLaDAModel
 from llada_trm.config import parse_config
-from llada_trm.data import SyntheticTaskConfig, build_tokenizer, generate_problems, special_token_ids
 from llada_trm.errors import CheckpointError, ConfigError, NonFiniteLossError
 from llada_trm.training import Trainer, load_trainer_state, objective, run_train
 
@@ -29,25 +28,7 @@ def one_thread():
 @pytest.fixture(scope="module")
 def backbone_dir(tmp_path_factory) -> Path:
     """A random 2-layer LLaDA backbone and a tokenizer trained on the generated task, in HF layout."""
-    directory = tmp_path_factory.mktemp("tiny_backbone")
-    records = generate_problems(SyntheticTaskConfig(max_steps=2, max_number=10), 200, "train")
-    texts = [f"{r.question}\n{r.answer}" for r in records]
-    tokenizer = build_tokenizer(texts, vocab_size=1024, out_dir=directory)
-    ids = special_token_ids(tokenizer)
-    torch.manual_seed(0)
-    config = LLaDAConfig(
-        d_model=32,
-        n_heads=2,
-        n_layers=2,
-        vocab_size=len(tokenizer),
-        mlp_hidden_size=64,
-        max_sequence_length=256,
-        mask_token_id=ids.mask,
-        eos_token_id=ids.eos,
-        pad_token_id=ids.pad,
-    )
-    LLaDAModel(config).save_pretrained(directory)
-    return directory
+    return make_tiny_backbone(tmp_path_factory.mktemp("tiny_backbone"))
 
 
 def raw_config(backbone_dir: Path, out: Path, **training) -> dict:

@@ -1,8 +1,10 @@
-"""Tiny models for the evaluation, CLI, plot and main-job tests: built once per test session.
+"""Tiny models for the tests: a random backbone builder, and shared copies built once per test session.
 
 A random 2-layer, d_model 32 LLaDA backbone with a tokenizer trained on the generated task, and a 2-step
 phase-1 slot-refiner run on it. Test modules wrap `tiny_backbone(factory)` / `tiny_run(factory)` in their own
 fixtures; the module-level cache makes every module share one copy, built in pytest's temporary directory.
+Modules that need their own variant (another vocabulary size, seed or init) call `make_tiny_backbone` /
+`save_tiny_backbone` directly.
 """
 
 from __future__ import annotations
@@ -23,27 +25,46 @@ TINY_SAMPLING = {"gen_length": 16, "block_length": 8, "steps": 4}
 _cache: dict[str, Path] = {}
 
 
+def save_tiny_backbone(directory: Path, tokenizer: Any, *, seed: int = 0, **overrides: Any) -> None:
+    """Save a random 2-layer, d_model 32 LLaDA backbone sized for `tokenizer` in `directory` (HF layout).
+
+    `seed` picks the weights (another seed: same shapes, other weights); `overrides` replace LLaDAConfig
+    fields, e.g. a larger `init_std` for a model whose answers differ from problem to problem.
+    """
+    ids = special_token_ids(tokenizer)
+    torch.manual_seed(seed)
+    config = LLaDAConfig(
+        d_model=32,
+        n_heads=2,
+        n_layers=2,
+        vocab_size=len(tokenizer),
+        mlp_hidden_size=64,
+        max_sequence_length=256,
+        mask_token_id=ids.mask,
+        eos_token_id=ids.eos,
+        pad_token_id=ids.pad,
+        **overrides,
+    )
+    LLaDAModel(config).save_pretrained(directory)
+
+
+def make_tiny_backbone(directory: Path, *, vocab_size: int = 1024, **overrides: Any) -> Path:
+    """A tokenizer trained on the generated task and a random backbone for it, saved in `directory`.
+
+    Shared by every test module that needs a real (if untrained) backbone on disk; `overrides` go to
+    `save_tiny_backbone`.
+    """
+    records = generate_problems(SyntheticTaskConfig(max_steps=2, max_number=10), 200, "train")
+    texts = [f"{r.question}\n{r.answer}" for r in records]
+    tokenizer = build_tokenizer(texts, vocab_size=vocab_size, out_dir=directory)
+    save_tiny_backbone(directory, tokenizer, **overrides)
+    return directory
+
+
 def tiny_backbone(factory: pytest.TempPathFactory) -> Path:
     """The backbone directory (HF layout: config.json, model.safetensors, tokenizer files)."""
     if "backbone" not in _cache:
-        directory = factory.mktemp("tiny_backbone")
-        records = generate_problems(SyntheticTaskConfig(max_steps=2, max_number=10), 200, "train")
-        tokenizer = build_tokenizer([f"{r.question}\n{r.answer}" for r in records], out_dir=directory)
-        ids = special_token_ids(tokenizer)
-        torch.manual_seed(0)
-        config = LLaDAConfig(
-            d_model=32,
-            n_heads=2,
-            n_layers=2,
-            vocab_size=len(tokenizer),
-            mlp_hidden_size=64,
-            max_sequence_length=256,
-            mask_token_id=ids.mask,
-            eos_token_id=ids.eos,
-            pad_token_id=ids.pad,
-        )
-        LLaDAModel(config).save_pretrained(directory)
-        _cache["backbone"] = directory
+        _cache["backbone"] = make_tiny_backbone(factory.mktemp("tiny_backbone"))
     return _cache["backbone"]
 
 
