@@ -212,7 +212,12 @@ class DataConfig(_Section):
 
 
 class TrainingConfig(_Section):
-    """Optimisation: phase, learning rates, batch geometry, schedule and bookkeeping intervals."""
+    """Optimisation: phase, learning rates, batch geometry, schedule and bookkeeping intervals.
+
+    init_from: a run directory or checkpoint directory whose saved weights (the refiner's, and the backbone's
+        when that run trained some) initialise this run before training, e.g. phase 2/3 from phase 1. Unlike
+        `--resume` it restores no optimizer, schedule or step.
+    """
 
     phase: Literal[1, 2, 3] = 1
     lr: NonNegFloat = 5e-4
@@ -236,6 +241,7 @@ class TrainingConfig(_Section):
     log_every: PosInt = 10
     save_every: NonNegInt = 500
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    init_from: str | None = None
 
 
 class TrainingParamsConfig(_Section):
@@ -503,6 +509,8 @@ _ALIASES: dict[str, str] = {
     "calibration_weight": "confidence_calibration_weight",
     "warmup": "warmup_steps",
     "accumulation_steps": "gradient_accumulation_steps",
+    "init_checkpoint": "init_from",
+    "pretrained_refiner": "init_from",
 }
 
 

@@ -23,6 +23,7 @@ from llada_trm.training.freezing import (
     set_train_mode,
 )
 from llada_trm.training.health import CHECKS, HealthMonitor
+from llada_trm.training.init_from import InitResult, init_from_checkpoint
 from llada_trm.training.metrics import TRAIN_COLUMNS, VALIDATION_COLUMNS, MetricsWriter
 from llada_trm.training.objective import LossWeights, ObjectiveResult, diffusion_objective
 from llada_trm.training.schedule import (
@@ -48,6 +49,7 @@ __all__ = [
     "VALIDATION_COLUMNS",
     "FreezePlan",
     "HealthMonitor",
+    "InitResult",
     "LossWeights",
     "MetricsWriter",
     "ObjectiveResult",
@@ -63,6 +65,7 @@ __all__ = [
     "freeze_report",
     "gate_values",
     "hybrid_config",
+    "init_from_checkpoint",
     "is_distributed",
     "is_main_process",
     "load_trainer_state",

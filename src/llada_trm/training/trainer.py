@@ -74,6 +74,7 @@ from llada_trm.training.feature_cache import (
 )
 from llada_trm.training.freezing import apply_freezing, set_train_mode
 from llada_trm.training.health import HealthMonitor
+from llada_trm.training.init_from import init_from_checkpoint
 from llada_trm.training.metrics import TRAIN_COLUMNS, VALIDATION_COLUMNS, MetricsWriter
 from llada_trm.training.objective import LossWeights, diffusion_objective
 from llada_trm.training.schedule import build_optimizer, build_scheduler, resolve_warmup_steps
@@ -236,6 +237,7 @@ class Trainer:
                 f"model.backbone: the tokenizer's mask token id {mask_token_id(self.tokenizer)} differs from "
                 f"the backbone's mask_token_id {self.mask_id}; they must come from the same checkpoint"
             )
+        self._init_weights()
         if config.advanced.gradient_checkpointing:
             self.model.backbone.gradient_checkpointing = True
         if config.advanced.compile:
@@ -258,6 +260,25 @@ class Trainer:
             calibration=p.confidence_calibration_weight,
         )
         self._wrap_for_distribution()
+
+    def _init_weights(self) -> None:
+        """`training.init_from`: another run's saved weights, loaded before any wrapping or sharding.
+
+        The loaded names are kept so that this run's checkpoints save them too, trained or not: a phase-1 run
+        started from a phase-3 checkpoint must not lose the backbone it was started from.
+        """
+        self.init_names: list[str] = []
+        source = self.config.training.init_from
+        if source is None:
+            return
+        result = init_from_checkpoint(self.model, Path(source).expanduser(), self.config)
+        if self.config.advanced.feature_cache and result.backbone_names:
+            raise ConfigError(
+                f"advanced.feature_cache: training.init_from {result.directory} holds backbone tensors, "
+                "which the cache's fingerprint of model.backbone does not see; train without the cache"
+            )
+        self.init_names = result.names
+        self._say(f"initialised {len(result.names)} tensors from {result.directory} (training.init_from)")
 
     def _wrap_for_distribution(self) -> None:
         """`self.engine`: the objective as a module, alone, in DDP or sharded by FSDP (docs/distributed.md).
@@ -751,7 +772,8 @@ class Trainer:
         global example count, so that another world size can resume it.
         """
         t = self.config.training
-        weights = full_state_dict(self.model, self.plan.trainable_names)
+        names = list(dict.fromkeys([*self.plan.trainable_names, *self.init_names]))
+        weights = full_state_dict(self.model, names)
         optimizer = optimizer_state(self.model, self.optimizer)
         window_sums, window_counts = reduce_sums(self._window.sums, self._window.counts)
         if not is_main_process():

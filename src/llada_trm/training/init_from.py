@@ -1,0 +1,89 @@
+"""`training.init_from`: start a run from another run's trained weights (e.g. phase 2/3 from phase 1).
+
+Unlike `--resume`, which continues a run (optimizer, scheduler, RNG streams, step), this only copies the
+weights a checkpoint saved into the freshly built model before training starts: the refiner's tensors, and the
+backbone's when the checkpoint trained some (phases 2/3). Everything else starts anew from the run's own
+config. The checkpoint must have been trained with the same refiner (`model.refiner` / `model.integration`);
+tensor names and shapes are checked by `load_weights`.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch.nn as nn
+import yaml
+
+from llada_trm.config import RunConfig
+from llada_trm.errors import CheckpointError
+from llada_trm.training.checkpoint import CONFIG_FILE, load_weights, resolve_checkpoint_dir
+
+__all__ = ["INIT_FROM_KEY", "REFINER_PREFIX", "InitResult", "init_from_checkpoint"]
+
+INIT_FROM_KEY = "training.init_from"
+REFINER_PREFIX = "refinement_head."
+_KIND_KEYS = ("refiner", "integration")
+
+logger = logging.getLogger("llada_trm")
+
+
+@dataclass(frozen=True)
+class InitResult:
+    """Which checkpoint was read and the tensors copied from it (so later checkpoints can keep them)."""
+
+    directory: Path
+    names: list[str]
+
+    @property
+    def backbone_names(self) -> list[str]:
+        """Loaded tensors outside the refiner: a frozen backbone no longer equals `model.backbone`'s files."""
+        return [name for name in self.names if not name.startswith(REFINER_PREFIX)]
+
+
+def init_from_checkpoint(model: nn.Module, path: str | Path, config: RunConfig) -> InitResult:
+    """Copy a checkpoint's saved weights into `model`; one-line `CheckpointError`s name the key and file."""
+    try:
+        directory = resolve_checkpoint_dir(path)
+    except CheckpointError as exc:
+        raise CheckpointError(f"{INIT_FROM_KEY}: {exc}") from None
+    _check_refiner_kind(directory / CONFIG_FILE, config)
+    try:
+        names = load_weights(model, directory)
+    except CheckpointError as exc:
+        raise CheckpointError(f"{INIT_FROM_KEY}: {exc}") from None
+    _warn_missing_refiner(model, names, directory)
+    return InitResult(directory=directory, names=names)
+
+
+def _check_refiner_kind(config_path: Path, config: RunConfig) -> None:
+    """The saved run must have built the same refiner(s), or its tensors would not mean the same thing."""
+    try:
+        saved = yaml.safe_load(config_path.read_text(encoding="utf-8")) or {}
+    except (OSError, yaml.YAMLError) as exc:
+        detail = " ".join(str(exc).split())
+        raise CheckpointError(f"{INIT_FROM_KEY}: {config_path}: unreadable ({detail})") from None
+    model = saved.get("model") if isinstance(saved, dict) else None
+    model = model if isinstance(model, dict) else {}
+    for key in _KIND_KEYS:
+        theirs, ours = model.get(key), getattr(config.model, key)
+        if theirs is not None and theirs != ours:
+            raise CheckpointError(
+                f"{INIT_FROM_KEY}: {config_path} was trained with model.{key}: {theirs}, this run has "
+                f"model.{key}: {ours}; set them alike or point {INIT_FROM_KEY} at a matching run"
+            )
+
+
+def _warn_missing_refiner(model: nn.Module, loaded: list[str], directory: Path) -> None:
+    """A checkpoint saves only what it trained: refiner parts it froze (train_refiner_blocks) stay fresh."""
+    have = set(loaded)
+    missing = [n for n, _ in model.named_parameters() if n.startswith(REFINER_PREFIX) and n not in have]
+    if missing:
+        logger.warning(
+            "%s: %s holds no value for %d refiner tensors (e.g. %s); they keep this run's initialisation",
+            INIT_FROM_KEY,
+            directory,
+            len(missing),
+            missing[0],
+        )
