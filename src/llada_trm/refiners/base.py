@@ -10,15 +10,17 @@ bit-identical to their input, whatever the refiner's dtype or arithmetic.
 
 from __future__ import annotations
 
+import dataclasses
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from torch import Tensor, nn
 
 ContextInput = Tensor | Sequence[Tensor] | None
+ConfigT = TypeVar("ConfigT")
 
 
 @dataclass(frozen=True)
@@ -87,6 +89,19 @@ def context_list(context: ContextInput, h: Tensor, expected_dim: int | None, own
     return tensors
 
 
+def apply_update(h: Tensor, update: Tensor, active: Tensor | None) -> tuple[Tensor, Tensor]:
+    """`(h_next, update)`: the residual update applied on the active positions only, and zeroed elsewhere.
+
+    `torch.where` rather than a multiply by the mask, so that inactive positions stay bit-identical to `h`
+    and the reported update norm is exactly zero there.
+    """
+    if active is None:
+        return h + update, update
+    keep = active.unsqueeze(-1)
+    update = torch.where(keep, update, torch.zeros_like(update))
+    return torch.where(keep, h + update, h), update
+
+
 class StatsAccumulator:
     """Collects `step` statistics and reduces them to the stats dict that `Refiner.forward` returns.
 
@@ -148,6 +163,31 @@ class Refiner(nn.Module, ABC):
 
     d_model: int
     num_steps: int
+
+    def _configure(
+        self, config_type: type[ConfigT], config: ConfigT | int | None, overrides: dict[str, Any]
+    ) -> ConfigT:
+        """Resolve the constructor's arguments to a config and keep the fields every step reads.
+
+        One rule for every refiner: a config object (keywords override its fields), a bare `d_model`, or
+        keywords alone, which must include `d_model`.
+        """
+        owner = type(self).__name__
+        if isinstance(config, int) and not isinstance(config, bool):
+            config = config_type(d_model=config, **overrides)
+        elif config is None:
+            if "d_model" not in overrides:
+                name = config_type.__name__
+                raise ValueError(f"{owner} needs a config ({name}) or d_model=..., e.g. {owner}(d_model=64)")
+            config = config_type(**overrides)
+        elif overrides:
+            config = dataclasses.replace(config, **overrides)
+        self.config = config
+        self.d_model = config.d_model
+        self.num_steps = config.num_steps
+        self.delta_scale = config.delta_scale
+        self.delta_clamp = config.delta_clamp
+        return config
 
     def init_state(self, x: Tensor) -> RefinerState:
         """The carry before the first step (nothing to compare against yet)."""

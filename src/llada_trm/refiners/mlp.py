@@ -11,7 +11,6 @@ gradient from the language-modelling loss: it is a probe that a confidence-calib
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,7 +18,14 @@ import torch
 from torch import Tensor, nn
 
 from llada_trm.errors import ConfigError
-from llada_trm.refiners.base import ContextInput, Refiner, RefinerState, check_active, context_list
+from llada_trm.refiners.base import (
+    ContextInput,
+    Refiner,
+    RefinerState,
+    apply_update,
+    check_active,
+    context_list,
+)
 
 DEFAULT_MAX_HIDDEN = 1024
 
@@ -68,22 +74,7 @@ class RecursiveRefinementHead(Refiner):
 
     def __init__(self, config: MLPRefinerConfig | int | None = None, **overrides: Any) -> None:
         super().__init__()
-        if isinstance(config, int) and not isinstance(config, bool):
-            config = MLPRefinerConfig(d_model=config, **overrides)
-        elif config is None:
-            if "d_model" not in overrides:
-                raise ValueError(
-                    "RecursiveRefinementHead needs an MLPRefinerConfig or d_model=..., "
-                    "e.g. RecursiveRefinementHead(d_model=64)"
-                )
-            config = MLPRefinerConfig(**overrides)
-        elif overrides:
-            config = dataclasses.replace(config, **overrides)
-        self.config = config
-        self.d_model = config.d_model
-        self.num_steps = config.num_steps
-        self.delta_scale = config.delta_scale
-        self.delta_clamp = config.delta_clamp
+        config = self._configure(MLPRefinerConfig, config, overrides)
 
         self.norm = nn.LayerNorm(config.d_model)
         self.context_proj = None
@@ -118,11 +109,7 @@ class RecursiveRefinementHead(Refiner):
 
         delta = self.mlp(u).clamp(-self.delta_clamp, self.delta_clamp)
         update = (self.delta_scale * delta).to(h.dtype)
-        if active is not None:
-            update = torch.where(active.unsqueeze(-1), update, torch.zeros_like(update))
-            h_next = torch.where(active.unsqueeze(-1), h + update, h)
-        else:
-            h_next = h + update
+        h_next, update = apply_update(h, update, active)
 
         step_stats: dict[str, Any] = {
             "confidence": torch.sigmoid(self.confidence_head(u)).squeeze(-1),

@@ -21,7 +21,6 @@ leaves room for the slot projections reading `d_inner`-wide inputs to be mutuall
 
 from __future__ import annotations
 
-import dataclasses
 import itertools
 from dataclasses import dataclass
 from typing import Any, NamedTuple
@@ -31,7 +30,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from llada_trm.errors import ConfigError
-from llada_trm.refiners.base import ContextInput, Refiner, RefinerState, check_active, context_list
+from llada_trm.refiners.base import (
+    ContextInput,
+    Refiner,
+    RefinerState,
+    apply_update,
+    check_active,
+    context_list,
+)
 
 DEFAULT_MAX_INNER = 512
 
@@ -268,21 +274,7 @@ class SlotTRMRefiner(Refiner):
 
     def __init__(self, config: SlotConfig | int | None = None, **overrides: Any) -> None:
         super().__init__()
-        if isinstance(config, int) and not isinstance(config, bool):
-            config = SlotConfig(d_model=config, **overrides)
-        elif config is None:
-            if "d_model" not in overrides:
-                raise ValueError(
-                    "SlotTRMRefiner needs a SlotConfig or d_model=..., e.g. SlotTRMRefiner(d_model=64)"
-                )
-            config = SlotConfig(**overrides)
-        elif overrides:
-            config = dataclasses.replace(config, **overrides)
-        self.config = config
-        self.d_model = config.d_model
-        self.num_steps = config.num_steps
-        self.delta_scale = config.delta_scale
-        self.delta_clamp = config.delta_clamp
+        config = self._configure(SlotConfig, config, overrides)
         d_inner = config.d_inner
 
         self.in_proj = (
@@ -351,11 +343,7 @@ class SlotTRMRefiner(Refiner):
         delta = self.delta_net(torch.cat(slots, dim=-1)).clamp(-self.delta_clamp, self.delta_clamp)
         confidence = torch.sigmoid(self.confidence_head(slots.conf))  # [B, L, 1]
         update = (self.delta_scale * confidence * delta).to(h.dtype)
-        if active is not None:
-            update = torch.where(active.unsqueeze(-1), update, torch.zeros_like(update))
-            h_next = torch.where(active.unsqueeze(-1), h + update, h)
-        else:
-            h_next = h + update
+        h_next, update = apply_update(h, update, active)
 
         with torch.no_grad():
             step_stats = {
