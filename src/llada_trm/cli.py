@@ -99,14 +99,25 @@ def _default_eval_dir(loaded: Any, dataset: str, split: str) -> Path:
     return Path("runs") / "eval" / backbone / name
 
 
+def _join_processes(device: str) -> Any:
+    """This process's device; under torchrun the process group is joined first, so that each rank loads the
+    model onto its own GPU (LOCAL_RANK) and the evaluation's collectives have a group to run in."""
+    from llada_trm.evaluate.loading import resolve_eval_device
+    from llada_trm.training.distributed import init_distributed
+
+    return init_distributed(resolve_eval_device(device))
+
+
 def _cmd_eval(args: argparse.Namespace) -> int:
     from llada_trm.evaluate import evaluate_model, load_checkpoint, load_eval_records, synthetic_settings
+    from llada_trm.training.distributed import is_main_process
 
     options = _sampling_options(args)  # bad options and data fail before a (possibly 8B) model loads
     records = None
     if args.dataset == "gsm8k" and args.data_path:
         records = load_eval_records("gsm8k", args.split, data_path=args.data_path, limit=args.limit)
-    loaded = load_checkpoint(args.checkpoint, refiner=args.refiner, device=args.device, dtype=args.dtype)
+    device = _join_processes(args.device)
+    loaded = load_checkpoint(args.checkpoint, refiner=args.refiner, device=device, dtype=args.dtype)
     if records is None:
         run = loaded.run_config
         records = load_eval_records(
@@ -128,14 +139,19 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         progress=not args.no_progress,
         desc=f"eval {loaded.refiner}",
     )
-    s = result.summary
+    if is_main_process():  # every rank holds the merged summary; one prints it
+        _print_eval_summary(args, loaded.refiner, result.summary, out)
+    return 0
+
+
+def _print_eval_summary(args: argparse.Namespace, refiner: str, s: dict[str, Any], out: Path) -> None:
     print(
-        f"{args.dataset} {args.split} ({s['n']} problems, refiner {loaded.refiner}): accuracy strict "
+        f"{args.dataset} {args.split} ({s['n']} problems, refiner {refiner}): accuracy strict "
         f"{s['accuracy_strict']:.3f} ({s['correct_strict']}/{s['n']}), flexible {s['accuracy_flexible']:.3f} "
         f"({s['correct_flexible']}/{s['n']})"
     )
     refinement = s.get("refinement")
-    if refinement and loaded.refiner != "none":
+    if refinement and refiner != "none":
         print(
             f"refinement: {refinement['mean_refine_steps']:.2f} steps per refined chunk, "
             f"{refinement['skipped_fraction']:.1%} of chunks skipped"
@@ -144,7 +160,6 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     rate, calls, seconds = speed["tokens_per_s"], speed["nfe"], speed["total_s"]
     print(f"speed: {rate:.1f} tokens/s, {calls} model calls, {seconds:.1f} s in all")
     print(f"wrote {out / 'predictions.jsonl'} and {out / 'summary.json'}")
-    return 0
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
