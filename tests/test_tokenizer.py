@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import logging
+import shutil
 from pathlib import Path
 
 import pytest
@@ -141,3 +143,31 @@ def test_pad_falls_back_to_eos(saved):
     reloaded = load_tokenizer(out)
     reloaded.pad_token = None
     assert pad_token_id(reloaded) == reloaded.convert_tokens_to_ids(EOS_TOKEN)
+
+
+@pytest.fixture
+def transformers_warnings():
+    """Records transformers logs (its own handler writes to the original stderr, out of caplog's reach)."""
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = records.append
+    logger = logging.getLogger("transformers")
+    logger.addHandler(handler)
+    yield records
+    logger.removeHandler(handler)
+
+
+def test_backbone_directory_loads_without_model_type_warning(saved, tmp_path, transformers_warnings):
+    _, out = saved
+    for item in out.iterdir():  # a backbone directory: tokenizer files beside a `llada` config.json
+        shutil.copy(item, tmp_path / item.name)
+    config = {"model_type": "llada", "architectures": ["LLaDAModelLM"], "d_model": 32}
+    (tmp_path / "config.json").write_text(json.dumps(config), encoding="utf-8")
+
+    tokenizer = load_tokenizer(tmp_path)
+    assert mask_token_id(tokenizer) == load_tokenizer(out).convert_tokens_to_ids(MASK_TOKEN)
+    messages = [record.getMessage() for record in transformers_warnings]
+    assert not [m for m in messages if "to instantiate a model of type" in m], messages
+
+    AutoTokenizer.from_pretrained(str(tmp_path))  # the plain call does warn: the capture works
+    assert any("to instantiate a model of type" in r.getMessage() for r in transformers_warnings)

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
+from transformers import AutoTokenizer, PretrainedConfig, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 __all__ = [
     "BOS_TOKEN",
@@ -155,10 +155,17 @@ def save_tokenizer(tokenizer: PreTrainedTokenizerBase, out_dir: str | os.PathLik
 
 
 def load_tokenizer(path: str | os.PathLike[str], **kwargs: object) -> PreTrainedTokenizerBase:
-    """``AutoTokenizer.from_pretrained(path)`` for our tokenizer or LLaDA-8B's; checks the mask token."""
+    """``AutoTokenizer.from_pretrained(path)`` for our tokenizer or LLaDA-8B's; checks the mask token.
+
+    A backbone directory's ``config.json`` describes a ``llada`` model, which transformers does not know: left
+    to itself, ``AutoTokenizer`` reads it as a generic model config and warns "You are using a model of type
+    `llada` to instantiate a model of type ``". Our tokenizer folders name their class in
+    ``tokenizer_config.json``, so an empty config (what that fallback yields anyway) skips the read.
+    """
     directory = Path(path)
     if not any((directory / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json")):
         raise FileNotFoundError(f"{directory}: not a tokenizer folder (no tokenizer.json)")
+    kwargs.setdefault("config", PretrainedConfig())
     tokenizer = AutoTokenizer.from_pretrained(str(directory), **kwargs)
     mask_token_id(tokenizer)
     return tokenizer
