@@ -245,24 +245,27 @@ def _recover_if_possible(candidate: Path) -> None:
         _recover(candidate)
 
 
-def load_weights(
-    model: nn.Module, directory: str | Path, *, require: Iterable[str] = ()
-) -> list[str]:
-    """Load `model.safetensors` into `model`; every tensor must exist in the model with the same shape.
-
-    `require` names tensors the checkpoint must contain (the run's trainable parameters when resuming).
-    Returns the loaded names.
-    """
-    directory = Path(directory)
-    path = directory / WEIGHTS_FILE
+def read_weights_file(path: Path) -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors file; a missing or corrupt file is a CheckpointError, not a traceback."""
     try:
-        tensors = load_file(str(path))
+        return load_file(str(path))
     except FileNotFoundError:
         raise CheckpointError(f"{path}: file not found") from None
     except (SafetensorError, OSError) as exc:
         raise CheckpointError(f"{path}: unreadable safetensors file ({exc})") from None
 
-    own = model.state_dict()
+
+def check_weights(
+    path: Path,
+    tensors: Mapping[str, torch.Tensor],
+    own: Mapping[str, torch.Tensor],
+    require: Iterable[str] = (),
+) -> None:
+    """Refuse checkpoint `tensors` that do not fit the model's state dict `own`, before anything is copied.
+
+    Shared by the single-process and the FSDP loader, so that both refuse the same checkpoints with the same
+    messages; `path` only names the file in them, `require` as in `load_weights`.
+    """
     unknown = sorted(set(tensors) - set(own))
     if unknown:
         raise CheckpointError(
@@ -281,6 +284,20 @@ def load_weights(
             f"{path}: lacks {len(missing)} trainable tensors of this run (e.g. {missing[0]!r}); was it saved "
             "in another training.phase or with other training_params.trainable_modules?"
         )
+
+
+def load_weights(
+    model: nn.Module, directory: str | Path, *, require: Iterable[str] = ()
+) -> list[str]:
+    """Load `model.safetensors` into `model`; every tensor must exist in the model with the same shape.
+
+    `require` names tensors the checkpoint must contain (the run's trainable parameters when resuming).
+    Returns the loaded names.
+    """
+    path = Path(directory) / WEIGHTS_FILE
+    tensors = read_weights_file(path)
+    own = model.state_dict()
+    check_weights(path, tensors, own, require)
     with torch.no_grad():
         for name, tensor in tensors.items():
             own[name].copy_(tensor.to(own[name].dtype))

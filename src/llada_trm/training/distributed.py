@@ -39,7 +39,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from llada_trm.errors import CheckpointError, ConfigError
+from llada_trm.errors import ConfigError
 
 __all__ = [
     "DISTRIBUTED_MODES",
@@ -386,35 +386,14 @@ def load_sharded_weights(
 
     The file holds full tensors (the single-process layout); `set_model_state_dict` shards them.
     """
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
     from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
 
-    path = Path(directory) / "model.safetensors"
-    try:
-        tensors = load_file(str(path))
-    except FileNotFoundError:
-        raise CheckpointError(f"{path}: file not found") from None
-    except (SafetensorError, OSError) as exc:
-        raise CheckpointError(f"{path}: unreadable safetensors file ({exc})") from None
+    from llada_trm.training.checkpoint import WEIGHTS_FILE, check_weights, read_weights_file
+
+    path = Path(directory) / WEIGHTS_FILE
+    tensors = read_weights_file(path)
     own = get_model_state_dict(model)
-    unknown = sorted(set(tensors) - set(own))
-    if unknown:
-        raise CheckpointError(
-            f"{path}: {len(unknown)} tensors do not exist in this model (e.g. {unknown[0]!r}); was the "
-            "checkpoint saved with a different model.refiner / model.integration?"
-        )
-    for name, tensor in sorted(tensors.items()):
-        if tuple(tensor.shape) != tuple(own[name].shape):
-            raise CheckpointError(
-                f"{path}: {name} has shape {tuple(tensor.shape)}, the model expects {tuple(own[name].shape)}"
-            )
-    missing = sorted(set(require) - set(tensors))
-    if missing:
-        raise CheckpointError(
-            f"{path}: lacks {len(missing)} trainable tensors of this run (e.g. {missing[0]!r}); was it saved "
-            "in another training.phase or with other training_params.trainable_modules?"
-        )
+    check_weights(path, tensors, own, require)
     tensors = {name: t.to(own[name].dtype) for name, t in tensors.items()}
     set_model_state_dict(model, tensors, options=_state_options(full_state_dict=True, strict=False))
     return sorted(tensors)
