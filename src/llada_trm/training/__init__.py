@@ -1,6 +1,8 @@
-"""Training the refiner: freezing and phases, objective, schedules, checkpoints, metrics, health checks.
+"""Training the refiner: freezing and phases, objective, schedules, checkpoints, metrics, health checks, and
+the phase-1 feature cache (docs/feature_cache.md).
 
-The CLI's `llada-trm train --config FILE [--set k=v ...] [--resume DIR]` is `run_train(FILE, overrides, DIR)`.
+The CLI's `llada-trm train --config FILE [--set k=v ...] [--resume DIR]` is `run_train(FILE, overrides, DIR)`;
+`llada-trm cache --config FILE` is `build_feature_cache(config)`.
 """
 
 from llada_trm.training.checkpoint import (
@@ -13,6 +15,24 @@ from llada_trm.training.checkpoint import (
     save_checkpoint,
 )
 from llada_trm.training.distributed import is_distributed, is_main_process, rank, world_size
+from llada_trm.training.feature_cache import (
+    CACHE_FORMAT_VERSION,
+    MANIFEST_FILE,
+    FeatureCache,
+    StaleFeatureCacheError,
+    backbone_fingerprint,
+    build_feature_cache,
+    cache_directory,
+    cached_features,
+    data_fingerprint,
+    draw_for_epoch,
+    draw_noise,
+    expected_manifest,
+    noise_seed,
+    open_feature_cache,
+    prepare_feature_cache,
+    write_feature_cache,
+)
 from llada_trm.training.freezing import (
     FreezePlan,
     ParamGroupSpec,
@@ -44,9 +64,12 @@ from llada_trm.training.trainer import (
 )
 
 __all__ = [
+    "CACHE_FORMAT_VERSION",
     "CHECKS",
+    "MANIFEST_FILE",
     "TRAIN_COLUMNS",
     "VALIDATION_COLUMNS",
+    "FeatureCache",
     "FreezePlan",
     "HealthMonitor",
     "InitResult",
@@ -54,13 +77,22 @@ __all__ = [
     "MetricsWriter",
     "ObjectiveResult",
     "ParamGroupSpec",
+    "StaleFeatureCacheError",
     "TrainState",
     "Trainer",
     "apply_freezing",
+    "backbone_fingerprint",
+    "build_feature_cache",
     "build_optimizer",
     "build_scheduler",
+    "cache_directory",
+    "cached_features",
     "capture_rng_state",
+    "data_fingerprint",
     "diffusion_objective",
+    "draw_for_epoch",
+    "draw_noise",
+    "expected_manifest",
     "forward_statistics",
     "freeze_report",
     "gate_values",
@@ -72,7 +104,10 @@ __all__ = [
     "load_weights",
     "match_pattern",
     "matching_parameters",
+    "noise_seed",
+    "open_feature_cache",
     "parameter_statistics",
+    "prepare_feature_cache",
     "rank",
     "resolve_backbone_dir",
     "resolve_checkpoint_dir",
@@ -86,4 +121,5 @@ __all__ = [
     "set_train_mode",
     "warmup_cosine",
     "world_size",
+    "write_feature_cache",
 ]
