@@ -45,8 +45,11 @@ def _cmd_pretrain(args: argparse.Namespace) -> int:
 
 def _cmd_train(args: argparse.Namespace) -> int:
     from llada_trm.training import run_train
+    from llada_trm.training.distributed import is_main_process
 
     summary = run_train(args.config, args.set, args.resume, progress=not args.no_progress)
+    if not is_main_process():  # under torchrun every rank returns the summary; one prints it
+        return 0
     val = summary.get("val") or {}
     parts = [f"trained {summary['steps']} steps in {summary['elapsed_s'] / 60:.1f} min"]
     if summary.get("train_loss") is not None:
