@@ -9,12 +9,14 @@ printed ratios compare like with like. Two parts:
    threshold + prefix cache, threshold + dual cache. tokens/s counts all `gen_length` positions (EOS padding
    included), NFE is model calls per batch;
 2. the refiner's share of sampling time at K = 1, 2, 4, 8, refining only low-confidence chunks
-   (confidence_threshold 0.5) or every chunk with a masked position (threshold 2.0, i.e. > 1).
+   (confidence_threshold 0.5) or every chunk with a masked position (threshold 2.0, i.e. > 1), and the
+   time each adds over the backbone alone with the same sampler (`vs none`).
 
 The refiner's time is measured by timing `LLaDATRMHybrid.refine` (chunk selection, K steps, LM head on the
 refined rows) inside the sampler's own calls; its share is that time over the sampler's wall time.
 
     .venv/bin/python bench/bench_sampler.py --quick
+    .venv/bin/python bench/bench_sampler.py --checkpoint runs/compare/slot   # a trained refiner
     .venv/bin/python bench/bench_sampler.py --backbone DIR --refiner-checkpoint refiner.safetensors
 """
 
@@ -43,6 +45,7 @@ from llada_trm.data import (
     special_token_ids,
 )
 from llada_trm.diffusion import decode_generated, generate_with_stats
+from llada_trm.evaluate import load_checkpoint
 from llada_trm.evaluate.extraction import is_correct
 from llada_trm.hybrid import HybridConfig, LLaDATRMHybrid
 from llada_trm.training import hybrid_config
@@ -50,6 +53,7 @@ from llada_trm.training import hybrid_config
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_REFINER_CONFIG = ROOT / "configs" / "tiny_refiner.yaml"
 TASK_FIELDS = ("min_steps", "max_steps", "max_number", "max_result", "seed")
+NO_REFINER = "no refiner"
 
 
 @dataclass(frozen=True)
@@ -96,6 +100,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="run config whose `model` section builds the hybrid (tiny_refiner.yaml)")
     parser.add_argument("--refiner-checkpoint", type=Path, default=None,
                         help="refiner weights written by LLaDATRMHybrid.save_refiner (default: random)")
+    parser.add_argument("--checkpoint", type=Path, default=None,
+                        help="a trained run (its directory or checkpoints/last): its backbone, refiner "
+                        "config and weights replace --backbone, --refiner-config, --refiner-checkpoint")
     parser.add_argument("--n-problems", type=int, default=32)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--gen-length", type=int, default=128)
@@ -245,10 +252,11 @@ def print_modes(title: str, rows: list[dict[str, Any]]) -> None:
 
 
 def share_variants(hybrid: LLaDATRMHybrid, args: argparse.Namespace) -> list[Variant]:
-    """K x (selective 0.5, refine-all 2.0) x the share table's sampler modes."""
+    """Per sampler mode of the share table: the backbone alone, then K x (selective 0.5, refine-all 2.0)."""
     by_key = {"exact": modes(args.threshold)[0], "prefix": modes(args.threshold)[2]}
     variants = []
     for key in args.share_modes:
+        variants.append(Variant(NO_REFINER, hybrid.backbone, by_key[key]))
         for k in args.ks:
             for label, threshold in (("selective 0.5", 0.5), ("all (2.0)", 2.0)):
                 config = dataclasses.replace(
@@ -259,28 +267,46 @@ def share_variants(hybrid: LLaDATRMHybrid, args: argparse.Namespace) -> list[Var
 
 
 def print_share(rows: list[dict[str, Any]]) -> None:
+    """The share table; `vs none` is the variant's sampling time over the backbone alone's, same mode."""
     print("\nrefiner share of sampling time (time inside LLaDATRMHybrid.refine / sampler wall time)")
     print(f"{'sampler':32s} {'variant':18s} {'tok/s':>8s} {'NFE/batch':>9s} {'refiner s':>9s} {'share':>6s} "
-          f"{'chunks refined/call':>20s} {'steps/chunk':>11s} {'acc':>6s}")
+          f"{'vs none':>8s} {'chunks refined/call':>20s} {'steps/chunk':>11s} {'acc':>6s}")
+    baseline: dict[str, float] = {}
     for r in rows:
+        if r["variant"] == NO_REFINER:
+            baseline[r["mode"]] = r["elapsed_s"]
+        added = r["elapsed_s"] / baseline[r["mode"]] - 1 if r["mode"] in baseline else float("nan")
         chunks = f"{r['chunks_refined_per_call']:.1f}/{r['chunks_total_per_call']:.1f}"
         print(f"{r['mode']:32s} {r['variant']:18s} {r['tokens_per_s']:8.1f} {r['nfe_per_batch']:9.1f} "
-              f"{r['refine_s']:9.2f} {100 * r['refiner_share']:5.1f}% {chunks:>20s} "
+              f"{r['refine_s']:9.2f} {100 * r['refiner_share']:5.1f}% {100 * added:+7.1f}% {chunks:>20s} "
               f"{r['refine_steps']:11.2f} {r['accuracy_strict']:6.3f}")
+
+
+def build_hybrid(args: argparse.Namespace) -> tuple[LLaDATRMHybrid, Path, str]:
+    """The hybrid to time, its backbone directory and a description of its refiner weights."""
+    dtype = getattr(torch, args.dtype)
+    if args.checkpoint is not None:
+        loaded = load_checkpoint(args.checkpoint, device=args.device, dtype=args.dtype)
+        return loaded.model.eval(), loaded.backbone_dir, f"trained run {loaded.checkpoint_dir}"
+    backbone_dir = Path(args.backbone or embedded_backbone_dir())
+    backbone = LLaDAModel.from_pretrained(backbone_dir, dtype=dtype, device=args.device)
+    hybrid = LLaDATRMHybrid(backbone, hybrid_config(load_config(args.refiner_config))).eval()
+    weights = f"{args.refiner_config.name}, random (untrained) weights"
+    if args.refiner_checkpoint is not None:
+        hybrid.load_refiner(args.refiner_checkpoint)
+        weights = f"{args.refiner_config.name}, weights {args.refiner_checkpoint}"
+    return hybrid, backbone_dir, weights
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    backbone_dir = Path(args.backbone or embedded_backbone_dir())
-    backbone = LLaDAModel.from_pretrained(backbone_dir, dtype=getattr(torch, args.dtype), device=args.device)
+    hybrid, backbone_dir, weights = build_hybrid(args)
+    backbone = hybrid.backbone
     tokenizer = load_tokenizer(backbone_dir)
     ids = special_token_ids(tokenizer)
     records = test_problems(backbone_dir, args.n_problems)
-    hybrid = LLaDATRMHybrid(backbone, hybrid_config(load_config(args.refiner_config))).eval()
-    if args.refiner_checkpoint is not None:
-        hybrid.load_refiner(args.refiner_checkpoint)
     base_config = hybrid.config
     timer = RefineTimer(hybrid)
 
@@ -289,9 +315,8 @@ def main(argv: list[str] | None = None) -> None:
           f"torch threads {torch.get_num_threads()}")
     print(f"{len(records)} test problems in batches of {args.batch_size}; gen_length {args.gen_length}, "
           f"block_length {args.block_length}, exact sampler {args.steps} steps; fastest of {args.repeats}")
-    weights = str(args.refiner_checkpoint) if args.refiner_checkpoint else "random (untrained)"
     cfg = base_config
-    print(f"hybrid: {args.refiner_config.name} (refiner {cfg.refiner}, K={cfg.max_recursive_steps}, "
+    print(f"hybrid: {weights} (refiner {cfg.refiner}, K={cfg.max_recursive_steps}, "
           f"chunk {cfg.chunk_size}, threshold {cfg.confidence_threshold}); refiner weights {weights}")
 
     warmup = [Variant("warm-up", backbone, m) for m in modes(args.threshold)[1:]]
