@@ -346,4 +346,9 @@ Re-create it (deterministic for the seed, up to floating-point differences betwe
 
 Weights are stored in {config.output.dtype}; `pretrain_metrics.csv` has the training curve and
 `pretrain_summary.json` the full config and a few sample completions.
+
+Limitations: the masked-token accuracy is high because most answer tokens are the task's template (names,
+units, `<<`, `>>`); a problem counts as solved only when every intermediate number is right. Read the sample
+completions in `pretrain_summary.json` for what the model gets right (the answer format, the names and
+operands it copies from the question) and wrong (the arithmetic results, the number of steps).
 """
