@@ -317,7 +317,7 @@ def main(argv: list[str] | None = None) -> None:
           f"block_length {args.block_length}, exact sampler {args.steps} steps; fastest of {args.repeats}")
     cfg = base_config
     print(f"hybrid: {weights} (refiner {cfg.refiner}, K={cfg.max_recursive_steps}, "
-          f"chunk {cfg.chunk_size}, threshold {cfg.confidence_threshold}))")
+          f"chunk {cfg.chunk_size}, threshold {cfg.confidence_threshold})")
 
     warmup = [Variant("warm-up", backbone, m) for m in modes(args.threshold)[1:]]
     run_interleaved(warmup, tokenizer, records[:1], argparse.Namespace(**{**vars(args), "repeats": 1}), ids)
