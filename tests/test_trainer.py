@@ -210,6 +210,20 @@ def test_plain_sft_without_refiner(backbone_dir, tmp_path):
     assert float(row["loss_deep_supervision"]) == 0.0
 
 
+def test_batch_that_refines_no_chunk_still_steps(backbone_dir, tmp_path):
+    """Threshold 0: every chunk counts as confident, the loss is the frozen backbone's and has no graph."""
+    raw = raw_config(backbone_dir, tmp_path / "confident", max_steps=2, eval_every=0)
+    raw["model"].update(refiner="mlp", confidence_threshold=0.0)  # mlp: no orthogonality term either
+    trainer = Trainer(parse_config(raw), progress=False)
+    before = {n: p.detach().clone() for n, p in trainer.model.refinement_head.named_parameters()}
+    summary = trainer.train()
+    assert summary["steps"] == 2
+    row = read_csv(tmp_path / "confident" / "training_metrics.csv")[-1]
+    assert float(row["loss"]) > 0
+    for name, p in trainer.model.refinement_head.named_parameters():  # no signal: only weight decay
+        assert torch.allclose(p, before[name], atol=1e-4), name
+
+
 def test_configuration_errors(backbone_dir, tmp_path):
     expected = r"trainable_modules: pattern 'refiner' matches no module; .*backbone, refinement_head"
     with pytest.raises(ConfigError, match=expected):

@@ -160,7 +160,7 @@ class TrainStep(nn.Module):
     `forward(batch, noise=None, features=None)` is `objective(model, batch, noise=..., features=...,
     **objective_kwargs)` (an `ObjectiveResult`). With `touch_all` every trainable refiner parameter enters
     the loss (times zero), which FSDP needs: all ranks must reduce gradients for the same parameters, even
-    when a rank's batch left every chunk unrefined.
+    when a rank's batch left every chunk unrefined. Without it, such a batch is touched all the same.
     """
 
     def __init__(self, model: nn.Module, objective: Any, **objective_kwargs: Any) -> None:
@@ -172,7 +172,10 @@ class TrainStep(nn.Module):
 
     def forward(self, batch: Mapping[str, Tensor], noise: Any = None, features: Any = None) -> Any:
         result = self.objective(self.model, batch, noise=noise, features=features, **self.objective_kwargs)
-        if self.touch_all:
+        # A batch whose chunks are all confident refines nothing: its loss is the frozen backbone's and has
+        # no graph. Touching the refiner keeps backward valid (zero gradients) instead of failing.
+        detached = torch.is_grad_enabled() and not result.loss.requires_grad
+        if self.touch_all or detached:
             head = getattr(self.model, "refinement_head", None)
             params = head.parameters() if head is not None else ()
             touched = [p.sum().float() for p in params if p.requires_grad]
