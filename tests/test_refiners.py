@@ -9,6 +9,7 @@ from torch import nn
 from llada_trm.errors import ConfigError
 from llada_trm.refiners import (
     SLOT_NAMES,
+    ActiveRows,
     AttentionContextExtractor,
     MLPRefinerConfig,
     RecursiveRefinementHead,
@@ -105,7 +106,8 @@ def test_stats_keys_and_values(kind):
     assert isinstance(stats["confidence"], float) and 0.0 < stats["confidence"] < 1.0
     final = stats["final_confidence"]
     assert final.shape == (B, L) and not final.requires_grad
-    assert ((final > 0) & (final < 1)).all()
+    assert ((final[mask] > 0) & (final[mask] < 1)).all()
+    assert (final[~mask] == 0).all()  # only the refined rows are computed
     # delta_norms: mean L2 norm of the applied update over the refined positions, one float per step
     previous = x
     for k, h in enumerate(states):
@@ -346,3 +348,59 @@ def test_parameter_budget_for_llada_8b():
         mlp = RecursiveRefinementHead(d_model=4096)
     assert slot.num_parameters() < 0.002 * 8e9
     assert mlp.num_parameters() < 0.002 * 8e9
+
+
+def test_active_rows_pack_gather_scatter():
+    active = torch.tensor([[False, True, False, True], [True, False, False, False]])
+    rows = ActiveRows.pack(active)
+    assert rows.index[:, :1].tolist() == [[1], [0]] and rows.index[0].tolist() == [1, 3]
+    assert rows.valid.tolist() == [[True, True], [True, False]]
+    x = torch.arange(2 * 4 * 3, dtype=torch.float32).view(2, 4, 3)
+    packed = rows.gather(x)
+    assert packed.shape == (2, 2, 3) and torch.equal(packed[0], x[0, [1, 3]])
+    # scatter writes the valid rows only: padding rows keep what `into` held
+    back = rows.scatter(packed + 100, into=x)
+    assert torch.equal(back[active], x[active] + 100) and torch.equal(back[~active], x[~active])
+    assert torch.equal(rows.scatter(packed[..., 0], length=4), torch.where(active, x[..., 0], 0))
+    assert ActiveRows.pack(torch.ones(2, 4, dtype=torch.bool)) is None and ActiveRows.pack(None) is None
+    assert ActiveRows.pack(torch.zeros(2, 4, dtype=torch.bool)).index.shape == (2, 0)
+
+
+@pytest.mark.parametrize(("kind", "n_blocks"), [("slot", 0), ("slot", 1), ("slot", 2), ("mlp", None)])
+def test_step_computes_only_active_rows_with_the_full_computations_values(kind, n_blocks, monkeypatch):
+    """Packing the active rows is an optimisation: the values and gradients on them match computing every
+    row (two steps, so the carried `prev` is checked too), with the backbone context and padding in play."""
+    pack = ActiveRows.pack
+    extra = {"context_dim": 8} | ({"n_blocks": n_blocks} if kind == "slot" else {})
+    refiner = make(kind, **extra)
+    x, mask = inputs()
+    context = torch.randn(B, L, 8)
+    pad = torch.ones(B, L, dtype=torch.bool)
+    pad[1, -1] = False
+    results = {}
+    for name in ("packed", "full"):
+        unpacked = classmethod(lambda cls, active: None)  # compute every row, as before packing existed
+        monkeypatch.setattr(ActiveRows, "pack", pack if name == "packed" else unpacked)
+        active = mask
+        h = x.clone().requires_grad_(True)
+        state, out, confidence = refiner.init_state(h), h, []
+        for _ in range(2):
+            out, state, stats = refiner.step(out, state, context=context, active=active, attention_mask=pad)
+            confidence.append(stats["confidence"])
+        (out[mask].square().sum() + confidence[-1][mask].sum()).backward()
+        grads = [p.grad.clone() for p in refiner.parameters() if p.grad is not None]
+        refiner.zero_grad()
+        results[name] = (out[mask], confidence[-1][mask], h.grad[mask], grads)
+    for packed, full in zip(results["packed"][:3], results["full"][:3], strict=True):
+        torch.testing.assert_close(packed, full, rtol=1e-5, atol=1e-6)
+    assert len(results["packed"][3]) == len(results["full"][3])
+    for packed, full in zip(results["packed"][3], results["full"][3], strict=True):
+        torch.testing.assert_close(packed, full, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_step_with_nothing_active_is_identity(kind):
+    refiner = make(kind)
+    x, _ = inputs()
+    h, _, stats = refiner.step(x, refiner.init_state(x), active=torch.zeros(B, L, dtype=torch.bool))
+    assert torch.equal(h, x) and (stats["confidence"] == 0).all() and (stats["update_norm"] == 0).all()

@@ -272,6 +272,50 @@ def test_generation_result_reports_nfe_speed_and_model_stats() -> None:
     assert result.model_stats == {"refine_steps": 3.0, "chunks_skipped": 1.0}
 
 
+class RefiningModel(RankedModel):
+    """A RankedModel whose forward takes `masked`, as the hybrid's does; records what it was given."""
+
+    def __init__(self, strength: list[float], prompt_length: int) -> None:
+        super().__init__(strength, prompt_length)
+        self.masked: list[Tensor] = []
+        self.windows: list[tuple[int, Tensor]] = []
+
+    def forward(
+        self, input_ids: Tensor, attention_mask: Tensor | None = None, masked: Tensor | None = None, **cache
+    ) -> Tensor:
+        self.masked.append(masked)
+        self.windows.append((cache.get("cache_position", 0), input_ids.clone()))
+        return super().forward(input_ids, attention_mask)
+
+
+@pytest.mark.parametrize(
+    "options",
+    [{}, {"cfg_scale": 1.0}, {"threshold": 0.9}],
+    ids=["exact", "cfg", "threshold"],
+)
+def test_a_refining_model_is_asked_to_refine_only_the_current_blocks_masked_tokens(options) -> None:
+    prompt_length, gen_length, block_length = 2, 8, 4
+    model = RefiningModel([float(i) for i in range(gen_length)], prompt_length)
+    prompt = torch.tensor([[1, 2], [3, 4]])
+    plain = RankedModel([float(i) for i in range(gen_length)], prompt_length)
+    kwargs = dict(steps=4, gen_length=gen_length, block_length=block_length, mask_id=MASK, **options)
+    tokens = generate(model, prompt, **kwargs)
+    # the hint changes nothing else, and a model without the keyword is called without it
+    assert torch.equal(tokens, generate(plain, prompt, **kwargs))
+    seen_blocks = set()
+    for masked, (offset, window) in zip(model.masked, model.windows, strict=True):
+        assert masked is not None and masked.shape == window.shape
+        positions = offset + torch.arange(window.shape[1])
+        refined = positions[masked.any(dim=0)]
+        block = int((refined.min() - prompt_length) // block_length)
+        seen_blocks.add(block)
+        start = prompt_length + block * block_length
+        assert ((refined >= start) & (refined < start + block_length)).all()
+        in_block = (positions >= start) & (positions < start + block_length)
+        assert torch.equal(masked, (window == MASK) & in_block)
+    assert seen_blocks == {0, 1}
+
+
 def test_cfg_without_attention_mask_equals_an_all_ones_mask() -> None:
     model = ToyDenoiser(vocab_size=40, seed=3)
     prompt = torch.tensor([[5, 6, 7, 8]])

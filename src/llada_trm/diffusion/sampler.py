@@ -13,6 +13,7 @@ un-mask.
 
 from __future__ import annotations
 
+import inspect
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -125,11 +126,22 @@ class _Denoiser:
         self.mask_id = mask_id
         self.nfe = 0
         self.stats = _StatsAccumulator()
+        # A model whose forward takes `masked` (the hybrid) is told which positions to refine: the masked
+        # tokens of the current block, the only ones whose predictions the sampler reads.
+        self.refines = accepts_keyword(model, "masked")
+        self.block: tuple[int, int] | None = None
+
+    def _refine_mask(self, window: Tensor, start: int) -> dict[str, Tensor]:
+        if not self.refines or self.block is None:
+            return {}
+        positions = torch.arange(start, start + window.shape[1], device=window.device)
+        in_block = (positions >= self.block[0]) & (positions < self.block[1])
+        return {"masked": (window == self.mask_id) & in_block}
 
     def _call(
-        self, x: Tensor, attention_mask: Tensor | None, cache_kwargs: dict[str, Any]
+        self, x: Tensor, attention_mask: Tensor | None, kwargs: dict[str, Any]
     ) -> tuple[Tensor, Any]:
-        output = self.model(x, attention_mask=attention_mask, **cache_kwargs)
+        output = self.model(x, attention_mask=attention_mask, **kwargs)
         self.nfe += 1
         if isinstance(output, Tensor):
             return output, None
@@ -164,6 +176,7 @@ class _Denoiser:
         if cache is not None:
             cache_kwargs.update(past_key_values=cache, cache_position=start)
         window = x[:, start:end]
+        cache_kwargs.update(self._refine_mask(window, start))
         attention_mask = None if self.attention_mask is None else self.attention_mask[:, start:end]
         if self.cfg_scale <= 0:
             return self._call(window, attention_mask, cache_kwargs)
@@ -171,10 +184,22 @@ class _Denoiser:
         unconditional[self.prompt_index] = self.mask_id
         if attention_mask is not None:
             attention_mask = torch.cat([attention_mask, attention_mask], dim=0)
+        if "masked" in cache_kwargs:  # the prompt is outside the block: both copies refine the same positions
+            cache_kwargs["masked"] = torch.cat([cache_kwargs["masked"]] * 2, dim=0)
         both = torch.cat([window, unconditional[:, start:end]], dim=0)
         logits, new_cache = self._call(both, attention_mask, cache_kwargs)
         cond_logits, uncond_logits = torch.chunk(logits, 2, dim=0)
         return uncond_logits + (self.cfg_scale + 1) * (cond_logits - uncond_logits), new_cache
+
+
+def accepts_keyword(model: Any, name: str) -> bool:
+    """Whether ``model(...)`` takes the keyword ``name`` (looking through DDP-style ``.module`` wrappers)."""
+    target = getattr(model, "module", model)
+    target = getattr(target, "forward", target)
+    try:
+        return name in inspect.signature(target).parameters
+    except (TypeError, ValueError):  # builtins and C callables have no signature
+        return False
 
 
 def _set_logit(logits: Tensor, token_id: int, value: float) -> Tensor:
@@ -397,6 +422,7 @@ def generate_with_stats(
     for block in range(num_blocks):
         block_start = prompt_length + block * block_length
         block_end = block_start + block_length
+        denoiser.block = (block_start, block_end)
         if cache is not None:
             _denoise_block_cached(
                 x, denoiser, block_start, block_end, steps_per_block, threshold, cache, mask_id, step_options
@@ -450,7 +476,9 @@ def generate(
 
     Args:
         model: ``model(input_ids, attention_mask=None)`` returning logits [B, L, V], or an object (or dict)
-            with ``.logits`` and optionally ``.stats``.
+            with ``.logits`` and optionally ``.stats``. A model whose forward also takes ``masked`` [B, L]
+            (``LLaDATRMHybrid``) gets the masked positions of the current block there: the sampler reads no
+            other prediction, so the refiner spends nothing on the rest.
         prompt: [B, prompt_len] ids; a batch of different lengths is left-padded (pad id != ``mask_id``).
         attention_mask: [B, prompt_len], 1 for real tokens, 0 for left padding; extended with ones over the
             answer.

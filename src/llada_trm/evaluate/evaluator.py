@@ -26,6 +26,7 @@ from transformers import PreTrainedTokenizerBase
 
 from llada_trm.data import GSM8KRecord, prompt_batch, special_token_ids
 from llada_trm.diffusion import decode_generated, generate_with_stats
+from llada_trm.diffusion.sampler import accepts_keyword
 from llada_trm.evaluate.extraction import extract_flexible, extract_strict
 from llada_trm.evaluate.io import write_json, write_jsonl
 from llada_trm.hybrid.chunking import chunk_sum
@@ -118,15 +119,24 @@ class _CountingModel:
         self.num_steps = num_steps
         self.mask_id = mask_id
         self.chunk_size = chunk_size
+        self.refines = accepts_keyword(model, "masked")
 
-    def __call__(self, input_ids: Tensor, attention_mask: Tensor | None = None, **cache_kwargs: Any) -> Any:
+    def __call__(
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor | None = None,
+        masked: Tensor | None = None,
+        **cache_kwargs: Any,
+    ) -> Any:
         if self.num_steps is not None:
             cache_kwargs["num_steps"] = self.num_steps
+        if masked is not None and self.refines:
+            cache_kwargs["masked"] = masked
         output = self.model(input_ids, attention_mask=attention_mask, **cache_kwargs)
         stats = getattr(output, "stats", None)
         if not isinstance(stats, Mapping) or self.chunk_size is None or "steps_per_chunk" not in stats:
             return output
-        masked = (input_ids == self.mask_id).float()
+        masked = (input_ids == self.mask_id if masked is None else masked).float()
         past = cache_kwargs.get("past_key_values")
         offset = cache_kwargs.get("cache_position")
         if offset is None:

@@ -67,7 +67,8 @@ class HybridOutput:
     `step_logits[k-1]` are the logits after step k (empty without a refiner or when step logits are off);
     a chunk that halted or was never refined keeps its last logits in the later entries. `step_confidence`
     holds the refiner's own per-position confidence of each step (not detached: a calibration loss may train
-    it). `stats` are detached numbers and small tensors (see `LLaDATRMHybrid.refine`).
+    it); a halted chunk keeps its last step's value, a never-refined one reads zero. `stats` are detached
+    numbers and small tensors (see `LLaDATRMHybrid.refine`).
     """
 
     logits: Tensor
@@ -341,7 +342,10 @@ class LLaDATRMHybrid(nn.Module):
                 h, state, context=context, active=positions, attention_mask=features.attention_mask
             )
             accumulator.add(step_stats, positions)
-            step_confidence.append(step_stats["confidence"])
+            confidence = step_stats["confidence"]  # computed on the active rows only
+            if step_confidence:  # a halted chunk keeps the confidence of its last step
+                confidence = torch.where(positions, confidence, step_confidence[-1])
+            step_confidence.append(confidence)
             steps += active.long()
             if return_step_logits:
                 rows = positions.nonzero(as_tuple=True)

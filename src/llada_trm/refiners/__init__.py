@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from llada_trm.refiners.base import Refiner, RefinerState, StatsAccumulator
+from llada_trm.refiners.base import ActiveRows, Refiner, RefinerState, StatsAccumulator
 from llada_trm.refiners.mlp import MLPRefinerConfig, RecursiveRefinementHead
 from llada_trm.refiners.slot import (
     SLOT_NAMES,
@@ -31,6 +31,7 @@ def build_refiner(kind: str, d_model: int, **kwargs: Any) -> Refiner:
 
 
 __all__ = [
+    "ActiveRows",
     "REFINER_KINDS",
     "SLOT_NAMES",
     "AttentionContextExtractor",

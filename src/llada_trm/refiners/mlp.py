@@ -19,6 +19,7 @@ from torch import Tensor, nn
 
 from llada_trm.errors import ConfigError
 from llada_trm.refiners.base import (
+    ActiveRows,
     ContextInput,
     Refiner,
     RefinerState,
@@ -101,18 +102,25 @@ class RecursiveRefinementHead(Refiner):
         attention_mask: Tensor | None = None,  # unused: a per-token refiner cannot attend to padding
     ) -> tuple[Tensor, RefinerState, dict[str, Any]]:
         active = check_active(active, h)
-        dtype = self.mlp[-1].weight.dtype
-        u = self.norm(h.to(dtype))
         external = context_list(context, h, self.config.context_dim, "RecursiveRefinementHead")
+        rows = ActiveRows.pack(active)  # a per-token refiner computes only the active rows
+        h_in = h if rows is None else rows.gather(h)
+        dtype = self.mlp[-1].weight.dtype
+        u = self.norm(h_in.to(dtype))
         if external:
-            u = u + torch.stack([self.context_proj(c.to(dtype)) for c in external]).mean(dim=0)
+            contexts = external if rows is None else [rows.gather(c) for c in external]
+            u = u + torch.stack([self.context_proj(c.to(dtype)) for c in contexts]).mean(dim=0)
 
         delta = self.mlp(u).clamp(-self.delta_clamp, self.delta_clamp)
         update = (self.delta_scale * delta).to(h.dtype)
+        confidence = torch.sigmoid(self.confidence_head(u)).squeeze(-1)
+        if rows is not None:  # back to [B, L]; rows that were not computed read zero
+            update = rows.scatter(update, length=h.shape[1])
+            confidence = rows.scatter(confidence, length=h.shape[1])
         h_next, update = apply_update(h, update, active)
 
         step_stats: dict[str, Any] = {
-            "confidence": torch.sigmoid(self.confidence_head(u)).squeeze(-1),
+            "confidence": confidence,
             "update_norm": update.detach().float().norm(dim=-1),
         }
         return h_next, RefinerState(steps=state.steps + 1), step_stats

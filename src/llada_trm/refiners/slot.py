@@ -31,6 +31,7 @@ from torch import Tensor, nn
 
 from llada_trm.errors import ConfigError
 from llada_trm.refiners.base import (
+    ActiveRows,
     ContextInput,
     Refiner,
     RefinerState,
@@ -143,21 +144,27 @@ class AttentionContextExtractor(nn.Module):
         self.v_proj = nn.Linear(d_model, d_model, bias=bias)
         self.o_proj = nn.Linear(d_model, d_model, bias=bias)
 
-    def forward(self, x: Tensor, attention_mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        """x [B, L, D]; attention_mask [B, L] (True/1 = real token, may be attended) -> (output, context)."""
-        b, n, d = x.shape
+    def forward(
+        self, x: Tensor, attention_mask: Tensor | None = None, queries: ActiveRows | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """x [B, L, D]; attention_mask [B, L] (True/1 = real token, may be attended) -> (output, context).
+
+        With `queries`, only those rows ask (output and context are [B, Q, D]); every row is still a key.
+        """
+        b, _, d = x.shape
 
         def heads(t: Tensor) -> Tensor:
-            return t.view(b, n, self.n_heads, self.head_dim).transpose(1, 2)
+            return t.view(b, t.shape[1], self.n_heads, self.head_dim).transpose(1, 2)
 
-        q, k, v = heads(self.q_proj(x)), heads(self.k_proj(x)), heads(self.v_proj(x))
+        x_q = x if queries is None else queries.gather(x)
+        q, k, v = heads(self.q_proj(x_q)), heads(self.k_proj(x)), heads(self.v_proj(x))
         mask = None
         if attention_mask is not None:
             mask = attention_mask.to(torch.bool)[:, None, None, :]  # keys only: [B, 1, 1, L]
         y = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0
         )
-        context = y.transpose(1, 2).reshape(b, n, d)
+        context = y.transpose(1, 2).reshape(b, x_q.shape[1], d)
         return self.o_proj(context), context
 
 
@@ -178,9 +185,12 @@ class TransformerBlock(nn.Module):
             nn.Dropout(dropout),
         )
 
-    def forward(self, x: Tensor, attention_mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        attn_out, context = self.attn(self.attn_norm(x), attention_mask)
-        x = x + attn_out
+    def forward(
+        self, x: Tensor, attention_mask: Tensor | None = None, queries: ActiveRows | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """(output, context), both [B, Q, D] for the `queries` rows only when given, else [B, L, D]."""
+        attn_out, context = self.attn(self.attn_norm(x), attention_mask, queries)
+        x = (x if queries is None else queries.gather(x)) + attn_out
         x = x + self.mlp(self.mlp_norm(x))
         return x, context
 
@@ -309,11 +319,15 @@ class SlotTRMRefiner(Refiner):
     def _dtype(self) -> torch.dtype:
         return self.delta_net[-1].weight.dtype
 
+    def _external(self, context: ContextInput, like: Tensor) -> list[Tensor]:
+        """The backbone contexts as a list, checked against `like`'s [B, L] and the expected width."""
+        expected = self.config.context_dim if self.config.context_dim is not None else self.config.d_inner
+        return context_list(context, like, expected, "SlotTRMRefiner")
+
     def _context(self, u: Tensor, block_contexts: list[Tensor], context: ContextInput) -> Tensor:
         """Average the refiner's own block contexts with the backbone's context (its layers averaged first,
         then projected to d_inner), so that the backbone counts as one source however many layers it gives."""
-        expected = self.config.context_dim if self.config.context_dim is not None else self.config.d_inner
-        external = context_list(context, u, expected, "SlotTRMRefiner")
+        external = self._external(context, u)
         sources = list(block_contexts)
         if external:
             backbone = external[0] if len(external) == 1 else torch.stack(external).mean(dim=0)
@@ -333,25 +347,44 @@ class SlotTRMRefiner(Refiner):
         attention_mask: Tensor | None = None,
     ) -> tuple[Tensor, RefinerState, dict[str, Any]]:
         active = check_active(active, h)
+        # Only the active rows are computed past the last block's keys and values: a skipped or halted chunk
+        # costs its share of the attention's keys, nothing more. Everything below is per row except
+        # attention, so the packed rows get the same values as a full computation would.
+        rows = ActiveRows.pack(active)
         u = self.in_proj(h.to(self._dtype))
         block_contexts = []
-        for block in self.blocks:
-            u, c = block(u, attention_mask)
+        for i, block in enumerate(self.blocks):
+            last = i == len(self.blocks) - 1
+            u, c = block(u, attention_mask, queries=rows if last else None)
             block_contexts.append(c)
-        slots = self.slot_proj(u, self._context(u, block_contexts, context), state.prev)
+        if rows is not None:
+            if not self.blocks:
+                u = rows.gather(u)
+            block_contexts[:-1] = [rows.gather(c) for c in block_contexts[:-1]]
+            context = [rows.gather(c) for c in self._external(context, h)]
+        prev = state.prev if rows is None or state.prev is None else rows.gather(state.prev)
+        slots = self.slot_proj(u, self._context(u, block_contexts, context), prev)
 
         delta = self.delta_net(torch.cat(slots, dim=-1)).clamp(-self.delta_clamp, self.delta_clamp)
-        confidence = torch.sigmoid(self.confidence_head(slots.conf))  # [B, L, 1]
-        update = (self.delta_scale * confidence * delta).to(h.dtype)
+        confidence = torch.sigmoid(self.confidence_head(slots.conf)).squeeze(-1)  # [B, Q]
+        update = (self.delta_scale * confidence.unsqueeze(-1) * delta).to(h.dtype)
+        with torch.no_grad():
+            slot_norms = {name: s.float().norm(dim=-1) for name, s in slots._asdict().items()}
+        u = u.detach()
+        if rows is not None:  # back to [B, L]; rows that were not computed read zero
+            length = h.shape[1]
+            update = rows.scatter(update, length=length)
+            confidence = rows.scatter(confidence, length=length)
+            slot_norms = {name: rows.scatter(n, length=length) for name, n in slot_norms.items()}
+            u = rows.scatter(u, into=state.prev, length=length)
         h_next, update = apply_update(h, update, active)
 
-        with torch.no_grad():
-            step_stats = {
-                "update_norm": update.float().norm(dim=-1),
-                "slot_norms": {name: s.float().norm(dim=-1) for name, s in slots._asdict().items()},
-            }
-        step_stats["confidence"] = confidence.squeeze(-1)
-        return h_next, RefinerState(prev=u.detach(), steps=state.steps + 1), step_stats
+        step_stats: dict[str, Any] = {
+            "update_norm": update.detach().float().norm(dim=-1),
+            "slot_norms": slot_norms,
+            "confidence": confidence,
+        }
+        return h_next, RefinerState(prev=u, steps=state.steps + 1), step_stats
 
     def orthogonality_loss(self) -> Tensor:
         return self.slot_proj.orthogonality_loss()
