@@ -369,7 +369,8 @@ def test_active_rows_pack_gather_scatter():
 @pytest.mark.parametrize(("kind", "n_blocks"), [("slot", 0), ("slot", 1), ("slot", 2), ("mlp", None)])
 def test_step_computes_only_active_rows_with_the_full_computations_values(kind, n_blocks, monkeypatch):
     """Packing the active rows is an optimisation: the values and gradients on them match computing every
-    row (two steps, so the carried `prev` is checked too), with the backbone context and padding in play."""
+    row (three steps, one of them after a row halted, so the carried `prev` and the reused attention keys
+    and values are checked too), with the backbone context and padding in play."""
     pack = ActiveRows.pack
     extra = {"context_dim": 8} | ({"n_blocks": n_blocks} if kind == "slot" else {})
     refiner = make(kind, **extra)
@@ -377,20 +378,21 @@ def test_step_computes_only_active_rows_with_the_full_computations_values(kind, 
     context = torch.randn(B, L, 8)
     pad = torch.ones(B, L, dtype=torch.bool)
     pad[1, -1] = False
+    halted = mask.clone()
+    halted[1, 2] = False
     results = {}
     for name in ("packed", "full"):
         unpacked = classmethod(lambda cls, active: None)  # compute every row, as before packing existed
         monkeypatch.setattr(ActiveRows, "pack", pack if name == "packed" else unpacked)
-        active = mask
         h = x.clone().requires_grad_(True)
         state, out, confidence = refiner.init_state(h), h, []
-        for _ in range(2):
+        for active in (mask, halted, halted):  # a chunk halts after the first step: its rows go stale
             out, state, stats = refiner.step(out, state, context=context, active=active, attention_mask=pad)
             confidence.append(stats["confidence"])
-        (out[mask].square().sum() + confidence[-1][mask].sum()).backward()
+        (out[mask].square().sum() + confidence[-1][halted].sum()).backward()
         grads = [p.grad.clone() for p in refiner.parameters() if p.grad is not None]
         refiner.zero_grad()
-        results[name] = (out[mask], confidence[-1][mask], h.grad[mask], grads)
+        results[name] = (out[mask], confidence[-1][halted], h.grad[mask], grads)
     for packed, full in zip(results["packed"][:3], results["full"][:3], strict=True):
         torch.testing.assert_close(packed, full, rtol=1e-5, atol=1e-6)
     assert len(results["packed"][3]) == len(results["full"][3])

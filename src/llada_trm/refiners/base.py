@@ -28,11 +28,15 @@ class RefinerState:
     """What a refiner carries from one step to the next (TRM's "carry").
 
     `prev` is the refiner's own working representation from the previous step, detached so that the
-    recurrence never back-propagates through the carry itself; `None` before the first step.
+    recurrence never back-propagates through the carry itself; `None` before the first step. `reuse` holds
+    what a refiner may reuse in its next step instead of recomputing it (the slot refiner's attention keys
+    and values, with the rows the step changed). It never changes a result as long as each step is given the
+    previous step's output, as `forward` and the hybrid's loop do.
     """
 
     prev: Tensor | None = None
     steps: int = 0
+    reuse: dict[str, Tensor] | None = None
 
 
 def masked_mean(values: Tensor, active: Tensor | None) -> Tensor:

@@ -144,12 +144,21 @@ class AttentionContextExtractor(nn.Module):
         self.v_proj = nn.Linear(d_model, d_model, bias=bias)
         self.o_proj = nn.Linear(d_model, d_model, bias=bias)
 
+    def keys_values(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """The keys and values of rows x [..., D], before the split into heads."""
+        return self.k_proj(x), self.v_proj(x)
+
     def forward(
-        self, x: Tensor, attention_mask: Tensor | None = None, queries: ActiveRows | None = None
+        self,
+        x: Tensor,
+        attention_mask: Tensor | None = None,
+        queries: ActiveRows | None = None,
+        keys_values: tuple[Tensor, Tensor] | None = None,
     ) -> tuple[Tensor, Tensor]:
         """x [B, L, D]; attention_mask [B, L] (True/1 = real token, may be attended) -> (output, context).
 
         With `queries`, only those rows ask (output and context are [B, Q, D]); every row is still a key.
+        `keys_values`: `keys_values(x)` when the caller already has them (x is then only read at the queries).
         """
         b, _, d = x.shape
 
@@ -157,7 +166,8 @@ class AttentionContextExtractor(nn.Module):
             return t.view(b, t.shape[1], self.n_heads, self.head_dim).transpose(1, 2)
 
         x_q = x if queries is None else queries.gather(x)
-        q, k, v = heads(self.q_proj(x_q)), heads(self.k_proj(x)), heads(self.v_proj(x))
+        keys, values = self.keys_values(x) if keys_values is None else keys_values
+        q, k, v = heads(self.q_proj(x_q)), heads(keys), heads(values)
         mask = None
         if attention_mask is not None:
             mask = attention_mask.to(torch.bool)[:, None, None, :]  # keys only: [B, 1, 1, L]
@@ -185,12 +195,28 @@ class TransformerBlock(nn.Module):
             nn.Dropout(dropout),
         )
 
+    def keys_values(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """The attention's keys and values of rows x [..., D] (normalised as the block normalises them)."""
+        return self.attn.keys_values(self.attn_norm(x))
+
     def forward(
-        self, x: Tensor, attention_mask: Tensor | None = None, queries: ActiveRows | None = None
+        self,
+        x: Tensor,
+        attention_mask: Tensor | None = None,
+        queries: ActiveRows | None = None,
+        keys_values: tuple[Tensor, Tensor] | None = None,
     ) -> tuple[Tensor, Tensor]:
-        """(output, context), both [B, Q, D] for the `queries` rows only when given, else [B, L, D]."""
-        attn_out, context = self.attn(self.attn_norm(x), attention_mask, queries)
-        x = (x if queries is None else queries.gather(x)) + attn_out
+        """(output, context), both [B, Q, D] for the `queries` rows only when given, else [B, L, D].
+
+        `keys_values`: the attention's keys and values of every row (`keys_values`), when already known.
+        """
+        if keys_values is None or queries is None:
+            attn_out, context = self.attn(self.attn_norm(x), attention_mask, queries, keys_values)
+            x = x if queries is None else queries.gather(x)
+        else:  # only the query rows need the norm
+            x = queries.gather(x)
+            attn_out, context = self.attn(self.attn_norm(x), attention_mask, None, keys_values)
+        x = x + attn_out
         x = x + self.mlp(self.mlp_norm(x))
         return x, context
 
@@ -352,10 +378,15 @@ class SlotTRMRefiner(Refiner):
         # attention, so the packed rows get the same values as a full computation would.
         rows = ActiveRows.pack(active)
         u = self.in_proj(h.to(self._dtype))
+        reuse = None
         block_contexts = []
         for i, block in enumerate(self.blocks):
             last = i == len(self.blocks) - 1
-            u, c = block(u, attention_mask, queries=rows if last else None)
+            keys_values = None
+            if rows is not None and len(self.blocks) == 1:
+                keys_values = self._keys_values(block, u, state.reuse)
+                reuse = {"keys": keys_values[0], "values": keys_values[1], "changed": active}
+            u, c = block(u, attention_mask, queries=rows if last else None, keys_values=keys_values)
             block_contexts.append(c)
         if rows is not None:
             if not self.blocks:
@@ -384,7 +415,25 @@ class SlotTRMRefiner(Refiner):
             "slot_norms": slot_norms,
             "confidence": confidence,
         }
-        return h_next, RefinerState(prev=u, steps=state.steps + 1), step_stats
+        return h_next, RefinerState(prev=u, steps=state.steps + 1, reuse=reuse), step_stats
+
+    @staticmethod
+    def _keys_values(
+        block: TransformerBlock, u: Tensor, reuse: dict[str, Tensor] | None
+    ) -> tuple[Tensor, Tensor]:
+        """The single block's keys and values of every row, recomputed only where the last step changed h.
+
+        A row's key and value depend on its own h alone, and a step changes h only on its active rows, so
+        the rest carry over from the previous step: when few chunks are refined, most of the attention's
+        projections are skipped.
+        """
+        if reuse is None or reuse["keys"].shape[:2] != u.shape[:2]:
+            return block.keys_values(u)
+        changed = ActiveRows.pack(reuse["changed"])
+        if changed is None:  # every row changed
+            return block.keys_values(u)
+        keys, values = block.keys_values(changed.gather(u))
+        return changed.scatter(keys, into=reuse["keys"]), changed.scatter(values, into=reuse["values"])
 
     def orthogonality_loss(self) -> Tensor:
         return self.slot_proj.orthogonality_loss()
