@@ -331,6 +331,8 @@ workflow runs on a CPU. It is not a general language model.
 | shape | d_model {arch.d_model}, {arch.n_layers} layers, {arch.n_heads} heads, \
 SwiGLU {arch.mlp_hidden_size} |
 | vocabulary | {vocab} tokens (byte-level BPE, digits split, LLaDA's special tokens and chat template) |
+| task | generated problems of {config.data.min_steps}-{config.data.max_steps} arithmetic steps, \
+numbers up to {config.data.max_number}, results up to {config.data.max_result} |
 | training | {config.training.steps} steps x batch {config.training.batch_size}, \
 {config.data.n_train} problems, seed {config.training.seed} |
 | masked-token accuracy (t = 0.5, held-out) | \
