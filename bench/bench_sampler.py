@@ -112,6 +112,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "baseline of LLaDA's and Fast-dLLM's GSM8K numbers)")
     parser.add_argument("--threshold", type=float, default=0.9, help="Fast-dLLM's confidence threshold")
     parser.add_argument("--ks", default="1,2,4,8", help="refiner steps K for the share table")
+    parser.add_argument("--selective", default="0.5",
+                        help="chunk confidence thresholds of the share table's selective variants, "
+                        "comma-separated (chunks below it are refined)")
     parser.add_argument("--share-modes", default=None,
                         help="sampler modes of the share table, comma-separated: exact (fixed schedule) "
                         "and/or prefix (threshold + prefix cache); default both, exact with --quick")
@@ -132,6 +135,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.share_modes is None:
         args.share_modes = "exact" if args.quick else "exact,prefix"
     args.ks = [int(k) for k in args.ks.split(",") if k]
+    args.selective = [float(t) for t in args.selective.split(",") if t]
     args.share_modes = [m for m in args.share_modes.split(",") if m]
     unknown = sorted(set(args.share_modes) - {"exact", "prefix"})
     if unknown:
@@ -252,13 +256,14 @@ def print_modes(title: str, rows: list[dict[str, Any]]) -> None:
 
 
 def share_variants(hybrid: LLaDATRMHybrid, args: argparse.Namespace) -> list[Variant]:
-    """Per sampler mode of the share table: the backbone alone, then K x (selective 0.5, refine-all 2.0)."""
+    """Per sampler mode of the share table: the backbone alone, then K x (selective, refine-all 2.0)."""
     by_key = {"exact": modes(args.threshold)[0], "prefix": modes(args.threshold)[2]}
     variants = []
     for key in args.share_modes:
         variants.append(Variant(NO_REFINER, hybrid.backbone, by_key[key]))
         for k in args.ks:
-            for label, threshold in (("selective 0.5", 0.5), ("all (2.0)", 2.0)):
+            thresholds = [(f"selective {t:g}", t) for t in args.selective] + [("all (2.0)", 2.0)]
+            for label, threshold in thresholds:
                 config = dataclasses.replace(
                     hybrid.config, max_recursive_steps=k, confidence_threshold=threshold
                 )
