@@ -59,6 +59,17 @@ def test_tiny_compare_prints_the_table_and_writes_results(backbone_dir, tmp_path
         lines = (cmp / kind / "eval" / "synthetic-test" / "predictions.jsonl").read_text().splitlines()
         questions[kind] = [json.loads(line)["question"] for line in lines]
     assert questions["none"] == questions["mlp"] == questions["slot"] and len(questions["none"]) == 3
+    # the paired counts against the backbone alone agree with the predictions
+    correct = {}
+    for kind in rows:
+        lines = (cmp / kind / "eval" / "synthetic-test" / "predictions.jsonl").read_text().splitlines()
+        correct[kind] = [json.loads(line)["correct_strict"] for line in lines]
+    for kind in ("mlp", "slot"):
+        gained = sum(c and not b for c, b in zip(correct[kind], correct["none"], strict=True))
+        lost = sum(b and not c for c, b in zip(correct[kind], correct["none"], strict=True))
+        assert (rows[kind]["gained"], rows[kind]["lost"]) == (gained, lost)
+        assert rows[kind]["vs_none"] == f"+{gained} / -{lost}"
+    assert "vs_none" not in rows["none"]
     assert "| none" in (cmp / "comparison.md").read_text()
     assert (cmp / "comparison.png").read_bytes()[:4] == b"\x89PNG"
 

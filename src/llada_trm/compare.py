@@ -89,6 +89,7 @@ _COLUMNS: tuple[tuple[str, str, str], ...] = (
     ("refiner", "refiner", "{}"),
     ("accuracy_strict", "acc strict", "{:.3f}"),
     ("accuracy_flexible", "acc flexible", "{:.3f}"),
+    ("vs_none", "vs none (+/-)", "{}"),
     ("val_loss", "val loss", "{:.4f}"),
     ("val_masked_accuracy", "val masked acc", "{:.3f}"),
     ("mean_refine_steps", "refine steps", "{:.2f}"),
@@ -154,6 +155,20 @@ def _row(kind: str, result: Any, train: Mapping[str, Any], train_s: float | None
     }
 
 
+def _paired(result: Any, baseline: Any | None) -> dict[str, Any]:
+    """Problems the refiner solves that the backbone alone misses (gained) and the reverse (lost), strict.
+
+    On the same problems, these two counts say more than the accuracies' difference: a sign test on them
+    tells a real change from sampling noise.
+    """
+    if baseline is None:
+        return {}
+    before = {p["index"]: p["correct_strict"] for p in baseline.predictions}
+    gained = sum(1 for p in result.predictions if p["correct_strict"] and not before[p["index"]])
+    lost = sum(1 for p in result.predictions if before[p["index"]] and not p["correct_strict"])
+    return {"gained": gained, "lost": lost, "vs_none": f"+{gained} / -{lost}"}
+
+
 def _sampling(ev: CompareEvaluation) -> Any:
     from llada_trm.evaluate import SamplingOptions
 
@@ -217,17 +232,18 @@ def run_compare(
 
     rows: list[dict[str, Any]] = []
     files: list[Path] = []
+    baseline = None
     if config.baseline:
-        result = sample("none", resolve_backbone_dir(config.run.model.backbone))
+        baseline = sample("none", resolve_backbone_dir(config.run.model.backbone))
         first_run = next(iter(trained.values()))[0]  # its loss_base: the backbone on the same masks
-        rows.append(_row("none", result, first_run, None))
-        files.extend(result.files)
+        rows.append(_row("none", baseline, first_run, None))
+        files.extend(baseline.files)
     for kind, (summary, train_s) in trained.items():
         checkpoint = out / kind / "checkpoints" / ev.checkpoint
         if not checkpoint.is_dir():  # no validation set: the trainer wrote no 'best'
             checkpoint = out / kind / "checkpoints" / "last"
         result = sample(kind, checkpoint)
-        rows.append(_row(kind, result, summary, train_s))
+        rows.append(_row(kind, result, summary, train_s) | _paired(result, baseline))
         files.extend([*result.files, *plot_run(out / kind)])
 
     elapsed = time.perf_counter() - started
