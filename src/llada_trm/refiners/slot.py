@@ -152,29 +152,27 @@ class AttentionContextExtractor(nn.Module):
         self,
         x: Tensor,
         attention_mask: Tensor | None = None,
-        queries: ActiveRows | None = None,
         keys_values: tuple[Tensor, Tensor] | None = None,
     ) -> tuple[Tensor, Tensor]:
-        """x [B, L, D]; attention_mask [B, L] (True/1 = real token, may be attended) -> (output, context).
+        """x [B, Q, D], the asking rows -> (output, context), both [B, Q, D].
 
-        With `queries`, only those rows ask (output and context are [B, Q, D]); every row is still a key.
-        `keys_values`: `keys_values(x)` when the caller already has them (x is then only read at the queries).
+        keys_values: `keys_values(...)` of the L rows attended to (default: x's own, Q = L); attention_mask
+        [B, L] (True/1 = real token, may be attended) covers those L rows.
         """
-        b, _, d = x.shape
+        b, n, d = x.shape
 
         def heads(t: Tensor) -> Tensor:
             return t.view(b, t.shape[1], self.n_heads, self.head_dim).transpose(1, 2)
 
-        x_q = x if queries is None else queries.gather(x)
         keys, values = self.keys_values(x) if keys_values is None else keys_values
-        q, k, v = heads(self.q_proj(x_q)), heads(keys), heads(values)
+        q, k, v = heads(self.q_proj(x)), heads(keys), heads(values)
         mask = None
         if attention_mask is not None:
             mask = attention_mask.to(torch.bool)[:, None, None, :]  # keys only: [B, 1, 1, L]
         y = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0
         )
-        context = y.transpose(1, 2).reshape(b, x_q.shape[1], d)
+        context = y.transpose(1, 2).reshape(b, n, d)
         return self.o_proj(context), context
 
 
@@ -210,12 +208,11 @@ class TransformerBlock(nn.Module):
 
         `keys_values`: the attention's keys and values of every row (`keys_values`), when already known.
         """
-        if keys_values is None or queries is None:
-            attn_out, context = self.attn(self.attn_norm(x), attention_mask, queries, keys_values)
-            x = x if queries is None else queries.gather(x)
-        else:  # only the query rows need the norm
+        if queries is not None:  # every row is a key, only the query rows ask
+            if keys_values is None:
+                keys_values = self.keys_values(x)
             x = queries.gather(x)
-            attn_out, context = self.attn(self.attn_norm(x), attention_mask, None, keys_values)
+        attn_out, context = self.attn(self.attn_norm(x), attention_mask, keys_values)
         x = x + attn_out
         x = x + self.mlp(self.mlp_norm(x))
         return x, context
