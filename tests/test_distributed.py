@@ -179,7 +179,12 @@ def read_column(path: Path, column: str) -> list[float]:
         return [float(row[column]) for row in csv.DictReader(handle)]
 
 
-def assert_close(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], atol: float) -> None:
+# All-reduce sums gradients in another order than one process does; after a few Adam steps (each moving a
+# weight by ~1e-3) that leaves gaps of up to ~2e-5 on some CPUs, well below one step's movement.
+WEIGHT_ATOL = 5e-5
+
+
+def assert_close(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], atol: float = WEIGHT_ATOL) -> None:
     assert a.keys() == b.keys()
     gaps = {name: float((a[name] - b[name]).abs().max()) for name in a}
     worst = max(gaps, key=gaps.get)
@@ -202,7 +207,7 @@ def test_ddp_matches_one_process_with_the_global_batch(distributed_runs, backbon
     single.train()
     trained = {n: p.detach() for n, p in single.model.named_parameters() if p.requires_grad}
     ddp = load_file(str(out / "ddp" / "checkpoints" / "last" / "model.safetensors"))
-    assert_close(ddp, trained, atol=2e-5)
+    assert_close(ddp, trained)
     assert max(float((trained[n] - initial[n]).abs().max()) for n in trained) > 1e-3  # it did train
     # Gradients are averaged (not summed) over the ranks, and logged metrics are means over every rank's
     # micro-batches: the same curves as one process.
@@ -228,7 +233,6 @@ def test_checkpoint_of_two_processes_resumes_in_one(distributed_runs, backbone_d
     assert_close(
         {n: params[n].detach() for n in resumed.plan.trainable_names},
         {n: p.detach() for n, p in straight.model.named_parameters() if p.requires_grad},
-        atol=2e-5,
     )
 
 
@@ -255,7 +259,7 @@ def test_fsdp_checkpoint_loads_in_one_process(distributed_runs, backbone_dir, tm
     single = make_trainer({**raw, "output": {"dir": str(tmp_path / "single")}})
     single.train(max_new_steps=2)
     trained = {n: p.detach() for n, p in single.model.named_parameters()}
-    assert_close(load_file(str(checkpoint / "model.safetensors")), trained, atol=2e-5)
+    assert_close(load_file(str(checkpoint / "model.safetensors")), trained)
 
     # Its (sharded, gathered) optimizer state continues in one process, and in two with FSDP (where it was
     # re-sharded on loading): the third step agrees.
@@ -263,7 +267,7 @@ def test_fsdp_checkpoint_loads_in_one_process(distributed_runs, backbone_dir, tm
     assert trainer.state.step == 2 and trainer.optimizer.state
     assert torch.isfinite(torch.tensor(trainer.train()["train_loss"]))
     resumed_by_fsdp = load_file(str(out / "fsdp_resumed" / "checkpoints" / "last" / "model.safetensors"))
-    assert_close(resumed_by_fsdp, {n: p.detach() for n, p in trainer.model.named_parameters()}, atol=2e-5)
+    assert_close(resumed_by_fsdp, {n: p.detach() for n, p in trainer.model.named_parameters()})
     before = load_file(str(checkpoint / "model.safetensors"))
     assert max(float((resumed_by_fsdp[n] - before[n]).abs().max()) for n in before) > 1e-4  # it did step
 
