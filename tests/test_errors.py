@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from llada_trm.data import DataError
@@ -109,15 +111,18 @@ def test_error_report_counts_first_deviations_of_wrong_answers_only():
         _prediction(2, Q1, R1, _r1(L1, L2, "#### 45")),
         {**_prediction(3, Q2, R2, "Sam has 22 cards.\n#### 22"), "correct_strict": False},
         {**_prediction(4, Q2, R2, "nonsense"), "correct_strict": True},  # the record's own verdict is used
+        _prediction(5, Q1, R1, _r1(L1, L2, L3, "#### 6")),
     ]
     report = error_report(predictions)
-    assert report["problems"] == 5 and report["wrong"] == 3
+    assert report["problems"] == 6 and report["wrong"] == 4
     assert set(report["categories"]) == set(CATEGORIES)
     assert {k: v for k, v in report["categories"].items() if v} == {
-        "wrong_result": 1, "wrong_step_count": 1, "format_broken": 1,
+        "wrong_result": 1, "wrong_step_count": 1, "format_broken": 1, "other": 1,
     }  # fmt: skip
-    assert report["category_rates"]["wrong_result"] == pytest.approx(1 / 3)
-    assert [w["index"] for w in report["wrong_answers"]] == [1, 2, 3]
+    assert report["other_details"] == {"final answer not the last result": 1}
+    assert report["category_rates"]["wrong_result"] == pytest.approx(1 / 4)
+    assert [w["index"] for w in report["wrong_answers"]] == [1, 2, 3, 5]
+    assert json.loads(json.dumps(report)) == report
     assert report["wrong_answers"][0] == {"index": 1, "category": "wrong_result", "step": 2,
                                           "detail": "45/9=6 instead of 5"}  # fmt: skip
 

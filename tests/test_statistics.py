@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 from fractions import Fraction
 
@@ -110,6 +111,7 @@ def test_paired_summary_fields():
     assert summary["p"] == pytest.approx(mcnemar_exact(3, 1))
     assert summary["accuracy_a"]["k"] == 3 and summary["accuracy_b"]["k"] == 5
     assert summary["ci_low"] <= 0.25 <= summary["ci_high"]
+    assert json.loads(json.dumps(summary)) == summary
     with pytest.raises(ValueError, match="same problems"):
         paired_summary(a, b[:-1])
     with pytest.raises(ValueError, match="booleans"):

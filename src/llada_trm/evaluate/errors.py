@@ -16,7 +16,9 @@ against it. Each wrong answer gets exactly one category, that of its FIRST devia
 
 Lines are the completion's lines holding ``<<``; prose between them is ignored. A line's values are those
 inside its annotation (the calculator's), not the text around it. Entities (who and what each line names)
-and arithmetic (``c`` given the reference's operands, per operator) are counted over all answers.
+and arithmetic (``c`` given the reference's operands, per operator) are counted over all answers, on
+the lines aligned by position with a reference step; a line whose subject cannot be read counts as neither
+copied nor named in the question.
 """
 
 from __future__ import annotations
@@ -148,7 +150,7 @@ def first_deviation(completion: str, steps: Sequence[SolutionStep]) -> Deviation
     if final is None:
         return Deviation("format_broken", None, "every step right but no '#### n'")
     if final != str(steps[-1].y):
-        return Deviation("other", None, f"final answer {final} is not the last result {steps[-1].y}")
+        return Deviation("other", None, f"final answer not the last result: #### {final} after {steps[-1].y}")
     return Deviation("none", None, "")
 
 
