@@ -78,6 +78,7 @@ __all__ = [
     "unsharded",
     "world_size",
     "wrap_for_training",
+    "wrap_run",
 ]
 
 DISTRIBUTED_MODES = ("auto", "ddp", "fsdp")
@@ -172,6 +173,25 @@ def wrap_for_training(
         step.touch_all = True
         return step
     raise ConfigError(f"advanced.distributed: unknown strategy {strategy!r}")
+
+
+def wrap_run(
+    step: TrainStep,
+    plan: Any,
+    strategy: str,
+    *,
+    device: torch.device,
+    param_dtype: torch.dtype | None = None,
+) -> nn.Module:
+    """`wrap_for_training` for a run: the backbone's blocks are FSDP's units, and under FSDP the freezing
+    plan's groups (a `FreezePlan`) are re-read, since every parameter became its shard."""
+    blocks = list(step.model.backbone.blocks)
+    engine = wrap_for_training(step, strategy, device=device, blocks=blocks, param_dtype=param_dtype)
+    if strategy == "fsdp":
+        params = dict(step.model.named_parameters())
+        for group in plan.groups:
+            group.params = {name: params[name] for name in group.params}
+    return engine
 
 
 def is_sharded(module: nn.Module) -> bool:
