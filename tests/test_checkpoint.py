@@ -124,7 +124,7 @@ def test_crash_between_the_renames_is_recovered(tmp_path, monkeypatch):
             raise OSError("power cut (simulated)")
         return real_replace(src, dst)
 
-    monkeypatch.setattr(ckpt.os, "replace", replace)
+    monkeypatch.setattr(os, "replace", replace)
     with pytest.raises(OSError, match="simulated"):
         save(target, model, 2)
     monkeypatch.undo()

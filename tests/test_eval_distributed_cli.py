@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 from tiny_assets import TINY_SAMPLING, tiny_run
 
+import llada_trm.dist_utils as distributed
 import llada_trm.evaluate
-import llada_trm.training.distributed as distributed
 from llada_trm.cli import main
 from llada_trm.evaluate import PREDICTIONS_FILE
 

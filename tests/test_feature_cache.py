@@ -20,6 +20,7 @@ from llada_trm.data import (
     generate_problems,
     load_tokenizer,
 )
+from llada_trm.diffusion.forward_process import draw_noise
 from llada_trm.errors import ConfigError
 from llada_trm.hybrid import HybridConfig, LLaDATRMHybrid
 from llada_trm.hybrid.chunking import chunk_sum
@@ -30,7 +31,6 @@ from llada_trm.training.feature_cache import (
     backbone_fingerprint,
     build_feature_cache,
     cached_features,
-    draw_noise,
     expected_manifest,
     open_feature_cache,
     write_feature_cache,

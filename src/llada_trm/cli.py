@@ -44,8 +44,8 @@ def _cmd_pretrain(args: argparse.Namespace) -> int:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
+    from llada_trm.dist_utils import is_main_process
     from llada_trm.training import run_train
-    from llada_trm.training.distributed import is_main_process
 
     summary = run_train(args.config, args.set, args.resume, progress=not args.no_progress)
     if not is_main_process():  # under torchrun every rank returns the summary; one prints it
@@ -105,15 +105,15 @@ def _default_eval_dir(loaded: Any, dataset: str, split: str) -> Path:
 def _join_processes(device: str) -> Any:
     """This process's device; under torchrun the process group is joined first, so that each rank loads the
     model onto its own GPU (LOCAL_RANK) and the evaluation's collectives have a group to run in."""
+    from llada_trm.dist_utils import init_distributed
     from llada_trm.evaluate.loading import resolve_eval_device
-    from llada_trm.training.distributed import init_distributed
 
     return init_distributed(resolve_eval_device(device))
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
+    from llada_trm.dist_utils import is_main_process
     from llada_trm.evaluate import evaluate_model, load_checkpoint, load_eval_records, synthetic_settings
-    from llada_trm.training.distributed import is_main_process
 
     options = _sampling_options(args)  # bad options and data fail before a (possibly 8B) model loads
     records = None

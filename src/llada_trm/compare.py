@@ -23,7 +23,7 @@ from typing import Any, Literal
 from pydantic import Field
 
 from llada_trm.config import Float, Int, NonNegFloat, PosInt, RunConfig, _Section, load_schema
-from llada_trm.evaluate.io import write_json, write_text_atomic
+from llada_trm.io import write_json, write_text_atomic
 
 __all__ = [
     "CompareConfig",
@@ -189,9 +189,10 @@ def run_compare(
     config: CompareConfig, *, progress: bool = True, echo: Callable[[str], None] = print
 ) -> CompareResult:
     """Train each refiner, evaluate it and the backbone alone on the same problems, write the comparison."""
+    from llada_trm.build import resolve_backbone_dir
     from llada_trm.evaluate import evaluate_model, load_checkpoint, load_eval_records, synthetic_settings
     from llada_trm.plots import plot_comparison, plot_run
-    from llada_trm.training import Trainer, resolve_backbone_dir
+    from llada_trm.training import Trainer
 
     started = time.perf_counter()
     out = Path(config.output.dir)

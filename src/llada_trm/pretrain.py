@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import csv
 import json
-import math
 import os
 import shutil
 import time
@@ -44,6 +43,8 @@ from llada_trm.diffusion import (
     masked_token_accuracy,
 )
 from llada_trm.evaluate.extraction import is_correct
+from llada_trm.io import replace_directory
+from llada_trm.training.schedule import warmup_cosine
 
 __all__ = ["PretrainConfig", "PretrainResult", "load_pretrain_config", "pretrain"]
 
@@ -145,13 +146,6 @@ def _task(config: TaskConfig) -> SyntheticTaskConfig:
     )
 
 
-def _lr_factor(step: int, warmup: int, total: int, min_ratio: float) -> float:
-    if step < warmup:
-        return (step + 1) / warmup
-    progress = (step - warmup) / max(1, total - warmup)
-    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-
-
 @torch.no_grad()
 def _masked_accuracy(
     model: LLaDAModel, dataset: SFTDataset, mask_id: int, seed: int, batch_size: int
@@ -237,7 +231,10 @@ def pretrain(config: PretrainConfig, *, progress: bool = True) -> PretrainResult
         betas=(0.9, 0.95),
     )
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: _lr_factor(s, opt.warmup_steps, opt.steps, opt.min_lr_ratio)
+        optimizer,
+        lambda s: warmup_cosine(
+            s, warmup_steps=opt.warmup_steps, total_steps=opt.steps, min_ratio=opt.min_lr_ratio
+        ),
     )
     out_dir = Path(config.output.dir)
     staging = out_dir.with_name(out_dir.name + ".partial")
@@ -310,9 +307,7 @@ def pretrain(config: PretrainConfig, *, progress: bool = True) -> PretrainResult
     }
     (staging / "pretrain_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     (staging / "README.md").write_text(_model_card(config, summary, len(tokenizer)))
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    os.replace(staging, out_dir)
+    replace_directory(staging, out_dir)
     return PretrainResult(out_dir, parameters, opt.steps, loss_value, masked_acc, accuracy, elapsed)
 
 

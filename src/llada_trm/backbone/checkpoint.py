@@ -27,6 +27,7 @@ from safetensors.torch import save_file
 
 from llada_trm.backbone.config import LLaDAConfig
 from llada_trm.errors import CheckpointError
+from llada_trm.io import dtype_named, fsync_file
 
 if TYPE_CHECKING:
     from torch import nn
@@ -39,28 +40,12 @@ _MAX_LISTED = 20  # offending keys listed per category in a mismatch error
 
 DTypeLike = torch.dtype | str | None
 
-_DTYPE_NAMES = {
-    "float32": torch.float32,
-    "fp32": torch.float32,
-    "float": torch.float32,
-    "bfloat16": torch.bfloat16,
-    "bf16": torch.bfloat16,
-    "float16": torch.float16,
-    "fp16": torch.float16,
-    "half": torch.float16,
-    "float64": torch.float64,
-}
-
-
 def resolve_dtype(dtype: DTypeLike) -> torch.dtype | None:
     """Floating dtype from a dtype or a name ("bfloat16", "bf16", "torch.float16"); None/"auto": keep."""
     if dtype is None or dtype == "auto":
         return None
     if isinstance(dtype, str):
-        resolved = _DTYPE_NAMES.get(dtype.removeprefix("torch."))
-        if resolved is None:
-            raise ValueError(f"unknown dtype {dtype!r}; use one of {', '.join(sorted(_DTYPE_NAMES))}")
-        return resolved
+        return dtype_named(dtype)
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
         raise ValueError(f"dtype must be a floating-point torch dtype, got {dtype!r}")
     return dtype
@@ -220,14 +205,6 @@ def _plan_shards(state: dict[str, torch.Tensor], limit: int | None) -> list[list
     return shards
 
 
-def _fsync(file: Path) -> None:
-    fd = os.open(file, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _write_text(file: Path, text: str) -> None:
     with open(file, "w", encoding="utf-8") as f:
         f.write(text)
@@ -261,7 +238,7 @@ def save_checkpoint(
             tensors = {k: state[k].detach().to("cpu").contiguous() for k in keys}
             save_file(tensors, str(tmp), metadata={"format": "pt"})
             del tensors
-            _fsync(tmp)
+            fsync_file(tmp)
         if n > 1:  # the index is the entry point of a sharded checkpoint, so it is renamed last
             index = {
                 "metadata": {"total_size": sum(t.numel() * t.element_size() for t in state.values())},

@@ -1,6 +1,14 @@
-"""LLaDA's forward (noising) process: mask each answer token independently with probability t."""
+"""LLaDA's forward (noising) process: mask each answer token independently with probability t.
+
+`forward_process` draws a batch from one generator. `draw_noise` draws each row from its own generator,
+seeded by (seed, example, draw): what live training and the phase-1 feature cache share, so that a cached
+step sees exactly the masks the live step would have drawn.
+"""
 
 from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
@@ -67,3 +75,43 @@ def forward_process(
     masked &= ~prompt_mask(prompt_lengths, batch_size, seq_len, device)
     noisy_ids = torch.where(masked, torch.full_like(input_ids, mask_id), input_ids)
     return noisy_ids, masked, p_mask.contiguous()
+
+
+def noise_seed(seed: int, example: int, draw: int) -> int:
+    """The generator seed of one (example, draw): a hash, so nearby seeds give unrelated streams."""
+    digest = hashlib.blake2b(f"llada-trm/noise/{seed}/{example}/{draw}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & (2**63 - 1)
+
+
+def draw_for_epoch(epoch: int, n_draws: int) -> int:
+    """Which of `n_draws` stored noise draws epoch `epoch` trains on."""
+    return epoch % n_draws
+
+
+def draw_noise(
+    input_ids: Tensor,
+    prompt_lengths: Tensor,
+    mask_id: int,
+    *,
+    seed: int,
+    examples: Sequence[int],
+    draws: int | Sequence[int],
+    eps: float = 1e-3,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """LLaDA's forward process with one CPU generator per row, seeded by (seed, example, draw).
+
+    The noise of an example is thereby independent of its batch, its position in it and the device, which is
+    what lets the cache store it and a live step reproduce it. Returns `(noisy_ids, masked, p_mask)` on the
+    device of `input_ids`, as `forward_process` does.
+    """
+    batch = input_ids.shape[0]
+    draws = [draws] * batch if isinstance(draws, int) else list(draws)
+    if len(examples) != batch or len(draws) != batch:
+        raise ValueError(f"draw_noise: {batch} rows but {len(examples)} example ids and {len(draws)} draws")
+    ids, prompts = input_ids.cpu(), torch.as_tensor(prompt_lengths).reshape(-1).cpu()
+    rows = []
+    for row, (example, draw) in enumerate(zip(examples, draws, strict=True)):
+        generator = torch.Generator().manual_seed(noise_seed(seed, int(example), int(draw)))
+        rows.append(forward_process(ids[row : row + 1], prompts[row : row + 1], mask_id, eps, generator))
+    noisy, masked, p_mask = (torch.cat(parts).to(input_ids.device) for parts in zip(*rows, strict=True))
+    return noisy, masked, p_mask

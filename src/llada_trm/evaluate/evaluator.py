@@ -27,10 +27,10 @@ from transformers import PreTrainedTokenizerBase
 from llada_trm.data import GSM8KRecord, prompt_batch, special_token_ids
 from llada_trm.diffusion import decode_generated, generate_with_stats
 from llada_trm.diffusion.sampler import accepts_keyword
+from llada_trm.dist_utils import gather_objects, is_main_process, shard_indices
 from llada_trm.evaluate.extraction import extract_flexible, extract_strict
 from llada_trm.evaluate.io import write_json, write_jsonl
 from llada_trm.hybrid.chunking import chunk_sum
-from llada_trm.training.distributed import gather_objects, is_main_process, shard_indices
 
 __all__ = ["PREDICTIONS_FILE", "SUMMARY_FILE", "EvalResult", "SamplingOptions", "evaluate_model"]
 

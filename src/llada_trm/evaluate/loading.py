@@ -24,17 +24,16 @@ import yaml
 from transformers import PreTrainedTokenizerBase
 
 from llada_trm.assets import EMBEDDED_NAME, embedded_backbone_dir
+from llada_trm.build import build_model, load_hybrid
 from llada_trm.config import RunConfig, parse_config
-from llada_trm.data import load_tokenizer, mask_token_id
 from llada_trm.errors import CheckpointError
 from llada_trm.hybrid import HybridConfig, LLaDATRMHybrid
-from llada_trm.training import hybrid_config, load_weights, resolve_backbone_dir, resolve_checkpoint_dir
-from llada_trm.training.checkpoint import CONFIG_FILE, STATE_FILE
+from llada_trm.io import DTYPES, dtype_named, resolve_device
+from llada_trm.run_checkpoint import CONFIG_FILE, STATE_FILE, load_weights, resolve_checkpoint_dir
 
 __all__ = ["REFINER_CHOICES", "LoadedModel", "load_checkpoint", "resolve_eval_device"]
 
 REFINER_CHOICES = ("none", "mlp", "slot")
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @dataclass
@@ -79,12 +78,7 @@ class LoadedModel:
 
 def resolve_eval_device(name: str = "auto") -> torch.device:
     """'auto' = CUDA when available, else CPU; asking for CUDA without one is a clear error."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {name!r}: torch sees no CUDA device; use --device cpu or auto")
-    return device
+    return resolve_device(name, setting="--device")
 
 
 def _resolve_dtype(name: str, device: torch.device) -> torch.dtype:
@@ -92,9 +86,7 @@ def _resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     if name == "auto":
         bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
         return torch.bfloat16 if bf16 else torch.float32
-    if name not in _DTYPES:
-        raise ValueError(f"dtype {name!r}: choose one of auto, {', '.join(_DTYPES)}")
-    return _DTYPES[name]
+    return dtype_named(name)
 
 
 def load_checkpoint(
@@ -123,21 +115,6 @@ def load_checkpoint(
     return _load_run(resolve_checkpoint_dir(path), source, refiner, device, torch_dtype)
 
 
-def _tokenizer(backbone_dir: Path) -> PreTrainedTokenizerBase:
-    try:
-        return load_tokenizer(backbone_dir)
-    except (FileNotFoundError, ValueError) as exc:
-        raise CheckpointError(f"{backbone_dir}: cannot load the backbone's tokenizer ({exc})") from None
-
-
-def _check_mask_ids(model: LLaDATRMHybrid, tokenizer: PreTrainedTokenizerBase, where: Path) -> None:
-    if mask_token_id(tokenizer) != model.mask_token_id:
-        raise CheckpointError(
-            f"{where}: the tokenizer's mask token id {mask_token_id(tokenizer)} differs from the backbone's "
-            f"mask_token_id {model.mask_token_id}; they must come from the same checkpoint"
-        )
-
-
 def _load_backbone(
     directory: Path, source: str, refiner: str | None, device: torch.device, dtype: torch.dtype
 ) -> LoadedModel:
@@ -146,10 +123,10 @@ def _load_backbone(
             f"{source}: a plain backbone has no trained refiner, so --refiner {refiner} cannot run; train "
             "one (llada-trm train --config FILE) and pass its checkpoint, or use --refiner none"
         )
-    tokenizer = _tokenizer(directory)
     plain = HybridConfig(refiner="none")
-    model = LLaDATRMHybrid.from_pretrained(directory, plain, dtype=dtype, device=device)
-    _check_mask_ids(model, tokenizer, directory)
+    model, tokenizer = load_hybrid(
+        directory, plain, dtype=dtype, device=device, where=str(directory), error=CheckpointError
+    )
     summary = directory / "pretrain_summary.json"
     backbone_config = None
     if summary.is_file():
@@ -178,12 +155,11 @@ def _load_run(
     except yaml.YAMLError as exc:
         raise CheckpointError(f"{config_path}: not valid YAML ({' '.join(str(exc).split())})") from None
     config = parse_config(raw, source=str(config_path))
-    backbone_dir = resolve_backbone_dir(config.model.backbone)
-    tokenizer = _tokenizer(backbone_dir)
     if config.model.dtype != "auto":
-        dtype = _DTYPES[config.model.dtype]
-    model = LLaDATRMHybrid.from_pretrained(backbone_dir, hybrid_config(config), dtype=dtype, device=device)
-    _check_mask_ids(model, tokenizer, backbone_dir)
+        dtype = DTYPES[config.model.dtype]
+    where = f"{config_path}: model.backbone"
+    built = build_model(config, device=device, dtype=dtype, error=CheckpointError, where=where)
+    model, tokenizer, backbone_dir = built.model, built.tokenizer, built.backbone_dir
     load_weights(model, directory)
     running, num_steps = _select_refiner(model, config, refiner, source)
     return LoadedModel(

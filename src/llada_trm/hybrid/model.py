@@ -19,8 +19,6 @@ with the part of that chunk it holds: a position belongs to the same chunk in ca
 
 from __future__ import annotations
 
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,6 +33,7 @@ from llada_trm.backbone.kv_cache import KVCache
 from llada_trm.errors import CheckpointError, ConfigError
 from llada_trm.hybrid.chunking import chunk_confidence, expand_chunks, max_probability, num_chunks
 from llada_trm.hybrid.config import ACTIVE_CHOICES, HybridConfig
+from llada_trm.io import atomic_path
 from llada_trm.refiners import Refiner, StatsAccumulator, build_refiner
 
 PREFIX = "refinement_head."
@@ -436,14 +435,8 @@ class LLaDATRMHybrid(nn.Module):
             raise ValueError("this model has no refiner (refiner='none'); there is nothing to save")
         path.parent.mkdir(parents=True, exist_ok=True)
         metadata = {"integration": self.config.integration, "refiners": ",".join(self.refinement_head)}
-        fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-        os.close(fd)
-        try:
-            save_file(tensors, tmp, metadata=metadata)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        with atomic_path(path) as tmp:
+            save_file(tensors, str(tmp), metadata=metadata)
         return path
 
     def load_refiner(self, path: str | Path) -> None:

@@ -1,10 +1,12 @@
 """Training the refiner: freezing and phases, objective, schedules, checkpoints, metrics, health checks, and
-the phase-1 feature cache (docs/feature_cache.md).
+the phase-1 feature cache (docs/feature_cache.md). The run's parts are built by `llada_trm.build`.
 
 The CLI's `llada-trm train --config FILE [--set k=v ...] [--resume DIR]` is `run_train(FILE, overrides, DIR)`;
 `llada-trm cache --config FILE` is `build_feature_cache(config)`.
 """
 
+from llada_trm.diffusion.forward_process import draw_for_epoch, draw_noise, noise_seed
+from llada_trm.dist_utils import is_distributed, is_main_process, rank, world_size
 from llada_trm.training.checkpoint import (
     TrainState,
     capture_rng_state,
@@ -14,7 +16,6 @@ from llada_trm.training.checkpoint import (
     restore_rng_state,
     save_checkpoint,
 )
-from llada_trm.training.distributed import is_distributed, is_main_process, rank, world_size
 from llada_trm.training.feature_cache import (
     CACHE_FORMAT_VERSION,
     MANIFEST_FILE,
@@ -25,12 +26,10 @@ from llada_trm.training.feature_cache import (
     cache_directory,
     cached_features,
     data_fingerprint,
-    draw_for_epoch,
-    draw_noise,
     expected_manifest,
-    noise_seed,
     open_feature_cache,
     prepare_feature_cache,
+    require_frozen_backbone,
     write_feature_cache,
 )
 from llada_trm.training.freezing import (
@@ -43,7 +42,7 @@ from llada_trm.training.freezing import (
     set_train_mode,
 )
 from llada_trm.training.health import CHECKS, HealthMonitor
-from llada_trm.training.init_from import InitResult, init_from_checkpoint
+from llada_trm.training.init_from import InitResult, init_from_checkpoint, init_from_config
 from llada_trm.training.metrics import TRAIN_COLUMNS, VALIDATION_COLUMNS, MetricsWriter
 from llada_trm.training.objective import LossWeights, ObjectiveResult, diffusion_objective
 from llada_trm.training.schedule import (
@@ -98,6 +97,7 @@ __all__ = [
     "gate_values",
     "hybrid_config",
     "init_from_checkpoint",
+    "init_from_config",
     "is_distributed",
     "is_main_process",
     "load_trainer_state",
@@ -109,6 +109,7 @@ __all__ = [
     "parameter_statistics",
     "prepare_feature_cache",
     "rank",
+    "require_frozen_backbone",
     "resolve_backbone_dir",
     "resolve_checkpoint_dir",
     "resolve_device",

@@ -1,4 +1,4 @@
-"""Datasets and a resumable, rank-sharded sampler for the trainer.
+"""Resumable, rank-sharded samplers and the loaders of the trainer (the datasets come from `llada_trm.build`).
 
 The training order of an epoch is a permutation that depends only on (seed, epoch), so a resumed run can
 rebuild it and skip the micro-batches it already consumed instead of replaying a data loader's RNG; with
@@ -7,20 +7,15 @@ several processes each rank reads its strided share of that same order.
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Iterator
 
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
-from transformers import PreTrainedTokenizerBase
 
-from llada_trm.config import DataConfig
-from llada_trm.data import GSM8KRecord, SFTDataset, SyntheticTaskConfig, generate_problems, load_gsm8k
-from llada_trm.errors import ConfigError
+from llada_trm.data import SFTDataset
+from llada_trm.diffusion.forward_process import draw_for_epoch
 
-__all__ = ["EpochSampler", "build_datasets", "build_records", "make_loader"]
-
-logger = logging.getLogger("llada_trm")
+__all__ = ["DrawSampler", "EpochSampler", "make_loader"]
 
 
 class EpochSampler(DistributedSampler):
@@ -66,51 +61,19 @@ class EpochSampler(DistributedSampler):
         return max(0, self.num_samples - self.start)
 
 
-def build_records(data: DataConfig) -> tuple[list[GSM8KRecord], list[GSM8KRecord]]:
-    """Training and evaluation records: a GSM8K source sliced by the splits, or the generated task."""
-    try:
-        if data.dataset == "synthetic":
-            s = data.synthetic
-            task = SyntheticTaskConfig(
-                min_steps=s.min_steps,
-                max_steps=s.max_steps,
-                max_number=s.max_number,
-                max_result=s.max_result,
-                seed=s.seed,
-            )
-            train = generate_problems(task, s.n_train, "train")
-            evaluation = generate_problems(task, s.n_eval, "test") if s.n_eval else []
-        else:
-            train = load_gsm8k(data.path, data.train_split)
-            evaluation = load_gsm8k(data.path, data.eval_split) if data.eval_split else []
-    except (ValueError, FileNotFoundError) as exc:
-        raise ConfigError(f"data: {exc}") from None
-    return train, evaluation
+class DrawSampler(Sampler[tuple[int, int]]):
+    """Wraps an `EpochSampler`: its example indices, each paired with the epoch's noise draw (the cache)."""
 
+    def __init__(self, examples: Sampler[int], n_draws: int) -> None:
+        self.examples = examples
+        self.n_draws = n_draws
 
-def build_datasets(
-    data: DataConfig, tokenizer: PreTrainedTokenizerBase
-) -> tuple[SFTDataset, SFTDataset | None]:
-    """Tokenised SFT datasets; examples longer than `data.max_length` are skipped (and counted)."""
-    train_records, eval_records = build_records(data)
-    train = SFTDataset(tokenizer, train_records, data.max_length)
-    if len(train) == 0:
-        raise ConfigError(
-            f"data.max_length: none of the {len(train_records)} training examples fits in {data.max_length} "
-            "tokens; raise data.max_length"
-        )
-    if train.num_skipped:
-        logger.warning(
-            "skipped %d of %d training examples longer than data.max_length=%d",
-            train.num_skipped,
-            len(train_records),
-            data.max_length,
-        )
-    evaluation = SFTDataset(tokenizer, eval_records, data.max_length) if eval_records else None
-    if evaluation is not None and len(evaluation) == 0:
-        logger.warning("no evaluation example fits data.max_length=%d; validation is off", data.max_length)
-        evaluation = None
-    return train, evaluation
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        draw = draw_for_epoch(getattr(self.examples, "epoch", 0), self.n_draws)
+        return ((index, draw) for index in self.examples)
+
+    def __len__(self) -> int:
+        return len(self.examples)
 
 
 def make_loader(

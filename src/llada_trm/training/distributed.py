@@ -18,18 +18,15 @@ One process by default. Under `torchrun` (which sets RANK, WORLD_SIZE, LOCAL_RAN
   `0 * sum(p)`), and 0-dim parameters (the slot refiner's gates) cannot be sharded, so they stay replicated
   as `ignored_params` and `sync_ignored_gradients` averages their gradients.
 
-Helpers for the rest of the package: rank queries; `all_finite`, `reduce_sums` and `broadcast_object` so
-that ranks log the same numbers and take the same decisions; `shard_indices`, `gather_objects` and
-`merge_shards` to split an evaluation over ranks and merge it back in order; checkpoint state in the
-single-process layout (`full_state_dict`, `optimizer_state`, `load_optimizer_state`, `load_sharded_weights`).
+Also here: checkpoint state in the single-process layout (`full_state_dict`, `optimizer_state`,
+`load_optimizer_state`, `load_sharded_weights`). The process-group primitives (rank queries, joining the
+group, collectives) live in `llada_trm.dist_utils` and are re-exported here for the trainer.
 """
 
 from __future__ import annotations
 
-import atexit
 import contextlib
 import math
-import os
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
@@ -39,6 +36,20 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from llada_trm.dist_utils import (
+    all_finite,
+    broadcast_object,
+    gather_objects,
+    init_distributed,
+    is_distributed,
+    is_main_process,
+    local_rank,
+    merge_shards,
+    rank,
+    reduce_sums,
+    shard_indices,
+    world_size,
+)
 from llada_trm.errors import ConfigError
 
 __all__ = [
@@ -67,76 +78,10 @@ __all__ = [
     "unsharded",
     "world_size",
     "wrap_for_training",
+    "wrap_run",
 ]
 
 DISTRIBUTED_MODES = ("auto", "ddp", "fsdp")
-
-
-# ------------------------------------------------------------------------------------------------- ranks
-
-
-def is_distributed() -> bool:
-    return dist.is_available() and dist.is_initialized()
-
-
-def rank() -> int:
-    """This process's global rank (0 without torch.distributed)."""
-    return dist.get_rank() if is_distributed() else 0
-
-
-def world_size() -> int:
-    return dist.get_world_size() if is_distributed() else 1
-
-
-def local_rank() -> int:
-    """The rank within this node (torchrun's LOCAL_RANK): which GPU this process drives."""
-    return int(os.environ.get("LOCAL_RANK", "0"))
-
-
-def is_main_process() -> bool:
-    """Whether this process writes logs, metrics and checkpoints."""
-    return rank() == 0
-
-
-def init_distributed(device: torch.device) -> torch.device:
-    """Join the process group torchrun describes in the environment (once); return this rank's device.
-
-    Without torchrun (or with one process) nothing happens and `device` comes back unchanged. On CUDA each
-    process takes GPU LOCAL_RANK and NCCL; on CPU the backend is gloo.
-    """
-    cuda = device.type == "cuda"
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not is_distributed():
-        missing = [k for k in ("RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT") if k not in os.environ]
-        if missing:
-            raise ConfigError(
-                f"WORLD_SIZE is set but {', '.join(missing)} is not; launch several processes with "
-                "`torchrun --nproc-per-node N -m llada_trm train --config FILE`"
-            )
-        if cuda:
-            _set_cuda_device()
-        dist.init_process_group(
-            "nccl" if cuda else "gloo", device_id=torch.device("cuda", local_rank()) if cuda else None
-        )
-        atexit.register(_destroy_process_group)
-    if cuda and is_distributed():
-        _set_cuda_device()
-        return torch.device("cuda", local_rank())
-    return device
-
-
-def _set_cuda_device() -> None:
-    count = torch.cuda.device_count()
-    if local_rank() >= count:
-        raise ConfigError(
-            f"LOCAL_RANK {local_rank()} has no GPU: this node has {count}; start at most {count} processes "
-            f"per node (torchrun --nproc-per-node {count})"
-        )
-    torch.cuda.set_device(local_rank())
-
-
-def _destroy_process_group() -> None:
-    if is_distributed():
-        dist.destroy_process_group()
 
 
 def resolve_strategy(setting: str, *, phase: int, world: int | None = None) -> str:
@@ -228,6 +173,25 @@ def wrap_for_training(
         step.touch_all = True
         return step
     raise ConfigError(f"advanced.distributed: unknown strategy {strategy!r}")
+
+
+def wrap_run(
+    step: TrainStep,
+    plan: Any,
+    strategy: str,
+    *,
+    device: torch.device,
+    param_dtype: torch.dtype | None = None,
+) -> nn.Module:
+    """`wrap_for_training` for a run: the backbone's blocks are FSDP's units, and under FSDP the freezing
+    plan's groups (a `FreezePlan`) are re-read, since every parameter became its shard."""
+    blocks = list(step.model.backbone.blocks)
+    engine = wrap_for_training(step, strategy, device=device, blocks=blocks, param_dtype=param_dtype)
+    if strategy == "fsdp":
+        params = dict(step.model.named_parameters())
+        for group in plan.groups:
+            group.params = {name: params[name] for name in group.params}
+    return engine
 
 
 def is_sharded(module: nn.Module) -> bool:
@@ -391,7 +355,7 @@ def load_sharded_weights(
     """
     from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
 
-    from llada_trm.training.checkpoint import WEIGHTS_FILE, check_weights, read_weights_file
+    from llada_trm.run_checkpoint import WEIGHTS_FILE, check_weights, read_weights_file
 
     path = Path(directory) / WEIGHTS_FILE
     tensors = read_weights_file(path)
@@ -400,83 +364,3 @@ def load_sharded_weights(
     tensors = {name: t.to(own[name].dtype) for name, t in tensors.items()}
     set_model_state_dict(model, tensors, options=_state_options(full_state_dict=True, strict=False))
     return sorted(tensors)
-
-
-# ---------------------------------------------------------------------------------------- collectives
-
-
-def _collective_device() -> torch.device:
-    """NCCL reduces CUDA tensors only; gloo CPU tensors."""
-    if dist.get_backend() == "nccl":
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
-
-
-def all_finite(value: float) -> bool:
-    """Whether `value` is finite on every rank: the ranks stop together instead of one waiting forever."""
-    finite = math.isfinite(value)
-    if not is_distributed():
-        return finite
-    flag = torch.tensor([0 if finite else 1], device=_collective_device())
-    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-    return not bool(flag.item())
-
-
-def reduce_sums(
-    sums: Mapping[str, float], counts: Mapping[str, int]
-) -> tuple[dict[str, float], dict[str, int]]:
-    """Add up per-rank metric sums and counts, so that logged means are over every rank's micro-batches.
-
-    Gathered as objects: ranks may hold different keys (a statistic only present when a chunk was refined).
-    """
-    if not is_distributed():
-        return dict(sums), dict(counts)
-    total_sums: dict[str, float] = {}
-    total_counts: dict[str, int] = {}
-    for part_sums, part_counts in gather_objects((dict(sums), dict(counts))):
-        for key, value in part_sums.items():
-            total_sums[key] = total_sums.get(key, 0.0) + value
-        for key, value in part_counts.items():
-            total_counts[key] = total_counts.get(key, 0) + value
-    return total_sums, total_counts
-
-
-def broadcast_object(obj: Any, src: int = 0) -> Any:
-    """Rank `src`'s `obj` (picklable) on every rank; `obj` itself in one process."""
-    if not is_distributed():
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=src)
-    return box[0]
-
-
-def shard_indices(n: int, rank: int | None = None, world: int | None = None) -> list[int]:
-    """The items of `n` this rank handles: rank, rank + world, ... (strided: shares differ by at most 1)."""
-    r = (dist.get_rank() if is_distributed() else 0) if rank is None else rank
-    w = world_size() if world is None else world
-    if not 0 <= r < w:
-        raise ValueError(f"rank {r} outside a world of {w}")
-    return list(range(r, n, w))
-
-
-def gather_objects(obj: Any) -> list[Any]:
-    """Every rank's `obj` (anything picklable, e.g. its list of predictions), in rank order, on every rank."""
-    if not is_distributed():
-        return [obj]
-    parts: list[Any] = [None] * world_size()
-    dist.all_gather_object(parts, obj)
-    return parts
-
-
-def merge_shards(parts: Sequence[Sequence[Any]], n: int | None = None) -> list[Any]:
-    """Undo `shard_indices`: `parts[r]` holds rank r's results in order; returns them in item order.
-
-        merge_shards(gather_objects([score(i) for i in shard_indices(n)]), n) == [score(i) for i in range(n)]
-    """
-    world = len(parts)
-    total = sum(len(part) for part in parts) if n is None else n
-    for r, part in enumerate(parts):
-        expected = len(range(r, total, world))
-        if len(part) != expected:
-            raise ValueError(f"rank {r} returned {len(part)} results for its {expected} items")
-    return [parts[i % world][i // world] for i in range(total)]

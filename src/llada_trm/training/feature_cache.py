@@ -5,7 +5,8 @@ With the backbone frozen, its outputs for a fixed noise draw are a pure function
     x_t^(i,d) = forward_process(x_0^(i), generator seeded by (seed, i, d))     example i, draw d
     h, ctx, logits_0 = backbone(x_t^(i,d))
 
-so they are computed once (`n_draws` draws per example; epoch e uses draw e % n_draws) and stored.
+so they are computed once (`n_draws` draws per example; epoch e uses draw e % n_draws) and stored. The
+noise is `diffusion.forward_process.draw_noise`, the same per-row seeding the live step uses.
 Training then runs `hybrid.refine(features)` and the same objective. `logits_0` is not stored (LLaDA-8B's
 V = 126k would take 250 KB a token): the LM head recomputes it from the cached h at the masked positions, the
 only ones the objective reads. With an fp32 cache this reproduces the live step to rounding; with bf16 (the
@@ -32,10 +33,8 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import shutil
-import tempfile
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -44,15 +43,19 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import Tensor
-from torch.utils.data import Dataset, Sampler
+from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
+from llada_trm.build import apply_backbone_options, backbone_dtype, build_datasets, build_model, start_run
 from llada_trm.config import RunConfig
 from llada_trm.data import EncodedExample, collate_batch
-from llada_trm.diffusion import forward_process
+from llada_trm.diffusion.forward_process import draw_noise
+from llada_trm.dist_utils import is_distributed, is_main_process
 from llada_trm.errors import ConfigError
 from llada_trm.hybrid import BackboneFeatures, LLaDATRMHybrid
-from llada_trm.training.distributed import is_distributed, is_main_process
+from llada_trm.io import DTYPES, atomic_path, write_text_atomic
+from llada_trm.training.freezing import FreezePlan, freeze_for_run
+from llada_trm.training.init_from import init_from_config
 
 __all__ = [
     "CACHE_FORMAT_VERSION",
@@ -64,12 +67,10 @@ __all__ = [
     "cache_directory",
     "cached_features",
     "data_fingerprint",
-    "draw_for_epoch",
-    "draw_noise",
     "expected_manifest",
-    "noise_seed",
     "open_feature_cache",
     "prepare_feature_cache",
+    "require_frozen_backbone",
     "write_feature_cache",
 ]
 
@@ -78,54 +79,10 @@ MANIFEST_FILE = "manifest.json"
 SHARD_BYTES = 256 * 2**20  # target shard size: big enough for few files, small enough to redo after a crash
 _FULL_HASH_BYTES = 64 * 2**20  # weight files up to this size are hashed whole, larger ones by samples
 _SAMPLE_BYTES = 4 * 2**20
-_DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}
 
 
 class StaleFeatureCacheError(ConfigError):
     """A feature cache on disk was built from another backbone, data, noise or feature settings."""
-
-
-# ------------------------------------------------------------------------------------------------- noise
-
-
-def noise_seed(seed: int, example: int, draw: int) -> int:
-    """The generator seed of one (example, draw): a hash, so nearby seeds give unrelated streams."""
-    digest = hashlib.blake2b(f"llada-trm/noise/{seed}/{example}/{draw}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") & (2**63 - 1)
-
-
-def draw_for_epoch(epoch: int, n_draws: int) -> int:
-    """Which stored noise draw epoch `epoch` trains on."""
-    return epoch % n_draws
-
-
-def draw_noise(
-    input_ids: Tensor,
-    prompt_lengths: Tensor,
-    mask_id: int,
-    *,
-    seed: int,
-    examples: Sequence[int],
-    draws: int | Sequence[int],
-    eps: float = 1e-3,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """LLaDA's forward process with one CPU generator per row, seeded by (seed, example, draw).
-
-    The noise of an example is thereby independent of its batch, its position in it and the device, which is
-    what lets the cache store it and a live step reproduce it. Returns `(noisy_ids, masked, p_mask)` on the
-    device of `input_ids`, as `forward_process` does.
-    """
-    batch = input_ids.shape[0]
-    draws = [draws] * batch if isinstance(draws, int) else list(draws)
-    if len(examples) != batch or len(draws) != batch:
-        raise ValueError(f"draw_noise: {batch} rows but {len(examples)} example ids and {len(draws)} draws")
-    ids, prompts = input_ids.cpu(), torch.as_tensor(prompt_lengths).reshape(-1).cpu()
-    rows = []
-    for row, (example, draw) in enumerate(zip(examples, draws, strict=True)):
-        generator = torch.Generator().manual_seed(noise_seed(seed, int(example), int(draw)))
-        rows.append(forward_process(ids[row : row + 1], prompts[row : row + 1], mask_id, eps, generator))
-    noisy, masked, p_mask = (torch.cat(parts).to(input_ids.device) for parts in zip(*rows, strict=True))
-    return noisy, masked, p_mask
 
 
 # ------------------------------------------------------------------------------------------ fingerprints
@@ -298,21 +255,6 @@ class FeatureCache(Dataset):
         return batch
 
 
-class DrawSampler(Sampler[tuple[int, int]]):
-    """Wraps the trainer's `EpochSampler`: its example indices, each paired with the epoch's noise draw."""
-
-    def __init__(self, examples: Sampler[int], n_draws: int) -> None:
-        self.examples = examples
-        self.n_draws = n_draws
-
-    def __iter__(self) -> Iterator[tuple[int, int]]:
-        draw = draw_for_epoch(getattr(self.examples, "epoch", 0), self.n_draws)
-        return ((index, draw) for index in self.examples)
-
-    def __len__(self) -> int:
-        return len(self.examples)
-
-
 def cached_features(
     model: torch.nn.Module, batch: Mapping[str, Tensor]
 ) -> tuple[BackboneFeatures, tuple[Tensor, Tensor, Tensor]]:
@@ -361,11 +303,7 @@ def _read_manifest(directory: Path) -> dict[str, Any] | None:
 
 
 def _write_json(path: Path, data: Mapping[str, Any]) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    with os.fdopen(fd, "w", encoding="utf-8") as handle:
-        json.dump(data, handle, indent=2)
-        handle.write("\n")
-    os.replace(tmp, path)
+    write_text_atomic(path, json.dumps(data, indent=2) + "\n")
 
 
 def _shard_complete(path: Path, first: int, count: int) -> bool:
@@ -451,7 +389,7 @@ def _layout(manifest: Mapping[str, Any], examples_per_shard: int | None) -> dict
     if examples_per_shard is None:
         feats = manifest["features"]
         width = int(feats["d_model"]) + int(feats["context_dim"] or 0)
-        itemsize = torch.empty((), dtype=_DTYPES[feats["dtype"]]).element_size()
+        itemsize = torch.empty((), dtype=DTYPES[feats["dtype"]]).element_size()
         per_example = int(manifest["noise"]["draws"]) * int(manifest["data"]["seq_len"]) * width * itemsize
         examples_per_shard = max(1, SHARD_BYTES // per_example)
     if examples_per_shard < 1:
@@ -483,7 +421,7 @@ class _ShardWriter:
         noise = manifest["noise"]
         self.seed, self.n_draws = int(noise["seed"]), int(noise["draws"])
         self.eps, self.mask_id = float(noise["eps"]), int(noise["mask_id"])
-        self.dtype = _DTYPES[manifest["features"]["dtype"]]
+        self.dtype = DTYPES[manifest["features"]["dtype"]]
         self.per_shard = int(manifest["layout"]["examples_per_shard"])
 
     def span(self, shard: int) -> tuple[int, int]:
@@ -521,14 +459,8 @@ class _ShardWriter:
         out = {key: torch.stack(parts, dim=1).contiguous() for key, parts in tensors.items() if parts}
         out["input_ids"] = batch["input_ids"].to(torch.int32)
         out["prompt_lengths"] = batch["prompt_lengths"].to(torch.int64)
-        fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-        os.close(fd)
-        try:
-            save_file(out, tmp, metadata={"first_example": str(first), "count": str(count)})
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        with atomic_path(path) as tmp:
+            save_file(out, str(tmp), metadata={"first_example": str(first), "count": str(count)})
 
     @torch.no_grad()
     def _features(self, noisy: Tensor) -> BackboneFeatures:
@@ -577,7 +509,7 @@ def prepare_feature_cache(
         mask_id=model.mask_token_id,
         seed=config.training.seed,
         n_draws=adv.cache_noise_draws,
-        cache_dtype=_DTYPES[adv.cache_dtype],
+        cache_dtype=DTYPES[adv.cache_dtype],
         compute=compute,
         context_layers=model.context_layers,
         d_model=bb.d_model,
@@ -602,17 +534,40 @@ def prepare_feature_cache(
     return cache
 
 
+def require_frozen_backbone(plan: FreezePlan) -> None:
+    """The cache holds a frozen backbone's outputs: a run that trains backbone parameters cannot use one."""
+    if not plan.backbone_frozen:
+        raise ConfigError(
+            "advanced.feature_cache: the cache holds a frozen backbone's outputs, but this run trains "
+            "backbone parameters; use training.phase 1 with trainable_modules inside refinement_head"
+        )
+
+
 def build_feature_cache(config: RunConfig, *, progress: bool = True, rebuild: bool = False) -> Path:
     """`llada-trm cache --config FILE`: build (or resume, or confirm) the run's feature cache; its directory.
 
-    The run is set up exactly as `Trainer` sets it up (backbone, precision, data), so the cache is the one
-    training will accept. `rebuild=True` deletes an existing cache first.
+    The run is assembled by `llada_trm.build` in the trainer's order (device, precision and seed, backbone,
+    `training.init_from`, freezing plan, data), so the cache is the one training will accept; no optimizer
+    is built. `rebuild=True` deletes an existing cache first.
     """
-    from llada_trm.training.trainer import Trainer  # the trainer imports this module
-
     if rebuild and cache_directory(config).exists():
         shutil.rmtree(cache_directory(config))
     config = config.model_copy(deep=True)
     config.advanced.feature_cache = True
-    trainer = Trainer(config, progress=progress)
-    return trainer.feature_cache.directory
+    device, amp_dtype = start_run(config)
+    built = build_model(config, device=device, dtype=backbone_dtype(config, amp_dtype))
+    init_from_config(built.model, config)
+    apply_backbone_options(built.model, config)
+    require_frozen_backbone(freeze_for_run(built.model, config))
+    train_set, _ = build_datasets(config.data, built.tokenizer)
+    cache = prepare_feature_cache(
+        config,
+        built.model,
+        train_set.examples,
+        backbone_dir=built.backbone_dir,
+        pad_id=train_set.pad_id,
+        device=device,
+        autocast_dtype=amp_dtype,
+        progress=progress and is_main_process(),
+    )
+    return cache.directory

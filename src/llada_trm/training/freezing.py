@@ -24,15 +24,20 @@ import fnmatch
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch.nn as nn
 
 from llada_trm.errors import ConfigError
 
+if TYPE_CHECKING:
+    from llada_trm.config import RunConfig
+
 __all__ = [
     "FreezePlan",
     "ParamGroupSpec",
     "apply_freezing",
+    "freeze_for_run",
     "freeze_report",
     "match_pattern",
     "matching_parameters",
@@ -158,6 +163,21 @@ def apply_freezing(
         groups=groups,
         total_params=sum(p.numel() for p in model.parameters()),
         backbone_frozen=backbone_frozen,
+    )
+
+
+def freeze_for_run(model: nn.Module, config: RunConfig) -> FreezePlan:
+    """`apply_freezing` with a run's `training` and `training_params` settings."""
+    t, p = config.training, config.training_params
+    return apply_freezing(
+        model,
+        phase=t.phase,
+        trainable_modules=p.trainable_modules,
+        lr=t.lr,
+        backbone_lr=t.backbone_lr,
+        unfreeze_last_n_layers=t.unfreeze_last_n_layers,
+        train_layer_norms=p.train_layer_norms,
+        train_refiner_blocks=p.train_refiner_blocks,
     )
 
 

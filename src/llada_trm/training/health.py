@@ -14,11 +14,13 @@ import logging
 import math
 from collections import deque
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 from llada_trm.config import HealthThresholds
+from llada_trm.errors import NonFiniteLossError
 
-__all__ = ["CHECKS", "HealthMonitor"]
+__all__ = ["CHECKS", "HealthMonitor", "non_finite_error"]
 
 logger = logging.getLogger("llada_trm")
 
@@ -245,3 +247,17 @@ def _detrended_rel_std(values: list[float]) -> float:
     residuals = [y - (mean + slope * (x - x_mean)) for x, y in zip(xs, values, strict=True)]
     std = math.sqrt(sum(r * r for r in residuals) / n)
     return std / abs(mean)
+
+
+def non_finite_error(step: int, what: str, terms: Mapping[str, float], last: Path) -> NonFiniteLossError:
+    """The one-line error of a diverged step: every loss term, the last good checkpoint and what to try."""
+    detail = ", ".join(f"{k}={v:.6g}" for k, v in terms.items())
+    kept = (
+        f"the last good checkpoint is {last} (resume with --resume {last})"
+        if (last / "trainer_state.pt").is_file()
+        else "no checkpoint had been written yet"
+    )
+    return NonFiniteLossError(
+        f"step {step}: {what} ({detail}); the run stopped without applying this update and {kept}. "
+        "Try a lower training.lr, a smaller model.slot.delta_scale, or training.mixed_precision: fp32."
+    )

@@ -17,13 +17,13 @@ import torch.nn as nn
 import yaml
 
 from llada_trm.config import RunConfig
-from llada_trm.errors import CheckpointError
-from llada_trm.training.checkpoint import CONFIG_FILE, load_weights, resolve_checkpoint_dir
+from llada_trm.errors import CheckpointError, ConfigError
+from llada_trm.hybrid.model import PREFIX as REFINER_PREFIX
+from llada_trm.run_checkpoint import CONFIG_FILE, load_weights, resolve_checkpoint_dir
 
-__all__ = ["INIT_FROM_KEY", "REFINER_PREFIX", "InitResult", "init_from_checkpoint"]
+__all__ = ["INIT_FROM_KEY", "REFINER_PREFIX", "InitResult", "init_from_checkpoint", "init_from_config"]
 
 INIT_FROM_KEY = "training.init_from"
-REFINER_PREFIX = "refinement_head."
 _KIND_KEYS = ("refiner", "integration")
 
 logger = logging.getLogger("llada_trm")
@@ -55,6 +55,24 @@ def init_from_checkpoint(model: nn.Module, path: str | Path, config: RunConfig) 
         raise CheckpointError(f"{INIT_FROM_KEY}: {exc}") from None
     _warn_missing_refiner(model, names, directory)
     return InitResult(directory=directory, names=names)
+
+
+def init_from_config(model: nn.Module, config: RunConfig) -> InitResult | None:
+    """`training.init_from` of a run, loaded before any wrapping or sharding; None when unset.
+
+    A feature cache fingerprints `model.backbone`'s files, so a run that caches may take refiner tensors
+    from another run but not backbone tensors (its cache would describe a backbone it no longer has).
+    """
+    source = config.training.init_from
+    if source is None:
+        return None
+    result = init_from_checkpoint(model, Path(source).expanduser(), config)
+    if config.advanced.feature_cache and result.backbone_names:
+        raise ConfigError(
+            f"advanced.feature_cache: training.init_from {result.directory} holds backbone tensors, "
+            "which the cache's fingerprint of model.backbone does not see; train without the cache"
+        )
+    return result
 
 
 def _check_refiner_kind(config_path: Path, config: RunConfig) -> None:

@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import csv
 import math
+from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["TRAIN_COLUMNS", "VALIDATION_COLUMNS", "MetricsWriter", "format_value"]
+__all__ = ["TRAIN_COLUMNS", "VALIDATION_COLUMNS", "Averager", "MetricsWriter", "format_value"]
 
 TRAIN_COLUMNS: tuple[str, ...] = (
     "step",
@@ -49,6 +50,23 @@ VALIDATION_COLUMNS: tuple[str, ...] = (
     "skipped_fraction",
     "skipped_fraction_masked",
 )
+
+
+class Averager:
+    """Running means of named floats (NaN-free entries only), for one logging window."""
+
+    def __init__(self) -> None:
+        self.sums: dict[str, float] = defaultdict(float)
+        self.counts: dict[str, int] = defaultdict(int)
+
+    def add(self, values: Mapping[str, float]) -> None:
+        for key, value in values.items():
+            if value is not None and math.isfinite(value):
+                self.sums[key] += value
+                self.counts[key] += 1
+
+    def means(self) -> dict[str, float]:
+        return {key: self.sums[key] / self.counts[key] for key in self.sums}
 
 
 def format_value(value: Any) -> str:

@@ -1,0 +1,278 @@
+"""One path from a config to a run's parts: device, precision, backbone, tokenizer, hybrid model, datasets.
+
+Every command assembles what it runs here (train, the feature cache, evaluating a run checkpoint, compare),
+so that a model is built, checked and placed the same way whichever command asks for it:
+
+    device, amp_dtype = start_run(config)               # join torchrun's group, pick precision, seed
+    built = build_model(config, device=device, dtype=backbone_dtype(config, amp_dtype))
+    train_set, eval_set = build_datasets(config.data, built.tokenizer)
+
+The order is the trainer's: the seed is set before the model is built (the refiner's initial weights draw
+from the global RNG) and the datasets come after it, so a run draws the same numbers whatever builds it.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from transformers import PreTrainedTokenizerBase
+
+from llada_trm.config import DataConfig, RunConfig
+from llada_trm.data import (
+    GSM8KRecord,
+    SFTDataset,
+    SyntheticTaskConfig,
+    generate_problems,
+    load_gsm8k,
+    load_tokenizer,
+    mask_token_id,
+)
+from llada_trm.dist_utils import init_distributed
+from llada_trm.errors import ConfigError
+from llada_trm.hybrid import HybridConfig, LLaDATRMHybrid
+from llada_trm.io import DTYPES, resolve_device
+
+__all__ = [
+    "BuiltModel",
+    "apply_backbone_options",
+    "backbone_dtype",
+    "build_datasets",
+    "build_model",
+    "build_records",
+    "hybrid_config",
+    "load_hybrid",
+    "resolve_backbone_dir",
+    "resolve_device",
+    "resolve_precision",
+    "seed_everything",
+    "start_run",
+]
+
+logger = logging.getLogger("llada_trm")
+
+
+# ------------------------------------------------------------------------------------------ environment
+
+
+def seed_everything(seed: int) -> None:
+    """Seed python, numpy and torch (every device)."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def resolve_precision(mixed_precision: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype, or None for plain fp32. 'auto' = bf16 on a bf16-capable GPU, fp32 on a CPU."""
+    bf16_gpu = device.type == "cuda" and torch.cuda.is_bf16_supported()
+    if mixed_precision == "fp32":
+        return None
+    if mixed_precision == "auto":
+        return torch.bfloat16 if bf16_gpu else None
+    if device.type == "cuda" and not bf16_gpu:
+        raise ConfigError("training.mixed_precision: this GPU has no bf16 support; use fp32 (or auto)")
+    return torch.bfloat16
+
+
+def start_run(config: RunConfig) -> tuple[torch.device, torch.dtype | None]:
+    """This process's device (under torchrun: its rank's, after joining the group) and autocast dtype; then
+    every RNG is seeded with `training.seed`, before anything random is built."""
+    t = config.training
+    device = init_distributed(resolve_device(t.device, setting="training.device"))
+    amp_dtype = resolve_precision(t.mixed_precision, device)
+    seed_everything(t.seed)
+    return device, amp_dtype
+
+
+# --------------------------------------------------------------------------------------------- the model
+
+
+def resolve_backbone_dir(backbone: str) -> Path:
+    """`model.backbone` as a directory: 'embedded' (the package's tiny backbone) or a local path."""
+    if backbone == "embedded":
+        try:
+            from llada_trm.assets import embedded_backbone_dir
+        except ImportError:
+            raise ConfigError(
+                "model.backbone: 'embedded' needs the packaged tiny backbone (llada_trm.assets), which this "
+                "installation lacks; give the path of an HF-layout checkpoint directory instead"
+            ) from None
+        path = Path(embedded_backbone_dir())
+        if not (path / "config.json").is_file():
+            raise ConfigError(
+                f"model.backbone: the embedded backbone is missing from this installation ({path}); "
+                "re-create it with `llada-trm pretrain --config configs/tiny_backbone.yaml`"
+            )
+        return path
+    path = Path(backbone).expanduser()
+    if not (path / "config.json").is_file():
+        raise ConfigError(
+            f"model.backbone: {backbone!r} is not a checkpoint directory with config.json; download one, "
+            "e.g. `huggingface-cli download GSAI-ML/LLaDA-8B-Instruct --local-dir "
+            "checkpoints/LLaDA-8B-Instruct`, or use 'embedded'"
+        )
+    return path
+
+
+def hybrid_config(config: RunConfig) -> HybridConfig:
+    """The `model` section as the hybrid model's own config (unset widths stay derived from the backbone).
+
+    Backbone contexts feed only the slot refiner; without one, none are requested (no wasted activations).
+    """
+    m = config.model
+    uses_slot = m.refiner == "slot" or (m.refiner != "none" and m.integration != "replace")
+    try:
+        return HybridConfig(
+            refiner=m.refiner,
+            integration=m.integration,
+            active_refiner=m.active_refiner,
+            max_recursive_steps=m.max_recursive_steps,
+            cascade_mlp_steps=m.cascade_mlp_steps,
+            chunk_size=m.chunk_size,
+            confidence_threshold=m.confidence_threshold,
+            halt_on_confidence=m.halt_on_confidence,
+            context_layers=list(m.context_layers) if uses_slot else [],
+            slot={k: v for k, v in m.slot.model_dump().items() if v is not None},
+            mlp={k: v for k, v in m.mlp.model_dump().items() if v is not None},
+        )
+    except ConfigError as exc:
+        raise ConfigError(f"model: {exc}") from None
+
+
+def backbone_dtype(config: RunConfig, amp_dtype: torch.dtype | None) -> torch.dtype:
+    """`model.dtype`; 'auto': bf16 for a frozen backbone under bf16 autocast (half the memory), else fp32."""
+    name = config.model.dtype
+    if name != "auto":
+        return DTYPES[name]
+    frozen = config.training.phase == 1
+    return torch.bfloat16 if (amp_dtype == torch.bfloat16 and frozen) else torch.float32
+
+
+def load_hybrid(
+    backbone_dir: Path,
+    config: HybridConfig,
+    *,
+    dtype: torch.dtype,
+    device: torch.device,
+    where: str,
+    error: type[ValueError] = ConfigError,
+    section: str | None = None,
+) -> tuple[LLaDATRMHybrid, PreTrainedTokenizerBase]:
+    """The tokenizer beside a backbone, the hybrid model on it, and the check that they agree on the mask id.
+
+    The tokenizer is read first: a directory without one fails before gigabytes of weights load. Its errors
+    are `error` (ConfigError for a run config, CheckpointError for a checkpoint) naming `where`; a refiner
+    setting the backbone cannot take is a ConfigError, prefixed with the config `section` when given.
+    """
+    try:
+        tokenizer = load_tokenizer(backbone_dir)
+    except (FileNotFoundError, ValueError) as exc:
+        raise error(f"{where}: cannot load the backbone's tokenizer ({exc})") from None
+    try:
+        model = LLaDATRMHybrid.from_pretrained(backbone_dir, config, dtype=dtype, device=device)
+    except ConfigError as exc:
+        if section is None:
+            raise
+        raise ConfigError(f"{section}: {exc}") from None
+    if mask_token_id(tokenizer) != model.mask_token_id:
+        raise error(
+            f"{where}: the tokenizer's mask token id {mask_token_id(tokenizer)} differs from the backbone's "
+            f"mask_token_id {model.mask_token_id}; they must come from the same checkpoint"
+        )
+    return model, tokenizer
+
+
+def apply_backbone_options(model: LLaDATRMHybrid, config: RunConfig) -> None:
+    """`advanced.gradient_checkpointing` and `advanced.compile`, on the backbone (before any wrapping)."""
+    if config.advanced.gradient_checkpointing:
+        model.backbone.gradient_checkpointing = True
+    if config.advanced.compile:
+        model.backbone.compile()
+
+
+@dataclass
+class BuiltModel:
+    """A run's hybrid model, its tokenizer and the backbone directory both came from."""
+
+    model: LLaDATRMHybrid
+    tokenizer: PreTrainedTokenizerBase
+    backbone_dir: Path
+
+
+def build_model(
+    config: RunConfig,
+    *,
+    device: torch.device,
+    dtype: torch.dtype,
+    error: type[ValueError] = ConfigError,
+    where: str = "model.backbone",
+) -> BuiltModel:
+    """The run's hybrid model (backbone from `model.backbone`, refiners from `model.*`) and tokenizer.
+
+    `error` and `where` as in `load_hybrid` (a checkpoint's loader names its config file).
+    """
+    backbone_dir = resolve_backbone_dir(config.model.backbone)
+    model, tokenizer = load_hybrid(
+        backbone_dir,
+        hybrid_config(config),
+        dtype=dtype,
+        device=device,
+        where=where,
+        error=error,
+        section="model",
+    )
+    return BuiltModel(model=model, tokenizer=tokenizer, backbone_dir=backbone_dir)
+
+
+# ------------------------------------------------------------------------------------------------- data
+
+
+def build_records(data: DataConfig) -> tuple[list[GSM8KRecord], list[GSM8KRecord]]:
+    """Training and evaluation records: a GSM8K source sliced by the splits, or the generated task."""
+    try:
+        if data.dataset == "synthetic":
+            s = data.synthetic
+            task = SyntheticTaskConfig(
+                min_steps=s.min_steps,
+                max_steps=s.max_steps,
+                max_number=s.max_number,
+                max_result=s.max_result,
+                seed=s.seed,
+            )
+            train = generate_problems(task, s.n_train, "train")
+            evaluation = generate_problems(task, s.n_eval, "test") if s.n_eval else []
+        else:
+            train = load_gsm8k(data.path, data.train_split)
+            evaluation = load_gsm8k(data.path, data.eval_split) if data.eval_split else []
+    except (ValueError, FileNotFoundError) as exc:
+        raise ConfigError(f"data: {exc}") from None
+    return train, evaluation
+
+
+def build_datasets(
+    data: DataConfig, tokenizer: PreTrainedTokenizerBase
+) -> tuple[SFTDataset, SFTDataset | None]:
+    """Tokenised SFT datasets; examples longer than `data.max_length` are skipped (and counted)."""
+    train_records, eval_records = build_records(data)
+    train = SFTDataset(tokenizer, train_records, data.max_length)
+    if len(train) == 0:
+        raise ConfigError(
+            f"data.max_length: none of the {len(train_records)} training examples fits in {data.max_length} "
+            "tokens; raise data.max_length"
+        )
+    if train.num_skipped:
+        logger.warning(
+            "skipped %d of %d training examples longer than data.max_length=%d",
+            train.num_skipped,
+            len(train_records),
+            data.max_length,
+        )
+    evaluation = SFTDataset(tokenizer, eval_records, data.max_length) if eval_records else None
+    if evaluation is not None and len(evaluation) == 0:
+        logger.warning("no evaluation example fits data.max_length=%d; validation is off", data.max_length)
+        evaluation = None
+    return train, evaluation

@@ -1,0 +1,125 @@
+"""A training run's checkpoint as files: their names, finding a checkpoint, reading and checking its weights.
+
+The read side of `training.checkpoint`, on its own so that evaluation loads a run's weights without the
+trainer. Layout of a checkpoint directory (`<output.dir>/checkpoints/last`, `.../best`):
+
+    model.safetensors   the trainable tensors only, under their names in `LLaDATRMHybrid.state_dict()`
+    trainer_state.pt    optimizer, scheduler, RNG states, the position in the run (`training.checkpoint`)
+    config.yaml         the resolved run config
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+
+from llada_trm.errors import CheckpointError
+from llada_trm.io import recover_directory
+
+__all__ = [
+    "CONFIG_FILE",
+    "STATE_FILE",
+    "WEIGHTS_FILE",
+    "check_weights",
+    "load_weights",
+    "read_weights_file",
+    "resolve_checkpoint_dir",
+]
+
+WEIGHTS_FILE = "model.safetensors"
+STATE_FILE = "trainer_state.pt"
+CONFIG_FILE = "config.yaml"
+
+logger = logging.getLogger("llada_trm")
+
+
+def resolve_checkpoint_dir(path: str | Path) -> Path:
+    """Accept a checkpoint directory, or a run directory holding `checkpoints/last`; validate the files."""
+    path = Path(path)
+    candidates = [path, path / "last", path / "checkpoints" / "last"]
+    for candidate in candidates:
+        _recover_if_possible(candidate)
+        if (candidate / WEIGHTS_FILE).is_file() or (candidate / STATE_FILE).is_file():
+            missing = [n for n in (WEIGHTS_FILE, STATE_FILE, CONFIG_FILE) if not (candidate / n).is_file()]
+            if missing:
+                raise CheckpointError(
+                    f"{candidate}: incomplete checkpoint, missing {', '.join(missing)} "
+                    f"(expected {WEIGHTS_FILE}, {STATE_FILE}, {CONFIG_FILE})"
+                )
+            return candidate
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such checkpoint directory")
+    raise CheckpointError(
+        f"{path}: not a llada-trm checkpoint (expected {WEIGHTS_FILE}, {STATE_FILE} and {CONFIG_FILE}, "
+        "or a run directory with checkpoints/last)"
+    )
+
+
+def _recover_if_possible(candidate: Path) -> None:
+    if not candidate.exists() and recover_directory(candidate):
+        logger.warning("%s: restored the previous checkpoint left aside by an interrupted save", candidate)
+
+
+def read_weights_file(path: Path) -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors file; a missing or corrupt file is a CheckpointError, not a traceback."""
+    try:
+        return load_file(str(path))
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: file not found") from None
+    except (SafetensorError, OSError) as exc:
+        raise CheckpointError(f"{path}: unreadable safetensors file ({exc})") from None
+
+
+def check_weights(
+    path: Path,
+    tensors: Mapping[str, torch.Tensor],
+    own: Mapping[str, torch.Tensor],
+    require: Iterable[str] = (),
+) -> None:
+    """Refuse checkpoint `tensors` that do not fit the model's state dict `own`, before anything is copied.
+
+    Shared by the single-process and the FSDP loader, so that both refuse the same checkpoints with the same
+    messages; `path` only names the file in them, `require` as in `load_weights`.
+    """
+    unknown = sorted(set(tensors) - set(own))
+    if unknown:
+        raise CheckpointError(
+            f"{path}: {len(unknown)} tensors do not exist in this model (e.g. {unknown[0]!r}); was the "
+            "checkpoint saved with a different model.refiner / model.integration?"
+        )
+    for name, tensor in sorted(tensors.items()):
+        if tuple(tensor.shape) != tuple(own[name].shape):
+            raise CheckpointError(
+                f"{path}: {name} has shape {tuple(tensor.shape)}, the model expects {tuple(own[name].shape)} "
+                "(different model settings?)"
+            )
+    missing = sorted(set(require) - set(tensors))
+    if missing:
+        raise CheckpointError(
+            f"{path}: lacks {len(missing)} trainable tensors of this run (e.g. {missing[0]!r}); was it saved "
+            "in another training.phase or with other training_params.trainable_modules?"
+        )
+
+
+def load_weights(
+    model: nn.Module, directory: str | Path, *, require: Iterable[str] = ()
+) -> list[str]:
+    """Load `model.safetensors` into `model`; every tensor must exist in the model with the same shape.
+
+    `require` names tensors the checkpoint must contain (the run's trainable parameters when resuming).
+    Returns the loaded names.
+    """
+    path = Path(directory) / WEIGHTS_FILE
+    tensors = read_weights_file(path)
+    own = model.state_dict()
+    check_weights(path, tensors, own, require)
+    with torch.no_grad():
+        for name, tensor in tensors.items():
+            own[name].copy_(tensor.to(own[name].dtype))
+    return sorted(tensors)

@@ -1,0 +1,237 @@
+"""A run's state in its checkpoints: saving a `Trainer`'s, restoring it, and continuing where it left off.
+
+`save_run` / `restore_run` take the trainer itself: the state is spread over its model, optimizer,
+scheduler, health monitor, logging window and position, and these two keep the list of what is saved in one
+place.
+
+A checkpoint records the global number of examples consumed in its epoch (`samples_in_epoch`). The order
+of an epoch does not depend on the world size, so a run with M processes continues at that global
+position: each rank skips samples / M of its own shard. When that is not a whole number of accumulation
+windows, the position is rounded down and the few examples in between are seen again.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from torch.optim.lr_scheduler import LambdaLR
+
+from llada_trm.dist_utils import is_main_process, reduce_sums, world_size
+from llada_trm.errors import CheckpointError
+from llada_trm.run_checkpoint import CONFIG_FILE, load_weights, resolve_checkpoint_dir
+from llada_trm.training.checkpoint import (
+    TrainState,
+    capture_rng_state,
+    keep_snapshots,
+    load_trainer_state,
+    restore_rng_state,
+    save_checkpoint,
+)
+from llada_trm.training.distributed import (
+    full_state_dict,
+    is_sharded,
+    load_optimizer_state,
+    load_sharded_weights,
+    optimizer_state,
+)
+from llada_trm.training.metrics import Averager
+
+__all__ = [
+    "adopt_schedule",
+    "batches_to_skip",
+    "restore_run",
+    "run_summary",
+    "save_run",
+    "warn_config_changes",
+]
+
+logger = logging.getLogger("llada_trm")
+
+
+def save_run(trainer: Any, name: str) -> Path | None:
+    """Write a `Trainer`'s checkpoints/<name> (rank 0); `keep_last` also keeps numbered copies of `last`.
+
+    Every rank calls it: under FSDP the full tensors are gathered from the shards first. The layout is
+    the single-process one whatever the world size; the position in the epoch is also stored as a
+    global example count, so that another world size can resume it.
+    """
+    t = trainer.config.training
+    names = list(dict.fromkeys([*trainer.plan.trainable_names, *trainer.init_names]))
+    weights = full_state_dict(trainer.model, names)
+    optimizer = optimizer_state(trainer.model, trainer.optimizer)
+    window_sums, window_counts = reduce_sums(trainer._window.sums, trainer._window.counts)
+    if not is_main_process():
+        return None
+    train_state = trainer.state.to_dict()
+    consumed = min(trainer.state.batches_in_epoch * t.batch_size, trainer.sampler.shard_size) * world_size()
+    train_state["extra"].update(
+        world_size=world_size(), batch_size=t.batch_size, samples_in_epoch=consumed
+    )
+    trainer_state = {
+        "train_state": train_state,
+        "optimizer": optimizer,
+        "scheduler": trainer.scheduler.state_dict(),
+        "rng": capture_rng_state(),
+        "health": trainer.health.state_dict(),
+        "log_window": {"sums": window_sums, "counts": window_counts},
+        "trainable_names": list(trainer.plan.trainable_names),
+        "phase": trainer.plan.phase,
+        "total_steps": trainer.total_steps,
+    }
+    directory = save_checkpoint(
+        trainer.checkpoint_dir / name,
+        weights=weights,
+        trainer_state=trainer_state,
+        config_yaml=trainer._config_yaml,
+    )
+    keep = trainer.config.output.keep_last
+    if name == "last" and keep > 0:
+        keep_snapshots(trainer.checkpoint_dir, directory, trainer.state.step, keep)
+    return directory
+
+
+def restore_run(trainer: Any, path: str | Path) -> Path:
+    """Restore a `Trainer`'s trainable weights, optimizer, scheduler, RNG states and data position; returns
+    the checkpoint directory."""
+    directory = resolve_checkpoint_dir(path)
+    state = load_trainer_state(directory)
+    names = trainer.plan.trainable_names
+    saved_names = list(state.get("trainable_names", []))
+    if sorted(saved_names) != sorted(names):
+        raise CheckpointError(
+            f"{directory}: it trained {len(saved_names)} tensors, this run trains {len(names)}; resume "
+            "with the same training.phase and training_params.trainable_modules (or start a new run)"
+        )
+    if is_sharded(trainer.model):  # FSDP: every rank reads the full tensors and keeps its shards
+        load_sharded_weights(trainer.model, directory, require=names)
+    else:
+        load_weights(trainer.model, directory, require=names)
+    try:
+        load_optimizer_state(trainer.model, trainer.optimizer, state["optimizer"])
+        trainer.scheduler.load_state_dict(state["scheduler"])
+    except (KeyError, ValueError, RuntimeError) as exc:
+        raise CheckpointError(
+            f"{directory}: optimizer/scheduler state does not fit this run ({exc})"
+        ) from None
+    restore_rng_state(state["rng"])
+    trainer.state = TrainState.from_dict(state["train_state"])
+    t = trainer.config.training
+    # Another world or batch size continues at the same global position.
+    trainer.state.batches_in_epoch = batches_to_skip(
+        trainer.state.extra,
+        trainer.state.batches_in_epoch,
+        world=world_size(),
+        batch_size=t.batch_size,
+        accumulation=t.gradient_accumulation_steps,
+        micro_per_epoch=trainer.micro_per_epoch,
+        train_size=len(trainer.train_set),
+    )
+    trainer.health.load_state_dict(state.get("health", {}))
+    window = state.get("log_window") or {}
+    trainer._window = Averager()
+    if is_main_process():  # the saved window already sums every rank's micro-batches
+        trainer._window.sums.update(window.get("sums", {}))
+        trainer._window.counts.update(window.get("counts", {}))
+    adopt_schedule(trainer.optimizer, trainer.scheduler, state.get("total_steps"), trainer.total_steps)
+    warn_config_changes(directory, trainer._config_yaml)
+    return directory
+
+
+def run_summary(trainer: Any, elapsed: float) -> dict[str, Any]:
+    """What `Trainer.train` returns: steps, last losses, best metric, where the run wrote, health warnings."""
+    return {
+        "steps": trainer.state.step,
+        "total_steps": trainer.total_steps,
+        "epoch": trainer.state.epoch,
+        "train_loss": trainer.last_train_row.get("loss"),
+        "val": dict(trainer.last_val_row),
+        "best_metric": trainer.state.best_metric,
+        "best_step": trainer.state.best_step,
+        "output_dir": str(trainer.output_dir),
+        "checkpoint": str(trainer.checkpoint_dir / "last"),
+        "health_warnings": list(trainer.health.warned.values()),
+        "elapsed_s": elapsed,
+    }
+
+
+def batches_to_skip(
+    extra: Mapping[str, Any],
+    batches_in_epoch: int,
+    *,
+    world: int,
+    batch_size: int,
+    accumulation: int,
+    micro_per_epoch: int,
+    train_size: int,
+) -> int:
+    """This rank's micro-batches already consumed in the epoch, re-expressed for this world and batch size.
+
+    `extra` is the checkpoint's `train_state.extra` (its world size, batch size and global position).
+    """
+    saved_world = int(extra.get("world_size", 1))
+    saved_batch = int(extra.get("batch_size", batch_size))
+    if (saved_world, saved_batch) == (world, batch_size):
+        return batches_in_epoch  # the same geometry: the micro-batch count is exact
+    samples = int(extra.get("samples_in_epoch", batches_in_epoch * saved_batch * saved_world))
+    if samples >= train_size:
+        batches = micro_per_epoch  # the epoch was complete
+    else:
+        batches = min(samples // world // batch_size, micro_per_epoch)
+        batches -= batches % accumulation
+    replayed = samples - min(batches * batch_size * world, samples)
+    if replayed:
+        logger.warning(
+            "resuming with %d processes x batch %d (saved: %d x %d): the epoch continues %d examples "
+            "before the saved position, at an optimizer-step boundary",
+            world,
+            batch_size,
+            saved_world,
+            saved_batch,
+            replayed,
+        )
+    return batches
+
+
+def adopt_schedule(
+    optimizer: torch.optim.Optimizer, scheduler: LambdaLR, saved_total: int | None, total: int
+) -> None:
+    """A run resumed with another planned length decays towards the new total from here on.
+
+    The optimizer holds the old schedule's LR for the next step: it takes this schedule's instead.
+    """
+    if saved_total in (None, total):
+        return
+    logger.warning(
+        "resuming a run planned for %s steps with a config planning %d; from here on the LR "
+        "schedule decays towards the new total",
+        saved_total,
+        total,
+    )
+    for group, base, factor in zip(
+        optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas, strict=True
+    ):
+        group["lr"] = base * factor(scheduler.last_epoch)
+
+
+def warn_config_changes(directory: Path, config_yaml: str) -> None:
+    """Log the keys (up to 8) in which this run's config differs from the checkpoint's."""
+    saved = _flatten(yaml.safe_load((directory / CONFIG_FILE).read_text(encoding="utf-8")) or {})
+    now = _flatten(yaml.safe_load(config_yaml))
+    changed = [key for key in sorted(set(saved) | set(now)) if saved.get(key) != now.get(key)]
+    if changed:
+        logger.warning("resuming with a changed config: %s", ", ".join(changed[:8]))
+
+
+def _flatten(data: Any, prefix: str = "") -> dict[str, Any]:
+    """{'a': {'b': 1}} -> {'a.b': 1}."""
+    if not isinstance(data, dict):
+        return {prefix: data}
+    flat: dict[str, Any] = {}
+    for key, value in data.items():
+        flat.update(_flatten(value, f"{prefix}.{key}" if prefix else str(key)))
+    return flat
