@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 from transformers import PreTrainedTokenizerBase
 
 from llada_trm.config import DataConfig
-from llada_trm.data import GSM8KRecord, SFTDataset, SyntheticTaskConfig, generate_problems, load_gsm8k
+from llada_trm.data import GSM8KRecord, SFTDataset, generate_problems, load_gsm8k
 from llada_trm.errors import ConfigError
 
 __all__ = ["EpochSampler", "build_datasets", "build_records", "make_loader"]
@@ -70,16 +70,9 @@ def build_records(data: DataConfig) -> tuple[list[GSM8KRecord], list[GSM8KRecord
     """Training and evaluation records: a GSM8K source sliced by the splits, or the generated task."""
     try:
         if data.dataset == "synthetic":
-            s = data.synthetic
-            task = SyntheticTaskConfig(
-                min_steps=s.min_steps,
-                max_steps=s.max_steps,
-                max_number=s.max_number,
-                max_result=s.max_result,
-                seed=s.seed,
-            )
-            train = generate_problems(task, s.n_train, "train")
-            evaluation = generate_problems(task, s.n_eval, "test") if s.n_eval else []
+            task = data.synthetic  # the task's knobs plus n_train / n_eval
+            train = generate_problems(task, task.n_train, "train")
+            evaluation = generate_problems(task, task.n_eval, "test") if task.n_eval else []
         else:
             train = load_gsm8k(data.path, data.train_split)
             evaluation = load_gsm8k(data.path, data.eval_split) if data.eval_split else []

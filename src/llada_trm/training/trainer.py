@@ -153,28 +153,8 @@ def resolve_backbone_dir(backbone: str) -> Path:
 
 
 def hybrid_config(config: RunConfig) -> HybridConfig:
-    """The `model` section as the hybrid model's own config (unset widths stay derived from the backbone).
-
-    Backbone contexts feed only the slot refiner; without one, none are requested (no wasted activations).
-    """
-    m = config.model
-    uses_slot = m.refiner == "slot" or (m.refiner != "none" and m.integration != "replace")
-    try:
-        return HybridConfig(
-            refiner=m.refiner,
-            integration=m.integration,
-            active_refiner=m.active_refiner,
-            max_recursive_steps=m.max_recursive_steps,
-            cascade_mlp_steps=m.cascade_mlp_steps,
-            chunk_size=m.chunk_size,
-            confidence_threshold=m.confidence_threshold,
-            halt_on_confidence=m.halt_on_confidence,
-            context_layers=list(m.context_layers) if uses_slot else [],
-            slot={k: v for k, v in m.slot.model_dump().items() if v is not None},
-            mlp={k: v for k, v in m.mlp.model_dump().items() if v is not None},
-        )
-    except ConfigError as exc:
-        raise ConfigError(f"model: {exc}") from None
+    """The `model` section as the hybrid model's own config (unset widths stay derived from the backbone)."""
+    return config.model.hybrid()
 
 
 # ---------------------------------------------------------------------------------------------- trainer
