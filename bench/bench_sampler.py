@@ -23,7 +23,6 @@ refined rows) inside the sampler's own calls; its share is that time over the sa
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import sys
 import time
@@ -264,8 +263,8 @@ def share_variants(hybrid: LLaDATRMHybrid, args: argparse.Namespace) -> list[Var
         for k in args.ks:
             thresholds = [(f"selective {t:g}", t) for t in args.selective] + [("all (2.0)", 2.0)]
             for label, threshold in thresholds:
-                config = dataclasses.replace(
-                    hybrid.config, max_recursive_steps=k, confidence_threshold=threshold
+                config = hybrid.config.model_copy(
+                    update={"max_recursive_steps": k, "confidence_threshold": threshold}
                 )
                 variants.append(Variant(f"K={k} {label}", hybrid, by_key[key], hybrid_config=config))
     return variants

@@ -9,7 +9,11 @@ import pytest
 import yaml
 
 from llada_trm.config import RunConfig, load_config, parse_config, parse_override, save_config
+from llada_trm.data import SyntheticTaskConfig
 from llada_trm.errors import ConfigError
+from llada_trm.hybrid import HybridConfig
+from llada_trm.refiners import MLPSettings, SlotSettings
+from llada_trm.training.data import build_records
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 # Configs of the other commands, each validated by its own schema's loader; everything else is a run config.
@@ -162,3 +166,48 @@ def test_seed_configs_keep_the_original_settings():
     assert (cpu.training.batch_size, cpu.training.gradient_accumulation_steps) == (1, 16)
     assert cpu.model.max_recursive_steps == 2 and cpu.training.num_epochs == 2
     assert cpu.data.num_workers == 0 and cpu.data.pin_memory is False
+
+
+# ------------------------------------------------------------------ the model-side types, embedded once
+
+
+def test_the_run_schema_embeds_the_model_side_types():
+    config = RunConfig()
+    assert isinstance(config.model, HybridConfig)
+    assert type(config.model.slot) is SlotSettings and type(config.model.mlp) is MLPSettings
+    assert isinstance(config.data.synthetic, SyntheticTaskConfig)
+    # one default for the context layers, whichever way the config is built
+    assert config.model.context_layers == HybridConfig().context_layers == [-1]
+    hybrid = config.model.hybrid()
+    assert type(hybrid) is HybridConfig and HybridConfig.from_dict(hybrid.to_dict()) == hybrid
+
+
+def test_model_side_validation_names_the_yaml_key(tmp_path):
+    cases = {
+        "model:\n  slot:\n    dropout: 1.5\n": "model.slot.dropout: input should be less than 1",
+        "model:\n  slot:\n    num_steps: 2\n": "model.slot: may not set ['num_steps']: the hybrid model",
+        "model:\n  mlp:\n    hidden_dim: 8\n    hidden_mult: 2\n": "model.mlp: mlp sets both hidden_mult",
+        "model:\n  context_layers: [1, 1]\n": "model: context_layers lists a layer twice",
+        "data:\n  synthetic:\n    operations: ['+', '^']\n": "data.synthetic.operations.1: expected one of",
+    }
+    for text, expected in cases.items():
+        with pytest.raises(ConfigError) as info:
+            load_config(write(tmp_path, text, name="m.yaml"))
+        assert str(info.value).startswith(f"{tmp_path / 'm.yaml'}: {expected}"), str(info.value)
+    # built in Python, the same check names the class and field instead
+    with pytest.raises(ConfigError, match=r"^SlotSettings\.dropout: input should be less than 1"):
+        SlotSettings(dropout=1.5)
+
+
+def test_generator_knobs_are_run_config_keys():
+    config = parse_config({"data": {"synthetic": {"operations": ["+"], "n_train": 20, "n_eval": 0}}})
+    assert config.data.synthetic.operations == ("+",)
+    train, evaluation = build_records(config.data)
+    assert len(train) == 20 and evaluation == []
+    assert all("<<" in r.answer and "-" not in r.answer and "*" not in r.answer for r in train)
+
+
+def test_a_config_yaml_written_before_the_embedding_still_loads():
+    old = load_config(Path(__file__).parent / "fixtures" / "run_config_before_issue13.yaml")
+    assert old == load_config(CONFIGS / "tiny_refiner.yaml")
+    assert "context_layers: [-1]" in old.to_yaml()  # lists of scalars are written on one line

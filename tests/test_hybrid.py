@@ -88,8 +88,8 @@ def test_chunk_confidence_by_hand():
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        ({"refiner": "tree"}, r"unknown refiner 'tree'; choose one of \['none', 'mlp', 'slot'\]"),
-        ({"integration": "parallel"}, "choose one of"),
+        ({"refiner": "tree"}, r"^HybridConfig\.refiner: expected one of 'none', 'mlp' or 'slot', got 'tree'"),
+        ({"integration": "parallel"}, "integration: expected one of"),
         ({"active_refiner": "none"}, "active_refiner"),
         ({"refiner": "none", "integration": "hybrid"}, "refiner='none'"),
         ({"max_recursive_steps": -1}, "max_recursive_steps"),
@@ -97,7 +97,7 @@ def test_chunk_confidence_by_hand():
         ({"cascade_mlp_steps": 5}, "cascade_mlp_steps"),
         ({"confidence_threshold": -0.1}, "confidence_threshold"),
         ({"context_layers": [1, 1]}, "twice"),
-        ({"slot": {"n_head": 2}}, r"unknown slot setting\(s\) \['n_head'\]"),
+        ({"slot": {"n_head": 2}}, r"slot\.n_head: unknown key; did you mean 'n_heads'\?"),
         ({"slot": {"num_steps": 2}}, "derives them"),
         ({"mlp": {"hidden_mult": 2, "hidden_dim": 8}}, "hidden_mult"),
     ],
@@ -124,6 +124,29 @@ def test_config_schedules_and_dict_round_trip():
 def test_context_layer_out_of_range():
     with pytest.raises(ConfigError, match="out of range for a 2-layer backbone"):
         LLaDATRMHybrid(tiny_backbone(), HybridConfig(context_layers=[2], slot=SLOT))
+
+
+# A value other than the default for every knob: a new knob needs its entry here, and then this test checks
+# that it travels from the config (YAML's `model.slot` / `model.mlp`) into the refiner that is built.
+SLOT_KNOBS = {
+    "n_heads": 4, "n_blocks": 1, "mlp_ratio": 2.0, "delta_scale": 0.2, "delta_clamp": 0.4, "use_gates": False,
+    "dropout": 0.1, "d_inner": 16, "d_ctx": 6, "d_reason": 5, "d_refine": 4, "d_conf": 3,
+}  # fmt: skip
+MLP_KNOBS = {"hidden_dim": 24, "delta_scale": 0.2, "delta_clamp": 0.4, "dropout": 0.1}
+
+
+def test_every_refiner_knob_reaches_the_built_refiner():
+    assert set(SLOT_KNOBS) == set(type(HybridConfig().slot).model_fields)
+    assert set(MLP_KNOBS) | {"hidden_mult"} == set(type(HybridConfig().mlp).model_fields)
+    config = HybridConfig(integration="cascade", max_recursive_steps=3, slot=SLOT_KNOBS, mlp=MLP_KNOBS)
+    model = LLaDATRMHybrid(tiny_backbone(), config)
+    slot, mlp = model.refinement_head["slot"].config, model.refinement_head["mlp"].config
+    assert {name: getattr(slot, name) for name in SLOT_KNOBS} == SLOT_KNOBS
+    assert {name: getattr(mlp, name) for name in MLP_KNOBS} == MLP_KNOBS
+    assert (slot.d_model, slot.num_steps, slot.context_dim) == (D, 3, D)  # derived: backbone, K, contexts
+    assert (mlp.d_model, mlp.num_steps, mlp.context_dim) == (D, 3, None)
+    wide = LLaDATRMHybrid(tiny_backbone(), HybridConfig(refiner="mlp", mlp={"hidden_mult": 1.5}))
+    assert wide.refinement_head["mlp"].config.hidden_dim == round(1.5 * D)
 
 
 # ---------------------------------------------------------------- shapes, refiner kinds, integrations
@@ -348,7 +371,7 @@ def test_all_chunks_halting_repeats_the_last_logits():
 
 
 def test_context_layers_feed_the_slot_refiner(monkeypatch):
-    plain = make_model(refiner="slot", confidence_threshold=2.0).eval()
+    plain = make_model(refiner="slot", confidence_threshold=2.0, context_layers=[]).eval()
     with_ctx = make_model(refiner="slot", confidence_threshold=2.0, context_layers=[0, -1]).eval()
     with_ctx.refinement_head.load_state_dict(plain.refinement_head.state_dict())  # same refiner weights
     ids = noisy_ids()

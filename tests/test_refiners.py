@@ -314,6 +314,15 @@ def test_config_defaults_and_validation():
         SlotConfig(d_model=64, delta_scale=0)
     with pytest.raises(ConfigError, match="hidden_dim"):
         MLPRefinerConfig(d_model=64, hidden_dim=0)
+    assert tuple(cfg.slot_dims) == SLOT_NAMES  # the widths in the order the projector concatenates slots
+    assert cfg.slot_total == 32 + 16 + 16 + 8
+    assert SlotConfig(**cfg.model_dump()) == cfg  # resolved widths validate again (keyword overrides rebuild)
+    mult = MLPRefinerConfig(d_model=64, hidden_mult=1.5)
+    assert (mult.hidden_dim, mult.hidden_mult) == (96, None)
+    assert MLPRefinerConfig(d_model=4096).hidden_dim == 1024
+    assert MLPRefinerConfig(d_model=64).hidden_dim == 128
+    with pytest.raises(ConfigError, match=r"^SlotConfig: n_heads=5 does not divide d_inner=64"):
+        SlotConfig(d_model=64, n_heads=5)
     refiner = make("slot")
     x, mask = inputs()
     with pytest.raises(ValueError, match="num_steps"):

@@ -26,7 +26,6 @@ from llada_trm.config import DataConfig, RunConfig
 from llada_trm.data import (
     GSM8KRecord,
     SFTDataset,
-    SyntheticTaskConfig,
     generate_problems,
     load_gsm8k,
     load_tokenizer,
@@ -121,26 +120,9 @@ def resolve_backbone_dir(backbone: str) -> Path:
 def hybrid_config(config: RunConfig) -> HybridConfig:
     """The `model` section as the hybrid model's own config (unset widths stay derived from the backbone).
 
-    Backbone contexts feed only the slot refiner; without one, none are requested (no wasted activations).
+    Backbone contexts feed only the slot refiner; the hybrid requests none when it builds no slot refiner.
     """
-    m = config.model
-    uses_slot = m.refiner == "slot" or (m.refiner != "none" and m.integration != "replace")
-    try:
-        return HybridConfig(
-            refiner=m.refiner,
-            integration=m.integration,
-            active_refiner=m.active_refiner,
-            max_recursive_steps=m.max_recursive_steps,
-            cascade_mlp_steps=m.cascade_mlp_steps,
-            chunk_size=m.chunk_size,
-            confidence_threshold=m.confidence_threshold,
-            halt_on_confidence=m.halt_on_confidence,
-            context_layers=list(m.context_layers) if uses_slot else [],
-            slot={k: v for k, v in m.slot.model_dump().items() if v is not None},
-            mlp={k: v for k, v in m.mlp.model_dump().items() if v is not None},
-        )
-    except ConfigError as exc:
-        raise ConfigError(f"model: {exc}") from None
+    return config.model.hybrid()
 
 
 def backbone_dtype(config: RunConfig, amp_dtype: torch.dtype | None) -> torch.dtype:
@@ -235,16 +217,9 @@ def build_records(data: DataConfig) -> tuple[list[GSM8KRecord], list[GSM8KRecord
     """Training and evaluation records: a GSM8K source sliced by the splits, or the generated task."""
     try:
         if data.dataset == "synthetic":
-            s = data.synthetic
-            task = SyntheticTaskConfig(
-                min_steps=s.min_steps,
-                max_steps=s.max_steps,
-                max_number=s.max_number,
-                max_result=s.max_result,
-                seed=s.seed,
-            )
-            train = generate_problems(task, s.n_train, "train")
-            evaluation = generate_problems(task, s.n_eval, "test") if s.n_eval else []
+            task = data.synthetic  # the task's knobs plus n_train / n_eval
+            train = generate_problems(task, task.n_train, "train")
+            evaluation = generate_problems(task, task.n_eval, "test") if task.n_eval else []
         else:
             train = load_gsm8k(data.path, data.train_split)
             evaluation = load_gsm8k(data.path, data.eval_split) if data.eval_split else []

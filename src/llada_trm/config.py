@@ -3,21 +3,38 @@
 Every section forbids unknown keys, so a typo such as `training.learnig_rate` is an error (with a suggestion)
 instead of a silently ignored setting. Errors are one line that names the file and the key's dotted path.
 
-Numbers: PyYAML follows YAML 1.1, where `5e-4` (no dot) is a *string*; float fields therefore accept numeric
-strings, so `lr: 5e-4` means what it says.
+The model-side types are embedded, not copied: `model:` is a `HybridConfig` (plus the backbone and its
+dtype) whose `slot:` / `mlp:` are the refiners' `SlotSettings` / `MLPSettings`, and `data.synthetic:` is the
+generator's `SyntheticTaskConfig` (plus the split sizes). Each field is declared and validated once, where
+the model reads it. Numbers follow `llada_trm.schema` (`lr: 5e-4` is a float, although YAML 1.1 disagrees).
 """
 
 from __future__ import annotations
 
-import difflib
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, BeforeValidator, Field, ValidationError, model_validator
 
+from llada_trm.data.synthetic import SyntheticTaskConfig
 from llada_trm.errors import ConfigError
+from llada_trm.hybrid.config import HybridConfig
+from llada_trm.refiners.config import MLPSettings, SlotSettings
+from llada_trm.schema import (
+    Float,
+    Fraction,
+    Int,
+    NonNegFloat,
+    NonNegInt,
+    PosFloat,
+    PosInt,
+    describe,
+    to_float,
+    to_int,
+)
+from llada_trm.schema import Section as _Section
 
 __all__ = [
     "AdvancedConfig",
@@ -28,7 +45,7 @@ __all__ = [
     "OutputConfig",
     "RunConfig",
     "SlotSettings",
-    "SyntheticTaskConfig",
+    "SyntheticDataConfig",
     "TrainingConfig",
     "TrainingParamsConfig",
     "apply_overrides",
@@ -39,152 +56,42 @@ __all__ = [
     "save_config",
 ]
 
-
-def _to_float(value: Any) -> Any:
-    """Accept YAML 1.1's string spelling of floats (`5e-4`) and reject booleans posing as numbers."""
-    if isinstance(value, bool):
-        raise ValueError(f"expected a number, got {value!r}")
-    if isinstance(value, str):
-        try:
-            return float(value.strip())
-        except ValueError:
-            raise ValueError(f"expected a number, got {value!r}") from None
-    return value
-
-
-def _to_int(value: Any) -> Any:
-    """Accept integral numbers written as `1e3` or `1000.0`; reject booleans and fractions."""
-    if isinstance(value, bool):
-        raise ValueError(f"expected an integer, got {value!r}")
-    if isinstance(value, str):
-        text = value.strip()
-        try:
-            return int(text)
-        except ValueError:
-            try:
-                number = float(text)
-            except ValueError:
-                raise ValueError(f"expected an integer, got {value!r}") from None
-            if not number.is_integer():
-                raise ValueError(f"expected an integer, got {value!r}") from None
-            return int(number)
-    if isinstance(value, float):
-        if not value.is_integer():
-            raise ValueError(f"expected an integer, got {value!r}")
-        return int(value)
-    return value
-
-
-Float = Annotated[float, BeforeValidator(_to_float)]
-Int = Annotated[int, BeforeValidator(_to_int)]
-PosInt = Annotated[int, BeforeValidator(_to_int), Field(ge=1)]
-NonNegInt = Annotated[int, BeforeValidator(_to_int), Field(ge=0)]
-NonNegFloat = Annotated[float, BeforeValidator(_to_float), Field(ge=0.0)]
-Fraction = Annotated[float, BeforeValidator(_to_float), Field(ge=0.0, le=1.0)]
-
-
-class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+# The shared number types (llada_trm.schema), also importable from here by the other commands' schemas.
+__all__ += ["Float", "Fraction", "Int", "NonNegFloat", "NonNegInt", "PosFloat", "PosInt"]
+_to_float, _to_int = to_float, to_int
 
 
 # --------------------------------------------------------------------------------------------------- model
 
 
-class SlotSettings(_Section):
-    """The slot refiner (TRM-style recursion over context / reasoning / refinement / confidence slots).
-
-    Widths left null are derived from the backbone: d_inner = min(d_model, 512), then the slots take
-    d_inner/2, /4, /4 and /8.
-    """
-
-    n_heads: PosInt = 8
-    n_blocks: NonNegInt = 2
-    mlp_ratio: Annotated[float, BeforeValidator(_to_float), Field(gt=0.0)] = 4.0
-    delta_scale: Annotated[float, BeforeValidator(_to_float), Field(gt=0.0)] = 0.1
-    delta_clamp: Annotated[float, BeforeValidator(_to_float), Field(gt=0.0)] = 0.5
-    use_gates: bool = True
-    dropout: Annotated[float, BeforeValidator(_to_float), Field(ge=0.0, lt=1.0)] = 0.0
-    d_inner: PosInt | None = None
-    d_ctx: PosInt | None = None
-    d_reason: PosInt | None = None
-    d_refine: PosInt | None = None
-    d_conf: PosInt | None = None
-
-
-class MLPSettings(_Section):
-    """The baseline refiner: a residual MLP applied K times.
-
-    Width: `hidden_dim`, or `hidden_mult` x d_model; both null = min(2 * d_model, 1024).
-    """
-
-    hidden_dim: PosInt | None = None
-    hidden_mult: Annotated[float, BeforeValidator(_to_float), Field(gt=0.0)] | None = None
-    delta_scale: Annotated[float, BeforeValidator(_to_float), Field(gt=0.0)] = 0.1
-    delta_clamp: Annotated[float, BeforeValidator(_to_float), Field(gt=0.0)] = 0.5
-    dropout: Annotated[float, BeforeValidator(_to_float), Field(ge=0.0, lt=1.0)] = 0.0
-
-
-class ModelConfig(_Section):
-    """What to build: the backbone to load and the refiner placed before its LM head.
+class ModelConfig(HybridConfig):
+    """What to build: the backbone to load, its precision, and the refiners (`HybridConfig`'s fields).
 
     `confidence_threshold`: chunks whose backbone confidence (mean max-probability over their masked
     positions) is below it are refined; above 1 refines every chunk. `context_layers`: backbone layers whose
     attention contexts feed the slot refiner ([] = only the refiner's own blocks). `cascade_mlp_steps`: in a
-    cascade, the MLP's share of the K steps (null = K // 2).
+    cascade, the MLP's share of the K steps (null = K // 2). `HybridConfig` documents every field.
     """
 
     backbone: str = Field(
         default="embedded",
         description="a local HF-layout checkpoint directory, or 'embedded' for the package's tiny backbone",
     )
-    refiner: Literal["none", "mlp", "slot"] = "slot"
-    integration: Literal["replace", "hybrid", "cascade"] = "replace"
-    active_refiner: Literal["mlp", "slot"] = "slot"
-    max_recursive_steps: NonNegInt = 4
-    cascade_mlp_steps: NonNegInt | None = None
-    chunk_size: PosInt = 16
-    confidence_threshold: NonNegFloat = 0.5
-    halt_on_confidence: bool = True
-    context_layers: list[Int] = Field(default_factory=lambda: [-1])
-    slot: SlotSettings = Field(default_factory=SlotSettings)
-    mlp: MLPSettings = Field(default_factory=MLPSettings)
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
 
-    @model_validator(mode="after")
-    def _consistent(self) -> ModelConfig:
-        if self.refiner == "none" and self.integration != "replace":
-            raise ValueError(f"refiner 'none' builds no refiner; integration {self.integration!r} needs both")
-        if self.mlp.hidden_dim is not None and self.mlp.hidden_mult is not None:
-            raise ValueError("mlp sets both hidden_dim and hidden_mult; keep one")
-        if self.cascade_mlp_steps is not None and self.cascade_mlp_steps > self.max_recursive_steps:
-            raise ValueError(
-                f"cascade_mlp_steps ({self.cascade_mlp_steps}) exceeds max_recursive_steps "
-                f"({self.max_recursive_steps})"
-            )
-        if len(set(self.context_layers)) != len(self.context_layers):
-            raise ValueError(f"context_layers lists a layer twice: {self.context_layers}")
-        return self
+    def hybrid(self) -> HybridConfig:
+        """The hybrid model's own config: this section less what only the run needs (backbone, dtype)."""
+        return HybridConfig(**self.model_dump(include=set(HybridConfig.model_fields)))
 
 
 # ---------------------------------------------------------------------------------------------------- data
 
 
-class SyntheticTaskConfig(_Section):
-    """The generated GSM8K-style word problems (answers in GSM8K's `<<a*b=c>>` / `#### n` format)."""
+class SyntheticDataConfig(SyntheticTaskConfig):
+    """The generated task (`llada_trm.data.SyntheticTaskConfig`) and how many problems each split gets."""
 
     n_train: PosInt = 2000
     n_eval: NonNegInt = 100
-    min_steps: PosInt = 1
-    max_steps: Annotated[int, BeforeValidator(_to_int), Field(ge=1, le=8)] = 4
-    max_number: Annotated[int, BeforeValidator(_to_int), Field(ge=2)] = 20
-    max_result: PosInt = 1000
-    seed: Int = 0
-
-    @model_validator(mode="after")
-    def _steps_ordered(self) -> SyntheticTaskConfig:
-        if self.min_steps > self.max_steps:
-            raise ValueError(f"min_steps ({self.min_steps}) must not exceed max_steps ({self.max_steps})")
-        return self
 
 
 class DataConfig(_Section):
@@ -199,7 +106,7 @@ class DataConfig(_Section):
     max_length: PosInt = 256
     num_workers: NonNegInt = 0
     pin_memory: bool = False
-    synthetic: SyntheticTaskConfig = Field(default_factory=SyntheticTaskConfig)
+    synthetic: SyntheticDataConfig = Field(default_factory=SyntheticDataConfig)
 
     @model_validator(mode="after")
     def _gsm8k_needs_path(self) -> DataConfig:
@@ -231,7 +138,7 @@ class TrainingConfig(_Section):
     warmup_ratio: Fraction = 0.05
     min_lr_ratio: Fraction = 0.0
     weight_decay: NonNegFloat = 0.01
-    adam_eps: Annotated[float, BeforeValidator(_to_float), Field(gt=0.0)] = 1e-8
+    adam_eps: PosFloat = 1e-8
     adam_betas: tuple[Fraction, Fraction] = (0.9, 0.999)
     max_grad_norm: NonNegFloat = 1.0
     seed: Int = 42
@@ -278,7 +185,7 @@ class HealthThresholds(_Section):
     slot_collapse_gate_band: NonNegFloat = 0.05
     dead_gate: Fraction = 0.05
     delta_norm_max: NonNegFloat = 100.0
-    delta_growth: Annotated[float, BeforeValidator(_to_float), Field(gt=1.0)] = 10.0
+    delta_growth: Annotated[float, BeforeValidator(to_float), Field(gt=1.0)] = 10.0
     loss_rel_std: NonNegFloat = 0.5
     context_ratio: NonNegFloat = 0.05
 
@@ -346,7 +253,8 @@ class RunConfig(_Section):
     output: OutputConfig = Field(default_factory=OutputConfig)
 
     def to_yaml(self) -> str:
-        return yaml.safe_dump(_plain(self.model_dump(mode="python")), sort_keys=False)
+        """Every setting, resolved; lists of plain values on one line (the task's word lists stay short)."""
+        return yaml.dump(_plain(self.model_dump(mode="python")), Dumper=_Dumper, sort_keys=False, width=110)
 
 
 # ----------------------------------------------------------------------------------------- loading, errors
@@ -407,7 +315,7 @@ def parse_config(
         return schema.model_validate(raw)
     except ValidationError as exc:
         override_keys = {".".join(parse_override(o)[0]) for o in overrides}
-        raise ConfigError(_describe(exc, source, override_keys, schema)) from None
+        raise ConfigError(describe(exc, source, schema, override_keys)) from None
 
 
 def load_config(path: str | Path, overrides: Sequence[str] | None = None) -> RunConfig:
@@ -439,99 +347,16 @@ def save_config(config: RunConfig, path: str | Path) -> Path:
     return path
 
 
-def _describe(exc: ValidationError, source: str, override_keys: set[str], schema: type[BaseModel]) -> str:
-    messages = []
-    for err in exc.errors(include_url=False):
-        loc = [str(p) for p in err["loc"]]
-        dotted = ".".join(loc)
-        where = f"--set {dotted}" if dotted in override_keys else source
-        messages.append(f"{where}: {dotted}: {_explain(err, loc, schema)}")
-    extra = f" (and {len(messages) - 1} more)" if len(messages) > 1 else ""
-    return messages[0] + extra
+class _Dumper(yaml.SafeDumper):
+    """Safe YAML with flow-style (one-line) lists of scalars: `context_layers: [-1]`."""
 
 
-def _explain(err: Mapping[str, Any], loc: list[str], schema: type[BaseModel]) -> str:
-    kind = err["type"]
-    value = err.get("input")
-    if kind == "extra_forbidden":
-        known = _section_fields(loc[:-1], schema)
-        suggestion = _suggest(loc[-1], known)
-        hint = f"did you mean {suggestion!r}?" if suggestion else f"known keys: {', '.join(known)}"
-        return f"unknown key; {hint}"
-    if kind == "missing":
-        return "required key is missing"
-    if kind in {"float_parsing", "float_type"}:
-        return f"expected a number, got {value!r}"
-    if kind in {"int_parsing", "int_type", "int_from_float"}:
-        return f"expected an integer, got {value!r}"
-    if kind in {"bool_parsing", "bool_type"}:
-        return f"expected true or false, got {value!r}"
-    if kind in {"string_type"}:
-        return f"expected a string, got {value!r}"
-    if kind in {"list_type", "tuple_type"}:
-        return f"expected a list, got {value!r}"
-    if kind in {"model_type", "dict_type", "model_attributes_type"}:
-        return f"expected a section (a mapping of keys), got {value!r}"
-    if kind == "literal_error":
-        expected = err.get("ctx", {}).get("expected", "")
-        return f"expected one of {expected}, got {value!r}"
-    if kind == "value_error":
-        return str(err.get("ctx", {}).get("error", err["msg"]))
-    msg = str(err["msg"])
-    return f"{msg[:1].lower()}{msg[1:]}, got {value!r}"
+def _represent_list(dumper: yaml.SafeDumper, data: list[Any]) -> yaml.Node:
+    flow = all(not isinstance(item, list | dict) for item in data)
+    return dumper.represent_sequence("tag:yaml.org,2002:seq", data, flow_style=flow)
 
 
-# Names other tools (and the original SonarRecursiveModel configs) use for our keys, so that a typo of a
-# familiar spelling still finds the right field: `learnig_rate` -> `learning_rate` -> `lr`.
-_ALIASES: dict[str, str] = {
-    "learning_rate": "lr",
-    "adam_lr": "lr",
-    "grad_clip": "max_grad_norm",
-    "clip_grad_norm": "max_grad_norm",
-    "adam_epsilon": "adam_eps",
-    "epochs": "num_epochs",
-    "eval_interval": "eval_every",
-    "eval_steps": "eval_max_batches",
-    "log_interval": "log_every",
-    "checkpoint_interval": "save_every",
-    "save_interval": "save_every",
-    "output_dir": "dir",
-    "save_total_limit": "keep_last",
-    "name": "dataset",
-    "val_split": "eval_split",
-    "validation_split": "eval_split",
-    "llada_model_name": "backbone",
-    "model_name_or_path": "backbone",
-    "refiner_type": "refiner",
-    "use_gating": "use_gates",
-    "min_confidence": "confidence_threshold",
-    "forward_dtype": "dtype",
-    "calibration_weight": "confidence_calibration_weight",
-    "warmup": "warmup_steps",
-    "accumulation_steps": "gradient_accumulation_steps",
-    "init_checkpoint": "init_from",
-    "pretrained_refiner": "init_from",
-}
-
-
-def _suggest(key: str, known: list[str]) -> str | None:
-    """The field a mistyped key most likely meant, via difflib over field names and familiar aliases."""
-    candidates = {name: name for name in known}
-    candidates.update({alias: field for alias, field in _ALIASES.items() if field in known})
-    match = difflib.get_close_matches(key, list(candidates), n=1, cutoff=0.6)
-    return candidates[match[0]] if match else None
-
-
-def _section_fields(loc: list[str], schema: type[BaseModel]) -> list[str]:
-    """The field names of the section at `loc` (for typo suggestions)."""
-    model: type[BaseModel] = schema
-    for part in loc:
-        field = model.model_fields.get(part)
-        annotation = getattr(field, "annotation", None)
-        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
-            return []
-        model = annotation
-    return list(model.model_fields)
+_Dumper.add_representer(list, _represent_list)
 
 
 def _plain(value: Any) -> Any:

@@ -17,6 +17,11 @@ import random
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
+from typing import Annotated, Literal
+
+from pydantic import BeforeValidator, ConfigDict, Field, model_validator
+
+from llada_trm.schema import Int, PosInt, Section, to_float, to_int
 
 from .gsm8k import DataError, GSM8KRecord
 
@@ -52,53 +57,44 @@ DEFAULT_PURCHASES = ("book", "toy", "hat", "ticket", "ball", "kite", "game", "lu
 _FRACTIONS = {2: "half", 3: "a third", 4: "a quarter"}
 
 
-@dataclass(frozen=True)
-class SyntheticTaskConfig:
-    """Difficulty knobs and vocabulary of the generated task.
+Operation = Literal["+", "-", "*", "/"]
+Words = Annotated[tuple[str, ...], Field(min_length=1)]
+
+
+class SyntheticTaskConfig(Section):
+    """Difficulty knobs and vocabulary of the generated task (the run config's `data.synthetic`).
 
     ``max_number`` bounds every number written in a question (the starting amount and each operand);
     ``max_result`` bounds every intermediate and final value, which keeps answers a few digits long.
+    Frozen and hashable; lists (from YAML) are stored as tuples.
     """
 
-    min_steps: int = 1
-    max_steps: int = 4
-    max_number: int = 20
-    max_result: int = 1000
-    operations: tuple[str, ...] = OPERATIONS
-    seed: int = 0
-    test_fraction: float = 0.1
-    names: tuple[str, ...] = DEFAULT_NAMES
-    items: tuple[str, ...] = DEFAULT_ITEMS
-    containers: tuple[str, ...] = DEFAULT_CONTAINERS
-    groups: tuple[tuple[str, str], ...] = DEFAULT_GROUPS
-    purchases: tuple[str, ...] = DEFAULT_PURCHASES
+    model_config = ConfigDict(frozen=True)
 
-    def __post_init__(self) -> None:
-        # Lists arrive from YAML/JSON configs; store tuples so the config stays hashable and frozen.
-        for name in ("operations", "names", "items", "containers", "purchases"):
-            object.__setattr__(self, name, tuple(getattr(self, name)))
-        object.__setattr__(self, "groups", tuple(tuple(group) for group in self.groups))
-        if not 1 <= self.min_steps <= self.max_steps <= MAX_STEPS:
-            raise ValueError(
-                f"steps must satisfy 1 <= min_steps <= max_steps <= {MAX_STEPS}, "
-                f"got min_steps={self.min_steps}, max_steps={self.max_steps}"
-            )
-        if self.max_number < 2:
-            raise ValueError(f"max_number must be >= 2, got {self.max_number}")
+    min_steps: PosInt = 1
+    max_steps: Annotated[int, BeforeValidator(to_int), Field(ge=1, le=MAX_STEPS)] = 4
+    max_number: Annotated[int, BeforeValidator(to_int), Field(ge=2)] = 20
+    max_result: PosInt = 1000
+    operations: Annotated[tuple[Operation, ...], Field(min_length=1)] = OPERATIONS
+    seed: Int = 0
+    test_fraction: Annotated[float, BeforeValidator(to_float), Field(gt=0.0, lt=1.0)] = 0.1
+    names: Words = DEFAULT_NAMES
+    items: Words = DEFAULT_ITEMS
+    containers: Words = DEFAULT_CONTAINERS
+    groups: Annotated[tuple[tuple[str, ...], ...], Field(min_length=1)] = DEFAULT_GROUPS
+    purchases: Words = DEFAULT_PURCHASES
+
+    @model_validator(mode="after")
+    def _consistent(self) -> SyntheticTaskConfig:
+        if self.min_steps > self.max_steps:
+            raise ValueError(f"min_steps ({self.min_steps}) must not exceed max_steps ({self.max_steps})")
         if self.max_result < self.max_number:
             raise ValueError(f"max_result ({self.max_result}) must be >= max_number ({self.max_number})")
-        unknown = [op for op in self.operations if op not in OPERATIONS]
-        if not self.operations or unknown:
-            raise ValueError(f"operations must be a non-empty subset of {OPERATIONS}, got {self.operations}")
-        if not 0.0 < self.test_fraction < 1.0:
-            raise ValueError(f"test_fraction must be in (0, 1), got {self.test_fraction}")
         if len(set(self.names)) < 2:
             raise ValueError("names needs at least two distinct names (problems involve a second person)")
-        for name in ("items", "containers", "groups", "purchases"):
-            if not getattr(self, name):
-                raise ValueError(f"{name} must not be empty")
         if any(len(group) != 2 for group in self.groups):
             raise ValueError("groups must be (plural, singular) pairs, e.g. ('friends', 'friend')")
+        return self
 
 
 def is_test_question(question: str, test_fraction: float) -> bool:

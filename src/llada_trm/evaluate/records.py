@@ -11,11 +11,10 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
-from llada_trm.config import SyntheticTaskConfig as SyntheticSettings
+from llada_trm.config import SyntheticDataConfig as SyntheticSettings
 from llada_trm.data import (
     DataError,
     GSM8KRecord,
-    SyntheticTaskConfig,
     apply_split,
     generate_problems,
     load_gsm8k,
@@ -79,8 +78,7 @@ def _synthetic_records(split: str, settings: SyntheticSettings, limit: int | Non
     count = limit if (limit is not None and not sliced) else (settings.n_eval or 100)
     if sliced and isinstance(selection.stop, int) and selection.stop > 0:
         count = max(count, selection.stop)
-    task = SyntheticTaskConfig(**{key: getattr(settings, key) for key in _TASK_FIELDS})
-    records = generate_problems(task, count, split=name)
+    records = generate_problems(settings, count, split=name)
     if sliced:
         records = apply_split(records, selection)
         if not records:

@@ -91,22 +91,16 @@ class LLaDATRMHybrid(nn.Module):
         self.config = config
         bb = backbone.config
         self.mask_token_id = bb.mask_token_id
-        layers = self._check_layers(config.context_layers or [], bb.n_layers)
         # Only the slot refiner reads backbone contexts; without it they are not even requested.
-        self.context_layers = layers if "slot" in config.refiner_kinds else []
+        wanted = config.context_layers if "slot" in config.refiner_kinds else None
+        self.context_layers = self._check_layers(wanted or [], bb.n_layers)
         context_width = bb.n_heads * bb.head_dim
         self.refinement_head = nn.ModuleDict()
         for kind in config.refiner_kinds:
+            settings = (config.slot if kind == "slot" else config.mlp).model_dump()
             if kind == "slot":
-                context_dim = context_width if self.context_layers else None
-                refiner = build_refiner(
-                    "slot", bb.d_model, num_steps=config.max_recursive_steps, context_dim=context_dim,
-                    **config.slot,
-                )
-            else:
-                refiner = build_refiner(
-                    "mlp", bb.d_model, num_steps=config.max_recursive_steps, **config.mlp_kwargs(bb.d_model)
-                )
+                settings["context_dim"] = context_width if self.context_layers else None
+            refiner = build_refiner(kind, bb.d_model, num_steps=config.max_recursive_steps, **settings)
             self.refinement_head[kind] = refiner.to(device=backbone.device)
         self._active_refiner = config.active_refiner
 

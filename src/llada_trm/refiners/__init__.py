@@ -5,11 +5,11 @@ from __future__ import annotations
 from typing import Any
 
 from llada_trm.refiners.base import ActiveRows, Refiner, RefinerState, StatsAccumulator
-from llada_trm.refiners.mlp import MLPRefinerConfig, RecursiveRefinementHead
+from llada_trm.refiners.config import MLPRefinerConfig, MLPSettings, SlotConfig, SlotSettings
+from llada_trm.refiners.mlp import RecursiveRefinementHead
 from llada_trm.refiners.slot import (
     SLOT_NAMES,
     AttentionContextExtractor,
-    SlotConfig,
     SlotOutput,
     SlotProjector,
     SlotTRMRefiner,
@@ -36,10 +36,12 @@ __all__ = [
     "SLOT_NAMES",
     "AttentionContextExtractor",
     "MLPRefinerConfig",
+    "MLPSettings",
     "RecursiveRefinementHead",
     "Refiner",
     "RefinerState",
     "SlotConfig",
+    "SlotSettings",
     "SlotOutput",
     "SlotProjector",
     "SlotTRMRefiner",

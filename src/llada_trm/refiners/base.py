@@ -10,7 +10,6 @@ bit-identical to their input, whatever the refiner's dtype or arithmetic.
 
 from __future__ import annotations
 
-import dataclasses
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -230,7 +229,7 @@ class Refiner(nn.Module, ABC):
                 raise ValueError(f"{owner} needs a config ({name}) or d_model=..., e.g. {owner}(d_model=64)")
             config = config_type(**overrides)
         elif overrides:
-            config = dataclasses.replace(config, **overrides)
+            config = type(config)(**{**config.model_dump(), **overrides})
         self.config = config
         self.d_model = config.d_model
         self.num_steps = config.num_steps

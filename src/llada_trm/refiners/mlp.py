@@ -11,13 +11,11 @@ gradient from the language-modelling loss: it is a probe that a confidence-calib
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from llada_trm.errors import ConfigError
 from llada_trm.refiners.base import (
     ActiveRows,
     ContextInput,
@@ -27,43 +25,7 @@ from llada_trm.refiners.base import (
     check_active,
     context_list,
 )
-
-DEFAULT_MAX_HIDDEN = 1024
-
-
-@dataclass
-class MLPRefinerConfig:
-    """Hyper-parameters of `RecursiveRefinementHead`.
-
-    hidden_dim: MLP width (default min(2 * d_model, 1024): about 8M parameters at d_model=4096).
-    context_dim: width of external contexts, added through a learned projection; None: no context input.
-    """
-
-    d_model: int
-    num_steps: int = 4
-    hidden_dim: int | None = None
-    delta_scale: float = 0.1
-    delta_clamp: float = 0.5
-    dropout: float = 0.0
-    context_dim: int | None = None
-
-    def __post_init__(self) -> None:
-        if self.hidden_dim is None and isinstance(self.d_model, int):
-            self.hidden_dim = min(2 * self.d_model, DEFAULT_MAX_HIDDEN)
-        for name, minimum in (("d_model", 1), ("num_steps", 0), ("hidden_dim", 1)):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-                raise ConfigError(f"MLPRefinerConfig.{name} must be an int >= {minimum}, got {value!r}")
-        if self.context_dim is not None and (not isinstance(self.context_dim, int) or self.context_dim < 1):
-            raise ConfigError(
-                f"MLPRefinerConfig.context_dim must be a positive int or None, got {self.context_dim!r}"
-            )
-        for name in ("delta_scale", "delta_clamp"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
-                raise ConfigError(f"MLPRefinerConfig.{name} must be a positive number, got {value!r}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ConfigError(f"MLPRefinerConfig.dropout must be in [0, 1), got {self.dropout!r}")
+from llada_trm.refiners.config import MLPRefinerConfig
 
 
 class RecursiveRefinementHead(Refiner):

@@ -22,14 +22,12 @@ leaves room for the slot projections reading `d_inner`-wide inputs to be mutuall
 from __future__ import annotations
 
 import itertools
-from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from llada_trm.errors import ConfigError
 from llada_trm.refiners.base import (
     ActiveRows,
     ContextInput,
@@ -39,8 +37,7 @@ from llada_trm.refiners.base import (
     check_active,
     context_list,
 )
-
-DEFAULT_MAX_INNER = 512
+from llada_trm.refiners.config import SlotConfig
 
 
 class SlotOutput(NamedTuple):
@@ -53,76 +50,6 @@ class SlotOutput(NamedTuple):
 
 
 SLOT_NAMES: tuple[str, ...] = SlotOutput._fields
-
-
-@dataclass
-class SlotConfig:
-    """Hyper-parameters of `SlotTRMRefiner`. `None` fields are filled from `d_model` on construction.
-
-    d_inner: width of the refiner's own blocks and of the slots' inputs (default min(d_model, 512)).
-    d_ctx / d_reason / d_refine / d_conf: slot widths (default d_inner/2, /4, /4, /8).
-    context_dim: width of external (backbone) attention contexts; a learned projection maps it to d_inner
-        when it differs. None: external contexts must already be d_inner wide.
-    """
-
-    d_model: int
-    d_inner: int | None = None
-    d_ctx: int | None = None
-    d_reason: int | None = None
-    d_refine: int | None = None
-    d_conf: int | None = None
-    n_heads: int = 8
-    n_blocks: int = 2
-    mlp_ratio: float = 4.0
-    num_steps: int = 4
-    delta_clamp: float = 0.5
-    delta_scale: float = 0.1
-    use_gates: bool = True
-    dropout: float = 0.0
-    context_dim: int | None = None
-
-    def __post_init__(self) -> None:
-        _check_int("d_model", self.d_model, minimum=1)
-        if self.d_inner is None:
-            self.d_inner = min(self.d_model, DEFAULT_MAX_INNER)
-        _check_int("d_inner", self.d_inner, minimum=1)
-        for name, divisor in (("d_ctx", 2), ("d_reason", 4), ("d_refine", 4), ("d_conf", 8)):
-            if getattr(self, name) is None:
-                setattr(self, name, self.d_inner // divisor)
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
-                raise ConfigError(
-                    f"SlotConfig.{name} must be a positive int, got {getattr(self, name)!r} "
-                    f"(d_inner={self.d_inner} is too small for the default d_inner/{divisor}; set {name})"
-                )
-        _check_int("n_heads", self.n_heads, minimum=1)
-        if self.d_inner % self.n_heads:
-            raise ConfigError(
-                f"SlotConfig.n_heads={self.n_heads} does not divide d_inner={self.d_inner}; "
-                f"choose n_heads among the divisors of {self.d_inner}"
-            )
-        _check_int("n_blocks", self.n_blocks, minimum=0)
-        _check_int("num_steps", self.num_steps, minimum=0)
-        if self.context_dim is not None:
-            _check_int("context_dim", self.context_dim, minimum=1)
-        for name in ("mlp_ratio", "delta_clamp", "delta_scale"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
-                raise ConfigError(f"SlotConfig.{name} must be a positive number, got {value!r}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ConfigError(f"SlotConfig.dropout must be in [0, 1), got {self.dropout!r}")
-
-    @property
-    def slot_dims(self) -> dict[str, int]:
-        return {name: getattr(self, f"d_{name}") for name in SLOT_NAMES}
-
-    @property
-    def slot_total(self) -> int:
-        return sum(self.slot_dims.values())
-
-
-def _check_int(name: str, value: Any, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ConfigError(f"SlotConfig.{name} must be an int >= {minimum}, got {value!r}")
 
 
 class AttentionContextExtractor(nn.Module):

@@ -1,0 +1,154 @@
+"""The refiners' configs, each knob declared and validated once.
+
+`SlotSettings` / `MLPSettings` are what a user sets (the `slot:` / `mlp:` sections of a run config and of
+`HybridConfig`). `SlotConfig` / `MLPRefinerConfig` are those knobs plus the fields the hybrid model derives
+(`d_model` and `context_dim` from the backbone, `num_steps` from `max_recursive_steps`), with every width left
+null resolved: what a refiner is built from. A new knob is one field on the settings class.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from pydantic import BeforeValidator, ConfigDict, Field, model_validator
+
+from llada_trm.schema import NonNegInt, PosFloat, PosInt, Section, to_float
+
+__all__ = [
+    "DEFAULT_MAX_HIDDEN",
+    "DEFAULT_MAX_INNER",
+    "DERIVED_FIELDS",
+    "MLPRefinerConfig",
+    "MLPSettings",
+    "SlotConfig",
+    "SlotSettings",
+]
+
+DEFAULT_MAX_INNER = 512
+DEFAULT_MAX_HIDDEN = 1024
+# Set by the hybrid model itself (from the backbone and from `max_recursive_steps`), never by the user.
+DERIVED_FIELDS = ("d_model", "num_steps", "context_dim")
+# Slot name -> its default width as a fraction of d_inner (in SlotOutput's order).
+_SLOT_DIVISORS = {"ctx": 2, "reason": 4, "refine": 4, "conf": 8}
+
+Dropout = Annotated[float, BeforeValidator(to_float), Field(ge=0.0, lt=1.0)]
+
+
+class _Settings(Section):
+    """A refiner's user-settable knobs: naming a derived field is an error that says who sets it."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_derived(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            derived = sorted(name for name in DERIVED_FIELDS if name in data and name not in cls.model_fields)
+            if derived:
+                raise ValueError(
+                    f"may not set {derived}: the hybrid model derives them from the backbone "
+                    "(d_model, context_dim) and from max_recursive_steps (num_steps)"
+                )
+        return data
+
+
+class _Derived(Section):
+    """The fields the hybrid model fills in; assignments are not re-validated (the widths resolve once)."""
+
+    model_config = ConfigDict(validate_assignment=False)
+
+    d_model: PosInt
+    num_steps: NonNegInt = 4
+    context_dim: PosInt | None = None
+
+
+class SlotSettings(_Settings):
+    """The slot refiner's knobs (TRM-style recursion over context, reasoning, refinement, confidence slots).
+
+    d_inner: width of the refiner's own blocks and of the slots' inputs (null: min(d_model, 512)).
+    d_ctx / d_reason / d_refine / d_conf: slot widths (null: d_inner/2, /4, /4, /8).
+    n_heads must divide d_inner; that is checked once d_model is known (`SlotConfig`).
+    """
+
+    n_heads: PosInt = 8
+    n_blocks: NonNegInt = 2
+    mlp_ratio: PosFloat = 4.0
+    delta_scale: PosFloat = 0.1
+    delta_clamp: PosFloat = 0.5
+    use_gates: bool = True
+    dropout: Dropout = 0.0
+    d_inner: PosInt | None = None
+    d_ctx: PosInt | None = None
+    d_reason: PosInt | None = None
+    d_refine: PosInt | None = None
+    d_conf: PosInt | None = None
+
+
+class SlotConfig(SlotSettings, _Derived):
+    """What `SlotTRMRefiner` is built from: `SlotSettings` plus the derived fields, null widths resolved.
+
+    context_dim: width of external (backbone) attention contexts; a learned projection maps it to d_inner
+        when it differs. None: external contexts must already be d_inner wide.
+    """
+
+    @model_validator(mode="after")
+    def _resolve_widths(self) -> SlotConfig:
+        if self.d_inner is None:
+            self.d_inner = min(self.d_model, DEFAULT_MAX_INNER)
+        for name, divisor in _SLOT_DIVISORS.items():
+            field = f"d_{name}"
+            if getattr(self, field) is None:
+                if self.d_inner // divisor < 1:
+                    raise ValueError(
+                        f"d_inner={self.d_inner} is too small for the default {field} = d_inner/{divisor}; "
+                        f"set {field}"
+                    )
+                setattr(self, field, self.d_inner // divisor)
+        if self.d_inner % self.n_heads:
+            raise ValueError(
+                f"n_heads={self.n_heads} does not divide d_inner={self.d_inner}; "
+                f"choose n_heads among the divisors of {self.d_inner}"
+            )
+        return self
+
+    @property
+    def slot_dims(self) -> dict[str, int]:
+        return {name: getattr(self, f"d_{name}") for name in _SLOT_DIVISORS}
+
+    @property
+    def slot_total(self) -> int:
+        return sum(self.slot_dims.values())
+
+
+class MLPSettings(_Settings):
+    """The baseline refiner's knobs: a residual MLP applied K times.
+
+    Width: `hidden_dim`, or `hidden_mult` x d_model; both null = min(2 * d_model, 1024) (about 8M parameters
+    at d_model=4096).
+    """
+
+    hidden_dim: PosInt | None = None
+    hidden_mult: PosFloat | None = None
+    delta_scale: PosFloat = 0.1
+    delta_clamp: PosFloat = 0.5
+    dropout: Dropout = 0.0
+
+    @model_validator(mode="after")
+    def _one_width(self) -> MLPSettings:
+        if self.hidden_dim is not None and self.hidden_mult is not None:
+            raise ValueError("mlp sets both hidden_mult and hidden_dim; keep one")
+        return self
+
+
+class MLPRefinerConfig(MLPSettings, _Derived):
+    """What `RecursiveRefinementHead` is built from: `MLPSettings` plus the derived fields.
+
+    `hidden_mult` is resolved into `hidden_dim` (= round(hidden_mult * d_model)) and cleared.
+    context_dim: width of external contexts, added through a learned projection; None: no context input.
+    """
+
+    @model_validator(mode="after")
+    def _resolve_width(self) -> MLPRefinerConfig:
+        if self.hidden_mult is not None:
+            self.hidden_dim, self.hidden_mult = max(1, round(self.hidden_mult * self.d_model)), None
+        elif self.hidden_dim is None:
+            self.hidden_dim = min(2 * self.d_model, DEFAULT_MAX_HIDDEN)
+        return self

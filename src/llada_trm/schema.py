@@ -1,0 +1,201 @@
+"""What every config type shares: YAML-friendly number types, the strict `Section` base, one-line errors.
+
+A config type is a pydantic model declared once and used both ways: built in Python (`SlotConfig(d_model=64)`,
+`HybridConfig(refiner="mlp")`), where a bad value raises a one-line `ConfigError` naming the class and field,
+and embedded in a sectioned YAML schema (the run config), where the same validation reports the key's
+dotted path in the file (`run.yaml: model.slot.n_heads: ...`).
+
+Numbers: PyYAML follows YAML 1.1, where `5e-4` (no dot) is a *string*; float fields therefore accept numeric
+strings, so `lr: 5e-4` means what it says. Torch-free on purpose: importing a schema stays cheap.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Collection, Mapping
+from typing import Annotated, Any
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
+
+from llada_trm.errors import ConfigError
+
+__all__ = [
+    "Float",
+    "Fraction",
+    "Int",
+    "NonNegFloat",
+    "NonNegInt",
+    "PosFloat",
+    "PosInt",
+    "Section",
+    "describe",
+    "to_float",
+    "to_int",
+]
+
+
+def to_float(value: Any) -> Any:
+    """Accept YAML 1.1's string spelling of floats (`5e-4`) and reject booleans posing as numbers."""
+    if isinstance(value, bool):
+        raise ValueError(f"expected a number, got {value!r}")
+    if isinstance(value, str):
+        try:
+            return float(value.strip())
+        except ValueError:
+            raise ValueError(f"expected a number, got {value!r}") from None
+    return value
+
+
+def to_int(value: Any) -> Any:
+    """Accept integral numbers written as `1e3` or `1000.0`; reject booleans and fractions."""
+    if isinstance(value, bool):
+        raise ValueError(f"expected an integer, got {value!r}")
+    if isinstance(value, str):
+        text = value.strip()
+        try:
+            return int(text)
+        except ValueError:
+            try:
+                number = float(text)
+            except ValueError:
+                raise ValueError(f"expected an integer, got {value!r}") from None
+            if not number.is_integer():
+                raise ValueError(f"expected an integer, got {value!r}") from None
+            return int(number)
+    if isinstance(value, float):
+        if not value.is_integer():
+            raise ValueError(f"expected an integer, got {value!r}")
+        return int(value)
+    return value
+
+
+Float = Annotated[float, BeforeValidator(to_float)]
+Int = Annotated[int, BeforeValidator(to_int)]
+PosInt = Annotated[int, BeforeValidator(to_int), Field(ge=1)]
+NonNegInt = Annotated[int, BeforeValidator(to_int), Field(ge=0)]
+PosFloat = Annotated[float, BeforeValidator(to_float), Field(gt=0.0)]
+NonNegFloat = Annotated[float, BeforeValidator(to_float), Field(ge=0.0)]
+Fraction = Annotated[float, BeforeValidator(to_float), Field(ge=0.0, le=1.0)]
+
+
+class Section(BaseModel):
+    """A config type: unknown keys are errors (with a suggestion), assignments are validated too."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    def __init__(self, /, **data: Any) -> None:
+        try:
+            super().__init__(**data)
+        except ValidationError as exc:
+            raise ConfigError(describe(exc, type(self).__name__, type(self))) from None
+
+    # Marked as pydantic's own constructor, so that validating a section *inside* another (the run schema
+    # reading YAML) skips this wrapper: there the error keeps its dotted key path and is described once.
+    __init__.__pydantic_base_init__ = True  # type: ignore[attr-defined]
+
+
+def describe(
+    exc: ValidationError, source: str, schema: type[BaseModel], override_keys: Collection[str] = ()
+) -> str:
+    """One line for a validation failure: `source: dotted.key: what is wrong` (+ how many more).
+
+    A class name as `source` (a config built in Python) reads `SlotConfig.n_heads: ...`; a key set by a
+    `--set` override is named as `--set key`.
+    """
+    messages = []
+    for err in exc.errors(include_url=False):
+        loc = [str(p) for p in err["loc"]]
+        dotted = ".".join(loc)
+        explanation = _explain(err, loc, schema)
+        if dotted in override_keys:
+            messages.append(f"--set {dotted}: {dotted}: {explanation}")
+        elif source == schema.__name__:
+            messages.append(f"{source}{'.' + dotted if dotted else ''}: {explanation}")
+        else:
+            messages.append(f"{source}: {dotted + ': ' if dotted else ''}{explanation}")
+    extra = f" (and {len(messages) - 1} more)" if len(messages) > 1 else ""
+    return messages[0] + extra
+
+
+def _explain(err: Mapping[str, Any], loc: list[str], schema: type[BaseModel]) -> str:
+    kind = err["type"]
+    value = err.get("input")
+    if kind == "extra_forbidden":
+        known = _section_fields(loc[:-1], schema)
+        suggestion = _suggest(loc[-1], known)
+        hint = f"did you mean {suggestion!r}?" if suggestion else f"known keys: {', '.join(known)}"
+        return f"unknown key; {hint}"
+    if kind == "missing":
+        return "required key is missing"
+    if kind in {"float_parsing", "float_type"}:
+        return f"expected a number, got {value!r}"
+    if kind in {"int_parsing", "int_type", "int_from_float"}:
+        return f"expected an integer, got {value!r}"
+    if kind in {"bool_parsing", "bool_type"}:
+        return f"expected true or false, got {value!r}"
+    if kind in {"string_type"}:
+        return f"expected a string, got {value!r}"
+    if kind in {"list_type", "tuple_type"}:
+        return f"expected a list, got {value!r}"
+    if kind in {"model_type", "dict_type", "model_attributes_type"}:
+        return f"expected a section (a mapping of keys), got {value!r}"
+    if kind == "literal_error":
+        expected = err.get("ctx", {}).get("expected", "")
+        return f"expected one of {expected}, got {value!r}"
+    if kind == "value_error":
+        return str(err.get("ctx", {}).get("error", err["msg"]))
+    msg = str(err["msg"])
+    return f"{msg[:1].lower()}{msg[1:]}, got {value!r}"
+
+
+# Names other tools (and the original SonarRecursiveModel configs) use for our keys, so that a typo of a
+# familiar spelling still finds the right field: `learnig_rate` -> `learning_rate` -> `lr`.
+_ALIASES: dict[str, str] = {
+    "learning_rate": "lr",
+    "adam_lr": "lr",
+    "grad_clip": "max_grad_norm",
+    "clip_grad_norm": "max_grad_norm",
+    "adam_epsilon": "adam_eps",
+    "epochs": "num_epochs",
+    "eval_interval": "eval_every",
+    "eval_steps": "eval_max_batches",
+    "log_interval": "log_every",
+    "checkpoint_interval": "save_every",
+    "save_interval": "save_every",
+    "output_dir": "dir",
+    "save_total_limit": "keep_last",
+    "name": "dataset",
+    "val_split": "eval_split",
+    "validation_split": "eval_split",
+    "llada_model_name": "backbone",
+    "model_name_or_path": "backbone",
+    "refiner_type": "refiner",
+    "use_gating": "use_gates",
+    "min_confidence": "confidence_threshold",
+    "forward_dtype": "dtype",
+    "calibration_weight": "confidence_calibration_weight",
+    "warmup": "warmup_steps",
+    "accumulation_steps": "gradient_accumulation_steps",
+    "init_checkpoint": "init_from",
+    "pretrained_refiner": "init_from",
+}
+
+
+def _suggest(key: str, known: list[str]) -> str | None:
+    """The field a mistyped key most likely meant, via difflib over field names and familiar aliases."""
+    candidates = {name: name for name in known}
+    candidates.update({alias: field for alias, field in _ALIASES.items() if field in known})
+    match = difflib.get_close_matches(key, list(candidates), n=1, cutoff=0.6)
+    return candidates[match[0]] if match else None
+
+
+def _section_fields(loc: list[str], schema: type[BaseModel]) -> list[str]:
+    """The field names of the section at `loc` (for typo suggestions)."""
+    model: type[BaseModel] = schema
+    for part in loc:
+        field = model.model_fields.get(part)
+        annotation = getattr(field, "annotation", None)
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            return []
+        model = annotation
+    return list(model.model_fields)
