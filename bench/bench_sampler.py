@@ -43,7 +43,8 @@ from llada_trm.data import (
     prompt_batch,
     special_token_ids,
 )
-from llada_trm.diffusion import decode_generated, generate_with_stats
+from llada_trm.diffusion import SamplingOptions, decode_generated, sample
+from llada_trm.diffusion.denoiser import add_stats
 from llada_trm.evaluate import load_checkpoint
 from llada_trm.evaluate.extraction import is_correct
 from llada_trm.hybrid import HybridConfig, LLaDATRMHybrid
@@ -139,9 +140,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     unknown = sorted(set(args.share_modes) - {"exact", "prefix"})
     if unknown:
         parser.error(f"--share-modes: unknown {unknown}; choose from exact, prefix")
-    if args.gen_length % args.block_length or args.steps % (args.gen_length // args.block_length):
-        parser.error("--gen-length must be a multiple of --block-length, --steps one of the number of blocks")
+    try:
+        sampling_options(args, Mode("exact"), special_ids=None)
+    except ValueError as error:
+        parser.error(str(error))
     return args
+
+
+def sampling_options(args: argparse.Namespace, mode: Mode, special_ids: Any) -> SamplingOptions:
+    """Greedy sampling in `mode` with the command line's lengths and steps (and the tokenizer's ids)."""
+    ids = {}
+    if special_ids is not None:
+        ids = dict(mask_id=special_ids.mask, eos_id=special_ids.eos, eot_id=special_ids.eot)
+    return SamplingOptions(
+        steps=args.steps, gen_length=args.gen_length, block_length=args.block_length,
+        threshold=mode.threshold, cache=mode.cache, batch_size=args.batch_size, **ids,
+    )
 
 
 def test_problems(backbone_dir: Path, n: int) -> list[GSM8KRecord]:
@@ -199,11 +213,8 @@ def run_interleaved(
                     variant.model.config = variant.hybrid_config  # weights do not depend on K or threshold
                 if timer is not None:
                     timer.seconds = 0.0
-                result = generate_with_stats(
-                    variant.model, prompt, attention_mask, steps=args.steps, gen_length=args.gen_length,
-                    block_length=args.block_length, mask_id=ids.mask, eos_id=ids.eos, eot_id=ids.eot,
-                    threshold=variant.mode.threshold, cache=variant.mode.cache,
-                )
+                options = sampling_options(args, variant.mode, ids)
+                result = sample(variant.model, prompt, attention_mask, options)
                 variant.elapsed[-1] += result.elapsed_s
                 if timer is not None:
                     variant.refine_s[-1] += timer.seconds
@@ -217,8 +228,7 @@ def run_interleaved(
                 variant.nfe += result.nfe
                 variant.batches += 1
                 variant.tokens += result.generated.numel()
-                for key, value in result.model_stats_total.items():
-                    variant.stats[key] = variant.stats.get(key, 0.0) + value
+                add_stats(variant.stats, result.model_stats_total)
 
 
 def summary(variant: Variant, n_problems: int) -> dict[str, Any]:

@@ -19,10 +19,12 @@ from torch import Tensor, nn
 
 from llada_trm.diffusion import (
     GenerationResult,
+    SamplingOptions,
     decode_generated,
     generate,
     generate_with_stats,
     get_num_transfer_tokens,
+    sample,
 )
 
 FIXTURE = Path(__file__).parent / "fixtures" / "llada_generate_reference.json"
@@ -273,7 +275,10 @@ def test_generation_result_reports_nfe_speed_and_model_stats() -> None:
 
 
 class RefiningModel(RankedModel):
-    """A RankedModel whose forward takes `masked`, as the hybrid's does; records what it was given."""
+    """A RankedModel that declares the sampler's refining protocol, as the hybrid does; records what it was
+    given."""
+
+    refines_masked_positions = True
 
     def __init__(self, strength: list[float], prompt_length: int) -> None:
         super().__init__(strength, prompt_length)
@@ -314,6 +319,52 @@ def test_a_refining_model_is_asked_to_refine_only_the_current_blocks_masked_toke
         in_block = (positions >= start) & (positions < start + block_length)
         assert torch.equal(masked, (window == MASK) & in_block)
     assert seen_blocks == {0, 1}
+
+
+def test_only_a_declared_refiner_is_given_masked_positions() -> None:
+    """The protocol is the declaration, not the signature; a `.module` wrapper (DDP) is looked through."""
+
+    class Undeclared(RefiningModel):
+        refines_masked_positions = False
+
+    class Wrapper(nn.Module):
+        def __init__(self, module: nn.Module) -> None:
+            super().__init__()
+            self.module = module
+
+        def forward(self, *args, **kwargs) -> Tensor:
+            return self.module(*args, **kwargs)
+
+    kwargs = dict(steps=2, gen_length=4, block_length=4, mask_id=MASK)
+    undeclared = Undeclared([1.0] * 4, 1)
+    generate(undeclared, torch.tensor([[1]]), **kwargs)
+    assert undeclared.masked == [None, None]
+    declared = RefiningModel([1.0] * 4, 1)
+    generate(Wrapper(declared), torch.tensor([[1]]), **kwargs)
+    assert all(masked is not None for masked in declared.masked)
+
+
+def test_sample_with_options_equals_generate_with_stats() -> None:
+    model = ToyDenoiser(vocab_size=40, seed=3, bias={"3": 30.0, "4": 25.0})  # EOS 3 and EoT 4 are likely
+    prompt = torch.tensor([[5, 6, 7, 8], [9, 10, 11, 12]])
+    settings = dict(
+        steps=4, gen_length=8, block_length=4, cfg_scale=0.5, mask_id=39, logits_eos_inf=True,
+        confidence_eos_eot_inf=True,
+    )
+    ids = dict(eos_id=3, eot_id=4, threshold=0.5)
+    options = SamplingOptions(**settings, **ids)
+    result = sample(model, prompt, None, options, generator=torch.Generator().manual_seed(5))
+    reference = generate_with_stats(model, prompt, None, **settings, **ids)
+    assert torch.equal(result.tokens, reference.tokens) and result.nfe == reference.nfe
+    assert result.model_stats_total == reference.model_stats_total
+
+
+def test_options_record_every_setting_but_the_tokenizers_ids() -> None:
+    options = SamplingOptions(steps=8, gen_length=16, block_length=8, cache="dual", mask_id=7, eos_id=8)
+    recorded = options.to_dict()
+    assert not {"mask_id", "eos_id", "eot_id"} & set(recorded)
+    assert recorded["cache"] == "dual" and recorded["steps"] == 8 and recorded["logits_eos_inf"] is False
+    assert SamplingOptions(**recorded, mask_id=7, eos_id=8) == options
 
 
 def test_cfg_without_attention_mask_equals_an_all_ones_mask() -> None:

@@ -14,11 +14,13 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from torch import Tensor
 from transformers import AutoTokenizer, PretrainedConfig, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 __all__ = [
@@ -39,6 +41,7 @@ __all__ = [
     "eos_token_id",
     "pad_token_id",
     "eot_token_id",
+    "decode_generated",
 ]
 
 BOS_TOKEN = "<|startoftext|>"
@@ -220,3 +223,37 @@ def special_token_ids(tokenizer: PreTrainedTokenizerBase) -> SpecialTokenIds:
         mask=mask_token_id(tokenizer),
         eot=eot_token_id(tokenizer),
     )
+
+
+def _stop_ids(tokenizer: Any) -> list[int]:
+    """EOS and, when the vocabulary has it, ``<|eot_id|>``: the tokens that end an answer."""
+    ids = []
+    eos = getattr(tokenizer, "eos_token_id", None)
+    if eos is not None:
+        ids.append(int(eos))
+    convert = getattr(tokenizer, "convert_tokens_to_ids", None)
+    if convert is not None:
+        eot = convert(EOT_TOKEN)
+        if isinstance(eot, int) and eot != getattr(tokenizer, "unk_token_id", None):
+            ids.append(eot)
+    return ids
+
+
+def decode_generated(
+    tokenizer: Any,
+    tokens: Tensor | Sequence[Sequence[int]],
+    prompt_length: int,
+    stop_ids: Iterable[int] | None = None,
+) -> list[str]:
+    """Decode each row's answer (tokens after ``prompt_length``), cut at its first EOS / ``<|eot_id|>``.
+
+    ``stop_ids`` defaults to the tokenizer's EOS id and its ``<|eot_id|>`` id, when it has one.
+    """
+    stops = set(_stop_ids(tokenizer) if stop_ids is None else stop_ids)
+    rows = tokens.tolist() if isinstance(tokens, Tensor) else [list(row) for row in tokens]
+    texts = []
+    for row in rows:
+        answer = row[prompt_length:]
+        cut = next((i for i, token in enumerate(answer) if token in stops), len(answer))
+        texts.append(tokenizer.decode(answer[:cut], skip_special_tokens=True))
+    return texts

@@ -1,6 +1,6 @@
 """GSM8K-style accuracy of a model under LLaDA's sampler, with the refiner running inside every step.
 
-For each batch of problems the prompts are left-padded, `generate_with_stats` denoises the answers (the
+For each batch of problems the prompts are left-padded, the sampler (`sample`) denoises the answers (the
 hybrid model refines low-confidence chunks at every denoising step), and the decoded completions are scored
 with strict (`#### n`) and flexible (last number) extraction. Alongside accuracy the summary reports
 
@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -25,8 +25,9 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
 from llada_trm.data import GSM8KRecord, prompt_batch, special_token_ids
-from llada_trm.diffusion import decode_generated, generate_with_stats
-from llada_trm.diffusion.sampler import accepts_keyword
+from llada_trm.data.tokenizer import decode_generated
+from llada_trm.diffusion import SamplingOptions, sample
+from llada_trm.diffusion.denoiser import add_stats, refines_masked_positions
 from llada_trm.dist_utils import gather_objects, is_main_process, shard_indices
 from llada_trm.evaluate.extraction import extract_flexible, extract_strict
 from llada_trm.evaluate.io import write_json, write_jsonl
@@ -36,55 +37,6 @@ __all__ = ["PREDICTIONS_FILE", "SUMMARY_FILE", "EvalResult", "SamplingOptions", 
 
 PREDICTIONS_FILE = "predictions.jsonl"
 SUMMARY_FILE = "summary.json"
-_REMASKING = ("low_confidence", "random")
-_CACHES = ("prefix", "dual")
-
-
-@dataclass(frozen=True)
-class SamplingOptions:
-    """LLaDA's sampler settings. The defaults suit the embedded tiny backbone (answers up to ~114 tokens);
-    LLaDA-8B's GSM8K setting is gen_length 256, block_length 8 or 32, steps = gen_length. `threshold` and
-    `cache` ('prefix' / 'dual') are Fast-dLLM's parallel decoding and block-wise KV cache."""
-
-    steps: int = 64
-    gen_length: int = 128
-    block_length: int = 32
-    temperature: float = 0.0
-    remasking: str = "low_confidence"
-    threshold: float | None = None
-    cache: str | None = None
-    cfg_scale: float = 0.0
-    batch_size: int = 16
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        for name in ("steps", "gen_length", "block_length", "batch_size"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        if self.gen_length % self.block_length:
-            raise ValueError(
-                f"gen_length ({self.gen_length}) must be a multiple of block_length ({self.block_length})"
-            )
-        blocks = self.gen_length // self.block_length
-        if self.steps % blocks:
-            raise ValueError(
-                f"steps ({self.steps}) must be a multiple of the number of blocks gen_length / block_length "
-                f"= {blocks}"
-            )
-        if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
-        if self.cfg_scale < 0:
-            raise ValueError(f"cfg_scale must be >= 0, got {self.cfg_scale}")
-        if self.remasking not in _REMASKING:
-            raise ValueError(f"remasking must be one of {', '.join(_REMASKING)}, got {self.remasking!r}")
-        if self.threshold is not None and not 0.0 < self.threshold <= 1.0:
-            raise ValueError(f"threshold must be in (0, 1], got {self.threshold}")
-        if self.cache is not None and self.cache not in _CACHES:
-            raise ValueError(f"cache must be one of {', '.join(_CACHES)} (or none), got {self.cache!r}")
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 @dataclass
@@ -119,7 +71,8 @@ class _CountingModel:
         self.num_steps = num_steps
         self.mask_id = mask_id
         self.chunk_size = chunk_size
-        self.refines = accepts_keyword(model, "masked")
+        # The wrapper refines exactly when the model does, so the sampler sees the model's declaration.
+        self.refines_masked_positions = refines_masked_positions(model)
 
     def __call__(
         self,
@@ -130,7 +83,7 @@ class _CountingModel:
     ) -> Any:
         if self.num_steps is not None:
             cache_kwargs["num_steps"] = self.num_steps
-        if masked is not None and self.refines:
+        if masked is not None and self.refines_masked_positions:
             cache_kwargs["masked"] = masked
         output = self.model(input_ids, attention_mask=attention_mask, **cache_kwargs)
         stats = getattr(output, "stats", None)
@@ -174,7 +127,7 @@ def _score(record: GSM8KRecord, completion: str, index: int) -> dict[str, Any]:
 
 
 @torch.no_grad()
-def evaluate_model(
+def evaluate_model(  # noqa: PLR0913 - cli.py and compare.py pass every keyword
     model: Any,
     tokenizer: PreTrainedTokenizerBase,
     records: Sequence[GSM8KRecord],
@@ -197,6 +150,7 @@ def evaluate_model(
     options = options or SamplingOptions()
     ids = special_token_ids(tokenizer)
     mask_id = getattr(model, "mask_token_id", ids.mask)
+    sampling = replace(options, mask_id=mask_id, eos_id=ids.eos, eot_id=ids.eot)
     config = getattr(model, "config", None)
     chunk_size = getattr(config, "chunk_size", None)
     counting = _CountingModel(model, num_steps, mask_id, chunk_size)
@@ -220,27 +174,11 @@ def evaluate_model(
         for start in starts:
             batch = list(records[start : start + options.batch_size])
             prompt, attention_mask = prompt_batch(tokenizer, [r.question for r in batch])
-            result = generate_with_stats(
-                counting,
-                prompt.to(device),
-                attention_mask.to(device),
-                steps=options.steps,
-                gen_length=options.gen_length,
-                block_length=options.block_length,
-                temperature=options.temperature,
-                cfg_scale=options.cfg_scale,
-                remasking=options.remasking,
-                mask_id=mask_id,
-                threshold=options.threshold,
-                cache=options.cache,
-                eos_id=ids.eos,
-                eot_id=ids.eot,
-                generator=generator,
-            )
+            prompt, attention_mask = prompt.to(device), attention_mask.to(device)
+            result = sample(counting, prompt, attention_mask, sampling, generator=generator)
             nfe += result.nfe
             generation_s += result.elapsed_s
-            for key, value in result.model_stats_total.items():
-                totals[key] = totals.get(key, 0.0) + value
+            add_stats(totals, result.model_stats_total)
             completions = decode_generated(tokenizer, result.tokens, result.prompt_length)
             for offset, (record, completion) in enumerate(zip(batch, completions, strict=True)):
                 predictions.append(_score(record, completion, start + offset))
@@ -274,8 +212,7 @@ def _merge_ranks(
     merged = sorted((p for part in parts for p in part[0]), key=lambda p: p["index"])
     summed: dict[str, float] = {}
     for part in parts:
-        for key, value in part[1].items():
-            summed[key] = summed.get(key, 0.0) + value
+        add_stats(summed, part[1])
     return merged, summed, sum(part[2] for part in parts), max(part[3] for part in parts)
 
 

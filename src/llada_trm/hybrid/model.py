@@ -82,6 +82,10 @@ class HybridOutput:
 class LLaDATRMHybrid(nn.Module):
     """Backbone (`backbone`) plus recursive refiners (`refinement_head`, ModuleDict keyed 'mlp'/'slot')."""
 
+    # The sampler's protocol (llada_trm.diffusion.denoiser.MaskedRefiner): it passes `masked`, the positions
+    # whose predictions it reads, so the refiner works on those only.
+    refines_masked_positions = True
+
     def __init__(self, backbone: LLaDAModel, config: HybridConfig | None = None) -> None:
         super().__init__()
         config = HybridConfig() if config is None else config

@@ -1,0 +1,144 @@
+"""The sampler's model call: classifier-free guidance, KV-cache windows, NFE count and the model's statistics.
+
+A model is ``model(input_ids, attention_mask=...)`` returning logits [B, L, V], or an object (or dict) with
+``logits`` and optionally ``stats`` and ``past_key_values``. A model that declares
+``refines_masked_positions = True`` (:class:`MaskedRefiner`, e.g. ``LLaDATRMHybrid``) also gets ``masked``:
+the masked positions of the current block, the only predictions the sampler reads.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, Protocol, TypeGuard
+
+import torch
+from torch import Tensor
+
+from llada_trm.diffusion.options import SamplingOptions
+
+
+class MaskedRefiner(Protocol):
+    """A model told which positions to refine: called as ``model(x, attention_mask=..., masked=[B, L] bool)``.
+
+    The declaration is explicit, not read from ``forward``'s signature: a model whose forward merely has a
+    parameter called ``masked`` is called like any other.
+    """
+
+    refines_masked_positions: bool
+
+    def __call__(self, input_ids: Tensor, attention_mask: Tensor | None = None, **kwargs: Any) -> Any: ...
+
+
+def refines_masked_positions(model: Any) -> TypeGuard[MaskedRefiner]:
+    """Whether ``model`` (or the module inside a DDP-style ``.module`` wrapper) declares the protocol."""
+    return getattr(getattr(model, "module", model), "refines_masked_positions", False) is True
+
+
+def scalar_stats(stats: Mapping[str, Any] | None) -> dict[str, float]:
+    """One call's statistics that are single numbers, as floats; per-chunk tensors and text cannot be summed
+    over calls and are left out."""
+    numbers: dict[str, float] = {}
+    for key, value in (stats or {}).items():
+        if isinstance(value, bool | int | float):
+            numbers[key] = float(value)
+        elif isinstance(value, Tensor) and value.numel() == 1:
+            numbers[key] = float(value.detach().float().item())
+    return numbers
+
+
+def add_stats(totals: dict[str, float], more: Mapping[str, float]) -> None:
+    """Add ``more`` into ``totals`` key by key (a key new to ``totals`` starts at 0)."""
+    for key, value in more.items():
+        totals[key] = totals.get(key, 0.0) + value
+
+
+class Denoiser:
+    """One model evaluation per denoising step, with LLaDA's unsupervised classifier-free guidance.
+
+    CFG runs the conditional and the unconditional (prompt masked) copies as one batch of 2B, so it costs one
+    forward call (one NFE) per step, as in the reference. ``block`` (absolute start, end) is the block being
+    denoised; a refining model is asked to refine only its masked positions.
+    """
+
+    def __init__(
+        self, model: Any, attention_mask: Tensor | None, prompt_index: Tensor, options: SamplingOptions
+    ) -> None:
+        self.model = model
+        self.attention_mask = attention_mask
+        self.prompt_index = prompt_index
+        self.cfg_scale = options.cfg_scale
+        self.mask_id = options.mask_id
+        self.refines = refines_masked_positions(model)
+        self.block: tuple[int, int] | None = None
+        self.nfe = 0
+        self.stats_total: dict[str, float] = {}
+        self.stats_calls: dict[str, int] = {}
+
+    @property
+    def stats_mean(self) -> dict[str, float]:
+        """Per-call mean of each statistic, over the calls that reported it."""
+        return {key: total / self.stats_calls[key] for key, total in self.stats_total.items()}
+
+    def _record(self, stats: Mapping[str, Any] | None) -> None:
+        numbers = scalar_stats(stats)
+        add_stats(self.stats_total, numbers)
+        for key in numbers:
+            self.stats_calls[key] = self.stats_calls.get(key, 0) + 1
+
+    def _refine_mask(self, window: Tensor, start: int) -> dict[str, Tensor]:
+        if not self.refines or self.block is None:
+            return {}
+        positions = torch.arange(start, start + window.shape[1], device=window.device)
+        in_block = (positions >= self.block[0]) & (positions < self.block[1])
+        return {"masked": (window == self.mask_id) & in_block}
+
+    def _call(self, x: Tensor, attention_mask: Tensor | None, kwargs: dict[str, Any]) -> tuple[Tensor, Any]:
+        output = self.model(x, attention_mask=attention_mask, **kwargs)
+        self.nfe += 1
+        if isinstance(output, Tensor):
+            return output, None
+        if isinstance(output, Mapping):
+            self._record(output.get("stats"))
+            return output["logits"], output.get("past_key_values")
+        self._record(getattr(output, "stats", None))
+        return output.logits, getattr(output, "past_key_values", None)
+
+    def __call__(self, x: Tensor) -> Tensor:
+        """Logits [B, L, V] of the whole sequence (no cache)."""
+        return self.run(x)[0]
+
+    def run(
+        self,
+        x: Tensor,
+        *,
+        build_cache: bool = False,
+        cache: Any = None,
+        start: int = 0,
+        end: int | None = None,
+    ) -> tuple[Tensor, Any]:
+        """Logits of positions ``start:end`` of ``x``, and the model's cache when ``build_cache``.
+
+        With ``cache`` the model runs only on that window, as ``model(x[:, start:end], attention_mask=...,
+        past_key_values=cache, cache_position=start)``; ``build_cache`` asks for ``use_cache=True`` on a full
+        call. Without either option the model is called exactly as LLaDA's sampler calls it.
+        """
+        cache_kwargs: dict[str, Any] = {}
+        if build_cache:
+            cache_kwargs["use_cache"] = True
+        if cache is not None:
+            cache_kwargs.update(past_key_values=cache, cache_position=start)
+        window = x[:, start:end]
+        cache_kwargs.update(self._refine_mask(window, start))
+        attention_mask = None if self.attention_mask is None else self.attention_mask[:, start:end]
+        if self.cfg_scale <= 0:
+            return self._call(window, attention_mask, cache_kwargs)
+        unconditional = x.clone()
+        unconditional[self.prompt_index] = self.mask_id
+        if attention_mask is not None:
+            attention_mask = torch.cat([attention_mask, attention_mask], dim=0)
+        if "masked" in cache_kwargs:  # the prompt is outside the block: both copies refine the same positions
+            cache_kwargs["masked"] = torch.cat([cache_kwargs["masked"]] * 2, dim=0)
+        both = torch.cat([window, unconditional[:, start:end]], dim=0)
+        logits, new_cache = self._call(both, attention_mask, cache_kwargs)
+        cond_logits, uncond_logits = torch.chunk(logits, 2, dim=0)
+        return uncond_logits + (self.cfg_scale + 1) * (cond_logits - uncond_logits), new_cache
