@@ -8,12 +8,12 @@ from pathlib import Path
 import pytest
 import yaml
 
+from llada_trm.build import build_records
 from llada_trm.config import RunConfig, load_config, parse_config, parse_override, save_config
 from llada_trm.data import SyntheticTaskConfig
 from llada_trm.errors import ConfigError
 from llada_trm.hybrid import HybridConfig
 from llada_trm.refiners import MLPSettings, SlotSettings
-from llada_trm.build import build_records
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 # Configs of the other commands, each validated by its own schema's loader; everything else is a run config.
