@@ -22,6 +22,7 @@ from llada_trm.refiners import (
     TransformerBlock,
     build_refiner,
     create_slot_trm_refiner,
+    slot_step,
 )
 
 D, B, L, K = 32, 2, 6, 3
@@ -267,11 +268,14 @@ def test_building_blocks():
     y, ctx = block(x)
     assert y.shape == ctx.shape == x.shape
     proj = SlotProjector(SlotConfig(d_model=D, n_heads=4))
-    first = proj(x, ctx)
-    assert [s.shape[-1] for s in first] == [16, 8, 8, 4]
-    assert torch.allclose(first.refine, torch.zeros(()))  # nothing has changed before the first step
+    assert [w.shape for w in proj.projection_weights().values()] == [(16, D), (8, 16), (8, D), (4, D)]
+    refiner = make("slot")
+    first = slot_step(refiner, x, x, ctx, None)
+    assert [s.shape[-1] for s in first.slots] == [16, 8, 8, 4] and first.confidence.shape == (B, L)
+    assert torch.allclose(first.slots.refine, torch.zeros(()))  # nothing has changed before the first step
+    torch.testing.assert_close(first.h_next, x + first.update, rtol=0, atol=0)
     prev = torch.randn(B, L, D, requires_grad=True)
-    proj(x, ctx, prev).refine.sum().backward()
+    slot_step(refiner, x, x, ctx, prev).slots.refine.sum().backward()
     assert prev.grad is None  # the previous step is detached
 
 

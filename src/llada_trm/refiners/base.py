@@ -19,6 +19,8 @@ from typing import Any, TypeVar
 import torch
 from torch import Tensor, nn
 
+from llada_trm.refiners.stats import StatsAccumulator
+
 ContextInput = Tensor | Sequence[Tensor] | None
 ConfigT = TypeVar("ConfigT")
 
@@ -37,20 +39,6 @@ class RefinerState:
     prev: Tensor | None = None
     steps: int = 0
     reuse: dict[str, Tensor] | None = None
-
-
-def masked_mean(values: Tensor, active: Tensor | None) -> Tensor:
-    """Mean of `values` [B, L] over the active positions; over all positions when none (or no mask) is given.
-
-    Falling back to all positions (instead of a 0/0 NaN) keeps logged metrics finite when a batch has no chunk
-    to refine. Computed without a host sync so that it is cheap inside a step loop.
-    """
-    values = values.float()
-    if active is None:
-        return values.mean()
-    weights = active.to(values.dtype)
-    count = weights.sum()
-    return torch.where(count > 0, (values * weights).sum() / count.clamp_min(1.0), values.mean())
 
 
 def check_active(active: Tensor | None, h: Tensor, name: str = "active") -> Tensor | None:
@@ -104,103 +92,6 @@ def apply_update(h: Tensor, update: Tensor, active: Tensor | None) -> tuple[Tens
     keep = active.unsqueeze(-1)
     update = torch.where(keep, update, torch.zeros_like(update))
     return torch.where(keep, h + update, h), update
-
-
-class ActiveRows:
-    """The active positions of each sequence, packed to the front, so that a step computes only on them.
-
-    `index` [B, Q] holds, per sequence, the positions of its active rows first (in order), then inactive
-    positions as padding up to Q = the largest active count; `valid` [B, Q] marks the real entries. Padding
-    rows are genuine positions, so computing on them is wasted work but never produces NaNs.
-    """
-
-    def __init__(self, index: Tensor, valid: Tensor) -> None:
-        self.index = index
-        self.valid = valid
-
-    @classmethod
-    def pack(cls, active: Tensor | None) -> ActiveRows | None:
-        """The packing of a [B, L] bool mask; None when every position is active (nothing to save)."""
-        if active is None or bool(active.all()):
-            return None
-        counts = active.sum(dim=1)
-        width = int(counts.max())
-        order = torch.argsort((~active).to(torch.uint8), dim=1, stable=True)[:, :width]
-        valid = torch.arange(width, device=active.device) < counts[:, None]
-        return cls(order, valid)
-
-    def _expand(self, index: Tensor, like: Tensor) -> Tensor:
-        return index.view(*index.shape, *([1] * (like.dim() - 2))).expand(*index.shape, *like.shape[2:])
-
-    def gather(self, x: Tensor) -> Tensor:
-        """[B, L, ...] -> [B, Q, ...]: the packed rows of x."""
-        return x.gather(1, self._expand(self.index, x))
-
-    def scatter(self, packed: Tensor, into: Tensor | None = None, length: int | None = None) -> Tensor:
-        """[B, Q, ...] -> [B, L, ...]: `into` (zeros of `length` rows if None) with the valid rows replaced.
-
-        Out of place and differentiable in both `packed` and `into`.
-        """
-        if into is None:
-            if length is None:
-                raise ValueError("ActiveRows.scatter needs `into` or `length`")
-            into = packed.new_zeros(packed.shape[0], length, *packed.shape[2:])
-        index = self._expand(self.index, packed)
-        valid = self.valid.view(*self.valid.shape, *([1] * (packed.dim() - 2)))
-        packed = torch.where(valid, packed, into.gather(1, index))  # padding rows write back what was there
-        return into.scatter(1, index, packed)
-
-
-class StatsAccumulator:
-    """Collects `step` statistics and reduces them to the stats dict that `Refiner.forward` returns.
-
-    Public so that a caller driving `step` itself (per-chunk halting) reports the same keys: call
-    `add(step_stats, active)` after every step and `summary(refiner)` at the end. All per-step reductions
-    stay on the device; `summary` does the one host sync.
-    """
-
-    def __init__(self) -> None:
-        self.steps = 0
-        self._confidence: list[Tensor] = []
-        self._delta_norms: list[Tensor] = []
-        self._slot_norms: dict[str, list[Tensor]] = {}
-        self.final_confidence: Tensor | None = None
-
-    @torch.no_grad()
-    def add(self, step_stats: dict[str, Any], active: Tensor | None = None) -> None:
-        self.steps += 1
-        confidence = step_stats["confidence"].detach()
-        self.final_confidence = confidence
-        self._confidence.append(masked_mean(confidence, active))
-        # The applied update is exactly zero off the active set, so its mean is taken over active positions.
-        norms = step_stats["update_norm"].float()
-        if active is None:
-            self._delta_norms.append(norms.mean())
-        else:
-            self._delta_norms.append(norms.sum() / active.sum().clamp_min(1))
-        for name, values in step_stats.get("slot_norms", {}).items():
-            self._slot_norms.setdefault(name, []).append(masked_mean(values.detach(), active))
-
-    def summary(self, refiner: Refiner, like: Tensor) -> dict[str, Any]:
-        """The stats dict; `like` (the input states) gives the shape/device of `final_confidence` at K=0."""
-        scalars = torch.stack(self._confidence + self._delta_norms).tolist() if self.steps else []
-        k = self.steps
-        confidence_per_step, delta_norms = scalars[:k], scalars[k:]
-        slot_norms = {
-            name: torch.stack(values).mean().item() for name, values in self._slot_norms.items()
-        }
-        final = self.final_confidence
-        if final is None:  # no step ran: nothing was estimated
-            final = torch.full(like.shape[:2], float("nan"), device=like.device)
-        return {
-            "steps": k,
-            "confidence": sum(confidence_per_step) / k if k else float("nan"),
-            "confidence_per_step": confidence_per_step,
-            "delta_norms": delta_norms,
-            "final_confidence": final.float(),
-            "slot_norms": slot_norms,
-            "gates": refiner.gate_values(),
-        }
 
 
 class Refiner(nn.Module, ABC):

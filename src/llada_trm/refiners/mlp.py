@@ -19,7 +19,6 @@ from torch import Tensor, nn
 
 from llada_trm.errors import ConfigError
 from llada_trm.refiners.base import (
-    ActiveRows,
     ContextInput,
     Refiner,
     RefinerState,
@@ -27,6 +26,7 @@ from llada_trm.refiners.base import (
     check_active,
     context_list,
 )
+from llada_trm.refiners.rows import ActiveRows
 
 DEFAULT_MAX_HIDDEN = 1024
 
