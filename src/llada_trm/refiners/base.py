@@ -129,6 +129,12 @@ class Refiner(nn.Module, ABC):
         self.delta_clamp = config.delta_clamp
         return config
 
+    def work_dtype(self, x: Tensor) -> torch.dtype:
+        """The dtype the steps run in: `x`'s promoted with the refiner's (float32 for bf16 states and an fp32
+        refiner), as the hybrid's loop does; a caller driving `step` on low-precision states should use it."""
+        param = next(self.parameters(), None)
+        return x.dtype if param is None else torch.promote_types(x.dtype, param.dtype)
+
     def init_state(self, x: Tensor) -> RefinerState:
         """The carry before the first step (nothing to compare against yet)."""
         return RefinerState()
@@ -167,8 +173,8 @@ class Refiner(nn.Module, ABC):
 
         `chunk_mask` [B, L] marks the positions to refine (None: all); `context` is the backbone's attention
         context [B, L, Dc] (or a list of them); `attention_mask` [B, L] (1 = real token) keeps padding out of
-        the refiner's own attention. Returns the final states, or `[h_1, ..., h_K]` with `return_all_steps`,
-        plus the stats dict when `return_stats`.
+        the refiner's own attention. Returns the final states, or `[h_1, ..., h_K]` with `return_all_steps`
+        (in `x`'s dtype, computed in `work_dtype(x)`), plus the stats dict when `return_stats`.
         """
         k = self.num_steps if num_steps is None else num_steps
         if isinstance(k, bool) or not isinstance(k, int) or k < 0:
@@ -180,15 +186,17 @@ class Refiner(nn.Module, ABC):
 
         state = self.init_state(x)
         stats = StatsAccumulator() if return_stats else None
-        h, all_steps = x, []
+        # The steps run in the promoted dtype, so that K small updates accumulate instead of each being
+        # rounded away by bf16 states; the casts back are exact on the positions that were not refined.
+        h, all_steps = (x.to(self.work_dtype(x)) if k else x), []
         for _ in range(k):
             h, state, step_stats = self.step(h, state, context=context, active=active, attention_mask=pad)
             if stats is not None:
                 stats.add(step_stats, active)
             if return_all_steps:
-                all_steps.append(h)
+                all_steps.append(h.to(x.dtype))
 
-        out: Tensor | list[Tensor] = all_steps if return_all_steps else h
+        out: Tensor | list[Tensor] = all_steps if return_all_steps else h.to(x.dtype)
         if stats is None:
             return out
         return out, stats.summary(self, x)

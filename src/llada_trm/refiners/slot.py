@@ -311,7 +311,7 @@ class SlotTRMRefiner(Refiner):
         attention_mask: Tensor | None = None,
     ) -> tuple[Tensor, RefinerState, dict[str, Any]]:
         """`slot_step` on the active rows only, packed (`ActiveRows`); everything in it is per row, so the
-        packed rows get the values a full computation would. h_next has h's dtype."""
+        packed rows get the values a full computation would. h_next has h's dtype (see `work_dtype`)."""
         active = check_active(active, h)
         expected = self.config.context_dim if self.config.context_dim is not None else self.config.d_inner
         external = context_list(context, h, expected, "SlotTRMRefiner")
