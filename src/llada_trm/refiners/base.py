@@ -32,13 +32,14 @@ class RefinerState:
     `prev` is the refiner's own working representation from the previous step, detached so that the
     recurrence never back-propagates through the carry itself; `None` before the first step. `reuse` holds
     what a refiner may reuse in its next step instead of recomputing it (the slot refiner's attention keys
-    and values, with the rows the step changed). It never changes a result as long as each step is given the
-    previous step's output, as `forward` and the hybrid's loop do.
+    and values: `kv_reuse.KeyValueReuse`). It never changes a result: the refiner uses it only after checking
+    that it still applies, which it does when each step is given the previous step's output itself,
+    unmodified, as `forward` and the hybrid's loop do.
     """
 
     prev: Tensor | None = None
     steps: int = 0
-    reuse: dict[str, Tensor] | None = None
+    reuse: Any = None
 
 
 def check_active(active: Tensor | None, h: Tensor, name: str = "active") -> Tensor | None:

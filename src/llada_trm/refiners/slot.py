@@ -29,6 +29,7 @@ import torch
 from torch import Tensor, nn
 
 from llada_trm.errors import ConfigError
+from llada_trm.refiners import kv_reuse
 from llada_trm.refiners.base import (
     ContextInput,
     Refiner,
@@ -316,7 +317,7 @@ class SlotTRMRefiner(Refiner):
         expected = self.config.context_dim if self.config.context_dim is not None else self.config.d_inner
         external = context_list(context, h, expected, "SlotTRMRefiner")
         rows = ActiveRows.pack(active)
-        u, block_contexts, reuse = self._read(h, rows, active, state.reuse, attention_mask)
+        u, block_contexts, kv = self._read(h, rows, state.reuse, attention_mask)
         prev, h_rows = state.prev, h
         if rows is not None:
             external = [rows.gather(c) for c in external]
@@ -344,55 +345,35 @@ class SlotTRMRefiner(Refiner):
             "slot_norms": slot_norms,
             "confidence": confidence,
         }
+        reuse = None if kv is None else kv_reuse.KeyValueReuse.record(kv, active, h_next, self.blocks[0])
         return h_next, RefinerState(prev=u, steps=state.steps + 1, reuse=reuse), step_stats
 
     def _read(
         self,
         h: Tensor,
         rows: ActiveRows | None,
-        active: Tensor | None,
-        reuse: dict[str, Tensor] | None,
+        reuse: kv_reuse.KeyValueReuse | None,
         attention_mask: Tensor | None,
-    ) -> tuple[Tensor, list[Tensor], dict[str, Tensor] | None]:
+    ) -> tuple[Tensor, list[Tensor], tuple[Tensor, Tensor] | None]:
         """u = blocks(in_proj(h)) and each block's attention context, for the `rows` only (all when None).
 
         Every row is a key of the attention, so the blocks before the last run on every row; the last one
-        computes its queries, MLP and output for the packed rows only. A single block takes its keys and
-        values from `_keys_values` and hands them on as the next step's `reuse`.
+        computes its queries, MLP and output for the packed rows only. A single block's keys and values
+        come from `kv_reuse.keys_values` and are returned for the next step to reuse (else None).
         """
         u = self.in_proj(h.to(self._dtype))
-        contexts, carry = [], None
+        contexts, kept = [], None
         for i, block in enumerate(self.blocks):
             last = i == len(self.blocks) - 1
-            keys_values = None
             if rows is not None and len(self.blocks) == 1:
-                keys_values = self._keys_values(block, u, reuse)
-                carry = {"keys": keys_values[0], "values": keys_values[1], "changed": active}
-            u, c = block(u, attention_mask, queries=rows if last else None, keys_values=keys_values)
+                kept = kv_reuse.keys_values(block, u, h, reuse)
+            u, c = block(u, attention_mask, queries=rows if last else None, keys_values=kept)
             contexts.append(c)
         if rows is not None:
             if not self.blocks:
                 u = rows.gather(u)
             contexts[:-1] = [rows.gather(c) for c in contexts[:-1]]
-        return u, contexts, carry
-
-    @staticmethod
-    def _keys_values(
-        block: TransformerBlock, u: Tensor, reuse: dict[str, Tensor] | None
-    ) -> tuple[Tensor, Tensor]:
-        """The single block's keys and values of every row, recomputed only where the last step changed h.
-
-        A row's key and value depend on its own h alone, and a step changes h only on its active rows, so
-        the rest carry over from the previous step: when few chunks are refined, most of the attention's
-        projections are skipped.
-        """
-        if reuse is None or reuse["keys"].shape[:2] != u.shape[:2]:
-            return block.keys_values(u)
-        changed = ActiveRows.pack(reuse["changed"])
-        if changed is None:  # every row changed
-            return block.keys_values(u)
-        keys, values = block.keys_values(changed.gather(u))
-        return changed.scatter(keys, into=reuse["keys"]), changed.scatter(values, into=reuse["values"])
+        return u, contexts, kept
 
     def _context(self, u: Tensor, block_contexts: list[Tensor], external: list[Tensor]) -> Tensor:
         """c: the mean of the refiner's own block contexts and the backbone's (its layers averaged first, then
