@@ -7,7 +7,8 @@ only the rest, because
 (2) holds only if step t+1 is given step t's output itself, unmodified, and the keys depend on the block's
 weights as well; so `KeyValueReuse` records that output and the version counters of it and of the block's
 parameters, and `keys_values` recomputes every row unless all of them match (a caller that detaches or
-copies h, edits it in place, or takes an optimizer step between steps gets the full computation).
+copies h, edits it in place, or takes an optimizer step between steps gets the full computation; under
+`torch.inference_mode` only the identity of h is checked, as inference tensors keep no version counter).
 With more than one block the last block's input mixes rows through attention, so nothing is reused there.
 """
 
@@ -21,9 +22,12 @@ from llada_trm.refiners.blocks import TransformerBlock
 from llada_trm.refiners.rows import ActiveRows
 
 
-def versions(h: Tensor, block: nn.Module) -> tuple[int, ...]:
-    """Version counters of `h` and of the block's parameters: any in-place change bumps one of them."""
-    return (h._version, *(p._version for p in block.parameters()))
+def versions(h: Tensor, block: nn.Module) -> tuple[int | None, ...]:
+    """Version counters of `h` and of the block's parameters: any in-place change bumps one of them.
+
+    Tensors made under `torch.inference_mode` keep no counter (None): their in-place edits go unseen.
+    """
+    return tuple(None if t.is_inference() else t._version for t in (h, *block.parameters()))
 
 
 class KeyValueReuse(NamedTuple):
@@ -33,7 +37,7 @@ class KeyValueReuse(NamedTuple):
     values: Tensor
     changed: Tensor | None  # [B, L] bool: the rows step t changed (None: all)
     h_next: Tensor  # step t's output, which step t+1 must be given as is
-    versions: tuple[int, ...]  # `versions(h_next, block)` when step t ended
+    versions: tuple[int | None, ...]  # `versions(h_next, block)` when step t ended
 
     @classmethod
     def record(
