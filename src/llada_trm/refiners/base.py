@@ -4,8 +4,10 @@ A refiner improves the backbone's final hidden states `h` [B, L, D] by K small r
 (Tiny Recursive Models style): `h_{k+1} = h_k + update(h_k)`. `step` is one such update and is all a caller
 needs to drive its own loop (per-chunk halting, deep supervision); `forward` is the plain K-step loop.
 
-Positions outside the `active` / `chunk_mask` set are carried through with `torch.where`, so they come out
-bit-identical to their input, whatever the refiner's dtype or arithmetic.
+Positions outside the `active` / `chunk_mask` set are carried through (`torch.where`, or a scatter of the
+refined rows into `h`), so they come out bit-identical to their input, whatever the refiner's dtype or
+arithmetic. The packing of the refined rows lives in `refiners.rows`, the stats accumulator in
+`refiners.stats`.
 """
 
 from __future__ import annotations

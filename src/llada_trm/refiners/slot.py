@@ -14,9 +14,10 @@ bounded, confidence-weighted residual update:
     p         = sigmoid(head(s_conf))                per-token confidence [B, L, 1]
     h_next    = h + ds * p * delta                   ds = delta_scale
 
-`sg` is stop-gradient. The working width `d_inner` defaults to min(d_model, 512), so the refiner stays near
-0.2 % of LLaDA-8B's parameters, and the slot widths default to fractions of it (1/2, 1/4, 1/4, 1/8), which
-leaves room for the slot projections reading `d_inner`-wide inputs to be mutually orthogonal.
+`sg` is stop-gradient; `slot_step` is this step from s_ctx on, line for line. The working width `d_inner`
+defaults to min(d_model, 512), so the refiner stays near 0.2 % of LLaDA-8B's parameters, and the slot widths
+default to fractions of it (1/2, 1/4, 1/4, 1/8), which leaves room for the slot projections reading
+`d_inner`-wide inputs to be mutually orthogonal.
 """
 
 from __future__ import annotations
@@ -201,7 +202,7 @@ class SlotStep(NamedTuple):
 
 
 def slot_step(m: SlotTRMRefiner, h: Tensor, u: Tensor, c: Tensor, u_prev: Tensor | None) -> SlotStep:
-    """The math of one slot-refiner step, on rows [..., D] that are all refined (`m` holds the parameters).
+    """The math of one slot-refiner step, on rows that are all refined (`m` holds the parameters).
 
         s_ctx    = g_ctx    LN(W_ctx c)                         context (d_inner/2); c = attn@V, the multi-
                                                                 head attention's concatenated head outputs
@@ -212,10 +213,11 @@ def slot_step(m: SlotTRMRefiner, h: Tensor, u: Tensor, c: Tensor, u_prev: Tensor
                                                                 variance of u's features
         delta    = clamp(delta_net([s_ctx, s_reason, s_refine, s_conf]), -delta_clamp, delta_clamp)
         p        = sigmoid(confidence_head(s_conf))
-        h_next   = h + ds * p * delta                            the confidence-weighted residual update
+        h_next   = h + ds * p * delta                           the confidence-weighted residual update
 
-    g_i = sigmoid(gate_i) (1 without gates), ds = delta_scale, sg = stop-gradient. `u` (the blocks' output),
-    `c` and `u_prev` are d_inner wide; how they are gathered for the refined rows lies outside, in the step.
+    g_i = sigmoid(gate_i) (1 without gates), ds = delta_scale, sg = stop-gradient. `h` is d_model wide; `u`
+    (the blocks' output), `c` and `u_prev` are d_inner wide; how they are gathered for the refined rows lies
+    outside, in `SlotTRMRefiner.step`.
     """
     proj = m.slot_proj
     ctx = proj.norms["ctx"](proj.W_ctx(c))
