@@ -22,6 +22,7 @@ from llada_trm.refiners import (
     TransformerBlock,
     build_refiner,
     create_slot_trm_refiner,
+    slot_step,
 )
 
 D, B, L, K = 32, 2, 6, 3
@@ -156,6 +157,23 @@ def test_bf16_states_with_fp32_refiner():
     assert out.dtype == torch.bfloat16 and torch.equal(out[~mask], x[~mask])
 
 
+@pytest.mark.parametrize("kind", KINDS)
+def test_bf16_states_are_refined_in_fp32_and_rounded_once(kind):
+    """A bf16 input gets the update its fp32 copy gets, rounded to bf16 once at the end: K small updates
+    accumulate instead of each being rounded away (an untrained refiner's would change ~1% of elements)."""
+    refiner = make(kind)
+    with torch.no_grad():  # a trained-sized update, comparable to bf16's rounding step at |h| ~ 1
+        (refiner.delta_net if kind == "slot" else refiner.mlp)[-1].weight.mul_(30)
+    x, mask = inputs()
+    x = x.to(torch.bfloat16)
+    steps = refiner(x, chunk_mask=mask, return_all_steps=True)
+    reference = refiner(x.float(), chunk_mask=mask, return_all_steps=True)  # the same steps in fp32
+    for out, ref in zip(steps, reference, strict=True):
+        assert out.dtype == torch.bfloat16 and torch.equal(out[~mask], x[~mask])
+        assert torch.equal(out, ref.to(torch.bfloat16))  # the fp32 change, within bf16 rounding
+    assert (steps[-1] != x)[mask].float().mean() > 0.25  # and the update is visible
+
+
 def test_external_context_slot():
     x, _ = inputs()
     ctx = torch.randn(B, L, 48)
@@ -267,11 +285,14 @@ def test_building_blocks():
     y, ctx = block(x)
     assert y.shape == ctx.shape == x.shape
     proj = SlotProjector(SlotConfig(d_model=D, n_heads=4))
-    first = proj(x, ctx)
-    assert [s.shape[-1] for s in first] == [16, 8, 8, 4]
-    assert torch.allclose(first.refine, torch.zeros(()))  # nothing has changed before the first step
+    assert [w.shape for w in proj.projection_weights().values()] == [(16, D), (8, 16), (8, D), (4, D)]
+    refiner = make("slot")
+    first = slot_step(refiner, x, x, ctx, None)
+    assert [s.shape[-1] for s in first.slots] == [16, 8, 8, 4] and first.confidence.shape == (B, L)
+    assert torch.allclose(first.slots.refine, torch.zeros(()))  # nothing has changed before the first step
+    torch.testing.assert_close(first.h_next, x + first.update, rtol=0, atol=0)
     prev = torch.randn(B, L, D, requires_grad=True)
-    proj(x, ctx, prev).refine.sum().backward()
+    slot_step(refiner, x, x, ctx, prev).slots.refine.sum().backward()
     assert prev.grad is None  # the previous step is detached
 
 

@@ -4,18 +4,21 @@ from __future__ import annotations
 
 from typing import Any
 
-from llada_trm.refiners.base import ActiveRows, Refiner, RefinerState, StatsAccumulator
+from llada_trm.refiners.base import Refiner, RefinerState
+from llada_trm.refiners.blocks import AttentionContextExtractor, TransformerBlock
 from llada_trm.refiners.config import MLPRefinerConfig, MLPSettings, SlotConfig, SlotSettings
 from llada_trm.refiners.mlp import RecursiveRefinementHead
+from llada_trm.refiners.rows import ActiveRows
 from llada_trm.refiners.slot import (
     SLOT_NAMES,
-    AttentionContextExtractor,
     SlotOutput,
     SlotProjector,
+    SlotStep,
     SlotTRMRefiner,
-    TransformerBlock,
     create_slot_trm_refiner,
+    slot_step,
 )
+from llada_trm.refiners.stats import StatsAccumulator
 
 REFINER_KINDS = ("mlp", "slot")
 
@@ -44,9 +47,11 @@ __all__ = [
     "SlotSettings",
     "SlotOutput",
     "SlotProjector",
+    "SlotStep",
     "SlotTRMRefiner",
     "StatsAccumulator",
     "TransformerBlock",
     "build_refiner",
     "create_slot_trm_refiner",
+    "slot_step",
 ]

@@ -4,8 +4,10 @@ A refiner improves the backbone's final hidden states `h` [B, L, D] by K small r
 (Tiny Recursive Models style): `h_{k+1} = h_k + update(h_k)`. `step` is one such update and is all a caller
 needs to drive its own loop (per-chunk halting, deep supervision); `forward` is the plain K-step loop.
 
-Positions outside the `active` / `chunk_mask` set are carried through with `torch.where`, so they come out
-bit-identical to their input, whatever the refiner's dtype or arithmetic.
+Positions outside the `active` / `chunk_mask` set are carried through (`torch.where`, or a scatter of the
+refined rows into `h`), so they come out bit-identical to their input, whatever the refiner's dtype or
+arithmetic. The packing of the refined rows lives in `refiners.rows`, the stats accumulator in
+`refiners.stats`.
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ from typing import Any, TypeVar
 import torch
 from torch import Tensor, nn
 
+from llada_trm.refiners.stats import StatsAccumulator
+
 ContextInput = Tensor | Sequence[Tensor] | None
 ConfigT = TypeVar("ConfigT")
 
@@ -29,27 +33,14 @@ class RefinerState:
     `prev` is the refiner's own working representation from the previous step, detached so that the
     recurrence never back-propagates through the carry itself; `None` before the first step. `reuse` holds
     what a refiner may reuse in its next step instead of recomputing it (the slot refiner's attention keys
-    and values, with the rows the step changed). It never changes a result as long as each step is given the
-    previous step's output, as `forward` and the hybrid's loop do.
+    and values: `kv_reuse.KeyValueReuse`). It never changes a result: the refiner uses it only after checking
+    that it still applies, which it does when each step is given the previous step's output itself,
+    unmodified, as `forward` and the hybrid's loop do.
     """
 
     prev: Tensor | None = None
     steps: int = 0
-    reuse: dict[str, Tensor] | None = None
-
-
-def masked_mean(values: Tensor, active: Tensor | None) -> Tensor:
-    """Mean of `values` [B, L] over the active positions; over all positions when none (or no mask) is given.
-
-    Falling back to all positions (instead of a 0/0 NaN) keeps logged metrics finite when a batch has no chunk
-    to refine. Computed without a host sync so that it is cheap inside a step loop.
-    """
-    values = values.float()
-    if active is None:
-        return values.mean()
-    weights = active.to(values.dtype)
-    count = weights.sum()
-    return torch.where(count > 0, (values * weights).sum() / count.clamp_min(1.0), values.mean())
+    reuse: Any = None
 
 
 def check_active(active: Tensor | None, h: Tensor, name: str = "active") -> Tensor | None:
@@ -105,103 +96,6 @@ def apply_update(h: Tensor, update: Tensor, active: Tensor | None) -> tuple[Tens
     return torch.where(keep, h + update, h), update
 
 
-class ActiveRows:
-    """The active positions of each sequence, packed to the front, so that a step computes only on them.
-
-    `index` [B, Q] holds, per sequence, the positions of its active rows first (in order), then inactive
-    positions as padding up to Q = the largest active count; `valid` [B, Q] marks the real entries. Padding
-    rows are genuine positions, so computing on them is wasted work but never produces NaNs.
-    """
-
-    def __init__(self, index: Tensor, valid: Tensor) -> None:
-        self.index = index
-        self.valid = valid
-
-    @classmethod
-    def pack(cls, active: Tensor | None) -> ActiveRows | None:
-        """The packing of a [B, L] bool mask; None when every position is active (nothing to save)."""
-        if active is None or bool(active.all()):
-            return None
-        counts = active.sum(dim=1)
-        width = int(counts.max())
-        order = torch.argsort((~active).to(torch.uint8), dim=1, stable=True)[:, :width]
-        valid = torch.arange(width, device=active.device) < counts[:, None]
-        return cls(order, valid)
-
-    def _expand(self, index: Tensor, like: Tensor) -> Tensor:
-        return index.view(*index.shape, *([1] * (like.dim() - 2))).expand(*index.shape, *like.shape[2:])
-
-    def gather(self, x: Tensor) -> Tensor:
-        """[B, L, ...] -> [B, Q, ...]: the packed rows of x."""
-        return x.gather(1, self._expand(self.index, x))
-
-    def scatter(self, packed: Tensor, into: Tensor | None = None, length: int | None = None) -> Tensor:
-        """[B, Q, ...] -> [B, L, ...]: `into` (zeros of `length` rows if None) with the valid rows replaced.
-
-        Out of place and differentiable in both `packed` and `into`.
-        """
-        if into is None:
-            if length is None:
-                raise ValueError("ActiveRows.scatter needs `into` or `length`")
-            into = packed.new_zeros(packed.shape[0], length, *packed.shape[2:])
-        index = self._expand(self.index, packed)
-        valid = self.valid.view(*self.valid.shape, *([1] * (packed.dim() - 2)))
-        packed = torch.where(valid, packed, into.gather(1, index))  # padding rows write back what was there
-        return into.scatter(1, index, packed)
-
-
-class StatsAccumulator:
-    """Collects `step` statistics and reduces them to the stats dict that `Refiner.forward` returns.
-
-    Public so that a caller driving `step` itself (per-chunk halting) reports the same keys: call
-    `add(step_stats, active)` after every step and `summary(refiner)` at the end. All per-step reductions
-    stay on the device; `summary` does the one host sync.
-    """
-
-    def __init__(self) -> None:
-        self.steps = 0
-        self._confidence: list[Tensor] = []
-        self._delta_norms: list[Tensor] = []
-        self._slot_norms: dict[str, list[Tensor]] = {}
-        self.final_confidence: Tensor | None = None
-
-    @torch.no_grad()
-    def add(self, step_stats: dict[str, Any], active: Tensor | None = None) -> None:
-        self.steps += 1
-        confidence = step_stats["confidence"].detach()
-        self.final_confidence = confidence
-        self._confidence.append(masked_mean(confidence, active))
-        # The applied update is exactly zero off the active set, so its mean is taken over active positions.
-        norms = step_stats["update_norm"].float()
-        if active is None:
-            self._delta_norms.append(norms.mean())
-        else:
-            self._delta_norms.append(norms.sum() / active.sum().clamp_min(1))
-        for name, values in step_stats.get("slot_norms", {}).items():
-            self._slot_norms.setdefault(name, []).append(masked_mean(values.detach(), active))
-
-    def summary(self, refiner: Refiner, like: Tensor) -> dict[str, Any]:
-        """The stats dict; `like` (the input states) gives the shape/device of `final_confidence` at K=0."""
-        scalars = torch.stack(self._confidence + self._delta_norms).tolist() if self.steps else []
-        k = self.steps
-        confidence_per_step, delta_norms = scalars[:k], scalars[k:]
-        slot_norms = {
-            name: torch.stack(values).mean().item() for name, values in self._slot_norms.items()
-        }
-        final = self.final_confidence
-        if final is None:  # no step ran: nothing was estimated
-            final = torch.full(like.shape[:2], float("nan"), device=like.device)
-        return {
-            "steps": k,
-            "confidence": sum(confidence_per_step) / k if k else float("nan"),
-            "confidence_per_step": confidence_per_step,
-            "delta_norms": delta_norms,
-            "final_confidence": final.float(),
-            "slot_norms": slot_norms,
-            "gates": refiner.gate_values(),
-        }
-
-
 class Refiner(nn.Module, ABC):
     """Base class of the recursive refiners: K residual steps on hidden states [B, L, d_model].
 
@@ -236,6 +130,12 @@ class Refiner(nn.Module, ABC):
         self.delta_scale = config.delta_scale
         self.delta_clamp = config.delta_clamp
         return config
+
+    def work_dtype(self, x: Tensor) -> torch.dtype:
+        """The dtype the steps run in: `x`'s promoted with the refiner's (float32 for bf16 states and an fp32
+        refiner), as the hybrid's loop does; a caller driving `step` on low-precision states should use it."""
+        param = next(self.parameters(), None)
+        return x.dtype if param is None else torch.promote_types(x.dtype, param.dtype)
 
     def init_state(self, x: Tensor) -> RefinerState:
         """The carry before the first step (nothing to compare against yet)."""
@@ -275,8 +175,8 @@ class Refiner(nn.Module, ABC):
 
         `chunk_mask` [B, L] marks the positions to refine (None: all); `context` is the backbone's attention
         context [B, L, Dc] (or a list of them); `attention_mask` [B, L] (1 = real token) keeps padding out of
-        the refiner's own attention. Returns the final states, or `[h_1, ..., h_K]` with `return_all_steps`,
-        plus the stats dict when `return_stats`.
+        the refiner's own attention. Returns the final states, or `[h_1, ..., h_K]` with `return_all_steps`
+        (in `x`'s dtype, computed in `work_dtype(x)`), plus the stats dict when `return_stats`.
         """
         k = self.num_steps if num_steps is None else num_steps
         if isinstance(k, bool) or not isinstance(k, int) or k < 0:
@@ -288,15 +188,17 @@ class Refiner(nn.Module, ABC):
 
         state = self.init_state(x)
         stats = StatsAccumulator() if return_stats else None
-        h, all_steps = x, []
+        # The steps run in the promoted dtype, so that K small updates accumulate instead of each being
+        # rounded away by bf16 states; the casts back are exact on the positions that were not refined.
+        h, all_steps = (x.to(self.work_dtype(x)) if k else x), []
         for _ in range(k):
             h, state, step_stats = self.step(h, state, context=context, active=active, attention_mask=pad)
             if stats is not None:
                 stats.add(step_stats, active)
             if return_all_steps:
-                all_steps.append(h)
+                all_steps.append(h.to(x.dtype))
 
-        out: Tensor | list[Tensor] = all_steps if return_all_steps else h
+        out: Tensor | list[Tensor] = all_steps if return_all_steps else h.to(x.dtype)
         if stats is None:
             return out
         return out, stats.summary(self, x)

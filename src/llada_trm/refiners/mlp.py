@@ -17,7 +17,6 @@ import torch
 from torch import Tensor, nn
 
 from llada_trm.refiners.base import (
-    ActiveRows,
     ContextInput,
     Refiner,
     RefinerState,
@@ -26,6 +25,7 @@ from llada_trm.refiners.base import (
     context_list,
 )
 from llada_trm.refiners.config import MLPRefinerConfig
+from llada_trm.refiners.rows import ActiveRows
 
 
 class RecursiveRefinementHead(Refiner):

@@ -14,9 +14,10 @@ bounded, confidence-weighted residual update:
     p         = sigmoid(head(s_conf))                per-token confidence [B, L, 1]
     h_next    = h + ds * p * delta                   ds = delta_scale
 
-`sg` is stop-gradient. The working width `d_inner` defaults to min(d_model, 512), so the refiner stays near
-0.2 % of LLaDA-8B's parameters, and the slot widths default to fractions of it (1/2, 1/4, 1/4, 1/8), which
-leaves room for the slot projections reading `d_inner`-wide inputs to be mutually orthogonal.
+`sg` is stop-gradient; `slot_step` is this step from s_ctx on, line for line. The working width `d_inner`
+defaults to min(d_model, 512), so the refiner stays near 0.2 % of LLaDA-8B's parameters, and the slot widths
+default to fractions of it (1/2, 1/4, 1/4, 1/8), which leaves room for the slot projections reading
+`d_inner`-wide inputs to be mutually orthogonal.
 """
 
 from __future__ import annotations
@@ -25,19 +26,20 @@ import itertools
 from typing import Any, NamedTuple
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
+from llada_trm.errors import ConfigError
+from llada_trm.refiners import kv_reuse
 from llada_trm.refiners.base import (
-    ActiveRows,
     ContextInput,
     Refiner,
     RefinerState,
-    apply_update,
     check_active,
     context_list,
 )
+from llada_trm.refiners.blocks import TransformerBlock
 from llada_trm.refiners.config import SlotConfig
+from llada_trm.refiners.rows import ActiveRows
 
 
 class SlotOutput(NamedTuple):
@@ -52,105 +54,15 @@ class SlotOutput(NamedTuple):
 SLOT_NAMES: tuple[str, ...] = SlotOutput._fields
 
 
-class AttentionContextExtractor(nn.Module):
-    """Bidirectional multi-head self-attention that also returns its context.
-
-    The context is the concatenation of the heads' outputs attn@V, taken before the output projection: it is
-    the cross-token information each position gathered, in the same form as a backbone layer's context.
-    """
-
-    def __init__(self, d_model: int, n_heads: int, dropout: float = 0.0, bias: bool = False) -> None:
-        super().__init__()
-        if d_model % n_heads:
-            raise ValueError(f"n_heads={n_heads} must divide d_model={d_model}")
-        self.n_heads = n_heads
-        self.head_dim = d_model // n_heads
-        self.dropout = dropout
-        self.q_proj = nn.Linear(d_model, d_model, bias=bias)
-        self.k_proj = nn.Linear(d_model, d_model, bias=bias)
-        self.v_proj = nn.Linear(d_model, d_model, bias=bias)
-        self.o_proj = nn.Linear(d_model, d_model, bias=bias)
-
-    def keys_values(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        """The keys and values of rows x [..., D], before the split into heads."""
-        return self.k_proj(x), self.v_proj(x)
-
-    def forward(
-        self,
-        x: Tensor,
-        attention_mask: Tensor | None = None,
-        keys_values: tuple[Tensor, Tensor] | None = None,
-    ) -> tuple[Tensor, Tensor]:
-        """x [B, Q, D], the asking rows -> (output, context), both [B, Q, D].
-
-        keys_values: `keys_values(...)` of the L rows attended to (default: x's own, Q = L); attention_mask
-        [B, L] (True/1 = real token, may be attended) covers those L rows.
-        """
-        b, n, d = x.shape
-
-        def heads(t: Tensor) -> Tensor:
-            return t.view(b, t.shape[1], self.n_heads, self.head_dim).transpose(1, 2)
-
-        keys, values = self.keys_values(x) if keys_values is None else keys_values
-        q, k, v = heads(self.q_proj(x)), heads(keys), heads(values)
-        mask = None
-        if attention_mask is not None:
-            mask = attention_mask.to(torch.bool)[:, None, None, :]  # keys only: [B, 1, 1, L]
-        y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0
-        )
-        context = y.transpose(1, 2).reshape(b, n, d)
-        return self.o_proj(context), context
-
-
-class TransformerBlock(nn.Module):
-    """Pre-norm transformer block that exposes its attention context: x + attn(LN x), then x + MLP(LN x)."""
-
-    def __init__(self, d_model: int, n_heads: int, mlp_ratio: float = 4.0, dropout: float = 0.0) -> None:
-        super().__init__()
-        hidden = max(1, int(d_model * mlp_ratio))
-        self.attn_norm = nn.LayerNorm(d_model)
-        self.attn = AttentionContextExtractor(d_model, n_heads, dropout)
-        self.mlp_norm = nn.LayerNorm(d_model)
-        self.mlp = nn.Sequential(
-            nn.Linear(d_model, hidden),
-            nn.GELU(),
-            nn.Dropout(dropout),
-            nn.Linear(hidden, d_model),
-            nn.Dropout(dropout),
-        )
-
-    def keys_values(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        """The attention's keys and values of rows x [..., D] (normalised as the block normalises them)."""
-        return self.attn.keys_values(self.attn_norm(x))
-
-    def forward(
-        self,
-        x: Tensor,
-        attention_mask: Tensor | None = None,
-        queries: ActiveRows | None = None,
-        keys_values: tuple[Tensor, Tensor] | None = None,
-    ) -> tuple[Tensor, Tensor]:
-        """(output, context), both [B, Q, D] for the `queries` rows only when given, else [B, L, D].
-
-        `keys_values`: the attention's keys and values of every row (`keys_values`), when already known.
-        """
-        if queries is not None:  # every row is a key, only the query rows ask
-            if keys_values is None:
-                keys_values = self.keys_values(x)
-            x = queries.gather(x)
-        attn_out, context = self.attn(self.attn_norm(x), attention_mask, keys_values)
-        x = x + attn_out
-        x = x + self.mlp(self.mlp_norm(x))
-        return x, context
 
 
 class SlotProjector(nn.Module):
-    """Splits the refiner's view of a token into the context, reasoning, refinement and confidence slots.
+    """The parameters that split the refiner's view of a token into the context, reasoning, refinement and
+    confidence slots (`slot_step` applies them).
 
-    Inputs are `d_inner` wide: `h` (the refiner's working representation), `context` (attn@V) and `h_prev`
-    (the working representation of the previous step, detached here). Each slot is layer-normed and, with
-    `use_gates`, scaled by a learnable scalar gate sigmoid(g) that lets training turn a slot down.
+    The projections read `d_inner`-wide inputs (the context slot's reads attn@V, the refinement and confidence
+    slots' read the working representation); each slot is layer-normed and, with `use_gates`, scaled by a
+    learnable scalar gate sigmoid(g) that lets training turn a slot down.
     """
 
     def __init__(self, config: SlotConfig) -> None:
@@ -170,21 +82,6 @@ class SlotProjector(nn.Module):
             if config.use_gates
             else None
         )
-
-    def forward(self, h: Tensor, context: Tensor, h_prev: Tensor | None = None) -> SlotOutput:
-        ctx = self.norms["ctx"](self.W_ctx(context))
-        reason = self.norms["reason"](self.W_reason(ctx))
-        if h_prev is None:  # first step: nothing has changed yet
-            change = self.W_refine.weight.new_zeros(*h.shape[:-1], self.W_refine.out_features)
-        else:
-            change = self.W_refine((h - h_prev.detach()) * self.change_scale)
-        refine = self.norms["refine"](change)
-        variance = (h - h.mean(dim=-1, keepdim=True)).square()
-        conf = self.norms["conf"](self.W_conf(variance))
-        slots = SlotOutput(ctx, reason, refine, conf)
-        if self.gates is None:
-            return slots
-        return SlotOutput(*(s * torch.sigmoid(self.gates[name]) for name, s in slots._asdict().items()))
 
     def projection_weights(self) -> dict[str, Tensor]:
         return {name: getattr(self, f"W_{name}").weight for name in SLOT_NAMES}
@@ -225,16 +122,84 @@ class SlotProjector(nn.Module):
         return torch.stack(overlaps).mean()
 
 
+class SlotStep(NamedTuple):
+    """What `slot_step` computes for its rows."""
+
+    h_next: Tensor  # h + update, in the promoted dtype of h and the refiner
+    update: Tensor  # ds * p * delta
+    confidence: Tensor  # p, without its trailing unit dimension
+    slots: SlotOutput  # gated
+
+
+def slot_step(m: SlotTRMRefiner, h: Tensor, u: Tensor, c: Tensor, u_prev: Tensor | None) -> SlotStep:
+    """The math of one slot-refiner step, on rows that are all refined (`m` holds the parameters).
+
+        s_ctx    = g_ctx    LN(W_ctx c)                         context (d_inner/2); c = attn@V, the multi-
+                                                                head attention's concatenated head outputs
+        s_reason = g_reason LN(W_reason LN(W_ctx c))            reasoning (d_inner/4): linear from the context
+        s_refine = g_refine LN(W_refine (u - sg(u_prev)) / ds)  refinement (d_inner/4): the change since the
+                                                                previous step; 0 on the first (u_prev None)
+        s_conf   = g_conf   LN(W_conf (u - mean(u))^2)          confidence (d_inner/8): a learned weighted
+                                                                variance of u's features
+        delta    = clamp(delta_net([s_ctx, s_reason, s_refine, s_conf]), -delta_clamp, delta_clamp)
+        p        = sigmoid(confidence_head(s_conf))
+        h_next   = h + ds * p * delta                           the confidence-weighted residual update
+
+    g_i = sigmoid(gate_i) (1 without gates), ds = delta_scale, sg = stop-gradient. `h` is d_model wide; `u`
+    (the blocks' output), `c` and `u_prev` are d_inner wide; how they are gathered for the refined rows lies
+    outside, in `SlotTRMRefiner.step`.
+    """
+    proj = m.slot_proj
+    ctx = proj.norms["ctx"](proj.W_ctx(c))
+    reason = proj.norms["reason"](proj.W_reason(ctx))
+    if u_prev is None:  # first step: nothing has changed yet
+        change = proj.W_refine.weight.new_zeros(*u.shape[:-1], proj.W_refine.out_features)
+    else:
+        change = proj.W_refine((u - u_prev.detach()) * proj.change_scale)
+    refine = proj.norms["refine"](change)
+    conf = proj.norms["conf"](proj.W_conf((u - u.mean(dim=-1, keepdim=True)).square()))
+    slots = SlotOutput(ctx, reason, refine, conf)
+    if proj.gates is not None:
+        slots = SlotOutput(*(s * torch.sigmoid(proj.gates[n]) for n, s in slots._asdict().items()))
+    delta = m.delta_net(torch.cat(slots, dim=-1)).clamp(-m.delta_clamp, m.delta_clamp)
+    p = torch.sigmoid(m.confidence_head(slots.conf))
+    update = m.delta_scale * p * delta
+    return SlotStep(h + update, update, p.squeeze(-1), slots)
+
+
+# The seed's constructor keywords (the original integration guide's), accepted as aliases of SlotConfig's.
+SEED_ALIASES: dict[str, str] = {"n_layers": "n_blocks", "K": "num_steps", "use_gating": "use_gates"}
+SLOT_DIM_FIELDS: tuple[str, ...] = tuple(f"d_{name}" for name in SLOT_NAMES)
+
+
+def _resolve_aliases(overrides: dict[str, Any]) -> dict[str, Any]:
+    """SlotConfig's field names for the seed's: `n_layers`, `K`, `use_gating` and the 4-tuple `slot_dims`."""
+    resolved = dict(overrides)
+    named = {SEED_ALIASES[a]: (a, resolved.pop(a)) for a in list(resolved) if a in SEED_ALIASES}
+    if "slot_dims" in resolved:
+        dims = resolved.pop("slot_dims")
+        if not isinstance(dims, (tuple, list)) or len(dims) != len(SLOT_DIM_FIELDS):
+            raise ConfigError(f"slot_dims must be 4 widths (ctx, reason, refine, conf), got {dims!r}")
+        named |= {name: ("slot_dims", d) for name, d in zip(SLOT_DIM_FIELDS, dims, strict=True)}
+    for name, (alias, value) in named.items():
+        if name in resolved:
+            raise ConfigError(f"SlotTRMRefiner got {alias} (the seed's name of {name}) and {name}; drop one")
+        resolved[name] = value
+    return resolved
+
+
 class SlotTRMRefiner(Refiner):
-    """Slot-based recursive refiner (see the module docstring for the step equations).
+    """Slot-based recursive refiner (the step's math: `slot_step`; the module docstring gives the overview).
 
     Build it from a `SlotConfig`, or from keyword arguments: `SlotTRMRefiner(d_model=64, num_steps=2)`;
-    keywords given with a config override its fields.
+    keywords given with a config override its fields. The seed's keywords are accepted as aliases:
+    `n_layers` (n_blocks), `K` (num_steps), `use_gating` (use_gates) and `slot_dims=(ctx, reason, refine,
+    conf)` (d_ctx, d_reason, d_refine, d_conf); an alias given with its SlotConfig name is an error.
     """
 
     def __init__(self, config: SlotConfig | int | None = None, **overrides: Any) -> None:
         super().__init__()
-        config = self._configure(SlotConfig, config, overrides)
+        config = self._configure(SlotConfig, config, _resolve_aliases(overrides))
         d_inner = config.d_inner
 
         self.in_proj = (
@@ -269,24 +234,6 @@ class SlotTRMRefiner(Refiner):
     def _dtype(self) -> torch.dtype:
         return self.delta_net[-1].weight.dtype
 
-    def _external(self, context: ContextInput, like: Tensor) -> list[Tensor]:
-        """The backbone contexts as a list, checked against `like`'s [B, L] and the expected width."""
-        expected = self.config.context_dim if self.config.context_dim is not None else self.config.d_inner
-        return context_list(context, like, expected, "SlotTRMRefiner")
-
-    def _context(self, u: Tensor, block_contexts: list[Tensor], context: ContextInput) -> Tensor:
-        """Average the refiner's own block contexts with the backbone's context (its layers averaged first,
-        then projected to d_inner), so that the backbone counts as one source however many layers it gives."""
-        external = self._external(context, u)
-        sources = list(block_contexts)
-        if external:
-            backbone = external[0] if len(external) == 1 else torch.stack(external).mean(dim=0)
-            backbone = backbone.to(u.dtype)
-            sources.append(self.context_proj(backbone) if self.context_proj is not None else backbone)
-        if not sources:  # no blocks and no backbone context: the representation is its own context
-            return u
-        return sources[0] if len(sources) == 1 else torch.stack(sources).mean(dim=0)
-
     def step(
         self,
         h: Tensor,
@@ -296,68 +243,81 @@ class SlotTRMRefiner(Refiner):
         active: Tensor | None = None,
         attention_mask: Tensor | None = None,
     ) -> tuple[Tensor, RefinerState, dict[str, Any]]:
+        """`slot_step` on the active rows only, packed (`ActiveRows`); everything in it is per row, so the
+        packed rows get the values a full computation would. h_next has h's dtype (see `work_dtype`)."""
         active = check_active(active, h)
-        # Only the active rows are computed past the last block's keys and values: a skipped or halted chunk
-        # costs its share of the attention's keys, nothing more. Everything below is per row except
-        # attention, so the packed rows get the same values as a full computation would.
+        expected = self.config.context_dim if self.config.context_dim is not None else self.config.d_inner
+        external = context_list(context, h, expected, "SlotTRMRefiner")
         rows = ActiveRows.pack(active)
-        u = self.in_proj(h.to(self._dtype))
-        reuse = None
-        block_contexts = []
-        for i, block in enumerate(self.blocks):
-            last = i == len(self.blocks) - 1
-            keys_values = None
-            if rows is not None and len(self.blocks) == 1:
-                keys_values = self._keys_values(block, u, state.reuse)
-                reuse = {"keys": keys_values[0], "values": keys_values[1], "changed": active}
-            u, c = block(u, attention_mask, queries=rows if last else None, keys_values=keys_values)
-            block_contexts.append(c)
+        u, block_contexts, kv = self._read(h, rows, state.reuse, attention_mask)
+        prev, h_rows = state.prev, h
         if rows is not None:
-            if not self.blocks:
-                u = rows.gather(u)
-            block_contexts[:-1] = [rows.gather(c) for c in block_contexts[:-1]]
-            context = [rows.gather(c) for c in self._external(context, h)]
-        prev = state.prev if rows is None or state.prev is None else rows.gather(state.prev)
-        slots = self.slot_proj(u, self._context(u, block_contexts, context), prev)
+            external = [rows.gather(c) for c in external]
+            prev = None if prev is None else rows.gather(prev)
+            h_rows = rows.gather(h)
+        out = slot_step(self, h_rows, u, self._context(u, block_contexts, external), prev)
 
-        delta = self.delta_net(torch.cat(slots, dim=-1)).clamp(-self.delta_clamp, self.delta_clamp)
-        confidence = torch.sigmoid(self.confidence_head(slots.conf)).squeeze(-1)  # [B, Q]
-        update = (self.delta_scale * confidence.unsqueeze(-1) * delta).to(h.dtype)
+        h_next, update, confidence = out.h_next.to(h.dtype), out.update, out.confidence
         with torch.no_grad():
-            slot_norms = {name: s.float().norm(dim=-1) for name, s in slots._asdict().items()}
+            slot_norms = {name: s.float().norm(dim=-1) for name, s in out.slots._asdict().items()}
         u = u.detach()
-        if rows is not None:  # back to [B, L]; rows that were not computed read zero
+        if rows is not None:  # back to [B, L]; rows that were not computed keep h and read zero
             length = h.shape[1]
+            h_next = rows.scatter(h_next, into=h)
             update = rows.scatter(update, length=length)
             confidence = rows.scatter(confidence, length=length)
             slot_norms = {name: rows.scatter(n, length=length) for name, n in slot_norms.items()}
             u = rows.scatter(u, into=state.prev, length=length)
-        h_next, update = apply_update(h, update, active)
+        elif active is not None:  # every row was computed: carry the inactive ones through
+            keep = active.unsqueeze(-1)
+            h_next, update = torch.where(keep, h_next, h), torch.where(keep, update, torch.zeros_like(update))
 
         step_stats: dict[str, Any] = {
             "update_norm": update.detach().float().norm(dim=-1),
             "slot_norms": slot_norms,
             "confidence": confidence,
         }
+        reuse = None if kv is None else kv_reuse.KeyValueReuse.record(kv, active, h_next, self.blocks[0])
         return h_next, RefinerState(prev=u, steps=state.steps + 1, reuse=reuse), step_stats
 
-    @staticmethod
-    def _keys_values(
-        block: TransformerBlock, u: Tensor, reuse: dict[str, Tensor] | None
-    ) -> tuple[Tensor, Tensor]:
-        """The single block's keys and values of every row, recomputed only where the last step changed h.
+    def _read(
+        self,
+        h: Tensor,
+        rows: ActiveRows | None,
+        reuse: kv_reuse.KeyValueReuse | None,
+        attention_mask: Tensor | None,
+    ) -> tuple[Tensor, list[Tensor], tuple[Tensor, Tensor] | None]:
+        """u = blocks(in_proj(h)) and each block's attention context, for the `rows` only (all when None).
 
-        A row's key and value depend on its own h alone, and a step changes h only on its active rows, so
-        the rest carry over from the previous step: when few chunks are refined, most of the attention's
-        projections are skipped.
+        Every row is a key of the attention, so the blocks before the last run on every row; the last one
+        computes its queries, MLP and output for the packed rows only. A single block's keys and values
+        come from `kv_reuse.keys_values` and are returned for the next step to reuse (else None).
         """
-        if reuse is None or reuse["keys"].shape[:2] != u.shape[:2]:
-            return block.keys_values(u)
-        changed = ActiveRows.pack(reuse["changed"])
-        if changed is None:  # every row changed
-            return block.keys_values(u)
-        keys, values = block.keys_values(changed.gather(u))
-        return changed.scatter(keys, into=reuse["keys"]), changed.scatter(values, into=reuse["values"])
+        u = self.in_proj(h.to(self._dtype))
+        contexts, kept = [], None
+        for i, block in enumerate(self.blocks):
+            last = i == len(self.blocks) - 1
+            if rows is not None and len(self.blocks) == 1:
+                kept = kv_reuse.keys_values(block, u, h, reuse)
+            u, c = block(u, attention_mask, queries=rows if last else None, keys_values=kept)
+            contexts.append(c)
+        if rows is not None:
+            if not self.blocks:
+                u = rows.gather(u)
+            contexts[:-1] = [rows.gather(c) for c in contexts[:-1]]
+        return u, contexts, kept
+
+    def _context(self, u: Tensor, block_contexts: list[Tensor], external: list[Tensor]) -> Tensor:
+        """c: the mean of the refiner's own block contexts and the backbone's (its layers averaged first, then
+        projected to d_inner), so that the backbone counts as one source however many layers it gives."""
+        sources = list(block_contexts)
+        if external:
+            backbone = external[0] if len(external) == 1 else torch.stack(external).mean(dim=0)
+            backbone = backbone.to(u.dtype)
+            sources.append(self.context_proj(backbone) if self.context_proj is not None else backbone)
+        if not sources:  # no blocks and no backbone context: the representation is its own context
+            return u
+        return sources[0] if len(sources) == 1 else torch.stack(sources).mean(dim=0)
 
     def orthogonality_loss(self) -> Tensor:
         return self.slot_proj.orthogonality_loss()
