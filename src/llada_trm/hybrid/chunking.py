@@ -9,6 +9,7 @@ predict; it is reported through `n_masked == 0` and never refined.
 from __future__ import annotations
 
 import torch
+from torch import Tensor
 
 
 def num_chunks(seq_len: int, chunk_size: int) -> int:
@@ -72,3 +73,46 @@ def chunk_confidence(
     n_masked = chunk_sum(masked.to(torch.float32), chunk_size).round().long()
     confidence = torch.where(n_masked > 0, total / n_masked.clamp(min=1), torch.ones_like(total))
     return confidence, n_masked
+
+
+class WindowChunks:
+    """Chunk bookkeeping for a window of `length` positions starting at absolute position `offset`.
+
+    Chunks are anchored at absolute multiples of `chunk_size`, so the window's first chunk may be partial:
+    [B, L] tensors are padded in front by `offset % chunk_size` empty (unmasked) positions before chunking.
+    The chunk tensors [B, C] list only the chunks the window touches. Offset 0 is the plain chunking.
+    """
+
+    def __init__(self, length: int, chunk_size: int, offset: int = 0) -> None:
+        self.length = length
+        self.chunk_size = chunk_size
+        self.lead = offset % chunk_size
+        self.count = num_chunks(self.lead + length, chunk_size)
+
+    def _pad(self, values: Tensor) -> Tensor:
+        if not self.lead:
+            return values
+        return torch.cat((values.new_zeros(values.shape[0], self.lead), values), dim=1)
+
+    def confidence(self, token_confidence: Tensor, masked: Tensor) -> tuple[Tensor, Tensor]:
+        """`chunk_confidence` of the window's chunks (the padding is unmasked, so it never counts)."""
+        return chunk_confidence(self._pad(token_confidence), self._pad(masked), self.chunk_size)
+
+    def expand(self, chunk_values: Tensor) -> Tensor:
+        """[B, C] per-chunk values -> [B, L] per-position values of the window."""
+        return expand_chunks(chunk_values, self.lead + self.length, self.chunk_size)[:, self.lead :]
+
+
+def chunk_stats(refined: Tensor, steps: Tensor, conf0: Tensor, k: int) -> dict:
+    """What selective refinement did: [B, C] `refined` chunks, the `steps` each ran (of `k`), confidence."""
+    total = refined.numel()
+    n_refined = int(refined.sum())
+    return {
+        "refine_steps": float(steps[refined].float().mean()) if n_refined else 0.0,
+        "steps_per_chunk": steps.detach(),
+        "chunks_total": total,
+        "chunks_refined": n_refined,
+        "chunks_halted": int((refined & (steps < k)).sum()),
+        "skipped_fraction": 1.0 - n_refined / total if total else 1.0,
+        "chunk_confidence": conf0.detach(),
+    }

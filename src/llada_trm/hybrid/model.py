@@ -19,7 +19,6 @@ with the part of that chunk it holds: a position belongs to the same chunk in ca
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -31,52 +30,13 @@ from torch import Tensor, nn
 from llada_trm.backbone import LLaDAModel
 from llada_trm.backbone.kv_cache import KVCache
 from llada_trm.errors import CheckpointError, ConfigError
-from llada_trm.hybrid.chunking import chunk_confidence, expand_chunks, max_probability, num_chunks
+from llada_trm.hybrid.chunking import WindowChunks, chunk_stats, max_probability
 from llada_trm.hybrid.config import ACTIVE_CHOICES, HybridConfig
+from llada_trm.hybrid.outputs import BackboneFeatures, HybridOutput
 from llada_trm.io import atomic_path
 from llada_trm.refiners import Refiner, StatsAccumulator, build_refiner
 
 PREFIX = "refinement_head."
-
-
-@dataclass
-class BackboneFeatures:
-    """The backbone's part of a forward pass.
-
-    `contexts` is the average of the requested layers' attention contexts [B, L, n_heads*head_dim] (None when
-    no layer is requested). `masked` [B, L] (input_ids == mask id) and `attention_mask` [B, L] ride along so
-    that `refine(features)` needs nothing else; both may be None (e.g. features rebuilt from a cache).
-    With a KV cache the tensors cover a window of the sequence: `position_offset` is the absolute position of
-    its first row (it anchors the chunks) and `past_key_values` the backbone's cache when one was asked for.
-    """
-
-    hidden_states: Tensor
-    base_logits: Tensor
-    contexts: Tensor | None = None
-    masked: Tensor | None = None
-    attention_mask: Tensor | None = None
-    position_offset: int = 0
-    past_key_values: KVCache | None = None
-
-
-@dataclass
-class HybridOutput:
-    """Result of `LLaDATRMHybrid.refine` / `forward`.
-
-    `step_logits[k-1]` are the logits after step k (empty without a refiner or when step logits are off);
-    a chunk that halted or was never refined keeps its last logits in the later entries. `step_confidence`
-    holds the refiner's own per-position confidence of each step (not detached: a calibration loss may train
-    it); a halted chunk keeps its last step's value, a never-refined one reads zero. `stats` are detached
-    numbers and small tensors (see `LLaDATRMHybrid.refine`).
-    """
-
-    logits: Tensor
-    step_logits: list[Tensor]
-    base_logits: Tensor
-    hidden_states: Tensor
-    stats: dict[str, Any] = field(default_factory=dict)
-    step_confidence: list[Tensor] = field(default_factory=list)
-    past_key_values: KVCache | None = None
 
 
 class LLaDATRMHybrid(nn.Module):
@@ -258,7 +218,7 @@ class LLaDATRMHybrid(nn.Module):
         masked = self._masked(masked, features, (batch, length))
         cfg = self.config
         schedule = cfg.schedule(num_steps, self._active_refiner)
-        chunks = _Chunks(length, cfg.chunk_size, features.position_offset)
+        chunks = WindowChunks(length, cfg.chunk_size, features.position_offset)
         n_chunks = chunks.count
 
         rows = masked.nonzero(as_tuple=True)
@@ -310,7 +270,7 @@ class LLaDATRMHybrid(nn.Module):
         steps: Tensor,
         accumulator: StatsAccumulator,
         return_step_logits: bool,
-        chunks: _Chunks,
+        chunks: WindowChunks,
     ) -> tuple[Tensor, Tensor, list[Tensor], list[Tensor]]:
         """The K-step loop over the refined chunks; updates `steps` in place."""
         cfg = self.config
@@ -359,7 +319,7 @@ class LLaDATRMHybrid(nn.Module):
         return h.to(h0.dtype), logits, step_logits, step_confidence
 
     @torch.no_grad()
-    def _confident(self, h: Tensor, logits: Tensor | None, probe: Tensor, chunks: _Chunks) -> Tensor:
+    def _confident(self, h: Tensor, logits: Tensor | None, probe: Tensor, chunks: WindowChunks) -> Tensor:
         """[B, C] chunks whose mean max probability over the `probe` positions reached the threshold.
 
         Uses the step's logits when they exist; otherwise runs the LM head on the probed rows only.
@@ -381,17 +341,7 @@ class LLaDATRMHybrid(nn.Module):
         schedule: list[str],
         like: Tensor,
     ) -> dict[str, Any]:
-        total = refined.numel()
-        n_refined = int(refined.sum())
-        stats: dict[str, Any] = {
-            "refine_steps": float(steps[refined].float().mean()) if n_refined else 0.0,
-            "steps_per_chunk": steps.detach(),
-            "chunks_total": total,
-            "chunks_refined": n_refined,
-            "chunks_halted": int((refined & (steps < k)).sum()),
-            "skipped_fraction": 1.0 - n_refined / total if total else 1.0,
-            "chunk_confidence": conf0.detach(),
-        }
+        stats = chunk_stats(refined, steps, conf0, k)
         reporter = self._reporting_refiner(schedule)
         if reporter is not None:
             stats.update(accumulator.summary(reporter, like))
@@ -462,31 +412,3 @@ class LLaDATRMHybrid(nn.Module):
                     f"{list(expected[name].shape)}; build the model with the HybridConfig it was trained with"
                 )
         self.refinement_head.load_state_dict({name[len(PREFIX):]: t for name, t in stored.items()})
-
-
-class _Chunks:
-    """Chunk bookkeeping for a window of `length` positions starting at absolute position `offset`.
-
-    Chunks are anchored at absolute multiples of `chunk_size`, so the window's first chunk may be partial:
-    [B, L] tensors are padded in front by `offset % chunk_size` empty (unmasked) positions before chunking.
-    The chunk tensors [B, C] list only the chunks the window touches. Offset 0 is the plain chunking.
-    """
-
-    def __init__(self, length: int, chunk_size: int, offset: int = 0) -> None:
-        self.length = length
-        self.chunk_size = chunk_size
-        self.lead = offset % chunk_size
-        self.count = num_chunks(self.lead + length, chunk_size)
-
-    def _pad(self, values: Tensor) -> Tensor:
-        if not self.lead:
-            return values
-        return torch.cat((values.new_zeros(values.shape[0], self.lead), values), dim=1)
-
-    def confidence(self, token_confidence: Tensor, masked: Tensor) -> tuple[Tensor, Tensor]:
-        """`chunk_confidence` of the window's chunks (the padding is unmasked, so it never counts)."""
-        return chunk_confidence(self._pad(token_confidence), self._pad(masked), self.chunk_size)
-
-    def expand(self, chunk_values: Tensor) -> Tensor:
-        """[B, C] per-chunk values -> [B, L] per-position values of the window."""
-        return expand_chunks(chunk_values, self.lead + self.length, self.chunk_size)[:, self.lead :]

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor
 
-if TYPE_CHECKING:  # the refiner is only read for its gate values; importing it at run time would be a cycle
-    from llada_trm.refiners.base import Refiner
+
+class HasGates(Protocol):
+    """What `summary` reads of a refiner: its gate values (the refiner itself imports this module)."""
+
+    def gate_values(self) -> dict[str, float]: ...
 
 
 def masked_mean(values: Tensor, active: Tensor | None) -> Tensor:
@@ -55,7 +58,7 @@ class StatsAccumulator:
         for name, values in step_stats.get("slot_norms", {}).items():
             self._slot_norms.setdefault(name, []).append(masked_mean(values.detach(), active))
 
-    def summary(self, refiner: Refiner, like: Tensor) -> dict[str, Any]:
+    def summary(self, refiner: HasGates, like: Tensor) -> dict[str, Any]:
         """The stats dict; `like` (the input states) gives the shape/device of `final_confidence` at K=0."""
         scalars = torch.stack(self._confidence + self._delta_norms).tolist() if self.steps else []
         k = self.steps
