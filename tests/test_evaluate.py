@@ -60,7 +60,11 @@ def tokenizer(backbone_dir):
         ("It costs $1,750.", None, "1750"),
         ("She is left with -5 apples", None, "-5"),
         ("#### -3", "-3", "-3"),
-        ("#### 5.50", "5.5", "5.5"),
+        # lm-eval's gsm8k normalisation: only `,`, `$` and one trailing `.` go, so 12.0 is not 12
+        ("#### 5.50", "5.50", "5.50"),
+        ("#### 12.0", "12.0", "12.0"),
+        ("#### 12..", "12.", "12."),
+        ("first 5, then ...", None, ".."),  # the harness takes the last match, digits or not
         ("no number at all", None, None),
         ("", None, None),
         ("first 12, then 7.", None, "7"),
@@ -78,6 +82,7 @@ def test_is_correct_compares_normalised_numbers():
     assert is_correct("The answer is $1,500.", reference, flexible=True)
     assert not is_correct("#### 1501", reference, flexible=True)
     assert not is_correct("#### 5", "no reference number")
+    assert not is_correct("#### 12.0", "#### 12")  # as lm-eval's gsm8k exact_match scores it
 
 
 # -------------------------------------------------------------------------------------- scripted model

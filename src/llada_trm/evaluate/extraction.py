@@ -1,8 +1,10 @@
-"""Answer extraction for GSM8K, as lm-evaluation-harness scores it.
+"""Answer extraction for GSM8K, exactly as lm-evaluation-harness's `gsm8k` task scores it.
 
-Strict: the number after `#### ` (GSM8K's own answer format). Flexible: the last number anywhere in the
-completion, for models that answer correctly without the format. Numbers are compared after removing `$`,
-`,` and a trailing `.`, so "1,750." matches "1750".
+Strict: the first `#### n` (GSM8K's own answer format). Flexible: the last number-like match anywhere in the
+completion, for models that answer correctly without the format. Both use the harness's regexes, and a match
+is normalised as the harness's `exact_match` normalises it (`regexes_to_ignore`): every `,` and `$` removed,
+then one trailing `.`. Nothing else is rewritten, so `12.0` does NOT equal `12` and `5.50` stays `5.50`:
+published GSM8K numbers come from the harness, and ours must be comparable with them (see docs/lm_eval.md).
 """
 
 from __future__ import annotations
@@ -13,15 +15,14 @@ __all__ = ["extract_flexible", "extract_strict", "is_correct", "normalize_number
 
 _STRICT = re.compile(r"#### (-?[0-9.,]+)")
 _FLEXIBLE = re.compile(r"(-?[$0-9.,]{2,})|(-?[0-9]+)")
+_TRAILING_DOT = re.compile(r"\.$")
 
 
 def normalize_number(text: str | None) -> str | None:
-    """Canonical text of a number: no `$`, no thousands separators, no trailing dot or `.0`s."""
+    """The text lm-eval's gsm8k `exact_match` compares: no `,`, no `$`, one trailing `.` dropped."""
     if text is None:
         return None
-    value = text.strip().replace("$", "").replace(",", "").rstrip(".")
-    if "." in value:
-        value = value.rstrip("0").rstrip(".")
+    value = _TRAILING_DOT.sub("", text.strip().replace(",", "").replace("$", ""))
     return value or None
 
 
@@ -32,13 +33,15 @@ def extract_strict(completion: str) -> str | None:
 
 
 def extract_flexible(completion: str) -> str | None:
-    """The last number in a completion (None when it has none)."""
+    """The last match of the harness's number regex (None when there is none).
+
+    Like the harness, the last match is taken even when it holds no digit (a trailing `...`): it then fails
+    to equal any reference, as it does there.
+    """
     matches = _FLEXIBLE.findall(completion)
-    for groups in reversed(matches):
-        value = normalize_number(next(g for g in groups if g))
-        if value and any(ch.isdigit() for ch in value):
-            return value
-    return None
+    if not matches:
+        return None
+    return normalize_number(next(group for group in matches[-1] if group))
 
 
 def is_correct(completion: str, reference_answer: str, *, flexible: bool = False) -> bool:

@@ -1,0 +1,319 @@
+"""`llada_trm`: the project's model as an lm-evaluation-harness backend (registered on import).
+
+- `generate_until`: the project's sampler (`generate_with_stats`) with every option of `SamplingOptions`
+  (steps, gen_length, block_length, temperature, cfg_scale, remasking, threshold, cache, seed), batched,
+  prompts left-padded with an attention mask. Diffusion fills a fixed `gen_length`, so the task's `until`
+  strings are applied after decoding (the answer is cut at the first one) and `max_gen_toks` is ignored.
+  A request's `gen_kwargs` may override any sampler option by name (lm-eval's `--gen_kwargs steps=64`); the
+  task's `temperature` does too, as with lm-eval's own models (`do_sample` is ignored: temperature 0 is
+  greedy). Other keys (top_p, ...) have no meaning here and are ignored with a warning.
+- `loglikelihood`: LLaDA's Monte-Carlo masked estimate (`likelihood.py`), `mc_num` draws (default 128)
+  run `mc_batch_size` at a time; `is_greedy` from one forward over the fully masked continuation.
+- `loglikelihood_rolling`: the same estimate over lm-eval's disjoint rolling windows of `max_length`.
+
+Model args: checkpoint (a run dir or checkpoint, a backbone dir, or `embedded`), refiner (`checkpoint` =
+the checkpoint's own choice, `none` = the backbone alone, `mlp`, `slot`), dtype, the sampler options above,
+mc_num, mc_batch_size, max_length (default: the backbone's max_sequence_length). lm-eval's `--device`
+(default cuda:0; give `cpu` or `auto` on a CPU machine) and `--batch_size` (an integer) are used as given.
+One process only: data-parallel lm-eval runs are not supported.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from lm_eval.api.model import TemplateLM
+from lm_eval.api.registry import register_model
+from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
+from tqdm.auto import tqdm
+
+from llada_trm.data import pad_token_id, special_token_ids
+from llada_trm.diffusion import decode_generated, generate_with_stats
+from llada_trm.errors import ConfigError
+from llada_trm.evaluate import SamplingOptions, load_checkpoint
+
+from .likelihood import greedy_matches, mc_log_likelihood
+
+__all__ = ["MODEL_NAME", "LLaDATRMLM", "apply_stop_strings"]
+
+MODEL_NAME = "llada_trm"
+OWN_REFINER = "checkpoint"
+_SAMPLER_KEYS = tuple(
+    f.name for f in dataclasses.fields(SamplingOptions) if f.name not in ("batch_size", "seed")
+)
+_IGNORED_GEN_KWARGS = ("until", "do_sample", "max_gen_toks")
+
+logger = logging.getLogger(__name__)
+
+
+def apply_stop_strings(text: str, stops: Sequence[str]) -> str:
+    """`text` cut at the earliest occurrence of any stop string (unchanged when none occurs)."""
+    cut = min((i for i in (text.find(s) for s in stops if s) if i >= 0), default=len(text))
+    return text[:cut]
+
+
+def _positive_int(name: str, value: Any) -> int:
+    try:
+        number = int(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{name}={value!r}: give a positive integer") from None
+    if number < 1 or str(number) != str(value).strip():
+        raise ConfigError(f"{name}={value!r}: give a positive integer")
+    return number
+
+
+class _Budgeted:
+    """The hybrid called with the checkpoint's refinement budget; keeps the sampler's `masked` keyword."""
+
+    def __init__(self, model: Any, num_steps: int | None) -> None:
+        self.model = model
+        self.num_steps = num_steps
+
+    def __call__(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        masked: Any = None,
+        **kw: Any,
+    ) -> Any:
+        if self.num_steps is not None:
+            kw["num_steps"] = self.num_steps
+        return self.model(input_ids, attention_mask=attention_mask, masked=masked, **kw)
+
+    def logits(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self(input_ids).logits
+
+
+@register_model(MODEL_NAME)
+class LLaDATRMLM(TemplateLM):
+    """lm-eval backend for llada-trm checkpoints (see the module docstring for the model args)."""
+
+    def __init__(
+        self,
+        checkpoint: str = "embedded",
+        refiner: str | None = OWN_REFINER,
+        dtype: str = "auto",
+        device: str | None = "auto",
+        batch_size: int | str | None = 16,
+        max_batch_size: int | None = None,
+        mc_num: int = 128,
+        mc_batch_size: int = 32,
+        max_length: int | None = None,
+        **sampling: Any,
+    ) -> None:
+        super().__init__()
+        unknown = sorted(set(sampling) - {*_SAMPLER_KEYS, "seed"})
+        if unknown:
+            raise ConfigError(
+                f"llada_trm: unknown model arg(s) {', '.join(unknown)}; known: checkpoint, refiner, dtype, "
+                f"mc_num, mc_batch_size, max_length, seed, {', '.join(_SAMPLER_KEYS)}"
+            )
+        # lm-eval's arg parser turns `none` into None: here that means the backbone alone.
+        choice = "none" if refiner is None else None if refiner == OWN_REFINER else str(refiner)
+        self.loaded = load_checkpoint(checkpoint, refiner=choice, device=device or "auto", dtype=dtype)
+        self.tokenizer = self.loaded.tokenizer
+        self.ids = special_token_ids(self.tokenizer)
+        self._device = next(self.loaded.model.parameters()).device
+        self.batch_size = _positive_int("batch_size", 16 if batch_size is None else batch_size)
+        self.options = SamplingOptions(batch_size=self.batch_size, **sampling)
+        self.mc_num = _positive_int("mc_num", mc_num)
+        self.mc_batch_size = _positive_int("mc_batch_size", mc_batch_size)
+        limit = self.loaded.model.backbone.config.max_sequence_length if max_length is None else max_length
+        self.max_length = _positive_int("max_length", limit)
+        self.net = _Budgeted(self.loaded.model, self.loaded.num_steps)
+        self._generator = torch.Generator(device=self._device).manual_seed(self.options.seed)
+        self._mc_generator = torch.Generator().manual_seed(self.options.seed)
+        self._warned: set[str] = set()
+
+    # ----------------------------------------------------------------------------------- tokenisation
+
+    @property
+    def eot_token_id(self) -> int:
+        return self.ids.eos
+
+    @property
+    def prefix_token_id(self) -> int:
+        """An empty context is the sequence start, as every training sequence begins."""
+        bos = self.tokenizer.bos_token_id
+        return self.ids.eos if bos is None else bos
+
+    @property
+    def tokenizer_name(self) -> str:
+        return str(self.loaded.backbone_dir).replace("/", "__")
+
+    def tok_encode(self, string: str, add_special_tokens: bool | None = None, **kwargs: Any) -> list[int]:
+        """Token ids, BOS-prefixed unless `add_special_tokens=False` or the text (a chat) starts with it."""
+        ids = list(self.tokenizer(string, add_special_tokens=False)["input_ids"])
+        bos = self.tokenizer.bos_token_id
+        if add_special_tokens is not False and bos is not None and (not ids or ids[0] != bos):
+            ids.insert(0, bos)
+        return ids
+
+    def apply_chat_template(
+        self, chat_history: list[dict[str, str]], add_generation_prompt: bool = True
+    ) -> str:
+        """lm-eval's `--apply_chat_template`: the tokenizer's (LLaDA's) template, rendered as text."""
+        return self.tokenizer.apply_chat_template(
+            chat_history, tokenize=False, add_generation_prompt=add_generation_prompt
+        )
+
+    def get_model_info(self) -> dict[str, Any]:
+        """Recorded in lm-eval's results under `config`."""
+        return {
+            **self.loaded.describe(),
+            "sampling": self.options.to_dict(),
+            "mc_num": self.mc_num,
+            "max_length": self.max_length,
+        }
+
+    # ----------------------------------------------------------------------------------- generation
+
+    def _warn_once(self, message: str) -> None:
+        if message not in self._warned:
+            self._warned.add(message)
+            logger.warning(message)
+
+    def _request_options(self, gen_kwargs: dict[str, Any]) -> tuple[SamplingOptions, list[str]]:
+        """The sampler options of one request (model args, overridden by gen_kwargs) and its stop strings."""
+        kwargs = dict(gen_kwargs)
+        until = kwargs.pop("until", None) or []
+        stops = [until] if isinstance(until, str) else list(until)
+        overrides = {key: kwargs.pop(key) for key in _SAMPLER_KEYS if key in kwargs}
+        for key in [k for k in kwargs if k not in _IGNORED_GEN_KWARGS]:
+            self._warn_once(
+                f"llada_trm: gen_kwargs {key}={kwargs[key]!r} has no meaning for diffusion; ignored"
+            )
+        for key, value in overrides.items():
+            if value != getattr(self.options, key):
+                self._warn_once(f"llada_trm: the task's gen_kwargs set {key}={value!r} (model arg ignored)")
+        return dataclasses.replace(self.options, **overrides), stops
+
+    def _prompt_ids(self, context: str, gen_length: int) -> list[int]:
+        ids = self.tok_encode(context)
+        room = self.max_length - gen_length
+        if room < 1:
+            raise ConfigError(
+                f"gen_length {gen_length} leaves no room for a prompt in max_length {self.max_length}"
+            )
+        if len(ids) > room:
+            self._warn_once(f"llada_trm: prompts longer than {room} tokens are cut from the left")
+            ids = ids[-room:]
+        return ids
+
+    def _left_pad(self, rows: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        width = max(len(row) for row in rows)
+        input_ids = torch.full((len(rows), width), pad_token_id(self.tokenizer), dtype=torch.long)
+        attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, row in enumerate(rows):
+            input_ids[i, width - len(row) :] = torch.tensor(row, dtype=torch.long)
+            attention_mask[i, width - len(row) :] = 1
+        return input_ids.to(self._device), attention_mask.to(self._device)
+
+    def _sample(self, prompts: list[list[int]], options: SamplingOptions) -> list[str]:
+        input_ids, attention_mask = self._left_pad(prompts)
+        result = generate_with_stats(
+            self.net,
+            input_ids,
+            attention_mask,
+            steps=options.steps,
+            gen_length=options.gen_length,
+            block_length=options.block_length,
+            temperature=options.temperature,
+            cfg_scale=options.cfg_scale,
+            remasking=options.remasking,
+            mask_id=self.loaded.model.mask_token_id,
+            threshold=options.threshold,
+            cache=options.cache,
+            eos_id=self.ids.eos,
+            eot_id=self.ids.eot,
+            generator=self._generator,
+        )
+        return decode_generated(self.tokenizer, result.tokens, result.prompt_length)
+
+    def generate_until(self, requests: list[Any], disable_tqdm: bool = False) -> list[str]:
+        """Sample every request; requests sharing sampler options are batched, longest prompts first."""
+        prepared = []
+        for index, request in enumerate(requests):
+            context, gen_kwargs = request.args
+            options, stops = self._request_options(gen_kwargs)
+            prepared.append((options, self._prompt_ids(context, options.gen_length), stops, index))
+        prepared.sort(key=lambda item: (repr(item[0]), -len(item[1]), item[3]))
+        answers = [""] * len(requests)
+        bar = tqdm(total=len(requests), desc="llada_trm generate", disable=disable_tqdm or self.rank != 0)
+        start = 0
+        while start < len(prepared):
+            options = prepared[start][0]
+            end = start
+            while end < len(prepared) and end - start < self.batch_size and prepared[end][0] == options:
+                end += 1
+            batch = prepared[start:end]
+            for (_, _, stops, index), text in zip(
+                batch, self._sample([b[1] for b in batch], options), strict=True
+            ):
+                answers[index] = apply_stop_strings(text, stops)
+                self.cache_hook.add_partial("generate_until", requests[index].args, answers[index])
+            bar.update(len(batch))
+            start = end
+        bar.close()
+        return answers
+
+    # ----------------------------------------------------------------------------------- likelihood
+
+    def _fit(self, context: list[int], continuation: list[int]) -> list[int]:
+        """The context cut from the left so that context + continuation fit in max_length."""
+        if len(continuation) >= self.max_length:
+            raise ConfigError(
+                f"a continuation of {len(continuation)} tokens does not fit max_length {self.max_length}"
+            )
+        return context[max(0, len(context) + len(continuation) - self.max_length) :]
+
+    def _score(self, context: list[int], continuation: list[int]) -> tuple[float, bool]:
+        context = self._fit(context, continuation)
+        mask_id = self.loaded.model.mask_token_id
+        logp = mc_log_likelihood(
+            self.net.logits,
+            context,
+            continuation,
+            mask_id=mask_id,
+            mc_num=self.mc_num,
+            mc_batch_size=self.mc_batch_size,
+            device=self._device,
+            generator=self._mc_generator,
+        )
+        greedy = greedy_matches(self.net.logits, context, continuation, mask_id=mask_id, device=self._device)
+        return logp, greedy
+
+    def _loglikelihood_tokens(
+        self,
+        requests: list[tuple[tuple[str, str], list[int], list[int]]],
+        disable_tqdm: bool = False,
+        **_: Any,
+    ) -> list[tuple[float, bool]]:
+        results = []
+        for key, context, continuation in tqdm(
+            requests, desc="llada_trm loglikelihood", disable=disable_tqdm
+        ):
+            result = self._score(context, continuation)
+            self.cache_hook.add_partial("loglikelihood", key, result)
+            results.append(result)
+        return results
+
+    def loglikelihood_rolling(self, requests: list[Any], disable_tqdm: bool = False) -> list[float]:
+        """Sum of the MC estimates over lm-eval's disjoint rolling windows (each window given its context)."""
+        results = []
+        for request in tqdm(requests, desc="llada_trm loglikelihood_rolling", disable=disable_tqdm):
+            (text,) = request.args
+            windows = get_rolling_token_windows(
+                token_list=self.tok_encode(text, add_special_tokens=False),
+                prefix_token=self.prefix_token_id,
+                max_seq_len=self.max_length,
+                context_len=1,
+            )
+            total = sum(self._score(*make_disjoint_window(window))[0] for window in windows)
+            self.cache_hook.add_partial("loglikelihood_rolling", (text,), total)
+            results.append(total)
+        return results

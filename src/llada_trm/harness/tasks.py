@@ -1,0 +1,64 @@
+"""The offline `gsm8k_local` task: GSM8K read from the project's JSONL layout instead of the Hub.
+
+The task YAML ships as package data (`assets/lm_eval_tasks/`); lm-eval finds it through `--include_path`
+(`llada-trm-lm-eval` adds it by itself). Its data path is never baked into the package: it comes from
+`--metadata '{"gsm8k_data": PATH}'` or else the `LLADA_TRM_GSM8K_DATA` environment variable, and names
+either a directory holding `test.jsonl` (and optionally `train.jsonl`, for few-shot examples) or a single
+JSONL file used as the test split. Records are read with the project's own GSM8K loader.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from llada_trm.data import DataError, load_gsm8k
+from llada_trm.errors import ConfigError
+
+__all__ = ["DATA_ENV_VAR", "DATA_METADATA_KEY", "load_gsm8k_local", "resolve_data_path", "tasks_dir"]
+
+DATA_ENV_VAR = "LLADA_TRM_GSM8K_DATA"
+DATA_METADATA_KEY = "gsm8k_data"
+_TASKS_DIR = Path(__file__).resolve().parent.parent / "assets" / "lm_eval_tasks"
+
+
+def tasks_dir() -> Path:
+    """The directory of the packaged task YAMLs, for lm-eval's `--include_path`."""
+    return _TASKS_DIR
+
+
+def resolve_data_path(value: str | os.PathLike[str] | None = None) -> Path:
+    """The GSM8K data path: `value` (the task metadata's `gsm8k_data`), else $LLADA_TRM_GSM8K_DATA."""
+    raw = value if value not in (None, "") else os.environ.get(DATA_ENV_VAR)
+    if not raw:
+        raise ConfigError(
+            f"gsm8k_local needs its data: set {DATA_ENV_VAR}=DIR (a folder with test.jsonl) or pass "
+            f'--metadata \'{{"{DATA_METADATA_KEY}": "DIR"}}\''
+        )
+    path = Path(raw).expanduser()
+    if not path.exists():
+        raise ConfigError(
+            f"gsm8k_local: {path} does not exist (give a folder holding test.jsonl, or a JSONL file)"
+        )
+    return path
+
+
+def load_gsm8k_local(**kwargs: Any) -> Any:
+    """lm-eval `custom_dataset` hook: a `datasets.DatasetDict` with `test` (and `train` when present).
+
+    lm-eval passes the task metadata (the model args and `--metadata` merged) as keyword arguments; only
+    `gsm8k_data` is read.
+    """
+    import datasets  # installed with lm_eval
+
+    path = resolve_data_path(kwargs.get(DATA_METADATA_KEY))
+    splits = {"test": load_gsm8k(path, "test")}
+    if path.is_dir():
+        try:
+            splits["train"] = load_gsm8k(path, "train")
+        except DataError:
+            pass  # no train.jsonl: only zero-shot variants can run
+    return datasets.DatasetDict(
+        {name: datasets.Dataset.from_list([r.to_dict() for r in records]) for name, records in splits.items()}
+    )
