@@ -123,6 +123,7 @@ def test_check_test_split_names_the_overlap():
 def test_best_by_sampled_accuracy_needs_sampled_validation():
     with pytest.raises(ConfigError, match="val_sampled_problems"):
         check_save_best(parse_config({"output": {"save_best": "sampled_accuracy"}}))
-    config = parse_config({"output": {"save_best": "sampled_accuracy"}, "training": {"val_sampled_problems": 4}})
+    config = parse_config({"output": {"save_best": "sampled_accuracy"},
+                           "training": {"val_sampled_problems": 4}})  # fmt: skip
     check_save_best(config)
     assert config.output.best_is_lower is False

@@ -230,7 +230,7 @@ def power_section(
 
 def _detectable(difference: float | None) -> str:
     if difference is None or not math.isfinite(difference):
-        return "no difference (too few problems, or no discordant pairs)"
+        return "none (too few problems, or no discordant pairs)"
     return f"{100 * difference:.1f} points"
 
 
@@ -328,7 +328,7 @@ def comparison_markdown(
     steps = ", ".join(sorted({f"{r['refiner']} {r['train_steps']}" for r in rows if r["train_steps"]}))
     planned = power["planned"]
     observed = "; ".join(
-        f"{name.replace('_', ' ')}: discordant rate {o['discordant']:.3f}, detectable "
+        f"{name.replace('_', ' ')}: discordant rate {o['discordant']:.3f}, smallest detectable difference "
         + _detectable(o["detectable_difference"])
         for name, o in power["observed"].items()
     )
@@ -345,8 +345,9 @@ def comparison_markdown(
         "across seeds, the stratified sign) test gives p >= 0.05.\n\n"
         f"{statistics}\n**Power.** A two-sided McNemar test at alpha 0.05 with 80% power needs "
         f"{planned['problems_needed']} problems to detect a {100 * planned['difference']:.1f}-point "
-        f"difference at a discordant rate of {planned['discordant']:.2f}; these {report['problems']} "
-        f"problems detect {_detectable(planned['detectable_difference'])} at that rate. Observed (seed "
+        f"difference at a discordant rate of {planned['discordant']:.3f}; with these {report['problems']} "
+        f"problems the smallest detectable difference at that rate is "
+        f"{_detectable(planned['detectable_difference'])}. Observed (seed "
         f"{report['seeds'][0]}): {observed}.\n"
     )
     if errors is not None:
