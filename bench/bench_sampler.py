@@ -16,7 +16,7 @@ The refiner's time is measured by timing `LLaDATRMHybrid.refine` (chunk selectio
 refined rows) inside the sampler's own calls; its share is that time over the sampler's wall time.
 
     .venv/bin/python bench/bench_sampler.py --quick
-    .venv/bin/python bench/bench_sampler.py --checkpoint runs/compare/slot   # a trained refiner
+    .venv/bin/python bench/bench_sampler.py --checkpoint runs/compare/seed0/slot   # a trained refiner
     .venv/bin/python bench/bench_sampler.py --backbone DIR --refiner-checkpoint refiner.safetensors
 """
 

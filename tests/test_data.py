@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import hashlib
 import json
 import operator
 import re
@@ -32,6 +33,8 @@ from llada_trm.data import (
     special_token_ids,
     write_jsonl,
 )
+from llada_trm.data.disjoint import check_disjoint, question_hash
+from llada_trm.data.synthetic import question_split
 
 FIXTURE = Path(__file__).parent / "fixtures" / "gsm8k_small.jsonl"
 REAL_GSM8K = Path("/work/shared/data/gsm8k")
@@ -265,6 +268,34 @@ def test_train_and_test_never_share_a_question():
     assert not any(is_test_question(r.question, config.test_fraction) for r in train)
 
 
+def test_validation_and_test_are_disjoint_halves_of_the_held_out_buckets():
+    config = SyntheticTaskConfig(seed=0, max_steps=2, max_number=12, max_result=100)
+    train = generate_problems(config, 2000, "train")
+    validation = generate_problems(config, 200, "validation")
+    test = generate_problems(config, 200, "test")
+    assert [question_split(r.question, config.test_fraction) for r in validation] == ["validation"] * 200
+    assert [question_split(r.question, config.test_fraction) for r in test] == ["test"] * 200
+    assert all(is_test_question(r.question, config.test_fraction) for r in validation)  # held out
+    check = check_disjoint({"train": train, "validation": validation, "test": test})
+    assert check["overlaps"] == 0 and check["problems"] == {"train": 2000, "validation": 200, "test": 200}
+    # the train split is the one the embedded backbone was pre-trained on: pinned, byte for byte
+    text = "\n".join(r.question + r.answer for r in train[:500])
+    assert hashlib.sha256(text.encode()).hexdigest() == (
+        "acb6226e375eb1611e01c92d3ac6f7f9970920169f99472731aa31d493b12c48"
+    )
+
+
+def test_an_injected_overlap_is_refused_in_one_line():
+    config = SyntheticTaskConfig(seed=0, max_steps=2, max_number=12, max_result=100)
+    validation = generate_problems(config, 20, "validation")
+    test = generate_problems(config, 20, "test")
+    spaced = GSM8KRecord(question="  " + validation[3].question.upper().replace(" ", "  "), answer="")
+    with pytest.raises(DataError, match=r"validation and test splits share 1 problem") as caught:
+        check_disjoint({"validation": validation, "test": [*test, spaced]})
+    assert len(str(caught.value).splitlines()) == 1
+    assert question_hash(spaced.question) == question_hash(validation[3].question)
+
+
 def test_difficulty_knobs():
     config = SyntheticTaskConfig(
         min_steps=2, max_steps=3, max_number=9, max_result=200, operations=("+", "*")
@@ -297,7 +328,7 @@ def test_bad_configs_and_exhausted_spaces_are_clear_errors():
     with pytest.raises(ValueError, match="max_number"):
         SyntheticTaskConfig(max_number=1)
     with pytest.raises(ValueError, match="split"):
-        generate_problems(SyntheticTaskConfig(), 3, split="validation")
+        generate_problems(SyntheticTaskConfig(), 3, split="dev")
     tiny = SyntheticTaskConfig(
         max_steps=1, max_number=3, operations=("+",), names=("Al", "Bo"), items=("pens",)
     )

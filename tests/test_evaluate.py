@@ -259,8 +259,8 @@ def test_synthetic_settings_follow_the_run_then_the_backbone():
 def test_record_errors():
     with pytest.raises(DataError, match="needs --data-path"):
         load_eval_records("gsm8k", "test")
-    with pytest.raises(DataError, match="'train' and 'test'"):
-        load_eval_records("synthetic", "validation")
+    with pytest.raises(DataError, match="train, validation, test"):
+        load_eval_records("synthetic", "dev")
     with pytest.raises(DataError, match="--dataset"):
         load_eval_records("math", "test")
     with pytest.raises(DataError, match="--limit"):

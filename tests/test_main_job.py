@@ -24,7 +24,8 @@ def backbone_dir(tmp_path_factory) -> Path:
 def compare_yaml(backbone_dir: Path, out: Path) -> dict:
     run = run_config(backbone_dir, out / "unused")
     del run["output"], run["model"]["refiner"]
-    evaluation = {"n_problems": 3, "batch_size": 2, **TINY_SAMPLING}
+    run["sampling"] = {"batch_size": 2, **TINY_SAMPLING}
+    evaluation = {"n_problems": 3}
     return {"run": run, "refiners": ["mlp", "slot"], "evaluation": evaluation, "output": {"dir": str(out)}}
 
 
@@ -37,32 +38,38 @@ def test_tiny_compare_prints_the_table_and_writes_results(backbone_dir, tmp_path
     header = next(line for line in out.splitlines() if line.startswith("| refiner"))
     for title in ("acc strict", "acc flexible", "val loss", "refine steps", "skipped", "tokens/s"):
         assert title in header
-    table_rows = [line.split("|")[1].strip() for line in out.splitlines() if line.startswith("| ")]
+    lines = out.splitlines()
+    start = lines.index(header)
+    end = next(i for i in range(start, len(lines)) if not lines[i].startswith("|"))
+    table_rows = [line.split("|")[1].strip() for line in lines[start:end] if line.startswith("| ")]
     assert table_rows == ["refiner", "none", "mlp", "slot"]
 
-    cmp = tmp_path / "cmp"
+    cmp, runs = tmp_path / "cmp", tmp_path / "cmp" / "seed0"
     report = json.loads((cmp / "comparison.json").read_text())
     rows = {row["refiner"]: row for row in report["rows"]}
     assert list(rows) == ["none", "mlp", "slot"] and report["problems"] == 3
     for kind in ("mlp", "slot"):
-        val = list(csv_rows(cmp / kind / "validation_metrics.csv"))[-1]
+        val = list(csv_rows(runs / kind / "validation_metrics.csv"))[-1]
         assert rows[kind]["val_loss"] == pytest.approx(float(val["loss"]), rel=1e-4)
         assert rows[kind]["mean_refine_steps"] == 2.0 and rows[kind]["skipped_fraction"] == 0.0
-        assert (cmp / kind / "plots" / "loss.png").is_file()
+        assert (runs / kind / "plots" / "loss.png").is_file()
     # the backbone-alone row is the frozen backbone on the refiners' validation masks
-    mlp_val = list(csv_rows(cmp / "mlp" / "validation_metrics.csv"))[-1]
+    mlp_val = list(csv_rows(runs / "mlp" / "validation_metrics.csv"))[-1]
     assert rows["none"]["val_loss"] == pytest.approx(float(mlp_val["loss_base"]), rel=1e-4)
     assert rows["none"]["mean_refine_steps"] is None
     # every model answered the same problems
+    def predictions(kind: str) -> Path:  # the deterministic backbone is sampled once, for every seed
+        return (cmp if kind == "none" else runs) / kind / "eval" / "synthetic-test" / "predictions.jsonl"
+
     questions = {}
     for kind in rows:
-        lines = (cmp / kind / "eval" / "synthetic-test" / "predictions.jsonl").read_text().splitlines()
+        lines = predictions(kind).read_text().splitlines()
         questions[kind] = [json.loads(line)["question"] for line in lines]
     assert questions["none"] == questions["mlp"] == questions["slot"] and len(questions["none"]) == 3
     # the paired counts against the backbone alone agree with the predictions
     correct = {}
     for kind in rows:
-        lines = (cmp / kind / "eval" / "synthetic-test" / "predictions.jsonl").read_text().splitlines()
+        lines = predictions(kind).read_text().splitlines()
         correct[kind] = [json.loads(line)["correct_strict"] for line in lines]
     for kind in ("mlp", "slot"):
         gained = sum(c and not b for c, b in zip(correct[kind], correct["none"], strict=True))

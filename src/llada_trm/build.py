@@ -31,6 +31,7 @@ from llada_trm.data import (
     load_tokenizer,
     mask_token_id,
 )
+from llada_trm.data.disjoint import check_disjoint
 from llada_trm.dist_utils import init_distributed
 from llada_trm.errors import ConfigError
 from llada_trm.hybrid import HybridConfig, LLaDATRMHybrid
@@ -43,11 +44,13 @@ __all__ = [
     "build_datasets",
     "build_model",
     "build_records",
+    "check_test_split",
     "hybrid_config",
     "load_hybrid",
     "resolve_backbone_dir",
     "resolve_device",
     "resolve_precision",
+    "sampled_validation_records",
     "seed_everything",
     "start_run",
 ]
@@ -214,18 +217,43 @@ def build_model(
 
 
 def build_records(data: DataConfig) -> tuple[list[GSM8KRecord], list[GSM8KRecord]]:
-    """Training and evaluation records: a GSM8K source sliced by the splits, or the generated task."""
+    """Training and validation records: a GSM8K source sliced by the splits, or the generated task (its
+    `validation` split: never the `test` split a comparison reports on)."""
     try:
         if data.dataset == "synthetic":
             task = data.synthetic  # the task's knobs plus n_train / n_eval
             train = generate_problems(task, task.n_train, "train")
-            evaluation = generate_problems(task, task.n_eval, "test") if task.n_eval else []
+            evaluation = generate_problems(task, task.n_eval, "validation") if task.n_eval else []
         else:
             train = load_gsm8k(data.path, data.train_split)
             evaluation = load_gsm8k(data.path, data.eval_split) if data.eval_split else []
     except (ValueError, FileNotFoundError) as exc:
         raise ConfigError(f"data: {exc}") from None
     return train, evaluation
+
+
+def sampled_validation_records(data: DataConfig, n: int) -> list[GSM8KRecord]:
+    """The first `n` validation problems, for the trainer's sampled-accuracy validation."""
+    try:
+        if data.dataset == "synthetic":
+            return generate_problems(data.synthetic, n, "validation")
+        records = load_gsm8k(data.path, data.eval_split) if data.eval_split else []
+    except (ValueError, FileNotFoundError) as exc:
+        raise ConfigError(f"data: {exc}") from None
+    if not records:
+        raise ConfigError("training.val_sampled_problems needs validation problems; set data.eval_split")
+    return records[:n]
+
+
+def check_test_split(config: RunConfig, test: list[GSM8KRecord]) -> dict[str, object]:
+    """Refuse (DataError, one line) `test` problems that the run trains or validates on (the validation
+    loss's and the sampled validation's problems both pick `best`); else the check's record
+    (`data.disjoint.check_disjoint`)."""
+    train, validation = build_records(config.data)
+    sampled = config.training.val_sampled_problems
+    if sampled > len(validation):
+        validation = sampled_validation_records(config.data, sampled)
+    return check_disjoint({"train": train, "validation": validation, "test": test})
 
 
 def build_datasets(

@@ -116,9 +116,13 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     from llada_trm.evaluate import evaluate_model, load_checkpoint, load_eval_records, synthetic_settings
 
     options = _sampling_options(args)  # bad options and data fail before a (possibly 8B) model loads
+    from llada_trm.evaluate.paired import read_predictions, write_paired
+
+    against = read_predictions(args.against) if args.against else None
     records = None
     if args.dataset == "gsm8k" and args.data_path:
         records = load_eval_records("gsm8k", args.split, data_path=args.data_path, limit=args.limit)
+        _check_against(against, records)
     device = _join_processes(args.device)
     loaded = load_checkpoint(args.checkpoint, refiner=args.refiner, device=device, dtype=args.dtype)
     if records is None:
@@ -130,6 +134,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
             synthetic=synthetic_settings(run.data if run is not None else None, loaded.backbone_config),
             limit=args.limit,
         )
+        _check_against(against, records)
     out = Path(args.out) if args.out else _default_eval_dir(loaded, args.dataset, args.split)
     result = evaluate_model(
         loaded.model,
@@ -144,7 +149,17 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     )
     if is_main_process():  # every rank holds the merged summary; one prints it
         _print_eval_summary(args, loaded.refiner, result.summary, out)
+        if against is not None:
+            print("\n".join(write_paired(against, result.predictions, f"this {loaded.refiner} run", out)))
     return 0
+
+
+def _check_against(against: tuple[Path, list[dict[str, Any]]] | None, records: Sequence[Any]) -> None:
+    """Same problems as `--against`, in the same order: checked before any sampling."""
+    if against is not None:
+        from llada_trm.evaluate.paired import align_predictions
+
+        align_predictions([p["question"] for p in against[1]], [r.question for r in records])
 
 
 def _print_eval_summary(args: argparse.Namespace, refiner: str, s: dict[str, Any], out: Path) -> None:
@@ -196,9 +211,10 @@ def _cmd_plot(args: argparse.Namespace) -> int:
 
 
 def _cmd_compare(args: argparse.Namespace) -> int:
-    from llada_trm.compare import load_compare_config, run_compare
+    from llada_trm.compare import load_compare_config, parse_seeds, run_compare
 
-    config = load_compare_config(args.config, args.set)
+    seeds = parse_seeds(args.seeds) if args.seeds is not None else None
+    config = load_compare_config(args.config, args.set, seeds)
     run_compare(config, progress=not args.no_progress)
     return 0
 
@@ -299,6 +315,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-path", metavar="PATH", help="GSM8K JSONL/parquet file or folder (for gsm8k)")
     p.add_argument("--limit", type=int, default=None, metavar="N", help="evaluate the first N problems")
     p.add_argument("--out", metavar="DIR", help="where predictions.jsonl and summary.json go")
+    p.add_argument(
+        "--against",
+        metavar="RUN_OR_PREDICTIONS",
+        help="pair this evaluation with another's predictions on the same problems (a predictions.jsonl, "
+        "its eval directory, or a run with one eval): gained / lost, McNemar p, bootstrap interval",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     _add_sampling_options(p)
     p.set_defaults(func=_cmd_eval)
@@ -317,6 +339,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command("compare", "the main job: train MLP and slot refiners, compare them with the backbone alone")
     _add_config_options(p)
+    p.add_argument(
+        "--seeds",
+        metavar="S,S,...",
+        help="training seeds, each refiner trained once per seed, e.g. 0,1,2 (default: the config's seeds)",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=_cmd_compare)
     return parser

@@ -1,29 +1,33 @@
 """The main job: does a recursive refiner help a frozen backbone? `llada-trm compare --config FILE`.
 
-1. train the MLP baseline and the slot refiner in phase 1 (backbone frozen) on the generated task, each with
-   the same run config except `model.refiner`, each into its own directory under `output.dir`;
-2. sample answers with LLaDA's sampler on the SAME held-out problems with no refiner (the backbone alone),
-   the MLP refiner and the slot refiner;
-3. print and write the comparison: sampled accuracy (strict `#### n` and flexible last number), validation
-   loss and masked-token accuracy on the same noised validation set, mean refinement steps per refined chunk,
-   the fraction of chunks skipped, and sampling speed; plus each run's plots and a bar chart.
+1. check that the test problems are disjoint from every problem the runs train, validate or pick `best` on
+   (hashes of the normalised questions, `build.check_test_split`; refused in one line otherwise);
+2. for each training seed, train the MLP baseline and the slot refiner in phase 1 (backbone frozen), each
+   with the same run config except `model.refiner` and `training.seed`, into OUT/seed<s>/<refiner>;
+3. sample answers with the run's `sampling` settings on the SAME test problems with no refiner (the
+   backbone alone: once when the sampler is deterministic, temperature 0 with low-confidence remasking,
+   else once per seed), the MLP and the slot refiner; validate each on the same noised validation examples;
+4. write the comparison (`compare_report`): the table, per seed and pooled accuracies with 95% intervals,
+   paired tests (gained / lost, exact McNemar p, bootstrap interval of the difference), validation
+   differences, error analysis of the generated task (errors.json), the power calculation, comparison.png.
 
-The backbone-alone row's validation figures are the trainer's `loss_base` / `accuracy_base`: the frozen
-backbone on exactly the masks the refiners were validated on.
+The backbone-alone row's validation figures are the frozen backbone on exactly the masks the refiners were
+validated on (the `_base` logits of the same forward pass).
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import Field
 
-from llada_trm.config import Float, Int, NonNegFloat, PosInt, RunConfig, _Section, load_schema
+from llada_trm.config import Int, PosInt, RunConfig, _Section, load_schema
 from llada_trm.io import write_json, write_text_atomic
+from llada_trm.schema import Fraction
 
 __all__ = [
     "CompareConfig",
@@ -31,29 +35,25 @@ __all__ = [
     "CompareResult",
     "format_table",
     "load_compare_config",
+    "parse_seeds",
     "run_compare",
 ]
 
 SUMMARY_JSON = "comparison.json"
 SUMMARY_MD = "comparison.md"
 SUMMARY_PNG = "comparison.png"
+ERRORS_JSON = "errors.json"
 
 
 class CompareEvaluation(_Section):
-    """The sampled evaluation every model gets: the same problems, the same sampler settings."""
+    """The test problems every model answers (the sampler is `run.sampling`, the same for every model) and
+    the planned effect behind their number (`planned_difference` at `planned_discordant`, comparison.md)."""
 
     n_problems: PosInt = 24
     split: str = Field(default="test", description="held-out split; for gsm8k data also a slice, test[:50]")
     checkpoint: Literal["last", "best"] = "last"
-    batch_size: PosInt = 24
-    steps: PosInt = 64
-    gen_length: PosInt = 128
-    block_length: PosInt = 32
-    temperature: NonNegFloat = 0.0
-    remasking: Literal["low_confidence", "random"] = "low_confidence"
-    threshold: Float | None = None
-    cache: Literal["prefix", "dual"] | None = None
-    seed: Int = 0
+    planned_difference: Fraction = 0.05
+    planned_discordant: Fraction = 0.08
 
 
 class CompareOutput(_Section):
@@ -61,19 +61,45 @@ class CompareOutput(_Section):
 
 
 class CompareConfig(_Section):
-    """`run` is the training run shared by every refiner (`model.refiner` and `output.dir` are set per
-    refiner); `refiners` are trained and compared with the backbone alone when `baseline` is on."""
+    """`run` is the training run shared by every refiner (`model.refiner`, `training.seed` and `output.dir`
+    are set per run); `refiners` are trained once per seed of `seeds` (null = `run.training.seed` alone)
+    and compared with the backbone alone when `baseline` is on."""
 
     run: RunConfig = Field(default_factory=RunConfig)
     refiners: list[Literal["mlp", "slot"]] = Field(default_factory=lambda: ["mlp", "slot"], min_length=1)
+    seeds: list[Int] | None = Field(default=None, min_length=1)
     baseline: bool = True
     evaluation: CompareEvaluation = Field(default_factory=CompareEvaluation)
     output: CompareOutput = Field(default_factory=CompareOutput)
 
+    def seed_list(self) -> list[int]:
+        seeds = self.seeds if self.seeds is not None else [self.run.training.seed]
+        if len(set(seeds)) != len(seeds):
+            raise ValueError(f"seeds: {seeds} repeats a seed; list each training seed once")
+        return list(seeds)
 
-def load_compare_config(path: str | Path | None, overrides: Sequence[str] | None = None) -> CompareConfig:
-    """Read and validate a compare YAML (None = the defaults) with `--set a.b=c` overrides."""
-    return load_schema(CompareConfig, path, overrides)
+
+def parse_seeds(text: str) -> list[int]:
+    """`--seeds 0,1,2` -> [0, 1, 2] (one-line ValueError otherwise)."""
+    try:
+        seeds = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise ValueError(f"--seeds {text!r}: expected comma-separated integers, e.g. --seeds 0,1,2") from None
+    if not seeds:
+        raise ValueError("--seeds: give at least one training seed, e.g. --seeds 0")
+    return seeds
+
+
+def load_compare_config(
+    path: str | Path | None, overrides: Sequence[str] | None = None, seeds: Sequence[int] | None = None
+) -> CompareConfig:
+    """Read and validate a compare YAML (None = the defaults) with `--set a.b=c` overrides; `seeds`
+    (`--seeds`) replaces the config's list."""
+    config = load_schema(CompareConfig, path, overrides)
+    if seeds is not None:
+        config = config.model_copy(update={"seeds": list(seeds)})
+    config.seed_list()  # a repeated seed fails before any training
+    return config
 
 
 @dataclass
@@ -83,13 +109,17 @@ class CompareResult:
     out_dir: Path
     files: list[Path] = field(default_factory=list)
     elapsed_s: float = 0.0
+    report: dict[str, Any] = field(default_factory=dict)
 
 
 _COLUMNS: tuple[tuple[str, str, str], ...] = (
     ("refiner", "refiner", "{}"),
+    ("seed", "seed", "{}"),
     ("accuracy_strict", "acc strict", "{:.3f}"),
+    ("accuracy_ci", "95% CI", "{}"),
     ("accuracy_flexible", "acc flexible", "{:.3f}"),
     ("vs_none", "vs none (+/-)", "{}"),
+    ("p_vs_none", "p vs none", "{:.3g}"),
     ("val_loss", "val loss", "{:.4f}"),
     ("val_masked_accuracy", "val masked acc", "{:.3f}"),
     ("mean_refine_steps", "refine steps", "{:.2f}"),
@@ -123,27 +153,39 @@ def format_table(rows: Sequence[Mapping[str, Any]]) -> str:
     return "\n".join([line(header), rule, *(line(cells) for cells in body)])
 
 
-def _refiner_run(config: CompareConfig, kind: str, out: Path) -> RunConfig:
+def _refiner_run(config: CompareConfig, kind: str, seed: int, out: Path) -> RunConfig:
     data = config.run.model_dump(mode="python")
     data["model"]["refiner"] = kind
     data["model"]["integration"] = "replace"
-    data["output"]["dir"] = str(out / kind)
+    data["training"]["seed"] = seed
+    data["output"]["dir"] = str(out / f"seed{seed}" / kind)
     return RunConfig.model_validate(data)
 
 
-def _row(kind: str, result: Any, train: Mapping[str, Any], train_s: float | None) -> dict[str, Any]:
-    """One table row: sampled accuracy, the run's last validation, refinement efficiency and speed."""
+def is_deterministic(options: Any) -> bool:
+    """Temperature 0 with low-confidence remasking draws nothing at random: one backbone run serves every
+    seed."""
+    return options.temperature == 0 and options.remasking == "low_confidence"
+
+
+def _row(kind: str, seed: int | None, result: Any, val: Mapping[str, Any] | None, train: Mapping[str, Any],
+         train_s: float | None) -> dict[str, Any]:  # fmt: skip
+    """One table row: sampled accuracy with its interval, validation, refinement efficiency and speed."""
+    from llada_trm.evaluate.statistics import proportion
+
     summary = result.summary
     refinement = summary.get("refinement") or {}
     refined = kind != "none"
-    val = train.get("val") or {}
+    accuracy = proportion(summary["correct_strict"], summary["n"])
     return {
         "refiner": kind,
+        "seed": seed,
         "n": summary["n"],
         "accuracy_strict": summary["accuracy_strict"],
+        "accuracy_ci": f"[{accuracy['low']:.3f}, {accuracy['high']:.3f}]",
         "accuracy_flexible": summary["accuracy_flexible"],
-        "val_loss": val.get("loss" if refined else "loss_base"),
-        "val_masked_accuracy": val.get("accuracy" if refined else "accuracy_base"),
+        "val_loss": (val or {}).get("loss"),
+        "val_masked_accuracy": (val or {}).get("masked_accuracy"),
         "mean_refine_steps": refinement.get("mean_refine_steps") if refined else None,
         "skipped_fraction": refinement.get("skipped_fraction") if refined else None,
         "tokens_per_s": summary["speed"]["tokens_per_s"],
@@ -155,136 +197,213 @@ def _row(kind: str, result: Any, train: Mapping[str, Any], train_s: float | None
     }
 
 
-def _paired(result: Any, baseline: Any | None) -> dict[str, Any]:
-    """Problems the refiner solves that the backbone alone misses (gained) and the reverse (lost), strict.
+@dataclass
+class _Validator:
+    """Per-example validation of a loaded model on the trainer's validation batches and masks."""
 
-    On the same problems, these two counts say more than the accuracies' difference: a sign test on them
-    tells a real change from sampling noise.
-    """
-    if baseline is None:
-        return {}
-    before = {p["index"]: p["correct_strict"] for p in baseline.predictions}
-    gained = sum(1 for p in result.predictions if p["correct_strict"] and not before[p["index"]])
-    lost = sum(1 for p in result.predictions if before[p["index"]] and not p["correct_strict"])
-    return {"gained": gained, "lost": lost, "vs_none": f"+{gained} / -{lost}"}
+    run: RunConfig
+    loader: Any = None
+
+    def __call__(self, loaded: Any) -> dict[str, list[float]] | None:
+        import torch
+
+        from llada_trm.build import build_records
+        from llada_trm.data import SFTDataset
+        from llada_trm.training.validation import per_example_validation
+
+        if self.loader is None:
+            records = build_records(self.run.data)[1]
+            if not records:
+                return None
+            dataset = SFTDataset(loaded.tokenizer, records, self.run.data.max_length)
+            # the trainer's batches, in order: a row's loss depends on its batch's padding
+            self.loader = torch.utils.data.DataLoader(
+                dataset, batch_size=self.run.training.batch_size, shuffle=False, collate_fn=dataset.collate
+            )
+        model = loaded.model
+        return per_example_validation(
+            model,
+            self.loader,
+            mask_id=model.mask_token_id,
+            seed=self.run.data.validation_seed,
+            device=next(model.parameters()).device,
+            max_batches=self.run.training.eval_max_batches,
+        )
 
 
-def _sampling(ev: CompareEvaluation) -> Any:
-    from llada_trm.evaluate import SamplingOptions
-
-    return SamplingOptions(
-        steps=ev.steps,
-        gen_length=ev.gen_length,
-        block_length=ev.block_length,
-        temperature=ev.temperature,
-        remasking=ev.remasking,
-        threshold=ev.threshold,
-        cache=ev.cache,
-        batch_size=ev.batch_size,
-        seed=ev.seed,
-    )
+def _validation_row(columns: Mapping[str, Sequence[float]] | None, base: bool) -> dict[str, float] | None:
+    if not columns:
+        return None
+    suffix = "_base" if base else ""
+    masked = sum(columns["masked"])
+    loss = columns[f"loss{suffix}"]
+    return {"loss": sum(loss) / len(loss), "masked_accuracy": sum(columns[f"correct{suffix}"]) / masked}
 
 
 def run_compare(
     config: CompareConfig, *, progress: bool = True, echo: Callable[[str], None] = print
 ) -> CompareResult:
-    """Train each refiner, evaluate it and the backbone alone on the same problems, write the comparison."""
-    from llada_trm.build import resolve_backbone_dir
+    """Train each refiner per seed, evaluate them and the backbone alone on the same test problems, and
+    write the comparison with its statistics."""
+    from llada_trm.build import check_test_split, resolve_backbone_dir
     from llada_trm.evaluate import evaluate_model, load_checkpoint, load_eval_records, synthetic_settings
-    from llada_trm.plots import plot_comparison, plot_run
     from llada_trm.training import Trainer
 
     started = time.perf_counter()
     out = Path(config.output.dir)
-    ev, data = config.evaluation, config.run.data
-    options = _sampling(ev)  # checked before any training starts
+    ev, data, seeds = config.evaluation, config.run.data, config.seed_list()
+    options = config.run.sampling.options()
     records = load_eval_records(
         data.dataset, ev.split, data_path=data.path, synthetic=synthetic_settings(data), limit=ev.n_problems
     )
+    split_check = check_test_split(config.run, records)  # refuses an overlap before any training
+    deterministic = is_deterministic(options)
     dataset_name = f"{data.dataset}-{ev.split.split('[')[0]}"
     device = "cpu" if config.run.training.device == "cpu" else "auto"
-    baseline = " and the backbone alone" if config.baseline else ""
+    alone = " and the backbone alone" if config.baseline else ""
+    sizes = split_check["problems"]
     echo(
-        f"compare: refiners {', '.join(config.refiners)}{baseline} on {len(records)} held-out "
-        f"{data.dataset} problems; writing to {out}"
+        f"compare: refiners {', '.join(config.refiners)}{alone} on {len(records)} test {data.dataset} "
+        f"problems (disjoint from the {sizes['train']} training and {sizes['validation']} validation "
+        f"problems), training seeds {', '.join(map(str, seeds))}; writing to {out}"
     )
 
-    trained: dict[str, tuple[dict[str, Any], float]] = {}
-    for kind in config.refiners:
-        echo(f"\n== training the {kind} refiner (phase 1, backbone frozen) ==")
-        run_started = time.perf_counter()
-        summary = Trainer(_refiner_run(config, kind, out), progress=progress).train()
-        trained[kind] = (summary, time.perf_counter() - run_started)
+    trained: dict[tuple[int, str], tuple[dict[str, Any], float]] = {}
+    for seed in seeds:
+        for kind in config.refiners:
+            echo(f"\n== training the {kind} refiner, seed {seed} (phase 1, backbone frozen) ==")
+            run_started = time.perf_counter()
+            summary = Trainer(_refiner_run(config, kind, seed, out), progress=progress).train()
+            trained[seed, kind] = (summary, time.perf_counter() - run_started)
 
-    def sample(kind: str, checkpoint: str | Path) -> Any:
-        echo(f"\n== sampling with {'the backbone alone' if kind == 'none' else f'the {kind} refiner'} ==")
+    def sample(kind: str, seed: int | None, checkpoint: str | Path) -> tuple[Any, Any]:
+        who = "the backbone alone" if kind == "none" else f"the {kind} refiner"
+        echo(f"\n== sampling with {who}{'' if seed is None else f', seed {seed}'} ==")
         loaded = load_checkpoint(checkpoint, refiner="none" if kind == "none" else None, device=device)
-        return evaluate_model(
+        # at temperature > 0 the sampler's noise follows the training seed, so seeds are independent draws
+        sampling = options if deterministic or seed is None else replace(options, seed=options.seed + seed)
+        directory = out / (kind if seed is None else f"seed{seed}/{kind}") / "eval" / dataset_name
+        result = evaluate_model(
             loaded.model,
             loaded.tokenizer,
             records,
-            options,
+            sampling,
             num_steps=loaded.num_steps,
-            out_dir=out / kind / "eval" / dataset_name,
-            metadata={"model": loaded.describe(), "dataset": data.dataset, "split": ev.split},
+            out_dir=directory,
+            metadata={"model": loaded.describe(), "dataset": data.dataset, "split": ev.split, "seed": seed},
             progress=progress,
-            desc=f"eval {kind}",
+            desc=f"eval {kind}" + ("" if seed is None else f" seed {seed}"),
         )
+        return result, loaded
 
+    validator = _Validator(config.run)
+    results: dict[int, dict[str, Any]] = {seed: {} for seed in seeds}
+    validation: dict[int, dict[str, Any]] = {seed: {} for seed in seeds}
     rows: list[dict[str, Any]] = []
     files: list[Path] = []
-    baseline = None
+    backbone_rows: dict[int, dict[str, Any]] = {}
     if config.baseline:
-        baseline = sample("none", resolve_backbone_dir(config.run.model.backbone))
-        first_run = next(iter(trained.values()))[0]  # its loss_base: the backbone on the same masks
-        rows.append(_row("none", baseline, first_run, None))
-        files.extend(baseline.files)
-    for kind, (summary, train_s) in trained.items():
-        checkpoint = out / kind / "checkpoints" / ev.checkpoint
-        if not checkpoint.is_dir():  # no validation set: the trainer wrote no 'best'
-            checkpoint = out / kind / "checkpoints" / "last"
-        result = sample(kind, checkpoint)
-        rows.append(_row(kind, result, summary, train_s) | _paired(result, baseline))
-        files.extend([*result.files, *plot_run(out / kind)])
+        backbone = resolve_backbone_dir(config.run.model.backbone)
+        for seed in [None] if deterministic else seeds:
+            result, _ = sample("none", seed, backbone)
+            files.extend(result.files)
+            for s in seeds if seed is None else [seed]:
+                results[s]["none"] = result
+            backbone_rows[seeds[0] if seed is None else seed] = {"result": result, "seed": seed}
+    for seed in seeds:
+        for kind in config.refiners:
+            summary, train_s = trained[seed, kind]
+            checkpoint = out / f"seed{seed}" / kind / "checkpoints" / ev.checkpoint
+            if not checkpoint.is_dir():  # no validation set: the trainer wrote no 'best'
+                checkpoint = checkpoint.parent / "last"
+            result, loaded = sample(kind, seed, checkpoint)
+            results[seed][kind] = result
+            validation[seed][kind] = validator(loaded)
+            files.extend(result.files)
+    for seed in seeds:  # the table: each seed's backbone row (when it has one), then its refiners
+        first = next(iter(validation[seed].values()))
+        if seed in backbone_rows:
+            entry = backbone_rows[seed]
+            rows.append(_row("none", entry["seed"], entry["result"], _validation_row(first, True), {}, None))
+        for kind in config.refiners:
+            summary, train_s = trained[seed, kind]
+            rows.append(_row(kind, seed, results[seed][kind], _validation_row(validation[seed][kind], False),
+                             summary, train_s))  # fmt: skip
+    return _finish(config, out, rows, results, validation, split_check, options, started, files, echo)
 
-    elapsed = time.perf_counter() - started
-    table = format_table(rows)
-    files.extend(_write_report(out, rows, table, len(records), config, options, elapsed))
-    files.append(plot_comparison(rows, out / SUMMARY_PNG))
-    echo(
-        f"\n{table}\n\ntotal {elapsed / 60:.1f} min; wrote {out / SUMMARY_MD}, {out / SUMMARY_JSON}, "
-        f"{out / SUMMARY_PNG} and each run's plots/"
-    )
-    return CompareResult(rows=rows, table=table, out_dir=out, files=files, elapsed_s=elapsed)
 
-
-def _write_report(
+def _finish(
+    config: CompareConfig,
     out: Path,
     rows: list[dict[str, Any]],
-    table: str,
-    problems: int,
-    config: CompareConfig,
+    results: Mapping[int, Mapping[str, Any]],
+    validation: Mapping[int, Mapping[str, Any]],
+    split_check: Mapping[str, Any],
     options: Any,
-    elapsed: float,
-) -> list[Path]:
-    """comparison.json (rows, settings, the whole config) and comparison.md (the table with its setting)."""
+    started: float,
+    files: list[Path],
+    echo: Callable[[str], None],
+) -> CompareResult:
+    """Statistics, error analysis, plots and the three report files; the console gets the tables."""
+    from llada_trm import compare_report as cr
+    from llada_trm.plots import plot_paired_comparison, plot_run
+
     ev, data = config.evaluation, config.run.data
+    predictions = {s: {kind: r.predictions for kind, r in models.items()} for s, models in results.items()}
+    stats = cr.statistics_sections(predictions)
+    for row in rows:  # the paired figures against the backbone alone, in the table
+        paired = stats["per_seed"][str(row["seed"] if row["seed"] is not None else config.seed_list()[0])]
+        against = paired["paired"].get(f"{row['refiner']}_vs_none")
+        if against is not None:
+            row.update(gained=against["gained"], lost=against["lost"], p_vs_none=against["p"],
+                       vs_none=f"+{against['gained']} / -{against['lost']}")  # fmt: skip
+    valid = {s: v for s, v in validation.items() if all(columns for columns in v.values())}
+    validation_stats = cr.validation_sections(valid) if valid else None
+    problems = len(next(iter(predictions[config.seed_list()[0]].values())))
+    first_seed = stats["per_seed"][str(config.seed_list()[0])]["paired"]
+    power = cr.power_section(problems, ev.planned_difference, ev.planned_discordant, first_seed)
+    errors = None
+    if data.dataset == "synthetic" and config.baseline:
+        errors = cr.error_sections(predictions)
+        files.append(write_json(out / ERRORS_JSON, errors))
+    for seed in config.seed_list():
+        for kind in config.refiners:
+            files.extend(plot_run(out / f"seed{seed}" / kind))
+    elapsed = time.perf_counter() - started
+    table = format_table(rows)
     report = {
         "rows": rows,
         "problems": problems,
+        "seeds": config.seed_list(),
         "dataset": data.dataset,
         "split": ev.split,
+        "split_check": dict(split_check),
         "sampling": options.to_dict(),
+        "backbone_runs": _backbone_runs(options, config),
+        "per_seed": stats["per_seed"],
+        "pooled": stats["pooled"],
+        "validation": validation_stats,
+        "power": power,
+        "errors": ERRORS_JSON if errors is not None else None,
         "elapsed_s": elapsed,
         "config": config.model_dump(mode="json"),
     }
-    threshold = "" if ev.threshold is None else f", threshold {ev.threshold}"
-    threshold += "" if ev.cache is None else f", {ev.cache} KV cache"
-    steps = ", ".join(f"{row['refiner']} {row['train_steps']}" for row in rows if row["train_steps"])
-    markdown = (
-        f"# Refiner comparison\n\n{problems} held-out {data.dataset} problems ({ev.split}); sampler: "
-        f"gen_length {ev.gen_length}, block_length {ev.block_length}, steps {ev.steps}, temperature "
-        f"{ev.temperature}{threshold}. Refiners trained in phase 1 (backbone frozen) for {steps} "
-        f"optimizer steps.\n\n{table}\n\nTotal time {elapsed / 60:.1f} min.\n"
+    statistics = cr.statistics_markdown(stats, validation_stats)
+    markdown = cr.comparison_markdown(config, report, table, statistics, errors)
+    files += [write_json(out / SUMMARY_JSON, report), write_text_atomic(out / SUMMARY_MD, markdown)]
+    files.append(plot_paired_comparison(report, out / SUMMARY_PNG))
+    echo(
+        f"\n{table}\n\n{statistics}\ntotal {elapsed / 60:.1f} min; wrote {out / SUMMARY_MD}, "
+        f"{out / SUMMARY_JSON}, {out / SUMMARY_PNG}" + (f", {out / ERRORS_JSON}" if errors else "")
+        + " and each run's plots/"
     )
-    return [write_json(out / SUMMARY_JSON, report), write_text_atomic(out / SUMMARY_MD, markdown)]
+    return CompareResult(rows=rows, table=table, out_dir=out, files=files, elapsed_s=elapsed, report=report)
+
+
+def _backbone_runs(options: Any, config: CompareConfig) -> str:
+    if not config.baseline:
+        return "no backbone-alone run (baseline: false)"
+    if is_deterministic(options):
+        return ("sampled once: temperature 0 with low-confidence remasking is deterministic, so every seed "
+                "pairs with the same backbone answers")  # fmt: skip
+    return "sampled once per seed (temperature > 0 or random remasking: the sampler's seed follows the seed)"

@@ -11,14 +11,16 @@ the model reads it. Numbers follow `llada_trm.schema` (`lr: 5e-4` is a float, al
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Annotated, Any, Literal, TypeVar
+from typing import Annotated, Any, Literal, TypeVar, get_type_hints
 
 import yaml
-from pydantic import BaseModel, BeforeValidator, Field, ValidationError, model_validator
+from pydantic import BaseModel, BeforeValidator, Field, ValidationError, create_model, model_validator
 
 from llada_trm.data.synthetic import SyntheticTaskConfig
+from llada_trm.diffusion.options import SamplingOptions
 from llada_trm.errors import ConfigError
 from llada_trm.hybrid.config import HybridConfig
 from llada_trm.refiners.config import MLPSettings, SlotSettings
@@ -44,6 +46,7 @@ __all__ = [
     "ModelConfig",
     "OutputConfig",
     "RunConfig",
+    "SamplingConfig",
     "SlotSettings",
     "SyntheticDataConfig",
     "TrainingConfig",
@@ -104,6 +107,11 @@ class DataConfig(_Section):
     train_split: str = "train[:1000]"
     eval_split: str | None = "test[:100]"
     max_length: PosInt = 256
+    validation_seed: Int = Field(
+        default=0,
+        description="seed of the validation masks, fixed apart from training.seed so that runs with "
+        "different training seeds are validated on the same noised examples",
+    )
     num_workers: NonNegInt = 0
     pin_memory: bool = False
     synthetic: SyntheticDataConfig = Field(default_factory=SyntheticDataConfig)
@@ -149,6 +157,11 @@ class TrainingConfig(_Section):
     save_every: NonNegInt = 500
     device: Literal["auto", "cpu", "cuda"] = "auto"
     init_from: str | None = None
+    val_sampled_problems: NonNegInt = Field(
+        default=0,
+        description="validation problems answered with the run's `sampling` settings at every validation "
+        "(the sampled_accuracy column, which output.save_best may name); 0 = off",
+    )
 
 
 class TrainingParamsConfig(_Section):
@@ -224,7 +237,12 @@ class AdvancedConfig(_Section):
 
 
 class OutputConfig(_Section):
-    """Where the run writes metrics, checkpoints and its resolved config."""
+    """Where the run writes metrics, checkpoints and its resolved config.
+
+    save_best: the validation_metrics.csv column that picks checkpoints/best: the validation `loss` (the
+    default), a masked accuracy, or `sampled_accuracy` (strict accuracy of sampled answers, which is what a
+    comparison reports; needs training.val_sampled_problems > 0).
+    """
 
     dir: str = "outputs/run"
     save_best: str = Field(default="loss", description="a validation_metrics.csv column")
@@ -239,6 +257,39 @@ class OutputConfig(_Section):
         return self.best_mode == "min"
 
 
+# ------------------------------------------------------------------------------------------------ sampling
+
+
+class _SamplingSection(_Section):
+    """LLaDA's sampler settings of a run (`diffusion.options.SamplingOptions`, less the tokenizer's ids).
+
+    One place for them: the trainer's sampled-accuracy validation and `compare` read this section, and a
+    run's saved config.yaml records it.
+    """
+
+    @model_validator(mode="after")
+    def _valid_options(self) -> _SamplingSection:
+        self.options()  # SamplingOptions checks the combination (blocks divide gen_length, ...)
+        return self
+
+    def options(self) -> SamplingOptions:
+        """The validated options object the sampler takes."""
+        return SamplingOptions(**self.model_dump())
+
+
+def _sampling_fields() -> dict[str, Any]:
+    """SamplingOptions' recorded fields as pydantic fields: declared once, in the options dataclass."""
+    hints = get_type_hints(SamplingOptions)
+    return {
+        f.name: (hints[f.name], f.default)
+        for f in dataclasses.fields(SamplingOptions)
+        if f.metadata.get("recorded", True)
+    }
+
+
+SamplingConfig = create_model("SamplingConfig", __base__=_SamplingSection, **_sampling_fields())
+
+
 # ------------------------------------------------------------------------------------------------ the run
 
 
@@ -251,6 +302,7 @@ class RunConfig(_Section):
     training_params: TrainingParamsConfig = Field(default_factory=TrainingParamsConfig)
     advanced: AdvancedConfig = Field(default_factory=AdvancedConfig)
     output: OutputConfig = Field(default_factory=OutputConfig)
+    sampling: SamplingConfig = Field(default_factory=SamplingConfig)
 
     def to_yaml(self) -> str:
         """Every setting, resolved; lists of plain values on one line (the task's word lists stay short)."""

@@ -16,7 +16,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["PlotError", "plot_comparison", "plot_run", "read_metrics"]
+__all__ = ["PlotError", "plot_comparison", "plot_paired_comparison", "plot_run", "read_metrics"]
 
 TRAIN_FILE = "training_metrics.csv"
 VALIDATION_FILE = "validation_metrics.csv"
@@ -212,6 +212,62 @@ def plot_comparison(results: Sequence[Mapping[str, Any]], path: str | Path) -> P
     right.set_xticks(positions, labels)
     right.set_ylabel("generated tokens / s")
     right.set_title("sampling speed")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=100)
+    return path
+
+
+def plot_paired_comparison(report: Mapping[str, Any], path: str | Path) -> Path:
+    """comparison.png of a `compare` report: strict accuracy per model with 95% Wilson intervals, and each
+    paired difference (refiner vs none, slot vs mlp) with its 95% bootstrap interval; one marker per seed,
+    and the mean across seeds as a black diamond when there are several."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    per_seed = report["per_seed"]
+    seeds = list(per_seed)
+    kinds = list(per_seed[seeds[0]]["accuracy"])
+    pairs = list(per_seed[seeds[0]]["paired"])
+    figure = Figure(figsize=(11, 4))
+    FigureCanvasAgg(figure)
+    left, right = figure.subplots(1, 2)
+    figure.subplots_adjust(left=0.07, right=0.98, top=0.88, bottom=0.12, wspace=0.25)
+    spread = 0.5 / max(len(seeds), 1)
+
+    def offset(i: int) -> float:
+        return (i - (len(seeds) - 1) / 2) * spread
+
+    for i, seed in enumerate(seeds):
+        rates = [per_seed[seed]["accuracy"][kind]["strict"] for kind in kinds]
+        values = [rate["p"] for rate in rates]
+        errors = [[v - rate["low"] for v, rate in zip(values, rates, strict=True)],
+                  [rate["high"] - v for v, rate in zip(values, rates, strict=True)]]  # fmt: skip
+        x = [k + offset(i) for k in range(len(kinds))]
+        left.errorbar(x, values, yerr=errors, fmt="o", capsize=3, label=f"seed {seed}")
+        if pairs:
+            stats = [per_seed[seed]["paired"][name] for name in pairs]
+            diffs = [100 * s["diff"] for s in stats]
+            bars = [[d - 100 * s["ci_low"] for d, s in zip(diffs, stats, strict=True)],
+                    [100 * s["ci_high"] - d for d, s in zip(diffs, stats, strict=True)]]  # fmt: skip
+            x = [k + offset(i) for k in range(len(pairs))]
+            right.errorbar(x, diffs, yerr=bars, fmt="o", capsize=3, label=f"seed {seed}")
+    pooled = report.get("pooled") or {}
+    if len(seeds) > 1 and pairs:
+        means = [100 * pooled["paired"][name]["diff"]["mean"] for name in pairs]
+        right.plot(range(len(pairs)), means, "kD", label="mean over seeds")
+    left.set_xticks(range(len(kinds)), kinds)
+    left.set_ylabel("strict accuracy")
+    left.set_title(f"test accuracy, 95% Wilson intervals ({report.get('problems', '?')} problems)")
+    left.legend(fontsize="small")
+    if pairs:
+        right.axhline(0.0, color="tab:gray", linewidth=1)
+        right.set_xticks(range(len(pairs)), [name.replace("_vs_", " vs ") for name in pairs])
+        right.set_ylabel("accuracy difference (points)")
+        right.set_title("paired differences, 95% bootstrap intervals")
+        right.legend(fontsize="small")
+    else:
+        right.set_axis_off()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, dpi=100)

@@ -6,8 +6,11 @@ about one running amount (items, boxes or dollars): an opening sentence states i
 with one operation, phrased by one of several templates (buying, giving away, prices, comparisons, sharing,
 packing).
 
-Train and test never share a question: a question belongs to the test split exactly when a stable hash of its
-text falls in the test buckets (``test_fraction`` of them), so the two splits are disjoint by construction.
+Splits never share a question: a stable SHA-256 bucket of the question text decides its split. The first
+``test_fraction`` of the buckets are held out from training; their lower half is ``validation`` (what the
+trainer validates on and picks ``best`` by) and their upper half ``test`` (what ``compare`` and ``eval``
+report), so train, validation and test are disjoint by construction. The train split is the one the
+embedded backbone was pre-trained on; halving the held-out buckets left it unchanged.
 """
 
 from __future__ import annotations
@@ -33,9 +36,11 @@ __all__ = [
     "is_test_question",
     "parse_solution",
     "problem_stats",
+    "question_split",
 ]
 
 OPERATIONS = ("+", "-", "*", "/")
+SPLITS = ("train", "validation", "test")
 MAX_STEPS = 8
 _HASH_BUCKETS = 1_000_000
 _MAX_MISSES = 5000
@@ -97,10 +102,22 @@ class SyntheticTaskConfig(Section):
         return self
 
 
+def _bucket(question: str) -> int:
+    return int.from_bytes(hashlib.sha256(question.encode("utf-8")).digest()[:8], "big") % _HASH_BUCKETS
+
+
 def is_test_question(question: str, test_fraction: float) -> bool:
-    """Stable split assignment: a question is in test when its SHA-256 bucket is below ``test_fraction``."""
-    bucket = int.from_bytes(hashlib.sha256(question.encode("utf-8")).digest()[:8], "big") % _HASH_BUCKETS
-    return bucket < test_fraction * _HASH_BUCKETS
+    """Held out from training (validation or test): the SHA-256 bucket is below ``test_fraction``."""
+    return _bucket(question) < test_fraction * _HASH_BUCKETS
+
+
+def question_split(question: str, test_fraction: float) -> str:
+    """The split a question belongs to: "train", or the lower ("validation") or upper ("test") half of the
+    held-out buckets."""
+    bucket = _bucket(question)
+    if bucket >= test_fraction * _HASH_BUCKETS:
+        return "train"
+    return "validation" if bucket < test_fraction * _HASH_BUCKETS / 2 else "test"
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -304,17 +321,18 @@ def _sample_problem(config: SyntheticTaskConfig, rng: random.Random) -> GSM8KRec
 def generate_problems(
     config: SyntheticTaskConfig, n: int, split: str = "train", seed: int | None = None
 ) -> list[GSM8KRecord]:
-    """``n`` distinct problems of ``split`` ("train" or "test"), deterministic for ``seed`` (or config.seed).
+    """``n`` distinct problems of ``split`` ("train", "validation" or "test"), deterministic for ``seed``
+    (or config.seed).
 
-    The first ``k`` problems do not depend on ``n``, so a larger request extends a smaller one.
+    The first ``k`` problems do not depend on ``n``, so a larger request extends a smaller one. Each split
+    has its own random stream, filtered to the split's hash buckets (``question_split``).
     """
-    if split not in ("train", "test"):
-        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
     if n < 0:
         raise ValueError(f"n must be >= 0, got {n}")
     seed = config.seed if seed is None else seed
     rng = random.Random(f"llada-trm/synthetic/{seed}/{split}")
-    want_test = split == "test"
     problems: list[GSM8KRecord] = []
     seen: set[str] = set()
     misses = 0  # draws in a row that gave nothing new: a long run means the problem space is used up
@@ -325,7 +343,7 @@ def generate_problems(
         misses += 1
         if record is None or record.question in seen:
             continue
-        if is_test_question(record.question, config.test_fraction) != want_test:
+        if question_split(record.question, config.test_fraction) != split:
             continue
         seen.add(record.question)
         problems.append(record)

@@ -20,6 +20,7 @@ from llada_trm.data import (
     load_gsm8k,
     parse_split,
 )
+from llada_trm.data.synthetic import SPLITS
 
 __all__ = ["DATASETS", "load_eval_records", "synthetic_settings"]
 
@@ -51,7 +52,8 @@ def load_eval_records(
     """Records of `split` (HF slicing syntax, e.g. `test[:200]`), at most `limit` of them.
 
     gsm8k: read from `data_path` (a JSONL/parquet file, a folder with `test.jsonl`, or a cached HF name).
-    synthetic: `split` is `train` or `test` of the generated task; without a slice, `limit` problems
+    synthetic: `split` is `train`, `validation` or `test` of the generated task (report on `test`: the
+    trainer validates and picks `best` on `validation`); without a slice, `limit` problems
     (default `synthetic.n_eval`) are generated, and the first ones never depend on how many are asked for.
     """
     if dataset not in DATASETS:
@@ -72,8 +74,8 @@ def load_eval_records(
 
 def _synthetic_records(split: str, settings: SyntheticSettings, limit: int | None) -> list[GSM8KRecord]:
     name, selection = parse_split(split)
-    if name not in ("train", "test"):
-        raise DataError(f"split {split!r}: the generated task has the splits 'train' and 'test'")
+    if name not in SPLITS:
+        raise DataError(f"split {split!r}: the generated task has the splits {', '.join(SPLITS)}")
     sliced = selection.start is not None or selection.stop is not None
     count = limit if (limit is not None and not sliced) else (settings.n_eval or 100)
     if sliced and isinstance(selection.stop, int) and selection.stop > 0:

@@ -71,7 +71,7 @@ from llada_trm.training.objective import LossWeights, diffusion_objective
 from llada_trm.training.run_state import restore_run, run_summary, save_run
 from llada_trm.training.schedule import build_optimizer, build_scheduler, resolve_warmup_steps
 from llada_trm.training.stats import forward_statistics, parameter_statistics
-from llada_trm.training.validation import check_save_best, validate, validation_columns
+from llada_trm.training.validation import SampledValidation, check_save_best, validate, validation_columns
 
 __all__ = [
     "Trainer",
@@ -166,6 +166,7 @@ class Trainer:
         if self.eval_set is not None:
             in_order = EpochSampler(len(self.eval_set), seed=t.seed, shuffle=False)
             self.eval_loader = make_loader(self.eval_set, sampler=in_order, **loader_args)
+        self.sampled_validation = SampledValidation.for_run(self.config)  # None unless val_sampled_problems
         self.micro_per_epoch = math.ceil(self.sampler.shard_size / t.batch_size)
         self.steps_per_epoch = math.ceil(self.micro_per_epoch / t.gradient_accumulation_steps)
         planned = self.steps_per_epoch * t.num_epochs
@@ -415,11 +416,13 @@ class Trainer:
                 self.eval_loader,
                 mask_id=self.mask_id,
                 chunk_size=self.config.model.chunk_size,
-                seed=self.config.training.seed,
+                seed=self.config.data.validation_seed,
                 device=self.device,
                 autocast=self._autocast,
                 max_batches=max_batches if max_batches is not None else self.config.training.eval_max_batches,
             )
+            if row and self.sampled_validation is not None:
+                row.update(self.sampled_validation(self.model, self.tokenizer))
         return {"step": self.state.step, "epoch": self._epoch_progress(), **row} if row else {}
 
     def _validate_and_track_best(self) -> None:

@@ -1,23 +1,30 @@
-"""Validation during training: loss and masked-token accuracies of the final, backbone and per-step logits.
+"""Validation during training: loss and masked-token accuracies of the final, backbone and per-step logits,
+and (optionally) the sampled accuracy of answers to a few validation problems.
 
-The noise is drawn from a generator re-seeded for every validation: every validation sees the same masks, so
-rows are comparable, and training's RNG streams are untouched (a resume stays exact).
+The noise is fixed: validation example i is noised by its own generator seeded by (`data.validation_seed`,
+i), as `diffusion.forward_process.draw_noise` seeds a training row. So every validation of every run sees the
+same masks whatever its `training.seed`, batch size or step (the backbone's own validation loss is one
+number for all of them, and runs with different seeds are comparable), and training's RNG streams are
+untouched (a resume stays exact).
 
-    accuracy        correct masked tokens / masked tokens           (per logits: final, _base, _step_i)
-    chunk_accuracy  chunks whose masked tokens are all correct / chunks with a masked token
+    accuracy          correct masked tokens / masked tokens           (per logits: final, _base, _step_i)
+    chunk_accuracy    chunks whose masked tokens are all correct / chunks with a masked token
+    sampled_accuracy  strict accuracy of sampled answers (the run's `sampling` settings), the figure a
+                      comparison reports, so `output.save_best: sampled_accuracy` picks `best` by it
 """
 
 from __future__ import annotations
 
 import contextlib
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 import torch
 
 from llada_trm.config import RunConfig
-from llada_trm.diffusion import forward_process, masked_diffusion_loss
+from llada_trm.diffusion import masked_diffusion_loss
+from llada_trm.diffusion.forward_process import draw_noise
 from llada_trm.errors import ConfigError
 from llada_trm.hybrid import LLaDATRMHybrid
 from llada_trm.hybrid.chunking import chunk_sum
@@ -25,9 +32,19 @@ from llada_trm.training.freezing import set_train_mode
 from llada_trm.training.metrics import VALIDATION_COLUMNS
 from llada_trm.training.stats import forward_statistics
 
-__all__ = ["VALIDATION_SEED_OFFSET", "accuracy_counts", "check_save_best", "validate", "validation_columns"]
+__all__ = [
+    "SAMPLED_COLUMNS",
+    "VALIDATION_SEED_OFFSET",
+    "SampledValidation",
+    "accuracy_counts",
+    "check_save_best",
+    "per_example_validation",
+    "validate",
+    "validation_columns",
+]
 
-VALIDATION_SEED_OFFSET = 2_000_003  # the validation generator's seed is training.seed + this
+VALIDATION_SEED_OFFSET = 2_000_003  # validation noise draws from seed data.validation_seed + this
+SAMPLED_COLUMNS = ("sampled_accuracy", "sampled_accuracy_flexible")
 
 
 def _refine_steps(config: RunConfig) -> int:
@@ -40,6 +57,8 @@ def validation_columns(config: RunConfig) -> list[str]:
     columns = list(VALIDATION_COLUMNS) + ["chunk_accuracy", "chunk_accuracy_base"]
     columns += [f"accuracy_step_{i}" for i in range(1, k + 1)]
     columns += [f"chunk_accuracy_step_{i}" for i in range(1, k + 1)]
+    if config.training.val_sampled_problems:
+        columns += list(SAMPLED_COLUMNS)
     return columns
 
 
@@ -49,6 +68,12 @@ def check_save_best(config: RunConfig) -> None:
     known = set(VALIDATION_COLUMNS) | {"chunk_accuracy", "chunk_accuracy_base"}
     known |= {f"{kind}_step_{i}" for kind in ("accuracy", "chunk_accuracy") for i in range(1, k + 1)}
     name = config.output.save_best
+    if name in SAMPLED_COLUMNS and not config.training.val_sampled_problems:
+        raise ConfigError(
+            f"output.save_best: {name!r} needs sampled validation; set training.val_sampled_problems to the "
+            "number of validation problems to sample (e.g. 32)"
+        )
+    known |= set(SAMPLED_COLUMNS) if config.training.val_sampled_problems else set()
     if name not in known:
         choices = ", ".join(sorted(known))
         raise ConfigError(f"output.save_best: {name!r} is not a validation metric; choose from {choices}")
@@ -65,6 +90,45 @@ def accuracy_counts(
     return float(correct.sum()), float(chunks_ok.sum()), float(has.sum())
 
 
+def _noised_batches(
+    model: LLaDATRMHybrid,
+    loader: Iterable[Mapping[str, torch.Tensor]],
+    *,
+    mask_id: int,
+    seed: int,
+    device: torch.device,
+    autocast: Callable[[], contextlib.AbstractContextManager],
+    max_batches: int | None,
+) -> Iterator[tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor, Any]]:
+    """(batch, masked, p_mask, refine output) per validation batch, with the model in eval mode meanwhile.
+
+    `loader` must yield the validation set in order: row i of the set is noised from (seed + offset, i).
+    """
+    first = 0
+    set_train_mode(model, False)
+    try:
+        for index, batch in enumerate(loader):
+            if max_batches is not None and index >= max_batches:
+                break
+            rows = batch["input_ids"].shape[0]
+            noisy, masked, p_mask = draw_noise(
+                batch["input_ids"],
+                batch["prompt_lengths"],
+                mask_id,
+                seed=seed + VALIDATION_SEED_OFFSET,
+                examples=range(first, first + rows),
+                draws=0,
+            )
+            first += rows
+            batch = {k: v.to(device) for k, v in batch.items()}
+            noisy, masked, p_mask = noisy.to(device), masked.to(device), p_mask.to(device)
+            with autocast():
+                out = model.refine(model.features(noisy), masked, return_step_logits=True)
+            yield batch, masked, p_mask, out
+    finally:
+        set_train_mode(model, True)
+
+
 @torch.no_grad()
 def validate(
     model: LLaDATRMHybrid,
@@ -79,45 +143,92 @@ def validate(
 ) -> dict[str, Any]:
     """Mean losses, accuracies and refinement statistics over `loader` (at most `max_batches`); {} if empty.
 
-    The model is put in eval mode for the pass and back in train mode afterwards.
+    `seed` is the validation seed (`data.validation_seed`), not the training seed. The model is put in eval
+    mode for the pass and back in train mode afterwards.
     """
-    generator = torch.Generator(device=device).manual_seed(seed + VALIDATION_SEED_OFFSET)
     totals: dict[str, float] = defaultdict(float)
     batches = 0
-    set_train_mode(model, False)
-    try:
-        for batch in loader:
-            if max_batches is not None and batches >= max_batches:
-                break
-            batch = {k: v.to(device) for k, v in batch.items()}
-            ids = batch["input_ids"]
-            prompts = batch["prompt_lengths"]
-            noisy, masked, p_mask = forward_process(ids, prompts, mask_id, generator=generator)
-            lengths = batch["answer_lengths"]
-            with autocast():
-                out = model.refine(model.features(noisy), masked, return_step_logits=True)
-                loss = masked_diffusion_loss(out.logits, ids, masked, p_mask, lengths)
-                loss_base = masked_diffusion_loss(out.base_logits, ids, masked, p_mask, lengths)
-            totals["loss"] += float(loss)
-            totals["loss_base"] += float(loss_base)
-            totals["masked"] += float(masked.sum())
-            named = [("", out.logits), ("_base", out.base_logits)]
-            named += [(f"_step_{i}", logits) for i, logits in enumerate(out.step_logits, start=1)]
-            for suffix, logits in named:
-                correct, chunks_ok, chunks = accuracy_counts(logits, ids, masked, chunk_size)
-                totals[f"correct{suffix}"] += correct
-                totals[f"chunks_ok{suffix}"] += chunks_ok
-            totals["chunks"] += chunks  # the same for every logits tensor
-            stats = forward_statistics(out.stats, masked, chunk_size)
-            totals["refine_steps"] += stats.get("refine_steps", 0.0)
-            totals["skipped_fraction"] += stats.get("skipped_fraction", 1.0)
-            totals["skipped_fraction_masked"] += stats.get("skipped_fraction_masked", 1.0)
-            batches += 1
-    finally:
-        set_train_mode(model, True)
+    passes = _noised_batches(model, loader, mask_id=mask_id, seed=seed, device=device, autocast=autocast,
+                             max_batches=max_batches)  # fmt: skip
+    for batch, masked, p_mask, out in passes:
+        ids, lengths = batch["input_ids"], batch["answer_lengths"]
+        totals["loss"] += float(masked_diffusion_loss(out.logits, ids, masked, p_mask, lengths))
+        totals["loss_base"] += float(masked_diffusion_loss(out.base_logits, ids, masked, p_mask, lengths))
+        totals["masked"] += float(masked.sum())
+        named = [("", out.logits), ("_base", out.base_logits)]
+        named += [(f"_step_{i}", logits) for i, logits in enumerate(out.step_logits, start=1)]
+        for suffix, logits in named:
+            correct, chunks_ok, chunks = accuracy_counts(logits, ids, masked, chunk_size)
+            totals[f"correct{suffix}"] += correct
+            totals[f"chunks_ok{suffix}"] += chunks_ok
+        totals["chunks"] += chunks  # the same for every logits tensor
+        stats = forward_statistics(out.stats, masked, chunk_size)
+        totals["refine_steps"] += stats.get("refine_steps", 0.0)
+        totals["skipped_fraction"] += stats.get("skipped_fraction", 1.0)
+        totals["skipped_fraction_masked"] += stats.get("skipped_fraction_masked", 1.0)
+        batches += 1
     if not batches:
         return {}
     return _row(totals, batches)
+
+
+@torch.no_grad()
+def per_example_validation(
+    model: LLaDATRMHybrid,
+    loader: Iterable[Mapping[str, torch.Tensor]],
+    *,
+    mask_id: int,
+    seed: int,
+    device: torch.device,
+    autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+    max_batches: int | None = None,
+) -> dict[str, list[float]]:
+    """Per validation example, on `validate`'s masks: the loss and correct masked tokens of the final
+    (`loss`, `correct`) and the backbone's (`loss_base`, `correct_base`) logits, and the masked count.
+
+    Both come from one forward pass on the same masks, so refiner and backbone pair example by example
+    (what a paired interval of their difference needs).
+    """
+    columns: dict[str, list[float]] = defaultdict(list)
+    passes = _noised_batches(model, loader, mask_id=mask_id, seed=seed, device=device, autocast=autocast,
+                             max_batches=max_batches)  # fmt: skip
+    for batch, masked, p_mask, out in passes:
+        ids, lengths = batch["input_ids"], batch["answer_lengths"]
+        for suffix, logits in (("", out.logits), ("_base", out.base_logits)):
+            loss = masked_diffusion_loss(logits, ids, masked, p_mask, lengths, reduction="none")
+            correct = ((logits.argmax(dim=-1) == ids) & masked).sum(dim=1)
+            columns[f"loss{suffix}"] += loss.float().cpu().tolist()
+            columns[f"correct{suffix}"] += correct.float().cpu().tolist()
+        columns["masked"] += masked.sum(dim=1).float().cpu().tolist()
+    return dict(columns)
+
+
+class SampledValidation:
+    """Sampled accuracy on the first `training.val_sampled_problems` validation problems, answered with the
+    run's `sampling` settings (the same sampler a comparison uses) at every validation."""
+
+    def __init__(self, records: list[Any], options: Any) -> None:
+        self.records = records
+        self.options = options
+
+    @classmethod
+    def for_run(cls, config: RunConfig) -> SampledValidation | None:
+        """None when `training.val_sampled_problems` is 0 (off)."""
+        from llada_trm.build import sampled_validation_records
+
+        n = config.training.val_sampled_problems
+        return cls(sampled_validation_records(config.data, n), config.sampling.options()) if n else None
+
+    def __call__(self, model: LLaDATRMHybrid, tokenizer: Any) -> dict[str, float]:
+        from llada_trm.evaluate.evaluator import evaluate_model
+
+        was_training = model.training
+        try:
+            result = evaluate_model(model, tokenizer, self.records, self.options, progress=False)
+        finally:
+            set_train_mode(model, was_training)  # evaluate_model's plain model.train() wakes frozen dropout
+        strict, flexible = result.accuracy_strict, result.accuracy_flexible
+        return {"sampled_accuracy": strict, "sampled_accuracy_flexible": flexible}
 
 
 def _row(totals: Mapping[str, float], batches: int) -> dict[str, Any]:
