@@ -186,16 +186,26 @@ def _sampling(ev: CompareEvaluation) -> Any:
 
 
 def run_compare(
-    config: CompareConfig, *, progress: bool = True, echo: Callable[[str], None] = print
+    config: CompareConfig,
+    *,
+    progress: bool = True,
+    echo: Callable[[str], None] = print,
+    force: bool = False,
 ) -> CompareResult:
-    """Train each refiner, evaluate it and the backbone alone on the same problems, write the comparison."""
+    """Train each refiner, evaluate it and the backbone alone on the same problems, write the comparison.
+
+    A comparison already in `output.dir` (a refiner's run, or the report) refuses before anything runs;
+    `force` archives it whole as `DIR.old-<timestamp>` first.
+    """
     from llada_trm.build import resolve_backbone_dir
     from llada_trm.evaluate import evaluate_model, load_checkpoint, load_eval_records, synthetic_settings
     from llada_trm.plots import plot_comparison, plot_run
     from llada_trm.training import Trainer
+    from llada_trm.training.run_dir import claim_compare_dir
 
     started = time.perf_counter()
     out = Path(config.output.dir)
+    claim_compare_dir(out, [out / kind for kind in config.refiners], force=force)
     ev, data = config.evaluation, config.run.data
     options = _sampling(ev)  # checked before any training starts
     records = load_eval_records(
