@@ -2,8 +2,9 @@
 checkpoint (`last`, `best`, `step_*`) is ever unreadable.
 
 The training process is a fork of the test process (no interpreter start-up per try); a seeded RNG picks
-each kill's delay within the length of an uninterrupted run, so kills land in set-up, in training steps, in
-checkpoint writes and swaps, in snapshot copies and pruning, and in CSV appends. save_every 1 and keep_last
+each kill's delay within what is left of the run (set-up, then the remaining steps at an uninterrupted run's
+pace), so kills land in set-up, in training steps, in checkpoint writes and swaps, in snapshot copies and
+pruning, and in CSV appends. save_every 1 and keep_last
 2 make checkpoint writes a large share of the run.
 """
 
@@ -22,6 +23,8 @@ import torch
 import yaml
 from tiny_assets import run_config, tiny_backbone
 
+from llada_trm.build import build_model
+from llada_trm.config import parse_config
 from llada_trm.errors import CheckpointError
 from llada_trm.run_checkpoint import read_weights_file, resolve_checkpoint_dir
 from llada_trm.training import load_trainer_state, run_train
@@ -79,6 +82,13 @@ def assert_readable(out: Path) -> None:
         load_trainer_state(found)
 
 
+def checkpoint_step(out: Path) -> int:
+    try:
+        return load_trainer_state(resolve_checkpoint_dir(out))["train_state"]["step"]
+    except CheckpointError:
+        return 0
+
+
 def csv_rows(path: Path) -> list[dict[str, str]]:
     """Rows without the throughput column, the one value that depends on time."""
     with open(path, newline="") as handle:
@@ -102,37 +112,61 @@ def assert_same_checkpoint(a: Path, b: Path) -> None:
 
 
 def test_sigkill_at_random_moments_then_resume_is_bit_identical(backbone_dir, tmp_path):
+    raw = yaml.safe_load(write_config(tmp_path, backbone_dir, tmp_path / "warm").read_text())
+    build_model(parse_config(raw), device=torch.device("cpu"), dtype=torch.float32)  # imports, once
     reference = tmp_path / "reference"
     started = time.perf_counter()
     pid = start(write_config(tmp_path, backbone_dir, reference), reference)
-    assert os.waitpid(pid, 0)[1] == 0
+    setup = None  # until train() starts writing: the part of every try that does no training
+    while os.waitpid(pid, os.WNOHANG) == (0, 0) or not setup:
+        if setup is None and (reference / "config.yaml").exists():
+            setup = time.perf_counter() - started
+        time.sleep(0.01)
     duration = time.perf_counter() - started
+    training = duration - setup
+    total = load_trainer_state(reference / "checkpoints" / "last")["train_state"]["step"]
 
-    out = tmp_path / "killed"
-    config = write_config(tmp_path, backbone_dir, out)
     rng = random.Random(14)
-    kills = tries = 0
-    while True:
-        tries += 1
-        assert tries <= KILLS + 3, "the run never finished"
+    kills = runs = 0
+    while kills < KILLS:  # a run that finishes before its share of kills is followed by another
+        runs += 1
+        assert runs <= 3, f"only {kills} kills landed in {runs - 1} runs"
+        out = tmp_path / f"killed_{runs}"
+        config = write_config(tmp_path, backbone_dir, out)
+        kills += kill_and_resume(config, out, rng, KILLS - kills, setup=setup, training=training, total=total)
+        assert not (out / ".lock").exists()
+        for name in ("last", "best"):
+            assert_same_checkpoint(reference / "checkpoints" / name, out / "checkpoints" / name)
+        for name in ("training_metrics.csv", "validation_metrics.csv"):
+            assert csv_rows(out / name) == csv_rows(reference / name), name
+        snapshots = sorted(p.name for p in (reference / "checkpoints").glob("step_*"))
+        assert sorted(p.name for p in (out / "checkpoints").glob("step_*")) == snapshots
+    print(f"uninterrupted run {duration:.2f} s ({setup:.2f} set-up); {kills} kills in {runs} runs")
+
+
+def kill_and_resume(
+    config: Path, out: Path, rng: random.Random, budget: int, *, setup: float, training: float, total: int
+) -> int:
+    """Start, kill -9 and resume one run until it finishes (at most `budget` kills); returns the kills.
+
+    Each kill comes at a moment within what is left of the try: its set-up, then its remaining steps at the
+    uninterrupted run's pace. Every checkpoint must be readable after every kill.
+    """
+    kills = 0
+    for _ in range(budget + 1):
         pid = start(config, out)
-        if kills < KILLS:
-            time.sleep(rng.uniform(0.05, duration))
-            if os.waitpid(pid, os.WNOHANG) == (0, 0):
+        done, status = 0, 0
+        if kills < budget:
+            left = training * (total - checkpoint_step(out)) / total
+            time.sleep(setup * 0.8 + rng.uniform(0, setup * 0.2 + 0.9 * left))
+            done, status = os.waitpid(pid, os.WNOHANG)  # (0, 0) while it runs
+            if not done:
                 os.kill(pid, signal.SIGKILL)
                 kills += 1
-        status = os.waitpid(pid, 0)[1]
+        if not done:
+            status = os.waitpid(pid, 0)[1]
         assert_readable(out)
         if os.WIFEXITED(status):
             assert os.WEXITSTATUS(status) == 0, "a resumed run failed (its traceback is above)"
-            break
-    print(f"uninterrupted run {duration:.2f} s; {kills} kills in {tries} tries")
-    assert kills >= KILLS - 2
-    assert not (out / ".lock").exists()
-
-    for name in ("last", "best"):
-        assert_same_checkpoint(reference / "checkpoints" / name, out / "checkpoints" / name)
-    for name in ("training_metrics.csv", "validation_metrics.csv"):
-        assert csv_rows(out / name) == csv_rows(reference / name), name
-    snapshots = sorted(p.name for p in (reference / "checkpoints").glob("step_*"))
-    assert sorted(p.name for p in (out / "checkpoints").glob("step_*")) == snapshots
+            return kills
+    raise AssertionError(f"{out}: the run did not finish after {kills} kills")

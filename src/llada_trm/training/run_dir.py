@@ -31,6 +31,7 @@ __all__ = [
     "claim_compare_dir",
     "claim_run_dir",
     "has_run",
+    "lock_for_run",
     "taken_error",
 ]
 
@@ -112,6 +113,33 @@ def claim_compare_dir(directory: Path, run_dirs: list[Path], *, force: bool = Fa
     archived = archive_run_dir(directory)
     logger.warning("%s held a previous comparison: archived it as %s (--force)", directory, archived)
     return archived
+
+
+def lock_for_run(directory: Path, *, resumed: Path | None, own: bool = False) -> RunLock | None:
+    """Rank 0 locks `directory` for a run and checks that it holds no other run; every rank raises alike.
+
+    `resumed`: the checkpoint directory the run continues (its own run directory may hold that run);
+    `own`: the caller already trained into `directory` (a second `Trainer.train()` continues its run).
+    """
+    from llada_trm.dist_utils import broadcast_object, is_main_process
+
+    lock, problem = None, None
+    if is_main_process():
+        try:
+            lock = RunLock(directory).acquire()
+            # a checkpoint sits in RUN/checkpoints/<name>: resuming into RUN continues that run
+            home = resumed.resolve().parent.parent if resumed is not None else None
+            continues = own or home == directory.resolve()
+            if has_run(directory) and not continues:
+                raise taken_error(directory, resumed=resumed)
+        except RunDirError as exc:
+            problem = str(exc)
+    problem = broadcast_object(problem)
+    if problem is not None:
+        if lock is not None:
+            lock.release()
+        raise RunDirError(problem)
+    return lock
 
 
 class RunLock:

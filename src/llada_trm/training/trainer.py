@@ -69,7 +69,7 @@ from llada_trm.training.health import HealthMonitor, non_finite_error
 from llada_trm.training.init_from import init_from_config
 from llada_trm.training.metrics import TRAIN_COLUMNS, Averager, MetricsWriter
 from llada_trm.training.objective import LossWeights, diffusion_objective
-from llada_trm.training.run_dir import RunDirError, RunLock, claim_run_dir, has_run, taken_error
+from llada_trm.training.run_dir import claim_run_dir, lock_for_run
 from llada_trm.training.run_state import restore_run, run_summary, save_run
 from llada_trm.training.schedule import build_optimizer, build_scheduler, resolve_warmup_steps
 from llada_trm.training.stats import forward_statistics, parameter_statistics
@@ -98,6 +98,7 @@ class Trainer:
         self.progress = progress
         self.force = force
         self.resumed_from: Path | None = None
+        self._claimed = False  # this Trainer has trained into output.dir: a second train() continues it
         check_save_best(config)  # a typo in output.save_best fails before any weights load
         if force and is_main_process():  # first: a feature cache built below must not be archived
             claim_run_dir(config.output.dir, force=True)
@@ -266,35 +267,13 @@ class Trainer:
         `RunDirError` when `output.dir` holds another run or another process writes there. A resumed run
         that had already finished trains nothing and writes nothing.
         """
-        lock = self._claim_output_dir()  # held until the run ends, however it ends
+        lock = lock_for_run(self.output_dir, resumed=self.resumed_from, own=self._claimed)
+        self._claimed = True  # held until the run ends, however it ends
         try:
             return self._train(max_new_steps, is_main_process())
         finally:
             if lock is not None:
                 lock.release()
-
-    def _claim_output_dir(self) -> RunLock | None:
-        """Lock `output.dir` (rank 0) and check that it holds no other run; every rank raises alike."""
-        lock, problem = None, None
-        if is_main_process():
-            try:
-                lock = RunLock(self.output_dir).acquire()
-                if has_run(self.output_dir) and not self._continues_own_dir():
-                    raise taken_error(self.output_dir, resumed=self.resumed_from)
-            except RunDirError as exc:
-                problem = str(exc)
-        problem = broadcast_object(problem)
-        if problem is not None:
-            if lock is not None:
-                lock.release()
-            raise RunDirError(problem)
-        return lock
-
-    def _continues_own_dir(self) -> bool:
-        """A resume into the run directory its checkpoint came from (`RUN/checkpoints/<name>`)."""
-        if self.resumed_from is None:
-            return False
-        return self.resumed_from.resolve().parent.parent == self.output_dir.resolve()
 
     def _train(self, max_new_steps: int | None, main: bool) -> dict[str, Any]:
         cfg = self.config
