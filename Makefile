@@ -15,8 +15,9 @@ $(VENV)/.installed: pyproject.toml
 
 setup: $(VENV)/.installed
 
+# --force: a second `make run` archives the previous runs/compare (as runs/compare.old-<time>) first.
 run: setup
-	$(VENV)/bin/llada-trm compare --config configs/compare_tiny.yaml
+	$(VENV)/bin/llada-trm compare --config configs/compare_tiny.yaml --force
 
 test: setup
 	$(PY) -m pytest

@@ -47,8 +47,12 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from llada_trm.dist_utils import is_main_process
     from llada_trm.training import run_train
 
-    summary = run_train(args.config, args.set, args.resume, progress=not args.no_progress)
+    summary = run_train(args.config, args.set, args.resume, progress=not args.no_progress, force=args.force)
     if not is_main_process():  # under torchrun every rank returns the summary; one prints it
+        return 0
+    if summary.get("already_finished"):
+        steps, checkpoint = summary["steps"], summary["checkpoint"]
+        print(f"nothing to do: the run finished at step {steps}; checkpoint: {checkpoint}")
         return 0
     val = summary.get("val") or {}
     parts = [f"trained {summary['steps']} steps in {summary['elapsed_s'] / 60:.1f} min"]
@@ -215,7 +219,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
 
     seeds = parse_seeds(args.seeds) if args.seeds is not None else None
     config = load_compare_config(args.config, args.set, seeds)
-    run_compare(config, progress=not args.no_progress)
+    run_compare(config, progress=not args.no_progress, force=args.force)
     return 0
 
 
@@ -299,6 +303,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("train", "train a refiner (phases 1-3) from a run config")
     _add_config_options(p)
     p.add_argument("--resume", metavar="DIR", help="continue from a checkpoint (or a run directory)")
+    p.add_argument(
+        "--force", action="store_true", help="archive a run in output.dir (as DIR.old-<time>), start anew"
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_train)
 
@@ -343,6 +350,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--seeds",
         metavar="S,S,...",
         help="training seeds, each refiner trained once per seed, e.g. 0,1,2 (default: the config's seeds)",
+    )
+    p.add_argument(
+        "--force", action="store_true", help="archive a comparison in output.dir (as DIR.old-<time>) first"
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=_cmd_compare)

@@ -241,17 +241,27 @@ def _validation_row(columns: Mapping[str, Sequence[float]] | None, base: bool) -
 
 
 def run_compare(
-    config: CompareConfig, *, progress: bool = True, echo: Callable[[str], None] = print
+    config: CompareConfig,
+    *,
+    progress: bool = True,
+    echo: Callable[[str], None] = print,
+    force: bool = False,
 ) -> CompareResult:
     """Train each refiner per seed, evaluate them and the backbone alone on the same test problems, and
-    write the comparison with its statistics."""
+    write the comparison with its statistics.
+
+    A comparison already in `output.dir` (a refiner's run, or the report) refuses before anything runs;
+    `force` archives it whole as `DIR.old-<timestamp>` first.
+    """
     from llada_trm.build import check_test_split, resolve_backbone_dir
     from llada_trm.evaluate import evaluate_model, load_checkpoint, load_eval_records, synthetic_settings
     from llada_trm.training import Trainer
+    from llada_trm.training.run_dir import claim_compare_dir
 
     started = time.perf_counter()
     out = Path(config.output.dir)
     ev, data, seeds = config.evaluation, config.run.data, config.seed_list()
+    claim_compare_dir(out, [out / f"seed{seed}" / kind for seed in seeds for kind in config.refiners], force=force)
     options = config.run.sampling.options()
     records = load_eval_records(
         data.dataset, ev.split, data_path=data.path, synthetic=synthetic_settings(data), limit=ev.n_problems

@@ -23,6 +23,7 @@ from llada_trm.data.synthetic import SyntheticTaskConfig
 from llada_trm.diffusion.options import SamplingOptions
 from llada_trm.errors import ConfigError
 from llada_trm.hybrid.config import HybridConfig
+from llada_trm.io import write_text_atomic
 from llada_trm.refiners.config import MLPSettings, SlotSettings
 from llada_trm.schema import (
     Float,
@@ -393,10 +394,7 @@ def load_schema(
 
 def save_config(config: RunConfig, path: str | Path) -> Path:
     """Write the resolved config as YAML (it loads back to an equal `RunConfig`)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(config.to_yaml(), encoding="utf-8")
-    return path
+    return write_text_atomic(path, config.to_yaml())
 
 
 class _Dumper(yaml.SafeDumper):

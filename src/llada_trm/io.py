@@ -30,10 +30,12 @@ __all__ = [
     "DTYPES",
     "atomic_directory",
     "atomic_path",
+    "copy_directory",
     "dtype_named",
     "fsync_dir",
     "fsync_file",
     "recover_directory",
+    "remove_directory",
     "replace_directory",
     "resolve_device",
     "write_bytes_atomic",
@@ -219,3 +221,24 @@ def replace_directory(staged: PathLike, directory: PathLike) -> Path:
         shutil.rmtree(aside)
     fsync_dir(directory.parent)
     return directory
+
+
+def remove_directory(directory: PathLike) -> None:
+    """Delete `directory` so that no reader ever sees it half-deleted: it is renamed to a hidden temporary
+    sibling (`.<name>.*.tmp`, which the next `atomic_directory` of that name sweeps) and removed there."""
+    directory = Path(directory)
+    if not directory.exists():
+        return
+    trash = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", suffix=".tmp", dir=directory.parent))
+    os.replace(directory, trash)  # rename(2) over an empty directory
+    fsync_dir(directory.parent)
+    shutil.rmtree(trash, ignore_errors=True)
+
+
+def copy_directory(source: PathLike, directory: PathLike) -> Path:
+    """Copy the files of `source` into `directory` atomically (`atomic_directory`)."""
+    with atomic_directory(directory) as tmp:
+        for path in sorted(Path(source).iterdir()):
+            if path.is_file():
+                shutil.copy2(path, tmp / path.name)
+    return Path(directory)

@@ -16,6 +16,8 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from llada_trm.io import atomic_path
+
 __all__ = ["PlotError", "plot_comparison", "plot_paired_comparison", "plot_run", "read_metrics"]
 
 TRAIN_FILE = "training_metrics.csv"
@@ -99,8 +101,14 @@ def _figure(
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8, loc="best")
     figure.suptitle(title)
-    figure.savefig(path, dpi=100)
+    save_figure(figure, path)
     return path
+
+
+def save_figure(figure: Any, path: Path) -> None:
+    """PNG via a temporary sibling and a rename: a killed run never leaves a truncated image."""
+    with atomic_path(path) as tmp:
+        figure.savefig(tmp, dpi=100, format="png")
 
 
 def _eval_points(run_dir: Path, last_step: float) -> Series:
@@ -214,7 +222,7 @@ def plot_comparison(results: Sequence[Mapping[str, Any]], path: str | Path) -> P
     right.set_title("sampling speed")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=100)
+    save_figure(figure, path)
     return path
 
 
@@ -270,5 +278,5 @@ def plot_paired_comparison(report: Mapping[str, Any], path: str | Path) -> Path:
         right.set_axis_off()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=100)
+    save_figure(figure, path)
     return path

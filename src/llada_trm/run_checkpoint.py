@@ -11,7 +11,7 @@ trainer. Layout of a checkpoint directory (`<output.dir>/checkpoints/last`, `...
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
 import torch
@@ -20,13 +20,17 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from llada_trm.errors import CheckpointError
+from llada_trm.hybrid.model import PREFIX as REFINER_PREFIX
 from llada_trm.io import recover_directory
 
 __all__ = [
     "CONFIG_FILE",
+    "REFINER_PREFIX",
     "STATE_FILE",
     "WEIGHTS_FILE",
     "check_weights",
+    "name_list",
+    "refiner_names",
     "load_weights",
     "read_weights_file",
     "resolve_checkpoint_dir",
@@ -76,6 +80,17 @@ def read_weights_file(path: Path) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"{path}: unreadable safetensors file ({exc})") from None
 
 
+def name_list(names: Sequence[str], first: int = 3) -> str:
+    """'a, b, c (+7 more)': the first few of a list of tensor names and how many the line leaves out."""
+    shown = ", ".join(names[:first])
+    return shown + (f" (+{len(names) - first} more)" if len(names) > first else "")
+
+
+def refiner_names(own: Mapping[str, torch.Tensor]) -> list[str]:
+    """The refiner's tensors in a model state dict: no other file holds them, so a run checkpoint must."""
+    return sorted(name for name in own if name.startswith(REFINER_PREFIX))
+
+
 def check_weights(
     path: Path,
     tensors: Mapping[str, torch.Tensor],
@@ -84,13 +99,15 @@ def check_weights(
 ) -> None:
     """Refuse checkpoint `tensors` that do not fit the model's state dict `own`, before anything is copied.
 
-    Shared by the single-process and the FSDP loader, so that both refuse the same checkpoints with the same
-    messages; `path` only names the file in them, `require` as in `load_weights`.
+    Every tensor must exist in the model with the same shape, be floating point where the model's is, and
+    hold finite values (a NaN weight would only show up later as a NaN loss or a garbage answer); every
+    name in `require` must be present. Shared by the single-process and the FSDP loader, so that both refuse
+    the same checkpoints with the same one-line messages; `path` only names the file in them.
     """
     unknown = sorted(set(tensors) - set(own))
     if unknown:
         raise CheckpointError(
-            f"{path}: {len(unknown)} tensors do not exist in this model (e.g. {unknown[0]!r}); was the "
+            f"{path}: {len(unknown)} tensors do not exist in this model ({name_list(unknown)}); was the "
             "checkpoint saved with a different model.refiner / model.integration?"
         )
     for name, tensor in sorted(tensors.items()):
@@ -102,8 +119,23 @@ def check_weights(
     missing = sorted(set(require) - set(tensors))
     if missing:
         raise CheckpointError(
-            f"{path}: lacks {len(missing)} trainable tensors of this run (e.g. {missing[0]!r}); was it saved "
-            "in another training.phase or with other training_params.trainable_modules?"
+            f"{path}: lacks {len(missing)} of the {len(set(require))} tensors this model needs "
+            f"({name_list(missing)}); was it saved in another training.phase, with other "
+            "training_params.trainable_modules, or truncated? Retrain, or point at a complete checkpoint"
+        )
+    integer = sorted(
+        name for name, t in tensors.items() if own[name].is_floating_point() and not t.is_floating_point()
+    )
+    if integer:
+        raise CheckpointError(
+            f"{path}: {len(integer)} tensors are not floating point where the model's are "
+            f"({name_list(integer)}, e.g. {tensors[integer[0]].dtype}); the file is not a trained checkpoint"
+        )
+    bad = sorted(n for n, t in tensors.items() if t.is_floating_point() and not bool(torch.isfinite(t).all()))
+    if bad:
+        raise CheckpointError(
+            f"{path}: {len(bad)} tensors hold NaN or inf values ({name_list(bad)}); the run diverged before "
+            "this save or the file is damaged: use an earlier checkpoint (checkpoints/step_*, best)"
         )
 
 

@@ -29,9 +29,15 @@ from llada_trm.config import RunConfig, parse_config
 from llada_trm.errors import CheckpointError
 from llada_trm.hybrid import HybridConfig, LLaDATRMHybrid
 from llada_trm.io import DTYPES, dtype_named, resolve_device
-from llada_trm.run_checkpoint import CONFIG_FILE, STATE_FILE, load_weights, resolve_checkpoint_dir
+from llada_trm.run_checkpoint import (
+    CONFIG_FILE,
+    STATE_FILE,
+    load_weights,
+    refiner_names,
+    resolve_checkpoint_dir,
+)
 
-__all__ = ["REFINER_CHOICES", "LoadedModel", "load_checkpoint", "resolve_eval_device"]
+__all__ = ["REFINER_CHOICES", "LoadedModel", "load_checkpoint", "required_tensors", "resolve_eval_device"]
 
 REFINER_CHOICES = ("none", "mlp", "slot")
 
@@ -160,7 +166,7 @@ def _load_run(
     where = f"{config_path}: model.backbone"
     built = build_model(config, device=device, dtype=dtype, error=CheckpointError, where=where)
     model, tokenizer, backbone_dir = built.model, built.tokenizer, built.backbone_dir
-    load_weights(model, directory)
+    load_weights(model, directory, require=required_tensors(model, config))
     running, num_steps = _select_refiner(model, config, refiner, source)
     return LoadedModel(
         model=model.eval(),
@@ -173,6 +179,19 @@ def _load_run(
         checkpoint_dir=directory,
         run_config=config,
     )
+
+
+def required_tensors(model: LLaDATRMHybrid, config: RunConfig) -> list[str]:
+    """Every tensor a run's checkpoint must hold for `model`: the refiner's (no other file has them, so a
+    missing one would run at its random initialisation) and the backbone tensors the run's phase trained
+    (a missing one would silently run as the pretrained backbone's)."""
+    from llada_trm.training.freezing import freeze_for_run
+
+    flags = {name: p.requires_grad for name, p in model.named_parameters()}
+    trained = freeze_for_run(model, config).trainable_names
+    for name, p in model.named_parameters():  # the plan only names tensors; the model stays as it was
+        p.requires_grad_(flags[name])
+    return sorted(set(refiner_names(model.state_dict())) | set(trained))
 
 
 def _select_refiner(

@@ -9,8 +9,10 @@ Layout of a checkpoint directory (`<output.dir>/checkpoints/last`, `.../best`):
     config.yaml         the resolved run config
 
 A checkpoint is written into a hidden sibling directory and swapped in (`llada_trm.io.atomic_directory`), so
-a crash while writing leaves the previous checkpoint intact. The file names and the read side (finding a
-checkpoint, loading its weights) live in `llada_trm.run_checkpoint`, which evaluation uses without training.
+a crash while writing leaves the previous checkpoint intact; numbered snapshots are pruned by renaming them
+away first, so a crash while deleting never leaves a half-deleted one. The file names and the read side
+(finding a checkpoint, loading its weights) live in `llada_trm.run_checkpoint`, which evaluation uses without
+training.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ import torch
 from safetensors.torch import save_file
 
 from llada_trm.errors import CheckpointError
-from llada_trm.io import atomic_directory
+from llada_trm.io import atomic_directory, remove_directory
 from llada_trm.run_checkpoint import (
     CONFIG_FILE,
     STATE_FILE,
@@ -46,7 +48,7 @@ __all__ = [
     "TrainState",
     "capture_rng_state",
     "check_weights",
-    "keep_snapshots",
+    "prune_snapshots",
     "load_trainer_state",
     "load_weights",
     "read_weights_file",
@@ -175,14 +177,12 @@ def save_checkpoint(
     return directory
 
 
-def keep_snapshots(checkpoint_dir: Path, last: Path, step: int, keep: int) -> None:
-    """Copy `last` to `step_<step>` beside it and prune all but the `keep` newest such snapshots."""
-    snapshot = checkpoint_dir / f"step_{step:07d}"
-    if snapshot.exists():
-        shutil.rmtree(snapshot)
-    shutil.copytree(last, snapshot)
+def prune_snapshots(checkpoint_dir: Path, keep: int) -> None:
+    """Remove all but the `keep` newest `step_*` snapshots; each goes whole (`io.remove_directory`)."""
+    for stale in checkpoint_dir.glob(".step_*.tmp"):  # what a killed pruning or snapshot left behind
+        shutil.rmtree(stale, ignore_errors=True)
     for old in sorted(checkpoint_dir.glob("step_*"))[:-keep]:
-        shutil.rmtree(old)
+        remove_directory(old)
 
 
 # ---------------------------------------------------------------------------------------------- loading

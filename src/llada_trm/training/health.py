@@ -79,10 +79,15 @@ class HealthMonitor:
         return issued
 
     def state_dict(self) -> dict[str, Any]:
-        return {"warned": dict(self.warned)}
+        """The warnings given and the rolling windows (the loss window, each check's streak): a resumed run
+        then warns at the step an uninterrupted one would."""
+        return {"warned": dict(self.warned), "loss": list(self._loss), "streak": dict(self._streak)}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.warned = dict(state.get("warned", {}))
+        self._loss.clear()
+        self._loss.extend(float(v) for v in state.get("loss", ()))  # a smaller window keeps the newest
+        self._streak = {str(k): int(v) for k, v in (state.get("streak") or {}).items()}
 
     # ------------------------------------------------------------------------------------------ checks
 

@@ -3,8 +3,8 @@
 Unlike `--resume`, which continues a run (optimizer, scheduler, RNG streams, step), this only copies the
 weights a checkpoint saved into the freshly built model before training starts: the refiner's tensors, and the
 backbone's when the checkpoint trained some (phases 2/3). Everything else starts anew from the run's own
-config. The checkpoint must have been trained with the same refiner (`model.refiner` / `model.integration`);
-tensor names and shapes are checked by `load_weights`.
+config. The checkpoint must have been trained with the same refiner (`model.refiner` / `model.integration`)
+and hold every refiner tensor; tensor names, shapes and values are checked by `load_weights`.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import yaml
 from llada_trm.config import RunConfig
 from llada_trm.errors import CheckpointError, ConfigError
 from llada_trm.hybrid.model import PREFIX as REFINER_PREFIX
-from llada_trm.run_checkpoint import CONFIG_FILE, load_weights, resolve_checkpoint_dir
+from llada_trm.run_checkpoint import CONFIG_FILE, load_weights, refiner_names, resolve_checkpoint_dir
 
 __all__ = ["INIT_FROM_KEY", "REFINER_PREFIX", "InitResult", "init_from_checkpoint", "init_from_config"]
 
@@ -49,11 +49,10 @@ def init_from_checkpoint(model: nn.Module, path: str | Path, config: RunConfig) 
     except CheckpointError as exc:
         raise CheckpointError(f"{INIT_FROM_KEY}: {exc}") from None
     _check_refiner_kind(directory / CONFIG_FILE, config)
-    try:
-        names = load_weights(model, directory)
+    try:  # the refiner's every tensor: one the checkpoint lacked would start this run from noise
+        names = load_weights(model, directory, require=refiner_names(model.state_dict()))
     except CheckpointError as exc:
         raise CheckpointError(f"{INIT_FROM_KEY}: {exc}") from None
-    _warn_missing_refiner(model, names, directory)
     return InitResult(directory=directory, names=names)
 
 
@@ -91,17 +90,3 @@ def _check_refiner_kind(config_path: Path, config: RunConfig) -> None:
                 f"{INIT_FROM_KEY}: {config_path} was trained with model.{key}: {theirs}, this run has "
                 f"model.{key}: {ours}; set them alike or point {INIT_FROM_KEY} at a matching run"
             )
-
-
-def _warn_missing_refiner(model: nn.Module, loaded: list[str], directory: Path) -> None:
-    """A checkpoint saves only what it trained: refiner parts it froze (train_refiner_blocks) stay fresh."""
-    have = set(loaded)
-    missing = [n for n, _ in model.named_parameters() if n.startswith(REFINER_PREFIX) and n not in have]
-    if missing:
-        logger.warning(
-            "%s: %s holds no value for %d refiner tensors (e.g. %s); they keep this run's initialisation",
-            INIT_FROM_KEY,
-            directory,
-            len(missing),
-            missing[0],
-        )

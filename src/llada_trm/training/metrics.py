@@ -3,16 +3,26 @@
 The known columns are written in the header up front, so a row that lacks a value (an MLP run has no slot
 norms) leaves the cell empty. A key that is not yet a column widens the file: its rows are rewritten with the
 new header, so the CSV stays rectangular and readable by pandas / `llada-trm plot`.
+
+Crash safety: a row is appended with one `write` of the whole line, then fsynced, so a killed process
+leaves either the complete row or none (a `write` to a regular file is not torn by SIGKILL); a power cut can
+still leave a partial last line, which has no line terminator, and is dropped when the file is next opened.
+Every rewrite (a widened header, `truncate_after` on resume) goes through a temporary file and a rename
+(`llada_trm.io.write_bytes_atomic`).
 """
 
 from __future__ import annotations
 
 import csv
+import io
 import math
+import os
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
+
+from llada_trm.io import write_bytes_atomic
 
 __all__ = ["TRAIN_COLUMNS", "VALIDATION_COLUMNS", "Averager", "MetricsWriter", "format_value"]
 
@@ -89,6 +99,8 @@ class MetricsWriter:
         self.path = Path(path)
         self.columns: list[str] = list(columns)
         if self.path.is_file() and self.path.stat().st_size > 0:
+            if self._torn():
+                self._rewrite_text(self._text())  # drop the partial last line a power cut left
             existing = self._read_header()
             self.columns = existing + [c for c in self.columns if c not in existing]
             if len(self.columns) != len(existing):
@@ -103,16 +115,32 @@ class MetricsWriter:
             rows = self.read()
             self.columns.extend(new)
             self._rewrite(rows)
-        with open(self.path, "a", newline="", encoding="utf-8") as handle:
-            writer = csv.DictWriter(handle, fieldnames=self.columns)
-            writer.writerow({key: format_value(row.get(key)) for key in self.columns})
+        buffer = io.StringIO()
+        csv.DictWriter(buffer, fieldnames=self.columns).writerow(
+            {key: format_value(row.get(key)) for key in self.columns}
+        )
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND)
+        try:
+            os.write(fd, buffer.getvalue().encode("utf-8"))  # the whole line in one write
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
     def read(self) -> list[dict[str, str]]:
-        """All rows as strings (empty cells as '')."""
+        """All complete rows as strings (empty cells as '')."""
         if not self.path.is_file():
             return []
-        with open(self.path, newline="", encoding="utf-8") as handle:
-            return [dict(row) for row in csv.DictReader(handle)]
+        return [dict(row) for row in csv.DictReader(io.StringIO(self._text(), newline=""))]
+
+    def _text(self) -> str:
+        """The file's complete lines (a partial last line, without its terminator, is left out)."""
+        text = self.path.read_bytes().decode("utf-8", errors="replace")
+        return text[: text.rfind("\n") + 1]
+
+    def _torn(self) -> bool:
+        with open(self.path, "rb") as handle:
+            handle.seek(-1, os.SEEK_END)
+            return handle.read(1) != b"\n"
 
     def truncate_after(self, step: int) -> int:
         """Drop rows logged after `step` (a resumed run re-logs them); returns how many were dropped."""
@@ -123,14 +151,15 @@ class MetricsWriter:
         return len(rows) - len(kept)
 
     def _read_header(self) -> list[str]:
-        with open(self.path, newline="", encoding="utf-8") as handle:
-            return next(csv.reader(handle), [])
+        return next(csv.reader(io.StringIO(self._text(), newline="")), [])
 
     def _rewrite(self, rows: list[dict[str, str]]) -> None:
-        tmp = self.path.with_suffix(self.path.suffix + ".tmp")
-        with open(tmp, "w", newline="", encoding="utf-8") as handle:
-            writer = csv.DictWriter(handle, fieldnames=self.columns)
-            writer.writeheader()
-            for row in rows:
-                writer.writerow({key: row.get(key, "") for key in self.columns})
-        tmp.replace(self.path)
+        buffer = io.StringIO()
+        writer = csv.DictWriter(buffer, fieldnames=self.columns)
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({key: row.get(key, "") for key in self.columns})
+        self._rewrite_text(buffer.getvalue())
+
+    def _rewrite_text(self, text: str) -> None:
+        write_bytes_atomic(self.path, text.encode("utf-8"))

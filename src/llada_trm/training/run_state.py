@@ -17,18 +17,15 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import torch
-import yaml
-from torch.optim.lr_scheduler import LambdaLR
-
 from llada_trm.dist_utils import is_main_process, reduce_sums, world_size
 from llada_trm.errors import CheckpointError
-from llada_trm.run_checkpoint import CONFIG_FILE, load_weights, resolve_checkpoint_dir
+from llada_trm.io import copy_directory
+from llada_trm.run_checkpoint import load_weights, refiner_names, resolve_checkpoint_dir
 from llada_trm.training.checkpoint import (
     TrainState,
     capture_rng_state,
-    keep_snapshots,
     load_trainer_state,
+    prune_snapshots,
     restore_rng_state,
     save_checkpoint,
 )
@@ -40,15 +37,9 @@ from llada_trm.training.distributed import (
     optimizer_state,
 )
 from llada_trm.training.metrics import Averager
+from llada_trm.training.resume_config import check_config_changes, retarget_optimizer
 
-__all__ = [
-    "adopt_schedule",
-    "batches_to_skip",
-    "restore_run",
-    "run_summary",
-    "save_run",
-    "warn_config_changes",
-]
+__all__ = ["batches_to_skip", "restore_run", "run_summary", "save_run"]
 
 logger = logging.getLogger("llada_trm")
 
@@ -61,7 +52,10 @@ def save_run(trainer: Any, name: str) -> Path | None:
     global example count, so that another world size can resume it.
     """
     t = trainer.config.training
-    names = list(dict.fromkeys([*trainer.plan.trainable_names, *trainer.init_names]))
+    # The trained tensors, those init_from loaded, and the whole refiner (frozen parts too: no other file
+    # holds them, and evaluation requires every one).
+    refiner = refiner_names(dict(trainer.model.named_parameters()))
+    names = list(dict.fromkeys([*trainer.plan.trainable_names, *trainer.init_names, *refiner]))
     weights = full_state_dict(trainer.model, names)
     optimizer = optimizer_state(trainer.model, trainer.optimizer)
     window_sums, window_counts = reduce_sums(trainer._window.sums, trainer._window.counts)
@@ -83,15 +77,15 @@ def save_run(trainer: Any, name: str) -> Path | None:
         "phase": trainer.plan.phase,
         "total_steps": trainer.total_steps,
     }
-    directory = save_checkpoint(
-        trainer.checkpoint_dir / name,
-        weights=weights,
-        trainer_state=trainer_state,
-        config_yaml=trainer._config_yaml,
-    )
     keep = trainer.config.output.keep_last
-    if name == "last" and keep > 0:
-        keep_snapshots(trainer.checkpoint_dir, directory, trainer.state.step, keep)
+    directory = trainer.checkpoint_dir / name
+    snapshot = name == "last" and keep > 0
+    if snapshot:  # the numbered copy first: a crash before `last` follows only repeats this step
+        directory = trainer.checkpoint_dir / f"step_{trainer.state.step:07d}"
+    save_checkpoint(directory, weights=weights, trainer_state=trainer_state, config_yaml=trainer._config_yaml)
+    if snapshot:
+        directory = copy_directory(directory, trainer.checkpoint_dir / "last")
+        prune_snapshots(trainer.checkpoint_dir, keep)
     return directory
 
 
@@ -107,10 +101,12 @@ def restore_run(trainer: Any, path: str | Path) -> Path:
             f"{directory}: it trained {len(saved_names)} tensors, this run trains {len(names)}; resume "
             "with the same training.phase and training_params.trainable_modules (or start a new run)"
         )
+    changed = check_config_changes(directory, trainer.config)  # refuses before any weight is loaded
     if is_sharded(trainer.model):  # FSDP: every rank reads the full tensors and keeps its shards
         load_sharded_weights(trainer.model, directory, require=names)
     else:
         load_weights(trainer.model, directory, require=names)
+    fresh = [{k: v for k, v in group.items() if k != "params"} for group in trainer.optimizer.param_groups]
     try:
         load_optimizer_state(trainer.model, trainer.optimizer, state["optimizer"])
         trainer.scheduler.load_state_dict(state["scheduler"])
@@ -137,14 +133,32 @@ def restore_run(trainer: Any, path: str | Path) -> Path:
     if is_main_process():  # the saved window already sums every rank's micro-batches
         trainer._window.sums.update(window.get("sums", {}))
         trainer._window.counts.update(window.get("counts", {}))
-    adopt_schedule(trainer.optimizer, trainer.scheduler, state.get("total_steps"), trainer.total_steps)
-    warn_config_changes(directory, trainer._config_yaml)
+    # The restored groups carry the saved run's lr, betas, weight decay: this run's config applies instead
+    # (identical values when nothing changed, so an unchanged resume stays bit-identical).
+    retarget_optimizer(trainer.optimizer, trainer.scheduler, fresh)
+    if state.get("total_steps") not in (None, trainer.total_steps):
+        logger.warning(
+            "resuming a run planned for %s steps with a config planning %d; from here on the LR "
+            "schedule decays towards the new total",
+            state.get("total_steps"),
+            trainer.total_steps,
+        )
+    if changed:
+        lr = trainer.optimizer.param_groups[0]["lr"]
+        logger.warning(
+            "resuming at step %d with changed settings: %s; they apply from here on (next lr %.6g)",
+            trainer.state.step,
+            "; ".join(changed),
+            lr,
+        )
     return directory
 
 
-def run_summary(trainer: Any, elapsed: float) -> dict[str, Any]:
-    """What `Trainer.train` returns: steps, last losses, best metric, where the run wrote, health warnings."""
+def run_summary(trainer: Any, elapsed: float, *, finished: bool = False) -> dict[str, Any]:
+    """What `Trainer.train` returns: steps, last losses, best metric, where the run wrote, health warnings;
+    `already_finished`: a resumed run that had nothing left to train."""
     return {
+        "already_finished": finished,
         "steps": trainer.state.step,
         "total_steps": trainer.total_steps,
         "epoch": trainer.state.epoch,
@@ -195,43 +209,3 @@ def batches_to_skip(
             replayed,
         )
     return batches
-
-
-def adopt_schedule(
-    optimizer: torch.optim.Optimizer, scheduler: LambdaLR, saved_total: int | None, total: int
-) -> None:
-    """A run resumed with another planned length decays towards the new total from here on.
-
-    The optimizer holds the old schedule's LR for the next step: it takes this schedule's instead.
-    """
-    if saved_total in (None, total):
-        return
-    logger.warning(
-        "resuming a run planned for %s steps with a config planning %d; from here on the LR "
-        "schedule decays towards the new total",
-        saved_total,
-        total,
-    )
-    for group, base, factor in zip(
-        optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas, strict=True
-    ):
-        group["lr"] = base * factor(scheduler.last_epoch)
-
-
-def warn_config_changes(directory: Path, config_yaml: str) -> None:
-    """Log the keys (up to 8) in which this run's config differs from the checkpoint's."""
-    saved = _flatten(yaml.safe_load((directory / CONFIG_FILE).read_text(encoding="utf-8")) or {})
-    now = _flatten(yaml.safe_load(config_yaml))
-    changed = [key for key in sorted(set(saved) | set(now)) if saved.get(key) != now.get(key)]
-    if changed:
-        logger.warning("resuming with a changed config: %s", ", ".join(changed[:8]))
-
-
-def _flatten(data: Any, prefix: str = "") -> dict[str, Any]:
-    """{'a': {'b': 1}} -> {'a.b': 1}."""
-    if not isinstance(data, dict):
-        return {prefix: data}
-    flat: dict[str, Any] = {}
-    for key, value in data.items():
-        flat.update(_flatten(value, f"{prefix}.{key}" if prefix else str(key)))
-    return flat

@@ -40,7 +40,8 @@ from llada_trm.build import (
 )
 from llada_trm.config import RunConfig, load_config, save_config
 from llada_trm.diffusion.forward_process import draw_noise
-from llada_trm.training.checkpoint import TrainState
+from llada_trm.errors import ConfigError
+from llada_trm.training.checkpoint import TrainState, prune_snapshots
 from llada_trm.training.data import DrawSampler, EpochSampler, make_loader
 from llada_trm.training.distributed import (
     TrainStep,
@@ -68,6 +69,7 @@ from llada_trm.training.health import HealthMonitor, non_finite_error
 from llada_trm.training.init_from import init_from_config
 from llada_trm.training.metrics import TRAIN_COLUMNS, Averager, MetricsWriter
 from llada_trm.training.objective import LossWeights, diffusion_objective
+from llada_trm.training.run_dir import claim_run_dir, lock_for_run
 from llada_trm.training.run_state import restore_run, run_summary, save_run
 from llada_trm.training.schedule import build_optimizer, build_scheduler, resolve_warmup_steps
 from llada_trm.training.stats import forward_statistics, parameter_statistics
@@ -89,10 +91,17 @@ logger = logging.getLogger("llada_trm")
 class Trainer:
     """Builds the model, data, freezing plan, optimizer and schedule of a run, then trains it."""
 
-    def __init__(self, config: RunConfig, *, progress: bool = True):
+    def __init__(self, config: RunConfig, *, progress: bool = True, force: bool = False):
+        """`force`: a run already in `output.dir` is archived (`run_dir.claim_run_dir`); without it, a new
+        run there refuses when `train()` starts (unless `resume()` continues that run)."""
         self.config = config
         self.progress = progress
+        self.force = force
+        self.resumed_from: Path | None = None
+        self._claimed = False  # this Trainer has trained into output.dir: a second train() continues it
         check_save_best(config)  # a typo in output.save_best fails before any weights load
+        if force and is_main_process():  # first: a feature cache built below must not be archived
+            claim_run_dir(config.output.dir, force=True)
         self._config_yaml = config.to_yaml()
         # First: under torchrun the rank picks its GPU, and every RNG is seeded before anything random exists.
         self.device, self.amp_dtype = start_run(config)
@@ -219,9 +228,19 @@ class Trainer:
         resume: str | Path | None = None,
         *,
         progress: bool = True,
+        force: bool = False,
     ) -> Trainer:
-        """Load the YAML with `--set` overrides, build the trainer, and restore `--resume DIR` if given."""
-        trainer = cls(load_config(config_path, overrides), progress=progress)
+        """Load the YAML with `--set` overrides, build the trainer, and restore `--resume DIR` if given.
+
+        A new run into a directory holding another run refuses here, before the model loads (or, with
+        `force`, archives the old run).
+        """
+        config = load_config(config_path, overrides)
+        if resume is not None and force:
+            raise ConfigError("--force starts a new run and --resume continues one; give only one of them")
+        if resume is None and not force and is_main_process():
+            claim_run_dir(config.output.dir)
+        trainer = cls(config, progress=progress, force=force)
         if resume is not None:
             trainer.resume(resume)
         return trainer
@@ -229,8 +248,14 @@ class Trainer:
     # ---------------------------------------------------------------------------------------- resume
 
     def resume(self, path: str | Path) -> Trainer:
-        """Restore trainable weights, optimizer, scheduler, RNG states and the data position."""
+        """Restore trainable weights, optimizer, scheduler, RNG states and the data position.
+
+        Settings outside `resume_config.RESUMABLE` must equal the checkpoint's; the others apply from here.
+        """
+        if self.force:
+            raise ConfigError("this Trainer was built with force=True (a new run); it cannot also resume one")
         directory = restore_run(self, path)
+        self.resumed_from = directory
         self._say(f"resumed from {directory} at step {self.state.step} (epoch {self.state.epoch})")
         return self
 
@@ -239,11 +264,30 @@ class Trainer:
     def train(self, max_new_steps: int | None = None) -> dict[str, Any]:
         """Train until `total_steps` (or `max_new_steps` more optimizer steps); returns a summary dict.
 
-        Raises `NonFiniteLossError` on a NaN/inf loss or gradient, leaving the last good checkpoint intact.
+        Raises `NonFiniteLossError` on a NaN/inf loss or gradient, leaving the last good checkpoint intact;
+        `RunDirError` when `output.dir` holds another run or another process writes there. A resumed run
+        that had already finished trains nothing and writes nothing.
         """
+        lock = lock_for_run(self.output_dir, resumed=self.resumed_from, own=self._claimed)
+        self._claimed = True  # held until the run ends, however it ends
+        try:
+            return self._train(max_new_steps, is_main_process())
+        finally:
+            if lock is not None:
+                lock.release()
+
+    def _train(self, max_new_steps: int | None, main: bool) -> dict[str, Any]:
         cfg = self.config
         t = cfg.training
-        main = is_main_process()
+        if self.resumed_from is not None and self._finished():
+            self._say(
+                f"{self.output_dir}: the run finished at step {self.state.step} of {self.total_steps} "
+                f"(epoch {self.state.epoch} of {t.num_epochs}); nothing to train. Raise training.max_steps "
+                "or training.num_epochs to continue it"
+            )
+            if main and cfg.output.keep_last > 0:  # what a crash after the last save may have left
+                prune_snapshots(self.checkpoint_dir, cfg.output.keep_last)
+            return run_summary(self, 0.0, finished=True)
         if main:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             save_config(cfg, self.output_dir / "config.yaml")
@@ -279,11 +323,13 @@ class Trainer:
         finally:
             bar.close()
 
-        completed = self.state.step >= self.total_steps or self.state.epoch >= t.num_epochs
-        if completed and self.eval_loader is not None and self._evaluated_at != self.state.step:
+        if self._finished() and self.eval_loader is not None and self._evaluated_at != self.state.step:
             self._validate_and_track_best()
         self._save("last")
         return run_summary(self, time.perf_counter() - started)
+
+    def _finished(self) -> bool:
+        return self.state.step >= self.total_steps or self.state.epoch >= self.config.training.num_epochs
 
     def _run_epoch(self, stop_at: int, bar: tqdm) -> None:
         """Consume the rest of the current epoch, or stop once `stop_at` optimizer steps are done."""
@@ -307,7 +353,7 @@ class Trainer:
             if self.eval_loader is not None and t.eval_every and step % t.eval_every == 0:
                 self._validate_and_track_best()
                 self._evaluated_at = step
-            if t.save_every and step % t.save_every == 0:
+            if t.save_every and step % t.save_every == 0 and step < stop_at:  # `train` saves the end
                 self._save("last")
             if step >= stop_at:
                 return
@@ -459,9 +505,10 @@ def run_train(
     resume: str | Path | None = None,
     *,
     progress: bool = True,
+    force: bool = False,
 ) -> dict[str, Any]:
-    """The `llada-trm train --config FILE [--set k=v ...] [--resume DIR]` command: build, train, summarise.
+    """The `llada-trm train --config FILE [--set k=v ...] [--resume DIR | --force]` command.
 
     Raises `ConfigError` / `CheckpointError` (bad input, one line) and `NonFiniteLossError` (divergence).
     """
-    return Trainer.from_cli(config_path, overrides, resume, progress=progress).train()
+    return Trainer.from_cli(config_path, overrides, resume, progress=progress, force=force).train()

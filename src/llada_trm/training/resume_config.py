@@ -1,0 +1,144 @@
+"""What a resume may change: the settings a run may continue under, and applying them exactly.
+
+A resumed run either restores the checkpoint's run exactly, applies a changed setting exactly from the
+resumed step on, or refuses: never a silent mix. `RESUMABLE` lists what may change (docs/training.md): the
+optimiser's hyperparameters and schedule (applied to the restored optimizer and scheduler by
+`retarget_optimizer`), the run's length, bookkeeping intervals, the batch geometry (the epoch continues at
+the same global position, `run_state.batches_to_skip`), where and how fast it runs, and the health checks.
+Everything else (the model's shapes and semantics, the data, the seed, the objective, what is trained, the
+metric `best` tracks) would make the resumed run a different run, so a change refuses with one line.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from torch.optim.lr_scheduler import LambdaLR
+
+from llada_trm.config import RunConfig, parse_config
+from llada_trm.errors import CheckpointError, ConfigError
+from llada_trm.run_checkpoint import CONFIG_FILE
+
+__all__ = ["RESUMABLE", "changed_settings", "check_config_changes", "resumable", "retarget_optimizer"]
+
+RESUMABLE: tuple[str, ...] = (
+    # the optimiser and its schedule: re-targeted on the restored optimizer and scheduler
+    "training.lr",
+    "training.backbone_lr",
+    "training.warmup_steps",
+    "training.warmup_ratio",
+    "training.min_lr_ratio",
+    "training.weight_decay",
+    "training.adam_eps",
+    "training.adam_betas",
+    "training.max_grad_norm",
+    # the run's length: the schedule decays towards the new total
+    "training.max_steps",
+    "training.num_epochs",
+    # the batch geometry: the epoch continues at the same global example position
+    "training.batch_size",
+    "training.gradient_accumulation_steps",
+    # bookkeeping and where it runs
+    "training.eval_every",
+    "training.log_every",
+    "training.save_every",
+    "training.device",
+    "training.mixed_precision",
+    "data.num_workers",
+    "data.pin_memory",
+    "output.dir",
+    "output.keep_last",
+    "advanced.gradient_checkpointing",
+    "advanced.compile",
+    "advanced.detect_anomaly",
+    "advanced.distributed",
+    "advanced.feature_cache_dir",
+    "advanced.health_checks",
+    "advanced.health.",  # every threshold of the health checks
+)
+"""Dotted settings a resume may change; an entry ending in '.' covers a whole section."""
+
+
+def resumable(key: str) -> bool:
+    return any(key == entry or (entry.endswith(".") and key.startswith(entry)) for entry in RESUMABLE)
+
+
+def changed_settings(saved: Mapping[str, Any], now: Mapping[str, Any]) -> list[tuple[str, Any, Any]]:
+    """(key, saved value, new value) for every dotted setting that differs between two flat configs."""
+    missing = object()
+    keys = sorted(set(saved) | set(now))
+    pairs = [(k, saved.get(k, missing), now.get(k, missing)) for k in keys]
+    return [(k, None if a is missing else a, None if b is missing else b) for k, a, b in pairs if a != b]
+
+
+def check_config_changes(directory: Path, config: RunConfig) -> list[str]:
+    """Compare this run's config with the checkpoint's: refuse a change outside `RESUMABLE` (one line
+    listing them all and the fix), return the allowed changes as 'key: old -> new'."""
+    changes = changed_settings(_saved_config(directory / CONFIG_FILE), _flatten(_plain(config)))
+    refused = [_show(change) for change in changes if not resumable(change[0])]
+    if refused:
+        shown = ", ".join(refused[:8]) + (f" (+{len(refused) - 8} more)" if len(refused) > 8 else "")
+        raise CheckpointError(
+            f"{directory}: {len(refused)} settings cannot change on resume: {shown}; --set them back to the "
+            "checkpoint's values, or start a new run (another output.dir, or --force without --resume) "
+            "initialised from it with training.init_from"
+        )
+    return [_show(change) for change in changes]
+
+
+def retarget_optimizer(
+    optimizer: torch.optim.Optimizer, scheduler: LambdaLR, fresh: Sequence[Mapping[str, Any]]
+) -> None:
+    """Put this run's hyperparameters back into a restored optimizer, and its base LRs into the scheduler.
+
+    `fresh` is every group's settings as this run's config built them, read before the checkpoint's state
+    was loaded over them. The next step's LR is recomputed from the new base LR and the restored schedule
+    position, exactly as `LambdaLR` computes it, so that an unchanged config resumes bit-identically and a
+    changed `training.lr` trains at the new LR from the resumed step on.
+    """
+    for group, settings in zip(optimizer.param_groups, fresh, strict=True):
+        group.update({key: value for key, value in settings.items() if key != "lr"})
+    scheduler.base_lrs = [group["initial_lr"] for group in optimizer.param_groups]
+    step = scheduler.last_epoch
+    groups = optimizer.param_groups
+    for group, base, factor in zip(groups, scheduler.base_lrs, scheduler.lr_lambdas, strict=True):
+        group["lr"] = base * factor(step)
+    scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
+
+
+# ------------------------------------------------------------------------------------------------ helpers
+
+
+def _saved_config(path: Path) -> dict[str, Any]:
+    """The checkpoint's config, flat, with this version's defaults filled in where it validates."""
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except (OSError, yaml.YAMLError) as exc:
+        raise CheckpointError(f"{path}: unreadable ({' '.join(str(exc).split())})") from None
+    try:
+        return _flatten(_plain(parse_config(raw, source=str(path))))
+    except ConfigError:
+        return _flatten(raw)  # an older schema: compare what it says
+
+
+def _plain(config: RunConfig) -> dict[str, Any]:
+    return yaml.safe_load(config.to_yaml())
+
+
+def _flatten(data: Any, prefix: str = "") -> dict[str, Any]:
+    """{'a': {'b': 1}} -> {'a.b': 1}."""
+    if not isinstance(data, dict):
+        return {prefix: data}
+    flat: dict[str, Any] = {}
+    for key, value in data.items():
+        flat.update(_flatten(value, f"{prefix}.{key}" if prefix else str(key)))
+    return flat
+
+
+def _show(change: tuple[str, Any, Any]) -> str:
+    key, old, new = change
+    return f"{key} ({old!r} -> {new!r})"
