@@ -261,7 +261,9 @@ def run_compare(
     started = time.perf_counter()
     out = Path(config.output.dir)
     ev, data, seeds = config.evaluation, config.run.data, config.seed_list()
-    claim_compare_dir(out, [out / f"seed{seed}" / kind for seed in seeds for kind in config.refiners], force=force)
+    claim_compare_dir(
+        out, [out / f"seed{seed}" / kind for seed in seeds for kind in config.refiners], force=force
+    )
     options = config.run.sampling.options()
     records = load_eval_records(
         data.dataset, ev.split, data_path=data.path, synthetic=synthetic_settings(data), limit=ev.n_problems
@@ -404,7 +406,8 @@ def _finish(
     files.append(plot_paired_comparison(report, out / SUMMARY_PNG))
     echo(
         f"\n{table}\n\n{statistics}\ntotal {elapsed / 60:.1f} min; wrote {out / SUMMARY_MD}, "
-        f"{out / SUMMARY_JSON}, {out / SUMMARY_PNG}" + (f", {out / ERRORS_JSON}" if errors else "")
+        f"{out / SUMMARY_JSON}, {out / SUMMARY_PNG}"
+        + (f", {out / ERRORS_JSON}" if errors else "")
         + " and each run's plots/"
     )
     return CompareResult(rows=rows, table=table, out_dir=out, files=files, elapsed_s=elapsed, report=report)
