@@ -22,7 +22,8 @@ import numpy as np
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from llada_trm.config import DataConfig, RunConfig
+from llada_trm.backbone.checkpoint import read_config
+from llada_trm.config import DataConfig, RunConfig, check_backbone_fit
 from llada_trm.data import (
     GSM8KRecord,
     SFTDataset,
@@ -201,6 +202,7 @@ def build_model(
     `error` and `where` as in `load_hybrid` (a checkpoint's loader names its config file).
     """
     backbone_dir = resolve_backbone_dir(config.model.backbone)
+    check_backbone_fit(config, read_config(backbone_dir), str(backbone_dir))  # before any weight loads
     model, tokenizer = load_hybrid(
         backbone_dir,
         hybrid_config(config),
@@ -275,7 +277,20 @@ def build_datasets(
             data.max_length,
         )
     evaluation = SFTDataset(tokenizer, eval_records, data.max_length) if eval_records else None
+    if evaluation is not None and evaluation.num_skipped and len(evaluation):
+        logger.warning(
+            "skipped %d of %d evaluation examples longer than data.max_length=%d; raise data.max_length to "
+            "validate on them",
+            evaluation.num_skipped,
+            len(eval_records),
+            data.max_length,
+        )
     if evaluation is not None and len(evaluation) == 0:
-        logger.warning("no evaluation example fits data.max_length=%d; validation is off", data.max_length)
+        logger.warning(
+            "none of the %d evaluation examples fits data.max_length=%d; validation is off (raise "
+            "data.max_length)",
+            len(eval_records),
+            data.max_length,
+        )
         evaluation = None
     return train, evaluation

@@ -14,7 +14,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Annotated, Any, Literal, TypeVar, get_type_hints
+from typing import TYPE_CHECKING, Annotated, Any, Literal, TypeVar, get_type_hints
 
 import yaml
 from pydantic import BaseModel, BeforeValidator, Field, ValidationError, create_model, model_validator
@@ -34,10 +34,14 @@ from llada_trm.schema import (
     PosFloat,
     PosInt,
     describe,
+    read_yaml,
     to_float,
     to_int,
 )
 from llada_trm.schema import Section as _Section
+
+if TYPE_CHECKING:
+    from llada_trm.backbone.config import LLaDAConfig
 
 __all__ = [
     "AdvancedConfig",
@@ -53,6 +57,7 @@ __all__ = [
     "TrainingConfig",
     "TrainingParamsConfig",
     "apply_overrides",
+    "check_backbone_fit",
     "load_config",
     "load_schema",
     "parse_config",
@@ -91,11 +96,23 @@ class ModelConfig(HybridConfig):
 # ---------------------------------------------------------------------------------------------------- data
 
 
-class SyntheticDataConfig(SyntheticTaskConfig):
-    """The generated task (`llada_trm.data.SyntheticTaskConfig`) and how many problems each split gets."""
+# Ceilings on sizes that no machine this package targets can use; past them a typo (an extra zero or
+# three) would run for hours or exhaust memory before failing. The backbone-dependent ones are checked
+# against the backbone in `check_backbone_fit`.
+MAX_PROBLEMS = 1_000_000
+MAX_BATCH_SIZE = 4096
 
-    n_train: PosInt = 2000
-    n_eval: NonNegInt = 100
+
+ProblemCount = Annotated[int, BeforeValidator(to_int), Field(ge=0, le=MAX_PROBLEMS)]
+BatchSize = Annotated[int, BeforeValidator(to_int), Field(ge=1, le=MAX_BATCH_SIZE)]
+
+
+class SyntheticDataConfig(SyntheticTaskConfig):
+    """The generated task (`llada_trm.data.SyntheticTaskConfig`) and how many problems each split gets
+    (each at most MAX_PROBLEMS; a task too small for the count is refused when the problems are drawn)."""
+
+    n_train: Annotated[ProblemCount, Field(ge=1)] = 2000
+    n_eval: ProblemCount = 100
 
 
 class DataConfig(_Section):
@@ -107,7 +124,7 @@ class DataConfig(_Section):
     )
     train_split: str = "train[:1000]"
     eval_split: str | None = "test[:100]"
-    max_length: PosInt = 256
+    max_length: PosInt = Field(default=256, description="at most the backbone's max_sequence_length")
     validation_seed: Int = Field(
         default=0,
         description="seed of the validation masks, fixed apart from training.seed so that runs with "
@@ -139,8 +156,8 @@ class TrainingConfig(_Section):
     lr: NonNegFloat = 5e-4
     backbone_lr: NonNegFloat = 1e-5
     unfreeze_last_n_layers: NonNegInt = 2
-    batch_size: PosInt = 4
-    gradient_accumulation_steps: PosInt = 1
+    batch_size: BatchSize = 4
+    gradient_accumulation_steps: BatchSize = 1
     num_epochs: PosInt = 1
     max_steps: PosInt | None = None
     warmup_steps: NonNegInt | None = None
@@ -310,6 +327,20 @@ class RunConfig(_Section):
         return yaml.dump(_plain(self.model_dump(mode="python")), Dumper=_Dumper, sort_keys=False, width=110)
 
 
+def check_backbone_fit(config: RunConfig, backbone: LLaDAConfig, where: str) -> None:
+    """The run's sizes against the backbone's positions, before any weight loads (`where` names it)."""
+    limit = backbone.max_sequence_length
+    if config.data.max_length > limit:
+        raise ConfigError(
+            f"data.max_length={config.data.max_length} exceeds the max_sequence_length={limit} of {where}; "
+            f"set data.max_length to 1..{limit}"
+        )
+    try:
+        config.model.check_backbone(backbone)
+    except ConfigError as exc:
+        raise ConfigError(f"model.{exc} (backbone {where})") from None
+
+
 # ----------------------------------------------------------------------------------------- loading, errors
 
 SchemaT = TypeVar("SchemaT", bound=BaseModel)
@@ -385,10 +416,7 @@ def load_schema(
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: config file not found")
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML ({_first_line(str(exc))})") from None
+    data = read_yaml(path)  # duplicate keys, alias bombs and non-UTF-8 bytes fail here, naming file:line
     return parse_config(data, source=str(path), overrides=list(overrides or ()), schema=schema)
 
 

@@ -7,17 +7,24 @@ dotted path in the file (`run.yaml: model.slot.n_heads: ...`).
 
 Numbers: PyYAML follows YAML 1.1, where `5e-4` (no dot) is a *string*; float fields therefore accept numeric
 strings, so `lr: 5e-4` means what it says. Torch-free on purpose: importing a schema stays cheap.
+
+YAML is read strictly (`read_yaml`): a key written twice in one mapping (a duplicated section too) is an
+error naming file:line, where PyYAML would silently keep the last one; anchors/aliases may expand to at most
+`MAX_YAML_NODES` nodes, so a "billion laughs" document fails at once instead of exhausting memory.
 """
 
 from __future__ import annotations
 
 import difflib
 from collections.abc import Collection, Mapping
+from pathlib import Path
 from typing import Annotated, Any
 
+import yaml
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
 
 from llada_trm.errors import ConfigError
+from llada_trm.text import read_utf8
 
 __all__ = [
     "Float",
@@ -29,6 +36,8 @@ __all__ = [
     "PosInt",
     "Section",
     "describe",
+    "parse_yaml",
+    "read_yaml",
     "to_float",
     "to_int",
 ]
@@ -199,3 +208,83 @@ def _section_fields(loc: list[str], schema: type[BaseModel]) -> list[str]:
             return []
         model = annotation
     return list(model.model_fields)
+
+
+# ------------------------------------------------------------------------------------------ strict YAML
+
+# Nodes a document may hold once its aliases are expanded: a run config has a few hundred; an alias bomb
+# (nine levels of nine aliases: 9**9 nodes) is refused before anything walks it.
+MAX_YAML_NODES = 100_000
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """SafeLoader that refuses a key repeated within one mapping (merge keys `<<` may still override)."""
+
+    source = "<yaml>"
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = self.construct_object(key_node, deep=True)
+            line = key_node.start_mark.line + 1
+            if isinstance(key, list | dict):
+                raise ConfigError(f"{self.source}:{line}: a mapping key must be a plain value")
+            if key in seen:
+                raise ConfigError(
+                    f"{self.source}:{line}: key {key!r} appears twice (first at line {seen[key]}); keep one"
+                )
+            seen[key] = line
+        return super().construct_mapping(node, deep=deep)
+
+
+def _expanded_size(node: yaml.Node, source: str) -> int:
+    """Nodes in the document once every alias is expanded (shared nodes counted once per use)."""
+    sizes: dict[int, int] = {}
+    in_progress: set[int] = set()
+
+    def size(current: yaml.Node) -> int:
+        key = id(current)
+        if key in sizes:
+            return sizes[key]
+        if key in in_progress:
+            line = current.start_mark.line + 1
+            raise ConfigError(f"{source}:{line}: an alias refers to the node that contains it; remove it")
+        in_progress.add(key)
+        if isinstance(current, yaml.MappingNode):
+            total = 1 + sum(size(k) + size(v) for k, v in current.value)
+        elif isinstance(current, yaml.SequenceNode):
+            total = 1 + sum(size(item) for item in current.value)
+        else:
+            total = 1
+        in_progress.discard(key)
+        sizes[key] = min(total, MAX_YAML_NODES + 1)
+        return sizes[key]
+
+    return size(node)
+
+
+def parse_yaml(text: str, source: str = "<yaml>") -> Any:
+    """One YAML document, strictly (see the module docstring); errors are one-line `ConfigError`s."""
+    loader = _StrictLoader(text)
+    loader.source = source
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        if _expanded_size(node, source) > MAX_YAML_NODES:
+            raise ConfigError(
+                f"{source}: its anchors/aliases expand to more than {MAX_YAML_NODES} nodes; write the "
+                "values out instead of nesting aliases"
+            )
+        return loader.construct_document(node)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{source}: not valid YAML ({' '.join(str(exc).split())})") from None
+    finally:
+        loader.dispose()
+
+
+def read_yaml(path: str | Path) -> Any:
+    """A YAML file, strictly; non-UTF-8 bytes are an error naming file:line."""
+    return parse_yaml(read_utf8(path, ConfigError), str(path))

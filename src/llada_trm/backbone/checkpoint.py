@@ -84,11 +84,16 @@ def read_config(path: str | Path) -> LLaDAConfig:
     return LLaDAConfig.from_json_file(config_file)
 
 
-def _read_header(file: Path) -> dict[str, tuple[int, ...]]:
-    """Tensor names and shapes of one safetensors file, without reading the data."""
+# safetensors' dtype names of the floating types; anything else (I64, BOOL, ...) cannot be a weight.
+_FLOAT_DTYPES = {"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"}
+
+
+def _read_header(file: Path) -> dict[str, tuple[tuple[int, ...], str]]:
+    """Tensor names, shapes and dtype names of one safetensors file, without reading the data."""
     try:
         with safe_open(str(file), framework="pt") as f:
-            return {key: tuple(f.get_slice(key).get_shape()) for key in f.keys()}
+            slices = {key: f.get_slice(key) for key in f.keys()}
+            return {key: (tuple(s.get_shape()), s.get_dtype()) for key, s in slices.items()}
     except (SafetensorError, OSError, ValueError) as err:
         raise CheckpointError(f"cannot read safetensors file {file}: {err} (corrupt or truncated?)") from None
 
@@ -120,9 +125,12 @@ def _listing(items: list[str]) -> str:
 
 
 def _check_against_model(
-    model: nn.Module, weight_map: dict[str, Path], headers: dict[Path, dict[str, tuple[int, ...]]], path: Path
+    model: nn.Module,
+    weight_map: dict[str, Path],
+    headers: dict[Path, dict[str, tuple[tuple[int, ...], str]]],
+    path: Path,
 ) -> None:
-    """Raise one CheckpointError listing every missing, unexpected and mis-shaped tensor."""
+    """Raise one CheckpointError listing every missing, unexpected, mis-shaped and non-floating tensor."""
     expected = {key: tuple(t.shape) for key, t in model.state_dict().items()}
     problems = []
     missing = sorted(set(expected) - set(weight_map))
@@ -132,16 +140,21 @@ def _check_against_model(
     if unexpected:
         lines = [f"{key} (in {weight_map[key].name})" for key in unexpected]
         problems.append(f"  unexpected in the checkpoint ({len(unexpected)}):" + _listing(lines))
-    mismatched, not_in_shard = [], []
+    mismatched, not_in_shard, not_float = [], [], []
+    floating = {key for key, t in model.state_dict().items() if t.is_floating_point()}
     for key in sorted(set(expected) & set(weight_map)):
         file = weight_map[key]
         found = headers[file].get(key)
         if found is None:
             not_in_shard.append(f"{key} (index points to {file.name})")
-        elif found != expected[key]:
-            mismatched.append(f"{key}: model expects {expected[key]}, {file.name} has {found}")
+        elif found[0] != expected[key]:
+            mismatched.append(f"{key}: model expects {expected[key]}, {file.name} has {found[0]}")
+        elif key in floating and found[1] not in _FLOAT_DTYPES:
+            not_float.append(f"{key}: {found[1]} in {file.name}")
     if mismatched:
         problems.append(f"  wrong shape ({len(mismatched)}):" + _listing(mismatched))
+    if not_float:
+        problems.append(f"  not floating-point, cannot be weights ({len(not_float)}):" + _listing(not_float))
     if not_in_shard:
         header = f"  listed in {INDEX_NAME} but absent from the shard ({len(not_in_shard)}):"
         problems.append(header + _listing(not_in_shard))
@@ -173,17 +186,28 @@ def load_weights(
     headers = {file: _read_header(file) for file in files}
     _check_against_model(model, weight_map, headers, path)
 
+    non_finite: list[str] = []
     for file in files:
         keys = [key for key, f in weight_map.items() if f == file]
         try:
             with safe_open(str(file), framework="pt", device="cpu") as f:
                 for key in keys:
                     tensor = f.get_tensor(key)
+                    if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+                        non_finite.append(f"{key} (in {file.name})")
+                        continue
                     if target_dtype is not None and tensor.is_floating_point():
                         tensor = tensor.to(target_dtype)
                     _set_tensor(model, key, tensor.to(target_device))
         except (SafetensorError, OSError) as err:
             raise CheckpointError(f"cannot read tensors from {file}: {err} (corrupt or truncated?)") from None
+    if non_finite:
+        # A NaN weight makes every loss NaN; named here it is not mistaken for a learning-rate problem.
+        shown = ", ".join(non_finite[:_MAX_LISTED]) + (", ..." if len(non_finite) > _MAX_LISTED else "")
+        raise CheckpointError(
+            f"checkpoint {path} holds NaN/inf weights in {len(non_finite)} tensor(s): {shown}; the backbone "
+            "is broken, re-download or re-train it"
+        )
 
     left = [name for name, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
     if left:

@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import logging
 import os
 import re
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+
+from llada_trm.text import decode_utf8
 
 __all__ = [
     "DataError",
@@ -25,6 +28,7 @@ __all__ = [
     "load_gsm8k",
     "read_jsonl",
     "read_parquet",
+    "warn_unanswered",
     "write_jsonl",
 ]
 
@@ -33,6 +37,7 @@ _JSONL_SUFFIXES = (".jsonl", ".json")
 _PARQUET_SUFFIXES = (".parquet",)
 _DATASET_NAME = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
 _FINAL_ANSWER = re.compile(r"####\s*(.+?)\s*$", re.DOTALL)
+logger = logging.getLogger("llada_trm")
 
 
 class DataError(ValueError):
@@ -57,6 +62,8 @@ class GSM8KRecord:
 
     question: str
     answer: str
+    # Where the record was read (`file:line`, `file: row n`), for messages; not part of its value.
+    origin: str | None = field(default=None, compare=False, repr=False)
 
     @property
     def final_answer(self) -> str | None:
@@ -144,15 +151,17 @@ def _record_from_row(row: object, where: str) -> GSM8KRecord:
             raise DataError(f"{where}: missing key {key!r}")
         if not isinstance(row[key], str):
             raise DataError(f"{where}: key {key!r} must be a string, got {type(row[key]).__name__}")
-    return GSM8KRecord(question=row["question"], answer=row["answer"])
+    return GSM8KRecord(question=row["question"], answer=row["answer"], origin=where)
 
 
 def read_jsonl(path: str | os.PathLike[str]) -> list[GSM8KRecord]:
-    """Read one record per line; blank lines are skipped, anything else malformed names its file:line."""
+    """Read one record per line; blank lines are skipped, anything else malformed (invalid JSON, non-UTF-8
+    bytes, a missing key) names its file:line."""
     path = Path(path)
     records = []
-    with path.open("r", encoding="utf-8") as handle:
-        for lineno, line in enumerate(handle, start=1):
+    with path.open("rb") as handle:
+        for lineno, raw in enumerate(handle, start=1):
+            line = decode_utf8(raw, path, DataError, first_line=lineno)
             if not line.strip():
                 continue
             try:
@@ -306,4 +315,22 @@ def load_gsm8k(
     selected = apply_split(records, selection)
     if not selected:
         raise DataError(f"split {split!r} selects no records from {source} ({len(records)} records)")
+    warn_unanswered(selected, f"{source} {split}")
     return selected
+
+
+def warn_unanswered(records: Sequence[GSM8KRecord], what: str) -> int:
+    """Warn (count and first file:line) about answers without a `#### n` line: they cannot be scored, so
+    every prediction for them counts as wrong. Returns the count."""
+    missing = [record for record in records if record.final_answer is None]
+    if missing:
+        first = missing[0].origin or f"question {missing[0].question[:40]!r}"
+        logger.warning(
+            "%s: %d of %d answers have no '#### <number>' line (first at %s); they are scored as wrong, "
+            "end each answer with '#### <number>'",
+            what,
+            len(missing),
+            len(records),
+            first,
+        )
+    return len(missing)

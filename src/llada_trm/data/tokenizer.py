@@ -23,6 +23,8 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, 
 from torch import Tensor
 from transformers import AutoTokenizer, PretrainedConfig, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
+from llada_trm.text import read_utf8
+
 __all__ = [
     "BOS_TOKEN",
     "EOS_TOKEN",
@@ -160,6 +162,11 @@ def save_tokenizer(tokenizer: PreTrainedTokenizerBase, out_dir: str | os.PathLik
 def load_tokenizer(path: str | os.PathLike[str], **kwargs: object) -> PreTrainedTokenizerBase:
     """``AutoTokenizer.from_pretrained(path)`` for our tokenizer or LLaDA-8B's; checks the mask token.
 
+    Loading never runs code from the folder: a ``tokenizer_config.json`` that names custom code (``auto_map``)
+    is refused before transformers sees it, and ``trust_remote_code=False`` is passed anyway, so transformers
+    neither prompts nor imports a Python file, whatever stdin holds. Every failure is a one-line
+    ``ValueError`` naming the folder.
+
     A backbone directory's ``config.json`` describes a ``llada`` model, which transformers does not know: left
     to itself, ``AutoTokenizer`` reads it as a generic model config and warns "You are using a model of type
     `llada` to instantiate a model of type ``". Our tokenizer folders name their class in
@@ -168,10 +175,38 @@ def load_tokenizer(path: str | os.PathLike[str], **kwargs: object) -> PreTrained
     directory = Path(path)
     if not any((directory / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json")):
         raise FileNotFoundError(f"{directory}: not a tokenizer folder (no tokenizer.json)")
+    _refuse_custom_code(directory)
+    if kwargs.get("trust_remote_code"):
+        raise ValueError("load_tokenizer never runs code from a model folder; drop trust_remote_code")
+    kwargs["trust_remote_code"] = False
     kwargs.setdefault("config", PretrainedConfig())
-    tokenizer = AutoTokenizer.from_pretrained(str(directory), **kwargs)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(directory), **kwargs)
+    except (OSError, ValueError, TypeError, KeyError, AttributeError, ImportError) as exc:
+        # transformers' own messages run over several lines; one line naming the folder is enough here.
+        text = " ".join(str(exc).split())[:300] or type(exc).__name__
+        raise ValueError(f"{directory}: cannot load the tokenizer ({text})") from None
     mask_token_id(tokenizer)
     return tokenizer
+
+
+def _refuse_custom_code(directory: Path) -> None:
+    """A tokenizer config naming its own Python classes (``auto_map``) would need that code run: refuse."""
+    config_file = directory / "tokenizer_config.json"
+    if not config_file.is_file():
+        return
+    try:
+        config = json.loads(read_utf8(config_file, ValueError))
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{config_file}:{exc.lineno}: invalid JSON ({exc.msg})") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"{config_file}: expected a JSON object, got {type(config).__name__}")
+    if config.get("auto_map"):
+        raise ValueError(
+            f"{config_file}: names custom tokenizer code (auto_map {json.dumps(config['auto_map'])}); "
+            "llada-trm never runs code from a model folder, use a tokenizer.json with tokenizer_class "
+            "PreTrainedTokenizerFast"
+        )
 
 
 @dataclass(frozen=True)

@@ -15,6 +15,12 @@ LLADA_EOS_ID = 126081
 LLADA_EOT_ID = 126348
 REMASKING_STRATEGIES = ("low_confidence", "random")
 CACHE_MODES = ("prefix", "dual")
+# Ceilings that hold whatever the model: no LLaDA backbone has more positions than MAX_GEN_LENGTH (nor
+# needs more steps), and a batch beyond MAX_BATCH_SIZE prompts only exhausts memory. The backbone's own
+# max_sequence_length bounds prompt + gen_length where the prompts are known (`evaluate_model`).
+MAX_GEN_LENGTH = 32768
+MAX_STEPS = 32768
+MAX_BATCH_SIZE = 4096
 
 # Token ids are facts of the model's tokenizer, not sampling choices: `to_dict` leaves them out, so a
 # summary never records LLaDA-8B's ids for a run that used another tokenizer's.
@@ -53,6 +59,12 @@ class SamplingOptions:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if self.gen_length > MAX_GEN_LENGTH:
+            raise ValueError(f"gen_length must be in 1..{MAX_GEN_LENGTH}, got {self.gen_length}")
+        if self.batch_size > MAX_BATCH_SIZE:
+            raise ValueError(f"batch_size must be in 1..{MAX_BATCH_SIZE}, got {self.batch_size}")
+        if self.steps > MAX_STEPS:
+            raise ValueError(f"steps must be in 1..{MAX_STEPS}, got {self.steps}")
         if self.gen_length % self.block_length:
             raise ValueError(
                 f"gen_length ({self.gen_length}) must be a multiple of block_length ({self.block_length})"

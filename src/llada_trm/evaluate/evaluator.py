@@ -24,7 +24,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
-from llada_trm.data import GSM8KRecord, prompt_batch, special_token_ids
+from llada_trm.data import GSM8KRecord, encode_prompt, prompt_batch, special_token_ids
 from llada_trm.data.tokenizer import decode_generated
 from llada_trm.diffusion import SamplingOptions, sample
 from llada_trm.diffusion.denoiser import add_stats, refines_masked_positions
@@ -126,6 +126,41 @@ def _score(record: GSM8KRecord, completion: str, index: int) -> dict[str, Any]:
     }
 
 
+def _max_positions(model: Any) -> int | None:
+    """The backbone's max_sequence_length (a hybrid's, or a plain LLaDAModel's); None when unknown."""
+    backbone = getattr(model, "backbone", model)
+    return getattr(getattr(backbone, "config", None), "max_sequence_length", None)
+
+
+def check_lengths(
+    model: Any, tokenizer: PreTrainedTokenizerBase, records: Sequence[GSM8KRecord], options: SamplingOptions
+) -> None:
+    """Refuse a prompt + gen_length beyond the backbone's positions before anything is allocated: past them
+    the positions are ones the model never saw, and the answers come out empty or garbage."""
+    limit = _max_positions(model)
+    if not isinstance(limit, int):
+        return
+    lengths = [len(encode_prompt(tokenizer, record.question)) for record in records]
+    longest = max(range(len(records)), key=lengths.__getitem__)
+    total = lengths[longest] + options.gen_length
+    if total <= limit:
+        return
+    record = records[longest]
+    where = record.origin or f"question {longest}"
+    room = limit - lengths[longest]
+    fix = (
+        f"lower gen_length (--gen-length) to at most {room} (a multiple of block_length) or shorten the "
+        "question"
+        if room >= 1
+        else "the prompt alone fills the backbone's positions; shorten the question"
+    )
+    prompt = lengths[longest]
+    raise ValueError(
+        f"{where}: a {prompt}-token prompt + gen_length {options.gen_length} = {total} positions exceed the "
+        f"backbone's max_sequence_length {limit}; {fix}"
+    )
+
+
 @torch.no_grad()
 def evaluate_model(  # noqa: PLR0913 - cli.py and compare.py pass every keyword
     model: Any,
@@ -148,6 +183,7 @@ def evaluate_model(  # noqa: PLR0913 - cli.py and compare.py pass every keyword
     if not records:
         raise ValueError("evaluate_model needs at least one record")
     options = options or SamplingOptions()
+    check_lengths(model, tokenizer, records, options)
     ids = special_token_ids(tokenizer)
     mask_id = getattr(model, "mask_token_id", ids.mask)
     sampling = replace(options, mask_id=mask_id, eos_id=ids.eos, eot_id=ids.eot)

@@ -6,15 +6,22 @@ The one definition of these knobs: the run config's `model:` section is this cla
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
-from pydantic import Field, model_validator
+from pydantic import BeforeValidator, Field, model_validator
 
 from llada_trm.errors import ConfigError
 from llada_trm.refiners.config import MLPSettings, SlotSettings
-from llada_trm.schema import Int, NonNegFloat, NonNegInt, PosInt, Section
+from llada_trm.schema import Int, NonNegFloat, NonNegInt, PosInt, Section, to_int
 
-__all__ = ["ACTIVE_CHOICES", "INTEGRATION_CHOICES", "REFINER_CHOICES", "HybridConfig"]
+if TYPE_CHECKING:
+    from llada_trm.backbone.config import LLaDAConfig
+
+__all__ = ["ACTIVE_CHOICES", "INTEGRATION_CHOICES", "MAX_RECURSIVE_STEPS", "REFINER_CHOICES", "HybridConfig"]
+
+# K's ceiling. The refiners are trained and run with K in 1..16; each step is a refiner pass plus an LM-head
+# pass over the refined chunks, kept for deep supervision, so a K in the thousands only exhausts memory.
+MAX_RECURSIVE_STEPS = 64
 
 RefinerKind = Literal["none", "mlp", "slot"]
 Integration = Literal["replace", "hybrid", "cascade"]
@@ -33,10 +40,11 @@ class HybridConfig(Section):
         `active_refiner` (A/B comparison from one checkpoint, switchable at run time); 'cascade' builds both
         and runs the MLP for coarse corrections, then the slot refiner.
     active_refiner: the refiner 'hybrid' runs; ignored by the other integrations.
-    max_recursive_steps: K, the step budget. In 'cascade' the budget is split, not doubled: the first
-        `cascade_mlp_steps` steps (default K // 2) are the MLP's and the rest the slot refiner's, so
-        `step_logits` always has K entries and cascade costs about what 'replace' does.
-    chunk_size: positions per chunk along the sequence (the last chunk may be shorter).
+    max_recursive_steps: K, the step budget, 0..MAX_RECURSIVE_STEPS (64). In 'cascade' the budget is split,
+        not doubled: the first `cascade_mlp_steps` steps (default K // 2) are the MLP's and the rest the slot
+        refiner's, so `step_logits` always has K entries and cascade costs about what 'replace' does.
+    chunk_size: positions per chunk along the sequence (the last chunk may be shorter); at most the
+        backbone's max_sequence_length (`check_backbone`).
     confidence_threshold: a chunk whose confidence (mean max-softmax probability of the backbone over its
         masked positions) is below this is refined. Default 0.5, the original system's `min_confidence`: on
         masked positions a max probability under one half means the backbone has no clear favourite. 0 refines
@@ -59,7 +67,7 @@ class HybridConfig(Section):
     refiner: RefinerKind = "slot"
     integration: Integration = "replace"
     active_refiner: ActiveKind = "slot"
-    max_recursive_steps: NonNegInt = 4
+    max_recursive_steps: Annotated[int, BeforeValidator(to_int), Field(ge=0, le=MAX_RECURSIVE_STEPS)] = 4
     cascade_mlp_steps: NonNegInt | None = None
     chunk_size: PosInt = 16
     confidence_threshold: NonNegFloat = 0.5
@@ -86,6 +94,15 @@ class HybridConfig(Section):
             raise ValueError(f"context_layers lists a layer twice: {layers}")
         return self
 
+    def check_backbone(self, backbone: LLaDAConfig) -> None:
+        """Sizes this config can only be judged against the backbone's: checked before weights load."""
+        limit = backbone.max_sequence_length
+        if self.chunk_size > limit:
+            raise ConfigError(
+                f"chunk_size={self.chunk_size} exceeds the backbone's max_sequence_length={limit}; "
+                f"set chunk_size to 1..{limit}"
+            )
+
     @property
     def refiner_kinds(self) -> tuple[str, ...]:
         """The refiners this configuration builds, in the order they run in a cascade."""
@@ -96,8 +113,8 @@ class HybridConfig(Section):
     def schedule(self, num_steps: int | None = None, active_refiner: str | None = None) -> list[str]:
         """The refiner that runs at each of the K steps."""
         k = self.max_recursive_steps if num_steps is None else num_steps
-        if isinstance(k, bool) or not isinstance(k, int) or k < 0:
-            raise ConfigError(f"num_steps must be an int >= 0, got {k!r}")
+        if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k <= MAX_RECURSIVE_STEPS:
+            raise ConfigError(f"num_steps must be an int in 0..{MAX_RECURSIVE_STEPS}, got {k!r}")
         if self.integration == "replace":
             return [self.refiner] * k if self.refiner != "none" else []
         if self.integration == "hybrid":

@@ -28,6 +28,7 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from llada_trm.backbone import LLaDAModel
+from llada_trm.backbone.checkpoint import read_config
 from llada_trm.backbone.kv_cache import KVCache
 from llada_trm.errors import CheckpointError, ConfigError
 from llada_trm.hybrid.chunking import WindowChunks, chunk_stats, max_probability
@@ -54,6 +55,7 @@ class LLaDATRMHybrid(nn.Module):
         self.backbone = backbone
         self.config = config
         bb = backbone.config
+        config.check_backbone(bb)
         self.mask_token_id = bb.mask_token_id
         # Only the slot refiner reads backbone contexts; without it they are not even requested.
         wanted = config.context_layers if "slot" in config.refiner_kinds else None
@@ -96,6 +98,8 @@ class LLaDATRMHybrid(nn.Module):
         The backbone takes `dtype`; the refiners stay float32 (they cast their inputs), so the small trained
         part keeps full-precision weights even next to a bf16 backbone.
         """
+        if config is not None:  # sizes the backbone cannot take fail before its weights load
+            config.check_backbone(read_config(backbone_dir))
         backbone = LLaDAModel.from_pretrained(backbone_dir, dtype=dtype, device=device)
         return cls(backbone, config)
 

@@ -226,8 +226,21 @@ class FeatureCache(Dataset):
             raise IndexError(f"example {index} is outside the cache's {self.num_examples} examples")
         shard, local = divmod(index, self.examples_per_shard)
         if shard not in self._handles:
-            self._handles[shard] = safe_open(str(self.directory / shard_name(shard)), framework="pt")
+            path = self.directory / shard_name(shard)
+            try:
+                self._handles[shard] = safe_open(str(path), framework="pt")
+            except (SafetensorError, OSError) as exc:
+                raise self._corrupt(path, exc) from None
         return self._handles[shard], local
+
+    def _corrupt(self, path: Path, exc: BaseException) -> StaleFeatureCacheError:
+        """One line naming the shard and the command that rebuilds the cache."""
+        reason = " ".join(str(exc).split())[:200]
+        return StaleFeatureCacheError(
+            f"{path}: corrupt feature-cache shard ({reason}); rebuild the cache with `llada-trm cache "
+            "--config "
+            f"<config> --rebuild` (or `rm -r {self.directory}`)"
+        )
 
     def __getitem__(self, item: tuple[int, int]) -> dict[str, Tensor]:
         """One (example, draw): hidden_states [L, D], contexts [L, Dc], masked [L], p_mask [], input_ids [L],
@@ -236,15 +249,18 @@ class FeatureCache(Dataset):
         if not 0 <= draw < self.n_draws:
             raise IndexError(f"draw {draw} is outside the cache's {self.n_draws} draws")
         handle, local = self._shard(index)
-        out = {
-            "hidden_states": handle.get_slice("hidden_states")[local, draw],
-            "masked": handle.get_slice("masked")[local, draw],
-            "p_mask": handle.get_slice("p_mask")[local, draw],
-            "input_ids": handle.get_slice("input_ids")[local].long(),
-            "prompt_lengths": handle.get_slice("prompt_lengths")[local],
-        }
-        if self.has_contexts:
-            out["contexts"] = handle.get_slice("contexts")[local, draw]
+        try:
+            out = {
+                "hidden_states": handle.get_slice("hidden_states")[local, draw],
+                "masked": handle.get_slice("masked")[local, draw],
+                "p_mask": handle.get_slice("p_mask")[local, draw],
+                "input_ids": handle.get_slice("input_ids")[local].long(),
+                "prompt_lengths": handle.get_slice("prompt_lengths")[local],
+            }
+            if self.has_contexts:
+                out["contexts"] = handle.get_slice("contexts")[local, draw]
+        except (SafetensorError, OSError, ValueError, IndexError, RuntimeError) as exc:
+            raise self._corrupt(self.directory / shard_name(index // self.examples_per_shard), exc) from None
         return out
 
     def collate(self, items: Sequence[Mapping[str, Tensor]]) -> dict[str, Tensor]:
