@@ -27,6 +27,8 @@ from llada_trm.hybrid.chunking import chunk_sum
 from llada_trm.training import LossWeights, Trainer, diffusion_objective
 from llada_trm.training.feature_cache import (
     FeatureCache,
+    FeatureSpec,
+    NoiseSpec,
     StaleFeatureCacheError,
     backbone_fingerprint,
     build_feature_cache,
@@ -69,19 +71,12 @@ def make_model(backbone_dir: Path, threshold: float = 1.5) -> LLaDATRMHybrid:
 
 
 def manifest_for(model, backbone_dir, dataset, *, draws=2, dtype=torch.float32, seed=SEED, examples=None):
-    bb = model.backbone.config
     return expected_manifest(
         backbone=backbone_fingerprint(backbone_dir),
         examples=dataset.examples if examples is None else examples,
         pad_id=dataset.pad_id,
-        mask_id=model.mask_token_id,
-        seed=seed,
-        n_draws=draws,
-        cache_dtype=dtype,
-        compute="float32",
-        context_layers=model.context_layers,
-        d_model=bb.d_model,
-        context_dim=bb.n_heads * bb.head_dim,
+        noise=NoiseSpec(seed=seed, n_draws=draws, mask_id=model.mask_token_id),
+        features=FeatureSpec.for_model(model, dtype, "float32"),
     )
 
 
