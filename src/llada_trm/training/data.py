@@ -12,10 +12,11 @@ from collections.abc import Iterator
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
+from llada_trm.config import RunConfig
 from llada_trm.data import SFTDataset
 from llada_trm.diffusion.forward_process import draw_for_epoch
 
-__all__ = ["DrawSampler", "EpochSampler", "make_loader"]
+__all__ = ["DrawSampler", "EpochSampler", "make_loader", "run_loaders"]
 
 
 class EpochSampler(DistributedSampler):
@@ -99,3 +100,22 @@ def make_loader(
         generator=torch.Generator().manual_seed(seed),
         drop_last=False,
     )
+
+
+def run_loaders(
+    config: RunConfig, train: Dataset, order: Sampler, eval_set: Dataset | None, device: torch.device
+) -> tuple[DataLoader, DataLoader | None]:
+    """The run's loaders: `train` read in `order` (the epoch sampler, or its (example, draw) pairs for the
+    feature cache) and the validation set, if any, in dataset order."""
+    data, t = config.data, config.training
+    options = {
+        "batch_size": t.batch_size,
+        "num_workers": data.num_workers,
+        "pin_memory": data.pin_memory and device.type == "cuda",
+        "seed": t.seed,
+    }
+    train_loader = make_loader(train, sampler=order, **options)
+    if eval_set is None:
+        return train_loader, None
+    in_order = EpochSampler(len(eval_set), seed=t.seed, shuffle=False)
+    return train_loader, make_loader(eval_set, sampler=in_order, **options)

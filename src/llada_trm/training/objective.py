@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from llada_trm.config import TrainingParamsConfig
 from llada_trm.diffusion import forward_process, masked_diffusion_loss
 from llada_trm.hybrid import BackboneFeatures, HybridOutput, expand_chunks
 
@@ -30,6 +31,15 @@ class LossWeights:
     deep_supervision: float = 0.3
     orthogonality: float = 0.01
     calibration: float = 0.0
+
+    @classmethod
+    def from_params(cls, params: TrainingParamsConfig) -> LossWeights:
+        """The weights a run's `training_params` section sets."""
+        return cls(
+            deep_supervision=params.deep_supervision_weight,
+            orthogonality=params.orthogonality_weight,
+            calibration=params.confidence_calibration_weight,
+        )
 
 
 @dataclass
@@ -50,7 +60,6 @@ def diffusion_objective(
     *,
     mask_id: int,
     weights: LossWeights,
-    generator: torch.Generator | None = None,
     backbone_frozen: bool = False,
     chunk_size: int | None = None,
     noise: tuple[Tensor, Tensor, Tensor] | None = None,
@@ -68,7 +77,7 @@ def diffusion_objective(
     """
     input_ids = batch["input_ids"]
     if noise is None:
-        noise = forward_process(input_ids, batch["prompt_lengths"], mask_id, generator=generator)
+        noise = forward_process(input_ids, batch["prompt_lengths"], mask_id)
     noisy, masked, p_mask = noise
     answer_lengths = batch["answer_lengths"]
 

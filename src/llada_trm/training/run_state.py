@@ -58,7 +58,7 @@ def save_run(trainer: Any, name: str) -> Path | None:
     names = list(dict.fromkeys([*trainer.plan.trainable_names, *trainer.init_names, *refiner]))
     weights = full_state_dict(trainer.model, names)
     optimizer = optimizer_state(trainer.model, trainer.optimizer)
-    window_sums, window_counts = reduce_sums(trainer._window.sums, trainer._window.counts)
+    window_sums, window_counts = reduce_sums(trainer._window.terms.sums, trainer._window.terms.counts)
     if not is_main_process():
         return None
     train_state = trainer.state.to_dict()
@@ -129,10 +129,10 @@ def restore_run(trainer: Any, path: str | Path) -> Path:
     )
     trainer.health.load_state_dict(state.get("health", {}))
     window = state.get("log_window") or {}
-    trainer._window = Averager()
+    trainer._window.terms = Averager()
     if is_main_process():  # the saved window already sums every rank's micro-batches
-        trainer._window.sums.update(window.get("sums", {}))
-        trainer._window.counts.update(window.get("counts", {}))
+        trainer._window.terms.sums.update(window.get("sums", {}))
+        trainer._window.terms.counts.update(window.get("counts", {}))
     # The restored groups carry the saved run's lr, betas, weight decay: this run's config applies instead
     # (identical values when nothing changed, so an unchanged resume stays bit-identical).
     retarget_optimizer(trainer.optimizer, trainer.scheduler, fresh)

@@ -24,13 +24,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch.utils.data import Dataset, Sampler
 from tqdm.auto import tqdm
 
 from llada_trm.build import (
-    apply_backbone_options,
-    backbone_dtype,
     build_datasets,
-    build_model,
     hybrid_config,
     resolve_backbone_dir,
     resolve_device,
@@ -42,38 +40,36 @@ from llada_trm.config import RunConfig, load_config, save_config
 from llada_trm.diffusion.forward_process import draw_noise
 from llada_trm.errors import ConfigError
 from llada_trm.training.checkpoint import TrainState, prune_snapshots
-from llada_trm.training.data import DrawSampler, EpochSampler, make_loader
+from llada_trm.training.data import DrawSampler, EpochSampler, run_loaders
 from llada_trm.training.distributed import (
-    TrainStep,
     all_finite,
     broadcast_object,
     clip_grad_norm,
     gradient_sync,
     is_main_process,
     rank,
-    reduce_sums,
-    resolve_strategy,
     sync_ignored_gradients,
     unsharded,
     world_size,
-    wrap_run,
 )
 from llada_trm.training.feature_cache import (
-    FeatureCache,
     cached_features,
-    prepare_feature_cache,
-    require_frozen_backbone,
 )
-from llada_trm.training.freezing import freeze_for_run, set_train_mode
+from llada_trm.training.freezing import set_train_mode
 from llada_trm.training.health import HealthMonitor, non_finite_error
-from llada_trm.training.init_from import init_from_config
-from llada_trm.training.metrics import TRAIN_COLUMNS, Averager, MetricsWriter
-from llada_trm.training.objective import LossWeights, diffusion_objective
+from llada_trm.training.log_window import LogWindow, learning_rates
+from llada_trm.training.metrics import TRAIN_COLUMNS, MetricsWriter
 from llada_trm.training.run_dir import claim_run_dir, lock_for_run
+from llada_trm.training.run_setup import build_run_optimizer, build_training_model, feature_cache_for_run
 from llada_trm.training.run_state import restore_run, run_summary, save_run
-from llada_trm.training.schedule import build_optimizer, build_scheduler, resolve_warmup_steps
 from llada_trm.training.stats import forward_statistics, parameter_statistics
-from llada_trm.training.validation import SampledValidation, check_save_best, validate, validation_columns
+from llada_trm.training.validation import (
+    SampledValidation,
+    check_save_best,
+    improves,
+    validate,
+    validation_columns,
+)
 
 __all__ = [
     "Trainer",
@@ -111,70 +107,29 @@ class Trainer:
         self._setup_state()  # last: the health monitor and report read everything above
 
     def _setup_model(self) -> None:
-        """Backbone + refiners from `model.backbone`, `training.init_from`, then the phase's freezing."""
-        config = self.config
-        built = build_model(config, device=self.device, dtype=backbone_dtype(config, self.amp_dtype))
-        self.tokenizer, self.model = built.tokenizer, built.model
-        self.backbone_dir = built.backbone_dir
+        """Backbone + refiners, `training.init_from`, the phase's freezing and the wrapped objective."""
+        built = build_training_model(self.config, self.device, self.amp_dtype, say=self._say)
+        self.tokenizer, self.model, self.backbone_dir = built.tokenizer, built.model, built.backbone_dir
+        self.init_names, self.plan, self.weights = built.init_names, built.plan, built.weights
+        self.strategy, self.engine = built.strategy, built.engine
         self.mask_id = self.model.mask_token_id
-        # init_from loads before any wrapping or sharding; the loaded names are saved by this run's
-        # checkpoints too, trained or not (a phase-1 run from a phase-3 checkpoint keeps its backbone).
-        loaded = init_from_config(self.model, config)
-        self.init_names: list[str] = loaded.names if loaded is not None else []
-        if loaded is not None:
-            self._say(f"initialised {len(loaded.names)} tensors from {loaded.directory} (training.init_from)")
-        apply_backbone_options(self.model, config)
-        self.plan = freeze_for_run(self.model, config)
-        p = config.training_params
-        self.weights = LossWeights(
-            deep_supervision=p.deep_supervision_weight,
-            orthogonality=p.orthogonality_weight,
-            calibration=p.confidence_calibration_weight,
-        )
-        # Last: FSDP swaps every parameter for its shard, and the optimizer is built from what it leaves.
-        self.strategy = resolve_strategy(config.advanced.distributed, phase=config.training.phase)
-        step = TrainStep(
-            self.model,
-            diffusion_objective,
-            mask_id=self.mask_id,
-            weights=self.weights,
-            backbone_frozen=self.plan.backbone_frozen,
-            chunk_size=config.model.chunk_size,
-        )
-        self.engine = wrap_run(step, self.plan, self.strategy, device=self.device, param_dtype=self.amp_dtype)
 
     def _setup_data(self) -> None:
         """Datasets, the resumable sampler and the loaders; the epoch geometry follows from them."""
-        data, t = self.config.data, self.config.training
-        self.train_set, self.eval_set = build_datasets(data, self.tokenizer)
+        t = self.config.training
+        self.train_set, self.eval_set = build_datasets(self.config.data, self.tokenizer)
         self.sampler = EpochSampler(len(self.train_set), seed=t.seed, rank=rank(), world_size=world_size())
-        loader_args = {
-            "batch_size": t.batch_size,
-            "num_workers": data.num_workers,
-            "pin_memory": data.pin_memory and self.device.type == "cuda",
-            "seed": t.seed,
-        }
-        self.feature_cache: FeatureCache | None = None
-        if self.config.advanced.feature_cache:  # phase 1 reads the backbone's outputs from disk
-            require_frozen_backbone(self.plan)
-            self.feature_cache = prepare_feature_cache(
-                self.config,
-                self.model,
-                self.train_set.examples,
-                backbone_dir=self.backbone_dir,
-                pad_id=self.train_set.pad_id,
-                device=self.device,
-                autocast_dtype=self.amp_dtype,
-                progress=self.progress and is_main_process(),
-            )
-            draws = DrawSampler(self.sampler, self.feature_cache.n_draws)
-            self.train_loader = make_loader(self.feature_cache, sampler=draws, **loader_args)
-        else:
-            self.train_loader = make_loader(self.train_set, sampler=self.sampler, **loader_args)
-        self.eval_loader = None
-        if self.eval_set is not None:
-            in_order = EpochSampler(len(self.eval_set), seed=t.seed, shuffle=False)
-            self.eval_loader = make_loader(self.eval_set, sampler=in_order, **loader_args)
+        progress = self.progress and is_main_process()
+        self.feature_cache = feature_cache_for_run(
+            self.config, self.model, self.plan, self.backbone_dir, self.train_set, self.device,
+            self.amp_dtype, progress=progress,
+        )
+        train: Dataset = self.train_set if self.feature_cache is None else self.feature_cache
+        order: Sampler = self.sampler
+        if self.feature_cache is not None:  # phase 1 reads the backbone's outputs from disk
+            order = DrawSampler(self.sampler, self.feature_cache.n_draws)
+        loaders = run_loaders(self.config, train, order, self.eval_set, self.device)
+        self.train_loader, self.eval_loader = loaders
         self.sampled_validation = SampledValidation.for_run(self.config)  # None unless val_sampled_problems
         self.micro_per_epoch = math.ceil(self.sampler.shard_size / t.batch_size)
         self.steps_per_epoch = math.ceil(self.micro_per_epoch / t.gradient_accumulation_steps)
@@ -182,24 +137,15 @@ class Trainer:
         self.total_steps = min(planned, t.max_steps) if t.max_steps else planned
 
     def _setup_optimizer(self) -> None:
-        t = self.config.training
-        self.warmup_steps = resolve_warmup_steps(self.total_steps, t.warmup_steps, t.warmup_ratio)
-        self.optimizer = build_optimizer(
-            self.plan.groups, weight_decay=t.weight_decay, betas=t.adam_betas, eps=t.adam_eps
-        )
-        self.scheduler = build_scheduler(
-            self.optimizer,
-            warmup_steps=self.warmup_steps,
-            total_steps=self.total_steps,
-            min_ratio=t.min_lr_ratio,
-        )
+        built = build_run_optimizer(self.plan, self.config.training, self.total_steps)
+        self.optimizer, self.scheduler = built.optimizer, built.scheduler
+        self.warmup_steps = built.warmup_steps
 
     def _setup_state(self) -> None:
         """Position in the run, the logging window, health checks and output paths; then the run's report."""
         config = self.config
         self.state = TrainState()
-        self._window = Averager()  # metrics since the last logged row (checkpointed: rows survive a resume)
-        self._window_tokens = 0
+        self._window = LogWindow()  # metrics since the last logged row (checkpointed: rows survive a resume)
         self.health = HealthMonitor(
             config.advanced.health,
             enabled=config.advanced.health_checks,
@@ -309,7 +255,7 @@ class Trainer:
         )
         detect = cfg.advanced.detect_anomaly
         anomaly = torch.autograd.set_detect_anomaly(True) if detect else contextlib.nullcontext()
-        self._window_started = time.perf_counter()
+        self._window.restart()
         set_train_mode(self.model)
         self.optimizer.zero_grad(set_to_none=True)
         self._evaluated_at = -1
@@ -346,7 +292,7 @@ class Trainer:
                 continue
             self._optimizer_step()
             bar.update(1)
-            bar.set_postfix(loss=f"{self._last_loss:.4f}", lr=f"{self.optimizer.param_groups[0]['lr']:.2e}")
+            bar.set_postfix(loss=f"{self._last_loss:.4f}", lr=f"{learning_rates(self.optimizer)['lr']:.2e}")
             step = self.state.step
             if step % t.log_every == 0 or step == self.total_steps:
                 self._log_train_row()
@@ -376,9 +322,8 @@ class Trainer:
                 self._non_finite("the loss is not finite", terms)
             (result.loss * scale).backward()
         self._last_loss = terms["loss"]
-        self._window.add(terms)
+        self._window.add(terms, tokens=result.tokens)
         self._window.add(forward_statistics(result.output.stats, result.masked, self.config.model.chunk_size))
-        self._window_tokens += result.tokens
 
     def _draw_noise(self, batch: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
         """LLaDA's forward process row by row, seeded by (seed, dataset index, epoch).
@@ -423,23 +368,12 @@ class Trainer:
     # ------------------------------------------------------------------------------------- logging
 
     def _log_train_row(self) -> None:
-        elapsed = max(time.perf_counter() - self._window_started, 1e-9)
         row: dict[str, Any] = {"step": self.state.step, "epoch": self._epoch_progress()}
-        # Means over every rank's micro-batches; throughput of all ranks together.
-        local = {**self._window.sums, "__tokens": self._window_tokens}
-        sums, counts = reduce_sums(local, self._window.counts)
-        tokens = sums.pop("__tokens")
-        row.update({key: sums[key] / counts[key] for key in sums})
-        row["lr"] = self.optimizer.param_groups[0]["lr"]
-        backbone = [g["lr"] for g in self.optimizer.param_groups if g["name"].startswith("backbone")]
-        row["lr_backbone"] = backbone[0] if backbone else None
-        row["tokens_per_s"] = tokens / elapsed
+        row.update(self._window.row(self.optimizer))
         with unsharded(self.engine):
             row.update(parameter_statistics(self.model))
         self.last_train_row = row
-        self._window = Averager()
-        self._window_started = time.perf_counter()
-        self._window_tokens = 0
+        self._window.reset()
         if is_main_process():
             self.train_csv.log(row)
             self.health.observe(self.state.step, row)
@@ -479,11 +413,7 @@ class Trainer:
         if is_main_process():
             self.val_csv.log(row)
         value = row.get(self.config.output.save_best)
-        if value is None or not math.isfinite(value):
-            return
-        best = self.state.best_metric
-        lower = self.config.output.best_is_lower
-        if best is None or (value < best if lower else value > best):
+        if improves(value, self.state.best_metric, lower=self.config.output.best_is_lower):
             self.state.best_metric = float(value)
             self.state.best_step = self.state.step
             self._save("best")

@@ -16,6 +16,7 @@ untouched (a resume stays exact).
 from __future__ import annotations
 
 import contextlib
+import math
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
@@ -38,6 +39,7 @@ __all__ = [
     "SampledValidation",
     "accuracy_counts",
     "check_save_best",
+    "improves",
     "per_example_validation",
     "validate",
     "validation_columns",
@@ -60,6 +62,13 @@ def validation_columns(config: RunConfig) -> list[str]:
     if config.training.val_sampled_problems:
         columns += list(SAMPLED_COLUMNS)
     return columns
+
+
+def improves(value: float | None, best: float | None, *, lower: bool) -> bool:
+    """Whether a validation value beats the best so far (a missing or non-finite value never does)."""
+    if value is None or not math.isfinite(value):
+        return False
+    return best is None or (value < best if lower else value > best)
 
 
 def check_save_best(config: RunConfig) -> None:
