@@ -4,7 +4,7 @@ The embedded default model is trained on these, so every answer looks like a GSM
 line per arithmetic step with a ``<<a*b=c>>`` calculator annotation, then ``#### n``. A problem is a story
 about one running amount (items, boxes or dollars): an opening sentence states it and each step changes it
 with one operation, phrased by one of several templates (buying, giving away, prices, comparisons, sharing,
-packing).
+packing). How a step's answer line is written, and read back, is `data.answer_lines`.
 
 Splits never share a question: a stable SHA-256 bucket of the question text decides its split. The first
 ``test_fraction`` of the buckets are held out from training; their lower half is ``validation`` (what the
@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import hashlib
 import random
-import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Annotated, Literal
@@ -26,6 +25,7 @@ from pydantic import BeforeValidator, ConfigDict, Field, model_validator
 
 from llada_trm.schema import Int, PosInt, Section, to_float, to_int
 
+from .answer_lines import SolutionStep, State, cap, parse_solution, result_line
 from .gsm8k import DataError, GSM8KRecord
 
 __all__ = [
@@ -125,16 +125,6 @@ def question_split(question: str, test_fraction: float) -> str:
 # ----------------------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class _State:
-    """The running amount: ``value`` of ``noun`` held by ``subject`` ('Tom' or 'each cousin')."""
-
-    value: int
-    subject: str
-    noun: str
-    kind: str  # "item", "container" or "money"
-
-
 @dataclass
 class _Story:
     """The problem being written: its random stream and who appeared, so new people and groups are fresh."""
@@ -162,48 +152,30 @@ class _Story:
 class _Step:
     sentence: str
     line: str
-    state: _State
+    state: State
 
 
-def _cap(text: str) -> str:
-    return text[:1].upper() + text[1:]
-
-
-def _amount(value: int, state: _State) -> str:
+def _amount(value: int, state: State) -> str:
     return f"${value}" if state.kind == "money" else f"{value} {state.noun}"
 
 
-def _calc(x: int, op: str, b: int, y: int, money: bool) -> str:
-    """GSM8K's calculator annotation, e.g. ``3*4=<<3*4=12>>12`` (``$`` before ``<<`` for money)."""
-    return f"{x}{op}{b}={'$' if money else ''}<<{x}{op}{b}={y}>>{y}"
-
-
-def _result_line(
-    subject: str, verb: str, x: int, op: str, b: int, y: int, state: _State, tail: str = ""
-) -> str:
-    """The answer line of one step: ``Tom has 3*4=<<3*4=12>>12 apples.``"""
-    money = state.kind == "money"
-    noun = "" if money else f" {state.noun}"
-    return f"{_cap(subject)} {verb} {_calc(x, op, b, y, money)}{noun}{tail}."
-
-
-def _add(story: _Story, st: _State) -> _Step | None:
+def _add(story: _Story, st: State) -> _Step | None:
     b = story.operand(story.config.max_result - st.value)
     if b is None:
         return None
     s, what = st.subject, (f"${b}" if st.kind == "money" else f"{b} more {st.noun}")
     template = story.rng.randrange(3)
     if template == 0:
-        sentence = f"{_cap(s)} {'earns' if st.kind == 'money' else 'buys'} {what}."
+        sentence = f"{cap(s)} {'earns' if st.kind == 'money' else 'buys'} {what}."
     elif template == 1:
-        sentence = f"{_cap(s)} finds {what}."
+        sentence = f"{cap(s)} finds {what}."
     else:
         sentence = f"{story.other_person(s)} gives {s} {what}."
     y = st.value + b
-    return _Step(sentence, _result_line(s, "has", st.value, "+", b, y, st, " now"), replace(st, value=y))
+    return _Step(sentence, result_line(s, "has", st.value, "+", b, y, st, " now"), replace(st, value=y))
 
 
-def _subtract(story: _Story, st: _State) -> _Step | None:
+def _subtract(story: _Story, st: State) -> _Step | None:
     b = story.operand(st.value - 2)  # keep every amount >= 2 so plural nouns stay grammatical
     if b is None:
         return None
@@ -211,16 +183,16 @@ def _subtract(story: _Story, st: _State) -> _Step | None:
     template = rng.randrange(3)
     if template == 0:
         what = f"${b}" if st.kind == "money" else f"{b} {st.noun}"
-        sentence = f"{_cap(s)} gives {what} to {story.other_person(s)}."
+        sentence = f"{cap(s)} gives {what} to {story.other_person(s)}."
     elif st.kind == "money":
-        sentence = f"{_cap(s)} spends ${b} on a {rng.choice(story.config.purchases)}."
+        sentence = f"{cap(s)} spends ${b} on a {rng.choice(story.config.purchases)}."
     else:
-        sentence = f"{_cap(s)} {'sells' if template == 1 else 'loses'} {b} of the {st.noun}."
+        sentence = f"{cap(s)} {'sells' if template == 1 else 'loses'} {b} of the {st.noun}."
     y = st.value - b
-    return _Step(sentence, _result_line(s, "has", st.value, "-", b, y, st, " left"), replace(st, value=y))
+    return _Step(sentence, result_line(s, "has", st.value, "-", b, y, st, " left"), replace(st, value=y))
 
 
-def _multiply(story: _Story, st: _State) -> _Step | None:
+def _multiply(story: _Story, st: State) -> _Step | None:
     b = story.operand(story.config.max_result // st.value)
     if b is None:
         return None
@@ -228,16 +200,16 @@ def _multiply(story: _Story, st: _State) -> _Step | None:
     s = st.subject
     if st.kind != "money" and story.rng.random() < 0.5:
         money = replace(st, value=y, noun="dollars", kind="money")
-        sentence = f"{_cap(s)} sells all the {st.noun} for ${b} each."
-        return _Step(sentence, _result_line(s, "makes", st.value, "*", b, y, money), money)
+        sentence = f"{cap(s)} sells all the {st.noun} for ${b} each."
+        return _Step(sentence, result_line(s, "makes", st.value, "*", b, y, money), money)
     other = story.other_person(s)
     what = "much money" if st.kind == "money" else f"many {st.noun}"
     sentence = f"{other} has {b} times as {what} as {s}."
-    line = _result_line(other, "has", st.value, "*", b, y, st)
+    line = result_line(other, "has", st.value, "*", b, y, st)
     return _Step(sentence, line, replace(st, value=y, subject=other))
 
 
-def _divide(story: _Story, st: _State) -> _Step | None:
+def _divide(story: _Story, st: State) -> _Step | None:
     x, rng = st.value, story.rng
     moves = []
     groups = [group for group in story.config.groups if group[0] not in story.used_groups]
@@ -256,25 +228,25 @@ def _divide(story: _Story, st: _State) -> _Step | None:
         plural, singular = rng.choice(groups)
         story.used_groups.add(plural)
         what = "the money" if st.kind == "money" else f"the {st.noun}"
-        sentence = f"{_cap(s)} shares {what} equally among {share} {plural}."
+        sentence = f"{cap(s)} shares {what} equally among {share} {plural}."
         each = f"each {singular}"
         y = x // share
-        line = _result_line(each, "gets", x, "/", share, y, st)
+        line = result_line(each, "gets", x, "/", share, y, st)
         return _Step(sentence, line, replace(st, value=y, subject=each))
     if move == "pack":
         container = rng.choice(story.config.containers)
         packed = replace(st, value=x // share, noun=container, kind="container")
-        sentence = f"{_cap(s)} packs the {st.noun} into {container} of {share}."
-        return _Step(sentence, _result_line(s, "fills", x, "/", share, x // share, packed), packed)
+        sentence = f"{cap(s)} packs the {st.noun} into {container} of {share}."
+        return _Step(sentence, result_line(s, "fills", x, "/", share, x // share, packed), packed)
     other = story.other_person(s)
     what = "much money" if st.kind == "money" else f"many {st.noun}"
     sentence = f"{other} has {_FRACTIONS[fraction]} as {what} as {s}."
     y = x // fraction
-    line = _result_line(other, "has", x, "/", fraction, y, st)
+    line = result_line(other, "has", x, "/", fraction, y, st)
     return _Step(sentence, line, replace(st, value=y, subject=other))
 
 
-_MOVES: dict[str, Callable[[_Story, _State], _Step | None]] = {
+_MOVES: dict[str, Callable[[_Story, State], _Step | None]] = {
     "+": _add,
     "-": _subtract,
     "*": _multiply,
@@ -282,15 +254,15 @@ _MOVES: dict[str, Callable[[_Story, _State], _Step | None]] = {
 }
 
 
-def _opening(story: _Story) -> tuple[str, _State]:
+def _opening(story: _Story) -> tuple[str, State]:
     config, rng = story.config, story.rng
     owner = rng.choice(config.names)
     story.used_names.add(owner)
     value = rng.randint(2, config.max_number)
     if rng.random() < 0.3:
-        state = _State(value, owner, "dollars", "money")
+        state = State(value, owner, "dollars", "money")
         return rng.choice([f"{owner} has ${value}.", f"{owner} saves ${value}."]), state
-    state = _State(value, owner, rng.choice(config.items), "item")
+    state = State(value, owner, rng.choice(config.items), "item")
     verb = rng.choice(["has", "buys", "collects"])
     return f"{owner} {verb} {value} {state.noun}.", state
 
@@ -371,64 +343,3 @@ def problem_stats(records: Sequence[GSM8KRecord]) -> dict[str, float]:
         "answer_lines_mean": sum(a_lines) / len(a_lines),
         "answer_lines_max": max(a_lines),
     }
-
-
-# ----------------------------------------------------------------------------------------------------
-# the ground truth of a generated problem, read back from its own reference answer
-# ----------------------------------------------------------------------------------------------------
-
-_SOLUTION_LINE = re.compile(
-    r"^(?P<subject>.+) (?P<verb>\S+) (?P<x>\d+)(?P<op>[-+*/])(?P<b>\d+)=(?P<money>\$?)<<"
-    r"(?P=x)(?P=op)(?P=b)=(?P<y>\d+)>>(?P=y)(?: (?P<rest>.*?))?\.$"
-)
-_TAILS = {"+": " now", "-": " left"}
-_RESULTS: dict[str, Callable[[int, int], int]] = {
-    "+": lambda x, b: x + b, "-": lambda x, b: x - b, "*": lambda x, b: x * b, "/": lambda x, b: x // b,
-}
-
-
-@dataclass(frozen=True)
-class SolutionStep:
-    """One reference step: ``subject verb x op b = y`` about ``noun`` ("" when the amount is dollars)."""
-
-    subject: str
-    verb: str
-    x: int
-    op: str
-    b: int
-    y: int
-    noun: str
-    money: bool
-
-
-def parse_solution(answer: str) -> list[SolutionStep]:
-    """The steps of a generated problem, read from its reference answer (every line but ``#### n``).
-
-    Exact by construction rather than by a second record field: every operand, operator, result, subject
-    and noun is written verbatim into the answer by ``_result_line``, and each parsed line is rendered back
-    with ``_result_line`` and must equal the original, so a parse either reproduces the generator's step or
-    raises (a GSM8K record that was not generated here, or a vocabulary word that breaks the line shape).
-    Each step must also start from the previous result and compute exactly, as generated ones do.
-    """
-    *lines, final = answer.split("\n")
-    steps = []
-    for line in lines:
-        match = _SOLUTION_LINE.match(line)
-        if match is None:
-            raise DataError(f"not a generated answer line (subject verb x op b=<<x op b=y>>y ...): {line!r}")
-        op, rest = match["op"], f" {match['rest'] or ''}"
-        tail = _TAILS.get(op, "")
-        noun = (rest[: -len(tail)] if tail and rest.endswith(tail) else rest).strip()
-        step = SolutionStep(match["subject"], match["verb"], int(match["x"]), op, int(match["b"]),
-                            int(match["y"]), noun, bool(match["money"]))  # fmt: skip
-        state = _State(step.y, step.subject, noun, "money" if step.money else "item")
-        rendered = _result_line(step.subject, step.verb, step.x, op, step.b, step.y, state, tail)
-        if rendered != line or (step.money and noun):
-            raise DataError(f"answer line does not match the generator's layout: {line!r}")
-        chained = not steps or step.x == steps[-1].y
-        if not chained or step.y != _RESULTS[op](step.x, step.b) or (op == "/" and step.x % step.b):
-            raise DataError(f"answer line is not the running amount computed exactly: {line!r}")
-        steps.append(step)
-    if not steps or final != f"#### {steps[-1].y}":
-        raise DataError(f"a generated answer ends in '#### <last result>': {answer!r}")
-    return steps
