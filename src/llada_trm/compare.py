@@ -21,17 +21,22 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
-from pydantic import Field
-
-from llada_trm.config import Int, PosInt, RunConfig, _Section, load_schema
+from llada_trm.compare_config import (
+    CompareConfig,
+    CompareEvaluation,
+    CompareOutput,
+    load_compare_config,
+    parse_seeds,
+)
+from llada_trm.config import RunConfig
 from llada_trm.io import write_json, write_text_atomic
-from llada_trm.schema import Fraction
 
-__all__ = [
+__all__ = [  # the settings (`compare_config`) are re-exported
     "CompareConfig",
     "CompareEvaluation",
+    "CompareOutput",
     "CompareResult",
     "format_table",
     "load_compare_config",
@@ -43,63 +48,6 @@ SUMMARY_JSON = "comparison.json"
 SUMMARY_MD = "comparison.md"
 SUMMARY_PNG = "comparison.png"
 ERRORS_JSON = "errors.json"
-
-
-class CompareEvaluation(_Section):
-    """The test problems every model answers (the sampler is `run.sampling`, the same for every model) and
-    the planned effect behind their number (`planned_difference` at `planned_discordant`, comparison.md)."""
-
-    n_problems: PosInt = 24
-    split: str = Field(default="test", description="held-out split; for gsm8k data also a slice, test[:50]")
-    checkpoint: Literal["last", "best"] = "last"
-    planned_difference: Fraction = 0.05
-    planned_discordant: Fraction = 0.08
-
-
-class CompareOutput(_Section):
-    dir: str = "runs/compare"
-
-
-class CompareConfig(_Section):
-    """`run` is the training run shared by every refiner (`model.refiner`, `training.seed` and `output.dir`
-    are set per run); `refiners` are trained once per seed of `seeds` (null = `run.training.seed` alone)
-    and compared with the backbone alone when `baseline` is on."""
-
-    run: RunConfig = Field(default_factory=RunConfig)
-    refiners: list[Literal["mlp", "slot"]] = Field(default_factory=lambda: ["mlp", "slot"], min_length=1)
-    seeds: list[Int] | None = Field(default=None, min_length=1)
-    baseline: bool = True
-    evaluation: CompareEvaluation = Field(default_factory=CompareEvaluation)
-    output: CompareOutput = Field(default_factory=CompareOutput)
-
-    def seed_list(self) -> list[int]:
-        seeds = self.seeds if self.seeds is not None else [self.run.training.seed]
-        if len(set(seeds)) != len(seeds):
-            raise ValueError(f"seeds: {seeds} repeats a seed; list each training seed once")
-        return list(seeds)
-
-
-def parse_seeds(text: str) -> list[int]:
-    """`--seeds 0,1,2` -> [0, 1, 2] (one-line ValueError otherwise)."""
-    try:
-        seeds = [int(part) for part in text.split(",") if part.strip()]
-    except ValueError:
-        raise ValueError(f"--seeds {text!r}: expected comma-separated integers, e.g. --seeds 0,1,2") from None
-    if not seeds:
-        raise ValueError("--seeds: give at least one training seed, e.g. --seeds 0")
-    return seeds
-
-
-def load_compare_config(
-    path: str | Path | None, overrides: Sequence[str] | None = None, seeds: Sequence[int] | None = None
-) -> CompareConfig:
-    """Read and validate a compare YAML (None = the defaults) with `--set a.b=c` overrides; `seeds`
-    (`--seeds`) replaces the config's list."""
-    config = load_schema(CompareConfig, path, overrides)
-    if seeds is not None:
-        config = config.model_copy(update={"seeds": list(seeds)})
-    config.seed_list()  # a repeated seed fails before any training
-    return config
 
 
 @dataclass
@@ -255,7 +203,6 @@ def run_compare(
     """
     from llada_trm.build import check_test_split, resolve_backbone_dir
     from llada_trm.evaluate import evaluate_model, load_checkpoint, load_eval_records, synthetic_settings
-    from llada_trm.training import Trainer
     from llada_trm.training.run_dir import claim_compare_dir
 
     started = time.perf_counter()
@@ -280,13 +227,7 @@ def run_compare(
         f"problems), training seeds {', '.join(map(str, seeds))}; writing to {out}"
     )
 
-    trained: dict[tuple[int, str], tuple[dict[str, Any], float]] = {}
-    for seed in seeds:
-        for kind in config.refiners:
-            echo(f"\n== training the {kind} refiner, seed {seed} (phase 1, backbone frozen) ==")
-            run_started = time.perf_counter()
-            summary = Trainer(_refiner_run(config, kind, seed, out), progress=progress).train()
-            trained[seed, kind] = (summary, time.perf_counter() - run_started)
+    trained = _train_refiners(config, out, progress=progress, echo=echo)
 
     def sample(kind: str, seed: int | None, checkpoint: str | Path) -> tuple[Any, Any]:
         who = "the backbone alone" if kind == "none" else f"the {kind} refiner"
@@ -311,7 +252,6 @@ def run_compare(
     validator = _Validator(config.run)
     results: dict[int, dict[str, Any]] = {seed: {} for seed in seeds}
     validation: dict[int, dict[str, Any]] = {seed: {} for seed in seeds}
-    rows: list[dict[str, Any]] = []
     files: list[Path] = []
     backbone_rows: dict[int, dict[str, Any]] = {}
     if config.baseline:
@@ -332,7 +272,36 @@ def run_compare(
             results[seed][kind] = result
             validation[seed][kind] = validator(loaded)
             files.extend(result.files)
-    for seed in seeds:  # the table: each seed's backbone row (when it has one), then its refiners
+    sampled = _Sampled(_table_rows(config, trained, results, validation, backbone_rows), results, validation)
+    return _finish(config, out, sampled, split_check, options, started, files, echo)
+
+
+def _train_refiners(
+    config: CompareConfig, out: Path, *, progress: bool, echo: Callable[[str], None]
+) -> dict[tuple[int, str], tuple[dict[str, Any], float]]:
+    """Train every refiner for every seed (phase 1): (seed, refiner) -> (training summary, seconds)."""
+    from llada_trm.training import Trainer
+
+    trained: dict[tuple[int, str], tuple[dict[str, Any], float]] = {}
+    for seed in config.seed_list():
+        for kind in config.refiners:
+            echo(f"\n== training the {kind} refiner, seed {seed} (phase 1, backbone frozen) ==")
+            run_started = time.perf_counter()
+            summary = Trainer(_refiner_run(config, kind, seed, out), progress=progress).train()
+            trained[seed, kind] = (summary, time.perf_counter() - run_started)
+    return trained
+
+
+def _table_rows(
+    config: CompareConfig,
+    trained: Mapping[tuple[int, str], tuple[dict[str, Any], float]],
+    results: Mapping[int, Mapping[str, Any]],
+    validation: Mapping[int, Mapping[str, Any]],
+    backbone_rows: Mapping[int, Mapping[str, Any]],
+) -> list[dict[str, Any]]:
+    """The table: each seed's backbone row (when it has one), then its refiners."""
+    rows: list[dict[str, Any]] = []
+    for seed in config.seed_list():
         first = next(iter(validation[seed].values()))
         if seed in backbone_rows:
             entry = backbone_rows[seed]
@@ -341,15 +310,23 @@ def run_compare(
             summary, train_s = trained[seed, kind]
             rows.append(_row(kind, seed, results[seed][kind], _validation_row(validation[seed][kind], False),
                              summary, train_s))  # fmt: skip
-    return _finish(config, out, rows, results, validation, split_check, options, started, files, echo)
+    return rows
+
+
+@dataclass
+class _Sampled:
+    """What sampling and validating every model gave: the table rows, and per seed and model the
+    evaluation result and the per-example validation columns."""
+
+    rows: list[dict[str, Any]]
+    results: Mapping[int, Mapping[str, Any]]
+    validation: Mapping[int, Mapping[str, Any]]
 
 
 def _finish(
     config: CompareConfig,
     out: Path,
-    rows: list[dict[str, Any]],
-    results: Mapping[int, Mapping[str, Any]],
-    validation: Mapping[int, Mapping[str, Any]],
+    sampled: _Sampled,
     split_check: Mapping[str, Any],
     options: Any,
     started: float,
@@ -361,6 +338,7 @@ def _finish(
     from llada_trm.plots import plot_paired_comparison, plot_run
 
     ev, data = config.evaluation, config.run.data
+    rows, results, validation = sampled.rows, sampled.results, sampled.validation
     predictions = {s: {kind: r.predictions for kind, r in models.items()} for s, models in results.items()}
     stats = cr.statistics_sections(predictions)
     for row in rows:  # the paired figures against the backbone alone, in the table
