@@ -23,18 +23,16 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from llada_trm.backbone import LLaDAModel
 from llada_trm.backbone.checkpoint import read_config
 from llada_trm.backbone.kv_cache import KVCache
-from llada_trm.errors import CheckpointError, ConfigError
+from llada_trm.errors import ConfigError
 from llada_trm.hybrid.chunking import WindowChunks, chunk_stats, max_probability
 from llada_trm.hybrid.config import ACTIVE_CHOICES, HybridConfig
 from llada_trm.hybrid.outputs import BackboneFeatures, HybridOutput
-from llada_trm.io import atomic_path
+from llada_trm.hybrid.refiner_file import read_refiner_weights, write_refiner_weights
 from llada_trm.refiners import Refiner, StatsAccumulator, build_refiner
 
 PREFIX = "refinement_head."
@@ -381,38 +379,10 @@ class LLaDATRMHybrid(nn.Module):
 
     def save_refiner(self, path: str | Path) -> Path:
         """Write only the `refinement_head.*` tensors to safetensors (atomic: temp file, then rename)."""
-        path = Path(path)
-        tensors = {name: t.detach().contiguous().cpu() for name, t in self.refiner_state_dict().items()}
-        if not tensors:
-            raise ValueError("this model has no refiner (refiner='none'); there is nothing to save")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        metadata = {"integration": self.config.integration, "refiners": ",".join(self.refinement_head)}
-        with atomic_path(path) as tmp:
-            save_file(tensors, str(tmp), metadata=metadata)
-        return path
+        kinds, integration = list(self.refinement_head), self.config.integration
+        return write_refiner_weights(path, self.refiner_state_dict(), integration=integration, refiners=kinds)
 
     def load_refiner(self, path: str | Path) -> None:
         """Load weights written by `save_refiner`; names and shapes must match this model's refiners."""
-        path = Path(path)
-        if not path.is_file():
-            raise CheckpointError(f"refiner weights {path} not found")
-        with safe_open(str(path), framework="pt", device="cpu") as f:
-            stored = {name: f.get_tensor(name) for name in f.keys()}
-        expected = self.refiner_state_dict()
-        missing = sorted(set(expected) - set(stored))
-        unexpected = sorted(set(stored) - set(expected))
-        if missing or unexpected:
-            raise CheckpointError(
-                f"refiner weights {path} do not match this model's refiners "
-                f"({', '.join(self.refinement_head) or 'none'}): missing {missing[:5]}"
-                f"{' ...' if len(missing) > 5 else ''}, unexpected {unexpected[:5]}"
-                f"{' ...' if len(unexpected) > 5 else ''}; build the model with the HybridConfig they were "
-                "trained with"
-            )
-        for name, tensor in stored.items():
-            if tensor.shape != expected[name].shape:
-                raise CheckpointError(
-                    f"refiner weights {path}: {name} has shape {list(tensor.shape)}, the model expects "
-                    f"{list(expected[name].shape)}; build the model with the HybridConfig it was trained with"
-                )
+        stored = read_refiner_weights(path, self.refiner_state_dict(), list(self.refinement_head))
         self.refinement_head.load_state_dict({name[len(PREFIX):]: t for name, t in stored.items()})
