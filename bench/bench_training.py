@@ -28,11 +28,13 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from llada_trm.backbone import LLaDAConfig, LLaDAModel
+from llada_trm.build import build_datasets
 from llada_trm.config import RunConfig, load_config
 from llada_trm.data import collate_batch, load_tokenizer
 from llada_trm.hybrid import LLaDATRMHybrid
@@ -44,9 +46,11 @@ from llada_trm.training import (
     diffusion_objective,
     hybrid_config,
 )
-from llada_trm.training.data import EpochSampler, build_datasets
+from llada_trm.training.data import EpochSampler
 from llada_trm.training.feature_cache import (
     FeatureCache,
+    FeatureSpec,
+    NoiseSpec,
     backbone_fingerprint,
     cached_features,
     draw_noise,
@@ -84,15 +88,25 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 # ------------------------------------------------------------------------------------------------ cases
 
 
-def small_case(args: argparse.Namespace) -> tuple[str, LLaDATRMHybrid, RunConfig, Path]:
+@dataclass
+class Case:
+    """One benchmarked model: its name in the report, the model, its run config and backbone directory."""
+
+    name: str
+    model: LLaDATRMHybrid
+    config: RunConfig
+    backbone_dir: Path
+
+
+def small_case(args: argparse.Namespace) -> Case:
     """The given (default: embedded) backbone with the config's refiner, backbone in fp32 as on a CPU run."""
     directory = resolve_backbone_dir(args.backbone)
     config = load_config(args.config, [f"model.backbone={directory}"])
     model = LLaDATRMHybrid.from_pretrained(directory, hybrid_config(config), dtype=torch.float32)
-    return f"{directory.name} ({describe(model)})", model, config, directory
+    return Case(f"{directory.name} ({describe(model)})", model, config, directory)
 
 
-def wide_case(args: argparse.Namespace, tokenizer_dir: Path) -> tuple[str, LLaDATRMHybrid, RunConfig, Path]:
+def wide_case(args: argparse.Namespace, tokenizer_dir: Path) -> Case:
     """LLaDA-8B's width and heads, `--wide-layers` layers, random weights, the small backbone's vocab."""
     config = load_config(args.config, [f"model.backbone={tokenizer_dir}"])
     small = LLaDAConfig.from_json_file(tokenizer_dir / "config.json")
@@ -112,7 +126,8 @@ def wide_case(args: argparse.Namespace, tokenizer_dir: Path) -> tuple[str, LLaDA
     backbone = LLaDAModel(wide)
     backbone.reset_parameters()
     model = LLaDATRMHybrid(backbone.eval(), hybrid_config(config))
-    return f"LLaDA-8B width, {args.wide_layers} layers ({describe(model)})", model, config, tokenizer_dir
+    name = f"LLaDA-8B width, {args.wide_layers} layers ({describe(model)})"
+    return Case(name, model, config, tokenizer_dir)
 
 
 def describe(model: LLaDATRMHybrid) -> str:
@@ -137,7 +152,7 @@ def train_path(
         train_layer_norms=p.train_layer_norms, train_refiner_blocks=p.train_refiner_blocks,
     )
     optimizer = build_optimizer(plan.groups, weight_decay=t.weight_decay, betas=t.adam_betas, eps=t.adam_eps)
-    weights = LossWeights(p.deep_supervision_weight, p.orthogonality_weight, p.confidence_calibration_weight)
+    weights = LossWeights.from_params(p)
     params = [q for group in optimizer.param_groups for q in group["params"]]
     model.train()
     model.backbone.eval()
@@ -196,15 +211,15 @@ def selection_changes(model: LLaDATRMHybrid, cache: FeatureCache, dataset, order
 
 
 def run_case(
-    name: str, model: LLaDATRMHybrid, config: RunConfig, backbone_dir: Path | str, *, steps: int,
-    batch_size: int, cache_dtype: torch.dtype, workdir: Path, trainer_padding: bool = True,
-    extrapolate: bool = False, check_selection: bool = True,
+    case: Case, *, steps: int, batch_size: int, cache_dtype: torch.dtype, workdir: Path,
+    trainer_padding: bool = True, extrapolate: bool = False, check_selection: bool = True,
 ) -> dict:
     """Build the cache, then train the paths (`trainer_padding`: also the live trainer's padding).
 
     `extrapolate`: also estimate the speed-up at LLaDA-8B's depth (32 layers of the same width).
     `check_selection`: count chunk refine/skip decisions that differ between cached and live features.
     """
+    name, model, config, backbone_dir = case.name, case.model, case.config, case.backbone_dir
     print(f"\n== {name}: {steps} steps of batch {batch_size}", flush=True)
     tokenizer = load_tokenizer(backbone_dir)
     data = config.data.model_copy(update={"synthetic": config.data.synthetic.model_copy(
@@ -216,11 +231,10 @@ def run_case(
     fingerprint = (
         backbone_fingerprint(backbone_dir) if model.backbone.config.d_model < 4096 else f"random-init/{name}"
     )
-    bb = model.backbone.config
     manifest = expected_manifest(
-        backbone=fingerprint, examples=dataset.examples, pad_id=dataset.pad_id, mask_id=model.mask_token_id,
-        seed=seed, n_draws=1, cache_dtype=cache_dtype, compute="float32", context_layers=model.context_layers,
-        d_model=bb.d_model, context_dim=bb.n_heads * bb.head_dim,
+        backbone=fingerprint, examples=dataset.examples, pad_id=dataset.pad_id,
+        noise=NoiseSpec(seed=seed, n_draws=1, mask_id=model.mask_token_id),
+        features=FeatureSpec.for_model(model, cache_dtype, "float32"),
     )
     start = time.perf_counter()
     cache = write_feature_cache(
@@ -303,14 +317,14 @@ def main(argv: list[str] | None = None) -> int:
           f"{', quick' if args.quick else ''}")
     summaries = []
     with tempfile.TemporaryDirectory(prefix="bench_training_") as tmp:
-        name, model, config, directory = small_case(args)
-        batch = args.batch_size or config.training.batch_size
-        summaries.append(run_case(name, model, config, directory, steps=args.steps, batch_size=batch,
+        case = small_case(args)
+        directory = case.backbone_dir
+        batch = args.batch_size or case.config.training.batch_size
+        summaries.append(run_case(case, steps=args.steps, batch_size=batch,
                                   cache_dtype=cache_dtype, workdir=Path(tmp) / "small"))
-        del model
+        del case
         if not args.no_wide:
-            name, model, config, directory = wide_case(args, directory)
-            summaries.append(run_case(name, model, config, directory, steps=args.wide_steps,
+            summaries.append(run_case(wide_case(args, directory), steps=args.wide_steps,
                                       batch_size=args.wide_batch_size, cache_dtype=cache_dtype,
                                       workdir=Path(tmp) / "wide", trainer_padding=not args.quick,
                                       extrapolate=True, check_selection=False))

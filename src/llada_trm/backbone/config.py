@@ -131,6 +131,11 @@ class LLaDAConfig:
 
     def validate(self) -> None:
         """Raise `ConfigError` on sizes that cannot build a model or variants this code does not compute."""
+        self._check_variants()
+        self._check_sizes()
+        self._check_numbers()
+
+    def _check_variants(self) -> None:
         for name, allowed in _SUPPORTED.items():
             value = getattr(self, name)
             if value not in allowed:
@@ -138,6 +143,9 @@ class LLaDAConfig:
                     f"LLaDAConfig.{name}={value!r} is not supported (LLaDA models use {allowed[0]!r}); "
                     f"only LLaDA's llama-style architecture is implemented"
                 )
+
+    def _check_sizes(self) -> None:
+        """Positive sizes that divide as attention needs (heads, rotary halves, key/value groups)."""
         for name in ("d_model", "n_heads", "n_layers", "vocab_size", "max_sequence_length", "mlp_ratio"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"LLaDAConfig.{name} must be positive, got {getattr(self, name)}")
@@ -159,6 +167,8 @@ class LLaDAConfig:
             raise ConfigError(
                 f"embedding_size={self.embedding_size} is smaller than vocab_size={self.vocab_size}"
             )
+
+    def _check_numbers(self) -> None:
         if not (self.rope_theta > 0 and math.isfinite(self.rope_theta)):
             raise ConfigError(f"rope_theta must be a positive number, got {self.rope_theta}")
         if self.rms_norm_eps <= 0:

@@ -92,7 +92,8 @@ class _Budgeted:
 class LLaDATRMLM(TemplateLM):
     """lm-eval backend for llada-trm checkpoints (see the module docstring for the model args)."""
 
-    def __init__(
+    # lm-eval passes `--model_args k=v,...` as these keywords: the signature is the backend's interface
+    def __init__(  # noqa: PLR0913
         self,
         checkpoint: str = "embedded",
         refiner: str | None = OWN_REFINER,

@@ -44,6 +44,8 @@ __all__ = [
     "set_train_mode",
 ]
 
+BACKBONE_ATTR = "backbone"  # the hybrid's backbone submodule: phase 2 unfreezes its last blocks
+
 
 @dataclass
 class ParamGroupSpec:
@@ -121,7 +123,6 @@ def apply_freezing(
     unfreeze_last_n_layers: int = 0,
     train_layer_norms: bool = True,
     train_refiner_blocks: bool = True,
-    backbone_attr: str = "backbone",
 ) -> FreezePlan:
     """Set `requires_grad` on every parameter for `phase` and return the parameter groups to optimise."""
     if phase not in (1, 2, 3):
@@ -139,7 +140,7 @@ def apply_freezing(
     groups = [ParamGroupSpec("head", lr, head)]
 
     if phase == 2:
-        blocks = _last_backbone_blocks(model, backbone_attr, unfreeze_last_n_layers)
+        blocks = _last_backbone_blocks(model, unfreeze_last_n_layers)
         extra = {name: p for name, p in model.named_parameters() if name not in head and _under(name, blocks)}
         groups.append(ParamGroupSpec("backbone", backbone_lr, extra))
     elif phase == 3:
@@ -156,7 +157,7 @@ def apply_freezing(
         for p in group.params.values():
             p.requires_grad_(True)
 
-    backbone = getattr(model, backbone_attr, None)
+    backbone = getattr(model, BACKBONE_ATTR, None)
     backbone_frozen = backbone is None or not any(p.requires_grad for p in backbone.parameters())
     return FreezePlan(
         phase=phase,
@@ -235,12 +236,12 @@ def _norm_parameter_names(model: nn.Module) -> set[str]:
     return names
 
 
-def _last_backbone_blocks(model: nn.Module, backbone_attr: str, n: int) -> list[str]:
+def _last_backbone_blocks(model: nn.Module, n: int) -> list[str]:
     """Module names of the backbone's last `n` transformer blocks (for phase 2)."""
-    backbone = getattr(model, backbone_attr, None)
+    backbone = getattr(model, BACKBONE_ATTR, None)
     blocks = getattr(backbone, "blocks", None)
     if not isinstance(blocks, nn.ModuleList):
-        raise ConfigError(f"training.phase 2 needs a model with '{backbone_attr}.blocks' (an nn.ModuleList)")
+        raise ConfigError(f"training.phase 2 needs a model with '{BACKBONE_ATTR}.blocks' (an nn.ModuleList)")
     if n < 1 or n > len(blocks):
         raise ConfigError(
             f"training.unfreeze_last_n_layers: expected 1..{len(blocks)} for this backbone "
