@@ -260,3 +260,22 @@ def test_cli_adds_the_task_directory(monkeypatch):
         ["--model", "llada_trm", "--tasks", "gsm8k_local", "--include_path", str(tasks_dir())],
         ["--tasks", "mine", "--include_path=DIR"],  # the user's own path is left alone
     ]
+
+
+@needs_lm_eval
+def test_every_sampler_option_reaches_the_sampler(harness_lm, monkeypatch):
+    import llada_trm.harness.model as harness_model
+
+    seen = {}
+    real = harness_model.sample
+
+    def spy(model, prompt, attention_mask, options, **kwargs):
+        seen["options"] = options
+        return real(model, prompt, attention_mask, options, **kwargs)
+
+    monkeypatch.setattr(harness_model, "sample", spy)
+    options, _ = harness_lm._request_options({"until": "Question:", "logits_eos_inf": True})
+    harness_lm._sample([harness_lm.tok_encode("Tom has 3 apples.")], options)
+    got = seen["options"]
+    assert got.logits_eos_inf and not got.confidence_eos_eot_inf
+    assert got.mask_id == harness_lm.loaded.model.mask_token_id and got.eos_id == harness_lm.ids.eos

@@ -1,6 +1,6 @@
 """`llada_trm`: the project's model as an lm-evaluation-harness backend (registered on import).
 
-- `generate_until`: the project's sampler (`generate_with_stats`) with every option of `SamplingOptions`
+- `generate_until`: the project's sampler (`sample`) with every option of `SamplingOptions`
   (steps, gen_length, block_length, temperature, cfg_scale, remasking, threshold, cache, seed), batched,
   prompts left-padded with an attention mask. Diffusion fills a fixed `gen_length`, so the task's `until`
   strings are applied after decoding (the answer is cut at the first one) and `max_gen_toks` is ignored.
@@ -32,7 +32,7 @@ from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from tqdm.auto import tqdm
 
 from llada_trm.data import pad_token_id, special_token_ids
-from llada_trm.diffusion import decode_generated, generate_with_stats
+from llada_trm.diffusion import decode_generated, sample
 from llada_trm.errors import ConfigError
 from llada_trm.evaluate import SamplingOptions, load_checkpoint
 
@@ -216,23 +216,11 @@ class LLaDATRMLM(TemplateLM):
 
     def _sample(self, prompts: list[list[int]], options: SamplingOptions) -> list[str]:
         input_ids, attention_mask = self._left_pad(prompts)
-        result = generate_with_stats(
-            self.net,
-            input_ids,
-            attention_mask,
-            steps=options.steps,
-            gen_length=options.gen_length,
-            block_length=options.block_length,
-            temperature=options.temperature,
-            cfg_scale=options.cfg_scale,
-            remasking=options.remasking,
-            mask_id=self.loaded.model.mask_token_id,
-            threshold=options.threshold,
-            cache=options.cache,
-            eos_id=self.ids.eos,
-            eot_id=self.ids.eot,
-            generator=self._generator,
+        # Every option reaches the sampler (the token ids come from this model and its tokenizer).
+        options = dataclasses.replace(
+            options, mask_id=self.loaded.model.mask_token_id, eos_id=self.ids.eos, eot_id=self.ids.eot
         )
+        result = sample(self.net, input_ids, attention_mask, options, generator=self._generator)
         return decode_generated(self.tokenizer, result.tokens, result.prompt_length)
 
     def generate_until(self, requests: list[Any], disable_tqdm: bool = False) -> list[str]:
