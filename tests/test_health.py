@@ -104,6 +104,15 @@ def test_low_confidence_everywhere():
     assert run(monitor(), interrupted) == []
 
 
+def test_refiner_idle_when_nearly_every_chunk_is_skipped():
+    issued = run(monitor(), [dict(HEALTHY, skipped_fraction=0.98)] * 5)
+    assert kinds(issued) == {"refiner_idle"}
+    assert "model.confidence_threshold" in issued[0] and "98%" in issued[0]
+    assert run(monitor(), [dict(HEALTHY, skipped_fraction=0.9)] * 10) == []  # enough chunks are refined
+    interrupted = [dict(HEALTHY, skipped_fraction=0.98 if i % 4 else 0.5) for i in range(12)]
+    assert run(monitor(), interrupted) == []
+
+
 def test_unused_context_slot():
     issued = run(monitor(), [dict(HEALTHY, slot_norm_ctx=0.01)] * 5)
     assert kinds(issued) == {"unused_context"} and "model.context_layers" in issued[0]

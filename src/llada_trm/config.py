@@ -213,6 +213,7 @@ class HealthThresholds(_Section):
         update norm over the first step's above this is a diverging recursion.
     loss_rel_std: detrended std of the logged loss over its mean, above which the loss oscillates.
     context_ratio: the context slot's gate or norm below this fraction of the other slots' is unused.
+    idle_skipped: a skipped-chunk fraction at or above this means the refiner is almost never trained.
     """
 
     window: PosInt = 20
@@ -224,6 +225,7 @@ class HealthThresholds(_Section):
     delta_growth: Annotated[float, BeforeValidator(to_float), Field(gt=1.0)] = 10.0
     loss_rel_std: NonNegFloat = 0.5
     context_ratio: NonNegFloat = 0.05
+    idle_skipped: Fraction = 0.95
 
 
 class AdvancedConfig(_Section):

@@ -30,6 +30,7 @@ CHECKS = (
     "delta_explosion",
     "loss_oscillation",
     "low_confidence",
+    "refiner_idle",
     "unused_context",
 )
 
@@ -69,6 +70,7 @@ class HealthMonitor:
             self._delta_explosion(row),
             self._loss_oscillation(row),
             self._low_confidence(row),
+            self._refiner_idle(row),
             self._unused_context(slot_norms, gates),
         ):
             if message is not None and kind not in self.warned:
@@ -196,6 +198,17 @@ class HealthMonitor:
             f"confidence stays low everywhere: every chunk was refined for {self.t.window} logged "
             f"rows{seen}, so selective refinement saves nothing. Lower model.confidence_threshold "
             "(e.g. 0.5 -> 0.3) or add training_params.confidence_calibration_weight (e.g. 0.05)."
+        )
+
+    def _refiner_idle(self, row: Mapping[str, Any]) -> tuple[str, str | None]:
+        kind = "refiner_idle"
+        skipped = _number(row.get("skipped_fraction_masked", row.get("skipped_fraction")))
+        if not self._persistent(kind, skipped is not None and skipped >= self.t.idle_skipped):
+            return kind, None
+        return kind, (
+            f"the refiner is almost never trained: {skipped:.0%} of the chunks were skipped (confident) "
+            f"for {self.t.window} logged rows. Raise model.confidence_threshold (e.g. 0.5 -> 0.9; above 1 "
+            "refines every chunk)."
         )
 
     def _unused_context(self, norms: dict[str, float], gates: dict[str, float]) -> tuple[str, str | None]:
