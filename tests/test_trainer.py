@@ -13,7 +13,7 @@ from tiny_assets import make_tiny_backbone
 
 from llada_trm.config import parse_config
 from llada_trm.errors import CheckpointError, ConfigError, NonFiniteLossError
-from llada_trm.training import Trainer, load_trainer_state, objective, run_train
+from llada_trm.training import Trainer, load_trainer_state, objective, run_train, trainer_from_cli
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -130,12 +130,12 @@ def test_resume_continues_exactly(backbone_dir, tmp_path):
 
     config_path = tmp_path / "run.yaml"
     config_path.write_text(yaml.safe_dump(raw_config(backbone_dir, tmp_path / "other")))
-    interrupted = Trainer.from_cli(config_path, [f"output.dir={tmp_path / 'split'}"], progress=False)
+    interrupted = trainer_from_cli(config_path, [f"output.dir={tmp_path / 'split'}"], progress=False)
     interrupted.train(max_new_steps=3)  # stops mid-epoch and mid-way through the warmup-cosine schedule
     assert load_trainer_state(tmp_path / "split" / "checkpoints" / "last")["train_state"]["step"] == 3
 
     split = [f"output.dir={tmp_path / 'split'}"]
-    resumed = Trainer.from_cli(config_path, split, resume=tmp_path / "split", progress=False)
+    resumed = trainer_from_cli(config_path, split, resume=tmp_path / "split", progress=False)
     assert resumed.state.step == 3 and resumed.state.batches_in_epoch == 6
     resumed.train()
 

@@ -16,6 +16,7 @@ from llada_trm.training.checkpoint import (
     restore_rng_state,
     save_checkpoint,
 )
+from llada_trm.training.entry import run_train, trainer_from_cli
 from llada_trm.training.feature_cache import (
     CACHE_FORMAT_VERSION,
     MANIFEST_FILE,
@@ -60,7 +61,6 @@ from llada_trm.training.trainer import (
     resolve_backbone_dir,
     resolve_device,
     resolve_precision,
-    run_train,
     seed_everything,
 )
 
@@ -121,6 +121,7 @@ __all__ = [
     "resolve_warmup_steps",
     "restore_rng_state",
     "run_train",
+    "trainer_from_cli",
     "save_checkpoint",
     "seed_everything",
     "set_train_mode",

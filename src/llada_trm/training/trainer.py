@@ -2,7 +2,7 @@
 
     Trainer(config).train()                       # a fresh run
     Trainer(config).resume(dir).train()           # continue exactly where a checkpoint left off
-    run_train("configs/tiny_refiner.yaml", ["training.lr=3e-4"], resume=None)   # what the CLI calls
+    # what the CLI calls: training.entry.run_train("configs/tiny_refiner.yaml", ["training.lr=3e-4"])
 
 One optimizer step = `gradient_accumulation_steps` micro-batches. Logging, validation and checkpointing
 happen on optimizer-step boundaries, so a checkpoint always sits between two steps and a resumed run
@@ -19,7 +19,7 @@ import contextlib
 import logging
 import math
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +36,7 @@ from llada_trm.build import (
     seed_everything,
     start_run,
 )
-from llada_trm.config import RunConfig, load_config, save_config
+from llada_trm.config import RunConfig, save_config
 from llada_trm.diffusion.forward_process import draw_noise
 from llada_trm.errors import ConfigError
 from llada_trm.training.checkpoint import TrainState, prune_snapshots
@@ -77,7 +77,6 @@ __all__ = [
     "resolve_backbone_dir",
     "resolve_device",
     "resolve_precision",
-    "run_train",
     "seed_everything",
 ]
 
@@ -163,33 +162,6 @@ class Trainer:
             f"steps per epoch, {self.total_steps} in all ({self.warmup_steps} warmup); device {self.device}, "
             f"{precision}" + (f"; {world_size()} processes, {self.strategy}" if world_size() > 1 else "")
         )
-
-    # --------------------------------------------------------------------------------- construction
-
-    @classmethod
-    def from_cli(
-        cls,
-        config_path: str | Path,
-        overrides: Sequence[str] = (),
-        resume: str | Path | None = None,
-        *,
-        progress: bool = True,
-        force: bool = False,
-    ) -> Trainer:
-        """Load the YAML with `--set` overrides, build the trainer, and restore `--resume DIR` if given.
-
-        A new run into a directory holding another run refuses here, before the model loads (or, with
-        `force`, archives the old run).
-        """
-        config = load_config(config_path, overrides)
-        if resume is not None and force:
-            raise ConfigError("--force starts a new run and --resume continues one; give only one of them")
-        if resume is None and not force and is_main_process():
-            claim_run_dir(config.output.dir)
-        trainer = cls(config, progress=progress, force=force)
-        if resume is not None:
-            trainer.resume(resume)
-        return trainer
 
     # ---------------------------------------------------------------------------------------- resume
 
@@ -427,18 +399,3 @@ class Trainer:
     def _say(self, text: str) -> None:
         if is_main_process():
             tqdm.write(text)
-
-
-def run_train(
-    config_path: str | Path,
-    overrides: Sequence[str] = (),
-    resume: str | Path | None = None,
-    *,
-    progress: bool = True,
-    force: bool = False,
-) -> dict[str, Any]:
-    """The `llada-trm train --config FILE [--set k=v ...] [--resume DIR | --force]` command.
-
-    Raises `ConfigError` / `CheckpointError` (bad input, one line) and `NonFiniteLossError` (divergence).
-    """
-    return Trainer.from_cli(config_path, overrides, resume, progress=progress, force=force).train()
