@@ -1,0 +1,94 @@
+"""The Python API: `load_checkpoint(...).generate([...])`, and the sampler's model-derived [MASK] default."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from tiny_assets import TINY_SAMPLING, run_config, tiny_backbone
+
+import llada_trm
+from llada_trm import generate, load_checkpoint
+from llada_trm.evaluate.evaluator import call_stats
+
+
+@pytest.fixture(scope="module")
+def backbone_dir(tmp_path_factory) -> Path:
+    return tiny_backbone(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def sampled_run(tmp_path_factory, backbone_dir) -> Path:
+    """A 2-step slot run whose config records small sampler settings (as the main job's does)."""
+    from llada_trm.config import parse_config
+    from llada_trm.training import Trainer
+
+    out = tmp_path_factory.mktemp("api_run") / "run"
+    raw = run_config(backbone_dir, out)
+    raw["sampling"] = {**TINY_SAMPLING, "threshold": 0.9, "batch_size": 2}
+    Trainer(parse_config(raw), progress=False).train()
+    return out
+
+
+def test_load_checkpoint_is_exported_and_generate_answers_with_stats(sampled_run):
+    assert llada_trm.load_checkpoint is load_checkpoint
+    model = load_checkpoint(sampled_run, device="cpu")
+    questions = ["Ann has 3 pens. She buys 2 more. How many pens?", "Bo has 4 cups. He breaks 1.", "x"]
+    result = model.generate(questions)
+    assert len(result.answers) == 3 and all(isinstance(a, str) for a in result.answers)
+    # The run's own sampling section, not LLaDA's exact sampler at gen_length 128.
+    assert result.options["gen_length"] == 16 and result.options["threshold"] == 0.9
+    assert result.nfe > 0
+    assert result.stats and all(math.isfinite(v) for v in result.stats.values())
+    for kept in ("chunks_refined", "delta_norm", "slot_norm_ctx", "gate_ctx"):
+        assert kept in result.stats, kept
+    # Batches of 2 then 1 give the same answers as one batch of 3 under the greedy sampler.
+    alone = model.generate(questions[2], batch_size=1)
+    assert alone.answers == [result.answers[2]]
+    assert model.generate(questions, steps=2, threshold=None).options["steps"] == 2
+
+
+def test_generate_rejects_unknown_settings_and_empty_questions(sampled_run):
+    model = load_checkpoint(sampled_run, device="cpu")
+    with pytest.raises(ValueError, match="unknown sampling setting.*mask_id"):
+        model.generate(["q"], mask_id=3)
+    with pytest.raises(ValueError, match="empty question"):
+        model.generate(["  "])
+    with pytest.raises(ValueError, match="non-empty list"):
+        model.generate([])
+
+
+def test_bare_backbone_keeps_llada_defaults(backbone_dir):
+    model = load_checkpoint(backbone_dir, device="cpu")
+    assert model.sampling == llada_trm.SamplingOptions()
+    assert model.sampling_with(gen_length=16, block_length=8, steps=None).gen_length == 16
+
+
+def test_low_level_generate_defaults_mask_id_to_the_models_own(backbone_dir):
+    model = load_checkpoint(backbone_dir, device="cpu").model
+    own = model.backbone.config.mask_token_id
+    assert own < model.backbone.config.vocab_size < 126336
+    prompt = torch.tensor([[5, 6, 7]])
+    tokens = generate(model, prompt, steps=4, gen_length=8, block_length=8)
+    assert tokens.shape == (1, 11)
+    assert torch.equal(tokens, generate(model, prompt, steps=4, gen_length=8, block_length=8, mask_id=own))
+    with pytest.raises(ValueError, match="outside the model's vocabulary"):
+        generate(model, prompt, steps=4, gen_length=8, block_length=8, mask_id=126336)
+
+
+def test_call_stats_drop_nan_and_keep_norms_and_gates():
+    stats = call_stats(
+        {
+            "confidence": float("nan"),
+            "refine_steps": 0.0,
+            "chunk": torch.tensor(float("nan")),
+            "delta_norms": [1.0, 3.0],
+            "slot_norms": {"ctx": 2.0},
+            "gates": {"conf": 0.5},
+        }
+    )
+    assert "confidence" not in stats and "chunk" not in stats
+    assert stats["refine_steps"] == 0.0 and stats["delta_norm"] == 2.0
+    assert stats["slot_norm_ctx"] == 2.0 and stats["gate_conf"] == 0.5
