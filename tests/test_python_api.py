@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -10,7 +11,8 @@ import torch
 from tiny_assets import TINY_SAMPLING, run_config, tiny_backbone
 
 import llada_trm
-from llada_trm import generate, load_checkpoint
+from llada_trm import SamplingOptions, generate, load_checkpoint
+from llada_trm.cli import main
 from llada_trm.evaluate.evaluator import call_stats
 
 
@@ -92,3 +94,74 @@ def test_call_stats_drop_nan_and_keep_norms_and_gates():
     assert "confidence" not in stats and "chunk" not in stats
     assert stats["refine_steps"] == 0.0 and stats["delta_norm"] == 2.0
     assert stats["slot_norm_ctx"] == 2.0 and stats["gate_conf"] == 0.5
+
+
+# ------------------------------------------------------- eval / generate inherit the run's sampling
+
+
+def _summary(out: Path) -> dict:
+    return json.loads((out / "summary.json").read_text())
+
+
+def test_eval_inherits_the_runs_sampling_unless_a_flag_overrides_it(sampled_run, tmp_path, capsys):
+    base = ["eval", "--checkpoint", str(sampled_run), "--limit", "2", "--no-progress", "--device", "cpu"]
+    assert main([*base, "--out", str(tmp_path / "a")]) == 0
+    summary = _summary(tmp_path / "a")
+    assert summary["sampling"]["gen_length"] == 16 and summary["sampling"]["threshold"] == 0.9
+    assert summary["sampling_from"] == {"base": "run config", "flags": []}
+    assert "(run config)" in capsys.readouterr().out
+    flags = ["--gen-length", "8", "--block-length", "8", "--steps", "2", "--threshold", "off"]
+    assert main([*base, "--out", str(tmp_path / "b"), *flags]) == 0
+    summary = _summary(tmp_path / "b")
+    assert summary["sampling"]["gen_length"] == 8 and summary["sampling"]["threshold"] is None
+    assert summary["sampling"]["batch_size"] == 2  # unset: still the run's
+    assert summary["sampling_from"]["flags"] == ["block_length", "gen_length", "steps", "threshold"]
+
+
+def test_unset_flags_mean_the_checkpoints_value(sampled_run, backbone_dir):
+    from llada_trm.cli import _sampling_options, build_parser
+
+    def options(*argv: str) -> SamplingOptions:
+        return _sampling_options(build_parser().parse_args(["eval", *argv]))
+
+    assert options("--checkpoint", str(backbone_dir)) == SamplingOptions()
+    assert options("--checkpoint", "embedded", "--seed", "3").seed == 3
+    run = options("--checkpoint", str(sampled_run / "checkpoints" / "last"))
+    assert run == load_checkpoint(sampled_run, device="cpu").sampling
+    assert run.threshold == 0.9 and run.gen_length == 16
+
+
+def test_eval_warns_when_most_completions_are_empty(capsys):
+    from llada_trm.cli import _print_eval_summary, build_parser
+
+    args = build_parser().parse_args(["eval", "--checkpoint", "embedded"])
+    summary = {
+        "n": 4, "correct_strict": 0, "correct_flexible": 0, "accuracy_strict": 0.0,
+        "accuracy_flexible": 0.0,
+        "empty_completions": 3, "sampling": SamplingOptions().to_dict(),
+        "speed": {"tokens_per_s": 1.0, "nfe": 1, "total_s": 1.0},
+    }
+    _print_eval_summary(args, "none", summary, Path("out"))
+    assert "warning: 3 of 4 completions are empty" in capsys.readouterr().out
+    _print_eval_summary(args, "none", {**summary, "empty_completions": 2}, Path("out"))
+    assert "warning" not in capsys.readouterr().out
+
+
+def test_generate_file_writes_answers_atomically(sampled_run, tmp_path, capsys):
+    questions = tmp_path / "questions.txt"
+    questions.write_text("Ann has 3 pens. She buys 2 more. How many pens?\n\nBo has 4 cups.\n")
+    out = tmp_path / "answers.jsonl"
+    argv = ["generate", "--checkpoint", str(sampled_run), "--device", "cpu", "--file", str(questions)]
+    assert main([*argv, "--out", str(out)]) == 0
+    assert "wrote 2 answers" in capsys.readouterr().out
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    first = "Ann has 3 pens. She buys 2 more. How many pens?"
+    assert [r["question"] for r in rows] == [first, "Bo has 4 cups."]
+    assert all(r["sampling"]["gen_length"] == 16 for r in rows)
+    assert not [p for p in tmp_path.iterdir() if p.name not in ("questions.txt", "answers.jsonl")]
+    assert main(argv) == 0
+    assert len(capsys.readouterr().out.splitlines()) == 2
+    assert main(["generate", "--checkpoint", str(sampled_run), "q", "--file", str(questions)]) == 2
+    assert "either one quoted question or --file" in capsys.readouterr().err
+    assert main(["generate", "--checkpoint", str(sampled_run), "q", "--out", str(out)]) == 2
+    assert "--out writes the answers of a --file batch" in capsys.readouterr().err

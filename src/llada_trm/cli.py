@@ -27,6 +27,21 @@ class UserError(Exception):
     """A problem the user can fix from the command line (reported without a traceback)."""
 
 
+SAMPLING_FLAGS = (
+    "steps",
+    "gen_length",
+    "block_length",
+    "temperature",
+    "remasking",
+    "threshold",
+    "cache",
+    "cfg_scale",
+    "batch_size",
+    "seed",
+)
+_OFF = "off"  # threshold / cache: switch off what a run's `sampling:` section switched on
+
+
 # ------------------------------------------------------------------------------------------ subcommands
 
 
@@ -80,21 +95,30 @@ def _cmd_cache(args: argparse.Namespace) -> int:
     return 0
 
 
-def _sampling_options(args: argparse.Namespace) -> Any:
-    from llada_trm.evaluate import SamplingOptions
 
-    return SamplingOptions(
-        steps=args.steps,
-        gen_length=args.gen_length,
-        block_length=args.block_length,
-        temperature=args.temperature,
-        remasking=args.remasking,
-        threshold=args.threshold,
-        cache=args.cache,
-        cfg_scale=args.cfg_scale,
-        batch_size=getattr(args, "batch_size", 1),
-        seed=args.seed,
-    )
+def _sampling_options(args: argparse.Namespace) -> Any:
+    """The checkpoint's sampler settings (a trained run's `sampling:` section, LLaDA's defaults for a
+    backbone) with every flag the user gave in place of its value (`off` switches threshold / cache off);
+    read before any weights load, so bad settings fail first."""
+    from dataclasses import replace
+
+    from llada_trm.evaluate.loading import checkpoint_sampling, override_sampling
+
+    given = {name: getattr(args, name, None) for name in SAMPLING_FLAGS}
+    off = [name for name, value in given.items() if value == _OFF]
+    on = {name: value for name, value in given.items() if value != _OFF}
+    options = override_sampling(checkpoint_sampling(args.checkpoint), **on)
+    return replace(options, **dict.fromkeys(off)) if off else options
+
+
+def _threshold(text: str) -> float | str:
+    """`--threshold`: a confidence in (0, 1], or `off` for LLaDA's fixed schedule."""
+    if text == _OFF:
+        return _OFF
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1] or '{_OFF}', got {text!r}") from None
 
 
 def _default_eval_dir(loaded: Any, dataset: str, split: str) -> Path:
@@ -147,7 +171,12 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         options,
         num_steps=loaded.num_steps,
         out_dir=out,
-        metadata={"model": loaded.describe(), "dataset": args.dataset, "split": args.split},
+        metadata={
+            "model": loaded.describe(),
+            "dataset": args.dataset,
+            "split": args.split,
+            "sampling_from": _sampling_source(args, loaded),
+        },
         progress=not args.no_progress,
         desc=f"eval {loaded.refiner}",
     )
@@ -156,6 +185,13 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         if against is not None:
             print("\n".join(write_paired(against, result.predictions, f"this {loaded.refiner} run", out)))
     return 0
+
+
+def _sampling_source(args: argparse.Namespace, loaded: Any) -> dict[str, Any]:
+    """Where the effective `sampling` of a summary came from: the run's config or the defaults, and which
+    settings the command line replaced."""
+    flags = sorted(name for name in SAMPLING_FLAGS if getattr(args, name, None) is not None)
+    return {"base": "run config" if loaded.run_config is not None else "defaults", "flags": flags}
 
 
 def _check_against(against: tuple[Path, list[dict[str, Any]]] | None, records: Sequence[Any]) -> None:
@@ -178,30 +214,85 @@ def _print_eval_summary(args: argparse.Namespace, refiner: str, s: dict[str, Any
             f"refinement: {refinement['mean_refine_steps']:.2f} steps per refined chunk, "
             f"{refinement['skipped_fraction']:.1%} of chunks skipped"
         )
+    empty = s.get("empty_completions", 0)
+    if empty > s["n"] / 2:
+        print(
+            f"warning: {empty} of {s['n']} completions are empty (the model ended its answer at once): the "
+            "questions are likely out of this model's domain (the tiny embedded backbone knows only the "
+            "generated task: --dataset synthetic), or gen_length / steps are too small for it"
+        )
+    sampling = s["sampling"]
+    print(
+        f"sampling: gen_length {sampling['gen_length']}, block_length {sampling['block_length']}, steps "
+        f"{sampling['steps']}, threshold {sampling['threshold']}, cache {sampling['cache']} "
+        f"({s.get('sampling_from', {}).get('base', 'defaults')})"
+    )
     speed = s["speed"]
     rate, calls, seconds = speed["tokens_per_s"], speed["nfe"], speed["total_s"]
     print(f"speed: {rate:.1f} tokens/s, {calls} model calls, {seconds:.1f} s in all")
     print(f"wrote {out / 'predictions.jsonl'} and {out / 'summary.json'}")
 
 
+def _questions(args: argparse.Namespace) -> list[str]:
+    """The one quoted question, or the lines of `--file` (blank lines skipped)."""
+    if (args.question is None) == (args.file is None):
+        raise UserError("give either one quoted question or --file FILE (one question a line)")
+    if args.file is None:
+        if not args.question.strip():
+            raise UserError("the question is empty; pass it as one quoted argument")
+        return [args.question]
+    lines = Path(args.file).read_text(encoding="utf-8").splitlines()
+    questions = [line.strip() for line in lines if line.strip()]
+    if not questions:
+        raise UserError(f"{args.file}: no questions (write one question a line)")
+    return questions
+
+
 def _cmd_generate(args: argparse.Namespace) -> int:
     from llada_trm.data import GSM8KRecord
     from llada_trm.evaluate import evaluate_model, load_checkpoint
 
-    if not args.question.strip():
-        raise UserError("the question is empty; pass it as one quoted argument")
+    questions = _questions(args)
+    if args.out and args.file is None:
+        raise UserError("--out writes the answers of a --file batch; for one question the answer is printed")
     options = _sampling_options(args)
     loaded = load_checkpoint(args.checkpoint, refiner=args.refiner, device=args.device, dtype=args.dtype)
-    record = GSM8KRecord(question=args.question, answer="")
+    records = [GSM8KRecord(question=question, answer="") for question in questions]
     result = evaluate_model(
-        loaded.model, loaded.tokenizer, [record], options, num_steps=loaded.num_steps, progress=False
+        loaded.model, loaded.tokenizer, records, options, num_steps=loaded.num_steps, progress=False
     )
+    if args.file is not None:
+        return _write_answers(args, result.predictions, options)
     prediction = result.predictions[0]
     print(prediction["completion"].strip())
     if args.verbose:
         print(json.dumps({"answer": prediction["prediction_strict"] or prediction["prediction_flexible"],
                           "refinement": result.summary.get("refinement"),
                           "speed": result.summary["speed"]}, indent=2))
+    return 0
+
+
+def _write_answers(args: argparse.Namespace, predictions: list[dict[str, Any]], options: Any) -> int:
+    """One JSON row per question (question, completion, extracted answer, the sampler settings), written
+    atomically to `--out`; without `--out`, the completions one a line on stdout."""
+    from llada_trm.io import write_jsonl
+
+    rows = [
+        {
+            "index": p["index"],
+            "question": p["question"],
+            "completion": p["completion"].strip(),
+            "answer": p["prediction_strict"] or p["prediction_flexible"],
+        }
+        for p in predictions
+    ]
+    if args.out is None:
+        for row in rows:
+            print(" ".join(row["completion"].split()))
+        return 0
+    sampling = options.to_dict()
+    path = write_jsonl(Path(args.out), [{**row, "sampling": sampling} for row in rows])
+    print(f"wrote {len(rows)} answers to {path}")
     return 0
 
 
@@ -261,23 +352,32 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _add_sampling_options(parser: argparse.ArgumentParser, batch: bool = True) -> None:
-    group = parser.add_argument_group("sampling (LLaDA's low-confidence remasking)")
-    group.add_argument("--steps", type=int, default=64, help="denoising steps in all (default 64)")
-    group.add_argument("--gen-length", type=int, default=128, help="answer tokens (default 128)")
-    group.add_argument("--block-length", type=int, default=32, help="semi-autoregressive block (default 32)")
-    group.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    group.add_argument("--remasking", choices=("low_confidence", "random"), default="low_confidence")
+def _add_sampling_options(parser: argparse.ArgumentParser) -> None:
+    """Every flag defaults to None: "the checkpoint's value" (a run's `sampling:` section, or the default
+    shown for a bare backbone), so a run is evaluated the way it was trained and compared."""
+    group = parser.add_argument_group(
+        "sampling (default: a trained run's `sampling:` settings; for a backbone, the values shown)"
+    )
+    group.add_argument("--steps", type=int, default=None, help="denoising steps in all (backbone: 64)")
+    group.add_argument("--gen-length", type=int, default=None, help="answer tokens (backbone: 128)")
+    group.add_argument("--block-length", type=int, default=None, help="semi-AR block (backbone: 32)")
+    group.add_argument("--temperature", type=float, default=None, help="0 = greedy (backbone: 0)")
+    group.add_argument("--remasking", choices=("low_confidence", "random"), default=None)
     group.add_argument(
-        "--threshold", type=float, default=None, help="Fast-dLLM parallel decoding threshold, e.g. 0.9"
+        "--threshold",
+        type=_threshold,
+        default=None,
+        help=f"Fast-dLLM parallel decoding threshold, e.g. 0.9; {_OFF}: LLaDA's schedule (backbone: off)",
     )
     group.add_argument(
-        "--cache", choices=("prefix", "dual"), default=None, help="Fast-dLLM's block-wise KV cache (off)"
+        "--cache",
+        choices=("prefix", "dual", _OFF),
+        default=None,
+        help="Fast-dLLM's block-wise KV cache (backbone: off)",
     )
-    group.add_argument("--cfg-scale", type=float, default=0.0, help="classifier-free guidance (default off)")
-    group.add_argument("--seed", type=int, default=0, help="seed of the sampling noise")
-    if batch:
-        group.add_argument("--batch-size", type=int, default=16, help="problems per batch (default 16)")
+    group.add_argument("--cfg-scale", type=float, default=None, help="classifier-free guidance (backbone: 0)")
+    group.add_argument("--seed", type=int, default=None, help="seed of the sampling noise (backbone: 0)")
+    group.add_argument("--batch-size", type=int, default=None, help="problems per batch (backbone: 16)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -334,9 +434,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command("generate", "answer one question")
     _add_model_options(p)
-    p.add_argument("question", help="the question, quoted")
+    p.add_argument("question", nargs="?", help="the question, quoted (or --file)")
+    p.add_argument("--file", metavar="FILE", help="answer every line of FILE (one question a line)")
+    p.add_argument("--out", metavar="FILE", help="with --file: write the answers as JSON lines to FILE")
     p.add_argument("-v", "--verbose", action="store_true", help="also print the extracted answer and stats")
-    _add_sampling_options(p, batch=False)
+    _add_sampling_options(p)
     p.set_defaults(func=_cmd_generate)
 
     p = command("plot", "PNG plots of a training run's metrics")

@@ -311,6 +311,7 @@ def _summary(
         "accuracy_strict": strict / n,
         "accuracy_flexible": flexible / n,
         "formatted_fraction": sum(p["prediction_strict"] is not None for p in predictions) / n,
+        "empty_completions": sum(not p["completion"].strip() for p in predictions),
         "refinement": _refinement(totals),
         "speed": {
             "tokens_per_s": tokens / generation_s if generation_s > 0 else None,
