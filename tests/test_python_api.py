@@ -119,10 +119,11 @@ def test_eval_inherits_the_runs_sampling_unless_a_flag_overrides_it(sampled_run,
 
 
 def test_unset_flags_mean_the_checkpoints_value(sampled_run, backbone_dir):
-    from llada_trm.cli import _sampling_options, build_parser
+    from llada_trm.cli import build_parser
+    from llada_trm.cli_sampling import sampling_options
 
     def options(*argv: str) -> SamplingOptions:
-        return _sampling_options(build_parser().parse_args(["eval", *argv]))
+        return sampling_options(build_parser().parse_args(["eval", *argv]))
 
     assert options("--checkpoint", str(backbone_dir)) == SamplingOptions()
     assert options("--checkpoint", "embedded", "--seed", "3").seed == 3
@@ -165,3 +166,22 @@ def test_generate_file_writes_answers_atomically(sampled_run, tmp_path, capsys):
     assert "either one quoted question or --file" in capsys.readouterr().err
     assert main(["generate", "--checkpoint", str(sampled_run), "q", "--out", str(out)]) == 2
     assert "--out writes the answers of a --file batch" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------- the README's snippet
+
+
+def _readme_snippet() -> str:
+    readme = (Path(__file__).parent.parent / "README.md").read_text(encoding="utf-8")
+    section = readme[readme.index("## Python API\n") :]
+    return section[section.index("```python\n") + len("```python\n") : section.index("```\n", 12)]
+
+
+def test_readme_snippet_loads_the_main_job_run_and_prints_three_answers(sampled_run, capsys):
+    code = _readme_snippet()
+    assert 'load_checkpoint("runs/compare/seed0/slot")' in code  # the main job's run, not a fallback
+    exec(compile(code.replace("runs/compare/seed0/slot", str(sampled_run)), "README.md", "exec"), {})
+    out = capsys.readouterr().out
+    assert out.count("  -> ") == 3
+    stats = out.strip().splitlines()[-1]
+    assert "chunks_refined" in stats and "nan" not in stats

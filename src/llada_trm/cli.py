@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from llada_trm.cli_sampling import add_sampling_options, sampling_options, sampling_source
 from llada_trm.errors import NonFiniteLossError
 
 __all__ = ["build_parser", "main"]
@@ -25,21 +26,6 @@ RUN_FAILED = 1
 
 class UserError(Exception):
     """A problem the user can fix from the command line (reported without a traceback)."""
-
-
-SAMPLING_FLAGS = (
-    "steps",
-    "gen_length",
-    "block_length",
-    "temperature",
-    "remasking",
-    "threshold",
-    "cache",
-    "cfg_scale",
-    "batch_size",
-    "seed",
-)
-_OFF = "off"  # threshold / cache: switch off what a run's `sampling:` section switched on
 
 
 # ------------------------------------------------------------------------------------------ subcommands
@@ -96,31 +82,6 @@ def _cmd_cache(args: argparse.Namespace) -> int:
 
 
 
-def _sampling_options(args: argparse.Namespace) -> Any:
-    """The checkpoint's sampler settings (a trained run's `sampling:` section, LLaDA's defaults for a
-    backbone) with every flag the user gave in place of its value (`off` switches threshold / cache off);
-    read before any weights load, so bad settings fail first."""
-    from dataclasses import replace
-
-    from llada_trm.evaluate.loading import checkpoint_sampling, override_sampling
-
-    given = {name: getattr(args, name, None) for name in SAMPLING_FLAGS}
-    off = [name for name, value in given.items() if value == _OFF]
-    on = {name: value for name, value in given.items() if value != _OFF}
-    options = override_sampling(checkpoint_sampling(args.checkpoint), **on)
-    return replace(options, **dict.fromkeys(off)) if off else options
-
-
-def _threshold(text: str) -> float | str:
-    """`--threshold`: a confidence in (0, 1], or `off` for LLaDA's fixed schedule."""
-    if text == _OFF:
-        return _OFF
-    try:
-        return float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number in (0, 1] or '{_OFF}', got {text!r}") from None
-
-
 def _default_eval_dir(loaded: Any, dataset: str, split: str) -> Path:
     """`<run>/eval/<dataset>-<split>-<refiner>` for a run; `runs/eval/<backbone>/...` for a backbone."""
     name = f"{dataset}-{split.split('[')[0]}"
@@ -143,7 +104,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     from llada_trm.dist_utils import is_main_process
     from llada_trm.evaluate import evaluate_model, load_checkpoint, load_eval_records, synthetic_settings
 
-    options = _sampling_options(args)  # bad options and data fail before a (possibly 8B) model loads
+    options = sampling_options(args)  # bad options and data fail before a (possibly 8B) model loads
     from llada_trm.evaluate.paired import read_predictions, write_paired
 
     against = read_predictions(args.against) if args.against else None
@@ -175,7 +136,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
             "model": loaded.describe(),
             "dataset": args.dataset,
             "split": args.split,
-            "sampling_from": _sampling_source(args, loaded),
+            "sampling_from": sampling_source(args, loaded),
         },
         progress=not args.no_progress,
         desc=f"eval {loaded.refiner}",
@@ -185,13 +146,6 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         if against is not None:
             print("\n".join(write_paired(against, result.predictions, f"this {loaded.refiner} run", out)))
     return 0
-
-
-def _sampling_source(args: argparse.Namespace, loaded: Any) -> dict[str, Any]:
-    """Where the effective `sampling` of a summary came from: the run's config or the defaults, and which
-    settings the command line replaced."""
-    flags = sorted(name for name in SAMPLING_FLAGS if getattr(args, name, None) is not None)
-    return {"base": "run config" if loaded.run_config is not None else "defaults", "flags": flags}
 
 
 def _check_against(against: tuple[Path, list[dict[str, Any]]] | None, records: Sequence[Any]) -> None:
@@ -255,7 +209,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     questions = _questions(args)
     if args.out and args.file is None:
         raise UserError("--out writes the answers of a --file batch; for one question the answer is printed")
-    options = _sampling_options(args)
+    options = sampling_options(args)
     loaded = load_checkpoint(args.checkpoint, refiner=args.refiner, device=args.device, dtype=args.dtype)
     records = [GSM8KRecord(question=question, answer="") for question in questions]
     result = evaluate_model(
@@ -352,34 +306,6 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _add_sampling_options(parser: argparse.ArgumentParser) -> None:
-    """Every flag defaults to None: "the checkpoint's value" (a run's `sampling:` section, or the default
-    shown for a bare backbone), so a run is evaluated the way it was trained and compared."""
-    group = parser.add_argument_group(
-        "sampling (default: a trained run's `sampling:` settings; for a backbone, the values shown)"
-    )
-    group.add_argument("--steps", type=int, default=None, help="denoising steps in all (backbone: 64)")
-    group.add_argument("--gen-length", type=int, default=None, help="answer tokens (backbone: 128)")
-    group.add_argument("--block-length", type=int, default=None, help="semi-AR block (backbone: 32)")
-    group.add_argument("--temperature", type=float, default=None, help="0 = greedy (backbone: 0)")
-    group.add_argument("--remasking", choices=("low_confidence", "random"), default=None)
-    group.add_argument(
-        "--threshold",
-        type=_threshold,
-        default=None,
-        help=f"Fast-dLLM parallel decoding threshold, e.g. 0.9; {_OFF}: LLaDA's schedule (backbone: off)",
-    )
-    group.add_argument(
-        "--cache",
-        choices=("prefix", "dual", _OFF),
-        default=None,
-        help="Fast-dLLM's block-wise KV cache (backbone: off)",
-    )
-    group.add_argument("--cfg-scale", type=float, default=None, help="classifier-free guidance (backbone: 0)")
-    group.add_argument("--seed", type=int, default=None, help="seed of the sampling noise (backbone: 0)")
-    group.add_argument("--batch-size", type=int, default=None, help="problems per batch (backbone: 16)")
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=PROG,
@@ -429,7 +355,7 @@ def build_parser() -> argparse.ArgumentParser:
         "its eval directory, or a run with one eval): gained / lost, McNemar p, bootstrap interval",
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    _add_sampling_options(p)
+    add_sampling_options(p)
     p.set_defaults(func=_cmd_eval)
 
     p = command("generate", "answer one question")
@@ -438,7 +364,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--file", metavar="FILE", help="answer every line of FILE (one question a line)")
     p.add_argument("--out", metavar="FILE", help="with --file: write the answers as JSON lines to FILE")
     p.add_argument("-v", "--verbose", action="store_true", help="also print the extracted answer and stats")
-    _add_sampling_options(p)
+    add_sampling_options(p)
     p.set_defaults(func=_cmd_generate)
 
     p = command("plot", "PNG plots of a training run's metrics")
