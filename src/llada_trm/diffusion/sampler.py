@@ -89,10 +89,12 @@ def default_mask_id(model: Any) -> int:
 
 
 def _check_mask_id(model: Any, mask_id: int) -> None:
-    vocab_size = getattr(_model_config(model), "vocab_size", None)
-    if isinstance(vocab_size, int) and not 0 <= mask_id < vocab_size:
+    """An id past the embedding rows (LLaDA pads them past vocab_size) would be an IndexError deep inside."""
+    config = _model_config(model)
+    rows = getattr(config, "effective_embedding_size", getattr(config, "vocab_size", None))
+    if isinstance(rows, int) and not 0 <= mask_id < rows:
         raise ValueError(
-            f"mask_id {mask_id} is outside the model's vocabulary of {vocab_size} tokens; pass the model's "
+            f"mask_id {mask_id} is outside the model's vocabulary of {rows} token ids; pass the model's "
             "[MASK] id (model.backbone.config.mask_token_id) or leave mask_id out"
         )
 
