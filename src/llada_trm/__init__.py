@@ -45,6 +45,10 @@ _EXPORTS: dict[str, str] = {
     "build_tokenizer": "llada_trm.data",
     "load_tokenizer": "llada_trm.data",
     "embedded_backbone_dir": "llada_trm.assets",
+    "load_checkpoint": "llada_trm.evaluate",
+    "LoadedModel": "llada_trm.evaluate",
+    "Answers": "llada_trm.evaluate.answering",
+    "SamplingOptions": "llada_trm.diffusion",
     "ConfigError": "llada_trm.errors",
     "CheckpointError": "llada_trm.errors",
 }

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from llada_trm.cli_sampling import add_sampling_options, sampling_options, sampling_source
 from llada_trm.errors import NonFiniteLossError
 
 __all__ = ["build_parser", "main"]
@@ -80,22 +81,6 @@ def _cmd_cache(args: argparse.Namespace) -> int:
     return 0
 
 
-def _sampling_options(args: argparse.Namespace) -> Any:
-    from llada_trm.evaluate import SamplingOptions
-
-    return SamplingOptions(
-        steps=args.steps,
-        gen_length=args.gen_length,
-        block_length=args.block_length,
-        temperature=args.temperature,
-        remasking=args.remasking,
-        threshold=args.threshold,
-        cache=args.cache,
-        cfg_scale=args.cfg_scale,
-        batch_size=getattr(args, "batch_size", 1),
-        seed=args.seed,
-    )
-
 
 def _default_eval_dir(loaded: Any, dataset: str, split: str) -> Path:
     """`<run>/eval/<dataset>-<split>-<refiner>` for a run; `runs/eval/<backbone>/...` for a backbone."""
@@ -119,7 +104,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     from llada_trm.dist_utils import is_main_process
     from llada_trm.evaluate import evaluate_model, load_checkpoint, load_eval_records, synthetic_settings
 
-    options = _sampling_options(args)  # bad options and data fail before a (possibly 8B) model loads
+    options = sampling_options(args)  # bad options and data fail before a (possibly 8B) model loads
     from llada_trm.evaluate.paired import read_predictions, write_paired
 
     against = read_predictions(args.against) if args.against else None
@@ -147,7 +132,12 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         options,
         num_steps=loaded.num_steps,
         out_dir=out,
-        metadata={"model": loaded.describe(), "dataset": args.dataset, "split": args.split},
+        metadata={
+            "model": loaded.describe(),
+            "dataset": args.dataset,
+            "split": args.split,
+            "sampling_from": sampling_source(args, loaded),
+        },
         progress=not args.no_progress,
         desc=f"eval {loaded.refiner}",
     )
@@ -178,30 +168,85 @@ def _print_eval_summary(args: argparse.Namespace, refiner: str, s: dict[str, Any
             f"refinement: {refinement['mean_refine_steps']:.2f} steps per refined chunk, "
             f"{refinement['skipped_fraction']:.1%} of chunks skipped"
         )
+    empty = s.get("empty_completions", 0)
+    if empty > s["n"] / 2:
+        print(
+            f"warning: {empty} of {s['n']} completions are empty (the model ended its answer at once): the "
+            "questions are likely out of this model's domain (the tiny embedded backbone knows only the "
+            "generated task: --dataset synthetic), or gen_length / steps are too small for it"
+        )
+    sampling = s["sampling"]
+    print(
+        f"sampling: gen_length {sampling['gen_length']}, block_length {sampling['block_length']}, steps "
+        f"{sampling['steps']}, threshold {sampling['threshold']}, cache {sampling['cache']} "
+        f"({s.get('sampling_from', {}).get('base', 'defaults')})"
+    )
     speed = s["speed"]
     rate, calls, seconds = speed["tokens_per_s"], speed["nfe"], speed["total_s"]
     print(f"speed: {rate:.1f} tokens/s, {calls} model calls, {seconds:.1f} s in all")
     print(f"wrote {out / 'predictions.jsonl'} and {out / 'summary.json'}")
 
 
+def _questions(args: argparse.Namespace) -> list[str]:
+    """The one quoted question, or the lines of `--file` (blank lines skipped)."""
+    if (args.question is None) == (args.file is None):
+        raise UserError("give either one quoted question or --file FILE (one question a line)")
+    if args.file is None:
+        if not args.question.strip():
+            raise UserError("the question is empty; pass it as one quoted argument")
+        return [args.question]
+    lines = Path(args.file).read_text(encoding="utf-8").splitlines()
+    questions = [line.strip() for line in lines if line.strip()]
+    if not questions:
+        raise UserError(f"{args.file}: no questions (write one question a line)")
+    return questions
+
+
 def _cmd_generate(args: argparse.Namespace) -> int:
     from llada_trm.data import GSM8KRecord
     from llada_trm.evaluate import evaluate_model, load_checkpoint
 
-    if not args.question.strip():
-        raise UserError("the question is empty; pass it as one quoted argument")
-    options = _sampling_options(args)
+    questions = _questions(args)
+    if args.out and args.file is None:
+        raise UserError("--out writes the answers of a --file batch; for one question the answer is printed")
+    options = sampling_options(args)
     loaded = load_checkpoint(args.checkpoint, refiner=args.refiner, device=args.device, dtype=args.dtype)
-    record = GSM8KRecord(question=args.question, answer="")
+    records = [GSM8KRecord(question=question, answer="") for question in questions]
     result = evaluate_model(
-        loaded.model, loaded.tokenizer, [record], options, num_steps=loaded.num_steps, progress=False
+        loaded.model, loaded.tokenizer, records, options, num_steps=loaded.num_steps, progress=False
     )
+    if args.file is not None:
+        return _write_answers(args, result.predictions, options)
     prediction = result.predictions[0]
     print(prediction["completion"].strip())
     if args.verbose:
         print(json.dumps({"answer": prediction["prediction_strict"] or prediction["prediction_flexible"],
                           "refinement": result.summary.get("refinement"),
                           "speed": result.summary["speed"]}, indent=2))
+    return 0
+
+
+def _write_answers(args: argparse.Namespace, predictions: list[dict[str, Any]], options: Any) -> int:
+    """One JSON row per question (question, completion, extracted answer, the sampler settings), written
+    atomically to `--out`; without `--out`, the completions one a line on stdout."""
+    from llada_trm.io import write_jsonl
+
+    rows = [
+        {
+            "index": p["index"],
+            "question": p["question"],
+            "completion": p["completion"].strip(),
+            "answer": p["prediction_strict"] or p["prediction_flexible"],
+        }
+        for p in predictions
+    ]
+    if args.out is None:
+        for row in rows:
+            print(" ".join(row["completion"].split()))
+        return 0
+    sampling = options.to_dict()
+    path = write_jsonl(Path(args.out), [{**row, "sampling": sampling} for row in rows])
+    print(f"wrote {len(rows)} answers to {path}")
     return 0
 
 
@@ -261,25 +306,6 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _add_sampling_options(parser: argparse.ArgumentParser, batch: bool = True) -> None:
-    group = parser.add_argument_group("sampling (LLaDA's low-confidence remasking)")
-    group.add_argument("--steps", type=int, default=64, help="denoising steps in all (default 64)")
-    group.add_argument("--gen-length", type=int, default=128, help="answer tokens (default 128)")
-    group.add_argument("--block-length", type=int, default=32, help="semi-autoregressive block (default 32)")
-    group.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    group.add_argument("--remasking", choices=("low_confidence", "random"), default="low_confidence")
-    group.add_argument(
-        "--threshold", type=float, default=None, help="Fast-dLLM parallel decoding threshold, e.g. 0.9"
-    )
-    group.add_argument(
-        "--cache", choices=("prefix", "dual"), default=None, help="Fast-dLLM's block-wise KV cache (off)"
-    )
-    group.add_argument("--cfg-scale", type=float, default=0.0, help="classifier-free guidance (default off)")
-    group.add_argument("--seed", type=int, default=0, help="seed of the sampling noise")
-    if batch:
-        group.add_argument("--batch-size", type=int, default=16, help="problems per batch (default 16)")
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=PROG,
@@ -329,14 +355,16 @@ def build_parser() -> argparse.ArgumentParser:
         "its eval directory, or a run with one eval): gained / lost, McNemar p, bootstrap interval",
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    _add_sampling_options(p)
+    add_sampling_options(p)
     p.set_defaults(func=_cmd_eval)
 
     p = command("generate", "answer one question")
     _add_model_options(p)
-    p.add_argument("question", help="the question, quoted")
+    p.add_argument("question", nargs="?", help="the question, quoted (or --file)")
+    p.add_argument("--file", metavar="FILE", help="answer every line of FILE (one question a line)")
+    p.add_argument("--out", metavar="FILE", help="with --file: write the answers as JSON lines to FILE")
     p.add_argument("-v", "--verbose", action="store_true", help="also print the extracted answer and stats")
-    _add_sampling_options(p, batch=False)
+    add_sampling_options(p)
     p.set_defaults(func=_cmd_generate)
 
     p = command("plot", "PNG plots of a training run's metrics")

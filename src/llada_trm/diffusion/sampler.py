@@ -74,6 +74,31 @@ def _block_decoder(options: SamplingOptions) -> BlockDecoder:
     return denoise_block_llada if options.threshold is None else denoise_block_parallel
 
 
+def _model_config(model: Any) -> Any:
+    """The backbone config of a hybrid (``model.backbone.config``) or of a backbone (``model.config``)."""
+    model = getattr(model, "module", model)
+    config = getattr(getattr(model, "backbone", None), "config", None)
+    return config if config is not None else getattr(model, "config", None)
+
+
+def default_mask_id(model: Any) -> int:
+    """The model's own [MASK] id when its config names one, else LLaDA's: a small backbone's vocabulary
+    does not reach LLaDA's 126336, so leaving ``mask_id`` out must not index past it."""
+    mask_id = getattr(_model_config(model), "mask_token_id", None)
+    return int(mask_id) if isinstance(mask_id, int) else LLADA_MASK_ID
+
+
+def _check_mask_id(model: Any, mask_id: int) -> None:
+    """An id past the embedding rows (LLaDA pads them past vocab_size) would be an IndexError deep inside."""
+    config = _model_config(model)
+    rows = getattr(config, "effective_embedding_size", getattr(config, "vocab_size", None))
+    if isinstance(rows, int) and not 0 <= mask_id < rows:
+        raise ValueError(
+            f"mask_id {mask_id} is outside the model's vocabulary of {rows} token ids; pass the model's "
+            "[MASK] id (model.backbone.config.mask_token_id) or leave mask_id out"
+        )
+
+
 def _check_inputs(prompt: Tensor, attention_mask: Tensor | None) -> None:
     if prompt.dim() != 2:
         raise ValueError(f"prompt must be [batch, prompt_len] token ids, got shape {tuple(prompt.shape)}")
@@ -122,6 +147,7 @@ def sample(
     the Gumbel noise and random remasking (default: torch's global generator).
     """
     _check_inputs(prompt, attention_mask)
+    _check_mask_id(model, options.mask_id)
     batch_size, prompt_length = prompt.shape
     x, attention_mask = _start(prompt, attention_mask, options)
     denoiser = Denoiser(model, attention_mask, x != options.mask_id, options)
@@ -158,7 +184,7 @@ def generate_with_stats(  # noqa: PLR0913 - LLaDA's public argument list, kept f
     temperature: float = 0.0,
     cfg_scale: float = 0.0,
     remasking: str = "low_confidence",
-    mask_id: int = LLADA_MASK_ID,
+    mask_id: int | None = None,
     logits_eos_inf: bool = False,
     confidence_eos_eot_inf: bool = False,
     *,
@@ -181,7 +207,7 @@ def generate_with_stats(  # noqa: PLR0913 - LLaDA's public argument list, kept f
         cfg_scale=cfg_scale,
         logits_eos_inf=logits_eos_inf,
         confidence_eos_eot_inf=confidence_eos_eot_inf,
-        mask_id=mask_id,
+        mask_id=default_mask_id(model) if mask_id is None else mask_id,
         eos_id=eos_id,
         eot_id=eot_id,
     )
@@ -198,7 +224,7 @@ def generate(  # noqa: PLR0913 - LLaDA's public signature
     temperature: float = 0.0,
     cfg_scale: float = 0.0,
     remasking: str = "low_confidence",
-    mask_id: int = LLADA_MASK_ID,
+    mask_id: int | None = None,
     logits_eos_inf: bool = False,
     confidence_eos_eot_inf: bool = False,
     *,
@@ -225,7 +251,8 @@ def generate(  # noqa: PLR0913 - LLaDA's public signature
         temperature: Gumbel-max sampling temperature; 0 is greedy.
         cfg_scale: unsupervised classifier-free guidance scale (0 disables it).
         remasking: ``"low_confidence"`` (keep the most probable predictions) or ``"random"``.
-        mask_id: the [MASK] token id.
+        mask_id: the [MASK] token id; None (default) = the model's own (``config.mask_token_id`` of its
+            backbone) when it names one, else LLaDA's 126336.
         logits_eos_inf: forbid EOS as a prediction (LLaDA appendix B.4).
         confidence_eos_eot_inf: lower the confidence of EOS/EoT predictions (LLaDA appendix B.4).
         threshold: Fast-dLLM parallel decoding: at each step un-mask every masked token of the current block

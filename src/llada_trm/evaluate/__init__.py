@@ -17,6 +17,8 @@ _LAZY: dict[str, str] = {
     "evaluate_model": "evaluator",
     "PREDICTIONS_FILE": "evaluator",
     "SUMMARY_FILE": "evaluator",
+    "Answers": "answering",
+    "answer_questions": "answering",
     "LoadedModel": "loading",
     "load_checkpoint": "loading",
     "DATASETS": "records",
@@ -28,11 +30,13 @@ _LAZY: dict[str, str] = {
 
 __all__ = [
     "DATASETS",
+    "Answers",
     "PREDICTIONS_FILE",
     "SUMMARY_FILE",
     "EvalResult",
     "LoadedModel",
     "SamplingOptions",
+    "answer_questions",
     "evaluate_model",
     "extract_flexible",
     "extract_strict",
@@ -56,6 +60,7 @@ def __getattr__(name: str):
 
 
 if TYPE_CHECKING:  # pragma: no cover
+    from .answering import Answers, answer_questions
     from .evaluator import PREDICTIONS_FILE, SUMMARY_FILE, EvalResult, SamplingOptions, evaluate_model
     from .io import write_json, write_jsonl
     from .loading import LoadedModel, load_checkpoint

@@ -13,6 +13,7 @@ Both come from the per-call statistics the sampler sums over the run.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -33,7 +34,15 @@ from llada_trm.evaluate.extraction import extract_flexible, extract_strict
 from llada_trm.evaluate.io import write_json, write_jsonl
 from llada_trm.hybrid.chunking import chunk_sum
 
-__all__ = ["PREDICTIONS_FILE", "SUMMARY_FILE", "EvalResult", "SamplingOptions", "evaluate_model"]
+__all__ = [
+    "PREDICTIONS_FILE",
+    "SUMMARY_FILE",
+    "EvalResult",
+    "SamplingOptions",
+    "call_stats",
+    "evaluate_model",
+    "sampling_setup",
+]
 
 PREDICTIONS_FILE = "predictions.jsonl"
 SUMMARY_FILE = "summary.json"
@@ -87,7 +96,10 @@ class _CountingModel:
             cache_kwargs["masked"] = masked
         output = self.model(input_ids, attention_mask=attention_mask, **cache_kwargs)
         stats = getattr(output, "stats", None)
-        if not isinstance(stats, Mapping) or self.chunk_size is None or "steps_per_chunk" not in stats:
+        if not isinstance(stats, Mapping):
+            return output
+        output.stats = stats = call_stats(stats)
+        if self.chunk_size is None or "steps_per_chunk" not in stats:
             return output
         masked = (input_ids == self.mask_id if masked is None else masked).float()
         past = cache_kwargs.get("past_key_values")
@@ -103,6 +115,27 @@ class _CountingModel:
             "chunk_steps": int(stats["steps_per_chunk"].sum()),
         }
         return output
+
+
+def call_stats(stats: Mapping[str, Any]) -> dict[str, Any]:
+    """One call's statistics as the sampler should average them: a NaN (e.g. the mean confidence of a call
+    that refined nothing) is left out, so that the per-call mean runs over the calls that measured it; the
+    refiner's per-step delta norms and its named slot norms and gates become scalars (`delta_norm`,
+    `slot_norm_<name>`, `gate_<name>`) instead of being dropped as non-scalar."""
+    out: dict[str, Any] = {}
+    for key, value in stats.items():
+        number = value.item() if isinstance(value, Tensor) and value.numel() == 1 else value
+        if isinstance(number, float) and not math.isfinite(number):
+            continue
+        out[key] = value
+    norms = [float(v) for v in stats.get("delta_norms") or () if math.isfinite(float(v))]
+    if norms:
+        out["delta_norm"] = sum(norms) / len(norms)
+    for prefix, group in (("slot_norm", stats.get("slot_norms")), ("gate", stats.get("gates"))):
+        for name, value in (group or {}).items() if isinstance(group, Mapping) else ():
+            if isinstance(value, int | float) and math.isfinite(value):
+                out[f"{prefix}_{name}"] = float(value)
+    return out
 
 
 def _device_of(model: Any) -> torch.device:
@@ -161,6 +194,18 @@ def check_lengths(
     )
 
 
+def sampling_setup(
+    model: Any, tokenizer: PreTrainedTokenizerBase, options: SamplingOptions, num_steps: int | None
+) -> tuple[_CountingModel, SamplingOptions]:
+    """The model wrapped for the sampler (refinement budget, per-call counts) and `options` with the [MASK],
+    EOS and EoT ids of this model and tokenizer (the model's own [MASK] first: the one it was trained on)."""
+    ids = special_token_ids(tokenizer)
+    mask_id = getattr(model, "mask_token_id", ids.mask)
+    sampling = replace(options, mask_id=mask_id, eos_id=ids.eos, eot_id=ids.eot)
+    chunk_size = getattr(getattr(model, "config", None), "chunk_size", None)
+    return _CountingModel(model, num_steps, mask_id, chunk_size), sampling
+
+
 @torch.no_grad()
 def evaluate_model(  # noqa: PLR0913 - cli.py and compare.py pass every keyword
     model: Any,
@@ -184,12 +229,7 @@ def evaluate_model(  # noqa: PLR0913 - cli.py and compare.py pass every keyword
         raise ValueError("evaluate_model needs at least one record")
     options = options or SamplingOptions()
     check_lengths(model, tokenizer, records, options)
-    ids = special_token_ids(tokenizer)
-    mask_id = getattr(model, "mask_token_id", ids.mask)
-    sampling = replace(options, mask_id=mask_id, eos_id=ids.eos, eot_id=ids.eot)
-    config = getattr(model, "config", None)
-    chunk_size = getattr(config, "chunk_size", None)
-    counting = _CountingModel(model, num_steps, mask_id, chunk_size)
+    counting, sampling = sampling_setup(model, tokenizer, options, num_steps)
     device = _device_of(model)
     was_training = getattr(model, "training", False)
     if hasattr(model, "eval"):
@@ -271,6 +311,7 @@ def _summary(
         "accuracy_strict": strict / n,
         "accuracy_flexible": flexible / n,
         "formatted_fraction": sum(p["prediction_strict"] is not None for p in predictions) / n,
+        "empty_completions": sum(not p["completion"].strip() for p in predictions),
         "refinement": _refinement(totals),
         "speed": {
             "tokens_per_s": tokens / generation_s if generation_s > 0 else None,

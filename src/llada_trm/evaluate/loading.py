@@ -15,9 +15,10 @@ checkpoint that has it (the active one of a `hybrid` integration).
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import yaml
@@ -26,6 +27,7 @@ from transformers import PreTrainedTokenizerBase
 from llada_trm.assets import EMBEDDED_NAME, embedded_backbone_dir
 from llada_trm.build import build_model, load_hybrid
 from llada_trm.config import RunConfig, parse_config
+from llada_trm.diffusion.options import SamplingOptions
 from llada_trm.errors import CheckpointError
 from llada_trm.hybrid import HybridConfig, LLaDATRMHybrid
 from llada_trm.io import DTYPES, dtype_named, resolve_device
@@ -37,7 +39,18 @@ from llada_trm.run_checkpoint import (
     resolve_checkpoint_dir,
 )
 
-__all__ = ["REFINER_CHOICES", "LoadedModel", "load_checkpoint", "required_tensors", "resolve_eval_device"]
+if TYPE_CHECKING:
+    from llada_trm.evaluate.answering import Answers
+
+__all__ = [
+    "REFINER_CHOICES",
+    "LoadedModel",
+    "checkpoint_sampling",
+    "load_checkpoint",
+    "override_sampling",
+    "required_tensors",
+    "resolve_eval_device",
+]
 
 REFINER_CHOICES = ("none", "mlp", "slot")
 
@@ -70,6 +83,26 @@ class LoadedModel:
         parent = self.checkpoint_dir.parent
         return parent.parent if parent.name == "checkpoints" else parent
 
+    @property
+    def sampling(self) -> SamplingOptions:
+        """The sampler settings this model is sampled with by default: a trained run's `sampling:` section
+        (what its validation and `compare` used), LLaDA's defaults for a bare backbone."""
+        if self.run_config is not None:
+            return self.run_config.sampling.options()
+        return SamplingOptions()
+
+    def sampling_with(self, **overrides: Any) -> SamplingOptions:
+        """`sampling` with some settings replaced; None values keep the model's (unset command-line flags)."""
+        return override_sampling(self.sampling, **overrides)
+
+    def generate(self, questions: Sequence[str] | str, **sampling: Any) -> Answers:
+        """Answer `questions` (a list, or one string) through the chat template; `sampling` overrides this
+        model's sampler settings (`steps=`, `gen_length=`, `threshold=`, ..., see SamplingOptions)."""
+        from llada_trm.evaluate.answering import answer_questions
+
+        options = self.sampling_with(**sampling)
+        return answer_questions(self.model, self.tokenizer, questions, options, num_steps=self.num_steps)
+
     def describe(self) -> dict[str, Any]:
         """The JSON-friendly identity of the model, for result files."""
         return {
@@ -80,6 +113,33 @@ class LoadedModel:
             "backbone": str(self.backbone_dir),
             "checkpoint_dir": None if self.checkpoint_dir is None else str(self.checkpoint_dir),
         }
+
+
+def override_sampling(base: SamplingOptions, **overrides: Any) -> SamplingOptions:
+    """`base` with the given settings replaced (None keeps base's value), validated as one combination."""
+    allowed = set(SamplingOptions().to_dict())
+    unknown = sorted(set(overrides) - allowed)
+    if unknown:
+        raise ValueError(
+            f"unknown sampling setting(s) {', '.join(unknown)}; choose from {', '.join(sorted(allowed))} "
+            "(the [MASK], EOS and EoT ids come from the model's tokenizer)"
+        )
+    given = {key: value for key, value in overrides.items() if value is not None}
+    return replace(base, **given)
+
+
+def checkpoint_sampling(checkpoint: str | Path) -> SamplingOptions:
+    """The sampler settings `load_checkpoint(checkpoint).sampling` will have, read without loading weights
+    (so that bad sampling flags fail before a large model loads): a run's `sampling:` section, else LLaDA's
+    defaults. A checkpoint that does not exist gets the defaults here and its error from `load_checkpoint`."""
+    path = Path(checkpoint).expanduser()
+    if str(checkpoint) == EMBEDDED_NAME or not path.exists() or _is_backbone_dir(path):
+        return SamplingOptions()
+    return _read_run_config(resolve_checkpoint_dir(path)).sampling.options()
+
+
+def _is_backbone_dir(path: Path) -> bool:
+    return (path / "config.json").is_file() and not (path / STATE_FILE).is_file()
 
 
 def resolve_eval_device(name: str = "auto") -> torch.device:
@@ -116,7 +176,7 @@ def load_checkpoint(
             f"{path}: no such checkpoint (give a run's checkpoints/last or best, a run directory, a backbone "
             f"directory with config.json, or '{EMBEDDED_NAME}')"
         )
-    if (path / "config.json").is_file() and not (path / STATE_FILE).is_file():
+    if _is_backbone_dir(path):
         return _load_backbone(path, source, refiner, device, torch_dtype)
     return _load_run(resolve_checkpoint_dir(path), source, refiner, device, torch_dtype)
 
@@ -156,11 +216,7 @@ def _load_run(
     directory: Path, source: str, refiner: str | None, device: torch.device, dtype: torch.dtype
 ) -> LoadedModel:
     config_path = directory / CONFIG_FILE
-    try:
-        raw = yaml.safe_load(config_path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as exc:
-        raise CheckpointError(f"{config_path}: not valid YAML ({' '.join(str(exc).split())})") from None
-    config = parse_config(raw, source=str(config_path))
+    config = _read_run_config(directory)
     if config.model.dtype != "auto":
         dtype = DTYPES[config.model.dtype]
     where = f"{config_path}: model.backbone"
@@ -179,6 +235,15 @@ def _load_run(
         checkpoint_dir=directory,
         run_config=config,
     )
+
+
+def _read_run_config(directory: Path) -> RunConfig:
+    config_path = directory / CONFIG_FILE
+    try:
+        raw = yaml.safe_load(config_path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        raise CheckpointError(f"{config_path}: not valid YAML ({' '.join(str(exc).split())})") from None
+    return parse_config(raw, source=str(config_path))
 
 
 def required_tensors(model: LLaDATRMHybrid, config: RunConfig) -> list[str]:
