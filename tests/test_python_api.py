@@ -133,7 +133,8 @@ def test_unset_flags_mean_the_checkpoints_value(sampled_run, backbone_dir):
 
 
 def test_eval_warns_when_most_completions_are_empty(capsys):
-    from llada_trm.cli import _print_eval_summary, build_parser
+    from llada_trm.cli import build_parser
+    from llada_trm.cli_eval import _print_eval_summary
 
     args = build_parser().parse_args(["eval", "--checkpoint", "embedded"])
     summary = {

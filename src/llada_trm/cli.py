@@ -8,24 +8,18 @@ line, `llada-trm: error: ...`, with exit status 2; `--debug` shows the traceback
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from collections.abc import Sequence
-from pathlib import Path
-from typing import Any
 
-from llada_trm.cli_sampling import add_sampling_options, sampling_options, sampling_source
-from llada_trm.errors import NonFiniteLossError
+from llada_trm.cli_eval import cmd_eval, cmd_generate
+from llada_trm.cli_sampling import add_sampling_options
+from llada_trm.errors import NonFiniteLossError, UserError
 
 __all__ = ["build_parser", "main"]
 
 PROG = "llada-trm"
 USAGE_ERROR = 2
 RUN_FAILED = 1
-
-
-class UserError(Exception):
-    """A problem the user can fix from the command line (reported without a traceback)."""
 
 
 # ------------------------------------------------------------------------------------------ subcommands
@@ -80,174 +74,6 @@ def _cmd_cache(args: argparse.Namespace) -> int:
     print(f"feature cache ready: {directory} (train with --set advanced.feature_cache=true)")
     return 0
 
-
-
-def _default_eval_dir(loaded: Any, dataset: str, split: str) -> Path:
-    """`<run>/eval/<dataset>-<split>-<refiner>` for a run; `runs/eval/<backbone>/...` for a backbone."""
-    name = f"{dataset}-{split.split('[')[0]}"
-    if loaded.run_dir is not None:
-        return loaded.run_dir / "eval" / f"{name}-{loaded.refiner}"
-    backbone = "embedded" if loaded.source == "embedded" else Path(loaded.source).resolve().name
-    return Path("runs") / "eval" / backbone / name
-
-
-def _join_processes(device: str) -> Any:
-    """This process's device; under torchrun the process group is joined first, so that each rank loads the
-    model onto its own GPU (LOCAL_RANK) and the evaluation's collectives have a group to run in."""
-    from llada_trm.dist_utils import init_distributed
-    from llada_trm.evaluate.loading import resolve_eval_device
-
-    return init_distributed(resolve_eval_device(device))
-
-
-def _cmd_eval(args: argparse.Namespace) -> int:
-    from llada_trm.dist_utils import is_main_process
-    from llada_trm.evaluate import evaluate_model, load_checkpoint, load_eval_records, synthetic_settings
-
-    options = sampling_options(args)  # bad options and data fail before a (possibly 8B) model loads
-    from llada_trm.evaluate.paired import read_predictions, write_paired
-
-    against = read_predictions(args.against) if args.against else None
-    records = None
-    if args.dataset == "gsm8k" and args.data_path:
-        records = load_eval_records("gsm8k", args.split, data_path=args.data_path, limit=args.limit)
-        _check_against(against, records)
-    device = _join_processes(args.device)
-    loaded = load_checkpoint(args.checkpoint, refiner=args.refiner, device=device, dtype=args.dtype)
-    if records is None:
-        run = loaded.run_config
-        records = load_eval_records(
-            args.dataset,
-            args.split,
-            data_path=run.data.path if run is not None else None,
-            synthetic=synthetic_settings(run.data if run is not None else None, loaded.backbone_config),
-            limit=args.limit,
-        )
-        _check_against(against, records)
-    out = Path(args.out) if args.out else _default_eval_dir(loaded, args.dataset, args.split)
-    result = evaluate_model(
-        loaded.model,
-        loaded.tokenizer,
-        records,
-        options,
-        num_steps=loaded.num_steps,
-        out_dir=out,
-        metadata={
-            "model": loaded.describe(),
-            "dataset": args.dataset,
-            "split": args.split,
-            "sampling_from": sampling_source(args, loaded),
-        },
-        progress=not args.no_progress,
-        desc=f"eval {loaded.refiner}",
-    )
-    if is_main_process():  # every rank holds the merged summary; one prints it
-        _print_eval_summary(args, loaded.refiner, result.summary, out)
-        if against is not None:
-            print("\n".join(write_paired(against, result.predictions, f"this {loaded.refiner} run", out)))
-    return 0
-
-
-def _check_against(against: tuple[Path, list[dict[str, Any]]] | None, records: Sequence[Any]) -> None:
-    """Same problems as `--against`, in the same order: checked before any sampling."""
-    if against is not None:
-        from llada_trm.evaluate.paired import align_predictions
-
-        align_predictions([p["question"] for p in against[1]], [r.question for r in records])
-
-
-def _print_eval_summary(args: argparse.Namespace, refiner: str, s: dict[str, Any], out: Path) -> None:
-    print(
-        f"{args.dataset} {args.split} ({s['n']} problems, refiner {refiner}): accuracy strict "
-        f"{s['accuracy_strict']:.3f} ({s['correct_strict']}/{s['n']}), flexible {s['accuracy_flexible']:.3f} "
-        f"({s['correct_flexible']}/{s['n']})"
-    )
-    refinement = s.get("refinement")
-    if refinement and refiner != "none":
-        print(
-            f"refinement: {refinement['mean_refine_steps']:.2f} steps per refined chunk, "
-            f"{refinement['skipped_fraction']:.1%} of chunks skipped"
-        )
-    empty = s.get("empty_completions", 0)
-    if empty > s["n"] / 2:
-        print(
-            f"warning: {empty} of {s['n']} completions are empty (the model ended its answer at once): the "
-            "questions are likely out of this model's domain (the tiny embedded backbone knows only the "
-            "generated task: --dataset synthetic), or gen_length / steps are too small for it"
-        )
-    sampling = s["sampling"]
-    print(
-        f"sampling: gen_length {sampling['gen_length']}, block_length {sampling['block_length']}, steps "
-        f"{sampling['steps']}, threshold {sampling['threshold']}, cache {sampling['cache']} "
-        f"({s.get('sampling_from', {}).get('base', 'defaults')})"
-    )
-    speed = s["speed"]
-    rate, calls, seconds = speed["tokens_per_s"], speed["nfe"], speed["total_s"]
-    print(f"speed: {rate:.1f} tokens/s, {calls} model calls, {seconds:.1f} s in all")
-    print(f"wrote {out / 'predictions.jsonl'} and {out / 'summary.json'}")
-
-
-def _questions(args: argparse.Namespace) -> list[str]:
-    """The one quoted question, or the lines of `--file` (blank lines skipped)."""
-    if (args.question is None) == (args.file is None):
-        raise UserError("give either one quoted question or --file FILE (one question a line)")
-    if args.file is None:
-        if not args.question.strip():
-            raise UserError("the question is empty; pass it as one quoted argument")
-        return [args.question]
-    lines = Path(args.file).read_text(encoding="utf-8").splitlines()
-    questions = [line.strip() for line in lines if line.strip()]
-    if not questions:
-        raise UserError(f"{args.file}: no questions (write one question a line)")
-    return questions
-
-
-def _cmd_generate(args: argparse.Namespace) -> int:
-    from llada_trm.data import GSM8KRecord
-    from llada_trm.evaluate import evaluate_model, load_checkpoint
-
-    questions = _questions(args)
-    if args.out and args.file is None:
-        raise UserError("--out writes the answers of a --file batch; for one question the answer is printed")
-    options = sampling_options(args)
-    loaded = load_checkpoint(args.checkpoint, refiner=args.refiner, device=args.device, dtype=args.dtype)
-    records = [GSM8KRecord(question=question, answer="") for question in questions]
-    result = evaluate_model(
-        loaded.model, loaded.tokenizer, records, options, num_steps=loaded.num_steps, progress=False
-    )
-    if args.file is not None:
-        return _write_answers(args, result.predictions, options)
-    prediction = result.predictions[0]
-    print(prediction["completion"].strip())
-    if args.verbose:
-        print(json.dumps({"answer": prediction["prediction_strict"] or prediction["prediction_flexible"],
-                          "refinement": result.summary.get("refinement"),
-                          "speed": result.summary["speed"]}, indent=2))
-    return 0
-
-
-def _write_answers(args: argparse.Namespace, predictions: list[dict[str, Any]], options: Any) -> int:
-    """One JSON row per question (question, completion, extracted answer, the sampler settings), written
-    atomically to `--out`; without `--out`, the completions one a line on stdout."""
-    from llada_trm.io import write_jsonl
-
-    rows = [
-        {
-            "index": p["index"],
-            "question": p["question"],
-            "completion": p["completion"].strip(),
-            "answer": p["prediction_strict"] or p["prediction_flexible"],
-        }
-        for p in predictions
-    ]
-    if args.out is None:
-        for row in rows:
-            print(" ".join(row["completion"].split()))
-        return 0
-    sampling = options.to_dict()
-    path = write_jsonl(Path(args.out), [{**row, "sampling": sampling} for row in rows])
-    print(f"wrote {len(rows)} answers to {path}")
-    return 0
 
 
 def _cmd_plot(args: argparse.Namespace) -> int:
@@ -356,7 +182,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_sampling_options(p)
-    p.set_defaults(func=_cmd_eval)
+    p.set_defaults(func=cmd_eval)
 
     p = command("generate", "answer one question")
     _add_model_options(p)
@@ -365,7 +191,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", metavar="FILE", help="with --file: write the answers as JSON lines to FILE")
     p.add_argument("-v", "--verbose", action="store_true", help="also print the extracted answer and stats")
     add_sampling_options(p)
-    p.set_defaults(func=_cmd_generate)
+    p.set_defaults(func=cmd_generate)
 
     p = command("plot", "PNG plots of a training run's metrics")
     p.add_argument("run_dir", metavar="RUN_DIR", help="a run's output.dir")

@@ -16,6 +16,10 @@ class CheckpointError(ValueError):
     """A checkpoint on disk is missing, unreadable, or does not match the model it is loaded into."""
 
 
+class UserError(Exception):
+    """A problem the user can fix from the command line (the CLI reports it in one line, no traceback)."""
+
+
 class NonFiniteLossError(RuntimeError):
     """Training produced a NaN/inf loss; the message names the step and every loss term, and the last good
     checkpoint is left as it was."""
