@@ -97,3 +97,14 @@ def test_ratio_and_extrapolation() -> None:
     assert extrapolated.label == "extrapolated from 2 to 32 layers"
     with pytest.raises(ValueError, match="positive"):
         floors.extrapolate_layers(1.0, 1.0, measured_layers=0)
+
+
+def test_attended_keys_of_cached_windows() -> None:
+    from flop_meter import attended_keys
+
+    class Cache:
+        length = 40
+
+    assert attended_keys(12, None, None) == 12  # no cache: its own keys
+    assert attended_keys(8, Cache(), None) == 48  # prefix cache: the cached keys, then its own
+    assert attended_keys(8, Cache(), 16) == 40  # dual cache: a window inside the cached sequence
