@@ -10,7 +10,9 @@ printed ratios compare like with like. Two parts:
    included), NFE is model calls per batch;
 2. the refiner's share of sampling time at K = 1, 2, 4, 8, refining only low-confidence chunks
    (confidence_threshold 0.5) or every chunk with a masked position (threshold 2.0, i.e. > 1), and the
-   time each adds over the backbone alone with the same sampler (`vs none`).
+   time each adds over the backbone alone with the same sampler (`vs none`), against its floor: the FLOPs
+   the counted rows force (refined rows x K x refiner FLOPs per row + LM-head rows x d x V, plus any change
+   in backbone calls) over the backbone alone's FLOPs, and the ratio measured / floor (see floors.py).
 
 The refiner's time is measured by timing `LLaDATRMHybrid.refine` (chunk selection, K steps, LM head on the
 refined rows) inside the sampler's own calls; its share is that time over the sampler's wall time.
@@ -30,7 +32,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import floors
 import torch
+from flop_meter import FlopCount, FlopMeter
 
 from llada_trm.assets import embedded_backbone_dir
 from llada_trm.backbone import LLaDAModel
@@ -90,6 +94,7 @@ class Variant:
     flexible: int = 0
     refine_s: list[float] = field(default_factory=list)
     stats: dict[str, float] = field(default_factory=dict)
+    flops: FlopCount = field(default_factory=FlopCount)  # counted on the first repeat
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -191,7 +196,7 @@ class RefineTimer:
 
 def run_interleaved(
     variants: list[Variant], tokenizer: Any, records: list[GSM8KRecord], args: argparse.Namespace, ids: Any,
-    timer: RefineTimer | None = None,
+    timer: RefineTimer | None = None, meter: FlopMeter | None = None,
 ) -> None:
     """Greedy sampling of every problem with every variant, the variants interleaved batch by batch.
 
@@ -213,6 +218,8 @@ def run_interleaved(
                     variant.model.config = variant.hybrid_config  # weights do not depend on K or threshold
                 if timer is not None:
                     timer.seconds = 0.0
+                if meter is not None:
+                    meter.reset()
                 options = sampling_options(args, variant.mode, ids)
                 result = sample(variant.model, prompt, attention_mask, options)
                 variant.elapsed[-1] += result.elapsed_s
@@ -220,6 +227,8 @@ def run_interleaved(
                     variant.refine_s[-1] += timer.seconds
                 if repeat:  # tokens are the same in every repeat: score the first only
                     continue
+                if meter is not None:
+                    variant.flops.add(meter.reset())
                 texts = decode_generated(tokenizer, result.tokens.cpu(), result.prompt_length)
                 variant.strict += sum(is_correct(t, r.answer) for t, r in zip(texts, chunk, strict=True))
                 variant.flexible += sum(
@@ -249,6 +258,11 @@ def summary(variant: Variant, n_problems: int) -> dict[str, Any]:
         "chunks_refined_per_call": variant.stats.get("chunks_refined", 0.0) / calls,
         "chunks_total_per_call": variant.stats.get("chunks_total", 0.0) / calls,
         "refine_steps": variant.stats.get("refine_steps", 0.0) / calls,
+        "backbone_flops": variant.flops.backbone,
+        "refiner_floor_flops": variant.flops.refiner,
+        "lm_head_floor_flops": variant.flops.lm_head,
+        "refined_rows": variant.flops.refined_rows,
+        "lm_head_rows": variant.flops.lm_head_rows,
     }
 
 
@@ -280,20 +294,34 @@ def share_variants(hybrid: LLaDATRMHybrid, args: argparse.Namespace) -> list[Var
     return variants
 
 
+def floor_overhead(row: dict[str, Any], none: dict[str, Any]) -> float:
+    """The variant's floor FLOPs (its backbone calls + refiner + LM-head rows) over the backbone alone's, - 1:
+    the least the variant can add to sampling time if every FLOP ran at the backbone's rate."""
+    total = row["backbone_flops"] + row["refiner_floor_flops"] + row["lm_head_floor_flops"]
+    return floors.Floor(total, none["backbone_flops"]).fraction - 1
+
+
 def print_share(rows: list[dict[str, Any]]) -> None:
-    """The share table; `vs none` is the variant's sampling time over the backbone alone's, same mode."""
+    """The share table; `vs none` is the variant's sampling time over the backbone alone's, same mode, and
+    `floor` the same ratio of FLOPs (`floor_overhead`); `meas/floor` = vs none / floor."""
     print("\nrefiner share of sampling time (time inside LLaDATRMHybrid.refine / sampler wall time)")
     print(f"{'sampler':32s} {'variant':18s} {'tok/s':>8s} {'NFE/batch':>9s} {'refiner s':>9s} {'share':>6s} "
-          f"{'vs none':>8s} {'chunks refined/call':>20s} {'steps/chunk':>11s} {'acc':>6s}")
-    baseline: dict[str, float] = {}
+          f"{'vs none':>8s} {'chunks refined/call':>20s} {'steps/chunk':>11s} {'acc':>6s} "
+          f"{'floor':>8s} {'meas/floor':>10s}")
+    baseline: dict[str, dict[str, Any]] = {}
     for r in rows:
         if r["variant"] == NO_REFINER:
-            baseline[r["mode"]] = r["elapsed_s"]
-        added = r["elapsed_s"] / baseline[r["mode"]] - 1 if r["mode"] in baseline else float("nan")
+            baseline[r["mode"]] = r
+        none = baseline.get(r["mode"])
+        added = r["elapsed_s"] / none["elapsed_s"] - 1 if none else float("nan")
+        floor = floor_overhead(r, none) if none else float("nan")
+        r["overhead_measured"], r["overhead_floor"] = added, floor
+        r["measured_over_floor"] = floors.measured_over_floor(added, floor)
         chunks = f"{r['chunks_refined_per_call']:.1f}/{r['chunks_total_per_call']:.1f}"
         print(f"{r['mode']:32s} {r['variant']:18s} {r['tokens_per_s']:8.1f} {r['nfe_per_batch']:9.1f} "
               f"{r['refine_s']:9.2f} {100 * r['refiner_share']:5.1f}% {100 * added:+7.1f}% {chunks:>20s} "
-              f"{r['refine_steps']:11.2f} {r['accuracy_strict']:6.3f}")
+              f"{r['refine_steps']:11.2f} {r['accuracy_strict']:6.3f} {100 * floor:+7.2f}% "
+              f"{r['measured_over_floor']:10.2f}")
 
 
 def build_hybrid(args: argparse.Namespace) -> tuple[LLaDATRMHybrid, Path, str]:
@@ -323,6 +351,7 @@ def main(argv: list[str] | None = None) -> None:
     records = test_problems(backbone_dir, args.n_problems)
     base_config = hybrid.config
     timer = RefineTimer(hybrid)
+    meter = FlopMeter(hybrid)
 
     size = sum(p.numel() for p in backbone.parameters()) / 1e6
     print(f"backbone {backbone_dir} ({size:.2f} M parameters, {args.dtype}, {args.device}), "
@@ -348,7 +377,7 @@ def main(argv: list[str] | None = None) -> None:
         results[title] = [summary(v, len(records)) for v in variants]
         print_modes(title, results[title])
     variants = share_variants(hybrid, args)
-    run_interleaved(variants, tokenizer, records, args, ids, timer)
+    run_interleaved(variants, tokenizer, records, args, ids, timer, meter)
     results["refiner share"] = [summary(v, len(records)) for v in variants]
     print_share(results["refiner share"])
     hybrid.config = base_config

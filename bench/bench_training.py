@@ -3,6 +3,7 @@
     .venv/bin/python bench/bench_training.py                  # embedded backbone + a LLaDA-8B-wide model
     .venv/bin/python bench/bench_training.py --quick          # about 2 minutes on 2 CPU cores
     .venv/bin/python bench/bench_training.py --backbone DIR   # another checkpoint instead of the embedded one
+    .venv/bin/python bench/bench_training.py --device cuda --mixed-precision bf16 --wide-layers 4   # a GPU
 
 Two backbones: the given one (default: the embedded tiny backbone) with the refiner of
 configs/tiny_refiner.yaml, and a randomly initialised model of LLaDA-8B's width (d_model 4096, 32 heads, MLP
@@ -77,9 +78,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--cache-dtype", choices=sorted(DTYPES), default="bfloat16")
     parser.add_argument("--threads", type=int, default=1, help="intra-op threads (1: no spin-waiting on a "
                         "shared CPU)")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
+    parser.add_argument("--mixed-precision", choices=("fp32", "bf16"), default="fp32",
+                        help="bf16: the trainer's bf16 autocast around the cache build and every step")
     parser.add_argument("--quick", action="store_true", help="few steps: a smoke run of about 2 minutes")
     parser.add_argument("--json", type=Path, default=None, help="also write the results to this file")
     args = parser.parse_args(argv)
+    args.device = torch.device(args.device)
+    if args.device.type == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: torch sees no CUDA device; use --device cpu")
+    args.autocast = torch.bfloat16 if args.mixed_precision == "bf16" else None
     if args.quick:
         args.steps, args.wide_steps, args.wide_batch_size = 6, 3, 1
     return args
@@ -139,13 +147,26 @@ def describe(model: LLaDATRMHybrid) -> str:
 # ----------------------------------------------------------------------------------------------- timing
 
 
+def autocast(device: torch.device, dtype: torch.dtype | None) -> torch.autocast:
+    """The trainer's mixed precision: autocast to `dtype` on `device` (off when None)."""
+    return torch.autocast(device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None)
+
+
+def on_device(batch: dict, noise: tuple | None, device: torch.device) -> tuple[dict, tuple | None]:
+    """The batch and its noise on `device`, as the trainer moves them before a step."""
+    batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+    return batch, None if noise is None else tuple(x.to(device, non_blocking=True) for x in noise)
+
+
 def train_path(
     model: LLaDATRMHybrid,
     config: RunConfig,
     batches: Iterator[tuple[dict, tuple | None, object]],
     steps: int,
+    mixed: torch.dtype | None = None,
 ) -> tuple[list[float], list[float]]:
-    """Run `steps` phase-1 steps from `batches` (batch, noise, features); returns (losses, step seconds)."""
+    """Run `steps` phase-1 steps from `batches` (batch, noise, features), under autocast to `mixed` when
+    given; returns (losses, step seconds)."""
     t, p = config.training, config.training_params
     plan = apply_freezing(
         model, phase=1, trainable_modules=p.trainable_modules, lr=t.lr, backbone_lr=t.backbone_lr,
@@ -159,11 +180,12 @@ def train_path(
     losses, seconds = [], []
     for _ in range(steps):
         start = time.perf_counter()
-        batch, noise, features = next(batches)
-        result = diffusion_objective(
-            model, batch, mask_id=model.mask_token_id, weights=weights, backbone_frozen=True,
-            chunk_size=config.model.chunk_size, noise=noise, features=features,
-        )
+        with autocast(model.backbone.device, mixed):
+            batch, noise, features = next(batches)
+            result = diffusion_objective(
+                model, batch, mask_id=model.mask_token_id, weights=weights, backbone_frozen=True,
+                chunk_size=config.model.chunk_size, noise=noise, features=features,
+            )
         result.loss.backward()
         torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm)
         optimizer.step()
@@ -173,12 +195,14 @@ def train_path(
     return losses, seconds
 
 
-def live_batches(dataset, order: list[list[int]], seed: int, mask_id: int, pad_to: int | None) -> Iterator:
+def live_batches(  # noqa: PLR0913 (the trainer's collate and noise knobs, each passed by name)
+    dataset, order: list[list[int]], seed: int, mask_id: int, pad_to: int | None, device: torch.device
+) -> Iterator:
     for indices in order:
         batch = collate_batch([dataset[i] for i in indices], dataset.pad_id, pad_to=pad_to)
         ids, prompts = batch["input_ids"], batch["prompt_lengths"]
         noise = draw_noise(ids, prompts, mask_id, seed=seed, examples=indices, draws=0)
-        yield batch, noise, None
+        yield *on_device(batch, noise, device), None
 
 
 def cached_batches(cache: FeatureCache, model: LLaDATRMHybrid, order: list[list[int]]) -> Iterator:
@@ -186,6 +210,7 @@ def cached_batches(cache: FeatureCache, model: LLaDATRMHybrid, order: list[list[
         cache, batch_sampler=[[(i, 0) for i in indices] for indices in order], collate_fn=cache.collate
     )
     for batch in loader:
+        batch, _ = on_device(batch, None, model.backbone.device)
         features, noise = cached_features(model, batch)
         yield batch, noise, features
 
@@ -199,7 +224,8 @@ def selection_changes(model: LLaDATRMHybrid, cache: FeatureCache, dataset, order
     """
     model.eval()
     changed = total = 0
-    live = live_batches(dataset, order, cache.manifest["noise"]["seed"], model.mask_token_id, cache.seq_len)
+    seed, device = cache.manifest["noise"]["seed"], model.backbone.device
+    live = live_batches(dataset, order, seed, model.mask_token_id, cache.seq_len, device)
     for (_, noise, features), (_, live_noise, _) in zip(
         cached_batches(cache, model, order), live, strict=True
     ):
@@ -210,9 +236,10 @@ def selection_changes(model: LLaDATRMHybrid, cache: FeatureCache, dataset, order
     return changed, total
 
 
-def run_case(
+def run_case(  # noqa: PLR0913 (knobs of one benchmark case, each passed by name)
     case: Case, *, steps: int, batch_size: int, cache_dtype: torch.dtype, workdir: Path,
     trainer_padding: bool = True, extrapolate: bool = False, check_selection: bool = True,
+    mixed: torch.dtype | None = None,
 ) -> dict:
     """Build the cache, then train the paths (`trainer_padding`: also the live trainer's padding).
 
@@ -237,9 +264,10 @@ def run_case(
         features=FeatureSpec.for_model(model, cache_dtype, "float32"),
     )
     start = time.perf_counter()
+    device = model.backbone.device
     cache = write_feature_cache(
         model, dataset.examples, workdir / "cache", manifest, pad_id=dataset.pad_id, batch_size=batch_size,
-        progress=False,
+        device=device, autocast_dtype=mixed, progress=False,
     )
     build_s = time.perf_counter() - start
     stored = sum(f.stat().st_size for f in cache.directory.glob("*.safetensors"))
@@ -253,19 +281,24 @@ def run_case(
     initial = copy.deepcopy(model.refinement_head.state_dict())
     paths: dict[str, Callable[[], Iterator]] = {
         "cached": lambda: cached_batches(cache, model, order),
-        "live": lambda: live_batches(dataset, order, seed, model.mask_token_id, cache.seq_len),
+        "live": lambda: live_batches(dataset, order, seed, model.mask_token_id, cache.seq_len, device),
     }
     if trainer_padding:
-        paths["live, batch padding"] = lambda: live_batches(dataset, order, seed, model.mask_token_id, None)
+        paths["live, batch padding"] = lambda: live_batches(
+            dataset, order, seed, model.mask_token_id, None, device
+        )
     results: dict[str, dict] = {}
     for path, make in paths.items():
         model.refinement_head.load_state_dict(initial)
-        losses, seconds = train_path(model, config, make(), steps)
+        losses, seconds = train_path(model, config, make(), steps, mixed)
         timed = seconds[1:] if len(seconds) > 1 else seconds
         results[path] = {"losses": losses, "steps_per_s": len(timed) / sum(timed)}
         print(f"   {path:>20}: {results[path]['steps_per_s']:8.3f} steps/s", flush=True)
     model.refinement_head.load_state_dict(initial)
-    changed, chunks = selection_changes(model, cache, dataset, order) if check_selection else (None, None)
+    changed, chunks = None, None
+    if check_selection:
+        with autocast(device, mixed):
+            changed, chunks = selection_changes(model, cache, dataset, order)
 
     cached, live = results["cached"], results["live"]
     gaps = [abs(a - b) for a, b in zip(cached["losses"], live["losses"], strict=True)]
@@ -313,21 +346,24 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     cache_dtype = DTYPES[args.cache_dtype]
-    print(f"torch {torch.__version__}, {args.threads} threads, cache dtype {args.cache_dtype}"
-          f"{', quick' if args.quick else ''}")
+    print(f"torch {torch.__version__}, {args.threads} threads, {args.device}, {args.mixed_precision}, "
+          f"cache dtype {args.cache_dtype}{', quick' if args.quick else ''}")
     summaries = []
     with tempfile.TemporaryDirectory(prefix="bench_training_") as tmp:
         case = small_case(args)
+        case.model.to(args.device)
         directory = case.backbone_dir
         batch = args.batch_size or case.config.training.batch_size
-        summaries.append(run_case(case, steps=args.steps, batch_size=batch,
-                                  cache_dtype=cache_dtype, workdir=Path(tmp) / "small"))
+        summaries.append(run_case(case, steps=args.steps, batch_size=batch, cache_dtype=cache_dtype,
+                                  workdir=Path(tmp) / "small", mixed=args.autocast))
         del case
         if not args.no_wide:
-            summaries.append(run_case(wide_case(args, directory), steps=args.wide_steps,
+            wide = wide_case(args, directory)
+            wide.model.to(args.device)
+            summaries.append(run_case(wide, steps=args.wide_steps,
                                       batch_size=args.wide_batch_size, cache_dtype=cache_dtype,
                                       workdir=Path(tmp) / "wide", trainer_padding=not args.quick,
-                                      extrapolate=True, check_selection=False))
+                                      extrapolate=True, check_selection=False, mixed=args.autocast))
     print("\nphase-1 steps/s   cached      live  live(batch pad)   speed-up: same batches, vs trainer")
     for s in summaries:
         rate = s["steps_per_s"]

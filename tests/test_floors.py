@@ -1,0 +1,110 @@
+"""bench/floors.py: the FLOP formulas against a hand count and against FlopCounterMode on the real modules."""
+
+from __future__ import annotations
+
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+
+import floors  # noqa: E402
+
+from llada_trm.backbone import LLaDAModel  # noqa: E402
+from llada_trm.backbone.config import LLaDAConfig  # noqa: E402
+from llada_trm.refiners import RecursiveRefinementHead, SlotTRMRefiner  # noqa: E402
+from llada_trm.refiners.config import MLPRefinerConfig, SlotConfig  # noqa: E402
+
+BACKBONE = LLaDAConfig(d_model=16, n_heads=2, n_layers=2, vocab_size=40, mlp_hidden_size=24)
+SLOT = SlotConfig(d_model=16, d_inner=8, n_heads=2, n_blocks=1, mlp_ratio=2.0, context_dim=16)
+
+
+def counted(fn) -> int:
+    """FlopCounterMode's count, attention through the math kernel (whose products it sees on every device;
+    CPU's fused kernel is not registered with it)."""
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops()
+
+
+def test_hand_count_on_a_tiny_config() -> None:
+    # Backbone, per layer with S = 5 keys: q,k,v,o 4*2*16*16 = 2048; scores + attn@V 4*5*16 = 320;
+    # SwiGLU 3*2*16*24 = 2304 -> 4672 per layer, 2 layers 9344, LM head 2*16*40 = 1280.
+    assert floors.backbone_token_flops(BACKBONE, keys=5, with_lm_head=False) == 9344
+    assert floors.backbone_token_flops(BACKBONE, keys=5) == 9344 + 1280
+    assert floors.lm_head_row_flops(BACKBONE) == 1280
+    # Slot refiner (D 16, di 8, slots 4/2/2/1, block MLP 16, context 16), S = 5 keys:
+    # in_proj 256 + context_proj 256 + block (4*128 + 4*5*8 + 256 + 256 = 1184)
+    # + slots (64 + 16 + 16 + 32 [W_refine]) + delta_net (2*9*8 + 2*8*16 = 400) + confidence head (0 + 0)
+    # confidence head: c_conf 1 -> hidden max(1, 0) = 1 -> 1: 2*1*1 + 2*1*1 = 4
+    assert SLOT.slot_dims == {"ctx": 4, "reason": 2, "refine": 2, "conf": 1}
+    later = 256 + 256 + 1184 + (64 + 16 + 16 + 32) + 400 + 4
+    assert floors.slot_row_flops(SLOT, keys=5) == later
+    assert floors.slot_row_flops(SLOT, keys=5, first_step=True) == later - 32
+    assert floors.slot_row_flops(SLOT, keys=5, with_context=False) == later - 256
+    mlp = MLPRefinerConfig(d_model=16, hidden_dim=24)
+    assert floors.mlp_row_flops(mlp) == 2 * 16 * 24 * 2 + 2 * 16
+
+
+def test_backbone_formula_matches_flop_counter() -> None:
+    torch.manual_seed(0)
+    model = LLaDAModel(BACKBONE).eval()
+    ids = torch.randint(0, BACKBONE.vocab_size, (3, 7))
+    expected = 3 * 7 * floors.backbone_token_flops(BACKBONE, keys=7)
+    assert counted(lambda: model(ids)) == expected
+    no_head = 3 * 7 * floors.backbone_token_flops(BACKBONE, keys=7, with_lm_head=False)
+    assert counted(lambda: model(ids, output_logits=False)) == no_head
+
+
+@pytest.mark.parametrize("n_blocks", [1, 2])
+def test_slot_formula_matches_flop_counter(n_blocks: int) -> None:
+    torch.manual_seed(0)
+    config = SLOT.model_copy(update={"n_blocks": n_blocks})
+    refiner = SlotTRMRefiner(config).eval()
+    h = torch.randn(2, 6, 16)
+    context = torch.randn(2, 6, 16)
+    with torch.no_grad():
+        state = refiner.init_state(h)
+        first = counted(lambda: refiner.step(h, state, context=context))
+        h1, state1, _ = refiner.step(h, state, context=context)
+        later = counted(lambda: refiner.step(h1, state1, context=context))
+    rows = 2 * 6  # every row refined: the floor is the whole computation
+    assert first == rows * floors.slot_row_flops(config, keys=6, first_step=True)
+    assert later == rows * floors.slot_row_flops(config, keys=6)
+
+
+def test_mlp_formula_matches_flop_counter() -> None:
+    refiner = RecursiveRefinementHead(MLPRefinerConfig(d_model=16, hidden_dim=24)).eval()
+    h = torch.randn(2, 5, 16)
+    with torch.no_grad():
+        flops = counted(lambda: refiner.step(h, refiner.init_state(h)))
+    assert flops == 2 * 5 * floors.mlp_row_flops(refiner.config)
+
+
+def test_ratio_and_extrapolation() -> None:
+    assert floors.Floor(flops=30.0, reference_flops=120.0).fraction == 0.25
+    assert math.isnan(floors.Floor(flops=1.0, reference_flops=0.0).fraction)
+    assert floors.measured_over_floor(0.3, 0.25) == pytest.approx(1.2)
+    assert math.isnan(floors.measured_over_floor(0.3, 0.0))
+    # 2 layers cost 20 together (10 each) plus a fixed 5: 32 layers cost 5 + 320.
+    extrapolated = floors.extrapolate_layers(fixed=5.0, per_layer_total=20.0, measured_layers=2)
+    assert extrapolated.value == 325.0
+    assert extrapolated.label == "extrapolated from 2 to 32 layers"
+    with pytest.raises(ValueError, match="positive"):
+        floors.extrapolate_layers(1.0, 1.0, measured_layers=0)
+
+
+def test_attended_keys_of_cached_windows() -> None:
+    from flop_meter import attended_keys
+
+    class Cache:
+        length = 40
+
+    assert attended_keys(12, None, None) == 12  # no cache: its own keys
+    assert attended_keys(8, Cache(), None) == 48  # prefix cache: the cached keys, then its own
+    assert attended_keys(8, Cache(), 16) == 40  # dual cache: a window inside the cached sequence
