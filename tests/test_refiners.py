@@ -29,15 +29,6 @@ D, B, L, K = 32, 2, 6, 3
 KINDS = ("slot", "mlp")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    """Tiny tensors: one intra-op thread is faster than contending for the shared cores."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 def make(kind: str, seed: int = 0, **kwargs) -> Refiner:
     torch.manual_seed(seed)
     defaults = {"slot": {"n_heads": 4, "num_steps": K}, "mlp": {"num_steps": K}}[kind]

@@ -17,14 +17,6 @@ from llada_trm.refiners import SLOT_NAMES, SlotConfig, SlotTRMRefiner
 D, B, L = 32, 2, 7
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 def refiner(seed: int = 0, **kwargs) -> SlotTRMRefiner:
     """A refiner whose every parameter matters: weights perturbed off their init (LayerNorm affines, gates),
     and an update large enough that the clamp binds on part of it."""
