@@ -102,12 +102,8 @@ def format_table(rows: Sequence[Mapping[str, Any]]) -> str:
 
 
 def _refiner_run(config: CompareConfig, kind: str, seed: int, out: Path) -> RunConfig:
-    data = config.run.model_dump(mode="python")
-    data["model"]["refiner"] = kind
-    data["model"]["integration"] = "replace"
-    data["training"]["seed"] = seed
-    data["output"]["dir"] = str(out / f"seed{seed}" / kind)
-    return RunConfig.model_validate(data)
+    """The training run of model `kind` (mlp, slot or an arm's name) under training seed `seed`."""
+    return config.run_for(kind, seed, out / f"seed{seed}" / kind)
 
 
 def is_deterministic(options: Any) -> bool:
@@ -285,9 +281,12 @@ def _train_refiners(
     trained: dict[tuple[int, str], tuple[dict[str, Any], float]] = {}
     for seed in config.seed_list():
         for kind in config.refiners:
-            echo(f"\n== training the {kind} refiner, seed {seed} (phase 1, backbone frozen) ==")
+            run = _refiner_run(config, kind, seed, out)
+            what = "backbone frozen" if run.training.phase == 1 else "backbone partly trainable"
+            echo(f"\n== training {kind} ({run.model.refiner} refiner), seed {seed} "
+                 f"(phase {run.training.phase}, {what}) ==")  # fmt: skip
             run_started = time.perf_counter()
-            summary = Trainer(_refiner_run(config, kind, seed, out), progress=progress).train()
+            summary = Trainer(run, progress=progress).train()
             trained[seed, kind] = (summary, time.perf_counter() - run_started)
     return trained
 
@@ -302,7 +301,8 @@ def _table_rows(
     """The table: each seed's backbone row (when it has one), then its refiners."""
     rows: list[dict[str, Any]] = []
     for seed in config.seed_list():
-        first = next(iter(validation[seed].values()))
+        frozen = [kind for kind in config.refiners if kind not in config.trained_backbone()]
+        first = validation[seed][frozen[0]] if frozen else None
         if seed in backbone_rows:
             entry = backbone_rows[seed]
             rows.append(_row("none", entry["seed"], entry["result"], _validation_row(first, True), {}, None))
@@ -340,7 +340,7 @@ def _finish(
     ev, data = config.evaluation, config.run.data
     rows, results, validation = sampled.rows, sampled.results, sampled.validation
     predictions = {s: {kind: r.predictions for kind, r in models.items()} for s, models in results.items()}
-    stats = cr.statistics_sections(predictions)
+    stats = cr.statistics_sections(predictions, config.reference)
     for row in rows:  # the paired figures against the backbone alone, in the table
         paired = stats["per_seed"][str(row["seed"] if row["seed"] is not None else config.seed_list()[0])]
         against = paired["paired"].get(f"{row['refiner']}_vs_none")
@@ -348,7 +348,9 @@ def _finish(
             row.update(gained=against["gained"], lost=against["lost"], p_vs_none=against["p"],
                        vs_none=f"+{against['gained']} / -{against['lost']}")  # fmt: skip
     valid = {s: v for s, v in validation.items() if all(columns for columns in v.values())}
-    validation_stats = cr.validation_sections(valid) if valid else None
+    validation_stats = (
+        cr.validation_sections(valid, config.reference, config.trained_backbone()) if valid else None
+    )
     problems = len(next(iter(predictions[config.seed_list()[0]].values())))
     first_seed = stats["per_seed"][str(config.seed_list()[0])]["paired"]
     power = cr.power_section(problems, ev.planned_difference, ev.planned_discordant, first_seed)

@@ -31,6 +31,7 @@ from llada_trm.evaluate.statistics import (
 
 __all__ = [
     "PAIRS",
+    "comparison_pairs",
     "comparison_markdown",
     "error_sections",
     "paired_mean_difference",
@@ -57,15 +58,23 @@ def _pair_name(candidate: str, baseline: str) -> str:
     return f"{candidate}_vs_{baseline}"
 
 
-def _pairs(kinds: Sequence[str]) -> list[tuple[str, str]]:
-    return [(b, a) for b, a in PAIRS if a in kinds and b in kinds]
+def comparison_pairs(kinds: Sequence[str], reference: str | None = None) -> list[tuple[str, str]]:
+    """(candidate, baseline) pairs among `kinds`: every model vs the backbone alone, slot vs mlp, and every
+    other model vs `reference` (a lever study's current refiner), each pair once."""
+    pairs = [(b, a) for b, a in PAIRS if a in kinds and b in kinds]
+    pairs += [(kind, "none") for kind in kinds if kind not in ("none", "mlp", "slot") and "none" in kinds]
+    if reference is not None:
+        pairs += [(kind, reference) for kind in kinds if kind not in ("none", reference)]
+    return list(dict.fromkeys(pairs))
 
 
-def statistics_sections(by_seed: Mapping[int, Mapping[str, Predictions]]) -> dict[str, Any]:
+def statistics_sections(
+    by_seed: Mapping[int, Mapping[str, Predictions]], reference: str | None = None
+) -> dict[str, Any]:
     """{per_seed: {seed: {accuracy, paired}}, pooled: {accuracy, paired}} from each seed's predictions.
 
     `by_seed[s][kind]` are the predictions of model `kind` under training seed s, all on the same problems
-    (the deterministic backbone's are the same list under every seed).
+    (the deterministic backbone's are the same list under every seed); pairs as `comparison_pairs`.
     """
     seeds = list(by_seed)
     kinds = list(by_seed[seeds[0]])
@@ -79,7 +88,7 @@ def statistics_sections(by_seed: Mapping[int, Mapping[str, Predictions]]) -> dic
                               "flexible": proportion(flexible, n)}  # fmt: skip
         paired = {
             _pair_name(b, a): paired_comparison(models[a], models[b], seed=seed)["strict"]
-            for b, a in _pairs(kinds)
+            for b, a in comparison_pairs(kinds, reference)
         }
         per_seed[str(seed)] = {"accuracy": accuracy, "paired": paired}
     pooled_accuracy = {}
@@ -91,7 +100,7 @@ def statistics_sections(by_seed: Mapping[int, Mapping[str, Predictions]]) -> dic
             "all_pairs": proportion(sum(sum(run) for run in runs), pairs),
         }
     pooled_paired = {}
-    for b, a in _pairs(kinds):
+    for b, a in comparison_pairs(kinds, reference):
         a_runs = [_correct(by_seed[s][a]) for s in seeds]
         b_runs = [_correct(by_seed[s][b]) for s in seeds]
         stratified = stratified_sign_test(a_runs, b_runs)
@@ -159,14 +168,33 @@ def validation_difference(
     }
 
 
-def validation_sections(by_seed: Mapping[int, Mapping[str, Mapping[str, Sequence[float]]]]) -> dict[str, Any]:
+def backbone_columns(columns: Mapping[str, Sequence[float]]) -> dict[str, Sequence[float]]:
+    """The frozen backbone's own validation columns, read from a phase-1 model's (`loss_base`, ...)."""
+    return {"loss": columns["loss_base"], "correct": columns["correct_base"], "masked": columns["masked"]}
+
+
+def validation_sections(
+    by_seed: Mapping[int, Mapping[str, Mapping[str, Sequence[float]]]],
+    reference: str | None = None,
+    trained_backbone: Sequence[str] = (),
+) -> dict[str, Any]:
     """{method, per_seed: {seed: {pair: difference}}, pooled: {pair: {loss_diff, masked_accuracy_diff}}}:
-    each refiner vs the backbone on the same masks, and slot vs mlp; pooled as mean +- std across seeds."""
+    each refiner vs the backbone on the same masks, and the pairs of `comparison_pairs` between refiners;
+    pooled as mean +- std across seeds. A phase-1 model's columns carry the frozen backbone's; the models
+    in `trained_backbone` (phase 2/3 arms) changed theirs, so they are compared with a phase-1 model's."""
     per_seed: dict[str, Any] = {}
     for seed, runs in by_seed.items():
-        section = {_pair_name(kind, "none"): validation_difference(columns) for kind, columns in runs.items()}
-        if "mlp" in runs and "slot" in runs:
-            section[_pair_name("slot", "mlp")] = validation_difference(runs["slot"], runs["mlp"])
+        frozen = next((c for kind, c in runs.items() if kind not in trained_backbone), None)
+        section = {
+            _pair_name(kind, "none"): validation_difference(
+                columns, backbone_columns(frozen) if kind in trained_backbone else None
+            )
+            for kind, columns in runs.items()
+            if kind not in trained_backbone or frozen is not None
+        }
+        for b, a in comparison_pairs(list(runs), reference):
+            if a != "none":
+                section[_pair_name(b, a)] = validation_difference(runs[b], runs[a])
         per_seed[str(seed)] = section
     pooled: dict[str, Any] = {}
     for name in next(iter(per_seed.values()), {}):
@@ -312,6 +340,28 @@ def errors_section_markdown(errors: Mapping[str, Any], seeds: Sequence[int]) -> 
     return text + "\n**Line arithmetic given correct operands, paired**\n\n" + _table(header, rows) + "\n"
 
 
+def _training_phrase(config: Any) -> str:
+    """How the models were trained: phase 1 for the shared run, plus what each arm changes."""
+    text = f"refiners trained in phase {config.run.training.phase}"
+    text += " (backbone frozen)" if config.run.training.phase == 1 else ""
+    if config.arms:
+        changes = "; ".join(f"{name}: {arm.refiner} refiner, {_flat(arm.run) or 'the shared run'}"
+                            for name, arm in config.arms.items())  # fmt: skip
+        text += f" (arms: {changes})"
+    return text
+
+
+def _flat(changes: Mapping[str, Any], prefix: str = "") -> str:
+    """{model: {carry: true}} -> 'model.carry=True' (an arm's run changes, for the report)."""
+    parts = []
+    for key, value in changes.items():
+        if isinstance(value, Mapping):
+            parts.append(_flat(value, f"{prefix}{key}."))
+        else:
+            parts.append(f"{prefix}{key}={value}")
+    return ", ".join(part for part in parts if part)
+
+
 def comparison_markdown(
     config: Any,
     report: Mapping[str, Any],
@@ -337,7 +387,7 @@ def comparison_markdown(
         "from "
         f"the {check['problems']['train']} training and {check['problems']['validation']} validation "
         f"problems ({check['method']}: 0 shared). Training seeds {', '.join(map(str, report['seeds']))}; "
-        f"refiners trained in phase 1 (backbone frozen) for {steps} optimizer steps, evaluated from "
+        f"{_training_phrase(config)} for {steps} optimizer steps, evaluated from "
         f"checkpoints/{ev.checkpoint}. Sampler: gen_length {sampling.gen_length}, block_length "
         f"{sampling.block_length}, steps {sampling.steps}, temperature {sampling.temperature}{extras}. "
         f"The backbone alone is {report['backbone_runs']}.\n\n{table}\n\n"
