@@ -141,7 +141,8 @@ def _worker(index: int, port: int, backbone_dir: str, out: str) -> None:
     lora = make_trainer(lora_config(root, out_dir / "lora", batch_size=2))
     results["lora_strategy"] = lora.strategy
     results["lora_ignored"] = sorted(lora.engine.parameters_to_ignore)
-    results["lora_frozen"] = sorted(n for n, p in lora.engine.module.named_parameters() if not p.requires_grad)
+    frozen = (n for n, p in lora.engine.module.named_parameters() if not p.requires_grad)
+    results["lora_frozen"] = sorted(frozen)
     lora.train()
 
     # FSDP, phase 3: everything trains; batch 2 per rank.

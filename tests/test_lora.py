@@ -1,4 +1,4 @@
-"""LoRA adapters on the backbone (phases 2 and 3): what trains, checkpoints, exact resume, merging, loading."""
+"""LoRA adapters on the backbone (phases 2 and 3): what trains, checkpoints, resume, merging, loading."""
 
 from __future__ import annotations
 
@@ -38,7 +38,10 @@ def raw_config(backbone_dir: Path, out: Path, lora: dict | None = None, **traini
             "confidence_threshold": 1.5,
             "slot": {"n_heads": 2, "n_blocks": 1},
         },
-        "data": {"max_length": 128, "synthetic": {"n_train": 24, "n_eval": 4, "max_steps": 2, "max_number": 10}},
+        "data": {
+            "max_length": 128,
+            "synthetic": {"n_train": 24, "n_eval": 4, "max_steps": 2, "max_number": 10},
+        },
         "training": training,
         "lora": {"enabled": True, "rank": 4, "alpha": 8, **(lora or {})},
         "output": {"dir": str(out)},

@@ -293,12 +293,15 @@ class OutputConfig(_Section):
     save_best: the validation_metrics.csv column that picks checkpoints/best: the validation `loss` (the
     default), a masked accuracy, or `sampled_accuracy` (strict accuracy of sampled answers, which is what a
     comparison reports; needs training.val_sampled_problems > 0).
+    tensorboard: also write the CSVs' rows as TensorBoard scalars into <dir>/tensorboard/ (needs
+    `pip install 'llada-trm[tensorboard]'`); the CSVs stay the run's record.
     """
 
     dir: str = "outputs/run"
     save_best: str = Field(default="loss", description="a validation_metrics.csv column")
     best_mode: Literal["auto", "min", "max"] = "auto"
     keep_last: NonNegInt = 0
+    tensorboard: bool = False
 
     @property
     def best_is_lower(self) -> bool:
