@@ -6,6 +6,8 @@ machine) and leaves its results on disk; the tests below compare them with singl
 * DDP, 2 ranks x batch 2 == 1 process x batch 4 (same examples per step, same per-example noise), gradient
   accumulation with `no_sync`, validation, and a 2-rank checkpoint resumed by 1 process;
 * a DDP batch in which no chunk is refined (every refiner parameter unused) finishes instead of hanging;
+* DDP with LoRA adapters (phase 2): the adapters and the refiner are reduced, the frozen base is ignored, and
+  the update equals one process's;
 * FSDP phase 3: the sharded update equals one process's, and the checkpoint loads without
   torch.distributed to the same logits; resumed in one process or (re-sharded) in two, the next step agrees;
 * `shard_indices` / `gather_objects` / `merge_shards` put work split over ranks back in order, and
@@ -76,6 +78,14 @@ def run_config(backbone_dir: Path, out: Path, *, threshold: float = 1.5, **train
     }
 
 
+def lora_config(backbone_dir: Path, out: Path, **training) -> dict:
+    """`run_config` in phase 2 with rank-4 LoRA adapters on the last block; 2 steps."""
+    training = {"phase": 2, "unfreeze_last_n_layers": 1, "backbone_lr": 1e-2, "max_steps": 2, **training}
+    raw = run_config(backbone_dir, out, save_every=0, **training)
+    raw["lora"] = {"enabled": True, "rank": 4, "alpha": 8}
+    return raw
+
+
 def make_trainer(raw: dict) -> Trainer:
     trainer = Trainer(parse_config(raw), progress=False)
     trainer.train_set.pad_to = PAD_TO
@@ -126,6 +136,14 @@ def _worker(index: int, port: int, backbone_dir: str, out: str) -> None:
     # DDP with nothing refined: every refiner parameter but the projections is unused on every rank.
     idle = make_trainer(run_config(root, out_dir / "idle", batch_size=2, threshold=0.0, max_steps=2))
     results["idle"] = idle.train()["train_loss"]
+
+    # DDP with LoRA adapters on the last block (phase 2): the base weights are frozen and ignored by DDP.
+    lora = make_trainer(lora_config(root, out_dir / "lora", batch_size=2))
+    results["lora_strategy"] = lora.strategy
+    results["lora_ignored"] = sorted(lora.engine.parameters_to_ignore)
+    frozen = (n for n, p in lora.engine.module.named_parameters() if not p.requires_grad)
+    results["lora_frozen"] = sorted(frozen)
+    lora.train()
 
     # FSDP, phase 3: everything trains; batch 2 per rank.
     fsdp_run = run_config(root, out_dir / "fsdp", batch_size=2, phase=3, max_steps=3, save_every=0)
@@ -215,6 +233,22 @@ def test_ddp_matches_one_process_with_the_global_batch(distributed_runs, backbon
         ddp_curve = read_column(out / "ddp" / "training_metrics.csv", column)
         single_curve = read_column(tmp_path / "single" / "training_metrics.csv", column)
         assert ddp_curve == pytest.approx(single_curve, rel=1e-4), column
+
+
+def test_ddp_with_lora_adapters_matches_one_process(distributed_runs, backbone_dir, tmp_path):
+    out, results = distributed_runs
+    assert results["lora_strategy"] == "ddp"
+    assert results["lora_ignored"] == results["lora_frozen"]  # the frozen base: no broadcast, no all-reduce
+    assert not any(".lora_" in n for n in results["lora_frozen"])
+    assert any(n.endswith("q_proj.base_layer.weight") for n in results["lora_frozen"])
+
+    single = make_trainer(lora_config(backbone_dir, tmp_path / "single", batch_size=4))
+    single.train()
+    trained = {n: p.detach() for n, p in single.model.named_parameters() if p.requires_grad}
+    assert any(".lora_B." in n for n in trained)
+    ddp = load_file(str(out / "lora" / "checkpoints" / "last" / "model.safetensors"))
+    assert_close(ddp, trained)
+    assert max(float(trained[n].abs().max()) for n in trained if ".lora_B." in n) > 1e-3  # B moved from 0
 
 
 def test_checkpoint_of_two_processes_resumes_in_one(distributed_runs, backbone_dir, tmp_path):

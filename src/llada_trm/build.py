@@ -130,11 +130,14 @@ def hybrid_config(config: RunConfig) -> HybridConfig:
 
 
 def backbone_dtype(config: RunConfig, amp_dtype: torch.dtype | None) -> torch.dtype:
-    """`model.dtype`; 'auto': bf16 for a frozen backbone under bf16 autocast (half the memory), else fp32."""
+    """`model.dtype`; 'auto': bf16 for a frozen backbone under bf16 autocast (half the memory), else fp32.
+
+    With LoRA (`lora.enabled`) the base weights are frozen too (the adapters are fp32 whatever the base's).
+    """
     name = config.model.dtype
     if name != "auto":
         return DTYPES[name]
-    frozen = config.training.phase == 1
+    frozen = config.training.phase == 1 or config.lora.enabled
     return torch.bfloat16 if (amp_dtype == torch.bfloat16 and frozen) else torch.float32
 
 

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal, get_type_hints
 
 from pydantic import BeforeValidator, Field, create_model, model_validator
 
+from llada_trm.backbone.lora import LORA_TARGETS
 from llada_trm.config_files import (
     SchemaT,
     apply_overrides,
@@ -52,6 +53,7 @@ __all__ = [
     "AdvancedConfig",
     "DataConfig",
     "HealthThresholds",
+    "LoraConfig",
     "MLPSettings",
     "ModelConfig",
     "OutputConfig",
@@ -198,6 +200,30 @@ class TrainingParamsConfig(_Section):
     confidence_calibration_weight: NonNegFloat = 0.0
 
 
+class LoraConfig(_Section):
+    """LoRA adapters on the backbone for phases 2 and 3 (needs `pip install 'llada-trm[lora]'`).
+
+    With `enabled`, the backbone's base weights stay frozen and adapters on `target_modules` of the chosen
+    blocks train instead, at `training.backbone_lr`, beside the refiner: the last
+    `training.unfreeze_last_n_layers` blocks in phase 2, every block in phase 3. The update of a layer is
+    `(alpha / rank) * B @ A`; `dropout` applies to the adapter's input while training.
+    """
+
+    enabled: bool = False
+    rank: Annotated[int, BeforeValidator(to_int), Field(ge=1, le=4096)] = 8
+    alpha: PosFloat = 16.0
+    dropout: Annotated[float, BeforeValidator(to_float), Field(ge=0.0, lt=1.0)] = 0.0
+    target_modules: list[Literal[LORA_TARGETS]] = Field(  # type: ignore[valid-type]
+        default_factory=lambda: list(LORA_TARGETS)
+    )
+
+    @model_validator(mode="after")
+    def _some_targets(self) -> LoraConfig:
+        if not self.target_modules or len(set(self.target_modules)) != len(self.target_modules):
+            raise ValueError(f"target_modules: expected distinct names among {', '.join(LORA_TARGETS)}")
+        return self
+
+
 # ------------------------------------------------------------------------------------------------ advanced
 
 
@@ -267,12 +293,15 @@ class OutputConfig(_Section):
     save_best: the validation_metrics.csv column that picks checkpoints/best: the validation `loss` (the
     default), a masked accuracy, or `sampled_accuracy` (strict accuracy of sampled answers, which is what a
     comparison reports; needs training.val_sampled_problems > 0).
+    tensorboard: also write the CSVs' rows as TensorBoard scalars into <dir>/tensorboard/ (needs
+    `pip install 'llada-trm[tensorboard]'`); the CSVs stay the run's record.
     """
 
     dir: str = "outputs/run"
     save_best: str = Field(default="loss", description="a validation_metrics.csv column")
     best_mode: Literal["auto", "min", "max"] = "auto"
     keep_last: NonNegInt = 0
+    tensorboard: bool = False
 
     @property
     def best_is_lower(self) -> bool:
@@ -328,6 +357,23 @@ class RunConfig(_Section):
     advanced: AdvancedConfig = Field(default_factory=AdvancedConfig)
     output: OutputConfig = Field(default_factory=OutputConfig)
     sampling: SamplingConfig = Field(default_factory=SamplingConfig)
+    lora: LoraConfig = Field(default_factory=LoraConfig)
+
+    @model_validator(mode="after")
+    def _lora_fits_the_run(self) -> RunConfig:
+        if not self.lora.enabled:
+            return self
+        if self.training.phase == 1:
+            raise ValueError(
+                "lora.enabled: LoRA adapters train the backbone in phases 2 and 3; set training.phase to 2 "
+                "or 3, or lora.enabled to false (phase 1 trains the refiner alone)"
+            )
+        if self.advanced.distributed == "fsdp":
+            raise ValueError(
+                "lora.enabled: the frozen base is replicated, not sharded; set advanced.distributed to ddp "
+                "or auto (docs/distributed.md: LoRA on one GPU)"
+            )
+        return self
 
     def to_yaml(self) -> str:
         """Every setting, resolved; lists of plain values on one line (the task's word lists stay short)."""

@@ -25,6 +25,7 @@ import yaml
 from transformers import PreTrainedTokenizerBase
 
 from llada_trm.assets import EMBEDDED_NAME, embedded_backbone_dir
+from llada_trm.backbone.lora import merge_lora
 from llada_trm.build import build_model, load_hybrid
 from llada_trm.config import RunConfig, parse_config
 from llada_trm.diffusion.options import SamplingOptions
@@ -222,7 +223,10 @@ def _load_run(
     where = f"{config_path}: model.backbone"
     built = build_model(config, device=device, dtype=dtype, error=CheckpointError, where=where)
     model, tokenizer, backbone_dir = built.model, built.tokenizer, built.backbone_dir
+    lora = _attach_lora(model, config)
     load_weights(model, directory, require=required_tensors(model, config))
+    if lora:  # sampling runs on the merged weights: the adapted model's logits, without the adapters' cost
+        model.backbone = merge_lora(model.backbone)
     running, num_steps = _select_refiner(model, config, refiner, source)
     return LoadedModel(
         model=model.eval(),
@@ -235,6 +239,13 @@ def _load_run(
         checkpoint_dir=directory,
         run_config=config,
     )
+
+
+def _attach_lora(model: LLaDATRMHybrid, config: RunConfig) -> bool:
+    """The run's LoRA adapters (`lora.enabled`), attached so that its checkpoint's adapter tensors load."""
+    from llada_trm.training.lora import attach_run_lora
+
+    return bool(attach_run_lora(model, config))
 
 
 def _read_run_config(directory: Path) -> RunConfig:

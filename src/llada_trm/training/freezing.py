@@ -16,6 +16,11 @@ Phases:
 2. phase 1 plus the last `unfreeze_last_n_layers` backbone blocks, in their own parameter group at
    `backbone_lr`;
 3. everything: the patterns at `lr`, the rest of the model at `backbone_lr`.
+
+With LoRA adapters on the backbone (the run's `lora:` section, attached before freezing by `training.lora`),
+phases 2 and 3 train the adapters instead of the base weights: the backbone group holds only the adapter
+tensors the phase selects (those under the last blocks in phase 2, all in phase 3); every base weight stays
+frozen.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ from typing import TYPE_CHECKING
 
 import torch.nn as nn
 
+from llada_trm.backbone.lora import is_adapter_name
 from llada_trm.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -39,6 +45,7 @@ __all__ = [
     "apply_freezing",
     "freeze_for_run",
     "freeze_report",
+    "last_block_indices",
     "match_pattern",
     "matching_parameters",
     "set_train_mode",
@@ -139,6 +146,7 @@ def apply_freezing(
     head = {name: p for name, p in head.items() if name not in excluded}
     groups = [ParamGroupSpec("head", lr, head)]
 
+    adapters = any(is_adapter_name(name) for name, _ in model.named_parameters())
     if phase == 2:
         blocks = _last_backbone_blocks(model, unfreeze_last_n_layers)
         extra = {name: p for name, p in model.named_parameters() if name not in head and _under(name, blocks)}
@@ -146,6 +154,11 @@ def apply_freezing(
     elif phase == 3:
         rest = {name: p for name, p in model.named_parameters() if name not in head}
         groups.append(ParamGroupSpec("backbone", backbone_lr, rest))
+    if adapters:  # LoRA: the base weights stay frozen, the adapters train
+        groups[1:] = [
+            ParamGroupSpec(g.name, g.lr, {n: p for n, p in g.params.items() if is_adapter_name(n)})
+            for g in groups[1:]
+        ]
 
     groups = [g for g in groups if g.params]
     if not groups:
@@ -242,13 +255,18 @@ def _last_backbone_blocks(model: nn.Module, n: int) -> list[str]:
     blocks = getattr(backbone, "blocks", None)
     if not isinstance(blocks, nn.ModuleList):
         raise ConfigError(f"training.phase 2 needs a model with '{BACKBONE_ATTR}.blocks' (an nn.ModuleList)")
-    if n < 1 or n > len(blocks):
-        raise ConfigError(
-            f"training.unfreeze_last_n_layers: expected 1..{len(blocks)} for this backbone "
-            f"({len(blocks)} blocks), got {n}"
-        )
-    wanted = {id(block) for block in list(blocks)[-n:]}
+    wanted = {id(blocks[i]) for i in last_block_indices(len(blocks), n)}
     return [name for name, module in model.named_modules() if id(module) in wanted]
+
+
+def last_block_indices(n_blocks: int, n: int) -> list[int]:
+    """The indices of the last `n` of `n_blocks` blocks (phase 2's, and its LoRA adapters')."""
+    if n < 1 or n > n_blocks:
+        raise ConfigError(
+            f"training.unfreeze_last_n_layers: expected 1..{n_blocks} for this backbone "
+            f"({n_blocks} blocks), got {n}"
+        )
+    return list(range(n_blocks - n, n_blocks))
 
 
 def _under(name: str, prefixes: Iterable[str]) -> bool:

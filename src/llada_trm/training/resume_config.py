@@ -52,6 +52,7 @@ RESUMABLE: tuple[str, ...] = (
     "data.pin_memory",
     "output.dir",
     "output.keep_last",
+    "output.tensorboard",
     "advanced.gradient_checkpointing",
     "advanced.compile",
     "advanced.detect_anomaly",

@@ -24,6 +24,7 @@ from llada_trm.training.distributed import TrainStep, resolve_strategy, wrap_run
 from llada_trm.training.feature_cache import FeatureCache, prepare_feature_cache, require_frozen_backbone
 from llada_trm.training.freezing import FreezePlan, freeze_for_run
 from llada_trm.training.init_from import init_from_config
+from llada_trm.training.lora import attach_run_lora
 from llada_trm.training.objective import LossWeights, diffusion_objective
 from llada_trm.training.schedule import build_optimizer, build_scheduler, resolve_warmup_steps
 
@@ -54,7 +55,8 @@ class TrainingModel:
 def build_training_model(
     config: RunConfig, device: torch.device, amp_dtype: torch.dtype | None, say: Callable[[str], None]
 ) -> TrainingModel:
-    """Backbone + refiners from `model.backbone`, `training.init_from`, then the phase's freezing."""
+    """Backbone + refiners from `model.backbone`, `training.init_from`, LoRA adapters (`lora:`), then the
+    phase's freezing."""
     built = build_model(config, device=device, dtype=backbone_dtype(config, amp_dtype))
     model = built.model
     # init_from loads before any wrapping or sharding; the loaded names are saved by this run's
@@ -62,6 +64,10 @@ def build_training_model(
     loaded = init_from_config(model, config)
     if loaded is not None:
         say(f"initialised {len(loaded.names)} tensors from {loaded.directory} (training.init_from)")
+    adapters = attach_run_lora(model, config)  # after init_from: it loads the base weights' own names
+    if adapters:
+        targets = ", ".join(config.lora.target_modules)
+        say(f"lora: {len(adapters)} adapter tensors of rank {config.lora.rank} on the backbone's {targets}")
     apply_backbone_options(model, config)
     plan = freeze_for_run(model, config)
     weights = LossWeights.from_params(config.training_params)

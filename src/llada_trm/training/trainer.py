@@ -63,6 +63,7 @@ from llada_trm.training.run_dir import claim_run_dir, lock_for_run
 from llada_trm.training.run_setup import build_run_optimizer, build_training_model, feature_cache_for_run
 from llada_trm.training.run_state import restore_run, run_summary, save_run
 from llada_trm.training.stats import forward_statistics, parameter_statistics
+from llada_trm.training.tensorboard import TensorBoardLog, require_tensorboard
 from llada_trm.training.validation import (
     SampledValidation,
     check_save_best,
@@ -95,6 +96,8 @@ class Trainer:
         self.resumed_from: Path | None = None
         self._claimed = False  # this Trainer has trained into output.dir: a second train() continues it
         check_save_best(config)  # a typo in output.save_best fails before any weights load
+        if config.output.tensorboard:
+            require_tensorboard()  # a missing package fails before any weights load too
         if force and is_main_process():  # first: a feature cache built below must not be archived
             claim_run_dir(config.output.dir, force=True)
         self._config_yaml = config.to_yaml()
@@ -154,6 +157,7 @@ class Trainer:
         self.checkpoint_dir = self.output_dir / "checkpoints"
         self.last_train_row: dict[str, Any] = {}
         self.last_val_row: dict[str, Any] = {}
+        self.tensorboard = TensorBoardLog()  # off; rank 0 opens it in train() with output.tensorboard
         self._say(self.plan.report())
         validation = f", {len(self.eval_set)} validation examples" if self.eval_set is not None else ""
         precision = f"autocast {self.amp_dtype}" if self.amp_dtype else "fp32"
@@ -191,6 +195,7 @@ class Trainer:
         try:
             return self._train(max_new_steps, is_main_process())
         finally:
+            self.tensorboard.close()
             if lock is not None:
                 lock.release()
 
@@ -214,6 +219,9 @@ class Trainer:
             self.val_csv = MetricsWriter(val_path, validation_columns(cfg))
             self.train_csv.truncate_after(self.state.step)
             self.val_csv.truncate_after(self.state.step)
+            self.tensorboard = TensorBoardLog.for_run(
+                cfg.output.tensorboard, self.output_dir, self.state.step
+            )
         stop_at = self.total_steps
         if max_new_steps is not None:
             stop_at = min(stop_at, self.state.step + max_new_steps)
@@ -348,6 +356,7 @@ class Trainer:
         self._window.reset()
         if is_main_process():
             self.train_csv.log(row)
+            self.tensorboard.log("train", row)
             self.health.observe(self.state.step, row)
 
     def _epoch_progress(self) -> float:
@@ -384,6 +393,7 @@ class Trainer:
         self.last_val_row = row
         if is_main_process():
             self.val_csv.log(row)
+            self.tensorboard.log("validation", row)
         value = row.get(self.config.output.save_best)
         if improves(value, self.state.best_metric, lower=self.config.output.best_is_lower):
             self.state.best_metric = float(value)

@@ -1,0 +1,149 @@
+"""LoRA adapters on the LLaDA backbone through `peft`: attach them, name them, merge them away.
+
+A LoRA adapter adds `(alpha / r) * B @ A` to a frozen linear layer's weight, with `A [r, in]` and `B [out, r]`
+trained (peft starts `B` at zero, so an attached model computes exactly what the base did). `add_lora`
+wraps the chosen blocks' linear layers in peft's `lora.Linear` (`inject_adapter_in_model`: no `PeftModel`
+around the backbone, so `model(...)`, the KV cache and the hybrid's calls stay as they are); the wrapped
+layer's weight is then named `...q_proj.base_layer.weight`, its adapters `...q_proj.lora_A.default.weight`
+and `...lora_B.default.weight`.
+
+`merge_lora` is the way back to a plain backbone (LLaDA's own parameter names, loadable and saveable as any
+other): it folds each adapter into a new weight and leaves its argument untouched. peft is imported only when
+adapters are attached or merged, so a run without LoRA needs neither the package nor its import time.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+from torch import nn
+
+from llada_trm.backbone.modeling import LLaDAModel
+from llada_trm.errors import ConfigError
+
+__all__ = [
+    "ADAPTER_NAME",
+    "LORA_TARGETS",
+    "PEFT_INSTALL",
+    "add_lora",
+    "adapter_names",
+    "has_lora",
+    "is_adapter_name",
+    "merge_lora",
+    "require_peft",
+]
+
+# The linear layers of a LLaDA block, by LLaDA's own names (backbone.modeling.LLaDABlock).
+LORA_TARGETS: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "attn_out", "ff_proj", "up_proj", "ff_out")
+ADAPTER_NAME = "default"  # peft's adapter name; one adapter per layer
+PEFT_INSTALL = "pip install 'llada-trm[lora]'"
+
+
+def require_peft() -> Any:
+    """The `peft` module, or a one-line ConfigError naming the install command."""
+    try:
+        import peft
+    except ImportError:
+        raise ConfigError(f"lora.enabled: the peft package is not installed; {PEFT_INSTALL}") from None
+    return peft
+
+
+def is_adapter_name(name: str) -> bool:
+    """Whether a parameter name (of the backbone or the hybrid) is a LoRA adapter's."""
+    return ".lora_A." in name or ".lora_B." in name
+
+
+def adapter_names(model: nn.Module) -> list[str]:
+    """The adapter parameters' names in `model.named_parameters()`."""
+    return [name for name, _ in model.named_parameters() if is_adapter_name(name)]
+
+
+def has_lora(model: nn.Module) -> bool:
+    return bool(adapter_names(model))
+
+
+def add_lora(
+    backbone: LLaDAModel,
+    layers: Iterable[int],
+    *,
+    rank: int,
+    alpha: float,
+    dropout: float = 0.0,
+    targets: Sequence[str] = LORA_TARGETS,
+) -> list[str]:
+    """Wrap `targets` of the blocks `layers` (indices into `backbone.blocks`) with LoRA adapters, in place.
+
+    The adapters are float32 whatever the base weights' dtype (a bf16 base stays bf16 and frozen; AdamW
+    updates fp32 adapters). Returns the adapter parameter names, relative to `backbone`.
+    """
+    unknown = [name for name in targets if name not in LORA_TARGETS]
+    if unknown or not targets:
+        raise ConfigError(
+            f"lora.target_modules: {unknown or 'empty'}; choose from {', '.join(LORA_TARGETS)} "
+            "(a LLaDA block's linear layers)"
+        )
+    if has_lora(backbone):
+        raise ConfigError("lora: this backbone already carries LoRA adapters; attach them once")
+    blocks = list(backbone.blocks)
+    chosen = sorted(set(layers))
+    if not chosen or chosen[0] < 0 or chosen[-1] >= len(blocks):
+        raise ConfigError(f"lora: layers {chosen} outside 0..{len(blocks) - 1} of this backbone")
+    block_names = {id(module): name for name, module in backbone.named_modules()}
+    modules = [f"{block_names[id(blocks[i])]}.{target}" for i in chosen for target in targets]
+    peft = require_peft()
+    config = peft.LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=modules)
+    peft.inject_adapter_in_model(config, backbone, adapter_name=ADAPTER_NAME)
+    names = adapter_names(backbone)
+    params = dict(backbone.named_parameters())
+    for name in names:
+        params[name].data = params[name].data.float()
+    return names
+
+
+def merge_lora(model: nn.Module) -> LLaDAModel:
+    """A plain `LLaDAModel` computing what `model`'s adapted backbone computes; `model` is left unchanged.
+
+    `model` is a backbone or a hybrid (its `.backbone`). Each adapted layer becomes a plain `nn.Linear` whose
+    weight is `W + (alpha / r) * B @ A`, computed in float32 and stored in W's dtype; every other tensor is
+    shared with `model`, not copied (an 8B backbone is not duplicated), so treat the two as read-only or
+    clone before changing either in place. A backbone without adapters comes back as an equal plain copy.
+    """
+    backbone = getattr(model, "backbone", model)
+    if not isinstance(backbone, LLaDAModel):
+        raise TypeError(f"merge_lora expects a LLaDAModel or a model with a .backbone one, got {type(model)}")
+    shared = {id(t): t for t in backbone.parameters()} | {id(t): t for t in backbone.buffers()}
+    merged = copy.deepcopy(backbone, memo=shared)
+    wrapped = [(name, module) for name, module in merged.named_modules() if _is_lora_layer(module)]
+    for name, module in wrapped:
+        parent_name, _, child = name.rpartition(".")
+        parent = merged.get_submodule(parent_name)
+        setattr(parent, child, _merged_linear(module))
+    return merged
+
+
+# ---------------------------------------------------------------------------------------------- helpers
+
+
+def _is_lora_layer(module: nn.Module) -> bool:
+    return hasattr(module, "lora_A") and hasattr(module, "get_base_layer")
+
+
+def _merged_linear(layer: Any) -> nn.Linear:
+    """A new `nn.Linear` with the adapter folded in; the shared base layer is not written to."""
+    base = layer.get_base_layer()
+    if getattr(layer, "merged", False):
+        raise ValueError("merge_lora: the adapters are already merged into the base weights (peft merge())")
+    weight = base.weight.detach().float()
+    for adapter in layer.active_adapters:
+        if adapter in layer.lora_A:
+            a, b = layer.lora_A[adapter].weight.detach(), layer.lora_B[adapter].weight.detach()
+            weight = weight + (b.float() @ a.float()) * layer.scaling[adapter]
+    linear = nn.Linear(base.in_features, base.out_features, bias=base.bias is not None, device="meta")
+    linear.weight = nn.Parameter(weight.to(base.weight.dtype), requires_grad=base.weight.requires_grad)
+    if base.bias is not None:
+        linear.bias = base.bias  # shared, unchanged
+    linear.train(base.training)
+    return linear
+
