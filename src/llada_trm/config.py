@@ -185,6 +185,11 @@ class TrainingConfig(_Section):
         description="validation problems answered with the run's `sampling` settings at every validation "
         "(the sampled_accuracy column, which output.save_best may name); 0 = off",
     )
+    sampler_state_ratio: Fraction = Field(
+        default=0.0,
+        description="fraction of each epoch's micro-batches trained on the frozen backbone's own sampler "
+        "states (docs/sampler_states.md) instead of forward-process draws; 0 = off",
+    )
 
 
 class TrainingParamsConfig(_Section):
@@ -235,6 +240,9 @@ class AdvancedConfig(_Section):
         (docs/feature_cache.md); `feature_cache_dir` (null = <output.dir>/feature_cache) holds them,
         `cache_noise_draws` noise draws per example (epoch e trains on draw e % draws), hidden states and
         contexts stored as `cache_dtype`.
+    sampler_states_dir / sampler_states_per_problem: where the sampler states of
+        `training.sampler_state_ratio` live (null = <output.dir>/sampler_states) and how many states of
+        each training problem's sampler run they keep.
     distributed: under torchrun, how the processes share the work (docs/distributed.md): `ddp` replicates
         the model and averages the trainable parameters' gradients, `fsdp` shards a trainable backbone
         block by block; `auto` is ddp in phases 1 and 2, fsdp in phase 3. One process ignores it.
@@ -246,6 +254,8 @@ class AdvancedConfig(_Section):
     feature_cache_dir: str | None = None
     cache_noise_draws: PosInt = 1
     cache_dtype: Literal["bfloat16", "float32"] = "bfloat16"
+    sampler_states_dir: str | None = None
+    sampler_states_per_problem: PosInt = 4
     detect_anomaly: bool = False
     health_checks: bool = True
     health: HealthThresholds = Field(default_factory=HealthThresholds)
