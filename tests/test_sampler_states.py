@@ -20,6 +20,7 @@ from llada_trm.training import LossWeights, Trainer, diffusion_objective
 from llada_trm.training.cache_manifest import StaleFeatureCacheError
 from llada_trm.training.sampler_state_batches import StateMix, state_noise
 from llada_trm.training.sampler_states import (
+    StateRecorder,
     _ShardSampler,
     build_sampler_states,
     prepare_sampler_states,
@@ -34,7 +35,8 @@ def run_config(out: Path, *, cache: str | None = "prefix", **training) -> dict:
     return {
         "model": {"backbone": "embedded", "max_recursive_steps": 2, "chunk_size": 8,
                   "slot": {"n_heads": 4, "n_blocks": 1}},
-        "data": {"max_length": 160, "synthetic": {"n_train": 8, "n_eval": 0, "max_steps": 1, "max_number": 10}},
+        "data": {"max_length": 160,
+                 "synthetic": {"n_train": 8, "n_eval": 0, "max_steps": 1, "max_number": 10}},
         "training": {"batch_size": 2, "num_epochs": 1, "device": "cpu", "seed": 0, "log_every": 1,
                      "eval_every": 0, "save_every": 0, "warmup_steps": 1, **training},
         "advanced": {"sampler_states_per_problem": 3},
@@ -63,7 +65,8 @@ def prepare(config_dict: dict, run, **kwargs):
 
 def direct_states(run, store, indices) -> list[torch.Tensor]:
     """The sequence the sampler itself held at each model call, for one batch of training prompts, read
-    inside the sampler (`Denoiser.run`) rather than through the recorder."""
+    inside the sampler (`Denoiser.run`) rather than through the recorder; the recorder must see the same
+    at every call (cached windows included)."""
     built, train_set = run
     prompts = [train_set.examples[i]["input_ids"][: train_set.examples[i]["prompt_length"]] for i in indices]
     longest = max(len(p) for p in prompts)
@@ -88,6 +91,10 @@ def direct_states(run, store, indices) -> list[torch.Tensor]:
         sample(built.model.backbone, ids, attention, options, generator=generator)
     finally:
         Denoiser.run = original
+    recorder = StateRecorder(built.model.backbone)  # the same batch through the recorder
+    sample(recorder, ids, attention, options, generator=generator)
+    assert len(recorder.states) == len(seen)
+    assert all(torch.equal(mine, theirs) for mine, theirs in zip(recorder.states, seen, strict=True))
     return [torch.stack([s[row, longest - len(prompts[row]) :] for s in seen]) for row in range(len(prompts))]
 
 
@@ -123,6 +130,11 @@ def test_the_same_seed_gives_the_same_records_and_another_seed_other_steps(run, 
     other = run_config(tmp_path / "c", seed=5)
     c = prepare(other, run).tensors
     assert not torch.equal(a["step"], c["step"])  # the chosen steps follow the seed
+    first = run_config(tmp_path / "d")
+    first["advanced"]["sampler_states_problems"] = 4
+    d = prepare(first, run)
+    assert d.manifest["data"]["examples"] == 4 and set(d.tensors["example"].tolist()) == {0, 1, 2, 3}
+    assert torch.equal(d.tensors["states"], a["states"][a["example"] < 4])  # the same batches of 4
 
 
 def test_stale_store_is_refused(run, tmp_path):
@@ -249,7 +261,8 @@ def test_cache_command_builds_sampler_states(tmp_path, capsys):
     manifest = json.loads((tmp_path / "run" / "sampler_states" / "manifest.json").read_text())
     assert manifest["complete"] is True and manifest["sampling"]["threshold"] == 0.9
     assert not (tmp_path / "run" / "feature_cache").exists()
-    other = ["cache", "--sampler-states", "--config", str(path), "--set", "sampling.cache=dual", "--no-progress"]
+    other = ["cache", "--sampler-states", "--config", str(path), "--set", "sampling.cache=dual",
+             "--no-progress"]
     assert cli.main(other) == 2
     error = capsys.readouterr().err
     assert "stale sampler-state store" in error and "--rebuild" in error and error.count("\n") == 1

@@ -242,7 +242,8 @@ class AdvancedConfig(_Section):
         contexts stored as `cache_dtype`.
     sampler_states_dir / sampler_states_per_problem: where the sampler states of
         `training.sampler_state_ratio` live (null = <output.dir>/sampler_states) and how many states of
-        each training problem's sampler run they keep.
+        each training problem's sampler run they keep; `sampler_states_problems` samples only the first N
+        training problems (null = all): a run of S steps reads about S * batch_size * ratio states.
     distributed: under torchrun, how the processes share the work (docs/distributed.md): `ddp` replicates
         the model and averages the trainable parameters' gradients, `fsdp` shards a trainable backbone
         block by block; `auto` is ddp in phases 1 and 2, fsdp in phase 3. One process ignores it.
@@ -256,6 +257,7 @@ class AdvancedConfig(_Section):
     cache_dtype: Literal["bfloat16", "float32"] = "bfloat16"
     sampler_states_dir: str | None = None
     sampler_states_per_problem: PosInt = 4
+    sampler_states_problems: PosInt | None = None
     detect_anomaly: bool = False
     health_checks: bool = True
     health: HealthThresholds = Field(default_factory=HealthThresholds)

@@ -338,8 +338,10 @@ def prepare_sampler_states(
 
     The sampler runs the hybrid's backbone (`model.backbone`) with the run's `sampling:` options and the
     model's [MASK] and the tokenizer's EOS / EoT ids, as evaluation does, in the backbone's own dtype (no
-    autocast: evaluation samples without one). Under torch.distributed rank 0 builds, the others wait.
+    autocast: evaluation samples without one), on the first `advanced.sampler_states_problems` examples.
+    Under torch.distributed rank 0 builds, the others wait.
     """
+    examples = examples[: config.advanced.sampler_states_problems]  # None: every training problem
     ids = special_token_ids(tokenizer)
     options = replace(config.sampling.options(), mask_id=model.mask_token_id, eos_id=ids.eos, eot_id=ids.eot)
     limit = model.backbone.config.max_sequence_length
