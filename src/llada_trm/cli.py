@@ -70,6 +70,12 @@ def _cmd_cache(args: argparse.Namespace) -> int:
     from llada_trm.training.feature_cache import build_feature_cache
 
     config = load_config(args.config, args.set)
+    if args.sampler_states:
+        from llada_trm.training.sampler_states import build_sampler_states
+
+        directory = build_sampler_states(config, progress=not args.no_progress, rebuild=args.rebuild)
+        print(f"sampler states ready: {directory} (train with --set training.sampler_state_ratio=0.25)")
+        return 0
     directory = build_feature_cache(config, progress=not args.no_progress, rebuild=args.rebuild)
     print(f"feature cache ready: {directory} (train with --set advanced.feature_cache=true)")
     return 0
@@ -164,6 +170,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("cache", "compute a phase-1 run's frozen-backbone features once (advanced.feature_cache)")
     _add_config_options(p)
     p.add_argument("--rebuild", action="store_true", help="delete an existing (e.g. stale) cache first")
+    p.add_argument(
+        "--sampler-states",
+        action="store_true",
+        help="record the frozen backbone's sampler states instead (training.sampler_state_ratio)",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_cache)
 

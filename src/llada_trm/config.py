@@ -187,6 +187,11 @@ class TrainingConfig(_Section):
         description="validation problems answered with the run's `sampling` settings at every validation "
         "(the sampled_accuracy column, which output.save_best may name); 0 = off",
     )
+    sampler_state_ratio: Fraction = Field(
+        default=0.0,
+        description="fraction of each epoch's micro-batches trained on the frozen backbone's own sampler "
+        "states (docs/sampler_states.md) instead of forward-process draws; 0 = off",
+    )
 
 
 class TrainingParamsConfig(_Section):
@@ -261,6 +266,10 @@ class AdvancedConfig(_Section):
         (docs/feature_cache.md); `feature_cache_dir` (null = <output.dir>/feature_cache) holds them,
         `cache_noise_draws` noise draws per example (epoch e trains on draw e % draws), hidden states and
         contexts stored as `cache_dtype`.
+    sampler_states_dir / sampler_states_per_problem: where the sampler states of
+        `training.sampler_state_ratio` live (null = <output.dir>/sampler_states) and how many states of
+        each training problem's sampler run they keep; `sampler_states_problems` samples only the first N
+        training problems (null = all): a run of S steps reads about S * batch_size * ratio states.
     distributed: under torchrun, how the processes share the work (docs/distributed.md): `ddp` replicates
         the model and averages the trainable parameters' gradients, `fsdp` shards a trainable backbone
         block by block; `auto` is ddp in phases 1 and 2, fsdp in phase 3. One process ignores it.
@@ -272,6 +281,9 @@ class AdvancedConfig(_Section):
     feature_cache_dir: str | None = None
     cache_noise_draws: PosInt = 1
     cache_dtype: Literal["bfloat16", "float32"] = "bfloat16"
+    sampler_states_dir: str | None = None
+    sampler_states_per_problem: PosInt = 4
+    sampler_states_problems: PosInt | None = None
     detect_anomaly: bool = False
     health_checks: bool = True
     health: HealthThresholds = Field(default_factory=HealthThresholds)

@@ -179,17 +179,29 @@ _CHECKED = {  # manifest section -> what a mismatch means to the user
 }
 
 
-def check_manifest(stored: Mapping[str, Any], expected: Mapping[str, Any], directory: Path) -> None:
-    """Refuse a cache whose manifest disagrees with `expected` in any checked section."""
-    for section, meaning in _CHECKED.items():
+def check_manifest(
+    stored: Mapping[str, Any],
+    expected: Mapping[str, Any],
+    directory: Path,
+    *,
+    sections: Mapping[str, str] = _CHECKED,
+    rebuild: str = "llada-trm cache --config <config> --rebuild",
+) -> None:
+    """Refuse a cache whose manifest disagrees with `expected` in any checked section.
+
+    `sections` (section -> what a mismatch means) and the `rebuild` command default to the feature cache's;
+    the sampler-state store (`training.sampler_states`) passes its own.
+    """
+    what = "feature cache" if sections is _CHECKED else "sampler-state store"
+    setting = "advanced.feature_cache_dir" if sections is _CHECKED else "advanced.sampler_states_dir"
+    for section, meaning in sections.items():
         have, want = stored.get(section), expected[section]
         if section == "backbone":
             have, want = (have or {}).get("fingerprint"), want["fingerprint"]
         if have != want:
             raise StaleFeatureCacheError(
-                f"{directory}: stale feature cache, built from {meaning}; rebuild it with `llada-trm cache "
-                f"--config <config> --rebuild` (or `rm -r {directory}`), or set advanced.feature_cache_dir "
-                "to a new directory"
+                f"{directory}: stale {what}, built from {meaning}; rebuild it with `{rebuild}` (or `rm -r "
+                f"{directory}`), or set {setting} to a new directory"
             )
 
 

@@ -285,11 +285,12 @@ def prepare_feature_cache(
     return cache
 
 
-def require_frozen_backbone(plan: FreezePlan) -> None:
-    """The cache holds a frozen backbone's outputs: a run that trains backbone parameters cannot use one."""
+def require_frozen_backbone(plan: FreezePlan, setting: str = "advanced.feature_cache") -> None:
+    """The cache holds a frozen backbone's outputs (so do the sampler states, `setting` names which): a run
+    that trains backbone parameters cannot use one."""
     if not plan.backbone_frozen:
         raise ConfigError(
-            "advanced.feature_cache: the cache holds a frozen backbone's outputs, but this run trains "
+            f"{setting}: the cache holds a frozen backbone's outputs, but this run trains "
             "backbone parameters; use training.phase 1 with trainable_modules inside refinement_head"
         )
 

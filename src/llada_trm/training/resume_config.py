@@ -58,6 +58,7 @@ RESUMABLE: tuple[str, ...] = (
     "advanced.detect_anomaly",
     "advanced.distributed",
     "advanced.feature_cache_dir",
+    "advanced.sampler_states_dir",
     "advanced.health_checks",
     "advanced.health.",  # every threshold of the health checks
 )

@@ -19,6 +19,7 @@ from transformers import PreTrainedTokenizerBase
 from llada_trm.build import apply_backbone_options, backbone_dtype, build_model
 from llada_trm.config import RunConfig, TrainingConfig
 from llada_trm.data import SFTDataset
+from llada_trm.dist_utils import rank, world_size
 from llada_trm.hybrid import LLaDATRMHybrid
 from llada_trm.training.distributed import TrainStep, resolve_strategy, wrap_run
 from llada_trm.training.feature_cache import FeatureCache, prepare_feature_cache, require_frozen_backbone
@@ -26,6 +27,8 @@ from llada_trm.training.freezing import FreezePlan, freeze_for_run
 from llada_trm.training.init_from import init_from_config
 from llada_trm.training.lora import attach_run_lora
 from llada_trm.training.objective import LossWeights, diffusion_objective
+from llada_trm.training.sampler_state_batches import StateMix
+from llada_trm.training.sampler_states import prepare_sampler_states
 from llada_trm.training.schedule import build_optimizer, build_scheduler, resolve_warmup_steps
 
 __all__ = [
@@ -34,6 +37,7 @@ __all__ = [
     "build_run_optimizer",
     "build_training_model",
     "feature_cache_for_run",
+    "sampler_state_mix_for_run",
 ]
 
 
@@ -119,6 +123,37 @@ def feature_cache_for_run(
         autocast_dtype=amp_dtype,
         progress=progress,
     )
+
+
+def sampler_state_mix_for_run(
+    config: RunConfig,
+    model: LLaDATRMHybrid,
+    plan: FreezePlan,
+    backbone_dir: Path,
+    train_set: SFTDataset,
+    tokenizer: PreTrainedTokenizerBase,
+    device: torch.device,
+    *,
+    progress: bool,
+) -> StateMix | None:
+    """The run's mix of sampler states into its epochs when `training.sampler_state_ratio` > 0 (the store
+    built, resumed or opened first), else None; a plan that trains backbone parameters is refused."""
+    t = config.training
+    if t.sampler_state_ratio <= 0:
+        return None
+    require_frozen_backbone(plan, "training.sampler_state_ratio")
+    states = prepare_sampler_states(
+        config,
+        model,
+        train_set.examples,
+        tokenizer=tokenizer,
+        backbone_dir=backbone_dir,
+        pad_id=train_set.pad_id,
+        device=device,
+        progress=progress,
+    )
+    shard = {"rank": rank(), "world_size": world_size()}
+    return StateMix(states, t.sampler_state_ratio, seed=t.seed, batch_size=t.batch_size, **shard)
 
 
 @dataclass

@@ -52,16 +52,20 @@ from llada_trm.training.distributed import (
     unsharded,
     world_size,
 )
-from llada_trm.training.feature_cache import (
-    cached_features,
-)
+from llada_trm.training.feature_cache import cached_features
 from llada_trm.training.freezing import set_train_mode
 from llada_trm.training.health import HealthMonitor, non_finite_error
 from llada_trm.training.log_window import LogWindow, learning_rates
 from llada_trm.training.metrics import TRAIN_COLUMNS, MetricsWriter
 from llada_trm.training.run_dir import claim_run_dir, lock_for_run
-from llada_trm.training.run_setup import build_run_optimizer, build_training_model, feature_cache_for_run
+from llada_trm.training.run_setup import (
+    build_run_optimizer,
+    build_training_model,
+    feature_cache_for_run,
+    sampler_state_mix_for_run,
+)
 from llada_trm.training.run_state import restore_run, run_summary, save_run
+from llada_trm.training.sampler_state_batches import state_noise
 from llada_trm.training.stats import forward_statistics, parameter_statistics
 from llada_trm.training.tensorboard import TensorBoardLog, require_tensorboard
 from llada_trm.training.validation import (
@@ -125,6 +129,10 @@ class Trainer:
         self.feature_cache = feature_cache_for_run(
             self.config, self.model, self.plan, self.backbone_dir, self.train_set, self.device,
             self.amp_dtype, progress=progress,
+        )
+        self.state_mix = sampler_state_mix_for_run(  # None unless training.sampler_state_ratio > 0
+            self.config, self.model, self.plan, self.backbone_dir, self.train_set, self.tokenizer,
+            self.device, progress=progress,
         )
         train: Dataset = self.train_set if self.feature_cache is None else self.feature_cache
         order: Sampler = self.sampler
@@ -266,6 +274,8 @@ class Trainer:
             index = self.state.batches_in_epoch
             window_start = (index // accum) * accum
             window = min(accum, self.micro_per_epoch - window_start)  # an epoch's last window may be short
+            if self.state_mix is not None:  # this micro-batch may read sampler states instead
+                batch = self.state_mix.batch_for(self.state.epoch, index, self.micro_per_epoch) or batch
             self._micro_step(batch, scale=1.0 / window, sync=index + 1 - window_start >= window)
             self.state.batches_in_epoch += 1
             if self.state.batches_in_epoch - window_start < window:
@@ -286,12 +296,15 @@ class Trainer:
 
     def _micro_step(self, batch: Mapping[str, torch.Tensor], scale: float, sync: bool = True) -> None:
         """Forward + backward of one micro-batch; `sync`: it closes an accumulation window (DDP reduces)."""
-        noise = None if self.feature_cache is not None else self._draw_noise(batch)
+        from_states = state_noise(batch) is not None  # a sampler-state batch brings its own noise
+        noise = None if self.feature_cache is not None or from_states else self._draw_noise(batch)
         batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
         with gradient_sync(self.engine, sync):
             with self._autocast():
                 features = None
-                if self.feature_cache is not None:  # the backbone's outputs and their noise, from disk
+                if from_states:  # the frozen backbone runs live on the recorded state
+                    noise = state_noise(batch)
+                elif self.feature_cache is not None:  # the backbone's outputs and their noise, from disk
                     features, noise = cached_features(self.model, batch)
                 else:
                     noise = tuple(x.to(self.device, non_blocking=True) for x in noise)
