@@ -127,9 +127,12 @@ def test_the_same_seed_gives_the_same_records_and_another_seed_other_steps(run, 
     a = prepare(run_config(tmp_path / "a"), run).tensors
     b = prepare(run_config(tmp_path / "b"), run).tensors
     assert all(torch.equal(a[key], b[key]) for key in a)
-    other = run_config(tmp_path / "c", seed=5)
+    other_training_seed = prepare(run_config(tmp_path / "e", seed=5), run).tensors
+    assert all(torch.equal(a[key], other_training_seed[key]) for key in a)  # one store serves every seed
+    other = run_config(tmp_path / "c")
+    other["advanced"]["sampler_states_seed"] = 5
     c = prepare(other, run).tensors
-    assert not torch.equal(a["step"], c["step"])  # the chosen steps follow the seed
+    assert not torch.equal(a["step"], c["step"])  # the chosen steps follow advanced.sampler_states_seed
     first = run_config(tmp_path / "d")
     first["advanced"]["sampler_states_problems"] = 4
     d = prepare(first, run)
@@ -141,7 +144,7 @@ def test_stale_store_is_refused(run, tmp_path):
     prepare(run_config(tmp_path), run)
     changes = {
         "other sampling settings": lambda c: c["sampling"].update(threshold=0.8),
-        "other state draws": lambda c: c["training"].update(seed=3),
+        "other state draws": lambda c: c["advanced"].update(sampler_states_seed=3),
     }
     for meaning, change in changes.items():
         config = run_config(tmp_path)

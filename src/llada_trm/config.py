@@ -270,6 +270,8 @@ class AdvancedConfig(_Section):
         `training.sampler_state_ratio` live (null = <output.dir>/sampler_states) and how many states of
         each training problem's sampler run they keep; `sampler_states_problems` samples only the first N
         training problems (null = all): a run of S steps reads about S * batch_size * ratio states.
+        `sampler_states_seed` picks the kept steps; it is not `training.seed`, so every seed and arm of a
+        study with the same sampler, data and store directory shares one store (paid for once).
     distributed: under torchrun, how the processes share the work (docs/distributed.md): `ddp` replicates
         the model and averages the trainable parameters' gradients, `fsdp` shards a trainable backbone
         block by block; `auto` is ddp in phases 1 and 2, fsdp in phase 3. One process ignores it.
@@ -284,6 +286,7 @@ class AdvancedConfig(_Section):
     sampler_states_dir: str | None = None
     sampler_states_per_problem: PosInt = 4
     sampler_states_problems: PosInt | None = None
+    sampler_states_seed: Int = 0
     detect_anomaly: bool = False
     health_checks: bool = True
     health: HealthThresholds = Field(default_factory=HealthThresholds)

@@ -357,7 +357,7 @@ def prepare_sampler_states(
         examples=examples,
         pad_id=pad_id,
         options=options,
-        seed=config.training.seed,
+        seed=config.advanced.sampler_states_seed,
         per_problem=config.advanced.sampler_states_per_problem,
         compute=str(model.backbone.dtype).removeprefix("torch."),
     )
