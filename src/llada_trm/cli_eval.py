@@ -144,8 +144,13 @@ def cmd_generate(args: argparse.Namespace) -> int:
     questions = _questions(args)
     if args.out and args.file is None:
         raise UserError("--out writes the answers of a --file batch; for one question the answer is printed")
+    watching = getattr(args, "show_steps", False) or getattr(args, "html", None)
+    if watching and args.file is not None:
+        raise UserError("--show-steps and --html trace one question's denoising; give one quoted question")
     options = sampling_options(args)
     loaded = load_checkpoint(args.checkpoint, refiner=args.refiner, device=args.device, dtype=args.dtype)
+    if watching:
+        return _generate_traced(args, loaded, questions[0], options)
     records = [GSM8KRecord(question=question, answer="") for question in questions]
     result = evaluate_model(
         loaded.model, loaded.tokenizer, records, options, num_steps=loaded.num_steps, progress=False
@@ -158,6 +163,31 @@ def cmd_generate(args: argparse.Namespace) -> int:
         print(json.dumps({"answer": prediction["prediction_strict"] or prediction["prediction_flexible"],
                           "refinement": result.summary.get("refinement"),
                           "speed": result.summary["speed"]}, indent=2))
+    return 0
+
+
+def _generate_traced(args: argparse.Namespace, loaded: Any, question: str, options: Any) -> int:
+    """One answer with its denoising trajectory: printed (`--show-steps`), written as a page (`--html`)."""
+    from llada_trm.evaluate.answering import answer_questions
+    from llada_trm.io import write_text_atomic
+    from llada_trm.trajectory import Trajectory, render_html, render_text
+
+    trajectory = Trajectory()
+    answers = answer_questions(
+        loaded.model, loaded.tokenizer, question, options, num_steps=loaded.num_steps, on_step=trajectory
+    )
+    if args.show_steps:
+        print(render_text(trajectory, loaded.tokenizer))
+        print()
+    print(answers.answers[0])
+    if args.verbose:
+        stats = {"stats": answers.stats, "nfe": answers.nfe, "elapsed_s": answers.elapsed_s}
+        print(json.dumps(stats, indent=2))
+    if args.html:
+        settings = ", ".join(f"{key} {value}" for key, value in options.to_dict().items())
+        settings = f"refiner {loaded.refiner}; {settings}"
+        page = render_html(trajectory, loaded.tokenizer, title=question, settings=settings)
+        print(f"wrote {write_text_atomic(Path(args.html), page)}")
     return 0
 
 

@@ -66,9 +66,13 @@ StepCallback = Callable[[StepEvent], None]
 
 
 def model_chunk_size(model: Any) -> int | None:
-    """The hybrid's ``config.chunk_size`` (through a DDP-style ``.module``), None for any other model."""
-    size = getattr(getattr(getattr(model, "module", model), "config", None), "chunk_size", None)
-    return size if isinstance(size, int) else None
+    """The hybrid's ``config.chunk_size`` (through a DDP-style ``.module``), or a wrapper's own
+    ``chunk_size`` (the evaluator's counting model); None for any other model."""
+    model = getattr(model, "module", model)
+    size = getattr(model, "chunk_size", None)
+    if size is None:
+        size = getattr(getattr(model, "config", None), "chunk_size", None)
+    return size if isinstance(size, int) and not isinstance(size, bool) else None
 
 
 class StepObserver:
