@@ -14,12 +14,37 @@ from typing import Any
 from llada_trm.cli_sampling import sampling_options, sampling_source
 from llada_trm.errors import UserError
 
-__all__ = ["cmd_eval", "cmd_generate"]
+__all__ = ["cmd_eval", "cmd_generate", "split_label"]
 
 
-def _default_eval_dir(loaded: Any, dataset: str, split: str) -> Path:
-    """`<run>/eval/<dataset>-<split>-<refiner>` for a run; `runs/eval/<backbone>/...` for a backbone."""
-    name = f"{dataset}-{split.split('[')[0]}"
+def _bound(value: int | float | None, default: str) -> str:
+    if value is None:
+        return default
+    return f"{round(value * 100)}pct" if isinstance(value, float) else str(value)
+
+
+def split_label(split: str, limit: int | None = None) -> str:
+    """The split and the slice of it evaluated, for a directory name: `test`, `test_0-200` (`test[:200]` or
+    `test --limit 200`), `test_100-end`, `test_0-10pct`; a limit on a slice it cannot be folded into (from
+    the end, a percentage) is added as `-first<N>`."""
+    from llada_trm.data.gsm8k import parse_split
+
+    name, selection = parse_split(split)
+    start, stop, suffix = selection.start, selection.stop, ""
+    if limit is not None:
+        if isinstance(start, float) or isinstance(stop, float) or (start or 0) < 0 or (stop or 0) < 0:
+            suffix = f"-first{limit}"
+        else:
+            stop = (start or 0) + limit if stop is None else min(stop, (start or 0) + limit)
+    if start is None and stop is None:
+        return name + suffix
+    return f"{name}_{_bound(start, '0')}-{_bound(stop, 'end')}{suffix}"
+
+
+def _default_eval_dir(loaded: Any, dataset: str, split: str, limit: int | None = None) -> Path:
+    """`<run>/eval/<dataset>-<split slice>-<refiner>` for a run; `runs/eval/<backbone>/...` for a backbone:
+    evaluations of different slices of a split go to different directories."""
+    name = f"{dataset}-{split_label(split, limit)}"
     if loaded.run_dir is not None:
         return loaded.run_dir / "eval" / f"{name}-{loaded.refiner}"
     backbone = "embedded" if loaded.source == "embedded" else Path(loaded.source).resolve().name
@@ -59,7 +84,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
             limit=args.limit,
         )
         _check_against(against, records)
-    out = Path(args.out) if args.out else _default_eval_dir(loaded, args.dataset, args.split)
+    out = Path(args.out) if args.out else _default_eval_dir(loaded, args.dataset, args.split, args.limit)
     result = evaluate_model(
         loaded.model,
         loaded.tokenizer,
