@@ -82,7 +82,7 @@ def test_eval_defaults_to_the_run_directory(run_dir, capsys):
     argv = ["eval", "--checkpoint", str(run_dir), "--refiner", "none", "--limit", "1", "--no-progress"]
     assert main([*argv, *SAMPLING]) == 0
     capsys.readouterr()
-    assert (run_dir / "eval" / "synthetic-test-none" / "summary.json").is_file()
+    assert (run_dir / "eval" / "synthetic-test_0-1-none" / "summary.json").is_file()  # the slice: --limit 1
 
 
 @pytest.mark.skipif(not GSM8K_TEST.is_file(), reason="GSM8K test file not present")

@@ -201,6 +201,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--file", metavar="FILE", help="answer every line of FILE (one question a line)")
     p.add_argument("--out", metavar="FILE", help="with --file: write the answers as JSON lines to FILE")
     p.add_argument("-v", "--verbose", action="store_true", help="also print the extracted answer and stats")
+    p.add_argument(
+        "--show-steps",
+        action="store_true",
+        help="print the denoising trajectory: what each step committed, which chunks the refiner refined",
+    )
+    p.add_argument(
+        "--html", metavar="FILE", help="write the denoising trajectory as a self-contained HTML page"
+    )
     add_sampling_options(p)
     p.set_defaults(func=cmd_generate)
 

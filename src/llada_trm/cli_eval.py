@@ -14,12 +14,37 @@ from typing import Any
 from llada_trm.cli_sampling import sampling_options, sampling_source
 from llada_trm.errors import UserError
 
-__all__ = ["cmd_eval", "cmd_generate"]
+__all__ = ["cmd_eval", "cmd_generate", "split_label"]
 
 
-def _default_eval_dir(loaded: Any, dataset: str, split: str) -> Path:
-    """`<run>/eval/<dataset>-<split>-<refiner>` for a run; `runs/eval/<backbone>/...` for a backbone."""
-    name = f"{dataset}-{split.split('[')[0]}"
+def _bound(value: int | float | None, default: str) -> str:
+    if value is None:
+        return default
+    return f"{round(value * 100)}pct" if isinstance(value, float) else str(value)
+
+
+def split_label(split: str, limit: int | None = None) -> str:
+    """The split and the slice of it evaluated, for a directory name: `test`, `test_0-200` (`test[:200]` or
+    `test --limit 200`), `test_100-end`, `test_0-10pct`; a limit on a slice it cannot be folded into (from
+    the end, a percentage) is added as `-first<N>`."""
+    from llada_trm.data.gsm8k import parse_split
+
+    name, selection = parse_split(split)
+    start, stop, suffix = selection.start, selection.stop, ""
+    if limit is not None:
+        if isinstance(start, float) or isinstance(stop, float) or (start or 0) < 0 or (stop or 0) < 0:
+            suffix = f"-first{limit}"
+        else:
+            stop = (start or 0) + limit if stop is None else min(stop, (start or 0) + limit)
+    if start is None and stop is None:
+        return name + suffix
+    return f"{name}_{_bound(start, '0')}-{_bound(stop, 'end')}{suffix}"
+
+
+def _default_eval_dir(loaded: Any, dataset: str, split: str, limit: int | None = None) -> Path:
+    """`<run>/eval/<dataset>-<split slice>-<refiner>` for a run; `runs/eval/<backbone>/...` for a backbone:
+    evaluations of different slices of a split go to different directories."""
+    name = f"{dataset}-{split_label(split, limit)}"
     if loaded.run_dir is not None:
         return loaded.run_dir / "eval" / f"{name}-{loaded.refiner}"
     backbone = "embedded" if loaded.source == "embedded" else Path(loaded.source).resolve().name
@@ -59,7 +84,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
             limit=args.limit,
         )
         _check_against(against, records)
-    out = Path(args.out) if args.out else _default_eval_dir(loaded, args.dataset, args.split)
+    out = Path(args.out) if args.out else _default_eval_dir(loaded, args.dataset, args.split, args.limit)
     result = evaluate_model(
         loaded.model,
         loaded.tokenizer,
@@ -144,8 +169,13 @@ def cmd_generate(args: argparse.Namespace) -> int:
     questions = _questions(args)
     if args.out and args.file is None:
         raise UserError("--out writes the answers of a --file batch; for one question the answer is printed")
+    watching = getattr(args, "show_steps", False) or getattr(args, "html", None)
+    if watching and args.file is not None:
+        raise UserError("--show-steps and --html trace one question's denoising; give one quoted question")
     options = sampling_options(args)
     loaded = load_checkpoint(args.checkpoint, refiner=args.refiner, device=args.device, dtype=args.dtype)
+    if watching:
+        return _generate_traced(args, loaded, questions[0], options)
     records = [GSM8KRecord(question=question, answer="") for question in questions]
     result = evaluate_model(
         loaded.model, loaded.tokenizer, records, options, num_steps=loaded.num_steps, progress=False
@@ -158,6 +188,31 @@ def cmd_generate(args: argparse.Namespace) -> int:
         print(json.dumps({"answer": prediction["prediction_strict"] or prediction["prediction_flexible"],
                           "refinement": result.summary.get("refinement"),
                           "speed": result.summary["speed"]}, indent=2))
+    return 0
+
+
+def _generate_traced(args: argparse.Namespace, loaded: Any, question: str, options: Any) -> int:
+    """One answer with its denoising trajectory: printed (`--show-steps`), written as a page (`--html`)."""
+    from llada_trm.evaluate.answering import answer_questions
+    from llada_trm.io import write_text_atomic
+    from llada_trm.trajectory import Trajectory, render_html, render_text
+
+    trajectory = Trajectory()
+    answers = answer_questions(
+        loaded.model, loaded.tokenizer, question, options, num_steps=loaded.num_steps, on_step=trajectory
+    )
+    if args.show_steps:
+        print(render_text(trajectory, loaded.tokenizer))
+        print()
+    print(answers.answers[0])
+    if args.verbose:
+        stats = {"stats": answers.stats, "nfe": answers.nfe, "elapsed_s": answers.elapsed_s}
+        print(json.dumps(stats, indent=2))
+    if args.html:
+        settings = ", ".join(f"{key} {value}" for key, value in options.to_dict().items())
+        settings = f"refiner {loaded.refiner}; {settings}"
+        page = render_html(trajectory, loaded.tokenizer, title=question, settings=settings)
+        print(f"wrote {write_text_atomic(Path(args.html), page)}")
     return 0
 
 

@@ -7,10 +7,18 @@ a bare backbone with LLaDA's defaults (`SamplingOptions()`); each flag given rep
 from __future__ import annotations
 
 import argparse
+from collections.abc import Mapping
 from dataclasses import replace
 from typing import Any
 
-__all__ = ["SAMPLING_FLAGS", "add_sampling_options", "sampling_options", "sampling_source"]
+__all__ = [
+    "OFF",
+    "SAMPLING_FLAGS",
+    "add_sampling_options",
+    "resolve_sampling",
+    "sampling_options",
+    "sampling_source",
+]
 
 SAMPLING_FLAGS = (
     "steps",
@@ -24,30 +32,36 @@ SAMPLING_FLAGS = (
     "batch_size",
     "seed",
 )
-_OFF = "off"  # threshold / cache: switch off what a run's `sampling:` section switched on
+OFF = "off"  # threshold / cache: switch off what a run's `sampling:` section switched on
 
 
 def sampling_options(args: argparse.Namespace) -> Any:
     """The checkpoint's sampler settings (a trained run's `sampling:` section, LLaDA's defaults for a
     backbone) with every flag the user gave in place of its value (`off` switches threshold / cache off);
     read before any weights load, so bad settings fail first."""
+    return resolve_sampling(args.checkpoint, {name: getattr(args, name, None) for name in SAMPLING_FLAGS})
+
+
+def resolve_sampling(checkpoint: Any, given: Mapping[str, Any]) -> Any:
+    """`checkpoint`'s sampler settings with `given` in place of its values: None keeps the checkpoint's
+    value, `off` switches a setting off (threshold, cache). The one rule for every entry point that takes
+    a checkpoint and sampler overrides (`eval`, `generate`, the lm-eval backend)."""
     from llada_trm.evaluate.loading import checkpoint_sampling, override_sampling
 
-    given = {name: getattr(args, name, None) for name in SAMPLING_FLAGS}
-    off = [name for name, value in given.items() if value == _OFF]
-    on = {name: value for name, value in given.items() if value != _OFF}
-    options = override_sampling(checkpoint_sampling(args.checkpoint), **on)
+    off = [name for name, value in given.items() if value == OFF]
+    on = {name: value for name, value in given.items() if value != OFF}
+    options = override_sampling(checkpoint_sampling(checkpoint), **on)
     return replace(options, **dict.fromkeys(off)) if off else options
 
 
 def _threshold(text: str) -> float | str:
     """`--threshold`: a confidence in (0, 1], or `off` for LLaDA's fixed schedule."""
-    if text == _OFF:
-        return _OFF
+    if text == OFF:
+        return OFF
     try:
         return float(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number in (0, 1] or '{_OFF}', got {text!r}") from None
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1] or '{OFF}', got {text!r}") from None
 
 
 def sampling_source(args: argparse.Namespace, loaded: Any) -> dict[str, Any]:
@@ -72,11 +86,11 @@ def add_sampling_options(parser: argparse.ArgumentParser) -> None:
         "--threshold",
         type=_threshold,
         default=None,
-        help=f"Fast-dLLM parallel decoding threshold, e.g. 0.9; {_OFF}: LLaDA's schedule (backbone: off)",
+        help=f"Fast-dLLM parallel decoding threshold, e.g. 0.9; {OFF}: LLaDA's schedule (backbone: off)",
     )
     group.add_argument(
         "--cache",
-        choices=("prefix", "dual", _OFF),
+        choices=("prefix", "dual", OFF),
         default=None,
         help="Fast-dLLM's block-wise KV cache (backbone: off)",
     )

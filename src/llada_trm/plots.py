@@ -1,10 +1,11 @@
-"""PNG plots of a training run: `llada-trm plot RUN_DIR`.
+"""PNG plots of a run: `llada-trm plot RUN_DIR`.
 
-Reads the trainer's `training_metrics.csv` and `validation_metrics.csv` (and, when present, the evaluation
-summaries under `RUN_DIR/eval/*/summary.json`) and draws one figure per topic: loss terms, slot norms, gate
-openings, orthogonality, accuracy and refinement efficiency. A topic whose columns are absent (an MLP run has
-no slot norms) is skipped, so the same command works for every refiner. Figures are drawn with matplotlib's
-object API on the Agg canvas: no display, no global pyplot state.
+A training run: the trainer's `training_metrics.csv` and `validation_metrics.csv` (and, when present, the
+evaluation summaries under `RUN_DIR/eval/*/summary.json`), one figure per topic: loss terms, slot norms, gate
+openings, orthogonality, accuracy and refinement efficiency. A pretraining run (`llada-trm pretrain`'s output,
+e.g. the embedded backbone): its `pretrain_metrics.csv`. Which figures, panels and series are drawn is decided
+in `plot_specs` (absent topics skipped, accuracy as differences from the backbone, ...); this module draws
+them with matplotlib's object API on the Agg canvas: no display, no global pyplot state.
 """
 
 from __future__ import annotations
@@ -12,18 +13,19 @@ from __future__ import annotations
 import csv
 import json
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from llada_trm.io import atomic_path
+from llada_trm.plot_specs import FigureSpec, Panel, pretrain_figures, run_figures
 
-__all__ = ["PlotError", "plot_comparison", "plot_paired_comparison", "plot_run", "read_metrics"]
+__all__ = ["PlotError", "draw", "plot_comparison", "plot_paired_comparison", "plot_run", "read_metrics"]
 
 TRAIN_FILE = "training_metrics.csv"
 VALIDATION_FILE = "validation_metrics.csv"
-
-Series = dict[str, tuple[list[float], list[float]]]
+PRETRAIN_FILE = "pretrain_metrics.csv"
+_COLUMNS = 3  # panels per row
 
 
 class PlotError(ValueError):
@@ -48,61 +50,64 @@ def read_metrics(path: str | Path) -> list[dict[str, float]]:
     return rows
 
 
-def _series(
-    rows: Sequence[Mapping[str, float]], select: Callable[[str], bool], skip_zero: bool = False
-) -> Series:
-    """{column: (steps, values)} for every column accepted by `select` that has at least one value.
-
-    `skip_zero` drops columns that are zero throughout (a loss term whose weight is off).
-    """
-    columns: list[str] = []
-    for row in rows:
-        columns.extend(key for key in row if key != "step" and key not in columns and select(key))
-    series: Series = {}
-    for column in columns:
-        points = [(row["step"], row[column]) for row in rows if column in row]
-        if points and not (skip_zero and all(value == 0 for _, value in points)):
-            steps, values = zip(*points, strict=True)
-            series[column] = (list(steps), list(values))
-    return series
+def _draw_series(ax: Any, panel: Panel) -> None:
+    for label, (steps, values) in panel.series.items():
+        if len(steps) == 1:  # one point: a labelled marker, not a lone dot on an empty axis
+            (line,) = ax.plot(steps, values, "o", label=label, markersize=6)
+            ax.annotate(f"{values[0]:.3g}", (steps[0], values[0]), textcoords="offset points", xytext=(6, 4),
+                        fontsize=8, color=line.get_color())  # fmt: skip
+        else:
+            ax.plot(steps, values, label=label, marker="o" if len(steps) <= 20 else None, markersize=3)
+    ax.set_xlabel("optimizer step")
 
 
-def _figure(
-    title: str,
-    ylabel: str,
-    panels: Sequence[tuple[str, Series]],
-    path: Path,
-    log: bool = False,
-    fractions: bool = False,
-) -> Path:
-    """One row of panels; `log` for loss terms of different magnitudes, `fractions` pins y to [0, 1]."""
+def _draw_categories(ax: Any, panel: Panel) -> None:
+    names = list(panel.categories)
+    values = [panel.categories[name] for name in names]
+    ax.plot(range(len(names)), values, "o", markersize=7)
+    for x, value in enumerate(values):
+        ax.annotate(f"{value:.3g}", (x, value), textcoords="offset points", xytext=(0, 7), ha="center",
+                    fontsize=8)  # fmt: skip
+    ax.set_xticks(range(len(names)), names, fontsize=8, rotation=15)
+    ax.set_xlim(-0.6, len(names) - 0.4)
+
+
+def draw(spec: FigureSpec, run_name: str = "") -> Any:
+    """The matplotlib Figure of `spec` (panels in rows of three), not yet saved."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    panels = [(name, series) for name, series in panels if series]
-    figure = Figure(figsize=(6.4 * len(panels), 4.2))
+    n = len(spec.panels)
+    ncols, nrows = min(n, _COLUMNS), -(-n // _COLUMNS)
+    figure = Figure(figsize=(6.4 * ncols, 4.2 * nrows))
     FigureCanvasAgg(figure)
-    axes = figure.subplots(1, len(panels), squeeze=False)[0]
+    axes = figure.subplots(nrows, ncols, squeeze=False).flatten()
     # fixed margins: a layout engine doubles the drawing time, which adds up over a run's plots
-    n = len(panels)
-    figure.subplots_adjust(left=0.13 / n, right=1 - 0.03 / n, top=0.86, bottom=0.12, wspace=0.25)
-    for ax, (name, series) in zip(axes, panels, strict=True):
-        for label, (steps, values) in series.items():
-            marker = "o" if len(steps) <= 20 else None
-            ax.plot(steps, values, label=label, marker=marker, markersize=3)
-        values = [v for _, vs in series.values() for v in vs]
-        if log and min(values) > 0 and max(values) / min(values) > 20:  # terms of different magnitudes
+    figure.subplots_adjust(left=0.13 / ncols, right=1 - 0.03 / ncols, top=1 - 0.14 / nrows,
+                           bottom=0.12 / nrows, wspace=0.25, hspace=0.45)  # fmt: skip
+    for ax, panel in zip(axes, spec.panels, strict=False):
+        if panel.categories:
+            _draw_categories(ax, panel)
+        else:
+            _draw_series(ax, panel)
+        values = [v for _, vs in panel.series.values() for v in vs]
+        if panel.log and values and min(values) > 0 and max(values) / min(values) > 20:
             ax.set_yscale("log")
-        if fractions:
-            ax.set_ylim(-0.02, 1.02)
-        ax.set_title(name)
-        ax.set_xlabel("optimizer step")
-        ax.set_ylabel(ylabel)
+        else:  # plain tick labels: no "+1.234e3" offset above a short run's axis
+            ax.ticklabel_format(axis="y", useOffset=False, style="plain")
+        if panel.fractions:
+            ax.set_ylim(-0.02, 1.08)
+        if panel.zero_line:
+            ax.axhline(0.0, color="tab:gray", linewidth=1)
+        ax.set_title(panel.title)
+        ax.set_ylabel(panel.ylabel)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8, loc="best")
-    figure.suptitle(title)
-    save_figure(figure, path)
-    return path
+        if panel.series:
+            ax.legend(fontsize=8, loc="best")
+    for ax in axes[n:]:
+        ax.set_axis_off()
+    figure.suptitle(f"{run_name}: {spec.title}" if run_name else spec.title)
+    return figure
 
 
 def save_figure(figure: Any, path: Path) -> None:
@@ -111,88 +116,64 @@ def save_figure(figure: Any, path: Path) -> None:
         figure.savefig(tmp, dpi=100, format="png")
 
 
-def _eval_points(run_dir: Path, last_step: float) -> Series:
-    """Sampled GSM8K-style accuracy of each evaluation under `run_dir/eval/`, placed at the last step."""
-    series: Series = {}
+def _eval_points(run_dir: Path) -> dict[str, float]:
+    """Sampled strict accuracy of each evaluation under `run_dir/eval/`, by the evaluation's name."""
+    points: dict[str, float] = {}
     for summary in sorted(run_dir.glob("eval/*/summary.json")):
         try:
             data = json.loads(summary.read_text(encoding="utf-8"))
         except (OSError, json.JSONDecodeError):
             continue
-        for kind in ("strict", "flexible"):
-            value = data.get(f"accuracy_{kind}")
-            if isinstance(value, int | float):
-                series[f"sampled {kind} ({summary.parent.name})"] = ([last_step], [float(value)])
-    return series
+        value = data.get("accuracy_strict")
+        if isinstance(value, int | float) and math.isfinite(value):
+            points[summary.parent.name] = float(value)
+    return points
+
+
+def _run_refiner(run_dir: Path) -> str | None:
+    """`model.refiner` of the run's config.yaml (None when unreadable)."""
+    import yaml
+
+    try:
+        config = yaml.safe_load((run_dir / "config.yaml").read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError):
+        return None
+    refiner = (config or {}).get("model", {}).get("refiner") if isinstance(config, dict) else None
+    return refiner if isinstance(refiner, str) else None
+
+
+def run_specs(run: Path) -> dict[str, FigureSpec]:
+    """The figures of the run (or pretraining run) in `run`, by file name; PlotError without metrics."""
+    if not run.is_dir():
+        raise PlotError(f"{run}: no such run directory")
+    train_path, val_path, pretrain_path = run / TRAIN_FILE, run / VALIDATION_FILE, run / PRETRAIN_FILE
+    if not any(path.is_file() for path in (train_path, val_path, pretrain_path)):
+        raise PlotError(
+            f"{run}: no {TRAIN_FILE} or {VALIDATION_FILE} (nor {PRETRAIN_FILE}); give the output.dir of a "
+            "`llada-trm train` run or the output directory of `llada-trm pretrain`"
+        )
+    train = read_metrics(train_path) if train_path.is_file() else []
+    val = read_metrics(val_path) if val_path.is_file() else []
+    pretrain = read_metrics(pretrain_path) if pretrain_path.is_file() else []
+    if not train and not val and not pretrain:
+        raise PlotError(f"{run}: the metrics files have no rows yet; plot again once the run has logged")
+    specs = pretrain_figures(pretrain)
+    if train or val:
+        specs.update(run_figures(train, val, _eval_points(run), _run_refiner(run)))
+    return specs
 
 
 def plot_run(run_dir: str | Path, out_dir: str | Path | None = None) -> list[Path]:
     """Write the run's PNGs into `out_dir` (default `RUN_DIR/plots`); returns their paths."""
     run = Path(run_dir)
-    if not run.is_dir():
-        raise PlotError(f"{run}: no such run directory")
-    train_path, val_path = run / TRAIN_FILE, run / VALIDATION_FILE
-    if not train_path.is_file() and not val_path.is_file():
-        raise PlotError(
-            f"{run}: no {TRAIN_FILE} or {VALIDATION_FILE}; give the output.dir of a `llada-trm train` run"
-        )
-    train = read_metrics(train_path) if train_path.is_file() else []
-    val = read_metrics(val_path) if val_path.is_file() else []
-    if not train and not val:
-        raise PlotError(f"{run}: the metrics files have no rows yet; plot again once the run has logged")
+    specs = run_specs(run)
     out = Path(out_dir) if out_dir is not None else run / "plots"
     out.mkdir(parents=True, exist_ok=True)
-    name = run.name
-
-    def is_loss(key: str) -> bool:
-        return key.startswith("loss")
-
-    figures = {
-        "loss.png": (
-            "loss",
-            [("training", _series(train, is_loss, True)), ("validation", _series(val, is_loss, True))],
-            True,
-        ),
-        "slot_norms.png": ("norm", [("slot norms", _series(train, _prefixed("slot_norm")))], False),
-        "gates.png": ("sigmoid(gate)", [("gate openings", _series(train, _prefixed("gate")))], False),
-        "orthogonality.png": (
-            "penalty",
-            [("slot orthogonality", _series(train, _prefixed("orthogonality")))],
-            False,
-        ),
-        "refinement.png": (
-            "value",
-            [
-                ("refinement (training)", _series(train, _is_refinement)),
-                ("refinement (validation)", _series(val, _is_refinement)),
-            ],
-            False,
-        ),
-    }
     written = []
-    for filename, (ylabel, panels, log) in figures.items():
-        if any(series for _, series in panels):
-            title = f"{name}: {filename[:-4].replace('_', ' ')}"
-            written.append(_figure(title, ylabel, panels, out / filename, log=log))
-    accuracy = _series(val, lambda k: k.startswith("accuracy") or k.startswith("chunk_accuracy"))
-    last_step = max((row["step"] for row in train + val), default=0.0)
-    sampled = _eval_points(run, last_step)
-    panels = [("validation masked accuracy", accuracy), ("sampled accuracy", sampled)]
-    if accuracy or sampled:
-        path = out / "accuracy.png"
-        written.append(_figure(f"{name}: accuracy", "accuracy", panels, path, fractions=True))
+    for filename, spec in specs.items():
+        save_figure(draw(spec, run.name), out / filename)
+        written.append(out / filename)
     return written
-
-
-_REFINEMENT_COLUMNS = ("refine_steps", "skipped_fraction", "skipped_fraction_masked", "chunk_confidence")
-
-
-def _is_refinement(key: str) -> bool:
-    return key in _REFINEMENT_COLUMNS
-
-
-def _prefixed(prefix: str) -> Callable[[str], bool]:
-    return lambda key: key.startswith(prefix)
 
 
 def plot_comparison(results: Sequence[Mapping[str, Any]], path: str | Path) -> Path:

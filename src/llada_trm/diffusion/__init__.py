@@ -13,6 +13,7 @@ from llada_trm.diffusion.forward_process import answer_lengths_from_prompt, forw
 from llada_trm.diffusion.loss import masked_diffusion_loss, masked_token_accuracy
 from llada_trm.diffusion.options import LLADA_EOS_ID, LLADA_EOT_ID, LLADA_MASK_ID, SamplingOptions
 from llada_trm.diffusion.sampler import GenerationResult, generate, generate_with_stats, sample
+from llada_trm.diffusion.steps import StepEvent
 from llada_trm.diffusion.unmasking import add_gumbel_noise, get_num_transfer_tokens
 
 __all__ = [
@@ -21,6 +22,7 @@ __all__ = [
     "LLADA_MASK_ID",
     "GenerationResult",
     "SamplingOptions",
+    "StepEvent",
     "add_gumbel_noise",
     "answer_lengths_from_prompt",
     "decode_generated",

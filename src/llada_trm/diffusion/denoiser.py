@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 from llada_trm.diffusion.options import SamplingOptions
+from llada_trm.diffusion.steps import StepObserver
 
 
 class MaskedRefiner(Protocol):
@@ -57,11 +58,17 @@ class Denoiser:
 
     CFG runs the conditional and the unconditional (prompt masked) copies as one batch of 2B, so it costs one
     forward call (one NFE) per step, as in the reference. ``block`` (absolute start, end) is the block being
-    denoised; a refining model is asked to refine only its masked positions.
+    denoised; a refining model is asked to refine only its masked positions. ``observer`` (the sampler's
+    per-step hook, or None) sees each call's chunk statistics.
     """
 
     def __init__(
-        self, model: Any, attention_mask: Tensor | None, prompt_index: Tensor, options: SamplingOptions
+        self,
+        model: Any,
+        attention_mask: Tensor | None,
+        prompt_index: Tensor,
+        options: SamplingOptions,
+        observer: StepObserver | None = None,
     ) -> None:
         self.model = model
         self.attention_mask = attention_mask
@@ -73,6 +80,8 @@ class Denoiser:
         self.nfe = 0
         self.stats_total: dict[str, float] = {}
         self.stats_calls: dict[str, int] = {}
+        self.observer = observer
+        self.last_stats: Mapping[str, Any] | None = None
 
     @property
     def stats_mean(self) -> dict[str, float]:
@@ -80,6 +89,7 @@ class Denoiser:
         return {key: total / self.stats_calls[key] for key, total in self.stats_total.items()}
 
     def _record(self, stats: Mapping[str, Any] | None) -> None:
+        self.last_stats = stats
         numbers = scalar_stats(stats)
         add_stats(self.stats_total, numbers)
         for key in numbers:
@@ -96,6 +106,7 @@ class Denoiser:
         output = self.model(x, attention_mask=attention_mask, **kwargs)
         self.nfe += 1
         if isinstance(output, Tensor):
+            self._record(None)
             return output, None
         if isinstance(output, Mapping):
             self._record(output.get("stats"))
@@ -131,7 +142,9 @@ class Denoiser:
         cache_kwargs.update(self._refine_mask(window, start))
         attention_mask = None if self.attention_mask is None else self.attention_mask[:, start:end]
         if self.cfg_scale <= 0:
-            return self._call(window, attention_mask, cache_kwargs)
+            logits, new_cache = self._call(window, attention_mask, cache_kwargs)
+            self._observe(x, start)
+            return logits, new_cache
         unconditional = x.clone()
         unconditional[self.prompt_index] = self.mask_id
         if attention_mask is not None:
@@ -140,5 +153,11 @@ class Denoiser:
             cache_kwargs["masked"] = torch.cat([cache_kwargs["masked"]] * 2, dim=0)
         both = torch.cat([window, unconditional[:, start:end]], dim=0)
         logits, new_cache = self._call(both, attention_mask, cache_kwargs)
+        self._observe(x, start)
         cond_logits, uncond_logits = torch.chunk(logits, 2, dim=0)
         return uncond_logits + (self.cfg_scale + 1) * (cond_logits - uncond_logits), new_cache
+
+    def _observe(self, x: Tensor, start: int) -> None:
+        """Hand the latest call's chunk statistics to the per-step observer, when there is one."""
+        if self.observer is not None:
+            self.observer.model_output(self.last_stats, start, self.prompt_index.shape[0], x.shape[1])

@@ -12,6 +12,7 @@ from torch import Tensor
 
 from llada_trm.diffusion.denoiser import Denoiser
 from llada_trm.diffusion.options import SamplingOptions
+from llada_trm.diffusion.steps import report_commit
 from llada_trm.diffusion.unmasking import commit_step, get_num_transfer_tokens
 
 
@@ -35,7 +36,8 @@ def denoise_block_parallel(
     for _ in range(block_end - block_start):
         if _block_done(x, block_start, block_end, options.mask_id):
             break
-        commit_step(x, denoiser(x), block_end, None, options, generator)
+        committed = commit_step(x, denoiser(x), block_end, None, options, generator)
+        report_commit(denoiser.observer, x, 0, committed)
 
 
 def denoise_block_cached(
@@ -67,7 +69,8 @@ def denoise_block_cached(
             f"cache={options.cache!r} needs a model that returns past_key_values when called with "
             "use_cache=True (LLaDAModel, LLaDATRMHybrid); use cache=None for this model"
         )
-    commit_step(x, logits, block_end, None if schedule is None else schedule[:, 0], options, generator)
+    first = None if schedule is None else schedule[:, 0]
+    report_commit(denoiser.observer, x, 0, commit_step(x, logits, block_end, first, options, generator))
     # The prefix cache keeps the positions before the block and runs the block plus everything after it;
     # the dual cache keeps the whole sequence and runs only the block.
     window_end = None if options.cache == "prefix" else block_end
@@ -78,6 +81,7 @@ def denoise_block_cached(
     for step in range(1, limit):
         logits, _ = denoiser.run(x, cache=kv, start=block_start, end=window_end)
         transfer = None if schedule is None else schedule[:, step]
-        commit_step(window, logits, block_length, transfer, options, generator)
+        committed = commit_step(window, logits, block_length, transfer, options, generator)
+        report_commit(denoiser.observer, x, block_start, committed)
         if _block_done(x, block_start, block_end, options.mask_id):
             break

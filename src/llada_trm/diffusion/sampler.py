@@ -25,6 +25,7 @@ from torch import Tensor
 from llada_trm.diffusion.denoiser import Denoiser
 from llada_trm.diffusion.fast_dllm import denoise_block_cached, denoise_block_parallel
 from llada_trm.diffusion.options import LLADA_EOS_ID, LLADA_EOT_ID, LLADA_MASK_ID, SamplingOptions
+from llada_trm.diffusion.steps import StepCallback, StepObserver, model_chunk_size, report_commit
 from llada_trm.diffusion.unmasking import commit_step, get_num_transfer_tokens
 
 BlockDecoder = Callable[[Tensor, Denoiser, int, int, SamplingOptions, torch.Generator | None], None]
@@ -65,7 +66,8 @@ def denoise_block_llada(
     masked = x[:, block_start:block_end] == options.mask_id
     schedule = get_num_transfer_tokens(masked, options.steps_per_block)
     for step in range(options.steps_per_block):
-        commit_step(x, denoiser(x), block_end, schedule[:, step], options, generator)
+        committed = commit_step(x, denoiser(x), block_end, schedule[:, step], options, generator)
+        report_commit(denoiser.observer, x, 0, committed)
 
 
 def _block_decoder(options: SamplingOptions) -> BlockDecoder:
@@ -140,17 +142,23 @@ def sample(
     options: SamplingOptions,
     *,
     generator: torch.Generator | None = None,
+    on_step: StepCallback | None = None,
 ) -> GenerationResult:
     """Sample answers to ``prompt`` [B, prompt_len] under ``options``: the tokens, NFE, time and model stats.
 
     See :func:`generate` for the model, prompt and attention mask, and for every option. ``generator`` drives
-    the Gumbel noise and random remasking (default: torch's global generator).
+    the Gumbel noise and random remasking (default: torch's global generator). ``on_step`` is called after
+    every denoising step with a :class:`~llada_trm.diffusion.steps.StepEvent` (what the step committed,
+    with what confidence, and which chunks the refiner touched); it does not change the samples.
     """
     _check_inputs(prompt, attention_mask)
     _check_mask_id(model, options.mask_id)
     batch_size, prompt_length = prompt.shape
     x, attention_mask = _start(prompt, attention_mask, options)
-    denoiser = Denoiser(model, attention_mask, x != options.mask_id, options)
+    observer = None
+    if on_step is not None:
+        observer = StepObserver(on_step, prompt_length, options.mask_id, model_chunk_size(model))
+    denoiser = Denoiser(model, attention_mask, x != options.mask_id, options, observer=observer)
     decode_block = _block_decoder(options)
 
     _synchronize(x.device)
@@ -159,6 +167,8 @@ def sample(
         block_start = prompt_length + block * options.block_length
         block_end = block_start + options.block_length
         denoiser.block = (block_start, block_end)
+        if observer is not None:
+            observer.start_block(block)
         decode_block(x, denoiser, block_start, block_end, options, generator)
     _synchronize(x.device)
     elapsed = time.perf_counter() - start

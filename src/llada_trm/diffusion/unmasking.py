@@ -98,12 +98,14 @@ def commit_step(
     num_transfer: Tensor | None,
     options: SamplingOptions,
     generator: torch.Generator | None,
-) -> None:
+) -> tuple[Tensor, Tensor]:
     """Predict every masked token, then un-mask (in place in ``x``) the ones chosen by the schedule/threshold.
 
     ``x`` [B, L] may be a window (a view) of the sequence with ``logits`` [B, L, V] of the same positions and
     ``block_end`` relative to it; nothing past ``block_end`` is un-masked yet. ``num_transfer`` [B] is the
-    schedule's count for this step, None under ``options.threshold``.
+    schedule's count for this step, None under ``options.threshold``. Returns the [B, L] positions un-masked
+    and every position's confidence (-inf where nothing was predicted): tensors computed anyway, for the
+    sampler's per-step hook.
     """
     mask_index = x == options.mask_id
     x0, x0_p = _predict(logits, options, generator)
@@ -112,3 +114,4 @@ def commit_step(
     confidence = torch.where(mask_index, x0_p, -torch.inf)
     transfer = _chosen(confidence, mask_index, block_end, num_transfer, options.threshold)
     x[transfer] = x0[transfer]
+    return transfer, confidence

@@ -17,6 +17,7 @@ from transformers import PreTrainedTokenizerBase
 from llada_trm.data import GSM8KRecord, prompt_batch
 from llada_trm.data.tokenizer import decode_generated
 from llada_trm.diffusion import SamplingOptions, sample
+from llada_trm.diffusion.steps import StepCallback
 from llada_trm.evaluate.evaluator import _device_of, check_lengths, sampling_setup
 
 __all__ = ["Answers", "answer_questions"]
@@ -64,8 +65,10 @@ def answer_questions(
     options: SamplingOptions,
     *,
     num_steps: int | None = None,
+    on_step: StepCallback | None = None,
 ) -> Answers:
-    """Sample an answer to every question (a bare string counts as one) under `options`."""
+    """Sample an answer to every question (a bare string counts as one) under `options`; `on_step` is the
+    sampler's per-step hook (`diffusion.steps.StepEvent`, rows of each batch in order)."""
     listed = _questions(questions)
     check_lengths(model, tokenizer, [GSM8KRecord(question=q, answer="") for q in listed], options)
     counting, sampling = sampling_setup(model, tokenizer, options, num_steps)
@@ -77,7 +80,8 @@ def answer_questions(
     nfe, elapsed = 0, 0.0
     for start in range(0, len(listed), options.batch_size):
         prompt, attention_mask = prompt_batch(tokenizer, listed[start : start + options.batch_size])
-        result = sample(counting, prompt.to(device), attention_mask.to(device), sampling, generator=generator)
+        prompt, attention_mask = prompt.to(device), attention_mask.to(device)
+        result = sample(counting, prompt, attention_mask, sampling, generator=generator, on_step=on_step)
         texts = decode_generated(tokenizer, result.tokens, result.prompt_length)
         answers.extend(text.strip() for text in texts)
         nfe += result.nfe

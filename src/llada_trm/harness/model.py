@@ -15,6 +15,8 @@ Model args: checkpoint (a run dir or checkpoint, a backbone dir, or `embedded`),
 the checkpoint's own choice, `none` = the backbone alone, `mlp`, `slot`), dtype, the sampler options above,
 mc_num, mc_batch_size, max_length (default: the backbone's max_sequence_length). lm-eval's `--device`
 (default cuda:0; give `cpu` or `auto` on a CPU machine) and `--batch_size` (an integer) are used as given.
+A sampler option left out keeps a trained run's `sampling:` setting (LLaDA's defaults for a backbone), as
+`llada-trm eval` does; `threshold=none` / `cache=none` (or `off`) switch those off.
 One process only: data-parallel lm-eval runs are not supported.
 """
 
@@ -31,6 +33,7 @@ from lm_eval.api.registry import register_model
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from tqdm.auto import tqdm
 
+from llada_trm.cli_sampling import OFF, resolve_sampling
 from llada_trm.data import pad_token_id, special_token_ids
 from llada_trm.diffusion import decode_generated, sample
 from llada_trm.errors import ConfigError
@@ -46,6 +49,7 @@ _SAMPLER_KEYS = tuple(
     f.name for f in dataclasses.fields(SamplingOptions) if f.name not in ("batch_size", "seed")
 )
 _IGNORED_GEN_KWARGS = ("until", "do_sample", "max_gen_toks")
+_TOKEN_IDS = ("mask_id", "eos_id", "eot_id")  # accepted, but the model's own ids are used (`_sample`)
 
 logger = logging.getLogger(__name__)
 
@@ -64,6 +68,15 @@ def _positive_int(name: str, value: Any) -> int:
     if number < 1 or str(number) != str(value).strip():
         raise ConfigError(f"{name}={value!r}: give a positive integer")
     return number
+
+
+def _model_arg_sampling(checkpoint: str, batch_size: int, sampling: dict[str, Any]) -> SamplingOptions:
+    """A trained run's `sampling:` section (LLaDA's defaults for a backbone) with the model args in place of
+    its values, as `llada-trm eval` does; lm-eval reads `threshold=none` as None, which here switches the
+    setting off (None would keep the run's value)."""
+    given = {key: OFF if value is None else value for key, value in sampling.items() if key not in _TOKEN_IDS}
+    options = resolve_sampling(checkpoint, {**given, "batch_size": batch_size})
+    return dataclasses.replace(options, **{key: sampling[key] for key in _TOKEN_IDS if key in sampling})
 
 
 class _Budgeted:
@@ -120,7 +133,7 @@ class LLaDATRMLM(TemplateLM):
         self.ids = special_token_ids(self.tokenizer)
         self._device = next(self.loaded.model.parameters()).device
         self.batch_size = _positive_int("batch_size", 16 if batch_size is None else batch_size)
-        self.options = SamplingOptions(batch_size=self.batch_size, **sampling)
+        self.options = _model_arg_sampling(checkpoint, self.batch_size, sampling)
         self.mc_num = _positive_int("mc_num", mc_num)
         self.mc_batch_size = _positive_int("mc_batch_size", mc_batch_size)
         limit = self.loaded.model.backbone.config.max_sequence_length if max_length is None else max_length

@@ -110,6 +110,7 @@ def chunk_stats(refined: Tensor, steps: Tensor, conf0: Tensor, k: int) -> dict:
     return {
         "refine_steps": float(steps[refined].float().mean()) if n_refined else 0.0,
         "steps_per_chunk": steps.detach(),
+        "halted_per_chunk": (refined & (steps < k)).detach(),
         "chunks_total": total,
         "chunks_refined": n_refined,
         "chunks_halted": int((refined & (steps < k)).sum()),

@@ -208,7 +208,8 @@ class LLaDATRMHybrid(nn.Module):
             position). num_steps: K for this call (default `max_recursive_steps`). return_step_logits: see
             `HybridConfig.return_step_logits` (None: the config's value, else `self.training`).
 
-        stats: `refine_steps` (mean steps per refined chunk), `steps_per_chunk` [B, C], `chunks_total`,
+        stats: `refine_steps` (mean steps per refined chunk), `steps_per_chunk` [B, C], `halted_per_chunk`
+        [B, C] (refined chunks that stopped before K), `chunks_total`,
         `chunks_refined`, `chunks_halted` (refined chunks that stopped before K), `skipped_fraction`,
         `chunk_confidence` [B, C] (the backbone's), plus the refiner's own `steps`, `confidence`,
         `confidence_per_step`, `delta_norms`, `final_confidence`, `slot_norms`, `gates`.
