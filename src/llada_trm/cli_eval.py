@@ -48,7 +48,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
         records = load_eval_records("gsm8k", args.split, data_path=args.data_path, limit=args.limit)
         _check_against(against, records)
     device = _join_processes(args.device)
-    loaded = load_checkpoint(args.checkpoint, refiner=args.refiner, device=device, dtype=args.dtype)
+    loaded = load_checkpoint(
+        args.checkpoint, refiner=args.refiner, device=device, dtype=args.dtype,
+        allow_backbone_mismatch=args.allow_backbone_mismatch,
+    )
     if records is None:
         run = loaded.run_config
         records = load_eval_records(
@@ -145,7 +148,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if args.out and args.file is None:
         raise UserError("--out writes the answers of a --file batch; for one question the answer is printed")
     options = sampling_options(args)
-    loaded = load_checkpoint(args.checkpoint, refiner=args.refiner, device=args.device, dtype=args.dtype)
+    loaded = load_checkpoint(
+        args.checkpoint, refiner=args.refiner, device=args.device, dtype=args.dtype,
+        allow_backbone_mismatch=args.allow_backbone_mismatch,
+    )
     records = [GSM8KRecord(question=question, answer="") for question in questions]
     result = evaluate_model(
         loaded.model, loaded.tokenizer, records, options, num_steps=loaded.num_steps, progress=False
