@@ -69,8 +69,8 @@ def init_from_checkpoint(
         fingerprint = directory_fingerprint(backbone_dir)
         check_run_backbone(directory, fingerprint, backbone_dir, allow_mismatch=allow_backbone_mismatch)
         names = load_weights(model, directory, require=refiner_names(model.state_dict()))
-    except CheckpointError as exc:
-        raise CheckpointError(f"{INIT_FROM_KEY}: {exc}") from None
+    except CheckpointError as exc:  # the same type (a BackboneMismatchError stays one), the key in front
+        raise type(exc)(f"{INIT_FROM_KEY}: {exc}") from None
     return InitResult(directory=directory, names=names)
 
 
