@@ -13,7 +13,6 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
 from safetensors import safe_open
 from torch import Tensor
 
@@ -26,7 +25,7 @@ from llada_trm.evaluate.loading import LoadedModel, load_checkpoint, read_run_co
 from llada_trm.export_card import model_card
 from llada_trm.export_format import EXPORT_KEY, REFINER_FILE, export_section
 from llada_trm.hybrid.refiner_file import write_refiner_weights
-from llada_trm.io import atomic_directory, write_json, write_text_atomic
+from llada_trm.io import atomic_directory, dtype_named, write_json, write_text_atomic
 from llada_trm.run_checkpoint import WEIGHTS_FILE, resolve_checkpoint_dir
 from llada_trm.training.checkpoint import load_trainer_state
 
@@ -78,7 +77,7 @@ def export_run(
     loaded = load_checkpoint(
         checkpoint, device="cpu", dtype=dtype, allow_backbone_mismatch=allow_backbone_mismatch
     )
-    target = getattr(torch, dtype)
+    target = dtype_named(dtype)
     state = export_backbone_state(loaded)
     state = {k: (t.to(target) if t.is_floating_point() else t) for k, t in state.items()}
     source = _source(checkpoint, config.training.phase)
