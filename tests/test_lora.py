@@ -156,3 +156,20 @@ def test_config_errors(backbone_dir, tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "peft", None)  # as if the extra were not installed
     with pytest.raises(ConfigError, match=r"pip install 'llada-trm\[lora\]'"):
         make_trainer(backbone_dir, tmp_path / "x")
+
+
+def test_export_merges_the_adapters_into_the_backbone(backbone_dir, tmp_path):
+    from llada_trm.evaluate import load_checkpoint
+    from llada_trm.export import export_run
+
+    make_trainer(backbone_dir, tmp_path / "run").train()
+    export_run(tmp_path / "run", tmp_path / "export")
+    run, export = load_checkpoint(tmp_path / "run", device="cpu"), load_checkpoint(tmp_path / "export")
+    names = export.model.backbone.state_dict()
+    assert not any("lora" in name for name in names)  # plain LLaDA names: the adapters are folded in
+    ids = fixed_input(run.model)
+    with torch.no_grad():
+        torch.testing.assert_close(export.model(ids).logits, run.model(ids).logits)
+    base = LLaDAModel.from_pretrained(backbone_dir).state_dict()
+    q = "model.transformer.blocks.1.q_proj.weight"  # the adapted block: its merged weight moved
+    assert not torch.equal(names[q], base[q])

@@ -1,4 +1,4 @@
-"""The `llada-trm` command line: pretrain, train, eval, generate, plot, compare.
+"""The `llada-trm` command line: pretrain, train, eval, generate, export, plot, compare.
 
 Heavy modules (torch, transformers) are imported inside the subcommands, so `llada-trm --help` is instant.
 Every user error (a bad config key, a missing checkpoint or data file, an invalid option) is printed as one
@@ -42,7 +42,10 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from llada_trm.dist_utils import is_main_process
     from llada_trm.training import run_train
 
-    summary = run_train(args.config, args.set, args.resume, progress=not args.no_progress, force=args.force)
+    summary = run_train(
+        args.config, args.set, args.resume, progress=not args.no_progress, force=args.force,
+        allow_backbone_mismatch=args.allow_backbone_mismatch,
+    )
     if not is_main_process():  # under torchrun every rank returns the summary; one prints it
         return 0
     if summary.get("already_finished"):
@@ -80,6 +83,17 @@ def _cmd_cache(args: argparse.Namespace) -> int:
     print(f"feature cache ready: {directory} (train with --set advanced.feature_cache=true)")
     return 0
 
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from llada_trm.export import export_run
+
+    result = export_run(
+        args.run, args.out, dtype=args.dtype, force=args.force, max_shard_size=args.max_shard_size,
+        allow_backbone_mismatch=args.allow_backbone_mismatch,
+    )
+    print(f"exported {args.run} to {result.directory} (backbone {result.dtype}): {', '.join(result.files)}")
+    return 0
 
 
 def _cmd_plot(args: argparse.Namespace) -> int:
@@ -136,6 +150,15 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
         choices=("auto", "float32", "bfloat16", "float16"),
         help="backbone dtype (auto: bf16 on a GPU, fp32 on a CPU)",
     )
+    _add_mismatch_option(parser)
+
+
+def _add_mismatch_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--allow-backbone-mismatch",
+        action="store_true",
+        help="load refiner weights recorded on another backbone than this one (a warning, not an error)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -165,6 +188,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--force", action="store_true", help="archive a run in output.dir (as DIR.old-<time>), start anew"
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _add_mismatch_option(p)  # for --resume and training.init_from
     p.set_defaults(func=_cmd_train)
 
     p = command("cache", "compute a phase-1 run's frozen-backbone features once (advanced.feature_cache)")
@@ -211,6 +235,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_sampling_options(p)
     p.set_defaults(func=cmd_generate)
+
+    p = command("export", "write a trained run as one self-contained directory that load_checkpoint reads")
+    p.add_argument("run", metavar="RUN", help="a run directory, or its checkpoints/last or best")
+    p.add_argument("out", metavar="OUT", help="the directory to write (refused if it exists, unless --force)")
+    p.add_argument(
+        "--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
+        help="the exported backbone's dtype (auto: as the run's backbone stores it)",
+    )
+    p.add_argument("--max-shard-size", default="5GB", help="split the backbone into shards of this size")
+    p.add_argument("--force", action="store_true", help="replace an existing OUT")
+    _add_mismatch_option(p)
+    p.set_defaults(func=_cmd_export)
 
     p = command("plot", "PNG plots of a training run's metrics")
     p.add_argument("run_dir", metavar="RUN_DIR", help="a run's output.dir")

@@ -73,7 +73,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
         records = load_eval_records("gsm8k", args.split, data_path=args.data_path, limit=args.limit)
         _check_against(against, records)
     device = _join_processes(args.device)
-    loaded = load_checkpoint(args.checkpoint, refiner=args.refiner, device=device, dtype=args.dtype)
+    loaded = load_checkpoint(
+        args.checkpoint, refiner=args.refiner, device=device, dtype=args.dtype,
+        allow_backbone_mismatch=args.allow_backbone_mismatch,
+    )
     if records is None:
         run = loaded.run_config
         records = load_eval_records(
@@ -173,7 +176,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if watching and args.file is not None:
         raise UserError("--show-steps and --html trace one question's denoising; give one quoted question")
     options = sampling_options(args)
-    loaded = load_checkpoint(args.checkpoint, refiner=args.refiner, device=args.device, dtype=args.dtype)
+    loaded = load_checkpoint(
+        args.checkpoint, refiner=args.refiner, device=args.device, dtype=args.dtype,
+        allow_backbone_mismatch=args.allow_backbone_mismatch,
+    )
     if watching:
         return _generate_traced(args, loaded, questions[0], options)
     records = [GSM8KRecord(question=question, answer="") for question in questions]

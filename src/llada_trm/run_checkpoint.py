@@ -3,7 +3,8 @@
 The read side of `training.checkpoint`, on its own so that evaluation loads a run's weights without the
 trainer. Layout of a checkpoint directory (`<output.dir>/checkpoints/last`, `.../best`):
 
-    model.safetensors   the trainable tensors only, under their names in `LLaDATRMHybrid.state_dict()`
+    model.safetensors   the trainable tensors only, under their names in `LLaDATRMHybrid.state_dict()`;
+                        metadata `backbone_fingerprint`: the backbone they were trained on
     trainer_state.pt    optimizer, scheduler, RNG states, the position in the run (`training.checkpoint`)
     config.yaml         the resolved run config
 """
@@ -16,9 +17,10 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 
+from llada_trm.backbone.fingerprint import FINGERPRINT_KEY, check_fingerprint
 from llada_trm.errors import CheckpointError
 from llada_trm.hybrid.model import PREFIX as REFINER_PREFIX
 from llada_trm.io import recover_directory
@@ -28,6 +30,7 @@ __all__ = [
     "REFINER_PREFIX",
     "STATE_FILE",
     "WEIGHTS_FILE",
+    "check_run_backbone",
     "check_weights",
     "name_list",
     "refiner_names",
@@ -78,6 +81,25 @@ def read_weights_file(path: Path) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"{path}: file not found") from None
     except (SafetensorError, OSError) as exc:
         raise CheckpointError(f"{path}: unreadable safetensors file ({exc})") from None
+
+
+def check_run_backbone(
+    directory: Path, fingerprint: str, backbone: str | Path, *, allow_mismatch: bool = False
+) -> None:
+    """Refuse a run checkpoint trained on another backbone than `backbone` (whose fingerprint is
+    `fingerprint`); one saved before fingerprints were recorded loads with a warning."""
+    path = Path(directory) / WEIGHTS_FILE
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            recorded = (f.metadata() or {}).get(FINGERPRINT_KEY)
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: file not found") from None
+    except (SafetensorError, OSError) as exc:
+        raise CheckpointError(f"{path}: unreadable safetensors file ({exc})") from None
+    check_fingerprint(
+        recorded, fingerprint, what=f"checkpoint {directory}", backbone=str(backbone),
+        allow_mismatch=allow_mismatch,
+    )
 
 
 def name_list(names: Sequence[str], first: int = 3) -> str:

@@ -1,11 +1,16 @@
 """Load what `--checkpoint` names for evaluation or generation.
 
-Three kinds of checkpoint are accepted, so that one command compares a trained refiner with its backbone:
+Four kinds of checkpoint are accepted, so that one command compares a trained refiner with its backbone:
 
 - a training run's checkpoint (`<run>/checkpoints/last` or `best`, or the run directory itself): the trained
   tensors, plus the resolved `config.yaml` that says which backbone and refiner they belong to;
+- an exported model (`llada-trm export`, layout in `export_format`): backbone, refiners, tokenizer and the
+  run's settings in one directory;
 - a plain backbone directory in Hugging Face layout (`config.json`, safetensors, tokenizer): no refiner;
 - `embedded`: the package's tiny backbone.
+
+A run's or export's refiners are refused on another backbone than the one they were trained on (the
+fingerprint their weights file records, `backbone.fingerprint`) unless `allow_backbone_mismatch`.
 
 `refiner` picks what runs: None keeps the checkpoint's own choice, `"none"` evaluates the backbone alone
 (refinement switched off with K = 0, so it costs nothing), `"mlp"` / `"slot"` selects one refiner of a
@@ -25,16 +30,19 @@ import yaml
 from transformers import PreTrainedTokenizerBase
 
 from llada_trm.assets import EMBEDDED_NAME, embedded_backbone_dir
+from llada_trm.backbone.fingerprint import directory_fingerprint
 from llada_trm.backbone.lora import merge_lora
 from llada_trm.build import build_model, load_hybrid
 from llada_trm.config import RunConfig, parse_config
 from llada_trm.diffusion.options import SamplingOptions
 from llada_trm.errors import CheckpointError
+from llada_trm.export_format import REFINER_FILE, export_run_config, read_export_section
 from llada_trm.hybrid import HybridConfig, LLaDATRMHybrid
 from llada_trm.io import DTYPES, dtype_named, resolve_device
 from llada_trm.run_checkpoint import (
     CONFIG_FILE,
     STATE_FILE,
+    check_run_backbone,
     load_weights,
     refiner_names,
     resolve_checkpoint_dir,
@@ -68,7 +76,7 @@ class LoadedModel:
     model: LLaDATRMHybrid
     tokenizer: PreTrainedTokenizerBase
     source: str
-    kind: str  # "run" or "backbone"
+    kind: str  # "run", "export" or "backbone"
     refiner: str  # what runs: "none", "mlp", "slot" or "cascade"
     num_steps: int | None
     backbone_dir: Path
@@ -134,9 +142,14 @@ def checkpoint_sampling(checkpoint: str | Path) -> SamplingOptions:
     (so that bad sampling flags fail before a large model loads): a run's `sampling:` section, else LLaDA's
     defaults. A checkpoint that does not exist gets the defaults here and its error from `load_checkpoint`."""
     path = Path(checkpoint).expanduser()
-    if str(checkpoint) == EMBEDDED_NAME or not path.exists() or _is_backbone_dir(path):
+    if str(checkpoint) == EMBEDDED_NAME or not path.exists():
         return SamplingOptions()
-    return _read_run_config(resolve_checkpoint_dir(path)).sampling.options()
+    section = read_export_section(path) if path.is_dir() else None
+    if section is not None:
+        return export_run_config(path, section).sampling.options()
+    if _is_backbone_dir(path):
+        return SamplingOptions()
+    return read_run_config(resolve_checkpoint_dir(path)).sampling.options()
 
 
 def _is_backbone_dir(path: Path) -> bool:
@@ -162,8 +175,12 @@ def load_checkpoint(
     refiner: str | None = None,
     device: str | torch.device = "auto",
     dtype: str = "auto",
+    allow_backbone_mismatch: bool = False,
 ) -> LoadedModel:
-    """Load a run checkpoint, a backbone directory or `embedded` (see the module docstring)."""
+    """Load a run checkpoint, an export, a backbone directory or `embedded` (see the module docstring).
+
+    `allow_backbone_mismatch`: load refiners recorded on another backbone (with a warning) instead of
+    refusing them."""
     if refiner is not None and refiner not in REFINER_CHOICES:
         raise ValueError(f"--refiner {refiner!r}: choose one of {', '.join(REFINER_CHOICES)}")
     device = device if isinstance(device, torch.device) else resolve_eval_device(device)
@@ -177,9 +194,13 @@ def load_checkpoint(
             f"{path}: no such checkpoint (give a run's checkpoints/last or best, a run directory, a backbone "
             f"directory with config.json, or '{EMBEDDED_NAME}')"
         )
+    section = read_export_section(path) if path.is_dir() else None
+    if section is not None:
+        return _load_export(path, section, source, refiner, device, torch_dtype, allow_backbone_mismatch)
     if _is_backbone_dir(path):
         return _load_backbone(path, source, refiner, device, torch_dtype)
-    return _load_run(resolve_checkpoint_dir(path), source, refiner, device, torch_dtype)
+    directory = resolve_checkpoint_dir(path)
+    return _load_run(directory, source, refiner, device, torch_dtype, allow_backbone_mismatch)
 
 
 def _load_backbone(
@@ -214,16 +235,24 @@ def _load_backbone(
 
 
 def _load_run(
-    directory: Path, source: str, refiner: str | None, device: torch.device, dtype: torch.dtype
+    directory: Path,
+    source: str,
+    refiner: str | None,
+    device: torch.device,
+    dtype: torch.dtype,
+    allow_backbone_mismatch: bool,
 ) -> LoadedModel:
     config_path = directory / CONFIG_FILE
-    config = _read_run_config(directory)
+    config = read_run_config(directory)
     if config.model.dtype != "auto":
         dtype = DTYPES[config.model.dtype]
     where = f"{config_path}: model.backbone"
     built = build_model(config, device=device, dtype=dtype, error=CheckpointError, where=where)
     model, tokenizer, backbone_dir = built.model, built.tokenizer, built.backbone_dir
     lora = _attach_lora(model, config)
+    check_run_backbone(
+        directory, directory_fingerprint(backbone_dir), backbone_dir, allow_mismatch=allow_backbone_mismatch
+    )
     load_weights(model, directory, require=required_tensors(model, config))
     if lora:  # sampling runs on the merged weights: the adapted model's logits, without the adapters' cost
         model.backbone = merge_lora(model.backbone)
@@ -248,7 +277,42 @@ def _attach_lora(model: LLaDATRMHybrid, config: RunConfig) -> bool:
     return bool(attach_run_lora(model, config))
 
 
-def _read_run_config(directory: Path) -> RunConfig:
+def _load_export(
+    directory: Path,
+    section: dict[str, Any],
+    source: str,
+    refiner: str | None,
+    device: torch.device,
+    dtype: torch.dtype,
+    allow_backbone_mismatch: bool,
+) -> LoadedModel:
+    """An exported model: its run config from config.json, its backbone and refiners from its own files."""
+    config = export_run_config(directory, section)
+    if config.model.dtype != "auto":
+        dtype = DTYPES[config.model.dtype]
+    where = f"{directory / 'config.json'}"
+    built = build_model(config, device=device, dtype=dtype, error=CheckpointError, where=where)
+    model = built.model
+    if section.get("refiner_file"):
+        model.load_refiner(
+            directory / str(section["refiner_file"]), allow_backbone_mismatch=allow_backbone_mismatch
+        )
+    elif model.refiner_state_dict():
+        raise CheckpointError(f"{where}: names no {REFINER_FILE} for its {config.model.refiner} refiner")
+    running, num_steps = _select_refiner(model, config, refiner, source)
+    return LoadedModel(
+        model=model.eval(),
+        tokenizer=built.tokenizer,
+        source=source,
+        kind="export",
+        refiner=running,
+        num_steps=num_steps,
+        backbone_dir=directory,
+        run_config=config,
+    )
+
+
+def read_run_config(directory: Path) -> RunConfig:
     config_path = directory / CONFIG_FILE
     try:
         raw = yaml.safe_load(config_path.read_text(encoding="utf-8"))

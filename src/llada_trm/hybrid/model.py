@@ -27,6 +27,7 @@ from torch import Tensor, nn
 
 from llada_trm.backbone import LLaDAModel
 from llada_trm.backbone.checkpoint import read_config
+from llada_trm.backbone.fingerprint import model_fingerprint
 from llada_trm.backbone.kv_cache import KVCache
 from llada_trm.errors import ConfigError
 from llada_trm.hybrid.chunking import WindowChunks, chunk_stats, max_probability
@@ -379,11 +380,20 @@ class LLaDATRMHybrid(nn.Module):
         return {PREFIX + name: t for name, t in self.refinement_head.state_dict().items()}
 
     def save_refiner(self, path: str | Path) -> Path:
-        """Write only the `refinement_head.*` tensors to safetensors (atomic: temp file, then rename)."""
+        """Write only the `refinement_head.*` tensors to safetensors (atomic: temp file, then rename), with
+        the fingerprint of this model's backbone (`backbone.fingerprint`)."""
         kinds, integration = list(self.refinement_head), self.config.integration
-        return write_refiner_weights(path, self.refiner_state_dict(), integration=integration, refiners=kinds)
+        return write_refiner_weights(
+            path, self.refiner_state_dict(), integration=integration, refiners=kinds,
+            backbone_fingerprint=model_fingerprint(self.backbone),
+        )
 
-    def load_refiner(self, path: str | Path) -> None:
-        """Load weights written by `save_refiner`; names and shapes must match this model's refiners."""
-        stored = read_refiner_weights(path, self.refiner_state_dict(), list(self.refinement_head))
+    def load_refiner(self, path: str | Path, *, allow_backbone_mismatch: bool = False) -> None:
+        """Load weights written by `save_refiner`; names and shapes must match this model's refiners, and
+        the backbone they were saved beside must be this one (unless `allow_backbone_mismatch`)."""
+        stored = read_refiner_weights(
+            path, self.refiner_state_dict(), list(self.refinement_head),
+            backbone_fingerprint=model_fingerprint(self.backbone),
+            allow_backbone_mismatch=allow_backbone_mismatch,
+        )
         self.refinement_head.load_state_dict({name[len(PREFIX):]: t for name, t in stored.items()})

@@ -1,7 +1,10 @@
 """The refiners' weights file (`save_refiner` / `load_refiner`): only the `refinement_head.*` tensors.
 
-Written atomically (temporary name, then rename) with the integration and refiner kinds as metadata; read
-back only when its names and shapes are exactly the model's, else a one-line `CheckpointError`.
+Written atomically (temporary name, then rename) with the integration and refiner kinds and the fingerprint
+of the backbone beside the refiners (`backbone.fingerprint`) as metadata; read back only when its names and
+shapes are exactly the model's, else a one-line `CheckpointError`, and only onto the backbone it records
+(a `BackboneMismatchError` unless `allow_backbone_mismatch`; a file without a fingerprint loads with a
+warning).
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 
+from llada_trm.backbone.fingerprint import FINGERPRINT_KEY, check_fingerprint
 from llada_trm.errors import CheckpointError
 from llada_trm.io import atomic_path
 
@@ -20,28 +24,52 @@ __all__ = ["read_refiner_weights", "write_refiner_weights"]
 
 
 def write_refiner_weights(
-    path: str | Path, state: Mapping[str, Tensor], *, integration: str, refiners: Sequence[str]
+    path: str | Path,
+    state: Mapping[str, Tensor],
+    *,
+    integration: str,
+    refiners: Sequence[str],
+    backbone_fingerprint: str,
 ) -> Path:
-    """`state` (the refiners' tensors under their full names) to safetensors at `path`."""
+    """`state` (the refiners' tensors under their full names) to safetensors at `path`, recording the
+    fingerprint of the backbone they were trained on."""
     path = Path(path)
     tensors = {name: t.detach().contiguous().cpu() for name, t in state.items()}
     if not tensors:
         raise ValueError("this model has no refiner (refiner='none'); there is nothing to save")
     path.parent.mkdir(parents=True, exist_ok=True)
-    metadata = {"integration": integration, "refiners": ",".join(refiners)}
+    metadata = {
+        "integration": integration,
+        "refiners": ",".join(refiners),
+        FINGERPRINT_KEY: backbone_fingerprint,
+    }
     with atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata=metadata)
     return path
 
 
 def read_refiner_weights(
-    path: str | Path, expected: Mapping[str, Tensor], refiners: Sequence[str]
+    path: str | Path,
+    expected: Mapping[str, Tensor],
+    refiners: Sequence[str],
+    *,
+    backbone_fingerprint: str,
+    allow_backbone_mismatch: bool = False,
 ) -> dict[str, Tensor]:
-    """The tensors at `path`, refused unless their names and shapes are `expected`'s (the model's)."""
+    """The tensors at `path`, refused unless their names and shapes are `expected`'s (the model's) and
+    the backbone they record is `backbone_fingerprint` (the model's)."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"refiner weights {path} not found")
     with safe_open(str(path), framework="pt", device="cpu") as f:
+        recorded = (f.metadata() or {}).get(FINGERPRINT_KEY)
+        check_fingerprint(
+            recorded,
+            backbone_fingerprint,
+            what=f"refiner weights {path}",
+            backbone="this model's backbone",
+            allow_mismatch=allow_backbone_mismatch,
+        )
         stored = {name: f.get_tensor(name) for name in f.keys()}
     missing = sorted(set(expected) - set(stored))
     unexpected = sorted(set(stored) - set(expected))

@@ -3,7 +3,9 @@
 Layout of a checkpoint directory (`<output.dir>/checkpoints/last`, `.../best`):
 
     model.safetensors   the trainable tensors only (phase 1: `refinement_head.*`; phases 2/3: also the
-                        trainable backbone tensors), under their names in `LLaDATRMHybrid.state_dict()`
+                        trainable backbone tensors), under their names in `LLaDATRMHybrid.state_dict()`;
+                        its metadata records `backbone_fingerprint`, the fingerprint of `model.backbone`'s
+                        files (`backbone.fingerprint`), which loading checks
     trainer_state.pt    optimizer, scheduler, RNG states (python, numpy, torch CPU and every CUDA device,
                         extra generators), step / epoch / position in the epoch / best metric
     config.yaml         the resolved run config
@@ -29,6 +31,7 @@ import numpy as np
 import torch
 from safetensors.torch import save_file
 
+from llada_trm.backbone.fingerprint import FINGERPRINT_KEY
 from llada_trm.errors import CheckpointError
 from llada_trm.io import atomic_directory, remove_directory
 from llada_trm.run_checkpoint import (
@@ -165,11 +168,17 @@ def save_checkpoint(
     weights: Mapping[str, torch.Tensor],
     trainer_state: Mapping[str, Any],
     config_yaml: str,
+    backbone_fingerprint: str | None = None,
 ) -> Path:
-    """Write a checkpoint atomically: into a hidden temporary directory that is then swapped in."""
+    """Write a checkpoint atomically: into a hidden temporary directory that is then swapped in.
+
+    `backbone_fingerprint`: the run's backbone (the trainer always gives it; None writes a checkpoint that
+    loads with a warning, as those saved before fingerprints do)."""
     directory = Path(directory)
     tensors = {name: t.detach().to("cpu", copy=True).contiguous() for name, t in weights.items()}
     metadata = {"format": "pt", "llada_trm_format": str(FORMAT_VERSION)}
+    if backbone_fingerprint is not None:
+        metadata[FINGERPRINT_KEY] = backbone_fingerprint
     with atomic_directory(directory) as tmp:
         save_file(tensors, str(tmp / WEIGHTS_FILE), metadata=metadata)
         torch.save({"format_version": FORMAT_VERSION, **trainer_state}, tmp / STATE_FILE)

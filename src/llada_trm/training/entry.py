@@ -22,6 +22,7 @@ def trainer_from_cli(
     *,
     progress: bool = True,
     force: bool = False,
+    allow_backbone_mismatch: bool = False,
 ) -> Trainer:
     """Load the YAML with `--set` overrides, build the trainer, and restore `--resume DIR` if given.
 
@@ -33,7 +34,9 @@ def trainer_from_cli(
         raise ConfigError("--force starts a new run and --resume continues one; give only one of them")
     if resume is None and not force and is_main_process():
         claim_run_dir(config.output.dir)
-    trainer = Trainer(config, progress=progress, force=force)
+    trainer = Trainer(
+        config, progress=progress, force=force, allow_backbone_mismatch=allow_backbone_mismatch
+    )
     if resume is not None:
         trainer.resume(resume)
     return trainer
@@ -46,9 +49,13 @@ def run_train(
     *,
     progress: bool = True,
     force: bool = False,
+    allow_backbone_mismatch: bool = False,
 ) -> dict[str, Any]:
     """The `llada-trm train --config FILE [--set k=v ...] [--resume DIR | --force]` command.
 
     Raises `ConfigError` / `CheckpointError` (bad input, one line) and `NonFiniteLossError` (divergence).
     """
-    return trainer_from_cli(config_path, overrides, resume, progress=progress, force=force).train()
+    return trainer_from_cli(
+        config_path, overrides, resume, progress=progress, force=force,
+        allow_backbone_mismatch=allow_backbone_mismatch,
+    ).train()

@@ -308,7 +308,7 @@ def build_feature_cache(config: RunConfig, *, progress: bool = True, rebuild: bo
     config.advanced.feature_cache = True
     device, amp_dtype = start_run(config)
     built = build_model(config, device=device, dtype=backbone_dtype(config, amp_dtype))
-    init_from_config(built.model, config)
+    init_from_config(built.model, config, backbone_dir=built.backbone_dir)
     apply_backbone_options(built.model, config)
     require_frozen_backbone(freeze_for_run(built.model, config))
     train_set, _ = build_datasets(config.data, built.tokenizer)

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
+from llada_trm.backbone.fingerprint import directory_fingerprint
 from llada_trm.build import apply_backbone_options, backbone_dtype, build_model
 from llada_trm.config import RunConfig, TrainingConfig
 from llada_trm.data import SFTDataset
@@ -49,6 +50,7 @@ class TrainingModel:
     model: LLaDATRMHybrid
     tokenizer: PreTrainedTokenizerBase
     backbone_dir: Path
+    backbone_fingerprint: str
     init_names: list[str]
     plan: FreezePlan
     weights: LossWeights
@@ -57,15 +59,25 @@ class TrainingModel:
 
 
 def build_training_model(
-    config: RunConfig, device: torch.device, amp_dtype: torch.dtype | None, say: Callable[[str], None]
+    config: RunConfig,
+    device: torch.device,
+    amp_dtype: torch.dtype | None,
+    say: Callable[[str], None],
+    *,
+    allow_backbone_mismatch: bool = False,
 ) -> TrainingModel:
     """Backbone + refiners from `model.backbone`, `training.init_from`, LoRA adapters (`lora:`), then the
-    phase's freezing."""
+    phase's freezing.
+
+    The backbone's fingerprint (of its files, `backbone.fingerprint`) is what the run's checkpoints record.
+    """
     built = build_model(config, device=device, dtype=backbone_dtype(config, amp_dtype))
     model = built.model
     # init_from loads before any wrapping or sharding; the loaded names are saved by this run's
     # checkpoints too, trained or not (a phase-1 run from a phase-3 checkpoint keeps its backbone).
-    loaded = init_from_config(model, config)
+    loaded = init_from_config(
+        model, config, backbone_dir=built.backbone_dir, allow_backbone_mismatch=allow_backbone_mismatch
+    )
     if loaded is not None:
         say(f"initialised {len(loaded.names)} tensors from {loaded.directory} (training.init_from)")
     adapters = attach_run_lora(model, config)  # after init_from: it loads the base weights' own names
@@ -89,6 +101,7 @@ def build_training_model(
         model=model,
         tokenizer=built.tokenizer,
         backbone_dir=built.backbone_dir,
+        backbone_fingerprint=directory_fingerprint(built.backbone_dir),
         init_names=loaded.names if loaded is not None else [],
         plan=plan,
         weights=weights,

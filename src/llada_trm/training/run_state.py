@@ -20,7 +20,7 @@ from typing import Any
 from llada_trm.dist_utils import is_main_process, reduce_sums, world_size
 from llada_trm.errors import CheckpointError
 from llada_trm.io import copy_directory
-from llada_trm.run_checkpoint import load_weights, refiner_names, resolve_checkpoint_dir
+from llada_trm.run_checkpoint import check_run_backbone, load_weights, refiner_names, resolve_checkpoint_dir
 from llada_trm.training.checkpoint import (
     TrainState,
     capture_rng_state,
@@ -82,7 +82,13 @@ def save_run(trainer: Any, name: str) -> Path | None:
     snapshot = name == "last" and keep > 0
     if snapshot:  # the numbered copy first: a crash before `last` follows only repeats this step
         directory = trainer.checkpoint_dir / f"step_{trainer.state.step:07d}"
-    save_checkpoint(directory, weights=weights, trainer_state=trainer_state, config_yaml=trainer._config_yaml)
+    save_checkpoint(
+        directory,
+        weights=weights,
+        trainer_state=trainer_state,
+        config_yaml=trainer._config_yaml,
+        backbone_fingerprint=trainer.backbone_fingerprint,
+    )
     if snapshot:
         directory = copy_directory(directory, trainer.checkpoint_dir / "last")
         prune_snapshots(trainer.checkpoint_dir, keep)
@@ -102,6 +108,10 @@ def restore_run(trainer: Any, path: str | Path) -> Path:
             "with the same training.phase and training_params.trainable_modules (or start a new run)"
         )
     changed = check_config_changes(directory, trainer.config)  # refuses before any weight is loaded
+    check_run_backbone(
+        directory, trainer.backbone_fingerprint, trainer.backbone_dir,
+        allow_mismatch=trainer.allow_backbone_mismatch,
+    )
     if is_sharded(trainer.model):  # FSDP: every rank reads the full tensors and keeps its shards
         load_sharded_weights(trainer.model, directory, require=names)
     else:

@@ -91,12 +91,18 @@ logger = logging.getLogger("llada_trm")
 class Trainer:
     """Builds the model, data, freezing plan, optimizer and schedule of a run, then trains it."""
 
-    def __init__(self, config: RunConfig, *, progress: bool = True, force: bool = False):
+    def __init__(
+        self, config: RunConfig, *, progress: bool = True, force: bool = False,
+        allow_backbone_mismatch: bool = False,
+    ):
         """`force`: a run already in `output.dir` is archived (`run_dir.claim_run_dir`); without it, a new
-        run there refuses when `train()` starts (unless `resume()` continues that run)."""
+        run there refuses when `train()` starts (unless `resume()` continues that run).
+        `allow_backbone_mismatch`: `training.init_from` and `resume` take a checkpoint trained on another
+        backbone (with a warning) instead of refusing it."""
         self.config = config
         self.progress = progress
         self.force = force
+        self.allow_backbone_mismatch = allow_backbone_mismatch
         self.resumed_from: Path | None = None
         self._claimed = False  # this Trainer has trained into output.dir: a second train() continues it
         check_save_best(config)  # a typo in output.save_best fails before any weights load
@@ -114,8 +120,12 @@ class Trainer:
 
     def _setup_model(self) -> None:
         """Backbone + refiners, `training.init_from`, the phase's freezing and the wrapped objective."""
-        built = build_training_model(self.config, self.device, self.amp_dtype, say=self._say)
+        built = build_training_model(
+            self.config, self.device, self.amp_dtype, say=self._say,
+            allow_backbone_mismatch=self.allow_backbone_mismatch,
+        )
         self.tokenizer, self.model, self.backbone_dir = built.tokenizer, built.model, built.backbone_dir
+        self.backbone_fingerprint = built.backbone_fingerprint
         self.init_names, self.plan, self.weights = built.init_names, built.plan, built.weights
         self.strategy, self.engine = built.strategy, built.engine
         self.mask_id = self.model.mask_token_id

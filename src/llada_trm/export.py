@@ -1,0 +1,143 @@
+"""`llada-trm export RUN OUT`: a trained run as one self-contained Hugging Face-layout directory.
+
+The run is loaded as evaluation loads it (`load_checkpoint`: its backbone, the tensors it trained, the
+backbone-fingerprint check), then its parts are written into a hidden sibling of OUT that is swapped in
+whole (`io.atomic_directory`): the backbone (`export_backbone_state`, cast to the chosen dtype), the refiners
+(recording the exported backbone's fingerprint), the tokenizer, config.json with the run's settings, and the
+model card. The layout is `export_format`'s; `load_checkpoint(OUT)` reads it and nothing else.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from safetensors import safe_open
+from torch import Tensor
+
+from llada_trm.backbone.checkpoint import CONFIG_NAME, save_state_dict
+from llada_trm.backbone.fingerprint import FINGERPRINT_KEY, directory_fingerprint
+from llada_trm.build import resolve_backbone_dir
+from llada_trm.data.tokenizer import save_tokenizer
+from llada_trm.errors import CheckpointError, UserError
+from llada_trm.evaluate.loading import LoadedModel, load_checkpoint, read_run_config
+from llada_trm.export_card import model_card
+from llada_trm.export_format import EXPORT_KEY, REFINER_FILE, export_section
+from llada_trm.hybrid.refiner_file import write_refiner_weights
+from llada_trm.io import atomic_directory, dtype_named, write_json, write_text_atomic
+from llada_trm.run_checkpoint import WEIGHTS_FILE, resolve_checkpoint_dir
+from llada_trm.training.checkpoint import load_trainer_state
+
+__all__ = ["DTYPE_CHOICES", "ExportResult", "export_backbone_state", "export_run"]
+
+DTYPE_CHOICES = ("auto", "float32", "bfloat16", "float16")
+_STORED = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}
+
+
+@dataclass(frozen=True)
+class ExportResult:
+    """Where the export went, the backbone dtype written, and its fingerprint."""
+
+    directory: Path
+    dtype: str
+    fingerprint: str
+    files: list[str]
+
+
+def export_backbone_state(loaded: LoadedModel) -> dict[str, Tensor]:
+    """The backbone tensors an export writes: the run's backbone as loaded, i.e. the pretrained weights with
+    the tensors phases 2/3 trained copied in, and LoRA adapters merged (W + alpha/r B A), here and only here
+    (loading a LoRA run merges them already; a backbone still holding adapters is merged now)."""
+    from llada_trm.backbone.lora import has_lora, merge_lora
+
+    backbone = loaded.model.backbone
+    return dict((merge_lora(backbone) if has_lora(backbone) else backbone).state_dict())
+
+
+def export_run(
+    run: str | Path,
+    out: str | Path,
+    *,
+    dtype: str = "auto",
+    force: bool = False,
+    max_shard_size: int | str | None = "5GB",
+    allow_backbone_mismatch: bool = False,
+) -> ExportResult:
+    """Export a run's checkpoint (a run directory, or its checkpoints/last or best) to `out`.
+
+    `dtype`: the backbone's dtype in the export ("auto": as the run's backbone stores it; the refiners stay
+    float32). An existing `out` is refused unless `force`, and `out` may never hold the run itself.
+    """
+    if dtype not in DTYPE_CHOICES:
+        raise ValueError(f"--dtype {dtype!r}: choose one of {', '.join(DTYPE_CHOICES)}")
+    checkpoint = resolve_checkpoint_dir(Path(run).expanduser())
+    config = read_run_config(checkpoint)
+    out = Path(out).expanduser()
+    _check_target(out, checkpoint, force)
+    if dtype == "auto":
+        dtype = _stored_dtype(resolve_backbone_dir(config.model.backbone))
+    loaded = load_checkpoint(
+        checkpoint, device="cpu", dtype=dtype, allow_backbone_mismatch=allow_backbone_mismatch
+    )
+    target = dtype_named(dtype)
+    state = export_backbone_state(loaded)
+    state = {k: (t.to(target) if t.is_floating_point() else t) for k, t in state.items()}
+    source = _source(checkpoint, config.training.phase)
+    refiners = loaded.model.refiner_state_dict()
+    with atomic_directory(out) as tmp:
+        save_state_dict(state, loaded.model.backbone.config, tmp, max_shard_size)
+        del state
+        fingerprint = directory_fingerprint(tmp)
+        if refiners:
+            write_refiner_weights(
+                tmp / REFINER_FILE,
+                refiners,
+                integration=loaded.model.config.integration,
+                refiners=list(loaded.model.refinement_head),
+                backbone_fingerprint=fingerprint,
+            )
+        backbone_json = json.loads((tmp / CONFIG_NAME).read_text(encoding="utf-8"))
+        section = export_section(config, refiner_file=REFINER_FILE if refiners else None, source=source)
+        write_json(tmp / CONFIG_NAME, {**backbone_json, EXPORT_KEY: section})
+        save_tokenizer(loaded.tokenizer, tmp)
+        card = model_card(loaded, section, fingerprint=fingerprint, dtype=dtype, run_dir=loaded.run_dir)
+        write_text_atomic(tmp / "README.md", card)
+        files = sorted(p.name for p in tmp.iterdir())
+    return ExportResult(directory=out, dtype=dtype, fingerprint=fingerprint, files=files)
+
+
+def _check_target(out: Path, checkpoint: Path, force: bool) -> None:
+    """Refuse an existing `out` without `force`, and always one that is, or holds, the run's checkpoint
+    (replacing it would delete the run)."""
+    target, held = out.resolve(), checkpoint.resolve()
+    if target == held or target in held.parents:
+        raise UserError(f"{out}: holds the run being exported ({checkpoint}); export to another directory")
+    if out.exists() and not force:
+        raise UserError(f"{out} already exists; choose a new directory, or pass --force to replace it")
+
+
+def _stored_dtype(backbone_dir: Path) -> str:
+    """The dtype the backbone's weight files store (LLaDA-8B: bfloat16), so that "auto" neither widens
+    nor rounds it."""
+    files = sorted(backbone_dir.glob("*.safetensors"))
+    if not files:
+        raise CheckpointError(f"{backbone_dir}: no safetensors weight files")
+    with safe_open(str(files[0]), framework="pt") as f:
+        stored = {f.get_slice(name).get_dtype() for name in f.keys()}
+    floating = [_STORED[s] for s in sorted(stored) if s in _STORED]
+    return floating[0] if floating else "float32"
+
+
+def _source(checkpoint: Path, phase: int) -> dict[str, object]:
+    """Where the export came from, without any path: the run's phase, step, checkpoint name, and the
+    fingerprint of the backbone it was trained on."""
+    state = load_trainer_state(checkpoint)
+    with safe_open(str(checkpoint / WEIGHTS_FILE), framework="pt") as f:
+        trained_on = (f.metadata() or {}).get(FINGERPRINT_KEY)
+    return {
+        "phase": phase,
+        "step": int(state["train_state"]["step"]),
+        "checkpoint": checkpoint.name,
+        "trained_on_backbone": trained_on,
+    }
