@@ -52,7 +52,6 @@ def test_tiny_pretrain_writes_a_loadable_checkpoint_with_model_card(tmp_path):
     assert rows[0].startswith("step,loss") and rows[-1].startswith("3,")
     card = (out / "README.md").read_text()
     assert command in card and "95% Wilson interval" in card
-    print(card)
 
 
 def test_pretrain_config_rejects_unknown_keys_with_a_suggestion():
