@@ -9,8 +9,9 @@ import torch
 from safetensors.torch import load_file
 
 from llada_trm.data import SyntheticTaskConfig, generate_problems
+from llada_trm.data.synthetic import parse_solution
 from llada_trm.errors import CheckpointError, ConfigError
-from llada_trm.pretraining import export, loop, load_pretrain_config, pretrain
+from llada_trm.pretraining import export, load_pretrain_config, loop, pretrain
 from llada_trm.pretraining.metrics_csv import COLUMNS
 from llada_trm.pretraining.targets import target_metrics
 
@@ -166,6 +167,15 @@ def test_target_metrics_count_strict_entity_copy_and_line_arithmetic():
     found = target_metrics(renamed)
     assert found["strict"] == 0.0 and found["entity_copy"] == pytest.approx(0.5)
     assert found["line_arithmetic"] == 1.0
+
+    def other_object(prediction: dict) -> dict:
+        first, rest = prediction["completion"].split("\n", 1)
+        noun = parse_solution(prediction["reference"])[0].noun
+        head, tail = first.split(">>", 1)
+        return {**prediction, "completion": head + ">>" + tail.replace(noun, "pebbles") + "\n" + rest}
+
+    found = target_metrics([other_object(p) for p in right])  # the right person, another object
+    assert found["person_copy"] == 1.0 and found["entity_copy"] == pytest.approx(0.5)
 
 
 def test_stop_at_ends_training_at_the_first_evaluation_meeting_every_target(tmp_path):
