@@ -140,6 +140,7 @@ def test_pretrain_runs_and_validates_its_config(tmp_path, capsys):
     overrides = ["model.d_model=32", "model.n_layers=1", "model.n_heads=2", "model.mlp_hidden_size=64"]
     overrides += ["data.n_train=60", "data.n_eval=4", "data.vocab_size=300", "training.steps=2"]
     overrides += ["training.batch_size=4", "training.eval_every=0", "evaluation.n_problems=1"]
+    overrides += ["evaluation.n_test=1"]
     overrides += ["evaluation.gen_length=8", "evaluation.block_length=8", "evaluation.steps=2"]
     overrides += [f"output.dir={tmp_path / 'backbone'}"]
     argv = ["pretrain", "--no-progress"] + [arg for o in overrides for arg in ("--set", o)]

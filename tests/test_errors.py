@@ -86,6 +86,7 @@ def test_entity_copy_counts():
     entities = report["entities"]
     assert entities["lines"] == 3
     assert (entities["person_copied"]["k"], entities["object_copied"]["k"]) == (1, 2)
+    assert entities["entity_copied"]["k"] == 1  # person and object both right: the first line only
     assert entities["person_not_in_question"]["k"] == 1  # Zed; Sam is in the question, just the wrong person
     assert report["wrong"] == 0  # the final answer is right, so no category
 

@@ -29,13 +29,15 @@ def test_tiny_pretrain_writes_a_loadable_checkpoint_with_model_card(tmp_path):
             "training.warmup_steps=1",
             "training.eval_every=3",
             "evaluation.n_problems=2",
+            "evaluation.n_test=2",
             "evaluation.gen_length=32",
             "evaluation.block_length=32",
             "evaluation.steps=4",
             f"output.dir={out}",
         ],
     )
-    result = pretrain(config, progress=False)
+    command = "llada-trm pretrain --config configs/tiny_backbone.yaml"
+    result = pretrain(config, progress=False, command=command)
 
     assert result.output_dir == out and result.steps == 3
     assert 0.0 <= result.accuracy <= 1.0 and 0.0 <= result.masked_accuracy <= 1.0
@@ -48,7 +50,8 @@ def test_tiny_pretrain_writes_a_loadable_checkpoint_with_model_card(tmp_path):
     assert summary["steps"] == 3 and summary["eval_problems"] == 2
     rows = (out / "pretrain_metrics.csv").read_text().splitlines()
     assert rows[0].startswith("step,loss") and rows[-1].startswith("3,")
-    assert "llada-trm pretrain --config configs/tiny_backbone.yaml" in (out / "README.md").read_text()
+    card = (out / "README.md").read_text()
+    assert command in card and "95% Wilson interval" in card
 
 
 def test_pretrain_config_rejects_unknown_keys_with_a_suggestion():

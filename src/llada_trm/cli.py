@@ -8,6 +8,7 @@ line, `llada-trm: error: ...`, with exit status 2; `--debug` shows the traceback
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 from collections.abc import Sequence
 
@@ -20,6 +21,7 @@ __all__ = ["build_parser", "main"]
 PROG = "llada-trm"
 USAGE_ERROR = 2
 RUN_FAILED = 1
+INTERRUPTED = 130
 
 
 # ------------------------------------------------------------------------------------------ subcommands
@@ -28,14 +30,34 @@ RUN_FAILED = 1
 def _cmd_pretrain(args: argparse.Namespace) -> int:
     from llada_trm.pretrain import load_pretrain_config, pretrain
 
-    config = load_pretrain_config(args.config, args.set)
-    result = pretrain(config, progress=not args.no_progress)
+    overrides = [*args.set, *([f"output.dir={args.output}"] if args.output else [])]
+    config = load_pretrain_config(args.config, overrides)
+    result = pretrain(
+        config,
+        progress=not args.no_progress,
+        resume=args.resume,
+        force=args.force,
+        command=_pretrain_command(args),
+        echo=print,
+    )
+    if result.interrupted:
+        return INTERRUPTED
+    test = result.test["strict_interval"]
     print(
         f"saved {result.output_dir} ({result.parameters / 1e6:.2f}M parameters, {result.steps} steps): "
-        f"final loss {result.final_loss:.4f}, masked accuracy {result.masked_accuracy:.3f}, sampled accuracy "
-        f"{result.accuracy:.3f}, {result.elapsed_s / 60:.1f} min"
+        f"final loss {result.final_loss:.4f}, masked accuracy {result.masked_accuracy:.3f}, test strict "
+        f"accuracy {result.accuracy:.3f} [{test['low']:.3f}, {test['high']:.3f}] on {test['n']} problems, "
+        f"{result.elapsed_s / 60:.1f} min"
     )
     return 0
+
+
+def _pretrain_command(args: argparse.Namespace) -> str:
+    """The command that trains this backbone, for its model card (a resumed run equals an uninterrupted one,
+    so --resume, --force and --no-progress are left out)."""
+    words = [PROG, "pretrain", *(["--config", args.config] if args.config else [])]
+    words += [word for value in args.set for word in ("--set", value)]
+    return shlex.join(words + (["--output", args.output] if args.output else []))
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
@@ -176,8 +198,13 @@ def build_parser() -> argparse.ArgumentParser:
     def command(name: str, summary: str) -> argparse.ArgumentParser:
         return sub.add_parser(name, help=summary, description=summary, parents=[common])
 
-    p = command("pretrain", "train the tiny embedded backbone from scratch")
+    p = command("pretrain", "train the tiny embedded backbone (from scratch, or on from model.init_from)")
     _add_config_options(p, required=False)
+    p.add_argument("--resume", action="store_true", help="continue the unfinished run's checkpoint")
+    p.add_argument("--output", metavar="DIR", help="where the backbone goes (overrides output.dir)")
+    p.add_argument(
+        "--force", action="store_true", help="replace an existing output.dir, start over a checkpoint"
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_pretrain)
 

@@ -208,7 +208,7 @@ def error_report(predictions: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     categories: Counter[str] = Counter({name: 0 for name in CATEGORIES})
     others: Counter[str] = Counter()
     wrong: list[dict[str, Any]] = []
-    lines = person = thing = foreign = 0
+    lines = person = thing = both = foreign = 0
     arithmetic = {op: [0, 0] for op in OPERATIONS}
     for position, prediction in enumerate(predictions):
         steps = _steps_of(prediction, position)
@@ -216,8 +216,10 @@ def error_report(predictions: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
         question = prediction.get("question", "")
         for line, step in _checked_lines(completion, steps):
             lines += 1
-            person += line.subject.casefold() == step.subject.casefold()
-            thing += line.noun.casefold() == step.noun.casefold()
+            same_person = line.subject.casefold() == step.subject.casefold()
+            same_thing = line.noun.casefold() == step.noun.casefold()
+            person, thing = person + same_person, thing + same_thing
+            both += same_person and same_thing
             named = line.subject.split()[-1] if line.subject.split() else ""
             foreign += not _word_in(named, question)
         for op, right in _arithmetic_lines(completion, steps).values():
@@ -243,6 +245,7 @@ def error_report(predictions: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
             "lines": lines,
             "person_copied": _rate(person, lines),
             "object_copied": _rate(thing, lines),
+            "entity_copied": _rate(both, lines),  # person and object both: the backbone issue's target
             "person_not_in_question": _rate(foreign, lines),
         },
         "arithmetic": {

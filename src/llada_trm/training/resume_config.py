@@ -23,7 +23,15 @@ from llada_trm.config import RunConfig, parse_config
 from llada_trm.errors import CheckpointError, ConfigError
 from llada_trm.run_checkpoint import CONFIG_FILE
 
-__all__ = ["RESUMABLE", "changed_settings", "check_config_changes", "resumable", "retarget_optimizer"]
+__all__ = [
+    "RESUMABLE",
+    "changed_settings",
+    "check_config_changes",
+    "flatten_settings",
+    "refuse_changes",
+    "resumable",
+    "retarget_optimizer",
+]
 
 RESUMABLE: tuple[str, ...] = (
     # the optimiser and its schedule: re-targeted on the restored optimizer and scheduler
@@ -65,8 +73,8 @@ RESUMABLE: tuple[str, ...] = (
 """Dotted settings a resume may change; an entry ending in '.' covers a whole section."""
 
 
-def resumable(key: str) -> bool:
-    return any(key == entry or (entry.endswith(".") and key.startswith(entry)) for entry in RESUMABLE)
+def resumable(key: str, allowed: Sequence[str] = RESUMABLE) -> bool:
+    return any(key == entry or (entry.endswith(".") and key.startswith(entry)) for entry in allowed)
 
 
 def changed_settings(saved: Mapping[str, Any], now: Mapping[str, Any]) -> list[tuple[str, Any, Any]]:
@@ -80,14 +88,26 @@ def changed_settings(saved: Mapping[str, Any], now: Mapping[str, Any]) -> list[t
 def check_config_changes(directory: Path, config: RunConfig) -> list[str]:
     """Compare this run's config with the checkpoint's: refuse a change outside `RESUMABLE` (one line
     listing them all and the fix), return the allowed changes as 'key: old -> new'."""
-    changes = changed_settings(_saved_config(directory / CONFIG_FILE), _flatten(_plain(config)))
-    refused = [_show(change) for change in changes if not resumable(change[0])]
+    saved = _saved_config(directory / CONFIG_FILE)
+    fix = (
+        "start a new run (another output.dir, or --force without --resume) initialised from it with "
+        "training.init_from"
+    )
+    return refuse_changes(directory, saved, flatten_settings(_plain(config)), RESUMABLE, fix)
+
+
+def refuse_changes(
+    directory: Path, saved: Mapping[str, Any], now: Mapping[str, Any], allowed: Sequence[str], fix: str
+) -> list[str]:
+    """The changes between two flat configs as 'key (old -> new)'; a `CheckpointError` (one line, every
+    refused key, `fix`) when one is not in `allowed`. Shared by every command that resumes."""
+    changes = changed_settings(saved, now)
+    refused = [_show(change) for change in changes if not resumable(change[0], allowed)]
     if refused:
         shown = ", ".join(refused[:8]) + (f" (+{len(refused) - 8} more)" if len(refused) > 8 else "")
         raise CheckpointError(
             f"{directory}: {len(refused)} settings cannot change on resume: {shown}; --set them back to the "
-            "checkpoint's values, or start a new run (another output.dir, or --force without --resume) "
-            "initialised from it with training.init_from"
+            f"checkpoint's values, or {fix}"
         )
     return [_show(change) for change in changes]
 
@@ -122,22 +142,22 @@ def _saved_config(path: Path) -> dict[str, Any]:
     except (OSError, yaml.YAMLError) as exc:
         raise CheckpointError(f"{path}: unreadable ({' '.join(str(exc).split())})") from None
     try:
-        return _flatten(_plain(parse_config(raw, source=str(path))))
+        return flatten_settings(_plain(parse_config(raw, source=str(path))))
     except ConfigError:
-        return _flatten(raw)  # an older schema: compare what it says
+        return flatten_settings(raw)  # an older schema: compare what it says
 
 
 def _plain(config: RunConfig) -> dict[str, Any]:
     return yaml.safe_load(config.to_yaml())
 
 
-def _flatten(data: Any, prefix: str = "") -> dict[str, Any]:
+def flatten_settings(data: Any, prefix: str = "") -> dict[str, Any]:
     """{'a': {'b': 1}} -> {'a.b': 1}."""
     if not isinstance(data, dict):
         return {prefix: data}
     flat: dict[str, Any] = {}
     for key, value in data.items():
-        flat.update(_flatten(value, f"{prefix}.{key}" if prefix else str(key)))
+        flat.update(flatten_settings(value, f"{prefix}.{key}" if prefix else str(key)))
     return flat
 
 

@@ -1,0 +1,175 @@
+"""The `llada-trm pretrain` settings: the backbone's shape (or the backbone it continues), the generated task,
+the optimiser and its checkpoints, the in-training target evaluation, and where the backbone goes.
+
+Sections mirror the run config's. `evaluation:` is the run config's sampler section (one definition of
+the sampler's settings, `diffusion.options.SamplingOptions`) with the main job's fast settings as defaults
+(threshold 0.9, prefix cache, gen 64, block 32) plus how many problems each evaluation answers.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Annotated, Any
+
+from pydantic import BeforeValidator, Field
+
+from llada_trm.config import (
+    Float,
+    Fraction,
+    Int,
+    NonNegInt,
+    PosInt,
+    SamplingConfig,
+    _Section,
+    _to_float,
+    load_schema,
+)
+from llada_trm.data import SyntheticTaskConfig
+from llada_trm.diffusion import SamplingOptions
+
+__all__ = [
+    "ArchitectureConfig",
+    "EvaluationConfig",
+    "OptimConfig",
+    "PretrainConfig",
+    "PretrainOutputConfig",
+    "StopAt",
+    "TaskConfig",
+    "load_pretrain_config",
+]
+
+PositiveFloat = Annotated[float, BeforeValidator(_to_float), Field(gt=0)]
+
+
+class ArchitectureConfig(_Section):
+    """The backbone's shape (LLaDA's field names); everything else is LLaDA-8B's.
+
+    `init_from`: a backbone directory in HF layout (e.g. src/llada_trm/assets/tiny_backbone) whose weights
+    and tokenizer this run starts from instead of random weights and a newly built tokenizer; its shape must
+    equal the fields here.
+    """
+
+    d_model: PosInt = 128
+    n_layers: PosInt = 6
+    n_heads: PosInt = 4
+    n_kv_heads: PosInt | None = None
+    mlp_hidden_size: PosInt = 384
+    max_sequence_length: PosInt = 256
+    rope_theta: PositiveFloat = 10000.0
+    init_from: str | None = None
+
+
+class TaskConfig(_Section):
+    """The generated problems the backbone learns (see `llada_trm.data.SyntheticTaskConfig`).
+
+    `n_eval` validation problems measure the masked-token accuracy; `vocab_size` is the size of the tokenizer
+    built from the training problems (unused with `model.init_from`, whose tokenizer is kept).
+    """
+
+    n_train: PosInt = 20000
+    n_eval: PosInt = 200
+    min_steps: PosInt = 1
+    max_steps: PosInt = 4
+    max_number: PosInt = 20
+    max_result: PosInt = 1000
+    seed: Int = 0
+    vocab_size: PosInt = 1024
+    max_length: PosInt = 192
+
+    def task(self) -> SyntheticTaskConfig:
+        return SyntheticTaskConfig(
+            min_steps=self.min_steps,
+            max_steps=self.max_steps,
+            max_number=self.max_number,
+            max_result=self.max_result,
+            seed=self.seed,
+        )
+
+
+class StopAt(_Section):
+    """Targets that end training early, at the first evaluation where every one that is set is met.
+
+    Rates are those of the validation problems: `entity_copy` the answer lines naming the question's person
+    and object, `line_arithmetic` the lines computed right given the right operands, `strict_min` the strict
+    `#### n` accuracy.
+    """
+
+    entity_copy: Fraction | None = None
+    line_arithmetic: Fraction | None = None
+    strict_min: Fraction | None = None
+
+
+class OptimConfig(_Section):
+    """AdamW with linear warm-up and cosine decay to `min_lr_ratio` x lr; checkpoints and evaluations.
+
+    `save_every` steps (and on SIGINT / SIGTERM) the run's state goes to `checkpoint_dir` (default
+    `<output.dir>.partial`), from which `--resume` continues it exactly. `eval_every` steps (and at the end)
+    the model is measured on the validation problems; 0 turns the in-training evaluations off.
+    """
+
+    steps: PosInt = 3000
+    batch_size: PosInt = 32
+    lr: Float = 2e-3
+    min_lr_ratio: Fraction = 0.1
+    warmup_steps: NonNegInt = 100
+    weight_decay: Float = 0.1
+    max_grad_norm: Float = 1.0
+    seed: Int = 0
+    eval_every: NonNegInt = 250
+    log_every: PosInt = 25
+    save_every: NonNegInt = 500
+    checkpoint_dir: str | None = None
+    stop_at: StopAt | None = None
+    threads: PosInt | None = None
+
+
+class EvaluationConfig(SamplingConfig):  # type: ignore[misc, valid-type]  # a pydantic create_model class
+    """The sampler of every evaluation (the run config's sampling section, the main job's fast defaults),
+    `n_problems` validation problems per in-training evaluation and `n_test` test problems at the end
+    (the first problems of the generated test split: those `llada-trm compare` reports on)."""
+
+    n_problems: PosInt = 100
+    n_test: PosInt = 768
+    batch_size: PosInt = 64
+    gen_length: PosInt = 64
+    block_length: PosInt = 32
+    steps: PosInt = 64
+    threshold: float | None = 0.9
+    cache: str | None = "prefix"
+
+    def options(self) -> SamplingOptions:
+        fields = self.model_dump(exclude={"n_problems", "n_test"})
+        return SamplingOptions(**fields)
+
+
+class PretrainOutputConfig(_Section):
+    dir: str = "runs/tiny_backbone"
+    dtype: str = Field(default="bfloat16", pattern="^(float32|bfloat16)$")
+
+
+class PretrainConfig(_Section):
+    """`llada-trm pretrain` config; sections mirror the run config's."""
+
+    model: ArchitectureConfig = Field(default_factory=ArchitectureConfig)
+    data: TaskConfig = Field(default_factory=TaskConfig)
+    training: OptimConfig = Field(default_factory=OptimConfig)
+    evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
+    output: PretrainOutputConfig = Field(default_factory=PretrainOutputConfig)
+
+    def run_dir(self) -> Path:
+        """Where the unfinished run lives: its checkpoint and live metrics CSV."""
+        if self.training.checkpoint_dir:
+            return Path(self.training.checkpoint_dir)
+        out = Path(self.output.dir)
+        return out.with_name(out.name + ".partial")
+
+    def plain(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+
+def load_pretrain_config(
+    path: str | os.PathLike[str] | None, overrides: list[str] | None = None
+) -> PretrainConfig:
+    """Read and validate a pretrain YAML (None = the defaults), with `--set a.b=c` overrides."""
+    return load_schema(PretrainConfig, path, overrides or [])

@@ -1,0 +1,186 @@
+"""`llada-trm pretrain` as a resumable run: exact resume, the output guard, init_from, target evaluations on
+the validation split, stop_at. Tiny shapes, so each run takes a second or two."""
+
+import signal
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from llada_trm.data import SyntheticTaskConfig, generate_problems
+from llada_trm.data.synthetic import parse_solution
+from llada_trm.errors import CheckpointError, ConfigError
+from llada_trm.pretraining import export, load_pretrain_config, loop, pretrain
+from llada_trm.pretraining.metrics_csv import COLUMNS
+from llada_trm.pretraining.targets import target_metrics
+
+TINY = [
+    "model.d_model=32",
+    "model.n_layers=1",
+    "model.n_heads=2",
+    "model.mlp_hidden_size=64",
+    "data.n_train=80",
+    "data.n_eval=4",
+    "data.max_steps=2",
+    "data.vocab_size=400",
+    "training.steps=8",
+    "training.batch_size=4",
+    "training.warmup_steps=1",
+    "training.log_every=1",
+    "training.eval_every=4",
+    "training.save_every=3",
+    "evaluation.n_problems=3",
+    "evaluation.n_test=3",
+    "evaluation.batch_size=2",
+    "evaluation.gen_length=32",
+    "evaluation.block_length=32",
+    "evaluation.steps=4",
+    "output.dtype=float32",
+]
+
+
+def tiny(out: Path, *extra: str):
+    return load_pretrain_config(None, [*TINY, f"output.dir={out}", *extra])
+
+
+def rows(directory: Path) -> list[dict[str, str]]:
+    lines = (directory / "pretrain_metrics.csv").read_text().splitlines()
+    header = lines[0].split(",")
+    return [dict(zip(header, line.split(","), strict=True)) for line in lines[1:]]
+
+
+def without_time(table: list[dict[str, str]]) -> list[dict[str, str]]:
+    return [{k: v for k, v in row.items() if k != "elapsed_s"} for row in table]
+
+
+def test_an_interrupted_run_resumes_to_the_uninterrupted_run(tmp_path, monkeypatch):
+    straight = pretrain(tiny(tmp_path / "a"), progress=False)
+    assert straight.steps == 8 and not straight.interrupted
+
+    step = loop._train_step
+    calls = []
+
+    def interrupt_after_five(*args, **kwargs):
+        result = step(*args, **kwargs)
+        calls.append(1)
+        if len(calls) == 5:  # between the save at 3 and the one at 6, after the evaluation at 4
+            signal.raise_signal(signal.SIGINT)
+        return result
+
+    monkeypatch.setattr(loop, "_train_step", interrupt_after_five)
+    stopped = pretrain(tiny(tmp_path / "b"), progress=False)
+    assert stopped.interrupted and stopped.steps == 5
+    assert (tmp_path / "b.partial" / "checkpoint" / "trainer_state.pt").is_file()
+    assert not (tmp_path / "b").exists()
+    monkeypatch.setattr(loop, "_train_step", step)
+
+    with pytest.raises(CheckpointError, match=r"--resume to continue it, or --force"):
+        pretrain(tiny(tmp_path / "b"), progress=False)
+    with pytest.raises(CheckpointError, match=r"cannot change on resume: training\.seed \(0 -> 1\)"):
+        pretrain(tiny(tmp_path / "b", "training.seed=1"), progress=False, resume=True)
+    resumed = pretrain(tiny(tmp_path / "b"), progress=False, resume=True)
+    assert resumed.steps == 8 and not (tmp_path / "b.partial").exists()
+
+    assert without_time(rows(tmp_path / "b")) == without_time(rows(tmp_path / "a"))
+    assert [row["step"] for row in rows(tmp_path / "b")] == [str(i) for i in range(1, 9)]
+    a, b = load_file(tmp_path / "a" / "model.safetensors"), load_file(tmp_path / "b" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    with pytest.raises(CheckpointError, match="no checkpoint"):
+        pretrain(tiny(tmp_path / "c"), progress=False, resume=True)
+
+
+def test_pretrain_never_overwrites_a_backbone_without_force(tmp_path):
+    out = tmp_path / "backbone"
+    out.mkdir()
+    (out / "config.json").write_text("{}")
+    with pytest.raises(ConfigError, match=r"already exists .*--output DIR .*--force"):
+        pretrain(tiny(out), progress=False)
+    assert (out / "config.json").read_text() == "{}" and not (tmp_path / "backbone.partial").exists()
+    pretrain(tiny(out, "training.steps=2"), progress=False, force=True)
+    assert (out / "model.safetensors").is_file() and (out / "tokenizer.json").is_file()
+
+
+def test_cli_output_overrides_output_dir_and_refuses_an_existing_one(tmp_path, capsys):
+    from llada_trm.cli import main
+
+    out = tmp_path / "elsewhere"
+    argv = ["pretrain", "--no-progress", *[w for o in [*TINY, "training.steps=2"] for w in ("--set", o)]]
+    assert main([*argv, "--output", str(out)]) == 0
+    card = (out / "README.md").read_text()
+    assert f"--output {out}" in card and "--set training.steps=2" in card
+    capsys.readouterr()
+    assert main([*argv, "--output", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--force" in err[0]
+
+
+def test_init_from_keeps_the_backbones_tokenizer_and_weights(tmp_path):
+    first = tmp_path / "first"
+    pretrain(tiny(first, "training.steps=2"), progress=False)
+    # lr 0: the continued backbone must come out exactly as it went in; another vocab_size would build
+    # another tokenizer if init_from rebuilt it
+    config = tiny(tmp_path / "second", f"model.init_from={first}", "training.lr=0", "data.vocab_size=300",
+                  "training.steps=2")  # fmt: skip
+    pretrain(config, progress=False)
+    assert (tmp_path / "second" / "tokenizer.json").read_bytes() == (first / "tokenizer.json").read_bytes()
+    a, b = load_file(first / "model.safetensors"), load_file(tmp_path / "second" / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    card = (tmp_path / "second" / "README.md").read_text()
+    assert f"continued from `{first}`" in card
+    with pytest.raises(ConfigError, match=r"model\.init_from: .*another shape \(d_model 64 vs 32"):
+        pretrain(tiny(tmp_path / "third", f"model.init_from={first}", "model.d_model=64"), progress=False)
+
+
+def test_evaluations_sample_the_validation_split_and_the_card_the_test_split(tmp_path, monkeypatch):
+    seen: dict[str, list[list[str]]] = {"loop": [], "export": []}
+    for module, name in ((loop, "loop"), (export, "export")):
+        original = module.sample_predictions
+
+        def spy(model, tokenizer, records, evaluation, _original=original, _name=name):
+            seen[_name].append([r.question for r in records])
+            return _original(model, tokenizer, records, evaluation)
+
+        monkeypatch.setattr(module, "sample_predictions", spy)
+    pretrain(tiny(tmp_path / "out"), progress=False)
+
+    task = SyntheticTaskConfig(min_steps=1, max_steps=2, max_number=20, max_result=1000, seed=0)
+    validation = [r.question for r in generate_problems(task, 3, split="validation")]
+    test = [r.question for r in generate_problems(task, 3, split="test")]
+    assert seen["loop"] == [validation, validation]  # steps 4 and 8
+    assert seen["export"] == [test]
+    table = rows(tmp_path / "out")
+    assert list(table[0]) == list(COLUMNS)
+    for name in ("eval_strict", "eval_masked_accuracy"):
+        assert [row["step"] for row in table if row[name] != ""] == ["4", "8"]
+        assert all(0.0 <= float(row[name]) <= 1.0 for row in table if row[name] != "")
+
+
+def test_target_metrics_count_strict_entity_copy_and_line_arithmetic():
+    records = generate_problems(SyntheticTaskConfig(min_steps=2, max_steps=2), 4, split="validation")
+    right = [{"question": r.question, "reference": r.answer, "completion": r.answer, "correct_strict": True}
+             for r in records]  # fmt: skip
+    found = target_metrics(right)
+    assert found["strict"] == 1.0 and found["entity_copy"] == 1.0 and found["line_arithmetic"] == 1.0
+    renamed = [{**p, "completion": "Zzyzx" + p["completion"].split(" ", 1)[1], "correct_strict": False}
+               for p in right]  # fmt: skip
+    found = target_metrics(renamed)
+    assert found["strict"] == 0.0 and found["entity_copy"] == pytest.approx(0.5)
+    assert found["line_arithmetic"] == 1.0
+
+    def other_object(prediction: dict) -> dict:
+        first, rest = prediction["completion"].split("\n", 1)
+        noun = parse_solution(prediction["reference"])[0].noun
+        head, tail = first.split(">>", 1)
+        return {**prediction, "completion": head + ">>" + tail.replace(noun, "pebbles") + "\n" + rest}
+
+    found = target_metrics([other_object(p) for p in right])  # the right person, another object
+    assert found["person_copy"] == 1.0 and found["entity_copy"] == pytest.approx(0.5)
+
+
+def test_stop_at_ends_training_at_the_first_evaluation_meeting_every_target(tmp_path):
+    met = pretrain(tiny(tmp_path / "met", "training.stop_at.strict_min=0.0"), progress=False)
+    assert met.stopped_at_target and met.steps == 4
+    assert [row["step"] for row in rows(tmp_path / "met")][-1] == "4"
+    unmet = pretrain(tiny(tmp_path / "unmet", "training.stop_at.strict_min=1.0"), progress=False)
+    assert not unmet.stopped_at_target and unmet.steps == 8
