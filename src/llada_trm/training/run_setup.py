@@ -26,6 +26,7 @@ from llada_trm.training.freezing import FreezePlan, freeze_for_run
 from llada_trm.training.init_from import init_from_config
 from llada_trm.training.objective import LossWeights, diffusion_objective
 from llada_trm.training.schedule import build_optimizer, build_scheduler, resolve_warmup_steps
+from llada_trm.training.unroll import DenoisingUnroll
 
 __all__ = [
     "RunOptimizer",
@@ -74,6 +75,7 @@ def build_training_model(
         weights=weights,
         backbone_frozen=plan.backbone_frozen,
         chunk_size=config.model.chunk_size,
+        unroll=DenoisingUnroll.for_run(config),
     )
     return TrainingModel(
         model=model,
