@@ -20,7 +20,9 @@ from llada_trm.assets import embedded_backbone_dir
 from llada_trm.config import RunConfig, parse_config
 from llada_trm.data import SFTDataset, SyntheticTaskConfig, generate_problems, load_tokenizer, prompt_batch
 from llada_trm.diffusion import forward_process, generate_with_stats, masked_diffusion_loss
+from llada_trm.diffusion.options import SamplingOptions
 from llada_trm.errors import ConfigError
+from llada_trm.evaluate.answering import answer_questions
 from llada_trm.hybrid import HybridConfig, LLaDATRMHybrid
 from llada_trm.refiners import RefinerCarry, SlotTRMRefiner
 from llada_trm.training.objective import LossWeights, diffusion_objective
@@ -238,6 +240,15 @@ def test_sampling_with_a_carry_never_resumes_a_committed_position(cache: str, mo
     generate_with_stats(model, ids, attention_mask, cache=cache, **SAMPLING)
     assert resumed > 0
     assert stale > 0  # committed positions did hold a latent when their call began
+
+
+def test_evaluation_samples_with_the_carry(monkeypatch):
+    """The evaluator's wrapper passes the model's carry factory on: answers are sampled with the carry."""
+    model = build(denoising_carry=True, confidence_threshold=2.0)
+    spy = ResumeSpy(monkeypatch)
+    questions = [r.question for r in generate_problems(SyntheticTaskConfig(max_steps=2), 2, "test")]
+    answer_questions(model, load_tokenizer(embedded_backbone_dir()), questions, SamplingOptions(**SAMPLING))
+    assert any(bool(valid.any()) for _, _, valid in spy.calls)
 
 
 # ------------------------------------------------------------------------------------------ training
