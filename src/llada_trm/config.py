@@ -195,7 +195,13 @@ class TrainingConfig(_Section):
 
 
 class TrainingParamsConfig(_Section):
-    """What is trained and the weights of the objective's terms."""
+    """What is trained and the weights of the objective's terms.
+
+    denoising_unroll_steps: TRM's N_sup over denoising steps (`training.unroll`): the objective is averaged
+        over this many consecutive states of a simulated trajectory, each committing the model's most
+        confident `denoising_unroll_fraction` of the masked positions to their targets (with
+        `model.denoising_carry`, the refiner's latents carried from step to step). 1: off, one state.
+    """
 
     trainable_modules: list[str] = Field(default_factory=lambda: ["refinement_head"])
     train_layer_norms: bool = True
@@ -203,6 +209,8 @@ class TrainingParamsConfig(_Section):
     deep_supervision_weight: NonNegFloat = 0.3
     orthogonality_weight: NonNegFloat = 0.01
     confidence_calibration_weight: NonNegFloat = 0.0
+    denoising_unroll_steps: PosInt = 1
+    denoising_unroll_fraction: Fraction = 0.5
 
 
 class LoraConfig(_Section):

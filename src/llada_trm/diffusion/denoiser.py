@@ -3,7 +3,9 @@
 A model is ``model(input_ids, attention_mask=...)`` returning logits [B, L, V], or an object (or dict) with
 ``logits`` and optionally ``stats`` and ``past_key_values``. A model that declares
 ``refines_masked_positions = True`` (:class:`MaskedRefiner`, e.g. ``LLaDATRMHybrid``) also gets ``masked``:
-the masked positions of the current block, the only predictions the sampler reads.
+the masked positions of the current block, the only predictions the sampler reads, and, when its
+``new_carry()`` returns one (``LLaDATRMHybrid`` with ``denoising_carry``), ``carry``: one object kept across
+every call of the generation batch, so that the refiner's latents persist from one denoising step to the next.
 """
 
 from __future__ import annotations
@@ -76,6 +78,8 @@ class Denoiser:
         self.cfg_scale = options.cfg_scale
         self.mask_id = options.mask_id
         self.refines = refines_masked_positions(model)
+        new_carry = getattr(getattr(model, "module", model), "new_carry", None)
+        self.carry = new_carry() if self.refines and callable(new_carry) else None
         self.block: tuple[int, int] | None = None
         self.nfe = 0
         self.stats_total: dict[str, float] = {}
@@ -140,6 +144,8 @@ class Denoiser:
             cache_kwargs.update(past_key_values=cache, cache_position=start)
         window = x[:, start:end]
         cache_kwargs.update(self._refine_mask(window, start))
+        if self.carry is not None:
+            cache_kwargs["carry"] = self.carry
         attention_mask = None if self.attention_mask is None else self.attention_mask[:, start:end]
         if self.cfg_scale <= 0:
             logits, new_cache = self._call(window, attention_mask, cache_kwargs)

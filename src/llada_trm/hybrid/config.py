@@ -59,6 +59,11 @@ class HybridConfig(Section):
     return_step_logits: compute the full logits of every step (deep supervision needs them); None means
         "while training": in eval mode only the final logits are computed, which is all the sampler reads and
         saves K-1 LM-head passes over a 126k vocabulary.
+    denoising_carry: TRM's carry across denoising steps (`refiners.carry`): the sampler gives the model one
+        `RefinerCarry` per generation batch, and the slot refiner's first step at each denoising step
+        resumes from the working representation each position had at the end of its last refinement,
+        instead of from nothing; committed positions drop theirs. Off: every call refines from scratch. The
+        MLP baseline's step reads no previous state, so it carries nothing either way.
     slot / mlp: the refiners' own knobs, `SlotSettings` / `MLPSettings` (a dict is accepted, for example
         `slot={"n_heads": 4, "n_blocks": 1, "delta_scale": 0.05, "d_ctx": 128, "use_gates": True}`); the
         model adds d_model, num_steps and context_dim when it builds the refiners.
@@ -74,6 +79,7 @@ class HybridConfig(Section):
     halt_on_confidence: bool = True
     context_layers: list[Int] | None = Field(default_factory=lambda: [-1])
     return_step_logits: bool | None = None
+    denoising_carry: bool = False
     slot: SlotSettings = Field(default_factory=SlotSettings)
     mlp: MLPSettings = Field(default_factory=MLPSettings)
 

@@ -34,7 +34,7 @@ from llada_trm.hybrid.chunking import WindowChunks, chunk_stats, max_probability
 from llada_trm.hybrid.config import ACTIVE_CHOICES, HybridConfig
 from llada_trm.hybrid.outputs import BackboneFeatures, HybridOutput
 from llada_trm.hybrid.refiner_file import read_refiner_weights, write_refiner_weights
-from llada_trm.refiners import Refiner, StatsAccumulator, build_refiner
+from llada_trm.refiners import Refiner, RefinerCarry, StatsAccumulator, build_refiner
 
 PREFIX = "refinement_head."
 
@@ -124,6 +124,11 @@ class LLaDATRMHybrid(nn.Module):
             return torch.zeros((), device=self.backbone.device)
         return torch.stack([loss.float() for loss in losses]).sum()
 
+    def new_carry(self) -> RefinerCarry | None:
+        """A fresh carry for one generation batch when `denoising_carry` is on, else None (the sampler's
+        `Denoiser` asks once per batch and passes it to every call as `carry=`)."""
+        return RefinerCarry() if self.config.denoising_carry and len(self.refinement_head) else None
+
     def lm_head(self, h: Tensor) -> Tensor:
         """The backbone's LM head, applied in the backbone's dtype."""
         return self.backbone.lm_head(h.to(self.backbone.dtype))
@@ -170,7 +175,7 @@ class LLaDATRMHybrid(nn.Module):
             past_key_values=out.past_key_values,
         )
 
-    def forward(
+    def forward(  # noqa: PLR0913 - the backbone's cache arguments and the carry ride along
         self,
         input_ids: Tensor,
         attention_mask: Tensor | None = None,
@@ -181,11 +186,13 @@ class LLaDATRMHybrid(nn.Module):
         past_key_values: KVCache | None = None,
         use_cache: bool = False,
         cache_position: int | None = None,
+        carry: RefinerCarry | None = None,
     ) -> HybridOutput:
         """`refine(features(input_ids, attention_mask), masked)`; masked defaults to input_ids == mask_id.
 
         With `past_key_values` (see `features`) the backbone and then the refiner run on `input_ids` only, a
-        window of the sequence; `use_cache=True` returns the backbone's cache as `past_key_values`.
+        window of the sequence; `use_cache=True` returns the backbone's cache as `past_key_values`. `carry`:
+        see `refine`.
         """
         features = self.features(
             input_ids,
@@ -194,7 +201,9 @@ class LLaDATRMHybrid(nn.Module):
             use_cache=use_cache,
             cache_position=cache_position,
         )
-        return self.refine(features, masked, num_steps=num_steps, return_step_logits=return_step_logits)
+        return self.refine(
+            features, masked, num_steps=num_steps, return_step_logits=return_step_logits, carry=carry
+        )
 
     def refine(
         self,
@@ -202,12 +211,16 @@ class LLaDATRMHybrid(nn.Module):
         masked: Tensor | None = None,
         num_steps: int | None = None,
         return_step_logits: bool | None = None,
+        carry: RefinerCarry | None = None,
     ) -> HybridOutput:
         """Selective, chunked, halting refinement of the backbone's hidden states.
 
         masked: [B, L] bool, the predicted positions (default `features.masked`; if that is None too, every
             position). num_steps: K for this call (default `max_recursive_steps`). return_step_logits: see
-            `HybridConfig.return_step_logits` (None: the config's value, else `self.training`).
+            `HybridConfig.return_step_logits` (None: the config's value, else `self.training`). carry: the
+            refiners' latents from earlier denoising steps (`refiners.carry`), updated in place: positions
+            of the window whose token is not the mask drop theirs, refined positions keep their last one,
+            the rest are untouched. None: refine from scratch.
 
         stats: `refine_steps` (mean steps per refined chunk), `steps_per_chunk` [B, C], `halted_per_chunk`
         [B, C] (refined chunks that stopped before K), `chunks_total`,
@@ -240,9 +253,11 @@ class LLaDATRMHybrid(nn.Module):
         h, logits = h0, base
         step_logits: list[Tensor] = []
         step_confidence: list[Tensor] = []
+        if carry is not None and features.masked is not None:  # a committed token has nothing to carry
+            carry.reset(~features.masked, features.position_offset)
         if schedule:
             h, logits, step_logits, step_confidence = self._run_steps(
-                features, masked, schedule, refined, steps, accumulator, return_step_logits, chunks
+                features, masked, schedule, refined, steps, accumulator, return_step_logits, chunks, carry
             )
 
         stats = self._stats(refined, steps, conf0, len(schedule), accumulator, schedule, h0)
@@ -265,7 +280,7 @@ class LLaDATRMHybrid(nn.Module):
             raise ValueError(f"masked must be [B, L] = {list(shape)}, got {list(masked.shape)}")
         return masked.to(device=features.hidden_states.device, dtype=torch.bool)
 
-    def _run_steps(
+    def _run_steps(  # noqa: PLR0913 - the loop's state, passed rather than kept on the module
         self,
         features: BackboneFeatures,
         masked: Tensor,
@@ -275,9 +290,12 @@ class LLaDATRMHybrid(nn.Module):
         accumulator: StatsAccumulator,
         return_step_logits: bool,
         chunks: WindowChunks,
+        carry: RefinerCarry | None = None,
     ) -> tuple[Tensor, Tensor, list[Tensor], list[Tensor]]:
-        """The K-step loop over the refined chunks; updates `steps` in place."""
+        """The K-step loop over the refined chunks; updates `steps` (and `carry`) in place."""
         cfg = self.config
+        offset = features.position_offset
+        ran: dict[str, tuple[Tensor, Any]] = {}  # per refiner: the positions it refined, its last state
         h0, base = features.hidden_states, features.base_logits
         # Work in at least float32 so that small updates survive a bf16 backbone; cast back at the end
         # (exact for pass-through positions, since bf16 -> fp32 -> bf16 round-trips).
@@ -296,12 +314,15 @@ class LLaDATRMHybrid(nn.Module):
                 break
             refiner: Refiner = self.refinement_head[kind]
             if kind != current:  # a cascade hands over: the next refiner starts its own carry
-                state, current = refiner.init_state(h), kind
+                state = refiner.init_state(h) if carry is None else carry.start(kind, refiner, h, offset)
+                current = kind
             positions = chunks.expand(active)
             context = features.contexts if kind == "slot" else None
             h, state, step_stats = refiner.step(
                 h, state, context=context, active=positions, attention_mask=features.attention_mask
             )
+            if carry is not None:
+                ran[kind] = (ran[kind][0] if kind in ran else positions & masked, state)
             accumulator.add(step_stats, positions)
             confidence = step_stats["confidence"]  # computed on the active rows only
             if step_confidence:  # a halted chunk keeps the confidence of its last step
@@ -316,6 +337,8 @@ class LLaDATRMHybrid(nn.Module):
                 known = logits if return_step_logits else None
                 active = active & ~self._confident(h, known, positions & masked, chunks)
 
+        for kind, (where, last) in ran.items():  # empty without a carry
+            carry.keep(kind, self.refinement_head[kind], last, where, offset)
         if not return_step_logits:  # one LM-head pass over every refined position
             rows = chunks.expand(refined).nonzero(as_tuple=True)
             if rows[0].numel():

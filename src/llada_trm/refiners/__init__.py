@@ -6,6 +6,7 @@ from typing import Any
 
 from llada_trm.refiners.base import Refiner, RefinerState
 from llada_trm.refiners.blocks import AttentionContextExtractor, TransformerBlock
+from llada_trm.refiners.carry import RefinerCarry
 from llada_trm.refiners.config import MLPRefinerConfig, MLPSettings, SlotConfig, SlotSettings
 from llada_trm.refiners.mlp import RecursiveRefinementHead
 from llada_trm.refiners.rows import ActiveRows
@@ -42,6 +43,7 @@ __all__ = [
     "MLPSettings",
     "RecursiveRefinementHead",
     "Refiner",
+    "RefinerCarry",
     "RefinerState",
     "SlotConfig",
     "SlotSettings",

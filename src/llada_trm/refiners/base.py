@@ -35,12 +35,15 @@ class RefinerState:
     what a refiner may reuse in its next step instead of recomputing it (the slot refiner's attention keys
     and values: `kv_reuse.KeyValueReuse`). It never changes a result: the refiner uses it only after checking
     that it still applies, which it does when each step is given the previous step's output itself,
-    unmodified, as `forward` and the hybrid's loop do.
+    unmodified, as `forward` and the hybrid's loop do. `prev_valid` [B, L] marks the rows of `prev` that
+    hold a previous representation when only some do (a carry from the last denoising step,
+    `refiners.carry`); None: every row of `prev` does, or `prev` is None.
     """
 
     prev: Tensor | None = None
     steps: int = 0
     reuse: Any = None
+    prev_valid: Tensor | None = None
 
 
 def check_active(active: Tensor | None, h: Tensor, name: str = "active") -> Tensor | None:
@@ -140,6 +143,17 @@ class Refiner(nn.Module, ABC):
     def init_state(self, x: Tensor) -> RefinerState:
         """The carry before the first step (nothing to compare against yet)."""
         return RefinerState()
+
+    def resume_state(self, x: Tensor, latent: Tensor, valid: Tensor) -> RefinerState:
+        """The state of a first step that resumes from the last denoising step's `carried` latents
+        [B, L, D] (held where `valid` [B, L]; `refiners.carry`). A refiner whose step reads no previous
+        state carries nothing: its first step starts as `init_state`'s."""
+        return self.init_state(x)
+
+    def carried(self, state: RefinerState) -> Tensor | None:
+        """The latent [B, L, D] to carry to the next denoising step from a call's last `state` (None: this
+        refiner carries nothing)."""
+        return None
 
     @abstractmethod
     def step(

@@ -6,7 +6,8 @@ L_k is LLaDA's masked-diffusion SFT loss on the logits after refinement step k (
 deep supervision asks every intermediate step to be a usable answer, so the recursion can halt early.
 `calibration` is the binary cross-entropy between the refiner's final per-token confidence and whether the
 final prediction is right, over the masked positions of refined chunks: it teaches the confidence head what
-the halting and the confidence-weighted update rely on. Without a refiner, L is the plain SFT loss.
+the halting and the confidence-weighted update rely on. Without a refiner, L is the plain SFT loss. With a
+`training.unroll.DenoisingUnroll`, L is averaged over a few consecutive denoising steps of a trajectory.
 """
 
 from __future__ import annotations
@@ -19,7 +20,10 @@ from torch import Tensor, nn
 
 from llada_trm.config import TrainingParamsConfig
 from llada_trm.diffusion import forward_process, masked_diffusion_loss
+from llada_trm.errors import ConfigError
 from llada_trm.hybrid import BackboneFeatures, HybridOutput, expand_chunks
+from llada_trm.refiners import RefinerCarry
+from llada_trm.training.unroll import DenoisingUnroll, unrolled_states
 
 __all__ = ["LossWeights", "ObjectiveResult", "diffusion_objective"]
 
@@ -54,7 +58,7 @@ class ObjectiveResult:
     tokens: int
 
 
-def diffusion_objective(
+def diffusion_objective(  # noqa: PLR0913 - the trainer's keywords, each optional
     model: nn.Module,
     batch: Mapping[str, Tensor],
     *,
@@ -64,6 +68,7 @@ def diffusion_objective(
     chunk_size: int | None = None,
     noise: tuple[Tensor, Tensor, Tensor] | None = None,
     features: BackboneFeatures | None = None,
+    unroll: DenoisingUnroll | None = None,
 ) -> ObjectiveResult:
     """Noise `batch` with LLaDA's forward process, run the hybrid model, and compute every loss term.
 
@@ -73,23 +78,77 @@ def diffusion_objective(
 
     `noise` = `(noisy_ids, masked, p_mask)` replaces the forward-process draw (e.g. the per-example draws of
     `feature_cache.draw_noise`); `features` (the frozen backbone's outputs for that noise, from the feature
-    cache) replace the backbone pass, so only the refiner and the LM head run.
+    cache) replace the backbone pass, so only the refiner and the LM head run. `unroll`: the objective
+    averaged over a short denoising trajectory starting at that noise (`training.unroll`); the result's
+    `output`, `masked` and `p_mask` are its last step's.
     """
     input_ids = batch["input_ids"]
     if noise is None:
         noise = forward_process(input_ids, batch["prompt_lengths"], mask_id)
-    noisy, masked, p_mask = noise
-    answer_lengths = batch["answer_lengths"]
+    core = getattr(model, "module", model)
 
+    def forward(noisy: Tensor, masked: Tensor, carry: RefinerCarry | None = None) -> HybridOutput:
+        return _forward(model, noisy, masked, backbone_frozen=backbone_frozen, features=features, carry=carry)
+
+    if unroll is None:
+        states = iter([(forward(noise[0], noise[1]), noise[1], noise[2])])
+    else:
+        if features is not None:
+            raise ConfigError(
+                "the denoising unroll runs the backbone at each step: it cannot use cached features"
+            )
+        new_carry = getattr(core, "new_carry", None)
+        carry = new_carry() if callable(new_carry) else None
+        states = unrolled_states(forward, input_ids, noise, unroll, carry)
+    per_step = []
+    for output, masked, p_mask in states:
+        per_step.append(_loss_terms(core, output, batch, masked, p_mask, weights, chunk_size))
+    terms = per_step[0]
+    if len(per_step) > 1:  # TRM's deep supervision over denoising steps: each step counts the same
+        terms = {name: torch.stack([step[name] for step in per_step]).mean() for name in LOSS_TERMS}
+    loss = terms["loss"]
+    return ObjectiveResult(
+        loss=loss,
+        terms={name: value.detach() for name, value in terms.items()},
+        output=output,
+        masked=masked,
+        p_mask=p_mask,
+        tokens=int(input_ids.numel()),
+    )
+
+
+def _forward(
+    model: nn.Module,
+    noisy: Tensor,
+    masked: Tensor,
+    *,
+    backbone_frozen: bool,
+    features: BackboneFeatures | None,
+    carry: RefinerCarry | None,
+) -> HybridOutput:
+    """The model's output on `noisy` (from `features` when given); `carry` only reaches a model given one."""
+    extra = {} if carry is None else {"carry": carry}
     if features is not None:
-        output = getattr(model, "module", model).refine(features, masked)
-    elif backbone_frozen and hasattr(model, "features"):
+        return getattr(model, "module", model).refine(features, masked, **extra)
+    if backbone_frozen and hasattr(model, "features"):
         with torch.no_grad():
             features = model.features(noisy)
-        output = model.refine(features, masked)
-    else:  # a DDP/FSDP wrapper exposes only forward (the hybrid skips the backbone graph when it is frozen)
-        output = model(noisy, masked=masked)
-    core = getattr(model, "module", model)
+        return model.refine(features, masked, **extra)
+    # a DDP/FSDP wrapper exposes only forward (the hybrid skips the backbone graph when it is frozen)
+    return model(noisy, masked=masked, **extra)
+
+
+def _loss_terms(
+    core: nn.Module,
+    output: HybridOutput,
+    batch: Mapping[str, Tensor],
+    masked: Tensor,
+    p_mask: Tensor,
+    weights: LossWeights,
+    chunk_size: int | None,
+) -> dict[str, Tensor]:
+    """Every term of L (the module docstring) for one output, with graph."""
+    input_ids, answer_lengths = batch["input_ids"], batch["answer_lengths"]
 
     def sft_loss(logits: Tensor) -> Tensor:
         return masked_diffusion_loss(logits, input_ids, masked, p_mask, answer_lengths)
@@ -110,16 +169,13 @@ def diffusion_objective(
         + weights.orthogonality * loss_ortho
         + weights.calibration * loss_cal
     )
-    terms = {
-        "loss": loss.detach(),
-        "loss_final": loss_final.detach(),
-        "loss_deep_supervision": loss_ds.detach(),
-        "loss_orthogonality": loss_ortho.detach(),
-        "loss_calibration": loss_cal.detach(),
+    return {
+        "loss": loss,
+        "loss_final": loss_final,
+        "loss_deep_supervision": loss_ds,
+        "loss_orthogonality": loss_ortho,
+        "loss_calibration": loss_cal,
     }
-    return ObjectiveResult(
-        loss=loss, terms=terms, output=output, masked=masked, p_mask=p_mask, tokens=int(input_ids.numel())
-    )
 
 
 def _calibration_loss(

@@ -31,6 +31,7 @@ from llada_trm.training.objective import LossWeights, diffusion_objective
 from llada_trm.training.sampler_state_batches import StateMix
 from llada_trm.training.sampler_states import prepare_sampler_states
 from llada_trm.training.schedule import build_optimizer, build_scheduler, resolve_warmup_steps
+from llada_trm.training.unroll import DenoisingUnroll
 
 __all__ = [
     "RunOptimizer",
@@ -96,6 +97,7 @@ def build_training_model(
         weights=weights,
         backbone_frozen=plan.backbone_frozen,
         chunk_size=config.model.chunk_size,
+        unroll=DenoisingUnroll.for_run(config),
     )
     return TrainingModel(
         model=model,
