@@ -196,6 +196,12 @@ class TrainingParamsConfig(_Section):
     deep_supervision_weight: NonNegFloat = 0.3
     orthogonality_weight: NonNegFloat = 0.01
     confidence_calibration_weight: NonNegFloat = 0.0
+    halting_weight: NonNegFloat = Field(
+        default=1.0,
+        description="weight of the learned halting head's BCE loss (with model.halting: learned; the head's "
+        "gradient is its own, so the weight only scales it against gradient clipping); 0 = the head stays "
+        "untrained and halts nothing",
+    )
 
 
 # ------------------------------------------------------------------------------------------------ advanced
