@@ -257,3 +257,39 @@ def test_learned_halting_features_path_matches_forward():
     out = model.refine(cached, ids == MASK)
     assert torch.equal(out.logits, model(ids).logits)
     assert out.stats["steps_per_chunk"].tolist() == [[0, 1, 1], [0, 1, 1]]
+
+
+# ---------------------------------------------------------------- the lever study's configs
+
+
+def test_lever_configs_change_one_thing_each():
+    from pathlib import Path
+
+    from llada_trm.compare import load_compare_config
+    from llada_trm.config import load_config
+
+    levers = Path(__file__).resolve().parents[1] / "configs" / "levers"
+    reference = load_compare_config(levers / "refiners.yaml")
+    assert reference.refiners == ["mlp", "slot"] and reference.baseline and len(reference.seed_list()) == 3
+
+    def differences(path: str) -> dict[str, Any]:
+        arm = load_compare_config(levers / path)
+        assert (arm.seeds, arm.evaluation) == (reference.seeds, reference.evaluation)
+        left, right = reference.run.model_dump(), arm.run.model_dump()
+        out = {}
+        for section, values in right.items():
+            for key, value in values.items():
+                if value != left[section][key]:
+                    out[f"{section}.{key}"] = value
+        return out
+
+    matched = {**reference.run.model.mlp.model_dump(), "hidden_mult": None, "param_budget": "slot"}
+    assert differences("mlp_matched.yaml") == {"model.mlp": matched}
+    assert differences("slot_learned_halting.yaml") == {"model.halting": "learned"}  # weight 1.0: the default
+
+    phase2 = load_config(levers / "phase2_top.yaml")
+    trained = (phase2.model.refiner, phase2.training.phase, phase2.training_params.trainable_modules)
+    assert trained == ("none", 2, [])
+    same = ("max_steps", "batch_size", "lr", "warmup_steps", "gradient_accumulation_steps")
+    assert all(getattr(phase2.training, k) == getattr(reference.run.training, k) for k in same)
+    assert phase2.data == reference.run.data and phase2.sampling == reference.run.sampling

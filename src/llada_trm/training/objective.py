@@ -121,7 +121,7 @@ def diffusion_objective(
         loss_cal = _calibration_loss(output, input_ids, masked, chunk_size)
     loss_halt = zero
     if weights.halting > 0 and output.halt_logits:
-        loss_halt = halting_loss(output, input_ids, masked, chunk_size or 1)
+        loss_halt = halting_loss(output, input_ids, masked, chunk_size or core.config.chunk_size)
 
     loss = (
         loss_final
