@@ -20,7 +20,7 @@ from llada_trm.hybrid import (
     max_probability,
     num_chunks,
 )
-from llada_trm.refiners import Refiner, RefinerState
+from llada_trm.refiners import Refiner, RefinerState, mlp_hidden_for_params
 
 VOCAB, MASK, D = 50, 49, 32
 SLOT = {"n_heads": 2, "n_blocks": 1}
@@ -137,7 +137,7 @@ MLP_KNOBS = {"hidden_dim": 24, "delta_scale": 0.2, "delta_clamp": 0.4, "dropout"
 
 def test_every_refiner_knob_reaches_the_built_refiner():
     assert set(SLOT_KNOBS) == set(type(HybridConfig().slot).model_fields)
-    assert set(MLP_KNOBS) | {"hidden_mult"} == set(type(HybridConfig().mlp).model_fields)
+    assert set(MLP_KNOBS) | {"hidden_mult", "param_budget"} == set(type(HybridConfig().mlp).model_fields)
     config = HybridConfig(integration="cascade", max_recursive_steps=3, slot=SLOT_KNOBS, mlp=MLP_KNOBS)
     model = LLaDATRMHybrid(tiny_backbone(), config)
     slot, mlp = model.refinement_head["slot"].config, model.refinement_head["mlp"].config
@@ -147,6 +147,8 @@ def test_every_refiner_knob_reaches_the_built_refiner():
     assert (mlp.d_model, mlp.num_steps, mlp.context_dim) == (D, 3, None)
     wide = LLaDATRMHybrid(tiny_backbone(), HybridConfig(refiner="mlp", mlp={"hidden_mult": 1.5}))
     assert wide.refinement_head["mlp"].config.hidden_dim == round(1.5 * D)
+    sized = LLaDATRMHybrid(tiny_backbone(), HybridConfig(refiner="mlp", mlp={"param_budget": 5000}))
+    assert sized.refinement_head["mlp"].config.hidden_dim == mlp_hidden_for_params(D, 5000)
 
 
 # ---------------------------------------------------------------- shapes, refiner kinds, integrations

@@ -212,6 +212,13 @@ class TrainingParamsConfig(_Section):
     denoising_unroll_steps: PosInt = 1
     denoising_unroll_fraction: Fraction = 0.5
 
+    halting_weight: NonNegFloat = Field(
+        default=1.0,
+        description="weight of the learned halting head's BCE loss (with model.halting: learned; the head's "
+        "gradient is its own, so the weight only scales it against gradient clipping); 0 = the head stays "
+        "untrained and halts nothing",
+    )
+
 
 class LoraConfig(_Section):
     """LoRA adapters on the backbone for phases 2 and 3 (needs `pip install 'llada-trm[lora]'`).

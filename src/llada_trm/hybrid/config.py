@@ -12,12 +12,19 @@ from pydantic import BeforeValidator, Field, model_validator
 
 from llada_trm.errors import ConfigError
 from llada_trm.refiners.config import MLPSettings, SlotSettings
-from llada_trm.schema import Int, NonNegFloat, NonNegInt, PosInt, Section, to_int
+from llada_trm.schema import Fraction, Int, NonNegFloat, NonNegInt, PosInt, Section, to_int
 
 if TYPE_CHECKING:
     from llada_trm.backbone.config import LLaDAConfig
 
-__all__ = ["ACTIVE_CHOICES", "INTEGRATION_CHOICES", "MAX_RECURSIVE_STEPS", "REFINER_CHOICES", "HybridConfig"]
+__all__ = [
+    "ACTIVE_CHOICES",
+    "HALTING_CHOICES",
+    "INTEGRATION_CHOICES",
+    "MAX_RECURSIVE_STEPS",
+    "REFINER_CHOICES",
+    "HybridConfig",
+]
 
 # K's ceiling. The refiners are trained and run with K in 1..16; each step is a refiner pass plus an LM-head
 # pass over the refined chunks, kept for deep supervision, so a K in the thousands only exhausts memory.
@@ -26,9 +33,11 @@ MAX_RECURSIVE_STEPS = 64
 RefinerKind = Literal["none", "mlp", "slot"]
 Integration = Literal["replace", "hybrid", "cascade"]
 ActiveKind = Literal["mlp", "slot"]
+Halting = Literal["confidence", "learned", "none"]
 REFINER_CHOICES: tuple[str, ...] = RefinerKind.__args__
 INTEGRATION_CHOICES: tuple[str, ...] = Integration.__args__
 ACTIVE_CHOICES: tuple[str, ...] = ActiveKind.__args__
+HALTING_CHOICES: tuple[str, ...] = Halting.__args__
 
 
 class HybridConfig(Section):
@@ -49,8 +58,16 @@ class HybridConfig(Section):
         masked positions) is below this is refined. Default 0.5, the original system's `min_confidence`: on
         masked positions a max probability under one half means the backbone has no clear favourite. 0 refines
         nothing; any value above 1 refines every chunk that has a masked position.
-    halt_on_confidence: after each step, a chunk whose recomputed confidence reached the threshold stops
-        (its states and logits are frozen from then on).
+    halting: when a refined chunk stops early (its states and logits are frozen from then on). 'confidence'
+        (the original rule): after each step the LM head is run on the chunk's masked positions and the chunk
+        stops once their mean max probability reached `confidence_threshold`. 'learned': each refiner
+        carries a halting head (`refiners.halting.HaltingHead`) that reads the refined states and predicts
+        whether the chunk's argmax tokens are right; the chunk stops when its probability exceeds
+        `halting_threshold`, and no LM-head pass runs inside the loop. It learns only from its own loss
+        (`training_params.halting_weight`). 'none': every refined chunk takes all K steps. The legacy key
+        `halt_on_confidence: true | false` still reads as 'confidence' | 'none'.
+    halting_threshold: the learned head's probability above which a chunk halts (default 0.5; the untrained,
+        zero-initialised head says exactly 0.5, so it halts nothing until it has learned).
     context_layers: backbone layers whose attention contexts (attn@V), averaged, are given to the slot
         refiner as external context (averaged again with its own blocks' contexts); None or [] uses only the
         refiner's own. Default [-1], the last layer: what every run config has used, so a config built in
@@ -76,12 +93,36 @@ class HybridConfig(Section):
     cascade_mlp_steps: NonNegInt | None = None
     chunk_size: PosInt = 16
     confidence_threshold: NonNegFloat = 0.5
-    halt_on_confidence: bool = True
+    halting: Halting = "confidence"
+    halting_threshold: Fraction = 0.5
     context_layers: list[Int] | None = Field(default_factory=lambda: [-1])
     return_step_logits: bool | None = None
     denoising_carry: bool = False
     slot: SlotSettings = Field(default_factory=SlotSettings)
     mlp: MLPSettings = Field(default_factory=MLPSettings)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _legacy_halting(cls, data: Any) -> Any:
+        """Configs written before `halting` existed say `halt_on_confidence: true | false`; when both are
+        given (an old file with `--set model.halting=...`), `halting` wins."""
+        if not isinstance(data, dict) or "halt_on_confidence" not in data:
+            return data
+        data = dict(data)
+        legacy = data.pop("halt_on_confidence")
+        if not isinstance(legacy, bool):
+            raise ValueError(f"halt_on_confidence: expected true or false, got {legacy!r}; or set halting")
+        data.setdefault("halting", "confidence" if legacy else "none")
+        return data
+
+    @property
+    def halt_on_confidence(self) -> bool:
+        """The legacy switch: whether the LM-head confidence rule halts chunks (`halting == 'confidence'`)."""
+        return self.halting == "confidence"
+
+    @halt_on_confidence.setter
+    def halt_on_confidence(self, value: bool) -> None:
+        self.halting = "confidence" if value else "none"
 
     @model_validator(mode="after")
     def _consistent(self) -> HybridConfig:
@@ -133,7 +174,7 @@ class HybridConfig(Section):
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> HybridConfig:
-        unknown = sorted(set(data) - set(cls.model_fields))
+        unknown = sorted(set(data) - set(cls.model_fields) - {"halt_on_confidence"})  # legacy, still read
         if unknown:
             valid = sorted(cls.model_fields)
             raise ConfigError(f"unknown {cls.__name__} field(s) {unknown}; valid fields: {valid}")

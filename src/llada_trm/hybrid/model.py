@@ -4,12 +4,17 @@
     c_j   = mean_{i in chunk j, masked} max softmax(logits_0[i])
     R     = {j : chunk j has a masked position and c_j < threshold}        the chunks to refine
     h_k   = refiner.step(h_{k-1}, active = positions of R_k)             k = 1..K,  R_1 = R
-    R_k+1 = {j in R_k : confidence of lm_head(h_k) on chunk j < threshold}   (per-chunk halting)
+    R_k+1 = {j in R_k : chunk j does not halt after step k}                  (per-chunk halting, below)
     logits_k = lm_head(h_k) on the positions of R, logits_0 elsewhere
+
+Halting (`hybrid.halting`): 'confidence' halts chunk j when the mean max probability of lm_head(h_k) over its
+masked positions reaches the threshold; 'learned' when the refiner's halting head says sigmoid(q_j) >
+halting_threshold (no LM-head pass in the loop); 'none' never.
 
 Positions outside the refined chunks are never touched: their hidden states and logits are the backbone's,
 bit for bit. The LM head is evaluated only where something changed (the positions of chunks active at that
-step; for halting, only their masked positions), which matters when V is LLaDA's 126k.
+step; for halting, only their masked positions), which matters when V is LLaDA's 126k; `stats['lm_head_rows']`
+counts those rows.
 
 With a KV cache (fast sampling) the backbone runs only on a window of the sequence and the refiner runs on
 that window's hidden states. Chunks stay anchored to absolute positions (chunk j is positions
@@ -32,9 +37,10 @@ from llada_trm.backbone.kv_cache import KVCache
 from llada_trm.errors import ConfigError
 from llada_trm.hybrid.chunking import WindowChunks, chunk_stats, max_probability
 from llada_trm.hybrid.config import ACTIVE_CHOICES, HybridConfig
+from llada_trm.hybrid.halting import ChunkHalting
 from llada_trm.hybrid.outputs import BackboneFeatures, HybridOutput
 from llada_trm.hybrid.refiner_file import read_refiner_weights, write_refiner_weights
-from llada_trm.refiners import Refiner, RefinerCarry, StatsAccumulator, build_refiner
+from llada_trm.refiners import Refiner, RefinerCarry, StatsAccumulator, build_refiner, slot_parameter_count
 
 PREFIX = "refinement_head."
 
@@ -61,11 +67,13 @@ class LLaDATRMHybrid(nn.Module):
         self.context_layers = self._check_layers(wanted or [], bb.n_layers)
         context_width = bb.n_heads * bb.head_dim
         self.refinement_head = nn.ModuleDict()
+        derived = {"num_steps": config.max_recursive_steps, "learned_halting": config.halting == "learned"}
+        slot = {**config.slot.model_dump(), "context_dim": context_width if self.context_layers else None}
         for kind in config.refiner_kinds:
-            settings = (config.slot if kind == "slot" else config.mlp).model_dump()
-            if kind == "slot":
-                settings["context_dim"] = context_width if self.context_layers else None
-            refiner = build_refiner(kind, bb.d_model, num_steps=config.max_recursive_steps, **settings)
+            settings = slot if kind == "slot" else config.mlp.model_dump()
+            if kind == "mlp" and settings["param_budget"] == "slot":  # the equal-size control
+                settings["param_budget"] = slot_parameter_count(bb.d_model, **derived, **slot)
+            refiner = build_refiner(kind, bb.d_model, **derived, **settings)
             self.refinement_head[kind] = refiner.to(device=backbone.device)
         self._active_refiner = config.active_refiner
 
@@ -225,8 +233,9 @@ class LLaDATRMHybrid(nn.Module):
         stats: `refine_steps` (mean steps per refined chunk), `steps_per_chunk` [B, C], `halted_per_chunk`
         [B, C] (refined chunks that stopped before K), `chunks_total`,
         `chunks_refined`, `chunks_halted` (refined chunks that stopped before K), `skipped_fraction`,
-        `chunk_confidence` [B, C] (the backbone's), plus the refiner's own `steps`, `confidence`,
-        `confidence_per_step`, `delta_norms`, `final_confidence`, `slot_norms`, `gates`.
+        `chunk_confidence` [B, C] (the backbone's), `lm_head_rows` (rows this call ran through the LM head,
+        `HaltTrace`), plus the refiner's own `steps`, `confidence`, `confidence_per_step`, `delta_norms`,
+        `final_confidence`, `slot_norms`, `gates`.
         """
         h0, base = features.hidden_states, features.base_logits
         if base is None:
@@ -255,12 +264,15 @@ class LLaDATRMHybrid(nn.Module):
         step_confidence: list[Tensor] = []
         if carry is not None and features.masked is not None:  # a committed token has nothing to carry
             carry.reset(~features.masked, features.position_offset)
+        halting = ChunkHalting(cfg, self.lm_head, chunks)
+        trace = halting.trace
         if schedule:
             h, logits, step_logits, step_confidence = self._run_steps(
-                features, masked, schedule, refined, steps, accumulator, return_step_logits, chunks, carry
+                features, masked, schedule, refined, steps, accumulator, return_step_logits, halting, carry
             )
 
         stats = self._stats(refined, steps, conf0, len(schedule), accumulator, schedule, h0)
+        stats["lm_head_rows"] = trace.lm_head_rows
         return HybridOutput(
             logits=logits,
             step_logits=step_logits,
@@ -269,6 +281,8 @@ class LLaDATRMHybrid(nn.Module):
             stats=stats,
             step_confidence=step_confidence,
             past_key_values=features.past_key_values,
+            halt_logits=trace.logits,
+            halt_chunks=trace.chunks,
         )
 
     def _masked(self, masked: Tensor | None, features: BackboneFeatures, shape: tuple[int, int]) -> Tensor:
@@ -289,11 +303,11 @@ class LLaDATRMHybrid(nn.Module):
         steps: Tensor,
         accumulator: StatsAccumulator,
         return_step_logits: bool,
-        chunks: WindowChunks,
+        halting: ChunkHalting,
         carry: RefinerCarry | None = None,
     ) -> tuple[Tensor, Tensor, list[Tensor], list[Tensor]]:
-        """The K-step loop over the refined chunks; updates `steps` (and `carry`) in place."""
-        cfg = self.config
+        """The K-step loop over the refined chunks; updates `steps`, `halting.trace`, `carry` in place."""
+        chunks, trace = halting.chunks, halting.trace
         offset = features.position_offset
         ran: dict[str, tuple[Tensor, Any]] = {}  # per refiner: the positions it refined, its last state
         h0, base = features.hidden_states, features.base_logits
@@ -332,10 +346,11 @@ class LLaDATRMHybrid(nn.Module):
             if return_step_logits:
                 rows = positions.nonzero(as_tuple=True)
                 logits = logits.index_put(rows, self.lm_head(h[rows]).to(logits.dtype))
+                trace.lm_head_rows += int(rows[0].numel())
                 step_logits.append(logits)
-            if cfg.halt_on_confidence and k + 1 < len(schedule):
-                known = logits if return_step_logits else None
-                active = active & ~self._confident(h, known, positions & masked, chunks)
+            known = logits if return_step_logits else None
+            last = k + 1 == len(schedule)
+            active = halting.after_step(refiner, h, known, active, positions & masked, last)
 
         for kind, (where, last) in ran.items():  # empty without a carry
             carry.keep(kind, self.refinement_head[kind], last, where, offset)
@@ -343,20 +358,8 @@ class LLaDATRMHybrid(nn.Module):
             rows = chunks.expand(refined).nonzero(as_tuple=True)
             if rows[0].numel():
                 logits = base.index_put(rows, self.lm_head(h[rows]).to(base.dtype))
+                trace.lm_head_rows += int(rows[0].numel())
         return h.to(h0.dtype), logits, step_logits, step_confidence
-
-    @torch.no_grad()
-    def _confident(self, h: Tensor, logits: Tensor | None, probe: Tensor, chunks: WindowChunks) -> Tensor:
-        """[B, C] chunks whose mean max probability over the `probe` positions reached the threshold.
-
-        Uses the step's logits when they exist; otherwise runs the LM head on the probed rows only.
-        """
-        rows = probe.nonzero(as_tuple=True)
-        row_logits = logits[rows] if logits is not None else self.lm_head(h[rows].detach())
-        token_conf = torch.zeros(probe.shape, device=h.device)
-        token_conf[rows] = max_probability(row_logits)
-        confidence, n_probed = chunks.confidence(token_conf, probe)
-        return (n_probed > 0) & (confidence >= self.config.confidence_threshold)
 
     def _stats(
         self,

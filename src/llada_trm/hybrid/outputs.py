@@ -38,7 +38,9 @@ class HybridOutput:
     a chunk that halted or was never refined keeps its last logits in the later entries. `step_confidence`
     holds the refiner's own per-position confidence of each step (not detached: a calibration loss may train
     it); a halted chunk keeps its last step's value, a never-refined one reads zero. `stats` are detached
-    numbers and small tensors (see `LLaDATRMHybrid.refine`).
+    numbers and small tensors (see `LLaDATRMHybrid.refine`). With learned halting and step logits,
+    `halt_logits[k]` [B, C] are the halting head's chunk logits after step k+1 (a graph to the head only) and
+    `halt_chunks[k]` [B, C] bool the chunks they are defined for (`hybrid.halting.HaltTrace`).
     """
 
     logits: Tensor
@@ -48,3 +50,5 @@ class HybridOutput:
     stats: dict[str, Any] = field(default_factory=dict)
     step_confidence: list[Tensor] = field(default_factory=list)
     past_key_values: KVCache | None = None
+    halt_logits: list[Tensor] = field(default_factory=list)
+    halt_chunks: list[Tensor] = field(default_factory=list)

@@ -4,10 +4,20 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
+
 from llada_trm.refiners.base import Refiner, RefinerState
 from llada_trm.refiners.blocks import AttentionContextExtractor, TransformerBlock
 from llada_trm.refiners.carry import RefinerCarry
-from llada_trm.refiners.config import MLPRefinerConfig, MLPSettings, SlotConfig, SlotSettings
+from llada_trm.refiners.config import (
+    MLPRefinerConfig,
+    MLPSettings,
+    SlotConfig,
+    SlotSettings,
+    mlp_hidden_for_params,
+    mlp_parameter_count,
+)
+from llada_trm.refiners.halting import HaltingHead
 from llada_trm.refiners.mlp import RecursiveRefinementHead
 from llada_trm.refiners.rows import ActiveRows
 from llada_trm.refiners.slot import (
@@ -34,11 +44,19 @@ def build_refiner(kind: str, d_model: int, **kwargs: Any) -> Refiner:
     raise ValueError(f"unknown refiner kind {kind!r}; choose one of {list(REFINER_KINDS)}")
 
 
+def slot_parameter_count(d_model: int, **kwargs: Any) -> int:
+    """Parameters of the slot refiner `build_refiner('slot', d_model, **kwargs)` would build, counted on the
+    meta device (no memory, no initialisation): the budget of the equal-size MLP control."""
+    with torch.device("meta"):
+        return build_refiner("slot", d_model, **kwargs).num_parameters()
+
+
 __all__ = [
     "ActiveRows",
     "REFINER_KINDS",
     "SLOT_NAMES",
     "AttentionContextExtractor",
+    "HaltingHead",
     "MLPRefinerConfig",
     "MLPSettings",
     "RecursiveRefinementHead",
@@ -55,5 +73,8 @@ __all__ = [
     "TransformerBlock",
     "build_refiner",
     "create_slot_trm_refiner",
+    "mlp_hidden_for_params",
+    "mlp_parameter_count",
+    "slot_parameter_count",
     "slot_step",
 ]

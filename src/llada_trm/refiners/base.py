@@ -20,6 +20,7 @@ from typing import Any, TypeVar
 import torch
 from torch import Tensor, nn
 
+from llada_trm.refiners.halting import HaltingHead
 from llada_trm.refiners.stats import StatsAccumulator
 
 ContextInput = Tensor | Sequence[Tensor] | None
@@ -108,6 +109,7 @@ class Refiner(nn.Module, ABC):
 
     d_model: int
     num_steps: int
+    halting_head: HaltingHead | None  # built when the config's `learned_halting` is set (else None)
 
     def _configure(
         self, config_type: type[ConfigT], config: ConfigT | int | None, overrides: dict[str, Any]
@@ -132,6 +134,7 @@ class Refiner(nn.Module, ABC):
         self.num_steps = config.num_steps
         self.delta_scale = config.delta_scale
         self.delta_clamp = config.delta_clamp
+        self.halting_head = HaltingHead(config.d_model) if config.learned_halting else None
         return config
 
     def work_dtype(self, x: Tensor) -> torch.dtype:

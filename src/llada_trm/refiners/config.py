@@ -8,10 +8,11 @@ null resolved: what a refiner is built from. A new knob is one field on the sett
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import BeforeValidator, ConfigDict, Field, model_validator
 
+from llada_trm.errors import ConfigError
 from llada_trm.schema import NonNegInt, PosFloat, PosInt, Section, to_float
 
 __all__ = [
@@ -22,12 +23,14 @@ __all__ = [
     "MLPSettings",
     "SlotConfig",
     "SlotSettings",
+    "mlp_hidden_for_params",
+    "mlp_parameter_count",
 ]
 
 DEFAULT_MAX_INNER = 512
 DEFAULT_MAX_HIDDEN = 1024
-# Set by the hybrid model itself (from the backbone and from `max_recursive_steps`), never by the user.
-DERIVED_FIELDS = ("d_model", "num_steps", "context_dim")
+# Set by the hybrid model itself (from the backbone, `max_recursive_steps` and `halting`), never by the user.
+DERIVED_FIELDS = ("d_model", "num_steps", "context_dim", "learned_halting")
 # Slot name -> its default width as a fraction of d_inner (in SlotOutput's order).
 _SLOT_DIVISORS = {"ctx": 2, "reason": 4, "refine": 4, "conf": 8}
 
@@ -45,19 +48,23 @@ class _Settings(Section):
             if derived:
                 raise ValueError(
                     f"may not set {derived}: the hybrid model derives them from the backbone "
-                    "(d_model, context_dim) and from max_recursive_steps (num_steps)"
+                    "(d_model, context_dim), max_recursive_steps (num_steps) and halting (learned_halting)"
                 )
         return data
 
 
 class _Derived(Section):
-    """The fields the hybrid model fills in; assignments are not re-validated (the widths resolve once)."""
+    """The fields the hybrid model fills in; assignments are not re-validated (the widths resolve once).
+
+    learned_halting: the refiner carries a `HaltingHead` (the hybrid's `halting='learned'`).
+    """
 
     model_config = ConfigDict(validate_assignment=False)
 
     d_model: PosInt
     num_steps: NonNegInt = 4
     context_dim: PosInt | None = None
+    learned_halting: bool = False
 
 
 class SlotSettings(_Settings):
@@ -121,34 +128,84 @@ class SlotConfig(SlotSettings, _Derived):
 class MLPSettings(_Settings):
     """The baseline refiner's knobs: a residual MLP applied K times.
 
-    Width: `hidden_dim`, or `hidden_mult` x d_model; both null = min(2 * d_model, 1024) (about 8M parameters
-    at d_model=4096).
+    Width: `hidden_dim`, or `hidden_mult` x d_model, or `param_budget`; all null = min(2 * d_model, 1024)
+    (about 8M parameters at d_model=4096).
+    param_budget: a parameter count the MLP is sized to (the hidden width whose count is nearest,
+        `mlp_hidden_for_params`), or 'slot': the slot refiner's count under this config's `slot:` settings
+        (the equal-size control of the comparison; the hybrid model resolves it).
     """
 
     hidden_dim: PosInt | None = None
     hidden_mult: PosFloat | None = None
+    param_budget: PosInt | Literal["slot"] | None = None
     delta_scale: PosFloat = 0.1
     delta_clamp: PosFloat = 0.5
     dropout: Dropout = 0.0
 
     @model_validator(mode="after")
     def _one_width(self) -> MLPSettings:
-        if self.hidden_dim is not None and self.hidden_mult is not None:
-            raise ValueError("mlp sets both hidden_mult and hidden_dim; keep one")
+        names = ("hidden_mult", "hidden_dim", "param_budget")
+        widths = [name for name in names if getattr(self, name) is not None]
+        if len(widths) > 1:
+            raise ValueError(f"mlp sets both {widths[0]} and {widths[1]}; keep one")
         return self
 
 
 class MLPRefinerConfig(MLPSettings, _Derived):
     """What `RecursiveRefinementHead` is built from: `MLPSettings` plus the derived fields.
 
-    `hidden_mult` is resolved into `hidden_dim` (= round(hidden_mult * d_model)) and cleared.
+    `hidden_mult` and a numeric `param_budget` are resolved into `hidden_dim` (= round(hidden_mult * d_model),
+    resp. `mlp_hidden_for_params`) and cleared.
     context_dim: width of external contexts, added through a learned projection; None: no context input.
     """
 
     @model_validator(mode="after")
     def _resolve_width(self) -> MLPRefinerConfig:
+        if self.param_budget == "slot":
+            raise ValueError("param_budget='slot' is resolved by the hybrid model; give a count here")
         if self.hidden_mult is not None:
             self.hidden_dim, self.hidden_mult = max(1, round(self.hidden_mult * self.d_model)), None
+        elif self.param_budget is not None:
+            self.hidden_dim = mlp_hidden_for_params(
+                self.d_model,
+                self.param_budget,
+                context_dim=self.context_dim,
+                learned_halting=self.learned_halting,
+            )
+            self.param_budget = None
         elif self.hidden_dim is None:
             self.hidden_dim = min(2 * self.d_model, DEFAULT_MAX_HIDDEN)
         return self
+
+
+def mlp_parameter_count(
+    d_model: int, hidden_dim: int, *, context_dim: int | None = None, learned_halting: bool = False
+) -> int:
+    """Parameters of `RecursiveRefinementHead`: LN (2d) + MLP (2dH + H + d) + confidence head (d + 1),
+    plus the context projection (Dc d) and the halting head (LN 2d + d + 1) when built."""
+    d = d_model
+    count = 2 * d + (2 * d + 1) * hidden_dim + d + d + 1
+    if context_dim is not None:
+        count += context_dim * d
+    if learned_halting:
+        count += 3 * d + 1
+    return count
+
+
+def mlp_hidden_for_params(
+    d_model: int, n_params: int, *, context_dim: int | None = None, learned_halting: bool = False
+) -> int:
+    """The MLP hidden width whose parameter count (`mlp_parameter_count`) is nearest to `n_params`.
+
+    The count grows by 2 d_model + 1 per hidden unit, so the nearest width is within half of that of the
+    target: within 1% for any budget above 50 x (2 d_model + 1).
+    """
+    fixed = mlp_parameter_count(d_model, 0, context_dim=context_dim, learned_halting=learned_halting)
+    per_unit = 2 * d_model + 1
+    hidden = round((n_params - fixed) / per_unit)
+    if hidden < 1:
+        raise ConfigError(
+            f"mlp.param_budget={n_params} is below the smallest MLP refiner at d_model={d_model} "
+            f"({fixed + per_unit} parameters); raise it or set hidden_dim"
+        )
+    return hidden

@@ -1,13 +1,18 @@
 """The training objective of the refiner, as one function a DDP wrapper can call.
 
     L = L_K + w_ds * mean(L_1 .. L_{K-1}) + w_ortho * ortho(slot projections) [+ w_cal * calibration]
+        [+ w_halt * halting]
 
 L_k is LLaDA's masked-diffusion SFT loss on the logits after refinement step k (L_K on the final logits);
 deep supervision asks every intermediate step to be a usable answer, so the recursion can halt early.
 `calibration` is the binary cross-entropy between the refiner's final per-token confidence and whether the
 final prediction is right, over the masked positions of refined chunks: it teaches the confidence head what
-the halting and the confidence-weighted update rely on. Without a refiner, L is the plain SFT loss. With a
-`training.unroll.DenoisingUnroll`, L is averaged over a few consecutive denoising steps of a trajectory.
+the halting and the confidence-weighted update rely on. `halting` (with `model.halting: learned`) is TRM's
+halting loss: the BCE between the halting head's chunk logit after each step and whether, at that step, every
+masked position of the chunk is predicted right (argmax of that step's logits, detached), over the chunks
+active at that step; the head reads detached states, so this term trains the head alone. Without a refiner,
+L is the plain SFT loss. With a `training.unroll.DenoisingUnroll`, L is averaged over a few consecutive
+denoising steps of a trajectory.
 """
 
 from __future__ import annotations
@@ -16,18 +21,27 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from llada_trm.config import TrainingParamsConfig
 from llada_trm.diffusion import forward_process, masked_diffusion_loss
 from llada_trm.errors import ConfigError
 from llada_trm.hybrid import BackboneFeatures, HybridOutput, expand_chunks
+from llada_trm.hybrid.chunking import chunk_sum
 from llada_trm.refiners import RefinerCarry
 from llada_trm.training.unroll import DenoisingUnroll, unrolled_states
 
-__all__ = ["LossWeights", "ObjectiveResult", "diffusion_objective"]
+__all__ = ["LossWeights", "ObjectiveResult", "diffusion_objective", "halting_loss"]
 
-LOSS_TERMS = ("loss", "loss_final", "loss_deep_supervision", "loss_orthogonality", "loss_calibration")
+LOSS_TERMS = (
+    "loss",
+    "loss_final",
+    "loss_deep_supervision",
+    "loss_orthogonality",
+    "loss_calibration",
+    "loss_halting",
+)
 
 
 @dataclass(frozen=True)
@@ -35,6 +49,7 @@ class LossWeights:
     deep_supervision: float = 0.3
     orthogonality: float = 0.01
     calibration: float = 0.0
+    halting: float = 1.0
 
     @classmethod
     def from_params(cls, params: TrainingParamsConfig) -> LossWeights:
@@ -43,6 +58,7 @@ class LossWeights:
             deep_supervision=params.deep_supervision_weight,
             orthogonality=params.orthogonality_weight,
             calibration=params.confidence_calibration_weight,
+            halting=params.halting_weight,
         )
 
 
@@ -162,12 +178,16 @@ def _loss_terms(
     loss_cal = zero
     if weights.calibration > 0 and output.step_confidence:
         loss_cal = _calibration_loss(output, input_ids, masked, chunk_size)
+    loss_halt = zero
+    if weights.halting > 0 and output.halt_logits:
+        loss_halt = halting_loss(output, input_ids, masked, chunk_size or core.config.chunk_size)
 
     loss = (
         loss_final
         + weights.deep_supervision * loss_ds
         + weights.orthogonality * loss_ortho
         + weights.calibration * loss_cal
+        + weights.halting * loss_halt
     )
     return {
         "loss": loss,
@@ -175,6 +195,7 @@ def _loss_terms(
         "loss_deep_supervision": loss_ds,
         "loss_orthogonality": loss_ortho,
         "loss_calibration": loss_cal,
+        "loss_halting": loss_halt,
     }
 
 
@@ -193,3 +214,25 @@ def _calibration_loss(
     # Written out rather than F.binary_cross_entropy, which refuses to run under CUDA autocast.
     p = confidence[where].clamp(1e-6, 1 - 1e-6)
     return -(correct * p.log() + (1 - correct) * (1 - p).log()).mean()
+
+
+def halting_loss(output: HybridOutput, targets: Tensor, masked: Tensor, chunk_size: int) -> Tensor:
+    """BCE(halting head's chunk logit after step k, chunk all right at step k), over (step, active chunk).
+
+    "All right": the argmax of step k's logits equals the target on every masked position of the chunk,
+    computed without gradient (TRM's halting target). Chunks are counted from position 0 (training runs
+    without a KV cache, so the window is the whole sequence).
+    """
+    logits, where = [], []
+    for q, chunks, step in zip(output.halt_logits, output.halt_chunks, output.step_logits, strict=False):
+        with torch.no_grad():
+            wrong = masked & (step.argmax(dim=-1) != targets)
+            right = chunk_sum(wrong.float(), chunk_size) == 0
+        if right.shape != q.shape:
+            raise ValueError(f"halting logits {list(q.shape)} do not match {chunk_size}-position chunks")
+        logits.append(q[chunks])
+        where.append(right[chunks].float())
+    q = torch.cat(logits)
+    if not q.numel():
+        return output.logits.new_zeros((), dtype=torch.float32)
+    return F.binary_cross_entropy_with_logits(q.float(), torch.cat(where))
