@@ -87,3 +87,28 @@ def test_a_lever_study_reports_each_arm_against_the_reference(backbone_dir, tmp_
     assert set(report["per_seed"]["0"]["paired"]) == {"slot_vs_none", "slot_k1_vs_none", "slot_k1_vs_slot"}
     markdown = (tmp_path / "cmp" / "comparison.md").read_text()
     assert "slot_k1: slot refiner, model.max_recursive_steps=1" in markdown
+
+
+def test_resume_reuses_finished_models_and_evaluations(backbone_dir, tmp_path, capsys):
+    config = compare_yaml(backbone_dir, tmp_path / "cmp")
+    config["refiners"] = ["slot"]
+    path = tmp_path / "cmp.yaml"
+    path.write_text(yaml.safe_dump(config))
+    assert main(["compare", "--config", str(path), "--no-progress", "--seeds", "0"]) == 0
+    seed0 = tmp_path / "cmp" / "seed0" / "slot"
+    weights = seed0 / "checkpoints" / "last" / "model.safetensors"
+    stamp = weights.stat().st_mtime_ns
+    capsys.readouterr()
+    # another seed later (or in a parallel process): seed 0's training and sampling are reused
+    assert main(["compare", "--config", str(path), "--no-progress", "--seeds", "0,1", "--resume"]) == 0
+    out = capsys.readouterr().out
+    assert "reusing the trained slot, seed 0" in out and "training slot (slot refiner), seed 1" in out
+    assert f"reusing {seed0 / 'eval'}" in out and weights.stat().st_mtime_ns == stamp
+    report = json.loads((tmp_path / "cmp" / "comparison.json").read_text())
+    assert report["seeds"] == [0, 1] and set(report["per_seed"]) == {"0", "1"}
+    # without --resume the finished comparison is refused; a changed plan is never silently reused
+    assert main(["compare", "--config", str(path), "--no-progress", "--seeds", "0"]) == 2
+    config["run"]["training"]["lr"] = 0.5
+    path.write_text(yaml.safe_dump(config))
+    assert main(["compare", "--config", str(path), "--no-progress", "--seeds", "0", "--resume"]) == 2
+    assert "trained with other settings than this comparison plans" in capsys.readouterr().err

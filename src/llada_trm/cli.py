@@ -132,7 +132,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
 
     seeds = parse_seeds(args.seeds) if args.seeds is not None else None
     config = load_compare_config(args.config, args.set, seeds)
-    run_compare(config, progress=not args.no_progress, force=args.force)
+    run_compare(config, progress=not args.no_progress, force=args.force, resume=args.resume)
     return 0
 
 
@@ -289,6 +289,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--force", action="store_true", help="archive a comparison in output.dir (as DIR.old-<time>) first"
+    )
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="reuse the trained models and evaluations already in output.dir (an interrupted study, or seeds "
+        "run in parallel with --seeds), train and sample the rest, then write the report",
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=_cmd_compare)

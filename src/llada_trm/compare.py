@@ -30,6 +30,7 @@ from llada_trm.compare_config import (
     load_compare_config,
     parse_seeds,
 )
+from llada_trm.compare_resume import finished_evaluation, finished_training, record_training
 from llada_trm.config import RunConfig
 from llada_trm.io import write_json, write_text_atomic
 
@@ -190,12 +191,14 @@ def run_compare(
     progress: bool = True,
     echo: Callable[[str], None] = print,
     force: bool = False,
+    resume: bool = False,
 ) -> CompareResult:
     """Train each refiner per seed, evaluate them and the backbone alone on the same test problems, and
     write the comparison with its statistics.
 
     A comparison already in `output.dir` (a refiner's run, or the report) refuses before anything runs;
-    `force` archives it whole as `DIR.old-<timestamp>` first.
+    `force` archives it whole as `DIR.old-<timestamp>` first; `resume` reuses the trained models and the
+    evaluations it holds (`compare_resume`) and does the rest.
     """
     from llada_trm.build import check_test_split, resolve_backbone_dir
     from llada_trm.evaluate import evaluate_model, load_checkpoint, load_eval_records, synthetic_settings
@@ -204,9 +207,10 @@ def run_compare(
     started = time.perf_counter()
     out = Path(config.output.dir)
     ev, data, seeds = config.evaluation, config.run.data, config.seed_list()
-    claim_compare_dir(
-        out, [out / f"seed{seed}" / kind for seed in seeds for kind in config.refiners], force=force
-    )
+    if not resume:
+        claim_compare_dir(
+            out, [out / f"seed{seed}" / kind for seed in seeds for kind in config.refiners], force=force
+        )
     options = config.run.sampling.options()
     records = load_eval_records(
         data.dataset, ev.split, data_path=data.path, synthetic=synthetic_settings(data), limit=ev.n_problems
@@ -223,7 +227,8 @@ def run_compare(
         f"problems), training seeds {', '.join(map(str, seeds))}; writing to {out}"
     )
 
-    trained = _train_refiners(config, out, progress=progress, echo=echo)
+    trained = _train_refiners(config, out, progress=progress, echo=echo, resume=resume)
+    questions = [record.question for record in records]
 
     def sample(kind: str, seed: int | None, checkpoint: str | Path) -> tuple[Any, Any]:
         who = "the backbone alone" if kind == "none" else f"the {kind} refiner"
@@ -232,6 +237,10 @@ def run_compare(
         # at temperature > 0 the sampler's noise follows the training seed, so seeds are independent draws
         sampling = options if deterministic or seed is None else replace(options, seed=options.seed + seed)
         directory = out / (kind if seed is None else f"seed{seed}/{kind}") / "eval" / dataset_name
+        done = finished_evaluation(directory, questions, sampling.to_dict()) if resume else None
+        if done is not None:
+            echo(f"reusing {directory} (--resume)")
+            return done, loaded
         result = evaluate_model(
             loaded.model,
             loaded.tokenizer,
@@ -273,21 +282,29 @@ def run_compare(
 
 
 def _train_refiners(
-    config: CompareConfig, out: Path, *, progress: bool, echo: Callable[[str], None]
+    config: CompareConfig, out: Path, *, progress: bool, echo: Callable[[str], None], resume: bool = False
 ) -> dict[tuple[int, str], tuple[dict[str, Any], float]]:
-    """Train every refiner for every seed (phase 1): (seed, refiner) -> (training summary, seconds)."""
+    """Train every model for every seed: (seed, model) -> (training summary, seconds); with `resume`, a
+    finished training of the same run is reused."""
     from llada_trm.training import Trainer
 
     trained: dict[tuple[int, str], tuple[dict[str, Any], float]] = {}
     for seed in config.seed_list():
         for kind in config.refiners:
             run = _refiner_run(config, kind, seed, out)
+            done = finished_training(Path(run.output.dir), run) if resume else None
+            if done is not None:
+                echo(f"\n== reusing the trained {kind}, seed {seed} ({run.output.dir}, --resume) ==")
+                trained[seed, kind] = done
+                continue
             what = "backbone frozen" if run.training.phase == 1 else "backbone partly trainable"
             echo(f"\n== training {kind} ({run.model.refiner} refiner), seed {seed} "
                  f"(phase {run.training.phase}, {what}) ==")  # fmt: skip
             run_started = time.perf_counter()
-            summary = Trainer(run, progress=progress).train()
+            # under --resume a training cut short before its marker starts over (its directory archived)
+            summary = Trainer(run, progress=progress, force=resume).train()
             trained[seed, kind] = (summary, time.perf_counter() - run_started)
+            record_training(Path(run.output.dir), summary, trained[seed, kind][1])
     return trained
 
 
