@@ -220,7 +220,7 @@ def test_mlp_matched_to_the_slot_refiners_count_at_the_main_jobs_width():
     with torch.device("meta"):
         mlp = build_refiner("mlp", d_model, hidden_dim=mlp_hidden_for_params(d_model, slot))
     assert abs(mlp.num_parameters() - slot) <= 0.01 * slot
-    assert mlp_hidden_for_params(d_model, slot) == 1604  # the documented width (configs/levers/README.md)
+    assert mlp_hidden_for_params(d_model, slot) == 1604  # the documented width (docs/levers.md)
 
 
 @pytest.mark.parametrize("halting", ["confidence", "learned"])
@@ -262,34 +262,28 @@ def test_learned_halting_features_path_matches_forward():
 # ---------------------------------------------------------------- the lever study's configs
 
 
-def test_lever_configs_change_one_thing_each():
+def test_each_lever_arm_changes_only_its_lever():
     from pathlib import Path
 
     from llada_trm.compare import load_compare_config
-    from llada_trm.config import load_config
 
-    levers = Path(__file__).resolve().parents[1] / "configs" / "levers"
-    reference = load_compare_config(levers / "refiners.yaml")
-    assert reference.refiners == ["mlp", "slot"] and reference.baseline and len(reference.seed_list()) == 3
+    study = load_compare_config(Path(__file__).resolve().parents[1] / "configs" / "levers_tiny.yaml")
+    assert study.reference == "slot" and study.baseline and len(study.seed_list()) == 3
+    reference = study.run_for("slot", 0, "out").model_dump()
 
-    def differences(path: str) -> dict[str, Any]:
-        arm = load_compare_config(levers / path)
-        assert (arm.seeds, arm.evaluation) == (reference.seeds, reference.evaluation)
-        left, right = reference.run.model_dump(), arm.run.model_dump()
-        out = {}
-        for section, values in right.items():
-            for key, value in values.items():
-                if value != left[section][key]:
-                    out[f"{section}.{key}"] = value
-        return out
+    def differences(arm: str) -> dict[str, Any]:
+        changed = study.run_for(arm, 0, "out").model_dump()
+        return {f"{section}.{key}": value for section, values in changed.items()
+                for key, value in values.items() if value != reference[section][key]}  # fmt: skip
 
-    matched = {**reference.run.model.mlp.model_dump(), "hidden_mult": None, "param_budget": "slot"}
-    assert differences("mlp_matched.yaml") == {"model.mlp": matched}
-    assert differences("slot_learned_halting.yaml") == {"model.halting": "learned"}  # weight 1.0: the default
-
-    phase2 = load_config(levers / "phase2_top.yaml")
-    trained = (phase2.model.refiner, phase2.training.phase, phase2.training_params.trainable_modules)
-    assert trained == ("none", 2, [])
-    same = ("max_steps", "batch_size", "lr", "warmup_steps", "gradient_accumulation_steps")
-    assert all(getattr(phase2.training, k) == getattr(reference.run.training, k) for k in same)
-    assert phase2.data == reference.run.data and phase2.sampling == reference.run.sampling
+    matched = {**reference["model"]["mlp"], "hidden_mult": None, "param_budget": "slot"}
+    assert differences("mlp_matched") == {"model.refiner": "mlp", "model.mlp": matched}
+    assert differences("slot_halting") == {"model.halting": "learned"}  # weight 1.0: the default
+    carry = {"model.denoising_carry": True, "training_params.denoising_unroll_steps": 2}
+    assert differences("slot_carry") == carry
+    phase2 = differences("phase2_top")
+    assert phase2 == {"model.refiner": "none", "training.phase": 2, "training.unfreeze_last_n_layers": 1,
+                      "training.backbone_lr": 1e-4, "training_params.trainable_modules": []}  # fmt: skip
+    states = differences("slot_states")
+    assert states.pop("training.sampler_state_ratio") == 0.25 and set(states) == {
+        "advanced.sampler_states_problems", "advanced.sampler_states_dir"}  # fmt: skip

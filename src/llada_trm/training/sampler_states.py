@@ -382,7 +382,7 @@ def build_sampler_states(config: RunConfig, *, progress: bool = True, rebuild: b
         shutil.rmtree(sampler_states_directory(config))
     device, amp_dtype = start_run(config)
     built = build_model(config, device=device, dtype=backbone_dtype(config, amp_dtype))
-    init_from_config(built.model, config)
+    init_from_config(built.model, config, backbone_dir=built.backbone_dir)
     apply_backbone_options(built.model, config)
     require_frozen_backbone(freeze_for_run(built.model, config), "training.sampler_state_ratio")
     train_set, _ = build_datasets(config.data, built.tokenizer)
