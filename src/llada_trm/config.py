@@ -235,6 +235,10 @@ class AdvancedConfig(_Section):
         (docs/feature_cache.md); `feature_cache_dir` (null = <output.dir>/feature_cache) holds them,
         `cache_noise_draws` noise draws per example (epoch e trains on draw e % draws), hidden states and
         contexts stored as `cache_dtype`.
+    compile_refiner: `torch.compile` around each refiner's step (`refiners.compiling`), in training (the
+        cached phase-1 step included) and in sampled validation; off by default: on a CPU the first call
+        compiles for a minute or more, which a short run never earns back (bench/bench_compile.py). Where
+        torch.compile cannot run it warns and stays eager; results match eager to rounding.
     distributed: under torchrun, how the processes share the work (docs/distributed.md): `ddp` replicates
         the model and averages the trainable parameters' gradients, `fsdp` shards a trainable backbone
         block by block; `auto` is ddp in phases 1 and 2, fsdp in phase 3. One process ignores it.
@@ -242,6 +246,7 @@ class AdvancedConfig(_Section):
 
     gradient_checkpointing: bool = False
     compile: bool = False
+    compile_refiner: bool = False
     feature_cache: bool = False
     feature_cache_dir: str | None = None
     cache_noise_draws: PosInt = 1

@@ -54,6 +54,7 @@ RESUMABLE: tuple[str, ...] = (
     "output.keep_last",
     "advanced.gradient_checkpointing",
     "advanced.compile",
+    "advanced.compile_refiner",
     "advanced.detect_anomaly",
     "advanced.distributed",
     "advanced.feature_cache_dir",
