@@ -54,7 +54,7 @@ def test_the_run_option_compiles_every_refiner_step(monkeypatch):
     config = parse_config({}, overrides=["advanced.compile_refiner=true"])
     apply_backbone_options(on, config)
     assert compiled_step(on.refinement_head["slot"])
-    assert {"dynamic": True} in calls  # the step, with dynamic row counts (the other call is the probe)
+    assert {"dynamic": True, "backend": "inductor"} in calls  # the step, with dynamic row counts (the other call is the probe)
     assert compile_refiner_steps(on.refinement_head.values()) is True and len(calls) == 3  # no double wrap
 
 
