@@ -20,6 +20,7 @@ refined rows) inside the sampler's own calls; its share is that time over the sa
     .venv/bin/python bench/bench_sampler.py --quick
     .venv/bin/python bench/bench_sampler.py --checkpoint runs/compare/seed0/slot   # a trained refiner
     .venv/bin/python bench/bench_sampler.py --backbone DIR --refiner-checkpoint refiner.safetensors
+    .venv/bin/python bench/bench_sampler.py --wide     # LLaDA-8B width, random weights (sampler_wide.py)
 """
 
 from __future__ import annotations
@@ -125,7 +126,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "and/or prefix (threshold + prefix cache); default both, exact with --quick")
     parser.add_argument("--repeats", type=int, default=1, help="timed repeats; the fastest one is reported")
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
+    parser.add_argument("--dtype", default=None, choices=("float32", "bfloat16", "float16"),
+                        help="backbone dtype (default float32; bfloat16 with --wide)")
+    parser.add_argument("--wide", action="store_true",
+                        help="only the LLaDA-8B-width mode: K=4 selective overhead and LM-head cost vs "
+                        "floor, extrapolated to 32 layers (bench/sampler_wide.py)")
+    parser.add_argument("--wide-layers", type=int, default=2)
+    parser.add_argument("--wide-prompts", type=int, default=1, help="prompts (batch 1 each)")
+    parser.add_argument("--wide-prompt", type=int, default=16, help="prompt tokens")
+    parser.add_argument("--wide-gen", type=int, default=16, help="generated positions (one block)")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch CPU threads (default 1: steadier timings on a shared machine)")
     parser.add_argument("--quick", action="store_true",
@@ -133,6 +142,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "exact sampler only: a minute or two on an idle CPU")
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
     args = parser.parse_args(argv)
+    args.dtype = args.dtype or ("bfloat16" if args.wide else "float32")
     if args.quick:
         args.n_problems, args.batch_size, args.gen_length, args.block_length = 4, 4, 64, 16
     if args.steps is None:
@@ -344,6 +354,13 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
+    if args.wide:
+        from sampler_wide import run_wide  # noqa: PLC0415 (it imports RefineTimer from here)
+
+        wide = run_wide(args, args.refiner_config)
+        if args.json:
+            args.json.write_text(json.dumps(wide, indent=1) + "\n")
+        return
     hybrid, backbone_dir, weights = build_hybrid(args)
     backbone = hybrid.backbone
     tokenizer = load_tokenizer(backbone_dir)

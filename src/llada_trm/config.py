@@ -287,6 +287,10 @@ class AdvancedConfig(_Section):
         training problems (null = all): a run of S steps reads about S * batch_size * ratio states.
         `sampler_states_seed` picks the kept steps; it is not `training.seed`, so every seed and arm of a
         study with the same sampler, data and store directory shares one store (paid for once).
+    compile_refiner: `torch.compile` around each refiner's step (`refiners.compiling`), in training (the
+        cached phase-1 step included) and in sampled validation; off by default: on a CPU the first call
+        compiles for a minute or more, which a short run never earns back (bench/bench_compile.py). Where
+        torch.compile cannot run it warns and stays eager; results match eager to rounding.
     distributed: under torchrun, how the processes share the work (docs/distributed.md): `ddp` replicates
         the model and averages the trainable parameters' gradients, `fsdp` shards a trainable backbone
         block by block; `auto` is ddp in phases 1 and 2, fsdp in phase 3. One process ignores it.
@@ -294,6 +298,7 @@ class AdvancedConfig(_Section):
 
     gradient_checkpointing: bool = False
     compile: bool = False
+    compile_refiner: bool = False
     feature_cache: bool = False
     feature_cache_dir: str | None = None
     cache_noise_draws: PosInt = 1

@@ -63,6 +63,7 @@ RESUMABLE: tuple[str, ...] = (
     "output.tensorboard",
     "advanced.gradient_checkpointing",
     "advanced.compile",
+    "advanced.compile_refiner",
     "advanced.detect_anomaly",
     "advanced.distributed",
     "advanced.feature_cache_dir",
