@@ -332,7 +332,7 @@ class OutputConfig(_Section):
     `pip install 'llada-trm[tensorboard]'`); the CSVs stay the run's record.
     """
 
-    dir: str = "outputs/run"
+    dir: str = "runs/run"
     save_best: str = Field(default="loss", description="a validation_metrics.csv column")
     best_mode: Literal["auto", "min", "max"] = "auto"
     keep_last: NonNegInt = 0
