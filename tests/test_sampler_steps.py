@@ -12,6 +12,7 @@ from llada_trm.backbone import LLaDAConfig, LLaDAModel
 from llada_trm.diffusion import SamplingOptions, sample
 from llada_trm.diffusion.steps import StepEvent
 from llada_trm.hybrid import HybridConfig, LLaDATRMHybrid
+from llada_trm.hybrid import halting as halting_rules
 
 VOCAB, MASK, PAD = 50, 49, 48
 VARIANTS = {
@@ -115,7 +116,10 @@ def test_the_refined_chunks_are_those_holding_a_mask_of_the_block(variant: str):
 def test_halted_chunks_are_the_refined_chunks_that_stopped_early(monkeypatch: pytest.MonkeyPatch):
     model = _hybrid(confidence_threshold=0.9, halt_on_confidence=True, max_recursive_steps=4)
     # A random refiner never gets confident: declare every refined chunk confident after its first step.
-    monkeypatch.setattr(model, "_confident", lambda h, logits, probe, chunks: torch.ones_like(probe[:, ::4]))
+    def every_chunk_confident(lm_head, h, logits, probe, chunks, threshold):
+        return torch.ones_like(probe[:, ::4]), 0
+
+    monkeypatch.setattr(halting_rules, "confident_chunks", every_chunk_confident)
     events: list[StepEvent] = []
     result = _run(model, "exact", events.append)
     halted = torch.stack([e.chunks_halted for e in events])

@@ -81,7 +81,6 @@ def learned_halting(
     return torch.where(defined, q, torch.zeros_like(q)), defined
 
 
-
 @dataclass
 class ChunkHalting:
     """The halting rule of one refine call: the config's rule over `chunks`, recording into `trace`."""
