@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,6 +35,7 @@ from typing import Any
 import floors
 import torch
 from flop_meter import FlopCount, FlopMeter
+from refine_timer import RefineTimer
 
 from llada_trm.assets import embedded_backbone_dir
 from llada_trm.backbone import LLaDAModel
@@ -183,25 +183,6 @@ def test_problems(backbone_dir: Path, n: int) -> list[GSM8KRecord]:
     else:
         print(f"note: {summary} not found; using the default task settings", file=sys.stderr)
     return generate_problems(task, n, split="test")
-
-
-class RefineTimer:
-    """Accumulates the wall time of every `model.refine` call (the refiner's part of a hybrid forward)."""
-
-    def __init__(self, model: LLaDATRMHybrid) -> None:
-        self.seconds = 0.0
-        self.device = model.backbone.device
-        original = model.refine
-
-        def timed(*args: Any, **kwargs: Any) -> Any:
-            start = time.perf_counter()
-            out = original(*args, **kwargs)
-            if self.device.type == "cuda":
-                torch.cuda.synchronize(self.device)
-            self.seconds += time.perf_counter() - start
-            return out
-
-        model.refine = timed  # instance attribute: forward() calls self.refine
 
 
 def run_interleaved(
@@ -355,7 +336,7 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     if args.wide:
-        from sampler_wide import run_wide  # noqa: PLC0415 (it imports RefineTimer from here)
+        from sampler_wide import run_wide  # noqa: PLC0415 (the wide mode's imports only when asked for)
 
         wide = run_wide(args, args.refiner_config)
         if args.json:

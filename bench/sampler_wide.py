@@ -22,6 +22,7 @@ from typing import Any
 import floors
 import torch
 from flop_meter import FlopCount, FlopMeter
+from refine_timer import RefineTimer
 from wide import llada_8b_width, random_backbone
 
 from llada_trm.config import load_config
@@ -66,10 +67,7 @@ def layer_split(config: Any, keys: int) -> tuple[float, float]:
 def run_wide(args: argparse.Namespace, config_path: Any) -> dict[str, Any]:
     model = build(args, config_path)
     bb = model.backbone.config
-    refine_timer, head_timer, meter = None, LMHeadTimer(model), FlopMeter(model)
-    from bench_sampler import RefineTimer  # noqa: PLC0415 (bench_sampler imports this module lazily too)
-
-    refine_timer = RefineTimer(model)
+    refine_timer, head_timer, meter = RefineTimer(model), LMHeadTimer(model), FlopMeter(model)
     prompt_len, gen = args.wide_prompt, args.wide_gen
     options = SamplingOptions(steps=gen, gen_length=gen, block_length=gen, mask_id=bb.mask_token_id,
                               eos_id=bb.eos_token_id, eot_id=126348, batch_size=1)
