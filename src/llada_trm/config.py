@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal, get_type_hints
 
 from pydantic import BeforeValidator, Field, create_model, model_validator
 
-from llada_trm.backbone.lora import LORA_TARGETS
+from llada_trm.backbone.lora import LoraConfig
 from llada_trm.config_files import (
     SchemaT,
     apply_overrides,
@@ -218,30 +218,6 @@ class TrainingParamsConfig(_Section):
         "gradient is its own, so the weight only scales it against gradient clipping); 0 = the head stays "
         "untrained and halts nothing",
     )
-
-
-class LoraConfig(_Section):
-    """LoRA adapters on the backbone for phases 2 and 3 (needs `pip install 'llada-trm[lora]'`).
-
-    With `enabled`, the backbone's base weights stay frozen and adapters on `target_modules` of the chosen
-    blocks train instead, at `training.backbone_lr`, beside the refiner: the last
-    `training.unfreeze_last_n_layers` blocks in phase 2, every block in phase 3. The update of a layer is
-    `(alpha / rank) * B @ A`; `dropout` applies to the adapter's input while training.
-    """
-
-    enabled: bool = False
-    rank: Annotated[int, BeforeValidator(to_int), Field(ge=1, le=4096)] = 8
-    alpha: PosFloat = 16.0
-    dropout: Annotated[float, BeforeValidator(to_float), Field(ge=0.0, lt=1.0)] = 0.0
-    target_modules: list[Literal[LORA_TARGETS]] = Field(  # type: ignore[valid-type]
-        default_factory=lambda: list(LORA_TARGETS)
-    )
-
-    @model_validator(mode="after")
-    def _some_targets(self) -> LoraConfig:
-        if not self.target_modules or len(set(self.target_modules)) != len(self.target_modules):
-            raise ValueError(f"target_modules: expected distinct names among {', '.join(LORA_TARGETS)}")
-        return self
 
 
 # ------------------------------------------------------------------------------------------------ advanced
