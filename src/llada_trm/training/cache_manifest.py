@@ -23,6 +23,7 @@ from llada_trm.hybrid import LLaDATRMHybrid
 from llada_trm.io import DTYPES, write_text_atomic
 
 __all__ = [
+    "store_directory",
     "CACHE_FORMAT_VERSION",
     "MANIFEST_FILE",
     "FeatureSpec",
@@ -242,3 +243,8 @@ def shard_layout(manifest: Mapping[str, Any], examples_per_shard: int | None) ->
         raise ValueError(f"examples_per_shard must be >= 1, got {examples_per_shard}")
     examples_per_shard = min(examples_per_shard, n)
     return {"examples_per_shard": examples_per_shard, "shards": math.ceil(n / examples_per_shard)}
+
+
+def store_directory(configured: str | None, output_dir: str, name: str) -> Path:
+    """Where a run's stored precomputation lives: the configured directory, or `<output.dir>/<name>`."""
+    return Path(configured).expanduser() if configured else Path(output_dir) / name

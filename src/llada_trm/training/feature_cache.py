@@ -62,6 +62,7 @@ from llada_trm.training.cache_manifest import (
     read_manifest,
     shard_layout,
     shard_name,
+    store_directory,
     write_manifest,
 )
 from llada_trm.training.cached_batches import FeatureCache, cached_features, open_feature_cache
@@ -232,8 +233,7 @@ class _ShardWriter:
 
 def cache_directory(config: RunConfig) -> Path:
     """`advanced.feature_cache_dir`, or `<output.dir>/feature_cache` when unset."""
-    configured = config.advanced.feature_cache_dir
-    return Path(configured).expanduser() if configured else Path(config.output.dir) / "feature_cache"
+    return store_directory(config.advanced.feature_cache_dir, config.output.dir, "feature_cache")
 
 
 def prepare_feature_cache(

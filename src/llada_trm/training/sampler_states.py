@@ -56,6 +56,7 @@ from llada_trm.training.cache_manifest import (
     data_fingerprint,
     read_manifest,
     shard_name,
+    store_directory,
     write_manifest,
 )
 from llada_trm.training.feature_cache import require_frozen_backbone
@@ -319,8 +320,7 @@ def write_sampler_states(
 
 def sampler_states_directory(config: RunConfig) -> Path:
     """`advanced.sampler_states_dir`, or `<output.dir>/sampler_states` when unset."""
-    configured = config.advanced.sampler_states_dir
-    return Path(configured).expanduser() if configured else Path(config.output.dir) / "sampler_states"
+    return store_directory(config.advanced.sampler_states_dir, config.output.dir, "sampler_states")
 
 
 def prepare_sampler_states(
