@@ -56,6 +56,22 @@ def test_loss_matches_hand_computation() -> None:
     assert total.item() == pytest.approx(sum(row_losses), rel=1e-6)
 
 
+def test_token_weights_scale_each_positions_term() -> None:
+    logits, targets, masked, p_mask, answer_lengths = _hand_case()
+    ones = torch.ones(targets.shape)
+    plain = masked_diffusion_loss(logits, targets, masked, p_mask, answer_lengths, reduction="none")
+    same = masked_diffusion_loss(logits, targets, masked, p_mask, answer_lengths, "none", token_weights=ones)
+    assert torch.equal(plain, same)
+    weights = torch.tensor([[9.0, 1.0, 3.0], [9.0, 9.0, 2.0]])  # the 9s sit on unmasked positions
+    per_row = masked_diffusion_loss(logits, targets, masked, p_mask, answer_lengths, "none",
+                                    token_weights=weights)  # fmt: skip
+    ce = torch.nn.functional.cross_entropy(logits.transpose(1, 2), targets, reduction="none")
+    expected = (ce * masked * weights / p_mask).sum(1) / answer_lengths
+    assert per_row.tolist() == pytest.approx(expected.tolist(), rel=1e-6)
+    with pytest.raises(ValueError, match=r"token_weights must be \[B, L\] = \[2, 3\]"):
+        masked_diffusion_loss(logits, targets, masked, p_mask, answer_lengths, token_weights=ones[:, :2])
+
+
 def test_loss_accepts_per_row_p_mask_and_column_answer_lengths() -> None:
     logits, targets, masked, p_mask, answer_lengths = _hand_case()
     expected = masked_diffusion_loss(logits, targets, masked, p_mask, answer_lengths)

@@ -62,3 +62,19 @@ def test_pretrain_config_rejects_unknown_keys_with_a_suggestion():
 def test_shipped_config_validates():
     config = load_pretrain_config(Path(__file__).parents[1] / "configs" / "tiny_backbone.yaml")
     assert config.output.dir == "src/llada_trm/assets/tiny_backbone"
+
+
+def test_object_weights_mark_the_tasks_object_nouns_only():
+    from llada_trm.assets import embedded_backbone_dir
+    from llada_trm.data.synthetic import DEFAULT_ITEMS
+    from llada_trm.pretraining.loop import object_token_ids, object_weights
+
+    tokenizer = load_tokenizer(embedded_backbone_dir())
+    object_ids = object_token_ids(tokenizer, DEFAULT_ITEMS)
+    assert len(object_ids) == len(DEFAULT_ITEMS)  # one token per noun in the shipped tokenizer
+    text = "Tom has 3+4=<<3+4=7>>7 eggs now."
+    ids = torch.tensor([tokenizer.encode(text, add_special_tokens=False)])
+    weights = object_weights(ids, object_ids, 5.0)
+    marked = [tokenizer.decode([int(t)]) for t in ids[0][weights[0] == 5.0]]
+    assert marked == [" eggs"] and int((weights == 1.0).sum()) == ids.shape[1] - 1
+    assert object_weights(ids, object_ids, 1.0) is None  # LLaDA's loss, untouched

@@ -29,6 +29,7 @@ def masked_diffusion_loss(
     p_mask: Tensor,
     answer_lengths: Tensor | int,
     reduction: Reduction = "mean",
+    token_weights: Tensor | None = None,
 ) -> Tensor:
     """LLaDA's SFT loss: ``sum_i sum_{masked l} CE(l) / p_mask / answer_length_i / B``.
 
@@ -45,6 +46,9 @@ def masked_diffusion_loss(
         answer_lengths: [B] (or [B, 1], or one int for all rows).
         reduction: ``"mean"`` (LLaDA: summed over rows, divided by B), ``"sum"`` (summed over rows) or
             ``"none"`` (the [B] per-sequence losses, whose mean is the ``"mean"`` value).
+        token_weights: optional [B, L] factor on each position's term (None: LLaDA's loss). A weight above 1
+            on a few token kinds is how `llada-trm pretrain` makes rare-but-decisive tokens (the answer's
+            object noun) worth learning; it is no longer a likelihood bound then.
     """
     if logits.dim() != 3 or logits.shape[:2] != target_ids.shape or masked.shape != target_ids.shape:
         raise ValueError(
@@ -63,6 +67,11 @@ def masked_diffusion_loss(
     rows = masked.nonzero(as_tuple=True)[0]
     token_ce = F.cross_entropy(logits[masked].float(), target_ids[masked], reduction="none")
     token_loss = token_ce / p_mask[masked].float() / answer_lengths[rows]
+    if token_weights is not None:
+        if token_weights.shape != target_ids.shape:
+            raise ValueError(f"token_weights must be [B, L] = {list(target_ids.shape)}, "
+                             f"got {list(token_weights.shape)}")  # fmt: skip
+        token_loss = token_loss * token_weights[masked].float()
 
     if reduction == "none":
         per_row = torch.zeros(batch_size, device=logits.device, dtype=token_loss.dtype)

@@ -22,6 +22,10 @@ def _span(rows: Sequence[Mapping[str, Any]], key: str) -> str:
     return "-" if not values else f"{values[0]:.3f} -> {values[-1]:.3f} (best {max(values):.3f})"
 
 
+def _object_weight(weight: float) -> str:
+    return "" if weight == 1.0 else f", loss weight {weight:g} on the answer's object nouns"
+
+
 def _origin(summary: Mapping[str, Any]) -> str:
     chain = summary["init_chain"]
     if not chain:
@@ -70,6 +74,7 @@ def model_card(
     config: PretrainConfig, summary: Mapping[str, Any], vocab: int, rows: Sequence[Mapping]
 ) -> str:
     arch, opt, ev, data = config.model, config.training, config.evaluation, config.data
+    weighting = _object_weight(opt.object_weight)
     test = summary["test"]
     strict = test["strict_interval"]
     ops = "; ".join(f"{op} {_rate(test['arithmetic'][op])}" for op in OPERATIONS)
@@ -103,7 +108,7 @@ SwiGLU {arch.mlp_hidden_size} |
 | vocabulary | {vocab} tokens (byte-level BPE, digits split, LLaDA's special tokens and chat template) |
 | task | generated problems of {data.min_steps}-{data.max_steps} arithmetic steps, numbers up to \
 {data.max_number}, results up to {data.max_result}; {data.n_train} training problems, data seed {data.seed} |
-| training | {stop}, batch {opt.batch_size}, lr {opt.lr:g}, seed {opt.seed} |
+| training | {stop}, batch {opt.batch_size}, lr {opt.lr:g}, seed {opt.seed}{weighting} |
 | test problems | the first {summary["eval_problems"]} of the generated test split (no question shared with \
 the training or validation problems: {summary["split_check"]["method"]}) |
 | strict accuracy (`#### n`) | {strict["p"]:.3f} ({strict["k"]}/{strict["n"]}), 95% Wilson interval \

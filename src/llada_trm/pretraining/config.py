@@ -106,6 +106,9 @@ class OptimConfig(_Section):
     `save_every` steps (and on SIGINT / SIGTERM) the run's state goes to `checkpoint_dir` (default
     `<output.dir>.partial`), from which `--resume` continues it exactly. `eval_every` steps (and at the end)
     the model is measured on the validation problems; 0 turns the in-training evaluations off.
+    `object_weight` multiplies the loss of the answer's object nouns (the task's items, e.g. " eggs"): at
+    1 (LLaDA's loss) the embedded backbone never learnt to copy them from the question (13% of masked
+    object tokens right, chance 6%, after 9000 steps), at 5 a 300-step scout reached 67%.
     """
 
     steps: PosInt = 3000
@@ -115,6 +118,7 @@ class OptimConfig(_Section):
     warmup_steps: NonNegInt = 100
     weight_decay: Float = 0.1
     max_grad_norm: Float = 1.0
+    object_weight: PositiveFloat = 1.0
     seed: Int = 0
     eval_every: NonNegInt = 250
     log_every: PosInt = 25

@@ -2,7 +2,8 @@
 
 The project cannot download LLaDA-8B, so it ships a backbone of the same architecture, small enough to train
 on a CPU. It is trained with LLaDA's SFT objective (prompt kept, every answer token maskable, 1/p_mask
-weighting), from scratch or continuing a backbone (`model.init_from`), and saved in LLaDA-8B's Hugging Face
+weighting; `training.object_weight` up-weights the answer's object nouns), from scratch or continuing a
+backbone (`model.init_from`), and saved in LLaDA-8B's Hugging Face
 layout (config.json, model.safetensors, tokenizer files), so it loads through the same `from_pretrained`.
 
 The run checkpoints itself (`run_dir`) and resumes exactly; every `eval_every` steps it samples answers to
@@ -83,6 +84,7 @@ def pretrain(
     val_records = generate_problems(task, max(config.data.n_eval, config.evaluation.n_problems), "validation")
     model, tokenizer = build_backbone(config, train_records)
     ids = special_token_ids(tokenizer)
+    object_ids = object_token_ids(tokenizer, task.items)
     train_set = SFTDataset(tokenizer, train_records, config.data.max_length)
     val_set = SFTDataset(tokenizer, val_records[: config.data.n_eval], config.data.max_length)
     optimizer, scheduler = _optimizer(model, config)
@@ -119,7 +121,9 @@ def pretrain(
     with _signals() as caught, bar:
         while state.step < opt.steps and not state.stopped_at_target:
             batch = _random_batch(train_set, opt.batch_size, generator)
-            loss_value, grad_norm = _train_step(model, optimizer, scheduler, batch, ids.mask, generator, opt)
+            loss_value, grad_norm = _train_step(
+                model, optimizer, scheduler, batch, ids.mask, generator, opt, object_ids
+            )
             bar.update(1)
             bar.set_postfix(loss=f"{loss_value:.3f}")
             step = state.step + 1
@@ -183,12 +187,31 @@ def _random_batch(train_set: SFTDataset, batch_size: int, generator: torch.Gener
     return train_set.collate([train_set[i] for i in indices])
 
 
-def _train_step(model, optimizer, scheduler, batch, mask_id, generator, opt) -> tuple[float, float]:
-    """One step of LLaDA's SFT objective on `batch`; the noise is drawn from `generator`."""
+def object_token_ids(tokenizer: Any, items: tuple[str, ...]) -> torch.Tensor:
+    """The token ids of the task's object nouns as answers write them (" eggs", after a number)."""
+    pieces = {t for item in items for t in tokenizer.encode(" " + item, add_special_tokens=False)}
+    return torch.tensor(sorted(pieces), dtype=torch.long)
+
+
+def object_weights(ids: torch.Tensor, object_ids: torch.Tensor, weight: float) -> torch.Tensor | None:
+    """[B, L] loss weights: `weight` on object-noun tokens, 1 elsewhere (None when `weight` is 1)."""
+    if weight == 1.0:
+        return None
+    return torch.where(torch.isin(ids, object_ids), weight, 1.0)
+
+
+def _train_step(  # noqa: PLR0913 - the loop's state, passed rather than kept
+    model, optimizer, scheduler, batch, mask_id, generator, opt, object_ids
+) -> tuple[float, float]:
+    """One step of LLaDA's SFT objective on `batch` (object nouns weighted by `opt.object_weight`); the
+    noise is drawn from `generator`."""
     ids, prompt_lengths = batch["input_ids"], batch["prompt_lengths"]
     noisy, masked, p_mask = forward_process(ids, prompt_lengths, mask_id, generator=generator)
     logits = model(noisy).logits
-    loss = masked_diffusion_loss(logits, batch["input_ids"], masked, p_mask, batch["answer_lengths"])
+    loss = masked_diffusion_loss(
+        logits, ids, masked, p_mask, batch["answer_lengths"],
+        token_weights=object_weights(ids, object_ids, opt.object_weight),
+    )  # fmt: skip
     if not torch.isfinite(loss):
         raise FloatingPointError(f"pretrain: loss is {loss.item()}; lower training.lr")
     optimizer.zero_grad(set_to_none=True)
