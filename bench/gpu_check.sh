@@ -4,12 +4,17 @@
 #   bash bench/gpu_check.sh
 #
 # It installs nothing beyond the README's set-up (`make setup`: .venv with the pinned torch and the project),
-# then runs, each under its own `timeout` (about 8 minutes in all on one GPU, the set-up not counted):
+# then runs, each under its own `timeout` (the timeouts sum to 8 minutes; the set-up is not counted):
 #   1. the test suite (what `make test` runs; no test takes a device, so it runs on the CPU here too);
-#   2. bf16 autocast training on the GPU: 20 phase-1 steps of configs/tiny_refiner.yaml (the embedded default);
-#   3. sampling on the GPU with a bf16 backbone from that run: the exact sampler, then threshold + dual cache;
-#   4. bench/bench_sampler.py on the GPU (bf16): decoding modes, refiner share at K = 1, 4 with its floor;
-#   5. bench/bench_training.py on the GPU (bf16 autocast): feature cache vs live on the embedded backbone and on
+#   2. the torch.compile equality test on the GPU (compiled refiner step = eager, outputs and gradients);
+#   3. bf16 autocast training on the GPU: 20 phase-1 steps of configs/tiny_refiner.yaml (the embedded default);
+#   4. sampling on the GPU with a bf16 backbone from that run: the exact sampler, then threshold + dual cache;
+#   5. bench/bench_sampler.py on the GPU (bf16): decoding modes, refiner share at K = 1, 4 with its floor;
+#   6. bench/bench_sampler.py --wide: K = 4 selective refinement on a random LLaDA-8B-wide backbone of 4
+#      layers against its FLOP floor (extrapolated to 32 layers, labelled so);
+#   7. bench/bench_compile.py on the GPU at LLaDA-8B width: the refiner step and the cached phase-1 step,
+#      eager vs compiled;
+#   8. bench/bench_training.py on the GPU (bf16 autocast): feature cache vs live on the embedded backbone and on
 #      a random LLaDA-8B-wide backbone of 4 layers (extrapolated to 32, labelled so);
 # and prints one table. Exit status: 0 when every step passed (or there is no GPU), 1 otherwise.
 #
@@ -86,11 +91,15 @@ json_get() {
     "$PY" -c "import json, sys; d = json.load(open(sys.argv[1])); print($2)" "$1" 2>/dev/null || echo "-"
 }
 
-step tests 200 "$PY" -m pytest -p no:cacheprovider  # the project's addopts give -q
+step tests 135 "$PY" -m pytest -p no:cacheprovider  # the project's addopts give -q
 result "$(grep -E '[0-9]+ (passed|failed)' "$OUT/tests.log" | tail -n 1)"
 
+step compile_test 60 env LLADA_TRM_COMPILE_TESTS=1 LLADA_TRM_TEST_DEVICE="$DEVICE" "$PY" -m pytest \
+    -p no:cacheprovider -rs tests/test_compile_refiner.py -k matches_eager
+result "$(grep -E '[0-9]+ (passed|failed|skipped)' "$OUT/compile_test.log" | tail -n 1)"
+
 RUN="$OUT/train"
-step train_bf16 60 "$PY" -m llada_trm train --config configs/tiny_refiner.yaml \
+step train_bf16 40 "$PY" -m llada_trm train --config configs/tiny_refiner.yaml \
     --set training.device="$DEVICE" --set training.mixed_precision=bf16 --set training.max_steps=20 \
     --set training.eval_every=10 --set training.save_every=10 --set training.log_every=5 \
     --set output.dir="$RUN" --no-progress
@@ -101,7 +110,7 @@ $([ -d "$RUN/checkpoints/last" ] || echo '; no checkpoint')"
 for mode in exact dual; do
     extra=()
     [ "$mode" = dual ] && extra=(--threshold 0.9 --cache dual)
-    step "eval_$mode" 45 "$PY" -m llada_trm eval --checkpoint "$RUN" --device "$DEVICE" --dtype bfloat16 \
+    step "eval_$mode" 25 "$PY" -m llada_trm eval --checkpoint "$RUN" --device "$DEVICE" --dtype bfloat16 \
         --limit 32 --batch-size 16 --gen-length 64 --steps 64 --block-length 32 --out "$OUT/eval_$mode" \
         --no-progress "${extra[@]}"
     result "$(json_get "$OUT/eval_$mode/summary.json" \
@@ -109,14 +118,26 @@ for mode in exact dual; do
 NFE {d['speed']['nfe']}\"")"
 done
 
-step bench_sampler 100 "$PY" bench/bench_sampler.py --device "$DEVICE" --dtype bfloat16 --threads 4 \
+step bench_sampler 45 "$PY" bench/bench_sampler.py --device "$DEVICE" --dtype bfloat16 --threads 4 \
     --n-problems 32 --batch-size 16 --gen-length 128 --block-length 32 --ks 1,4 --json "$OUT/sampler.json"
 result "$(json_get "$OUT/sampler.json" "'; '.join(
     f\"{r['mode'].split(' + ')[-1]} {r['variant']}: {100 * r['overhead_measured']:+.1f}% vs floor \
 {100 * r['overhead_floor']:+.2f}% ({r['measured_over_floor']:.2f}x)\"
     for r in d['refiner share'] if r['variant'].startswith('K=4 selective'))")"
 
-step bench_training_wide 110 "$PY" bench/bench_training.py --device "$DEVICE" --mixed-precision bf16 \
+step bench_sampler_wide 45 "$PY" bench/bench_sampler.py --wide --wide-layers 4 --device "$DEVICE" \
+    --threads 4 --json "$OUT/sampler_wide.json"
+result "$(json_get "$OUT/sampler_wide.json" "'; '.join(
+    f\"{r['depth']}: K=4 adds {100 * r['overhead_measured']:+.2f}% vs floor {100 * r['overhead_floor']:+.2f}% \
+({r['measured_over_floor']:.2f}x)\" for r in d['table'])")"
+
+step bench_compile 60 "$PY" bench/bench_compile.py --device "$DEVICE" --shapes wide --repeats 5 \
+    --json "$OUT/compile.json"
+result "$(json_get "$OUT/compile.json" "'; '.join(
+    f\"{r['shape'].split(' (')[0]} {r['measure']}: {r['speedup']:.2f}x, 1st call {r['first_compiled_call_s']:.0f} s\"
+    for r in d)")"
+
+step bench_training_wide 45 "$PY" bench/bench_training.py --device "$DEVICE" --mixed-precision bf16 \
     --threads 4 --steps 12 --wide-layers 4 --wide-steps 8 --wide-batch-size 4 --json "$OUT/training.json"
 result "$(json_get "$OUT/training.json" "'; '.join(
     f\"{s['case'].split(' (')[0]}: cached {s['speedup_same_batches']:.1f}x live\" + (

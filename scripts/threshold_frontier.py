@@ -13,7 +13,8 @@ longest its 256 positions allow). Every setting samples every batch in turn (int
 ratios compare like with like on a shared machine. Per setting: strict accuracy with its Wilson 95%
 interval, the paired difference vs exact (paired bootstrap 95% interval, exact McNemar p), whether the
 interval excludes a loss of more than `--margin` (non-inferiority), NFE and the speed-up in wall time.
-Writes frontier.md and frontier.json into `--out` atomically, and prints the estimated time of `--n 512`.
+Writes frontier.md and frontier.json into `--out` atomically after every batch (a stopped run leaves the
+paired result of the problems it finished, marked partial), and prints the estimated time of `--n 512`.
 """
 
 from __future__ import annotations
@@ -140,8 +141,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def sample_interleaved(model: Any, tokenizer: Any, records: list, options: Any, settings: list[Setting],
-                       batch_size: int) -> dict[str, Tally]:
-    """Every setting on every batch, batch by batch, so each sees the same machine load."""
+                       batch_size: int, after_batch: Any = None) -> dict[str, Tally]:
+    """Every setting on every batch, batch by batch, so each sees the same machine load; `after_batch`
+    (if given) is called with the tallies so far after each batch."""
     from llada_trm.evaluate import evaluate_model
 
     tallies = {s.name: Tally() for s in settings}
@@ -156,6 +158,8 @@ def sample_interleaved(model: Any, tokenizer: Any, records: list, options: Any, 
             tally.nfe += result.summary["speed"]["nfe"]
         done = min(len(records), start + batch_size)
         print(f"  {done}/{len(records)} problems", file=sys.stderr, flush=True)
+        if after_batch is not None and done < len(records):
+            after_batch(tallies)
     return tallies
 
 
@@ -183,22 +187,33 @@ def main(argv: list[str] | None = None) -> int:
           f"gen_length {args.gen_length}, block {args.block_length}, exact {args.steps} steps, "
           f"batch {args.batch_size}, backbone {loaded.describe()}")
     started = time.perf_counter()
-    tallies = sample_interleaved(loaded.model, loaded.tokenizer, records, options, settings, args.batch_size)
-    rows = frontier_rows(tallies, margin=args.margin)
-    table = markdown_table(rows, args.margin)
+
+    def write(tallies: Mapping[str, Tally]) -> str:
+        """frontier.md / .json for the problems sampled so far (atomic; a partial run says so)."""
+        n = len(next(iter(tallies.values())).correct)
+        rows = frontier_rows(tallies, margin=args.margin)
+        table = markdown_table(rows, args.margin)
+        per_setting = {name: t.seconds / len(t.correct) * 32 for name, t in tallies.items()}
+        meta = {
+            "n": n, "partial": n < len(records), "split_check": split, "sampling": options.to_dict(),
+            "elapsed_s": time.perf_counter() - started, "seconds_per_32_problems": per_setting,
+            f"estimated_s_for_{args.estimate_for}": estimate_seconds(tallies, args.estimate_for),
+            "config": str(args.config),
+        }
+        partial = f" -- partial: {n} of {len(records)} done, the run goes on" if meta["partial"] else ""
+        header = (f"# Threshold decoding frontier ({n} problems, gen_length {args.gen_length}, "
+                  f"backbone alone{partial})\n\nCommand: `scripts/threshold_frontier.py --n {args.n}`; "
+                  f"sampling {options.to_dict()}.\n\n")
+        write_text_atomic(args.out / "frontier.md", header + table)
+        write_json(args.out / "frontier.json", {"meta": meta, "rows": rows})
+        return table
+
+    tallies = sample_interleaved(loaded.model, loaded.tokenizer, records, options, settings, args.batch_size,
+                                 after_batch=write)
+    table = write(tallies)
     elapsed = time.perf_counter() - started
     estimate = estimate_seconds(tallies, args.estimate_for)
     per_setting = {name: t.seconds / len(t.correct) * 32 for name, t in tallies.items()}
-    meta = {
-        "n": len(records), "split_check": split, "sampling": options.to_dict(), "elapsed_s": elapsed,
-        "seconds_per_32_problems": per_setting,
-        f"estimated_s_for_{args.estimate_for}": estimate, "config": str(args.config),
-    }
-    header = (f"# Threshold decoding frontier ({len(records)} problems, gen_length {args.gen_length}, "
-              f"backbone alone)\n\nCommand: `scripts/threshold_frontier.py --n {args.n}`; "
-              f"sampling {options.to_dict()}.\n\n")
-    write_text_atomic(args.out / "frontier.md", header + table)
-    write_json(args.out / "frontier.json", {"meta": meta, "rows": rows})
     print("\n" + table)
     slowest = max(per_setting, key=per_setting.get)
     print(f"one setting on 32 problems: {min(per_setting.values()):.0f}-{per_setting[slowest]:.0f} s "

@@ -77,19 +77,20 @@ def test_no_usable_compiler_warns_and_stays_eager(monkeypatch):
 @pytest.mark.skipif(
     os.environ.get("LLADA_TRM_COMPILE_TESTS") != "1",
     reason="inductor compiles the step's forward and backward for 1-3 CPU-minutes; "
-    "set LLADA_TRM_COMPILE_TESTS=1 to run it",
+    "set LLADA_TRM_COMPILE_TESTS=1 to run it (LLADA_TRM_TEST_DEVICE=cuda to run it on a GPU)",
 )
 def test_compiled_refiner_matches_eager_outputs_and_gradients():
-    problem = torch_compile_problem(torch.device("cpu"))
+    device = torch.device(os.environ.get("LLADA_TRM_TEST_DEVICE", "cpu"))  # bench/gpu_check.sh: cuda
+    problem = torch_compile_problem(device)
     if problem is not None:
-        pytest.skip(f"torch.compile cannot run on this CPU: {problem}")
-    eager = small_refiner().train()
+        pytest.skip(f"torch.compile cannot run on this {device.type}: {problem}")
+    eager = small_refiner().train().to(device)
     compiled = copy.deepcopy(eager)
-    assert compile_refiner_steps([compiled]) is True and compiled_step(compiled)
+    assert compile_refiner_steps([compiled], device) is True and compiled_step(compiled)
     generator = torch.Generator().manual_seed(1)
-    h = torch.randn(2, 12, 32, generator=generator)
-    context = torch.randn(2, 12, 24, generator=generator)
-    active = torch.rand(2, 12, generator=generator) < 0.5
+    h = torch.randn(2, 12, 32, generator=generator).to(device)
+    context = torch.randn(2, 12, 24, generator=generator).to(device)
+    active = (torch.rand(2, 12, generator=generator) < 0.5).to(device)
     active[:, 0] = True
     outputs, grads = [], []
     for refiner in (eager, compiled):

@@ -134,6 +134,23 @@ def test_learned_halting_runs_no_lm_head_inside_the_loop(monkeypatch):
     assert stats["lm_head_rows"] == sum(seen) == refined_rows
 
 
+def test_unmasked_positions_of_refined_chunks_keep_the_backbones_logits(monkeypatch):
+    ids = noisy_ids()
+    ids[:, 5] = 3  # chunk 1 (positions 4-7) is refined but now holds a committed token
+    for halting in ("none", "learned"):
+        model = hybrid(halting=halting).eval()
+        with torch.no_grad():
+            features = model.features(ids)
+            seen = count_lm_head_rows(model, monkeypatch)
+            out = model.refine(features)
+        masked = ids == MASK
+        assert out.stats["steps_per_chunk"].tolist() == [[0, K, K], [0, K, K]]
+        assert seen == [int(masked.sum())] == [2 * 8 - 2]  # the final pass: masked rows only
+        assert torch.equal(out.logits[~masked], features.base_logits[~masked])
+        assert not torch.equal(out.hidden_states[:, 5], features.hidden_states[:, 5])  # still refined
+        assert not torch.allclose(out.logits[masked], features.base_logits[masked])
+
+
 def test_learned_halting_needs_a_head():
     model = hybrid("mlp", halting="learned")
     model.refinement_head["mlp"].halting_head = None

@@ -80,3 +80,30 @@ def test_markdown_table_and_estimate(frontier):
     assert "| -25.0 [" in lines[3] and "| +0/-1 |" in lines[3] and lines[3].endswith("| 8 | 1.0 | 8.00x |")
     # 2 s + 0.25 s per problem over the two settings, scaled to 512 problems
     assert math.isclose(frontier.estimate_seconds(tallies, 512), (2.0 + 0.25) * 512)
+
+
+def test_sampling_interleaves_settings_and_reports_each_unfinished_batch(frontier, monkeypatch):
+    import llada_trm.evaluate as evaluate
+
+    calls: list[tuple[int, float | None]] = []
+
+    class Result:
+        def __init__(self, batch, threshold):
+            self.predictions = [{"correct_strict": threshold is None} for _ in batch]
+            self.summary = {"speed": {"generation_s": 1.0, "nfe": 4}}
+
+    def fake_evaluate(model, tokenizer, batch, options, **kwargs):
+        calls.append((len(batch), options.threshold))
+        return Result(batch, options.threshold)
+
+    from llada_trm.diffusion import SamplingOptions
+
+    monkeypatch.setattr(evaluate, "evaluate_model", fake_evaluate)
+    seen: list[int] = []
+    settings = frontier.frontier_settings([0.9])[:2]
+    tallies = frontier.sample_interleaved(None, None, list(range(5)), SamplingOptions(), settings, 2,
+                                          after_batch=lambda t: seen.append(len(t["exact"].correct)))
+    assert calls == [(2, None), (2, 0.9), (2, None), (2, 0.9), (1, None), (1, 0.9)]  # batch by batch
+    assert seen == [2, 4]  # the partial write after each unfinished batch; the caller writes the last
+    assert tallies["exact"].correct == [True] * 5 and tallies["threshold 0.9"].correct == [False] * 5
+    assert tallies["exact"].nfe == 12 and tallies["exact"].seconds == 3.0

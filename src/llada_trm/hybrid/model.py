@@ -5,16 +5,17 @@
     R     = {j : chunk j has a masked position and c_j < threshold}        the chunks to refine
     h_k   = refiner.step(h_{k-1}, active = positions of R_k)             k = 1..K,  R_1 = R
     R_k+1 = {j in R_k : chunk j does not halt after step k}                  (per-chunk halting, below)
-    logits_k = lm_head(h_k) on the positions of R, logits_0 elsewhere
+    logits_k = lm_head(h_k) on the masked positions of R, logits_0 elsewhere
 
 Halting (`hybrid.halting`): 'confidence' halts chunk j when the mean max probability of lm_head(h_k) over its
 masked positions reaches the threshold; 'learned' when the refiner's halting head says sigmoid(q_j) >
 halting_threshold (no LM-head pass in the loop); 'none' never.
 
 Positions outside the refined chunks are never touched: their hidden states and logits are the backbone's,
-bit for bit. The LM head is evaluated only where something changed (the positions of chunks active at that
-step; for halting, only their masked positions), which matters when V is LLaDA's 126k; `stats['lm_head_rows']`
-counts those rows.
+bit for bit. The LM head is evaluated only where something changed and someone reads it: the masked
+positions of the chunks refined (active, for step logits and the halting probe), the only rows the sampler
+commits from and the loss scores; a refined chunk's unmasked positions get refined hidden states but keep
+the backbone's logits. That matters when V is LLaDA's 126k; `stats['lm_head_rows']` counts those rows.
 
 With a KV cache (fast sampling) the backbone runs only on a window of the sequence and the refiner runs on
 that window's hidden states. Chunks stay anchored to absolute positions (chunk j is positions
@@ -344,7 +345,7 @@ class LLaDATRMHybrid(nn.Module):
             step_confidence.append(confidence)
             steps += active.long()
             if return_step_logits:
-                rows = positions.nonzero(as_tuple=True)
+                rows = (positions & masked).nonzero(as_tuple=True)
                 logits = logits.index_put(rows, self.lm_head(h[rows]).to(logits.dtype))
                 trace.lm_head_rows += int(rows[0].numel())
                 step_logits.append(logits)
@@ -354,8 +355,8 @@ class LLaDATRMHybrid(nn.Module):
 
         for kind, (where, last) in ran.items():  # empty without a carry
             carry.keep(kind, self.refinement_head[kind], last, where, offset)
-        if not return_step_logits:  # one LM-head pass over every refined position
-            rows = chunks.expand(refined).nonzero(as_tuple=True)
+        if not return_step_logits:  # one LM-head pass over the refined chunks' masked positions
+            rows = (chunks.expand(refined) & masked).nonzero(as_tuple=True)
             if rows[0].numel():
                 logits = base.index_put(rows, self.lm_head(h[rows]).to(base.dtype))
                 trace.lm_head_rows += int(rows[0].numel())
