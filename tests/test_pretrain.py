@@ -61,7 +61,7 @@ def test_pretrain_config_rejects_unknown_keys_with_a_suggestion():
 
 def test_shipped_config_validates():
     config = load_pretrain_config(Path(__file__).parents[1] / "configs" / "tiny_backbone.yaml")
-    assert config.output.dir == "src/llada_trm/assets/tiny_backbone"
+    assert config.output.dir == "experiments/tiny_backbone_v1"
 
 
 def test_object_weights_mark_the_tasks_object_nouns_only():
