@@ -21,6 +21,7 @@ OTHER_SCHEMAS = {
     "tiny_backbone.yaml": "llada_trm.pretrain:load_pretrain_config",
     "tiny_backbone_v2.yaml": "llada_trm.pretrain:load_pretrain_config",
     "tiny_backbone_v3.yaml": "llada_trm.pretrain:load_pretrain_config",
+    "tiny_backbone_v4.yaml": "llada_trm.pretrain:load_pretrain_config",
     "compare_tiny.yaml": "llada_trm.compare:load_compare_config",
     "study_tiny.yaml": "llada_trm.compare:load_compare_config",
     "levers_tiny.yaml": "llada_trm.compare:load_compare_config",

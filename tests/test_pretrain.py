@@ -78,3 +78,29 @@ def test_object_weights_mark_the_tasks_object_nouns_only():
     marked = [tokenizer.decode([int(t)]) for t in ids[0][weights[0] == 5.0]]
     assert marked == [" eggs"] and int((weights == 1.0).sum()) == ids.shape[1] - 1
     assert object_weights(ids, object_ids, 1.0) is None  # LLaDA's loss, untouched
+
+
+def test_random_padding_draws_each_batch_length_between_its_longest_and_max_length():
+    from llada_trm.assets import embedded_backbone_dir
+    from llada_trm.data import SFTDataset, generate_problems
+    from llada_trm.data.synthetic import SyntheticTaskConfig
+    from llada_trm.pretraining.loop import _random_batch
+
+    tokenizer = load_tokenizer(embedded_backbone_dir())
+    records = generate_problems(SyntheticTaskConfig(max_steps=2, max_number=12, max_result=100), 40)
+    dataset = SFTDataset(tokenizer, records, max_length=160)
+    plain = _random_batch(dataset, 4, torch.Generator().manual_seed(0))
+    longest = int(plain["attention_mask"].sum(1).max())
+    assert plain["input_ids"].shape[1] == longest  # the default: the batch's longest example
+    lengths = set()
+    for seed in range(12):
+        batch = _random_batch(dataset, 4, torch.Generator().manual_seed(seed), random_padding=True)
+        ids, own = batch["input_ids"], batch["attention_mask"].bool()
+        assert int(own.sum(1).max()) <= ids.shape[1] <= 160
+        assert bool((ids[~own] == dataset.pad_id).all())  # the tail is EOS padding, trained on
+        assert torch.equal(batch["answer_lengths"], ids.shape[1] - batch["prompt_lengths"])
+        lengths.add(ids.shape[1])
+    assert len(lengths) > 6  # drawn, not fixed
+    same = _random_batch(dataset, 4, torch.Generator().manual_seed(3), random_padding=True)
+    again = _random_batch(dataset, 4, torch.Generator().manual_seed(3), random_padding=True)
+    assert torch.equal(same["input_ids"], again["input_ids"])  # deterministic for the generator

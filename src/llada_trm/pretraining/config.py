@@ -65,6 +65,11 @@ class TaskConfig(_Section):
 
     `n_eval` validation problems measure the masked-token accuracy; `vocab_size` is the size of the tokenizer
     built from the training problems (unused with `model.init_from`, whose tokenizer is kept).
+    `random_padding` EOS-pads each batch to a length drawn from [its longest example, max_length] instead of
+    to its longest example: a backbone only learns to end an answer in an EOS tail as long as those it was
+    trained on, and sampled with a longer gen_length it commits EOS too early (backbone v3, padded to the
+    batch's longest: strict 0.188 on 48 test problems at gen_length 128, exact sampler, 7 answers empty and
+    most others cut mid-line, against 0.518 on 768 at gen_length 64).
     """
 
     n_train: PosInt = 20000
@@ -76,6 +81,7 @@ class TaskConfig(_Section):
     seed: Int = 0
     vocab_size: PosInt = 1024
     max_length: PosInt = 192
+    random_padding: bool = False
 
     def task(self) -> SyntheticTaskConfig:
         return SyntheticTaskConfig(

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from llada_trm.data import SFTDataset, generate_problems, special_token_ids
+from llada_trm.data import SFTDataset, collate_batch, generate_problems, special_token_ids
 from llada_trm.diffusion import forward_process, masked_diffusion_loss
 from llada_trm.training.schedule import warmup_cosine
 
@@ -120,7 +120,7 @@ def pretrain(
     bar = tqdm(total=opt.steps, initial=state.step, desc="pretrain", disable=not progress, dynamic_ncols=True)
     with _signals() as caught, bar:
         while state.step < opt.steps and not state.stopped_at_target:
-            batch = _random_batch(train_set, opt.batch_size, generator)
+            batch = _random_batch(train_set, opt.batch_size, generator, config.data.random_padding)
             loss_value, grad_norm = _train_step(
                 model, optimizer, scheduler, batch, ids.mask, generator, opt, object_ids
             )
@@ -182,9 +182,18 @@ def _optimizer(model: torch.nn.Module, config: PretrainConfig):
     return optimizer, scheduler
 
 
-def _random_batch(train_set: SFTDataset, batch_size: int, generator: torch.Generator) -> dict[str, Any]:
+def _random_batch(
+    train_set: SFTDataset, batch_size: int, generator: torch.Generator, random_padding: bool = False
+) -> dict[str, Any]:
+    """`batch_size` examples drawn with replacement, EOS-padded to the longest one or, with
+    `random_padding`, to a length drawn uniformly from [longest, max_length] (one more draw per batch)."""
     indices = torch.randint(len(train_set), (batch_size,), generator=generator).tolist()
-    return train_set.collate([train_set[i] for i in indices])
+    examples = [train_set[i] for i in indices]
+    if not random_padding:
+        return train_set.collate(examples)
+    longest = max(len(example["input_ids"]) for example in examples)
+    length = int(torch.randint(longest, max(longest, train_set.max_length) + 1, (1,), generator=generator))
+    return collate_batch(examples, train_set.pad_id, pad_to=length)
 
 
 def object_token_ids(tokenizer: Any, items: tuple[str, ...]) -> torch.Tensor:
