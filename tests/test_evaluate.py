@@ -223,7 +223,7 @@ def test_plain_backbone_and_embedded(backbone_dir, tmp_path, monkeypatch):
     assert loaded.model.backbone.dtype == torch.float32 and loaded.run_dir is None
 
     monkeypatch.setattr(assets, "_BACKBONE_DIR", tmp_path / "absent")
-    with pytest.raises(CheckpointError, match="llada-trm pretrain --config configs/tiny_backbone_v3.yaml"):
+    with pytest.raises(CheckpointError, match="llada-trm pretrain --config configs/tiny_backbone_v4.yaml"):
         assets.embedded_backbone_dir()
     monkeypatch.setattr(assets, "_BACKBONE_DIR", backbone_dir)
     assert assets.embedded_backbone_dir() == backbone_dir

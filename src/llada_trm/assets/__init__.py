@@ -26,7 +26,7 @@ def embedded_backbone_dir() -> Path:
         what = ", ".join(missing + ([] if has_weights else ["model.safetensors"]))
         raise CheckpointError(
             f"the embedded tiny backbone is missing from {_BACKBONE_DIR} (no {what}); create it with "
-            "`llada-trm pretrain --config configs/tiny_backbone_v3.yaml` and copy its output.dir there "
+            "`llada-trm pretrain --config configs/tiny_backbone_v4.yaml` and copy its output.dir there "
             "(its card lists the chain it continues), or give a backbone directory instead"
         )
     return _BACKBONE_DIR
