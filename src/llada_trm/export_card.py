@@ -105,7 +105,7 @@ def model_card(
         "from llada_trm import load_checkpoint",
         "",
         'model = load_checkpoint("THIS_DIRECTORY")',
-        'print(model.generate(["Ann has 3 pens. She buys 2 more. How many pens does she have?"]).answers)',
+        'print(model.generate(["Tom has 3 apples. Tom buys 2 more apples. How many apples does Tom have now?"]).answers)',
         "```",
         "",
         "or `llada-trm generate --checkpoint THIS_DIRECTORY \"QUESTION\"` / `llada-trm eval --checkpoint "
