@@ -20,12 +20,21 @@ refiner's d_model, d_inner, context width and block MLP width; c_*: slot widths,
 The refiner's floor is the rows it refines times those per-row costs, step by step: it counts the refined
 rows' own keys and values but treats the other rows' (which serve as keys) as free, so a refiner that computes
 more rows than it refines (earlier blocks on every row, keys of rows it leaves alone) shows above its floor.
+
+Weight reads. At batch 1 a sampling call computes a few dozen rows, and each matrix product is bound by
+reading its weights, not by its FLOPs (LLaDA-8B's LM head is 1.04 GB in bf16: reading it once costs more than
+multiplying 100 rows by it on a CPU, and about as much as 200 rows on an H200). The weight-read floor counts
+bytes instead: every backbone call reads its layers and LM head once, every LM-head call inside refinement
+the LM head again, every refiner step the refiner's weights (`weight_bytes`). A measured overhead then lies
+between its FLOP floor (large batches) and its weight-read floor (batch 1 on a bandwidth-bound machine).
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+
+import torch
 
 from llada_trm.backbone.config import LLaDAConfig
 from llada_trm.refiners.config import MLPRefinerConfig, SlotConfig
@@ -54,6 +63,25 @@ def backbone_token_flops(config: LLaDAConfig, keys: int, with_lm_head: bool = Tr
     )
     head = lm_head_row_flops(config) if with_lm_head else 0
     return config.n_layers * per_layer + head
+
+
+def lm_head_weight_bytes(config: LLaDAConfig, element_bytes: int) -> int:
+    """Bytes of the LM head's weight (d x V), read once per call whatever its row count."""
+    return config.d_model * config.effective_embedding_size * element_bytes
+
+
+def backbone_weight_bytes(config: LLaDAConfig, element_bytes: int) -> int:
+    """Bytes of the weights one backbone call reads: every layer's projections and the LM head (the
+    embedding lookup reads only the rows it needs, and norms are vectors)."""
+    d, hidden = config.d_model, config.effective_mlp_hidden_size
+    kv = config.effective_n_kv_heads * config.head_dim
+    per_layer = d * d + 2 * d * kv + d * d + 3 * d * hidden
+    return config.n_layers * per_layer * element_bytes + lm_head_weight_bytes(config, element_bytes)
+
+
+def weight_bytes(module: torch.nn.Module) -> int:
+    """Bytes of a module's parameters: what one call of it reads (a refiner step reads all of its own)."""
+    return sum(p.numel() * p.element_size() for p in module.parameters())
 
 
 def lm_head_row_flops(config: LLaDAConfig) -> int:

@@ -7,6 +7,9 @@ refiner's `step` and the hybrid's `lm_head`, and adds up, from the shapes of eve
     refiner      per step: refined rows x its row FLOPs (keys = the window's rows)
     LM head      rows the hybrid sends through the LM head (halting probes and the refined rows' logits)
 
+and the calls of each (`backbone_calls`, `lm_head_calls`, `refiner_calls`), which the weight-read floor
+prices by the bytes each call reads (`floors.backbone_weight_bytes`, ...).
+
 Only counting: the wrapped calls return what they would have.
 """
 
@@ -28,6 +31,9 @@ class FlopCount:
     lm_head: float = 0.0
     refined_rows: int = 0  # summed over steps
     lm_head_rows: int = 0
+    backbone_calls: int = 0
+    lm_head_calls: int = 0
+    refiner_calls: int = 0
 
     @property
     def overhead(self) -> float:
@@ -35,7 +41,8 @@ class FlopCount:
         return self.refiner + self.lm_head
 
     def add(self, other: FlopCount) -> None:
-        for name in ("backbone", "refiner", "lm_head", "refined_rows", "lm_head_rows"):
+        for name in ("backbone", "refiner", "lm_head", "refined_rows", "lm_head_rows", "backbone_calls",
+                     "lm_head_calls", "refiner_calls"):
             setattr(self, name, getattr(self, name) + getattr(other, name))
 
 
@@ -71,6 +78,7 @@ class FlopMeter:
             keys = attended_keys(input_ids.shape[1], past, position)
             head = kwargs.get("output_logits", True)
             self.count.backbone += input_ids.numel() * floors.backbone_token_flops(config, keys, head)
+            self.count.backbone_calls += 1
             return original(input_ids, *args, **kwargs)
 
         backbone.forward = forward  # instance attribute: Module.__call__ calls self.forward
@@ -81,6 +89,7 @@ class FlopMeter:
         def lm_head(h: Tensor) -> Tensor:
             rows = h.shape[:-1].numel()
             self.count.lm_head_rows += rows
+            self.count.lm_head_calls += 1
             self.count.lm_head += rows * row_flops
             return original(h)
 
@@ -99,6 +108,7 @@ class FlopMeter:
             else:
                 per_row = floors.mlp_row_flops(config, with_context)
             self.count.refined_rows += rows
+            self.count.refiner_calls += 1
             self.count.refiner += rows * per_row
             return original(h, state, **kwargs)
 

@@ -7,9 +7,11 @@ random LM head is never confident, so every chunk holding a masked position of t
 and never halts: the most LM-head probing K = 4 can do). Variants take turns call by call. Measured: the
 sampling time each adds over the backbone alone, the part of it spent in the LM head inside refinement
 (halting probes + the refined rows' logits), each against its floor (flop_meter's counted rows x floors'
-per-row FLOPs, over the backbone alone's FLOPs). Then the same at 32 layers: the backbone alone's time is
-EXTRAPOLATED by layer count (its per-layer and fixed parts split by their FLOPs), the added time carried
-over unchanged (the refiner and the LM head do not grow with depth); the 32-layer floors are computed.
+per-row FLOPs, over the backbone alone's FLOPs) and against the weight-read floor (the bytes of weights the
+added calls read, over the backbone alone's: what binds at batch 1). Then the same at 32 layers: the
+backbone alone's time is EXTRAPOLATED by layer count (its per-layer and fixed parts split by their
+FLOPs), the added time carried over unchanged (the refiner and the LM head do not grow with depth); the
+32-layer floors are computed.
 """
 
 from __future__ import annotations
@@ -93,11 +95,12 @@ def run_wide(args: argparse.Namespace, config_path: Any) -> dict[str, Any]:
                 refine_s[name].append(refine_timer.seconds)
                 head_s[name].append(head_timer.seconds)
                 counts.setdefault(name, FlopCount()).add(meter.reset())
-    return report(args, bb, seconds, refine_s, head_s, counts, prompt_len + gen)
+    refiner_bytes = max(floors.weight_bytes(r) for r in model.refinement_head.values())
+    return report(args, bb, seconds, refine_s, head_s, counts, prompt_len + gen, refiner_bytes)
 
 
 def report(args: argparse.Namespace, bb: Any, seconds: dict, refine_s: dict, head_s: dict,
-           counts: dict[str, FlopCount], length: int) -> dict[str, Any]:
+           counts: dict[str, FlopCount], length: int, refiner_bytes: int) -> dict[str, Any]:
     none, ref = "no refiner", "K=4 selective 0.5"
     t_none, t_ref = sum(seconds[none]), sum(seconds[ref])
     t_head, t_refine = sum(head_s[ref]), sum(refine_s[ref])
@@ -111,24 +114,35 @@ def report(args: argparse.Namespace, bb: Any, seconds: dict, refine_s: dict, hea
     deep = replace(bb, n_layers=floors.LLADA_8B_LAYERS)
     scale = floors.backbone_token_flops(deep, length) / floors.backbone_token_flops(bb, length)
     added_s = t_ref - t_none
+    element = torch.finfo(getattr(torch, args.dtype)).bits // 8
+    read_extra = (c.lm_head_calls * floors.lm_head_weight_bytes(bb, element)
+                  + c.refiner_calls * refiner_bytes)  # fmt: skip
+    read_floors = [read_extra / (base.backbone_calls * floors.backbone_weight_bytes(b, element))
+                   for b in (bb, deep)]  # fmt: skip
     rows = [
-        ("measured", f"{layers} layers", added, floor_all, t_head / t_none, floor_head),
+        ("measured", f"{layers} layers", added, floor_all, t_head / t_none, floor_head, read_floors[0]),
         (t_none_32.label, "32 layers", added_s / t_none_32.value, c.overhead / (base.backbone * scale),
-         t_head / t_none_32.value, c.lm_head / (base.backbone * scale)),
+         t_head / t_none_32.value, c.lm_head / (base.backbone * scale), read_floors[1]),
     ]
     print(f"  backbone alone {t_none:.1f} s, with the refiner {t_ref:.1f} s (inside refine {t_refine:.1f} s, "
           f"of which LM head {t_head:.1f} s); refined rows x steps {c.refined_rows}, LM-head rows "
           f"{c.lm_head_rows}; backbone rows {int(base.backbone / floors.backbone_token_flops(bb, length))}")
+    print(f"  calls: backbone {base.backbone_calls}, LM head inside refinement {c.lm_head_calls}, refiner "
+          f"steps {c.refiner_calls}; the weight-read floor prices each by the bytes it reads")
     print(f"\n{'':44s} {'depth':9s} {'K=4 adds':>9s} {'floor':>8s} {'ratio':>6s} "
-          f"{'LM head in refine':>17s} {'floor':>8s} {'ratio':>6s}")
+          f"{'LM head in refine':>17s} {'floor':>8s} {'ratio':>6s} {'weight-read floor':>17s} {'ratio':>6s}")
     table = []
-    for label, depth, meas, floor, head, head_floor in rows:
+    for label, depth, meas, floor, head, head_floor, read_floor in rows:
         ratio = floors.measured_over_floor(meas, floor)
         head_ratio = floors.measured_over_floor(head, head_floor)
+        read_ratio = floors.measured_over_floor(meas, read_floor)
         print(f"{label:44s} {depth:9s} {100 * meas:+8.2f}% {100 * floor:+7.3f}% {ratio:6.2f} "
-              f"{100 * head:16.2f}% {100 * head_floor:7.3f}% {head_ratio:6.2f}")
+              f"{100 * head:16.2f}% {100 * head_floor:7.3f}% {head_ratio:6.2f} {100 * read_floor:+16.2f}% "
+              f"{read_ratio:6.2f}")
         table.append({"label": label, "depth": depth, "overhead_measured": meas, "overhead_floor": floor,
                       "measured_over_floor": ratio, "lm_head_share": head, "lm_head_floor": head_floor,
-                      "lm_head_over_floor": head_ratio})
+                      "lm_head_over_floor": head_ratio, "overhead_read_floor": read_floor,
+                      "measured_over_read_floor": read_ratio})
     return {"seconds": seconds, "refine_s": refine_s, "lm_head_s": head_s, "table": table,
-            "refined_rows": c.refined_rows, "lm_head_rows": c.lm_head_rows}
+            "refined_rows": c.refined_rows, "lm_head_rows": c.lm_head_rows, "lm_head_calls": c.lm_head_calls,
+            "backbone_calls": base.backbone_calls, "refiner_calls": c.refiner_calls}

@@ -108,3 +108,14 @@ def test_attended_keys_of_cached_windows() -> None:
     assert attended_keys(12, None, None) == 12  # no cache: its own keys
     assert attended_keys(8, Cache(), None) == 48  # prefix cache: the cached keys, then its own
     assert attended_keys(8, Cache(), 16) == 40  # dual cache: a window inside the cached sequence
+
+
+def test_weight_read_floor_counts_the_bytes_each_call_reads() -> None:
+    model = LLaDAModel(BACKBONE).to(torch.bfloat16)
+    matrices = sum(p.numel() for name, p in model.named_parameters() if p.dim() == 2 and "wte" not in name
+                   and "embed" not in name)  # fmt: skip
+    assert floors.backbone_weight_bytes(BACKBONE, 2) == 2 * matrices  # projections + LM head, bf16
+    assert floors.lm_head_weight_bytes(BACKBONE, 2) == 2 * 16 * BACKBONE.effective_embedding_size
+    assert floors.weight_bytes(model) == 2 * sum(p.numel() for p in model.parameters())
+    eight_b = LLaDAConfig.llada_8b()
+    assert floors.lm_head_weight_bytes(eight_b, 2) / 1e9 == pytest.approx(1.036, abs=1e-3)  # 4096 x 126464
