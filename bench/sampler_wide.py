@@ -52,9 +52,10 @@ class LMHeadTimer:
 def build(args: argparse.Namespace, config_path: Any) -> LLaDATRMHybrid:
     dtype = getattr(torch, args.dtype)
     backbone = random_backbone(llada_8b_width(args.wide_layers), dtype=dtype).to(args.device)
-    config = hybrid_config(load_config(config_path)).model_copy(
-        update={"max_recursive_steps": 4, "confidence_threshold": 0.5}
-    )
+    update: dict[str, Any] = {"max_recursive_steps": 4, "confidence_threshold": 0.5}
+    if getattr(args, "halting", None):
+        update["halting"] = args.halting
+    config = hybrid_config(load_config(config_path)).model_copy(update=update)
     torch.manual_seed(0)
     return LLaDATRMHybrid(backbone, config).eval()
 
