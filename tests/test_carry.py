@@ -1,8 +1,10 @@
 """TRM's carry across denoising steps (`refiners.carry`, `HybridConfig.denoising_carry`, `training.unroll`).
 
-On the embedded tiny backbone with a slot refiner whose weights are perturbed so that it visibly moves the
-states. `tests/fixtures/carry_off_tokens.json` holds the tokens main's code (before the carry existed)
-sampled for every sampler variant; regenerate it with `python tests/test_carry.py` only on purpose.
+On the tiny backbone v1 (experiments/tiny_backbone_v1, the embedded default when the fixture was sampled;
+unsure enough that the 0.9 threshold refines chunks in consecutive calls, which the carry needs) with a slot
+refiner whose weights are perturbed so that it visibly moves the states.
+`tests/fixtures/carry_off_tokens.json` holds the tokens main's code (before the carry existed) sampled for every sampler variant; regenerate it with
+`python tests/test_carry.py` only on purpose.
 """
 
 from __future__ import annotations
@@ -16,7 +18,6 @@ import pytest
 import torch
 from torch import Tensor
 
-from llada_trm.assets import embedded_backbone_dir
 from llada_trm.config import RunConfig, parse_config
 from llada_trm.data import SFTDataset, SyntheticTaskConfig, generate_problems, load_tokenizer, prompt_batch
 from llada_trm.diffusion import forward_process, generate_with_stats, masked_diffusion_loss
@@ -29,6 +30,7 @@ from llada_trm.training.objective import LossWeights, diffusion_objective
 from llada_trm.training.unroll import DenoisingUnroll, next_state, unrolled_states
 
 FIXTURE = Path(__file__).parent / "fixtures" / "carry_off_tokens.json"
+BACKBONE = Path(__file__).resolve().parents[1] / "experiments" / "tiny_backbone_v1"  # the fixture's
 VARIANTS: dict[str, dict[str, Any]] = {
     "llada": {},
     "threshold": {"threshold": 0.5},
@@ -39,17 +41,17 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "cfg": {"cfg_scale": 1.0},
 }
 SAMPLING = {"steps": 8, "gen_length": 16, "block_length": 8}
-MASK = 2  # the embedded backbone's mask id
+MASK = 2  # the tiny backbones' mask id
 
 
 def build(**config: Any) -> LLaDATRMHybrid:
-    """The embedded backbone with a 2-step slot refiner on 4-position chunks, weights perturbed (seeded)."""
+    """Backbone v1 with a 2-step slot refiner on 4-position chunks, weights perturbed (seeded)."""
     settings = {
         "refiner": "slot", "max_recursive_steps": 2, "chunk_size": 4, "confidence_threshold": 0.9,
         "slot": {"n_heads": 4, "n_blocks": 1}, **config,
     }
     torch.manual_seed(0)
-    model = LLaDATRMHybrid.from_pretrained(embedded_backbone_dir(), HybridConfig(**settings)).eval()
+    model = LLaDATRMHybrid.from_pretrained(BACKBONE, HybridConfig(**settings)).eval()
     torch.manual_seed(1)
     with torch.no_grad():
         for p in model.refinement_head.parameters():
@@ -59,7 +61,7 @@ def build(**config: Any) -> LLaDATRMHybrid:
 
 def prompt() -> tuple[Tensor, Tensor]:
     """Two generated-task questions in the chat template, left-padded (the embedded backbone's own task)."""
-    tokenizer = load_tokenizer(embedded_backbone_dir())
+    tokenizer = load_tokenizer(BACKBONE)
     records = generate_problems(SyntheticTaskConfig(max_steps=2, max_number=12), 2, "test")
     return prompt_batch(tokenizer, [r.question for r in records])
 
@@ -247,7 +249,7 @@ def test_evaluation_samples_with_the_carry(monkeypatch):
     model = build(denoising_carry=True, confidence_threshold=2.0)
     spy = ResumeSpy(monkeypatch)
     questions = [r.question for r in generate_problems(SyntheticTaskConfig(max_steps=2), 2, "test")]
-    answer_questions(model, load_tokenizer(embedded_backbone_dir()), questions, SamplingOptions(**SAMPLING))
+    answer_questions(model, load_tokenizer(BACKBONE), questions, SamplingOptions(**SAMPLING))
     assert any(bool(valid.any()) for _, _, valid in spy.calls)
 
 
@@ -255,7 +257,7 @@ def test_evaluation_samples_with_the_carry(monkeypatch):
 
 
 def unroll_batch() -> dict[str, Tensor]:
-    tokenizer = load_tokenizer(embedded_backbone_dir())
+    tokenizer = load_tokenizer(BACKBONE)
     records = generate_problems(SyntheticTaskConfig(max_steps=2, max_number=12), 2, "train")
     dataset = SFTDataset(tokenizer, records, max_length=128)
     return dataset.collate([dataset[0], dataset[1]])

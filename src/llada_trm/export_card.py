@@ -105,7 +105,8 @@ def model_card(
         "from llada_trm import load_checkpoint",
         "",
         'model = load_checkpoint("THIS_DIRECTORY")',
-        'print(model.generate(["Tom has 3 apples. Tom buys 2 more apples. How many apples does Tom have now?"]).answers)',
+        'question = "Tom has 3 apples. Tom buys 2 more apples. How many apples does Tom have now?"',
+        "print(model.generate([question]).answers)",
         "```",
         "",
         "or `llada-trm generate --checkpoint THIS_DIRECTORY \"QUESTION\"` / `llada-trm eval --checkpoint "
