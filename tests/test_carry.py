@@ -3,8 +3,8 @@
 On the tiny backbone v1 (experiments/tiny_backbone_v1, the embedded default when the fixture was sampled;
 unsure enough that the 0.9 threshold refines chunks in consecutive calls, which the carry needs) with a slot
 refiner whose weights are perturbed so that it visibly moves the states.
-`tests/fixtures/carry_off_tokens.json` holds the tokens main's code (before the carry existed) sampled for every sampler variant; regenerate it with
-`python tests/test_carry.py` only on purpose.
+`tests/fixtures/carry_off_tokens.json` holds the tokens main's code (before the carry existed) sampled for
+every sampler variant; regenerate it with `python tests/test_carry.py` only on purpose.
 """
 
 from __future__ import annotations
