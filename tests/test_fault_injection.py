@@ -130,7 +130,8 @@ def test_sigkill_at_random_moments_then_resume_is_bit_identical(backbone_dir, tm
     kills = runs = 0
     while kills < KILLS:  # a run that finishes before its share of kills is followed by another
         runs += 1
-        assert runs <= 3, f"only {kills} kills landed in {runs - 1} runs"
+        # Kill times are drawn from the reference run's timing; on a loaded machine a run can outpace them.
+        assert runs <= 5, f"only {kills} kills landed in {runs - 1} runs"
         out = tmp_path / f"killed_{runs}"
         config = write_config(tmp_path, backbone_dir, out)
         kills += kill_and_resume(config, out, rng, KILLS - kills, setup=setup, training=training, total=total)
