@@ -34,6 +34,7 @@ class FlopCount:
     backbone_calls: int = 0
     lm_head_calls: int = 0
     refiner_calls: int = 0
+    refiner_read_bytes: int = 0  # each step reads its refiner's weights
 
     @property
     def overhead(self) -> float:
@@ -42,7 +43,7 @@ class FlopCount:
 
     def add(self, other: FlopCount) -> None:
         for name in ("backbone", "refiner", "lm_head", "refined_rows", "lm_head_rows", "backbone_calls",
-                     "lm_head_calls", "refiner_calls"):
+                     "lm_head_calls", "refiner_calls", "refiner_read_bytes"):
             setattr(self, name, getattr(self, name) + getattr(other, name))
 
 
@@ -98,6 +99,7 @@ class FlopMeter:
     def _wrap_step(self, refiner: Any) -> None:
         config, original = refiner.config, refiner.step
         slot = hasattr(config, "slot_dims")
+        read_bytes = floors.weight_bytes(refiner)
 
         def step(h: Tensor, state: Any, **kwargs: Any) -> Any:
             active = kwargs.get("active")
@@ -109,6 +111,7 @@ class FlopMeter:
                 per_row = floors.mlp_row_flops(config, with_context)
             self.count.refined_rows += rows
             self.count.refiner_calls += 1
+            self.count.refiner_read_bytes += read_bytes
             self.count.refiner += rows * per_row
             return original(h, state, **kwargs)
 

@@ -96,12 +96,11 @@ def run_wide(args: argparse.Namespace, config_path: Any) -> dict[str, Any]:
                 refine_s[name].append(refine_timer.seconds)
                 head_s[name].append(head_timer.seconds)
                 counts.setdefault(name, FlopCount()).add(meter.reset())
-    refiner_bytes = max(floors.weight_bytes(r) for r in model.refinement_head.values())
-    return report(args, bb, seconds, refine_s, head_s, counts, prompt_len + gen, refiner_bytes)
+    return report(args, bb, seconds, refine_s, head_s, counts, prompt_len + gen)
 
 
 def report(args: argparse.Namespace, bb: Any, seconds: dict, refine_s: dict, head_s: dict,
-           counts: dict[str, FlopCount], length: int, refiner_bytes: int) -> dict[str, Any]:
+           counts: dict[str, FlopCount], length: int) -> dict[str, Any]:
     none, ref = "no refiner", "K=4 selective 0.5"
     t_none, t_ref = sum(seconds[none]), sum(seconds[ref])
     t_head, t_refine = sum(head_s[ref]), sum(refine_s[ref])
@@ -116,8 +115,7 @@ def report(args: argparse.Namespace, bb: Any, seconds: dict, refine_s: dict, hea
     scale = floors.backbone_token_flops(deep, length) / floors.backbone_token_flops(bb, length)
     added_s = t_ref - t_none
     element = torch.finfo(getattr(torch, args.dtype)).bits // 8
-    read_extra = (c.lm_head_calls * floors.lm_head_weight_bytes(bb, element)
-                  + c.refiner_calls * refiner_bytes)  # fmt: skip
+    read_extra = c.lm_head_calls * floors.lm_head_weight_bytes(bb, element) + c.refiner_read_bytes
     read_floors = [read_extra / (base.backbone_calls * floors.backbone_weight_bytes(b, element))
                    for b in (bb, deep)]  # fmt: skip
     rows = [

@@ -188,8 +188,9 @@ def main(argv: list[str] | None = None) -> int:
           f"batch {args.batch_size}, backbone {loaded.describe()}")
     started = time.perf_counter()
 
-    def write(tallies: Mapping[str, Tally]) -> str:
-        """frontier.md / .json for the problems sampled so far (atomic; a partial run says so)."""
+    def write(tallies: Mapping[str, Tally]) -> tuple[str, dict[str, Any]]:
+        """frontier.md / .json for the problems sampled so far (atomic; a partial run says so); returns the
+        table and the run's meta."""
         n = len(next(iter(tallies.values())).correct)
         rows = frontier_rows(tallies, margin=args.margin)
         table = markdown_table(rows, args.margin)
@@ -206,14 +207,13 @@ def main(argv: list[str] | None = None) -> int:
                   f"sampling {options.to_dict()}.\n\n")
         write_text_atomic(args.out / "frontier.md", header + table)
         write_json(args.out / "frontier.json", {"meta": meta, "rows": rows})
-        return table
+        return table, meta
 
     tallies = sample_interleaved(loaded.model, loaded.tokenizer, records, options, settings, args.batch_size,
                                  after_batch=write)
-    table = write(tallies)
-    elapsed = time.perf_counter() - started
-    estimate = estimate_seconds(tallies, args.estimate_for)
-    per_setting = {name: t.seconds / len(t.correct) * 32 for name, t in tallies.items()}
+    table, meta = write(tallies)
+    elapsed, estimate = meta["elapsed_s"], meta[f"estimated_s_for_{args.estimate_for}"]
+    per_setting = meta["seconds_per_32_problems"]
     print("\n" + table)
     slowest = max(per_setting, key=per_setting.get)
     print(f"one setting on 32 problems: {min(per_setting.values()):.0f}-{per_setting[slowest]:.0f} s "

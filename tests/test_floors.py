@@ -119,3 +119,25 @@ def test_weight_read_floor_counts_the_bytes_each_call_reads() -> None:
     assert floors.weight_bytes(model) == 2 * sum(p.numel() for p in model.parameters())
     eight_b = LLaDAConfig.llada_8b()
     assert floors.lm_head_weight_bytes(eight_b, 2) / 1e9 == pytest.approx(1.036, abs=1e-3)  # 4096 x 126464
+
+
+def test_flop_meter_counts_calls_and_the_bytes_each_refiner_step_reads() -> None:
+    from flop_meter import FlopMeter
+
+    from llada_trm.hybrid import HybridConfig, LLaDATRMHybrid
+
+    torch.manual_seed(0)
+    config = LLaDAConfig(d_model=16, n_heads=2, n_layers=2, vocab_size=40, mlp_hidden_size=24,
+                         mask_token_id=39)
+    model = LLaDATRMHybrid(LLaDAModel(config), HybridConfig(
+        refiner="slot", max_recursive_steps=2, chunk_size=4, confidence_threshold=2.0, halting="none",
+        slot={"n_heads": 2, "n_blocks": 1})).eval()  # fmt: skip
+    meter = FlopMeter(model)
+    ids = torch.randint(0, 38, (1, 8))
+    ids[:, 4:] = 39  # the second chunk is masked and refined (threshold 2.0: always)
+    with torch.no_grad():
+        model(ids)
+    count = meter.reset()
+    assert (count.backbone_calls, count.refiner_calls, count.lm_head_calls) == (1, 2, 1)
+    assert count.lm_head_rows == 4  # the final pass over the refined chunk's masked rows
+    assert count.refiner_read_bytes == 2 * floors.weight_bytes(model.refinement_head["slot"]) > 0

@@ -332,12 +332,13 @@ class LLaDATRMHybrid(nn.Module):
                 state = refiner.init_state(h) if carry is None else carry.start(kind, refiner, h, offset)
                 current = kind
             positions = chunks.expand(active)
+            predicted = positions & masked  # the active rows the sampler and the loss read
             context = features.contexts if kind == "slot" else None
             h, state, step_stats = refiner.step(
                 h, state, context=context, active=positions, attention_mask=features.attention_mask
             )
             if carry is not None:
-                ran[kind] = (ran[kind][0] if kind in ran else positions & masked, state)
+                ran[kind] = (ran[kind][0] if kind in ran else predicted, state)
             accumulator.add(step_stats, positions)
             confidence = step_stats["confidence"]  # computed on the active rows only
             if step_confidence:  # a halted chunk keeps the confidence of its last step
@@ -345,13 +346,13 @@ class LLaDATRMHybrid(nn.Module):
             step_confidence.append(confidence)
             steps += active.long()
             if return_step_logits:
-                rows = (positions & masked).nonzero(as_tuple=True)
+                rows = predicted.nonzero(as_tuple=True)
                 logits = logits.index_put(rows, self.lm_head(h[rows]).to(logits.dtype))
                 trace.lm_head_rows += int(rows[0].numel())
                 step_logits.append(logits)
             known = logits if return_step_logits else None
             last = k + 1 == len(schedule)
-            active = halting.after_step(refiner, h, known, active, positions & masked, last)
+            active = halting.after_step(refiner, h, known, active, predicted, last)
 
         for kind, (where, last) in ran.items():  # empty without a carry
             carry.keep(kind, self.refinement_head[kind], last, where, offset)
