@@ -187,6 +187,20 @@ class TrainingConfig(_Section):
         description="validation problems answered with the run's `sampling` settings at every validation "
         "(the sampled_accuracy column, which output.save_best may name); 0 = off",
     )
+    masks: Literal["forward", "answer_structure", "backbone_errors"] = Field(
+        default="forward",
+        description="phase 1's training masks (diffusion.targeted_masks): LLaDA's forward process, the "
+        "results of an answer's calculator lines and its #### line with the rest masked as a block sampler "
+        "leaves it, or the positions the frozen backbone gets wrong in a teacher-forced probe",
+    )
+    forward_mix: Fraction = Field(
+        default=0.0, description="fraction of rows drawn from the forward process instead of `masks`"
+    )
+    ema_decay: Fraction = Field(
+        default=0.0,
+        description="exponential moving average of the trained weights (TRM: 0.999), which checkpoints "
+        "hold for evaluation; the live weights stay in the trainer state for resuming. 0 = off",
+    )
     sampler_state_ratio: Fraction = Field(
         default=0.0,
         description="fraction of each epoch's micro-batches trained on the frozen backbone's own sampler "

@@ -252,7 +252,9 @@ class LLaDATRMHybrid(nn.Module):
         token_conf = torch.zeros(batch, length, device=h0.device)
         token_conf[rows] = max_probability(base[rows].detach())
         conf0, n_masked = chunks.confidence(token_conf, masked)
-        refined = (n_masked > 0) & (conf0 < cfg.confidence_threshold)
+        refined = n_masked > 0
+        if cfg.chunk_selection == "confidence":
+            refined &= conf0 < cfg.confidence_threshold
         if not schedule:  # no refiner, or K = 0: every chunk passes through
             refined = torch.zeros_like(refined)
         steps = torch.zeros(batch, n_chunks, dtype=torch.long, device=h0.device)

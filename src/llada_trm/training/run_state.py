@@ -57,6 +57,9 @@ def save_run(trainer: Any, name: str) -> Path | None:
     refiner = refiner_names(dict(trainer.model.named_parameters()))
     names = list(dict.fromkeys([*trainer.plan.trainable_names, *trainer.init_names, *refiner]))
     weights = full_state_dict(trainer.model, names)
+    ema = getattr(trainer, "ema", None)
+    if ema is not None:  # readers evaluate the average; the live weights resume the run
+        weights = {**weights, **ema.averaged()}
     optimizer = optimizer_state(trainer.model, trainer.optimizer)
     window_sums, window_counts = reduce_sums(trainer._window.terms.sums, trainer._window.terms.counts)
     if not is_main_process():
@@ -77,6 +80,8 @@ def save_run(trainer: Any, name: str) -> Path | None:
         "phase": trainer.plan.phase,
         "total_steps": trainer.total_steps,
     }
+    if ema is not None:
+        trainer_state["ema_live_weights"] = ema.live()
     keep = trainer.config.output.keep_last
     directory = trainer.checkpoint_dir / name
     snapshot = name == "last" and keep > 0
@@ -116,6 +121,14 @@ def restore_run(trainer: Any, path: str | Path) -> Path:
         load_sharded_weights(trainer.model, directory, require=names)
     else:
         load_weights(trainer.model, directory, require=names)
+    ema = getattr(trainer, "ema", None)
+    if ema is not None:  # the weights file held the average; the trainer state the live weights
+        live = state.get("ema_live_weights")
+        if live is None:
+            raise CheckpointError(f"{directory}: saved without training.ema_decay; resume with ema_decay 0")
+        averaged = {name: param.detach().clone() for name, param in trainer.model.named_parameters()
+                    if name in set(ema.names)}
+        ema.restore(averaged, live)
     fresh = [{k: v for k, v in group.items() if k != "params"} for group in trainer.optimizer.param_groups]
     try:
         load_optimizer_state(trainer.model, trainer.optimizer, state["optimizer"])

@@ -37,7 +37,6 @@ from llada_trm.build import (
     start_run,
 )
 from llada_trm.config import RunConfig, save_config
-from llada_trm.diffusion.forward_process import draw_noise
 from llada_trm.errors import ConfigError
 from llada_trm.training.checkpoint import TrainState, prune_snapshots
 from llada_trm.training.data import DrawSampler, EpochSampler, run_loaders
@@ -52,6 +51,7 @@ from llada_trm.training.distributed import (
     unsharded,
     world_size,
 )
+from llada_trm.training.ema import WeightEMA
 from llada_trm.training.feature_cache import cached_features
 from llada_trm.training.freezing import set_train_mode
 from llada_trm.training.health import HealthMonitor, non_finite_error
@@ -63,6 +63,7 @@ from llada_trm.training.run_setup import (
     build_training_model,
     feature_cache_for_run,
     sampler_state_mix_for_run,
+    training_masks_for_run,
 )
 from llada_trm.training.run_state import restore_run, run_summary, save_run
 from llada_trm.training.sampler_state_batches import state_noise
@@ -144,6 +145,7 @@ class Trainer:
             self.config, self.model, self.plan, self.backbone_dir, self.train_set, self.tokenizer,
             self.device, progress=progress,
         )
+        self.masks = training_masks_for_run(self.config, self.model, self.tokenizer, self.device)
         train: Dataset = self.train_set if self.feature_cache is None else self.feature_cache
         order: Sampler = self.sampler
         if self.feature_cache is not None:  # phase 1 reads the backbone's outputs from disk
@@ -160,6 +162,12 @@ class Trainer:
         built = build_run_optimizer(self.plan, self.config.training, self.total_steps)
         self.optimizer, self.scheduler = built.optimizer, built.scheduler
         self.warmup_steps = built.warmup_steps
+        decay = self.config.training.ema_decay
+        if decay > 0 and self.strategy == "fsdp":
+            raise ConfigError(
+                "training.ema_decay averages full tensors; use advanced.distributed: ddp with it"
+            )
+        self.ema = WeightEMA(self.model, self.plan.trainable_names, decay) if decay > 0 else None
 
     def _setup_state(self) -> None:
         """Position in the run, the logging window, health checks and output paths; then the run's report."""
@@ -329,21 +337,14 @@ class Trainer:
         self._window.add(forward_statistics(result.output.stats, result.masked, self.config.model.chunk_size))
 
     def _draw_noise(self, batch: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
-        """LLaDA's forward process row by row, seeded by (seed, dataset index, epoch).
+        """The run's phase-1 masks (`training.masks`) row by row, seeded by (seed, dataset index, epoch).
 
         A row's noise depends on nothing else (not the batch, the world size or a resume), so N processes
         with batch b train on exactly the draws of one process with batch N*b.
         """
         first = self.state.batches_in_epoch * self.config.training.batch_size
         examples = self.sampler.indices()[first : first + batch["input_ids"].shape[0]]
-        return draw_noise(
-            batch["input_ids"],
-            batch["prompt_lengths"],
-            self.mask_id,
-            seed=self.config.training.seed,
-            examples=examples,
-            draws=self.state.epoch,
-        )
+        return self.masks.draw(dict(batch), examples, self.state.epoch)
 
     def _optimizer_step(self) -> None:
         t = self.config.training
@@ -357,6 +358,8 @@ class Trainer:
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
+        if self.ema is not None:
+            self.ema.update()
         self.state.step += 1
         self._window.add({"grad_norm": grad_norm})
 
