@@ -284,6 +284,15 @@ def test_threshold_zero_refines_nothing_and_above_one_everything():
     assert not torch.equal(out.logits[:, 4:], out.base_logits[:, 4:])
 
 
+def test_chunk_selection_all_refines_every_masked_chunk_whatever_the_threshold():
+    ids = noisy_ids()
+    model = make_model(refiner="slot", confidence_threshold=0.0, chunk_selection="all", halting="none").train()
+    out = model(ids)
+    assert out.stats["steps_per_chunk"].tolist() == [[0, 4, 4], [0, 4, 4]]  # chunk 0 holds no mask
+    model.config.chunk_selection = "confidence"
+    assert model(ids).stats["chunks_refined"] == 0  # the same threshold under the confidence rule
+
+
 def test_no_masked_positions_means_nothing_to_refine():
     model = make_model(refiner="mlp", confidence_threshold=2.0).train()
     ids = noisy_ids()

@@ -255,3 +255,36 @@ def test_tiny_refiner_config_on_the_embedded_backbone(tmp_path):
     overrides += ["data.synthetic.n_eval=4"]
     summary = run_train(config_path, overrides, progress=False)
     assert summary["steps"] == 2 and (tmp_path / "checkpoints" / "last" / "model.safetensors").is_file()
+
+
+@pytest.mark.parametrize("masks", ["answer_structure", "backbone_errors"])
+def test_targeted_masks_with_ema_resume_bit_exactly(backbone_dir, tmp_path, masks):
+    # The targeted masks and the EMA are part of the run's state: a split run equals a straight one, bit for
+    # bit, in the live weights, the averaged weights (what checkpoints hold) and the logged losses.
+    options = {"masks": masks, "ema_decay": 0.9, "max_steps": 6, "eval_every": 0, "save_every": 0}
+    straight = make_trainer(backbone_dir, tmp_path / "straight", **options)
+    straight.train()
+    split = make_trainer(backbone_dir, tmp_path / "split", **options)
+    split.train(max_new_steps=3)
+    resumed = Trainer(parse_config(raw_config(backbone_dir, tmp_path / "split", **options)), progress=False)
+    resumed.resume(tmp_path / "split").train()
+    for name, value in trainable(straight).items():
+        assert torch.equal(value, trainable(resumed)[name]), name
+    for name, value in straight.ema.averaged().items():
+        assert torch.equal(value, resumed.ema.averaged()[name]), name
+    saved = load_file(str(tmp_path / "straight" / "checkpoints" / "last" / "model.safetensors"))
+    for name, value in straight.ema.averaged().items():  # checkpoints hold the average, not the live weights
+        assert torch.equal(saved[name], value)
+    assert any(not torch.equal(saved[n], v) for n, v in trainable(straight).items())
+    losses = [[r["loss"] for r in read_csv(tmp_path / d / "training_metrics.csv")] for d in ("straight", "split")]
+    assert losses[0] == losses[1]
+
+
+def test_targeted_masks_change_what_is_trained_on(backbone_dir, tmp_path):
+    # The same seed with answer-structure masks draws other noise than the forward process.
+    forward = make_trainer(backbone_dir, tmp_path / "f", max_steps=1)
+    structure = make_trainer(backbone_dir, tmp_path / "s", max_steps=1, masks="answer_structure")
+    batch = next(iter(forward.train_loader))
+    a, b = forward._draw_noise(batch), structure._draw_noise(batch)
+    assert not torch.equal(a[1], b[1])
+    assert torch.equal(b[2], torch.ones_like(b[2]))

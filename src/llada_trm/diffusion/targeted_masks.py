@@ -233,8 +233,8 @@ class TrainingMasks:
     `probe(input_ids, prompt_lengths)` returns the frozen backbone's probe margins [B, L] (`probe_margins`)
     for `backbone_errors`. Each example is probed the first time a batch holds it and its margins are kept,
     so a run pays one probe per example it trains on (not one per epoch), and a run shorter than an epoch
-    does not probe examples it never reads.
-    The probe is deterministic, so a resumed run sees the same margins.
+    does not probe examples it never reads. The margins seen so far are part of the run's state
+    (`state_dict`): a probe reads the batch's padding, so a resumed run must not re-probe in another batch.
     """
 
     def __init__(
@@ -270,6 +270,13 @@ class TrainingMasks:
             ids, prompts, self.mask_id, distribution=self.distribution, seed=self.seed, examples=examples,
             draws=draws, token_text=self.token_text, margins=margins, answer_ends=ends,
         )
+
+    def state_dict(self) -> dict[str, Tensor]:
+        """The probed margins by example (string keys, as checkpoints store them)."""
+        return {str(example): values for example, values in self.margins.items()}
+
+    def load_state_dict(self, state: Mapping[str, Tensor]) -> None:
+        self.margins = {int(example): values for example, values in state.items()}
 
     def _margins(self, ids: Tensor, prompts: Tensor, examples: list[int]) -> Tensor:
         """[B, L] margins of the batch's rows (+inf on prompts), probing the rows not seen before."""

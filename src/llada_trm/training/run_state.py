@@ -57,7 +57,7 @@ def save_run(trainer: Any, name: str) -> Path | None:
     refiner = refiner_names(dict(trainer.model.named_parameters()))
     names = list(dict.fromkeys([*trainer.plan.trainable_names, *trainer.init_names, *refiner]))
     weights = full_state_dict(trainer.model, names)
-    ema = getattr(trainer, "ema", None)
+    ema = trainer.ema
     if ema is not None:  # readers evaluate the average; the live weights resume the run
         weights = {**weights, **ema.averaged()}
     optimizer = optimizer_state(trainer.model, trainer.optimizer)
@@ -82,6 +82,8 @@ def save_run(trainer: Any, name: str) -> Path | None:
     }
     if ema is not None:
         trainer_state["ema_live_weights"] = ema.live()
+    if trainer.masks.margins:
+        trainer_state["probe_margins"] = trainer.masks.state_dict()
     keep = trainer.config.output.keep_last
     directory = trainer.checkpoint_dir / name
     snapshot = name == "last" and keep > 0
@@ -121,7 +123,8 @@ def restore_run(trainer: Any, path: str | Path) -> Path:
         load_sharded_weights(trainer.model, directory, require=names)
     else:
         load_weights(trainer.model, directory, require=names)
-    ema = getattr(trainer, "ema", None)
+    trainer.masks.load_state_dict(state.get("probe_margins", {}))
+    ema = trainer.ema
     if ema is not None:  # the weights file held the average; the trainer state the live weights
         live = state.get("ema_live_weights")
         if live is None:
