@@ -255,6 +255,7 @@ def run_compare(
             metadata={"model": loaded.describe(), "dataset": data.dataset, "split": ev.split, "seed": seed},
             progress=progress,
             desc=f"eval {kind}" + ("" if seed is None else f" seed {seed}"),
+            diagnostics=True,
         )
         return result, loaded
 

@@ -7,10 +7,11 @@ with strict (`#### n`) and flexible (last number) extraction. Alongside accuracy
 - refinement efficiency: mean refinement steps per refined chunk, and the fraction of chunks that held a
   masked position (the ones the refiner could work on) but were skipped because the backbone was confident;
 - speed: generated tokens per second, model calls (NFE) and wall time;
-- confident-error diagnostics (``diagnostics``, on by default): each prediction's per-position commit
-  records (``commits``: step, token, confidence, the backbone's argmax, refined chunk, reference token), and
-  the summary's ``diagnostics``: first errors committed at p >= 0.9 and in skipped chunks, the tokens the
-  refiner changed, fixed and broke, and the reliability of the commit confidence.
+- confident-error diagnostics (``diagnostics=True``; ``eval`` and ``compare`` turn it on): each
+  prediction's per-position commit records (``commits``: step, token, confidence, the backbone's argmax,
+  refined chunk, reference token), and the summary's ``diagnostics``: first errors committed at p >= 0.9
+  and in skipped chunks, the tokens the refiner changed, fixed and broke, the reliability of the commit
+  confidence.
 
 The first two come from the per-call statistics the sampler sums over the run, the last from its
 ``on_step`` hook.
@@ -226,14 +227,15 @@ def evaluate_model(  # noqa: PLR0913 - cli.py and compare.py pass every keyword
     metadata: Mapping[str, Any] | None = None,
     progress: bool = True,
     desc: str = "eval",
-    diagnostics: bool = True,
+    diagnostics: bool = False,
 ) -> EvalResult:
     """Sample an answer for every record and score it; write predictions.jsonl + summary.json to `out_dir`.
 
     model: an `LLaDATRMHybrid` (its stats feed the efficiency figures) or any callable the sampler accepts.
     num_steps: refinement steps per model call (None = the model's K; 0 switches refinement off).
     metadata: extra JSON-friendly entries for the summary (which checkpoint, which dataset).
-    diagnostics: record every commit (``evaluate.diagnostics``) and summarise them; False skips the hook.
+    diagnostics: record every commit (``evaluate.diagnostics``) and summarise them (``eval`` and ``compare``
+        turn it on; off, the sampler runs unobserved, as in training's sampled validation).
     """
     if not records:
         raise ValueError("evaluate_model needs at least one record")
