@@ -7,7 +7,7 @@ import math
 
 import pytest
 import torch
-from test_sampler_steps import MASK, VARIANTS, _hybrid, _run
+from test_sampler_steps import MASK, VARIANTS, _hybrid, _prompt, _run
 
 from llada_trm.compare_report import diagnostics_section_markdown, diagnostics_sections
 from llada_trm.diffusion.steps import StepEvent
@@ -164,6 +164,14 @@ def test_the_sampler_reports_the_backbones_own_argmax(variant: str, cfg_scale: f
         assert torch.equal(event.tokens[plain], event.base_tokens[plain])
         moved += int((event.tokens != event.base_tokens)[event.committed & refined].sum())
     assert moved > 0
+    if cfg_scale == 0:  # the first call sees prompt + masks: the backbone argmax over block 0, -1 after
+        prompt, attention_mask = _prompt()
+        x = torch.cat([prompt, torch.full((2, 16), MASK)], dim=1)
+        mask = torch.cat([attention_mask, torch.ones(2, 16, dtype=attention_mask.dtype)], dim=1)
+        with torch.no_grad():
+            expected = model.backbone(x, attention_mask=mask).logits.argmax(dim=-1)[:, 7:15]
+        assert torch.equal(events[0].base_tokens[:, :8], expected)
+        assert (events[0].base_tokens[:, 8:] == -1).all()
     backbone_only: list[StepEvent] = []
     _run(model.backbone, variant, backbone_only.append, cfg_scale=cfg_scale)
     assert all(event.base_tokens is None for event in backbone_only)
@@ -176,3 +184,16 @@ def test_no_confidence_figures_under_random_remasking():
     report = commit_diagnostics(predictions)
     assert report["reliability"] is None and report["first_errors"]["confident"] is None
     assert math.isclose(report["commits"]["fixed"], 2)
+
+
+def test_first_errors_are_broken_down_by_the_error_analysis_category():
+    """Row 0 answers a generated problem with a wrong result: its first error counts under wrong_result."""
+    predictions = _predictions()
+    predictions[0]["reference"] = "Sam has 20+2=<<20+2=22>>22 balloons now.\n#### 22"
+    predictions[0]["completion"] = "Sam has 20+2=<<20+2=23>>23 balloons now.\n#### 23"
+    report = commit_diagnostics(predictions)
+    assert set(report["first_errors"]["by_category"]) == {"wrong_result"}  # row 2's reference is not one
+    wrong_result = report["first_errors"]["by_category"]["wrong_result"]
+    assert (wrong_result["n"], wrong_result["confident"]["k"], wrong_result["skipped"]["k"]) == (1, 1, 1)
+    text = diagnostics_markdown({"slot": report})
+    assert "| wrong_result: first error at p >= 0.9 / not refined | 100% (1/1) / 100% (1/1) |" in text

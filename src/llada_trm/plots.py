@@ -285,20 +285,20 @@ def plot_reliability(reports: Mapping[str, Mapping[str, Any] | None], path: str 
     figure = Figure(figsize=(11, 4.5))
     FigureCanvasAgg(figure)
     left, right = figure.subplots(1, 2)
-    figure.subplots_adjust(left=0.07, right=0.98, top=0.88, bottom=0.12, wspace=0.25)
+    figure.subplots_adjust(left=0.07, right=0.98, top=0.9, bottom=0.18, wspace=0.25)
     left.plot([0, 1], [0, 1], color="tab:gray", linewidth=1, linestyle="--", label="calibrated")
-    edges = None
-    for name, curve in curves.items():
+    labels = [f"{b['low']:g}-{b['high']:g}" for b in next(iter(curves.values()))["bins"]]
+    width = 0.8 / len(curves)
+    for m, (name, curve) in enumerate(curves.items()):
         bins = [b for b in curve["bins"] if b["n"]]
         x, y = [b["mean_confidence"] for b in bins], [b["accuracy"] for b in bins]
         (line,) = left.plot(x, y, marker="o", markersize=4, label=f"{name} (ECE {curve['ece']:.3f})")
         for b in bins:
             left.annotate(str(b["n"]), (b["mean_confidence"], b["accuracy"]), textcoords="offset points",
                           xytext=(3, -10), fontsize=6, color=line.get_color())  # fmt: skip
-        edges = [b["low"] for b in curve["bins"]] + [curve["bins"][-1]["high"]]
-        centres = [(b["low"] + b["high"]) / 2 for b in curve["bins"]]
-        right.plot(centres, [max(b["n"], 0.5) for b in curve["bins"]], marker="o", markersize=4, label=name,
-                   color=line.get_color())  # fmt: skip
+        offset = (m - (len(curves) - 1) / 2) * width
+        right.bar([i + offset for i in range(len(labels))], [b["n"] for b in curve["bins"]], width,
+                  label=name, color=line.get_color())  # fmt: skip
     left.set_xlim(0, 1.01)
     left.set_ylim(0, 1.01)
     left.set_xlabel("commit confidence (bin mean)")
@@ -306,7 +306,7 @@ def plot_reliability(reports: Mapping[str, Mapping[str, Any] | None], path: str 
     left.set_title("reliability of the commit confidence")
     left.legend(fontsize="small", loc="upper left")
     right.set_yscale("log")
-    right.set_xticks(edges or [], [f"{e:g}" for e in edges or []], fontsize=7, rotation=45)
+    right.set_xticks(range(len(labels)), labels, fontsize=7, rotation=45)
     right.set_xlabel("confidence bin")
     right.set_ylabel("commits (answer span)")
     right.set_title("commits per bin")

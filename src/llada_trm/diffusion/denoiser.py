@@ -183,11 +183,24 @@ class Denoiser:
             return
         base_tokens = None
         if isinstance(self.last_base, Tensor):
-            base = self._guided(self.last_base) if self.cfg_scale > 0 else self.last_base
-            if self.forbidden is not None:
-                base = base.index_fill(-1, torch.tensor([self.forbidden], device=base.device), -torch.inf)
-            base_tokens = base.argmax(dim=-1)
+            base_tokens = self._base_tokens(self.last_base, start)
         self.last_base = None
         self.observer.model_output(
             self.last_stats, start, self.prompt_index.shape[0], x.shape[1], base_tokens=base_tokens
         )
+
+    def _base_tokens(self, base: Tensor, start: int) -> Tensor:
+        """The backbone's argmax [B, W] of a window at ``start``, over the block being denoised only (the
+        only positions a step commits; -1 elsewhere), so the hook reads V logits per block position."""
+        width = base.shape[1]
+        lo, hi = 0, width
+        if self.block is not None:
+            lo, hi = max(self.block[0] - start, 0), max(min(self.block[1] - start, width), 0)
+        tokens = torch.full((self.prompt_index.shape[0], width), -1, dtype=torch.long, device=base.device)
+        if hi > lo:
+            part = base[:, lo:hi]
+            part = self._guided(part) if self.cfg_scale > 0 else part
+            if self.forbidden is not None:
+                part = part.index_fill(-1, torch.tensor([self.forbidden], device=part.device), -torch.inf)
+            tokens[:, lo:hi] = part.argmax(dim=-1)
+        return tokens

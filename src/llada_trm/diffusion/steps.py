@@ -27,11 +27,11 @@ class StepEvent:
     (its probability; a random number under ``remasking="random"``), NaN elsewhere. ``chunks_refined`` /
     ``chunks_halted`` [B, C] bool over every chunk of the sequence: the chunks the step's model call refined,
     and those of them that stopped before the last recursive step; None for a model without a refiner.
-    ``base_tokens`` [B, G]: the backbone's own choice at each position the step's model call predicted, the
+    ``base_tokens`` [B, G]: the backbone's own choice at each position of the block being denoised, the
     argmax of the ``base_logits`` a refining model returns beside its refined logits (under classifier-free
     guidance the guided backbone logits; with ``logits_eos_inf`` EOS excluded, as the sampler excludes it),
-    -1 outside the call's window; None for a model that reports no ``base_logits``. Where a chunk was not
-    refined it equals the greedy commit; where one was, a differing commit is the refiner's doing.
+    -1 elsewhere; None for a model that reports no ``base_logits``. Where a chunk was not refined it equals
+    the greedy commit; where one was, a differing commit is the refiner's doing.
     """
 
     block: int

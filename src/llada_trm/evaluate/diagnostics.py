@@ -325,6 +325,12 @@ _ROWS: tuple[tuple[str, Callable[[Mapping[str, Any]], str]], ...] = (
 )
 
 
+def _category_cell(summary: Mapping[str, Any] | None) -> str:
+    if summary is None:
+        return "-"
+    return f"{_share(summary['confident'])} / {_share(summary['skipped'])}"
+
+
 def _bin_cell(report: Mapping[str, Any], i: int) -> str:
     if report["reliability"] is None:
         return "-"
@@ -344,6 +350,13 @@ def diagnostics_markdown(reports: Mapping[str, Mapping[str, Any] | None]) -> str
         return f"| {label} | " + " | ".join(cell(r) if r else "-" for r in reports.values()) + " |\n"
 
     table = head + "".join(row(label, cell) for label, cell in _ROWS)
+    present = [name for name in CATEGORIES if any(r and name in r["first_errors"]["by_category"]
+                                                  for r in reports.values())]  # fmt: skip
+    for name in present:  # the generated task's error categories (errors.first_deviation)
+        def cell(r: Mapping[str, Any], name: str = name) -> str:
+            return _category_cell(r["first_errors"]["by_category"].get(name))
+
+        table += row(f"{name}: first error at p >= {CONFIDENT} / not refined", cell)
     text = (
         "**Where the first errors were committed, and what the refiner changed** (a wrong answer's first "
         "token that differs from the reference, aligned by position; fixed / broke: the committed token "
