@@ -117,6 +117,19 @@ def test_first_errors_changes_and_reliability_on_a_scripted_trajectory():
     assert report["reliability"]["ece"] == pytest.approx(ece, abs=1e-5)
 
 
+def test_the_first_committed_error_follows_the_samplers_order():
+    same = commit_diagnostics(_predictions())["first_committed_errors"]  # here the first errors came first
+    assert (same["n"], same["confident"]["k"], same["skipped"]["k"]) == (2, 1, 1)
+    predictions = _predictions()
+    predictions[0]["commits"]["step"][4] = 0  # row 0's wrong position 4 (p 0.85, refined) now came first
+    report = commit_diagnostics(predictions)
+    moved = report["first_committed_errors"]
+    assert (moved["n"], moved["confident"]["k"], moved["skipped"]["k"]) == (2, 0, 0)
+    assert report["first_errors"]["confident"]["k"] == 1  # reading order is unchanged
+    text = diagnostics_markdown({"slot": report})
+    assert "| first committed error at p >= 0.9 / not refined | 0% (0/2) / 0% (0/2) |" in text
+
+
 def test_a_model_that_refines_nothing_has_no_change_figures():
     report = commit_diagnostics(_predictions(refining=False))
     assert report["first_errors"]["skipped"] is None and report["first_errors"]["changed_by_refiner"] is None

@@ -18,7 +18,8 @@ target compares them):
 - a wrong answer's *first error*: its first position, in reading order (the order
   ``errors.first_deviation`` walks an answer), whose committed token differs from the reference token. A
   wrong answer can have none (the reference is longer than gen_length): counted as ``no_token_differs``.
-  Its *category* is ``errors.first_deviation``'s, when the reference is the generated task's.
+  Its *category* is ``errors.first_deviation``'s, when the reference is the generated task's. Its *first
+  committed error* is the wrong token the sampler committed first (the earliest step; the leftmost of it).
 - *confident*: committed with confidence >= 0.9 (``CONFIDENT``); *skipped*: in a chunk the step's model call
   did not refine (the confidence rule skipped it, or it held no masked position).
 - a commit is *changed* by the refiner when its chunk was refined at the step that committed it and the
@@ -157,33 +158,40 @@ def _rate(k: int, n: int) -> dict[str, Any] | None:
     return proportion(k, n) if n else None
 
 
+def _error_at(prediction: Mapping[str, Any], position: int) -> dict[str, Any]:
+    commits = prediction["commits"]
+    confidence, backbone, refined = commits["confidence"], commits["backbone"], commits["refined"]
+    return {
+        "index": prediction.get("index"),
+        "position": position,
+        "step": commits["step"][position],
+        "token": commits["token"][position],
+        "reference": commits["reference"][position],
+        "confidence": None if confidence is None else confidence[position],
+        "backbone": None if backbone is None else backbone[position],
+        "refined": None if refined is None else bool(refined[position]),
+    }
+
+
 def _first_errors(predictions: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
-    """The first error of every wrong answer: how confident it was, whether its chunk was refined."""
+    """The first error of every wrong answer in reading order (with its category), and the first in the
+    order the sampler committed (the earliest step's wrong token; the leftmost of that step's)."""
     firsts: list[dict[str, Any]] = []
+    committed_first: list[dict[str, Any]] = []
     no_difference = 0
     for prediction in predictions:
         if prediction.get("correct_strict"):
             continue
         commits = prediction["commits"]
-        token, reference = commits["token"], commits["reference"]
-        position = next((p for p in range(commits["span"]) if token[p] != reference[p]), None)
-        if position is None:
+        token, reference, step = commits["token"], commits["reference"], commits["step"]
+        wrong = [p for p in range(commits["span"]) if token[p] != reference[p]]
+        if not wrong:
             no_difference += 1
             continue
-        confidence = commits["confidence"]
-        backbone, refined = commits["backbone"], commits["refined"]
-        firsts.append({
-            "index": prediction.get("index"),
-            "position": position,
-            "step": commits["step"][position],
-            "token": token[position],
-            "reference": reference[position],
-            "confidence": None if confidence is None else confidence[position],
-            "backbone": None if backbone is None else backbone[position],
-            "refined": None if refined is None else bool(refined[position]),
-            "category": _category(prediction),
-        })  # fmt: skip
-    return {"no_token_differs": no_difference, "list": firsts}
+        firsts.append({**_error_at(prediction, wrong[0]), "category": _category(prediction)})
+        earliest = min(wrong, key=lambda p: (step[p] if step[p] >= 0 else len(step), p))
+        committed_first.append(_error_at(prediction, earliest))
+    return {"no_token_differs": no_difference, "list": firsts, "committed_first": committed_first}
 
 
 def _first_error_summary(firsts: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
@@ -262,6 +270,7 @@ def commit_diagnostics(predictions: Sequence[Mapping[str, Any]]) -> dict[str, An
         "wrong": sum(not p.get("correct_strict") for p in recorded),
         "first_errors": {**_first_error_summary(first["list"]), "no_token_differs": first["no_token_differs"],
                          "by_category": by_category},  # fmt: skip
+        "first_committed_errors": _first_error_summary(first["committed_first"]),
         "commits": {
             "n": commits,
             "refined": refined if has_refined else None,
@@ -318,6 +327,8 @@ _ROWS: tuple[tuple[str, Callable[[Mapping[str, Any]], str]], ...] = (
     ("median confidence of first errors", _median),
     ("first error in a chunk not refined", lambda r: _share(r["first_errors"]["skipped"])),
     ("first error changed by the refiner", lambda r: _share(r["first_errors"]["changed_by_refiner"])),
+    (f"first committed error at p >= {CONFIDENT} / not refined",
+     lambda r: _category_cell(r.get("first_committed_errors"))),
     ("answer-span commits (in refined chunks)", _span_commits),
     ("tokens the refiner changed at commit", _changed),
     ("of them fixed / broke / neither", _outcome),
