@@ -76,6 +76,15 @@ def test_eval_on_a_run_checkpoint_writes_results(run_dir, tmp_path, capsys):
     assert summary["n"] == 2 and summary["model"]["refiner"] == "slot"
     assert summary["sampling"]["gen_length"] == TINY_SAMPLING["gen_length"]
     assert len((out / "predictions.jsonl").read_text().splitlines()) == 2
+    # the confident-error diagnostics: in the summary, printed, and skipped with --no-diagnostics
+    diagnostics = summary["diagnostics"]
+    assert diagnostics["recorded"] == 2 and diagnostics["commits"]["refined"] is not None
+    assert "| first error committed at p >= 0.9 |" in printed and "| | slot |" in printed
+    assert main([*argv, "--no-diagnostics"]) == 0
+    assert "first error committed" not in capsys.readouterr().out
+    assert "diagnostics" not in json.loads((out / "summary.json").read_text())
+    lines = (out / "predictions.jsonl").read_text().splitlines()
+    assert all("commits" not in json.loads(line) for line in lines)
 
 
 def test_eval_defaults_to_the_run_directory(run_dir, capsys):

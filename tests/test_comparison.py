@@ -69,6 +69,27 @@ def test_report_has_per_seed_and_pooled_statistics(study):
     assert (study / "comparison.png").read_bytes()[:4] == b"\x89PNG"
 
 
+def test_the_report_has_the_confident_error_diagnostics(study):
+    """comparison.json/.md, diagnostics.json and reliability.png; each evaluation's per-commit records."""
+    pooled = json.loads((study / "comparison.json").read_text())["diagnostics"]["pooled"]
+    assert set(pooled) == {"none", "mlp", "slot"}
+    assert pooled["none"]["commits"]["changed"] is None  # the backbone alone refines nothing
+    assert pooled["slot"]["commits"]["changed"] is not None and pooled["slot"]["first_errors"]["n"] >= 0
+    details = json.loads((study / "diagnostics.json").read_text())
+    assert set(details["per_seed"]) == {"0", "1"} and "first_error_list" in details["pooled"]["slot"]
+    markdown = (study / "comparison.md").read_text()
+    assert "## Confident-error diagnostics" in markdown
+    assert "| first error committed at p >= 0.9 |" in markdown
+    assert (study / "reliability.png").read_bytes()[:4] == b"\x89PNG"
+    (path,) = (study / "seed0" / "slot" / "eval").glob("*/predictions.jsonl")
+    for line in path.read_text().splitlines():
+        commits = json.loads(line)["commits"]
+        assert len(commits["token"]) == len(commits["reference"]) == 16 and min(commits["step"]) >= 0
+        flags = zip(commits["token"], commits["backbone"], commits["refined"], strict=True)
+        assert all(refined or token == backbone for token, backbone, refined in flags)  # greedy: outside
+        # refined chunks every commit is the backbone's argmax
+
+
 def test_validation_is_the_same_for_every_training_seed(study):
     """The backbone is frozen and validated on masks drawn from data.validation_seed, not training.seed."""
     seed0, seed1 = (last_row(study / f"seed{s}" / "mlp" / "validation_metrics.csv") for s in (0, 1))

@@ -242,6 +242,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="pair this evaluation with another's predictions on the same problems (a predictions.jsonl, "
         "its eval directory, or a run with one eval): gained / lost, McNemar p, bootstrap interval",
     )
+    p.add_argument(
+        "--no-diagnostics",
+        action="store_true",
+        help="skip the per-commit records and the confident-error diagnostics (first errors at p >= 0.9, "
+        "tokens the refiner changed, reliability)",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_sampling_options(p)
     p.set_defaults(func=cmd_eval)

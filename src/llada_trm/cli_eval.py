@@ -103,9 +103,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
         },
         progress=not args.no_progress,
         desc=f"eval {loaded.refiner}",
+        diagnostics=not getattr(args, "no_diagnostics", False),
     )
     if is_main_process():  # every rank holds the merged summary; one prints it
         _print_eval_summary(args, loaded.refiner, result.summary, out)
+        if result.summary.get("diagnostics"):
+            from llada_trm.evaluate.diagnostics import diagnostics_markdown
+
+            print("\n" + diagnostics_markdown({loaded.refiner: result.summary["diagnostics"]}))
         if against is not None:
             print("\n".join(write_paired(against, result.predictions, f"this {loaded.refiner} run", out)))
     return 0

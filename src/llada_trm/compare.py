@@ -9,7 +9,9 @@
    else once per seed), the MLP and the slot refiner; validate each on the same noised validation examples;
 4. write the comparison (`compare_report`): the table, per seed and pooled accuracies with 95% intervals,
    paired tests (gained / lost, exact McNemar p, bootstrap interval of the difference), validation
-   differences, error analysis of the generated task (errors.json), the power calculation, comparison.png.
+   differences, error analysis of the generated task (errors.json), the power calculation, comparison.png,
+   and the confident-error diagnostics (diagnostics.json, reliability.png: where first errors were
+   committed, what the refiner changed at commit, the reliability of the commit confidence).
 
 The backbone-alone row's validation figures are the frozen backbone on exactly the masks the refiners were
 validated on (the `_base` logits of the same forward pass).
@@ -49,6 +51,8 @@ SUMMARY_JSON = "comparison.json"
 SUMMARY_MD = "comparison.md"
 SUMMARY_PNG = "comparison.png"
 ERRORS_JSON = "errors.json"
+DIAGNOSTICS_JSON = "diagnostics.json"
+RELIABILITY_PNG = "reliability.png"
 
 
 @dataclass
@@ -251,6 +255,7 @@ def run_compare(
             metadata={"model": loaded.describe(), "dataset": data.dataset, "split": ev.split, "seed": seed},
             progress=progress,
             desc=f"eval {kind}" + ("" if seed is None else f" seed {seed}"),
+            diagnostics=True,
         )
         return result, loaded
 
@@ -352,7 +357,7 @@ def _finish(
 ) -> CompareResult:
     """Statistics, error analysis, plots and the three report files; the console gets the tables."""
     from llada_trm import compare_report as cr
-    from llada_trm.plots import plot_paired_comparison, plot_run
+    from llada_trm.plots import plot_paired_comparison, plot_reliability, plot_run
 
     ev, data = config.evaluation, config.run.data
     rows, results, validation = sampled.rows, sampled.results, sampled.validation
@@ -375,6 +380,9 @@ def _finish(
     if data.dataset == "synthetic" and config.baseline:
         errors = cr.error_sections(predictions)
         files.append(write_json(out / ERRORS_JSON, errors))
+    diagnostics = cr.diagnostics_sections(predictions)
+    if diagnostics is not None:
+        files.append(write_json(out / DIAGNOSTICS_JSON, diagnostics))
     for seed in config.seed_list():
         for kind in config.refiners:
             files.extend(plot_run(out / f"seed{seed}" / kind))
@@ -394,17 +402,22 @@ def _finish(
         "validation": validation_stats,
         "power": power,
         "errors": ERRORS_JSON if errors is not None else None,
+        "diagnostics": None if diagnostics is None else {"file": DIAGNOSTICS_JSON, "plot": RELIABILITY_PNG,
+                                                          "pooled": cr.diagnostics_summary(diagnostics)},
         "elapsed_s": elapsed,
         "config": config.model_dump(mode="json"),
     }
     statistics = cr.statistics_markdown(stats, validation_stats)
-    markdown = cr.comparison_markdown(config, report, table, statistics, errors)
+    markdown = cr.comparison_markdown(config, report, table, statistics, errors, diagnostics)
     files += [write_json(out / SUMMARY_JSON, report), write_text_atomic(out / SUMMARY_MD, markdown)]
     files.append(plot_paired_comparison(report, out / SUMMARY_PNG))
+    reliability = plot_reliability(diagnostics["pooled"], out / RELIABILITY_PNG) if diagnostics else None
+    files += [reliability] if reliability is not None else []
     echo(
         f"\n{table}\n\n{statistics}\ntotal {elapsed / 60:.1f} min; wrote {out / SUMMARY_MD}, "
         f"{out / SUMMARY_JSON}, {out / SUMMARY_PNG}"
         + (f", {out / ERRORS_JSON}" if errors else "")
+        + (f", {out / DIAGNOSTICS_JSON}, {out / RELIABILITY_PNG}" if diagnostics else "")
         + " and each run's plots/"
     )
     return CompareResult(rows=rows, table=table, out_dir=out, files=files, elapsed_s=elapsed, report=report)

@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from llada_trm.evaluate.diagnostics import commit_diagnostics, diagnostics_markdown
 from llada_trm.evaluate.errors import error_report, errors_markdown, paired_line_comparison
 from llada_trm.evaluate.paired import paired_comparison, verdict
 from llada_trm.evaluate.statistics import (
@@ -33,6 +34,8 @@ __all__ = [
     "PAIRS",
     "comparison_pairs",
     "comparison_markdown",
+    "diagnostics_sections",
+    "diagnostics_summary",
     "error_sections",
     "paired_mean_difference",
     "power_section",
@@ -225,6 +228,40 @@ def error_sections(by_seed: Mapping[int, Mapping[str, Predictions]]) -> dict[str
     return {"per_seed": per_seed, "pooled": pooled, "line_level": line_level}
 
 
+# ------------------------------------------------------------------------------------- confident errors
+
+
+def diagnostics_sections(by_seed: Mapping[int, Mapping[str, Predictions]]) -> dict[str, Any] | None:
+    """diagnostics.json: each model's `commit_diagnostics` per seed and pooled over seeds (the (seed,
+    problem) pairs, as `error_sections` pools); None when no evaluation recorded its commits."""
+    per_seed = {
+        str(seed): {kind: commit_diagnostics(predictions) for kind, predictions in models.items()}
+        for seed, models in by_seed.items()
+    }
+    kinds = list(next(iter(by_seed.values())))
+    pooled = {kind: commit_diagnostics([p for models in by_seed.values() for p in models[kind]])
+              for kind in kinds}  # fmt: skip
+    if all(report is None for report in pooled.values()):
+        return None
+    return {"per_seed": per_seed, "pooled": pooled}
+
+
+def diagnostics_summary(diagnostics: Mapping[str, Any]) -> dict[str, Any]:
+    """The pooled diagnostics without the per-problem list of first errors (what comparison.json keeps)."""
+    return {
+        kind: None if report is None else {k: v for k, v in report.items() if k != "first_error_list"}
+        for kind, report in diagnostics["pooled"].items()
+    }
+
+
+def diagnostics_section_markdown(diagnostics: Mapping[str, Any], seeds: Sequence[int]) -> str:
+    """The confident-error tables of the pooled diagnostics, under their heading."""
+    scope = "" if len(seeds) == 1 else " (all seeds' (seed, problem) pairs; the backbone's once per seed)"
+    heading = f"## Confident-error diagnostics{scope}\n\n"
+    plot = "\nThe reliability plot is reliability.png.\n"
+    return heading + diagnostics_markdown(diagnostics["pooled"]) + plot
+
+
 # ------------------------------------------------------------------------------------------------- power
 
 
@@ -368,9 +405,10 @@ def comparison_markdown(
     table: str,
     statistics: str,
     errors: Mapping[str, Any] | None,
+    diagnostics: Mapping[str, Any] | None = None,
 ) -> str:
-    """comparison.md: the setting (a `compare.CompareConfig`), the table, the statistics, the power statement
-    and the error tables."""
+    """comparison.md: the setting (a `compare.CompareConfig`), the table, the statistics, the power statement,
+    the error tables and the confident-error diagnostics."""
     ev, data, sampling = config.evaluation, config.run.data, config.run.sampling
     rows, check, power = report["rows"], report["split_check"], report["power"]
     extras = "" if sampling.threshold is None else f", threshold {sampling.threshold}"
@@ -402,4 +440,6 @@ def comparison_markdown(
     )
     if errors is not None:
         text += "\n" + errors_section_markdown(errors, report["seeds"])
+    if diagnostics is not None:
+        text += "\n" + diagnostics_section_markdown(diagnostics, report["seeds"])
     return text + f"\nTotal time {report['elapsed_s'] / 60:.1f} min.\n"

@@ -20,7 +20,15 @@ from typing import Any
 from llada_trm.io import atomic_path
 from llada_trm.plot_specs import FigureSpec, Panel, pretrain_figures, run_figures
 
-__all__ = ["PlotError", "draw", "plot_comparison", "plot_paired_comparison", "plot_run", "read_metrics"]
+__all__ = [
+    "PlotError",
+    "draw",
+    "plot_comparison",
+    "plot_paired_comparison",
+    "plot_reliability",
+    "plot_run",
+    "read_metrics",
+]
 
 TRAIN_FILE = "training_metrics.csv"
 VALIDATION_FILE = "validation_metrics.csv"
@@ -257,6 +265,52 @@ def plot_paired_comparison(report: Mapping[str, Any], path: str | Path) -> Path:
         right.legend(fontsize="small")
     else:
         right.set_axis_off()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_figure(figure, path)
+    return path
+
+
+def plot_reliability(reports: Mapping[str, Mapping[str, Any] | None], path: str | Path) -> Path | None:
+    """reliability.png of the confident-error diagnostics (`evaluate.diagnostics`): per confidence bin, the
+    share of commits equal to the reference token against the bin's mean confidence (one line per model,
+    each point labelled with its count; the diagonal is perfect calibration), and the commits per bin.
+    None (nothing written) when no model recorded confidences."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    curves = {name: r["reliability"] for name, r in reports.items() if r and r.get("reliability")}
+    if not curves:
+        return None
+    figure = Figure(figsize=(11, 4.5))
+    FigureCanvasAgg(figure)
+    left, right = figure.subplots(1, 2)
+    figure.subplots_adjust(left=0.07, right=0.98, top=0.9, bottom=0.18, wspace=0.25)
+    left.plot([0, 1], [0, 1], color="tab:gray", linewidth=1, linestyle="--", label="calibrated")
+    labels = [f"{b['low']:g}-{b['high']:g}" for b in next(iter(curves.values()))["bins"]]
+    width = 0.8 / len(curves)
+    for m, (name, curve) in enumerate(curves.items()):
+        bins = [b for b in curve["bins"] if b["n"]]
+        x, y = [b["mean_confidence"] for b in bins], [b["accuracy"] for b in bins]
+        (line,) = left.plot(x, y, marker="o", markersize=4, label=f"{name} (ECE {curve['ece']:.3f})")
+        for b in bins:
+            left.annotate(str(b["n"]), (b["mean_confidence"], b["accuracy"]), textcoords="offset points",
+                          xytext=(3, -10), fontsize=6, color=line.get_color())  # fmt: skip
+        offset = (m - (len(curves) - 1) / 2) * width
+        right.bar([i + offset for i in range(len(labels))], [b["n"] for b in curve["bins"]], width,
+                  label=name, color=line.get_color())  # fmt: skip
+    left.set_xlim(0, 1.01)
+    left.set_ylim(0, 1.01)
+    left.set_xlabel("commit confidence (bin mean)")
+    left.set_ylabel("share equal to the reference token")
+    left.set_title("reliability of the commit confidence")
+    left.legend(fontsize="small", loc="upper left")
+    right.set_yscale("log")
+    right.set_xticks(range(len(labels)), labels, fontsize=7, rotation=45)
+    right.set_xlabel("confidence bin")
+    right.set_ylabel("commits (answer span)")
+    right.set_title("commits per bin")
+    right.legend(fontsize="small")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     save_figure(figure, path)

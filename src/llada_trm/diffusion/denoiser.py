@@ -61,7 +61,8 @@ class Denoiser:
     CFG runs the conditional and the unconditional (prompt masked) copies as one batch of 2B, so it costs one
     forward call (one NFE) per step, as in the reference. ``block`` (absolute start, end) is the block being
     denoised; a refining model is asked to refine only its masked positions. ``observer`` (the sampler's
-    per-step hook, or None) sees each call's chunk statistics.
+    per-step hook, or None) sees each call's chunk statistics and the backbone's argmax of its
+    ``base_logits`` (computed only when observed).
     """
 
     def __init__(
@@ -77,6 +78,7 @@ class Denoiser:
         self.prompt_index = prompt_index
         self.cfg_scale = options.cfg_scale
         self.mask_id = options.mask_id
+        self.forbidden = options.eos_id if options.logits_eos_inf else None  # the column the sampler drops
         self.refines = refines_masked_positions(model)
         new_carry = getattr(getattr(model, "module", model), "new_carry", None)
         self.carry = new_carry() if self.refines and callable(new_carry) else None
@@ -86,6 +88,7 @@ class Denoiser:
         self.stats_calls: dict[str, int] = {}
         self.observer = observer
         self.last_stats: Mapping[str, Any] | None = None
+        self.last_base: Tensor | None = None  # the latest call's base_logits (kept only when observed)
 
     @property
     def stats_mean(self) -> dict[str, float]:
@@ -109,13 +112,18 @@ class Denoiser:
     def _call(self, x: Tensor, attention_mask: Tensor | None, kwargs: dict[str, Any]) -> tuple[Tensor, Any]:
         output = self.model(x, attention_mask=attention_mask, **kwargs)
         self.nfe += 1
+        self.last_base = None
         if isinstance(output, Tensor):
             self._record(None)
             return output, None
         if isinstance(output, Mapping):
             self._record(output.get("stats"))
+            if self.observer is not None:
+                self.last_base = output.get("base_logits")
             return output["logits"], output.get("past_key_values")
         self._record(getattr(output, "stats", None))
+        if self.observer is not None:
+            self.last_base = getattr(output, "base_logits", None)
         return output.logits, getattr(output, "past_key_values", None)
 
     def __call__(self, x: Tensor) -> Tensor:
@@ -160,10 +168,39 @@ class Denoiser:
         both = torch.cat([window, unconditional[:, start:end]], dim=0)
         logits, new_cache = self._call(both, attention_mask, cache_kwargs)
         self._observe(x, start)
+        return self._guided(logits), new_cache
+
+    def _guided(self, logits: Tensor) -> Tensor:
+        """LLaDA's unsupervised CFG of a [2B, ...] conditional + unconditional batch."""
         cond_logits, uncond_logits = torch.chunk(logits, 2, dim=0)
-        return uncond_logits + (self.cfg_scale + 1) * (cond_logits - uncond_logits), new_cache
+        return uncond_logits + (self.cfg_scale + 1) * (cond_logits - uncond_logits)
 
     def _observe(self, x: Tensor, start: int) -> None:
-        """Hand the latest call's chunk statistics to the per-step observer, when there is one."""
-        if self.observer is not None:
-            self.observer.model_output(self.last_stats, start, self.prompt_index.shape[0], x.shape[1])
+        """Hand the latest call's chunk statistics, and the backbone's own argmax when the model returned
+        ``base_logits`` (guided like the logits, EOS dropped as the sampler drops it), to the per-step
+        observer, when there is one."""
+        if self.observer is None:
+            return
+        base_tokens = None
+        if isinstance(self.last_base, Tensor):
+            base_tokens = self._base_tokens(self.last_base, start)
+        self.last_base = None
+        self.observer.model_output(
+            self.last_stats, start, self.prompt_index.shape[0], x.shape[1], base_tokens=base_tokens
+        )
+
+    def _base_tokens(self, base: Tensor, start: int) -> Tensor:
+        """The backbone's argmax [B, W] of a window at ``start``, over the block being denoised only (the
+        only positions a step commits; -1 elsewhere), so the hook reads V logits per block position."""
+        width = base.shape[1]
+        lo, hi = 0, width
+        if self.block is not None:
+            lo, hi = max(self.block[0] - start, 0), max(min(self.block[1] - start, width), 0)
+        tokens = torch.full((self.prompt_index.shape[0], width), -1, dtype=torch.long, device=base.device)
+        if hi > lo:
+            part = base[:, lo:hi]
+            part = self._guided(part) if self.cfg_scale > 0 else part
+            if self.forbidden is not None:
+                part = part.index_fill(-1, torch.tensor([self.forbidden], device=part.device), -torch.inf)
+            tokens[:, lo:hi] = part.argmax(dim=-1)
+        return tokens

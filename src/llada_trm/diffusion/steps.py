@@ -5,7 +5,7 @@ one commit), in every sampler variant. Without a callback nothing here runs: the
 tensors its commit step computes anyway. Positions are answer positions (0 .. gen_length-1); the chunks are
 the hybrid's, anchored at absolute sequence positions (chunk c covers ``c*chunk_size .. (c+1)*chunk_size-1``
 of prompt + answer), read from the ``steps_per_chunk`` / ``halted_per_chunk`` statistics a refining model
-reports.
+reports, and the backbone's own prediction from the ``base_logits`` a refining model returns.
 """
 
 from __future__ import annotations
@@ -27,6 +27,11 @@ class StepEvent:
     (its probability; a random number under ``remasking="random"``), NaN elsewhere. ``chunks_refined`` /
     ``chunks_halted`` [B, C] bool over every chunk of the sequence: the chunks the step's model call refined,
     and those of them that stopped before the last recursive step; None for a model without a refiner.
+    ``base_tokens`` [B, G]: the backbone's own choice at each position of the block being denoised, the
+    argmax of the ``base_logits`` a refining model returns beside its refined logits (under classifier-free
+    guidance the guided backbone logits; with ``logits_eos_inf`` EOS excluded, as the sampler excludes it),
+    -1 elsewhere; None for a model that reports no ``base_logits``. Where a chunk was not refined it equals
+    the greedy commit; where one was, a differing commit is the refiner's doing.
     """
 
     block: int
@@ -39,6 +44,7 @@ class StepEvent:
     chunk_size: int | None = None
     chunks_refined: Tensor | None = None
     chunks_halted: Tensor | None = None
+    base_tokens: Tensor | None = None
 
     def commits(self, row: int = 0) -> list[tuple[int, int, float]]:
         """(answer position, token id, confidence) of each token row ``row`` committed at this step."""
@@ -78,8 +84,9 @@ def model_chunk_size(model: Any) -> int | None:
 class StepObserver:
     """Turns the sampler's commits into :class:`StepEvent` calls; the sampler calls it only when observed.
 
-    ``model_output`` keeps the chunk statistics of the latest model call (the one the next commit uses);
-    ``committed`` reports a commit of a window of ``x`` that starts at absolute position ``start``.
+    ``model_output`` keeps the chunk statistics and the backbone's argmax of the latest model call (the one
+    the next commit uses); ``committed`` reports a commit of a window of ``x`` that starts at absolute
+    position ``start``.
     """
 
     def __init__(
@@ -92,13 +99,23 @@ class StepObserver:
         self.block = 0
         self.step = 0
         self._chunks: tuple[Tensor, Tensor] | None = None
+        self._base: tuple[int, Tensor] | None = None
 
     def start_block(self, block: int) -> None:
         self.block, self.step = block, 0
 
-    def model_output(self, stats: Mapping[str, Any] | None, start: int, batch: int, length: int) -> None:
+    def model_output(
+        self,
+        stats: Mapping[str, Any] | None,
+        start: int,
+        batch: int,
+        length: int,
+        base_tokens: Tensor | None = None,
+    ) -> None:
         """Record which chunks a call on the window at ``start`` refined and halted, for the conditional
-        rows (the first ``batch``: under CFG the unconditional copies follow)."""
+        rows (the first ``batch``: under CFG the unconditional copies follow), and the backbone's argmax
+        ``base_tokens`` [batch, W] of the window (None: the model reported no base logits)."""
+        self._base = None if base_tokens is None else (start, base_tokens)
         steps = (stats or {}).get("steps_per_chunk")
         halted = (stats or {}).get("halted_per_chunk")
         if self.chunk_size is None or not isinstance(steps, Tensor):
@@ -124,6 +141,12 @@ class StepObserver:
         scores = torch.full((batch, length), float("nan"), device=x.device)
         scores[:, start : start + width] = torch.where(transfer, confidence.float(), float("nan"))
         chunks = self._chunks
+        base = None
+        if self._base is not None:
+            base_start, window = self._base
+            base = torch.full((batch, length), -1, dtype=torch.long, device=window.device)
+            base[:, base_start : base_start + window.shape[1]] = window
+            base = base[:, self.prompt_length :].cpu()
         self.callback(
             StepEvent(
                 block=self.block,
@@ -136,10 +159,12 @@ class StepObserver:
                 chunk_size=self.chunk_size if chunks is not None else None,
                 chunks_refined=None if chunks is None else chunks[0],
                 chunks_halted=None if chunks is None else chunks[1],
+                base_tokens=base,
             )
         )
         self.step += 1
         self._chunks = None
+        self._base = None
 
 
 def report_commit(

@@ -6,9 +6,15 @@ with strict (`#### n`) and flexible (last number) extraction. Alongside accuracy
 
 - refinement efficiency: mean refinement steps per refined chunk, and the fraction of chunks that held a
   masked position (the ones the refiner could work on) but were skipped because the backbone was confident;
-- speed: generated tokens per second, model calls (NFE) and wall time.
+- speed: generated tokens per second, model calls (NFE) and wall time;
+- confident-error diagnostics (``diagnostics=True``; ``eval`` and ``compare`` turn it on): each
+  prediction's per-position commit records (``commits``: step, token, confidence, the backbone's argmax,
+  refined chunk, reference token), and the summary's ``diagnostics``: first errors committed at p >= 0.9
+  and in skipped chunks, the tokens the refiner changed, fixed and broke, the reliability of the commit
+  confidence.
 
-Both come from the per-call statistics the sampler sums over the run.
+The first two come from the per-call statistics the sampler sums over the run, the last from its
+``on_step`` hook.
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ from llada_trm.data.tokenizer import decode_generated
 from llada_trm.diffusion import SamplingOptions, sample
 from llada_trm.diffusion.denoiser import add_stats, refines_masked_positions
 from llada_trm.dist_utils import gather_objects, is_main_process, shard_indices
+from llada_trm.evaluate import diagnostics as diag
 from llada_trm.evaluate.extraction import extract_flexible, extract_strict
 from llada_trm.evaluate.io import write_json, write_jsonl
 from llada_trm.hybrid.chunking import chunk_sum
@@ -220,12 +227,15 @@ def evaluate_model(  # noqa: PLR0913 - cli.py and compare.py pass every keyword
     metadata: Mapping[str, Any] | None = None,
     progress: bool = True,
     desc: str = "eval",
+    diagnostics: bool = False,
 ) -> EvalResult:
     """Sample an answer for every record and score it; write predictions.jsonl + summary.json to `out_dir`.
 
     model: an `LLaDATRMHybrid` (its stats feed the efficiency figures) or any callable the sampler accepts.
     num_steps: refinement steps per model call (None = the model's K; 0 switches refinement off).
     metadata: extra JSON-friendly entries for the summary (which checkpoint, which dataset).
+    diagnostics: record every commit (``evaluate.diagnostics``) and summarise them (``eval`` and ``compare``
+        turn it on; off, the sampler runs unobserved, as in training's sampled validation).
     """
     if not records:
         raise ValueError("evaluate_model needs at least one record")
@@ -253,13 +263,18 @@ def evaluate_model(  # noqa: PLR0913 - cli.py and compare.py pass every keyword
             batch = list(records[start : start + options.batch_size])
             prompt, attention_mask = prompt_batch(tokenizer, [r.question for r in batch])
             prompt, attention_mask = prompt.to(device), attention_mask.to(device)
-            result = sample(counting, prompt, attention_mask, sampling, generator=generator)
+            recorder = diag.CommitRecorder(len(batch), sampling.gen_length) if diagnostics else None
+            result = sample(counting, prompt, attention_mask, sampling, generator=generator, on_step=recorder)
             nfe += result.nfe
             generation_s += result.elapsed_s
             add_stats(totals, result.model_stats_total)
             completions = decode_generated(tokenizer, result.tokens, result.prompt_length)
             for offset, (record, completion) in enumerate(zip(batch, completions, strict=True)):
                 predictions.append(_score(record, completion, start + offset))
+                if recorder is not None:
+                    predictions[-1]["commits"] = _commits(
+                        recorder, offset, result, record, tokenizer, sampling, _refines(model, num_steps)
+                    )
             bar.update(len(batch))
             correct = sum(p["correct_strict"] for p in predictions)
             bar.set_postfix(acc=f"{correct / len(predictions):.3f}")
@@ -270,6 +285,8 @@ def evaluate_model(  # noqa: PLR0913 - cli.py and compare.py pass every keyword
 
     predictions, totals, nfe, generation_s = _merge_ranks(predictions, totals, nfe, generation_s)
     summary = _summary(predictions, totals, nfe, generation_s, time.perf_counter() - started, options)
+    if diagnostics:
+        summary["diagnostics"] = diag.commit_diagnostics(predictions)
     summary.update(dict(metadata or {}))
     files: list[Path] = []
     out = Path(out_dir) if out_dir is not None else None
@@ -277,6 +294,31 @@ def evaluate_model(  # noqa: PLR0913 - cli.py and compare.py pass every keyword
         files.append(write_jsonl(out / PREDICTIONS_FILE, predictions))
         files.append(write_json(out / SUMMARY_FILE, summary))
     return EvalResult(summary=summary, predictions=predictions, out_dir=out, files=files)
+
+
+def _refines(model: Any, num_steps: int | None) -> bool:
+    """Whether the model refines at all: a hybrid with a refiner and K != 0 (not the backbone alone)."""
+    head = getattr(getattr(model, "module", model), "refinement_head", None)
+    return bool(head is not None and len(head)) and num_steps != 0
+
+
+def _commits(  # noqa: PLR0913 - one prediction's record needs the batch's sampling state
+    recorder: diag.CommitRecorder,
+    row: int,
+    result: Any,
+    record: GSM8KRecord,
+    tokenizer: PreTrainedTokenizerBase,
+    sampling: SamplingOptions,
+    refining: bool,
+) -> dict[str, Any]:
+    """Row ``row``'s commit records with its reference tokens aligned by position (``diagnostics``)."""
+    tokens = result.generated[row].tolist()
+    reference, length = diag.reference_tokens(tokenizer, record.answer, sampling.gen_length, sampling.eos_id)
+    span = diag.answer_span(tokens, length, (sampling.eos_id, sampling.eot_id))
+    return diag.commit_fields(
+        recorder, row, tokens, reference, span,
+        confidence_is_probability=sampling.remasking == "low_confidence", refining=refining,
+    )  # fmt: skip
 
 
 def _merge_ranks(

@@ -1,0 +1,386 @@
+"""Confident-error diagnostics: can the refiner see, and touch, the errors the sampler commits?
+
+While the evaluator samples, :class:`CommitRecorder` (the sampler's ``on_step`` hook) keeps one record per
+answer position: the denoising step that committed it (counted over the whole answer, in the order the
+sampler ran them), the token, the confidence it was committed with (the probability the sampler ranked it
+by), the backbone's own argmax at that step (``StepEvent.base_tokens``) and whether its chunk was refined by
+that step's model call. The evaluator stores them in each prediction as ``commits`` (:func:`commit_fields`),
+with the reference answer's tokens aligned by position, so a report can be recomputed from predictions.jsonl.
+
+Definitions (all against the reference answer, "teacher aligned by position": the reference tokens as
+training sees them, ``answer <|eot_id|> <|endoftext|>`` padded with ``<|endoftext|>`` to gen_length; the
+committed token at answer position p is compared with the reference token at p, as the refiner's training
+target compares them):
+
+- the *answer span* of a problem: positions before the later of the reference's end and the completion's
+  end (one past its first EOS / EoT, where decoding cuts it). Past both ends both are padding that never
+  reaches the text; counting those confident, right padding commits would swamp every figure.
+- a wrong answer's *first error*: its first position, in reading order (the order
+  ``errors.first_deviation`` walks an answer), whose committed token differs from the reference token. A
+  wrong answer can have none (the reference is longer than gen_length): counted as ``no_token_differs``.
+  Its *category* is ``errors.first_deviation``'s, when the reference is the generated task's. Its *first
+  committed error* is the wrong token the sampler committed first (the earliest step; the leftmost of it).
+- *confident*: committed with confidence >= 0.9 (``CONFIDENT``); *skipped*: in a chunk the step's model call
+  did not refine (the confidence rule skipped it, or it held no masked position).
+- a commit is *changed* by the refiner when its chunk was refined at the step that committed it and the
+  committed token differs from the backbone's argmax there; *fixed* when, in addition, the committed token
+  equals the reference token and the backbone's does not; *broke* when the backbone's equals the reference
+  token and the committed one does not; *neither* when both differ from it. At temperature > 0 the
+  sampling noise also moves tokens inside refined chunks: the counts are exact for greedy sampling.
+- *reliability*: answer-span commits binned by confidence (``RELIABILITY_EDGES``, bins [low, high), the
+  last one closed), with the share whose token equals the reference token; ``ece`` is the count-weighted
+  mean |accuracy - mean confidence| over the bins.
+
+Figures that need what a run did not record are None: confidences under ``remasking="random"`` (the sampler
+ranks by a random number, not a probability), backbone tokens and refined chunks for the backbone alone.
+"""
+
+from __future__ import annotations
+
+import bisect
+import math
+import statistics
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import torch
+
+from llada_trm.data.gsm8k import DataError
+from llada_trm.data.synthetic import parse_solution
+from llada_trm.diffusion.steps import StepEvent
+from llada_trm.evaluate.errors import CATEGORIES, first_deviation
+from llada_trm.evaluate.statistics import proportion
+
+__all__ = [
+    "CONFIDENT",
+    "RELIABILITY_EDGES",
+    "CommitRecorder",
+    "commit_diagnostics",
+    "answer_span",
+    "commit_fields",
+    "diagnostics_markdown",
+    "reference_tokens",
+]
+
+CONFIDENT = 0.9
+RELIABILITY_EDGES = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 1.0)
+
+
+class CommitRecorder:
+    """The sampler's ``on_step`` hook for one batch: per row and answer position, the step that committed
+    it, its confidence, the backbone's argmax and whether its chunk was refined (kept as [B, G] tensors,
+    so a step costs a few elementwise ops and no Python loop over tokens)."""
+
+    def __init__(self, batch: int, gen_length: int) -> None:
+        self.step = torch.full((batch, gen_length), -1, dtype=torch.long)
+        self.confidence = torch.full((batch, gen_length), float("nan"))
+        self.backbone = torch.full((batch, gen_length), -1, dtype=torch.long)
+        self.refined = torch.zeros(batch, gen_length, dtype=torch.bool)
+        self.has_backbone = False
+        self.has_chunks = False
+        self.steps = 0
+
+    def __call__(self, event: StepEvent) -> None:
+        committed = event.committed
+        self.step[committed] = self.steps
+        self.confidence[committed] = event.confidence[committed].float()
+        if event.base_tokens is not None:
+            self.has_backbone = True
+            self.backbone[committed] = event.base_tokens[committed]
+        if event.chunks_refined is not None and event.chunk_size is not None:
+            self.has_chunks = True
+            length = committed.shape[1]
+            chunk = (torch.arange(length) + event.prompt_length) // event.chunk_size
+            self.refined[committed] = event.chunks_refined[:, chunk][committed]
+        self.steps += 1
+
+
+def reference_tokens(tokenizer: Any, answer: str, gen_length: int, pad_id: int) -> tuple[list[int], int]:
+    """The reference answer as training targets it (``encode_answer``: answer, EoT, EOS), padded with
+    ``pad_id`` (EOS) or cut to ``gen_length``; and its length before padding (capped at gen_length)."""
+    from llada_trm.data import encode_answer
+
+    ids = encode_answer(tokenizer, answer)[:gen_length]
+    return ids + [pad_id] * (gen_length - len(ids)), len(ids)
+
+
+def answer_span(tokens: Sequence[int], reference_length: int, stop_ids: Sequence[int]) -> int:
+    """Positions that can reach the text or the reference: up to the later of the reference's end and the
+    completion's (one past its first stop token; decoding cuts it there)."""
+    stops = set(stop_ids)
+    end = next((i + 1 for i, token in enumerate(tokens) if token in stops), len(tokens))
+    return max(reference_length, end)
+
+
+def commit_fields(
+    recorder: CommitRecorder,
+    row: int,
+    tokens: Sequence[int],
+    reference: Sequence[int],
+    span: int,
+    *,
+    confidence_is_probability: bool = True,
+    refining: bool = True,
+) -> dict[str, Any]:
+    """A prediction's ``commits`` entry: per answer position ``step`` (-1: never committed), ``token``,
+    ``confidence`` (None when not a probability), ``backbone`` and ``refined`` (None when not recorded, or
+    when the model refines nothing), the position-aligned ``reference`` tokens and the answer ``span``."""
+    confidence = backbone = refined = None
+    if confidence_is_probability:
+        values = recorder.confidence[row].tolist()
+        confidence = [None if math.isnan(value) else round(value, 6) for value in values]
+    if recorder.has_backbone and refining:
+        backbone = recorder.backbone[row].tolist()
+    if recorder.has_chunks and refining:
+        refined = [int(flag) for flag in recorder.refined[row].tolist()]
+    return {
+        "step": recorder.step[row].tolist(),
+        "token": [int(token) for token in tokens],
+        "confidence": confidence,
+        "backbone": backbone,
+        "refined": refined,
+        "reference": [int(token) for token in reference],
+        "span": int(span),
+    }
+
+
+def _category(prediction: Mapping[str, Any]) -> str | None:
+    """errors.first_deviation's category of a wrong answer to a generated problem (None otherwise)."""
+    try:
+        steps = parse_solution(prediction.get("reference", ""))
+    except DataError:
+        return None
+    category = first_deviation(prediction.get("completion", ""), steps).category
+    return "other" if category == "none" else category
+
+
+def _rate(k: int, n: int) -> dict[str, Any] | None:
+    return proportion(k, n) if n else None
+
+
+def _error_at(prediction: Mapping[str, Any], position: int) -> dict[str, Any]:
+    commits = prediction["commits"]
+    confidence, backbone, refined = commits["confidence"], commits["backbone"], commits["refined"]
+    return {
+        "index": prediction.get("index"),
+        "position": position,
+        "step": commits["step"][position],
+        "token": commits["token"][position],
+        "reference": commits["reference"][position],
+        "confidence": None if confidence is None else confidence[position],
+        "backbone": None if backbone is None else backbone[position],
+        "refined": None if refined is None else bool(refined[position]),
+    }
+
+
+def _first_errors(predictions: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """The first error of every wrong answer in reading order (with its category), and the first in the
+    order the sampler committed (the earliest step's wrong token; the leftmost of that step's)."""
+    firsts: list[dict[str, Any]] = []
+    committed_first: list[dict[str, Any]] = []
+    no_difference = 0
+    for prediction in predictions:
+        if prediction.get("correct_strict"):
+            continue
+        commits = prediction["commits"]
+        token, reference, step = commits["token"], commits["reference"], commits["step"]
+        wrong = [p for p in range(commits["span"]) if token[p] != reference[p]]
+        if not wrong:
+            no_difference += 1
+            continue
+        firsts.append({**_error_at(prediction, wrong[0]), "category": _category(prediction)})
+        earliest = min(wrong, key=lambda p: (step[p] if step[p] >= 0 else len(step), p))
+        committed_first.append(_error_at(prediction, earliest))
+    return {"no_token_differs": no_difference, "list": firsts, "committed_first": committed_first}
+
+
+def _first_error_summary(firsts: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    scored = [f["confidence"] for f in firsts if f["confidence"] is not None]
+    flagged = [f for f in firsts if f["refined"] is not None]
+    refined = [f for f in flagged if f["refined"]]
+    changed = sum(f["token"] != f["backbone"] for f in refined if f["backbone"] is not None)
+    return {
+        "n": len(firsts),
+        "confident": _rate(sum(c >= CONFIDENT for c in scored), len(scored)),
+        "median_confidence": statistics.median(scored) if scored else None,
+        "skipped": _rate(len(flagged) - len(refined), len(flagged)),
+        "changed_by_refiner": _rate(changed, len(refined)) if refined and refined[0]["backbone"] is not None
+        else None,
+    }
+
+
+def _reliability(bins: Sequence[list[float]]) -> dict[str, Any] | None:
+    total = sum(count for count, _, _ in bins)
+    if not total:
+        return None
+    rows = []
+    ece = 0.0
+    for i, (count, correct, confidence) in enumerate(bins):
+        accuracy = correct / count if count else None
+        mean = confidence / count if count else None
+        if count:
+            ece += count / total * abs(accuracy - mean)
+        rows.append({"low": RELIABILITY_EDGES[i], "high": RELIABILITY_EDGES[i + 1], "n": int(count),
+                     "correct": int(correct), "accuracy": accuracy, "mean_confidence": mean})  # fmt: skip
+    return {"commits": int(total), "ece": ece, "bins": rows}
+
+
+def commit_diagnostics(predictions: Sequence[Mapping[str, Any]]) -> dict[str, Any] | None:
+    """The diagnostics of one model's predictions (pooled when they come from several runs); None when no
+    prediction carries ``commits`` (an evaluation from before they were recorded)."""
+    recorded = [p for p in predictions if p.get("commits")]
+    if not recorded:
+        return None
+    bins = [[0, 0, 0.0] for _ in RELIABILITY_EDGES[:-1]]
+    commits = refined = changed = fixed = broke = 0
+    has_backbone = has_refined = has_confidence = False
+    for prediction in recorded:
+        c = prediction["commits"]
+        confidence, backbone, flags = c["confidence"], c["backbone"], c["refined"]
+        has_confidence |= confidence is not None
+        has_backbone |= backbone is not None and flags is not None
+        has_refined |= flags is not None
+        for p in range(c["span"]):
+            if c["step"][p] < 0:
+                continue
+            commits += 1
+            right = c["token"][p] == c["reference"][p]
+            if confidence is not None and confidence[p] is not None:
+                index = min(bisect.bisect_right(RELIABILITY_EDGES, confidence[p]) - 1, len(bins) - 1)
+                bins[index][0] += 1
+                bins[index][1] += right
+                bins[index][2] += confidence[p]
+            if flags is None or not flags[p]:
+                continue
+            refined += 1
+            if backbone is None or backbone[p] == c["token"][p]:
+                continue
+            changed += 1
+            fixed += right and backbone[p] != c["reference"][p]
+            broke += backbone[p] == c["reference"][p] and not right
+    first = _first_errors(recorded)
+    by_category = {}
+    for name in CATEGORIES:
+        group = [f for f in first["list"] if f["category"] == name]
+        if group:
+            by_category[name] = _first_error_summary(group)
+    return {
+        "problems": len(predictions),
+        "recorded": len(recorded),
+        "wrong": sum(not p.get("correct_strict") for p in recorded),
+        "first_errors": {**_first_error_summary(first["list"]), "no_token_differs": first["no_token_differs"],
+                         "by_category": by_category},  # fmt: skip
+        "first_committed_errors": _first_error_summary(first["committed_first"]),
+        "commits": {
+            "n": commits,
+            "refined": refined if has_refined else None,
+            "changed": changed if has_backbone else None,
+            "fixed": fixed if has_backbone else None,
+            "broke": broke if has_backbone else None,
+            "neither": changed - fixed - broke if has_backbone else None,
+        },
+        "reliability": _reliability(bins) if has_confidence else None,
+        "first_error_list": first["list"],
+    }
+
+
+# ------------------------------------------------------------------------------------------------ markdown
+
+
+def _share(rate: Mapping[str, Any] | None) -> str:
+    return "-" if rate is None else f"{rate['p']:.0%} ({rate['k']}/{rate['n']})"
+
+
+def _median(report: Mapping[str, Any]) -> str:
+    value = report["first_errors"]["median_confidence"]
+    return "-" if value is None else f"{value:.3f}"
+
+
+def _span_commits(report: Mapping[str, Any]) -> str:
+    commits = report["commits"]
+    refined = "-" if commits["refined"] is None else str(commits["refined"])
+    return f"{commits['n']} ({refined})"
+
+
+def _changed(report: Mapping[str, Any]) -> str:
+    commits = report["commits"]
+    if commits["changed"] is None:
+        return "-"
+    share = f" ({commits['changed'] / commits['refined']:.1%} of refined)" if commits["refined"] else ""
+    return f"{commits['changed']}{share}"
+
+
+def _outcome(report: Mapping[str, Any]) -> str:
+    commits = report["commits"]
+    if commits["fixed"] is None:
+        return "-"
+    return f"{commits['fixed']} / {commits['broke']} / {commits['neither']}"
+
+
+def _ece(report: Mapping[str, Any]) -> str:
+    return "-" if report["reliability"] is None else f"{report['reliability']['ece']:.3f}"
+
+
+_ROWS: tuple[tuple[str, Callable[[Mapping[str, Any]], str]], ...] = (
+    ("wrong answers (with a first wrong token)", lambda r: f"{r['wrong']} ({r['first_errors']['n']})"),
+    (f"first error committed at p >= {CONFIDENT}", lambda r: _share(r["first_errors"]["confident"])),
+    ("median confidence of first errors", _median),
+    ("first error in a chunk not refined", lambda r: _share(r["first_errors"]["skipped"])),
+    ("first error changed by the refiner", lambda r: _share(r["first_errors"]["changed_by_refiner"])),
+    (f"first committed error at p >= {CONFIDENT} / not refined",
+     lambda r: _category_cell(r.get("first_committed_errors"))),
+    ("answer-span commits (in refined chunks)", _span_commits),
+    ("tokens the refiner changed at commit", _changed),
+    ("of them fixed / broke / neither", _outcome),
+    ("calibration error (ECE)", _ece),
+)
+
+
+def _category_cell(summary: Mapping[str, Any] | None) -> str:
+    if summary is None:
+        return "-"
+    return f"{_share(summary['confident'])} / {_share(summary['skipped'])}"
+
+
+def _bin_cell(report: Mapping[str, Any], i: int) -> str:
+    if report["reliability"] is None:
+        return "-"
+    b = report["reliability"]["bins"][i]
+    return "-" if not b["n"] else f"{b['accuracy']:.1%} ({b['n']})"
+
+
+def diagnostics_markdown(reports: Mapping[str, Mapping[str, Any] | None]) -> str:
+    """Two markdown tables, one column per model (``{"none": report, "slot": report}``): where the first
+    errors were committed and what the refiner changed, then the reliability of the commit confidence
+    (``-``: not recorded for that model)."""
+    if not reports:
+        raise ValueError("diagnostics_markdown needs at least one model's report")
+    head = "| | " + " | ".join(reports) + " |\n|---|" + "---|" * len(reports) + "\n"
+
+    def row(label: str, cell: Callable[[Mapping[str, Any]], str]) -> str:
+        return f"| {label} | " + " | ".join(cell(r) if r else "-" for r in reports.values()) + " |\n"
+
+    table = head + "".join(row(label, cell) for label, cell in _ROWS)
+    present = [name for name in CATEGORIES if any(r and name in r["first_errors"]["by_category"]
+                                                  for r in reports.values())]  # fmt: skip
+    for name in present:  # the generated task's error categories (errors.first_deviation)
+        def cell(r: Mapping[str, Any], name: str = name) -> str:
+            return _category_cell(r["first_errors"]["by_category"].get(name))
+
+        table += row(f"{name}: first error at p >= {CONFIDENT} / not refined", cell)
+    text = (
+        "**Where the first errors were committed, and what the refiner changed** (a wrong answer's first "
+        "token that differs from the reference, aligned by position; fixed / broke: the committed token "
+        "right / wrong where the backbone's argmax was wrong / right)\n\n" + table
+    )
+    curves = [r["reliability"]["bins"] for r in reports.values() if r and r["reliability"]]
+    if curves:
+        last = len(curves[0]) - 1
+        rows = "".join(
+            row(f"[{b['low']:.2f}, {b['high']:.2f}{']' if i == last else ')'}",
+                lambda r, i=i: _bin_cell(r, i))
+            for i, b in enumerate(curves[0])
+        )  # fmt: skip
+        text += ("\n**Reliability of the commit confidence** (answer-span commits per confidence bin: the "
+                 "share equal to the reference token, and the count)\n\n" + head + rows)  # fmt: skip
+    return text
