@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from llada_trm.cli_eval import cmd_eval, cmd_generate
 from llada_trm.cli_sampling import add_sampling_options
 from llada_trm.errors import NonFiniteLossError, UserError
+from llada_trm.progress import plain_progress
 
 __all__ = ["build_parser", "main"]
 
@@ -34,7 +35,7 @@ def _cmd_pretrain(args: argparse.Namespace) -> int:
     config = load_pretrain_config(args.config, overrides)
     result = pretrain(
         config,
-        progress=not args.no_progress,
+        progress=True,
         resume=args.resume,
         force=args.force,
         command=_pretrain_command(args),
@@ -65,7 +66,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from llada_trm.training import run_train
 
     summary = run_train(
-        args.config, args.set, args.resume, progress=not args.no_progress, force=args.force,
+        args.config, args.set, args.resume, progress=True, force=args.force,
         allow_backbone_mismatch=args.allow_backbone_mismatch,
     )
     if not is_main_process():  # under torchrun every rank returns the summary; one prints it
@@ -98,10 +99,10 @@ def _cmd_cache(args: argparse.Namespace) -> int:
     if args.sampler_states:
         from llada_trm.training.sampler_states import build_sampler_states
 
-        directory = build_sampler_states(config, progress=not args.no_progress, rebuild=args.rebuild)
+        directory = build_sampler_states(config, progress=True, rebuild=args.rebuild)
         print(f"sampler states ready: {directory} (train with --set training.sampler_state_ratio=0.25)")
         return 0
-    directory = build_feature_cache(config, progress=not args.no_progress, rebuild=args.rebuild)
+    directory = build_feature_cache(config, progress=True, rebuild=args.rebuild)
     print(f"feature cache ready: {directory} (train with --set advanced.feature_cache=true)")
     return 0
 
@@ -132,7 +133,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
 
     seeds = parse_seeds(args.seeds) if args.seeds is not None else None
     config = load_compare_config(args.config, args.set, seeds)
-    run_compare(config, progress=not args.no_progress, force=args.force, resume=args.resume)
+    run_compare(config, progress=True, force=args.force, resume=args.resume)
     return 0
 
 
@@ -175,6 +176,15 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
     _add_mismatch_option(parser)
 
 
+def _add_progress_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--no-progress",
+        action="store_true",
+        help="no redrawn progress bar: plain progress lines (step, loss, lr, s/step, ETA every log_every "
+        "steps), as printed whenever stderr is not a terminal",
+    )
+
+
 def _add_mismatch_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--allow-backbone-mismatch",
@@ -205,7 +215,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--force", action="store_true", help="replace an existing output.dir, start over a checkpoint"
     )
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _add_progress_option(p)
     p.set_defaults(func=_cmd_pretrain)
 
     p = command("train", "train a refiner (phases 1-3) from a run config")
@@ -214,7 +224,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--force", action="store_true", help="archive a run in output.dir (as DIR.old-<time>), start anew"
     )
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _add_progress_option(p)
     _add_mismatch_option(p)  # for --resume and training.init_from
     p.set_defaults(func=_cmd_train)
 
@@ -226,7 +236,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="record the frozen backbone's sampler states instead (training.sampler_state_ratio)",
     )
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _add_progress_option(p)
     p.set_defaults(func=_cmd_cache)
 
     p = command("eval", "sampled GSM8K-style accuracy, refinement efficiency and speed")
@@ -242,7 +252,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="pair this evaluation with another's predictions on the same problems (a predictions.jsonl, "
         "its eval directory, or a run with one eval): gained / lost, McNemar p, bootstrap interval",
     )
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _add_progress_option(p)
     add_sampling_options(p)
     p.set_defaults(func=cmd_eval)
 
@@ -296,7 +306,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="reuse the trained models and evaluations already in output.dir (an interrupted study, or seeds "
         "run in parallel with --seeds), train and sample the rest, then write the report",
     )
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    _add_progress_option(p)
     p.set_defaults(func=_cmd_compare)
     return parser
 
@@ -327,7 +337,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        return int(args.func(args) or 0)
+        with plain_progress(getattr(args, "no_progress", False)):
+            return int(args.func(args) or 0)
     except KeyboardInterrupt:
         if args.debug:
             raise

@@ -101,7 +101,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
             "split": args.split,
             "sampling_from": sampling_source(args, loaded),
         },
-        progress=not args.no_progress,
+        progress=True,
         desc=f"eval {loaded.refiner}",
     )
     if is_main_process():  # every rank holds the merged summary; one prints it

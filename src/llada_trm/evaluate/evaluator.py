@@ -22,7 +22,6 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
 from llada_trm.data import GSM8KRecord, encode_prompt, prompt_batch, special_token_ids
@@ -33,6 +32,7 @@ from llada_trm.dist_utils import gather_objects, is_main_process, shard_indices
 from llada_trm.evaluate.extraction import extract_flexible, extract_strict
 from llada_trm.evaluate.io import write_json, write_jsonl
 from llada_trm.hybrid.chunking import chunk_sum
+from llada_trm.progress import progress_bar
 
 __all__ = [
     "PREDICTIONS_FILE",
@@ -247,7 +247,7 @@ def evaluate_model(  # noqa: PLR0913 - cli.py and compare.py pass every keyword
     starts = [starts[i] for i in shard_indices(len(starts))]
     share = sum(len(records[start : start + options.batch_size]) for start in starts)
     main = is_main_process()
-    bar = tqdm(total=share, desc=desc, unit="problem", disable=not (progress and main), dynamic_ncols=True)
+    bar = progress_bar(share, desc=desc, unit="problem", every=options.batch_size, enabled=progress and main)
     try:
         for start in starts:
             batch = list(records[start : start + options.batch_size])
@@ -260,9 +260,9 @@ def evaluate_model(  # noqa: PLR0913 - cli.py and compare.py pass every keyword
             completions = decode_generated(tokenizer, result.tokens, result.prompt_length)
             for offset, (record, completion) in enumerate(zip(batch, completions, strict=True)):
                 predictions.append(_score(record, completion, start + offset))
-            bar.update(len(batch))
             correct = sum(p["correct_strict"] for p in predictions)
             bar.set_postfix(acc=f"{correct / len(predictions):.3f}")
+            bar.update(len(batch))
     finally:
         bar.close()
         if was_training and hasattr(model, "train"):
