@@ -10,7 +10,7 @@ The run checkpoints itself (`run_dir`) and resumes exactly; every `eval_every` s
 validation problems and measures the targets (`targets`), stopping early once `training.stop_at` is met.
 The model card's figures come from the test split at the end.
 
-    llada-trm pretrain --config configs/tiny_backbone.yaml [--resume] [--output DIR] [--force]
+    llada-trm pretrain --config configs/tiny_backbone.yaml [--resume [DIR]] [--out DIR] [--force]
 """
 
 from __future__ import annotations
