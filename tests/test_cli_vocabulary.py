@@ -51,10 +51,11 @@ def test_train_out_device_and_resume_without_a_directory(backbone_dir, tmp_path,
     config = tmp_path / "run.yaml"
     config.write_text(yaml.safe_dump(run_config(backbone_dir, tmp_path / "unused")))
     out = tmp_path / "elsewhere"
-    assert main(["train", "--config", str(config), "--out", str(out), "--device", "cpu", "--no-progress"]) == 0
+    argv = ["train", "--config", str(config), "--out", str(out), "--no-progress"]
+    assert main([*argv, "--device", "cpu"]) == 0
     assert (out / "checkpoints" / "last").is_dir() and not (tmp_path / "unused").exists()
     assert "device cpu" in capsys.readouterr().out
-    assert main(["train", "--config", str(config), "--out", str(out), "--resume", "--no-progress"]) == 0
+    assert main([*argv, "--resume"]) == 0
     assert "nothing to do: the run finished at step 2" in capsys.readouterr().out
 
 
@@ -67,7 +68,7 @@ def test_compare_refuses_out_and_resume_naming_two_directories(tmp_path, capsys)
 
 
 def test_old_spellings_still_work_with_one_warning(tmp_path_factory, tmp_path, capsys):
-    """`export RUN OUT` (positional) and `pretrain --output DIR` keep working this release, each warned once."""
+    """`export RUN OUT` (positional) and `pretrain --output DIR` work this release, each warned once."""
     run = tiny_run(tmp_path_factory)
     assert main(["export", str(run), str(tmp_path / "exported")]) == 0
     err = capsys.readouterr().err.strip().splitlines()

@@ -13,7 +13,9 @@ from llada_trm import progress
 from llada_trm.cli import main
 
 SAMPLING = [f"--{key.replace('_', '-')}={value}" for key, value in TINY_SAMPLING.items()]
-TRAIN_LINE = re.compile(r"^train: step (\d+)/4 \(\d+%\), loss \d+\.\d{4}, lr \d\.\d\de[-+]\d\d, .*(ETA|done in)")
+TRAIN_LINE = re.compile(
+    r"^train: step (\d+)/4 \(\d+%\), loss \d+\.\d{4}, lr \d\.\d\de[-+]\d\d, .*(ETA|done in)"
+)
 
 
 @pytest.fixture(scope="module")
@@ -75,7 +77,7 @@ def test_plain_progress_counts_every_and_closes_on_the_last():
 
 
 def test_large_weights_report_loading_and_writing(backbone_dir, tmp_path, capfd, monkeypatch):
-    """A checkpoint above LARGE_WEIGHTS_BYTES reports each shard it reads and writes (an 8B load takes minutes)."""
+    """Weights above LARGE_WEIGHTS_BYTES report each shard read and written (an 8B load takes minutes)."""
     from llada_trm.backbone.checkpoint import load_weights, read_config, save_state_dict
     from llada_trm.backbone.modeling import LLaDAModel
 

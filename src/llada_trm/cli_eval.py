@@ -146,7 +146,9 @@ def _print_eval_summary(args: argparse.Namespace, refiner: str, s: dict[str, Any
     )
     speed = s["speed"]
     rate, calls, seconds = speed["tokens_per_s"], speed["nfe"], speed["total_s"]
-    print(f"speed: {rate:.1f} tokens/s, {calls} model calls, {seconds:.1f} s in all")
+    tpf = speed.get("tokens_per_forward")
+    tpf_text = f", {tpf:.2f} tokens per forward (TPF)" if tpf else ""
+    print(f"speed: {rate:.1f} tokens/s{tpf_text}, {calls} model calls, {seconds:.1f} s in all")
     print(f"wrote {out / 'predictions.jsonl'} and {out / 'summary.json'}")
 
 

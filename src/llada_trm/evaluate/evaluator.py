@@ -257,6 +257,8 @@ def evaluate_model(  # noqa: PLR0913 - cli.py and compare.py pass every keyword
             nfe += result.nfe
             generation_s += result.elapsed_s
             add_stats(totals, result.model_stats_total)
+            # every sequence of the batch is in each of its model calls: TPF counts calls per sequence
+            add_stats(totals, {SEQUENCE_CALLS: len(batch) * result.nfe})
             completions = decode_generated(tokenizer, result.tokens, result.prompt_length)
             for offset, (record, completion) in enumerate(zip(batch, completions, strict=True)):
                 predictions.append(_score(record, completion, start + offset))
@@ -306,6 +308,7 @@ def _summary(
     strict = sum(p["correct_strict"] for p in predictions)
     flexible = sum(p["correct_flexible"] for p in predictions)
     tokens = n * options.gen_length
+    sequence_calls = totals.get(SEQUENCE_CALLS, 0.0)
     summary: dict[str, Any] = {
         "n": n,
         "correct_strict": strict,
@@ -317,6 +320,9 @@ def _summary(
         "refinement": _refinement(totals),
         "speed": {
             "tokens_per_s": tokens / generation_s if generation_s > 0 else None,
+            # tokens per forward: tokens committed per model call of one sequence (the community's TPF:
+            # gen_length / NFE for one sequence; 1.0 for one token a step, higher with parallel decoding)
+            "tokens_per_forward": tokens / sequence_calls if sequence_calls else None,
             "generated_tokens": tokens,
             "nfe": nfe,
             "generation_s": generation_s,
@@ -325,6 +331,9 @@ def _summary(
         "sampling": options.to_dict(),
     }
     return summary
+
+
+SEQUENCE_CALLS = "sequence_calls"  # sum over batches of rows x model calls, beside the model's own stats
 
 
 def _refinement(totals: Mapping[str, float]) -> dict[str, Any] | None:
