@@ -210,7 +210,7 @@ def _generate_traced(args: argparse.Namespace, loaded: Any, question: str, optio
         loaded.model, loaded.tokenizer, question, options, num_steps=loaded.num_steps, on_step=trajectory
     )
     if args.show_steps:
-        print(render_text(trajectory, loaded.tokenizer))
+        print(render_text(trajectory, loaded.tokenizer, legend=True))
         print()
     print(answers.answers[0])
     if args.verbose:
