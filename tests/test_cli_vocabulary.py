@@ -79,3 +79,19 @@ def test_old_spellings_still_work_with_one_warning(tmp_path_factory, tmp_path, c
     assert err.count("llada-trm: warning: --output is deprecated, use --out") == 1
     assert main(["export", str(run)]) == 2
     assert "--out DIR" in capsys.readouterr().err
+
+
+def test_resume_dir_names_the_output_directory():
+    """`pretrain --resume DIR` (or its DIR.partial) and `compare --resume DIR` continue the run in DIR."""
+    from llada_trm.cli import _output_overrides, _pretrain_resume
+
+    def args(**given):
+        return argparse.Namespace(**{"set": ["a.b=1"], "out": None, "resume": None, "device": None, **given})
+
+    assert _output_overrides(args(resume="runs/bb.partial"), resume_dir=_pretrain_resume) == [
+        "a.b=1", "output.dir=runs/bb"
+    ]
+    assert _output_overrides(args(resume=True)) == ["a.b=1"]  # no DIR: the config's own output.dir
+    assert _output_overrides(args(out="runs/x", resume="runs/x/", device="cpu"), "run.training.device") == [
+        "a.b=1", "output.dir=runs/x", "run.training.device=cpu"
+    ]
