@@ -93,3 +93,31 @@ def test_large_weights_report_loading_and_writing(backbone_dir, tmp_path, capfd,
     read = [line for line in err.splitlines() if line.startswith("loading weights sharded: shard")]
     assert len(written) == len(read) > 1, err
     assert read[-1].split()[4].split("/")[0] == read[-1].split()[4].split("/")[1]
+
+
+def test_a_combined_log_keeps_messages_and_progress_in_order(monkeypatch):
+    """`llada-trm compare ... > log 2>&1`: stdout is block-buffered in a pipe (compare's headers, the
+    tables); each progress line flushes it first, so a header precedes the steps it announces."""
+    log: list[str] = []
+
+    class Stream(io.StringIO):
+        def __init__(self, name: str):
+            super().__init__()
+            self.name = name
+
+        def write(self, text: str) -> int:
+            log.append(f"{self.name}:{text}") if text.strip() else None
+            return len(text)
+
+        def flush(self) -> None:
+            log.append(f"{self.name}:flush")
+
+    monkeypatch.setattr("sys.stdout", Stream("out"))
+    monkeypatch.setattr("sys.stderr", Stream("err"))
+    print("== training slot ==")  # buffered: nothing is written before a flush
+    bar = progress.Progress(2, desc="train", unit="step")
+    bar.update(1)
+    progress.note("validation at step 1/2: val loss 1.0")
+    first_err = next(i for i, entry in enumerate(log) if entry.startswith("err:train: step 1/2"))
+    assert "out:flush" in log[:first_err]
+    assert log.index("err:validation at step 1/2: val loss 1.0") > first_err

@@ -67,6 +67,14 @@ def format_duration(seconds: float) -> str:
     return f"{hours}h{minutes:02d}m"
 
 
+def _emit(line: str, stream: TextIO) -> None:
+    """One line on `stream`, after whatever stdout holds: in a log of both (`> log 2>&1`) the command's own
+    messages (block-buffered in a pipe) stay in order with the progress lines."""
+    if stream is not sys.stdout:
+        sys.stdout.flush()
+    print(line, file=stream, flush=True)
+
+
 class Progress:
     """A tqdm-like counter (`update`, `set_postfix`, `write`, `close`) that prints plain lines.
 
@@ -107,7 +115,7 @@ class Progress:
     def write(self, text: str) -> None:
         """A message on its own line (a validation result), printed unless progress is off."""
         if self.enabled:
-            print(text, file=self._out(), flush=True)
+            _emit(text, self._out())
 
     def close(self) -> None:
         if not self._closed and self.enabled and self.n != self._last_n:
@@ -130,7 +138,7 @@ class Progress:
             parts.append(f"ETA {format_duration(eta)}")
         elif self.total and self.n >= self.total:
             parts.append(f"done in {format_duration(now - self._start)}")
-        print(f"{self.desc}: " + ", ".join(parts), file=self._out(), flush=True)
+        _emit(f"{self.desc}: " + ", ".join(parts), self._out())
         self._last_time, self._last_n = now, self.n
 
 
@@ -182,7 +190,7 @@ def note(text: str) -> None:
 
         tqdm.write(text, file=sys.stderr)
     else:
-        print(text, file=sys.stderr, flush=True)
+        _emit(text, sys.stderr)
 
 
 _SHOWN = (("loss", "val loss", "{:.4f}"), ("loss_base", "backbone", "{:.4f}"),
