@@ -121,3 +121,15 @@ def test_a_combined_log_keeps_messages_and_progress_in_order(monkeypatch):
     first_err = next(i for i, entry in enumerate(log) if entry.startswith("err:train: step 1/2"))
     assert "out:flush" in log[:first_err]
     assert log.index("err:validation at step 1/2: val loss 1.0") > first_err
+
+
+def test_pretrain_piped_prints_plain_lines(tmp_path, capfd):
+    from test_pretrain_runs import TINY
+
+    sets = [w for o in [*TINY, "training.steps=4", "training.log_every=2"] for w in ("--set", o)]
+    assert main(["pretrain", *sets, "--out", str(tmp_path / "backbone")]) == 0
+    err = capfd.readouterr().err
+    assert "\r" not in err
+    lines = [line for line in err.splitlines() if line.startswith("pretrain: step ")]
+    assert [line.split()[2] for line in lines] == ["2/4", "4/4"], err
+    assert ", loss " in lines[0] and ", lr " in lines[0] and "ETA" in lines[0]
