@@ -89,6 +89,7 @@ class Variant:
     hybrid_config: HybridConfig | None = None
     elapsed: list[float] = field(default_factory=list)  # per repeat: summed over batches
     nfe: int = 0
+    sequence_calls: int = 0  # rows x model calls: the TPF denominator
     batches: int = 0
     tokens: int = 0
     strict: int = 0
@@ -228,6 +229,7 @@ def run_interleaved(
                     is_correct(t, r.answer, flexible=True) for t, r in zip(texts, chunk, strict=True)
                 )
                 variant.nfe += result.nfe
+                variant.sequence_calls += result.generated.shape[0] * result.nfe
                 variant.batches += 1
                 variant.tokens += result.generated.numel()
                 add_stats(variant.stats, result.model_stats_total)
@@ -243,6 +245,7 @@ def summary(variant: Variant, n_problems: int) -> dict[str, Any]:
         "elapsed_s": elapsed,
         "tokens_per_s": variant.tokens / elapsed,
         "nfe_per_batch": variant.nfe / variant.batches,
+        "tokens_per_forward": variant.tokens / max(1, variant.sequence_calls),
         "nfe": variant.nfe,
         "accuracy_strict": variant.strict / n_problems,
         "accuracy_flexible": variant.flexible / n_problems,
@@ -262,11 +265,12 @@ def summary(variant: Variant, n_problems: int) -> dict[str, Any]:
 def print_modes(title: str, rows: list[dict[str, Any]]) -> None:
     base = rows[0]
     print(f"\n{title}")
-    print(f"{'mode':32s} {'tok/s':>8s} {'speedup':>8s} {'NFE/batch':>10s} {'NFE ratio':>10s} "
+    print(f"{'mode':32s} {'tok/s':>8s} {'TPF':>6s} {'speedup':>8s} {'NFE/batch':>10s} {'NFE ratio':>10s} "
           f"{'acc strict':>10s} {'acc flex':>9s}")
     for row in rows:
         speedup = row["tokens_per_s"] / base["tokens_per_s"]
-        print(f"{row['mode']:32s} {row['tokens_per_s']:8.1f} {speedup:7.2f}x "
+        print(f"{row['mode']:32s} {row['tokens_per_s']:8.1f} {row['tokens_per_forward']:6.2f} "
+              f"{speedup:7.2f}x "
               f"{row['nfe_per_batch']:10.1f} {base['nfe'] / row['nfe']:9.2f}x "
               f"{row['accuracy_strict']:10.3f} {row['accuracy_flexible']:9.3f}")
 

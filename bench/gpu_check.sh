@@ -102,7 +102,7 @@ RUN="$OUT/train"
 step train_bf16 40 "$PY" -m llada_trm train --config configs/tiny_refiner.yaml \
     --set training.device="$DEVICE" --set training.mixed_precision=bf16 --set training.max_steps=20 \
     --set training.eval_every=10 --set training.save_every=10 --set training.log_every=5 \
-    --set output.dir="$RUN" --no-progress
+    --out "$RUN" --no-progress
 result "$(grep -o 'device [a-z0-9:]*, autocast [a-z0-9.]*' "$OUT/train_bf16.log" | tail -n 1); \
 $(grep -o 'train loss [0-9.]*; val loss [0-9.]*' "$OUT/train_bf16.log" | tail -n 1)\
 $([ -d "$RUN/checkpoints/last" ] || echo '; no checkpoint')"

@@ -138,6 +138,8 @@ def test_scores_strict_and_flexible_answers_and_writes_both_files(tokenizer, tmp
     assert s["refinement"] is None  # a plain callable reports no refinement statistics
     assert s["speed"]["nfe"] == model.calls == 2 * 8  # two batches, 8 steps each
     assert s["speed"]["generated_tokens"] == 3 * 32 and s["speed"]["tokens_per_s"] > 0
+    # TPF: 32 tokens per sequence over its 8 model calls (batches of 2 and 1 rows: 96 tokens, 24 row-calls)
+    assert s["speed"]["tokens_per_forward"] == pytest.approx(32 / 8)
 
     lines = (tmp_path / "out" / "predictions.jsonl").read_text().splitlines()
     rows = [json.loads(line) for line in lines]

@@ -203,11 +203,11 @@ def test_export_refuses_an_existing_directory_without_force(phase2_run, tmp_path
     (out / "keep.txt").write_text("mine")
     with pytest.raises(UserError, match="--force"):
         export_run(phase2_run, out)
-    assert main(["export", str(phase2_run), str(out)]) == 2
+    assert main(["export", str(phase2_run), "--out", str(out)]) == 2
     assert "already exists" in capsys.readouterr().err and (out / "keep.txt").is_file()
     with pytest.raises(UserError, match="holds the run"):
         export_run(phase2_run, phase2_run.parent, force=True)
-    assert main(["export", str(phase2_run), str(out), "--force", "--dtype", "bfloat16"]) == 0
+    assert main(["export", str(phase2_run), "--out", str(out), "--force", "--dtype", "bfloat16"]) == 0
     assert not (out / "keep.txt").exists()
     loaded = load_checkpoint(out, device="cpu", dtype="bfloat16")
     assert loaded.model.backbone.transformer.wte.weight.dtype == torch.bfloat16

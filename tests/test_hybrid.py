@@ -286,7 +286,8 @@ def test_threshold_zero_refines_nothing_and_above_one_everything():
 
 def test_chunk_selection_all_refines_every_masked_chunk_whatever_the_threshold():
     ids = noisy_ids()
-    model = make_model(refiner="slot", confidence_threshold=0.0, chunk_selection="all", halting="none").train()
+    model = make_model(refiner="slot", confidence_threshold=0.0, chunk_selection="all", halting="none")
+    model.train()
     out = model(ids)
     assert out.stats["steps_per_chunk"].tolist() == [[0, 4, 4], [0, 4, 4]]  # chunk 0 holds no mask
     model.config.chunk_selection = "confidence"

@@ -94,7 +94,7 @@ def test_pretrain_never_overwrites_a_backbone_without_force(tmp_path):
     out = tmp_path / "backbone"
     out.mkdir()
     (out / "config.json").write_text("{}")
-    with pytest.raises(ConfigError, match=r"already exists .*--output DIR .*--force"):
+    with pytest.raises(ConfigError, match=r"already exists .*--out DIR .*--force"):
         pretrain(tiny(out), progress=False)
     assert (out / "config.json").read_text() == "{}" and not (tmp_path / "backbone.partial").exists()
     pretrain(tiny(out, "training.steps=2"), progress=False, force=True)
@@ -106,11 +106,11 @@ def test_cli_output_overrides_output_dir_and_refuses_an_existing_one(tmp_path, c
 
     out = tmp_path / "elsewhere"
     argv = ["pretrain", "--no-progress", *[w for o in [*TINY, "training.steps=2"] for w in ("--set", o)]]
-    assert main([*argv, "--output", str(out)]) == 0
+    assert main([*argv, "--out", str(out)]) == 0
     card = (out / "README.md").read_text()
-    assert f"--output {out}" in card and "--set training.steps=2" in card
+    assert f"--out {out}" in card and "--set training.steps=2" in card
     capsys.readouterr()
-    assert main([*argv, "--output", str(out)]) == 2
+    assert main([*argv, "--out", str(out)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--force" in err[0]
 

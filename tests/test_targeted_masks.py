@@ -1,4 +1,4 @@
-"""Phase-1 masks where the sampler errs (`diffusion.targeted_masks`), their loss weight, and the weights' EMA."""
+"""Phase-1 masks where the sampler errs (`diffusion.targeted_masks`), their loss weight, the weights' EMA."""
 
 from __future__ import annotations
 
@@ -21,9 +21,9 @@ from llada_trm.training.ema import WeightEMA
 
 # The generated task's answer as the embedded tokenizer splits it (digits one token each).
 GENERATED = [
-    "Lily", " has", " ", "3", "*", "1", "0", "=<<", "3", "*", "1", "0", "=", "3", "0", ">>", "3", "0", " eggs",
-    ".", "\n", "Sam", " has", " ", "3", "0", "/", "2", "=<<", "3", "0", "/", "2", "=", "1", "5", ">>", "1",
-    "5", " eggs", ".", "\n", "####", " ", "1", "5", "<|eot_id|>", "<|endoftext|>",
+    "Lily", " has", " ", "3", "*", "1", "0", "=<<", "3", "*", "1", "0", "=", "3", "0", ">>", "3", "0",
+    " eggs", ".", "\n", "Sam", " has", " ", "3", "0", "/", "2", "=<<", "3", "0", "/", "2", "=", "1", "5",
+    ">>", "1", "5", " eggs", ".", "\n", "####", " ", "1", "5", "<|eot_id|>", "<|endoftext|>",
 ]  # fmt: skip
 
 # A real GSM8K solution, tokenised as a multi-digit tokenizer might: "48", "24", "72" are single tokens.
@@ -36,8 +36,9 @@ GSM8K = [
 
 def test_answer_targets_on_the_generated_format():
     targets = answer_targets(GENERATED)
-    # line 1: "30" inside the annotation (13, 14), its copy after ">>" (16, 17), its later copies in line 2
-    # (24, 25 in the text and 29, 30 in the annotation); line 2: "15" (34, 35), copy (37, 38), "#### 15" (44, 45)
+    # line 1: "30" inside the annotation (13, 14), its copy after ">>" (16, 17), its later copies in
+    # line 2 (24, 25 in the text and 29, 30 in the annotation); line 2: "15" (34, 35), copy (37, 38),
+    # and in "#### 15" (44, 45)
     assert [t.positions for t in targets] == [
         (13, 14, 16, 17, 24, 25, 29, 30),
         (34, 35, 37, 38, 44, 45),

@@ -276,8 +276,8 @@ def test_targeted_masks_with_ema_resume_bit_exactly(backbone_dir, tmp_path, mask
     for name, value in straight.ema.averaged().items():  # checkpoints hold the average, not the live weights
         assert torch.equal(saved[name], value)
     assert any(not torch.equal(saved[n], v) for n, v in trainable(straight).items())
-    losses = [[r["loss"] for r in read_csv(tmp_path / d / "training_metrics.csv")] for d in ("straight", "split")]
-    assert losses[0] == losses[1]
+    logs = [read_csv(tmp_path / d / "training_metrics.csv") for d in ("straight", "split")]
+    assert [r["loss"] for r in logs[0]] == [r["loss"] for r in logs[1]]
 
 
 def test_targeted_masks_change_what_is_trained_on(backbone_dir, tmp_path):

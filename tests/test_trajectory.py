@@ -85,6 +85,9 @@ def test_html_colours_tokens_by_step_and_marks_chunks():
 def test_generate_show_steps_prints_every_step_then_the_answer(capsys):
     assert main(["generate", "--checkpoint", "embedded", QUESTION, *TINY, "--show-steps"]) == 0
     out = capsys.readouterr().out.strip().splitlines()
+    legend, out = out[0], out[1:]  # first, how to read the steps
+    assert legend.startswith("legend: step N (block b, step s): +k = k tokens committed")
+    assert f"{MASK_GLYPH} a still-masked position" in legend and "refined chunks" not in legend
     headers = [line for line in out if line.startswith("step ")]
     assert [h.split(":")[0] for h in headers] == [
         "step 1 (block 0, step 0)", "step 2 (block 0, step 1)", "step 3 (block 1, step 0)",
@@ -107,8 +110,11 @@ def test_generate_html_writes_one_page_atomically(tmp_path: Path, capsys):
 
 def test_a_refining_run_shows_its_chunks(tmp_path_factory, capsys):
     run = tiny_run(tmp_path_factory)
+    capsys.readouterr()  # the fixture's training output
     assert main(["generate", "--checkpoint", str(run), QUESTION, *TINY, "--show-steps"]) == 0
-    headers = [line for line in capsys.readouterr().out.splitlines() if line.startswith("step ")]
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith("legend: ") and "refined chunks at a-b" in out[0]
+    headers = [line for line in out if line.startswith("step ")]
     assert len(headers) == 4
     assert all("refined chunks at" in h or "no chunk refined" in h for h in headers)
     assert any("refined chunks at" in h for h in headers)  # the slot refiner is reported

@@ -56,6 +56,16 @@ _EXPORTS: dict[str, str] = {
 __all__ = ["__version__", *_EXPORTS]
 
 
+def _register_with_transformers() -> None:
+    """`AutoConfig` / `AutoModel` know model type `llada` (`hf_auto`; nothing is imported before they are)."""
+    from llada_trm.hf_auto import install
+
+    install()
+
+
+_register_with_transformers()
+
+
 def __getattr__(name: str):
     module = _EXPORTS.get(name)
     if module is None:

@@ -10,11 +10,14 @@ from __future__ import annotations
 import argparse
 import shlex
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
 
 from llada_trm.cli_eval import cmd_eval, cmd_generate
 from llada_trm.cli_sampling import add_sampling_options
 from llada_trm.errors import NonFiniteLossError, UserError
+from llada_trm.progress import plain_progress
 
 __all__ = ["build_parser", "main"]
 
@@ -30,12 +33,11 @@ INTERRUPTED = 130
 def _cmd_pretrain(args: argparse.Namespace) -> int:
     from llada_trm.pretrain import load_pretrain_config, pretrain
 
-    overrides = [*args.set, *([f"output.dir={args.output}"] if args.output else [])]
-    config = load_pretrain_config(args.config, overrides)
+    config = load_pretrain_config(args.config, _output_overrides(args, resume_dir=_pretrain_resume))
     result = pretrain(
         config,
-        progress=not args.no_progress,
-        resume=args.resume,
+        progress=True,
+        resume=args.resume is not None,
         force=args.force,
         command=_pretrain_command(args),
         echo=print,
@@ -57,15 +59,44 @@ def _pretrain_command(args: argparse.Namespace) -> str:
     so --resume, --force and --no-progress are left out)."""
     words = [PROG, "pretrain", *(["--config", args.config] if args.config else [])]
     words += [word for value in args.set for word in ("--set", value)]
-    return shlex.join(words + (["--output", args.output] if args.output else []))
+    out = args.out or (_pretrain_resume(args.resume) if isinstance(args.resume, str) else None)
+    return shlex.join(words + (["--out", out] if out else []))
+
+
+def _pretrain_resume(directory: str) -> str:
+    """`pretrain --resume DIR`: DIR is the backbone's output.dir, or its unfinished `DIR.partial`."""
+    return directory[: -len(".partial")] if directory.rstrip("/").endswith(".partial") else directory
+
+
+def _output_overrides(
+    args: argparse.Namespace, device_key: str = "training.device", resume_dir: Callable[[str], str] = str
+) -> list[str]:
+    """`--set` overrides, then output.dir as named by `--out` or by `--resume DIR` (both naming different
+    directories is an error), then `--device` where the command has it."""
+    overrides = list(args.set)
+    resume = resume_dir(args.resume) if isinstance(args.resume, str) else None
+    named = {str(Path(value)) for value in (args.out, resume) if value}
+    if len(named) > 1:
+        raise UserError(f"--out {args.out} and --resume {args.resume} name different directories; give one")
+    overrides += [f"output.dir={value}" for value in named]
+    if getattr(args, "device", None):
+        overrides.append(f"{device_key}={args.device}")
+    return overrides
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
     from llada_trm.dist_utils import is_main_process
     from llada_trm.training import run_train
 
+    overrides = [*args.set, *([f"output.dir={args.out}"] if args.out else [])]
+    overrides += [f"training.device={args.device}"] if args.device else []
+    resume = args.resume
+    if resume is True:  # `--resume` alone: the config's own output.dir
+        from llada_trm.config import load_config
+
+        resume = load_config(args.config, overrides).output.dir
     summary = run_train(
-        args.config, args.set, args.resume, progress=not args.no_progress, force=args.force,
+        args.config, overrides, resume, progress=True, force=args.force,
         allow_backbone_mismatch=args.allow_backbone_mismatch,
     )
     if not is_main_process():  # under torchrun every rank returns the summary; one prints it
@@ -94,14 +125,15 @@ def _cmd_cache(args: argparse.Namespace) -> int:
     from llada_trm.config import load_config
     from llada_trm.training.feature_cache import build_feature_cache
 
-    config = load_config(args.config, args.set)
+    device = [f"training.device={args.device}"] if args.device else []
+    config = load_config(args.config, [*args.set, *device])
     if args.sampler_states:
         from llada_trm.training.sampler_states import build_sampler_states
 
-        directory = build_sampler_states(config, progress=not args.no_progress, rebuild=args.rebuild)
+        directory = build_sampler_states(config, progress=True, rebuild=args.rebuild)
         print(f"sampler states ready: {directory} (train with --set training.sampler_state_ratio=0.25)")
         return 0
-    directory = build_feature_cache(config, progress=not args.no_progress, rebuild=args.rebuild)
+    directory = build_feature_cache(config, progress=True, rebuild=args.rebuild)
     print(f"feature cache ready: {directory} (train with --set advanced.feature_cache=true)")
     return 0
 
@@ -110,8 +142,13 @@ def _cmd_cache(args: argparse.Namespace) -> int:
 def _cmd_export(args: argparse.Namespace) -> int:
     from llada_trm.export import export_run
 
+    if (args.out is None) == (args.old_out is None):
+        raise UserError("name the export directory once: llada-trm export RUN --out DIR")
+    if args.old_out is not None:
+        _deprecated("export's positional OUT", "--out OUT")
     result = export_run(
-        args.run, args.out, dtype=args.dtype, force=args.force, max_shard_size=args.max_shard_size,
+        args.run, args.out or args.old_out, dtype=args.dtype, force=args.force,
+        max_shard_size=args.max_shard_size,
         allow_backbone_mismatch=args.allow_backbone_mismatch,
     )
     print(f"exported {args.run} to {result.directory} (backbone {result.dtype}): {', '.join(result.files)}")
@@ -131,8 +168,8 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     from llada_trm.compare import load_compare_config, parse_seeds, run_compare
 
     seeds = parse_seeds(args.seeds) if args.seeds is not None else None
-    config = load_compare_config(args.config, args.set, seeds)
-    run_compare(config, progress=not args.no_progress, force=args.force, resume=args.resume)
+    config = load_compare_config(args.config, _output_overrides(args, "run.training.device"), seeds)
+    run_compare(config, progress=True, force=args.force, resume=args.resume is not None)
     return 0
 
 
@@ -175,6 +212,48 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
     _add_mismatch_option(parser)
 
 
+def _deprecated(old: str, new: str) -> None:
+    """One line on stderr for an old spelling that still works this release."""
+    print(f"{PROG}: warning: {old} is deprecated, use {new} (the old spelling goes in the next release)",
+          file=sys.stderr)  # fmt: skip
+
+
+class _DeprecatedOption(argparse.Action):
+    """An old option spelling: stores into the new option's `dest`, with a one-line warning."""
+
+    def __init__(self, option_strings: list[str], dest: str, new: str = "", **kwargs: Any):
+        super().__init__(option_strings, dest, **kwargs)
+        self.new = new
+
+    def __call__(self, parser: Any, namespace: argparse.Namespace, values: Any, option_string: Any = None):
+        _deprecated(str(option_string), self.new)
+        setattr(namespace, self.dest, values)
+
+
+def _add_out_option(parser: argparse.ArgumentParser, what: str) -> None:
+    parser.add_argument("--out", metavar="DIR", help=f"{what} (overrides output.dir)")
+
+
+def _add_resume_option(parser: argparse.ArgumentParser, what: str) -> None:
+    parser.add_argument("--resume", nargs="?", const=True, default=None, metavar="DIR", help=what)
+
+
+def _add_device_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--device", choices=("auto", "cpu", "cuda"), default=None,
+        help="where the model runs (overrides training.device; cuda: each torchrun rank its own GPU)",
+    )
+
+
+def _add_progress_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--no-progress",
+        action="store_true",
+        help="no redrawn progress bar: plain progress lines (step, loss, lr, s/step, ETA every log_every "
+        "steps), as printed whenever stderr is not a terminal",
+    )
+
+
 def _add_mismatch_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--allow-backbone-mismatch",
@@ -200,21 +279,28 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command("pretrain", "train the tiny embedded backbone (from scratch, or on from model.init_from)")
     _add_config_options(p, required=False)
-    p.add_argument("--resume", action="store_true", help="continue the unfinished run's checkpoint")
-    p.add_argument("--output", metavar="DIR", help="where the backbone goes (overrides output.dir)")
+    _add_resume_option(
+        p, "continue the unfinished run's checkpoint (DIR: the backbone's output.dir; default: the config's)"
+    )
+    _add_out_option(p, "where the backbone goes")
+    p.add_argument("--output", dest="out", action=_DeprecatedOption, new="--out", help=argparse.SUPPRESS)
     p.add_argument(
         "--force", action="store_true", help="replace an existing output.dir, start over a checkpoint"
     )
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _add_progress_option(p)
     p.set_defaults(func=_cmd_pretrain)
 
     p = command("train", "train a refiner (phases 1-3) from a run config")
     _add_config_options(p)
-    p.add_argument("--resume", metavar="DIR", help="continue from a checkpoint (or a run directory)")
+    _add_resume_option(
+        p, "continue from a checkpoint or a run directory (default: the run in the config's output.dir)"
+    )
+    _add_out_option(p, "the run directory")
+    _add_device_option(p)
     p.add_argument(
         "--force", action="store_true", help="archive a run in output.dir (as DIR.old-<time>), start anew"
     )
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _add_progress_option(p)
     _add_mismatch_option(p)  # for --resume and training.init_from
     p.set_defaults(func=_cmd_train)
 
@@ -226,7 +312,8 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="record the frozen backbone's sampler states instead (training.sampler_state_ratio)",
     )
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _add_device_option(p)
+    _add_progress_option(p)
     p.set_defaults(func=_cmd_cache)
 
     p = command("eval", "sampled GSM8K-style accuracy, refinement efficiency and speed")
@@ -248,7 +335,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="skip the per-commit records and the confident-error diagnostics (first errors at p >= 0.9, "
         "tokens the refiner changed, reliability)",
     )
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _add_progress_option(p)
     add_sampling_options(p)
     p.set_defaults(func=cmd_eval)
 
@@ -271,13 +358,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command("export", "write a trained run as one self-contained directory that load_checkpoint reads")
     p.add_argument("run", metavar="RUN", help="a run directory, or its checkpoints/last or best")
-    p.add_argument("out", metavar="OUT", help="the directory to write (refused if it exists, unless --force)")
+    p.add_argument(
+        "--out", metavar="DIR", help="the directory to write (refused if it exists, unless --force)"
+    )
+    p.add_argument("old_out", nargs="?", metavar="OUT", help=argparse.SUPPRESS)  # deprecated: use --out
     p.add_argument(
         "--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
         help="the exported backbone's dtype (auto: as the run's backbone stores it)",
     )
     p.add_argument("--max-shard-size", default="5GB", help="split the backbone into shards of this size")
-    p.add_argument("--force", action="store_true", help="replace an existing OUT")
+    p.add_argument("--force", action="store_true", help="replace an existing --out directory")
     _add_mismatch_option(p)
     p.set_defaults(func=_cmd_export)
 
@@ -296,13 +386,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--force", action="store_true", help="archive a comparison in output.dir (as DIR.old-<time>) first"
     )
-    p.add_argument(
-        "--resume",
-        action="store_true",
-        help="reuse the trained models and evaluations already in output.dir (an interrupted study, or seeds "
-        "run in parallel with --seeds), train and sample the rest, then write the report",
+    _add_resume_option(
+        p,
+        "reuse the trained models and evaluations already in the comparison's directory (DIR, default: "
+        "output.dir; an interrupted study, or seeds run in parallel with --seeds), train and sample the "
+        "rest, then write the report",
     )
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    _add_out_option(p, "the comparison's directory")
+    _add_device_option(p)
+    _add_progress_option(p)
     p.set_defaults(func=_cmd_compare)
     return parser
 
@@ -333,7 +425,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        return int(args.func(args) or 0)
+        with plain_progress(getattr(args, "no_progress", False)):
+            return int(args.func(args) or 0)
     except KeyboardInterrupt:
         if args.debug:
             raise

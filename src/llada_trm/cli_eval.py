@@ -101,7 +101,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
             "split": args.split,
             "sampling_from": sampling_source(args, loaded),
         },
-        progress=not args.no_progress,
+        progress=True,
         desc=f"eval {loaded.refiner}",
         diagnostics=not getattr(args, "no_diagnostics", False),
     )
@@ -151,7 +151,9 @@ def _print_eval_summary(args: argparse.Namespace, refiner: str, s: dict[str, Any
     )
     speed = s["speed"]
     rate, calls, seconds = speed["tokens_per_s"], speed["nfe"], speed["total_s"]
-    print(f"speed: {rate:.1f} tokens/s, {calls} model calls, {seconds:.1f} s in all")
+    tpf = speed.get("tokens_per_forward")
+    tpf_text = f", {tpf:.2f} tokens per forward (TPF)" if tpf else ""
+    print(f"speed: {rate:.1f} tokens/s{tpf_text}, {calls} model calls, {seconds:.1f} s in all")
     print(f"wrote {out / 'predictions.jsonl'} and {out / 'summary.json'}")
 
 
@@ -213,7 +215,7 @@ def _generate_traced(args: argparse.Namespace, loaded: Any, question: str, optio
         loaded.model, loaded.tokenizer, question, options, num_steps=loaded.num_steps, on_step=trajectory
     )
     if args.show_steps:
-        print(render_text(trajectory, loaded.tokenizer))
+        print(render_text(trajectory, loaded.tokenizer, legend=True))
         print()
     print(answers.answers[0])
     if args.verbose:

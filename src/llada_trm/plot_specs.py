@@ -36,6 +36,7 @@ class Panel:
     ylabel: str
     series: Series = field(default_factory=dict)
     categories: dict[str, float] = field(default_factory=dict)
+    counts: dict[str, int] = field(default_factory=dict)  # a category's problems: drawn as n and an interval
     log: bool = False  # a log axis when the values span more than a factor of 20
     fractions: bool = False  # y pinned to [0, 1]
     zero_line: bool = False  # differences: a line at 0
@@ -91,7 +92,9 @@ def _differences(rows: Sequence[Mapping[str, float]], prefix: str) -> Series:
     return out
 
 
-def _accuracy_panels(val: Sequence[Mapping[str, float]], sampled: Mapping[str, float]) -> list[Panel]:
+def _accuracy_panels(
+    val: Sequence[Mapping[str, float]], sampled: Mapping[str, float], sizes: Mapping[str, int]
+) -> list[Panel]:
     panels = []
     for prefix, what in (("accuracy", "masked-token accuracy"), ("chunk_accuracy", "chunk accuracy")):
         if any(f"{prefix}_base" in row for row in val):
@@ -101,7 +104,9 @@ def _accuracy_panels(val: Sequence[Mapping[str, float]], sampled: Mapping[str, f
         else:
             own = series(val, lambda k, p=prefix: k == p or k.startswith(f"{p}_step_"))
             panels.append(Panel(f"validation {what}", "accuracy", own, fractions=True))
-    panels.append(Panel("sampled accuracy (strict)", "accuracy", categories=dict(sampled), fractions=True))
+    counts = {name: n for name, n in sizes.items() if name in sampled}
+    title = "sampled accuracy (strict), 95% Wilson intervals"
+    panels.append(Panel(title, "accuracy", categories=dict(sampled), counts=counts, fractions=True))
     return [panel for panel in panels if panel.series or panel.categories]
 
 
@@ -127,9 +132,11 @@ def run_figures(
     val: Sequence[Mapping[str, float]],
     sampled: Mapping[str, float],
     refiner: str | None,
+    sizes: Mapping[str, int] | None = None,
 ) -> dict[str, FigureSpec]:
     """The figures of a training run, by file name; a figure with no data is left out. `sampled`: each
-    evaluation's strict accuracy by name; `refiner`: the run's (`mlp` has no orthogonality penalty)."""
+    evaluation's strict accuracy by name, `sizes` its number of problems; `refiner`: the run's (`mlp` has no
+    orthogonality penalty)."""
 
     def prefixed(prefix: str) -> Callable[[str], bool]:
         return lambda key: key.startswith(prefix)
@@ -143,7 +150,7 @@ def run_figures(
         "slot_norms.png": [Panel("slot norms", "norm", series(train, prefixed("slot_norm")))],
         "gates.png": [Panel("gate openings", "sigmoid(gate)", series(train, prefixed("gate")))],
         "refinement.png": _refinement_panels(train, val),
-        "accuracy.png": _accuracy_panels(val, sampled),
+        "accuracy.png": _accuracy_panels(val, sampled, sizes or {}),
     }
     if refiner != "mlp":
         orthogonality = series(train, prefixed("orthogonality"), skip_zero=True)

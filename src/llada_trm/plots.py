@@ -23,6 +23,7 @@ from llada_trm.plot_specs import FigureSpec, Panel, pretrain_figures, run_figure
 __all__ = [
     "PlotError",
     "draw",
+    "paired_comparison_figure",
     "plot_comparison",
     "plot_paired_comparison",
     "plot_reliability",
@@ -58,26 +59,85 @@ def read_metrics(path: str | Path) -> list[dict[str, float]]:
     return rows
 
 
+# Series on one axis differ in colour, line style and marker, and each is drawn thinner than the one before:
+# two identical series show as a thick line with a thinner dashed one on it, never as one line.
+_STYLES = ("-", "--", ":", "-.")
+_MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*")
+
+
 def _draw_series(ax: Any, panel: Panel) -> None:
-    for label, (steps, values) in panel.series.items():
+    for index, (label, (steps, values)) in enumerate(panel.series.items()):
+        marker = _MARKERS[index % len(_MARKERS)]
         if len(steps) == 1:  # one point: a labelled marker, not a lone dot on an empty axis
-            (line,) = ax.plot(steps, values, "o", label=label, markersize=6)
+            (line,) = ax.plot(steps, values, marker, label=label, markersize=7 - min(index, 3))
             ax.annotate(f"{values[0]:.3g}", (steps[0], values[0]), textcoords="offset points", xytext=(6, 4),
                         fontsize=8, color=line.get_color())  # fmt: skip
         else:
-            ax.plot(steps, values, label=label, marker="o" if len(steps) <= 20 else None, markersize=3)
+            ax.plot(steps, values, label=label, linestyle=_STYLES[index % len(_STYLES)],
+                    linewidth=max(0.9, 2.6 - 0.5 * index), marker=marker if len(steps) <= 20 else None,
+                    markersize=max(2.5, 5 - index),
+                    markerfacecolor="none" if index % 2 else None)  # fmt: skip
     ax.set_xlabel("optimizer step")
 
 
+def _interval(value: float, n: int | None) -> tuple[float, float] | None:
+    """The 95% Wilson interval of an accuracy measured on n problems (None without n)."""
+    if not n:
+        return None
+    from llada_trm.evaluate.statistics import wilson_interval
+
+    return wilson_interval(round(value * n), n)
+
+
 def _draw_categories(ax: Any, panel: Panel) -> None:
+    """One row per name (labels never overlap, however many): its value, and for an accuracy measured on n
+    problems its 95% interval and n, so a 4-problem point is not read like a 64-problem one."""
     names = list(panel.categories)
-    values = [panel.categories[name] for name in names]
-    ax.plot(range(len(names)), values, "o", markersize=7)
-    for x, value in enumerate(values):
-        ax.annotate(f"{value:.3g}", (x, value), textcoords="offset points", xytext=(0, 7), ha="center",
-                    fontsize=8)  # fmt: skip
-    ax.set_xticks(range(len(names)), names, fontsize=8, rotation=15)
-    ax.set_xlim(-0.6, len(names) - 0.4)
+    for row, name in enumerate(names):
+        value = panel.categories[name]
+        n = panel.counts.get(name)
+        interval = _interval(value, n) if panel.fractions else None
+        if interval is not None:
+            ax.errorbar([value], [row], xerr=[[value - interval[0]], [interval[1] - value]], fmt="o",
+                        color="tab:blue", capsize=3, markersize=6)  # fmt: skip
+            text = f"{value:.3g} [{interval[0]:.2f}, {interval[1]:.2f}]  n={n}"
+        else:
+            ax.plot([value], [row], "o", color="tab:blue", markersize=6)
+            text = f"{value:.3g}" + (f"  n={n}" if n else "")
+        ax.annotate(text, (1.01, row), xycoords=("axes fraction", "data"), va="center", fontsize=8,
+                    annotation_clip=False)  # fmt: skip
+    ax.set_yticks(range(len(names)), names, fontsize=8)
+    ax.set_ylim(len(names) - 0.5, -0.5)  # the first name on top
+    ax.grid(axis="x", alpha=0.3)
+
+
+def _draw_panel(ax: Any, panel: Panel) -> None:
+    """Series over steps (values on y), or labelled rows (values on x, one row per name)."""
+    if panel.categories:
+        _draw_categories(ax, panel)
+        ax.ticklabel_format(axis="x", useOffset=False, style="plain")
+        if panel.fractions:
+            ax.set_xlim(-0.02, 1.02)
+        if panel.zero_line:
+            ax.axvline(0.0, color="tab:gray", linewidth=1)
+        ax.set_title(panel.title, fontsize=10)
+        ax.set_xlabel(panel.ylabel)
+        return
+    _draw_series(ax, panel)
+    values = [v for _, vs in panel.series.values() for v in vs]
+    if panel.log and values and min(values) > 0 and max(values) / min(values) > 20:
+        ax.set_yscale("log")
+    else:  # plain tick labels: no "+1.234e3" offset above a short run's axis
+        ax.ticklabel_format(axis="y", useOffset=False, style="plain")
+    if panel.fractions:
+        ax.set_ylim(-0.02, 1.08)
+    if panel.zero_line:
+        ax.axhline(0.0, color="tab:gray", linewidth=1)
+    ax.set_title(panel.title)
+    ax.set_ylabel(panel.ylabel)
+    ax.grid(alpha=0.3)
+    if panel.series:
+        ax.legend(fontsize=8, loc="best")
 
 
 def draw(spec: FigureSpec, run_name: str = "") -> Any:
@@ -87,31 +147,17 @@ def draw(spec: FigureSpec, run_name: str = "") -> Any:
 
     n = len(spec.panels)
     ncols, nrows = min(n, _COLUMNS), -(-n // _COLUMNS)
-    figure = Figure(figsize=(6.4 * ncols, 4.2 * nrows))
+    rows = any(panel.categories for panel in spec.panels)  # labelled rows: room for names and annotations
+    width = (8.4 if rows else 6.4) * ncols
+    figure = Figure(figsize=(width, 4.2 * nrows))
     FigureCanvasAgg(figure)
     axes = figure.subplots(nrows, ncols, squeeze=False).flatten()
     # fixed margins: a layout engine doubles the drawing time, which adds up over a run's plots
-    figure.subplots_adjust(left=0.13 / ncols, right=1 - 0.03 / ncols, top=1 - 0.14 / nrows,
-                           bottom=0.12 / nrows, wspace=0.25, hspace=0.45)  # fmt: skip
+    left, right = (1.9 / width, 1 - 1.8 / width) if rows else (0.13 / ncols, 1 - 0.03 / ncols)
+    figure.subplots_adjust(left=left, right=right, top=1 - 0.14 / nrows, bottom=0.12 / nrows,
+                           wspace=1.0 if rows else 0.25, hspace=0.45)  # fmt: skip
     for ax, panel in zip(axes, spec.panels, strict=False):
-        if panel.categories:
-            _draw_categories(ax, panel)
-        else:
-            _draw_series(ax, panel)
-        values = [v for _, vs in panel.series.values() for v in vs]
-        if panel.log and values and min(values) > 0 and max(values) / min(values) > 20:
-            ax.set_yscale("log")
-        else:  # plain tick labels: no "+1.234e3" offset above a short run's axis
-            ax.ticklabel_format(axis="y", useOffset=False, style="plain")
-        if panel.fractions:
-            ax.set_ylim(-0.02, 1.08)
-        if panel.zero_line:
-            ax.axhline(0.0, color="tab:gray", linewidth=1)
-        ax.set_title(panel.title)
-        ax.set_ylabel(panel.ylabel)
-        ax.grid(alpha=0.3)
-        if panel.series:
-            ax.legend(fontsize=8, loc="best")
+        _draw_panel(ax, panel)
     for ax in axes[n:]:
         ax.set_axis_off()
     figure.suptitle(f"{run_name}: {spec.title}" if run_name else spec.title)
@@ -124,18 +170,22 @@ def save_figure(figure: Any, path: Path) -> None:
         figure.savefig(tmp, dpi=100, format="png")
 
 
-def _eval_points(run_dir: Path) -> dict[str, float]:
-    """Sampled strict accuracy of each evaluation under `run_dir/eval/`, by the evaluation's name."""
+def _eval_points(run_dir: Path) -> tuple[dict[str, float], dict[str, int]]:
+    """Sampled strict accuracy of each evaluation under `run_dir/eval/`, and its number of problems, by the
+    evaluation's name."""
     points: dict[str, float] = {}
+    sizes: dict[str, int] = {}
     for summary in sorted(run_dir.glob("eval/*/summary.json")):
         try:
             data = json.loads(summary.read_text(encoding="utf-8"))
         except (OSError, json.JSONDecodeError):
             continue
-        value = data.get("accuracy_strict")
+        value, n = data.get("accuracy_strict"), data.get("n")
         if isinstance(value, int | float) and math.isfinite(value):
             points[summary.parent.name] = float(value)
-    return points
+            if isinstance(n, int) and n > 0:
+                sizes[summary.parent.name] = n
+    return points, sizes
 
 
 def _run_refiner(run_dir: Path) -> str | None:
@@ -167,7 +217,8 @@ def run_specs(run: Path) -> dict[str, FigureSpec]:
         raise PlotError(f"{run}: the metrics files have no rows yet; plot again once the run has logged")
     specs = pretrain_figures(pretrain)
     if train or val:
-        specs.update(run_figures(train, val, _eval_points(run), _run_refiner(run)))
+        points, sizes = _eval_points(run)
+        specs.update(run_figures(train, val, points, _run_refiner(run), sizes))
     return specs
 
 
@@ -215,60 +266,128 @@ def plot_comparison(results: Sequence[Mapping[str, Any]], path: str | Path) -> P
     return path
 
 
+def _seed_rows(
+    ax: Any, names: Sequence[str], seeds: Sequence[Any], point: Any, scale: float = 1.0,
+    labels: Sequence[str] | None = None,
+) -> list[list[tuple[float, float, float, int]]]:
+    """One row per name, one marker per seed inside it (each seed its own marker, colour and small vertical
+    offset, so equal values stay visible side by side), with its interval as a horizontal bar. `point(seed,
+    name)` gives (value, low, high, n) or None. Returns the points drawn, by row."""
+    spread = min(0.6 / max(len(seeds), 1), 0.2)
+    drawn: list[list[tuple[float, float, float, int]]] = [[] for _ in names]
+    for i, seed in enumerate(seeds):
+        offset = (i - (len(seeds) - 1) / 2) * spread
+        xs, ys, lows, highs = [], [], [], []
+        for row, name in enumerate(names):
+            found = point(seed, name)
+            if found is None:
+                continue
+            value, low, high, n = (scale * found[0], scale * found[1], scale * found[2], found[3])
+            drawn[row].append((value, low, high, n))
+            xs.append(value)
+            ys.append(row + offset)
+            lows.append(value - low)
+            highs.append(high - value)
+        if xs:
+            label = f"seed {seed}" if len(seeds) > 1 else "result"
+            ax.errorbar(xs, ys, xerr=[lows, highs], fmt=_MARKERS[i % len(_MARKERS)], capsize=2.5,
+                        markersize=5, elinewidth=1.2, label=label)  # fmt: skip
+    ax.set_yticks(range(len(names)), labels or names, fontsize=9)
+    ax.set_ylim(len(names) - 0.5, -0.5)  # the first name on top
+    ax.grid(axis="x", alpha=0.3)
+    return drawn
+
+
+# the mean over seeds: an open diamond, so the seed marker under it stays visible
+_MEAN_STYLE = {"markersize": 9, "markerfacecolor": "none", "markeredgecolor": "black", "markeredgewidth": 1.6}
+
+
+def _row_notes(ax: Any, drawn: list[list[tuple[float, float, float, int]]], fmt: str, mean: bool) -> None:
+    """At the right of each row: its value and interval (one seed), or the mean over seeds and their range;
+    and n, the problems behind each point; the column's header says which."""
+    several = any(len(points) > 1 for points in drawn)
+    header = "mean (seed range), n x seeds" if several else "value [95% interval], n"
+    ax.annotate(header, (1.01, -0.5), xycoords=("axes fraction", "data"), va="bottom", fontsize=8,
+                style="italic", color="dimgray", annotation_clip=False)  # fmt: skip
+    for row, points in enumerate(drawn):
+        if not points:
+            continue
+        values = [p[0] for p in points]
+        sizes = sorted({p[3] for p in points})
+        n = "/".join(map(str, sizes))
+        if len(points) == 1:
+            value, low, high, _ = points[0]
+            text = f"{fmt.format(value)} [{fmt.format(low)}, {fmt.format(high)}]  n={n}"
+        else:
+            low, high = fmt.format(min(values)), fmt.format(max(values))
+            text = f"{fmt.format(sum(values) / len(values))} ({low} to {high})  n={n} x{len(points)}"
+        if mean and len(points) > 1:
+            ax.plot([sum(values) / len(values)], [row], "D", zorder=5, **_MEAN_STYLE)
+        ax.annotate(text, (1.01, row), xycoords=("axes fraction", "data"), va="center", fontsize=8,
+                    annotation_clip=False)  # fmt: skip
+
+
 def plot_paired_comparison(report: Mapping[str, Any], path: str | Path) -> Path:
-    """comparison.png of a `compare` report: strict accuracy per model with 95% Wilson intervals, and each
-    paired difference (refiner vs none, slot vs mlp) with its 95% bootstrap interval; one marker per seed,
-    and the mean across seeds as a black diamond when there are several."""
+    """comparison.png of a `compare` report (`paired_comparison_figure`)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_figure(paired_comparison_figure(report), path)
+    return path
+
+
+def paired_comparison_figure(report: Mapping[str, Any]) -> Any:
+    """The figure of a `compare` report, one row per arm so it reads the same at 3 arms and at 12: left,
+    strict accuracy per model with 95% Wilson intervals; right, each paired difference (refiner vs none, arm
+    vs slot) with its 95% bootstrap interval. One marker per seed (shape and colour per seed, offset within
+    the row), the mean over seeds as an open black diamond, and at each row's end its figures and n."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
     per_seed = report["per_seed"]
     seeds = list(per_seed)
-    kinds = list(per_seed[seeds[0]]["accuracy"])
-    pairs = list(per_seed[seeds[0]]["paired"])
-    figure = Figure(figsize=(11, 4))
+    kinds = list(dict.fromkeys(kind for seed in seeds for kind in per_seed[seed]["accuracy"]))
+    pairs = list(dict.fromkeys(name for seed in seeds for name in per_seed[seed]["paired"]))
+    rows = max(len(kinds), len(pairs), 3)
+    width, height = 16.5, 1.7 + rows * max(0.4, 0.14 * (len(seeds) + 1))  # room for each seed's marker
+    figure = Figure(figsize=(width, height))
     FigureCanvasAgg(figure)
-    left, right = figure.subplots(1, 2)
-    figure.subplots_adjust(left=0.07, right=0.98, top=0.88, bottom=0.12, wspace=0.25)
-    spread = 0.5 / max(len(seeds), 1)
+    bottom, top = 0.7 / height, 1 - 0.75 / height
 
-    def offset(i: int) -> float:
-        return (i - (len(seeds) - 1) / 2) * spread
+    def accuracy(seed: Any, kind: str) -> tuple[float, float, float, int] | None:
+        rate = per_seed[seed]["accuracy"].get(kind, {}).get("strict")
+        return None if rate is None else (rate["p"], rate["low"], rate["high"], rate.get("n", 0))
 
-    for i, seed in enumerate(seeds):
-        rates = [per_seed[seed]["accuracy"][kind]["strict"] for kind in kinds]
-        values = [rate["p"] for rate in rates]
-        errors = [[v - rate["low"] for v, rate in zip(values, rates, strict=True)],
-                  [rate["high"] - v for v, rate in zip(values, rates, strict=True)]]  # fmt: skip
-        x = [k + offset(i) for k in range(len(kinds))]
-        left.errorbar(x, values, yerr=errors, fmt="o", capsize=3, label=f"seed {seed}")
-        if pairs:
-            stats = [per_seed[seed]["paired"][name] for name in pairs]
-            diffs = [100 * s["diff"] for s in stats]
-            bars = [[d - 100 * s["ci_low"] for d, s in zip(diffs, stats, strict=True)],
-                    [100 * s["ci_high"] - d for d, s in zip(diffs, stats, strict=True)]]  # fmt: skip
-            x = [k + offset(i) for k in range(len(pairs))]
-            right.errorbar(x, diffs, yerr=bars, fmt="o", capsize=3, label=f"seed {seed}")
-    pooled = report.get("pooled") or {}
-    if len(seeds) > 1 and pairs:
-        means = [100 * pooled["paired"][name]["diff"]["mean"] for name in pairs]
-        right.plot(range(len(pairs)), means, "kD", label="mean over seeds")
-    left.set_xticks(range(len(kinds)), kinds)
-    left.set_ylabel("strict accuracy")
-    left.set_title(f"test accuracy, 95% Wilson intervals ({report.get('problems', '?')} problems)")
-    left.legend(fontsize="small")
+    def difference(seed: Any, name: str) -> tuple[float, float, float, int] | None:
+        stats = per_seed[seed]["paired"].get(name)
+        if stats is None:
+            return None
+        return stats["diff"], stats["ci_low"], stats["ci_high"], stats.get("n", 0)
+
+    left = figure.add_axes((2.0 / width, bottom, 4.0 / width, top - bottom))
+    drawn = _seed_rows(left, kinds, seeds, accuracy)
+    _row_notes(left, drawn, "{:.3f}", mean=True)
+    left.set_xlabel("strict accuracy (95% Wilson interval)")
+    problems = report.get("problems", "?")
+    left.set_title(f"test accuracy, {problems} problems" + (f", {len(seeds)} training seeds" if len(seeds) > 1
+                                                             else ""), fontsize=10)  # fmt: skip
     if pairs:
-        right.axhline(0.0, color="tab:gray", linewidth=1)
-        right.set_xticks(range(len(pairs)), [name.replace("_vs_", " vs ") for name in pairs])
-        right.set_ylabel("accuracy difference (points)")
-        right.set_title("paired differences, 95% bootstrap intervals")
-        right.legend(fontsize="small")
-    else:
-        right.set_axis_off()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_figure(figure, path)
-    return path
+        right = figure.add_axes((10.4 / width, bottom, 3.5 / width, top - bottom))
+        labels = [name.replace("_vs_", " vs ").replace("_", " ") for name in pairs]
+        drawn = _seed_rows(right, pairs, seeds, difference, scale=100.0, labels=labels)
+        _row_notes(right, drawn, "{:+.1f}", mean=True)
+        right.axvline(0.0, color="tab:gray", linewidth=1)
+        right.set_xlabel("accuracy difference, points (95% paired bootstrap interval)")
+        right.set_title("paired differences (> 0: the first is better)", fontsize=10)
+    handles, labels = left.get_legend_handles_labels()
+    if len(seeds) > 1:
+        from matplotlib.lines import Line2D
+
+        handles.append(Line2D([], [], marker="D", linestyle="none", **_MEAN_STYLE))
+        labels.append("mean over seeds")
+    if len(handles) > 1:
+        figure.legend(handles, labels, loc="upper center", ncol=len(handles), fontsize=8, frameon=False,
+                      bbox_to_anchor=(0.5, 1 - 0.08 / height))  # fmt: skip
+    return figure
 
 
 def plot_reliability(reports: Mapping[str, Mapping[str, Any] | None], path: str | Path) -> Path | None:

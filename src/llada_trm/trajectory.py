@@ -14,7 +14,7 @@ from typing import Any
 
 from llada_trm.diffusion.steps import StepEvent
 
-__all__ = ["MASK_GLYPH", "END_GLYPH", "Step", "Trajectory", "render_html", "render_text"]
+__all__ = ["MASK_GLYPH", "END_GLYPH", "Step", "Trajectory", "render_html", "render_text", "text_legend"]
 
 MASK_GLYPH = "░"
 END_GLYPH = "·"
@@ -107,11 +107,27 @@ def _answer_line(tokens: list[int], piece: _Pieces) -> str:
     return "".join(parts)
 
 
-def render_text(trajectory: Trajectory, tokenizer: Any) -> str:
+def text_legend(trajectory: Trajectory) -> str:
+    """How to read `render_text`: what a header, the answer line and a commit stand for."""
+    refiner = (
+        "; refined chunks at a-b: answer positions a..b the refiner reworked this step (halted early: "
+        "stopped before its K steps)"
+        if trajectory.refining
+        else ""
+    )
+    return (
+        f"legend: step N (block b, step s): +k = k tokens committed at that step{refiner}; answer line: "
+        f"{MASK_GLYPH} a still-masked position, {END_GLYPH} an end-of-text token, {MASK_GLYPH}×n a run of n; "
+        "committed pos:'token'(confidence)"
+    )
+
+
+def render_text(trajectory: Trajectory, tokenizer: Any, *, legend: bool = False) -> str:
     """Every step: its header (block, step, tokens committed, refined / halted chunks as answer positions),
-    the answer after it, and each committed token with its position and confidence."""
+    the answer after it, and each committed token with its position and confidence; `legend`: first, a line
+    saying how to read them (`generate --show-steps` prints it)."""
     piece = _Pieces(tokenizer, trajectory.mask_id)
-    lines = []
+    lines = [text_legend(trajectory)] if legend else []
     for index, step in enumerate(trajectory.steps):
         header = f"step {index + 1} (block {step.block}, step {step.step}): +{len(step.commits)}"
         if step.refined:

@@ -28,6 +28,7 @@ from safetensors.torch import save_file
 from llada_trm.backbone.config import LLaDAConfig
 from llada_trm.errors import CheckpointError
 from llada_trm.io import dtype_named, fsync_file
+from llada_trm.progress import weights_progress
 
 if TYPE_CHECKING:
     from torch import nn
@@ -187,6 +188,8 @@ def load_weights(
     _check_against_model(model, weight_map, headers, path)
 
     non_finite: list[str] = []
+    size = sum(file.stat().st_size for file in files)
+    bar = weights_progress(len(files), size, f"loading weights {path.name}")
     for file in files:
         keys = [key for key, f in weight_map.items() if f == file]
         try:
@@ -201,6 +204,8 @@ def load_weights(
                     _set_tensor(model, key, tensor.to(target_device))
         except (SafetensorError, OSError) as err:
             raise CheckpointError(f"cannot read tensors from {file}: {err} (corrupt or truncated?)") from None
+        bar.update(1)
+    bar.close()
     if non_finite:
         # A NaN weight makes every loss NaN; named here it is not mistaken for a learning-rate problem.
         shown = ", ".join(non_finite[:_MAX_LISTED]) + (", ..." if len(non_finite) > _MAX_LISTED else "")
@@ -265,6 +270,8 @@ def save_state_dict(
         config_tmp = path / (CONFIG_NAME + tag)
         staged.append((config_tmp, path / CONFIG_NAME))
         _write_text(config_tmp, json.dumps(config.to_llada_json_dict(), indent=2, sort_keys=True) + "\n")
+        total = sum(t.numel() * t.element_size() for t in state.values())
+        bar = weights_progress(n, total, f"writing weights {path.name}")
         for name, keys in zip(names, shards, strict=True):
             tmp = path / (name + tag)
             staged.append((tmp, path / name))
@@ -272,6 +279,8 @@ def save_state_dict(
             save_file(tensors, str(tmp), metadata={"format": "pt"})
             del tensors
             fsync_file(tmp)
+            bar.update(1)
+        bar.close()
         if n > 1:  # the index is the entry point of a sharded checkpoint, so it is renamed last
             index = {
                 "metadata": {"total_size": sum(t.numel() * t.element_size() for t in state.values())},

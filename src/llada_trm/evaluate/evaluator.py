@@ -28,7 +28,6 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
 from llada_trm.data import GSM8KRecord, encode_prompt, prompt_batch, special_token_ids
@@ -40,6 +39,7 @@ from llada_trm.evaluate import diagnostics as diag
 from llada_trm.evaluate.extraction import extract_flexible, extract_strict
 from llada_trm.evaluate.io import write_json, write_jsonl
 from llada_trm.hybrid.chunking import chunk_sum
+from llada_trm.progress import progress_bar
 
 __all__ = [
     "PREDICTIONS_FILE",
@@ -257,7 +257,7 @@ def evaluate_model(  # noqa: PLR0913 - cli.py and compare.py pass every keyword
     starts = [starts[i] for i in shard_indices(len(starts))]
     share = sum(len(records[start : start + options.batch_size]) for start in starts)
     main = is_main_process()
-    bar = tqdm(total=share, desc=desc, unit="problem", disable=not (progress and main), dynamic_ncols=True)
+    bar = progress_bar(share, desc=desc, unit="problem", every=options.batch_size, enabled=progress and main)
     try:
         for start in starts:
             batch = list(records[start : start + options.batch_size])
@@ -268,6 +268,8 @@ def evaluate_model(  # noqa: PLR0913 - cli.py and compare.py pass every keyword
             nfe += result.nfe
             generation_s += result.elapsed_s
             add_stats(totals, result.model_stats_total)
+            # every sequence of the batch is in each of its model calls: TPF counts calls per sequence
+            add_stats(totals, {SEQUENCE_CALLS: len(batch) * result.nfe})
             completions = decode_generated(tokenizer, result.tokens, result.prompt_length)
             for offset, (record, completion) in enumerate(zip(batch, completions, strict=True)):
                 predictions.append(_score(record, completion, start + offset))
@@ -275,9 +277,9 @@ def evaluate_model(  # noqa: PLR0913 - cli.py and compare.py pass every keyword
                     predictions[-1]["commits"] = _commits(
                         recorder, offset, result, record, tokenizer, sampling, _refines(model, num_steps)
                     )
-            bar.update(len(batch))
             correct = sum(p["correct_strict"] for p in predictions)
             bar.set_postfix(acc=f"{correct / len(predictions):.3f}")
+            bar.update(len(batch))
     finally:
         bar.close()
         if was_training and hasattr(model, "train"):
@@ -348,6 +350,7 @@ def _summary(
     strict = sum(p["correct_strict"] for p in predictions)
     flexible = sum(p["correct_flexible"] for p in predictions)
     tokens = n * options.gen_length
+    sequence_calls = totals.get(SEQUENCE_CALLS, 0.0)
     summary: dict[str, Any] = {
         "n": n,
         "correct_strict": strict,
@@ -359,6 +362,9 @@ def _summary(
         "refinement": _refinement(totals),
         "speed": {
             "tokens_per_s": tokens / generation_s if generation_s > 0 else None,
+            # tokens per forward: tokens committed per model call of one sequence (the community's TPF:
+            # gen_length / NFE for one sequence; 1.0 for one token a step, higher with parallel decoding)
+            "tokens_per_forward": tokens / sequence_calls if sequence_calls else None,
             "generated_tokens": tokens,
             "nfe": nfe,
             "generation_s": generation_s,
@@ -367,6 +373,9 @@ def _summary(
         "sampling": options.to_dict(),
     }
     return summary
+
+
+SEQUENCE_CALLS = "sequence_calls"  # sum over batches of rows x model calls, beside the model's own stats
 
 
 def _refinement(totals: Mapping[str, float]) -> dict[str, Any] | None:

@@ -40,6 +40,7 @@ from llada_trm.errors import ConfigError
 from llada_trm.evaluate import SamplingOptions, load_checkpoint
 
 from .likelihood import greedy_matches, mc_log_likelihood
+from .results import name_results_after_checkpoint
 
 __all__ = ["MODEL_NAME", "LLaDATRMLM", "apply_stop_strings"]
 
@@ -319,3 +320,6 @@ class LLaDATRMLM(TemplateLM):
             self.cache_hook.add_partial("loglikelihood_rolling", (text,), total)
             results.append(total)
         return results
+
+
+name_results_after_checkpoint(MODEL_NAME)  # lm-eval's result folder: the checkpoint's name, not a random id

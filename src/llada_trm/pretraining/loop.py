@@ -10,7 +10,7 @@ The run checkpoints itself (`run_dir`) and resumes exactly; every `eval_every` s
 validation problems and measures the targets (`targets`), stopping early once `training.stop_at` is met.
 The model card's figures come from the test split at the end.
 
-    llada-trm pretrain --config configs/tiny_backbone.yaml [--resume] [--output DIR] [--force]
+    llada-trm pretrain --config configs/tiny_backbone.yaml [--resume [DIR]] [--out DIR] [--force]
 """
 
 from __future__ import annotations
@@ -25,10 +25,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from tqdm.auto import tqdm
 
 from llada_trm.data import SFTDataset, collate_batch, generate_problems, special_token_ids
 from llada_trm.diffusion import forward_process, masked_diffusion_loss
+from llada_trm.progress import progress_bar
 from llada_trm.training.schedule import warmup_cosine
 
 from . import run_dir
@@ -117,15 +117,17 @@ def pretrain(
 
     model.train()
     loss_value = float(state.rows[-1]["loss"]) if state.rows else float("nan")
-    bar = tqdm(total=opt.steps, initial=state.step, desc="pretrain", disable=not progress, dynamic_ncols=True)
+    bar = progress_bar(  # a bar on a terminal; in a log, one plain line every log_every steps
+        opt.steps, desc="pretrain", unit="step", initial=state.step, every=opt.log_every, enabled=progress
+    )
     with _signals() as caught, bar:
         while state.step < opt.steps and not state.stopped_at_target:
             batch = _random_batch(train_set, opt.batch_size, generator, config.data.random_padding)
             loss_value, grad_norm = _train_step(
                 model, optimizer, scheduler, batch, ids.mask, generator, opt, object_ids
             )
+            bar.set_postfix(loss=f"{loss_value:.3f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
             bar.update(1)
-            bar.set_postfix(loss=f"{loss_value:.3f}")
             step = state.step + 1
             is_eval = bool(opt.eval_every) and (step % opt.eval_every == 0 or step == opt.steps)
             if step % opt.log_every == 0 or is_eval:

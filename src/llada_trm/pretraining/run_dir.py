@@ -73,7 +73,7 @@ def check_output(config: PretrainConfig, *, force: bool) -> None:
     out = Path(config.output.dir)
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not force:
         raise ConfigError(
-            f"output.dir {out} already exists (a backbone, e.g. the shipped one); pass --output DIR for a "
+            f"output.dir {out} already exists (a backbone, e.g. the shipped one); pass --out DIR for a "
             "new one, or --force to replace it"
         )
 

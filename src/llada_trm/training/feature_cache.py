@@ -39,7 +39,6 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import Tensor
-from tqdm.auto import tqdm
 
 from llada_trm.build import apply_backbone_options, backbone_dtype, build_datasets, build_model, start_run
 from llada_trm.config import RunConfig
@@ -49,6 +48,7 @@ from llada_trm.dist_utils import is_distributed, is_main_process
 from llada_trm.errors import ConfigError
 from llada_trm.hybrid import BackboneFeatures, LLaDATRMHybrid
 from llada_trm.io import DTYPES, atomic_path
+from llada_trm.progress import Bar, progress_bar
 from llada_trm.training.cache_manifest import (
     CACHE_FORMAT_VERSION,
     MANIFEST_FILE,
@@ -146,7 +146,8 @@ def write_feature_cache(  # noqa: PLR0913
     n_shards = int(manifest["layout"]["shards"])
     todo = [k for k in range(n_shards) if not _shard_complete(directory / shard_name(k), *writer.span(k))]
     total = sum(writer.span(k)[1] for k in todo) * writer.n_draws
-    with tqdm(total=total, desc="feature cache", unit="item", disable=not progress) as bar:
+    every = max(1, total // 20)  # in a log: about 20 plain lines
+    with progress_bar(total, desc="feature cache", unit="item", every=every, enabled=progress) as bar:
         for k in todo:
             writer.write(k, directory / shard_name(k), bar)
     manifest = {**manifest, "complete": True}
@@ -185,7 +186,7 @@ class _ShardWriter:
         first = shard * self.per_shard
         return first, min(self.per_shard, len(self.examples) - first)
 
-    def write(self, shard: int, path: Path, bar: tqdm) -> None:
+    def write(self, shard: int, path: Path, bar: Bar) -> None:
         first, count = self.span(shard)
         batch = collate_batch(self.examples[first : first + count], self.pad_id, pad_to=self.seq_len)
         tensors: dict[str, list[Tensor]] = {"hidden_states": [], "contexts": [], "masked": [], "p_mask": []}

@@ -41,7 +41,6 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import Tensor
-from tqdm.auto import tqdm
 
 from llada_trm.build import apply_backbone_options, backbone_dtype, build_datasets, build_model, start_run
 from llada_trm.config import RunConfig
@@ -50,6 +49,7 @@ from llada_trm.diffusion import SamplingOptions, sample
 from llada_trm.dist_utils import is_distributed, is_main_process
 from llada_trm.errors import ConfigError
 from llada_trm.io import atomic_path
+from llada_trm.progress import Bar, progress_bar
 from llada_trm.training.cache_manifest import (
     backbone_fingerprint,
     check_manifest,
@@ -207,7 +207,7 @@ class _ShardSampler:
         first = shard * self.per_shard
         return first, min(self.per_shard, len(self.examples) - first)
 
-    def write(self, shard: int, path: Path, bar: tqdm) -> None:
+    def write(self, shard: int, path: Path, bar: Bar) -> None:
         first, count = self.span(shard)
         rows: dict[str, list[Any]] = {key: [] for key in _RECORD_KEYS}
         batch = self.options.batch_size
@@ -304,8 +304,9 @@ def write_sampler_states(
     todo = [k for k in range(int(manifest["layout"]["shards"]))
             if not _shard_done(directory / shard_name(k), *writer.span(k))]
     try:
-        with tqdm(total=sum(writer.span(k)[1] for k in todo), desc="sampler states", unit="problem",
-                  disable=not progress) as bar:
+        total = sum(writer.span(k)[1] for k in todo)
+        with progress_bar(total, desc="sampler states", unit="problem", every=max(1, total // 20),
+                          enabled=progress) as bar:
             for k in todo:
                 writer.write(k, directory / shard_name(k), bar)
     finally:

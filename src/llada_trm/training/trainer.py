@@ -38,6 +38,7 @@ from llada_trm.build import (
 )
 from llada_trm.config import RunConfig, save_config
 from llada_trm.errors import ConfigError
+from llada_trm.progress import note, progress_bar, validation_line
 from llada_trm.training.checkpoint import TrainState, prune_snapshots
 from llada_trm.training.data import DrawSampler, EpochSampler, run_loaders
 from llada_trm.training.distributed import (
@@ -252,12 +253,9 @@ class Trainer:
         if max_new_steps is not None:
             stop_at = min(stop_at, self.state.step + max_new_steps)
         started = time.perf_counter()
-        bar = tqdm(
-            total=self.total_steps,
-            initial=self.state.step,
-            desc="train",
-            dynamic_ncols=True,
-            disable=not (self.progress and main),
+        bar = progress_bar(  # a bar on a terminal; in a log, one plain line every log_every steps
+            self.total_steps, desc="train", unit="step", initial=self.state.step, every=t.log_every,
+            enabled=self.progress and main,
         )
         detect = cfg.advanced.detect_anomaly
         anomaly = torch.autograd.set_detect_anomaly(True) if detect else contextlib.nullcontext()
@@ -283,7 +281,7 @@ class Trainer:
     def _finished(self) -> bool:
         return self.state.step >= self.total_steps or self.state.epoch >= self.config.training.num_epochs
 
-    def _run_epoch(self, stop_at: int, bar: tqdm) -> None:
+    def _run_epoch(self, stop_at: int, bar: Any) -> None:
         """Consume the rest of the current epoch, or stop once `stop_at` optimizer steps are done."""
         t = self.config.training
         accum = t.gradient_accumulation_steps
@@ -299,8 +297,8 @@ class Trainer:
             if self.state.batches_in_epoch - window_start < window:
                 continue
             self._optimizer_step()
-            bar.update(1)
             bar.set_postfix(loss=f"{self._last_loss:.4f}", lr=f"{learning_rates(self.optimizer)['lr']:.2e}")
+            bar.update(1)
             step = self.state.step
             if step % t.log_every == 0 or step == self.total_steps:
                 self._log_train_row()
@@ -418,6 +416,8 @@ class Trainer:
             return
         self.last_val_row = row
         if is_main_process():
+            if self.progress:
+                note(validation_line(row, self.total_steps))
             self.val_csv.log(row)
             self.tensorboard.log("validation", row)
         value = row.get(self.config.output.save_best)

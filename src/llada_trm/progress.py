@@ -1,0 +1,222 @@
+"""Progress that reads well in a terminal and in a log file.
+
+On a terminal a command shows a tqdm bar. When stderr is not a terminal (piped to a file, `nohup`, a batch
+scheduler) a bar is a stream of carriage-return redraws (a `make run` log held 1,855 of them), so instead
+one plain line is printed every `every` units (training: every `training.log_every` steps), e.g.
+
+    train: step 20/1855 (1%), loss 1.2345, lr 3.00e-04, 0.52 s/step, ETA 15m53s
+
+`--no-progress` asks for those plain lines on a terminal too (no bar, no redraw); `enabled=False` (the
+Python API's `progress=False`) prints nothing at all.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any, TextIO
+
+__all__ = [
+    "Bar",
+    "LARGE_WEIGHTS_BYTES",
+    "Progress",
+    "format_duration",
+    "note",
+    "plain_progress",
+    "progress_bar",
+    "use_bars",
+    "validation_line",
+    "weights_progress",
+]
+
+# Weight files at least this large report their loading / writing (an 8B backbone: ~16 GB in 4-6 shards).
+LARGE_WEIGHTS_BYTES = 256 * 2**20
+
+_force_plain = False
+
+
+@contextmanager
+def plain_progress(plain: bool = True) -> Iterator[None]:
+    """Within the block, progress prints plain lines even on a terminal (the CLI's `--no-progress`)."""
+    global _force_plain
+    before, _force_plain = _force_plain, plain
+    try:
+        yield
+    finally:
+        _force_plain = before
+
+
+def use_bars(stream: TextIO | None = None) -> bool:
+    """True where a redrawn bar is readable: stderr is a terminal and `--no-progress` was not given."""
+    stream = stream if stream is not None else sys.stderr
+    isatty = getattr(stream, "isatty", None)
+    return not _force_plain and bool(isatty and isatty())
+
+
+def format_duration(seconds: float) -> str:
+    """`42s`, `15m53s`, `2h05m`: an ETA a reader takes in at once."""
+    seconds = max(0, int(round(seconds)))
+    if seconds < 60:
+        return f"{seconds}s"
+    minutes, seconds = divmod(seconds, 60)
+    if minutes < 60:
+        return f"{minutes}m{seconds:02d}s"
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m"
+
+
+def _emit(line: str, stream: TextIO) -> None:
+    """One line on `stream`, after whatever stdout holds: in a log of both (`> log 2>&1`) the command's own
+    messages (block-buffered in a pipe) stay in order with the progress lines."""
+    if stream is not sys.stdout:
+        sys.stdout.flush()
+    print(line, file=stream, flush=True)
+
+
+class Progress:
+    """A tqdm-like counter (`update`, `set_postfix`, `write`, `close`) that prints plain lines.
+
+    A line is printed when the count crosses a multiple of `every`, and once at `close` for a count not yet
+    reported; s/unit is measured since the previous line, the ETA from the rate since this session began.
+    """
+
+    def __init__(
+        self, total: int | None, *, desc: str, unit: str = "it", initial: int = 0, every: int = 1,
+        enabled: bool = True, stream: TextIO | None = None
+    ):
+        self.total, self.desc, self.unit, self.n = total, desc, unit, initial
+        self.every, self.enabled = max(1, int(every)), enabled
+        self.stream = stream
+        self._postfix: dict[str, Any] = {}
+        self._start = self._last_time = time.perf_counter()
+        self._start_n = self._last_n = initial
+        self._closed = False
+
+    def __enter__(self) -> Progress:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _out(self) -> TextIO:
+        return self.stream if self.stream is not None else sys.stderr
+
+    def set_postfix(self, **values: Any) -> None:
+        """Values shown after the count (loss, lr, acc), as the next line prints them."""
+        self._postfix = values
+
+    def update(self, n: int = 1) -> None:
+        before, self.n = self.n, self.n + n
+        if self.enabled and (self.n // self.every > before // self.every or self.n == self.total):
+            self._line()
+
+    def write(self, text: str) -> None:
+        """A message on its own line (a validation result), printed unless progress is off."""
+        if self.enabled:
+            _emit(text, self._out())
+
+    def close(self) -> None:
+        if not self._closed and self.enabled and self.n != self._last_n:
+            self._line()
+        self._closed = True
+
+    def _line(self) -> None:
+        now = time.perf_counter()
+        parts = [f"{self.unit} {self.n}"]
+        if self.total:
+            parts[0] += f"/{self.total} ({100 * self.n / self.total:.0f}%)"
+        parts += [f"{key} {value}" for key, value in self._postfix.items()]
+        done = self.n - self._last_n
+        if done > 0:
+            per = (now - self._last_time) / done
+            parts.append(f"{per:.2f} s/{self.unit}" if per >= 0.01 else f"{1 / per:.0f} {self.unit}/s")
+        session = self.n - self._start_n
+        if self.total and session > 0 and self.n < self.total:
+            eta = (now - self._start) / session * (self.total - self.n)
+            parts.append(f"ETA {format_duration(eta)}")
+        elif self.total and self.n >= self.total:
+            parts.append(f"done in {format_duration(now - self._start)}")
+        _emit(f"{self.desc}: " + ", ".join(parts), self._out())
+        self._last_time, self._last_n = now, self.n
+
+
+class _Bar:
+    """tqdm, with `write` going above the bar."""
+
+    def __init__(self, bar: Any):
+        self._bar = bar
+
+    def __enter__(self) -> _Bar:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def update(self, n: int = 1) -> None:
+        self._bar.update(n)
+
+    def set_postfix(self, **values: Any) -> None:
+        self._bar.set_postfix(**values)
+
+    def write(self, text: str) -> None:
+        if not self._bar.disable:
+            self._bar.write(text)
+
+    def close(self) -> None:
+        self._bar.close()
+
+
+Bar = Progress | _Bar  # what `progress_bar` returns
+
+
+def progress_bar(
+    total: int | None, *, desc: str, unit: str = "it", initial: int = 0, every: int = 1, enabled: bool = True
+) -> Bar:
+    """A tqdm bar on a terminal, plain lines every `every` units elsewhere (and under `--no-progress`),
+    nothing when not `enabled`."""
+    if enabled and use_bars():
+        from tqdm.auto import tqdm
+
+        return _Bar(tqdm(total=total, initial=initial, desc=desc, unit=unit, dynamic_ncols=True))
+    return Progress(total, desc=desc, unit=unit, initial=initial, every=every, enabled=enabled)
+
+
+def note(text: str) -> None:
+    """A line among the progress output (stderr): above a live bar on a terminal, plain elsewhere."""
+    if use_bars():
+        from tqdm.auto import tqdm
+
+        tqdm.write(text, file=sys.stderr)
+    else:
+        _emit(text, sys.stderr)
+
+
+_SHOWN = (("loss", "val loss", "{:.4f}"), ("loss_base", "backbone", "{:.4f}"),
+          ("accuracy", "masked accuracy", "{:.3f}"), ("accuracy_base", "backbone", "{:.3f}"),
+          ("sampled_accuracy", "sampled accuracy", "{:.3f}"))  # fmt: skip
+
+
+def validation_line(row: dict[str, Any], total: int | None = None) -> str:
+    """One line of a validation row: `validation at step 100/1855: val loss 1.2345 (backbone 1.3000), ...`."""
+    step = f"{row.get('step')}" + (f"/{total}" if total else "")
+    parts = []
+    for key, label, fmt in _SHOWN:
+        value = row.get(key)
+        if isinstance(value, int | float):
+            text = f"{label} {fmt.format(value)}"
+            if label == "backbone" and parts:
+                parts[-1] += f" ({text})"
+            else:
+                parts.append(text)
+    return f"validation at step {step}: " + (", ".join(parts) or "no metrics")
+
+
+def weights_progress(shards: int, nbytes: int, desc: str) -> Bar:
+    """Progress over the shards of a weight checkpoint being read or written, shown for large ones only
+    (an 8B backbone takes minutes; a tiny one would add a line to every command)."""
+    shown = nbytes >= LARGE_WEIGHTS_BYTES
+    if shown and not use_bars():
+        note(f"{desc}: {nbytes / 2**30:.1f} GiB in {shards} file(s)")
+    return progress_bar(shards, desc=desc, unit="shard", enabled=shown)
