@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 from pathlib import Path
 
 import pytest
@@ -264,6 +265,8 @@ def test_targeted_masks_with_ema_resume_bit_exactly(backbone_dir, tmp_path, mask
     options = {"masks": masks, "ema_decay": 0.9, "max_steps": 6, "eval_every": 0, "save_every": 0}
     straight = make_trainer(backbone_dir, tmp_path / "straight", **options)
     straight.train()
+    report = json.loads((tmp_path / "straight" / "reachability.json").read_text())  # a run records it
+    assert report["masks"] == masks and 0.0 <= report["reachable"] <= 1.0
     split = make_trainer(backbone_dir, tmp_path / "split", **options)
     split.train(max_new_steps=3)
     resumed = Trainer(parse_config(raw_config(backbone_dir, tmp_path / "split", **options)), progress=False)

@@ -137,6 +137,25 @@ def _cmd_cache(args: argparse.Namespace) -> int:
     print(f"feature cache ready: {directory} (train with --set advanced.feature_cache=true)")
     return 0
 
+def _cmd_reachability(args: argparse.Namespace) -> int:
+    import json
+
+    from llada_trm.config import load_config
+    from llada_trm.training import Trainer
+    from llada_trm.training.validation import format_reachability
+
+    device = [f"training.device={args.device}"] if args.device else []
+    config = load_config(args.config, [*args.set, *device])
+    if config.model.refiner == "none":
+        raise UserError(f"{args.config}: model.refiner is none; reachability measures a refiner's budget")
+    report = Trainer(config, progress=False).reachability(max_batches=args.batches)
+    if not report:
+        raise UserError(f"{args.config}: the run has no validation set (set data.synthetic.n_eval or "
+                        "data.eval_split)")  # fmt: skip
+    print(format_reachability(report))
+    if args.json:
+        print(json.dumps(report, indent=2))
+    return 0
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
@@ -315,6 +334,14 @@ def build_parser() -> argparse.ArgumentParser:
     _add_device_option(p)
     _add_progress_option(p)
     p.set_defaults(func=_cmd_cache)
+
+    p = command("reachability", "the share of the backbone's wrong tokens a run's update budget can flip")
+    _add_config_options(p)
+    p.add_argument("--batches", type=int, default=None, metavar="N",
+                   help="validation batches to read (default: training.eval_max_batches)")  # fmt: skip
+    p.add_argument("--json", action="store_true", help="also print the whole report as JSON")
+    _add_device_option(p)
+    p.set_defaults(func=_cmd_reachability)
 
     p = command("eval", "sampled GSM8K-style accuracy, refinement efficiency and speed")
     _add_model_options(p)

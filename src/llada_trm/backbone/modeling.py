@@ -247,6 +247,15 @@ class LLaDAModel(nn.Module):
             logits = logits * (1 / math.sqrt(self.config.d_model))
         return logits
 
+    def lm_head_rows(self, token_ids: torch.Tensor) -> torch.Tensor:
+        """The output layer's rows of `token_ids` [..., d_model], scaled as `lm_head` scales its logits, so
+        that logit_v(h) = rows[v] . h + bias_v: what an update of h can do to each logit."""
+        weight = self.wte.weight if self.config.weight_tying else self.transformer.ff_out.weight
+        rows = weight[token_ids]
+        if self.config.scale_logits:
+            rows = rows * (1 / math.sqrt(self.config.d_model))
+        return rows
+
     def _resolve_layers(self, context_layers: Sequence[int]) -> dict[int, int]:
         n = self.config.n_layers
         resolved = {}

@@ -16,6 +16,7 @@ The run's parts are assembled by `llada_trm.build` (the path every command share
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import math
 import time
@@ -37,7 +38,9 @@ from llada_trm.build import (
     start_run,
 )
 from llada_trm.config import RunConfig, save_config
+from llada_trm.diffusion.targeted_masks import TrainingMasks
 from llada_trm.errors import ConfigError
+from llada_trm.io import write_text_atomic
 from llada_trm.progress import note, progress_bar, validation_line
 from llada_trm.training.checkpoint import TrainState, prune_snapshots
 from llada_trm.training.data import DrawSampler, EpochSampler, run_loaders
@@ -71,9 +74,12 @@ from llada_trm.training.sampler_state_batches import state_noise
 from llada_trm.training.stats import forward_statistics, parameter_statistics
 from llada_trm.training.tensorboard import TensorBoardLog, require_tensorboard
 from llada_trm.training.validation import (
+    VALIDATION_SEED_OFFSET,
     SampledValidation,
     check_save_best,
+    format_reachability,
     improves,
+    reachability_report,
     validate,
     validation_columns,
 )
@@ -178,7 +184,11 @@ class Trainer:
         self.health = HealthMonitor(
             config.advanced.health,
             enabled=config.advanced.health_checks,
-            confidence_threshold=config.model.confidence_threshold,
+            # chunk_selection 'all' refines every chunk by choice, as a threshold above 1 does
+            confidence_threshold=(
+                config.model.confidence_threshold if config.model.chunk_selection == "confidence"
+                else float("inf")
+            ),
         )
         self.output_dir = Path(config.output.dir)
         self.checkpoint_dir = self.output_dir / "checkpoints"
@@ -249,6 +259,11 @@ class Trainer:
             self.tensorboard = TensorBoardLog.for_run(
                 cfg.output.tensorboard, self.output_dir, self.state.step
             )
+        if main and self.state.step == 0 and self.resumed_from is None:  # what the budget can reach at all
+            report = self.reachability()
+            if report:
+                self._say(format_reachability(report))
+                write_text_atomic(self.output_dir / "reachability.json", json.dumps(report, indent=2) + "\n")
         stop_at = self.total_steps
         if max_new_steps is not None:
             stop_at = min(stop_at, self.state.step + max_new_steps)
@@ -409,6 +424,24 @@ class Trainer:
             if row and self.sampled_validation is not None:
                 row.update(self.sampled_validation(self.model, self.tokenizer))
         return {"step": self.state.step, "epoch": self._epoch_progress(), **row} if row else {}
+
+    def reachability(self, max_batches: int | None = None) -> dict[str, Any]:
+        """Which of the backbone's wrong tokens on validation the run's update budget can flip
+        (`validation.reachability_report`); {} without a refiner or a validation set."""
+        if self.eval_loader is None or self.config.model.refiner == "none":
+            return {}
+        masks = TrainingMasks(
+            self.masks.distribution,
+            self.mask_id,
+            self.config.data.validation_seed + VALIDATION_SEED_OFFSET,
+            token_text=self.masks.token_text,
+            probe=self.masks.probe,
+        )
+        batches = max_batches if max_batches is not None else self.config.training.eval_max_batches
+        with unsharded(self.engine), self._autocast():
+            return reachability_report(
+                self.model, self.eval_loader, masks, self.config, device=self.device, max_batches=batches
+            )
 
     def _validate_and_track_best(self) -> None:
         row = broadcast_object(self.evaluate())  # rank 0's numbers: every rank takes the same save decision

@@ -26,9 +26,17 @@ import torch
 from llada_trm.config import RunConfig
 from llada_trm.diffusion import masked_diffusion_loss
 from llada_trm.diffusion.forward_process import draw_noise
+from llada_trm.diffusion.targeted_masks import TrainingMasks
 from llada_trm.errors import ConfigError
 from llada_trm.hybrid import LLaDATRMHybrid
 from llada_trm.hybrid.chunking import chunk_sum
+from llada_trm.hybrid.reachability import (
+    TARGET_REACHABILITY,
+    reachable_fraction,
+    required_bounds,
+    smallest_sufficient_scale,
+    step_bound,
+)
 from llada_trm.training.freezing import set_train_mode
 from llada_trm.training.metrics import VALIDATION_COLUMNS
 from llada_trm.training.stats import forward_statistics
@@ -39,8 +47,10 @@ __all__ = [
     "SampledValidation",
     "accuracy_counts",
     "check_save_best",
+    "format_reachability",
     "improves",
     "per_example_validation",
+    "reachability_report",
     "validate",
     "validation_columns",
 ]
@@ -256,3 +266,75 @@ def _row(totals: Mapping[str, float], batches: int) -> dict[str, Any]:
         elif key.startswith("chunks_ok"):
             row["chunk_accuracy" + key[len("chunks_ok"):]] = totals[key] / chunk_total
     return row
+
+
+@torch.no_grad()
+def reachability_report(
+    model: LLaDATRMHybrid,
+    loader: Iterable[Mapping[str, torch.Tensor]],
+    masks: TrainingMasks,
+    config: RunConfig,
+    *,
+    device: torch.device,
+    max_batches: int | None = None,
+) -> dict[str, Any]:
+    """Which of the backbone's wrong tokens on validation can the run's update budget flip?
+
+    `hybrid.reachability` states the bound.
+
+    Validation rows are masked as the run trains (`training.masks`, seeded by `data.validation_seed`); a token
+    is wrong where the frozen backbone's argmax differs from the target. Returns the required bounds' summary:
+    the reachable share at the run's K and budget, at K = 1..16, and the smallest sufficient delta_scale.
+    """
+    settings = config.model.mlp if config.model.refiner == "mlp" else config.model.slot
+    clamp, scale, steps = settings.delta_clamp, settings.delta_scale, config.model.max_recursive_steps
+    backbone = model.backbone
+    required: list[torch.Tensor] = []
+    masked_total = 0
+    first = 0
+    for index, batch in enumerate(loader):
+        if max_batches is not None and index >= max_batches:
+            break
+        rows = batch["input_ids"].shape[0]
+        noisy, masked, _ = masks.draw(dict(batch), range(first, first + rows), 0)
+        first += rows
+        logits = model.features(noisy.to(device)).base_logits
+        targets = batch["input_ids"].to(device)
+        masked = masked.to(device)
+        wrong = masked & (logits.argmax(-1) != targets)
+        masked_total += int(masked.sum())
+        if wrong.any():
+            required.append(required_bounds(logits[wrong], targets[wrong], backbone.lm_head_rows).cpu())
+    bounds = torch.cat(required) if required else torch.zeros(0)
+    candidates = [0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 2.0]
+    return {
+        "masks": config.training.masks,
+        "masked_tokens": masked_total,
+        "wrong_tokens": int(bounds.numel()),
+        "delta_scale": scale,
+        "delta_clamp": clamp,
+        "steps": steps,
+        "reachable": reachable_fraction(bounds, steps * step_bound(scale, clamp)),
+        "reachable_by_steps": {
+            k: reachable_fraction(bounds, k * step_bound(scale, clamp)) for k in (1, 2, 4, 8, 16)
+        },
+        "required_bound_median": float(bounds.median()) if bounds.numel() else float("nan"),
+        "suggested_delta_scale": smallest_sufficient_scale(bounds, max(steps, 1), clamp, candidates),
+        "target": TARGET_REACHABILITY,
+    }
+
+
+def format_reachability(report: Mapping[str, Any]) -> str:
+    """The report as a few lines for a terminal or a log."""
+    by_k = ", ".join(f"K={k} {v:.0%}" for k, v in report["reachable_by_steps"].items())
+    suggested = report["suggested_delta_scale"]
+    advice = (
+        f"the smallest delta_scale reaching {report['target']:.0%} at K={report['steps']} is {suggested}"
+        if suggested is not None else f"no delta_scale up to 2.0 reaches {report['target']:.0%}"
+    )
+    return (
+        f"reachability ({report['masks']} masks on validation): {report['wrong_tokens']} of "
+        f"{report['masked_tokens']} masked tokens wrong; an update within delta_scale "
+        f"{report['delta_scale']} x delta_clamp {report['delta_clamp']} for K={report['steps']} steps can "
+        f"flip at most {report['reachable']:.1%} of them ({by_k}); {advice}"
+    )
