@@ -275,3 +275,32 @@ def test_cache_command(backbone_dir, tmp_path, capsys):
     assert cli.main([*other_seed, "--rebuild"]) == 0
     manifest = json.loads((tmp_path / "run" / "feature_cache" / "manifest.json").read_text())
     assert manifest["noise"]["seed"] == 1
+
+
+def test_the_cache_stores_the_runs_targeted_masks(backbone_dir, dataset, tmp_path):
+    # With training.masks the cache holds exactly the draws a live step would take, and says which in its
+    # manifest (a forward-process cache is refused for such a run, and the other way round).
+    from llada_trm.diffusion.targeted_masks import MaskDistribution, TokenText, TrainingMasks
+
+    model = make_model(backbone_dir)
+    tokenizer = load_tokenizer(backbone_dir)
+    masks = TrainingMasks(MaskDistribution("answer_structure"), model.mask_token_id, SEED,
+                          token_text=TokenText(tokenizer.decode))  # fmt: skip
+    manifest = manifest_for(model, backbone_dir, dataset)
+    manifest["noise"].update(masks="answer_structure", forward_mix=0.0)
+    cache = write_feature_cache(
+        model, dataset.examples, tmp_path / "cache", manifest, pad_id=dataset.pad_id, batch_size=3,
+        examples_per_shard=4, progress=False, masks=masks,
+    )
+    indices, draw = [6, 1, 4], 1
+    cached = cache.collate([cache[(i, draw)] for i in indices])
+    live_batch = collate_batch([dataset[i] for i in indices], dataset.pad_id, pad_to=cache.seq_len)
+    _, live_masked, _ = masks.draw(live_batch, indices, draw)
+    assert torch.equal(cached["masked"], live_masked)
+    assert torch.equal(cached["p_mask"], torch.ones_like(cached["p_mask"]))
+    forward = draw_noise(live_batch["input_ids"], live_batch["prompt_lengths"], model.mask_token_id,
+                         seed=SEED, examples=indices, draws=draw)  # fmt: skip
+    assert not torch.equal(forward[1], live_masked)
+    with pytest.raises(StaleFeatureCacheError, match="noise"):
+        write_feature_cache(model, dataset.examples, tmp_path / "cache", manifest_for(model, backbone_dir, dataset),
+                            pad_id=dataset.pad_id, batch_size=3, progress=False)  # fmt: skip

@@ -96,12 +96,15 @@ def data_fingerprint(examples: Sequence[EncodedExample], seq_len: int, pad_id: i
 
 @dataclass(frozen=True)
 class NoiseSpec:
-    """The manifest's `noise` section: the forward-process draws the cache holds (`n_draws` per example)."""
+    """The manifest's `noise` section: the draws the cache holds (`n_draws` per example), from the forward
+    process or the run's `training.masks` (`diffusion.targeted_masks`)."""
 
     seed: int
     n_draws: int
     mask_id: int
     eps: float = 1e-3
+    masks: str = "forward"
+    forward_mix: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -127,6 +130,15 @@ class FeatureSpec:
             d_model=bb.d_model,
             context_dim=bb.n_heads * bb.head_dim,
         )
+
+
+def _noise_section(noise: NoiseSpec) -> dict[str, Any]:
+    """The forward process is recorded as before (so caches built then stay valid); other masks add names."""
+    section: dict[str, Any] = {"seed": noise.seed, "draws": noise.n_draws, "eps": noise.eps}
+    section["mask_id"] = noise.mask_id
+    if noise.masks != "forward":
+        section.update(masks=noise.masks, forward_mix=noise.forward_mix)
+    return section
 
 
 def expected_manifest(
@@ -158,7 +170,7 @@ def expected_manifest(
             "examples": len(examples),
             "seq_len": seq_len,
         },
-        "noise": {"seed": noise.seed, "draws": noise.n_draws, "eps": noise.eps, "mask_id": noise.mask_id},
+        "noise": _noise_section(noise),
         "features": {
             "dtype": str(features.cache_dtype).removeprefix("torch."),
             "compute": features.compute,
@@ -175,7 +187,7 @@ _CHECKED = {  # manifest section -> what a mismatch means to the user
     "format_version": "another cache format version",
     "backbone": "other backbone weights or config (model.backbone)",
     "data": "other training data (data.* settings, data.max_length or the tokenizer)",
-    "noise": "other noise draws (training.seed or advanced.cache_noise_draws)",
+    "noise": "other noise draws (training.seed, training.masks or advanced.cache_noise_draws)",
     "features": "other feature settings (model.context_layers, advanced.cache_dtype or backbone precision)",
 }
 

@@ -44,6 +44,7 @@ from llada_trm.build import apply_backbone_options, backbone_dtype, build_datase
 from llada_trm.config import RunConfig
 from llada_trm.data import EncodedExample, collate_batch
 from llada_trm.diffusion.forward_process import draw_noise
+from llada_trm.diffusion.targeted_masks import TrainingMasks
 from llada_trm.dist_utils import is_distributed, is_main_process
 from llada_trm.errors import ConfigError
 from llada_trm.hybrid import BackboneFeatures, LLaDATRMHybrid
@@ -68,6 +69,7 @@ from llada_trm.training.cache_manifest import (
 from llada_trm.training.cached_batches import FeatureCache, cached_features, open_feature_cache
 from llada_trm.training.freezing import FreezePlan, freeze_for_run
 from llada_trm.training.init_from import init_from_config
+from llada_trm.training.masks import training_masks_for_run
 
 __all__ = [  # the cache's manifest (`cache_manifest`) and reading side (`cached_batches`) are re-exported
     "CACHE_FORMAT_VERSION",
@@ -117,8 +119,11 @@ def write_feature_cache(  # noqa: PLR0913
     autocast_dtype: torch.dtype | None = None,
     examples_per_shard: int | None = None,
     progress: bool = True,
+    masks: TrainingMasks | None = None,
 ) -> FeatureCache:
     """Build (or resume building) the cache described by `manifest` and return it opened.
+
+    `masks`: the run's phase-1 masks (`training.masks`); None draws LLaDA's forward process.
 
     An existing manifest must match `manifest` (else `StaleFeatureCacheError`); its shard layout is kept,
     and shards already on disk are skipped. `examples_per_shard` defaults to ~256 MiB shards.
@@ -142,7 +147,7 @@ def write_feature_cache(  # noqa: PLR0913
         directory.mkdir(parents=True, exist_ok=True)
         write_manifest(directory, manifest)
 
-    writer = _ShardWriter(model, examples, manifest, pad_id, batch_size, device, autocast_dtype)
+    writer = _ShardWriter(model, examples, manifest, pad_id, batch_size, device, autocast_dtype, masks)
     n_shards = int(manifest["layout"]["shards"])
     todo = [k for k in range(n_shards) if not _shard_complete(directory / shard_name(k), *writer.span(k))]
     total = sum(writer.span(k)[1] for k in todo) * writer.n_draws
@@ -168,8 +173,10 @@ class _ShardWriter:
         batch_size: int,
         device: torch.device,
         autocast_dtype: torch.dtype | None,
+        masks: TrainingMasks | None = None,
     ) -> None:
         self.model = model
+        self.masks = masks
         self.examples = examples
         self.pad_id = pad_id
         self.batch_size = batch_size
@@ -195,15 +202,15 @@ class _ShardWriter:
             for start in range(0, count, self.batch_size):
                 rows = slice(start, min(start + self.batch_size, count))
                 ids = batch["input_ids"][rows]
-                noisy, masked, p_mask = draw_noise(
-                    ids,
-                    batch["prompt_lengths"][rows],
-                    self.mask_id,
-                    seed=self.seed,
-                    examples=range(first + rows.start, first + rows.stop),
-                    draws=draw,
-                    eps=self.eps,
-                )
+                examples = range(first + rows.start, first + rows.stop)
+                if self.masks is None:
+                    noisy, masked, p_mask = draw_noise(
+                        ids, batch["prompt_lengths"][rows], self.mask_id, seed=self.seed, examples=examples,
+                        draws=draw, eps=self.eps,
+                    )
+                else:
+                    part = {key: value[rows] for key, value in batch.items()}
+                    noisy, masked, p_mask = self.masks.draw(part, examples, draw)
                 features = self._features(noisy)
                 per_draw["hidden_states"].append(features.hidden_states.to("cpu", self.dtype))
                 if features.contexts is not None:
@@ -237,7 +244,7 @@ def cache_directory(config: RunConfig) -> Path:
     return store_directory(config.advanced.feature_cache_dir, config.output.dir, "feature_cache")
 
 
-def prepare_feature_cache(
+def prepare_feature_cache(  # noqa: PLR0913 - the run, its model and data, where and how to compute
     config: RunConfig,
     model: LLaDATRMHybrid,
     examples: Sequence[EncodedExample],
@@ -247,6 +254,7 @@ def prepare_feature_cache(
     device: torch.device,
     autocast_dtype: torch.dtype | None,
     progress: bool = True,
+    masks: TrainingMasks | None = None,
 ) -> FeatureCache:
     """The run's cache, opened; built first if absent, resumed if unfinished, refused if stale.
 
@@ -263,7 +271,8 @@ def prepare_feature_cache(
         examples=examples,
         pad_id=pad_id,
         noise=NoiseSpec(
-            seed=config.training.seed, n_draws=adv.cache_noise_draws, mask_id=model.mask_token_id
+            seed=config.training.seed, n_draws=adv.cache_noise_draws, mask_id=model.mask_token_id,
+            masks=config.training.masks, forward_mix=config.training.forward_mix,
         ),
         features=FeatureSpec.for_model(model, DTYPES[adv.cache_dtype], compute),
     )
@@ -278,6 +287,7 @@ def prepare_feature_cache(
             device=device,
             autocast_dtype=autocast_dtype,
             progress=progress,
+            masks=masks,
         )
     if is_distributed():
         torch.distributed.barrier()
@@ -322,5 +332,6 @@ def build_feature_cache(config: RunConfig, *, progress: bool = True, rebuild: bo
         device=device,
         autocast_dtype=amp_dtype,
         progress=progress and is_main_process(),
+        masks=training_masks_for_run(config, built.model, built.tokenizer, device),
     )
     return cache.directory

@@ -20,7 +20,7 @@ from llada_trm.backbone.fingerprint import directory_fingerprint
 from llada_trm.build import apply_backbone_options, backbone_dtype, build_model
 from llada_trm.config import RunConfig, TrainingConfig
 from llada_trm.data import SFTDataset
-from llada_trm.diffusion.targeted_masks import MaskDistribution, TokenText, TrainingMasks, probe_margins
+from llada_trm.diffusion.targeted_masks import TrainingMasks
 from llada_trm.dist_utils import rank, world_size
 from llada_trm.hybrid import LLaDATRMHybrid
 from llada_trm.training.distributed import TrainStep, resolve_strategy, wrap_run
@@ -41,7 +41,6 @@ __all__ = [
     "build_training_model",
     "feature_cache_for_run",
     "sampler_state_mix_for_run",
-    "training_masks_for_run",
 ]
 
 
@@ -114,7 +113,7 @@ def build_training_model(
     )
 
 
-def feature_cache_for_run(
+def feature_cache_for_run(  # noqa: PLR0913 - the run, its model, data and masks
     config: RunConfig,
     model: LLaDATRMHybrid,
     plan: FreezePlan,
@@ -124,6 +123,7 @@ def feature_cache_for_run(
     amp_dtype: torch.dtype | None,
     *,
     progress: bool,
+    masks: TrainingMasks | None = None,
 ) -> FeatureCache | None:
     """The run's feature cache when `advanced.feature_cache` (phase 1 reads the backbone's outputs from
     disk), else None; a plan that trains backbone parameters is refused."""
@@ -139,6 +139,7 @@ def feature_cache_for_run(
         device=device,
         autocast_dtype=amp_dtype,
         progress=progress,
+        masks=masks,
     )
 
 
@@ -189,27 +190,3 @@ def build_run_optimizer(plan: FreezePlan, training: TrainingConfig, total_steps:
         optimizer, warmup_steps=warmup_steps, total_steps=total_steps, min_ratio=t.min_lr_ratio
     )
     return RunOptimizer(optimizer, scheduler, warmup_steps)
-
-
-def training_masks_for_run(
-    config: RunConfig, model: LLaDATRMHybrid, tokenizer: PreTrainedTokenizerBase, device: torch.device
-) -> TrainingMasks:
-    """The run's phase-1 masks (`training.masks`); `backbone_errors` probes the frozen backbone with two
-    teacher-forced passes per example (`targeted_masks.probe_margins`), once per example."""
-    t = config.training
-    mask_id = model.mask_token_id
-
-    @torch.no_grad()
-    def probe(input_ids: torch.Tensor, prompt_lengths: torch.Tensor) -> torch.Tensor:
-        def logits_of(noisy: torch.Tensor) -> torch.Tensor:
-            return model.features(noisy).base_logits
-
-        return probe_margins(logits_of, input_ids.to(device), prompt_lengths.to(device), mask_id)
-
-    return TrainingMasks(
-        MaskDistribution(t.masks, t.forward_mix),
-        mask_id,
-        t.seed,
-        token_text=TokenText(tokenizer.decode) if t.masks == "answer_structure" else None,
-        probe=probe if t.masks == "backbone_errors" else None,
-    )

@@ -60,6 +60,7 @@ from llada_trm.training.feature_cache import cached_features
 from llada_trm.training.freezing import set_train_mode
 from llada_trm.training.health import HealthMonitor, non_finite_error
 from llada_trm.training.log_window import LogWindow, learning_rates
+from llada_trm.training.masks import training_masks_for_run
 from llada_trm.training.metrics import TRAIN_COLUMNS, MetricsWriter
 from llada_trm.training.run_dir import claim_run_dir, lock_for_run
 from llada_trm.training.run_setup import (
@@ -67,7 +68,6 @@ from llada_trm.training.run_setup import (
     build_training_model,
     feature_cache_for_run,
     sampler_state_mix_for_run,
-    training_masks_for_run,
 )
 from llada_trm.training.run_state import restore_run, run_summary, save_run
 from llada_trm.training.sampler_state_batches import state_noise
@@ -144,15 +144,16 @@ class Trainer:
         self.train_set, self.eval_set = build_datasets(self.config.data, self.tokenizer)
         self.sampler = EpochSampler(len(self.train_set), seed=t.seed, rank=rank(), world_size=world_size())
         progress = self.progress and is_main_process()
+        # the masks first: a feature cache stores the draws of them
+        self.masks = training_masks_for_run(self.config, self.model, self.tokenizer, self.device)
         self.feature_cache = feature_cache_for_run(
             self.config, self.model, self.plan, self.backbone_dir, self.train_set, self.device,
-            self.amp_dtype, progress=progress,
+            self.amp_dtype, progress=progress, masks=self.masks,
         )
         self.state_mix = sampler_state_mix_for_run(  # None unless training.sampler_state_ratio > 0
             self.config, self.model, self.plan, self.backbone_dir, self.train_set, self.tokenizer,
             self.device, progress=progress,
         )
-        self.masks = training_masks_for_run(self.config, self.model, self.tokenizer, self.device)
         train: Dataset = self.train_set if self.feature_cache is None else self.feature_cache
         order: Sampler = self.sampler
         if self.feature_cache is not None:  # phase 1 reads the backbone's outputs from disk
