@@ -302,5 +302,6 @@ def test_the_cache_stores_the_runs_targeted_masks(backbone_dir, dataset, tmp_pat
                          seed=SEED, examples=indices, draws=draw)  # fmt: skip
     assert not torch.equal(forward[1], live_masked)
     with pytest.raises(StaleFeatureCacheError, match="noise"):
-        write_feature_cache(model, dataset.examples, tmp_path / "cache", manifest_for(model, backbone_dir, dataset),
+        forward_manifest = manifest_for(model, backbone_dir, dataset)
+        write_feature_cache(model, dataset.examples, tmp_path / "cache", forward_manifest,
                             pad_id=dataset.pad_id, batch_size=3, progress=False)  # fmt: skip
