@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -231,3 +233,34 @@ def test_ema_equals_a_hand_computed_average():
     assert torch.equal(ema.live()["weight"], values[-1])
     with pytest.raises(ValueError, match="decay"):
         WeightEMA(model, ["weight"], decay=1.0)
+
+
+def test_result_accuracy_counts_targets_right_in_every_masked_token():
+    from types import SimpleNamespace
+
+    from llada_trm.training.validation import result_accuracy
+
+    pieces = GENERATED[:-2]  # the answer without its closing special tokens
+    vocab = {piece: index + 10 for index, piece in enumerate(dict.fromkeys(pieces))}
+    texts = {index: piece for piece, index in vocab.items()}
+    ids = torch.tensor([[1, 1] + [vocab[p] for p in pieces]])
+    vocab_size = max(texts) + 1
+
+    class Oracle(torch.nn.Module):
+        """Backbone right everywhere except the first "0" of "30"; the refiner right everywhere."""
+
+        def features(self, noisy: torch.Tensor) -> SimpleNamespace:
+            return SimpleNamespace(noisy=noisy)
+
+        def refine(self, features: SimpleNamespace, masked: torch.Tensor) -> SimpleNamespace:
+            truth = ids.expand(masked.shape[0], -1)
+            logits = F.one_hot(truth, vocab_size).float()
+            base = logits.clone()
+            base[:, 2 + 14] = F.one_hot(torch.tensor(vocab["5"]), vocab_size).float()  # "30" -> "35"
+            return SimpleNamespace(logits=logits, base_logits=base)
+
+    batch = {"input_ids": ids, "prompt_lengths": torch.tensor([2])}
+    out = result_accuracy(Oracle(), [batch], TokenText(lambda t: texts.get(t[0], "?")), mask_id=0,
+                          device=torch.device("cpu"), autocast=contextlib.nullcontext)  # fmt: skip
+    # three targets: "30" (its result token 14 is wrong for the backbone), "15", "#### 15"
+    assert out == {"result_accuracy": 1.0, "result_accuracy_base": pytest.approx(2 / 3)}

@@ -38,7 +38,7 @@ from llada_trm.build import (
     start_run,
 )
 from llada_trm.config import RunConfig, save_config
-from llada_trm.diffusion.targeted_masks import TrainingMasks
+from llada_trm.diffusion.targeted_masks import TokenText, TrainingMasks
 from llada_trm.errors import ConfigError
 from llada_trm.io import write_text_atomic
 from llada_trm.progress import note, progress_bar, validation_line
@@ -80,6 +80,7 @@ from llada_trm.training.validation import (
     format_reachability,
     improves,
     reachability_report,
+    result_accuracy,
     validate,
     validation_columns,
 )
@@ -137,6 +138,7 @@ class Trainer:
         self.init_names, self.plan, self.weights = built.init_names, built.plan, built.weights
         self.strategy, self.engine = built.strategy, built.engine
         self.mask_id = self.model.mask_token_id
+        self.token_text = TokenText(self.tokenizer.decode)  # the answers' structure, for result_accuracy
 
     def _setup_data(self) -> None:
         """Datasets, the resumable sampler and the loaders; the epoch geometry follows from them."""
@@ -422,6 +424,11 @@ class Trainer:
                 autocast=self._autocast,
                 max_batches=max_batches if max_batches is not None else self.config.training.eval_max_batches,
             )
+            if row:  # the results of the answer's lines, teacher-forced (the study's secondary endpoint)
+                row.update(result_accuracy(
+                    self.model, self.eval_loader, self.token_text, mask_id=self.mask_id, device=self.device,
+                    autocast=self._autocast, max_batches=max_batches or self.config.training.eval_max_batches,
+                ))  # fmt: skip
             if row and self.sampled_validation is not None:
                 row.update(self.sampled_validation(self.model, self.tokenizer))
         return {"step": self.state.step, "epoch": self._epoch_progress(), **row} if row else {}

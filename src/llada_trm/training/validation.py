@@ -26,7 +26,7 @@ import torch
 from llada_trm.config import RunConfig
 from llada_trm.diffusion import masked_diffusion_loss
 from llada_trm.diffusion.forward_process import draw_noise
-from llada_trm.diffusion.targeted_masks import TrainingMasks
+from llada_trm.diffusion.targeted_masks import TokenText, TrainingMasks, answer_targets
 from llada_trm.errors import ConfigError
 from llada_trm.hybrid import LLaDATRMHybrid
 from llada_trm.hybrid.chunking import chunk_sum
@@ -42,6 +42,7 @@ from llada_trm.training.metrics import VALIDATION_COLUMNS
 from llada_trm.training.stats import forward_statistics
 
 __all__ = [
+    "RESULT_COLUMNS",
     "SAMPLED_COLUMNS",
     "VALIDATION_SEED_OFFSET",
     "SampledValidation",
@@ -51,6 +52,7 @@ __all__ = [
     "improves",
     "per_example_validation",
     "reachability_report",
+    "result_accuracy",
     "validate",
     "validation_columns",
 ]
@@ -66,7 +68,7 @@ def _refine_steps(config: RunConfig) -> int:
 def validation_columns(config: RunConfig) -> list[str]:
     """The columns of `validation_metrics.csv` for this run (one accuracy pair per refinement step)."""
     k = _refine_steps(config)
-    columns = list(VALIDATION_COLUMNS) + ["chunk_accuracy", "chunk_accuracy_base"]
+    columns = list(VALIDATION_COLUMNS) + ["chunk_accuracy", "chunk_accuracy_base", *RESULT_COLUMNS]
     columns += [f"accuracy_step_{i}" for i in range(1, k + 1)]
     columns += [f"chunk_accuracy_step_{i}" for i in range(1, k + 1)]
     if config.training.val_sampled_problems:
@@ -84,7 +86,7 @@ def improves(value: float | None, best: float | None, *, lower: bool) -> bool:
 def check_save_best(config: RunConfig) -> None:
     """`output.save_best` must name a validation metric this run writes."""
     k = _refine_steps(config)
-    known = set(VALIDATION_COLUMNS) | {"chunk_accuracy", "chunk_accuracy_base"}
+    known = set(VALIDATION_COLUMNS) | {"chunk_accuracy", "chunk_accuracy_base", *RESULT_COLUMNS}
     known |= {f"{kind}_step_{i}" for kind in ("accuracy", "chunk_accuracy") for i in range(1, k + 1)}
     name = config.output.save_best
     if name in SAMPLED_COLUMNS and not config.training.val_sampled_problems:
@@ -338,3 +340,55 @@ def format_reachability(report: Mapping[str, Any]) -> str:
         f"{report['delta_scale']} x delta_clamp {report['delta_clamp']} for K={report['steps']} steps can "
         f"flip at most {report['reachable']:.1%} of them ({by_k}); {advice}"
     )
+
+
+RESULT_COLUMNS = ("result_accuracy", "result_accuracy_base")
+
+
+@torch.no_grad()
+def result_accuracy(
+    model: LLaDATRMHybrid,
+    loader: Iterable[Mapping[str, torch.Tensor]],
+    token_text: TokenText,
+    *,
+    mask_id: int,
+    device: torch.device,
+    autocast: Callable[[], contextlib.AbstractContextManager],
+    max_batches: int | None = None,
+) -> dict[str, float]:
+    """Teacher-forced accuracy of an answer's results: one row per target of each validation answer (a
+    calculator line's result, or the `####` line, `targeted_masks.answer_targets`) with that target's tokens
+    and every later copy masked and the rest of the answer given; a target counts when every masked token's
+    argmax is right. `result_accuracy` reads the final logits, `_base` the backbone's. {} without targets."""
+    right = {"": 0, "_base": 0}
+    total = 0
+    set_train_mode(model, False)
+    try:
+        for index, batch in enumerate(loader):
+            if max_batches is not None and index >= max_batches:
+                break
+            ids, prompts = batch["input_ids"], batch["prompt_lengths"]
+            ends = batch["attention_mask"].sum(-1) if "attention_mask" in batch else None
+            rows, masks = [], []
+            for row in range(ids.shape[0]):
+                start = int(prompts[row])
+                end = int(ends[row]) if ends is not None else ids.shape[1]
+                for target in answer_targets(token_text.pieces(ids[row, start:end].tolist())):
+                    masked = torch.zeros(ids.shape[1], dtype=torch.bool)
+                    masked[[start + p for p in target.positions]] = True
+                    rows.append(row)
+                    masks.append(masked)
+            if not rows:
+                continue
+            targets = ids[rows].to(device)
+            masked = torch.stack(masks).to(device)
+            noisy = torch.where(masked, torch.full_like(targets, mask_id), targets)
+            with autocast():
+                out = model.refine(model.features(noisy), masked)
+            for suffix, logits in (("", out.logits), ("_base", out.base_logits)):
+                wrong = (logits.argmax(-1) != targets) & masked
+                right[suffix] += int((~wrong.any(-1)).sum())
+            total += len(rows)
+    finally:
+        set_train_mode(model, True)
+    return {f"result_accuracy{suffix}": count / total for suffix, count in right.items()} if total else {}
