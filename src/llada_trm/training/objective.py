@@ -3,7 +3,12 @@
     L = L_K + w_ds * mean(L_1 .. L_{K-1}) + w_ortho * ortho(slot projections) [+ w_cal * calibration]
         [+ w_halt * halting]
 
-L_k is LLaDA's masked-diffusion SFT loss on the logits after refinement step k (L_K on the final logits);
+L_k is LLaDA's masked-diffusion SFT loss on the logits after refinement step k (L_K on the final logits):
+sum over masked tokens of CE / p_mask / answer_length, averaged over rows. Under the forward process p_mask is
+the row's masking probability t (LLaDA's ELBO weight). Under the targeted masks of `training.masks`
+(`diffusion.targeted_masks`: answer_structure, backbone_errors) p_mask is 1: a row's term is the plain
+cross-entropy of its masked tokens summed and divided by its answer length (padding included), because
+those masks are not the forward process and 1/t would weight them by a probability they were not drawn with;
 deep supervision asks every intermediate step to be a usable answer, so the recursion can halt early.
 `calibration` is the binary cross-entropy between the refiner's final per-token confidence and whether the
 final prediction is right, over the masked positions of refined chunks: it teaches the confidence head what
