@@ -87,6 +87,21 @@ def test_eval_on_a_run_checkpoint_writes_results(run_dir, tmp_path, capsys):
     assert all("commits" not in json.loads(line) for line in lines)
 
 
+def test_eval_at_another_test_time_depth(run_dir, tmp_path, capsys):
+    # --refine-steps K runs K refinement steps per model call whatever K the refiner trained with
+    for k in (1, 5):
+        out = tmp_path / f"k{k}"
+        argv = ["eval", "--checkpoint", str(run_dir), "--limit", "2", "--out", str(out), "--no-progress"]
+        assert main([*argv, *SAMPLING, "--refine-steps", str(k), "--no-diagnostics"]) == 0
+        summary = json.loads((out / "summary.json").read_text())
+        assert summary["refine_steps"] == k
+        assert 0 < summary["refinement"]["mean_refine_steps"] <= k
+    capsys.readouterr()
+    argv = ["eval", "--checkpoint", str(run_dir), "--refiner", "none", "--refine-steps", "2"]
+    line = error_line(capsys, argv)
+    assert "--refine-steps" in line
+
+
 def test_eval_defaults_to_the_run_directory(run_dir, capsys):
     argv = ["eval", "--checkpoint", str(run_dir), "--refiner", "none", "--limit", "1", "--no-progress"]
     assert main([*argv, *SAMPLING]) == 0

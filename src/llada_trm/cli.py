@@ -356,6 +356,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="pair this evaluation with another's predictions on the same problems (a predictions.jsonl, "
         "its eval directory, or a run with one eval): gained / lost, McNemar p, bootstrap interval",
     )
+    p.add_argument("--refine-steps", type=int, default=None, metavar="K",
+                   help="refinement steps per model call at test time (default: the K the refiner trained "
+                   "with); test-time depth")  # fmt: skip
     p.add_argument(
         "--no-diagnostics",
         action="store_true",

@@ -88,18 +88,24 @@ def cmd_eval(args: argparse.Namespace) -> int:
         )
         _check_against(against, records)
     out = Path(args.out) if args.out else _default_eval_dir(loaded, args.dataset, args.split, args.limit)
+    num_steps = loaded.num_steps
+    if args.refine_steps is not None:  # test-time depth: K other than the one the refiner trained at
+        if num_steps == 0:
+            raise UserError("--refine-steps: this model runs no refiner (--refiner none or a backbone)")
+        num_steps = args.refine_steps
     result = evaluate_model(
         loaded.model,
         loaded.tokenizer,
         records,
         options,
-        num_steps=loaded.num_steps,
+        num_steps=num_steps,
         out_dir=out,
         metadata={
             "model": loaded.describe(),
             "dataset": args.dataset,
             "split": args.split,
             "sampling_from": sampling_source(args, loaded),
+            "refine_steps": num_steps,
         },
         progress=True,
         desc=f"eval {loaded.refiner}",
