@@ -198,6 +198,39 @@ def test_refiner_none_is_the_backbone():
     assert model.orthogonality_loss().item() == 0.0
 
 
+@pytest.mark.parametrize(
+    ("mode", "kwargs"),
+    [("exact", {}), ("threshold", {"threshold": 0.5}), ("prefix", {"threshold": 0.5, "cache": "prefix"}),
+     ("dual", {"threshold": 0.5, "cache": "dual"})],
+)
+def test_a_call_that_refines_nothing_skips_the_confidence_and_samples_like_the_backbone(
+    monkeypatch, mode, kwargs
+):
+    """Issue 29: with no refiner (or K = 0) no softmax confidence is computed for the masked rows, the stats
+    keep every key the sampler, evaluator and trainer read, and sampling is token-identical to the
+    backbone's in every mode (the reference fixtures pin the backbone path to LLaDA's and Fast-dLLM's)."""
+    from llada_trm.diffusion import SamplingOptions, sample  # noqa: PLC0415
+
+    def no_confidence(*args, **kw):
+        raise AssertionError("max_probability ran on a call that refines nothing")
+
+    monkeypatch.setattr("llada_trm.hybrid.model.max_probability", no_confidence)
+    options = SamplingOptions(gen_length=16, block_length=8, steps=8, mask_id=MASK, **kwargs)
+    prompt = noisy_ids(batch=3, length=6)[:, :5]
+    expected = sample(tiny_backbone(), prompt, None, options)
+    for model, steps in ((make_model(refiner="none"), None), (make_model(refiner="mlp"), 0)):
+        model.eval()
+        if steps is not None:
+            model.config = model.config.model_copy(update={"max_recursive_steps": steps})
+        got = sample(model, prompt, None, options)
+        assert torch.equal(got.tokens, expected.tokens) and got.nfe == expected.nfe
+        assert got.model_stats["chunks_refined"] == 0.0 and got.model_stats["skipped_fraction"] == 1.0
+        stats = model(noisy_ids()).stats
+        assert stats["steps_per_chunk"].shape == (2, 3) and stats["chunks_total"] == 6
+        assert not stats["halted_per_chunk"].any() and stats["lm_head_rows"] == 0
+        assert "chunk_confidence" not in stats  # nothing was selected, so nothing was measured
+
+
 def test_hybrid_builds_both_and_switches():
     model = make_model(integration="hybrid", confidence_threshold=2.0).eval()
     assert set(model.refinement_head) == {"mlp", "slot"}

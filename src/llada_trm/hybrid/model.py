@@ -234,9 +234,9 @@ class LLaDATRMHybrid(nn.Module):
         stats: `refine_steps` (mean steps per refined chunk), `steps_per_chunk` [B, C], `halted_per_chunk`
         [B, C] (refined chunks that stopped before K), `chunks_total`,
         `chunks_refined`, `chunks_halted` (refined chunks that stopped before K), `skipped_fraction`,
-        `chunk_confidence` [B, C] (the backbone's), `lm_head_rows` (rows this call ran through the LM head,
-        `HaltTrace`), plus the refiner's own `steps`, `confidence`, `confidence_per_step`, `delta_norms`,
-        `final_confidence`, `slot_norms`, `gates`.
+        `chunk_confidence` [B, C] (the backbone's; absent when no refiner runs), `lm_head_rows` (rows this
+        call ran through the LM head, `HaltTrace`), plus the refiner's own `steps`, `confidence`,
+        `confidence_per_step`, `delta_norms`, `final_confidence`, `slot_norms`, `gates`.
         """
         h0, base = features.hidden_states, features.base_logits
         if base is None:
@@ -248,6 +248,10 @@ class LLaDATRMHybrid(nn.Module):
         chunks = WindowChunks(length, cfg.chunk_size, features.position_offset)
         n_chunks = chunks.count
 
+        if carry is not None and features.masked is not None:  # a committed token has nothing to carry
+            carry.reset(~features.masked, features.position_offset)
+        if not schedule:  # no refiner, or K = 0: every chunk passes through; no confidence to compute
+            return self._pass_through(features, (batch, n_chunks))
         rows = masked.nonzero(as_tuple=True)
         token_conf = torch.zeros(batch, length, device=h0.device)
         token_conf[rows] = max_probability(base[rows].detach())
@@ -255,24 +259,16 @@ class LLaDATRMHybrid(nn.Module):
         refined = n_masked > 0
         if cfg.chunk_selection == "confidence":
             refined &= conf0 < cfg.confidence_threshold
-        if not schedule:  # no refiner, or K = 0: every chunk passes through
-            refined = torch.zeros_like(refined)
         steps = torch.zeros(batch, n_chunks, dtype=torch.long, device=h0.device)
 
         if return_step_logits is None:
             return_step_logits = self.training if cfg.return_step_logits is None else cfg.return_step_logits
         accumulator = StatsAccumulator()
-        h, logits = h0, base
-        step_logits: list[Tensor] = []
-        step_confidence: list[Tensor] = []
-        if carry is not None and features.masked is not None:  # a committed token has nothing to carry
-            carry.reset(~features.masked, features.position_offset)
         halting = ChunkHalting(cfg, self.lm_head, chunks)
         trace = halting.trace
-        if schedule:
-            h, logits, step_logits, step_confidence = self._run_steps(
-                features, masked, schedule, refined, steps, accumulator, return_step_logits, halting, carry
-            )
+        h, logits, step_logits, step_confidence = self._run_steps(
+            features, masked, schedule, refined, steps, accumulator, return_step_logits, halting, carry
+        )
 
         stats = self._stats(refined, steps, conf0, len(schedule), accumulator, schedule, h0)
         stats["lm_head_rows"] = trace.lm_head_rows
@@ -286,6 +282,31 @@ class LLaDATRMHybrid(nn.Module):
             past_key_values=features.past_key_values,
             halt_logits=trace.logits,
             halt_chunks=trace.chunks,
+        )
+
+    def _pass_through(self, features: BackboneFeatures, chunk_shape: tuple[int, int]) -> HybridOutput:
+        """The output of a call that refines nothing: the backbone's, with the stats of zero refined chunks
+        but no `chunk_confidence` (nothing is selected, so the softmax over every masked row is skipped:
+        issue 29, 1-4% of sampling time at batch 16)."""
+        h0 = features.hidden_states
+        zeros = torch.zeros(chunk_shape, dtype=torch.long, device=h0.device)
+        total = zeros.numel()
+        stats: dict[str, Any] = {
+            "refine_steps": 0.0,
+            "steps_per_chunk": zeros,
+            "halted_per_chunk": zeros.bool(),
+            "chunks_total": total,
+            "chunks_refined": 0,
+            "chunks_halted": 0,
+            "skipped_fraction": 1.0,
+        }
+        reporter = self._reporting_refiner([])
+        empty = StatsAccumulator()
+        stats.update(empty.summary(reporter, h0) if reporter is not None else self._no_refiner_stats(h0))
+        stats["lm_head_rows"] = 0
+        return HybridOutput(
+            logits=features.base_logits, step_logits=[], base_logits=features.base_logits, hidden_states=h0,
+            stats=stats, past_key_values=features.past_key_values,
         )
 
     def _masked(self, masked: Tensor | None, features: BackboneFeatures, shape: tuple[int, int]) -> Tensor:
@@ -376,22 +397,21 @@ class LLaDATRMHybrid(nn.Module):
         like: Tensor,
     ) -> dict[str, Any]:
         stats = chunk_stats(refined, steps, conf0, k)
-        reporter = self._reporting_refiner(schedule)
-        if reporter is not None:
-            stats.update(accumulator.summary(reporter, like))
-        else:
-            stats.update(
-                {
-                    "steps": 0,
-                    "confidence": float("nan"),
-                    "confidence_per_step": [],
-                    "delta_norms": [],
-                    "final_confidence": torch.full(like.shape[:2], float("nan"), device=like.device),
-                    "slot_norms": {},
-                    "gates": {},
-                }
-            )
+        stats.update(accumulator.summary(self.refinement_head[schedule[-1]], like))
         return stats
+
+    @staticmethod
+    def _no_refiner_stats(like: Tensor) -> dict[str, Any]:
+        """The refiner's stats keys when no refiner is built (`like`: the hidden states, for the shape)."""
+        return {
+            "steps": 0,
+            "confidence": float("nan"),
+            "confidence_per_step": [],
+            "delta_norms": [],
+            "final_confidence": torch.full(like.shape[:2], float("nan"), device=like.device),
+            "slot_norms": {},
+            "gates": {},
+        }
 
     def _reporting_refiner(self, schedule: list[str]) -> Refiner | None:
         """The refiner whose gates the stats show: the one that ran last, else the one that would have."""
