@@ -17,7 +17,13 @@ printed ratios compare like with like. Two parts:
 The refiner's time is measured by timing `LLaDATRMHybrid.refine` (chunk selection, K steps, LM head on the
 refined rows) inside the sampler's own calls; its share is that time over the sampler's wall time.
 
+Part 1 also runs the hybrid with no refiner built (what a user of the hybrid without a trained refiner runs)
+and prints, per variant and batch size (`--batch-sizes 1,16`), the time per model call split into the
+backbone, the refiner, the hybrid's wrapper (the rest of its forward) and the sampler's bookkeeping (the rest
+of the wall time; `call_timer.py`), so that a regression against the backbone alone shows where it is.
+
     .venv/bin/python bench/bench_sampler.py --quick
+    .venv/bin/python bench/bench_sampler.py --batch-sizes 1,16 --no-share   # the per-call split only
     .venv/bin/python bench/bench_sampler.py --checkpoint runs/compare/seed0/slot   # a trained refiner
     .venv/bin/python bench/bench_sampler.py --backbone DIR --refiner-checkpoint refiner.safetensors
     .venv/bin/python bench/bench_sampler.py --wide     # LLaDA-8B width, random weights (sampler_wide.py)
@@ -34,6 +40,7 @@ from typing import Any
 
 import floors
 import torch
+from call_timer import CallSplit, CallTimer
 from flop_meter import FlopCount, FlopMeter
 from refine_timer import RefineTimer
 
@@ -59,6 +66,7 @@ ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_REFINER_CONFIG = ROOT / "configs" / "tiny_refiner.yaml"
 TASK_FIELDS = ("min_steps", "max_steps", "max_number", "max_result", "seed")
 NO_REFINER = "no refiner"
+SECTIONS = ("backbone alone", "hybrid, no refiner built", "backbone + slot refiner inside every step")
 
 
 @dataclass(frozen=True)
@@ -95,8 +103,10 @@ class Variant:
     strict: int = 0
     flexible: int = 0
     refine_s: list[float] = field(default_factory=list)
+    splits: list[CallSplit] = field(default_factory=list)  # per repeat: summed over batches
     stats: dict[str, float] = field(default_factory=dict)
     flops: FlopCount = field(default_factory=FlopCount)  # counted on the first repeat
+    batch_size: int | None = None
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -112,6 +122,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "config and weights replace --backbone, --refiner-config, --refiner-checkpoint")
     parser.add_argument("--n-problems", type=int, default=32)
     parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--batch-sizes", default=None,
+                        help="batch sizes of the decoding-mode tables and the per-call split, "
+                        "comma-separated (default: --batch-size); the share table uses --batch-size")
+    parser.add_argument("--no-share", action="store_true", help="skip the refiner share table")
+    parser.add_argument("--clock", default="wall", choices=("wall", "cpu"),
+                        help="clock of the per-call split: wall (perf_counter) or cpu (this thread's CPU "
+                        "time; steadier on a shared CPU, one torch thread only)")
     parser.add_argument("--gen-length", type=int, default=128)
     parser.add_argument("--block-length", type=int, default=32)
     parser.add_argument("--steps", type=int, default=None,
@@ -153,6 +170,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.share_modes is None:
         args.share_modes = "exact" if args.quick else "exact,prefix"
     args.ks = [int(k) for k in args.ks.split(",") if k]
+    try:
+        args.batch_sizes = [int(b) for b in (args.batch_sizes or str(args.batch_size)).split(",") if b]
+    except ValueError:
+        parser.error(f"--batch-sizes: {args.batch_sizes!r} is not a comma-separated list of integers")
+    if not args.batch_sizes or min(args.batch_sizes) < 1:
+        parser.error("--batch-sizes: give positive batch sizes, e.g. 1,16")
     args.selective = [float(t) for t in args.selective.split(",") if t]
     args.share_modes = [m for m in args.share_modes.split(",") if m]
     unknown = sorted(set(args.share_modes) - {"exact", "prefix"})
@@ -190,7 +213,7 @@ def test_problems(backbone_dir: Path, n: int) -> list[GSM8KRecord]:
 
 def run_interleaved(
     variants: list[Variant], tokenizer: Any, records: list[GSM8KRecord], args: argparse.Namespace, ids: Any,
-    timer: RefineTimer | None = None, meter: FlopMeter | None = None,
+    timer: RefineTimer | None = None, meter: FlopMeter | None = None, calls: CallTimer | None = None,
 ) -> None:
     """Greedy sampling of every problem with every variant, the variants interleaved batch by batch.
 
@@ -206,19 +229,13 @@ def run_interleaved(
         for variant in variants:
             variant.elapsed.append(0.0)
             variant.refine_s.append(0.0)
+            variant.splits.append(CallSplit())
         for chunk, prompt, attention_mask in batches:
             for variant in variants:
                 if variant.hybrid_config is not None:
                     variant.model.config = variant.hybrid_config  # weights do not depend on K or threshold
-                if timer is not None:
-                    timer.seconds = 0.0
-                if meter is not None:
-                    meter.reset()
                 options = sampling_options(args, variant.mode, ids)
-                result = sample(variant.model, prompt, attention_mask, options)
-                variant.elapsed[-1] += result.elapsed_s
-                if timer is not None:
-                    variant.refine_s[-1] += timer.seconds
+                result = timed_sample(variant, prompt, attention_mask, options, timer, meter, calls)
                 if repeat:  # tokens are the same in every repeat: score the first only
                     continue
                 if meter is not None:
@@ -233,6 +250,26 @@ def run_interleaved(
                 variant.batches += 1
                 variant.tokens += result.generated.numel()
                 add_stats(variant.stats, result.model_stats_total)
+
+
+def timed_sample(  # noqa: PLR0913 - the run's three optional meters ride along
+    variant: Variant, prompt: torch.Tensor, attention_mask: torch.Tensor, options: SamplingOptions,
+    timer: RefineTimer | None, meter: FlopMeter | None, calls: CallTimer | None,
+) -> Any:
+    """One `sample` call of `variant`, its times added to the variant's current repeat."""
+    if timer is not None:
+        timer.seconds = 0.0
+    if meter is not None:
+        meter.reset()
+    if calls is None:
+        result = sample(variant.model, prompt, attention_mask, options)
+    else:
+        result, split = calls.sample(variant.model, prompt, attention_mask, options)
+        variant.splits[-1].add(split)
+    variant.elapsed[-1] += result.elapsed_s
+    if timer is not None:
+        variant.refine_s[-1] += timer.seconds
+    return result
 
 
 def summary(variant: Variant, n_problems: int) -> dict[str, Any]:
@@ -259,6 +296,8 @@ def summary(variant: Variant, n_problems: int) -> dict[str, Any]:
         "lm_head_floor_flops": variant.flops.lm_head,
         "refined_rows": variant.flops.refined_rows,
         "lm_head_rows": variant.flops.lm_head_rows,
+        "batch_size": variant.batch_size,
+        "ms_per_call": variant.splits[best].per_call_ms(variant.nfe) if variant.splits else {},
     }
 
 
@@ -273,6 +312,38 @@ def print_modes(title: str, rows: list[dict[str, Any]]) -> None:
               f"{speedup:7.2f}x "
               f"{row['nfe_per_batch']:10.1f} {base['nfe'] / row['nfe']:9.2f}x "
               f"{row['accuracy_strict']:10.3f} {row['accuracy_flexible']:9.3f}")
+
+
+def print_per_call(rows: list[dict[str, Any]], clock: str) -> None:
+    """Time per model call, split; `vs backbone` is the variant's sampling time over the backbone alone's,
+    same mode and batch size, both from the split's clock."""
+    print(f"\ntime per model call (ms, {clock} clock): backbone | refiner (refine()) | hybrid wrapper "
+          "(rest of its forward) | sampler bookkeeping (rest of the sampling time)")
+    print(f"{'variant':44s} {'mode':32s} {'batch':>5s} {'NFE':>6s} {'backbone':>9s} {'refiner':>8s} "
+          f"{'wrapper':>8s} {'sampler':>8s} {'total':>8s} {'vs backbone':>11s}")
+    base = {(r["mode"], r["batch_size"]): r for r in rows if r["section"] == SECTIONS[0]}
+    for r in rows:
+        ms, none = r["ms_per_call"], base.get((r["mode"], r["batch_size"]))
+        ratio = float("nan")
+        if none:  # sampling time (per call x calls), same clock
+            ratio = ms["total"] * r["nfe"] / (none["ms_per_call"]["total"] * none["nfe"])
+        r["vs_backbone"] = ratio
+        print(f"{r['section']:44s} {r['mode']:32s} {r['batch_size']:5d} {r['nfe']:6d} {ms['backbone']:9.3f} "
+              f"{ms['refiner']:8.3f} {ms['wrapper']:8.3f} {ms['sampler']:8.3f} {ms['total']:8.3f} "
+              f"{ratio:10.3f}x")
+
+
+def mode_sections(
+    hybrid: LLaDATRMHybrid, bare: LLaDATRMHybrid, args: argparse.Namespace, batch_size: int
+) -> dict[str, list[Variant]]:
+    """The decoding modes with the backbone alone, the hybrid with no refiner, the hybrid with its refiner."""
+    models = {SECTIONS[0]: (hybrid.backbone, None), SECTIONS[1]: (bare, bare.config),
+              SECTIONS[2]: (hybrid, hybrid.config)}
+    return {
+        title: [Variant(m.name, model, m, hybrid_config=config, batch_size=batch_size)
+                for m in modes(args.threshold)]
+        for title, (model, config) in models.items()
+    }
 
 
 def share_variants(hybrid: LLaDATRMHybrid, args: argparse.Namespace) -> list[Variant]:
@@ -354,7 +425,10 @@ def main(argv: list[str] | None = None) -> None:
     ids = special_token_ids(tokenizer)
     records = test_problems(backbone_dir, args.n_problems)
     base_config = hybrid.config
+    bare_config = base_config.model_copy(update={"refiner": "none", "integration": "replace"})
+    bare = LLaDATRMHybrid(backbone, bare_config).eval()
     timer = RefineTimer(hybrid)
+    calls = CallTimer(backbone, [hybrid, bare], clock=args.clock)
     meter = FlopMeter(hybrid)
 
     size = sum(p.numel() for p in backbone.parameters()) / 1e6
@@ -369,17 +443,23 @@ def main(argv: list[str] | None = None) -> None:
     warmup = [Variant("warm-up", backbone, m) for m in modes(args.threshold)[1:]]
     run_interleaved(warmup, tokenizer, records[:1], argparse.Namespace(**{**vars(args), "repeats": 1}), ids)
 
-    sections = {
-        "backbone alone": [Variant(m.name, backbone, m) for m in modes(args.threshold)],
-        "backbone + slot refiner inside every step": [
-            Variant(m.name, hybrid, m, hybrid_config=base_config) for m in modes(args.threshold)
-        ],
-    }
-    results: dict[str, Any] = {"args": {k: str(v) for k, v in vars(args).items()}}
-    for title, variants in sections.items():
-        run_interleaved(variants, tokenizer, records, args, ids, timer)
-        results[title] = [summary(v, len(records)) for v in variants]
-        print_modes(title, results[title])
+    results: dict[str, Any] = {"args": {k: str(v) for k, v in vars(args).items()}, "per call": []}
+    for batch_size in args.batch_sizes:
+        sections = mode_sections(hybrid, bare, args, batch_size)
+        everything = [v for variants in sections.values() for v in variants]
+        batch_args = argparse.Namespace(**{**vars(args), "batch_size": batch_size})
+        run_interleaved(everything, tokenizer, records, batch_args, ids, timer, calls=calls)
+        for title, variants in sections.items():
+            rows = [{**summary(v, len(records)), "section": title} for v in variants]
+            key = title if len(args.batch_sizes) == 1 else f"{title}, batch {batch_size}"
+            results[key] = rows
+            print_modes(f"{title} (batch {batch_size})", rows)
+            results["per call"] += rows
+    print_per_call(results["per call"], args.clock)
+    if args.no_share:
+        if args.json:
+            args.json.write_text(json.dumps(results, indent=1) + "\n")
+        return
     variants = share_variants(hybrid, args)
     run_interleaved(variants, tokenizer, records, args, ids, timer, meter)
     results["refiner share"] = [summary(v, len(records)) for v in variants]

@@ -157,8 +157,9 @@ class LLaDATRMHybrid(nn.Module):
         The cache arguments are the backbone's (`LLaDAModel.forward`): with `past_key_values` the features
         cover only `input_ids`, which sit at absolute position `cache_position` (default: the cache's end).
         """
-        frozen = not any(p.requires_grad for p in self.backbone.parameters())
-        with torch.set_grad_enabled(torch.is_grad_enabled() and not frozen):
+        # Under no_grad (sampling) there is nothing to decide: skip the walk over the backbone's parameters.
+        grad = torch.is_grad_enabled() and any(p.requires_grad for p in self.backbone.parameters())
+        with torch.set_grad_enabled(grad):
             out = self.backbone(
                 input_ids,
                 attention_mask=attention_mask,
