@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import traceback
 from typing import Any
 
 import pytest
@@ -184,6 +185,60 @@ def test_shapes_and_step_logits(refiner):
     padding = torch.ones_like(ids)
     padding[1, -2:] = 0  # right padding: the refiner's own attention must skip it
     assert model(ids, attention_mask=padding).logits.shape == (2, 10, VOCAB)
+
+
+SYNCS = ("item", "tolist", "__bool__", "__float__", "__int__", "__index__")  # tensor -> Python: waits
+
+
+def _recording(original: Any, calls: list[list[str]]) -> Any:
+    def counted(self: Tensor, *args: Any, **kwargs: Any) -> Any:
+        calls.append([frame.name for frame in traceback.extract_stack()])
+        return original(self, *args, **kwargs)
+
+    return counted
+
+
+def host_syncs(monkeypatch: pytest.MonkeyPatch, run: Any) -> tuple[list[list[str]], Any]:
+    """`run()`'s result and, per tensor-to-Python conversion it made (a host sync on a GPU), the names of the
+    functions on the stack (torch.cuda.set_sync_debug_mode is CUDA-only; this counts on any device)."""
+    calls: list[list[str]] = []
+    with monkeypatch.context() as patch:
+        for name in SYNCS:
+            patch.setattr(Tensor, name, _recording(getattr(Tensor, name), calls))
+        out = run()
+    return calls, out
+
+
+@pytest.mark.parametrize("refiner", ["mlp", "slot"])
+def test_a_refining_forward_without_halting_makes_no_host_sync_for_statistics(monkeypatch, refiner):
+    """Issue 29: the stats stay on the device (0-d tensors) until someone logs them; the sampler sums them
+    there too. What the forward still syncs is control flow: one 'anything to refine?' check (not one per
+    step) and the refiner's packing of the refined rows."""
+    from llada_trm.diffusion import SamplingOptions  # noqa: PLC0415
+    from llada_trm.diffusion.denoiser import Denoiser  # noqa: PLC0415
+
+    model = make_model(refiner=refiner, halting="none", confidence_threshold=2.0, max_recursive_steps=4)
+    model.eval()
+    ids = noisy_ids()
+    with torch.no_grad():
+        model(ids)  # lazily built state (the slot refiner's caches) is not what is counted
+        calls, out = host_syncs(monkeypatch, lambda: model(ids))
+    for_stats = [c for c in calls if {"chunk_stats", "summary", "gate_values", "_stats"} & set(c)]
+    assert for_stats == []
+    control = [c for c in calls if "pack" not in c]
+    assert len(control) == 1 and "_run_steps" in control[0]
+
+    stats = out.stats  # every key still there, and the numbers right once converted
+    assert (stats["chunks_total"], int(stats["chunks_refined"]), float(stats["refine_steps"])) == (6, 4, 4.0)
+    assert int(stats["chunks_halted"]) == 0 and float(stats["skipped_fraction"]) == pytest.approx(2 / 6)
+    assert len(stats["delta_norms"]) == 4 and math.isfinite(float(stats["confidence"]))
+    assert all(math.isfinite(float(v)) for v in [*stats["slot_norms"].values(), *stats["gates"].values()])
+    assert set(stats["gates"]) == set(model.refinement_head[refiner].gate_values())
+
+    denoiser = Denoiser(model, None, ids != MASK, SamplingOptions(mask_id=MASK))
+    calls, _ = host_syncs(monkeypatch, lambda: denoiser._record(stats))
+    assert calls == []  # the sampler adds them up on the device, and reads the sums once at the end
+    assert denoiser.stats_total["chunks_refined"] == 4.0 and denoiser.stats_mean["refine_steps"] == 4.0
 
 
 def test_refiner_none_is_the_backbone():

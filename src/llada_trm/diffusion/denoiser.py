@@ -37,19 +37,29 @@ def refines_masked_positions(model: Any) -> TypeGuard[MaskedRefiner]:
     return getattr(getattr(model, "module", model), "refines_masked_positions", False) is True
 
 
-def scalar_stats(stats: Mapping[str, Any] | None) -> dict[str, float]:
+def scalar_stats(stats: Mapping[str, Any] | None, on_device: bool = False) -> dict[str, Any]:
     """One call's statistics that are single numbers, as floats; per-chunk tensors and text cannot be summed
-    over calls and are left out."""
-    numbers: dict[str, float] = {}
+    over calls and are left out. `on_device`: one-element tensors stay (float32, 0-d) tensors, so that
+    recording them makes no host sync; `floats` converts the sums once, at the end."""
+    numbers: dict[str, Any] = {}
     for key, value in (stats or {}).items():
         if isinstance(value, bool | int | float):
             numbers[key] = float(value)
         elif isinstance(value, Tensor) and value.numel() == 1:
-            numbers[key] = float(value.detach().float().item())
+            number = value.detach().reshape(())
+            if not on_device:
+                numbers[key] = float(number.item())
+            else:  # summed over many calls: in double precision, as Python floats would be (MPS has none)
+                numbers[key] = number.to(torch.float32 if number.device.type == "mps" else torch.float64)
     return numbers
 
 
-def add_stats(totals: dict[str, float], more: Mapping[str, float]) -> None:
+def floats(numbers: Mapping[str, Any]) -> dict[str, float]:
+    """`scalar_stats(..., on_device=True)` values (or their sums over calls) as floats, read at the end."""
+    return {key: v.item() if isinstance(v, Tensor) else float(v) for key, v in numbers.items()}
+
+
+def add_stats(totals: dict[str, Any], more: Mapping[str, Any]) -> None:
     """Add ``more`` into ``totals`` key by key (a key new to ``totals`` starts at 0)."""
     for key, value in more.items():
         totals[key] = totals.get(key, 0.0) + value
@@ -84,11 +94,16 @@ class Denoiser:
         self.carry = new_carry() if self.refines and callable(new_carry) else None
         self.block: tuple[int, int] | None = None
         self.nfe = 0
-        self.stats_total: dict[str, float] = {}
+        self._totals: dict[str, Any] = {}  # floats, or 0-d tensors summed on the device (no sync per call)
         self.stats_calls: dict[str, int] = {}
         self.observer = observer
         self.last_stats: Mapping[str, Any] | None = None
         self.last_base: Tensor | None = None  # the latest call's base_logits (kept only when observed)
+
+    @property
+    def stats_total(self) -> dict[str, float]:
+        """Sum over the calls of each statistic (read at the end: it waits for the device once)."""
+        return floats(self._totals)
 
     @property
     def stats_mean(self) -> dict[str, float]:
@@ -97,8 +112,8 @@ class Denoiser:
 
     def _record(self, stats: Mapping[str, Any] | None) -> None:
         self.last_stats = stats
-        numbers = scalar_stats(stats)
-        add_stats(self.stats_total, numbers)
+        numbers = scalar_stats(stats, on_device=True)
+        add_stats(self._totals, numbers)
         for key in numbers:
             self.stats_calls[key] = self.stats_calls.get(key, 0) + 1
 

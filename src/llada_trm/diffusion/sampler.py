@@ -180,7 +180,7 @@ def sample(
         elapsed_s=elapsed,
         tokens_per_second=batch_size * options.gen_length / elapsed if elapsed > 0 else float("inf"),
         model_stats=denoiser.stats_mean,
-        model_stats_total=dict(denoiser.stats_total),
+        model_stats_total=denoiser.stats_total,
     )
 
 

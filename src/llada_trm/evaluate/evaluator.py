@@ -142,6 +142,8 @@ def call_stats(stats: Mapping[str, Any]) -> dict[str, Any]:
         out["delta_norm"] = sum(norms) / len(norms)
     for prefix, group in (("slot_norm", stats.get("slot_norms")), ("gate", stats.get("gates"))):
         for name, value in (group or {}).items() if isinstance(group, Mapping) else ():
+            if isinstance(value, Tensor) and value.numel() == 1:  # the hybrid reports 0-d tensors (no sync)
+                value = value.item()
             if isinstance(value, int | float) and math.isfinite(value):
                 out[f"{prefix}_{name}"] = float(value)
     return out

@@ -104,16 +104,22 @@ class WindowChunks:
 
 
 def chunk_stats(refined: Tensor, steps: Tensor, conf0: Tensor, k: int) -> dict:
-    """What selective refinement did: [B, C] `refined` chunks, the `steps` each ran (of `k`), confidence."""
+    """What selective refinement did: [B, C] `refined` chunks, the `steps` each ran (of `k`), confidence.
+
+    The counts and fractions are 0-d tensors, computed without a host sync (the forward that reports them
+    must not wait for the device); `float()` / `int()` them where they are logged.
+    """
     total = refined.numel()
-    n_refined = int(refined.sum())
+    n_refined = refined.sum()
+    halted = refined & (steps < k)
+    step_sum = torch.where(refined, steps, 0).sum().float()
     return {
-        "refine_steps": float(steps[refined].float().mean()) if n_refined else 0.0,
+        "refine_steps": torch.where(n_refined > 0, step_sum / n_refined.clamp_min(1), 0.0),
         "steps_per_chunk": steps.detach(),
-        "halted_per_chunk": (refined & (steps < k)).detach(),
+        "halted_per_chunk": halted.detach(),
         "chunks_total": total,
         "chunks_refined": n_refined,
-        "chunks_halted": int((refined & (steps < k)).sum()),
-        "skipped_fraction": 1.0 - n_refined / total if total else 1.0,
+        "chunks_halted": halted.sum(),
+        "skipped_fraction": 1.0 - n_refined.float() / max(total, 1),
         "chunk_confidence": conf0.detach(),
     }

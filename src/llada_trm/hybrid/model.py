@@ -346,11 +346,15 @@ class LLaDATRMHybrid(nn.Module):
         step_confidence: list[Tensor] = []
         active = refined.clone()
         state, current = None, None
+        checked = None  # the chunks last found non-empty
         for k, kind in enumerate(schedule):
-            if not bool(active.any()):  # nothing (left) to refine: later steps repeat the frozen logits
+            # Nothing (left) to refine: later steps repeat the frozen logits. Without halting `after_step`
+            # returns `active` itself, so this check (a host sync) runs once, not at every step.
+            if active is not checked and not bool(active.any()):
                 if return_step_logits:
                     step_logits.extend([logits] * (len(schedule) - k))
                 break
+            checked = active
             refiner: Refiner = self.refinement_head[kind]
             if kind != current:  # a cascade hands over: the next refiner starts its own carry
                 state = refiner.init_state(h) if carry is None else carry.start(kind, refiner, h, offset)
@@ -398,7 +402,7 @@ class LLaDATRMHybrid(nn.Module):
         like: Tensor,
     ) -> dict[str, Any]:
         stats = chunk_stats(refined, steps, conf0, k)
-        stats.update(accumulator.summary(self.refinement_head[schedule[-1]], like))
+        stats.update(accumulator.summary(self.refinement_head[schedule[-1]], like, on_device=True))
         return stats
 
     @staticmethod

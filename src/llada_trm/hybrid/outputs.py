@@ -38,7 +38,9 @@ class HybridOutput:
     a chunk that halted or was never refined keeps its last logits in the later entries. `step_confidence`
     holds the refiner's own per-position confidence of each step (not detached: a calibration loss may train
     it); a halted chunk keeps its last step's value, a never-refined one reads zero. `stats` are detached
-    numbers and small tensors (see `LLaDATRMHybrid.refine`). With learned halting and step logits,
+    numbers and small tensors (see `LLaDATRMHybrid.refine`); after a refining call the counts, fractions,
+    norms and gates are 0-d tensors, so that the forward makes no host sync for them (`float()` them where
+    they are logged). With learned halting and step logits,
     `halt_logits[k]` [B, C] are the halting head's chunk logits after step k+1 (a graph to the head only) and
     `halt_chunks[k]` [B, C] bool the chunks they are defined for (`hybrid.halting.HaltTrace`).
     """

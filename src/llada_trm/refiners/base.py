@@ -226,8 +226,8 @@ class Refiner(nn.Module, ABC):
         device = param.device if param is not None else None
         return torch.zeros((), device=device)
 
-    def gate_values(self) -> dict[str, float]:
-        """Slot-gate openings for logging; empty for refiners without gates."""
+    def gate_values(self, tensors: bool = False) -> dict[str, Any]:
+        """Slot-gate openings for logging (floats, or 0-d tensors with `tensors`); empty without gates."""
         return {}
 
     def num_parameters(self, trainable_only: bool = False) -> int:

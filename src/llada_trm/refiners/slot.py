@@ -87,11 +87,13 @@ class SlotProjector(nn.Module):
         return {name: getattr(self, f"W_{name}").weight for name in SLOT_NAMES}
 
     @torch.no_grad()
-    def gate_values(self) -> dict[str, float]:
-        """sigmoid(gate) per slot; a gate of any shape reports its mean, so logging never breaks on it."""
+    def gate_values(self, tensors: bool = False) -> dict[str, Any]:
+        """sigmoid(gate) per slot; a gate of any shape reports its mean, so logging never breaks on it.
+        `tensors`: 0-d tensors instead of floats (no host sync, for stats read later)."""
         if self.gates is None:
             return {}
-        return {name: torch.sigmoid(self.gates[name].float()).mean().item() for name in SLOT_NAMES}
+        means = {name: torch.sigmoid(self.gates[name].float()).mean() for name in SLOT_NAMES}
+        return means if tensors else {name: value.item() for name, value in means.items()}
 
     @staticmethod
     @torch.no_grad()
@@ -345,8 +347,8 @@ class SlotTRMRefiner(Refiner):
     def orthogonality_loss(self) -> Tensor:
         return self.slot_proj.orthogonality_loss()
 
-    def gate_values(self) -> dict[str, float]:
-        return self.slot_proj.gate_values()
+    def gate_values(self, tensors: bool = False) -> dict[str, Any]:
+        return self.slot_proj.gate_values(tensors)
 
     @torch.no_grad()
     def slot_statistics(self) -> dict[str, float]:

@@ -1,4 +1,5 @@
-"""The statistics of a refiner's steps: per-step device-side reductions, one host sync at the end."""
+"""The statistics of a refiner's steps: per-step device-side reductions, one host sync at the end (none at
+all with `summary(..., on_device=True)`: the hybrid's forward leaves the conversion to whoever logs them)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from torch import Tensor
 class HasGates(Protocol):
     """What `summary` reads of a refiner: its gate values (the refiner itself imports this module)."""
 
-    def gate_values(self) -> dict[str, float]: ...
+    def gate_values(self, tensors: bool = False) -> dict[str, Any]: ...
 
 
 def masked_mean(values: Tensor, active: Tensor | None) -> Tensor:
@@ -58,23 +59,31 @@ class StatsAccumulator:
         for name, values in step_stats.get("slot_norms", {}).items():
             self._slot_norms.setdefault(name, []).append(masked_mean(values.detach(), active))
 
-    def summary(self, refiner: HasGates, like: Tensor) -> dict[str, Any]:
-        """The stats dict; `like` (the input states) gives the shape/device of `final_confidence` at K=0."""
-        scalars = torch.stack(self._confidence + self._delta_norms).tolist() if self.steps else []
+    def summary(self, refiner: HasGates, like: Tensor, on_device: bool = False) -> dict[str, Any]:
+        """The stats dict; `like` (the input states) gives the shape/device of `final_confidence` at K=0.
+
+        `on_device`: the numbers stay 0-d tensors (`confidence`, each entry of `confidence_per_step`,
+        `delta_norms`, `slot_norms`, `gates`), so that building the dict makes no host sync; `float()` them
+        where they are logged."""
         k = self.steps
-        confidence_per_step, delta_norms = scalars[:k], scalars[k:]
-        slot_norms = {
-            name: torch.stack(values).mean().item() for name, values in self._slot_norms.items()
-        }
+        if on_device:
+            confidence_per_step, delta_norms = list(self._confidence), list(self._delta_norms)
+            slot_norms = {name: torch.stack(values).mean() for name, values in self._slot_norms.items()}
+            confidence: Any = torch.stack(confidence_per_step).mean() if k else float("nan")
+        else:
+            scalars = torch.stack(self._confidence + self._delta_norms).tolist() if k else []
+            confidence_per_step, delta_norms = scalars[:k], scalars[k:]
+            slot_norms = {name: torch.stack(v).mean().item() for name, v in self._slot_norms.items()}
+            confidence = sum(confidence_per_step) / k if k else float("nan")
         final = self.final_confidence
         if final is None:  # no step ran: nothing was estimated
             final = torch.full(like.shape[:2], float("nan"), device=like.device)
         return {
             "steps": k,
-            "confidence": sum(confidence_per_step) / k if k else float("nan"),
+            "confidence": confidence,
             "confidence_per_step": confidence_per_step,
             "delta_norms": delta_norms,
             "final_confidence": final.float(),
             "slot_norms": slot_norms,
-            "gates": refiner.gate_values(),
+            "gates": refiner.gate_values(tensors=on_device),
         }
