@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from llada_trm.backbone.checkpoint import read_config
+from llada_trm.backbone.checkpoint import read_config, stored_dtype
 from llada_trm.config import DataConfig, RunConfig, check_backbone_fit
 from llada_trm.data import (
     GSM8KRecord,
@@ -36,7 +36,7 @@ from llada_trm.data.disjoint import check_disjoint
 from llada_trm.dist_utils import init_distributed
 from llada_trm.errors import ConfigError
 from llada_trm.hybrid import HybridConfig, LLaDATRMHybrid
-from llada_trm.io import DTYPES, resolve_device
+from llada_trm.io import DTYPES, dtype_named, resolve_device
 from llada_trm.refiners.compiling import compile_refiner_steps
 
 __all__ = [
@@ -47,7 +47,9 @@ __all__ = [
     "build_model",
     "build_records",
     "check_test_split",
+    "choose_backbone_dtype",
     "hybrid_config",
+    "inference_dtype",
     "load_hybrid",
     "resolve_backbone_dir",
     "resolve_device",
@@ -124,16 +126,45 @@ def hybrid_config(config: RunConfig) -> HybridConfig:
     return config.model.hybrid()
 
 
-def backbone_dtype(config: RunConfig, amp_dtype: torch.dtype | None) -> torch.dtype:
-    """`model.dtype`; 'auto': bf16 for a frozen backbone under bf16 autocast (half the memory), else fp32.
+def choose_backbone_dtype(
+    stored: torch.dtype | None, *, frozen: bool, bf16_compute: bool
+) -> torch.dtype:
+    """What `auto` means for a backbone, in one place (train, the caches, eval, generate, export, lm-eval).
 
-    With LoRA (`lora.enabled`) the base weights are frozen too (the adapters are fp32 whatever the base's).
+    A frozen backbone keeps the half precision its checkpoint stores (LLaDA-8B is bf16: 16 GB, where an fp32
+    copy would take 32 GB and would only round back to the same values); one stored in fp32 runs bf16 under
+    bf16 compute (a bf16 GPU) and fp32 otherwise. A backbone that trains (phases 2-3 without LoRA) runs fp32:
+    its optimizer needs full-precision weights. `model.dtype` / `--dtype` other than auto override this.
     """
+    if not frozen:
+        return torch.float32
+    if stored in (torch.bfloat16, torch.float16):
+        return stored
+    return torch.bfloat16 if bf16_compute else torch.float32
+
+
+def backbone_dtype(
+    config: RunConfig, amp_dtype: torch.dtype | None, backbone_dir: Path | None = None
+) -> torch.dtype:
+    """`model.dtype` of a training run; 'auto' by `choose_backbone_dtype` (the backbone is frozen in phase 1
+    and under LoRA, whose adapters are fp32 whatever the base's dtype), reading the checkpoint's dtype from
+    `backbone_dir` (default: `model.backbone`)."""
     name = config.model.dtype
     if name != "auto":
         return DTYPES[name]
     frozen = config.training.phase == 1 or config.lora.enabled
-    return torch.bfloat16 if (amp_dtype == torch.bfloat16 and frozen) else torch.float32
+    directory = backbone_dir if backbone_dir is not None else resolve_backbone_dir(config.model.backbone)
+    stored = stored_dtype(directory)
+    return choose_backbone_dtype(stored, frozen=frozen, bf16_compute=amp_dtype == torch.bfloat16)
+
+
+def inference_dtype(name: str, device: torch.device, backbone_dir: Path) -> torch.dtype:
+    """`--dtype` of a command that only runs the model (eval, generate, lm-eval): an explicit name, or 'auto'
+    by `choose_backbone_dtype` with the backbone frozen and bf16 compute on a bf16-capable GPU."""
+    if name != "auto":
+        return dtype_named(name)
+    bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
+    return choose_backbone_dtype(stored_dtype(backbone_dir), frozen=True, bf16_compute=bf16)
 
 
 def load_hybrid(

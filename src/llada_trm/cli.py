@@ -226,7 +226,8 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
         "--dtype",
         default="auto",
         choices=("auto", "float32", "bfloat16", "float16"),
-        help="backbone dtype (auto: bf16 on a GPU, fp32 on a CPU)",
+        help="backbone dtype (auto: as the checkpoint stores it when that is bf16/fp16, e.g. LLaDA-8B; "
+        "else bf16 on a bf16 GPU, fp32 on a CPU)",
     )
     _add_mismatch_option(parser)
 

@@ -1,0 +1,71 @@
+"""The LLaDA-8B user's path (issue 27): bf16 checkpoints stay bf16, the 8B recipes, `--dry-run`, one policy
+for prompts that do not fit, and the docs' commands."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from llada_trm.backbone import LLaDAModel
+from llada_trm.backbone.checkpoint import stored_dtype
+from llada_trm.build import backbone_dtype
+from llada_trm.config import parse_config
+from llada_trm.evaluate import load_checkpoint
+from tiny_assets import run_config, tiny_backbone
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def backbone(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tiny_backbone(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def bf16_sharded(backbone: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny backbone as LLaDA-8B ships: bf16 weights in several shards with an index, and a tokenizer."""
+    out = tmp_path_factory.mktemp("bf16_sharded")
+    LLaDAModel.from_pretrained(backbone, dtype=torch.bfloat16).save_pretrained(out, max_shard_size="40KB")
+    for file in backbone.iterdir():
+        if file.is_file() and not (file.name.endswith(".safetensors") or file.name == "config.json"):
+            shutil.copy(file, out / file.name)
+    return out
+
+
+# ------------------------------------------------------------------------------- bf16 loads as bf16
+
+
+def test_bf16_sharded_checkpoint_loads_as_bf16(bf16_sharded: Path) -> None:
+    assert len(list(bf16_sharded.glob("model-*.safetensors"))) > 1  # sharded, with an index
+    assert stored_dtype(bf16_sharded) == torch.bfloat16
+    loaded = load_checkpoint(str(bf16_sharded), device="cpu")
+    assert {p.dtype for p in loaded.model.backbone.parameters()} == {torch.bfloat16}
+    # no widened copy: the loaded backbone's bytes are the bytes on disk
+    on_disk = sum(f.stat().st_size for f in bf16_sharded.glob("model-*.safetensors"))
+    in_memory = sum(p.numel() * p.element_size() for p in loaded.model.backbone.parameters())
+    assert in_memory <= on_disk
+    answer = loaded.generate("Tom has 3 apples. How many apples does Tom have?", gen_length=16, steps=4,
+                             block_length=8)
+    assert len(answer.answers) == 1
+
+
+def test_explicit_dtype_still_wins(bf16_sharded: Path) -> None:
+    loaded = load_checkpoint(str(bf16_sharded), device="cpu", dtype="float32")
+    assert {p.dtype for p in loaded.model.backbone.parameters()} == {torch.float32}
+
+
+def test_training_auto_dtype_reads_the_checkpoint(bf16_sharded: Path, backbone: Path, tmp_path: Path) -> None:
+    frozen = parse_config(run_config(bf16_sharded, tmp_path / "run"))
+    assert frozen.model.dtype == "auto"
+    assert backbone_dtype(frozen, None) == torch.bfloat16  # phase 1 on a CPU, fp32 compute
+    trained = parse_config(run_config(bf16_sharded, tmp_path / "run", phase=2))
+    assert backbone_dtype(trained, None) == torch.float32  # a backbone that trains keeps fp32 weights
+    told = parse_config({**run_config(bf16_sharded, tmp_path / "run"), "model": {
+        **run_config(bf16_sharded, tmp_path / "run")["model"], "dtype": "float32"}})
+    assert backbone_dtype(told, None) == torch.float32
+    fp32 = parse_config(run_config(backbone, tmp_path / "run"))
+    assert backbone_dtype(fp32, None) == torch.float32  # an fp32 checkpoint on a CPU: unchanged
+    assert backbone_dtype(fp32, torch.bfloat16) == torch.bfloat16  # under bf16 autocast: as before
