@@ -8,13 +8,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from tiny_assets import run_config, tiny_backbone
 
 from llada_trm.backbone import LLaDAModel
 from llada_trm.backbone.checkpoint import stored_dtype
 from llada_trm.build import backbone_dtype
 from llada_trm.config import parse_config
 from llada_trm.evaluate import load_checkpoint
-from tiny_assets import run_config, tiny_backbone
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -69,3 +69,27 @@ def test_training_auto_dtype_reads_the_checkpoint(bf16_sharded: Path, backbone: 
     fp32 = parse_config(run_config(backbone, tmp_path / "run"))
     assert backbone_dtype(fp32, None) == torch.float32  # an fp32 checkpoint on a CPU: unchanged
     assert backbone_dtype(fp32, torch.bfloat16) == torch.bfloat16  # under bf16 autocast: as before
+
+
+# ----------------------------------------------------------------------------- prompts that do not fit
+
+
+def test_eval_skips_and_counts_prompts_that_do_not_fit(tmp_path: Path, capsys) -> None:
+    """`eval` on GSM8K-length questions with the embedded default used to stop at the first long one."""
+    from llada_trm.cli import main
+    from llada_trm.data import GSM8KRecord, write_jsonl
+
+    long = "Natalia sold clips to 48 of her friends in April, and then she sold half as many in May. " * 12
+    records = [GSM8KRecord("Tom has 3 apples. He buys 2 more. How many apples does he have?", "#### 5"),
+               GSM8KRecord(long + "How many?", "#### 72")]
+    data = write_jsonl(records, tmp_path / "test.jsonl")
+    code = main(["eval", "--checkpoint", "embedded", "--dataset", "gsm8k", "--data-path", str(data),
+                 "--gen-length", "32", "--block-length", "32", "--steps", "8", "--no-progress",
+                 "--out", str(tmp_path / "eval")])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert "(2 problems" in out and "prompts: 1 of 2 skipped" in out and "scored as wrong" in out
+    import json
+
+    summary = json.loads((tmp_path / "eval" / "summary.json").read_text())
+    assert summary["prompts"]["skipped_indices"] == [1] and summary["n"] == 2

@@ -142,6 +142,10 @@ def _print_eval_summary(args: argparse.Namespace, refiner: str, s: dict[str, Any
             f"refinement: {refinement['mean_refine_steps']:.2f} steps per refined chunk, "
             f"{refinement['skipped_fraction']:.1%} of chunks skipped"
         )
+    if s.get("prompts"):
+        from llada_trm.evaluate.prompt_fit import prompts_line
+
+        print(prompts_line(s["prompts"], s["sampling"]["gen_length"]))
     empty = s.get("empty_completions", 0)
     if empty > s["n"] / 2:
         print(
