@@ -93,3 +93,81 @@ def test_eval_skips_and_counts_prompts_that_do_not_fit(tmp_path: Path, capsys) -
 
     summary = json.loads((tmp_path / "eval" / "summary.json").read_text())
     assert summary["prompts"]["skipped_indices"] == [1] and summary["n"] == 2
+
+
+# ------------------------------------------------------------------------------------- the 8B recipes
+
+RECIPES = ["configs/slot_trm_projection_warmup.yaml", "configs/slot_trm_projection_warmup_cpu.yaml"]
+FAST_DLLM = ["sampling.threshold=0.9", "sampling.cache=dual"]
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_recipes_carry_lladas_gsm8k_sampling_and_validate_on_train(recipe: str) -> None:
+    from llada_trm.config import load_config
+    from llada_trm.data.gsm8k import parse_split
+
+    config = load_config(REPO / recipe)
+    options = config.sampling.options()
+    assert (options.gen_length, options.steps, options.block_length) == (256, 256, 32)
+    assert (options.remasking, options.temperature, options.threshold, options.cache) == (
+        "low_confidence", 0.0, None, None)
+    assert parse_split(config.data.eval_split)[0] == "train"  # validation (and `best`) never sees test
+    fast = load_config(REPO / recipe, FAST_DLLM).sampling.options()  # the documented Fast-dLLM variant
+    assert (fast.threshold, fast.cache, fast.gen_length) == (0.9, "dual", 256)
+    assert config.model.dtype == "auto"
+    assert all(line in (REPO / recipe).read_text() for line in ("--set sampling.threshold=0.9",))
+
+
+def _gsm8k_folder(root: Path) -> Path:
+    """A GSM8K-layout folder (train.jsonl, test.jsonl) of generated problems, disjoint splits."""
+    from llada_trm.data import SyntheticTaskConfig, generate_problems, write_jsonl
+
+    task = SyntheticTaskConfig(max_steps=2, max_number=10)
+    root.mkdir(parents=True, exist_ok=True)
+    write_jsonl(generate_problems(task, 40, "train"), root / "train.jsonl")
+    write_jsonl(generate_problems(task, 12, "test"), root / "test.jsonl")
+    return root
+
+
+def test_recipe_splits_are_disjoint_from_test(tmp_path: Path) -> None:
+    from llada_trm.build import build_records, overlap_warning
+    from llada_trm.config import load_config
+
+    data = _gsm8k_folder(tmp_path / "gsm8k")
+    for recipe in RECIPES:
+        config = load_config(REPO / recipe, [f"data.path={data}", "data.train_split=train[:-8]",
+                                             "data.eval_split=train[-8:]"])
+        assert overlap_warning(config) is None
+        train, validation = build_records(config.data)
+        assert len(train) == 32 and len(validation) == 8
+    old = load_config(REPO / RECIPES[0], [f"data.path={data}", "data.train_split=train[:-8]",
+                                          "data.eval_split=test[:5]"])  # the recipe before issue 27
+    assert "validation and test splits share 5 problem(s)" in overlap_warning(old)
+
+
+def test_train_and_eval_warn_when_validation_overlaps_the_evaluated_split(
+    backbone: Path, tmp_path: Path, caplog, capsys
+) -> None:
+    import logging
+
+    import yaml
+
+    from llada_trm.cli import main
+    from llada_trm.training.entry import run_train
+
+    data = _gsm8k_folder(tmp_path / "gsm8k")
+    raw = run_config(backbone, tmp_path / "run", max_steps=1, eval_every=1)
+    raw["data"] = {"dataset": "gsm8k", "path": str(data), "train_split": "train", "eval_split": "test[:4]",
+                   "max_length": 128}
+    config_file = tmp_path / "run.yaml"
+    config_file.write_text(yaml.safe_dump(raw))
+    with caplog.at_level(logging.WARNING, logger="llada_trm"):
+        run_train(config_file, progress=False)
+    assert "validation and test splits share 4 problem(s)" in caplog.text
+    code = main(["eval", "--checkpoint", str(tmp_path / "run"), "--dataset", "gsm8k", "--data-path", str(data),
+                 "--split", "test[:6]", "--gen-length", "16", "--block-length", "8", "--steps", "4",
+                 "--no-progress", "--out", str(tmp_path / "eval")])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    assert "warning: " in captured.err and "validation and test splits share 4 problem(s)" in captured.err
+    assert "share 4" in (tmp_path / "eval" / "summary.json").read_text()

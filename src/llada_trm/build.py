@@ -33,6 +33,7 @@ from llada_trm.data import (
     mask_token_id,
 )
 from llada_trm.data.disjoint import check_disjoint
+from llada_trm.data.gsm8k import DataError
 from llada_trm.dist_utils import init_distributed
 from llada_trm.errors import ConfigError
 from llada_trm.hybrid import HybridConfig, LLaDATRMHybrid
@@ -51,6 +52,7 @@ __all__ = [
     "hybrid_config",
     "inference_dtype",
     "load_hybrid",
+    "overlap_warning",
     "resolve_backbone_dir",
     "resolve_device",
     "resolve_precision",
@@ -288,6 +290,30 @@ def check_test_split(config: RunConfig, test: list[GSM8KRecord]) -> dict[str, ob
     if sampled > len(validation):
         validation = sampled_validation_records(config.data, sampled)
     return check_disjoint({"train": train, "validation": validation, "test": test})
+
+
+def overlap_warning(config: RunConfig, evaluated: list[GSM8KRecord] | None = None) -> str | None:
+    """A warning when a GSM8K run's training or validation problems (validation picks `best`) share problems
+    with the evaluated ones, by `check_test_split` (the check that makes `compare` refuse); None when they
+    are disjoint. `evaluated` None (`train`): the `test` split of `data.path`, the one reported on, when the
+    source has one. Generated data is disjoint by construction (its own validation split)."""
+    if config.data.dataset != "gsm8k":
+        return None
+    if evaluated is None:
+        try:
+            evaluated = load_gsm8k(config.data.path, "test")
+        except (ValueError, FileNotFoundError):
+            return None  # no test split beside the data (a single file): nothing to compare with
+    try:
+        check_test_split(config, evaluated)
+    except DataError as exc:
+        return (
+            f"{exc} — evaluating this run on that split reports problems it trained or chose 'best' on; "
+            "`compare` refuses it (the 8B recipes validate on train[-200:])"
+        )
+    except ConfigError:
+        return None  # the run's own data fails to load: the run reports that itself
+    return None
 
 
 def build_datasets(
