@@ -164,8 +164,9 @@ def test_train_and_eval_warn_when_validation_overlaps_the_evaluated_split(
     with caplog.at_level(logging.WARNING, logger="llada_trm"):
         run_train(config_file, progress=False)
     assert "validation and test splits share 4 problem(s)" in caplog.text
-    code = main(["eval", "--checkpoint", str(tmp_path / "run"), "--dataset", "gsm8k", "--data-path", str(data),
-                 "--split", "test[:6]", "--gen-length", "16", "--block-length", "8", "--steps", "4",
+    code = main(["eval", "--checkpoint", str(tmp_path / "run"), "--dataset", "gsm8k",
+                 "--data-path", str(data), "--split", "test[:6]", "--gen-length", "16",
+                 "--block-length", "8", "--steps", "4",
                  "--no-progress", "--out", str(tmp_path / "eval")])
     captured = capsys.readouterr()
     assert code == 0, captured.err
