@@ -38,7 +38,26 @@ def bf16_sharded(backbone: Path, tmp_path_factory: pytest.TempPathFactory) -> Pa
 # ------------------------------------------------------------------------------- bf16 loads as bf16
 
 
-def test_bf16_sharded_checkpoint_loads_as_bf16(bf16_sharded: Path) -> None:
+@pytest.fixture
+def large(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Treat the tiny checkpoint as LLaDA-8B-sized: above the size under which 'auto' widens it to fp32."""
+    monkeypatch.setattr("llada_trm.build.WIDEN_LIMIT_BYTES", 1)
+
+
+def test_auto_dtype_rule() -> None:
+    """bf16 on disk stays bf16 (LLaDA-8B: 16 GB, not 32); only a small backbone is widened on a CPU."""
+    from llada_trm.build import choose_backbone_dtype
+
+    eight_b = 8_015_581_184
+    assert choose_backbone_dtype(torch.bfloat16, eight_b, frozen=True, bf16_compute=False) == torch.bfloat16
+    assert choose_backbone_dtype(torch.float16, eight_b, frozen=True, bf16_compute=False) == torch.float16
+    assert choose_backbone_dtype(torch.float32, eight_b, frozen=True, bf16_compute=True) == torch.bfloat16
+    assert choose_backbone_dtype(torch.bfloat16, eight_b, frozen=False, bf16_compute=True) == torch.float32
+    assert choose_backbone_dtype(torch.bfloat16, 1_434_112, frozen=True, bf16_compute=False) == torch.float32
+    assert choose_backbone_dtype(torch.float32, eight_b, frozen=True, bf16_compute=False) == torch.float32
+
+
+def test_bf16_sharded_checkpoint_loads_as_bf16(bf16_sharded: Path, large: None) -> None:
     assert len(list(bf16_sharded.glob("model-*.safetensors"))) > 1  # sharded, with an index
     assert stored_dtype(bf16_sharded) == torch.bfloat16
     loaded = load_checkpoint(str(bf16_sharded), device="cpu")
@@ -52,19 +71,30 @@ def test_bf16_sharded_checkpoint_loads_as_bf16(bf16_sharded: Path) -> None:
     assert len(answer.answers) == 1
 
 
-def test_explicit_dtype_still_wins(bf16_sharded: Path) -> None:
+def test_explicit_dtype_still_wins(bf16_sharded: Path, large: None) -> None:
     loaded = load_checkpoint(str(bf16_sharded), device="cpu", dtype="float32")
     assert {p.dtype for p in loaded.model.backbone.parameters()} == {torch.float32}
 
 
-def test_training_auto_dtype_reads_the_checkpoint(bf16_sharded: Path, backbone: Path, tmp_path: Path) -> None:
+def test_the_embedded_backbone_keeps_running_fp32_on_a_cpu() -> None:
+    """Its shipped results were measured in fp32; it is stored in bf16 but 6 MB wide in fp32."""
+    from llada_trm.assets import embedded_backbone_dir
+
+    assert stored_dtype(Path(embedded_backbone_dir())) == torch.bfloat16
+    loaded = load_checkpoint("embedded", device="cpu")
+    assert {p.dtype for p in loaded.model.backbone.parameters()} == {torch.float32}
+
+
+def test_training_auto_dtype_reads_the_checkpoint(
+    bf16_sharded: Path, backbone: Path, tmp_path: Path, large: None
+) -> None:
     frozen = parse_config(run_config(bf16_sharded, tmp_path / "run"))
     assert frozen.model.dtype == "auto"
     assert backbone_dtype(frozen, None) == torch.bfloat16  # phase 1 on a CPU, fp32 compute
     trained = parse_config(run_config(bf16_sharded, tmp_path / "run", phase=2))
     assert backbone_dtype(trained, None) == torch.float32  # a backbone that trains keeps fp32 weights
-    told = parse_config({**run_config(bf16_sharded, tmp_path / "run"), "model": {
-        **run_config(bf16_sharded, tmp_path / "run")["model"], "dtype": "float32"}})
+    raw = run_config(bf16_sharded, tmp_path / "run")
+    told = parse_config({**raw, "model": {**raw["model"], "dtype": "float32"}})
     assert backbone_dtype(told, None) == torch.float32
     fp32 = parse_config(run_config(backbone, tmp_path / "run"))
     assert backbone_dtype(fp32, None) == torch.float32  # an fp32 checkpoint on a CPU: unchanged
@@ -172,3 +202,64 @@ def test_train_and_eval_warn_when_validation_overlaps_the_evaluated_split(
     assert code == 0, captured.err
     assert "warning: " in captured.err and "validation and test splits share 4 problem(s)" in captured.err
     assert "share 4" in (tmp_path / "eval" / "summary.json").read_text()
+
+
+# ------------------------------------------------------------------------------------------- --dry-run
+
+
+def _run_cli(argv: list[str], capsys) -> tuple[int, str]:
+    from llada_trm.cli import main
+
+    code = main(argv)
+    captured = capsys.readouterr()
+    return code, captured.out + captured.err
+
+
+def test_train_dry_run_plans_the_8b_recipe_on_a_cpu_without_weights(tmp_path: Path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)  # no checkpoints/ and no data/ here: nothing downloaded
+    code, out = _run_cli(["train", "--config", str(REPO / RECIPES[0]), "--dry-run"], capsys)
+    assert code == 0, out
+    assert "LLaDA-8B's architecture constants" in out  # says where the architecture came from
+    assert "phase 1: backbone frozen" in out and "8,028.7M total, 13.157M trainable" in out
+    assert "weights: backbone                      16.03 GB" in out  # 8.015B bf16 parameters
+    for part in ("optimizer: AdamW", "activations (estimate)", "feature cache:", "total (device memory"):
+        assert part in out
+    assert "sampler: gen_length 256, steps 256, block_length 32, remasking low_confidence" in out
+    assert "data: cannot count" in out and "data/gsm8k: no such file or folder" in out
+    assert "training.device: cuda, and this machine has no CUDA device" in out or torch.cuda.is_available()
+    assert list(tmp_path.iterdir()) == []  # nothing written
+
+
+def test_dry_run_reads_a_model_folders_config_and_counts_data(
+    bf16_sharded: Path, tmp_path: Path, capsys, large: None
+) -> None:
+    data = _gsm8k_folder(tmp_path / "gsm8k")
+    code, out = _run_cli(["train", "--config", str(REPO / RECIPES[0]), "--dry-run",
+                          "--set", f"model.backbone={bf16_sharded}", "--set", f"data.path={data}",
+                          "--set", "data.train_split=train[:-8]", "--set", "data.eval_split=train[-8:]",
+                          "--set", "model.context_layers=[-1]", "--set", "model.slot.n_heads=2",
+                          "--set", "model.chunk_size=8", "--set", "data.max_length=128"], capsys)
+    assert code == 0, out
+    assert f"from {bf16_sharded}/config.json" in out
+    assert "precision: backbone bfloat16" in out
+    assert "32 training problems (train[:-8]), 8 validation (train[-8:])" in out
+    assert "= 10 optimizer steps" in out  # ceil(ceil(32 / 4) / 4) = 2 per epoch x 5 epochs
+    assert "warning:" not in out
+
+
+def test_eval_and_compare_dry_runs(tmp_path: Path, monkeypatch, capsys) -> None:
+    monkeypatch.chdir(tmp_path)
+    code, out = _run_cli(["eval", "--checkpoint", "embedded", "--dry-run", "--limit", "4"], capsys)
+    assert code == 0, out
+    assert "eval --dry-run" in out and "data: 4 synthetic problems" in out and "prompts: none skipped" in out
+    assert "weights: backbone" in out and "sampler: gen_length 128" in out
+    code, out = _run_cli(["eval", "--checkpoint", "checkpoints/LLaDA-8B-Instruct", "--dry-run",
+                          "--dataset", "gsm8k", "--data-path", "data/gsm8k", "--device", "cuda"], capsys)
+    assert code == 0, out
+    assert "LLaDA-8B's architecture constants" in out and "data/gsm8k: no such file or folder" in out
+    code, out = _run_cli(["compare", "--config", str(REPO / "configs/compare_tiny.yaml"), "--dry-run",
+                          "--set", "run.data.synthetic.n_train=200"], capsys)
+    assert code == 0, out
+    assert "== mlp ==" in out and "== slot ==" in out and "2 trainings" in out
+    assert "evaluation: 240 synthetic problems (test, checkpoint last), disjoint" in out
+    assert list(tmp_path.iterdir()) == []

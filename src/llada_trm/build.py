@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from llada_trm.backbone.checkpoint import read_config, stored_dtype
+from llada_trm.backbone.checkpoint import read_config, stored_weights
 from llada_trm.config import DataConfig, RunConfig, check_backbone_fit
 from llada_trm.data import (
     GSM8KRecord,
@@ -111,11 +111,18 @@ def resolve_backbone_dir(backbone: str) -> Path:
             ) from None
         return Path(embedded_backbone_dir())  # a one-line error naming the re-training command if absent
     path = Path(backbone).expanduser()
+    download = (
+        f"`hf download GSAI-ML/LLaDA-8B-Instruct --local-dir {path}` (docs/llada8b.md), or use 'embedded'"
+    )
+    if not path.exists():
+        raise ConfigError(
+            f"model.backbone: no such folder {str(path)!r} (a local path; nothing is fetched from the Hub); "
+            f"download it: {download}"
+        )
     if not (path / "config.json").is_file():
         raise ConfigError(
-            f"model.backbone: {backbone!r} is not a checkpoint directory with config.json; download one, "
-            "e.g. `huggingface-cli download GSAI-ML/LLaDA-8B-Instruct --local-dir "
-            "checkpoints/LLaDA-8B-Instruct`, or use 'embedded'"
+            f"model.backbone: {backbone!r} is a folder without config.json (an interrupted download?); "
+            f"complete it: {download}"
         )
     return path
 
@@ -128,21 +135,31 @@ def hybrid_config(config: RunConfig) -> HybridConfig:
     return config.model.hybrid()
 
 
-def choose_backbone_dtype(
-    stored: torch.dtype | None, *, frozen: bool, bf16_compute: bool
-) -> torch.dtype:
-    """What `auto` means for a backbone, in one place (train, the caches, eval, generate, export, lm-eval).
+# Below this many bytes of fp32 weights a half-precision checkpoint is widened to fp32 where compute is fp32
+# (a CPU): it costs little memory and keeps the small backbones' results as they were measured (the
+# embedded 1.4M backbone, stored in bf16, is 6 MB in fp32). LLaDA-8B (32 GB in fp32) stays bf16.
+WIDEN_LIMIT_BYTES = 2**30
 
-    A frozen backbone keeps the half precision its checkpoint stores (LLaDA-8B is bf16: 16 GB, where an fp32
-    copy would take 32 GB and would only round back to the same values); one stored in fp32 runs bf16 under
-    bf16 compute (a bf16 GPU) and fp32 otherwise. A backbone that trains (phases 2-3 without LoRA) runs fp32:
-    its optimizer needs full-precision weights. `model.dtype` / `--dtype` other than auto override this.
+
+def choose_backbone_dtype(
+    stored: torch.dtype | None, numel: int, *, frozen: bool, bf16_compute: bool
+) -> torch.dtype:
+    """What `auto` means for a backbone, in one place (train, the caches, eval, generate, export, lm-eval, the
+    dry run), from the dtype and size its checkpoint stores (`backbone.checkpoint.stored_weights`).
+
+    A backbone that trains (phases 2-3 without LoRA) runs fp32: its optimizer needs full-precision weights.
+    A frozen one runs bf16 under bf16 compute (a bf16 GPU); under fp32 compute it keeps the half precision
+    its checkpoint stores (LLaDA-8B: bf16, 16 GB where an fp32 copy would take 32 GB and only round back to
+    the same values), unless its fp32 copy is under WIDEN_LIMIT_BYTES; fp32 otherwise. An explicit
+    `model.dtype` / `--dtype` overrides this.
     """
     if not frozen:
         return torch.float32
-    if stored in (torch.bfloat16, torch.float16):
+    if bf16_compute:
+        return torch.bfloat16
+    if stored in (torch.bfloat16, torch.float16) and numel * 4 >= WIDEN_LIMIT_BYTES:
         return stored
-    return torch.bfloat16 if bf16_compute else torch.float32
+    return torch.float32
 
 
 def backbone_dtype(
@@ -156,8 +173,8 @@ def backbone_dtype(
         return DTYPES[name]
     frozen = config.training.phase == 1 or config.lora.enabled
     directory = backbone_dir if backbone_dir is not None else resolve_backbone_dir(config.model.backbone)
-    stored = stored_dtype(directory)
-    return choose_backbone_dtype(stored, frozen=frozen, bf16_compute=amp_dtype == torch.bfloat16)
+    stored, numel = stored_weights(directory)
+    return choose_backbone_dtype(stored, numel, frozen=frozen, bf16_compute=amp_dtype == torch.bfloat16)
 
 
 def inference_dtype(name: str, device: torch.device, backbone_dir: Path) -> torch.dtype:
@@ -166,7 +183,8 @@ def inference_dtype(name: str, device: torch.device, backbone_dir: Path) -> torc
     if name != "auto":
         return dtype_named(name)
     bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
-    return choose_backbone_dtype(stored_dtype(backbone_dir), frozen=True, bf16_compute=bf16)
+    stored, numel = stored_weights(backbone_dir)
+    return choose_backbone_dtype(stored, numel, frozen=True, bf16_compute=bf16)
 
 
 def load_hybrid(

@@ -66,6 +66,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from llada_trm.evaluate import evaluate_model, load_checkpoint, load_eval_records, synthetic_settings
 
     options = sampling_options(args)  # bad options and data fail before a (possibly 8B) model loads
+    if getattr(args, "dry_run", False):
+        from llada_trm.dry_run import plan_eval
+
+        plan_eval(args, options)
+        return 0
     from llada_trm.evaluate.paired import read_predictions, write_paired
 
     against = read_predictions(args.against) if args.against else None
