@@ -133,7 +133,8 @@ def _train_memory(run: RunConfig, model: Any, plan: Any, dtype: torch.dtype, act
     t, B, L = run.training, run.training.batch_size, run.data.max_length
     d, F, V, layers = bb.d_model, bb.mlp_hidden_size or bb.mlp_ratio * bb.d_model, bb.vocab_size, bb.n_layers
     K = run.model.max_recursive_steps
-    frozen_pass = B * L * (3 * d + 2 * F) * act + len(run.model.context_layers) * B * L * d * act
+    bb_act = min(act, _size(dtype))  # a bf16 backbone computes in bf16 even without autocast
+    frozen_pass = B * L * (3 * d + 2 * F) * bb_act + len(run.model.context_layers) * B * L * d * bb_act
     logits = B * L * V * 4
     if run.training.phase == 1 and not run.lora.enabled:
         kept_layers = 0
@@ -141,7 +142,7 @@ def _train_memory(run: RunConfig, model: Any, plan: Any, dtype: torch.dtype, act
         kept_layers = min(t.unfreeze_last_n_layers, layers) if run.training.phase == 2 else layers
     else:
         kept_layers = layers
-    per_layer = B * L * (d if run.advanced.gradient_checkpointing else 10 * d + 3 * F) * act
+    per_layer = B * L * (d if run.advanced.gradient_checkpointing else 10 * d + 3 * F) * bb_act
     refiner = K * B * L * 12 * d * 4 if run.model.refiner != "none" else 0
     supervision = K * B * (L // 2) * V * 4 * 2 if run.model.refiner != "none" else 0
     backward = kept_layers * per_layer + refiner + supervision
