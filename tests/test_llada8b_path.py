@@ -263,3 +263,75 @@ def test_eval_and_compare_dry_runs(tmp_path: Path, monkeypatch, capsys) -> None:
     assert "== mlp ==" in out and "== slot ==" in out and "2 trainings" in out
     assert "evaluation: 240 synthetic problems (test, checkpoint last), disjoint" in out
     assert list(tmp_path.iterdir()) == []
+
+
+# ------------------------------------------------------------------------------------------------ docs
+
+
+def _tracked(*patterns: str) -> list[Path]:
+    return sorted(p for pattern in patterns for p in REPO.glob(pattern) if p.is_file())
+
+
+def test_no_doc_or_message_says_huggingface_cli() -> None:
+    files = _tracked("README.md", "docs/**/*.md", "configs/*.yaml", "src/**/*.py", "bench/*", "Makefile")
+    offenders = [str(f.relative_to(REPO)) for f in files if "huggingface-cli download" in f.read_text()]
+    assert offenders == []
+
+
+def test_every_path_the_docs_name_exists() -> None:
+    """Markdown links and the configs/docs paths named in README, docs and configs point at real files."""
+    import re
+
+    missing = []
+    for doc in _tracked("README.md", "docs/*.md", "configs/*.yaml"):
+        text = doc.read_text()
+        for target in re.findall(r"\]\(([^)#\s]+)\)", text):
+            if not target.startswith(("http://", "https://")) and not (doc.parent / target).exists():
+                missing.append(f"{doc.name}: {target}")
+        for named in re.findall(r"(?<![\w/.])((?:configs|docs)/[\w/.-]+\.(?:yaml|md))", text):
+            if named != "configs/x.yaml" and not (REPO / named).exists():  # x.yaml: errors' example name
+                missing.append(f"{doc.name}: {named}")
+    assert missing == []
+
+
+def test_the_8b_guide_is_linked_and_says_what_ran_on_a_gpu() -> None:
+    guide = (REPO / "docs" / "llada8b.md").read_text()
+    assert "docs/llada8b.md" in (REPO / "README.md").read_text()
+    assert "bash bench/gpu_check.sh" in guide and "hf download GSAI-ML/LLaDA-8B-Instruct" in guide
+    assert "Nothing in this project has run on a GPU yet" in guide
+    assert "to_json" in guide and "openai/gsm8k" in guide  # GSM8K as JSONL
+    assert "ESTIMATES until measured" in guide
+    assert "arms" in (REPO / "docs" / "comparison.md").read_text()
+
+
+def test_missing_local_folders_are_reported_as_missing_not_as_hub_failures(tmp_path: Path) -> None:
+    from llada_trm.build import resolve_backbone_dir
+    from llada_trm.data import load_gsm8k
+    from llada_trm.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"no such folder .*hf download GSAI-ML/LLaDA-8B-Instruct"):
+        resolve_backbone_dir(str(tmp_path / "checkpoints" / "LLaDA-8B-Instruct"))
+    (tmp_path / "partial").mkdir()
+    with pytest.raises(ConfigError, match="without config.json"):
+        resolve_backbone_dir(str(tmp_path / "partial"))
+    with pytest.raises(ValueError, match=r"^data/gsm8k: no such file or folder") as raised:
+        load_gsm8k("data/gsm8k", "train")
+    assert "Hub" not in str(raised.value)
+
+
+def test_feature_cache_doc_commands_run_beside_the_tutorial_run(tmp_path: Path, monkeypatch, capsys) -> None:
+    import re
+    import shlex
+
+    block = re.search(r"```bash\n(.*?)```", (REPO / "docs" / "feature_cache.md").read_text(), re.S)
+    commands = [shlex.split(line, comments=True) for line in block.group(1).splitlines() if line.strip()]
+    assert len(commands) == 2
+    shutil.copytree(REPO / "configs", tmp_path / "configs")
+    monkeypatch.chdir(tmp_path)
+    short = ["--set", "data.synthetic.n_train=16", "--set", "data.synthetic.n_eval=8", "--set",
+             "training.max_steps=1", "--set", "training.eval_max_batches=1", "--no-progress"]
+    tutorial = ["train", "--config", "configs/tiny_refiner.yaml", *short]  # the README's run, first
+    for argv in [tutorial, *(words[1:] + short for words in commands)]:
+        code, out = _run_cli(argv, capsys)
+        assert code == 0, out
+    assert (tmp_path / "runs" / "tiny_refiner_cached" / "feature_cache").is_dir()
