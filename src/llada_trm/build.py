@@ -116,8 +116,8 @@ def resolve_backbone_dir(backbone: str) -> Path:
     )
     if not path.exists():
         raise ConfigError(
-            f"model.backbone: no such folder {str(path)!r} (a local path; nothing is fetched from the Hub); "
-            f"download it: {download}"
+            f"model.backbone: no such folder {str(path)!r} (a local folder with config.json and safetensors; "
+            f"nothing is fetched from the Hub); download it: {download}"
         )
     if not (path / "config.json").is_file():
         raise ConfigError(

@@ -174,10 +174,10 @@ def _cache_bytes(run: RunConfig, bb: LLaDAConfig, examples: int | None) -> str:
 
 
 def _device_line(name: str, setting: str, blockers: list[str]) -> str:
-    have = torch.cuda.is_available()
-    if name == "cuda" and not have:
-        blockers.append(f"{setting}: cuda, and this machine has no CUDA device (the plan is for a GPU)")
-    where = "cuda" if name == "cuda" or (name == "auto" and have) else "cpu"
+    have, gpu = torch.cuda.is_available(), str(name).startswith("cuda")
+    if gpu and not have:
+        blockers.append(f"{setting}: {name}, and this machine has no CUDA device (the plan is for a GPU)")
+    where = "cuda" if gpu or (name == "auto" and have) else "cpu"
     return f"device: {setting} = {name} -> {where}" + ("" if have or where == "cpu" else " (not here)")
 
 
@@ -330,7 +330,7 @@ def plan_eval(args: Any, options: Any, echo: Echo = print) -> dict[str, Any]:
     echo("eval --dry-run: the plan; no weights read, nothing written")
     echo(f"checkpoint: {args.checkpoint} ({kind}); backbone built on the meta device from {source.origin}")
     echo(_device_line(args.device, "--device", blockers))
-    bf16 = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
+    bf16 = str(args.device).startswith("cuda") or (args.device == "auto" and torch.cuda.is_available())
     if args.dtype != "auto":
         dtype = DTYPES[args.dtype]
     else:
