@@ -249,7 +249,9 @@ def _blocker_lines(source: BackboneSource, blockers: list[str]) -> list[str]:
 
 def _sizes(model: Any, plan: Any | None = None) -> str:
     total = sum(p.numel() for p in model.parameters())
-    trainable = plan.trainable_params if plan is not None else 0
+    if plan is None:
+        return f"parameters: {total / 1e6:,.1f}M total (sampling: nothing trains)"
+    trainable = plan.trainable_params
     share = trainable / total if total else 0.0
     return f"parameters: {total / 1e6:,.1f}M total, {trainable / 1e6:,.3f}M trainable ({share:.2%})"
 
