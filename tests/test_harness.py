@@ -279,3 +279,37 @@ def test_every_sampler_option_reaches_the_sampler(harness_lm, monkeypatch):
     got = seen["options"]
     assert got.logits_eos_inf and not got.confidence_eos_eot_inf
     assert got.mask_id == harness_lm.loaded.model.mask_token_id and got.eos_id == harness_lm.ids.eos
+
+
+@needs_lm_eval
+def test_prompts_that_do_not_fit_are_skipped_alike_by_eval_and_the_harness(tmp_path, harness_lm):
+    """One policy (`evaluate.prompt_fit`): a prompt + gen_length beyond the positions is skipped, scored as
+    wrong and counted, by `eval`'s evaluator and by the lm-eval backend alike (the backend used to cut it from
+    the left, chat header included, and `eval` stopped at it)."""
+    from llada_trm.evaluate import SamplingOptions, evaluate_model
+    from llada_trm.evaluate.prompt_fit import POLICY
+
+    records = generate_problems(TASK, 3, "test")
+    too_long = GSM8KRecord("How many? " + "Tom has 3 apples and 4 pears. " * 60, "#### 7")
+    records.insert(1, too_long)
+    _write_slice(tmp_path, records)
+    seen, skipped = harness_lm.prompts_seen, harness_lm.skipped_prompts  # the fixture is shared
+    out = _evaluate(harness_lm, tmp_path, chat=True)
+    strict = sorted(
+        (s for s in out["samples"]["gsm8k_local"] if s["filter"] == "strict-match"), key=lambda s: s["doc_id"]
+    )
+    ours = evaluate_model(
+        harness_lm.loaded.model,
+        harness_lm.tokenizer,
+        records,
+        SamplingOptions(batch_size=N_DOCS, **SAMPLING),
+        num_steps=harness_lm.loaded.num_steps,
+        progress=False,
+    )
+    assert ours.summary["prompts"]["skipped"] == 1 and ours.summary["prompts"]["skipped_indices"] == [1]
+    assert ours.summary["n"] == 4 and ours.predictions[1]["skipped"] and not ours.predictions[1]["completion"]
+    assert [s["resps"][0][0] for s in strict] == [p["completion"] for p in ours.predictions]
+    assert strict[1]["exact_match"] == 0.0
+    counted = out["config"]["prompts"]
+    assert (counted["policy"], counted["n"] - seen, counted["skipped"] - skipped) == (POLICY, 4, 1)
+    assert ours.summary["prompts"]["policy"] == POLICY

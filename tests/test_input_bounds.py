@@ -69,10 +69,13 @@ def test_prompt_plus_gen_length_is_bounded_by_the_backbone(backbone_dir: Path) -
     long = GSM8KRecord(question="one two three " * 100, answer="#### 1", origin="q.jsonl:7")
     short = GSM8KRecord(question="What is 1 plus 1?", answer="#### 2")
     options = SamplingOptions(gen_length=16, block_length=8, steps=4)
-    with pytest.raises(
-        ValueError, match=r"q\.jsonl:7: a \d+-token prompt .* max_sequence_length 256; the prompt"
-    ):
-        evaluate_model(model, tokenizer, [short, long], options, progress=False)
+    # a prompt past the positions is skipped, scored wrong and counted (evaluate.prompt_fit), never sampled
+    result = evaluate_model(model, tokenizer, [short, long], options, progress=False)
+    assert result.summary["prompts"]["skipped_indices"] == [1] and result.summary["n"] == 2
+    assert result.predictions[1]["skipped"] and not result.predictions[1]["correct_strict"]
+    none_fits = r"q\.jsonl:7, \d+ tokens\) .* 256 \(max_sequence_length\); the prompt"
+    with pytest.raises(ValueError, match=none_fits):
+        evaluate_model(model, tokenizer, [long], options, progress=False)  # none fits: nothing to do
     wide = SamplingOptions(gen_length=512, block_length=32, steps=16)
     with pytest.raises(ValueError, match=r"lower gen_length \(--gen-length\) to at most \d+"):
         evaluate_model(model, tokenizer, [short], wide, progress=False)

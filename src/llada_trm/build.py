@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from llada_trm.backbone.checkpoint import read_config
+from llada_trm.backbone.checkpoint import read_config, stored_weights
 from llada_trm.config import DataConfig, RunConfig, check_backbone_fit
 from llada_trm.data import (
     GSM8KRecord,
@@ -33,10 +33,11 @@ from llada_trm.data import (
     mask_token_id,
 )
 from llada_trm.data.disjoint import check_disjoint
+from llada_trm.data.gsm8k import DataError
 from llada_trm.dist_utils import init_distributed
 from llada_trm.errors import ConfigError
 from llada_trm.hybrid import HybridConfig, LLaDATRMHybrid
-from llada_trm.io import DTYPES, resolve_device
+from llada_trm.io import DTYPES, dtype_named, resolve_device
 from llada_trm.refiners.compiling import compile_refiner_steps
 
 __all__ = [
@@ -47,8 +48,11 @@ __all__ = [
     "build_model",
     "build_records",
     "check_test_split",
+    "choose_backbone_dtype",
     "hybrid_config",
+    "inference_dtype",
     "load_hybrid",
+    "overlap_warning",
     "resolve_backbone_dir",
     "resolve_device",
     "resolve_precision",
@@ -107,11 +111,18 @@ def resolve_backbone_dir(backbone: str) -> Path:
             ) from None
         return Path(embedded_backbone_dir())  # a one-line error naming the re-training command if absent
     path = Path(backbone).expanduser()
+    download = (
+        f"`hf download GSAI-ML/LLaDA-8B-Instruct --local-dir {path}` (docs/llada8b.md), or use 'embedded'"
+    )
+    if not path.exists():
+        raise ConfigError(
+            f"model.backbone: no such folder {str(path)!r} (a local folder with config.json and safetensors; "
+            f"nothing is fetched from the Hub); download it: {download}"
+        )
     if not (path / "config.json").is_file():
         raise ConfigError(
-            f"model.backbone: {backbone!r} is not a checkpoint directory with config.json; download one, "
-            "e.g. `huggingface-cli download GSAI-ML/LLaDA-8B-Instruct --local-dir "
-            "checkpoints/LLaDA-8B-Instruct`, or use 'embedded'"
+            f"model.backbone: {backbone!r} is a folder without config.json (an interrupted download?); "
+            f"complete it: {download}"
         )
     return path
 
@@ -124,16 +135,56 @@ def hybrid_config(config: RunConfig) -> HybridConfig:
     return config.model.hybrid()
 
 
-def backbone_dtype(config: RunConfig, amp_dtype: torch.dtype | None) -> torch.dtype:
-    """`model.dtype`; 'auto': bf16 for a frozen backbone under bf16 autocast (half the memory), else fp32.
+# Below this many bytes of fp32 weights a half-precision checkpoint is widened to fp32 where compute is fp32
+# (a CPU): it costs little memory and keeps the small backbones' results as they were measured (the
+# embedded 1.4M backbone, stored in bf16, is 6 MB in fp32). LLaDA-8B (32 GB in fp32) stays bf16.
+WIDEN_LIMIT_BYTES = 2**30
 
-    With LoRA (`lora.enabled`) the base weights are frozen too (the adapters are fp32 whatever the base's).
+
+def choose_backbone_dtype(
+    stored: torch.dtype | None, numel: int, *, frozen: bool, bf16_compute: bool
+) -> torch.dtype:
+    """What `auto` means for a backbone, in one place (train, the caches, eval, generate, export, lm-eval, the
+    dry run), from the dtype and size its checkpoint stores (`backbone.checkpoint.stored_weights`).
+
+    A backbone that trains (phases 2-3 without LoRA) runs fp32: its optimizer needs full-precision weights.
+    A frozen one runs bf16 under bf16 compute (a bf16 GPU); under fp32 compute it keeps the half precision
+    its checkpoint stores (LLaDA-8B: bf16, 16 GB where an fp32 copy would take 32 GB and only round back to
+    the same values), unless its fp32 copy is under WIDEN_LIMIT_BYTES; fp32 otherwise. An explicit
+    `model.dtype` / `--dtype` overrides this.
     """
+    if not frozen:
+        return torch.float32
+    if bf16_compute:
+        return torch.bfloat16
+    if stored in (torch.bfloat16, torch.float16) and numel * 4 >= WIDEN_LIMIT_BYTES:
+        return stored
+    return torch.float32
+
+
+def backbone_dtype(
+    config: RunConfig, amp_dtype: torch.dtype | None, backbone_dir: Path | None = None
+) -> torch.dtype:
+    """`model.dtype` of a training run; 'auto' by `choose_backbone_dtype` (the backbone is frozen in phase 1
+    and under LoRA, whose adapters are fp32 whatever the base's dtype), reading the checkpoint's dtype from
+    `backbone_dir` (default: `model.backbone`)."""
     name = config.model.dtype
     if name != "auto":
         return DTYPES[name]
     frozen = config.training.phase == 1 or config.lora.enabled
-    return torch.bfloat16 if (amp_dtype == torch.bfloat16 and frozen) else torch.float32
+    directory = backbone_dir if backbone_dir is not None else resolve_backbone_dir(config.model.backbone)
+    stored, numel = stored_weights(directory)
+    return choose_backbone_dtype(stored, numel, frozen=frozen, bf16_compute=amp_dtype == torch.bfloat16)
+
+
+def inference_dtype(name: str, device: torch.device, backbone_dir: Path) -> torch.dtype:
+    """`--dtype` of a command that only runs the model (eval, generate, lm-eval): an explicit name, or 'auto'
+    by `choose_backbone_dtype` with the backbone frozen and bf16 compute on a bf16-capable GPU."""
+    if name != "auto":
+        return dtype_named(name)
+    bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
+    stored, numel = stored_weights(backbone_dir)
+    return choose_backbone_dtype(stored, numel, frozen=True, bf16_compute=bf16)
 
 
 def load_hybrid(
@@ -257,6 +308,30 @@ def check_test_split(config: RunConfig, test: list[GSM8KRecord]) -> dict[str, ob
     if sampled > len(validation):
         validation = sampled_validation_records(config.data, sampled)
     return check_disjoint({"train": train, "validation": validation, "test": test})
+
+
+def overlap_warning(config: RunConfig, evaluated: list[GSM8KRecord] | None = None) -> str | None:
+    """A warning when a GSM8K run's training or validation problems (validation picks `best`) share problems
+    with the evaluated ones, by `check_test_split` (the check that makes `compare` refuse); None when they
+    are disjoint. `evaluated` None (`train`): the `test` split of `data.path`, the one reported on, when the
+    source has one. Generated data is disjoint by construction (its own validation split)."""
+    if config.data.dataset != "gsm8k":
+        return None
+    if evaluated is None:
+        try:
+            evaluated = load_gsm8k(config.data.path, "test")
+        except (ValueError, FileNotFoundError):
+            return None  # no test split beside the data (a single file): nothing to compare with
+    try:
+        check_test_split(config, evaluated)
+    except DataError as exc:
+        return (
+            f"{exc} — evaluating this run on that split reports problems it trained or chose 'best' on; "
+            "`compare` refuses it (the 8B recipes validate on train[-200:])"
+        )
+    except ConfigError:
+        return None  # the run's own data fails to load: the run reports that itself
+    return None
 
 
 def build_datasets(

@@ -90,6 +90,12 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
     overrides = [*args.set, *([f"output.dir={args.out}"] if args.out else [])]
     overrides += [f"training.device={args.device}"] if args.device else []
+    if args.dry_run:
+        from llada_trm.config import load_config
+        from llada_trm.dry_run import plan_train
+
+        plan_train(load_config(args.config, overrides))
+        return 0
     resume = args.resume
     if resume is True:  # `--resume` alone: the config's own output.dir
         from llada_trm.config import load_config
@@ -188,6 +194,11 @@ def _cmd_compare(args: argparse.Namespace) -> int:
 
     seeds = parse_seeds(args.seeds) if args.seeds is not None else None
     config = load_compare_config(args.config, _output_overrides(args, "run.training.device"), seeds)
+    if args.dry_run:
+        from llada_trm.dry_run import plan_compare
+
+        plan_compare(config)
+        return 0
     run_compare(config, progress=True, force=args.force, resume=args.resume is not None)
     return 0
 
@@ -226,7 +237,8 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
         "--dtype",
         default="auto",
         choices=("auto", "float32", "bfloat16", "float16"),
-        help="backbone dtype (auto: bf16 on a GPU, fp32 on a CPU)",
+        help="backbone dtype (auto: as the checkpoint stores it when that is bf16/fp16, e.g. LLaDA-8B; "
+        "else bf16 on a bf16 GPU, fp32 on a CPU)",
     )
     _add_mismatch_option(parser)
 
@@ -270,6 +282,15 @@ def _add_progress_option(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="no redrawn progress bar: plain progress lines (step, loss, lr, s/step, ETA every log_every "
         "steps), as printed whenever stderr is not a terminal",
+    )
+
+
+def _add_dry_run_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="print the plan (freezing, parameters, memory estimate, data counts, sampler) without reading "
+        "weights or writing anything; works on a CPU for a cuda config and before the weights are downloaded",
     )
 
 
@@ -321,6 +342,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_progress_option(p)
     _add_mismatch_option(p)  # for --resume and training.init_from
+    _add_dry_run_option(p)
     p.set_defaults(func=_cmd_train)
 
     p = command("cache", "compute a phase-1 run's frozen-backbone features once (advanced.feature_cache)")
@@ -366,6 +388,7 @@ def build_parser() -> argparse.ArgumentParser:
         "tokens the refiner changed, reliability)",
     )
     _add_progress_option(p)
+    _add_dry_run_option(p)
     add_sampling_options(p)
     p.set_defaults(func=cmd_eval)
 
@@ -425,6 +448,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_out_option(p, "the comparison's directory")
     _add_device_option(p)
     _add_progress_option(p)
+    _add_dry_run_option(p)
     p.set_defaults(func=_cmd_compare)
     return parser
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -65,6 +66,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from llada_trm.evaluate import evaluate_model, load_checkpoint, load_eval_records, synthetic_settings
 
     options = sampling_options(args)  # bad options and data fail before a (possibly 8B) model loads
+    if getattr(args, "dry_run", False):
+        from llada_trm.dry_run import plan_eval
+
+        plan_eval(args, options)
+        return 0
     from llada_trm.evaluate.paired import read_predictions, write_paired
 
     against = read_predictions(args.against) if args.against else None
@@ -93,6 +99,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         if num_steps == 0:
             raise UserError("--refine-steps: this model runs no refiner (--refiner none or a backbone)")
         num_steps = args.refine_steps
+    overlap = _overlap(loaded, args.dataset, records)
     result = evaluate_model(
         loaded.model,
         loaded.tokenizer,
@@ -106,6 +113,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
             "split": args.split,
             "sampling_from": sampling_source(args, loaded),
             "refine_steps": num_steps,
+            **({"overlap_warning": overlap} if overlap else {}),
         },
         progress=True,
         desc=f"eval {loaded.refiner}",
@@ -120,6 +128,21 @@ def cmd_eval(args: argparse.Namespace) -> int:
         if against is not None:
             print("\n".join(write_paired(against, result.predictions, f"this {loaded.refiner} run", out)))
     return 0
+
+
+def _overlap(loaded: Any, dataset: str, records: Sequence[Any]) -> str | None:
+    """A run's training/validation problems among the evaluated ones: warned about (`compare` refuses it)
+    and recorded in the summary."""
+    from llada_trm.build import overlap_warning
+    from llada_trm.dist_utils import is_main_process
+
+    run = loaded.run_config
+    if run is None or dataset != run.data.dataset:
+        return None
+    warning = overlap_warning(run, list(records))
+    if warning and is_main_process():
+        print(f"warning: {warning}", file=sys.stderr)
+    return warning
 
 
 def _check_against(against: tuple[Path, list[dict[str, Any]]] | None, records: Sequence[Any]) -> None:
@@ -142,6 +165,10 @@ def _print_eval_summary(args: argparse.Namespace, refiner: str, s: dict[str, Any
             f"refinement: {refinement['mean_refine_steps']:.2f} steps per refined chunk, "
             f"{refinement['skipped_fraction']:.1%} of chunks skipped"
         )
+    if s.get("prompts"):
+        from llada_trm.evaluate.prompt_fit import prompts_line
+
+        print(prompts_line(s["prompts"], s["sampling"]["gen_length"]))
     empty = s.get("empty_completions", 0)
     if empty > s["n"] / 2:
         print(

@@ -16,7 +16,7 @@ from pathlib import Path
 from safetensors import safe_open
 from torch import Tensor
 
-from llada_trm.backbone.checkpoint import CONFIG_NAME, save_state_dict
+from llada_trm.backbone.checkpoint import CONFIG_NAME, save_state_dict, stored_dtype
 from llada_trm.backbone.fingerprint import FINGERPRINT_KEY, directory_fingerprint
 from llada_trm.build import resolve_backbone_dir
 from llada_trm.data.tokenizer import save_tokenizer
@@ -32,7 +32,6 @@ from llada_trm.training.checkpoint import load_trainer_state
 __all__ = ["DTYPE_CHOICES", "ExportResult", "export_backbone_state", "export_run"]
 
 DTYPE_CHOICES = ("auto", "float32", "bfloat16", "float16")
-_STORED = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}
 
 
 @dataclass(frozen=True)
@@ -120,13 +119,10 @@ def _check_target(out: Path, checkpoint: Path, force: bool) -> None:
 def _stored_dtype(backbone_dir: Path) -> str:
     """The dtype the backbone's weight files store (LLaDA-8B: bfloat16), so that "auto" neither widens
     nor rounds it."""
-    files = sorted(backbone_dir.glob("*.safetensors"))
-    if not files:
+    stored = stored_dtype(backbone_dir)
+    if stored is None:
         raise CheckpointError(f"{backbone_dir}: no safetensors weight files")
-    with safe_open(str(files[0]), framework="pt") as f:
-        stored = {f.get_slice(name).get_dtype() for name in f.keys()}
-    floating = [_STORED[s] for s in sorted(stored) if s in _STORED]
-    return floating[0] if floating else "float32"
+    return str(stored).removeprefix("torch.")
 
 
 def _source(checkpoint: Path, phase: int) -> dict[str, object]:

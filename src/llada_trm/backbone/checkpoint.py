@@ -15,6 +15,7 @@ checkpoint, the new one, or a directory that fails to load with a clear error, n
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import uuid
@@ -87,6 +88,32 @@ def read_config(path: str | Path) -> LLaDAConfig:
 
 # safetensors' dtype names of the floating types; anything else (I64, BOOL, ...) cannot be a weight.
 _FLOAT_DTYPES = {"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"}
+_TORCH_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+
+
+def stored_weights(path: str | Path) -> tuple[torch.dtype | None, int]:
+    """(the floating dtype that holds most of a checkpoint's weights, their element count), read from the
+    safetensors headers alone; (None, 0) when the directory has no weight files (a config.json only)."""
+    path = Path(path)
+    try:
+        weight_map = _weight_map(path)
+    except CheckpointError:
+        if not (path / INDEX_NAME).is_file() and not (path / WEIGHTS_NAME).is_file():
+            return None, 0
+        raise
+    elements: dict[str, int] = {}
+    for file in sorted(set(weight_map.values())):
+        for shape, name in _read_header(file).values():
+            if name in _TORCH_DTYPES:
+                elements[name] = elements.get(name, 0) + math.prod(shape)
+    if not elements:
+        return None, 0
+    return _TORCH_DTYPES[max(elements, key=elements.__getitem__)], sum(elements.values())
+
+
+def stored_dtype(path: str | Path) -> torch.dtype | None:
+    """The dtype a checkpoint stores its weights in (LLaDA-8B: bfloat16); None without weight files."""
+    return stored_weights(path)[0]
 
 
 def _read_header(file: Path) -> dict[str, tuple[tuple[int, ...], str]]:

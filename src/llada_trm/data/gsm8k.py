@@ -267,6 +267,11 @@ def _load_hf_dataset(source: str, name: str, config: str) -> list[GSM8KRecord]:
         try:
             dataset = datasets.load_dataset(source, config, split=name)
         except Exception as err:  # offline misses raise ConnectionError, FileNotFoundError, ValueError...
+            if source not in HF_GSM8K_NAMES:  # `data/gsm8k` not made yet: a missing folder, not a Hub miss
+                raise DataError(
+                    f"{source}: no such file or folder (nor a dataset of that name in the local Hugging Face "
+                    "cache); write GSM8K there as train.jsonl and test.jsonl (docs/llada8b.md, step 2)"
+                ) from None
             raise DataError(
                 f"could not load {source!r} ({config}, {name}) offline from the local cache: {err}; {hint}"
             ) from None

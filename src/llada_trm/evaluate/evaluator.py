@@ -38,6 +38,7 @@ from llada_trm.dist_utils import gather_objects, is_main_process, shard_indices
 from llada_trm.evaluate import diagnostics as diag
 from llada_trm.evaluate.extraction import extract_flexible, extract_strict
 from llada_trm.evaluate.io import write_json, write_jsonl
+from llada_trm.evaluate.prompt_fit import fit_prompts
 from llada_trm.hybrid.chunking import chunk_sum
 from llada_trm.progress import progress_bar
 
@@ -242,7 +243,12 @@ def evaluate_model(  # noqa: PLR0913 - cli.py and compare.py pass every keyword
     if not records:
         raise ValueError("evaluate_model needs at least one record")
     options = options or SamplingOptions()
-    check_lengths(model, tokenizer, records, options)
+    fit = fit_prompts(
+        [len(encode_prompt(tokenizer, record.question)) for record in records],
+        options.gen_length,
+        _max_positions(model),
+        where=[record.origin or "" for record in records],
+    )
     counting, sampling = sampling_setup(model, tokenizer, options, num_steps)
     device = _device_of(model)
     was_training = getattr(model, "training", False)
@@ -254,15 +260,18 @@ def evaluate_model(  # noqa: PLR0913 - cli.py and compare.py pass every keyword
     predictions: list[dict[str, Any]] = []
     totals: dict[str, float] = {}
     nfe, generation_s = 0, 0.0
-    # Under torchrun each rank samples every world-th batch, each batch formed as one process forms it.
-    starts = range(0, len(records), options.batch_size)
+    # Prompts that do not fit are skipped (`prompt_fit`): the batches are formed from the others. Under
+    # torchrun each rank samples every world-th batch, each batch formed as one process forms it.
+    kept = fit.kept
+    starts = range(0, len(kept), options.batch_size)
     starts = [starts[i] for i in shard_indices(len(starts))]
-    share = sum(len(records[start : start + options.batch_size]) for start in starts)
+    share = sum(len(kept[start : start + options.batch_size]) for start in starts)
     main = is_main_process()
     bar = progress_bar(share, desc=desc, unit="problem", every=options.batch_size, enabled=progress and main)
     try:
         for start in starts:
-            batch = list(records[start : start + options.batch_size])
+            indices = kept[start : start + options.batch_size]
+            batch = [records[i] for i in indices]
             prompt, attention_mask = prompt_batch(tokenizer, [r.question for r in batch])
             prompt, attention_mask = prompt.to(device), attention_mask.to(device)
             recorder = diag.CommitRecorder(len(batch), sampling.gen_length) if diagnostics else None
@@ -273,8 +282,9 @@ def evaluate_model(  # noqa: PLR0913 - cli.py and compare.py pass every keyword
             # every sequence of the batch is in each of its model calls: TPF counts calls per sequence
             add_stats(totals, {SEQUENCE_CALLS: len(batch) * result.nfe})
             completions = decode_generated(tokenizer, result.tokens, result.prompt_length)
-            for offset, (record, completion) in enumerate(zip(batch, completions, strict=True)):
-                predictions.append(_score(record, completion, start + offset))
+            rows = zip(indices, batch, completions, strict=True)
+            for offset, (index, record, completion) in enumerate(rows):
+                predictions.append(_score(record, completion, index))
                 if recorder is not None:
                     predictions[-1]["commits"] = _commits(
                         recorder, offset, result, record, tokenizer, sampling, _refines(model, num_steps)
@@ -288,7 +298,11 @@ def evaluate_model(  # noqa: PLR0913 - cli.py and compare.py pass every keyword
             model.train()
 
     predictions, totals, nfe, generation_s = _merge_ranks(predictions, totals, nfe, generation_s)
+    if fit.skipped:  # every rank adds them after the merge: scored as wrong, in their place
+        predictions += [{**_score(records[i], "", i), "skipped": "prompt too long"} for i in fit.skipped]
+        predictions.sort(key=lambda p: p["index"])
     summary = _summary(predictions, totals, nfe, generation_s, time.perf_counter() - started, options)
+    summary["prompts"] = fit.record()
     if diagnostics:
         summary["diagnostics"] = diag.commit_diagnostics(predictions)
     summary.update(dict(metadata or {}))
@@ -351,7 +365,7 @@ def _summary(
     n = len(predictions)
     strict = sum(p["correct_strict"] for p in predictions)
     flexible = sum(p["correct_flexible"] for p in predictions)
-    tokens = n * options.gen_length
+    tokens = sum(1 for p in predictions if "skipped" not in p) * options.gen_length
     sequence_calls = totals.get(SEQUENCE_CALLS, 0.0)
     summary: dict[str, Any] = {
         "n": n,
@@ -360,7 +374,7 @@ def _summary(
         "accuracy_strict": strict / n,
         "accuracy_flexible": flexible / n,
         "formatted_fraction": sum(p["prediction_strict"] is not None for p in predictions) / n,
-        "empty_completions": sum(not p["completion"].strip() for p in predictions),
+        "empty_completions": sum(not p["completion"].strip() for p in predictions if "skipped" not in p),
         "refinement": _refinement(totals),
         "speed": {
             "tokens_per_s": tokens / generation_s if generation_s > 0 else None,

@@ -32,7 +32,7 @@ from transformers import PreTrainedTokenizerBase
 from llada_trm.assets import EMBEDDED_NAME, embedded_backbone_dir
 from llada_trm.backbone.fingerprint import directory_fingerprint
 from llada_trm.backbone.lora import merge_lora
-from llada_trm.build import build_model, load_hybrid
+from llada_trm.build import build_model, inference_dtype, load_hybrid, resolve_backbone_dir
 from llada_trm.config import RunConfig, parse_config
 from llada_trm.diffusion.options import SamplingOptions
 from llada_trm.errors import CheckpointError
@@ -161,14 +161,6 @@ def resolve_eval_device(name: str = "auto") -> torch.device:
     return resolve_device(name, setting="--device")
 
 
-def _resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    """'auto': bf16 on a bf16-capable GPU, fp32 on a CPU (bf16 matmuls are slow there)."""
-    if name == "auto":
-        bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
-        return torch.bfloat16 if bf16 else torch.float32
-    return dtype_named(name)
-
-
 def load_checkpoint(
     checkpoint: str | Path,
     *,
@@ -184,10 +176,10 @@ def load_checkpoint(
     if refiner is not None and refiner not in REFINER_CHOICES:
         raise ValueError(f"--refiner {refiner!r}: choose one of {', '.join(REFINER_CHOICES)}")
     device = device if isinstance(device, torch.device) else resolve_eval_device(device)
-    torch_dtype = _resolve_dtype(dtype, device)
     source = str(checkpoint)
     if source == EMBEDDED_NAME:
-        return _load_backbone(embedded_backbone_dir(), source, refiner, device, torch_dtype)
+        directory = Path(embedded_backbone_dir())
+        return _load_backbone(directory, source, refiner, device, inference_dtype(dtype, device, directory))
     path = Path(checkpoint).expanduser()
     if not path.exists():
         raise CheckpointError(
@@ -196,11 +188,12 @@ def load_checkpoint(
         )
     section = read_export_section(path) if path.is_dir() else None
     if section is not None:
+        torch_dtype = inference_dtype(dtype, device, path)
         return _load_export(path, section, source, refiner, device, torch_dtype, allow_backbone_mismatch)
     if _is_backbone_dir(path):
-        return _load_backbone(path, source, refiner, device, torch_dtype)
+        return _load_backbone(path, source, refiner, device, inference_dtype(dtype, device, path))
     directory = resolve_checkpoint_dir(path)
-    return _load_run(directory, source, refiner, device, torch_dtype, allow_backbone_mismatch)
+    return _load_run(directory, source, refiner, device, dtype, allow_backbone_mismatch)
 
 
 def _load_backbone(
@@ -239,13 +232,20 @@ def _load_run(
     source: str,
     refiner: str | None,
     device: torch.device,
-    dtype: torch.dtype,
+    dtype_name: str,
     allow_backbone_mismatch: bool,
 ) -> LoadedModel:
     config_path = directory / CONFIG_FILE
     config = read_run_config(directory)
     if config.model.dtype != "auto":
         dtype = DTYPES[config.model.dtype]
+    else:  # the run's backbone decides 'auto' (its dtype on disk), where a missing one fails below
+        backbone = Path(config.model.backbone).expanduser()
+        dtype = (
+            inference_dtype(dtype_name, device, resolve_backbone_dir(config.model.backbone))
+            if config.model.backbone == EMBEDDED_NAME or (backbone / "config.json").is_file()
+            else dtype_named("float32" if dtype_name == "auto" else dtype_name)
+        )
     where = f"{config_path}: model.backbone"
     built = build_model(config, device=device, dtype=dtype, error=CheckpointError, where=where)
     model, tokenizer, backbone_dir = built.model, built.tokenizer, built.backbone_dir

@@ -6,7 +6,9 @@
   strings are applied after decoding (the answer is cut at the first one) and `max_gen_toks` is ignored.
   A request's `gen_kwargs` may override any sampler option by name (lm-eval's `--gen_kwargs steps=64`); the
   task's `temperature` does too, as with lm-eval's own models (`do_sample` is ignored: temperature 0 is
-  greedy). Other keys (top_p, ...) have no meaning here and are ignored with a warning.
+  greedy). Other keys (top_p, ...) have no meaning here and are ignored with a warning. A prompt whose
+  tokens + gen_length exceed max_length is skipped: answered with an empty string (scored as wrong),
+  warned about and counted under `prompts` in the results' model info — `llada-trm eval`'s policy too.
 - `loglikelihood`: LLaDA's Monte-Carlo masked estimate (`likelihood.py`), `mc_num` draws (default 128)
   run `mc_batch_size` at a time; `is_greedy` from one forward over the fully masked continuation.
 - `loglikelihood_rolling`: the same estimate over lm-eval's disjoint rolling windows of `max_length`.
@@ -38,6 +40,7 @@ from llada_trm.data import pad_token_id, special_token_ids
 from llada_trm.diffusion import decode_generated, sample
 from llada_trm.errors import ConfigError
 from llada_trm.evaluate import SamplingOptions, load_checkpoint
+from llada_trm.evaluate.prompt_fit import POLICY, fit_prompts
 
 from .likelihood import greedy_matches, mc_log_likelihood
 from .results import name_results_after_checkpoint
@@ -143,6 +146,8 @@ class LLaDATRMLM(TemplateLM):
         self._generator = torch.Generator(device=self._device).manual_seed(self.options.seed)
         self._mc_generator = torch.Generator().manual_seed(self.options.seed)
         self._warned: set[str] = set()
+        self.skipped_prompts = 0  # prompts too long for max_length (`evaluate.prompt_fit`), so far
+        self.prompts_seen = 0
 
     # ----------------------------------------------------------------------------------- tokenisation
 
@@ -183,6 +188,7 @@ class LLaDATRMLM(TemplateLM):
             "sampling": self.options.to_dict(),
             "mc_num": self.mc_num,
             "max_length": self.max_length,
+            "prompts": {"policy": POLICY, "n": self.prompts_seen, "skipped": self.skipped_prompts},
         }
 
     # ----------------------------------------------------------------------------------- generation
@@ -207,18 +213,6 @@ class LLaDATRMLM(TemplateLM):
                 self._warn_once(f"llada_trm: the task's gen_kwargs set {key}={value!r} (model arg ignored)")
         return dataclasses.replace(self.options, **overrides), stops
 
-    def _prompt_ids(self, context: str, gen_length: int) -> list[int]:
-        ids = self.tok_encode(context)
-        room = self.max_length - gen_length
-        if room < 1:
-            raise ConfigError(
-                f"gen_length {gen_length} leaves no room for a prompt in max_length {self.max_length}"
-            )
-        if len(ids) > room:
-            self._warn_once(f"llada_trm: prompts longer than {room} tokens are cut from the left")
-            ids = ids[-room:]
-        return ids
-
     def _left_pad(self, rows: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
         width = max(len(row) for row in rows)
         input_ids = torch.full((len(rows), width), pad_token_id(self.tokenizer), dtype=torch.long)
@@ -238,15 +232,34 @@ class LLaDATRMLM(TemplateLM):
         return decode_generated(self.tokenizer, result.tokens, result.prompt_length)
 
     def generate_until(self, requests: list[Any], disable_tqdm: bool = False) -> list[str]:
-        """Sample every request; requests sharing sampler options are batched, longest prompts first."""
-        prepared = []
-        for index, request in enumerate(requests):
+        """Sample every request; requests sharing sampler options are batched, longest prompts first.
+
+        A prompt that does not fit max_length with its gen_length is skipped, answered with an empty string
+        (scored as wrong) and counted: the policy `llada-trm eval` follows too (`evaluate.prompt_fit`).
+        """
+        requested = []
+        for request in requests:
             context, gen_kwargs = request.args
             options, stops = self._request_options(gen_kwargs)
-            prepared.append((options, self._prompt_ids(context, options.gen_length), stops, index))
+            requested.append((options, self.tok_encode(context), stops))
+        fit = fit_prompts(
+            [len(ids) for _, ids, _ in requested], [o.gen_length for o, _, _ in requested], self.max_length
+        )
+        self.skipped_prompts += len(fit.skipped)
+        self.prompts_seen += fit.n
+        if fit.skipped:
+            self._warn_once(f"llada_trm: {POLICY}")
+            logger.warning(
+                "llada_trm: %d of %d prompts skipped (tokens + gen_length > max_length %d), answered with an "
+                "empty string and scored as wrong",
+                len(fit.skipped),
+                fit.n,
+                self.max_length,
+            )
+        prepared = [(*requested[i], i) for i in fit.kept]
         prepared.sort(key=lambda item: (repr(item[0]), -len(item[1]), item[3]))
         answers = [""] * len(requests)
-        bar = tqdm(total=len(requests), desc="llada_trm generate", disable=disable_tqdm or self.rank != 0)
+        bar = tqdm(total=len(prepared), desc="llada_trm generate", disable=disable_tqdm or self.rank != 0)
         start = 0
         while start < len(prepared):
             options = prepared[start][0]

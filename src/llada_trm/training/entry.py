@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from llada_trm.build import overlap_warning
 from llada_trm.config import load_config
 from llada_trm.dist_utils import is_main_process
 from llada_trm.errors import ConfigError
@@ -13,6 +15,8 @@ from llada_trm.training.run_dir import claim_run_dir
 from llada_trm.training.trainer import Trainer
 
 __all__ = ["run_train", "trainer_from_cli"]
+
+logger = logging.getLogger("llada_trm")
 
 
 def trainer_from_cli(
@@ -30,6 +34,9 @@ def trainer_from_cli(
     `force`, archives the old run).
     """
     config = load_config(config_path, overrides)
+    warning = overlap_warning(config) if is_main_process() else None
+    if warning:
+        logger.warning("warning: data: %s", warning)
     if resume is not None and force:
         raise ConfigError("--force starts a new run and --resume continues one; give only one of them")
     if resume is None and not force and is_main_process():
