@@ -14,16 +14,15 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from llada_trm.boundary import report
 from llada_trm.cli_eval import cmd_eval, cmd_generate
 from llada_trm.cli_sampling import add_sampling_options
-from llada_trm.errors import NonFiniteLossError, UserError
+from llada_trm.errors import UserError
 from llada_trm.progress import plain_progress
 
 __all__ = ["build_parser", "main"]
 
 PROG = "llada-trm"
-USAGE_ERROR = 2
-RUN_FAILED = 1
 INTERRUPTED = 130
 
 
@@ -462,20 +461,11 @@ def _version() -> str:
 # -------------------------------------------------------------------------------------------------- main
 
 
-def _user_errors() -> tuple[type[BaseException], ...]:
-    """Exception types that mean "fix your input": our ValueError subclasses, missing files, UserError."""
-    return (UserError, ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError)
-
-
-def _one_line(exc: BaseException) -> str:
-    text = " ".join(str(exc).split())
-    if isinstance(exc, OSError) and exc.filename and str(exc.filename) not in text:
-        text = f"{exc.filename}: {exc.strerror or text}"
-    return text or type(exc).__name__
-
-
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the CLI; returns the exit status (0 ok, 2 user error, 1 failed run, 130 interrupted)."""
+    """Run the CLI; returns the exit status (0 ok, 2 user error, 1 failed run, 130 interrupted).
+
+    Every failure the user can act on (`boundary.describe_failure`: bad input, any OSError, a failed write,
+    input nested too deeply, ...) is one line on stderr; only a bug keeps its traceback (and --debug)."""
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
@@ -485,17 +475,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.debug:
             raise
         print(f"{PROG}: interrupted", file=sys.stderr)
-        return 130
-    except _user_errors() as exc:
+        return INTERRUPTED
+    except Exception as exc:
         if args.debug:
             raise
-        print(f"{PROG}: error: {_one_line(exc)}", file=sys.stderr)
-        return USAGE_ERROR
-    except NonFiniteLossError as exc:  # a failed run: the message names the step and the last checkpoint
-        if args.debug:
+        status = report(PROG, exc, lambda line: print(line, file=sys.stderr))
+        if status is None:
             raise
-        print(f"{PROG}: error: {_one_line(exc)}", file=sys.stderr)
-        return RUN_FAILED
+        return status
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -53,8 +53,10 @@ def _as_ids(encoded: Any) -> list[int]:
 
 def encode_prompt(tokenizer: PreTrainedTokenizerBase, question: str) -> list[int]:
     """The question as one user turn plus the assistant header, through the tokenizer's chat template."""
+    from .chat_template import encode_chat  # a folder's unknown template renders under limits
+
     messages = [{"role": "user", "content": question}]
-    return _as_ids(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True))
+    return _as_ids(encode_chat(tokenizer, messages, add_generation_prompt=True))
 
 
 def encode_answer(tokenizer: PreTrainedTokenizerBase, answer: str, *, end_with_eot: bool = True) -> list[int]:

@@ -6,6 +6,7 @@ one message naming the setting, not deep inside the denoising loop.
 
 from __future__ import annotations
 
+import math
 import numbers
 from dataclasses import dataclass, field, fields
 from typing import Any
@@ -77,6 +78,15 @@ class SamplingOptions:
         self._check_choices()
 
     def _check_choices(self) -> None:
+        for name in ("temperature", "cfg_scale", "threshold"):
+            value = getattr(self, name)
+            if value is None and name == "threshold":
+                continue
+            if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+                # NaN passes every `<` test and inf scales every logit: refused here, wherever it came from
+                raise ValueError(f"{name} must be a finite number, got {value!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, numbers.Integral):
+            raise ValueError(f"seed must be an integer, got {self.seed!r}")
         if self.temperature < 0:
             raise ValueError(f"temperature must be >= 0 (0 is greedy), got {self.temperature}")
         if self.cfg_scale < 0:

@@ -47,13 +47,28 @@ class Answers:
 
 
 def _questions(questions: Sequence[str] | str) -> list[str]:
+    """The questions as a list, each a non-empty string of valid Unicode; anything else one ValueError."""
     if isinstance(questions, str):
-        return [questions]
-    listed = list(questions)
+        listed = [questions]
+    elif isinstance(questions, Sequence) and not isinstance(questions, bytes | bytearray):
+        listed = list(questions)  # a dict or a set would pass as its keys: refused, not guessed at
+    else:
+        raise ValueError(
+            f"generate expects a question string or a non-empty list of question strings, got "
+            f"{type(questions).__name__}"
+        )
     if not listed or not all(isinstance(q, str) for q in listed):
         raise ValueError("generate expects a question string or a non-empty list of question strings")
-    if any(not q.strip() for q in listed):
-        raise ValueError("generate was given an empty question; every question needs some text")
+    for number, question in enumerate(listed, start=1):
+        if not question.strip():
+            raise ValueError("generate was given an empty question; every question needs some text")
+        try:
+            question.encode("utf-8")
+        except UnicodeEncodeError as exc:  # surrogates: bytes that were not UTF-8 (argv, a latin-1 file)
+            raise ValueError(
+                f"question {number} holds characters that are not valid Unicode (position {exc.start}: "
+                f"{question[exc.start]!r}, an undecodable byte); pass the text as UTF-8"
+            ) from None
     return listed
 
 

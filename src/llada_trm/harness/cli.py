@@ -1,15 +1,22 @@
 """`llada-trm-lm-eval`: lm-eval's CLI with the `llada_trm` model registered and `gsm8k_local` findable.
 
 Arguments are lm-eval's own, passed through unchanged; only `--include_path` is added (the packaged task
-directory) when the command line has none. A missing lm-eval is a one-line error naming the extra.
+directory) when the command line has none. A missing lm-eval is a one-line error naming the extra, and so is
+every failure the user can act on (a bad model arg, a checkpoint that does not load, a full disk, ...: the
+boundary of `llada-trm`, `llada_trm.boundary`); `LLADA_TRM_DEBUG=1` shows the traceback instead.
 """
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Sequence
 
+from llada_trm.boundary import report
+
 from .tasks import tasks_dir
+
+PROG = "llada-trm-lm-eval"
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -23,7 +30,19 @@ def main(argv: Sequence[str] | None = None) -> None:
     if not any(a == "--include_path" or a.startswith("--include_path=") for a in args):
         args += ["--include_path", str(tasks_dir())]
     sys.argv = [sys.argv[0], *args]
-    cli_evaluate()
+    debug = os.environ.get("LLADA_TRM_DEBUG", "") not in ("", "0")
+    try:
+        cli_evaluate()
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        raise SystemExit(130) from None
+    except Exception as exc:
+        status = None if debug else report(PROG, exc, lambda line: print(line, file=sys.stderr))
+        if status is None:
+            raise
+        raise SystemExit(status) from None
 
 
 if __name__ == "__main__":

@@ -64,13 +64,20 @@ def apply_stop_strings(text: str, stops: Sequence[str]) -> str:
     return text[:cut]
 
 
-def _positive_int(name: str, value: Any) -> int:
+# Ceilings of the backend's own sizes: past them a typo only exhausts memory (mc_num draws are one tensor).
+_MAX_MC = 1_000_000
+_MAX_BATCH = 4096
+
+
+def _positive_int(name: str, value: Any, ceiling: int | None = None) -> int:
     try:
         number = int(value)
-    except (TypeError, ValueError):
-        raise ConfigError(f"{name}={value!r}: give a positive integer") from None
+    except (TypeError, ValueError, OverflowError):
+        raise ConfigError(f"llada_trm: {name}={value!r}: give a positive integer") from None
     if number < 1 or str(number) != str(value).strip():
-        raise ConfigError(f"{name}={value!r}: give a positive integer")
+        raise ConfigError(f"llada_trm: {name}={value!r}: give a positive integer")
+    if ceiling is not None and number > ceiling:
+        raise ConfigError(f"llada_trm: {name}={value!r}: give at most {ceiling}")
     return number
 
 
@@ -136,12 +143,21 @@ class LLaDATRMLM(TemplateLM):
         self.tokenizer = self.loaded.tokenizer
         self.ids = special_token_ids(self.tokenizer)
         self._device = next(self.loaded.model.parameters()).device
-        self.batch_size = _positive_int("batch_size", 16 if batch_size is None else batch_size)
-        self.options = _model_arg_sampling(checkpoint, self.batch_size, sampling)
-        self.mc_num = _positive_int("mc_num", mc_num)
-        self.mc_batch_size = _positive_int("mc_batch_size", mc_batch_size)
-        limit = self.loaded.model.backbone.config.max_sequence_length if max_length is None else max_length
-        self.max_length = _positive_int("max_length", limit)
+        self.batch_size = _positive_int("batch_size", 16 if batch_size is None else batch_size, _MAX_BATCH)
+        try:
+            self.options = _model_arg_sampling(checkpoint, self.batch_size, sampling)
+        except ValueError as exc:
+            raise ConfigError(f"llada_trm: model args: {' '.join(str(exc).split())}") from None
+        self.mc_num = _positive_int("mc_num", mc_num, _MAX_MC)
+        self.mc_batch_size = _positive_int("mc_batch_size", mc_batch_size, _MAX_BATCH)
+        positions = self.loaded.model.backbone.config.max_sequence_length
+        self.max_length = _positive_int("max_length", positions if max_length is None else max_length)
+        if self.max_length > positions:
+            # past its positions the backbone's rotary tables end: answers would be sampled on garbage
+            raise ConfigError(
+                f"llada_trm: max_length={self.max_length} exceeds the backbone's {positions} positions "
+                f"(max_sequence_length); give max_length <= {positions} or leave it out"
+            )
         self.net = _Budgeted(self.loaded.model, self.loaded.num_steps)
         self._generator = torch.Generator(device=self._device).manual_seed(self.options.seed)
         self._mc_generator = torch.Generator().manual_seed(self.options.seed)
@@ -176,10 +192,11 @@ class LLaDATRMLM(TemplateLM):
     def apply_chat_template(
         self, chat_history: list[dict[str, str]], add_generation_prompt: bool = True
     ) -> str:
-        """lm-eval's `--apply_chat_template`: the tokenizer's (LLaDA's) template, rendered as text."""
-        return self.tokenizer.apply_chat_template(
-            chat_history, tokenize=False, add_generation_prompt=add_generation_prompt
-        )
+        """lm-eval's `--apply_chat_template`: the tokenizer's (LLaDA's) template, rendered as text (a
+        folder's unknown template under limits, `data.chat_template`)."""
+        from llada_trm.data.chat_template import render_chat
+
+        return render_chat(self.tokenizer, chat_history, add_generation_prompt)
 
     def get_model_info(self) -> dict[str, Any]:
         """Recorded in lm-eval's results under `config`."""
@@ -211,7 +228,10 @@ class LLaDATRMLM(TemplateLM):
         for key, value in overrides.items():
             if value != getattr(self.options, key):
                 self._warn_once(f"llada_trm: the task's gen_kwargs set {key}={value!r} (model arg ignored)")
-        return dataclasses.replace(self.options, **overrides), stops
+        try:
+            return dataclasses.replace(self.options, **overrides), stops
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(f"llada_trm: gen_kwargs: {' '.join(str(exc).split())}") from None
 
     def _left_pad(self, rows: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
         width = max(len(row) for row in rows)
