@@ -12,6 +12,7 @@ package: it keeps its traceback. `--debug` shows the traceback of everything.
 from __future__ import annotations
 
 import errno
+import re
 from typing import Any
 
 __all__ = ["RUN_FAILED", "USAGE_ERROR", "describe_failure", "one_line", "report"]
@@ -31,7 +32,7 @@ _OS_HINTS: dict[int, str] = {
     errno.ENOTDIR: "a part of this path is a file, not a folder; choose another path",
     errno.EISDIR: "this is a folder where a file was expected; give the file's path",
     errno.ENOENT: "no such file or folder; check the path",
-    errno.EEXIST: "it already exists; choose a new path",
+    errno.EEXIST: "it already exists (a file where a folder is needed?); choose another path",
     errno.ENAMETOOLONG: "the name is too long; choose a shorter path",
     errno.ELOOP: "too many symbolic links; give the real path",
     errno.EMFILE: "too many open files; raise the limit (ulimit -n) and run again",
@@ -50,8 +51,18 @@ def one_line(exc: BaseException) -> str:
     return text or type(exc).__name__
 
 
+_TEMPORARY = re.compile(r"^\.(?P<name>.+)\.[A-Za-z0-9_]+\.tmp$")
+
+
+def _target(path: str) -> str:
+    """The file a write-then-rename temporary (`.NAME.xxxx.tmp`, `io.atomic_path`) stands for."""
+    head, _, name = path.rpartition("/")
+    match = _TEMPORARY.match(name)
+    return f"{head}/{match['name']}" if match and head else match["name"] if match else path
+
+
 def _os_error(exc: OSError) -> str:
-    paths = [str(p) for p in (exc.filename, exc.filename2) if p not in (None, "")]
+    paths = [_target(str(p)) for p in (exc.filename, exc.filename2) if p not in (None, "")]
     words = exc.strerror or " ".join(str(exc).split()) or type(exc).__name__
     hint = _OS_HINTS.get(exc.errno or -1)
     where = " -> ".join(paths)

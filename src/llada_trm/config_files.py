@@ -15,7 +15,7 @@ import yaml
 from pydantic import BaseModel, ValidationError
 
 from llada_trm.errors import ConfigError
-from llada_trm.schema import describe, read_yaml
+from llada_trm.schema import describe, parse_yaml, read_yaml
 
 __all__ = ["apply_overrides", "dump_yaml", "load_schema", "parse_override", "parse_schema"]
 
@@ -34,10 +34,8 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     parts = key.split(".")
     if any(not p for p in parts):
         raise ConfigError(f"--set {text!r}: {key!r} is not a dotted key (e.g. training.lr)")
-    try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"--set {text!r}: the value is not valid YAML ({_first_line(str(exc))})") from None
+    # read as strictly as a config file: an alias bomb or a duplicate key in a value fails here, naming --set
+    value = parse_yaml(raw, source=f"--set {key}") if raw.strip() else ""
     return parts, value
 
 

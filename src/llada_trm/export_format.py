@@ -59,7 +59,7 @@ def read_export_section(directory: Path) -> dict[str, Any] | None:
         return None
     try:
         raw = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError):
+    except (OSError, ValueError, RecursionError):  # JSON or UTF-8 errors
         return None  # the backbone loader names the problem with the file
     section = raw.get(EXPORT_KEY) if isinstance(raw, dict) else None
     if section is None:

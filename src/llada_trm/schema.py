@@ -116,14 +116,31 @@ def describe(
         loc = [str(p) for p in err["loc"]]
         dotted = ".".join(loc)
         explanation = _explain(err, loc, schema)
-        if dotted in override_keys:
-            messages.append(f"--set {dotted}: {dotted}: {explanation}")
+        blamed = _override_for(dotted, explanation, override_keys)
+        if blamed is not None:
+            messages.append(f"--set {blamed}: {dotted or blamed}: {explanation}")
         elif source == schema.__name__:
             messages.append(f"{source}{'.' + dotted if dotted else ''}: {explanation}")
         else:
             messages.append(f"{source}: {dotted + ': ' if dotted else ''}{explanation}")
     extra = f" (and {len(messages) - 1} more)" if len(messages) > 1 else ""
     return messages[0] + extra
+
+
+def _override_for(dotted: str, explanation: str, override_keys: Collection[str]) -> str | None:
+    """The `--set` key an error at `dotted` comes from: the key itself, a section it replaced (the error is
+    inside it), or a key inside the failing section (a check of the whole section, e.g. `sampling`, names the
+    field it found wrong); None when the value came from the file."""
+    if dotted in override_keys:
+        return dotted
+    above = [key for key in override_keys if dotted.startswith(key + ".")]
+    if above:
+        return max(above, key=len)
+    inside = [key for key in override_keys if not dotted or key.startswith(dotted + ".")]
+    named = [key for key in inside if key.rsplit(".", 1)[-1] in explanation]
+    if named:
+        return named[0]
+    return inside[0] if len(inside) == 1 else None
 
 
 def _explain(err: Mapping[str, Any], loc: list[str], schema: type[BaseModel]) -> str:
@@ -281,6 +298,10 @@ def parse_yaml(text: str, source: str = "<yaml>") -> Any:
         return loader.construct_document(node)
     except yaml.YAMLError as exc:
         raise ConfigError(f"{source}: not valid YAML ({' '.join(str(exc).split())})") from None
+    except RecursionError:
+        raise ConfigError(
+            f"{source}: nested too deeply to read (Python's recursion limit); flatten the YAML"
+        ) from None
     finally:
         loader.dispose()
 

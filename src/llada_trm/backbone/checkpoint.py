@@ -126,6 +126,11 @@ def _read_header(file: Path) -> dict[str, tuple[tuple[int, ...], str]]:
         raise CheckpointError(f"cannot read safetensors file {file}: {err} (corrupt or truncated?)") from None
 
 
+def _plain_name(name: object) -> bool:
+    plain = isinstance(name, str) and name not in ("", ".", "..") and "\\" not in name
+    return plain and Path(str(name)).name == name
+
+
 def _weight_map(path: Path) -> dict[str, Path]:
     """Which file holds each tensor, from the index if there is one, else from model.safetensors."""
     index_file, single_file = path / INDEX_NAME, path / WEIGHTS_NAME
@@ -136,6 +141,11 @@ def _weight_map(path: Path) -> dict[str, Path]:
             raise CheckpointError(f"{index_file} is not a valid safetensors index ({err!r})") from None
         if not isinstance(weight_map, dict):
             raise CheckpointError(f"{index_file}: 'weight_map' must map tensor names to shard files")
+        bad = sorted(str(n) for n in set(weight_map.values()) if not _plain_name(n))
+        if bad:  # an index naming `../x` or an absolute path would read weights from outside the folder
+            raise CheckpointError(
+                f"{index_file}: shard names must be plain file names inside {path}, got {', '.join(bad[:3])}"
+            )
         shards = {name: path / name for name in set(weight_map.values())}
         absent = sorted(name for name, file in shards.items() if not file.is_file())
         if absent:
@@ -144,6 +154,31 @@ def _weight_map(path: Path) -> dict[str, Path]:
     if single_file.is_file():
         return dict.fromkeys(_read_header(single_file), single_file)
     raise CheckpointError(f"no {WEIGHTS_NAME} or {INDEX_NAME} in {path}")
+
+
+_BLOCK = re.compile(r"(?:^|\.)blocks\.(\d+)\.")
+
+
+def check_layout(config: LLaDAConfig, path: str | Path) -> None:
+    """Refuse a config.json whose layer count or embedding shape the weights contradict, reading only the
+    safetensors headers: a damaged `n_layers` or `d_model` fails here, before a single block is built."""
+    path = Path(path)
+    weight_map = _weight_map(path)
+    blocks = {int(m.group(1)) for key in weight_map if (m := _BLOCK.search(key))}
+    if blocks and len(blocks) != config.n_layers:
+        raise CheckpointError(
+            f"{path / CONFIG_NAME}: n_layers={config.n_layers}, but the weights hold {len(blocks)} blocks; "
+            "restore the config.json that came with these weights"
+        )
+    wte = next((key for key in weight_map if key.endswith("transformer.wte.weight")), None)
+    if wte is not None:
+        shape = _read_header(weight_map[wte]).get(wte, ((), ""))[0]
+        expected = (config.effective_embedding_size, config.d_model)
+        if shape != expected:
+            raise CheckpointError(
+                f"{path / CONFIG_NAME}: embedding_size x d_model = {expected}, but the weights' {wte} is "
+                f"{shape}; restore the config.json that came with these weights"
+            )
 
 
 def _listing(items: list[str]) -> str:

@@ -24,6 +24,23 @@ from llada_trm.errors import ConfigError
 # Fields without which no model can be built; a config.json lacking one is an error, not a default.
 REQUIRED_FIELDS = ("d_model", "n_heads", "n_layers", "vocab_size")
 
+# Ceilings on every size, checked before a single block is built: LLaDA-8B uses at most a tenth of each, and
+# past them a typo (`n_layers: 100000`) would spend minutes building modules (or exhaust memory) before the
+# weights could disagree with it.
+MAX_SIZES = {
+    "d_model": 65536,
+    "n_heads": 1024,
+    "n_kv_heads": 1024,
+    "n_layers": 1024,
+    "vocab_size": 4_194_304,
+    "embedding_size": 4_194_304,
+    "mlp_ratio": 64,
+    "mlp_hidden_size": 1_048_576,
+    "max_sequence_length": 1_048_576,
+    "block_group_size": 1024,
+}
+_TOKEN_FIELDS = ("mask_token_id", "eos_token_id", "pad_token_id")
+
 # The only values of LLaDA's "which variant" switches that this implementation computes.
 _SUPPORTED = {
     "block_type": ("llama",),
@@ -144,11 +161,26 @@ class LLaDAConfig:
                     f"only LLaDA's llama-style architecture is implemented"
                 )
 
+    def _check_ceilings(self) -> None:
+        """Every size under `MAX_SIZES`, every token id >= 0 (before any module is built)."""
+        for name, ceiling in MAX_SIZES.items():
+            value = getattr(self, name)
+            if value is not None and value > ceiling:
+                raise ConfigError(
+                    f"LLaDAConfig.{name}={value} is past this package's ceiling of {ceiling}; the "
+                    "config.json is damaged or not a LLaDA model's"
+                )
+        for name in _TOKEN_FIELDS:
+            value = getattr(self, name)
+            if not 0 <= value < MAX_SIZES["embedding_size"]:  # the tokenizer's ids are checked on load
+                raise ConfigError(f"LLaDAConfig.{name} must be a token id (>= 0), got {value}")
+
     def _check_sizes(self) -> None:
         """Positive sizes that divide as attention needs (heads, rotary halves, key/value groups)."""
         for name in ("d_model", "n_heads", "n_layers", "vocab_size", "max_sequence_length", "mlp_ratio"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"LLaDAConfig.{name} must be positive, got {getattr(self, name)}")
+        self._check_ceilings()
         if self.d_model % self.n_heads:
             raise ConfigError(f"d_model={self.d_model} is not divisible by n_heads={self.n_heads}")
         if self.head_dim % 2:
@@ -171,8 +203,10 @@ class LLaDAConfig:
     def _check_numbers(self) -> None:
         if not (self.rope_theta > 0 and math.isfinite(self.rope_theta)):
             raise ConfigError(f"rope_theta must be a positive number, got {self.rope_theta}")
-        if self.rms_norm_eps <= 0:
-            raise ConfigError(f"rms_norm_eps must be positive, got {self.rms_norm_eps}")
+        if not (0 < self.rms_norm_eps < 1):
+            raise ConfigError(f"rms_norm_eps must be in (0, 1), got {self.rms_norm_eps}")
+        if not (0 <= self.init_std < math.inf):
+            raise ConfigError(f"init_std must be a finite number >= 0, got {self.init_std}")
         for name in ("embedding_dropout", "attention_dropout", "residual_dropout"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ConfigError(f"{name} must be in [0, 1), got {getattr(self, name)}")
@@ -210,6 +244,8 @@ class LLaDAConfig:
             data = json.loads(text)
         except json.JSONDecodeError as err:
             raise ConfigError(f"{path}: invalid JSON ({err})") from None
+        except RecursionError:
+            raise ConfigError(f"{path}: nested too deeply to read; restore the model's config.json") from None
         return cls.from_dict(data, source=str(path))
 
     def to_llada_json_dict(self) -> dict[str, Any]:

@@ -32,7 +32,13 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from llada_trm.backbone.checkpoint import DTypeLike, load_weights, read_config, save_checkpoint
+from llada_trm.backbone.checkpoint import (
+    DTypeLike,
+    check_layout,
+    load_weights,
+    read_config,
+    save_checkpoint,
+)
 from llada_trm.backbone.config import LLaDAConfig
 from llada_trm.backbone.kv_cache import KVCache
 
@@ -381,6 +387,7 @@ class LLaDAModel(nn.Module):
         peak memory is one copy of the weights. `dtype=None` keeps the stored dtype. Returns it in eval mode.
         """
         config = read_config(path)
+        check_layout(config, path)  # the config's sizes against the weights' headers, before any module
         with torch.device("meta"):
             model = cls(config)
         load_weights(model, path, dtype=dtype, device=device)

@@ -26,7 +26,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
-import yaml
 from transformers import PreTrainedTokenizerBase
 
 from llada_trm.assets import EMBEDDED_NAME, embedded_backbone_dir
@@ -35,8 +34,8 @@ from llada_trm.backbone.lora import merge_lora
 from llada_trm.build import build_model, inference_dtype, load_hybrid, resolve_backbone_dir
 from llada_trm.config import RunConfig, parse_config
 from llada_trm.diffusion.options import SamplingOptions
-from llada_trm.errors import CheckpointError
-from llada_trm.export_format import REFINER_FILE, export_run_config, read_export_section
+from llada_trm.errors import CheckpointError, ConfigError
+from llada_trm.export_format import EXPORT_KEY, REFINER_FILE, export_run_config, read_export_section
 from llada_trm.hybrid import HybridConfig, LLaDATRMHybrid
 from llada_trm.io import DTYPES, dtype_named, resolve_device
 from llada_trm.run_checkpoint import (
@@ -47,6 +46,7 @@ from llada_trm.run_checkpoint import (
     refiner_names,
     resolve_checkpoint_dir,
 )
+from llada_trm.schema import read_yaml
 
 if TYPE_CHECKING:
     from llada_trm.evaluate.answering import Answers
@@ -294,9 +294,8 @@ def _load_export(
     built = build_model(config, device=device, dtype=dtype, error=CheckpointError, where=where)
     model = built.model
     if section.get("refiner_file"):
-        model.load_refiner(
-            directory / str(section["refiner_file"]), allow_backbone_mismatch=allow_backbone_mismatch
-        )
+        refiner_path = _inside(directory, section["refiner_file"], where)
+        model.load_refiner(refiner_path, allow_backbone_mismatch=allow_backbone_mismatch)
     elif model.refiner_state_dict():
         raise CheckpointError(f"{where}: names no {REFINER_FILE} for its {config.model.refiner} refiner")
     running, num_steps = _select_refiner(model, config, refiner, source)
@@ -312,12 +311,29 @@ def _load_export(
     )
 
 
+def _inside(directory: Path, name: object, where: str) -> Path:
+    """`directory / name` for a file an export names, refused unless it is a plain file name of the export
+    itself: `../..`, an absolute path or a link out of the folder would load a file the export lacks."""
+    plain = isinstance(name, str) and name not in ("", ".", "..") and "\\" not in name
+    if not plain or Path(str(name)).name != name:
+        raise CheckpointError(
+            f"{where}: {EXPORT_KEY}.refiner_file {name!r} must be a file name inside the export "
+            f"(e.g. {REFINER_FILE}); re-export the run (llada-trm export RUN OUT)"
+        )
+    path = directory / name
+    if not path.resolve().is_relative_to(directory.resolve()):
+        raise CheckpointError(
+            f"{where}: {EXPORT_KEY}.refiner_file {name!r} links outside the export; re-export the run"
+        )
+    return path
+
+
 def read_run_config(directory: Path) -> RunConfig:
     config_path = directory / CONFIG_FILE
-    try:
-        raw = yaml.safe_load(config_path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as exc:
-        raise CheckpointError(f"{config_path}: not valid YAML ({' '.join(str(exc).split())})") from None
+    try:  # strictly, as a config file: duplicate keys, alias bombs, deep nesting and non-UTF-8 fail here
+        raw = read_yaml(config_path)
+    except ConfigError as exc:
+        raise CheckpointError(str(exc)) from None
     return parse_config(raw, source=str(config_path))
 
 

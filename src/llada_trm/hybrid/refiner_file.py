@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor
@@ -80,6 +81,12 @@ def read_refiner_weights(
             f"{' ...' if len(missing) > 5 else ''}, unexpected {unexpected[:5]}"
             f"{' ...' if len(unexpected) > 5 else ''}; build the model with the HybridConfig they were "
             "trained with"
+        )
+    bad = sorted(n for n, t in stored.items() if t.is_floating_point() and not bool(torch.isfinite(t).all()))
+    if bad:  # as a run checkpoint's are: a NaN refiner would only show up as empty or garbage answers
+        raise CheckpointError(
+            f"refiner weights {path} hold NaN/inf values in {len(bad)} tensor(s) ({', '.join(bad[:3])}"
+            f"{' ...' if len(bad) > 3 else ''}); the file is broken, export or train the run again"
         )
     for name, tensor in stored.items():
         if tensor.shape != expected[name].shape:
