@@ -78,13 +78,15 @@ def to_int(value: Any) -> Any:
     return value
 
 
-Float = Annotated[float, BeforeValidator(to_float)]
+# No config number may be NaN or infinite (`.nan` and `.inf` are valid YAML): a NaN passes every comparison
+# and would reach the run as a silent wrong setting.
+Float = Annotated[float, BeforeValidator(to_float), Field(allow_inf_nan=False)]
 Int = Annotated[int, BeforeValidator(to_int)]
 PosInt = Annotated[int, BeforeValidator(to_int), Field(ge=1)]
 NonNegInt = Annotated[int, BeforeValidator(to_int), Field(ge=0)]
-PosFloat = Annotated[float, BeforeValidator(to_float), Field(gt=0.0)]
-NonNegFloat = Annotated[float, BeforeValidator(to_float), Field(ge=0.0)]
-Fraction = Annotated[float, BeforeValidator(to_float), Field(ge=0.0, le=1.0)]
+PosFloat = Annotated[float, BeforeValidator(to_float), Field(gt=0.0, allow_inf_nan=False)]
+NonNegFloat = Annotated[float, BeforeValidator(to_float), Field(ge=0.0, allow_inf_nan=False)]
+Fraction = Annotated[float, BeforeValidator(to_float), Field(ge=0.0, le=1.0, allow_inf_nan=False)]
 
 
 class Section(BaseModel):
@@ -153,6 +155,8 @@ def _explain(err: Mapping[str, Any], loc: list[str], schema: type[BaseModel]) ->
         return f"unknown key; {hint}"
     if kind == "missing":
         return "required key is missing"
+    if kind == "finite_number":
+        return f"expected a finite number, got {value!r}"
     if kind in {"float_parsing", "float_type"}:
         return f"expected a number, got {value!r}"
     if kind in {"int_parsing", "int_type", "int_from_float"}:

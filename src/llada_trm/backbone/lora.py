@@ -121,6 +121,15 @@ def add_lora(
         raise ConfigError(f"lora: layers {chosen} outside 0..{len(blocks) - 1} of this backbone")
     block_names = {id(module): name for name, module in backbone.named_modules()}
     modules = [f"{block_names[id(blocks[i])]}.{target}" for i in chosen for target in targets]
+    widths = {target: min(blocks[chosen[0]].get_submodule(target).weight.shape) for target in targets}
+    narrow = {target: width for target, width in widths.items() if rank > width}
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1 or narrow:
+        # a rank past a layer's width adds no expressiveness, only parameters: almost surely a typo
+        limit = min(widths.values())
+        raise ConfigError(
+            f"lora.rank={rank!r} must be an integer in 1..{limit} (the narrowest targeted layer, "
+            f"{min(widths, key=widths.__getitem__)}, is {limit} wide)"
+        )
     peft = require_peft()
     config = peft.LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=modules)
     peft.inject_adapter_in_model(config, backbone, adapter_name=ADAPTER_NAME)
