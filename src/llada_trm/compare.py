@@ -32,8 +32,15 @@ from llada_trm.compare_config import (
     load_compare_config,
     parse_seeds,
 )
-from llada_trm.compare_resume import finished_evaluation, finished_training, record_training
+from llada_trm.compare_resume import (
+    CHECKPOINT_KEY,
+    checkpoint_identity,
+    finished_evaluation,
+    finished_training,
+    record_training,
+)
 from llada_trm.config import RunConfig
+from llada_trm.errors import UserError
 from llada_trm.io import write_json, write_text_atomic
 
 __all__ = [  # the settings (`compare_config`) are re-exported
@@ -210,6 +217,10 @@ def run_compare(
     from llada_trm.evaluate import evaluate_model, load_checkpoint, load_eval_records, synthetic_settings
     from llada_trm.training.run_dir import claim_compare_dir
 
+    if force and resume:  # one archives the comparison, the other continues it: never one silently ignored
+        raise UserError(
+            "--resume continues the comparison in output.dir and --force archives it to start anew; give one"
+        )
     started = time.perf_counter()
     out = Path(config.output.dir)
     ev, data, seeds = config.evaluation, config.run.data, config.seed_list()
@@ -242,8 +253,13 @@ def run_compare(
         loaded = load_checkpoint(checkpoint, refiner="none" if kind == "none" else None, device=device)
         # at temperature > 0 the sampler's noise follows the training seed, so seeds are independent draws
         sampling = options if deterministic or seed is None else replace(options, seed=options.seed + seed)
-        directory = out / (kind if seed is None else f"seed{seed}/{kind}") / "eval" / dataset_name
-        done = finished_evaluation(directory, questions, sampling.to_dict()) if resume else None
+        identity = checkpoint_identity(Path(checkpoint), out)
+        # keyed by the checkpoint sampled: `best` and `last` of one run never share (or reuse) an evaluation
+        name = dataset_name if identity["checkpoint"] in ("last", "backbone") else (
+            f"{dataset_name}-{identity['checkpoint']}"
+        )
+        directory = out / (kind if seed is None else f"seed{seed}/{kind}") / "eval" / name
+        done = finished_evaluation(directory, questions, sampling.to_dict(), identity) if resume else None
         if done is not None:
             echo(f"reusing {directory} (--resume)")
             return done, loaded
@@ -254,7 +270,8 @@ def run_compare(
             sampling,
             num_steps=loaded.num_steps,
             out_dir=directory,
-            metadata={"model": loaded.describe(), "dataset": data.dataset, "split": ev.split, "seed": seed},
+            metadata={"model": loaded.describe(), "dataset": data.dataset, "split": ev.split, "seed": seed,
+                      CHECKPOINT_KEY: identity},  # fmt: skip
             progress=progress,
             desc=f"eval {kind}" + ("" if seed is None else f" seed {seed}"),
             diagnostics=True,
@@ -274,17 +291,28 @@ def run_compare(
             for s in seeds if seed is None else [seed]:
                 results[s]["none"] = result
             backbone_rows[seeds[0] if seed is None else seed] = {"result": result, "seed": seed}
+    fallbacks: list[dict[str, Any]] = []
     for seed in seeds:
         for kind in config.refiners:
             summary, train_s = trained[seed, kind]
             checkpoint = out / f"seed{seed}" / kind / "checkpoints" / ev.checkpoint
-            if not checkpoint.is_dir():  # no validation set: the trainer wrote no 'best'
+            if not checkpoint.is_dir() and ev.checkpoint == "best":  # no validation set: no 'best' written
                 checkpoint = checkpoint.parent / "last"
+                reason = "the run kept no 'best' checkpoint (no validation set)"
+                fallbacks.append({"seed": seed, "refiner": kind, "asked": "best", "used": "last",
+                                  "reason": reason})  # fmt: skip
+                echo(f"note: {kind}, seed {seed}: no 'best' checkpoint (the run has no validation set); "
+                     "sampling 'last' instead (recorded in comparison.json)")  # fmt: skip
             result, loaded = sample(kind, seed, checkpoint)
             results[seed][kind] = result
             validation[seed][kind] = validator(loaded)
             files.extend(result.files)
-    sampled = _Sampled(_table_rows(config, trained, results, validation, backbone_rows), results, validation)
+    rows = _table_rows(config, trained, results, validation, backbone_rows)
+    for row in rows:  # which checkpoint each row sampled, as asked or as fallen back to
+        fell = {(f["seed"], f["refiner"]) for f in fallbacks}
+        used = "last" if (row["seed"], row["refiner"]) in fell else ev.checkpoint
+        row["checkpoint"] = "backbone" if row["refiner"] == "none" else used
+    sampled = _Sampled(rows, results, validation, fallbacks)
     return _finish(config, out, sampled, split_check, options, started, files, echo)
 
 
@@ -345,6 +373,7 @@ class _Sampled:
     rows: list[dict[str, Any]]
     results: Mapping[int, Mapping[str, Any]]
     validation: Mapping[int, Mapping[str, Any]]
+    fallbacks: list[dict[str, Any]] = field(default_factory=list)
 
 
 def _finish(
@@ -407,6 +436,7 @@ def _finish(
         "diagnostics": None if diagnostics is None else {"file": DIAGNOSTICS_JSON, "plot": RELIABILITY_PNG,
                                                           "pooled": cr.diagnostics_summary(diagnostics)},
         "elapsed_s": elapsed,
+        "checkpoint": {"asked": ev.checkpoint, "fallbacks": sampled.fallbacks},
         "config": config.model_dump(mode="json"),
     }
     statistics = cr.statistics_markdown(stats, validation_stats)

@@ -426,7 +426,8 @@ def comparison_markdown(
         f"the {check['problems']['train']} training and {check['problems']['validation']} validation "
         f"problems ({check['method']}: 0 shared). Training seeds {', '.join(map(str, report['seeds']))}; "
         f"{_training_phrase(config)} for {steps} optimizer steps, evaluated from "
-        f"checkpoints/{ev.checkpoint}. Sampler: gen_length {sampling.gen_length}, block_length "
+        f"checkpoints/{ev.checkpoint}{_fallback_note(report)}. Sampler: gen_length {sampling.gen_length}, "
+        "block_length "
         f"{sampling.block_length}, steps {sampling.steps}, temperature {sampling.temperature}{extras}. "
         f"The backbone alone is {report['backbone_runs']}.\n\n{table}\n\n"
         "Accuracy intervals are 95% Wilson intervals; \"not significant\" means the exact McNemar (or, "
@@ -443,3 +444,12 @@ def comparison_markdown(
     if diagnostics is not None:
         text += "\n" + diagnostics_section_markdown(diagnostics, report["seeds"])
     return text + f"\nTotal time {report['elapsed_s'] / 60:.1f} min.\n"
+
+
+def _fallback_note(report: Mapping[str, Any]) -> str:
+    """Said where `best` was asked for and a run had none (no validation set): its `last` was sampled."""
+    fallbacks = (report.get("checkpoint") or {}).get("fallbacks") or []
+    if not fallbacks:
+        return ""
+    runs = ", ".join(f"{f['refiner']} seed {f['seed']}" for f in fallbacks)
+    return f" (no 'best' checkpoint without a validation set, so checkpoints/last for {runs})"

@@ -2,7 +2,9 @@
 
 A model's training counts as finished when its run directory holds `compare_training.json` (written after
 its training returned) and its config.yaml is the run this comparison plans; an evaluation when its
-directory holds predictions.jsonl + summary.json for the same problems and sampler. Anything else is
+directory holds predictions.jsonl + summary.json for the same problems, sampler and checkpoint (its
+identity, `checkpoint_identity`: which checkpoint of which run, at which step, is recorded in the summary;
+the evaluation directory is keyed by it too, so `best` and `last` never share one). Anything else is
 trained or sampled again (a training cut short starts over: its directory is archived); a finished run
 planned differently is an error, never silently reused.
 """
@@ -17,9 +19,35 @@ from llada_trm.config import RunConfig, load_config
 from llada_trm.io import write_json
 from llada_trm.training.run_dir import RunDirError
 
-__all__ = ["TRAINED_FILE", "finished_evaluation", "finished_training", "record_training"]
+__all__ = [
+    "CHECKPOINT_KEY",
+    "TRAINED_FILE",
+    "checkpoint_identity",
+    "finished_evaluation",
+    "finished_training",
+    "record_training",
+]
 
 TRAINED_FILE = "compare_training.json"
+CHECKPOINT_KEY = "checkpoint_identity"
+
+
+def checkpoint_identity(checkpoint: Path, out: Path) -> dict[str, Any]:
+    """What an evaluation sampled: a run checkpoint's name (`last` / `best`), its folder relative to the
+    comparison and the step it holds; for the backbone alone, its folder."""
+    from llada_trm.run_checkpoint import STATE_FILE
+
+    state_file = checkpoint / STATE_FILE
+    if not state_file.is_file():
+        return {"checkpoint": "backbone", "path": str(checkpoint)}
+    from llada_trm.training.checkpoint import load_trainer_state
+
+    step = int(load_trainer_state(checkpoint)["train_state"]["step"])
+    try:
+        where = str(checkpoint.relative_to(out))
+    except ValueError:
+        where = str(checkpoint)
+    return {"checkpoint": checkpoint.name, "path": where, "step": step}
 
 
 def record_training(run_dir: Path, summary: dict[str, Any], train_s: float) -> Path:
@@ -42,8 +70,11 @@ def finished_training(run_dir: Path, planned: RunConfig) -> tuple[dict[str, Any]
     return data["summary"], float(data["train_s"])
 
 
-def finished_evaluation(directory: Path, questions: list[str], sampling: dict[str, Any]) -> Any | None:
-    """The `EvalResult` an earlier run wrote to `directory` for these questions and sampler, or None."""
+def finished_evaluation(
+    directory: Path, questions: list[str], sampling: dict[str, Any], identity: dict[str, Any] | None = None
+) -> Any | None:
+    """The `EvalResult` an earlier run wrote to `directory` for these questions, sampler and checkpoint
+    (`identity`), or None; one that sampled another checkpoint is refused, never reused."""
     from llada_trm.evaluate import PREDICTIONS_FILE, SUMMARY_FILE, EvalResult
     from llada_trm.evaluate.paired import read_predictions
 
@@ -58,5 +89,17 @@ def finished_evaluation(directory: Path, questions: list[str], sampling: dict[st
             f"{directory}: holds an evaluation of other problems or another sampler; compare without "
             "--resume (--force archives the old comparison)"
         )
+    recorded = summary.get(CHECKPOINT_KEY)
+    if identity is not None and recorded != identity:
+        what = "no recorded checkpoint" if recorded is None else _named(recorded)
+        raise RunDirError(
+            f"{directory}: holds an evaluation of {what}, not of {_named(identity)}; compare without "
+            "--resume (--force archives the old comparison)"
+        )
     return EvalResult(summary=summary, predictions=predictions, out_dir=directory,
                       files=[predictions_path, summary_path])  # fmt: skip
+
+
+def _named(identity: dict[str, Any]) -> str:
+    step = f" at step {identity['step']}" if "step" in identity else ""
+    return f"checkpoint {identity.get('path', '?')}{step}"
