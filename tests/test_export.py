@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import shutil
 from pathlib import Path
@@ -17,7 +18,7 @@ from llada_trm.backbone.fingerprint import BackboneMismatchError, directory_fing
 from llada_trm.cli import main
 from llada_trm.config import parse_config
 from llada_trm.data import load_tokenizer
-from llada_trm.errors import UserError
+from llada_trm.errors import CheckpointError, UserError
 from llada_trm.export import export_run
 from llada_trm.hybrid import HybridConfig, LLaDATRMHybrid
 from llada_trm.training import Trainer
@@ -222,3 +223,45 @@ def test_export_with_a_swapped_backbone_is_refused_unless_allowed(exported, back
     with pytest.raises(BackboneMismatchError, match="refiner weights"):
         load_checkpoint(copy, device="cpu")
     assert load_checkpoint(copy, device="cpu", allow_backbone_mismatch=True).kind == "export"
+
+
+def _export_copy(exported: Path, tmp_path: Path, refiner_file: object = None) -> Path:
+    copy = tmp_path / "copy"
+    shutil.copytree(exported, copy)
+    if refiner_file is not None:
+        raw = json.loads((copy / "config.json").read_text())
+        raw["llada_trm"]["refiner_file"] = refiner_file
+        (copy / "config.json").write_text(json.dumps(raw))
+    return copy
+
+
+@pytest.mark.parametrize("name", ["../refiner.safetensors", "../../etc/refiner", "/abs/refiner.safetensors",
+                                  "sub/refiner.safetensors", "..", 7])  # fmt: skip
+def test_an_export_may_only_name_its_own_files(exported, tmp_path, name):
+    copy = _export_copy(exported, tmp_path, name)
+    shutil.copy(copy / "refiner.safetensors", tmp_path / "refiner.safetensors")  # a file `..` would reach
+    with pytest.raises(CheckpointError, match="refiner_file .* must be a file name inside the export"):
+        load_checkpoint(copy, device="cpu")
+
+
+def test_an_export_refiner_file_linking_outside_is_refused(exported, tmp_path):
+    copy = _export_copy(exported, tmp_path)
+    (copy / "refiner.safetensors").rename(tmp_path / "elsewhere.safetensors")
+    (copy / "refiner.safetensors").symlink_to(tmp_path / "elsewhere.safetensors")
+    with pytest.raises(CheckpointError, match="links outside the export"):
+        load_checkpoint(copy, device="cpu")
+
+
+def test_nan_refiner_weights_in_an_export_are_refused(exported, tmp_path):
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    copy = _export_copy(exported, tmp_path)
+    path = copy / "refiner.safetensors"
+    with safe_open(str(path), framework="pt") as f:
+        metadata, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    name = next(k for k, t in tensors.items() if t.is_floating_point())
+    tensors[name].view(-1)[0] = float("nan")
+    save_file(tensors, str(path), metadata=metadata)
+    with pytest.raises(CheckpointError, match=r"NaN/inf values in 1 tensor"):
+        load_checkpoint(copy, device="cpu")
