@@ -120,6 +120,13 @@ class LLaDAConfig:
         """Rows of the embedding and output matrices (>= vocab_size; LLaDA pads it for throughput)."""
         return self.embedding_size if self.embedding_size is not None else self.vocab_size
 
+    def num_parameters(self) -> int:
+        """The parameter count a model of this config holds (biases aside), known before building it."""
+        d, kv = self.d_model, self.effective_n_kv_heads * self.head_dim
+        block = d * d * 2 + d * kv * 2 + 3 * d * self.effective_mlp_hidden_size + 2 * d
+        embeddings = self.effective_embedding_size * d * (1 if self.weight_tying else 2)
+        return self.n_layers * block + embeddings + d
+
     @property
     def layer_norm_bias(self) -> bool:
         return self.include_bias if self.bias_for_layer_norm is None else self.bias_for_layer_norm

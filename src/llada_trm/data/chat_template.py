@@ -178,6 +178,22 @@ def render_limited(
         raise ValueError(f"{where}: the chat template failed ({type(exc).__name__}: {text})") from None
 
 
+def _source(tokenizer: Any) -> str | None:
+    """The template text the tokenizer would render: None when it has none (the tokenizer then says so);
+    of named templates (a dict), the `default` one, as transformers picks it."""
+    source = tokenizer.chat_template
+    if isinstance(source, dict):
+        source = source.get("default")
+        if not isinstance(source, str):
+            raise ValueError(
+                f"{_folder(tokenizer)}: tokenizer_config.json: no 'default' among its named chat templates; "
+                f"{_FIX}"
+            )
+    if source is not None and not isinstance(source, str):
+        raise ValueError(f"{_folder(tokenizer)}: tokenizer_config.json: chat_template is not text; {_FIX}")
+    return source
+
+
 def _folder(tokenizer: Any) -> str:
     return str(getattr(tokenizer, "name_or_path", "") or "the tokenizer")
 
@@ -187,8 +203,8 @@ def render_chat(tokenizer: Any, messages: Sequence[Mapping[str, str]], add_gener
     any other under the limits (module docstring)."""
     for message in messages:
         check_text(str(message.get("content", "")), "the question")
-    source = tokenizer.chat_template
-    if not isinstance(source, str) or source in KNOWN_TEMPLATES:
+    source = _source(tokenizer)
+    if source is None or source in KNOWN_TEMPLATES:
         return tokenizer.apply_chat_template(
             list(messages), tokenize=False, add_generation_prompt=add_generation_prompt
         )
@@ -205,8 +221,8 @@ def encode_chat(tokenizer: Any, messages: Sequence[Mapping[str, str]], add_gener
     rendered under the limits and then tokenized without special tokens (what transformers does)."""
     for message in messages:
         check_text(str(message.get("content", "")), "the question")
-    source = tokenizer.chat_template
-    if not isinstance(source, str) or source in KNOWN_TEMPLATES:
+    source = _source(tokenizer)
+    if source is None or source in KNOWN_TEMPLATES:
         return tokenizer.apply_chat_template(
             list(messages), add_generation_prompt=add_generation_prompt, tokenize=True
         )

@@ -25,6 +25,11 @@ SHAPE_FIELDS = ("d_model", "n_layers", "n_heads", "n_kv_heads", "mlp_hidden_size
                 "rope_theta")  # fmt: skip
 
 
+# pretrain builds its backbone in memory in float32 with AdamW (16 bytes a parameter): past this a typo in
+# d_model or n_layers would exhaust the machine's memory rather than fail.
+MAX_PRETRAIN_PARAMETERS = 2_000_000_000
+
+
 def build_backbone(config: PretrainConfig, train_records: list[GSM8KRecord]) -> tuple[LLaDAModel, Any]:
     """(model in float32, tokenizer): from `model.init_from`, or a new tokenizer and random weights."""
     arch = config.model
@@ -41,6 +46,12 @@ def build_backbone(config: PretrainConfig, train_records: list[GSM8KRecord]) -> 
         eos_token_id=ids.eos,
         pad_token_id=ids.pad,
     )
+    if backbone_config.num_parameters() > MAX_PRETRAIN_PARAMETERS:  # before a byte of it is allocated
+        raise ConfigError(
+            f"model: d_model {arch.d_model} x n_layers {arch.n_layers} (mlp_hidden_size "
+            f"{arch.mlp_hidden_size}) is {backbone_config.num_parameters() / 1e9:.1f}B parameters; pretrain "
+            f"builds small backbones from scratch (at most {MAX_PRETRAIN_PARAMETERS / 1e9:.0f}B)"
+        )
     return LLaDAModel(backbone_config), tokenizer
 
 
