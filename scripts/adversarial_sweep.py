@@ -88,6 +88,11 @@ class Case:
     timeout: float = 90.0
     protect: Callable[[Context], list[Path]] = field(default=lambda ctx: [])
     check: Callable[[Context, subprocess.CompletedProcess[str]], str | None] | None = None
+    runner: str = "cli"  # "cli" (llada-trm), "lm-eval" (llada-trm-lm-eval), "python" (code, the API driver)
+    surface: str = "core"  # "new": the surface issue 28 covers (export, lm-eval, LoRA, compare, API, ...)
+    fsize: int | None = None  # RLIMIT_FSIZE in bytes: writes past it fail as on a full disk
+    env: dict[str, str] = field(default_factory=dict)
+    part_a: bool = False  # a command deleting what it did not make: fixed by issue 28's part A
 
 
 # ------------------------------------------------------------------------------------------------ helpers
@@ -239,7 +244,12 @@ JSONL_OK = json.dumps(
 )
 
 
-def cases() -> list[Case]:  # noqa: PLR0915 - one flat list is the easiest to read and extend
+def cases() -> list[Case]:
+    """Every case: the training path's (`core_cases`), then the surface added since (`surface_cases`)."""
+    return [*core_cases(), *surface_cases()]
+
+
+def core_cases() -> list[Case]:  # noqa: PLR0915 - one flat list is the easiest to read and extend
     c: list[Case] = []
     add = c.append
     # --- config files and overrides
@@ -585,6 +595,1406 @@ def _damage_config(ctx: Context, name: str, changes: dict | None) -> Path:
     return directory
 
 
+# =================================================================== the surface added since (issue 28)
+#
+# Export, the lm-eval backend, LoRA, TensorBoard, compare arms and --resume, pretrain's run directory, the
+# caches' --rebuild, the Python API and trajectory pages. Cases marked `part_a` test what issue 28's part A
+# fixes (a command deletes only what it made; --force archives): on a branch without it they read "data lost".
+
+API_DRIVER = """
+import sys
+from llada_trm.boundary import describe_failure
+try:
+    exec(compile(sys.argv[1], "<case>", "exec"), {"__name__": "__case__"})
+except Exception as exc:
+    described = describe_failure(exc)
+    if described is None:
+        raise
+    print("error:", described[0].encode("utf-8", "backslashreplace").decode(), file=sys.stderr)
+    sys.exit(2)
+"""
+TINY_SETS = ["sampling.gen_length=16", "sampling.block_length=8", "sampling.steps=4", "sampling.batch_size=2"]
+EMBEDDED_GEN = ["--checkpoint", "embedded", "--device", "cpu", *TINY]
+LM_EVAL = ["--model", "llada_trm", "--tasks", "gsm8k_local", "--limit", "2", "--device", "cpu"]
+LM_TINY = "steps=4,gen_length=16,block_length=8"
+PYTHON_TINY = "steps=4, gen_length=16, block_length=8"
+
+
+def _api(code: str) -> Args:
+    return lambda x: [code.replace("{work}", str(x.work)).replace("{run}", str(x.run))]
+
+
+def _lm(ctx: Context, model_args: str, *extra: str) -> list[str]:
+    data = json.dumps({"gsm8k_data": str(_gsm_dir(ctx))})
+    return [
+        *LM_EVAL,
+        "--model_args",
+        model_args,
+        "--metadata",
+        data,
+        *extra,
+        "--output_path",
+        str(ctx.work / "lm_out"),
+    ]
+
+
+def _gsm_dir(ctx: Context) -> Path:
+    directory = ctx.work / "gsm"
+    if not (directory / "test.jsonl").exists():
+        rows = [
+            {"question": "Tom has 2 pens and buys 3 more. How many pens?", "answer": "2+3=5\n#### 5"},
+            {"question": "Ann has 4 eggs and eats 1. How many are left?", "answer": "4-1=3\n#### 3"},
+        ]
+        ctx.file("gsm/test.jsonl", "".join(json.dumps(row) + "\n" for row in rows))
+    return directory
+
+
+def _exported(ctx: Context) -> Path:
+    """The tiny run exported once (a control of its own checks that it loads)."""
+    out = ctx.work / "export"
+    if not (out / "config.json").exists():
+        subprocess.run(
+            [sys.executable, "-m", "llada_trm", "export", str(ctx.run), str(out)],
+            env=_env(),
+            capture_output=True,
+            timeout=300,
+            check=False,
+        )
+    return out
+
+
+def _export_copy(ctx: Context, name: str, edit: Callable[[Path], None] | None = None) -> Path:
+    target = ctx.work / name
+    if not target.exists():
+        shutil.copytree(_exported(ctx), target)
+        if edit is not None:
+            edit(target)
+    return target
+
+
+def _section(**changes: object) -> Callable[[Path], None]:
+    """Edit an export's `llada_trm` section of config.json (a dotted key per change, `__` for `.`)."""
+
+    def edit(directory: Path) -> None:
+        raw = json.loads((directory / "config.json").read_text())
+        for dotted, value in changes.items():
+            node = raw["llada_trm"]
+            *parents, last = dotted.split("__")
+            for part in parents:
+                node = node[part]
+            node[last] = value
+        (directory / "config.json").write_text(json.dumps(raw))
+
+    return edit
+
+
+def _refiner_values(value: float) -> Callable[[Path], None]:
+    def edit(directory: Path) -> None:
+        from safetensors import safe_open
+        from safetensors.torch import save_file
+
+        path = directory / "refiner.safetensors"
+        with safe_open(str(path), framework="pt") as f:
+            metadata, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+        name = next(k for k, t in tensors.items() if t.is_floating_point())
+        tensors[name].view(-1)[0] = value
+        save_file(tensors, str(path), metadata=metadata)
+
+    return edit
+
+
+def _symlinked_refiner(directory: Path) -> None:
+    outside = directory.parent / f"{directory.name}_outside.safetensors"
+    (directory / "refiner.safetensors").rename(outside)
+    (directory / "refiner.safetensors").symlink_to(outside)
+
+
+def _outside_shards(directory: Path) -> None:
+    from safetensors import safe_open
+
+    outside = directory.parent / f"{directory.name}_weights.safetensors"
+    (directory / "model.safetensors").rename(outside)
+    with safe_open(str(outside), framework="pt") as f:
+        keys = list(f.keys())
+    index = {"metadata": {}, "weight_map": dict.fromkeys(keys, f"../{outside.name}")}
+    (directory / "model.safetensors.index.json").write_text(json.dumps(index))
+
+
+def _backbone_config(ctx: Context, name: str, **changes: object) -> Path:
+    directory = ctx.backbone_copy(name)
+    path = directory / "config.json"
+    raw = json.loads((ctx.embedded / "config.json").read_text())
+    raw.update(changes)
+    path.write_text(json.dumps(raw))
+    return directory
+
+
+def _template(ctx: Context, name: str, template: object) -> Path:
+    directory = ctx.backbone_copy(name)
+    path = directory / "tokenizer_config.json"
+    raw = json.loads((ctx.embedded / "tokenizer_config.json").read_text())
+    raw["chat_template"] = template
+    path.write_text(json.dumps(raw))
+    return directory
+
+
+def _file_in_the_way(ctx: Context) -> Path:
+    """A plain file, used as a parent folder of an output path (ENOTDIR / EEXIST)."""
+    return ctx.file("a_file", "not a folder\n")
+
+
+def _nested_yaml(depth: int = 3000) -> str:
+    return "training:\n  lr: " + "[" * depth + "]" * depth + "\n"
+
+
+def _train_tiny(ctx: Context, *overrides: str, out: str = "scratch_new") -> list[str]:
+    return _train(
+        ctx, *TINY_SETS, "data.synthetic.n_train=16", "data.synthetic.n_eval=4", *overrides, out=out
+    )
+
+
+def _pretrain(ctx: Context, *overrides: str, out: str = "pretrain_out") -> list[str]:
+    tiny = [
+        "model.d_model=32",
+        "model.n_layers=1",
+        "model.n_heads=2",
+        "model.mlp_hidden_size=64",
+        "data.n_train=40",
+        "data.n_eval=4",
+        "data.max_steps=2",
+        "data.vocab_size=300",
+        "training.steps=2",
+        "training.batch_size=4",
+        "training.warmup_steps=1",
+        "training.eval_every=0",
+        "training.save_every=0",
+        "evaluation.n_problems=2",
+        "evaluation.n_test=2",
+        "evaluation.batch_size=2",
+        "evaluation.gen_length=16",
+        "evaluation.block_length=16",
+        "evaluation.steps=4",
+        "output.dtype=float32",
+        f"output.dir={ctx.work / out}",
+    ]
+    return ["pretrain", "--no-progress", *[w for o in [*tiny, *overrides] for w in ("--set", o)]]
+
+
+def _compare(
+    ctx: Context, *overrides: str, out: str = "compare_out", flags: tuple[str, ...] = ()
+) -> list[str]:
+    tiny = [
+        "run.training.max_steps=1",
+        "run.training.eval_every=1",
+        "run.training.val_sampled_problems=0",
+        "run.data.synthetic.n_train=16",
+        "run.data.synthetic.n_eval=4",
+        "run.sampling.gen_length=16",
+        "run.sampling.block_length=8",
+        "run.sampling.steps=4",
+        "run.sampling.batch_size=2",
+        "evaluation.n_problems=2",
+        "refiners=[slot]",
+        f"output.dir={ctx.work / out}",
+    ]
+    sets = [w for o in [*tiny, *overrides] for w in ("--set", o)]
+    return ["compare", "--config", str(REPO / "configs/compare_tiny.yaml"), *sets, "--no-progress", *flags]
+
+
+def _compared(ctx: Context, out: str) -> Path:
+    """A finished tiny comparison in `out` (made once), for --resume and --force cases."""
+    target = ctx.work / out
+    if not (target / "comparison.json").exists():
+        subprocess.run(
+            [sys.executable, "-m", "llada_trm", *_compare(ctx, out=out)],
+            env=_env(),
+            capture_output=True,
+            timeout=600,
+            check=False,
+        )
+    return target
+
+
+def _run_folder(ctx: Context, name: str) -> Path:
+    """A folder that holds someone's files (not made by the command pointed at it)."""
+    target = ctx.work / name
+    if not target.exists():
+        ctx.file(f"{name}/notes.txt", "precious notes\n")
+        ctx.file(f"{name}/data/table.csv", "a,b\n1,2\n")
+    return target
+
+
+def _protect_folder(name: str) -> Callable[[Context], list[Path]]:
+    return lambda x: [x.work / name / "notes.txt", x.work / name / "data" / "table.csv"]
+
+
+def _no_reuse_of_other_checkpoint(ctx: Context, done: subprocess.CompletedProcess[str]) -> str | None:
+    """compare --resume after a change of evaluation.checkpoint must not reuse the other checkpoint's eval."""
+    reused = "reusing" in done.stdout and "/eval/" in done.stdout.split("reusing", 1)[1].splitlines()[0]
+    return "silent" if reused else None
+
+
+def _fallback_recorded(ctx: Context, done: subprocess.CompletedProcess[str]) -> str | None:
+    path = ctx.work / "compare_nobest" / "comparison.json"
+    if not path.exists():
+        return "silent"
+    report = json.loads(path.read_text())
+    said = "no 'best' checkpoint" in done.stdout
+    return None if said and report.get("checkpoint", {}).get("fallbacks") else "silent"
+
+
+def _html_written(name: str) -> Callable[[Context, subprocess.CompletedProcess[str]], str | None]:
+    return lambda x, done: None if (x.work / name).is_file() else "silent"
+
+
+def surface_cases() -> list[Case]:  # noqa: C901, PLR0915 - one flat list is the easiest to read and extend
+    c: list[Case] = []
+
+    def add(case: Case) -> None:
+        case.surface = "new"
+        c.append(case)
+
+    # --- non-finite and out-of-range sampler settings, at every entry point
+    for flag, value in (
+        ("temperature", "nan"),
+        ("temperature", "inf"),
+        ("temperature", "-inf"),
+        ("cfg-scale", "nan"),
+        ("cfg-scale", "inf"),
+        ("cfg-scale", "-1"),
+        ("threshold", "nan"),
+        ("threshold", "inf"),
+        ("threshold", "0"),
+        ("temperature", "1e309"),
+    ):
+        add(
+            Case(
+                f"generate: --{flag} {value}",
+                lambda x, f=flag, v=value: ["generate", *EMBEDDED_GEN, f"--{f}", v, "hi"],
+            )
+        )
+    for key, value in (
+        ("temperature", ".nan"),
+        ("cfg_scale", ".inf"),
+        ("temperature", "-.inf"),
+        ("threshold", ".nan"),
+        ("cfg_scale", "nan"),
+    ):
+        add(
+            Case(
+                f"train config: sampling.{key}={value}",
+                lambda x, k=key, v=value: _train_tiny(x, f"sampling.{k}={v}"),
+            )
+        )
+    for key, value in (
+        ("temperature", "float('nan')"),
+        ("cfg_scale", "float('inf')"),
+        ("temperature", "-1.0"),
+        ("threshold", "float('nan')"),
+        ("temperature", "'hot'"),
+        ("seed", "1.5"),
+    ):
+        add(
+            Case(
+                f"API: generate({key}={value})",
+                _api(
+                    "from llada_trm import load_checkpoint\n"
+                    f"load_checkpoint('embedded', device='cpu').generate('hi', {PYTHON_TINY}, {key}={value})"
+                ),
+                runner="python",
+            )
+        )
+    for key, value in (("temperature", "nan"), ("cfg_scale", "inf")):
+        add(
+            Case(
+                f"API: SamplingOptions({key}={value})",
+                _api(f"from llada_trm import SamplingOptions\nSamplingOptions({key}=float('{value}'))"),
+                runner="python",
+            )
+        )
+    add(
+        Case(
+            "eval: --temperature nan on the run",
+            lambda x: _eval(x, x.run, "--temperature", "nan"),
+            needs_run=True,
+        )
+    )
+    add(
+        Case(
+            "eval: --cfg-scale inf on the run",
+            lambda x: _eval(x, x.run, "--cfg-scale", "inf"),
+            needs_run=True,
+        )
+    )
+    add(
+        Case("compare: run.sampling.temperature=.nan", lambda x: _compare(x, "run.sampling.temperature=.nan"))
+    )
+    add(Case("compare: run.sampling.cfg_scale=.inf", lambda x: _compare(x, "run.sampling.cfg_scale=.inf")))
+    add(Case("pretrain: evaluation.temperature=.nan", lambda x: _pretrain(x, "evaluation.temperature=.nan")))
+    add(Case("pretrain: training.lr=.nan", lambda x: _pretrain(x, "training.lr=.nan")))
+    add(
+        Case(
+            "train config: training.max_grad_norm=.inf",
+            lambda x: _train_tiny(x, "training.max_grad_norm=.inf"),
+        )
+    )
+    add(Case("train config: lora.alpha=.nan", lambda x: _train_tiny(x, "lora.alpha=.nan")))
+
+    # --- the lm-eval backend (every error one line through llada-trm-lm-eval)
+    env = {"HF_DATASETS_OFFLINE": "1"}
+    for args, why in (
+        (f"checkpoint=embedded,{LM_TINY},max_length=100000", "max_length past the positions"),
+        (f"checkpoint=embedded,{LM_TINY},max_length=0", "max_length 0"),
+        (f"checkpoint=embedded,{LM_TINY},temperature=nan", "temperature nan"),
+        (f"checkpoint=embedded,{LM_TINY},cfg_scale=inf", "cfg_scale inf"),
+        (f"checkpoint=embedded,{LM_TINY},mc_num=10000000000", "mc_num 1e10"),
+        (f"checkpoint=embedded,{LM_TINY},batch_size=0", "batch_size 0"),
+        (f"checkpoint=embedded,{LM_TINY},bogus=1", "unknown model arg"),
+        ("checkpoint={work}/missing_ckpt", "missing checkpoint"),
+        (f"checkpoint=embedded,{LM_TINY},refiner=gru", "refiner gru"),
+        ("checkpoint=embedded,steps=7,gen_length=16,block_length=8", "steps not a block multiple"),
+        ("checkpoint=embedded,steps=4,gen_length=1000,block_length=8", "gen_length past the positions"),
+    ):
+        add(
+            Case(
+                f"lm-eval: {why}",
+                lambda x, a=args: _lm(x, a.replace("{work}", str(x.work))),
+                runner="lm-eval",
+                env=env,
+                timeout=300,
+            )
+        )
+    add(
+        Case(
+            "lm-eval: gen_kwargs temperature=nan",
+            lambda x: _lm(x, f"checkpoint=embedded,{LM_TINY}", "--gen_kwargs", "temperature=nan"),
+            runner="lm-eval",
+            env=env,
+            timeout=300,
+        )
+    )
+    add(
+        Case(
+            "lm-eval: task data missing",
+            lambda x: _lm(
+                x,
+                f"checkpoint=embedded,{LM_TINY}",
+                "--metadata",
+                json.dumps({"gsm8k_data": str(x.work / "no_gsm")}),
+            ),
+            runner="lm-eval",
+            env=env,
+            timeout=300,
+        )
+    )
+    add(
+        Case(
+            "lm-eval: output path under a file",
+            lambda x: [
+                *_lm(x, f"checkpoint=embedded,{LM_TINY}")[:-2],
+                "--output_path",
+                str(_file_in_the_way(x) / "lm"),
+            ],
+            runner="lm-eval",
+            env=env,
+            timeout=300,
+        )
+    )
+    add(
+        Case(
+            "lm-eval: chat template nested loops",
+            lambda x: _lm(
+                x, f"checkpoint={_template(x, 'tpl_lm', _LOOPS)},{LM_TINY}", "--apply_chat_template"
+            ),
+            runner="lm-eval",
+            env=env,
+            timeout=300,
+        )
+    )
+    add(
+        Case(
+            "control: lm-eval on the embedded backbone",
+            lambda x: _lm(x, f"checkpoint=embedded,{LM_TINY}"),
+            runner="lm-eval",
+            env=env,
+            timeout=400,
+            expect="ok",
+        )
+    )
+
+    # --- a model folder's config.json: bounds before allocation
+    for changes in (
+        {"n_layers": 100000},
+        {"n_layers": 1024},
+        {"n_layers": 0},
+        {"d_model": 1048576},
+        {"d_model": 512, "n_heads": 8},
+        {"n_heads": 100000},
+        {"vocab_size": 2**31},
+        {"embedding_size": 2**31},
+        {"max_sequence_length": 2**40},
+        {"mlp_ratio": 10**6},
+        {"mlp_hidden_size": 10**9},
+        {"rope_theta": float("nan")},
+        {"rms_norm_eps": 1e308},
+        {"init_std": float("inf")},
+        {"mask_token_id": -1},
+        {"n_layers": "6"},
+        {"n_layers": 6.5},
+        {"d_model": True},
+        {"n_kv_heads": 3},
+        {"block_type": "gpt2"},
+    ):
+        label = ", ".join(f"{k}={v}" for k, v in changes.items())
+        add(
+            Case(
+                f"config.json: {label}",
+                lambda x, ch=changes, n=label: [
+                    "generate",
+                    "--checkpoint",
+                    str(_backbone_config(x, "cfg_" + hashlib.md5(n.encode()).hexdigest()[:8], **ch)),
+                    "--device",
+                    "cpu",
+                    *TINY,
+                    "hi",
+                ],
+                timeout=60,
+            )
+        )
+    add(
+        Case(
+            "config.json: nested too deeply",
+            lambda x: [
+                "generate",
+                "--checkpoint",
+                str(_write(x.backbone_copy("cfg_deep") / "config.json", "[" * 100000 + "]" * 100000)),
+                "--device",
+                "cpu",
+                "hi",
+            ],
+        )
+    )
+    add(
+        Case(
+            "config.json: not UTF-8",
+            lambda x: [
+                "generate",
+                "--checkpoint",
+                str(_write(x.backbone_copy("cfg_latin") / "config.json", b'{"d_model": 128, "caf\xe9": 1}')),
+                "--device",
+                "cpu",
+                "hi",
+            ],
+        )
+    )
+    add(
+        Case(
+            "backbone: shard index names ../",
+            lambda x: [
+                "generate",
+                "--checkpoint",
+                str(_edited_backbone(x, "bb_outside", _outside_shards)),
+                "--device",
+                "cpu",
+                *TINY,
+                "hi",
+            ],
+        )
+    )
+    add(
+        Case(
+            "train: model.backbone with n_layers 100000",
+            lambda x: _train_tiny(
+                x, f"model.backbone={_backbone_config(x, 'cfg_train_layers', n_layers=100000)}"
+            ),
+            timeout=60,
+        )
+    )
+
+    # --- a model folder's chat template
+    for name, template in (
+        ("nested loops", _LOOPS),
+        ("string doubling", _DOUBLING),
+        ("repetition 1e10", "{{ 'a' * 10000000000 }}"),
+        ("sandbox escape", "{{ ''.__class__.__mro__[1].__subclasses__() }}"),
+        ("recursive macro", "{% macro f(n) %}{{ f(n) }}{% endmacro %}{{ f(1) }}"),
+        ("raise_exception", "{{ raise_exception('no system role') }}"),
+        ("output past the limit", "{% for i in range(99999) %}{{ 'x' * 100 }}{% endfor %}"),
+        ("center 1e10", "{{ 'x'|center(10000000000) }}"),
+        ("power 10**10**9", "{{ 10 ** 1000000000 }}"),
+        ("syntax error", "{% for m in messages %}{{ m.content }"),
+        ("named without default", {"tool_use": "{{ 'x' }}"}),
+        ("not text", 42),
+    ):
+        add(
+            Case(
+                f"chat template: {name}",
+                lambda x, t=template, n=name: [
+                    "generate",
+                    "--checkpoint",
+                    str(_template(x, "tpl_" + hashlib.md5(n.encode()).hexdigest()[:8], t)),
+                    "--device",
+                    "cpu",
+                    *TINY,
+                    "hi",
+                ],
+                timeout=60,
+            )
+        )
+    add(
+        Case(
+            "control: an unknown but benign chat template",
+            lambda x: [
+                "generate",
+                "--checkpoint",
+                str(
+                    _template(
+                        x,
+                        "tpl_benign",
+                        json.loads((x.embedded / "tokenizer_config.json").read_text())["chat_template"]
+                        + "{# #}",
+                    )
+                ),
+                "--device",
+                "cpu",
+                *TINY,
+                "What is 2 plus 3?",
+            ],
+            expect="ok",
+        )
+    )
+    add(
+        Case(
+            "chat template: nested loops in eval",
+            lambda x: _eval(x, _template(x, "tpl_eval", _LOOPS)),
+            timeout=60,
+        )
+    )
+
+    # --- text that is not text
+    add(
+        Case(
+            "generate: undecodable bytes in the question", lambda x: ["generate", *EMBEDDED_GEN, "caf\udce9?"]
+        )
+    )
+    add(
+        Case(
+            "generate: --file with non-UTF-8 bytes",
+            lambda x: [
+                "generate",
+                *EMBEDDED_GEN,
+                "--file",
+                str(x.file("latin.txt", b"What is caf\xe9 plus 2?\n")),
+            ],
+        )
+    )
+    add(
+        Case(
+            "eval: gsm8k with a lone surrogate",
+            lambda x: _gsm8k(
+                x,
+                "surrogate.jsonl",
+                json.dumps({"question": "What is \udce9 plus 2?", "answer": "#### 2"}) + "\n",
+            ),
+            needs_run=True,
+        )
+    )
+    add(
+        Case(
+            "API: generate a lone surrogate",
+            _api(
+                "from llada_trm import load_checkpoint\n"
+                f"load_checkpoint('embedded', device='cpu').generate('a\\udcff?', {PYTHON_TINY})"
+            ),
+            runner="python",
+        )
+    )
+    add(
+        Case(
+            "compare: config not UTF-8",
+            lambda x: [
+                "compare",
+                "--config",
+                str(x.file("cmp_latin.yaml", b"refiners: [slot]\n# caf\xe9\n")),
+            ],
+        )
+    )
+    add(
+        Case(
+            "pretrain: config not UTF-8",
+            lambda x: [
+                "pretrain",
+                "--config",
+                str(x.file("pre_latin.yaml", b"training:\n  steps: 2 # caf\xe9\n")),
+            ],
+        )
+    )
+
+    # --- nesting and alias bombs in every YAML that is read
+    add(
+        Case(
+            "--set: alias bomb in a value",
+            lambda x: _train_tiny(x, "model.context_layers=" + _flow_bomb()),
+            timeout=60,
+        )
+    )
+    add(Case("--set: nested too deeply", lambda x: _train_tiny(x, "training.lr=" + "[" * 5000 + "]" * 5000)))
+    add(Case("--set: duplicate key in a value", lambda x: _train_tiny(x, "training={lr: 1, lr: 2}")))
+    add(
+        Case(
+            "--set: section value with a bad key",
+            lambda x: _train_tiny(x, "training={lr: fast}"),
+            check=_warns("--set training"),
+        )
+    )
+    add(
+        Case(
+            "--set: bad sampling blamed on the --set",
+            lambda x: _train_tiny(x, "sampling.steps=7"),
+            check=_warns("--set sampling.steps"),
+        )
+    )
+    add(Case("config: nested too deeply", lambda x: _config(x, "deep.yaml", _nested_yaml())))
+    add(Case("compare: --set alias bomb", lambda x: _compare(x, "refiners=" + _flow_bomb()), timeout=60))
+    add(
+        Case(
+            "compare: config nested too deeply",
+            lambda x: [
+                "compare",
+                "--config",
+                str(x.file("cmp_deep.yaml", "refiners: " + "[" * 5000 + "]" * 5000 + "\n")),
+            ],
+        )
+    )
+    add(
+        Case(
+            "pretrain: --set alias bomb", lambda x: _pretrain(x, "model.n_layers=" + _flow_bomb()), timeout=60
+        )
+    )
+    add(
+        Case(
+            "pretrain: config nested too deeply",
+            lambda x: ["pretrain", "--config", str(x.file("pre_deep.yaml", _nested_yaml()))],
+        )
+    )
+    add(
+        Case(
+            "eval: run's config.yaml nested too deeply",
+            lambda x: _eval(
+                x,
+                _edited_run(
+                    x, "run_deep", lambda r: _write(r / "checkpoints/last/config.yaml", _nested_yaml())
+                ),
+            ),
+            needs_run=True,
+        )
+    )
+    add(
+        Case(
+            "eval: run's config.yaml alias bomb",
+            lambda x: _eval(
+                x, _edited_run(x, "run_bomb", lambda r: _write(r / "checkpoints/last/config.yaml", _bomb()))
+            ),
+            needs_run=True,
+            timeout=60,
+        )
+    )
+
+    # --- file-system failures: one line naming the path, the previous state intact
+    add(
+        Case(
+            "generate: --html under a file",
+            lambda x: ["generate", *EMBEDDED_GEN, "--html", str(_file_in_the_way(x) / "page.html"), "hi"],
+        )
+    )
+    add(
+        Case(
+            "generate: --html into /proc",
+            lambda x: ["generate", *EMBEDDED_GEN, "--html", "/proc/page.html", "hi"],
+        )
+    )
+    add(
+        Case(
+            "generate: --html is a folder",
+            lambda x: ["generate", *EMBEDDED_GEN, "--html", str(_mkdir(x.work / "html_dir")), "hi"],
+        )
+    )
+    add(
+        Case(
+            "generate: --out under a file",
+            lambda x: [
+                "generate",
+                *EMBEDDED_GEN,
+                "--file",
+                str(x.file("q.txt", "What is 2 plus 3?\n")),
+                "--out",
+                str(_file_in_the_way(x) / "answers.jsonl"),
+            ],
+        )
+    )
+    add(
+        Case(
+            "eval: --out under a file",
+            lambda x: (
+                _eval(x, "embedded")[: -len(TINY) - 2] + ["--out", str(_file_in_the_way(x) / "eval"), *TINY]
+            ),
+        )
+    )
+    add(
+        Case(
+            "plot: --out under a file",
+            lambda x: ["plot", str(x.run_copy("run_plot2")), "--out", str(_file_in_the_way(x) / "plots")],
+            needs_run=True,
+        )
+    )
+    add(
+        Case(
+            "train: output.dir under a file",
+            lambda x: _train_tiny(x, f"output.dir={_file_in_the_way(x) / 'run'}"),
+        )
+    )
+    add(
+        Case(
+            "pretrain: output.dir under a file",
+            lambda x: _pretrain(x, f"output.dir={_file_in_the_way(x)}/bb"),
+        )
+    )
+    add(
+        Case(
+            "compare: output.dir under a file", lambda x: _compare(x, f"output.dir={_file_in_the_way(x)}/cmp")
+        )
+    )
+    add(
+        Case(
+            "export: OUT under a file",
+            lambda x: ["export", str(x.run), str(_file_in_the_way(x) / "out")],
+            needs_run=True,
+        )
+    )
+    add(Case("export: OUT in /proc", lambda x: ["export", str(x.run), "/proc/llada_export"], needs_run=True))
+    add(
+        Case(
+            "cache: feature_cache_dir under a file",
+            lambda x: [
+                "cache",
+                *_train_tiny(x, f"advanced.feature_cache_dir={_file_in_the_way(x) / 'fc'}")[1:],
+            ],
+        )
+    )
+    add(
+        Case(
+            "export: disk full (16 MB file limit)",
+            lambda x: ["export", str(x.run), str(x.work / "export_full")],
+            needs_run=True,
+            fsize=16 * 2**20,
+        )
+    )
+    add(
+        Case(
+            "export: disk full leaves no partial export",
+            lambda x: ["export", str(x.run), str(x.work / "export_partial")],
+            needs_run=True,
+            fsize=16 * 2**20,
+            check=lambda x, d: "silent" if (x.work / "export_partial").exists() else None,
+        )
+    )
+    add(
+        Case(
+            "train: disk full (64 KB file limit)", lambda x: _train_tiny(x, out="run_full"), fsize=64 * 2**10
+        )
+    )
+    add(
+        Case(
+            "train: disk full on a resumed run keeps its checkpoint",
+            lambda x: (
+                _train(
+                    x,
+                    "data.synthetic.n_train=16",
+                    "data.synthetic.n_eval=8",
+                    "training.max_steps=3",
+                    out="run_resume_full",
+                )
+                + ["--resume", str(x.run_copy("run_resume_full"))]
+            ),
+            needs_run=True,
+            fsize=64 * 2**10,
+            protect=lambda x: [
+                x.work / "run_resume_full/checkpoints/last/model.safetensors",
+                x.work / "run_resume_full/checkpoints/last/trainer_state.pt",
+            ],
+        )
+    )
+    add(
+        Case(
+            "pretrain: disk full (64 KB file limit)", lambda x: _pretrain(x, out="pre_full"), fsize=64 * 2**10
+        )
+    )
+    add(Case("eval: disk full (1 KB file limit)", lambda x: _eval(x, "embedded"), fsize=1024))
+    add(
+        Case(
+            "generate: --html on a full disk",
+            lambda x: ["generate", *EMBEDDED_GEN, "--html", str(x.work / "full.html"), "hi"],
+            fsize=1024,
+        )
+    )
+    add(Case("compare: disk full", lambda x: _compare(x, out="cmp_full"), fsize=64 * 2**10, timeout=180))
+    add(
+        Case(
+            "cache: disk full",
+            lambda x: ["cache", *_train_tiny(x, "advanced.feature_cache=true", out="cache_full")[1:]],
+            fsize=64 * 2**10,
+            timeout=180,
+        )
+    )
+    add(
+        Case(
+            "plot: disk full",
+            lambda x: ["plot", str(x.run_copy("run_plot_full"))],
+            needs_run=True,
+            fsize=1024,
+        )
+    )
+
+    # --- export
+    for name, edit in (
+        ("refiner_file ../..", _section(refiner_file="../../refiner.safetensors")),
+        ("refiner_file absolute", _section(refiner_file="/etc/refiner.safetensors")),
+        ("refiner_file in a subfolder", _section(refiner_file="sub/refiner.safetensors")),
+        ("refiner_file '..'", _section(refiner_file="..")),
+        ("refiner_file a number", _section(refiner_file=7)),
+        ("refiner_file links outside", _symlinked_refiner),
+        ("NaN refiner weight", _refiner_values(float("nan"))),
+        ("inf refiner weight", _refiner_values(float("inf"))),
+        ("format_version 99", _section(format_version=99)),
+        (
+            "section not a mapping",
+            lambda d: _write(
+                d / "config.json",
+                json.dumps({**json.loads((d / "config.json").read_text()), "llada_trm": [1]}),
+            ),
+        ),
+        ("model section unknown key", _section(model__bogus=1)),
+        ("sampling temperature NaN", _section(sampling__temperature=float("nan"))),
+        ("sampling steps 0", _section(sampling__steps=0)),
+        ("refiner file missing", lambda d: (d / "refiner.safetensors").unlink()),
+        ("refiner file truncated", lambda d: _truncate(d / "refiner.safetensors", 100)),
+        ("shard index names ../", _outside_shards),
+        ("config.json nested too deeply", lambda d: _write(d / "config.json", "[" * 100000)),
+    ):
+        add(
+            Case(
+                f"export: {name}",
+                lambda x, e=edit, n=name: _eval(
+                    x, _export_copy(x, "exp_" + hashlib.md5(n.encode()).hexdigest()[:8], e)
+                ),
+                needs_run=True,
+            )
+        )
+    add(
+        Case(
+            "export: existing OUT without --force",
+            lambda x: ["export", str(x.run), str(_mkdir(x.work / "exists"))],
+            needs_run=True,
+        )
+    )
+    add(Case("export: OUT is the run", lambda x: ["export", str(x.run), str(x.run)], needs_run=True))
+    add(
+        Case(
+            "export: OUT inside the run",
+            lambda x: ["export", str(x.run), str(x.run / "checkpoints")],
+            needs_run=True,
+        )
+    )
+    add(
+        Case(
+            "export: --max-shard-size 0",
+            lambda x: ["export", str(x.run), str(x.work / "e_shard"), "--max-shard-size", "0"],
+            needs_run=True,
+        )
+    )
+    add(
+        Case(
+            "export: --max-shard-size lots",
+            lambda x: ["export", str(x.run), str(x.work / "e_shard2"), "--max-shard-size", "lots"],
+            needs_run=True,
+        )
+    )
+    add(Case("export: run missing", lambda x: ["export", str(x.work / "no_run"), str(x.work / "e_none")]))
+    add(
+        Case(
+            "export: run is an empty folder",
+            lambda x: ["export", str(_mkdir(x.work / "empty_run")), str(x.work / "e_empty")],
+        )
+    )
+    add(
+        Case(
+            "export --force: OUT someone else's folder",
+            lambda x: ["export", str(x.run), str(_run_folder(x, "not_an_export")), "--force"],
+            needs_run=True,
+            protect=_protect_folder("not_an_export"),
+            part_a=True,
+        )
+    )
+    add(Case("control: eval an export", lambda x: _eval(x, _exported(x)), needs_run=True, expect="ok"))
+    add(
+        Case(
+            "API: load an export with refiner_file ../",
+            lambda x: (
+                _exported(x)
+                and _api(
+                    "import shutil, json\nfrom pathlib import Path\nfrom llada_trm import load_checkpoint\n"
+                    "src = Path('{work}/export'); dst = Path('{work}/api_export')\n"
+                    "shutil.copytree(src, dst, dirs_exist_ok=True)\n"
+                    "raw = json.loads((dst / 'config.json').read_text())\n"
+                    "raw['llada_trm']['refiner_file'] = '../x'\n"
+                    "(dst / 'config.json').write_text(json.dumps(raw))\nload_checkpoint(dst, device='cpu')"
+                )(x)
+            ),
+            runner="python",
+            needs_run=True,
+        )
+    )
+
+    # --- LoRA
+    lora = (
+        "training.phase=2",
+        "lora.enabled=true",
+        "training.unfreeze_last_n_layers=1",
+        "training.backbone_lr=1e-3",
+    )
+    for override in (
+        "lora.rank=4096",
+        "lora.rank=129",
+        "lora.rank=0",
+        "lora.rank=1e9",
+        "lora.alpha=.inf",
+        "lora.alpha=0",
+        "lora.dropout=1",
+        "lora.target_modules=[bogus]",
+        "lora.target_modules=[]",
+        "lora.target_modules=[q_proj, q_proj]",
+    ):
+        add(Case(f"lora: {override}", lambda x, o=override: _train_tiny(x, *lora, o, out="lora_bad")))
+    add(
+        Case(
+            "API: add_lora rank past the width",
+            _api(
+                "from llada_trm.backbone import LLaDAConfig, LLaDAModel\n"
+                "from llada_trm.backbone.lora import add_lora\n"
+                "m = LLaDAModel(LLaDAConfig(d_model=32, n_heads=4, n_layers=2, vocab_size=64))\n"
+                "add_lora(m, [0], rank=64, alpha=1.0)"
+            ),
+            runner="python",
+        )
+    )
+    add(
+        Case(
+            "control: a LoRA run",
+            lambda x: _train_tiny(x, *lora, "lora.rank=4", out="lora_ok"),
+            expect="ok",
+            timeout=180,
+        )
+    )
+
+    # --- TensorBoard
+    add(
+        Case(
+            "control: a TensorBoard run",
+            lambda x: _train_tiny(x, "output.tensorboard=true", out="tb_ok"),
+            expect="ok",
+            timeout=180,
+        )
+    )
+    add(Case("tensorboard: not a boolean", lambda x: _train_tiny(x, "output.tensorboard=maybe")))
+    add(
+        Case(
+            "tensorboard: its folder is a file",
+            lambda x: (
+                _train_tiny(x, "output.tensorboard=true", out="tb_file")
+                if x.file("tb_file/tensorboard", "a file\n")
+                else []
+            ),
+        )
+    )
+
+    # --- compare: arms, --resume, --force
+    add(Case("compare: --resume --force", lambda x: _compare(x, out="cmp_rf", flags=("--resume", "--force"))))
+    add(
+        Case(
+            "compare: --resume after changing evaluation.checkpoint",
+            lambda x: (
+                _compared(x, "compare_ck")
+                and _compare(x, "evaluation.checkpoint=best", out="compare_ck", flags=("--resume",))
+            ),
+            expect="ok",
+            check=_no_reuse_of_other_checkpoint,
+            timeout=400,
+        )
+    )
+    add(
+        Case(
+            "compare: best without a validation set",
+            lambda x: _compare(
+                x,
+                "evaluation.checkpoint=best",
+                "run.data.synthetic.n_eval=1",
+                "run.training.eval_every=0",
+                out="compare_nobest",
+            ),
+            expect="ok",
+            check=_fallback_recorded,
+            timeout=400,
+        )
+    )
+    add(
+        Case(
+            "compare: --resume with another learning rate",
+            lambda x: (
+                _compared(x, "compare_ck")
+                and _compare(x, "run.training.lr=0.5", out="compare_ck", flags=("--resume",))
+            ),
+            timeout=400,
+        )
+    )
+    add(
+        Case(
+            "compare: again without --resume or --force",
+            lambda x: _compared(x, "compare_ck") and _compare(x, out="compare_ck"),
+            timeout=400,
+            protect=lambda x: [x.work / "compare_ck/comparison.json"],
+        )
+    )
+    add(Case("compare: unknown arm", lambda x: _compare(x, "refiners=[slot, carry]")))
+    add(
+        Case(
+            "compare: arm named like a refiner",
+            lambda x: _compare(x, "refiners=[slot]", "arms={slot: {refiner: mlp}}"),
+        )
+    )
+    add(
+        Case(
+            "compare: arm with an unknown run key",
+            lambda x: _compare(x, "refiners=[x]", "arms={x: {refiner: slot, run: {model: {bogus: 1}}}}"),
+        )
+    )
+    add(Case("compare: reference not compared", lambda x: _compare(x, "reference=carry")))
+    add(Case("compare: a model twice", lambda x: _compare(x, "refiners=[slot, slot]")))
+    add(Case("compare: --seeds a,b", lambda x: [*_compare(x), "--seeds", "a,b"]))
+    add(
+        Case(
+            "compare: --seeds 1e9 seeds", lambda x: [*_compare(x), "--seeds", ",".join(map(str, range(5000)))]
+        )
+    )
+    add(Case("compare: --seeds empty", lambda x: [*_compare(x), "--seeds", ""]))
+    add(Case("compare: n_problems 1e9", lambda x: _compare(x, "evaluation.n_problems=1e9"), timeout=60))
+    add(
+        Case(
+            "compare --force: output.dir someone else's folder",
+            lambda x: (
+                _compare(x, out="cmp_theirs", flags=("--force",)) if _run_folder(x, "cmp_theirs") else []
+            ),
+            protect=_protect_folder("cmp_theirs"),
+            part_a=True,
+            timeout=300,
+        )
+    )
+
+    # --- pretrain's run directory
+    add(
+        Case(
+            "pretrain: training.checkpoint_dir=someone's folder",
+            lambda x: _pretrain(x, f"training.checkpoint_dir={_run_folder(x, 'pre_theirs')}", out="pre_a"),
+            protect=_protect_folder("pre_theirs"),
+            part_a=True,
+            timeout=180,
+        )
+    )
+    add(
+        Case(
+            "pretrain --force: output.dir someone's folder",
+            lambda x: [*_pretrain(x, out="pre_theirs2"), "--force"] if _run_folder(x, "pre_theirs2") else [],
+            protect=_protect_folder("pre_theirs2"),
+            part_a=True,
+            timeout=180,
+        )
+    )
+    add(
+        Case("pretrain: --resume without a checkpoint", lambda x: [*_pretrain(x, out="pre_nock"), "--resume"])
+    )
+    add(Case("pretrain: model.n_layers=100000", lambda x: _pretrain(x, "model.n_layers=100000"), timeout=60))
+    add(
+        Case(
+            "pretrain: model.d_model=65536",
+            lambda x: _pretrain(x, "model.d_model=65536", "model.n_heads=64"),
+            timeout=60,
+        )
+    )
+    add(
+        Case(
+            "pretrain: 8 x 16384 wide",
+            lambda x: _pretrain(
+                x,
+                "model.d_model=16384",
+                "model.n_heads=64",
+                "model.n_layers=8",
+                "model.mlp_hidden_size=65536",
+            ),
+            timeout=60,
+        )
+    )
+    add(Case("pretrain: init_from a file", lambda x: _pretrain(x, f"model.init_from={_file_in_the_way(x)}")))
+    add(
+        Case(
+            "pretrain: --output under a file",
+            lambda x: [*_pretrain(x), "--output", str(_file_in_the_way(x) / "o")],
+        )
+    )
+
+    # --- the caches' --rebuild
+    add(
+        Case(
+            "cache --rebuild: feature_cache_dir=someone's folder",
+            lambda x: [
+                "cache",
+                *_train_tiny(
+                    x,
+                    "advanced.feature_cache=true",
+                    f"advanced.feature_cache_dir={_run_folder(x, 'fc_theirs')}",
+                    out="fc_run",
+                )[1:],
+                "--rebuild",
+            ],
+            protect=_protect_folder("fc_theirs"),
+            part_a=True,
+            timeout=180,
+        )
+    )
+    add(
+        Case(
+            "cache --sampler-states --rebuild: someone's folder",
+            lambda x: [
+                "cache",
+                *_train_tiny(x, f"advanced.sampler_states_dir={_run_folder(x, 'ss_theirs')}", out="ss_run")[
+                    1:
+                ],
+                "--sampler-states",
+                "--rebuild",
+            ],
+            protect=_protect_folder("ss_theirs"),
+            part_a=True,
+            timeout=180,
+        )
+    )
+    add(
+        Case(
+            "cache --rebuild: feature_cache_dir=the run itself",
+            lambda x: [
+                "cache",
+                *_train_tiny(
+                    x,
+                    "advanced.feature_cache=true",
+                    f"advanced.feature_cache_dir={x.run_copy('run_as_cache')}",
+                    out="fc_run2",
+                )[1:],
+                "--rebuild",
+            ],
+            needs_run=True,
+            part_a=True,
+            timeout=180,
+            protect=lambda x: [x.work / "run_as_cache/checkpoints/last/model.safetensors"],
+        )
+    )
+    add(
+        Case(
+            "cache: cache_noise_draws 1e9",
+            lambda x: [
+                "cache",
+                *_train_tiny(x, "advanced.feature_cache=true", "advanced.cache_noise_draws=1e9")[1:],
+            ],
+            timeout=60,
+        )
+    )
+
+    # --- the Python API
+    for label, call in (
+        ("generate('')", "''"),
+        ("generate('   ')", "'   '"),
+        ("generate({...})", "{'q': 'x'}"),
+        ("generate(set)", "{'a', 'b'}"),
+        ("generate(b'...')", "b'bytes'"),
+        ("generate(7)", "7"),
+        ("generate([])", "[]"),
+        ("generate(['ok', ''])", "['What is 2?', '']"),
+        ("generate([None])", "[None]"),
+    ):
+        add(
+            Case(
+                f"API: {label}",
+                _api(
+                    "from llada_trm import load_checkpoint\n"
+                    f"load_checkpoint('embedded', device='cpu').generate({call}, {PYTHON_TINY})"
+                ),
+                runner="python",
+            )
+        )
+    for label, code in (
+        (
+            "generate(bogus=1)",
+            "from llada_trm import load_checkpoint\n"
+            f"load_checkpoint('embedded', device='cpu').generate('hi', {PYTHON_TINY}, bogus=1)",
+        ),
+        (
+            "generate(steps=0)",
+            "from llada_trm import load_checkpoint\n"
+            "load_checkpoint('embedded', device='cpu').generate('hi', steps=0)",
+        ),
+        (
+            "generate(gen_length=10**9)",
+            "from llada_trm import load_checkpoint\n"
+            "load_checkpoint('embedded', device='cpu').generate('hi', gen_length=10**9, block_length=10**9)",
+        ),
+        ("load_checkpoint(missing)", "from llada_trm import load_checkpoint\nload_checkpoint('{work}/nope')"),
+        (
+            "load_checkpoint(refiner='gru')",
+            "from llada_trm import load_checkpoint\nload_checkpoint('embedded', refiner='gru')",
+        ),
+        (
+            "load_checkpoint(dtype='int8')",
+            "from llada_trm import load_checkpoint\nload_checkpoint('embedded', dtype='int8')",
+        ),
+        (
+            "LLaDAConfig(n_layers=100000)",
+            "from llada_trm import LLaDAConfig\n"
+            "LLaDAConfig(d_model=32, n_heads=4, n_layers=100000, vocab_size=64)",
+        ),
+        (
+            "HybridConfig(max_recursive_steps=1e9)",
+            "from llada_trm import HybridConfig\nHybridConfig(max_recursive_steps=10**9)",
+        ),
+        (
+            "HybridConfig(confidence_threshold=nan)",
+            "from llada_trm import HybridConfig\nHybridConfig(confidence_threshold=float('nan'))",
+        ),
+        (
+            "load_config(a deep file)",
+            "from pathlib import Path\nfrom llada_trm import load_config\n"
+            "p = Path('{work}/api_deep.yaml')\n"
+            "p.write_text('training: ' + '[' * 5000 + ']' * 5000)\nload_config(p)",
+        ),
+        ("export_run into the run", "from llada_trm.export import export_run\nexport_run('{run}', '{run}')"),
+    ):
+        add(Case(f"API: {label}", _api(code), runner="python", needs_run="{run}" in code))
+    add(
+        Case(
+            "control: API generate",
+            _api(
+                "from llada_trm import load_checkpoint\n"
+                "model = load_checkpoint('embedded', device='cpu')\n"
+                f"print(model.generate('What is 2 plus 3?', {PYTHON_TINY}).answers)"
+            ),
+            runner="python",
+            expect="ok",
+        )
+    )
+
+    # --- trajectory pages
+    add(
+        Case(
+            "trajectory: --html with --file",
+            lambda x: [
+                "generate",
+                *EMBEDDED_GEN,
+                "--html",
+                str(x.work / "t.html"),
+                "--file",
+                str(x.file("q2.txt", "hi\n")),
+            ],
+        )
+    )
+    add(
+        Case(
+            "trajectory: --show-steps with undecodable bytes",
+            lambda x: ["generate", *EMBEDDED_GEN, "--show-steps", "caf\udce9"],
+        )
+    )
+    add(
+        Case(
+            "trajectory: --html of an export",
+            lambda x: [
+                "generate",
+                "--checkpoint",
+                str(_exported(x)),
+                "--device",
+                "cpu",
+                *TINY,
+                "--html",
+                str(x.work / "export.html"),
+                "What is 2 plus 3?",
+            ],
+            needs_run=True,
+            expect="ok",
+            check=_html_written("export.html"),
+        )
+    )
+    add(
+        Case(
+            "control: trajectory page",
+            lambda x: ["generate", *EMBEDDED_GEN, "--html", str(x.work / "ok.html"), "What is 2 plus 3?"],
+            expect="ok",
+            check=_html_written("ok.html"),
+        )
+    )
+    add(
+        Case(
+            "trajectory: HTML in the question is escaped",
+            lambda x: [
+                "generate",
+                *EMBEDDED_GEN,
+                "--html",
+                str(x.work / "xss.html"),
+                "<script>alert(1)</script>",
+            ],
+            expect="ok",
+            check=lambda x, d: "silent" if "<script>alert" in (x.work / "xss.html").read_text() else None,
+        )
+    )
+    return c
+
+
+_LOOPS = "{% for i in range(99999) %}{% for j in range(99999) %}{% endfor %}{% endfor %}"
+_DOUBLING = (
+    "{% set ns = namespace(s='ab') %}{% for i in range(64) %}{% set ns.s = ns.s ~ ns.s %}{% endfor %}"
+    "{{ ns.s }}"
+)
+
+
+def _flow_bomb() -> str:
+    parts = ["&a0 [1, 1, 1, 1, 1, 1, 1, 1, 1]"]
+    parts += [f"&a{i} [{', '.join([f'*a{i - 1}'] * 9)}]" for i in range(1, 9)]
+    return "[" + ", ".join(parts) + "]"
+
+
+def _write(path: Path, content: str | bytes) -> Path:
+    path.write_bytes(content if isinstance(content, bytes) else content.encode())
+    return path.parent
+
+
+def _edited_backbone(ctx: Context, name: str, edit: Callable[[Path], None]) -> Path:
+    fresh = not (ctx.work / name).exists()
+    directory = ctx.backbone_copy(name)
+    if fresh:
+        edit(directory)
+    return directory
+
+
+def _edited_run(ctx: Context, name: str, edit: Callable[[Path], object]) -> Path:
+    fresh = not (ctx.work / name).exists()
+    directory = ctx.run_copy(name)
+    if fresh:
+        edit(directory)
+    return directory
+
+
 # ---------------------------------------------------------------------------------------------- running
 
 
@@ -592,6 +2002,36 @@ def _env() -> dict[str, str]:
     env = {**os.environ, "PYTHONPATH": str(REPO / "src"), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     env["CUDA_VISIBLE_DEVICES"] = ""  # the sweep is a CPU exercise; a GPU would only change the timings
     return env
+
+
+# The address space of each case: a memory blow-up fails (and is counted) instead of swapping the machine.
+MEMORY_CAP = 12 * 2**30
+
+
+def _command(case: Case, args: list[str]) -> list[str]:
+    if case.runner == "lm-eval":
+        return [sys.executable, "-m", "llada_trm.harness", *args]
+    if case.runner == "python":
+        return [sys.executable, "-c", API_DRIVER, *args]
+    return [sys.executable, "-m", "llada_trm", *args]
+
+
+def _limits(fsize: int | None) -> Callable[[], None]:
+    """In the child: the memory cap, and with `fsize` a file-size limit that fails writes (EFBIG) as a full
+    disk would (SIGXFSZ ignored, so the write returns the error instead of killing the process)."""
+
+    def apply() -> None:
+        import resource
+        import signal
+
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        hard = resource.getrlimit(resource.RLIMIT_AS)[1]
+        cap = MEMORY_CAP if hard == resource.RLIM_INFINITY else min(MEMORY_CAP, hard)
+        resource.setrlimit(resource.RLIMIT_AS, (cap, hard))
+        if fsize is not None:
+            resource.setrlimit(resource.RLIMIT_FSIZE, (fsize, fsize))
+
+    return apply
 
 
 def _digest(paths: list[Path]) -> dict[str, str | None]:
@@ -606,17 +2046,18 @@ def classify(case: Case, ctx: Context) -> tuple[str, str]:
         return "failed", f"setup failed: {exc!r}"
     protected = case.protect(ctx)
     before = _digest(protected)
-    command = [sys.executable, "-m", "llada_trm", *args]
     try:
         done = subprocess.run(
-            command,
+            _command(case, args),
             input=case.stdin,
             capture_output=True,
             text=True,
             timeout=case.timeout,
-            env=_env(),
+            env={**_env(), **case.env},
             cwd=ctx.work,
             check=False,
+            preexec_fn=_limits(case.fsize),
+            errors="backslashreplace",
         )
     except subprocess.TimeoutExpired:
         return "hang", f"no result after {case.timeout:.0f} s"
@@ -628,6 +2069,8 @@ def classify(case: Case, ctx: Context) -> tuple[str, str]:
         return "data lost", f"changed or removed: {', '.join(Path(p).name for p in lost)}"
     if "Traceback" in done.stderr:
         return "traceback", last
+    if "out of memory" in last or "MemoryError" in last:
+        return "hang", f"memory blow-up: {last}"
     extra = case.check(ctx, done) if case.check is not None else None
     if extra is not None:
         return extra, f"check failed (exit {done.returncode}): {last or done.stdout.strip()[-120:]}"
@@ -668,6 +2111,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="only the fast cases (no trained run)")
     parser.add_argument("--only", metavar="TEXT", help="only cases whose name contains TEXT")
+    parser.add_argument(
+        "--surface",
+        choices=("all", "core", "new"),
+        default="all",
+        help="core: the training path's cases; new: the surface issue 28 covers (export, lm-eval, LoRA, ...)",
+    )
     parser.add_argument("--workdir", metavar="DIR", help="scratch directory (default: a temporary one)")
     parser.add_argument("--verbose", "-v", action="store_true", help="print every case's last stderr line")
     args = parser.parse_args(argv)
@@ -675,6 +2124,8 @@ def main(argv: list[str] | None = None) -> int:
     selected = [case for case in cases() if (case.quick or not args.quick)]
     if args.only:
         selected = [case for case in selected if args.only.lower() in case.name.lower()]
+    if args.surface != "all":
+        selected = [case for case in selected if case.surface == args.surface]
     work = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="llada-sweep-"))
     work.mkdir(parents=True, exist_ok=True)
     from llada_trm.assets import embedded_backbone_dir
@@ -684,10 +2135,13 @@ def main(argv: list[str] | None = None) -> int:
     if any(case.needs_run for case in selected) and not (ctx.run / "checkpoints/last").exists():
         _make_run(ctx)
     counts: Counter[str] = Counter()
+    part_a: list[str] = []
     for number, case in enumerate(selected, start=1):
         t0 = time.perf_counter()
         kind, note = classify(case, ctx)
         counts[kind] += 1
+        if case.part_a:
+            part_a.append(f"{case.name}: {kind}")
         bad = kind not in ("clear", "ok")
         if args.verbose or bad:
             print(
@@ -695,6 +2149,10 @@ def main(argv: list[str] | None = None) -> int:
                 f"({time.perf_counter() - t0:.0f} s): {note}"
             )
     print(f"\n{len(selected)} cases in {(time.perf_counter() - started) / 60:.1f} min (work dir {work})")
+    if part_a:  # listed before the table, whose last seven lines CI parses
+        print("cases whose data-loss fix is issue 28's part A (a command deletes only what it made):")
+        for line in part_a:
+            print(f"  {line}")
     print(f"{'kind':10s} count")
     for kind in KINDS:
         print(f"{kind:10s} {counts[kind]}")

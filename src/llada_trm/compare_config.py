@@ -120,7 +120,12 @@ class CompareConfig(_Section):
         seeds = self.seeds if self.seeds is not None else [self.run.training.seed]
         if len(set(seeds)) != len(seeds):
             raise ValueError(f"seeds: {seeds} repeats a seed; list each training seed once")
+        if len(seeds) > MAX_SEEDS:  # each seed trains every refiner: thousands is a typo, not a study
+            raise ValueError(f"seeds: {len(seeds)} training seeds; a comparison takes at most {MAX_SEEDS}")
         return list(seeds)
+
+
+MAX_SEEDS = 64
 
 
 def parse_seeds(text: str) -> list[int]:
