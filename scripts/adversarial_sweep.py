@@ -870,7 +870,7 @@ def surface_cases() -> list[Case]:  # noqa: C901, PLR0915 - one flat list is the
         add(
             Case(
                 f"generate: --{flag} {value}",
-                lambda x, f=flag, v=value: ["generate", *EMBEDDED_GEN, f"--{f}", v, "hi"],
+                lambda x, f=flag, v=value: ["generate", *EMBEDDED_GEN, f"--{f}={v}", "hi"],
             )
         )
     for key, value in (
@@ -1618,7 +1618,12 @@ def surface_cases() -> list[Case]:  # noqa: C901, PLR0915 - one flat list is the
     )
 
     # --- compare: arms, --resume, --force
-    add(Case("compare: --resume --force", lambda x: _compare(x, out="cmp_rf", flags=("--resume", "--force"))))
+    add(
+        Case(
+            "compare: --resume --force",
+            lambda x: _compare(x, out="cmp_rf", flags=("--resume", "--force")),
+        )
+    )
     add(
         Case(
             "compare: --resume after changing evaluation.checkpoint",

@@ -169,6 +169,22 @@ def test_a_set_value_is_read_as_strictly_as_a_file():
         parse_override("training={lr: 1, lr: 2}")
 
 
+def test_non_utf8_inputs_are_named(backbone_dir, tmp_path, capsys):
+    import shutil
+
+    from llada_trm.backbone import LLaDAConfig
+
+    copy = tmp_path / "bb"
+    shutil.copytree(backbone_dir, copy)
+    (copy / "config.json").write_bytes(b'{"d_model": 32, "caf\xe9": 1}')
+    with pytest.raises(ConfigError, match=r"config.json:1: not UTF-8 text \(byte 0xe9"):
+        LLaDAConfig.from_json_file(copy / "config.json")
+    questions = tmp_path / "questions.txt"
+    questions.write_bytes(b"What is caf\xe9 plus 2?\n")
+    assert main(["generate", "--checkpoint", "embedded", "--file", str(questions)]) == 2
+    assert f"{questions}:1: not UTF-8 text" in capsys.readouterr().err
+
+
 def test_a_deeply_nested_config_file_is_named(tmp_path):
     from llada_trm.config import load_config
 

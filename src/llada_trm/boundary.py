@@ -103,6 +103,8 @@ def describe_failure(exc: BaseException) -> tuple[str, int] | None:
     if isinstance(exc, OSError):
         usage = isinstance(exc, FileNotFoundError | NotADirectoryError | IsADirectoryError | PermissionError)
         return _os_error(exc), USAGE_ERROR if usage else RUN_FAILED
+    if isinstance(exc, UnicodeDecodeError):  # a reader that did not name its file (most do: `text.read_utf8`)
+        return f"an input is not UTF-8 text ({one_line(exc)}); save the file as UTF-8", USAGE_ERROR
     if isinstance(exc, UserError | ValueError):
         return one_line(exc), USAGE_ERROR
     if isinstance(exc, RecursionError):

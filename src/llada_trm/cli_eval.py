@@ -14,6 +14,7 @@ from typing import Any
 
 from llada_trm.cli_sampling import sampling_options, sampling_source
 from llada_trm.errors import UserError
+from llada_trm.text import read_utf8
 
 __all__ = ["cmd_eval", "cmd_generate", "split_label"]
 
@@ -198,7 +199,7 @@ def _questions(args: argparse.Namespace) -> list[str]:
         if not args.question.strip():
             raise UserError("the question is empty; pass it as one quoted argument")
         return [args.question]
-    lines = Path(args.file).read_text(encoding="utf-8").splitlines()
+    lines = read_utf8(args.file, ValueError).splitlines()  # a non-UTF-8 byte named with file:line
     questions = [line.strip() for line in lines if line.strip()]
     if not questions:
         raise UserError(f"{args.file}: no questions (write one question a line)")

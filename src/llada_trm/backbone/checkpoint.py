@@ -30,6 +30,7 @@ from llada_trm.backbone.config import LLaDAConfig
 from llada_trm.errors import CheckpointError
 from llada_trm.io import dtype_named, fsync_file
 from llada_trm.progress import weights_progress
+from llada_trm.text import read_utf8
 
 if TYPE_CHECKING:
     from torch import nn
@@ -136,8 +137,8 @@ def _weight_map(path: Path) -> dict[str, Path]:
     index_file, single_file = path / INDEX_NAME, path / WEIGHTS_NAME
     if index_file.is_file():
         try:
-            weight_map = json.loads(index_file.read_text(encoding="utf-8"))["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError) as err:
+            weight_map = json.loads(read_utf8(index_file, CheckpointError))["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError, RecursionError) as err:
             raise CheckpointError(f"{index_file} is not a valid safetensors index ({err!r})") from None
         if not isinstance(weight_map, dict):
             raise CheckpointError(f"{index_file}: 'weight_map' must map tensor names to shard files")

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from llada_trm.errors import ConfigError
+from llada_trm.text import read_utf8
 
 # Fields without which no model can be built; a config.json lacking one is an error, not a default.
 REQUIRED_FIELDS = ("d_model", "n_heads", "n_layers", "vocab_size")
@@ -244,7 +245,7 @@ class LLaDAConfig:
     def from_json_file(cls, path: str | Path) -> LLaDAConfig:
         path = Path(path)
         try:
-            text = path.read_text(encoding="utf-8")
+            text = read_utf8(path, ConfigError)  # a non-UTF-8 byte is named with the file, line and column
         except FileNotFoundError:
             raise ConfigError(f"config file not found: {path}") from None
         try:

@@ -17,6 +17,7 @@ from llada_trm.data.disjoint import question_hash
 from llada_trm.data.gsm8k import DataError
 from llada_trm.evaluate.statistics import paired_summary
 from llada_trm.io import write_json
+from llada_trm.text import read_utf8
 
 __all__ = [
     "ALPHA",
@@ -58,7 +59,7 @@ def read_predictions(source: str | Path) -> tuple[Path, list[dict[str, Any]]]:
     """(the file read, its records) from a predictions.jsonl, an eval directory or a run directory."""
     path = _find(Path(source))
     records = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    for number, line in enumerate(read_utf8(path, DataError).splitlines(), start=1):
         if line.strip():
             try:
                 records.append(json.loads(line))
