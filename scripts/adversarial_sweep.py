@@ -953,7 +953,7 @@ def surface_cases() -> list[Case]:  # noqa: C901, PLR0915 - one flat list is the
         ("checkpoint={work}/missing_ckpt", "missing checkpoint"),
         (f"checkpoint=embedded,{LM_TINY},refiner=gru", "refiner gru"),
         ("checkpoint=embedded,steps=7,gen_length=16,block_length=8", "steps not a block multiple"),
-        ("checkpoint=embedded,steps=4,gen_length=1000,block_length=8", "gen_length past the positions"),
+        ("checkpoint=embedded,steps=4,gen_length=1000,block_length=1000", "gen_length past the positions"),
     ):
         add(
             Case(
@@ -2115,7 +2115,10 @@ def _make_run(ctx: Context) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="only the fast cases (no trained run)")
-    parser.add_argument("--only", metavar="TEXT", help="only cases whose name contains TEXT")
+    parser.add_argument(
+        "--only", metavar="TEXT", action="append", help="only cases whose name contains TEXT (repeatable)"
+    )
+    parser.add_argument("--range", metavar="FIRST:LAST", help="only the selected cases FIRST..LAST (from 1)")
     parser.add_argument(
         "--surface",
         choices=("all", "core", "new"),
@@ -2128,9 +2131,12 @@ def main(argv: list[str] | None = None) -> int:
 
     selected = [case for case in cases() if (case.quick or not args.quick)]
     if args.only:
-        selected = [case for case in selected if args.only.lower() in case.name.lower()]
+        selected = [case for case in selected if any(o.lower() in case.name.lower() for o in args.only)]
     if args.surface != "all":
         selected = [case for case in selected if case.surface == args.surface]
+    if args.range:  # split a long sweep over sessions or machines
+        first, _, last = args.range.partition(":")
+        selected = selected[int(first or 1) - 1 : int(last) if last else None]
     work = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="llada-sweep-"))
     work.mkdir(parents=True, exist_ok=True)
     from llada_trm.assets import embedded_backbone_dir

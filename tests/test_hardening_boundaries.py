@@ -42,8 +42,13 @@ def tokenizer():
         (OSError(errno.EROFS, "Read-only file system", "/ro/out"), ["/ro/out", "writable folder"]),
         (FileExistsError(errno.EEXIST, "File exists", "/etc/passwd"), ["/etc/passwd", "choose another path"]),
         (OSError(errno.EPERM, "Operation not permitted", "/x/.run.json.ab12cd.tmp"), ["/x/run.json"]),
-        (RuntimeError("[enforce fail at inline_container.cc:595] . PytorchStreamWriter failed writing file "
-                      "data/0: file write failed"), ["writing a file failed", "unchanged"]),  # fmt: skip
+        (
+            RuntimeError(
+                "[enforce fail at inline_container.cc:595] . PytorchStreamWriter failed writing file "
+                "data/0: file write failed"
+            ),
+            ["writing a file failed", "unchanged"],
+        ),  # fmt: skip
         (RecursionError("maximum recursion depth exceeded"), ["nested too deeply"]),
         (MemoryError(), ["out of memory"]),
     ],
@@ -87,12 +92,57 @@ def test_lm_eval_cli_turns_backend_errors_into_one_line(monkeypatch, capsys):
     assert err == f"llada-trm-lm-eval: error: {expected}"
 
 
+def test_lm_eval_cli_names_a_model_arg_given_twice(monkeypatch, capsys):
+    pytest.importorskip("lm_eval")
+    from llada_trm.harness import cli
+
+    def fail() -> None:
+        raise TypeError(
+            "llada_trm.harness.model.LLaDATRMLM() got multiple values for keyword argument 'batch_size'"
+        )
+
+    monkeypatch.setattr("lm_eval.__main__.cli_evaluate", fail)
+    with pytest.raises(SystemExit) as info:
+        cli.main(["--model", "llada_trm"])
+    err = capsys.readouterr().err.strip()
+    assert info.value.code == 2 and "Traceback" not in err and "--batch_size" in err, err
+
+
+def test_a_write_that_names_no_file_is_named_by_the_atomic_writers(tmp_path):
+    from safetensors import SafetensorError
+
+    from llada_trm.io import atomic_directory, atomic_path, write_text_atomic
+
+    target = tmp_path / "out.json"
+    write_text_atomic(target, "old\n")
+    for failure in (
+        OSError(errno.EFBIG, "File too large"),
+        SafetensorError("Error while serializing: I/O error: File too large (os error 27)"),
+        RuntimeError("PytorchStreamWriter failed writing file data/0: file write failed"),
+    ):
+        with pytest.raises(OSError) as info, atomic_path(target):
+            raise failure
+        assert info.value.filename == str(target) and target.read_text() == "old\n"
+        with pytest.raises(OSError) as info, atomic_directory(tmp_path / "folder"):
+            raise failure
+        assert info.value.filename == str(tmp_path / "folder")
+    with pytest.raises(KeyError), atomic_path(target):  # not a write failure: left as it is
+        raise KeyError("x")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.json"]
+
+
 # ------------------------------------------------------------------------------------ sampler settings
 
 
 @pytest.mark.parametrize(
-    "setting", [{"temperature": math.nan}, {"cfg_scale": math.inf}, {"temperature": -math.inf},
-                {"threshold": math.nan}, {"temperature": "hot"}],  # fmt: skip
+    "setting",
+    [
+        {"temperature": math.nan},
+        {"cfg_scale": math.inf},
+        {"temperature": -math.inf},
+        {"threshold": math.nan},
+        {"temperature": "hot"},
+    ],  # fmt: skip
 )
 def test_non_finite_sampler_settings_are_refused(setting):
     from llada_trm.diffusion import SamplingOptions
@@ -248,8 +298,11 @@ def test_a_shard_index_may_not_name_files_outside_the_folder(backbone_dir, tmp_p
     ("template", "words"),
     [
         ("{% for i in range(99999) %}{% for j in range(99999) %}{% endfor %}{% endfor %}", "took more than"),
-        ("{% set ns = namespace(s='ab') %}{% for i in range(64) %}{% set ns.s = ns.s ~ ns.s %}{% endfor %}"
-         "{{ ns.s }}", "MiB"),  # fmt: skip
+        (
+            "{% set ns = namespace(s='ab') %}{% for i in range(64) %}{% set ns.s = ns.s ~ ns.s %}{% endfor %}"
+            "{{ ns.s }}",
+            "MiB",
+        ),  # fmt: skip
         ("{{ 'a' * 10000000000 }}", "repetition"),
         ("{{ ''.__class__.__mro__ }}", "SecurityError"),
         ("{% macro f(n) %}{{ f(n) }}{% endmacro %}{{ f(1) }}", "recurses"),
@@ -321,8 +374,13 @@ def test_compare_falls_back_from_best_to_last_saying_so(backbone_dir, tmp_path, 
     assert "no 'best' checkpoint" in capsys.readouterr().out
     report = json.loads((tmp_path / "cmp" / "comparison.json").read_text())
     assert report["checkpoint"]["fallbacks"] == [
-        {"seed": 0, "refiner": "slot", "asked": "best", "used": "last",
-         "reason": "the run kept no 'best' checkpoint (no validation set)"}  # fmt: skip
+        {
+            "seed": 0,
+            "refiner": "slot",
+            "asked": "best",
+            "used": "last",
+            "reason": "the run kept no 'best' checkpoint (no validation set)",
+        }  # fmt: skip
     ]
     assert [row["checkpoint"] for row in report["rows"]] == ["last"]
     assert "checkpoints/last for slot seed 0" in (tmp_path / "cmp" / "comparison.md").read_text()

@@ -37,6 +37,8 @@ _OS_HINTS: dict[int, str] = {
     errno.ELOOP: "too many symbolic links; give the real path",
     errno.EMFILE: "too many open files; raise the limit (ulimit -n) and run again",
     errno.EIO: "an input/output error of the disk; check the disk and run again",
+    errno.EFBIG: "the file outgrew the disk or the file-size limit (ulimit -f); free space or raise the "
+    "limit and run again (files already there are unchanged)",
     errno.EXDEV: "the path crosses file systems; keep the output on one file system",
     errno.ENOTEMPTY: "the folder is not empty; choose a new one",
 }

@@ -12,10 +12,12 @@ leaves only the aside copy, which `recover_directory` (called by the next save o
 from __future__ import annotations
 
 import contextlib
+import errno
 import glob
 import json
 import math
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterable, Iterator, Mapping
@@ -38,6 +40,7 @@ __all__ = [
     "remove_directory",
     "replace_directory",
     "resolve_device",
+    "named_write_error",
     "write_bytes_atomic",
     "write_json",
     "write_jsonl",
@@ -119,9 +122,27 @@ def atomic_path(path: PathLike) -> Iterator[Path]:
         yield tmp
         fsync_file(tmp)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         tmp.unlink(missing_ok=True)
+        named = named_write_error(exc, path)
+        if named is not None:
+            raise named from exc
         raise
+
+
+def named_write_error(exc: BaseException, path: PathLike) -> OSError | None:
+    """A write failure that names no file (write(2)'s ENOSPC or EFBIG, safetensors' I/O error, torch's
+    stream writer) as an `OSError` naming `path`, so that the one-line error says what could not be written;
+    None for anything else."""
+    if isinstance(exc, OSError):
+        return None if exc.filename else OSError(exc.errno, exc.strerror or str(exc), str(path))
+    text = str(exc)
+    code = re.search(r"os error (\d+)", text)
+    if type(exc).__name__ == "SafetensorError" and code:
+        return OSError(int(code[1]), os.strerror(int(code[1])), str(path))
+    if isinstance(exc, RuntimeError) and ("PytorchStreamWriter" in text or "file write failed" in text):
+        return OSError(errno.EIO, "writing failed (a full disk, or a file-size limit?)", str(path))
+    return None
 
 
 def write_bytes_atomic(path: PathLike, data: bytes) -> Path:
@@ -195,7 +216,13 @@ def atomic_directory(directory: PathLike) -> Iterator[Path]:
         shutil.rmtree(stale, ignore_errors=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", suffix=".tmp", dir=directory.parent))
     try:
-        yield tmp
+        try:
+            yield tmp
+        except Exception as exc:
+            named = named_write_error(exc, directory)
+            if named is not None:
+                raise named from exc
+            raise
         replace_directory(tmp, directory)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

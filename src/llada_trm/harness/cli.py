@@ -19,6 +19,20 @@ from .tasks import tasks_dir
 PROG = "llada-trm-lm-eval"
 
 
+def _model_args_error(exc: Exception) -> Exception:
+    """lm-eval calls the backend with --model_args and its own --batch_size / --device as keywords: one given
+    twice is a TypeError naming the class; here it becomes the user error it is."""
+    text = " ".join(str(exc).split())
+    if isinstance(exc, TypeError) and "LLaDATRMLM" in text:
+        from llada_trm.errors import ConfigError
+
+        return ConfigError(
+            f"llada_trm: model args: {text.split('() ', 1)[-1]}; give batch_size and device with lm-eval's "
+            "--batch_size and --device, and only the backend's own args in --model_args"
+        )
+    return exc
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     try:
         from lm_eval.__main__ import cli_evaluate
@@ -39,6 +53,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         print(f"{PROG}: interrupted", file=sys.stderr)
         raise SystemExit(130) from None
     except Exception as exc:
+        exc = _model_args_error(exc)
         status = None if debug else report(PROG, exc, lambda line: print(line, file=sys.stderr))
         if status is None:
             raise
