@@ -152,7 +152,7 @@ def test_non_finite_sampler_settings_are_refused(setting):
 
 
 def test_a_non_finite_config_value_is_blamed_on_its_set(tmp_path):
-    from llada_trm.config import parse_config
+    from llada_trm.config import load_config, parse_config
 
     for override, key in (("sampling.temperature=.nan", "sampling.temperature"),
                           ("sampling.cfg_scale=.inf", "sampling.cfg_scale"),
@@ -160,6 +160,12 @@ def test_a_non_finite_config_value_is_blamed_on_its_set(tmp_path):
         with pytest.raises(ConfigError) as info:
             parse_config({}, source=str(tmp_path / "run.yaml"), overrides=[override])
         assert str(info.value).startswith(f"--set {key}"), info.value
+    # a section's check naming a field the file set (not the --set) still blames the file
+    path = tmp_path / "run.yaml"
+    path.write_text("sampling:\n  steps: 7\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(path, ["sampling.temperature=0.5"])
+    assert str(info.value).startswith(f"{path}: sampling: steps (7)"), info.value
 
 
 def test_lm_eval_model_args_are_bounded_and_finite():

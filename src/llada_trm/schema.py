@@ -140,9 +140,7 @@ def _override_for(dotted: str, explanation: str, override_keys: Collection[str])
         return max(above, key=len)
     inside = [key for key in override_keys if not dotted or key.startswith(dotted + ".")]
     named = [key for key in inside if key.rsplit(".", 1)[-1] in explanation]
-    if named:
-        return named[0]
-    return inside[0] if len(inside) == 1 else None
+    return named[0] if named else None  # the check names no overridden field: the file's value is at fault
 
 
 def _explain(err: Mapping[str, Any], loc: list[str], schema: type[BaseModel]) -> str:
