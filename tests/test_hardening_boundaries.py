@@ -92,6 +92,18 @@ def test_lm_eval_cli_turns_backend_errors_into_one_line(monkeypatch, capsys):
     assert err == f"llada-trm-lm-eval: error: {expected}"
 
 
+def test_lm_eval_cli_refuses_an_output_path_it_cannot_write(tmp_path, monkeypatch, capsys):
+    pytest.importorskip("lm_eval")
+    from llada_trm.harness import cli
+
+    monkeypatch.setattr("lm_eval.__main__.cli_evaluate", lambda: None)  # never reached
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    with pytest.raises(SystemExit) as info:
+        cli.main(["--model", "llada_trm", "--output_path", str(blocker / "results")])
+    assert info.value.code == 2 and f"{blocker} is a file" in capsys.readouterr().err
+
+
 def test_lm_eval_cli_names_a_model_arg_given_twice(monkeypatch, capsys):
     pytest.importorskip("lm_eval")
     from llada_trm.harness import cli

@@ -11,12 +11,31 @@ from __future__ import annotations
 import os
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from llada_trm.boundary import report
 
 from .tasks import tasks_dir
 
 PROG = "llada-trm-lm-eval"
+
+
+def _output_path_problem(args: Sequence[str]) -> str | None:
+    """Why `--output_path` cannot be written (a parent that is a file, a folder not writable), or None."""
+    value = next((a.split("=", 1)[1] for a in args if a.startswith("--output_path=")), None)
+    if value is None and "--output_path" in args[:-1]:
+        value = args[args.index("--output_path") + 1]
+    if not value:
+        return None
+    path = Path(value).expanduser()
+    for ancestor in path.parents:
+        if ancestor.exists():
+            if not ancestor.is_dir():
+                return f"--output_path {value}: {ancestor} is a file, not a folder; choose another path"
+            if not os.access(ancestor, os.W_OK | os.X_OK):
+                return f"--output_path {value}: {ancestor} is not writable; choose a writable folder"
+            return None
+    return None
 
 
 def _model_args_error(exc: Exception) -> Exception:
@@ -45,6 +64,10 @@ def main(argv: Sequence[str] | None = None) -> None:
         args += ["--include_path", str(tasks_dir())]
     sys.argv = [sys.argv[0], *args]
     debug = os.environ.get("LLADA_TRM_DEBUG", "") not in ("", "0")
+    problem = _output_path_problem(args)
+    if problem is not None:  # lm-eval would only log that it could not save, then exit 0
+        print(f"{PROG}: error: {problem}", file=sys.stderr)
+        raise SystemExit(2)
     try:
         cli_evaluate()
     except KeyboardInterrupt:
