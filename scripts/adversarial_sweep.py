@@ -12,9 +12,17 @@ Each case runs `python -m llada_trm ...` in a subprocess with a timeout and is c
     clear      exit != 0, the last stderr line is one line naming the problem, no 'Traceback'
     traceback  a 'Traceback' on stderr
     silent     exit 0 where an error was expected (or a check found a wrong result, e.g. code ran)
-    hang       the timeout expired (an absurd size that should have been refused)
+    hang       the CPU-time limit expired, or a wall-clock limit six times as long (an absurd size that should
+               have been refused), or memory ran out (each case runs under a 12 GiB address-space cap)
     data lost  a file that existed before the case changed or vanished when it should not have
     ok         a control case (valid input) that succeeded; `failed` when a control did not
+
+Cases run through `llada-trm`, `llada-trm-lm-eval` or, for the Python API, a driver that executes a snippet
+(an exception the CLI would describe in one line counts as clear). Disk-full cases run under a file-size limit
+(writes fail with EFBIG). `--surface new` selects the 220 cases over what issue 28 covers (export, the lm-eval
+backend, LoRA, TensorBoard, compare arms and --resume, pretrain's run directory, the caches' --rebuild, the
+Python API, trajectory pages); those marked part A (a command deleting what it did not make) are listed
+after the run.
 
 The cases share one tiny trained run directory, created at start (a 2-step phase-1 run on the embedded
 backbone); a case that needs a modified copy makes one. The exit status is 1 when any case is a traceback,
@@ -29,6 +37,7 @@ import hashlib
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -2021,15 +2030,24 @@ def _command(case: Case, args: list[str]) -> list[str]:
     return [sys.executable, "-m", "llada_trm", *args]
 
 
-def _limits(fsize: int | None) -> Callable[[], None]:
-    """In the child: the memory cap, and with `fsize` a file-size limit that fails writes (EFBIG) as a full
-    disk would (SIGXFSZ ignored, so the write returns the error instead of killing the process)."""
+# A case's `timeout` is CPU seconds (RLIMIT_CPU): on a loaded machine a process may wait for a core far
+# longer than it computes, so wall time alone would call a slow start a hang. The wall clock still stops a
+# case that sleeps or deadlocks, after WALL_FACTOR times as long.
+WALL_FACTOR = 6
+
+
+def _limits(fsize: int | None, cpu_seconds: float) -> Callable[[], None]:
+    """In the child: the CPU-time limit, the memory cap, and with `fsize` a file-size limit that fails
+    writes (EFBIG) as a full disk would (SIGXFSZ ignored, so the write returns the error instead of killing
+    the process)."""
 
     def apply() -> None:
         import resource
         import signal
 
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        cpu = int(cpu_seconds) + 1
+        resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu + 5))
         hard = resource.getrlimit(resource.RLIMIT_AS)[1]
         cap = MEMORY_CAP if hard == resource.RLIM_INFINITY else min(MEMORY_CAP, hard)
         resource.setrlimit(resource.RLIMIT_AS, (cap, hard))
@@ -2057,15 +2075,17 @@ def classify(case: Case, ctx: Context) -> tuple[str, str]:
             input=case.stdin,
             capture_output=True,
             text=True,
-            timeout=case.timeout,
+            timeout=case.timeout * WALL_FACTOR,
             env={**_env(), **case.env},
             cwd=ctx.work,
             check=False,
-            preexec_fn=_limits(case.fsize),
+            preexec_fn=_limits(case.fsize, case.timeout),
             errors="backslashreplace",
         )
     except subprocess.TimeoutExpired:
-        return "hang", f"no result after {case.timeout:.0f} s"
+        return "hang", f"no result after {case.timeout * WALL_FACTOR:.0f} s of wall time"
+    if done.returncode in (-signal.SIGXCPU, -signal.SIGKILL):
+        return "hang", f"still computing after {case.timeout:.0f} s of CPU time"
     lines = [line for line in done.stderr.strip().splitlines() if line.strip()]
     last = lines[-1] if lines else ""
     after = _digest(protected)
