@@ -1651,7 +1651,7 @@ def surface_cases() -> list[Case]:  # noqa: C901, PLR0915 - one flat list is the
             lambda x: _compare(
                 x,
                 "evaluation.checkpoint=best",
-                "run.data.synthetic.n_eval=1",
+                "run.data.synthetic.n_eval=0",
                 "run.training.eval_every=0",
                 out="compare_nobest",
             ),
