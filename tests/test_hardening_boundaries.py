@@ -319,7 +319,7 @@ def test_a_shard_index_may_not_name_files_outside_the_folder(backbone_dir, tmp_p
         (
             "{% set ns = namespace(s='ab') %}{% for i in range(64) %}{% set ns.s = ns.s ~ ns.s %}{% endfor %}"
             "{{ ns.s }}",
-            "MiB",
+            "MiB|took more than",  # memory or time, whichever a loaded machine reaches first
         ),  # fmt: skip
         ("{{ 'a' * 10000000000 }}", "repetition"),
         ("{{ ''.__class__.__mro__ }}", "SecurityError"),
