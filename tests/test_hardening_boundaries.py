@@ -351,6 +351,15 @@ def test_an_unknown_but_benign_template_renders_what_the_tokenizer_would(tokeniz
 # ------------------------------------------------------------------------------------------ compare
 
 
+def test_compare_bounds_its_problems_and_seeds(backbone_dir, tmp_path):
+    from llada_trm.compare_config import load_compare_config, parse_seeds
+
+    with pytest.raises(ConfigError, match="--set evaluation.n_problems"):
+        load_compare_config(None, ["evaluation.n_problems=1e9"])
+    with pytest.raises(ValueError, match="at most 64"):
+        load_compare_config(None, [], parse_seeds(",".join(map(str, range(65)))))
+
+
 def test_compare_resume_with_force_is_refused_in_one_line(backbone_dir, tmp_path, capsys):
     path = tmp_path / "cmp.yaml"
     path.write_text(yaml.safe_dump(compare_yaml(backbone_dir, tmp_path / "cmp")))

@@ -7,12 +7,12 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import Field, ValidationError, model_validator
+from pydantic import BeforeValidator, Field, ValidationError, model_validator
 
-from llada_trm.config import Int, PosInt, RunConfig, _Section, load_schema
-from llada_trm.schema import Fraction, describe
+from llada_trm.config import MAX_PROBLEMS, Int, RunConfig, _Section, load_schema
+from llada_trm.schema import Fraction, describe, to_int
 
 __all__ = [
     "CompareArm",
@@ -30,7 +30,7 @@ class CompareEvaluation(_Section):
     """The test problems every model answers (the sampler is `run.sampling`, the same for every model) and
     the planned effect behind their number (`planned_difference` at `planned_discordant`, comparison.md)."""
 
-    n_problems: PosInt = 24
+    n_problems: Annotated[int, BeforeValidator(to_int), Field(ge=1, le=MAX_PROBLEMS)] = 24  # as data's sizes
     split: str = Field(default="test", description="held-out split; for gsm8k data also a slice, test[:50]")
     checkpoint: Literal["last", "best"] = "last"
     planned_difference: Fraction = 0.05
