@@ -253,6 +253,14 @@ def test_non_utf8_inputs_are_named(backbone_dir, tmp_path, capsys):
     assert f"{questions}:1: not UTF-8 text" in capsys.readouterr().err
 
 
+def test_cache_sizes_are_bounded():
+    from llada_trm.config import parse_config
+
+    for override in ("advanced.cache_noise_draws=1e9", "advanced.sampler_states_per_problem=1e6"):
+        with pytest.raises(ConfigError, match=f"--set {override.split('=')[0]}"):
+            parse_config({}, overrides=[override])
+
+
 def test_a_deeply_nested_config_file_is_named(tmp_path):
     from llada_trm.config import load_config
 

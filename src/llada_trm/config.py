@@ -112,6 +112,7 @@ MAX_BATCH_SIZE = 4096
 
 ProblemCount = Annotated[int, BeforeValidator(to_int), Field(ge=0, le=MAX_PROBLEMS)]
 BatchSize = Annotated[int, BeforeValidator(to_int), Field(ge=1, le=MAX_BATCH_SIZE)]
+Draws = Annotated[int, BeforeValidator(to_int), Field(ge=1, le=1024)]  # cached copies of every example
 
 
 class SyntheticDataConfig(SyntheticTaskConfig):
@@ -291,11 +292,11 @@ class AdvancedConfig(_Section):
     compile_refiner: bool = False
     feature_cache: bool = False
     feature_cache_dir: str | None = None
-    cache_noise_draws: PosInt = 1
+    cache_noise_draws: Draws = 1
     cache_dtype: Literal["bfloat16", "float32"] = "bfloat16"
     sampler_states_dir: str | None = None
-    sampler_states_per_problem: PosInt = 4
-    sampler_states_problems: PosInt | None = None
+    sampler_states_per_problem: Draws = 4
+    sampler_states_problems: ProblemCount | None = None
     sampler_states_seed: Int = 0
     detect_anomaly: bool = False
     health_checks: bool = True
