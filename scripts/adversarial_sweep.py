@@ -1392,10 +1392,10 @@ def surface_cases() -> list[Case]:  # noqa: C901, PLR0915 - one flat list is the
     )
     add(
         Case(
-            "export: disk full (16 MB file limit)",
+            "export: disk full (1 MB file limit)",
             lambda x: ["export", str(x.run), str(x.work / "export_full")],
             needs_run=True,
-            fsize=16 * 2**20,
+            fsize=2**20,
         )
     )
     add(
@@ -1403,7 +1403,7 @@ def surface_cases() -> list[Case]:  # noqa: C901, PLR0915 - one flat list is the
             "export: disk full leaves no partial export",
             lambda x: ["export", str(x.run), str(x.work / "export_partial")],
             needs_run=True,
-            fsize=16 * 2**20,
+            fsize=2**20,
             check=lambda x, d: "silent" if (x.work / "export_partial").exists() else None,
         )
     )

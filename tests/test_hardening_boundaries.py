@@ -172,6 +172,9 @@ def test_a_non_finite_config_value_is_blamed_on_its_set(tmp_path):
         with pytest.raises(ConfigError) as info:
             parse_config({}, source=str(tmp_path / "run.yaml"), overrides=[override])
         assert str(info.value).startswith(f"--set {key}"), info.value
+    # the field a section's check is about is blamed, not another --set it mentions
+    with pytest.raises(ConfigError, match=r"^--set sampling.steps: "):
+        parse_config({}, overrides=["sampling.gen_length=16", "sampling.block_length=8", "sampling.steps=7"])
     # a section's check naming a field the file set (not the --set) still blames the file
     path = tmp_path / "run.yaml"
     path.write_text("sampling:\n  steps: 7\n")

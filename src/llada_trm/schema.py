@@ -16,6 +16,7 @@ error naming file:line, where PyYAML would silently keep the last one; anchors/a
 from __future__ import annotations
 
 import difflib
+import re
 from collections.abc import Collection, Mapping
 from pathlib import Path
 from typing import Annotated, Any
@@ -139,8 +140,9 @@ def _override_for(dotted: str, explanation: str, override_keys: Collection[str])
     if above:
         return max(above, key=len)
     inside = [key for key in override_keys if not dotted or key.startswith(dotted + ".")]
-    named = [key for key in inside if key.rsplit(".", 1)[-1] in explanation]
-    return named[0] if named else None  # the check names no overridden field: the file's value is at fault
+    found = {key: re.search(rf"\b{re.escape(key.rsplit('.', 1)[-1])}\b", explanation) for key in inside}
+    named = sorted((match.start(), key) for key, match in found.items() if match)
+    return named[0][1] if named else None  # the field the message is about; none: the file's value
 
 
 def _explain(err: Mapping[str, Any], loc: list[str], schema: type[BaseModel]) -> str:
