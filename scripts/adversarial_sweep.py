@@ -1759,8 +1759,8 @@ def surface_cases() -> list[Case]:  # noqa: C901, PLR0915 - one flat list is the
     add(Case("pretrain: init_from a file", lambda x: _pretrain(x, f"model.init_from={_file_in_the_way(x)}")))
     add(
         Case(
-            "pretrain: --output under a file",
-            lambda x: [*_pretrain(x), "--output", str(_file_in_the_way(x) / "o")],
+            "pretrain: --out under a file",
+            lambda x: [*_pretrain(x), "--out", str(_file_in_the_way(x) / "o")],
         )
     )
 
