@@ -171,6 +171,9 @@ def test_seed_configs_keep_the_original_settings():
     assert (cpu.training.batch_size, cpu.training.gradient_accumulation_steps) == (1, 16)
     assert cpu.model.max_recursive_steps == 2 and cpu.training.num_epochs == 2
     assert cpu.data.num_workers == 0 and cpu.data.pin_memory is False
+    for recipe in (gpu, cpu):  # issue 24's recipe: the masks, every chunk, all K steps, the larger budget
+        assert recipe.training.masks == "answer_structure" and recipe.model.chunk_selection == "all"
+        assert recipe.model.halting == "none" and recipe.model.slot.delta_scale == 0.5
 
 
 # ------------------------------------------------------------------ the model-side types, embedded once
