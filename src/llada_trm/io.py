@@ -28,6 +28,7 @@ import re
 import secrets
 import shutil
 import socket
+import stat
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -209,8 +210,10 @@ def atomic_path(path: PathLike) -> Iterator[Path]:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = _create_file(path)
+    mode = stat.S_IMODE(tmp.stat().st_mode)  # 0666 & ~umask
     try:
         yield tmp
+        os.chmod(tmp, mode)  # a writer that replaced the file (safetensors writes 0600) gets it back
         fsync_file(tmp)
         os.replace(tmp, path)
     except BaseException:
@@ -302,12 +305,23 @@ def atomic_directory(directory: PathLike) -> Iterator[Path]:
         if re.fullmatch(r"[a-z0-9_]{8}", stale.name.split(".")[-2]):  # mkdtemp's names (older versions)
             shutil.rmtree(stale, ignore_errors=True)
     tmp = _create_directory(directory)
+    mode = stat.S_IMODE(tmp.stat().st_mode)  # 0777 & ~umask
     try:
         yield tmp
+        _apply_umask(tmp, mode)
         replace_directory(tmp, directory)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _apply_umask(staged: Path, mode: int) -> None:
+    """Give what writers put in `staged` the umask's permissions (`mode`: a new directory's), as `open()`
+    and `mkdir` would: some writers (safetensors) create 0600 files whatever the umask."""
+    for path in staged.rglob("*"):
+        if path.is_symlink():
+            continue
+        os.chmod(path, mode if path.is_dir() else mode & 0o666)
 
 
 def replace_directory(staged: PathLike, directory: PathLike) -> Path:

@@ -246,7 +246,7 @@ class RunLock:
         started = time.strftime("%Y-%m-%dT%H:%M:%S")
         info = {"pid": os.getpid(), "host": socket.gethostname(), "started": started}
         try:
-            fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
         except FileExistsError:
             return False
         try:
