@@ -21,13 +21,12 @@ from test_pretrain_runs import tiny
 from tiny_assets import run_config, tiny_backbone
 
 from llada_trm.cli import main
-from llada_trm.config import parse_config
-from llada_trm.errors import CheckpointError, ConfigError
+from llada_trm.errors import ConfigError
 from llada_trm.io import atomic_directory, atomic_path, write_text_atomic
 from llada_trm.pretraining import loop, pretrain
 from llada_trm.pretraining import run_dir as pretrain_run_dir
 from llada_trm.run_checkpoint import resolve_checkpoint_dir
-from llada_trm.training import load_trainer_state, run_train
+from llada_trm.training import load_trainer_state
 from llada_trm.training.checkpoint import save_checkpoint
 from llada_trm.training.run_dir import RunLock
 
@@ -47,7 +46,8 @@ def precious(directory: Path) -> dict[str, bytes]:
 
 
 def snapshot(directory: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(directory)): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
+    files = sorted(p for p in directory.rglob("*") if p.is_file())
+    return {str(p.relative_to(directory)): p.read_bytes() for p in files}
 
 
 def dead_pid() -> int:
