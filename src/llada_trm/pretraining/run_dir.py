@@ -15,7 +15,6 @@ or without --force. `--force` archives (`DIR.old-<timestamp>`), never deletes: t
 
 from __future__ import annotations
 
-import logging
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -53,8 +52,6 @@ __all__ = [
 CHECKPOINT = "checkpoint"
 RUN_MARKER = ".pretrain-run"
 """The file that makes a directory a pretraining run's (written when the run starts it)."""
-
-logger = logging.getLogger("llada_trm")
 
 RESUMABLE: tuple[str, ...] = (
     # the optimiser and its schedule (re-targeted on the restored optimizer and scheduler)
@@ -120,9 +117,7 @@ def archive_output(config: PretrainConfig, *, force: bool) -> Path | None:
     out = Path(config.output.dir)
     if not out.is_dir() or not any(out.iterdir()):
         return None
-    archived = archive_run_dir(out)
-    logger.warning("output.dir %s held a backbone: archived it as %s (--force)", out, archived)
-    return archived
+    return archive_run_dir(out)
 
 
 def _owned(run_dir: Path) -> bool:
