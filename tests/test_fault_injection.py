@@ -136,6 +136,8 @@ def test_sigkill_at_random_moments_then_resume_is_bit_identical(backbone_dir, tm
         config = write_config(tmp_path, backbone_dir, out)
         kills += kill_and_resume(config, out, rng, KILLS - kills, setup=setup, training=training, total=total)
         assert not (out / ".lock").exists()
+        strays = [p.name for d in (out, out / "checkpoints") for p in d.glob(".*.tmp")]
+        assert not strays, f"temporary files the killed writers left were not swept: {strays}"
         for name in ("last", "best"):
             assert_same_checkpoint(reference / "checkpoints" / name, out / "checkpoints" / name)
         for name in ("training_metrics.csv", "validation_metrics.csv"):
