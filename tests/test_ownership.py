@@ -260,9 +260,15 @@ def test_killed_writers_temporaries_are_swept_and_no_others(tmp_path):
 
 
 @pytest.mark.parametrize("mask", [0o022, 0o027])
-def test_files_and_directories_follow_the_umask(tmp_path, mask):
+def test_files_and_directories_follow_the_umask(backbone_dir, tmp_path, mask):
+    from llada_trm.backbone.checkpoint import save_state_dict
+    from llada_trm.backbone.config import LLaDAConfig
+
     previous = os.umask(mask)
     try:
+        backbone = tmp_path / "backbone"  # the backbone writer, straight into a directory
+        config = LLaDAConfig.from_json_file(backbone_dir / "config.json")
+        save_state_dict({"w": torch.ones(2)}, config, backbone)
         path = write_text_atomic(tmp_path / "a" / "file.txt", "x")
         with atomic_directory(tmp_path / "dir") as staging:
             (staging / "inner.txt").write_text("y")
@@ -272,7 +278,8 @@ def test_files_and_directories_follow_the_umask(tmp_path, mask):
                                      config_yaml="{}\n")  # fmt: skip
     finally:
         os.umask(previous)
-    files = [path, tmp_path / "dir" / "inner.txt", tmp_path / "shard.safetensors", *checkpoint.iterdir()]
+    files = [path, tmp_path / "dir" / "inner.txt", tmp_path / "shard.safetensors", *checkpoint.iterdir(),
+             *backbone.iterdir()]  # fmt: skip
     for file in files:
         assert stat.S_IMODE(file.stat().st_mode) == 0o666 & ~mask, file
     for directory in (tmp_path / "dir", checkpoint):
