@@ -21,7 +21,7 @@ from test_pretrain_runs import tiny
 from tiny_assets import run_config, tiny_backbone
 
 from llada_trm.cli import main
-from llada_trm.errors import ConfigError
+from llada_trm.errors import CheckpointError, ConfigError
 from llada_trm.io import atomic_directory, atomic_path, write_text_atomic
 from llada_trm.pretraining import loop, pretrain
 from llada_trm.pretraining import run_dir as pretrain_run_dir
@@ -84,6 +84,18 @@ def test_pretrain_never_deletes_a_checkpoint_dir_it_did_not_make(tmp_path, capsy
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and str(mine) in err[0] and "new or empty directory" in err[0]
     assert snapshot(mine) == before and not (tmp_path / "out").exists()
+
+
+def test_pretrain_holds_its_run_directory_while_it_writes(tmp_path):
+    from llada_trm.training.run_dir import RunDirError
+
+    partial = tmp_path / "out.partial"
+    with RunLock(partial):  # a live pretrain writing there
+        with pytest.raises(RunDirError, match=r"another run \(pid \d+ on this host"):
+            pretrain(tiny(tmp_path / "out"), progress=False, resume=True)
+        with pytest.raises(RunDirError, match="another run"):
+            pretrain(tiny(tmp_path / "out"), progress=False, force=True)
+    assert not (tmp_path / "out").exists() and not any(tmp_path.glob("out.partial.old-*"))
 
 
 @pytest.mark.parametrize("store", ["feature_cache_dir", "sampler_states_dir"])
@@ -221,6 +233,21 @@ def test_a_train_killed_before_its_first_checkpoint_resumes_as_the_error_says(ba
     assert "starting it again from step 0" in capsys.readouterr().out
     assert load_trainer_state(out / "checkpoints" / "last")["train_state"]["step"] == 2
     assert not stray.exists()  # swept under the run's lock
+
+
+def test_only_its_own_run_restarts_from_scratch(tmp_path):
+    from llada_trm.training.run_dir import restarts_from_scratch
+
+    killed, other = tmp_path / "killed", tmp_path / "other"
+    killed.mkdir()
+    (killed / "config.yaml").write_text("{}\n")
+    assert restarts_from_scratch(killed, killed)
+    with pytest.raises(CheckpointError, match="stopped before its first checkpoint, so there is nothing"):
+        restarts_from_scratch(killed, other)  # resuming it into another output.dir
+    save_checkpoint(killed / "checkpoints" / "last", weights={"w": torch.ones(1)}, trainer_state={},
+                    config_yaml="{}\n")  # fmt: skip
+    assert not restarts_from_scratch(killed, killed)  # a checkpoint: a real resume
+    assert not restarts_from_scratch(tmp_path / "missing", tmp_path / "missing")  # the reader's error
 
 
 def test_a_pretrain_killed_before_its_first_checkpoint_resumes(tmp_path, monkeypatch):
