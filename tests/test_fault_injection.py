@@ -14,6 +14,7 @@ import csv
 import os
 import random
 import signal
+import threading
 import time
 import traceback
 from pathlib import Path
@@ -59,6 +60,7 @@ def start(config: Path, out: Path) -> int:
         resume = None
     pid = os.fork()
     if pid == 0:  # the child: train, then leave without running the parent's pytest machinery
+        own_tqdm_lock()
         code = 0
         try:
             run_train(config, resume=resume, progress=False, force=resume is None and has_run(out))
@@ -67,6 +69,17 @@ def start(config: Path, out: Path) -> int:
             code = 1
         os._exit(code)
     return pid
+
+
+def own_tqdm_lock() -> None:
+    """Give a forked child its own tqdm lock. tqdm's default one holds a multiprocessing RLock (a semaphore)
+    that every fork of this test process shares once any earlier test has used tqdm here: a sibling killed
+    while writing a line holds it for ever, and the next child blocks in its first `tqdm.write`."""
+    import tqdm.auto
+    import tqdm.std
+
+    for cls in {tqdm.std.tqdm, tqdm.auto.tqdm}:
+        cls.set_lock(threading.RLock())
 
 
 def assert_readable(out: Path) -> None:
