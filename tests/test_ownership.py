@@ -78,7 +78,7 @@ def test_pretrain_never_deletes_a_checkpoint_dir_it_did_not_make(tmp_path, capsy
         with pytest.raises(ConfigError, match=r"home is not empty and not a pretraining run's"):
             pretrain(tiny(tmp_path / "out", f"training.checkpoint_dir={mine}"), progress=False, force=force)
         assert snapshot(mine) == before
-    argv = ["pretrain", "--no-progress", "--output", str(tmp_path / "out"), "--set",
+    argv = ["pretrain", "--no-progress", "--out", str(tmp_path / "out"), "--set",
             f"training.checkpoint_dir={mine}", "--force"]  # fmt: skip
     assert main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
