@@ -129,8 +129,13 @@ def test_crash_between_the_renames_is_recovered(tmp_path, monkeypatch):
         save(target, model, 2)
     monkeypatch.undo()
     assert not target.exists()
-    assert resolve_checkpoint_dir(target) == target  # the aside copy is put back
-    assert load_trainer_state(target)["train_state"]["step"] == 1
+    aside = tmp_path / ".last.old"
+    assert resolve_checkpoint_dir(target) == aside  # a reader reads the aside copy where it is
+    assert load_trainer_state(aside)["train_state"]["step"] == 1
+    assert aside.is_dir() and not target.exists()  # ... and renames nothing (a live writer may be mid-swap)
+    save(target, model, 3)  # the writer (under the run's lock) puts it back, then swaps the new one in
+    assert load_trainer_state(resolve_checkpoint_dir(target))["train_state"]["step"] == 3
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last"]
 
 
 def test_validation_errors(tmp_path):

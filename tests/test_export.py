@@ -208,8 +208,21 @@ def test_export_refuses_an_existing_directory_without_force(phase2_run, tmp_path
     assert "already exists" in capsys.readouterr().err and (out / "keep.txt").is_file()
     with pytest.raises(UserError, match="holds the run"):
         export_run(phase2_run, phase2_run.parent, force=True)
+    capsys.readouterr()
+    # --force archives only what export writes (a model directory): a folder of one's own is refused
+    assert main(["export", str(phase2_run), "--out", str(out), "--force"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "no config.json" in err[0] and (out / "keep.txt").read_text() == "mine"
+
+
+def test_export_force_archives_the_previous_export(phase2_run, tmp_path):
+    out = tmp_path / "out"
+    assert main(["export", str(phase2_run), "--out", str(out)]) == 0
+    first = {p.name: p.read_bytes() for p in out.iterdir()}
     assert main(["export", str(phase2_run), "--out", str(out), "--force", "--dtype", "bfloat16"]) == 0
-    assert not (out / "keep.txt").exists()
+    archived = list(tmp_path.glob("out.old-*"))
+    assert len(archived) == 1  # renamed, never deleted
+    assert {p.name: p.read_bytes() for p in archived[0].iterdir()} == first
     loaded = load_checkpoint(out, device="cpu", dtype="bfloat16")
     assert loaded.model.backbone.transformer.wte.weight.dtype == torch.bfloat16
 

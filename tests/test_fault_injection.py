@@ -14,6 +14,7 @@ import csv
 import os
 import random
 import signal
+import threading
 import time
 import traceback
 from pathlib import Path
@@ -59,6 +60,7 @@ def start(config: Path, out: Path) -> int:
         resume = None
     pid = os.fork()
     if pid == 0:  # the child: train, then leave without running the parent's pytest machinery
+        own_tqdm_lock()
         code = 0
         try:
             run_train(config, resume=resume, progress=False, force=resume is None and has_run(out))
@@ -67,6 +69,17 @@ def start(config: Path, out: Path) -> int:
             code = 1
         os._exit(code)
     return pid
+
+
+def own_tqdm_lock() -> None:
+    """Give a forked child its own tqdm lock. tqdm's default one holds a multiprocessing RLock (a semaphore)
+    that every fork of this test process shares once any earlier test has used tqdm here: a sibling killed
+    while writing a line holds it for ever, and the next child blocks in its first `tqdm.write`."""
+    import tqdm.auto
+    import tqdm.std
+
+    for cls in {tqdm.std.tqdm, tqdm.auto.tqdm}:
+        cls.set_lock(threading.RLock())
 
 
 def assert_readable(out: Path) -> None:
@@ -136,6 +149,8 @@ def test_sigkill_at_random_moments_then_resume_is_bit_identical(backbone_dir, tm
         config = write_config(tmp_path, backbone_dir, out)
         kills += kill_and_resume(config, out, rng, KILLS - kills, setup=setup, training=training, total=total)
         assert not (out / ".lock").exists()
+        strays = [p.name for d in (out, out / "checkpoints") for p in d.glob(".*.tmp")]
+        assert not strays, f"temporary files the killed writers left were not swept: {strays}"
         for name in ("last", "best"):
             assert_same_checkpoint(reference / "checkpoints" / name, out / "checkpoints" / name)
         for name in ("training_metrics.csv", "validation_metrics.csv"):

@@ -324,7 +324,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_out_option(p, "where the backbone goes")
     p.add_argument("--output", dest="out", action=_DeprecatedOption, new="--out", help=argparse.SUPPRESS)
     p.add_argument(
-        "--force", action="store_true", help="replace an existing output.dir, start over a checkpoint"
+        "--force", action="store_true",
+        help="archive an existing output.dir backbone and an unfinished run (as DIR.old-<time>), start anew",
     )
     _add_progress_option(p)
     p.set_defaults(func=_cmd_pretrain)
@@ -346,7 +347,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command("cache", "compute a phase-1 run's frozen-backbone features once (advanced.feature_cache)")
     _add_config_options(p)
-    p.add_argument("--rebuild", action="store_true", help="delete an existing (e.g. stale) cache first")
+    p.add_argument(
+        "--rebuild", action="store_true", help="delete an existing (e.g. stale) cache first (only a cache)"
+    )
     p.add_argument(
         "--sampler-states",
         action="store_true",
@@ -419,7 +422,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="the exported backbone's dtype (auto: as the run's backbone stores it)",
     )
     p.add_argument("--max-shard-size", default="5GB", help="split the backbone into shards of this size")
-    p.add_argument("--force", action="store_true", help="replace an existing --out directory")
+    p.add_argument(
+        "--force", action="store_true", help="archive an existing export in --out (as OUT.old-<time>)"
+    )
     _add_mismatch_option(p)
     p.set_defaults(func=_cmd_export)
 

@@ -5,11 +5,15 @@ backbone-fingerprint check), then its parts are written into a hidden sibling of
 whole (`io.atomic_directory`): the backbone (`export_backbone_state`, cast to the chosen dtype), the refiners
 (recording the exported backbone's fingerprint), the tokenizer, config.json with the run's settings, and the
 model card. The layout is `export_format`'s; `load_checkpoint(OUT)` reads it and nothing else.
+
+An existing OUT is refused; with --force a model directory there (an earlier export, a backbone: it has
+config.json) is archived as `OUT.old-<timestamp>`, never deleted, and any other non-empty folder is refused.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,20 +32,25 @@ from llada_trm.hybrid.refiner_file import write_refiner_weights
 from llada_trm.io import atomic_directory, dtype_named, write_json, write_text_atomic
 from llada_trm.run_checkpoint import WEIGHTS_FILE, resolve_checkpoint_dir
 from llada_trm.training.checkpoint import load_trainer_state
+from llada_trm.training.run_dir import archive_run_dir
 
 __all__ = ["DTYPE_CHOICES", "ExportResult", "export_backbone_state", "export_run"]
 
 DTYPE_CHOICES = ("auto", "float32", "bfloat16", "float16")
 
+logger = logging.getLogger("llada_trm")
+
 
 @dataclass(frozen=True)
 class ExportResult:
-    """Where the export went, the backbone dtype written, and its fingerprint."""
+    """Where the export went, the backbone dtype written, its fingerprint, and where a previous export in
+    OUT was archived (--force)."""
 
     directory: Path
     dtype: str
     fingerprint: str
     files: list[str]
+    archived: Path | None = None
 
 
 def export_backbone_state(loaded: LoadedModel) -> dict[str, Tensor]:
@@ -66,7 +75,8 @@ def export_run(
     """Export a run's checkpoint (a run directory, or its checkpoints/last or best) to `out`.
 
     `dtype`: the backbone's dtype in the export ("auto": as the run's backbone stores it; the refiners stay
-    float32). An existing `out` is refused unless `force`, and `out` may never hold the run itself.
+    float32). An existing `out` is refused unless `force`, which archives it (a model directory only), and
+    `out` may never hold the run itself.
     """
     if dtype not in DTYPE_CHOICES:
         raise ValueError(f"--dtype {dtype!r}: choose one of {', '.join(DTYPE_CHOICES)}")
@@ -84,6 +94,11 @@ def export_run(
     state = {k: (t.to(target) if t.is_floating_point() else t) for k, t in state.items()}
     source = _source(checkpoint, config.training.phase)
     refiners = loaded.model.refiner_state_dict()
+    _check_target(out, checkpoint, force)  # again: OUT may have appeared while the run loaded
+    archived = None
+    if out.is_dir() and any(out.iterdir()):
+        archived = archive_run_dir(out)
+        logger.warning("%s held a previous export: archived it as %s (--force)", out, archived)
     with atomic_directory(out) as tmp:
         save_state_dict(state, loaded.model.backbone.config, tmp, max_shard_size)
         del state
@@ -103,17 +118,32 @@ def export_run(
         card = model_card(loaded, section, fingerprint=fingerprint, dtype=dtype, run_dir=loaded.run_dir)
         write_text_atomic(tmp / "README.md", card)
         files = sorted(p.name for p in tmp.iterdir())
-    return ExportResult(directory=out, dtype=dtype, fingerprint=fingerprint, files=files)
+    return ExportResult(directory=out, dtype=dtype, fingerprint=fingerprint, files=files, archived=archived)
 
 
 def _check_target(out: Path, checkpoint: Path, force: bool) -> None:
-    """Refuse an existing `out` without `force`, and always one that is, or holds, the run's checkpoint
-    (replacing it would delete the run)."""
+    """Refuse an existing `out` without `force`; with it, anything but a model directory (config.json) or
+    an empty one; and always one that is, or holds, the run's checkpoint (archiving it would move the run).
+    """
     target, held = out.resolve(), checkpoint.resolve()
     if target == held or target in held.parents:
         raise UserError(f"{out}: holds the run being exported ({checkpoint}); export to another directory")
-    if out.exists() and not force:
-        raise UserError(f"{out} already exists; choose a new directory, or pass --force to replace it")
+    if not out.exists() and not out.is_symlink():
+        return
+    if not out.is_dir():
+        raise UserError(f"{out} is a file; choose a new directory to export to")
+    if not any(out.iterdir()):
+        return
+    if not force:
+        raise UserError(
+            f"{out} already exists; choose a new directory, or pass --force to archive it (renamed to "
+            f"{out.name}.old-<timestamp>)"
+        )
+    if not (out / CONFIG_NAME).is_file():
+        raise UserError(
+            f"{out} is not empty and holds no model (no {CONFIG_NAME}); --force archives only an earlier "
+            "export or backbone: choose a new directory"
+        )
 
 
 def _stored_dtype(backbone_dir: Path) -> str:
@@ -131,9 +161,10 @@ def _source(checkpoint: Path, phase: int) -> dict[str, object]:
     state = load_trainer_state(checkpoint)
     with safe_open(str(checkpoint / WEIGHTS_FILE), framework="pt") as f:
         trained_on = (f.metadata() or {}).get(FINGERPRINT_KEY)
+    name = checkpoint.name  # `.last.old`: `last` read during (or after an interrupted) save
     return {
         "phase": phase,
         "step": int(state["train_state"]["step"]),
-        "checkpoint": checkpoint.name,
+        "checkpoint": name[1:-4] if name.startswith(".") and name.endswith(".old") else name,
         "trained_on_backbone": trained_on,
     }

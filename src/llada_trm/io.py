@@ -6,7 +6,14 @@ way. An interrupted write (Ctrl-C, out of memory, a crash) leaves the previous f
 truncated one that a later load, plot or comparison would misread.
 
 A directory swap takes two renames (the old one aside to `.<name>.old`, the new one in); a crash between them
-leaves only the aside copy, which `recover_directory` (called by the next save or load) puts back.
+leaves only the aside copy, which `recover_directory` puts back: only a writer holding the directory (a run's
+lock) calls it; readers read the aside copy as it is (`readable_directory`), since renaming it back under a
+live writer would break that writer's second rename.
+
+Files and directories are created with the umask's permissions (as `open()` and `mkdir` would), never
+mkstemp's 0600 / mkdtemp's 0700: collaborators read a run as they read any file. Temporary names are
+`.<name>.<host>-<pid>-<random>.tmp`, so `sweep_temporaries` removes what a killed writer left and never a
+live writer's file.
 """
 
 from __future__ import annotations
@@ -14,12 +21,15 @@ from __future__ import annotations
 import contextlib
 import errno
 import glob
+import hashlib
 import json
 import math
 import os
 import re
+import secrets
 import shutil
-import tempfile
+import socket
+import stat
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -36,11 +46,14 @@ __all__ = [
     "dtype_named",
     "fsync_dir",
     "fsync_file",
+    "readable_directory",
     "recover_directory",
     "remove_directory",
     "replace_directory",
     "resolve_device",
     "named_write_error",
+    "sweep_temporaries",
+    "temporary_name",
     "write_bytes_atomic",
     "write_json",
     "write_jsonl",
@@ -107,19 +120,102 @@ def fsync_dir(path: PathLike) -> None:
         os.close(fd)
 
 
+# -------------------------------------------------------------------------------------- temporary names
+
+_TEMP = re.compile(r"^\.(?P<name>.+)\.(?P<host>[0-9a-f]{8})-(?P<pid>[0-9]+)-[0-9a-f]{8}\.tmp$")
+
+
+def _host_tag() -> str:
+    """Eight hex digits naming this host in temporary names (a shared filesystem mixes hosts' files)."""
+    return hashlib.sha256(socket.gethostname().encode("utf-8", "surrogatepass")).hexdigest()[:8]
+
+
+def temporary_name(path: PathLike) -> Path:
+    """A fresh temporary sibling name of `path`: `.<name>.<host>-<pid>-<random>.tmp`."""
+    path = Path(path)
+    return path.parent / f".{path.name}.{_host_tag()}-{os.getpid()}-{secrets.token_hex(4)}.tmp"
+
+
+def _create_file(path: Path) -> Path:
+    """Create a new empty temporary file for `path` with the umask's permissions (0666 & ~umask)."""
+    for _ in range(100):
+        tmp = temporary_name(path)
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        except FileExistsError:  # pragma: no cover - 32 random bits
+            continue
+        os.close(fd)
+        return tmp
+    raise FileExistsError(f"{path.parent}: no free temporary name")  # pragma: no cover
+
+
+def _create_directory(path: Path) -> Path:
+    """Create a new empty temporary directory for `path` with the umask's permissions (0777 & ~umask)."""
+    for _ in range(100):
+        tmp = temporary_name(path)
+        try:
+            tmp.mkdir(0o777)
+        except FileExistsError:  # pragma: no cover
+            continue
+        return tmp
+    raise FileExistsError(f"{path.parent}: no free temporary name")  # pragma: no cover
+
+
+def _writer_gone(match: re.Match[str]) -> bool:
+    """Whether the process that made a temporary name is gone (only this host's processes can be told)."""
+    if match["host"] != _host_tag():
+        return False
+    pid = int(match["pid"])
+    if pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
+
+
+def sweep_temporaries(directory: PathLike, name: str | None = None) -> list[Path]:
+    """Remove the temporary files and directories a killed writer left in `directory` (of `name` only, when
+    given); returns them. Only this project's temporary names whose writer (pid on this host) is gone go:
+    never a user's file, never a live writer's."""
+    directory = Path(directory)
+    swept: list[Path] = []
+    try:
+        entries = list(directory.iterdir())
+    except (FileNotFoundError, NotADirectoryError):
+        return swept
+    for entry in entries:
+        match = _TEMP.match(entry.name)
+        if match is None or (name is not None and match["name"] != name) or not _writer_gone(match):
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink(missing_ok=True)
+        swept.append(entry)
+    return swept
+
+
+# ------------------------------------------------------------------------------------------------ files
+
+
 @contextlib.contextmanager
 def atomic_path(path: PathLike) -> Iterator[Path]:
     """Yield a unique temporary sibling of `path` to write; on success it is fsynced and renamed to `path`.
 
     For writers that want a file name (safetensors' `save_file`); on an exception the temporary file goes.
+    The file has the umask's permissions, as `open(path, "w")` would give a new file.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp = Path(name)
+    tmp = _create_file(path)
+    mode = stat.S_IMODE(tmp.stat().st_mode)  # 0666 & ~umask
     try:
         yield tmp
+        os.chmod(tmp, mode)  # a writer that replaced the file (safetensors writes 0600) gets it back
         fsync_file(tmp)
         os.replace(tmp, path)
     except BaseException as exc:
@@ -187,10 +283,22 @@ def _aside(directory: Path) -> Path:
     return directory.parent / f".{directory.name}.old"
 
 
+def readable_directory(directory: PathLike) -> Path:
+    """Where a reader finds `directory`'s contents: itself, or during (or after an interrupted) swap the
+    aside copy, read where it is. Readers never rename: that is `recover_directory`'s, under the lock."""
+    directory = Path(directory)
+    aside = _aside(directory)
+    if not directory.exists() and aside.is_dir():
+        return aside
+    return directory
+
+
 def recover_directory(directory: PathLike) -> bool:
     """Finish an interrupted swap: the aside copy is the last complete one when `directory` is gone.
 
-    Returns whether the aside copy was put back.
+    Only the directory's writer calls it (a run under its lock, a command writing its own output): a reader
+    renaming the aside copy back would make a live writer's second rename fail. Returns whether the aside
+    copy was put back.
     """
     directory = Path(directory)
     aside = _aside(directory)
@@ -212,9 +320,12 @@ def atomic_directory(directory: PathLike) -> Iterator[Path]:
     directory = Path(directory)
     directory.parent.mkdir(parents=True, exist_ok=True)
     recover_directory(directory)
-    for stale in directory.parent.glob(f".{glob.escape(directory.name)}.*.tmp"):  # a killed writer's
-        shutil.rmtree(stale, ignore_errors=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", suffix=".tmp", dir=directory.parent))
+    sweep_temporaries(directory.parent, directory.name)  # what a killed writer left
+    for stale in directory.parent.glob(f".{glob.escape(directory.name)}.*.tmp"):
+        if re.fullmatch(r"[a-z0-9_]{8}", stale.name.split(".")[-2]):  # mkdtemp's names (older versions)
+            shutil.rmtree(stale, ignore_errors=True)
+    tmp = _create_directory(directory)
+    mode = stat.S_IMODE(tmp.stat().st_mode)  # 0777 & ~umask
     try:
         try:
             yield tmp
@@ -223,10 +334,20 @@ def atomic_directory(directory: PathLike) -> Iterator[Path]:
             if named is not None:
                 raise named from exc
             raise
+        _apply_umask(tmp, mode)
         replace_directory(tmp, directory)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _apply_umask(staged: Path, mode: int) -> None:
+    """Give what writers put in `staged` the umask's permissions (`mode`: a new directory's), as `open()`
+    and `mkdir` would: some writers (safetensors) create 0600 files whatever the umask."""
+    for path in staged.rglob("*"):
+        if path.is_symlink():
+            continue
+        os.chmod(path, mode if path.is_dir() else mode & 0o666)
 
 
 def replace_directory(staged: PathLike, directory: PathLike) -> Path:
@@ -256,7 +377,7 @@ def remove_directory(directory: PathLike) -> None:
     directory = Path(directory)
     if not directory.exists():
         return
-    trash = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", suffix=".tmp", dir=directory.parent))
+    trash = _create_directory(directory)
     os.replace(directory, trash)  # rename(2) over an empty directory
     fsync_dir(directory.parent)
     shutil.rmtree(trash, ignore_errors=True)

@@ -23,7 +23,7 @@ from safetensors.torch import load_file
 from llada_trm.backbone.fingerprint import FINGERPRINT_KEY, check_fingerprint
 from llada_trm.errors import CheckpointError
 from llada_trm.hybrid.model import PREFIX as REFINER_PREFIX
-from llada_trm.io import recover_directory
+from llada_trm.io import readable_directory
 
 __all__ = [
     "CONFIG_FILE",
@@ -47,11 +47,14 @@ logger = logging.getLogger("llada_trm")
 
 
 def resolve_checkpoint_dir(path: str | Path) -> Path:
-    """Accept a checkpoint directory, or a run directory holding `checkpoints/last`; validate the files."""
+    """Accept a checkpoint directory, or a run directory holding `checkpoints/last`; validate the files.
+
+    A checkpoint caught between the two renames of a save (`.last.old` present, `last` not) is read where it
+    is: a reader never renames a run's files (the run's writer, under its lock, puts it back)."""
     path = Path(path)
     candidates = [path, path / "last", path / "checkpoints" / "last"]
-    for candidate in candidates:
-        _recover_if_possible(candidate)
+    for named in candidates:
+        candidate = _readable(named)
         if (candidate / WEIGHTS_FILE).is_file() or (candidate / STATE_FILE).is_file():
             missing = [n for n in (WEIGHTS_FILE, STATE_FILE, CONFIG_FILE) if not (candidate / n).is_file()]
             if missing:
@@ -68,9 +71,12 @@ def resolve_checkpoint_dir(path: str | Path) -> Path:
     )
 
 
-def _recover_if_possible(candidate: Path) -> None:
-    if not candidate.exists() and recover_directory(candidate):
-        logger.warning("%s: restored the previous checkpoint left aside by an interrupted save", candidate)
+def _readable(candidate: Path) -> Path:
+    found = readable_directory(candidate)
+    if found != candidate:
+        logger.info("%s: reading the previous checkpoint, set aside by a save in progress or interrupted "
+                    "(%s)", candidate, found.name)  # fmt: skip
+    return found
 
 
 def read_weights_file(path: Path) -> dict[str, torch.Tensor]:

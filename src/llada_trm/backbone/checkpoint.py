@@ -18,6 +18,7 @@ import json
 import math
 import os
 import re
+import stat
 import uuid
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -347,6 +348,7 @@ def save_state_dict(
             tensors = {k: state[k].detach().to("cpu").contiguous() for k in keys}
             save_file(tensors, str(tmp), metadata={"format": "pt"})
             del tensors
+            os.chmod(tmp, stat.S_IMODE(config_tmp.stat().st_mode))  # open()'s mode, not safetensors' 0600
             fsync_file(tmp)
             bar.update(1)
         bar.close()

@@ -4,6 +4,7 @@ The test problems are the first `evaluation.n_test` of the generated task's test
 `llada-trm compare` reports on; a hash check confirms that no training or validation problem is among
 them. The backbone, tokenizer, metrics CSV, summary, test predictions and card are swapped into
 `output.dir` whole (`io.atomic_directory`), and only then is the run directory (the checkpoint) removed.
+A backbone already in `output.dir` is archived first under --force (`run_dir.archive_output`), never deleted.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from .card import model_card
 from .config import PretrainConfig
 from .metrics_csv import METRICS_FILE, write_metrics
 from .model_setup import init_chain
-from .run_dir import PretrainState
+from .run_dir import PretrainState, archive_output
 from .targets import masked_accuracy, sample_predictions, target_metrics
 
 __all__ = ["PREDICTIONS_FILE", "SUMMARY_FILE", "export_backbone"]
@@ -34,7 +35,7 @@ PREDICTIONS_FILE = "test_predictions.jsonl"
 
 
 @torch.no_grad()
-def export_backbone(
+def export_backbone(  # noqa: PLR0913 - the run's parts, and --force for output.dir
     config: PretrainConfig,
     model: torch.nn.Module,
     tokenizer: Any,
@@ -44,6 +45,7 @@ def export_backbone(
     *,
     command: str | None,
     echo: Callable[[str], None],
+    force: bool = False,
 ) -> dict[str, Any]:
     """Evaluate on the test split, write `output.dir`, remove the run directory; returns the summary.
 
@@ -96,6 +98,9 @@ def export_backbone(
         ],
     }
     out = Path(config.output.dir)
+    archived = archive_output(config, force=force)
+    if archived is not None:
+        echo(f"archived the previous {out} as {archived} (--force)")
     with atomic_directory(out) as staging:
         model.to(getattr(torch, config.output.dtype)).save_pretrained(staging)
         save_tokenizer(tokenizer, staging)

@@ -68,12 +68,24 @@ def pretrain(
 ) -> PretrainResult:
     """Train (or continue) the backbone, evaluate it on the way, save it with a model card.
 
-    `resume` continues the checkpoint in `config.run_dir()`; `force` replaces an existing `output.dir` and
-    starts over an unfinished run. `command` is the command line the model card records.
+    `resume` continues the checkpoint in `config.run_dir()`; `force` archives an existing `output.dir`
+    (a backbone) and an unfinished run before starting over. `command` is the command line the model card
+    records. The run directory is locked while the run writes there.
     """
     say = echo or (lambda _line: None)
     run_dir.check_output(config, force=force)
-    checkpoint = run_dir.prepare_run_dir(config, resume=resume, force=force)
+    checkpoint, lock = run_dir.prepare_run_dir(config, resume=resume, force=force, say=say)
+    try:
+        return _pretrain(config, checkpoint, progress=progress, force=force, command=command, say=say)
+    finally:
+        lock.release()
+
+
+def _pretrain(
+    config: PretrainConfig, checkpoint: Path | None, *, progress: bool, force: bool, command: str | None,
+    say: Echo,
+) -> PretrainResult:
+    """The run itself, under the run directory's lock (`pretrain`)."""
     session_start = time.perf_counter()
     opt = config.training
     if opt.threads:
@@ -159,6 +171,7 @@ def pretrain(
         elapsed(),
         command=command,
         echo=say,
+        force=force,
     )
     test = summary["test"]
     return PretrainResult(Path(config.output.dir), summary["parameters"], state.step, loss_value,

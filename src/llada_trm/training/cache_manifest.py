@@ -2,6 +2,8 @@
 
 The manifest's sections (`backbone`, `data`, `noise`, `features`) must match the run exactly for a cache to be
 used; `layout` and `complete` describe the cache itself. `training.feature_cache` builds and opens caches.
+The manifest is also what makes a directory a store: `remove_store` (`cache --rebuild`) deletes only a
+directory whose manifest is a store's and whose files are all the store's own.
 """
 
 from __future__ import annotations
@@ -9,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +23,7 @@ import torch
 from llada_trm.data import EncodedExample
 from llada_trm.errors import ConfigError
 from llada_trm.hybrid import LLaDATRMHybrid
-from llada_trm.io import DTYPES, write_text_atomic
+from llada_trm.io import DTYPES, remove_directory, sweep_temporaries, write_text_atomic
 
 __all__ = [
     "store_directory",
@@ -34,7 +37,9 @@ __all__ = [
     "data_fingerprint",
     "expected_manifest",
     "read_manifest",
+    "remove_store",
     "shard_layout",
+    "sweep_temporaries",
     "shard_name",
     "write_manifest",
 ]
@@ -229,6 +234,55 @@ def read_manifest(directory: Path) -> dict[str, Any] | None:
         raise StaleFeatureCacheError(
             f"{path}: unreadable feature-cache manifest ({exc}); remove {directory} and rebuild the cache"
         ) from None
+
+
+_STORE_FILES = re.compile(rf"{re.escape(MANIFEST_FILE)}|shard_\d{{5}}\.safetensors")
+_TEMPORARY = re.compile(r"\..+\.tmp")  # `io.atomic_path`'s temporary files (a killed build's)
+
+
+def _store_file(path: Path) -> bool:
+    """Whether `path` is a file a store writes: its manifest, a shard, or a temporary one of those."""
+    if _TEMPORARY.fullmatch(path.name):
+        return True
+    return path.is_file() and bool(_STORE_FILES.fullmatch(path.name))
+
+
+def remove_store(directory: Path, *, sections: Mapping[str, str] = _CHECKED) -> bool:
+    """`cache --rebuild`: delete `directory` when it is a store this command built, else refuse in one line.
+
+    A store is a directory whose manifest has every section of `sections` (the feature cache's by default,
+    the sampler-state store's when passed; any format version, since a stale one is what --rebuild is
+    for) and which holds only the store's files (the manifest, shards, temporary files). Anything else (a
+    training run, a home folder named by a shared config) is never touched. Returns whether it deleted.
+    """
+    what = "feature cache" if sections is _CHECKED else "sampler-state store"
+    setting = "advanced.feature_cache_dir" if sections is _CHECKED else "advanced.sampler_states_dir"
+    if not directory.exists() and not directory.is_symlink():
+        return False
+    if not directory.is_dir() or directory.is_symlink():
+        raise ConfigError(
+            f"{directory}: not a {what} directory; --rebuild deletes only a {what}: set {setting} to a new "
+            "directory"
+        )
+    if not any(directory.iterdir()):
+        return False
+    try:
+        manifest = json.loads((directory / MANIFEST_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        manifest = None
+    if not isinstance(manifest, dict) or not all(section in manifest for section in sections):
+        raise ConfigError(
+            f"{directory}: not a {what} (no {what} {MANIFEST_FILE}); --rebuild deletes only a {what} it "
+            f"built: set {setting} to a new or empty directory, or remove this one yourself"
+        )
+    foreign = sorted(p.name for p in directory.iterdir() if not _store_file(p))
+    if foreign:
+        raise ConfigError(
+            f"{directory}: holds {foreign[0]}, which the {what} did not write; --rebuild deletes only the "
+            f"{what}: move it out first, or set {setting} to a new directory"
+        )
+    remove_directory(directory)
+    return True
 
 
 def write_manifest(directory: Path, manifest: Mapping[str, Any]) -> None:

@@ -30,7 +30,6 @@ noise or feature settings) is refused with a one-line `StaleFeatureCacheError` s
 
 from __future__ import annotations
 
-import shutil
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -61,9 +60,11 @@ from llada_trm.training.cache_manifest import (
     data_fingerprint,
     expected_manifest,
     read_manifest,
+    remove_store,
     shard_layout,
     shard_name,
     store_directory,
+    sweep_temporaries,
     write_manifest,
 )
 from llada_trm.training.cached_batches import FeatureCache, cached_features, open_feature_cache
@@ -136,6 +137,7 @@ def write_feature_cache(  # noqa: PLR0913
         if stored.get("complete"):
             return FeatureCache(directory, stored)
         manifest = stored
+        sweep_temporaries(directory)  # shards a killed build was writing
     elif directory.is_dir() and any(directory.iterdir()):
         raise ConfigError(
             f"{directory}: not empty and not a feature cache (no {MANIFEST_FILE}); set "
@@ -311,10 +313,10 @@ def build_feature_cache(config: RunConfig, *, progress: bool = True, rebuild: bo
 
     The run is assembled by `llada_trm.build` in the trainer's order (device, precision and seed, backbone,
     `training.init_from`, freezing plan, data), so the cache is the one training will accept; no optimizer
-    is built. `rebuild=True` deletes an existing cache first.
+    is built. `rebuild=True` deletes an existing cache first: only a feature cache (`remove_store`).
     """
-    if rebuild and cache_directory(config).exists():
-        shutil.rmtree(cache_directory(config))
+    if rebuild:
+        remove_store(cache_directory(config))
     config = config.model_copy(deep=True)
     config.advanced.feature_cache = True
     device, amp_dtype = start_run(config)

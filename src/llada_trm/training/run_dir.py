@@ -6,6 +6,10 @@
 - `RunLock`: `DIR/.lock`, created with O_EXCL, holds the pid, host and start time of the run writing there,
   for the run's lifetime. A second run into the directory fails at once naming that process; a lock whose
   process is gone (same host, pid not alive, e.g. after kill -9) is taken over with a warning.
+- Repairs (an interrupted checkpoint swap put back, a killed writer's temporary files swept) happen only
+  under that lock (`repair_run_dir`); readers read what is there.
+- A run killed before its first checkpoint has nothing to continue: `--resume` starts it again from step 0
+  in its own directory (`restarts_from_scratch`), and the refusal of a new run there says so.
 """
 
 from __future__ import annotations
@@ -19,8 +23,8 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from llada_trm.errors import ConfigError
-from llada_trm.io import fsync_dir
+from llada_trm.errors import CheckpointError, ConfigError
+from llada_trm.io import fsync_dir, recover_directory, sweep_temporaries
 
 __all__ = [
     "LOCK_FILE",
@@ -30,8 +34,11 @@ __all__ = [
     "archive_run_dir",
     "claim_compare_dir",
     "claim_run_dir",
+    "has_checkpoint",
     "has_run",
     "lock_for_run",
+    "repair_run_dir",
+    "restarts_from_scratch",
     "taken_error",
 ]
 
@@ -48,6 +55,49 @@ class RunDirError(ConfigError):
 def has_run(directory: Path) -> bool:
     """Whether `directory` holds a run's outputs."""
     return any((directory / name).exists() for name in RUN_OUTPUTS)
+
+
+def has_checkpoint(directory: Path) -> bool:
+    """Whether a run directory holds a checkpoint (`last`, `best`, a snapshot, or one set aside mid-save)."""
+    checkpoints = directory / "checkpoints"
+    try:
+        return any(p.is_dir() and not p.name.endswith(".tmp") for p in checkpoints.iterdir())
+    except (FileNotFoundError, NotADirectoryError):
+        return False
+
+
+def restarts_from_scratch(path: str | Path, output_dir: Path) -> bool:
+    """Whether `--resume path` names this run's directory holding a run killed before its first checkpoint.
+
+    Such a run has nothing to continue: resuming it starts it again from step 0 (what the uninterrupted run
+    did too). Any other path is left to the checkpoint reader, whose errors name what is missing.
+    """
+    from llada_trm.run_checkpoint import resolve_checkpoint_dir
+
+    path = Path(path)
+    try:
+        resolve_checkpoint_dir(path)
+        return False
+    except CheckpointError:
+        if not (path.is_dir() and has_run(path)) or has_checkpoint(path):
+            return False
+    if path.resolve() != Path(output_dir).resolve():
+        raise CheckpointError(
+            f"{path}: that run stopped before its first checkpoint, so there is nothing to resume from; "
+            f"resume it with output.dir={path} (it starts again from step 0) or start a new run"
+        )
+    return True
+
+
+def repair_run_dir(directory: Path) -> None:
+    """Under the run's lock only: put back a checkpoint a killed save left aside (`.last.old`), and sweep
+    the temporary files and directories killed writers left in the run and its checkpoints."""
+    checkpoints = directory / "checkpoints"
+    if checkpoints.is_dir():
+        for aside in sorted(checkpoints.glob(".*.old")):
+            recover_directory(checkpoints / aside.name[1:-4])
+        sweep_temporaries(checkpoints)
+    sweep_temporaries(directory)
 
 
 def archive_run_dir(directory: Path) -> Path:
@@ -88,6 +138,12 @@ def taken_error(directory: Path, *, resumed: Path | None = None, what: str = "tr
         return RunDirError(
             f"{directory} holds another run than {resumed}; resume into that checkpoint's own run directory, "
             "an empty output.dir, or archive this one first (a new run with --force)"
+        )
+    if not has_checkpoint(directory):
+        return RunDirError(
+            f"{directory} holds a run that stopped before its first checkpoint; start it again from step 0 "
+            f"with `llada-trm {what} ... --resume {directory}`, archive it with --force (renamed to "
+            f"{directory.name}.old-<timestamp>), or choose another output.dir"
         )
     return RunDirError(
         f"{directory} already holds a run; continue it with `llada-trm {what} ... --resume {directory}`, "
@@ -190,7 +246,7 @@ class RunLock:
         started = time.strftime("%Y-%m-%dT%H:%M:%S")
         info = {"pid": os.getpid(), "host": socket.gethostname(), "started": started}
         try:
-            fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
         except FileExistsError:
             return False
         try:

@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import hashlib
 import math
-import shutil
 from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -55,8 +54,10 @@ from llada_trm.training.cache_manifest import (
     check_manifest,
     data_fingerprint,
     read_manifest,
+    remove_store,
     shard_name,
     store_directory,
+    sweep_temporaries,
     write_manifest,
 )
 from llada_trm.training.feature_cache import require_frozen_backbone
@@ -289,6 +290,7 @@ def write_sampler_states(
         if stored.get("complete"):
             return SamplerStates(directory, stored)
         manifest = stored
+        sweep_temporaries(directory)  # shards a killed build was writing
     elif directory.is_dir() and any(directory.iterdir()):
         raise ConfigError(
             f"{directory}: not empty and not a sampler-state store (no manifest.json); set "
@@ -377,10 +379,11 @@ def build_sampler_states(config: RunConfig, *, progress: bool = True, rebuild: b
     """`llada-trm cache --sampler-states --config FILE`: build (or resume, or confirm) the run's store.
 
     The run is assembled in the trainer's order (device and seed, backbone, `training.init_from`, freezing
-    plan, data), so the store is the one training accepts. `rebuild=True` deletes an existing store first.
+    plan, data), so the store is the one training accepts. `rebuild=True` deletes an existing store first:
+    only a sampler-state store (`remove_store`).
     """
-    if rebuild and sampler_states_directory(config).exists():
-        shutil.rmtree(sampler_states_directory(config))
+    if rebuild:
+        remove_store(sampler_states_directory(config), sections=SAMPLER_STATES_CHECKED)
     device, amp_dtype = start_run(config)
     built = build_model(config, device=device, dtype=backbone_dtype(config, amp_dtype))
     init_from_config(built.model, config, backbone_dir=built.backbone_dir)

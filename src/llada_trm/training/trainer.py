@@ -62,7 +62,12 @@ from llada_trm.training.health import HealthMonitor, non_finite_error
 from llada_trm.training.log_window import LogWindow, learning_rates
 from llada_trm.training.masks import training_masks_for_run
 from llada_trm.training.metrics import TRAIN_COLUMNS, MetricsWriter
-from llada_trm.training.run_dir import claim_run_dir, lock_for_run
+from llada_trm.training.run_dir import (
+    claim_run_dir,
+    lock_for_run,
+    repair_run_dir,
+    restarts_from_scratch,
+)
 from llada_trm.training.run_setup import (
     build_run_optimizer,
     build_training_model,
@@ -216,6 +221,10 @@ class Trainer:
         """
         if self.force:
             raise ConfigError("this Trainer was built with force=True (a new run); it cannot also resume one")
+        if restarts_from_scratch(path, self.output_dir):
+            self._say(f"{path}: the run stopped before its first checkpoint; starting it again from step 0")
+            self._claimed = True  # its own directory: train() may write over the killed run's first rows
+            return self
         directory = restore_run(self, path)
         self.resumed_from = directory
         self._say(f"resumed from {directory} at step {self.state.step} (epoch {self.state.epoch})")
@@ -233,6 +242,8 @@ class Trainer:
         lock = lock_for_run(self.output_dir, resumed=self.resumed_from, own=self._claimed)
         self._claimed = True  # held until the run ends, however it ends
         try:
+            if lock is not None:  # rank 0, under the lock: what killed saves and writes left is repaired
+                repair_run_dir(self.output_dir)
             return self._train(max_new_steps, is_main_process())
         finally:
             self.tensorboard.close()
