@@ -311,3 +311,19 @@ def test_files_and_directories_follow_the_umask(backbone_dir, tmp_path, mask):
         assert stat.S_IMODE(file.stat().st_mode) == 0o666 & ~mask, file
     for directory in (tmp_path / "dir", checkpoint):
         assert stat.S_IMODE(directory.stat().st_mode) == 0o777 & ~mask, directory
+
+
+def test_compare_refuses_a_folder_it_did_not_make(tmp_path):
+    from llada_trm.training.run_dir import RunDirError, claim_compare_dir
+
+    theirs = tmp_path / "theirs"
+    (theirs / "data").mkdir(parents=True)
+    (theirs / "notes.txt").write_text("precious\n")
+    for force in (False, True):  # neither written into nor archived, with or without --force
+        with pytest.raises(RunDirError, match="did not make .*notes.txt"):
+            claim_compare_dir(theirs, [theirs / "seed0" / "slot"], force=force)
+    assert (theirs / "notes.txt").read_text() == "precious\n"
+    ours = tmp_path / "ours"
+    (ours / "seed0").mkdir(parents=True)  # what an interrupted comparison leaves: taken as its own
+    (ours / "diagnostics.json").write_text("{}")
+    assert claim_compare_dir(ours, [ours / "seed0" / "slot"]) is None

@@ -151,11 +151,29 @@ def taken_error(directory: Path, *, resumed: Path | None = None, what: str = "tr
     )
 
 
+_COMPARE_OUTPUTS = ("comparison.", "errors.json", "diagnostics.json", "reliability.png")
+
+
+def _made_by_compare(path: Path) -> bool:
+    """Whether a top-level entry of a comparison directory is one a comparison writes."""
+    if path.is_dir():
+        return path.name == "none" or (path.name.startswith("seed") and path.name[4:].isdigit())
+    return path.name.startswith(_COMPARE_OUTPUTS)
+
+
 def claim_compare_dir(directory: Path, run_dirs: list[Path], *, force: bool = False) -> Path | None:
     """`claim_run_dir` for a comparison: `directory` is taken when one of its refiner `run_dirs` holds a
     run or a report is there; `force` archives the whole comparison directory."""
     taken = [d for d in run_dirs if has_run(d)] + [p for p in directory.glob("comparison.*") if p.is_file()]
     if not taken:
+        entries = directory.iterdir() if directory.is_dir() else []
+        runs = {d.relative_to(directory).parts[0] for d in run_dirs if d.is_relative_to(directory)}
+        foreign = sorted(p.name for p in entries if p.name not in runs and not _made_by_compare(p))
+        if foreign:  # someone's folder: never written into, never archived
+            raise RunDirError(
+                f"{directory}: holds files a comparison did not make ({', '.join(foreign[:3])}); choose an "
+                "empty or new output.dir"
+            )
         return None
     for run_dir in run_dirs:
         holder = RunLock(run_dir).holder()
