@@ -50,6 +50,7 @@ from llada_trm.training.distributed import (
     clip_grad_norm,
     gradient_sync,
     is_main_process,
+    is_sharded,
     rank,
     sync_ignored_gradients,
     unsharded,
@@ -273,9 +274,11 @@ class Trainer:
             self.tensorboard = TensorBoardLog.for_run(
                 cfg.output.tensorboard, self.output_dir, self.state.step
             )
-        if main and self.state.step == 0 and self.resumed_from is None:  # what the budget can reach at all
+        # What the budget can reach at all, recorded once. Every rank runs it (DDP replicas agree); not under
+        # FSDP, where a direct forward before the first step would initialise the shards outside the root.
+        if self.state.step == 0 and self.resumed_from is None and not is_sharded(self.model):
             report = self.reachability()
-            if report:
+            if main and report:
                 self._say(format_reachability(report))
                 write_text_atomic(self.output_dir / "reachability.json", json.dumps(report, indent=2) + "\n")
         stop_at = self.total_steps
