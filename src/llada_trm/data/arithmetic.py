@@ -82,7 +82,9 @@ class ArithmeticTaskConfig(Section):
         if self.min_chain > self.max_chain:
             raise ValueError(f"min_chain ({self.min_chain}) must not exceed max_chain ({self.max_chain})")
         if self.max_carries is not None and self.min_carries > self.max_carries:
-            raise ValueError(f"min_carries ({self.min_carries}) must not exceed max_carries ({self.max_carries})")
+            raise ValueError(
+                f"min_carries ({self.min_carries}) must not exceed max_carries ({self.max_carries})"
+            )
         return self
 
 

@@ -54,8 +54,8 @@ def load_eval_records(
     """Records of `split` (HF slicing syntax, e.g. `test[:200]`), at most `limit` of them.
 
     gsm8k: read from `data_path` (a JSONL/parquet file, a folder with `test.jsonl`, or a cached HF name).
-    synthetic, arithmetic: `split` is `train`, `validation` or `test` of the generated task (report on `test`: the
-    trainer validates and picks `best` on `validation`); without a slice, `limit` problems
+    synthetic, arithmetic: `split` is `train`, `validation` or `test` of that generated task (report on
+    `test`: the trainer validates and picks `best` on `validation`); without a slice, `limit` problems
     (default `synthetic.n_eval`) are generated, and the first ones never depend on how many are asked for.
     """
     if dataset not in DATASETS:
