@@ -17,6 +17,7 @@ import torch
 from llada_trm.backbone import LLaDAModel
 from llada_trm.data import GSM8KRecord, SFTDataset, prompt_batch, special_token_ids
 from llada_trm.data.synthetic import OPERATIONS
+from llada_trm.data.tokenizer import digit_token_ids
 from llada_trm.diffusion import decode_generated, forward_process, masked_token_accuracy, sample
 from llada_trm.evaluate.errors import error_report
 from llada_trm.evaluate.extraction import is_correct
@@ -64,7 +65,8 @@ def sample_predictions(
     """Sample answers to `records` with the evaluation's sampler; one prediction record per problem
     (question, reference, completion, correct_strict), as `evaluate` writes them."""
     ids = special_token_ids(tokenizer)
-    options = replace(evaluation.options(), mask_id=ids.mask, eos_id=ids.eos, eot_id=ids.eot)
+    options = replace(evaluation.options(), mask_id=ids.mask, eos_id=ids.eos, eot_id=ids.eot,
+                      digit_ids=digit_token_ids(tokenizer))  # fmt: skip
     generator = torch.Generator().manual_seed(options.seed)
     predictions: list[dict[str, Any]] = []
     for start in range(0, len(records), options.batch_size):
