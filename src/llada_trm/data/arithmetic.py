@@ -298,7 +298,8 @@ def generate_arithmetic(
         problems.append(problem)
         misses = 0
     if len(problems) < n:
-        carries_range = f"{config.min_carries}-{'' if config.max_carries is None else config.max_carries}"
+        top = "+" if config.max_carries is None else f"-{config.max_carries}"
+        carries_range = f"{config.min_carries}{top}"
         raise DataError(
             f"could only generate {len(problems)} of {n} distinct {split} arithmetic problems (digits "
             f"{config.min_digits}-{config.max_digits}, chain {config.min_chain}-{config.max_chain}, carries "
