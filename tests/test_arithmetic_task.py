@@ -121,3 +121,21 @@ def test_run_config_selects_the_task_and_evaluation_reads_it(tmp_path) -> None:
     assert all(max(map(len, re.findall(r"\d+", r.question))) <= 2 for r in records)
     with pytest.raises(ConfigError, match="dataset"):
         parse_config({"data": {"dataset": "arith"}})
+
+
+def test_pretraining_targets_score_the_arithmetic_task() -> None:
+    """`llada-trm pretrain` on the arithmetic task: strict accuracy and line arithmetic by operator, no
+    entity rates (the GSM8K-style error report would refuse these references)."""
+    from llada_trm.pretraining.targets import target_metrics
+
+    reference = "12+9=<<12+9=21>>21\n21-5=<<21-5=16>>16\n#### 16"
+    predictions = [
+        {"reference": reference, "completion": reference, "correct_strict": True},
+        {"reference": reference, "completion": "12+9=<<12+9=22>>22\n22-5=<<22-5=17>>17\n#### 17",
+         "correct_strict": False},  # fmt: skip
+    ]
+    found = target_metrics(predictions)
+    assert found["strict"] == 0.5 and found["entity_copy"] is None
+    assert found["arithmetic_add"] == 0.5  # 12+9 right once, wrong once
+    assert found["arithmetic_sub"] == 1.0  # 21-5 right; 22-5 has other operands, so it is not counted
+    assert found["line_arithmetic"] == pytest.approx(2 / 3)
