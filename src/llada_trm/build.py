@@ -27,11 +27,11 @@ from llada_trm.config import DataConfig, RunConfig, check_backbone_fit
 from llada_trm.data import (
     GSM8KRecord,
     SFTDataset,
-    generate_problems,
     load_gsm8k,
     load_tokenizer,
     mask_token_id,
 )
+from llada_trm.data.arithmetic import generate_task_records
 from llada_trm.data.disjoint import check_disjoint
 from llada_trm.data.gsm8k import DataError
 from llada_trm.dist_utils import init_distributed
@@ -274,10 +274,10 @@ def build_records(data: DataConfig) -> tuple[list[GSM8KRecord], list[GSM8KRecord
     """Training and validation records: a GSM8K source sliced by the splits, or the generated task (its
     `validation` split: never the `test` split a comparison reports on)."""
     try:
-        if data.dataset == "synthetic":
-            task = data.synthetic  # the task's knobs plus n_train / n_eval
-            train = generate_problems(task, task.n_train, "train")
-            evaluation = generate_problems(task, task.n_eval, "validation") if task.n_eval else []
+        task = data.generated()  # a generated task's knobs plus n_train / n_eval; None for gsm8k
+        if task is not None:
+            train = generate_task_records(task, task.n_train, "train")
+            evaluation = generate_task_records(task, task.n_eval, "validation") if task.n_eval else []
         else:
             train = load_gsm8k(data.path, data.train_split)
             evaluation = load_gsm8k(data.path, data.eval_split) if data.eval_split else []
@@ -289,8 +289,9 @@ def build_records(data: DataConfig) -> tuple[list[GSM8KRecord], list[GSM8KRecord
 def sampled_validation_records(data: DataConfig, n: int) -> list[GSM8KRecord]:
     """The first `n` validation problems, for the trainer's sampled-accuracy validation."""
     try:
-        if data.dataset == "synthetic":
-            return generate_problems(data.synthetic, n, "validation")
+        task = data.generated()
+        if task is not None:
+            return generate_task_records(task, n, "validation")
         records = load_gsm8k(data.path, data.eval_split) if data.eval_split else []
     except (ValueError, FileNotFoundError) as exc:
         raise ConfigError(f"data: {exc}") from None

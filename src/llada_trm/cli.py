@@ -369,7 +369,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command("eval", "sampled GSM8K-style accuracy, refinement efficiency and speed")
     _add_model_options(p)
-    p.add_argument("--dataset", choices=("gsm8k", "synthetic"), default="synthetic")
+    p.add_argument("--dataset", choices=("gsm8k", "synthetic", "arithmetic"), default="synthetic")
     p.add_argument("--split", default="test", help="a split, optionally sliced: test (default), test[:200]")
     p.add_argument("--data-path", metavar="PATH", help="GSM8K JSONL/parquet file or folder (for gsm8k)")
     p.add_argument("--limit", type=int, default=None, metavar="N", help="evaluate the first N problems")

@@ -27,6 +27,7 @@ from llada_trm.config_files import (
     parse_override,
     parse_schema,
 )
+from llada_trm.data.arithmetic import ArithmeticTaskConfig
 from llada_trm.data.synthetic import SyntheticTaskConfig
 from llada_trm.diffusion.options import SamplingOptions
 from llada_trm.errors import ConfigError
@@ -51,6 +52,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "AdvancedConfig",
+    "ArithmeticDataConfig",
     "DataConfig",
     "HealthThresholds",
     "LoraConfig",
@@ -123,10 +125,18 @@ class SyntheticDataConfig(SyntheticTaskConfig):
     n_eval: ProblemCount = 100
 
 
-class DataConfig(_Section):
-    """Which records to train on and how to batch them."""
+class ArithmeticDataConfig(ArithmeticTaskConfig):
+    """The generated arithmetic task (`llada_trm.data.arithmetic`) and how many problems each split gets."""
 
-    dataset: Literal["gsm8k", "synthetic"] = "synthetic"
+    n_train: Annotated[ProblemCount, Field(ge=1)] = 2000
+    n_eval: ProblemCount = 100
+
+
+class DataConfig(_Section):
+    """Which records to train on and how to batch them: GSM8K, the generated GSM8K-style task (`synthetic`)
+    or the generated arithmetic task (`arithmetic`), each generated one with its own section."""
+
+    dataset: Literal["gsm8k", "synthetic", "arithmetic"] = "synthetic"
     path: str | None = Field(
         default=None, description="GSM8K: a JSONL/parquet file or directory, or a Hugging Face dataset name"
     )
@@ -141,6 +151,11 @@ class DataConfig(_Section):
     num_workers: NonNegInt = 0
     pin_memory: bool = False
     synthetic: SyntheticDataConfig = Field(default_factory=SyntheticDataConfig)
+    arithmetic: ArithmeticDataConfig = Field(default_factory=ArithmeticDataConfig)
+
+    def generated(self) -> SyntheticDataConfig | ArithmeticDataConfig | None:
+        """The selected generated task's section (None for gsm8k)."""
+        return {"synthetic": self.synthetic, "arithmetic": self.arithmetic}.get(self.dataset)
 
     @model_validator(mode="after")
     def _gsm8k_needs_path(self) -> DataConfig:

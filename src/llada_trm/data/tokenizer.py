@@ -36,6 +36,7 @@ __all__ = [
     "CHAT_TEMPLATE",
     "SpecialTokenIds",
     "build_tokenizer",
+    "digit_token_ids",
     "save_tokenizer",
     "load_tokenizer",
     "special_token_ids",
@@ -258,6 +259,15 @@ def special_token_ids(tokenizer: PreTrainedTokenizerBase) -> SpecialTokenIds:
         mask=mask_token_id(tokenizer),
         eot=eot_token_id(tokenizer),
     )
+
+
+def digit_token_ids(tokenizer: PreTrainedTokenizerBase) -> tuple[int, ...]:
+    """The ids of "0".."9" when the tokenizer writes each digit as one token (this package's tokenizer
+    and LLaDA-8B's do), else () (the sampler's `digit_order: lsd_first` then refuses to run)."""
+    encoded = [tokenizer.encode(str(digit), add_special_tokens=False) for digit in range(10)]
+    if any(len(ids) != 1 for ids in encoded):
+        return ()
+    return tuple(int(ids[0]) for ids in encoded)
 
 
 def _stop_ids(tokenizer: Any) -> list[int]:

@@ -16,6 +16,7 @@ LLADA_EOS_ID = 126081
 LLADA_EOT_ID = 126348
 REMASKING_STRATEGIES = ("low_confidence", "random")
 CACHE_MODES = ("prefix", "dual")
+DIGIT_ORDERS = ("confidence", "lsd_first")
 # Ceilings that hold whatever the model: no LLaDA backbone has more positions than MAX_GEN_LENGTH (nor
 # needs more steps), and a batch beyond MAX_BATCH_SIZE prompts only exhausts memory. The backbone's own
 # max_sequence_length bounds prompt + gen_length where the prompts are known (`evaluate_model`).
@@ -37,6 +38,10 @@ class SamplingOptions:
     ``seed`` (of the run's random generator) are read by the callers that batch and seed a whole run, such
     as ``evaluate_model``; one ``sample`` call takes the batch and the generator it is given. See
     :func:`llada_trm.diffusion.generate` for the meaning of each setting.
+
+    ``digit_order`` ``"lsd_first"`` makes a step commit a number's digits from the least significant up
+    (``unmasking.commit_step`` defines it); it needs ``digit_ids``, the tokenizer's ten digit tokens, which
+    ``evaluate_model`` fills in. ``"confidence"`` (default) is LLaDA's order, untouched.
     """
 
     steps: int = 64
@@ -51,9 +56,11 @@ class SamplingOptions:
     seed: int = 0
     logits_eos_inf: bool = False
     confidence_eos_eot_inf: bool = False
+    digit_order: str = "confidence"
     mask_id: int = field(default=LLADA_MASK_ID, metadata=_TOKEN_ID)
     eos_id: int = field(default=LLADA_EOS_ID, metadata=_TOKEN_ID)
     eot_id: int = field(default=LLADA_EOT_ID, metadata=_TOKEN_ID)
+    digit_ids: tuple[int, ...] = field(default=(), metadata=_TOKEN_ID)
 
     def __post_init__(self) -> None:
         for name in ("steps", "gen_length", "block_length", "batch_size"):
@@ -98,6 +105,9 @@ class SamplingOptions:
             raise ValueError(f"threshold must be in (0, 1] or None, got {self.threshold}")
         if self.cache is not None and self.cache not in CACHE_MODES:
             raise ValueError(f"cache must be None, 'prefix' or 'dual', got {self.cache!r}")
+        if self.digit_order not in DIGIT_ORDERS:
+            choices = ", ".join(DIGIT_ORDERS)
+            raise ValueError(f"digit_order must be one of {choices}, got {self.digit_order!r}")
 
     @property
     def num_blocks(self) -> int:
@@ -113,5 +123,10 @@ class SamplingOptions:
         return self.threshold is not None or self.cache is not None
 
     def to_dict(self) -> dict[str, Any]:
-        """The settings a run's summary records (every field but the tokenizer's ids)."""
-        return {f.name: getattr(self, f.name) for f in fields(self) if f.metadata.get("recorded", True)}
+        """The settings a run's summary records (every field but the tokenizer's ids). ``digit_order`` only
+        when it is not the default: `compare --resume` compares these dicts, and evaluations recorded
+        before the option existed used LLaDA's order."""
+        recorded = {f.name: getattr(self, f.name) for f in fields(self) if f.metadata.get("recorded", True)}
+        if self.digit_order == "confidence":
+            del recorded["digit_order"]
+        return recorded

@@ -91,6 +91,62 @@ def _chosen(
     return transfer
 
 
+def _waiting_digits(x0: Tensor, mask_index: Tensor, block_end: int, digit_ids: tuple[int, ...]) -> Tensor:
+    """[B, L] masked positions that `lsd_first` holds back: predicted a digit, with the right neighbour
+    (inside the block) masked and predicted a digit too, i.e. a less significant digit of the same number."""
+    if not digit_ids:
+        raise ValueError(
+            "digit_order 'lsd_first' needs digit_ids, the tokenizer's digit token ids "
+            "(evaluate_model fills them in; pass SamplingOptions(digit_ids=...) when calling sample directly)"
+        )
+    pending = mask_index & torch.isin(x0, torch.tensor(digit_ids, device=x0.device))
+    pending[:, block_end:] = False  # a number running past the block is ordered within the block
+    waiting = torch.zeros_like(pending)
+    waiting[:, :-1] = pending[:, :-1] & pending[:, 1:]
+    return waiting
+
+
+def _chosen_lsd_first(
+    confidence: Tensor,
+    mask_index: Tensor,
+    waiting: Tensor,
+    block_end: int,
+    num_transfer: Tensor | None,
+    threshold: float | None,
+) -> Tensor:
+    """`_chosen` with the digit order: a waiting position is committed only with (or after) its right
+    neighbour. Fixed schedule: the ``num_transfer`` picks go one at a time to the most confident position
+    not waiting, and a pick frees its left neighbour. Threshold: the positions at least ``threshold``
+    confident whose waiting chain to the right is committed in the same step; if none, the most confident
+    position not waiting."""
+    transfer = torch.zeros_like(mask_index)
+    for row in range(confidence.shape[0]):
+        held = waiting[row].clone()
+        if threshold is None:
+            scores = confidence[row].clone()
+            for _ in range(int(num_transfer[row])):
+                pick = int(torch.argmax(scores.masked_fill(held, -torch.inf)))
+                transfer[row, pick] = True
+                scores[pick] = -torch.inf
+                if pick > 0:
+                    held[pick - 1] = False
+            continue
+        candidates = mask_index[row].clone()
+        candidates[block_end:] = False
+        if not candidates.any():
+            continue
+        passing = (candidates & (confidence[row] >= threshold)).tolist()
+        held_list = held.tolist()
+        allowed = [False] * len(passing)
+        for position in range(min(block_end, len(passing)) - 1, -1, -1):
+            allowed[position] = passing[position] and (not held_list[position] or allowed[position + 1])
+        if any(allowed):
+            transfer[row] = torch.tensor(allowed, device=transfer.device)
+        else:
+            transfer[row, int(torch.argmax(confidence[row].masked_fill(held, -torch.inf)))] = True
+    return transfer
+
+
 def commit_step(
     x: Tensor,
     logits: Tensor,
@@ -106,12 +162,30 @@ def commit_step(
     schedule's count for this step, None under ``options.threshold``. Returns the [B, L] positions un-masked
     and every position's confidence (-inf where nothing was predicted): tensors computed anyway, for the
     sampler's per-step hook.
+
+    ``options.digit_order == "lsd_first"`` changes which positions a step commits, never what it commits
+    (each keeps this step's prediction) nor how many (the schedule's count, or every one the threshold
+    allows and at least one). The number a masked position belongs to is read from this step's tokens: a
+    number is a maximal run of positions whose token (the committed one, or this step's prediction where
+    masked) is a digit. A masked position predicted a digit waits while its right neighbour inside the
+    block is masked and predicted a digit: it is committed in the same step as that neighbour or later, so
+    each number is committed from its least significant digit up. While the predictions of a number's
+    positions stay the same from step to step (as for a model whose predictions do not depend on the
+    context), this is exactly least-significant-first in the exact (fixed-schedule) sampler and in the
+    threshold one; when a later step re-predicts a masked right neighbour as a digit after its left
+    neighbour was committed, the order holds only for the predictions each step saw. A number that runs
+    past the block's end is ordered within the block (the semi-autoregressive order comes first).
     """
     mask_index = x == options.mask_id
     x0, x0_p = _predict(logits, options, generator)
     x0_p[:, block_end:] = -torch.inf
     x0 = torch.where(mask_index, x0, x)
     confidence = torch.where(mask_index, x0_p, -torch.inf)
-    transfer = _chosen(confidence, mask_index, block_end, num_transfer, options.threshold)
+    if options.digit_order == "lsd_first":
+        waiting = _waiting_digits(x0, mask_index, block_end, options.digit_ids)
+        threshold = options.threshold
+        transfer = _chosen_lsd_first(confidence, mask_index, waiting, block_end, num_transfer, threshold)
+    else:
+        transfer = _chosen(confidence, mask_index, block_end, num_transfer, options.threshold)
     x[transfer] = x0[transfer]
     return transfer, confidence

@@ -31,7 +31,7 @@ from torch import Tensor
 from transformers import PreTrainedTokenizerBase
 
 from llada_trm.data import GSM8KRecord, encode_prompt, prompt_batch, special_token_ids
-from llada_trm.data.tokenizer import decode_generated
+from llada_trm.data.tokenizer import decode_generated, digit_token_ids
 from llada_trm.diffusion import SamplingOptions, sample
 from llada_trm.diffusion.denoiser import add_stats, refines_masked_positions
 from llada_trm.dist_utils import gather_objects, is_main_process, shard_indices
@@ -214,6 +214,14 @@ def sampling_setup(
     ids = special_token_ids(tokenizer)
     mask_id = getattr(model, "mask_token_id", ids.mask)
     sampling = replace(options, mask_id=mask_id, eos_id=ids.eos, eot_id=ids.eot)
+    if options.digit_order != "confidence":
+        digits = digit_token_ids(tokenizer)
+        if not digits:
+            raise ValueError(
+                f"digit_order {options.digit_order!r} needs a tokenizer that writes each digit as one token; "
+                "this one does not: use digit_order 'confidence'"
+            )
+        sampling = replace(sampling, digit_ids=digits)
     chunk_size = getattr(getattr(model, "config", None), "chunk_size", None)
     return _CountingModel(model, num_steps, mask_id, chunk_size), sampling
 

@@ -13,6 +13,19 @@ from .config import PretrainConfig
 __all__ = ["model_card"]
 
 
+def _task_line(data: Any) -> str:
+    """The card's task row: the GSM8K-style task's knobs, or the arithmetic task's."""
+    if data.dataset == "arithmetic":
+        a = data.arithmetic
+        carries = f"{a.min_carries}" + ("+" if a.max_carries is None else f"-{a.max_carries}")
+        return (f"generated arithmetic (data.arithmetic): chains of {a.min_chain}-{a.max_chain} lines "
+                f"{' '.join(a.operations)}, operands of {a.min_digits}-{a.max_digits} digits, carries "
+                f"{carries}; {data.n_train} training problems, data seed {a.seed}")  # fmt: skip
+    return (f"generated problems of {data.min_steps}-{data.max_steps} arithmetic steps, numbers up to "
+            f"{data.max_number}, results up to {data.max_result}; {data.n_train} training problems, data "
+            f"seed {data.seed}")  # fmt: skip
+
+
 def _rate(rate: Mapping[str, Any]) -> str:
     return "- (no such line)" if not rate["n"] else f"{rate['p']:.3f} ({rate['k']}/{rate['n']})"
 
@@ -106,8 +119,7 @@ a CPU; {_origin(summary)}.
 | shape | d_model {arch.d_model}, {arch.n_layers} layers, {arch.n_heads} heads, \
 SwiGLU {arch.mlp_hidden_size} |
 | vocabulary | {vocab} tokens (byte-level BPE, digits split, LLaDA's special tokens and chat template) |
-| task | generated problems of {data.min_steps}-{data.max_steps} arithmetic steps, numbers up to \
-{data.max_number}, results up to {data.max_result}; {data.n_train} training problems, data seed {data.seed} |
+| task | {_task_line(data)} |
 | training | {stop}, batch {opt.batch_size}, lr {opt.lr:g}, seed {opt.seed}{weighting} |
 | test problems | the first {summary["eval_problems"]} of the generated test split (no question shared with \
 the training or validation problems: {summary["split_check"]["method"]}) |

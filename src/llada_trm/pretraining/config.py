@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import BeforeValidator, Field
 
@@ -26,6 +26,7 @@ from llada_trm.config import (
     load_schema,
 )
 from llada_trm.data import SyntheticTaskConfig
+from llada_trm.data.arithmetic import ArithmeticTaskConfig
 from llada_trm.diffusion import SamplingOptions
 
 __all__ = [
@@ -61,7 +62,8 @@ class ArchitectureConfig(_Section):
 
 
 class TaskConfig(_Section):
-    """The generated problems the backbone learns (see `llada_trm.data.SyntheticTaskConfig`).
+    """The generated problems the backbone learns (see `llada_trm.data.SyntheticTaskConfig`, or with
+    `dataset: arithmetic` the `arithmetic:` section, `llada_trm.data.arithmetic.ArithmeticTaskConfig`).
 
     `n_eval` validation problems measure the masked-token accuracy; `vocab_size` is the size of the tokenizer
     built from the training problems (unused with `model.init_from`, whose tokenizer is kept).
@@ -82,8 +84,14 @@ class TaskConfig(_Section):
     vocab_size: PosInt = 1024
     max_length: PosInt = 192
     random_padding: bool = False
+    dataset: Literal["synthetic", "arithmetic"] = "synthetic"
+    arithmetic: ArithmeticTaskConfig = Field(default_factory=ArithmeticTaskConfig)
 
-    def task(self) -> SyntheticTaskConfig:
+    def task(self) -> SyntheticTaskConfig | ArithmeticTaskConfig:
+        """The generated task: the GSM8K-style one from the fields above, or (`dataset: arithmetic`) the
+        arithmetic one of the `arithmetic:` section (its own knobs and seed; n_train / n_eval from here)."""
+        if self.dataset == "arithmetic":
+            return self.arithmetic
         return SyntheticTaskConfig(
             min_steps=self.min_steps,
             max_steps=self.max_steps,

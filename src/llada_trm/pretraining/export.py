@@ -16,7 +16,8 @@ from typing import Any
 
 import torch
 
-from llada_trm.data import GSM8KRecord, SFTDataset, generate_problems, save_tokenizer, special_token_ids
+from llada_trm.data import GSM8KRecord, SFTDataset, save_tokenizer, special_token_ids
+from llada_trm.data.arithmetic import generate_task_records
 from llada_trm.data.disjoint import check_disjoint
 from llada_trm.evaluate.statistics import proportion
 from llada_trm.io import atomic_directory, remove_directory, write_json, write_jsonl, write_text_atomic
@@ -52,7 +53,7 @@ def export_backbone(  # noqa: PLR0913 - the run's parts, and --force for output.
     `splits` holds the run's "train" and "validation" problems, checked to share none with the test ones.
     """
     started = time.perf_counter()
-    test_records = generate_problems(config.data.task(), config.evaluation.n_test, split="test")
+    test_records = generate_task_records(config.data.task(), config.evaluation.n_test, split="test")
     split_check = check_disjoint({**splits, "test": test_records})
     ids = special_token_ids(tokenizer)
     test_set = SFTDataset(tokenizer, test_records[: config.data.n_eval], config.data.max_length)

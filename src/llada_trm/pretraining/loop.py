@@ -26,7 +26,8 @@ from typing import Any
 
 import torch
 
-from llada_trm.data import SFTDataset, collate_batch, generate_problems, special_token_ids
+from llada_trm.data import SFTDataset, collate_batch, special_token_ids
+from llada_trm.data.arithmetic import generate_task_records
 from llada_trm.diffusion import forward_process, masked_diffusion_loss
 from llada_trm.progress import progress_bar
 from llada_trm.training.schedule import warmup_cosine
@@ -92,11 +93,12 @@ def _pretrain(
         torch.set_num_threads(opt.threads)
     torch.manual_seed(opt.seed)
     task = config.data.task()
-    train_records = generate_problems(task, config.data.n_train, split="train")
-    val_records = generate_problems(task, max(config.data.n_eval, config.evaluation.n_problems), "validation")
+    train_records = generate_task_records(task, config.data.n_train, split="train")
+    n_validation = max(config.data.n_eval, config.evaluation.n_problems)
+    val_records = generate_task_records(task, n_validation, "validation")
     model, tokenizer = build_backbone(config, train_records)
     ids = special_token_ids(tokenizer)
-    object_ids = object_token_ids(tokenizer, task.items)
+    object_ids = object_token_ids(tokenizer, getattr(task, "items", ()))  # the arithmetic task has none
     train_set = SFTDataset(tokenizer, train_records, config.data.max_length)
     val_set = SFTDataset(tokenizer, val_records[: config.data.n_eval], config.data.max_length)
     optimizer, scheduler = _optimizer(model, config)

@@ -16,10 +16,14 @@ import torch
 
 from llada_trm.backbone import LLaDAModel
 from llada_trm.data import GSM8KRecord, SFTDataset, prompt_batch, special_token_ids
+from llada_trm.data.arithmetic import parse_arithmetic
+from llada_trm.data.gsm8k import DataError
 from llada_trm.data.synthetic import OPERATIONS
+from llada_trm.data.tokenizer import digit_token_ids
 from llada_trm.diffusion import decode_generated, forward_process, masked_token_accuracy, sample
-from llada_trm.evaluate.errors import error_report
+from llada_trm.evaluate.errors import error_report, parse_answer_lines
 from llada_trm.evaluate.extraction import is_correct
+from llada_trm.evaluate.statistics import proportion
 
 from .config import EvaluationConfig, StopAt
 
@@ -64,7 +68,8 @@ def sample_predictions(
     """Sample answers to `records` with the evaluation's sampler; one prediction record per problem
     (question, reference, completion, correct_strict), as `evaluate` writes them."""
     ids = special_token_ids(tokenizer)
-    options = replace(evaluation.options(), mask_id=ids.mask, eos_id=ids.eos, eot_id=ids.eot)
+    options = replace(evaluation.options(), mask_id=ids.mask, eos_id=ids.eos, eot_id=ids.eot,
+                      digit_ids=digit_token_ids(tokenizer))  # fmt: skip
     generator = torch.Generator().manual_seed(options.seed)
     predictions: list[dict[str, Any]] = []
     for start in range(0, len(records), options.batch_size):
@@ -85,9 +90,39 @@ def sample_predictions(
     return predictions
 
 
+def _is_arithmetic(predictions: Sequence[Mapping[str, Any]]) -> bool:
+    """Whether the references are the arithmetic task's (`data.arithmetic`): its answers name nobody."""
+    try:
+        parse_arithmetic(predictions[0]["reference"])
+    except (IndexError, KeyError, DataError):
+        return False
+    return True
+
+
+def arithmetic_report(predictions: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """`error_report`'s shape for the arithmetic task: line arithmetic (a completion line with the
+    reference line's operands and operator, at the same position, computed right) overall and by operator;
+    no entities to copy and no deviation categories."""
+    counts = {op: [0, 0] for op in ("all", *OPERATIONS)}
+    for prediction in predictions:
+        reference = parse_arithmetic(prediction["reference"])
+        for line, step in zip(parse_answer_lines(prediction["completion"]), reference, strict=False):
+            if line is None or line.op != step.op or (line.a, line.b) != (step.a, step.b):
+                continue
+            for key in ("all", step.op):
+                counts[key][0] += int(line.c == step.c)
+                counts[key][1] += 1
+    rates = {key: proportion(k, n) if n else {"k": 0, "n": 0, "p": None, "low": None, "high": None}
+             for key, (k, n) in counts.items()}  # fmt: skip
+    none = {"k": 0, "n": 0, "p": None, "low": None, "high": None}
+    entities = {"entity_copied": none, "person_copied": none, "object_copied": none}
+    return {"entities": entities, "arithmetic": rates, "categories": {}}
+
+
 def target_metrics(predictions: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
-    """The targets' rates (`TARGET_COLUMNS`) and the full error report they come from (key "report")."""
-    report = error_report(predictions)
+    """The targets' rates (`TARGET_COLUMNS`) and the full error report they come from (key "report"); for
+    the arithmetic task `arithmetic_report` (its entity rates are None: nothing to copy)."""
+    report = arithmetic_report(predictions) if _is_arithmetic(predictions) else error_report(predictions)
     entities, arithmetic = report["entities"], report["arithmetic"]
     correct = sum(bool(p["correct_strict"]) for p in predictions)
     metrics: dict[str, Any] = {
