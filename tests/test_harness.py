@@ -40,6 +40,20 @@ N_DOCS = 8
 # ------------------------------------------------------------------------------------- MC likelihood
 
 
+
+def _evaluate_like_the_harness(harness_lm, records):
+    """The package's own evaluation of `records` with the harness model's weights and sampler."""
+    from llada_trm.evaluate import SamplingOptions, evaluate_model
+
+    return evaluate_model(
+        harness_lm.loaded.model,
+        harness_lm.tokenizer,
+        records,
+        SamplingOptions(batch_size=N_DOCS, **SAMPLING),
+        num_steps=harness_lm.loaded.num_steps,
+        progress=False,
+    )
+
 def test_masked_counts_are_stratified_over_one_to_length():
     counts = masked_counts(5, 20, torch.Generator().manual_seed(3))
     assert sorted(counts.tolist()) == [k for k in range(1, 6) for _ in range(4)]  # each count n/L times
@@ -149,8 +163,6 @@ def test_model_is_registered_under_its_name():
 @needs_lm_eval
 def test_harness_scores_equal_the_project_evaluator(tmp_path, harness_lm):
     """Harness strict-match / flexible-extract on gsm8k_local == the project evaluator, sample by sample."""
-    from llada_trm.evaluate import SamplingOptions, evaluate_model
-
     records = generate_problems(TASK, N_DOCS, "test")
     _write_slice(tmp_path, records)
     out = _evaluate(harness_lm, tmp_path, chat=True)
@@ -159,14 +171,7 @@ def test_harness_scores_equal_the_project_evaluator(tmp_path, harness_lm):
     flexible = [s for s in samples if s["filter"] == "flexible-extract"]
     completions = [s["resps"][0][0] for s in strict]
 
-    ours = evaluate_model(
-        harness_lm.loaded.model,
-        harness_lm.tokenizer,
-        records,
-        SamplingOptions(batch_size=N_DOCS, **SAMPLING),
-        num_steps=harness_lm.loaded.num_steps,
-        progress=False,
-    )
+    ours = _evaluate_like_the_harness(harness_lm, records)
     assert completions == [p["completion"] for p in ours.predictions]  # same prompts, same sampler
     assert [s["exact_match"] for s in strict] == [float(p["correct_strict"]) for p in ours.predictions]
     assert [s["exact_match"] for s in flexible] == [float(p["correct_flexible"]) for p in ours.predictions]
@@ -286,7 +291,6 @@ def test_prompts_that_do_not_fit_are_skipped_alike_by_eval_and_the_harness(tmp_p
     """One policy (`evaluate.prompt_fit`): a prompt + gen_length beyond the positions is skipped, scored as
     wrong and counted, by `eval`'s evaluator and by the lm-eval backend alike (the backend used to cut it from
     the left, chat header included, and `eval` stopped at it)."""
-    from llada_trm.evaluate import SamplingOptions, evaluate_model
     from llada_trm.evaluate.prompt_fit import POLICY
 
     records = generate_problems(TASK, 3, "test")
@@ -298,14 +302,7 @@ def test_prompts_that_do_not_fit_are_skipped_alike_by_eval_and_the_harness(tmp_p
     strict = sorted(
         (s for s in out["samples"]["gsm8k_local"] if s["filter"] == "strict-match"), key=lambda s: s["doc_id"]
     )
-    ours = evaluate_model(
-        harness_lm.loaded.model,
-        harness_lm.tokenizer,
-        records,
-        SamplingOptions(batch_size=N_DOCS, **SAMPLING),
-        num_steps=harness_lm.loaded.num_steps,
-        progress=False,
-    )
+    ours = _evaluate_like_the_harness(harness_lm, records)
     assert ours.summary["prompts"]["skipped"] == 1 and ours.summary["prompts"]["skipped_indices"] == [1]
     assert ours.summary["n"] == 4 and ours.predictions[1]["skipped"] and not ours.predictions[1]["completion"]
     assert [s["resps"][0][0] for s in strict] == [p["completion"] for p in ours.predictions]
