@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -77,3 +78,40 @@ def test_the_study_runs_end_to_end_tiny(name: str, backbone_dir: Path, tmp_path:
     predictions = [json.loads(line) for line in next(out.rglob("predictions.jsonl")).read_text().splitlines()]
     assert len(predictions) == 3
     assert all(answer_carries(p["reference"]) >= 0 for p in predictions)  # the carries a plot groups by
+
+
+def test_the_depth_by_carries_report_runs_on_a_tiny_study(backbone_dir: Path, tmp_path: Path, monkeypatch) -> None:
+    """scripts/arith_study.py: test-time K sweep of one arm, the decoding controls, groups by carry count."""
+    import importlib.util
+
+    study, lsd = tmp_path / "study", tmp_path / "lsd"
+    base = ["--seeds", "0", "--no-progress", "--set", "refiners=[slot_k2,phase2_top]", "--set", "reference=null"]
+    assert main(["compare", "--config", str(ARITH / "compare.yaml"), *base, *tiny(backbone_dir, study)]) == 0
+    lsd_args = ["--seeds", "0", "--no-progress"]
+    assert main(["compare", "--config", str(ARITH / "compare_lsd.yaml"), *lsd_args, *tiny(backbone_dir, lsd)]) == 0
+    spec = importlib.util.spec_from_file_location("arith_study", ARITH.parents[1] / "scripts" / "arith_study.py")
+    script = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "arith_study", script)  # its dataclasses look their module up
+    spec.loader.exec_module(script)
+    out = tmp_path / "report" / "arith"
+    args = [str(study), "--lsd", str(lsd), "--arms", "slot_k2", "--steps", "1,3", "--denoise-steps",
+            "--carry-edges", "0,2", "--out", str(out)]  # fmt: skip
+    assert script.main(args) == 0
+    report = json.loads(out.with_suffix(".json").read_text())
+    names = [row["name"] for row in report["rows"]]
+    assert names == ["backbone", "backbone, LSD-first", "backbone, 1 token/call", "phase2_top (trained K)",
+                     "slot_k2 K=1", "slot_k2 K=3"]  # fmt: skip
+    assert report["groups"] == ["all", "carries 0-1", "carries 2+"]
+    rows = {row["name"]: row for row in report["rows"]}
+    sizes = [rows["backbone"]["groups"][g]["n"] for g in report["groups"]]
+    assert sizes[0] == 3 and sizes[1] + sizes[2] == 3  # every problem in exactly one carry group
+    # the test-time depth reached the sampler: K=1 and K=3 were sampled into their own folders
+    for k in (1, 3):
+        summary = json.loads(next((study / "seed0" / "slot_k2" / "eval" / f"depth_{k}").glob("summary.json")
+                                  ).read_text())  # fmt: skip
+        assert summary["refine_steps"] == k and summary["refinement"]["mean_refine_steps"] == k
+    # the one-token-per-call control made one model call per generated token (gen 16, batch 2 -> 8 calls)
+    assert rows["backbone, 1 token/call"]["calls_per_problem"]["mean"] == 16
+    assert set(rows["slot_k2 K=3"]["vs_controls"]) == {"backbone, LSD-first", "backbone, 1 token/call",
+                                                       "phase2_top (trained K)"}  # fmt: skip
+    assert out.with_suffix(".png").stat().st_size > 0 and "carries 2+" in out.with_suffix(".md").read_text()
