@@ -73,8 +73,9 @@ def _correct(predictions: list[dict[str, Any]]) -> list[bool]:
     return [bool(p["correct_strict"]) for p in predictions]
 
 
-def _evaluate(checkpoint: Path | str, records: list[GSM8KRecord], options: SamplingOptions, out_dir: Path,
-              *, refiner: str | None = None, steps: int | None = None) -> tuple[list[bool], float]:  # fmt: skip
+def _evaluate(checkpoint: Path | str | None, records: list[GSM8KRecord], options: SamplingOptions,
+              out_dir: Path, *, refiner: str | None = None, steps: int | None = None
+              ) -> tuple[list[bool], float]:  # fmt: skip
     """Correctness and calls per problem of one evaluation, sampled unless ``out_dir`` already holds it."""
     if not (out_dir / "predictions.jsonl").is_file():
         loaded = load_checkpoint(checkpoint, refiner=refiner)
@@ -102,8 +103,11 @@ def _subset(runs: list[list[bool]], members: list[int]) -> list[list[bool]]:
 
 def _cell(row: Row, members: list[int]) -> dict[str, Any]:
     pairs = [c for run in _subset(row.runs, members) for c in run]
-    return proportion(sum(pairs), len(pairs)) if pairs else {"k": 0, "n": 0, "p": float("nan"),
-                                                              "low": float("nan"), "high": float("nan")}
+    return (
+        proportion(sum(pairs), len(pairs))
+        if pairs
+        else {"k": 0, "n": 0, "p": float("nan"), "low": float("nan"), "high": float("nan")}
+    )
 
 
 def _versus(a: Row, b: Row, members: list[int]) -> dict[str, Any]:
@@ -168,108 +172,122 @@ def _fmt_versus(v: dict[str, Any]) -> str:
     return f"{points['mean']:+.1f}{spread} ({sign['positive']}/{sign['negative']}, p {sign['p']:.2g})"
 
 
-def main(argv: list[str] | None = None) -> int:  # noqa: PLR0915 - one report, read top to bottom
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("compare_dir", type=Path, help="the arithmetic compare's output.dir")
-    parser.add_argument("--lsd", type=Path, help="the LSD-first compare's output.dir (its backbone row)")
-    parser.add_argument("--arms", default="slot_k4,mlp_matched", help="arms swept over test-time K")
-    parser.add_argument("--steps", default="1,2,4,8,16,32", help="test-time K values, comma separated")
-    parser.add_argument("--denoise-steps", action="store_true",
-                        help="add the extra-denoising control (the exact schedule, one token per call)")
-    parser.add_argument("--carry-edges", default="0,1,2,3,5", help="lower edges of the carry groups")
-    parser.add_argument("--out", type=Path, required=True, help="writes OUT.md, OUT.json and OUT.png")
-    args = parser.parse_args(argv)
-    steps = [int(k) for k in args.steps.split(",")]
-    swept_arms = [a for a in args.arms.split(",") if a]
-    report = json.loads((args.compare_dir / "comparison.json").read_text())
-    options = SamplingOptions(**report["sampling"])
-    baseline, base_summary = _eval_dir_predictions(args.compare_dir / "none" / "eval")
-    records = [GSM8KRecord(question=p["question"], answer=p["reference"]) for p in baseline]
-    references = [p["reference"] for p in baseline]
-    backbone_path = base_summary.get("model", {}).get("checkpoint")
-    backbone = Row("backbone", "decoding", [_correct(baseline)], calls=[_calls_per_problem(base_summary)])
+def _controls(args: argparse.Namespace, report: dict[str, Any], records: list[GSM8KRecord],
+              backbone: Row, backbone_path: str | None) -> list[Row] | None:  # fmt: skip
+    """The backbone and its decoding controls (LSD-first commits, one token per call)."""
     controls = [backbone]
     if args.lsd is not None:
         lsd, lsd_summary = _eval_dir_predictions(args.lsd / "none" / "eval")
         if [p["question"] for p in lsd] != [r.question for r in records]:
             print(f"{args.lsd}: its problems are not the compare's", file=sys.stderr)
-            return 2
-        controls.append(Row("backbone, LSD-first", "decoding", [_correct(lsd)],
-                            calls=[_calls_per_problem(lsd_summary)]))  # fmt: skip
+            return None
+        row = Row("backbone, LSD-first", "decoding", [_correct(lsd)], calls=[_calls_per_problem(lsd_summary)])
+        controls.append(row)
     if args.denoise_steps:
-        exact = SamplingOptions(**{**report["sampling"], "threshold": None, "steps": options.gen_length})
-        correct, calls = _evaluate(backbone_path, records, exact, Path(f"{args.out}_controls") / "denoise",
-                                   refiner="none")  # fmt: skip
+        gen_length = report["sampling"]["gen_length"]
+        exact = SamplingOptions(**{**report["sampling"], "threshold": None, "steps": gen_length})
+        out = Path(f"{args.out}_controls") / "denoise"
+        correct, calls = _evaluate(backbone_path, records, exact, out, refiner="none")
         controls.append(Row("backbone, 1 token/call", "decoding", [correct], calls=[calls]))
-    arms = [a for a in report.get("config", {}).get("refiners", []) if a != "none"]
+    return controls
+
+
+def _arm_rows(args: argparse.Namespace, report: dict[str, Any], records: list[GSM8KRecord],
+              controls: list[Row]) -> list[Row]:  # fmt: skip
+    """The swept arms at every test-time K; every other trained arm joins ``controls`` at its trained K."""
+    options = SamplingOptions(**report["sampling"])
+    steps = [int(k) for k in args.steps.split(",")]
+    swept_arms = [a for a in args.arms.split(",") if a]
     rows: list[Row] = []
-    for arm in arms:
+    for arm in [a for a in report.get("config", {}).get("refiners", []) if a != "none"]:
         runs = sorted(args.compare_dir.glob(f"seed*/{arm}"))
         if not runs:
             continue
-        trained: list[list[bool]] = []
-        calls: list[float] = []
-        for run in runs:
-            predictions, summary = _eval_dir_predictions(run / "eval")
-            trained.append(_correct(predictions))
-            calls.append(_calls_per_problem(summary))
         if arm not in swept_arms:
-            controls.append(Row(f"{arm} (trained K)", "trained", trained, arm=arm, calls=calls))
+            evaluated = [_eval_dir_predictions(run / "eval") for run in runs]
+            controls.append(Row(f"{arm} (trained K)", "trained", [_correct(p) for p, _ in evaluated], arm=arm,
+                                calls=[_calls_per_problem(s) for _, s in evaluated]))  # fmt: skip
             continue
         for k in steps:
             results = [_evaluate(run / "checkpoints" / "last", records, options, run / "eval" / f"depth_{k}",
                                  steps=k) for run in runs]  # fmt: skip
             rows.append(Row(f"{arm} K={k}", "swept", [r[0] for r in results], k=k, arm=arm,
                             calls=[r[1] for r in results]))  # fmt: skip
-    edges = [int(e) for e in args.carry_edges.split(",")]
-    groups = _groups(references, edges)
-    table: list[dict[str, Any]] = []
-    for row in controls + rows:
-        entry = {"name": row.name, "kind": row.kind, "k": row.k, "arm": row.arm, "seeds": len(row.runs),
-                 "calls_per_problem": mean_std(row.calls) if row.calls else None,
-                 "groups": {label: _cell(row, m) for label, m in groups}}  # fmt: skip
-        if row is not backbone:
-            entry["vs_backbone"] = {label: _versus(backbone, row, m) for label, m in groups}
-        if row.kind == "swept":
-            entry["vs_controls"] = {c.name: {label: _versus(c, row, m) for label, m in groups}
-                                    for c in controls[1:]}  # fmt: skip
-        table.append(entry)
-    cmd = " ".join(["python scripts/arith_study.py", *sys.argv[1:]]) if argv is None else "(called)"
+    return rows
+
+
+def _table_lines(title: str, names: list[str], cells: list[list[str]], groups: list[str]) -> list[str]:
+    lines = ["", title, "", "| row | " + " | ".join(groups) + " |", "|---|" + "---|" * len(groups)]
+    return lines + [f"| {name} | " + " | ".join(row) + " |" for name, row in zip(names, cells, strict=True)]
+
+
+def _report(args: argparse.Namespace, n: int, split: str, table: list[dict[str, Any]], groups: list[str],
+            controls: list[Row]) -> list[str]:  # fmt: skip
+    cmd = " ".join(["python scripts/arith_study.py", *sys.argv[1:]])
     lines = [
         f"# Recursion on carries: {args.compare_dir}",
         "",
-        f"{len(records)} test problems ({report.get('split', 'test')}), strict accuracy over all (seed, "
-        f"problem) pairs [95% Wilson]; vs: points (mean ± std over seeds) (problems better / worse, "
-        "stratified sign p). Groups: the carries and borrows of the reference answer.",
+        f"{n} test problems ({split}), strict accuracy over all (seed, problem) pairs [95% Wilson]; vs: "
+        "points (mean ± std over seeds) (problems better / worse, stratified sign p). Groups: the carries "
+        "and borrows of the reference answer.",
         f"Command: `{cmd}`.",
         "",
         "## Accuracy by carry count",
         "",
-        "| row | seeds | calls / problem | " + " | ".join(label for label, _ in groups) + " |",
+        "| row | seeds | calls / problem | " + " | ".join(groups) + " |",
         "|---|---:|---:|" + "---|" * len(groups),
     ]
     for entry in table:
         calls = entry["calls_per_problem"]
-        calls_text = f"{calls['mean']:.1f}" if calls else "-"
-        lines.append(f"| {entry['name']} | {entry['seeds']} | {calls_text} | "
-                     + " | ".join(_fmt(entry["groups"][label]) for label, _ in groups) + " |")  # fmt: skip
-    lines += ["", "## Against the backbone", "",
-              "| row | " + " | ".join(label for label, _ in groups) + " |", "|---|" + "---|" * len(groups)]
-    for entry in table[1:]:
-        lines.append(f"| {entry['name']} | "
-                     + " | ".join(_fmt_versus(entry["vs_backbone"][label]) for label, _ in groups) + " |")  # fmt: skip
+        cells = " | ".join(_fmt(entry["groups"][g]) for g in groups)
+        lines.append(f"| {entry['name']} | {entry['seeds']} | {calls['mean']:.1f} | {cells} |")
+    versus = [[_fmt_versus(e["vs_backbone"][g]) for g in groups] for e in table[1:]]
+    lines += _table_lines("## Against the backbone", [e["name"] for e in table[1:]], versus, groups)
+    swept = [e for e in table if e["kind"] == "swept"]
     for control in controls[1:]:
-        lines += ["", f"## Swept arms against {control.name}", "",
-                  "| row | " + " | ".join(label for label, _ in groups) + " |", "|---|" + "---|" * len(groups)]
-        for entry in table:
-            if entry["kind"] == "swept":
-                versus = entry["vs_controls"][control.name]
-                lines.append(f"| {entry['name']} | "
-                             + " | ".join(_fmt_versus(versus[label]) for label, _ in groups) + " |")  # fmt: skip
+        versus = [[_fmt_versus(e["vs_controls"][control.name][g]) for g in groups] for e in swept]
+        lines += _table_lines(
+            f"## Swept arms against {control.name}", [e["name"] for e in swept], versus, groups
+        )
+    return lines
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("compare_dir", type=Path, help="the arithmetic compare's output.dir")
+    parser.add_argument("--lsd", type=Path, help="the LSD-first compare's output.dir (its backbone row)")
+    parser.add_argument("--arms", default="slot_k4,mlp_matched", help="arms swept over test-time K")
+    parser.add_argument("--steps", default="1,2,4,8,16,32", help="test-time K values, comma separated")
+    parser.add_argument(
+        "--denoise-steps", action="store_true", help="add the extra-denoising control: one token per call"
+    )
+    parser.add_argument("--carry-edges", default="0,1,2,3,5", help="lower edges of the carry groups")
+    parser.add_argument("--out", type=Path, required=True, help="writes OUT.md, OUT.json and OUT.png")
+    args = parser.parse_args(argv)
+    report = json.loads((args.compare_dir / "comparison.json").read_text())
+    baseline, base_summary = _eval_dir_predictions(args.compare_dir / "none" / "eval")
+    records = [GSM8KRecord(question=p["question"], answer=p["reference"]) for p in baseline]
+    backbone = Row("backbone", "decoding", [_correct(baseline)], calls=[_calls_per_problem(base_summary)])
+    controls = _controls(args, report, records, backbone, base_summary.get("model", {}).get("checkpoint"))
+    if controls is None:
+        return 2
+    rows = _arm_rows(args, report, records, controls)
+    groups = _groups([p["reference"] for p in baseline], [int(e) for e in args.carry_edges.split(",")])
+    table: list[dict[str, Any]] = []
+    for row in controls + rows:
+        entry = {"name": row.name, "kind": row.kind, "k": row.k, "arm": row.arm, "seeds": len(row.runs),
+                 "calls_per_problem": mean_std(row.calls),
+                 "groups": {g: _cell(row, m) for g, m in groups}}  # fmt: skip
+        if row is not backbone:
+            entry["vs_backbone"] = {g: _versus(backbone, row, m) for g, m in groups}
+        if row.kind == "swept":
+            entry["vs_controls"] = {c.name: {g: _versus(c, row, m) for g, m in groups} for c in controls[1:]}
+        table.append(entry)
+    labels = [g for g, _ in groups]
+    lines = _report(args, len(records), report.get("split", "test"), table, labels, controls)
     write_text_atomic(args.out.with_suffix(".md"), "\n".join(lines) + "\n")
-    write_text_atomic(args.out.with_suffix(".json"), json.dumps({"groups": [g for g, _ in groups],
-                                                                 "rows": table}, indent=2) + "\n")  # fmt: skip
-    _plot(args.out.with_suffix(".png"), rows, controls, groups[1:], steps)
+    write_text_atomic(args.out.with_suffix(".json"), json.dumps({"groups": labels, "rows": table}, indent=2))
+    _plot(args.out.with_suffix(".png"), rows, controls, groups[1:], [int(k) for k in args.steps.split(",")])
     print("\n".join(lines))
     return 0
 

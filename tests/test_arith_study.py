@@ -80,16 +80,19 @@ def test_the_study_runs_end_to_end_tiny(name: str, backbone_dir: Path, tmp_path:
     assert all(answer_carries(p["reference"]) >= 0 for p in predictions)  # the carries a plot groups by
 
 
-def test_the_depth_by_carries_report_runs_on_a_tiny_study(backbone_dir: Path, tmp_path: Path, monkeypatch) -> None:
+def test_the_depth_by_carries_report_runs_on_a_tiny_study(
+    backbone_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """scripts/arith_study.py: test-time K sweep of one arm, the decoding controls, groups by carry count."""
     import importlib.util
 
     study, lsd = tmp_path / "study", tmp_path / "lsd"
-    base = ["--seeds", "0", "--no-progress", "--set", "refiners=[slot_k2,phase2_top]", "--set", "reference=null"]
-    assert main(["compare", "--config", str(ARITH / "compare.yaml"), *base, *tiny(backbone_dir, study)]) == 0
-    lsd_args = ["--seeds", "0", "--no-progress"]
-    assert main(["compare", "--config", str(ARITH / "compare_lsd.yaml"), *lsd_args, *tiny(backbone_dir, lsd)]) == 0
-    spec = importlib.util.spec_from_file_location("arith_study", ARITH.parents[1] / "scripts" / "arith_study.py")
+    arms = ["--set", "refiners=[slot_k2,phase2_top]", "--set", "reference=null"]
+    run = ["compare", "--seeds", "0", "--no-progress", "--config"]
+    assert main([*run, str(ARITH / "compare.yaml"), *arms, *tiny(backbone_dir, study)]) == 0
+    assert main([*run, str(ARITH / "compare_lsd.yaml"), *tiny(backbone_dir, lsd)]) == 0
+    script_path = ARITH.parents[1] / "scripts" / "arith_study.py"
+    spec = importlib.util.spec_from_file_location("arith_study", script_path)
     script = importlib.util.module_from_spec(spec)
     monkeypatch.setitem(sys.modules, "arith_study", script)  # its dataclasses look their module up
     spec.loader.exec_module(script)
