@@ -1,8 +1,15 @@
 """The speed/accuracy frontier of threshold decoding: exact sampler vs Fast-dLLM thresholds, with and
-without the prefix / dual KV cache, on the embedded backbone alone.
+without the prefix / dual KV cache, on the embedded backbone alone or beside a trained refiner.
 
     PYTHONPATH=src .venv/bin/python scripts/threshold_frontier.py --n 32     # a check (~minutes on a CPU)
     PYTHONPATH=src .venv/bin/python scripts/threshold_frontier.py            # 512 problems: the study
+    PYTHONPATH=src .venv/bin/python scripts/threshold_frontier.py --refiner runs/compare/seed0/mlp \
+        --thresholds 0.3,0.5,0.7,0.9 --caches prefix,dual                  # the refiner at low thresholds
+
+With `--refiner RUN` (a trained run, e.g. the recipe's refiner of `make run`), every threshold and cache is
+sampled twice, by the backbone alone (the run's model with refinement off) and with the refiner at its
+trained K, both paired against the backbone's exact sampler: can the refiner buy back what more parallel
+decoding loses?
 
 Why: threshold 0.9 lost ~2.6 points against the exact sampler on 192 problems, caches or not. Whether that
 is significant, and which threshold keeps the accuracy at what speed, needs one run of every setting on the
@@ -40,14 +47,21 @@ class Setting:
     name: str
     threshold: float | None = None
     cache: str | None = None
+    refine: bool = False  # the run's refiner at its trained K; False: refinement off (the backbone alone)
 
 
-def frontier_settings(thresholds: Sequence[float]) -> list[Setting]:
-    """The exact sampler, then every threshold without a cache, with the prefix cache, with the dual cache."""
+def frontier_settings(
+    thresholds: Sequence[float], caches: Sequence[str | None] = CACHES, *, refiner: bool = False
+) -> list[Setting]:
+    """The exact sampler, then every threshold with each of `caches` (None: no cache); with `refiner`, each
+    of those again with the refiner on."""
     out = [Setting(EXACT)]
     for t in thresholds:
-        for cache in CACHES:
-            out.append(Setting(f"threshold {t:g}" + (f" + {cache} cache" if cache else ""), t, cache))
+        for cache in caches:
+            name = f"threshold {t:g}" + (f" + {cache} cache" if cache else "")
+            out.append(Setting(name, t, cache))
+            if refiner:
+                out.append(Setting(name + " + refiner", t, cache, refine=True))
     return out
 
 
@@ -124,6 +138,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--config", type=Path, default=ROOT / "configs" / "compare_tiny.yaml",
                         help="the compare config whose run and test split are used")
     parser.add_argument("--thresholds", default="0.7,0.8,0.9,0.95,0.99")
+    parser.add_argument("--caches", default="none,prefix,dual", help="caches sampled at each threshold")
+    parser.add_argument("--refiner", type=Path, default=None,
+                        help="a trained run (or its checkpoint): each setting also sampled with its refiner")
     parser.add_argument("--gen-length", type=int, default=128)
     parser.add_argument("--block-length", type=int, default=32)
     parser.add_argument("--steps", type=int, default=None, help="exact sampler's steps (default gen_length)")
@@ -136,6 +153,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.thresholds = [float(t) for t in args.thresholds.split(",") if t]
     if args.n < 1 or not args.thresholds or any(not 0 < t <= 1 for t in args.thresholds):
         parser.error("--n must be >= 1 and --thresholds a comma-separated list in (0, 1]")
+    caches = [c.strip() for c in args.caches.split(",") if c.strip()]
+    if not caches or any(c not in ("none", "prefix", "dual") for c in caches):
+        parser.error("--caches must be a comma-separated list of none, prefix, dual")
+    args.caches = [None if c == "none" else c for c in caches]
     args.steps = args.steps or args.gen_length
     return args
 
@@ -151,7 +172,8 @@ def sample_interleaved(model: Any, tokenizer: Any, records: list, options: Any, 
         batch = records[start : start + batch_size]
         for s in settings:
             chosen = dataclasses.replace(options, threshold=s.threshold, cache=s.cache, batch_size=batch_size)
-            result = evaluate_model(model, tokenizer, batch, chosen, num_steps=0, progress=False)
+            steps = None if s.refine else 0  # None: the refiner's trained K; 0: refinement off
+            result = evaluate_model(model, tokenizer, batch, chosen, num_steps=steps, progress=False)
             tally = tallies[s.name]
             tally.correct.extend(bool(p["correct_strict"]) for p in result.predictions)
             tally.seconds += result.summary["speed"]["generation_s"]
@@ -180,8 +202,11 @@ def main(argv: list[str] | None = None) -> int:
     split = check_test_split(config.run, records)  # refuses a test problem the run trains or validates on
     options = dataclasses.replace(config.run.sampling.options(), gen_length=args.gen_length,
                                   block_length=args.block_length, steps=args.steps)
-    loaded = load_checkpoint(config.run.model.backbone, refiner="none", device="cpu", dtype="float32")
-    settings = frontier_settings(args.thresholds)
+    if args.refiner is not None:  # the backbone settings run the same model with refinement off
+        loaded = load_checkpoint(args.refiner, device="cpu", dtype="float32")  # a run or its checkpoint
+    else:
+        loaded = load_checkpoint(config.run.model.backbone, refiner="none", device="cpu", dtype="float32")
+    settings = frontier_settings(args.thresholds, args.caches, refiner=args.refiner is not None)
     print(f"frontier: {len(records)} test problems (disjoint: {split['problems']}), {len(settings)} "
           f"settings, "
           f"gen_length {args.gen_length}, block {args.block_length}, exact {args.steps} steps, "
@@ -202,9 +227,10 @@ def main(argv: list[str] | None = None) -> int:
             "config": str(args.config),
         }
         partial = f" -- partial: {n} of {len(records)} done, the run goes on" if meta["partial"] else ""
+        who = "backbone alone" if args.refiner is None else f"backbone and the refiner of {args.refiner}"
+        command = " ".join(["scripts/threshold_frontier.py", *(sys.argv[1:] if argv is None else argv)])
         header = (f"# Threshold decoding frontier ({n} problems, gen_length {args.gen_length}, "
-                  f"backbone alone{partial})\n\nCommand: `scripts/threshold_frontier.py --n {args.n}`; "
-                  f"sampling {options.to_dict()}.\n\n")
+                  f"{who}{partial})\n\nCommand: `{command}`; sampling {options.to_dict()}.\n\n")
         write_text_atomic(args.out / "frontier.md", header + table)
         write_json(args.out / "frontier.json", {"meta": meta, "rows": rows})
         return table, meta

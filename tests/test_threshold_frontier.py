@@ -33,6 +33,19 @@ def test_settings_are_exact_then_each_threshold_without_and_with_each_cache(fron
     assert [(s.threshold, s.cache) for s in rest] == [(0.8, None), (0.8, "prefix"), (0.8, "dual")]
 
 
+def test_refiner_settings_pair_each_backbone_setting_with_the_refiner(frontier):
+    settings = frontier.frontier_settings([0.5], ["prefix", "dual"], refiner=True)
+    assert [(s.name, s.refine) for s in settings] == [
+        ("exact", False),
+        ("threshold 0.5 + prefix cache", False), ("threshold 0.5 + prefix cache + refiner", True),
+        ("threshold 0.5 + dual cache", False), ("threshold 0.5 + dual cache + refiner", True),
+    ]
+    args = frontier.parse_args(["--caches", "none,dual", "--thresholds", "0.3"])
+    assert args.caches == [None, "dual"] and args.refiner is None
+    with pytest.raises(SystemExit):
+        frontier.parse_args(["--caches", "triple"])
+
+
 def test_rows_pair_each_setting_with_exact(frontier):
     tally = frontier.Tally
     exact = [True] * 6 + [False] * 4  # 6/10
@@ -93,6 +106,7 @@ def test_sampling_interleaves_settings_and_reports_each_unfinished_batch(frontie
             self.summary = {"speed": {"generation_s": 1.0, "nfe": 4}}
 
     def fake_evaluate(model, tokenizer, batch, options, **kwargs):
+        assert kwargs["num_steps"] == 0  # the backbone settings switch refinement off
         calls.append((len(batch), options.threshold))
         return Result(batch, options.threshold)
 
