@@ -8,7 +8,8 @@ sampler and test problems) and adds, on the same problems:
 - test-time depth: every training seed of each `--arms` arm sampled at each K of `--steps`
   (predictions kept under ``<run>/eval/depth_K/``, reused when present);
 - the decoding controls of the backbone alone: least-significant-digit-first commits (the baseline row of
-  `--lsd`, a compare of `configs/arith/compare_lsd.yaml`) and extra denoising (`--denoise-steps`: the exact
+  `--lsd`, a compare of `configs/arith/compare_lsd.yaml`, or sampled here with `--lsd-decoding`) and extra
+  denoising (`--denoise-steps`: the exact
   schedule, no threshold, one token per model call: the most sequential decoding the sampler has, written
   under ``<out>_controls/``);
 - the trained controls at their trained K: every other arm of the compare (phase 2's top block, the slot
@@ -114,6 +115,8 @@ def _versus(a: Row, b: Row, members: list[int]) -> dict[str, Any]:
     """b against a on ``members``: points (mean ± std over b's seeds) and the stratified sign test."""
     a_runs, b_runs = _subset(a.runs, members), _subset(b.runs, members)
     n = len(members)
+    if n == 0:
+        return {"points": None, "sign": None}
     a_mean = sum(sum(run) for run in a_runs) / (len(a_runs) * n)
     diffs = [100 * (sum(run) / n - a_mean) for run in b_runs]
     # the sign test needs as many runs on each side: a single-run side is repeated
@@ -149,6 +152,7 @@ def _plot(path: Path, rows: list[Row], controls: list[Row], groups: list[tuple[s
             ax.axhline(cell["p"], color="grey" if j == 0 else colours[(len(arms) + j) % len(colours)],
                        linestyle=styles[j % len(styles)], linewidth=1.2, label=control.name)  # fmt: skip
         ax.set_xscale("log", base=2)
+        ax.set_xlim(min(steps) / 1.4, max(steps) * 1.4)
         ax.set_xticks(steps, [str(k) for k in steps])
         ax.set_title(f"{label} (n={len(members)})", fontsize=9)
         ax.set_xlabel("test-time K")
@@ -168,6 +172,8 @@ def _fmt(cell: dict[str, Any]) -> str:
 
 def _fmt_versus(v: dict[str, Any]) -> str:
     points, sign = v["points"], v["sign"]
+    if points is None:
+        return "-"
     spread = "" if points["std"] is None else f" ± {points['std']:.1f}"
     return f"{points['mean']:+.1f}{spread} ({sign['positive']}/{sign['negative']}, p {sign['p']:.2g})"
 
@@ -183,6 +189,11 @@ def _controls(args: argparse.Namespace, report: dict[str, Any], records: list[GS
             return None
         row = Row("backbone, LSD-first", "decoding", [_correct(lsd)], calls=[_calls_per_problem(lsd_summary)])
         controls.append(row)
+    if args.lsd_decoding:
+        lsd_options = SamplingOptions(**{**report["sampling"], "digit_order": "lsd_first"})
+        out = Path(f"{args.out}_controls") / "lsd"
+        correct, calls = _evaluate(backbone_path, records, lsd_options, out, refiner="none")
+        controls.append(Row("backbone, LSD-first", "decoding", [correct], calls=[calls]))
     if args.denoise_steps:
         gen_length = report["sampling"]["gen_length"]
         exact = SamplingOptions(**{**report["sampling"], "threshold": None, "steps": gen_length})
@@ -256,6 +267,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("compare_dir", type=Path, help="the arithmetic compare's output.dir")
     parser.add_argument("--lsd", type=Path, help="the LSD-first compare's output.dir (its backbone row)")
+    parser.add_argument("--lsd-decoding", action="store_true", help="sample the LSD-first control here")
     parser.add_argument("--arms", default="slot_k4,mlp_matched", help="arms swept over test-time K")
     parser.add_argument("--steps", default="1,2,4,8,16,32", help="test-time K values, comma separated")
     parser.add_argument(

@@ -86,18 +86,17 @@ def test_the_depth_by_carries_report_runs_on_a_tiny_study(
     """scripts/arith_study.py: test-time K sweep of one arm, the decoding controls, groups by carry count."""
     import importlib.util
 
-    study, lsd = tmp_path / "study", tmp_path / "lsd"
+    study = tmp_path / "study"
     arms = ["--set", "refiners=[slot_k2,phase2_top]", "--set", "reference=null"]
     run = ["compare", "--seeds", "0", "--no-progress", "--config"]
     assert main([*run, str(ARITH / "compare.yaml"), *arms, *tiny(backbone_dir, study)]) == 0
-    assert main([*run, str(ARITH / "compare_lsd.yaml"), *tiny(backbone_dir, lsd)]) == 0
     script_path = ARITH.parents[1] / "scripts" / "arith_study.py"
     spec = importlib.util.spec_from_file_location("arith_study", script_path)
     script = importlib.util.module_from_spec(spec)
     monkeypatch.setitem(sys.modules, "arith_study", script)  # its dataclasses look their module up
     spec.loader.exec_module(script)
     out = tmp_path / "report" / "arith"
-    args = [str(study), "--lsd", str(lsd), "--arms", "slot_k2", "--steps", "1,3", "--denoise-steps",
+    args = [str(study), "--lsd-decoding", "--arms", "slot_k2", "--steps", "1,3", "--denoise-steps",
             "--carry-edges", "0,2", "--out", str(out)]  # fmt: skip
     assert script.main(args) == 0
     report = json.loads(out.with_suffix(".json").read_text())
