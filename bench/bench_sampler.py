@@ -57,8 +57,8 @@ from llada_trm.data import (
 )
 from llada_trm.diffusion import SamplingOptions, decode_generated, sample
 from llada_trm.diffusion.denoiser import add_stats
-from llada_trm.evaluate import load_checkpoint
 from llada_trm.evaluate.extraction import is_correct
+from llada_trm.evaluate.loading import load_checkpoint
 from llada_trm.hybrid import HybridConfig, LLaDATRMHybrid
 from llada_trm.training import hybrid_config
 

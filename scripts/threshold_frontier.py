@@ -165,7 +165,7 @@ def sample_interleaved(model: Any, tokenizer: Any, records: list, options: Any, 
                        batch_size: int, after_batch: Any = None) -> dict[str, Tally]:
     """Every setting on every batch, batch by batch, so each sees the same machine load; `after_batch`
     (if given) is called with the tallies so far after each batch."""
-    from llada_trm.evaluate import evaluate_model
+    from llada_trm.evaluate.evaluator import evaluate_model
 
     tallies = {s.name: Tally() for s in settings}
     for start in range(0, len(records), batch_size):
@@ -191,7 +191,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from llada_trm.build import check_test_split
     from llada_trm.compare_config import load_compare_config
-    from llada_trm.evaluate import load_checkpoint, load_eval_records, synthetic_settings
+    from llada_trm.evaluate.evaluator import load_eval_records, synthetic_settings
+    from llada_trm.evaluate.loading import load_checkpoint
     from llada_trm.io import write_json, write_text_atomic
 
     torch.set_num_threads(args.threads)

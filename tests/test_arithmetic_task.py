@@ -20,8 +20,8 @@ from llada_trm.data.arithmetic import (
 from llada_trm.data.disjoint import check_disjoint
 from llada_trm.data.synthetic import question_split
 from llada_trm.errors import ConfigError
+from llada_trm.evaluate.evaluator import load_eval_records, synthetic_settings
 from llada_trm.evaluate.extraction import extract_strict, is_correct
-from llada_trm.evaluate.records import load_eval_records, synthetic_settings
 
 
 @pytest.mark.parametrize(

@@ -23,7 +23,7 @@ from llada_trm.data import SFTDataset, SyntheticTaskConfig, generate_problems, l
 from llada_trm.diffusion import forward_process, generate_with_stats, masked_diffusion_loss
 from llada_trm.diffusion.options import SamplingOptions
 from llada_trm.errors import ConfigError
-from llada_trm.evaluate.answering import answer_questions
+from llada_trm.evaluate.evaluator import answer_questions
 from llada_trm.hybrid import HybridConfig, LLaDATRMHybrid
 from llada_trm.refiners import RefinerCarry, SlotTRMRefiner
 from llada_trm.training.objective import LossWeights, diffusion_objective

@@ -2,21 +2,25 @@
 
 from __future__ import annotations
 
+import json
 import os
 import random
 
 import numpy as np
 import pytest
 import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 from torch import nn
 
+from llada_trm import run_checkpoint as ckpt
 from llada_trm.errors import CheckpointError
-from llada_trm.training import checkpoint as ckpt
-from llada_trm.training.checkpoint import (
+from llada_trm.run_checkpoint import (
     TrainState,
     capture_rng_state,
     load_trainer_state,
     load_weights,
+    recorded_names,
     resolve_checkpoint_dir,
     restore_rng_state,
     save_checkpoint,
@@ -169,3 +173,52 @@ def test_validation_errors(tmp_path):
     (directory / "trainer_state.pt").write_bytes(b"garbage")
     with pytest.raises(CheckpointError, match="unreadable trainer state"):
         load_trainer_state(directory)
+
+
+# ------------------------------------------------------------------------------ the record of tensor names
+
+
+def rewrite(directory, change, metadata):
+    """Rewrite a checkpoint's weights file: `change` the tensors, write `metadata` (None: none at all)."""
+    path = directory / "model.safetensors"
+    save_file(change(load_file(str(path))), str(path), metadata=metadata)
+
+
+def test_a_checkpoint_records_the_names_it_holds(tmp_path):
+    model = Toy()
+    directory = save(tmp_path / "c", model, 1)
+    path = directory / "model.safetensors"
+    with safe_open(str(path), framework="pt") as f:
+        record = json.loads(f.metadata()[ckpt.TENSORS_KEY])
+    assert record == sorted(head_weights(model)) == recorded_names(path)
+
+
+def test_a_tensor_lost_since_the_save_is_refused_without_any_plan(tmp_path):
+    directory = save(tmp_path / "c", Toy(), 1)
+    with safe_open(str(directory / "model.safetensors"), framework="pt") as f:
+        metadata = f.metadata()
+    rewrite(directory, lambda t: {k: v for k, v in t.items() if not k.endswith("bias")}, metadata)
+    with pytest.raises(CheckpointError) as info:
+        load_weights(Toy(), directory)  # no `require`: the record alone says what the file must hold
+    message = str(info.value)
+    assert "lacks 1 of the 2 tensors it records (refinement_head.mlp.bias)" in message
+    assert "\n" not in message and "use an earlier checkpoint" in message
+
+
+def test_a_checkpoint_saved_before_the_record_still_loads(tmp_path):
+    model = Toy()
+    directory = save(tmp_path / "c", model, 1)
+    rewrite(directory, lambda t: t, None)  # as written before the record existed: no metadata at all
+    fresh = Toy()
+    assert load_weights(fresh, directory) == sorted(head_weights(model))
+    assert recorded_names(directory / "model.safetensors") == sorted(head_weights(model))
+    for name, p in head_weights(fresh).items():
+        assert torch.equal(p, head_weights(model)[name])
+
+
+def test_a_damaged_record_is_one_line(tmp_path):
+    directory = save(tmp_path / "c", Toy(), 1)
+    rewrite(directory, lambda t: t, {ckpt.TENSORS_KEY: "[1, 2"})
+    with pytest.raises(CheckpointError, match="damaged 'tensors' record") as info:
+        load_weights(Toy(), directory)
+    assert "\n" not in str(info.value)

@@ -18,10 +18,10 @@ from llada_trm.refiners import MLPSettings, SlotSettings
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 # Configs of the other commands, each validated by its own schema's loader; everything else is a run config.
 OTHER_SCHEMAS = {
-    "tiny_backbone.yaml": "llada_trm.pretrain:load_pretrain_config",
-    "tiny_backbone_v2.yaml": "llada_trm.pretrain:load_pretrain_config",
-    "tiny_backbone_v3.yaml": "llada_trm.pretrain:load_pretrain_config",
-    "tiny_backbone_v4.yaml": "llada_trm.pretrain:load_pretrain_config",
+    "tiny_backbone.yaml": "llada_trm.pretraining.config:load_pretrain_config",
+    "tiny_backbone_v2.yaml": "llada_trm.pretraining.config:load_pretrain_config",
+    "tiny_backbone_v3.yaml": "llada_trm.pretraining.config:load_pretrain_config",
+    "tiny_backbone_v4.yaml": "llada_trm.pretraining.config:load_pretrain_config",
     "compare_tiny.yaml": "llada_trm.compare:load_compare_config",
     "study_tiny.yaml": "llada_trm.compare:load_compare_config",
     "levers_tiny.yaml": "llada_trm.compare:load_compare_config",

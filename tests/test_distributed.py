@@ -32,8 +32,9 @@ from tiny_assets import make_tiny_backbone
 from llada_trm.backbone import LLaDAConfig
 from llada_trm.config import parse_config
 from llada_trm.data import SyntheticTaskConfig, generate_problems, load_tokenizer
+from llada_trm.diffusion.options import SamplingOptions
 from llada_trm.errors import ConfigError
-from llada_trm.evaluate import PREDICTIONS_FILE, SamplingOptions, evaluate_model
+from llada_trm.evaluate.evaluator import PREDICTIONS_FILE, evaluate_model
 from llada_trm.hybrid import LLaDATRMHybrid
 from llada_trm.training import Trainer, hybrid_config, load_trainer_state, load_weights
 from llada_trm.training.distributed import merge_shards, resolve_strategy, shard_indices

@@ -16,9 +16,9 @@ import pytest
 from tiny_assets import TINY_SAMPLING, tiny_run
 
 import llada_trm.dist_utils as distributed
-import llada_trm.evaluate
+import llada_trm.evaluate.loading
 from llada_trm.cli import main
-from llada_trm.evaluate import PREDICTIONS_FILE
+from llada_trm.evaluate.evaluator import PREDICTIONS_FILE
 
 SAMPLING = [f"--{key.replace('_', '-')}={value}" for key, value in TINY_SAMPLING.items()]
 SUMMARY_LINE = "accuracy strict"
@@ -51,7 +51,7 @@ def launch(argv: list[str], rank: int, world: int, port: int) -> subprocess.Pope
 def test_process_group_is_joined_before_the_model_loads(run_dir, tmp_path, monkeypatch, capsys):
     calls: list[str] = []
     joined = distributed.init_distributed
-    real_load = llada_trm.evaluate.load_checkpoint
+    real_load = llada_trm.evaluate.loading.load_checkpoint
 
     def init(device):
         calls.append("init")
@@ -62,7 +62,7 @@ def test_process_group_is_joined_before_the_model_loads(run_dir, tmp_path, monke
         return real_load(*args, **kwargs)
 
     monkeypatch.setattr(distributed, "init_distributed", init)
-    monkeypatch.setattr(llada_trm.evaluate, "load_checkpoint", load)
+    monkeypatch.setattr(llada_trm.evaluate.loading, "load_checkpoint", load)
     assert main(eval_argv(run_dir, tmp_path / "one")) == 0
     assert calls == ["init", "load"]
     assert SUMMARY_LINE in capsys.readouterr().out

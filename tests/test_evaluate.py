@@ -14,19 +14,13 @@ from tiny_assets import TINY_SAMPLING, tiny_backbone, tiny_run
 
 from llada_trm import assets
 from llada_trm.data import DataError, GSM8KRecord, encode_answer, encode_prompt, load_tokenizer, pad_token_id
+from llada_trm.diffusion.options import SamplingOptions
 from llada_trm.errors import CheckpointError
-from llada_trm.evaluate import (
-    SamplingOptions,
-    evaluate_model,
-    extract_flexible,
-    extract_strict,
-    is_correct,
-    load_checkpoint,
-    load_eval_records,
-    synthetic_settings,
-    write_json,
-)
+from llada_trm.evaluate.evaluator import evaluate_model, load_eval_records, synthetic_settings
+from llada_trm.evaluate.extraction import extract_flexible, extract_strict, is_correct
+from llada_trm.evaluate.loading import load_checkpoint
 from llada_trm.hybrid import HybridConfig, LLaDATRMHybrid
+from llada_trm.io import write_json
 from llada_trm.training import resolve_backbone_dir
 
 GSM8K_TEST = Path("/work/shared/data/gsm8k/test.jsonl")

@@ -200,7 +200,7 @@ def test_lm_eval_model_args_are_bounded_and_finite():
 
 
 def test_generate_refuses_an_empty_question_a_mapping_and_undecodable_text():
-    from llada_trm.evaluate import load_checkpoint
+    from llada_trm.evaluate.loading import load_checkpoint
 
     model = load_checkpoint("embedded", device="cpu")
     for bad in ("", "   ", {"question": "2+2?"}, {"a", "b"}, b"bytes", 7):

@@ -15,7 +15,7 @@ import torch
 
 from llada_trm.data import GSM8KRecord, SyntheticTaskConfig, generate_problems, write_jsonl
 from llada_trm.errors import ConfigError
-from llada_trm.evaluate import extract_flexible, extract_strict, is_correct
+from llada_trm.evaluate.extraction import extract_flexible, extract_strict, is_correct
 from llada_trm.harness import (
     DATA_ENV_VAR,
     greedy_matches,
@@ -43,7 +43,8 @@ N_DOCS = 8
 
 def _evaluate_like_the_harness(harness_lm, records):
     """The package's own evaluation of `records` with the harness model's weights and sampler."""
-    from llada_trm.evaluate import SamplingOptions, evaluate_model
+    from llada_trm.diffusion.options import SamplingOptions
+    from llada_trm.evaluate.evaluator import evaluate_model
 
     return evaluate_model(
         harness_lm.loaded.model,
@@ -291,7 +292,7 @@ def test_prompts_that_do_not_fit_are_skipped_alike_by_eval_and_the_harness(tmp_p
     """One policy (`evaluate.prompt_fit`): a prompt + gen_length beyond the positions is skipped, scored as
     wrong and counted, by `eval`'s evaluator and by the lm-eval backend alike (the backend used to cut it from
     the left, chat header included, and `eval` stopped at it)."""
-    from llada_trm.evaluate.prompt_fit import POLICY
+    from llada_trm.evaluate.evaluator import POLICY
 
     records = generate_problems(TASK, 3, "test")
     too_long = GSM8KRecord("How many? " + "Tom has 3 apples and 4 pears. " * 60, "#### 7")

@@ -14,7 +14,7 @@ from llada_trm.backbone import LLaDAModel
 from llada_trm.backbone.checkpoint import stored_dtype
 from llada_trm.build import backbone_dtype
 from llada_trm.config import parse_config
-from llada_trm.evaluate import load_checkpoint
+from llada_trm.evaluate.loading import load_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 

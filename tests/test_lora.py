@@ -14,7 +14,7 @@ from llada_trm.backbone import LLaDAModel
 from llada_trm.backbone.lora import LORA_TARGETS, add_lora, is_adapter_name, merge_lora
 from llada_trm.config import parse_config
 from llada_trm.errors import ConfigError
-from llada_trm.evaluate import load_checkpoint
+from llada_trm.evaluate.loading import load_checkpoint
 from llada_trm.training import Trainer
 
 
@@ -159,7 +159,7 @@ def test_config_errors(backbone_dir, tmp_path, monkeypatch):
 
 
 def test_export_merges_the_adapters_into_the_backbone(backbone_dir, tmp_path):
-    from llada_trm.evaluate import load_checkpoint
+    from llada_trm.evaluate.loading import load_checkpoint
     from llada_trm.export import export_run
 
     make_trainer(backbone_dir, tmp_path / "run").train()

@@ -25,9 +25,8 @@ from llada_trm.errors import CheckpointError, ConfigError
 from llada_trm.io import atomic_directory, atomic_path, write_text_atomic
 from llada_trm.pretraining import loop, pretrain
 from llada_trm.pretraining import run_dir as pretrain_run_dir
-from llada_trm.run_checkpoint import resolve_checkpoint_dir
+from llada_trm.run_checkpoint import resolve_checkpoint_dir, save_checkpoint
 from llada_trm.training import load_trainer_state
-from llada_trm.training.checkpoint import save_checkpoint
 from llada_trm.training.run_dir import RunLock
 
 

@@ -9,7 +9,8 @@ import torch
 from llada_trm.backbone import LLaDAModel
 from llada_trm.data import load_tokenizer
 from llada_trm.errors import ConfigError
-from llada_trm.pretrain import load_pretrain_config, pretrain
+from llada_trm.pretraining.config import load_pretrain_config
+from llada_trm.pretraining.loop import pretrain
 
 
 def test_tiny_pretrain_writes_a_loadable_checkpoint_with_model_card(tmp_path):

@@ -4,6 +4,7 @@ crash-safe metrics and snapshots."""
 from __future__ import annotations
 
 import csv
+import json
 import logging
 import shutil
 import socket
@@ -14,15 +15,16 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from tiny_assets import run_config, tiny_backbone, tiny_run
 
 from llada_trm.cli import main
 from llada_trm.config import parse_config
 from llada_trm.errors import CheckpointError
-from llada_trm.evaluate import load_checkpoint
+from llada_trm.evaluate.loading import load_checkpoint
+from llada_trm.run_checkpoint import TENSORS_KEY, save_checkpoint
 from llada_trm.training import Trainer, run_train
-from llada_trm.training.checkpoint import save_checkpoint
 from llada_trm.training.metrics import MetricsWriter
 from llada_trm.training.run_state import resolve_checkpoint_dir
 
@@ -185,6 +187,22 @@ def test_every_loader_refuses_nan_and_integer_weights(trained, backbone_dir, tmp
         load_checkpoint(copy, device="cpu")
 
 
+def test_eval_expects_the_backbone_tensors_a_checkpoint_records(trained, tmp_path):
+    """What a phase-2/3 checkpoint trained of the backbone is read from its record, not from a freezing plan:
+    a recorded backbone tensor the file no longer holds is refused, not left at the pretrained value."""
+    copy = tmp_path / "run" / "checkpoints" / "last"
+    shutil.copytree(trained, copy)
+    path = copy / "model.safetensors"
+    with safe_open(str(path), framework="pt") as f:
+        metadata = f.metadata()
+    lost = "backbone.blocks.1.ff_out.weight"
+    metadata[TENSORS_KEY] = json.dumps(sorted([*json.loads(metadata[TENSORS_KEY]), lost]))
+    save_file(load_file(str(path)), str(path), metadata=metadata)
+    expected = rf"model.safetensors: lacks 1 of the \d+ tensors it records \({lost}\)"
+    with pytest.raises(CheckpointError, match=expected):
+        load_checkpoint(copy, device="cpu")
+
+
 def test_init_from_requires_the_whole_refiner(trained, backbone_dir, tmp_path):
     copy = damaged(trained, tmp_path, lambda t: dict(sorted(t.items())[:1]))
     with pytest.raises(CheckpointError, match="training.init_from: .*model.safetensors: lacks"):
@@ -291,7 +309,7 @@ def test_a_torn_last_csv_row_is_dropped(tmp_path):
 
 
 def test_a_crash_while_pruning_never_leaves_a_half_deleted_snapshot(tmp_path, monkeypatch):
-    from llada_trm.training.checkpoint import prune_snapshots
+    from llada_trm.run_checkpoint import prune_snapshots
 
     checkpoints = tmp_path / "checkpoints"
     weights = {"refinement_head.w": torch.ones(2)}

@@ -96,7 +96,7 @@ def test_markdown_table_and_estimate(frontier):
 
 
 def test_sampling_interleaves_settings_and_reports_each_unfinished_batch(frontier, monkeypatch):
-    import llada_trm.evaluate as evaluate
+    import llada_trm.evaluate.evaluator as evaluate
 
     calls: list[tuple[int, float | None]] = []
 

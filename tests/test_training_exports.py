@@ -2,19 +2,14 @@
 
 from __future__ import annotations
 
-import pytest
-
 import llada_trm.training as training
-from llada_trm.training import feature_cache, init_from
+from llada_trm.training import feature_cache
 
 
-@pytest.mark.parametrize("module", [feature_cache, init_from], ids=lambda m: m.__name__)
-def test_submodule_public_names_are_exported(module):
-    for name in module.__all__:
-        if name.isupper() and module is init_from:
-            continue  # init_from's constants are its own business
+def test_submodule_public_names_are_exported():
+    for name in feature_cache.__all__:
         assert name in training.__all__, name
-        assert getattr(training, name) is getattr(module, name)
+        assert getattr(training, name) is getattr(feature_cache, name)
 
 
 def test_every_exported_name_exists():

@@ -30,7 +30,8 @@ INTERRUPTED = 130
 
 
 def _cmd_pretrain(args: argparse.Namespace) -> int:
-    from llada_trm.pretrain import load_pretrain_config, pretrain
+    from llada_trm.pretraining.config import load_pretrain_config
+    from llada_trm.pretraining.loop import pretrain
 
     config = load_pretrain_config(args.config, _output_overrides(args, resume_dir=_pretrain_resume))
     result = pretrain(

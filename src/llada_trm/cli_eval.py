@@ -64,7 +64,8 @@ def _join_processes(device: str) -> Any:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from llada_trm.dist_utils import is_main_process
-    from llada_trm.evaluate import evaluate_model, load_checkpoint, load_eval_records, synthetic_settings
+    from llada_trm.evaluate.evaluator import evaluate_model, load_eval_records, synthetic_settings
+    from llada_trm.evaluate.loading import load_checkpoint
 
     options = sampling_options(args)  # bad options and data fail before a (possibly 8B) model loads
     if getattr(args, "dry_run", False):
@@ -167,7 +168,7 @@ def _print_eval_summary(args: argparse.Namespace, refiner: str, s: dict[str, Any
             f"{refinement['skipped_fraction']:.1%} of chunks skipped"
         )
     if s.get("prompts"):
-        from llada_trm.evaluate.prompt_fit import prompts_line
+        from llada_trm.evaluate.evaluator import prompts_line
 
         print(prompts_line(s["prompts"], s["sampling"]["gen_length"]))
     empty = s.get("empty_completions", 0)
@@ -208,7 +209,8 @@ def _questions(args: argparse.Namespace) -> list[str]:
 
 def cmd_generate(args: argparse.Namespace) -> int:
     from llada_trm.data import GSM8KRecord
-    from llada_trm.evaluate import evaluate_model, load_checkpoint
+    from llada_trm.evaluate.evaluator import evaluate_model
+    from llada_trm.evaluate.loading import load_checkpoint
 
     questions = _questions(args)
     if args.out and args.file is None:
@@ -240,7 +242,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 def _generate_traced(args: argparse.Namespace, loaded: Any, question: str, options: Any) -> int:
     """One answer with its denoising trajectory: printed (`--show-steps`), written as a page (`--html`)."""
-    from llada_trm.evaluate.answering import answer_questions
+    from llada_trm.evaluate.evaluator import answer_questions
     from llada_trm.io import write_text_atomic
     from llada_trm.trajectory import Trajectory, render_html, render_text
 

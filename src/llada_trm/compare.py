@@ -214,7 +214,8 @@ def run_compare(
     evaluations it holds (`compare_resume`) and does the rest.
     """
     from llada_trm.build import check_test_split, resolve_backbone_dir
-    from llada_trm.evaluate import evaluate_model, load_checkpoint, load_eval_records, synthetic_settings
+    from llada_trm.evaluate.evaluator import evaluate_model, load_eval_records, synthetic_settings
+    from llada_trm.evaluate.loading import load_checkpoint
     from llada_trm.training.run_dir import claim_compare_dir
 
     if force and resume:  # one archives the comparison, the other continues it: never one silently ignored

@@ -40,7 +40,7 @@ def checkpoint_identity(checkpoint: Path, out: Path) -> dict[str, Any]:
     state_file = checkpoint / STATE_FILE
     if not state_file.is_file():
         return {"checkpoint": "backbone", "path": str(checkpoint)}
-    from llada_trm.training.checkpoint import load_trainer_state
+    from llada_trm.run_checkpoint import load_trainer_state
 
     step = int(load_trainer_state(checkpoint)["train_state"]["step"])
     try:
@@ -75,7 +75,7 @@ def finished_evaluation(
 ) -> Any | None:
     """The `EvalResult` an earlier run wrote to `directory` for these questions, sampler and checkpoint
     (`identity`), or None; one that sampled another checkpoint is refused, never reused."""
-    from llada_trm.evaluate import PREDICTIONS_FILE, SUMMARY_FILE, EvalResult
+    from llada_trm.evaluate.evaluator import PREDICTIONS_FILE, SUMMARY_FILE, EvalResult
     from llada_trm.evaluate.paired import read_predictions
 
     summary_path, predictions_path = directory / SUMMARY_FILE, directory / PREDICTIONS_FILE

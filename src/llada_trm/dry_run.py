@@ -76,8 +76,8 @@ def backbone_source(backbone: str | Path) -> BackboneSource:
 def _meta_model(run: RunConfig, bb: LLaDAConfig) -> Any:
     """The run's hybrid model (and LoRA adapters) on the meta device: shapes and names, no memory."""
     from llada_trm.backbone import LLaDAModel
+    from llada_trm.backbone.lora import attach_run_lora
     from llada_trm.hybrid import LLaDATRMHybrid
-    from llada_trm.training.lora import attach_run_lora
 
     with torch.device("meta"):
         model = LLaDATRMHybrid(LLaDAModel(bb), run.model.hybrid())
@@ -353,9 +353,8 @@ def plan_eval(args: Any, options: Any, echo: Echo = print) -> dict[str, Any]:
 def _eval_target(checkpoint: str) -> tuple[RunConfig | None, str, str]:
     """(the run config or None, what kind of checkpoint, the backbone folder) of `--checkpoint`, read from
     its config files only."""
-    from llada_trm.evaluate.loading import read_run_config
     from llada_trm.export_format import export_run_config, read_export_section
-    from llada_trm.run_checkpoint import resolve_checkpoint_dir
+    from llada_trm.run_checkpoint import read_run_config, resolve_checkpoint_dir
 
     path = Path(checkpoint).expanduser()
     if checkpoint == "embedded":
@@ -376,7 +375,7 @@ def _eval_records(
 ) -> tuple[int | None, int]:
     """Count the evaluated problems (and, with a tokenizer, the prompts that fit); the longest prompt's
     tokens for the memory estimate (256 when unknown)."""
-    from llada_trm.evaluate import load_eval_records, synthetic_settings
+    from llada_trm.evaluate.evaluator import load_eval_records, synthetic_settings
 
     data_path = args.data_path or (run.data.path if run is not None else None)
     try:
@@ -392,7 +391,7 @@ def _eval_records(
     prompt = 256
     if source.has_tokenizer and source.directory is not None:
         from llada_trm.data import encode_prompt, load_tokenizer
-        from llada_trm.evaluate.prompt_fit import fit_prompts
+        from llada_trm.evaluate.evaluator import fit_prompts
 
         tokenizer = load_tokenizer(source.directory)
         lengths = [len(encode_prompt(tokenizer, r.question)) for r in records]
@@ -419,7 +418,7 @@ def plan_compare(config: Any, echo: Echo = print) -> dict[str, Any]:
     """Print the plan of `llada-trm compare`: every model's training plan in brief, the test problems and
     their disjointness, the sampler."""
     from llada_trm.build import check_test_split
-    from llada_trm.evaluate import load_eval_records, synthetic_settings
+    from llada_trm.evaluate.evaluator import load_eval_records, synthetic_settings
 
     seeds, ev, data = config.seed_list(), config.evaluation, config.run.data
     echo(f"compare --dry-run: the plan; no weights read, nothing written (output {config.output.dir})")

@@ -25,13 +25,12 @@ from llada_trm.backbone.fingerprint import FINGERPRINT_KEY, directory_fingerprin
 from llada_trm.build import resolve_backbone_dir
 from llada_trm.data.tokenizer import save_tokenizer
 from llada_trm.errors import CheckpointError, UserError
-from llada_trm.evaluate.loading import LoadedModel, load_checkpoint, read_run_config
+from llada_trm.evaluate.loading import LoadedModel, load_checkpoint
 from llada_trm.export_card import model_card
 from llada_trm.export_format import EXPORT_KEY, REFINER_FILE, export_section
 from llada_trm.hybrid.refiner_file import write_refiner_weights
 from llada_trm.io import atomic_directory, dtype_named, write_json, write_text_atomic
-from llada_trm.run_checkpoint import WEIGHTS_FILE, resolve_checkpoint_dir
-from llada_trm.training.checkpoint import load_trainer_state
+from llada_trm.run_checkpoint import WEIGHTS_FILE, load_trainer_state, read_run_config, resolve_checkpoint_dir
 from llada_trm.training.run_dir import archive_run_dir
 
 __all__ = ["DTYPE_CHOICES", "ExportResult", "export_backbone_state", "export_run"]

@@ -1,49 +1,230 @@
-"""A training run's checkpoint as files: their names, finding a checkpoint, reading and checking its weights.
+"""A training run's checkpoint: writing it, finding it, reading and checking its weights, starting from one.
 
-The read side of `training.checkpoint`, on its own so that evaluation loads a run's weights without the
-trainer. Layout of a checkpoint directory (`<output.dir>/checkpoints/last`, `.../best`):
+The one module for a run's checkpoint files; evaluation reads them from here without importing training.
+Layout of a checkpoint directory (`<output.dir>/checkpoints/last`, `.../best`, `step_*`):
 
-    model.safetensors   the trainable tensors only, under their names in `LLaDATRMHybrid.state_dict()`;
-                        metadata `backbone_fingerprint`: the backbone they were trained on
-    trainer_state.pt    optimizer, scheduler, RNG states, the position in the run (`training.checkpoint`)
+    model.safetensors   the trainable tensors only (phase 1: `refinement_head.*`; phases 2/3: also the
+                        trainable backbone tensors), under their names in `LLaDATRMHybrid.state_dict()`;
+                        metadata `backbone_fingerprint`: the fingerprint of `model.backbone`'s files
+                        (`backbone.fingerprint`), which loading checks; `tensors`: the names the file holds
+                        (JSON list), so a loader knows what to expect without the run's freezing plan
+    trainer_state.pt    optimizer, scheduler, RNG states (python, numpy, torch CPU and every CUDA device,
+                        extra generators), step / epoch / position in the epoch / best metric
     config.yaml         the resolved run config
+
+A checkpoint is written into a hidden sibling directory and swapped in (`llada_trm.io.atomic_directory`), so
+a crash while writing leaves the previous checkpoint intact; numbered snapshots are pruned by renaming them
+away first, so a crash while deleting never leaves a half-deleted one. A checkpoint saved before the `tensors`
+record loads as before: its expected names are the file's own keys.
+
+`training.init_from` (`init_from_config`) starts a run from another run's trained weights (e.g. phase 2/3
+from phase 1). Unlike `--resume`, which continues a run (optimizer, scheduler, RNG streams, step), it only
+copies the weights a checkpoint saved into the freshly built model: the refiner's tensors, and the backbone's
+when the checkpoint trained some. The checkpoint must have been trained with the same refiner
+(`model.refiner` / `model.integration`) and on the same backbone (its recorded fingerprint;
+`allow_backbone_mismatch` overrides), and hold every refiner tensor.
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import random
+import shutil
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
 import torch.nn as nn
+import yaml
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
-from llada_trm.backbone.fingerprint import FINGERPRINT_KEY, check_fingerprint
-from llada_trm.errors import CheckpointError
+from llada_trm.backbone.fingerprint import FINGERPRINT_KEY, check_fingerprint, directory_fingerprint
+from llada_trm.errors import CheckpointError, ConfigError
 from llada_trm.hybrid.model import PREFIX as REFINER_PREFIX
-from llada_trm.io import readable_directory
+from llada_trm.io import atomic_directory, readable_directory, remove_directory
+from llada_trm.schema import read_yaml
+
+if TYPE_CHECKING:
+    from llada_trm.config import RunConfig
 
 __all__ = [
     "CONFIG_FILE",
+    "INIT_FROM_KEY",
     "REFINER_PREFIX",
     "STATE_FILE",
+    "TENSORS_KEY",
     "WEIGHTS_FILE",
+    "InitResult",
+    "TrainState",
+    "capture_rng_state",
     "check_run_backbone",
     "check_weights",
-    "name_list",
-    "refiner_names",
+    "init_from_checkpoint",
+    "init_from_config",
+    "load_trainer_state",
     "load_weights",
+    "name_list",
+    "prune_snapshots",
+    "read_run_config",
     "read_weights_file",
+    "recorded_names",
+    "refiner_names",
     "resolve_checkpoint_dir",
+    "restore_rng_state",
+    "save_checkpoint",
 ]
 
 WEIGHTS_FILE = "model.safetensors"
 STATE_FILE = "trainer_state.pt"
 CONFIG_FILE = "config.yaml"
+FORMAT_VERSION = 1
+TENSORS_KEY = "tensors"  # model.safetensors metadata: the JSON list of the tensor names the file holds
+INIT_FROM_KEY = "training.init_from"
+_KIND_KEYS = ("refiner", "integration")
 
 logger = logging.getLogger("llada_trm")
+
+
+@dataclass
+class TrainState:
+    """Where a run is: optimizer steps taken, the epoch, micro-batches consumed in it, the best metric."""
+
+    step: int = 0
+    epoch: int = 0
+    batches_in_epoch: int = 0
+    best_metric: float | None = None
+    best_step: int | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "step": self.step,
+            "epoch": self.epoch,
+            "batches_in_epoch": self.batches_in_epoch,
+            "best_metric": self.best_metric,
+            "best_step": self.best_step,
+            "extra": dict(self.extra),
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> TrainState:
+        return cls(
+            step=int(data["step"]),
+            epoch=int(data["epoch"]),
+            batches_in_epoch=int(data["batches_in_epoch"]),
+            best_metric=None if data.get("best_metric") is None else float(data["best_metric"]),
+            best_step=None if data.get("best_step") is None else int(data["best_step"]),
+            extra=dict(data.get("extra") or {}),
+        )
+
+
+# ------------------------------------------------------------------------------------------------- RNG
+
+
+def capture_rng_state(generators: Mapping[str, torch.Generator] | None = None) -> dict[str, Any]:
+    """Every random state a training step draws from, in types `torch.load(weights_only=True)` accepts."""
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    state: dict[str, Any] = {
+        "python": random.getstate(),
+        "numpy": {
+            "bit_generator": str(name),
+            "keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "cached_gaussian": float(cached),
+        },
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "generators": {key: gen.get_state() for key, gen in (generators or {}).items()},
+    }
+    return state
+
+
+def restore_rng_state(
+    state: Mapping[str, Any], generators: Mapping[str, torch.Generator] | None = None
+) -> None:
+    """Inverse of `capture_rng_state`; CUDA states are restored when the device count matches."""
+    random.setstate(_as_tuple(state["python"]))
+    np_state = state["numpy"]
+    np.random.set_state(
+        (
+            np_state["bit_generator"],
+            np_state["keys"].numpy().astype(np.uint32),
+            np_state["pos"],
+            np_state["has_gauss"],
+            np_state["cached_gaussian"],
+        )
+    )
+    torch.set_rng_state(state["torch"])
+    cuda_states = state.get("cuda") or []
+    if cuda_states and torch.cuda.is_available():
+        if len(cuda_states) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(cuda_states)
+        else:
+            logger.warning(
+                "checkpoint has RNG states for %d CUDA devices, this machine has %d; CUDA RNG not restored",
+                len(cuda_states),
+                torch.cuda.device_count(),
+            )
+    saved = state.get("generators") or {}
+    for key, gen in (generators or {}).items():
+        if key in saved:
+            gen.set_state(saved[key])
+
+
+def _as_tuple(value: Any) -> Any:
+    """`random.setstate` wants nested tuples; serialisation may hand back lists."""
+    if isinstance(value, list | tuple):
+        return tuple(_as_tuple(v) for v in value)
+    return value
+
+
+# ----------------------------------------------------------------------------------------------- saving
+
+
+def save_checkpoint(
+    directory: str | Path,
+    *,
+    weights: Mapping[str, torch.Tensor],
+    trainer_state: Mapping[str, Any],
+    config_yaml: str,
+    backbone_fingerprint: str | None = None,
+) -> Path:
+    """Write a checkpoint atomically: into a hidden temporary directory that is then swapped in. The weights
+    file records the names it holds (`TENSORS_KEY`).
+
+    `backbone_fingerprint`: the run's backbone (the trainer always gives it; None writes a checkpoint that
+    loads with a warning, as those saved before fingerprints do)."""
+    directory = Path(directory)
+    tensors = {name: t.detach().to("cpu", copy=True).contiguous() for name, t in weights.items()}
+    metadata = {
+        "format": "pt",
+        "llada_trm_format": str(FORMAT_VERSION),
+        TENSORS_KEY: json.dumps(sorted(tensors)),
+    }
+    if backbone_fingerprint is not None:
+        metadata[FINGERPRINT_KEY] = backbone_fingerprint
+    with atomic_directory(directory) as tmp:
+        save_file(tensors, str(tmp / WEIGHTS_FILE), metadata=metadata)
+        torch.save({"format_version": FORMAT_VERSION, **trainer_state}, tmp / STATE_FILE)
+        (tmp / CONFIG_FILE).write_text(config_yaml, encoding="utf-8")
+    return directory
+
+
+def prune_snapshots(checkpoint_dir: Path, keep: int) -> None:
+    """Remove all but the `keep` newest `step_*` snapshots; each goes whole (`io.remove_directory`)."""
+    for stale in checkpoint_dir.glob(".step_*.tmp"):  # what a killed pruning or snapshot left behind
+        shutil.rmtree(stale, ignore_errors=True)
+    for old in sorted(checkpoint_dir.glob("step_*"))[:-keep]:
+        remove_directory(old)
+
+
+# ---------------------------------------------------------------------------------------------- reading
 
 
 def resolve_checkpoint_dir(path: str | Path) -> Path:
@@ -89,19 +270,41 @@ def read_weights_file(path: Path) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"{path}: unreadable safetensors file ({exc})") from None
 
 
+def _metadata(path: Path) -> dict[str, str]:
+    """The metadata of a safetensors file's header; a missing or corrupt file is a CheckpointError."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return dict(f.metadata() or {})
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: file not found") from None
+    except (SafetensorError, OSError) as exc:
+        raise CheckpointError(f"{path}: unreadable safetensors file ({exc})") from None
+
+
+def recorded_names(path: Path, tensors: Mapping[str, torch.Tensor] | None = None) -> list[str]:
+    """The tensor names a checkpoint's weights file `path` records that it holds; for a file saved before the
+    record (or rewritten without it), the names of its tensors (`tensors`, read from the file if None)."""
+    record = _metadata(path).get(TENSORS_KEY)
+    if record is None:
+        return sorted(tensors if tensors is not None else read_weights_file(path))
+    try:
+        names = json.loads(record)
+    except (json.JSONDecodeError, RecursionError):
+        names = None
+    if not isinstance(names, list) or not all(isinstance(name, str) for name in names):
+        raise CheckpointError(
+            f"{path}: damaged '{TENSORS_KEY}' record in the file's metadata (expected a JSON list of tensor "
+            "names); use an earlier checkpoint (checkpoints/step_*, best)"
+        )
+    return sorted(names)
+
+
 def check_run_backbone(
     directory: Path, fingerprint: str, backbone: str | Path, *, allow_mismatch: bool = False
 ) -> None:
     """Refuse a run checkpoint trained on another backbone than `backbone` (whose fingerprint is
     `fingerprint`); one saved before fingerprints were recorded loads with a warning."""
-    path = Path(directory) / WEIGHTS_FILE
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            recorded = (f.metadata() or {}).get(FINGERPRINT_KEY)
-    except FileNotFoundError:
-        raise CheckpointError(f"{path}: file not found") from None
-    except (SafetensorError, OSError) as exc:
-        raise CheckpointError(f"{path}: unreadable safetensors file ({exc})") from None
+    recorded = _metadata(Path(directory) / WEIGHTS_FILE).get(FINGERPRINT_KEY)
     check_fingerprint(
         recorded, fingerprint, what=f"checkpoint {directory}", backbone=str(backbone),
         allow_mismatch=allow_mismatch,
@@ -172,14 +375,134 @@ def load_weights(
 ) -> list[str]:
     """Load `model.safetensors` into `model`; every tensor must exist in the model with the same shape.
 
-    `require` names tensors the checkpoint must contain (the run's trainable parameters when resuming).
-    Returns the loaded names.
+    The file must hold every name it records (`recorded_names`: a tensor lost since the save is refused, not
+    left at the model's initial value) and every name in `require` (the refiner's; the run's trainable
+    parameters when resuming). Returns the loaded names.
     """
     path = Path(directory) / WEIGHTS_FILE
     tensors = read_weights_file(path)
+    recorded = recorded_names(path, tensors)
+    lost = sorted(set(recorded) - set(tensors))
+    if lost:
+        raise CheckpointError(
+            f"{path}: lacks {len(lost)} of the {len(recorded)} tensors it records ({name_list(lost)}); the "
+            "file was truncated or edited: use an earlier checkpoint (checkpoints/step_*, best)"
+        )
     own = model.state_dict()
     check_weights(path, tensors, own, require)
     with torch.no_grad():
         for name, tensor in tensors.items():
             own[name].copy_(tensor.to(own[name].dtype))
     return sorted(tensors)
+
+
+def load_trainer_state(directory: str | Path) -> dict[str, Any]:
+    """Read `trainer_state.pt` (weights-only unpickling: plain containers and tensors)."""
+    path = Path(directory) / STATE_FILE
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: file not found") from None
+    except Exception as exc:  # noqa: BLE001 - torch raises many types for corrupt files
+        raise CheckpointError(f"{path}: unreadable trainer state ({type(exc).__name__}: {exc})") from None
+    version = state.get("format_version") if isinstance(state, dict) else None
+    if version != FORMAT_VERSION:
+        raise CheckpointError(
+            f"{path}: unsupported trainer state (format {version!r}, expected {FORMAT_VERSION})"
+        )
+    return state
+
+
+def read_run_config(directory: Path) -> RunConfig:
+    """A checkpoint's `config.yaml`, read strictly as a config file (duplicate keys, alias bombs, deep nesting
+    and non-UTF-8 fail here) and parsed into a `RunConfig`."""
+    from llada_trm.config import parse_config
+
+    config_path = directory / CONFIG_FILE
+    try:
+        raw = read_yaml(config_path)
+    except ConfigError as exc:
+        raise CheckpointError(str(exc)) from None
+    return parse_config(raw, source=str(config_path))
+
+
+# ---------------------------------------------------------------------------------- training.init_from
+
+
+@dataclass(frozen=True)
+class InitResult:
+    """Which checkpoint was read and the tensors copied from it (so later checkpoints can keep them)."""
+
+    directory: Path
+    names: list[str]
+
+    @property
+    def backbone_names(self) -> list[str]:
+        """Loaded tensors outside the refiner: a frozen backbone no longer equals `model.backbone`'s files."""
+        return [name for name in self.names if not name.startswith(REFINER_PREFIX)]
+
+
+def init_from_checkpoint(
+    model: nn.Module,
+    path: str | Path,
+    config: RunConfig,
+    *,
+    backbone_dir: Path,
+    allow_backbone_mismatch: bool = False,
+) -> InitResult:
+    """Copy a checkpoint's saved weights into `model` (built on `backbone_dir`); one-line
+    `CheckpointError`s name the key and file."""
+    try:
+        directory = resolve_checkpoint_dir(path)
+    except CheckpointError as exc:
+        raise CheckpointError(f"{INIT_FROM_KEY}: {exc}") from None
+    _check_refiner_kind(directory / CONFIG_FILE, config)
+    try:  # the refiner's every tensor: one the checkpoint lacked would start this run from noise
+        fingerprint = directory_fingerprint(backbone_dir)
+        check_run_backbone(directory, fingerprint, backbone_dir, allow_mismatch=allow_backbone_mismatch)
+        names = load_weights(model, directory, require=refiner_names(model.state_dict()))
+    except CheckpointError as exc:  # the same type (a BackboneMismatchError stays one), the key in front
+        raise type(exc)(f"{INIT_FROM_KEY}: {exc}") from None
+    return InitResult(directory=directory, names=names)
+
+
+def init_from_config(
+    model: nn.Module, config: RunConfig, *, backbone_dir: Path, allow_backbone_mismatch: bool = False
+) -> InitResult | None:
+    """`training.init_from` of a run (built on `backbone_dir`), loaded before any wrapping or sharding;
+    None when unset.
+
+    A feature cache fingerprints `model.backbone`'s files, so a run that caches may take refiner tensors
+    from another run but not backbone tensors (its cache would describe a backbone it no longer has).
+    """
+    source = config.training.init_from
+    if source is None:
+        return None
+    result = init_from_checkpoint(
+        model, Path(source).expanduser(), config, backbone_dir=backbone_dir,
+        allow_backbone_mismatch=allow_backbone_mismatch,
+    )
+    if config.advanced.feature_cache and result.backbone_names:
+        raise ConfigError(
+            f"advanced.feature_cache: training.init_from {result.directory} holds backbone tensors, "
+            "which the cache's fingerprint of model.backbone does not see; train without the cache"
+        )
+    return result
+
+
+def _check_refiner_kind(config_path: Path, config: RunConfig) -> None:
+    """The saved run must have built the same refiner(s), or its tensors would not mean the same thing."""
+    try:
+        saved = yaml.safe_load(config_path.read_text(encoding="utf-8")) or {}
+    except (OSError, yaml.YAMLError) as exc:
+        detail = " ".join(str(exc).split())
+        raise CheckpointError(f"{INIT_FROM_KEY}: {config_path}: unreadable ({detail})") from None
+    model = saved.get("model") if isinstance(saved, dict) else None
+    model = model if isinstance(model, dict) else {}
+    for key in _KIND_KEYS:
+        theirs, ours = model.get(key), getattr(config.model, key)
+        if theirs is not None and theirs != ours:
+            raise CheckpointError(
+                f"{INIT_FROM_KEY}: {config_path} was trained with model.{key}: {theirs}, this run has "
+                f"model.{key}: {ours}; set them alike or point {INIT_FROM_KEY} at a matching run"
+            )

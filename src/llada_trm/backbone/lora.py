@@ -10,13 +10,20 @@ and `...lora_B.default.weight`.
 `merge_lora` is the way back to a plain backbone (LLaDA's own parameter names, loadable and saveable as any
 other): it folds each adapter into a new weight and leaves its argument untouched. peft is imported only when
 adapters are attached or merged, so a run without LoRA needs neither the package nor its import time.
+
+`attach_run_lora` maps a run's `lora:` settings onto `add_lora`. The blocks follow the phase, as full
+fine-tuning's do (`training.freezing`): phase 2 adapts the last `training.unfreeze_last_n_layers` blocks,
+phase 3 every block. It lives with the model, not the trainer, because loading a run's checkpoint for
+evaluation attaches the same adapters before its tensors load (evaluation never imports training). Once
+attached, freezing trains the adapters (at `backbone_lr`) instead of the base weights, which stay frozen; the
+adapters are then trainable tensors like any other, so checkpoints save them (and only them).
 """
 
 from __future__ import annotations
 
 import copy
 from collections.abc import Iterable, Sequence
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from pydantic import BeforeValidator, Field, model_validator
 from torch import nn
@@ -25,6 +32,9 @@ from llada_trm.backbone.modeling import LLaDAModel
 from llada_trm.errors import ConfigError
 from llada_trm.schema import PosFloat, Section, to_float, to_int
 
+if TYPE_CHECKING:
+    from llada_trm.config import RunConfig
+
 __all__ = [
     "ADAPTER_NAME",
     "LORA_TARGETS",
@@ -32,8 +42,11 @@ __all__ = [
     "LoraConfig",
     "add_lora",
     "adapter_names",
+    "attach_run_lora",
     "has_lora",
     "is_adapter_name",
+    "last_block_indices",
+    "lora_layers",
     "merge_lora",
     "require_peft",
 ]
@@ -159,6 +172,40 @@ def merge_lora(model: nn.Module) -> LLaDAModel:
         parent = merged.get_submodule(parent_name)
         setattr(parent, child, _merged_linear(module))
     return merged
+
+
+def last_block_indices(n_blocks: int, n: int) -> list[int]:
+    """The indices of the last `n` of `n_blocks` blocks (phase 2's, and its LoRA adapters')."""
+    if n < 1 or n > n_blocks:
+        raise ConfigError(
+            f"training.unfreeze_last_n_layers: expected 1..{n_blocks} for this backbone "
+            f"({n_blocks} blocks), got {n}"
+        )
+    return list(range(n_blocks - n, n_blocks))
+
+
+def lora_layers(config: RunConfig, n_blocks: int) -> list[int]:
+    """The block indices a run adapts: the phase-2 blocks (the last `unfreeze_last_n_layers`) or all."""
+    if config.training.phase == 3:
+        return list(range(n_blocks))
+    return last_block_indices(n_blocks, config.training.unfreeze_last_n_layers)
+
+
+def attach_run_lora(model: nn.Module, config: RunConfig) -> list[str]:
+    """Attach the run's adapters to `model.backbone` (a hybrid's) when `lora.enabled`; their names in
+    `model` (or [])."""
+    settings = config.lora
+    if not settings.enabled:
+        return []
+    names = add_lora(
+        model.backbone,
+        lora_layers(config, len(model.backbone.blocks)),
+        rank=settings.rank,
+        alpha=settings.alpha,
+        dropout=settings.dropout,
+        targets=settings.target_modules,
+    )
+    return [f"backbone.{name}" for name in names]
 
 
 # ---------------------------------------------------------------------------------------------- helpers

@@ -15,11 +15,19 @@ with strict (`#### n`) and flexible (last number) extraction. Alongside accuracy
 
 The first two come from the per-call statistics the sampler sums over the run, the last from its
 ``on_step`` hook.
+
+The module also holds the rest of an evaluation: the problems it runs on (`load_eval_records`: a GSM8K split,
+or the generated task's held-out problems, whose knobs come from the training run's `data.synthetic`, else
+the backbone's pretraining summary, else the defaults), the one policy for prompts that do not fit
+(`fit_prompts`, shared with the lm-eval backend: a prompt whose tokens plus `gen_length` exceed the model's
+positions is skipped: not sampled, scored as wrong, counted; cutting would change the question), and the
+Python API behind `LoadedModel.generate` (`answer_questions`: chat-template prompts, answers decoded).
 """
 
 from __future__ import annotations
 
 import math
+import os
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -30,26 +38,47 @@ import torch
 from torch import Tensor
 from transformers import PreTrainedTokenizerBase
 
-from llada_trm.data import GSM8KRecord, encode_prompt, prompt_batch, special_token_ids
+from llada_trm.config import ArithmeticDataConfig
+from llada_trm.config import SyntheticDataConfig as SyntheticSettings
+from llada_trm.data import (
+    DataError,
+    GSM8KRecord,
+    apply_split,
+    encode_prompt,
+    load_gsm8k,
+    parse_split,
+    prompt_batch,
+    special_token_ids,
+)
+from llada_trm.data.arithmetic import generate_task_records
+from llada_trm.data.synthetic import SPLITS
 from llada_trm.data.tokenizer import decode_generated, digit_token_ids
 from llada_trm.diffusion import SamplingOptions, sample
 from llada_trm.diffusion.denoiser import add_stats, refines_masked_positions
+from llada_trm.diffusion.steps import StepCallback
 from llada_trm.dist_utils import gather_objects, is_main_process, shard_indices
 from llada_trm.evaluate import diagnostics as diag
 from llada_trm.evaluate.extraction import extract_flexible, extract_strict
-from llada_trm.evaluate.io import write_json, write_jsonl
-from llada_trm.evaluate.prompt_fit import fit_prompts
 from llada_trm.hybrid.chunking import chunk_sum
+from llada_trm.io import write_json, write_jsonl
 from llada_trm.progress import progress_bar
 
 __all__ = [
+    "DATASETS",
+    "POLICY",
     "PREDICTIONS_FILE",
     "SUMMARY_FILE",
+    "Answers",
     "EvalResult",
-    "SamplingOptions",
+    "PromptFit",
+    "answer_questions",
     "call_stats",
     "evaluate_model",
+    "fit_prompts",
+    "load_eval_records",
+    "prompts_line",
     "sampling_setup",
+    "synthetic_settings",
 ]
 
 PREDICTIONS_FILE = "predictions.jsonl"
@@ -415,3 +444,240 @@ def _refinement(totals: Mapping[str, float]) -> dict[str, Any] | None:
         "chunks_candidate": int(candidates),
         "chunks_halted": int(totals.get("chunks_halted", 0.0)),
     }
+
+
+# --------------------------------------------------------------------------------------------- problems
+
+DATASETS = ("gsm8k", "synthetic", "arithmetic")
+_TASK_FIELDS = ("min_steps", "max_steps", "max_number", "max_result", "seed")
+
+
+def synthetic_settings(
+    run_data: Any | None = None, backbone_config: Mapping[str, Any] | None = None
+) -> SyntheticSettings | ArithmeticDataConfig:
+    """The generated task to evaluate on: the run's (its `data.arithmetic` section when the run trains on
+    the arithmetic task), else the backbone's pretraining task, else defaults."""
+    if run_data is not None:
+        return run_data.arithmetic if run_data.dataset == "arithmetic" else run_data.synthetic
+    task = (backbone_config or {}).get("data") or {}
+    known = {key: task[key] for key in _TASK_FIELDS if key in task}
+    if "n_eval" in task:
+        known["n_eval"] = task["n_eval"]
+    return SyntheticSettings.model_validate(known)
+
+
+def load_eval_records(
+    dataset: str,
+    split: str = "test",
+    *,
+    data_path: str | os.PathLike[str] | None = None,
+    synthetic: SyntheticSettings | ArithmeticDataConfig | None = None,
+    limit: int | None = None,
+) -> list[GSM8KRecord]:
+    """Records of `split` (HF slicing syntax, e.g. `test[:200]`), at most `limit` of them.
+
+    gsm8k: read from `data_path` (a JSONL/parquet file, a folder with `test.jsonl`, or a cached HF name).
+    synthetic, arithmetic: `split` is `train`, `validation` or `test` of that generated task (report on
+    `test`: the trainer validates and picks `best` on `validation`); without a slice, `limit` problems
+    (default `synthetic.n_eval`) are generated, and the first ones never depend on how many are asked for.
+    """
+    if dataset not in DATASETS:
+        raise DataError(f"--dataset {dataset!r}: choose one of {', '.join(DATASETS)}")
+    if limit is not None and limit < 1:
+        raise DataError(f"--limit {limit}: must be a positive number of problems")
+    if dataset == "gsm8k":
+        if not data_path:
+            raise DataError(
+                "--dataset gsm8k needs --data-path: a GSM8K JSONL/parquet file or a folder holding "
+                "test.jsonl (e.g. --data-path data/gsm8k)"
+            )
+        records = load_gsm8k(data_path, split)
+    elif dataset == "arithmetic":
+        settings = synthetic if isinstance(synthetic, ArithmeticDataConfig) else ArithmeticDataConfig()
+        records = _synthetic_records(split, settings, limit)
+    else:
+        settings = synthetic if isinstance(synthetic, SyntheticSettings) else SyntheticSettings()
+        records = _synthetic_records(split, settings, limit)
+    return records[:limit] if limit is not None else records
+
+
+def _synthetic_records(
+    split: str, settings: SyntheticSettings | ArithmeticDataConfig, limit: int | None
+) -> list[GSM8KRecord]:
+    name, selection = parse_split(split)
+    if name not in SPLITS:
+        raise DataError(f"split {split!r}: the generated task has the splits {', '.join(SPLITS)}")
+    sliced = selection.start is not None or selection.stop is not None
+    count = limit if (limit is not None and not sliced) else (settings.n_eval or 100)
+    if sliced and isinstance(selection.stop, int) and selection.stop > 0:
+        count = max(count, selection.stop)
+    records = generate_task_records(settings, count, split=name)
+    if sliced:
+        records = apply_split(records, selection)
+        if not records:
+            raise DataError(f"split {split!r} selects no problems out of {count}")
+    return records
+
+
+# ------------------------------------------------------------------------------ prompts that do not fit
+
+POLICY = (
+    "prompts whose tokens + gen_length exceed the model's positions are skipped: not sampled, scored as "
+    "wrong, counted"
+)
+
+
+@dataclass(frozen=True)
+class PromptFit:
+    """Which prompts fit (`kept`, in order) and which are skipped, against `limit` positions."""
+
+    limit: int | None
+    kept: list[int]
+    skipped: list[int]
+
+    @property
+    def n(self) -> int:
+        return len(self.kept) + len(self.skipped)
+
+    def record(self) -> dict[str, object]:
+        """The summary's entry: the policy, the limit, how many were skipped and which."""
+        return {
+            "policy": POLICY,
+            "max_positions": self.limit,
+            "n": self.n,
+            "skipped": len(self.skipped),
+            "skipped_indices": list(self.skipped),
+        }
+
+    def line(self, gen_length: int) -> str:
+        return prompts_line(self.record(), gen_length)
+
+
+def prompts_line(record: Mapping[str, Any], gen_length: int) -> str:
+    """One line for a command's output (from a summary's `prompts` entry), stating the policy whatever the
+    count."""
+    skipped, n = int(record["skipped"]), record.get("n")
+    if not skipped:
+        return f"prompts: none skipped (policy: {POLICY})"
+    return (
+        f"prompts: {skipped}{'' if n is None else f' of {n}'} skipped, prompt + gen_length {gen_length} > "
+        f"{record['max_positions']} positions, scored as wrong (policy: {POLICY}; lower gen_length to keep "
+        "them)"
+    )
+
+
+def fit_prompts(
+    lengths: Sequence[int], gen_length: int | Sequence[int], limit: int | None, *, where: Sequence[str] = ()
+) -> PromptFit:
+    """Split prompts of `lengths` tokens into those that fit `limit` positions with their `gen_length` (one
+    for all, or one per prompt) and those skipped; None `limit` (unknown) keeps every prompt. Raises
+    ValueError (one line) when none fits; `where` names the prompts (a file:line) for that message."""
+    gens = [gen_length] * len(lengths) if isinstance(gen_length, int) else list(gen_length)
+    if limit is None:
+        return PromptFit(limit, list(range(len(lengths))), [])
+    kept = [i for i, (n, g) in enumerate(zip(lengths, gens, strict=True)) if n + g <= limit]
+    fitting = set(kept)
+    skipped = [i for i in range(len(lengths)) if i not in fitting]
+    if lengths and not kept:
+        shortest = min(range(len(lengths)), key=lambda i: lengths[i])
+        name = where[shortest] if shortest < len(where) and where[shortest] else f"prompt {shortest}"
+        room = limit - lengths[shortest]
+        fix = (
+            f"lower gen_length (--gen-length) to at most {room} (a multiple of block_length)"
+            if room >= 1
+            else "the prompt alone fills the model's positions; shorten the questions"
+        )
+        raise ValueError(
+            f"none of the {len(lengths)} prompts fits: the shortest ({name}, {lengths[shortest]} tokens) + "
+            f"gen_length {gens[shortest]} = {lengths[shortest] + gens[shortest]} positions exceed the "
+            f"model's {limit} (max_sequence_length); {fix}"
+        )
+    return PromptFit(limit, kept, skipped)
+
+
+# ------------------------------------------------------------------------------------- the Python API
+
+
+@dataclass
+class Answers:
+    """Decoded answers, one per question in order, and what producing them took.
+
+    `stats`: per model call, the mean of each number the model reported (refine steps, chunks refined,
+    confidence, delta norm, slot norms, gates, ...) over the calls that reported it (across batches, each
+    batch's mean weighted by its model calls); `options`: the effective
+    sampling settings; `nfe`: model calls; `elapsed_s`: sampling wall time.
+    """
+
+    answers: list[str]
+    stats: dict[str, float] = field(default_factory=dict)
+    options: dict[str, Any] = field(default_factory=dict)
+    nfe: int = 0
+    elapsed_s: float = 0.0
+
+    def __len__(self) -> int:
+        return len(self.answers)
+
+    def __iter__(self):
+        return iter(self.answers)
+
+
+def _questions(questions: Sequence[str] | str) -> list[str]:
+    """The questions as a list, each a non-empty string of valid Unicode; anything else one ValueError."""
+    if isinstance(questions, str):
+        listed = [questions]
+    elif isinstance(questions, Sequence) and not isinstance(questions, bytes | bytearray):
+        listed = list(questions)  # a dict or a set would pass as its keys: refused, not guessed at
+    else:
+        raise ValueError(
+            f"generate expects a question string or a non-empty list of question strings, got "
+            f"{type(questions).__name__}"
+        )
+    if not listed or not all(isinstance(q, str) for q in listed):
+        raise ValueError("generate expects a question string or a non-empty list of question strings")
+    for number, question in enumerate(listed, start=1):
+        if not question.strip():
+            raise ValueError("generate was given an empty question; every question needs some text")
+        try:
+            question.encode("utf-8")
+        except UnicodeEncodeError as exc:  # surrogates: bytes that were not UTF-8 (argv, a latin-1 file)
+            raise ValueError(
+                f"question {number} holds characters that are not valid Unicode (position {exc.start}: "
+                f"{question[exc.start]!r}, an undecodable byte); pass the text as UTF-8"
+            ) from None
+    return listed
+
+
+@torch.no_grad()
+def answer_questions(
+    model: Any,
+    tokenizer: PreTrainedTokenizerBase,
+    questions: Sequence[str] | str,
+    options: SamplingOptions,
+    *,
+    num_steps: int | None = None,
+    on_step: StepCallback | None = None,
+) -> Answers:
+    """Sample an answer to every question (a bare string counts as one) under `options`; `on_step` is the
+    sampler's per-step hook (`diffusion.steps.StepEvent`, rows of each batch in order)."""
+    listed = _questions(questions)
+    check_lengths(model, tokenizer, [GSM8KRecord(question=q, answer="") for q in listed], options)
+    counting, sampling = sampling_setup(model, tokenizer, options, num_steps)
+    device = _device_of(model)
+    generator = torch.Generator(device=device).manual_seed(options.seed)
+    answers: list[str] = []
+    weighted: dict[str, float] = {}
+    calls: dict[str, int] = {}
+    nfe, elapsed = 0, 0.0
+    for start in range(0, len(listed), options.batch_size):
+        prompt, attention_mask = prompt_batch(tokenizer, listed[start : start + options.batch_size])
+        prompt, attention_mask = prompt.to(device), attention_mask.to(device)
+        result = sample(counting, prompt, attention_mask, sampling, generator=generator, on_step=on_step)
+        texts = decode_generated(tokenizer, result.tokens, result.prompt_length)
+        answers.extend(text.strip() for text in texts)
+        nfe += result.nfe
+        elapsed += result.elapsed_s
+        for key, mean in result.model_stats.items():  # batch means, weighted by the batch's calls
+            weighted[key] = weighted.get(key, 0.0) + mean * result.nfe
+            calls[key] = calls.get(key, 0) + result.nfe
+    stats = {key: total / calls[key] for key, total in weighted.items() if calls[key]}
+    return Answers(answers=answers, stats=stats, options=options.to_dict(), nfe=nfe, elapsed_s=elapsed)

@@ -30,11 +30,11 @@ from transformers import PreTrainedTokenizerBase
 
 from llada_trm.assets import EMBEDDED_NAME, embedded_backbone_dir
 from llada_trm.backbone.fingerprint import directory_fingerprint
-from llada_trm.backbone.lora import merge_lora
+from llada_trm.backbone.lora import attach_run_lora, merge_lora
 from llada_trm.build import build_model, inference_dtype, load_hybrid, resolve_backbone_dir
-from llada_trm.config import RunConfig, parse_config
+from llada_trm.config import RunConfig
 from llada_trm.diffusion.options import SamplingOptions
-from llada_trm.errors import CheckpointError, ConfigError
+from llada_trm.errors import CheckpointError
 from llada_trm.export_format import EXPORT_KEY, REFINER_FILE, export_run_config, read_export_section
 from llada_trm.hybrid import HybridConfig, LLaDATRMHybrid
 from llada_trm.io import DTYPES, dtype_named, resolve_device
@@ -43,13 +43,13 @@ from llada_trm.run_checkpoint import (
     STATE_FILE,
     check_run_backbone,
     load_weights,
+    read_run_config,
     refiner_names,
     resolve_checkpoint_dir,
 )
-from llada_trm.schema import read_yaml
 
 if TYPE_CHECKING:
-    from llada_trm.evaluate.answering import Answers
+    from llada_trm.evaluate.evaluator import Answers
 
 __all__ = [
     "REFINER_CHOICES",
@@ -57,7 +57,6 @@ __all__ = [
     "checkpoint_sampling",
     "load_checkpoint",
     "override_sampling",
-    "required_tensors",
     "resolve_eval_device",
 ]
 
@@ -107,7 +106,7 @@ class LoadedModel:
     def generate(self, questions: Sequence[str] | str, **sampling: Any) -> Answers:
         """Answer `questions` (a list, or one string) through the chat template; `sampling` overrides this
         model's sampler settings (`steps=`, `gen_length=`, `threshold=`, ..., see SamplingOptions)."""
-        from llada_trm.evaluate.answering import answer_questions
+        from llada_trm.evaluate.evaluator import answer_questions
 
         options = self.sampling_with(**sampling)
         return answer_questions(self.model, self.tokenizer, questions, options, num_steps=self.num_steps)
@@ -249,11 +248,13 @@ def _load_run(
     where = f"{config_path}: model.backbone"
     built = build_model(config, device=device, dtype=dtype, error=CheckpointError, where=where)
     model, tokenizer, backbone_dir = built.model, built.tokenizer, built.backbone_dir
-    lora = _attach_lora(model, config)
+    lora = bool(attach_run_lora(model, config))  # so that the checkpoint's adapter tensors load
     check_run_backbone(
         directory, directory_fingerprint(backbone_dir), backbone_dir, allow_mismatch=allow_backbone_mismatch
     )
-    load_weights(model, directory, require=required_tensors(model, config))
+    # the refiner's every tensor (no other file has them: a missing one would run at its random
+    # initialisation); the backbone tensors the run trained are those the checkpoint records
+    load_weights(model, directory, require=refiner_names(model.state_dict()))
     if lora:  # sampling runs on the merged weights: the adapted model's logits, without the adapters' cost
         model.backbone = merge_lora(model.backbone)
     running, num_steps = _select_refiner(model, config, refiner, source)
@@ -268,13 +269,6 @@ def _load_run(
         checkpoint_dir=directory,
         run_config=config,
     )
-
-
-def _attach_lora(model: LLaDATRMHybrid, config: RunConfig) -> bool:
-    """The run's LoRA adapters (`lora.enabled`), attached so that its checkpoint's adapter tensors load."""
-    from llada_trm.training.lora import attach_run_lora
-
-    return bool(attach_run_lora(model, config))
 
 
 def _load_export(
@@ -326,28 +320,6 @@ def _inside(directory: Path, name: object, where: str) -> Path:
             f"{where}: {EXPORT_KEY}.refiner_file {name!r} links outside the export; re-export the run"
         )
     return path
-
-
-def read_run_config(directory: Path) -> RunConfig:
-    config_path = directory / CONFIG_FILE
-    try:  # strictly, as a config file: duplicate keys, alias bombs, deep nesting and non-UTF-8 fail here
-        raw = read_yaml(config_path)
-    except ConfigError as exc:
-        raise CheckpointError(str(exc)) from None
-    return parse_config(raw, source=str(config_path))
-
-
-def required_tensors(model: LLaDATRMHybrid, config: RunConfig) -> list[str]:
-    """Every tensor a run's checkpoint must hold for `model`: the refiner's (no other file has them, so a
-    missing one would run at its random initialisation) and the backbone tensors the run's phase trained
-    (a missing one would silently run as the pretrained backbone's)."""
-    from llada_trm.training.freezing import freeze_for_run
-
-    flags = {name: p.requires_grad for name, p in model.named_parameters()}
-    trained = freeze_for_run(model, config).trainable_names
-    for name, p in model.named_parameters():  # the plan only names tensors; the model stays as it was
-        p.requires_grad_(flags[name])
-    return sorted(set(refiner_names(model.state_dict())) | set(trained))
 
 
 def _select_refiner(

@@ -26,10 +26,12 @@ import yaml
 
 from llada_trm.errors import CheckpointError, ConfigError
 from llada_trm.io import readable_directory, recover_directory, sweep_temporaries, write_json
-from llada_trm.run_checkpoint import CONFIG_FILE, WEIGHTS_FILE, read_weights_file
-from llada_trm.training.checkpoint import (
+from llada_trm.run_checkpoint import (
+    CONFIG_FILE,
+    WEIGHTS_FILE,
     capture_rng_state,
     load_trainer_state,
+    read_weights_file,
     restore_rng_state,
     save_checkpoint,
 )

@@ -7,9 +7,12 @@ The CLI's `llada-trm train --config FILE [--set k=v ...] [--resume DIR]` is `run
 
 from llada_trm.diffusion.forward_process import draw_for_epoch, draw_noise, noise_seed
 from llada_trm.dist_utils import is_distributed, is_main_process, rank, world_size
-from llada_trm.training.checkpoint import (
+from llada_trm.run_checkpoint import (
+    InitResult,
     TrainState,
     capture_rng_state,
+    init_from_checkpoint,
+    init_from_config,
     load_trainer_state,
     load_weights,
     resolve_checkpoint_dir,
@@ -45,7 +48,6 @@ from llada_trm.training.freezing import (
     set_train_mode,
 )
 from llada_trm.training.health import CHECKS, HealthMonitor
-from llada_trm.training.init_from import InitResult, init_from_checkpoint, init_from_config
 from llada_trm.training.metrics import TRAIN_COLUMNS, VALIDATION_COLUMNS, MetricsWriter
 from llada_trm.training.objective import LossWeights, ObjectiveResult, diffusion_objective
 from llada_trm.training.schedule import (

@@ -49,6 +49,7 @@ from llada_trm.errors import ConfigError
 from llada_trm.hybrid import BackboneFeatures, LLaDATRMHybrid
 from llada_trm.io import DTYPES, atomic_path
 from llada_trm.progress import Bar, progress_bar
+from llada_trm.run_checkpoint import init_from_config
 from llada_trm.training.cache_manifest import (
     CACHE_FORMAT_VERSION,
     MANIFEST_FILE,
@@ -69,7 +70,6 @@ from llada_trm.training.cache_manifest import (
 )
 from llada_trm.training.cached_batches import FeatureCache, cached_features, open_feature_cache
 from llada_trm.training.freezing import FreezePlan, freeze_for_run
-from llada_trm.training.init_from import init_from_config
 from llada_trm.training.masks import training_masks_for_run
 
 __all__ = [  # the cache's manifest (`cache_manifest`) and reading side (`cached_batches`) are re-exported

@@ -17,10 +17,10 @@ Phases:
    `backbone_lr`;
 3. everything: the patterns at `lr`, the rest of the model at `backbone_lr`.
 
-With LoRA adapters on the backbone (the run's `lora:` section, attached before freezing by `training.lora`),
-phases 2 and 3 train the adapters instead of the base weights: the backbone group holds only the adapter
-tensors the phase selects (those under the last blocks in phase 2, all in phase 3); every base weight stays
-frozen.
+With LoRA adapters on the backbone (the run's `lora:` section, attached before freezing by
+`backbone.lora.attach_run_lora`), phases 2 and 3 train the adapters instead of the base weights: the backbone
+group holds only the adapter tensors the phase selects (those under the last blocks in phase 2, all in phase
+3); every base weight stays frozen.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING
 
 import torch.nn as nn
 
-from llada_trm.backbone.lora import is_adapter_name
+from llada_trm.backbone.lora import is_adapter_name, last_block_indices
 from llada_trm.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -45,7 +45,6 @@ __all__ = [
     "apply_freezing",
     "freeze_for_run",
     "freeze_report",
-    "last_block_indices",
     "match_pattern",
     "matching_parameters",
     "set_train_mode",
@@ -257,16 +256,6 @@ def _last_backbone_blocks(model: nn.Module, n: int) -> list[str]:
         raise ConfigError(f"training.phase 2 needs a model with '{BACKBONE_ATTR}.blocks' (an nn.ModuleList)")
     wanted = {id(blocks[i]) for i in last_block_indices(len(blocks), n)}
     return [name for name, module in model.named_modules() if id(module) in wanted]
-
-
-def last_block_indices(n_blocks: int, n: int) -> list[int]:
-    """The indices of the last `n` of `n_blocks` blocks (phase 2's, and its LoRA adapters')."""
-    if n < 1 or n > n_blocks:
-        raise ConfigError(
-            f"training.unfreeze_last_n_layers: expected 1..{n_blocks} for this backbone "
-            f"({n_blocks} blocks), got {n}"
-        )
-    return list(range(n_blocks - n, n_blocks))
 
 
 def _under(name: str, prefixes: Iterable[str]) -> bool:

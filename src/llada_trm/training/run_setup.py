@@ -17,17 +17,17 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from llada_trm.backbone.fingerprint import directory_fingerprint
+from llada_trm.backbone.lora import attach_run_lora
 from llada_trm.build import apply_backbone_options, backbone_dtype, build_model
 from llada_trm.config import RunConfig, TrainingConfig
 from llada_trm.data import SFTDataset
 from llada_trm.diffusion.targeted_masks import TrainingMasks
 from llada_trm.dist_utils import rank, world_size
 from llada_trm.hybrid import LLaDATRMHybrid
+from llada_trm.run_checkpoint import init_from_config
 from llada_trm.training.distributed import TrainStep, resolve_strategy, wrap_run
 from llada_trm.training.feature_cache import FeatureCache, prepare_feature_cache, require_frozen_backbone
 from llada_trm.training.freezing import FreezePlan, freeze_for_run
-from llada_trm.training.init_from import init_from_config
-from llada_trm.training.lora import attach_run_lora
 from llada_trm.training.objective import LossWeights, diffusion_objective
 from llada_trm.training.sampler_state_batches import StateMix
 from llada_trm.training.sampler_states import prepare_sampler_states

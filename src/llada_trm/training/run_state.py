@@ -20,12 +20,15 @@ from typing import Any
 from llada_trm.dist_utils import is_main_process, reduce_sums, world_size
 from llada_trm.errors import CheckpointError
 from llada_trm.io import copy_directory
-from llada_trm.run_checkpoint import check_run_backbone, load_weights, refiner_names, resolve_checkpoint_dir
-from llada_trm.training.checkpoint import (
+from llada_trm.run_checkpoint import (
     TrainState,
     capture_rng_state,
+    check_run_backbone,
     load_trainer_state,
+    load_weights,
     prune_snapshots,
+    refiner_names,
+    resolve_checkpoint_dir,
     restore_rng_state,
     save_checkpoint,
 )

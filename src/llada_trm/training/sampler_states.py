@@ -49,6 +49,7 @@ from llada_trm.dist_utils import is_distributed, is_main_process
 from llada_trm.errors import ConfigError
 from llada_trm.io import atomic_path
 from llada_trm.progress import Bar, progress_bar
+from llada_trm.run_checkpoint import init_from_config
 from llada_trm.training.cache_manifest import (
     backbone_fingerprint,
     check_manifest,
@@ -62,7 +63,6 @@ from llada_trm.training.cache_manifest import (
 )
 from llada_trm.training.feature_cache import require_frozen_backbone
 from llada_trm.training.freezing import freeze_for_run
-from llada_trm.training.init_from import init_from_config
 from llada_trm.training.sampler_state_batches import (
     SAMPLER_STATES_CHECKED,
     SamplerStates,

@@ -42,7 +42,7 @@ from llada_trm.diffusion.targeted_masks import TokenText, TrainingMasks
 from llada_trm.errors import ConfigError
 from llada_trm.io import write_text_atomic
 from llada_trm.progress import note, progress_bar, validation_line
-from llada_trm.training.checkpoint import TrainState, prune_snapshots
+from llada_trm.run_checkpoint import TrainState, prune_snapshots
 from llada_trm.training.data import DrawSampler, EpochSampler, run_loaders
 from llada_trm.training.distributed import (
     all_finite,
