@@ -10,10 +10,9 @@ import pytest
 import yaml
 from tiny_assets import tiny_run
 
-from llada_trm.cli import main
-from llada_trm.cli_eval import split_label
-from llada_trm.cli_sampling import resolve_sampling
+from llada_trm.cli import main, split_label
 from llada_trm.diffusion import SamplingOptions
+from llada_trm.evaluate.loading import resolve_sampling
 
 TINY = ["--gen-length=16", "--block-length=8", "--steps=4", "--no-progress"]
 RUN_SAMPLING = {"steps": 8, "gen_length": 16, "block_length": 8, "threshold": 0.9, "cache": "prefix"}

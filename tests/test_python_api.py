@@ -119,8 +119,7 @@ def test_eval_inherits_the_runs_sampling_unless_a_flag_overrides_it(sampled_run,
 
 
 def test_unset_flags_mean_the_checkpoints_value(sampled_run, backbone_dir):
-    from llada_trm.cli import build_parser
-    from llada_trm.cli_sampling import sampling_options
+    from llada_trm.cli import build_parser, sampling_options
 
     def options(*argv: str) -> SamplingOptions:
         return sampling_options(build_parser().parse_args(["eval", *argv]))
@@ -133,8 +132,7 @@ def test_unset_flags_mean_the_checkpoints_value(sampled_run, backbone_dir):
 
 
 def test_eval_warns_when_most_completions_are_empty(capsys):
-    from llada_trm.cli import build_parser
-    from llada_trm.cli_eval import _print_eval_summary
+    from llada_trm.cli import _print_eval_summary, build_parser
 
     args = build_parser().parse_args(["eval", "--checkpoint", "embedded"])
     summary = {

@@ -353,7 +353,7 @@ def plan_eval(args: Any, options: Any, echo: Echo = print) -> dict[str, Any]:
 def _eval_target(checkpoint: str) -> tuple[RunConfig | None, str, str]:
     """(the run config or None, what kind of checkpoint, the backbone folder) of `--checkpoint`, read from
     its config files only."""
-    from llada_trm.export_format import export_run_config, read_export_section
+    from llada_trm.evaluate.loading import export_run_config, read_export_section
     from llada_trm.run_checkpoint import read_run_config, resolve_checkpoint_dir
 
     path = Path(checkpoint).expanduser()

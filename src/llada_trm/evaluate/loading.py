@@ -4,8 +4,8 @@ Four kinds of checkpoint are accepted, so that one command compares a trained re
 
 - a training run's checkpoint (`<run>/checkpoints/last` or `best`, or the run directory itself): the trained
   tensors, plus the resolved `config.yaml` that says which backbone and refiner they belong to;
-- an exported model (`llada-trm export`, layout in `export_format`): backbone, refiners, tokenizer and the
-  run's settings in one directory;
+- an exported model (`llada-trm export`, layout below): backbone, refiners, tokenizer and the run's settings
+  in one directory;
 - a plain backbone directory in Hugging Face layout (`config.json`, safetensors, tokenizer): no refiner;
 - `embedded`: the package's tiny backbone.
 
@@ -15,12 +15,26 @@ fingerprint their weights file records, `backbone.fingerprint`) unless `allow_ba
 `refiner` picks what runs: None keeps the checkpoint's own choice, `"none"` evaluates the backbone alone
 (refinement switched off with K = 0, so it costs nothing), `"mlp"` / `"slot"` selects one refiner of a
 checkpoint that has it (the active one of a `hybrid` integration).
+
+The layout of an export, one self-contained Hugging Face-layout directory that names no other file (it is
+read here, with `model.backbone` set to the directory itself; `llada_trm.export` writes it):
+
+    config.json           the backbone's LLaDA fields (so any LLaDA loader reads the backbone), plus under
+                          `llada_trm` what turns it into the trained hybrid: `format_version`, `model` (the
+                          run's HybridConfig fields and dtype), `sampling` (the run's sampler settings),
+                          `data` (the run's data section less its path: the generated task's knobs),
+                          `refiner_file`, and `source` (the run's phase and step, no paths)
+    model.safetensors     the backbone, trained tensors of phases 2/3 included (or HF shards + index)
+    refiner.safetensors   the refiners (`hybrid.refiner_file`; records this backbone's fingerprint)
+    tokenizer.json, tokenizer_config.json, special_tokens_map.json
+    README.md             the model card with the run's measured table
+
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -32,10 +46,9 @@ from llada_trm.assets import EMBEDDED_NAME, embedded_backbone_dir
 from llada_trm.backbone.fingerprint import directory_fingerprint
 from llada_trm.backbone.lora import attach_run_lora, merge_lora
 from llada_trm.build import build_model, inference_dtype, load_hybrid, resolve_backbone_dir
-from llada_trm.config import RunConfig
+from llada_trm.config import RunConfig, parse_config
 from llada_trm.diffusion.options import SamplingOptions
 from llada_trm.errors import CheckpointError
-from llada_trm.export_format import EXPORT_KEY, REFINER_FILE, export_run_config, read_export_section
 from llada_trm.hybrid import HybridConfig, LLaDATRMHybrid
 from llada_trm.io import DTYPES, dtype_named, resolve_device
 from llada_trm.run_checkpoint import (
@@ -52,15 +65,26 @@ if TYPE_CHECKING:
     from llada_trm.evaluate.evaluator import Answers
 
 __all__ = [
+    "EXPORT_FORMAT",
+    "EXPORT_KEY",
+    "REFINER_FILE",
     "REFINER_CHOICES",
+    "OFF",
     "LoadedModel",
     "checkpoint_sampling",
+    "export_run_config",
     "load_checkpoint",
     "override_sampling",
+    "read_export_section",
     "resolve_eval_device",
+    "resolve_sampling",
 ]
 
 REFINER_CHOICES = ("none", "mlp", "slot")
+OFF = "off"  # a sampler override that switches off what a run's `sampling:` section switched on
+EXPORT_KEY = "llada_trm"  # an export's section of its config.json
+EXPORT_FORMAT = 1
+REFINER_FILE = "refiner.safetensors"
 
 
 @dataclass
@@ -149,6 +173,16 @@ def checkpoint_sampling(checkpoint: str | Path) -> SamplingOptions:
     if _is_backbone_dir(path):
         return SamplingOptions()
     return read_run_config(resolve_checkpoint_dir(path)).sampling.options()
+
+
+def resolve_sampling(checkpoint: Any, given: Mapping[str, Any]) -> Any:
+    """`checkpoint`'s sampler settings with `given` in place of its values: None keeps the checkpoint's
+    value, `off` switches a setting off (threshold, cache). The one rule for every entry point that takes
+    a checkpoint and sampler overrides (`eval`, `generate`, the lm-eval backend)."""
+    off = [name for name, value in given.items() if value == OFF]
+    on = {name: value for name, value in given.items() if value != OFF}
+    options = override_sampling(checkpoint_sampling(checkpoint), **on)
+    return replace(options, **dict.fromkeys(off)) if off else options
 
 
 def _is_backbone_dir(path: Path) -> bool:
@@ -303,6 +337,38 @@ def _load_export(
         backbone_dir=directory,
         run_config=config,
     )
+
+
+def read_export_section(directory: Path) -> dict[str, Any] | None:
+    """The `llada_trm` entry of `directory/config.json`, or None for a plain backbone (or no config.json:
+    the backbone loader reports that)."""
+    path = directory / "config.json"
+    if not path.is_file():
+        return None
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError):  # JSON or UTF-8 errors
+        return None  # the backbone loader names the problem with the file
+    section = raw.get(EXPORT_KEY) if isinstance(raw, dict) else None
+    if section is None:
+        return None
+    if not isinstance(section, dict) or section.get("format_version") != EXPORT_FORMAT:
+        version = section.get("format_version") if isinstance(section, dict) else None
+        raise CheckpointError(
+            f"{path}: '{EXPORT_KEY}' is not a llada-trm export of format {EXPORT_FORMAT} (format "
+            f"{version!r}); re-export the run with this llada-trm (llada-trm export RUN OUT --force)"
+        )
+    return section
+
+
+def export_run_config(directory: Path, section: dict[str, Any]) -> RunConfig:
+    """The run config an export stands for, its backbone being the export directory itself."""
+    raw = {
+        "model": {**section.get("model", {}), "backbone": str(directory)},
+        "data": section.get("data", {}),
+        "sampling": section.get("sampling", {}),
+    }
+    return parse_config(raw, source=f"{directory / 'config.json'}: {EXPORT_KEY}")
 
 
 def _inside(directory: Path, name: object, where: str) -> Path:

@@ -35,13 +35,12 @@ from lm_eval.api.registry import register_model
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from tqdm.auto import tqdm
 
-from llada_trm.cli_sampling import OFF, resolve_sampling
 from llada_trm.data import pad_token_id, special_token_ids
 from llada_trm.diffusion import decode_generated, sample
 from llada_trm.diffusion.options import SamplingOptions
 from llada_trm.errors import ConfigError
 from llada_trm.evaluate.evaluator import POLICY, fit_prompts
-from llada_trm.evaluate.loading import load_checkpoint
+from llada_trm.evaluate.loading import OFF, load_checkpoint, resolve_sampling
 
 from .likelihood import greedy_matches, mc_log_likelihood
 from .results import name_results_after_checkpoint
