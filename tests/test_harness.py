@@ -16,15 +16,8 @@ import torch
 from llada_trm.data import GSM8KRecord, SyntheticTaskConfig, generate_problems, write_jsonl
 from llada_trm.errors import ConfigError
 from llada_trm.evaluate.extraction import extract_flexible, extract_strict, is_correct
-from llada_trm.harness import (
-    DATA_ENV_VAR,
-    greedy_matches,
-    masked_counts,
-    mc_log_likelihood,
-    random_masks,
-    resolve_data_path,
-    tasks_dir,
-)
+from llada_trm.harness.likelihood import greedy_matches, masked_counts, mc_log_likelihood, random_masks
+from llada_trm.harness.tasks import DATA_ENV_VAR, resolve_data_path, tasks_dir
 
 needs_lm_eval = pytest.mark.skipif(
     importlib.util.find_spec("lm_eval") is None,
