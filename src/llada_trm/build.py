@@ -24,19 +24,15 @@ from transformers import PreTrainedTokenizerBase
 
 from llada_trm.backbone.checkpoint import read_config, stored_weights
 from llada_trm.config import DataConfig, RunConfig, check_backbone_fit
-from llada_trm.data import (
-    GSM8KRecord,
-    SFTDataset,
-    load_gsm8k,
-    load_tokenizer,
-    mask_token_id,
-)
 from llada_trm.data.arithmetic import generate_task_records
+from llada_trm.data.collate import SFTDataset
 from llada_trm.data.disjoint import check_disjoint
-from llada_trm.data.gsm8k import DataError
+from llada_trm.data.gsm8k import DataError, GSM8KRecord, load_gsm8k
+from llada_trm.data.tokenizer import load_tokenizer, mask_token_id
 from llada_trm.dist_utils import init_distributed
 from llada_trm.errors import ConfigError
-from llada_trm.hybrid import HybridConfig, LLaDATRMHybrid
+from llada_trm.hybrid.config import HybridConfig
+from llada_trm.hybrid.model import LLaDATRMHybrid
 from llada_trm.io import DTYPES, dtype_named, resolve_device
 from llada_trm.refiners.compiling import compile_refiner_steps
 

@@ -98,7 +98,7 @@ class CommitRecorder:
 def reference_tokens(tokenizer: Any, answer: str, gen_length: int, pad_id: int) -> tuple[list[int], int]:
     """The reference answer as training targets it (``encode_answer``: answer, EoT, EOS), padded with
     ``pad_id`` (EOS) or cut to ``gen_length``; and its length before padding (capped at gen_length)."""
-    from llada_trm.data import encode_answer
+    from llada_trm.data.collate import encode_answer
 
     ids = encode_answer(tokenizer, answer)[:gen_length]
     return ids + [pad_id] * (gen_length - len(ids)), len(ids)

@@ -40,21 +40,14 @@ from transformers import PreTrainedTokenizerBase
 
 from llada_trm.config import ArithmeticDataConfig
 from llada_trm.config import SyntheticDataConfig as SyntheticSettings
-from llada_trm.data import (
-    DataError,
-    GSM8KRecord,
-    apply_split,
-    encode_prompt,
-    load_gsm8k,
-    parse_split,
-    prompt_batch,
-    special_token_ids,
-)
 from llada_trm.data.arithmetic import generate_task_records
+from llada_trm.data.collate import encode_prompt, prompt_batch
+from llada_trm.data.gsm8k import DataError, GSM8KRecord, apply_split, load_gsm8k, parse_split
 from llada_trm.data.synthetic import SPLITS
-from llada_trm.data.tokenizer import decode_generated, digit_token_ids
-from llada_trm.diffusion import SamplingOptions, sample
+from llada_trm.data.tokenizer import decode_generated, digit_token_ids, special_token_ids
 from llada_trm.diffusion.denoiser import add_stats, refines_masked_positions
+from llada_trm.diffusion.options import SamplingOptions
+from llada_trm.diffusion.sampler import sample
 from llada_trm.diffusion.steps import StepCallback
 from llada_trm.dist_utils import gather_objects, is_main_process, shard_indices
 from llada_trm.evaluate import diagnostics as diag

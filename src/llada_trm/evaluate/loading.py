@@ -49,7 +49,8 @@ from llada_trm.build import build_model, inference_dtype, load_hybrid, resolve_b
 from llada_trm.config import RunConfig, parse_config
 from llada_trm.diffusion.options import SamplingOptions
 from llada_trm.errors import CheckpointError
-from llada_trm.hybrid import HybridConfig, LLaDATRMHybrid
+from llada_trm.hybrid.config import HybridConfig
+from llada_trm.hybrid.model import LLaDATRMHybrid
 from llada_trm.io import DTYPES, dtype_named, resolve_device
 from llada_trm.run_checkpoint import (
     CONFIG_FILE,

@@ -35,9 +35,9 @@ from lm_eval.api.registry import register_model
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from tqdm.auto import tqdm
 
-from llada_trm.data import pad_token_id, special_token_ids
-from llada_trm.diffusion import decode_generated, sample
+from llada_trm.data.tokenizer import decode_generated, pad_token_id, special_token_ids
 from llada_trm.diffusion.options import SamplingOptions
+from llada_trm.diffusion.sampler import sample
 from llada_trm.errors import ConfigError
 from llada_trm.evaluate.evaluator import POLICY, fit_prompts
 from llada_trm.evaluate.loading import OFF, load_checkpoint, resolve_sampling

@@ -13,7 +13,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from llada_trm.data import DataError, load_gsm8k
+from llada_trm.data.gsm8k import DataError, load_gsm8k
 from llada_trm.errors import ConfigError
 
 __all__ = ["DATA_ENV_VAR", "DATA_METADATA_KEY", "load_gsm8k_local", "resolve_data_path", "tasks_dir"]
