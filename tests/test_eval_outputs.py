@@ -10,8 +10,10 @@ import pytest
 import yaml
 from tiny_assets import tiny_run
 
+from llada_trm import cli
 from llada_trm.cli import main, split_label
 from llada_trm.diffusion import SamplingOptions
+from llada_trm.evaluate import loading
 from llada_trm.evaluate.loading import resolve_sampling
 
 TINY = ["--gen-length=16", "--block-length=8", "--steps=4", "--no-progress"]
@@ -68,6 +70,10 @@ def test_resolve_sampling_keeps_the_runs_settings_unless_given(sampling_run):
 
 
 @pytest.mark.skipif(importlib.util.find_spec("lm_eval") is None, reason="lm_eval is not installed")
+def test_the_cli_and_the_loader_agree_on_the_word_that_switches_a_setting_off():
+    assert cli.OFF == loading.OFF == "off"  # the parser stays light, so it spells the word itself
+
+
 def test_the_harness_inherits_the_runs_sampling_section(sampling_run):
     from llada_trm.harness.model import LLaDATRMLM
 
