@@ -138,7 +138,7 @@ def test_generate_and_eval_import_nothing_from_training(tmp_path_factory, tmp_pa
                  "--out", str(tmp_path / "eval"), "--no-progress", *sampling],  # fmt: skip
     }
     done = subprocess.run(
-        [sys.executable, "-c", _PROBE, json.dumps(commands)], capture_output=True, text=True, timeout=120
+        [sys.executable, "-c", _PROBE, json.dumps(commands)], capture_output=True, text=True, timeout=600
     )
     assert done.returncode == 0, done.stderr[-2000:]
     loaded = json.loads(done.stdout.rpartition("LOADED")[2])
