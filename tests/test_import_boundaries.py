@@ -157,3 +157,12 @@ def test_evaluate_package_re_exports_nothing():
 
     assert not hasattr(evaluate, "__getattr__") and not hasattr(evaluate, "__all__")
     assert not (PACKAGE / "pretrain.py").exists() and not (PACKAGE / "evaluate" / "io.py").exists()
+
+
+def test_nothing_but_the_entry_point_imports_the_cli():
+    importers = [
+        _module_name(path)
+        for path in sorted(PACKAGE.rglob("*.py"))
+        if path.name != "__main__.py" and path != PACKAGE / "cli.py" and "llada_trm.cli" in _imports(path)
+    ]
+    assert not importers, importers
