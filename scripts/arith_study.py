@@ -32,10 +32,11 @@ from pathlib import Path
 from typing import Any
 
 from llada_trm.data.arithmetic import answer_carries
+from llada_trm.data.gsm8k import GSM8KRecord
 from llada_trm.diffusion.options import SamplingOptions
-from llada_trm.evaluate import evaluate_model, load_checkpoint
+from llada_trm.evaluate.evaluator import evaluate_model
+from llada_trm.evaluate.loading import load_checkpoint
 from llada_trm.evaluate.paired import read_predictions
-from llada_trm.evaluate.records import GSM8KRecord
 from llada_trm.evaluate.statistics import mean_std, proportion, stratified_sign_test
 from llada_trm.io import write_text_atomic
 

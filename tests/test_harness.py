@@ -282,7 +282,7 @@ def test_every_sampler_option_reaches_the_sampler(harness_lm, monkeypatch):
 
 @needs_lm_eval
 def test_prompts_that_do_not_fit_are_skipped_alike_by_eval_and_the_harness(tmp_path, harness_lm):
-    """One policy (`evaluate.prompt_fit`): a prompt + gen_length beyond the positions is skipped, scored as
+    """One policy (`fit_prompts`): a prompt + gen_length beyond the positions is skipped, scored as
     wrong and counted, by `eval`'s evaluator and by the lm-eval backend alike (the backend used to cut it from
     the left, chat header included, and `eval` stopped at it)."""
     from llada_trm.evaluate.evaluator import POLICY

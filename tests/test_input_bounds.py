@@ -70,7 +70,7 @@ def test_prompt_plus_gen_length_is_bounded_by_the_backbone(backbone_dir: Path) -
     long = GSM8KRecord(question="one two three " * 100, answer="#### 1", origin="q.jsonl:7")
     short = GSM8KRecord(question="What is 1 plus 1?", answer="#### 2")
     options = SamplingOptions(gen_length=16, block_length=8, steps=4)
-    # a prompt past the positions is skipped, scored wrong and counted (evaluate.prompt_fit), never sampled
+    # a prompt past the positions is skipped, scored wrong and counted (fit_prompts), never sampled
     result = evaluate_model(model, tokenizer, [short, long], options, progress=False)
     assert result.summary["prompts"]["skipped_indices"] == [1] and result.summary["n"] == 2
     assert result.predictions[1]["skipped"] and not result.predictions[1]["correct_strict"]

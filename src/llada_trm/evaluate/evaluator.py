@@ -290,7 +290,7 @@ def evaluate_model(  # noqa: PLR0913 - cli.py and compare.py pass every keyword
     predictions: list[dict[str, Any]] = []
     totals: dict[str, float] = {}
     nfe, generation_s = 0, 0.0
-    # Prompts that do not fit are skipped (`prompt_fit`): the batches are formed from the others. Under
+    # Prompts that do not fit are skipped (`fit_prompts`): the batches are formed from the others. Under
     # torchrun each rank samples every world-th batch, each batch formed as one process forms it.
     kept = fit.kept
     starts = range(0, len(kept), options.batch_size)

@@ -168,7 +168,7 @@ class LLaDATRMLM(TemplateLM):
         self._generator = torch.Generator(device=self._device).manual_seed(self.options.seed)
         self._mc_generator = torch.Generator().manual_seed(self.options.seed)
         self._warned: set[str] = set()
-        self.skipped_prompts = 0  # prompts too long for max_length (`evaluate.prompt_fit`), so far
+        self.skipped_prompts = 0  # prompts too long for max_length (`fit_prompts`), so far
         self.prompts_seen = 0
 
     # ----------------------------------------------------------------------------------- tokenisation
@@ -261,7 +261,7 @@ class LLaDATRMLM(TemplateLM):
         """Sample every request; requests sharing sampler options are batched, longest prompts first.
 
         A prompt that does not fit max_length with its gen_length is skipped, answered with an empty string
-        (scored as wrong) and counted: the policy `llada-trm eval` follows too (`evaluate.prompt_fit`).
+        (scored as wrong) and counted: the policy `llada-trm eval` follows too (`fit_prompts`).
         """
         requested = []
         for request in requests:
