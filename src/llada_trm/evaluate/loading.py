@@ -37,7 +37,7 @@ import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from transformers import PreTrainedTokenizerBase
@@ -49,6 +49,7 @@ from llada_trm.build import build_model, inference_dtype, load_hybrid, resolve_b
 from llada_trm.config import RunConfig, parse_config
 from llada_trm.diffusion.options import SamplingOptions
 from llada_trm.errors import CheckpointError
+from llada_trm.evaluate.evaluator import Answers, answer_questions
 from llada_trm.hybrid.config import HybridConfig
 from llada_trm.hybrid.model import LLaDATRMHybrid
 from llada_trm.io import DTYPES, dtype_named, resolve_device
@@ -61,9 +62,6 @@ from llada_trm.run_checkpoint import (
     refiner_names,
     resolve_checkpoint_dir,
 )
-
-if TYPE_CHECKING:
-    from llada_trm.evaluate.evaluator import Answers
 
 __all__ = [
     "EXPORT_FORMAT",
@@ -131,8 +129,6 @@ class LoadedModel:
     def generate(self, questions: Sequence[str] | str, **sampling: Any) -> Answers:
         """Answer `questions` (a list, or one string) through the chat template; `sampling` overrides this
         model's sampler settings (`steps=`, `gen_length=`, `threshold=`, ..., see SamplingOptions)."""
-        from llada_trm.evaluate.evaluator import answer_questions
-
         options = self.sampling_with(**sampling)
         return answer_questions(self.model, self.tokenizer, questions, options, num_steps=self.num_steps)
 
