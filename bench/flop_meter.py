@@ -6,6 +6,7 @@ refiner's `step` and the hybrid's `lm_head`, and adds up, from the shapes of eve
     backbone     rows run x backbone_token_flops(keys attended)           (cached windows attend to the cache)
     refiner      per step: refined rows x its row FLOPs (keys = the window's rows)
     LM head      rows the hybrid sends through the LM head (halting probes and the refined rows' logits)
+                 besides its one output pass (`output_head`: the backbone's own LM-head pass, counted with it)
 
 and the calls of each (`backbone_calls`, `lm_head_calls`, `refiner_calls`), which the weight-read floor
 prices by the bytes each call reads (`floors.backbone_weight_bytes`, ...).
@@ -62,6 +63,7 @@ class FlopMeter:
         self.count = FlopCount()
         self._wrap_backbone(model)
         self._wrap_lm_head(model)
+        self._wrap_output_head(model)
         for refiner in model.refinement_head.values():
             self._wrap_step(refiner)
 
@@ -95,6 +97,15 @@ class FlopMeter:
             return original(h)
 
         model.lm_head = lm_head
+
+    def _wrap_output_head(self, model: LLaDATRMHybrid) -> None:
+        row_flops, original = floors.lm_head_row_flops(model.backbone.config), model.output_head
+
+        def output_head(h: Tensor) -> Tensor:
+            self.count.backbone += h.shape[:-1].numel() * row_flops  # the backbone call's own head pass
+            return original(h)
+
+        model.output_head = output_head
 
     def _wrap_step(self, refiner: Any) -> None:
         config, original = refiner.config, refiner.step

@@ -139,5 +139,14 @@ def test_flop_meter_counts_calls_and_the_bytes_each_refiner_step_reads() -> None
         model(ids)
     count = meter.reset()
     assert (count.backbone_calls, count.refiner_calls, count.lm_head_calls) == (1, 2, 1)
-    assert count.lm_head_rows == 4  # the final pass over the refined chunk's masked rows
+    assert count.lm_head_rows == 4  # confidence selection: the refined chunk's masked rows, read again
     assert count.refiner_read_bytes == 2 * floors.weight_bytes(model.refinement_head["slot"]) > 0
+    assert count.backbone == 8 * floors.backbone_token_flops(config, keys=8)  # its logits pass included
+
+    model.config.chunk_selection = "all"  # the recipe: the output pass is the call's only LM-head read
+    with torch.no_grad():
+        model(ids)
+    count = meter.reset()
+    calls = (count.backbone_calls, count.refiner_calls, count.lm_head_calls, count.lm_head_rows)
+    assert calls == (1, 2, 0, 0)
+    assert count.backbone == 8 * floors.backbone_token_flops(config, keys=8)

@@ -119,36 +119,44 @@ def refine_counting(model: LLaDATRMHybrid, monkeypatch: pytest.MonkeyPatch) -> t
 
 
 def test_learned_halting_runs_no_lm_head_inside_the_loop(monkeypatch):
-    refined_rows = 2 * 8  # two refined chunks of 4 positions per row
-    learned = hybrid(halting="learned")
+    refined_rows, all_rows = 2 * 8, 2 * 12  # two refined chunks of 4 positions per row; 12 positions per row
+    learned = hybrid(halting="learned", chunk_selection="all")
     force_halting(learned, -30.0)  # K steps, so a probe would have run K - 1 times
     stats, seen = refine_counting(learned, monkeypatch)
     assert stats["steps_per_chunk"].tolist() == [[0, K, K], [0, K, K]]
-    assert seen == [refined_rows] and stats["lm_head_rows"] == refined_rows  # the final logits only
+    assert seen == [all_rows] and stats["lm_head_rows"] == 0  # the one output pass, nothing else
 
     probing = hybrid(halting="confidence", confidence_threshold=1.5)  # refines all, never confident
     stats, seen = refine_counting(probing, monkeypatch)
     assert stats["steps_per_chunk"].tolist() == [[0, K, K], [0, K, K]]
-    assert stats["lm_head_rows"] == sum(seen) == K * refined_rows  # K - 1 probes + the final pass
+    assert stats["lm_head_rows"] == K * refined_rows  # K - 1 probes + the refined rows' final logits
+    assert seen == [all_rows] + [refined_rows] * K  # the backbone's logits first: the selection reads them
     stats, seen = refine_counting(hybrid(halting="none"), monkeypatch)
-    assert stats["lm_head_rows"] == sum(seen) == refined_rows
+    assert stats["lm_head_rows"] == refined_rows and seen == [all_rows, refined_rows]
+    stats, seen = refine_counting(hybrid(halting="none", chunk_selection="all"), monkeypatch)
+    assert stats["lm_head_rows"] == 0 and seen == [all_rows]  # the recipe: one LM-head read per call
 
 
 def test_unmasked_positions_of_refined_chunks_keep_the_backbones_logits(monkeypatch):
     ids = noisy_ids()
     ids[:, 5] = 3  # chunk 1 (positions 4-7) is refined but now holds a committed token
     for halting in ("none", "learned"):
-        model = hybrid(halting=halting).eval()
-        with torch.no_grad():
-            features = model.features(ids)
-            seen = count_lm_head_rows(model, monkeypatch)
-            out = model.refine(features)
-        masked = ids == MASK
-        assert out.stats["steps_per_chunk"].tolist() == [[0, K, K], [0, K, K]]
-        assert seen == [int(masked.sum())] == [2 * 8 - 2]  # the final pass: masked rows only
-        assert torch.equal(out.logits[~masked], features.base_logits[~masked])
-        assert not torch.equal(out.hidden_states[:, 5], features.hidden_states[:, 5])  # still refined
-        assert not torch.allclose(out.logits[masked], features.base_logits[masked])
+        for selection in ("confidence", "all"):
+            model = hybrid(halting=halting, chunk_selection=selection).eval()
+            with torch.no_grad():
+                features = model.features(ids)
+                seen = count_lm_head_rows(model, monkeypatch)
+                out = model.refine(features)
+                passes = list(seen)
+                base = features.base_logits
+            masked = ids == MASK
+            assert out.stats["steps_per_chunk"].tolist() == [[0, K, K], [0, K, K]]
+            # 'all': one pass over every row (the refined states at the masked rows); 'confidence': the
+            # backbone's logits, which the selection reads, then the refined chunks' masked rows
+            assert passes == ([ids.numel()] if selection == "all" else [ids.numel(), int(masked.sum())])
+            assert torch.equal(out.logits[~masked], base[~masked])
+            assert not torch.equal(out.hidden_states[:, 5], features.hidden_states[:, 5])  # still refined
+            assert not torch.allclose(out.logits[masked], base[masked])
 
 
 def test_learned_halting_needs_a_head():

@@ -187,53 +187,88 @@ def test_shapes_and_step_logits(refiner):
     assert model(ids, attention_mask=padding).logits.shape == (2, 10, VOCAB)
 
 
-SYNCS = ("item", "tolist", "__bool__", "__float__", "__int__", "__index__")  # tensor -> Python: waits
+SYNCS = ("item", "tolist", "__bool__", "__float__", "__int__", "__index__", "nonzero", "cpu", "numpy",
+         "masked_select", "unique", "argwhere")  # Tensor methods that hand a device value to the host
+TORCH_SYNCS = ("nonzero", "masked_select", "unique", "argwhere", "unique_consecutive")
 
 
-def _recording(original: Any, calls: list[list[str]]) -> Any:
-    def counted(self: Tensor, *args: Any, **kwargs: Any) -> Any:
-        calls.append([frame.name for frame in traceback.extract_stack()])
-        return original(self, *args, **kwargs)
+def _recording(original: Any, calls: list[list[str]], when: Any = None) -> Any:
+    def counted(*args: Any, **kwargs: Any) -> Any:
+        if when is None or when(*args, **kwargs):
+            calls.append([frame.name for frame in traceback.extract_stack()])
+        return original(*args, **kwargs)
 
     return counted
 
 
+def _has_bool_index(index: Any) -> bool:
+    """Indexing by a bool tensor (or a tuple holding one) gathers a data-dependent number of rows: a sync."""
+    parts = index if isinstance(index, tuple) else (index,)
+    return any(isinstance(p, Tensor) and p.dtype == torch.bool and p.dim() > 0 for p in parts)
+
+
 def host_syncs(monkeypatch: pytest.MonkeyPatch, run: Any) -> tuple[list[list[str]], Any]:
-    """`run()`'s result and, per tensor-to-Python conversion it made (a host sync on a GPU), the names of the
-    functions on the stack (torch.cuda.set_sync_debug_mode is CUDA-only; this counts on any device)."""
+    """`run()`'s result and, per call that waits for the device (a tensor value converted to Python, a
+    data-dependent shape: nonzero, boolean-mask indexing, masked_select, unique, a copy to the host), the
+    names of the functions on the stack (set_sync_debug_mode is CUDA-only; this counts on any device)."""
     calls: list[list[str]] = []
     with monkeypatch.context() as patch:
         for name in SYNCS:
             patch.setattr(Tensor, name, _recording(getattr(Tensor, name), calls))
+        for name in TORCH_SYNCS:
+            patch.setattr(torch, name, _recording(getattr(torch, name), calls))
+        patch.setattr(torch, "where", _recording(torch.where, calls, lambda *a, **k: len(a) + len(k) == 1))
+        bool_get = _recording(Tensor.__getitem__, calls, lambda _, index: _has_bool_index(index))
+        patch.setattr(Tensor, "__getitem__", bool_get)
+        bool_set = _recording(Tensor.__setitem__, calls, lambda _, index, value: _has_bool_index(index))
+        patch.setattr(Tensor, "__setitem__", bool_set)
+        for name in ("index_put", "index_put_"):
+            patch.setattr(Tensor, name, _recording(getattr(Tensor, name), calls,
+                                                   lambda _, index, *a, **k: _has_bool_index(tuple(index))))
         out = run()
     return calls, out
 
 
+def test_the_sync_counter_sees_each_kind_of_sync(monkeypatch):
+    x, mask = torch.arange(6.0), torch.tensor([True, False] * 3)
+    kinds = [lambda: x.sum().item(), lambda: x.tolist(), lambda: bool(x.any()), lambda: float(x[0]),
+             lambda: int(x[0]), lambda: x.nonzero(), lambda: torch.nonzero(x), lambda: x[mask],
+             lambda: x.masked_select(mask), lambda: torch.unique(x), lambda: x.cpu(),
+             lambda: torch.where(mask), lambda: x.index_put((mask,), torch.zeros(3)),
+             lambda: x.clone().__setitem__(mask, 0.0)]
+    for kind in kinds:
+        calls, _ = host_syncs(monkeypatch, kind)
+        assert len(calls) >= 1
+    calls, _ = host_syncs(monkeypatch, lambda: torch.where(mask, x, 0.0)[torch.tensor([0, 2])])
+    assert calls == []  # elementwise selection and integer indexing do not wait for the device
+
+
 @pytest.mark.parametrize("refiner", ["mlp", "slot"])
-def test_a_refining_forward_without_halting_makes_no_host_sync_for_statistics(monkeypatch, refiner):
-    """Issue 29: the stats stay on the device (0-d tensors) until someone logs them; the sampler sums them
-    there too. What the forward still syncs is control flow: one 'anything to refine?' check (not one per
-    step) and the refiner's packing of the refined rows."""
+@pytest.mark.parametrize("integration", ["replace", "cascade"])
+def test_a_refining_forward_without_halting_makes_no_host_sync(monkeypatch, refiner, integration):
+    """Issue 25/29: the shipped recipe's forward (every chunk with a masked position refined, no halting, K
+    steps) waits for the device nowhere: stats stay 0-d tensors until someone logs them (the sampler sums them
+    there too), no 'anything left?' check, the refiner steps run dense over the window's rows, and the logits
+    are one LM-head pass. The old forward made 15 (slot) / 9 (mlp) such calls here."""
     from llada_trm.diffusion import SamplingOptions  # noqa: PLC0415
     from llada_trm.diffusion.denoiser import Denoiser  # noqa: PLC0415
 
-    model = make_model(refiner=refiner, halting="none", confidence_threshold=2.0, max_recursive_steps=4)
+    kinds = {"refiner": refiner} if integration == "replace" else {"integration": "cascade"}
+    model = make_model(**kinds, halting="none", chunk_selection="all", max_recursive_steps=4)
     model.eval()
     ids = noisy_ids()
     with torch.no_grad():
-        model(ids)  # lazily built state (the slot refiner's caches) is not what is counted
+        model(ids)  # lazily built state is not what is counted
         calls, out = host_syncs(monkeypatch, lambda: model(ids))
-    for_stats = [c for c in calls if {"chunk_stats", "summary", "gate_values", "_stats"} & set(c)]
-    assert for_stats == []
-    control = [c for c in calls if "pack" not in c]
-    assert len(control) == 1 and "_run_steps" in control[0]
+    assert calls == [], [c[-3:] for c in calls]
 
     stats = out.stats  # every key still there, and the numbers right once converted
     assert (stats["chunks_total"], int(stats["chunks_refined"]), float(stats["refine_steps"])) == (6, 4, 4.0)
     assert int(stats["chunks_halted"]) == 0 and float(stats["skipped_fraction"]) == pytest.approx(2 / 6)
     assert len(stats["delta_norms"]) == 4 and math.isfinite(float(stats["confidence"]))
     assert all(math.isfinite(float(v)) for v in [*stats["slot_norms"].values(), *stats["gates"].values()])
-    assert set(stats["gates"]) == set(model.refinement_head[refiner].gate_values())
+    reporter = model.refinement_head["slot" if integration == "cascade" else refiner]
+    assert set(stats["gates"]) == set(reporter.gate_values())
 
     denoiser = Denoiser(model, None, ids != MASK, SamplingOptions(mask_id=MASK))
     calls, _ = host_syncs(monkeypatch, lambda: denoiser._record(stats))

@@ -98,13 +98,18 @@ class WindowChunks:
         """`chunk_confidence` of the window's chunks (the padding is unmasked, so it never counts)."""
         return chunk_confidence(self._pad(token_confidence), self._pad(masked), self.chunk_size)
 
+    def masked_counts(self, masked: Tensor) -> Tensor:
+        """[B, C] long: the number of `masked` positions in each of the window's chunks."""
+        return chunk_sum(self._pad(masked).to(torch.float32), self.chunk_size).round().long()
+
     def expand(self, chunk_values: Tensor) -> Tensor:
         """[B, C] per-chunk values -> [B, L] per-position values of the window."""
         return expand_chunks(chunk_values, self.lead + self.length, self.chunk_size)[:, self.lead :]
 
 
-def chunk_stats(refined: Tensor, steps: Tensor, conf0: Tensor, k: int) -> dict:
-    """What selective refinement did: [B, C] `refined` chunks, the `steps` each ran (of `k`), confidence.
+def chunk_stats(refined: Tensor, steps: Tensor, conf0: Tensor | None, k: int) -> dict:
+    """What selective refinement did: [B, C] `refined` chunks, the `steps` each ran (of `k`), the backbone's
+    chunk confidence `conf0` (None: not computed, and not reported).
 
     The counts and fractions are 0-d tensors, computed without a host sync (the forward that reports them
     must not wait for the device); `float()` / `int()` them where they are logged.
@@ -113,7 +118,7 @@ def chunk_stats(refined: Tensor, steps: Tensor, conf0: Tensor, k: int) -> dict:
     n_refined = refined.sum()
     halted = refined & (steps < k)
     step_sum = torch.where(refined, steps, 0).sum().float()
-    return {
+    stats = {
         "refine_steps": torch.where(n_refined > 0, step_sum / n_refined.clamp_min(1), 0.0),
         "steps_per_chunk": steps.detach(),
         "halted_per_chunk": halted.detach(),
@@ -121,5 +126,7 @@ def chunk_stats(refined: Tensor, steps: Tensor, conf0: Tensor, k: int) -> dict:
         "chunks_refined": n_refined,
         "chunks_halted": halted.sum(),
         "skipped_fraction": 1.0 - n_refined.float() / max(total, 1),
-        "chunk_confidence": conf0.detach(),
     }
+    if conf0 is not None:
+        stats["chunk_confidence"] = conf0.detach()
+    return stats

@@ -90,6 +90,11 @@ class ChunkHalting:
     chunks: WindowChunks
     trace: HaltTrace = field(default_factory=HaltTrace)
 
+    @property
+    def can_halt(self) -> bool:
+        """Whether a chunk may stop before K ('none': never, so the loop needs no check of what is left)."""
+        return self.config.halting != "none"
+
     def after_step(
         self, refiner: nn.Module, h: Tensor, logits: Tensor | None, active: Tensor, probe: Tensor, last: bool
     ) -> Tensor:

@@ -25,6 +25,7 @@ with the part of that chunk it holds: a position belongs to the same chunk in ca
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -38,12 +39,24 @@ from llada_trm.backbone.kv_cache import KVCache
 from llada_trm.errors import ConfigError
 from llada_trm.hybrid.chunking import WindowChunks, chunk_stats, max_probability
 from llada_trm.hybrid.config import ACTIVE_CHOICES, HybridConfig
-from llada_trm.hybrid.halting import ChunkHalting
+from llada_trm.hybrid.halting import ChunkHalting, HaltTrace
 from llada_trm.hybrid.outputs import BackboneFeatures, HybridOutput
 from llada_trm.hybrid.refiner_file import read_refiner_weights, write_refiner_weights
 from llada_trm.refiners import Refiner, RefinerCarry, StatsAccumulator, build_refiner, slot_parameter_count
 
 PREFIX = "refinement_head."
+
+
+@dataclass
+class RefineLoop:
+    """What the K-step loop leaves: the refined states (work dtype), the steps each chunk ran [B, C], the
+    refiners' statistics, and per step the logits (when asked for) and the refiner's confidence."""
+
+    h: Tensor
+    steps: Tensor
+    stats: StatsAccumulator
+    step_logits: list[Tensor] = field(default_factory=list)
+    step_confidence: list[Tensor] = field(default_factory=list)
 
 
 class LLaDATRMHybrid(nn.Module):
@@ -164,6 +177,7 @@ class LLaDATRMHybrid(nn.Module):
                 input_ids,
                 attention_mask=attention_mask,
                 context_layers=self.context_layers,
+                output_logits=False,  # computed on first read (`BackboneFeatures.base_logits`)
                 past_key_values=past_key_values,
                 use_cache=use_cache,
                 cache_position=cache_position,
@@ -177,7 +191,7 @@ class LLaDATRMHybrid(nn.Module):
             contexts = layers[0] if len(layers) == 1 else torch.stack(layers).mean(dim=0)
         return BackboneFeatures(
             hidden_states=out.hidden_states,
-            base_logits=out.logits,
+            lm_head=self.output_head,
             contexts=contexts,
             masked=input_ids == self.mask_token_id,
             attention_mask=attention_mask,
@@ -232,58 +246,96 @@ class LLaDATRMHybrid(nn.Module):
             of the window whose token is not the mask drop theirs, refined positions keep their last one,
             the rest are untouched. None: refine from scratch.
 
+        Without step logits and with features whose backbone logits were not computed yet (a plain
+        `forward`), the output's logits are ONE LM-head pass over [refined states at the refined chunks'
+        masked positions, h_0 elsewhere]: no backbone logits are computed for rows that get refined ones
+        (issue 29). With 'all' chunk selection and no halting such a call makes no host synchronisation.
+
         stats: `refine_steps` (mean steps per refined chunk), `steps_per_chunk` [B, C], `halted_per_chunk`
         [B, C] (refined chunks that stopped before K), `chunks_total`,
         `chunks_refined`, `chunks_halted` (refined chunks that stopped before K), `skipped_fraction`,
-        `chunk_confidence` [B, C] (the backbone's; absent when no refiner runs), `lm_head_rows` (rows this
-        call ran through the LM head, `HaltTrace`), plus the refiner's own `steps`, `confidence`,
-        `confidence_per_step`, `delta_norms`, `final_confidence`, `slot_norms`, `gates`.
+        `chunk_confidence` [B, C] (the backbone's; only when its logits were needed anyway: chunk selection
+        by confidence, step logits, or features that carry them), `lm_head_rows` (rows this call ran
+        through the LM head besides the one pass over the output, `HaltTrace`), plus the refiner's own
+        `steps`, `confidence`, `confidence_per_step`, `delta_norms`, `final_confidence`, `slot_norms`,
+        `gates`.
         """
-        h0, base = features.hidden_states, features.base_logits
-        if base is None:
-            raise ValueError("features.base_logits is None; run the backbone with output_logits=True")
+        h0 = features.hidden_states
         batch, length = h0.shape[:2]
         masked = self._masked(masked, features, (batch, length))
         cfg = self.config
         schedule = cfg.schedule(num_steps, self._active_refiner)
         chunks = WindowChunks(length, cfg.chunk_size, features.position_offset)
-        n_chunks = chunks.count
 
         if carry is not None and features.masked is not None:  # a committed token has nothing to carry
             carry.reset(~features.masked, features.position_offset)
         if not schedule:  # no refiner, or K = 0: every chunk passes through; no confidence to compute
-            return self._pass_through(features, (batch, n_chunks))
-        rows = masked.nonzero(as_tuple=True)
-        token_conf = torch.zeros(batch, length, device=h0.device)
-        token_conf[rows] = max_probability(base[rows].detach())
-        conf0, n_masked = chunks.confidence(token_conf, masked)
+            return self._pass_through(features, (batch, chunks.count))
+        if return_step_logits is None:
+            return_step_logits = self.training if cfg.return_step_logits is None else cfg.return_step_logits
+        conf0, n_masked = None, chunks.masked_counts(masked)
+        if cfg.chunk_selection == "confidence" or return_step_logits or features.base_logits_given:
+            conf0, n_masked = self._backbone_confidence(features, masked, chunks)
         refined = n_masked > 0
         if cfg.chunk_selection == "confidence":
             refined &= conf0 < cfg.confidence_threshold
-        steps = torch.zeros(batch, n_chunks, dtype=torch.long, device=h0.device)
 
-        if return_step_logits is None:
-            return_step_logits = self.training if cfg.return_step_logits is None else cfg.return_step_logits
-        accumulator = StatsAccumulator()
         halting = ChunkHalting(cfg, self.lm_head, chunks)
-        trace = halting.trace
-        h, logits, step_logits, step_confidence = self._run_steps(
-            features, masked, schedule, refined, steps, accumulator, return_step_logits, halting, carry
-        )
-
-        stats = self._stats(refined, steps, conf0, len(schedule), accumulator, schedule, h0)
-        stats["lm_head_rows"] = trace.lm_head_rows
+        loop = self._run_steps(features, masked, schedule, refined, halting, return_step_logits, carry)
+        if return_step_logits:
+            logits = loop.step_logits[-1]
+        else:
+            logits = self._output_logits(features, loop.h, chunks.expand(refined) & masked, halting.trace)
+        stats = chunk_stats(refined, loop.steps, conf0, len(schedule))
+        stats.update(loop.stats.summary(self.refinement_head[schedule[-1]], h0, on_device=True))
+        stats["lm_head_rows"] = halting.trace.lm_head_rows
         return HybridOutput(
             logits=logits,
-            step_logits=step_logits,
-            base_logits=base,
-            hidden_states=h,
+            step_logits=loop.step_logits,
+            features=features,
+            hidden_states=loop.h.to(h0.dtype),
             stats=stats,
-            step_confidence=step_confidence,
+            step_confidence=loop.step_confidence,
             past_key_values=features.past_key_values,
-            halt_logits=trace.logits,
-            halt_chunks=trace.chunks,
+            halt_logits=halting.trace.logits,
+            halt_chunks=halting.trace.chunks,
         )
+
+    def _backbone_confidence(
+        self, features: BackboneFeatures, masked: Tensor, chunks: WindowChunks
+    ) -> tuple[Tensor, Tensor]:
+        """c_j, the backbone's mean max probability over chunk j's masked positions, and their count."""
+        rows = masked.nonzero(as_tuple=True)
+        token_conf = torch.zeros(masked.shape, device=masked.device)
+        token_conf[rows] = max_probability(self._base(features)[rows].detach())
+        return chunks.confidence(token_conf, masked)
+
+    def _base(self, features: BackboneFeatures) -> Tensor:
+        """The backbone's logits of `features` (computed by this model's LM head when none came with them)."""
+        base = features.base_logits
+        return self.lm_head(features.hidden_states) if base is None else base
+
+    def _output_logits(
+        self, features: BackboneFeatures, h: Tensor, rows: Tensor, trace: HaltTrace
+    ) -> Tensor:
+        """The call's logits: refined at `rows` [B, L] (the refined chunks' masked positions), the backbone's
+        elsewhere. Features that came with their backbone logits keep them and get the refined rows patched
+        in; otherwise one LM-head pass over h_0 with the refined rows swapped in: the same pass the backbone
+        would run, so that refinement adds no LM-head read, and no host sync (no row gather)."""
+        if features.base_logits_given:
+            base = features.base_logits
+            index = rows.nonzero(as_tuple=True)
+            if not index[0].numel():
+                return base
+            trace.lm_head_rows += int(index[0].numel())
+            return base.index_put(index, self.lm_head(h[index]).to(base.dtype))
+        h0 = features.hidden_states
+        return self.output_head(torch.where(rows.unsqueeze(-1), h, h0.to(h.dtype)))
+
+    def output_head(self, h: Tensor) -> Tensor:
+        """The LM head as the call's one output pass (what the backbone's own logits pass would be); separate
+        from `lm_head` (extra reads: step logits, probes) so that a meter can tell them apart."""
+        return self.backbone.lm_head(h.to(self.backbone.dtype))
 
     def _pass_through(self, features: BackboneFeatures, chunk_shape: tuple[int, int]) -> HybridOutput:
         """The output of a call that refines nothing: the backbone's, with the stats of zero refined chunks
@@ -305,9 +357,10 @@ class LLaDATRMHybrid(nn.Module):
         empty = StatsAccumulator()
         stats.update(empty.summary(reporter, h0) if reporter is not None else self._no_refiner_stats(h0))
         stats["lm_head_rows"] = 0
+        base = self._base(features)
         return HybridOutput(
-            logits=features.base_logits, step_logits=[], base_logits=features.base_logits, hidden_states=h0,
-            stats=stats, past_key_values=features.past_key_values,
+            logits=base, step_logits=[], features=features, hidden_states=h0, stats=stats,
+            past_key_values=features.past_key_values,
         )
 
     def _masked(self, masked: Tensor | None, features: BackboneFeatures, shape: tuple[int, int]) -> Tensor:
@@ -319,44 +372,39 @@ class LLaDATRMHybrid(nn.Module):
             raise ValueError(f"masked must be [B, L] = {list(shape)}, got {list(masked.shape)}")
         return masked.to(device=features.hidden_states.device, dtype=torch.bool)
 
-    def _run_steps(  # noqa: PLR0913 - the loop's state, passed rather than kept on the module
+    def _run_steps(  # noqa: PLR0913 - one call's inputs; nothing passed in is modified
         self,
         features: BackboneFeatures,
         masked: Tensor,
         schedule: list[str],
         refined: Tensor,
-        steps: Tensor,
-        accumulator: StatsAccumulator,
-        return_step_logits: bool,
         halting: ChunkHalting,
-        carry: RefinerCarry | None = None,
-    ) -> tuple[Tensor, Tensor, list[Tensor], list[Tensor]]:
-        """The K-step loop over the refined chunks; updates `steps`, `halting.trace`, `carry` in place."""
-        chunks, trace = halting.chunks, halting.trace
-        offset = features.position_offset
-        ran: dict[str, tuple[Tensor, Any]] = {}  # per refiner: the positions it refined, its last state
-        h0, base = features.hidden_states, features.base_logits
+        with_step_logits: bool,
+        carry: RefinerCarry | None,
+    ) -> RefineLoop:
+        """h_k = step_k(h_{k-1}) on the active chunks' positions, k = 1..K, where step_k is the refiner the
+        schedule names (replace: one refiner; hybrid: the active one; cascade: MLP steps, then slot steps,
+        each starting its own state). Active chunks shrink only by halting."""
+        chunks, trace, offset = halting.chunks, halting.trace, features.position_offset
+        h0 = features.hidden_states
         # Work in at least float32 so that small updates survive a bf16 backbone; cast back at the end
         # (exact for pass-through positions, since bf16 -> fp32 -> bf16 round-trips).
-        param = next(self.refinement_head[schedule[0]].parameters(), None)
-        work_dtype = h0.dtype if param is None else torch.promote_types(h0.dtype, param.dtype)
-        h = h0.to(work_dtype)
-        logits = base
-        step_logits: list[Tensor] = []
-        step_confidence: list[Tensor] = []
-        active = refined.clone()
-        state, current = None, None
-        checked = None  # the chunks last found non-empty
+        h = h0.to(self.refinement_head[schedule[0]].work_dtype(h0))
+        loop = RefineLoop(h=h, steps=torch.zeros_like(refined, dtype=torch.long), stats=StatsAccumulator())
+        logits = self._base(features) if with_step_logits else None
+        active, state, current = refined, None, None
+        first_rows: dict[str, Tensor] = {}  # per refiner (with a carry): the positions it refined
+        states: dict[str, Any] = {}  # per refiner (with a carry): its last state
         for k, kind in enumerate(schedule):
-            # Nothing (left) to refine: later steps repeat the frozen logits. Without halting `after_step`
-            # returns `active` itself, so this check (a host sync) runs once, not at every step.
-            if active is not checked and not bool(active.any()):
-                if return_step_logits:
-                    step_logits.extend([logits] * (len(schedule) - k))
+            # Nothing (left) to refine: later steps repeat the frozen logits. A host sync, so it runs only
+            # where chunks can halt or the rows are packed (training, `Refiner.pack`); else an empty step
+            # is a no-op.
+            if (halting.can_halt or self.training) and not bool(active.any()):
+                if with_step_logits:
+                    loop.step_logits.extend([logits] * (len(schedule) - k))
                 break
-            checked = active
             refiner: Refiner = self.refinement_head[kind]
-            if kind != current:  # a cascade hands over: the next refiner starts its own carry
+            if kind != current:  # a cascade hands over: the next refiner starts its own state
                 state = refiner.init_state(h) if carry is None else carry.start(kind, refiner, h, offset)
                 current = kind
             positions = chunks.expand(active)
@@ -366,44 +414,25 @@ class LLaDATRMHybrid(nn.Module):
                 h, state, context=context, active=positions, attention_mask=features.attention_mask
             )
             if carry is not None:
-                ran[kind] = (ran[kind][0] if kind in ran else predicted, state)
-            accumulator.add(step_stats, positions)
+                first_rows.setdefault(kind, predicted)
+                states[kind] = state
+            loop.stats.add(step_stats, positions)
             confidence = step_stats["confidence"]  # computed on the active rows only
-            if step_confidence:  # a halted chunk keeps the confidence of its last step
-                confidence = torch.where(positions, confidence, step_confidence[-1])
-            step_confidence.append(confidence)
-            steps += active.long()
-            if return_step_logits:
+            if loop.step_confidence:  # a halted chunk keeps the confidence of its last step
+                confidence = torch.where(positions, confidence, loop.step_confidence[-1])
+            loop.step_confidence.append(confidence)
+            loop.steps += active.long()
+            if with_step_logits:
                 rows = predicted.nonzero(as_tuple=True)
                 logits = logits.index_put(rows, self.lm_head(h[rows]).to(logits.dtype))
                 trace.lm_head_rows += int(rows[0].numel())
-                step_logits.append(logits)
-            known = logits if return_step_logits else None
-            last = k + 1 == len(schedule)
-            active = halting.after_step(refiner, h, known, active, predicted, last)
+                loop.step_logits.append(logits)
+            active = halting.after_step(refiner, h, logits, active, predicted, k + 1 == len(schedule))
 
-        for kind, (where, last) in ran.items():  # empty without a carry
-            carry.keep(kind, self.refinement_head[kind], last, where, offset)
-        if not return_step_logits:  # one LM-head pass over the refined chunks' masked positions
-            rows = (chunks.expand(refined) & masked).nonzero(as_tuple=True)
-            if rows[0].numel():
-                logits = base.index_put(rows, self.lm_head(h[rows]).to(base.dtype))
-                trace.lm_head_rows += int(rows[0].numel())
-        return h.to(h0.dtype), logits, step_logits, step_confidence
-
-    def _stats(
-        self,
-        refined: Tensor,
-        steps: Tensor,
-        conf0: Tensor,
-        k: int,
-        accumulator: StatsAccumulator,
-        schedule: list[str],
-        like: Tensor,
-    ) -> dict[str, Any]:
-        stats = chunk_stats(refined, steps, conf0, k)
-        stats.update(accumulator.summary(self.refinement_head[schedule[-1]], like, on_device=True))
-        return stats
+        for kind, where in first_rows.items():  # empty without a carry
+            carry.keep(kind, self.refinement_head[kind], states[kind], where, offset)
+        loop.h = h
+        return loop
 
     @staticmethod
     def _no_refiner_stats(like: Tensor) -> dict[str, Any]:

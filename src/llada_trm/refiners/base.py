@@ -21,6 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from llada_trm.refiners.halting import HaltingHead
+from llada_trm.refiners.rows import ActiveRows
 from llada_trm.refiners.stats import StatsAccumulator
 
 ContextInput = Tensor | Sequence[Tensor] | None
@@ -142,6 +143,17 @@ class Refiner(nn.Module, ABC):
         refiner), as the hybrid's loop does; a caller driving `step` on low-precision states should use it."""
         param = next(self.parameters(), None)
         return x.dtype if param is None else torch.promote_types(x.dtype, param.dtype)
+
+    def pack(self, active: Tensor | None) -> ActiveRows | None:
+        """The rows a step computes: the `active` ones packed in training, or None (every row, dense).
+
+        The one seam that decides. Packing needs the active count on the host (a sync per step); it pays in
+        training, where each skipped row saves its backward too, and it keeps training's numerics those of
+        the packed computation. In eval mode (sampling, validation) a step runs dense over the window's rows
+        and `torch.where` keeps the inactive rows bit-identical: no host sync. Dense costs at LLaDA-8B width:
+        `bench/bench_rows.py` (see `DENSE_COST` in `refiners.rows`).
+        """
+        return ActiveRows.pack(active) if self.training else None
 
     def init_state(self, x: Tensor) -> RefinerState:
         """The carry before the first step (nothing to compare against yet)."""

@@ -25,7 +25,6 @@ from llada_trm.refiners.base import (
     context_list,
 )
 from llada_trm.refiners.config import MLPRefinerConfig
-from llada_trm.refiners.rows import ActiveRows
 
 
 class RecursiveRefinementHead(Refiner):
@@ -65,7 +64,7 @@ class RecursiveRefinementHead(Refiner):
     ) -> tuple[Tensor, RefinerState, dict[str, Any]]:
         active = check_active(active, h)
         external = context_list(context, h, self.config.context_dim, "RecursiveRefinementHead")
-        rows = ActiveRows.pack(active)  # a per-token refiner computes only the active rows
+        rows = self.pack(active)  # a per-token refiner computes only the active rows
         h_in = h if rows is None else rows.gather(h)
         dtype = self.mlp[-1].weight.dtype
         u = self.norm(h_in.to(dtype))

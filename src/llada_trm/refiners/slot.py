@@ -250,7 +250,7 @@ class SlotTRMRefiner(Refiner):
         active = check_active(active, h)
         expected = self.config.context_dim if self.config.context_dim is not None else self.config.d_inner
         external = context_list(context, h, expected, "SlotTRMRefiner")
-        rows = ActiveRows.pack(active)
+        rows = self.pack(active)
         u, block_contexts, kv = self._read(h, rows, state.reuse, attention_mask)
         prev, h_rows = state.prev, h
         if rows is not None:
