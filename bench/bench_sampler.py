@@ -151,8 +151,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "floor, extrapolated to 32 layers (bench/sampler_wide.py)")
     parser.add_argument("--wide-layers", type=int, default=2)
     parser.add_argument("--halting", default=None, choices=("confidence", "learned", "none"),
-                        help="the refiner's halting rule with --wide (default: the refiner config's)")
-    parser.add_argument("--wide-prompts", type=int, default=1, help="prompts (batch 1 each)")
+                        help="the refiners' halting rule with --wide (default none: the recipe)")
+    parser.add_argument("--wide-selection", default="all", choices=("all", "confidence"),
+                        help="chunk selection with --wide (default all: the recipe)")
+    parser.add_argument("--wide-prompts", type=int, default=3, help="prompts (batch 1 each)")
     parser.add_argument("--wide-prompt", type=int, default=16, help="prompt tokens")
     parser.add_argument("--wide-gen", type=int, default=16, help="generated positions (one block)")
     parser.add_argument("--threads", type=int, default=1,

@@ -1,22 +1,24 @@
-"""bench_sampler.py --wide: the refiner's sampling overhead at LLaDA-8B's width, against its FLOP floor.
+"""bench_sampler.py --wide: the recipe's sampling overhead at LLaDA-8B's width, against its floors.
 
 A random backbone of LLaDA-8B's width and vocabulary (d 4096, 32 heads, SwiGLU 12288, V 126464) with
-`--wide-layers` layers samples a few random prompts with the exact sampler, alone and with the slot refiner
-(configs/tiny_refiner.yaml's settings at d_model 4096) at K = 4, selective (confidence_threshold 0.5; the
-random LM head is never confident, so every chunk holding a masked position of the current block is refined
-and never halts: the most LM-head probing K = 4 can do). Variants take turns call by call. Measured: the
-sampling time each adds over the backbone alone, the part of it spent in the LM head inside refinement
-(halting probes + the refined rows' logits), each against its floor (flop_meter's counted rows x floors'
-per-row FLOPs, over the backbone alone's FLOPs) and against the weight-read floor (the bytes of weights the
-added calls read, over the backbone alone's: what binds at batch 1). Then the same at 32 layers: the
-backbone alone's time is EXTRAPOLATED by layer count (its per-layer and fixed parts split by their
-FLOPs), the added time carried over unchanged (the refiner and the LM head do not grow with depth); the
-32-layer floors are computed.
+`--wide-layers` layers samples a few random prompts with the exact sampler, alone and with each refiner of
+the recipe the study ships (issue 24: every chunk with a masked position refined, `chunk_selection: all`, no
+halting, K = 4, delta_scale 0.5; the slot refiner at configs/tiny_refiner.yaml's widths and the MLP at
+hidden_mult 2, both at d_model 4096, one hybrid with `integration: hybrid` switching `active_refiner`).
+`--halting confidence` / `--wide-selection confidence` run the older selective variants instead. Variants
+take turns prompt by prompt; the overhead is the median over prompts of (time with the refiner / time alone)
+- 1. Beside it: the FLOP floor (flop_meter's counted rows x floors' per-row FLOPs over the backbone alone's
+FLOPs), the part spent in LM-head reads inside refinement (0 for the recipe: its one output pass replaces
+the backbone's), and the weight-read floor (the bytes of weights the added calls read over the backbone
+alone's: what binds at batch 1). Then the same at 32 layers: the backbone alone's time is EXTRAPOLATED by
+layer count (its per-layer and fixed parts split by their FLOPs), the added time carried over unchanged (the
+refiner and the LM head do not grow with depth); the 32-layer floors are computed.
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
 import time
 from dataclasses import replace
 from typing import Any
@@ -32,9 +34,12 @@ from llada_trm.diffusion import SamplingOptions, sample
 from llada_trm.hybrid import LLaDATRMHybrid
 from llada_trm.training import hybrid_config
 
+NONE = "no refiner"
+
 
 class LMHeadTimer:
-    """Wall time of the hybrid's `lm_head` calls (made only inside refinement: probes and refined logits)."""
+    """Wall time of the hybrid's `lm_head` calls (extra LM-head reads inside refinement: probes, step or
+    refined-row logits; the recipe's one output pass is `output_head`, not timed here)."""
 
     def __init__(self, model: LLaDATRMHybrid) -> None:
         self.seconds = 0.0
@@ -50,14 +55,18 @@ class LMHeadTimer:
 
 
 def build(args: argparse.Namespace, config_path: Any) -> LLaDATRMHybrid:
+    """One hybrid holding both refiners (`integration: hybrid`); `active_refiner` picks the one that runs."""
     dtype = getattr(torch, args.dtype)
     backbone = random_backbone(llada_8b_width(args.wide_layers), dtype=dtype).to(args.device)
-    update: dict[str, Any] = {"max_recursive_steps": 4, "confidence_threshold": 0.5}
-    if getattr(args, "halting", None):
-        update["halting"] = args.halting
-    config = hybrid_config(load_config(config_path)).model_copy(update=update)
+    base = hybrid_config(load_config(config_path))
+    update: dict[str, Any] = {
+        "integration": "hybrid", "max_recursive_steps": 4, "chunk_selection": args.wide_selection,
+        "halting": getattr(args, "halting", None) or "none", "confidence_threshold": 0.5,
+        "slot": base.slot.model_copy(update={"delta_scale": 0.5, "delta_clamp": 0.5}),
+        "mlp": base.mlp.model_copy(update={"hidden_mult": 2.0, "delta_scale": 0.5, "delta_clamp": 0.5}),
+    }  # fmt: skip
     torch.manual_seed(0)
-    return LLaDATRMHybrid(backbone, config).eval()
+    return LLaDATRMHybrid(backbone, base.model_copy(update=update)).eval()
 
 
 def layer_split(config: Any, keys: int) -> tuple[float, float]:
@@ -77,71 +86,77 @@ def run_wide(args: argparse.Namespace, config_path: Any) -> dict[str, Any]:
     g = torch.Generator().manual_seed(0)
     prompts = [torch.randint(0, 126000, (1, prompt_len), generator=g).to(args.device)
                for _ in range(args.wide_prompts)]
-    variants = {"no refiner": model.backbone, "K=4 selective 0.5": model}
-    seconds = {name: [] for name in variants}
-    refine_s, head_s, counts = {n: [] for n in variants}, {n: [] for n in variants}, {}
+    kinds = list(model.refinement_head)
+    names = [NONE, *(f"{kind} K=4" for kind in kinds)]
+    seconds: dict[str, list[float]] = {n: [] for n in names}
+    refine_s: dict[str, list[float]] = {n: [] for n in names}
+    head_s: dict[str, list[float]] = {n: [] for n in names}
+    counts: dict[str, FlopCount] = {}
     size = sum(p.numel() for p in model.backbone.parameters()) / 1e9
+    cfg = model.config
     print(f"\nLLaDA-8B width, {args.wide_layers} layers, random weights ({size:.2f} B parameters, "
-          f"{args.dtype}), "
-          f"{args.wide_prompts} prompts of {prompt_len} tokens, exact sampler {gen} steps, batch 1")
+          f"{args.dtype}, {torch.get_num_threads()} thread(s)), {args.wide_prompts} prompts of {prompt_len} "
+          f"tokens, exact sampler {gen} steps, batch 1; refiners: chunk_selection {cfg.chunk_selection}, "
+          f"halting {cfg.halting}, K = 4")
     with torch.no_grad():
-        sample(model, prompts[0], None, replace(options, steps=gen // 4 or 1, gen_length=gen,
-                                                block_length=gen))  # warm-up
-        for prompt in prompts:
-            for name, m in variants.items():
+        sample(model, prompts[0], None, replace(options, steps=gen // 4 or 1))  # warm-up
+        for i, prompt in enumerate(prompts):
+            for name in names[i % len(names):] + names[: i % len(names)]:  # each variant first in turn
+                kind = name.split()[0]
+                if name != NONE:
+                    model.active_refiner = kind
                 meter.reset()
                 refine_timer.seconds = head_timer.seconds = 0.0
-                result = sample(m, prompt, None, options)
+                result = sample(model.backbone if name == NONE else model, prompt, None, options)
                 seconds[name].append(result.elapsed_s)
                 refine_s[name].append(refine_timer.seconds)
                 head_s[name].append(head_timer.seconds)
                 counts.setdefault(name, FlopCount()).add(meter.reset())
-    return report(args, bb, seconds, refine_s, head_s, counts, prompt_len + gen)
+    return report(args, bb, seconds, refine_s, head_s, counts, prompt_len + gen,
+                  {f"{k} K=4": model.refinement_head[k] for k in kinds})
 
 
 def report(args: argparse.Namespace, bb: Any, seconds: dict, refine_s: dict, head_s: dict,
-           counts: dict[str, FlopCount], length: int) -> dict[str, Any]:
-    none, ref = "no refiner", "K=4 selective 0.5"
-    t_none, t_ref = sum(seconds[none]), sum(seconds[ref])
-    t_head, t_refine = sum(head_s[ref]), sum(refine_s[ref])
-    base, c = counts[none], counts[ref]
-    added = t_ref / t_none - 1
-    floor_all = floors.Floor(c.backbone + c.overhead, base.backbone).fraction - 1
-    floor_head = floors.Floor(c.lm_head, base.backbone).fraction
+           counts: dict[str, FlopCount], length: int, refiners: dict[str, Any]) -> dict[str, Any]:
+    base = counts[NONE]
+    t_none = statistics.median(seconds[NONE])
     fixed, per_layer = layer_split(bb, length)
     layers = args.wide_layers
     t_none_32 = floors.extrapolate_layers(t_none * fixed, t_none * per_layer, layers)
     deep = replace(bb, n_layers=floors.LLADA_8B_LAYERS)
     scale = floors.backbone_token_flops(deep, length) / floors.backbone_token_flops(bb, length)
-    added_s = t_ref - t_none
     element = torch.finfo(getattr(torch, args.dtype)).bits // 8
-    read_extra = c.lm_head_calls * floors.lm_head_weight_bytes(bb, element) + c.refiner_read_bytes
-    read_floors = [read_extra / (base.backbone_calls * floors.backbone_weight_bytes(b, element))
-                   for b in (bb, deep)]  # fmt: skip
-    rows = [
-        ("measured", f"{layers} layers", added, floor_all, t_head / t_none, floor_head, read_floors[0]),
-        (t_none_32.label, "32 layers", added_s / t_none_32.value, c.overhead / (base.backbone * scale),
-         t_head / t_none_32.value, c.lm_head / (base.backbone * scale), read_floors[1]),
-    ]
-    print(f"  backbone alone {t_none:.1f} s, with the refiner {t_ref:.1f} s (inside refine {t_refine:.1f} s, "
-          f"of which LM head {t_head:.1f} s); refined rows x steps {c.refined_rows}, LM-head rows "
-          f"{c.lm_head_rows}; backbone rows {int(base.backbone / floors.backbone_token_flops(bb, length))}")
-    print(f"  calls: backbone {base.backbone_calls}, LM head inside refinement {c.lm_head_calls}, refiner "
-          f"steps {c.refiner_calls}; the weight-read floor prices each by the bytes it reads")
-    print(f"\n{'':44s} {'depth':9s} {'K=4 adds':>9s} {'floor':>8s} {'ratio':>6s} "
-          f"{'LM head in refine':>17s} {'floor':>8s} {'ratio':>6s} {'weight-read floor':>17s} {'ratio':>6s}")
+    print(f"  backbone alone: median {t_none:.2f} s per sample at {layers} layers, {t_none_32.value:.2f} s "
+          f"{t_none_32.label}; {base.backbone_calls} calls")
+    print(f"\n{'':10s} {'depth':40s} {'K=4 adds':>9s} {'FLOP floor':>10s} {'ratio':>6s} "
+          f"{'LM head in refine':>17s} {'weight-read floor':>17s} {'ratio':>6s}")
     table = []
-    for label, depth, meas, floor, head, head_floor, read_floor in rows:
-        ratio = floors.measured_over_floor(meas, floor)
-        head_ratio = floors.measured_over_floor(head, head_floor)
-        read_ratio = floors.measured_over_floor(meas, read_floor)
-        print(f"{label:44s} {depth:9s} {100 * meas:+8.2f}% {100 * floor:+7.3f}% {ratio:6.2f} "
-              f"{100 * head:16.2f}% {100 * head_floor:7.3f}% {head_ratio:6.2f} {100 * read_floor:+16.2f}% "
-              f"{read_ratio:6.2f}")
-        table.append({"label": label, "depth": depth, "overhead_measured": meas, "overhead_floor": floor,
-                      "measured_over_floor": ratio, "lm_head_share": head, "lm_head_floor": head_floor,
-                      "lm_head_over_floor": head_ratio, "overhead_read_floor": read_floor,
-                      "measured_over_read_floor": read_ratio})
+    for name, refiner in refiners.items():
+        c = counts[name]
+        ratios = [t / t0 for t, t0 in zip(seconds[name], seconds[NONE], strict=True)]
+        added = statistics.median(ratios) - 1
+        added_s = statistics.median([t - t0 for t, t0 in zip(seconds[name], seconds[NONE], strict=True)])
+        t_head = statistics.median(head_s[name])
+        read_extra = c.lm_head_calls * floors.lm_head_weight_bytes(bb, element) + c.refiner_read_bytes
+        read_floors = [read_extra / (base.backbone_calls * floors.backbone_weight_bytes(b, element))
+                       for b in (bb, deep)]  # fmt: skip
+        rows = [
+            (f"measured, {layers} layers", added, (c.backbone + c.overhead) / base.backbone - 1,
+             t_head / t_none, read_floors[0]),
+            (t_none_32.label, added_s / t_none_32.value, c.overhead / (base.backbone * scale),
+             t_head / t_none_32.value, read_floors[1]),
+        ]
+        mb = floors.weight_bytes(refiner) / 1e6
+        print(f"{name}: refiner {mb:.0f} MB of weights read per step; rows x steps {c.refined_rows}, LM-head "
+              f"rows inside refinement {c.lm_head_rows} ({c.lm_head_calls} calls), refiner steps "
+              f"{c.refiner_calls}; inside refine {statistics.median(refine_s[name]):.2f} s (median)")
+        for label, meas, floor, head, read_floor in rows:
+            ratio = floors.measured_over_floor(meas, floor)
+            read_ratio = floors.measured_over_floor(meas, read_floor)
+            print(f"{name:10s} {label:40s} {100 * meas:+8.2f}% {100 * floor:+9.3f}% {ratio:6.2f} "
+                  f"{100 * head:16.2f}% {100 * read_floor:+16.2f}% {read_ratio:6.2f}")
+            table.append({"variant": name, "label": label, "overhead_measured": meas, "overhead_floor": floor,
+                          "measured_over_floor": ratio, "lm_head_share": head,
+                          "overhead_read_floor": read_floor, "measured_over_read_floor": read_ratio})
     return {"seconds": seconds, "refine_s": refine_s, "lm_head_s": head_s, "table": table,
-            "refined_rows": c.refined_rows, "lm_head_rows": c.lm_head_rows, "lm_head_calls": c.lm_head_calls,
-            "backbone_calls": base.backbone_calls, "refiner_calls": c.refiner_calls}
+            "counts": {name: vars(c) for name, c in counts.items()}}
