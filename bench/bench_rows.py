@@ -2,10 +2,10 @@
 against computing only the refined rows (which needs their count on the host: a sync per step).
 
 The slot refiner (configs/tiny_refiner.yaml's settings at d_model 4096, d_inner 512) and the MLP baseline run
-K = 4 steps on one sequence of `--length` rows of which `--active` (one sampler block) are refined, dense (eval
-mode: `Refiner.pack` returns None) and packed (the training path, timed under no_grad), interleaved, medians
-of `--repeats`. Each is set beside one backbone call at the same length: a random 2-layer LLaDA-8B-width
-backbone, timed and EXTRAPOLATED to 32 layers (its per-layer and fixed parts split by FLOPs, `floors`).
+K = 4 steps on one sequence of `--length` rows of which `--active` (one sampler block) are refined, dense
+(eval mode: `Refiner.pack` returns None) and packed (the training path, timed under no_grad), interleaved,
+medians of `--repeats`. Each is set beside one backbone call at the same length: a random 2-layer
+LLaDA-8B-width backbone, timed and EXTRAPOLATED to 32 layers (per-layer and fixed parts split by FLOPs).
 
     .venv/bin/python bench/bench_rows.py [--length 160 --active 32 --repeats 5 --dtype bfloat16]
 """
@@ -72,15 +72,17 @@ def main() -> None:
                     times.setdefault(name, []).append(timed(lambda r=refiner, p=packed: run(r, p)))
     med = {name: statistics.median(values) for name, values in times.items()}
     head, total = floors.lm_head_row_flops(config), floors.backbone_token_flops(config, args.length)
-    call_32 = floors.extrapolate_layers(med["backbone"] * head / total, med["backbone"] * (1 - head / total), 2)
+    t_call = med["backbone"]
+    call_32 = floors.extrapolate_layers(t_call * head / total, t_call * (1 - head / total), 2)
     print(f"LLaDA-8B width, {args.dtype}, 1 thread, L = {args.length}, {args.active} refined rows, K = 4, "
           f"medians of {args.repeats}")
     print(f"  backbone call: {med['backbone']:.3f} s at 2 layers, {call_32.value:.3f} s {call_32.label}")
     for kind in refiners:
         dense, packed = med[f"{kind} dense"], med[f"{kind} packed"]
-        print(f"  {kind:4s} K=4: dense {dense * 1e3:8.1f} ms ({100 * dense / call_32.value:5.2f}% of a 32-layer "
-              f"call), packed {packed * 1e3:8.1f} ms ({100 * packed / call_32.value:5.2f}%); dense - packed = "
-              f"{100 * (dense - packed) / call_32.value:+.2f}% of a call")
+        share = 100 / call_32.value
+        print(f"  {kind:4s} K=4: dense {dense * 1e3:8.1f} ms ({share * dense:5.2f}% of a 32-layer call), "
+              f"packed {packed * 1e3:8.1f} ms ({share * packed:5.2f}%); dense - packed = "
+              f"{share * (dense - packed):+.2f}% of a call")
 
 
 if __name__ == "__main__":
