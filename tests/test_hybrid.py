@@ -249,7 +249,7 @@ def test_a_refining_forward_without_halting_makes_no_host_sync(monkeypatch, refi
     """Issue 25/29: the shipped recipe's forward (every chunk with a masked position refined, no halting, K
     steps) waits for the device nowhere: stats stay 0-d tensors until someone logs them (the sampler sums them
     there too), no 'anything left?' check, the refiner steps run dense over the window's rows, and the logits
-    are one LM-head pass. The old forward made 15 (slot) / 9 (mlp) such calls here."""
+    are one LM-head pass. The old forward made 17 (slot), 11 (mlp), 13 (cascade) such calls here."""
     from llada_trm.diffusion import SamplingOptions  # noqa: PLC0415
     from llada_trm.diffusion.denoiser import Denoiser  # noqa: PLC0415
 
