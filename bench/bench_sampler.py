@@ -46,6 +46,7 @@ from refine_timer import RefineTimer
 
 from llada_trm.assets import embedded_backbone_dir
 from llada_trm.backbone import LLaDAModel
+from llada_trm.build import hybrid_config
 from llada_trm.config import load_config
 from llada_trm.data import (
     GSM8KRecord,
@@ -60,7 +61,6 @@ from llada_trm.diffusion.denoiser import add_stats
 from llada_trm.evaluate.extraction import is_correct
 from llada_trm.evaluate.loading import load_checkpoint
 from llada_trm.hybrid import HybridConfig, LLaDATRMHybrid
-from llada_trm.training import hybrid_config
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_REFINER_CONFIG = ROOT / "configs" / "tiny_refiner.yaml"

@@ -35,19 +35,11 @@ from pathlib import Path
 import torch
 
 from llada_trm.backbone import LLaDAConfig, LLaDAModel
-from llada_trm.build import build_datasets
+from llada_trm.build import build_datasets, hybrid_config, resolve_backbone_dir
 from llada_trm.config import RunConfig, load_config
 from llada_trm.data import collate_batch, load_tokenizer
 from llada_trm.hybrid import LLaDATRMHybrid
 from llada_trm.hybrid.chunking import chunk_sum
-from llada_trm.training import (
-    LossWeights,
-    apply_freezing,
-    build_optimizer,
-    diffusion_objective,
-    hybrid_config,
-)
-from llada_trm.training.data import EpochSampler
 from llada_trm.training.feature_cache import (
     FeatureCache,
     FeatureSpec,
@@ -58,7 +50,9 @@ from llada_trm.training.feature_cache import (
     expected_manifest,
     write_feature_cache,
 )
-from llada_trm.training.trainer import resolve_backbone_dir
+from llada_trm.training.freezing import apply_freezing
+from llada_trm.training.loop import EpochSampler, build_optimizer
+from llada_trm.training.objective import LossWeights, diffusion_objective
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "configs" / "tiny_refiner.yaml"

@@ -29,10 +29,10 @@ from flop_meter import FlopCount, FlopMeter
 from refine_timer import RefineTimer
 from wide import llada_8b_width, random_backbone
 
+from llada_trm.build import hybrid_config
 from llada_trm.config import load_config
 from llada_trm.diffusion import SamplingOptions, sample
 from llada_trm.hybrid import LLaDATRMHybrid
-from llada_trm.training import hybrid_config
 
 NONE = "no refiner"
 

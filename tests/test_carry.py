@@ -1,4 +1,4 @@
-"""TRM's carry across denoising steps (`refiners.carry`, `HybridConfig.denoising_carry`, `training.unroll`).
+"""TRM's carry across denoising steps (`refiners.carry`, `HybridConfig.denoising_carry`, the unroll).
 
 On the tiny backbone v1 (experiments/tiny_backbone_v1, the embedded default when the fixture was sampled;
 unsure enough that the 0.9 threshold refines chunks in consecutive calls, which the carry needs) with a slot
@@ -26,8 +26,13 @@ from llada_trm.errors import ConfigError
 from llada_trm.evaluate.evaluator import answer_questions
 from llada_trm.hybrid import HybridConfig, LLaDATRMHybrid
 from llada_trm.refiners import RefinerCarry, SlotTRMRefiner
-from llada_trm.training.objective import LossWeights, diffusion_objective
-from llada_trm.training.unroll import DenoisingUnroll, next_state, unrolled_states
+from llada_trm.training.objective import (
+    DenoisingUnroll,
+    LossWeights,
+    diffusion_objective,
+    next_state,
+    unrolled_states,
+)
 
 FIXTURE = Path(__file__).parent / "fixtures" / "carry_off_tokens.json"
 BACKBONE = Path(__file__).resolve().parents[1] / "experiments" / "tiny_backbone_v1"  # the fixture's

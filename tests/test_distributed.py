@@ -30,14 +30,16 @@ from safetensors.torch import load_file
 from tiny_assets import make_tiny_backbone
 
 from llada_trm.backbone import LLaDAConfig
+from llada_trm.build import hybrid_config
 from llada_trm.config import parse_config
 from llada_trm.data import SyntheticTaskConfig, generate_problems, load_tokenizer
 from llada_trm.diffusion.options import SamplingOptions
+from llada_trm.dist_utils import merge_shards, resolve_strategy, shard_indices
 from llada_trm.errors import ConfigError
 from llada_trm.evaluate.evaluator import PREDICTIONS_FILE, evaluate_model
 from llada_trm.hybrid import LLaDATRMHybrid
-from llada_trm.training import Trainer, hybrid_config, load_trainer_state, load_weights
-from llada_trm.training.distributed import merge_shards, resolve_strategy, shard_indices
+from llada_trm.run_checkpoint import load_trainer_state, load_weights
+from llada_trm.training.loop import Trainer
 
 WORLD = 2
 PAD_TO = 128  # every batch padded alike, so a row's loss does not depend on which rows share its batch
@@ -117,7 +119,7 @@ def _worker(index: int, port: int, backbone_dir: str, out: str) -> None:
     torch.set_num_threads(1)
     from torch.nn.parallel import DistributedDataParallel
 
-    from llada_trm.training.distributed import gather_objects, unsharded
+    from llada_trm.dist_utils import gather_objects, unsharded
 
     root, out_dir = Path(backbone_dir), Path(out)
     results: dict = {}

@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 from tiny_assets import TINY_SAMPLING, tiny_backbone, tiny_run
 
 from llada_trm import assets
+from llada_trm.build import resolve_backbone_dir
 from llada_trm.data import DataError, GSM8KRecord, encode_answer, encode_prompt, load_tokenizer, pad_token_id
 from llada_trm.diffusion.options import SamplingOptions
 from llada_trm.errors import CheckpointError
@@ -21,7 +22,6 @@ from llada_trm.evaluate.extraction import extract_flexible, extract_strict, is_c
 from llada_trm.evaluate.loading import load_checkpoint
 from llada_trm.hybrid import HybridConfig, LLaDATRMHybrid
 from llada_trm.io import write_json
-from llada_trm.training import resolve_backbone_dir
 
 GSM8K_TEST = Path("/work/shared/data/gsm8k/test.jsonl")
 FIXTURE_GSM8K = Path(__file__).parent / "fixtures" / "gsm8k_small.jsonl"

@@ -21,7 +21,7 @@ from llada_trm.data import load_tokenizer
 from llada_trm.errors import CheckpointError, UserError
 from llada_trm.export import export_run
 from llada_trm.hybrid import HybridConfig, LLaDATRMHybrid
-from llada_trm.training import Trainer
+from llada_trm.training.loop import Trainer
 
 QUESTIONS = ["Ann has 3 pens. She buys 2 more. How many pens?", "Bo has 7 cups. He breaks 2. How many?"]
 

@@ -27,8 +27,8 @@ from tiny_assets import run_config, tiny_backbone
 from llada_trm.build import build_model
 from llada_trm.config import parse_config
 from llada_trm.errors import CheckpointError
-from llada_trm.run_checkpoint import read_weights_file, resolve_checkpoint_dir
-from llada_trm.training import load_trainer_state, run_train
+from llada_trm.run_checkpoint import load_trainer_state, read_weights_file, resolve_checkpoint_dir
+from llada_trm.training.loop import run_train
 from llada_trm.training.run_dir import has_run
 
 pytestmark = pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")

@@ -24,7 +24,6 @@ from llada_trm.diffusion.forward_process import draw_noise
 from llada_trm.errors import ConfigError
 from llada_trm.hybrid import HybridConfig, LLaDATRMHybrid
 from llada_trm.hybrid.chunking import chunk_sum
-from llada_trm.training import LossWeights, Trainer, diffusion_objective
 from llada_trm.training.feature_cache import (
     FeatureCache,
     FeatureSpec,
@@ -37,6 +36,8 @@ from llada_trm.training.feature_cache import (
     open_feature_cache,
     write_feature_cache,
 )
+from llada_trm.training.loop import Trainer
+from llada_trm.training.objective import LossWeights, diffusion_objective
 
 SEED = 7
 

@@ -10,7 +10,7 @@ from torch import nn
 
 from llada_trm.errors import ConfigError
 from llada_trm.training.freezing import apply_freezing, match_pattern, set_train_mode
-from llada_trm.training.schedule import build_optimizer, build_scheduler, resolve_warmup_steps, warmup_cosine
+from llada_trm.training.loop import build_optimizer, build_scheduler, resolve_warmup_steps, warmup_cosine
 
 
 class ToyBackbone(nn.Module):

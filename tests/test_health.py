@@ -10,8 +10,7 @@ from torch import nn
 
 from llada_trm.config import HealthThresholds
 from llada_trm.training.health import CHECKS, HealthMonitor
-from llada_trm.training.metrics import MetricsWriter
-from llada_trm.training.stats import forward_statistics, gate_values, parameter_statistics
+from llada_trm.training.metrics import MetricsWriter, forward_statistics, gate_values, parameter_statistics
 
 HEALTHY = {
     "loss": 2.0,

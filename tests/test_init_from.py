@@ -11,7 +11,7 @@ from tiny_assets import run_config, tiny_backbone, tiny_run
 
 from llada_trm.config import parse_config
 from llada_trm.errors import CheckpointError, ConfigError
-from llada_trm.training import Trainer
+from llada_trm.training.loop import Trainer
 
 WEIGHTS = Path("checkpoints") / "last" / "model.safetensors"
 

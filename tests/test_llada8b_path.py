@@ -183,7 +183,7 @@ def test_train_and_eval_warn_when_validation_overlaps_the_evaluated_split(
     import yaml
 
     from llada_trm.cli import main
-    from llada_trm.training.entry import run_train
+    from llada_trm.training.loop import run_train
 
     data = _gsm8k_folder(tmp_path / "gsm8k")
     raw = run_config(backbone, tmp_path / "run", max_steps=1, eval_every=1)

@@ -15,7 +15,7 @@ from llada_trm.backbone.lora import LORA_TARGETS, add_lora, is_adapter_name, mer
 from llada_trm.config import parse_config
 from llada_trm.errors import ConfigError
 from llada_trm.evaluate.loading import load_checkpoint
-from llada_trm.training import Trainer
+from llada_trm.training.loop import Trainer
 
 
 @pytest.fixture(scope="module")

@@ -25,8 +25,7 @@ from llada_trm.errors import CheckpointError, ConfigError
 from llada_trm.io import atomic_directory, atomic_path, write_text_atomic
 from llada_trm.pretraining import loop, pretrain
 from llada_trm.pretraining import run_dir as pretrain_run_dir
-from llada_trm.run_checkpoint import resolve_checkpoint_dir, save_checkpoint
-from llada_trm.training import load_trainer_state
+from llada_trm.run_checkpoint import load_trainer_state, resolve_checkpoint_dir, save_checkpoint
 from llada_trm.training.run_dir import RunLock
 
 
@@ -114,8 +113,8 @@ def test_cache_rebuild_never_deletes_a_folder_that_is_not_a_cache(backbone_dir, 
 
 
 def test_cache_rebuild_keeps_a_cache_holding_anything_else(tmp_path):
-    from llada_trm.training.cache_manifest import remove_store
-    from llada_trm.training.sampler_state_batches import SAMPLER_STATES_CHECKED
+    from llada_trm.training.feature_cache import remove_store
+    from llada_trm.training.sampler_states import SAMPLER_STATES_CHECKED
 
     cache = tmp_path / "cache"
     cache.mkdir()

@@ -25,7 +25,7 @@ def backbone_dir(tmp_path_factory) -> Path:
 def sampled_run(tmp_path_factory, backbone_dir) -> Path:
     """A 2-step slot run whose config records small sampler settings (as the main job's does)."""
     from llada_trm.config import parse_config
-    from llada_trm.training import Trainer
+    from llada_trm.training.loop import Trainer
 
     out = tmp_path_factory.mktemp("api_run") / "run"
     raw = run_config(backbone_dir, out)

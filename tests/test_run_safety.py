@@ -23,10 +23,9 @@ from llada_trm.cli import main
 from llada_trm.config import parse_config
 from llada_trm.errors import CheckpointError
 from llada_trm.evaluate.loading import load_checkpoint
-from llada_trm.run_checkpoint import TENSORS_KEY, save_checkpoint
-from llada_trm.training import Trainer, run_train
+from llada_trm.run_checkpoint import TENSORS_KEY, resolve_checkpoint_dir, save_checkpoint
+from llada_trm.training.loop import Trainer, run_train
 from llada_trm.training.metrics import MetricsWriter
-from llada_trm.training.run_state import resolve_checkpoint_dir
 
 
 @pytest.fixture(scope="module")

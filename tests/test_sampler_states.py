@@ -16,14 +16,16 @@ from llada_trm.config import parse_config
 from llada_trm.diffusion import masked_diffusion_loss, sample
 from llada_trm.diffusion.denoiser import Denoiser
 from llada_trm.errors import ConfigError
-from llada_trm.training import LossWeights, Trainer, diffusion_objective
-from llada_trm.training.cache_manifest import StaleFeatureCacheError
-from llada_trm.training.sampler_state_batches import StateMix, state_noise
+from llada_trm.training.feature_cache import StaleFeatureCacheError
+from llada_trm.training.loop import Trainer
+from llada_trm.training.objective import LossWeights, diffusion_objective
 from llada_trm.training.sampler_states import (
+    StateMix,
     StateRecorder,
     _ShardSampler,
     build_sampler_states,
     prepare_sampler_states,
+    state_noise,
     write_sampler_states,
 )
 

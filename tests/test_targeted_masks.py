@@ -19,7 +19,7 @@ from llada_trm.diffusion.targeted_masks import (
     draw_training_masks,
     probe_margins,
 )
-from llada_trm.training.ema import WeightEMA
+from llada_trm.training.loop import WeightEMA
 
 # The generated task's answer as the embedded tokenizer splits it (digits one token each).
 GENERATED = [

@@ -11,7 +11,7 @@ from tiny_assets import run_config, tiny_backbone
 
 from llada_trm.config import parse_config
 from llada_trm.errors import ConfigError
-from llada_trm.training import Trainer
+from llada_trm.training.loop import Trainer
 
 event_accumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
 

@@ -14,7 +14,9 @@ from tiny_assets import make_tiny_backbone
 
 from llada_trm.config import parse_config
 from llada_trm.errors import CheckpointError, ConfigError, NonFiniteLossError
-from llada_trm.training import Trainer, load_trainer_state, objective, run_train, trainer_from_cli
+from llada_trm.run_checkpoint import load_trainer_state
+from llada_trm.training import objective
+from llada_trm.training.loop import Trainer, run_train, trainer_from_cli
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -93,7 +93,7 @@ def tiny_run(factory: pytest.TempPathFactory) -> Path:
     """The output directory of a 2-step slot-refiner run: metrics CSVs, checkpoints/last and best."""
     if "run" not in _cache:
         from llada_trm.config import parse_config
-        from llada_trm.training import Trainer
+        from llada_trm.training.loop import Trainer
 
         out = factory.mktemp("tiny_run") / "run"
         config = parse_config(run_config(tiny_backbone(factory), out))

@@ -113,7 +113,7 @@ def _output_overrides(
 
 def _cmd_train(args: argparse.Namespace) -> int:
     from llada_trm.dist_utils import is_main_process
-    from llada_trm.training.entry import run_train
+    from llada_trm.training.loop import run_train
 
     overrides = [*args.set, *([f"output.dir={args.out}"] if args.out else [])]
     overrides += [f"training.device={args.device}"] if args.device else []
@@ -504,7 +504,7 @@ def _cmd_reachability(args: argparse.Namespace) -> int:
     import json
 
     from llada_trm.config import load_config
-    from llada_trm.training.trainer import Trainer
+    from llada_trm.training.loop import Trainer
     from llada_trm.training.validation import format_reachability
 
     device = [f"training.device={args.device}"] if args.device else []

@@ -322,7 +322,7 @@ def _train_refiners(
 ) -> dict[tuple[int, str], tuple[dict[str, Any], float]]:
     """Train every model for every seed: (seed, model) -> (training summary, seconds); with `resume`, a
     finished training of the same run is reused."""
-    from llada_trm.training import Trainer
+    from llada_trm.training.loop import Trainer
 
     trained: dict[tuple[int, str], tuple[dict[str, Any], float]] = {}
     for seed in config.seed_list():

@@ -227,7 +227,7 @@ class TrainingConfig(_Section):
 class TrainingParamsConfig(_Section):
     """What is trained and the weights of the objective's terms.
 
-    denoising_unroll_steps: TRM's N_sup over denoising steps (`training.unroll`): the objective is averaged
+    denoising_unroll_steps: TRM's N_sup over denoising steps (`training.objective`): the objective is averaged
         over this many consecutive states of a simulated trajectory, each committing the model's most
         confident `denoising_unroll_fraction` of the masked positions to their targets (with
         `model.denoising_carry`, the refiner's latents carried from step to step). 1: off, one state.

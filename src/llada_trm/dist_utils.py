@@ -1,41 +1,82 @@
-"""Process-group primitives: rank queries, joining torchrun's group, collectives that keep ranks agreeing.
+"""Running in parallel: rank queries, joining torchrun's group, collectives, and DDP / FSDP for training.
 
-Neutral ground for every command: training (`training.distributed` wraps models in DDP / FSDP on top of
-these) and evaluation (which splits its problems over ranks and merges the results back in order) both use
-them, and neither has to import the other. Without torch.distributed every helper is the one-process
-identity.
+Neutral ground for every command: training and evaluation (which splits its problems over ranks and merges
+the results back in order) both use it, and neither has to import the other. Without torch.distributed
+every helper is the one-process identity.
 
 `all_finite`, `reduce_sums` and `broadcast_object` make ranks log the same numbers and take the same
 decisions; `shard_indices`, `gather_objects` and `merge_shards` split work over ranks and merge it back.
+
+Training in parallel: DDP for the refiner phases, FSDP2 for a trainable backbone.
+
+One process by default. Under `torchrun` (which sets RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT)
+`init_distributed` joins the process group: NCCL with one GPU per LOCAL_RANK, gloo on CPUs.
+
+    advanced.distributed   auto: ddp in phases 1 and 2, fsdp in phase 3 (world size > 1)
+
+* DDP wraps `TrainStep`, the objective as a module, so every use of a parameter (refiner steps, the
+  orthogonality penalty) happens inside DDP's forward. Frozen parameters are marked as ignored: DDP neither
+  broadcasts them at start-up nor all-reduces them (it only ever reduces `requires_grad` parameters; the
+  ignore list also spares the 16 GB start-up broadcast of a frozen 8B backbone, which every rank loads from
+  the same checkpoint anyway). Refiners skip chunks, and a batch may refine none, so
+  `find_unused_parameters=True`: a parameter unused on every rank keeps `grad=None`, exactly as in one
+  process, and one unused on some ranks gets the average over all ranks.
+* FSDP2 (`fully_shard`) shards each LLaDA block, then the root (`TrainStep`: embeddings, LM head, refiners),
+  with bf16 parameters and fp32 gradient reduction on GPUs (fp32 throughout on CPU). Two FSDP constraints
+  shape the code: every rank must produce a gradient for the same parameters (a skipped refiner adds
+  `0 * sum(p)`), and 0-dim parameters (the slot refiner's gates) cannot be sharded, so they stay replicated
+  as `ignored_params` and `sync_ignored_gradients` averages their gradients.
+
+Also here: checkpoint state in the single-process layout (`full_state_dict`, `optimizer_state`,
+`load_optimizer_state`, `load_sharded_weights`).
 """
 
 from __future__ import annotations
 
 import atexit
+import contextlib
 import math
 import os
-from collections.abc import Mapping, Sequence
+import warnings
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch import Tensor, nn
 
 from llada_trm.errors import ConfigError
 
 __all__ = [
+    "DISTRIBUTED_MODES",
+    "TrainStep",
     "all_finite",
     "broadcast_object",
+    "clip_grad_norm",
+    "full_state_dict",
     "gather_objects",
+    "gradient_sync",
     "init_distributed",
     "is_distributed",
     "is_main_process",
+    "is_sharded",
+    "load_optimizer_state",
+    "load_sharded_weights",
     "local_rank",
     "merge_shards",
+    "optimizer_state",
     "rank",
     "reduce_sums",
+    "resolve_strategy",
     "shard_indices",
+    "sync_ignored_gradients",
+    "unsharded",
     "world_size",
+    "wrap_for_training",
+    "wrap_run",
 ]
+
 
 
 # ------------------------------------------------------------------------------------------------- ranks
@@ -183,3 +224,290 @@ def merge_shards(parts: Sequence[Sequence[Any]], n: int | None = None) -> list[A
         if len(part) != expected:
             raise ValueError(f"rank {r} returned {len(part)} results for its {expected} items")
     return [parts[i % world][i // world] for i in range(total)]
+
+
+# ------------------------------------------------------------------------------ training in parallel
+
+DISTRIBUTED_MODES = ("auto", "ddp", "fsdp")
+
+
+def resolve_strategy(setting: str, *, phase: int, world: int | None = None) -> str:
+    """'none' (one process), 'ddp' or 'fsdp' from `advanced.distributed` and the training phase."""
+    if setting not in DISTRIBUTED_MODES:
+        choices = ", ".join(DISTRIBUTED_MODES)
+        raise ConfigError(f"advanced.distributed: expected one of {choices}, got {setting!r}")
+    if (world_size() if world is None else world) == 1:
+        return "none"
+    if setting == "auto":
+        return "fsdp" if phase == 3 else "ddp"
+    return setting
+
+
+# ------------------------------------------------------------------------------------------- wrapping
+
+
+class TrainStep(nn.Module):
+    """The training objective as a module: what DDP / FSDP wrap, so that every parameter use is in forward.
+
+    `forward(batch, noise=None, features=None)` is `objective(model, batch, noise=..., features=...,
+    **objective_kwargs)` (an `ObjectiveResult`). With `touch_all` every trainable refiner parameter enters
+    the loss (times zero), which FSDP needs: all ranks must reduce gradients for the same parameters, even
+    when a rank's batch left every chunk unrefined. Without it, such a batch is touched all the same.
+    """
+
+    def __init__(self, model: nn.Module, objective: Any, **objective_kwargs: Any) -> None:
+        super().__init__()
+        self.model = model
+        self.objective = objective
+        self.objective_kwargs = objective_kwargs
+        self.touch_all = False
+
+    def forward(self, batch: Mapping[str, Tensor], noise: Any = None, features: Any = None) -> Any:
+        result = self.objective(self.model, batch, noise=noise, features=features, **self.objective_kwargs)
+        # A batch whose chunks are all confident refines nothing: its loss is the frozen backbone's and has
+        # no graph. Touching the refiner keeps backward valid (zero gradients) instead of failing.
+        detached = torch.is_grad_enabled() and not result.loss.requires_grad
+        if self.touch_all or detached:
+            head = getattr(self.model, "refinement_head", None)
+            params = head.parameters() if head is not None else ()
+            touched = [p.sum().float() for p in params if p.requires_grad]
+            if touched:
+                result.loss = result.loss + 0.0 * torch.stack(touched).sum()
+        return result
+
+
+def wrap_for_training(
+    step: TrainStep,
+    strategy: str,
+    *,
+    device: torch.device,
+    blocks: Sequence[nn.Module] = (),
+    param_dtype: torch.dtype | None = None,
+) -> nn.Module:
+    """The module the trainer calls: `step` itself, DDP around it, or `step` sharded in place by FSDP2.
+
+    FSDP replaces the parameters of `step.model` by sharded DTensors: build the optimizer afterwards, from
+    `step.model.named_parameters()`. `param_dtype` is FSDP's compute dtype on GPUs (None: fp32).
+    """
+    if strategy == "none":
+        return step
+    if strategy == "ddp":
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        frozen = [name for name, p in step.named_parameters() if not p.requires_grad]
+        DDP._set_params_and_buffers_to_ignore_for_model(step, frozen)
+        return DDP(
+            step,
+            device_ids=[device.index] if device.type == "cuda" else None,
+            find_unused_parameters=True,
+        )
+    if strategy == "fsdp":
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+        mesh = init_device_mesh(device.type, (world_size(),))  # the training device, not torch's default
+        if device.type == "cuda" and param_dtype is not None:
+            policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
+        else:
+            policy = MixedPrecisionPolicy()
+        # FSDP2 warns about every module output that is a view (an in-place op on one would skip its
+        # all-gather); the blocks' K/V and the objective's detached terms are views that nothing modifies.
+        warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module \(FSDP(LLaDABlock|TrainStep)\)")
+        for block in blocks:
+            fully_shard(block, mesh=mesh, mp_policy=policy)
+        scalars = {p for p in step.parameters() if p.dim() == 0}
+        fully_shard(step, mesh=mesh, mp_policy=policy, ignored_params=scalars)
+        step.touch_all = True
+        return step
+    raise ConfigError(f"advanced.distributed: unknown strategy {strategy!r}")
+
+
+def wrap_run(
+    step: TrainStep,
+    plan: Any,
+    strategy: str,
+    *,
+    device: torch.device,
+    param_dtype: torch.dtype | None = None,
+) -> nn.Module:
+    """`wrap_for_training` for a run: the backbone's blocks are FSDP's units, and under FSDP the freezing
+    plan's groups (a `FreezePlan`) are re-read, since every parameter became its shard."""
+    blocks = list(step.model.backbone.blocks)
+    engine = wrap_for_training(step, strategy, device=device, blocks=blocks, param_dtype=param_dtype)
+    if strategy == "fsdp":
+        params = dict(step.model.named_parameters())
+        for group in plan.groups:
+            group.params = {name: params[name] for name in group.params}
+    return engine
+
+
+def is_sharded(module: nn.Module) -> bool:
+    """Whether FSDP has sharded any parameter of `module` (then its state needs the collective helpers)."""
+    from torch.distributed.tensor import DTensor
+
+    return any(isinstance(p, DTensor) for p in module.parameters())
+
+
+@contextlib.contextmanager
+def gradient_sync(engine: nn.Module, enabled: bool) -> Iterator[None]:
+    """Around forward + backward: DDP skips its all-reduce on micro-batches that do not step (`no_sync`).
+
+    FSDP still reduce-scatters every micro-batch: accumulating unsharded gradients instead would hold a full
+    fp32 gradient of the backbone on every GPU, which is what sharding is there to avoid.
+    """
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    if not enabled and isinstance(engine, DDP):
+        with engine.no_sync():
+            yield
+    else:
+        yield
+
+
+@contextlib.contextmanager
+def unsharded(engine: nn.Module) -> Iterator[None]:
+    """Gather the FSDP root's parameters (embeddings, LM head, refiners) for work outside `forward`.
+
+    Validation and parameter statistics call the hybrid's `features` / `refine` / `lm_head` directly; the
+    blocks gather themselves when called, the root's tensors need this. A no-op without FSDP.
+    """
+    from torch.distributed.fsdp import FSDPModule
+
+    if not isinstance(engine, FSDPModule):
+        yield
+        return
+    engine.unshard()
+    try:
+        yield
+    finally:
+        engine.reshard()
+
+
+def sync_ignored_gradients(engine: nn.Module) -> None:
+    """Average the gradients of the parameters FSDP leaves replicated (0-dim gates) over the ranks.
+
+    A rank without a gradient contributes zeros; the others' gradients still count.
+    """
+    from torch.distributed.fsdp import FSDPModule
+
+    if not isinstance(engine, FSDPModule):
+        return
+    params = [p for p in engine.parameters() if p.requires_grad and p.dim() == 0]
+    if not params:
+        return
+    flat = torch.stack([p.grad if p.grad is not None else torch.zeros_like(p) for p in params]).float()
+    dist.all_reduce(flat)
+    flat /= world_size()
+    for p, value in zip(params, flat, strict=True):
+        p.grad = value.to(p.dtype).clone()
+
+
+def clip_grad_norm(params: Sequence[Tensor], max_norm: float) -> float:
+    """The global gradient norm (clipped to `max_norm` when > 0), for plain, DDP and FSDP parameters.
+
+    FSDP's sharded gradients are DTensors whose norm is a collective; the replicated gates are plain tensors;
+    `torch.nn.utils` handles each kind, and the two partial norms combine as a root of summed squares.
+    """
+    from torch.distributed.tensor import DTensor
+
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return 0.0
+    sharded = [g for g in grads if isinstance(g, DTensor)]
+    if not sharded:
+        if max_norm > 0:
+            return float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+        return float(torch.nn.utils.get_total_norm(grads))
+    plain = [g for g in grads if not isinstance(g, DTensor)]
+    squares = float(torch.nn.utils.get_total_norm(sharded).full_tensor()) ** 2
+    if plain:
+        squares += float(torch.nn.utils.get_total_norm(plain)) ** 2
+    total = math.sqrt(squares)
+    if max_norm > 0 and math.isfinite(total):
+        coef = min(1.0, max_norm / (total + 1e-6))
+        for grad in grads:
+            grad.mul_(coef)
+    return total
+
+
+# ---------------------------------------------------------------------------------------- checkpoints
+
+
+def _state_options(**kwargs: Any) -> Any:
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    return StateDictOptions(**kwargs)
+
+
+def full_state_dict(model: nn.Module, names: Sequence[str]) -> dict[str, Tensor]:
+    """The named parameters as full tensors, for a checkpoint in the single-process layout.
+
+    Collective under FSDP (every rank must call it): the shards are gathered to rank 0's CPU, the other
+    ranks get an empty dict. Otherwise the parameters themselves (every rank holds them).
+    """
+    if is_sharded(model):
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+        state = get_model_state_dict(model, options=_state_options(full_state_dict=True, cpu_offload=True))
+        return {name: state[name] for name in names if name in state}
+    params = dict(model.named_parameters())
+    return {name: params[name] for name in names}
+
+
+def optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """The optimizer state keyed by parameter name: the same for 1 process, DDP and FSDP (full tensors).
+
+    Keyed by name rather than by index, it loads into a run with another world size or strategy. Collective
+    under FSDP (rank 0 receives the gathered state, the others an empty dict).
+    """
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+    options = _state_options(full_state_dict=True, cpu_offload=True)
+    return get_optimizer_state_dict(model, optimizer, options=options)
+
+
+def load_optimizer_state(
+    model: nn.Module, optimizer: torch.optim.Optimizer, state: Mapping[str, Any]
+) -> None:
+    """Inverse of `optimizer_state`; also reads an index-keyed `optimizer.state_dict()` (older runs)."""
+    from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
+
+    groups = state.get("param_groups") or []
+    by_index = bool(groups) and any(isinstance(i, int) for g in groups for i in g.get("params", ()))
+    if by_index and not is_sharded(model):
+        optimizer.load_state_dict(dict(state))
+        return
+    if by_index:
+        state = _index_to_names(model, optimizer, state)
+    set_optimizer_state_dict(model, optimizer, dict(state), options=_state_options(full_state_dict=True))
+
+
+def _index_to_names(model: nn.Module, optimizer: torch.optim.Optimizer, state: Mapping[str, Any]) -> dict:
+    """Rewrite an index-keyed optimizer state with parameter names (same groups, same order)."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    mapping: dict[int, str] = {}
+    for saved, current in zip(state["param_groups"], optimizer.param_groups, strict=True):
+        for index, param in zip(saved["params"], current["params"], strict=True):
+            mapping[index] = names[id(param)]
+    groups = [{**g, "params": [mapping[i] for i in g["params"]]} for g in state["param_groups"]]
+    return {"state": {mapping[i]: s for i, s in state["state"].items()}, "param_groups": groups}
+
+
+def load_sharded_weights(
+    model: nn.Module, directory: str | Path, *, require: Sequence[str] = ()
+) -> list[str]:
+    """`checkpoint.load_weights` for a model whose parameters are FSDP shards (each rank reads the file).
+
+    The file holds full tensors (the single-process layout); `set_model_state_dict` shards them.
+    """
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
+
+    from llada_trm.run_checkpoint import WEIGHTS_FILE, check_weights, read_weights_file
+
+    path = Path(directory) / WEIGHTS_FILE
+    tensors = read_weights_file(path)
+    own = get_model_state_dict(model)
+    check_weights(path, tensors, own, require)
+    tensors = {name: t.to(own[name].dtype) for name, t in tensors.items()}
+    set_model_state_dict(model, tensors, options=_state_options(full_state_dict=True, strict=False))
+    return sorted(tensors)

@@ -19,7 +19,7 @@ It does not depend on file names, sharding, safetensors metadata or modification
 copied backbone keeps its fingerprint). Re-training or fine-tuning changes every sampled row of the tensors
 it touches (a merged LoRA update is dense), so it is caught; an edit confined to unsampled rows (say, a few
 embedding rows) is not: the fingerprint guards against mix-ups, not tampering. The feature cache's stricter,
-byte-level `training.cache_manifest.backbone_fingerprint` is another thing: its cached activations depend on
+byte-level `training.feature_cache.backbone_fingerprint` is another thing: its cached activations depend on
 the stored bytes, dtype included.
 """
 

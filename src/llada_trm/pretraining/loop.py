@@ -30,7 +30,7 @@ from llada_trm.data import SFTDataset, collate_batch, special_token_ids
 from llada_trm.data.arithmetic import generate_task_records
 from llada_trm.diffusion import forward_process, masked_diffusion_loss
 from llada_trm.progress import progress_bar
-from llada_trm.training.schedule import warmup_cosine
+from llada_trm.training.loop import warmup_cosine
 
 from . import run_dir
 from .config import PretrainConfig

@@ -26,18 +26,30 @@ Layout of a cache directory:
 Shards are written to a temporary name and renamed, so a present shard is complete and an interrupted build
 resumes after the last one. A cache whose manifest disagrees with the run (other backbone weights, data,
 noise or feature settings) is refused with a one-line `StaleFeatureCacheError` saying how to rebuild it.
+
+The manifest's sections (`backbone`, `data`, `noise`, `features`) must match the run exactly for a cache to be
+used; `layout` and `complete` describe the cache itself. The manifest is also what makes a directory a store
+(the sampler-state store reuses these helpers): `remove_store` (`cache --rebuild`) deletes only a directory
+whose manifest is a store's and whose files are all the store's own.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+import math
+import re
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import Tensor
+from torch.utils.data import Dataset
 
 from llada_trm.build import apply_backbone_options, backbone_dtype, build_datasets, build_model, start_run
 from llada_trm.config import RunConfig
@@ -47,32 +59,13 @@ from llada_trm.diffusion.targeted_masks import TrainingMasks
 from llada_trm.dist_utils import is_distributed, is_main_process
 from llada_trm.errors import ConfigError
 from llada_trm.hybrid import BackboneFeatures, LLaDATRMHybrid
-from llada_trm.io import DTYPES, atomic_path
+from llada_trm.io import DTYPES, atomic_path, remove_directory, sweep_temporaries, write_text_atomic
 from llada_trm.progress import Bar, progress_bar
 from llada_trm.run_checkpoint import init_from_config
-from llada_trm.training.cache_manifest import (
-    CACHE_FORMAT_VERSION,
-    MANIFEST_FILE,
-    FeatureSpec,
-    NoiseSpec,
-    StaleFeatureCacheError,
-    backbone_fingerprint,
-    check_manifest,
-    data_fingerprint,
-    expected_manifest,
-    read_manifest,
-    remove_store,
-    shard_layout,
-    shard_name,
-    store_directory,
-    sweep_temporaries,
-    write_manifest,
-)
-from llada_trm.training.cached_batches import FeatureCache, cached_features, open_feature_cache
 from llada_trm.training.freezing import FreezePlan, freeze_for_run
-from llada_trm.training.masks import training_masks_for_run
+from llada_trm.training.objective import training_masks_for_run
 
-__all__ = [  # the cache's manifest (`cache_manifest`) and reading side (`cached_batches`) are re-exported
+__all__ = [
     "CACHE_FORMAT_VERSION",
     "MANIFEST_FILE",
     "FeatureCache",
@@ -83,13 +76,415 @@ __all__ = [  # the cache's manifest (`cache_manifest`) and reading side (`cached
     "build_feature_cache",
     "cache_directory",
     "cached_features",
+    "check_manifest",
     "data_fingerprint",
     "expected_manifest",
     "open_feature_cache",
     "prepare_feature_cache",
+    "read_manifest",
+    "remove_store",
     "require_frozen_backbone",
+    "shard_layout",
+    "shard_name",
+    "store_directory",
+    "sweep_temporaries",
     "write_feature_cache",
+    "write_manifest",
 ]
+
+
+# ------------------------------------------------------------------------------------- the manifest
+
+CACHE_FORMAT_VERSION = 1
+MANIFEST_FILE = "manifest.json"
+SHARD_BYTES = 256 * 2**20  # target shard size: big enough for few files, small enough to redo after a crash
+_FULL_HASH_BYTES = 64 * 2**20  # weight files up to this size are hashed whole, larger ones by samples
+_SAMPLE_BYTES = 4 * 2**20
+
+
+class StaleFeatureCacheError(ConfigError):
+    """A feature cache on disk was built from another backbone, data, noise or feature settings."""
+
+
+# ------------------------------------------------------------------------------------------ fingerprints
+
+
+def backbone_fingerprint(directory: str | Path) -> str:
+    """A content hash of a checkpoint: config.json, every safetensors file's header and its bytes.
+
+    Files up to 64 MiB are hashed whole; larger ones (LLaDA-8B's 5 GB shards) by size, header and three
+    4 MiB samples (start, middle, end), which any re-training or fine-tuning changes. Modification times are
+    deliberately left out, so a copied checkpoint keeps its caches.
+    """
+    directory = Path(directory)
+    digest = hashlib.sha256()
+    digest.update((directory / "config.json").read_bytes())
+    for path in sorted(directory.glob("*.safetensors")):
+        size = path.stat().st_size
+        digest.update(f"\0{path.name}\0{size}\0".encode())
+        with open(path, "rb") as handle:
+            if size <= _FULL_HASH_BYTES:
+                for block in iter(lambda: handle.read(2**20), b""):
+                    digest.update(block)
+                continue
+            header = int.from_bytes(handle.read(8), "little")
+            digest.update(handle.read(header))
+            for offset in (0, size // 2, max(size - _SAMPLE_BYTES, 0)):
+                handle.seek(offset)
+                digest.update(handle.read(_SAMPLE_BYTES))
+    return digest.hexdigest()
+
+
+def data_fingerprint(examples: Sequence[EncodedExample], seq_len: int, pad_id: int) -> str:
+    """A hash of the encoded training examples (ids and prompt lengths, in order) and their padding."""
+    digest = hashlib.sha256(f"{seq_len}/{pad_id}/{len(examples)}".encode())
+    for example in examples:
+        digest.update(int(example["prompt_length"]).to_bytes(4, "little"))
+        ids = np.asarray(example["input_ids"], dtype=np.int64)
+        digest.update(len(ids).to_bytes(4, "little"))
+        digest.update(ids.tobytes())
+    return digest.hexdigest()
+
+
+
+# ---------------------------------------------------------------------------------------------- manifest
+
+
+@dataclass(frozen=True)
+class NoiseSpec:
+    """The manifest's `noise` section: the draws the cache holds (`n_draws` per example), from the forward
+    process or the run's `training.masks` (`diffusion.targeted_masks`)."""
+
+    seed: int
+    n_draws: int
+    mask_id: int
+    eps: float = 1e-3
+    masks: str = "forward"
+    forward_mix: float = 0.0
+
+
+@dataclass(frozen=True)
+class FeatureSpec:
+    """The manifest's `features` section: what each stored feature is; `compute` names the backbone's
+    precision."""
+
+    cache_dtype: torch.dtype
+    compute: str
+    context_layers: Sequence[int]
+    d_model: int
+    context_dim: int | None
+
+    @classmethod
+    def for_model(cls, model: LLaDATRMHybrid, cache_dtype: torch.dtype, compute: str) -> FeatureSpec:
+        """The features `model` produces: its hidden width and, when the refiner reads backbone layers,
+        their context width."""
+        bb = model.backbone.config
+        return cls(
+            cache_dtype=cache_dtype,
+            compute=compute,
+            context_layers=model.context_layers,
+            d_model=bb.d_model,
+            context_dim=bb.n_heads * bb.head_dim,
+        )
+
+
+def _noise_section(noise: NoiseSpec) -> dict[str, Any]:
+    """The forward process is recorded as before (so caches built then stay valid); other masks add names."""
+    section: dict[str, Any] = {"seed": noise.seed, "draws": noise.n_draws, "eps": noise.eps}
+    section["mask_id"] = noise.mask_id
+    if noise.masks != "forward":
+        section.update(masks=noise.masks, forward_mix=noise.forward_mix)
+    return section
+
+
+def expected_manifest(
+    *,
+    backbone: str,
+    examples: Sequence[EncodedExample],
+    pad_id: int,
+    noise: NoiseSpec,
+    features: FeatureSpec,
+    backbone_path: str = "",
+) -> dict[str, Any]:
+    """What a cache for this run must have been built from.
+
+    `backbone` is `backbone_fingerprint(dir)`. The sections other than `layout` and `complete` must match a
+    cache on disk exactly (`check_manifest`); `backbone.path` is informational.
+    """
+    if noise.n_draws < 1:
+        raise ValueError(f"n_draws must be >= 1, got {noise.n_draws}")
+    if not examples:
+        raise ValueError("a feature cache needs at least one training example")
+    seq_len = max(len(example["input_ids"]) for example in examples)
+    layers = list(features.context_layers)
+    return {
+        "format_version": CACHE_FORMAT_VERSION,
+        "complete": False,
+        "backbone": {"fingerprint": backbone, "path": backbone_path},
+        "data": {
+            "fingerprint": data_fingerprint(examples, seq_len, pad_id),
+            "examples": len(examples),
+            "seq_len": seq_len,
+        },
+        "noise": _noise_section(noise),
+        "features": {
+            "dtype": str(features.cache_dtype).removeprefix("torch."),
+            "compute": features.compute,
+            "context_layers": layers,
+            "d_model": features.d_model,
+            "context_dim": features.context_dim if layers else None,
+        },
+    }
+
+
+
+
+_CHECKED = {  # manifest section -> what a mismatch means to the user
+    "format_version": "another cache format version",
+    "backbone": "other backbone weights or config (model.backbone)",
+    "data": "other training data (data.* settings, data.max_length or the tokenizer)",
+    "noise": "other noise draws (training.seed, training.masks or advanced.cache_noise_draws)",
+    "features": "other feature settings (model.context_layers, advanced.cache_dtype or backbone precision)",
+}
+
+
+def check_manifest(
+    stored: Mapping[str, Any],
+    expected: Mapping[str, Any],
+    directory: Path,
+    *,
+    sections: Mapping[str, str] = _CHECKED,
+    rebuild: str = "llada-trm cache --config <config> --rebuild",
+) -> None:
+    """Refuse a cache whose manifest disagrees with `expected` in any checked section.
+
+    `sections` (section -> what a mismatch means) and the `rebuild` command default to the feature cache's;
+    the sampler-state store (`training.sampler_states`) passes its own.
+    """
+    what = "feature cache" if sections is _CHECKED else "sampler-state store"
+    setting = "advanced.feature_cache_dir" if sections is _CHECKED else "advanced.sampler_states_dir"
+    for section, meaning in sections.items():
+        have, want = stored.get(section), expected[section]
+        if section == "backbone":
+            have, want = (have or {}).get("fingerprint"), want["fingerprint"]
+        if have != want:
+            raise StaleFeatureCacheError(
+                f"{directory}: stale {what}, built from {meaning}; rebuild it with `{rebuild}` (or `rm -r "
+                f"{directory}`), or set {setting} to a new directory"
+            )
+
+
+def read_manifest(directory: Path) -> dict[str, Any] | None:
+    """The manifest stored in `directory`, or None when there is none."""
+    path = directory / MANIFEST_FILE
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as exc:
+        raise StaleFeatureCacheError(
+            f"{path}: unreadable feature-cache manifest ({exc}); remove {directory} and rebuild the cache"
+        ) from None
+
+
+_STORE_FILES = re.compile(rf"{re.escape(MANIFEST_FILE)}|shard_\d{{5}}\.safetensors")
+_TEMPORARY = re.compile(r"\..+\.tmp")  # `io.atomic_path`'s temporary files (a killed build's)
+
+
+def _store_file(path: Path) -> bool:
+    """Whether `path` is a file a store writes: its manifest, a shard, or a temporary one of those."""
+    if _TEMPORARY.fullmatch(path.name):
+        return True
+    return path.is_file() and bool(_STORE_FILES.fullmatch(path.name))
+
+
+def remove_store(directory: Path, *, sections: Mapping[str, str] = _CHECKED) -> bool:
+    """`cache --rebuild`: delete `directory` when it is a store this command built, else refuse in one line.
+
+    A store is a directory whose manifest has every section of `sections` (the feature cache's by default,
+    the sampler-state store's when passed; any format version, since a stale one is what --rebuild is
+    for) and which holds only the store's files (the manifest, shards, temporary files). Anything else (a
+    training run, a home folder named by a shared config) is never touched. Returns whether it deleted.
+    """
+    what = "feature cache" if sections is _CHECKED else "sampler-state store"
+    setting = "advanced.feature_cache_dir" if sections is _CHECKED else "advanced.sampler_states_dir"
+    if not directory.exists() and not directory.is_symlink():
+        return False
+    if not directory.is_dir() or directory.is_symlink():
+        raise ConfigError(
+            f"{directory}: not a {what} directory; --rebuild deletes only a {what}: set {setting} to a new "
+            "directory"
+        )
+    if not any(directory.iterdir()):
+        return False
+    try:
+        manifest = json.loads((directory / MANIFEST_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        manifest = None
+    if not isinstance(manifest, dict) or not all(section in manifest for section in sections):
+        raise ConfigError(
+            f"{directory}: not a {what} (no {what} {MANIFEST_FILE}); --rebuild deletes only a {what} it "
+            f"built: set {setting} to a new or empty directory, or remove this one yourself"
+        )
+    foreign = sorted(p.name for p in directory.iterdir() if not _store_file(p))
+    if foreign:
+        raise ConfigError(
+            f"{directory}: holds {foreign[0]}, which the {what} did not write; --rebuild deletes only the "
+            f"{what}: move it out first, or set {setting} to a new directory"
+        )
+    remove_directory(directory)
+    return True
+
+
+def write_manifest(directory: Path, manifest: Mapping[str, Any]) -> None:
+    write_text_atomic(directory / MANIFEST_FILE, json.dumps(manifest, indent=2) + "\n")
+
+
+# ------------------------------------------------------------------------------------------------ layout
+
+
+def shard_name(index: int) -> str:
+    return f"shard_{index:05d}.safetensors"
+
+
+def shard_layout(manifest: Mapping[str, Any], examples_per_shard: int | None) -> dict[str, int]:
+    """How many examples a shard holds (default: ~256 MiB shards) and how many shards there are."""
+    n = int(manifest["data"]["examples"])
+    if examples_per_shard is None:
+        feats = manifest["features"]
+        width = int(feats["d_model"]) + int(feats["context_dim"] or 0)
+        itemsize = torch.empty((), dtype=DTYPES[feats["dtype"]]).element_size()
+        per_example = int(manifest["noise"]["draws"]) * int(manifest["data"]["seq_len"]) * width * itemsize
+        examples_per_shard = max(1, SHARD_BYTES // per_example)
+    if examples_per_shard < 1:
+        raise ValueError(f"examples_per_shard must be >= 1, got {examples_per_shard}")
+    examples_per_shard = min(examples_per_shard, n)
+    return {"examples_per_shard": examples_per_shard, "shards": math.ceil(n / examples_per_shard)}
+
+
+def store_directory(configured: str | None, output_dir: str, name: str) -> Path:
+    """Where a run's stored precomputation lives: the configured directory, or `<output.dir>/<name>`."""
+    return Path(configured).expanduser() if configured else Path(output_dir) / name
+
+
+# ---------------------------------------------------------------------------------- reading a cache
+
+class FeatureCache(Dataset):
+    """A complete cache on disk as a dataset of (example, draw) items; `collate` stacks them into a batch.
+
+    Items are read lazily from memory-mapped shards; the open handles are dropped when the dataset is
+    pickled into DataLoader workers, which reopen their own.
+    """
+
+    def __init__(self, directory: str | Path, manifest: Mapping[str, Any]) -> None:
+        self.directory = Path(directory)
+        self.manifest = dict(manifest)
+        self.num_examples = int(manifest["data"]["examples"])
+        self.seq_len = int(manifest["data"]["seq_len"])
+        self.n_draws = int(manifest["noise"]["draws"])
+        self.examples_per_shard = int(manifest["layout"]["examples_per_shard"])
+        self.has_contexts = bool(manifest["features"]["context_layers"])
+        self._handles: dict[int, Any] = {}
+
+    def __len__(self) -> int:
+        return self.num_examples
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_handles": {}}
+
+    def _shard(self, index: int) -> tuple[Any, int]:
+        if not 0 <= index < self.num_examples:
+            raise IndexError(f"example {index} is outside the cache's {self.num_examples} examples")
+        shard, local = divmod(index, self.examples_per_shard)
+        if shard not in self._handles:
+            path = self.directory / shard_name(shard)
+            try:
+                self._handles[shard] = safe_open(str(path), framework="pt")
+            except (SafetensorError, OSError) as exc:
+                raise self._corrupt(path, exc) from None
+        return self._handles[shard], local
+
+    def _corrupt(self, path: Path, exc: BaseException) -> StaleFeatureCacheError:
+        """One line naming the shard and the command that rebuilds the cache."""
+        reason = " ".join(str(exc).split())[:200]
+        return StaleFeatureCacheError(
+            f"{path}: corrupt feature-cache shard ({reason}); rebuild the cache with `llada-trm cache "
+            "--config "
+            f"<config> --rebuild` (or `rm -r {self.directory}`)"
+        )
+
+    def __getitem__(self, item: tuple[int, int]) -> dict[str, Tensor]:
+        """One (example, draw): hidden_states [L, D], contexts [L, Dc], masked [L], p_mask [], input_ids [L],
+        prompt_lengths []."""
+        index, draw = item
+        if not 0 <= draw < self.n_draws:
+            raise IndexError(f"draw {draw} is outside the cache's {self.n_draws} draws")
+        handle, local = self._shard(index)
+        try:
+            out = {
+                "hidden_states": handle.get_slice("hidden_states")[local, draw],
+                "masked": handle.get_slice("masked")[local, draw],
+                "p_mask": handle.get_slice("p_mask")[local, draw],
+                "input_ids": handle.get_slice("input_ids")[local].long(),
+                "prompt_lengths": handle.get_slice("prompt_lengths")[local],
+            }
+            if self.has_contexts:
+                out["contexts"] = handle.get_slice("contexts")[local, draw]
+        except (SafetensorError, OSError, ValueError, IndexError, RuntimeError) as exc:
+            raise self._corrupt(self.directory / shard_name(index // self.examples_per_shard), exc) from None
+        return out
+
+    def collate(self, items: Sequence[Mapping[str, Tensor]]) -> dict[str, Tensor]:
+        """Stack items into the batch `cached_features` reads (plus the SFT keys the objective reads)."""
+        batch = {key: torch.stack([item[key] for item in items]) for key in items[0]}
+        batch["p_mask"] = batch["p_mask"][:, None].expand(-1, self.seq_len).contiguous()
+        batch["answer_lengths"] = self.seq_len - batch["prompt_lengths"]
+        return batch
+
+
+def cached_features(
+    model: torch.nn.Module, batch: Mapping[str, Tensor]
+) -> tuple[BackboneFeatures, tuple[Tensor, Tensor, Tensor]]:
+    """A cached batch as `(BackboneFeatures, (noisy_ids, masked, p_mask))` for `diffusion_objective`.
+
+    The backbone logits are rebuilt by the LM head at the masked positions only: the objective, the chunk
+    confidence and the halting read nothing else, and elsewhere they stay zero. Call under the same autocast
+    as the live step.
+    """
+    core = getattr(model, "module", model)
+    dtype = core.backbone.dtype
+    hidden = batch["hidden_states"].to(dtype)
+    contexts = batch.get("contexts")
+    masked = batch["masked"].bool()
+    with torch.no_grad():
+        rows = masked.nonzero(as_tuple=True)
+        row_logits = core.lm_head(hidden[rows])
+        base = row_logits.new_zeros(*masked.shape, row_logits.shape[-1]).index_put_(rows, row_logits)
+    features = BackboneFeatures(
+        hidden_states=hidden,
+        base_logits=base,
+        contexts=None if contexts is None else contexts.to(dtype),
+        masked=masked,
+    )
+    noisy = torch.where(masked, torch.full_like(batch["input_ids"], core.mask_token_id), batch["input_ids"])
+    return features, (noisy, masked, batch["p_mask"])
+
+
+def open_feature_cache(directory: str | Path, expected: Mapping[str, Any]) -> FeatureCache:
+    """Open a complete cache, refusing a stale or unfinished one."""
+    directory = Path(directory)
+    stored = read_manifest(directory)
+    if stored is None:
+        raise ConfigError(
+            f"{directory}: no feature cache here (no {MANIFEST_FILE}); build it with "
+            "`llada-trm cache --config <config>` or train with advanced.feature_cache: true"
+        )
+    check_manifest(stored, expected, directory)
+    if not stored.get("complete"):
+        raise ConfigError(
+            f"{directory}: the feature cache is unfinished; `llada-trm cache --config <config>` resumes it"
+        )
+    return FeatureCache(directory, stored)
 
 
 # ------------------------------------------------------------------------------------------------ build

@@ -1,4 +1,17 @@
-"""Append-only CSV metrics: `training_metrics.csv` and `validation_metrics.csv`.
+"""What a run logs: the refiner's statistics, the metrics CSVs and TensorBoard.
+
+Nothing here runs during a training step: the loop's logging window (`loop.LogWindow`) keeps what each
+micro-batch's forward returned as device tensors, and at a logging step reduces them once through
+`forward_statistics`; the trainer adds `parameter_statistics` and writes the row with `MetricsWriter`.
+
+Statistics. Refiner statistics flattened into CSV columns: slot norms, gate openings, deltas, orthogonality.
+
+Two sources: the per-forward stats the hybrid model returns (`HybridOutput.stats`: refinement steps, skipped
+fraction, confidence, delta norms, slot norms, gates) and the refiners' parameters (gates, projection norms,
+the orthogonality penalty). Column names are `slot_norm_<slot>`, `gate_<name>`, `delta_norm`, ... — the names
+the health checks read.
+
+CSV files. Append-only CSV metrics: `training_metrics.csv` and `validation_metrics.csv`.
 
 The known columns are written in the header up front, so a row that lacks a value (an MLP run has no slot
 norms) leaves the cell empty. A key that is not yet a column widens the file: its rows are rewritten with the
@@ -9,6 +22,15 @@ leaves either the complete row or none (a `write` to a regular file is not torn 
 still leave a partial last line, which has no line terminator, and is dropped when the file is next opened.
 Every rewrite (a widened header, `truncate_after` on resume) goes through a temporary file and a rename
 (`llada_trm.io.write_bytes_atomic`).
+
+TensorBoard. Event files beside the metrics CSVs (`output.tensorboard: true`; the CSVs stay the record).
+
+Every numeric value of a row the trainer logs goes in as a scalar tagged `<series>/<column>`: `train/loss`,
+`train/slot_norm_ctx`, `train/gate_ctx` (the slot refiner's statistics are columns of the training rows),
+`validation/accuracy`, ... at the row's optimizer step, so the tags are the CSV columns and the curves are
+the CSVs' (`llada-trm plot`'s series). Only rank 0 writes, into `<output.dir>/tensorboard/`. A resumed run
+opens its writer with `purge_step` = the resumed step + 1: TensorBoard then drops the events the interrupted
+run wrote after its checkpoint, as `MetricsWriter.truncate_after` drops those CSV rows.
 """
 
 from __future__ import annotations
@@ -17,14 +39,31 @@ import csv
 import io
 import math
 import os
-from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import torch
+from torch import nn
+
+from llada_trm.errors import ConfigError
+from llada_trm.hybrid.chunking import chunk_sum
 from llada_trm.io import write_bytes_atomic
 
-__all__ = ["TRAIN_COLUMNS", "VALIDATION_COLUMNS", "Averager", "MetricsWriter", "format_value"]
+__all__ = [
+    "TENSORBOARD_DIR",
+    "TENSORBOARD_INSTALL",
+    "TRAIN_COLUMNS",
+    "VALIDATION_COLUMNS",
+    "MetricsWriter",
+    "TensorBoardLog",
+    "format_value",
+    "forward_statistics",
+    "gate_values",
+    "mean_of",
+    "parameter_statistics",
+    "require_tensorboard",
+]
 
 TRAIN_COLUMNS: tuple[str, ...] = (
     "step",
@@ -61,23 +100,6 @@ VALIDATION_COLUMNS: tuple[str, ...] = (
     "skipped_fraction",
     "skipped_fraction_masked",
 )
-
-
-class Averager:
-    """Running means of named floats (NaN-free entries only), for one logging window."""
-
-    def __init__(self) -> None:
-        self.sums: dict[str, float] = defaultdict(float)
-        self.counts: dict[str, int] = defaultdict(int)
-
-    def add(self, values: Mapping[str, float]) -> None:
-        for key, value in values.items():
-            if value is not None and math.isfinite(value):
-                self.sums[key] += value
-                self.counts[key] += 1
-
-    def means(self) -> dict[str, float]:
-        return {key: self.sums[key] / self.counts[key] for key in self.sums}
 
 
 def format_value(value: Any) -> str:
@@ -164,3 +186,162 @@ class MetricsWriter:
 
     def _rewrite_text(self, text: str) -> None:
         write_bytes_atomic(self.path, text.encode("utf-8"))
+
+
+# ------------------------------------------------------------------------- refiner statistics
+
+def mean_of(value: Any) -> float | None:
+    """A float summary of a stat: scalars as they are, tensors and lists by their (finite) mean."""
+    if value is None or isinstance(value, bool | str):
+        return None
+    if isinstance(value, int | float):
+        return float(value)
+    if isinstance(value, torch.Tensor):
+        if value.numel() == 0:
+            return None
+        return float(value.detach().float().mean().item())
+    if isinstance(value, list | tuple):
+        numbers = [v for v in (mean_of(x) for x in value) if v is not None and math.isfinite(v)]
+        return sum(numbers) / len(numbers) if numbers else None
+    return None
+
+
+def forward_statistics(
+    stats: Mapping[str, Any], masked: torch.Tensor | None = None, chunk_size: int | None = None
+) -> dict[str, float]:
+    """Flatten `HybridOutput.stats` into loggable floats.
+
+    Per-step lists (`delta_norms`) become their mean plus the first and last steps' values; dicts of slot
+    norms and gates become one column per entry. Given the batch's `masked` positions and the chunk size,
+    two columns look only at chunks that hold a masked position (prompt chunks never do, so they would
+    dilute the picture): `skipped_fraction_masked` (such chunks left unrefined) and `chunk_confidence` (the
+    backbone's mean confidence on them).
+    """
+    row: dict[str, float] = {}
+    for key in ("refine_steps", "skipped_fraction", "chunks_total", "chunks_refined", "confidence"):
+        value = mean_of(stats.get(key))
+        if value is not None:
+            row[key] = value
+    if masked is not None and chunk_size is not None:
+        candidates = chunk_sum(masked.float(), chunk_size) > 0
+        n = int(candidates.sum())
+        refined = mean_of(stats.get("chunks_refined"))
+        if n and refined is not None:
+            row["skipped_fraction_masked"] = 1.0 - refined / n
+        confidence = stats.get("chunk_confidence")
+        if n and isinstance(confidence, torch.Tensor) and confidence.shape == candidates.shape:
+            row["chunk_confidence"] = float(confidence[candidates].float().mean())
+    deltas = stats.get("delta_norms")
+    if isinstance(deltas, list | tuple) and deltas:
+        row["delta_norm"] = mean_of(deltas)
+        row["delta_norm_first"] = mean_of(deltas[0])
+        row["delta_norm_last"] = mean_of(deltas[-1])
+    for name, value in (stats.get("slot_norms") or {}).items():
+        number = mean_of(value)
+        if number is not None:
+            row[f"slot_norm_{name}"] = number
+    for name, value in (stats.get("gates") or {}).items():
+        number = mean_of(value)
+        if number is not None:
+            row[f"gate_{name}"] = number
+    return {k: v for k, v in row.items() if v is not None}
+
+
+@torch.no_grad()
+def gate_values(module: nn.Module) -> dict[str, float]:
+    """Gate openings sigmoid(g) of every parameter whose name has a `gate` component.
+
+    A gate may be a scalar, a vector or a matrix (per-channel gates); it reports its mean opening, so logging
+    never breaks on a gate's shape. Refiners that define `gate_values()` are asked directly instead.
+    """
+    own = getattr(module, "gate_values", None)
+    if callable(own):
+        return {str(k): float(v) for k, v in own().items()}
+    values = {}
+    for name, param in module.named_parameters():
+        parts = name.split(".")
+        if any("gate" in part for part in parts):
+            key = "_".join(p for p in parts if p not in ("gate", "gates", "weight")) or name
+            values[key] = torch.sigmoid(param.detach().float()).mean().item()
+    return values
+
+
+@torch.no_grad()
+def parameter_statistics(model: nn.Module) -> dict[str, float]:
+    """Gates, projection norms and orthogonality of each refiner under `model.refinement_head`.
+
+    With one refiner the columns are plain (`gate_ctx`); with two (hybrid / cascade) the refiner's key goes
+    after the column's kind (`gate_slot_ctx`, `orthogonality_slot`) so the two never overwrite each other
+    and the health checks still find every gate.
+    """
+    heads = getattr(model, "refinement_head", None)
+    if heads is None:
+        return {}
+    refiners = dict(heads.items()) if isinstance(heads, nn.ModuleDict) else {"": heads}
+    row: dict[str, float] = {}
+    for key, refiner in refiners.items():
+        own = getattr(refiner, "slot_statistics", None)
+        stats = dict(own()) if callable(own) else {f"gate_{k}": v for k, v in gate_values(refiner).items()}
+        if "orthogonality" not in stats and hasattr(refiner, "orthogonality_loss"):
+            stats["orthogonality"] = float(refiner.orthogonality_loss().detach().float().item())
+        for name, value in stats.items():
+            number = mean_of(value)
+            if number is not None:
+                row[_qualify(name, key) if len(refiners) > 1 else name] = number
+    return row
+
+
+def _qualify(column: str, refiner: str) -> str:
+    kind, sep, rest = column.partition("_")
+    return f"{kind}_{refiner}_{rest}" if sep else f"{column}_{refiner}"
+
+
+# ------------------------------------------------------------------------------- TensorBoard
+
+TENSORBOARD_DIR = "tensorboard"
+TENSORBOARD_INSTALL = "pip install 'llada-trm[tensorboard]'"
+
+
+def require_tensorboard() -> Any:
+    """torch's `SummaryWriter`, or a one-line ConfigError naming the install command."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise ConfigError(
+            f"output.tensorboard: the tensorboard package is not installed; {TENSORBOARD_INSTALL}"
+        ) from None
+    return SummaryWriter
+
+
+class TensorBoardLog:
+    """The run's event-file writer; `log(series, row)` after each CSV row. Without a directory it is off
+    (every call does nothing), so the trainer calls it unconditionally."""
+
+    def __init__(self, output_dir: str | Path | None = None, *, resumed_step: int = 0) -> None:
+        self.writer: Any = None
+        if output_dir is not None:
+            writer = require_tensorboard()
+            purge = resumed_step + 1 if resumed_step > 0 else None
+            self.writer = writer(log_dir=str(Path(output_dir) / TENSORBOARD_DIR), purge_step=purge)
+
+    @classmethod
+    def for_run(cls, enabled: bool, output_dir: Path, resumed_step: int) -> TensorBoardLog:
+        """On when `output.tensorboard` (call it on rank 0 only)."""
+        return cls(output_dir if enabled else None, resumed_step=resumed_step)
+
+    def log(self, series: str, row: Mapping[str, Any]) -> None:
+        """Each finite number of `row` (but its `step`) as `series/column` at `row["step"]`."""
+        if self.writer is None:
+            return
+        step = int(row["step"])
+        for column, value in row.items():
+            if column == "step" or isinstance(value, bool) or not isinstance(value, int | float):
+                continue
+            if math.isfinite(value):
+                self.writer.add_scalar(f"{series}/{column}", float(value), global_step=step)
+        self.writer.flush()  # as durable as the CSV row: a crash loses no logged point
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None

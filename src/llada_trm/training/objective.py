@@ -16,28 +16,58 @@ the halting and the confidence-weighted update rely on. `halting` (with `model.h
 halting loss: the BCE between the halting head's chunk logit after each step and whether, at that step, every
 masked position of the chunk is predicted right (argmax of that step's logits, detached), over the chunks
 active at that step; the head reads detached states, so this term trains the head alone. Without a refiner,
-L is the plain SFT loss. With a `training.unroll.DenoisingUnroll`, L is averaged over a few consecutive
+L is the plain SFT loss. With a `DenoisingUnroll` (below), L is averaged over a few consecutive
 denoising steps of a trajectory.
+
+The denoising unroll (`DenoisingUnroll`, TRM's N_sup):
+Deep supervision over denoising steps (TRM's N_sup): a short simulated trajectory per training example.
+
+    x_1, masked_1, p_1 = the forward process's draw (the one-step objective's)
+    out_s       = model(x_s, masked_s, carry)                               s = 1 .. n_sup
+    commit_s    = in each row, the floor(fraction * |masked_s|) masked positions where out_s is most confident
+    x_{s+1}     = x_s with the targets written at commit_s;   masked_{s+1} = masked_s minus commit_s
+    p_{s+1}     = p_s * |masked_{s+1}| / |masked_s|                          the realised mask ratio
+    L           = mean_s L(out_s)                                            each step's whole objective
+
+The positions are committed as the sampler commits them (the model's own most confident predictions,
+detached), but what is written there is the target, so that every state is a partly un-masked copy of its
+own answer and each step's loss has its targets. With the model's `denoising_carry` on, one `RefinerCarry`
+runs through the trajectory: step s+1's first refinement resumes from step s's latents, which the carry
+holds detached, so no gradient crosses a denoising step. Off, the steps are independent refinements of
+successive states. A training-loop feature, off unless `training_params.denoising_unroll_steps` > 1.
+
+`training_masks_for_run`: the run's phase-1 masks (`training.masks`); the trainer and the feature cache both
+draw through it, so a cached step sees exactly the masks a live step would have drawn.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from transformers import PreTrainedTokenizerBase
 
-from llada_trm.config import TrainingParamsConfig
+from llada_trm.config import RunConfig, TrainingParamsConfig
 from llada_trm.diffusion import forward_process, masked_diffusion_loss
+from llada_trm.diffusion.targeted_masks import MaskDistribution, TokenText, TrainingMasks, probe_margins
 from llada_trm.errors import ConfigError
-from llada_trm.hybrid import BackboneFeatures, HybridOutput, expand_chunks
+from llada_trm.hybrid import BackboneFeatures, HybridOutput, LLaDATRMHybrid, expand_chunks, max_probability
 from llada_trm.hybrid.chunking import chunk_sum
 from llada_trm.refiners import RefinerCarry
-from llada_trm.training.unroll import DenoisingUnroll, unrolled_states
 
-__all__ = ["LossWeights", "ObjectiveResult", "diffusion_objective", "halting_loss"]
+__all__ = [
+    "DenoisingUnroll",
+    "LossWeights",
+    "ObjectiveResult",
+    "diffusion_objective",
+    "halting_loss",
+    "next_state",
+    "training_masks_for_run",
+    "unrolled_states",
+]
 
 LOSS_TERMS = (
     "loss",
@@ -100,7 +130,7 @@ def diffusion_objective(  # noqa: PLR0913 - the trainer's keywords, each optiona
     `noise` = `(noisy_ids, masked, p_mask)` replaces the forward-process draw (e.g. the per-example draws of
     `feature_cache.draw_noise`); `features` (the frozen backbone's outputs for that noise, from the feature
     cache) replace the backbone pass, so only the refiner and the LM head run. `unroll`: the objective
-    averaged over a short denoising trajectory starting at that noise (`training.unroll`); the result's
+    averaged over a short denoising trajectory starting at that noise (`DenoisingUnroll`); the result's
     `output`, `masked` and `p_mask` are its last step's.
     """
     input_ids = batch["input_ids"]
@@ -241,3 +271,85 @@ def halting_loss(output: HybridOutput, targets: Tensor, masked: Tensor, chunk_si
     if not q.numel():
         return output.logits.new_zeros((), dtype=torch.float32)
     return F.binary_cross_entropy_with_logits(q.float(), torch.cat(where))
+
+
+# ----------------------------------------------------------------- the denoising unroll
+
+Forward = Callable[[Tensor, Tensor, RefinerCarry | None], HybridOutput]
+Noise = tuple[Tensor, Tensor, Tensor]
+
+
+@dataclass(frozen=True)
+class DenoisingUnroll:
+    """`steps` (n_sup >= 2) supervised denoising steps; each commits `fraction` of the masked positions."""
+
+    steps: int
+    fraction: float
+
+    @classmethod
+    def for_run(cls, config: RunConfig) -> DenoisingUnroll | None:
+        """The run's unroll, or None when `training_params.denoising_unroll_steps` <= 1 (off)."""
+        params = config.training_params
+        if params.denoising_unroll_steps <= 1:
+            return None
+        if config.advanced.feature_cache:
+            raise ConfigError(
+                "training_params.denoising_unroll_steps > 1 runs the backbone on each step's new state, but "
+                "advanced.feature_cache stores one state per draw; set one of them off"
+            )
+        return cls(params.denoising_unroll_steps, params.denoising_unroll_fraction)
+
+
+def next_state(logits: Tensor, targets: Tensor, noise: Noise, fraction: float) -> Noise:
+    """The trajectory's next `(noisy, masked, p_mask)`: commit the most confident `fraction` of each row's
+    masked positions (ties by position, as a stable sort orders them) to their targets."""
+    noisy, masked, p_mask = noise
+    confidence = max_probability(logits.detach()).masked_fill(~masked, -torch.inf)
+    count = masked.sum(dim=1)
+    commit_count = torch.floor(count.float() * fraction).long()
+    order = torch.argsort(confidence, dim=1, descending=True, stable=True)
+    places = torch.arange(order.shape[1], device=order.device).expand_as(order)
+    rank = torch.empty_like(order).scatter_(1, order, places)  # each position's place in the order
+    commit = masked & (rank < commit_count[:, None])
+    remaining = masked & ~commit
+    ratio = remaining.sum(dim=1).float() / count.clamp(min=1).float()
+    ratio = ratio if p_mask.dim() == 1 else ratio[:, None]
+    return torch.where(commit, targets, noisy), remaining, p_mask * ratio
+
+
+def unrolled_states(
+    forward: Forward, targets: Tensor, noise: Noise, unroll: DenoisingUnroll, carry: RefinerCarry | None
+) -> Iterator[tuple[HybridOutput, Tensor, Tensor]]:
+    """`(output, masked, p_mask)` of each of the `unroll.steps` denoising steps, in order; the next state is
+    drawn from each output only after the caller has taken it (so each step's loss is built in turn)."""
+    for step in range(unroll.steps):
+        output = forward(noise[0], noise[1], carry)
+        yield output, noise[1], noise[2]
+        if step + 1 < unroll.steps:
+            noise = next_state(output.logits, targets, noise, unroll.fraction)
+
+
+# ------------------------------------------------------------------------ the run's masks
+
+def training_masks_for_run(
+    config: RunConfig, model: LLaDATRMHybrid, tokenizer: PreTrainedTokenizerBase, device: torch.device
+) -> TrainingMasks:
+    """The run's phase-1 masks (`training.masks`); `backbone_errors` probes the frozen backbone with two
+    teacher-forced passes per example (`targeted_masks.probe_margins`), once per example."""
+    t = config.training
+    mask_id = model.mask_token_id
+
+    @torch.no_grad()
+    def probe(input_ids: torch.Tensor, prompt_lengths: torch.Tensor) -> torch.Tensor:
+        def logits_of(noisy: torch.Tensor) -> torch.Tensor:
+            return model.features(noisy).base_logits
+
+        return probe_margins(logits_of, input_ids.to(device), prompt_lengths.to(device), mask_id)
+
+    return TrainingMasks(
+        MaskDistribution(t.masks, t.forward_mix),
+        mask_id,
+        t.seed,
+        token_text=TokenText(tokenizer.decode) if t.masks == "answer_structure" else None,
+        probe=probe if t.masks == "backbone_errors" else None,
+    )

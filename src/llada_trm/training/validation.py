@@ -38,8 +38,7 @@ from llada_trm.hybrid.reachability import (
     step_bound,
 )
 from llada_trm.training.freezing import set_train_mode
-from llada_trm.training.metrics import VALIDATION_COLUMNS
-from llada_trm.training.stats import forward_statistics
+from llada_trm.training.metrics import VALIDATION_COLUMNS, forward_statistics
 
 __all__ = [
     "RESULT_COLUMNS",

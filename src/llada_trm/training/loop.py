@@ -1,0 +1,1285 @@
+"""The training recipe: a `RunConfig` in; metrics CSVs, checkpoints and a summary out.
+
+    Trainer(config).train()                       # a fresh run
+    Trainer(config).resume(dir).train()           # continue exactly where a checkpoint left off
+    run_train("configs/tiny_refiner.yaml", ["training.lr=3e-4"])      # the `llada-trm train` command
+
+This one module holds the recipe whole: setup (`build_training_model`, `feature_cache_for_run`, the
+optimiser and its schedule, the data order), the loop (`Trainer.train_step` is one optimizer step; the
+logging window keeps its statistics on the device until a logging step) and the run's state
+(`Trainer.state_dict` / `load_state_dict`, the single list of what a checkpoint holds). Beside it: the
+objective and the run's masks (`training.objective`), what is logged (`training.metrics`), the run
+directory and its lock (`training.run_dir`), checkpoint files (`training.checkpoint`), validation
+(`training.validation`), DDP/FSDP (`llada_trm.dist_utils`). The model and datasets are built by
+`llada_trm.build` (the path every command shares). A training step runs code only here, in the objective,
+in `dist_utils` and in the model (a test counts the modules).
+
+The optimiser: AdamW over the freezing plan's groups, linear warmup then cosine decay, and optionally an
+exponential moving average of the trained weights (`WeightEMA`; TRM evaluates with one: 87.4% vs 79.9%
+without):
+
+    ema <- decay * ema + (1 - decay) * weights        after every optimizer step, starting from the weights
+
+Only the trained tensors are averaged (at LLaDA-8B scale a copy of the frozen backbone would double the
+memory). Checkpoints hold the average as the model's weights, so every reader (eval, compare, export)
+evaluates it; the live weights travel in the trainer state so that a resumed run continues bit for bit.
+
+One optimizer step = `gradient_accumulation_steps` micro-batches. Logging, validation and checkpointing
+happen on optimizer-step boundaries, so a checkpoint always sits between two steps and a resumed run
+replays nothing and skips nothing: model, optimizer, scheduler, every RNG stream and the position in the
+epoch's (seed, epoch)-determined order are restored.
+
+Data order. The training order of an epoch is a permutation that depends only on (seed, epoch)
+(`EpochSampler`), so a resumed run can rebuild it and skip the micro-batches it already consumed instead of
+replaying a data loader's RNG; with several processes each rank reads its strided share of that same order.
+A checkpoint records the global number of examples consumed in its epoch (`samples_in_epoch`). The order
+of an epoch does not depend on the world size, so a run with M processes continues at that global
+position: each rank skips samples / M of its own shard. When that is not a whole number of accumulation
+windows, the position is rounded down and the few examples in between are seen again.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import time
+from collections import defaultdict
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.optim.lr_scheduler import LambdaLR
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
+from tqdm.auto import tqdm
+from transformers import PreTrainedTokenizerBase
+
+from llada_trm.backbone.fingerprint import directory_fingerprint
+from llada_trm.backbone.lora import attach_run_lora
+from llada_trm.build import (
+    apply_backbone_options,
+    backbone_dtype,
+    build_datasets,
+    build_model,
+    overlap_warning,
+    start_run,
+)
+from llada_trm.config import RunConfig, TrainingConfig, load_config, save_config
+from llada_trm.data import SFTDataset
+from llada_trm.diffusion.forward_process import draw_for_epoch
+from llada_trm.diffusion.targeted_masks import TokenText, TrainingMasks
+from llada_trm.dist_utils import (
+    TrainStep,
+    all_finite,
+    broadcast_object,
+    clip_grad_norm,
+    full_state_dict,
+    gradient_sync,
+    is_main_process,
+    is_sharded,
+    load_optimizer_state,
+    load_sharded_weights,
+    optimizer_state,
+    rank,
+    reduce_sums,
+    resolve_strategy,
+    sync_ignored_gradients,
+    unsharded,
+    world_size,
+    wrap_run,
+)
+from llada_trm.errors import CheckpointError, ConfigError
+from llada_trm.hybrid import LLaDATRMHybrid
+from llada_trm.io import copy_directory, write_text_atomic
+from llada_trm.progress import note, progress_bar, validation_line
+from llada_trm.run_checkpoint import (
+    TrainState,
+    capture_rng_state,
+    check_run_backbone,
+    init_from_config,
+    load_trainer_state,
+    load_weights,
+    prune_snapshots,
+    refiner_names,
+    resolve_checkpoint_dir,
+    restore_rng_state,
+    save_checkpoint,
+)
+from llada_trm.training.feature_cache import (
+    FeatureCache,
+    cached_features,
+    prepare_feature_cache,
+    require_frozen_backbone,
+)
+from llada_trm.training.freezing import FreezePlan, ParamGroupSpec, freeze_for_run, set_train_mode
+from llada_trm.training.health import HealthMonitor, non_finite_error
+from llada_trm.training.metrics import (
+    TRAIN_COLUMNS,
+    MetricsWriter,
+    TensorBoardLog,
+    forward_statistics,
+    parameter_statistics,
+    require_tensorboard,
+)
+from llada_trm.training.objective import (
+    DenoisingUnroll,
+    LossWeights,
+    diffusion_objective,
+    training_masks_for_run,
+)
+from llada_trm.training.resume_config import check_config_changes, retarget_optimizer
+from llada_trm.training.run_dir import claim_run_dir, lock_for_run, repair_run_dir, restarts_from_scratch
+from llada_trm.training.sampler_states import STATE_KEYS, StateMix, prepare_sampler_states
+from llada_trm.training.validation import (
+    VALIDATION_SEED_OFFSET,
+    SampledValidation,
+    check_save_best,
+    format_reachability,
+    improves,
+    reachability_report,
+    result_accuracy,
+    validate,
+    validation_columns,
+)
+
+__all__ = [
+    "Averager",
+    "DrawSampler",
+    "EpochSampler",
+    "LogWindow",
+    "RunOptimizer",
+    "Trainer",
+    "TrainingModel",
+    "WeightEMA",
+    "batches_to_skip",
+    "build_optimizer",
+    "build_run_optimizer",
+    "build_scheduler",
+    "build_training_model",
+    "feature_cache_for_run",
+    "learning_rates",
+    "make_loader",
+    "resolve_warmup_steps",
+    "run_loaders",
+    "run_train",
+    "sampler_state_mix_for_run",
+    "trainer_from_cli",
+    "warmup_cosine",
+]
+
+logger = logging.getLogger("llada_trm")
+
+
+class Trainer:
+    """Builds the model, data, freezing plan, optimizer and schedule of a run, then trains it."""
+
+    def __init__(
+        self, config: RunConfig, *, progress: bool = True, force: bool = False,
+        allow_backbone_mismatch: bool = False,
+    ):
+        """`force`: a run already in `output.dir` is archived (`run_dir.claim_run_dir`); without it, a new
+        run there refuses when `train()` starts (unless `resume()` continues that run).
+        `allow_backbone_mismatch`: `training.init_from` and `resume` take a checkpoint trained on another
+        backbone (with a warning) instead of refusing it."""
+        self.config = config
+        self.progress = progress
+        self.force = force
+        self.allow_backbone_mismatch = allow_backbone_mismatch
+        self.resumed_from: Path | None = None
+        self._claimed = False  # this Trainer has trained into output.dir: a second train() continues it
+        check_save_best(config)  # a typo in output.save_best fails before any weights load
+        if config.output.tensorboard:
+            require_tensorboard()  # a missing package fails before any weights load too
+        if force and is_main_process():  # first: a feature cache built below must not be archived
+            claim_run_dir(config.output.dir, force=True)
+        self._config_yaml = config.to_yaml()
+        # First: under torchrun the rank picks its GPU, and every RNG is seeded before anything random exists.
+        self.device, self.amp_dtype = start_run(config)
+        self._setup_model()  # the refiners' initial weights draw from the freshly seeded global RNG
+        self._setup_data()  # needs the tokenizer, and the frozen backbone when it builds the feature cache
+        self._setup_optimizer()  # needs FSDP's re-read groups and the epoch geometry (the schedule's length)
+        self._setup_state()  # last: the health monitor and report read everything above
+
+    def _setup_model(self) -> None:
+        """Backbone + refiners, `training.init_from`, the phase's freezing and the wrapped objective."""
+        built = build_training_model(
+            self.config, self.device, self.amp_dtype, say=self._say,
+            allow_backbone_mismatch=self.allow_backbone_mismatch,
+        )
+        self.tokenizer, self.model, self.backbone_dir = built.tokenizer, built.model, built.backbone_dir
+        self.backbone_fingerprint = built.backbone_fingerprint
+        self.init_names, self.plan, self.weights = built.init_names, built.plan, built.weights
+        self.strategy, self.engine = built.strategy, built.engine
+        self.mask_id = self.model.mask_token_id
+        self.token_text = TokenText(self.tokenizer.decode)  # the answers' structure, for result_accuracy
+
+    def _setup_data(self) -> None:
+        """Datasets, the resumable sampler and the loaders; the epoch geometry follows from them."""
+        t = self.config.training
+        self.train_set, self.eval_set = build_datasets(self.config.data, self.tokenizer)
+        self.sampler = EpochSampler(len(self.train_set), seed=t.seed, rank=rank(), world_size=world_size())
+        progress = self.progress and is_main_process()
+        # the masks first: a feature cache stores the draws of them
+        self.masks = training_masks_for_run(self.config, self.model, self.tokenizer, self.device)
+        self.feature_cache = feature_cache_for_run(
+            self.config, self.model, self.plan, self.backbone_dir, self.train_set, self.device,
+            self.amp_dtype, progress=progress, masks=self.masks,
+        )
+        self.state_mix = sampler_state_mix_for_run(  # None unless training.sampler_state_ratio > 0
+            self.config, self.model, self.plan, self.backbone_dir, self.train_set, self.tokenizer,
+            self.device, progress=progress,
+        )
+        train: Dataset = self.train_set if self.feature_cache is None else self.feature_cache
+        order: Sampler = self.sampler
+        if self.feature_cache is not None:  # phase 1 reads the backbone's outputs from disk
+            order = DrawSampler(self.sampler, self.feature_cache.n_draws)
+        loaders = run_loaders(self.config, train, order, self.eval_set, self.device)
+        self.train_loader, self.eval_loader = loaders
+        self.sampled_validation = SampledValidation.for_run(self.config)  # None unless val_sampled_problems
+        self.micro_per_epoch = math.ceil(self.sampler.shard_size / t.batch_size)
+        self.steps_per_epoch = math.ceil(self.micro_per_epoch / t.gradient_accumulation_steps)
+        planned = self.steps_per_epoch * t.num_epochs
+        self.total_steps = min(planned, t.max_steps) if t.max_steps else planned
+
+    def _setup_optimizer(self) -> None:
+        built = build_run_optimizer(self.plan, self.config.training, self.total_steps)
+        self.optimizer, self.scheduler = built.optimizer, built.scheduler
+        self.warmup_steps = built.warmup_steps
+        decay = self.config.training.ema_decay
+        if decay > 0 and self.strategy == "fsdp":
+            raise ConfigError(
+                "training.ema_decay averages full tensors; use advanced.distributed: ddp with it"
+            )
+        self.ema = WeightEMA(self.model, self.plan.trainable_names, decay) if decay > 0 else None
+
+    def _setup_state(self) -> None:
+        """Position in the run, the logging window, health checks and output paths; then the run's report."""
+        config = self.config
+        self.state = TrainState()
+        # metrics since the last logged row (checkpointed: rows survive a resume)
+        self._window = LogWindow(config.model.chunk_size)
+        self.health = HealthMonitor(
+            config.advanced.health,
+            enabled=config.advanced.health_checks,
+            # chunk_selection 'all' refines every chunk by choice, as a threshold above 1 does
+            confidence_threshold=(
+                config.model.confidence_threshold if config.model.chunk_selection == "confidence"
+                else float("inf")
+            ),
+        )
+        self.output_dir = Path(config.output.dir)
+        self.checkpoint_dir = self.output_dir / "checkpoints"
+        self.last_train_row: dict[str, Any] = {}
+        self.last_val_row: dict[str, Any] = {}
+        self.tensorboard = TensorBoardLog()  # off; rank 0 opens it in train() with output.tensorboard
+        self._say(self.plan.report())
+        validation = f", {len(self.eval_set)} validation examples" if self.eval_set is not None else ""
+        precision = f"autocast {self.amp_dtype}" if self.amp_dtype else "fp32"
+        self._say(
+            f"data: {len(self.train_set)} training examples{validation}; {self.steps_per_epoch} optimizer "
+            f"steps per epoch, {self.total_steps} in all ({self.warmup_steps} warmup); device {self.device}, "
+            f"{precision}" + (f"; {world_size()} processes, {self.strategy}" if world_size() > 1 else "")
+        )
+
+    # ---------------------------------------------------------------------------------------- resume
+
+    def resume(self, path: str | Path) -> Trainer:
+        """Restore trainable weights, optimizer, scheduler, RNG states and the data position.
+
+        Settings outside `resume_config.RESUMABLE` must equal the checkpoint's; the others apply from here.
+        """
+        if self.force:
+            raise ConfigError("this Trainer was built with force=True (a new run); it cannot also resume one")
+        if restarts_from_scratch(path, self.output_dir):
+            self._say(f"{path}: the run stopped before its first checkpoint; starting it again from step 0")
+            self._claimed = True  # its own directory: train() may write over the killed run's first rows
+            return self
+        directory = self._restore(path)
+        self.resumed_from = directory
+        self._say(f"resumed from {directory} at step {self.state.step} (epoch {self.state.epoch})")
+        return self
+
+    # ----------------------------------------------------------------------------------------- train
+
+    def train(self, max_new_steps: int | None = None) -> dict[str, Any]:
+        """Train until `total_steps` (or `max_new_steps` more optimizer steps); returns a summary dict.
+
+        Raises `NonFiniteLossError` on a NaN/inf loss or gradient, leaving the last good checkpoint intact;
+        `RunDirError` when `output.dir` holds another run or another process writes there. A resumed run
+        that had already finished trains nothing and writes nothing.
+        """
+        lock = lock_for_run(self.output_dir, resumed=self.resumed_from, own=self._claimed)
+        self._claimed = True  # held until the run ends, however it ends
+        try:
+            if lock is not None:  # rank 0, under the lock: what killed saves and writes left is repaired
+                repair_run_dir(self.output_dir)
+            return self._train(max_new_steps, is_main_process())
+        finally:
+            self.tensorboard.close()
+            if lock is not None:
+                lock.release()
+
+    def _train(self, max_new_steps: int | None, main: bool) -> dict[str, Any]:
+        cfg = self.config
+        t = cfg.training
+        if self.resumed_from is not None and self._finished():
+            self._say(
+                f"{self.output_dir}: the run finished at step {self.state.step} of {self.total_steps} "
+                f"(epoch {self.state.epoch} of {t.num_epochs}); nothing to train. Raise training.max_steps "
+                "or training.num_epochs to continue it"
+            )
+            if main and cfg.output.keep_last > 0:  # what a crash after the last save may have left
+                prune_snapshots(self.checkpoint_dir, cfg.output.keep_last)
+            return self.summary(0.0, finished=True)
+        if main:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            save_config(cfg, self.output_dir / "config.yaml")
+            self.train_csv = MetricsWriter(self.output_dir / "training_metrics.csv", TRAIN_COLUMNS)
+            val_path = self.output_dir / "validation_metrics.csv"
+            self.val_csv = MetricsWriter(val_path, validation_columns(cfg))
+            self.train_csv.truncate_after(self.state.step)
+            self.val_csv.truncate_after(self.state.step)
+            self.tensorboard = TensorBoardLog.for_run(
+                cfg.output.tensorboard, self.output_dir, self.state.step
+            )
+        # What the budget can reach at all, recorded once. Every rank runs it (DDP replicas agree); not under
+        # FSDP, where a direct forward before the first step would initialise the shards outside the root.
+        if self.state.step == 0 and self.resumed_from is None and not is_sharded(self.model):
+            report = self.reachability()
+            if main and report:
+                self._say(format_reachability(report))
+                write_text_atomic(self.output_dir / "reachability.json", json.dumps(report, indent=2) + "\n")
+        stop_at = self.total_steps
+        if max_new_steps is not None:
+            stop_at = min(stop_at, self.state.step + max_new_steps)
+        started = time.perf_counter()
+        bar = progress_bar(  # a bar on a terminal; in a log, one plain line every log_every steps
+            self.total_steps, desc="train", unit="step", initial=self.state.step, every=t.log_every,
+            enabled=self.progress and main,
+        )
+        detect = cfg.advanced.detect_anomaly
+        anomaly = torch.autograd.set_detect_anomaly(True) if detect else contextlib.nullcontext()
+        self._window.restart()
+        set_train_mode(self.model)
+        self.optimizer.zero_grad(set_to_none=True)
+        self._evaluated_at = -1
+        try:
+            with anomaly:
+                while self.state.step < stop_at and self.state.epoch < t.num_epochs:
+                    self._run_epoch(stop_at, bar)
+                    if self.state.batches_in_epoch >= self.micro_per_epoch:
+                        self.state.epoch += 1
+                        self.state.batches_in_epoch = 0
+        finally:
+            bar.close()
+
+        if self._finished() and self.eval_loader is not None and self._evaluated_at != self.state.step:
+            self._validate_and_track_best()
+        self._save("last")
+        return self.summary(time.perf_counter() - started)
+
+    def _finished(self) -> bool:
+        return self.state.step >= self.total_steps or self.state.epoch >= self.config.training.num_epochs
+
+    def _run_epoch(self, stop_at: int, bar: Any) -> None:
+        """Consume the rest of the current epoch, or stop once `stop_at` optimizer steps are done."""
+        t = self.config.training
+        self.sampler.set_epoch(self.state.epoch, start=self.state.batches_in_epoch * t.batch_size)
+        batches = iter(self.train_loader)
+        while self.train_step(batches):
+            bar.set_postfix(loss=f"{self._last_loss:.4f}", lr=f"{self.optimizer.param_groups[0]['lr']:.2e}")
+            bar.update(1)
+            step = self.state.step
+            if step % t.log_every == 0 or step == self.total_steps:
+                self._log_train_row()
+            if self.eval_loader is not None and t.eval_every and step % t.eval_every == 0:
+                self._validate_and_track_best()
+                self._evaluated_at = step
+            if t.save_every and step % t.save_every == 0 and step < stop_at:  # `train` saves the end
+                self._save("last")
+            if step >= stop_at:
+                return
+
+    def train_step(self, batches: Iterator[Mapping[str, torch.Tensor]]) -> bool:
+        """One optimizer step: the rest of the accumulation window's micro-batches from `batches` (forward +
+        backward each), then clipping, AdamW, the schedule and the EMA. False when `batches` ran out first
+        (the epoch is over; the window's gradients stay accumulated, as a short window's would)."""
+        accum = self.config.training.gradient_accumulation_steps
+        while True:
+            batch = next(batches, None)
+            if batch is None:
+                return False
+            index = self.state.batches_in_epoch
+            window_start = (index // accum) * accum
+            window = min(accum, self.micro_per_epoch - window_start)  # an epoch's last window may be short
+            if self.state_mix is not None:  # this micro-batch may read sampler states instead
+                batch = self.state_mix.batch_for(self.state.epoch, index, self.micro_per_epoch) or batch
+            self._micro_step(batch, scale=1.0 / window, sync=index + 1 - window_start >= window)
+            self.state.batches_in_epoch += 1
+            if self.state.batches_in_epoch - window_start >= window:
+                break
+        self._optimizer_step()
+        return True
+
+    def _micro_step(self, batch: Mapping[str, torch.Tensor], scale: float, sync: bool = True) -> None:
+        """Forward + backward of one micro-batch; `sync`: it closes an accumulation window (DDP reduces).
+
+        The loss is read back once (every rank must stop on a non-finite loss before the next all-reduce);
+        every other term and statistic stays on the device until the logging step (`metrics.LogWindow`).
+        """
+        from_states = STATE_KEYS[0] in batch  # a sampler-state batch brings its own noise
+        noise = None if self.feature_cache is not None or from_states else self._draw_noise(batch)
+        batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+        with gradient_sync(self.engine, sync):
+            with self._autocast():
+                features = None
+                if from_states:  # the frozen backbone runs live on the recorded state
+                    noise = tuple(batch[key] for key in STATE_KEYS)
+                elif self.feature_cache is not None:  # the backbone's outputs and their noise, from disk
+                    features, noise = cached_features(self.model, batch)
+                else:
+                    noise = tuple(x.to(self.device, non_blocking=True) for x in noise)
+                result = self.engine(batch, noise=noise, features=features)
+            loss = float(result.terms["loss"])
+            if not all_finite(loss):  # every rank stops, none waits in the next all-reduce
+                self.optimizer.zero_grad(set_to_none=True)
+                terms = {name: float(value) for name, value in result.terms.items()}
+                self._non_finite("the loss is not finite", terms)
+            (result.loss * scale).backward()
+        self._last_loss = loss
+        self._window.add_forward(result.terms, result.output.stats, result.masked, tokens=result.tokens)
+
+    def _draw_noise(self, batch: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
+        """The run's phase-1 masks (`training.masks`) row by row, seeded by (seed, dataset index, epoch).
+
+        A row's noise depends on nothing else (not the batch, the world size or a resume), so N processes
+        with batch b train on exactly the draws of one process with batch N*b.
+        """
+        first = self.state.batches_in_epoch * self.config.training.batch_size
+        examples = self.sampler.indices()[first : first + batch["input_ids"].shape[0]]
+        return self.masks.draw(dict(batch), examples, self.state.epoch)
+
+    def _optimizer_step(self) -> None:
+        t = self.config.training
+        params = [p for group in self.optimizer.param_groups for p in group["params"]]
+        sync_ignored_gradients(self.engine)
+        grad_norm = clip_grad_norm(params, t.max_grad_norm)
+        if not math.isfinite(grad_norm):
+            self.optimizer.zero_grad(set_to_none=True)
+            terms = {"grad_norm": grad_norm, "loss": self._last_loss}
+            self._non_finite("the gradient norm is not finite", terms)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.ema is not None:
+            self.ema.update()
+        self.state.step += 1
+        self._window.add({"grad_norm": grad_norm})
+
+    def _non_finite(self, what: str, terms: Mapping[str, float]) -> None:
+        raise non_finite_error(self.state.step + 1, what, terms, self.checkpoint_dir / "last")
+
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self.amp_dtype)
+
+    # ------------------------------------------------------------------------------------- logging
+
+    def _log_train_row(self) -> None:
+        row: dict[str, Any] = {"step": self.state.step, "epoch": self._epoch_progress()}
+        row.update(self._window.row(self.optimizer))
+        with unsharded(self.engine):
+            row.update(parameter_statistics(self.model))
+        self.last_train_row = row
+        self._window.reset()
+        if is_main_process():
+            self.train_csv.log(row)
+            self.tensorboard.log("train", row)
+            self.health.observe(self.state.step, row)
+
+    def _epoch_progress(self) -> float:
+        return self.state.epoch + self.state.batches_in_epoch / self.micro_per_epoch
+
+    # ---------------------------------------------------------------------------------- validation
+
+    def evaluate(self, max_batches: int | None = None) -> dict[str, Any]:
+        """Validation loss and masked-token accuracies (`training.validation`), as a validation CSV row.
+
+        Under torch.distributed every rank evaluates the whole validation set (same result everywhere).
+        """
+        if self.eval_loader is None:
+            return {}
+        with unsharded(self.engine):  # FSDP: gather the root's tensors for direct features/refine calls
+            row = validate(
+                self.model,
+                self.eval_loader,
+                mask_id=self.mask_id,
+                chunk_size=self.config.model.chunk_size,
+                seed=self.config.data.validation_seed,
+                device=self.device,
+                autocast=self._autocast,
+                max_batches=max_batches if max_batches is not None else self.config.training.eval_max_batches,
+            )
+            if row:  # the results of the answer's lines, teacher-forced (the study's secondary endpoint)
+                row.update(result_accuracy(
+                    self.model, self.eval_loader, self.token_text, mask_id=self.mask_id, device=self.device,
+                    autocast=self._autocast, max_batches=max_batches or self.config.training.eval_max_batches,
+                ))  # fmt: skip
+            if row and self.sampled_validation is not None:
+                row.update(self.sampled_validation(self.model, self.tokenizer))
+        return {"step": self.state.step, "epoch": self._epoch_progress(), **row} if row else {}
+
+    def reachability(self, max_batches: int | None = None) -> dict[str, Any]:
+        """Which of the backbone's wrong tokens on validation the run's update budget can flip
+        (`validation.reachability_report`); {} without a refiner or a validation set."""
+        if self.eval_loader is None or self.config.model.refiner == "none":
+            return {}
+        masks = TrainingMasks(
+            self.masks.distribution,
+            self.mask_id,
+            self.config.data.validation_seed + VALIDATION_SEED_OFFSET,
+            token_text=self.masks.token_text,
+            probe=self.masks.probe,
+        )
+        batches = max_batches if max_batches is not None else self.config.training.eval_max_batches
+        with unsharded(self.engine), self._autocast():
+            return reachability_report(
+                self.model, self.eval_loader, masks, self.config, device=self.device, max_batches=batches
+            )
+
+    def _validate_and_track_best(self) -> None:
+        row = broadcast_object(self.evaluate())  # rank 0's numbers: every rank takes the same save decision
+        if not row:
+            return
+        self.last_val_row = row
+        if is_main_process():
+            if self.progress:
+                note(validation_line(row, self.total_steps))
+            self.val_csv.log(row)
+            self.tensorboard.log("validation", row)
+        value = row.get(self.config.output.save_best)
+        if improves(value, self.state.best_metric, lower=self.config.output.best_is_lower):
+            self.state.best_metric = float(value)
+            self.state.best_step = self.state.step
+            self._save("best")
+
+    # --------------------------------------------------------------------------------- the run's state
+
+    def state_dict(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]] | None:
+        """The run as a checkpoint holds it: `(weights, trainer_state)` on rank 0, None on the others.
+
+        Every rank calls it: under FSDP the full tensors are gathered from the shards first. The layout is
+        the single-process one whatever the world size; the position in the epoch is also stored as a
+        global example count, so that another world size can resume it. The weights are the trained
+        tensors, those init_from loaded, and the whole refiner (frozen parts too: no other file holds them,
+        and evaluation requires every one); with an EMA, its average (readers evaluate it; the live weights
+        travel in the trainer state and resume the run).
+        """
+        t = self.config.training
+        refiner = refiner_names(dict(self.model.named_parameters()))
+        names = list(dict.fromkeys([*self.plan.trainable_names, *self.init_names, *refiner]))
+        weights = full_state_dict(self.model, names)
+        if self.ema is not None:
+            weights = {**weights, **self.ema.averaged()}
+        optimizer = optimizer_state(self.model, self.optimizer)
+        window = self._window.state_dict()
+        if not is_main_process():
+            return None
+        train_state = self.state.to_dict()
+        consumed = min(self.state.batches_in_epoch * t.batch_size, self.sampler.shard_size) * world_size()
+        train_state["extra"].update(
+            world_size=world_size(), batch_size=t.batch_size, samples_in_epoch=consumed
+        )
+        trainer_state = {
+            "train_state": train_state,
+            "optimizer": optimizer,
+            "scheduler": self.scheduler.state_dict(),
+            "rng": capture_rng_state(),
+            "health": self.health.state_dict(),
+            "log_window": window,
+            "trainable_names": list(self.plan.trainable_names),
+            "phase": self.plan.phase,
+            "total_steps": self.total_steps,
+        }
+        if self.ema is not None:
+            trainer_state["ema_live_weights"] = self.ema.live()
+        if self.masks.margins:
+            trainer_state["probe_margins"] = self.masks.state_dict()
+        return weights, trainer_state
+
+    def load_state_dict(self, state: Mapping[str, Any], directory: Path) -> None:
+        """Continue from a checkpoint's trainer state (its weights are already loaded): the EMA, optimizer,
+        scheduler, RNG streams, position, health monitor and logging window (`directory`: for errors)."""
+        self.masks.load_state_dict(state.get("probe_margins", {}))
+        if self.ema is not None:  # the weights file held the average; the trainer state the live weights
+            live = state.get("ema_live_weights")
+            if live is None:
+                raise CheckpointError(
+                    f"{directory}: saved without training.ema_decay; resume with ema_decay 0"
+                )
+            names = set(self.ema.names)
+            averaged = {n: p.detach().clone() for n, p in self.model.named_parameters() if n in names}
+            self.ema.restore(averaged, live)
+        fresh = [{k: v for k, v in group.items() if k != "params"} for group in self.optimizer.param_groups]
+        try:
+            load_optimizer_state(self.model, self.optimizer, state["optimizer"])
+            self.scheduler.load_state_dict(state["scheduler"])
+        except (KeyError, ValueError, RuntimeError) as exc:
+            raise CheckpointError(
+                f"{directory}: optimizer/scheduler state does not fit this run ({exc})"
+            ) from None
+        restore_rng_state(state["rng"])
+        self.state = TrainState.from_dict(state["train_state"])
+        t = self.config.training
+        # Another world or batch size continues at the same global position.
+        self.state.batches_in_epoch = batches_to_skip(
+            self.state.extra,
+            self.state.batches_in_epoch,
+            world=world_size(),
+            batch_size=t.batch_size,
+            accumulation=t.gradient_accumulation_steps,
+            micro_per_epoch=self.micro_per_epoch,
+            train_size=len(self.train_set),
+        )
+        self.health.load_state_dict(state.get("health", {}))
+        # only rank 0 takes the saved window: it already sums every rank's micro-batches
+        self._window.load_state_dict(state.get("log_window") or {}, main=is_main_process())
+        # The restored groups carry the saved run's lr, betas, weight decay: this run's config applies instead
+        # (identical values when nothing changed, so an unchanged resume stays bit-identical).
+        retarget_optimizer(self.optimizer, self.scheduler, fresh)
+        if state.get("total_steps") not in (None, self.total_steps):
+            logger.warning(
+                "resuming a run planned for %s steps with a config planning %d; from here on the LR "
+                "schedule decays towards the new total",
+                state.get("total_steps"),
+                self.total_steps,
+            )
+
+    def _restore(self, path: str | Path) -> Path:
+        """Check a checkpoint against this run, load its weights and state; returns its directory."""
+        directory = resolve_checkpoint_dir(path)
+        state = load_trainer_state(directory)
+        names = self.plan.trainable_names
+        saved_names = list(state.get("trainable_names", []))
+        if sorted(saved_names) != sorted(names):
+            raise CheckpointError(
+                f"{directory}: it trained {len(saved_names)} tensors, this run trains {len(names)}; resume "
+                "with the same training.phase and training_params.trainable_modules (or start a new run)"
+            )
+        changed = check_config_changes(directory, self.config)  # refuses before any weight is loaded
+        check_run_backbone(
+            directory, self.backbone_fingerprint, self.backbone_dir,
+            allow_mismatch=self.allow_backbone_mismatch,
+        )
+        if is_sharded(self.model):  # FSDP: every rank reads the full tensors and keeps its shards
+            load_sharded_weights(self.model, directory, require=names)
+        else:
+            load_weights(self.model, directory, require=names)
+        self.load_state_dict(state, directory)
+        if changed:
+            lr = self.optimizer.param_groups[0]["lr"]
+            logger.warning(
+                "resuming at step %d with changed settings: %s; they apply from here on (next lr %.6g)",
+                self.state.step,
+                "; ".join(changed),
+                lr,
+            )
+        return directory
+
+    def _save(self, name: str) -> Path | None:
+        """Write checkpoints/<name> (rank 0; every rank calls it); `keep_last` also keeps numbered copies
+        of `last`."""
+        saved = self.state_dict()
+        if saved is None:
+            return None
+        weights, trainer_state = saved
+        keep = self.config.output.keep_last
+        directory = self.checkpoint_dir / name
+        snapshot = name == "last" and keep > 0
+        if snapshot:  # the numbered copy first: a crash before `last` follows only repeats this step
+            directory = self.checkpoint_dir / f"step_{self.state.step:07d}"
+        save_checkpoint(
+            directory,
+            weights=weights,
+            trainer_state=trainer_state,
+            config_yaml=self._config_yaml,
+            backbone_fingerprint=self.backbone_fingerprint,
+        )
+        if snapshot:
+            directory = copy_directory(directory, self.checkpoint_dir / "last")
+            prune_snapshots(self.checkpoint_dir, keep)
+        return directory
+
+    def summary(self, elapsed: float, *, finished: bool = False) -> dict[str, Any]:
+        """What `train` returns: steps, last losses, best metric, where the run wrote, health warnings;
+        `already_finished`: a resumed run that had nothing left to train."""
+        return {
+            "already_finished": finished,
+            "steps": self.state.step,
+            "total_steps": self.total_steps,
+            "epoch": self.state.epoch,
+            "train_loss": self.last_train_row.get("loss"),
+            "val": dict(self.last_val_row),
+            "best_metric": self.state.best_metric,
+            "best_step": self.state.best_step,
+            "output_dir": str(self.output_dir),
+            "checkpoint": str(self.checkpoint_dir / "last"),
+            "health_warnings": list(self.health.warned.values()),
+            "elapsed_s": elapsed,
+        }
+
+    def _say(self, text: str) -> None:
+        if is_main_process():
+            tqdm.write(text)
+
+
+# ------------------------------------------------------------------------------ the optimiser
+
+def build_optimizer(
+    groups: Sequence[ParamGroupSpec],
+    *,
+    weight_decay: float,
+    betas: tuple[float, float],
+    eps: float,
+) -> torch.optim.AdamW:
+    """AdamW with one decayed and one undecayed group per plan group.
+
+    Matrices decay; biases, norm gains and other vectors do not (decaying a norm's gain towards zero only
+    shrinks activations). Each optimizer group keeps the plan group's name and LR.
+    """
+    param_groups = []
+    for group in groups:
+        decay = [p for p in group.params.values() if p.ndim >= 2]
+        no_decay = [p for p in group.params.values() if p.ndim < 2]
+        if decay:
+            param_groups.append(
+                {"params": decay, "lr": group.lr, "weight_decay": weight_decay, "name": group.name}
+            )
+        if no_decay:
+            param_groups.append(
+                {"params": no_decay, "lr": group.lr, "weight_decay": 0.0, "name": f"{group.name}/no_decay"}
+            )
+    if not param_groups:
+        raise ValueError("no trainable parameters: check training_params.trainable_modules")
+    return torch.optim.AdamW(param_groups, betas=betas, eps=eps)
+
+
+def warmup_cosine(step: int, *, warmup_steps: int, total_steps: int, min_ratio: float = 0.0) -> float:
+    """LR multiplier: linear from 1/warmup up to 1 over `warmup_steps`, then cosine down to `min_ratio`.
+
+    `step` counts optimizer steps already taken (LambdaLR's `last_epoch`), so the first update uses
+    1/warmup rather than 0 and no step is wasted.
+    """
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    decay_steps = max(1, total_steps - warmup_steps)
+    progress = min(1.0, (step - warmup_steps) / decay_steps)
+    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def resolve_warmup_steps(total_steps: int, warmup_steps: int | None, warmup_ratio: float) -> int:
+    """Explicit `warmup_steps` wins; otherwise `warmup_ratio` of the run (rounded)."""
+    if warmup_steps is not None:
+        return min(warmup_steps, total_steps)
+    return int(round(warmup_ratio * total_steps))
+
+
+def build_scheduler(
+    optimizer: torch.optim.Optimizer, *, warmup_steps: int, total_steps: int, min_ratio: float = 0.0
+) -> LambdaLR:
+    """A LambdaLR applying `warmup_cosine` to every group's own base LR (head and backbone alike)."""
+
+    def factor(step: int) -> float:
+        return warmup_cosine(step, warmup_steps=warmup_steps, total_steps=total_steps, min_ratio=min_ratio)
+
+    return LambdaLR(optimizer, factor)
+
+
+class WeightEMA:
+    """The average of `model`'s parameters named in `names` (those that train)."""
+
+    def __init__(self, model: nn.Module, names: list[str], decay: float) -> None:
+        if not 0.0 < decay < 1.0:
+            raise ValueError(f"ema decay must lie in (0, 1), got {decay}")
+        parameters = dict(model.named_parameters())
+        self.decay = decay
+        self.names = list(names)
+        self.params = [parameters[name] for name in self.names]
+        self.shadow = [p.detach().clone() for p in self.params]
+
+    @torch.no_grad()
+    def update(self) -> None:
+        """One step of the average towards the current weights."""
+        torch._foreach_mul_(self.shadow, self.decay)
+        torch._foreach_add_(self.shadow, [p.detach() for p in self.params], alpha=1.0 - self.decay)
+
+    def averaged(self) -> dict[str, Tensor]:
+        """The averaged tensors by name (what a checkpoint's weights file holds)."""
+        return {name: value.clone() for name, value in zip(self.names, self.shadow, strict=True)}
+
+    def live(self) -> dict[str, Tensor]:
+        """The live weights by name (what a resume continues from)."""
+        return {name: p.detach().clone() for name, p in zip(self.names, self.params, strict=True)}
+
+    @torch.no_grad()
+    def restore(self, averaged: Mapping[str, Tensor], live: Mapping[str, Tensor]) -> None:
+        """Set the average and the model's live weights from a checkpoint."""
+        for name, shadow, param in zip(self.names, self.shadow, self.params, strict=True):
+            shadow.copy_(averaged[name])
+            param.copy_(live[name])
+
+
+# ------------------------------------------------------------------------ the logging window
+
+class Averager:
+    """Running means of named floats (NaN-free entries only), for one logging window."""
+
+    def __init__(self) -> None:
+        self.sums: dict[str, float] = defaultdict(float)
+        self.counts: dict[str, int] = defaultdict(int)
+
+    def add(self, values: Mapping[str, float]) -> None:
+        for key, value in values.items():
+            if value is not None and math.isfinite(value):
+                self.sums[key] += value
+                self.counts[key] += 1
+
+    def means(self) -> dict[str, float]:
+        return {key: self.sums[key] / self.counts[key] for key in self.sums}
+
+
+def learning_rates(optimizer: torch.optim.Optimizer) -> dict[str, float | None]:
+    """`lr` (the first group's) and `lr_backbone` (None when no backbone group trains)."""
+    backbone = [g["lr"] for g in optimizer.param_groups if g["name"].startswith("backbone")]
+    return {"lr": optimizer.param_groups[0]["lr"], "lr_backbone": backbone[0] if backbone else None}
+
+
+class LogWindow:
+    """Terms, forward statistics, token count and wall time since the last logged row.
+
+    `add_forward` keeps a micro-batch's loss terms and statistics as device tensors (detached), and
+    `settle` reduces them to floats once per logging step or checkpoint. The sums are the ones a per-step
+    reduction would give: each column's values are added in micro-batch order either way.
+    """
+
+    def __init__(self, chunk_size: int | None = None) -> None:
+        self.chunk_size = chunk_size
+        self.terms = Averager()
+        self.tokens = 0
+        self.started = time.perf_counter()
+        self._pending: list[tuple[Mapping[str, Tensor], Mapping[str, Any], Tensor | None]] = []
+
+    def add(self, values: Mapping[str, float], tokens: int = 0) -> None:
+        self.terms.add(values)
+        self.tokens += tokens
+
+    def add_forward(
+        self, terms: Mapping[str, Tensor], stats: Mapping[str, Any], masked: Tensor | None, tokens: int
+    ) -> None:
+        """One micro-batch's loss terms and `HybridOutput.stats`, reduced later by `settle`."""
+        self.tokens += tokens
+        self._pending.append((terms, _detached(stats), masked))
+
+    def settle(self) -> None:
+        """Reduce the pending micro-batches into the running sums (host synchronisations happen here)."""
+        for terms, stats, masked in self._pending:
+            self.terms.add({name: float(value) for name, value in terms.items()})
+            self.terms.add(forward_statistics(stats, masked, self.chunk_size))
+        self._pending.clear()
+
+    def restart(self) -> None:
+        """Start the window's clock (the terms stay: a resumed window goes on)."""
+        self.started = time.perf_counter()
+
+    def reset(self) -> None:
+        self.terms = Averager()
+        self.tokens = 0
+        self._pending.clear()
+        self.started = time.perf_counter()
+
+    def state_dict(self) -> dict[str, dict[str, float | int]]:
+        """The window's sums over every rank (collective: every rank calls it)."""
+        self.settle()
+        sums, counts = reduce_sums(self.terms.sums, self.terms.counts)
+        return {"sums": sums, "counts": counts}
+
+    def load_state_dict(self, state: Mapping[str, Any], *, main: bool) -> None:
+        """Continue a saved window; only rank 0 takes the sums (they already cover every rank)."""
+        self.terms = Averager()
+        self._pending.clear()
+        if main:
+            self.terms.sums.update(state.get("sums", {}))
+            self.terms.counts.update(state.get("counts", {}))
+
+    def row(self, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+        """The mean terms, the learning rates and `tokens_per_s` (collective: every rank calls it)."""
+        self.settle()
+        elapsed = max(time.perf_counter() - self.started, 1e-9)
+        sums, counts = reduce_sums({**self.terms.sums, "__tokens": self.tokens}, self.terms.counts)
+        tokens = sums.pop("__tokens")
+        row: dict[str, Any] = {key: sums[key] / counts[key] for key in sums}
+        row.update(learning_rates(optimizer))
+        row["tokens_per_s"] = tokens / elapsed
+        return row
+
+
+def _detached(value: Any) -> Any:
+    """`value` with every tensor detached: a window holds no autograd graph (the hybrid's statistics are
+    freshly computed tensors, never views of a parameter or buffer a later step updates in place)."""
+    if isinstance(value, Tensor):
+        return value.detach()
+    if isinstance(value, Mapping):
+        return {key: _detached(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return type(value)(_detached(item) for item in value)
+    return value
+
+
+# ---------------------------------------------------------------------------------------- setup
+
+@dataclass
+class TrainingModel:
+    """The model side of a run. `init_names`: the tensors `training.init_from` loaded (this run's
+    checkpoints save them too); `engine`: the objective step, wrapped for the distributed `strategy`."""
+
+    model: LLaDATRMHybrid
+    tokenizer: PreTrainedTokenizerBase
+    backbone_dir: Path
+    backbone_fingerprint: str
+    init_names: list[str]
+    plan: FreezePlan
+    weights: LossWeights
+    strategy: str
+    engine: nn.Module
+
+
+def build_training_model(
+    config: RunConfig,
+    device: torch.device,
+    amp_dtype: torch.dtype | None,
+    say: Callable[[str], None],
+    *,
+    allow_backbone_mismatch: bool = False,
+) -> TrainingModel:
+    """Backbone + refiners from `model.backbone`, `training.init_from`, LoRA adapters (`lora:`), then the
+    phase's freezing.
+
+    The backbone's fingerprint (of its files, `backbone.fingerprint`) is what the run's checkpoints record.
+    """
+    built = build_model(config, device=device, dtype=backbone_dtype(config, amp_dtype))
+    model = built.model
+    # init_from loads before any wrapping or sharding; the loaded names are saved by this run's
+    # checkpoints too, trained or not (a phase-1 run from a phase-3 checkpoint keeps its backbone).
+    loaded = init_from_config(
+        model, config, backbone_dir=built.backbone_dir, allow_backbone_mismatch=allow_backbone_mismatch
+    )
+    if loaded is not None:
+        say(f"initialised {len(loaded.names)} tensors from {loaded.directory} (training.init_from)")
+    adapters = attach_run_lora(model, config)  # after init_from: it loads the base weights' own names
+    if adapters:
+        targets = ", ".join(config.lora.target_modules)
+        say(f"lora: {len(adapters)} adapter tensors of rank {config.lora.rank} on the backbone's {targets}")
+    apply_backbone_options(model, config)
+    plan = freeze_for_run(model, config)
+    weights = LossWeights.from_params(config.training_params)
+    # Last: FSDP swaps every parameter for its shard, and the optimizer is built from what it leaves.
+    strategy = resolve_strategy(config.advanced.distributed, phase=config.training.phase)
+    step = TrainStep(
+        model,
+        diffusion_objective,
+        mask_id=model.mask_token_id,
+        weights=weights,
+        backbone_frozen=plan.backbone_frozen,
+        chunk_size=config.model.chunk_size,
+        unroll=DenoisingUnroll.for_run(config),
+    )
+    return TrainingModel(
+        model=model,
+        tokenizer=built.tokenizer,
+        backbone_dir=built.backbone_dir,
+        backbone_fingerprint=directory_fingerprint(built.backbone_dir),
+        init_names=loaded.names if loaded is not None else [],
+        plan=plan,
+        weights=weights,
+        strategy=strategy,
+        engine=wrap_run(step, plan, strategy, device=device, param_dtype=amp_dtype),
+    )
+
+
+def feature_cache_for_run(  # noqa: PLR0913 - the run, its model, data and masks
+    config: RunConfig,
+    model: LLaDATRMHybrid,
+    plan: FreezePlan,
+    backbone_dir: Path,
+    train_set: SFTDataset,
+    device: torch.device,
+    amp_dtype: torch.dtype | None,
+    *,
+    progress: bool,
+    masks: TrainingMasks | None = None,
+) -> FeatureCache | None:
+    """The run's feature cache when `advanced.feature_cache` (phase 1 reads the backbone's outputs from
+    disk), else None; a plan that trains backbone parameters is refused."""
+    if not config.advanced.feature_cache:
+        return None
+    require_frozen_backbone(plan)
+    return prepare_feature_cache(
+        config,
+        model,
+        train_set.examples,
+        backbone_dir=backbone_dir,
+        pad_id=train_set.pad_id,
+        device=device,
+        autocast_dtype=amp_dtype,
+        progress=progress,
+        masks=masks,
+    )
+
+
+def sampler_state_mix_for_run(
+    config: RunConfig,
+    model: LLaDATRMHybrid,
+    plan: FreezePlan,
+    backbone_dir: Path,
+    train_set: SFTDataset,
+    tokenizer: PreTrainedTokenizerBase,
+    device: torch.device,
+    *,
+    progress: bool,
+) -> StateMix | None:
+    """The run's mix of sampler states into its epochs when `training.sampler_state_ratio` > 0 (the store
+    built, resumed or opened first), else None; a plan that trains backbone parameters is refused."""
+    t = config.training
+    if t.sampler_state_ratio <= 0:
+        return None
+    require_frozen_backbone(plan, "training.sampler_state_ratio")
+    states = prepare_sampler_states(
+        config,
+        model,
+        train_set.examples,
+        tokenizer=tokenizer,
+        backbone_dir=backbone_dir,
+        pad_id=train_set.pad_id,
+        device=device,
+        progress=progress,
+    )
+    shard = {"rank": rank(), "world_size": world_size()}
+    return StateMix(states, t.sampler_state_ratio, seed=t.seed, batch_size=t.batch_size, **shard)
+
+
+@dataclass
+class RunOptimizer:
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    warmup_steps: int
+
+
+def build_run_optimizer(plan: FreezePlan, training: TrainingConfig, total_steps: int) -> RunOptimizer:
+    """AdamW over `plan`'s groups; linear warmup then cosine decay over `total_steps`."""
+    t = training
+    warmup_steps = resolve_warmup_steps(total_steps, t.warmup_steps, t.warmup_ratio)
+    optimizer = build_optimizer(plan.groups, weight_decay=t.weight_decay, betas=t.adam_betas, eps=t.adam_eps)
+    scheduler = build_scheduler(
+        optimizer, warmup_steps=warmup_steps, total_steps=total_steps, min_ratio=t.min_lr_ratio
+    )
+    return RunOptimizer(optimizer, scheduler, warmup_steps)
+
+
+# -------------------------------------------------------------------------------------- data order
+
+class EpochSampler(DistributedSampler):
+    """torch's `DistributedSampler`, able to start an epoch part-way (for resuming).
+
+    An epoch's order is a permutation seeded by seed + epoch (`set_epoch`), padded by wrapping around to a
+    multiple of the world size; rank r takes positions r, r + W, r + 2W, ... So in every micro-step the W
+    ranks together read consecutive positions of the one global order, and W processes with batch b read the
+    same examples per step as one process with batch W*b. `set_epoch(epoch, start)` skips the first `start`
+    indices of this rank's shard.
+    """
+
+    def __init__(self, size: int, *, seed: int, shuffle: bool = True, rank: int = 0, world_size: int = 1):
+        if size < 1:
+            raise ValueError("EpochSampler needs a non-empty dataset")
+        super().__init__(
+            range(size), num_replicas=world_size, rank=rank, shuffle=shuffle, seed=seed, drop_last=False
+        )
+        self.size = size
+        self.start = 0
+        self._order: tuple[int, list[int]] | None = None
+
+    @property
+    def shard_size(self) -> int:
+        """Examples of this rank per epoch (the padded global order / world size)."""
+        return self.num_samples
+
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        """Select the epoch's order and skip its first `start` indices of this rank's shard."""
+        super().set_epoch(epoch)
+        self.start = start
+
+    def indices(self) -> list[int]:
+        """This rank's whole shard of the current epoch, in order (dataset indices)."""
+        if self._order is None or self._order[0] != self.epoch:
+            self._order = (self.epoch, list(super().__iter__()))
+        return self._order[1]
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.indices()[self.start :])
+
+    def __len__(self) -> int:
+        return max(0, self.num_samples - self.start)
+
+
+class DrawSampler(Sampler[tuple[int, int]]):
+    """Wraps an `EpochSampler`: its example indices, each paired with the epoch's noise draw (the cache)."""
+
+    def __init__(self, examples: Sampler[int], n_draws: int) -> None:
+        self.examples = examples
+        self.n_draws = n_draws
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        draw = draw_for_epoch(getattr(self.examples, "epoch", 0), self.n_draws)
+        return ((index, draw) for index in self.examples)
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+
+def make_loader(
+    dataset: SFTDataset | Dataset,
+    *,
+    batch_size: int,
+    sampler: Sampler[int],
+    num_workers: int,
+    pin_memory: bool,
+    seed: int,
+) -> DataLoader:
+    """A DataLoader whose seed draws use a private generator, never the global torch RNG (resumability).
+
+    `dataset` is an `SFTDataset` or any dataset with a `collate` method (the feature cache).
+    """
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        sampler=sampler,
+        collate_fn=dataset.collate,
+        num_workers=num_workers,
+        pin_memory=pin_memory,
+        generator=torch.Generator().manual_seed(seed),
+        drop_last=False,
+    )
+
+
+def run_loaders(
+    config: RunConfig, train: Dataset, order: Sampler, eval_set: Dataset | None, device: torch.device
+) -> tuple[DataLoader, DataLoader | None]:
+    """The run's loaders: `train` read in `order` (the epoch sampler, or its (example, draw) pairs for the
+    feature cache) and the validation set, if any, in dataset order."""
+    data, t = config.data, config.training
+    options = {
+        "batch_size": t.batch_size,
+        "num_workers": data.num_workers,
+        "pin_memory": data.pin_memory and device.type == "cuda",
+        "seed": t.seed,
+    }
+    train_loader = make_loader(train, sampler=order, **options)
+    if eval_set is None:
+        return train_loader, None
+    in_order = EpochSampler(len(eval_set), seed=t.seed, shuffle=False)
+    return train_loader, make_loader(eval_set, sampler=in_order, **options)
+
+
+# --------------------------------------------------------------------------------- the command
+
+def trainer_from_cli(
+    config_path: str | Path,
+    overrides: Sequence[str] = (),
+    resume: str | Path | None = None,
+    *,
+    progress: bool = True,
+    force: bool = False,
+    allow_backbone_mismatch: bool = False,
+) -> Trainer:
+    """Load the YAML with `--set` overrides, build the trainer, and restore `--resume DIR` if given.
+
+    A new run into a directory holding another run refuses here, before the model loads (or, with
+    `force`, archives the old run).
+    """
+    config = load_config(config_path, overrides)
+    warning = overlap_warning(config) if is_main_process() else None
+    if warning:
+        logger.warning("warning: data: %s", warning)
+    if resume is not None and force:
+        raise ConfigError("--force starts a new run and --resume continues one; give only one of them")
+    if resume is None and not force and is_main_process():
+        claim_run_dir(config.output.dir)
+    trainer = Trainer(
+        config, progress=progress, force=force, allow_backbone_mismatch=allow_backbone_mismatch
+    )
+    if resume is not None:
+        trainer.resume(resume)
+    return trainer
+
+
+def run_train(
+    config_path: str | Path,
+    overrides: Sequence[str] = (),
+    resume: str | Path | None = None,
+    *,
+    progress: bool = True,
+    force: bool = False,
+    allow_backbone_mismatch: bool = False,
+) -> dict[str, Any]:
+    """The `llada-trm train --config FILE [--set k=v ...] [--resume DIR | --force]` command.
+
+    Raises `ConfigError` / `CheckpointError` (bad input, one line) and `NonFiniteLossError` (divergence).
+    """
+    return trainer_from_cli(
+        config_path, overrides, resume, progress=progress, force=force,
+        allow_backbone_mismatch=allow_backbone_mismatch,
+    ).train()
+
+
+# ----------------------------------------------------------------------------------- resume
+
+def batches_to_skip(
+    extra: Mapping[str, Any],
+    batches_in_epoch: int,
+    *,
+    world: int,
+    batch_size: int,
+    accumulation: int,
+    micro_per_epoch: int,
+    train_size: int,
+) -> int:
+    """This rank's micro-batches already consumed in the epoch, re-expressed for this world and batch size.
+
+    `extra` is the checkpoint's `train_state.extra` (its world size, batch size and global position).
+    """
+    saved_world = int(extra.get("world_size", 1))
+    saved_batch = int(extra.get("batch_size", batch_size))
+    if (saved_world, saved_batch) == (world, batch_size):
+        return batches_in_epoch  # the same geometry: the micro-batch count is exact
+    samples = int(extra.get("samples_in_epoch", batches_in_epoch * saved_batch * saved_world))
+    if samples >= train_size:
+        batches = micro_per_epoch  # the epoch was complete
+    else:
+        batches = min(samples // world // batch_size, micro_per_epoch)
+        batches -= batches % accumulation
+    replayed = samples - min(batches * batch_size * world, samples)
+    if replayed:
+        logger.warning(
+            "resuming with %d processes x batch %d (saved: %d x %d): the epoch continues %d examples "
+            "before the saved position, at an optimizer-step boundary",
+            world,
+            batch_size,
+            saved_world,
+            saved_batch,
+            replayed,
+        )
+    return batches
