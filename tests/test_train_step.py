@@ -18,6 +18,10 @@ PACKAGE = Path(llada_trm.__file__).resolve().parent
 MODEL_PACKAGES = ("backbone", "hybrid", "refiners", "diffusion", "data", "model")
 # The loop's own modules in a step: the recipe, the objective, parallel (DDP/FSDP; identities in one process).
 LOOP_MODULES = {"training/loop.py", "training/objective.py", "dist_utils.py"}
+# All modules of a step: 26 before the loop was merged, 19 after (16 of them the model's and the diffusion's:
+# backbone 2, hybrid 4, refiners 6, diffusion 3, data 1). Issue 25's target is 8, reached once the model side
+# is merged too; lower this bound as it is.
+STEP_MODULES_BOUND = 19
 
 
 def _step_modules(trainer: Trainer) -> set[str]:
@@ -74,6 +78,7 @@ def test_a_phase1_step_runs_the_loop_in_three_modules(step_modules):
     assert loop_side <= LOOP_MODULES, sorted(loop_side - LOOP_MODULES)
     model_side = files - loop_side
     assert model_side and all(f.split("/")[0] in MODEL_PACKAGES for f in model_side)
+    assert len(files) <= STEP_MODULES_BOUND, sorted(files)
 
 
 def test_the_logging_window_reduces_at_the_logging_step(trainer, step_modules):
