@@ -9,7 +9,7 @@ optimiser and its schedule, the data order), the loop (`Trainer.train_step` is o
 logging window keeps its statistics on the device until a logging step) and the run's state
 (`Trainer.state_dict` / `load_state_dict`, the single list of what a checkpoint holds). Beside it: the
 objective and the run's masks (`training.objective`), what is logged (`training.metrics`), the run
-directory and its lock (`training.run_dir`), checkpoint files (`training.checkpoint`), validation
+directory and its lock (`training.run_dir`), checkpoint files (`llada_trm.run_checkpoint`), validation
 (`training.validation`), DDP/FSDP (`llada_trm.dist_utils`). The model and datasets are built by
 `llada_trm.build` (the path every command shares). A training step runs code only here, in the objective,
 in `dist_utils` and in the model (a test counts the modules).
