@@ -191,7 +191,6 @@ class Trainer:
         self.state = TrainState()
         self._window = LogWindow()  # metrics since the last logged row (checkpointed: rows survive a resume)
         self.health = HealthMonitor(
-            config.advanced.health,
             enabled=config.advanced.health_checks,
             # chunk_selection 'all' refines every chunk by choice, as a threshold above 1 does
             confidence_threshold=(
