@@ -18,7 +18,8 @@ lists them with their values (docs/settings.md), and a file that names one fails
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal, get_type_hints
 
@@ -82,6 +83,7 @@ __all__ = [
     "TrainingParamsConfig",
     "apply_overrides",
     "check_backbone_fit",
+    "fixed_settings",
     "load_config",
     "load_schema",
     "parse_config",
@@ -233,6 +235,11 @@ class TrainingConfig(_Section):
         description="validation problems answered with the run's `sampling` settings at every validation "
         "(the sampled_accuracy column, which output.save_best may name); 0 = off",
     )
+    ema_decay: Fraction = Field(
+        default=0.0,
+        description="exponential moving average of the trained weights (TRM: 0.999), which checkpoints "
+        "hold for evaluation; the live weights stay in the trainer state for resuming. 0 = off",
+    )
     masks: Literal["forward", "answer_structure", "backbone_errors"] = Field(
         default="forward",
         description="phase 1's training masks (diffusion.targeted_masks): LLaDA's forward process, the "
@@ -241,15 +248,14 @@ class TrainingConfig(_Section):
     )
 
     # Fixed (retired): AdamW's and the schedule's constants, and the levers the studies found no gain in
-    # (docs/settings.md: forward-process rows mixed into targeted masks, an EMA of the weights, training on
-    # the backbone's sampler states).
+    # (docs/settings.md: forward-process rows mixed into targeted masks, training on the backbone's sampler
+    # states).
     warmup_ratio: ClassVar[float] = 0.05
     weight_decay: ClassVar[float] = 0.01
     adam_eps: ClassVar[float] = 1e-8
     adam_betas: ClassVar[tuple[float, float]] = (0.9, 0.999)
     max_grad_norm: ClassVar[float] = 1.0
     forward_mix: ClassVar[float] = 0.0
-    ema_decay: ClassVar[float] = 0.0
     sampler_state_ratio: ClassVar[float] = 0.0
 
 
@@ -281,8 +287,8 @@ class AdvancedConfig(_Section):
     """Speed/memory switches and the health checks.
 
     feature_cache: phase 1 trains on the frozen backbone's outputs computed once and stored
-        (docs/feature_cache.md) in <output.dir>/feature_cache: one noise draw per example, hidden states
-        and contexts stored as bfloat16.
+        (docs/feature_cache.md) in <output.dir>/feature_cache: `cache_noise_draws` noise draws per example
+        (epoch e trains on draw e % draws), hidden states and contexts stored as bfloat16.
     health_checks: the automatic checks of the logged metrics (`training.health`, whose thresholds are
         named constants there; docs/troubleshooting.md explains each one).
 
@@ -293,12 +299,12 @@ class AdvancedConfig(_Section):
 
     gradient_checkpointing: bool = False
     feature_cache: bool = False
+    cache_noise_draws: Draws = 1
     health_checks: bool = True
 
     compile: ClassVar[bool] = False
     compile_refiner: ClassVar[bool] = False
     feature_cache_dir: ClassVar[str | None] = None
-    cache_noise_draws: ClassVar[int] = 1
     cache_dtype: ClassVar[str] = "bfloat16"
     sampler_states_dir: ClassVar[str | None] = None
     sampler_states_per_problem: ClassVar[int] = 4
@@ -319,13 +325,13 @@ class OutputConfig(_Section):
     comparison reports; needs training.val_sampled_problems > 0).
     tensorboard: also write the CSVs' rows as TensorBoard scalars into <dir>/tensorboard/ (needs
     `pip install 'llada-trm[tensorboard]'`); the CSVs stay the run's record.
+    keep_last: also keep numbered copies of the newest N saves of `last` (0: only last and best).
     """
 
     dir: str = "runs/run"
     save_best: str = Field(default="loss", description="a validation_metrics.csv column")
+    keep_last: NonNegInt = 0
     tensorboard: bool = False
-
-    keep_last: ClassVar[int] = 0  # fixed (retired): checkpoints/last and best only, no numbered copies
 
     @property
     def best_is_lower(self) -> bool:
@@ -467,6 +473,28 @@ def retired_settings() -> dict[str, Any]:
         if not name.startswith("_") and not name.isupper()
     }
     return {**fixed, **RETIRED_DERIVED}
+
+
+@contextmanager
+def fixed_settings(values: Mapping[str, Any]) -> Iterator[None]:
+    """Within the block, retired settings take other values (`{"training.sampler_state_ratio": 0.25}`):
+    the one hook by which a test or an experiment still reaches a retired lever's code. Process-wide (the
+    values are class constants), restored on exit; a key that is not retired is a `ConfigError`."""
+    retired = retired_settings()
+    owners = {path: section for path, section in _sections(RunConfig)}
+    changed: list[tuple[type[BaseModel], str, Any]] = []
+    try:
+        for key, value in values.items():
+            path, _, name = key.rpartition(".")
+            section = owners.get(f"{path}." if path else "")
+            if key not in retired or section is None or key in RETIRED_DERIVED:
+                raise ConfigError(f"fixed_settings: {key!r} is not a retired setting; set it in the config")
+            changed.append((section, name, getattr(section, name)))
+            setattr(section, name, value)
+        yield
+    finally:
+        for section, name, value in reversed(changed):
+            setattr(section, name, value)
 
 
 def check_backbone_fit(config: RunConfig, backbone: LLaDAConfig, where: str) -> None:
