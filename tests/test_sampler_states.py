@@ -50,6 +50,7 @@ def run_config(out: Path, *, cache: str | None = "prefix", **training) -> dict:
 # class constants they became, set here per config as the files of that time set them.
 LEVER = ("training.sampler_state_ratio", "advanced.sampler_states_dir", "advanced.sampler_states_per_problem",
          "advanced.sampler_states_problems", "advanced.sampler_states_seed")  # fmt: skip
+FIXED = retired_settings()  # the constants' own values, read before any test sets them
 _patch: pytest.MonkeyPatch | None = None
 
 
@@ -64,10 +65,9 @@ def _lever_constants(monkeypatch):
 def lever_free(raw: dict) -> dict:
     """`raw` without the lever's keys, whose values (or the fixed ones) become the constants for now."""
     raw = json.loads(json.dumps(raw))
-    fixed = retired_settings()
     for key in LEVER:
         section, name = key.split(".")
-        value = raw.get(section, {}).pop(name, fixed[key])
+        value = raw.get(section, {}).pop(name, FIXED[key])
         if _patch is not None:
             _patch.setattr(TrainingConfig if section == "training" else AdvancedConfig, name, value)
     return raw

@@ -69,8 +69,8 @@ def test_a_retired_key_fails_in_one_line_naming_the_converter(tmp_path):
     )
     with pytest.raises(ConfigError, match=r"--set advanced.health.window: .*retired setting"):
         parse_config({}, overrides=["advanced.health.window=3"])
-    with pytest.raises(ConfigError, match=r"run\.training\.ema_decay: a retired setting"):
-        parse_config({"run": {"training": {"ema_decay": 0.9}}}, schema=CompareConfig)
+    with pytest.raises(ConfigError, match=r"run\.training\.forward_mix: a retired setting"):
+        parse_config({"run": {"training": {"forward_mix": 0.5}}}, schema=CompareConfig)
 
 
 def test_suggestions_and_overrides_still_work():
@@ -143,14 +143,14 @@ def test_compare_configs_and_legacy_keys_convert(tmp_path):
     old = {
         "run": {"model": {"halt_on_confidence": False}, "data": {"validation_seed": 0},
                 "advanced": {"health": {"window": 20}}},
-        "refiners": ["slot", "ema"],
-        "arms": {"ema": {"refiner": "slot", "run": {"training": {"ema_decay": 0.99}}}},
+        "refiners": ["slot", "mix"],
+        "arms": {"mix": {"refiner": "slot", "run": {"training": {"forward_mix": 0.5}}}},
     }  # fmt: skip
     conversion = convert_config(old)
     assert conversion.data["run"] == {"model": {"halting": "none"}}
     assert conversion.dropped == ["run.advanced.health.window", "run.data.validation_seed"]
     assert conversion.warnings == [
-        "arms.ema.run.training.ema_decay=0.99 dropped: fixed at 0.0 (docs/settings.md); "
+        "arms.mix.run.training.forward_mix=0.5 dropped: fixed at 0.0 (docs/settings.md); "
         "the converted run uses it"
     ]
     path = tmp_path / "compare.yaml"
@@ -167,3 +167,15 @@ def test_best_mode_is_derived_from_the_column():
     assert kept.dropped == ["output.best_mode"] and not kept.warnings
     odd = convert_config({"output": {"save_best": "loss", "best_mode": "max"}})
     assert odd.warnings and "derived now: min" in odd.warnings[0]
+
+
+def test_resuming_checks_an_old_checkpoint_against_the_converted_config(tmp_path):
+    from llada_trm.errors import CheckpointError
+    from llada_trm.training.resume_config import check_config_changes
+
+    old = FIXTURE / "checkpoints" / "last"
+    converted = convert_path(FIXTURE, tmp_path / "run", echo=lambda _: None)
+    config = load_config(converted / "config.yaml")
+    with pytest.raises(CheckpointError, match="a retired setting.*llada-trm convert"):
+        check_config_changes(old, config)  # unconverted: told to convert, not a list of "changed" settings
+    assert check_config_changes(converted / "checkpoints" / "last", config) == []  # the same run

@@ -494,7 +494,8 @@ def _cmd_cache(args: argparse.Namespace) -> int:
         from llada_trm.training.sampler_states import build_sampler_states
 
         directory = build_sampler_states(config, progress=True, rebuild=args.rebuild)
-        print(f"sampler states ready: {directory} (train with --set training.sampler_state_ratio=0.25)")
+        print(f"sampler states ready: {directory} (a retired lever: training.sampler_state_ratio through "
+              "llada_trm.config.fixed_settings, docs/settings.md)")
         return 0
     directory = build_feature_cache(config, progress=True, rebuild=args.rebuild)
     print(f"feature cache ready: {directory} (train with --set advanced.feature_cache=true)")
