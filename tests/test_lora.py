@@ -27,7 +27,7 @@ def raw_config(backbone_dir: Path, out: Path, lora: dict | None = None, **traini
     training = {
         "phase": 2, "unfreeze_last_n_layers": 1, "lr": 3e-3, "backbone_lr": 1e-2, "batch_size": 4,
         "num_epochs": 1, "max_steps": 4, "warmup_steps": 1, "log_every": 1, "eval_every": 0, "save_every": 2,
-        "device": "cpu", "seed": 0, "weight_decay": 0.0, **training,
+        "device": "cpu", "seed": 0, **training,
     }
     return {
         "model": {
