@@ -43,7 +43,7 @@ QUICK: dict[str, list[str]] = {
         "--seeds", "0", "--set", "run.training.max_steps=2", "--set", "run.data.synthetic.n_train=64",
         "--set", "run.data.synthetic.n_eval=8", "--set", "run.training.eval_max_batches=1",
         "--set", "run.training.val_sampled_problems=0", "--set", "evaluation.n_problems=2",
-        "--set", "run.advanced.sampler_states_problems=2", "--set", "run.training.batch_size=4",
+        "--set", "run.training.batch_size=4",
     ],
 }
 def workflow_commands(readme: str) -> list[str]:
@@ -62,15 +62,11 @@ def workflow_commands(readme: str) -> list[str]:
 
 def quick_arguments(words: Sequence[str], root: Path) -> list[str]:
     """The overrides that shorten one command (`QUICK`). A compare config with `arms` trains its reference and
-    one other arm (every arm's settings are still validated when the config loads), each arm's own
-    sampler-state store kept as short as the shared run's."""
+    one other arm (every arm's settings are still validated when the config loads)."""
     extra = list(QUICK.get(words[1], [])) if len(words) > 1 else []
     if len(words) > 1 and words[1] == "compare" and "--config" in words:
         config = yaml.safe_load((root / words[words.index("--config") + 1]).read_text(encoding="utf-8"))
         arms = config.get("arms") or {}
-        for name, arm in arms.items():
-            if "sampler_states_problems" in ((arm.get("run") or {}).get("advanced") or {}):
-                extra += ["--set", f"arms.{name}.run.advanced.sampler_states_problems=2"]
         reference = config.get("reference")
         if reference and arms:
             other = next(name for name in arms if name != reference)

@@ -18,7 +18,7 @@ import pytest
 import torch
 from torch import Tensor
 
-from llada_trm.config import RunConfig, parse_config
+from llada_trm.config import RunConfig, fixed_settings, parse_config
 from llada_trm.data import SFTDataset, SyntheticTaskConfig, generate_problems, load_tokenizer, prompt_batch
 from llada_trm.diffusion import forward_process, generate_with_stats, masked_diffusion_loss
 from llada_trm.diffusion.options import SamplingOptions
@@ -337,14 +337,12 @@ def test_no_gradient_crosses_a_denoising_step():
 
 
 def test_the_unroll_is_off_by_default_and_refuses_the_feature_cache():
-    assert DenoisingUnroll.for_run(RunConfig()) is None
-    config = parse_config({"training_params": {"denoising_unroll_steps": 3}})
-    assert DenoisingUnroll.for_run(config) == DenoisingUnroll(steps=3, fraction=0.5)
-    cached = parse_config(
-        {"training_params": {"denoising_unroll_steps": 2}, "advanced": {"feature_cache": True}}
-    )
-    with pytest.raises(ConfigError, match="feature_cache"):
-        DenoisingUnroll.for_run(cached)
+    assert DenoisingUnroll.for_run(RunConfig()) is None  # a retired lever (issue 25): reached by the hook
+    with fixed_settings({"training_params.denoising_unroll_steps": 3}):
+        assert DenoisingUnroll.for_run(RunConfig()) == DenoisingUnroll(steps=3, fraction=0.5)
+    with fixed_settings({"training_params.denoising_unroll_steps": 2}):
+        with pytest.raises(ConfigError, match="feature_cache"):
+            DenoisingUnroll.for_run(parse_config({"advanced": {"feature_cache": True}}))
 
 
 if __name__ == "__main__":  # writes the fixture from whatever code is on PYTHONPATH (main's, on purpose)

@@ -254,7 +254,7 @@ def test_trainer_trains_phase1_from_the_cache(backbone_dir, tmp_path, monkeypatc
 
     with pytest.raises(StaleFeatureCacheError, match="other noise draws"):
         Trainer(parse_config(run_config(backbone_dir, tmp_path / "run", cache_noise_draws=3)), progress=False)
-    phase2 = run_config(backbone_dir, tmp_path / "p2", feature_cache_dir=str(tmp_path / "p2_cache"))
+    phase2 = run_config(backbone_dir, tmp_path / "p2")
     phase2["training"]["phase"] = 2
     with pytest.raises(ConfigError, match="advanced.feature_cache: .* trains backbone parameters"):
         Trainer(parse_config(phase2), progress=False)

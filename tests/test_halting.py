@@ -304,11 +304,6 @@ def test_each_lever_arm_changes_only_its_lever():
     matched = {**reference["model"]["mlp"], "hidden_mult": None, "param_budget": "slot"}
     assert differences("mlp_matched") == {"model.refiner": "mlp", "model.mlp": matched}
     assert differences("slot_halting") == {"model.halting": "learned"}  # weight 1.0: the default
-    carry = {"model.denoising_carry": True, "training_params.denoising_unroll_steps": 2}
-    assert differences("slot_carry") == carry
     phase2 = differences("phase2_top")
     assert phase2 == {"model.refiner": "none", "training.phase": 2, "training.unfreeze_last_n_layers": 1,
                       "training.backbone_lr": 1e-4, "training_params.trainable_modules": []}  # fmt: skip
-    states = differences("slot_states")
-    assert states.pop("training.sampler_state_ratio") == 0.25 and set(states) == {
-        "advanced.sampler_states_problems", "advanced.sampler_states_dir"}  # fmt: skip

@@ -8,8 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from llada_trm.config import HealthThresholds
-from llada_trm.training.health import CHECKS, HealthMonitor
+from llada_trm.training.health import CHECKS, HealthMonitor, HealthThresholds
 from llada_trm.training.metrics import MetricsWriter, forward_statistics, gate_values, parameter_statistics
 
 HEALTHY = {

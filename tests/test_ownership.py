@@ -98,10 +98,10 @@ def test_pretrain_holds_its_run_directory_while_it_writes(tmp_path):
 
 @pytest.mark.parametrize("store", ["feature_cache_dir", "sampler_states_dir"])
 def test_cache_rebuild_never_deletes_a_folder_that_is_not_a_cache(backbone_dir, tmp_path, capsys, store):
-    mine = tmp_path / "home"
+    # the stores' folders are fixed under output.dir (issue 25); a user's folder of that name is not a cache
+    mine = tmp_path / "run" / store.removesuffix("_dir")
     before = precious(mine)
     raw = run_config(backbone_dir, tmp_path / "run")
-    raw["advanced"] = {store: str(mine)}
     config = tmp_path / "run.yaml"
     config.write_text(yaml.safe_dump(raw))
     argv = ["cache", "--config", str(config), "--no-progress", "--rebuild"]

@@ -118,14 +118,17 @@ def test_resuming_a_finished_run_writes_nothing_and_a_raised_max_steps_continues
     assert [r["step"] for r in rows(out / "training_metrics.csv")] == ["1", "2", "3", "4"]
 
 
-def test_health_windows_survive_a_resume(backbone_dir, tmp_path):
+def test_health_windows_survive_a_resume(backbone_dir, tmp_path, monkeypatch):
     # threshold 0.9 on a random backbone: every chunk is refined, so 'low_confidence' builds a streak
+    from llada_trm.training import health
+
+    short = health.HealthThresholds(window=3)  # the checks' constants, with a window a short run fills
+    monkeypatch.setattr(health, "HealthThresholds", lambda: short)
     kwargs = {
         "batch_size": 4,
         "max_steps": 6,
         "eval_every": 0,
         "model": {"confidence_threshold": 0.9},
-        "advanced": {"health": {"window": 3}},
     }
     straight = trainer(backbone_dir, tmp_path / "straight", **kwargs).train()
     assert any("'low_confidence' at step 3" in w for w in straight["health_warnings"])

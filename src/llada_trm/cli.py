@@ -1,4 +1,4 @@
-"""The `llada-trm` command line: pretrain, train, eval, generate, export, plot, compare.
+"""The `llada-trm` command line: pretrain, train, eval, generate, export, plot, compare, convert.
 
 `eval` and `generate` take the sampler flags unset by default, meaning "the checkpoint's own value": a trained
 run is sampled with its config's `sampling:` section (what its validation and `compare` used), a bare
@@ -494,7 +494,8 @@ def _cmd_cache(args: argparse.Namespace) -> int:
         from llada_trm.training.sampler_states import build_sampler_states
 
         directory = build_sampler_states(config, progress=True, rebuild=args.rebuild)
-        print(f"sampler states ready: {directory} (train with --set training.sampler_state_ratio=0.25)")
+        print(f"sampler states ready: {directory} (a retired lever: training.sampler_state_ratio through "
+              "llada_trm.config.fixed_settings, docs/settings.md)")
         return 0
     directory = build_feature_cache(config, progress=True, rebuild=args.rebuild)
     print(f"feature cache ready: {directory} (train with --set advanced.feature_cache=true)")
@@ -543,6 +544,13 @@ def _cmd_plot(args: argparse.Namespace) -> int:
     written = plot_run(args.run_dir, args.out)
     for path in written:
         print(path)
+    return 0
+
+
+def _cmd_convert(args: argparse.Namespace) -> int:
+    from llada_trm.convert import convert_path
+
+    convert_path(args.source, args.out)
     return 0
 
 
@@ -812,6 +820,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_progress_option(p)
     _add_dry_run_option(p)
     p.set_defaults(func=_cmd_compare)
+
+    p = command("convert", "bring an older run config, compare config, run or checkpoint up to date")
+    p.add_argument("source", metavar="OLD", help="a config YAML, a run directory or a checkpoint directory")
+    p.add_argument("--out", required=True, metavar="NEW", help="the new file or directory (must not exist)")
+    p.set_defaults(func=_cmd_convert)
     return parser
 
 

@@ -7,18 +7,25 @@ The model-side types are embedded, not copied: `model:` is a `HybridConfig` (plu
 dtype) whose `slot:` / `mlp:` are the refiners' `SlotSettings` / `MLPSettings`, and `data.synthetic:` is the
 generator's `SyntheticTaskConfig` (plus the split sizes). Each field is declared and validated once, where
 the model reads it. Numbers follow `llada_trm.schema` (`lr: 5e-4` is a float, although YAML 1.1 disagrees).
+
+The schema holds what a researcher sets (`settings_count`: the leaf fields). Settings that no config varied
+and no study found useful are retired (issue 25): each is a class constant (`ClassVar`) of its section, so
+code still reads `config.training.adam_eps`, but no file or `--set` can change it; `retired_settings()`
+lists them with their values (docs/settings.md), and a file that names one fails with one line naming
+`llada-trm convert`, which rewrites it (`llada_trm.convert`).
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, Literal, get_type_hints
+from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal, get_type_hints
 
-from pydantic import BeforeValidator, Field, create_model, model_validator
+from pydantic import BaseModel, BeforeValidator, Field, create_model, model_validator
 
-from llada_trm.backbone.lora import LoraConfig
+from llada_trm.backbone.lora import LORA_TARGETS, LoraConfig
 from llada_trm.config_files import (
     SchemaT,
     apply_overrides,
@@ -28,7 +35,15 @@ from llada_trm.config_files import (
     parse_schema,
 )
 from llada_trm.data.arithmetic import ArithmeticTaskConfig
-from llada_trm.data.synthetic import SyntheticTaskConfig
+from llada_trm.data.synthetic import (
+    DEFAULT_CONTAINERS,
+    DEFAULT_GROUPS,
+    DEFAULT_ITEMS,
+    DEFAULT_NAMES,
+    DEFAULT_PURCHASES,
+    OPERATIONS,
+    SyntheticTaskConfig,
+)
 from llada_trm.diffusion.options import SamplingOptions
 from llada_trm.errors import ConfigError
 from llada_trm.hybrid.config import HybridConfig
@@ -42,6 +57,7 @@ from llada_trm.schema import (
     NonNegInt,
     PosFloat,
     PosInt,
+    register_retired,
     to_float,
     to_int,
 )
@@ -54,10 +70,10 @@ __all__ = [
     "AdvancedConfig",
     "ArithmeticDataConfig",
     "DataConfig",
-    "HealthThresholds",
     "LoraConfig",
     "MLPSettings",
     "ModelConfig",
+    "retired_settings",
     "OutputConfig",
     "RunConfig",
     "SamplingConfig",
@@ -67,11 +83,14 @@ __all__ = [
     "TrainingParamsConfig",
     "apply_overrides",
     "check_backbone_fit",
+    "fixed_settings",
     "load_config",
     "load_schema",
     "parse_config",
     "parse_override",
     "save_config",
+    "settings_count",
+    "settings_keys",
 ]
 
 # The shared number types (llada_trm.schema), also importable from here by the other commands' schemas.
@@ -119,14 +138,33 @@ Draws = Annotated[int, BeforeValidator(to_int), Field(ge=1, le=1024)]  # cached 
 
 class SyntheticDataConfig(SyntheticTaskConfig):
     """The generated task (`llada_trm.data.SyntheticTaskConfig`) and how many problems each split gets
-    (each at most MAX_PROBLEMS; a task too small for the count is refused when the problems are drawn)."""
+    (each at most MAX_PROBLEMS; a task too small for the count is refused when the problems are drawn).
+
+    Its difficulty is a setting; its vocabulary, operations, seed and test share are the generator's
+    defaults, fixed here (class constants, not keys), as every shipped config and backbone uses.
+    """
+
+    operations: ClassVar[tuple[str, ...]] = OPERATIONS
+    test_fraction: ClassVar[float] = 0.1
+    names: ClassVar[tuple[str, ...]] = DEFAULT_NAMES
+    items: ClassVar[tuple[str, ...]] = DEFAULT_ITEMS
+    containers: ClassVar[tuple[str, ...]] = DEFAULT_CONTAINERS
+    groups: ClassVar[tuple[tuple[str, ...], ...]] = DEFAULT_GROUPS
+    purchases: ClassVar[tuple[str, ...]] = DEFAULT_PURCHASES
+    seed: ClassVar[int] = 0
 
     n_train: Annotated[ProblemCount, Field(ge=1)] = 2000
     n_eval: ProblemCount = 100
 
 
 class ArithmeticDataConfig(ArithmeticTaskConfig):
-    """The generated arithmetic task (`llada_trm.data.arithmetic`) and how many problems each split gets."""
+    """The generated arithmetic task (`llada_trm.data.arithmetic`) and how many problems each split gets;
+    the carry bounds, seed and test share are fixed (`retired_settings`)."""
+
+    min_carries: ClassVar[int] = 0
+    seed: ClassVar[int] = 0
+    max_carries: ClassVar[int | None] = None
+    test_fraction: ClassVar[float] = 0.1
 
     n_train: Annotated[ProblemCount, Field(ge=1)] = 2000
     n_eval: ProblemCount = 100
@@ -143,13 +181,12 @@ class DataConfig(_Section):
     train_split: str = "train[:1000]"
     eval_split: str | None = "test[:100]"
     max_length: PosInt = Field(default=256, description="at most the backbone's max_sequence_length")
-    validation_seed: Int = Field(
-        default=0,
-        description="seed of the validation masks, fixed apart from training.seed so that runs with "
-        "different training seeds are validated on the same noised examples",
-    )
-    num_workers: NonNegInt = 0
-    pin_memory: bool = False
+    # Fixed (retired): the validation masks' seed, apart from training.seed so that runs with
+    # different training seeds are validated on the same noised examples; the records are tokenized in
+    # memory (batches of token ids), so the loader needs no worker processes nor pinned memory.
+    validation_seed: ClassVar[int] = 0
+    num_workers: ClassVar[int] = 0
+    pin_memory: ClassVar[bool] = False
     synthetic: SyntheticDataConfig = Field(default_factory=SyntheticDataConfig)
     arithmetic: ArithmeticDataConfig = Field(default_factory=ArithmeticDataConfig)
 
@@ -183,13 +220,8 @@ class TrainingConfig(_Section):
     gradient_accumulation_steps: BatchSize = 1
     num_epochs: PosInt = 1
     max_steps: PosInt | None = None
-    warmup_steps: NonNegInt | None = None
-    warmup_ratio: Fraction = 0.05
+    warmup_steps: NonNegInt | None = Field(default=None, description="null: 5% of the run's steps")
     min_lr_ratio: Fraction = 0.0
-    weight_decay: NonNegFloat = 0.01
-    adam_eps: PosFloat = 1e-8
-    adam_betas: tuple[Fraction, Fraction] = (0.9, 0.999)
-    max_grad_norm: NonNegFloat = 1.0
     seed: Int = 42
     mixed_precision: Literal["auto", "bf16", "fp32"] = "auto"
     eval_every: NonNegInt = 100
@@ -203,126 +235,83 @@ class TrainingConfig(_Section):
         description="validation problems answered with the run's `sampling` settings at every validation "
         "(the sampled_accuracy column, which output.save_best may name); 0 = off",
     )
+    ema_decay: Fraction = Field(
+        default=0.0,
+        description="exponential moving average of the trained weights (TRM: 0.999), which checkpoints "
+        "hold for evaluation; the live weights stay in the trainer state for resuming. 0 = off",
+    )
     masks: Literal["forward", "answer_structure", "backbone_errors"] = Field(
         default="forward",
         description="phase 1's training masks (diffusion.targeted_masks): LLaDA's forward process, the "
         "results of an answer's calculator lines and its #### line with the rest masked as a block sampler "
         "leaves it, or the positions the frozen backbone gets wrong in a teacher-forced probe",
     )
-    forward_mix: Fraction = Field(
-        default=0.0, description="fraction of rows drawn from the forward process instead of `masks`"
-    )
-    ema_decay: Fraction = Field(
-        default=0.0,
-        description="exponential moving average of the trained weights (TRM: 0.999), which checkpoints "
-        "hold for evaluation; the live weights stay in the trainer state for resuming. 0 = off",
-    )
-    sampler_state_ratio: Fraction = Field(
-        default=0.0,
-        description="fraction of each epoch's micro-batches trained on the frozen backbone's own sampler "
-        "states (docs/sampler_states.md) instead of forward-process draws; 0 = off",
-    )
+
+    # Fixed (retired): AdamW's and the schedule's constants, and the levers the studies found no gain in
+    # (docs/settings.md: forward-process rows mixed into targeted masks, training on the backbone's sampler
+    # states).
+    warmup_ratio: ClassVar[float] = 0.05
+    weight_decay: ClassVar[float] = 0.01
+    adam_eps: ClassVar[float] = 1e-8
+    adam_betas: ClassVar[tuple[float, float]] = (0.9, 0.999)
+    max_grad_norm: ClassVar[float] = 1.0
+    forward_mix: ClassVar[float] = 0.0
+    sampler_state_ratio: ClassVar[float] = 0.0
 
 
 class TrainingParamsConfig(_Section):
     """What is trained and the weights of the objective's terms.
 
-    denoising_unroll_steps: TRM's N_sup over denoising steps (`training.objective`): the objective is averaged
-        over this many consecutive states of a simulated trajectory, each committing the model's most
-        confident `denoising_unroll_fraction` of the masked positions to their targets (with
-        `model.denoising_carry`, the refiner's latents carried from step to step). 1: off, one state.
+    Fixed (retired): every selected module trains whole (its layer norms and refiner blocks included); the
+    calibration term and the unrolling over denoising steps are off (levers the studies found no gain in);
+    the learned halting head's BCE weighs 1.0 (its gradient is its own: the weight only scales it against
+    gradient clipping).
     """
 
     trainable_modules: list[str] = Field(default_factory=lambda: ["refinement_head"])
-    train_layer_norms: bool = True
-    train_refiner_blocks: bool = True
     deep_supervision_weight: NonNegFloat = 0.3
     orthogonality_weight: NonNegFloat = 0.01
-    confidence_calibration_weight: NonNegFloat = 0.0
-    denoising_unroll_steps: PosInt = 1
-    denoising_unroll_fraction: Fraction = 0.5
 
-    halting_weight: NonNegFloat = Field(
-        default=1.0,
-        description="weight of the learned halting head's BCE loss (with model.halting: learned; the head's "
-        "gradient is its own, so the weight only scales it against gradient clipping); 0 = the head stays "
-        "untrained and halts nothing",
-    )
+    train_layer_norms: ClassVar[bool] = True
+    train_refiner_blocks: ClassVar[bool] = True
+    confidence_calibration_weight: ClassVar[float] = 0.0
+    denoising_unroll_steps: ClassVar[int] = 1
+    denoising_unroll_fraction: ClassVar[float] = 0.5
+    halting_weight: ClassVar[float] = 1.0
 
 
 # ------------------------------------------------------------------------------------------------ advanced
-
-
-class HealthThresholds(_Section):
-    """When the automatic health checks speak up (docs/troubleshooting.md explains each one).
-
-    window: consecutive logged rows a condition must hold (and the loss window).
-    slot_collapse_spread / slot_collapse_overlap / slot_collapse_gate_band: slots count as collapsed when
-        their norms differ by less than `spread` (relative) or their projections overlap by at least
-        `overlap`, while every gate stays within `gate_band` of 0.5.
-    dead_gate: a gate opening below this is dead.
-    delta_norm_max: an update norm above this (or NaN) is an explosion; delta_growth: last recursion step's
-        update norm over the first step's above this is a diverging recursion.
-    loss_rel_std: detrended std of the logged loss over its mean, above which the loss oscillates.
-    context_ratio: the context slot's gate or norm below this fraction of the other slots' is unused.
-    idle_skipped: a skipped-chunk fraction at or above this means the refiner is almost never trained.
-    """
-
-    window: PosInt = 20
-    slot_collapse_spread: NonNegFloat = 0.05
-    slot_collapse_overlap: Fraction = 0.5
-    slot_collapse_gate_band: NonNegFloat = 0.05
-    dead_gate: Fraction = 0.05
-    delta_norm_max: NonNegFloat = 100.0
-    delta_growth: Annotated[float, BeforeValidator(to_float), Field(gt=1.0)] = 10.0
-    loss_rel_std: NonNegFloat = 0.5
-    context_ratio: NonNegFloat = 0.05
-    idle_skipped: Fraction = 0.95
 
 
 class AdvancedConfig(_Section):
     """Speed/memory switches and the health checks.
 
     feature_cache: phase 1 trains on the frozen backbone's outputs computed once and stored
-        (docs/feature_cache.md); `feature_cache_dir` (null = <output.dir>/feature_cache) holds them,
-        `cache_noise_draws` noise draws per example (epoch e trains on draw e % draws), hidden states and
-        contexts stored as `cache_dtype`.
-    sampler_states_dir / sampler_states_per_problem: where the sampler states of
-        `training.sampler_state_ratio` live (null = <output.dir>/sampler_states) and how many states of
-        each training problem's sampler run they keep; `sampler_states_problems` samples only the first N
-        training problems (null = all): a run of S steps reads about S * batch_size * ratio states.
-        `sampler_states_seed` picks the kept steps; it is not `training.seed`, so every seed and arm of a
-        study with the same sampler, data and store directory shares one store (paid for once).
-    compile_refiner: `torch.compile` around each refiner's step (`refiners.compiling`), in training (the
-        cached phase-1 step included) and in sampled validation; off by default: on a CPU the first call
-        compiles for a minute or more, which a short run never earns back (bench/bench_compile.py). Where
-        torch.compile cannot run it warns and stays eager; results match eager to rounding.
-    distributed: under torchrun, how the processes share the work (docs/distributed.md): `ddp` replicates
-        the model and averages the trainable parameters' gradients, `fsdp` shards a trainable backbone
-        block by block; `auto` is ddp in phases 1 and 2, fsdp in phase 3. One process ignores it.
+        (docs/feature_cache.md) in <output.dir>/feature_cache: `cache_noise_draws` noise draws per example
+        (epoch e trains on draw e % draws), hidden states and contexts stored as bfloat16.
+    health_checks: the automatic checks of the logged metrics (`training.health`, whose thresholds are
+        named constants there; docs/troubleshooting.md explains each one).
+
+    Fixed (retired): torch.compile off (bench/bench_compile.py: a short run never earns it back), anomaly
+    detection off, the feature cache's and sampler states' stores under output.dir, and `distributed`
+    'auto' (under torchrun: DDP in phases 1 and 2, FSDP in phase 3; docs/distributed.md).
     """
 
     gradient_checkpointing: bool = False
-    compile: bool = False
-    compile_refiner: bool = False
     feature_cache: bool = False
-    feature_cache_dir: str | None = None
     cache_noise_draws: Draws = 1
-    cache_dtype: Literal["bfloat16", "float32"] = "bfloat16"
-    sampler_states_dir: str | None = None
-    sampler_states_per_problem: Draws = 4
-    sampler_states_problems: ProblemCount | None = None
-    sampler_states_seed: Int = 0
-    detect_anomaly: bool = False
     health_checks: bool = True
-    health: HealthThresholds = Field(default_factory=HealthThresholds)
-    distributed: Literal["auto", "ddp", "fsdp"] = "auto"
 
-    @model_validator(mode="after")
-    def _cache_needs_replicas(self) -> AdvancedConfig:
-        if self.feature_cache and self.distributed == "fsdp":
-            raise ValueError("feature_cache needs a replicated backbone; set distributed to ddp or auto")
-        return self
+    compile: ClassVar[bool] = False
+    compile_refiner: ClassVar[bool] = False
+    feature_cache_dir: ClassVar[str | None] = None
+    cache_dtype: ClassVar[str] = "bfloat16"
+    sampler_states_dir: ClassVar[str | None] = None
+    sampler_states_per_problem: ClassVar[int] = 4
+    sampler_states_problems: ClassVar[int | None] = None
+    sampler_states_seed: ClassVar[int] = 0
+    detect_anomaly: ClassVar[bool] = False
+    distributed: ClassVar[str] = "auto"
 
 
 # -------------------------------------------------------------------------------------------------- output
@@ -336,20 +325,18 @@ class OutputConfig(_Section):
     comparison reports; needs training.val_sampled_problems > 0).
     tensorboard: also write the CSVs' rows as TensorBoard scalars into <dir>/tensorboard/ (needs
     `pip install 'llada-trm[tensorboard]'`); the CSVs stay the run's record.
+    keep_last: also keep numbered copies of the newest N saves of `last` (0: only last and best).
     """
 
     dir: str = "runs/run"
     save_best: str = Field(default="loss", description="a validation_metrics.csv column")
-    best_mode: Literal["auto", "min", "max"] = "auto"
     keep_last: NonNegInt = 0
     tensorboard: bool = False
 
     @property
     def best_is_lower(self) -> bool:
-        """'auto' minimises losses and maximises everything else (accuracies)."""
-        if self.best_mode == "auto":
-            return "loss" in self.save_best
-        return self.best_mode == "min"
+        """Derived from the column: losses are minimised, everything else (accuracies) maximised."""
+        return "loss" in self.save_best
 
 
 # ------------------------------------------------------------------------------------------------ sampling
@@ -362,6 +349,12 @@ class _SamplingSection(_Section):
     run's saved config.yaml records it.
     """
 
+    remasking: ClassVar[str] = "low_confidence"
+    cfg_scale: ClassVar[float] = 0.0
+    seed: ClassVar[int] = 0
+    logits_eos_inf: ClassVar[bool] = False
+    confidence_eos_eot_inf: ClassVar[bool] = False
+
     @model_validator(mode="after")
     def _valid_options(self) -> _SamplingSection:
         self.options()  # SamplingOptions checks the combination (blocks divide gen_length, ...)
@@ -372,17 +365,35 @@ class _SamplingSection(_Section):
         return SamplingOptions(**self.model_dump())
 
 
+# SamplingOptions' settings a run does not set: LLaDA's reference options that no study changes keep the
+# options' defaults (`retired_settings`); `llada-trm generate` still takes them as flags.
+SAMPLING_FIXED = ("remasking", "cfg_scale", "seed", "logits_eos_inf", "confidence_eos_eot_inf")
+
+
 def _sampling_fields() -> dict[str, Any]:
     """SamplingOptions' recorded fields as pydantic fields: declared once, in the options dataclass."""
     hints = get_type_hints(SamplingOptions)
     return {
         f.name: (hints[f.name], f.default)
         for f in dataclasses.fields(SamplingOptions)
-        if f.metadata.get("recorded", True)
+        if f.metadata.get("recorded", True) and f.name not in SAMPLING_FIXED
     }
 
 
 SamplingConfig = create_model("SamplingConfig", __base__=_SamplingSection, **_sampling_fields())
+
+
+# -------------------------------------------------------------------------------------------------- lora
+
+
+class RunLoraConfig(LoraConfig):
+    """The run's `lora:` section: whether adapters train and their rank (`LoraConfig` documents both); the
+    scale's numerator, dropout and the targeted layers are fixed (retired): alpha 16, no dropout, every
+    linear layer of a block."""
+
+    alpha: ClassVar[float] = 16.0
+    dropout: ClassVar[float] = 0.0
+    target_modules: ClassVar[tuple[str, ...]] = LORA_TARGETS
 
 
 # ------------------------------------------------------------------------------------------------ the run
@@ -398,7 +409,7 @@ class RunConfig(_Section):
     advanced: AdvancedConfig = Field(default_factory=AdvancedConfig)
     output: OutputConfig = Field(default_factory=OutputConfig)
     sampling: SamplingConfig = Field(default_factory=SamplingConfig)
-    lora: LoraConfig = Field(default_factory=LoraConfig)
+    lora: RunLoraConfig = Field(default_factory=RunLoraConfig)
 
     @model_validator(mode="after")
     def _lora_fits_the_run(self) -> RunConfig:
@@ -409,16 +420,81 @@ class RunConfig(_Section):
                 "lora.enabled: LoRA adapters train the backbone in phases 2 and 3; set training.phase to 2 "
                 "or 3, or lora.enabled to false (phase 1 trains the refiner alone)"
             )
-        if self.advanced.distributed == "fsdp":
-            raise ValueError(
-                "lora.enabled: the frozen base is replicated, not sharded; set advanced.distributed to ddp "
-                "or auto (docs/distributed.md: LoRA on one GPU)"
-            )
         return self
 
     def to_yaml(self) -> str:
         """Every setting, resolved; lists of plain values on one line (the task's word lists stay short)."""
         return dump_yaml(self.model_dump(mode="python"))
+
+
+# ---------------------------------------------------------------------------------------- settings count
+
+# Settings the schema had before the redesign (issue 25) that are neither class constants of a section nor
+# in `training.health`: old key -> its value now (the converter drops it when an old file agrees).
+RETIRED_DERIVED: dict[str, Any] = {
+    "output.best_mode": "auto",  # derived from output.save_best: losses minimised, the rest maximised
+}
+# The health checks' thresholds (old `advanced.health.<name>`) are named constants of `training.health`.
+RETIRED_SECTIONS = ("advanced.health",)
+
+
+def _sections(schema: type[BaseModel], prefix: str = "") -> list[tuple[str, type[BaseModel]]]:
+    """(dotted path, section type) of `schema` and of every section below it."""
+    found = [(prefix, schema)]
+    for name, field in schema.model_fields.items():
+        annotation = field.annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            found += _sections(annotation, f"{prefix}{name}.")
+    return found
+
+
+def settings_keys(schema: type[BaseModel] = RunConfig) -> list[str]:
+    """The dotted keys a researcher can set: the leaf fields of `schema` (a section is not a setting)."""
+    return [
+        f"{path}{name}"
+        for path, section in _sections(schema)
+        for name, field in section.model_fields.items()
+        if not (isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel))
+    ]
+
+
+def settings_count(schema: type[BaseModel] = RunConfig) -> int:
+    """How many settings `schema` has (its leaf fields): the number the redesign keeps at about 50."""
+    return len(settings_keys(schema))
+
+
+def retired_settings() -> dict[str, Any]:
+    """Old dotted key -> the value it is fixed at now: the class constants (`ClassVar`) of RunConfig's
+    sections, which replaced settings, and `RETIRED_DERIVED` (the health thresholds: `training.health`)."""
+    fixed = {
+        f"{path}{name}": getattr(section, name)
+        for path, section in _sections(RunConfig)
+        for name in sorted(getattr(section, "__class_vars__", ()))
+        if not name.startswith("_") and not name.isupper()
+    }
+    return {**fixed, **RETIRED_DERIVED}
+
+
+@contextmanager
+def fixed_settings(values: Mapping[str, Any]) -> Iterator[None]:
+    """Within the block, retired settings take other values (`{"training.sampler_state_ratio": 0.25}`):
+    the one hook by which a test or an experiment still reaches a retired lever's code. Process-wide (the
+    values are class constants), restored on exit; a key that is not retired is a `ConfigError`."""
+    retired = retired_settings()
+    owners = {path: section for path, section in _sections(RunConfig)}
+    changed: list[tuple[type[BaseModel], str, Any]] = []
+    try:
+        for key, value in values.items():
+            path, _, name = key.rpartition(".")
+            section = owners.get(f"{path}." if path else "")
+            if key not in retired or section is None or key in RETIRED_DERIVED:
+                raise ConfigError(f"fixed_settings: {key!r} is not a retired setting; set it in the config")
+            changed.append((section, name, getattr(section, name)))
+            setattr(section, name, value)
+        yield
+    finally:
+        for section, name, value in reversed(changed):
+            setattr(section, name, value)
 
 
 def check_backbone_fit(config: RunConfig, backbone: LLaDAConfig, where: str) -> None:
@@ -456,3 +532,7 @@ def load_config(path: str | Path, overrides: Sequence[str] | None = None) -> Run
 def save_config(config: RunConfig, path: str | Path) -> Path:
     """Write the resolved config as YAML (it loads back to an equal `RunConfig`)."""
     return write_text_atomic(path, config.to_yaml())
+
+
+# An old file that sets one of them fails with one line naming the converter (`schema.describe`).
+register_retired([*retired_settings(), *RETIRED_SECTIONS])

@@ -39,6 +39,7 @@ __all__ = [
     "describe",
     "parse_yaml",
     "read_yaml",
+    "register_retired",
     "to_float",
     "to_int",
 ]
@@ -120,6 +121,12 @@ def describe(
         dotted = ".".join(loc)
         explanation = _explain(err, loc, schema)
         blamed = _override_for(dotted, explanation, override_keys)
+        if err["type"] == "extra_forbidden" and _retired(loc):
+            setters = [key for key in override_keys if key == dotted or key.startswith(dotted + ".")]
+            blamed = setters[0] if setters else blamed
+            where = "OLD" if source == schema.__name__ or source.startswith("<") else source
+            fix = "drop the --set" if setters else f"convert the file: {CONVERT_HINT} {where} --out NEW"
+            explanation = f"a retired setting, fixed now (docs/settings.md); {fix}"
         if blamed is not None:
             messages.append(f"--set {blamed}: {dotted or blamed}: {explanation}")
         elif source == schema.__name__:
@@ -128,6 +135,27 @@ def describe(
             messages.append(f"{source}: {dotted + ': ' if dotted else ''}{explanation}")
     extra = f" (and {len(messages) - 1} more)" if len(messages) > 1 else ""
     return messages[0] + extra
+
+
+# Dotted keys the run schema once had and now fixes (`config.retired_settings`, registered by
+# `llada_trm.config`): an old file naming one is told to convert itself, not "unknown key".
+_RETIRED: set[str] = set()
+CONVERT_HINT = "llada-trm convert"
+
+
+def register_retired(keys: Collection[str]) -> None:
+    """Mark dotted keys (and sections, whose keys below count too) as retired settings."""
+    _RETIRED.update(keys)
+
+
+def _retired(loc: list[str]) -> str | None:
+    """The retired key `loc` ends with (a compare config's `run.training.adam_eps` is `training.adam_eps`)."""
+    for start in range(len(loc)):
+        for end in range(len(loc), start, -1):
+            key = ".".join(loc[start:end])
+            if key in _RETIRED:
+                return key
+    return None
 
 
 def _override_for(dotted: str, explanation: str, override_keys: Collection[str]) -> str | None:

@@ -4,8 +4,8 @@ Each check reads the flat metrics the trainer logs (`loss`, `skipped_fraction_ma
 `chunk_confidence` or `confidence`, `delta_norm`, `delta_norm_first`, `delta_norm_last`, `orthogonality`,
 `slot_norm_<slot>`, `gate_<name>`) and warns once per run, in plain words naming the config knob to turn.
 Conditions that could be a coincidence of initialisation (equal norms, a small gate) must persist for
-`window` consecutive logged rows before they count. Thresholds live in `advanced.health` and are described in
-docs/troubleshooting.md.
+`window` consecutive logged rows before they count. The thresholds are the constants below (once the run
+config's `advanced.health` section), described in docs/troubleshooting.md.
 """
 
 from __future__ import annotations
@@ -14,13 +14,47 @@ import logging
 import math
 from collections import deque
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from llada_trm.config import HealthThresholds
 from llada_trm.errors import NonFiniteLossError
 
-__all__ = ["CHECKS", "HealthMonitor", "non_finite_error"]
+__all__ = ["CHECKS", "HealthMonitor", "HealthThresholds", "non_finite_error"]
+
+# When the checks speak up. Slots count as collapsed when their norms differ by less than SLOT_COLLAPSE_SPREAD
+# (relative) or their projections overlap by at least SLOT_COLLAPSE_OVERLAP, while every gate stays within
+# SLOT_COLLAPSE_GATE_BAND of 0.5; a gate below DEAD_GATE is dead; an update norm above DELTA_NORM_MAX (or NaN)
+# is an explosion, a last-over-first step norm ratio above DELTA_GROWTH a diverging recursion; the loss
+# oscillates when its detrended std over its mean exceeds LOSS_REL_STD; the context slot is unused below
+# CONTEXT_RATIO of the others; a skipped-chunk fraction at or above IDLE_SKIPPED leaves the refiner idle.
+# A condition must hold for WINDOW consecutive logged rows (also the loss window).
+WINDOW = 20
+SLOT_COLLAPSE_SPREAD = 0.05
+SLOT_COLLAPSE_OVERLAP = 0.5
+SLOT_COLLAPSE_GATE_BAND = 0.05
+DEAD_GATE = 0.05
+DELTA_NORM_MAX = 100.0
+DELTA_GROWTH = 10.0
+LOSS_REL_STD = 0.5
+CONTEXT_RATIO = 0.05
+IDLE_SKIPPED = 0.95
+
+
+@dataclass(frozen=True)
+class HealthThresholds:
+    """The constants above as one object (a test may pass its own, e.g. a shorter window)."""
+
+    window: int = WINDOW
+    slot_collapse_spread: float = SLOT_COLLAPSE_SPREAD
+    slot_collapse_overlap: float = SLOT_COLLAPSE_OVERLAP
+    slot_collapse_gate_band: float = SLOT_COLLAPSE_GATE_BAND
+    dead_gate: float = DEAD_GATE
+    delta_norm_max: float = DELTA_NORM_MAX
+    delta_growth: float = DELTA_GROWTH
+    loss_rel_std: float = LOSS_REL_STD
+    context_ratio: float = CONTEXT_RATIO
+    idle_skipped: float = IDLE_SKIPPED
 
 logger = logging.getLogger("llada_trm")
 

@@ -263,7 +263,6 @@ class Trainer:
         # metrics since the last logged row (checkpointed: rows survive a resume)
         self._window = LogWindow(config.model.chunk_size)
         self.health = HealthMonitor(
-            config.advanced.health,
             enabled=config.advanced.health_checks,
             # chunk_selection 'all' refines every chunk by choice, as a threshold above 1 does
             confidence_threshold=(

@@ -22,6 +22,7 @@ from torch.optim.lr_scheduler import LambdaLR
 from llada_trm.config import RunConfig, parse_config
 from llada_trm.errors import CheckpointError, ConfigError
 from llada_trm.run_checkpoint import CONFIG_FILE
+from llada_trm.schema import CONVERT_HINT
 
 __all__ = [
     "RESUMABLE",
@@ -144,7 +145,9 @@ def _saved_config(path: Path) -> dict[str, Any]:
         raise CheckpointError(f"{path}: unreadable ({' '.join(str(exc).split())})") from None
     try:
         return flatten_settings(_plain(parse_config(raw, source=str(path))))
-    except ConfigError:
+    except ConfigError as exc:
+        if CONVERT_HINT in str(exc):  # written before settings were retired (issue 25): convert it first
+            raise CheckpointError(str(exc)) from None
         return flatten_settings(raw)  # an older schema: compare what it says
 
 

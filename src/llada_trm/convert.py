@@ -1,0 +1,272 @@
+"""`llada-trm convert`: bring a run config, compare config, run directory or checkpoint written before the
+settings redesign (issue 25) to the current schema.
+
+The redesign fixed settings that no config varied and no study found useful (`config.retired_settings`,
+the health thresholds of `training.health`; docs/settings.md lists each with its value). An old file still
+names them, so the schema refuses it with one line that names this command. Converting:
+
+- drops every retired key whose value equals the fixed one, silently (the run is the same run);
+- drops a retired key set to another value with a `warning:` line (the converted run uses the fixed value);
+- rewrites the legacy `model.halt_on_confidence: true|false` as `model.halting: confidence|none`;
+- checks that the result validates, and only then writes it.
+
+A YAML file becomes a new YAML file; a directory (a run's `output.dir`, a checkpoint directory, a
+comparison) is copied to a new directory with every `config.yaml` in it converted (weights and trainer
+state copied as they are: no tensor was renamed). Writes go to a temporary name beside the destination and
+are renamed into place; the input is never modified, an existing destination is refused, and on failure
+only the temporary copy this command made is removed.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from llada_trm.config import RETIRED_SECTIONS, RunConfig, parse_config, retired_settings
+from llada_trm.config_files import dump_yaml
+from llada_trm.errors import ConfigError, UserError
+from llada_trm.io import write_text_atomic
+from llada_trm.schema import read_yaml
+
+__all__ = ["Conversion", "convert_config", "convert_path", "health_thresholds"]
+
+CONFIG_NAME = "config.yaml"  # a run's and a checkpoint's resolved config (run_checkpoint.CONFIG_FILE)
+
+# Legacy spellings rewritten to the current key: old dotted key -> (new dotted key, value map).
+RENAMED: dict[str, tuple[str, dict[Any, Any]]] = {
+    "model.halt_on_confidence": ("model.halting", {True: "confidence", False: "none"}),
+}
+
+
+def health_thresholds() -> dict[str, Any]:
+    """The old `advanced.health.<name>` keys and the constants of `training.health` that replaced them."""
+    from llada_trm.training.health import HealthThresholds
+
+    return {f"advanced.health.{k}": v for k, v in vars(HealthThresholds()).items()}
+
+
+@dataclass
+class Conversion:
+    """What converting one config did: the converted mapping and one line per change."""
+
+    data: dict[str, Any]
+    dropped: list[str] = field(default_factory=list)  # retired keys at their fixed value
+    warnings: list[str] = field(default_factory=list)  # retired keys set to another value, now fixed
+    renamed: list[str] = field(default_factory=list)
+
+    @property
+    def changed(self) -> bool:
+        return bool(self.dropped or self.warnings or self.renamed)
+
+
+def convert_config(raw: Mapping[str, Any], source: str = "<config>") -> Conversion:
+    """Convert one old run config or compare config (a raw mapping as read from YAML); the result
+    validates against the current schema (else a one-line `ConfigError` naming `source`)."""
+    if not isinstance(raw, Mapping):
+        raise ConfigError(f"{source}: expected a mapping of sections at the top level")
+    fixed = {**retired_settings(), **health_thresholds()}
+    data = _copy(raw)
+    result = Conversion(data)
+    compare = "run" in data or "arms" in data or "refiners" in data
+    runs: list[tuple[str, dict[str, Any]]] = []
+    if compare:
+        if isinstance(data.get("run"), dict):
+            runs.append(("run.", data["run"]))
+        for name, arm in (data.get("arms") or {}).items():
+            if isinstance(arm, dict) and isinstance(arm.get("run"), dict):
+                runs.append((f"arms.{name}.run.", arm["run"]))
+    else:
+        runs.append(("", data))
+    for prefix, run in runs:
+        _convert_run(run, prefix, fixed, result)
+    _validate(data, compare, source)
+    return result
+
+
+def _convert_run(run: dict[str, Any], prefix: str, fixed: Mapping[str, Any], result: Conversion) -> None:
+    for old, (new, values) in RENAMED.items():
+        found, value = _pop(run, old)
+        if not found:
+            continue
+        mapped = values.get(value, value) if isinstance(value, bool) else value
+        if _get(run, new) is None:
+            _set(run, new, mapped)
+            result.renamed.append(f"{prefix}{old}: {value!r} -> {prefix}{new}: {mapped!r}")
+        else:
+            result.renamed.append(f"{prefix}{old}: dropped ({prefix}{new} is set)")
+    for key, value in sorted(_leaves(run).items()):
+        section = next((s for s in RETIRED_SECTIONS if key.startswith(s + ".")), None)
+        if key not in fixed and section is None:
+            continue
+        if key == "output.best_mode":
+            now = "min" if "loss" in str(_get(run, "output.save_best") or "loss") else "max"
+            same = value in ("auto", now)
+            shown = f"derived now: {now}"
+        elif key in fixed:
+            same, shown = _same(value, fixed[key]), f"fixed at {_show(fixed[key])}"
+        else:  # a key of a retired section that no longer existed before either
+            same, shown = False, "the section is gone"
+        _pop(run, key, prune=True)
+        if same:
+            result.dropped.append(f"{prefix}{key}")
+        else:
+            result.warnings.append(
+                f"{prefix}{key}={_show(value)} dropped: {shown} (docs/settings.md); the converted run uses it"
+            )
+
+
+def _validate(data: dict[str, Any], compare: bool, source: str) -> None:
+    if compare:
+        from llada_trm.compare_config import CompareConfig
+
+        parse_config(data, source=f"{source} (converted)", schema=CompareConfig)
+    else:
+        parse_config(data, source=f"{source} (converted)", schema=RunConfig)
+
+
+# ------------------------------------------------------------------------------------------------ files
+
+
+def convert_path(source: str | Path, out: str | Path, echo: Callable[[str], None] = print) -> Path:
+    """Convert a YAML file or a directory holding config.yaml files into the new path `out`."""
+    src, dest = Path(source), Path(out)
+    if not src.exists():
+        raise UserError(f"{src}: not found; give an old config file, run directory or checkpoint directory")
+    if dest.exists() or dest.is_symlink():
+        raise UserError(f"--out {dest}: already exists; convert never overwrites, name a new path")
+    if _inside(dest, src) or _inside(src, dest):
+        raise UserError(f"--out {dest}: must lie outside {src} (the input is never modified)")
+    if not dest.parent.is_dir():
+        raise UserError(f"--out {dest}: its folder {dest.parent} does not exist")
+    if src.is_file():
+        conversion = convert_config(read_yaml(src), str(src))
+        _report(str(src), conversion, echo)
+        write_text_atomic(dest, dump_yaml(conversion.data))
+        echo(f"wrote {dest}")
+        return dest
+    configs = sorted(p.relative_to(src) for p in src.rglob(CONFIG_NAME) if p.is_file())
+    if not configs:
+        raise UserError(f"{src}: no {CONFIG_NAME} inside; give a run directory, checkpoint or config file")
+    converted = {rel: convert_config(read_yaml(src / rel), str(src / rel)) for rel in configs}
+    staging = dest.with_name(f".{dest.name}.converting-{os.getpid()}")
+    if staging.exists():
+        raise UserError(f"{staging}: left by an earlier convert that was cut short; remove it and retry")
+    try:
+        shutil.copytree(src, staging, symlinks=True)
+        for rel, conversion in converted.items():
+            _report(str(src / rel), conversion, echo)
+            write_text_atomic(staging / rel, dump_yaml(conversion.data))
+        if dest.exists() or dest.is_symlink():  # appeared while copying: renaming could replace it
+            raise UserError(f"--out {dest}: appeared while converting; nothing written, name a new path")
+        os.rename(staging, dest)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)  # only the copy this command made
+        raise
+    echo(f"wrote {dest} ({len(configs)} config file(s) converted)")
+    return dest
+
+
+def _report(name: str, conversion: Conversion, echo: Callable[[str], None]) -> None:
+    for line in conversion.renamed:
+        echo(f"{name}: renamed {line}")
+    for line in conversion.warnings:
+        echo(f"warning: {name}: {line}")
+    if conversion.dropped:
+        echo(f"{name}: {len(conversion.dropped)} retired settings dropped at their fixed values")
+    if not conversion.changed:
+        echo(f"{name}: already current")
+
+
+def _inside(path: Path, folder: Path) -> bool:
+    try:
+        path.resolve().relative_to(folder.resolve())
+    except ValueError:
+        return False
+    return True
+
+
+# ------------------------------------------------------------------------------------------------ helpers
+
+
+def _copy(value: Any) -> Any:
+    if isinstance(value, Mapping):
+        return {k: _copy(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_copy(v) for v in value]
+    return value
+
+
+def _leaves(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Dotted key -> value of every leaf; a retired section's keys are leaves below it."""
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        dotted = f"{prefix}{key}"
+        if isinstance(value, Mapping) and value:
+            out.update(_leaves(value, dotted + "."))
+        else:
+            out[dotted] = value
+    return out
+
+
+def _get(data: Mapping[str, Any], dotted: str) -> Any:
+    node: Any = data
+    for part in dotted.split("."):
+        if not isinstance(node, Mapping) or part not in node:
+            return None
+        node = node[part]
+    return node
+
+
+def _set(data: dict[str, Any], dotted: str, value: Any) -> None:
+    *parents, last = dotted.split(".")
+    node = data
+    for part in parents:
+        node = node.setdefault(part, {})
+    node[last] = value
+
+
+def _pop(data: dict[str, Any], dotted: str, prune: bool = False) -> tuple[bool, Any]:
+    """Remove a dotted key; with `prune`, also the sections the
+    removal left empty (a section the file itself left empty is kept)."""
+    *parents, last = dotted.split(".")
+    chain: list[tuple[dict[str, Any], str]] = []
+    node: Any = data
+    for part in parents:
+        if not isinstance(node, dict) or part not in node:
+            return False, None
+        chain.append((node, part))
+        node = node[part]
+    found = isinstance(node, dict) and last in node
+    value = node.pop(last) if found else None
+    if prune and found:
+        for parent, part in reversed(chain):
+            if parent[part] == {}:
+                del parent[part]
+    return found, value
+
+
+def _same(old: Any, now: Any) -> bool:
+    """Whether an old YAML value means the fixed value (lists vs tuples, `1e-8` as a YAML 1.1 string)."""
+    if isinstance(now, tuple | list):
+        return isinstance(old, list | tuple) and len(old) == len(now) and all(map(_same, old, now))
+    if isinstance(now, bool) or now is None or isinstance(now, str):
+        return old == now and type(old) is type(now)
+    if isinstance(now, int | float):
+        if isinstance(old, str):
+            try:
+                old = float(old)
+            except ValueError:
+                return False
+        return isinstance(old, int | float) and not isinstance(old, bool) and math.isclose(old, now)
+    return bool(old == now)
+
+
+def _show(value: Any) -> str:
+    if isinstance(value, tuple | list):
+        return "[" + ", ".join(map(_show, value)) + "]"
+    return "null" if value is None else str(value).lower() if isinstance(value, bool) else str(value)

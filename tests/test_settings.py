@@ -1,0 +1,181 @@
+"""The run schema's size, its retired settings, and `llada-trm convert` for files written before issue 25."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from llada_trm.cli import main
+from llada_trm.compare_config import CompareConfig, load_compare_config
+from llada_trm.config import (
+    ModelConfig,
+    RunConfig,
+    load_config,
+    parse_config,
+    retired_settings,
+    settings_count,
+    settings_keys,
+)
+from llada_trm.convert import convert_config, convert_path, health_thresholds
+from llada_trm.errors import ConfigError, UserError
+
+FIXTURE = Path(__file__).parent / "fixtures" / "run_before_issue25"  # `llada-trm train` of commit 04476e5
+
+# The run schema's settings (leaf fields of RunConfig). Before issue 25: 150, 33 of them `model.*`.
+# `model.*` is the hybrid's and the refiners' own schema (hybrid/config.py, refiners/config.py).
+MAX_RUN_SETTINGS = 60  # every section but model.* (117 before)
+MAX_MODEL_SETTINGS = 33
+
+
+def test_the_run_schema_has_about_fifty_settings_besides_the_model():
+    model = settings_count(ModelConfig)
+    assert model <= MAX_MODEL_SETTINGS
+    assert settings_count(RunConfig) - model <= MAX_RUN_SETTINGS
+    keys = settings_keys()
+    assert "training.lr" in keys and "sampling.threshold" in keys and "model.slot.n_heads" in keys
+    assert "advanced.health" not in {k.rsplit(".", 1)[0] for k in keys}  # no section of thresholds
+    assert "output.best_mode" not in keys and "training.adam_eps" not in keys
+
+
+def test_every_retired_setting_reads_its_fixed_value():
+    """The consumers still read `config.training.adam_eps`: a class constant, equal to the table's value."""
+    config = RunConfig()
+    for key, value in retired_settings().items():
+        if key == "output.best_mode":
+            continue
+        node = config
+        for part in key.split("."):
+            node = getattr(node, part)
+        assert node == value, key
+        assert key not in settings_keys()
+    dumped = yaml.safe_load(config.to_yaml())
+    assert "adam_eps" not in dumped["training"] and "health" not in dumped["advanced"]
+    assert health_thresholds()["advanced.health.window"] == 20
+
+
+def test_a_retired_key_fails_in_one_line_naming_the_converter(tmp_path):
+    path = tmp_path / "old.yaml"
+    path.write_text("training:\n  adam_eps: 1e-6\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    message = str(info.value)
+    assert message == (
+        f"{path}: training.adam_eps: a retired setting, fixed now (docs/settings.md); convert the file: "
+        f"llada-trm convert {path} --out NEW"
+    )
+    with pytest.raises(ConfigError, match=r"--set advanced.health.window: .*retired setting"):
+        parse_config({}, overrides=["advanced.health.window=3"])
+    with pytest.raises(ConfigError, match=r"run\.training\.forward_mix: a retired setting"):
+        parse_config({"run": {"training": {"forward_mix": 0.5}}}, schema=CompareConfig)
+
+
+def test_suggestions_and_overrides_still_work():
+    with pytest.raises(ConfigError, match=r"training.learnig_rate: unknown key; did you mean 'lr'\?"):
+        parse_config({"training": {"learnig_rate": 1e-3}})
+    assert parse_config({}, overrides=["training.lr=3e-4", "sampling.threshold=0.9"]).training.lr == 3e-4
+
+
+def test_converting_a_run_config_of_the_old_schema(tmp_path):
+    lines: list[str] = []
+    out = convert_path(FIXTURE / "config.yaml", tmp_path / "new.yaml", echo=lines.append)
+    assert lines[0].startswith("warning: ") and "training.adam_eps=1e-06 dropped: fixed at 1e-08" in lines[0]
+    assert any("retired settings dropped at their fixed values" in line for line in lines)
+    new = load_config(out)
+    old = yaml.safe_load((FIXTURE / "config.yaml").read_text())
+    assert new.model.slot.d_inner == 8 and new.training.max_steps == 2 and new.data.synthetic.n_train == 8
+    fields = type(new.training).model_fields
+    kept = {k: v for k, v in old["training"].items() if k in fields}
+    assert new.training.model_dump() == {**kept, "max_steps": 2}
+
+
+def test_converting_an_old_run_directory_and_checkpoint(tmp_path):
+    from llada_trm.evaluate.loading import read_run_config
+    from llada_trm.run_checkpoint import resolve_checkpoint_dir
+
+    before = {p: p.read_bytes() for p in FIXTURE.rglob("*") if p.is_file()}
+    with pytest.raises(ConfigError, match="llada-trm convert"):
+        read_run_config(FIXTURE / "checkpoints" / "last")  # unconverted: one line naming the converter
+    run = convert_path(FIXTURE, tmp_path / "run", echo=lambda _: None)
+    checkpoint = convert_path(FIXTURE / "checkpoints" / "last", tmp_path / "ckpt", echo=lambda _: None)
+    assert {p: p.read_bytes() for p in FIXTURE.rglob("*") if p.is_file()} == before  # the input untouched
+    for directory in (resolve_checkpoint_dir(run), resolve_checkpoint_dir(checkpoint)):
+        config = read_run_config(directory)
+        assert config.model.slot.n_heads == 2
+        for name in ("model.safetensors", "trainer_state.pt"):  # copied as they are
+            assert (directory / name).read_bytes() == (FIXTURE / "checkpoints" / "last" / name).read_bytes()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt", "run"]  # no staging copy left behind
+
+
+def test_the_converted_checkpoint_loads_for_evaluation(tmp_path):
+    from llada_trm.evaluate.loading import load_checkpoint
+
+    checkpoint = convert_path(FIXTURE, tmp_path / "run", echo=lambda _: None)
+    from safetensors.torch import load_file
+
+    loaded = load_checkpoint(checkpoint, device="cpu")
+    assert loaded.run_config is not None and loaded.run_config.model.slot.d_inner == 8
+    saved = load_file(str(checkpoint / "checkpoints" / "last" / "model.safetensors"))
+    state = loaded.model.state_dict()
+    assert saved and all(torch.equal(state[name], tensor) for name, tensor in saved.items())
+
+
+def test_convert_never_overwrites_and_leaves_nothing_on_failure(tmp_path):
+    taken = tmp_path / "taken.yaml"
+    taken.write_text("keep: me\n")
+    with pytest.raises(UserError, match="already exists; convert never overwrites"):
+        convert_path(FIXTURE / "config.yaml", taken)
+    assert taken.read_text() == "keep: me\n"
+    with pytest.raises(UserError, match="must lie outside"):
+        convert_path(FIXTURE, FIXTURE / "converted")
+    broken = tmp_path / "broken"
+    shutil.copytree(FIXTURE, broken)
+    (broken / "checkpoints" / "last" / "config.yaml").write_text("training:\n  lerning_rate: 1\n")
+    with pytest.raises(ConfigError, match="lerning_rate: unknown key"):
+        convert_path(broken, tmp_path / "out")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["broken", "taken.yaml"]
+
+
+def test_compare_configs_and_legacy_keys_convert(tmp_path):
+    old = {
+        "run": {"model": {"halt_on_confidence": False}, "data": {"validation_seed": 0},
+                "advanced": {"health": {"window": 20}}},
+        "refiners": ["slot", "mix"],
+        "arms": {"mix": {"refiner": "slot", "run": {"training": {"forward_mix": 0.5}}}},
+    }  # fmt: skip
+    conversion = convert_config(old)
+    assert conversion.data["run"] == {"model": {"halting": "none"}}
+    assert conversion.dropped == ["run.advanced.health.window", "run.data.validation_seed"]
+    assert conversion.warnings == [
+        "arms.mix.run.training.forward_mix=0.5 dropped: fixed at 0.0 (docs/settings.md); "
+        "the converted run uses it"
+    ]
+    path = tmp_path / "compare.yaml"
+    path.write_text(yaml.safe_dump(old))
+    assert main(["convert", str(path), "--out", str(tmp_path / "new.yaml")]) == 0
+    assert load_compare_config(tmp_path / "new.yaml").run.model.halting == "none"
+    assert main(["convert", str(path), "--out", str(tmp_path / "new.yaml")]) == 2  # exists: refused
+
+
+def test_best_mode_is_derived_from_the_column():
+    assert RunConfig().output.best_is_lower
+    assert not parse_config({"output": {"save_best": "sampled_accuracy"}}).output.best_is_lower
+    kept = convert_config({"output": {"save_best": "loss", "best_mode": "min"}})
+    assert kept.dropped == ["output.best_mode"] and not kept.warnings
+    odd = convert_config({"output": {"save_best": "loss", "best_mode": "max"}})
+    assert odd.warnings and "derived now: min" in odd.warnings[0]
+
+
+def test_resuming_checks_an_old_checkpoint_against_the_converted_config(tmp_path):
+    from llada_trm.errors import CheckpointError
+    from llada_trm.training.resume_config import check_config_changes
+
+    old = FIXTURE / "checkpoints" / "last"
+    converted = convert_path(FIXTURE, tmp_path / "run", echo=lambda _: None)
+    config = load_config(converted / "config.yaml")
+    with pytest.raises(CheckpointError, match="a retired setting.*llada-trm convert"):
+        check_config_changes(old, config)  # unconverted: told to convert, not a list of "changed" settings
+    assert check_config_changes(converted / "checkpoints" / "last", config) == []  # the same run
