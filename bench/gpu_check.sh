@@ -4,14 +4,17 @@
 #   bash bench/gpu_check.sh
 #
 # It installs nothing beyond the README's set-up (`make setup`: .venv with the pinned torch and the project),
-# then runs, each under its own `timeout` (the timeouts sum to 8 minutes; the set-up is not counted):
+# then runs, each under its own `timeout` (the timeouts sum to about 9 minutes; the set-up is not counted):
 #   1. the test suite (what `make test` runs; no test takes a device, so it runs on the CPU here too);
 #   2. the torch.compile equality test on the GPU (compiled refiner step = eager, outputs and gradients);
 #   3. bf16 autocast training on the GPU: 20 phase-1 steps of configs/tiny_refiner.yaml (the embedded default);
 #   4. sampling on the GPU with a bf16 backbone from that run: the exact sampler, then threshold + dual cache;
 #   5. bench/bench_sampler.py on the GPU (bf16): decoding modes, refiner share at K = 1, 4 with its floor;
-#   6. bench/bench_sampler.py --wide: K = 4 selective refinement on a random LLaDA-8B-wide backbone of 4
-#      layers against its FLOP floor (extrapolated to 32 layers, labelled so);
+#   6. bench/bench_sampler.py --wide: the shipped recipe (every chunk, no halting, K = 4; slot and MLP) on a
+#      random LLaDA-8B-wide backbone of 4 layers against its FLOP and weight-read floors (extrapolated to 32
+#      layers, labelled so);
+#   6b. bench/bench_load_memory.py --layers 8: loading a random sharded bf16 checkpoint of LLaDA-8B's width
+#      (4 GB): peak RSS over the weights, whole-tensor vs sliced finiteness scan (host memory);
 #   7. bench/bench_compile.py on the GPU at LLaDA-8B width: the refiner step and the cached phase-1 step,
 #      eager vs compiled;
 #   8. bench/bench_training.py on the GPU (bf16 autocast): feature cache vs live on the embedded backbone and on
@@ -128,8 +131,13 @@ result "$(json_get "$OUT/sampler.json" "'; '.join(
 step bench_sampler_wide 45 "$PY" bench/bench_sampler.py --wide --wide-layers 4 --device "$DEVICE" \
     --threads 4 --json "$OUT/sampler_wide.json"
 result "$(json_get "$OUT/sampler_wide.json" "'; '.join(
-    f\"{r['depth']}: K=4 adds {100 * r['overhead_measured']:+.2f}% vs floor {100 * r['overhead_floor']:+.2f}% \
-({r['measured_over_floor']:.2f}x)\" for r in d['table'])")"
+    f\"{r['variant']} {r['label']}: K=4 adds {100 * r['overhead_measured']:+.2f}% (FLOP floor \
+{100 * r['overhead_floor']:+.2f}%, weight-read floor {100 * r['overhead_read_floor']:+.2f}%)\" for r in d['table'])")"
+
+step load_memory_8b 90 "$PY" bench/bench_load_memory.py --layers 8 --repeats 1 --json "$OUT/load_memory.json"
+result "$(json_get "$OUT/load_memory.json" "'; '.join(
+    f\"{name} scan: peak {r['extra'] / 1e9:.2f} GB over baseline = {r['ratio']:.3f}x the weights\"
+    for name, r in d.items())")"
 
 step bench_compile 60 "$PY" bench/bench_compile.py --device "$DEVICE" --shapes wide --repeats 5 \
     --json "$OUT/compile.json"
