@@ -27,8 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from llada_trm.backbone import LLaDABlock, LLaDAConfig
-from llada_trm.backbone.modeling import rotary_tables
+from llada_trm.backbone.config import LLaDAConfig
+from llada_trm.backbone.modeling import LLaDABlock, rotary_tables
 from llada_trm.refiners.slot import TransformerBlock
 
 SDPA = F.scaled_dot_product_attention

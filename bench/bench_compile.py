@@ -27,11 +27,12 @@ import torch
 from wide import llada_8b_width, random_backbone
 
 from llada_trm.assets import embedded_backbone_dir
-from llada_trm.backbone import LLaDAConfig, LLaDAModel
+from llada_trm.backbone.config import LLaDAConfig
+from llada_trm.backbone.modeling import LLaDAModel
 from llada_trm.build import hybrid_config
 from llada_trm.config import load_config
-from llada_trm.hybrid import LLaDATRMHybrid
-from llada_trm.refiners.compiling import ATTRIBUTE, compile_refiner_steps
+from llada_trm.hybrid.model import LLaDATRMHybrid
+from llada_trm.refiners.base import ATTRIBUTE, compile_refiner_steps
 from llada_trm.training.objective import LossWeights, diffusion_objective
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -1,4 +1,4 @@
-"""What the slot refiner's key/value reuse (`refiners.kv_reuse`) saves at LLaDA-8B width.
+"""What the slot refiner's key/value reuse (`refiners.base.keys_values`) saves at LLaDA-8B width.
 
 A single-block slot refiner (d_model 4096, d_inner 512, context width 4096) runs K = 4 packed steps (train
 mode, timed under no_grad) on one sequence of `--length` rows, `--active` of them refined, with the reuse and
@@ -15,7 +15,7 @@ import time
 
 import torch
 
-from llada_trm.refiners import build_refiner, kv_reuse
+from llada_trm.refiners import build_refiner, slot
 
 
 def main() -> None:
@@ -31,7 +31,7 @@ def main() -> None:
     h, context = torch.randn(1, args.length, d).bfloat16(), torch.randn(1, args.length, d).bfloat16()
     active = torch.zeros(1, args.length, dtype=torch.bool)
     active[:, -args.active :] = True
-    real = kv_reuse.keys_values
+    real = slot.keys_values
 
     def recompute(block: torch.nn.Module, u: torch.Tensor, h: torch.Tensor, reuse: object) -> object:
         return block.keys_values(u)
@@ -46,11 +46,11 @@ def main() -> None:
         run()
         for _ in range(args.repeats):
             for name in times:
-                kv_reuse.keys_values = real if name == "reuse" else recompute
+                slot.keys_values = real if name == "reuse" else recompute
                 start = time.perf_counter()
                 run()
                 times[name].append(time.perf_counter() - start)
-    kv_reuse.keys_values = real
+    slot.keys_values = real
     med = {name: statistics.median(values) for name, values in times.items()}
     saved = med["recompute"] - med["reuse"]
     print(f"slot refiner K=4 at d_model {d}, L = {args.length}, {args.active} refined rows, 1 thread: "

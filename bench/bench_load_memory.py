@@ -25,8 +25,9 @@ from pathlib import Path
 
 import torch
 
-from llada_trm.backbone import LLaDAConfig, LLaDAModel
 from llada_trm.backbone.checkpoint import save_state_dict
+from llada_trm.backbone.config import LLaDAConfig
+from llada_trm.backbone.modeling import LLaDAModel
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 LLADA_8B = dict(d_model=4096, n_heads=32, n_kv_heads=32, mlp_hidden_size=12288, vocab_size=126464,

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from llada_trm.diffusion import sample
+from llada_trm.diffusion.sampler import sample
 
 CLOCKS = {"wall": time.perf_counter, "cpu": time.thread_time}
 

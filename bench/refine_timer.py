@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from llada_trm.hybrid import LLaDATRMHybrid
+from llada_trm.hybrid.model import LLaDATRMHybrid
 
 
 class RefineTimer:

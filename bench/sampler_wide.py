@@ -31,8 +31,9 @@ from wide import llada_8b_width, random_backbone
 
 from llada_trm.build import hybrid_config
 from llada_trm.config import load_config
-from llada_trm.diffusion import SamplingOptions, sample
-from llada_trm.hybrid import LLaDATRMHybrid
+from llada_trm.diffusion.options import SamplingOptions
+from llada_trm.diffusion.sampler import sample
+from llada_trm.hybrid.model import LLaDATRMHybrid
 
 NONE = "no refiner"
 

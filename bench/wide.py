@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import torch
 
-from llada_trm.backbone import LLaDAConfig, LLaDAModel
+from llada_trm.backbone.config import LLaDAConfig
+from llada_trm.backbone.modeling import LLaDAModel
 
 
 def llada_8b_width(layers: int, small: LLaDAConfig | None = None) -> LLaDAConfig:

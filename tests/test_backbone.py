@@ -9,7 +9,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from llada_trm.backbone import BackboneOutput, LLaDAConfig, LLaDAModel
+from llada_trm.backbone.config import LLaDAConfig
+from llada_trm.backbone.modeling import BackboneOutput, LLaDAModel
 from llada_trm.errors import ConfigError
 
 FIXTURES = Path(__file__).parent / "fixtures" / "llada_ref"

@@ -13,8 +13,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import llada_trm.backbone.checkpoint as checkpoint_module
-from llada_trm.backbone import LLaDAConfig, LLaDAModel
 from llada_trm.backbone.checkpoint import parse_size, resolve_dtype
+from llada_trm.backbone.config import LLaDAConfig
+from llada_trm.backbone.modeling import LLaDAModel
 from llada_trm.errors import CheckpointError, ConfigError
 
 

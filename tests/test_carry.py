@@ -20,12 +20,16 @@ from torch import Tensor
 
 from llada_trm.config import RunConfig, fixed_settings, parse_config
 from llada_trm.data import SFTDataset, SyntheticTaskConfig, generate_problems, load_tokenizer, prompt_batch
-from llada_trm.diffusion import forward_process, generate_with_stats, masked_diffusion_loss
+from llada_trm.diffusion import forward_process
+from llada_trm.diffusion.forward_process import masked_diffusion_loss
 from llada_trm.diffusion.options import SamplingOptions
+from llada_trm.diffusion.sampler import generate_with_stats
 from llada_trm.errors import ConfigError
 from llada_trm.evaluate.evaluator import answer_questions
-from llada_trm.hybrid import HybridConfig, LLaDATRMHybrid
-from llada_trm.refiners import RefinerCarry, SlotTRMRefiner
+from llada_trm.hybrid.config import HybridConfig
+from llada_trm.hybrid.model import LLaDATRMHybrid
+from llada_trm.refiners.base import RefinerCarry
+from llada_trm.refiners.slot import SlotTRMRefiner
 from llada_trm.training.objective import (
     DenoisingUnroll,
     LossWeights,

@@ -12,8 +12,8 @@ import torch
 from llada_trm.build import apply_backbone_options
 from llada_trm.config import RunConfig, fixed_settings, parse_config
 from llada_trm.errors import ConfigError
-from llada_trm.refiners import SlotTRMRefiner, compiling
-from llada_trm.refiners.compiling import compile_refiner_steps, compiled_step, torch_compile_problem
+from llada_trm.refiners.base import ATTRIBUTE, compile_refiner_steps, compiled_step, torch_compile_problem
+from llada_trm.refiners.slot import SlotTRMRefiner
 from llada_trm.training.resume_config import resumable
 
 
@@ -108,4 +108,4 @@ def test_compiled_refiner_matches_eager_outputs_and_gradients():
         tolerance = 2e-2 if "refine" in name else 1e-3
         scale = float(grad.abs().max())
         torch.testing.assert_close(grads[1][name], grad, rtol=1e-3, atol=tolerance * scale, msg=name)
-    assert compiling.ATTRIBUTE in compiled.__dict__
+    assert ATTRIBUTE in compiled.__dict__

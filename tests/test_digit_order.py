@@ -6,7 +6,8 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from llada_trm.diffusion import SamplingOptions, sample
+from llada_trm.diffusion.options import SamplingOptions
+from llada_trm.diffusion.sampler import sample
 
 VOCAB, MASK, EOS = 64, 63, 62
 DIGITS = tuple(range(20, 30))  # token 20 + d writes the digit d

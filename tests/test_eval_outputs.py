@@ -12,7 +12,7 @@ from tiny_assets import tiny_run
 
 from llada_trm import cli
 from llada_trm.cli import main, split_label
-from llada_trm.diffusion import SamplingOptions
+from llada_trm.diffusion.options import SamplingOptions
 from llada_trm.evaluate import loading
 from llada_trm.evaluate.loading import resolve_sampling
 

@@ -22,8 +22,8 @@ from llada_trm.data import (
 )
 from llada_trm.diffusion.forward_process import draw_noise
 from llada_trm.errors import ConfigError
-from llada_trm.hybrid import HybridConfig, LLaDATRMHybrid
-from llada_trm.hybrid.chunking import chunk_sum
+from llada_trm.hybrid.config import HybridConfig
+from llada_trm.hybrid.model import LLaDATRMHybrid, chunk_sum
 from llada_trm.training.feature_cache import (
     FeatureCache,
     FeatureSpec,
@@ -281,7 +281,7 @@ def test_cache_command(backbone_dir, tmp_path, capsys):
 def test_the_cache_stores_the_runs_targeted_masks(backbone_dir, dataset, tmp_path):
     # With training.masks the cache holds exactly the draws a live step would take, and says which in its
     # manifest (a forward-process cache is refused for such a run, and the other way round).
-    from llada_trm.diffusion.targeted_masks import MaskDistribution, TokenText, TrainingMasks
+    from llada_trm.diffusion.forward_process import MaskDistribution, TokenText, TrainingMasks
 
     model = make_model(backbone_dir)
     tokenizer = load_tokenizer(backbone_dir)

@@ -8,10 +8,13 @@ import pytest
 import torch
 from torch import Tensor
 
-from llada_trm.backbone import LLaDAConfig, LLaDAModel
+from llada_trm.backbone.config import LLaDAConfig
+from llada_trm.backbone.modeling import LLaDAModel
 from llada_trm.errors import ConfigError
-from llada_trm.hybrid import BackboneFeatures, HybridConfig, LLaDATRMHybrid
-from llada_trm.refiners import build_refiner, mlp_hidden_for_params, mlp_parameter_count, slot_parameter_count
+from llada_trm.hybrid.config import HybridConfig
+from llada_trm.hybrid.model import BackboneFeatures, LLaDATRMHybrid
+from llada_trm.refiners import build_refiner, slot_parameter_count
+from llada_trm.refiners.config import mlp_hidden_for_params, mlp_parameter_count
 from llada_trm.training.objective import LossWeights, diffusion_objective, halting_loss
 
 VOCAB, MASK, D, K, CHUNK = 50, 49, 32, 4, 4

@@ -157,7 +157,7 @@ def test_a_write_that_names_no_file_is_named_by_the_atomic_writers(tmp_path):
     ],  # fmt: skip
 )
 def test_non_finite_sampler_settings_are_refused(setting):
-    from llada_trm.diffusion import SamplingOptions
+    from llada_trm.diffusion.options import SamplingOptions
 
     with pytest.raises(ValueError, match=next(iter(setting))):
         SamplingOptions(**setting)
@@ -212,8 +212,9 @@ def test_generate_refuses_an_empty_question_a_mapping_and_undecodable_text():
 
 def test_lora_rank_past_the_layer_width_is_refused():
     pytest.importorskip("peft")
-    from llada_trm.backbone import LLaDAConfig, LLaDAModel
+    from llada_trm.backbone.config import LLaDAConfig
     from llada_trm.backbone.lora import add_lora
+    from llada_trm.backbone.modeling import LLaDAModel
 
     backbone = LLaDAModel(LLaDAConfig(d_model=32, n_heads=4, n_layers=2, vocab_size=64))
     with pytest.raises(ConfigError, match=r"lora.rank=33 .* 1..32"):
@@ -243,7 +244,7 @@ def test_a_set_value_is_read_as_strictly_as_a_file():
 def test_non_utf8_inputs_are_named(backbone_dir, tmp_path, capsys):
     import shutil
 
-    from llada_trm.backbone import LLaDAConfig
+    from llada_trm.backbone.config import LLaDAConfig
 
     copy = tmp_path / "bb"
     shutil.copytree(backbone_dir, copy)
@@ -284,7 +285,8 @@ def _edit_config(directory: Path, **changes) -> None:
 def test_config_json_sizes_are_bounded_before_any_block_is_built(backbone_dir, tmp_path):
     import shutil
 
-    from llada_trm.backbone import LLaDAConfig, LLaDAModel
+    from llada_trm.backbone.config import LLaDAConfig
+    from llada_trm.backbone.modeling import LLaDAModel
 
     with pytest.raises(ConfigError, match="n_layers=100000 is past"):
         LLaDAConfig(d_model=32, n_heads=4, n_layers=100_000, vocab_size=64)
@@ -305,7 +307,7 @@ def test_config_json_sizes_are_bounded_before_any_block_is_built(backbone_dir, t
 def test_a_shard_index_may_not_name_files_outside_the_folder(backbone_dir, tmp_path):
     import shutil
 
-    from llada_trm.backbone import LLaDAModel
+    from llada_trm.backbone.modeling import LLaDAModel
 
     copy = tmp_path / "bb"
     shutil.copytree(backbone_dir, copy)

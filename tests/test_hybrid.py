@@ -10,18 +10,20 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from llada_trm.backbone import LLaDAConfig, LLaDAModel
+from llada_trm.backbone.config import LLaDAConfig
+from llada_trm.backbone.modeling import LLaDAModel
 from llada_trm.errors import CheckpointError, ConfigError
-from llada_trm.hybrid import (
+from llada_trm.hybrid.config import HybridConfig
+from llada_trm.hybrid.model import (
     BackboneFeatures,
-    HybridConfig,
     LLaDATRMHybrid,
     chunk_confidence,
     expand_chunks,
     max_probability,
     num_chunks,
 )
-from llada_trm.refiners import Refiner, RefinerState, mlp_hidden_for_params
+from llada_trm.refiners.base import Refiner, RefinerState
+from llada_trm.refiners.config import mlp_hidden_for_params
 
 VOCAB, MASK, D = 50, 49, 32
 SLOT = {"n_heads": 2, "n_blocks": 1}
@@ -250,8 +252,8 @@ def test_a_refining_forward_without_halting_makes_no_host_sync(monkeypatch, refi
     steps) waits for the device nowhere: stats stay 0-d tensors until someone logs them (the sampler sums them
     there too), no 'anything left?' check, the refiner steps run dense over the window's rows, and the logits
     are one LM-head pass. The old forward made 17 (slot), 11 (mlp), 13 (cascade) such calls here."""
-    from llada_trm.diffusion import SamplingOptions  # noqa: PLC0415
     from llada_trm.diffusion.denoiser import Denoiser  # noqa: PLC0415
+    from llada_trm.diffusion.options import SamplingOptions
 
     kinds = {"refiner": refiner} if integration == "replace" else {"integration": "cascade"}
     model = make_model(**kinds, halting="none", chunk_selection="all", max_recursive_steps=4)
@@ -299,7 +301,8 @@ def test_a_call_that_refines_nothing_skips_the_confidence_and_samples_like_the_b
     """Issue 29: with no refiner (or K = 0) no softmax confidence is computed for the masked rows, the stats
     keep every key the sampler, evaluator and trainer read, and sampling is token-identical to the
     backbone's in every mode (the reference fixtures pin the backbone path to LLaDA's and Fast-dLLM's)."""
-    from llada_trm.diffusion import SamplingOptions, sample  # noqa: PLC0415
+    from llada_trm.diffusion.options import SamplingOptions
+    from llada_trm.diffusion.sampler import sample
 
     def no_confidence(*args, **kw):
         raise AssertionError("max_probability ran on a call that refines nothing")

@@ -10,8 +10,8 @@ import pytest
 import torch
 from tiny_assets import run_config, tiny_backbone
 
-from llada_trm.backbone import LLaDAModel
 from llada_trm.backbone.checkpoint import stored_dtype
+from llada_trm.backbone.modeling import LLaDAModel
 from llada_trm.build import backbone_dtype
 from llada_trm.config import parse_config
 from llada_trm.evaluate.loading import load_checkpoint

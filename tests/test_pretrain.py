@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from llada_trm.backbone import LLaDAModel
+from llada_trm.backbone.modeling import LLaDAModel
 from llada_trm.data import load_tokenizer
 from llada_trm.errors import ConfigError
 from llada_trm.pretraining.config import load_pretrain_config

@@ -82,7 +82,8 @@ def test_fractions_and_the_suggested_scale():
 
 
 def test_lm_head_rows_give_the_logits():
-    from llada_trm.backbone import LLaDAConfig, LLaDAModel
+    from llada_trm.backbone.config import LLaDAConfig
+    from llada_trm.backbone.modeling import LLaDAModel
 
     for tying, scale in ((True, False), (False, True)):
         config = LLaDAConfig(d_model=16, n_heads=2, n_layers=1, mlp_hidden_size=32, vocab_size=40,

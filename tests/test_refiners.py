@@ -7,20 +7,21 @@ import torch
 from torch import nn
 
 from llada_trm.errors import ConfigError
-from llada_trm.refiners import (
-    SLOT_NAMES,
+from llada_trm.refiners import build_refiner
+from llada_trm.refiners.base import (
     ActiveRows,
     AttentionContextExtractor,
-    MLPRefinerConfig,
-    RecursiveRefinementHead,
     Refiner,
     RefinerState,
-    SlotConfig,
-    SlotProjector,
-    SlotTRMRefiner,
     StatsAccumulator,
     TransformerBlock,
-    build_refiner,
+)
+from llada_trm.refiners.config import MLPRefinerConfig, SlotConfig
+from llada_trm.refiners.mlp import RecursiveRefinementHead
+from llada_trm.refiners.slot import (
+    SLOT_NAMES,
+    SlotProjector,
+    SlotTRMRefiner,
     create_slot_trm_refiner,
     slot_step,
 )

@@ -17,15 +17,10 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from llada_trm.diffusion import (
-    GenerationResult,
-    SamplingOptions,
-    decode_generated,
-    generate,
-    generate_with_stats,
-    get_num_transfer_tokens,
-    sample,
-)
+from llada_trm.data.tokenizer import decode_generated
+from llada_trm.diffusion.options import SamplingOptions
+from llada_trm.diffusion.sampler import GenerationResult, generate, generate_with_stats, sample
+from llada_trm.diffusion.unmasking import get_num_transfer_tokens
 
 FIXTURE = Path(__file__).parent / "fixtures" / "llada_generate_reference.json"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}

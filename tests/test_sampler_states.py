@@ -14,8 +14,9 @@ from safetensors.torch import load_file
 from llada_trm.build import build_datasets, build_model
 from llada_trm.config import AdvancedConfig, TrainingConfig, retired_settings
 from llada_trm.config import parse_config as parse_run_config
-from llada_trm.diffusion import masked_diffusion_loss, sample
 from llada_trm.diffusion.denoiser import Denoiser
+from llada_trm.diffusion.forward_process import masked_diffusion_loss
+from llada_trm.diffusion.sampler import sample
 from llada_trm.errors import ConfigError
 from llada_trm.training.feature_cache import StaleFeatureCacheError
 from llada_trm.training.loop import Trainer

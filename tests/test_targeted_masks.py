@@ -8,15 +8,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from llada_trm.diffusion import masked_diffusion_loss
-from llada_trm.diffusion.forward_process import draw_noise
-from llada_trm.diffusion.targeted_masks import (
+from llada_trm.diffusion.forward_process import (
     HARD_MARGIN,
     MaskDistribution,
     TokenText,
     TrainingMasks,
     answer_targets,
+    draw_noise,
     draw_training_masks,
+    masked_diffusion_loss,
     probe_margins,
 )
 from llada_trm.training.loop import WeightEMA

@@ -110,7 +110,7 @@ def test_sampling_interleaves_settings_and_reports_each_unfinished_batch(frontie
         calls.append((len(batch), options.threshold))
         return Result(batch, options.threshold)
 
-    from llada_trm.diffusion import SamplingOptions
+    from llada_trm.diffusion.options import SamplingOptions
 
     monkeypatch.setattr(evaluate, "evaluate_model", fake_evaluate)
     seen: list[int] = []

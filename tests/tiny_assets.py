@@ -15,7 +15,8 @@ from typing import Any
 import pytest
 import torch
 
-from llada_trm.backbone import LLaDAConfig, LLaDAModel
+from llada_trm.backbone.config import LLaDAConfig
+from llada_trm.backbone.modeling import LLaDAModel
 from llada_trm.data import SyntheticTaskConfig, build_tokenizer, generate_problems, special_token_ids
 
 TINY_TASK = {"n_train": 24, "n_eval": 8, "max_steps": 2, "max_number": 10}

@@ -34,7 +34,7 @@ from llada_trm.errors import ConfigError
 from llada_trm.hybrid.config import HybridConfig
 from llada_trm.hybrid.model import LLaDATRMHybrid
 from llada_trm.io import DTYPES, dtype_named, resolve_device
-from llada_trm.refiners.compiling import compile_refiner_steps
+from llada_trm.refiners.base import compile_refiner_steps
 
 __all__ = [
     "BuiltModel",

@@ -75,9 +75,9 @@ def backbone_source(backbone: str | Path) -> BackboneSource:
 
 def _meta_model(run: RunConfig, bb: LLaDAConfig) -> Any:
     """The run's hybrid model (and LoRA adapters) on the meta device: shapes and names, no memory."""
-    from llada_trm.backbone import LLaDAModel
     from llada_trm.backbone.lora import attach_run_lora
-    from llada_trm.hybrid import LLaDATRMHybrid
+    from llada_trm.backbone.modeling import LLaDAModel
+    from llada_trm.hybrid.model import LLaDATRMHybrid
 
     with torch.device("meta"):
         model = LLaDATRMHybrid(LLaDAModel(bb), run.model.hybrid())

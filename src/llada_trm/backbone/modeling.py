@@ -185,6 +185,7 @@ class LLaDAModel(nn.Module):
         super().__init__()
         config.validate()
         self.config = config
+        self.head_dim = config.head_dim  # read once here, so a forward runs no config code
         self.gradient_checkpointing = False  # recompute each block in backward (training only)
         vocab_rows = config.effective_embedding_size
         transformer = nn.ModuleDict(
@@ -316,7 +317,7 @@ class LLaDAModel(nn.Module):
             x = x * (self.config.d_model**0.5)
         x = self.embedding_dropout(x)
         sin, cos = rotary_tables(
-            input_ids.shape[1], self.config.head_dim, self.config.rope_theta, x.device, offset=start
+            input_ids.shape[1], self.head_dim, self.config.rope_theta, x.device, offset=start
         )
         key_mask = attention_mask
         if past_key_values is not None:

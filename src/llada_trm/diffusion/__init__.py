@@ -9,8 +9,13 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING
 
-from llada_trm.diffusion.forward_process import answer_lengths_from_prompt, forward_process, prompt_mask
-from llada_trm.diffusion.loss import masked_diffusion_loss, masked_token_accuracy
+from llada_trm.diffusion.forward_process import (
+    answer_lengths_from_prompt,
+    forward_process,
+    masked_diffusion_loss,
+    masked_token_accuracy,
+    prompt_mask,
+)
 from llada_trm.diffusion.options import LLADA_EOS_ID, LLADA_EOT_ID, LLADA_MASK_ID, SamplingOptions
 from llada_trm.diffusion.sampler import GenerationResult, generate, generate_with_stats, sample
 from llada_trm.diffusion.steps import StepEvent

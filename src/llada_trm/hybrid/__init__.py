@@ -1,8 +1,15 @@
 """Backbone + recursive refiner: chunked selective refinement with per-chunk halting (see `hybrid.model`)."""
 
-from llada_trm.hybrid.chunking import chunk_confidence, expand_chunks, max_probability, num_chunks
 from llada_trm.hybrid.config import HybridConfig
-from llada_trm.hybrid.model import BackboneFeatures, HybridOutput, LLaDATRMHybrid
+from llada_trm.hybrid.model import (
+    BackboneFeatures,
+    HybridOutput,
+    LLaDATRMHybrid,
+    chunk_confidence,
+    expand_chunks,
+    max_probability,
+    num_chunks,
+)
 
 __all__ = [
     "BackboneFeatures",

@@ -162,18 +162,6 @@ class HybridConfig(Section):
             return () if self.refiner == "none" else (self.refiner,)
         return ("mlp", "slot")
 
-    def schedule(self, num_steps: int | None = None, active_refiner: str | None = None) -> list[str]:
-        """The refiner that runs at each of the K steps."""
-        k = self.max_recursive_steps if num_steps is None else num_steps
-        if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k <= MAX_RECURSIVE_STEPS:
-            raise ConfigError(f"num_steps must be an int in 0..{MAX_RECURSIVE_STEPS}, got {k!r}")
-        if self.integration == "replace":
-            return [self.refiner] * k if self.refiner != "none" else []
-        if self.integration == "hybrid":
-            return [active_refiner or self.active_refiner] * k
-        k_mlp = min(k // 2 if self.cascade_mlp_steps is None else self.cascade_mlp_steps, k)
-        return ["mlp"] * k_mlp + ["slot"] * (k - k_mlp)
-
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump()
 

@@ -7,8 +7,8 @@
     R_k+1 = {j in R_k : chunk j does not halt after step k}                  (per-chunk halting, below)
     logits_k = lm_head(h_k) on the masked positions of R, logits_0 elsewhere
 
-Halting (`hybrid.halting`): 'confidence' halts chunk j when the mean max probability of lm_head(h_k) over its
-masked positions reaches the threshold; 'learned' when the refiner's halting head says sigmoid(q_j) >
+Halting (`ChunkHalting`, below): 'confidence' halts chunk j when the mean max probability of lm_head(h_k)
+over its masked positions reaches the threshold; 'learned' when the refiner's halting head says sigmoid(q_j) >
 halting_threshold (no LM-head pass in the loop); 'none' never.
 
 Positions outside the refined chunks are never touched: their hidden states and logits are the backbone's,
@@ -25,6 +25,7 @@ with the part of that chunk it holds: a position belongs to the same chunk in ca
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,17 +33,356 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from llada_trm.backbone import LLaDAModel
 from llada_trm.backbone.checkpoint import read_config
 from llada_trm.backbone.fingerprint import model_fingerprint
 from llada_trm.backbone.kv_cache import KVCache
+from llada_trm.backbone.modeling import LLaDAModel
 from llada_trm.errors import ConfigError
-from llada_trm.hybrid.chunking import WindowChunks, chunk_stats, max_probability
-from llada_trm.hybrid.config import ACTIVE_CHOICES, HybridConfig
-from llada_trm.hybrid.halting import ChunkHalting, HaltTrace
-from llada_trm.hybrid.outputs import BackboneFeatures, HybridOutput
+from llada_trm.hybrid.config import ACTIVE_CHOICES, MAX_RECURSIVE_STEPS, HybridConfig
 from llada_trm.hybrid.refiner_file import read_refiner_weights, write_refiner_weights
-from llada_trm.refiners import Refiner, RefinerCarry, StatsAccumulator, build_refiner, slot_parameter_count
+from llada_trm.refiners import build_refiner, slot_parameter_count
+from llada_trm.refiners.base import HaltingHead, Refiner, RefinerCarry, StatsAccumulator
+
+# -------------------- schedule (was `HybridConfig.schedule`, hybrid/config.py) --------------------
+
+def refiner_schedule(
+    cfg: HybridConfig, num_steps: int | None = None, active_refiner: str | None = None
+) -> list[str]:
+    """The refiner that runs at each of the K steps."""
+    k = cfg.max_recursive_steps if num_steps is None else num_steps
+    if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k <= MAX_RECURSIVE_STEPS:
+        raise ConfigError(f"num_steps must be an int in 0..{MAX_RECURSIVE_STEPS}, got {k!r}")
+    if cfg.integration == "replace":
+        return [cfg.refiner] * k if cfg.refiner != "none" else []
+    if cfg.integration == "hybrid":
+        return [active_refiner or cfg.active_refiner] * k
+    k_mlp = min(k // 2 if cfg.cascade_mlp_steps is None else cfg.cascade_mlp_steps, k)
+    return ["mlp"] * k_mlp + ["slot"] * (k - k_mlp)
+
+
+# -------------------- outputs (was hybrid/outputs.py) --------------------
+# What a hybrid forward pass returns: the backbone's features and the refined output.
+
+class BackboneFeatures:
+    """The backbone's part of a forward pass.
+
+    `contexts` is the average of the requested layers' attention contexts [B, L, n_heads*head_dim] (None when
+    no layer is requested). `masked` [B, L] (input_ids == mask id) and `attention_mask` [B, L] ride along so
+    that `refine(features)` needs nothing else; both may be None (e.g. features rebuilt from a cache).
+    With a KV cache the tensors cover a window of the sequence: `position_offset` is the absolute position of
+    its first row (it anchors the chunks) and `past_key_values` the backbone's cache when one was asked for.
+
+    `base_logits` are computed on first read by `lm_head` when not given: a refining forward that reads no
+    backbone logit (every refined row's logits come from refined states) runs the LM head once, on its
+    output, instead of once for the backbone and again for the refined rows (issue 29).
+    """
+
+    def __init__(  # noqa: PLR0913 - the fields of one record
+        self,
+        hidden_states: Tensor,
+        base_logits: Tensor | None = None,
+        contexts: Tensor | None = None,
+        masked: Tensor | None = None,
+        attention_mask: Tensor | None = None,
+        position_offset: int = 0,
+        past_key_values: KVCache | None = None,
+        lm_head: Callable[[Tensor], Tensor] | None = None,
+    ) -> None:
+        self.hidden_states = hidden_states
+        self._base_logits = base_logits
+        self.contexts = contexts
+        self.masked = masked
+        self.attention_mask = attention_mask
+        self.position_offset = position_offset
+        self.past_key_values = past_key_values
+        self.lm_head = lm_head
+
+    @property
+    def base_logits(self) -> Tensor | None:
+        """The backbone's logits [B, L, V]: as given, or `lm_head(hidden_states)` computed once when read."""
+        if self._base_logits is None and self.lm_head is not None:
+            self._base_logits = self.lm_head(self.hidden_states)
+        return self._base_logits
+
+    @property
+    def base_logits_given(self) -> bool:
+        """Whether the base logits exist already (given, or read once): then reading them costs nothing."""
+        return self._base_logits is not None
+
+
+@dataclass
+class HybridOutput:
+    """Result of `LLaDATRMHybrid.refine` / `forward`.
+
+    `step_logits[k-1]` are the logits after step k (empty without a refiner or when step logits are off);
+    a chunk that halted or was never refined keeps its last logits in the later entries. `step_confidence`
+    holds the refiner's own per-position confidence of each step (not detached: a calibration loss may train
+    it); a halted chunk keeps its last step's value, a never-refined one reads zero. `stats` are detached
+    numbers and small tensors (see `LLaDATRMHybrid.refine`); after a refining call the counts, fractions,
+    norms and gates are 0-d tensors, so that the forward makes no host sync for them (`float()` them where
+    they are logged). With learned halting and step logits,
+    `halt_logits[k]` [B, C] are the halting head's chunk logits after step k+1 (a graph to the head only) and
+    `halt_chunks[k]` [B, C] bool the chunks they are defined for (`hybrid.halting.HaltTrace`).
+    `base_logits` (the backbone's) are computed when first read if the forward did not need them.
+    """
+
+    logits: Tensor
+    step_logits: list[Tensor]
+    features: BackboneFeatures
+    hidden_states: Tensor
+    stats: dict[str, Any] = field(default_factory=dict)
+    step_confidence: list[Tensor] = field(default_factory=list)
+    past_key_values: KVCache | None = None
+    halt_logits: list[Tensor] = field(default_factory=list)
+    halt_chunks: list[Tensor] = field(default_factory=list)
+
+    @property
+    def base_logits(self) -> Tensor:
+        """The backbone's logits [B, L, V] (one LM-head pass over h_0 when the forward did not run one)."""
+        return self.features.base_logits
+
+
+# -------------------- chunking (was hybrid/chunking.py) --------------------
+# Chunk bookkeeping for selective refinement.
+#
+# The sequence axis is cut into consecutive chunks of `chunk_size` positions (the last one may be shorter). A
+# chunk's confidence is the backbone's mean max-softmax probability over its *masked* positions: only those
+# are predicted, so only they say whether the chunk still needs work. A chunk with no masked position has
+# nothing to predict; it is reported through `n_masked == 0` and never refined.
+
+def num_chunks(seq_len: int, chunk_size: int) -> int:
+    """Number of chunks covering `seq_len` positions (ceil division)."""
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    return -(-seq_len // chunk_size)
+
+
+def chunk_ids(seq_len: int, chunk_size: int, device: torch.device | None = None) -> torch.Tensor:
+    """[L] index of the chunk each position belongs to."""
+    return torch.arange(seq_len, device=device) // chunk_size
+
+
+def expand_chunks(chunk_values: torch.Tensor, seq_len: int, chunk_size: int) -> torch.Tensor:
+    """[B, C] per-chunk values -> [B, L] per-position values (each position takes its chunk's value)."""
+    return chunk_values[:, chunk_ids(seq_len, chunk_size, chunk_values.device)]
+
+
+def chunk_sum(values: torch.Tensor, chunk_size: int) -> torch.Tensor:
+    """[B, L] -> [B, C]: sum of `values` inside each chunk (the short last chunk is zero-padded)."""
+    batch, seq_len = values.shape
+    n = num_chunks(seq_len, chunk_size)
+    padded = values.new_zeros(batch, n * chunk_size)
+    padded[:, :seq_len] = values
+    return padded.view(batch, n, chunk_size).sum(dim=-1)
+
+
+def max_probability(logits: torch.Tensor, rows_per_block: int = 1024) -> torch.Tensor:
+    """[..., V] logits -> [...] max softmax probability, in float32.
+
+    exp(max - logsumexp) equals max(softmax) without materialising the probabilities; rows are processed in
+    blocks so that the float32 copy stays small even for thousands of positions over a 126k vocabulary.
+    """
+    flat = logits.reshape(-1, logits.shape[-1])
+    out = torch.empty(flat.shape[0], dtype=torch.float32, device=logits.device)
+    for start in range(0, flat.shape[0], rows_per_block):
+        block = flat[start : start + rows_per_block].float()
+        out[start : start + rows_per_block] = torch.exp(block.amax(dim=-1) - torch.logsumexp(block, dim=-1))
+    return out.view(logits.shape[:-1])
+
+
+def chunk_confidence(
+    token_confidence: torch.Tensor, masked: torch.Tensor, chunk_size: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean confidence over the masked positions of each chunk.
+
+    Args:
+        token_confidence: [B, L] per-position confidence (values at unmasked positions are ignored).
+        masked: [B, L] bool, the positions that are predicted.
+    Returns:
+        confidence [B, C] float32 (1.0 for chunks without masked positions: nothing there is uncertain),
+        n_masked [B, C] long, the number of masked positions in each chunk.
+    """
+    if token_confidence.shape != masked.shape:
+        raise ValueError(
+            f"token_confidence {tuple(token_confidence.shape)} and masked {tuple(masked.shape)} must match"
+        )
+    # where(), not a product: garbage (nan/inf) at unmasked positions must not leak into the sum.
+    total = chunk_sum(torch.where(masked, token_confidence.float(), 0.0), chunk_size)
+    n_masked = chunk_sum(masked.to(torch.float32), chunk_size).round().long()
+    confidence = torch.where(n_masked > 0, total / n_masked.clamp(min=1), torch.ones_like(total))
+    return confidence, n_masked
+
+
+class WindowChunks:
+    """Chunk bookkeeping for a window of `length` positions starting at absolute position `offset`.
+
+    Chunks are anchored at absolute multiples of `chunk_size`, so the window's first chunk may be partial:
+    [B, L] tensors are padded in front by `offset % chunk_size` empty (unmasked) positions before chunking.
+    The chunk tensors [B, C] list only the chunks the window touches. Offset 0 is the plain chunking.
+    """
+
+    def __init__(self, length: int, chunk_size: int, offset: int = 0) -> None:
+        self.length = length
+        self.chunk_size = chunk_size
+        self.lead = offset % chunk_size
+        self.count = num_chunks(self.lead + length, chunk_size)
+
+    def _pad(self, values: Tensor) -> Tensor:
+        if not self.lead:
+            return values
+        return torch.cat((values.new_zeros(values.shape[0], self.lead), values), dim=1)
+
+    def confidence(self, token_confidence: Tensor, masked: Tensor) -> tuple[Tensor, Tensor]:
+        """`chunk_confidence` of the window's chunks (the padding is unmasked, so it never counts)."""
+        return chunk_confidence(self._pad(token_confidence), self._pad(masked), self.chunk_size)
+
+    def masked_counts(self, masked: Tensor) -> Tensor:
+        """[B, C] long: the number of `masked` positions in each of the window's chunks."""
+        return chunk_sum(self._pad(masked).to(torch.float32), self.chunk_size).round().long()
+
+    def expand(self, chunk_values: Tensor) -> Tensor:
+        """[B, C] per-chunk values -> [B, L] per-position values of the window."""
+        return expand_chunks(chunk_values, self.lead + self.length, self.chunk_size)[:, self.lead :]
+
+
+def chunk_stats(refined: Tensor, steps: Tensor, conf0: Tensor | None, k: int) -> dict:
+    """What selective refinement did: [B, C] `refined` chunks, the `steps` each ran (of `k`), the backbone's
+    chunk confidence `conf0` (None: not computed, and not reported).
+
+    The counts and fractions are 0-d tensors, computed without a host sync (the forward that reports them
+    must not wait for the device); `float()` / `int()` them where they are logged.
+    """
+    total = refined.numel()
+    n_refined = refined.sum()
+    halted = refined & (steps < k)
+    step_sum = torch.where(refined, steps, 0).sum().float()
+    stats = {
+        "refine_steps": torch.where(n_refined > 0, step_sum / n_refined.clamp_min(1), 0.0),
+        "steps_per_chunk": steps.detach(),
+        "halted_per_chunk": halted.detach(),
+        "chunks_total": total,
+        "chunks_refined": n_refined,
+        "chunks_halted": halted.sum(),
+        "skipped_fraction": 1.0 - n_refined.float() / max(total, 1),
+    }
+    if conf0 is not None:
+        stats["chunk_confidence"] = conf0.detach()
+    return stats
+
+
+# -------------------- halting (was hybrid/halting.py) --------------------
+# Per-chunk halting inside the hybrid's refinement loop: which refined chunks stop after a step.
+#
+# Two rules (`HybridConfig.halting`):
+#
+# * 'confidence': run the LM head on the chunk's masked positions and stop once their mean max probability
+#   reached `confidence_threshold` (`confident_chunks`). Costs an LM-head pass per probed position per step.
+# * 'learned': the step's refiner's `HaltingHead` reads the refined states; the chunk stops when
+#   sigmoid(mean per-position logit over its masked positions) > `halting_threshold` (`learned_halting`).
+#   No LM-head pass.
+#
+# `HaltTrace` records, for one refine call, the learned head's chunk logits at each step (what the halting
+# loss trains) and how many rows the hybrid sent through the LM head, so that a caller (and a test) can see
+# that learned halting runs the LM head only once, after the loop.
+
+@dataclass
+class HaltTrace:
+    """One refine call's halting record.
+
+    logits[k] [B, C]: the learned head's chunk logits after step k+1 (graph to the head only; zero where
+    undefined), chunks[k] [B, C] bool: the chunks they are defined for (active at that step, with a masked
+    position). Filled with learned halting whenever step logits are computed (training), so that the
+    halting loss has a target at every step, the last included. lm_head_rows: rows the hybrid evaluated
+    with the LM head (step logits, confidence probes, the final pass), the backbone's own logits excluded.
+    """
+
+    logits: list[Tensor] = field(default_factory=list)
+    chunks: list[Tensor] = field(default_factory=list)
+    lm_head_rows: int = 0
+
+
+@torch.no_grad()
+def confident_chunks(
+    lm_head: Callable[[Tensor], Tensor],
+    h: Tensor,
+    logits: Tensor | None,
+    probe: Tensor,
+    chunks: WindowChunks,
+    threshold: float,
+) -> tuple[Tensor, int]:
+    """[B, C] chunks whose mean max probability over the `probe` positions reached `threshold`, and the
+    number of rows this ran through the LM head (0 when the step's `logits` were given)."""
+    rows = probe.nonzero(as_tuple=True)
+    evaluated = 0
+    if logits is not None:
+        row_logits = logits[rows]
+    else:
+        row_logits = lm_head(h[rows].detach())
+        evaluated = int(rows[0].numel())
+    token_conf = torch.zeros(probe.shape, device=h.device)
+    token_conf[rows] = max_probability(row_logits)
+    confidence, n_probed = chunks.confidence(token_conf, probe)
+    return (n_probed > 0) & (confidence >= threshold), evaluated
+
+
+def learned_halting(
+    head: HaltingHead, h: Tensor, probe: Tensor, chunks: WindowChunks
+) -> tuple[Tensor, Tensor]:
+    """The head's chunk logits [B, C] (mean of its per-position logits over the `probe` positions; zero
+    elsewhere) and where they are defined [B, C] (chunks with a probed position). Only probed rows run."""
+    rows = probe.nonzero(as_tuple=True)
+    token_q = torch.zeros(probe.shape, device=h.device)
+    token_q = token_q.index_put(rows, head(h[rows]))
+    q, n_probed = chunks.confidence(token_q, probe)  # the masked mean; 1.0 where nothing was probed
+    defined = n_probed > 0
+    return torch.where(defined, q, torch.zeros_like(q)), defined
+
+
+@dataclass
+class ChunkHalting:
+    """The halting rule of one refine call: the config's rule over `chunks`, recording into `trace`."""
+
+    config: HybridConfig
+    lm_head: Callable[[Tensor], Tensor]
+    chunks: WindowChunks
+    trace: HaltTrace = field(default_factory=HaltTrace)
+
+    @property
+    def can_halt(self) -> bool:
+        """Whether a chunk may stop before K ('none': never, so the loop needs no check of what is left)."""
+        return self.config.halting != "none"
+
+    def after_step(
+        self, refiner: nn.Module, h: Tensor, logits: Tensor | None, active: Tensor, probe: Tensor, last: bool
+    ) -> Tensor:
+        """The chunks [B, C] still active after a step of `refiner` whose output is `h`.
+
+        `active` the chunks that ran the step, `probe` their masked positions [B, L], `logits` the step's
+        logits when computed (training; the confidence rule then reads them instead of running the LM head).
+        The last step halts nothing, but with learned halting and step logits its head logits are still
+        recorded for the loss.
+        """
+        config, trace = self.config, self.trace
+        if config.halting == "confidence" and not last:
+            threshold = config.confidence_threshold
+            confident, evaluated = confident_chunks(self.lm_head, h, logits, probe, self.chunks, threshold)
+            trace.lm_head_rows += evaluated
+            return active & ~confident
+        if config.halting == "learned" and (logits is not None or not last):
+            head = getattr(refiner, "halting_head", None)
+            if head is None:
+                raise ValueError(
+                    f"halting='learned' but the {type(refiner).__name__} has no halting head; build the "
+                    "refiners through LLaDATRMHybrid with this config"
+                )
+            q, defined = learned_halting(head, h, probe, self.chunks)
+            if logits is not None:
+                trace.logits.append(q)
+                trace.chunks.append(defined)
+            if not last:
+                return active & ~(defined & (torch.sigmoid(q.detach()) > config.halting_threshold))
+        return active
+
 
 PREFIX = "refinement_head."
 
@@ -264,7 +604,7 @@ class LLaDATRMHybrid(nn.Module):
         batch, length = h0.shape[:2]
         masked = self._masked(masked, features, (batch, length))
         cfg = self.config
-        schedule = cfg.schedule(num_steps, self._active_refiner)
+        schedule = refiner_schedule(cfg, num_steps, self._active_refiner)
         chunks = WindowChunks(length, cfg.chunk_size, features.position_offset)
 
         if carry is not None and features.masked is not None:  # a committed token has nothing to carry

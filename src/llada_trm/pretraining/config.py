@@ -27,7 +27,7 @@ from llada_trm.config import (
 )
 from llada_trm.data import SyntheticTaskConfig
 from llada_trm.data.arithmetic import ArithmeticTaskConfig
-from llada_trm.diffusion import SamplingOptions
+from llada_trm.diffusion.options import SamplingOptions
 
 __all__ = [
     "ArchitectureConfig",

@@ -13,7 +13,8 @@ from typing import Any
 
 import torch
 
-from llada_trm.backbone import LLaDAConfig, LLaDAModel
+from llada_trm.backbone.config import LLaDAConfig
+from llada_trm.backbone.modeling import LLaDAModel
 from llada_trm.data import GSM8KRecord, build_tokenizer, load_tokenizer, special_token_ids
 from llada_trm.errors import CheckpointError, ConfigError
 

@@ -14,13 +14,15 @@ from typing import Any
 
 import torch
 
-from llada_trm.backbone import LLaDAModel
+from llada_trm.backbone.modeling import LLaDAModel
 from llada_trm.data import GSM8KRecord, SFTDataset, prompt_batch, special_token_ids
 from llada_trm.data.arithmetic import parse_arithmetic
 from llada_trm.data.gsm8k import DataError
 from llada_trm.data.synthetic import OPERATIONS
-from llada_trm.data.tokenizer import digit_token_ids
-from llada_trm.diffusion import decode_generated, forward_process, masked_token_accuracy, sample
+from llada_trm.data.tokenizer import decode_generated, digit_token_ids
+from llada_trm.diffusion import forward_process
+from llada_trm.diffusion.forward_process import masked_token_accuracy
+from llada_trm.diffusion.sampler import sample
 from llada_trm.evaluate.errors import error_report, parse_answer_lines
 from llada_trm.evaluate.extraction import is_correct
 from llada_trm.evaluate.statistics import proportion

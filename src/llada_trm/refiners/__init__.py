@@ -1,4 +1,5 @@
-"""Recursive refinement heads applied to the backbone's final hidden states (see `refiners.base`)."""
+"""Recursive refinement heads applied to the backbone's final hidden states (see `refiners.base`): the
+registry of refiner kinds. Each refiner lives in its own module; this package re-exports nothing."""
 
 from __future__ import annotations
 
@@ -6,30 +7,10 @@ from typing import Any
 
 import torch
 
-from llada_trm.refiners.base import Refiner, RefinerState
-from llada_trm.refiners.blocks import AttentionContextExtractor, TransformerBlock
-from llada_trm.refiners.carry import RefinerCarry
-from llada_trm.refiners.config import (
-    MLPRefinerConfig,
-    MLPSettings,
-    SlotConfig,
-    SlotSettings,
-    mlp_hidden_for_params,
-    mlp_parameter_count,
-)
-from llada_trm.refiners.halting import HaltingHead
+from llada_trm.refiners.base import Refiner
+from llada_trm.refiners.config import MLPRefinerConfig, SlotConfig
 from llada_trm.refiners.mlp import RecursiveRefinementHead
-from llada_trm.refiners.rows import ActiveRows
-from llada_trm.refiners.slot import (
-    SLOT_NAMES,
-    SlotOutput,
-    SlotProjector,
-    SlotStep,
-    SlotTRMRefiner,
-    create_slot_trm_refiner,
-    slot_step,
-)
-from llada_trm.refiners.stats import StatsAccumulator
+from llada_trm.refiners.slot import SlotTRMRefiner
 
 REFINER_KINDS = ("mlp", "slot")
 
@@ -49,32 +30,3 @@ def slot_parameter_count(d_model: int, **kwargs: Any) -> int:
     meta device (no memory, no initialisation): the budget of the equal-size MLP control."""
     with torch.device("meta"):
         return build_refiner("slot", d_model, **kwargs).num_parameters()
-
-
-__all__ = [
-    "ActiveRows",
-    "REFINER_KINDS",
-    "SLOT_NAMES",
-    "AttentionContextExtractor",
-    "HaltingHead",
-    "MLPRefinerConfig",
-    "MLPSettings",
-    "RecursiveRefinementHead",
-    "Refiner",
-    "RefinerCarry",
-    "RefinerState",
-    "SlotConfig",
-    "SlotSettings",
-    "SlotOutput",
-    "SlotProjector",
-    "SlotStep",
-    "SlotTRMRefiner",
-    "StatsAccumulator",
-    "TransformerBlock",
-    "build_refiner",
-    "create_slot_trm_refiner",
-    "mlp_hidden_for_params",
-    "mlp_parameter_count",
-    "slot_parameter_count",
-    "slot_step",
-]

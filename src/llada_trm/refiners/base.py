@@ -6,23 +6,191 @@ needs to drive its own loop (per-chunk halting, deep supervision); `forward` is 
 
 Positions outside the `active` / `chunk_mask` set are carried through (`torch.where`, or a scatter of the
 refined rows into `h`), so they come out bit-identical to their input, whatever the refiner's dtype or
-arithmetic. The packing of the refined rows lives in `refiners.rows`, the stats accumulator in
-`refiners.stats`.
+arithmetic. The packing of the refined rows lives in `ActiveRows`, the stats accumulator in
+`StatsAccumulator` (both below).
 """
 
 from __future__ import annotations
 
+import warnings
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, Protocol, TypeVar
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
-from llada_trm.refiners.halting import HaltingHead
-from llada_trm.refiners.rows import ActiveRows
-from llada_trm.refiners.stats import StatsAccumulator
+# -------------------- halting (was refiners/halting.py) --------------------
+# The learned halting head: does a chunk's current argmax already match the targets? (TRM's Q-head.)
+#
+#     q_i = w · LN(h_i) + b                    per refined position i, on h detached
+#     q_j = mean_{i in chunk j, masked} q_i     = w · mean_i LN(h_i) + b   (linear: commutes with the mean)
+#     halt chunk j  <=>  sigmoid(q_j) > halting_threshold
+#
+# It reads the refined hidden states (the refiner's output at that step) through a detach, so its loss (BCE
+# against "every masked position of the chunk is predicted right", `training.objective`) trains the head and
+# nothing else, and since the halting decision is discrete, the language-modelling loss never reaches it. It
+# replaces the LM-head probe of the confidence rule: at LLaDA-8B's vocabulary one probe costs about 40 times a
+# refiner step per position, this head a dot product.
+
+class HaltingHead(nn.Module):
+    """Per-position halting logits `q_i` [...] from hidden states [..., d_model] (pooled per chunk by the
+    hybrid).
+
+    Zero-initialised: an untrained head says sigmoid(0) = 0.5 everywhere, which does not exceed the default
+    threshold, so a fresh model halts nothing until the halting loss has taught it (as the confidence rule
+    with an unconfident backbone).
+    """
+
+    def __init__(self, d_model: int) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(d_model)
+        self.proj = nn.Linear(d_model, 1)
+        nn.init.zeros_(self.proj.weight)
+        nn.init.zeros_(self.proj.bias)
+
+    def forward(self, h: Tensor) -> Tensor:
+        """`q_i` in float32; `h` is detached here, so the head's loss stops at the head."""
+        return self.proj(self.norm(h.detach().to(self.proj.weight.dtype))).squeeze(-1).float()
+
+
+# -------------------- rows (was refiners/rows.py) --------------------
+# Packing the active rows of a batch, so that a refiner step computes only the positions it refines.
+#
+# Everything a refiner computes is per row except attention, so computing on the packed rows gives the values
+# a full computation would, at the cost of the active rows only (tests/test_refiners.py checks values and
+# gradients against the full computation).
+
+class ActiveRows:
+    """The active positions of each sequence, packed to the front, so that a step computes only on them.
+
+    `index` [B, Q] holds, per sequence, the positions of its active rows first (in order), then inactive
+    positions as padding up to Q = the largest active count; `valid` [B, Q] marks the real entries. Padding
+    rows are genuine positions, so computing on them is wasted work but never produces NaNs.
+    """
+
+    def __init__(self, index: Tensor, valid: Tensor) -> None:
+        self.index = index
+        self.valid = valid
+
+    @classmethod
+    def pack(cls, active: Tensor | None) -> ActiveRows | None:
+        """The packing of a [B, L] bool mask; None when every position is active (nothing to save)."""
+        if active is None or bool(active.all()):
+            return None
+        counts = active.sum(dim=1)
+        width = int(counts.max())
+        order = torch.argsort((~active).to(torch.uint8), dim=1, stable=True)[:, :width]
+        valid = torch.arange(width, device=active.device) < counts[:, None]
+        return cls(order, valid)
+
+    def _expand(self, index: Tensor, like: Tensor) -> Tensor:
+        return index.view(*index.shape, *([1] * (like.dim() - 2))).expand(*index.shape, *like.shape[2:])
+
+    def gather(self, x: Tensor) -> Tensor:
+        """[B, L, ...] -> [B, Q, ...]: the packed rows of x."""
+        return x.gather(1, self._expand(self.index, x))
+
+    def scatter(self, packed: Tensor, into: Tensor | None = None, length: int | None = None) -> Tensor:
+        """[B, Q, ...] -> [B, L, ...]: `into` (zeros of `length` rows if None) with the valid rows replaced.
+
+        Out of place and differentiable in both `packed` and `into`.
+        """
+        if into is None:
+            if length is None:
+                raise ValueError("ActiveRows.scatter needs `into` or `length`")
+            into = packed.new_zeros(packed.shape[0], length, *packed.shape[2:])
+        index = self._expand(self.index, packed)
+        valid = self.valid.view(*self.valid.shape, *([1] * (packed.dim() - 2)))
+        packed = torch.where(valid, packed, into.gather(1, index))  # padding rows write back what was there
+        return into.scatter(1, index, packed)
+
+
+# -------------------- stats (was refiners/stats.py) --------------------
+# The statistics of a refiner's steps: per-step device-side reductions, one host sync at the end (none at
+# all with `summary(..., on_device=True)`: the hybrid's forward leaves the conversion to whoever logs them).
+
+class HasGates(Protocol):
+    """What `summary` reads of a refiner: its gate values (the refiner itself imports this module)."""
+
+    def gate_values(self, tensors: bool = False) -> dict[str, Any]: ...
+
+
+def masked_mean(values: Tensor, active: Tensor | None) -> Tensor:
+    """Mean of `values` [B, L] over the active positions; over all positions when none (or no mask) is given.
+
+    Falling back to all positions (instead of a 0/0 NaN) keeps logged metrics finite when a batch has no chunk
+    to refine. Computed without a host sync so that it is cheap inside a step loop.
+    """
+    values = values.float()
+    if active is None:
+        return values.mean()
+    weights = active.to(values.dtype)
+    count = weights.sum()
+    return torch.where(count > 0, (values * weights).sum() / count.clamp_min(1.0), values.mean())
+
+
+class StatsAccumulator:
+    """Collects `step` statistics and reduces them to the stats dict that `Refiner.forward` returns.
+
+    Public so that a caller driving `step` itself (per-chunk halting) reports the same keys: call
+    `add(step_stats, active)` after every step and `summary(refiner)` at the end. All per-step reductions
+    stay on the device; `summary` does the one host sync.
+    """
+
+    def __init__(self) -> None:
+        self.steps = 0
+        self._confidence: list[Tensor] = []
+        self._delta_norms: list[Tensor] = []
+        self._slot_norms: dict[str, list[Tensor]] = {}
+        self.final_confidence: Tensor | None = None
+
+    @torch.no_grad()
+    def add(self, step_stats: dict[str, Any], active: Tensor | None = None) -> None:
+        self.steps += 1
+        confidence = step_stats["confidence"].detach()
+        self.final_confidence = confidence
+        self._confidence.append(masked_mean(confidence, active))
+        # The applied update is exactly zero off the active set, so its mean is taken over active positions.
+        norms = step_stats["update_norm"].float()
+        if active is None:
+            self._delta_norms.append(norms.mean())
+        else:
+            self._delta_norms.append(norms.sum() / active.sum().clamp_min(1))
+        for name, values in step_stats.get("slot_norms", {}).items():
+            self._slot_norms.setdefault(name, []).append(masked_mean(values.detach(), active))
+
+    def summary(self, refiner: HasGates, like: Tensor, on_device: bool = False) -> dict[str, Any]:
+        """The stats dict; `like` (the input states) gives the shape/device of `final_confidence` at K=0.
+
+        `on_device`: the numbers stay 0-d tensors (`confidence`, each entry of `confidence_per_step`,
+        `delta_norms`, `slot_norms`, `gates`), so that building the dict makes no host sync; `float()` them
+        where they are logged."""
+        k = self.steps
+        if on_device:
+            confidence_per_step, delta_norms = list(self._confidence), list(self._delta_norms)
+            slot_norms = {name: torch.stack(values).mean() for name, values in self._slot_norms.items()}
+            confidence: Any = torch.stack(confidence_per_step).mean() if k else float("nan")
+        else:
+            scalars = torch.stack(self._confidence + self._delta_norms).tolist() if k else []
+            confidence_per_step, delta_norms = scalars[:k], scalars[k:]
+            slot_norms = {name: torch.stack(v).mean().item() for name, v in self._slot_norms.items()}
+            confidence = sum(confidence_per_step) / k if k else float("nan")
+        final = self.final_confidence
+        if final is None:  # no step ran: nothing was estimated
+            final = torch.full(like.shape[:2], float("nan"), device=like.device)
+        return {
+            "steps": k,
+            "confidence": confidence,
+            "confidence_per_step": confidence_per_step,
+            "delta_norms": delta_norms,
+            "final_confidence": final.float(),
+            "slot_norms": slot_norms,
+            "gates": refiner.gate_values(tensors=on_device),
+        }
+
 
 ContextInput = Tensor | Sequence[Tensor] | None
 ConfigT = TypeVar("ConfigT")
@@ -35,11 +203,11 @@ class RefinerState:
     `prev` is the refiner's own working representation from the previous step, detached so that the
     recurrence never back-propagates through the carry itself; `None` before the first step. `reuse` holds
     what a refiner may reuse in its next step instead of recomputing it (the slot refiner's attention keys
-    and values: `kv_reuse.KeyValueReuse`). It never changes a result: the refiner uses it only after checking
+    and values: `KeyValueReuse`). It never changes a result: the refiner uses it only after checking
     that it still applies, which it does when each step is given the previous step's output itself,
     unmodified, as `forward` and the hybrid's loop do. `prev_valid` [B, L] marks the rows of `prev` that
     hold a previous representation when only some do (a carry from the last denoising step,
-    `refiners.carry`); None: every row of `prev` does, or `prev` is None.
+    `RefinerCarry`); None: every row of `prev` does, or `prev` is None.
     """
 
     prev: Tensor | None = None
@@ -163,7 +331,7 @@ class Refiner(nn.Module, ABC):
 
     def resume_state(self, x: Tensor, latent: Tensor, valid: Tensor) -> RefinerState:
         """The state of a first step that resumes from the last denoising step's `carried` latents
-        [B, L, D] (held where `valid` [B, L]; `refiners.carry`). A refiner whose step reads no previous
+        [B, L, D] (held where `valid` [B, L]; `RefinerCarry`). A refiner whose step reads no previous
         state carries nothing: its first step starts as `init_state`'s."""
         return self.init_state(x)
 
@@ -246,3 +414,342 @@ class Refiner(nn.Module, ABC):
 
     def num_parameters(self, trainable_only: bool = False) -> int:
         return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)
+
+
+# -------------------- blocks (was refiners/blocks.py) --------------------
+# The slot refiner's transformer blocks: bidirectional attention that also hands out its context.
+#
+# A block can compute its attention for a subset of the rows (the refined ones) against the keys and values of
+# every row, and take those keys and values precomputed; the slot refiner uses both to skip the rows it does
+# not refine (see `SlotTRMRefiner.step`).
+
+class AttentionContextExtractor(nn.Module):
+    """Bidirectional multi-head self-attention that also returns its context.
+
+    The context is the concatenation of the heads' outputs attn@V, taken before the output projection: it is
+    the cross-token information each position gathered, in the same form as a backbone layer's context.
+    """
+
+    def __init__(self, d_model: int, n_heads: int, dropout: float = 0.0, bias: bool = False) -> None:
+        super().__init__()
+        if d_model % n_heads:
+            raise ValueError(f"n_heads={n_heads} must divide d_model={d_model}")
+        self.n_heads = n_heads
+        self.head_dim = d_model // n_heads
+        self.dropout = dropout
+        self.q_proj = nn.Linear(d_model, d_model, bias=bias)
+        self.k_proj = nn.Linear(d_model, d_model, bias=bias)
+        self.v_proj = nn.Linear(d_model, d_model, bias=bias)
+        self.o_proj = nn.Linear(d_model, d_model, bias=bias)
+
+    def keys_values(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """The keys and values of rows x [..., D], before the split into heads."""
+        return self.k_proj(x), self.v_proj(x)
+
+    def forward(
+        self,
+        x: Tensor,
+        attention_mask: Tensor | None = None,
+        keys_values: tuple[Tensor, Tensor] | None = None,
+    ) -> tuple[Tensor, Tensor]:
+        """x [B, Q, D], the asking rows -> (output, context), both [B, Q, D].
+
+        keys_values: `keys_values(...)` of the L rows attended to (default: x's own, Q = L); attention_mask
+        [B, L] (True/1 = real token, may be attended) covers those L rows.
+        """
+        b, n, d = x.shape
+
+        def heads(t: Tensor) -> Tensor:
+            return t.view(b, t.shape[1], self.n_heads, self.head_dim).transpose(1, 2)
+
+        keys, values = self.keys_values(x) if keys_values is None else keys_values
+        q, k, v = heads(self.q_proj(x)), heads(keys), heads(values)
+        mask = None
+        if attention_mask is not None:
+            mask = attention_mask.to(torch.bool)[:, None, None, :]  # keys only: [B, 1, 1, L]
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0
+        )
+        context = y.transpose(1, 2).reshape(b, n, d)
+        return self.o_proj(context), context
+
+
+class TransformerBlock(nn.Module):
+    """Pre-norm transformer block that exposes its attention context: x + attn(LN x), then x + MLP(LN x)."""
+
+    def __init__(self, d_model: int, n_heads: int, mlp_ratio: float = 4.0, dropout: float = 0.0) -> None:
+        super().__init__()
+        hidden = max(1, int(d_model * mlp_ratio))
+        self.attn_norm = nn.LayerNorm(d_model)
+        self.attn = AttentionContextExtractor(d_model, n_heads, dropout)
+        self.mlp_norm = nn.LayerNorm(d_model)
+        self.mlp = nn.Sequential(
+            nn.Linear(d_model, hidden),
+            nn.GELU(),
+            nn.Dropout(dropout),
+            nn.Linear(hidden, d_model),
+            nn.Dropout(dropout),
+        )
+
+    def keys_values(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """The attention's keys and values of rows x [..., D] (normalised as the block normalises them)."""
+        return self.attn.keys_values(self.attn_norm(x))
+
+    def forward(
+        self,
+        x: Tensor,
+        attention_mask: Tensor | None = None,
+        queries: ActiveRows | None = None,
+        keys_values: tuple[Tensor, Tensor] | None = None,
+    ) -> tuple[Tensor, Tensor]:
+        """(output, context), both [B, Q, D] for the `queries` rows only when given, else [B, L, D].
+
+        `keys_values`: the attention's keys and values of every row (`keys_values`), when already known.
+        """
+        if queries is not None:  # every row is a key, only the query rows ask
+            if keys_values is None:
+                keys_values = self.keys_values(x)
+            x = queries.gather(x)
+        attn_out, context = self.attn(self.attn_norm(x), attention_mask, keys_values)
+        x = x + attn_out
+        x = x + self.mlp(self.mlp_norm(x))
+        return x, context
+
+
+# -------------------- kv_reuse (was refiners/kv_reuse.py) --------------------
+# Reusing a single-block slot refiner's attention keys and values from one step to the next.
+#
+# Contract. Step t+1 may take step t's keys and values for every row that step t did not change, and recompute
+# only the rest, because
+#   1. a row's key and value are a function of that row of h alone (LayerNorm, then a linear map), and
+#   2. step t leaves h bit-identical outside its active rows, so those rows of step t+1's input are step t's.
+# (2) holds only if step t+1 is given step t's output itself, unmodified, and the keys depend on the block's
+# weights as well; so `KeyValueReuse` records that output and the version counters of it and of the block's
+# parameters, and `keys_values` recomputes every row unless all of them match (a caller that detaches or
+# copies h, edits it in place, or takes an optimizer step between steps gets the full computation; under
+# `torch.inference_mode` only the identity of h is checked, as inference tensors keep no version counter).
+# With more than one block the last block's input mixes rows through attention, so nothing is reused there.
+#
+# Measured (`bench/bench_kv_reuse.py`, LLaDA-8B width, 160 rows, 32 refined, K = 4, 2-core CPU, one thread):
+# it saves 12 ms of a 453 ms refine (2.7%), about 0.08% of a 32-layer model call at that length; it runs only
+# in training (eval steps run dense, `Refiner.pack`). Kept because removing it changes training's gradients in
+# the last bits (1e-6), and the main job's table must reproduce to the last digit; remove it with the next
+# change that regenerates that table (docs/levers.md).
+
+def versions(h: Tensor, block: nn.Module) -> tuple[int | None, ...]:
+    """Version counters of `h` and of the block's parameters: any in-place change bumps one of them.
+
+    Tensors made under `torch.inference_mode` keep no counter (None): their in-place edits go unseen.
+    """
+    return tuple(None if t.is_inference() else t._version for t in (h, *block.parameters()))
+
+
+class KeyValueReuse(NamedTuple):
+    """Step t's keys and values of every row [B, L, d_inner], for step t+1 (see the module docstring)."""
+
+    keys: Tensor
+    values: Tensor
+    changed: Tensor | None  # [B, L] bool: the rows step t changed (None: all)
+    h_next: Tensor  # step t's output, which step t+1 must be given as is
+    versions: tuple[int | None, ...]  # `versions(h_next, block)` when step t ended
+
+    @classmethod
+    def record(
+        cls, keys_values: tuple[Tensor, Tensor], changed: Tensor | None, h_next: Tensor, block: nn.Module
+    ) -> KeyValueReuse:
+        return cls(*keys_values, changed, h_next, versions(h_next, block))
+
+
+def keys_values(
+    block: TransformerBlock, u: Tensor, h: Tensor, reuse: KeyValueReuse | None
+) -> tuple[Tensor, Tensor]:
+    """The block's keys and values of every row of u = in_proj(h), recomputed only on the rows the last step
+    changed when `reuse` is valid for `h` (when few chunks are refined, most projections are skipped)."""
+    if reuse is None or reuse.h_next is not h or reuse.versions != versions(h, block):
+        return block.keys_values(u)
+    changed = ActiveRows.pack(reuse.changed)
+    if changed is None:  # every row changed
+        return block.keys_values(u)
+    keys, values = block.keys_values(changed.gather(u))
+    return changed.scatter(keys, into=reuse.keys), changed.scatter(values, into=reuse.values)
+
+
+# -------------------- carry (was refiners/carry.py) --------------------
+# TRM's carry across denoising steps: each position's refiner latent, kept from one model call to the next.
+#
+# Inside one model call the slot refiner carries its working representation u from each of its K steps to the
+# next (`RefinerState.prev`; the refinement slot reads the change u - sg(u_prev)). Without a carry every call
+# starts from nothing: at its first step u_prev is None and the slot reads a zero change, so each denoising
+# step refines from scratch. A `RefinerCarry` keeps, per refiner kind, the last u of every position the
+# refiner refined, detached, and the next call's first step takes it as u_prev (`Refiner.resume_state`): the
+# change since the last denoising step. A refiner whose step reads no previous state (the MLP baseline)
+# carries nothing, and runs as without a carry.
+#
+# Positions are indexed by absolute position in the whole sequence, so a KV-cache window (a slice of the
+# sequence at some offset) reads and writes its own positions whatever its offset. The caller (the hybrid)
+# decides what is written (the positions it refined; others keep theirs) and what is dropped (`reset`: a
+# position whose token is committed has nothing left to refine).
+
+class RefinerCarry:
+    """Per refiner kind, a latent [B, T, D] and a validity mask [B, T] over absolute positions 0..T-1.
+
+    Storage grows on demand to the furthest position written; the batch size is fixed by the first write
+    (the sampler's, doubled under classifier-free guidance). An empty carry reads as nothing.
+    """
+
+    def __init__(self) -> None:
+        self.latents: dict[str, Tensor] = {}
+        self.valid: dict[str, Tensor] = {}
+
+    def __repr__(self) -> str:
+        held = {kind: int(v.sum()) for kind, v in self.valid.items()}
+        return f"RefinerCarry(positions held per kind: {held})"
+
+    def _check_batch(self, kind: str, batch: int) -> None:
+        stored = self.valid[kind].shape[0]
+        if batch != stored:
+            raise ValueError(
+                f"RefinerCarry holds a batch of {stored} rows but was given {batch}; use one carry per "
+                "generation batch (a new RefinerCarry for each call of the sampler)"
+            )
+
+    def start(self, kind: str, refiner: Refiner, h: Tensor, offset: int = 0) -> RefinerState:
+        """The state of `refiner`'s first step on the window `h` [B, L, D] at `offset`: resumed from the
+        window's carried latents, or `init_state` where the window holds none."""
+        window = self.read(kind, offset, h.shape[1], h.shape[0])
+        return refiner.init_state(h) if window is None else refiner.resume_state(h, *window)
+
+    def keep(
+        self, kind: str, refiner: Refiner, state: RefinerState, refined: Tensor, offset: int = 0
+    ) -> None:
+        """Carry `refiner`'s latents from its last `state` at the window positions it `refined` [B, L]."""
+        latent = refiner.carried(state)
+        if latent is not None and bool(refined.any()):
+            self.write(kind, offset, latent, refined)
+
+    def read(self, kind: str, offset: int, length: int, batch: int) -> tuple[Tensor, Tensor] | None:
+        """`(latent [B, length, D], valid [B, length])` of positions offset..offset+length-1, or None when
+        none of them holds a latent (the refiner then starts from nothing, exactly as without a carry)."""
+        if kind not in self.valid:
+            return None
+        self._check_batch(kind, batch)
+        valid = self.valid[kind][:, offset : offset + length]
+        if not bool(valid.any()):
+            return None
+        latent = self.latents[kind][:, offset : offset + length]
+        short = length - valid.shape[1]  # positions past the storage hold nothing
+        if short:
+            valid = torch.cat((valid, valid.new_zeros(batch, short)), dim=1)
+            latent = torch.cat((latent, latent.new_zeros(batch, short, latent.shape[-1])), dim=1)
+        return latent, valid
+
+    def write(self, kind: str, offset: int, latent: Tensor, where: Tensor) -> None:
+        """Keep `latent` [B, L, D] (detached) at the window positions `where` [B, L] (offset: the window's
+        first absolute position); every other position keeps what it held."""
+        batch, length = where.shape
+        end = offset + length
+        if kind not in self.valid:
+            self.valid[kind] = torch.zeros(batch, end, dtype=torch.bool, device=where.device)
+            self.latents[kind] = latent.new_zeros(batch, end, latent.shape[-1])
+        self._check_batch(kind, batch)
+        self._grow(kind, end)
+        stored = self.latents[kind]
+        if stored.shape[-1] != latent.shape[-1]:
+            raise ValueError(
+                f"RefinerCarry[{kind!r}] holds latents of width {stored.shape[-1]}, got {latent.shape[-1]}"
+            )
+        window = slice(offset, end)
+        keep = where.unsqueeze(-1)
+        stored[:, window] = torch.where(keep, latent.detach().to(stored.dtype), stored[:, window])
+        self.valid[kind][:, window] |= where
+
+    def reset(self, positions: Tensor, offset: int = 0) -> None:
+        """Drop the latents of `positions` [B, L] (bool, True = drop) at absolute offset..offset+L-1."""
+        for kind, valid in self.valid.items():
+            self._check_batch(kind, positions.shape[0])
+            drop = positions[:, : max(0, valid.shape[1] - offset)].to(device=valid.device, dtype=torch.bool)
+            window = slice(offset, offset + drop.shape[1])
+            valid[:, window] &= ~drop
+            held = self.latents[kind][:, window]
+            self.latents[kind][:, window] = torch.where(drop.unsqueeze(-1), torch.zeros_like(held), held)
+
+    def held(self, kind: str) -> Tensor | None:
+        """[B, T] positions holding a latent for `kind` (None before its first write)."""
+        return self.valid.get(kind)
+
+    def _grow(self, kind: str, end: int) -> None:
+        valid, latent = self.valid[kind], self.latents[kind]
+        extra = end - valid.shape[1]
+        if extra > 0:
+            self.valid[kind] = torch.cat((valid, valid.new_zeros(valid.shape[0], extra)), dim=1)
+            self.latents[kind] = torch.cat(
+                (latent, latent.new_zeros(latent.shape[0], extra, latent.shape[-1])), dim=1
+            )
+
+
+# -------------------- compiling (was refiners/compiling.py) --------------------
+# `torch.compile` around a refiner's step (`advanced.compile_refiner`), the step's code left as it is.
+#
+# The refiner's step is many small kernels (projections, LayerNorms, gates, clamps) on a few rows, where eager
+# PyTorch pays a dispatch per op; inductor fuses the elementwise ones. The step is compiled, not `slot_step`
+# alone, so the row packing, the blocks and the scatter back are in the graph too; `dynamic=True` because the
+# number of refined rows changes from call to call (a recompile per count would cost more than it saves).
+# The data-dependent parts (`ActiveRows.pack`'s `.all()` and counts) are graph breaks: they run eagerly.
+#
+# Compiling is a speed switch, never a change of result: where torch.compile cannot run (no C++ compiler for
+# the CPU backend, no Triton for CUDA, an unsupported Python), `compile_refiner_steps` warns once and leaves
+# the refiners eager. bench/bench_compile.py measures what it buys and what the first call costs.
+
+ATTRIBUTE = "_eager_step"  # where a compiled refiner keeps its eager step (also: "is it compiled?")
+
+
+def torch_compile_problem(device: torch.device, backend: str = "inductor") -> str | None:
+    """Why torch.compile cannot run on `device` here (one line), or None when a tiny function compiles.
+
+    A probe rather than a guess at the toolchain: inductor's requirements move between releases.
+    """
+    try:
+        probe = torch.compile(lambda x: x * 2 + 1, dynamic=False, backend=backend)
+        probe(torch.ones(2, device=device))
+    except Exception as exc:  # noqa: BLE001 (any failure means: no compile here, say why)
+        first = str(exc).strip().splitlines()
+        return f"{type(exc).__name__}: {first[0] if first else ''}"[:300]
+    return None
+
+
+def compiled_step(refiner: Refiner) -> bool:
+    """Whether `refiner.step` is the compiled one."""
+    return ATTRIBUTE in refiner.__dict__
+
+
+def compile_refiner_steps(
+    refiners: Iterable[Refiner], device: torch.device | str | None = None, backend: str = "inductor"
+) -> bool:
+    """Replace each refiner's `step` by `torch.compile(step, dynamic=True, backend=backend)` (an instance
+    attribute; `backend` other than inductor is for tests: "aot_eager" traces the same graphs in seconds).
+
+    Returns True when compiled; False, with one warning, when torch.compile cannot run on `device` (default:
+    the first refiner's parameters'), the refiners then staying eager. Compiling twice is a no-op.
+    """
+    refiners = list(refiners)
+    if not refiners:
+        return False
+    if device is None:
+        param = next(refiners[0].parameters(), None)
+        device = param.device if param is not None else torch.device("cpu")
+    problem = torch_compile_problem(torch.device(device), backend)
+    if problem is not None:
+        warnings.warn(
+            f"advanced.compile_refiner: torch.compile cannot run on {device} ({problem}); the refiner runs "
+            "eagerly (same results, eager speed); set advanced.compile_refiner=false to silence this",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+        return False
+    for refiner in refiners:
+        if compiled_step(refiner):
+            continue
+        eager = refiner.step
+        refiner.__dict__[ATTRIBUTE] = eager
+        refiner.__dict__["step"] = torch.compile(eager, dynamic=True, backend=backend)
+    return True

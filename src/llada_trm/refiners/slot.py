@@ -29,17 +29,18 @@ import torch
 from torch import Tensor, nn
 
 from llada_trm.errors import ConfigError
-from llada_trm.refiners import kv_reuse
 from llada_trm.refiners.base import (
+    ActiveRows,
     ContextInput,
+    KeyValueReuse,
     Refiner,
     RefinerState,
+    TransformerBlock,
     check_active,
     context_list,
+    keys_values,
 )
-from llada_trm.refiners.blocks import TransformerBlock
 from llada_trm.refiners.config import SlotConfig
-from llada_trm.refiners.rows import ActiveRows
 
 
 class SlotOutput(NamedTuple):
@@ -282,7 +283,7 @@ class SlotTRMRefiner(Refiner):
             "slot_norms": slot_norms,
             "confidence": confidence,
         }
-        reuse = None if kv is None else kv_reuse.KeyValueReuse.record(kv, active, h_next, self.blocks[0])
+        reuse = None if kv is None else KeyValueReuse.record(kv, active, h_next, self.blocks[0])
         valid = state.prev_valid
         if valid is not None:  # the rows computed now hold a previous representation from here on
             valid = None if active is None or bool((valid | active).all()) else valid | active
@@ -309,21 +310,21 @@ class SlotTRMRefiner(Refiner):
         self,
         h: Tensor,
         rows: ActiveRows | None,
-        reuse: kv_reuse.KeyValueReuse | None,
+        reuse: KeyValueReuse | None,
         attention_mask: Tensor | None,
     ) -> tuple[Tensor, list[Tensor], tuple[Tensor, Tensor] | None]:
         """u = blocks(in_proj(h)) and each block's attention context, for the `rows` only (all when None).
 
         Every row is a key of the attention, so the blocks before the last run on every row; the last one
         computes its queries, MLP and output for the packed rows only. A single block's keys and values
-        come from `kv_reuse.keys_values` and are returned for the next step to reuse (else None).
+        come from `keys_values` and are returned for the next step to reuse (else None).
         """
         u = self.in_proj(h.to(self._dtype))
         contexts, kept = [], None
         for i, block in enumerate(self.blocks):
             last = i == len(self.blocks) - 1
             if rows is not None and len(self.blocks) == 1:
-                kept = kv_reuse.keys_values(block, u, h, reuse)
+                kept = keys_values(block, u, h, reuse)
             u, c = block(u, attention_mask, queries=rows if last else None, keys_values=kept)
             contexts.append(c)
         if rows is not None:

@@ -70,8 +70,7 @@ from llada_trm.build import (
 )
 from llada_trm.config import RunConfig, TrainingConfig, load_config, save_config
 from llada_trm.data import SFTDataset
-from llada_trm.diffusion.forward_process import draw_for_epoch
-from llada_trm.diffusion.targeted_masks import TokenText, TrainingMasks
+from llada_trm.diffusion.forward_process import TokenText, TrainingMasks, draw_for_epoch
 from llada_trm.dist_utils import (
     TrainStep,
     all_finite,
@@ -93,7 +92,7 @@ from llada_trm.dist_utils import (
     wrap_run,
 )
 from llada_trm.errors import CheckpointError, ConfigError
-from llada_trm.hybrid import LLaDATRMHybrid
+from llada_trm.hybrid.model import LLaDATRMHybrid
 from llada_trm.io import copy_directory, write_text_atomic
 from llada_trm.progress import note, progress_bar, validation_line
 from llada_trm.run_checkpoint import (

@@ -47,7 +47,7 @@ import torch
 from torch import nn
 
 from llada_trm.errors import ConfigError
-from llada_trm.hybrid.chunking import chunk_sum
+from llada_trm.hybrid.model import chunk_sum
 from llada_trm.io import write_bytes_atomic
 
 __all__ = [

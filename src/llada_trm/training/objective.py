@@ -51,12 +51,24 @@ from torch import Tensor, nn
 from transformers import PreTrainedTokenizerBase
 
 from llada_trm.config import RunConfig, TrainingParamsConfig
-from llada_trm.diffusion import forward_process, masked_diffusion_loss
-from llada_trm.diffusion.targeted_masks import MaskDistribution, TokenText, TrainingMasks, probe_margins
+from llada_trm.diffusion import forward_process
+from llada_trm.diffusion.forward_process import (
+    MaskDistribution,
+    TokenText,
+    TrainingMasks,
+    masked_diffusion_loss,
+    probe_margins,
+)
 from llada_trm.errors import ConfigError
-from llada_trm.hybrid import BackboneFeatures, HybridOutput, LLaDATRMHybrid, expand_chunks, max_probability
-from llada_trm.hybrid.chunking import chunk_sum
-from llada_trm.refiners import RefinerCarry
+from llada_trm.hybrid.model import (
+    BackboneFeatures,
+    HybridOutput,
+    LLaDATRMHybrid,
+    chunk_sum,
+    expand_chunks,
+    max_probability,
+)
+from llada_trm.refiners.base import RefinerCarry
 
 __all__ = [
     "DenoisingUnroll",

@@ -63,7 +63,8 @@ from torch import Tensor
 from llada_trm.build import apply_backbone_options, backbone_dtype, build_datasets, build_model, start_run
 from llada_trm.config import RunConfig
 from llada_trm.data import EncodedExample, special_token_ids
-from llada_trm.diffusion import SamplingOptions, sample
+from llada_trm.diffusion.options import SamplingOptions
+from llada_trm.diffusion.sampler import sample
 from llada_trm.dist_utils import is_distributed, is_main_process
 from llada_trm.errors import ConfigError
 from llada_trm.io import atomic_path

@@ -24,12 +24,15 @@ from typing import Any
 import torch
 
 from llada_trm.config import RunConfig
-from llada_trm.diffusion import masked_diffusion_loss
-from llada_trm.diffusion.forward_process import draw_noise
-from llada_trm.diffusion.targeted_masks import TokenText, TrainingMasks, answer_targets
+from llada_trm.diffusion.forward_process import (
+    TokenText,
+    TrainingMasks,
+    answer_targets,
+    draw_noise,
+    masked_diffusion_loss,
+)
 from llada_trm.errors import ConfigError
-from llada_trm.hybrid import LLaDATRMHybrid
-from llada_trm.hybrid.chunking import chunk_sum
+from llada_trm.hybrid.model import LLaDATRMHybrid, chunk_sum
 from llada_trm.hybrid.reachability import (
     TARGET_REACHABILITY,
     reachable_fraction,
