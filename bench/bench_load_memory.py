@@ -38,7 +38,7 @@ _MEASURE = """
 import json, sys, time
 import torch
 import llada_trm.backbone.checkpoint as checkpoint
-from llada_trm.backbone import LLaDAModel
+from llada_trm.backbone.modeling import LLaDAModel
 
 def field(name):
     for line in open("/proc/self/status"):

@@ -243,7 +243,7 @@ SRC = Path(__file__).resolve().parents[1] / "src"
 _MEASURE_LOAD = """
 import gc, sys
 import torch
-from llada_trm.backbone import LLaDAModel
+from llada_trm.backbone.modeling import LLaDAModel
 from llada_trm.backbone.checkpoint import load_weights, read_config
 
 def kib(field):

@@ -20,8 +20,7 @@ from torch import Tensor
 
 from llada_trm.config import RunConfig, fixed_settings, parse_config
 from llada_trm.data import SFTDataset, SyntheticTaskConfig, generate_problems, load_tokenizer, prompt_batch
-from llada_trm.diffusion import forward_process
-from llada_trm.diffusion.forward_process import masked_diffusion_loss
+from llada_trm.diffusion.forward_process import forward_process, masked_diffusion_loss
 from llada_trm.diffusion.options import SamplingOptions
 from llada_trm.diffusion.sampler import generate_with_stats
 from llada_trm.errors import ConfigError

@@ -8,9 +8,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from llada_trm.diffusion import forward_process
 from llada_trm.diffusion.forward_process import (
     answer_lengths_from_prompt,
+    forward_process,
     masked_diffusion_loss,
     masked_token_accuracy,
 )

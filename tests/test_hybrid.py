@@ -21,6 +21,7 @@ from llada_trm.hybrid.model import (
     expand_chunks,
     max_probability,
     num_chunks,
+    refiner_schedule,
 )
 from llada_trm.refiners.base import Refiner, RefinerState
 from llada_trm.refiners.config import mlp_hidden_for_params
@@ -111,13 +112,13 @@ def test_config_rejects_bad_values(kwargs, message):
 
 
 def test_config_schedules_and_dict_round_trip():
-    assert HybridConfig(refiner="mlp").schedule() == ["mlp"] * 4
-    assert HybridConfig(refiner="none").schedule() == []
-    assert HybridConfig(integration="hybrid", active_refiner="mlp").schedule(2) == ["mlp", "mlp"]
-    assert HybridConfig(integration="cascade").schedule() == ["mlp", "mlp", "slot", "slot"]
-    assert HybridConfig(integration="cascade").schedule(3) == ["mlp", "slot", "slot"]
+    assert refiner_schedule(HybridConfig(refiner="mlp")) == ["mlp"] * 4
+    assert refiner_schedule(HybridConfig(refiner="none")) == []
+    assert refiner_schedule(HybridConfig(integration="hybrid", active_refiner="mlp"), 2) == ["mlp", "mlp"]
+    assert refiner_schedule(HybridConfig(integration="cascade")) == ["mlp", "mlp", "slot", "slot"]
+    assert refiner_schedule(HybridConfig(integration="cascade"), 3) == ["mlp", "slot", "slot"]
     one_mlp_step = HybridConfig(integration="cascade", cascade_mlp_steps=1)
-    assert one_mlp_step.schedule() == ["mlp", "slot", "slot", "slot"]
+    assert refiner_schedule(one_mlp_step) == ["mlp", "slot", "slot", "slot"]
     config = HybridConfig(refiner="mlp", context_layers=[0], mlp={"hidden_mult": 1.5})
     assert HybridConfig.from_dict(config.to_dict()) == config
     with pytest.raises(ConfigError, match="unknown HybridConfig field"):

@@ -28,8 +28,7 @@ import torch
 
 from llada_trm.data import SFTDataset, collate_batch, special_token_ids
 from llada_trm.data.arithmetic import generate_task_records
-from llada_trm.diffusion import forward_process
-from llada_trm.diffusion.forward_process import masked_diffusion_loss
+from llada_trm.diffusion.forward_process import forward_process, masked_diffusion_loss
 from llada_trm.progress import progress_bar
 from llada_trm.training.loop import warmup_cosine
 

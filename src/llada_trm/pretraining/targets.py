@@ -20,8 +20,7 @@ from llada_trm.data.arithmetic import parse_arithmetic
 from llada_trm.data.gsm8k import DataError
 from llada_trm.data.synthetic import OPERATIONS
 from llada_trm.data.tokenizer import decode_generated, digit_token_ids
-from llada_trm.diffusion import forward_process
-from llada_trm.diffusion.forward_process import masked_token_accuracy
+from llada_trm.diffusion.forward_process import forward_process, masked_token_accuracy
 from llada_trm.diffusion.sampler import sample
 from llada_trm.evaluate.errors import error_report, parse_answer_lines
 from llada_trm.evaluate.extraction import is_correct

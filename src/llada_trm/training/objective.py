@@ -51,11 +51,11 @@ from torch import Tensor, nn
 from transformers import PreTrainedTokenizerBase
 
 from llada_trm.config import RunConfig, TrainingParamsConfig
-from llada_trm.diffusion import forward_process
 from llada_trm.diffusion.forward_process import (
     MaskDistribution,
     TokenText,
     TrainingMasks,
+    forward_process,
     masked_diffusion_loss,
     probe_margins,
 )
