@@ -1,8 +1,8 @@
 """Attention through `F.scaled_dot_product_attention` vs the explicit softmax(QK^T / sqrt(d) + bias) V.
 
-Both the slot refiner's blocks (`refiners.slot.TransformerBlock`, keys masked with a bool padding mask) and
-the backbone's (`backbone.LLaDABlock`, RoPE and an additive `finfo.min` padding bias) call SDPA. This script
-times, in one process and side by side:
+Both the slot refiner's blocks (`refiners.base.TransformerBlock`, keys masked with a bool padding mask) and
+the backbone's (`backbone.modeling.LLaDABlock`, RoPE and an additive `finfo.min` padding bias) call SDPA.
+This script times, in one process and side by side:
 
 - core: the attention operation alone on [B, H, L, head_dim] tensors;
 - block: the real module, once as shipped (SDPA) and once with SDPA swapped for the explicit formulation;

@@ -10,9 +10,9 @@ refiner settings: d_inner 512, context 4096). Two measures, each on the same fea
 `refine`, the hybrid's K-step selective refinement under no_grad (what sampling runs every model call), and
 `phase-1 step`, the cached phase-1 training step: `diffusion_objective` on stored features plus backward
 (the trainer's step on the feature cache, less AdamW). Eager and compiled take turns call by call (the
-compiled refiner is the same module with its `step` swapped, `refiners.compiling`), the median is
-reported; the compiled path's first call (tracing and code generation) is reported separately, with the
-calls it takes to earn it back.
+compiled refiner is the same module with its `step` swapped, `refiners.base.compile_refiner_steps`), the
+median is reported; the compiled path's first call (tracing and code generation) is reported separately, with
+the calls it takes to earn it back.
 """
 
 from __future__ import annotations

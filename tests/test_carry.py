@@ -1,4 +1,5 @@
-"""TRM's carry across denoising steps (`refiners.carry`, `HybridConfig.denoising_carry`, the unroll).
+"""TRM's carry across denoising steps (`refiners.base.RefinerCarry`,
+`HybridConfig.denoising_carry`, the unroll).
 
 On the tiny backbone v1 (experiments/tiny_backbone_v1, the embedded default when the fixture was sampled;
 unsure enough that the 0.9 threshold refines chunks in consecutive calls, which the carry needs) with a slot

@@ -1,4 +1,4 @@
-"""Phase-1 masks where the sampler errs (`diffusion.targeted_masks`), their loss weight, the weights' EMA."""
+"""Phase-1 masks where the sampler errs (`diffusion.forward_process`), their loss weight, the weights' EMA."""
 
 from __future__ import annotations
 

@@ -65,7 +65,7 @@ class HybridConfig(Section):
     halting: when a refined chunk stops early (its states and logits are frozen from then on). 'confidence'
         (the original rule): after each step the LM head is run on the chunk's masked positions and the chunk
         stops once their mean max probability reached `confidence_threshold`. 'learned': each refiner
-        carries a halting head (`refiners.halting.HaltingHead`) that reads the refined states and predicts
+        carries a halting head (`refiners.base.HaltingHead`) that reads the refined states and predicts
         whether the chunk's argmax tokens are right; the chunk stops when its probability exceeds
         `halting_threshold`, and no LM-head pass runs inside the loop. It learns only from its own loss
         (`training_params.halting_weight`). 'none': every refined chunk takes all K steps. The legacy key
@@ -80,7 +80,7 @@ class HybridConfig(Section):
     return_step_logits: compute the full logits of every step (deep supervision needs them); None means
         "while training": in eval mode only the final logits are computed, which is all the sampler reads and
         saves K-1 LM-head passes over a 126k vocabulary.
-    denoising_carry: TRM's carry across denoising steps (`refiners.carry`): the sampler gives the model one
+    denoising_carry: TRM's carry across denoising steps (`RefinerCarry`): the sampler gives the model one
         `RefinerCarry` per generation batch, and the slot refiner's first step at each denoising step
         resumes from the working representation each position had at the end of its last refinement,
         instead of from nothing; committed positions drop theirs. Off: every call refines from scratch. The

@@ -122,7 +122,7 @@ class HybridOutput:
     norms and gates are 0-d tensors, so that the forward makes no host sync for them (`float()` them where
     they are logged). With learned halting and step logits,
     `halt_logits[k]` [B, C] are the halting head's chunk logits after step k+1 (a graph to the head only) and
-    `halt_chunks[k]` [B, C] bool the chunks they are defined for (`hybrid.halting.HaltTrace`).
+    `halt_chunks[k]` [B, C] bool the chunks they are defined for (`hybrid.model.HaltTrace`).
     `base_logits` (the backbone's) are computed when first read if the forward did not need them.
     """
 
@@ -582,7 +582,7 @@ class LLaDATRMHybrid(nn.Module):
         masked: [B, L] bool, the predicted positions (default `features.masked`; if that is None too, every
             position). num_steps: K for this call (default `max_recursive_steps`). return_step_logits: see
             `HybridConfig.return_step_logits` (None: the config's value, else `self.training`). carry: the
-            refiners' latents from earlier denoising steps (`refiners.carry`), updated in place: positions
+            refiners' latents from earlier denoising steps (`RefinerCarry`), updated in place: positions
             of the window whose token is not the mask drop theirs, refined positions keep their last one,
             the rest are untouched. None: refine from scratch.
 

@@ -152,7 +152,7 @@ def data_fingerprint(examples: Sequence[EncodedExample], seq_len: int, pad_id: i
 @dataclass(frozen=True)
 class NoiseSpec:
     """The manifest's `noise` section: the draws the cache holds (`n_draws` per example), from the forward
-    process or the run's `training.masks` (`diffusion.targeted_masks`)."""
+    process or the run's `training.masks` (`diffusion.forward_process`)."""
 
     seed: int
     n_draws: int

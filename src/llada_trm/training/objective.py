@@ -6,7 +6,7 @@
 L_k is LLaDA's masked-diffusion SFT loss on the logits after refinement step k (L_K on the final logits):
 sum over masked tokens of CE / p_mask / answer_length, averaged over rows. Under the forward process p_mask is
 the row's masking probability t (LLaDA's ELBO weight). Under the targeted masks of `training.masks`
-(`diffusion.targeted_masks`: answer_structure, backbone_errors) p_mask is 1: a row's term is the plain
+(`diffusion.forward_process`: answer_structure, backbone_errors) p_mask is 1: a row's term is the plain
 cross-entropy of its masked tokens summed and divided by its answer length (padding included), because
 those masks are not the forward process and 1/t would weight them by a probability they were not drawn with;
 deep supervision asks every intermediate step to be a usable answer, so the recursion can halt early.
