@@ -384,6 +384,8 @@ class ChunkHalting:
         return active
 
 
+# -------------------- the hybrid (hybrid/model.py) --------------------
+
 PREFIX = "refinement_head."
 
 

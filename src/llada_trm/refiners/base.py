@@ -192,6 +192,8 @@ class StatsAccumulator:
         }
 
 
+# -------------------- the refiner interface (refiners/base.py) --------------------
+
 ContextInput = Tensor | Sequence[Tensor] | None
 ConfigT = TypeVar("ConfigT")
 
