@@ -242,7 +242,7 @@ class TrainingConfig(_Section):
     )
     masks: Literal["forward", "answer_structure", "backbone_errors"] = Field(
         default="forward",
-        description="phase 1's training masks (diffusion.targeted_masks): LLaDA's forward process, the "
+        description="phase 1's training masks (diffusion.forward_process): LLaDA's forward process, the "
         "results of an answer's calculator lines and its #### line with the rest masked as a block sampler "
         "leaves it, or the positions the frozen backbone gets wrong in a teacher-forced probe",
     )
