@@ -19,12 +19,13 @@ import readme_workflow  # noqa: E402
 
 
 def _fresh_clone(root: Path) -> Path:
-    """The repository's tracked files as a clone has them (no runs/, exports/ or data/)."""
+    """The tracked files the README block reads, as a clone has them (no runs/, exports/ or data/)."""
     listed = subprocess.run(["git", "ls-files"], cwd=REPO, capture_output=True, text=True, check=False)
     if listed.returncode != 0:
         pytest.skip("not a git checkout")
     for name in listed.stdout.splitlines():
-        if name.startswith(("configs/", "experiments/")) or name == "README.md":
+        read = ("configs/", "experiments/", "tests/fixtures/run_before_issue25/")  # the convert line's run
+        if name.startswith(read) or name == "README.md":
             target = root / name
             target.parent.mkdir(parents=True, exist_ok=True)
             shutil.copy(REPO / name, target)
