@@ -10,7 +10,7 @@ from llada_trm.backbone.modeling import LLaDAModel
 from llada_trm.data import load_tokenizer
 from llada_trm.errors import ConfigError
 from llada_trm.pretraining.config import load_pretrain_config
-from llada_trm.pretraining.loop import pretrain
+from llada_trm.pretraining.run import pretrain
 
 
 def test_tiny_pretrain_writes_a_loadable_checkpoint_with_model_card(tmp_path):
@@ -49,8 +49,10 @@ def test_tiny_pretrain_writes_a_loadable_checkpoint_with_model_card(tmp_path):
     assert model.config.mask_token_id == tokenizer.convert_tokens_to_ids("<|mdm_mask|>")
     summary = json.loads((out / "pretrain_summary.json").read_text())
     assert summary["steps"] == 3 and summary["eval_problems"] == 2
-    rows = (out / "pretrain_metrics.csv").read_text().splitlines()
-    assert rows[0].startswith("step,loss") and rows[-1].startswith("3,")
+    rows = (out / "training_metrics.csv").read_text().splitlines()
+    assert rows[0].startswith("step,") and rows[-1].startswith("3,")
+    validation = (out / "validation_metrics.csv").read_text().splitlines()
+    assert "strict" in validation[0].split(",") and validation[-1].startswith("3,")
     card = (out / "README.md").read_text()
     assert command in card and "95% Wilson interval" in card
 
@@ -68,7 +70,7 @@ def test_shipped_config_validates():
 def test_object_weights_mark_the_tasks_object_nouns_only():
     from llada_trm.assets import embedded_backbone_dir
     from llada_trm.data.synthetic import DEFAULT_ITEMS
-    from llada_trm.pretraining.loop import object_token_ids, object_weights
+    from llada_trm.pretraining.run import object_token_ids, object_weights
 
     tokenizer = load_tokenizer(embedded_backbone_dir())
     object_ids = object_token_ids(tokenizer, DEFAULT_ITEMS)
@@ -85,23 +87,24 @@ def test_random_padding_draws_each_batch_length_between_its_longest_and_max_leng
     from llada_trm.assets import embedded_backbone_dir
     from llada_trm.data import SFTDataset, generate_problems
     from llada_trm.data.synthetic import SyntheticTaskConfig
-    from llada_trm.pretraining.loop import _random_batch
+    from llada_trm.pretraining.run import pad_randomly
 
     tokenizer = load_tokenizer(embedded_backbone_dir())
     records = generate_problems(SyntheticTaskConfig(max_steps=2, max_number=12, max_result=100), 40)
     dataset = SFTDataset(tokenizer, records, max_length=160)
-    plain = _random_batch(dataset, 4, torch.Generator().manual_seed(0))
+    plain = dataset.collate([dataset[i] for i in range(4)])
     longest = int(plain["attention_mask"].sum(1).max())
-    assert plain["input_ids"].shape[1] == longest  # the default: the batch's longest example
+    assert plain["input_ids"].shape[1] == longest  # the loop's collation: the batch's longest example
     lengths = set()
     for seed in range(12):
-        batch = _random_batch(dataset, 4, torch.Generator().manual_seed(seed), random_padding=True)
+        batch = pad_randomly(plain, 160, dataset.pad_id, torch.Generator().manual_seed(seed))
         ids, own = batch["input_ids"], batch["attention_mask"].bool()
         assert int(own.sum(1).max()) <= ids.shape[1] <= 160
+        assert torch.equal(ids[:, :longest], plain["input_ids"])
         assert bool((ids[~own] == dataset.pad_id).all())  # the tail is EOS padding, trained on
         assert torch.equal(batch["answer_lengths"], ids.shape[1] - batch["prompt_lengths"])
         lengths.add(ids.shape[1])
     assert len(lengths) > 6  # drawn, not fixed
-    same = _random_batch(dataset, 4, torch.Generator().manual_seed(3), random_padding=True)
-    again = _random_batch(dataset, 4, torch.Generator().manual_seed(3), random_padding=True)
+    same = pad_randomly(plain, 160, dataset.pad_id, torch.Generator().manual_seed(3))
+    again = pad_randomly(plain, 160, dataset.pad_id, torch.Generator().manual_seed(3))
     assert torch.equal(same["input_ids"], again["input_ids"])  # deterministic for the generator

@@ -1,7 +1,6 @@
 """`llada-trm pretrain` as a resumable run: exact resume, the output guard, init_from, target evaluations on
 the validation split, stop_at. Tiny shapes, so each run takes a second or two."""
 
-import signal
 from pathlib import Path
 
 import pytest
@@ -11,9 +10,9 @@ from safetensors.torch import load_file
 from llada_trm.data import SyntheticTaskConfig, generate_problems
 from llada_trm.data.synthetic import parse_solution
 from llada_trm.errors import CheckpointError, ConfigError
-from llada_trm.pretraining import export, load_pretrain_config, loop, pretrain
-from llada_trm.pretraining.metrics_csv import COLUMNS
-from llada_trm.pretraining.targets import target_metrics
+from llada_trm.pretraining import export, load_pretrain_config, pretrain, run
+from llada_trm.pretraining.targets import TARGET_COLUMNS, target_metrics
+from llada_trm.training.loop import Trainer
 
 TINY = [
     "model.d_model=32",
@@ -44,45 +43,49 @@ def tiny(out: Path, *extra: str):
     return load_pretrain_config(None, [*TINY, f"output.dir={out}", *extra])
 
 
-def rows(directory: Path) -> list[dict[str, str]]:
-    lines = (directory / "pretrain_metrics.csv").read_text().splitlines()
+def rows(directory: Path, name: str = "training") -> list[dict[str, str]]:
+    lines = (directory / f"{name}_metrics.csv").read_text().splitlines()
     header = lines[0].split(",")
     return [dict(zip(header, line.split(","), strict=True)) for line in lines[1:]]
 
 
 def without_time(table: list[dict[str, str]]) -> list[dict[str, str]]:
-    return [{k: v for k, v in row.items() if k != "elapsed_s"} for row in table]
+    return [{k: v for k, v in row.items() if k not in ("tokens_per_s", "elapsed_s")} for row in table]
 
 
 def test_an_interrupted_run_resumes_to_the_uninterrupted_run(tmp_path, monkeypatch):
-    straight = pretrain(tiny(tmp_path / "a"), progress=False)
-    assert straight.steps == 8 and not straight.interrupted
+    straight = pretrain(tiny(tmp_path / "a", "data.random_padding=true", "training.object_weight=5"),
+                        progress=False)  # fmt: skip
+    assert straight.steps == 8
 
-    step = loop._train_step
+    step = Trainer.train_step
     calls = []
 
-    def interrupt_after_five(*args, **kwargs):
-        result = step(*args, **kwargs)
+    def killed_in_step_six(self, batches):
         calls.append(1)
-        if len(calls) == 5:  # between the save at 3 and the one at 6, after the evaluation at 4
-            signal.raise_signal(signal.SIGINT)
-        return result
+        if len(calls) == 6:  # after the save at 3 and the evaluation at 4, before the save at 6
+            raise KeyboardInterrupt
+        return step(self, batches)
 
-    monkeypatch.setattr(loop, "_train_step", interrupt_after_five)
-    stopped = pretrain(tiny(tmp_path / "b"), progress=False)
-    assert stopped.interrupted and stopped.steps == 5
-    assert (tmp_path / "b.partial" / "checkpoint" / "trainer_state.pt").is_file()
+    monkeypatch.setattr(Trainer, "train_step", killed_in_step_six)
+    with pytest.raises(KeyboardInterrupt):
+        pretrain(tiny(tmp_path / "b", "data.random_padding=true", "training.object_weight=5"), progress=False)
+    assert (tmp_path / "b.partial" / "checkpoints" / "last" / "trainer_state.pt").is_file()
     assert not (tmp_path / "b").exists()
-    monkeypatch.setattr(loop, "_train_step", step)
+    monkeypatch.setattr(Trainer, "train_step", step)
 
+    b = ("data.random_padding=true", "training.object_weight=5")
     with pytest.raises(CheckpointError, match=r"--resume to continue it, or --force"):
-        pretrain(tiny(tmp_path / "b"), progress=False)
+        pretrain(tiny(tmp_path / "b", *b), progress=False)
     with pytest.raises(CheckpointError, match=r"cannot change on resume: training\.seed \(0 -> 1\)"):
-        pretrain(tiny(tmp_path / "b", "training.seed=1"), progress=False, resume=True)
-    resumed = pretrain(tiny(tmp_path / "b"), progress=False, resume=True)
+        pretrain(tiny(tmp_path / "b", *b, "training.seed=1"), progress=False, resume=True)
+    with pytest.raises(CheckpointError, match=r"cannot change on resume: training\.object_weight"):
+        pretrain(tiny(tmp_path / "b", "data.random_padding=true"), progress=False, resume=True)
+    resumed = pretrain(tiny(tmp_path / "b", *b), progress=False, resume=True)
     assert resumed.steps == 8 and not (tmp_path / "b.partial").exists()
 
-    assert without_time(rows(tmp_path / "b")) == without_time(rows(tmp_path / "a"))
+    for name in ("training", "validation"):
+        assert without_time(rows(tmp_path / "b", name)) == without_time(rows(tmp_path / "a", name))
     assert [row["step"] for row in rows(tmp_path / "b")] == [str(i) for i in range(1, 9)]
     a, b = load_file(tmp_path / "a" / "model.safetensors"), load_file(tmp_path / "b" / "model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
@@ -134,7 +137,7 @@ def test_init_from_keeps_the_backbones_tokenizer_and_weights(tmp_path):
 
 def test_evaluations_sample_the_validation_split_and_the_card_the_test_split(tmp_path, monkeypatch):
     seen: dict[str, list[list[str]]] = {"loop": [], "export": []}
-    for module, name in ((loop, "loop"), (export, "export")):
+    for module, name in ((run, "loop"), (export, "export")):
         original = module.sample_predictions
 
         def spy(model, tokenizer, records, evaluation, _original=original, _name=name):
@@ -149,9 +152,9 @@ def test_evaluations_sample_the_validation_split_and_the_card_the_test_split(tmp
     test = [r.question for r in generate_problems(task, 3, split="test")]
     assert seen["loop"] == [validation, validation]  # steps 4 and 8
     assert seen["export"] == [test]
-    table = rows(tmp_path / "out")
-    assert list(table[0]) == list(COLUMNS)
-    for name in ("eval_strict", "eval_masked_accuracy"):
+    table = rows(tmp_path / "out", "validation")
+    assert set(TARGET_COLUMNS) <= set(table[0])
+    for name in ("strict", "accuracy"):
         assert [row["step"] for row in table if row[name] != ""] == ["4", "8"]
         assert all(0.0 <= float(row[name]) <= 1.0 for row in table if row[name] != "")
 

@@ -58,7 +58,7 @@ SAMPLING_FLAGS = (
 
 def _cmd_pretrain(args: argparse.Namespace) -> int:
     from llada_trm.pretraining.config import load_pretrain_config
-    from llada_trm.pretraining.loop import pretrain
+    from llada_trm.pretraining.run import pretrain
 
     config = load_pretrain_config(args.config, _output_overrides(args, resume_dir=_pretrain_resume))
     result = pretrain(
@@ -69,8 +69,6 @@ def _cmd_pretrain(args: argparse.Namespace) -> int:
         command=_pretrain_command(args),
         echo=print,
     )
-    if result.interrupted:
-        return INTERRUPTED
     test = result.test["strict_interval"]
     print(
         f"saved {result.output_dir} ({result.parameters / 1e6:.2f}M parameters, {result.steps} steps): "

@@ -1,11 +1,11 @@
-"""`llada-trm pretrain`: train (or continue) the embedded tiny backbone, resumably, measuring its targets.
+"""`llada-trm pretrain`: train (or continue) a backbone as a run of the one training loop, measuring its targets.
 
-Modules: `config` (the schema), `model_setup` (new backbone or `model.init_from`), `loop` (the training
-loop, signals), `run_dir` (output guard, checkpoint, exact resume), `targets` (what an evaluation
-measures), `metrics_csv`, `export` (test-split figures, the saved backbone), `card` (its model card).
+Modules: `config` (the schema, and the run config it maps onto), `run` (the starting backbone, what the loop
+gets from a pretraining: datasets, token weights, random padding, validation targets, stop_at), `targets`
+(what an evaluation measures), `export` (test-split figures, the saved backbone), `card` (its model card).
 """
 
 from .config import PretrainConfig, load_pretrain_config
-from .loop import PretrainResult, pretrain
+from .run import PretrainResult, pretrain
 
 __all__ = ["PretrainConfig", "PretrainResult", "load_pretrain_config", "pretrain"]

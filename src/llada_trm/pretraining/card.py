@@ -84,15 +84,15 @@ def _limitations(test: Mapping[str, Any], masked: float) -> str:
 
 
 def model_card(
-    config: PretrainConfig, summary: Mapping[str, Any], vocab: int, rows: Sequence[Mapping]
+    config: PretrainConfig, summary: Mapping[str, Any], vocab: int, evaluated: Sequence[Mapping]
 ) -> str:
+    """The card; `evaluated`: the run's validation rows (their target columns, `targets.TARGET_COLUMNS`)."""
     arch, opt, ev, data = config.model, config.training, config.evaluation, config.data
     weighting = _object_weight(opt.object_weight)
     test = summary["test"]
     strict = test["strict_interval"]
     ops = "; ".join(f"{op} {_rate(test['arithmetic'][op])}" for op in OPERATIONS)
     command = summary["command"] or "`pretrain()` called from Python (the config is in pretrain_summary.json)"
-    evaluated = [row for row in rows if row.get("eval_strict") is not None]
     stop = f"{summary['steps']} steps"
     if summary["stopped_at_target"]:
         stop = (
@@ -100,11 +100,11 @@ def model_card(
             "target met on the validation problems"
         )
     curve = (
-        f"`pretrain_metrics.csv` logs the training loss every {opt.log_every} steps and {len(evaluated)} "
-        f"evaluations on {ev.n_problems} validation problems (every {opt.eval_every} steps and at the end): "
-        f"strict {_span(evaluated, 'eval_strict')}, entity copy {_span(evaluated, 'eval_entity_copy')}, "
-        f"line arithmetic {_span(evaluated, 'eval_line_arithmetic')}."
-        if evaluated else f"`pretrain_metrics.csv` logs the training loss every {opt.log_every} steps; no "
+        f"`training_metrics.csv` logs the training loss every {opt.log_every} steps, "
+        f"`validation_metrics.csv` {len(evaluated)} evaluations on {ev.n_problems} validation problems (every "
+        f"{opt.eval_every} steps and at the end): strict {_span(evaluated, 'strict')}, entity copy "
+        f"{_span(evaluated, 'entity_copy')}, line arithmetic {_span(evaluated, 'line_arithmetic')}."
+        if evaluated else f"`training_metrics.csv` logs the training loss every {opt.log_every} steps; no "
         "in-training evaluation ran (training.eval_every: 0)."
     )  # fmt: skip
     return f"""# llada-trm embedded default: tiny LLaDA backbone

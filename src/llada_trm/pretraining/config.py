@@ -1,7 +1,9 @@
 """The `llada-trm pretrain` settings: the backbone's shape (or the backbone it continues), the generated task,
 the optimiser and its checkpoints, the in-training target evaluation, and where the backbone goes.
 
-Sections mirror the run config's. `evaluation:` is the run config's sampler section (one definition of
+A pretraining is a run of the one training loop (`training.loop.Trainer`): `run_config` maps these settings
+onto the run config it trains (no refiner, the whole backbone trainable, AdamW's and the schedule's
+constants the loop's own). Sections mirror the run config's. `evaluation:` is the run config's sampler section (one definition of
 the sampler's settings, `diffusion.options.SamplingOptions`) with the main job's fast settings as defaults
 (threshold 0.9, prefix cache, gen 64, block 32) plus how many problems each evaluation answers.
 """
@@ -20,6 +22,7 @@ from llada_trm.config import (
     Int,
     NonNegInt,
     PosInt,
+    RunConfig,
     SamplingConfig,
     _Section,
     _to_float,
@@ -115,14 +118,17 @@ class StopAt(_Section):
 
 
 class OptimConfig(_Section):
-    """AdamW with linear warm-up and cosine decay to `min_lr_ratio` x lr; checkpoints and evaluations.
+    """The one loop's AdamW with linear warm-up and cosine decay to `min_lr_ratio` x lr (its weight decay,
+    betas and gradient clipping: `config.TrainingConfig`'s constants); checkpoints and evaluations.
 
-    `save_every` steps (and on SIGINT / SIGTERM) the run's state goes to `checkpoint_dir` (default
-    `<output.dir>.partial`), from which `--resume` continues it exactly. `eval_every` steps (and at the end)
-    the model is measured on the validation problems; 0 turns the in-training evaluations off.
+    `save_every` steps the run's state goes to `checkpoint_dir` (default `<output.dir>.partial`, a
+    `llada-trm train` run directory), from which `--resume` continues it exactly. `eval_every` steps (and at
+    the end) the model is measured on the validation problems; 0 turns the in-training evaluations off.
     `object_weight` multiplies the loss of the answer's object nouns (the task's items, e.g. " eggs"): at
     1 (LLaDA's loss) the embedded backbone never learnt to copy them from the question (13% of masked
-    object tokens right, chance 6%, after 9000 steps), at 5 a 300-step scout reached 67%.
+    object tokens right, chance 6%, after 9000 steps), at 5 a 300-step scout reached 67%. `masks`: the
+    noise the loss is taken on, the run config's `training.masks` (LLaDA's forward process, or e.g. the
+    answer-structure masks to fine-tune a backbone on what a block sampler leaves masked).
     """
 
     steps: PosInt = 3000
@@ -130,9 +136,8 @@ class OptimConfig(_Section):
     lr: Float = 2e-3
     min_lr_ratio: Fraction = 0.1
     warmup_steps: NonNegInt = 100
-    weight_decay: Float = 0.1
-    max_grad_norm: Float = 1.0
     object_weight: PositiveFloat = 1.0
+    masks: Literal["forward", "answer_structure"] = "forward"
     seed: Int = 0
     eval_every: NonNegInt = 250
     log_every: PosInt = 25
@@ -176,7 +181,7 @@ class PretrainConfig(_Section):
     output: PretrainOutputConfig = Field(default_factory=PretrainOutputConfig)
 
     def run_dir(self) -> Path:
-        """Where the unfinished run lives: its checkpoint and live metrics CSV."""
+        """Where the unfinished run lives: the one loop's run directory (checkpoints, metrics CSVs)."""
         if self.training.checkpoint_dir:
             return Path(self.training.checkpoint_dir)
         out = Path(self.output.dir)
@@ -184,6 +189,24 @@ class PretrainConfig(_Section):
 
     def plain(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
+
+    def run_config(self, backbone_dir: Path) -> RunConfig:
+        """The run of the one loop that trains this backbone (read from `backbone_dir`): no refiner, every
+        backbone tensor trained at `training.lr`, checkpoints and metrics CSVs in `run_dir()`."""
+        opt = self.training
+        epochs = -(-opt.steps * opt.batch_size // self.data.n_train) + 1  # enough that steps end the run
+        return RunConfig.model_validate({
+            "model": {"backbone": str(backbone_dir), "refiner": "none", "dtype": "float32"},
+            "data": {"max_length": self.data.max_length},  # the datasets themselves: `RunParts.datasets`
+            "training": {
+                "phase": 3, "lr": opt.lr, "batch_size": opt.batch_size, "num_epochs": epochs,
+                "max_steps": opt.steps, "warmup_steps": opt.warmup_steps, "min_lr_ratio": opt.min_lr_ratio,
+                "seed": opt.seed, "eval_every": opt.eval_every, "log_every": opt.log_every,
+                "save_every": opt.save_every, "masks": opt.masks, "mixed_precision": "fp32",
+            },
+            "training_params": {"trainable_modules": ["backbone"]},
+            "output": {"dir": str(self.run_dir()), "keep_last": 0},
+        })  # fmt: skip
 
 
 def load_pretrain_config(

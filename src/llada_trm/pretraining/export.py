@@ -2,13 +2,15 @@
 
 The test problems are the first `evaluation.n_test` of the generated task's test split, the ones
 `llada-trm compare` reports on; a hash check confirms that no training or validation problem is among
-them. The backbone, tokenizer, metrics CSV, summary, test predictions and card are swapped into
+them. The backbone, tokenizer, the run's metrics CSVs, summary, test predictions and card are swapped into
 `output.dir` whole (`io.atomic_directory`), and only then is the run directory (the checkpoint) removed.
-A backbone already in `output.dir` is archived first under --force (`run_dir.archive_output`), never deleted.
+A backbone already in `output.dir` is archived first under --force (`archive_output`), never deleted.
 """
 
 from __future__ import annotations
 
+import csv
+import shutil
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -21,18 +23,38 @@ from llada_trm.data.arithmetic import generate_task_records
 from llada_trm.data.disjoint import check_disjoint
 from llada_trm.evaluate.statistics import proportion
 from llada_trm.io import atomic_directory, remove_directory, write_json, write_jsonl, write_text_atomic
+from llada_trm.training.run_dir import archive_run_dir
 
 from .card import model_card
 from .config import PretrainConfig
-from .metrics_csv import METRICS_FILE, write_metrics
-from .model_setup import init_chain
-from .run_dir import PretrainState, archive_output
 from .targets import masked_accuracy, sample_predictions, target_metrics
 
-__all__ = ["PREDICTIONS_FILE", "SUMMARY_FILE", "export_backbone"]
+__all__ = ["METRICS_FILES", "PREDICTIONS_FILE", "SUMMARY_FILE", "export_backbone", "read_rows"]
 
 SUMMARY_FILE = "pretrain_summary.json"
 PREDICTIONS_FILE = "test_predictions.jsonl"
+METRICS_FILES = ("training_metrics.csv", "validation_metrics.csv")  # the run's, copied beside the backbone
+
+
+def read_rows(path: Path) -> list[dict[str, float | None]]:
+    """A metrics CSV's rows as numbers (an empty cell: None); [] when there is no such file."""
+    if not path.is_file():
+        return []
+    with path.open(newline="", encoding="utf-8") as handle:
+        return [{key: float(value) if value not in ("", None) else None for key, value in row.items()}
+                for row in csv.DictReader(handle)]  # fmt: skip
+
+
+def archive_output(config: PretrainConfig, *, force: bool) -> Path | None:
+    """Just before the finished backbone is written: check `output.dir` again (it may have appeared during
+    the run) and, with `force`, archive the backbone there; returns where it went."""
+    from .run import check_output
+
+    check_output(config, force=force)
+    out = Path(config.output.dir)
+    if not out.is_dir() or not any(out.iterdir()):
+        return None
+    return archive_run_dir(out)
 
 
 @torch.no_grad()
@@ -40,17 +62,20 @@ def export_backbone(  # noqa: PLR0913 - the run's parts, and --force for output.
     config: PretrainConfig,
     model: torch.nn.Module,
     tokenizer: Any,
-    state: PretrainState,
+    run_dir: Path,
+    state: Mapping[str, Any],
     splits: Mapping[str, Sequence[GSM8KRecord]],
     elapsed_training: float,
     *,
+    init_chain: list[dict[str, Any]],
     command: str | None,
     echo: Callable[[str], None],
     force: bool = False,
 ) -> dict[str, Any]:
     """Evaluate on the test split, write `output.dir`, remove the run directory; returns the summary.
 
-    `splits` holds the run's "train" and "validation" problems, checked to share none with the test ones.
+    `state` holds the run's "steps", "stopped_at_target" and "final_train_loss"; `splits` its "train" and
+    "validation" problems, checked to share none with the test ones.
     """
     started = time.perf_counter()
     test_records = generate_task_records(config.data.task(), config.evaluation.n_test, split="test")
@@ -72,13 +97,14 @@ def export_backbone(  # noqa: PLR0913 - the run's parts, and --force for output.
         "line_arithmetic": found["line_arithmetic"],
         "first_deviation": report["categories"],
     }
-    evaluated = [row for row in state.rows if row.get("eval_strict") is not None]
+    rows = read_rows(run_dir / METRICS_FILES[1])
+    evaluated = [row for row in rows if row.get("strict") is not None]
     summary = {
         "parameters": sum(p.numel() for p in model.parameters()),
-        "steps": state.step,
+        "steps": state["steps"],
         "planned_steps": config.training.steps,
-        "stopped_at_target": state.stopped_at_target,
-        "final_train_loss": state.rows[-1]["loss"] if state.rows else None,
+        "stopped_at_target": state["stopped_at_target"],
+        "final_train_loss": state["final_train_loss"],
         "eval_masked_accuracy_t0.5": masked,
         "eval_accuracy_strict": found["strict"],
         "eval_problems": len(test_records),
@@ -89,7 +115,7 @@ def export_backbone(  # noqa: PLR0913 - the run's parts, and --force for output.
         "elapsed_s": round(elapsed_training + time.perf_counter() - started, 1),
         "torch_threads": torch.get_num_threads(),
         "command": command,
-        "init_chain": init_chain(config),
+        "init_chain": init_chain,
         "split_check": split_check,
         "sampler": config.evaluation.options().to_dict(),
         "config": config.plain(),
@@ -105,11 +131,13 @@ def export_backbone(  # noqa: PLR0913 - the run's parts, and --force for output.
     with atomic_directory(out) as staging:
         model.to(getattr(torch, config.output.dtype)).save_pretrained(staging)
         save_tokenizer(tokenizer, staging)
-        write_metrics(staging / METRICS_FILE, state.rows)
+        for name in METRICS_FILES:
+            if (run_dir / name).is_file():
+                shutil.copyfile(run_dir / name, staging / name)
         write_json(staging / SUMMARY_FILE, summary)
         write_jsonl(staging / PREDICTIONS_FILE, predictions)
-        write_text_atomic(staging / "README.md", model_card(config, summary, len(tokenizer), state.rows))
-    remove_directory(config.run_dir())
+        write_text_atomic(staging / "README.md", model_card(config, summary, len(tokenizer), evaluated))
+    remove_directory(run_dir)
     return summary
 
 

@@ -55,7 +55,7 @@ def masked_accuracy(
         ids = batch["input_ids"]
         t = torch.full((ids.shape[0],), 0.5)
         noisy, masked, _ = forward_process(ids, batch["prompt_lengths"], mask_id, generator=generator, t=t)
-        logits = model(noisy).logits
+        logits = model(noisy.to(model.device)).logits.cpu()
         n = int(masked.sum())
         correct += float(masked_token_accuracy(logits, ids, masked)) * n
         total += n
@@ -76,6 +76,7 @@ def sample_predictions(
     for start in range(0, len(records), options.batch_size):
         chunk = records[start : start + options.batch_size]
         prompt, attention_mask = prompt_batch(tokenizer, [r.question for r in chunk])
+        prompt, attention_mask = prompt.to(model.device), attention_mask.to(model.device)
         result = sample(model, prompt, attention_mask, options, generator=generator)
         for record, text in zip(
             chunk, decode_generated(tokenizer, result.tokens, prompt.shape[1]), strict=True

@@ -151,6 +151,7 @@ __all__ = [
     "EpochSampler",
     "LogWindow",
     "RunOptimizer",
+    "RunParts",
     "Trainer",
     "TrainingModel",
     "WeightEMA",
@@ -173,18 +174,39 @@ __all__ = [
 logger = logging.getLogger("llada_trm")
 
 
+@dataclass(frozen=True)
+class RunParts:
+    """What a run other than refiner training brings to the loop (pretraining: `llada_trm.pretraining.run`);
+    each one left None keeps the loop's own, so a refiner run computes exactly what it did without them.
+
+    `datasets(tokenizer)`: the (train, validation) sets instead of `build_datasets(config.data)`.
+    `batch(batch, epoch, index)`: a micro-batch rewritten before its noise is drawn (e.g. padded, or given
+    `token_weights` [B, L], which the objective's loss multiplies); a pure function of its arguments, so a
+    resumed run rewrites the same batches. `validation(model, tokenizer)`: more columns for each validation
+    row (named in `validation_columns`). `stop(row)`: whether a validation row ends the run early (recorded
+    in the checkpoint: a resumed run that stopped trains no further).
+    """
+
+    datasets: Callable[[PreTrainedTokenizerBase], tuple[SFTDataset, SFTDataset | None]] | None = None
+    batch: Callable[[dict[str, Tensor], int, int], dict[str, Tensor]] | None = None
+    validation: Callable[[nn.Module, PreTrainedTokenizerBase], dict[str, Any]] | None = None
+    validation_columns: tuple[str, ...] = ()
+    stop: Callable[[Mapping[str, Any]], bool] | None = None
+
+
 class Trainer:
     """Builds the model, data, freezing plan, optimizer and schedule of a run, then trains it."""
 
     def __init__(
         self, config: RunConfig, *, progress: bool = True, force: bool = False,
-        allow_backbone_mismatch: bool = False,
+        allow_backbone_mismatch: bool = False, parts: RunParts | None = None,
     ):
         """`force`: a run already in `output.dir` is archived (`run_dir.claim_run_dir`); without it, a new
         run there refuses when `train()` starts (unless `resume()` continues that run).
         `allow_backbone_mismatch`: `training.init_from` and `resume` take a checkpoint trained on another
-        backbone (with a warning) instead of refusing it."""
+        backbone (with a warning) instead of refusing it. `parts`: see `RunParts`."""
         self.config = config
+        self.parts = parts or RunParts()
         self.progress = progress
         self.force = force
         self.allow_backbone_mismatch = allow_backbone_mismatch
@@ -219,7 +241,10 @@ class Trainer:
     def _setup_data(self) -> None:
         """Datasets, the resumable sampler and the loaders; the epoch geometry follows from them."""
         t = self.config.training
-        self.train_set, self.eval_set = build_datasets(self.config.data, self.tokenizer)
+        if self.parts.datasets is not None:
+            self.train_set, self.eval_set = self.parts.datasets(self.tokenizer)
+        else:
+            self.train_set, self.eval_set = build_datasets(self.config.data, self.tokenizer)
         self.sampler = EpochSampler(len(self.train_set), seed=t.seed, rank=rank(), world_size=world_size())
         progress = self.progress and is_main_process()
         # the masks first: a feature cache stores the draws of them
@@ -338,7 +363,7 @@ class Trainer:
             save_config(cfg, self.output_dir / "config.yaml")
             self.train_csv = MetricsWriter(self.output_dir / "training_metrics.csv", TRAIN_COLUMNS)
             val_path = self.output_dir / "validation_metrics.csv"
-            self.val_csv = MetricsWriter(val_path, validation_columns(cfg))
+            self.val_csv = MetricsWriter(val_path, validation_columns(cfg) + list(self.parts.validation_columns))
             self.train_csv.truncate_after(self.state.step)
             self.val_csv.truncate_after(self.state.step)
             self.tensorboard = TensorBoardLog.for_run(
@@ -367,7 +392,7 @@ class Trainer:
         self._evaluated_at = -1
         try:
             with anomaly:
-                while self.state.step < stop_at and self.state.epoch < t.num_epochs:
+                while self.state.step < stop_at and self.state.epoch < t.num_epochs and not self._stopped():
                     self._run_epoch(stop_at, bar)
                     if self.state.batches_in_epoch >= self.micro_per_epoch:
                         self.state.epoch += 1
@@ -381,7 +406,12 @@ class Trainer:
         return self.summary(time.perf_counter() - started)
 
     def _finished(self) -> bool:
-        return self.state.step >= self.total_steps or self.state.epoch >= self.config.training.num_epochs
+        t = self.config.training
+        return self.state.step >= self.total_steps or self.state.epoch >= t.num_epochs or self._stopped()
+
+    def _stopped(self) -> bool:
+        """Whether `RunParts.stop` ended the run at a validation."""
+        return bool(self.state.extra.get("stopped_early"))
 
     def _run_epoch(self, stop_at: int, bar: Any) -> None:
         """Consume the rest of the current epoch, or stop once `stop_at` optimizer steps are done."""
@@ -397,6 +427,9 @@ class Trainer:
             if self.eval_loader is not None and t.eval_every and step % t.eval_every == 0:
                 self._validate_and_track_best()
                 self._evaluated_at = step
+                if self.parts.stop is not None and self.last_val_row and self.parts.stop(self.last_val_row):
+                    self.state.extra["stopped_early"] = step
+                    return
             if t.save_every and step % t.save_every == 0 and step < stop_at:  # `train` saves the end
                 self._save("last")
             if step >= stop_at:
@@ -429,6 +462,8 @@ class Trainer:
         The loss is read back once (every rank must stop on a non-finite loss before the next all-reduce);
         every other term and statistic stays on the device until the logging step (`metrics.LogWindow`).
         """
+        if self.parts.batch is not None:
+            batch = self.parts.batch(dict(batch), self.state.epoch, self.state.batches_in_epoch)
         from_states = STATE_KEYS[0] in batch  # a sampler-state batch brings its own noise
         noise = None if self.feature_cache is not None or from_states else self._draw_noise(batch)
         batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
@@ -530,6 +565,8 @@ class Trainer:
                 ))  # fmt: skip
             if row and self.sampled_validation is not None:
                 row.update(self.sampled_validation(self.model, self.tokenizer))
+            if row and self.parts.validation is not None:
+                row.update(self.parts.validation(self.model, self.tokenizer))
         return {"step": self.state.step, "epoch": self._epoch_progress(), **row} if row else {}
 
     def reachability(self, max_batches: int | None = None) -> dict[str, Any]:

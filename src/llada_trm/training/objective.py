@@ -213,8 +213,10 @@ def _loss_terms(
     """Every term of L (the module docstring) for one output, with graph."""
     input_ids, answer_lengths = batch["input_ids"], batch["answer_lengths"]
 
+    token_weights = batch.get("token_weights")  # e.g. pretraining's object nouns; None: LLaDA's loss
+
     def sft_loss(logits: Tensor) -> Tensor:
-        return masked_diffusion_loss(logits, input_ids, masked, p_mask, answer_lengths)
+        return masked_diffusion_loss(logits, input_ids, masked, p_mask, answer_lengths, token_weights=token_weights)
 
     loss_final = sft_loss(output.logits)
     zero = loss_final.new_zeros(())
