@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import stat
 import subprocess
 import sys
@@ -23,9 +22,9 @@ from tiny_assets import run_config, tiny_backbone
 from llada_trm.cli import main
 from llada_trm.errors import CheckpointError, ConfigError
 from llada_trm.io import atomic_directory, atomic_path, write_text_atomic
-from llada_trm.pretraining import loop, pretrain
-from llada_trm.pretraining import run_dir as pretrain_run_dir
+from llada_trm.pretraining import pretrain
 from llada_trm.run_checkpoint import load_trainer_state, resolve_checkpoint_dir, save_checkpoint
+from llada_trm.training.loop import Trainer
 from llada_trm.training.run_dir import RunLock
 
 
@@ -73,7 +72,7 @@ def test_pretrain_never_deletes_a_checkpoint_dir_it_did_not_make(tmp_path, capsy
     mine = tmp_path / "home"
     before = precious(mine)
     for force in (False, True):
-        with pytest.raises(ConfigError, match=r"home is not empty and not a pretraining run's"):
+        with pytest.raises(ConfigError, match=r"home is not empty and holds no run"):
             pretrain(tiny(tmp_path / "out", f"training.checkpoint_dir={mine}"), progress=False, force=force)
         assert snapshot(mine) == before
     argv = ["pretrain", "--no-progress", "--out", str(tmp_path / "out"), "--set",
@@ -135,20 +134,20 @@ def test_cache_rebuild_keeps_a_cache_holding_anything_else(tmp_path):
 
 
 def interrupted_pretrain(out: Path, monkeypatch) -> None:
-    """A pretraining run stopped by SIGINT at step 5 (its checkpoint from step 3 in OUT.partial)."""
-    step = loop._train_step
+    """A pretraining run killed in step 6 (its checkpoint from step 3 in OUT.partial)."""
+    step = Trainer.train_step
     calls = []
 
-    def interrupt_after_five(*args, **kwargs):
-        result = step(*args, **kwargs)
+    def killed_in_step_six(self, batches):
         calls.append(1)
-        if len(calls) == 5:
-            signal.raise_signal(signal.SIGINT)
-        return result
+        if len(calls) == 6:
+            raise KeyboardInterrupt
+        return step(self, batches)
 
-    monkeypatch.setattr(loop, "_train_step", interrupt_after_five)
-    assert pretrain(tiny(out), progress=False).interrupted
-    monkeypatch.setattr(loop, "_train_step", step)
+    monkeypatch.setattr(Trainer, "train_step", killed_in_step_six)
+    with pytest.raises(KeyboardInterrupt):
+        pretrain(tiny(out), progress=False)
+    monkeypatch.setattr(Trainer, "train_step", step)
 
 
 def test_pretrain_force_archives_the_backbone_and_the_unfinished_run(tmp_path, monkeypatch):
@@ -157,7 +156,7 @@ def test_pretrain_force_archives_the_backbone_and_the_unfinished_run(tmp_path, m
     partial = snapshot(tmp_path / "backbone.partial")
     pretrain(tiny(out, "training.steps=2", f"training.checkpoint_dir={tmp_path / 'other'}"), progress=False)
     backbone = snapshot(out)
-    assert "checkpoint/model.safetensors" in partial
+    assert "checkpoints/last/model.safetensors" in partial
 
     result = pretrain(tiny(out, "training.steps=2"), progress=False, force=True)
     assert result.steps == 2 and not (tmp_path / "backbone.partial").exists()
@@ -248,21 +247,21 @@ def test_only_its_own_run_restarts_from_scratch(tmp_path):
     assert not restarts_from_scratch(tmp_path / "missing", tmp_path / "missing")  # the reader's error
 
 
-def test_a_pretrain_killed_before_its_first_checkpoint_resumes(tmp_path, monkeypatch):
+def test_a_pretrain_killed_before_its_first_checkpoint_resumes(tmp_path, monkeypatch, capsys):
     out = tmp_path / "backbone"
 
     def killed(*_args, **_kwargs):
         raise SystemExit("killed (simulated)")
 
-    monkeypatch.setattr(pretrain_run_dir, "save", killed)  # dies at its first save, after logging rows
+    monkeypatch.setattr(Trainer, "_save", killed)  # dies at its first save, after logging rows
     with pytest.raises(SystemExit):
         pretrain(tiny(out, "training.steps=4"), progress=False)
     monkeypatch.undo()
     partial = tmp_path / "backbone.partial"
-    assert (partial / "pretrain_metrics.csv").is_file() and not (partial / "checkpoint").exists()
-    lines: list[str] = []
-    result = pretrain(tiny(out, "training.steps=4"), progress=False, resume=True, echo=lines.append)
-    assert result.steps == 4 and "starting it again from step 0" in lines[0]
+    assert (partial / "training_metrics.csv").is_file() and not (partial / "checkpoints").exists()
+    capsys.readouterr()
+    result = pretrain(tiny(out, "training.steps=4"), progress=False, resume=True)
+    assert result.steps == 4 and "starting it again from step 0" in capsys.readouterr().out
     straight = tmp_path / "straight"
     pretrain(tiny(straight, "training.steps=4"), progress=False)
     a, b = load_file(out / "model.safetensors"), load_file(straight / "model.safetensors")

@@ -130,6 +130,6 @@ def test_pretrain_piped_prints_plain_lines(tmp_path, capfd):
     assert main(["pretrain", *sets, "--out", str(tmp_path / "backbone")]) == 0
     err = capfd.readouterr().err
     assert "\r" not in err
-    lines = [line for line in err.splitlines() if line.startswith("pretrain: step ")]
+    lines = [line for line in err.splitlines() if line.startswith("train: step ")]  # the one loop's
     assert [line.split()[2] for line in lines] == ["2/4", "4/4"], err
     assert ", loss " in lines[0] and ", lr " in lines[0] and "ETA" in lines[0]
