@@ -108,3 +108,19 @@ def test_random_padding_draws_each_batch_length_between_its_longest_and_max_leng
     same = pad_randomly(plain, 160, dataset.pad_id, torch.Generator().manual_seed(3))
     again = pad_randomly(plain, 160, dataset.pad_id, torch.Generator().manual_seed(3))
     assert torch.equal(same["input_ids"], again["input_ids"])  # deterministic for the generator
+
+
+def test_convert_drops_the_optimiser_keys_pretraining_no_longer_sets():
+    from llada_trm.convert import convert_config
+
+    old = {"model": {"d_model": 32}, "training": {"steps": 5, "weight_decay": 0.1, "max_grad_norm": 1.0},
+           "evaluation": {"n_problems": 2}}  # fmt: skip
+    with pytest.raises(ConfigError, match=r"training\.weight_decay: a retired setting"):
+        load_pretrain_config(None, ["training.weight_decay=0.1"])
+    converted = convert_config(old, "old.yaml")
+    assert converted.dropped == ["training.max_grad_norm"]  # the one loop's clipping norm, unchanged
+    assert len(converted.warnings) == 1 and "training.weight_decay=0.1 dropped" in converted.warnings[0]
+    assert converted.data == {"model": {"d_model": 32}, "training": {"steps": 5},
+                              "evaluation": {"n_problems": 2}}  # fmt: skip
+    bare = convert_config({"training": {"steps": 3, "weight_decay": 0.1}})  # no evaluation section: still one
+    assert bare.data == {"training": {"steps": 3}} and "pretraining runs the one" in bare.warnings[0]

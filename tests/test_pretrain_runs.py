@@ -187,3 +187,36 @@ def test_stop_at_ends_training_at_the_first_evaluation_meeting_every_target(tmp_
     assert [row["step"] for row in rows(tmp_path / "met")][-1] == "4"
     unmet = pretrain(tiny(tmp_path / "unmet", "training.stop_at.strict_min=1.0"), progress=False)
     assert not unmet.stopped_at_target and unmet.steps == 8
+
+
+def test_a_pretraining_trains_on_the_runs_training_masks(tmp_path, monkeypatch):
+    """`training.masks` reaches the one loop: a backbone fine-tuned on answer-structure masks draws them
+    (p_mask 1, the targeted masks' weight) for every training row, not LLaDA's forward process."""
+    from llada_trm.diffusion.forward_process import TrainingMasks
+
+    drawn: list[tuple[str, torch.Tensor]] = []
+    original = TrainingMasks.draw
+
+    def spy(self, batch, examples, draws):
+        noise = original(self, batch, examples, draws)
+        drawn.append((self.distribution.kind, noise[2]))
+        return noise
+
+    monkeypatch.setattr(TrainingMasks, "draw", spy)
+    pretrain(tiny(tmp_path / "a", "training.steps=2", "training.masks=answer_structure"), progress=False)
+    assert len(drawn) >= 2 and {kind for kind, _ in drawn} == {"answer_structure"}
+    assert all(bool((p_mask == 1).all()) for _, p_mask in drawn)
+
+
+def test_a_run_of_the_old_pretraining_loop_is_refused_by_name_and_archived_with_force(tmp_path):
+    partial = tmp_path / "out.partial"
+    (partial / "checkpoint").mkdir(parents=True)
+    (partial / "checkpoint" / "config.yaml").write_text("model: {}\n")
+    (partial / ".pretrain-run").write_text("{}")
+    for resume in (False, True):
+        with pytest.raises(CheckpointError, match=r"pretraining's own loop .*--force"):
+            pretrain(tiny(tmp_path / "out"), progress=False, resume=resume)
+    assert (partial / "checkpoint" / "config.yaml").is_file()
+    pretrain(tiny(tmp_path / "out", "training.steps=1", "training.eval_every=0"), progress=False, force=True)
+    archived = list(tmp_path.glob("out.partial.old-*"))
+    assert len(archived) == 1 and (archived[0] / "checkpoint" / "config.yaml").is_file()

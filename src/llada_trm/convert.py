@@ -8,6 +8,9 @@ names them, so the schema refuses it with one line that names this command. Conv
 - drops every retired key whose value equals the fixed one, silently (the run is the same run);
 - drops a retired key set to another value with a `warning:` line (the converted run uses the fixed value);
 - rewrites the legacy `model.halt_on_confidence: true|false` as `model.halting: confidence|none`;
+- in a pretrain config (`llada-trm pretrain`'s, with its `evaluation:` section), drops the optimiser keys
+  that pretraining no longer sets (`PRETRAIN_RETIRED`: it runs the one training loop, whose AdamW constants
+  apply), with a `warning:` line where the value differed;
 - checks that the result validates, and only then writes it.
 
 A YAML file becomes a new YAML file; a directory (a run's `output.dir`, a checkpoint directory, a
@@ -64,14 +67,20 @@ class Conversion:
         return bool(self.dropped or self.warnings or self.renamed)
 
 
+PRETRAIN_RETIRED = ("training.weight_decay", "training.max_grad_norm")
+"""Pretrain-config keys gone with pretraining's own loop; the one loop's `TrainingConfig` constants apply."""
+
+
 def convert_config(raw: Mapping[str, Any], source: str = "<config>") -> Conversion:
-    """Convert one old run config or compare config (a raw mapping as read from YAML); the result
-    validates against the current schema (else a one-line `ConfigError` naming `source`)."""
+    """Convert one old run config, compare config or pretrain config (a raw mapping as read from YAML); the
+    result validates against the current schema (else a one-line `ConfigError` naming `source`)."""
     if not isinstance(raw, Mapping):
         raise ConfigError(f"{source}: expected a mapping of sections at the top level")
     fixed = {**retired_settings(), **health_thresholds()}
     data = _copy(raw)
     result = Conversion(data)
+    if _is_pretrain(data):
+        return _convert_pretrain(data, result, source)
     compare = "run" in data or "arms" in data or "refiners" in data
     runs: list[tuple[str, dict[str, Any]]] = []
     if compare:
@@ -118,6 +127,36 @@ def _convert_run(run: dict[str, Any], prefix: str, fixed: Mapping[str, Any], res
             result.warnings.append(
                 f"{prefix}{key}={_show(value)} dropped: {shown} (docs/settings.md); the converted run uses it"
             )
+
+
+def _is_pretrain(data: Mapping[str, Any]) -> bool:
+    """Whether a config is `llada-trm pretrain`'s: its `evaluation:` section, or a key only it has."""
+    only = {"model": ("d_model", "n_layers", "init_from"), "data": ("n_train", "vocab_size"),
+            "training": ("steps", "object_weight", "stop_at")}  # fmt: skip
+    return "evaluation" in data or any(
+        isinstance(data.get(section), Mapping) and any(key in data[section] for key in keys)
+        for section, keys in only.items()
+    )
+
+
+def _convert_pretrain(data: dict[str, Any], result: Conversion, source: str) -> Conversion:
+    from llada_trm.config import TrainingConfig
+    from llada_trm.pretraining.config import PretrainConfig
+
+    for key in PRETRAIN_RETIRED:
+        found, value = _pop(data, key, prune=True)
+        if not found:
+            continue
+        now = getattr(TrainingConfig, key.split(".")[1])
+        if _same(value, now):
+            result.dropped.append(key)
+        else:
+            result.warnings.append(
+                f"{key}={_show(value)} dropped: pretraining runs the one training loop, whose AdamW uses "
+                f"{_show(now)}; the converted run uses it"
+            )
+    parse_config(data, source=f"{source} (converted)", schema=PretrainConfig)
+    return result
 
 
 def _validate(data: dict[str, Any], compare: bool, source: str) -> None:

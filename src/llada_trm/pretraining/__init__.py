@@ -1,4 +1,4 @@
-"""`llada-trm pretrain`: train (or continue) a backbone as a run of the one training loop, measuring its targets.
+"""`llada-trm pretrain`: train (or continue) a backbone as a run of the one training loop, with its targets.
 
 Modules: `config` (the schema, and the run config it maps onto), `run` (the starting backbone, what the loop
 gets from a pretraining: datasets, token weights, random padding, validation targets, stop_at), `targets`

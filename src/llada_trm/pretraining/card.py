@@ -101,8 +101,8 @@ def model_card(
         )
     curve = (
         f"`training_metrics.csv` logs the training loss every {opt.log_every} steps, "
-        f"`validation_metrics.csv` {len(evaluated)} evaluations on {ev.n_problems} validation problems (every "
-        f"{opt.eval_every} steps and at the end): strict {_span(evaluated, 'strict')}, entity copy "
+        f"`validation_metrics.csv` {len(evaluated)} evaluations on {ev.n_problems} validation problems "
+        f"(every {opt.eval_every} steps and at the end): strict {_span(evaluated, 'strict')}, entity copy "
         f"{_span(evaluated, 'entity_copy')}, line arithmetic {_span(evaluated, 'line_arithmetic')}."
         if evaluated else f"`training_metrics.csv` logs the training loss every {opt.log_every} steps; no "
         "in-training evaluation ran (training.eval_every: 0)."

@@ -3,9 +3,10 @@ the optimiser and its checkpoints, the in-training target evaluation, and where 
 
 A pretraining is a run of the one training loop (`training.loop.Trainer`): `run_config` maps these settings
 onto the run config it trains (no refiner, the whole backbone trainable, AdamW's and the schedule's
-constants the loop's own). Sections mirror the run config's. `evaluation:` is the run config's sampler section (one definition of
-the sampler's settings, `diffusion.options.SamplingOptions`) with the main job's fast settings as defaults
-(threshold 0.9, prefix cache, gen 64, block 32) plus how many problems each evaluation answers.
+constants the loop's own). Sections mirror the run config's. `evaluation:` is the run config's sampler
+section (one definition of the sampler's settings, `diffusion.options.SamplingOptions`) with the main
+job's fast settings as defaults (threshold 0.9, prefix cache, gen 64, block 32) plus how many problems each
+evaluation answers.
 """
 
 from __future__ import annotations

@@ -40,7 +40,14 @@ from llada_trm.errors import CheckpointError, ConfigError
 from llada_trm.io import atomic_directory, remove_directory, write_text_atomic
 from llada_trm.training.loop import RunParts, Trainer
 from llada_trm.training.resume_config import flatten_settings, refuse_changes
-from llada_trm.training.run_dir import LOCK_FILE, RunDirError, RunLock, archive_run_dir, claim_run_dir, has_run
+from llada_trm.training.run_dir import (
+    LOCK_FILE,
+    RunDirError,
+    RunLock,
+    archive_run_dir,
+    claim_run_dir,
+    has_run,
+)
 
 from .config import ArchitectureConfig, PretrainConfig
 from .export import export_backbone
@@ -49,6 +56,7 @@ from .targets import TARGET_COLUMNS, sample_predictions, target_metrics, targets
 __all__ = ["PretrainResult", "object_token_ids", "object_weights", "pad_randomly", "pretrain"]
 
 Echo = Callable[[str], None]
+OLD_LAYOUT = (".pretrain-run", "checkpoint")  # a run of pretraining's own loop, before issue 25
 INITIAL = "initial_backbone"  # a from-scratch run's random weights and new tokenizer, in the run directory
 SETTINGS = "pretrain.yaml"  # the pretrain config a resume is checked against
 SHAPE_FIELDS = ("d_model", "n_layers", "n_heads", "n_kv_heads", "mlp_hidden_size", "max_sequence_length",
@@ -108,7 +116,7 @@ def pretrain(
     if resume and has_run(run_dir):
         trainer.resume(run_dir)
     summary = trainer.train()
-    stopped = trainer._stopped()
+    stopped = bool(trainer.state.extra.get("stopped_early"))
     if stopped:
         say(f"every training.stop_at target met at step {trainer.state.step}: stopping early")
     backbone = trainer.model.backbone.eval()
@@ -120,9 +128,10 @@ def pretrain(
         time.perf_counter() - started, init_chain=init_chain(config), command=command, echo=say, force=force,
     )  # fmt: skip
     test = exported["test"]
-    return PretrainResult(Path(config.output.dir), exported["parameters"], trainer.state.step,
-                          float(summary["train_loss"] or float("nan")), exported["eval_masked_accuracy_t0.5"],
-                          test["strict"], exported["elapsed_s"], stopped_at_target=stopped, test=test)  # fmt: skip
+    loss = float("nan") if summary["train_loss"] is None else float(summary["train_loss"])
+    return PretrainResult(Path(config.output.dir), exported["parameters"], trainer.state.step, loss,
+                          exported["eval_masked_accuracy_t0.5"], test["strict"], exported["elapsed_s"],
+                          stopped_at_target=stopped, test=test)  # fmt: skip
 
 
 # ------------------------------------------------------------------------------------ directories
@@ -167,7 +176,14 @@ def _claim_run_dir(config: PretrainConfig, *, resume: bool, force: bool, say: Ec
     holder = RunLock(run_dir).holder() if run_dir.is_dir() else None
     if holder is not None:
         raise RunDirError(f"{run_dir}: {holder}; wait for it to finish, or set training.checkpoint_dir")
-    ours = {LOCK_FILE, INITIAL, SETTINGS}
+    old = run_dir.is_dir() and any((run_dir / name).exists() for name in OLD_LAYOUT)
+    if old and not force:
+        raise CheckpointError(
+            f"{run_dir} holds a run of pretraining's own loop (before issue 25), which the one training loop "
+            "cannot continue: finish it with llada-trm from before that change, or start over with --force "
+            f"(archives it as {run_dir.name}.old-<timestamp>)"
+        )
+    ours = {LOCK_FILE, INITIAL, SETTINGS, *OLD_LAYOUT}
     foreign = run_dir.is_dir() and not has_run(run_dir) and any(p.name not in ours for p in run_dir.iterdir())
     if foreign:
         raise ConfigError(
@@ -190,7 +206,7 @@ def _claim_run_dir(config: PretrainConfig, *, resume: bool, force: bool, say: Ec
             f"{run_dir} holds an unfinished run; pass --resume to continue it, or --force to archive it "
             f"(renamed to {run_dir.name}.old-<timestamp>) and start over"
         )
-    if has_run(run_dir):
+    if has_run(run_dir) or old:
         say(f"{run_dir} held an unfinished run: archived it as {archive_run_dir(run_dir)} (--force)")
     else:  # a run killed before its loop started: its start is built again, from this config
         remove_directory(run_dir / INITIAL)
@@ -296,8 +312,6 @@ def _run_parts(
         return rows if weights is None else {**rows, "token_weights": weights}
 
     def validation(model: torch.nn.Module, tok: Any) -> dict[str, Any]:
-        if not config.evaluation.n_problems:
-            return {}
         problems = val_records[: config.evaluation.n_problems]
         found = target_metrics(sample_predictions(model.backbone, tok, problems, config.evaluation))
         return {name: found[name] for name in TARGET_COLUMNS}

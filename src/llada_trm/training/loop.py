@@ -363,7 +363,8 @@ class Trainer:
             save_config(cfg, self.output_dir / "config.yaml")
             self.train_csv = MetricsWriter(self.output_dir / "training_metrics.csv", TRAIN_COLUMNS)
             val_path = self.output_dir / "validation_metrics.csv"
-            self.val_csv = MetricsWriter(val_path, validation_columns(cfg) + list(self.parts.validation_columns))
+            columns = validation_columns(cfg) + list(self.parts.validation_columns)
+            self.val_csv = MetricsWriter(val_path, columns)
             self.train_csv.truncate_after(self.state.step)
             self.val_csv.truncate_after(self.state.step)
             self.tensorboard = TensorBoardLog.for_run(

@@ -216,7 +216,9 @@ def _loss_terms(
     token_weights = batch.get("token_weights")  # e.g. pretraining's object nouns; None: LLaDA's loss
 
     def sft_loss(logits: Tensor) -> Tensor:
-        return masked_diffusion_loss(logits, input_ids, masked, p_mask, answer_lengths, token_weights=token_weights)
+        return masked_diffusion_loss(
+            logits, input_ids, masked, p_mask, answer_lengths, token_weights=token_weights
+        )
 
     loss_final = sft_loss(output.logits)
     zero = loss_final.new_zeros(())
