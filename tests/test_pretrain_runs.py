@@ -220,3 +220,28 @@ def test_a_run_of_the_old_pretraining_loop_is_refused_by_name_and_archived_with_
     pretrain(tiny(tmp_path / "out", "training.steps=1", "training.eval_every=0"), progress=False, force=True)
     archived = list(tmp_path.glob("out.partial.old-*"))
     assert len(archived) == 1 and (archived[0] / "checkpoint" / "config.yaml").is_file()
+
+
+def test_the_loops_loss_weights_object_nouns_and_trains_on_random_padding(tmp_path, monkeypatch):
+    """What `RunParts.batch` adds reaches the one loop's objective: the object-noun weights, and batches
+    EOS-padded past their longest example (every row's last position is padding)."""
+    from llada_trm.training import objective
+
+    seen: list[tuple[torch.Tensor, torch.Tensor | None]] = []
+    original = objective.masked_diffusion_loss
+
+    def spy(logits, target_ids, *args, token_weights=None, **kwargs):
+        seen.append((target_ids, token_weights))
+        return original(logits, target_ids, *args, token_weights=token_weights, **kwargs)
+
+    monkeypatch.setattr(objective, "masked_diffusion_loss", spy)
+    pretrain(tiny(tmp_path / "a", "training.steps=3", "training.eval_every=0", "training.object_weight=5",
+                  "data.random_padding=true"), progress=False)  # fmt: skip
+    assert len(seen) == 3
+    tails = []
+    for ids, weights in seen:
+        assert weights is not None and set(weights.unique().tolist()) <= {1.0, 5.0}
+        assert bool((weights == 5.0).any())  # every batch names some object
+        eos = (ids == ids[0, -1]).all(dim=0).flip(0)  # columns that are EOS in every row, from the end
+        tails.append(int(eos.cumprod(0).sum()))
+    assert max(tails) > 2  # padded past the longest row (its own EOS ends it), by a drawn length
