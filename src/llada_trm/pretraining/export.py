@@ -21,6 +21,7 @@ import torch
 from llada_trm.data import GSM8KRecord, SFTDataset, save_tokenizer, special_token_ids
 from llada_trm.data.arithmetic import generate_task_records
 from llada_trm.data.disjoint import check_disjoint
+from llada_trm.errors import ConfigError
 from llada_trm.evaluate.statistics import proportion
 from llada_trm.io import atomic_directory, remove_directory, write_json, write_jsonl, write_text_atomic
 from llada_trm.training.run_dir import archive_run_dir
@@ -29,7 +30,8 @@ from .card import model_card
 from .config import PretrainConfig
 from .targets import masked_accuracy, sample_predictions, target_metrics
 
-__all__ = ["METRICS_FILES", "PREDICTIONS_FILE", "SUMMARY_FILE", "export_backbone", "read_rows"]
+__all__ = ["METRICS_FILES", "PREDICTIONS_FILE", "SUMMARY_FILE", "archive_output", "check_output",
+           "export_backbone", "read_rows"]  # fmt: skip
 
 SUMMARY_FILE = "pretrain_summary.json"
 PREDICTIONS_FILE = "test_predictions.jsonl"
@@ -45,11 +47,32 @@ def read_rows(path: Path) -> list[dict[str, float | None]]:
                 for row in csv.DictReader(handle)]  # fmt: skip
 
 
+def check_output(config: PretrainConfig, *, force: bool) -> None:
+    """Refuse to replace an existing backbone (the shipped one included) unless `--force` was given, and
+    refuse even then a folder that is not a model directory (no config.json): --force archives a backbone,
+    it never moves an unrelated folder away."""
+    out = Path(config.output.dir)
+    if not out.exists() and not out.is_symlink():
+        return
+    if not out.is_dir():
+        raise ConfigError(f"output.dir {out} is a file, not a directory; pass --out DIR for a new one")
+    if not any(out.iterdir()):
+        return
+    if not force:
+        raise ConfigError(
+            f"output.dir {out} already exists (a backbone, e.g. the shipped one); pass --out DIR for a "
+            f"new one, or --force to archive it (renamed to {out.name}.old-<timestamp>) and write anew"
+        )
+    if not (out / "config.json").is_file():
+        raise ConfigError(
+            f"output.dir {out} is not empty and holds no backbone (no config.json); --force archives only "
+            "a backbone: pass --out DIR for a new or empty directory"
+        )
+
+
 def archive_output(config: PretrainConfig, *, force: bool) -> Path | None:
     """Just before the finished backbone is written: check `output.dir` again (it may have appeared during
     the run) and, with `force`, archive the backbone there; returns where it went."""
-    from .run import check_output
-
     check_output(config, force=force)
     out = Path(config.output.dir)
     if not out.is_dir() or not any(out.iterdir()):

@@ -50,7 +50,7 @@ from llada_trm.training.run_dir import (
 )
 
 from .config import ArchitectureConfig, PretrainConfig
-from .export import export_backbone
+from .export import check_output, export_backbone
 from .targets import TARGET_COLUMNS, sample_predictions, target_metrics, targets_met
 
 __all__ = ["PretrainResult", "object_token_ids", "object_weights", "pad_randomly", "pretrain"]
@@ -135,29 +135,6 @@ def pretrain(
 
 
 # ------------------------------------------------------------------------------------ directories
-
-def check_output(config: PretrainConfig, *, force: bool) -> None:
-    """Refuse to replace an existing backbone (the shipped one included) unless `--force` was given, and
-    refuse even then a folder that is not a model directory (no config.json): --force archives a backbone,
-    it never moves an unrelated folder away."""
-    out = Path(config.output.dir)
-    if not out.exists() and not out.is_symlink():
-        return
-    if not out.is_dir():
-        raise ConfigError(f"output.dir {out} is a file, not a directory; pass --out DIR for a new one")
-    if not any(out.iterdir()):
-        return
-    if not force:
-        raise ConfigError(
-            f"output.dir {out} already exists (a backbone, e.g. the shipped one); pass --out DIR for a "
-            f"new one, or --force to archive it (renamed to {out.name}.old-<timestamp>) and write anew"
-        )
-    if not (out / "config.json").is_file():
-        raise ConfigError(
-            f"output.dir {out} is not empty and holds no backbone (no config.json); --force archives only "
-            "a backbone: pass --out DIR for a new or empty directory"
-        )
-
 
 def _claim_run_dir(config: PretrainConfig, *, resume: bool, force: bool, say: Echo) -> Path:
     """The run directory, checked: apart from `output.dir`, not another process's, a run's (or empty: the
