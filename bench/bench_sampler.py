@@ -153,7 +153,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="only the LLaDA-8B-width mode: K=4 selective overhead and LM-head cost vs "
                         "floor, extrapolated to 32 layers (bench/sampler_wide.py)")
     parser.add_argument("--wide-layers", type=int, default=2)
-    parser.add_argument("--halting", default=None, choices=("confidence", "learned", "none"),
+    parser.add_argument("--halting", default=None, choices=("confidence", "none"),
                         help="the refiners' halting rule with --wide (default none: the recipe)")
     parser.add_argument("--wide-selection", default="all", choices=("all", "confidence"),
                         help="chunk selection with --wide (default all: the recipe)")

@@ -34,6 +34,7 @@ from llada_trm.config import load_config
 from llada_trm.diffusion.options import SamplingOptions
 from llada_trm.diffusion.sampler import sample
 from llada_trm.hybrid.model import LLaDATRMHybrid
+from llada_trm.refiners.config import mlp_parameter_count
 
 NONE = "no refiner"
 
@@ -60,11 +61,15 @@ def build(args: argparse.Namespace, config_path: Any) -> LLaDATRMHybrid:
     dtype = getattr(torch, args.dtype)
     backbone = random_backbone(llada_8b_width(args.wide_layers), dtype=dtype).to(args.device)
     base = hybrid_config(load_config(config_path))
+    d = backbone.config.d_model
     update: dict[str, Any] = {
         "integration": "hybrid", "max_recursive_steps": 4, "chunk_selection": args.wide_selection,
         "halting": getattr(args, "halting", None) or "none", "confidence_threshold": 0.5,
-        "slot": base.slot.model_copy(update={"delta_scale": 0.5, "delta_clamp": 0.5}),
-        "mlp": base.mlp.model_copy(update={"hidden_mult": 2.0, "delta_scale": 0.5, "delta_clamp": 0.5}),
+        "slot": base.slot.model_copy(update={"delta_scale": 0.5}),  # delta_clamp 0.5: the constant
+        # 2 x d_model wide (the run schema's MLP is capped at 1024): sized by its parameter count
+        "mlp": base.mlp.model_copy(
+            update={"param_budget": mlp_parameter_count(d, 2 * d), "delta_scale": 0.5}
+        ),
     }  # fmt: skip
     torch.manual_seed(0)
     return LLaDATRMHybrid(backbone, base.model_copy(update=update)).eval()

@@ -46,7 +46,7 @@ from llada_trm.data.synthetic import (
 )
 from llada_trm.diffusion.options import SamplingOptions
 from llada_trm.errors import ConfigError
-from llada_trm.hybrid.config import HybridConfig
+from llada_trm.hybrid.config import RETIRED_MODEL_SETTINGS, HybridConfig
 from llada_trm.io import write_text_atomic
 from llada_trm.refiners.config import MLPSettings, SlotSettings
 from llada_trm.schema import (
@@ -106,8 +106,9 @@ class ModelConfig(HybridConfig):
 
     `confidence_threshold`: chunks whose backbone confidence (mean max-probability over their masked
     positions) is below it are refined; above 1 refines every chunk. `context_layers`: backbone layers whose
-    attention contexts feed the slot refiner ([] = only the refiner's own blocks). `cascade_mlp_steps`: in a
-    cascade, the MLP's share of the K steps (null = K // 2). `HybridConfig` documents every field.
+    attention contexts feed the slot refiner ([] = only the refiner's own blocks). `HybridConfig` documents
+    every field; the keys issue 25 retired are `RETIRED_MODEL` (derived, constant, or a lever that left the
+    tree: docs/settings.md, docs/levers.md).
     """
 
     backbone: str = Field(
@@ -119,6 +120,12 @@ class ModelConfig(HybridConfig):
     def hybrid(self) -> HybridConfig:
         """The hybrid model's own config: this section less what only the run needs (backbone, dtype)."""
         return HybridConfig(**self.model_dump(include=set(HybridConfig.model_fields)))
+
+
+# Old `model.*` key -> its value now (`hybrid.config.RETIRED_MODEL_SETTINGS`): no longer settings, and not
+# class constants either (the refiners' constants are their build configs' defaults, `refiners.config`).
+# `llada-trm convert` drops one at that value and refuses another (`convert.convert_model_section`).
+RETIRED_MODEL: dict[str, Any] = {f"model.{key}": value for key, value in RETIRED_MODEL_SETTINGS.items()}
 
 
 # ---------------------------------------------------------------------------------------------------- data
@@ -465,14 +472,15 @@ def settings_count(schema: type[BaseModel] = RunConfig) -> int:
 
 def retired_settings() -> dict[str, Any]:
     """Old dotted key -> the value it is fixed at now: the class constants (`ClassVar`) of RunConfig's
-    sections, which replaced settings, and `RETIRED_DERIVED` (the health thresholds: `training.health`)."""
+    sections, which replaced settings, `RETIRED_DERIVED` (the health thresholds: `training.health`) and
+    the model's `RETIRED_MODEL`."""
     fixed = {
         f"{path}{name}": getattr(section, name)
         for path, section in _sections(RunConfig)
         for name in sorted(getattr(section, "__class_vars__", ()))
         if not name.startswith("_") and not name.isupper()
     }
-    return {**fixed, **RETIRED_DERIVED}
+    return {**fixed, **RETIRED_DERIVED, **RETIRED_MODEL}
 
 
 @contextmanager
@@ -487,7 +495,7 @@ def fixed_settings(values: Mapping[str, Any]) -> Iterator[None]:
         for key, value in values.items():
             path, _, name = key.rpartition(".")
             section = owners.get(f"{path}." if path else "")
-            if key not in retired or section is None or key in RETIRED_DERIVED:
+            if key not in retired or section is None or key in RETIRED_DERIVED or key in RETIRED_MODEL:
                 raise ConfigError(f"fixed_settings: {key!r} is not a retired setting; set it in the config")
             changed.append((section, name, getattr(section, name)))
             setattr(section, name, value)

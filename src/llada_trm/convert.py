@@ -11,6 +11,9 @@ names them, so the schema refuses it with one line that names this command. Conv
 - in a pretrain config (`llada-trm pretrain`'s, with its `evaluation:` section), drops the optimiser keys
   that pretraining no longer sets (`PRETRAIN_RETIRED`: it runs the one training loop, whose AdamW constants
   apply), with a `warning:` line where the value differed;
+- drops a retired `model.*` key (`config.RETIRED_MODEL`) at its value now, or when the refiner or rule it
+  configured is not built, and refuses one that set what the model no longer does (another slot width, the
+  carry, learned halting), with one line: those change the model, not just a run's bookkeeping;
 - checks that the result validates, and only then writes it.
 
 A YAML file becomes a new YAML file; a directory (a run's `output.dir`, a checkpoint directory, a
@@ -30,9 +33,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from llada_trm.config import RETIRED_SECTIONS, RunConfig, parse_config, retired_settings
+from llada_trm.config import RETIRED_MODEL, RETIRED_SECTIONS, RunConfig, parse_config, retired_settings
 from llada_trm.config_files import dump_yaml
 from llada_trm.errors import ConfigError, UserError
+from llada_trm.hybrid.config import HybridConfig
 from llada_trm.io import write_text_atomic
 from llada_trm.schema import read_yaml
 
@@ -92,6 +96,7 @@ def convert_config(raw: Mapping[str, Any], source: str = "<config>") -> Conversi
     else:
         runs.append(("", data))
     for prefix, run in runs:
+        convert_model_section(run, prefix, result, source, built=_built(data, prefix, compare))
         _convert_run(run, prefix, fixed, result)
     _validate(data, compare, source)
     return result
@@ -157,6 +162,103 @@ def _convert_pretrain(data: dict[str, Any], result: Conversion, source: str) -> 
             )
     parse_config(data, source=f"{source} (converted)", schema=PretrainConfig)
     return result
+
+
+# ------------------------------------------------------------------------------- the model section (issue 25)
+# The `model.*` keys issue 25 retired (`config.RETIRED_MODEL`). Unlike a retired training setting, another
+# value changed the model itself (its shapes, or a lever that left the tree), so a converted run could not be
+# the same run: such a value is refused in one line, never warned about and replaced.
+
+# Why each key's other value cannot convert, and what to do instead.
+_MODEL_REFUSALS: dict[str, str] = {
+    "active_refiner": "a 'hybrid' runs its slot refiner; choose the MLP at run time (`llada-trm evaluate "
+    "--refiner mlp`, or `model.active_refiner = 'mlp'` in Python)",
+    "cascade_mlp_steps": "a cascade gives the MLP the first K // 2 of the K steps; set max_recursive_steps",
+    "return_step_logits": "step logits are computed while training (deep supervision) and not in eval",
+    "denoising_carry": "the carry across denoising steps left the tree (docs/levers.md names the commit "
+    "that has it)",
+    "slot.mlp_ratio": "the slot refiner's block MLP is 4 x d_inner wide",
+    "slot.delta_clamp": "updates are clamped at 0.5",
+    "slot.use_gates": "the slot refiner always has its gates",
+    "slot.dropout": "the refiners run without dropout",
+    "slot.d_ctx": "the slot widths are d_inner/2, /4, /4, /8; set slot.d_inner",
+    "slot.d_reason": "the slot widths are d_inner/2, /4, /4, /8; set slot.d_inner",
+    "slot.d_refine": "the slot widths are d_inner/2, /4, /4, /8; set slot.d_inner",
+    "slot.d_conf": "the slot widths are d_inner/2, /4, /4, /8; set slot.d_inner",
+    "mlp.hidden_dim": "the MLP is min(2 d_model, 1024) wide; size it with mlp.param_budget",
+    "mlp.hidden_mult": "the MLP is min(2 d_model, 1024) wide; size it with mlp.param_budget",
+    "mlp.delta_clamp": "updates are clamped at 0.5",
+    "mlp.dropout": "the refiners run without dropout",
+}
+
+
+def convert_model_section(
+    run: dict[str, Any], prefix: str, result: Conversion, source: str, built: set[str]
+) -> None:
+    """Drop the retired `model.*` keys of one run (`prefix`: its place in the file) or refuse the file.
+
+    `built`: the refiner kinds the run builds ({'mlp', 'slot'} when not known, e.g. a comparison's shared
+    run). A key is dropped at its value now, or when what it configured is not built (a slot width of an
+    MLP-only run, `active_refiner` outside 'hybrid', `halting_threshold` without learned halting).
+    """
+    model = run.get("model")
+    if not isinstance(model, dict):
+        return
+    integration = model.get("integration", "replace")
+    if model.get("halting") == "learned":
+        raise ConfigError(
+            f"{source}: {prefix}model.halting=learned: learned halting left the tree (docs/levers.md names "
+            "the commit that has it); set model.halting to confidence or none"
+        )
+    k = model.get("max_recursive_steps", HybridConfig.model_fields["max_recursive_steps"].default)
+    for key, now in sorted(RETIRED_MODEL.items()):
+        found, value = _pop(run, key, prune=True)
+        if not found:
+            continue
+        name = key.removeprefix("model.")
+        kind = name.split(".", 1)[0] if "." in name else None
+        unused = (
+            (kind is not None and kind not in built)
+            or (name == "active_refiner" and integration != "hybrid")
+            or (name == "cascade_mlp_steps" and integration != "cascade")
+            or name == "halting_threshold"  # read only by learned halting, refused above
+        )
+        same = _same(value, now)
+        if name == "cascade_mlp_steps" and isinstance(value, int) and isinstance(k, int):
+            same = value == k // 2  # the split a cascade uses now
+        if same or unused:
+            result.dropped.append(f"{prefix}{key}")
+        elif name == "mlp.hidden_mult" and _same(value, 2.0):  # what every shipped config set
+            result.warnings.append(
+                f"{prefix}{key}=2.0 dropped: the MLP is min(2 d_model, 1024) wide, the same up to d_model "
+                "512 (every shipped backbone but LLaDA-8B; docs/settings.md)"
+            )
+        else:
+            raise ConfigError(
+                f"{source}: {prefix}{key}={_show(value)}: no longer supported (issue 25, docs/settings.md): "
+                f"{_MODEL_REFUSALS[name]}"
+            )
+
+
+def _built(data: Mapping[str, Any], prefix: str, compare: bool) -> set[str]:
+    """The refiner kinds the run at `prefix` builds: its model's, or an arm's `refiner`; both in a
+    comparison's shared run (each refiner is trained from it)."""
+    both = {"mlp", "slot"}
+    if compare and prefix == "run.":
+        return both
+    run = _get(data, prefix.rstrip(".")) if prefix else data
+    model = run.get("model") if isinstance(run, Mapping) else None
+    model = model if isinstance(model, Mapping) else {}
+    if prefix.startswith("arms."):
+        arm = _get(data, prefix.removesuffix("run.").rstrip("."))
+        refiner = arm.get("refiner") if isinstance(arm, Mapping) else None
+    else:
+        refiner = model.get("refiner", "slot")
+    if model.get("integration", "replace") != "replace":
+        return both
+    if refiner is None:
+        return both
+    return set() if refiner == "none" else {str(refiner)}
 
 
 def _validate(data: dict[str, Any], compare: bool, source: str) -> None:

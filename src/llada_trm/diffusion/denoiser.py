@@ -3,9 +3,7 @@
 A model is ``model(input_ids, attention_mask=...)`` returning logits [B, L, V], or an object (or dict) with
 ``logits`` and optionally ``stats`` and ``past_key_values``. A model that declares
 ``refines_masked_positions = True`` (:class:`MaskedRefiner`, e.g. ``LLaDATRMHybrid``) also gets ``masked``:
-the masked positions of the current block, the only predictions the sampler reads, and, when its
-``new_carry()`` returns one (``LLaDATRMHybrid`` with ``denoising_carry``), ``carry``: one object kept across
-every call of the generation batch, so that the refiner's latents persist from one denoising step to the next.
+the masked positions of the current block, the only predictions the sampler reads.
 """
 
 from __future__ import annotations
@@ -90,8 +88,6 @@ class Denoiser:
         self.mask_id = options.mask_id
         self.forbidden = options.eos_id if options.logits_eos_inf else None  # the column the sampler drops
         self.refines = refines_masked_positions(model)
-        new_carry = getattr(getattr(model, "module", model), "new_carry", None)
-        self.carry = new_carry() if self.refines and callable(new_carry) else None
         self.block: tuple[int, int] | None = None
         self.nfe = 0
         self._totals: dict[str, Any] = {}  # floats, or 0-d tensors summed on the device (no sync per call)
@@ -167,8 +163,6 @@ class Denoiser:
             cache_kwargs.update(past_key_values=cache, cache_position=start)
         window = x[:, start:end]
         cache_kwargs.update(self._refine_mask(window, start))
-        if self.carry is not None:
-            cache_kwargs["carry"] = self.carry
         attention_mask = None if self.attention_mask is None else self.attention_mask[:, start:end]
         if self.cfg_scale <= 0:
             logits, new_cache = self._call(window, attention_mask, cache_kwargs)

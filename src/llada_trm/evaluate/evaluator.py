@@ -112,8 +112,6 @@ class _CountingModel:
         self.chunk_size = chunk_size
         # The wrapper refines exactly when the model does, so the sampler sees the model's declaration.
         self.refines_masked_positions = refines_masked_positions(model)
-        # ... and its carry across denoising steps (`HybridConfig.denoising_carry`), asked for by the sampler.
-        self.new_carry = getattr(getattr(model, "module", model), "new_carry", None)
 
     def __call__(
         self,

@@ -11,8 +11,8 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal
 from pydantic import BeforeValidator, Field, model_validator
 
 from llada_trm.errors import ConfigError
-from llada_trm.refiners.config import MLPSettings, SlotSettings
-from llada_trm.schema import Fraction, Int, NonNegFloat, NonNegInt, PosInt, Section, to_int
+from llada_trm.refiners.config import RETIRED_REFINER_SETTINGS, MLPSettings, SlotSettings
+from llada_trm.schema import Int, NonNegFloat, PosInt, Section, to_int
 
 if TYPE_CHECKING:
     from llada_trm.backbone.config import LLaDAConfig
@@ -23,6 +23,7 @@ __all__ = [
     "INTEGRATION_CHOICES",
     "MAX_RECURSIVE_STEPS",
     "REFINER_CHOICES",
+    "RETIRED_MODEL_SETTINGS",
     "HybridConfig",
 ]
 
@@ -33,11 +34,24 @@ MAX_RECURSIVE_STEPS = 64
 RefinerKind = Literal["none", "mlp", "slot"]
 Integration = Literal["replace", "hybrid", "cascade"]
 ActiveKind = Literal["mlp", "slot"]
-Halting = Literal["confidence", "learned", "none"]
+Halting = Literal["confidence", "none"]
 REFINER_CHOICES: tuple[str, ...] = RefinerKind.__args__
 INTEGRATION_CHOICES: tuple[str, ...] = Integration.__args__
 ACTIVE_CHOICES: tuple[str, ...] = ActiveKind.__args__
 HALTING_CHOICES: tuple[str, ...] = Halting.__args__
+
+# Old `model.*` keys that issue 25 took out of the run schema -> the value the model runs with now (null:
+# derived, or the lever is gone). `llada-trm convert` drops each at that value and refuses another one with
+# one line (docs/settings.md); the levers that left the tree are in docs/levers.md with the commit that has
+# them.
+RETIRED_MODEL_SETTINGS: dict[str, object] = {
+    "active_refiner": "slot",  # 'hybrid' runs its slot refiner unless `--refiner mlp` / `active_refiner=`
+    "cascade_mlp_steps": None,  # a cascade's first K // 2 steps are the MLP's (`refiner_schedule`)
+    "halting_threshold": 0.5,  # learned halting left the tree
+    "return_step_logits": None,  # derived: while training (deep supervision), not in eval
+    "denoising_carry": False,  # the carry across denoising steps left the tree
+    **RETIRED_REFINER_SETTINGS,
+}
 
 
 class HybridConfig(Section):
@@ -45,13 +59,13 @@ class HybridConfig(Section):
 
     refiner: 'none' (the plain backbone), 'mlp' (the baseline) or 'slot' (the slot TRM refiner); the kind
         built by `integration='replace'`.
-    integration: 'replace' builds the one refiner named by `refiner`; 'hybrid' builds both and runs
-        `active_refiner` (A/B comparison from one checkpoint, switchable at run time); 'cascade' builds both
-        and runs the MLP for coarse corrections, then the slot refiner.
-    active_refiner: the refiner 'hybrid' runs; ignored by the other integrations.
+    integration: 'replace' builds the one refiner named by `refiner`; 'hybrid' builds both and runs one,
+        the slot refiner unless the model's `active_refiner` says 'mlp' (A/B comparison from one checkpoint,
+        switchable at run time: `llada-trm evaluate --refiner`); 'cascade' builds both and runs the MLP for
+        coarse corrections, then the slot refiner.
     max_recursive_steps: K, the step budget, 0..MAX_RECURSIVE_STEPS (64). In 'cascade' the budget is split,
-        not doubled: the first `cascade_mlp_steps` steps (default K // 2) are the MLP's and the rest the slot
-        refiner's, so `step_logits` always has K entries and cascade costs about what 'replace' does.
+        not doubled: the first K // 2 steps are the MLP's and the rest the slot refiner's, so `step_logits`
+        always has K entries and cascade costs about what 'replace' does.
     chunk_size: positions per chunk along the sequence (the last chunk may be shorter); at most the
         backbone's max_sequence_length (`check_backbone`).
     confidence_threshold: a chunk whose confidence (mean max-softmax probability of the backbone over its
@@ -64,45 +78,29 @@ class HybridConfig(Section):
         never lets a refiner look.
     halting: when a refined chunk stops early (its states and logits are frozen from then on). 'confidence'
         (the original rule): after each step the LM head is run on the chunk's masked positions and the chunk
-        stops once their mean max probability reached `confidence_threshold`. 'learned': each refiner
-        carries a halting head (`refiners.base.HaltingHead`) that reads the refined states and predicts
-        whether the chunk's argmax tokens are right; the chunk stops when its probability exceeds
-        `halting_threshold`, and no LM-head pass runs inside the loop. It learns only from its own loss
-        (`training_params.halting_weight`). 'none': every refined chunk takes all K steps. The legacy key
-        `halt_on_confidence: true | false` still reads as 'confidence' | 'none'.
-    halting_threshold: the learned head's probability above which a chunk halts (default 0.5; the untrained,
-        zero-initialised head says exactly 0.5, so it halts nothing until it has learned).
+        stops once their mean max probability reached `confidence_threshold`. 'none': every refined chunk
+        takes all K steps. The legacy key `halt_on_confidence: true | false` still reads as 'confidence' |
+        'none'. (Learned halting left the tree: docs/levers.md.)
     context_layers: backbone layers whose attention contexts (attn@V), averaged, are given to the slot
         refiner as external context (averaged again with its own blocks' contexts); None or [] uses only the
         refiner's own. Default [-1], the last layer: what every run config has used, so a config built in
         Python and one read from YAML build the same model. Ignored, and not computed, when no slot refiner
         is built.
-    return_step_logits: compute the full logits of every step (deep supervision needs them); None means
-        "while training": in eval mode only the final logits are computed, which is all the sampler reads and
-        saves K-1 LM-head passes over a 126k vocabulary.
-    denoising_carry: TRM's carry across denoising steps (`RefinerCarry`): the sampler gives the model one
-        `RefinerCarry` per generation batch, and the slot refiner's first step at each denoising step
-        resumes from the working representation each position had at the end of its last refinement,
-        instead of from nothing; committed positions drop theirs. Off: every call refines from scratch. The
-        MLP baseline's step reads no previous state, so it carries nothing either way.
     slot / mlp: the refiners' own knobs, `SlotSettings` / `MLPSettings` (a dict is accepted, for example
-        `slot={"n_heads": 4, "n_blocks": 1, "delta_scale": 0.05, "d_ctx": 128, "use_gates": True}`); the
-        model adds d_model, num_steps and context_dim when it builds the refiners.
+        `slot={"n_heads": 4, "n_blocks": 1, "delta_scale": 0.05, "d_inner": 128}`); the model adds d_model,
+        num_steps and context_dim when it builds the refiners, and the architecture's constants
+        (`refiners.config`). Step logits are computed while training (deep supervision reads them) and not in
+        eval mode, where the sampler reads only the final logits (`LLaDATRMHybrid.refine`).
     """
 
     refiner: RefinerKind = "slot"
     integration: Integration = "replace"
-    active_refiner: ActiveKind = "slot"
     max_recursive_steps: Annotated[int, BeforeValidator(to_int), Field(ge=0, le=MAX_RECURSIVE_STEPS)] = 4
-    cascade_mlp_steps: NonNegInt | None = None
     chunk_size: PosInt = 16
     confidence_threshold: NonNegFloat = 0.5
     chunk_selection: Literal["confidence", "all"] = "confidence"
     halting: Halting = "confidence"
-    halting_threshold: Fraction = 0.5
     context_layers: list[Int] | None = Field(default_factory=lambda: [-1])
-    return_step_logits: bool | None = None
-    denoising_carry: bool = False
     slot: SlotSettings = Field(default_factory=SlotSettings)
     mlp: MLPSettings = Field(default_factory=MLPSettings)
 
@@ -135,11 +133,6 @@ class HybridConfig(Section):
             raise ValueError(
                 f"refiner='none' builds no refiner, but integration={self.integration!r} needs both; "
                 "use integration='replace' for the plain backbone, or refiner='mlp'/'slot'"
-            )
-        if self.cascade_mlp_steps is not None and self.cascade_mlp_steps > self.max_recursive_steps:
-            raise ValueError(
-                f"cascade_mlp_steps={self.cascade_mlp_steps} exceeds max_recursive_steps="
-                f"{self.max_recursive_steps}; it is the MLP's share of the K steps"
             )
         layers = self.context_layers or []
         if len(set(layers)) != len(layers):

@@ -8,8 +8,11 @@
     logits_k = lm_head(h_k) on the masked positions of R, logits_0 elsewhere
 
 Halting (`ChunkHalting`, below): 'confidence' halts chunk j when the mean max probability of lm_head(h_k)
-over its masked positions reaches the threshold; 'learned' when the refiner's halting head says sigmoid(q_j) >
-halting_threshold (no LM-head pass in the loop); 'none' never.
+over its masked positions reaches the threshold; 'none' never.
+
+The integration is composed at one seam, `refiner_schedule`: the refiner each of the K steps runs ('replace':
+the one built; 'hybrid': the active one of the two; 'cascade': the MLP for K // 2 steps, then the slot
+refiner). The loop reads only that list.
 
 Positions outside the refined chunks are never touched: their hidden states and logits are the backbone's,
 bit for bit. The LM head is evaluated only where something changed and someone reads it: the masked
@@ -41,23 +44,22 @@ from llada_trm.errors import ConfigError
 from llada_trm.hybrid.config import ACTIVE_CHOICES, MAX_RECURSIVE_STEPS, HybridConfig
 from llada_trm.hybrid.refiner_file import read_refiner_weights, write_refiner_weights
 from llada_trm.refiners import build_refiner, slot_parameter_count
-from llada_trm.refiners.base import HaltingHead, Refiner, RefinerCarry, StatsAccumulator
+from llada_trm.refiners.base import Refiner, StatsAccumulator
 
 # -------------------- schedule (was `HybridConfig.schedule`, hybrid/config.py) --------------------
 
 def refiner_schedule(
-    cfg: HybridConfig, num_steps: int | None = None, active_refiner: str | None = None
+    cfg: HybridConfig, num_steps: int | None = None, active_refiner: str = "slot"
 ) -> list[str]:
-    """The refiner that runs at each of the K steps."""
+    """The refiner that runs at each of the K steps: the integration's composition of the built refiners."""
     k = cfg.max_recursive_steps if num_steps is None else num_steps
     if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k <= MAX_RECURSIVE_STEPS:
         raise ConfigError(f"num_steps must be an int in 0..{MAX_RECURSIVE_STEPS}, got {k!r}")
     if cfg.integration == "replace":
         return [cfg.refiner] * k if cfg.refiner != "none" else []
     if cfg.integration == "hybrid":
-        return [active_refiner or cfg.active_refiner] * k
-    k_mlp = min(k // 2 if cfg.cascade_mlp_steps is None else cfg.cascade_mlp_steps, k)
-    return ["mlp"] * k_mlp + ["slot"] * (k - k_mlp)
+        return [active_refiner] * k
+    return ["mlp"] * (k // 2) + ["slot"] * (k - k // 2)
 
 
 # -------------------- outputs (was hybrid/outputs.py) --------------------
@@ -120,10 +122,8 @@ class HybridOutput:
     it); a halted chunk keeps its last step's value, a never-refined one reads zero. `stats` are detached
     numbers and small tensors (see `LLaDATRMHybrid.refine`); after a refining call the counts, fractions,
     norms and gates are 0-d tensors, so that the forward makes no host sync for them (`float()` them where
-    they are logged). With learned halting and step logits,
-    `halt_logits[k]` [B, C] are the halting head's chunk logits after step k+1 (a graph to the head only) and
-    `halt_chunks[k]` [B, C] bool the chunks they are defined for (`hybrid.model.HaltTrace`).
-    `base_logits` (the backbone's) are computed when first read if the forward did not need them.
+    they are logged). `base_logits` (the backbone's) are computed when first read if the forward did not
+    need them.
     """
 
     logits: Tensor
@@ -133,8 +133,6 @@ class HybridOutput:
     stats: dict[str, Any] = field(default_factory=dict)
     step_confidence: list[Tensor] = field(default_factory=list)
     past_key_values: KVCache | None = None
-    halt_logits: list[Tensor] = field(default_factory=list)
-    halt_chunks: list[Tensor] = field(default_factory=list)
 
     @property
     def base_logits(self) -> Tensor:
@@ -273,31 +271,18 @@ def chunk_stats(refined: Tensor, steps: Tensor, conf0: Tensor | None, k: int) ->
 # -------------------- halting (was hybrid/halting.py) --------------------
 # Per-chunk halting inside the hybrid's refinement loop: which refined chunks stop after a step.
 #
-# Two rules (`HybridConfig.halting`):
+# 'confidence' (`HybridConfig.halting`): run the LM head on the chunk's masked positions and stop once their
+# mean max probability reached `confidence_threshold` (`confident_chunks`). Costs an LM-head pass per probed
+# position per step, and a host sync (a row gather). 'none': no chunk stops before K.
 #
-# * 'confidence': run the LM head on the chunk's masked positions and stop once their mean max probability
-#   reached `confidence_threshold` (`confident_chunks`). Costs an LM-head pass per probed position per step.
-# * 'learned': the step's refiner's `HaltingHead` reads the refined states; the chunk stops when
-#   sigmoid(mean per-position logit over its masked positions) > `halting_threshold` (`learned_halting`).
-#   No LM-head pass.
-#
-# `HaltTrace` records, for one refine call, the learned head's chunk logits at each step (what the halting
-# loss trains) and how many rows the hybrid sent through the LM head, so that a caller (and a test) can see
-# that learned halting runs the LM head only once, after the loop.
+# `HaltTrace` counts how many rows one refine call sent through the LM head besides its output pass (step
+# logits, confidence probes), so that a caller (and a test) can see what the probes cost.
 
 @dataclass
 class HaltTrace:
-    """One refine call's halting record.
+    """One refine call's record: lm_head_rows, the rows the hybrid evaluated with the LM head (step logits,
+    confidence probes, patched rows), the backbone's own logits and the call's one output pass excluded."""
 
-    logits[k] [B, C]: the learned head's chunk logits after step k+1 (graph to the head only; zero where
-    undefined), chunks[k] [B, C] bool: the chunks they are defined for (active at that step, with a masked
-    position). Filled with learned halting whenever step logits are computed (training), so that the
-    halting loss has a target at every step, the last included. lm_head_rows: rows the hybrid evaluated
-    with the LM head (step logits, confidence probes, the final pass), the backbone's own logits excluded.
-    """
-
-    logits: list[Tensor] = field(default_factory=list)
-    chunks: list[Tensor] = field(default_factory=list)
     lm_head_rows: int = 0
 
 
@@ -325,19 +310,6 @@ def confident_chunks(
     return (n_probed > 0) & (confidence >= threshold), evaluated
 
 
-def learned_halting(
-    head: HaltingHead, h: Tensor, probe: Tensor, chunks: WindowChunks
-) -> tuple[Tensor, Tensor]:
-    """The head's chunk logits [B, C] (mean of its per-position logits over the `probe` positions; zero
-    elsewhere) and where they are defined [B, C] (chunks with a probed position). Only probed rows run."""
-    rows = probe.nonzero(as_tuple=True)
-    token_q = torch.zeros(probe.shape, device=h.device)
-    token_q = token_q.index_put(rows, head(h[rows]))
-    q, n_probed = chunks.confidence(token_q, probe)  # the masked mean; 1.0 where nothing was probed
-    defined = n_probed > 0
-    return torch.where(defined, q, torch.zeros_like(q)), defined
-
-
 @dataclass
 class ChunkHalting:
     """The halting rule of one refine call: the config's rule over `chunks`, recording into `trace`."""
@@ -353,35 +325,20 @@ class ChunkHalting:
         return self.config.halting != "none"
 
     def after_step(
-        self, refiner: nn.Module, h: Tensor, logits: Tensor | None, active: Tensor, probe: Tensor, last: bool
+        self, h: Tensor, logits: Tensor | None, active: Tensor, probe: Tensor, last: bool
     ) -> Tensor:
-        """The chunks [B, C] still active after a step of `refiner` whose output is `h`.
+        """The chunks [B, C] still active after a step whose output is `h`.
 
         `active` the chunks that ran the step, `probe` their masked positions [B, L], `logits` the step's
         logits when computed (training; the confidence rule then reads them instead of running the LM head).
-        The last step halts nothing, but with learned halting and step logits its head logits are still
-        recorded for the loss.
+        The last step halts nothing.
         """
-        config, trace = self.config, self.trace
-        if config.halting == "confidence" and not last:
-            threshold = config.confidence_threshold
-            confident, evaluated = confident_chunks(self.lm_head, h, logits, probe, self.chunks, threshold)
-            trace.lm_head_rows += evaluated
-            return active & ~confident
-        if config.halting == "learned" and (logits is not None or not last):
-            head = getattr(refiner, "halting_head", None)
-            if head is None:
-                raise ValueError(
-                    f"halting='learned' but the {type(refiner).__name__} has no halting head; build the "
-                    "refiners through LLaDATRMHybrid with this config"
-                )
-            q, defined = learned_halting(head, h, probe, self.chunks)
-            if logits is not None:
-                trace.logits.append(q)
-                trace.chunks.append(defined)
-            if not last:
-                return active & ~(defined & (torch.sigmoid(q.detach()) > config.halting_threshold))
-        return active
+        if self.config.halting != "confidence" or last:
+            return active
+        threshold = self.config.confidence_threshold
+        confident, evaluated = confident_chunks(self.lm_head, h, logits, probe, self.chunks, threshold)
+        self.trace.lm_head_rows += evaluated
+        return active & ~confident
 
 
 # -------------------- the hybrid (hybrid/model.py) --------------------
@@ -423,7 +380,7 @@ class LLaDATRMHybrid(nn.Module):
         self.context_layers = self._check_layers(wanted or [], bb.n_layers)
         context_width = bb.n_heads * bb.head_dim
         self.refinement_head = nn.ModuleDict()
-        derived = {"num_steps": config.max_recursive_steps, "learned_halting": config.halting == "learned"}
+        derived = {"num_steps": config.max_recursive_steps}
         slot = {**config.slot.model_dump(), "context_dim": context_width if self.context_layers else None}
         for kind in config.refiner_kinds:
             settings = slot if kind == "slot" else config.mlp.model_dump()
@@ -431,7 +388,7 @@ class LLaDATRMHybrid(nn.Module):
                 settings["param_budget"] = slot_parameter_count(bb.d_model, **derived, **slot)
             refiner = build_refiner(kind, bb.d_model, **derived, **settings)
             self.refinement_head[kind] = refiner.to(device=backbone.device)
-        self._active_refiner = config.active_refiner
+        self._active_refiner = "slot"  # what 'hybrid' runs; `active_refiner` switches it at run time
 
     @staticmethod
     def _check_layers(layers: list[int], n_layers: int) -> list[int]:
@@ -488,11 +445,6 @@ class LLaDATRMHybrid(nn.Module):
             return torch.zeros((), device=self.backbone.device)
         return torch.stack([loss.float() for loss in losses]).sum()
 
-    def new_carry(self) -> RefinerCarry | None:
-        """A fresh carry for one generation batch when `denoising_carry` is on, else None (the sampler's
-        `Denoiser` asks once per batch and passes it to every call as `carry=`)."""
-        return RefinerCarry() if self.config.denoising_carry and len(self.refinement_head) else None
-
     def lm_head(self, h: Tensor) -> Tensor:
         """The backbone's LM head, applied in the backbone's dtype."""
         return self.backbone.lm_head(h.to(self.backbone.dtype))
@@ -541,7 +493,7 @@ class LLaDATRMHybrid(nn.Module):
             past_key_values=out.past_key_values,
         )
 
-    def forward(  # noqa: PLR0913 - the backbone's cache arguments and the carry ride along
+    def forward(  # noqa: PLR0913 - the backbone's cache arguments ride along
         self,
         input_ids: Tensor,
         attention_mask: Tensor | None = None,
@@ -552,13 +504,11 @@ class LLaDATRMHybrid(nn.Module):
         past_key_values: KVCache | None = None,
         use_cache: bool = False,
         cache_position: int | None = None,
-        carry: RefinerCarry | None = None,
     ) -> HybridOutput:
         """`refine(features(input_ids, attention_mask), masked)`; masked defaults to input_ids == mask_id.
 
         With `past_key_values` (see `features`) the backbone and then the refiner run on `input_ids` only, a
-        window of the sequence; `use_cache=True` returns the backbone's cache as `past_key_values`. `carry`:
-        see `refine`.
+        window of the sequence; `use_cache=True` returns the backbone's cache as `past_key_values`.
         """
         features = self.features(
             input_ids,
@@ -567,9 +517,7 @@ class LLaDATRMHybrid(nn.Module):
             use_cache=use_cache,
             cache_position=cache_position,
         )
-        return self.refine(
-            features, masked, num_steps=num_steps, return_step_logits=return_step_logits, carry=carry
-        )
+        return self.refine(features, masked, num_steps=num_steps, return_step_logits=return_step_logits)
 
     def refine(
         self,
@@ -577,16 +525,14 @@ class LLaDATRMHybrid(nn.Module):
         masked: Tensor | None = None,
         num_steps: int | None = None,
         return_step_logits: bool | None = None,
-        carry: RefinerCarry | None = None,
     ) -> HybridOutput:
         """Selective, chunked, halting refinement of the backbone's hidden states.
 
         masked: [B, L] bool, the predicted positions (default `features.masked`; if that is None too, every
-            position). num_steps: K for this call (default `max_recursive_steps`). return_step_logits: see
-            `HybridConfig.return_step_logits` (None: the config's value, else `self.training`). carry: the
-            refiners' latents from earlier denoising steps (`RefinerCarry`), updated in place: positions
-            of the window whose token is not the mask drop theirs, refined positions keep their last one,
-            the rest are untouched. None: refine from scratch.
+            position). num_steps: K for this call (default `max_recursive_steps`). return_step_logits: the
+            logits of every step (deep supervision reads them); None: while training (`self.training`). In
+            eval mode only the final logits are computed, which is all the sampler reads and saves K-1
+            LM-head passes over the vocabulary.
 
         Without step logits and with features whose backbone logits were not computed yet (a plain
         `forward`), the output's logits are ONE LM-head pass over [refined states at the refined chunks'
@@ -609,12 +555,10 @@ class LLaDATRMHybrid(nn.Module):
         schedule = refiner_schedule(cfg, num_steps, self._active_refiner)
         chunks = WindowChunks(length, cfg.chunk_size, features.position_offset)
 
-        if carry is not None and features.masked is not None:  # a committed token has nothing to carry
-            carry.reset(~features.masked, features.position_offset)
         if not schedule:  # no refiner, or K = 0: every chunk passes through; no confidence to compute
             return self._pass_through(features, (batch, chunks.count))
         if return_step_logits is None:
-            return_step_logits = self.training if cfg.return_step_logits is None else cfg.return_step_logits
+            return_step_logits = self.training
         conf0, n_masked = None, chunks.masked_counts(masked)
         if cfg.chunk_selection == "confidence" or return_step_logits or features.base_logits_given:
             conf0, n_masked = self._backbone_confidence(features, masked, chunks)
@@ -623,7 +567,7 @@ class LLaDATRMHybrid(nn.Module):
             refined &= conf0 < cfg.confidence_threshold
 
         halting = ChunkHalting(cfg, self.lm_head, chunks)
-        loop = self._run_steps(features, masked, schedule, refined, halting, return_step_logits, carry)
+        loop = self._run_steps(features, masked, schedule, refined, halting, return_step_logits)
         if return_step_logits:
             logits = loop.step_logits[-1]
         else:
@@ -639,8 +583,6 @@ class LLaDATRMHybrid(nn.Module):
             stats=stats,
             step_confidence=loop.step_confidence,
             past_key_values=features.past_key_values,
-            halt_logits=halting.trace.logits,
-            halt_chunks=halting.trace.chunks,
         )
 
     def _backbone_confidence(
@@ -722,12 +664,11 @@ class LLaDATRMHybrid(nn.Module):
         refined: Tensor,
         halting: ChunkHalting,
         with_step_logits: bool,
-        carry: RefinerCarry | None,
     ) -> RefineLoop:
         """h_k = step_k(h_{k-1}) on the active chunks' positions, k = 1..K, where step_k is the refiner the
         schedule names (replace: one refiner; hybrid: the active one; cascade: MLP steps, then slot steps,
         each starting its own state). Active chunks shrink only by halting."""
-        chunks, trace, offset = halting.chunks, halting.trace, features.position_offset
+        chunks, trace = halting.chunks, halting.trace
         h0 = features.hidden_states
         # Work in at least float32 so that small updates survive a bf16 backbone; cast back at the end
         # (exact for pass-through positions, since bf16 -> fp32 -> bf16 round-trips).
@@ -735,8 +676,6 @@ class LLaDATRMHybrid(nn.Module):
         loop = RefineLoop(h=h, steps=torch.zeros_like(refined, dtype=torch.long), stats=StatsAccumulator())
         logits = self._base(features) if with_step_logits else None
         active, state, current = refined, None, None
-        first_rows: dict[str, Tensor] = {}  # per refiner (with a carry): the positions it refined
-        states: dict[str, Any] = {}  # per refiner (with a carry): its last state
         for k, kind in enumerate(schedule):
             # Nothing (left) to refine: later steps repeat the frozen logits. A host sync, so it runs only
             # where chunks can halt or the rows are packed (training, `Refiner.pack`); else an empty step
@@ -747,7 +686,7 @@ class LLaDATRMHybrid(nn.Module):
                 break
             refiner: Refiner = self.refinement_head[kind]
             if kind != current:  # a cascade hands over: the next refiner starts its own state
-                state = refiner.init_state(h) if carry is None else carry.start(kind, refiner, h, offset)
+                state = refiner.init_state(h)
                 current = kind
             positions = chunks.expand(active)
             predicted = positions & masked  # the active rows the sampler and the loss read
@@ -755,9 +694,6 @@ class LLaDATRMHybrid(nn.Module):
             h, state, step_stats = refiner.step(
                 h, state, context=context, active=positions, attention_mask=features.attention_mask
             )
-            if carry is not None:
-                first_rows.setdefault(kind, predicted)
-                states[kind] = state
             loop.stats.add(step_stats, positions)
             confidence = step_stats["confidence"]  # computed on the active rows only
             if loop.step_confidence:  # a halted chunk keeps the confidence of its last step
@@ -769,10 +705,7 @@ class LLaDATRMHybrid(nn.Module):
                 logits = logits.index_put(rows, self.lm_head(h[rows]).to(logits.dtype))
                 trace.lm_head_rows += int(rows[0].numel())
                 loop.step_logits.append(logits)
-            active = halting.after_step(refiner, h, logits, active, predicted, k + 1 == len(schedule))
-
-        for kind, where in first_rows.items():  # empty without a carry
-            carry.keep(kind, self.refinement_head[kind], states[kind], where, offset)
+            active = halting.after_step(h, logits, active, predicted, k + 1 == len(schedule))
         loop.h = h
         return loop
 

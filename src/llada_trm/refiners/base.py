@@ -22,40 +22,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-# -------------------- halting (was refiners/halting.py) --------------------
-# The learned halting head: does a chunk's current argmax already match the targets? (TRM's Q-head.)
-#
-#     q_i = w · LN(h_i) + b                    per refined position i, on h detached
-#     q_j = mean_{i in chunk j, masked} q_i     = w · mean_i LN(h_i) + b   (linear: commutes with the mean)
-#     halt chunk j  <=>  sigmoid(q_j) > halting_threshold
-#
-# It reads the refined hidden states (the refiner's output at that step) through a detach, so its loss (BCE
-# against "every masked position of the chunk is predicted right", `training.objective`) trains the head and
-# nothing else, and since the halting decision is discrete, the language-modelling loss never reaches it. It
-# replaces the LM-head probe of the confidence rule: at LLaDA-8B's vocabulary one probe costs about 40 times a
-# refiner step per position, this head a dot product.
-
-class HaltingHead(nn.Module):
-    """Per-position halting logits `q_i` [...] from hidden states [..., d_model] (pooled per chunk by the
-    hybrid).
-
-    Zero-initialised: an untrained head says sigmoid(0) = 0.5 everywhere, which does not exceed the default
-    threshold, so a fresh model halts nothing until the halting loss has taught it (as the confidence rule
-    with an unconfident backbone).
-    """
-
-    def __init__(self, d_model: int) -> None:
-        super().__init__()
-        self.norm = nn.LayerNorm(d_model)
-        self.proj = nn.Linear(d_model, 1)
-        nn.init.zeros_(self.proj.weight)
-        nn.init.zeros_(self.proj.bias)
-
-    def forward(self, h: Tensor) -> Tensor:
-        """`q_i` in float32; `h` is detached here, so the head's loss stops at the head."""
-        return self.proj(self.norm(h.detach().to(self.proj.weight.dtype))).squeeze(-1).float()
-
-
 # -------------------- rows (was refiners/rows.py) --------------------
 # Packing the active rows of a batch, so that a refiner step computes only the positions it refines.
 #
@@ -203,19 +169,17 @@ class RefinerState:
     """What a refiner carries from one step to the next (TRM's "carry").
 
     `prev` is the refiner's own working representation from the previous step, detached so that the
-    recurrence never back-propagates through the carry itself; `None` before the first step. `reuse` holds
-    what a refiner may reuse in its next step instead of recomputing it (the slot refiner's attention keys
-    and values: `KeyValueReuse`). It never changes a result: the refiner uses it only after checking
-    that it still applies, which it does when each step is given the previous step's output itself,
-    unmodified, as `forward` and the hybrid's loop do. `prev_valid` [B, L] marks the rows of `prev` that
-    hold a previous representation when only some do (a carry from the last denoising step,
-    `RefinerCarry`); None: every row of `prev` does, or `prev` is None.
+    recurrence never back-propagates through the carry itself; `None` before the first step (each model
+    call refines from scratch: TRM's carry across denoising steps found no gain and left the tree,
+    docs/levers.md). `reuse` holds what a refiner may reuse in its next step instead of recomputing it (the
+    slot refiner's attention keys and values: `KeyValueReuse`). It never changes a result: the refiner uses
+    it only after checking that it still applies, which it does when each step is given the previous step's
+    output itself, unmodified, as `forward` and the hybrid's loop do.
     """
 
     prev: Tensor | None = None
     steps: int = 0
     reuse: Any = None
-    prev_valid: Tensor | None = None
 
 
 def check_active(active: Tensor | None, h: Tensor, name: str = "active") -> Tensor | None:
@@ -280,7 +244,6 @@ class Refiner(nn.Module, ABC):
 
     d_model: int
     num_steps: int
-    halting_head: HaltingHead | None  # built when the config's `learned_halting` is set (else None)
 
     def _configure(
         self, config_type: type[ConfigT], config: ConfigT | int | None, overrides: dict[str, Any]
@@ -305,7 +268,6 @@ class Refiner(nn.Module, ABC):
         self.num_steps = config.num_steps
         self.delta_scale = config.delta_scale
         self.delta_clamp = config.delta_clamp
-        self.halting_head = HaltingHead(config.d_model) if config.learned_halting else None
         return config
 
     def work_dtype(self, x: Tensor) -> torch.dtype:
@@ -330,17 +292,6 @@ class Refiner(nn.Module, ABC):
     def init_state(self, x: Tensor) -> RefinerState:
         """The carry before the first step (nothing to compare against yet)."""
         return RefinerState()
-
-    def resume_state(self, x: Tensor, latent: Tensor, valid: Tensor) -> RefinerState:
-        """The state of a first step that resumes from the last denoising step's `carried` latents
-        [B, L, D] (held where `valid` [B, L]; `RefinerCarry`). A refiner whose step reads no previous
-        state carries nothing: its first step starts as `init_state`'s."""
-        return self.init_state(x)
-
-    def carried(self, state: RefinerState) -> Tensor | None:
-        """The latent [B, L, D] to carry to the next denoising step from a call's last `state` (None: this
-        refiner carries nothing)."""
-        return None
 
     @abstractmethod
     def step(
@@ -574,119 +525,6 @@ def keys_values(
         return block.keys_values(u)
     keys, values = block.keys_values(changed.gather(u))
     return changed.scatter(keys, into=reuse.keys), changed.scatter(values, into=reuse.values)
-
-
-# -------------------- carry (was refiners/carry.py) --------------------
-# TRM's carry across denoising steps: each position's refiner latent, kept from one model call to the next.
-#
-# Inside one model call the slot refiner carries its working representation u from each of its K steps to the
-# next (`RefinerState.prev`; the refinement slot reads the change u - sg(u_prev)). Without a carry every call
-# starts from nothing: at its first step u_prev is None and the slot reads a zero change, so each denoising
-# step refines from scratch. A `RefinerCarry` keeps, per refiner kind, the last u of every position the
-# refiner refined, detached, and the next call's first step takes it as u_prev (`Refiner.resume_state`): the
-# change since the last denoising step. A refiner whose step reads no previous state (the MLP baseline)
-# carries nothing, and runs as without a carry.
-#
-# Positions are indexed by absolute position in the whole sequence, so a KV-cache window (a slice of the
-# sequence at some offset) reads and writes its own positions whatever its offset. The caller (the hybrid)
-# decides what is written (the positions it refined; others keep theirs) and what is dropped (`reset`: a
-# position whose token is committed has nothing left to refine).
-
-class RefinerCarry:
-    """Per refiner kind, a latent [B, T, D] and a validity mask [B, T] over absolute positions 0..T-1.
-
-    Storage grows on demand to the furthest position written; the batch size is fixed by the first write
-    (the sampler's, doubled under classifier-free guidance). An empty carry reads as nothing.
-    """
-
-    def __init__(self) -> None:
-        self.latents: dict[str, Tensor] = {}
-        self.valid: dict[str, Tensor] = {}
-
-    def __repr__(self) -> str:
-        held = {kind: int(v.sum()) for kind, v in self.valid.items()}
-        return f"RefinerCarry(positions held per kind: {held})"
-
-    def _check_batch(self, kind: str, batch: int) -> None:
-        stored = self.valid[kind].shape[0]
-        if batch != stored:
-            raise ValueError(
-                f"RefinerCarry holds a batch of {stored} rows but was given {batch}; use one carry per "
-                "generation batch (a new RefinerCarry for each call of the sampler)"
-            )
-
-    def start(self, kind: str, refiner: Refiner, h: Tensor, offset: int = 0) -> RefinerState:
-        """The state of `refiner`'s first step on the window `h` [B, L, D] at `offset`: resumed from the
-        window's carried latents, or `init_state` where the window holds none."""
-        window = self.read(kind, offset, h.shape[1], h.shape[0])
-        return refiner.init_state(h) if window is None else refiner.resume_state(h, *window)
-
-    def keep(
-        self, kind: str, refiner: Refiner, state: RefinerState, refined: Tensor, offset: int = 0
-    ) -> None:
-        """Carry `refiner`'s latents from its last `state` at the window positions it `refined` [B, L]."""
-        latent = refiner.carried(state)
-        if latent is not None and bool(refined.any()):
-            self.write(kind, offset, latent, refined)
-
-    def read(self, kind: str, offset: int, length: int, batch: int) -> tuple[Tensor, Tensor] | None:
-        """`(latent [B, length, D], valid [B, length])` of positions offset..offset+length-1, or None when
-        none of them holds a latent (the refiner then starts from nothing, exactly as without a carry)."""
-        if kind not in self.valid:
-            return None
-        self._check_batch(kind, batch)
-        valid = self.valid[kind][:, offset : offset + length]
-        if not bool(valid.any()):
-            return None
-        latent = self.latents[kind][:, offset : offset + length]
-        short = length - valid.shape[1]  # positions past the storage hold nothing
-        if short:
-            valid = torch.cat((valid, valid.new_zeros(batch, short)), dim=1)
-            latent = torch.cat((latent, latent.new_zeros(batch, short, latent.shape[-1])), dim=1)
-        return latent, valid
-
-    def write(self, kind: str, offset: int, latent: Tensor, where: Tensor) -> None:
-        """Keep `latent` [B, L, D] (detached) at the window positions `where` [B, L] (offset: the window's
-        first absolute position); every other position keeps what it held."""
-        batch, length = where.shape
-        end = offset + length
-        if kind not in self.valid:
-            self.valid[kind] = torch.zeros(batch, end, dtype=torch.bool, device=where.device)
-            self.latents[kind] = latent.new_zeros(batch, end, latent.shape[-1])
-        self._check_batch(kind, batch)
-        self._grow(kind, end)
-        stored = self.latents[kind]
-        if stored.shape[-1] != latent.shape[-1]:
-            raise ValueError(
-                f"RefinerCarry[{kind!r}] holds latents of width {stored.shape[-1]}, got {latent.shape[-1]}"
-            )
-        window = slice(offset, end)
-        keep = where.unsqueeze(-1)
-        stored[:, window] = torch.where(keep, latent.detach().to(stored.dtype), stored[:, window])
-        self.valid[kind][:, window] |= where
-
-    def reset(self, positions: Tensor, offset: int = 0) -> None:
-        """Drop the latents of `positions` [B, L] (bool, True = drop) at absolute offset..offset+L-1."""
-        for kind, valid in self.valid.items():
-            self._check_batch(kind, positions.shape[0])
-            drop = positions[:, : max(0, valid.shape[1] - offset)].to(device=valid.device, dtype=torch.bool)
-            window = slice(offset, offset + drop.shape[1])
-            valid[:, window] &= ~drop
-            held = self.latents[kind][:, window]
-            self.latents[kind][:, window] = torch.where(drop.unsqueeze(-1), torch.zeros_like(held), held)
-
-    def held(self, kind: str) -> Tensor | None:
-        """[B, T] positions holding a latent for `kind` (None before its first write)."""
-        return self.valid.get(kind)
-
-    def _grow(self, kind: str, end: int) -> None:
-        valid, latent = self.valid[kind], self.latents[kind]
-        extra = end - valid.shape[1]
-        if extra > 0:
-            self.valid[kind] = torch.cat((valid, valid.new_zeros(valid.shape[0], extra)), dim=1)
-            self.latents[kind] = torch.cat(
-                (latent, latent.new_zeros(latent.shape[0], extra, latent.shape[-1])), dim=1
-            )
 
 
 # -------------------- compiling (was refiners/compiling.py) --------------------

@@ -1,9 +1,11 @@
 """The refiners' configs, each knob declared and validated once.
 
-`SlotSettings` / `MLPSettings` are what a user sets (the `slot:` / `mlp:` sections of a run config and of
-`HybridConfig`). `SlotConfig` / `MLPRefinerConfig` are those knobs plus the fields the hybrid model derives
-(`d_model` and `context_dim` from the backbone, `num_steps` from `max_recursive_steps`), with every width left
-null resolved: what a refiner is built from. A new knob is one field on the settings class.
+`SlotSettings` / `MLPSettings` are what a run sets (the `slot:` / `mlp:` sections of a run config and of
+`HybridConfig`): the few knobs a study varied. `SlotConfig` / `MLPRefinerConfig` are what a refiner is built
+from: those knobs, the fields the hybrid model derives (`d_model` and `context_dim` from the backbone,
+`num_steps` from `max_recursive_steps`) and the architecture's constants (slot widths as fractions of
+`d_inner`, block MLP ratio, gates, dropout, update clamp), which the Python API may still vary (the float64
+reference test of the slot step does) but a run config does not (`RETIRED_REFINER_SETTINGS`).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ __all__ = [
     "DEFAULT_MAX_HIDDEN",
     "DEFAULT_MAX_INNER",
     "DERIVED_FIELDS",
+    "RETIRED_REFINER_SETTINGS",
     "MLPRefinerConfig",
     "MLPSettings",
     "SlotConfig",
@@ -28,9 +31,34 @@ __all__ = [
 ]
 
 DEFAULT_MAX_INNER = 512
+# The MLP refiner is min(2 d_model, 1024) wide (about 8M parameters at LLaDA-8B's d_model, 0.1%) unless
+# `param_budget` sizes it. Every shipped config that built an MLP set `hidden_mult: 2.0` (the same width on
+# their backbones, d_model <= 512) or `param_budget: slot`; issue 25 retired `hidden_mult` / `hidden_dim`
+# from the run schema.
 DEFAULT_MAX_HIDDEN = 1024
-# Set by the hybrid model itself (from the backbone, `max_recursive_steps` and `halting`), never by the user.
-DERIVED_FIELDS = ("d_model", "num_steps", "context_dim", "learned_halting")
+# The architecture's constants (SlotConfig's / MLPRefinerConfig's defaults): no shipped config changed them.
+DELTA_CLAMP = 0.5
+SLOT_MLP_RATIO = 4.0
+USE_GATES = True
+DROPOUT = 0.0
+# Set by the hybrid model itself (from the backbone and `max_recursive_steps`), never by the user.
+DERIVED_FIELDS = ("d_model", "num_steps", "context_dim")
+# Old run-config keys (below `model.`) that issue 25 retired -> the value the hybrid builds with now (null:
+# derived). `llada-trm convert` drops them at that value and refuses another one (docs/settings.md).
+RETIRED_REFINER_SETTINGS: dict[str, object] = {
+    "slot.mlp_ratio": SLOT_MLP_RATIO,
+    "slot.delta_clamp": DELTA_CLAMP,
+    "slot.use_gates": USE_GATES,
+    "slot.dropout": DROPOUT,
+    "slot.d_ctx": None,
+    "slot.d_reason": None,
+    "slot.d_refine": None,
+    "slot.d_conf": None,
+    "mlp.hidden_dim": None,
+    "mlp.hidden_mult": None,
+    "mlp.delta_clamp": DELTA_CLAMP,
+    "mlp.dropout": DROPOUT,
+}
 # Slot name -> its default width as a fraction of d_inner (in SlotOutput's order).
 _SLOT_DIVISORS = {"ctx": 2, "reason": 4, "refine": 4, "conf": 8}
 
@@ -48,53 +76,55 @@ class _Settings(Section):
             if derived:
                 raise ValueError(
                     f"may not set {derived}: the hybrid model derives them from the backbone "
-                    "(d_model, context_dim), max_recursive_steps (num_steps) and halting (learned_halting)"
+                    "(d_model, context_dim) and max_recursive_steps (num_steps)"
                 )
         return data
 
 
 class _Derived(Section):
-    """The fields the hybrid model fills in; assignments are not re-validated (the widths resolve once).
-
-    learned_halting: the refiner carries a `HaltingHead` (the hybrid's `halting='learned'`).
-    """
+    """The fields the hybrid model fills in; assignments are not re-validated (the widths resolve once)."""
 
     model_config = ConfigDict(validate_assignment=False)
 
     d_model: PosInt
     num_steps: NonNegInt = 4
     context_dim: PosInt | None = None
-    learned_halting: bool = False
 
 
 class SlotSettings(_Settings):
-    """The slot refiner's knobs (TRM-style recursion over context, reasoning, refinement, confidence slots).
+    """The slot refiner's knobs a run sets (TRM-style recursion over context, reasoning, refinement and
+    confidence slots).
 
-    d_inner: width of the refiner's own blocks and of the slots' inputs (null: min(d_model, 512)).
-    d_ctx / d_reason / d_refine / d_conf: slot widths (null: d_inner/2, /4, /4, /8).
-    n_heads must divide d_inner; that is checked once d_model is known (`SlotConfig`).
+    d_inner: width of the refiner's own blocks and of the slots' inputs (null: min(d_model, 512)); the slot
+    widths are d_inner/2, /4, /4, /8 (`SlotConfig`). n_heads must divide d_inner; that is checked once
+    d_model is known (`SlotConfig`).
     """
 
     n_heads: PosInt = 8
     n_blocks: NonNegInt = 2
-    mlp_ratio: PosFloat = 4.0
     delta_scale: PosFloat = 0.1
-    delta_clamp: PosFloat = 0.5
-    use_gates: bool = True
-    dropout: Dropout = 0.0
     d_inner: PosInt | None = None
+
+
+class SlotConfig(SlotSettings, _Derived):
+    """What `SlotTRMRefiner` is built from: `SlotSettings`, the derived fields and the architecture's
+    constants (a run config cannot change those; the Python API can), null widths resolved.
+
+    context_dim: width of external (backbone) attention contexts; a learned projection maps it to d_inner
+        when it differs. None: external contexts must already be d_inner wide.
+    d_ctx / d_reason / d_refine / d_conf: slot widths (null: d_inner/2, /4, /4, /8).
+    mlp_ratio, dropout: the refiner's transformer blocks'; delta_clamp: the bound of each update coordinate;
+    use_gates: a learnable sigmoid gate per slot.
+    """
+
+    mlp_ratio: PosFloat = SLOT_MLP_RATIO
+    delta_clamp: PosFloat = DELTA_CLAMP
+    use_gates: bool = USE_GATES
+    dropout: Dropout = DROPOUT
     d_ctx: PosInt | None = None
     d_reason: PosInt | None = None
     d_refine: PosInt | None = None
     d_conf: PosInt | None = None
-
-
-class SlotConfig(SlotSettings, _Derived):
-    """What `SlotTRMRefiner` is built from: `SlotSettings` plus the derived fields, null widths resolved.
-
-    context_dim: width of external (backbone) attention contexts; a learned projection maps it to d_inner
-        when it differs. None: external contexts must already be d_inner wide.
-    """
 
     @model_validator(mode="after")
     def _resolve_widths(self) -> SlotConfig:
@@ -126,38 +156,40 @@ class SlotConfig(SlotSettings, _Derived):
 
 
 class MLPSettings(_Settings):
-    """The baseline refiner's knobs: a residual MLP applied K times.
+    """The baseline refiner's knobs a run sets: a residual MLP applied K times.
 
-    Width: `hidden_dim`, or `hidden_mult` x d_model, or `param_budget`; all null = min(2 * d_model, 1024)
-    (about 8M parameters at d_model=4096).
-    param_budget: a parameter count the MLP is sized to (the hidden width whose count is nearest,
-        `mlp_hidden_for_params`), or 'slot': the slot refiner's count under this config's `slot:` settings
-        (the equal-size control of the comparison; the hybrid model resolves it).
+    Width: min(2 d_model, 1024) (`DEFAULT_MAX_HIDDEN`), or `param_budget`: a parameter count the MLP is
+    sized to (the hidden width whose count is nearest, `mlp_hidden_for_params`), or 'slot': the slot
+    refiner's count under this config's `slot:` settings (the equal-size control of the comparison; the
+    hybrid model resolves it).
+    """
+
+    param_budget: PosInt | Literal["slot"] | None = None
+    delta_scale: PosFloat = 0.1
+
+
+class MLPRefinerConfig(MLPSettings, _Derived):
+    """What `RecursiveRefinementHead` is built from: `MLPSettings`, the derived fields and the constants.
+
+    Width: `hidden_dim`, or `hidden_mult` x d_model, or `param_budget` (one of them); all null =
+    min(2 d_model, 1024).
+    `hidden_mult` and a numeric `param_budget` are resolved into `hidden_dim` (= round(hidden_mult * d_model),
+    resp. `mlp_hidden_for_params`) and cleared.
+    context_dim: width of external contexts, added through a learned projection; None: no context input.
     """
 
     hidden_dim: PosInt | None = None
     hidden_mult: PosFloat | None = None
-    param_budget: PosInt | Literal["slot"] | None = None
-    delta_scale: PosFloat = 0.1
-    delta_clamp: PosFloat = 0.5
-    dropout: Dropout = 0.0
+    delta_clamp: PosFloat = DELTA_CLAMP
+    dropout: Dropout = DROPOUT
 
     @model_validator(mode="after")
-    def _one_width(self) -> MLPSettings:
+    def _one_width(self) -> MLPRefinerConfig:
         names = ("hidden_mult", "hidden_dim", "param_budget")
         widths = [name for name in names if getattr(self, name) is not None]
         if len(widths) > 1:
             raise ValueError(f"mlp sets both {widths[0]} and {widths[1]}; keep one")
         return self
-
-
-class MLPRefinerConfig(MLPSettings, _Derived):
-    """What `RecursiveRefinementHead` is built from: `MLPSettings` plus the derived fields.
-
-    `hidden_mult` and a numeric `param_budget` are resolved into `hidden_dim` (= round(hidden_mult * d_model),
-    resp. `mlp_hidden_for_params`) and cleared.
-    context_dim: width of external contexts, added through a learned projection; None: no context input.
-    """
 
     @model_validator(mode="after")
     def _resolve_width(self) -> MLPRefinerConfig:
@@ -166,41 +198,31 @@ class MLPRefinerConfig(MLPSettings, _Derived):
         if self.hidden_mult is not None:
             self.hidden_dim, self.hidden_mult = max(1, round(self.hidden_mult * self.d_model)), None
         elif self.param_budget is not None:
-            self.hidden_dim = mlp_hidden_for_params(
-                self.d_model,
-                self.param_budget,
-                context_dim=self.context_dim,
-                learned_halting=self.learned_halting,
-            )
+            budget, width = self.param_budget, self.context_dim
+            self.hidden_dim = mlp_hidden_for_params(self.d_model, budget, context_dim=width)
             self.param_budget = None
         elif self.hidden_dim is None:
             self.hidden_dim = min(2 * self.d_model, DEFAULT_MAX_HIDDEN)
         return self
 
 
-def mlp_parameter_count(
-    d_model: int, hidden_dim: int, *, context_dim: int | None = None, learned_halting: bool = False
-) -> int:
+def mlp_parameter_count(d_model: int, hidden_dim: int, *, context_dim: int | None = None) -> int:
     """Parameters of `RecursiveRefinementHead`: LN (2d) + MLP (2dH + H + d) + confidence head (d + 1),
-    plus the context projection (Dc d) and the halting head (LN 2d + d + 1) when built."""
+    plus the context projection (Dc d) when built."""
     d = d_model
     count = 2 * d + (2 * d + 1) * hidden_dim + d + d + 1
     if context_dim is not None:
         count += context_dim * d
-    if learned_halting:
-        count += 3 * d + 1
     return count
 
 
-def mlp_hidden_for_params(
-    d_model: int, n_params: int, *, context_dim: int | None = None, learned_halting: bool = False
-) -> int:
+def mlp_hidden_for_params(d_model: int, n_params: int, *, context_dim: int | None = None) -> int:
     """The MLP hidden width whose parameter count (`mlp_parameter_count`) is nearest to `n_params`.
 
     The count grows by 2 d_model + 1 per hidden unit, so the nearest width is within half of that of the
     target: within 1% for any budget above 50 x (2 d_model + 1).
     """
-    fixed = mlp_parameter_count(d_model, 0, context_dim=context_dim, learned_halting=learned_halting)
+    fixed = mlp_parameter_count(d_model, 0, context_dim=context_dim)
     per_unit = 2 * d_model + 1
     hidden = round((n_params - fixed) / per_unit)
     if hidden < 1:

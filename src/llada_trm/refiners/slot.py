@@ -258,9 +258,6 @@ class SlotTRMRefiner(Refiner):
             external = [rows.gather(c) for c in external]
             prev = None if prev is None else rows.gather(prev)
             h_rows = rows.gather(h)
-        if prev is not None and state.prev_valid is not None:  # a partial carry: nothing where it holds none
-            valid = state.prev_valid if rows is None else rows.gather(state.prev_valid)
-            prev = torch.where(valid.unsqueeze(-1), prev, u.detach())  # a zero change, as on a first step
         out = slot_step(self, h_rows, u, self._context(u, block_contexts, external), prev)
 
         h_next, update, confidence = out.h_next.to(h.dtype), out.update, out.confidence
@@ -284,27 +281,7 @@ class SlotTRMRefiner(Refiner):
             "confidence": confidence,
         }
         reuse = None if kv is None else KeyValueReuse.record(kv, active, h_next, self.blocks[0])
-        valid = state.prev_valid
-        if valid is not None:  # the rows computed now hold a previous representation from here on
-            valid = None if active is None or bool((valid | active).all()) else valid | active
-        state = RefinerState(prev=u, steps=state.steps + 1, reuse=reuse, prev_valid=valid)
-        return h_next, state, step_stats
-
-    def resume_state(self, x: Tensor, latent: Tensor, valid: Tensor) -> RefinerState:
-        """u_prev of the first step = the last denoising step's u where the carry holds one; elsewhere the
-        step starts from nothing (a zero change, as `init_state`'s first step)."""
-        if latent.shape[-1] != self.config.d_inner:
-            raise ValueError(
-                f"the carried latent is {latent.shape[-1]} wide but this slot refiner's u is "
-                f"{self.config.d_inner} wide; start a new RefinerCarry for this model"
-            )
-        if not bool(valid.any()):
-            return self.init_state(x)
-        return RefinerState(prev=latent, prev_valid=None if bool(valid.all()) else valid)
-
-    def carried(self, state: RefinerState) -> Tensor | None:
-        """u of each position's last refined step (detached already)."""
-        return state.prev
+        return h_next, RefinerState(prev=u, steps=state.steps + 1, reuse=reuse), step_stats
 
     def _read(
         self,

@@ -73,7 +73,6 @@ TRAIN_COLUMNS: tuple[str, ...] = (
     "loss_deep_supervision",
     "loss_orthogonality",
     "loss_calibration",
-    "loss_halting",
     "lr",
     "lr_backbone",
     "grad_norm",

@@ -1,7 +1,6 @@
 """The training objective of the refiner, as one function a DDP wrapper can call.
 
     L = L_K + w_ds * mean(L_1 .. L_{K-1}) + w_ortho * ortho(slot projections) [+ w_cal * calibration]
-        [+ w_halt * halting]
 
 L_k is LLaDA's masked-diffusion SFT loss on the logits after refinement step k (L_K on the final logits):
 sum over masked tokens of CE / p_mask / answer_length, averaged over rows. Under the forward process p_mask is
@@ -12,10 +11,7 @@ those masks are not the forward process and 1/t would weight them by a probabili
 deep supervision asks every intermediate step to be a usable answer, so the recursion can halt early.
 `calibration` is the binary cross-entropy between the refiner's final per-token confidence and whether the
 final prediction is right, over the masked positions of refined chunks: it teaches the confidence head what
-the halting and the confidence-weighted update rely on. `halting` (with `model.halting: learned`) is TRM's
-halting loss: the BCE between the halting head's chunk logit after each step and whether, at that step, every
-masked position of the chunk is predicted right (argmax of that step's logits, detached), over the chunks
-active at that step; the head reads detached states, so this term trains the head alone. Without a refiner,
+the halting and the confidence-weighted update rely on. Without a refiner,
 L is the plain SFT loss. With a `DenoisingUnroll` (below), L is averaged over a few consecutive
 denoising steps of a trajectory.
 
@@ -23,7 +19,7 @@ The denoising unroll (`DenoisingUnroll`, TRM's N_sup):
 Deep supervision over denoising steps (TRM's N_sup): a short simulated trajectory per training example.
 
     x_1, masked_1, p_1 = the forward process's draw (the one-step objective's)
-    out_s       = model(x_s, masked_s, carry)                               s = 1 .. n_sup
+    out_s       = model(x_s, masked_s)                                      s = 1 .. n_sup
     commit_s    = in each row, the floor(fraction * |masked_s|) masked positions where out_s is most confident
     x_{s+1}     = x_s with the targets written at commit_s;   masked_{s+1} = masked_s minus commit_s
     p_{s+1}     = p_s * |masked_{s+1}| / |masked_s|                          the realised mask ratio
@@ -31,10 +27,9 @@ Deep supervision over denoising steps (TRM's N_sup): a short simulated trajector
 
 The positions are committed as the sampler commits them (the model's own most confident predictions,
 detached), but what is written there is the target, so that every state is a partly un-masked copy of its
-own answer and each step's loss has its targets. With the model's `denoising_carry` on, one `RefinerCarry`
-runs through the trajectory: step s+1's first refinement resumes from step s's latents, which the carry
-holds detached, so no gradient crosses a denoising step. Off, the steps are independent refinements of
-successive states. A training-loop feature, off unless `training_params.denoising_unroll_steps` > 1.
+own answer and each step's loss has its targets. The steps are independent refinements of successive
+states (the carry of refiner latents across them left the tree, docs/levers.md). A training-loop feature,
+off unless `training_params.denoising_unroll_steps` > 1.
 
 `training_masks_for_run`: the run's phase-1 masks (`training.masks`); the trainer and the feature cache both
 draw through it, so a cached step sees exactly the masks a live step would have drawn.
@@ -46,7 +41,6 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from transformers import PreTrainedTokenizerBase
 
@@ -64,18 +58,15 @@ from llada_trm.hybrid.model import (
     BackboneFeatures,
     HybridOutput,
     LLaDATRMHybrid,
-    chunk_sum,
     expand_chunks,
     max_probability,
 )
-from llada_trm.refiners.base import RefinerCarry
 
 __all__ = [
     "DenoisingUnroll",
     "LossWeights",
     "ObjectiveResult",
     "diffusion_objective",
-    "halting_loss",
     "next_state",
     "training_masks_for_run",
     "unrolled_states",
@@ -87,7 +78,6 @@ LOSS_TERMS = (
     "loss_deep_supervision",
     "loss_orthogonality",
     "loss_calibration",
-    "loss_halting",
 )
 
 
@@ -96,7 +86,6 @@ class LossWeights:
     deep_supervision: float = 0.3
     orthogonality: float = 0.01
     calibration: float = 0.0
-    halting: float = 1.0
 
     @classmethod
     def from_params(cls, params: TrainingParamsConfig) -> LossWeights:
@@ -105,7 +94,6 @@ class LossWeights:
             deep_supervision=params.deep_supervision_weight,
             orthogonality=params.orthogonality_weight,
             calibration=params.confidence_calibration_weight,
-            halting=params.halting_weight,
         )
 
 
@@ -150,8 +138,8 @@ def diffusion_objective(  # noqa: PLR0913 - the trainer's keywords, each optiona
         noise = forward_process(input_ids, batch["prompt_lengths"], mask_id)
     core = getattr(model, "module", model)
 
-    def forward(noisy: Tensor, masked: Tensor, carry: RefinerCarry | None = None) -> HybridOutput:
-        return _forward(model, noisy, masked, backbone_frozen=backbone_frozen, features=features, carry=carry)
+    def forward(noisy: Tensor, masked: Tensor) -> HybridOutput:
+        return _forward(model, noisy, masked, backbone_frozen=backbone_frozen, features=features)
 
     if unroll is None:
         states = iter([(forward(noise[0], noise[1]), noise[1], noise[2])])
@@ -160,9 +148,7 @@ def diffusion_objective(  # noqa: PLR0913 - the trainer's keywords, each optiona
             raise ConfigError(
                 "the denoising unroll runs the backbone at each step: it cannot use cached features"
             )
-        new_carry = getattr(core, "new_carry", None)
-        carry = new_carry() if callable(new_carry) else None
-        states = unrolled_states(forward, input_ids, noise, unroll, carry)
+        states = unrolled_states(forward, input_ids, noise, unroll)
     per_step = []
     for output, masked, p_mask in states:
         per_step.append(_loss_terms(core, output, batch, masked, p_mask, weights, chunk_size))
@@ -187,18 +173,16 @@ def _forward(
     *,
     backbone_frozen: bool,
     features: BackboneFeatures | None,
-    carry: RefinerCarry | None,
 ) -> HybridOutput:
-    """The model's output on `noisy` (from `features` when given); `carry` only reaches a model given one."""
-    extra = {} if carry is None else {"carry": carry}
+    """The model's output on `noisy` (from `features` when given)."""
     if features is not None:
-        return getattr(model, "module", model).refine(features, masked, **extra)
+        return getattr(model, "module", model).refine(features, masked)
     if backbone_frozen and hasattr(model, "features"):
         with torch.no_grad():
             features = model.features(noisy)
-        return model.refine(features, masked, **extra)
+        return model.refine(features, masked)
     # a DDP/FSDP wrapper exposes only forward (the hybrid skips the backbone graph when it is frozen)
-    return model(noisy, masked=masked, **extra)
+    return model(noisy, masked=masked)
 
 
 def _loss_terms(
@@ -229,16 +213,12 @@ def _loss_terms(
     loss_cal = zero
     if weights.calibration > 0 and output.step_confidence:
         loss_cal = _calibration_loss(output, input_ids, masked, chunk_size)
-    loss_halt = zero
-    if weights.halting > 0 and output.halt_logits:
-        loss_halt = halting_loss(output, input_ids, masked, chunk_size or core.config.chunk_size)
 
     loss = (
         loss_final
         + weights.deep_supervision * loss_ds
         + weights.orthogonality * loss_ortho
         + weights.calibration * loss_cal
-        + weights.halting * loss_halt
     )
     return {
         "loss": loss,
@@ -246,7 +226,6 @@ def _loss_terms(
         "loss_deep_supervision": loss_ds,
         "loss_orthogonality": loss_ortho,
         "loss_calibration": loss_cal,
-        "loss_halting": loss_halt,
     }
 
 
@@ -267,31 +246,9 @@ def _calibration_loss(
     return -(correct * p.log() + (1 - correct) * (1 - p).log()).mean()
 
 
-def halting_loss(output: HybridOutput, targets: Tensor, masked: Tensor, chunk_size: int) -> Tensor:
-    """BCE(halting head's chunk logit after step k, chunk all right at step k), over (step, active chunk).
-
-    "All right": the argmax of step k's logits equals the target on every masked position of the chunk,
-    computed without gradient (TRM's halting target). Chunks are counted from position 0 (training runs
-    without a KV cache, so the window is the whole sequence).
-    """
-    logits, where = [], []
-    for q, chunks, step in zip(output.halt_logits, output.halt_chunks, output.step_logits, strict=False):
-        with torch.no_grad():
-            wrong = masked & (step.argmax(dim=-1) != targets)
-            right = chunk_sum(wrong.float(), chunk_size) == 0
-        if right.shape != q.shape:
-            raise ValueError(f"halting logits {list(q.shape)} do not match {chunk_size}-position chunks")
-        logits.append(q[chunks])
-        where.append(right[chunks].float())
-    q = torch.cat(logits)
-    if not q.numel():
-        return output.logits.new_zeros((), dtype=torch.float32)
-    return F.binary_cross_entropy_with_logits(q.float(), torch.cat(where))
-
-
 # ----------------------------------------------------------------- the denoising unroll
 
-Forward = Callable[[Tensor, Tensor, RefinerCarry | None], HybridOutput]
+Forward = Callable[[Tensor, Tensor], HybridOutput]
 Noise = tuple[Tensor, Tensor, Tensor]
 
 
@@ -334,12 +291,12 @@ def next_state(logits: Tensor, targets: Tensor, noise: Noise, fraction: float) -
 
 
 def unrolled_states(
-    forward: Forward, targets: Tensor, noise: Noise, unroll: DenoisingUnroll, carry: RefinerCarry | None
+    forward: Forward, targets: Tensor, noise: Noise, unroll: DenoisingUnroll
 ) -> Iterator[tuple[HybridOutput, Tensor, Tensor]]:
     """`(output, masked, p_mask)` of each of the `unroll.steps` denoising steps, in order; the next state is
     drawn from each output only after the caller has taken it (so each step's loss is built in turn)."""
     for step in range(unroll.steps):
-        output = forward(noise[0], noise[1], carry)
+        output = forward(noise[0], noise[1])
         yield output, noise[1], noise[2]
         if step + 1 < unroll.steps:
             noise = next_state(output.logits, targets, noise, unroll.fraction)
