@@ -197,9 +197,9 @@ def test_the_run_schema_embeds_the_model_side_types():
 
 def test_model_side_validation_names_the_yaml_key(tmp_path):
     cases = {
-        "model:\n  slot:\n    dropout: 1.5\n": "model.slot.dropout: input should be less than 1",
+        "model:\n  slot:\n    delta_scale: 0\n": "model.slot.delta_scale: input should be greater than 0",
         "model:\n  slot:\n    num_steps: 2\n": "model.slot: may not set ['num_steps']: the hybrid model",
-        "model:\n  mlp:\n    hidden_dim: 8\n    hidden_mult: 2\n": "model.mlp: mlp sets both hidden_mult",
+        "model:\n  mlp:\n    hidden_dim: 8\n": "model.mlp.hidden_dim: a retired setting, fixed now",
         "model:\n  context_layers: [1, 1]\n": "model: context_layers lists a layer twice",
         "data:\n  synthetic:\n    max_number: 1\n": "data.synthetic.max_number: input should be greater than",
     }
@@ -208,8 +208,8 @@ def test_model_side_validation_names_the_yaml_key(tmp_path):
             load_config(write(tmp_path, text, name="m.yaml"))
         assert str(info.value).startswith(f"{tmp_path / 'm.yaml'}: {expected}"), str(info.value)
     # built in Python, the same check names the class and field instead
-    with pytest.raises(ConfigError, match=r"^SlotSettings\.dropout: input should be less than 1"):
-        SlotSettings(dropout=1.5)
+    with pytest.raises(ConfigError, match=r"^SlotSettings\.delta_scale: input should be greater than 0"):
+        SlotSettings(delta_scale=0)
 
 
 def test_generator_knobs_are_run_config_keys():

@@ -114,12 +114,14 @@ def test_config_rejects_bad_values(kwargs, message):
 def test_config_schedules_and_dict_round_trip():
     assert refiner_schedule(HybridConfig(refiner="mlp")) == ["mlp"] * 4
     assert refiner_schedule(HybridConfig(refiner="none")) == []
-    assert refiner_schedule(HybridConfig(integration="hybrid", active_refiner="mlp"), 2) == ["mlp", "mlp"]
+    assert refiner_schedule(HybridConfig(integration="hybrid"), 2) == ["slot", "slot"]
+    assert refiner_schedule(HybridConfig(integration="hybrid"), 2, "mlp") == ["mlp", "mlp"]
     assert refiner_schedule(HybridConfig(integration="cascade")) == ["mlp", "mlp", "slot", "slot"]
     assert refiner_schedule(HybridConfig(integration="cascade"), 3) == ["mlp", "slot", "slot"]
-    one_mlp_step = HybridConfig(integration="cascade", cascade_mlp_steps=1)
-    assert refiner_schedule(one_mlp_step) == ["mlp", "slot", "slot", "slot"]
-    config = HybridConfig(refiner="mlp", context_layers=[0], mlp={"hidden_mult": 1.5})
+    for retired in ("active_refiner", "cascade_mlp_steps", "return_step_logits", "denoising_carry"):
+        with pytest.raises(ConfigError, match=f"{retired}: unknown key"):
+            HybridConfig(**{retired: None})
+    config = HybridConfig(refiner="mlp", context_layers=[0], mlp={"param_budget": 5000})
     assert HybridConfig.from_dict(config.to_dict()) == config
     with pytest.raises(ConfigError, match="unknown HybridConfig field"):
         HybridConfig.from_dict({"refiners": "slot"})
@@ -132,16 +134,13 @@ def test_context_layer_out_of_range():
 
 # A value other than the default for every knob: a new knob needs its entry here, and then this test checks
 # that it travels from the config (YAML's `model.slot` / `model.mlp`) into the refiner that is built.
-SLOT_KNOBS = {
-    "n_heads": 4, "n_blocks": 1, "mlp_ratio": 2.0, "delta_scale": 0.2, "delta_clamp": 0.4, "use_gates": False,
-    "dropout": 0.1, "d_inner": 16, "d_ctx": 6, "d_reason": 5, "d_refine": 4, "d_conf": 3,
-}  # fmt: skip
-MLP_KNOBS = {"hidden_dim": 24, "delta_scale": 0.2, "delta_clamp": 0.4, "dropout": 0.1}
+SLOT_KNOBS = {"n_heads": 4, "n_blocks": 1, "delta_scale": 0.2, "d_inner": 16}
+MLP_KNOBS = {"delta_scale": 0.2}
 
 
 def test_every_refiner_knob_reaches_the_built_refiner():
     assert set(SLOT_KNOBS) == set(type(HybridConfig().slot).model_fields)
-    assert set(MLP_KNOBS) | {"hidden_mult", "param_budget"} == set(type(HybridConfig().mlp).model_fields)
+    assert set(MLP_KNOBS) | {"param_budget"} == set(type(HybridConfig().mlp).model_fields)
     config = HybridConfig(integration="cascade", max_recursive_steps=3, slot=SLOT_KNOBS, mlp=MLP_KNOBS)
     model = LLaDATRMHybrid(tiny_backbone(), config)
     slot, mlp = model.refinement_head["slot"].config, model.refinement_head["mlp"].config
@@ -149,8 +148,10 @@ def test_every_refiner_knob_reaches_the_built_refiner():
     assert {name: getattr(mlp, name) for name in MLP_KNOBS} == MLP_KNOBS
     assert (slot.d_model, slot.num_steps, slot.context_dim) == (D, 3, D)  # derived: backbone, K, contexts
     assert (mlp.d_model, mlp.num_steps, mlp.context_dim) == (D, 3, None)
-    wide = LLaDATRMHybrid(tiny_backbone(), HybridConfig(refiner="mlp", mlp={"hidden_mult": 1.5}))
-    assert wide.refinement_head["mlp"].config.hidden_dim == round(1.5 * D)
+    # the constants (`refiners.config`): slot widths from d_inner, no dropout, gates, clamp 0.5, 2 x d_model
+    widths = (slot.d_ctx, slot.d_reason, slot.d_refine, slot.d_conf)
+    assert widths == (8, 4, 4, 2) and (slot.mlp_ratio, slot.dropout, slot.use_gates) == (4.0, 0.0, True)
+    assert slot.delta_clamp == mlp.delta_clamp == 0.5 and mlp.dropout == 0.0 and mlp.hidden_dim == 2 * D
     sized = LLaDATRMHybrid(tiny_backbone(), HybridConfig(refiner="mlp", mlp={"param_budget": 5000}))
     assert sized.refinement_head["mlp"].config.hidden_dim == mlp_hidden_for_params(D, 5000)
 
@@ -577,7 +578,7 @@ def test_save_and_load_refiner_round_trip(tmp_path):
     with pytest.raises(CheckpointError, match="do not match"):
         make_model(refiner="mlp").load_refiner(path)
     with pytest.raises(CheckpointError, match="has shape"):
-        bigger = make_model(integration="hybrid", slot={"n_heads": 2, "n_blocks": 1, "d_ctx": 8})
+        bigger = make_model(integration="hybrid", mlp={"param_budget": 5000})  # another MLP width
         bigger.load_refiner(path)
     with pytest.raises(CheckpointError, match="not found"):
         model.load_refiner(tmp_path / "missing.safetensors")

@@ -12,6 +12,7 @@ import yaml
 from llada_trm.cli import main
 from llada_trm.compare_config import CompareConfig, load_compare_config
 from llada_trm.config import (
+    RETIRED_MODEL,
     ModelConfig,
     RunConfig,
     load_config,
@@ -28,7 +29,7 @@ FIXTURE = Path(__file__).parent / "fixtures" / "run_before_issue25"  # `llada-tr
 # The run schema's settings (leaf fields of RunConfig). Before issue 25: 150, 33 of them `model.*`.
 # `model.*` is the hybrid's and the refiners' own schema (hybrid/config.py, refiners/config.py).
 MAX_RUN_SETTINGS = 60  # every section but model.* (117 before)
-MAX_MODEL_SETTINGS = 33
+MAX_MODEL_SETTINGS = 16  # 33 before
 
 
 def test_the_run_schema_has_about_fifty_settings_besides_the_model():
@@ -45,7 +46,7 @@ def test_every_retired_setting_reads_its_fixed_value():
     """The consumers still read `config.training.adam_eps`: a class constant, equal to the table's value."""
     config = RunConfig()
     for key, value in retired_settings().items():
-        if key == "output.best_mode":
+        if key == "output.best_mode" or key in RETIRED_MODEL:  # derived, or the model's (tested below)
             continue
         node = config
         for part in key.split("."):
@@ -179,3 +180,83 @@ def test_resuming_checks_an_old_checkpoint_against_the_converted_config(tmp_path
     with pytest.raises(CheckpointError, match="a retired setting.*llada-trm convert"):
         check_config_changes(old, config)  # unconverted: told to convert, not a list of "changed" settings
     assert check_config_changes(converted / "checkpoints" / "last", config) == []  # the same run
+
+
+# ------------------------------------------------------------- the model section (issue 25, model levers)
+
+
+def test_the_model_section_keeps_what_studies_varied():
+    keys = {k.removeprefix("model.") for k in settings_keys() if k.startswith("model.")}
+    assert keys == {
+        "refiner", "integration", "max_recursive_steps", "chunk_size", "confidence_threshold",
+        "chunk_selection", "halting", "context_layers", "backbone", "dtype", "slot.n_heads", "slot.n_blocks",
+        "slot.delta_scale", "slot.d_inner", "mlp.param_budget", "mlp.delta_scale",
+    }  # fmt: skip
+    assert not keys & {k.removeprefix("model.") for k in RETIRED_MODEL}
+
+
+def test_a_retired_model_key_fails_in_one_line_naming_the_converter(tmp_path):
+    path = tmp_path / "old.yaml"
+    path.write_text("model:\n  slot:\n    use_gates: true\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert str(info.value) == (
+        f"{path}: model.slot.use_gates: a retired setting, fixed now (docs/settings.md); convert the file: "
+        f"llada-trm convert {path} --out NEW"
+    )
+
+
+def test_retired_model_keys_convert_at_their_value_or_when_unused():
+    old = {"model": {
+        "active_refiner": "mlp", "cascade_mlp_steps": None, "halting_threshold": 0.7,
+        "return_step_logits": None, "denoising_carry": False, "refiner": "slot",
+        "slot": {"n_heads": 2, "mlp_ratio": 4.0, "delta_clamp": 0.5, "use_gates": True, "dropout": 0.0,
+                 "d_ctx": None, "d_reason": None, "d_refine": None, "d_conf": None},
+        "mlp": {"hidden_dim": 64, "hidden_mult": 3.0, "delta_clamp": 0.2, "dropout": 0.1},  # no MLP is built
+    }}  # fmt: skip
+    conversion = convert_config(old)
+    assert conversion.data == {"model": {"refiner": "slot", "slot": {"n_heads": 2}}}  # emptied mlp: pruned
+    assert not conversion.warnings and len(conversion.dropped) == 17
+    cascade = {"model": {"integration": "cascade", "max_recursive_steps": 6, "cascade_mlp_steps": 3}}
+    assert convert_config(cascade).dropped == ["model.cascade_mlp_steps"]  # K // 2: what a cascade does now
+    shipped = convert_config({"model": {"refiner": "mlp", "mlp": {"hidden_mult": 2.0, "delta_scale": 0.5}}})
+    assert shipped.data == {"model": {"refiner": "mlp", "mlp": {"delta_scale": 0.5}}}
+    assert "min(2 d_model, 1024)" in shipped.warnings[0]  # the same width below d_model 512
+
+
+@pytest.mark.parametrize(
+    ("model", "expected"),
+    [
+        ({"slot": {"d_ctx": 8}}, r"model\.slot\.d_ctx=8: no longer supported .*set slot\.d_inner"),
+        ({"slot": {"use_gates": False}}, r"model\.slot\.use_gates=false: .*always has its gates"),
+        ({"refiner": "mlp", "mlp": {"hidden_dim": 64}}, r"model\.mlp\.hidden_dim=64: .*mlp\.param_budget"),
+        ({"halting": "learned"}, r"model\.halting=learned: learned halting left the tree"),
+        ({"denoising_carry": True}, r"model\.denoising_carry=true: .*left the tree"),
+        ({"integration": "hybrid", "active_refiner": "mlp"}, r"model\.active_refiner=mlp: .*--refiner mlp"),
+        ({"integration": "cascade", "cascade_mlp_steps": 1}, r"model\.cascade_mlp_steps=1: .*K // 2"),
+        ({"return_step_logits": True}, r"model\.return_step_logits=true: .*while training"),
+    ],
+)
+def test_a_retired_model_value_the_model_no_longer_has_is_refused(model, expected, tmp_path):
+    with pytest.raises(ConfigError, match=f"^old.yaml: {expected}") as info:
+        convert_config({"model": model}, "old.yaml")
+    assert "\n" not in str(info.value)
+    path = tmp_path / "old.yaml"
+    path.write_text(yaml.safe_dump({"model": model}))
+    with pytest.raises(ConfigError):
+        convert_path(path, tmp_path / "new.yaml", echo=lambda _: None)
+    assert not (tmp_path / "new.yaml").exists()
+
+
+def test_a_comparison_arm_converts_by_the_refiner_it_builds():
+    old = {
+        "run": {"model": {"slot": {"d_inner": 8, "delta_clamp": 0.5}, "mlp": {"hidden_mult": 2.0}}},
+        "refiners": ["slot", "mlp_matched"],
+        "arms": {"mlp_matched": {"refiner": "mlp", "run": {"model": {
+            "mlp": {"hidden_mult": None, "param_budget": "slot"}, "slot": {"d_ctx": 4}}}}},
+    }  # fmt: skip
+    conversion = convert_config(old)
+    assert conversion.data["arms"]["mlp_matched"]["run"] == {"model": {"mlp": {"param_budget": "slot"}}}
+    assert conversion.data["run"] == {"model": {"slot": {"d_inner": 8}}}
+    with pytest.raises(ConfigError, match=r"run\.model\.slot\.d_ctx=4"):  # the shared run builds both
+        convert_config({"run": {"model": {"slot": {"d_ctx": 4}}}, "refiners": ["slot"]})
