@@ -94,16 +94,15 @@ def test_chunk_confidence_by_hand():
     [
         ({"refiner": "tree"}, r"^HybridConfig\.refiner: expected one of 'none', 'mlp' or 'slot', got 'tree'"),
         ({"integration": "parallel"}, "integration: expected one of"),
-        ({"active_refiner": "none"}, "active_refiner"),
+        ({"halting": "learned"}, "halting: expected one of 'confidence' or 'none'"),
         ({"refiner": "none", "integration": "hybrid"}, "refiner='none'"),
         ({"max_recursive_steps": -1}, "max_recursive_steps"),
         ({"chunk_size": 0}, "chunk_size"),
-        ({"cascade_mlp_steps": 5}, "cascade_mlp_steps"),
         ({"confidence_threshold": -0.1}, "confidence_threshold"),
         ({"context_layers": [1, 1]}, "twice"),
         ({"slot": {"n_head": 2}}, r"slot\.n_head: unknown key; did you mean 'n_heads'\?"),
         ({"slot": {"num_steps": 2}}, "derives them"),
-        ({"mlp": {"hidden_mult": 2, "hidden_dim": 8}}, "hidden_mult"),
+        ({"mlp": {"param_budget": "half"}}, "param_budget"),
     ],
 )
 def test_config_rejects_bad_values(kwargs, message):
