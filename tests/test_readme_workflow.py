@@ -38,7 +38,7 @@ def test_workflow_commands_are_the_readmes_block() -> None:
     assert not any("OTHER_RUN" in line or "../shared" in line for line in lines)  # no placeholders
     quick = readme_workflow.quick_arguments(["llada-trm", "compare", "--config", "configs/levers_tiny.yaml"],
                                             REPO)
-    assert "refiners=[slot,slot_halting]" in quick and "--seeds" in quick  # the first arm past the reference
+    assert "refiners=[slot,mlp_matched]" in quick and "--seeds" in quick  # the first arm past the reference
 
 
 def test_readme_workflow_runs_top_to_bottom_on_a_fresh_clone(tmp_path: Path) -> None:

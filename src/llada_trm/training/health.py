@@ -171,7 +171,7 @@ class HealthMonitor:
         name, value = min(dead.items(), key=lambda item: item[1])
         return kind, (
             f"gate '{name}' has died ({value:.4f} < {self.t.dead_gate}): its slot no longer contributes to "
-            "the update. Lower training.lr, or set model.slot.use_gates: false if the slot is not needed."
+            "the update. Lower training.lr (a too-large step drives gates into saturation)."
         )
 
     def _delta_explosion(self, row: Mapping[str, Any]) -> tuple[str, str | None]:

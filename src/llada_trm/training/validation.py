@@ -40,6 +40,7 @@ from llada_trm.hybrid.reachability import (
     smallest_sufficient_scale,
     step_bound,
 )
+from llada_trm.refiners.config import DELTA_CLAMP
 from llada_trm.training.freezing import set_train_mode
 from llada_trm.training.metrics import VALIDATION_COLUMNS, forward_statistics
 
@@ -291,7 +292,7 @@ def reachability_report(
     the reachable share at the run's K and budget, at K = 1..16, and the smallest sufficient delta_scale.
     """
     settings = config.model.mlp if config.model.refiner == "mlp" else config.model.slot
-    clamp, scale, steps = settings.delta_clamp, settings.delta_scale, config.model.max_recursive_steps
+    clamp, scale, steps = DELTA_CLAMP, settings.delta_scale, config.model.max_recursive_steps
     backbone = model.backbone
     required: list[torch.Tensor] = []
     masked_total = 0
