@@ -11,6 +11,8 @@ from torch import Tensor
 
 from llada_trm.backbone.config import LLaDAConfig
 from llada_trm.backbone.modeling import LLaDAModel
+from llada_trm.config import parse_config
+from llada_trm.convert import convert_config
 from llada_trm.errors import ConfigError
 from llada_trm.hybrid.config import HybridConfig
 from llada_trm.hybrid.model import LLaDATRMHybrid
@@ -57,11 +59,11 @@ def count_lm_head_rows(model: LLaDATRMHybrid, monkeypatch: pytest.MonkeyPatch) -
 # ---------------------------------------------------------------- the config switch
 
 
-def test_halting_switch_is_validated_and_reads_the_legacy_key():
+def test_halting_switch_is_validated_and_the_legacy_key_converts():
     assert HybridConfig().halting == "confidence"
-    assert HybridConfig(halt_on_confidence=False).halting == "none"
-    assert HybridConfig.from_dict({"halt_on_confidence": True}).halting == "confidence"
-    assert HybridConfig(halt_on_confidence=True, halting="none").halting == "none"  # the new key wins
+    with pytest.raises(ConfigError, match="model.halt_on_confidence: a retired setting.*llada-trm convert"):
+        parse_config({"model": {"halt_on_confidence": False}})  # legacy: `llada-trm convert` rewrites it
+    assert convert_config({"model": {"halt_on_confidence": False}}).data == {"model": {"halting": "none"}}
     for rule in ("sometimes", "learned"):  # learned halting left the tree
         with pytest.raises(ConfigError, match="halting: expected one of 'confidence' or 'none'"):
             HybridConfig(halting=rule)

@@ -494,7 +494,7 @@ def test_confident_chunk_halts_and_keeps_its_logits():
     assert torch.allclose(evaluated.logits, out.logits)
 
     # without halting every refined chunk takes all K steps
-    model.config.halt_on_confidence = False
+    model.config.halting = "none"
     assert model.refine(halting_features(model)).stats["steps_per_chunk"].tolist() == [[4, 4]]
 
 

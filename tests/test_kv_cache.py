@@ -354,7 +354,7 @@ def test_hybrid_cache_refines_absolute_chunks_and_leaves_the_others_untouched():
 
 def test_hybrid_cached_forward_equals_full_forward_with_a_per_token_refiner():
     """The MLP refiner has no attention: with unchanged tokens only the chunking could differ, and may not."""
-    model = hybrid("mlp", confidence_threshold=0.9, halt_on_confidence=True, max_recursive_steps=3)
+    model = hybrid("mlp", confidence_threshold=0.9, halting="confidence", max_recursive_steps=3)
     ids = chunky_ids()
     with torch.no_grad():
         full = model(ids, use_cache=True)
@@ -367,7 +367,7 @@ def test_hybrid_cached_forward_equals_full_forward_with_a_per_token_refiner():
 @pytest.mark.parametrize("threshold", [None, 0.9])
 def test_sampling_through_the_hybrid_with_a_cache(cache: str, threshold: float | None):
     """One layer and a per-token refiner refining every masked chunk: cached sampling is exact here."""
-    model = hybrid("mlp", n_layers=1, confidence_threshold=2.0, halt_on_confidence=False)
+    model = hybrid("mlp", n_layers=1, confidence_threshold=2.0, halting="none")
     prompt, prompt_mask = left_padded_batch(length=7, seed=3)
     kwargs = dict(steps=8, gen_length=16, block_length=8, mask_id=MASK, threshold=threshold)
     plain = generate_with_stats(model, prompt, prompt_mask, **kwargs)

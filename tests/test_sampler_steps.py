@@ -65,7 +65,7 @@ def _run(model: Any, variant: str, on_step: Any = None, **extra: Any):
 @pytest.mark.parametrize("cfg_scale", [0.0, 1.0])
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_a_callback_changes_nothing_and_sees_every_commit(variant: str, cfg_scale: float):
-    model = _hybrid(confidence_threshold=0.9, halt_on_confidence=True, max_recursive_steps=3)
+    model = _hybrid(confidence_threshold=0.9, halting="confidence", max_recursive_steps=3)
     events: list[StepEvent] = []
     plain = _run(model, variant, temperature=0.5, cfg_scale=cfg_scale)
     watched = _run(model, variant, events.append, temperature=0.5, cfg_scale=cfg_scale)
@@ -98,7 +98,7 @@ def test_a_callback_changes_nothing_and_sees_every_commit(variant: str, cfg_scal
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_the_refined_chunks_are_those_holding_a_mask_of_the_block(variant: str):
     """Threshold 2 refines every chunk with a masked position of the current block, none other."""
-    model = _hybrid(confidence_threshold=2.0, halt_on_confidence=False, max_recursive_steps=2)
+    model = _hybrid(confidence_threshold=2.0, halting="none", max_recursive_steps=2)
     events: list[StepEvent] = []
     _run(model, variant, events.append)
     tokens_before = torch.full((2, 16), MASK)
@@ -117,7 +117,7 @@ def test_the_refined_chunks_are_those_holding_a_mask_of_the_block(variant: str):
 
 
 def test_halted_chunks_are_the_refined_chunks_that_stopped_early(monkeypatch: pytest.MonkeyPatch):
-    model = _hybrid(confidence_threshold=0.9, halt_on_confidence=True, max_recursive_steps=4)
+    model = _hybrid(confidence_threshold=0.9, halting="confidence", max_recursive_steps=4)
     # A random refiner never gets confident: declare every refined chunk confident after its first step.
     def every_chunk_confident(lm_head, h, logits, probe, chunks, threshold):
         return torch.ones_like(probe[:, ::4]), 0

@@ -126,6 +126,8 @@ class ModelConfig(HybridConfig):
 # class constants either (the refiners' constants are their build configs' defaults, `refiners.config`).
 # `llada-trm convert` drops one at that value and refuses another (`convert.convert_model_section`).
 RETIRED_MODEL: dict[str, Any] = {f"model.{key}": value for key, value in RETIRED_MODEL_SETTINGS.items()}
+# A legacy spelling the converter rewrites (`convert.RENAMED`); a file that still uses it is told to convert.
+register_retired(["model.halt_on_confidence"])
 
 
 # ---------------------------------------------------------------------------------------------------- data

@@ -79,8 +79,8 @@ class HybridConfig(Section):
     halting: when a refined chunk stops early (its states and logits are frozen from then on). 'confidence'
         (the original rule): after each step the LM head is run on the chunk's masked positions and the chunk
         stops once their mean max probability reached `confidence_threshold`. 'none': every refined chunk
-        takes all K steps. The legacy key `halt_on_confidence: true | false` still reads as 'confidence' |
-        'none'. (Learned halting left the tree: docs/levers.md.)
+        takes all K steps. (`llada-trm convert` rewrites the legacy `halt_on_confidence: true | false` as
+        'confidence' | 'none'; learned halting left the tree: docs/levers.md.)
     context_layers: backbone layers whose attention contexts (attn@V), averaged, are given to the slot
         refiner as external context (averaged again with its own blocks' contexts); None or [] uses only the
         refiner's own. Default [-1], the last layer: what every run config has used, so a config built in
@@ -103,29 +103,6 @@ class HybridConfig(Section):
     context_layers: list[Int] | None = Field(default_factory=lambda: [-1])
     slot: SlotSettings = Field(default_factory=SlotSettings)
     mlp: MLPSettings = Field(default_factory=MLPSettings)
-
-    @model_validator(mode="before")
-    @classmethod
-    def _legacy_halting(cls, data: Any) -> Any:
-        """Configs written before `halting` existed say `halt_on_confidence: true | false`; when both are
-        given (an old file with `--set model.halting=...`), `halting` wins."""
-        if not isinstance(data, dict) or "halt_on_confidence" not in data:
-            return data
-        data = dict(data)
-        legacy = data.pop("halt_on_confidence")
-        if not isinstance(legacy, bool):
-            raise ValueError(f"halt_on_confidence: expected true or false, got {legacy!r}; or set halting")
-        data.setdefault("halting", "confidence" if legacy else "none")
-        return data
-
-    @property
-    def halt_on_confidence(self) -> bool:
-        """The legacy switch: whether the LM-head confidence rule halts chunks (`halting == 'confidence'`)."""
-        return self.halting == "confidence"
-
-    @halt_on_confidence.setter
-    def halt_on_confidence(self, value: bool) -> None:
-        self.halting = "confidence" if value else "none"
 
     @model_validator(mode="after")
     def _consistent(self) -> HybridConfig:
@@ -160,7 +137,7 @@ class HybridConfig(Section):
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> HybridConfig:
-        unknown = sorted(set(data) - set(cls.model_fields) - {"halt_on_confidence"})  # legacy, still read
+        unknown = sorted(set(data) - set(cls.model_fields))
         if unknown:
             valid = sorted(cls.model_fields)
             raise ConfigError(f"unknown {cls.__name__} field(s) {unknown}; valid fields: {valid}")
