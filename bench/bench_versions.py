@@ -50,6 +50,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_REF = "04476e5"  # the commit before issue 25's redesign
+SCRIPT_COPY = "bench_versions.py"  # the children's copy of this script, in the run's temporary directory
 RESULT_MARK = "BENCH_VERSIONS_RESULT "  # the child's one result line on stdout starts with this
 WORKLOADS = ("sampling", "train-slot", "train-mlp")
 
@@ -234,7 +235,7 @@ def child_run(command: list[str], tree: Path, cwd: Path) -> str:
 
 def measure(workload: str, tree: Path, config: Path | None, args: argparse.Namespace, workdir: Path) -> dict:
     """One measurement of `workload` with `tree`'s code, in a fresh process and a fresh directory."""
-    command = child_command(workload, config, args)
+    command = child_command(workload, config, args, workdir)
     cwd = Path(tempfile.mkdtemp(prefix=f"{workload}-", dir=workdir))
     out = child_run(command, tree, cwd)
     lines = [line for line in out.splitlines() if line.startswith(RESULT_MARK)]
@@ -249,10 +250,11 @@ def measure(workload: str, tree: Path, config: Path | None, args: argparse.Names
     return result
 
 
-def child_command(workload: str, config: Path | None, args: argparse.Namespace) -> list[str]:
+def child_command(workload: str, config: Path | None, args: argparse.Namespace, workdir: Path) -> list[str]:
+    """The child's command line: the copy of this script in `workdir` (see `main`), in child mode."""
     sizes = QUICK if args.quick else FULL
     sizes_json = json.dumps(sizes.__dict__, separators=(",", ":"))
-    command = [sys.executable, str(Path(__file__).resolve()), "--child", workload,
+    command = [sys.executable, str(workdir / SCRIPT_COPY), "--child", workload,
                "--child-clock", args.clock, "--child-sizes", sizes_json]
     if config is not None:
         command += ["--child-config", str(config)]
@@ -275,7 +277,9 @@ def run_rounds(args: argparse.Namespace, trees: dict[str, Path], workdir: Path) 
                     s = series.setdefault(name, Series(name, entry["unit"], entry.get("extra", "")))
                     s.times[label].append(entry["seconds"])
                     s.extra[label].append(entry.get("extra_value", 0.0))
-                    s.command = f"PYTHONPATH=<tree>/src {shlex.join(child_command(workload, config, args))}"
+                    if label == "current":  # the ref's differs only in PYTHONPATH and its unconverted config
+                        command = shlex.join(child_command(workload, config, args, workdir))
+                        s.command = f"PYTHONPATH={ROOT / 'src'} " + command.replace(str(workdir), "$WORKDIR")
                 print(f"  round {index + 1}/{args.rounds} {workload:<10} {label:<7} "
                       f"{time.perf_counter() - started:6.1f} s  " + ", ".join(
                           f"{n} {e['seconds']:.4g}" for n, e in result["series"].items()), flush=True)
@@ -303,7 +307,10 @@ def report(series: list[Series]) -> None:
                   "the trees did different work, so the time ratio mixes speed and work")
         elif s.extra_name:
             print(f"{s.name}: {s.extra_name} {s.extra['current'][0]:g} in both trees")
-    print("\nEach measurement (run by this script once per tree and round, in that tree's checkout):")
+    print("\nEach measurement, run once per tree and round in a fresh directory. $WORKDIR is this run's "
+          "temporary directory: a copy of this script; recipe-<refiner>.yaml, the ref's compare_tiny.yaml "
+          "`run:` with model.refiner, output.dir and n_train 2000 set, which the ref reads; "
+          "recipe-<refiner>-current.yaml, that file converted by the current tree's `llada-trm convert`.")
     for s in series:
         print(f"  {s.name}: {s.command}")
 
@@ -317,6 +324,8 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     try:
         with ref_worktree(ROOT, args.ref) as ref_tree, tempfile.TemporaryDirectory(prefix="bv-") as work:
+            # The children run a copy of this script, so an edit to it during a run changes no measurement.
+            shutil.copy2(Path(__file__).resolve(), Path(work) / SCRIPT_COPY)
             trees = {"current": ROOT, "ref": ref_tree}
             print(f"current: {ROOT} at {describe_tree(ROOT)}; ref: {args.ref} = {describe_tree(ref_tree)} "
                   f"(temporary worktree {ref_tree})")
@@ -336,7 +345,7 @@ def main(argv: list[str] | None = None) -> int:
         flags.append(f"--clock {args.clock}")
     if args.workloads != list(WORKLOADS):
         flags.append(f"--workloads {','.join(args.workloads)}")
-    print(f"\ncommand: OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', '')} {Path(sys.executable).name} "
+    print(f"\ncommand: OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', '')} {sys.executable} "
           f"bench/bench_versions.py {' '.join(flags)}   ({time.perf_counter() - started:.0f} s, load average "
           f"{os.getloadavg()[0]:.2f})")
     return 0
