@@ -12,10 +12,11 @@ same interpreter (sys.executable) with PYTHONPATH set to that tree's src/, so ea
 
 Workloads (the recipe of configs/compare_tiny.yaml: chunk_selection all, halting none, K = 4):
   sample: backbone alone / sample: + slot refiner
-      the embedded backbone (fp32) alone and inside the hybrid with a random slot refiner, sampling a fixed
-      set of the generated task's test prompts with threshold 0.9 + prefix cache, gen 64, block 32; the two
-      models alternate batch by batch in one process. Unit: seconds per prompt (NFE printed beside it).
-      Only public API present in both trees is used (llada_trm's lazy exports + data.collate.prompt_batch).
+      the embedded backbone (fp32) alone and inside the hybrid with a random slot refiner (built from the
+      recipe config below by the tree's `build.hybrid_config`), sampling a fixed set of the generated task's
+      test prompts with threshold 0.9 + prefix cache, gen 64, block 32; the two models alternate batch by
+      batch in one process. Unit: seconds per prompt (NFE printed beside it). Only API present in both
+      trees is used (llada_trm's lazy exports, build.hybrid_config, data.collate.prompt_batch).
   train: slot / train: mlp
       phase-1 optimizer steps of the recipe (answer_structure masks, batch 16) through each tree's own
       `Trainer`, timed between consecutive `optimizer.step()` calls after the warm-up steps (so setup, the
@@ -54,17 +55,8 @@ SCRIPT_COPY = "bench_versions.py"  # the children's copy of this script, in the 
 RESULT_MARK = "BENCH_VERSIONS_RESULT "  # the child's one result line on stdout starts with this
 WORKLOADS = ("sampling", "train-slot", "train-mlp")
 
-# The hybrid of configs/compare_tiny.yaml's `run.model` (HybridConfig's fields, the same in both trees).
-RECIPE_MODEL = {
-    "refiner": "slot",
-    "max_recursive_steps": 4,
-    "chunk_size": 8,
-    "chunk_selection": "all",
-    "halting": "none",
-    "context_layers": [-1],
-    "slot": {"n_heads": 4, "n_blocks": 1, "delta_scale": 0.5, "delta_clamp": 0.5},
-}
-# Its sampler (`run.sampling`) and the generated task the embedded backbone was trained on (`run.data`).
+# configs/compare_tiny.yaml's sampler (`run.sampling`) and the generated task the embedded backbone was
+# trained on (`run.data.synthetic`); the hybrid comes from its `run.model` (`recipe_configs`).
 RECIPE_SAMPLING = {"steps": 64, "gen_length": 64, "block_length": 32, "threshold": 0.9, "cache": "prefix"}
 TRAIN_PROBLEMS = 2000
 RECIPE_TASK = {"min_steps": 1, "max_steps": 2, "max_number": 12, "max_result": 100, "seed": 0}
@@ -186,15 +178,16 @@ def round_order(round_index: int) -> tuple[str, str]:
     return ("current", "ref") if round_index % 2 == 0 else ("ref", "current")
 
 
-def training_configs(trees: dict[str, Path], workdir: Path) -> dict[tuple[str, str], Path]:
-    """Per (tree, refiner): the ref's compare_tiny.yaml `run:` section, converted for a tree that has
-    `llada-trm convert` (with that tree's own converter) and used as it is by one that has not."""
-    import yaml  # noqa: PLC0415 (PyYAML is the project's dependency; only the training workloads need it)
+def recipe_configs(trees: dict[str, Path], workdir: Path) -> dict[tuple[str, str], Path]:
+    """Per (tree, refiner): the ref's compare_tiny.yaml `run:` section (the hybrid of the sampling workload,
+    the run of the training ones), converted for a tree that has `llada-trm convert` (with that tree's own
+    converter, so today's schema changes are followed) and used as it is by one that has not."""
+    import yaml  # noqa: PLC0415 (PyYAML, the project's dependency: only the parent reads YAML)
 
     source = trees["ref"] / "configs" / "compare_tiny.yaml"
     if not source.is_file():
         raise BenchError(f"{source} not found: the ref has no recipe config to train with; pick a ref that "
-                         "has configs/compare_tiny.yaml or run --workloads sampling")
+                         "has configs/compare_tiny.yaml")
     run = yaml.safe_load(source.read_text())["run"]
     paths: dict[tuple[str, str], Path] = {}
     for refiner in ("slot", "mlp"):
@@ -263,14 +256,12 @@ def child_command(workload: str, config: Path | None, args: argparse.Namespace, 
 
 def run_rounds(args: argparse.Namespace, trees: dict[str, Path], workdir: Path) -> list[Series]:
     """Every workload, `args.rounds` times per tree, the trees alternating within each round."""
-    configs = {}
-    if any(w.startswith("train-") for w in args.workloads):
-        configs = training_configs(trees, workdir)
+    configs = recipe_configs(trees, workdir)
     series: dict[str, Series] = {}
     for index in range(args.rounds):
         for workload in args.workloads:
             for label in round_order(index):
-                config = configs.get((label, workload.removeprefix("train-")))
+                config = configs[label, "slot" if workload == "sampling" else workload.removeprefix("train-")]
                 started = time.perf_counter()
                 result = measure(workload, trees[label], config, args, workdir)
                 for name, entry in result["series"].items():
@@ -360,25 +351,26 @@ def child_main(args: argparse.Namespace) -> int:
     sizes = Sizes(**json.loads(args.child_sizes))
     clock = time.process_time if args.child_clock == "cpu" else time.perf_counter
     if args.child == "sampling":
-        series = child_sampling(sizes, clock)
+        series = child_sampling(args.child_config, sizes, clock)
     else:
         series = child_training(args.child_config, args.child.removeprefix("train-"), sizes, clock)
     print(RESULT_MARK + json.dumps({"package": str(Path(llada_trm.__file__).parent), "series": series}))
     return 0
 
 
-def child_sampling(sizes: Sizes, clock: Callable[[], float]) -> dict[str, dict]:
-    """Seconds per prompt of the backbone alone and of the hybrid with a random slot refiner."""
+def child_sampling(config_path: Path, sizes: Sizes, clock: Callable[[], float]) -> dict[str, dict]:
+    """Seconds per prompt of the backbone alone and of the hybrid with the recipe's random slot refiner."""
     import torch  # noqa: PLC0415
 
     import llada_trm as lt  # noqa: PLC0415
-    from llada_trm.data.collate import prompt_batch  # noqa: PLC0415 (same module in both trees)
+    from llada_trm.build import hybrid_config  # noqa: PLC0415 (same module in both trees)
+    from llada_trm.data.collate import prompt_batch  # noqa: PLC0415
     from llada_trm.data.tokenizer import special_token_ids  # noqa: PLC0415
 
     torch.manual_seed(0)
     backbone_dir = lt.embedded_backbone_dir()
     backbone = lt.LLaDAModel.from_pretrained(backbone_dir, dtype=torch.float32)
-    hybrid = lt.LLaDATRMHybrid(backbone, lt.HybridConfig(**RECIPE_MODEL)).eval()
+    hybrid = lt.LLaDATRMHybrid(backbone, hybrid_config(lt.load_config(config_path))).eval()
     tokenizer = lt.load_tokenizer(backbone_dir)
     ids = special_token_ids(tokenizer)
     records = lt.generate_problems(lt.SyntheticTaskConfig(**RECIPE_TASK), sizes.prompts, split="test")
