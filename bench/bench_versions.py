@@ -25,7 +25,7 @@ Workloads (the recipe of configs/compare_tiny.yaml: chunk_selection all, halting
       converted with that tree's own command at run time, so both run the same recipe whatever today's
       schema is.
 
-    OMP_NUM_THREADS=1 .venv/bin/python bench/bench_versions.py --quick             # ~5 min on 2 CPU cores
+    OMP_NUM_THREADS=1 .venv/bin/python bench/bench_versions.py --quick   # 8-12 min, loaded 2-core CPU
     OMP_NUM_THREADS=1 .venv/bin/python bench/bench_versions.py --rounds 6 --ref 04476e5
     .venv/bin/python bench/bench_versions.py --workloads train-slot --rounds 4
 """
@@ -58,8 +58,8 @@ WORKLOADS = ("sampling", "train-slot", "train-mlp")
 # configs/compare_tiny.yaml's sampler (`run.sampling`) and the generated task the embedded backbone was
 # trained on (`run.data.synthetic`); the hybrid comes from its `run.model` (`recipe_configs`).
 RECIPE_SAMPLING = {"steps": 64, "gen_length": 64, "block_length": 32, "threshold": 0.9, "cache": "prefix"}
-TRAIN_PROBLEMS = 2000
 RECIPE_TASK = {"min_steps": 1, "max_steps": 2, "max_number": 12, "max_result": 100, "seed": 0}
+TRAIN_PROBLEMS = 2000  # the training runs' data.synthetic.n_train (the recipe's 20000 only slows the setup)
 
 
 class BenchError(Exception):
@@ -194,8 +194,8 @@ def recipe_configs(trees: dict[str, Path], workdir: Path) -> dict[tuple[str, str
         config = copy.deepcopy(run)
         config["model"]["refiner"] = refiner
         config["output"]["dir"] = "run"  # relative: each child runs in its own fresh directory
-        # 2000 generated training problems instead of 20000: the same distribution of batches, so the same
-        # step time, for a tenth of the setup (generating 20000 takes ~4 s of CPU per child)
+        # TRAIN_PROBLEMS generated training problems instead of 20000: the same distribution of batches, so
+        # the same step time, for a tenth of the setup (generating 20000 takes ~4 s of CPU per child)
         if "n_train" in config.get("data", {}).get("synthetic", {}):
             config["data"]["synthetic"]["n_train"] = TRAIN_PROBLEMS
         old = workdir / f"recipe-{refiner}.yaml"
