@@ -164,7 +164,6 @@ def train_path(
     t, p = config.training, config.training_params
     plan = apply_freezing(
         model, phase=1, trainable_modules=p.trainable_modules, lr=t.lr, backbone_lr=t.backbone_lr,
-        train_layer_norms=p.train_layer_norms, train_refiner_blocks=p.train_refiner_blocks,
     )
     optimizer = build_optimizer(plan.groups, weight_decay=t.weight_decay, betas=t.adam_betas, eps=t.adam_eps)
     weights = LossWeights.from_params(p)

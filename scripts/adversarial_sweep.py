@@ -1786,22 +1786,6 @@ def surface_cases() -> list[Case]:  # noqa: C901, PLR0915 - one flat list is the
     )
     add(
         Case(
-            "cache --sampler-states --rebuild: someone's folder",
-            lambda x: [
-                "cache",
-                *_train_tiny(x, f"advanced.sampler_states_dir={_run_folder(x, 'ss_theirs')}", out="ss_run")[
-                    1:
-                ],
-                "--sampler-states",
-                "--rebuild",
-            ],
-            protect=_protect_folder("ss_theirs"),
-            part_a=True,
-            timeout=180,
-        )
-    )
-    add(
-        Case(
             "cache --rebuild: feature_cache_dir=the run itself",
             lambda x: [
                 "cache",

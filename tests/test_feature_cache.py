@@ -94,7 +94,7 @@ def step(model, batch, noise, features=None) -> tuple[torch.Tensor, dict[str, to
     """One objective evaluation + backward: (loss, refiner gradients)."""
     model.zero_grad(set_to_none=True)
     result = diffusion_objective(
-        model, batch, mask_id=model.mask_token_id, weights=LossWeights(calibration=0.1), backbone_frozen=True,
+        model, batch, mask_id=model.mask_token_id, weights=LossWeights(), backbone_frozen=True,
         chunk_size=8, noise=noise, features=features,
     )
     result.loss.backward()

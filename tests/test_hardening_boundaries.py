@@ -260,7 +260,7 @@ def test_non_utf8_inputs_are_named(backbone_dir, tmp_path, capsys):
 def test_cache_sizes_are_bounded():
     from llada_trm.config import parse_config
 
-    for override in ("advanced.cache_noise_draws=1e9", "advanced.sampler_states_per_problem=1e6"):
+    for override in ("training.batch_size=1e9", "data.n_train=1e9"):
         with pytest.raises(ConfigError, match=f"--set {override.split('=')[0]}"):
             parse_config({}, overrides=[override])
 

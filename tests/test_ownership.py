@@ -95,25 +95,22 @@ def test_pretrain_holds_its_run_directory_while_it_writes(tmp_path):
     assert not (tmp_path / "out").exists() and not any(tmp_path.glob("out.partial.old-*"))
 
 
-@pytest.mark.parametrize("store", ["feature_cache_dir", "sampler_states_dir"])
-def test_cache_rebuild_never_deletes_a_folder_that_is_not_a_cache(backbone_dir, tmp_path, capsys, store):
-    # the stores' folders are fixed under output.dir (issue 25); a user's folder of that name is not a cache
-    mine = tmp_path / "run" / store.removesuffix("_dir")
+def test_cache_rebuild_never_deletes_a_folder_that_is_not_a_cache(backbone_dir, tmp_path, capsys):
+    # the cache's folder is fixed under output.dir (issue 25); a user's folder of that name is not a cache
+    mine = tmp_path / "run" / "feature_cache"
     before = precious(mine)
     raw = run_config(backbone_dir, tmp_path / "run")
     config = tmp_path / "run.yaml"
     config.write_text(yaml.safe_dump(raw))
     argv = ["cache", "--config", str(config), "--no-progress", "--rebuild"]
-    argv += ["--sampler-states"] if store == "sampler_states_dir" else []
     assert main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and str(mine) in err[0] and f"advanced.{store}" in err[0]
+    assert len(err) == 1 and str(mine) in err[0] and "output.dir" in err[0]
     assert snapshot(mine) == before
 
 
 def test_cache_rebuild_keeps_a_cache_holding_anything_else(tmp_path):
     from llada_trm.training.feature_cache import remove_store
-    from llada_trm.training.sampler_states import SAMPLER_STATES_CHECKED
 
     cache = tmp_path / "cache"
     cache.mkdir()
@@ -123,8 +120,6 @@ def test_cache_rebuild_keeps_a_cache_holding_anything_else(tmp_path):
     (cache / "results.csv").write_text("a user's file")
     with pytest.raises(ConfigError, match=r"holds results\.csv, which the feature cache did not write"):
         remove_store(cache)
-    with pytest.raises(ConfigError, match="not a sampler-state store"):  # a feature cache is not one
-        remove_store(cache, sections=SAMPLER_STATES_CHECKED)
     assert (cache / "results.csv").is_file() and (cache / "shard_00000.safetensors").is_file()
     (cache / "results.csv").unlink()
     assert remove_store(cache) and not cache.exists()  # only the store's own files: deleted whole

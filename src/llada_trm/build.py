@@ -34,7 +34,6 @@ from llada_trm.errors import ConfigError
 from llada_trm.hybrid.config import HybridConfig
 from llada_trm.hybrid.model import LLaDATRMHybrid
 from llada_trm.io import DTYPES, dtype_named, resolve_device
-from llada_trm.refiners.base import compile_refiner_steps
 
 __all__ = [
     "BuiltModel",
@@ -218,14 +217,9 @@ def load_hybrid(
 
 
 def apply_backbone_options(model: LLaDATRMHybrid, config: RunConfig) -> None:
-    """`advanced.gradient_checkpointing` and `advanced.compile`, on the backbone, and
-    `advanced.compile_refiner`, on the refiners' steps (before any wrapping)."""
+    """`advanced.gradient_checkpointing`, on the backbone (before any wrapping)."""
     if config.advanced.gradient_checkpointing:
         model.backbone.gradient_checkpointing = True
-    if config.advanced.compile:
-        model.backbone.compile()
-    if config.advanced.compile_refiner:
-        compile_refiner_steps(model.refinement_head.values(), model.backbone.device)
 
 
 @dataclass

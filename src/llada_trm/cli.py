@@ -488,13 +488,6 @@ def _cmd_cache(args: argparse.Namespace) -> int:
 
     device = [f"training.device={args.device}"] if args.device else []
     config = load_config(args.config, [*args.set, *device])
-    if args.sampler_states:
-        from llada_trm.training.sampler_states import build_sampler_states
-
-        directory = build_sampler_states(config, progress=True, rebuild=args.rebuild)
-        print(f"sampler states ready: {directory} (a retired lever: training.sampler_state_ratio through "
-              "llada_trm.config.fixed_settings, docs/settings.md)")
-        return 0
     directory = build_feature_cache(config, progress=True, rebuild=args.rebuild)
     print(f"feature cache ready: {directory} (train with --set advanced.feature_cache=true)")
     return 0
@@ -713,11 +706,6 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_options(p)
     p.add_argument(
         "--rebuild", action="store_true", help="delete an existing (e.g. stale) cache first (only a cache)"
-    )
-    p.add_argument(
-        "--sampler-states",
-        action="store_true",
-        help="record the frozen backbone's sampler states instead (training.sampler_state_ratio)",
     )
     _add_device_option(p)
     _add_progress_option(p)

@@ -23,7 +23,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal, get_type_hints
 
-from pydantic import BaseModel, BeforeValidator, Field, create_model, model_validator
+from pydantic import BaseModel, BeforeValidator, Field, PrivateAttr, create_model, model_validator
 
 from llada_trm.backbone.lora import LORA_TARGETS, LoraConfig
 from llada_trm.config_files import (
@@ -146,8 +146,8 @@ Draws = Annotated[int, BeforeValidator(to_int), Field(ge=1, le=1024)]  # cached 
 
 
 class SyntheticDataConfig(SyntheticTaskConfig):
-    """The generated task (`llada_trm.data.SyntheticTaskConfig`) and how many problems each split gets
-    (each at most MAX_PROBLEMS; a task too small for the count is refused when the problems are drawn).
+    """The generated task (`llada_trm.data.SyntheticTaskConfig`); `data.n_train` / `data.n_eval` say how
+    many problems each split gets.
 
     Its difficulty is a setting; its vocabulary, operations, seed and test share are the generator's
     defaults, fixed here (class constants, not keys), as every shipped config and backbone uses.
@@ -162,33 +162,33 @@ class SyntheticDataConfig(SyntheticTaskConfig):
     purchases: ClassVar[tuple[str, ...]] = DEFAULT_PURCHASES
     seed: ClassVar[int] = 0
 
-    n_train: Annotated[ProblemCount, Field(ge=1)] = 2000
-    n_eval: ProblemCount = 100
-
 
 class ArithmeticDataConfig(ArithmeticTaskConfig):
-    """The generated arithmetic task (`llada_trm.data.arithmetic`) and how many problems each split gets;
-    the carry bounds, seed and test share are fixed (`retired_settings`)."""
+    """The generated arithmetic task (`llada_trm.data.arithmetic`); the carry bounds, seed and test share
+    are fixed (`retired_settings`)."""
 
     min_carries: ClassVar[int] = 0
     seed: ClassVar[int] = 0
     max_carries: ClassVar[int | None] = None
     test_fraction: ClassVar[float] = 0.1
 
-    n_train: Annotated[ProblemCount, Field(ge=1)] = 2000
-    n_eval: ProblemCount = 100
-
 
 class DataConfig(_Section):
     """Which records to train on and how to batch them: GSM8K, the generated GSM8K-style task (`synthetic`)
-    or the generated arithmetic task (`arithmetic`), each generated one with its own section."""
+    or the generated arithmetic task (`arithmetic`), each generated one with its own section.
+
+    `n_train` training and `n_eval` validation problems (each at most MAX_PROBLEMS): of a generated task,
+    the first ones of its train and validation splits (a task too small for the count is refused when the
+    problems are drawn); of GSM8K, the first `n_train` of its train split and the last `n_eval` of it
+    (`train_split` / `eval_split`: validation never reads test; disjoint while n_train + n_eval <= 7473).
+    """
 
     dataset: Literal["gsm8k", "synthetic", "arithmetic"] = "synthetic"
     path: str | None = Field(
         default=None, description="GSM8K: a JSONL/parquet file or directory, or a Hugging Face dataset name"
     )
-    train_split: str = "train[:1000]"
-    eval_split: str | None = "test[:100]"
+    n_train: Annotated[ProblemCount, Field(ge=1)] = 2000
+    n_eval: ProblemCount = 100
     max_length: PosInt = Field(default=256, description="at most the backbone's max_sequence_length")
     # Fixed (retired): the validation masks' seed, apart from training.seed so that runs with
     # different training seeds are validated on the same noised examples; the records are tokenized in
@@ -202,6 +202,16 @@ class DataConfig(_Section):
     def generated(self) -> SyntheticDataConfig | ArithmeticDataConfig | None:
         """The selected generated task's section (None for gsm8k)."""
         return {"synthetic": self.synthetic, "arithmetic": self.arithmetic}.get(self.dataset)
+
+    @property
+    def train_split(self) -> str:
+        """GSM8K's training slice (derived from n_train): the first n_train problems of train."""
+        return f"train[:{self.n_train}]"
+
+    @property
+    def eval_split(self) -> str | None:
+        """GSM8K's validation slice (derived from n_eval): the last n_eval problems of train; None if 0."""
+        return f"train[-{self.n_eval}:]" if self.n_eval else None
 
     @model_validator(mode="after")
     def _gsm8k_needs_path(self) -> DataConfig:
@@ -227,14 +237,13 @@ class TrainingConfig(_Section):
     unfreeze_last_n_layers: NonNegInt = 2
     batch_size: BatchSize = 4
     gradient_accumulation_steps: BatchSize = 1
-    num_epochs: PosInt = 1
-    max_steps: PosInt | None = None
+    max_steps: PosInt | None = Field(
+        default=None, description="optimizer steps, epoch after epoch over the data; null: one epoch"
+    )
     warmup_steps: NonNegInt | None = Field(default=None, description="null: 5% of the run's steps")
-    min_lr_ratio: Fraction = 0.0
     seed: Int = 42
     mixed_precision: Literal["auto", "bf16", "fp32"] = "auto"
     eval_every: NonNegInt = 100
-    eval_max_batches: PosInt | None = None
     log_every: PosInt = 10
     save_every: NonNegInt = 500
     device: Literal["auto", "cpu", "cuda"] = "auto"
@@ -256,36 +265,30 @@ class TrainingConfig(_Section):
         "leaves it, or the positions the frozen backbone gets wrong in a teacher-forced probe",
     )
 
-    # Fixed (retired): AdamW's and the schedule's constants, and the levers the studies found no gain in
-    # (docs/settings.md: forward-process rows mixed into targeted masks, training on the backbone's sampler
-    # states).
+    # Fixed (retired): AdamW's and the schedule's constants (the cosine decays to 0: min_lr_ratio, set by
+    # no run config), and forward-process rows mixed into targeted masks (docs/settings.md: no gain; the
+    # mechanism stays, `diffusion.forward_process.MaskDistribution.forward_mix`, for another study).
     warmup_ratio: ClassVar[float] = 0.05
+    min_lr_ratio: ClassVar[float] = 0.0
     weight_decay: ClassVar[float] = 0.01
     adam_eps: ClassVar[float] = 1e-8
     adam_betas: ClassVar[tuple[float, float]] = (0.9, 0.999)
     max_grad_norm: ClassVar[float] = 1.0
     forward_mix: ClassVar[float] = 0.0
-    sampler_state_ratio: ClassVar[float] = 0.0
 
 
 class TrainingParamsConfig(_Section):
-    """What is trained and the weights of the objective's terms.
+    """What is trained (`trainable_modules`, whole: layer norms and refiner blocks included).
 
-    Fixed (retired): every selected module trains whole (its layer norms and refiner blocks included); the
-    calibration term and the unrolling over denoising steps are off (levers the studies found no gain in);
-    the learned halting head's BCE weighs 1.0 (its gradient is its own: the weight only scales it against
-    gradient clipping).
+    Fixed (retired): the objective's weights (`training.objective`): deep supervision 0.3 and the slot
+    projections' orthogonality 0.01 (TRM's; every shipped config and study used them), and the learned
+    halting head's BCE 1.0 (its gradient is its own: the weight only scales it against gradient clipping).
     """
 
     trainable_modules: list[str] = Field(default_factory=lambda: ["refinement_head"])
-    deep_supervision_weight: NonNegFloat = 0.3
-    orthogonality_weight: NonNegFloat = 0.01
 
-    train_layer_norms: ClassVar[bool] = True
-    train_refiner_blocks: ClassVar[bool] = True
-    confidence_calibration_weight: ClassVar[float] = 0.0
-    denoising_unroll_steps: ClassVar[int] = 1
-    denoising_unroll_fraction: ClassVar[float] = 0.5
+    deep_supervision_weight: ClassVar[float] = 0.3
+    orthogonality_weight: ClassVar[float] = 0.01
     halting_weight: ClassVar[float] = 1.0
 
 
@@ -293,33 +296,21 @@ class TrainingParamsConfig(_Section):
 
 
 class AdvancedConfig(_Section):
-    """Speed/memory switches and the health checks.
+    """Speed/memory switches.
 
     feature_cache: phase 1 trains on the frozen backbone's outputs computed once and stored
-        (docs/feature_cache.md) in <output.dir>/feature_cache: `cache_noise_draws` noise draws per example
-        (epoch e trains on draw e % draws), hidden states and contexts stored as bfloat16.
-    health_checks: the automatic checks of the logged metrics (`training.health`, whose thresholds are
-        named constants there; docs/troubleshooting.md explains each one).
+        (docs/feature_cache.md) in <output.dir>/feature_cache (hidden states and contexts as bfloat16).
 
-    Fixed (retired): torch.compile off (bench/bench_compile.py: a short run never earns it back), anomaly
-    detection off, the feature cache's and sampler states' stores under output.dir, and `distributed`
-    'auto' (under torchrun: DDP in phases 1 and 2, FSDP in phase 3; docs/distributed.md).
+    Fixed (retired): one noise draw per cached example (`cache_noise_draws`; every epoch re-reads it), the
+    health checks always on (`training.health`: they only warn; docs/troubleshooting.md), and
+    `distributed` 'auto' (under torchrun: DDP in phases 1 and 2, FSDP in phase 3; docs/distributed.md).
     """
 
     gradient_checkpointing: bool = False
     feature_cache: bool = False
-    cache_noise_draws: Draws = 1
-    health_checks: bool = True
 
-    compile: ClassVar[bool] = False
-    compile_refiner: ClassVar[bool] = False
-    feature_cache_dir: ClassVar[str | None] = None
-    cache_dtype: ClassVar[str] = "bfloat16"
-    sampler_states_dir: ClassVar[str | None] = None
-    sampler_states_per_problem: ClassVar[int] = 4
-    sampler_states_problems: ClassVar[int | None] = None
-    sampler_states_seed: ClassVar[int] = 0
-    detect_anomaly: ClassVar[bool] = False
+    cache_noise_draws: ClassVar[int] = 1
+    health_checks: ClassVar[bool] = True
     distributed: ClassVar[str] = "auto"
 
 
@@ -332,15 +323,17 @@ class OutputConfig(_Section):
     save_best: the validation_metrics.csv column that picks checkpoints/best: the validation `loss` (the
     default), a masked accuracy, or `sampled_accuracy` (strict accuracy of sampled answers, which is what a
     comparison reports; needs training.val_sampled_problems > 0).
-    tensorboard: also write the CSVs' rows as TensorBoard scalars into <dir>/tensorboard/ (needs
-    `pip install 'llada-trm[tensorboard]'`); the CSVs stay the run's record.
-    keep_last: also keep numbered copies of the newest N saves of `last` (0: only last and best).
+
+    Fixed (retired): only `last` and `best` are kept (`keep_last` 0, set by no config; the numbered
+    copies' code stays), and TensorBoard is off unless `llada-trm train --tensorboard` asks for it (the
+    CSVs stay the run's record).
     """
 
     dir: str = "runs/run"
     save_best: str = Field(default="loss", description="a validation_metrics.csv column")
-    keep_last: NonNegInt = 0
-    tensorboard: bool = False
+
+    keep_last: ClassVar[int] = 0
+    tensorboard: ClassVar[bool] = False
 
     @property
     def best_is_lower(self) -> bool:
@@ -355,10 +348,15 @@ class _SamplingSection(_Section):
     """LLaDA's sampler settings of a run (`diffusion.options.SamplingOptions`, less the tokenizer's ids).
 
     One place for them: the trainer's sampled-accuracy validation and `compare` read this section, and a
-    run's saved config.yaml records it.
+    run's saved config.yaml records it. The batch of problems sampled together is the run's
+    `training.batch_size` (derived, set by `RunConfig`); the temperature is 0 (greedy: every shipped
+    config), the other fixed options LLaDA's defaults.
     """
 
+    _batch_size: int = PrivateAttr(default=16)
+
     remasking: ClassVar[str] = "low_confidence"
+    temperature: ClassVar[float] = 0.0
     cfg_scale: ClassVar[float] = 0.0
     seed: ClassVar[int] = 0
     logits_eos_inf: ClassVar[bool] = False
@@ -371,12 +369,15 @@ class _SamplingSection(_Section):
 
     def options(self) -> SamplingOptions:
         """The validated options object the sampler takes."""
-        return SamplingOptions(**self.model_dump())
+        return SamplingOptions(**self.model_dump(), batch_size=self._batch_size)
 
 
 # SamplingOptions' settings a run does not set: LLaDA's reference options that no study changes keep the
-# options' defaults (`retired_settings`); `llada-trm generate` still takes them as flags.
-SAMPLING_FIXED = ("remasking", "cfg_scale", "seed", "logits_eos_inf", "confidence_eos_eot_inf")
+# options' defaults (`retired_settings`), and the batch is the training batch; `llada-trm generate` still
+# takes them as flags.
+SAMPLING_FIXED = (
+    "remasking", "cfg_scale", "seed", "logits_eos_inf", "confidence_eos_eot_inf", "temperature", "batch_size"
+)
 
 
 def _sampling_fields() -> dict[str, Any]:
@@ -395,14 +396,22 @@ SamplingConfig = create_model("SamplingConfig", __base__=_SamplingSection, **_sa
 # -------------------------------------------------------------------------------------------------- lora
 
 
-class RunLoraConfig(LoraConfig):
-    """The run's `lora:` section: whether adapters train and their rank (`LoraConfig` documents both); the
-    scale's numerator, dropout and the targeted layers are fixed (retired): alpha 16, no dropout, every
-    linear layer of a block."""
+class RunLoraConfig(_Section):
+    """The run's `lora:` section (`backbone.lora.LoraConfig` documents the adapters): `rank` > 0 trains
+    LoRA adapters of that rank on the backbone in phases 2 and 3; 0 (the default) trains none. The scale's
+    numerator, dropout and the targeted layers are fixed (retired): alpha 16, no dropout, every linear
+    layer of a block."""
+
+    rank: Annotated[int, BeforeValidator(to_int), Field(ge=0, le=4096)] = 0
 
     alpha: ClassVar[float] = 16.0
     dropout: ClassVar[float] = 0.0
     target_modules: ClassVar[tuple[str, ...]] = LORA_TARGETS
+
+    @property
+    def enabled(self) -> bool:
+        """Derived: adapters train when `rank` > 0 (was the setting `lora.enabled`)."""
+        return self.rank > 0
 
 
 # ------------------------------------------------------------------------------------------------ the run
@@ -422,12 +431,13 @@ class RunConfig(_Section):
 
     @model_validator(mode="after")
     def _lora_fits_the_run(self) -> RunConfig:
+        self.sampling._batch_size = self.training.batch_size  # derived: sampled as it is trained
         if not self.lora.enabled:
             return self
         if self.training.phase == 1:
             raise ValueError(
-                "lora.enabled: LoRA adapters train the backbone in phases 2 and 3; set training.phase to 2 "
-                "or 3, or lora.enabled to false (phase 1 trains the refiner alone)"
+                "lora.rank: LoRA adapters train the backbone in phases 2 and 3; set training.phase to 2 "
+                "or 3, or lora.rank to 0 (phase 1 trains the refiner alone)"
             )
         return self
 

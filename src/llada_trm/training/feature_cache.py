@@ -28,9 +28,10 @@ resumes after the last one. A cache whose manifest disagrees with the run (other
 noise or feature settings) is refused with a one-line `StaleFeatureCacheError` saying how to rebuild it.
 
 The manifest's sections (`backbone`, `data`, `noise`, `features`) must match the run exactly for a cache to be
-used; `layout` and `complete` describe the cache itself. The manifest is also what makes a directory a store
-(the sampler-state store reuses these helpers): `remove_store` (`cache --rebuild`) deletes only a directory
-whose manifest is a store's and whose files are all the store's own.
+used; `layout` and `complete` describe the cache itself. The manifest is also what makes a directory a store:
+`remove_store` (`cache --rebuild`) deletes only a directory whose manifest is a store's and whose files are
+all the store's own. The cache lives in `<output.dir>/feature_cache` and stores hidden states and contexts
+as bfloat16 (`CACHE_DTYPE`; half of float32's disk and reads, and the backbone's own precision at 8B).
 """
 
 from __future__ import annotations
@@ -85,7 +86,6 @@ __all__ = [
     "require_frozen_backbone",
     "shard_layout",
     "shard_name",
-    "store_directory",
     "sweep_temporaries",
     "write_feature_cache",
     "write_manifest",
@@ -96,6 +96,7 @@ __all__ = [
 
 CACHE_FORMAT_VERSION = 1
 MANIFEST_FILE = "manifest.json"
+CACHE_DTYPE = torch.bfloat16  # the stored hidden states' and contexts' precision (was advanced.cache_dtype)
 SHARD_BYTES = 256 * 2**20  # target shard size: big enough for few files, small enough to redo after a crash
 _FULL_HASH_BYTES = 64 * 2**20  # weight files up to this size are hashed whole, larger ones by samples
 _SAMPLE_BYTES = 4 * 2**20
@@ -243,7 +244,7 @@ _CHECKED = {  # manifest section -> what a mismatch means to the user
     "backbone": "other backbone weights or config (model.backbone)",
     "data": "other training data (data.* settings, data.max_length or the tokenizer)",
     "noise": "other noise draws (training.seed, training.masks or advanced.cache_noise_draws)",
-    "features": "other feature settings (model.context_layers, advanced.cache_dtype or backbone precision)",
+    "features": "other feature settings (model.context_layers or the backbone's precision)",
 }
 
 
@@ -252,24 +253,17 @@ def check_manifest(
     expected: Mapping[str, Any],
     directory: Path,
     *,
-    sections: Mapping[str, str] = _CHECKED,
     rebuild: str = "llada-trm cache --config <config> --rebuild",
 ) -> None:
-    """Refuse a cache whose manifest disagrees with `expected` in any checked section.
-
-    `sections` (section -> what a mismatch means) and the `rebuild` command default to the feature cache's;
-    the sampler-state store (`training.sampler_states`) passes its own.
-    """
-    what = "feature cache" if sections is _CHECKED else "sampler-state store"
-    setting = "advanced.feature_cache_dir" if sections is _CHECKED else "advanced.sampler_states_dir"
-    for section, meaning in sections.items():
+    """Refuse a cache whose manifest disagrees with `expected` in any checked section."""
+    for section, meaning in _CHECKED.items():
         have, want = stored.get(section), expected[section]
         if section == "backbone":
             have, want = (have or {}).get("fingerprint"), want["fingerprint"]
         if have != want:
             raise StaleFeatureCacheError(
-                f"{directory}: stale {what}, built from {meaning}; rebuild it with `{rebuild}` (or `rm -r "
-                f"{directory}`), or set {setting} to a new directory"
+                f"{directory}: stale feature cache, built from {meaning}; rebuild it with `{rebuild}` (or "
+                f"`rm -r {directory}`), or set output.dir to a new directory"
             )
 
 
@@ -297,16 +291,15 @@ def _store_file(path: Path) -> bool:
     return path.is_file() and bool(_STORE_FILES.fullmatch(path.name))
 
 
-def remove_store(directory: Path, *, sections: Mapping[str, str] = _CHECKED) -> bool:
+def remove_store(directory: Path) -> bool:
     """`cache --rebuild`: delete `directory` when it is a store this command built, else refuse in one line.
 
-    A store is a directory whose manifest has every section of `sections` (the feature cache's by default,
-    the sampler-state store's when passed; any format version, since a stale one is what --rebuild is
-    for) and which holds only the store's files (the manifest, shards, temporary files). Anything else (a
-    training run, a home folder named by a shared config) is never touched. Returns whether it deleted.
+    A store is a directory whose manifest has every section a feature cache's has (any format version,
+    since a stale one is what --rebuild is for) and which holds only the store's files (the manifest,
+    shards, temporary files). Anything else (a training run, a home folder named by a shared config) is
+    never touched. Returns whether it deleted.
     """
-    what = "feature cache" if sections is _CHECKED else "sampler-state store"
-    setting = "advanced.feature_cache_dir" if sections is _CHECKED else "advanced.sampler_states_dir"
+    what, setting = "feature cache", "output.dir"
     if not directory.exists() and not directory.is_symlink():
         return False
     if not directory.is_dir() or directory.is_symlink():
@@ -320,7 +313,7 @@ def remove_store(directory: Path, *, sections: Mapping[str, str] = _CHECKED) -> 
         manifest = json.loads((directory / MANIFEST_FILE).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         manifest = None
-    if not isinstance(manifest, dict) or not all(section in manifest for section in sections):
+    if not isinstance(manifest, dict) or not all(section in manifest for section in _CHECKED):
         raise ConfigError(
             f"{directory}: not a {what} (no {what} {MANIFEST_FILE}); --rebuild deletes only a {what} it "
             f"built: set {setting} to a new or empty directory, or remove this one yourself"
@@ -359,11 +352,6 @@ def shard_layout(manifest: Mapping[str, Any], examples_per_shard: int | None) ->
         raise ValueError(f"examples_per_shard must be >= 1, got {examples_per_shard}")
     examples_per_shard = min(examples_per_shard, n)
     return {"examples_per_shard": examples_per_shard, "shards": math.ceil(n / examples_per_shard)}
-
-
-def store_directory(configured: str | None, output_dir: str, name: str) -> Path:
-    """Where a run's stored precomputation lives: the configured directory, or `<output.dir>/<name>`."""
-    return Path(configured).expanduser() if configured else Path(output_dir) / name
 
 
 # ---------------------------------------------------------------------------------- reading a cache
@@ -534,8 +522,8 @@ def write_feature_cache(  # noqa: PLR0913
         sweep_temporaries(directory)  # shards a killed build was writing
     elif directory.is_dir() and any(directory.iterdir()):
         raise ConfigError(
-            f"{directory}: not empty and not a feature cache (no {MANIFEST_FILE}); set "
-            "advanced.feature_cache_dir to an empty or new directory"
+            f"{directory}: not empty and not a feature cache (no {MANIFEST_FILE}); move it out of the way or "
+            "set output.dir to a new directory"
         )
     else:
         layout = shard_layout(manifest, examples_per_shard)
@@ -636,8 +624,8 @@ class _ShardWriter:
 
 
 def cache_directory(config: RunConfig) -> Path:
-    """`advanced.feature_cache_dir`, or `<output.dir>/feature_cache` when unset."""
-    return store_directory(config.advanced.feature_cache_dir, config.output.dir, "feature_cache")
+    """`<output.dir>/feature_cache`: the run's cache lives with the run."""
+    return Path(config.output.dir) / "feature_cache"
 
 
 def prepare_feature_cache(  # noqa: PLR0913 - the run, its model and data, where and how to compute
@@ -670,7 +658,7 @@ def prepare_feature_cache(  # noqa: PLR0913 - the run, its model and data, where
             seed=config.training.seed, n_draws=adv.cache_noise_draws, mask_id=model.mask_token_id,
             masks=config.training.masks, forward_mix=config.training.forward_mix,
         ),
-        features=FeatureSpec.for_model(model, DTYPES[adv.cache_dtype], compute),
+        features=FeatureSpec.for_model(model, CACHE_DTYPE, compute),
     )
     if is_main_process():
         cache = write_feature_cache(
@@ -693,8 +681,7 @@ def prepare_feature_cache(  # noqa: PLR0913 - the run, its model and data, where
 
 
 def require_frozen_backbone(plan: FreezePlan, setting: str = "advanced.feature_cache") -> None:
-    """The cache holds a frozen backbone's outputs (so do the sampler states, `setting` names which): a run
-    that trains backbone parameters cannot use one."""
+    """The cache holds a frozen backbone's outputs: a run that trains backbone parameters cannot use one."""
     if not plan.backbone_frozen:
         raise ConfigError(
             f"{setting}: the cache holds a frozen backbone's outputs, but this run trains "

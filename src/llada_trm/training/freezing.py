@@ -127,8 +127,6 @@ def apply_freezing(
     lr: float,
     backbone_lr: float,
     unfreeze_last_n_layers: int = 0,
-    train_layer_norms: bool = True,
-    train_refiner_blocks: bool = True,
 ) -> FreezePlan:
     """Set `requires_grad` on every parameter for `phase` and return the parameter groups to optimise."""
     if phase not in (1, 2, 3):
@@ -137,12 +135,6 @@ def apply_freezing(
         p.requires_grad_(False)
 
     head = matching_parameters(model, trainable_modules, key="training_params.trainable_modules")
-    excluded = set()
-    if not train_layer_norms:
-        excluded |= _norm_parameter_names(model)
-    if not train_refiner_blocks:
-        excluded |= {name for name in head if ".blocks." in f".{name}" and name.startswith("refinement_head")}
-    head = {name: p for name, p in head.items() if name not in excluded}
     groups = [ParamGroupSpec("head", lr, head)]
 
     adapters = any(is_adapter_name(name) for name, _ in model.named_parameters())
@@ -161,10 +153,7 @@ def apply_freezing(
 
     groups = [g for g in groups if g.params]
     if not groups:
-        raise ConfigError(
-            "training_params: every selected parameter was excluded (train_layer_norms / "
-            "train_refiner_blocks are false); nothing would train"
-        )
+        raise ConfigError("training_params.trainable_modules: selects no parameter; nothing would train")
     for group in groups:
         for p in group.params.values():
             p.requires_grad_(True)
@@ -189,8 +178,6 @@ def freeze_for_run(model: nn.Module, config: RunConfig) -> FreezePlan:
         lr=t.lr,
         backbone_lr=t.backbone_lr,
         unfreeze_last_n_layers=t.unfreeze_last_n_layers,
-        train_layer_norms=p.train_layer_norms,
-        train_refiner_blocks=p.train_refiner_blocks,
     )
 
 
@@ -237,15 +224,6 @@ def _eval_frozen(module: nn.Module) -> bool:
     if frozen and any(True for _ in module.parameters()):
         module.eval()
     return frozen
-
-
-def _norm_parameter_names(model: nn.Module) -> set[str]:
-    names = set()
-    for mod_name, module in model.named_modules():
-        cls = type(module).__name__
-        if isinstance(module, nn.LayerNorm | nn.RMSNorm) or cls.endswith("Norm"):
-            names |= {f"{mod_name}.{p}" if mod_name else p for p, _ in module.named_parameters(recurse=False)}
-    return names
 
 
 def _last_backbone_blocks(model: nn.Module, n: int) -> list[str]:

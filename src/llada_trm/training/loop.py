@@ -125,14 +125,12 @@ from llada_trm.training.metrics import (
     require_tensorboard,
 )
 from llada_trm.training.objective import (
-    DenoisingUnroll,
     LossWeights,
     diffusion_objective,
     training_masks_for_run,
 )
 from llada_trm.training.resume_config import check_config_changes, retarget_optimizer
 from llada_trm.training.run_dir import claim_run_dir, lock_for_run, repair_run_dir, restarts_from_scratch
-from llada_trm.training.sampler_states import STATE_KEYS, StateMix, prepare_sampler_states
 from llada_trm.training.validation import (
     VALIDATION_SEED_OFFSET,
     SampledValidation,
@@ -166,7 +164,6 @@ __all__ = [
     "resolve_warmup_steps",
     "run_loaders",
     "run_train",
-    "sampler_state_mix_for_run",
     "trainer_from_cli",
     "warmup_cosine",
 ]
@@ -252,10 +249,6 @@ class Trainer:
         self.feature_cache = feature_cache_for_run(
             self.config, self.model, self.plan, self.backbone_dir, self.train_set, self.device,
             self.amp_dtype, progress=progress, masks=self.masks,
-        )
-        self.state_mix = sampler_state_mix_for_run(  # None unless training.sampler_state_ratio > 0
-            self.config, self.model, self.plan, self.backbone_dir, self.train_set, self.tokenizer,
-            self.device, progress=progress,
         )
         train: Dataset = self.train_set if self.feature_cache is None else self.feature_cache
         order: Sampler = self.sampler
@@ -385,19 +378,16 @@ class Trainer:
             self.total_steps, desc="train", unit="step", initial=self.state.step, every=t.log_every,
             enabled=self.progress and main,
         )
-        detect = cfg.advanced.detect_anomaly
-        anomaly = torch.autograd.set_detect_anomaly(True) if detect else contextlib.nullcontext()
         self._window.restart()
         set_train_mode(self.model)
         self.optimizer.zero_grad(set_to_none=True)
         self._evaluated_at = -1
         try:
-            with anomaly:
-                while self.state.step < stop_at and self.state.epoch < t.num_epochs and not self._stopped():
-                    self._run_epoch(stop_at, bar)
-                    if self.state.batches_in_epoch >= self.micro_per_epoch:
-                        self.state.epoch += 1
-                        self.state.batches_in_epoch = 0
+            while self.state.step < stop_at and self.state.epoch < t.num_epochs and not self._stopped():
+                self._run_epoch(stop_at, bar)
+                if self.state.batches_in_epoch >= self.micro_per_epoch:
+                    self.state.epoch += 1
+                    self.state.batches_in_epoch = 0
         finally:
             bar.close()
 
@@ -448,8 +438,6 @@ class Trainer:
             index = self.state.batches_in_epoch
             window_start = (index // accum) * accum
             window = min(accum, self.micro_per_epoch - window_start)  # an epoch's last window may be short
-            if self.state_mix is not None:  # this micro-batch may read sampler states instead
-                batch = self.state_mix.batch_for(self.state.epoch, index, self.micro_per_epoch) or batch
             self._micro_step(batch, scale=1.0 / window, sync=index + 1 - window_start >= window)
             self.state.batches_in_epoch += 1
             if self.state.batches_in_epoch - window_start >= window:
@@ -465,15 +453,12 @@ class Trainer:
         """
         if self.parts.batch is not None:
             batch = self.parts.batch(dict(batch), self.state.epoch, self.state.batches_in_epoch)
-        from_states = STATE_KEYS[0] in batch  # a sampler-state batch brings its own noise
-        noise = None if self.feature_cache is not None or from_states else self._draw_noise(batch)
+        noise = None if self.feature_cache is not None else self._draw_noise(batch)
         batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
         with gradient_sync(self.engine, sync):
             with self._autocast():
                 features = None
-                if from_states:  # the frozen backbone runs live on the recorded state
-                    noise = tuple(batch[key] for key in STATE_KEYS)
-                elif self.feature_cache is not None:  # the backbone's outputs and their noise, from disk
+                if self.feature_cache is not None:  # the backbone's outputs and their noise, from disk
                     features, noise = cached_features(self.model, batch)
                 else:
                     noise = tuple(x.to(self.device, non_blocking=True) for x in noise)
@@ -1032,7 +1017,6 @@ def build_training_model(
         weights=weights,
         backbone_frozen=plan.backbone_frozen,
         chunk_size=config.model.chunk_size,
-        unroll=DenoisingUnroll.for_run(config),
     )
     return TrainingModel(
         model=model,
@@ -1075,37 +1059,6 @@ def feature_cache_for_run(  # noqa: PLR0913 - the run, its model, data and masks
         progress=progress,
         masks=masks,
     )
-
-
-def sampler_state_mix_for_run(
-    config: RunConfig,
-    model: LLaDATRMHybrid,
-    plan: FreezePlan,
-    backbone_dir: Path,
-    train_set: SFTDataset,
-    tokenizer: PreTrainedTokenizerBase,
-    device: torch.device,
-    *,
-    progress: bool,
-) -> StateMix | None:
-    """The run's mix of sampler states into its epochs when `training.sampler_state_ratio` > 0 (the store
-    built, resumed or opened first), else None; a plan that trains backbone parameters is refused."""
-    t = config.training
-    if t.sampler_state_ratio <= 0:
-        return None
-    require_frozen_backbone(plan, "training.sampler_state_ratio")
-    states = prepare_sampler_states(
-        config,
-        model,
-        train_set.examples,
-        tokenizer=tokenizer,
-        backbone_dir=backbone_dir,
-        pad_id=train_set.pad_id,
-        device=device,
-        progress=progress,
-    )
-    shard = {"rank": rank(), "world_size": world_size()}
-    return StateMix(states, t.sampler_state_ratio, seed=t.seed, batch_size=t.batch_size, **shard)
 
 
 @dataclass

@@ -72,7 +72,6 @@ TRAIN_COLUMNS: tuple[str, ...] = (
     "loss_final",
     "loss_deep_supervision",
     "loss_orthogonality",
-    "loss_calibration",
     "lr",
     "lr_backbone",
     "grad_norm",
