@@ -264,10 +264,10 @@ def build_records(data: DataConfig) -> tuple[list[GSM8KRecord], list[GSM8KRecord
     """Training and validation records: a GSM8K source sliced by the splits, or the generated task (its
     `validation` split: never the `test` split a comparison reports on)."""
     try:
-        task = data.generated()  # a generated task's knobs plus n_train / n_eval; None for gsm8k
+        task = data.generated()  # a generated task's knobs; None for gsm8k
         if task is not None:
-            train = generate_task_records(task, task.n_train, "train")
-            evaluation = generate_task_records(task, task.n_eval, "validation") if task.n_eval else []
+            train = generate_task_records(task, data.n_train, "train")
+            evaluation = generate_task_records(task, data.n_eval, "validation") if data.n_eval else []
         else:
             train = load_gsm8k(data.path, data.train_split)
             evaluation = load_gsm8k(data.path, data.eval_split) if data.eval_split else []
@@ -286,7 +286,7 @@ def sampled_validation_records(data: DataConfig, n: int) -> list[GSM8KRecord]:
     except (ValueError, FileNotFoundError) as exc:
         raise ConfigError(f"data: {exc}") from None
     if not records:
-        raise ConfigError("training.val_sampled_problems needs validation problems; set data.eval_split")
+        raise ConfigError("training.val_sampled_problems needs validation problems; set data.n_eval")
     return records[:n]
 
 

@@ -126,10 +126,13 @@ def _cmd_train(args: argparse.Namespace) -> int:
         from llada_trm.config import load_config
 
         resume = load_config(args.config, overrides).output.dir
-    summary = run_train(
-        args.config, overrides, resume, progress=True, force=args.force,
-        allow_backbone_mismatch=args.allow_backbone_mismatch,
-    )
+    from llada_trm.config import fixed_settings
+
+    with fixed_settings({"output.tensorboard": bool(args.tensorboard)}):  # a view of the run, not a setting
+        summary = run_train(
+            args.config, overrides, resume, progress=True, force=args.force,
+            allow_backbone_mismatch=args.allow_backbone_mismatch,
+        )
     if not is_main_process():  # under torchrun every rank returns the summary; one prints it
         return 0
     if summary.get("already_finished"):
@@ -505,8 +508,7 @@ def _cmd_reachability(args: argparse.Namespace) -> int:
         raise UserError(f"{args.config}: model.refiner is none; reachability measures a refiner's budget")
     report = Trainer(config, progress=False).reachability(max_batches=args.batches)
     if not report:
-        raise UserError(f"{args.config}: the run has no validation set (set data.synthetic.n_eval or "
-                        "data.eval_split)")  # fmt: skip
+        raise UserError(f"{args.config}: the run has no validation set (set data.n_eval)")
     print(format_reachability(report))
     if args.json:
         print(json.dumps(report, indent=2))
@@ -697,6 +699,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--force", action="store_true", help="archive a run in output.dir (as DIR.old-<time>), start anew"
     )
+    p.add_argument(
+        "--tensorboard", action="store_true",
+        help="also write the metrics as TensorBoard scalars into OUT/tensorboard (pip install "
+        "'llada-trm[tensorboard]'); the CSVs stay the record",
+    )
     _add_progress_option(p)
     _add_mismatch_option(p)  # for --resume and training.init_from
     _add_dry_run_option(p)
@@ -714,7 +721,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("reachability", "the share of the backbone's wrong tokens a run's update budget can flip")
     _add_config_options(p)
     p.add_argument("--batches", type=int, default=None, metavar="N",
-                   help="validation batches to read (default: training.eval_max_batches)")  # fmt: skip
+                   help="validation batches to read (default: all of data.n_eval)")  # fmt: skip
     p.add_argument("--json", action="store_true", help="also print the whole report as JSON")
     _add_device_option(p)
     p.set_defaults(func=_cmd_reachability)

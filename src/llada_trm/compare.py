@@ -185,7 +185,6 @@ class _Validator:
             mask_id=model.mask_token_id,
             seed=self.run.data.validation_seed,
             device=next(model.parameters()).device,
-            max_batches=self.run.training.eval_max_batches,
         )
 
 

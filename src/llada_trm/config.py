@@ -456,6 +456,42 @@ RETIRED_DERIVED: dict[str, Any] = {
 # The health checks' thresholds (old `advanced.health.<name>`) are named constants of `training.health`.
 RETIRED_SECTIONS = ("advanced.health",)
 
+# Levers whose code left the tree in issue 25 (docs/levers.md; commit a36ffb7 still has them): old key ->
+# the value that meant "off". `llada-trm convert` drops a key at that value and refuses any other in one
+# line (the mechanism is gone, so no converted run could honour it).
+REMOVED_LEVERS: dict[str, Any] = {
+    "training.sampler_state_ratio": 0.0,
+    "advanced.sampler_states_dir": None,
+    "advanced.sampler_states_per_problem": 4,
+    "advanced.sampler_states_problems": None,
+    "advanced.sampler_states_seed": 0,
+    "training_params.denoising_unroll_steps": 1,
+    "training_params.denoising_unroll_fraction": 0.5,
+    "training_params.confidence_calibration_weight": 0.0,
+    "training_params.train_layer_norms": True,
+    "training_params.train_refiner_blocks": True,
+    "advanced.compile": False,
+    "advanced.compile_refiner": False,
+    "advanced.detect_anomaly": False,
+    "advanced.feature_cache_dir": None,  # the cache lives in <output.dir>/feature_cache
+    "advanced.cache_dtype": "bfloat16",  # training.feature_cache.CACHE_DTYPE
+}
+
+# Settings replaced by another setting or derived from the run (issue 25): old key -> what replaces it.
+# `llada-trm convert` moves each (`convert.REPLACED_RULES`).
+REPLACED: dict[str, str] = {
+    "data.synthetic.n_train": "data.n_train",
+    "data.synthetic.n_eval": "data.n_eval",
+    "data.arithmetic.n_train": "data.n_train",
+    "data.arithmetic.n_eval": "data.n_eval",
+    "data.train_split": "data.n_train (GSM8K: the first n_train problems of train)",
+    "data.eval_split": "data.n_eval (GSM8K: the last n_eval problems of train)",
+    "training.num_epochs": "training.max_steps (null: one epoch)",
+    "training.eval_max_batches": "data.n_eval (validation reads every validation problem)",
+    "sampling.batch_size": "training.batch_size (the run samples in its training batch)",
+    "lora.enabled": "lora.rank (0: no adapters)",
+}
+
 
 def _sections(schema: type[BaseModel], prefix: str = "") -> list[tuple[str, type[BaseModel]]]:
     """(dotted path, section type) of `schema` and of every section below it."""
@@ -555,4 +591,4 @@ def save_config(config: RunConfig, path: str | Path) -> Path:
 
 
 # An old file that sets one of them fails with one line naming the converter (`schema.describe`).
-register_retired([*retired_settings(), *RETIRED_SECTIONS])
+register_retired([*retired_settings(), *RETIRED_SECTIONS, *REMOVED_LEVERS, *REPLACED])

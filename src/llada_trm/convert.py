@@ -27,13 +27,21 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import shutil
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from llada_trm.config import RETIRED_MODEL, RETIRED_SECTIONS, RunConfig, parse_config, retired_settings
+from llada_trm.config import (
+    REMOVED_LEVERS,
+    RETIRED_MODEL,
+    RETIRED_SECTIONS,
+    RunConfig,
+    parse_config,
+    retired_settings,
+)
 from llada_trm.config_files import dump_yaml
 from llada_trm.errors import ConfigError, UserError
 from llada_trm.hybrid.config import HybridConfig
@@ -95,8 +103,11 @@ def convert_config(raw: Mapping[str, Any], source: str = "<config>") -> Conversi
                 runs.append((f"arms.{name}.run.", arm["run"]))
     else:
         runs.append(("", data))
+    base = data.get("run") if compare and isinstance(data.get("run"), dict) else {}
     for prefix, run in runs:
         convert_model_section(run, prefix, result, source, built=_built(data, prefix, compare))
+        view = run if run is base or not compare else _merged(base, run)
+        _convert_moved(run, view, prefix, source, result)  # before the retired keys: it reads some
         _convert_run(run, prefix, fixed, result)
     _validate(data, compare, source)
     return result
@@ -268,6 +279,177 @@ def _validate(data: dict[str, Any], compare: bool, source: str) -> None:
         parse_config(data, source=f"{source} (converted)", schema=CompareConfig)
     else:
         parse_config(data, source=f"{source} (converted)", schema=RunConfig)
+
+
+# ------------------------------------------------- issue 25, training side: removed levers, moved settings
+# (`config.REMOVED_LEVERS`, `config.REPLACED`; docs/settings.md)
+
+GSM8K_TRAIN_SIZE = 7473  # problems in GSM8K's train split: `train[:-M]` holds 7473 - M of them
+_OLD_DEFAULTS = {
+    "data.dataset": "synthetic", "training.batch_size": 4, "training.gradient_accumulation_steps": 1,
+    "data.n_train": 2000, "data.n_eval": 100,
+}  # fmt: skip
+_HEAD = re.compile(r"^\s*train\s*\[\s*:\s*(\d+)\s*\]\s*$")  # train[:N]
+_ALL_BUT = re.compile(r"^\s*train\s*\[\s*:\s*-(\d+)\s*\]\s*$")  # train[:-M]
+_TAIL = re.compile(r"^\s*train\s*\[\s*-(\d+)\s*:\s*\]\s*$")  # train[-M:]
+
+
+def _convert_moved(
+    run: dict[str, Any], view: Mapping[str, Any], prefix: str, source: str, result: Conversion
+) -> None:
+    """Drop removed levers at their off value (else one error line); move the settings issue 25 replaced.
+    `view`: the run as resolved (a compare arm's run over the shared `run:`), for the values a rule reads."""
+
+    def value(key: str) -> Any:
+        found = _get(run, key)
+        found = _get(view, key) if found is None else found
+        return _OLD_DEFAULTS.get(key) if found is None else found
+
+    def note(line: str) -> None:
+        result.renamed.append(f"{prefix}{line}")
+
+    _drop_removed(run, prefix, source, result)
+    dataset = value("data.dataset")
+    for task in ("synthetic", "arithmetic"):  # data.<task>.n_* -> data.n_* (the selected task's)
+        for name in ("n_train", "n_eval"):
+            found, old = _pop(run, f"data.{task}.{name}", prune=True)
+            if found and task == dataset and _get(run, f"data.{name}") is None:
+                _set(run, f"data.{name}", old)
+                note(f"data.{task}.{name}: {old} -> {prefix}data.{name}: {old}")
+            elif found:
+                result.dropped.append(f"{prefix}data.{task}.{name}")
+    _convert_splits(run, dataset, source, prefix, note, result)
+    _convert_epochs(run, value, prefix, note, result)
+    _convert_batches(run, value, prefix, note, result)
+
+
+def _drop_removed(run: dict[str, Any], prefix: str, source: str, result: Conversion) -> None:
+    for key, off in REMOVED_LEVERS.items():
+        found, old = _pop(run, key, prune=True)
+        if not found:
+            continue
+        if not _same(old, off) and not (old is None and off is None):
+            raise ConfigError(
+                f"{source}: {prefix}{key}={_show(old)}: this lever left the tree in issue 25 "
+                f"(docs/levers.md; commit a36ffb7 has it); set it to {_show(off)} or remove it, then convert"
+            )
+        result.dropped.append(f"{prefix}{key}")
+
+
+def _convert_batches(
+    run: dict[str, Any],
+    value: Callable[[str], Any],
+    prefix: str,
+    note: Callable[[str], None],
+    result: Conversion,
+) -> None:
+    """eval_max_batches -> n_eval, sampling.batch_size -> the training batch, lora.enabled -> lora.rank."""
+    dataset = value("data.dataset")
+    found, old = _pop(run, "training.eval_max_batches", prune=True)
+    if found and old is not None:
+        batches, n_eval = int(old) * int(value("training.batch_size")), int(value("data.n_eval"))
+        if batches < n_eval:
+            _set(run, "data.n_eval", batches)
+            line = f"training.eval_max_batches: {old} -> data.n_eval: {batches} (validation reads them all)"
+            note(line + ("" if dataset != "gsm8k" else "; GSM8K: the last problems of train now"))
+        else:
+            result.dropped.append(f"{prefix}training.eval_max_batches")
+    elif found:
+        result.dropped.append(f"{prefix}training.eval_max_batches")
+    found, old = _pop(run, "sampling.batch_size", prune=True)
+    if found:
+        batch = value("training.batch_size")
+        if _same(old, batch):
+            result.dropped.append(f"{prefix}sampling.batch_size")
+        else:
+            result.warnings.append(
+                f"{prefix}sampling.batch_size={_show(old)} dropped: the run samples in its "
+                f"training.batch_size ({batch}) now (docs/settings.md)"
+            )
+    found, old = _pop(run, "lora.enabled", prune=True)
+    if found:
+        if old is True:
+            rank = _get(run, "lora.rank")
+            _set(run, "lora.rank", 8 if rank is None else rank)  # 8: the old default rank
+            note(f"lora.enabled: true -> {prefix}lora.rank: {_get(run, 'lora.rank')}")
+        else:  # off: the rank it would have had is dropped with it
+            result.dropped.append(f"{prefix}lora.enabled")
+            if _pop(run, "lora.rank", prune=True)[0]:
+                result.dropped.append(f"{prefix}lora.rank")
+
+
+def _convert_splits(
+    run: dict[str, Any],
+    dataset: Any,
+    source: str,
+    prefix: str,
+    note: Callable[[str], None],
+    result: Conversion,
+) -> None:
+    """GSM8K's `train_split` / `eval_split` slices -> `data.n_train` / `data.n_eval` (unused by a generated
+    task: dropped). Only slices the counts express convert: the head of train, and its tail for validation."""
+    has_train, train = _pop(run, "data.train_split", prune=True)
+    has_eval, evaluation = _pop(run, "data.eval_split", prune=True)
+    if dataset != "gsm8k":
+        found = (("train_split", has_train), ("eval_split", has_eval))
+        result.dropped += [f"{prefix}data.{key}" for key, has in found if has]
+        return
+    train = train if has_train else "train[:1000]"  # the old defaults
+    evaluation = evaluation if has_eval else "test[:100]"
+    tail = _TAIL.match(str(evaluation)) if evaluation is not None else None
+    if evaluation is not None and tail is None:
+        raise ConfigError(
+            f"{source}: {prefix}data.eval_split={evaluation!r}: validation now reads the last data.n_eval "
+            "problems of GSM8K's train split (never test); set data.n_eval and remove data.eval_split"
+        )
+    n_eval = int(tail.group(1)) if tail else 0
+    head, all_but = _HEAD.match(str(train)), _ALL_BUT.match(str(train))
+    if head:
+        n_train = int(head.group(1))
+    elif all_but:
+        n_train = GSM8K_TRAIN_SIZE - int(all_but.group(1))
+    else:
+        raise ConfigError(
+            f"{source}: {prefix}data.train_split={train!r}: training now reads the first data.n_train "
+            "problems of GSM8K's train split; set data.n_train and remove data.train_split"
+        )
+    _set(run, "data.n_train", n_train)
+    _set(run, "data.n_eval", n_eval)
+    note(f"data.train_split: {train!r}, data.eval_split: {evaluation!r} -> data.n_train: {n_train}, "
+         f"data.n_eval: {n_eval} (GSM8K's train split holds {GSM8K_TRAIN_SIZE})")  # fmt: skip
+
+
+def _convert_epochs(
+    run: dict[str, Any],
+    value: Callable[[str], Any],
+    prefix: str,
+    note: Callable[[str], None],
+    result: Conversion,
+) -> None:
+    """`training.num_epochs` -> `training.max_steps`: the run's length in optimizer steps (one process: the
+    step count per epoch is ceil(ceil(n_train / batch) / accumulation), before over-long examples are
+    skipped; `llada-trm train --dry-run` prints it)."""
+    found, epochs = _pop(run, "training.num_epochs", prune=True)
+    if not found:
+        return
+    micro = math.ceil(int(value("data.n_train")) / int(value("training.batch_size")))
+    per_epoch = math.ceil(micro / int(value("training.gradient_accumulation_steps")))
+    planned = int(epochs) * per_epoch
+    steps = _get(run, "training.max_steps") or value("training.max_steps")
+    total = min(int(steps), planned) if steps else planned
+    if total == steps or (not steps and int(epochs) == 1):
+        result.dropped.append(f"{prefix}training.num_epochs")
+        return
+    _set(run, "training.max_steps", total)
+    note(f"training.num_epochs: {epochs} -> {prefix}training.max_steps: {total} ({epochs} x {per_epoch})")
+
+
+def _merged(base: Mapping[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
+    out = _copy(base)
+    for key, val in over.items():
+        nested = isinstance(val, Mapping) and isinstance(out.get(key), Mapping)
+        out[key] = _merged(out[key], val) if nested else val
+    return out
 
 
 # ------------------------------------------------------------------------------------------------ files

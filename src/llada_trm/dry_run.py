@@ -158,14 +158,17 @@ def _train_memory(run: RunConfig, model: Any, plan: Any, dtype: torch.dtype, act
 def _cache_bytes(run: RunConfig, bb: LLaDAConfig, examples: int | None) -> str:
     """The feature cache's size on disk (exact per example and draw at data.max_length, an upper bound: the
     cache pads to the longest example)."""
+    from llada_trm.training.feature_cache import CACHE_DTYPE  # a training plan's line only
+
     a = run.advanced
     context = bb.n_heads * bb.head_dim if run.model.context_layers and run.model.refiner == "slot" else 0
-    per = run.data.max_length * (bb.d_model + context) * _size(DTYPES[a.cache_dtype]) * a.cache_noise_draws
+    per = run.data.max_length * (bb.d_model + context) * _size(CACHE_DTYPE) * a.cache_noise_draws
     state = "on" if a.feature_cache else "off (advanced.feature_cache: true turns it on)"
     total = f", {examples * per / GB:.1f} GB for {examples} examples" if examples is not None else ""
     return (
         f"feature cache: {state}; at most {per / 1e6:.2f} MB per example ({a.cache_noise_draws} draw(s), "
-        f"{a.cache_dtype}, hidden {bb.d_model} + context {context} wide, {run.data.max_length} positions)"
+        f"{str(CACHE_DTYPE).removeprefix('torch.')}, hidden {bb.d_model} + context {context} wide, "
+        f"{run.data.max_length} positions)"
         f"{total}, on disk"
     )
 
@@ -212,8 +215,7 @@ def _data_lines(run: RunConfig, blockers: list[str]) -> tuple[list[str], int | N
         return [f"data: cannot count ({exc})"], None
     micro = math.ceil(len(train) / t.batch_size)
     per_epoch = math.ceil(micro / t.gradient_accumulation_steps)
-    planned = per_epoch * t.num_epochs
-    total = min(planned, t.max_steps) if t.max_steps else planned
+    total = t.max_steps or per_epoch
     gsm8k = d.dataset == "gsm8k"
     source = f"{d.path}" if gsm8k else "generated task"
     splits = (d.train_split, d.eval_split) if gsm8k else ("train", "validation")
@@ -221,8 +223,8 @@ def _data_lines(run: RunConfig, blockers: list[str]) -> tuple[list[str], int | N
         f"data: {d.dataset} ({source}): {len(train)} training problems ({splits[0]}), {len(validation)} "
         f"validation ({splits[1]}); max_length {d.max_length}",
         f"steps: batch {t.batch_size} x accumulation {t.gradient_accumulation_steps} = "
-        f"{t.batch_size * t.gradient_accumulation_steps} per optimizer step; {per_epoch} steps per epoch x "
-        f"{t.num_epochs} epochs" + (f", capped at max_steps {t.max_steps}" if t.max_steps else "")
+        f"{t.batch_size * t.gradient_accumulation_steps} per optimizer step; {per_epoch} steps per epoch"
+        + (f"; max_steps {t.max_steps}" if t.max_steps else " (max_steps null: one epoch)")
         + f" = {total} optimizer steps (examples longer than max_length are skipped when tokenised)",
     ]
     warning = overlap_warning(run)

@@ -243,7 +243,7 @@ _CHECKED = {  # manifest section -> what a mismatch means to the user
     "format_version": "another cache format version",
     "backbone": "other backbone weights or config (model.backbone)",
     "data": "other training data (data.* settings, data.max_length or the tokenizer)",
-    "noise": "other noise draws (training.seed, training.masks or advanced.cache_noise_draws)",
+    "noise": "other noise draws (training.seed or training.masks)",
     "features": "other feature settings (model.context_layers or the backbone's precision)",
 }
 

@@ -259,8 +259,7 @@ class Trainer:
         self.sampled_validation = SampledValidation.for_run(self.config)  # None unless val_sampled_problems
         self.micro_per_epoch = math.ceil(self.sampler.shard_size / t.batch_size)
         self.steps_per_epoch = math.ceil(self.micro_per_epoch / t.gradient_accumulation_steps)
-        planned = self.steps_per_epoch * t.num_epochs
-        self.total_steps = min(planned, t.max_steps) if t.max_steps else planned
+        self.total_steps = t.max_steps or self.steps_per_epoch  # null: one epoch
 
     def _setup_optimizer(self) -> None:
         built = build_run_optimizer(self.plan, self.config.training, self.total_steps)
@@ -345,8 +344,7 @@ class Trainer:
         if self.resumed_from is not None and self._finished():
             self._say(
                 f"{self.output_dir}: the run finished at step {self.state.step} of {self.total_steps} "
-                f"(epoch {self.state.epoch} of {t.num_epochs}); nothing to train. Raise training.max_steps "
-                "or training.num_epochs to continue it"
+                f"(epoch {self.state.epoch}); nothing to train. Raise training.max_steps to continue it"
             )
             if main and cfg.output.keep_last > 0:  # what a crash after the last save may have left
                 prune_snapshots(self.checkpoint_dir, cfg.output.keep_last)
@@ -383,7 +381,7 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         self._evaluated_at = -1
         try:
-            while self.state.step < stop_at and self.state.epoch < t.num_epochs and not self._stopped():
+            while self.state.step < stop_at and not self._stopped():
                 self._run_epoch(stop_at, bar)
                 if self.state.batches_in_epoch >= self.micro_per_epoch:
                     self.state.epoch += 1
@@ -397,8 +395,7 @@ class Trainer:
         return self.summary(time.perf_counter() - started)
 
     def _finished(self) -> bool:
-        t = self.config.training
-        return self.state.step >= self.total_steps or self.state.epoch >= t.num_epochs or self._stopped()
+        return self.state.step >= self.total_steps or self._stopped()
 
     def _stopped(self) -> bool:
         """Whether `RunParts.stop` ended the run at a validation."""
@@ -542,12 +539,12 @@ class Trainer:
                 seed=self.config.data.validation_seed,
                 device=self.device,
                 autocast=self._autocast,
-                max_batches=max_batches if max_batches is not None else self.config.training.eval_max_batches,
+                max_batches=max_batches,
             )
             if row:  # the results of the answer's lines, teacher-forced (the study's secondary endpoint)
                 row.update(result_accuracy(
                     self.model, self.eval_loader, self.token_text, mask_id=self.mask_id, device=self.device,
-                    autocast=self._autocast, max_batches=max_batches or self.config.training.eval_max_batches,
+                    autocast=self._autocast, max_batches=max_batches,
                 ))  # fmt: skip
             if row and self.sampled_validation is not None:
                 row.update(self.sampled_validation(self.model, self.tokenizer))
@@ -567,7 +564,7 @@ class Trainer:
             token_text=self.masks.token_text,
             probe=self.masks.probe,
         )
-        batches = max_batches if max_batches is not None else self.config.training.eval_max_batches
+        batches = max_batches
         with unsharded(self.engine), self._autocast():
             return reachability_report(
                 self.model, self.eval_loader, masks, self.config, device=self.device, max_batches=batches

@@ -40,14 +40,12 @@ RESUMABLE: tuple[str, ...] = (
     "training.backbone_lr",
     "training.warmup_steps",
     "training.warmup_ratio",
-    "training.min_lr_ratio",
     "training.weight_decay",
     "training.adam_eps",
     "training.adam_betas",
     "training.max_grad_norm",
     # the run's length: the schedule decays towards the new total
     "training.max_steps",
-    "training.num_epochs",
     # the batch geometry: the epoch continues at the same global example position
     "training.batch_size",
     "training.gradient_accumulation_steps",
@@ -60,17 +58,9 @@ RESUMABLE: tuple[str, ...] = (
     "data.num_workers",
     "data.pin_memory",
     "output.dir",
-    "output.keep_last",
     "output.tensorboard",
     "advanced.gradient_checkpointing",
-    "advanced.compile",
-    "advanced.compile_refiner",
-    "advanced.detect_anomaly",
     "advanced.distributed",
-    "advanced.feature_cache_dir",
-    "advanced.sampler_states_dir",
-    "advanced.health_checks",
-    "advanced.health.",  # every threshold of the health checks
 )
 """Dotted settings a resume may change; an entry ending in '.' covers a whole section."""
 
