@@ -27,10 +27,10 @@ def tiny(backbone_dir: Path, out: Path) -> list[str]:
     """`--set` overrides that shrink a study config to seconds on the tiny random backbone."""
     settings = {
         "run.model.backbone": backbone_dir,
-        "run.data.arithmetic.n_train": 16, "run.data.arithmetic.n_eval": 4,
+        "run.data.n_train": 16, "run.data.n_eval": 4,
         "run.training.max_steps": 2, "run.training.batch_size": 4, "run.training.warmup_steps": 1,
-        "run.training.eval_every": 2, "run.training.eval_max_batches": 1, "run.training.log_every": 1,
-        "run.sampling.batch_size": 2, "run.sampling.gen_length": 16, "run.sampling.block_length": 8,
+        "run.training.eval_every": 2, "run.training.log_every": 1,
+        "run.sampling.gen_length": 16, "run.sampling.block_length": 8,
         "run.sampling.steps": 4, "evaluation.n_problems": 3, "output.dir": out,
     }  # fmt: skip
     return [arg for key, value in settings.items() for arg in ("--set", f"{key}={value}")]

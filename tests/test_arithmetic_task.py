@@ -112,7 +112,7 @@ def test_splits_disjoint_by_the_shared_hash_rule_and_deterministic() -> None:
 
 
 def test_run_config_selects_the_task_and_evaluation_reads_it(tmp_path) -> None:
-    raw = {"data": {"dataset": "arithmetic", "arithmetic": {"max_digits": 2, "n_train": 10, "n_eval": 4}}}
+    raw = {"data": {"dataset": "arithmetic", "n_train": 10, "n_eval": 4, "arithmetic": {"max_digits": 2}}}
     config = parse_config(raw)
     assert config.data.generated() is config.data.arithmetic
     assert config.data.synthetic == parse_config({}).data.synthetic  # the other task's section is untouched

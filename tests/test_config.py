@@ -42,10 +42,10 @@ def write(tmp_path: Path, text: str, name: str = "run.yaml") -> Path:
 def test_yaml11_exponent_without_dot_loads_as_float(tmp_path):
     # Regression: PyYAML reads `5e-4` as the string '5e-4' (YAML 1.1 needs a dot); the schema must coerce it.
     assert isinstance(yaml.safe_load("lr: 5e-4")["lr"], str)
-    text = "training:\n  lr: 5e-4\n  min_lr_ratio: 1e-1\n  backbone_lr: 1e-5\n"
+    text = "training:\n  lr: 5e-4\n  ema_decay: 1e-1\n  backbone_lr: 1e-5\n"
     config = load_config(write(tmp_path, text))
     assert isinstance(config.training.lr, float) and config.training.lr == pytest.approx(5e-4)
-    assert config.training.min_lr_ratio == pytest.approx(0.1)
+    assert config.training.ema_decay == pytest.approx(0.1)
     assert config.training.backbone_lr == pytest.approx(1e-5)
 
 
@@ -134,7 +134,7 @@ def test_cross_field_rules():
 
 def test_round_trip_through_yaml(tmp_path):
     config = parse_config(
-        {"training": {"lr": "5e-4", "min_lr_ratio": "1e-1"}, "model": {"context_layers": [2, -1]}}
+        {"training": {"lr": "5e-4", "ema_decay": "1e-1"}, "model": {"context_layers": [2, -1]}}
     )
     path = save_config(config, tmp_path / "out" / "config.yaml")
     again = load_config(path)
@@ -169,13 +169,14 @@ def test_shipped_configs_exist():
 def test_seed_configs_keep_the_original_settings():
     gpu = load_config(CONFIGS / "slot_trm_projection_warmup.yaml")
     assert (gpu.training.batch_size, gpu.training.gradient_accumulation_steps) == (4, 4)
-    assert gpu.training.lr == pytest.approx(5e-4) and gpu.training.num_epochs == 5
+    assert gpu.training.lr == pytest.approx(5e-4) and gpu.training.max_steps == 5 * 455  # 5 epochs
     assert (gpu.model.max_recursive_steps, gpu.model.chunk_size) == (4, 16)
     assert gpu.training.mixed_precision == "bf16"
     cpu = load_config(CONFIGS / "slot_trm_projection_warmup_cpu.yaml")
     assert cpu.data.train_split == "train[:1000]" and cpu.data.max_length == 256
+    assert (gpu.data.train_split, gpu.data.eval_split) == ("train[:7273]", "train[-200:]")  # = train[:-200]
     assert (cpu.training.batch_size, cpu.training.gradient_accumulation_steps) == (1, 16)
-    assert cpu.model.max_recursive_steps == 2 and cpu.training.num_epochs == 2
+    assert cpu.model.max_recursive_steps == 2 and cpu.training.max_steps == 2 * 63  # 2 epochs
     for recipe in (gpu, cpu):  # issue 24's recipe: the masks, every chunk, all K steps, the larger budget
         assert recipe.training.masks == "answer_structure" and recipe.model.chunk_selection == "all"
         assert recipe.model.halting == "none" and recipe.model.slot.delta_scale == 0.5
@@ -213,8 +214,8 @@ def test_model_side_validation_names_the_yaml_key(tmp_path):
 
 
 def test_generator_knobs_are_run_config_keys():
-    task = {"min_steps": 1, "max_steps": 1, "n_train": 20, "n_eval": 0}
-    config = parse_config({"data": {"synthetic": task}})
+    task = {"min_steps": 1, "max_steps": 1}
+    config = parse_config({"data": {"synthetic": task, "n_train": 20, "n_eval": 0}})
     assert config.data.synthetic.max_steps == 1
     train, evaluation = build_records(config.data)
     assert len(train) == 20 and evaluation == []

@@ -31,7 +31,7 @@ from tiny_assets import make_tiny_backbone
 
 from llada_trm.backbone.config import LLaDAConfig
 from llada_trm.build import hybrid_config
-from llada_trm.config import parse_config
+from llada_trm.config import fixed_settings, parse_config
 from llada_trm.data import SyntheticTaskConfig, generate_problems, load_tokenizer
 from llada_trm.diffusion.options import SamplingOptions
 from llada_trm.dist_utils import merge_shards, resolve_strategy, shard_indices
@@ -58,8 +58,8 @@ def backbone_dir(tmp_path_factory) -> Path:
 def run_config(backbone_dir: Path, out: Path, *, threshold: float = 1.5, **training) -> dict:
     """16 examples, 2 epochs; 2 accumulated micro-batches per step; validation every 2 steps."""
     training = {
-        "lr": 3e-3, "batch_size": 4, "gradient_accumulation_steps": 2, "num_epochs": 2, "warmup_steps": 1,
-        "log_every": 1, "eval_every": 2, "eval_max_batches": 1, "save_every": 3, "device": "cpu", "seed": 0,
+        "lr": 3e-3, "batch_size": 4, "gradient_accumulation_steps": 2, "max_steps": 4, "warmup_steps": 1,
+        "log_every": 1, "eval_every": 2, "save_every": 3, "device": "cpu", "seed": 0,
         **training,
     }
     return {
@@ -74,10 +74,12 @@ def run_config(backbone_dir: Path, out: Path, *, threshold: float = 1.5, **train
         },
         "data": {
             "max_length": PAD_TO,
-            "synthetic": {"n_train": 16, "n_eval": 4, "max_steps": 2, "max_number": 10},
+            "n_train": 16,
+            "n_eval": 4,
+            "synthetic": {"max_steps": 2, "max_number": 10},
         },
         "training": training,
-        "output": {"dir": str(out), "keep_last": 2},
+        "output": {"dir": str(out)},
     }
 
 
@@ -85,7 +87,7 @@ def lora_config(backbone_dir: Path, out: Path, **training) -> dict:
     """`run_config` in phase 2 with rank-4 LoRA adapters on the last block; 2 steps."""
     training = {"phase": 2, "unfreeze_last_n_layers": 1, "backbone_lr": 1e-2, "max_steps": 2, **training}
     raw = run_config(backbone_dir, out, save_every=0, **training)
-    raw["lora"] = {"enabled": True, "rank": 4}
+    raw["lora"] = {"rank": 4}
     return raw
 
 
@@ -111,7 +113,14 @@ def fixed_input(backbone_dir: Path) -> torch.Tensor:
 
 
 def _worker(index: int, port: int, backbone_dir: str, out: str) -> None:
-    """One rank of every distributed scenario; rank 0 writes what the tests compare."""
+    """One rank of every distributed scenario, keeping snapshots of `last` (the retired `output.keep_last`,
+    set through its hook in this spawned process)."""
+    with fixed_settings({"output.keep_last": 2}):
+        _scenarios(index, port, backbone_dir, out)
+
+
+def _scenarios(index: int, port: int, backbone_dir: str, out: str) -> None:
+    """Every distributed scenario of one rank; rank 0 writes what the tests compare."""
     os.environ.update(
         MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(index), LOCAL_RANK=str(index),
         WORLD_SIZE=str(WORLD), OMP_NUM_THREADS="1",

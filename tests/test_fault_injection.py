@@ -25,7 +25,7 @@ import yaml
 from tiny_assets import run_config, tiny_backbone
 
 from llada_trm.build import build_model
-from llada_trm.config import parse_config
+from llada_trm.config import fixed_settings, parse_config
 from llada_trm.errors import CheckpointError
 from llada_trm.run_checkpoint import load_trainer_state, read_weights_file, resolve_checkpoint_dir
 from llada_trm.training.loop import run_train
@@ -36,6 +36,13 @@ pytestmark = pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
 KILLS = 6
 
 
+@pytest.fixture(autouse=True)
+def keep_two_snapshots():
+    """Snapshots of `last` (the retired `output.keep_last`, reached through its hook; forks inherit it)."""
+    with fixed_settings({"output.keep_last": 2}):
+        yield
+
+
 @pytest.fixture(scope="module")
 def backbone_dir(tmp_path_factory) -> Path:
     return tiny_backbone(tmp_path_factory)
@@ -44,9 +51,8 @@ def backbone_dir(tmp_path_factory) -> Path:
 def write_config(tmp_path: Path, backbone_dir: Path, out: Path) -> Path:
     # 24 examples / batch 4 = 6 steps per epoch, 2 epochs; validation every 4 steps ('best' moves), every
     # step saved and snapshotted (keep 2: every save also prunes).
-    raw = run_config(backbone_dir, out, batch_size=4, max_steps=None, num_epochs=2, warmup_steps=2)
+    raw = run_config(backbone_dir, out, batch_size=4, max_steps=12, warmup_steps=2)
     raw["training"].update(log_every=2, eval_every=4, save_every=1)
-    raw["output"]["keep_last"] = 2
     path = tmp_path / f"{out.name}.yaml"
     path.write_text(yaml.safe_dump(raw))
     return path

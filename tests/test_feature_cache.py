@@ -12,7 +12,7 @@ import yaml
 from safetensors.torch import load_file
 from tiny_assets import make_tiny_backbone, save_tiny_backbone
 
-from llada_trm.config import parse_config
+from llada_trm.config import fixed_settings, parse_config
 from llada_trm.data import (
     SFTDataset,
     SyntheticTaskConfig,
@@ -224,18 +224,27 @@ def run_config(backbone_dir: Path, out: Path, **advanced) -> dict:
         },
         "data": {
             "max_length": 128,
-            "synthetic": {"n_train": 12, "n_eval": 0, "max_steps": 2, "max_number": 10},
+            "n_train": 12,
+            "n_eval": 0,
+            "synthetic": {"max_steps": 2, "max_number": 10},
         },
         "training": {
-            "batch_size": 4, "num_epochs": 2, "device": "cpu", "seed": 0, "log_every": 1, "eval_every": 0,
+            "batch_size": 4, "max_steps": 6, "device": "cpu", "seed": 0, "log_every": 1, "eval_every": 0,
             "save_every": 0, "warmup_steps": 1,
-        },
-        "advanced": {"feature_cache": True, "cache_noise_draws": 2, **advanced},
+        },  # 2 epochs of 3 steps
+        "advanced": {"feature_cache": True, **advanced},
         "output": {"dir": str(out)},
     }
 
 
-def test_trainer_trains_phase1_from_the_cache(backbone_dir, tmp_path, monkeypatch):
+@pytest.fixture
+def two_draws():
+    """Two noise draws per cached example (the retired `advanced.cache_noise_draws`, through its hook)."""
+    with fixed_settings({"advanced.cache_noise_draws": 2}):
+        yield
+
+
+def test_trainer_trains_phase1_from_the_cache(backbone_dir, tmp_path, monkeypatch, two_draws):
     config = parse_config(run_config(backbone_dir, tmp_path / "run"))
     directory = build_feature_cache(config, progress=False)
     assert directory == tmp_path / "run" / "feature_cache"
@@ -253,14 +262,15 @@ def test_trainer_trains_phase1_from_the_cache(backbone_dir, tmp_path, monkeypatc
     assert (directory / "shard_00000.safetensors").stat().st_mtime_ns == built  # reused, not rebuilt
 
     with pytest.raises(StaleFeatureCacheError, match="other noise draws"):
-        Trainer(parse_config(run_config(backbone_dir, tmp_path / "run", cache_noise_draws=3)), progress=False)
+        with fixed_settings({"advanced.cache_noise_draws": 3}):
+            Trainer(parse_config(run_config(backbone_dir, tmp_path / "run")), progress=False)
     phase2 = run_config(backbone_dir, tmp_path / "p2")
     phase2["training"]["phase"] = 2
     with pytest.raises(ConfigError, match="advanced.feature_cache: .* trains backbone parameters"):
         Trainer(parse_config(phase2), progress=False)
 
 
-def test_cache_command(backbone_dir, tmp_path, capsys):
+def test_cache_command(backbone_dir, tmp_path, capsys, two_draws):
     cli = pytest.importorskip("llada_trm.cli")
     path = tmp_path / "run.yaml"
     path.write_text(yaml.safe_dump(run_config(backbone_dir, tmp_path / "run")))

@@ -38,11 +38,8 @@ def backbone_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
             "model.max_recursive_steps: input should be less than or equal to 64",
         ),
         ("training.batch_size=100000", "training.batch_size: input should be less than or equal to 4096"),
-        (
-            "data.synthetic.n_train=1e9",
-            "data.synthetic.n_train: input should be less than or equal to 1000000",
-        ),
-        ("data.synthetic.n_eval=2e6", "data.synthetic.n_eval: input should be less than or equal to 1000000"),
+        ("data.n_train=1e9", "data.n_train: input should be less than or equal to 1000000"),
+        ("data.n_eval=2e6", "data.n_eval: input should be less than or equal to 1000000"),
     ],
 )
 def test_absurd_sizes_are_refused_by_the_schema(override: str, expected: str) -> None:

@@ -165,14 +165,12 @@ def test_recipe_splits_are_disjoint_from_test(tmp_path: Path) -> None:
 
     data = _gsm8k_folder(tmp_path / "gsm8k")
     for recipe in RECIPES:
-        config = load_config(REPO / recipe, [f"data.path={data}", "data.train_split=train[:-8]",
-                                             "data.eval_split=train[-8:]"])
+        config = load_config(REPO / recipe, [f"data.path={data}", "data.n_train=32", "data.n_eval=8"])
         assert overlap_warning(config) is None
         train, validation = build_records(config.data)
         assert len(train) == 32 and len(validation) == 8
-    old = load_config(REPO / RECIPES[0], [f"data.path={data}", "data.train_split=train[:-8]",
-                                          "data.eval_split=test[:5]"])  # the recipe before issue 27
-    assert "validation and test splits share 5 problem(s)" in overlap_warning(old)
+    evaluated = build_records(config.data)[1][:5]  # evaluating on the run's own validation problems
+    assert "validation and test splits share 5 problem(s)" in overlap_warning(config, evaluated)
 
 
 def test_train_and_eval_warn_when_validation_overlaps_the_evaluated_split(
@@ -187,15 +185,15 @@ def test_train_and_eval_warn_when_validation_overlaps_the_evaluated_split(
 
     data = _gsm8k_folder(tmp_path / "gsm8k")
     raw = run_config(backbone, tmp_path / "run", max_steps=1, eval_every=1)
-    raw["data"] = {"dataset": "gsm8k", "path": str(data), "train_split": "train", "eval_split": "test[:4]",
-                   "max_length": 128}
+    # validation: the last 4 of train (issue 25: a run never validates on test, so training does not warn)
+    raw["data"] = {"dataset": "gsm8k", "path": str(data), "n_train": 32, "n_eval": 4, "max_length": 128}
     config_file = tmp_path / "run.yaml"
     config_file.write_text(yaml.safe_dump(raw))
     with caplog.at_level(logging.WARNING, logger="llada_trm"):
         run_train(config_file, progress=False)
-    assert "validation and test splits share 4 problem(s)" in caplog.text
+    assert "share" not in caplog.text
     code = main(["eval", "--checkpoint", str(tmp_path / "run"), "--dataset", "gsm8k",
-                 "--data-path", str(data), "--split", "test[:6]", "--gen-length", "16",
+                 "--data-path", str(data), "--split", "train[-6:]", "--gen-length", "16",
                  "--block-length", "8", "--steps", "4",
                  "--no-progress", "--out", str(tmp_path / "eval")])
     captured = capsys.readouterr()
@@ -236,14 +234,14 @@ def test_dry_run_reads_a_model_folders_config_and_counts_data(
     data = _gsm8k_folder(tmp_path / "gsm8k")
     code, out = _run_cli(["train", "--config", str(REPO / RECIPES[0]), "--dry-run",
                           "--set", f"model.backbone={bf16_sharded}", "--set", f"data.path={data}",
-                          "--set", "data.train_split=train[:-8]", "--set", "data.eval_split=train[-8:]",
+                          "--set", "data.n_train=32", "--set", "data.n_eval=8",
                           "--set", "model.context_layers=[-1]", "--set", "model.slot.n_heads=2",
                           "--set", "model.chunk_size=8", "--set", "data.max_length=128"], capsys)
     assert code == 0, out
     assert f"from {bf16_sharded}/config.json" in out
     assert "precision: backbone bfloat16" in out
-    assert "32 training problems (train[:-8]), 8 validation (train[-8:])" in out
-    assert "= 10 optimizer steps" in out  # ceil(ceil(32 / 4) / 4) = 2 per epoch x 5 epochs
+    assert "32 training problems (train[:32]), 8 validation (train[-8:])" in out
+    assert "max_steps 2275 = 2275 optimizer steps" in out  # the recipe's 5 epochs of GSM8K
     assert "warning:" not in out
 
 
@@ -258,7 +256,7 @@ def test_eval_and_compare_dry_runs(tmp_path: Path, monkeypatch, capsys) -> None:
     assert code == 0, out
     assert "LLaDA-8B's architecture constants" in out and "data/gsm8k: no such file or folder" in out
     code, out = _run_cli(["compare", "--config", str(REPO / "configs/compare_tiny.yaml"), "--dry-run",
-                          "--set", "run.data.synthetic.n_train=200"], capsys)
+                          "--set", "run.data.n_train=200"], capsys)
     assert code == 0, out
     assert "== mlp ==" in out and "== slot ==" in out and "2 trainings" in out
     assert "evaluation: 240 synthetic problems (test, checkpoint last), disjoint" in out
@@ -328,8 +326,8 @@ def test_feature_cache_doc_commands_run_beside_the_tutorial_run(tmp_path: Path, 
     assert len(commands) == 2
     shutil.copytree(REPO / "configs", tmp_path / "configs")
     monkeypatch.chdir(tmp_path)
-    short = ["--set", "data.synthetic.n_train=16", "--set", "data.synthetic.n_eval=8", "--set",
-             "training.max_steps=1", "--set", "training.eval_max_batches=1", "--no-progress"]
+    short = ["--set", "data.n_train=16", "--set", "data.n_eval=8", "--set",
+             "training.max_steps=1", "--no-progress"]
     tutorial = ["train", "--config", "configs/tiny_refiner.yaml", *short]  # the README's run, first
     for argv in [tutorial, *(words[1:] + short for words in commands)]:
         code, out = _run_cli(argv, capsys)

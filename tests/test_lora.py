@@ -26,7 +26,7 @@ def backbone_dir(tmp_path_factory) -> Path:
 def raw_config(backbone_dir: Path, out: Path, lora: dict | None = None, **training) -> dict:
     training = {
         "phase": 2, "unfreeze_last_n_layers": 1, "lr": 3e-3, "backbone_lr": 1e-2, "batch_size": 4,
-        "num_epochs": 1, "max_steps": 4, "warmup_steps": 1, "log_every": 1, "eval_every": 0, "save_every": 2,
+        "max_steps": 4, "warmup_steps": 1, "log_every": 1, "eval_every": 0, "save_every": 2,
         "device": "cpu", "seed": 0, **training,
     }
     return {
@@ -40,10 +40,12 @@ def raw_config(backbone_dir: Path, out: Path, lora: dict | None = None, **traini
         },
         "data": {
             "max_length": 128,
-            "synthetic": {"n_train": 24, "n_eval": 4, "max_steps": 2, "max_number": 10},
+            "n_train": 24,
+            "n_eval": 4,
+            "synthetic": {"max_steps": 2, "max_number": 10},
         },
         "training": training,
-        "lora": {"enabled": True, "rank": 4, **(lora or {})},
+        "lora": {"rank": 4, **(lora or {})},
         "output": {"dir": str(out)},
     }
 
@@ -142,7 +144,7 @@ def test_add_lora_checks_its_arguments(backbone_dir):
 
 
 def test_config_errors(backbone_dir, tmp_path, monkeypatch):
-    with pytest.raises(ConfigError, match="lora.enabled: LoRA adapters train the backbone in phases 2 and 3"):
+    with pytest.raises(ConfigError, match="lora.rank: LoRA adapters train the backbone in phases 2 and 3"):
         parse_config(raw_config(backbone_dir, tmp_path / "x", phase=1))
     with pytest.raises(ConfigError, match="lora.target_modules: a retired setting"):
         parse_config(raw_config(backbone_dir, tmp_path / "x", lora={"target_modules": ["q_proj"]}))

@@ -26,7 +26,7 @@ def backbone_dir(tmp_path_factory):
 def test_train_piped_prints_plain_lines_every_log_every_steps(backbone_dir, tmp_path, capfd):
     """stderr captured (not a terminal), no flag: one line per log_every steps, one per validation, no \\r."""
     config = tmp_path / "run.yaml"
-    raw = run_config(backbone_dir, tmp_path / "out", refiner="mlp", max_steps=4, num_epochs=2, log_every=2,
+    raw = run_config(backbone_dir, tmp_path / "out", refiner="mlp", max_steps=4, log_every=2,
                      eval_every=2)
     config.write_text(yaml.safe_dump(raw))
     assert main(["train", "--config", str(config)]) == 0

@@ -1,4 +1,5 @@
-"""`output.tensorboard`: the metrics CSVs' rows as TensorBoard scalars, read back from the event files."""
+"""`llada-trm train --tensorboard` (the retired `output.tensorboard`): the metrics CSVs' rows as TensorBoard
+scalars, read back from the event files."""
 
 from __future__ import annotations
 
@@ -7,9 +8,10 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 from tiny_assets import run_config, tiny_backbone
 
-from llada_trm.config import parse_config
+from llada_trm.config import RunConfig, fixed_settings, parse_config
 from llada_trm.errors import ConfigError
 from llada_trm.training.loop import Trainer
 
@@ -31,11 +33,11 @@ def scalars(run: Path) -> dict[str, list[tuple[int, float]]]:
 
 def test_event_files_hold_the_csv_series(tmp_path_factory, tmp_path):
     raw = run_config(tiny_backbone(tmp_path_factory), tmp_path / "run", max_steps=4, save_every=2)
-    raw["output"].update(tensorboard=True, keep_last=2)
-    Trainer(parse_config(raw), progress=False).train(max_new_steps=3)
-    # Resumed from step 2 although step 3 was logged: its events are purged as its CSV row is dropped.
-    snapshot = tmp_path / "run" / "checkpoints" / "step_0000002"
-    Trainer(parse_config(raw), progress=False).resume(snapshot).train()
+    with fixed_settings({"output.tensorboard": True, "output.keep_last": 2}):  # `--tensorboard`, snapshots
+        Trainer(parse_config(raw), progress=False).train(max_new_steps=3)
+        # Resumed from step 2 although step 3 was logged: its events are purged as its CSV row is dropped.
+        snapshot = tmp_path / "run" / "checkpoints" / "step_0000002"
+        Trainer(parse_config(raw), progress=False).resume(snapshot).train()
     series = scalars(tmp_path / "run")
     train = read_csv(tmp_path / "run" / "training_metrics.csv")
     validation = read_csv(tmp_path / "run" / "validation_metrics.csv")
@@ -55,7 +57,18 @@ def test_off_by_default_and_missing_package(tmp_path_factory, tmp_path, monkeypa
     raw = run_config(tiny_backbone(tmp_path_factory), tmp_path / "plain", max_steps=1)
     Trainer(parse_config(raw), progress=False).train()
     assert not (tmp_path / "plain" / "tensorboard").exists()
-    raw["output"]["tensorboard"] = True
     monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # as if the extra were not installed
-    with pytest.raises(ConfigError, match=r"output.tensorboard: .*pip install 'llada-trm\[tensorboard\]'"):
-        Trainer(parse_config(raw), progress=False)
+    with fixed_settings({"output.tensorboard": True}):
+        with pytest.raises(ConfigError, match=r"--tensorboard: .*pip install 'llada-trm\[tensorboard\]'"):
+            Trainer(parse_config(raw), progress=False)
+
+
+def test_the_train_command_turns_it_on_for_its_run_only(tmp_path_factory, tmp_path):
+    from llada_trm.cli import main
+
+    raw = run_config(tiny_backbone(tmp_path_factory), tmp_path / "run", max_steps=1)
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    assert main(["train", "--config", str(path), "--tensorboard", "--no-progress"]) == 0
+    assert scalars(tmp_path / "run")["train/loss"]
+    assert RunConfig().output.tensorboard is False  # restored after the command

@@ -12,7 +12,7 @@ import yaml
 from safetensors.torch import load_file
 from tiny_assets import make_tiny_backbone
 
-from llada_trm.config import parse_config
+from llada_trm.config import fixed_settings, parse_config
 from llada_trm.errors import CheckpointError, ConfigError, NonFiniteLossError
 from llada_trm.run_checkpoint import load_trainer_state
 from llada_trm.training import objective
@@ -35,8 +35,8 @@ def backbone_dir(tmp_path_factory) -> Path:
 
 
 def raw_config(backbone_dir: Path, out: Path, **training) -> dict:
-    defaults = {"lr": 3e-3, "batch_size": 4, "gradient_accumulation_steps": 2, "num_epochs": 2}
-    defaults.update(warmup_steps=2, log_every=2, eval_every=3, save_every=4, eval_max_batches=2)
+    defaults = {"lr": 3e-3, "batch_size": 4, "gradient_accumulation_steps": 2, "max_steps": 10}  # 2 epochs
+    defaults.update(warmup_steps=2, log_every=2, eval_every=3, save_every=4)
     training = {**defaults, "device": "cpu", "seed": 0, **training}
     return {
         "model": {
@@ -50,7 +50,9 @@ def raw_config(backbone_dir: Path, out: Path, **training) -> dict:
         },
         "data": {
             "max_length": 128,
-            "synthetic": {"n_train": 40, "n_eval": 8, "max_steps": 2, "max_number": 10},
+            "n_train": 40,
+            "n_eval": 8,
+            "synthetic": {"max_steps": 2, "max_number": 10},
         },
         "training": training,
         "output": {"dir": str(out)},
@@ -71,9 +73,15 @@ def read_csv(path: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(handle))
 
 
-def test_end_to_end_run_writes_every_file(backbone_dir, tmp_path, capsys):
+@pytest.fixture
+def keep_two_snapshots():
+    """Numbered copies of `last` (the retired `output.keep_last`, reached through its hook)."""
+    with fixed_settings({"output.keep_last": 2}):
+        yield
+
+
+def test_end_to_end_run_writes_every_file(backbone_dir, tmp_path, capsys, keep_two_snapshots):
     raw = raw_config(backbone_dir, tmp_path / "run")
-    raw["output"]["keep_last"] = 2
     trainer = Trainer(parse_config(raw), progress=False)
     names = trainer.plan.trainable_names
     assert names and all(n.startswith("refinement_head.slot.") for n in names)
@@ -241,7 +249,7 @@ def test_configuration_errors(backbone_dir, tmp_path):
 def test_run_train_entry_point(backbone_dir, tmp_path):
     path = tmp_path / "run.yaml"
     path.write_text(yaml.safe_dump(raw_config(backbone_dir, tmp_path / "cli", max_steps=1, eval_every=0)))
-    summary = run_train(path, ["training.lr=5e-4", "data.synthetic.n_eval=0"], progress=False)
+    summary = run_train(path, ["training.lr=5e-4", "data.n_eval=0"], progress=False)
     assert summary["steps"] == 1 and summary["val"] == {}
     assert (tmp_path / "cli" / "checkpoints" / "last" / "model.safetensors").is_file()
     assert yaml.safe_load((tmp_path / "cli" / "config.yaml").read_text())["training"]["lr"] == 5e-4
@@ -254,8 +262,8 @@ def test_tiny_refiner_config_on_the_embedded_backbone(tmp_path):
         pytest.skip("the embedded backbone checkpoint is not built yet")
     config_path = Path(__file__).resolve().parents[1] / "configs" / "tiny_refiner.yaml"
     overrides = [f"output.dir={tmp_path}", "training.max_steps=2", "training.batch_size=2"]
-    overrides += ["training.device=cpu", "training.eval_every=0", "data.synthetic.n_train=16"]
-    overrides += ["data.synthetic.n_eval=4"]
+    overrides += ["training.device=cpu", "training.eval_every=0", "data.n_train=16"]
+    overrides += ["data.n_eval=4"]
     summary = run_train(config_path, overrides, progress=False)
     assert summary["steps"] == 2 and (tmp_path / "checkpoints" / "last" / "model.safetensors").is_file()
 

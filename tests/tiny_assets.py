@@ -19,7 +19,8 @@ from llada_trm.backbone.config import LLaDAConfig
 from llada_trm.backbone.modeling import LLaDAModel
 from llada_trm.data import SyntheticTaskConfig, build_tokenizer, generate_problems, special_token_ids
 
-TINY_TASK = {"n_train": 24, "n_eval": 8, "max_steps": 2, "max_number": 10}
+TINY_TASK = {"max_steps": 2, "max_number": 10}
+TINY_COUNTS = {"n_train": 24, "n_eval": 8}
 # Sampler settings small enough for a random model: 2 blocks of 8 tokens, 2 steps each.
 TINY_SAMPLING = {"gen_length": 16, "block_length": 8, "steps": 4}
 
@@ -72,7 +73,7 @@ def tiny_backbone(factory: pytest.TempPathFactory) -> Path:
 def run_config(backbone_dir: Path, out: Path, refiner: str = "slot", **training: Any) -> dict[str, Any]:
     """A raw run config (as YAML gives it) for a few phase-1 steps on the tiny backbone."""
     settings: dict[str, Any] = {"lr": 3e-3, "batch_size": 8, "max_steps": 2, "warmup_steps": 1}
-    settings.update(log_every=1, eval_every=2, eval_max_batches=1, save_every=0, device="cpu", seed=0)
+    settings.update(log_every=1, eval_every=2, save_every=0, device="cpu", seed=0)
     settings.update(training)
     return {
         "model": {
@@ -84,7 +85,7 @@ def run_config(backbone_dir: Path, out: Path, refiner: str = "slot", **training:
             "context_layers": [-1],
             "slot": {"n_heads": 2, "n_blocks": 1},
         },
-        "data": {"max_length": 128, "synthetic": dict(TINY_TASK)},
+        "data": {"max_length": 128, **TINY_COUNTS, "synthetic": dict(TINY_TASK)},
         "training": settings,
         "output": {"dir": str(out)},
     }

@@ -38,7 +38,7 @@ import torch
 from torch import Tensor
 from transformers import PreTrainedTokenizerBase
 
-from llada_trm.config import ArithmeticDataConfig
+from llada_trm.config import ArithmeticDataConfig, ProblemCount
 from llada_trm.config import SyntheticDataConfig as SyntheticSettings
 from llada_trm.data.arithmetic import generate_task_records
 from llada_trm.data.collate import encode_prompt, prompt_batch
@@ -443,18 +443,33 @@ DATASETS = ("gsm8k", "synthetic", "arithmetic")
 _TASK_FIELDS = ("min_steps", "max_steps", "max_number", "max_result", "seed")
 
 
+class EvalSynthetic(SyntheticSettings):
+    """The generated task to evaluate on, and how many problems an unsliced split gives by default (the
+    run's or the backbone's `n_eval`: since issue 25 the run's count lives in `data.n_eval`)."""
+
+    n_eval: ProblemCount = 100
+
+
+class EvalArithmetic(ArithmeticDataConfig):
+    """`EvalSynthetic` for the arithmetic task."""
+
+    n_eval: ProblemCount = 100
+
+
 def synthetic_settings(
     run_data: Any | None = None, backbone_config: Mapping[str, Any] | None = None
-) -> SyntheticSettings | ArithmeticDataConfig:
+) -> EvalSynthetic | EvalArithmetic:
     """The generated task to evaluate on: the run's (its `data.arithmetic` section when the run trains on
     the arithmetic task), else the backbone's pretraining task, else defaults."""
     if run_data is not None:
-        return run_data.arithmetic if run_data.dataset == "arithmetic" else run_data.synthetic
+        if run_data.dataset == "arithmetic":
+            return EvalArithmetic.model_validate({**run_data.arithmetic.model_dump(), "n_eval": run_data.n_eval})
+        return EvalSynthetic.model_validate({**run_data.synthetic.model_dump(), "n_eval": run_data.n_eval})
     task = (backbone_config or {}).get("data") or {}
     known = {key: task[key] for key in _TASK_FIELDS if key in task}
     if "n_eval" in task:
         known["n_eval"] = task["n_eval"]
-    return SyntheticSettings.model_validate(known)
+    return EvalSynthetic.model_validate(known)
 
 
 def load_eval_records(
@@ -499,7 +514,7 @@ def _synthetic_records(
     if name not in SPLITS:
         raise DataError(f"split {split!r}: the generated task has the splits {', '.join(SPLITS)}")
     sliced = selection.start is not None or selection.stop is not None
-    count = limit if (limit is not None and not sliced) else (settings.n_eval or 100)
+    count = limit if (limit is not None and not sliced) else (getattr(settings, "n_eval", 0) or 100)
     if sliced and isinstance(selection.stop, int) and selection.stop > 0:
         count = max(count, selection.stop)
     records = generate_task_records(settings, count, split=name)

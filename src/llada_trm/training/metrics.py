@@ -23,7 +23,7 @@ still leave a partial last line, which has no line terminator, and is dropped wh
 Every rewrite (a widened header, `truncate_after` on resume) goes through a temporary file and a rename
 (`llada_trm.io.write_bytes_atomic`).
 
-TensorBoard. Event files beside the metrics CSVs (`output.tensorboard: true`; the CSVs stay the record).
+TensorBoard. Event files beside the metrics CSVs (`llada-trm train --tensorboard`; the CSVs stay the record).
 
 Every numeric value of a row the trainer logs goes in as a scalar tagged `<series>/<column>`: `train/loss`,
 `train/slot_norm_ctx`, `train/gate_ctx` (the slot refiner's statistics are columns of the training rows),
@@ -306,7 +306,7 @@ def require_tensorboard() -> Any:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError:
         raise ConfigError(
-            f"output.tensorboard: the tensorboard package is not installed; {TENSORBOARD_INSTALL}"
+            f"--tensorboard: the tensorboard package is not installed; {TENSORBOARD_INSTALL}"
         ) from None
     return SummaryWriter
 
@@ -324,7 +324,7 @@ class TensorBoardLog:
 
     @classmethod
     def for_run(cls, enabled: bool, output_dir: Path, resumed_step: int) -> TensorBoardLog:
-        """On when `output.tensorboard` (call it on rank 0 only)."""
+        """On with `llada-trm train --tensorboard` (call it on rank 0 only)."""
         return cls(output_dir if enabled else None, resumed_step=resumed_step)
 
     def log(self, series: str, row: Mapping[str, Any]) -> None:
