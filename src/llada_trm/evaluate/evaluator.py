@@ -462,9 +462,10 @@ def synthetic_settings(
     """The generated task to evaluate on: the run's (its `data.arithmetic` section when the run trains on
     the arithmetic task), else the backbone's pretraining task, else defaults."""
     if run_data is not None:
+        count = {"n_eval": run_data.n_eval}
         if run_data.dataset == "arithmetic":
-            return EvalArithmetic.model_validate({**run_data.arithmetic.model_dump(), "n_eval": run_data.n_eval})
-        return EvalSynthetic.model_validate({**run_data.synthetic.model_dump(), "n_eval": run_data.n_eval})
+            return EvalArithmetic.model_validate({**run_data.arithmetic.model_dump(), **count})
+        return EvalSynthetic.model_validate({**run_data.synthetic.model_dump(), **count})
     task = (backbone_config or {}).get("data") or {}
     known = {key: task[key] for key in _TASK_FIELDS if key in task}
     if "n_eval" in task:
