@@ -230,8 +230,8 @@ def _corrupt_cache(ctx: Context) -> list[str]:
     base = _train(
         ctx,
         "advanced.feature_cache=true",
-        "data.synthetic.n_train=16",
-        "data.synthetic.n_eval=0",
+        "data.n_train=16",
+        "data.n_eval=0",
         out="cache_run",
     )
     if not (cache_dir / "manifest.json").exists():
@@ -301,7 +301,7 @@ def core_cases() -> list[Case]:  # noqa: PLR0915 - one flat list is the easiest 
     add(Case("config: chunk size 0", lambda x: _train(x, "model.chunk_size=0")))
     add(Case("config: max_length 100000", lambda x: _train(x, "data.max_length=100000"), timeout=60))
     add(Case("config: max_length 8 (nothing fits)", lambda x: _train(x, "data.max_length=8")))
-    add(Case("config: n_train 1e9", lambda x: _train(x, "data.synthetic.n_train=1e9"), timeout=60))
+    add(Case("config: n_train 1e9", lambda x: _train(x, "data.n_train=1e9"), timeout=60))
     add(
         Case(
             "config: task too small for n_train",
@@ -310,7 +310,7 @@ def core_cases() -> list[Case]:  # noqa: PLR0915 - one flat list is the easiest 
                 "data.synthetic.max_number=1",
                 "data.synthetic.max_steps=1",
                 "data.synthetic.min_steps=1",
-                "data.synthetic.n_train=5000",
+                "data.n_train=5000",
             ),
             timeout=120,
         )
@@ -622,7 +622,7 @@ except Exception as exc:
     print("error:", described[0].encode("utf-8", "backslashreplace").decode(), file=sys.stderr)
     sys.exit(2)
 """
-TINY_SETS = ["sampling.gen_length=16", "sampling.block_length=8", "sampling.steps=4", "sampling.batch_size=2"]
+TINY_SETS = ["sampling.gen_length=16", "sampling.block_length=8", "sampling.steps=4"]
 EMBEDDED_GEN = ["--checkpoint", "embedded", "--device", "cpu", *TINY]
 LM_EVAL = ["--model", "llada_trm", "--tasks", "gsm8k_local", "--limit", "2", "--device", "cpu"]
 LM_TINY = "steps=4,gen_length=16,block_length=8"
@@ -758,7 +758,7 @@ def _nested_yaml(depth: int = 3000) -> str:
 
 def _train_tiny(ctx: Context, *overrides: str, out: str = "scratch_new") -> list[str]:
     return _train(
-        ctx, *TINY_SETS, "data.synthetic.n_train=16", "data.synthetic.n_eval=4", *overrides, out=out
+        ctx, *TINY_SETS, "data.n_train=16", "data.n_eval=4", *overrides, out=out
     )
 
 
@@ -796,12 +796,11 @@ def _compare(
         "run.training.max_steps=1",
         "run.training.eval_every=1",
         "run.training.val_sampled_problems=0",
-        "run.data.synthetic.n_train=16",
-        "run.data.synthetic.n_eval=4",
+        "run.data.n_train=16",
+        "run.data.n_eval=4",
         "run.sampling.gen_length=16",
         "run.sampling.block_length=8",
         "run.sampling.steps=4",
-        "run.sampling.batch_size=2",
         "evaluation.n_problems=2",
         "refiners=[slot]",
         f"output.dir={ctx.work / out}",
@@ -1418,8 +1417,8 @@ def surface_cases() -> list[Case]:  # noqa: C901, PLR0915 - one flat list is the
             lambda x: (
                 _train(
                     x,
-                    "data.synthetic.n_train=16",
-                    "data.synthetic.n_eval=8",
+                    "data.n_train=16",
+                    "data.n_eval=8",
                     "training.max_steps=3",
                     out="run_resume_full",
                 )
@@ -1652,7 +1651,7 @@ def surface_cases() -> list[Case]:  # noqa: C901, PLR0915 - one flat list is the
             lambda x: _compare(
                 x,
                 "evaluation.checkpoint=best",
-                "run.data.synthetic.n_eval=0",
+                "run.data.n_eval=0",
                 "run.training.eval_every=0",
                 out="compare_nobest",
             ),
@@ -2098,8 +2097,8 @@ def _make_run(ctx: Context) -> None:
     overrides = [
         "training.max_steps=2",
         "training.eval_every=0",
-        "data.synthetic.n_train=16",
-        "data.synthetic.n_eval=8",
+        "data.n_train=16",
+        "data.n_eval=8",
         f"output.dir={ctx.run}",
     ]
     command = [

@@ -28,8 +28,8 @@ SECTION = "## The workflow"
 
 # Per command: what shortens it (appended to the README's own arguments).
 _SHORT_TRAIN = [
-    "--set", "training.max_steps=2", "--set", "data.synthetic.n_train=64", "--set", "data.synthetic.n_eval=8",
-    "--set", "training.eval_max_batches=1", "--set", "training.batch_size=4",
+    "--set", "training.max_steps=2", "--set", "data.n_train=64", "--set", "data.n_eval=4",
+    "--set", "training.batch_size=4",
 ]
 QUICK: dict[str, list[str]] = {
     "pretrain": [
@@ -40,8 +40,8 @@ QUICK: dict[str, list[str]] = {
     "train": _SHORT_TRAIN,
     "eval": ["--limit", "2"],
     "compare": [
-        "--seeds", "0", "--set", "run.training.max_steps=2", "--set", "run.data.synthetic.n_train=64",
-        "--set", "run.data.synthetic.n_eval=8", "--set", "run.training.eval_max_batches=1",
+        "--seeds", "0", "--set", "run.training.max_steps=2", "--set", "run.data.n_train=64",
+        "--set", "run.data.n_eval=4",
         "--set", "run.training.val_sampled_problems=0", "--set", "evaluation.n_problems=2",
         "--set", "run.training.batch_size=4",
     ],

@@ -44,7 +44,7 @@ def phase2_run(tmp_path_factory, backbone_dir) -> Path:
     the run's own sampler settings."""
     out = tmp_path_factory.mktemp("export_run") / "run"
     raw = run_config(backbone_dir, out, phase=2, unfreeze_last_n_layers=1, backbone_lr=1e-2)
-    raw["sampling"] = {**TINY_SAMPLING, "batch_size": 2}
+    raw["sampling"] = dict(TINY_SAMPLING)
     _train(raw)
     return out
 

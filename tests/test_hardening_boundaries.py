@@ -166,7 +166,7 @@ def test_non_finite_sampler_settings_are_refused(setting):
 def test_a_non_finite_config_value_is_blamed_on_its_set(tmp_path):
     from llada_trm.config import load_config, parse_config
 
-    for override, key in (("sampling.temperature=.nan", "sampling.temperature"),
+    for override, key in (("sampling.threshold=.nan", "sampling.threshold"),
                           ("sampling.cfg_scale=.inf", "sampling.cfg_scale"),
                           ("lora.alpha=.inf", "lora.alpha")):  # fmt: skip
         with pytest.raises(ConfigError) as info:
@@ -179,7 +179,7 @@ def test_a_non_finite_config_value_is_blamed_on_its_set(tmp_path):
     path = tmp_path / "run.yaml"
     path.write_text("sampling:\n  steps: 7\n")
     with pytest.raises(ConfigError) as info:
-        load_config(path, ["sampling.temperature=0.5"])
+        load_config(path, ["sampling.threshold=0.5"])
     assert str(info.value).startswith(f"{path}: sampling: steps (7)"), info.value
 
 
@@ -405,7 +405,7 @@ def test_compare_resume_keys_evaluations_by_checkpoint(backbone_dir, tmp_path, c
 def test_compare_falls_back_from_best_to_last_saying_so(backbone_dir, tmp_path, capsys):
     config = compare_yaml(backbone_dir, tmp_path / "cmp")
     config["refiners"], config["baseline"] = ["slot"], False
-    config["run"]["data"]["synthetic"]["n_eval"] = 0  # no validation set: the trainer keeps no 'best'
+    config["run"]["data"]["n_eval"] = 0  # no validation set: the trainer keeps no 'best'
     config["run"]["training"]["eval_every"] = 0
     config["evaluation"]["checkpoint"] = "best"
     path = tmp_path / "cmp.yaml"

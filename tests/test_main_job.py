@@ -24,7 +24,7 @@ def backbone_dir(tmp_path_factory) -> Path:
 def compare_yaml(backbone_dir: Path, out: Path) -> dict:
     run = run_config(backbone_dir, out / "unused")
     del run["output"], run["model"]["refiner"]
-    run["sampling"] = {"batch_size": 2, **TINY_SAMPLING}
+    run["sampling"] = dict(TINY_SAMPLING)  # sampled in the training batch (8)
     evaluation = {"n_problems": 3}
     return {"run": run, "refiners": ["mlp", "slot"], "evaluation": evaluation, "output": {"dir": str(out)}}
 

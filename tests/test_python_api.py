@@ -29,7 +29,7 @@ def sampled_run(tmp_path_factory, backbone_dir) -> Path:
 
     out = tmp_path_factory.mktemp("api_run") / "run"
     raw = run_config(backbone_dir, out)
-    raw["sampling"] = {**TINY_SAMPLING, "threshold": 0.9, "batch_size": 2}
+    raw["sampling"] = {**TINY_SAMPLING, "threshold": 0.9}  # sampled in the training batch (8)
     Trainer(parse_config(raw), progress=False).train()
     return out
 
@@ -114,7 +114,7 @@ def test_eval_inherits_the_runs_sampling_unless_a_flag_overrides_it(sampled_run,
     assert main([*base, "--out", str(tmp_path / "b"), *flags]) == 0
     summary = _summary(tmp_path / "b")
     assert summary["sampling"]["gen_length"] == 8 and summary["sampling"]["threshold"] is None
-    assert summary["sampling"]["batch_size"] == 2  # unset: still the run's
+    assert summary["sampling"]["batch_size"] == 8  # unset: still the run's (its training batch)
     assert summary["sampling_from"]["flags"] == ["block_length", "gen_length", "steps", "threshold"]
 
 

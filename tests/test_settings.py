@@ -28,7 +28,7 @@ FIXTURE = Path(__file__).parent / "fixtures" / "run_before_issue25"  # `llada-tr
 
 # The run schema's settings (leaf fields of RunConfig). Before issue 25: 150, 33 of them `model.*`.
 # `model.*` is the hybrid's and the refiners' own schema (hybrid/config.py, refiners/config.py).
-MAX_RUN_SETTINGS = 60  # every section but model.* (117 before)
+MAX_RUN_SETTINGS = 44  # every section but model.* (117 before issue 25, 60 after its first cut)
 MAX_MODEL_SETTINGS = 16  # 33 before
 
 
@@ -83,11 +83,13 @@ def test_suggestions_and_overrides_still_work():
 def test_converting_a_run_config_of_the_old_schema(tmp_path):
     lines: list[str] = []
     out = convert_path(FIXTURE / "config.yaml", tmp_path / "new.yaml", echo=lines.append)
-    assert lines[0].startswith("warning: ") and "training.adam_eps=1e-06 dropped: fixed at 1e-08" in lines[0]
+    warnings = [line for line in lines if line.startswith("warning: ")]
+    assert any("training.adam_eps=1e-06 dropped: fixed at 1e-08" in line for line in warnings)
+    assert any("sampling.batch_size=16 dropped" in line for line in warnings)  # the run samples in batch 8
     assert any("retired settings dropped at their fixed values" in line for line in lines)
     new = load_config(out)
     old = yaml.safe_load((FIXTURE / "config.yaml").read_text())
-    assert new.model.slot.d_inner == 8 and new.training.max_steps == 2 and new.data.synthetic.n_train == 8
+    assert new.model.slot.d_inner == 8 and new.training.max_steps == 2 and new.data.n_train == 8
     fields = type(new.training).model_fields
     kept = {k: v for k, v in old["training"].items() if k in fields}
     assert new.training.model_dump() == {**kept, "max_steps": 2}
@@ -260,3 +262,100 @@ def test_a_comparison_arm_converts_by_the_refiner_it_builds():
     assert conversion.data["run"] == {"model": {"slot": {"d_inner": 8}}}
     with pytest.raises(ConfigError, match=r"run\.model\.slot\.d_ctx=4"):  # the shared run builds both
         convert_config({"run": {"model": {"slot": {"d_ctx": 4}}}, "refiners": ["slot"]})
+
+
+# ------------------------------------------- issue 25, training side: removed levers and moved settings
+
+
+def test_removed_levers_are_refused_in_one_line_and_convert_only_when_off(tmp_path):
+    from llada_trm.config import REMOVED_LEVERS
+
+    assert "training.sampler_state_ratio" in REMOVED_LEVERS and "advanced.compile" in REMOVED_LEVERS
+    path = tmp_path / "old.yaml"
+    path.write_text("training:\n  sampler_state_ratio: 0.0\n")
+    with pytest.raises(ConfigError, match=r"sampler_state_ratio: a retired setting.*llada-trm convert"):
+        load_config(path)
+    params = {"denoising_unroll_steps": 1, "confidence_calibration_weight": 0}
+    off = convert_config({"training": {"sampler_state_ratio": 0.0}, "training_params": params})
+    assert off.data == {} and len(off.dropped) == 3 and not off.warnings
+    for key, value in (("training.sampler_state_ratio", 0.25), ("advanced.compile_refiner", True),
+                       ("training_params.denoising_unroll_steps", 3)):  # fmt: skip
+        section, name = key.split(".")
+        with pytest.raises(ConfigError) as info:
+            convert_config({section: {name: value}}, "old.yaml")
+        message = str(info.value)
+        assert message.startswith(f"old.yaml: {key}=") and "left the tree in issue 25" in message
+        assert "docs/levers.md" in message and "\n" not in message
+
+
+def test_the_generated_tasks_counts_move_to_data():
+    old = {"data": {"dataset": "arithmetic", "arithmetic": {"n_train": 50, "n_eval": 5, "max_digits": 2},
+                    "synthetic": {"n_train": 7, "n_eval": 3}}}  # fmt: skip
+    conversion = convert_config(old)
+    assert conversion.data["data"] == {"dataset": "arithmetic", "arithmetic": {"max_digits": 2},
+                                       "n_train": 50, "n_eval": 5}  # fmt: skip
+    assert "data.synthetic.n_train" in conversion.dropped  # the unselected task's counts were unused
+    config = parse_config(conversion.data)
+    assert (config.data.n_train, config.data.n_eval) == (50, 5)
+    with pytest.raises(ConfigError, match="data.synthetic.n_train: a retired setting"):
+        parse_config({}, overrides=["data.synthetic.n_train=5"])
+
+
+def test_gsm8k_slices_become_counts():
+    def gsm8k(**data):
+        return {"data": {"dataset": "gsm8k", "path": "data/gsm8k", **data}}
+
+    recipe = convert_config(gsm8k(train_split="train[:-200]", eval_split="train[-200:]"))
+    config = parse_config(recipe.data)
+    assert (config.data.n_train, config.data.n_eval) == (7273, 200)  # GSM8K's train split holds 7473
+    assert (config.data.train_split, config.data.eval_split) == ("train[:7273]", "train[-200:]")
+    head = parse_config(convert_config(gsm8k(train_split="train[:1000]", eval_split=None)).data)
+    assert (head.data.n_train, head.data.n_eval, head.data.eval_split) == (1000, 0, None)
+    with pytest.raises(ConfigError, match=r"data.eval_split='test\[:100\]': validation now reads the last "):
+        convert_config(gsm8k(train_split="train[:1000]"))  # the old default validated on test
+    with pytest.raises(ConfigError, match=r"data.train_split='train\[100:\]': training now reads the first"):
+        convert_config(gsm8k(train_split="train[100:]", eval_split="train[-10:]"))
+    unused = convert_config({"data": {"train_split": "train[:5]", "eval_split": "test[:3]"}})
+    assert unused.data == {} and unused.dropped == ["data.train_split", "data.eval_split"]
+
+
+def test_epochs_become_steps_and_validation_batches_become_problems():
+    def training(**settings):
+        return {"data": {"synthetic": {"n_train": 40, "n_eval": 8}},
+                "training": {"batch_size": 4, "gradient_accumulation_steps": 2, **settings}}  # fmt: skip
+
+    # 40 problems / batch 4 = 10 micro-batches = 5 steps per epoch
+    assert convert_config(training(num_epochs=3)).data["training"]["max_steps"] == 15
+    assert convert_config(training(num_epochs=3, max_steps=7)).data["training"]["max_steps"] == 7
+    capped = convert_config(training(num_epochs=1, max_steps=9))  # the epoch ended the run first
+    assert capped.data["training"]["max_steps"] == 5
+    one = convert_config(training(num_epochs=1))
+    assert "max_steps" not in one.data["training"] and "training.num_epochs" in one.dropped
+    assert parse_config(one.data).training.max_steps is None  # null: one epoch
+    assert convert_config(training(eval_max_batches=1)).data["data"]["n_eval"] == 4  # the first 4 problems
+    whole = convert_config(training(eval_max_batches=2))  # 2 batches of 4 read all 8
+    assert whole.data["data"]["n_eval"] == 8 and "training.eval_max_batches" in whole.dropped
+
+
+def test_sampling_batch_is_the_training_batch_and_lora_rank_zero_is_off():
+    config = parse_config({"training": {"batch_size": 8}})
+    assert config.sampling.options().batch_size == 8
+    assert config.model_copy(deep=True).sampling.options().batch_size == 8
+    same = convert_config({"training": {"batch_size": 8}, "sampling": {"batch_size": 8}})
+    assert same.dropped == ["sampling.batch_size"] and not same.warnings
+    assert not config.lora.enabled and "lora.enabled" not in settings_keys()
+    on = parse_config(convert_config({"training": {"phase": 2}, "lora": {"enabled": True}}).data)
+    assert on.lora.enabled and on.lora.rank == 8  # the old default rank
+    off = convert_config({"lora": {"enabled": False, "rank": 16}})
+    assert off.data == {} and not parse_config(off.data).lora.enabled
+    with pytest.raises(ConfigError, match="lora.rank: LoRA adapters train the backbone in phases 2 and 3"):
+        parse_config({"lora": {"rank": 4}})
+
+
+def test_the_train_command_plans_max_steps_not_epochs(tmp_path, capsys):
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump({"data": {"n_train": 20, "n_eval": 4}, "training": {"batch_size": 4},
+                                    "output": {"dir": str(tmp_path / "run")}}))  # fmt: skip
+    assert main(["train", "--config", str(path), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "5 steps per epoch (max_steps null: one epoch) = 5 optimizer steps" in out
