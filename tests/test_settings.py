@@ -359,3 +359,16 @@ def test_the_train_command_plans_max_steps_not_epochs(tmp_path, capsys):
     assert main(["train", "--config", str(path), "--dry-run"]) == 0
     out = capsys.readouterr().out
     assert "5 steps per epoch (max_steps null: one epoch) = 5 optimizer steps" in out
+
+
+def test_an_export_written_before_the_cut_loads_with_its_counts_and_batch(tmp_path):
+    from llada_trm.evaluate.loading import export_run_config
+
+    section = {
+        "data": {"dataset": "synthetic", "train_split": "train[:1000]", "eval_split": "test[:100]",
+                 "synthetic": {"n_train": 50, "n_eval": 5, "max_steps": 2}},
+        "sampling": {"gen_length": 64, "block_length": 32, "steps": 64, "temperature": 0.0, "batch_size": 16},
+    }  # fmt: skip
+    config = export_run_config(tmp_path, section)
+    assert (config.data.n_train, config.data.n_eval, config.data.synthetic.max_steps) == (50, 5, 2)
+    assert config.sampling.options().batch_size == 16 and config.sampling.options().gen_length == 64

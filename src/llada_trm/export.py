@@ -195,7 +195,8 @@ def export_section(config: RunConfig, *, refiner_file: str | None, source: dict[
     return {
         "format_version": EXPORT_FORMAT,
         "model": model,
-        "sampling": config.sampling.model_dump(mode="json"),
+        # the sampler's batch too (the run's training batch since issue 25): the format stays as it was
+        "sampling": {**config.sampling.model_dump(mode="json"), "batch_size": config.training.batch_size},
         "data": data,
         "refiner_file": refiner_file,
         "source": source,

@@ -360,12 +360,34 @@ def read_export_section(directory: Path) -> dict[str, Any] | None:
 
 def export_run_config(directory: Path, section: dict[str, Any]) -> RunConfig:
     """The run config an export stands for, its backbone being the export directory itself."""
+    sampling = dict(section.get("sampling", {}))
+    batch = sampling.pop("batch_size", None)  # the sampler's batch: the run's training batch (issue 25)
+    if sampling.get("temperature") == 0.0:  # an export written before issue 25 records the fixed value
+        del sampling["temperature"]
     raw = {
         "model": {**section.get("model", {}), "backbone": str(directory)},
-        "data": section.get("data", {}),
-        "sampling": section.get("sampling", {}),
+        "data": _export_data(section.get("data", {})),
+        "sampling": sampling,
+        **({"training": {"batch_size": batch}} if batch is not None else {}),
     }
     return parse_config(raw, source=f"{directory / 'config.json'}: {EXPORT_KEY}")
+
+
+def _export_data(data: dict[str, Any]) -> dict[str, Any]:
+    """An export's `data` section in the current schema: one written before issue 25 holds the task's
+    counts under its task and the GSM8K slices, which the counts at `data.` now replace."""
+    data = {key: dict(value) if isinstance(value, dict) else value for key, value in data.items()}
+    task = data.get("dataset", "synthetic")
+    for name in ("synthetic", "arithmetic"):
+        section = data.get(name) if isinstance(data.get(name), dict) else {}
+        for count in ("n_train", "n_eval"):
+            if count in section:
+                value = section.pop(count)
+                if name == task:
+                    data.setdefault(count, value)
+    for old in ("train_split", "eval_split"):
+        data.pop(old, None)
+    return data
 
 
 def _inside(directory: Path, name: object, where: str) -> Path:
