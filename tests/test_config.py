@@ -224,7 +224,7 @@ def test_generator_knobs_are_run_config_keys():
 
 def test_a_config_yaml_written_before_the_embedding_still_loads(tmp_path):
     fixture = Path(__file__).parent / "fixtures" / "run_config_before_issue13.yaml"
-    with pytest.raises(ConfigError, match="a retired setting.*llada-trm convert"):
+    with pytest.raises(ConfigError, match="(retired|replaced|removed).*llada-trm convert"):
         load_config(fixture)  # it names settings retired since (issue 25): converted first
     old = load_config(convert_path(fixture, tmp_path / "converted.yaml", echo=lambda _: None))
     # The fixture is tiny_refiner.yaml's resolved config of that time, when its threshold was 0.5.

@@ -273,7 +273,8 @@ def test_removed_levers_are_refused_in_one_line_and_convert_only_when_off(tmp_pa
     assert "training.sampler_state_ratio" in REMOVED_LEVERS and "advanced.compile" in REMOVED_LEVERS
     path = tmp_path / "old.yaml"
     path.write_text("training:\n  sampler_state_ratio: 0.0\n")
-    with pytest.raises(ConfigError, match=r"sampler_state_ratio: a retired setting.*llada-trm convert"):
+    removed = r"sampler_state_ratio: a lever removed with its code \(docs/levers.md\); convert the file"
+    with pytest.raises(ConfigError, match=removed):
         load_config(path)
     params = {"denoising_unroll_steps": 1, "confidence_calibration_weight": 0}
     off = convert_config({"training": {"sampler_state_ratio": 0.0}, "training_params": params})
@@ -297,7 +298,7 @@ def test_the_generated_tasks_counts_move_to_data():
     assert "data.synthetic.n_train" in conversion.dropped  # the unselected task's counts were unused
     config = parse_config(conversion.data)
     assert (config.data.n_train, config.data.n_eval) == (50, 5)
-    with pytest.raises(ConfigError, match="data.synthetic.n_train: a retired setting"):
+    with pytest.raises(ConfigError, match=r"synthetic.n_train: replaced by data.n_train .*drop the --set"):
         parse_config({}, overrides=["data.synthetic.n_train=5"])
 
 

@@ -591,4 +591,7 @@ def save_config(config: RunConfig, path: str | Path) -> Path:
 
 
 # An old file that sets one of them fails with one line naming the converter (`schema.describe`).
-register_retired([*retired_settings(), *RETIRED_SECTIONS, *REMOVED_LEVERS, *REPLACED])
+register_retired([*retired_settings(), *RETIRED_SECTIONS])
+register_retired(REMOVED_LEVERS, "a lever removed with its code (docs/levers.md)")
+for _old, _new in REPLACED.items():
+    register_retired([_old], f"replaced by {_new} (docs/settings.md)")

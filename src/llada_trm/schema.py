@@ -121,12 +121,13 @@ def describe(
         dotted = ".".join(loc)
         explanation = _explain(err, loc, schema)
         blamed = _override_for(dotted, explanation, override_keys)
-        if err["type"] == "extra_forbidden" and _retired(loc):
+        retired = _retired(loc) if err["type"] == "extra_forbidden" else None
+        if retired is not None:
             setters = [key for key in override_keys if key == dotted or key.startswith(dotted + ".")]
             blamed = setters[0] if setters else blamed
             where = "OLD" if source == schema.__name__ or source.startswith("<") else source
             fix = "drop the --set" if setters else f"convert the file: {CONVERT_HINT} {where} --out NEW"
-            explanation = f"a retired setting, fixed now (docs/settings.md); {fix}"
+            explanation = f"{_RETIRED[retired]}; {fix}"
         if blamed is not None:
             messages.append(f"--set {blamed}: {dotted or blamed}: {explanation}")
         elif source == schema.__name__:
@@ -139,13 +140,15 @@ def describe(
 
 # Dotted keys the run schema once had and now fixes (`config.retired_settings`, registered by
 # `llada_trm.config`): an old file naming one is told to convert itself, not "unknown key".
-_RETIRED: set[str] = set()
+_RETIRED: dict[str, str] = {}  # key -> what became of it
 CONVERT_HINT = "llada-trm convert"
+RETIRED_NOTE = "a retired setting, fixed now (docs/settings.md)"
 
 
-def register_retired(keys: Collection[str]) -> None:
-    """Mark dotted keys (and sections, whose keys below count too) as retired settings."""
-    _RETIRED.update(keys)
+def register_retired(keys: Collection[str], note: str = RETIRED_NOTE) -> None:
+    """Mark dotted keys (and sections, whose keys below count too) as retired settings; `note` says what
+    became of them (fixed, replaced by another key, removed with its code)."""
+    _RETIRED.update(dict.fromkeys(keys, note))
 
 
 def _retired(loc: list[str]) -> str | None:
