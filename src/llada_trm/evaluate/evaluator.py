@@ -486,7 +486,8 @@ def load_eval_records(
     gsm8k: read from `data_path` (a JSONL/parquet file, a folder with `test.jsonl`, or a cached HF name).
     synthetic, arithmetic: `split` is `train`, `validation` or `test` of that generated task (report on
     `test`: the trainer validates and picks `best` on `validation`); without a slice, `limit` problems
-    (default `synthetic.n_eval`) are generated, and the first ones never depend on how many are asked for.
+    (default: the run's or the backbone's `n_eval`, else 100) are generated, and the first ones never depend
+    on how many are asked for.
     """
     if dataset not in DATASETS:
         raise DataError(f"--dataset {dataset!r}: choose one of {', '.join(DATASETS)}")
