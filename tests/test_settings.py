@@ -373,3 +373,16 @@ def test_an_export_written_before_the_cut_loads_with_its_counts_and_batch(tmp_pa
     config = export_run_config(tmp_path, section)
     assert (config.data.n_train, config.data.n_eval, config.data.synthetic.max_steps) == (50, 5, 2)
     assert config.sampling.options().batch_size == 16 and config.sampling.options().gen_length == 64
+
+
+def test_gsm8k_counts_slice_train_head_and_tail_and_never_overlap(tmp_path):
+    from llada_trm.build import build_records
+    from llada_trm.data import SyntheticTaskConfig, generate_problems, write_jsonl
+
+    problems = generate_problems(SyntheticTaskConfig(max_steps=2), 10, "train")
+    write_jsonl(problems, tmp_path / "train.jsonl")
+    data = {"dataset": "gsm8k", "path": str(tmp_path), "n_train": 6, "n_eval": 3}
+    train, validation = build_records(parse_config({"data": data}).data)
+    assert train == problems[:6] and validation == problems[-3:]
+    with pytest.raises(ConfigError, match=r"data.n_train \+ data.n_eval = 8 \+ 3 exceed the 10 problems"):
+        build_records(parse_config({"data": {**data, "n_train": 8}}).data)

@@ -268,9 +268,16 @@ def build_records(data: DataConfig) -> tuple[list[GSM8KRecord], list[GSM8KRecord
         if task is not None:
             train = generate_task_records(task, data.n_train, "train")
             evaluation = generate_task_records(task, data.n_eval, "validation") if data.n_eval else []
-        else:
-            train = load_gsm8k(data.path, data.train_split)
-            evaluation = load_gsm8k(data.path, data.eval_split) if data.eval_split else []
+        else:  # the head of train, and its tail for validation (`DataConfig.train_split` / `eval_split`)
+            records = load_gsm8k(data.path, "train")
+            if data.n_train + data.n_eval > len(records):
+                raise ConfigError(
+                    f"data.n_train + data.n_eval = {data.n_train} + {data.n_eval} exceed the {len(records)} "
+                    f"problems of {data.path}'s train split: training and validation would share problems; "
+                    "lower one of them"
+                )
+            train = records[: data.n_train]
+            evaluation = records[len(records) - data.n_eval :] if data.n_eval else []
     except (ValueError, FileNotFoundError) as exc:
         raise ConfigError(f"data: {exc}") from None
     return train, evaluation

@@ -39,8 +39,8 @@ def check_disjoint(splits: Mapping[str, Sequence[GSM8KRecord]]) -> dict[str, Any
                 raise DataError(
                     f"the {first} and {second} splits share {len(shared)} problem(s), e.g. {example[:60]!r}: "
                     f"report only on problems never used for training, validation or choosing 'best' (for "
-                    f"gsm8k pick disjoint slices, e.g. data.eval_split: train[-100:] with evaluation.split: "
-                    f"test)"
+                    f"gsm8k a run validates on the last data.n_eval problems of train: evaluate on "
+                    f"evaluation.split: test)"
                 )
     return {
         "method": METHOD,
