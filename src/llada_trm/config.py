@@ -241,6 +241,7 @@ class TrainingConfig(_Section):
         default=None, description="optimizer steps, epoch after epoch over the data; null: one epoch"
     )
     warmup_steps: NonNegInt | None = Field(default=None, description="null: 5% of the run's steps")
+    min_lr_ratio: Fraction = Field(default=0.0, description="the cosine's floor, x lr (pretraining: 0.1)")
     seed: Int = 42
     mixed_precision: Literal["auto", "bf16", "fp32"] = "auto"
     eval_every: NonNegInt = 100
@@ -265,11 +266,10 @@ class TrainingConfig(_Section):
         "leaves it, or the positions the frozen backbone gets wrong in a teacher-forced probe",
     )
 
-    # Fixed (retired): AdamW's and the schedule's constants (the cosine decays to 0: min_lr_ratio, set by
-    # no run config), and forward-process rows mixed into targeted masks (docs/settings.md: no gain; the
-    # mechanism stays, `diffusion.forward_process.MaskDistribution.forward_mix`, for another study).
+    # Fixed (retired): AdamW's and the schedule's constants, and forward-process rows mixed into targeted
+    # masks (docs/settings.md: no gain; the mechanism stays for another study:
+    # `diffusion.forward_process.MaskDistribution.forward_mix`).
     warmup_ratio: ClassVar[float] = 0.05
-    min_lr_ratio: ClassVar[float] = 0.0
     weight_decay: ClassVar[float] = 0.01
     adam_eps: ClassVar[float] = 1e-8
     adam_betas: ClassVar[tuple[float, float]] = (0.9, 0.999)
@@ -301,14 +301,16 @@ class AdvancedConfig(_Section):
     feature_cache: phase 1 trains on the frozen backbone's outputs computed once and stored
         (docs/feature_cache.md) in <output.dir>/feature_cache (hidden states and contexts as bfloat16).
 
-    Fixed (retired): one noise draw per cached example (`cache_noise_draws`; every epoch re-reads it), the
-    health checks always on (`training.health`: they only warn; docs/troubleshooting.md), and
-    `distributed` 'auto' (under torchrun: DDP in phases 1 and 2, FSDP in phase 3; docs/distributed.md).
+    Fixed (retired): no gradient checkpointing (set by no config: phase 1 runs the frozen backbone without
+    a graph; `config.fixed_settings` turns it on for a phase-2/3 run at 8B), one noise draw per cached
+    example (`cache_noise_draws`; every epoch re-reads it), the health checks always on (`training.health`:
+    they only warn; docs/troubleshooting.md), and `distributed` 'auto' (under torchrun: DDP in phases 1
+    and 2, FSDP in phase 3; docs/distributed.md).
     """
 
-    gradient_checkpointing: bool = False
     feature_cache: bool = False
 
+    gradient_checkpointing: ClassVar[bool] = False
     cache_noise_draws: ClassVar[int] = 1
     health_checks: ClassVar[bool] = True
     distributed: ClassVar[str] = "auto"

@@ -147,8 +147,11 @@ def _convert_run(run: dict[str, Any], prefix: str, fixed: Mapping[str, Any], res
 
 def _is_pretrain(data: Mapping[str, Any]) -> bool:
     """Whether a config is `llada-trm pretrain`'s: its `evaluation:` section, or a key only it has."""
-    only = {"model": ("d_model", "n_layers", "init_from"), "data": ("n_train", "vocab_size"),
+    # (data.n_train is not one: a run config has it too since issue 25)
+    only = {"model": ("d_model", "n_layers", "init_from"), "data": ("vocab_size",),
             "training": ("steps", "object_weight", "stop_at")}  # fmt: skip
+    if "run" in data or "arms" in data or "refiners" in data:  # a compare config has `evaluation:` too
+        return False
     return "evaluation" in data or any(
         isinstance(data.get(section), Mapping) and any(key in data[section] for key in keys)
         for section, keys in only.items()

@@ -195,18 +195,17 @@ class PretrainConfig(_Section):
         """The run of the one loop that trains this backbone (read from `backbone_dir`): no refiner, every
         backbone tensor trained at `training.lr`, checkpoints and metrics CSVs in `run_dir()`."""
         opt = self.training
-        epochs = -(-opt.steps * opt.batch_size // self.data.n_train) + 1  # enough that steps end the run
         return RunConfig.model_validate({
             "model": {"backbone": str(backbone_dir), "refiner": "none", "dtype": "float32"},
             "data": {"max_length": self.data.max_length},  # the datasets themselves: `RunParts.datasets`
             "training": {
-                "phase": 3, "lr": opt.lr, "batch_size": opt.batch_size, "num_epochs": epochs,
+                "phase": 3, "lr": opt.lr, "batch_size": opt.batch_size,
                 "max_steps": opt.steps, "warmup_steps": opt.warmup_steps, "min_lr_ratio": opt.min_lr_ratio,
                 "seed": opt.seed, "eval_every": opt.eval_every, "log_every": opt.log_every,
                 "save_every": opt.save_every, "masks": opt.masks, "mixed_precision": "fp32",
             },
             "training_params": {"trainable_modules": ["backbone"]},
-            "output": {"dir": str(self.run_dir()), "keep_last": 0},
+            "output": {"dir": str(self.run_dir())},  # max_steps ends the run, epoch after epoch
         })  # fmt: skip
 
 
