@@ -1879,7 +1879,8 @@ def surface_cases() -> list[Case]:  # noqa: C901, PLR0915 - one flat list is the
             "p = Path('{work}/api_deep.yaml')\n"
             "p.write_text('training: ' + '[' * 5000 + ']' * 5000)\nload_config(p)",
         ),
-        ("export_run into the run", "from llada_trm.export import export_run\nexport_run('{run}', '{run}')"),
+        ("export_run into the run",
+         "from llada_trm.extras.export import export_run\nexport_run('{run}', '{run}')"),
     ):
         add(Case(f"API: {label}", _api(code), runner="python", needs_run="{run}" in code))
     add(
@@ -2008,7 +2009,7 @@ MEMORY_CAP = 12 * 2**30
 
 def _command(case: Case, args: list[str]) -> list[str]:
     if case.runner == "lm-eval":
-        return [sys.executable, "-m", "llada_trm.harness", *args]
+        return [sys.executable, "-m", "llada_trm.extras.harness", *args]
     if case.runner == "python":
         return [sys.executable, "-c", API_DRIVER, *args]
     return [sys.executable, "-m", "llada_trm", *args]

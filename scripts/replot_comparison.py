@@ -89,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("markdown", type=Path, help="a compare report (comparison.md)")
     parser.add_argument("png", type=Path, help="the plot to write")
     args = parser.parse_args(argv)
-    from llada_trm.plots import plot_paired_comparison
+    from llada_trm.study.plots import plot_paired_comparison
 
     try:
         report = report_from_markdown(args.markdown.read_text(encoding="utf-8"))

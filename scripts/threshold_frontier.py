@@ -190,10 +190,10 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from llada_trm.build import check_test_split
-    from llada_trm.compare_config import load_compare_config
     from llada_trm.evaluate.evaluator import load_eval_records, synthetic_settings
     from llada_trm.evaluate.loading import load_checkpoint
     from llada_trm.io import write_json, write_text_atomic
+    from llada_trm.study.config import load_compare_config
 
     torch.set_num_threads(args.threads)
     config = load_compare_config(args.config)

@@ -126,7 +126,7 @@ def test_run_config_selects_the_task_and_evaluation_reads_it(tmp_path) -> None:
 def test_pretraining_targets_score_the_arithmetic_task() -> None:
     """`llada-trm pretrain` on the arithmetic task: strict accuracy and line arithmetic by operator, no
     entity rates (the GSM8K-style error report would refuse these references)."""
-    from llada_trm.pretraining.targets import target_metrics
+    from llada_trm.extras.pretraining.targets import target_metrics
 
     reference = "12+9=<<12+9=21>>21\n21-5=<<21-5=16>>16\n#### 16"
     predictions = [

@@ -11,8 +11,8 @@ from test_main_job import compare_yaml
 from tiny_assets import tiny_backbone
 
 from llada_trm.cli import main
-from llada_trm.compare_config import CompareConfig
-from llada_trm.compare_report import comparison_pairs, validation_sections
+from llada_trm.study.config import CompareConfig
+from llada_trm.study.report import comparison_pairs, validation_sections
 
 
 @pytest.fixture(scope="module")

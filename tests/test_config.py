@@ -18,8 +18,8 @@ from llada_trm.refiners.config import MLPSettings, SlotSettings
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 # Configs of the other commands, each validated by its own schema's loader; everything else is a run config.
-PRETRAIN = "llada_trm.pretraining.config:load_pretrain_config"
-COMPARE = "llada_trm.compare:load_compare_config"
+PRETRAIN = "llada_trm.extras.pretraining.config:load_pretrain_config"
+COMPARE = "llada_trm.study.config:load_compare_config"
 
 
 def schema_loader(path: Path) -> str | None:

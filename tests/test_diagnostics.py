@@ -9,7 +9,6 @@ import pytest
 import torch
 from test_sampler_steps import MASK, VARIANTS, _hybrid, _prompt, _run
 
-from llada_trm.compare_report import diagnostics_section_markdown, diagnostics_sections
 from llada_trm.diffusion.steps import StepEvent
 from llada_trm.evaluate.diagnostics import (
     CommitRecorder,
@@ -18,7 +17,8 @@ from llada_trm.evaluate.diagnostics import (
     commit_fields,
     diagnostics_markdown,
 )
-from llada_trm.plots import plot_reliability
+from llada_trm.study.plots import plot_reliability
+from llada_trm.study.report import diagnostics_section_markdown, diagnostics_sections
 
 EOT, EOS = 98, 99
 G, PROMPT, CHUNK = 8, 4, 4  # chunk 1 = answer positions 0-3, chunk 2 = answer positions 4-7

@@ -20,7 +20,7 @@ tomllib = pytest.importorskip("tomllib")  # Python 3.11+
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory) -> Path:
-    from llada_trm.export import export_run
+    from llada_trm.extras.export import export_run
 
     out = tmp_path_factory.mktemp("hf") / "export"
     export_run(tiny_run(tmp_path_factory), out)
@@ -86,7 +86,7 @@ def test_lm_eval_results_are_named_after_the_checkpoint(model_args, folder):
     pytest.importorskip("lm_eval")
     from lm_eval.loggers.evaluation_tracker import GeneralConfigTracker
 
-    import llada_trm.harness.model  # noqa: F401  (as llada-trm-lm-eval and entry-point discovery do)
+    import llada_trm.extras.harness.model  # noqa: F401  (as llada-trm-lm-eval and entry-point discovery do)
 
     tracker = GeneralConfigTracker()
     tracker.log_experiment_args(model_source="llada_trm", model_args=model_args, system_instruction=None,

@@ -75,7 +75,7 @@ def test_the_cli_and_the_loader_agree_on_the_word_that_switches_a_setting_off():
 
 
 def test_the_harness_inherits_the_runs_sampling_section(sampling_run):
-    from llada_trm.harness.model import LLaDATRMLM
+    from llada_trm.extras.harness.model import LLaDATRMLM
 
     inherited = LLaDATRMLM(checkpoint=str(sampling_run), device="cpu", batch_size=2)
     expected = {**SamplingOptions().to_dict(), **RUN_SAMPLING, "batch_size": 2}

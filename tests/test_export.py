@@ -19,7 +19,7 @@ from llada_trm.cli import main
 from llada_trm.config import parse_config
 from llada_trm.data import load_tokenizer
 from llada_trm.errors import CheckpointError, UserError
-from llada_trm.export import export_run
+from llada_trm.extras.export import export_run
 from llada_trm.hybrid.config import HybridConfig
 from llada_trm.hybrid.model import LLaDATRMHybrid
 from llada_trm.training.loop import Trainer

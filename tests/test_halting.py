@@ -160,7 +160,7 @@ def test_param_budget_errors():
 def test_each_lever_arm_changes_only_its_lever():
     from pathlib import Path
 
-    from llada_trm.compare import load_compare_config
+    from llada_trm.study.config import load_compare_config
 
     study = load_compare_config(Path(__file__).resolve().parents[1] / "configs" / "levers_tiny.yaml")
     assert study.reference == "slot" and study.baseline and len(study.seed_list()) == 3

@@ -57,7 +57,7 @@ def test_failures_the_user_can_act_on_are_one_line(exc, words, monkeypatch, caps
     def fail(*_args, **_kw):
         raise exc
 
-    monkeypatch.setattr("llada_trm.plots.plot_run", fail)
+    monkeypatch.setattr("llada_trm.study.plots.plot_run", fail)
     assert main(["plot", "somewhere"]) in (1, 2)
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and err.startswith("llada-trm: error: "), err
@@ -78,7 +78,7 @@ def test_safetensors_and_template_errors_are_described_and_bugs_are_not():
 
 def test_lm_eval_cli_turns_backend_errors_into_one_line(monkeypatch, capsys):
     pytest.importorskip("lm_eval")
-    from llada_trm.harness import cli
+    from llada_trm.extras.harness import cli
 
     def fail() -> None:
         raise ConfigError("llada_trm: max_length=99999 exceeds the backbone's 1024 positions")
@@ -94,7 +94,7 @@ def test_lm_eval_cli_turns_backend_errors_into_one_line(monkeypatch, capsys):
 
 def test_lm_eval_cli_refuses_an_output_path_it_cannot_write(tmp_path, monkeypatch, capsys):
     pytest.importorskip("lm_eval")
-    from llada_trm.harness import cli
+    from llada_trm.extras.harness import cli
 
     monkeypatch.setattr("lm_eval.__main__.cli_evaluate", lambda: None)  # never reached
     blocker = tmp_path / "a_file"
@@ -106,11 +106,12 @@ def test_lm_eval_cli_refuses_an_output_path_it_cannot_write(tmp_path, monkeypatc
 
 def test_lm_eval_cli_names_a_model_arg_given_twice(monkeypatch, capsys):
     pytest.importorskip("lm_eval")
-    from llada_trm.harness import cli
+    from llada_trm.extras.harness import cli
 
     def fail() -> None:
         raise TypeError(
-            "llada_trm.harness.model.LLaDATRMLM() got multiple values for keyword argument 'batch_size'"
+            "llada_trm.extras.harness.model.LLaDATRMLM() got multiple values for keyword argument "
+            "'batch_size'"
         )
 
     monkeypatch.setattr("lm_eval.__main__.cli_evaluate", fail)
@@ -185,7 +186,7 @@ def test_a_non_finite_config_value_is_blamed_on_its_set(tmp_path):
 
 def test_lm_eval_model_args_are_bounded_and_finite():
     pytest.importorskip("lm_eval")
-    from llada_trm.harness.model import LLaDATRMLM
+    from llada_trm.extras.harness.model import LLaDATRMLM
 
     with pytest.raises(ConfigError, match="positions"):
         LLaDATRMLM(checkpoint="embedded", device="cpu", max_length=10**6)
@@ -365,7 +366,7 @@ def test_an_unknown_but_benign_template_renders_what_the_tokenizer_would(tokeniz
 
 
 def test_compare_bounds_its_problems_and_seeds(backbone_dir, tmp_path):
-    from llada_trm.compare_config import load_compare_config, parse_seeds
+    from llada_trm.study.config import load_compare_config, parse_seeds
 
     with pytest.raises(ConfigError, match="--set evaluation.n_problems"):
         load_compare_config(None, ["evaluation.n_problems=1e9"])

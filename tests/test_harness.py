@@ -16,8 +16,8 @@ import torch
 from llada_trm.data import GSM8KRecord, SyntheticTaskConfig, generate_problems, write_jsonl
 from llada_trm.errors import ConfigError
 from llada_trm.evaluate.extraction import extract_flexible, extract_strict, is_correct
-from llada_trm.harness.likelihood import greedy_matches, masked_counts, mc_log_likelihood, random_masks
-from llada_trm.harness.tasks import DATA_ENV_VAR, resolve_data_path, tasks_dir
+from llada_trm.extras.harness.likelihood import greedy_matches, masked_counts, mc_log_likelihood, random_masks
+from llada_trm.extras.harness.tasks import DATA_ENV_VAR, resolve_data_path, tasks_dir
 
 needs_lm_eval = pytest.mark.skipif(
     importlib.util.find_spec("lm_eval") is None,
@@ -138,7 +138,7 @@ def _scores(out) -> tuple[float, float]:
 def harness_lm():
     if importlib.util.find_spec("lm_eval") is None:
         pytest.skip("lm_eval is not installed (pip install 'llada-trm[eval]')")
-    from llada_trm.harness.model import LLaDATRMLM
+    from llada_trm.extras.harness.model import LLaDATRMLM
 
     return LLaDATRMLM(
         checkpoint="embedded", device="cpu", batch_size=N_DOCS, mc_num=8, mc_batch_size=8, **SAMPLING
@@ -149,7 +149,7 @@ def harness_lm():
 def test_model_is_registered_under_its_name():
     from lm_eval.api.registry import get_model
 
-    from llada_trm.harness.model import MODEL_NAME, LLaDATRMLM
+    from llada_trm.extras.harness.model import MODEL_NAME, LLaDATRMLM
 
     assert get_model(MODEL_NAME) is LLaDATRMLM
 
@@ -217,7 +217,7 @@ def test_normalisation_agrees_with_lm_eval_on_crafted_completions(tmp_path):
 
 @needs_lm_eval
 def test_gen_kwargs_override_sampler_options_and_stop_strings_cut(harness_lm):
-    from llada_trm.harness.model import apply_stop_strings
+    from llada_trm.extras.harness.model import apply_stop_strings
 
     options, stops = harness_lm._request_options({"until": "Question:", "steps": 16, "top_p": 0.9})
     assert (options.steps, options.gen_length, stops) == (16, SAMPLING["gen_length"], ["Question:"])
@@ -248,7 +248,7 @@ def test_loglikelihood_is_a_reproducible_mc_estimate(harness_lm):
 def test_cli_adds_the_task_directory(monkeypatch):
     import lm_eval.__main__
 
-    from llada_trm.harness import cli
+    from llada_trm.extras.harness import cli
 
     seen = []
     monkeypatch.setattr(lm_eval.__main__, "cli_evaluate", lambda: seen.append(list(sys.argv[1:])))
@@ -263,7 +263,7 @@ def test_cli_adds_the_task_directory(monkeypatch):
 
 @needs_lm_eval
 def test_every_sampler_option_reaches_the_sampler(harness_lm, monkeypatch):
-    import llada_trm.harness.model as harness_model
+    import llada_trm.extras.harness.model as harness_model
 
     seen = {}
     real = harness_model.sample

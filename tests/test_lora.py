@@ -157,7 +157,7 @@ def test_config_errors(backbone_dir, tmp_path, monkeypatch):
 
 def test_export_merges_the_adapters_into_the_backbone(backbone_dir, tmp_path):
     from llada_trm.evaluate.loading import load_checkpoint
-    from llada_trm.export import export_run
+    from llada_trm.extras.export import export_run
 
     make_trainer(backbone_dir, tmp_path / "run").train()
     export_run(tmp_path / "run", tmp_path / "export")

@@ -10,8 +10,9 @@ import yaml
 from tiny_assets import TINY_SAMPLING, run_config, tiny_backbone
 
 from llada_trm.cli import main
-from llada_trm.compare import format_table, load_compare_config
 from llada_trm.errors import ConfigError
+from llada_trm.study.compare import format_table
+from llada_trm.study.config import load_compare_config
 
 REPO = Path(__file__).resolve().parents[1]
 

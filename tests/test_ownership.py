@@ -21,8 +21,8 @@ from tiny_assets import run_config, tiny_backbone
 
 from llada_trm.cli import main
 from llada_trm.errors import CheckpointError, ConfigError
+from llada_trm.extras.pretraining.run import pretrain
 from llada_trm.io import atomic_directory, atomic_path, write_text_atomic
-from llada_trm.pretraining import pretrain
 from llada_trm.run_checkpoint import load_trainer_state, resolve_checkpoint_dir, save_checkpoint
 from llada_trm.training.loop import Trainer
 from llada_trm.training.run_dir import RunLock

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from llada_trm.plot_specs import FigureSpec, Panel
-from llada_trm.plots import draw, paired_comparison_figure, plot_paired_comparison
+from llada_trm.study.plot_specs import FigureSpec, Panel
+from llada_trm.study.plots import draw, paired_comparison_figure, plot_paired_comparison
 
 ROOT = Path(__file__).resolve().parents[1]
 

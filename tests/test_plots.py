@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from tiny_assets import tiny_run
 
-from llada_trm.plots import PlotError, plot_comparison, plot_run, read_metrics
+from llada_trm.study.plots import PlotError, plot_comparison, plot_run, read_metrics
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -87,7 +87,7 @@ TRAIN = [
 
 
 def test_accuracy_is_drawn_as_differences_from_the_backbone():
-    from llada_trm.plot_specs import run_figures
+    from llada_trm.study.plot_specs import run_figures
 
     panels = run_figures([], VAL, {}, "slot")["accuracy.png"].panels
     masked, chunk = panels
@@ -100,7 +100,7 @@ def test_accuracy_is_drawn_as_differences_from_the_backbone():
 
 
 def test_accuracy_without_a_backbone_column_is_the_level():
-    from llada_trm.plot_specs import run_figures
+    from llada_trm.study.plot_specs import run_figures
 
     rows = [{"step": 1.0, "accuracy": 0.3}, {"step": 2.0, "accuracy": 0.4}]
     (panel,) = run_figures([], rows, {}, "slot")["accuracy.png"].panels
@@ -108,7 +108,7 @@ def test_accuracy_without_a_backbone_column_is_the_level():
 
 
 def test_steps_and_fractions_never_share_an_axis():
-    from llada_trm.plot_specs import run_figures
+    from llada_trm.study.plot_specs import run_figures
 
     steps, fractions = run_figures(TRAIN, VAL, {}, "slot")["refinement.png"].panels
     assert sorted(steps.series) == ["refine_steps (training)", "refine_steps (validation)"]
@@ -117,7 +117,7 @@ def test_steps_and_fractions_never_share_an_axis():
 
 
 def test_no_orthogonality_plot_for_the_mlp_refiner():
-    from llada_trm.plot_specs import run_figures
+    from llada_trm.study.plot_specs import run_figures
 
     assert "orthogonality.png" in run_figures(TRAIN, [], {}, "slot")
     assert "orthogonality.png" not in run_figures(TRAIN, [], {}, "mlp")
@@ -126,7 +126,7 @@ def test_no_orthogonality_plot_for_the_mlp_refiner():
 
 
 def test_single_points_become_labelled_values():
-    from llada_trm.plot_specs import run_figures
+    from llada_trm.study.plot_specs import run_figures
 
     figures = run_figures([], VAL[:1], {"synthetic-test-slot": 0.25}, "slot")
     masked = figures["accuracy.png"].panels[0]
@@ -137,8 +137,8 @@ def test_single_points_become_labelled_values():
 
 
 def test_short_runs_get_no_offset_on_the_y_axis():
-    from llada_trm.plot_specs import FigureSpec, Panel
-    from llada_trm.plots import draw
+    from llada_trm.study.plot_specs import FigureSpec, Panel
+    from llada_trm.study.plots import draw
 
     panel = Panel("loss", "loss", {"loss": ([1.0, 2.0, 3.0], [1000.001, 1000.002, 1000.003])})
     (ax, *_) = draw(FigureSpec("loss", [panel])).axes
@@ -156,7 +156,7 @@ PRETRAIN_CSV = """step,loss,lr,grad_norm,eval_masked_accuracy,eval_strict_accura
 
 
 def test_a_pretrain_run_plots_every_eval_column_on_its_own_axis(tmp_path):
-    from llada_trm.plots import run_specs
+    from llada_trm.study.plots import run_specs
 
     (tmp_path / "pretrain_metrics.csv").write_text(PRETRAIN_CSV)
     specs = run_specs(tmp_path)
@@ -172,7 +172,7 @@ def test_a_pretrain_run_plots_every_eval_column_on_its_own_axis(tmp_path):
 
 
 def test_the_embedded_backbone_is_a_pretrain_dir():
-    from llada_trm.plots import run_specs
+    from llada_trm.study.plots import run_specs
 
     backbone = Path(__file__).parents[1] / "src" / "llada_trm" / "assets" / "tiny_backbone"
     assert sorted(run_specs(backbone)) == ["pretrain.png", "pretrain_eval.png"]

@@ -9,8 +9,8 @@ import torch
 from llada_trm.backbone.modeling import LLaDAModel
 from llada_trm.data import load_tokenizer
 from llada_trm.errors import ConfigError
-from llada_trm.pretraining.config import load_pretrain_config
-from llada_trm.pretraining.run import pretrain
+from llada_trm.extras.pretraining.config import load_pretrain_config
+from llada_trm.extras.pretraining.run import pretrain
 
 
 def test_tiny_pretrain_writes_a_loadable_checkpoint_with_model_card(tmp_path):
@@ -70,7 +70,7 @@ def test_shipped_config_validates():
 def test_object_weights_mark_the_tasks_object_nouns_only():
     from llada_trm.assets import embedded_backbone_dir
     from llada_trm.data.synthetic import DEFAULT_ITEMS
-    from llada_trm.pretraining.run import object_token_ids, object_weights
+    from llada_trm.extras.pretraining.run import object_token_ids, object_weights
 
     tokenizer = load_tokenizer(embedded_backbone_dir())
     object_ids = object_token_ids(tokenizer, DEFAULT_ITEMS)
@@ -87,7 +87,7 @@ def test_random_padding_draws_each_batch_length_between_its_longest_and_max_leng
     from llada_trm.assets import embedded_backbone_dir
     from llada_trm.data import SFTDataset, generate_problems
     from llada_trm.data.synthetic import SyntheticTaskConfig
-    from llada_trm.pretraining.run import pad_randomly
+    from llada_trm.extras.pretraining.run import pad_randomly
 
     tokenizer = load_tokenizer(embedded_backbone_dir())
     records = generate_problems(SyntheticTaskConfig(max_steps=2, max_number=12, max_result=100), 40)

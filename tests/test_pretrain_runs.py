@@ -10,8 +10,10 @@ from safetensors.torch import load_file
 from llada_trm.data import SyntheticTaskConfig, generate_problems
 from llada_trm.data.synthetic import parse_solution
 from llada_trm.errors import CheckpointError, ConfigError
-from llada_trm.pretraining import export, load_pretrain_config, pretrain, run
-from llada_trm.pretraining.targets import TARGET_COLUMNS, target_metrics
+from llada_trm.extras.pretraining import export, run
+from llada_trm.extras.pretraining.config import load_pretrain_config
+from llada_trm.extras.pretraining.run import pretrain
+from llada_trm.extras.pretraining.targets import TARGET_COLUMNS, target_metrics
 from llada_trm.training.loop import Trainer
 
 TINY = [

@@ -10,7 +10,6 @@ import torch
 import yaml
 
 from llada_trm.cli import main
-from llada_trm.compare_config import CompareConfig, load_compare_config
 from llada_trm.config import (
     RETIRED_MODEL,
     ModelConfig,
@@ -23,6 +22,7 @@ from llada_trm.config import (
 )
 from llada_trm.convert import convert_config, convert_path, health_thresholds
 from llada_trm.errors import ConfigError, UserError
+from llada_trm.study.config import CompareConfig, load_compare_config
 
 FIXTURE = Path(__file__).parent / "fixtures" / "run_before_issue25"  # `llada-trm train` of commit 04476e5
 

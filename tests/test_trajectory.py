@@ -11,7 +11,7 @@ from tiny_assets import tiny_run
 
 from llada_trm.cli import main
 from llada_trm.diffusion.steps import StepEvent
-from llada_trm.trajectory import END_GLYPH, MASK_GLYPH, Trajectory, render_html, render_text
+from llada_trm.extras.trajectory import END_GLYPH, MASK_GLYPH, Trajectory, render_html, render_text
 
 QUESTION = "Tom has 3 apples. He buys 4 more. How many apples does he have?"
 TINY = ["--gen-length=16", "--block-length=8", "--steps=4"]  # 2 blocks of 2 steps

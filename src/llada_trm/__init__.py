@@ -59,7 +59,7 @@ __all__ = ["__version__", *_EXPORTS]
 
 def _register_with_transformers() -> None:
     """`AutoConfig` / `AutoModel` know model type `llada` (`hf_auto`; nothing is imported before they are)."""
-    from llada_trm.hf_auto import install
+    from llada_trm.extras.hf_auto import install
 
     install()
 

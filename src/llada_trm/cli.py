@@ -57,8 +57,8 @@ SAMPLING_FLAGS = (
 
 
 def _cmd_pretrain(args: argparse.Namespace) -> int:
-    from llada_trm.pretraining.config import load_pretrain_config
-    from llada_trm.pretraining.run import pretrain
+    from llada_trm.extras.pretraining.config import load_pretrain_config
+    from llada_trm.extras.pretraining.run import pretrain
 
     config = load_pretrain_config(args.config, _output_overrides(args, resume_dir=_pretrain_resume))
     result = pretrain(
@@ -382,8 +382,8 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 def _generate_traced(args: argparse.Namespace, loaded: Any, question: str, options: Any) -> int:
     """One answer with its denoising trajectory: printed (`--show-steps`), written as a page (`--html`)."""
     from llada_trm.evaluate.evaluator import answer_questions
+    from llada_trm.extras.trajectory import Trajectory, render_html, render_text
     from llada_trm.io import write_text_atomic
-    from llada_trm.trajectory import Trajectory, render_html, render_text
 
     trajectory = Trajectory()
     answers = answer_questions(
@@ -516,7 +516,7 @@ def _cmd_reachability(args: argparse.Namespace) -> int:
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    from llada_trm.export import export_run
+    from llada_trm.extras.export import export_run
 
     if (args.out is None) == (args.old_out is None):
         raise UserError("name the export directory once: llada-trm export RUN --out DIR")
@@ -532,7 +532,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
 
 def _cmd_plot(args: argparse.Namespace) -> int:
-    from llada_trm.plots import plot_run
+    from llada_trm.study.plots import plot_run
 
     written = plot_run(args.run_dir, args.out)
     for path in written:
@@ -548,7 +548,8 @@ def _cmd_convert(args: argparse.Namespace) -> int:
 
 
 def _cmd_compare(args: argparse.Namespace) -> int:
-    from llada_trm.compare import load_compare_config, parse_seeds, run_compare
+    from llada_trm.study.compare import run_compare
+    from llada_trm.study.config import load_compare_config, parse_seeds
 
     seeds = parse_seeds(args.seeds) if args.seeds is not None else None
     config = load_compare_config(args.config, _output_overrides(args, "run.training.device"), seeds)

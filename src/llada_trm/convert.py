@@ -160,7 +160,7 @@ def _is_pretrain(data: Mapping[str, Any]) -> bool:
 
 def _convert_pretrain(data: dict[str, Any], result: Conversion, source: str) -> Conversion:
     from llada_trm.config import TrainingConfig
-    from llada_trm.pretraining.config import PretrainConfig
+    from llada_trm.extras.pretraining.config import PretrainConfig
 
     for key in PRETRAIN_RETIRED:
         found, value = _pop(data, key, prune=True)
@@ -277,7 +277,7 @@ def _built(data: Mapping[str, Any], prefix: str, compare: bool) -> set[str]:
 
 def _validate(data: dict[str, Any], compare: bool, source: str) -> None:
     if compare:
-        from llada_trm.compare_config import CompareConfig
+        from llada_trm.study.config import CompareConfig
 
         parse_config(data, source=f"{source} (converted)", schema=CompareConfig)
     else:

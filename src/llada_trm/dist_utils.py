@@ -14,11 +14,11 @@ One process by default. Under `torchrun` (which sets RANK, WORLD_SIZE, LOCAL_RAN
 
     advanced.distributed   auto: ddp in phases 1 and 2, fsdp in phase 3 (world size > 1)
 
-* DDP wraps `TrainStep`, the objective as a module, so every use of a parameter (refiner steps, the
-  orthogonality penalty) happens inside DDP's forward. Frozen parameters are marked as ignored: DDP neither
-  broadcasts them at start-up nor all-reduces them (it only ever reduces `requires_grad` parameters; the
-  ignore list also spares the 16 GB start-up broadcast of a frozen 8B backbone, which every rank loads from
-  the same checkpoint anyway). Refiners skip chunks, and a batch may refine none, so
+* DDP wraps `training.objective.TrainStep`, the objective as a module, so every use of a parameter (refiner
+  steps, the orthogonality penalty) happens inside DDP's forward. Frozen parameters are marked as ignored:
+  DDP neither broadcasts them at start-up nor all-reduces them (it only ever reduces `requires_grad`
+  parameters; the ignore list also spares the 16 GB start-up broadcast of a frozen 8B backbone, which every
+  rank loads from the same checkpoint anyway). Refiners skip chunks, and a batch may refine none, so
   `find_unused_parameters=True`: a parameter unused on every rank keeps `grad=None`, exactly as in one
   process, and one unused on some ranks gets the average over all ranks.
 * FSDP2 (`fully_shard`) shards each LLaDA block, then the root (`TrainStep`: embeddings, LM head, refiners),
@@ -50,7 +50,6 @@ from llada_trm.errors import ConfigError
 
 __all__ = [
     "DISTRIBUTED_MODES",
-    "TrainStep",
     "all_finite",
     "broadcast_object",
     "clip_grad_norm",
@@ -246,38 +245,8 @@ def resolve_strategy(setting: str, *, phase: int, world: int | None = None) -> s
 # ------------------------------------------------------------------------------------------- wrapping
 
 
-class TrainStep(nn.Module):
-    """The training objective as a module: what DDP / FSDP wrap, so that every parameter use is in forward.
-
-    `forward(batch, noise=None, features=None)` is `objective(model, batch, noise=..., features=...,
-    **objective_kwargs)` (an `ObjectiveResult`). With `touch_all` every trainable refiner parameter enters
-    the loss (times zero), which FSDP needs: all ranks must reduce gradients for the same parameters, even
-    when a rank's batch left every chunk unrefined. Without it, such a batch is touched all the same.
-    """
-
-    def __init__(self, model: nn.Module, objective: Any, **objective_kwargs: Any) -> None:
-        super().__init__()
-        self.model = model
-        self.objective = objective
-        self.objective_kwargs = objective_kwargs
-        self.touch_all = False
-
-    def forward(self, batch: Mapping[str, Tensor], noise: Any = None, features: Any = None) -> Any:
-        result = self.objective(self.model, batch, noise=noise, features=features, **self.objective_kwargs)
-        # A batch whose chunks are all confident refines nothing: its loss is the frozen backbone's and has
-        # no graph. Touching the refiner keeps backward valid (zero gradients) instead of failing.
-        detached = torch.is_grad_enabled() and not result.loss.requires_grad
-        if self.touch_all or detached:
-            head = getattr(self.model, "refinement_head", None)
-            params = head.parameters() if head is not None else ()
-            touched = [p.sum().float() for p in params if p.requires_grad]
-            if touched:
-                result.loss = result.loss + 0.0 * torch.stack(touched).sum()
-        return result
-
-
 def wrap_for_training(
-    step: TrainStep,
+    step: nn.Module,
     strategy: str,
     *,
     device: torch.device,
@@ -323,7 +292,7 @@ def wrap_for_training(
 
 
 def wrap_run(
-    step: TrainStep,
+    step: nn.Module,
     plan: Any,
     strategy: str,
     *,

@@ -17,7 +17,7 @@ fingerprint their weights file records, `backbone.fingerprint`) unless `allow_ba
 checkpoint that has it (the active one of a `hybrid` integration).
 
 The layout of an export, one self-contained Hugging Face-layout directory that names no other file (it is
-read here, with `model.backbone` set to the directory itself; `llada_trm.export` writes it):
+read here, with `model.backbone` set to the directory itself; `llada_trm.extras.export` writes it):
 
     config.json           the backbone's LLaDA fields (so any LLaDA loader reads the backbone), plus under
                           `llada_trm` what turns it into the trained hybrid: `format_version`, `model` (the

@@ -72,7 +72,6 @@ from llada_trm.config import RunConfig, TrainingConfig, load_config, save_config
 from llada_trm.data import SFTDataset
 from llada_trm.diffusion.forward_process import TokenText, TrainingMasks, draw_for_epoch
 from llada_trm.dist_utils import (
-    TrainStep,
     all_finite,
     broadcast_object,
     clip_grad_norm,
@@ -126,6 +125,7 @@ from llada_trm.training.metrics import (
 )
 from llada_trm.training.objective import (
     LossWeights,
+    TrainStep,
     diffusion_objective,
     training_masks_for_run,
 )
@@ -173,7 +173,7 @@ logger = logging.getLogger("llada_trm")
 
 @dataclass(frozen=True)
 class RunParts:
-    """What a run other than refiner training brings to the loop (pretraining: `llada_trm.pretraining.run`);
+    """What a run other than refiner training brings to the loop (pretraining: `extras.pretraining.run`);
     each one left None keeps the loop's own, so a refiner run computes exactly what it did without them.
 
     `datasets(tokenizer)`: the (train, validation) sets instead of `build_datasets(config.data)`.
@@ -452,7 +452,9 @@ class Trainer:
             batch = self.parts.batch(dict(batch), self.state.epoch, self.state.batches_in_epoch)
         noise = None if self.feature_cache is not None else self._draw_noise(batch)
         batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
-        with gradient_sync(self.engine, sync):
+        # Collectives run only in a parallel run: one process steps with plain torch (and no dist_utils code).
+        parallel = self.strategy != "none"
+        with gradient_sync(self.engine, sync) if parallel else contextlib.nullcontext():
             with self._autocast():
                 features = None
                 if self.feature_cache is not None:  # the backbone's outputs and their noise, from disk
@@ -461,7 +463,7 @@ class Trainer:
                     noise = tuple(x.to(self.device, non_blocking=True) for x in noise)
                 result = self.engine(batch, noise=noise, features=features)
             loss = float(result.terms["loss"])
-            if not all_finite(loss):  # every rank stops, none waits in the next all-reduce
+            if not (all_finite(loss) if parallel else math.isfinite(loss)):  # every rank stops together
                 self.optimizer.zero_grad(set_to_none=True)
                 terms = {name: float(value) for name, value in result.terms.items()}
                 self._non_finite("the loss is not finite", terms)
@@ -482,8 +484,11 @@ class Trainer:
     def _optimizer_step(self) -> None:
         t = self.config.training
         params = [p for group in self.optimizer.param_groups for p in group["params"]]
-        sync_ignored_gradients(self.engine)
-        grad_norm = clip_grad_norm(params, t.max_grad_norm)
+        if self.strategy != "none":  # FSDP's replicated gates, DTensor norms: collectives
+            sync_ignored_gradients(self.engine)
+            grad_norm = clip_grad_norm(params, t.max_grad_norm)
+        else:
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm))
         if not math.isfinite(grad_norm):
             self.optimizer.zero_grad(set_to_none=True)
             terms = {"grad_norm": grad_norm, "loss": self._last_loss}

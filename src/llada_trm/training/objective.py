@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -202,3 +203,33 @@ def training_masks_for_run(
         token_text=TokenText(tokenizer.decode) if t.masks == "answer_structure" else None,
         probe=probe if t.masks == "backbone_errors" else None,
     )
+
+
+class TrainStep(nn.Module):
+    """The training objective as a module: what DDP / FSDP wrap, so that every parameter use is in forward.
+
+    `forward(batch, noise=None, features=None)` is `objective(model, batch, noise=..., features=...,
+    **objective_kwargs)` (an `ObjectiveResult`). With `touch_all` every trainable refiner parameter enters
+    the loss (times zero), which FSDP needs: all ranks must reduce gradients for the same parameters, even
+    when a rank's batch left every chunk unrefined. Without it, such a batch is touched all the same.
+    """
+
+    def __init__(self, model: nn.Module, objective: Any, **objective_kwargs: Any) -> None:
+        super().__init__()
+        self.model = model
+        self.objective = objective
+        self.objective_kwargs = objective_kwargs
+        self.touch_all = False
+
+    def forward(self, batch: Mapping[str, Tensor], noise: Any = None, features: Any = None) -> Any:
+        result = self.objective(self.model, batch, noise=noise, features=features, **self.objective_kwargs)
+        # A batch whose chunks are all confident refines nothing: its loss is the frozen backbone's and has
+        # no graph. Touching the refiner keeps backward valid (zero gradients) instead of failing.
+        detached = torch.is_grad_enabled() and not result.loss.requires_grad
+        if self.touch_all or detached:
+            head = getattr(self.model, "refinement_head", None)
+            params = head.parameters() if head is not None else ()
+            touched = [p.sum().float() for p in params if p.requires_grad]
+            if touched:
+                result.loss = result.loss + 0.0 * torch.stack(touched).sum()
+        return result

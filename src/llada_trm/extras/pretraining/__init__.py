@@ -4,8 +4,3 @@ Modules: `config` (the schema, and the run config it maps onto), `run` (the star
 gets from a pretraining: datasets, token weights, random padding, validation targets, stop_at), `targets`
 (what an evaluation measures), `export` (test-split figures, the saved backbone), `card` (its model card).
 """
-
-from .config import PretrainConfig, load_pretrain_config
-from .run import PretrainResult, pretrain
-
-__all__ = ["PretrainConfig", "PretrainResult", "load_pretrain_config", "pretrain"]

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from llada_trm.io import atomic_path
-from llada_trm.plot_specs import FigureSpec, Panel, pretrain_figures, run_figures
+from llada_trm.study.plot_specs import FigureSpec, Panel, pretrain_figures, run_figures
 
 __all__ = [
     "PlotError",

@@ -20,7 +20,7 @@ __all__ = ["DATA_ENV_VAR", "DATA_METADATA_KEY", "load_gsm8k_local", "resolve_dat
 
 DATA_ENV_VAR = "LLADA_TRM_GSM8K_DATA"
 DATA_METADATA_KEY = "gsm8k_data"
-_TASKS_DIR = Path(__file__).resolve().parent.parent / "assets" / "lm_eval_tasks"
+_TASKS_DIR = Path(__file__).resolve().parents[2] / "assets" / "lm_eval_tasks"
 
 
 def tasks_dir() -> Path:

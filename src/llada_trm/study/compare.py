@@ -7,7 +7,7 @@
 3. sample answers with the run's `sampling` settings on the SAME test problems with no refiner (the
    backbone alone: once when the sampler is deterministic, temperature 0 with low-confidence remasking,
    else once per seed), the MLP and the slot refiner; validate each on the same noised validation examples;
-4. write the comparison (`compare_report`): the table, per seed and pooled accuracies with 95% intervals,
+4. write the comparison (`study.report`): the table, per seed and pooled accuracies with 95% intervals,
    paired tests (gained / lost, exact McNemar p, bootstrap interval of the difference), validation
    differences, error analysis of the generated task (errors.json), the power calculation, comparison.png,
    and the confident-error diagnostics (diagnostics.json, reliability.png: where first errors were
@@ -25,34 +25,21 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from llada_trm.compare_config import (
+from llada_trm.config import RunConfig
+from llada_trm.errors import UserError
+from llada_trm.io import write_json, write_text_atomic
+from llada_trm.study.config import (
     CompareConfig,
-    CompareEvaluation,
-    CompareOutput,
-    load_compare_config,
-    parse_seeds,
 )
-from llada_trm.compare_resume import (
+from llada_trm.study.resume import (
     CHECKPOINT_KEY,
     checkpoint_identity,
     finished_evaluation,
     finished_training,
     record_training,
 )
-from llada_trm.config import RunConfig
-from llada_trm.errors import UserError
-from llada_trm.io import write_json, write_text_atomic
 
-__all__ = [  # the settings (`compare_config`) are re-exported
-    "CompareConfig",
-    "CompareEvaluation",
-    "CompareOutput",
-    "CompareResult",
-    "format_table",
-    "load_compare_config",
-    "parse_seeds",
-    "run_compare",
-]
+__all__ = ["CompareResult", "format_table", "run_compare"]
 
 SUMMARY_JSON = "comparison.json"
 SUMMARY_MD = "comparison.md"
@@ -210,7 +197,7 @@ def run_compare(
 
     A comparison already in `output.dir` (a refiner's run, or the report) refuses before anything runs;
     `force` archives it whole as `DIR.old-<timestamp>` first; `resume` reuses the trained models and the
-    evaluations it holds (`compare_resume`) and does the rest.
+    evaluations it holds (`study.resume`) and does the rest.
     """
     from llada_trm.build import check_test_split, resolve_backbone_dir
     from llada_trm.evaluate.evaluator import evaluate_model, load_eval_records, synthetic_settings
@@ -387,8 +374,8 @@ def _finish(
     echo: Callable[[str], None],
 ) -> CompareResult:
     """Statistics, error analysis, plots and the three report files; the console gets the tables."""
-    from llada_trm import compare_report as cr
-    from llada_trm.plots import plot_paired_comparison, plot_reliability, plot_run
+    from llada_trm.study import report as cr
+    from llada_trm.study.plots import plot_paired_comparison, plot_reliability, plot_run
 
     ev, data = config.evaluation, config.run.data
     rows, results, validation = sampled.rows, sampled.results, sampled.validation
