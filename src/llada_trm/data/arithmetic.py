@@ -272,8 +272,15 @@ def _sample_lines(config: ArithmeticTaskConfig, rng: random.Random) -> tuple[Ari
 def generate_arithmetic(
     config: ArithmeticTaskConfig, n: int, split: str = "train", seed: int | None = None
 ) -> list[ArithmeticProblem]:
-    """``n`` distinct problems of ``split`` whose carries lie in [min_carries, max_carries], deterministic for
-    ``seed`` (or config.seed); a larger request extends a smaller one (its first problems are the same)."""
+    """``n`` problems of ``split`` whose carries lie in [min_carries, max_carries], deterministic for ``seed``
+    (or config.seed); a larger request extends a smaller one (its first problems are the same).
+
+    Validation and test problems are distinct (each counts once). Training problems are drawn with repeats,
+    as the configured distribution gives them: its small-operand strata hold few distinct problems (100
+    one-digit sums), and drawing the training split without repeats starved them (one-digit sums were 0.4%
+    of 20,000 distinct training problems instead of 1/9), taking away the easy facts a model learns first
+    (docs/results/arith_backbone_attempts.md). The splits stay disjoint by the hash rule either way.
+    """
     if split not in SPLITS:
         raise ValueError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
     if n < 0:
@@ -292,7 +299,7 @@ def generate_arithmetic(
         count, question = problem.carries, problem.record.question
         if count < config.min_carries or (config.max_carries is not None and count > config.max_carries):
             continue
-        if question in seen or question_split(question, config.test_fraction) != split:
+        if question_split(question, config.test_fraction) != split or (split != "train" and question in seen):
             continue
         seen.add(question)
         problems.append(problem)
@@ -301,7 +308,7 @@ def generate_arithmetic(
         top = "+" if config.max_carries is None else f"-{config.max_carries}"
         carries_range = f"{config.min_carries}{top}"
         raise DataError(
-            f"could only generate {len(problems)} of {n} distinct {split} arithmetic problems (digits "
+            f"could only generate {len(problems)} of {n} {split} arithmetic problems (digits "
             f"{config.min_digits}-{config.max_digits}, chain {config.min_chain}-{config.max_chain}, carries "
             f"{carries_range}, operations {''.join(config.operations)}); widen the task (more digits, longer "
             "chains, a wider carries range) or ask for fewer"
