@@ -120,7 +120,3 @@ def _deep_copy(data: Any) -> Any:
     if isinstance(data, list):
         return [_deep_copy(v) for v in data]
     return data
-
-
-def _first_line(text: str) -> str:
-    return " ".join(text.split())

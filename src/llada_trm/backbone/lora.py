@@ -88,7 +88,7 @@ def require_peft() -> Any:
     try:
         import peft
     except ImportError:
-        raise ConfigError(f"lora.enabled: the peft package is not installed; {PEFT_INSTALL}") from None
+        raise ConfigError(f"lora.rank > 0: the peft package is not installed; {PEFT_INSTALL}") from None
     return peft
 
 

@@ -155,10 +155,6 @@ class _Step:
     state: State
 
 
-def _amount(value: int, state: State) -> str:
-    return f"${value}" if state.kind == "money" else f"{value} {state.noun}"
-
-
 def _add(story: _Story, st: State) -> _Step | None:
     b = story.operand(story.config.max_result - st.value)
     if b is None:
