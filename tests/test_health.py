@@ -111,6 +111,16 @@ def test_refiner_idle_when_nearly_every_chunk_is_skipped():
     assert run(monitor(), interrupted) == []
 
 
+def test_a_run_without_a_refiner_checks_only_its_loss():
+    """A pretraining (no refiner) skips every chunk: the refiner checks must not warn about it."""
+    no_refiner = HealthMonitor(HealthThresholds(window=5), refiner=False, confidence_threshold=0.5)
+    assert run(no_refiner, [dict(HEALTHY, skipped_fraction=1.0, gate_reason=0.0)] * 10) == []
+    oscillating = [dict(HEALTHY, loss=10.0 if i % 2 else 0.1) for i in range(40)]
+    assert kinds(run(HealthMonitor(HealthThresholds(window=5), refiner=False), oscillating)) == {
+        "loss_oscillation"
+    }
+
+
 def test_unused_context_slot():
     issued = run(monitor(), [dict(HEALTHY, slot_norm_ctx=0.01)] * 5)
     assert kinds(issued) == {"unused_context"} and "model.context_layers" in issued[0]

@@ -197,8 +197,9 @@ def freeze_report(plan: FreezePlan) -> str:
     total = max(plan.total_params, 1)
     trainable = plan.trainable_params
     frozen = plan.total_params - trainable
+    backbone = "frozen" if plan.backbone_frozen else "trainable" if frozen == 0 else "partly trainable"
     lines = [
-        f"phase {plan.phase}: backbone {'frozen' if plan.backbone_frozen else 'partly trainable'}",
+        f"phase {plan.phase}: backbone {backbone}",
         f"  total params:     {plan.total_params / 1e6:10.3f}M",
         f"  trainable params: {trainable / 1e6:10.3f}M ({100 * trainable / total:6.2f}%)",
         f"  frozen params:    {frozen / 1e6:10.3f}M ({100 * frozen / total:6.2f}%)",

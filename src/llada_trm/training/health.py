@@ -79,11 +79,13 @@ class HealthMonitor:
         thresholds: HealthThresholds | None = None,
         *,
         enabled: bool = True,
+        refiner: bool = True,
         confidence_threshold: float | None = None,
         log: logging.Logger | None = None,
     ):
         self.t = thresholds or HealthThresholds()
         self.enabled = enabled
+        self.refiner = refiner  # False (a pretraining, a top-block run): only the loss is checked
         self.confidence_threshold = confidence_threshold
         self.log = log or logger
         self.warned: dict[str, str] = {}
@@ -107,6 +109,8 @@ class HealthMonitor:
             self._refiner_idle(row),
             self._unused_context(slot_norms, gates),
         ):
+            if not self.refiner and kind != "loss_oscillation":
+                continue
             if message is not None and kind not in self.warned:
                 text = f"health check '{kind}' at step {step}: {message}"
                 self.warned[kind] = text
@@ -231,7 +235,7 @@ class HealthMonitor:
         return kind, (
             f"confidence stays low everywhere: every chunk was refined for {self.t.window} logged "
             f"rows{seen}, so selective refinement saves nothing. Lower model.confidence_threshold "
-            "(e.g. 0.5 -> 0.3) or add training_params.confidence_calibration_weight (e.g. 0.05)."
+            "(e.g. 0.5 -> 0.3) or refine every chunk (model.chunk_selection: all)."
         )
 
     def _refiner_idle(self, row: Mapping[str, Any]) -> tuple[str, str | None]:

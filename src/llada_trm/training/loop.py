@@ -280,6 +280,7 @@ class Trainer:
         self._window = LogWindow(config.model.chunk_size)
         self.health = HealthMonitor(
             enabled=config.advanced.health_checks,
+            refiner=config.model.refiner != "none",
             # chunk_selection 'all' refines every chunk by choice, as a threshold above 1 does
             confidence_threshold=(
                 config.model.confidence_threshold if config.model.chunk_selection == "confidence"
