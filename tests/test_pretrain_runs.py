@@ -247,3 +247,23 @@ def test_the_loops_loss_weights_object_nouns_and_trains_on_random_padding(tmp_pa
         eos = (ids == ids[0, -1]).all(dim=0).flip(0)  # columns that are EOS in every row, from the end
         tails.append(int(eos.cumprod(0).sum()))
     assert max(tails) > 2  # padded past the longest row (its own EOS ends it), by a drawn length
+
+
+def test_a_pretraining_mixes_forward_process_rows_into_targeted_masks(tmp_path, monkeypatch):
+    """`training.forward_mix` reaches the masks: with 1.0 every row keeps LLaDA's forward process (its
+    p_mask is t, below 1 somewhere), with the default 0 none does (the test above)."""
+    from llada_trm.diffusion.forward_process import TrainingMasks
+
+    drawn: list[tuple[float, torch.Tensor]] = []
+    original = TrainingMasks.draw
+
+    def spy(self, batch, examples, draws):
+        noise = original(self, batch, examples, draws)
+        drawn.append((self.distribution.forward_mix, noise[2]))
+        return noise
+
+    monkeypatch.setattr(TrainingMasks, "draw", spy)
+    pretrain(tiny(tmp_path / "a", "training.steps=2", "training.masks=answer_structure",
+                  "training.forward_mix=1.0"), progress=False)  # fmt: skip
+    assert drawn and {mix for mix, _ in drawn} == {1.0}
+    assert all(bool((p_mask < 1).any()) for _, p_mask in drawn)

@@ -181,7 +181,8 @@ class RunParts:
     `token_weights` [B, L], which the objective's loss multiplies); a pure function of its arguments, so a
     resumed run rewrites the same batches. `validation(model, tokenizer)`: more columns for each validation
     row (named in `validation_columns`). `stop(row)`: whether a validation row ends the run early (recorded
-    in the checkpoint: a resumed run that stopped trains no further).
+    in the checkpoint: a resumed run that stopped trains no further). `forward_mix`: the share of rows that
+    keep the forward process under targeted `training.masks` (a refiner run's is fixed at 0).
     """
 
     datasets: Callable[[PreTrainedTokenizerBase], tuple[SFTDataset, SFTDataset | None]] | None = None
@@ -189,6 +190,7 @@ class RunParts:
     validation: Callable[[nn.Module, PreTrainedTokenizerBase], dict[str, Any]] | None = None
     validation_columns: tuple[str, ...] = ()
     stop: Callable[[Mapping[str, Any]], bool] | None = None
+    forward_mix: float | None = None
 
 
 class Trainer:
@@ -245,7 +247,9 @@ class Trainer:
         self.sampler = EpochSampler(len(self.train_set), seed=t.seed, rank=rank(), world_size=world_size())
         progress = self.progress and is_main_process()
         # the masks first: a feature cache stores the draws of them
-        self.masks = training_masks_for_run(self.config, self.model, self.tokenizer, self.device)
+        self.masks = training_masks_for_run(
+            self.config, self.model, self.tokenizer, self.device, forward_mix=self.parts.forward_mix
+        )
         self.feature_cache = feature_cache_for_run(
             self.config, self.model, self.plan, self.backbone_dir, self.train_set, self.device,
             self.amp_dtype, progress=progress, masks=self.masks,

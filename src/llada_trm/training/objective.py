@@ -182,10 +182,13 @@ def _loss_terms(
 # ------------------------------------------------------------------------ the run's masks
 
 def training_masks_for_run(
-    config: RunConfig, model: LLaDATRMHybrid, tokenizer: PreTrainedTokenizerBase, device: torch.device
+    config: RunConfig, model: LLaDATRMHybrid, tokenizer: PreTrainedTokenizerBase, device: torch.device,
+    forward_mix: float | None = None,
 ) -> TrainingMasks:
     """The run's phase-1 masks (`training.masks`); `backbone_errors` probes the frozen backbone with two
-    teacher-forced passes per example (`targeted_masks.probe_margins`), once per example."""
+    teacher-forced passes per example (`targeted_masks.probe_margins`), once per example. `forward_mix`
+    (None: the run schema's fixed 0) mixes forward-process rows in, which a pretraining with targeted masks
+    needs to keep learning the whole answer."""
     t = config.training
     mask_id = model.mask_token_id
 
@@ -197,7 +200,7 @@ def training_masks_for_run(
         return probe_margins(logits_of, input_ids.to(device), prompt_lengths.to(device), mask_id)
 
     return TrainingMasks(
-        MaskDistribution(t.masks, t.forward_mix),
+        MaskDistribution(t.masks, t.forward_mix if forward_mix is None else forward_mix),
         mask_id,
         t.seed,
         token_text=TokenText(tokenizer.decode) if t.masks == "answer_structure" else None,

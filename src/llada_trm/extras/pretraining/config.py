@@ -129,7 +129,9 @@ class OptimConfig(_Section):
     1 (LLaDA's loss) the embedded backbone never learnt to copy them from the question (13% of masked
     object tokens right, chance 6%, after 9000 steps), at 5 a 300-step scout reached 67%. `masks`: the
     noise the loss is taken on, the run config's `training.masks` (LLaDA's forward process, or e.g. the
-    answer-structure masks to fine-tune a backbone on what a block sampler leaves masked).
+    answer-structure masks to fine-tune a backbone on what a block sampler leaves masked); `forward_mix`:
+    with targeted masks, the share of rows that keep the forward process (answer-structure masks alone never
+    mask an answer's opening, and a backbone trained on them alone stops writing it).
     """
 
     steps: PosInt = 3000
@@ -139,6 +141,7 @@ class OptimConfig(_Section):
     warmup_steps: NonNegInt = 100
     object_weight: PositiveFloat = 1.0
     masks: Literal["forward", "answer_structure"] = "forward"
+    forward_mix: Fraction = 0.0
     seed: Int = 0
     eval_every: NonNegInt = 250
     log_every: PosInt = 25

@@ -296,8 +296,8 @@ def _run_parts(
     def stop(row: Any) -> bool:
         return targets_met(opt.stop_at, row)
 
-    return RunParts(datasets=datasets, batch=batch, validation=validation,
-                    validation_columns=TARGET_COLUMNS, stop=stop if opt.stop_at else None)  # fmt: skip
+    return RunParts(datasets=datasets, batch=batch, validation=validation, validation_columns=TARGET_COLUMNS,
+                    stop=stop if opt.stop_at else None, forward_mix=opt.forward_mix)  # fmt: skip
 
 
 def pad_randomly(
