@@ -133,3 +133,18 @@ def test_pretrain_piped_prints_plain_lines(tmp_path, capfd):
     lines = [line for line in err.splitlines() if line.startswith("train: step ")]  # the one loop's
     assert [line.split()[2] for line in lines] == ["2/4", "4/4"], err
     assert ", loss " in lines[0] and ", lr " in lines[0] and "ETA" in lines[0]
+
+
+def test_a_validation_line_without_a_refiner_shows_no_backbone_beside_itself_and_its_targets():
+    validation_line = progress.validation_line
+    row = {"step": 500, "loss": 0.1752, "loss_base": 0.1752, "accuracy": 0.923, "accuracy_base": 0.923,
+           "strict": 0.0156, "line_arithmetic": 0.031, "entity_copy": None}  # fmt: skip
+    assert validation_line(row, 3000) == (
+        "validation at step 500/3000: val loss 0.1752 (backbone 0.1752), "
+        "masked accuracy 0.923 (backbone 0.923)"
+    )
+    plain = validation_line(row, 3000, refiner=False, extra=("strict", "line_arithmetic", "entity_copy"))
+    assert plain == (
+        "validation at step 500/3000: val loss 0.1752, masked accuracy 0.923, strict 0.016, "
+        "line arithmetic 0.031"
+    )

@@ -198,12 +198,20 @@ _SHOWN = (("loss", "val loss", "{:.4f}"), ("loss_base", "backbone", "{:.4f}"),
           ("sampled_accuracy", "sampled accuracy", "{:.3f}"))  # fmt: skip
 
 
-def validation_line(row: dict[str, Any], total: int | None = None) -> str:
-    """One line of a validation row: `validation at step 100/1855: val loss 1.2345 (backbone 1.3000), ...`."""
+def validation_line(
+    row: dict[str, Any], total: int | None = None, *, refiner: bool = True, extra: tuple[str, ...] = ()
+) -> str:
+    """One line of a validation row: `validation at step 100/1855: val loss 1.2345 (backbone 1.3000), ...`.
+
+    Without a refiner (`refiner=False`, a pretraining) the model is the backbone, so no backbone figure is
+    shown beside its own; `extra` names more columns to show (a pretraining's sampled targets)."""
     step = f"{row.get('step')}" + (f"/{total}" if total else "")
     parts = []
-    for key, label, fmt in _SHOWN:
+    shown = [*_SHOWN, *((key, key.replace("_", " "), "{:.3f}") for key in extra)]
+    for key, label, fmt in shown:
         value = row.get(key)
+        if label == "backbone" and not refiner:
+            continue
         if isinstance(value, int | float):
             text = f"{label} {fmt.format(value)}"
             if label == "backbone" and parts:

@@ -587,7 +587,8 @@ class Trainer:
         self.last_val_row = row
         if is_main_process():
             if self.progress:
-                note(validation_line(row, self.total_steps))
+                note(validation_line(row, self.total_steps, refiner=self.config.model.refiner != "none",
+                                     extra=self.parts.validation_columns))  # fmt: skip
             self.val_csv.log(row)
             self.tensorboard.log("validation", row)
         value = row.get(self.config.output.save_best)
