@@ -191,22 +191,28 @@ def test_stop_at_ends_training_at_the_first_evaluation_meeting_every_target(tmp_
     assert not unmet.stopped_at_target and unmet.steps == 8
 
 
-def test_a_pretraining_trains_on_the_runs_training_masks(tmp_path, monkeypatch):
-    """`training.masks` reaches the one loop: a backbone fine-tuned on answer-structure masks draws them
-    (p_mask 1, the targeted masks' weight) for every training row, not LLaDA's forward process."""
+def _spy_mask_draws(monkeypatch) -> list[tuple[object, torch.Tensor]]:
+    """Every `TrainingMasks.draw` of the run, as (its mask distribution, the p_mask it returned)."""
     from llada_trm.diffusion.forward_process import TrainingMasks
 
-    drawn: list[tuple[str, torch.Tensor]] = []
+    drawn: list[tuple[object, torch.Tensor]] = []
     original = TrainingMasks.draw
 
     def spy(self, batch, examples, draws):
         noise = original(self, batch, examples, draws)
-        drawn.append((self.distribution.kind, noise[2]))
+        drawn.append((self.distribution, noise[2]))
         return noise
 
     monkeypatch.setattr(TrainingMasks, "draw", spy)
+    return drawn
+
+
+def test_a_pretraining_trains_on_the_runs_training_masks(tmp_path, monkeypatch):
+    """`training.masks` reaches the one loop: a backbone fine-tuned on answer-structure masks draws them
+    (p_mask 1, the targeted masks' weight) for every training row, not LLaDA's forward process."""
+    drawn = _spy_mask_draws(monkeypatch)
     pretrain(tiny(tmp_path / "a", "training.steps=2", "training.masks=answer_structure"), progress=False)
-    assert len(drawn) >= 2 and {kind for kind, _ in drawn} == {"answer_structure"}
+    assert len(drawn) >= 2 and {masks.kind for masks, _ in drawn} == {"answer_structure"}
     assert all(bool((p_mask == 1).all()) for _, p_mask in drawn)
 
 
@@ -252,18 +258,8 @@ def test_the_loops_loss_weights_object_nouns_and_trains_on_random_padding(tmp_pa
 def test_a_pretraining_mixes_forward_process_rows_into_targeted_masks(tmp_path, monkeypatch):
     """`training.forward_mix` reaches the masks: with 1.0 every row keeps LLaDA's forward process (its
     p_mask is t, below 1 somewhere), with the default 0 none does (the test above)."""
-    from llada_trm.diffusion.forward_process import TrainingMasks
-
-    drawn: list[tuple[float, torch.Tensor]] = []
-    original = TrainingMasks.draw
-
-    def spy(self, batch, examples, draws):
-        noise = original(self, batch, examples, draws)
-        drawn.append((self.distribution.forward_mix, noise[2]))
-        return noise
-
-    monkeypatch.setattr(TrainingMasks, "draw", spy)
+    drawn = _spy_mask_draws(monkeypatch)
     pretrain(tiny(tmp_path / "a", "training.steps=2", "training.masks=answer_structure",
                   "training.forward_mix=1.0"), progress=False)  # fmt: skip
-    assert drawn and {mix for mix, _ in drawn} == {1.0}
+    assert drawn and {masks.forward_mix for masks, _ in drawn} == {1.0}
     assert all(bool((p_mask < 1).any()) for _, p_mask in drawn)
