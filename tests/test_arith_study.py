@@ -37,8 +37,9 @@ def tiny(backbone_dir: Path, out: Path) -> list[str]:
 
 
 def test_the_study_configs_validate_and_share_the_backbones_task() -> None:
-    backbone = load_pretrain_config(ARITH / "backbone.yaml")
-    assert backbone.data.dataset == "arithmetic" and backbone.model.n_layers == 2
+    # the study's backbone is the last of the chain of pretraining runs its card lists
+    backbone = load_pretrain_config(ARITH / "backbone4_results3.yaml")
+    assert backbone.data.dataset == "arithmetic" and backbone.model.n_layers == 4
     assert backbone.output.dir.startswith("experiments/")
     study = load_compare_config(ARITH / "compare.yaml")
     lsd = load_compare_config(ARITH / "compare_lsd.yaml")
