@@ -13,7 +13,9 @@ sampler and test problems) and adds, on the same problems:
   schedule, no threshold, one token per model call: the most sequential decoding the sampler has, written
   under ``<out>_controls/``);
 - the trained controls at their trained K: every other arm of the compare (phase 2's top block, the slot
-  refiner at other training K).
+  refiner at other training K);
+- a refiner on top of the decoding control (`--lsd-arms`): every seed of each listed arm sampled
+  LSD-first at its trained K (under ``<run>/eval/lsd_first/``), against every control as the swept arms are.
 Problems are grouped by the carries and borrows of their reference (`data.arithmetic.answer_carries`).
 Per row and group: accuracy over all (seed, problem) pairs [95% Wilson], and against the backbone and
 every control the stratified sign test (one observation per problem: the mean over seeds). Writes
@@ -46,7 +48,7 @@ class Row:
     """One evaluated model or decoding: correctness per problem for each training seed."""
 
     name: str
-    kind: str  # "swept" (an arm at a test-time K), "trained" (an arm at its K) or "decoding" (backbone)
+    kind: str  # "swept" (an arm at a test-time K), "lsd" (an arm decoded LSD-first), "trained" or "decoding"
     runs: list[list[bool]]
     k: int | None = None
     arm: str | None = None
@@ -225,6 +227,15 @@ def _arm_rows(args: argparse.Namespace, report: dict[str, Any], records: list[GS
                                  steps=k) for run in runs]  # fmt: skip
             rows.append(Row(f"{arm} K={k}", "swept", [r[0] for r in results], k=k, arm=arm,
                             calls=[r[1] for r in results]))  # fmt: skip
+    lsd_options = SamplingOptions(**{**report["sampling"], "digit_order": "lsd_first"})
+    for arm in [a for a in args.lsd_arms.split(",") if a]:
+        runs = sorted(args.compare_dir.glob(f"seed*/{arm}"))
+        if not runs:
+            raise SystemExit(f"--lsd-arms: {args.compare_dir} has no trained arm {arm!r}")
+        results = [_evaluate(run / "checkpoints" / "last", records, lsd_options, run / "eval" / "lsd_first")
+                   for run in runs]  # fmt: skip
+        rows.append(Row(f"{arm} (trained K), LSD-first", "lsd", [r[0] for r in results], arm=arm,
+                        calls=[r[1] for r in results]))  # fmt: skip
     return rows
 
 
@@ -255,7 +266,7 @@ def _report(args: argparse.Namespace, n: int, split: str, table: list[dict[str, 
         lines.append(f"| {entry['name']} | {entry['seeds']} | {calls['mean']:.1f} | {cells} |")
     versus = [[_fmt_versus(e["vs_backbone"][g]) for g in groups] for e in table[1:]]
     lines += _table_lines("## Against the backbone", [e["name"] for e in table[1:]], versus, groups)
-    swept = [e for e in table if e["kind"] == "swept"]
+    swept = [e for e in table if e["kind"] in ("swept", "lsd")]
     for control in controls[1:]:
         versus = [[_fmt_versus(e["vs_controls"][control.name][g]) for g in groups] for e in swept]
         lines += _table_lines(
@@ -271,6 +282,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--lsd-decoding", action="store_true", help="sample the LSD-first control here")
     parser.add_argument("--arms", default="slot_k4,mlp_matched", help="arms swept over test-time K")
     parser.add_argument("--steps", default="1,2,4,8,16,32", help="test-time K values, comma separated")
+    parser.add_argument("--lsd-arms", default="", help="arms also sampled LSD-first at their trained K")
     parser.add_argument(
         "--denoise-steps", action="store_true", help="add the extra-denoising control: one token per call"
     )
@@ -293,7 +305,7 @@ def main(argv: list[str] | None = None) -> int:
                  "groups": {g: _cell(row, m) for g, m in groups}}  # fmt: skip
         if row is not backbone:
             entry["vs_backbone"] = {g: _versus(backbone, row, m) for g, m in groups}
-        if row.kind == "swept":
+        if row.kind in ("swept", "lsd"):
             entry["vs_controls"] = {c.name: {g: _versus(c, row, m) for g, m in groups} for c in controls[1:]}
         table.append(entry)
     labels = [g for g, _ in groups]

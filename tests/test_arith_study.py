@@ -99,12 +99,12 @@ def test_the_depth_by_carries_report_runs_on_a_tiny_study(
     spec.loader.exec_module(script)
     out = tmp_path / "report" / "arith"
     args = [str(study), "--lsd-decoding", "--arms", "slot_k2", "--steps", "1,3", "--denoise-steps",
-            "--carry-edges", "0,2", "--out", str(out)]  # fmt: skip
+            "--lsd-arms", "slot_k2", "--carry-edges", "0,2", "--out", str(out)]  # fmt: skip
     assert script.main(args) == 0
     report = json.loads(out.with_suffix(".json").read_text())
     names = [row["name"] for row in report["rows"]]
     assert names == ["backbone", "backbone, LSD-first", "backbone, 1 token/call", "phase2_top (trained K)",
-                     "slot_k2 K=1", "slot_k2 K=3"]  # fmt: skip
+                     "slot_k2 K=1", "slot_k2 K=3", "slot_k2 (trained K), LSD-first"]  # fmt: skip
     assert report["groups"] == ["all", "carries 0-1", "carries 2+"]
     rows = {row["name"]: row for row in report["rows"]}
     sizes = [rows["backbone"]["groups"][g]["n"] for g in report["groups"]]
@@ -118,4 +118,9 @@ def test_the_depth_by_carries_report_runs_on_a_tiny_study(
     assert rows["backbone, 1 token/call"]["calls_per_problem"]["mean"] == 16
     assert set(rows["slot_k2 K=3"]["vs_controls"]) == {"backbone, LSD-first", "backbone, 1 token/call",
                                                        "phase2_top (trained K)"}  # fmt: skip
+    # the refiner decoded LSD-first: its own folder, the LSD sampler, paired with every control
+    lsd_eval = study / "seed0" / "slot_k2" / "eval" / "lsd_first"
+    lsd_summary = json.loads((lsd_eval / "summary.json").read_text())
+    assert lsd_summary["sampling"]["digit_order"] == "lsd_first"
+    assert "backbone, LSD-first" in rows["slot_k2 (trained K), LSD-first"]["vs_controls"]
     assert out.with_suffix(".png").stat().st_size > 0 and "carries 2+" in out.with_suffix(".md").read_text()
