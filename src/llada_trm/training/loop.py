@@ -4,10 +4,10 @@
     Trainer(config).resume(dir).train()           # continue exactly where a checkpoint left off
     run_train("configs/tiny_refiner.yaml", ["training.lr=3e-4"])      # the `llada-trm train` command
 
-This one module holds the recipe whole: setup (`build_training_model`, `feature_cache_for_run`, the
-optimiser and its schedule, the data order), the loop (`Trainer.train_step` is one optimizer step; the
-logging window keeps its statistics on the device until a logging step) and the run's state
-(`Trainer.state_dict` / `load_state_dict`, the single list of what a checkpoint holds). Beside it: the
+This one module holds the recipe whole: setup (`Trainer._setup_*`: the model and its freezing, the data and
+feature cache, the optimiser and its schedule, the data order), the loop (`Trainer.train_step` is one
+optimizer step; the logging window keeps its statistics on the device until a logging step) and the run's
+state (`Trainer.state_dict` / `load_state_dict`, the single list of what a checkpoint holds). Beside it: the
 objective and the run's masks (`training.objective`), what is logged (`training.metrics`), the run
 directory and its lock (`training.run_dir`), checkpoint files (`llada_trm.run_checkpoint`), validation
 (`training.validation`), DDP/FSDP (`llada_trm.dist_utils`). The model and datasets are built by
@@ -29,13 +29,9 @@ happen on optimizer-step boundaries, so a checkpoint always sits between two ste
 replays nothing and skips nothing: model, optimizer, scheduler, every RNG stream and the position in the
 epoch's (seed, epoch)-determined order are restored.
 
-Data order. The training order of an epoch is a permutation that depends only on (seed, epoch)
-(`EpochSampler`), so a resumed run can rebuild it and skip the micro-batches it already consumed instead of
-replaying a data loader's RNG; with several processes each rank reads its strided share of that same order.
-A checkpoint records the global number of examples consumed in its epoch (`samples_in_epoch`). The order
-of an epoch does not depend on the world size, so a run with M processes continues at that global
-position: each rank skips samples / M of its own shard. When that is not a whole number of accumulation
-windows, the position is rounded down and the few examples in between are seen again.
+Data order. An epoch's order is a permutation that depends only on (seed, epoch) (`EpochSampler`), so a
+resumed run rebuilds it and skips what it consumed instead of replaying a data loader's RNG; a checkpoint
+records the global position, which another world size continues (`batches_to_skip`).
 """
 
 from __future__ import annotations
@@ -68,7 +64,7 @@ from llada_trm.build import (
     overlap_warning,
     start_run,
 )
-from llada_trm.config import RunConfig, TrainingConfig, load_config, save_config
+from llada_trm.config import RunConfig, load_config, save_config
 from llada_trm.data import SFTDataset
 from llada_trm.diffusion.forward_process import TokenText, TrainingMasks, draw_for_epoch
 from llada_trm.dist_utils import (
@@ -91,7 +87,6 @@ from llada_trm.dist_utils import (
     wrap_run,
 )
 from llada_trm.errors import CheckpointError, ConfigError
-from llada_trm.hybrid.model import LLaDATRMHybrid
 from llada_trm.io import copy_directory, write_text_atomic
 from llada_trm.progress import note, progress_bar, validation_line
 from llada_trm.run_checkpoint import (
@@ -113,7 +108,7 @@ from llada_trm.training.feature_cache import (
     prepare_feature_cache,
     require_frozen_backbone,
 )
-from llada_trm.training.freezing import FreezePlan, ParamGroupSpec, freeze_for_run, set_train_mode
+from llada_trm.training.freezing import ParamGroupSpec, freeze_for_run, set_train_mode
 from llada_trm.training.health import HealthMonitor, non_finite_error
 from llada_trm.training.metrics import (
     TRAIN_COLUMNS,
@@ -144,23 +139,15 @@ from llada_trm.training.validation import (
 )
 
 __all__ = [
-    "Averager",
     "DrawSampler",
     "EpochSampler",
     "LogWindow",
-    "RunOptimizer",
     "RunParts",
     "Trainer",
-    "TrainingModel",
     "WeightEMA",
     "batches_to_skip",
     "build_optimizer",
-    "build_run_optimizer",
     "build_scheduler",
-    "build_training_model",
-    "feature_cache_for_run",
-    "learning_rates",
-    "make_loader",
     "resolve_warmup_steps",
     "run_loaders",
     "run_train",
@@ -225,17 +212,38 @@ class Trainer:
         self._setup_state()  # last: the health monitor and report read everything above
 
     def _setup_model(self) -> None:
-        """Backbone + refiners, `training.init_from`, the phase's freezing and the wrapped objective."""
-        built = build_training_model(
-            self.config, self.device, self.amp_dtype, say=self._say,
+        """Backbone + refiners, `training.init_from`, LoRA adapters, the phase's freezing and the objective
+        wrapped for the distributed strategy; checkpoints record the backbone files' fingerprint."""
+        config = self.config
+        built = build_model(config, device=self.device, dtype=backbone_dtype(config, self.amp_dtype))
+        self.model, self.tokenizer, self.backbone_dir = built.model, built.tokenizer, built.backbone_dir
+        self.backbone_fingerprint = directory_fingerprint(self.backbone_dir)
+        # init_from loads before any wrapping or sharding; the loaded names are saved by this run's
+        # checkpoints too, trained or not (a phase-1 run from a phase-3 checkpoint keeps its backbone).
+        loaded = init_from_config(
+            self.model, config, backbone_dir=self.backbone_dir,
             allow_backbone_mismatch=self.allow_backbone_mismatch,
         )
-        self.tokenizer, self.model, self.backbone_dir = built.tokenizer, built.model, built.backbone_dir
-        self.backbone_fingerprint = built.backbone_fingerprint
-        self.init_names, self.plan, self.weights = built.init_names, built.plan, built.weights
-        self.strategy, self.engine = built.strategy, built.engine
+        self.init_names = loaded.names if loaded is not None else []
+        if loaded is not None:
+            self._say(f"initialised {len(loaded.names)} tensors from {loaded.directory} (training.init_from)")
+        adapters = attach_run_lora(self.model, config)  # after init_from: it loads the base weights' names
+        if adapters:
+            targets = ", ".join(config.lora.target_modules)
+            self._say(f"lora: {len(adapters)} adapter tensors of rank {config.lora.rank} on the backbone's "
+                      f"{targets}")  # fmt: skip
+        apply_backbone_options(self.model, config)
+        self.plan = freeze_for_run(self.model, config)
+        self.weights = LossWeights.from_params(config.training_params)
         self.mask_id = self.model.mask_token_id
         self.token_text = TokenText(self.tokenizer.decode)  # the answers' structure, for result_accuracy
+        # Last: FSDP swaps every parameter for its shard, and the optimizer is built from what it leaves.
+        self.strategy = resolve_strategy(config.advanced.distributed, phase=config.training.phase)
+        step = TrainStep(
+            self.model, diffusion_objective, mask_id=self.mask_id, weights=self.weights,
+            backbone_frozen=self.plan.backbone_frozen, chunk_size=config.model.chunk_size,
+        )
+        self.engine = wrap_run(step, self.plan, self.strategy, device=self.device, param_dtype=self.amp_dtype)
 
     def _setup_data(self) -> None:
         """Datasets, the resumable sampler and the loaders; the epoch geometry follows from them."""
@@ -250,13 +258,16 @@ class Trainer:
         self.masks = training_masks_for_run(
             self.config, self.model, self.tokenizer, self.device, forward_mix=self.parts.forward_mix
         )
-        self.feature_cache = feature_cache_for_run(
-            self.config, self.model, self.plan, self.backbone_dir, self.train_set, self.device,
-            self.amp_dtype, progress=progress, masks=self.masks,
-        )
-        train: Dataset = self.train_set if self.feature_cache is None else self.feature_cache
+        self.feature_cache: FeatureCache | None = None
+        train: Dataset = self.train_set
         order: Sampler = self.sampler
-        if self.feature_cache is not None:  # phase 1 reads the backbone's outputs from disk
+        if self.config.advanced.feature_cache:  # phase 1 reads the frozen backbone's outputs from disk
+            require_frozen_backbone(self.plan)
+            self.feature_cache = train = prepare_feature_cache(
+                self.config, self.model, self.train_set.examples, backbone_dir=self.backbone_dir,
+                pad_id=self.train_set.pad_id, device=self.device, autocast_dtype=self.amp_dtype,
+                progress=progress, masks=self.masks,
+            )
             order = DrawSampler(self.sampler, self.feature_cache.n_draws)
         loaders = run_loaders(self.config, train, order, self.eval_set, self.device)
         self.train_loader, self.eval_loader = loaders
@@ -266,10 +277,17 @@ class Trainer:
         self.total_steps = t.max_steps or self.steps_per_epoch  # null: one epoch
 
     def _setup_optimizer(self) -> None:
-        built = build_run_optimizer(self.plan, self.config.training, self.total_steps)
-        self.optimizer, self.scheduler = built.optimizer, built.scheduler
-        self.warmup_steps = built.warmup_steps
-        decay = self.config.training.ema_decay
+        """AdamW over the plan's groups; linear warmup then cosine decay over `total_steps`; the EMA."""
+        t = self.config.training
+        self.warmup_steps = resolve_warmup_steps(self.total_steps, t.warmup_steps, t.warmup_ratio)
+        self.optimizer = build_optimizer(
+            self.plan.groups, weight_decay=t.weight_decay, betas=t.adam_betas, eps=t.adam_eps
+        )
+        self.scheduler = build_scheduler(
+            self.optimizer, warmup_steps=self.warmup_steps, total_steps=self.total_steps,
+            min_ratio=t.min_lr_ratio,
+        )
+        decay = t.ema_decay
         if decay > 0 and self.strategy == "fsdp":
             raise ConfigError(
                 "training.ema_decay averages full tensors; use advanced.distributed: ddp with it"
@@ -363,8 +381,8 @@ class Trainer:
             self.val_csv = MetricsWriter(val_path, columns)
             self.train_csv.truncate_after(self.state.step)
             self.val_csv.truncate_after(self.state.step)
-            self.tensorboard = TensorBoardLog.for_run(
-                cfg.output.tensorboard, self.output_dir, self.state.step
+            self.tensorboard = TensorBoardLog(  # on with `llada-trm train --tensorboard`
+                self.output_dir if cfg.output.tensorboard else None, resumed_step=self.state.step
             )
         # What the budget can reach at all, recorded once. Every rank runs it (DDP replicas agree); not under
         # FSDP, where a direct forward before the first step would initialise the shards outside the root.
@@ -542,13 +560,8 @@ class Trainer:
             return {}
         with unsharded(self.engine):  # FSDP: gather the root's tensors for direct features/refine calls
             row = validate(
-                self.model,
-                self.eval_loader,
-                mask_id=self.mask_id,
-                chunk_size=self.config.model.chunk_size,
-                seed=self.config.data.validation_seed,
-                device=self.device,
-                autocast=self._autocast,
+                self.model, self.eval_loader, mask_id=self.mask_id, chunk_size=self.config.model.chunk_size,
+                seed=self.config.data.validation_seed, device=self.device, autocast=self._autocast,
                 max_batches=max_batches,
             )
             if row:  # the results of the answer's lines, teacher-forced (the study's secondary endpoint)
@@ -567,17 +580,14 @@ class Trainer:
         (`validation.reachability_report`); {} without a refiner or a validation set."""
         if self.eval_loader is None or self.config.model.refiner == "none":
             return {}
+        seed = self.config.data.validation_seed + VALIDATION_SEED_OFFSET
         masks = TrainingMasks(
-            self.masks.distribution,
-            self.mask_id,
-            self.config.data.validation_seed + VALIDATION_SEED_OFFSET,
-            token_text=self.masks.token_text,
+            self.masks.distribution, self.mask_id, seed, token_text=self.masks.token_text,
             probe=self.masks.probe,
         )
-        batches = max_batches
         with unsharded(self.engine), self._autocast():
             return reachability_report(
-                self.model, self.eval_loader, masks, self.config, device=self.device, max_batches=batches
+                self.model, self.eval_loader, masks, self.config, device=self.device, max_batches=max_batches
             )
 
     def _validate_and_track_best(self) -> None:
@@ -667,12 +677,8 @@ class Trainer:
         t = self.config.training
         # Another world or batch size continues at the same global position.
         self.state.batches_in_epoch = batches_to_skip(
-            self.state.extra,
-            self.state.batches_in_epoch,
-            world=world_size(),
-            batch_size=t.batch_size,
-            accumulation=t.gradient_accumulation_steps,
-            micro_per_epoch=self.micro_per_epoch,
+            self.state.extra, self.state.batches_in_epoch, world=world_size(), batch_size=t.batch_size,
+            accumulation=t.gradient_accumulation_steps, micro_per_epoch=self.micro_per_epoch,
             train_size=len(self.train_set),
         )
         self.health.load_state_dict(state.get("health", {}))
@@ -684,9 +690,7 @@ class Trainer:
         if state.get("total_steps") not in (None, self.total_steps):
             logger.warning(
                 "resuming a run planned for %s steps with a config planning %d; from here on the LR "
-                "schedule decays towards the new total",
-                state.get("total_steps"),
-                self.total_steps,
+                "schedule decays towards the new total", state.get("total_steps"), self.total_steps,
             )
 
     def _restore(self, path: str | Path) -> Path:
@@ -714,9 +718,7 @@ class Trainer:
             lr = self.optimizer.param_groups[0]["lr"]
             logger.warning(
                 "resuming at step %d with changed settings: %s; they apply from here on (next lr %.6g)",
-                self.state.step,
-                "; ".join(changed),
-                lr,
+                self.state.step, "; ".join(changed), lr,
             )
         return directory
 
@@ -733,10 +735,7 @@ class Trainer:
         if snapshot:  # the numbered copy first: a crash before `last` follows only repeats this step
             directory = self.checkpoint_dir / f"step_{self.state.step:07d}"
         save_checkpoint(
-            directory,
-            weights=weights,
-            trainer_state=trainer_state,
-            config_yaml=self._config_yaml,
+            directory, weights=weights, trainer_state=trainer_state, config_yaml=self._config_yaml,
             backbone_fingerprint=self.backbone_fingerprint,
         )
         if snapshot:
@@ -783,16 +782,12 @@ def build_optimizer(
     """
     param_groups = []
     for group in groups:
-        decay = [p for p in group.params.values() if p.ndim >= 2]
-        no_decay = [p for p in group.params.values() if p.ndim < 2]
-        if decay:
-            param_groups.append(
-                {"params": decay, "lr": group.lr, "weight_decay": weight_decay, "name": group.name}
-            )
-        if no_decay:
-            param_groups.append(
-                {"params": no_decay, "lr": group.lr, "weight_decay": 0.0, "name": f"{group.name}/no_decay"}
-            )
+        for decays, suffix in ((True, ""), (False, "/no_decay")):
+            params = [p for p in group.params.values() if (p.ndim >= 2) == decays]
+            if params:
+                decay = weight_decay if decays else 0.0
+                param_groups.append({"params": params, "lr": group.lr, "weight_decay": decay,
+                                     "name": group.name + suffix})  # fmt: skip
     if not param_groups:
         raise ValueError("no trainable parameters: check training_params.trainable_modules")
     return torch.optim.AdamW(param_groups, betas=betas, eps=eps)
@@ -865,29 +860,6 @@ class WeightEMA:
 
 # ------------------------------------------------------------------------ the logging window
 
-class Averager:
-    """Running means of named floats (NaN-free entries only), for one logging window."""
-
-    def __init__(self) -> None:
-        self.sums: dict[str, float] = defaultdict(float)
-        self.counts: dict[str, int] = defaultdict(int)
-
-    def add(self, values: Mapping[str, float]) -> None:
-        for key, value in values.items():
-            if value is not None and math.isfinite(value):
-                self.sums[key] += value
-                self.counts[key] += 1
-
-    def means(self) -> dict[str, float]:
-        return {key: self.sums[key] / self.counts[key] for key in self.sums}
-
-
-def learning_rates(optimizer: torch.optim.Optimizer) -> dict[str, float | None]:
-    """`lr` (the first group's) and `lr_backbone` (None when no backbone group trains)."""
-    backbone = [g["lr"] for g in optimizer.param_groups if g["name"].startswith("backbone")]
-    return {"lr": optimizer.param_groups[0]["lr"], "lr_backbone": backbone[0] if backbone else None}
-
-
 class LogWindow:
     """Terms, forward statistics, token count and wall time since the last logged row.
 
@@ -898,13 +870,15 @@ class LogWindow:
 
     def __init__(self, chunk_size: int | None = None) -> None:
         self.chunk_size = chunk_size
-        self.terms = Averager()
-        self.tokens = 0
-        self.started = time.perf_counter()
         self._pending: list[tuple[Mapping[str, Tensor], Mapping[str, Any], Tensor | None]] = []
+        self.reset()
 
     def add(self, values: Mapping[str, float], tokens: int = 0) -> None:
-        self.terms.add(values)
+        """Add to the running sums; NaN, inf and None values are left out of a column's mean."""
+        for key, value in values.items():
+            if value is not None and math.isfinite(value):
+                self.sums[key] += value
+                self.counts[key] += 1
         self.tokens += tokens
 
     def add_forward(
@@ -917,8 +891,8 @@ class LogWindow:
     def settle(self) -> None:
         """Reduce the pending micro-batches into the running sums (host synchronisations happen here)."""
         for terms, stats, masked in self._pending:
-            self.terms.add({name: float(value) for name, value in terms.items()})
-            self.terms.add(forward_statistics(stats, masked, self.chunk_size))
+            self.add({name: float(value) for name, value in terms.items()})
+            self.add(forward_statistics(stats, masked, self.chunk_size))
         self._pending.clear()
 
     def restart(self) -> None:
@@ -926,7 +900,8 @@ class LogWindow:
         self.started = time.perf_counter()
 
     def reset(self) -> None:
-        self.terms = Averager()
+        self.sums: dict[str, float] = defaultdict(float)
+        self.counts: dict[str, int] = defaultdict(int)
         self.tokens = 0
         self._pending.clear()
         self.started = time.perf_counter()
@@ -934,27 +909,29 @@ class LogWindow:
     def state_dict(self) -> dict[str, dict[str, float | int]]:
         """The window's sums over every rank (collective: every rank calls it)."""
         self.settle()
-        sums, counts = reduce_sums(self.terms.sums, self.terms.counts)
+        sums, counts = reduce_sums(self.sums, self.counts)
         return {"sums": sums, "counts": counts}
 
     def load_state_dict(self, state: Mapping[str, Any], *, main: bool) -> None:
         """Continue a saved window; only rank 0 takes the sums (they already cover every rank)."""
-        self.terms = Averager()
-        self._pending.clear()
+        self.reset()
         if main:
-            self.terms.sums.update(state.get("sums", {}))
-            self.terms.counts.update(state.get("counts", {}))
+            self.sums.update(state.get("sums", {}))
+            self.counts.update(state.get("counts", {}))
 
     def row(self, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
         """The mean terms, the learning rates and `tokens_per_s` (collective: every rank calls it)."""
         self.settle()
         elapsed = max(time.perf_counter() - self.started, 1e-9)
-        sums, counts = reduce_sums({**self.terms.sums, "__tokens": self.tokens}, self.terms.counts)
+        sums, counts = reduce_sums({**self.sums, "__tokens": self.tokens}, self.counts)
         tokens = sums.pop("__tokens")
-        row: dict[str, Any] = {key: sums[key] / counts[key] for key in sums}
-        row.update(learning_rates(optimizer))
-        row["tokens_per_s"] = tokens / elapsed
-        return row
+        backbone = [g["lr"] for g in optimizer.param_groups if g["name"].startswith("backbone")]
+        return {
+            **{key: sums[key] / counts[key] for key in sums},
+            "lr": optimizer.param_groups[0]["lr"],
+            "lr_backbone": backbone[0] if backbone else None,  # None when no backbone group trains
+            "tokens_per_s": tokens / elapsed,
+        }
 
 
 def _detached(value: Any) -> Any:
@@ -967,124 +944,6 @@ def _detached(value: Any) -> Any:
     if isinstance(value, list | tuple):
         return type(value)(_detached(item) for item in value)
     return value
-
-
-# ---------------------------------------------------------------------------------------- setup
-
-@dataclass
-class TrainingModel:
-    """The model side of a run. `init_names`: the tensors `training.init_from` loaded (this run's
-    checkpoints save them too); `engine`: the objective step, wrapped for the distributed `strategy`."""
-
-    model: LLaDATRMHybrid
-    tokenizer: PreTrainedTokenizerBase
-    backbone_dir: Path
-    backbone_fingerprint: str
-    init_names: list[str]
-    plan: FreezePlan
-    weights: LossWeights
-    strategy: str
-    engine: nn.Module
-
-
-def build_training_model(
-    config: RunConfig,
-    device: torch.device,
-    amp_dtype: torch.dtype | None,
-    say: Callable[[str], None],
-    *,
-    allow_backbone_mismatch: bool = False,
-) -> TrainingModel:
-    """Backbone + refiners from `model.backbone`, `training.init_from`, LoRA adapters (`lora:`), then the
-    phase's freezing.
-
-    The backbone's fingerprint (of its files, `backbone.fingerprint`) is what the run's checkpoints record.
-    """
-    built = build_model(config, device=device, dtype=backbone_dtype(config, amp_dtype))
-    model = built.model
-    # init_from loads before any wrapping or sharding; the loaded names are saved by this run's
-    # checkpoints too, trained or not (a phase-1 run from a phase-3 checkpoint keeps its backbone).
-    loaded = init_from_config(
-        model, config, backbone_dir=built.backbone_dir, allow_backbone_mismatch=allow_backbone_mismatch
-    )
-    if loaded is not None:
-        say(f"initialised {len(loaded.names)} tensors from {loaded.directory} (training.init_from)")
-    adapters = attach_run_lora(model, config)  # after init_from: it loads the base weights' own names
-    if adapters:
-        targets = ", ".join(config.lora.target_modules)
-        say(f"lora: {len(adapters)} adapter tensors of rank {config.lora.rank} on the backbone's {targets}")
-    apply_backbone_options(model, config)
-    plan = freeze_for_run(model, config)
-    weights = LossWeights.from_params(config.training_params)
-    # Last: FSDP swaps every parameter for its shard, and the optimizer is built from what it leaves.
-    strategy = resolve_strategy(config.advanced.distributed, phase=config.training.phase)
-    step = TrainStep(
-        model,
-        diffusion_objective,
-        mask_id=model.mask_token_id,
-        weights=weights,
-        backbone_frozen=plan.backbone_frozen,
-        chunk_size=config.model.chunk_size,
-    )
-    return TrainingModel(
-        model=model,
-        tokenizer=built.tokenizer,
-        backbone_dir=built.backbone_dir,
-        backbone_fingerprint=directory_fingerprint(built.backbone_dir),
-        init_names=loaded.names if loaded is not None else [],
-        plan=plan,
-        weights=weights,
-        strategy=strategy,
-        engine=wrap_run(step, plan, strategy, device=device, param_dtype=amp_dtype),
-    )
-
-
-def feature_cache_for_run(  # noqa: PLR0913 - the run, its model, data and masks
-    config: RunConfig,
-    model: LLaDATRMHybrid,
-    plan: FreezePlan,
-    backbone_dir: Path,
-    train_set: SFTDataset,
-    device: torch.device,
-    amp_dtype: torch.dtype | None,
-    *,
-    progress: bool,
-    masks: TrainingMasks | None = None,
-) -> FeatureCache | None:
-    """The run's feature cache when `advanced.feature_cache` (phase 1 reads the backbone's outputs from
-    disk), else None; a plan that trains backbone parameters is refused."""
-    if not config.advanced.feature_cache:
-        return None
-    require_frozen_backbone(plan)
-    return prepare_feature_cache(
-        config,
-        model,
-        train_set.examples,
-        backbone_dir=backbone_dir,
-        pad_id=train_set.pad_id,
-        device=device,
-        autocast_dtype=amp_dtype,
-        progress=progress,
-        masks=masks,
-    )
-
-
-@dataclass
-class RunOptimizer:
-    optimizer: torch.optim.Optimizer
-    scheduler: torch.optim.lr_scheduler.LRScheduler
-    warmup_steps: int
-
-
-def build_run_optimizer(plan: FreezePlan, training: TrainingConfig, total_steps: int) -> RunOptimizer:
-    """AdamW over `plan`'s groups; linear warmup then cosine decay over `total_steps`."""
-    t = training
-    warmup_steps = resolve_warmup_steps(total_steps, t.warmup_steps, t.warmup_ratio)
-    optimizer = build_optimizer(plan.groups, weight_decay=t.weight_decay, betas=t.adam_betas, eps=t.adam_eps)
-    scheduler = build_scheduler(
-        optimizer, warmup_steps=warmup_steps, total_steps=total_steps, min_ratio=t.min_lr_ratio
-    )
-    return RunOptimizer(optimizer, scheduler, warmup_steps)
 
 
 # -------------------------------------------------------------------------------------- data order
@@ -1147,48 +1006,24 @@ class DrawSampler(Sampler[tuple[int, int]]):
         return len(self.examples)
 
 
-def make_loader(
-    dataset: SFTDataset | Dataset,
-    *,
-    batch_size: int,
-    sampler: Sampler[int],
-    num_workers: int,
-    pin_memory: bool,
-    seed: int,
-) -> DataLoader:
-    """A DataLoader whose seed draws use a private generator, never the global torch RNG (resumability).
-
-    `dataset` is an `SFTDataset` or any dataset with a `collate` method (the feature cache).
-    """
-    return DataLoader(
-        dataset,
-        batch_size=batch_size,
-        sampler=sampler,
-        collate_fn=dataset.collate,
-        num_workers=num_workers,
-        pin_memory=pin_memory,
-        generator=torch.Generator().manual_seed(seed),
-        drop_last=False,
-    )
-
-
 def run_loaders(
     config: RunConfig, train: Dataset, order: Sampler, eval_set: Dataset | None, device: torch.device
 ) -> tuple[DataLoader, DataLoader | None]:
     """The run's loaders: `train` read in `order` (the epoch sampler, or its (example, draw) pairs for the
-    feature cache) and the validation set, if any, in dataset order."""
+    feature cache) and the validation set, if any, in dataset order. Each dataset brings its `collate`; a
+    loader's seed draws use a private generator, never the global torch RNG (resumability)."""
     data, t = config.data, config.training
-    options = {
-        "batch_size": t.batch_size,
-        "num_workers": data.num_workers,
-        "pin_memory": data.pin_memory and device.type == "cuda",
-        "seed": t.seed,
-    }
-    train_loader = make_loader(train, sampler=order, **options)
+
+    def loader(dataset: Any, sampler: Sampler) -> DataLoader:
+        return DataLoader(
+            dataset, batch_size=t.batch_size, sampler=sampler, collate_fn=dataset.collate,
+            num_workers=data.num_workers, pin_memory=data.pin_memory and device.type == "cuda",
+            generator=torch.Generator().manual_seed(t.seed),
+        )
+
     if eval_set is None:
-        return train_loader, None
-    in_order = EpochSampler(len(eval_set), seed=t.seed, shuffle=False)
-    return train_loader, make_loader(eval_set, sampler=in_order, **options)
+        return loader(train, order), None
+    return loader(train, order), loader(eval_set, EpochSampler(len(eval_set), seed=t.seed, shuffle=False))
 
 
 # --------------------------------------------------------------------------------- the command
@@ -1223,23 +1058,12 @@ def trainer_from_cli(
     return trainer
 
 
-def run_train(
-    config_path: str | Path,
-    overrides: Sequence[str] = (),
-    resume: str | Path | None = None,
-    *,
-    progress: bool = True,
-    force: bool = False,
-    allow_backbone_mismatch: bool = False,
-) -> dict[str, Any]:
-    """The `llada-trm train --config FILE [--set k=v ...] [--resume DIR | --force]` command.
-
-    Raises `ConfigError` / `CheckpointError` (bad input, one line) and `NonFiniteLossError` (divergence).
-    """
-    return trainer_from_cli(
-        config_path, overrides, resume, progress=progress, force=force,
-        allow_backbone_mismatch=allow_backbone_mismatch,
-    ).train()
+def run_train(config_path: str | Path, overrides: Sequence[str] = (), resume: str | Path | None = None,
+              **options: bool) -> dict[str, Any]:  # fmt: skip
+    """The `llada-trm train --config FILE [--set k=v ...] [--resume DIR | --force]` command (`options`: those
+    of `trainer_from_cli`). Raises `ConfigError` / `CheckpointError` (bad input, one line) and
+    `NonFiniteLossError` (divergence)."""
+    return trainer_from_cli(config_path, overrides, resume, **options).train()
 
 
 # ----------------------------------------------------------------------------------- resume
@@ -1273,10 +1097,6 @@ def batches_to_skip(
         logger.warning(
             "resuming with %d processes x batch %d (saved: %d x %d): the epoch continues %d examples "
             "before the saved position, at an optimizer-step boundary",
-            world,
-            batch_size,
-            saved_world,
-            saved_batch,
-            replayed,
+            world, batch_size, saved_world, saved_batch, replayed,
         )
     return batches
