@@ -234,14 +234,9 @@ def forward_statistics(
         row["delta_norm"] = mean_of(deltas)
         row["delta_norm_first"] = mean_of(deltas[0])
         row["delta_norm_last"] = mean_of(deltas[-1])
-    for name, value in (stats.get("slot_norms") or {}).items():
-        number = mean_of(value)
-        if number is not None:
-            row[f"slot_norm_{name}"] = number
-    for name, value in (stats.get("gates") or {}).items():
-        number = mean_of(value)
-        if number is not None:
-            row[f"gate_{name}"] = number
+    for prefix, key in (("slot_norm", "slot_norms"), ("gate", "gates")):
+        for name, value in (stats.get(key) or {}).items():
+            row[f"{prefix}_{name}"] = mean_of(value)
     return {k: v for k, v in row.items() if v is not None}
 
 
@@ -321,11 +316,6 @@ class TensorBoardLog:
             writer = require_tensorboard()
             purge = resumed_step + 1 if resumed_step > 0 else None
             self.writer = writer(log_dir=str(Path(output_dir) / TENSORBOARD_DIR), purge_step=purge)
-
-    @classmethod
-    def for_run(cls, enabled: bool, output_dir: Path, resumed_step: int) -> TensorBoardLog:
-        """On with `llada-trm train --tensorboard` (call it on rank 0 only)."""
-        return cls(output_dir if enabled else None, resumed_step=resumed_step)
 
     def log(self, series: str, row: Mapping[str, Any]) -> None:
         """Each finite number of `row` (but its `step`) as `series/column` at `row["step"]`."""
