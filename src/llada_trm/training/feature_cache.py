@@ -26,12 +26,8 @@ Layout of a cache directory:
 Shards are written to a temporary name and renamed, so a present shard is complete and an interrupted build
 resumes after the last one. A cache whose manifest disagrees with the run (other backbone weights, data,
 noise or feature settings) is refused with a one-line `StaleFeatureCacheError` saying how to rebuild it.
-
-The manifest's sections (`backbone`, `data`, `noise`, `features`) must match the run exactly for a cache to be
-used; `layout` and `complete` describe the cache itself. The manifest is also what makes a directory a store:
-`remove_store` (`cache --rebuild`) deletes only a directory whose manifest is a store's and whose files are
-all the store's own. The cache lives in `<output.dir>/feature_cache` and stores hidden states and contexts
-as bfloat16 (`CACHE_DTYPE`; half of float32's disk and reads, and the backbone's own precision at 8B).
+The cache lives in `<output.dir>/feature_cache`; `cache --rebuild` deletes only a directory that is a
+cache (`remove_store`).
 """
 
 from __future__ import annotations
@@ -86,17 +82,14 @@ __all__ = [
     "require_frozen_backbone",
     "shard_layout",
     "shard_name",
-    "sweep_temporaries",
     "write_feature_cache",
     "write_manifest",
 ]
 
 
-# ------------------------------------------------------------------------------------- the manifest
-
 CACHE_FORMAT_VERSION = 1
 MANIFEST_FILE = "manifest.json"
-CACHE_DTYPE = torch.bfloat16  # the stored hidden states' and contexts' precision (was advanced.cache_dtype)
+CACHE_DTYPE = torch.bfloat16  # stored features: half of float32's disk and reads; LLaDA-8B's own precision
 SHARD_BYTES = 256 * 2**20  # target shard size: big enough for few files, small enough to redo after a crash
 _FULL_HASH_BYTES = 64 * 2**20  # weight files up to this size are hashed whole, larger ones by samples
 _SAMPLE_BYTES = 4 * 2**20
@@ -146,7 +139,6 @@ def data_fingerprint(examples: Sequence[EncodedExample], seq_len: int, pad_id: i
     return digest.hexdigest()
 
 
-
 # ---------------------------------------------------------------------------------------------- manifest
 
 
@@ -188,15 +180,6 @@ class FeatureSpec:
         )
 
 
-def _noise_section(noise: NoiseSpec) -> dict[str, Any]:
-    """The forward process is recorded as before (so caches built then stay valid); other masks add names."""
-    section: dict[str, Any] = {"seed": noise.seed, "draws": noise.n_draws, "eps": noise.eps}
-    section["mask_id"] = noise.mask_id
-    if noise.masks != "forward":
-        section.update(masks=noise.masks, forward_mix=noise.forward_mix)
-    return section
-
-
 def expected_manifest(
     *,
     backbone: str,
@@ -217,6 +200,11 @@ def expected_manifest(
         raise ValueError("a feature cache needs at least one training example")
     seq_len = max(len(example["input_ids"]) for example in examples)
     layers = list(features.context_layers)
+    # the forward process is recorded as before (so caches built then stay valid); other masks add names
+    noise_section: dict[str, Any] = {"seed": noise.seed, "draws": noise.n_draws, "eps": noise.eps}
+    noise_section["mask_id"] = noise.mask_id
+    if noise.masks != "forward":
+        noise_section.update(masks=noise.masks, forward_mix=noise.forward_mix)
     return {
         "format_version": CACHE_FORMAT_VERSION,
         "complete": False,
@@ -226,7 +214,7 @@ def expected_manifest(
             "examples": len(examples),
             "seq_len": seq_len,
         },
-        "noise": _noise_section(noise),
+        "noise": noise_section,
         "features": {
             "dtype": str(features.cache_dtype).removeprefix("torch."),
             "compute": features.compute,
@@ -235,8 +223,6 @@ def expected_manifest(
             "context_dim": features.context_dim if layers else None,
         },
     }
-
-
 
 
 _CHECKED = {  # manifest section -> what a mismatch means to the user
@@ -299,13 +285,12 @@ def remove_store(directory: Path) -> bool:
     shards, temporary files). Anything else (a training run, a home folder named by a shared config) is
     never touched. Returns whether it deleted.
     """
-    what, setting = "feature cache", "output.dir"
     if not directory.exists() and not directory.is_symlink():
         return False
     if not directory.is_dir() or directory.is_symlink():
         raise ConfigError(
-            f"{directory}: not a {what} directory; --rebuild deletes only a {what}: set {setting} to a new "
-            "directory"
+            f"{directory}: not a feature cache directory; --rebuild deletes only a feature cache: set "
+            "output.dir to a new directory"
         )
     if not any(directory.iterdir()):
         return False
@@ -315,14 +300,14 @@ def remove_store(directory: Path) -> bool:
         manifest = None
     if not isinstance(manifest, dict) or not all(section in manifest for section in _CHECKED):
         raise ConfigError(
-            f"{directory}: not a {what} (no {what} {MANIFEST_FILE}); --rebuild deletes only a {what} it "
-            f"built: set {setting} to a new or empty directory, or remove this one yourself"
+            f"{directory}: not a feature cache (no feature cache {MANIFEST_FILE}); --rebuild deletes only a "
+            "feature cache it built: set output.dir to a new or empty directory, or remove this one yourself"
         )
     foreign = sorted(p.name for p in directory.iterdir() if not _store_file(p))
     if foreign:
         raise ConfigError(
-            f"{directory}: holds {foreign[0]}, which the {what} did not write; --rebuild deletes only the "
-            f"{what}: move it out first, or set {setting} to a new directory"
+            f"{directory}: holds {foreign[0]}, which the feature cache did not write; --rebuild deletes only "
+            "the feature cache: move it out first, or set output.dir to a new directory"
         )
     remove_directory(directory)
     return True
@@ -396,8 +381,7 @@ class FeatureCache(Dataset):
         reason = " ".join(str(exc).split())[:200]
         return StaleFeatureCacheError(
             f"{path}: corrupt feature-cache shard ({reason}); rebuild the cache with `llada-trm cache "
-            "--config "
-            f"<config> --rebuild` (or `rm -r {self.directory}`)"
+            f"--config <config> --rebuild` (or `rm -r {self.directory}`)"
         )
 
     def __getitem__(self, item: tuple[int, int]) -> dict[str, Tensor]:
@@ -534,7 +518,7 @@ def write_feature_cache(  # noqa: PLR0913
     writer = _ShardWriter(model, examples, manifest, pad_id, batch_size, device, autocast_dtype, masks)
     n_shards = int(manifest["layout"]["shards"])
     todo = [k for k in range(n_shards) if not _shard_complete(directory / shard_name(k), *writer.span(k))]
-    total = sum(writer.span(k)[1] for k in todo) * writer.n_draws
+    total = sum(writer.span(k)[1] for k in todo) * int(manifest["noise"]["draws"])
     every = max(1, total // 20)  # in a log: about 20 plain lines
     with progress_bar(total, desc="feature cache", unit="item", every=every, enabled=progress) as bar:
         for k in todo:
@@ -544,68 +528,56 @@ def write_feature_cache(  # noqa: PLR0913
     return FeatureCache(directory, manifest)
 
 
-
+@dataclass
 class _ShardWriter:
     """Runs the frozen backbone over one shard's examples (every draw) and writes the shard atomically."""
 
-    def __init__(
-        self,
-        model: LLaDATRMHybrid,
-        examples: Sequence[EncodedExample],
-        manifest: Mapping[str, Any],
-        pad_id: int,
-        batch_size: int,
-        device: torch.device,
-        autocast_dtype: torch.dtype | None,
-        masks: TrainingMasks | None = None,
-    ) -> None:
-        self.model = model
-        self.masks = masks
-        self.examples = examples
-        self.pad_id = pad_id
-        self.batch_size = batch_size
-        self.device = device
-        self.autocast_dtype = autocast_dtype
-        self.seq_len = int(manifest["data"]["seq_len"])
-        noise = manifest["noise"]
-        self.seed, self.n_draws = int(noise["seed"]), int(noise["draws"])
-        self.eps, self.mask_id = float(noise["eps"]), int(noise["mask_id"])
-        self.dtype = DTYPES[manifest["features"]["dtype"]]
-        self.per_shard = int(manifest["layout"]["examples_per_shard"])
+    model: LLaDATRMHybrid
+    examples: Sequence[EncodedExample]
+    manifest: Mapping[str, Any]
+    pad_id: int
+    batch_size: int
+    device: torch.device
+    autocast_dtype: torch.dtype | None
+    masks: TrainingMasks | None = None
 
     def span(self, shard: int) -> tuple[int, int]:
-        first = shard * self.per_shard
-        return first, min(self.per_shard, len(self.examples) - first)
+        """The shard's first example and its number of examples."""
+        per_shard = int(self.manifest["layout"]["examples_per_shard"])
+        first = shard * per_shard
+        return first, min(per_shard, len(self.examples) - first)
 
     def write(self, shard: int, path: Path, bar: Bar) -> None:
         first, count = self.span(shard)
-        batch = collate_batch(self.examples[first : first + count], self.pad_id, pad_to=self.seq_len)
-        tensors: dict[str, list[Tensor]] = {"hidden_states": [], "contexts": [], "masked": [], "p_mask": []}
-        for draw in range(self.n_draws):
-            per_draw: dict[str, list[Tensor]] = {key: [] for key in tensors}
+        noise, dtype = self.manifest["noise"], DTYPES[self.manifest["features"]["dtype"]]
+        batch = collate_batch(
+            self.examples[first : first + count], self.pad_id, pad_to=int(self.manifest["data"]["seq_len"])
+        )
+        draws: list[dict[str, Tensor]] = []  # per draw: each stored feature of the shard's examples
+        for draw in range(int(noise["draws"])):
+            parts: list[dict[str, Tensor]] = []
             for start in range(0, count, self.batch_size):
                 rows = slice(start, min(start + self.batch_size, count))
-                ids = batch["input_ids"][rows]
                 examples = range(first + rows.start, first + rows.stop)
                 if self.masks is None:
                     noisy, masked, p_mask = draw_noise(
-                        ids, batch["prompt_lengths"][rows], self.mask_id, seed=self.seed, examples=examples,
-                        draws=draw, eps=self.eps,
+                        batch["input_ids"][rows], batch["prompt_lengths"][rows], int(noise["mask_id"]),
+                        seed=int(noise["seed"]), examples=examples, draws=draw, eps=float(noise["eps"]),
                     )
                 else:
                     part = {key: value[rows] for key, value in batch.items()}
                     noisy, masked, p_mask = self.masks.draw(part, examples, draw)
                 features = self._features(noisy)
-                per_draw["hidden_states"].append(features.hidden_states.to("cpu", self.dtype))
-                if features.contexts is not None:
-                    per_draw["contexts"].append(features.contexts.to("cpu", self.dtype))
-                per_draw["masked"].append(masked)
-                per_draw["p_mask"].append(p_mask[:, 0].float())
-                bar.update(ids.shape[0])
-            for key, parts in per_draw.items():
-                if parts:
-                    tensors[key].append(torch.cat(parts))
-        out = {key: torch.stack(parts, dim=1).contiguous() for key, parts in tensors.items() if parts}
+                contexts = features.contexts
+                parts.append({
+                    "hidden_states": features.hidden_states.to("cpu", dtype),
+                    **({} if contexts is None else {"contexts": contexts.to("cpu", dtype)}),
+                    "masked": masked,
+                    "p_mask": p_mask[:, 0].float(),
+                })  # fmt: skip
+                bar.update(len(examples))
+            draws.append({key: torch.cat([part[key] for part in parts]) for key in parts[0]})
+        out = {key: torch.stack([d[key] for d in draws], dim=1).contiguous() for key in draws[0]}
         out["input_ids"] = batch["input_ids"].to(torch.int32)
         out["prompt_lengths"] = batch["prompt_lengths"].to(torch.int64)
         with atomic_path(path) as tmp:
@@ -662,16 +634,8 @@ def prepare_feature_cache(  # noqa: PLR0913 - the run, its model and data, where
     )
     if is_main_process():
         cache = write_feature_cache(
-            model,
-            examples,
-            directory,
-            manifest,
-            pad_id=pad_id,
-            batch_size=config.training.batch_size,
-            device=device,
-            autocast_dtype=autocast_dtype,
-            progress=progress,
-            masks=masks,
+            model, examples, directory, manifest, pad_id=pad_id, batch_size=config.training.batch_size,
+            device=device, autocast_dtype=autocast_dtype, progress=progress, masks=masks,
         )
     if is_distributed():
         torch.distributed.barrier()
@@ -707,14 +671,8 @@ def build_feature_cache(config: RunConfig, *, progress: bool = True, rebuild: bo
     require_frozen_backbone(freeze_for_run(built.model, config))
     train_set, _ = build_datasets(config.data, built.tokenizer)
     cache = prepare_feature_cache(
-        config,
-        built.model,
-        train_set.examples,
-        backbone_dir=built.backbone_dir,
-        pad_id=train_set.pad_id,
-        device=device,
-        autocast_dtype=amp_dtype,
-        progress=progress and is_main_process(),
+        config, built.model, train_set.examples, backbone_dir=built.backbone_dir, pad_id=train_set.pad_id,
+        device=device, autocast_dtype=amp_dtype, progress=progress and is_main_process(),
         masks=training_masks_for_run(config, built.model, built.tokenizer, device),
     )
     return cache.directory
