@@ -20,6 +20,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from llada_trm import __version__
 from llada_trm.boundary import report
 from llada_trm.errors import UserError
 from llada_trm.progress import plain_progress
@@ -97,10 +98,10 @@ def _output_overrides(
     args: argparse.Namespace, device_key: str = "training.device", resume_dir: Callable[[str], str] = str
 ) -> list[str]:
     """`--set` overrides, then output.dir as named by `--out` or by `--resume DIR` (both naming different
-    directories is an error), then `--device` where the command has it."""
+    directories is an error), then `--device`, each where the command has it."""
     overrides = list(args.set)
-    resume = resume_dir(args.resume) if isinstance(args.resume, str) else None
-    named = {str(Path(value)) for value in (args.out, resume) if value}
+    resume = resume_dir(args.resume) if isinstance(getattr(args, "resume", None), str) else None
+    named = {str(Path(value)) for value in (getattr(args, "out", None), resume) if value}
     if len(named) > 1:
         raise UserError(f"--out {args.out} and --resume {args.resume} name different directories; give one")
     overrides += [f"output.dir={value}" for value in named]
@@ -489,21 +490,18 @@ def _cmd_cache(args: argparse.Namespace) -> int:
     from llada_trm.config import load_config
     from llada_trm.training.feature_cache import build_feature_cache
 
-    device = [f"training.device={args.device}"] if args.device else []
-    config = load_config(args.config, [*args.set, *device])
+    config = load_config(args.config, _output_overrides(args))
     directory = build_feature_cache(config, progress=True, rebuild=args.rebuild)
     print(f"feature cache ready: {directory} (train with --set advanced.feature_cache=true)")
     return 0
 
-def _cmd_reachability(args: argparse.Namespace) -> int:
-    import json
 
+def _cmd_reachability(args: argparse.Namespace) -> int:
     from llada_trm.config import load_config
     from llada_trm.training.loop import Trainer
     from llada_trm.training.validation import format_reachability
 
-    device = [f"training.device={args.device}"] if args.device else []
-    config = load_config(args.config, [*args.set, *device])
+    config = load_config(args.config, _output_overrides(args))
     if config.model.refiner == "none":
         raise UserError(f"{args.config}: model.refiner is none; reachability measures a refiner's budget")
     report = Trainer(config, progress=False).reachability(max_batches=args.batches)
@@ -577,31 +575,6 @@ def _add_config_options(parser: argparse.ArgumentParser, required: bool = True) 
     )
 
 
-def _add_model_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--checkpoint",
-        required=True,
-        metavar="DIR",
-        help="a training run's checkpoint (checkpoints/last or best) or run directory, a backbone directory "
-        "in Hugging Face layout, or 'embedded'",
-    )
-    parser.add_argument(
-        "--refiner",
-        choices=("none", "mlp", "slot"),
-        default=None,
-        help="which refiner runs (default: the checkpoint's own; none = the backbone alone)",
-    )
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
-    parser.add_argument(
-        "--dtype",
-        default="auto",
-        choices=("auto", "float32", "bfloat16", "float16"),
-        help="backbone dtype (auto: as the checkpoint stores it when that is bf16/fp16, e.g. LLaDA-8B; "
-        "else bf16 on a bf16 GPU, fp32 on a CPU)",
-    )
-    _add_mismatch_option(parser)
-
-
 def _deprecated(old: str, new: str) -> None:
     """One line on stderr for an old spelling that still works this release."""
     print(f"{PROG}: warning: {old} is deprecated, use {new} (the old spelling goes in the next release)",
@@ -620,45 +593,8 @@ class _DeprecatedOption(argparse.Action):
         setattr(namespace, self.dest, values)
 
 
-def _add_out_option(parser: argparse.ArgumentParser, what: str) -> None:
-    parser.add_argument("--out", metavar="DIR", help=f"{what} (overrides output.dir)")
-
-
 def _add_resume_option(parser: argparse.ArgumentParser, what: str) -> None:
     parser.add_argument("--resume", nargs="?", const=True, default=None, metavar="DIR", help=what)
-
-
-def _add_device_option(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--device", choices=("auto", "cpu", "cuda"), default=None,
-        help="where the model runs (overrides training.device; cuda: each torchrun rank its own GPU)",
-    )
-
-
-def _add_progress_option(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--no-progress",
-        action="store_true",
-        help="no redrawn progress bar: plain progress lines (step, loss, lr, s/step, ETA every log_every "
-        "steps), as printed whenever stderr is not a terminal",
-    )
-
-
-def _add_dry_run_option(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--dry-run",
-        action="store_true",
-        help="print the plan (freezing, parameters, memory estimate, data counts, sampler) without reading "
-        "weights or writing anything; works on a CPU for a cuda config and before the weights are downloaded",
-    )
-
-
-def _add_mismatch_option(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--allow-backbone-mismatch",
-        action="store_true",
-        help="load refiner weights recorded on another backbone than this one (a warning, not an error)",
-    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -667,36 +603,78 @@ def build_parser() -> argparse.ArgumentParser:
         description="A LLaDA masked-diffusion model with a recursive (TRM-style) refinement head.",
     )
     parser.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
-    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    sub.required = True
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
-    def command(name: str, summary: str) -> argparse.ArgumentParser:
-        return sub.add_parser(name, help=summary, description=summary, parents=[common])
+    def shared(*names: str, **kwargs: Any) -> argparse.ArgumentParser:
+        """A parent parser holding one option that several commands take."""
+        holder = argparse.ArgumentParser(add_help=False)
+        holder.add_argument(*names, **kwargs)
+        return holder
 
-    p = command("pretrain", "train the tiny embedded backbone (from scratch, or on from model.init_from)")
+    common = shared("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    progress = shared(
+        "--no-progress", action="store_true",
+        help="no redrawn progress bar: plain progress lines (step, loss, lr, s/step, ETA every log_every "
+        "steps), as printed whenever stderr is not a terminal",
+    )
+    dry_run = shared(
+        "--dry-run", action="store_true",
+        help="print the plan (freezing, parameters, memory estimate, data counts, sampler) without reading "
+        "weights or writing anything; works on a CPU for a cuda config and before the weights are downloaded",
+    )
+    device = shared(
+        "--device", choices=("auto", "cpu", "cuda"), default=None,
+        help="where the model runs (overrides training.device; cuda: each torchrun rank its own GPU)",
+    )
+    mismatch = shared(
+        "--allow-backbone-mismatch", action="store_true",
+        help="load refiner weights recorded on another backbone than this one (a warning, not an error)",
+    )
+    model = argparse.ArgumentParser(add_help=False, parents=[mismatch])  # what eval and generate load
+    model.add_argument(
+        "--checkpoint", required=True, metavar="DIR",
+        help="a training run's checkpoint (checkpoints/last or best) or run directory, a backbone directory "
+        "in Hugging Face layout, or 'embedded'",
+    )
+    model.add_argument(
+        "--refiner", choices=("none", "mlp", "slot"), default=None,
+        help="which refiner runs (default: the checkpoint's own; none = the backbone alone)",
+    )
+    model.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
+    model.add_argument(
+        "--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
+        help="backbone dtype (auto: as the checkpoint stores it when that is bf16/fp16, e.g. LLaDA-8B; "
+        "else bf16 on a bf16 GPU, fp32 on a CPU)",
+    )
+
+    def command(name: str, summary: str, *parents: argparse.ArgumentParser) -> argparse.ArgumentParser:
+        return sub.add_parser(name, help=summary, description=summary, parents=[common, *parents])
+
+    p = command(
+        "pretrain", "train the tiny embedded backbone (from scratch, or on from model.init_from)", progress
+    )
     _add_config_options(p, required=False)
     _add_resume_option(
         p, "continue the unfinished run's checkpoint (DIR: the backbone's output.dir; default: the config's)"
     )
-    _add_out_option(p, "where the backbone goes")
+    p.add_argument("--out", metavar="DIR", help="where the backbone goes (overrides output.dir)")
     p.add_argument("--output", dest="out", action=_DeprecatedOption, new="--out", help=argparse.SUPPRESS)
     p.add_argument(
         "--force", action="store_true",
         help="archive an existing output.dir backbone and an unfinished run (as DIR.old-<time>), start anew",
     )
-    _add_progress_option(p)
     p.set_defaults(func=_cmd_pretrain)
 
-    p = command("train", "train a refiner (phases 1-3) from a run config")
+    # mismatch: for --resume and training.init_from
+    p = command(
+        "train", "train a refiner (phases 1-3) from a run config", device, progress, mismatch, dry_run
+    )
     _add_config_options(p)
     _add_resume_option(
         p, "continue from a checkpoint or a run directory (default: the run in the config's output.dir)"
     )
-    _add_out_option(p, "the run directory")
-    _add_device_option(p)
+    p.add_argument("--out", metavar="DIR", help="the run directory (overrides output.dir)")
     p.add_argument(
         "--force", action="store_true", help="archive a run in output.dir (as DIR.old-<time>), start anew"
     )
@@ -705,30 +683,30 @@ def build_parser() -> argparse.ArgumentParser:
         help="also write the metrics as TensorBoard scalars into OUT/tensorboard (pip install "
         "'llada-trm[tensorboard]'); the CSVs stay the record",
     )
-    _add_progress_option(p)
-    _add_mismatch_option(p)  # for --resume and training.init_from
-    _add_dry_run_option(p)
     p.set_defaults(func=_cmd_train)
 
-    p = command("cache", "compute a phase-1 run's frozen-backbone features once (advanced.feature_cache)")
+    p = command(
+        "cache", "compute a phase-1 run's frozen-backbone features once (advanced.feature_cache)", device,
+        progress,
+    )
     _add_config_options(p)
     p.add_argument(
         "--rebuild", action="store_true", help="delete an existing (e.g. stale) cache first (only a cache)"
     )
-    _add_device_option(p)
-    _add_progress_option(p)
     p.set_defaults(func=_cmd_cache)
 
-    p = command("reachability", "the share of the backbone's wrong tokens a run's update budget can flip")
+    p = command(
+        "reachability", "the share of the backbone's wrong tokens a run's update budget can flip", device
+    )
     _add_config_options(p)
     p.add_argument("--batches", type=int, default=None, metavar="N",
                    help="validation batches to read (default: all of data.n_eval)")  # fmt: skip
     p.add_argument("--json", action="store_true", help="also print the whole report as JSON")
-    _add_device_option(p)
     p.set_defaults(func=_cmd_reachability)
 
-    p = command("eval", "sampled GSM8K-style accuracy, refinement efficiency and speed")
-    _add_model_options(p)
+    p = command(
+        "eval", "sampled GSM8K-style accuracy, refinement efficiency and speed", model, progress, dry_run
+    )
     p.add_argument("--dataset", choices=("gsm8k", "synthetic", "arithmetic"), default="synthetic")
     p.add_argument("--split", default="test", help="a split, optionally sliced: test (default), test[:200]")
     p.add_argument("--data-path", metavar="PATH", help="GSM8K JSONL/parquet file or folder (for gsm8k)")
@@ -749,13 +727,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="skip the per-commit records and the confident-error diagnostics (first errors at p >= 0.9, "
         "tokens the refiner changed, reliability)",
     )
-    _add_progress_option(p)
-    _add_dry_run_option(p)
     add_sampling_options(p)
     p.set_defaults(func=_cmd_eval)
 
-    p = command("generate", "answer one question")
-    _add_model_options(p)
+    p = command("generate", "answer one question", model)
     p.add_argument("question", nargs="?", help="the question, quoted (or --file)")
     p.add_argument("--file", metavar="FILE", help="answer every line of FILE (one question a line)")
     p.add_argument("--out", metavar="FILE", help="with --file: write the answers as JSON lines to FILE")
@@ -771,7 +746,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_sampling_options(p)
     p.set_defaults(func=_cmd_generate)
 
-    p = command("export", "write a trained run as one self-contained directory that load_checkpoint reads")
+    p = command(
+        "export", "write a trained run as one self-contained directory that load_checkpoint reads", mismatch
+    )
     p.add_argument("run", metavar="RUN", help="a run directory, or its checkpoints/last or best")
     p.add_argument(
         "--out", metavar="DIR", help="the directory to write (refused if it exists, unless --force)"
@@ -785,7 +762,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--force", action="store_true", help="archive an existing export in --out (as OUT.old-<time>)"
     )
-    _add_mismatch_option(p)
     p.set_defaults(func=_cmd_export)
 
     p = command("plot", "PNG plots of a training run's metrics")
@@ -793,7 +769,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", metavar="DIR", help="where the PNGs go (default RUN_DIR/plots)")
     p.set_defaults(func=_cmd_plot)
 
-    p = command("compare", "the main job: train MLP and slot refiners, compare them with the backbone alone")
+    p = command(
+        "compare", "the main job: train MLP and slot refiners, compare them with the backbone alone", device,
+        progress, dry_run,
+    )
     _add_config_options(p)
     p.add_argument(
         "--seeds",
@@ -809,10 +788,7 @@ def build_parser() -> argparse.ArgumentParser:
         "output.dir; an interrupted study, or seeds run in parallel with --seeds), train and sample the "
         "rest, then write the report",
     )
-    _add_out_option(p, "the comparison's directory")
-    _add_device_option(p)
-    _add_progress_option(p)
-    _add_dry_run_option(p)
+    p.add_argument("--out", metavar="DIR", help="the comparison's directory (overrides output.dir)")
     p.set_defaults(func=_cmd_compare)
 
     p = command("convert", "bring an older run config, compare config, run or checkpoint up to date")
@@ -820,12 +796,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, metavar="NEW", help="the new file or directory (must not exist)")
     p.set_defaults(func=_cmd_convert)
     return parser
-
-
-def _version() -> str:
-    from llada_trm import __version__
-
-    return __version__
 
 
 # -------------------------------------------------------------------------------------------------- main
