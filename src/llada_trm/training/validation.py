@@ -19,6 +19,7 @@ import contextlib
 import math
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator, Mapping
+from itertools import islice
 from typing import Any
 
 import torch
@@ -64,13 +65,9 @@ VALIDATION_SEED_OFFSET = 2_000_003  # validation noise draws from seed data.vali
 SAMPLED_COLUMNS = ("sampled_accuracy", "sampled_accuracy_flexible")
 
 
-def _refine_steps(config: RunConfig) -> int:
-    return config.model.max_recursive_steps if config.model.refiner != "none" else 0
-
-
 def validation_columns(config: RunConfig) -> list[str]:
     """The columns of `validation_metrics.csv` for this run (one accuracy pair per refinement step)."""
-    k = _refine_steps(config)
+    k = config.model.max_recursive_steps if config.model.refiner != "none" else 0
     columns = list(VALIDATION_COLUMNS) + ["chunk_accuracy", "chunk_accuracy_base", *RESULT_COLUMNS]
     columns += [f"accuracy_step_{i}" for i in range(1, k + 1)]
     columns += [f"chunk_accuracy_step_{i}" for i in range(1, k + 1)]
@@ -88,16 +85,13 @@ def improves(value: float | None, best: float | None, *, lower: bool) -> bool:
 
 def check_save_best(config: RunConfig) -> None:
     """`output.save_best` must name a validation metric this run writes."""
-    k = _refine_steps(config)
-    known = set(VALIDATION_COLUMNS) | {"chunk_accuracy", "chunk_accuracy_base", *RESULT_COLUMNS}
-    known |= {f"{kind}_step_{i}" for kind in ("accuracy", "chunk_accuracy") for i in range(1, k + 1)}
     name = config.output.save_best
     if name in SAMPLED_COLUMNS and not config.training.val_sampled_problems:
         raise ConfigError(
             f"output.save_best: {name!r} needs sampled validation; set training.val_sampled_problems to the "
             "number of validation problems to sample (e.g. 32)"
         )
-    known |= set(SAMPLED_COLUMNS) if config.training.val_sampled_problems else set()
+    known = validation_columns(config)
     if name not in known:
         choices = ", ".join(sorted(known))
         raise ConfigError(f"output.save_best: {name!r} is not a validation metric; choose from {choices}")
@@ -131,17 +125,11 @@ def _noised_batches(
     first = 0
     set_train_mode(model, False)
     try:
-        for index, batch in enumerate(loader):
-            if max_batches is not None and index >= max_batches:
-                break
+        for batch in islice(loader, max_batches):
             rows = batch["input_ids"].shape[0]
             noisy, masked, p_mask = draw_noise(
-                batch["input_ids"],
-                batch["prompt_lengths"],
-                mask_id,
-                seed=seed + VALIDATION_SEED_OFFSET,
-                examples=range(first, first + rows),
-                draws=0,
+                batch["input_ids"], batch["prompt_lengths"], mask_id, seed=seed + VALIDATION_SEED_OFFSET,
+                examples=range(first, first + rows), draws=0,
             )
             first += rows
             batch = {k: v.to(device) for k, v in batch.items()}
@@ -193,7 +181,14 @@ def validate(
         batches += 1
     if not batches:
         return {}
-    return _row(totals, batches)
+    row = {key: totals[key] / batches for key in
+           ("loss", "loss_base", "refine_steps", "skipped_fraction", "skipped_fraction_masked")}  # fmt: skip
+    for key in sorted(totals):
+        if key.startswith("correct"):
+            row["accuracy" + key[len("correct"):]] = totals[key] / max(totals["masked"], 1.0)
+        elif key.startswith("chunks_ok"):
+            row["chunk_accuracy" + key[len("chunks_ok"):]] = totals[key] / max(totals["chunks"], 1.0)
+    return row
 
 
 @torch.no_grad()
@@ -255,24 +250,6 @@ class SampledValidation:
         return {"sampled_accuracy": strict, "sampled_accuracy_flexible": flexible}
 
 
-def _row(totals: Mapping[str, float], batches: int) -> dict[str, Any]:
-    masked_total = max(totals["masked"], 1.0)
-    chunk_total = max(totals["chunks"], 1.0)
-    row: dict[str, Any] = {
-        "loss": totals["loss"] / batches,
-        "loss_base": totals["loss_base"] / batches,
-        "refine_steps": totals["refine_steps"] / batches,
-        "skipped_fraction": totals["skipped_fraction"] / batches,
-        "skipped_fraction_masked": totals["skipped_fraction_masked"] / batches,
-    }
-    for key in sorted(totals):
-        if key.startswith("correct"):
-            row["accuracy" + key[len("correct"):]] = totals[key] / masked_total
-        elif key.startswith("chunks_ok"):
-            row["chunk_accuracy" + key[len("chunks_ok"):]] = totals[key] / chunk_total
-    return row
-
-
 @torch.no_grad()
 def reachability_report(
     model: LLaDATRMHybrid,
@@ -297,9 +274,7 @@ def reachability_report(
     required: list[torch.Tensor] = []
     masked_total = 0
     first = 0
-    for index, batch in enumerate(loader):
-        if max_batches is not None and index >= max_batches:
-            break
+    for batch in islice(loader, max_batches):
         rows = batch["input_ids"].shape[0]
         noisy, masked, _ = masks.draw(dict(batch), range(first, first + rows), 0)
         first += rows
@@ -367,9 +342,7 @@ def result_accuracy(
     total = 0
     set_train_mode(model, False)
     try:
-        for index, batch in enumerate(loader):
-            if max_batches is not None and index >= max_batches:
-                break
+        for batch in islice(loader, max_batches):
             ids, prompts = batch["input_ids"], batch["prompt_lengths"]
             ends = batch["attention_mask"].sum(-1) if "attention_mask" in batch else None
             rows, masks = [], []
