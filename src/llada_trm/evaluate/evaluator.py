@@ -395,7 +395,7 @@ def _summary(
     flexible = sum(p["correct_flexible"] for p in predictions)
     tokens = sum(1 for p in predictions if "skipped" not in p) * options.gen_length
     sequence_calls = totals.get(SEQUENCE_CALLS, 0.0)
-    summary: dict[str, Any] = {
+    return {
         "n": n,
         "correct_strict": strict,
         "correct_flexible": flexible,
@@ -416,7 +416,6 @@ def _summary(
         },
         "sampling": options.to_dict(),
     }
-    return summary
 
 
 SEQUENCE_CALLS = "sequence_calls"  # sum over batches of rows x model calls, beside the model's own stats
