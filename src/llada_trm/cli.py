@@ -111,24 +111,20 @@ def _output_overrides(
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
+    from llada_trm.config import fixed_settings, load_config
     from llada_trm.dist_utils import is_main_process
     from llada_trm.training.loop import run_train
 
     overrides = [*args.set, *([f"output.dir={args.out}"] if args.out else [])]
     overrides += [f"training.device={args.device}"] if args.device else []
     if args.dry_run:
-        from llada_trm.config import load_config
         from llada_trm.dry_run import plan_train
 
         plan_train(load_config(args.config, overrides))
         return 0
     resume = args.resume
     if resume is True:  # `--resume` alone: the config's own output.dir
-        from llada_trm.config import load_config
-
         resume = load_config(args.config, overrides).output.dir
-    from llada_trm.config import fixed_settings
-
     with fixed_settings({"output.tensorboard": bool(args.tensorboard)}):  # a view of the run, not a setting
         summary = run_train(
             args.config, overrides, resume, progress=True, force=args.force,
