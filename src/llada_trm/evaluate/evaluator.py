@@ -207,22 +207,19 @@ def check_lengths(
         return
     lengths = [len(encode_prompt(tokenizer, record.question)) for record in records]
     longest = max(range(len(records)), key=lengths.__getitem__)
-    total = lengths[longest] + options.gen_length
-    if total <= limit:
+    prompt, room = lengths[longest], limit - lengths[longest]
+    if prompt + options.gen_length <= limit:
         return
-    record = records[longest]
-    where = record.origin or f"question {longest}"
-    room = limit - lengths[longest]
     fix = (
         f"lower gen_length (--gen-length) to at most {room} (a multiple of block_length) or shorten the "
         "question"
         if room >= 1
         else "the prompt alone fills the backbone's positions; shorten the question"
     )
-    prompt = lengths[longest]
     raise ValueError(
-        f"{where}: a {prompt}-token prompt + gen_length {options.gen_length} = {total} positions exceed the "
-        f"backbone's max_sequence_length {limit}; {fix}"
+        f"{records[longest].origin or f'question {longest}'}: a {prompt}-token prompt + gen_length "
+        f"{options.gen_length} = {prompt + options.gen_length} positions exceed the backbone's "
+        f"max_sequence_length {limit}; {fix}"
     )
 
 
