@@ -62,28 +62,21 @@ from llada_trm.training.freezing import FreezePlan, freeze_for_run
 from llada_trm.training.objective import training_masks_for_run
 
 __all__ = [
-    "CACHE_FORMAT_VERSION",
-    "MANIFEST_FILE",
     "FeatureCache",
     "FeatureSpec",
     "NoiseSpec",
     "StaleFeatureCacheError",
     "backbone_fingerprint",
     "build_feature_cache",
-    "cache_directory",
     "cached_features",
-    "check_manifest",
     "data_fingerprint",
     "expected_manifest",
     "open_feature_cache",
     "prepare_feature_cache",
-    "read_manifest",
     "remove_store",
     "require_frozen_backbone",
-    "shard_layout",
     "shard_name",
     "write_feature_cache",
-    "write_manifest",
 ]
 
 
