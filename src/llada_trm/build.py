@@ -85,7 +85,7 @@ def start_run(config: RunConfig) -> tuple[torch.device, torch.dtype | None]:
     """This process's device (under torchrun: its rank's, after joining the group) and autocast dtype; then
     every RNG is seeded with `training.seed`, before anything random is built."""
     t = config.training
-    device = init_distributed(resolve_device(t.device, setting="training.device"))
+    device = init_distributed(resolve_device(t.device, setting="--device"))
     amp_dtype = resolve_precision(t.mixed_precision, device)
     seed_everything(t.seed)
     return device, amp_dtype

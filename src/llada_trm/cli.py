@@ -17,6 +17,7 @@ import json
 import shlex
 import sys
 from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
 
@@ -94,38 +95,49 @@ def _pretrain_resume(directory: str) -> str:
     return directory[: -len(".partial")] if directory.rstrip("/").endswith(".partial") else directory
 
 
-def _output_overrides(
-    args: argparse.Namespace, device_key: str = "training.device", resume_dir: Callable[[str], str] = str
-) -> list[str]:
+def _output_overrides(args: argparse.Namespace, resume_dir: Callable[[str], str] = str) -> list[str]:
     """`--set` overrides, then output.dir as named by `--out` or by `--resume DIR` (both naming different
-    directories is an error), then `--device`, each where the command has it."""
+    directories is an error)."""
     overrides = list(args.set)
     resume = resume_dir(args.resume) if isinstance(getattr(args, "resume", None), str) else None
     named = {str(Path(value)) for value in (getattr(args, "out", None), resume) if value}
     if len(named) > 1:
         raise UserError(f"--out {args.out} and --resume {args.resume} name different directories; give one")
     overrides += [f"output.dir={value}" for value in named]
-    if getattr(args, "device", None):
-        overrides.append(f"{device_key}={args.device}")
     return overrides
 
 
+def _run_flags(args: argparse.Namespace) -> AbstractContextManager[None]:
+    """The command's flags that are run constants, not settings (`config.FLAGS`: `--device`, `--log-every`,
+    `--tensorboard`), set for the command's duration (`config.fixed_settings`)."""
+    from llada_trm.config import fixed_settings
+
+    values: dict[str, Any] = {}
+    if getattr(args, "device", None):
+        values["training.device"] = args.device
+    if getattr(args, "log_every", None) is not None:
+        values["training.log_every"] = args.log_every
+    if getattr(args, "tensorboard", False):
+        values["output.tensorboard"] = True
+    return fixed_settings(values)
+
+
 def _cmd_train(args: argparse.Namespace) -> int:
-    from llada_trm.config import fixed_settings, load_config
+    from llada_trm.config import load_config
     from llada_trm.dist_utils import is_main_process
     from llada_trm.training.loop import run_train
 
     overrides = [*args.set, *([f"output.dir={args.out}"] if args.out else [])]
-    overrides += [f"training.device={args.device}"] if args.device else []
     if args.dry_run:
         from llada_trm.dry_run import plan_train
 
-        plan_train(load_config(args.config, overrides))
+        with _run_flags(args):
+            plan_train(load_config(args.config, overrides))
         return 0
     resume = args.resume
     if resume is True:  # `--resume` alone: the config's own output.dir
         resume = load_config(args.config, overrides).output.dir
-    with fixed_settings({"output.tensorboard": bool(args.tensorboard)}):  # a view of the run, not a setting
+    with _run_flags(args):  # where it runs, how often it logs, TensorBoard: the command's, not the run's
         summary = run_train(
             args.config, overrides, resume, progress=True, force=args.force,
             allow_backbone_mismatch=args.allow_backbone_mismatch,
@@ -487,7 +499,8 @@ def _cmd_cache(args: argparse.Namespace) -> int:
     from llada_trm.training.feature_cache import build_feature_cache
 
     config = load_config(args.config, _output_overrides(args))
-    directory = build_feature_cache(config, progress=True, rebuild=args.rebuild)
+    with _run_flags(args):
+        directory = build_feature_cache(config, progress=True, rebuild=args.rebuild)
     print(f"feature cache ready: {directory} (train with --set advanced.feature_cache=true)")
     return 0
 
@@ -500,7 +513,8 @@ def _cmd_reachability(args: argparse.Namespace) -> int:
     config = load_config(args.config, _output_overrides(args))
     if config.model.refiner == "none":
         raise UserError(f"{args.config}: model.refiner is none; reachability measures a refiner's budget")
-    report = Trainer(config, progress=False).reachability(max_batches=args.batches)
+    with _run_flags(args):
+        report = Trainer(config, progress=False).reachability(max_batches=args.batches)
     if not report:
         raise UserError(f"{args.config}: the run has no validation set (set data.n_eval)")
     print(format_reachability(report))
@@ -546,13 +560,14 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     from llada_trm.study.config import load_compare_config, parse_seeds
 
     seeds = parse_seeds(args.seeds) if args.seeds is not None else None
-    config = load_compare_config(args.config, _output_overrides(args, "run.training.device"), seeds)
-    if args.dry_run:
-        from llada_trm.dry_run import plan_compare
+    config = load_compare_config(args.config, _output_overrides(args), seeds)
+    with _run_flags(args):
+        if args.dry_run:
+            from llada_trm.dry_run import plan_compare
 
-        plan_compare(config)
-        return 0
-    run_compare(config, progress=True, force=args.force, resume=args.resume is not None)
+            plan_compare(config)
+            return 0
+        run_compare(config, progress=True, force=args.force, resume=args.resume is not None)
     return 0
 
 
@@ -593,6 +608,16 @@ def _add_resume_option(parser: argparse.ArgumentParser, what: str) -> None:
     parser.add_argument("--resume", nargs="?", const=True, default=None, metavar="DIR", help=what)
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive whole number of steps, got {text!r}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=PROG,
@@ -621,7 +646,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     device = shared(
         "--device", choices=("auto", "cpu", "cuda"), default=None,
-        help="where the model runs (overrides training.device; cuda: each torchrun rank its own GPU)",
+        help="where the run computes (default auto: cuda when torch sees a GPU, else cpu; cuda: each "
+        "torchrun rank its own GPU); a flag, not a run setting",
     )
     mismatch = shared(
         "--allow-backbone-mismatch", action="store_true",
@@ -678,6 +704,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--tensorboard", action="store_true",
         help="also write the metrics as TensorBoard scalars into OUT/tensorboard (pip install "
         "'llada-trm[tensorboard]'); the CSVs stay the record",
+    )
+    p.add_argument(
+        "--log-every", type=_positive_int, default=None, metavar="N",
+        help="write a training_metrics.csv row (and a progress line) every N optimizer steps (default 10)",
     )
     p.set_defaults(func=_cmd_train)
 

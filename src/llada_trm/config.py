@@ -82,6 +82,7 @@ __all__ = [
     "TrainingConfig",
     "TrainingParamsConfig",
     "apply_overrides",
+    "FLAGS",
     "check_backbone_fit",
     "fixed_settings",
     "load_config",
@@ -102,8 +103,11 @@ _to_float, _to_int = to_float, to_int
 
 
 class ModelConfig(HybridConfig):
-    """What to build: the backbone to load, its precision, and the refiners (`HybridConfig`'s fields).
+    """What to build: the backbone to load and the refiners (`HybridConfig`'s fields).
 
+    The backbone's precision is derived (`dtype` 'auto', a class constant since issue 25:
+    `build.choose_backbone_dtype`: fp32 when the backbone trains, bf16 under bf16 compute, else as its
+    checkpoint stores it or fp32); `generate`, `evaluate` and `export` keep `--dtype`.
     `confidence_threshold`: chunks whose backbone confidence (mean max-probability over their masked
     positions) is below it are refined; above 1 refines every chunk. `context_layers`: backbone layers whose
     attention contexts feed the slot refiner ([] = only the refiner's own blocks). `HybridConfig` documents
@@ -115,7 +119,8 @@ class ModelConfig(HybridConfig):
         default="embedded",
         description="a local HF-layout checkpoint directory, or 'embedded' for the package's tiny backbone",
     )
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+
+    dtype: ClassVar[str] = "auto"
 
     def hybrid(self) -> HybridConfig:
         """The hybrid model's own config: this section less what only the run needs (backbone, dtype)."""
@@ -146,13 +151,19 @@ Draws = Annotated[int, BeforeValidator(to_int), Field(ge=1, le=1024)]  # cached 
 
 
 class SyntheticDataConfig(SyntheticTaskConfig):
-    """The generated task (`llada_trm.data.SyntheticTaskConfig`); `data.n_train` / `data.n_eval` say how
-    many problems each split gets.
+    """The generated GSM8K-style task (`llada_trm.data.SyntheticTaskConfig`); `data.n_train` /
+    `data.n_eval` say how many problems each split gets.
 
-    Its difficulty is a setting; its vocabulary, operations, seed and test share are the generator's
-    defaults, fixed here (class constants, not keys), as every shipped config and backbone uses.
+    Fixed (class constants, not keys): the task the embedded backbone was pretrained on
+    (configs/tiny_backbone*.yaml), which every shipped run config set (issue 25): 1-2 operations a problem,
+    numbers up to 12, results up to 100; and the generator's vocabulary, operations, seed and test share.
+    A task whose difficulty a study varies is the arithmetic one (`data.arithmetic`).
     """
 
+    min_steps: ClassVar[int] = 1
+    max_steps: ClassVar[int] = 2
+    max_number: ClassVar[int] = 12
+    max_result: ClassVar[int] = 100
     operations: ClassVar[tuple[str, ...]] = OPERATIONS
     test_fraction: ClassVar[float] = 0.1
     names: ClassVar[tuple[str, ...]] = DEFAULT_NAMES
@@ -241,23 +252,15 @@ class TrainingConfig(_Section):
         default=None, description="optimizer steps, epoch after epoch over the data; null: one epoch"
     )
     warmup_steps: NonNegInt | None = Field(default=None, description="null: 5% of the run's steps")
-    min_lr_ratio: Fraction = Field(default=0.0, description="the cosine's floor, x lr (pretraining: 0.1)")
     seed: Int = 42
     mixed_precision: Literal["auto", "bf16", "fp32"] = "auto"
     eval_every: NonNegInt = 100
-    log_every: PosInt = 10
     save_every: NonNegInt = 500
-    device: Literal["auto", "cpu", "cuda"] = "auto"
     init_from: str | None = None
     val_sampled_problems: NonNegInt = Field(
         default=0,
         description="validation problems answered with the run's `sampling` settings at every validation "
         "(the sampled_accuracy column, which output.save_best may name); 0 = off",
-    )
-    ema_decay: Fraction = Field(
-        default=0.0,
-        description="exponential moving average of the trained weights (TRM: 0.999), which checkpoints "
-        "hold for evaluation; the live weights stay in the trainer state for resuming. 0 = off",
     )
     masks: Literal["forward", "answer_structure", "backbone_errors"] = Field(
         default="forward",
@@ -266,15 +269,24 @@ class TrainingConfig(_Section):
         "leaves it, or the positions the frozen backbone gets wrong in a teacher-forced probe",
     )
 
-    # Fixed (retired): AdamW's and the schedule's constants, and forward-process rows mixed into targeted
-    # masks (docs/settings.md: no gain; the mechanism stays for another study:
-    # `diffusion.forward_process.MaskDistribution.forward_mix`).
+    # Fixed (retired): AdamW's and the schedule's constants (the cosine decays to 0; pretraining sets its
+    # own floor, `extras.pretraining`), forward-process rows mixed into targeted masks and the EMA of the
+    # trained weights (docs/settings.md: no gain in recipe selection; the mechanisms stay for another study:
+    # `diffusion.forward_process.MaskDistribution.forward_mix`, `Trainer` with `fixed_settings`).
     warmup_ratio: ClassVar[float] = 0.05
+    min_lr_ratio: ClassVar[float] = 0.0
+    ema_decay: ClassVar[float] = 0.0
     weight_decay: ClassVar[float] = 0.01
     adam_eps: ClassVar[float] = 1e-8
     adam_betas: ClassVar[tuple[float, float]] = (0.9, 0.999)
     max_grad_norm: ClassVar[float] = 1.0
     forward_mix: ClassVar[float] = 0.0
+
+    # Flags of the command, not settings (issue 25; `FLAGS`): where the run computes (auto: cuda when torch
+    # sees one, else cpu; under torchrun each rank its own GPU) and how often it logs a training row.
+    # `llada-trm train --device/--log-every` (and `compare --device`) set them for the command.
+    device: ClassVar[str] = "auto"
+    log_every: ClassVar[int] = 10
 
 
 class TrainingParamsConfig(_Section):
@@ -492,6 +504,17 @@ REPLACED: dict[str, str] = {
     "training.eval_max_batches": "data.n_eval (validation reads every validation problem)",
     "sampling.batch_size": "training.batch_size (the run samples in its training batch)",
     "lora.enabled": "lora.rank (0: no adapters)",
+    "model.slot.delta_scale": "model.delta_scale (one update scale for both refiners)",
+    "model.mlp.delta_scale": "model.delta_scale (one update scale for both refiners)",
+}
+
+# Settings that became flags of the command (issue 25): old key -> the flag. Each is a class constant of its
+# section, which the command sets for its own duration (`fixed_settings`); the run's config.yaml does not
+# record them (where a run computes and how often it logs do not make it another run).
+FLAGS: dict[str, str] = {
+    "training.device": "--device",
+    "training.log_every": "--log-every",
+    "output.tensorboard": "--tensorboard",
 }
 
 
@@ -535,9 +558,10 @@ def retired_settings() -> dict[str, Any]:
 
 @contextmanager
 def fixed_settings(values: Mapping[str, Any]) -> Iterator[None]:
-    """Within the block, retired settings take other values (`{"training.sampler_state_ratio": 0.25}`):
-    the one hook by which a test or an experiment still reaches a retired lever's code. Process-wide (the
-    values are class constants), restored on exit; a key that is not retired is a `ConfigError`."""
+    """Within the block, retired settings take other values (`{"training.ema_decay": 0.999}`): the one hook
+    by which a test or an experiment still reaches a retired lever's code, and by which a command applies
+    its flags (`FLAGS`: `{"training.device": "cpu"}`). Process-wide (the values are class constants),
+    restored on exit; a key that is not retired is a `ConfigError`."""
     retired = retired_settings()
     owners = {path: section for path, section in _sections(RunConfig)}
     changed: list[tuple[type[BaseModel], str, Any]] = []
@@ -597,3 +621,5 @@ register_retired([*retired_settings(), *RETIRED_SECTIONS])
 register_retired(REMOVED_LEVERS, "a lever removed with its code (docs/levers.md)")
 for _old, _new in REPLACED.items():
     register_retired([_old], f"replaced by {_new} (docs/settings.md)")
+for _old, _flag in FLAGS.items():
+    register_retired([_old], f"a flag of the command now, not a setting: {_flag} (docs/settings.md)")

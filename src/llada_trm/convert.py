@@ -35,10 +35,12 @@ from pathlib import Path
 from typing import Any
 
 from llada_trm.config import (
+    FLAGS,
     REMOVED_LEVERS,
     RETIRED_MODEL,
     RETIRED_SECTIONS,
     RunConfig,
+    SyntheticDataConfig,
     parse_config,
     retired_settings,
 )
@@ -46,6 +48,7 @@ from llada_trm.config_files import dump_yaml
 from llada_trm.errors import ConfigError, UserError
 from llada_trm.hybrid.config import HybridConfig
 from llada_trm.io import write_text_atomic
+from llada_trm.refiners.config import DELTA_SCALE
 from llada_trm.schema import read_yaml
 
 __all__ = ["Conversion", "convert_config", "convert_path", "health_thresholds"]
@@ -105,9 +108,12 @@ def convert_config(raw: Mapping[str, Any], source: str = "<config>") -> Conversi
         runs.append(("", data))
     base = data.get("run") if compare and isinstance(data.get("run"), dict) else {}
     for prefix, run in runs:
-        convert_model_section(run, prefix, result, source, built=_built(data, prefix, compare))
+        built = _built(data, prefix, compare)
+        convert_model_section(run, prefix, result, source, built=built)
         view = run if run is base or not compare else _merged(base, run)
         _convert_moved(run, view, prefix, source, result)  # before the retired keys: it reads some
+        shared = _shared_kinds(data) if compare and prefix == "run." else built
+        convert_second_cut(run, view, prefix, source, result, shared)
         _convert_run(run, prefix, fixed, result)
     _validate(data, compare, source)
     return result
@@ -273,6 +279,27 @@ def _built(data: Mapping[str, Any], prefix: str, compare: bool) -> set[str]:
     if refiner is None:
         return both
     return set() if refiner == "none" else {str(refiner)}
+
+
+def _shared_kinds(data: Mapping[str, Any]) -> set[str]:
+    """The refiner kinds a comparison builds from its shared `run:` update scale: those of every model it
+    trains, less an arm that sets its own scale."""
+    names = data.get("refiners")
+    if not isinstance(names, list):
+        return {"mlp", "slot"}
+    base = data.get("run") if isinstance(data.get("run"), Mapping) else {}
+    arms = data.get("arms") if isinstance(data.get("arms"), Mapping) else {}
+    kinds: set[str] = set()
+    for name in names:
+        arm = arms.get(name) if isinstance(arms.get(name), Mapping) else {}
+        own = arm.get("run") if isinstance(arm.get("run"), Mapping) else {}
+        if _get(own, "model.delta_scale") is not None:
+            continue
+        refiner = str(arm.get("refiner", name))
+        integration = _get(own, "model.integration") or _get(base, "model.integration") or "replace"
+        built = {"mlp", "slot"} if integration != "replace" else ({refiner} - {"none"})
+        kinds |= {kind for kind in built if _get(own, f"model.{kind}.delta_scale") is None}
+    return kinds
 
 
 def _validate(data: dict[str, Any], compare: bool, source: str) -> None:
@@ -453,6 +480,111 @@ def _merged(base: Mapping[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
         nested = isinstance(val, Mapping) and isinstance(out.get(key), Mapping)
         out[key] = _merged(out[key], val) if nested else val
     return out
+
+
+# ------------------------------------------------------ issue 25, the cut to 50: shared, derived, flags
+# `model.{slot,mlp}.delta_scale` -> `model.delta_scale`; `model.dtype` derived; the GSM8K-style task fixed at
+# the embedded backbone's; `training.device` / `training.log_every` flags of the command (`config.FLAGS`).
+# (`training.min_lr_ratio` and `training.ema_decay` are retired constants: `_convert_run` drops or warns.)
+
+
+def convert_second_cut(
+    run: dict[str, Any], view: Mapping[str, Any], prefix: str, source: str, result: Conversion,
+    kinds: set[str],
+) -> None:
+    """Convert one run section's keys of the second cut. `view`: the run as resolved (a comparison arm's
+    over the shared `run:`); `kinds`: the refiner kinds that read this section's update scale."""
+    _convert_delta_scale(run, view, prefix, source, result, kinds)
+    _convert_dtype(run, view, prefix, result)
+    _convert_synthetic(run, view, prefix, source, result)
+    for key, flag in FLAGS.items():
+        found, value = _pop(run, key, prune=True)
+        if not found:
+            continue
+        section, name = key.split(".")
+        now = getattr(RunConfig.model_fields[section].annotation, name)
+        if _same(value, now) or (flag == "--tensorboard" and value is False):
+            result.dropped.append(f"{prefix}{key}")
+        else:
+            shown = flag if isinstance(value, bool) else f"{flag} {_show(value)}"
+            result.renamed.append(f"{prefix}{key}: {_show(value)} -> the command's flag {shown}")
+
+
+def _convert_delta_scale(
+    run: dict[str, Any], view: Mapping[str, Any], prefix: str, source: str, result: Conversion,
+    kinds: set[str],
+) -> None:
+    """The slot's and the MLP's `delta_scale` -> the one `model.delta_scale` of the refiners this section
+    configures; refused when those refiners ran at different scales (no one value is the same run)."""
+    old = {kind: _pop(run, f"model.{kind}.delta_scale", prune=True) for kind in ("slot", "mlp")}
+    present = {kind for kind, (found, _) in old.items() if found}
+    if not present:
+        return
+    scales = {kind: _get(view, f"model.{kind}.delta_scale") for kind in sorted(kinds)}
+    scales = {kind: DELTA_SCALE if value is None else value for kind, value in scales.items()}
+    if len({float(value) for value in scales.values()}) > 1:
+        shown = " and ".join(f"{prefix}model.{kind}.delta_scale={_show(v)}" for kind, v in scales.items())
+        raise ConfigError(
+            f"{source}: {shown}: both refiners share model.delta_scale now (issue 25, docs/settings.md); set "
+            "them equal (a comparison: each arm its own run.model.delta_scale), then convert"
+        )
+    used = present & kinds
+    if not used:  # it configured a refiner this run does not build
+        result.dropped += [f"{prefix}model.{kind}.delta_scale" for kind in sorted(present)]
+        return
+    value = scales[min(used)]
+    if _get(run, "model.delta_scale") is not None and not _same(value, _get(run, "model.delta_scale")):
+        raise ConfigError(
+            f"{source}: {prefix}model.delta_scale={_show(_get(run, 'model.delta_scale'))} and the old "
+            f"{prefix}model.{min(used)}.delta_scale={_show(value)} differ; keep one"
+        )
+    _set(run, "model.delta_scale", value)
+    for kind in sorted(present):
+        if kind in used:
+            result.renamed.append(f"{prefix}model.{kind}.delta_scale: {_show(value)} -> model.delta_scale")
+        else:
+            result.dropped.append(f"{prefix}model.{kind}.delta_scale")
+
+
+def _convert_dtype(run: dict[str, Any], view: Mapping[str, Any], prefix: str, result: Conversion) -> None:
+    """`model.dtype`: derived now (`build.choose_backbone_dtype`); dropped at 'auto', or at float32 where the
+    backbone trains (phases 2-3 without LoRA: what 'auto' gives there), else dropped with a warning."""
+    found, value = _pop(run, "model.dtype", prune=True)
+    if not found:
+        return
+    phase = _get(view, "training.phase") or 1
+    enabled = _get(view, "lora.enabled")  # before issue 25; since, lora.rank > 0
+    lora = enabled is True or (enabled is None and bool(_get(view, "lora.rank")))
+    if value == "auto" or (value == "float32" and phase != 1 and not lora):
+        result.dropped.append(f"{prefix}model.dtype")
+        return
+    result.warnings.append(
+        f"{prefix}model.dtype={_show(value)} dropped: derived now (fp32 when the backbone trains, bf16 under "
+        "bf16 compute, else as its checkpoint stores it or fp32; docs/settings.md); the converted run uses it"
+    )
+
+
+_SYNTHETIC_FIXED = ("min_steps", "max_steps", "max_number", "max_result")
+
+
+def _convert_synthetic(
+    run: dict[str, Any], view: Mapping[str, Any], prefix: str, source: str, result: Conversion
+) -> None:
+    """The GSM8K-style task's knobs: dropped at the fixed task's values or when another dataset is used;
+    another task is refused (the run would train and be tested on other problems)."""
+    dataset = _get(view, "data.dataset") or "synthetic"
+    for name in _SYNTHETIC_FIXED:
+        found, value = _pop(run, f"data.synthetic.{name}", prune=True)
+        if not found:
+            continue
+        fixed = getattr(SyntheticDataConfig, name)
+        if dataset == "synthetic" and not _same(value, fixed):
+            raise ConfigError(
+                f"{source}: {prefix}data.synthetic.{name}={_show(value)}: the GSM8K-style task is fixed now "
+                "at the embedded backbone's (1-2 steps, numbers up to 12, results up to 100; issue 25, "
+                "docs/settings.md); a study that varies the task uses data.dataset: arithmetic"
+            )
+        result.dropped.append(f"{prefix}data.synthetic.{name}")
 
 
 # ------------------------------------------------------------------------------------------------ files

@@ -5,7 +5,7 @@ when the folder is not there yet (before a 16 GB download), from LLaDA-8B's arch
 output says which. Printed: the freezing report, parameter counts (total / trainable), a memory estimate
 (weights, gradients and optimizer, activations, the feature cache), data counts, the resolved sampler, and
 what the real command would stop at on this machine (no CUDA, no weights, no data). No device is resolved,
-so a `training.device: cuda` config is planned on a CPU. Exit status 0 whenever the plan could be made.
+so a `--device cuda` run is planned on a CPU. Exit status 0 whenever the plan could be made.
 
 The activation figures are estimates (the formulas are in docs/llada8b.md), good to about a factor of two;
 weights, gradients, optimizer and the feature cache are exact counts of bytes.
@@ -275,9 +275,9 @@ def plan_train(run: RunConfig, echo: Echo = print, *, title: str = "train") -> d
     blockers: list[str] = []
     echo(f"{title} --dry-run: the plan; no weights read, nothing written")
     echo(f"backbone: {run.model.backbone}: built on the meta device from {source.origin}")
-    echo(_device_line(run.training.device, "training.device", blockers))
+    echo(_device_line(run.training.device, "--device", blockers))
     compute = "bf16 autocast" if bf16 else "fp32"
-    echo(f"precision: backbone {str(dtype).removeprefix('torch.')} (model.dtype {run.model.dtype}), compute "
+    echo(f"precision: backbone {str(dtype).removeprefix('torch.')} (derived), compute "
          f"{compute} (training.mixed_precision {run.training.mixed_precision}); refiners fp32")
     echo(plan.report())
     echo(_sizes(model, plan))

@@ -38,12 +38,11 @@ import torch
 from torch import Tensor
 from transformers import PreTrainedTokenizerBase
 
-from llada_trm.config import ArithmeticDataConfig, ProblemCount
-from llada_trm.config import SyntheticDataConfig as SyntheticSettings
+from llada_trm.config import ArithmeticDataConfig, ProblemCount, SyntheticDataConfig
 from llada_trm.data.arithmetic import generate_task_records
 from llada_trm.data.collate import encode_prompt, prompt_batch
 from llada_trm.data.gsm8k import DataError, GSM8KRecord, apply_split, load_gsm8k, parse_split
-from llada_trm.data.synthetic import SPLITS
+from llada_trm.data.synthetic import SPLITS, SyntheticTaskConfig
 from llada_trm.data.tokenizer import decode_generated, digit_token_ids, special_token_ids
 from llada_trm.diffusion.denoiser import add_stats, refines_masked_positions
 from llada_trm.diffusion.options import SamplingOptions
@@ -439,9 +438,10 @@ DATASETS = ("gsm8k", "synthetic", "arithmetic")
 _TASK_FIELDS = ("min_steps", "max_steps", "max_number", "max_result", "seed")
 
 
-class EvalSynthetic(SyntheticSettings):
-    """The generated task to evaluate on, and how many problems an unsliced split gives by default (the
-    run's or the backbone's `n_eval`: since issue 25 the run's count lives in `data.n_eval`)."""
+class EvalSynthetic(SyntheticTaskConfig):
+    """The generated task to evaluate on (a run's is fixed, `config.SyntheticDataConfig`; a backbone's is
+    the one it was pretrained on), and how many problems an unsliced split gives by default (the run's or
+    the backbone's `n_eval`: since issue 25 the run's count lives in `data.n_eval`)."""
 
     n_eval: ProblemCount = 100
 
@@ -456,14 +456,15 @@ def synthetic_settings(
     run_data: Any | None = None, backbone_config: Mapping[str, Any] | None = None
 ) -> EvalSynthetic | EvalArithmetic:
     """The generated task to evaluate on: the run's (its `data.arithmetic` section when the run trains on
-    the arithmetic task), else the backbone's pretraining task, else defaults."""
+    the arithmetic task), else the backbone's pretraining task, else a run's (fixed) GSM8K-style task."""
+    run_task = {name: getattr(SyntheticDataConfig, name) for name in _TASK_FIELDS}
     if run_data is not None:
         count = {"n_eval": run_data.n_eval}
         if run_data.dataset == "arithmetic":
             return EvalArithmetic.model_validate({**run_data.arithmetic.model_dump(), **count})
-        return EvalSynthetic.model_validate({**run_data.synthetic.model_dump(), **count})
+        return EvalSynthetic.model_validate({**run_task, **count})
     task = (backbone_config or {}).get("data") or {}
-    known = {key: task[key] for key in _TASK_FIELDS if key in task}
+    known = {**run_task, **{key: task[key] for key in _TASK_FIELDS if key in task}}
     if "n_eval" in task:
         known["n_eval"] = task["n_eval"]
     return EvalSynthetic.model_validate(known)
@@ -474,7 +475,7 @@ def load_eval_records(
     split: str = "test",
     *,
     data_path: str | os.PathLike[str] | None = None,
-    synthetic: SyntheticSettings | ArithmeticDataConfig | None = None,
+    synthetic: SyntheticTaskConfig | ArithmeticDataConfig | None = None,
     limit: int | None = None,
 ) -> list[GSM8KRecord]:
     """Records of `split` (HF slicing syntax, e.g. `test[:200]`), at most `limit` of them.
@@ -500,13 +501,13 @@ def load_eval_records(
         settings = synthetic if isinstance(synthetic, ArithmeticDataConfig) else ArithmeticDataConfig()
         records = _synthetic_records(split, settings, limit)
     else:
-        settings = synthetic if isinstance(synthetic, SyntheticSettings) else SyntheticSettings()
+        settings = synthetic if isinstance(synthetic, SyntheticTaskConfig) else synthetic_settings()
         records = _synthetic_records(split, settings, limit)
     return records[:limit] if limit is not None else records
 
 
 def _synthetic_records(
-    split: str, settings: SyntheticSettings | ArithmeticDataConfig, limit: int | None
+    split: str, settings: SyntheticTaskConfig | ArithmeticDataConfig, limit: int | None
 ) -> list[GSM8KRecord]:
     name, selection = parse_split(split)
     if name not in SPLITS:

@@ -11,8 +11,8 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal
 from pydantic import BeforeValidator, Field, model_validator
 
 from llada_trm.errors import ConfigError
-from llada_trm.refiners.config import RETIRED_REFINER_SETTINGS, MLPSettings, SlotSettings
-from llada_trm.schema import Int, NonNegFloat, PosInt, Section, to_int
+from llada_trm.refiners.config import DELTA_SCALE, RETIRED_REFINER_SETTINGS, MLPSettings, SlotSettings
+from llada_trm.schema import Int, NonNegFloat, PosFloat, PosInt, Section, to_int
 
 if TYPE_CHECKING:
     from llada_trm.backbone.config import LLaDAConfig
@@ -66,6 +66,9 @@ class HybridConfig(Section):
     max_recursive_steps: K, the step budget, 0..MAX_RECURSIVE_STEPS (64). In 'cascade' the budget is split,
         not doubled: the first K // 2 steps are the MLP's and the rest the slot refiner's, so `step_logits`
         always has K entries and cascade costs about what 'replace' does.
+    delta_scale: the scale of every refiner step's update (h moves by at most delta_scale x 0.5 per
+        coordinate a step; `hybrid.reachability`), one value for whichever refiners are built (the slot
+        refiner's and the MLP's were two settings before issue 25, which every comparison set equal).
     chunk_size: positions per chunk along the sequence (the last chunk may be shorter); at most the
         backbone's max_sequence_length (`check_backbone`).
     confidence_threshold: a chunk whose confidence (mean max-softmax probability of the backbone over its
@@ -87,8 +90,8 @@ class HybridConfig(Section):
         Python and one read from YAML build the same model. Ignored, and not computed, when no slot refiner
         is built.
     slot / mlp: the refiners' own knobs, `SlotSettings` / `MLPSettings` (a dict is accepted, for example
-        `slot={"n_heads": 4, "n_blocks": 1, "delta_scale": 0.05, "d_inner": 128}`); the model adds d_model,
-        num_steps and context_dim when it builds the refiners, and the architecture's constants
+        `slot={"n_heads": 4, "n_blocks": 1, "d_inner": 128}`); the model adds d_model, num_steps,
+        delta_scale and context_dim when it builds the refiners, and the architecture's constants
         (`refiners.config`). Step logits are computed while training (deep supervision reads them) and not in
         eval mode, where the sampler reads only the final logits (`LLaDATRMHybrid.refine`).
     """
@@ -96,6 +99,7 @@ class HybridConfig(Section):
     refiner: RefinerKind = "slot"
     integration: Integration = "replace"
     max_recursive_steps: Annotated[int, BeforeValidator(to_int), Field(ge=0, le=MAX_RECURSIVE_STEPS)] = 4
+    delta_scale: PosFloat = DELTA_SCALE
     chunk_size: PosInt = 16
     confidence_threshold: NonNegFloat = 0.5
     chunk_selection: Literal["confidence", "all"] = "confidence"

@@ -380,7 +380,8 @@ class LLaDATRMHybrid(nn.Module):
         self.context_layers = self._check_layers(wanted or [], bb.n_layers)
         context_width = bb.n_heads * bb.head_dim
         self.refinement_head = nn.ModuleDict()
-        derived = {"num_steps": config.max_recursive_steps}
+        # derived from the hybrid's config; the update scale is one for both refiners
+        derived = {"num_steps": config.max_recursive_steps, "delta_scale": config.delta_scale}
         slot = {**config.slot.model_dump(), "context_dim": context_width if self.context_layers else None}
         for kind in config.refiner_kinds:
             settings = slot if kind == "slot" else config.mlp.model_dump()

@@ -1,7 +1,8 @@
 """The refiners' configs, each knob declared and validated once.
 
 `SlotSettings` / `MLPSettings` are what a run sets (the `slot:` / `mlp:` sections of a run config and of
-`HybridConfig`): the few knobs a study varied. `SlotConfig` / `MLPRefinerConfig` are what a refiner is built
+`HybridConfig`): the few knobs a study varied (the update scale both share is `HybridConfig.delta_scale`).
+`SlotConfig` / `MLPRefinerConfig` are what a refiner is built
 from: those knobs, the fields the hybrid model derives (`d_model` and `context_dim` from the backbone,
 `num_steps` from `max_recursive_steps`) and the architecture's constants (slot widths as fractions of
 `d_inner`, block MLP ratio, gates, dropout, update clamp), which the Python API may still vary (the float64
@@ -20,6 +21,7 @@ from llada_trm.schema import NonNegInt, PosFloat, PosInt, Section, to_float
 __all__ = [
     "DEFAULT_MAX_HIDDEN",
     "DEFAULT_MAX_INNER",
+    "DELTA_SCALE",
     "DERIVED_FIELDS",
     "RETIRED_REFINER_SETTINGS",
     "MLPRefinerConfig",
@@ -36,6 +38,8 @@ DEFAULT_MAX_INNER = 512
 # their backbones, d_model <= 512) or `param_budget: slot`; issue 25 retired `hidden_mult` / `hidden_dim`
 # from the run schema.
 DEFAULT_MAX_HIDDEN = 1024
+# The update scale's default (`HybridConfig.delta_scale`, shared by both refiners since issue 25).
+DELTA_SCALE = 0.1
 # The architecture's constants (SlotConfig's / MLPRefinerConfig's defaults): no shipped config changed them.
 DELTA_CLAMP = 0.5
 SLOT_MLP_RATIO = 4.0
@@ -102,7 +106,6 @@ class SlotSettings(_Settings):
 
     n_heads: PosInt = 8
     n_blocks: NonNegInt = 2
-    delta_scale: PosFloat = 0.1
     d_inner: PosInt | None = None
 
 
@@ -113,10 +116,12 @@ class SlotConfig(SlotSettings, _Derived):
     context_dim: width of external (backbone) attention contexts; a learned projection maps it to d_inner
         when it differs. None: external contexts must already be d_inner wide.
     d_ctx / d_reason / d_refine / d_conf: slot widths (null: d_inner/2, /4, /4, /8).
-    mlp_ratio, dropout: the refiner's transformer blocks'; delta_clamp: the bound of each update coordinate;
+    mlp_ratio, dropout: the refiner's transformer blocks'; delta_scale: the update's scale (a run sets it
+    for both refiners: `HybridConfig.delta_scale`); delta_clamp: the bound of each update coordinate;
     use_gates: a learnable sigmoid gate per slot.
     """
 
+    delta_scale: PosFloat = DELTA_SCALE
     mlp_ratio: PosFloat = SLOT_MLP_RATIO
     delta_clamp: PosFloat = DELTA_CLAMP
     use_gates: bool = USE_GATES
@@ -165,7 +170,6 @@ class MLPSettings(_Settings):
     """
 
     param_budget: PosInt | Literal["slot"] | None = None
-    delta_scale: PosFloat = 0.1
 
 
 class MLPRefinerConfig(MLPSettings, _Derived):
@@ -176,8 +180,10 @@ class MLPRefinerConfig(MLPSettings, _Derived):
     `hidden_mult` and a numeric `param_budget` are resolved into `hidden_dim` (= round(hidden_mult * d_model),
     resp. `mlp_hidden_for_params`) and cleared.
     context_dim: width of external contexts, added through a learned projection; None: no context input.
+    delta_scale: the update's scale (a run sets it for both refiners: `HybridConfig.delta_scale`).
     """
 
+    delta_scale: PosFloat = DELTA_SCALE
     hidden_dim: PosInt | None = None
     hidden_mult: PosFloat | None = None
     delta_clamp: PosFloat = DELTA_CLAMP

@@ -192,7 +192,7 @@ class HealthMonitor:
             self._persistent(kind, False)
             return kind, (
                 f"refinement deltas exploded (delta norm {delta:.4g} > {self.t.delta_norm_max:g}). "
-                "Reduce model.slot.delta_scale (e.g. 0.1 -> 0.05) and keep training.max_grad_norm at 1.0 "
+                "Reduce model.delta_scale (e.g. 0.1 -> 0.05) and keep training.max_grad_norm at 1.0 "
                 "or less."
             )
         first, last = _number(row.get("delta_norm_first")), _number(row.get("delta_norm_last"))
@@ -202,7 +202,7 @@ class HealthMonitor:
         return kind, (
             f"the recursion diverges: the last refinement step's update is {growth:.1f}x the first's "
             f"(> {self.t.delta_growth:g}x) for {self.t.window} logged rows, so each step overshoots more. "
-            "Reduce model.slot.delta_scale (e.g. 0.1 -> 0.05) or model.max_recursive_steps, or lower "
+            "Reduce model.delta_scale (e.g. 0.1 -> 0.05) or model.max_recursive_steps, or lower "
             "training.lr."
         )
 
@@ -220,7 +220,7 @@ class HealthMonitor:
         return kind, (
             f"the loss oscillates: around its trend it varies by {rel:.0%} of its mean over the last "
             f"{len(self._loss)} logged rows (> {self.t.loss_rel_std:.0%}). Lower training.lr, reduce "
-            "model.slot.delta_scale, or raise training.gradient_accumulation_steps."
+            "model.delta_scale, or raise training.gradient_accumulation_steps."
         )
 
     def _low_confidence(self, row: Mapping[str, Any]) -> tuple[str, str | None]:
@@ -315,5 +315,5 @@ def non_finite_error(step: int, what: str, terms: Mapping[str, float], last: Pat
     )
     return NonFiniteLossError(
         f"step {step}: {what} ({detail}); the run stopped without applying this update and {kept}. "
-        "Try a lower training.lr, a smaller model.slot.delta_scale, or training.mixed_precision: fp32."
+        "Try a lower training.lr, a smaller model.delta_scale, or training.mixed_precision: fp32."
     )

@@ -268,8 +268,7 @@ def reachability_report(
     is wrong where the frozen backbone's argmax differs from the target. Returns the required bounds' summary:
     the reachable share at the run's K and budget, at K = 1..16, and the smallest sufficient delta_scale.
     """
-    settings = config.model.mlp if config.model.refiner == "mlp" else config.model.slot
-    clamp, scale, steps = DELTA_CLAMP, settings.delta_scale, config.model.max_recursive_steps
+    clamp, scale, steps = DELTA_CLAMP, config.model.delta_scale, config.model.max_recursive_steps
     backbone = model.backbone
     required: list[torch.Tensor] = []
     masked_total = 0

@@ -196,20 +196,28 @@ class PretrainConfig(_Section):
 
     def run_config(self, backbone_dir: Path) -> RunConfig:
         """The run of the one loop that trains this backbone (read from `backbone_dir`): no refiner, every
-        backbone tensor trained at `training.lr`, checkpoints and metrics CSVs in `run_dir()`."""
+        backbone tensor trained at `training.lr` (in float32: the backbone trains), checkpoints and metrics
+        CSVs in `run_dir()`. The schedule's floor and the logging interval are not run settings: `pretrain`
+        applies them around the loop (`run_constants`)."""
         opt = self.training
         return RunConfig.model_validate({
-            "model": {"backbone": str(backbone_dir), "refiner": "none", "dtype": "float32"},
+            "model": {"backbone": str(backbone_dir), "refiner": "none"},
             "data": {"max_length": self.data.max_length},  # the datasets themselves: `RunParts.datasets`
             "training": {
                 "phase": 3, "lr": opt.lr, "batch_size": opt.batch_size,
-                "max_steps": opt.steps, "warmup_steps": opt.warmup_steps, "min_lr_ratio": opt.min_lr_ratio,
-                "seed": opt.seed, "eval_every": opt.eval_every, "log_every": opt.log_every,
+                "max_steps": opt.steps, "warmup_steps": opt.warmup_steps,
+                "seed": opt.seed, "eval_every": opt.eval_every,
                 "save_every": opt.save_every, "masks": opt.masks, "mixed_precision": "fp32",
             },
             "training_params": {"trainable_modules": ["backbone"]},
             "output": {"dir": str(self.run_dir())},  # max_steps ends the run, epoch after epoch
         })  # fmt: skip
+
+    def run_constants(self) -> dict[str, Any]:
+        """The run's class constants pretraining sets (`config.fixed_settings`): the cosine's floor (a run
+        decays to 0, pretraining to `min_lr_ratio` x lr) and the training rows' interval."""
+        opt = self.training
+        return {"training.min_lr_ratio": opt.min_lr_ratio, "training.log_every": opt.log_every}
 
 
 def load_pretrain_config(

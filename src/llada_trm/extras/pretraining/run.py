@@ -33,6 +33,7 @@ import yaml
 
 from llada_trm.backbone.config import LLaDAConfig
 from llada_trm.backbone.modeling import LLaDAModel
+from llada_trm.config import fixed_settings
 from llada_trm.data import GSM8KRecord, SFTDataset, build_tokenizer, load_tokenizer, special_token_ids
 from llada_trm.data.arithmetic import generate_task_records
 from llada_trm.data.tokenizer import save_tokenizer
@@ -112,10 +113,11 @@ def pretrain(
     val_records = generate_task_records(task, n_validation, "validation")
     backbone_dir = _starting_backbone(config, run_dir, train_records)
     parts = _run_parts(config, load_tokenizer(backbone_dir), train_records, val_records)
-    trainer = Trainer(config.run_config(backbone_dir), progress=progress, parts=parts)
-    if resume and has_run(run_dir):
-        trainer.resume(run_dir)
-    summary = trainer.train()
+    with fixed_settings(config.run_constants()):  # its schedule's floor and logging interval
+        trainer = Trainer(config.run_config(backbone_dir), progress=progress, parts=parts)
+        if resume and has_run(run_dir):
+            trainer.resume(run_dir)
+        summary = trainer.train()
     stopped = bool(trainer.state.extra.get("stopped_early"))
     if stopped:
         say(f"every training.stop_at target met at step {trainer.state.step}: stopping early")
