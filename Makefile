@@ -28,9 +28,10 @@ $(VENV)/.installed: pyproject.toml $(CONSTRAINTS)
 
 setup: $(VENV)/.installed
 
-# --force: a second `make run` archives the previous runs/compare (as runs/compare.old-<time>) first.
+# --force: a second `make run` archives the previous runs/compare (as runs/compare.old-<time>) first;
+# --device cpu: the main job's numbers are the CPU's, also on a machine with a GPU.
 run: setup
-	$(VENV)/bin/llada-trm compare --config configs/compare_tiny.yaml --force
+	$(VENV)/bin/llada-trm compare --config configs/compare_tiny.yaml --force --device cpu
 
 test: setup
 	$(PY) -m pytest

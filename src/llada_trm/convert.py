@@ -420,6 +420,9 @@ def _convert_splits(
     task: dropped). Only slices the counts express convert: the head of train, and its tail for validation."""
     has_train, train = _pop(run, "data.train_split", prune=True)
     has_eval, evaluation = _pop(run, "data.eval_split", prune=True)
+    counted = _get(run, "data.n_train") is not None or _get(run, "data.n_eval") is not None
+    if not (has_train or has_eval) and counted:  # a current file: its counts say it (no slice defaults)
+        return
     if dataset != "gsm8k":
         found = (("train_split", has_train), ("eval_split", has_eval))
         result.dropped += [f"{prefix}data.{key}" for key, has in found if has]
@@ -516,12 +519,13 @@ def _convert_delta_scale(
 ) -> None:
     """The slot's and the MLP's `delta_scale` -> the one `model.delta_scale` of the refiners this section
     configures; refused when those refiners ran at different scales (no one value is the same run)."""
+    # read before popping: `view` may be `run` itself
+    scales = {kind: _get(view, f"model.{kind}.delta_scale") for kind in sorted(kinds)}
+    scales = {kind: DELTA_SCALE if value is None else value for kind, value in scales.items()}
     old = {kind: _pop(run, f"model.{kind}.delta_scale", prune=True) for kind in ("slot", "mlp")}
     present = {kind for kind, (found, _) in old.items() if found}
     if not present:
         return
-    scales = {kind: _get(view, f"model.{kind}.delta_scale") for kind in sorted(kinds)}
-    scales = {kind: DELTA_SCALE if value is None else value for kind, value in scales.items()}
     if len({float(value) for value in scales.values()}) > 1:
         shown = " and ".join(f"{prefix}model.{kind}.delta_scale={_show(v)}" for kind, v in scales.items())
         raise ConfigError(
