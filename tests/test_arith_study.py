@@ -29,7 +29,7 @@ def tiny(backbone_dir: Path, out: Path) -> list[str]:
         "run.model.backbone": backbone_dir,
         "run.data.n_train": 16, "run.data.n_eval": 4,
         "run.training.max_steps": 2, "run.training.batch_size": 4, "run.training.warmup_steps": 1,
-        "run.training.eval_every": 2, "run.training.log_every": 1,
+        "run.training.eval_every": 2,
         "run.sampling.gen_length": 16, "run.sampling.block_length": 8,
         "run.sampling.steps": 4, "evaluation.n_problems": 3, "output.dir": out,
     }  # fmt: skip
@@ -53,7 +53,7 @@ def test_the_study_configs_validate_and_share_the_backbones_task() -> None:
     k4 = study.run_for("slot_k4", 0, ".")
     assert (k4.training.masks, k4.model.chunk_selection) == ("answer_structure", "all")
     assert k4.model.halting == "none"
-    assert k4.model.slot.delta_scale == 0.5
+    assert k4.model.delta_scale == 0.5
     assert study.run_for("mlp_matched", 0, ".").model.mlp.param_budget == "slot"
     assert study.trained_backbone() == ["phase2_top"]
     assert study.run.sampling.digit_order == "confidence" and lsd.run.sampling.digit_order == "lsd_first"

@@ -92,6 +92,6 @@ def test_resume_dir_names_the_output_directory():
         "a.b=1", "output.dir=runs/bb"
     ]
     assert _output_overrides(args(resume=True)) == ["a.b=1"]  # no DIR: the config's own output.dir
-    assert _output_overrides(args(out="runs/x", resume="runs/x/", device="cpu"), "run.training.device") == [
-        "a.b=1", "output.dir=runs/x", "run.training.device=cpu"
-    ]
+    assert _output_overrides(args(out="runs/x", resume="runs/x/", device="cpu")) == [
+        "a.b=1", "output.dir=runs/x"
+    ]  # --device is a flag of the command, not a --set (`cli._run_flags`)

@@ -132,7 +132,7 @@ def test_compare_refuses_a_test_split_that_overlaps_validation(backbone_dir, tmp
 
 
 def test_check_test_split_names_the_overlap():
-    run = parse_config({"data": {"n_train": 30, "n_eval": 6, "synthetic": {"max_steps": 2}}})
+    run = parse_config({"data": {"n_train": 30, "n_eval": 6}})
     test = generate_problems(run.data.synthetic, 5, "test")
     assert check_test_split(run, test)["overlaps"] == 0
     train = generate_problems(run.data.synthetic, 30, "train")

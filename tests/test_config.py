@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from llada_trm.build import build_records
-from llada_trm.config import RunConfig, load_config, parse_config, parse_override, save_config
+from llada_trm.config import RunConfig, fixed_settings, load_config, parse_config, parse_override, save_config
 from llada_trm.convert import convert_path
 from llada_trm.data import SyntheticTaskConfig
 from llada_trm.errors import ConfigError
@@ -42,10 +42,10 @@ def write(tmp_path: Path, text: str, name: str = "run.yaml") -> Path:
 def test_yaml11_exponent_without_dot_loads_as_float(tmp_path):
     # Regression: PyYAML reads `5e-4` as the string '5e-4' (YAML 1.1 needs a dot); the schema must coerce it.
     assert isinstance(yaml.safe_load("lr: 5e-4")["lr"], str)
-    text = "training:\n  lr: 5e-4\n  ema_decay: 1e-1\n  backbone_lr: 1e-5\n"
+    text = "training:\n  lr: 5e-4\n  backbone_lr: 1e-5\nmodel:\n  delta_scale: 1e-1\n"
     config = load_config(write(tmp_path, text))
     assert isinstance(config.training.lr, float) and config.training.lr == pytest.approx(5e-4)
-    assert config.training.ema_decay == pytest.approx(0.1)
+    assert config.model.delta_scale == pytest.approx(0.1)
     assert config.training.backbone_lr == pytest.approx(1e-5)
 
 
@@ -128,13 +128,13 @@ def test_missing_file_and_bad_yaml(tmp_path):
 def test_cross_field_rules():
     with pytest.raises(ConfigError, match="needs data.path"):
         parse_config({"data": {"dataset": "gsm8k"}})
-    with pytest.raises(ConfigError, match=r"min_steps \(4\) must not exceed max_steps \(2\)"):
-        parse_config({"data": {"synthetic": {"min_steps": 4, "max_steps": 2}}})
+    with pytest.raises(ConfigError, match=r"min_digits \(4\) must not exceed max_digits \(2\)"):
+        parse_config({"data": {"arithmetic": {"min_digits": 4, "max_digits": 2}}})
 
 
 def test_round_trip_through_yaml(tmp_path):
     config = parse_config(
-        {"training": {"lr": "5e-4", "ema_decay": "1e-1"}, "model": {"context_layers": [2, -1]}}
+        {"training": {"lr": "5e-4"}, "model": {"context_layers": [2, -1], "delta_scale": "1e-1"}}
     )
     path = save_config(config, tmp_path / "out" / "config.yaml")
     again = load_config(path)
@@ -179,7 +179,7 @@ def test_seed_configs_keep_the_original_settings():
     assert cpu.model.max_recursive_steps == 2 and cpu.training.max_steps == 2 * 63  # 2 epochs
     for recipe in (gpu, cpu):  # issue 24's recipe: the masks, every chunk, all K steps, the larger budget
         assert recipe.training.masks == "answer_structure" and recipe.model.chunk_selection == "all"
-        assert recipe.model.halting == "none" and recipe.model.slot.delta_scale == 0.5
+        assert recipe.model.halting == "none" and recipe.model.delta_scale == 0.5
 
 
 # ------------------------------------------------------------------ the model-side types, embedded once
@@ -198,28 +198,31 @@ def test_the_run_schema_embeds_the_model_side_types():
 
 def test_model_side_validation_names_the_yaml_key(tmp_path):
     cases = {
-        "model:\n  slot:\n    delta_scale: 0\n": "model.slot.delta_scale: input should be greater than 0",
+        "model:\n  delta_scale: 0\n": "model.delta_scale: input should be greater than 0",
         "model:\n  slot:\n    num_steps: 2\n": "model.slot: may not set ['num_steps']: the hybrid model",
         "model:\n  mlp:\n    hidden_dim: 8\n": "model.mlp.hidden_dim: a retired setting, fixed now",
         "model:\n  context_layers: [1, 1]\n": "model: context_layers lists a layer twice",
-        "data:\n  synthetic:\n    max_number: 1\n": "data.synthetic.max_number: input should be greater than",
+        "data:\n  arithmetic:\n    max_digits: 0\n": "data.arithmetic.max_digits: input should be greater",
     }
     for text, expected in cases.items():
         with pytest.raises(ConfigError) as info:
             load_config(write(tmp_path, text, name="m.yaml"))
         assert str(info.value).startswith(f"{tmp_path / 'm.yaml'}: {expected}"), str(info.value)
     # built in Python, the same check names the class and field instead
-    with pytest.raises(ConfigError, match=r"^SlotSettings\.delta_scale: input should be greater than 0"):
-        SlotSettings(delta_scale=0)
+    with pytest.raises(ConfigError, match=r"^HybridConfig\.delta_scale: input should be greater than 0"):
+        HybridConfig(delta_scale=0)
 
 
-def test_generator_knobs_are_run_config_keys():
-    task = {"min_steps": 1, "max_steps": 1}
-    config = parse_config({"data": {"synthetic": task, "n_train": 20, "n_eval": 0}})
-    assert config.data.synthetic.max_steps == 1
-    train, evaluation = build_records(config.data)
+def test_the_generated_task_is_the_embedded_backbones_and_reaches_the_generator():
+    config = parse_config({"data": {"n_train": 20, "n_eval": 0}})
+    task = config.data.synthetic
+    assert (task.min_steps, task.max_steps, task.max_number, task.max_result) == (1, 2, 12, 100)
+    with fixed_settings({"data.synthetic.max_steps": 1}):  # the hook a study of the task would use
+        train, evaluation = build_records(config.data)
     assert len(train) == 20 and evaluation == []
     assert all(r.answer.count("<<") == 1 for r in train)  # one calculator line: one step
+    arithmetic = parse_config({"data": {"dataset": "arithmetic", "arithmetic": {"max_chain": 2}}})
+    assert arithmetic.data.generated().max_chain == 2  # the arithmetic task's knobs stay settings
 
 
 def test_a_config_yaml_written_before_the_embedding_still_loads(tmp_path):

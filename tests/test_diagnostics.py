@@ -164,8 +164,8 @@ def test_the_report_renders_each_models_column_and_the_plot(tmp_path):
 def test_the_sampler_reports_the_backbones_own_argmax(variant: str, cfg_scale: float):
     """Greedy: outside refined chunks every commit is the backbone's argmax; inside, the refiner moves some
     (its update bound widened so that it can: 4 x the clamp 0.5)."""
-    slot = {"n_heads": 2, "n_blocks": 1, "delta_scale": 4.0}
-    model = _hybrid(confidence_threshold=0.9, max_recursive_steps=3, slot=slot)
+    slot = {"n_heads": 2, "n_blocks": 1}
+    model = _hybrid(confidence_threshold=0.9, max_recursive_steps=3, delta_scale=4.0, slot=slot)
     events: list[StepEvent] = []
     _run(model, variant, events.append, cfg_scale=cfg_scale)
     moved = 0

@@ -59,7 +59,7 @@ def run_config(backbone_dir: Path, out: Path, *, threshold: float = 1.5, **train
     """16 examples, 2 epochs; 2 accumulated micro-batches per step; validation every 2 steps."""
     training = {
         "lr": 3e-3, "batch_size": 4, "gradient_accumulation_steps": 2, "max_steps": 4, "warmup_steps": 1,
-        "log_every": 1, "eval_every": 2, "save_every": 3, "device": "cpu", "seed": 0,
+        "eval_every": 2, "save_every": 3, "seed": 0,
         **training,
     }
     return {
@@ -76,7 +76,6 @@ def run_config(backbone_dir: Path, out: Path, *, threshold: float = 1.5, **train
             "max_length": PAD_TO,
             "n_train": 16,
             "n_eval": 4,
-            "synthetic": {"max_steps": 2, "max_number": 10},
         },
         "training": training,
         "output": {"dir": str(out)},
@@ -114,8 +113,9 @@ def fixed_input(backbone_dir: Path) -> torch.Tensor:
 
 def _worker(index: int, port: int, backbone_dir: str, out: str) -> None:
     """One rank of every distributed scenario, keeping snapshots of `last` (the retired `output.keep_last`,
-    set through its hook in this spawned process)."""
-    with fixed_settings({"output.keep_last": 2}):
+    set through its hook in this spawned process), on the CPU and logging every step (the flags
+    `--device cpu --log-every 1`, which tests/conftest.py sets in the parent)."""
+    with fixed_settings({"output.keep_last": 2, "training.device": "cpu", "training.log_every": 1}):
         _scenarios(index, port, backbone_dir, out)
 
 

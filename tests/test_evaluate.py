@@ -245,11 +245,12 @@ def test_synthetic_records_are_held_out_deterministic_and_prefix_stable():
 def test_synthetic_settings_follow_the_run_then_the_backbone():
     from llada_trm.config import RunConfig
 
-    run = RunConfig.model_validate({"data": {"synthetic": {"max_number": 7}}})
-    assert synthetic_settings(run.data).max_number == 7
-    backbone = {"data": {"max_number": 12, "max_steps": 3, "vocab_size": 1024, "n_eval": 40}}
-    settings = synthetic_settings(None, backbone)
-    assert (settings.max_number, settings.max_steps, settings.n_eval) == (12, 3, 40)
+    run = RunConfig.model_validate({"data": {"n_eval": 7}})
+    task = synthetic_settings(run.data)  # the run's task: fixed at the embedded backbone's since issue 25
+    assert (task.max_steps, task.max_number, task.max_result, task.n_eval) == (2, 12, 100, 7)
+    backbone = {"data": {"max_number": 20, "max_steps": 3, "vocab_size": 1024, "n_eval": 40}}
+    settings = synthetic_settings(None, backbone)  # a backbone pretrained on another task: its own
+    assert (settings.max_number, settings.max_steps, settings.max_result, settings.n_eval) == (20, 3, 100, 40)
     assert synthetic_settings().max_number == RunConfig().data.synthetic.max_number
 
 

@@ -48,11 +48,18 @@ def backbone_dir(tmp_path_factory) -> Path:
     return tiny_backbone(tmp_path_factory)
 
 
+@pytest.fixture(autouse=True)
+def log_every_two_steps():
+    """`--log-every 2` for these runs (the forked trainers inherit it)."""
+    with fixed_settings({"training.log_every": 2}):
+        yield
+
+
 def write_config(tmp_path: Path, backbone_dir: Path, out: Path) -> Path:
     # 24 examples / batch 4 = 6 steps per epoch, 2 epochs; validation every 4 steps ('best' moves), every
     # step saved and snapshotted (keep 2: every save also prunes).
     raw = run_config(backbone_dir, out, batch_size=4, max_steps=12, warmup_steps=2)
-    raw["training"].update(log_every=2, eval_every=4, save_every=1)
+    raw["training"].update(eval_every=4, save_every=1)  # a row every 2 steps: `log_every_two_steps`
     path = tmp_path / f"{out.name}.yaml"
     path.write_text(yaml.safe_dump(raw))
     return path

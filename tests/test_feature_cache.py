@@ -226,10 +226,9 @@ def run_config(backbone_dir: Path, out: Path, **advanced) -> dict:
             "max_length": 128,
             "n_train": 12,
             "n_eval": 0,
-            "synthetic": {"max_steps": 2, "max_number": 10},
         },
         "training": {
-            "batch_size": 4, "max_steps": 6, "device": "cpu", "seed": 0, "log_every": 1, "eval_every": 0,
+            "batch_size": 4, "max_steps": 6, "seed": 0, "eval_every": 0,
             "save_every": 0, "warmup_steps": 1,
         },  # 2 epochs of 3 steps
         "advanced": {"feature_cache": True, **advanced},

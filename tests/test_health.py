@@ -72,7 +72,7 @@ def test_dead_gate():
 
 def test_delta_explosion_absolute_and_across_steps():
     issued = run(monitor(delta_norm_max=10.0), [HEALTHY, dict(HEALTHY, delta_norm=50.0)])
-    assert kinds(issued) == {"delta_explosion"} and "model.slot.delta_scale" in issued[0]
+    assert kinds(issued) == {"delta_explosion"} and "model.delta_scale" in issued[0]
     assert kinds(run(monitor(), [dict(HEALTHY, delta_norm=float("nan"))])) == {"delta_explosion"}
     diverging = dict(HEALTHY, delta_norm_first=0.01, delta_norm_last=0.5)  # each step overshoots more
     assert run(monitor(), [diverging] * 4) == []  # not yet persistent

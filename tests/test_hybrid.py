@@ -133,16 +133,19 @@ def test_context_layer_out_of_range():
 
 # A value other than the default for every knob: a new knob needs its entry here, and then this test checks
 # that it travels from the config (YAML's `model.slot` / `model.mlp`) into the refiner that is built.
-SLOT_KNOBS = {"n_heads": 4, "n_blocks": 1, "delta_scale": 0.2, "d_inner": 16}
-MLP_KNOBS = {"delta_scale": 0.2}
+SLOT_KNOBS = {"n_heads": 4, "n_blocks": 1, "d_inner": 16}
+MLP_KNOBS: dict[str, object] = {}  # its width knob, param_budget, is checked below
 
 
 def test_every_refiner_knob_reaches_the_built_refiner():
     assert set(SLOT_KNOBS) == set(type(HybridConfig().slot).model_fields)
     assert set(MLP_KNOBS) | {"param_budget"} == set(type(HybridConfig().mlp).model_fields)
-    config = HybridConfig(integration="cascade", max_recursive_steps=3, slot=SLOT_KNOBS, mlp=MLP_KNOBS)
+    config = HybridConfig(
+        integration="cascade", max_recursive_steps=3, delta_scale=0.2, slot=SLOT_KNOBS, mlp=MLP_KNOBS
+    )
     model = LLaDATRMHybrid(tiny_backbone(), config)
     slot, mlp = model.refinement_head["slot"].config, model.refinement_head["mlp"].config
+    assert slot.delta_scale == mlp.delta_scale == 0.2  # one model.delta_scale reaches both refiners
     assert {name: getattr(slot, name) for name in SLOT_KNOBS} == SLOT_KNOBS
     assert {name: getattr(mlp, name) for name in MLP_KNOBS} == MLP_KNOBS
     assert (slot.d_model, slot.num_steps, slot.context_dim) == (D, 3, D)  # derived: backbone, K, contexts

@@ -13,7 +13,7 @@ from tiny_assets import run_config, tiny_backbone
 from llada_trm.backbone.checkpoint import stored_dtype
 from llada_trm.backbone.modeling import LLaDAModel
 from llada_trm.build import backbone_dtype
-from llada_trm.config import parse_config
+from llada_trm.config import fixed_settings, parse_config
 from llada_trm.evaluate.loading import load_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
@@ -94,8 +94,8 @@ def test_training_auto_dtype_reads_the_checkpoint(
     trained = parse_config(run_config(bf16_sharded, tmp_path / "run", phase=2))
     assert backbone_dtype(trained, None) == torch.float32  # a backbone that trains keeps fp32 weights
     raw = run_config(bf16_sharded, tmp_path / "run")
-    told = parse_config({**raw, "model": {**raw["model"], "dtype": "float32"}})
-    assert backbone_dtype(told, None) == torch.float32
+    with fixed_settings({"model.dtype": "float32"}):  # derived since issue 25; the hook still reaches it
+        assert backbone_dtype(parse_config(raw), None) == torch.float32
     fp32 = parse_config(run_config(backbone, tmp_path / "run"))
     assert backbone_dtype(fp32, None) == torch.float32  # an fp32 checkpoint on a CPU: unchanged
     assert backbone_dtype(fp32, torch.bfloat16) == torch.bfloat16  # under bf16 autocast: as before
@@ -215,7 +215,8 @@ def _run_cli(argv: list[str], capsys) -> tuple[int, str]:
 
 def test_train_dry_run_plans_the_8b_recipe_on_a_cpu_without_weights(tmp_path: Path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)  # no checkpoints/ and no data/ here: nothing downloaded
-    code, out = _run_cli(["train", "--config", str(REPO / RECIPES[0]), "--dry-run"], capsys)
+    argv = ["train", "--config", str(REPO / RECIPES[0]), "--device", "cuda", "--dry-run"]  # plan for its GPU
+    code, out = _run_cli(argv, capsys)
     assert code == 0, out
     assert "LLaDA-8B's architecture constants" in out  # says where the architecture came from
     assert "phase 1: backbone frozen" in out and "8,028.7M total, 13.157M trainable" in out
@@ -224,7 +225,7 @@ def test_train_dry_run_plans_the_8b_recipe_on_a_cpu_without_weights(tmp_path: Pa
         assert part in out
     assert "sampler: gen_length 256, steps 256, block_length 32, remasking low_confidence" in out
     assert "data: cannot count" in out and "data/gsm8k: no such file or folder" in out
-    assert "training.device: cuda, and this machine has no CUDA device" in out or torch.cuda.is_available()
+    assert "--device: cuda, and this machine has no CUDA device" in out or torch.cuda.is_available()
     assert list(tmp_path.iterdir()) == []  # nothing written
 
 

@@ -26,8 +26,7 @@ def backbone_dir(tmp_path_factory) -> Path:
 def raw_config(backbone_dir: Path, out: Path, lora: dict | None = None, **training) -> dict:
     training = {
         "phase": 2, "unfreeze_last_n_layers": 1, "lr": 3e-3, "backbone_lr": 1e-2, "batch_size": 4,
-        "max_steps": 4, "warmup_steps": 1, "log_every": 1, "eval_every": 0, "save_every": 2,
-        "device": "cpu", "seed": 0, **training,
+        "max_steps": 4, "warmup_steps": 1, "eval_every": 0, "save_every": 2, "seed": 0, **training,
     }
     return {
         "model": {
@@ -42,7 +41,6 @@ def raw_config(backbone_dir: Path, out: Path, lora: dict | None = None, **traini
             "max_length": 128,
             "n_train": 24,
             "n_eval": 4,
-            "synthetic": {"max_steps": 2, "max_number": 10},
         },
         "training": training,
         "lora": {"rank": 4, **(lora or {})},

@@ -24,12 +24,12 @@ def backbone_dir(tmp_path_factory):
 
 
 def test_train_piped_prints_plain_lines_every_log_every_steps(backbone_dir, tmp_path, capfd):
-    """stderr captured (not a terminal), no flag: one line per log_every steps, one per validation, no \\r."""
+    """stderr captured (not a terminal), no flag: one line per --log-every steps, one per validation, no
+    \\r (the flag reaches the loop: tests/conftest.py's default is every step)."""
     config = tmp_path / "run.yaml"
-    raw = run_config(backbone_dir, tmp_path / "out", refiner="mlp", max_steps=4, log_every=2,
-                     eval_every=2)
+    raw = run_config(backbone_dir, tmp_path / "out", refiner="mlp", max_steps=4, eval_every=2)
     config.write_text(yaml.safe_dump(raw))
-    assert main(["train", "--config", str(config)]) == 0
+    assert main(["train", "--config", str(config), "--log-every", "2"]) == 0
     err = capfd.readouterr().err
     assert "\r" not in err, "a progress bar redraw reached a log"
     lines = err.splitlines()
@@ -45,7 +45,7 @@ def test_no_progress_prints_the_plain_lines_on_a_terminal_too(backbone_dir, tmp_
     """--no-progress: no bar even where stderr is a terminal, but the same plain lines (not silence)."""
     monkeypatch.setattr(progress, "use_bars", lambda stream=None: not progress._force_plain)
     config = tmp_path / "run.yaml"
-    config.write_text(yaml.safe_dump(run_config(backbone_dir, tmp_path / "out", refiner="mlp", log_every=1)))
+    config.write_text(yaml.safe_dump(run_config(backbone_dir, tmp_path / "out", refiner="mlp")))
     assert main(["train", "--config", str(config), "--no-progress"]) == 0
     err = capfd.readouterr().err
     assert "\r" not in err

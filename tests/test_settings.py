@@ -26,16 +26,17 @@ from llada_trm.study.config import CompareConfig, load_compare_config
 
 FIXTURE = Path(__file__).parent / "fixtures" / "run_before_issue25"  # `llada-trm train` of commit 04476e5
 
-# The run schema's settings (leaf fields of RunConfig). Before issue 25: 150, 33 of them `model.*`.
+# The run schema's settings (leaf fields of RunConfig). Before issue 25: 150, 33 of them `model.*`; 50 now.
 # `model.*` is the hybrid's and the refiners' own schema (hybrid/config.py, refiners/config.py).
-MAX_RUN_SETTINGS = 44  # every section but model.* (117 before issue 25, 60 after its first cut)
-MAX_MODEL_SETTINGS = 16  # 33 before
+MAX_RUN_SETTINGS = 36  # every section but model.* (117 before issue 25, 60 after its first cut, then 44)
+MAX_MODEL_SETTINGS = 14  # 33 before, then 16
 
 
 def test_the_run_schema_has_about_fifty_settings_besides_the_model():
     model = settings_count(ModelConfig)
     assert model <= MAX_MODEL_SETTINGS
     assert settings_count(RunConfig) - model <= MAX_RUN_SETTINGS
+    assert settings_count(RunConfig) <= 50
     keys = settings_keys()
     assert "training.lr" in keys and "sampling.threshold" in keys and "model.slot.n_heads" in keys
     assert "advanced.health" not in {k.rsplit(".", 1)[0] for k in keys}  # no section of thresholds
@@ -90,6 +91,9 @@ def test_converting_a_run_config_of_the_old_schema(tmp_path):
     new = load_config(out)
     old = yaml.safe_load((FIXTURE / "config.yaml").read_text())
     assert new.model.slot.d_inner == 8 and new.training.max_steps == 2 and new.data.n_train == 8
+    assert new.model.delta_scale == 0.1  # the slot refiner's, now the one scale
+    assert any("training.device: cpu -> the command's flag --device cpu" in line for line in lines)
+    assert any("training.log_every: 8 -> the command's flag --log-every 8" in line for line in lines)
     fields = type(new.training).model_fields
     kept = {k: v for k, v in old["training"].items() if k in fields}
     assert new.training.model_dump() == {**kept, "max_steps": 2}
@@ -191,8 +195,8 @@ def test_the_model_section_keeps_what_studies_varied():
     keys = {k.removeprefix("model.") for k in settings_keys() if k.startswith("model.")}
     assert keys == {
         "refiner", "integration", "max_recursive_steps", "chunk_size", "confidence_threshold",
-        "chunk_selection", "halting", "context_layers", "backbone", "dtype", "slot.n_heads", "slot.n_blocks",
-        "slot.delta_scale", "slot.d_inner", "mlp.param_budget", "mlp.delta_scale",
+        "chunk_selection", "halting", "context_layers", "backbone", "delta_scale", "slot.n_heads",
+        "slot.n_blocks", "slot.d_inner", "mlp.param_budget",
     }  # fmt: skip
     assert not keys & {k.removeprefix("model.") for k in RETIRED_MODEL}
 
@@ -222,7 +226,7 @@ def test_retired_model_keys_convert_at_their_value_or_when_unused():
     cascade = {"model": {"integration": "cascade", "max_recursive_steps": 6, "cascade_mlp_steps": 3}}
     assert convert_config(cascade).dropped == ["model.cascade_mlp_steps"]  # K // 2: what a cascade does now
     shipped = convert_config({"model": {"refiner": "mlp", "mlp": {"hidden_mult": 2.0, "delta_scale": 0.5}}})
-    assert shipped.data == {"model": {"refiner": "mlp", "mlp": {"delta_scale": 0.5}}}
+    assert shipped.data == {"model": {"refiner": "mlp", "delta_scale": 0.5}}
     assert "min(2 d_model, 1024)" in shipped.warnings[0]  # the same width below d_model 512
 
 
@@ -386,3 +390,114 @@ def test_gsm8k_counts_slice_train_head_and_tail_and_never_overlap(tmp_path):
     assert train == problems[:6] and validation == problems[-3:]
     with pytest.raises(ConfigError, match=r"data.n_train \+ data.n_eval = 8 \+ 3 exceed the 10 problems"):
         build_records(parse_config({"data": {**data, "n_train": 8}}).data)
+
+
+# ----------------------------------------- issue 25, the cut to 50: one update scale, flags, derived, fixed
+
+
+def test_flags_are_not_settings_and_an_old_file_is_told_so(tmp_path):
+    from argparse import Namespace
+
+    from llada_trm.cli import _run_flags
+
+    path = tmp_path / "old.yaml"
+    path.write_text("training:\n  device: cuda\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert str(info.value) == (
+        f"{path}: training.device: a flag of the command now, not a setting: --device (docs/settings.md); "
+        f"convert the file: llada-trm convert {path} --out NEW"
+    )
+    with pytest.raises(ConfigError, match=r"^--set training.log_every: .*--log-every .*; drop the --set$"):
+        parse_config({}, overrides=["training.log_every=3"])
+    assert "device" not in settings_keys(RunConfig.model_fields["training"].annotation)
+    with _run_flags(Namespace(device="cuda", log_every=3, tensorboard=True)):  # what train/compare set
+        t, out = RunConfig().training, RunConfig().output
+        assert (t.device, t.log_every, out.tensorboard) == ("cuda", 3, True)
+    assert (RunConfig().training.device, RunConfig().training.log_every) == ("cpu", 1)  # tests/conftest.py
+
+
+def test_the_device_flag_reaches_the_plan(tmp_path, capsys):
+    path = tmp_path / "run.yaml"
+    raw = {"data": {"n_train": 8, "n_eval": 0}, "output": {"dir": str(tmp_path / "r")}}
+    path.write_text(yaml.safe_dump(raw))
+    assert main(["train", "--config", str(path), "--dry-run", "--device", "cuda"]) == 0
+    assert "device: --device = cuda -> cuda" in capsys.readouterr().out
+    assert main(["train", "--config", str(path), "--dry-run"]) == 0
+    assert "device: --device = cpu -> cpu" in capsys.readouterr().out
+
+
+def test_one_delta_scale_converts_from_the_two_refiners():
+    slot_run = convert_config({"model": {"refiner": "slot", "slot": {"delta_scale": 0.5, "n_heads": 4},
+                                         "mlp": {"delta_scale": 0.3}}})  # fmt: skip
+    assert slot_run.data == {"model": {"refiner": "slot", "slot": {"n_heads": 4}, "delta_scale": 0.5}}
+    assert slot_run.dropped == ["model.mlp.delta_scale"]  # the MLP is not built: its scale was unused
+    both = {"slot": {"delta_scale": 0.5}, "mlp": {"delta_scale": 0.5}}
+    hybrid = {"model": {"integration": "hybrid", **both}}
+    assert parse_config(convert_config(hybrid).data).model.delta_scale == 0.5
+    refused = r"^old.yaml: model.mlp.delta_scale=0.1 and model.slot.delta_scale=0.5: both refiners"
+    with pytest.raises(ConfigError, match=refused):
+        convert_config({"model": {"integration": "cascade", "slot": {"delta_scale": 0.5}}}, "old.yaml")
+    study = {  # the recipe study's shape: a shared scale, and an arm with its own
+        "run": {"model": {"slot": {"delta_scale": 0.5}, "mlp": {"delta_scale": 0.5}}},
+        "refiners": ["recipe", "mlp_recipe", "old"],
+        "arms": {"recipe": {"refiner": "slot"}, "mlp_recipe": {"refiner": "mlp"},
+                 "old": {"refiner": "slot", "run": {"model": {"slot": {"delta_scale": 0.1}}}}},
+    }  # fmt: skip
+    converted = CompareConfig.model_validate(convert_config(study).data)
+    arms = ("recipe", "mlp_recipe", "old")
+    assert [converted.run_for(name, 0, ".").model.delta_scale for name in arms] == [0.5, 0.5, 0.1]
+    with pytest.raises(ConfigError, match=r"run.model.mlp.delta_scale=0.1 and run.model.slot.delta_scale"):
+        convert_config({"run": {"model": {"slot": {"delta_scale": 0.5}}}, "refiners": ["mlp", "slot"]})
+    only_slot = convert_config({"run": {"model": {"slot": {"delta_scale": 0.5}}}, "refiners": ["slot"]})
+    assert only_slot.data["run"] == {"model": {"delta_scale": 0.5}}
+
+
+def test_the_backbone_dtype_is_derived_and_converts(tmp_path):
+    assert "model.dtype" not in settings_keys() and RunConfig().model.dtype == "auto"
+    assert convert_config({"model": {"dtype": "auto"}}).dropped == ["model.dtype"]
+    trains = convert_config({"model": {"dtype": "float32", "refiner": "none"}, "training": {"phase": 3}})
+    assert trains.dropped == ["model.dtype"] and not trains.warnings  # what 'auto' gives a trained backbone
+    frozen = convert_config({"model": {"dtype": "bfloat16"}})
+    assert frozen.warnings == [
+        "model.dtype=bfloat16 dropped: derived now (fp32 when the backbone trains, bf16 under bf16 compute, "
+        "else as its checkpoint stores it or fp32; docs/settings.md); the converted run uses it"
+    ]
+    path = tmp_path / "old.yaml"
+    path.write_text("model:\n  dtype: float32\n")
+    with pytest.raises(ConfigError, match=r"model.dtype: a retired setting, fixed now .*llada-trm convert"):
+        load_config(path)
+
+
+def test_the_synthetic_task_is_fixed_and_converts():
+    task = RunConfig().data.synthetic
+    assert (task.min_steps, task.max_steps, task.max_number, task.max_result) == (1, 2, 12, 100)
+    assert not [key for key in settings_keys() if key.startswith("data.synthetic.")]
+    same = convert_config({"data": {"synthetic": {"min_steps": 1, "max_steps": 2, "max_number": 12,
+                                                  "max_result": 100}}})  # fmt: skip
+    assert same.data == {} and len(same.dropped) == 4
+    unused = convert_config({"data": {"dataset": "arithmetic", "synthetic": {"max_steps": 4}}})
+    assert unused.data == {"data": {"dataset": "arithmetic"}}  # another task's knobs were read by nothing
+    with pytest.raises(ConfigError) as info:
+        convert_config({"data": {"synthetic": {"max_steps": 4}}}, "old.yaml")
+    assert str(info.value) == (
+        "old.yaml: data.synthetic.max_steps=4: the GSM8K-style task is fixed now at the embedded backbone's "
+        "(1-2 steps, numbers up to 12, results up to 100; issue 25, docs/settings.md); a study that varies "
+        "the task uses data.dataset: arithmetic"
+    )
+
+
+def test_the_lr_floor_and_the_ema_are_constants_pretraining_and_tests_reach():
+    from llada_trm.config import fixed_settings
+    from llada_trm.extras.pretraining.config import PretrainConfig
+
+    assert "training.min_lr_ratio" not in settings_keys() and "training.ema_decay" not in settings_keys()
+    assert (RunConfig().training.min_lr_ratio, RunConfig().training.ema_decay) == (0.0, 0.0)
+    old = convert_config({"training": {"min_lr_ratio": 0.0, "ema_decay": 0.999}})
+    assert old.dropped == ["training.min_lr_ratio"] and "training.ema_decay=0.999 dropped" in old.warnings[0]
+    pretrain = PretrainConfig()
+    assert pretrain.run_constants() == {"training.min_lr_ratio": 0.1, "training.log_every": 25}
+    run = pretrain.run_config(Path("backbone"))
+    with fixed_settings(pretrain.run_constants()):  # how `pretrain` trains it
+        assert (run.training.min_lr_ratio, run.training.log_every) == (0.1, 25)
+    assert run.model.dtype == "auto"  # a trained backbone: float32, as pretraining set it before

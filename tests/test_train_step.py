@@ -56,10 +56,10 @@ def trainer(tmp_path_factory) -> Trainer:
             "chunk_selection": "all", "halting": "none", "slot": {"n_heads": 4, "n_blocks": 1},
         },
         "data": {
-            "max_length": 128, "n_train": 16, "n_eval": 4, "synthetic": {"max_steps": 2, "max_number": 10},
+            "max_length": 128, "n_train": 16, "n_eval": 4,
         },
         "training": {
-            "phase": 1, "batch_size": 4, "gradient_accumulation_steps": 2, "device": "cpu", "seed": 0,
+            "phase": 1, "batch_size": 4, "gradient_accumulation_steps": 2, "seed": 0,
             "masks": "answer_structure", "max_steps": 2,
         },
         "output": {"dir": str(tmp_path_factory.mktemp("step") / "run")},

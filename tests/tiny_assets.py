@@ -73,7 +73,7 @@ def tiny_backbone(factory: pytest.TempPathFactory) -> Path:
 def run_config(backbone_dir: Path, out: Path, refiner: str = "slot", **training: Any) -> dict[str, Any]:
     """A raw run config (as YAML gives it) for a few phase-1 steps on the tiny backbone."""
     settings: dict[str, Any] = {"lr": 3e-3, "batch_size": 8, "max_steps": 2, "warmup_steps": 1}
-    settings.update(log_every=1, eval_every=2, save_every=0, device="cpu", seed=0)
+    settings.update(eval_every=2, save_every=0, seed=0)  # (--device cpu --log-every 1: tests/conftest.py)
     settings.update(training)
     return {
         "model": {

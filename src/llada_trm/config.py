@@ -234,6 +234,9 @@ class DataConfig(_Section):
 # ------------------------------------------------------------------------------------------------ training
 
 
+DEFAULT_DEVICE, DEFAULT_LOG_EVERY = "auto", 10  # `--device`, `--log-every` unless given (`FLAGS`)
+
+
 class TrainingConfig(_Section):
     """Optimisation: phase, learning rates, batch geometry, schedule and bookkeeping intervals.
 
@@ -285,8 +288,8 @@ class TrainingConfig(_Section):
     # Flags of the command, not settings (issue 25; `FLAGS`): where the run computes (auto: cuda when torch
     # sees one, else cpu; under torchrun each rank its own GPU) and how often it logs a training row.
     # `llada-trm train --device/--log-every` (and `compare --device`) set them for the command.
-    device: ClassVar[str] = "auto"
-    log_every: ClassVar[int] = 10
+    device: ClassVar[str] = DEFAULT_DEVICE
+    log_every: ClassVar[int] = DEFAULT_LOG_EVERY
 
 
 class TrainingParamsConfig(_Section):
@@ -508,13 +511,13 @@ REPLACED: dict[str, str] = {
     "model.mlp.delta_scale": "model.delta_scale (one update scale for both refiners)",
 }
 
-# Settings that became flags of the command (issue 25): old key -> the flag. Each is a class constant of its
-# section, which the command sets for its own duration (`fixed_settings`); the run's config.yaml does not
-# record them (where a run computes and how often it logs do not make it another run).
-FLAGS: dict[str, str] = {
-    "training.device": "--device",
-    "training.log_every": "--log-every",
-    "output.tensorboard": "--tensorboard",
+# Settings that became flags of the command (issue 25): old key -> (the flag, its default). Each is a class
+# constant of its section, which the command sets for its own duration (`fixed_settings`); the run's
+# config.yaml does not record them (where a run computes and how often it logs do not make it another run).
+FLAGS: dict[str, tuple[str, Any]] = {
+    "training.device": ("--device", DEFAULT_DEVICE),
+    "training.log_every": ("--log-every", DEFAULT_LOG_EVERY),
+    "output.tensorboard": ("--tensorboard", False),
 }
 
 
@@ -621,5 +624,5 @@ register_retired([*retired_settings(), *RETIRED_SECTIONS])
 register_retired(REMOVED_LEVERS, "a lever removed with its code (docs/levers.md)")
 for _old, _new in REPLACED.items():
     register_retired([_old], f"replaced by {_new} (docs/settings.md)")
-for _old, _flag in FLAGS.items():
+for _old, (_flag, _) in FLAGS.items():
     register_retired([_old], f"a flag of the command now, not a setting: {_flag} (docs/settings.md)")

@@ -500,13 +500,11 @@ def convert_second_cut(
     _convert_delta_scale(run, view, prefix, source, result, kinds)
     _convert_dtype(run, view, prefix, result)
     _convert_synthetic(run, view, prefix, source, result)
-    for key, flag in FLAGS.items():
+    for key, (flag, default) in FLAGS.items():
         found, value = _pop(run, key, prune=True)
         if not found:
             continue
-        section, name = key.split(".")
-        now = getattr(RunConfig.model_fields[section].annotation, name)
-        if _same(value, now) or (flag == "--tensorboard" and value is False):
+        if _same(value, default):
             result.dropped.append(f"{prefix}{key}")
         else:
             shown = flag if isinstance(value, bool) else f"{flag} {_show(value)}"

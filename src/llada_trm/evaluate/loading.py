@@ -370,7 +370,19 @@ def export_run_config(directory: Path, section: dict[str, Any]) -> RunConfig:
         "sampling": sampling,
         **({"training": {"batch_size": batch}} if batch is not None else {}),
     }
-    return parse_config(raw, source=f"{directory / 'config.json'}: {EXPORT_KEY}")
+    source = f"{directory / 'config.json'}: {EXPORT_KEY}"
+    _export_second_cut(raw, source)
+    return parse_config(raw, source=source)
+
+
+def _export_second_cut(raw: dict[str, Any], source: str) -> None:
+    """An export written before the settings' second cut (issue 25) records the refiners' two update scales,
+    the backbone dtype and the GSM8K-style task's knobs: converted as `llada-trm convert` does."""
+    from llada_trm.convert import Conversion, convert_second_cut
+
+    built = {key: raw["model"][key] for key in ("refiner", "integration") if key in raw["model"]}
+    kinds = set(HybridConfig(**built).refiner_kinds)
+    convert_second_cut(raw, raw, "", source, Conversion(raw), kinds)
 
 
 def _export_data(data: dict[str, Any]) -> dict[str, Any]:
