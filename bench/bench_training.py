@@ -242,8 +242,7 @@ def run_case(  # noqa: PLR0913 (knobs of one benchmark case, each passed by name
     name, model, config, backbone_dir = case.name, case.model, case.config, case.backbone_dir
     print(f"\n== {name}: {steps} steps of batch {batch_size}", flush=True)
     tokenizer = load_tokenizer(backbone_dir)
-    data = config.data.model_copy(update={"synthetic": config.data.synthetic.model_copy(
-        update={"n_train": steps * batch_size, "n_eval": 0})})
+    data = config.data.model_copy(update={"n_train": steps * batch_size, "n_eval": 0})
     dataset, _ = build_datasets(data, tokenizer)
     order_flat = EpochSampler(len(dataset), seed=config.training.seed).indices()
     order = [order_flat[i : i + batch_size] for i in range(0, len(order_flat), batch_size)][:steps]

@@ -103,8 +103,8 @@ result "$(grep -E '[0-9]+ (passed|failed|skipped)' "$OUT/compile_test.log" | tai
 
 RUN="$OUT/train"
 step train_bf16 40 "$PY" -m llada_trm train --config configs/tiny_refiner.yaml \
-    --set training.device="$DEVICE" --set training.mixed_precision=bf16 --set training.max_steps=20 \
-    --set training.eval_every=10 --set training.save_every=10 --set training.log_every=5 \
+    --device "$DEVICE" --set training.mixed_precision=bf16 --set training.max_steps=20 \
+    --set training.eval_every=10 --set training.save_every=10 --log-every 5 \
     --out "$RUN" --no-progress
 result "$(grep -o 'device [a-z0-9:]*, autocast [a-z0-9.]*' "$OUT/train_bf16.log" | tail -n 1); \
 $(grep -o 'train loss [0-9.]*; val loss [0-9.]*' "$OUT/train_bf16.log" | tail -n 1)\

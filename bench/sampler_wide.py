@@ -65,11 +65,9 @@ def build(args: argparse.Namespace, config_path: Any) -> LLaDATRMHybrid:
     update: dict[str, Any] = {
         "integration": "hybrid", "max_recursive_steps": 4, "chunk_selection": args.wide_selection,
         "halting": getattr(args, "halting", None) or "none", "confidence_threshold": 0.5,
-        "slot": base.slot.model_copy(update={"delta_scale": 0.5}),  # delta_clamp 0.5: the constant
+        "delta_scale": 0.5,  # both refiners' (delta_clamp 0.5: the constant)
         # 2 x d_model wide (the run schema's MLP is capped at 1024): sized by its parameter count
-        "mlp": base.mlp.model_copy(
-            update={"param_budget": mlp_parameter_count(d, 2 * d), "delta_scale": 0.5}
-        ),
+        "mlp": base.mlp.model_copy(update={"param_budget": mlp_parameter_count(d, 2 * d)}),
     }  # fmt: skip
     torch.manual_seed(0)
     return LLaDATRMHybrid(backbone, base.model_copy(update=update)).eval()

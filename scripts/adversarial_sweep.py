@@ -307,9 +307,9 @@ def core_cases() -> list[Case]:  # noqa: PLR0915 - one flat list is the easiest 
             "config: task too small for n_train",
             lambda x: _train(
                 x,
-                "data.synthetic.max_number=1",
-                "data.synthetic.max_steps=1",
-                "data.synthetic.min_steps=1",
+                "data.dataset=arithmetic",  # 1-digit single lines: 200 problems at most
+                "data.arithmetic.max_digits=1",
+                "data.arithmetic.max_chain=1",
                 "data.n_train=5000",
             ),
             timeout=120,

@@ -19,7 +19,6 @@ from llada_trm.backbone.config import LLaDAConfig
 from llada_trm.backbone.modeling import LLaDAModel
 from llada_trm.data import SyntheticTaskConfig, build_tokenizer, generate_problems, special_token_ids
 
-TINY_TASK = {"max_steps": 2, "max_number": 10}
 TINY_COUNTS = {"n_train": 24, "n_eval": 8}
 # Sampler settings small enough for a random model: 2 blocks of 8 tokens, 2 steps each.
 TINY_SAMPLING = {"gen_length": 16, "block_length": 8, "steps": 4}
@@ -85,7 +84,7 @@ def run_config(backbone_dir: Path, out: Path, refiner: str = "slot", **training:
             "context_layers": [-1],
             "slot": {"n_heads": 2, "n_blocks": 1},
         },
-        "data": {"max_length": 128, **TINY_COUNTS, "synthetic": dict(TINY_TASK)},
+        "data": {"max_length": 128, **TINY_COUNTS},  # the run's task: the embedded backbone's (fixed)
         "training": settings,
         "output": {"dir": str(out)},
     }
