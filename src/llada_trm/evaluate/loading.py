@@ -46,9 +46,9 @@ from llada_trm.assets import EMBEDDED_NAME, embedded_backbone_dir
 from llada_trm.backbone.fingerprint import directory_fingerprint
 from llada_trm.backbone.lora import attach_run_lora, merge_lora
 from llada_trm.build import build_model, inference_dtype, load_hybrid, resolve_backbone_dir
-from llada_trm.config import RunConfig, parse_config
+from llada_trm.config import RunConfig, SyntheticDataConfig, parse_config
 from llada_trm.diffusion.options import SamplingOptions
-from llada_trm.errors import CheckpointError
+from llada_trm.errors import CheckpointError, ConfigError
 from llada_trm.evaluate.evaluator import Answers, answer_questions
 from llada_trm.hybrid.config import HybridConfig
 from llada_trm.hybrid.model import LLaDATRMHybrid
@@ -376,13 +376,30 @@ def export_run_config(directory: Path, section: dict[str, Any]) -> RunConfig:
 
 
 def _export_second_cut(raw: dict[str, Any], source: str) -> None:
-    """An export written before the settings' second cut (issue 25) records the refiners' two update scales,
-    the backbone dtype and the GSM8K-style task's knobs: converted as `llada-trm convert` does."""
-    from llada_trm.convert import Conversion, convert_second_cut
-
-    built = {key: raw["model"][key] for key in ("refiner", "integration") if key in raw["model"]}
-    kinds = set(HybridConfig(**built).refiner_kinds)
-    convert_second_cut(raw, raw, "", source, Conversion(raw), kinds)
+    """An export written before the settings' third cut (issue 25) records the refiners' two update scales,
+    the backbone dtype and the GSM8K-style task's knobs: read as `llada-trm convert` reads them (the scale of
+    the refiners it builds; the dtype derived; the task fixed, another one refused in one line)."""
+    model, data = raw["model"], raw["data"]
+    built = HybridConfig(**{key: model[key] for key in ("refiner", "integration") if key in model})
+    scales = {kind: (model.get(kind) or {}).pop("delta_scale", None) for kind in ("slot", "mlp")}
+    used = {scales[kind] for kind in built.refiner_kinds if scales[kind] is not None}
+    if len(used) > 1:
+        raise ConfigError(f"{source}: its refiners ran at different delta_scales {sorted(used)}, which one "
+                          "model.delta_scale cannot express; re-export it from a converted run")  # fmt: skip
+    if used and "delta_scale" not in model:
+        model["delta_scale"] = used.pop()
+    model.pop("dtype", None)  # derived now
+    task = data.get("synthetic") if isinstance(data.get("synthetic"), dict) else {}
+    for name in ("min_steps", "max_steps", "max_number", "max_result"):
+        value = task.pop(name, None)
+        fixed = getattr(SyntheticDataConfig, name)
+        if value is not None and value != fixed and data.get("dataset", "synthetic") == "synthetic":
+            raise ConfigError(
+                f"{source}: data.synthetic.{name}={value}: the GSM8K-style task is fixed now at the embedded "
+                "backbone's (docs/settings.md); this export was trained on another one"
+            )
+    if "synthetic" in data and not task:
+        del data["synthetic"]
 
 
 def _export_data(data: dict[str, Any]) -> dict[str, Any]:
