@@ -1,7 +1,7 @@
 """Attention through `F.scaled_dot_product_attention` vs the explicit softmax(QK^T / sqrt(d) + bias) V.
 
-Both the slot refiner's blocks (`refiners.base.TransformerBlock`, keys masked with a bool padding mask) and
-the backbone's (`backbone.modeling.LLaDABlock`, RoPE and an additive `finfo.min` padding bias) call SDPA.
+Both the slot refiner's blocks (`model.refiners.base.TransformerBlock`, keys masked with a bool padding mask)
+and the backbone's (`model.llada.LLaDABlock`, RoPE and an additive `finfo.min` padding bias) call SDPA.
 This script times, in one process and side by side:
 
 - core: the attention operation alone on [B, H, L, head_dim] tensors;
@@ -27,9 +27,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from llada_trm.backbone.config import LLaDAConfig
-from llada_trm.backbone.modeling import LLaDABlock, rotary_tables
-from llada_trm.refiners.slot import TransformerBlock
+from llada_trm.model.llada import LLaDABlock, rotary_tables
+from llada_trm.model.llada_config import LLaDAConfig
+from llada_trm.model.refiners.slot import TransformerBlock
 
 SDPA = F.scaled_dot_product_attention
 

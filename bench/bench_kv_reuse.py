@@ -1,4 +1,4 @@
-"""What the slot refiner's key/value reuse (`refiners.base.keys_values`) saves at LLaDA-8B width.
+"""What the slot refiner's key/value reuse (`model.refiners.base.keys_values`) saves at LLaDA-8B width.
 
 A single-block slot refiner (d_model 4096, d_inner 512, context width 4096) runs K = 4 packed steps (train
 mode, timed under no_grad) on one sequence of `--length` rows, `--active` of them refined, with the reuse and
@@ -15,7 +15,7 @@ import time
 
 import torch
 
-from llada_trm.refiners import build_refiner, slot
+from llada_trm.model.refiners import build_refiner, slot
 
 
 def main() -> None:

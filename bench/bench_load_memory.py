@@ -25,9 +25,9 @@ from pathlib import Path
 
 import torch
 
-from llada_trm.backbone.checkpoint import save_state_dict
-from llada_trm.backbone.config import LLaDAConfig
-from llada_trm.backbone.modeling import LLaDAModel
+from llada_trm.model.llada import LLaDAModel
+from llada_trm.model.llada_config import LLaDAConfig
+from llada_trm.model.llada_weights import save_state_dict
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 LLADA_8B = dict(d_model=4096, n_heads=32, n_kv_heads=32, mlp_hidden_size=12288, vocab_size=126464,
@@ -37,8 +37,8 @@ LLADA_8B = dict(d_model=4096, n_heads=32, n_kv_heads=32, mlp_hidden_size=12288, 
 _MEASURE = """
 import json, sys, time
 import torch
-import llada_trm.backbone.checkpoint as checkpoint
-from llada_trm.backbone.modeling import LLaDAModel
+import llada_trm.model.llada_weights as checkpoint
+from llada_trm.model.llada import LLaDAModel
 
 def field(name):
     for line in open("/proc/self/status"):

@@ -21,7 +21,7 @@ import floors
 import torch
 from wide import llada_8b_width, random_backbone
 
-from llada_trm.refiners import build_refiner
+from llada_trm.model.refiners import build_refiner
 
 
 def timed(run: Callable[[], object]) -> float:

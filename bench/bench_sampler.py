@@ -45,7 +45,6 @@ from flop_meter import FlopCount, FlopMeter
 from refine_timer import RefineTimer
 
 from llada_trm.assets import embedded_backbone_dir
-from llada_trm.backbone.modeling import LLaDAModel
 from llada_trm.build import hybrid_config
 from llada_trm.config import load_config
 from llada_trm.data import (
@@ -62,8 +61,9 @@ from llada_trm.diffusion.options import SamplingOptions
 from llada_trm.diffusion.sampler import sample
 from llada_trm.evaluate.extraction import is_correct
 from llada_trm.evaluate.loading import load_checkpoint
-from llada_trm.hybrid.config import HybridConfig
-from llada_trm.hybrid.model import LLaDATRMHybrid
+from llada_trm.model.hybrid import LLaDATRMHybrid
+from llada_trm.model.hybrid_config import HybridConfig
+from llada_trm.model.llada import LLaDAModel
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_REFINER_CONFIG = ROOT / "configs" / "tiny_refiner.yaml"

@@ -34,12 +34,12 @@ from pathlib import Path
 
 import torch
 
-from llada_trm.backbone.config import LLaDAConfig
-from llada_trm.backbone.modeling import LLaDAModel
 from llada_trm.build import build_datasets, hybrid_config, resolve_backbone_dir
 from llada_trm.config import RunConfig, load_config
 from llada_trm.data import collate_batch, load_tokenizer
-from llada_trm.hybrid.model import LLaDATRMHybrid, chunk_sum
+from llada_trm.model.hybrid import LLaDATRMHybrid, chunk_sum
+from llada_trm.model.llada import LLaDAModel
+from llada_trm.model.llada_config import LLaDAConfig
 from llada_trm.training.feature_cache import (
     FeatureCache,
     FeatureSpec,

@@ -36,8 +36,8 @@ from dataclasses import dataclass
 
 import torch
 
-from llada_trm.backbone.config import LLaDAConfig
-from llada_trm.refiners.config import MLPRefinerConfig, SlotConfig
+from llada_trm.model.llada_config import LLaDAConfig
+from llada_trm.model.refiners.config import MLPRefinerConfig, SlotConfig
 
 LLADA_8B_LAYERS = 32
 

@@ -22,7 +22,7 @@ from typing import Any
 import floors
 from torch import Tensor
 
-from llada_trm.hybrid.model import LLaDATRMHybrid
+from llada_trm.model.hybrid import LLaDATRMHybrid
 
 
 @dataclass

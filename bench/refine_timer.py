@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from llada_trm.hybrid.model import LLaDATRMHybrid
+from llada_trm.model.hybrid import LLaDATRMHybrid
 
 
 class RefineTimer:

@@ -33,8 +33,8 @@ from llada_trm.build import hybrid_config
 from llada_trm.config import load_config
 from llada_trm.diffusion.options import SamplingOptions
 from llada_trm.diffusion.sampler import sample
-from llada_trm.hybrid.model import LLaDATRMHybrid
-from llada_trm.refiners.config import mlp_parameter_count
+from llada_trm.model.hybrid import LLaDATRMHybrid
+from llada_trm.model.refiners.config import mlp_parameter_count
 
 NONE = "no refiner"
 

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import torch
 
-from llada_trm.backbone.config import LLaDAConfig
-from llada_trm.backbone.modeling import LLaDAModel
+from llada_trm.model.llada import LLaDAModel
+from llada_trm.model.llada_config import LLaDAConfig
 
 
 def llada_8b_width(layers: int, small: LLaDAConfig | None = None) -> LLaDAConfig:

@@ -19,11 +19,11 @@ try:
 except ImportError:  # running from a source checkout without `pip install -e .`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from llada_trm.backbone.config import LLaDAConfig
-from llada_trm.backbone.modeling import LLaDAModel
-from llada_trm.refiners import build_refiner
-from llada_trm.refiners.config import SlotConfig
-from llada_trm.refiners.slot import SlotTRMRefiner, create_slot_trm_refiner
+from llada_trm.model.llada import LLaDAModel
+from llada_trm.model.llada_config import LLaDAConfig
+from llada_trm.model.refiners import build_refiner
+from llada_trm.model.refiners.config import SlotConfig
+from llada_trm.model.refiners.slot import SlotTRMRefiner, create_slot_trm_refiner
 
 D_MODEL, BATCH, LENGTH = 64, 2, 16
 

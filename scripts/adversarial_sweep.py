@@ -1587,9 +1587,9 @@ def surface_cases() -> list[Case]:  # noqa: C901, PLR0915 - one flat list is the
         Case(
             "API: add_lora rank past the width",
             _api(
-                "from llada_trm.backbone.config import LLaDAConfig\n"
-                "from llada_trm.backbone.modeling import LLaDAModel\n"
-                "from llada_trm.backbone.lora import add_lora\n"
+                "from llada_trm.model.llada_config import LLaDAConfig\n"
+                "from llada_trm.model.llada import LLaDAModel\n"
+                "from llada_trm.model.lora import add_lora\n"
                 "m = LLaDAModel(LLaDAConfig(d_model=32, n_heads=4, n_layers=2, vocab_size=64))\n"
                 "add_lora(m, [0], rank=64, alpha=1.0)"
             ),

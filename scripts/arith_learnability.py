@@ -30,10 +30,10 @@ import time
 import torch
 import torch.nn.functional as F
 
-from llada_trm.backbone.modeling import LLaDAModel
 from llada_trm.data.arithmetic import ArithmeticTaskConfig, generate_task_records
 from llada_trm.data.collate import encode_answer, encode_prompt
 from llada_trm.data.tokenizer import eos_token_id, load_tokenizer, mask_token_id
+from llada_trm.model.llada import LLaDAModel
 
 SEQUENCE = 128  # the task's max_length (configs/arith/backbone4.yaml)
 

@@ -9,9 +9,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from llada_trm.backbone.config import LLaDAConfig
-from llada_trm.backbone.modeling import BackboneOutput, LLaDAModel
 from llada_trm.errors import ConfigError
+from llada_trm.model.llada import BackboneOutput, LLaDAModel
+from llada_trm.model.llada_config import LLaDAConfig
 
 FIXTURES = Path(__file__).parent / "fixtures" / "llada_ref"
 LLADA_8B_PARAMETERS = 8_015_581_184  # total_size / 2 in LLaDA-8B-Instruct's bf16 model.safetensors.index.json

@@ -12,11 +12,11 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-import llada_trm.backbone.checkpoint as checkpoint_module
-from llada_trm.backbone.checkpoint import parse_size, resolve_dtype
-from llada_trm.backbone.config import LLaDAConfig
-from llada_trm.backbone.modeling import LLaDAModel
+import llada_trm.model.llada_weights as checkpoint_module
 from llada_trm.errors import CheckpointError, ConfigError
+from llada_trm.model.llada import LLaDAModel
+from llada_trm.model.llada_config import LLaDAConfig
+from llada_trm.model.llada_weights import parse_size, resolve_dtype
 
 
 def tiny_model(seed: int = 0, **overrides) -> LLaDAModel:
@@ -243,8 +243,8 @@ SRC = Path(__file__).resolve().parents[1] / "src"
 _MEASURE_LOAD = """
 import gc, sys
 import torch
-from llada_trm.backbone.modeling import LLaDAModel
-from llada_trm.backbone.checkpoint import load_weights, read_config
+from llada_trm.model.llada import LLaDAModel
+from llada_trm.model.llada_weights import load_weights, read_config
 
 def kib(field):
     for line in open("/proc/self/status"):

@@ -13,8 +13,8 @@ from llada_trm.config import RunConfig, fixed_settings, load_config, parse_confi
 from llada_trm.convert import convert_path
 from llada_trm.data import SyntheticTaskConfig
 from llada_trm.errors import ConfigError
-from llada_trm.hybrid.config import HybridConfig
-from llada_trm.refiners.config import MLPSettings, SlotSettings
+from llada_trm.model.hybrid_config import HybridConfig
+from llada_trm.model.refiners.config import MLPSettings, SlotSettings
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 # Configs of the other commands, each validated by its own schema's loader; everything else is a run config.

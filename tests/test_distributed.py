@@ -29,7 +29,6 @@ import torch.multiprocessing as mp
 from safetensors.torch import load_file
 from tiny_assets import make_tiny_backbone
 
-from llada_trm.backbone.config import LLaDAConfig
 from llada_trm.build import hybrid_config
 from llada_trm.config import fixed_settings, parse_config
 from llada_trm.data import SyntheticTaskConfig, generate_problems, load_tokenizer
@@ -37,7 +36,8 @@ from llada_trm.diffusion.options import SamplingOptions
 from llada_trm.dist_utils import merge_shards, resolve_strategy, shard_indices
 from llada_trm.errors import ConfigError
 from llada_trm.evaluate.evaluator import PREDICTIONS_FILE, evaluate_model
-from llada_trm.hybrid.model import LLaDATRMHybrid
+from llada_trm.model.hybrid import LLaDATRMHybrid
+from llada_trm.model.llada_config import LLaDAConfig
 from llada_trm.run_checkpoint import load_trainer_state, load_weights
 from llada_trm.training.loop import Trainer
 

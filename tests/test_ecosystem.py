@@ -33,7 +33,7 @@ def test_automodel_loads_an_export_with_no_remote_code(exported):
     probe = f"""
 import llada_trm, torch
 from transformers import AutoConfig, AutoModel
-from llada_trm.backbone.modeling import LLaDAModel
+from llada_trm.model.llada import LLaDAModel
 config = AutoConfig.from_pretrained({str(exported)!r})
 model, info = AutoModel.from_pretrained({str(exported)!r}, output_loading_info=True)
 assert not any(info.values()), info

@@ -20,9 +20,9 @@ from llada_trm.errors import CheckpointError
 from llada_trm.evaluate.evaluator import evaluate_model, load_eval_records, synthetic_settings
 from llada_trm.evaluate.extraction import extract_flexible, extract_strict, is_correct
 from llada_trm.evaluate.loading import load_checkpoint
-from llada_trm.hybrid.config import HybridConfig
-from llada_trm.hybrid.model import LLaDATRMHybrid
 from llada_trm.io import write_json
+from llada_trm.model.hybrid import LLaDATRMHybrid
+from llada_trm.model.hybrid_config import HybridConfig
 
 GSM8K_TEST = Path("/work/shared/data/gsm8k/test.jsonl")
 FIXTURE_GSM8K = Path(__file__).parent / "fixtures" / "gsm8k_small.jsonl"

@@ -13,15 +13,15 @@ from safetensors.torch import load_file, save_file
 from tiny_assets import TINY_SAMPLING, run_config, save_tiny_backbone, tiny_backbone
 
 from llada_trm import load_checkpoint
-from llada_trm.backbone.fingerprint import BackboneMismatchError, directory_fingerprint, model_fingerprint
-from llada_trm.backbone.modeling import LLaDAModel
 from llada_trm.cli import main
 from llada_trm.config import parse_config
 from llada_trm.data import load_tokenizer
 from llada_trm.errors import CheckpointError, UserError
 from llada_trm.extras.export import export_run
-from llada_trm.hybrid.config import HybridConfig
-from llada_trm.hybrid.model import LLaDATRMHybrid
+from llada_trm.model.fingerprint import BackboneMismatchError, directory_fingerprint, model_fingerprint
+from llada_trm.model.hybrid import LLaDATRMHybrid
+from llada_trm.model.hybrid_config import HybridConfig
+from llada_trm.model.llada import LLaDAModel
 from llada_trm.training.loop import Trainer
 
 QUESTIONS = ["Ann has 3 pens. She buys 2 more. How many pens?", "Bo has 7 cups. He breaks 2. How many?"]

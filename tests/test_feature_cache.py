@@ -22,8 +22,8 @@ from llada_trm.data import (
 )
 from llada_trm.diffusion.forward_process import draw_noise
 from llada_trm.errors import ConfigError
-from llada_trm.hybrid.config import HybridConfig
-from llada_trm.hybrid.model import LLaDATRMHybrid, chunk_sum
+from llada_trm.model.hybrid import LLaDATRMHybrid, chunk_sum
+from llada_trm.model.hybrid_config import HybridConfig
 from llada_trm.training.feature_cache import (
     FeatureCache,
     FeatureSpec,

@@ -15,11 +15,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 
 import floors  # noqa: E402
 
-from llada_trm.backbone.config import LLaDAConfig  # noqa: E402
-from llada_trm.backbone.modeling import LLaDAModel
-from llada_trm.refiners.config import MLPRefinerConfig, SlotConfig  # noqa: E402
-from llada_trm.refiners.mlp import RecursiveRefinementHead
-from llada_trm.refiners.slot import SlotTRMRefiner
+from llada_trm.model.llada import LLaDAModel
+from llada_trm.model.llada_config import LLaDAConfig  # noqa: E402
+from llada_trm.model.refiners.config import MLPRefinerConfig, SlotConfig  # noqa: E402
+from llada_trm.model.refiners.mlp import RecursiveRefinementHead
+from llada_trm.model.refiners.slot import SlotTRMRefiner
 
 BACKBONE = LLaDAConfig(d_model=16, n_heads=2, n_layers=2, vocab_size=40, mlp_hidden_size=24)
 SLOT = SlotConfig(d_model=16, d_inner=8, n_heads=2, n_blocks=1, mlp_ratio=2.0, context_dim=16)
@@ -125,8 +125,8 @@ def test_weight_read_floor_counts_the_bytes_each_call_reads() -> None:
 def test_flop_meter_counts_calls_and_the_bytes_each_refiner_step_reads() -> None:
     from flop_meter import FlopMeter
 
-    from llada_trm.hybrid.config import HybridConfig
-    from llada_trm.hybrid.model import LLaDATRMHybrid
+    from llada_trm.model.hybrid import LLaDATRMHybrid
+    from llada_trm.model.hybrid_config import HybridConfig
 
     torch.manual_seed(0)
     config = LLaDAConfig(d_model=16, n_heads=2, n_layers=2, vocab_size=40, mlp_hidden_size=24,

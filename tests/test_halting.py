@@ -9,15 +9,15 @@ import pytest
 import torch
 from torch import Tensor
 
-from llada_trm.backbone.config import LLaDAConfig
-from llada_trm.backbone.modeling import LLaDAModel
 from llada_trm.config import parse_config
 from llada_trm.convert import convert_config
 from llada_trm.errors import ConfigError
-from llada_trm.hybrid.config import HybridConfig
-from llada_trm.hybrid.model import LLaDATRMHybrid
-from llada_trm.refiners import build_refiner, slot_parameter_count
-from llada_trm.refiners.config import MLPRefinerConfig, mlp_hidden_for_params, mlp_parameter_count
+from llada_trm.model.hybrid import LLaDATRMHybrid
+from llada_trm.model.hybrid_config import HybridConfig
+from llada_trm.model.llada import LLaDAModel
+from llada_trm.model.llada_config import LLaDAConfig
+from llada_trm.model.refiners import build_refiner, slot_parameter_count
+from llada_trm.model.refiners.config import MLPRefinerConfig, mlp_hidden_for_params, mlp_parameter_count
 
 VOCAB, MASK, D, K, CHUNK = 50, 49, 32, 4, 4
 

@@ -213,9 +213,9 @@ def test_generate_refuses_an_empty_question_a_mapping_and_undecodable_text():
 
 def test_lora_rank_past_the_layer_width_is_refused():
     pytest.importorskip("peft")
-    from llada_trm.backbone.config import LLaDAConfig
-    from llada_trm.backbone.lora import add_lora
-    from llada_trm.backbone.modeling import LLaDAModel
+    from llada_trm.model.llada import LLaDAModel
+    from llada_trm.model.llada_config import LLaDAConfig
+    from llada_trm.model.lora import add_lora
 
     backbone = LLaDAModel(LLaDAConfig(d_model=32, n_heads=4, n_layers=2, vocab_size=64))
     with pytest.raises(ConfigError, match=r"lora.rank=33 .* 1..32"):
@@ -245,7 +245,7 @@ def test_a_set_value_is_read_as_strictly_as_a_file():
 def test_non_utf8_inputs_are_named(backbone_dir, tmp_path, capsys):
     import shutil
 
-    from llada_trm.backbone.config import LLaDAConfig
+    from llada_trm.model.llada_config import LLaDAConfig
 
     copy = tmp_path / "bb"
     shutil.copytree(backbone_dir, copy)
@@ -286,8 +286,8 @@ def _edit_config(directory: Path, **changes) -> None:
 def test_config_json_sizes_are_bounded_before_any_block_is_built(backbone_dir, tmp_path):
     import shutil
 
-    from llada_trm.backbone.config import LLaDAConfig
-    from llada_trm.backbone.modeling import LLaDAModel
+    from llada_trm.model.llada import LLaDAModel
+    from llada_trm.model.llada_config import LLaDAConfig
 
     with pytest.raises(ConfigError, match="n_layers=100000 is past"):
         LLaDAConfig(d_model=32, n_heads=4, n_layers=100_000, vocab_size=64)
@@ -308,7 +308,7 @@ def test_config_json_sizes_are_bounded_before_any_block_is_built(backbone_dir, t
 def test_a_shard_index_may_not_name_files_outside_the_folder(backbone_dir, tmp_path):
     import shutil
 
-    from llada_trm.backbone.modeling import LLaDAModel
+    from llada_trm.model.llada import LLaDAModel
 
     copy = tmp_path / "bb"
     shutil.copytree(backbone_dir, copy)

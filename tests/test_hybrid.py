@@ -10,11 +10,8 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from llada_trm.backbone.config import LLaDAConfig
-from llada_trm.backbone.modeling import LLaDAModel
 from llada_trm.errors import CheckpointError, ConfigError
-from llada_trm.hybrid.config import HybridConfig
-from llada_trm.hybrid.model import (
+from llada_trm.model.hybrid import (
     BackboneFeatures,
     LLaDATRMHybrid,
     chunk_confidence,
@@ -23,8 +20,11 @@ from llada_trm.hybrid.model import (
     num_chunks,
     refiner_schedule,
 )
-from llada_trm.refiners.base import Refiner, RefinerState
-from llada_trm.refiners.config import mlp_hidden_for_params
+from llada_trm.model.hybrid_config import HybridConfig
+from llada_trm.model.llada import LLaDAModel
+from llada_trm.model.llada_config import LLaDAConfig
+from llada_trm.model.refiners.base import Refiner, RefinerState
+from llada_trm.model.refiners.config import mlp_hidden_for_params
 
 VOCAB, MASK, D = 50, 49, 32
 SLOT = {"n_heads": 2, "n_blocks": 1}
@@ -150,7 +150,8 @@ def test_every_refiner_knob_reaches_the_built_refiner():
     assert {name: getattr(mlp, name) for name in MLP_KNOBS} == MLP_KNOBS
     assert (slot.d_model, slot.num_steps, slot.context_dim) == (D, 3, D)  # derived: backbone, K, contexts
     assert (mlp.d_model, mlp.num_steps, mlp.context_dim) == (D, 3, None)
-    # the constants (`refiners.config`): slot widths from d_inner, no dropout, gates, clamp 0.5, 2 x d_model
+    # the constants (`model.refiners.config`): slot widths from d_inner, no dropout, gates, clamp 0.5,
+    # 2 x d_model
     widths = (slot.d_ctx, slot.d_reason, slot.d_refine, slot.d_conf)
     assert widths == (8, 4, 4, 2) and (slot.mlp_ratio, slot.dropout, slot.use_gates) == (4.0, 0.0, True)
     assert slot.delta_clamp == mlp.delta_clamp == 0.5 and mlp.dropout == 0.0 and mlp.hidden_dim == 2 * D
@@ -311,7 +312,7 @@ def test_a_call_that_refines_nothing_skips_the_confidence_and_samples_like_the_b
     def no_confidence(*args, **kw):
         raise AssertionError("max_probability ran on a call that refines nothing")
 
-    monkeypatch.setattr("llada_trm.hybrid.model.max_probability", no_confidence)
+    monkeypatch.setattr("llada_trm.model.hybrid.max_probability", no_confidence)
     options = SamplingOptions(gen_length=16, block_length=8, steps=8, mask_id=MASK, **kwargs)
     prompt = noisy_ids(batch=3, length=6)[:, :5]
     expected = sample(tiny_backbone(), prompt, None, options)

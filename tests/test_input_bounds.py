@@ -13,15 +13,15 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from llada_trm.backbone.modeling import LLaDAModel
 from llada_trm.build import build_datasets, build_model
 from llada_trm.config import parse_config
 from llada_trm.data import GSM8KRecord, load_tokenizer
 from llada_trm.diffusion.options import SamplingOptions
 from llada_trm.errors import CheckpointError, ConfigError
 from llada_trm.evaluate.evaluator import evaluate_model
-from llada_trm.hybrid.config import HybridConfig
-from llada_trm.hybrid.model import LLaDATRMHybrid
+from llada_trm.model.hybrid import LLaDATRMHybrid
+from llada_trm.model.hybrid_config import HybridConfig
+from llada_trm.model.llada import LLaDAModel
 from tests.tiny_assets import make_tiny_backbone, run_config, tiny_backbone
 
 

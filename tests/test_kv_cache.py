@@ -18,12 +18,12 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from llada_trm.backbone.config import LLaDAConfig
-from llada_trm.backbone.kv_cache import KVCache
-from llada_trm.backbone.modeling import LLaDAModel, rotary_tables
 from llada_trm.diffusion.sampler import generate, generate_with_stats
-from llada_trm.hybrid.config import HybridConfig
-from llada_trm.hybrid.model import LLaDATRMHybrid
+from llada_trm.model.hybrid import LLaDATRMHybrid
+from llada_trm.model.hybrid_config import HybridConfig
+from llada_trm.model.kv_cache import KVCache
+from llada_trm.model.llada import LLaDAModel, rotary_tables
+from llada_trm.model.llada_config import LLaDAConfig
 
 FIXTURES = Path(__file__).parent / "fixtures"
 REFERENCE = FIXTURES / "fast_dllm_cache_reference.json"

@@ -10,11 +10,11 @@ import pytest
 import torch
 from tiny_assets import run_config, tiny_backbone
 
-from llada_trm.backbone.checkpoint import stored_dtype
-from llada_trm.backbone.modeling import LLaDAModel
 from llada_trm.build import backbone_dtype
 from llada_trm.config import fixed_settings, parse_config
 from llada_trm.evaluate.loading import load_checkpoint
+from llada_trm.model.llada import LLaDAModel
+from llada_trm.model.llada_weights import stored_dtype
 
 REPO = Path(__file__).resolve().parents[1]
 

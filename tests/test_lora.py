@@ -10,11 +10,11 @@ import torch
 from safetensors.torch import load_file
 from tiny_assets import make_tiny_backbone
 
-from llada_trm.backbone.lora import LORA_TARGETS, add_lora, is_adapter_name, merge_lora
-from llada_trm.backbone.modeling import LLaDAModel
 from llada_trm.config import fixed_settings, parse_config
 from llada_trm.errors import ConfigError
 from llada_trm.evaluate.loading import load_checkpoint
+from llada_trm.model.llada import LLaDAModel
+from llada_trm.model.lora import LORA_TARGETS, add_lora, is_adapter_name, merge_lora
 from llada_trm.training.loop import Trainer
 
 

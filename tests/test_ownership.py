@@ -280,8 +280,8 @@ def test_killed_writers_temporaries_are_swept_and_no_others(tmp_path):
 
 @pytest.mark.parametrize("mask", [0o022, 0o027])
 def test_files_and_directories_follow_the_umask(backbone_dir, tmp_path, mask):
-    from llada_trm.backbone.checkpoint import save_state_dict
-    from llada_trm.backbone.config import LLaDAConfig
+    from llada_trm.model.llada_config import LLaDAConfig
+    from llada_trm.model.llada_weights import save_state_dict
 
     previous = os.umask(mask)
     try:

@@ -6,11 +6,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from llada_trm.backbone.modeling import LLaDAModel
 from llada_trm.data import load_tokenizer
 from llada_trm.errors import ConfigError
 from llada_trm.extras.pretraining.config import load_pretrain_config
 from llada_trm.extras.pretraining.run import pretrain
+from llada_trm.model.llada import LLaDAModel
 
 
 def test_tiny_pretrain_writes_a_loadable_checkpoint_with_model_card(tmp_path):

@@ -78,8 +78,8 @@ def test_plain_progress_counts_every_and_closes_on_the_last():
 
 def test_large_weights_report_loading_and_writing(backbone_dir, tmp_path, capfd, monkeypatch):
     """Weights above LARGE_WEIGHTS_BYTES report each shard read and written (an 8B load takes minutes)."""
-    from llada_trm.backbone.checkpoint import load_weights, read_config, save_state_dict
-    from llada_trm.backbone.modeling import LLaDAModel
+    from llada_trm.model.llada import LLaDAModel
+    from llada_trm.model.llada_weights import load_weights, read_config, save_state_dict
 
     config = read_config(backbone_dir)
     model = LLaDAModel(config)

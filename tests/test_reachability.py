@@ -1,4 +1,4 @@
-"""The update budget against the LM head (`hybrid.reachability`), checked by brute force on tiny heads."""
+"""The update budget against the LM head (`model.reachability`), checked by brute force on tiny heads."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import itertools
 import pytest
 import torch
 
-from llada_trm.hybrid.reachability import (
+from llada_trm.model.reachability import (
     reachable_fraction,
     required_bounds,
     smallest_sufficient_scale,
@@ -82,8 +82,8 @@ def test_fractions_and_the_suggested_scale():
 
 
 def test_lm_head_rows_give_the_logits():
-    from llada_trm.backbone.config import LLaDAConfig
-    from llada_trm.backbone.modeling import LLaDAModel
+    from llada_trm.model.llada import LLaDAModel
+    from llada_trm.model.llada_config import LLaDAConfig
 
     for tying, scale in ((True, False), (False, True)):
         config = LLaDAConfig(d_model=16, n_heads=2, n_layers=1, mlp_hidden_size=32, vocab_size=40,

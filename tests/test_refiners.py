@@ -7,8 +7,8 @@ import torch
 from torch import nn
 
 from llada_trm.errors import ConfigError
-from llada_trm.refiners import build_refiner
-from llada_trm.refiners.base import (
+from llada_trm.model.refiners import build_refiner
+from llada_trm.model.refiners.base import (
     ActiveRows,
     AttentionContextExtractor,
     Refiner,
@@ -16,9 +16,9 @@ from llada_trm.refiners.base import (
     StatsAccumulator,
     TransformerBlock,
 )
-from llada_trm.refiners.config import MLPRefinerConfig, SlotConfig
-from llada_trm.refiners.mlp import RecursiveRefinementHead
-from llada_trm.refiners.slot import (
+from llada_trm.model.refiners.config import MLPRefinerConfig, SlotConfig
+from llada_trm.model.refiners.mlp import RecursiveRefinementHead
+from llada_trm.model.refiners.slot import (
     SLOT_NAMES,
     SlotProjector,
     SlotTRMRefiner,

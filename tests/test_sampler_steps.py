@@ -8,14 +8,14 @@ import pytest
 import torch
 from torch import Tensor
 
-from llada_trm.backbone.config import LLaDAConfig
-from llada_trm.backbone.modeling import LLaDAModel
 from llada_trm.diffusion.options import SamplingOptions
 from llada_trm.diffusion.sampler import sample
 from llada_trm.diffusion.steps import StepEvent
-from llada_trm.hybrid import model as halting_rules
-from llada_trm.hybrid.config import HybridConfig
-from llada_trm.hybrid.model import LLaDATRMHybrid
+from llada_trm.model import hybrid as halting_rules
+from llada_trm.model.hybrid import LLaDATRMHybrid
+from llada_trm.model.hybrid_config import HybridConfig
+from llada_trm.model.llada import LLaDAModel
+from llada_trm.model.llada_config import LLaDAConfig
 
 VOCAB, MASK, PAD = 50, 49, 48
 VARIANTS = {

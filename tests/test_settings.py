@@ -27,7 +27,7 @@ from llada_trm.study.config import CompareConfig, load_compare_config
 FIXTURE = Path(__file__).parent / "fixtures" / "run_before_issue25"  # `llada-trm train` of commit 04476e5
 
 # The run schema's settings (leaf fields of RunConfig). Before issue 25: 150, 33 of them `model.*`; 50 now.
-# `model.*` is the hybrid's and the refiners' own schema (hybrid/config.py, refiners/config.py).
+# `model.*` is the hybrid's and the refiners' own schema (model/hybrid_config.py, model/refiners/config.py).
 MAX_RUN_SETTINGS = 36  # every section but model.* (117 before issue 25, 60 after its first cut, then 44)
 MAX_MODEL_SETTINGS = 14  # 33 before, then 16
 

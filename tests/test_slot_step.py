@@ -12,8 +12,8 @@ import torch
 import torch.nn.functional as F
 
 from llada_trm.errors import ConfigError
-from llada_trm.refiners.config import SlotConfig
-from llada_trm.refiners.slot import SLOT_NAMES, SlotTRMRefiner
+from llada_trm.model.refiners.config import SlotConfig
+from llada_trm.model.refiners.slot import SLOT_NAMES, SlotTRMRefiner
 
 D, B, L = 32, 2, 7
 

@@ -15,7 +15,7 @@ from llada_trm.training.loop import Trainer
 
 PACKAGE = Path(llada_trm.__file__).resolve().parent
 # The model and the diffusion process: what a step must run whatever the loop looks like.
-MODEL_PACKAGES = ("backbone", "hybrid", "refiners", "diffusion", "data", "model")
+MODEL_PACKAGES = ("model", "diffusion", "data")
 # The loop's own modules in a step: the recipe and the objective. Parallel code (dist_utils) runs only in a
 # parallel run.
 LOOP_MODULES = {"training/loop.py", "training/objective.py"}
@@ -23,6 +23,7 @@ LOOP_MODULES = {"training/loop.py", "training/objective.py"}
 # backbone 2, hybrid 5, refiners 6, diffusion 3, data 1), 9 once the model side was merged too (backbone
 # modeling, hybrid model, refiners base + the refiner's own file, diffusion forward_process, data collate),
 # 8 once the objective module held `TrainStep` and one process stopped calling dist_utils' collectives.
+# (The model's files are under `model/` since the backbone, hybrid and refiners packages were merged.)
 STEP_MODULES_BOUND = 8
 
 

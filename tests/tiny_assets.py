@@ -15,9 +15,9 @@ from typing import Any
 import pytest
 import torch
 
-from llada_trm.backbone.config import LLaDAConfig
-from llada_trm.backbone.modeling import LLaDAModel
 from llada_trm.data import SyntheticTaskConfig, build_tokenizer, generate_problems, special_token_ids
+from llada_trm.model.llada import LLaDAModel
+from llada_trm.model.llada_config import LLaDAConfig
 
 TINY_COUNTS = {"n_train": 24, "n_eval": 8}
 # Sampler settings small enough for a random model: 2 blocks of 8 tokens, 2 steps each.

@@ -22,7 +22,6 @@ import numpy as np
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from llada_trm.backbone.checkpoint import read_config, stored_weights
 from llada_trm.config import DataConfig, RunConfig, check_backbone_fit
 from llada_trm.data.arithmetic import generate_task_records
 from llada_trm.data.collate import SFTDataset
@@ -31,9 +30,10 @@ from llada_trm.data.gsm8k import DataError, GSM8KRecord, load_gsm8k
 from llada_trm.data.tokenizer import load_tokenizer, mask_token_id
 from llada_trm.dist_utils import init_distributed
 from llada_trm.errors import ConfigError
-from llada_trm.hybrid.config import HybridConfig
-from llada_trm.hybrid.model import LLaDATRMHybrid
 from llada_trm.io import DTYPES, dtype_named, resolve_device
+from llada_trm.model.hybrid import LLaDATRMHybrid
+from llada_trm.model.hybrid_config import HybridConfig
+from llada_trm.model.llada_weights import read_config, stored_weights
 
 __all__ = [
     "BuiltModel",
@@ -140,7 +140,7 @@ def choose_backbone_dtype(
     stored: torch.dtype | None, numel: int, *, frozen: bool, bf16_compute: bool
 ) -> torch.dtype:
     """What `auto` means for a backbone, in one place (train, the caches, eval, generate, export, lm-eval, the
-    dry run), from the dtype and size its checkpoint stores (`backbone.checkpoint.stored_weights`).
+    dry run), from the dtype and size its checkpoint stores (`model.llada_weights.stored_weights`).
 
     A backbone that trains (phases 2-3 without LoRA) runs fp32: its optimizer needs full-precision weights.
     A frozen one runs bf16 under bf16 compute (a bf16 GPU); under fp32 compute it keeps the half precision

@@ -25,7 +25,6 @@ from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal, get_type_hi
 
 from pydantic import BaseModel, BeforeValidator, Field, PrivateAttr, create_model, model_validator
 
-from llada_trm.backbone.lora import LORA_TARGETS, LoraConfig
 from llada_trm.config_files import (
     SchemaT,
     apply_overrides,
@@ -46,9 +45,10 @@ from llada_trm.data.synthetic import (
 )
 from llada_trm.diffusion.options import SamplingOptions
 from llada_trm.errors import ConfigError
-from llada_trm.hybrid.config import RETIRED_MODEL_SETTINGS, HybridConfig
 from llada_trm.io import write_text_atomic
-from llada_trm.refiners.config import MLPSettings, SlotSettings
+from llada_trm.model.hybrid_config import RETIRED_MODEL_SETTINGS, HybridConfig
+from llada_trm.model.lora import LORA_TARGETS, LoraConfig
+from llada_trm.model.refiners.config import MLPSettings, SlotSettings
 from llada_trm.schema import (
     Float,
     Fraction,
@@ -64,7 +64,7 @@ from llada_trm.schema import (
 from llada_trm.schema import Section as _Section
 
 if TYPE_CHECKING:
-    from llada_trm.backbone.config import LLaDAConfig
+    from llada_trm.model.llada_config import LLaDAConfig
 
 __all__ = [
     "AdvancedConfig",
@@ -127,8 +127,9 @@ class ModelConfig(HybridConfig):
         return HybridConfig(**self.model_dump(include=set(HybridConfig.model_fields)))
 
 
-# Old `model.*` key -> its value now (`hybrid.config.RETIRED_MODEL_SETTINGS`): no longer settings, and not
-# class constants either (the refiners' constants are their build configs' defaults, `refiners.config`).
+# Old `model.*` key -> its value now (`model.hybrid_config.RETIRED_MODEL_SETTINGS`): no longer settings, and
+# not class constants either (the refiners' constants are their build configs' defaults,
+# `model.refiners.config`).
 # `llada-trm convert` drops one at that value and refuses another (`convert.convert_model_section`).
 RETIRED_MODEL: dict[str, Any] = {f"model.{key}": value for key, value in RETIRED_MODEL_SETTINGS.items()}
 # A legacy spelling the converter rewrites (`convert.RENAMED`); a file that still uses it is told to convert.
@@ -414,7 +415,7 @@ SamplingConfig = create_model("SamplingConfig", __base__=_SamplingSection, **_sa
 
 
 class RunLoraConfig(_Section):
-    """The run's `lora:` section (`backbone.lora.LoraConfig` documents the adapters): `rank` > 0 trains
+    """The run's `lora:` section (`model.lora.LoraConfig` documents the adapters): `rank` > 0 trains
     LoRA adapters of that rank on the backbone in phases 2 and 3; 0 (the default) trains none. The scale's
     numerator, dropout and the targeted layers are fixed (retired): alpha 16, no dropout, every linear
     layer of a block."""

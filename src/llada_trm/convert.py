@@ -46,9 +46,9 @@ from llada_trm.config import (
 )
 from llada_trm.config_files import dump_yaml
 from llada_trm.errors import ConfigError, UserError
-from llada_trm.hybrid.config import HybridConfig
 from llada_trm.io import write_text_atomic
-from llada_trm.refiners.config import DELTA_SCALE
+from llada_trm.model.hybrid_config import HybridConfig
+from llada_trm.model.refiners.config import DELTA_SCALE
 from llada_trm.schema import read_yaml
 
 __all__ = ["Conversion", "convert_config", "convert_path", "health_thresholds"]

@@ -21,11 +21,11 @@ from typing import Any
 
 import torch
 
-from llada_trm.backbone.checkpoint import read_config, stored_weights
-from llada_trm.backbone.config import LLaDAConfig
 from llada_trm.config import RunConfig, check_backbone_fit
 from llada_trm.errors import CheckpointError, ConfigError
 from llada_trm.io import DTYPES
+from llada_trm.model.llada_config import LLaDAConfig
+from llada_trm.model.llada_weights import read_config, stored_weights
 
 __all__ = ["BackboneSource", "MemoryEstimate", "backbone_source", "plan_compare", "plan_eval", "plan_train"]
 
@@ -75,9 +75,9 @@ def backbone_source(backbone: str | Path) -> BackboneSource:
 
 def _meta_model(run: RunConfig, bb: LLaDAConfig) -> Any:
     """The run's hybrid model (and LoRA adapters) on the meta device: shapes and names, no memory."""
-    from llada_trm.backbone.lora import attach_run_lora
-    from llada_trm.backbone.modeling import LLaDAModel
-    from llada_trm.hybrid.model import LLaDATRMHybrid
+    from llada_trm.model.hybrid import LLaDATRMHybrid
+    from llada_trm.model.llada import LLaDAModel
+    from llada_trm.model.lora import attach_run_lora
 
     with torch.device("meta"):
         model = LLaDATRMHybrid(LLaDAModel(bb), run.model.hybrid())

@@ -6,7 +6,7 @@ Layout of a checkpoint directory (`<output.dir>/checkpoints/last`, `.../best`, `
     model.safetensors   the trainable tensors only (phase 1: `refinement_head.*`; phases 2/3: also the
                         trainable backbone tensors), under their names in `LLaDATRMHybrid.state_dict()`;
                         metadata `backbone_fingerprint`: the fingerprint of `model.backbone`'s files
-                        (`backbone.fingerprint`), which loading checks; `tensors`: the names the file holds
+                        (`model.fingerprint`), which loading checks; `tensors`: the names the file holds
                         (JSON list), so a loader knows what to expect without the run's freezing plan
     trainer_state.pt    optimizer, scheduler, RNG states (python, numpy, torch CPU and every CUDA device,
                         extra generators), step / epoch / position in the epoch / best metric
@@ -43,10 +43,10 @@ import yaml
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from llada_trm.backbone.fingerprint import FINGERPRINT_KEY, check_fingerprint, directory_fingerprint
 from llada_trm.errors import CheckpointError, ConfigError
-from llada_trm.hybrid.model import PREFIX as REFINER_PREFIX
 from llada_trm.io import atomic_directory, readable_directory, remove_directory
+from llada_trm.model.fingerprint import FINGERPRINT_KEY, check_fingerprint, directory_fingerprint
+from llada_trm.model.hybrid import PREFIX as REFINER_PREFIX
 from llada_trm.schema import read_yaml
 
 if TYPE_CHECKING:

@@ -51,8 +51,8 @@ from llada_trm.diffusion.steps import StepCallback
 from llada_trm.dist_utils import gather_objects, is_main_process, shard_indices
 from llada_trm.evaluate import diagnostics as diag
 from llada_trm.evaluate.extraction import extract_flexible, extract_strict
-from llada_trm.hybrid.model import chunk_sum
 from llada_trm.io import write_json, write_jsonl
+from llada_trm.model.hybrid import chunk_sum
 from llada_trm.progress import progress_bar
 
 __all__ = [

@@ -10,7 +10,7 @@ Four kinds of checkpoint are accepted, so that one command compares a trained re
 - `embedded`: the package's tiny backbone.
 
 A run's or export's refiners are refused on another backbone than the one they were trained on (the
-fingerprint their weights file records, `backbone.fingerprint`) unless `allow_backbone_mismatch`.
+fingerprint their weights file records, `model.fingerprint`) unless `allow_backbone_mismatch`.
 
 `refiner` picks what runs: None keeps the checkpoint's own choice, `"none"` evaluates the backbone alone
 (refinement switched off with K = 0, so it costs nothing), `"mlp"` / `"slot"` selects one refiner of a
@@ -25,7 +25,7 @@ read here, with `model.backbone` set to the directory itself; `llada_trm.extras.
                           `data` (the run's data section less its path: the generated task's knobs),
                           `refiner_file`, and `source` (the run's phase and step, no paths)
     model.safetensors     the backbone, trained tensors of phases 2/3 included (or HF shards + index)
-    refiner.safetensors   the refiners (`hybrid.refiner_file`; records this backbone's fingerprint)
+    refiner.safetensors   the refiners (`model.refiner_weights`; records this backbone's fingerprint)
     tokenizer.json, tokenizer_config.json, special_tokens_map.json
     README.md             the model card with the run's measured table
 
@@ -43,16 +43,16 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from llada_trm.assets import EMBEDDED_NAME, embedded_backbone_dir
-from llada_trm.backbone.fingerprint import directory_fingerprint
-from llada_trm.backbone.lora import attach_run_lora, merge_lora
 from llada_trm.build import build_model, inference_dtype, load_hybrid, resolve_backbone_dir
 from llada_trm.config import RunConfig, SyntheticDataConfig, parse_config
 from llada_trm.diffusion.options import SamplingOptions
 from llada_trm.errors import CheckpointError, ConfigError
 from llada_trm.evaluate.evaluator import Answers, answer_questions
-from llada_trm.hybrid.config import HybridConfig
-from llada_trm.hybrid.model import LLaDATRMHybrid
 from llada_trm.io import DTYPES, dtype_named, resolve_device
+from llada_trm.model.fingerprint import directory_fingerprint
+from llada_trm.model.hybrid import LLaDATRMHybrid
+from llada_trm.model.hybrid_config import HybridConfig
+from llada_trm.model.lora import attach_run_lora, merge_lora
 from llada_trm.run_checkpoint import (
     CONFIG_FILE,
     STATE_FILE,

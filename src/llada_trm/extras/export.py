@@ -29,15 +29,15 @@ from typing import Any
 from safetensors import safe_open
 from torch import Tensor
 
-from llada_trm.backbone.checkpoint import CONFIG_NAME, save_state_dict, stored_dtype
-from llada_trm.backbone.fingerprint import FINGERPRINT_KEY, directory_fingerprint, short
 from llada_trm.build import resolve_backbone_dir
 from llada_trm.config import RunConfig
 from llada_trm.data.tokenizer import save_tokenizer
 from llada_trm.errors import CheckpointError, UserError
 from llada_trm.evaluate.loading import EXPORT_FORMAT, EXPORT_KEY, REFINER_FILE, LoadedModel, load_checkpoint
-from llada_trm.hybrid.refiner_file import write_refiner_weights
 from llada_trm.io import atomic_directory, dtype_named, write_json, write_text_atomic
+from llada_trm.model.fingerprint import FINGERPRINT_KEY, directory_fingerprint, short
+from llada_trm.model.llada_weights import CONFIG_NAME, save_state_dict, stored_dtype
+from llada_trm.model.refiner_weights import write_refiner_weights
 from llada_trm.run_checkpoint import WEIGHTS_FILE, load_trainer_state, read_run_config, resolve_checkpoint_dir
 from llada_trm.training.run_dir import archive_run_dir
 
@@ -75,7 +75,7 @@ def export_backbone_state(loaded: LoadedModel) -> dict[str, Tensor]:
     """The backbone tensors an export writes: the run's backbone as loaded, i.e. the pretrained weights with
     the tensors phases 2/3 trained copied in, and LoRA adapters merged (W + alpha/r B A), here and only here
     (loading a LoRA run merges them already; a backbone still holding adapters is merged now)."""
-    from llada_trm.backbone.lora import has_lora, merge_lora
+    from llada_trm.model.lora import has_lora, merge_lora
 
     backbone = loaded.model.backbone
     return dict((merge_lora(backbone) if has_lora(backbone) else backbone).state_dict())

@@ -38,7 +38,7 @@ def _config_class() -> Any:
     if "config" not in _classes:
         from transformers.configuration_utils import PretrainedConfig
 
-        from llada_trm.backbone.config import LLaDAConfig
+        from llada_trm.model.llada_config import LLaDAConfig
 
         class LLaDAHFConfig(PretrainedConfig):
             """LLaDA's `config.json` as a transformers config: every field kept as LLaDA spells it."""
@@ -60,7 +60,7 @@ def _model_class() -> Any:
     from torch import nn
     from transformers.modeling_utils import PreTrainedModel
 
-    from llada_trm.backbone.modeling import LLaDAModel, RMSNorm
+    from llada_trm.model.llada import LLaDAModel, RMSNorm
 
     LLaDAHFConfig = _config_class()
 

@@ -54,8 +54,8 @@ from llada_trm.data import EncodedExample, collate_batch
 from llada_trm.diffusion.forward_process import TrainingMasks, draw_noise
 from llada_trm.dist_utils import is_distributed, is_main_process
 from llada_trm.errors import ConfigError
-from llada_trm.hybrid.model import BackboneFeatures, LLaDATRMHybrid
 from llada_trm.io import DTYPES, atomic_path, remove_directory, sweep_temporaries, write_text_atomic
+from llada_trm.model.hybrid import BackboneFeatures, LLaDATRMHybrid
 from llada_trm.progress import Bar, progress_bar
 from llada_trm.run_checkpoint import init_from_config
 from llada_trm.training.freezing import FreezePlan, freeze_for_run

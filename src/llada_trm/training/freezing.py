@@ -18,7 +18,7 @@ Phases:
 3. everything: the patterns at `lr`, the rest of the model at `backbone_lr`.
 
 With LoRA adapters on the backbone (the run's `lora:` section, attached before freezing by
-`backbone.lora.attach_run_lora`), phases 2 and 3 train the adapters instead of the base weights: the backbone
+`model.lora.attach_run_lora`), phases 2 and 3 train the adapters instead of the base weights: the backbone
 group holds only the adapter tensors the phase selects (those under the last blocks in phase 2, all in phase
 3); every base weight stays frozen.
 """
@@ -33,8 +33,8 @@ from typing import TYPE_CHECKING
 
 import torch.nn as nn
 
-from llada_trm.backbone.lora import is_adapter_name, last_block_indices
 from llada_trm.errors import ConfigError
+from llada_trm.model.lora import is_adapter_name, last_block_indices
 
 if TYPE_CHECKING:
     from llada_trm.config import RunConfig

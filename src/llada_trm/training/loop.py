@@ -54,8 +54,6 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
-from llada_trm.backbone.fingerprint import directory_fingerprint
-from llada_trm.backbone.lora import attach_run_lora
 from llada_trm.build import (
     apply_backbone_options,
     backbone_dtype,
@@ -88,6 +86,8 @@ from llada_trm.dist_utils import (
 )
 from llada_trm.errors import CheckpointError, ConfigError
 from llada_trm.io import copy_directory, write_text_atomic
+from llada_trm.model.fingerprint import directory_fingerprint
+from llada_trm.model.lora import attach_run_lora
 from llada_trm.progress import note, progress_bar, validation_line
 from llada_trm.run_checkpoint import (
     TrainState,

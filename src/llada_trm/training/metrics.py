@@ -47,8 +47,8 @@ import torch
 from torch import nn
 
 from llada_trm.errors import ConfigError
-from llada_trm.hybrid.model import chunk_sum
 from llada_trm.io import write_bytes_atomic
+from llada_trm.model.hybrid import chunk_sum
 
 __all__ = [
     "TENSORBOARD_DIR",

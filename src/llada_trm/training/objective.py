@@ -35,7 +35,7 @@ from llada_trm.diffusion.forward_process import (
     masked_diffusion_loss,
     probe_margins,
 )
-from llada_trm.hybrid.model import (
+from llada_trm.model.hybrid import (
     BackboneFeatures,
     HybridOutput,
     LLaDATRMHybrid,

@@ -33,15 +33,15 @@ from llada_trm.diffusion.forward_process import (
     masked_diffusion_loss,
 )
 from llada_trm.errors import ConfigError
-from llada_trm.hybrid.model import LLaDATRMHybrid, chunk_sum
-from llada_trm.hybrid.reachability import (
+from llada_trm.model.hybrid import LLaDATRMHybrid, chunk_sum
+from llada_trm.model.reachability import (
     TARGET_REACHABILITY,
     reachable_fraction,
     required_bounds,
     smallest_sufficient_scale,
     step_bound,
 )
-from llada_trm.refiners.config import DELTA_CLAMP
+from llada_trm.model.refiners.config import DELTA_CLAMP
 from llada_trm.training.freezing import set_train_mode
 from llada_trm.training.metrics import VALIDATION_COLUMNS, forward_statistics
 
@@ -262,7 +262,7 @@ def reachability_report(
 ) -> dict[str, Any]:
     """Which of the backbone's wrong tokens on validation can the run's update budget flip?
 
-    `hybrid.reachability` states the bound.
+    `model.reachability` states the bound.
 
     Validation rows are masked as the run trains (`training.masks`, seeded by `data.validation_seed`); a token
     is wrong where the frozen backbone's argmax differs from the target. Returns the required bounds' summary:

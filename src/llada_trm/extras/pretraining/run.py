@@ -31,14 +31,14 @@ from typing import Any
 import torch
 import yaml
 
-from llada_trm.backbone.config import LLaDAConfig
-from llada_trm.backbone.modeling import LLaDAModel
 from llada_trm.config import fixed_settings
 from llada_trm.data import GSM8KRecord, SFTDataset, build_tokenizer, load_tokenizer, special_token_ids
 from llada_trm.data.arithmetic import generate_task_records
 from llada_trm.data.tokenizer import save_tokenizer
 from llada_trm.errors import CheckpointError, ConfigError
 from llada_trm.io import atomic_directory, remove_directory, write_text_atomic
+from llada_trm.model.llada import LLaDAModel
+from llada_trm.model.llada_config import LLaDAConfig
 from llada_trm.training.loop import RunParts, Trainer
 from llada_trm.training.resume_config import flatten_settings, refuse_changes
 from llada_trm.training.run_dir import (

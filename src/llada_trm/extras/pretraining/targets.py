@@ -14,7 +14,6 @@ from typing import Any
 
 import torch
 
-from llada_trm.backbone.modeling import LLaDAModel
 from llada_trm.data import GSM8KRecord, SFTDataset, prompt_batch, special_token_ids
 from llada_trm.data.arithmetic import parse_arithmetic
 from llada_trm.data.gsm8k import DataError
@@ -25,6 +24,7 @@ from llada_trm.diffusion.sampler import sample
 from llada_trm.evaluate.errors import error_report, parse_answer_lines
 from llada_trm.evaluate.extraction import is_correct
 from llada_trm.evaluate.statistics import proportion
+from llada_trm.model.llada import LLaDAModel
 
 from .config import EvaluationConfig, StopAt
 

@@ -11,11 +11,11 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal
 from pydantic import BeforeValidator, Field, model_validator
 
 from llada_trm.errors import ConfigError
-from llada_trm.refiners.config import DELTA_SCALE, RETIRED_REFINER_SETTINGS, MLPSettings, SlotSettings
+from llada_trm.model.refiners.config import DELTA_SCALE, RETIRED_REFINER_SETTINGS, MLPSettings, SlotSettings
 from llada_trm.schema import Int, NonNegFloat, PosFloat, PosInt, Section, to_int
 
 if TYPE_CHECKING:
-    from llada_trm.backbone.config import LLaDAConfig
+    from llada_trm.model.llada_config import LLaDAConfig
 
 __all__ = [
     "ACTIVE_CHOICES",
@@ -67,7 +67,7 @@ class HybridConfig(Section):
         not doubled: the first K // 2 steps are the MLP's and the rest the slot refiner's, so `step_logits`
         always has K entries and cascade costs about what 'replace' does.
     delta_scale: the scale of every refiner step's update (h moves by at most delta_scale x 0.5 per
-        coordinate a step; `hybrid.reachability`), one value for whichever refiners are built (the slot
+        coordinate a step; `model.reachability`), one value for whichever refiners are built (the slot
         refiner's and the MLP's were two settings before issue 25, which every comparison set equal).
     chunk_size: positions per chunk along the sequence (the last chunk may be shorter); at most the
         backbone's max_sequence_length (`check_backbone`).
@@ -92,8 +92,8 @@ class HybridConfig(Section):
     slot / mlp: the refiners' own knobs, `SlotSettings` / `MLPSettings` (a dict is accepted, for example
         `slot={"n_heads": 4, "n_blocks": 1, "d_inner": 128}`); the model adds d_model, num_steps,
         delta_scale and context_dim when it builds the refiners, and the architecture's constants
-        (`refiners.config`). Step logits are computed while training (deep supervision reads them) and not in
-        eval mode, where the sampler reads only the final logits (`LLaDATRMHybrid.refine`).
+        (`model.refiners.config`). Step logits are computed while training (deep supervision reads them) and
+        not in eval mode, where the sampler reads only the final logits (`LLaDATRMHybrid.refine`).
     """
 
     refiner: RefinerKind = "slot"

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from llada_trm.refiners.base import (
+from llada_trm.model.refiners.base import (
     ContextInput,
     Refiner,
     RefinerState,
@@ -24,7 +24,7 @@ from llada_trm.refiners.base import (
     check_active,
     context_list,
 )
-from llada_trm.refiners.config import MLPRefinerConfig
+from llada_trm.model.refiners.config import MLPRefinerConfig
 
 
 class RecursiveRefinementHead(Refiner):

@@ -157,7 +157,7 @@ class StatsAccumulator:
         }
 
 
-# -------------------- the refiner interface (refiners/base.py) --------------------
+# -------------------- the refiner interface (model/refiners/base.py) --------------------
 
 ContextInput = Tensor | Sequence[Tensor] | None
 ConfigT = TypeVar("ConfigT")

@@ -1,4 +1,4 @@
-"""Recursive refinement heads applied to the backbone's final hidden states (see `refiners.base`): the
+"""Recursive refinement heads applied to the backbone's final hidden states (see `model.refiners.base`): the
 registry of refiner kinds. Each refiner lives in its own module; this package re-exports nothing."""
 
 from __future__ import annotations
@@ -7,10 +7,10 @@ from typing import Any
 
 import torch
 
-from llada_trm.refiners.base import Refiner
-from llada_trm.refiners.config import MLPRefinerConfig, SlotConfig
-from llada_trm.refiners.mlp import RecursiveRefinementHead
-from llada_trm.refiners.slot import SlotTRMRefiner
+from llada_trm.model.refiners.base import Refiner
+from llada_trm.model.refiners.config import MLPRefinerConfig, SlotConfig
+from llada_trm.model.refiners.mlp import RecursiveRefinementHead
+from llada_trm.model.refiners.slot import SlotTRMRefiner
 
 REFINER_KINDS = ("mlp", "slot")
 

@@ -36,17 +36,17 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from llada_trm.backbone.checkpoint import read_config
-from llada_trm.backbone.fingerprint import model_fingerprint
-from llada_trm.backbone.kv_cache import KVCache
-from llada_trm.backbone.modeling import LLaDAModel
 from llada_trm.errors import ConfigError
-from llada_trm.hybrid.config import ACTIVE_CHOICES, MAX_RECURSIVE_STEPS, HybridConfig
-from llada_trm.hybrid.refiner_file import read_refiner_weights, write_refiner_weights
-from llada_trm.refiners import build_refiner, slot_parameter_count
-from llada_trm.refiners.base import Refiner, StatsAccumulator
+from llada_trm.model.fingerprint import model_fingerprint
+from llada_trm.model.hybrid_config import ACTIVE_CHOICES, MAX_RECURSIVE_STEPS, HybridConfig
+from llada_trm.model.kv_cache import KVCache
+from llada_trm.model.llada import LLaDAModel
+from llada_trm.model.llada_weights import read_config
+from llada_trm.model.refiner_weights import read_refiner_weights, write_refiner_weights
+from llada_trm.model.refiners import build_refiner, slot_parameter_count
+from llada_trm.model.refiners.base import Refiner, StatsAccumulator
 
-# -------------------- schedule (was `HybridConfig.schedule`, hybrid/config.py) --------------------
+# -------------------- schedule (was `HybridConfig.schedule`, model/hybrid_config.py) --------------------
 
 def refiner_schedule(
     cfg: HybridConfig, num_steps: int | None = None, active_refiner: str = "slot"
@@ -341,7 +341,7 @@ class ChunkHalting:
         return active & ~confident
 
 
-# -------------------- the hybrid (hybrid/model.py) --------------------
+# -------------------- the hybrid (model/hybrid.py) --------------------
 
 PREFIX = "refinement_head."
 
@@ -741,7 +741,7 @@ class LLaDATRMHybrid(nn.Module):
 
     def save_refiner(self, path: str | Path) -> Path:
         """Write only the `refinement_head.*` tensors to safetensors (atomic: temp file, then rename), with
-        the fingerprint of this model's backbone (`backbone.fingerprint`)."""
+        the fingerprint of this model's backbone (`model.fingerprint`)."""
         kinds, integration = list(self.refinement_head), self.config.integration
         return write_refiner_weights(
             path, self.refiner_state_dict(), integration=integration, refiners=kinds,

@@ -16,7 +16,7 @@ an additive `finfo.min` bias on padded keys. The logits have `embedding_size` co
 past `vocab_size`, if any, are returned rather than sliced off).
 
 For fast sampling the forward can also run on a window of the sequence against a `KVCache` of the other
-positions (Fast-dLLM's prefix and dual caches, see `backbone.kv_cache`): the window's queries and keys are
+positions (Fast-dLLM's prefix and dual caches, see `model.kv_cache`): the window's queries and keys are
 rotated at their absolute positions and attend to the cached keys plus their own.
 """
 
@@ -32,15 +32,15 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from llada_trm.backbone.checkpoint import (
+from llada_trm.model.kv_cache import KVCache
+from llada_trm.model.llada_config import LLaDAConfig
+from llada_trm.model.llada_weights import (
     DTypeLike,
     check_layout,
     load_weights,
     read_config,
     save_checkpoint,
 )
-from llada_trm.backbone.config import LLaDAConfig
-from llada_trm.backbone.kv_cache import KVCache
 
 
 @dataclass
@@ -298,7 +298,7 @@ class LLaDAModel(nn.Module):
     ) -> BackboneOutput:
         """Run on token ids [B, L]; `attention_mask` [B, L] has 1 for real tokens, 0 for padding.
 
-        Cached sampling (see `backbone.kv_cache`): with `past_key_values`, `input_ids` are the tokens at
+        Cached sampling (see `model.kv_cache`): with `past_key_values`, `input_ids` are the tokens at
         absolute positions `cache_position .. cache_position+L-1` (default: right after the cached ones, a
         prefix cache); they attend to the cached keys outside that window plus their own, and cached entries
         inside the window are replaced (a dual cache). `attention_mask` still covers only `input_ids`; the

@@ -29,7 +29,7 @@ import torch
 from torch import Tensor, nn
 
 from llada_trm.errors import ConfigError
-from llada_trm.refiners.base import (
+from llada_trm.model.refiners.base import (
     ActiveRows,
     ContextInput,
     KeyValueReuse,
@@ -40,7 +40,7 @@ from llada_trm.refiners.base import (
     context_list,
     keys_values,
 )
-from llada_trm.refiners.config import SlotConfig
+from llada_trm.model.refiners.config import SlotConfig
 
 
 class SlotOutput(NamedTuple):

@@ -27,9 +27,9 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from llada_trm.backbone.config import LLaDAConfig
 from llada_trm.errors import CheckpointError
 from llada_trm.io import dtype_named, fsync_file
+from llada_trm.model.llada_config import LLaDAConfig
 from llada_trm.progress import weights_progress
 from llada_trm.text import read_utf8
 

@@ -1,7 +1,7 @@
 """The refiners' weights file (`save_refiner` / `load_refiner`): only the `refinement_head.*` tensors.
 
 Written atomically (temporary name, then rename) with the integration and refiner kinds and the fingerprint
-of the backbone beside the refiners (`backbone.fingerprint`) as metadata; read back only when its names and
+of the backbone beside the refiners (`model.fingerprint`) as metadata; read back only when its names and
 shapes are exactly the model's, else a one-line `CheckpointError`, and only onto the backbone it records
 (a `BackboneMismatchError` unless `allow_backbone_mismatch`; a file without a fingerprint loads with a
 warning).
@@ -17,9 +17,9 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 
-from llada_trm.backbone.fingerprint import FINGERPRINT_KEY, check_fingerprint
 from llada_trm.errors import CheckpointError
 from llada_trm.io import atomic_path
+from llada_trm.model.fingerprint import FINGERPRINT_KEY, check_fingerprint
 
 __all__ = ["read_refiner_weights", "write_refiner_weights"]
 

@@ -28,8 +28,8 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal
 from pydantic import BeforeValidator, Field, model_validator
 from torch import nn
 
-from llada_trm.backbone.modeling import LLaDAModel
 from llada_trm.errors import ConfigError
+from llada_trm.model.llada import LLaDAModel
 from llada_trm.schema import PosFloat, Section, to_float, to_int
 
 if TYPE_CHECKING:
@@ -52,7 +52,7 @@ __all__ = [
 ]
 
 
-# The linear layers of a LLaDA block, by LLaDA's own names (backbone.modeling.LLaDABlock).
+# The linear layers of a LLaDA block, by LLaDA's own names (model.llada.LLaDABlock).
 LORA_TARGETS: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "attn_out", "ff_proj", "up_proj", "ff_out")
 ADAPTER_NAME = "default"  # peft's adapter name; one adapter per layer
 PEFT_INSTALL = "pip install 'llada-trm[lora]'"

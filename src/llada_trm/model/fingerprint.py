@@ -36,12 +36,12 @@ from typing import TYPE_CHECKING, Any
 import torch
 from safetensors import SafetensorError, safe_open
 
-from llada_trm.backbone.checkpoint import _weight_map, read_config
-from llada_trm.backbone.config import LLaDAConfig
 from llada_trm.errors import CheckpointError
+from llada_trm.model.llada_config import LLaDAConfig
+from llada_trm.model.llada_weights import _weight_map, read_config
 
 if TYPE_CHECKING:
-    from llada_trm.backbone.modeling import LLaDAModel
+    from llada_trm.model.llada import LLaDAModel
 
 __all__ = [
     "FINGERPRINT_KEY",
