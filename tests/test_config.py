@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from tiny_assets import FIXTURES
 
 from llada_trm.build import build_records
 from llada_trm.config import RunConfig, fixed_settings, load_config, parse_config, parse_override, save_config
@@ -226,7 +227,7 @@ def test_the_generated_task_is_the_embedded_backbones_and_reaches_the_generator(
 
 
 def test_a_config_yaml_written_before_the_embedding_still_loads(tmp_path):
-    fixture = Path(__file__).parent / "fixtures" / "run_config_before_issue13.yaml"
+    fixture = FIXTURES / "run_config_before_issue13.yaml"
     with pytest.raises(ConfigError, match="(retired|replaced|removed).*llada-trm convert"):
         load_config(fixture)  # it names settings retired since (issue 25): converted first
     old = load_config(convert_path(fixture, tmp_path / "converted.yaml", echo=lambda _: None))

@@ -11,8 +11,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from test_main_job import compare_yaml
-from tiny_assets import tiny_backbone
+from tiny_assets import compare_yaml, tiny_backbone
 
 from llada_trm.cli import main
 from llada_trm.config_files import parse_override

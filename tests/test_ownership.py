@@ -16,8 +16,8 @@ import pytest
 import torch
 import yaml
 from safetensors.torch import load_file, save_file
-from test_pretrain_runs import tiny
 from tiny_assets import run_config, tiny_backbone
+from tiny_assets import tiny_pretrain as tiny
 
 from llada_trm.cli import main
 from llada_trm.errors import CheckpointError, ConfigError

@@ -124,9 +124,9 @@ def test_a_combined_log_keeps_messages_and_progress_in_order(monkeypatch):
 
 
 def test_pretrain_piped_prints_plain_lines(tmp_path, capfd):
-    from test_pretrain_runs import TINY
+    from tiny_assets import TINY_PRETRAIN
 
-    sets = [w for o in [*TINY, "training.steps=4", "training.log_every=2"] for w in ("--set", o)]
+    sets = [w for o in [*TINY_PRETRAIN, "training.steps=4", "training.log_every=2"] for w in ("--set", o)]
     assert main(["pretrain", *sets, "--out", str(tmp_path / "backbone")]) == 0
     err = capfd.readouterr().err
     assert "\r" not in err

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from tiny_assets import FIXTURES
 
 from llada_trm.cli import main
 from llada_trm.config import (
@@ -24,7 +25,7 @@ from llada_trm.convert import convert_config, convert_path, health_thresholds
 from llada_trm.errors import ConfigError, UserError
 from llada_trm.study.config import CompareConfig, load_compare_config
 
-FIXTURE = Path(__file__).parent / "fixtures" / "run_before_issue25"  # `llada-trm train` of commit 04476e5
+FIXTURE = FIXTURES / "run_before_issue25"  # `llada-trm train` of commit 04476e5
 
 # The run schema's settings (leaf fields of RunConfig). Before issue 25: 150, 33 of them `model.*`; 50 now.
 # `model.*` is the hybrid's and the refiners' own schema (model/hybrid_config.py, model/refiners/config.py).

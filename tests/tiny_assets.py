@@ -5,12 +5,15 @@ phase-1 slot-refiner run on it. Test modules wrap `tiny_backbone(factory)` / `ti
 fixtures; the module-level cache makes every module share one copy, built in pytest's temporary directory.
 Modules that need their own variant (another vocabulary size, seed or init) call `make_tiny_backbone` /
 `save_tiny_backbone` directly.
+
+Also what several test folders share (a test module never imports another): the repository and fixtures
+paths, the tiny compare and pretraining configs, and a toy hybrid for the sampler's per-step hook.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 import torch
@@ -18,6 +21,12 @@ import torch
 from llada_trm.data import SyntheticTaskConfig, build_tokenizer, generate_problems, special_token_ids
 from llada_trm.model.llada import LLaDAModel
 from llada_trm.model.llada_config import LLaDAConfig
+
+if TYPE_CHECKING:
+    from llada_trm.model.hybrid import LLaDATRMHybrid
+
+REPO = Path(__file__).resolve().parents[1]  # the repository root
+FIXTURES = REPO / "tests" / "fixtures"
 
 TINY_COUNTS = {"n_train": 24, "n_eval": 8}
 # Sampler settings small enough for a random model: 2 blocks of 8 tokens, 2 steps each.
@@ -101,3 +110,101 @@ def tiny_run(factory: pytest.TempPathFactory) -> Path:
         Trainer(config, progress=False).train()
         _cache["run"] = out
     return _cache["run"]
+
+
+def compare_yaml(backbone_dir: Path, out: Path) -> dict:
+    """A raw `llada-trm compare` config: both refiners on the tiny backbone, 3 problems evaluated."""
+    run = run_config(backbone_dir, out / "unused")
+    del run["output"], run["model"]["refiner"]
+    run["sampling"] = dict(TINY_SAMPLING)  # sampled in the training batch (8)
+    evaluation = {"n_problems": 3}
+    return {"run": run, "refiners": ["mlp", "slot"], "evaluation": evaluation, "output": {"dir": str(out)}}
+
+
+# `llada-trm pretrain --set` overrides: a few steps of a 1-layer backbone (tests/extras/test_pretrain_runs).
+TINY_PRETRAIN = [
+    "model.d_model=32",
+    "model.n_layers=1",
+    "model.n_heads=2",
+    "model.mlp_hidden_size=64",
+    "data.n_train=80",
+    "data.n_eval=4",
+    "data.max_steps=2",
+    "data.vocab_size=400",
+    "training.steps=8",
+    "training.batch_size=4",
+    "training.warmup_steps=1",
+    "training.log_every=1",
+    "training.eval_every=4",
+    "training.save_every=3",
+    "evaluation.n_problems=3",
+    "evaluation.n_test=3",
+    "evaluation.batch_size=2",
+    "evaluation.gen_length=32",
+    "evaluation.block_length=32",
+    "evaluation.steps=4",
+    "output.dtype=float32",
+]
+
+
+def tiny_pretrain(out: Path, *extra: str) -> Any:
+    """The pretraining config of `TINY_PRETRAIN` writing to `out`, with `extra` overrides."""
+    from llada_trm.extras.pretraining.config import load_pretrain_config
+
+    return load_pretrain_config(None, [*TINY_PRETRAIN, f"output.dir={out}", *extra])
+
+
+# A toy hybrid for the sampler's per-step hook (diffusion/test_sampler_steps, evaluate/test_diagnostics).
+TOY_VOCAB, TOY_MASK, TOY_PAD = 50, 49, 48
+TOY_VARIANTS = {
+    "exact": {},
+    "threshold": {"threshold": 0.5},
+    "prefix": {"cache": "prefix"},
+    "dual": {"cache": "dual", "threshold": 0.5},
+}
+
+
+def toy_backbone() -> LLaDAModel:
+    """A random 2-layer backbone over a 50-token vocabulary ([MASK] 49, padding and EOS 48), in eval mode."""
+    torch.manual_seed(0)
+    config = LLaDAConfig(
+        d_model=32, n_heads=4, n_layers=2, vocab_size=TOY_VOCAB, mlp_hidden_size=64, max_sequence_length=64,
+        mask_token_id=TOY_MASK, eos_token_id=TOY_PAD, pad_token_id=TOY_PAD,
+    )
+    return LLaDAModel(config).eval()
+
+
+def toy_hybrid(**kwargs: Any) -> LLaDATRMHybrid:
+    """A slot-refiner hybrid on `toy_backbone` (`kwargs`: HybridConfig fields), its refiner off identity."""
+    from llada_trm.model.hybrid import LLaDATRMHybrid
+    from llada_trm.model.hybrid_config import HybridConfig
+
+    settings = {"refiner": "slot", "chunk_size": 4, "slot": {"n_heads": 2, "n_blocks": 1}, **kwargs}
+    model = LLaDATRMHybrid(toy_backbone(), HybridConfig(**settings)).eval()
+    torch.manual_seed(8)
+    with torch.no_grad():  # move the near-identity refiner so that refining changes something
+        for p in model.refinement_head.parameters():
+            p.add_(0.5 * torch.randn_like(p))
+    return model
+
+
+def toy_prompt() -> tuple[torch.Tensor, torch.Tensor]:
+    """Two prompts of 7 tokens, the second left-padded by 2."""
+    ids = torch.randint(0, TOY_PAD, (2, 7), generator=torch.Generator().manual_seed(3))
+    attention_mask = torch.ones_like(ids)
+    attention_mask[1, :2] = 0
+    ids[attention_mask == 0] = TOY_PAD
+    return ids, attention_mask
+
+
+def toy_sample(model: Any, variant: str, on_step: Any = None, **extra: Any) -> Any:
+    """`sample` on `toy_prompt`: 16 tokens in 2 blocks, 8 steps, the `TOY_VARIANTS[variant]` options."""
+    from llada_trm.diffusion.options import SamplingOptions
+    from llada_trm.diffusion.sampler import sample
+
+    settings = {"steps": 8, "gen_length": 16, "block_length": 8, "mask_id": TOY_MASK}
+    settings.update(TOY_VARIANTS[variant], **extra)
+    options = SamplingOptions(**settings)
+    prompt, attention_mask = toy_prompt()
+    generator = torch.Generator().manual_seed(1)
+    return sample(model, prompt, attention_mask, options, generator=generator, on_step=on_step)

@@ -25,8 +25,8 @@ from torch import Tensor, nn
 # Packing the active rows of a batch, so that a refiner step computes only the positions it refines.
 #
 # Everything a refiner computes is per row except attention, so computing on the packed rows gives the values
-# a full computation would, at the cost of the active rows only (tests/test_refiners.py checks values and
-# gradients against the full computation).
+# a full computation would, at the cost of the active rows only (tests/model/test_refiners.py checks values
+# and gradients against the full computation).
 
 class ActiveRows:
     """The active positions of each sequence, packed to the front, so that a step computes only on them.

@@ -9,8 +9,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from test_main_job import compare_yaml
-from tiny_assets import TINY_SAMPLING, tiny_backbone
+from tiny_assets import TINY_SAMPLING, compare_yaml, tiny_backbone
 
 from llada_trm.build import check_test_split
 from llada_trm.cli import main

@@ -7,7 +7,7 @@ import math
 
 import pytest
 import torch
-from test_sampler_steps import MASK, VARIANTS, _hybrid, _prompt, _run
+from tiny_assets import TOY_MASK, TOY_VARIANTS, toy_hybrid, toy_prompt, toy_sample
 
 from llada_trm.diffusion.steps import StepEvent
 from llada_trm.evaluate.diagnostics import (
@@ -50,7 +50,7 @@ def _event(step: int) -> StepEvent:
     committed = torch.zeros(rows, G, dtype=torch.bool)
     confidence = torch.full((rows, G), float("nan"))
     base = torch.full((rows, G), -1, dtype=torch.long)
-    tokens = torch.full((rows, G), MASK, dtype=torch.long)
+    tokens = torch.full((rows, G), TOY_MASK, dtype=torch.long)
     for later in STEPS[: step + 1]:
         for row, commits in later.items():
             for position, (token, _, _) in commits.items():
@@ -64,7 +64,7 @@ def _event(step: int) -> StepEvent:
     for row, refined in REFINED[step].items():
         chunks[row, refined] = True
     return StepEvent(block=0, step=step, committed=committed, tokens=tokens, confidence=confidence,
-                     mask_id=MASK, prompt_length=PROMPT, chunk_size=CHUNK, chunks_refined=chunks,
+                     mask_id=TOY_MASK, prompt_length=PROMPT, chunk_size=CHUNK, chunks_refined=chunks,
                      chunks_halted=torch.zeros_like(chunks), base_tokens=base)  # fmt: skip
 
 
@@ -160,14 +160,14 @@ def test_the_report_renders_each_models_column_and_the_plot(tmp_path):
 
 
 @pytest.mark.parametrize("cfg_scale", [0.0, 1.0])
-@pytest.mark.parametrize("variant", list(VARIANTS))
+@pytest.mark.parametrize("variant", list(TOY_VARIANTS))
 def test_the_sampler_reports_the_backbones_own_argmax(variant: str, cfg_scale: float):
     """Greedy: outside refined chunks every commit is the backbone's argmax; inside, the refiner moves some
     (its update bound widened so that it can: 4 x the clamp 0.5)."""
     slot = {"n_heads": 2, "n_blocks": 1}
-    model = _hybrid(confidence_threshold=0.9, max_recursive_steps=3, delta_scale=4.0, slot=slot)
+    model = toy_hybrid(confidence_threshold=0.9, max_recursive_steps=3, delta_scale=4.0, slot=slot)
     events: list[StepEvent] = []
-    _run(model, variant, events.append, cfg_scale=cfg_scale)
+    toy_sample(model, variant, events.append, cfg_scale=cfg_scale)
     moved = 0
     for event in events:
         assert event.base_tokens is not None and event.base_tokens.shape == event.committed.shape
@@ -178,15 +178,15 @@ def test_the_sampler_reports_the_backbones_own_argmax(variant: str, cfg_scale: f
         moved += int((event.tokens != event.base_tokens)[event.committed & refined].sum())
     assert moved > 0
     if cfg_scale == 0:  # the first call sees prompt + masks: the backbone argmax over block 0, -1 after
-        prompt, attention_mask = _prompt()
-        x = torch.cat([prompt, torch.full((2, 16), MASK)], dim=1)
+        prompt, attention_mask = toy_prompt()
+        x = torch.cat([prompt, torch.full((2, 16), TOY_MASK)], dim=1)
         mask = torch.cat([attention_mask, torch.ones(2, 16, dtype=attention_mask.dtype)], dim=1)
         with torch.no_grad():
             expected = model.backbone(x, attention_mask=mask).logits.argmax(dim=-1)[:, 7:15]
         assert torch.equal(events[0].base_tokens[:, :8], expected)
         assert (events[0].base_tokens[:, 8:] == -1).all()
     backbone_only: list[StepEvent] = []
-    _run(model.backbone, variant, backbone_only.append, cfg_scale=cfg_scale)
+    toy_sample(model.backbone, variant, backbone_only.append, cfg_scale=cfg_scale)
     assert all(event.base_tokens is None for event in backbone_only)
 
 

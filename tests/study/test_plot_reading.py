@@ -5,14 +5,12 @@ from __future__ import annotations
 
 import importlib.util
 import itertools
-from pathlib import Path
 
 import pytest
+from tiny_assets import REPO
 
 from llada_trm.study.plot_specs import FigureSpec, Panel
 from llada_trm.study.plots import draw, paired_comparison_figure, plot_paired_comparison
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def _report(arms: int, seeds: int, problems: int = 384) -> dict:
@@ -90,10 +88,10 @@ def test_equal_series_are_told_apart():
 
 
 def test_replot_reads_the_shipped_lever_report():
-    spec = importlib.util.spec_from_file_location("replot", ROOT / "scripts" / "replot_comparison.py")
+    spec = importlib.util.spec_from_file_location("replot", REPO / "scripts" / "replot_comparison.py")
     replot = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(replot)
-    report = replot.report_from_markdown((ROOT / "docs/results/levers_tiny.md").read_text(encoding="utf-8"))
+    report = replot.report_from_markdown((REPO / "docs/results/levers_tiny.md").read_text(encoding="utf-8"))
     assert report["problems"] == 384 and sorted(report["per_seed"]) == ["0", "1", "2"]
     seed0 = report["per_seed"]["0"]
     assert len(seed0["accuracy"]) == 9 and len(seed0["paired"]) == 15

@@ -6,7 +6,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "adversarial_sweep.py"
+from tiny_assets import REPO
+
+SCRIPT = REPO / "scripts" / "adversarial_sweep.py"
 
 
 def test_quick_sweep_has_no_tracebacks_silent_results_or_hangs(tmp_path: Path) -> None:

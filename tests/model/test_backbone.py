@@ -3,17 +3,17 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
+from tiny_assets import FIXTURES
 
 from llada_trm.errors import ConfigError
 from llada_trm.model.llada import BackboneOutput, LLaDAModel
 from llada_trm.model.llada_config import LLaDAConfig
 
-FIXTURES = Path(__file__).parent / "fixtures" / "llada_ref"
+LLADA_REF = FIXTURES / "llada_ref"
 LLADA_8B_PARAMETERS = 8_015_581_184  # total_size / 2 in LLaDA-8B-Instruct's bf16 model.safetensors.index.json
 
 
@@ -54,7 +54,7 @@ def test_config_dict_and_json_round_trip(tmp_path):
 
 
 def test_config_reads_llada_json_and_ignores_unknown_fields():
-    c = LLaDAConfig.from_json_file(FIXTURES / "mha_untied" / "config.json")  # has init_fn, precision, ...
+    c = LLaDAConfig.from_json_file(LLADA_REF / "mha_untied" / "config.json")  # has init_fn, precision, ...
     assert (c.d_model, c.n_heads, c.n_layers, c.vocab_size, c.embedding_size) == (32, 4, 2, 60, 64)
     assert LLaDAConfig.from_dict({**tiny_config().to_dict(), "some_future_field": 1}) == tiny_config()
 
@@ -122,8 +122,8 @@ def test_llada_8b_builds_on_meta_with_8b_parameters():
 @pytest.mark.parametrize("tag", ["nomask", "mask"])
 def test_matches_reference_llada_outputs(case, tag):
     """Outputs of LLaDA's public modeling code on the same weights (see tests/fixtures/README.md)."""
-    model = LLaDAModel.from_pretrained(FIXTURES / case)
-    ref = load_file(str(FIXTURES / case / "reference_outputs.safetensors"))
+    model = LLaDAModel.from_pretrained(LLADA_REF / case)
+    ref = load_file(str(LLADA_REF / case / "reference_outputs.safetensors"))
     mask = ref["attention_mask"] if tag == "mask" else None
     n = model.config.n_layers
     with torch.no_grad():

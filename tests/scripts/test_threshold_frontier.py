@@ -5,11 +5,11 @@ from __future__ import annotations
 import importlib.util
 import math
 import sys
-from pathlib import Path
 
 import pytest
+from tiny_assets import REPO
 
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "threshold_frontier.py"
+SCRIPT = REPO / "scripts" / "threshold_frontier.py"
 
 
 @pytest.fixture(scope="module")

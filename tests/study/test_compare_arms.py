@@ -7,8 +7,7 @@ import json
 
 import pytest
 import yaml
-from test_main_job import compare_yaml
-from tiny_assets import tiny_backbone
+from tiny_assets import compare_yaml, tiny_backbone
 
 from llada_trm.cli import main
 from llada_trm.study.config import CompareConfig

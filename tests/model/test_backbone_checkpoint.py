@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
+from tiny_assets import REPO
 
 import llada_trm.model.llada_weights as checkpoint_module
 from llada_trm.errors import CheckpointError, ConfigError
@@ -234,7 +235,7 @@ def test_no_weights_and_missing_shard(saved, tmp_path):
 
 
 # ---------------------------------------------------------------- loader memory (issue 29)
-SRC = Path(__file__).resolve().parents[1] / "src"
+SRC = REPO / "src"
 
 # Run in a fresh process so its peak RSS is the loader's alone. The checkpoint is loaded once first (code
 # pages, allocator arenas, lazily initialised kernels), then the peak is reset (`/proc/self/clear_refs` 5)

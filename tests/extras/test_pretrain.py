@@ -1,10 +1,10 @@
 """`llada-trm pretrain`: a few steps on a tiny architecture produce a loadable HF-layout checkpoint."""
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
+from tiny_assets import REPO
 
 from llada_trm.data import load_tokenizer
 from llada_trm.errors import ConfigError
@@ -63,7 +63,7 @@ def test_pretrain_config_rejects_unknown_keys_with_a_suggestion():
 
 
 def test_shipped_config_validates():
-    config = load_pretrain_config(Path(__file__).parents[1] / "configs" / "tiny_backbone.yaml")
+    config = load_pretrain_config(REPO / "configs" / "tiny_backbone.yaml")
     assert config.output.dir == "experiments/tiny_backbone_v1"
 
 

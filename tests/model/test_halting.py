@@ -7,6 +7,7 @@ from typing import Any
 
 import pytest
 import torch
+from tiny_assets import REPO
 from torch import Tensor
 
 from llada_trm.config import parse_config
@@ -158,11 +159,10 @@ def test_param_budget_errors():
 
 
 def test_each_lever_arm_changes_only_its_lever():
-    from pathlib import Path
 
     from llada_trm.study.config import load_compare_config
 
-    study = load_compare_config(Path(__file__).resolve().parents[1] / "configs" / "levers_tiny.yaml")
+    study = load_compare_config(REPO / "configs" / "levers_tiny.yaml")
     assert study.reference == "slot" and study.baseline and len(study.seed_list()) == 3
     reference = study.run_for("slot", 0, "out").model_dump()
 

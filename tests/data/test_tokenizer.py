@@ -8,6 +8,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+from tiny_assets import FIXTURES
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
@@ -30,7 +31,7 @@ from llada_trm.data import (
     special_token_ids,
 )
 
-FIXTURE = Path(__file__).parent / "fixtures" / "gsm8k_small.jsonl"
+FIXTURE = FIXTURES / "gsm8k_small.jsonl"
 REAL_GSM8K = Path("/work/shared/data/gsm8k/test.jsonl")
 
 

@@ -10,11 +10,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from tiny_assets import tiny_run
+from tiny_assets import REPO, tiny_run
 
 from llada_trm.assets import embedded_backbone_dir
 
-ROOT = Path(__file__).resolve().parents[1]
 tomllib = pytest.importorskip("tomllib")  # Python 3.11+
 
 
@@ -65,7 +64,7 @@ def test_import_llada_trm_alone_still_imports_no_torch():
 
 def test_lm_eval_entry_point_names_the_registered_backend():
     pytest.importorskip("lm_eval")
-    project = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["project"]
+    project = tomllib.loads((REPO / "pyproject.toml").read_text(encoding="utf-8"))["project"]
     target = project["entry-points"]["lm_eval.models"]["llada_trm"]
     module, _, name = target.partition(":")
     backend = getattr(importlib.import_module(module), name)

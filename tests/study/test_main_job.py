@@ -7,27 +7,17 @@ from pathlib import Path
 
 import pytest
 import yaml
-from tiny_assets import TINY_SAMPLING, run_config, tiny_backbone
+from tiny_assets import REPO, compare_yaml, tiny_backbone
 
 from llada_trm.cli import main
 from llada_trm.errors import ConfigError
 from llada_trm.study.compare import format_table
 from llada_trm.study.config import load_compare_config
 
-REPO = Path(__file__).resolve().parents[1]
-
 
 @pytest.fixture(scope="module")
 def backbone_dir(tmp_path_factory) -> Path:
     return tiny_backbone(tmp_path_factory)
-
-
-def compare_yaml(backbone_dir: Path, out: Path) -> dict:
-    run = run_config(backbone_dir, out / "unused")
-    del run["output"], run["model"]["refiner"]
-    run["sampling"] = dict(TINY_SAMPLING)  # sampled in the training batch (8)
-    evaluation = {"n_problems": 3}
-    return {"run": run, "refiners": ["mlp", "slot"], "evaluation": evaluation, "output": {"dir": str(out)}}
 
 
 def test_tiny_compare_prints_the_table_and_writes_results(backbone_dir, tmp_path, capsys):

@@ -11,11 +11,11 @@ so cached sampling must give the uncached tokens there. With more layers the cac
 from __future__ import annotations
 
 import json
-from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
+from tiny_assets import FIXTURES
 from torch import Tensor, nn
 
 from llada_trm.diffusion.sampler import generate, generate_with_stats
@@ -25,7 +25,6 @@ from llada_trm.model.kv_cache import KVCache
 from llada_trm.model.llada import LLaDAModel, rotary_tables
 from llada_trm.model.llada_config import LLaDAConfig
 
-FIXTURES = Path(__file__).parent / "fixtures"
 REFERENCE = FIXTURES / "fast_dllm_cache_reference.json"
 VOCAB, MASK, PAD = 50, 49, 48
 

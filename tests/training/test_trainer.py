@@ -10,7 +10,7 @@ import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
-from tiny_assets import make_tiny_backbone
+from tiny_assets import REPO, make_tiny_backbone
 
 from llada_trm.config import fixed_settings, parse_config
 from llada_trm.errors import CheckpointError, ConfigError, NonFiniteLossError
@@ -266,7 +266,7 @@ def test_tiny_refiner_config_on_the_embedded_backbone(tmp_path):
     locate = getattr(assets, "embedded_backbone_dir", None)
     if locate is None or not (Path(locate()) / "config.json").is_file():
         pytest.skip("the embedded backbone checkpoint is not built yet")
-    config_path = Path(__file__).resolve().parents[1] / "configs" / "tiny_refiner.yaml"
+    config_path = REPO / "configs" / "tiny_refiner.yaml"
     overrides = [f"output.dir={tmp_path}", "training.max_steps=2", "training.batch_size=2"]
     overrides += ["training.eval_every=0", "data.n_train=16"]
     overrides += ["data.n_eval=4"]

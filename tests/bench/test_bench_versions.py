@@ -9,8 +9,9 @@ import tempfile
 from pathlib import Path
 
 import pytest
+from tiny_assets import REPO
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+sys.path.insert(0, str(REPO / "bench"))
 
 import bench_versions  # noqa: E402
 

@@ -7,14 +7,14 @@ import sys
 from pathlib import Path
 
 import pytest
-from tiny_assets import tiny_backbone
+from tiny_assets import REPO, tiny_backbone
 
 from llada_trm.cli import main
 from llada_trm.data.arithmetic import ArithmeticTaskConfig, answer_carries
 from llada_trm.extras.pretraining.config import load_pretrain_config
 from llada_trm.study.config import load_compare_config
 
-ARITH = Path(__file__).resolve().parents[1] / "configs" / "arith"
+ARITH = REPO / "configs" / "arith"
 TASK_FIELDS = set(ArithmeticTaskConfig.model_fields)
 
 

@@ -6,43 +6,16 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from tiny_assets import TINY_PRETRAIN as TINY
+from tiny_assets import tiny_pretrain as tiny
 
 from llada_trm.data import SyntheticTaskConfig, generate_problems
 from llada_trm.data.synthetic import parse_solution
 from llada_trm.errors import CheckpointError, ConfigError
 from llada_trm.extras.pretraining import export, run
-from llada_trm.extras.pretraining.config import load_pretrain_config
 from llada_trm.extras.pretraining.run import pretrain
 from llada_trm.extras.pretraining.targets import TARGET_COLUMNS, target_metrics
 from llada_trm.training.loop import Trainer
-
-TINY = [
-    "model.d_model=32",
-    "model.n_layers=1",
-    "model.n_heads=2",
-    "model.mlp_hidden_size=64",
-    "data.n_train=80",
-    "data.n_eval=4",
-    "data.max_steps=2",
-    "data.vocab_size=400",
-    "training.steps=8",
-    "training.batch_size=4",
-    "training.warmup_steps=1",
-    "training.log_every=1",
-    "training.eval_every=4",
-    "training.save_every=3",
-    "evaluation.n_problems=3",
-    "evaluation.n_test=3",
-    "evaluation.batch_size=2",
-    "evaluation.gen_length=32",
-    "evaluation.block_length=32",
-    "evaluation.steps=4",
-    "output.dtype=float32",
-]
-
-
-def tiny(out: Path, *extra: str):
-    return load_pretrain_config(None, [*TINY, f"output.dir={out}", *extra])
 
 
 def rows(directory: Path, name: str = "training") -> list[dict[str, str]]:

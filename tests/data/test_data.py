@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from tiny_assets import FIXTURES
 from torch.utils.data import DataLoader
 
 from llada_trm.data import (
@@ -36,7 +37,7 @@ from llada_trm.data import (
 from llada_trm.data.disjoint import check_disjoint, question_hash
 from llada_trm.data.synthetic import question_split
 
-FIXTURE = Path(__file__).parent / "fixtures" / "gsm8k_small.jsonl"
+FIXTURE = FIXTURES / "gsm8k_small.jsonl"
 REAL_GSM8K = Path("/work/shared/data/gsm8k")
 
 

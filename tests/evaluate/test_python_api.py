@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from tiny_assets import TINY_SAMPLING, run_config, tiny_backbone
+from tiny_assets import REPO, TINY_SAMPLING, run_config, tiny_backbone
 
 import llada_trm
 from llada_trm import SamplingOptions, generate, load_checkpoint
@@ -171,7 +171,7 @@ def test_generate_file_writes_answers_atomically(sampled_run, tmp_path, capsys):
 
 
 def _readme_snippet() -> str:
-    readme = (Path(__file__).parent.parent / "README.md").read_text(encoding="utf-8")
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
     section = readme[readme.index("## Python API\n") :]
     return section[section.index("```python\n") + len("```python\n") : section.index("```\n", 12)]
 

@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
-from tiny_assets import tiny_run
+from tiny_assets import REPO, tiny_run
 
 from llada_trm.study.plots import PlotError, plot_comparison, plot_run, read_metrics
 
@@ -174,5 +174,5 @@ def test_a_pretrain_run_plots_every_eval_column_on_its_own_axis(tmp_path):
 def test_the_embedded_backbone_is_a_pretrain_dir():
     from llada_trm.study.plots import run_specs
 
-    backbone = Path(__file__).parents[1] / "src" / "llada_trm" / "assets" / "tiny_backbone"
+    backbone = REPO / "src" / "llada_trm" / "assets" / "tiny_backbone"
     assert sorted(run_specs(backbone)) == ["pretrain.png", "pretrain_eval.png"]

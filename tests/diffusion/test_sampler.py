@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import pytest
 import torch
+from tiny_assets import FIXTURES
 from torch import Tensor, nn
 
 from llada_trm.data.tokenizer import decode_generated
@@ -22,7 +22,7 @@ from llada_trm.diffusion.options import SamplingOptions
 from llada_trm.diffusion.sampler import GenerationResult, generate, generate_with_stats, sample
 from llada_trm.diffusion.unmasking import get_num_transfer_tokens
 
-FIXTURE = Path(__file__).parent / "fixtures" / "llada_generate_reference.json"
+FIXTURE = FIXTURES / "llada_generate_reference.json"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
