@@ -5,12 +5,12 @@ work) OpenMP spin-waiting makes each small matmul tens of times slower. One thre
 bit-reproducible across machines with different core counts.
 """
 
+from collections.abc import Iterator
+
+import pytest
 import torch
 
 torch.set_num_threads(1)
-
-
-import pytest  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
@@ -21,3 +21,15 @@ def _runs_on_the_cpu_logging_every_step():
 
     with fixed_settings({"training.device": "cpu", "training.log_every": 1}):
         yield
+
+
+@pytest.fixture(autouse=True)
+def keep_the_thread_count() -> Iterator[None]:
+    """Give back torch's thread count after each test, so that no test depends on the order the suite runs
+    in: a command run in-process may set its own (`llada-trm pretrain` with `training.threads: 2`, from the
+    README workflow), and a fork made after a 2-thread OpenMP team hangs in its child's first parallel op
+    (tests/training/test_fault_injection.py forks its training runs)."""
+    threads = torch.get_num_threads()
+    yield
+    if torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
