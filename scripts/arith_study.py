@@ -181,6 +181,11 @@ def _fmt_versus(v: dict[str, Any]) -> str:
     return f"{points['mean']:+.1f}{spread} ({sign['positive']}/{sign['negative']}, p {sign['p']:.2g})"
 
 
+def _lsd_first(report: dict[str, Any]) -> SamplingOptions:
+    """The compare's sampler committing each number's digits least significant first."""
+    return SamplingOptions(**{**report["sampling"], "digit_order": "lsd_first"})
+
+
 def _controls(args: argparse.Namespace, report: dict[str, Any], records: list[GSM8KRecord],
               backbone: Row, backbone_path: str | None) -> list[Row] | None:  # fmt: skip
     """The backbone and its decoding controls (LSD-first commits, one token per call)."""
@@ -193,9 +198,8 @@ def _controls(args: argparse.Namespace, report: dict[str, Any], records: list[GS
         row = Row("backbone, LSD-first", "decoding", [_correct(lsd)], calls=[_calls_per_problem(lsd_summary)])
         controls.append(row)
     if args.lsd_decoding:
-        lsd_options = SamplingOptions(**{**report["sampling"], "digit_order": "lsd_first"})
         out = Path(f"{args.out}_controls") / "lsd"
-        correct, calls = _evaluate(backbone_path, records, lsd_options, out, refiner="none")
+        correct, calls = _evaluate(backbone_path, records, _lsd_first(report), out, refiner="none")
         controls.append(Row("backbone, LSD-first", "decoding", [correct], calls=[calls]))
     if args.denoise_steps:
         gen_length = report["sampling"]["gen_length"]
@@ -227,13 +231,10 @@ def _arm_rows(args: argparse.Namespace, report: dict[str, Any], records: list[GS
                                  steps=k) for run in runs]  # fmt: skip
             rows.append(Row(f"{arm} K={k}", "swept", [r[0] for r in results], k=k, arm=arm,
                             calls=[r[1] for r in results]))  # fmt: skip
-    lsd_options = SamplingOptions(**{**report["sampling"], "digit_order": "lsd_first"})
     for arm in [a for a in args.lsd_arms.split(",") if a]:
         runs = sorted(args.compare_dir.glob(f"seed*/{arm}"))
-        if not runs:
-            raise SystemExit(f"--lsd-arms: {args.compare_dir} has no trained arm {arm!r}")
-        results = [_evaluate(run / "checkpoints" / "last", records, lsd_options, run / "eval" / "lsd_first")
-                   for run in runs]  # fmt: skip
+        results = [_evaluate(run / "checkpoints" / "last", records, _lsd_first(report),
+                             run / "eval" / "lsd_first") for run in runs]  # fmt: skip
         rows.append(Row(f"{arm} (trained K), LSD-first", "lsd", [r[0] for r in results], arm=arm,
                         calls=[r[1] for r in results]))  # fmt: skip
     return rows
@@ -290,6 +291,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, required=True, help="writes OUT.md, OUT.json and OUT.png")
     args = parser.parse_args(argv)
     report = json.loads((args.compare_dir / "comparison.json").read_text())
+    untrained = [a for a in args.lsd_arms.split(",") if a and not any(args.compare_dir.glob(f"seed*/{a}"))]
+    if untrained:  # checked before any sampling: the sweep before it takes hours at full size
+        print(f"--lsd-arms: {args.compare_dir} has no trained arm {', '.join(untrained)}", file=sys.stderr)
+        return 2
     baseline, base_summary = _eval_dir_predictions(args.compare_dir / "none" / "eval")
     records = [GSM8KRecord(question=p["question"], answer=p["reference"]) for p in baseline]
     backbone = Row("backbone", "decoding", [_correct(baseline)], calls=[_calls_per_problem(base_summary)])

@@ -100,6 +100,9 @@ def test_the_depth_by_carries_report_runs_on_a_tiny_study(
     out = tmp_path / "report" / "arith"
     args = [str(study), "--lsd-decoding", "--arms", "slot_k2", "--steps", "1,3", "--denoise-steps",
             "--lsd-arms", "slot_k2", "--carry-edges", "0,2", "--out", str(out)]  # fmt: skip
+    # an arm the compare did not train is refused before anything is sampled
+    assert script.main([*args[:-2], "--lsd-arms", "slot_k9", "--out", str(tmp_path / "refused")]) == 2
+    assert not (study / "seed0" / "slot_k2" / "eval" / "depth_1").exists()
     assert script.main(args) == 0
     report = json.loads(out.with_suffix(".json").read_text())
     names = [row["name"] for row in report["rows"]]
