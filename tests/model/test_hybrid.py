@@ -171,7 +171,6 @@ def test_shapes_and_step_logits(refiner):
     assert out.hidden_states.shape == (2, 10, D)
     assert len(out.step_logits) == 4 and all(s.shape == (2, 10, VOCAB) for s in out.step_logits)
     assert out.logits is out.step_logits[-1]
-    assert len(out.step_confidence) == 4
     stats = out.stats
     assert stats["steps_per_chunk"].tolist() == [[0, 4, 4], [0, 4, 4]]
     assert (stats["chunks_total"], stats["chunks_refined"], stats["refine_steps"]) == (6, 4, 4.0)

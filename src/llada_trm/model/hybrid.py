@@ -1,29 +1,15 @@
 """`LLaDATRMHybrid`: a LLaDA backbone whose final hidden states are refined, chunk by chunk, before lm_head.
 
-    h, logits_0, ctx = backbone(x_t)                       (frozen in phase 1; what the feature cache stores)
-    c_j   = mean_{i in chunk j, masked} max softmax(logits_0[i])
-    R     = {j : chunk j has a masked position and c_j < threshold}        the chunks to refine
-    h_k   = refiner.step(h_{k-1}, active = positions of R_k)             k = 1..K,  R_1 = R
-    R_k+1 = {j in R_k : chunk j does not halt after step k}                  (per-chunk halting, below)
-    logits_k = lm_head(h_k) on the masked positions of R, logits_0 elsewhere
+    h_0, ctx = backbone(x_t)                         (frozen in phase 1; what the feature cache stores)
+    c_j      = mean_{i in chunk j, masked} max softmax(lm_head(h_0)[i])
+    R_1      = {j : chunk j has a masked position [and c_j < threshold]}   selection 'all' ['confidence']
+    h_k      = refiner_k.step(h_{k-1}, active = positions of R_k)          k = 1..K (`refiner_schedule`)
+    R_k+1    = R_k minus the chunks whose probe reaches the threshold    halting 'confidence' ('none': R_k)
+    logits   = lm_head(h_K) on the masked positions of R_1, lm_head(h_0) elsewhere
 
-Halting (`ChunkHalting`, below): 'confidence' halts chunk j when the mean max probability of lm_head(h_k)
-over its masked positions reaches the threshold; 'none' never.
-
-The integration is composed at one seam, `refiner_schedule`: the refiner each of the K steps runs ('replace':
-the one built; 'hybrid': the active one of the two; 'cascade': the MLP for K // 2 steps, then the slot
-refiner). The loop reads only that list.
-
-Positions outside the refined chunks are never touched: their hidden states and logits are the backbone's,
-bit for bit. The LM head is evaluated only where something changed and someone reads it: the masked
-positions of the chunks refined (active, for step logits and the halting probe), the only rows the sampler
-commits from and the loss scores; a refined chunk's unmasked positions get refined hidden states but keep
-the backbone's logits. That matters when V is LLaDA's 126k; `stats['lm_head_rows']` counts those rows.
-
-With a KV cache (fast sampling) the backbone runs only on a window of the sequence and the refiner runs on
-that window's hidden states. Chunks stay anchored to absolute positions (chunk j is positions
-j*chunk_size .. (j+1)*chunk_size - 1 of the whole sequence), so a window that starts inside a chunk begins
-with the part of that chunk it holds: a position belongs to the same chunk in cached and uncached calls.
+Chunks are anchored at absolute positions (chunk j covers j*chunk_size .. (j+1)*chunk_size - 1), also for a
+KV-cache window; positions outside the refined chunks keep the backbone's states and logits bit for bit.
+docs/architecture.md (`llada_trm.model.hybrid`) has the long story.
 """
 
 from __future__ import annotations
@@ -46,7 +32,6 @@ from llada_trm.model.refiner_weights import read_refiner_weights, write_refiner_
 from llada_trm.model.refiners import build_refiner, slot_parameter_count
 from llada_trm.model.refiners.base import Refiner, StatsAccumulator
 
-# -------------------- schedule (was `HybridConfig.schedule`, model/hybrid_config.py) --------------------
 
 def refiner_schedule(
     cfg: HybridConfig, num_steps: int | None = None, active_refiner: str = "slot"
@@ -62,21 +47,14 @@ def refiner_schedule(
     return ["mlp"] * (k // 2) + ["slot"] * (k - k // 2)
 
 
-# -------------------- outputs (was hybrid/outputs.py) --------------------
-# What a hybrid forward pass returns: the backbone's features and the refined output.
-
 class BackboneFeatures:
-    """The backbone's part of a forward pass.
+    """The backbone's part of a forward pass, all that `refine` reads.
 
-    `contexts` is the average of the requested layers' attention contexts [B, L, n_heads*head_dim] (None when
-    no layer is requested). `masked` [B, L] (input_ids == mask id) and `attention_mask` [B, L] ride along so
-    that `refine(features)` needs nothing else; both may be None (e.g. features rebuilt from a cache).
-    With a KV cache the tensors cover a window of the sequence: `position_offset` is the absolute position of
-    its first row (it anchors the chunks) and `past_key_values` the backbone's cache when one was asked for.
-
-    `base_logits` are computed on first read by `lm_head` when not given: a refining forward that reads no
-    backbone logit (every refined row's logits come from refined states) runs the LM head once, on its
-    output, instead of once for the backbone and again for the refined rows (issue 29).
+    `contexts`: the requested layers' attention contexts, averaged [B, L, n_heads*head_dim] (or None);
+    `masked` / `attention_mask` [B, L] may be None (features rebuilt from a cache). With a KV cache the
+    tensors cover a window whose first row sits at absolute position `position_offset`. `base_logits` are
+    computed by `lm_head` on first read when not given, so that a refining forward runs the LM head once,
+    on its output (issue 29).
     """
 
     def __init__(  # noqa: PLR0913 - the fields of one record
@@ -116,14 +94,9 @@ class BackboneFeatures:
 class HybridOutput:
     """Result of `LLaDATRMHybrid.refine` / `forward`.
 
-    `step_logits[k-1]` are the logits after step k (empty without a refiner or when step logits are off);
-    a chunk that halted or was never refined keeps its last logits in the later entries. `step_confidence`
-    holds the refiner's own per-position confidence of each step (not detached: a calibration loss may train
-    it); a halted chunk keeps its last step's value, a never-refined one reads zero. `stats` are detached
-    numbers and small tensors (see `LLaDATRMHybrid.refine`); after a refining call the counts, fractions,
-    norms and gates are 0-d tensors, so that the forward makes no host sync for them (`float()` them where
-    they are logged). `base_logits` (the backbone's) are computed when first read if the forward did not
-    need them.
+    `step_logits[k-1]` are the logits after step k (only when asked for; a chunk that halted or was never
+    refined keeps its last logits). `stats` (see `refine`) are detached; after a refining call its numbers are
+    0-d device tensors, so that the forward makes no host sync for them: `float()` them where they are logged.
     """
 
     logits: Tensor
@@ -131,22 +104,17 @@ class HybridOutput:
     features: BackboneFeatures
     hidden_states: Tensor
     stats: dict[str, Any] = field(default_factory=dict)
-    step_confidence: list[Tensor] = field(default_factory=list)
-    past_key_values: KVCache | None = None
 
     @property
     def base_logits(self) -> Tensor:
         """The backbone's logits [B, L, V] (one LM-head pass over h_0 when the forward did not run one)."""
         return self.features.base_logits
 
+    @property
+    def past_key_values(self) -> KVCache | None:
+        """The backbone's KV cache, when the call asked for one (`use_cache`)."""
+        return self.features.past_key_values
 
-# -------------------- chunking (was hybrid/chunking.py) --------------------
-# Chunk bookkeeping for selective refinement.
-#
-# The sequence axis is cut into consecutive chunks of `chunk_size` positions (the last one may be shorter). A
-# chunk's confidence is the backbone's mean max-softmax probability over its *masked* positions: only those
-# are predicted, so only they say whether the chunk still needs work. A chunk with no masked position has
-# nothing to predict; it is reported through `n_masked == 0` and never refined.
 
 def num_chunks(seq_len: int, chunk_size: int) -> int:
     """Number of chunks covering `seq_len` positions (ceil division)."""
@@ -155,14 +123,9 @@ def num_chunks(seq_len: int, chunk_size: int) -> int:
     return -(-seq_len // chunk_size)
 
 
-def chunk_ids(seq_len: int, chunk_size: int, device: torch.device | None = None) -> torch.Tensor:
-    """[L] index of the chunk each position belongs to."""
-    return torch.arange(seq_len, device=device) // chunk_size
-
-
 def expand_chunks(chunk_values: torch.Tensor, seq_len: int, chunk_size: int) -> torch.Tensor:
     """[B, C] per-chunk values -> [B, L] per-position values (each position takes its chunk's value)."""
-    return chunk_values[:, chunk_ids(seq_len, chunk_size, chunk_values.device)]
+    return chunk_values[:, torch.arange(seq_len, device=chunk_values.device) // chunk_size]
 
 
 def chunk_sum(values: torch.Tensor, chunk_size: int) -> torch.Tensor:
@@ -175,11 +138,8 @@ def chunk_sum(values: torch.Tensor, chunk_size: int) -> torch.Tensor:
 
 
 def max_probability(logits: torch.Tensor, rows_per_block: int = 1024) -> torch.Tensor:
-    """[..., V] logits -> [...] max softmax probability, in float32.
-
-    exp(max - logsumexp) equals max(softmax) without materialising the probabilities; rows are processed in
-    blocks so that the float32 copy stays small even for thousands of positions over a 126k vocabulary.
-    """
+    """[..., V] logits -> [...] max softmax probability, in float32: exp(max - logsumexp), in blocks of rows,
+    so that the float32 copy stays small even for thousands of positions over a 126k vocabulary."""
     flat = logits.reshape(-1, logits.shape[-1])
     out = torch.empty(flat.shape[0], dtype=torch.float32, device=logits.device)
     for start in range(0, flat.shape[0], rows_per_block):
@@ -191,15 +151,8 @@ def max_probability(logits: torch.Tensor, rows_per_block: int = 1024) -> torch.T
 def chunk_confidence(
     token_confidence: torch.Tensor, masked: torch.Tensor, chunk_size: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mean confidence over the masked positions of each chunk.
-
-    Args:
-        token_confidence: [B, L] per-position confidence (values at unmasked positions are ignored).
-        masked: [B, L] bool, the positions that are predicted.
-    Returns:
-        confidence [B, C] float32 (1.0 for chunks without masked positions: nothing there is uncertain),
-        n_masked [B, C] long, the number of masked positions in each chunk.
-    """
+    """[B, C] mean of `token_confidence` [B, L] over each chunk's `masked` positions (1.0 where a chunk has
+    none: nothing there is uncertain), and [B, C] the number of those positions."""
     if token_confidence.shape != masked.shape:
         raise ValueError(
             f"token_confidence {tuple(token_confidence.shape)} and masked {tuple(masked.shape)} must match"
@@ -212,12 +165,9 @@ def chunk_confidence(
 
 
 class WindowChunks:
-    """Chunk bookkeeping for a window of `length` positions starting at absolute position `offset`.
-
-    Chunks are anchored at absolute multiples of `chunk_size`, so the window's first chunk may be partial:
-    [B, L] tensors are padded in front by `offset % chunk_size` empty (unmasked) positions before chunking.
-    The chunk tensors [B, C] list only the chunks the window touches. Offset 0 is the plain chunking.
-    """
+    """The chunks of a window of `length` positions starting at absolute position `offset`: [B, L] tensors
+    are padded in front by `offset % chunk_size` unmasked positions, so that chunks stay anchored at absolute
+    multiples of `chunk_size`; the [B, C] tensors list the chunks the window touches."""
 
     def __init__(self, length: int, chunk_size: int, offset: int = 0) -> None:
         self.length = length
@@ -244,12 +194,8 @@ class WindowChunks:
 
 
 def chunk_stats(refined: Tensor, steps: Tensor, conf0: Tensor | None, k: int) -> dict:
-    """What selective refinement did: [B, C] `refined` chunks, the `steps` each ran (of `k`), the backbone's
-    chunk confidence `conf0` (None: not computed, and not reported).
-
-    The counts and fractions are 0-d tensors, computed without a host sync (the forward that reports them
-    must not wait for the device); `float()` / `int()` them where they are logged.
-    """
+    """What selective refinement did, as 0-d device tensors (no host sync): [B, C] `refined` chunks, the
+    `steps` each ran (of `k`), the backbone's chunk confidence `conf0` (None: not computed, not reported)."""
     total = refined.numel()
     n_refined = refined.sum()
     halted = refined & (steps < k)
@@ -266,24 +212,6 @@ def chunk_stats(refined: Tensor, steps: Tensor, conf0: Tensor | None, k: int) ->
     if conf0 is not None:
         stats["chunk_confidence"] = conf0.detach()
     return stats
-
-
-# -------------------- halting (was hybrid/halting.py) --------------------
-# Per-chunk halting inside the hybrid's refinement loop: which refined chunks stop after a step.
-#
-# 'confidence' (`HybridConfig.halting`): run the LM head on the chunk's masked positions and stop once their
-# mean max probability reached `confidence_threshold` (`confident_chunks`). Costs an LM-head pass per probed
-# position per step, and a host sync (a row gather). 'none': no chunk stops before K.
-#
-# `HaltTrace` counts how many rows one refine call sent through the LM head besides its output pass (step
-# logits, confidence probes), so that a caller (and a test) can see what the probes cost.
-
-@dataclass
-class HaltTrace:
-    """One refine call's record: lm_head_rows, the rows the hybrid evaluated with the LM head (step logits,
-    confidence probes, patched rows), the backbone's own logits and the call's one output pass excluded."""
-
-    lm_head_rows: int = 0
 
 
 @torch.no_grad()
@@ -312,50 +240,29 @@ def confident_chunks(
 
 @dataclass
 class ChunkHalting:
-    """The halting rule of one refine call: the config's rule over `chunks`, recording into `trace`."""
+    """One refine call's halting rule over `chunks`. `lm_head_rows` counts the rows the call ran through the
+    LM head besides its one output pass (step logits, confidence probes, patched rows): what probes cost."""
 
     config: HybridConfig
     lm_head: Callable[[Tensor], Tensor]
     chunks: WindowChunks
-    trace: HaltTrace = field(default_factory=HaltTrace)
-
-    @property
-    def can_halt(self) -> bool:
-        """Whether a chunk may stop before K ('none': never, so the loop needs no check of what is left)."""
-        return self.config.halting != "none"
+    lm_head_rows: int = 0
 
     def after_step(
         self, h: Tensor, logits: Tensor | None, active: Tensor, probe: Tensor, last: bool
     ) -> Tensor:
-        """The chunks [B, C] still active after a step whose output is `h`.
-
-        `active` the chunks that ran the step, `probe` their masked positions [B, L], `logits` the step's
-        logits when computed (training; the confidence rule then reads them instead of running the LM head).
-        The last step halts nothing.
-        """
+        """The chunks [B, C] still active after a step whose output is `h`: 'confidence' probes the masked
+        positions `probe` [B, L] of the `active` chunks (reading the step's `logits` when computed); the last
+        step and 'none' halt nothing."""
         if self.config.halting != "confidence" or last:
             return active
         threshold = self.config.confidence_threshold
         confident, evaluated = confident_chunks(self.lm_head, h, logits, probe, self.chunks, threshold)
-        self.trace.lm_head_rows += evaluated
+        self.lm_head_rows += evaluated
         return active & ~confident
 
 
-# -------------------- the hybrid (model/hybrid.py) --------------------
-
 PREFIX = "refinement_head."
-
-
-@dataclass
-class RefineLoop:
-    """What the K-step loop leaves: the refined states (work dtype), the steps each chunk ran [B, C], the
-    refiners' statistics, and per step the logits (when asked for) and the refiner's confidence."""
-
-    h: Tensor
-    steps: Tensor
-    stats: StatsAccumulator
-    step_logits: list[Tensor] = field(default_factory=list)
-    step_confidence: list[Tensor] = field(default_factory=list)
 
 
 class LLaDATRMHybrid(nn.Module):
@@ -527,27 +434,19 @@ class LLaDATRMHybrid(nn.Module):
         num_steps: int | None = None,
         return_step_logits: bool | None = None,
     ) -> HybridOutput:
-        """Selective, chunked, halting refinement of the backbone's hidden states.
+        """Selective, chunked, halting refinement of the backbone's hidden states (the module's equations).
 
-        masked: [B, L] bool, the predicted positions (default `features.masked`; if that is None too, every
-            position). num_steps: K for this call (default `max_recursive_steps`). return_step_logits: the
-            logits of every step (deep supervision reads them); None: while training (`self.training`). In
-            eval mode only the final logits are computed, which is all the sampler reads and saves K-1
-            LM-head passes over the vocabulary.
+        masked: [B, L] bool, the predicted positions (default `features.masked`, else every position).
+        num_steps: K for this call (default `max_recursive_steps`). return_step_logits: the logits of every
+        step (deep supervision reads them); None: while training. Without them, and with features whose
+        backbone logits were not computed yet, the output is ONE LM-head pass over [h_K at the refined
+        chunks' masked positions, h_0 elsewhere] (issue 29); with 'all' chunk selection and no halting the
+        call makes no host synchronisation.
 
-        Without step logits and with features whose backbone logits were not computed yet (a plain
-        `forward`), the output's logits are ONE LM-head pass over [refined states at the refined chunks'
-        masked positions, h_0 elsewhere]: no backbone logits are computed for rows that get refined ones
-        (issue 29). With 'all' chunk selection and no halting such a call makes no host synchronisation.
-
-        stats: `refine_steps` (mean steps per refined chunk), `steps_per_chunk` [B, C], `halted_per_chunk`
-        [B, C] (refined chunks that stopped before K), `chunks_total`,
-        `chunks_refined`, `chunks_halted` (refined chunks that stopped before K), `skipped_fraction`,
-        `chunk_confidence` [B, C] (the backbone's; only when its logits were needed anyway: chunk selection
-        by confidence, step logits, or features that carry them), `lm_head_rows` (rows this call ran
-        through the LM head besides the one pass over the output, `HaltTrace`), plus the refiner's own
-        `steps`, `confidence`, `confidence_per_step`, `delta_norms`, `final_confidence`, `slot_norms`,
-        `gates`.
+        stats: `refine_steps` (mean steps per refined chunk), `steps_per_chunk` / `halted_per_chunk` [B, C],
+        `chunks_total`, `chunks_refined`, `chunks_halted`, `skipped_fraction`, `chunk_confidence` [B, C] (the
+        backbone's; only when its logits were needed anyway), `lm_head_rows` (`ChunkHalting`), and the
+        refiner's (`StatsAccumulator.summary`).
         """
         h0 = features.hidden_states
         batch, length = h0.shape[:2]
@@ -568,22 +467,53 @@ class LLaDATRMHybrid(nn.Module):
             refined &= conf0 < cfg.confidence_threshold
 
         halting = ChunkHalting(cfg, self.lm_head, chunks)
-        loop = self._run_steps(features, masked, schedule, refined, halting, return_step_logits)
+        # Work in at least float32 so that small updates survive a bf16 backbone; cast back at the end
+        # (exact for pass-through positions, since bf16 -> fp32 -> bf16 round-trips).
+        h = h0.to(self.refinement_head[schedule[0]].work_dtype(h0))
+        steps = torch.zeros_like(refined, dtype=torch.long)
+        accumulator, step_logits = StatsAccumulator(), []
+        logits = self._base(features) if return_step_logits else None
+        active, state, current = refined, None, None
+        for k, kind in enumerate(schedule):
+            # Nothing (left) to refine: later steps repeat the frozen logits. A host sync, so it runs only
+            # where chunks can halt or the rows are packed (training, `Refiner.pack`); else an empty step
+            # is a no-op.
+            if (cfg.halting != "none" or self.training) and not bool(active.any()):
+                if return_step_logits:
+                    step_logits.extend([logits] * (len(schedule) - k))
+                break
+            refiner: Refiner = self.refinement_head[kind]
+            if kind != current:  # a cascade hands over: the next refiner starts its own state
+                state = refiner.init_state(h)
+                current = kind
+            positions = chunks.expand(active)
+            predicted = positions & masked  # the active rows the sampler and the loss read
+            context = features.contexts if kind == "slot" else None
+            h, state, step_stats = refiner.step(
+                h, state, context=context, active=positions, attention_mask=features.attention_mask
+            )
+            accumulator.add(step_stats, positions)
+            steps += active.long()
+            if return_step_logits:
+                rows = predicted.nonzero(as_tuple=True)
+                logits = logits.index_put(rows, self.lm_head(h[rows]).to(logits.dtype))
+                halting.lm_head_rows += int(rows[0].numel())
+                step_logits.append(logits)
+            active = halting.after_step(h, logits, active, predicted, k + 1 == len(schedule))
+
         if return_step_logits:
-            logits = loop.step_logits[-1]
+            logits = step_logits[-1]
         else:
-            logits = self._output_logits(features, loop.h, chunks.expand(refined) & masked, halting.trace)
-        stats = chunk_stats(refined, loop.steps, conf0, len(schedule))
-        stats.update(loop.stats.summary(self.refinement_head[schedule[-1]], h0, on_device=True))
-        stats["lm_head_rows"] = halting.trace.lm_head_rows
+            logits = self._output_logits(features, h, chunks.expand(refined) & masked, halting)
+        stats = chunk_stats(refined, steps, conf0, len(schedule))
+        stats.update(accumulator.summary(self.refinement_head[schedule[-1]], h0, on_device=True))
+        stats["lm_head_rows"] = halting.lm_head_rows
         return HybridOutput(
             logits=logits,
-            step_logits=loop.step_logits,
+            step_logits=step_logits,
             features=features,
-            hidden_states=loop.h.to(h0.dtype),
+            hidden_states=h.to(h0.dtype),
             stats=stats,
-            step_confidence=loop.step_confidence,
-            past_key_values=features.past_key_values,
         )
 
     def _backbone_confidence(
@@ -601,51 +531,44 @@ class LLaDATRMHybrid(nn.Module):
         return self.lm_head(features.hidden_states) if base is None else base
 
     def _output_logits(
-        self, features: BackboneFeatures, h: Tensor, rows: Tensor, trace: HaltTrace
+        self, features: BackboneFeatures, h: Tensor, rows: Tensor, halting: ChunkHalting
     ) -> Tensor:
-        """The call's logits: refined at `rows` [B, L] (the refined chunks' masked positions), the backbone's
-        elsewhere. Features that came with their backbone logits keep them and get the refined rows patched
-        in; otherwise one LM-head pass over h_0 with the refined rows swapped in: the same pass the backbone
-        would run, so that refinement adds no LM-head read, and no host sync (no row gather)."""
+        """The call's logits: refined at `rows` [B, L], the backbone's elsewhere. Features that came with
+        their backbone logits get the refined rows patched in; otherwise one LM-head pass over h_0 with the
+        refined rows swapped in (the pass the backbone would run: no extra LM-head read, no host sync)."""
         if features.base_logits_given:
             base = features.base_logits
             index = rows.nonzero(as_tuple=True)
             if not index[0].numel():
                 return base
-            trace.lm_head_rows += int(index[0].numel())
+            halting.lm_head_rows += int(index[0].numel())
             return base.index_put(index, self.lm_head(h[index]).to(base.dtype))
         h0 = features.hidden_states
         return self.output_head(torch.where(rows.unsqueeze(-1), h, h0.to(h.dtype)))
 
     def output_head(self, h: Tensor) -> Tensor:
-        """The LM head as the call's one output pass (what the backbone's own logits pass would be); separate
-        from `lm_head` (extra reads: step logits, probes) so that a meter can tell them apart."""
+        """The LM head as the call's one output pass; separate from `lm_head` (extra reads: step logits,
+        probes) so that a meter can tell them apart."""
         return self.backbone.lm_head(h.to(self.backbone.dtype))
 
     def _pass_through(self, features: BackboneFeatures, chunk_shape: tuple[int, int]) -> HybridOutput:
         """The output of a call that refines nothing: the backbone's, with the stats of zero refined chunks
-        but no `chunk_confidence` (nothing is selected, so the softmax over every masked row is skipped:
-        issue 29, 1-4% of sampling time at batch 16)."""
+        but no `chunk_confidence` (nothing is selected, so no softmax over the masked rows: issue 29)."""
         h0 = features.hidden_states
         zeros = torch.zeros(chunk_shape, dtype=torch.long, device=h0.device)
-        total = zeros.numel()
         stats: dict[str, Any] = {
             "refine_steps": 0.0,
             "steps_per_chunk": zeros,
             "halted_per_chunk": zeros.bool(),
-            "chunks_total": total,
+            "chunks_total": zeros.numel(),
             "chunks_refined": 0,
             "chunks_halted": 0,
             "skipped_fraction": 1.0,
         }
-        reporter = self._reporting_refiner([])
-        empty = StatsAccumulator()
-        stats.update(empty.summary(reporter, h0) if reporter is not None else self._no_refiner_stats(h0))
+        stats.update(StatsAccumulator().summary(self._reporting_refiner(), h0))
         stats["lm_head_rows"] = 0
-        base = self._base(features)
         return HybridOutput(
-            logits=base, step_logits=[], features=features, hidden_states=h0, stats=stats,
-            past_key_values=features.past_key_values,
+            logits=self._base(features), step_logits=[], features=features, hidden_states=h0, stats=stats
         )
 
     def _masked(self, masked: Tensor | None, features: BackboneFeatures, shape: tuple[int, int]) -> Tensor:
@@ -657,77 +580,9 @@ class LLaDATRMHybrid(nn.Module):
             raise ValueError(f"masked must be [B, L] = {list(shape)}, got {list(masked.shape)}")
         return masked.to(device=features.hidden_states.device, dtype=torch.bool)
 
-    def _run_steps(  # noqa: PLR0913 - one call's inputs; nothing passed in is modified
-        self,
-        features: BackboneFeatures,
-        masked: Tensor,
-        schedule: list[str],
-        refined: Tensor,
-        halting: ChunkHalting,
-        with_step_logits: bool,
-    ) -> RefineLoop:
-        """h_k = step_k(h_{k-1}) on the active chunks' positions, k = 1..K, where step_k is the refiner the
-        schedule names (replace: one refiner; hybrid: the active one; cascade: MLP steps, then slot steps,
-        each starting its own state). Active chunks shrink only by halting."""
-        chunks, trace = halting.chunks, halting.trace
-        h0 = features.hidden_states
-        # Work in at least float32 so that small updates survive a bf16 backbone; cast back at the end
-        # (exact for pass-through positions, since bf16 -> fp32 -> bf16 round-trips).
-        h = h0.to(self.refinement_head[schedule[0]].work_dtype(h0))
-        loop = RefineLoop(h=h, steps=torch.zeros_like(refined, dtype=torch.long), stats=StatsAccumulator())
-        logits = self._base(features) if with_step_logits else None
-        active, state, current = refined, None, None
-        for k, kind in enumerate(schedule):
-            # Nothing (left) to refine: later steps repeat the frozen logits. A host sync, so it runs only
-            # where chunks can halt or the rows are packed (training, `Refiner.pack`); else an empty step
-            # is a no-op.
-            if (halting.can_halt or self.training) and not bool(active.any()):
-                if with_step_logits:
-                    loop.step_logits.extend([logits] * (len(schedule) - k))
-                break
-            refiner: Refiner = self.refinement_head[kind]
-            if kind != current:  # a cascade hands over: the next refiner starts its own state
-                state = refiner.init_state(h)
-                current = kind
-            positions = chunks.expand(active)
-            predicted = positions & masked  # the active rows the sampler and the loss read
-            context = features.contexts if kind == "slot" else None
-            h, state, step_stats = refiner.step(
-                h, state, context=context, active=positions, attention_mask=features.attention_mask
-            )
-            loop.stats.add(step_stats, positions)
-            confidence = step_stats["confidence"]  # computed on the active rows only
-            if loop.step_confidence:  # a halted chunk keeps the confidence of its last step
-                confidence = torch.where(positions, confidence, loop.step_confidence[-1])
-            loop.step_confidence.append(confidence)
-            loop.steps += active.long()
-            if with_step_logits:
-                rows = predicted.nonzero(as_tuple=True)
-                logits = logits.index_put(rows, self.lm_head(h[rows]).to(logits.dtype))
-                trace.lm_head_rows += int(rows[0].numel())
-                loop.step_logits.append(logits)
-            active = halting.after_step(h, logits, active, predicted, k + 1 == len(schedule))
-        loop.h = h
-        return loop
-
-    @staticmethod
-    def _no_refiner_stats(like: Tensor) -> dict[str, Any]:
-        """The refiner's stats keys when no refiner is built (`like`: the hidden states, for the shape)."""
-        return {
-            "steps": 0,
-            "confidence": float("nan"),
-            "confidence_per_step": [],
-            "delta_norms": [],
-            "final_confidence": torch.full(like.shape[:2], float("nan"), device=like.device),
-            "slot_norms": {},
-            "gates": {},
-        }
-
-    def _reporting_refiner(self, schedule: list[str]) -> Refiner | None:
-        """The refiner whose gates the stats show: the one that ran last, else the one that would have."""
+    def _reporting_refiner(self) -> Refiner | None:
+        """The refiner whose gates a call that refined nothing reports: the one that would have run."""
         heads = self.refinement_head
-        if schedule:
-            return heads[schedule[-1]]
         if not heads:
             return None
         if self.config.integration == "hybrid":
