@@ -1,23 +1,10 @@
-"""Slot-based TRM refiner: recursive refinement through four named slots.
+"""Slot-based TRM refiner: each step reads h through its own small transformer blocks (and the backbone's
+attention contexts), splits what it sees into four named slots (context, reasoning, refinement, confidence)
+and turns them into a bounded, confidence-weighted residual update; `slot_step` holds the equations.
 
-Each step reads the current hidden states through the refiner's own small transformer blocks (and,
-optionally, the backbone's attention contexts), splits what it sees into four slots and turns them into a
-bounded, confidence-weighted residual update:
-
-    u         = blocks(in_proj(h))                   the refiner's working representation, width d_inner
-    c         = mean(block contexts [, W_ext c_bb])  concatenated heads attn@V (before the output projection)
-    s_ctx     = LN(W_ctx c)                          cross-token context
-    s_reason  = LN(W_reason s_ctx)                   slow logical state, read from the context slot
-    s_refine  = LN(W_refine (u - sg(u_prev)) / ds)   fast update direction: the change since the last step
-    s_conf    = LN(W_conf (u - mean(u))^2)           learned weighted per-token variance of u
-    delta     = clamp(MLP([g_i s_i]_i), -c, c)       g_i = sigmoid(gate_i), c = delta_clamp
-    p         = sigmoid(head(s_conf))                per-token confidence [B, L, 1]
-    h_next    = h + ds * p * delta                   ds = delta_scale
-
-`sg` is stop-gradient; `slot_step` is this step from s_ctx on, line for line. The working width `d_inner`
-defaults to min(d_model, 512), so the refiner stays near 0.2 % of LLaDA-8B's parameters, and the slot widths
-default to fractions of it (1/2, 1/4, 1/4, 1/8), which leaves room for the slot projections reading
-`d_inner`-wide inputs to be mutually orthogonal.
+The working width `d_inner` defaults to min(d_model, 512), so the refiner stays near 0.2 % of LLaDA-8B's
+parameters; the slot widths default to 1/2, 1/4, 1/4, 1/8 of it, which leaves room for the slot projections
+reading `d_inner`-wide inputs to be mutually orthogonal.
 """
 
 from __future__ import annotations
@@ -55,16 +42,9 @@ class SlotOutput(NamedTuple):
 SLOT_NAMES: tuple[str, ...] = SlotOutput._fields
 
 
-
-
 class SlotProjector(nn.Module):
-    """The parameters that split the refiner's view of a token into the context, reasoning, refinement and
-    confidence slots (`slot_step` applies them).
-
-    The projections read `d_inner`-wide inputs (the context slot's reads attn@V, the refinement and confidence
-    slots' read the working representation); each slot is layer-normed and, with `use_gates`, scaled by a
-    learnable scalar gate sigmoid(g) that lets training turn a slot down.
-    """
+    """The slot projections, their LayerNorms and (with `use_gates`) the scalar gates sigmoid(g) that let
+    training turn a slot down; `slot_step` applies them."""
 
     def __init__(self, config: SlotConfig) -> None:
         super().__init__()
@@ -95,12 +75,6 @@ class SlotProjector(nn.Module):
             return {}
         means = {name: torch.sigmoid(self.gates[name].float()).mean() for name in SLOT_NAMES}
         return means if tensors else {name: value.item() for name, value in means.items()}
-
-    @staticmethod
-    @torch.no_grad()
-    def slot_norms(slots: SlotOutput) -> dict[str, float]:
-        """Mean per-token L2 norm of each slot."""
-        return {name: s.float().norm(dim=-1).mean().item() for name, s in slots._asdict().items()}
 
     def orthogonality_loss(self) -> Tensor:
         """Mean overlap of the slot projections that read inputs of the same width.
@@ -149,8 +123,8 @@ def slot_step(m: SlotTRMRefiner, h: Tensor, u: Tensor, c: Tensor, u_prev: Tensor
         h_next   = h + ds * p * delta                           the confidence-weighted residual update
 
     g_i = sigmoid(gate_i) (1 without gates), ds = delta_scale, sg = stop-gradient. `h` is d_model wide; `u`
-    (the blocks' output), `c` and `u_prev` are d_inner wide; how they are gathered for the refined rows lies
-    outside, in `SlotTRMRefiner.step`.
+    = blocks(in_proj(h)), `c` = mean(block contexts [, W_ext backbone context]) and `u_prev` are d_inner
+    wide, gathered for the refined rows by `SlotTRMRefiner.step`.
     """
     proj = m.slot_proj
     ctx = proj.norms["ctx"](proj.W_ctx(c))
@@ -192,12 +166,9 @@ def _resolve_aliases(overrides: dict[str, Any]) -> dict[str, Any]:
 
 
 class SlotTRMRefiner(Refiner):
-    """Slot-based recursive refiner (the step's math: `slot_step`; the module docstring gives the overview).
-
-    Build it from a `SlotConfig`, or from keyword arguments: `SlotTRMRefiner(d_model=64, num_steps=2)`;
-    keywords given with a config override its fields. The seed's keywords are accepted as aliases:
-    `n_layers` (n_blocks), `K` (num_steps), `use_gating` (use_gates) and `slot_dims=(ctx, reason, refine,
-    conf)` (d_ctx, d_reason, d_refine, d_conf); an alias given with its SlotConfig name is an error.
+    """Slot-based recursive refiner, built from a `SlotConfig` or keywords (`SlotTRMRefiner(d_model=64)`;
+    keywords given with a config override its fields). The seed's keywords are aliases: `n_layers`, `K`,
+    `use_gating` and `slot_dims=(ctx, reason, refine, conf)`; an alias given with its SlotConfig name fails.
     """
 
     def __init__(self, config: SlotConfig | int | None = None, **overrides: Any) -> None:
