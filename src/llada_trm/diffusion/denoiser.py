@@ -1,10 +1,5 @@
-"""The sampler's model call: classifier-free guidance, KV-cache windows, NFE count and the model's statistics.
-
-A model is ``model(input_ids, attention_mask=...)`` returning logits [B, L, V], or an object (or dict) with
-``logits`` and optionally ``stats`` and ``past_key_values``. A model that declares
-``refines_masked_positions = True`` (:class:`MaskedRefiner`, e.g. ``LLaDATRMHybrid``) also gets ``masked``:
-the masked positions of the current block, the only predictions the sampler reads.
-"""
+"""The sampler's model call: classifier-free guidance, KV-cache windows, NFE count and the model's statistics
+(what a model may be: `sampler.generate_with_stats`'s ``model`` argument)."""
 
 from __future__ import annotations
 
@@ -19,11 +14,8 @@ from llada_trm.diffusion.steps import StepObserver
 
 
 class MaskedRefiner(Protocol):
-    """A model told which positions to refine: called as ``model(x, attention_mask=..., masked=[B, L] bool)``.
-
-    The declaration is explicit, not read from ``forward``'s signature: a model whose forward merely has a
-    parameter called ``masked`` is called like any other.
-    """
+    """A model told which positions to refine: ``model(x, attention_mask=..., masked=[B, L] bool)``; declared
+    explicitly (a forward that merely has a ``masked`` parameter is called like any other model)."""
 
     refines_masked_positions: bool
 
@@ -64,14 +56,10 @@ def add_stats(totals: dict[str, Any], more: Mapping[str, Any]) -> None:
 
 
 class Denoiser:
-    """One model evaluation per denoising step, with LLaDA's unsupervised classifier-free guidance.
-
-    CFG runs the conditional and the unconditional (prompt masked) copies as one batch of 2B, so it costs one
-    forward call (one NFE) per step, as in the reference. ``block`` (absolute start, end) is the block being
-    denoised; a refining model is asked to refine only its masked positions. ``observer`` (the sampler's
-    per-step hook, or None) sees each call's chunk statistics and the backbone's argmax of its
-    ``base_logits`` (computed only when observed).
-    """
+    """One model evaluation per denoising step. LLaDA's unsupervised CFG runs the conditional and the
+    unconditional (prompt masked) copies as one batch of 2B: one NFE per step, as in the reference. ``block``
+    (absolute start, end) is the block being denoised, whose masked positions a refining model refines;
+    ``observer`` (the per-step hook, or None) sees each call's chunk statistics and backbone argmax."""
 
     def __init__(
         self,

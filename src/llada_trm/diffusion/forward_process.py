@@ -1,9 +1,8 @@
-"""LLaDA's forward (noising) process: mask each answer token independently with probability t.
+"""The training side of diffusion: LLaDA's forward (noising) process, its loss, and phase 1's targeted masks.
 
-`forward_process` draws a batch from one generator. `draw_noise` draws each row from its own generator,
-seeded by (seed, example, draw): what live training and the phase-1 feature cache share, so that a cached
-step sees exactly the masks the live step would have drawn. The training side of diffusion is this one
-module: the loss (`masked_diffusion_loss`) and the training masks (`draw_training_masks`) follow below.
+`draw_noise` and `draw_training_masks` draw each row from its own generator seeded by (seed, example, draw),
+so that live training and the phase-1 feature cache see exactly the same masks. docs/training.md has the
+story of the mask distributions.
 """
 
 from __future__ import annotations
@@ -48,16 +47,12 @@ def forward_process(
     generator: torch.Generator | None = None,
     t: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Sample x_t ~ q(x_t | x_0) for a batch, as LLaDA's pre-training / SFT code does.
+    """Sample x_t ~ q(x_t | x_0) for a batch, as LLaDA's pre-training / SFT code does:
+    ``(noisy_ids [B, L] long, masked [B, L] bool, p_mask [B, L] float32)``.
 
-    Per sequence ``t ~ U(0, 1)`` and ``p_mask = (1 - eps) t + eps`` (eps keeps the 1/p_mask loss weight
-    bounded); every token after the prompt is replaced by ``mask_id`` independently with probability
-    ``p_mask``. ``prompt_lengths=None`` (or all zeros) is the pre-training flavour: the whole row is noised.
-
-    Random draws happen in LLaDA's order (``t`` first, then the [B, L] uniforms), so a seeded run reproduces
-    the reference. Pass ``t`` ([B] in [0, 1]) to fix the noise level, e.g. for evaluation at chosen t.
-
-    Returns ``(noisy_ids [B, L] long, masked [B, L] bool, p_mask [B, L] float32)``.
+    Per sequence ``t ~ U(0, 1)`` (or the given ``t`` [B]) and ``p_mask = (1 - eps) t + eps`` (eps bounds the
+    1/p_mask loss weight); every token after the prompt (``prompt_lengths=None``: every token) is masked
+    independently with probability ``p_mask``. Draws come in LLaDA's order (``t``, then the [B, L] uniforms).
     """
     if input_ids.dim() != 2:
         raise ValueError(f"input_ids must be [batch, seq_len], got shape {tuple(input_ids.shape)}")
@@ -82,9 +77,10 @@ def forward_process(
     return noisy_ids, masked, p_mask.contiguous()
 
 
-def noise_seed(seed: int, example: int, draw: int) -> int:
-    """The generator seed of one (example, draw): a hash, so nearby seeds give unrelated streams."""
-    digest = hashlib.blake2b(f"llada-trm/noise/{seed}/{example}/{draw}".encode(), digest_size=8).digest()
+def noise_seed(seed: int, example: int, draw: int, what: str = "noise") -> int:
+    """The generator seed of one (example, draw) for `what` (the forward process's noise, or a targeted mask
+    kind's): a hash, so nearby seeds give unrelated streams."""
+    digest = hashlib.blake2b(f"llada-trm/{what}/{seed}/{example}/{draw}".encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little") & (2**63 - 1)
 
 
@@ -103,12 +99,8 @@ def draw_noise(
     draws: int | Sequence[int],
     eps: float = 1e-3,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """LLaDA's forward process with one CPU generator per row, seeded by (seed, example, draw).
-
-    The noise of an example is thereby independent of its batch, its position in it and the device, which is
-    what lets the cache store it and a live step reproduce it. Returns `(noisy_ids, masked, p_mask)` on the
-    device of `input_ids`, as `forward_process` does.
-    """
+    """`forward_process` with one CPU generator per row, seeded by (seed, example, draw): an example's noise
+    is independent of its batch, its place in it and the device, so the cache can store it."""
     batch = input_ids.shape[0]
     draws = [draws] * batch if isinstance(draws, int) else list(draws)
     if len(examples) != batch or len(draws) != batch:
@@ -121,9 +113,6 @@ def draw_noise(
     noisy, masked, p_mask = (torch.cat(parts).to(input_ids.device) for parts in zip(*rows, strict=True))
     return noisy, masked, p_mask
 
-
-# -------------------- loss (was diffusion/loss.py) --------------------
-# LLaDA's masked-diffusion objective and the masked-token accuracy that goes with it.
 
 Reduction = Literal["mean", "sum", "none"]
 
@@ -148,24 +137,14 @@ def masked_diffusion_loss(
     reduction: Reduction = "mean",
     token_weights: Tensor | None = None,
 ) -> Tensor:
-    """LLaDA's SFT loss: ``sum_i sum_{masked l} CE(l) / p_mask / answer_length_i / B``.
+    """LLaDA's SFT loss: ``sum_i sum_{masked l} CE(l) / p_mask / answer_length_i / B`` (an upper bound on
+    the NLL; with no prompt, LLaDA's pre-training loss ``sum(CE / p_mask) / (B * L)``).
 
-    The 1/p_mask weight makes the objective an upper bound on the negative log-likelihood; dividing by the
-    answer length (every token after the prompt, padded EOS included, as LLaDA counts it) keeps long and short
-    answers on the same footing. With no prompt (answer length = L) this is exactly LLaDA's pre-training loss
-    ``sum(CE / p_mask) / (B * L)``.
-
-    Args:
-        logits: [B, L, V]. Cross-entropy is taken in float32 whatever the logits' dtype.
-        target_ids: [B, L] clean tokens x_0.
-        masked: [B, L] bool, the positions that were masked in the model's input.
-        p_mask: [B, L] (or [B]) masking probability of each row.
-        answer_lengths: [B] (or [B, 1], or one int for all rows).
-        reduction: ``"mean"`` (LLaDA: summed over rows, divided by B), ``"sum"`` (summed over rows) or
-            ``"none"`` (the [B] per-sequence losses, whose mean is the ``"mean"`` value).
-        token_weights: optional [B, L] factor on each position's term (None: LLaDA's loss). A weight above 1
-            on a few token kinds is how `llada-trm pretrain` makes rare-but-decisive tokens (the answer's
-            object noun) worth learning; it is no longer a likelihood bound then.
+    logits [B, L, V] (cross-entropy in float32); target_ids, masked [B, L]; p_mask [B, L] or [B];
+    answer_lengths [B], [B, 1] or one int (every token after the prompt, padded EOS included, as LLaDA counts
+    it). reduction: "mean" (LLaDA: summed over rows, divided by B), "sum", or "none" (the [B] per-row
+    losses). token_weights [B, L]: a factor on each term (`llada-trm pretrain` weighs rare-but-decisive
+    tokens up; no longer a likelihood bound then).
     """
     if logits.dim() != 3 or logits.shape[:2] != target_ids.shape or masked.shape != target_ids.shape:
         raise ValueError(
@@ -204,30 +183,12 @@ def masked_token_accuracy(logits: Tensor, targets: Tensor, masked: Tensor) -> Te
     return correct.sum().float() / masked.sum().clamp(min=1).float()
 
 
-# -------------------- targeted_masks (was diffusion/targeted_masks.py) --------------------
-# Phase-1 training masks placed where the sampler errs, beside LLaDA's forward process.
-#
-# The forward process masks answer tokens independently, so a frozen backbone that is already right on ~98% of
-# them gives a refiner almost nothing to correct. Two distributions put the masks where its errors are:
-#
-# - `answer_structure` (GSM8K-format aware): one *target* of the answer is chosen, either a calculator
-#   annotation `<<a op b=c>>c` or the final `#### n` line. Its result tokens (the digits of `c` inside the
-#   annotation and in the copy that follows `>>`; for the final line `####` and `n`), every later copy of that
-#   result, and each later answer position with probability u ~ U(0, 1) are masked; everything before the
-#   target's first result token stays clean. That is the state a semi-autoregressive (block) sampler is in
-# when   it commits a result: what came before is committed, what follows is partly decoded.
-# - `backbone_errors` (task-agnostic): positions whose *probe margin* (logit of the right token minus the best
-#   other logit, from one teacher-forced probe of the frozen backbone, `probe_margins`) is below
-#   `HARD_MARGIN` are masked, and each answer position after the first of them with probability u ~ U(0, 1).
-#
-# Both fall back to the forward process for a row with nothing to target, and `forward_mix` mixes the forward
-# process in by a per-row draw. Every row draws from its own generator seeded by (seed, example, draw) (as
-# `forward_process.draw_noise`), so the live trainer and the feature cache see the same masks.
-#
-# Loss weight: these masks are not the forward process, so LLaDA's 1/p_mask (which makes the loss an ELBO)
-# does not apply. `p_mask` is returned as 1 at every position, so `masked_diffusion_loss` becomes the plain
-# cross-entropy of the masked tokens given the state, summed per row and divided by the row's answer length
-# (padding included) and the batch size, the same normalisation the forward-process rows get.
+# Targeted masks (`training.masks`, docs/training.md): `answer_structure` masks one target of a GSM8K-format
+# answer (a calculator annotation's result or the `####` line), its later copies and each later position with
+# probability u ~ U(0, 1); `backbone_errors` the positions whose probe margin is below HARD_MARGIN and each
+# position after the first of them with probability u. A row with nothing to target keeps its forward-process
+# draw. These masks are not the forward process, so p_mask is 1: the loss is the plain cross-entropy of the
+# masked tokens, divided by the row's answer length and the batch size as for forward-process rows.
 
 MaskKind = Literal["forward", "answer_structure", "backbone_errors"]
 
@@ -249,11 +210,8 @@ class Target:
 
 
 class TokenText:
-    """The text of each token id, decoded one token at a time and memoised (vocabularies are 126k wide).
-
-    Decoding per token keeps a map from characters to token positions exact for the ASCII that annotations
-    are made of, whatever the tokenizer merged around them.
-    """
+    """The text of each token id, decoded one token at a time (so that characters map to token positions
+    exactly, whatever the tokenizer merged around them) and memoised."""
 
     def __init__(self, decode: Callable[[list[int]], str]) -> None:
         self._decode = decode
@@ -310,11 +268,6 @@ def answer_targets(pieces: Sequence[str]) -> list[Target]:
     return targets
 
 
-def _row_seed(seed: int, example: int, draw: int, what: str) -> int:
-    digest = hashlib.blake2b(f"llada-trm/{what}/{seed}/{example}/{draw}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") & (2**63 - 1)
-
-
 @dataclass(frozen=True)
 class MaskDistribution:
     """Which masks phase 1 trains on: `kind`, with the forward process mixed in for `forward_mix` of rows."""
@@ -361,7 +314,8 @@ def draw_training_masks(  # noqa: PLR0913 - the row's identity and what the dist
     ends = torch.full((batch,), length) if answer_ends is None else torch.as_tensor(answer_ends).cpu()
     masked, p_mask = masked.cpu().clone(), p_mask.cpu().clone()
     for row, (example, draw) in enumerate(zip(examples, draws, strict=True)):
-        generator = torch.Generator().manual_seed(_row_seed(seed, int(example), int(draw), distribution.kind))
+        row_seed = noise_seed(seed, int(example), int(draw), distribution.kind)
+        generator = torch.Generator().manual_seed(row_seed)
         if float(torch.rand((), generator=generator)) < distribution.forward_mix:
             continue
         start, end = int(prompts[row]), int(ends[row])
@@ -411,13 +365,12 @@ def _error_mask(margins: Tensor, generator: torch.Generator) -> Tensor | None:
 
 
 class TrainingMasks:
-    """A run's phase-1 masks: its distribution and what it reads, for the trainer and the feature cache.
+    """A run's phase-1 masks, for the trainer and the feature cache.
 
-    `probe(input_ids, prompt_lengths)` returns the frozen backbone's probe margins [B, L] (`probe_margins`)
-    for `backbone_errors`. Each example is probed the first time a batch holds it and its margins are kept,
-    so a run pays one probe per example it trains on (not one per epoch), and a run shorter than an epoch
-    does not probe examples it never reads. The margins seen so far are part of the run's state
-    (`state_dict`): a probe reads the batch's padding, so a resumed run must not re-probe in another batch.
+    `probe(input_ids, prompt_lengths)` (backbone_errors) returns the frozen backbone's margins [B, L]
+    (`probe_margins`); each example is probed the first time a batch holds it and its margins are kept. They
+    are part of the run's state (`state_dict`): a probe reads the batch's padding, so a resumed run must not
+    re-probe in another batch.
     """
 
     def __init__(
@@ -481,13 +434,9 @@ class TrainingMasks:
 def probe_margins(
     logits_of: Callable[[Tensor], Tensor], input_ids: Tensor, prompt_lengths: Tensor, mask_id: int
 ) -> Tensor:
-    """[B, L] float32 margins of the frozen backbone at every answer position, +inf at prompt positions.
-
-    The probe is teacher-forced in two passes: the even answer positions masked (the odd ones given), then the
-    odd ones, so every answer position is predicted once with its neighbours' true tokens in view. The margin
-    is the right token's logit minus the largest other logit: negative where the backbone is wrong.
-    `logits_of(noisy_ids)` returns the backbone's [B, L, V] logits.
-    """
+    """[B, L] float32 margins of the frozen backbone (`logits_of(noisy_ids)`) at every answer position, +inf
+    at prompt positions: the right token's logit minus the largest other one (negative where it is wrong),
+    teacher-forced in two passes (the even answer positions masked, then the odd ones)."""
     batch, length = input_ids.shape
     positions = torch.arange(length, device=input_ids.device)
     prompts = torch.as_tensor(prompt_lengths, device=input_ids.device).reshape(-1, 1)

@@ -1,15 +1,9 @@
 """LLaDA's reverse process: start from an all-mask answer and un-mask it block by block.
 
-Every denoising step predicts all masked tokens at once (x0 = argmax, optionally Gumbel-perturbed) and keeps
-only the most confident ones; the rest stay masked for later steps. With the defaults this is token-identical
-to ``generate`` in ML-GSAI/LLaDA, random-number draws included. ``threshold`` switches to Fast-dLLM's
-confidence-aware parallel decoding and ``cache`` to its block-wise KV caches (``fast_dllm``).
-
-:func:`sample` is the one entry point: a model, a prompt batch and :class:`SamplingOptions`. ``generate`` and
-``generate_with_stats`` keep LLaDA's argument list and build the options from it. The loop is split so that
-options slot in without a rewrite: ``Denoiser`` owns the model call (CFG batching, KV cache arguments, NFE
-count, refinement statistics), ``commit_step`` the choice of tokens to un-mask, and one block decoder per
-mode the steps of a block.
+With the defaults this is token-identical to ``generate`` in ML-GSAI/LLaDA, random draws included;
+``threshold`` and ``cache`` switch to Fast-dLLM's decoding (``fast_dllm``). :func:`sample` is the one entry
+point; ``Denoiser`` owns the model call, ``commit_step`` the choice of tokens, one block decoder per mode the
+steps of a block.
 """
 
 from __future__ import annotations
@@ -33,11 +27,8 @@ BlockDecoder = Callable[[Tensor, Denoiser, int, int, SamplingOptions, torch.Gene
 
 @dataclass
 class GenerationResult:
-    """Output of :func:`sample` (and :func:`generate_with_stats`).
-
-    ``model_stats`` holds the per-call mean and ``model_stats_total`` the sum over calls of every numeric
-    statistic the model reported in ``output.stats`` (e.g. ``refine_steps``, ``chunks_skipped``).
-    """
+    """Output of :func:`sample`: ``model_stats`` the per-call mean and ``model_stats_total`` the sum over
+    calls of every numeric statistic the model reported in ``output.stats``."""
 
     tokens: Tensor
     prompt_length: int
@@ -146,10 +137,9 @@ def sample(
 ) -> GenerationResult:
     """Sample answers to ``prompt`` [B, prompt_len] under ``options``: the tokens, NFE, time and model stats.
 
-    See :func:`generate` for the model, prompt and attention mask, and for every option. ``generator`` drives
-    the Gumbel noise and random remasking (default: torch's global generator). ``on_step`` is called after
-    every denoising step with a :class:`~llada_trm.diffusion.steps.StepEvent` (what the step committed,
-    with what confidence, and which chunks the refiner touched); it does not change the samples.
+    See :func:`generate_with_stats` for the model, prompt, attention mask and every option. ``generator``
+    drives the Gumbel noise and random remasking (default: torch's global one). ``on_step`` is called after
+    every denoising step with a :class:`~llada_trm.diffusion.steps.StepEvent`; it does not change the samples.
     """
     _check_inputs(prompt, attention_mask)
     _check_mask_id(model, options.mask_id)
@@ -204,47 +194,8 @@ def generate_with_stats(  # noqa: PLR0913 - LLaDA's public argument list, kept f
     eot_id: int = LLADA_EOT_ID,
     generator: torch.Generator | None = None,
 ) -> GenerationResult:
-    """:func:`generate`, plus the number of model calls, wall time, throughput and the model's statistics:
-    :func:`sample` with the options built from LLaDA's argument list."""
-    options = SamplingOptions(
-        steps=steps,
-        gen_length=gen_length,
-        block_length=block_length,
-        temperature=temperature,
-        remasking=remasking,
-        threshold=threshold,
-        cache=cache,
-        cfg_scale=cfg_scale,
-        logits_eos_inf=logits_eos_inf,
-        confidence_eos_eot_inf=confidence_eos_eot_inf,
-        mask_id=default_mask_id(model) if mask_id is None else mask_id,
-        eos_id=eos_id,
-        eot_id=eot_id,
-    )
-    return sample(model, prompt, attention_mask, options, generator=generator)
-
-
-def generate(  # noqa: PLR0913 - LLaDA's public signature
-    model: Any,
-    prompt: Tensor,
-    attention_mask: Tensor | None = None,
-    steps: int = 128,
-    gen_length: int = 128,
-    block_length: int = 128,
-    temperature: float = 0.0,
-    cfg_scale: float = 0.0,
-    remasking: str = "low_confidence",
-    mask_id: int | None = None,
-    logits_eos_inf: bool = False,
-    confidence_eos_eot_inf: bool = False,
-    *,
-    threshold: float | None = None,
-    cache: str | None = None,
-    eos_id: int = LLADA_EOS_ID,
-    eot_id: int = LLADA_EOT_ID,
-    generator: torch.Generator | None = None,
-) -> Tensor:
-    """Sample answers with LLaDA's low-confidence remasking; returns [B, prompt_len + gen_length] tokens.
+    """Sample answers with LLaDA's argument list (:func:`sample` with the options built from it): the tokens
+    [B, prompt_len + gen_length] with the number of model calls, wall time, throughput and model statistics.
 
     Args:
         model: ``model(input_ids, attention_mask=None)`` returning logits [B, L, V], or an object (or dict)
@@ -279,22 +230,24 @@ def generate(  # noqa: PLR0913 - LLaDA's public signature
         eos_id, eot_id: ids used by the two EOS options (LLaDA's 126081 and 126348).
         generator: random generator for the Gumbel noise and random remasking (default: torch's global one).
     """
-    return generate_with_stats(
-        model,
-        prompt,
-        attention_mask,
-        steps,
-        gen_length,
-        block_length,
-        temperature,
-        cfg_scale,
-        remasking,
-        mask_id,
-        logits_eos_inf,
-        confidence_eos_eot_inf,
+    options = SamplingOptions(
+        steps=steps,
+        gen_length=gen_length,
+        block_length=block_length,
+        temperature=temperature,
+        remasking=remasking,
         threshold=threshold,
         cache=cache,
+        cfg_scale=cfg_scale,
+        logits_eos_inf=logits_eos_inf,
+        confidence_eos_eot_inf=confidence_eos_eot_inf,
+        mask_id=default_mask_id(model) if mask_id is None else mask_id,
         eos_id=eos_id,
         eot_id=eot_id,
-        generator=generator,
-    ).tokens
+    )
+    return sample(model, prompt, attention_mask, options, generator=generator)
+
+
+def generate(*args: Any, **kwargs: Any) -> Tensor:
+    """LLaDA's ``generate``: :func:`generate_with_stats` (same arguments), returning only the tokens."""
+    return generate_with_stats(*args, **kwargs).tokens

@@ -1,11 +1,6 @@
-"""The sampler's per-step hook: what each denoising step committed, and what the refiner did for it.
-
-``sample(..., on_step=callback)`` calls ``callback(StepEvent)`` once per denoising step (one model call and
-one commit), in every sampler variant. Without a callback nothing here runs: the sampler only keeps the
-tensors its commit step computes anyway. Positions are answer positions (0 .. gen_length-1); the chunks are
-the hybrid's, anchored at absolute sequence positions (chunk c covers ``c*chunk_size .. (c+1)*chunk_size-1``
-of prompt + answer), read from the ``steps_per_chunk`` / ``halted_per_chunk`` statistics a refining model
-reports, and the backbone's own prediction from the ``base_logits`` a refining model returns.
+"""The sampler's per-step hook: ``sample(..., on_step=callback)`` calls ``callback(StepEvent)`` once per
+denoising step (one model call and one commit), in every sampler variant; without a callback nothing here
+runs. Chunks are the hybrid's, anchored at absolute positions of prompt + answer.
 """
 
 from __future__ import annotations
@@ -82,12 +77,8 @@ def model_chunk_size(model: Any) -> int | None:
 
 
 class StepObserver:
-    """Turns the sampler's commits into :class:`StepEvent` calls; the sampler calls it only when observed.
-
-    ``model_output`` keeps the chunk statistics and the backbone's argmax of the latest model call (the one
-    the next commit uses); ``committed`` reports a commit of a window of ``x`` that starts at absolute
-    position ``start``.
-    """
+    """Turns the sampler's commits into :class:`StepEvent` calls: ``model_output`` keeps the chunk statistics
+    and the backbone's argmax of the latest model call, ``committed`` reports the commit that follows."""
 
     def __init__(
         self, callback: StepCallback, prompt_length: int, mask_id: int, chunk_size: int | None
