@@ -1,26 +1,10 @@
-"""Which backbone a refiner was trained on: a cheap, deterministic fingerprint of a backbone's weights.
+"""Which backbone a refiner was trained on: a cheap, deterministic fingerprint of a backbone's weights
+(docs/architecture.md, `llada_trm.model.fingerprint`, says what is hashed).
 
-A refiner reads the backbone's hidden states, so its weights mean something only on the backbone it was
-trained on. Refiner checkpoints record this fingerprint; loading one onto another backbone is refused
-(`check_fingerprint`) unless the caller insists.
-
-What is hashed (sha256, in this order), chosen to be exact where it matters and cheap at LLaDA-8B's 16 GB:
-
-- the architecture fields of `config.json` (`LLaDAConfig.to_dict()`, less those that change no output:
-  dropouts, init_std, max_sequence_length);
-- for every tensor, in sorted name order: its name, shape, and a sample of its values: a 1-D tensor whole,
-  a larger one its first, middle and last rows along dim 0 (about 7 MB of LLaDA-8B's 16 GB, read through
-  safetensors' slices, so the rest of the file is never touched);
-- floating values rounded to bfloat16 first, so that a float32 backbone, its bfloat16 copy and the same
-  weights loaded in either dtype fingerprint alike. (A float16 copy of small weights may not: float16 flushes
-  magnitudes that bfloat16 keeps.)
-
-It does not depend on file names, sharding, safetensors metadata or modification times (a re-saved or
-copied backbone keeps its fingerprint). Re-training or fine-tuning changes every sampled row of the tensors
-it touches (a merged LoRA update is dense), so it is caught; an edit confined to unsampled rows (say, a few
-embedding rows) is not: the fingerprint guards against mix-ups, not tampering. The feature cache's stricter,
-byte-level `training.feature_cache.backbone_fingerprint` is another thing: its cached activations depend on
-the stored bytes, dtype included.
+Floating values are rounded to bfloat16 first, so fp32 and bf16 copies fingerprint alike (a float16 copy of
+small weights may not: float16 flushes magnitudes that bfloat16 keeps). Only the first, middle and last rows
+of each tensor are read, so an edit confined to unsampled rows (say, a few embedding rows) goes unseen: the
+fingerprint guards against mix-ups, not tampering. Re-training or a merged LoRA update changes every row.
 """
 
 from __future__ import annotations

@@ -57,43 +57,27 @@ RETIRED_MODEL_SETTINGS: dict[str, object] = {
 class HybridConfig(Section):
     """How `LLaDATRMHybrid` refines the backbone's hidden states.
 
-    refiner: 'none' (the plain backbone), 'mlp' (the baseline) or 'slot' (the slot TRM refiner); the kind
-        built by `integration='replace'`.
-    integration: 'replace' builds the one refiner named by `refiner`; 'hybrid' builds both and runs one,
-        the slot refiner unless the model's `active_refiner` says 'mlp' (A/B comparison from one checkpoint,
-        switchable at run time: `llada-trm evaluate --refiner`); 'cascade' builds both and runs the MLP for
-        coarse corrections, then the slot refiner.
-    max_recursive_steps: K, the step budget, 0..MAX_RECURSIVE_STEPS (64). In 'cascade' the budget is split,
-        not doubled: the first K // 2 steps are the MLP's and the rest the slot refiner's, so `step_logits`
-        always has K entries and cascade costs about what 'replace' does.
-    delta_scale: the scale of every refiner step's update (h moves by at most delta_scale x 0.5 per
-        coordinate a step; `model.reachability`), one value for whichever refiners are built (the slot
-        refiner's and the MLP's were two settings before issue 25, which every comparison set equal).
-    chunk_size: positions per chunk along the sequence (the last chunk may be shorter); at most the
-        backbone's max_sequence_length (`check_backbone`).
-    confidence_threshold: a chunk whose confidence (mean max-softmax probability of the backbone over its
-        masked positions) is below this is refined. Default 0.5, the original system's `min_confidence`: on
-        masked positions a max probability under one half means the backbone has no clear favourite. 0 refines
-        nothing; any value above 1 refines every chunk that has a masked position.
-    chunk_selection: which chunks are refined. 'confidence' (the rule above) or 'all': every chunk with a
-        masked position, whatever the backbone's confidence. The backbone commits most of its errors
-        confidently (68% of first errors at p >= 0.9 on the embedded default), where the confidence rule
-        never lets a refiner look.
-    halting: when a refined chunk stops early (its states and logits are frozen from then on). 'confidence'
-        (the original rule): after each step the LM head is run on the chunk's masked positions and the chunk
-        stops once their mean max probability reached `confidence_threshold`. 'none': every refined chunk
-        takes all K steps. (`llada-trm convert` rewrites the legacy `halt_on_confidence: true | false` as
-        'confidence' | 'none'; learned halting left the tree: docs/levers.md.)
-    context_layers: backbone layers whose attention contexts (attn@V), averaged, are given to the slot
-        refiner as external context (averaged again with its own blocks' contexts); None or [] uses only the
-        refiner's own. Default [-1], the last layer: what every run config has used, so a config built in
-        Python and one read from YAML build the same model. Ignored, and not computed, when no slot refiner
-        is built.
-    slot / mlp: the refiners' own knobs, `SlotSettings` / `MLPSettings` (a dict is accepted, for example
-        `slot={"n_heads": 4, "n_blocks": 1, "d_inner": 128}`); the model adds d_model, num_steps,
-        delta_scale and context_dim when it builds the refiners, and the architecture's constants
-        (`model.refiners.config`). Step logits are computed while training (deep supervision reads them) and
-        not in eval mode, where the sampler reads only the final logits (`LLaDATRMHybrid.refine`).
+    refiner: 'none' (the plain backbone), 'mlp' (the baseline) or 'slot'; the kind 'replace' builds.
+    integration: 'replace' builds the one refiner named by `refiner`; 'hybrid' builds both and runs the
+        model's `active_refiner` (slot unless set, e.g. by `llada-trm evaluate --refiner mlp`); 'cascade'
+        runs the MLP for the first K // 2 steps, then the slot refiner (the budget is split, not doubled).
+    max_recursive_steps: K, the step budget, 0..MAX_RECURSIVE_STEPS.
+    delta_scale: the scale of every refiner step's update, one value for whichever refiners are built (h
+        moves by at most delta_scale x 0.5 per coordinate a step; `model.reachability`).
+    chunk_size: positions per chunk (the last may be shorter); at most the backbone's max_sequence_length.
+    confidence_threshold: a chunk whose confidence (the backbone's mean max-softmax probability over its
+        masked positions) is below this is refined; 0.5 is the original system's `min_confidence` (no clear
+        favourite). 0 refines nothing, above 1 every chunk with a masked position.
+    chunk_selection: 'confidence' (the rule above) or 'all' (every chunk with a masked position): the
+        backbone commits most errors confidently (68% of first errors at p >= 0.9 on the embedded default),
+        where the confidence rule never lets a refiner look.
+    halting: 'confidence' (the original rule: after each step a refined chunk stops, its states and logits
+        frozen, once its masked positions' mean max probability reaches `confidence_threshold`) or 'none'
+        (every refined chunk takes all K steps).
+    context_layers: backbone layers whose attention contexts (attn@V), averaged, feed the slot refiner
+        (averaged again with its own blocks'); None or []: none. Default [-1], what every run config used.
+    slot / mlp: the refiners' knobs, `SlotSettings` / `MLPSettings` (dicts accepted); the model adds the
+        derived fields and the architecture's constants (`model.refiners.config`).
     """
 
     refiner: RefinerKind = "slot"

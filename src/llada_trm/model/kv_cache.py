@@ -1,17 +1,10 @@
 """Block-wise key/value cache for fast masked-diffusion sampling (Fast-dLLM, arXiv:2505.22618).
 
-LLaDA's attention is bidirectional, so a cached key is exact only while every token it (indirectly) attended
-to is unchanged. Semi-autoregressive sampling changes nothing before the current block during that block, and
-its keys move little from step to step, so reusing them is a close approximation (Fast-dLLM's observation):
-
-- prefix cache: K/V of the prompt and completed blocks, built by one full forward at the start of a block;
-  the following steps run only the current block and what follows it.
-- dual cache: K/V of the whole sequence from that full forward; the following steps run only the current
-  block, whose fresh K/V replace its cached entries while the (still masked) suffix reuses its cached ones.
-
-Both are one rule here: a forward on tokens at absolute positions `start .. start+S-1` attends to
-`cache[:start] ++ new ++ cache[start+S:]`. Keys are stored after RoPE (rotation depends only on the absolute
-position, so this equals rotating the concatenation each time, as the reference does, and is cheaper).
+A cached key is exact only while everything it attended to is unchanged; semi-autoregressive sampling keeps
+the keys close enough (Fast-dLLM's observation). The prefix and dual caches are one rule here: a forward on
+the tokens at absolute positions `start .. start+S-1` attends to `cache[:start] ++ new ++ cache[start+S:]`.
+Keys are stored after RoPE (rotation depends only on the absolute position, so this equals the reference's
+rotating the concatenation each time, and is cheaper).
 """
 
 from __future__ import annotations

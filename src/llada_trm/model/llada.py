@@ -1,23 +1,15 @@
-"""The LLaDA backbone: a llama-style transformer with bidirectional attention.
-
-Per block (pre-norm, as in LLaDA's `LLaDALlamaBlock`):
+"""The LLaDA backbone: a llama-style transformer with bidirectional attention. Per block (pre-norm, as in
+LLaDA's `LLaDALlamaBlock`):
 
     c = softmax(RoPE(q) RoPE(k)^T / sqrt(head_dim) + padding_bias) v      q, k, v from attn_norm(x)
     x = x + attn_out(c)
     h = ff_norm(x)
     x = x + ff_out(silu(ff_proj(h)) * up_proj(h))                          ff_proj is the gate
 
-then `ln_f` and the output layer. Module names reproduce LLaDA's state-dict keys
-(`model.transformer.blocks.{i}.q_proj.weight`, ...), so released checkpoints load without renaming.
-
-Numerics follow the reference implementation: RMSNorm statistics and RoPE in float32 (cast back to the
-activation dtype), RoPE on absolute positions 0..L-1 with the rotate-half convention, and padding applied as
-an additive `finfo.min` bias on padded keys. The logits have `embedding_size` columns, as in LLaDA (columns
-past `vocab_size`, if any, are returned rather than sliced off).
-
-For fast sampling the forward can also run on a window of the sequence against a `KVCache` of the other
-positions (Fast-dLLM's prefix and dual caches, see `model.kv_cache`): the window's queries and keys are
-rotated at their absolute positions and attend to the cached keys plus their own.
+then `ln_f` and the output layer. Module names reproduce LLaDA's state-dict keys, so released checkpoints
+load without renaming. Numerics follow the reference: RMSNorm statistics and RoPE in float32, RoPE on
+absolute positions with the rotate-half convention, padding as an additive `finfo.min` bias on padded keys.
+With a `KVCache` the forward runs on a window of the sequence (docs/architecture.md).
 """
 
 from __future__ import annotations

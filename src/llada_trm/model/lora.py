@@ -1,22 +1,10 @@
-"""LoRA adapters on the LLaDA backbone through `peft`: attach them, name them, merge them away.
+"""LoRA adapters on the LLaDA backbone through `peft`: attach them (`add_lora`, `attach_run_lora` for a run's
+`lora:` section), name them, merge them away (`merge_lora`); docs/architecture.md has the API.
 
-A LoRA adapter adds `(alpha / r) * B @ A` to a frozen linear layer's weight, with `A [r, in]` and `B [out, r]`
-trained (peft starts `B` at zero, so an attached model computes exactly what the base did). `add_lora`
-wraps the chosen blocks' linear layers in peft's `lora.Linear` (`inject_adapter_in_model`: no `PeftModel`
-around the backbone, so `model(...)`, the KV cache and the hybrid's calls stay as they are); the wrapped
-layer's weight is then named `...q_proj.base_layer.weight`, its adapters `...q_proj.lora_A.default.weight`
-and `...lora_B.default.weight`.
-
-`merge_lora` is the way back to a plain backbone (LLaDA's own parameter names, loadable and saveable as any
-other): it folds each adapter into a new weight and leaves its argument untouched. peft is imported only when
-adapters are attached or merged, so a run without LoRA needs neither the package nor its import time.
-
-`attach_run_lora` maps a run's `lora:` settings onto `add_lora`. The blocks follow the phase, as full
-fine-tuning's do (`training.freezing`): phase 2 adapts the last `training.unfreeze_last_n_layers` blocks,
-phase 3 every block. It lives with the model, not the trainer, because loading a run's checkpoint for
-evaluation attaches the same adapters before its tensors load (evaluation never imports training). Once
-attached, freezing trains the adapters (at `backbone_lr`) instead of the base weights, which stay frozen; the
-adapters are then trainable tensors like any other, so checkpoints save them (and only them).
+Adapters are injected in place (`inject_adapter_in_model`, no `PeftModel` wrapper), so `model(...)`, the KV
+cache and the hybrid's calls stay as they are; peft is imported only when adapters are attached or merged.
+`attach_run_lora` lives with the model, not the trainer, because evaluation attaches the same adapters
+before a run's tensors load (evaluation never imports training).
 """
 
 from __future__ import annotations
