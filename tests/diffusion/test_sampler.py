@@ -19,8 +19,13 @@ from torch import Tensor, nn
 
 from llada_trm.data.tokenizer import decode_generated
 from llada_trm.diffusion.options import SamplingOptions
-from llada_trm.diffusion.sampler import GenerationResult, generate, generate_with_stats, sample
-from llada_trm.diffusion.unmasking import get_num_transfer_tokens
+from llada_trm.diffusion.sampler import (
+    GenerationResult,
+    generate,
+    generate_with_stats,
+    get_num_transfer_tokens,
+    sample,
+)
 
 FIXTURE = FIXTURES / "llada_generate_reference.json"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}

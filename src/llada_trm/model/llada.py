@@ -31,7 +31,7 @@ from llada_trm.model.llada_weights import (
     check_layout,
     load_weights,
     read_config,
-    save_checkpoint,
+    save_state_dict,
 )
 
 
@@ -388,4 +388,4 @@ class LLaDAModel(nn.Module):
 
     def save_pretrained(self, path: str | Path, max_shard_size: int | str | None = None) -> None:
         """Write config.json and safetensors weights (sharded HF-style above `max_shard_size`, e.g. "2GB")."""
-        save_checkpoint(self, self.config, path, max_shard_size=max_shard_size)
+        save_state_dict(self.state_dict(), self.config, path, max_shard_size=max_shard_size)

@@ -311,20 +311,14 @@ def _write_text(file: Path, text: str) -> None:
         os.fsync(f.fileno())
 
 
-def save_checkpoint(
-    model: nn.Module, config: LLaDAConfig, path: str | Path, max_shard_size: int | str | None = None
-) -> None:
-    """Write config.json plus model.safetensors, or HF-style shards and an index above `max_shard_size`."""
-    save_state_dict(model.state_dict(), config, path, max_shard_size)
-
-
 def save_state_dict(
     state: dict[str, torch.Tensor],
     config: LLaDAConfig,
     path: str | Path,
     max_shard_size: int | str | None = None,
 ) -> None:
-    """`save_checkpoint` for a backbone state dict (LLaDA's key names) rather than a model."""
+    """Write config.json plus model.safetensors, or HF-style shards and an index above `max_shard_size`, for
+    a backbone state dict (LLaDA's key names)."""
     path = Path(path)
     limit = parse_size(max_shard_size)
     path.mkdir(parents=True, exist_ok=True)
