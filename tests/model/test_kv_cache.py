@@ -21,8 +21,7 @@ from torch import Tensor, nn
 from llada_trm.diffusion.sampler import generate, generate_with_stats
 from llada_trm.model.hybrid import LLaDATRMHybrid
 from llada_trm.model.hybrid_config import HybridConfig
-from llada_trm.model.kv_cache import KVCache
-from llada_trm.model.llada import LLaDAModel, rotary_tables
+from llada_trm.model.llada import KVCache, LLaDAModel, rotary_tables
 from llada_trm.model.llada_config import LLaDAConfig
 
 REFERENCE = FIXTURES / "fast_dllm_cache_reference.json"

@@ -25,8 +25,7 @@ from torch import Tensor, nn
 from llada_trm.errors import ConfigError
 from llada_trm.model.fingerprint import model_fingerprint
 from llada_trm.model.hybrid_config import ACTIVE_CHOICES, MAX_RECURSIVE_STEPS, HybridConfig
-from llada_trm.model.kv_cache import KVCache
-from llada_trm.model.llada import LLaDAModel
+from llada_trm.model.llada import KVCache, LLaDAModel
 from llada_trm.model.llada_weights import read_config
 from llada_trm.model.refiner_weights import read_refiner_weights, write_refiner_weights
 from llada_trm.model.refiners import build_refiner, slot_parameter_count
