@@ -1,20 +1,11 @@
 """A generated arithmetic task: lines ``a op b = c`` and short chains of them, with controlled difficulty.
 
-Where the GSM8K-style task (`data.synthetic`) wraps each operation in a story, this task asks for the
-arithmetic alone, so that what a model must compute is the carries: a question "What is 4817 + 2795?" and
-its answer written as the other task's calculator annotations,
-
-    4817+2795=<<4817+2795=7612>>7612
-    #### 7612
-
-A chain of ``n`` lines applies ``n`` operations left to right, each line starting from the previous result
-("What is (4817 + 2795) * 3?" -> ``4817+2795=<<...>>7612`` then ``7612*3=<<7612*3=22836>>22836``).
-Difficulty is set by each drawn operand's digit count (1 to 5) and by the problem's number of carries and
-borrows (`carries`: filtered to [min_carries, max_carries]), which every problem records and which
-`answer_carries` reads back from its reference answer, so an evaluation can group accuracy by carries.
-
-Splits use the other task's hash rule (`synthetic.question_split`): train, validation and test never share
-a question. The tokenizer writes every digit as one token, as for the other task.
+Where the GSM8K-style task (`data.synthetic`) wraps each operation in a story, this one asks for the
+arithmetic alone ("What is (4817 + 2795) * 3?"), answered in the other task's calculator annotations
+(``4817+2795=<<4817+2795=7612>>7612``, one line per operation, then ``#### n``), so that what a model must
+compute is the carries. Difficulty is each operand's digit count (1 to 5) and the problem's carries and
+borrows (`carries`), which `answer_carries` reads back from a reference answer so that an evaluation can
+group accuracy by them. Splits use the other task's hash rule (`synthetic.question_split`).
 """
 
 from __future__ import annotations

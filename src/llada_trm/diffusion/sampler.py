@@ -197,18 +197,11 @@ def commit_step(
     and every position's confidence (-inf where nothing was predicted): tensors computed anyway, for the
     sampler's per-step hook.
 
-    ``options.digit_order == "lsd_first"`` changes which positions a step commits, never what it commits
-    (each keeps this step's prediction) nor how many (the schedule's count, or every one the threshold
-    allows and at least one). The number a masked position belongs to is read from this step's tokens: a
-    number is a maximal run of positions whose token (the committed one, or this step's prediction where
-    masked) is a digit. A masked position predicted a digit waits while its right neighbour inside the
-    block is masked and predicted a digit: it is committed in the same step as that neighbour or later, so
-    each number is committed from its least significant digit up. While the predictions of a number's
-    positions stay the same from step to step (as for a model whose predictions do not depend on the
-    context), this is exactly least-significant-first in the exact (fixed-schedule) sampler and in the
-    threshold one; when a later step re-predicts a masked right neighbour as a digit after its left
-    neighbour was committed, the order holds only for the predictions each step saw. A number that runs
-    past the block's end is ordered within the block (the semi-autoregressive order comes first).
+    ``options.digit_order == "lsd_first"`` changes which positions a step commits, never what nor how many:
+    a masked position predicted a digit waits while its right neighbour inside the block is masked and
+    predicted a digit (`_waiting_digits`), so each number (a run of digit tokens, committed or predicted) is
+    committed from its least significant digit up, exactly so while the predictions stay the same from step
+    to step. A number running past the block's end is ordered within the block.
     """
     mask_index = x == options.mask_id
     x0, x0_p = _predict(logits, options, generator)
