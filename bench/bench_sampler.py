@@ -47,15 +47,10 @@ from refine_timer import RefineTimer
 from llada_trm.assets import embedded_backbone_dir
 from llada_trm.build import hybrid_config
 from llada_trm.config import load_config
-from llada_trm.data import (
-    GSM8KRecord,
-    SyntheticTaskConfig,
-    generate_problems,
-    load_tokenizer,
-    prompt_batch,
-    special_token_ids,
-)
-from llada_trm.data.tokenizer import decode_generated
+from llada_trm.data.collate import prompt_batch
+from llada_trm.data.gsm8k import GSM8KRecord
+from llada_trm.data.synthetic import SyntheticTaskConfig, generate_problems
+from llada_trm.data.tokenizer import decode_generated, load_tokenizer, special_token_ids
 from llada_trm.diffusion.denoiser import add_stats
 from llada_trm.diffusion.options import SamplingOptions
 from llada_trm.diffusion.sampler import sample

@@ -36,7 +36,8 @@ import torch
 
 from llada_trm.build import build_datasets, hybrid_config, resolve_backbone_dir
 from llada_trm.config import RunConfig, load_config
-from llada_trm.data import collate_batch, load_tokenizer
+from llada_trm.data.collate import collate_batch
+from llada_trm.data.tokenizer import load_tokenizer
 from llada_trm.model.hybrid import LLaDATRMHybrid, chunk_sum
 from llada_trm.model.llada import LLaDAModel
 from llada_trm.model.llada_config import LLaDAConfig

@@ -26,7 +26,7 @@ def backbone_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def tokenizer():
     from llada_trm.assets import embedded_backbone_dir
-    from llada_trm.data import load_tokenizer
+    from llada_trm.data.tokenizer import load_tokenizer
 
     return load_tokenizer(embedded_backbone_dir())
 

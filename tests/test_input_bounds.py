@@ -15,7 +15,8 @@ from safetensors.torch import load_file, save_file
 
 from llada_trm.build import build_datasets, build_model
 from llada_trm.config import parse_config
-from llada_trm.data import GSM8KRecord, load_tokenizer
+from llada_trm.data.gsm8k import GSM8KRecord
+from llada_trm.data.tokenizer import load_tokenizer
 from llada_trm.diffusion.options import SamplingOptions
 from llada_trm.errors import CheckpointError, ConfigError
 from llada_trm.evaluate.evaluator import evaluate_model

@@ -107,7 +107,7 @@ def test_training_auto_dtype_reads_the_checkpoint(
 def test_eval_skips_and_counts_prompts_that_do_not_fit(tmp_path: Path, capsys) -> None:
     """`eval` on GSM8K-length questions with the embedded default used to stop at the first long one."""
     from llada_trm.cli import main
-    from llada_trm.data import GSM8KRecord, write_jsonl
+    from llada_trm.data.gsm8k import GSM8KRecord, write_jsonl
 
     long = "Natalia sold clips to 48 of her friends in April, and then she sold half as many in May. " * 12
     records = [GSM8KRecord("Tom has 3 apples. He buys 2 more. How many apples does he have?", "#### 5"),
@@ -150,7 +150,8 @@ def test_recipes_carry_lladas_gsm8k_sampling_and_validate_on_train(recipe: str) 
 
 def _gsm8k_folder(root: Path) -> Path:
     """A GSM8K-layout folder (train.jsonl, test.jsonl) of generated problems, disjoint splits."""
-    from llada_trm.data import SyntheticTaskConfig, generate_problems, write_jsonl
+    from llada_trm.data.gsm8k import write_jsonl
+    from llada_trm.data.synthetic import SyntheticTaskConfig, generate_problems
 
     task = SyntheticTaskConfig(max_steps=2, max_number=10)
     root.mkdir(parents=True, exist_ok=True)
@@ -305,7 +306,7 @@ def test_the_8b_guide_is_linked_and_says_what_ran_on_a_gpu() -> None:
 
 def test_missing_local_folders_are_reported_as_missing_not_as_hub_failures(tmp_path: Path) -> None:
     from llada_trm.build import resolve_backbone_dir
-    from llada_trm.data import load_gsm8k
+    from llada_trm.data.gsm8k import load_gsm8k
     from llada_trm.errors import ConfigError
 
     with pytest.raises(ConfigError, match=r"no such folder .*hf download GSAI-ML/LLaDA-8B-Instruct"):

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from llada_trm.data import GSM8KRecord, write_jsonl
+from llada_trm.data.gsm8k import GSM8KRecord, write_jsonl
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "scripts"))

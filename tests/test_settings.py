@@ -382,7 +382,8 @@ def test_an_export_written_before_the_cut_loads_with_its_counts_and_batch(tmp_pa
 
 def test_gsm8k_counts_slice_train_head_and_tail_and_never_overlap(tmp_path):
     from llada_trm.build import build_records
-    from llada_trm.data import SyntheticTaskConfig, generate_problems, write_jsonl
+    from llada_trm.data.gsm8k import write_jsonl
+    from llada_trm.data.synthetic import SyntheticTaskConfig, generate_problems
 
     problems = generate_problems(SyntheticTaskConfig(max_steps=2), 10, "train")
     write_jsonl(problems, tmp_path / "train.jsonl")

@@ -18,8 +18,8 @@ import pytest
 
 from llada_trm.assets import embedded_backbone_dir
 from llada_trm.config import load_config
-from llada_trm.data import load_gsm8k, load_tokenizer
-from llada_trm.data.gsm8k import DataError
+from llada_trm.data.gsm8k import DataError, load_gsm8k
+from llada_trm.data.tokenizer import load_tokenizer
 from llada_trm.errors import ConfigError
 
 SRC = Path(__file__).resolve().parents[1] / "src"
@@ -47,7 +47,7 @@ def _custom_code_folder(root: Path) -> tuple[Path, Path]:
 def test_a_tokenizer_folder_never_runs_its_code_even_when_stdin_says_yes(tmp_path: Path) -> None:
     folder, marker = _custom_code_folder(tmp_path)
     script = (
-        "import sys\nfrom llada_trm.data import load_tokenizer\n"
+        "import sys\nfrom llada_trm.data.tokenizer import load_tokenizer\n"
         f"try:\n    load_tokenizer({str(folder)!r})\n"
         "except ValueError as exc:\n    print('ERROR', exc, file=sys.stderr)\n    sys.exit(2)\n"
     )

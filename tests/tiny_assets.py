@@ -18,7 +18,8 @@ from typing import TYPE_CHECKING, Any
 import pytest
 import torch
 
-from llada_trm.data import SyntheticTaskConfig, build_tokenizer, generate_problems, special_token_ids
+from llada_trm.data.synthetic import SyntheticTaskConfig, generate_problems
+from llada_trm.data.tokenizer import build_tokenizer, special_token_ids
 from llada_trm.model.llada import LLaDAModel
 from llada_trm.model.llada_config import LLaDAConfig
 

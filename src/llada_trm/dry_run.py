@@ -392,7 +392,8 @@ def _eval_records(
     line = f"data: {len(records)} {args.dataset} problems ({args.split})"
     prompt = 256
     if source.has_tokenizer and source.directory is not None:
-        from llada_trm.data import encode_prompt, load_tokenizer
+        from llada_trm.data.collate import encode_prompt
+        from llada_trm.data.tokenizer import load_tokenizer
         from llada_trm.evaluate.evaluator import fit_prompts
 
         tokenizer = load_tokenizer(source.directory)

@@ -7,7 +7,6 @@ import re
 import pytest
 
 from llada_trm.config import parse_config
-from llada_trm.data import DataError, extract_final_answer
 from llada_trm.data.arithmetic import (
     ArithmeticLine,
     ArithmeticTaskConfig,
@@ -18,6 +17,7 @@ from llada_trm.data.arithmetic import (
     parse_arithmetic,
 )
 from llada_trm.data.disjoint import check_disjoint
+from llada_trm.data.gsm8k import DataError, extract_final_answer
 from llada_trm.data.synthetic import question_split
 from llada_trm.errors import ConfigError
 from llada_trm.evaluate.evaluator import load_eval_records, synthetic_settings

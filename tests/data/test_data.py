@@ -15,27 +15,25 @@ import torch
 from tiny_assets import FIXTURES
 from torch.utils.data import DataLoader
 
-from llada_trm.data import (
-    DataError,
-    GSM8KRecord,
+from llada_trm.data.collate import (
     SFTDataset,
-    SyntheticTaskConfig,
-    build_tokenizer,
     collate_batch,
     encode_answer,
     encode_example,
     encode_prompt,
-    extract_final_answer,
-    generate_problems,
-    is_test_question,
-    load_gsm8k,
-    parse_split,
     prompt_batch,
-    special_token_ids,
-    write_jsonl,
 )
 from llada_trm.data.disjoint import check_disjoint, question_hash
-from llada_trm.data.synthetic import question_split
+from llada_trm.data.gsm8k import (
+    DataError,
+    GSM8KRecord,
+    extract_final_answer,
+    load_gsm8k,
+    parse_split,
+    write_jsonl,
+)
+from llada_trm.data.synthetic import SyntheticTaskConfig, generate_problems, is_test_question, question_split
+from llada_trm.data.tokenizer import build_tokenizer, special_token_ids
 
 FIXTURE = FIXTURES / "gsm8k_small.jsonl"
 REAL_GSM8K = Path("/work/shared/data/gsm8k")

@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from llada_trm.data import DataError
+from llada_trm.data.gsm8k import DataError
 from llada_trm.data.synthetic import SolutionStep, SyntheticTaskConfig, generate_problems, parse_solution
 
 

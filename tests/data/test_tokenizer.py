@@ -12,19 +12,17 @@ from tiny_assets import FIXTURES
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
-from llada_trm.data import (
+from llada_trm.data.collate import encode_answer
+from llada_trm.data.gsm8k import extract_final_answer, load_gsm8k
+from llada_trm.data.synthetic import SyntheticTaskConfig, generate_problems
+from llada_trm.data.tokenizer import (
     BOS_TOKEN,
     CHAT_TEMPLATE,
     EOS_TOKEN,
     EOT_TOKEN,
     MASK_TOKEN,
     SPECIAL_TOKENS,
-    SyntheticTaskConfig,
     build_tokenizer,
-    encode_answer,
-    extract_final_answer,
-    generate_problems,
-    load_gsm8k,
     load_tokenizer,
     mask_token_id,
     pad_token_id,

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from llada_trm.data import DataError
+from llada_trm.data.gsm8k import DataError
 from llada_trm.data.synthetic import SyntheticTaskConfig, generate_problems, parse_solution
 from llada_trm.evaluate.errors import (
     CATEGORIES,

@@ -14,7 +14,9 @@ from tiny_assets import FIXTURES, TINY_SAMPLING, tiny_backbone, tiny_run
 
 from llada_trm import assets
 from llada_trm.build import resolve_backbone_dir
-from llada_trm.data import DataError, GSM8KRecord, encode_answer, encode_prompt, load_tokenizer, pad_token_id
+from llada_trm.data.collate import encode_answer, encode_prompt
+from llada_trm.data.gsm8k import DataError, GSM8KRecord
+from llada_trm.data.tokenizer import load_tokenizer, pad_token_id
 from llada_trm.diffusion.options import SamplingOptions
 from llada_trm.errors import CheckpointError
 from llada_trm.evaluate.evaluator import evaluate_model, load_eval_records, synthetic_settings

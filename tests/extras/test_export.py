@@ -15,7 +15,7 @@ from tiny_assets import TINY_SAMPLING, run_config, save_tiny_backbone, tiny_back
 from llada_trm import load_checkpoint
 from llada_trm.cli import main
 from llada_trm.config import parse_config
-from llada_trm.data import load_tokenizer
+from llada_trm.data.tokenizer import load_tokenizer
 from llada_trm.errors import CheckpointError, UserError
 from llada_trm.extras.export import export_run
 from llada_trm.model.fingerprint import BackboneMismatchError, directory_fingerprint, model_fingerprint

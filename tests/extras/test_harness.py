@@ -13,7 +13,8 @@ import sys
 import pytest
 import torch
 
-from llada_trm.data import GSM8KRecord, SyntheticTaskConfig, generate_problems, write_jsonl
+from llada_trm.data.gsm8k import GSM8KRecord, write_jsonl
+from llada_trm.data.synthetic import SyntheticTaskConfig, generate_problems
 from llada_trm.errors import ConfigError
 from llada_trm.evaluate.extraction import extract_flexible, extract_strict, is_correct
 from llada_trm.extras.harness.likelihood import greedy_matches, masked_counts, mc_log_likelihood, random_masks

@@ -6,7 +6,7 @@ import pytest
 import torch
 from tiny_assets import REPO
 
-from llada_trm.data import load_tokenizer
+from llada_trm.data.tokenizer import load_tokenizer
 from llada_trm.errors import ConfigError
 from llada_trm.extras.pretraining.config import load_pretrain_config
 from llada_trm.extras.pretraining.run import pretrain
@@ -85,8 +85,8 @@ def test_object_weights_mark_the_tasks_object_nouns_only():
 
 def test_random_padding_draws_each_batch_length_between_its_longest_and_max_length():
     from llada_trm.assets import embedded_backbone_dir
-    from llada_trm.data import SFTDataset, generate_problems
-    from llada_trm.data.synthetic import SyntheticTaskConfig
+    from llada_trm.data.collate import SFTDataset
+    from llada_trm.data.synthetic import SyntheticTaskConfig, generate_problems
     from llada_trm.extras.pretraining.run import pad_randomly
 
     tokenizer = load_tokenizer(embedded_backbone_dir())

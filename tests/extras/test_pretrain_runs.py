@@ -9,8 +9,7 @@ from safetensors.torch import load_file
 from tiny_assets import TINY_PRETRAIN as TINY
 from tiny_assets import tiny_pretrain as tiny
 
-from llada_trm.data import SyntheticTaskConfig, generate_problems
-from llada_trm.data.synthetic import parse_solution
+from llada_trm.data.synthetic import SyntheticTaskConfig, generate_problems, parse_solution
 from llada_trm.errors import CheckpointError, ConfigError
 from llada_trm.extras.pretraining import export, run
 from llada_trm.extras.pretraining.run import pretrain

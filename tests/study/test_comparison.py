@@ -14,7 +14,8 @@ from tiny_assets import TINY_SAMPLING, compare_yaml, tiny_backbone
 from llada_trm.build import check_test_split
 from llada_trm.cli import main
 from llada_trm.config import parse_config
-from llada_trm.data import DataError, GSM8KRecord, generate_problems
+from llada_trm.data.gsm8k import DataError, GSM8KRecord
+from llada_trm.data.synthetic import generate_problems
 from llada_trm.errors import ConfigError
 from llada_trm.training.validation import check_save_best
 

@@ -31,7 +31,8 @@ from tiny_assets import make_tiny_backbone
 
 from llada_trm.build import hybrid_config
 from llada_trm.config import fixed_settings, parse_config
-from llada_trm.data import SyntheticTaskConfig, generate_problems, load_tokenizer
+from llada_trm.data.synthetic import SyntheticTaskConfig, generate_problems
+from llada_trm.data.tokenizer import load_tokenizer
 from llada_trm.diffusion.options import SamplingOptions
 from llada_trm.dist_utils import merge_shards, resolve_strategy, shard_indices
 from llada_trm.errors import ConfigError

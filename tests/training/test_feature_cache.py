@@ -13,13 +13,9 @@ from safetensors.torch import load_file
 from tiny_assets import make_tiny_backbone, save_tiny_backbone
 
 from llada_trm.config import fixed_settings, parse_config
-from llada_trm.data import (
-    SFTDataset,
-    SyntheticTaskConfig,
-    collate_batch,
-    generate_problems,
-    load_tokenizer,
-)
+from llada_trm.data.collate import SFTDataset, collate_batch
+from llada_trm.data.synthetic import SyntheticTaskConfig, generate_problems
+from llada_trm.data.tokenizer import load_tokenizer
 from llada_trm.diffusion.forward_process import draw_noise
 from llada_trm.errors import ConfigError
 from llada_trm.model.hybrid import LLaDATRMHybrid, chunk_sum

@@ -153,7 +153,7 @@ class _Validator:
         import torch
 
         from llada_trm.build import build_records
-        from llada_trm.data import SFTDataset
+        from llada_trm.data.collate import SFTDataset
         from llada_trm.training.validation import per_example_validation
 
         if self.loader is None:

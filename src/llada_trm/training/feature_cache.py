@@ -50,7 +50,7 @@ from torch.utils.data import Dataset
 
 from llada_trm.build import apply_backbone_options, backbone_dtype, build_datasets, build_model, start_run
 from llada_trm.config import RunConfig
-from llada_trm.data import EncodedExample, collate_batch
+from llada_trm.data.collate import EncodedExample, collate_batch
 from llada_trm.diffusion.forward_process import TrainingMasks, draw_noise
 from llada_trm.dist_utils import is_distributed, is_main_process
 from llada_trm.errors import ConfigError

@@ -63,7 +63,7 @@ from llada_trm.build import (
     start_run,
 )
 from llada_trm.config import RunConfig, load_config, save_config
-from llada_trm.data import SFTDataset
+from llada_trm.data.collate import SFTDataset
 from llada_trm.diffusion.forward_process import TokenText, TrainingMasks, draw_for_epoch
 from llada_trm.dist_utils import (
     all_finite,

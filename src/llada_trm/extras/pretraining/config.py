@@ -29,8 +29,8 @@ from llada_trm.config import (
     _to_float,
     load_schema,
 )
-from llada_trm.data import SyntheticTaskConfig
 from llada_trm.data.arithmetic import ArithmeticTaskConfig
+from llada_trm.data.synthetic import SyntheticTaskConfig
 from llada_trm.diffusion.options import SamplingOptions
 
 __all__ = [

@@ -18,9 +18,11 @@ from typing import Any
 
 import torch
 
-from llada_trm.data import GSM8KRecord, SFTDataset, save_tokenizer, special_token_ids
 from llada_trm.data.arithmetic import generate_task_records
+from llada_trm.data.collate import SFTDataset
 from llada_trm.data.disjoint import check_disjoint
+from llada_trm.data.gsm8k import GSM8KRecord
+from llada_trm.data.tokenizer import save_tokenizer, special_token_ids
 from llada_trm.errors import ConfigError
 from llada_trm.evaluate.statistics import proportion
 from llada_trm.io import atomic_directory, remove_directory, write_json, write_jsonl, write_text_atomic

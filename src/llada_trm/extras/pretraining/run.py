@@ -32,9 +32,10 @@ import torch
 import yaml
 
 from llada_trm.config import fixed_settings
-from llada_trm.data import GSM8KRecord, SFTDataset, build_tokenizer, load_tokenizer, special_token_ids
 from llada_trm.data.arithmetic import generate_task_records
-from llada_trm.data.tokenizer import save_tokenizer
+from llada_trm.data.collate import SFTDataset
+from llada_trm.data.gsm8k import GSM8KRecord
+from llada_trm.data.tokenizer import build_tokenizer, load_tokenizer, save_tokenizer, special_token_ids
 from llada_trm.errors import CheckpointError, ConfigError
 from llada_trm.io import atomic_directory, remove_directory, write_text_atomic
 from llada_trm.model.llada import LLaDAModel

@@ -14,11 +14,11 @@ from typing import Any
 
 import torch
 
-from llada_trm.data import GSM8KRecord, SFTDataset, prompt_batch, special_token_ids
 from llada_trm.data.arithmetic import parse_arithmetic
-from llada_trm.data.gsm8k import DataError
+from llada_trm.data.collate import SFTDataset, prompt_batch
+from llada_trm.data.gsm8k import DataError, GSM8KRecord
 from llada_trm.data.synthetic import OPERATIONS
-from llada_trm.data.tokenizer import decode_generated, digit_token_ids
+from llada_trm.data.tokenizer import decode_generated, digit_token_ids, special_token_ids
 from llada_trm.diffusion.forward_process import forward_process, masked_token_accuracy
 from llada_trm.diffusion.sampler import sample
 from llada_trm.evaluate.errors import error_report, parse_answer_lines
