@@ -37,11 +37,9 @@ class SamplingOptions:
     gen_length 256, block_length 8 or 32, steps = gen_length. ``batch_size`` (prompts per sampler call) and
     ``seed`` (of the run's random generator) are read by the callers that batch and seed a whole run, such
     as ``evaluate_model``; one ``sample`` call takes the batch and the generator it is given. See
-    :func:`llada_trm.diffusion.sampler.generate` for the meaning of each setting.
-
-    ``digit_order`` ``"lsd_first"`` makes a step commit a number's digits from the least significant up
-    (``unmasking.commit_step`` defines it); it needs ``digit_ids``, the tokenizer's ten digit tokens, which
-    ``evaluate_model`` fills in. ``"confidence"`` (default) is LLaDA's order, untouched.
+    :func:`llada_trm.diffusion.sampler.generate_with_stats` for the meaning of each setting.
+    ``digit_order="lsd_first"`` (``sampler.commit_step``) needs ``digit_ids``, the tokenizer's ten digit
+    tokens, which ``evaluate_model`` fills in.
     """
 
     steps: int = 64

@@ -1,15 +1,10 @@
-"""Reading and writing LLaDA checkpoints in the Hugging Face layout.
+"""Reading and writing LLaDA checkpoints in the Hugging Face layout (`config.json` and `model.safetensors`,
+or shards listed by `model.safetensors.index.json`).
 
-A checkpoint directory holds `config.json` and either `model.safetensors` or shards listed by
-`model.safetensors.index.json` (`{"metadata": {"total_size": ...}, "weight_map": {key: shard}}`).
-
-Loading is streamed: the model is built on the meta device and every tensor is read from its shard and put in
-place on its own, so peak memory is one copy of the weights (LLaDA-8B is 16 GB in bf16). All key names and
-shapes are checked against the model before any tensor is read, and every mismatch is reported in one error.
-
-Saving writes every file under a temporary name first and renames them into place, removing the old entry
-point (`model.safetensors` / the index) before and writing the new one last: a crash leaves either the old
-checkpoint, the new one, or a directory that fails to load with a clear error, never a mix of old and new.
+Loading is streamed onto a meta-device model, so peak memory is one copy of the weights (LLaDA-8B: 16 GB in
+bf16); every name and shape is checked before a tensor is read. Saving writes under temporary names and
+renames, the entry point (`model.safetensors` / the index) last: a crash leaves the old checkpoint, the new
+one, or a directory that fails to load with a clear error, never a mix.
 """
 
 from __future__ import annotations

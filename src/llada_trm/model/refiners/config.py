@@ -1,12 +1,7 @@
-"""The refiners' configs, each knob declared and validated once.
-
-`SlotSettings` / `MLPSettings` are what a run sets (the `slot:` / `mlp:` sections of a run config and of
-`HybridConfig`): the few knobs a study varied (the update scale both share is `HybridConfig.delta_scale`).
-`SlotConfig` / `MLPRefinerConfig` are what a refiner is built
-from: those knobs, the fields the hybrid model derives (`d_model` and `context_dim` from the backbone,
-`num_steps` from `max_recursive_steps`) and the architecture's constants (slot widths as fractions of
-`d_inner`, block MLP ratio, gates, dropout, update clamp), which the Python API may still vary (the float64
-reference test of the slot step does) but a run config does not (`RETIRED_REFINER_SETTINGS`).
+"""The refiners' configs, each knob declared and validated once: `SlotSettings` / `MLPSettings` are what a
+run sets (`slot:` / `mlp:`); `SlotConfig` / `MLPRefinerConfig` are what a refiner is built from: those knobs,
+the fields the hybrid derives (`DERIVED_FIELDS`) and the architecture's constants, which the Python API may
+vary (the float64 slot-step test does) but a run config may not (`RETIRED_REFINER_SETTINGS`).
 """
 
 from __future__ import annotations
@@ -96,12 +91,8 @@ class _Derived(Section):
 
 
 class SlotSettings(_Settings):
-    """The slot refiner's knobs a run sets (TRM-style recursion over context, reasoning, refinement and
-    confidence slots).
-
-    d_inner: width of the refiner's own blocks and of the slots' inputs (null: min(d_model, 512)); the slot
-    widths are d_inner/2, /4, /4, /8 (`SlotConfig`). n_heads must divide d_inner; that is checked once
-    d_model is known (`SlotConfig`).
+    """The slot refiner's knobs a run sets. d_inner: width of the refiner's own blocks and of the slots'
+    inputs (null: min(d_model, 512)); n_heads must divide it (checked by `SlotConfig`, once d_model is known).
     """
 
     n_heads: PosInt = 8
@@ -110,14 +101,10 @@ class SlotSettings(_Settings):
 
 
 class SlotConfig(SlotSettings, _Derived):
-    """What `SlotTRMRefiner` is built from: `SlotSettings`, the derived fields and the architecture's
-    constants (a run config cannot change those; the Python API can), null widths resolved.
-
-    context_dim: width of external (backbone) attention contexts; a learned projection maps it to d_inner
-        when it differs. None: external contexts must already be d_inner wide.
-    d_ctx / d_reason / d_refine / d_conf: slot widths (null: d_inner/2, /4, /4, /8).
-    mlp_ratio, dropout: the refiner's transformer blocks'; delta_scale: the update's scale (a run sets it
-    for both refiners: `HybridConfig.delta_scale`); delta_clamp: the bound of each update coordinate;
+    """What `SlotTRMRefiner` is built from: `SlotSettings`, the derived fields and the constants, null widths
+    resolved. context_dim: width of the backbone's attention contexts, projected to d_inner when it differs
+    (None: they must be d_inner wide). d_ctx / d_reason / d_refine / d_conf: slot widths (null: d_inner/2,
+    /4, /4, /8). mlp_ratio, dropout: the blocks'; delta_clamp: the bound of each update coordinate;
     use_gates: a learnable sigmoid gate per slot.
     """
 
@@ -161,26 +148,17 @@ class SlotConfig(SlotSettings, _Derived):
 
 
 class MLPSettings(_Settings):
-    """The baseline refiner's knobs a run sets: a residual MLP applied K times.
-
-    Width: min(2 d_model, 1024) (`DEFAULT_MAX_HIDDEN`), or `param_budget`: a parameter count the MLP is
-    sized to (the hidden width whose count is nearest, `mlp_hidden_for_params`), or 'slot': the slot
-    refiner's count under this config's `slot:` settings (the equal-size control of the comparison; the
-    hybrid model resolves it).
-    """
+    """The baseline refiner's knobs a run sets. Width: min(2 d_model, 1024), or `param_budget`: a parameter
+    count (`mlp_hidden_for_params`), or 'slot': the slot refiner's count (the equal-size control, resolved by
+    the hybrid model)."""
 
     param_budget: PosInt | Literal["slot"] | None = None
 
 
 class MLPRefinerConfig(MLPSettings, _Derived):
     """What `RecursiveRefinementHead` is built from: `MLPSettings`, the derived fields and the constants.
-
-    Width: `hidden_dim`, or `hidden_mult` x d_model, or `param_budget` (one of them); all null =
-    min(2 d_model, 1024).
-    `hidden_mult` and a numeric `param_budget` are resolved into `hidden_dim` (= round(hidden_mult * d_model),
-    resp. `mlp_hidden_for_params`) and cleared.
-    context_dim: width of external contexts, added through a learned projection; None: no context input.
-    delta_scale: the update's scale (a run sets it for both refiners: `HybridConfig.delta_scale`).
+    Width: one of `hidden_dim`, `hidden_mult` x d_model or `param_budget`, resolved into `hidden_dim` (all
+    null: min(2 d_model, 1024)). context_dim: width of external contexts (None: no context input).
     """
 
     delta_scale: PosFloat = DELTA_SCALE

@@ -4,9 +4,8 @@
     h_next = h + delta_scale · clamp(MLP(u), -c, c)
     p      = sigmoid(head(u))            per-token confidence, reported only
 
-Unlike the slot refiner, the baseline's update is not confidence-weighted, so its confidence head receives no
-gradient from the language-modelling loss: it is a probe that a confidence-calibration loss (on
-`step_stats["confidence"]`) trains. Untrained, it reports about 0.5, which is honest: it knows nothing yet.
+The update is not confidence-weighted, so the confidence head gets no gradient from the language-modelling
+loss: it is reported only (about 0.5, untrained).
 """
 
 from __future__ import annotations
@@ -28,11 +27,8 @@ from llada_trm.model.refiners.config import MLPRefinerConfig
 
 
 class RecursiveRefinementHead(Refiner):
-    """MLP baseline refiner with the `Refiner` interface (same chunk-mask semantics and stats keys).
-
-    Build it from an `MLPRefinerConfig` or keywords: `RecursiveRefinementHead(d_model=64, num_steps=2)`.
-    Its stats have empty `slot_norms` and `gates`; `orthogonality_loss()` is zero.
-    """
+    """MLP baseline refiner, built from an `MLPRefinerConfig` or keywords (`RecursiveRefinementHead(
+    d_model=64)`); its stats have empty `slot_norms` and `gates`."""
 
     def __init__(self, config: MLPRefinerConfig | int | None = None, **overrides: Any) -> None:
         super().__init__()
