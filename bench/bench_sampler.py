@@ -51,9 +51,8 @@ from llada_trm.data.collate import prompt_batch
 from llada_trm.data.gsm8k import GSM8KRecord
 from llada_trm.data.synthetic import SyntheticTaskConfig, generate_problems
 from llada_trm.data.tokenizer import decode_generated, load_tokenizer, special_token_ids
-from llada_trm.diffusion.denoiser import add_stats
 from llada_trm.diffusion.options import SamplingOptions
-from llada_trm.diffusion.sampler import sample
+from llada_trm.diffusion.sampler import add_stats, sample
 from llada_trm.evaluate.extraction import is_correct
 from llada_trm.evaluate.loading import load_checkpoint
 from llada_trm.model.hybrid import LLaDATRMHybrid

@@ -6,7 +6,7 @@ import pytest
 import torch
 from tiny_assets import TOY_MASK, TOY_VARIANTS, toy_backbone, toy_hybrid, toy_sample
 
-from llada_trm.diffusion.steps import StepEvent
+from llada_trm.diffusion.sampler import StepEvent
 from llada_trm.model import hybrid as halting_rules
 
 

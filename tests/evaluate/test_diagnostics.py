@@ -9,7 +9,7 @@ import pytest
 import torch
 from tiny_assets import TOY_MASK, TOY_VARIANTS, toy_hybrid, toy_prompt, toy_sample
 
-from llada_trm.diffusion.steps import StepEvent
+from llada_trm.diffusion.sampler import StepEvent
 from llada_trm.evaluate.diagnostics import (
     CommitRecorder,
     answer_span,

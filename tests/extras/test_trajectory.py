@@ -10,7 +10,7 @@ import torch
 from tiny_assets import tiny_run
 
 from llada_trm.cli import main
-from llada_trm.diffusion.steps import StepEvent
+from llada_trm.diffusion.sampler import StepEvent
 from llada_trm.extras.trajectory import END_GLYPH, MASK_GLYPH, Trajectory, render_html, render_text
 
 QUESTION = "Tom has 3 apples. He buys 4 more. How many apples does he have?"

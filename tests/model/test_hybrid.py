@@ -256,8 +256,8 @@ def test_a_refining_forward_without_halting_makes_no_host_sync(monkeypatch, refi
     steps) waits for the device nowhere: stats stay 0-d tensors until someone logs them (the sampler sums them
     there too), no 'anything left?' check, the refiner steps run dense over the window's rows, and the logits
     are one LM-head pass. The old forward made 17 (slot), 11 (mlp), 13 (cascade) such calls here."""
-    from llada_trm.diffusion.denoiser import Denoiser  # noqa: PLC0415
     from llada_trm.diffusion.options import SamplingOptions
+    from llada_trm.diffusion.sampler import Denoiser  # noqa: PLC0415
 
     kinds = {"refiner": refiner} if integration == "replace" else {"integration": "cascade"}
     model = make_model(**kinds, halting="none", chunk_selection="all", max_recursive_steps=4)

@@ -1,25 +1,374 @@
 """LLaDA's reverse process: start from an all-mask answer and un-mask it block by block.
 
 With the defaults this is token-identical to ``generate`` in ML-GSAI/LLaDA, random draws included;
-``threshold`` and ``cache`` switch to Fast-dLLM's decoding. :func:`sample` is the one entry point;
-``Denoiser`` owns the model call, ``commit_step`` the choice of tokens, one block decoder per mode (LLaDA's,
-Fast-dLLM's threshold and cached ones) the steps of a block.
+``threshold`` and ``cache`` switch to Fast-dLLM's decoding. :func:`sample` is the one entry point; in order
+below: the per-step hook (`StepEvent`), the model call (`Denoiser`), one step's choice of tokens
+(`commit_step`), one block decoder per mode (LLaDA's, Fast-dLLM's threshold and cached ones), the loop.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol, TypeGuard
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from llada_trm.diffusion.denoiser import Denoiser
 from llada_trm.diffusion.options import LLADA_EOS_ID, LLADA_EOT_ID, LLADA_MASK_ID, SamplingOptions
-from llada_trm.diffusion.steps import StepCallback, StepObserver, model_chunk_size, report_commit
+
+# The per-step hook: ``sample(..., on_step=callback)`` calls ``callback(StepEvent)`` once per denoising step
+# (one model call and one commit), in every variant; without a callback none of it runs. Chunks are the
+# hybrid's, anchored at absolute positions of prompt + answer.
+
+
+@dataclass(frozen=True)
+class StepEvent:
+    """One denoising step of a batch [B] with answers of G = gen_length tokens.
+
+    ``committed`` [B, G] bool: the positions un-masked by this step; ``tokens`` [B, G]: the answers after it
+    (``mask_id`` where still masked); ``confidence`` [B, G]: the score each committed token won its place with
+    (its probability; a random number under ``remasking="random"``), NaN elsewhere. ``chunks_refined`` /
+    ``chunks_halted`` [B, C] bool over every chunk of the sequence: the chunks the step's model call refined,
+    and those of them that stopped before the last recursive step; None for a model without a refiner.
+    ``base_tokens`` [B, G]: the backbone's own choice at each position of the block being denoised, the
+    argmax of the ``base_logits`` a refining model returns beside its refined logits (under classifier-free
+    guidance the guided backbone logits; with ``logits_eos_inf`` EOS excluded, as the sampler excludes it),
+    -1 elsewhere; None for a model that reports no ``base_logits``. Where a chunk was not refined it equals
+    the greedy commit; where one was, a differing commit is the refiner's doing.
+    """
+
+    block: int
+    step: int
+    committed: Tensor
+    tokens: Tensor
+    confidence: Tensor
+    mask_id: int
+    prompt_length: int
+    chunk_size: int | None = None
+    chunks_refined: Tensor | None = None
+    chunks_halted: Tensor | None = None
+    base_tokens: Tensor | None = None
+
+    def commits(self, row: int = 0) -> list[tuple[int, int, float]]:
+        """(answer position, token id, confidence) of each token row ``row`` committed at this step."""
+        positions = self.committed[row].nonzero().flatten().tolist()
+        tokens, confidence = self.tokens[row].tolist(), self.confidence[row].tolist()
+        return [(p, tokens[p], confidence[p]) for p in positions]
+
+    def chunk_spans(self, which: str = "refined", row: int = 0) -> list[tuple[int, int]]:
+        """The answer positions [start, end) of each chunk of row ``row`` that was ``refined`` or ``halted``
+        (a chunk straddling the prompt is clipped to the answer)."""
+        chunks = self.chunks_refined if which == "refined" else self.chunks_halted
+        if chunks is None or self.chunk_size is None:
+            return []
+        length = self.tokens.shape[1]
+        spans = []
+        for chunk in chunks[row].nonzero().flatten().tolist():
+            start = max(chunk * self.chunk_size - self.prompt_length, 0)
+            end = min((chunk + 1) * self.chunk_size - self.prompt_length, length)
+            if start < end:
+                spans.append((start, end))
+        return spans
+
+
+StepCallback = Callable[[StepEvent], None]
+
+
+def model_chunk_size(model: Any) -> int | None:
+    """The hybrid's ``config.chunk_size`` (through a DDP-style ``.module``), or a wrapper's own
+    ``chunk_size`` (the evaluator's counting model); None for any other model."""
+    model = getattr(model, "module", model)
+    size = getattr(model, "chunk_size", None)
+    if size is None:
+        size = getattr(getattr(model, "config", None), "chunk_size", None)
+    return size if isinstance(size, int) and not isinstance(size, bool) else None
+
+
+class StepObserver:
+    """Turns the sampler's commits into :class:`StepEvent` calls: ``model_output`` keeps the chunk statistics
+    and the backbone's argmax of the latest model call, ``committed`` reports the commit that follows."""
+
+    def __init__(
+        self, callback: StepCallback, prompt_length: int, mask_id: int, chunk_size: int | None
+    ) -> None:
+        self.callback = callback
+        self.prompt_length = prompt_length
+        self.mask_id = mask_id
+        self.chunk_size = chunk_size
+        self.block = 0
+        self.step = 0
+        self._chunks: tuple[Tensor, Tensor] | None = None
+        self._base: tuple[int, Tensor] | None = None
+
+    def start_block(self, block: int) -> None:
+        self.block, self.step = block, 0
+
+    def model_output(
+        self,
+        stats: Mapping[str, Any] | None,
+        start: int,
+        batch: int,
+        length: int,
+        base_tokens: Tensor | None = None,
+    ) -> None:
+        """Record which chunks a call on the window at ``start`` refined and halted, for the conditional
+        rows (the first ``batch``: under CFG the unconditional copies follow), and the backbone's argmax
+        ``base_tokens`` [batch, W] of the window (None: the model reported no base logits)."""
+        self._base = None if base_tokens is None else (start, base_tokens)
+        steps = (stats or {}).get("steps_per_chunk")
+        halted = (stats or {}).get("halted_per_chunk")
+        if self.chunk_size is None or not isinstance(steps, Tensor):
+            self._chunks = None
+            return
+        total = -(-length // self.chunk_size)
+        first = start // self.chunk_size
+        refined_all = torch.zeros(batch, total, dtype=torch.bool)
+        halted_all = torch.zeros(batch, total, dtype=torch.bool)
+        columns = slice(first, first + steps.shape[1])
+        refined_all[:, columns] = steps[:batch].cpu() > 0
+        if isinstance(halted, Tensor):
+            halted_all[:, columns] = halted[:batch].cpu().bool()
+        self._chunks = (refined_all, halted_all)
+
+    def committed(self, x: Tensor, start: int, transfer: Tensor, confidence: Tensor) -> None:
+        """Report that ``transfer`` [B, W] (scores ``confidence``) of the window ``x[:, start:start+W]``
+        were just un-masked."""
+        batch, length = x.shape
+        width = transfer.shape[1]
+        full = torch.zeros(batch, length, dtype=torch.bool, device=x.device)
+        full[:, start : start + width] = transfer
+        scores = torch.full((batch, length), float("nan"), device=x.device)
+        scores[:, start : start + width] = torch.where(transfer, confidence.float(), float("nan"))
+        chunks = self._chunks
+        base = None
+        if self._base is not None:
+            base_start, window = self._base
+            base = torch.full((batch, length), -1, dtype=torch.long, device=window.device)
+            base[:, base_start : base_start + window.shape[1]] = window
+            base = base[:, self.prompt_length :].cpu()
+        self.callback(
+            StepEvent(
+                block=self.block,
+                step=self.step,
+                committed=full[:, self.prompt_length :].cpu(),
+                tokens=x[:, self.prompt_length :].detach().cpu().clone(),
+                confidence=scores[:, self.prompt_length :].cpu(),
+                mask_id=self.mask_id,
+                prompt_length=self.prompt_length,
+                chunk_size=self.chunk_size if chunks is not None else None,
+                chunks_refined=None if chunks is None else chunks[0],
+                chunks_halted=None if chunks is None else chunks[1],
+                base_tokens=base,
+            )
+        )
+        self.step += 1
+        self._chunks = None
+        self._base = None
+
+
+def report_commit(
+    observer: StepObserver | None, x: Tensor, start: int, committed: tuple[Tensor, Tensor]
+) -> None:
+    """The block decoders' one line after each commit: nothing at all when the sampler is not observed."""
+    if observer is not None:
+        observer.committed(x, start, *committed)
+
+
+# The model call: classifier-free guidance, KV-cache windows, NFE count and the model's statistics.
+
+
+class MaskedRefiner(Protocol):
+    """A model told which positions to refine: ``model(x, attention_mask=..., masked=[B, L] bool)``; declared
+    explicitly (a forward that merely has a ``masked`` parameter is called like any other model)."""
+
+    refines_masked_positions: bool
+
+    def __call__(self, input_ids: Tensor, attention_mask: Tensor | None = None, **kwargs: Any) -> Any: ...
+
+
+def refines_masked_positions(model: Any) -> TypeGuard[MaskedRefiner]:
+    """Whether ``model`` (or the module inside a DDP-style ``.module`` wrapper) declares the protocol."""
+    return getattr(getattr(model, "module", model), "refines_masked_positions", False) is True
+
+
+def scalar_stats(stats: Mapping[str, Any] | None, on_device: bool = False) -> dict[str, Any]:
+    """One call's statistics that are single numbers, as floats; per-chunk tensors and text cannot be summed
+    over calls and are left out. `on_device`: one-element tensors stay (float32, 0-d) tensors, so that
+    recording them makes no host sync; `floats` converts the sums once, at the end."""
+    numbers: dict[str, Any] = {}
+    for key, value in (stats or {}).items():
+        if isinstance(value, bool | int | float):
+            numbers[key] = float(value)
+        elif isinstance(value, Tensor) and value.numel() == 1:
+            number = value.detach().reshape(())
+            if not on_device:
+                numbers[key] = float(number.item())
+            else:  # summed over many calls: in double precision, as Python floats would be (MPS has none)
+                numbers[key] = number.to(torch.float32 if number.device.type == "mps" else torch.float64)
+    return numbers
+
+
+def floats(numbers: Mapping[str, Any]) -> dict[str, float]:
+    """`scalar_stats(..., on_device=True)` values (or their sums over calls) as floats, read at the end."""
+    return {key: v.item() if isinstance(v, Tensor) else float(v) for key, v in numbers.items()}
+
+
+def add_stats(totals: dict[str, Any], more: Mapping[str, Any]) -> None:
+    """Add ``more`` into ``totals`` key by key (a key new to ``totals`` starts at 0)."""
+    for key, value in more.items():
+        totals[key] = totals.get(key, 0.0) + value
+
+
+class Denoiser:
+    """One model evaluation per denoising step. LLaDA's unsupervised CFG runs the conditional and the
+    unconditional (prompt masked) copies as one batch of 2B: one NFE per step, as in the reference. ``block``
+    (absolute start, end) is the block being denoised, whose masked positions a refining model refines;
+    ``observer`` (the per-step hook, or None) sees each call's chunk statistics and backbone argmax."""
+
+    def __init__(
+        self,
+        model: Any,
+        attention_mask: Tensor | None,
+        prompt_index: Tensor,
+        options: SamplingOptions,
+        observer: StepObserver | None = None,
+    ) -> None:
+        self.model = model
+        self.attention_mask = attention_mask
+        self.prompt_index = prompt_index
+        self.cfg_scale = options.cfg_scale
+        self.mask_id = options.mask_id
+        self.forbidden = options.eos_id if options.logits_eos_inf else None  # the column the sampler drops
+        self.refines = refines_masked_positions(model)
+        self.block: tuple[int, int] | None = None
+        self.nfe = 0
+        self._totals: dict[str, Any] = {}  # floats, or 0-d tensors summed on the device (no sync per call)
+        self.stats_calls: dict[str, int] = {}
+        self.observer = observer
+        self.last_stats: Mapping[str, Any] | None = None
+        self.last_base: Tensor | None = None  # the latest call's base_logits (kept only when observed)
+
+    @property
+    def stats_total(self) -> dict[str, float]:
+        """Sum over the calls of each statistic (read at the end: it waits for the device once)."""
+        return floats(self._totals)
+
+    @property
+    def stats_mean(self) -> dict[str, float]:
+        """Per-call mean of each statistic, over the calls that reported it."""
+        return {key: total / self.stats_calls[key] for key, total in self.stats_total.items()}
+
+    def _record(self, stats: Mapping[str, Any] | None) -> None:
+        self.last_stats = stats
+        numbers = scalar_stats(stats, on_device=True)
+        add_stats(self._totals, numbers)
+        for key in numbers:
+            self.stats_calls[key] = self.stats_calls.get(key, 0) + 1
+
+    def _refine_mask(self, window: Tensor, start: int) -> dict[str, Tensor]:
+        if not self.refines or self.block is None:
+            return {}
+        positions = torch.arange(start, start + window.shape[1], device=window.device)
+        in_block = (positions >= self.block[0]) & (positions < self.block[1])
+        return {"masked": (window == self.mask_id) & in_block}
+
+    def _call(self, x: Tensor, attention_mask: Tensor | None, kwargs: dict[str, Any]) -> tuple[Tensor, Any]:
+        output = self.model(x, attention_mask=attention_mask, **kwargs)
+        self.nfe += 1
+        self.last_base = None
+        if isinstance(output, Tensor):
+            self._record(None)
+            return output, None
+        if isinstance(output, Mapping):
+            self._record(output.get("stats"))
+            if self.observer is not None:
+                self.last_base = output.get("base_logits")
+            return output["logits"], output.get("past_key_values")
+        self._record(getattr(output, "stats", None))
+        if self.observer is not None:
+            self.last_base = getattr(output, "base_logits", None)
+        return output.logits, getattr(output, "past_key_values", None)
+
+    def __call__(self, x: Tensor) -> Tensor:
+        """Logits [B, L, V] of the whole sequence (no cache)."""
+        return self.run(x)[0]
+
+    def run(
+        self,
+        x: Tensor,
+        *,
+        build_cache: bool = False,
+        cache: Any = None,
+        start: int = 0,
+        end: int | None = None,
+    ) -> tuple[Tensor, Any]:
+        """Logits of positions ``start:end`` of ``x``, and the model's cache when ``build_cache``.
+
+        With ``cache`` the model runs only on that window, as ``model(x[:, start:end], attention_mask=...,
+        past_key_values=cache, cache_position=start)``; ``build_cache`` asks for ``use_cache=True`` on a full
+        call. Without either option the model is called exactly as LLaDA's sampler calls it.
+        """
+        cache_kwargs: dict[str, Any] = {}
+        if build_cache:
+            cache_kwargs["use_cache"] = True
+        if cache is not None:
+            cache_kwargs.update(past_key_values=cache, cache_position=start)
+        window = x[:, start:end]
+        cache_kwargs.update(self._refine_mask(window, start))
+        attention_mask = None if self.attention_mask is None else self.attention_mask[:, start:end]
+        if self.cfg_scale <= 0:
+            logits, new_cache = self._call(window, attention_mask, cache_kwargs)
+            self._observe(x, start)
+            return logits, new_cache
+        unconditional = x.clone()
+        unconditional[self.prompt_index] = self.mask_id
+        if attention_mask is not None:
+            attention_mask = torch.cat([attention_mask, attention_mask], dim=0)
+        if "masked" in cache_kwargs:  # the prompt is outside the block: both copies refine the same positions
+            cache_kwargs["masked"] = torch.cat([cache_kwargs["masked"]] * 2, dim=0)
+        both = torch.cat([window, unconditional[:, start:end]], dim=0)
+        logits, new_cache = self._call(both, attention_mask, cache_kwargs)
+        self._observe(x, start)
+        return self._guided(logits), new_cache
+
+    def _guided(self, logits: Tensor) -> Tensor:
+        """LLaDA's unsupervised CFG of a [2B, ...] conditional + unconditional batch."""
+        cond_logits, uncond_logits = torch.chunk(logits, 2, dim=0)
+        return uncond_logits + (self.cfg_scale + 1) * (cond_logits - uncond_logits)
+
+    def _observe(self, x: Tensor, start: int) -> None:
+        """Hand the latest call's chunk statistics, and the backbone's own argmax when the model returned
+        ``base_logits`` (guided like the logits, EOS dropped as the sampler drops it), to the per-step
+        observer, when there is one."""
+        if self.observer is None:
+            return
+        base_tokens = None
+        if isinstance(self.last_base, Tensor):
+            base_tokens = self._base_tokens(self.last_base, start)
+        self.last_base = None
+        self.observer.model_output(
+            self.last_stats, start, self.prompt_index.shape[0], x.shape[1], base_tokens=base_tokens
+        )
+
+    def _base_tokens(self, base: Tensor, start: int) -> Tensor:
+        """The backbone's argmax [B, W] of a window at ``start``, over the block being denoised only (the
+        only positions a step commits; -1 elsewhere), so the hook reads V logits per block position."""
+        width = base.shape[1]
+        lo, hi = 0, width
+        if self.block is not None:
+            lo, hi = max(self.block[0] - start, 0), max(min(self.block[1] - start, width), 0)
+        tokens = torch.full((self.prompt_index.shape[0], width), -1, dtype=torch.long, device=base.device)
+        if hi > lo:
+            part = base[:, lo:hi]
+            part = self._guided(part) if self.cfg_scale > 0 else part
+            if self.forbidden is not None:
+                part = part.index_fill(-1, torch.tensor([self.forbidden], device=part.device), -torch.inf)
+            tokens[:, lo:hi] = part.argmax(dim=-1)
+        return tokens
+
 
 BlockDecoder = Callable[[Tensor, Denoiser, int, int, SamplingOptions, torch.Generator | None], None]
 
@@ -388,7 +737,7 @@ def sample(
 
     See :func:`generate_with_stats` for the model, prompt, attention mask and every option. ``generator``
     drives the Gumbel noise and random remasking (default: torch's global one). ``on_step`` is called after
-    every denoising step with a :class:`~llada_trm.diffusion.steps.StepEvent`; it does not change the samples.
+    every denoising step with a :class:`StepEvent`; it does not change the samples.
     """
     _check_inputs(prompt, attention_mask)
     _check_mask_id(model, options.mask_id)
@@ -449,7 +798,7 @@ def generate_with_stats(  # noqa: PLR0913 - LLaDA's public argument list, kept f
     Args:
         model: ``model(input_ids, attention_mask=None)`` returning logits [B, L, V], or an object (or dict)
             with ``.logits`` and optionally ``.stats``. A model that declares ``refines_masked_positions =
-            True`` (``LLaDATRMHybrid``; see ``diffusion.denoiser.MaskedRefiner``) also gets ``masked`` [B, L],
+            True`` (``LLaDATRMHybrid``; see ``MaskedRefiner``) also gets ``masked`` [B, L],
             the masked positions of the current block: the sampler reads no other prediction, so the refiner
             spends nothing on the rest.
         prompt: [B, prompt_len] ids; a batch of different lengths is left-padded (pad id != ``mask_id``).

@@ -47,7 +47,7 @@ import torch
 
 from llada_trm.data.gsm8k import DataError
 from llada_trm.data.synthetic import parse_solution
-from llada_trm.diffusion.steps import StepEvent
+from llada_trm.diffusion.sampler import StepEvent
 from llada_trm.evaluate.errors import CATEGORIES, first_deviation
 from llada_trm.evaluate.statistics import proportion
 

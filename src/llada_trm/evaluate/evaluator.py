@@ -44,10 +44,8 @@ from llada_trm.data.collate import encode_prompt, prompt_batch
 from llada_trm.data.gsm8k import DataError, GSM8KRecord, apply_split, load_gsm8k, parse_split
 from llada_trm.data.synthetic import SPLITS, SyntheticTaskConfig
 from llada_trm.data.tokenizer import decode_generated, digit_token_ids, special_token_ids
-from llada_trm.diffusion.denoiser import add_stats, refines_masked_positions
 from llada_trm.diffusion.options import SamplingOptions
-from llada_trm.diffusion.sampler import sample
-from llada_trm.diffusion.steps import StepCallback
+from llada_trm.diffusion.sampler import StepCallback, add_stats, refines_masked_positions, sample
 from llada_trm.dist_utils import gather_objects, is_main_process, shard_indices
 from llada_trm.evaluate import diagnostics as diag
 from llada_trm.evaluate.extraction import extract_flexible, extract_strict
@@ -663,7 +661,7 @@ def answer_questions(
     on_step: StepCallback | None = None,
 ) -> Answers:
     """Sample an answer to every question (a bare string counts as one) under `options`; `on_step` is the
-    sampler's per-step hook (`diffusion.steps.StepEvent`, rows of each batch in order)."""
+    sampler's per-step hook (`diffusion.sampler.StepEvent`, rows of each batch in order)."""
     listed = _questions(questions)
     check_lengths(model, tokenizer, [GSM8KRecord(question=q, answer="") for q in listed], options)
     counting, sampling = sampling_setup(model, tokenizer, options, num_steps)

@@ -1,6 +1,6 @@
 """A denoising trajectory, readable: `llada-trm generate --show-steps` (text) and `--html FILE` (a page).
 
-`Trajectory` is an `on_step` callback for the sampler (``diffusion.steps``): it keeps, for one answer (row 0),
+`Trajectory` is an `on_step` callback of ``diffusion.sampler``: it keeps, for one answer (row 0),
 what each step committed and which chunks the refiner refined and halted. `render_text` prints each step as
 the answer so far (masks as ``░``, end-of-text tokens as ``·``); `render_html` writes one self-contained page:
 the answer coloured by the step that committed each token, and a grid of steps x answer positions.
@@ -12,7 +12,7 @@ import html
 from dataclasses import dataclass, field
 from typing import Any
 
-from llada_trm.diffusion.steps import StepEvent
+from llada_trm.diffusion.sampler import StepEvent
 
 __all__ = ["MASK_GLYPH", "END_GLYPH", "Step", "Trajectory", "render_html", "render_text", "text_legend"]
 

@@ -267,7 +267,7 @@ PREFIX = "refinement_head."
 class LLaDATRMHybrid(nn.Module):
     """Backbone (`backbone`) plus recursive refiners (`refinement_head`, ModuleDict keyed 'mlp'/'slot')."""
 
-    # The sampler's protocol (llada_trm.diffusion.denoiser.MaskedRefiner): it passes `masked`, the positions
+    # The sampler's protocol (llada_trm.diffusion.sampler.MaskedRefiner): it passes `masked`, the positions
     # whose predictions it reads, so the refiner works on those only.
     refines_masked_positions = True
 
