@@ -25,7 +25,7 @@ read here, with `model.backbone` set to the directory itself; `llada_trm.extras.
                           `data` (the run's data section less its path: the generated task's knobs),
                           `refiner_file`, and `source` (the run's phase and step, no paths)
     model.safetensors     the backbone, trained tensors of phases 2/3 included (or HF shards + index)
-    refiner.safetensors   the refiners (`model.refiner_weights`; records this backbone's fingerprint)
+    refiner.safetensors   the refiners (`model.hybrid.save_refiner`; records the backbone fingerprint)
     tokenizer.json, tokenizer_config.json, special_tokens_map.json
     README.md             the model card with the run's measured table
 

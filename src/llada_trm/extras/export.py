@@ -36,8 +36,8 @@ from llada_trm.errors import CheckpointError, UserError
 from llada_trm.evaluate.loading import EXPORT_FORMAT, EXPORT_KEY, REFINER_FILE, LoadedModel, load_checkpoint
 from llada_trm.io import atomic_directory, dtype_named, write_json, write_text_atomic
 from llada_trm.model.fingerprint import FINGERPRINT_KEY, directory_fingerprint, short
+from llada_trm.model.hybrid import write_refiner_weights
 from llada_trm.model.llada_weights import CONFIG_NAME, save_state_dict, stored_dtype
-from llada_trm.model.refiner_weights import write_refiner_weights
 from llada_trm.run_checkpoint import WEIGHTS_FILE, load_trainer_state, read_run_config, resolve_checkpoint_dir
 from llada_trm.training.run_dir import archive_run_dir
 

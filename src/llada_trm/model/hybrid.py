@@ -14,20 +14,22 @@ docs/architecture.md (`llada_trm.model.hybrid`) has the long story.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from llada_trm.errors import ConfigError
-from llada_trm.model.fingerprint import model_fingerprint
+from llada_trm.errors import CheckpointError, ConfigError
+from llada_trm.io import atomic_path
+from llada_trm.model.fingerprint import FINGERPRINT_KEY, check_fingerprint, model_fingerprint
 from llada_trm.model.hybrid_config import ACTIVE_CHOICES, MAX_RECURSIVE_STEPS, HybridConfig
 from llada_trm.model.llada import KVCache, LLaDAModel
 from llada_trm.model.llada_weights import read_config
-from llada_trm.model.refiner_weights import read_refiner_weights, write_refiner_weights
 from llada_trm.model.refiners import build_refiner, slot_parameter_count
 from llada_trm.model.refiners.base import Refiner, StatsAccumulator
 
@@ -611,3 +613,81 @@ class LLaDATRMHybrid(nn.Module):
             allow_backbone_mismatch=allow_backbone_mismatch,
         )
         self.refinement_head.load_state_dict({name[len(PREFIX):]: t for name, t in stored.items()})
+
+
+# The refiners' weights file (`save_refiner` / `load_refiner`, and run exports): only the
+# `refinement_head.*` tensors, written atomically with the integration, the refiner kinds and the backbone's
+# fingerprint as metadata; read back only onto the same names, shapes and backbone.
+
+
+def write_refiner_weights(
+    path: str | Path,
+    state: Mapping[str, Tensor],
+    *,
+    integration: str,
+    refiners: Sequence[str],
+    backbone_fingerprint: str,
+) -> Path:
+    """`state` (the refiners' tensors under their full names) to safetensors at `path`, recording the
+    fingerprint of the backbone they were trained on."""
+    path = Path(path)
+    tensors = {name: t.detach().contiguous().cpu() for name, t in state.items()}
+    if not tensors:
+        raise ValueError("this model has no refiner (refiner='none'); there is nothing to save")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    metadata = {
+        "integration": integration,
+        "refiners": ",".join(refiners),
+        FINGERPRINT_KEY: backbone_fingerprint,
+    }
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata=metadata)
+    return path
+
+
+def read_refiner_weights(
+    path: str | Path,
+    expected: Mapping[str, Tensor],
+    refiners: Sequence[str],
+    *,
+    backbone_fingerprint: str,
+    allow_backbone_mismatch: bool = False,
+) -> dict[str, Tensor]:
+    """The tensors at `path`, refused unless their names and shapes are `expected`'s (the model's) and
+    the backbone they record is `backbone_fingerprint` (the model's)."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"refiner weights {path} not found")
+    with safe_open(str(path), framework="pt", device="cpu") as f:
+        recorded = (f.metadata() or {}).get(FINGERPRINT_KEY)
+        check_fingerprint(
+            recorded,
+            backbone_fingerprint,
+            what=f"refiner weights {path}",
+            backbone="this model's backbone",
+            allow_mismatch=allow_backbone_mismatch,
+        )
+        stored = {name: f.get_tensor(name) for name in f.keys()}
+    missing = sorted(set(expected) - set(stored))
+    unexpected = sorted(set(stored) - set(expected))
+    if missing or unexpected:
+        raise CheckpointError(
+            f"refiner weights {path} do not match this model's refiners "
+            f"({', '.join(refiners) or 'none'}): missing {missing[:5]}"
+            f"{' ...' if len(missing) > 5 else ''}, unexpected {unexpected[:5]}"
+            f"{' ...' if len(unexpected) > 5 else ''}; build the model with the HybridConfig they were "
+            "trained with"
+        )
+    bad = sorted(n for n, t in stored.items() if t.is_floating_point() and not bool(torch.isfinite(t).all()))
+    if bad:  # as a run checkpoint's are: a NaN refiner would only show up as empty or garbage answers
+        raise CheckpointError(
+            f"refiner weights {path} hold NaN/inf values in {len(bad)} tensor(s) ({', '.join(bad[:3])}"
+            f"{' ...' if len(bad) > 3 else ''}); the file is broken, export or train the run again"
+        )
+    for name, tensor in stored.items():
+        if tensor.shape != expected[name].shape:
+            raise CheckpointError(
+                f"refiner weights {path}: {name} has shape {list(tensor.shape)}, the model expects "
+                f"{list(expected[name].shape)}; build the model with the HybridConfig it was trained with"
+            )
+    return stored
