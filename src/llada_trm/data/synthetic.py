@@ -6,11 +6,9 @@ about one running amount (items, boxes or dollars): an opening sentence states i
 with one operation, phrased by one of several templates (buying, giving away, prices, comparisons, sharing,
 packing). A step's answer line is written by `result_line` and read back by `parse_solution`.
 
-Splits never share a question: a stable SHA-256 bucket of the question text decides its split. The first
-``test_fraction`` of the buckets are held out from training; their lower half is ``validation`` (what the
-trainer validates on and picks ``best`` by) and their upper half ``test`` (what ``compare`` and ``eval``
-report), so train, validation and test are disjoint by construction. The train split is the one the
-embedded backbone was pre-trained on; halving the held-out buckets left it unchanged.
+Splits are disjoint by construction: a SHA-256 bucket of the question text decides its split
+(`question_split`); the first ``test_fraction`` of the buckets are held out, their lower half ``validation``
+and their upper half ``test``. The train split is the one the embedded backbone was pre-trained on.
 """
 
 from __future__ import annotations

@@ -322,11 +322,8 @@ class LLaDATRMHybrid(nn.Module):
         dtype: torch.dtype | str | None = None,
         device: str | torch.device | None = None,
     ) -> LLaDATRMHybrid:
-        """Load the backbone from a LLaDA-layout directory and build fresh refiners beside it.
-
-        The backbone takes `dtype`; the refiners stay float32 (they cast their inputs), so the small trained
-        part keeps full-precision weights even next to a bf16 backbone.
-        """
+        """Load the backbone from a LLaDA-layout directory (in `dtype`) and build fresh refiners beside it;
+        the refiners stay float32 (they cast their inputs), full precision even next to a bf16 backbone."""
         if config is not None:  # sizes the backbone cannot take fail before its weights load
             config.check_backbone(read_config(backbone_dir))
         backbone = LLaDAModel.from_pretrained(backbone_dir, dtype=dtype, device=device)
@@ -368,11 +365,8 @@ class LLaDATRMHybrid(nn.Module):
         use_cache: bool = False,
         cache_position: int | None = None,
     ) -> BackboneFeatures:
-        """Run the backbone. Without trainable backbone parameters no graph is built through it.
-
-        The cache arguments are the backbone's (`LLaDAModel.forward`): with `past_key_values` the features
-        cover only `input_ids`, which sit at absolute position `cache_position` (default: the cache's end).
-        """
+        """Run the backbone (no graph through it without trainable backbone parameters); the cache arguments
+        are `LLaDAModel.forward`'s."""
         # Under no_grad (sampling) there is nothing to decide: skip the walk over the backbone's parameters.
         grad = torch.is_grad_enabled() and any(p.requires_grad for p in self.backbone.parameters())
         with torch.set_grad_enabled(grad):
@@ -414,11 +408,8 @@ class LLaDATRMHybrid(nn.Module):
         use_cache: bool = False,
         cache_position: int | None = None,
     ) -> HybridOutput:
-        """`refine(features(input_ids, attention_mask), masked)`; masked defaults to input_ids == mask_id.
-
-        With `past_key_values` (see `features`) the backbone and then the refiner run on `input_ids` only, a
-        window of the sequence; `use_cache=True` returns the backbone's cache as `past_key_values`.
-        """
+        """`refine(features(input_ids, attention_mask, ...), masked)`, masked defaulting to the mask tokens;
+        with `past_key_values` the backbone and the refiner run on `input_ids` only (a window)."""
         features = self.features(
             input_ids,
             attention_mask,

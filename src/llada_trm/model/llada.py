@@ -125,13 +125,8 @@ class KVCache:
 
 @dataclass
 class BackboneOutput:
-    """What one backbone pass returns.
-
-    `attention_contexts[i]` is block i's concatenated head outputs (attn @ V, the input of its `attn_out`),
-    keyed by the layer index exactly as the caller passed it (so `-1` stays `-1`). With a cache, every tensor
-    covers only the positions that were run. `past_key_values` is the cache of every attended position
-    (cached and new), returned when `use_cache=True`.
-    """
+    """What one backbone pass returns: `attention_contexts[i]` is block i's concatenated head outputs (attn @
+    V, the input of its `attn_out`), keyed by the layer index as the caller passed it (`-1` stays `-1`)."""
 
     logits: torch.Tensor | None
     hidden_states: torch.Tensor
@@ -378,12 +373,10 @@ class LLaDAModel(nn.Module):
     ) -> BackboneOutput:
         """Run on token ids [B, L]; `attention_mask` [B, L] has 1 for real tokens, 0 for padding.
 
-        Cached sampling (see `KVCache`): with `past_key_values`, `input_ids` are the tokens at
-        absolute positions `cache_position .. cache_position+L-1` (default: right after the cached ones, a
-        prefix cache); they attend to the cached keys outside that window plus their own, and cached entries
-        inside the window are replaced (a dual cache). `attention_mask` still covers only `input_ids`; the
-        cache remembers the padding of its own positions. Every output covers only the L positions run.
-        `use_cache=True` also returns `past_key_values`: the cache of all attended positions.
+        With `past_key_values` (`KVCache`), `input_ids` sit at absolute positions `cache_position..+L-1`
+        (default: right after the cache) and attend to the cached keys around them plus their own;
+        `attention_mask` covers only `input_ids`, and every output only the L positions run. `use_cache=True`
+        also returns `past_key_values`: the cache of all attended positions.
         """
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be [batch, length], got shape {tuple(input_ids.shape)}")
