@@ -224,7 +224,7 @@ class SpecialTokenIds:
 def _token_id(tokenizer: PreTrainedTokenizerBase, token: str) -> int:
     token_id = tokenizer.convert_tokens_to_ids(token)
     if token_id is None or token_id == tokenizer.unk_token_id or not isinstance(token_id, int):
-        raise ValueError(f"tokenizer has no {token} token; build it with llada_trm.data.build_tokenizer")
+        raise ValueError(f"tokenizer has no {token} token; build it with llada_trm.build_tokenizer")
     return token_id
 
 
