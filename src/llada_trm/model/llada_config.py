@@ -261,8 +261,10 @@ class LLaDAConfig:
         return {**self.to_dict(), "architectures": ["LLaDAModelLM"], "model_type": "llada"}
 
     def save(self, path: str | Path) -> None:
-        """Write as a LLaDA-style config.json."""
-        Path(path).write_text(json.dumps(self.to_llada_json_dict(), indent=2, sort_keys=True) + "\n")
+        """Write as a LLaDA-style config.json (atomically)."""
+        from llada_trm.io import write_text_atomic  # imports torch, which reading a config does not need
+
+        write_text_atomic(path, json.dumps(self.to_llada_json_dict(), indent=2, sort_keys=True) + "\n")
 
     # ------------------------------------------------------------------ presets
     @classmethod
