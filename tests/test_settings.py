@@ -489,14 +489,16 @@ def test_the_synthetic_task_is_fixed_and_converts():
     )
 
 
-def test_the_lr_floor_and_the_ema_are_constants_pretraining_and_tests_reach():
+def test_the_lr_floor_is_a_constant_pretraining_reaches_and_the_ema_left_the_tree():
     from llada_trm.config import fixed_settings
     from llada_trm.extras.pretraining.config import PretrainConfig
 
     assert "training.min_lr_ratio" not in settings_keys() and "training.ema_decay" not in settings_keys()
-    assert (RunConfig().training.min_lr_ratio, RunConfig().training.ema_decay) == (0.0, 0.0)
-    old = convert_config({"training": {"min_lr_ratio": 0.0, "ema_decay": 0.999}})
-    assert old.dropped == ["training.min_lr_ratio"] and "training.ema_decay=0.999 dropped" in old.warnings[0]
+    assert RunConfig().training.min_lr_ratio == 0.0 and not hasattr(RunConfig().training, "ema_decay")
+    old = convert_config({"training": {"min_lr_ratio": 0.0, "ema_decay": 0.0}})  # the EMA left the tree
+    assert sorted(old.dropped) == ["training.ema_decay", "training.min_lr_ratio"] and not old.warnings
+    with pytest.raises(ConfigError, match=r"training\.ema_decay=0\.999: this lever left the tree"):
+        convert_config({"training": {"ema_decay": 0.999}})
     pretrain = PretrainConfig()
     assert pretrain.run_constants() == {"training.min_lr_ratio": 0.1, "training.log_every": 25}
     run = pretrain.run_config(Path("backbone"))

@@ -274,12 +274,11 @@ class TrainingConfig(_Section):
     )
 
     # Fixed (retired): AdamW's and the schedule's constants (the cosine decays to 0; pretraining sets its
-    # own floor, `extras.pretraining`), forward-process rows mixed into targeted masks and the EMA of the
-    # trained weights (docs/settings.md: no gain in recipe selection; the mechanisms stay for another study:
+    # own floor, `extras.pretraining`) and forward-process rows mixed into targeted masks (docs/settings.md:
+    # no gain in recipe selection; the mechanism stays for another study:
     # `diffusion.forward_process.MaskDistribution.forward_mix`, `Trainer` with `fixed_settings`).
     warmup_ratio: ClassVar[float] = 0.05
     min_lr_ratio: ClassVar[float] = 0.0
-    ema_decay: ClassVar[float] = 0.0
     weight_decay: ClassVar[float] = 0.01
     adam_eps: ClassVar[float] = 1e-8
     adam_betas: ClassVar[tuple[float, float]] = (0.9, 0.999)
@@ -493,6 +492,7 @@ REMOVED_LEVERS: dict[str, Any] = {
     "advanced.detect_anomaly": False,
     "advanced.feature_cache_dir": None,  # the cache lives in <output.dir>/feature_cache
     "advanced.cache_dtype": "bfloat16",  # training.feature_cache.CACHE_DTYPE
+    "training.ema_decay": 0.0,  # the weights' EMA (commit e132646 has it)
 }
 
 # Settings replaced by another setting or derived from the run (issue 25): old key -> what replaces it.
@@ -562,7 +562,7 @@ def retired_settings() -> dict[str, Any]:
 
 @contextmanager
 def fixed_settings(values: Mapping[str, Any]) -> Iterator[None]:
-    """Within the block, retired settings take other values (`{"training.ema_decay": 0.999}`): the one hook
+    """Within the block, retired settings take other values (`{"output.keep_last": 2}`): the one hook
     by which a test or an experiment still reaches a retired lever's code, and by which a command applies
     its flags (`FLAGS`: `{"training.device": "cpu"}`). Process-wide (the values are class constants),
     restored on exit; a key that is not retired is a `ConfigError`."""

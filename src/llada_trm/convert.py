@@ -488,7 +488,7 @@ def _merged(base: Mapping[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
 # ------------------------------------------------------ issue 25, the cut to 50: shared, derived, flags
 # `model.{slot,mlp}.delta_scale` -> `model.delta_scale`; `model.dtype` derived; the GSM8K-style task fixed at
 # the embedded backbone's; `training.device` / `training.log_every` flags of the command (`config.FLAGS`).
-# (`training.min_lr_ratio` and `training.ema_decay` are retired constants: `_convert_run` drops or warns.)
+# (`training.min_lr_ratio` is a retired constant: `_convert_run` drops or warns.)
 
 
 def convert_second_cut(

@@ -1,4 +1,4 @@
-"""Phase-1 masks where the sampler errs (`diffusion.forward_process`), their loss weight, the weights' EMA."""
+"""Phase-1 masks where the sampler errs (`diffusion.forward_process`), their loss weight."""
 
 from __future__ import annotations
 
@@ -19,7 +19,6 @@ from llada_trm.diffusion.forward_process import (
     masked_diffusion_loss,
     probe_margins,
 )
-from llada_trm.training.loop import WeightEMA
 
 # The generated task's answer as the embedded tokenizer splits it (digits one token each).
 GENERATED = [
@@ -215,24 +214,6 @@ def test_the_loss_weight_of_targeted_masks_is_plain_cross_entropy():
     ce = F.cross_entropy(logits.reshape(-1, 9), target.reshape(-1), reduction="none").reshape(2, 6)
     hand = ((ce[0, 2] + ce[0, 3] + ce[0, 5]) / 4 + ce[1, 1] / 5) / 2
     assert float(loss) == pytest.approx(float(hand), rel=1e-6)
-
-
-def test_ema_equals_a_hand_computed_average():
-    model = torch.nn.Linear(2, 1, bias=False)
-    with torch.no_grad():
-        model.weight.copy_(torch.tensor([[1.0, 2.0]]))
-    ema = WeightEMA(model, ["weight"], decay=0.9)
-    values = [torch.tensor([[3.0, 0.0]]), torch.tensor([[-1.0, 4.0]])]
-    expected = torch.tensor([[1.0, 2.0]])
-    for value in values:
-        with torch.no_grad():
-            model.weight.copy_(value)
-        ema.update()
-        expected = 0.9 * expected + 0.1 * value
-    assert torch.allclose(ema.averaged()["weight"], expected, atol=1e-6)
-    assert torch.equal(ema.live()["weight"], values[-1])
-    with pytest.raises(ValueError, match="decay"):
-        WeightEMA(model, ["weight"], decay=1.0)
 
 
 def test_result_accuracy_counts_targets_right_in_every_masked_token():

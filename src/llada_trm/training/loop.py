@@ -14,15 +14,7 @@ directory and its lock (`training.run_dir`), checkpoint files (`llada_trm.run_ch
 `llada_trm.build` (the path every command shares). A training step runs code only here, in the objective,
 in `dist_utils` and in the model (a test counts the modules).
 
-The optimiser: AdamW over the freezing plan's groups, linear warmup then cosine decay, and optionally an
-exponential moving average of the trained weights (`WeightEMA`; TRM evaluates with one: 87.4% vs 79.9%
-without):
-
-    ema <- decay * ema + (1 - decay) * weights        after every optimizer step, starting from the weights
-
-Only the trained tensors are averaged (at LLaDA-8B scale a copy of the frozen backbone would double the
-memory). Checkpoints hold the average as the model's weights, so every reader (eval, compare, export)
-evaluates it; the live weights travel in the trainer state so that a resumed run continues bit for bit.
+The optimiser: AdamW over the freezing plan's groups, linear warmup then cosine decay.
 
 One optimizer step = `gradient_accumulation_steps` micro-batches. Logging, validation and checkpointing
 happen on optimizer-step boundaries, so a checkpoint always sits between two steps and a resumed run
@@ -144,7 +136,6 @@ __all__ = [
     "LogWindow",
     "RunParts",
     "Trainer",
-    "WeightEMA",
     "batches_to_skip",
     "build_optimizer",
     "build_scheduler",
@@ -277,7 +268,7 @@ class Trainer:
         self.total_steps = t.max_steps or self.steps_per_epoch  # null: one epoch
 
     def _setup_optimizer(self) -> None:
-        """AdamW over the plan's groups; linear warmup then cosine decay over `total_steps`; the EMA."""
+        """AdamW over the plan's groups; linear warmup then cosine decay over `total_steps`."""
         t = self.config.training
         self.warmup_steps = resolve_warmup_steps(self.total_steps, t.warmup_steps, t.warmup_ratio)
         self.optimizer = build_optimizer(
@@ -287,12 +278,6 @@ class Trainer:
             self.optimizer, warmup_steps=self.warmup_steps, total_steps=self.total_steps,
             min_ratio=t.min_lr_ratio,
         )
-        decay = t.ema_decay
-        if decay > 0 and self.strategy == "fsdp":
-            raise ConfigError(
-                "training.ema_decay averages full tensors; use advanced.distributed: ddp with it"
-            )
-        self.ema = WeightEMA(self.model, self.plan.trainable_names, decay) if decay > 0 else None
 
     def _setup_state(self) -> None:
         """Position in the run, the logging window, health checks and output paths; then the run's report."""
@@ -448,7 +433,7 @@ class Trainer:
 
     def train_step(self, batches: Iterator[Mapping[str, torch.Tensor]]) -> bool:
         """One optimizer step: the rest of the accumulation window's micro-batches from `batches` (forward +
-        backward each), then clipping, AdamW, the schedule and the EMA. False when `batches` ran out first
+        backward each), then clipping, AdamW and the schedule. False when `batches` ran out first
         (the epoch is over; the window's gradients stay accumulated, as a short window's would)."""
         accum = self.config.training.gradient_accumulation_steps
         while True:
@@ -519,8 +504,6 @@ class Trainer:
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        if self.ema is not None:
-            self.ema.update()
         self.state.step += 1
         self._window.add({"grad_norm": grad_norm})
 
@@ -616,15 +599,12 @@ class Trainer:
         the single-process one whatever the world size; the position in the epoch is also stored as a
         global example count, so that another world size can resume it. The weights are the trained
         tensors, those init_from loaded, and the whole refiner (frozen parts too: no other file holds them,
-        and evaluation requires every one); with an EMA, its average (readers evaluate it; the live weights
-        travel in the trainer state and resume the run).
+        and evaluation requires every one).
         """
         t = self.config.training
         refiner = refiner_names(dict(self.model.named_parameters()))
         names = list(dict.fromkeys([*self.plan.trainable_names, *self.init_names, *refiner]))
         weights = full_state_dict(self.model, names)
-        if self.ema is not None:
-            weights = {**weights, **self.ema.averaged()}
         optimizer = optimizer_state(self.model, self.optimizer)
         window = self._window.state_dict()
         if not is_main_process():
@@ -645,25 +625,14 @@ class Trainer:
             "phase": self.plan.phase,
             "total_steps": self.total_steps,
         }
-        if self.ema is not None:
-            trainer_state["ema_live_weights"] = self.ema.live()
         if self.masks.margins:
             trainer_state["probe_margins"] = self.masks.state_dict()
         return weights, trainer_state
 
     def load_state_dict(self, state: Mapping[str, Any], directory: Path) -> None:
-        """Continue from a checkpoint's trainer state (its weights are already loaded): the EMA, optimizer,
+        """Continue from a checkpoint's trainer state (its weights are already loaded): the optimizer,
         scheduler, RNG streams, position, health monitor and logging window (`directory`: for errors)."""
         self.masks.load_state_dict(state.get("probe_margins", {}))
-        if self.ema is not None:  # the weights file held the average; the trainer state the live weights
-            live = state.get("ema_live_weights")
-            if live is None:
-                raise CheckpointError(
-                    f"{directory}: saved without training.ema_decay; resume with ema_decay 0"
-                )
-            names = set(self.ema.names)
-            averaged = {n: p.detach().clone() for n, p in self.model.named_parameters() if n in names}
-            self.ema.restore(averaged, live)
         fresh = [{k: v for k, v in group.items() if k != "params"} for group in self.optimizer.param_groups]
         try:
             load_optimizer_state(self.model, self.optimizer, state["optimizer"])
@@ -822,40 +791,6 @@ def build_scheduler(
         return warmup_cosine(step, warmup_steps=warmup_steps, total_steps=total_steps, min_ratio=min_ratio)
 
     return LambdaLR(optimizer, factor)
-
-
-class WeightEMA:
-    """The average of `model`'s parameters named in `names` (those that train)."""
-
-    def __init__(self, model: nn.Module, names: list[str], decay: float) -> None:
-        if not 0.0 < decay < 1.0:
-            raise ValueError(f"ema decay must lie in (0, 1), got {decay}")
-        parameters = dict(model.named_parameters())
-        self.decay = decay
-        self.names = list(names)
-        self.params = [parameters[name] for name in self.names]
-        self.shadow = [p.detach().clone() for p in self.params]
-
-    @torch.no_grad()
-    def update(self) -> None:
-        """One step of the average towards the current weights."""
-        torch._foreach_mul_(self.shadow, self.decay)
-        torch._foreach_add_(self.shadow, [p.detach() for p in self.params], alpha=1.0 - self.decay)
-
-    def averaged(self) -> dict[str, Tensor]:
-        """The averaged tensors by name (what a checkpoint's weights file holds)."""
-        return {name: value.clone() for name, value in zip(self.names, self.shadow, strict=True)}
-
-    def live(self) -> dict[str, Tensor]:
-        """The live weights by name (what a resume continues from)."""
-        return {name: p.detach().clone() for name, p in zip(self.names, self.params, strict=True)}
-
-    @torch.no_grad()
-    def restore(self, averaged: Mapping[str, Tensor], live: Mapping[str, Tensor]) -> None:
-        """Set the average and the model's live weights from a checkpoint."""
-        for name, shadow, param in zip(self.names, self.shadow, self.params, strict=True):
-            shadow.copy_(averaged[name])
-            param.copy_(live[name])
 
 
 # ------------------------------------------------------------------------ the logging window
