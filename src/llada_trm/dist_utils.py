@@ -1,34 +1,9 @@
-"""Running in parallel: rank queries, joining torchrun's group, collectives, and DDP / FSDP for training.
+"""Running in parallel: rank queries, joining torchrun's group, collectives, and DDP / FSDP2 for training.
 
-Neutral ground for every command: training and evaluation (which splits its problems over ranks and merges
-the results back in order) both use it, and neither has to import the other. Without torch.distributed
-every helper is the one-process identity.
-
-`all_finite`, `reduce_sums` and `broadcast_object` make ranks log the same numbers and take the same
-decisions; `shard_indices`, `gather_objects` and `merge_shards` split work over ranks and merge it back.
-
-Training in parallel: DDP for the refiner phases, FSDP2 for a trainable backbone.
-
-One process by default. Under `torchrun` (which sets RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT)
-`init_distributed` joins the process group: NCCL with one GPU per LOCAL_RANK, gloo on CPUs.
-
-    advanced.distributed   auto: ddp in phases 1 and 2, fsdp in phase 3 (world size > 1)
-
-* DDP wraps `training.objective.TrainStep`, the objective as a module, so every use of a parameter (refiner
-  steps, the orthogonality penalty) happens inside DDP's forward. Frozen parameters are marked as ignored:
-  DDP neither broadcasts them at start-up nor all-reduces them (it only ever reduces `requires_grad`
-  parameters; the ignore list also spares the 16 GB start-up broadcast of a frozen 8B backbone, which every
-  rank loads from the same checkpoint anyway). Refiners skip chunks, and a batch may refine none, so
-  `find_unused_parameters=True`: a parameter unused on every rank keeps `grad=None`, exactly as in one
-  process, and one unused on some ranks gets the average over all ranks.
-* FSDP2 (`fully_shard`) shards each LLaDA block, then the root (`TrainStep`: embeddings, LM head, refiners),
-  with bf16 parameters and fp32 gradient reduction on GPUs (fp32 throughout on CPU). Two FSDP constraints
-  shape the code: every rank must produce a gradient for the same parameters (a skipped refiner adds
-  `0 * sum(p)`), and 0-dim parameters (the slot refiner's gates) cannot be sharded, so they stay replicated
-  as `ignored_params` and `sync_ignored_gradients` averages their gradients.
-
-Also here: checkpoint state in the single-process layout (`full_state_dict`, `optimizer_state`,
-`load_optimizer_state`, `load_sharded_weights`).
+Neutral ground: training and evaluation (which splits its problems over ranks) both use it, and neither
+imports the other. Without torch.distributed every helper is the one-process identity. How DDP and FSDP2
+wrap the objective (`training.objective.TrainStep`), and why (ignored frozen parameters,
+`find_unused_parameters`, replicated 0-dim gates, full-tensor checkpoints): docs/distributed.md.
 """
 
 from __future__ import annotations
@@ -49,7 +24,6 @@ from torch import Tensor, nn
 from llada_trm.errors import ConfigError
 
 __all__ = [
-    "DISTRIBUTED_MODES",
     "all_finite",
     "broadcast_object",
     "clip_grad_norm",
@@ -63,7 +37,6 @@ __all__ = [
     "load_optimizer_state",
     "load_sharded_weights",
     "local_rank",
-    "merge_shards",
     "optimizer_state",
     "rank",
     "reduce_sums",
@@ -72,10 +45,8 @@ __all__ = [
     "sync_ignored_gradients",
     "unsharded",
     "world_size",
-    "wrap_for_training",
     "wrap_run",
 ]
-
 
 
 # ------------------------------------------------------------------------------------------------- ranks
@@ -211,30 +182,11 @@ def gather_objects(obj: Any) -> list[Any]:
     return parts
 
 
-def merge_shards(parts: Sequence[Sequence[Any]], n: int | None = None) -> list[Any]:
-    """Undo `shard_indices`: `parts[r]` holds rank r's results in order; returns them in item order.
-
-        merge_shards(gather_objects([score(i) for i in shard_indices(n)]), n) == [score(i) for i in range(n)]
-    """
-    world = len(parts)
-    total = sum(len(part) for part in parts) if n is None else n
-    for r, part in enumerate(parts):
-        expected = len(range(r, total, world))
-        if len(part) != expected:
-            raise ValueError(f"rank {r} returned {len(part)} results for its {expected} items")
-    return [parts[i % world][i // world] for i in range(total)]
-
-
 # ------------------------------------------------------------------------------ training in parallel
-
-DISTRIBUTED_MODES = ("auto", "ddp", "fsdp")
 
 
 def resolve_strategy(setting: str, *, phase: int, world: int | None = None) -> str:
     """'none' (one process), 'ddp' or 'fsdp' from `advanced.distributed` and the training phase."""
-    if setting not in DISTRIBUTED_MODES:
-        choices = ", ".join(DISTRIBUTED_MODES)
-        raise ConfigError(f"advanced.distributed: expected one of {choices}, got {setting!r}")
     if (world_size() if world is None else world) == 1:
         return "none"
     if setting == "auto":
@@ -245,19 +197,12 @@ def resolve_strategy(setting: str, *, phase: int, world: int | None = None) -> s
 # ------------------------------------------------------------------------------------------- wrapping
 
 
-def wrap_for_training(
-    step: nn.Module,
-    strategy: str,
-    *,
-    device: torch.device,
-    blocks: Sequence[nn.Module] = (),
-    param_dtype: torch.dtype | None = None,
+def wrap_run(
+    step: nn.Module, plan: Any, strategy: str, *, device: torch.device, param_dtype: torch.dtype | None = None
 ) -> nn.Module:
-    """The module the trainer calls: `step` itself, DDP around it, or `step` sharded in place by FSDP2.
-
-    FSDP replaces the parameters of `step.model` by sharded DTensors: build the optimizer afterwards, from
-    `step.model.named_parameters()`. `param_dtype` is FSDP's compute dtype on GPUs (None: fp32).
-    """
+    """The module the trainer calls: `step` itself, DDP around it, or `step` sharded in place by FSDP2
+    (the backbone's blocks, then the root), whose shards the freezing plan's groups (a `FreezePlan`) are
+    re-read from. `param_dtype` is FSDP's compute dtype on GPUs (None: fp32)."""
     if strategy == "none":
         return step
     if strategy == "ddp":
@@ -270,44 +215,26 @@ def wrap_for_training(
             device_ids=[device.index] if device.type == "cuda" else None,
             find_unused_parameters=True,
         )
-    if strategy == "fsdp":
-        from torch.distributed.device_mesh import init_device_mesh
-        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-        mesh = init_device_mesh(device.type, (world_size(),))  # the training device, not torch's default
-        if device.type == "cuda" and param_dtype is not None:
-            policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
-        else:
-            policy = MixedPrecisionPolicy()
-        # FSDP2 warns about every module output that is a view (an in-place op on one would skip its
-        # all-gather); the blocks' K/V and the objective's detached terms are views that nothing modifies.
-        warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module \(FSDP(LLaDABlock|TrainStep)\)")
-        for block in blocks:
-            fully_shard(block, mesh=mesh, mp_policy=policy)
-        scalars = {p for p in step.parameters() if p.dim() == 0}
-        fully_shard(step, mesh=mesh, mp_policy=policy, ignored_params=scalars)
-        step.touch_all = True
-        return step
-    raise ConfigError(f"advanced.distributed: unknown strategy {strategy!r}")
-
-
-def wrap_run(
-    step: nn.Module,
-    plan: Any,
-    strategy: str,
-    *,
-    device: torch.device,
-    param_dtype: torch.dtype | None = None,
-) -> nn.Module:
-    """`wrap_for_training` for a run: the backbone's blocks are FSDP's units, and under FSDP the freezing
-    plan's groups (a `FreezePlan`) are re-read, since every parameter became its shard."""
-    blocks = list(step.model.backbone.blocks)
-    engine = wrap_for_training(step, strategy, device=device, blocks=blocks, param_dtype=param_dtype)
-    if strategy == "fsdp":
-        params = dict(step.model.named_parameters())
-        for group in plan.groups:
-            group.params = {name: params[name] for name in group.params}
-    return engine
+    mesh = init_device_mesh(device.type, (world_size(),))  # the training device, not torch's default
+    if device.type == "cuda" and param_dtype is not None:
+        policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
+    else:
+        policy = MixedPrecisionPolicy()
+    # FSDP2 warns about every module output that is a view (an in-place op on one would skip its
+    # all-gather); the blocks' K/V and the objective's detached terms are views that nothing modifies.
+    warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module \(FSDP(LLaDABlock|TrainStep)\)")
+    for block in step.model.backbone.blocks:
+        fully_shard(block, mesh=mesh, mp_policy=policy)
+    scalars = {p for p in step.parameters() if p.dim() == 0}
+    fully_shard(step, mesh=mesh, mp_policy=policy, ignored_params=scalars)
+    step.touch_all = True
+    params = dict(step.model.named_parameters())
+    for group in plan.groups:
+        group.params = {name: params[name] for name in group.params}
+    return step
 
 
 def is_sharded(module: nn.Module) -> bool:
@@ -402,12 +329,6 @@ def clip_grad_norm(params: Sequence[Tensor], max_norm: float) -> float:
 # ---------------------------------------------------------------------------------------- checkpoints
 
 
-def _state_options(**kwargs: Any) -> Any:
-    from torch.distributed.checkpoint.state_dict import StateDictOptions
-
-    return StateDictOptions(**kwargs)
-
-
 def full_state_dict(model: nn.Module, names: Sequence[str]) -> dict[str, Tensor]:
     """The named parameters as full tensors, for a checkpoint in the single-process layout.
 
@@ -415,9 +336,10 @@ def full_state_dict(model: nn.Module, names: Sequence[str]) -> dict[str, Tensor]
     ranks get an empty dict. Otherwise the parameters themselves (every rank holds them).
     """
     if is_sharded(model):
-        from torch.distributed.checkpoint.state_dict import get_model_state_dict
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-        state = get_model_state_dict(model, options=_state_options(full_state_dict=True, cpu_offload=True))
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        state = get_model_state_dict(model, options=options)
         return {name: state[name] for name in names if name in state}
     params = dict(model.named_parameters())
     return {name: params[name] for name in names}
@@ -429,9 +351,9 @@ def optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[
     Keyed by name rather than by index, it loads into a run with another world size or strategy. Collective
     under FSDP (rank 0 receives the gathered state, the others an empty dict).
     """
-    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
-    options = _state_options(full_state_dict=True, cpu_offload=True)
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
     return get_optimizer_state_dict(model, optimizer, options=options)
 
 
@@ -439,7 +361,7 @@ def load_optimizer_state(
     model: nn.Module, optimizer: torch.optim.Optimizer, state: Mapping[str, Any]
 ) -> None:
     """Inverse of `optimizer_state`; also reads an index-keyed `optimizer.state_dict()` (older runs)."""
-    from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
     groups = state.get("param_groups") or []
     by_index = bool(groups) and any(isinstance(i, int) for g in groups for i in g.get("params", ()))
@@ -448,7 +370,7 @@ def load_optimizer_state(
         return
     if by_index:
         state = _index_to_names(model, optimizer, state)
-    set_optimizer_state_dict(model, optimizer, dict(state), options=_state_options(full_state_dict=True))
+    set_optimizer_state_dict(model, optimizer, dict(state), options=StateDictOptions(full_state_dict=True))
 
 
 def _index_to_names(model: nn.Module, optimizer: torch.optim.Optimizer, state: Mapping[str, Any]) -> dict:
@@ -469,7 +391,11 @@ def load_sharded_weights(
 
     The file holds full tensors (the single-process layout); `set_model_state_dict` shards them.
     """
-    from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_model_state_dict,
+        set_model_state_dict,
+    )
 
     from llada_trm.run_checkpoint import WEIGHTS_FILE, check_weights, read_weights_file
 
@@ -478,5 +404,5 @@ def load_sharded_weights(
     own = get_model_state_dict(model)
     check_weights(path, tensors, own, require)
     tensors = {name: t.to(own[name].dtype) for name, t in tensors.items()}
-    set_model_state_dict(model, tensors, options=_state_options(full_state_dict=True, strict=False))
+    set_model_state_dict(model, tensors, options=StateDictOptions(full_state_dict=True, strict=False))
     return sorted(tensors)

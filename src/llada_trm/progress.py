@@ -1,13 +1,11 @@
 """Progress that reads well in a terminal and in a log file.
 
-On a terminal a command shows a tqdm bar. When stderr is not a terminal (piped to a file, `nohup`, a batch
-scheduler) a bar is a stream of carriage-return redraws (a `make run` log held 1,855 of them), so instead
-one plain line is printed every `every` units (training: every `training.log_every` steps), e.g.
+A tqdm bar on a terminal. Elsewhere (a log, `nohup`, a batch scheduler) a bar is a stream of carriage-return
+redraws (a `make run` log held 1,855 of them), so `Progress` prints one plain line every `every` units:
 
     train: step 20/1855 (1%), loss 1.2345, lr 3.00e-04, 0.52 s/step, ETA 15m53s
 
-`--no-progress` asks for those plain lines on a terminal too (no bar, no redraw); `enabled=False` (the
-Python API's `progress=False`) prints nothing at all.
+`--no-progress` asks for those lines on a terminal too; `enabled=False` prints nothing.
 """
 
 from __future__ import annotations
@@ -16,7 +14,10 @@ import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO, Union
+
+if TYPE_CHECKING:
+    from tqdm.std import tqdm
 
 __all__ = [
     "Bar",
@@ -76,7 +77,7 @@ def _emit(line: str, stream: TextIO) -> None:
 
 
 class Progress:
-    """A tqdm-like counter (`update`, `set_postfix`, `write`, `close`) that prints plain lines.
+    """A tqdm-like counter (`update`, `set_postfix`, `close`) that prints plain lines.
 
     A line is printed when the count crosses a multiple of `every`, and once at `close` for a count not yet
     reported; s/unit is measured since the previous line, the ETA from the rate since this session began.
@@ -112,11 +113,6 @@ class Progress:
         if self.enabled and (self.n // self.every > before // self.every or self.n == self.total):
             self._line()
 
-    def write(self, text: str) -> None:
-        """A message on its own line (a validation result), printed unless progress is off."""
-        if self.enabled:
-            _emit(text, self._out())
-
     def close(self) -> None:
         if not self._closed and self.enabled and self.n != self._last_n:
             self._line()
@@ -142,33 +138,7 @@ class Progress:
         self._last_time, self._last_n = now, self.n
 
 
-class _Bar:
-    """tqdm, with `write` going above the bar."""
-
-    def __init__(self, bar: Any):
-        self._bar = bar
-
-    def __enter__(self) -> _Bar:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def update(self, n: int = 1) -> None:
-        self._bar.update(n)
-
-    def set_postfix(self, **values: Any) -> None:
-        self._bar.set_postfix(**values)
-
-    def write(self, text: str) -> None:
-        if not self._bar.disable:
-            self._bar.write(text)
-
-    def close(self) -> None:
-        self._bar.close()
-
-
-Bar = Progress | _Bar  # what `progress_bar` returns
+Bar = Union[Progress, "tqdm"]  # what `progress_bar` returns (the same calls)
 
 
 def progress_bar(
@@ -179,7 +149,7 @@ def progress_bar(
     if enabled and use_bars():
         from tqdm.auto import tqdm
 
-        return _Bar(tqdm(total=total, initial=initial, desc=desc, unit=unit, dynamic_ncols=True))
+        return tqdm(total=total, initial=initial, desc=desc, unit=unit, dynamic_ncols=True)
     return Progress(total, desc=desc, unit=unit, initial=initial, every=every, enabled=enabled)
 
 

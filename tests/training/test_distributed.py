@@ -10,7 +10,7 @@ machine) and leaves its results on disk; the tests below compare them with singl
   the update equals one process's;
 * FSDP phase 3: the sharded update equals one process's, and the checkpoint loads without
   torch.distributed to the same logits; resumed in one process or (re-sharded) in two, the next step agrees;
-* `shard_indices` / `gather_objects` / `merge_shards` put work split over ranks back in order, and
+* `shard_indices` / `gather_objects` split work over ranks and gather it back in rank order, and
   `evaluate_model` under torch.distributed writes the same predictions as one process.
 """
 
@@ -34,7 +34,7 @@ from llada_trm.config import fixed_settings, parse_config
 from llada_trm.data.synthetic import SyntheticTaskConfig, generate_problems
 from llada_trm.data.tokenizer import load_tokenizer
 from llada_trm.diffusion.options import SamplingOptions
-from llada_trm.dist_utils import merge_shards, resolve_strategy, shard_indices
+from llada_trm.dist_utils import resolve_strategy, shard_indices
 from llada_trm.errors import ConfigError
 from llada_trm.evaluate.evaluator import PREDICTIONS_FILE, evaluate_model
 from llada_trm.model.hybrid import LLaDATRMHybrid
@@ -170,9 +170,8 @@ def _scenarios(index: int, port: int, backbone_dir: str, out: str) -> None:
     fsdp_run["output"]["dir"] = str(out_dir / "fsdp_resumed")
     make_trainer(fsdp_run).resume(out_dir / "fsdp" / "checkpoints" / "last").train()
 
-    # Evaluation split over the ranks and merged back.
-    mine = [i * i for i in shard_indices(11)]
-    results["merged"] = merge_shards(gather_objects(mine), 11)
+    # Evaluation split over the ranks and gathered back.
+    results["gathered"] = gather_objects([i * i for i in shard_indices(11)])
     options = {"out_dir": out_dir / "eval", "progress": False}
     evaluated = evaluate_model(trainer.model, trainer.tokenizer, eval_records(), EVAL_OPTIONS, **options)
     results["eval_accuracy"] = evaluated.summary["accuracy_flexible"]
@@ -319,9 +318,9 @@ def test_fsdp_checkpoint_loads_in_one_process(distributed_runs, backbone_dir, tm
     assert max(float((resumed_by_fsdp[n] - before[n]).abs().max()) for n in before) > 1e-4  # it did step
 
 
-def test_shards_merge_back_in_order(distributed_runs):
+def test_shards_gather_back_in_rank_order(distributed_runs):
     _, results = distributed_runs
-    assert results["merged"] == [i * i for i in range(11)]
+    assert results["gathered"] == [[i * i for i in range(r, 11, WORLD)] for r in range(WORLD)]
 
 
 def test_distributed_eval_matches_one_process(distributed_runs, backbone_dir, tmp_path):
@@ -342,10 +341,6 @@ def test_distributed_eval_matches_one_process(distributed_runs, backbone_dir, tm
 def test_sharding_helpers():
     assert [shard_indices(5, r, 2) for r in range(2)] == [[0, 2, 4], [1, 3]]
     assert shard_indices(3) == [0, 1, 2]  # one process handles everything
-    assert merge_shards([["a", "c", "e"], ["b", "d"]]) == list("abcde")
-    assert merge_shards([[0, 2], [1]], 3) == [0, 1, 2]
-    with pytest.raises(ValueError, match="rank 1 returned 2 results for its 1 items"):
-        merge_shards([[0, 2], [1, 3]], 3)
     with pytest.raises(ValueError, match="rank 2 outside a world of 2"):
         shard_indices(4, 2, 2)
 

@@ -1,11 +1,8 @@
 """Automatic health checks: the slot refiner's debugging guide, watched on every logged row.
 
-Each check reads the flat metrics the trainer logs (`loss`, `skipped_fraction_masked` or `skipped_fraction`,
-`chunk_confidence` or `confidence`, `delta_norm`, `delta_norm_first`, `delta_norm_last`, `orthogonality`,
-`slot_norm_<slot>`, `gate_<name>`) and warns once per run, in plain words naming the config knob to turn.
-Conditions that could be a coincidence of initialisation (equal norms, a small gate) must persist for
-`window` consecutive logged rows before they count. The thresholds are the constants below (once the run
-config's `advanced.health` section), described in docs/troubleshooting.md.
+Each check reads the flat columns the trainer logs (`training.metrics`) and warns once per run, in plain
+words naming the config knob to turn; a condition that could be a coincidence of initialisation must
+persist for `window` consecutive logged rows. docs/troubleshooting.md describes each check.
 """
 
 from __future__ import annotations
@@ -22,39 +19,23 @@ from llada_trm.errors import NonFiniteLossError
 
 __all__ = ["CHECKS", "HealthMonitor", "HealthThresholds", "non_finite_error"]
 
-# When the checks speak up. Slots count as collapsed when their norms differ by less than SLOT_COLLAPSE_SPREAD
-# (relative) or their projections overlap by at least SLOT_COLLAPSE_OVERLAP, while every gate stays within
-# SLOT_COLLAPSE_GATE_BAND of 0.5; a gate below DEAD_GATE is dead; an update norm above DELTA_NORM_MAX (or NaN)
-# is an explosion, a last-over-first step norm ratio above DELTA_GROWTH a diverging recursion; the loss
-# oscillates when its detrended std over its mean exceeds LOSS_REL_STD; the context slot is unused below
-# CONTEXT_RATIO of the others; a skipped-chunk fraction at or above IDLE_SKIPPED leaves the refiner idle.
-# A condition must hold for WINDOW consecutive logged rows (also the loss window).
-WINDOW = 20
-SLOT_COLLAPSE_SPREAD = 0.05
-SLOT_COLLAPSE_OVERLAP = 0.5
-SLOT_COLLAPSE_GATE_BAND = 0.05
-DEAD_GATE = 0.05
-DELTA_NORM_MAX = 100.0
-DELTA_GROWTH = 10.0
-LOSS_REL_STD = 0.5
-CONTEXT_RATIO = 0.05
-IDLE_SKIPPED = 0.95
-
 
 @dataclass(frozen=True)
 class HealthThresholds:
-    """The constants above as one object (a test may pass its own, e.g. a shorter window)."""
+    """When the checks speak up: constants since issue 25 (docs/troubleshooting.md gives each one's
+    meaning); a test may pass a shorter window."""
 
-    window: int = WINDOW
-    slot_collapse_spread: float = SLOT_COLLAPSE_SPREAD
-    slot_collapse_overlap: float = SLOT_COLLAPSE_OVERLAP
-    slot_collapse_gate_band: float = SLOT_COLLAPSE_GATE_BAND
-    dead_gate: float = DEAD_GATE
-    delta_norm_max: float = DELTA_NORM_MAX
-    delta_growth: float = DELTA_GROWTH
-    loss_rel_std: float = LOSS_REL_STD
-    context_ratio: float = CONTEXT_RATIO
-    idle_skipped: float = IDLE_SKIPPED
+    window: int = 20
+    slot_collapse_spread: float = 0.05
+    slot_collapse_overlap: float = 0.5
+    slot_collapse_gate_band: float = 0.05
+    dead_gate: float = 0.05
+    delta_norm_max: float = 100.0
+    delta_growth: float = 10.0
+    loss_rel_std: float = 0.5
+    context_ratio: float = 0.05
+    idle_skipped: float = 0.95
+
 
 logger = logging.getLogger("llada_trm")
 
@@ -81,13 +62,11 @@ class HealthMonitor:
         enabled: bool = True,
         refiner: bool = True,
         confidence_threshold: float | None = None,
-        log: logging.Logger | None = None,
     ):
         self.t = thresholds or HealthThresholds()
         self.enabled = enabled
         self.refiner = refiner  # False (a pretraining, a top-block run): only the loss is checked
         self.confidence_threshold = confidence_threshold
-        self.log = log or logger
         self.warned: dict[str, str] = {}
         window = self.t.window
         self._loss: deque[float] = deque(maxlen=window)
@@ -114,7 +93,7 @@ class HealthMonitor:
             if message is not None and kind not in self.warned:
                 text = f"health check '{kind}' at step {step}: {message}"
                 self.warned[kind] = text
-                self.log.warning(text)
+                logger.warning(text)
                 issued.append(text)
         return issued
 

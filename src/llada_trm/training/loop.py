@@ -4,26 +4,12 @@
     Trainer(config).resume(dir).train()           # continue exactly where a checkpoint left off
     run_train("configs/tiny_refiner.yaml", ["training.lr=3e-4"])      # the `llada-trm train` command
 
-This one module holds the recipe whole: setup (`Trainer._setup_*`: the model and its freezing, the data and
-feature cache, the optimiser and its schedule, the data order), the loop (`Trainer.train_step` is one
-optimizer step; the logging window keeps its statistics on the device until a logging step) and the run's
-state (`Trainer.state_dict` / `load_state_dict`, the single list of what a checkpoint holds). Beside it: the
-objective and the run's masks (`training.objective`), what is logged (`training.metrics`), the run
-directory and its lock (`training.run_dir`), checkpoint files (`llada_trm.run_checkpoint`), validation
-(`training.validation`), DDP/FSDP (`llada_trm.dist_utils`). The model and datasets are built by
-`llada_trm.build` (the path every command shares). A training step runs code only here, in the objective,
-in `dist_utils` and in the model (a test counts the modules).
-
-The optimiser: AdamW over the freezing plan's groups, linear warmup then cosine decay.
-
-One optimizer step = `gradient_accumulation_steps` micro-batches. Logging, validation and checkpointing
-happen on optimizer-step boundaries, so a checkpoint always sits between two steps and a resumed run
-replays nothing and skips nothing: model, optimizer, scheduler, every RNG stream and the position in the
-epoch's (seed, epoch)-determined order are restored.
-
-Data order. An epoch's order is a permutation that depends only on (seed, epoch) (`EpochSampler`), so a
-resumed run rebuilds it and skips what it consumed instead of replaying a data loader's RNG; a checkpoint
-records the global position, which another world size continues (`batches_to_skip`).
+One module holds the recipe whole: setup (`Trainer._setup_*`), the loop (`train_step` is one optimizer step
+of `gradient_accumulation_steps` micro-batches) and the run's state (`state_dict` / `load_state_dict`, the
+one list of what a checkpoint holds). Logging, validation and checkpoints happen between optimizer steps,
+and an epoch's order depends only on (seed, epoch) (`EpochSampler`), so a resumed run replays and skips
+nothing (docs/training.md). A training step runs code only here, in the objective, in `dist_utils` and in
+the model (tests/training/test_train_step.py counts the modules).
 """
 
 from __future__ import annotations
