@@ -43,8 +43,6 @@ from llada_trm.model.llada import LLaDAModel
 from llada_trm.model.llada_config import LLaDAConfig
 from llada_trm.training.feature_cache import (
     FeatureCache,
-    FeatureSpec,
-    NoiseSpec,
     backbone_fingerprint,
     cached_features,
     draw_noise,
@@ -252,9 +250,8 @@ def run_case(  # noqa: PLR0913 (knobs of one benchmark case, each passed by name
         backbone_fingerprint(backbone_dir) if model.backbone.config.d_model < 4096 else f"random-init/{name}"
     )
     manifest = expected_manifest(
-        backbone=fingerprint, examples=dataset.examples, pad_id=dataset.pad_id,
-        noise=NoiseSpec(seed=seed, n_draws=1, mask_id=model.mask_token_id),
-        features=FeatureSpec.for_model(model, cache_dtype, "float32"),
+        model, backbone=fingerprint, examples=dataset.examples, pad_id=dataset.pad_id, seed=seed, draws=1,
+        cache_dtype=cache_dtype, compute="float32",
     )
     start = time.perf_counter()
     device = model.backbone.device

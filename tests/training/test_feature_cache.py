@@ -22,8 +22,6 @@ from llada_trm.model.hybrid import LLaDATRMHybrid, chunk_sum
 from llada_trm.model.hybrid_config import HybridConfig
 from llada_trm.training.feature_cache import (
     FeatureCache,
-    FeatureSpec,
-    NoiseSpec,
     StaleFeatureCacheError,
     backbone_fingerprint,
     build_feature_cache,
@@ -69,11 +67,14 @@ def make_model(backbone_dir: Path, threshold: float = 1.5) -> LLaDATRMHybrid:
 
 def manifest_for(model, backbone_dir, dataset, *, draws=2, dtype=torch.float32, seed=SEED, examples=None):
     return expected_manifest(
+        model,
         backbone=backbone_fingerprint(backbone_dir),
         examples=dataset.examples if examples is None else examples,
         pad_id=dataset.pad_id,
-        noise=NoiseSpec(seed=seed, n_draws=draws, mask_id=model.mask_token_id),
-        features=FeatureSpec.for_model(model, dtype, "float32"),
+        seed=seed,
+        draws=draws,
+        cache_dtype=dtype,
+        compute="float32",
     )
 
 

@@ -1,33 +1,11 @@
 """Frozen-backbone feature cache: phase 1 pays for the backbone once, then every epoch costs only the refiner.
 
-With the backbone frozen, its outputs for a fixed noise draw are a pure function of the data:
-
-    x_t^(i,d) = forward_process(x_0^(i), generator seeded by (seed, i, d))     example i, draw d
-    h, ctx, logits_0 = backbone(x_t^(i,d))
-
-so they are computed once (`n_draws` draws per example; epoch e uses draw e % n_draws) and stored. The
-noise is `diffusion.forward_process.draw_noise`, the same per-row seeding the live step uses.
-Training then runs `hybrid.refine(features)` and the same objective. `logits_0` is not stored (LLaDA-8B's
-V = 126k would take 250 KB a token): the LM head recomputes it from the cached h at the masked positions, the
-only ones the objective reads. With an fp32 cache this reproduces the live step to rounding; with bf16 (the
-default) the hidden states carry bf16's 8-bit mantissa, as they already do when the backbone runs in bf16.
-
-Every example is padded to the longest training example (the backbone attends to the padding, so a row's
-features would otherwise depend on the batch it was drawn with).
-
-Layout of a cache directory:
-
-    manifest.json            what the cache was built from (see `expected_manifest`), `complete` once done
-    shard_00000.safetensors  examples [k*E, (k+1)*E): hidden_states [n, D_draws, L, D] (cache dtype),
-    ...                      contexts [n, D_draws, L, Dc] (when the slot refiner reads backbone layers),
-                             masked [n, D_draws, L] bool, p_mask [n, D_draws] f32, input_ids [n, L] i32,
-                             prompt_lengths [n] i64
-
-Shards are written to a temporary name and renamed, so a present shard is complete and an interrupted build
-resumes after the last one. A cache whose manifest disagrees with the run (other backbone weights, data,
-noise or feature settings) is refused with a one-line `StaleFeatureCacheError` saying how to rebuild it.
-The cache lives in `<output.dir>/feature_cache`; `cache --rebuild` deletes only a directory that is a
-cache (`remove_store`).
+With the backbone frozen, its outputs for a fixed noise draw (`diffusion.forward_process.draw_noise`, seeded
+by (seed, example, draw) as a live step draws it) are a pure function of the data, so they are computed
+once and stored in safetensors shards beside a `manifest.json` of what they were built from; a cache that
+disagrees with the run is refused in one line. Backbone logits are not stored (LLaDA-8B's vocabulary would
+take 250 KB a token): the LM head rebuilds them at the masked positions. Layout, fingerprints and
+resuming: docs/feature_cache.md.
 """
 
 from __future__ import annotations
@@ -63,8 +41,6 @@ from llada_trm.training.objective import training_masks_for_run
 
 __all__ = [
     "FeatureCache",
-    "FeatureSpec",
-    "NoiseSpec",
     "StaleFeatureCacheError",
     "backbone_fingerprint",
     "build_feature_cache",
@@ -135,69 +111,38 @@ def data_fingerprint(examples: Sequence[EncodedExample], seq_len: int, pad_id: i
 # ---------------------------------------------------------------------------------------------- manifest
 
 
-@dataclass(frozen=True)
-class NoiseSpec:
-    """The manifest's `noise` section: the draws the cache holds (`n_draws` per example), from the forward
-    process or the run's `training.masks` (`diffusion.forward_process`)."""
-
-    seed: int
-    n_draws: int
-    mask_id: int
-    eps: float = 1e-3
-    masks: str = "forward"
-    forward_mix: float = 0.0
-
-
-@dataclass(frozen=True)
-class FeatureSpec:
-    """The manifest's `features` section: what each stored feature is; `compute` names the backbone's
-    precision."""
-
-    cache_dtype: torch.dtype
-    compute: str
-    context_layers: Sequence[int]
-    d_model: int
-    context_dim: int | None
-
-    @classmethod
-    def for_model(cls, model: LLaDATRMHybrid, cache_dtype: torch.dtype, compute: str) -> FeatureSpec:
-        """The features `model` produces: its hidden width and, when the refiner reads backbone layers,
-        their context width."""
-        bb = model.backbone.config
-        return cls(
-            cache_dtype=cache_dtype,
-            compute=compute,
-            context_layers=model.context_layers,
-            d_model=bb.d_model,
-            context_dim=bb.n_heads * bb.head_dim,
-        )
-
-
-def expected_manifest(
+def expected_manifest(  # noqa: PLR0913 - what a cache is built from, each by name
+    model: LLaDATRMHybrid,
     *,
     backbone: str,
     examples: Sequence[EncodedExample],
     pad_id: int,
-    noise: NoiseSpec,
-    features: FeatureSpec,
+    seed: int,
+    draws: int,
+    cache_dtype: torch.dtype,
+    compute: str,
+    masks: str = "forward",
+    forward_mix: float = 0.0,
     backbone_path: str = "",
 ) -> dict[str, Any]:
-    """What a cache for this run must have been built from.
+    """What a cache of `model`'s features for this run must have been built from: `draws` noise draws per
+    example from the forward process or the run's `training.masks`, stored as `cache_dtype` (`compute`
+    names the backbone's precision).
 
     `backbone` is `backbone_fingerprint(dir)`. The sections other than `layout` and `complete` must match a
     cache on disk exactly (`check_manifest`); `backbone.path` is informational.
     """
-    if noise.n_draws < 1:
-        raise ValueError(f"n_draws must be >= 1, got {noise.n_draws}")
+    if draws < 1:
+        raise ValueError(f"draws must be >= 1, got {draws}")
     if not examples:
         raise ValueError("a feature cache needs at least one training example")
     seq_len = max(len(example["input_ids"]) for example in examples)
-    layers = list(features.context_layers)
+    layers = list(model.context_layers)
+    bb = model.backbone.config
     # the forward process is recorded as before (so caches built then stay valid); other masks add names
-    noise_section: dict[str, Any] = {"seed": noise.seed, "draws": noise.n_draws, "eps": noise.eps}
-    noise_section["mask_id"] = noise.mask_id
-    if noise.masks != "forward":
-        noise_section.update(masks=noise.masks, forward_mix=noise.forward_mix)
+    noise: dict[str, Any] = {"seed": seed, "draws": draws, "eps": 1e-3, "mask_id": model.mask_token_id}
+    if masks != "forward":
+        noise.update(masks=masks, forward_mix=forward_mix)
     return {
         "format_version": CACHE_FORMAT_VERSION,
         "complete": False,
@@ -207,13 +152,13 @@ def expected_manifest(
             "examples": len(examples),
             "seq_len": seq_len,
         },
-        "noise": noise_section,
+        "noise": noise,
         "features": {
-            "dtype": str(features.cache_dtype).removeprefix("torch."),
-            "compute": features.compute,
+            "dtype": str(cache_dtype).removeprefix("torch."),
+            "compute": compute,
             "context_layers": layers,
-            "d_model": features.d_model,
-            "context_dim": features.context_dim if layers else None,
+            "d_model": bb.d_model,
+            "context_dim": bb.n_heads * bb.head_dim if layers else None,
         },
     }
 
@@ -227,13 +172,7 @@ _CHECKED = {  # manifest section -> what a mismatch means to the user
 }
 
 
-def check_manifest(
-    stored: Mapping[str, Any],
-    expected: Mapping[str, Any],
-    directory: Path,
-    *,
-    rebuild: str = "llada-trm cache --config <config> --rebuild",
-) -> None:
+def check_manifest(stored: Mapping[str, Any], expected: Mapping[str, Any], directory: Path) -> None:
     """Refuse a cache whose manifest disagrees with `expected` in any checked section."""
     for section, meaning in _CHECKED.items():
         have, want = stored.get(section), expected[section]
@@ -241,8 +180,8 @@ def check_manifest(
             have, want = (have or {}).get("fingerprint"), want["fingerprint"]
         if have != want:
             raise StaleFeatureCacheError(
-                f"{directory}: stale feature cache, built from {meaning}; rebuild it with `{rebuild}` (or "
-                f"`rm -r {directory}`), or set output.dir to a new directory"
+                f"{directory}: stale feature cache, built from {meaning}; rebuild it with `llada-trm cache "
+                f"--config <config> --rebuild` (or `rm -r {directory}`), or set output.dir to a new directory"
             )
 
 
@@ -610,20 +549,14 @@ def prepare_feature_cache(  # noqa: PLR0913 - the run, its model and data, where
     Under torch.distributed only rank 0 builds; the others wait at a barrier and then open it.
     """
     directory = cache_directory(config)
-    adv = config.advanced
     compute = str(model.backbone.dtype).removeprefix("torch.")
     if autocast_dtype is not None:
         compute += f" autocast {str(autocast_dtype).removeprefix('torch.')}"
+    t = config.training
     manifest = expected_manifest(
-        backbone=backbone_fingerprint(backbone_dir),
-        backbone_path=str(backbone_dir),
-        examples=examples,
-        pad_id=pad_id,
-        noise=NoiseSpec(
-            seed=config.training.seed, n_draws=adv.cache_noise_draws, mask_id=model.mask_token_id,
-            masks=config.training.masks, forward_mix=config.training.forward_mix,
-        ),
-        features=FeatureSpec.for_model(model, CACHE_DTYPE, compute),
+        model, backbone=backbone_fingerprint(backbone_dir), backbone_path=str(backbone_dir),
+        examples=examples, pad_id=pad_id, seed=t.seed, draws=config.advanced.cache_noise_draws,
+        cache_dtype=CACHE_DTYPE, compute=compute, masks=t.masks, forward_mix=t.forward_mix,
     )
     if is_main_process():
         cache = write_feature_cache(

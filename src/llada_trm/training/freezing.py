@@ -1,26 +1,7 @@
-"""Which parameters train, and at which learning rate: module-name patterns and the three phases.
-
-Patterns (in `training_params.trainable_modules`) select modules or parameters by their dotted name in
-`model.named_modules()` / `model.named_parameters()`:
-
-* a plain name matches that name and everything below it: `refinement_head` selects
-  `refinement_head.slot.blocks.0.attn.weight`, but not `refinement_head_old.x` (whole dotted components only);
-* a glob (contains `*`, `?` or `[`) is matched against whole names with `fnmatch`:
-  `backbone.model.transformer.blocks.*.attn_norm` selects every block's attention norm;
-* `re:<regex>` is a Python regular expression searched in the name: `re:blocks\\.(30|31)\\.`.
-
-Phases:
-
-1. only the patterns train (by default the refiner, `refinement_head`); backbone, embeddings and LM head are
-   frozen, run in eval mode and (in the trainer) under `torch.no_grad()`;
-2. phase 1 plus the last `unfreeze_last_n_layers` backbone blocks, in their own parameter group at
-   `backbone_lr`;
-3. everything: the patterns at `lr`, the rest of the model at `backbone_lr`.
-
-With LoRA adapters on the backbone (the run's `lora:` section, attached before freezing by
-`model.lora.attach_run_lora`), phases 2 and 3 train the adapters instead of the base weights: the backbone
-group holds only the adapter tensors the phase selects (those under the last blocks in phase 2, all in phase
-3); every base weight stays frozen.
+"""Which parameters train, and at which learning rate: `training_params.trainable_modules` patterns (a
+module name, a glob, or `re:<regex>`) and the three phases (1: the patterns only; 2: also the last
+`unfreeze_last_n_layers` backbone blocks at `backbone_lr`; 3: everything). With LoRA adapters on the backbone,
+phases 2 and 3 train the adapters instead of the base weights. docs/training.md ("Phases") has the details.
 """
 
 from __future__ import annotations

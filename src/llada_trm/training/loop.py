@@ -99,7 +99,6 @@ from llada_trm.training.metrics import (
 from llada_trm.training.objective import (
     LossWeights,
     TrainStep,
-    diffusion_objective,
     training_masks_for_run,
 )
 from llada_trm.training.resume_config import check_config_changes, retarget_optimizer
@@ -217,7 +216,7 @@ class Trainer:
         # Last: FSDP swaps every parameter for its shard, and the optimizer is built from what it leaves.
         self.strategy = resolve_strategy(config.advanced.distributed, phase=config.training.phase)
         step = TrainStep(
-            self.model, diffusion_objective, mask_id=self.mask_id, weights=self.weights,
+            self.model, mask_id=self.mask_id, weights=self.weights,
             backbone_frozen=self.plan.backbone_frozen, chunk_size=config.model.chunk_size,
         )
         self.engine = wrap_run(step, self.plan, self.strategy, device=self.device, param_dtype=self.amp_dtype)
@@ -520,7 +519,7 @@ class Trainer:
 
     # ---------------------------------------------------------------------------------- validation
 
-    def evaluate(self, max_batches: int | None = None) -> dict[str, Any]:
+    def evaluate(self) -> dict[str, Any]:
         """Validation loss and masked-token accuracies (`training.validation`), as a validation CSV row.
 
         Under torch.distributed every rank evaluates the whole validation set (same result everywhere).
@@ -531,12 +530,11 @@ class Trainer:
             row = validate(
                 self.model, self.eval_loader, mask_id=self.mask_id, chunk_size=self.config.model.chunk_size,
                 seed=self.config.data.validation_seed, device=self.device, autocast=self._autocast,
-                max_batches=max_batches,
             )
             if row:  # the results of the answer's lines, teacher-forced (the study's secondary endpoint)
                 row.update(result_accuracy(
                     self.model, self.eval_loader, self.token_text, mask_id=self.mask_id, device=self.device,
-                    autocast=self._autocast, max_batches=max_batches,
+                    autocast=self._autocast,
                 ))  # fmt: skip
             if row and self.sampled_validation is not None:
                 row.update(self.sampled_validation(self.model, self.tokenizer))

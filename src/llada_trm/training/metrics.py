@@ -1,36 +1,10 @@
-"""What a run logs: the refiner's statistics, the metrics CSVs and TensorBoard.
+"""What a run logs: the refiner's statistics, the metrics CSVs and TensorBoard (docs/training.md).
 
-Nothing here runs during a training step: the loop's logging window (`loop.LogWindow`) keeps what each
-micro-batch's forward returned as device tensors, and at a logging step reduces them once through
-`forward_statistics`; the trainer adds `parameter_statistics` and writes the row with `MetricsWriter`.
-
-Statistics. Refiner statistics flattened into CSV columns: slot norms, gate openings, deltas, orthogonality.
-
-Two sources: the per-forward stats the hybrid model returns (`HybridOutput.stats`: refinement steps, skipped
-fraction, confidence, delta norms, slot norms, gates) and the refiners' parameters (gates, projection norms,
-the orthogonality penalty). Column names are `slot_norm_<slot>`, `gate_<name>`, `delta_norm`, ... — the names
-the health checks read.
-
-CSV files. Append-only CSV metrics: `training_metrics.csv` and `validation_metrics.csv`.
-
-The known columns are written in the header up front, so a row that lacks a value (an MLP run has no slot
-norms) leaves the cell empty. A key that is not yet a column widens the file: its rows are rewritten with the
-new header, so the CSV stays rectangular and readable by pandas / `llada-trm plot`.
-
-Crash safety: a row is appended with one `write` of the whole line, then fsynced, so a killed process
-leaves either the complete row or none (a `write` to a regular file is not torn by SIGKILL); a power cut can
-still leave a partial last line, which has no line terminator, and is dropped when the file is next opened.
-Every rewrite (a widened header, `truncate_after` on resume) goes through a temporary file and a rename
-(`llada_trm.io.write_bytes_atomic`).
-
-TensorBoard. Event files beside the metrics CSVs (`llada-trm train --tensorboard`; the CSVs stay the record).
-
-Every numeric value of a row the trainer logs goes in as a scalar tagged `<series>/<column>`: `train/loss`,
-`train/slot_norm_ctx`, `train/gate_ctx` (the slot refiner's statistics are columns of the training rows),
-`validation/accuracy`, ... at the row's optimizer step, so the tags are the CSV columns and the curves are
-the CSVs' (`llada-trm plot`'s series). Only rank 0 writes, into `<output.dir>/tensorboard/`. A resumed run
-opens its writer with `purge_step` = the resumed step + 1: TensorBoard then drops the events the interrupted
-run wrote after its checkpoint, as `MetricsWriter.truncate_after` drops those CSV rows.
+Nothing here runs during a training step: the loop's logging window (`loop.LogWindow`) keeps each
+micro-batch's forward statistics as device tensors and reduces them once per logging step through
+`forward_statistics`. Column names (`slot_norm_<slot>`, `gate_<name>`, `delta_norm`, ...) are the ones the
+health checks read. A CSV row is appended in one fsynced `write` (a kill leaves the whole row or none); every
+rewrite (a widened header, `truncate_after` on resume) is atomic (`io.write_bytes_atomic`).
 """
 
 from __future__ import annotations
@@ -51,15 +25,12 @@ from llada_trm.io import write_bytes_atomic
 from llada_trm.model.hybrid import chunk_sum
 
 __all__ = [
-    "TENSORBOARD_DIR",
-    "TENSORBOARD_INSTALL",
     "TRAIN_COLUMNS",
     "VALIDATION_COLUMNS",
     "MetricsWriter",
     "TensorBoardLog",
     "format_value",
     "forward_statistics",
-    "gate_values",
     "mean_of",
     "parameter_statistics",
     "require_tensorboard",
@@ -241,25 +212,6 @@ def forward_statistics(
 
 
 @torch.no_grad()
-def gate_values(module: nn.Module) -> dict[str, float]:
-    """Gate openings sigmoid(g) of every parameter whose name has a `gate` component.
-
-    A gate may be a scalar, a vector or a matrix (per-channel gates); it reports its mean opening, so logging
-    never breaks on a gate's shape. Refiners that define `gate_values()` are asked directly instead.
-    """
-    own = getattr(module, "gate_values", None)
-    if callable(own):
-        return {str(k): float(v) for k, v in own().items()}
-    values = {}
-    for name, param in module.named_parameters():
-        parts = name.split(".")
-        if any("gate" in part for part in parts):
-            key = "_".join(p for p in parts if p not in ("gate", "gates", "weight")) or name
-            values[key] = torch.sigmoid(param.detach().float()).mean().item()
-    return values
-
-
-@torch.no_grad()
 def parameter_statistics(model: nn.Module) -> dict[str, float]:
     """Gates, projection norms and orthogonality of each refiner under `model.refinement_head`.
 
@@ -273,9 +225,9 @@ def parameter_statistics(model: nn.Module) -> dict[str, float]:
     refiners = dict(heads.items()) if isinstance(heads, nn.ModuleDict) else {"": heads}
     row: dict[str, float] = {}
     for key, refiner in refiners.items():
-        own = getattr(refiner, "slot_statistics", None)
-        stats = dict(own()) if callable(own) else {f"gate_{k}": v for k, v in gate_values(refiner).items()}
-        if "orthogonality" not in stats and hasattr(refiner, "orthogonality_loss"):
+        own = getattr(refiner, "slot_statistics", None)  # the slot refiner's; any refiner's gates otherwise
+        stats = dict(own()) if callable(own) else {f"gate_{k}": v for k, v in refiner.gate_values().items()}
+        if "orthogonality" not in stats:
             stats["orthogonality"] = float(refiner.orthogonality_loss().detach().float().item())
         for name, value in stats.items():
             number = mean_of(value)
@@ -291,17 +243,13 @@ def _qualify(column: str, refiner: str) -> str:
 
 # ------------------------------------------------------------------------------- TensorBoard
 
-TENSORBOARD_DIR = "tensorboard"
-TENSORBOARD_INSTALL = "pip install 'llada-trm[tensorboard]'"
-
-
 def require_tensorboard() -> Any:
     """torch's `SummaryWriter`, or a one-line ConfigError naming the install command."""
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError:
         raise ConfigError(
-            f"--tensorboard: the tensorboard package is not installed; {TENSORBOARD_INSTALL}"
+            "--tensorboard: the tensorboard package is not installed; pip install 'llada-trm[tensorboard]'"
         ) from None
     return SummaryWriter
 
@@ -315,7 +263,7 @@ class TensorBoardLog:
         if output_dir is not None:
             writer = require_tensorboard()
             purge = resumed_step + 1 if resumed_step > 0 else None
-            self.writer = writer(log_dir=str(Path(output_dir) / TENSORBOARD_DIR), purge_step=purge)
+            self.writer = writer(log_dir=str(Path(output_dir) / "tensorboard"), purge_step=purge)
 
     def log(self, series: str, row: Mapping[str, Any]) -> None:
         """Each finite number of `row` (but its `step`) as `series/column` at `row["step"]`."""

@@ -48,14 +48,6 @@ __all__ = [
     "training_masks_for_run",
 ]
 
-LOSS_TERMS = (
-    "loss",
-    "loss_final",
-    "loss_deep_supervision",
-    "loss_orthogonality",
-)
-
-
 @dataclass(frozen=True)
 class LossWeights:
     deep_supervision: float = 0.3
@@ -78,7 +70,6 @@ class ObjectiveResult:
     terms: dict[str, Tensor]
     output: HybridOutput
     masked: Tensor
-    p_mask: Tensor
     tokens: int
 
 
@@ -116,7 +107,6 @@ def diffusion_objective(  # noqa: PLR0913 - the trainer's keywords, each optiona
         terms={name: value.detach() for name, value in terms.items()},
         output=output,
         masked=masked,
-        p_mask=p_mask,
         tokens=int(input_ids.numel()),
     )
 
@@ -211,21 +201,21 @@ def training_masks_for_run(
 class TrainStep(nn.Module):
     """The training objective as a module: what DDP / FSDP wrap, so that every parameter use is in forward.
 
-    `forward(batch, noise=None, features=None)` is `objective(model, batch, noise=..., features=...,
+    `forward(batch, noise=None, features=None)` is `diffusion_objective(model, batch, noise=..., features=...,
     **objective_kwargs)` (an `ObjectiveResult`). With `touch_all` every trainable refiner parameter enters
     the loss (times zero), which FSDP needs: all ranks must reduce gradients for the same parameters, even
     when a rank's batch left every chunk unrefined. Without it, such a batch is touched all the same.
     """
 
-    def __init__(self, model: nn.Module, objective: Any, **objective_kwargs: Any) -> None:
+    def __init__(self, model: nn.Module, **objective_kwargs: Any) -> None:
         super().__init__()
         self.model = model
-        self.objective = objective
         self.objective_kwargs = objective_kwargs
         self.touch_all = False
 
     def forward(self, batch: Mapping[str, Tensor], noise: Any = None, features: Any = None) -> Any:
-        result = self.objective(self.model, batch, noise=noise, features=features, **self.objective_kwargs)
+        kwargs = self.objective_kwargs
+        result = diffusion_objective(self.model, batch, noise=noise, features=features, **kwargs)
         # A batch whose chunks are all confident refines nothing: its loss is the frozen backbone's and has
         # no graph. Touching the refiner keeps backward valid (zero gradients) instead of failing.
         detached = torch.is_grad_enabled() and not result.loss.requires_grad

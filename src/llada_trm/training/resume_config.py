@@ -1,12 +1,6 @@
-"""What a resume may change: the settings a run may continue under, and applying them exactly.
-
-A resumed run either restores the checkpoint's run exactly, applies a changed setting exactly from the
-resumed step on, or refuses: never a silent mix. `RESUMABLE` lists what may change (docs/training.md): the
-optimiser's hyperparameters and schedule (applied to the restored optimizer and scheduler by
-`retarget_optimizer`), the run's length, bookkeeping intervals, the batch geometry (the epoch continues at
-the same global position, `run_state.batches_to_skip`), where and how fast it runs, and the health checks.
-Everything else (the model's shapes and semantics, the data, the seed, the objective, what is trained, the
-metric `best` tracks) would make the resumed run a different run, so a change refuses with one line.
+"""What a resume may change: a resumed run restores the checkpoint's run exactly, applies a changed setting
+in `RESUMABLE` exactly from the resumed step on (`retarget_optimizer` for the optimiser and its schedule), or
+refuses in one line: never a silent mix (docs/training.md, "Resuming").
 """
 
 from __future__ import annotations

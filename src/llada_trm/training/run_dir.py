@@ -1,15 +1,7 @@
-"""A run directory belongs to one run: ownership (a new run never writes over an old one) and a lock.
-
-- A new run (no `--resume`) into a directory that already holds a run's outputs (`config.yaml`, the metrics
-  CSVs, `checkpoints/`) refuses; `--force` archives the old one first, renamed to `DIR.old-<timestamp>`
-  (never deleted). Other contents (a feature cache, `eval/`) do not make a directory taken.
-- `RunLock`: `DIR/.lock`, created with O_EXCL, holds the pid, host and start time of the run writing there,
-  for the run's lifetime. A second run into the directory fails at once naming that process; a lock whose
-  process is gone (same host, pid not alive, e.g. after kill -9) is taken over with a warning.
-- Repairs (an interrupted checkpoint swap put back, a killed writer's temporary files swept) happen only
-  under that lock (`repair_run_dir`); readers read what is there.
-- A run killed before its first checkpoint has nothing to continue: `--resume` starts it again from step 0
-  in its own directory (`restarts_from_scratch`), and the refusal of a new run there says so.
+"""A run directory belongs to one run: a new run never writes over an old one (`--force` archives it as
+`DIR.old-<timestamp>`, never deletes), and `DIR/.lock` (O_EXCL, with pid, host and start time) keeps a second
+run out while one writes; a stale lock on this host is taken over. Repairs of what a kill left happen only
+under that lock (`repair_run_dir`). docs/training.md ("What a run writes") tells the user's side.
 """
 
 from __future__ import annotations

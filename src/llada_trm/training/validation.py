@@ -1,16 +1,9 @@
 """Validation during training: loss and masked-token accuracies of the final, backbone and per-step logits,
-and (optionally) the sampled accuracy of answers to a few validation problems.
+teacher-forced result accuracy, optionally sampled accuracy, and the reachability report (docs/training.md).
 
-The noise is fixed: validation example i is noised by its own generator seeded by (`data.validation_seed`,
-i), as `diffusion.forward_process.draw_noise` seeds a training row. So every validation of every run sees the
-same masks whatever its `training.seed`, batch size or step (the backbone's own validation loss is one
-number for all of them, and runs with different seeds are comparable), and training's RNG streams are
-untouched (a resume stays exact).
-
-    accuracy          correct masked tokens / masked tokens           (per logits: final, _base, _step_i)
-    chunk_accuracy    chunks whose masked tokens are all correct / chunks with a masked token
-    sampled_accuracy  strict accuracy of sampled answers (the run's `sampling` settings), the figure a
-                      comparison reports, so `output.save_best: sampled_accuracy` picks `best` by it
+Validation example i is noised by its own generator seeded by (`data.validation_seed`, i), so every
+validation of every run sees the same masks whatever its seed, batch size or step, and training's RNG
+streams stay untouched (a resume stays exact).
 """
 
 from __future__ import annotations
@@ -116,7 +109,6 @@ def _noised_batches(
     seed: int,
     device: torch.device,
     autocast: Callable[[], contextlib.AbstractContextManager],
-    max_batches: int | None,
 ) -> Iterator[tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor, Any]]:
     """(batch, masked, p_mask, refine output) per validation batch, with the model in eval mode meanwhile.
 
@@ -125,7 +117,7 @@ def _noised_batches(
     first = 0
     set_train_mode(model, False)
     try:
-        for batch in islice(loader, max_batches):
+        for batch in loader:
             rows = batch["input_ids"].shape[0]
             noisy, masked, p_mask = draw_noise(
                 batch["input_ids"], batch["prompt_lengths"], mask_id, seed=seed + VALIDATION_SEED_OFFSET,
@@ -151,17 +143,15 @@ def validate(
     seed: int,
     device: torch.device,
     autocast: Callable[[], contextlib.AbstractContextManager],
-    max_batches: int | None = None,
 ) -> dict[str, Any]:
-    """Mean losses, accuracies and refinement statistics over `loader` (at most `max_batches`); {} if empty.
+    """Mean losses, accuracies and refinement statistics over `loader`; {} if empty.
 
     `seed` is the validation seed (`data.validation_seed`), not the training seed. The model is put in eval
     mode for the pass and back in train mode afterwards.
     """
     totals: dict[str, float] = defaultdict(float)
     batches = 0
-    passes = _noised_batches(model, loader, mask_id=mask_id, seed=seed, device=device, autocast=autocast,
-                             max_batches=max_batches)  # fmt: skip
+    passes = _noised_batches(model, loader, mask_id=mask_id, seed=seed, device=device, autocast=autocast)
     for batch, masked, p_mask, out in passes:
         ids, lengths = batch["input_ids"], batch["answer_lengths"]
         totals["loss"] += float(masked_diffusion_loss(out.logits, ids, masked, p_mask, lengths))
@@ -200,7 +190,6 @@ def per_example_validation(
     seed: int,
     device: torch.device,
     autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
-    max_batches: int | None = None,
 ) -> dict[str, list[float]]:
     """Per validation example, on `validate`'s masks: the loss and correct masked tokens of the final
     (`loss`, `correct`) and the backbone's (`loss_base`, `correct_base`) logits, and the masked count.
@@ -209,8 +198,7 @@ def per_example_validation(
     (what a paired interval of their difference needs).
     """
     columns: dict[str, list[float]] = defaultdict(list)
-    passes = _noised_batches(model, loader, mask_id=mask_id, seed=seed, device=device, autocast=autocast,
-                             max_batches=max_batches)  # fmt: skip
+    passes = _noised_batches(model, loader, mask_id=mask_id, seed=seed, device=device, autocast=autocast)
     for batch, masked, p_mask, out in passes:
         ids, lengths = batch["input_ids"], batch["answer_lengths"]
         for suffix, logits in (("", out.logits), ("_base", out.base_logits)):
@@ -331,7 +319,6 @@ def result_accuracy(
     mask_id: int,
     device: torch.device,
     autocast: Callable[[], contextlib.AbstractContextManager],
-    max_batches: int | None = None,
 ) -> dict[str, float]:
     """Teacher-forced accuracy of an answer's results: one row per target of each validation answer (a
     calculator line's result, or the `####` line, `targeted_masks.answer_targets`) with that target's tokens
@@ -341,7 +328,7 @@ def result_accuracy(
     total = 0
     set_train_mode(model, False)
     try:
-        for batch in islice(loader, max_batches):
+        for batch in loader:
             ids, prompts = batch["input_ids"], batch["prompt_lengths"]
             ends = batch["attention_mask"].sum(-1) if "attention_mask" in batch else None
             rows, masks = [], []
