@@ -360,28 +360,10 @@ def optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[
 def load_optimizer_state(
     model: nn.Module, optimizer: torch.optim.Optimizer, state: Mapping[str, Any]
 ) -> None:
-    """Inverse of `optimizer_state`; also reads an index-keyed `optimizer.state_dict()` (older runs)."""
+    """Inverse of `optimizer_state` (every run since the first DDP/FSDP commit, dc73e82, saved this form)."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
-    groups = state.get("param_groups") or []
-    by_index = bool(groups) and any(isinstance(i, int) for g in groups for i in g.get("params", ()))
-    if by_index and not is_sharded(model):
-        optimizer.load_state_dict(dict(state))
-        return
-    if by_index:
-        state = _index_to_names(model, optimizer, state)
     set_optimizer_state_dict(model, optimizer, dict(state), options=StateDictOptions(full_state_dict=True))
-
-
-def _index_to_names(model: nn.Module, optimizer: torch.optim.Optimizer, state: Mapping[str, Any]) -> dict:
-    """Rewrite an index-keyed optimizer state with parameter names (same groups, same order)."""
-    names = {id(p): n for n, p in model.named_parameters()}
-    mapping: dict[int, str] = {}
-    for saved, current in zip(state["param_groups"], optimizer.param_groups, strict=True):
-        for index, param in zip(saved["params"], current["params"], strict=True):
-            mapping[index] = names[id(param)]
-    groups = [{**g, "params": [mapping[i] for i in g["params"]]} for g in state["param_groups"]]
-    return {"state": {mapping[i]: s for i, s in state["state"].items()}, "param_groups": groups}
 
 
 def load_sharded_weights(
