@@ -25,7 +25,6 @@ __all__ = [
     "ParamGroupSpec",
     "apply_freezing",
     "freeze_for_run",
-    "freeze_report",
     "match_pattern",
     "matching_parameters",
     "set_train_mode",
@@ -65,7 +64,23 @@ class FreezePlan:
         return sum(group.numel for group in self.groups)
 
     def report(self) -> str:
-        return freeze_report(self)
+        """Total / trainable / frozen parameter counts in millions and percent, one line per group."""
+        total = max(self.total_params, 1)
+        trainable = self.trainable_params
+        frozen = self.total_params - trainable
+        backbone = "frozen" if self.backbone_frozen else "trainable" if frozen == 0 else "partly trainable"
+        lines = [
+            f"phase {self.phase}: backbone {backbone}",
+            f"  total params:     {self.total_params / 1e6:10.3f}M",
+            f"  trainable params: {trainable / 1e6:10.3f}M ({100 * trainable / total:6.2f}%)",
+            f"  frozen params:    {frozen / 1e6:10.3f}M ({100 * frozen / total:6.2f}%)",
+        ]
+        for group in self.groups:
+            lines.append(
+                f"  group {group.name!r}: {group.numel / 1e6:.3f}M params in {len(group.params)} tensors, "
+                f"lr {group.lr:g}"
+            )
+        return "\n".join(lines)
 
 
 def match_pattern(pattern: str, name: str) -> bool:
@@ -110,8 +125,6 @@ def apply_freezing(
     unfreeze_last_n_layers: int = 0,
 ) -> FreezePlan:
     """Set `requires_grad` on every parameter for `phase` and return the parameter groups to optimise."""
-    if phase not in (1, 2, 3):
-        raise ConfigError(f"training.phase: expected 1, 2 or 3, got {phase!r}")
     for p in model.parameters():
         p.requires_grad_(False)
 
@@ -171,26 +184,6 @@ def set_train_mode(model: nn.Module, training: bool = True) -> nn.Module:
     if training:
         _eval_frozen(model)
     return model
-
-
-def freeze_report(plan: FreezePlan) -> str:
-    """Total / trainable / frozen parameter counts in millions and percent, one line per group."""
-    total = max(plan.total_params, 1)
-    trainable = plan.trainable_params
-    frozen = plan.total_params - trainable
-    backbone = "frozen" if plan.backbone_frozen else "trainable" if frozen == 0 else "partly trainable"
-    lines = [
-        f"phase {plan.phase}: backbone {backbone}",
-        f"  total params:     {plan.total_params / 1e6:10.3f}M",
-        f"  trainable params: {trainable / 1e6:10.3f}M ({100 * trainable / total:6.2f}%)",
-        f"  frozen params:    {frozen / 1e6:10.3f}M ({100 * frozen / total:6.2f}%)",
-    ]
-    for group in plan.groups:
-        lines.append(
-            f"  group {group.name!r}: {group.numel / 1e6:.3f}M params in {len(group.params)} tensors, "
-            f"lr {group.lr:g}"
-        )
-    return "\n".join(lines)
 
 
 # ---------------------------------------------------------------------------------------------- helpers

@@ -86,8 +86,8 @@ def diffusion_objective(  # noqa: PLR0913 - the trainer's keywords, each optiona
 ) -> ObjectiveResult:
     """Noise `batch` with LLaDA's forward process, run the hybrid model, and compute every loss term.
 
-    `model` is an `LLaDATRMHybrid` (or a wrapper exposing `features` / `refine`). With `backbone_frozen` the
-    backbone runs under `torch.no_grad()`: phase 1 never builds a graph through the 8B part. The padding
+    `model` is an `LLaDATRMHybrid` (DDP and FSDP wrap `TrainStep`, around this call). With `backbone_frozen`
+    the backbone runs under `torch.no_grad()`: phase 1 never builds a graph through the 8B part. The padding
     is attended and trained on, as in LLaDA's SFT, so no attention mask is passed.
 
     `noise` = `(noisy_ids, masked, p_mask)` replaces the forward-process draw (e.g. the per-example draws of
@@ -97,10 +97,9 @@ def diffusion_objective(  # noqa: PLR0913 - the trainer's keywords, each optiona
     input_ids = batch["input_ids"]
     if noise is None:
         noise = forward_process(input_ids, batch["prompt_lengths"], mask_id)
-    core = getattr(model, "module", model)
     noisy, masked, p_mask = noise
     output = _forward(model, noisy, masked, backbone_frozen=backbone_frozen, features=features)
-    terms = _loss_terms(core, output, batch, masked, p_mask, weights, chunk_size)
+    terms = _loss_terms(model, output, batch, masked, p_mask, weights, chunk_size)
     loss = terms["loss"]
     return ObjectiveResult(
         loss=loss,
@@ -119,15 +118,13 @@ def _forward(
     backbone_frozen: bool,
     features: BackboneFeatures | None,
 ) -> HybridOutput:
-    """The model's output on `noisy` (from `features` when given)."""
-    if features is not None:
-        return getattr(model, "module", model).refine(features, masked)
-    if backbone_frozen and hasattr(model, "features"):
+    """The model's output on `noisy` (from `features` when given); a frozen backbone runs without a graph."""
+    if features is None and not backbone_frozen:
+        return model(noisy, masked=masked)
+    if features is None:
         with torch.no_grad():
             features = model.features(noisy)
-        return model.refine(features, masked)
-    # a DDP/FSDP wrapper exposes only forward (the hybrid skips the backbone graph when it is frozen)
-    return model(noisy, masked=masked)
+    return model.refine(features, masked)
 
 
 def _loss_terms(
