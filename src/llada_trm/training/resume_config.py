@@ -33,28 +33,17 @@ RESUMABLE: tuple[str, ...] = (
     "training.lr",
     "training.backbone_lr",
     "training.warmup_steps",
-    "training.warmup_ratio",
-    "training.weight_decay",
-    "training.adam_eps",
-    "training.adam_betas",
-    "training.max_grad_norm",
     # the run's length: the schedule decays towards the new total
     "training.max_steps",
     # the batch geometry: the epoch continues at the same global example position
     "training.batch_size",
     "training.gradient_accumulation_steps",
-    # bookkeeping and where it runs
+    # bookkeeping and where it runs (the retired constants and the command's flags are no settings a
+    # checkpoint's config.yaml records, so they never differ)
     "training.eval_every",
-    "training.log_every",
     "training.save_every",
-    "training.device",
     "training.mixed_precision",
-    "data.num_workers",
-    "data.pin_memory",
     "output.dir",
-    "output.tensorboard",
-    "advanced.gradient_checkpointing",
-    "advanced.distributed",
 )
 """Dotted settings a resume may change; an entry ending in '.' covers a whole section."""
 
