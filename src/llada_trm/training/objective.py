@@ -2,18 +2,11 @@
 
     L = L_K + w_ds * mean(L_1 .. L_{K-1}) + w_ortho * ortho(slot projections)
 
-L_k is LLaDA's masked-diffusion SFT loss on the logits after refinement step k (L_K on the final logits):
-sum over masked tokens of CE / p_mask / answer_length, averaged over rows. Under the forward process p_mask is
-the row's masking probability t (LLaDA's ELBO weight). Under the targeted masks of `training.masks`
-(`diffusion.forward_process`: answer_structure, backbone_errors) p_mask is 1: a row's term is the plain
-cross-entropy of its masked tokens summed and divided by its answer length (padding included), because
-those masks are not the forward process and 1/t would weight them by a probability they were not drawn with;
-deep supervision asks every intermediate step to be a usable answer. Without a refiner, L is the plain SFT
-loss. (The confidence-calibration term and the unrolling over denoising steps left the tree in issue 25:
-docs/levers.md.)
-
-`training_masks_for_run`: the run's phase-1 masks (`training.masks`); the trainer and the feature cache both
-draw through it, so a cached step sees exactly the masks a live step would have drawn.
+L_k is LLaDA's masked-diffusion SFT loss on the logits after refinement step k (L_K on the final logits);
+under the targeted masks of `training.masks` p_mask is 1, since 1/t belongs to the forward process only
+(docs/training.md, "The objective"). Without a refiner, L is the plain SFT loss. `training_masks_for_run`
+gives the run's phase-1 masks to the trainer and the feature cache alike, so a cached step sees exactly
+the masks a live step would have drawn.
 """
 
 from __future__ import annotations

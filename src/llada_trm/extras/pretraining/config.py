@@ -1,12 +1,6 @@
-"""The `llada-trm pretrain` settings: the backbone's shape (or the backbone it continues), the generated task,
-the optimiser and its checkpoints, the in-training target evaluation, and where the backbone goes.
-
-A pretraining is a run of the one training loop (`training.loop.Trainer`): `run_config` maps these settings
-onto the run config it trains (no refiner, the whole backbone trainable, AdamW's and the schedule's
-constants the loop's own). Sections mirror the run config's. `evaluation:` is the run config's sampler
-section (one definition of the sampler's settings, `diffusion.options.SamplingOptions`) with the main
-job's fast settings as defaults (threshold 0.9, prefix cache, gen 64, block 32) plus how many problems each
-evaluation answers.
+"""The `llada-trm pretrain` settings; `PretrainConfig.run_config` maps them onto the run config of the one
+training loop (no refiner, the whole backbone trainable, AdamW's constants the loop's own). `evaluation:` is
+the run config's sampler section with the main job's fast defaults, plus how many problems it answers.
 """
 
 from __future__ import annotations

@@ -1,19 +1,11 @@
 """`llada-trm pretrain`: train (or continue) a LLaDA-architecture backbone as a run of the one training loop.
 
-The project cannot download LLaDA-8B, so it ships a backbone of the same architecture, small enough to train
-on a CPU. Pretraining it is a `training.loop.Trainer` run (`PretrainConfig.run_config`): no refiner, every
-backbone tensor trained, LLaDA's SFT objective on the run's masks (`training.masks`), its checkpoints,
-exact resume and metrics CSVs in the run directory (`training.checkpoint_dir`, default
-`<output.dir>.partial`). What only pretraining has comes in through `RunParts`:
-
-- the backbone it starts from: `model.init_from` (its weights and tokenizer), or a new tokenizer and random
-  weights written once to `<run dir>/initial_backbone` (the run's `model.backbone`, so a resume reads them);
-- its datasets (the pretrain config's generated task), the answer's object nouns weighted by
-  `training.object_weight` and, with `data.random_padding`, each batch EOS-padded to a drawn length;
-- the sampled-answer targets at every validation (`targets`), and `training.stop_at`.
-
-At the end the backbone is measured on the test split and saved in LLaDA-8B's Hugging Face layout with its
-model card (`export`), and the run directory removed.
+The project cannot download LLaDA-8B, so it ships a small backbone of the same architecture. Pretraining it
+is a `Trainer` run (`PretrainConfig.run_config`: no refiner, the whole backbone trained); what only
+pretraining has comes in through `RunParts`: its starting backbone (`model.init_from`, or random weights
+and a new tokenizer written once to `<run dir>/initial_backbone`), its datasets, object-noun token weights,
+random EOS padding, validation targets and `training.stop_at`. At the end the backbone is measured on the
+test split and saved in LLaDA-8B's Hugging Face layout with its model card (`export`).
 
     llada-trm pretrain --config configs/tiny_backbone.yaml [--resume [DIR]] [--out DIR] [--force]
 """
