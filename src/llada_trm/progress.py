@@ -101,9 +101,6 @@ class Progress:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def _out(self) -> TextIO:
-        return self.stream if self.stream is not None else sys.stderr
-
     def set_postfix(self, **values: Any) -> None:
         """Values shown after the count (loss, lr, acc), as the next line prints them."""
         self._postfix = values
@@ -134,7 +131,7 @@ class Progress:
             parts.append(f"ETA {format_duration(eta)}")
         elif self.total and self.n >= self.total:
             parts.append(f"done in {format_duration(now - self._start)}")
-        _emit(f"{self.desc}: " + ", ".join(parts), self._out())
+        _emit(f"{self.desc}: " + ", ".join(parts), self.stream or sys.stderr)
         self._last_time, self._last_n = now, self.n
 
 

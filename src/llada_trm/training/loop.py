@@ -210,13 +210,12 @@ class Trainer:
                       f"{targets}")  # fmt: skip
         apply_backbone_options(self.model, config)
         self.plan = freeze_for_run(self.model, config)
-        self.weights = LossWeights.from_params(config.training_params)
         self.mask_id = self.model.mask_token_id
         self.token_text = TokenText(self.tokenizer.decode)  # the answers' structure, for result_accuracy
         # Last: FSDP swaps every parameter for its shard, and the optimizer is built from what it leaves.
         self.strategy = resolve_strategy(config.advanced.distributed, phase=config.training.phase)
         step = TrainStep(
-            self.model, mask_id=self.mask_id, weights=self.weights,
+            self.model, mask_id=self.mask_id, weights=LossWeights.from_params(config.training_params),
             backbone_frozen=self.plan.backbone_frozen, chunk_size=config.model.chunk_size,
         )
         self.engine = wrap_run(step, self.plan, self.strategy, device=self.device, param_dtype=self.amp_dtype)
@@ -248,7 +247,7 @@ class Trainer:
         loaders = run_loaders(self.config, train, order, self.eval_set, self.device)
         self.train_loader, self.eval_loader = loaders
         self.sampled_validation = SampledValidation.for_run(self.config)  # None unless val_sampled_problems
-        self.micro_per_epoch = math.ceil(self.sampler.shard_size / t.batch_size)
+        self.micro_per_epoch = math.ceil(self.sampler.num_samples / t.batch_size)
         self.steps_per_epoch = math.ceil(self.micro_per_epoch / t.gradient_accumulation_steps)
         self.total_steps = t.max_steps or self.steps_per_epoch  # null: one epoch
 
@@ -594,7 +593,7 @@ class Trainer:
         if not is_main_process():
             return None
         train_state = self.state.to_dict()
-        consumed = min(self.state.batches_in_epoch * t.batch_size, self.sampler.shard_size) * world_size()
+        consumed = min(self.state.batches_in_epoch * t.batch_size, self.sampler.num_samples) * world_size()
         train_state["extra"].update(
             world_size=world_size(), batch_size=t.batch_size, samples_in_epoch=consumed
         )
@@ -887,11 +886,6 @@ class EpochSampler(DistributedSampler):
         self.start = 0
         self._order: tuple[int, list[int]] | None = None
 
-    @property
-    def shard_size(self) -> int:
-        """Examples of this rank per epoch (the padded global order / world size)."""
-        return self.num_samples
-
     def set_epoch(self, epoch: int, start: int = 0) -> None:
         """Select the epoch's order and skip its first `start` indices of this rank's shard."""
         super().set_epoch(epoch)
@@ -913,12 +907,12 @@ class EpochSampler(DistributedSampler):
 class DrawSampler(Sampler[tuple[int, int]]):
     """Wraps an `EpochSampler`: its example indices, each paired with the epoch's noise draw (the cache)."""
 
-    def __init__(self, examples: Sampler[int], n_draws: int) -> None:
+    def __init__(self, examples: EpochSampler, n_draws: int) -> None:
         self.examples = examples
         self.n_draws = n_draws
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
-        draw = draw_for_epoch(getattr(self.examples, "epoch", 0), self.n_draws)
+        draw = draw_for_epoch(self.examples.epoch, self.n_draws)
         return ((index, draw) for index in self.examples)
 
     def __len__(self) -> int:

@@ -91,8 +91,8 @@ class MetricsWriter:
         self.path = Path(path)
         self.columns: list[str] = list(columns)
         if self.path.is_file() and self.path.stat().st_size > 0:
-            if self._torn():
-                self._rewrite_text(self._text())  # drop the partial last line a power cut left
+            if self._torn():  # drop the partial last line a power cut left
+                write_bytes_atomic(self.path, self._text().encode("utf-8"))
             existing = self._read_header()
             self.columns = existing + [c for c in self.columns if c not in existing]
             if len(self.columns) != len(existing):
@@ -151,10 +151,7 @@ class MetricsWriter:
         writer.writeheader()
         for row in rows:
             writer.writerow({key: row.get(key, "") for key in self.columns})
-        self._rewrite_text(buffer.getvalue())
-
-    def _rewrite_text(self, text: str) -> None:
-        write_bytes_atomic(self.path, text.encode("utf-8"))
+        write_bytes_atomic(self.path, buffer.getvalue().encode("utf-8"))
 
 
 # ------------------------------------------------------------------------- refiner statistics

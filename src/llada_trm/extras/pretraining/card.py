@@ -35,10 +35,6 @@ def _span(rows: Sequence[Mapping[str, Any]], key: str) -> str:
     return "-" if not values else f"{values[0]:.3f} -> {values[-1]:.3f} (best {max(values):.3f})"
 
 
-def _object_weight(weight: float) -> str:
-    return "" if weight == 1.0 else f", loss weight {weight:g} on the answer's object nouns"
-
-
 def _origin(summary: Mapping[str, Any]) -> str:
     chain = summary["init_chain"]
     if not chain:
@@ -88,7 +84,8 @@ def model_card(
 ) -> str:
     """The card; `evaluated`: the run's validation rows (their target columns, `targets.TARGET_COLUMNS`)."""
     arch, opt, ev, data = config.model, config.training, config.evaluation, config.data
-    weighting = _object_weight(opt.object_weight)
+    weighting = f", loss weight {opt.object_weight:g} on the answer's object nouns"
+    weighting = "" if opt.object_weight == 1.0 else weighting
     test = summary["test"]
     strict = test["strict_interval"]
     ops = "; ".join(f"{op} {_rate(test['arithmetic'][op])}" for op in OPERATIONS)

@@ -114,9 +114,8 @@ def arithmetic_report(predictions: Sequence[Mapping[str, Any]]) -> dict[str, Any
             for key in ("all", step.op):
                 counts[key][0] += int(line.c == step.c)
                 counts[key][1] += 1
-    rates = {key: proportion(k, n) if n else {"k": 0, "n": 0, "p": None, "low": None, "high": None}
-             for key, (k, n) in counts.items()}  # fmt: skip
     none = {"k": 0, "n": 0, "p": None, "low": None, "high": None}
+    rates = {key: proportion(k, n) if n else none for key, (k, n) in counts.items()}
     entities = {"entity_copied": none, "person_copied": none, "object_copied": none}
     return {"entities": entities, "arithmetic": rates, "categories": {}}
 
