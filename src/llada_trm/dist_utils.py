@@ -13,6 +13,7 @@ import contextlib
 import math
 import os
 import warnings
+from collections import Counter
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -145,14 +146,12 @@ def reduce_sums(
     """
     if not is_distributed():
         return dict(sums), dict(counts)
-    total_sums: dict[str, float] = {}
-    total_counts: dict[str, int] = {}
+    total_sums: Counter[str] = Counter()
+    total_counts: Counter[str] = Counter()
     for part_sums, part_counts in gather_objects((dict(sums), dict(counts))):
-        for key, value in part_sums.items():
-            total_sums[key] = total_sums.get(key, 0.0) + value
-        for key, value in part_counts.items():
-            total_counts[key] = total_counts.get(key, 0) + value
-    return total_sums, total_counts
+        total_sums.update(part_sums)
+        total_counts.update(part_counts)
+    return dict(total_sums), dict(total_counts)
 
 
 def broadcast_object(obj: Any, src: int = 0) -> Any:

@@ -297,8 +297,6 @@ class FeatureCache(Dataset):
         return {**self.__dict__, "_handles": {}}
 
     def _shard(self, index: int) -> tuple[Any, int]:
-        if not 0 <= index < self.num_examples:
-            raise IndexError(f"example {index} is outside the cache's {self.num_examples} examples")
         shard, local = divmod(index, self.examples_per_shard)
         if shard not in self._handles:
             path = self.directory / shard_name(shard)
@@ -320,8 +318,6 @@ class FeatureCache(Dataset):
         """One (example, draw): hidden_states [L, D], contexts [L, Dc], masked [L], p_mask [], input_ids [L],
         prompt_lengths []."""
         index, draw = item
-        if not 0 <= draw < self.n_draws:
-            raise IndexError(f"draw {draw} is outside the cache's {self.n_draws} draws")
         handle, local = self._shard(index)
         try:
             out = {

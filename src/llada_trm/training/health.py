@@ -261,12 +261,8 @@ def _prefixed(row: Mapping[str, Any], prefix: str) -> dict[str, float]:
 
 
 def _number(value: Any) -> float | None:
-    if value is None or isinstance(value, bool) or value == "":
-        return None
-    try:
-        return float(value)
-    except (TypeError, ValueError):
-        return None
+    """A logged value as a float; None for an empty cell (the loop logs None where it has no value)."""
+    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
 
 
 def _detrended_rel_std(values: list[float]) -> float:

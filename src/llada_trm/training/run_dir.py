@@ -105,7 +105,7 @@ def archive_run_dir(directory: Path) -> Path:
     return target
 
 
-def claim_run_dir(directory: str | Path, *, force: bool = False, what: str = "train") -> Path | None:
+def claim_run_dir(directory: str | Path, *, force: bool = False) -> Path | None:
     """Make `directory` ready for a NEW run: refuse one holding a run, or with `force` archive it.
 
     Returns where the old run was archived (None when there was none). A directory another live process is
@@ -118,13 +118,13 @@ def claim_run_dir(directory: str | Path, *, force: bool = False, what: str = "tr
     if holder is not None:
         raise RunDirError(f"{directory}: {holder}; wait for it to finish or choose another output.dir")
     if not force:
-        raise taken_error(directory, what=what)
+        raise taken_error(directory)
     archived = archive_run_dir(directory)
     logger.warning("%s held a previous run: archived it as %s (--force)", directory, archived)
     return archived
 
 
-def taken_error(directory: Path, *, resumed: Path | None = None, what: str = "train") -> RunDirError:
+def taken_error(directory: Path, *, resumed: Path | None = None) -> RunDirError:
     """The one-line refusal of a new run (or a resume from elsewhere) into a directory holding a run."""
     if resumed is not None:
         return RunDirError(
@@ -134,11 +134,11 @@ def taken_error(directory: Path, *, resumed: Path | None = None, what: str = "tr
     if not has_checkpoint(directory):
         return RunDirError(
             f"{directory} holds a run that stopped before its first checkpoint; start it again from step 0 "
-            f"with `llada-trm {what} ... --resume {directory}`, archive it with --force (renamed to "
+            f"with `llada-trm train ... --resume {directory}`, archive it with --force (renamed to "
             f"{directory.name}.old-<timestamp>), or choose another output.dir"
         )
     return RunDirError(
-        f"{directory} already holds a run; continue it with `llada-trm {what} ... --resume {directory}`, "
+        f"{directory} already holds a run; continue it with `llada-trm train ... --resume {directory}`, "
         f"archive it with --force (renamed to {directory.name}.old-<timestamp>), or choose another output.dir"
     )
 
