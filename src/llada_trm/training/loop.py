@@ -125,7 +125,6 @@ __all__ = [
     "build_optimizer",
     "build_scheduler",
     "resolve_warmup_steps",
-    "run_loaders",
     "run_train",
     "trainer_from_cli",
     "warmup_cosine",
@@ -244,12 +243,25 @@ class Trainer:
                 progress=progress, masks=self.masks,
             )
             order = DrawSampler(self.sampler, self.feature_cache.n_draws)
-        loaders = run_loaders(self.config, train, order, self.eval_set, self.device)
-        self.train_loader, self.eval_loader = loaders
+        self.train_loader = self._loader(train, order)
+        self.eval_loader: DataLoader | None = None
+        if self.eval_set is not None:  # in dataset order
+            in_order = EpochSampler(len(self.eval_set), seed=t.seed, shuffle=False)
+            self.eval_loader = self._loader(self.eval_set, in_order)
         self.sampled_validation = SampledValidation.for_run(self.config)  # None unless val_sampled_problems
         self.micro_per_epoch = math.ceil(self.sampler.num_samples / t.batch_size)
         self.steps_per_epoch = math.ceil(self.micro_per_epoch / t.gradient_accumulation_steps)
         self.total_steps = t.max_steps or self.steps_per_epoch  # null: one epoch
+
+    def _loader(self, dataset: Any, sampler: Sampler) -> DataLoader:
+        """`dataset` read in `sampler`'s order with its own `collate`; the loader's seed draws use a private
+        generator, never the global torch RNG (resumability)."""
+        data, t = self.config.data, self.config.training
+        return DataLoader(
+            dataset, batch_size=t.batch_size, sampler=sampler, collate_fn=dataset.collate,
+            num_workers=data.num_workers, pin_memory=data.pin_memory and self.device.type == "cuda",
+            generator=torch.Generator().manual_seed(t.seed),
+        )
 
     def _setup_optimizer(self) -> None:
         """AdamW over the plan's groups; linear warmup then cosine decay over `total_steps`."""
@@ -578,11 +590,10 @@ class Trainer:
     def state_dict(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]] | None:
         """The run as a checkpoint holds it: `(weights, trainer_state)` on rank 0, None on the others.
 
-        Every rank calls it: under FSDP the full tensors are gathered from the shards first. The layout is
-        the single-process one whatever the world size; the position in the epoch is also stored as a
-        global example count, so that another world size can resume it. The weights are the trained
-        tensors, those init_from loaded, and the whole refiner (frozen parts too: no other file holds them,
-        and evaluation requires every one).
+        Every rank calls it (FSDP gathers the shards). The layout is the single-process one whatever the
+        world size, with the epoch position also as a global example count (another world size resumes it).
+        The weights are the trained tensors, those init_from loaded, and the whole refiner (frozen parts
+        too: no other file holds them).
         """
         t = self.config.training
         refiner = refiner_names(dict(self.model.named_parameters()))
@@ -867,14 +878,9 @@ def _detached(value: Any) -> Any:
 # -------------------------------------------------------------------------------------- data order
 
 class EpochSampler(DistributedSampler):
-    """torch's `DistributedSampler`, able to start an epoch part-way (for resuming).
-
-    An epoch's order is a permutation seeded by seed + epoch (`set_epoch`), padded by wrapping around to a
-    multiple of the world size; rank r takes positions r, r + W, r + 2W, ... So in every micro-step the W
-    ranks together read consecutive positions of the one global order, and W processes with batch b read the
-    same examples per step as one process with batch W*b. `set_epoch(epoch, start)` skips the first `start`
-    indices of this rank's shard.
-    """
+    """torch's `DistributedSampler`, able to start an epoch part-way (for resuming): `set_epoch(epoch,
+    start)` skips the first `start` indices of this rank's shard. W processes with batch b read the same
+    examples per step as one process with batch W*b (docs/distributed.md, "Data")."""
 
     def __init__(self, size: int, *, seed: int, shuffle: bool = True, rank: int = 0, world_size: int = 1):
         if size < 1:
@@ -917,26 +923,6 @@ class DrawSampler(Sampler[tuple[int, int]]):
 
     def __len__(self) -> int:
         return len(self.examples)
-
-
-def run_loaders(
-    config: RunConfig, train: Dataset, order: Sampler, eval_set: Dataset | None, device: torch.device
-) -> tuple[DataLoader, DataLoader | None]:
-    """The run's loaders: `train` read in `order` (the epoch sampler, or its (example, draw) pairs for the
-    feature cache) and the validation set, if any, in dataset order. Each dataset brings its `collate`; a
-    loader's seed draws use a private generator, never the global torch RNG (resumability)."""
-    data, t = config.data, config.training
-
-    def loader(dataset: Any, sampler: Sampler) -> DataLoader:
-        return DataLoader(
-            dataset, batch_size=t.batch_size, sampler=sampler, collate_fn=dataset.collate,
-            num_workers=data.num_workers, pin_memory=data.pin_memory and device.type == "cuda",
-            generator=torch.Generator().manual_seed(t.seed),
-        )
-
-    if eval_set is None:
-        return loader(train, order), None
-    return loader(train, order), loader(eval_set, EpochSampler(len(eval_set), seed=t.seed, shuffle=False))
 
 
 # --------------------------------------------------------------------------------- the command

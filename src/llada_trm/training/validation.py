@@ -248,9 +248,8 @@ def reachability_report(
     device: torch.device,
     max_batches: int | None = None,
 ) -> dict[str, Any]:
-    """Which of the backbone's wrong tokens on validation can the run's update budget flip?
-
-    `model.reachability` states the bound.
+    """Which of the backbone's wrong tokens on validation can the run's update budget flip
+    (`model.reachability` states the bound)?
 
     Validation rows are masked as the run trains (`training.masks`, seeded by `data.validation_seed`); a token
     is wrong where the frozen backbone's argmax differs from the target. Returns the required bounds' summary:
