@@ -51,7 +51,7 @@ from llada_trm.training.feature_cache import (
 )
 from llada_trm.training.freezing import apply_freezing
 from llada_trm.training.loop import EpochSampler, build_optimizer
-from llada_trm.training.objective import LossWeights, diffusion_objective
+from llada_trm.training.objective import diffusion_objective
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "configs" / "tiny_refiner.yaml"
@@ -165,7 +165,6 @@ def train_path(
         model, phase=1, trainable_modules=p.trainable_modules, lr=t.lr, backbone_lr=t.backbone_lr,
     )
     optimizer = build_optimizer(plan.groups, weight_decay=t.weight_decay, betas=t.adam_betas, eps=t.adam_eps)
-    weights = LossWeights.from_params(p)
     params = [q for group in optimizer.param_groups for q in group["params"]]
     model.train()
     model.backbone.eval()
@@ -175,8 +174,8 @@ def train_path(
         with autocast(model.backbone.device, mixed):
             batch, noise, features = next(batches)
             result = diffusion_objective(
-                model, batch, mask_id=model.mask_token_id, weights=weights, backbone_frozen=True,
-                chunk_size=config.model.chunk_size, noise=noise, features=features,
+                model, batch, mask_id=model.mask_token_id, deep_supervision=p.deep_supervision_weight,
+                orthogonality=p.orthogonality_weight, backbone_frozen=True, noise=noise, features=features,
             )
         result.loss.backward()
         torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm)

@@ -31,7 +31,7 @@ from llada_trm.training.feature_cache import (
     write_feature_cache,
 )
 from llada_trm.training.loop import Trainer
-from llada_trm.training.objective import LossWeights, diffusion_objective
+from llada_trm.training.objective import diffusion_objective
 
 SEED = 7
 
@@ -91,8 +91,7 @@ def step(model, batch, noise, features=None) -> tuple[torch.Tensor, dict[str, to
     """One objective evaluation + backward: (loss, refiner gradients)."""
     model.zero_grad(set_to_none=True)
     result = diffusion_objective(
-        model, batch, mask_id=model.mask_token_id, weights=LossWeights(), backbone_frozen=True,
-        chunk_size=8, noise=noise, features=features,
+        model, batch, mask_id=model.mask_token_id, backbone_frozen=True, noise=noise, features=features,
     )
     result.loss.backward()
     grads = {n: p.grad.clone() for n, p in model.refinement_head.named_parameters() if p.grad is not None}

@@ -97,7 +97,6 @@ from llada_trm.training.metrics import (
     require_tensorboard,
 )
 from llada_trm.training.objective import (
-    LossWeights,
     TrainStep,
     training_masks_for_run,
 )
@@ -213,9 +212,10 @@ class Trainer:
         self.token_text = TokenText(self.tokenizer.decode)  # the answers' structure, for result_accuracy
         # Last: FSDP swaps every parameter for its shard, and the optimizer is built from what it leaves.
         self.strategy = resolve_strategy(config.advanced.distributed, phase=config.training.phase)
+        p = config.training_params
         step = TrainStep(
-            self.model, mask_id=self.mask_id, weights=LossWeights.from_params(config.training_params),
-            backbone_frozen=self.plan.backbone_frozen, chunk_size=config.model.chunk_size,
+            self.model, mask_id=self.mask_id, deep_supervision=p.deep_supervision_weight,
+            orthogonality=p.orthogonality_weight, backbone_frozen=self.plan.backbone_frozen,
         )
         self.engine = wrap_run(step, self.plan, self.strategy, device=self.device, param_dtype=self.amp_dtype)
 

@@ -35,24 +35,10 @@ from llada_trm.model.hybrid import (
 )
 
 __all__ = [
-    "LossWeights",
     "ObjectiveResult",
     "diffusion_objective",
     "training_masks_for_run",
 ]
-
-@dataclass(frozen=True)
-class LossWeights:
-    deep_supervision: float = 0.3
-    orthogonality: float = 0.01
-
-    @classmethod
-    def from_params(cls, params: TrainingParamsConfig) -> LossWeights:
-        """The weights a run's `training_params` section sets."""
-        return cls(
-            deep_supervision=params.deep_supervision_weight,
-            orthogonality=params.orthogonality_weight,
-        )
 
 
 @dataclass
@@ -71,13 +57,14 @@ def diffusion_objective(  # noqa: PLR0913 - the trainer's keywords, each optiona
     batch: Mapping[str, Tensor],
     *,
     mask_id: int,
-    weights: LossWeights,
+    deep_supervision: float = TrainingParamsConfig.deep_supervision_weight,
+    orthogonality: float = TrainingParamsConfig.orthogonality_weight,
     backbone_frozen: bool = False,
-    chunk_size: int | None = None,
     noise: tuple[Tensor, Tensor, Tensor] | None = None,
     features: BackboneFeatures | None = None,
 ) -> ObjectiveResult:
-    """Noise `batch` with LLaDA's forward process, run the hybrid model, and compute every loss term.
+    """Noise `batch` with LLaDA's forward process, run the hybrid model, and compute every term of L (the
+    module docstring) with its weights.
 
     `model` is an `LLaDATRMHybrid` (DDP and FSDP wrap `TrainStep`, around this call). With `backbone_frozen`
     the backbone runs under `torch.no_grad()`: phase 1 never builds a graph through the 8B part. The padding
@@ -87,50 +74,17 @@ def diffusion_objective(  # noqa: PLR0913 - the trainer's keywords, each optiona
     `feature_cache.draw_noise`); `features` (the frozen backbone's outputs for that noise, from the feature
     cache) replace the backbone pass, so only the refiner and the LM head run.
     """
-    input_ids = batch["input_ids"]
+    input_ids, answer_lengths = batch["input_ids"], batch["answer_lengths"]
     if noise is None:
         noise = forward_process(input_ids, batch["prompt_lengths"], mask_id)
     noisy, masked, p_mask = noise
-    output = _forward(model, noisy, masked, backbone_frozen=backbone_frozen, features=features)
-    terms = _loss_terms(model, output, batch, masked, p_mask, weights, chunk_size)
-    loss = terms["loss"]
-    return ObjectiveResult(
-        loss=loss,
-        terms={name: value.detach() for name, value in terms.items()},
-        output=output,
-        masked=masked,
-        tokens=int(input_ids.numel()),
-    )
-
-
-def _forward(
-    model: nn.Module,
-    noisy: Tensor,
-    masked: Tensor,
-    *,
-    backbone_frozen: bool,
-    features: BackboneFeatures | None,
-) -> HybridOutput:
-    """The model's output on `noisy` (from `features` when given); a frozen backbone runs without a graph."""
     if features is None and not backbone_frozen:
-        return model(noisy, masked=masked)
-    if features is None:
-        with torch.no_grad():
-            features = model.features(noisy)
-    return model.refine(features, masked)
-
-
-def _loss_terms(
-    core: nn.Module,
-    output: HybridOutput,
-    batch: Mapping[str, Tensor],
-    masked: Tensor,
-    p_mask: Tensor,
-    weights: LossWeights,
-    chunk_size: int | None,
-) -> dict[str, Tensor]:
-    """Every term of L (the module docstring) for one output, with graph."""
-    input_ids, answer_lengths = batch["input_ids"], batch["answer_lengths"]
+        output = model(noisy, masked=masked)
+    else:
+        if features is None:
+            with torch.no_grad():
+                features = model.features(noisy)
+        output = model.refine(features, masked)
 
     token_weights = batch.get("token_weights")  # e.g. pretraining's object nouns; None: LLaDA's loss
 
@@ -143,20 +97,23 @@ def _loss_terms(
     zero = loss_final.new_zeros(())
     intermediate = output.step_logits[:-1]
     loss_ds = torch.stack([sft_loss(logits) for logits in intermediate]).mean() if intermediate else zero
-    has_refiner = bool(output.step_logits) or bool(getattr(core, "refinement_head", None))
-    loss_ortho = core.orthogonality_loss().float() if has_refiner and weights.orthogonality > 0 else zero
+    has_refiner = bool(output.step_logits) or bool(getattr(model, "refinement_head", None))
+    loss_ortho = model.orthogonality_loss().float() if has_refiner and orthogonality > 0 else zero
 
     loss = (
         loss_final
-        + weights.deep_supervision * loss_ds
-        + weights.orthogonality * loss_ortho
+        + deep_supervision * loss_ds
+        + orthogonality * loss_ortho
     )
-    return {
-        "loss": loss,
-        "loss_final": loss_final,
-        "loss_deep_supervision": loss_ds,
-        "loss_orthogonality": loss_ortho,
-    }
+    terms = {"loss": loss, "loss_final": loss_final, "loss_deep_supervision": loss_ds,
+             "loss_orthogonality": loss_ortho}  # fmt: skip
+    return ObjectiveResult(
+        loss=loss,
+        terms={name: value.detach() for name, value in terms.items()},
+        output=output,
+        masked=masked,
+        tokens=int(input_ids.numel()),
+    )
 
 
 # ------------------------------------------------------------------------ the run's masks
