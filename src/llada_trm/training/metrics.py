@@ -91,9 +91,10 @@ class MetricsWriter:
         self.path = Path(path)
         self.columns: list[str] = list(columns)
         if self.path.is_file() and self.path.stat().st_size > 0:
-            if self._torn():  # drop the partial last line a power cut left
-                write_bytes_atomic(self.path, self._text().encode("utf-8"))
-            existing = self._read_header()
+            data = self.path.read_bytes()
+            if not data.endswith(b"\n"):  # drop the partial last line a power cut left
+                write_bytes_atomic(self.path, data[: data.rfind(b"\n") + 1])
+            existing = next(csv.reader(io.StringIO(self._text(), newline="")), [])
             self.columns = existing + [c for c in self.columns if c not in existing]
             if len(self.columns) != len(existing):
                 self._rewrite(self.read())
@@ -129,11 +130,6 @@ class MetricsWriter:
         text = self.path.read_bytes().decode("utf-8", errors="replace")
         return text[: text.rfind("\n") + 1]
 
-    def _torn(self) -> bool:
-        with open(self.path, "rb") as handle:
-            handle.seek(-1, os.SEEK_END)
-            return handle.read(1) != b"\n"
-
     def truncate_after(self, step: int) -> int:
         """Drop rows logged after `step` (a resumed run re-logs them); returns how many were dropped."""
         rows = self.read()
@@ -141,9 +137,6 @@ class MetricsWriter:
         if len(kept) != len(rows):
             self._rewrite(kept)
         return len(rows) - len(kept)
-
-    def _read_header(self) -> list[str]:
-        return next(csv.reader(io.StringIO(self._text(), newline="")), [])
 
     def _rewrite(self, rows: list[dict[str, str]]) -> None:
         buffer = io.StringIO()

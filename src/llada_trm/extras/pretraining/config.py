@@ -90,13 +90,8 @@ class TaskConfig(_Section):
         arithmetic one of the `arithmetic:` section (its own knobs and seed; n_train / n_eval from here)."""
         if self.dataset == "arithmetic":
             return self.arithmetic
-        return SyntheticTaskConfig(
-            min_steps=self.min_steps,
-            max_steps=self.max_steps,
-            max_number=self.max_number,
-            max_result=self.max_result,
-            seed=self.seed,
-        )
+        knobs = {"min_steps", "max_steps", "max_number", "max_result", "seed"}
+        return SyntheticTaskConfig(**self.model_dump(include=knobs))
 
 
 class StopAt(_Section):
