@@ -26,7 +26,6 @@ from safetensors.torch import save_file
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from llada_trm.build import apply_backbone_options, backbone_dtype, build_datasets, build_model, start_run
 from llada_trm.config import RunConfig
 from llada_trm.data.collate import EncodedExample, collate_batch
 from llada_trm.diffusion.forward_process import TrainingMasks, draw_noise
@@ -35,9 +34,7 @@ from llada_trm.errors import ConfigError
 from llada_trm.io import DTYPES, atomic_path, remove_directory, sweep_temporaries, write_text_atomic
 from llada_trm.model.hybrid import BackboneFeatures, LLaDATRMHybrid
 from llada_trm.progress import Bar, progress_bar
-from llada_trm.run_checkpoint import init_from_config
-from llada_trm.training.freezing import FreezePlan, freeze_for_run
-from llada_trm.training.objective import training_masks_for_run
+from llada_trm.training.freezing import FreezePlan
 
 __all__ = [
     "FeatureCache",
@@ -578,23 +575,13 @@ def require_frozen_backbone(plan: FreezePlan, setting: str = "advanced.feature_c
 def build_feature_cache(config: RunConfig, *, progress: bool = True, rebuild: bool = False) -> Path:
     """`llada-trm cache --config FILE`: build (or resume, or confirm) the run's feature cache; its directory.
 
-    The run is assembled by `llada_trm.build` in the trainer's order (device, precision and seed, backbone,
-    `training.init_from`, freezing plan, data), so the cache is the one training will accept; no optimizer
-    is built. `rebuild=True` deletes an existing cache first: only a feature cache (`remove_store`).
+    The trainer's own setup builds it (no step is taken), so the cache is the one training will accept.
+    `rebuild=True` deletes an existing cache first: only a feature cache (`remove_store`).
     """
+    from llada_trm.training.loop import Trainer  # the loop reads caches through this module
+
     if rebuild:
         remove_store(cache_directory(config))
     config = config.model_copy(deep=True)
     config.advanced.feature_cache = True
-    device, amp_dtype = start_run(config)
-    built = build_model(config, device=device, dtype=backbone_dtype(config, amp_dtype))
-    init_from_config(built.model, config, backbone_dir=built.backbone_dir)
-    apply_backbone_options(built.model, config)
-    require_frozen_backbone(freeze_for_run(built.model, config))
-    train_set, _ = build_datasets(config.data, built.tokenizer)
-    cache = prepare_feature_cache(
-        config, built.model, train_set.examples, backbone_dir=built.backbone_dir, pad_id=train_set.pad_id,
-        device=device, autocast_dtype=amp_dtype, progress=progress and is_main_process(),
-        masks=training_masks_for_run(config, built.model, built.tokenizer, device),
-    )
-    return cache.directory
+    return Trainer(config, progress=progress).feature_cache.directory
