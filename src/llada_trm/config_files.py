@@ -41,7 +41,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
 
 def apply_overrides(data: dict[str, Any], overrides: Iterable[str]) -> dict[str, Any]:
     """Set each `a.b=c` override into a copy of the raw config dict (validation happens afterwards)."""
-    result = _deep_copy(data)
+    result = plain(data)
     for text in overrides:
         parts, value = parse_override(text)
         node = result
@@ -90,7 +90,7 @@ def load_schema(
 
 def dump_yaml(data: Any) -> str:
     """Plain safe YAML (tuples as lists); lists of plain values on one line."""
-    return yaml.dump(_plain(data), Dumper=_Dumper, sort_keys=False, width=110)
+    return yaml.dump(plain(data), Dumper=_Dumper, sort_keys=False, width=110)
 
 
 class _Dumper(yaml.SafeDumper):
@@ -105,18 +105,11 @@ def _represent_list(dumper: yaml.SafeDumper, data: list[Any]) -> yaml.Node:
 _Dumper.add_representer(list, _represent_list)
 
 
-def _plain(value: Any) -> Any:
-    """Tuples become lists so that `yaml.safe_dump` writes plain YAML."""
-    if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
+def plain(value: Any) -> Any:
+    """A copy of nested mappings and sequences as plain dicts and lists (what YAML writes and reads);
+    shared (aliased) nodes become separate copies, so that editing one leaves the other."""
+    if isinstance(value, Mapping):
+        return {k: plain(v) for k, v in value.items()}
     if isinstance(value, list | tuple):
-        return [_plain(v) for v in value]
+        return [plain(v) for v in value]
     return value
-
-
-def _deep_copy(data: Any) -> Any:
-    if isinstance(data, Mapping):
-        return {k: _deep_copy(v) for k, v in data.items()}
-    if isinstance(data, list):
-        return [_deep_copy(v) for v in data]
-    return data
