@@ -14,8 +14,8 @@ import yaml
 from tiny_assets import compare_yaml, tiny_backbone
 
 from llada_trm.cli import main
-from llada_trm.config_files import parse_override
 from llada_trm.errors import CheckpointError, ConfigError
+from llada_trm.schema import parse_override
 
 
 @pytest.fixture(scope="module")

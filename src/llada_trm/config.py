@@ -1,18 +1,9 @@
-"""The schema of a training run: YAML in, a validated `RunConfig` out.
+"""The schema of a training run: YAML in, a validated `RunConfig` out (docs/settings.md).
 
-Every section forbids unknown keys, so a typo such as `training.learnig_rate` is an error (with a suggestion)
-instead of a silently ignored setting. Errors are one line that names the file and the key's dotted path.
-
-The model-side types are embedded, not copied: `model:` is a `HybridConfig` (plus the backbone and its
-dtype) whose `slot:` / `mlp:` are the refiners' `SlotSettings` / `MLPSettings`, and `data.synthetic:` is the
-generator's `SyntheticTaskConfig` (plus the split sizes). Each field is declared and validated once, where
-the model reads it. Numbers follow `llada_trm.schema` (`lr: 5e-4` is a float, although YAML 1.1 disagrees).
-
-The schema holds what a researcher sets (`settings_count`: the leaf fields). Settings that no config varied
-and no study found useful are retired (issue 25): each is a class constant (`ClassVar`) of its section, so
-code still reads `config.training.adam_eps`, but no file or `--set` can change it; `retired_settings()`
-lists them with their values (docs/settings.md), and a file that names one fails with one line naming
-`llada-trm convert`, which rewrites it (`llada_trm.convert`).
+The model-side types are embedded, not copied (`model:` is a `HybridConfig`, `data.synthetic:` the
+generator's config), so each field is declared and validated once, where the code reads it. A retired
+setting is a class constant (`ClassVar`) of its section: code still reads `config.training.adam_eps`, but no
+file or `--set` can change it, and a file that names one is told to run `llada-trm convert`.
 """
 
 from __future__ import annotations
@@ -25,14 +16,6 @@ from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal, get_type_hi
 
 from pydantic import BaseModel, BeforeValidator, Field, PrivateAttr, create_model, model_validator
 
-from llada_trm.config_files import (
-    SchemaT,
-    apply_overrides,
-    dump_yaml,
-    load_schema,
-    parse_override,
-    parse_schema,
-)
 from llada_trm.data.arithmetic import ArithmeticTaskConfig
 from llada_trm.data.synthetic import (
     DEFAULT_CONTAINERS,
@@ -57,6 +40,12 @@ from llada_trm.schema import (
     NonNegInt,
     PosFloat,
     PosInt,
+    SchemaT,
+    apply_overrides,
+    dump_yaml,
+    load_schema,
+    parse_override,
+    parse_schema,
     register_retired,
     to_float,
     to_int,
@@ -94,7 +83,6 @@ __all__ = [
     "settings_keys",
 ]
 
-# The shared number types (llada_trm.schema), also importable from here by the other commands' schemas.
 __all__ += ["Float", "Fraction", "Int", "NonNegFloat", "NonNegInt", "PosFloat", "PosInt"]
 _to_float, _to_int = to_float, to_int
 
@@ -103,17 +91,8 @@ _to_float, _to_int = to_float, to_int
 
 
 class ModelConfig(HybridConfig):
-    """What to build: the backbone to load and the refiners (`HybridConfig`'s fields).
-
-    The backbone's precision is derived (`dtype` 'auto', a class constant since issue 25:
-    `build.choose_backbone_dtype`: fp32 when the backbone trains, bf16 under bf16 compute, else as its
-    checkpoint stores it or fp32); `generate`, `evaluate` and `export` keep `--dtype`.
-    `confidence_threshold`: chunks whose backbone confidence (mean max-probability over their masked
-    positions) is below it are refined; above 1 refines every chunk. `context_layers`: backbone layers whose
-    attention contexts feed the slot refiner ([] = only the refiner's own blocks). `HybridConfig` documents
-    every field; the keys issue 25 retired are `RETIRED_MODEL` (derived, constant, or a lever that left the
-    tree: docs/settings.md, docs/levers.md).
-    """
+    """What to build: the backbone to load and the refiners (`HybridConfig` documents each field). The
+    backbone's precision is derived (`build.choose_backbone_dtype`)."""
 
     backbone: str = Field(
         default="embedded",
@@ -127,12 +106,10 @@ class ModelConfig(HybridConfig):
         return HybridConfig(**self.model_dump(include=set(HybridConfig.model_fields)))
 
 
-# Old `model.*` key -> its value now (`model.hybrid_config.RETIRED_MODEL_SETTINGS`): no longer settings, and
-# not class constants either (the refiners' constants are their build configs' defaults,
-# `model.refiners.config`).
-# `llada-trm convert` drops one at that value and refuses another (`convert.convert_model_section`).
+# Old `model.*` key -> its value now: not class constants (the refiners' constants are their build configs'
+# defaults); `llada-trm convert` drops one at that value and refuses another.
 RETIRED_MODEL: dict[str, Any] = {f"model.{key}": value for key, value in RETIRED_MODEL_SETTINGS.items()}
-# A legacy spelling the converter rewrites (`convert.RENAMED`); a file that still uses it is told to convert.
+# A legacy spelling `convert.RENAMED` rewrites.
 register_retired(["model.halt_on_confidence"])
 
 
@@ -152,14 +129,8 @@ Draws = Annotated[int, BeforeValidator(to_int), Field(ge=1, le=1024)]  # cached 
 
 
 class SyntheticDataConfig(SyntheticTaskConfig):
-    """The generated GSM8K-style task (`llada_trm.data.SyntheticTaskConfig`); `data.n_train` /
-    `data.n_eval` say how many problems each split gets.
-
-    Fixed (class constants, not keys): the task the embedded backbone was pretrained on
-    (configs/tiny_backbone*.yaml), which every shipped run config set (issue 25): 1-2 operations a problem,
-    numbers up to 12, results up to 100; and the generator's vocabulary, operations, seed and test share.
-    A task whose difficulty a study varies is the arithmetic one (`data.arithmetic`).
-    """
+    """The generated GSM8K-style task, fixed at the one the embedded backbone was pretrained on; a study that
+    varies a task's difficulty uses `data.arithmetic`."""
 
     min_steps: ClassVar[int] = 1
     max_steps: ClassVar[int] = 2
@@ -176,8 +147,7 @@ class SyntheticDataConfig(SyntheticTaskConfig):
 
 
 class ArithmeticDataConfig(ArithmeticTaskConfig):
-    """The generated arithmetic task (`llada_trm.data.arithmetic`); the carry bounds, seed and test share
-    are fixed (`retired_settings`)."""
+    """The generated arithmetic task (`llada_trm.data.arithmetic`)."""
 
     min_carries: ClassVar[int] = 0
     seed: ClassVar[int] = 0
@@ -186,14 +156,9 @@ class ArithmeticDataConfig(ArithmeticTaskConfig):
 
 
 class DataConfig(_Section):
-    """Which records to train on and how to batch them: GSM8K, the generated GSM8K-style task (`synthetic`)
-    or the generated arithmetic task (`arithmetic`), each generated one with its own section.
-
-    `n_train` training and `n_eval` validation problems (each at most MAX_PROBLEMS): of a generated task,
-    the first ones of its train and validation splits (a task too small for the count is refused when the
-    problems are drawn); of GSM8K, the first `n_train` of its train split and the last `n_eval` of it
-    (`train_split` / `eval_split`: validation never reads test; disjoint while n_train + n_eval <= 7473).
-    """
+    """Which problems to train and validate on: of a generated task, the first `n_train` / `n_eval` of its
+    train and validation splits; of GSM8K, the first `n_train` of its train split and the last `n_eval` of it
+    (validation never reads test)."""
 
     dataset: Literal["gsm8k", "synthetic", "arithmetic"] = "synthetic"
     path: str | None = Field(
@@ -202,9 +167,7 @@ class DataConfig(_Section):
     n_train: Annotated[ProblemCount, Field(ge=1)] = 2000
     n_eval: ProblemCount = 100
     max_length: PosInt = Field(default=256, description="at most the backbone's max_sequence_length")
-    # Fixed (retired): the validation masks' seed, apart from training.seed so that runs with
-    # different training seeds are validated on the same noised examples; the records are tokenized in
-    # memory (batches of token ids), so the loader needs no worker processes nor pinned memory.
+    # apart from training.seed: runs with different seeds are validated on the same noised examples
     validation_seed: ClassVar[int] = 0
     num_workers: ClassVar[int] = 0
     pin_memory: ClassVar[bool] = False
@@ -239,12 +202,7 @@ DEFAULT_DEVICE, DEFAULT_LOG_EVERY = "auto", 10  # `--device`, `--log-every` unle
 
 
 class TrainingConfig(_Section):
-    """Optimisation: phase, learning rates, batch geometry, schedule and bookkeeping intervals.
-
-    init_from: a run directory or checkpoint directory whose saved weights (the refiner's, and the backbone's
-        when that run trained some) initialise this run before training, e.g. phase 2/3 from phase 1. Unlike
-        `--resume` it restores no optimizer, schedule or step.
-    """
+    """Optimisation: phase, learning rates, batch geometry, schedule and bookkeeping intervals."""
 
     phase: Literal[1, 2, 3] = 1
     lr: NonNegFloat = 5e-4
@@ -260,7 +218,9 @@ class TrainingConfig(_Section):
     mixed_precision: Literal["auto", "bf16", "fp32"] = "auto"
     eval_every: NonNegInt = 100
     save_every: NonNegInt = 500
-    init_from: str | None = None
+    init_from: str | None = Field(
+        default=None, description="a run or checkpoint whose saved weights start this run (not --resume)"
+    )
     val_sampled_problems: NonNegInt = Field(
         default=0,
         description="validation problems answered with the run's `sampling` settings at every validation "
@@ -273,10 +233,6 @@ class TrainingConfig(_Section):
         "leaves it, or the positions the frozen backbone gets wrong in a teacher-forced probe",
     )
 
-    # Fixed (retired): AdamW's and the schedule's constants (the cosine decays to 0; pretraining sets its
-    # own floor, `extras.pretraining`) and forward-process rows mixed into targeted masks (docs/settings.md:
-    # no gain in recipe selection; the mechanism stays for another study:
-    # `diffusion.forward_process.MaskDistribution.forward_mix`, `Trainer` with `fixed_settings`).
     warmup_ratio: ClassVar[float] = 0.05
     min_lr_ratio: ClassVar[float] = 0.0
     weight_decay: ClassVar[float] = 0.01
@@ -285,20 +241,13 @@ class TrainingConfig(_Section):
     max_grad_norm: ClassVar[float] = 1.0
     forward_mix: ClassVar[float] = 0.0
 
-    # Flags of the command, not settings (issue 25; `FLAGS`): where the run computes (auto: cuda when torch
-    # sees one, else cpu; under torchrun each rank its own GPU) and how often it logs a training row.
-    # `llada-trm train --device/--log-every` (and `compare --device`) set them for the command.
+    # flags of the command, not settings (`FLAGS`)
     device: ClassVar[str] = DEFAULT_DEVICE
     log_every: ClassVar[int] = DEFAULT_LOG_EVERY
 
 
 class TrainingParamsConfig(_Section):
-    """What is trained (`trainable_modules`, whole: layer norms and refiner blocks included).
-
-    Fixed (retired): the objective's weights (`training.objective`): deep supervision 0.3 and the slot
-    projections' orthogonality 0.01 (TRM's; every shipped config and study used them), and the learned
-    halting head's BCE 1.0 (its gradient is its own: the weight only scales it against gradient clipping).
-    """
+    """What is trained (`trainable_modules`, whole: layer norms and refiner blocks included)."""
 
     trainable_modules: list[str] = Field(default_factory=lambda: ["refinement_head"])
 
@@ -311,19 +260,9 @@ class TrainingParamsConfig(_Section):
 
 
 class AdvancedConfig(_Section):
-    """Speed/memory switches.
+    """Speed/memory switches."""
 
-    feature_cache: phase 1 trains on the frozen backbone's outputs computed once and stored
-        (docs/feature_cache.md) in <output.dir>/feature_cache (hidden states and contexts as bfloat16).
-
-    Fixed (retired): no gradient checkpointing (set by no config: phase 1 runs the frozen backbone without
-    a graph; `config.fixed_settings` turns it on for a phase-2/3 run at 8B), one noise draw per cached
-    example (`cache_noise_draws`; every epoch re-reads it), the health checks always on (`training.health`:
-    they only warn; docs/troubleshooting.md), and `distributed` 'auto' (under torchrun: DDP in phases 1
-    and 2, FSDP in phase 3; docs/distributed.md).
-    """
-
-    feature_cache: bool = False
+    feature_cache: bool = False  # phase 1 on the stored backbone outputs (docs/feature_cache.md)
 
     gradient_checkpointing: ClassVar[bool] = False
     cache_noise_draws: ClassVar[int] = 1
@@ -335,19 +274,12 @@ class AdvancedConfig(_Section):
 
 
 class OutputConfig(_Section):
-    """Where the run writes metrics, checkpoints and its resolved config.
-
-    save_best: the validation_metrics.csv column that picks checkpoints/best: the validation `loss` (the
-    default), a masked accuracy, or `sampled_accuracy` (strict accuracy of sampled answers, which is what a
-    comparison reports; needs training.val_sampled_problems > 0).
-
-    Fixed (retired): only `last` and `best` are kept (`keep_last` 0, set by no config; the numbered
-    copies' code stays), and TensorBoard is off unless `llada-trm train --tensorboard` asks for it (the
-    CSVs stay the run's record).
-    """
+    """Where the run writes metrics, checkpoints and its resolved config."""
 
     dir: str = "runs/run"
-    save_best: str = Field(default="loss", description="a validation_metrics.csv column")
+    save_best: str = Field(
+        default="loss", description="the validation_metrics.csv column that picks checkpoints/best"
+    )
 
     keep_last: ClassVar[int] = 0
     tensorboard: ClassVar[bool] = False
@@ -362,13 +294,8 @@ class OutputConfig(_Section):
 
 
 class _SamplingSection(_Section):
-    """LLaDA's sampler settings of a run (`diffusion.options.SamplingOptions`, less the tokenizer's ids).
-
-    One place for them: the trainer's sampled-accuracy validation and `compare` read this section, and a
-    run's saved config.yaml records it. The batch of problems sampled together is the run's
-    `training.batch_size` (derived, set by `RunConfig`); the temperature is 0 (greedy: every shipped
-    config), the other fixed options LLaDA's defaults.
-    """
+    """LLaDA's sampler settings of a run (`diffusion.options.SamplingOptions`), read by the sampled
+    validation and `compare`; it samples in the training batch (derived, set by `RunConfig`)."""
 
     _batch_size: int = PrivateAttr(default=16)
 
@@ -389,9 +316,7 @@ class _SamplingSection(_Section):
         return SamplingOptions(**self.model_dump(), batch_size=self._batch_size)
 
 
-# SamplingOptions' settings a run does not set: LLaDA's reference options that no study changes keep the
-# options' defaults (`retired_settings`), and the batch is the training batch; `llada-trm generate` still
-# takes them as flags.
+# SamplingOptions' settings a run does not set (`llada-trm generate` still takes them as flags)
 SAMPLING_FIXED = (
     "remasking", "cfg_scale", "seed", "logits_eos_inf", "confidence_eos_eot_inf", "temperature", "batch_size"
 )
@@ -414,10 +339,8 @@ SamplingConfig = create_model("SamplingConfig", __base__=_SamplingSection, **_sa
 
 
 class RunLoraConfig(_Section):
-    """The run's `lora:` section (`model.lora.LoraConfig` documents the adapters): `rank` > 0 trains
-    LoRA adapters of that rank on the backbone in phases 2 and 3; 0 (the default) trains none. The scale's
-    numerator, dropout and the targeted layers are fixed (retired): alpha 16, no dropout, every linear
-    layer of a block."""
+    """The run's `lora:` section (`model.lora.LoraConfig`): `rank` > 0 trains adapters of that rank on the
+    backbone in phases 2 and 3; 0 trains none."""
 
     rank: Annotated[int, BeforeValidator(to_int), Field(ge=0, le=4096)] = 0
 
@@ -465,17 +388,14 @@ class RunConfig(_Section):
 
 # ---------------------------------------------------------------------------------------- settings count
 
-# Settings the schema had before the redesign (issue 25) that are neither class constants of a section nor
-# in `training.health`: old key -> its value now (the converter drops it when an old file agrees).
+# Old settings now derived: old key -> its value now
 RETIRED_DERIVED: dict[str, Any] = {
     "output.best_mode": "auto",  # derived from output.save_best: losses minimised, the rest maximised
 }
 # The health checks' thresholds (old `advanced.health.<name>`) are named constants of `training.health`.
 RETIRED_SECTIONS = ("advanced.health",)
 
-# Levers whose code left the tree in issue 25 (docs/levers.md; commit a36ffb7 still has them): old key ->
-# the value that meant "off". `llada-trm convert` drops a key at that value and refuses any other in one
-# line (the mechanism is gone, so no converted run could honour it).
+# Levers whose code left the tree (docs/levers.md): old key -> the value that meant "off"
 REMOVED_LEVERS: dict[str, Any] = {
     "training.sampler_state_ratio": 0.0,
     "advanced.sampler_states_dir": None,
@@ -495,8 +415,7 @@ REMOVED_LEVERS: dict[str, Any] = {
     "training.ema_decay": 0.0,  # the weights' EMA (commit e132646 has it)
 }
 
-# Settings replaced by another setting or derived from the run (issue 25): old key -> what replaces it.
-# `llada-trm convert` moves each (`convert.REPLACED_RULES`).
+# Settings replaced by another setting or derived from the run: old key -> what replaces it
 REPLACED: dict[str, str] = {
     "data.synthetic.n_train": "data.n_train",
     "data.synthetic.n_eval": "data.n_eval",
@@ -512,9 +431,8 @@ REPLACED: dict[str, str] = {
     "model.mlp.delta_scale": "model.delta_scale (one update scale for both refiners)",
 }
 
-# Settings that became flags of the command (issue 25): old key -> (the flag, its default). Each is a class
-# constant of its section, which the command sets for its own duration (`fixed_settings`); the run's
-# config.yaml does not record them (where a run computes and how often it logs do not make it another run).
+# Settings that became flags of the command: old key -> (the flag, its default). Each is a class constant
+# the command sets for its own duration (`fixed_settings`); a run's config.yaml does not record them.
 FLAGS: dict[str, tuple[str, Any]] = {
     "training.device": ("--device", DEFAULT_DEVICE),
     "training.log_every": ("--log-every", DEFAULT_LOG_EVERY),
@@ -548,9 +466,8 @@ def settings_count(schema: type[BaseModel] = RunConfig) -> int:
 
 
 def retired_settings() -> dict[str, Any]:
-    """Old dotted key -> the value it is fixed at now: the class constants (`ClassVar`) of RunConfig's
-    sections, which replaced settings, `RETIRED_DERIVED` (the health thresholds: `training.health`) and
-    the model's `RETIRED_MODEL`."""
+    """Old dotted key -> the value it is fixed at now: the class constants of RunConfig's sections,
+    `RETIRED_DERIVED` and `RETIRED_MODEL`."""
     fixed = {
         f"{path}{name}": getattr(section, name)
         for path, section in _sections(RunConfig)
@@ -562,10 +479,9 @@ def retired_settings() -> dict[str, Any]:
 
 @contextmanager
 def fixed_settings(values: Mapping[str, Any]) -> Iterator[None]:
-    """Within the block, retired settings take other values (`{"output.keep_last": 2}`): the one hook
-    by which a test or an experiment still reaches a retired lever's code, and by which a command applies
-    its flags (`FLAGS`: `{"training.device": "cpu"}`). Process-wide (the values are class constants),
-    restored on exit; a key that is not retired is a `ConfigError`."""
+    """Within the block, retired settings take other values (`{"output.keep_last": 2}`): the hook by
+    which a test or an experiment reaches a retired lever's code, and a command applies its flags (`FLAGS`).
+    Process-wide (class constants), restored on exit."""
     retired = retired_settings()
     owners = {path: section for path, section in _sections(RunConfig)}
     changed: list[tuple[type[BaseModel], str, Any]] = []

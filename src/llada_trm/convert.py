@@ -29,12 +29,11 @@ from llada_trm.config import (
     parse_config,
     retired_settings,
 )
-from llada_trm.config_files import dump_yaml, plain
 from llada_trm.errors import ConfigError, UserError
 from llada_trm.io import write_text_atomic
 from llada_trm.model.hybrid_config import HybridConfig
 from llada_trm.model.refiners.config import DELTA_SCALE
-from llada_trm.schema import read_yaml
+from llada_trm.schema import dump_yaml, plain, read_yaml
 
 __all__ = ["Conversion", "convert_config", "convert_path", "health_thresholds"]
 
