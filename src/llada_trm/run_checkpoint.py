@@ -1,32 +1,13 @@
 """A training run's checkpoint: writing it, finding it, reading and checking its weights, starting from one.
 
-The one module for a run's checkpoint files; evaluation reads them from here without importing training.
-Layout of a checkpoint directory (`<output.dir>/checkpoints/last`, `.../best`, `step_*`):
-
-    model.safetensors   the trainable tensors only (phase 1: `refinement_head.*`; phases 2/3: also the
-                        trainable backbone tensors), under their names in `LLaDATRMHybrid.state_dict()`;
-                        metadata `backbone_fingerprint`: the fingerprint of `model.backbone`'s files
-                        (`model.fingerprint`), which loading checks; `tensors`: the names the file holds
-                        (JSON list), so a loader knows what to expect without the run's freezing plan
-    trainer_state.pt    optimizer, scheduler, RNG states (python, numpy, torch CPU and every CUDA device,
-                        extra generators), step / epoch / position in the epoch / best metric
-    config.yaml         the resolved run config
-
-A checkpoint is written into a hidden sibling directory and swapped in (`llada_trm.io.atomic_directory`), so
-a crash while writing leaves the previous checkpoint intact; numbered snapshots are pruned by renaming them
-away first, so a crash while deleting never leaves a half-deleted one. A checkpoint saved before the `tensors`
-record loads as before: its expected names are the file's own keys.
-
-`training.init_from` (`init_from_config`) starts a run from another run's trained weights (e.g. phase 2/3
-from phase 1). Unlike `--resume`, which continues a run (optimizer, scheduler, RNG streams, step), it only
-copies the weights a checkpoint saved into the freshly built model: the refiner's tensors, and the backbone's
-when the checkpoint trained some. The checkpoint must have been trained with the same refiner
-(`model.refiner` / `model.integration`) and on the same backbone (its recorded fingerprint;
-`allow_backbone_mismatch` overrides), and hold every refiner tensor.
+The one module for a run's checkpoint files (model.safetensors, trainer_state.pt, config.yaml; the layout is
+in docs/training.md), so that evaluation reads them without importing training. A checkpoint is written
+into a hidden sibling directory and swapped in (`io.atomic_directory`): a crash leaves the previous one.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import random
@@ -64,7 +45,6 @@ __all__ = [
     "capture_rng_state",
     "check_run_backbone",
     "check_weights",
-    "init_from_checkpoint",
     "init_from_config",
     "load_trainer_state",
     "load_weights",
@@ -102,25 +82,11 @@ class TrainState:
     extra: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "step": self.step,
-            "epoch": self.epoch,
-            "batches_in_epoch": self.batches_in_epoch,
-            "best_metric": self.best_metric,
-            "best_step": self.best_step,
-            "extra": dict(self.extra),
-        }
+        return dataclasses.asdict(self)
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> TrainState:
-        return cls(
-            step=int(data["step"]),
-            epoch=int(data["epoch"]),
-            batches_in_epoch=int(data["batches_in_epoch"]),
-            best_metric=None if data.get("best_metric") is None else float(data["best_metric"]),
-            best_step=None if data.get("best_step") is None else int(data["best_step"]),
-            extra=dict(data.get("extra") or {}),
-        )
+        return cls(**data)
 
 
 # ------------------------------------------------------------------------------------------------- RNG
@@ -233,9 +199,11 @@ def resolve_checkpoint_dir(path: str | Path) -> Path:
     A checkpoint caught between the two renames of a save (`.last.old` present, `last` not) is read where it
     is: a reader never renames a run's files (the run's writer, under its lock, puts it back)."""
     path = Path(path)
-    candidates = [path, path / "last", path / "checkpoints" / "last"]
-    for named in candidates:
-        candidate = _readable(named)
+    for named in (path, path / "last", path / "checkpoints" / "last"):
+        candidate = readable_directory(named)
+        if candidate != named:
+            logger.info("%s: reading the previous checkpoint, set aside by a save in progress or interrupted "
+                        "(%s)", named, candidate.name)  # fmt: skip
         if (candidate / WEIGHTS_FILE).is_file() or (candidate / STATE_FILE).is_file():
             missing = [n for n in (WEIGHTS_FILE, STATE_FILE, CONFIG_FILE) if not (candidate / n).is_file()]
             if missing:
@@ -252,27 +220,12 @@ def resolve_checkpoint_dir(path: str | Path) -> Path:
     )
 
 
-def _readable(candidate: Path) -> Path:
-    found = readable_directory(candidate)
-    if found != candidate:
-        logger.info("%s: reading the previous checkpoint, set aside by a save in progress or interrupted "
-                    "(%s)", candidate, found.name)  # fmt: skip
-    return found
-
-
-def read_weights_file(path: Path) -> dict[str, torch.Tensor]:
-    """The tensors of a safetensors file; a missing or corrupt file is a CheckpointError, not a traceback."""
+def read_weights_file(path: Path, *, metadata: bool = False) -> Any:
+    """The tensors of a safetensors file (or only its header's metadata); a missing or corrupt file is a
+    CheckpointError, not a traceback."""
     try:
-        return load_file(str(path))
-    except FileNotFoundError:
-        raise CheckpointError(f"{path}: file not found") from None
-    except (SafetensorError, OSError) as exc:
-        raise CheckpointError(f"{path}: unreadable safetensors file ({exc})") from None
-
-
-def _metadata(path: Path) -> dict[str, str]:
-    """The metadata of a safetensors file's header; a missing or corrupt file is a CheckpointError."""
-    try:
+        if not metadata:
+            return load_file(str(path))
         with safe_open(str(path), framework="pt") as f:
             return dict(f.metadata() or {})
     except FileNotFoundError:
@@ -284,7 +237,7 @@ def _metadata(path: Path) -> dict[str, str]:
 def recorded_names(path: Path, tensors: Mapping[str, torch.Tensor] | None = None) -> list[str]:
     """The tensor names a checkpoint's weights file `path` records that it holds; for a file saved before the
     record (or rewritten without it), the names of its tensors (`tensors`, read from the file if None)."""
-    record = _metadata(path).get(TENSORS_KEY)
+    record = read_weights_file(path, metadata=True).get(TENSORS_KEY)
     if record is None:
         return sorted(tensors if tensors is not None else read_weights_file(path))
     try:
@@ -304,7 +257,7 @@ def check_run_backbone(
 ) -> None:
     """Refuse a run checkpoint trained on another backbone than `backbone` (whose fingerprint is
     `fingerprint`); one saved before fingerprints were recorded loads with a warning."""
-    recorded = _metadata(Path(directory) / WEIGHTS_FILE).get(FINGERPRINT_KEY)
+    recorded = read_weights_file(Path(directory) / WEIGHTS_FILE, metadata=True).get(FINGERPRINT_KEY)
     check_fingerprint(
         recorded, fingerprint, what=f"checkpoint {directory}", backbone=str(backbone),
         allow_mismatch=allow_mismatch,
@@ -436,24 +389,17 @@ class InitResult:
     directory: Path
     names: list[str]
 
-    @property
-    def backbone_names(self) -> list[str]:
-        """Loaded tensors outside the refiner: a frozen backbone no longer equals `model.backbone`'s files."""
-        return [name for name in self.names if not name.startswith(REFINER_PREFIX)]
 
-
-def init_from_checkpoint(
-    model: nn.Module,
-    path: str | Path,
-    config: RunConfig,
-    *,
-    backbone_dir: Path,
-    allow_backbone_mismatch: bool = False,
-) -> InitResult:
-    """Copy a checkpoint's saved weights into `model` (built on `backbone_dir`); one-line
-    `CheckpointError`s name the key and file."""
+def init_from_config(
+    model: nn.Module, config: RunConfig, *, backbone_dir: Path, allow_backbone_mismatch: bool = False
+) -> InitResult | None:
+    """Copy the weights `training.init_from` saved into `model` (built on `backbone_dir`, before any wrapping
+    or sharding); None when unset. Unlike `--resume` it restores no optimizer, schedule or step; the
+    checkpoint must have the same refiner and backbone, and hold every refiner tensor."""
+    if config.training.init_from is None:
+        return None
     try:
-        directory = resolve_checkpoint_dir(path)
+        directory = resolve_checkpoint_dir(Path(config.training.init_from).expanduser())
     except CheckpointError as exc:
         raise CheckpointError(f"{INIT_FROM_KEY}: {exc}") from None
     _check_refiner_kind(directory / CONFIG_FILE, config)
@@ -463,31 +409,13 @@ def init_from_checkpoint(
         names = load_weights(model, directory, require=refiner_names(model.state_dict()))
     except CheckpointError as exc:  # the same type (a BackboneMismatchError stays one), the key in front
         raise type(exc)(f"{INIT_FROM_KEY}: {exc}") from None
-    return InitResult(directory=directory, names=names)
-
-
-def init_from_config(
-    model: nn.Module, config: RunConfig, *, backbone_dir: Path, allow_backbone_mismatch: bool = False
-) -> InitResult | None:
-    """`training.init_from` of a run (built on `backbone_dir`), loaded before any wrapping or sharding;
-    None when unset.
-
-    A feature cache fingerprints `model.backbone`'s files, so a run that caches may take refiner tensors
-    from another run but not backbone tensors (its cache would describe a backbone it no longer has).
-    """
-    source = config.training.init_from
-    if source is None:
-        return None
-    result = init_from_checkpoint(
-        model, Path(source).expanduser(), config, backbone_dir=backbone_dir,
-        allow_backbone_mismatch=allow_backbone_mismatch,
-    )
-    if config.advanced.feature_cache and result.backbone_names:
+    # a feature cache fingerprints model.backbone's files: it would describe a backbone the run no longer has
+    if config.advanced.feature_cache and any(not name.startswith(REFINER_PREFIX) for name in names):
         raise ConfigError(
-            f"advanced.feature_cache: training.init_from {result.directory} holds backbone tensors, "
+            f"advanced.feature_cache: training.init_from {directory} holds backbone tensors, "
             "which the cache's fingerprint of model.backbone does not see; train without the cache"
         )
-    return result
+    return InitResult(directory=directory, names=names)
 
 
 def _check_refiner_kind(config_path: Path, config: RunConfig) -> None:
