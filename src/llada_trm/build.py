@@ -1,14 +1,7 @@
 """One path from a config to a run's parts: device, precision, backbone, tokenizer, hybrid model, datasets.
 
-Every command assembles what it runs here (train, the feature cache, evaluating a run checkpoint, compare),
-so that a model is built, checked and placed the same way whichever command asks for it:
-
-    device, amp_dtype = start_run(config)               # join torchrun's group, pick precision, seed
-    built = build_model(config, device=device, dtype=backbone_dtype(config, amp_dtype))
-    train_set, eval_set = build_datasets(config.data, built.tokenizer)
-
-The order is the trainer's: the seed is set before the model is built (the refiner's initial weights draw
-from the global RNG) and the datasets come after it, so a run draws the same numbers whatever builds it.
+Every command builds what it runs here, in the trainer's order (`start_run` seeds before `build_model`, whose
+refiner draws from the global RNG, then `build_datasets`), so a run draws the same numbers whatever builds it.
 """
 
 from __future__ import annotations
@@ -52,7 +45,6 @@ __all__ = [
     "resolve_device",
     "resolve_precision",
     "sampled_validation_records",
-    "seed_everything",
     "start_run",
 ]
 
@@ -60,13 +52,6 @@ logger = logging.getLogger("llada_trm")
 
 
 # ------------------------------------------------------------------------------------------ environment
-
-
-def seed_everything(seed: int) -> None:
-    """Seed python, numpy and torch (every device)."""
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
 
 
 def resolve_precision(mixed_precision: str, device: torch.device) -> torch.dtype | None:
@@ -87,7 +72,9 @@ def start_run(config: RunConfig) -> tuple[torch.device, torch.dtype | None]:
     t = config.training
     device = init_distributed(resolve_device(t.device, setting="--device"))
     amp_dtype = resolve_precision(t.mixed_precision, device)
-    seed_everything(t.seed)
+    random.seed(t.seed)
+    np.random.seed(t.seed % 2**32)
+    torch.manual_seed(t.seed)  # every device
     return device, amp_dtype
 
 
@@ -123,10 +110,7 @@ def resolve_backbone_dir(backbone: str) -> Path:
 
 
 def hybrid_config(config: RunConfig) -> HybridConfig:
-    """The `model` section as the hybrid model's own config (unset widths stay derived from the backbone).
-
-    Backbone contexts feed only the slot refiner; the hybrid requests none when it builds no slot refiner.
-    """
+    """The `model` section as the hybrid model's own config."""
     return config.model.hybrid()
 
 
@@ -139,14 +123,11 @@ WIDEN_LIMIT_BYTES = 2**30
 def choose_backbone_dtype(
     stored: torch.dtype | None, numel: int, *, frozen: bool, bf16_compute: bool
 ) -> torch.dtype:
-    """What `auto` means for a backbone, in one place (train, the caches, eval, generate, export, lm-eval, the
-    dry run), from the dtype and size its checkpoint stores (`model.llada_weights.stored_weights`).
+    """What `auto` means for a backbone, in one place, from the dtype and size its checkpoint stores.
 
-    A backbone that trains (phases 2-3 without LoRA) runs fp32: its optimizer needs full-precision weights.
-    A frozen one runs bf16 under bf16 compute (a bf16 GPU); under fp32 compute it keeps the half precision
-    its checkpoint stores (LLaDA-8B: bf16, 16 GB where an fp32 copy would take 32 GB and only round back to
-    the same values), unless its fp32 copy is under WIDEN_LIMIT_BYTES; fp32 otherwise. An explicit
-    `model.dtype` / `--dtype` overrides this.
+    A backbone that trains runs fp32 (its optimizer needs full-precision weights); a frozen one bf16 under
+    bf16 compute, else the half precision its checkpoint stores (LLaDA-8B: 16 GB where fp32 would take 32 GB
+    and round back to the same values) unless its fp32 copy is under WIDEN_LIMIT_BYTES; fp32 otherwise.
     """
     if not frozen:
         return torch.float32
@@ -192,12 +173,9 @@ def load_hybrid(
     error: type[ValueError] = ConfigError,
     section: str | None = None,
 ) -> tuple[LLaDATRMHybrid, PreTrainedTokenizerBase]:
-    """The tokenizer beside a backbone, the hybrid model on it, and the check that they agree on the mask id.
-
-    The tokenizer is read first: a directory without one fails before gigabytes of weights load. Its errors
-    are `error` (ConfigError for a run config, CheckpointError for a checkpoint) naming `where`; a refiner
-    setting the backbone cannot take is a ConfigError, prefixed with the config `section` when given.
-    """
+    """The tokenizer beside a backbone (read first: a directory without one fails before gigabytes of weights
+    load), the hybrid model on it, and the check that they agree on the mask id. Errors are `error` naming
+    `where`; a refiner setting the backbone cannot take is a ConfigError prefixed by `section`, if given."""
     try:
         tokenizer = load_tokenizer(backbone_dir)
     except (FileNotFoundError, ValueError) as exc:
@@ -239,10 +217,7 @@ def build_model(
     error: type[ValueError] = ConfigError,
     where: str = "model.backbone",
 ) -> BuiltModel:
-    """The run's hybrid model (backbone from `model.backbone`, refiners from `model.*`) and tokenizer.
-
-    `error` and `where` as in `load_hybrid` (a checkpoint's loader names its config file).
-    """
+    """The run's hybrid model and tokenizer (`error` and `where` as in `load_hybrid`)."""
     backbone_dir = resolve_backbone_dir(config.model.backbone)
     check_backbone_fit(config, read_config(backbone_dir), str(backbone_dir))  # before any weight loads
     model, tokenizer = load_hybrid(
@@ -309,10 +284,9 @@ def check_test_split(config: RunConfig, test: list[GSM8KRecord]) -> dict[str, ob
 
 
 def overlap_warning(config: RunConfig, evaluated: list[GSM8KRecord] | None = None) -> str | None:
-    """A warning when a GSM8K run's training or validation problems (validation picks `best`) share problems
-    with the evaluated ones, by `check_test_split` (the check that makes `compare` refuse); None when they
-    are disjoint. `evaluated` None (`train`): the `test` split of `data.path`, the one reported on, when the
-    source has one. Generated data is disjoint by construction (its own validation split)."""
+    """A warning when a GSM8K run's training or validation problems share problems with the evaluated ones
+    (default: `data.path`'s test split, when it has one), by the check that makes `compare` refuse; None
+    when disjoint. Generated data is disjoint by construction."""
     if config.data.dataset != "gsm8k":
         return None
     if evaluated is None:

@@ -1,13 +1,7 @@
 """The `llada-trm` command line: pretrain, train, eval, generate, export, plot, compare, convert.
 
-`eval` and `generate` take the sampler flags unset by default, meaning "the checkpoint's own value": a trained
-run is sampled with its config's `sampling:` section (what its validation and `compare` used), a bare
-backbone with LLaDA's defaults (`SamplingOptions()`); each flag given replaces one setting (`off` switches a
-run's threshold or cache off).
-
-Heavy modules (torch, transformers) are imported inside the subcommands, so `llada-trm --help` is instant.
-Every user error (a bad config key, a missing checkpoint or data file, an invalid option) is printed as one
-line, `llada-trm: error: ...`, with exit status 2; `--debug` shows the traceback instead.
+Heavy modules (torch, transformers) are imported inside the subcommands, so `llada-trm --help` is instant;
+every user error is one line, `llada-trm: error: ...` (`boundary.report`), unless `--debug`.
 """
 
 from __future__ import annotations
@@ -201,19 +195,10 @@ def _default_eval_dir(loaded: Any, dataset: str, split: str, limit: int | None =
     return Path("runs") / "eval" / backbone / name
 
 
-def _join_processes(device: str) -> Any:
-    """This process's device; under torchrun the process group is joined first, so that each rank loads the
-    model onto its own GPU (LOCAL_RANK) and the evaluation's collectives have a group to run in."""
-    from llada_trm.dist_utils import init_distributed
-    from llada_trm.evaluate.loading import resolve_eval_device
-
-    return init_distributed(resolve_eval_device(device))
-
-
 def _cmd_eval(args: argparse.Namespace) -> int:
-    from llada_trm.dist_utils import is_main_process
+    from llada_trm.dist_utils import init_distributed, is_main_process
     from llada_trm.evaluate.evaluator import evaluate_model, load_eval_records, synthetic_settings
-    from llada_trm.evaluate.loading import load_checkpoint
+    from llada_trm.evaluate.loading import load_checkpoint, resolve_eval_device
 
     options = sampling_options(args)  # bad options and data fail before a (possibly 8B) model loads
     if getattr(args, "dry_run", False):
@@ -228,7 +213,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     if args.dataset == "gsm8k" and args.data_path:
         records = load_eval_records("gsm8k", args.split, data_path=args.data_path, limit=args.limit)
         _check_against(against, records)
-    device = _join_processes(args.device)
+    device = init_distributed(resolve_eval_device(args.device))  # under torchrun: each rank its own GPU
     loaded = load_checkpoint(
         args.checkpoint, refiner=args.refiner, device=device, dtype=args.dtype,
         allow_backbone_mismatch=args.allow_backbone_mismatch,

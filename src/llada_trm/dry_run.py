@@ -1,14 +1,8 @@
 """`--dry-run` of `train`, `eval` and `compare`: the plan of a command, sized before any weight is read.
 
-The model is built on the meta device (no memory, no weights) from the backbone folder's config.json, or,
-when the folder is not there yet (before a 16 GB download), from LLaDA-8B's architecture constants; the
-output says which. Printed: the freezing report, parameter counts (total / trainable), a memory estimate
-(weights, gradients and optimizer, activations, the feature cache), data counts, the resolved sampler, and
-what the real command would stop at on this machine (no CUDA, no weights, no data). No device is resolved,
-so a `--device cuda` run is planned on a CPU. Exit status 0 whenever the plan could be made.
-
-The activation figures are estimates (the formulas are in docs/llada8b.md), good to about a factor of two;
-weights, gradients, optimizer and the feature cache are exact counts of bytes.
+The model is built on the meta device from the backbone's config.json, or from LLaDA-8B's constants before
+the download, so that a GPU run is planned on a laptop. Activation figures are estimates good to about a
+factor of two (docs/llada8b.md); weights, gradients, optimizer states and the feature cache are exact.
 """
 
 from __future__ import annotations
@@ -105,10 +99,6 @@ class MemoryEstimate:
         return out + [f"  ({note})" for note in self.notes]
 
 
-def _size(dtype: torch.dtype) -> int:
-    return torch.empty((), dtype=dtype).element_size()
-
-
 def _backbone_numel(model: Any) -> tuple[int, int]:
     """(backbone base weights, everything else: refiners and adapters)."""
     base = sum(p.numel() for n, p in model.backbone.named_parameters() if "lora_" not in n)
@@ -123,7 +113,7 @@ def _train_memory(run: RunConfig, model: Any, plan: Any, dtype: torch.dtype, act
         p.numel() for n, p in model.named_parameters()
         if n in set(plan.trainable_names) and n.startswith("backbone.") and "lora_" not in n
     )
-    est.parts["weights: backbone"] = base * _size(dtype)
+    est.parts["weights: backbone"] = base * dtype.itemsize
     est.parts["weights: refiners / adapters (fp32)"] = rest * 4
     trainable = plan.trainable_params
     est.parts["gradients (fp32)"] = trainable * 4
@@ -133,7 +123,7 @@ def _train_memory(run: RunConfig, model: Any, plan: Any, dtype: torch.dtype, act
     t, B, L = run.training, run.training.batch_size, run.data.max_length
     d, F, V, layers = bb.d_model, bb.mlp_hidden_size or bb.mlp_ratio * bb.d_model, bb.vocab_size, bb.n_layers
     K = run.model.max_recursive_steps
-    bb_act = min(act, _size(dtype))  # a bf16 backbone computes in bf16 even without autocast
+    bb_act = min(act, dtype.itemsize)  # a bf16 backbone computes in bf16 even without autocast
     frozen_pass = B * L * (3 * d + 2 * F) * bb_act + len(run.model.context_layers) * B * L * d * bb_act
     logits = B * L * V * 4
     if run.training.phase == 1 and not run.lora.enabled:
@@ -162,7 +152,7 @@ def _cache_bytes(run: RunConfig, bb: LLaDAConfig, examples: int | None) -> str:
 
     a = run.advanced
     context = bb.n_heads * bb.head_dim if run.model.context_layers and run.model.refiner == "slot" else 0
-    per = run.data.max_length * (bb.d_model + context) * _size(CACHE_DTYPE) * a.cache_noise_draws
+    per = run.data.max_length * (bb.d_model + context) * CACHE_DTYPE.itemsize * a.cache_noise_draws
     state = "on" if a.feature_cache else "off (advanced.feature_cache: true turns it on)"
     total = f", {examples * per / GB:.1f} GB for {examples} examples" if examples is not None else ""
     return (
@@ -311,7 +301,7 @@ def _eval_memory(model: Any, dtype: torch.dtype, options: Any, prompt: int) -> M
     bb = model.backbone.config
     est = MemoryEstimate()
     base, rest = _backbone_numel(model)
-    act = _size(dtype)
+    act = dtype.itemsize
     B, T = options.batch_size, prompt + options.gen_length
     d, F, V = bb.d_model, bb.mlp_hidden_size or bb.mlp_ratio * bb.d_model, bb.vocab_size
     est.parts["weights: backbone"] = base * act

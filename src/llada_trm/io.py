@@ -1,26 +1,15 @@
 """What every command writes and resolves alike: atomic files and directories, dtype names, the device.
 
-A file is written to a uniquely named temporary sibling, fsynced, then swapped in with `os.replace`; a
-directory (a checkpoint, a pretrained backbone) is filled under a temporary name and swapped in the same
-way. An interrupted write (Ctrl-C, out of memory, a crash) leaves the previous file or directory, never a
-truncated one that a later load, plot or comparison would misread.
-
-A directory swap takes two renames (the old one aside to `.<name>.old`, the new one in); a crash between them
-leaves only the aside copy, which `recover_directory` puts back: only a writer holding the directory (a run's
-lock) calls it; readers read the aside copy as it is (`readable_directory`), since renaming it back under a
-live writer would break that writer's second rename.
-
-Files and directories are created with the umask's permissions (as `open()` and `mkdir` would), never
-mkstemp's 0600 / mkdtemp's 0700: collaborators read a run as they read any file. Temporary names are
-`.<name>.<host>-<pid>-<random>.tmp`, so `sweep_temporaries` removes what a killed writer left and never a
-live writer's file.
+A file or directory is written under a temporary sibling name (`.<name>.<host>-<pid>-<random>.tmp`, with the
+umask's permissions) and renamed into place, so an interrupted write leaves the previous one. A directory
+swap takes two renames (the old one aside to `.<name>.old`); only the directory's writer puts an aside copy
+back (`recover_directory`), readers read it where it is (`readable_directory`).
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
-import glob
 import hashlib
 import json
 import math
@@ -108,16 +97,8 @@ def fsync_file(path: PathLike) -> None:
 
 def fsync_dir(path: PathLike) -> None:
     """Flush a directory's entries (the renames in it); a no-op where directories cannot be opened."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # pragma: no cover - platforms without directory fds
-        return
-    try:
-        os.fsync(fd)
-    except OSError:  # pragma: no cover
-        pass
-    finally:
-        os.close(fd)
+    with contextlib.suppress(OSError):  # platforms without directory fds
+        fsync_file(path)
 
 
 # -------------------------------------------------------------------------------------- temporary names
@@ -137,28 +118,18 @@ def temporary_name(path: PathLike) -> Path:
 
 
 def _create_file(path: Path) -> Path:
-    """Create a new empty temporary file for `path` with the umask's permissions (0666 & ~umask)."""
-    for _ in range(100):
-        tmp = temporary_name(path)
-        try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-        except FileExistsError:  # pragma: no cover - 32 random bits
-            continue
-        os.close(fd)
-        return tmp
-    raise FileExistsError(f"{path.parent}: no free temporary name")  # pragma: no cover
+    """Create a new empty temporary file for `path` with the umask's permissions (0666 & ~umask); 32
+    random bits name it, so a clash is a FileExistsError."""
+    tmp = temporary_name(path)
+    os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+    return tmp
 
 
 def _create_directory(path: Path) -> Path:
     """Create a new empty temporary directory for `path` with the umask's permissions (0777 & ~umask)."""
-    for _ in range(100):
-        tmp = temporary_name(path)
-        try:
-            tmp.mkdir(0o777)
-        except FileExistsError:  # pragma: no cover
-            continue
-        return tmp
-    raise FileExistsError(f"{path.parent}: no free temporary name")  # pragma: no cover
+    tmp = temporary_name(path)
+    tmp.mkdir(0o777)
+    return tmp
 
 
 def _writer_gone(match: re.Match[str]) -> bool:
@@ -172,8 +143,8 @@ def _writer_gone(match: re.Match[str]) -> bool:
         os.kill(pid, 0)
     except ProcessLookupError:
         return True
-    except PermissionError:
-        return False
+    except PermissionError:  # alive, another user's
+        pass
     return False
 
 
@@ -204,11 +175,8 @@ def sweep_temporaries(directory: PathLike, name: str | None = None) -> list[Path
 
 @contextlib.contextmanager
 def atomic_path(path: PathLike) -> Iterator[Path]:
-    """Yield a unique temporary sibling of `path` to write; on success it is fsynced and renamed to `path`.
-
-    For writers that want a file name (safetensors' `save_file`); on an exception the temporary file goes.
-    The file has the umask's permissions, as `open(path, "w")` would give a new file.
-    """
+    """Yield a unique temporary sibling of `path` to write (for writers that want a file name); on success it
+    is fsynced and renamed to `path`, on an exception it goes."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = _create_file(path)
@@ -294,12 +262,9 @@ def readable_directory(directory: PathLike) -> Path:
 
 
 def recover_directory(directory: PathLike) -> bool:
-    """Finish an interrupted swap: the aside copy is the last complete one when `directory` is gone.
-
-    Only the directory's writer calls it (a run under its lock, a command writing its own output): a reader
-    renaming the aside copy back would make a live writer's second rename fail. Returns whether the aside
-    copy was put back.
-    """
+    """Finish an interrupted swap: the aside copy is the last complete one when `directory` is gone; returns
+    whether it was put back. Only the directory's writer calls it (a reader's rename would break a live
+    writer's second rename)."""
     directory = Path(directory)
     aside = _aside(directory)
     if not aside.exists():
@@ -313,17 +278,12 @@ def recover_directory(directory: PathLike) -> bool:
 
 @contextlib.contextmanager
 def atomic_directory(directory: PathLike) -> Iterator[Path]:
-    """Yield an empty temporary sibling directory to fill; on success it replaces `directory` whole.
-
-    See `replace_directory`. On an exception the temporary directory goes and `directory` stays as it was.
-    """
+    """Yield an empty temporary sibling directory to fill; on success it replaces `directory` whole, on an
+    exception it goes and `directory` stays as it was."""
     directory = Path(directory)
     directory.parent.mkdir(parents=True, exist_ok=True)
     recover_directory(directory)
     sweep_temporaries(directory.parent, directory.name)  # what a killed writer left
-    for stale in directory.parent.glob(f".{glob.escape(directory.name)}.*.tmp"):
-        if re.fullmatch(r"[a-z0-9_]{8}", stale.name.split(".")[-2]):  # mkdtemp's names (older versions)
-            shutil.rmtree(stale, ignore_errors=True)
     tmp = _create_directory(directory)
     mode = stat.S_IMODE(tmp.stat().st_mode)  # 0777 & ~umask
     try:
@@ -351,11 +311,8 @@ def _apply_umask(staged: Path, mode: int) -> None:
 
 
 def replace_directory(staged: PathLike, directory: PathLike) -> Path:
-    """Swap the filled directory `staged` in as `directory` (a sibling), replacing any old one whole.
-
-    Its files are fsynced, the old directory is renamed aside, the new one renamed in, then the old one
-    removed.
-    """
+    """Swap the filled directory `staged` in as `directory` (a sibling): its files fsynced, the old directory
+    renamed aside, the new one in, then the old one removed."""
     staged, directory = Path(staged), Path(directory)
     recover_directory(directory)
     for path in sorted(staged.rglob("*")):

@@ -214,9 +214,6 @@ def _explain(err: Mapping[str, Any], loc: list[str], schema: type[BaseModel]) ->
 _ALIASES: dict[str, str] = {
     "learning_rate": "lr",
     "adam_lr": "lr",
-    "grad_clip": "max_grad_norm",
-    "clip_grad_norm": "max_grad_norm",
-    "adam_epsilon": "adam_eps",
     "epochs": "max_steps",
     "eval_interval": "eval_every",
     "log_interval": "log_every",
