@@ -589,10 +589,6 @@ class _DeprecatedOption(argparse.Action):
         setattr(namespace, self.dest, values)
 
 
-def _add_resume_option(parser: argparse.ArgumentParser, what: str) -> None:
-    parser.add_argument("--resume", nargs="?", const=True, default=None, metavar="DIR", help=what)
-
-
 def _positive_int(text: str) -> int:
     try:
         value = int(text)
@@ -605,8 +601,7 @@ def _positive_int(text: str) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog=PROG,
-        description="A LLaDA masked-diffusion model with a recursive (TRM-style) refinement head.",
+        prog=PROG, description="A LLaDA masked-diffusion model with a recursive (TRM-style) refinement head."
     )
     parser.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
@@ -619,125 +614,75 @@ def build_parser() -> argparse.ArgumentParser:
         return holder
 
     common = shared("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
-    progress = shared(
-        "--no-progress", action="store_true",
-        help="no redrawn progress bar: plain progress lines (step, loss, lr, s/step, ETA every log_every "
-        "steps), as printed whenever stderr is not a terminal",
-    )
-    dry_run = shared(
-        "--dry-run", action="store_true",
-        help="print the plan (freezing, parameters, memory estimate, data counts, sampler) without reading "
-        "weights or writing anything; works on a CPU for a cuda config and before the weights are downloaded",
-    )
+    progress = shared("--no-progress", action="store_true", help="plain progress lines, not a redrawn bar")
+    dry_run = shared("--dry-run", action="store_true", help="print the plan; read no weights, write nothing")
     device = shared(
         "--device", choices=("auto", "cpu", "cuda"), default=None,
-        help="where the run computes (default auto: cuda when torch sees a GPU, else cpu; cuda: each "
-        "torchrun rank its own GPU); a flag, not a run setting",
+        help="where the run computes (default auto: cuda when torch sees a GPU, else cpu)",
     )
     mismatch = shared(
         "--allow-backbone-mismatch", action="store_true",
-        help="load refiner weights recorded on another backbone than this one (a warning, not an error)",
+        help="load refiner weights recorded on another backbone (a warning, not an error)",
     )
+    force = shared("--force", action="store_true", help="archive what the output holds (as DIR.old-<time>)")
     model = argparse.ArgumentParser(add_help=False, parents=[mismatch])  # what eval and generate load
     model.add_argument(
         "--checkpoint", required=True, metavar="DIR",
-        help="a training run's checkpoint (checkpoints/last or best) or run directory, a backbone directory "
-        "in Hugging Face layout, or 'embedded'",
+        help="a run (or its checkpoints/last, best), an HF-layout backbone directory, or 'embedded'",
     )
     model.add_argument(
         "--refiner", choices=("none", "mlp", "slot"), default=None,
         help="which refiner runs (default: the checkpoint's own; none = the backbone alone)",
     )
     model.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
-    model.add_argument(
-        "--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
-        help="backbone dtype (auto: as the checkpoint stores it when that is bf16/fp16, e.g. LLaDA-8B; "
-        "else bf16 on a bf16 GPU, fp32 on a CPU)",
-    )
+    dtypes = ("auto", "float32", "bfloat16", "float16")
+    model.add_argument("--dtype", default="auto", choices=dtypes, help="backbone dtype (auto: build.py)")
 
     def command(name: str, summary: str, *parents: argparse.ArgumentParser) -> argparse.ArgumentParser:
         return sub.add_parser(name, help=summary, description=summary, parents=[common, *parents])
 
-    p = command(
-        "pretrain", "train the tiny embedded backbone (from scratch, or on from model.init_from)", progress
-    )
+    p = command("pretrain", "train the tiny embedded backbone (or on from model.init_from)", progress, force)
     _add_config_options(p, required=False)
-    _add_resume_option(
-        p, "continue the unfinished run's checkpoint (DIR: the backbone's output.dir; default: the config's)"
-    )
+    p.add_argument("--resume", nargs="?", const=True, metavar="DIR", help="continue the run in DIR")
     p.add_argument("--out", metavar="DIR", help="where the backbone goes (overrides output.dir)")
     p.add_argument("--output", dest="out", action=_DeprecatedOption, new="--out", help=argparse.SUPPRESS)
-    p.add_argument(
-        "--force", action="store_true",
-        help="archive an existing output.dir backbone and an unfinished run (as DIR.old-<time>), start anew",
-    )
     p.set_defaults(func=_cmd_pretrain)
 
     # mismatch: for --resume and training.init_from
-    p = command(
-        "train", "train a refiner (phases 1-3) from a run config", device, progress, mismatch, dry_run
-    )
+    p = command("train", "train a refiner (phases 1-3)", device, progress, mismatch, dry_run, force)
     _add_config_options(p)
-    _add_resume_option(
-        p, "continue from a checkpoint or a run directory (default: the run in the config's output.dir)"
-    )
+    p.add_argument("--resume", nargs="?", const=True, metavar="DIR", help="continue a run (or output.dir's)")
     p.add_argument("--out", metavar="DIR", help="the run directory (overrides output.dir)")
-    p.add_argument(
-        "--force", action="store_true", help="archive a run in output.dir (as DIR.old-<time>), start anew"
-    )
-    p.add_argument(
-        "--tensorboard", action="store_true",
-        help="also write the metrics as TensorBoard scalars into OUT/tensorboard (pip install "
-        "'llada-trm[tensorboard]'); the CSVs stay the record",
-    )
+    p.add_argument("--tensorboard", action="store_true", help="also write TensorBoard scalars")
     p.add_argument(
         "--log-every", type=_positive_int, default=None, metavar="N",
-        help="write a training_metrics.csv row (and a progress line) every N optimizer steps (default 10)",
+        help="write a training_metrics.csv row every N optimizer steps (default 10)",
     )
     p.set_defaults(func=_cmd_train)
 
-    p = command(
-        "cache", "compute a phase-1 run's frozen-backbone features once (advanced.feature_cache)", device,
-        progress,
-    )
+    p = command("cache", "compute a phase-1 run's frozen-backbone features once", device, progress)
     _add_config_options(p)
-    p.add_argument(
-        "--rebuild", action="store_true", help="delete an existing (e.g. stale) cache first (only a cache)"
-    )
+    p.add_argument("--rebuild", action="store_true", help="delete an existing cache first (only a cache)")
     p.set_defaults(func=_cmd_cache)
 
-    p = command(
-        "reachability", "the share of the backbone's wrong tokens a run's update budget can flip", device
-    )
+    p = command("reachability", "the share of the backbone's wrong tokens a run's budget can flip", device)
     _add_config_options(p)
-    p.add_argument("--batches", type=int, default=None, metavar="N",
-                   help="validation batches to read (default: all of data.n_eval)")  # fmt: skip
+    p.add_argument("--batches", type=int, default=None, metavar="N", help="validation batches (default: all)")
     p.add_argument("--json", action="store_true", help="also print the whole report as JSON")
     p.set_defaults(func=_cmd_reachability)
 
-    p = command(
-        "eval", "sampled GSM8K-style accuracy, refinement efficiency and speed", model, progress, dry_run
-    )
+    p = command("eval", "sampled accuracy, refinement efficiency and speed", model, progress, dry_run)
     p.add_argument("--dataset", choices=("gsm8k", "synthetic", "arithmetic"), default="synthetic")
     p.add_argument("--split", default="test", help="a split, optionally sliced: test (default), test[:200]")
     p.add_argument("--data-path", metavar="PATH", help="GSM8K JSONL/parquet file or folder (for gsm8k)")
     p.add_argument("--limit", type=int, default=None, metavar="N", help="evaluate the first N problems")
     p.add_argument("--out", metavar="DIR", help="where predictions.jsonl and summary.json go")
     p.add_argument(
-        "--against",
-        metavar="RUN_OR_PREDICTIONS",
-        help="pair this evaluation with another's predictions on the same problems (a predictions.jsonl, "
-        "its eval directory, or a run with one eval): gained / lost, McNemar p, bootstrap interval",
+        "--against", metavar="RUN_OR_PREDICTIONS",
+        help="pair with another evaluation's predictions on the same problems (McNemar, bootstrap)",
     )
-    p.add_argument("--refine-steps", type=int, default=None, metavar="K",
-                   help="refinement steps per model call at test time (default: the K the refiner trained "
-                   "with); test-time depth")  # fmt: skip
-    p.add_argument(
-        "--no-diagnostics",
-        action="store_true",
-        help="skip the per-commit records and the confident-error diagnostics (first errors at p >= 0.9, "
-        "tokens the refiner changed, reliability)",
-    )
+    p.add_argument("--refine-steps", type=int, default=None, metavar="K", help="test-time refinement depth")
+    p.add_argument("--no-diagnostics", action="store_true", help="skip the confident-error diagnostics")
     add_sampling_options(p)
     p.set_defaults(func=_cmd_eval)
 
@@ -746,33 +691,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--file", metavar="FILE", help="answer every line of FILE (one question a line)")
     p.add_argument("--out", metavar="FILE", help="with --file: write the answers as JSON lines to FILE")
     p.add_argument("-v", "--verbose", action="store_true", help="also print the extracted answer and stats")
-    p.add_argument(
-        "--show-steps",
-        action="store_true",
-        help="print the denoising trajectory: what each step committed, which chunks the refiner refined",
-    )
-    p.add_argument(
-        "--html", metavar="FILE", help="write the denoising trajectory as a self-contained HTML page"
-    )
+    p.add_argument("--show-steps", action="store_true", help="print the denoising trajectory")
+    p.add_argument("--html", metavar="FILE", help="write the denoising trajectory as an HTML page")
     add_sampling_options(p)
     p.set_defaults(func=_cmd_generate)
 
-    p = command(
-        "export", "write a trained run as one self-contained directory that load_checkpoint reads", mismatch
-    )
+    p = command("export", "write a trained run as one directory that load_checkpoint reads", mismatch, force)
     p.add_argument("run", metavar="RUN", help="a run directory, or its checkpoints/last or best")
-    p.add_argument(
-        "--out", metavar="DIR", help="the directory to write (refused if it exists, unless --force)"
-    )
+    p.add_argument("--out", metavar="DIR", help="the directory to write (refused if it exists but --force)")
     p.add_argument("old_out", nargs="?", metavar="OUT", help=argparse.SUPPRESS)  # deprecated: use --out
-    p.add_argument(
-        "--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
-        help="the exported backbone's dtype (auto: as the run's backbone stores it)",
-    )
+    p.add_argument("--dtype", default="auto", choices=dtypes, help="the exported backbone's dtype")
     p.add_argument("--max-shard-size", default="5GB", help="split the backbone into shards of this size")
-    p.add_argument(
-        "--force", action="store_true", help="archive an existing export in --out (as OUT.old-<time>)"
-    )
     p.set_defaults(func=_cmd_export)
 
     p = command("plot", "PNG plots of a training run's metrics")
@@ -780,25 +709,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", metavar="DIR", help="where the PNGs go (default RUN_DIR/plots)")
     p.set_defaults(func=_cmd_plot)
 
-    p = command(
-        "compare", "the main job: train MLP and slot refiners, compare them with the backbone alone", device,
-        progress, dry_run,
-    )
+    p = command("compare", "train refiners, compare them with the backbone", device, progress, dry_run, force)
     _add_config_options(p)
-    p.add_argument(
-        "--seeds",
-        metavar="S,S,...",
-        help="training seeds, each refiner trained once per seed, e.g. 0,1,2 (default: the config's seeds)",
-    )
-    p.add_argument(
-        "--force", action="store_true", help="archive a comparison in output.dir (as DIR.old-<time>) first"
-    )
-    _add_resume_option(
-        p,
-        "reuse the trained models and evaluations already in the comparison's directory (DIR, default: "
-        "output.dir; an interrupted study, or seeds run in parallel with --seeds), train and sample the "
-        "rest, then write the report",
-    )
+    p.add_argument("--seeds", metavar="S,S,...", help="training seeds, e.g. 0,1,2 (default: the config's)")
+    p.add_argument("--resume", nargs="?", const=True, metavar="DIR", help="reuse what DIR holds")
     p.add_argument("--out", metavar="DIR", help="the comparison's directory (overrides output.dir)")
     p.set_defaults(func=_cmd_compare)
 
