@@ -57,14 +57,8 @@ _EXPORTS: dict[str, str] = {  # name -> the module that defines it
 __all__ = ["__version__", *_EXPORTS]
 
 
-def _register_with_transformers() -> None:
-    """`AutoConfig` / `AutoModel` know model type `llada` (`hf_auto`; nothing is imported before they are)."""
-    from llada_trm.extras.hf_auto import install
-
-    install()
-
-
-_register_with_transformers()
+# `AutoConfig` / `AutoModel` know model type `llada` (`extras.hf_auto`; nothing heavy is imported here)
+importlib.import_module("llada_trm.extras.hf_auto").install()
 
 
 def __getattr__(name: str):

@@ -1,12 +1,8 @@
 """The one error boundary of every command (`llada-trm`, `llada-trm-lm-eval`): an exception becomes one line.
 
-What the user can fix is described in one line naming the path (or the setting) and the fix, and the command
-exits non-zero without a traceback: bad input (`UserError`, `ValueError` and its subclasses), a file-system
-failure of any kind (`OSError`: a full disk, a read-only or immutable folder, a parent path that is a file,
-...), a failed write (safetensors' `SafetensorError`, torch's `RuntimeError` from a file writer), input
-nested past Python's recursion limit, a chat template the sandbox refused, memory exhausted. Writes are
-atomic (`io`), so such a failure leaves the previous files as they were. Anything else is a bug in this
-package: it keeps its traceback. `--debug` shows the traceback of everything.
+What the user can fix (bad input, any `OSError`, a failed write, input nested too deeply, a refused chat
+template, memory exhausted) is one line naming the path or setting and the fix, and a non-zero exit; writes
+are atomic (`io`), so the previous files stay. Anything else is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
@@ -80,22 +76,6 @@ def _is_write_failure(exc: BaseException) -> bool:
     return isinstance(exc, RuntimeError) and any(word in str(exc) for word in _WRITE_FAILURES)
 
 
-def _jinja_error(exc: BaseException) -> bool:
-    try:
-        from jinja2 import TemplateError
-    except ImportError:  # pragma: no cover - jinja2 comes with transformers
-        return False
-    return isinstance(exc, TemplateError)
-
-
-def _safetensor_error(exc: BaseException) -> bool:
-    try:
-        from safetensors import SafetensorError
-    except ImportError:  # pragma: no cover - a dependency
-        return False
-    return isinstance(exc, SafetensorError)
-
-
 def describe_failure(exc: BaseException) -> tuple[str, int] | None:
     """(one line, exit status) for a failure the user can act on; None for a bug (keep the traceback)."""
     from llada_trm.errors import NonFiniteLossError, UserError
@@ -116,13 +96,13 @@ def describe_failure(exc: BaseException) -> tuple[str, int] | None:
         )
     if isinstance(exc, MemoryError):
         return "out of memory; use smaller sizes (batch size, gen_length, max_length)", RUN_FAILED
-    if _safetensor_error(exc):
+    if type(exc).__name__ == "SafetensorError":  # by name: the CLI imports no safetensors to report
         return f"a safetensors file could not be written or read ({one_line(exc)}); check the disk (free "\
             "space, permissions) and run again; files already there are unchanged", RUN_FAILED
     if _is_write_failure(exc):
         return f"writing a file failed ({one_line(exc)}); check the disk (free space, permissions) and run "\
             "again; files already there are unchanged", RUN_FAILED
-    if _jinja_error(exc):
+    if type(exc).__module__.startswith("jinja2"):  # a chat template's TemplateError
         return f"the chat template failed ({type(exc).__name__}: {one_line(exc)}); use a model folder with "\
             "a standard chat template", USAGE_ERROR
     return None

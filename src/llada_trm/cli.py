@@ -35,18 +35,21 @@ __all__ = [
 PROG = "llada-trm"
 INTERRUPTED = 130
 OFF = "off"  # --threshold / --cache: the word `evaluate.loading.resolve_sampling` reads as "switch off"
-SAMPLING_FLAGS = (
-    "steps",
-    "gen_length",
-    "block_length",
-    "temperature",
-    "remasking",
-    "threshold",
-    "cache",
-    "cfg_scale",
-    "batch_size",
-    "seed",
-)
+# The sampler flags of eval and generate: (type or choices, help). Unset, each is the checkpoint's own value
+# (a run's `sampling:` section, or the default shown for a bare backbone), so a run is sampled as it trained.
+_SAMPLING: dict[str, tuple[Any, str]] = {
+    "steps": (int, "denoising steps in all (backbone: 64)"),
+    "gen_length": (int, "answer tokens (backbone: 128)"),
+    "block_length": (int, "semi-AR block (backbone: 32)"),
+    "temperature": (float, "0 = greedy (backbone: 0)"),
+    "remasking": (("low_confidence", "random"), "which positions a step commits (backbone: low_confidence)"),
+    "threshold": (None, f"Fast-dLLM's parallel decoding threshold, e.g. 0.9; {OFF}: LLaDA's (backbone)"),
+    "cache": (("prefix", "dual", OFF), "Fast-dLLM's block-wise KV cache (backbone: off)"),
+    "cfg_scale": (float, "classifier-free guidance (backbone: 0)"),
+    "batch_size": (int, "problems per batch (backbone: 16)"),
+    "seed": (int, "seed of the sampling noise (backbone: 0)"),
+}
+SAMPLING_FLAGS = tuple(_SAMPLING)
 
 
 # ------------------------------------------------------------------------------------------ subcommands
@@ -452,31 +455,14 @@ def sampling_source(args: argparse.Namespace, loaded: Any) -> dict[str, Any]:
 
 
 def add_sampling_options(parser: argparse.ArgumentParser) -> None:
-    """Every flag defaults to None: "the checkpoint's value" (a run's `sampling:` section, or the default
-    shown for a bare backbone), so a run is evaluated the way it was trained and compared."""
+    """The sampler flags (`_SAMPLING`), each None unless given."""
     group = parser.add_argument_group(
         "sampling (default: a trained run's `sampling:` settings; for a backbone, the values shown)"
     )
-    group.add_argument("--steps", type=int, default=None, help="denoising steps in all (backbone: 64)")
-    group.add_argument("--gen-length", type=int, default=None, help="answer tokens (backbone: 128)")
-    group.add_argument("--block-length", type=int, default=None, help="semi-AR block (backbone: 32)")
-    group.add_argument("--temperature", type=float, default=None, help="0 = greedy (backbone: 0)")
-    group.add_argument("--remasking", choices=("low_confidence", "random"), default=None)
-    group.add_argument(
-        "--threshold",
-        type=_threshold,
-        default=None,
-        help=f"Fast-dLLM parallel decoding threshold, e.g. 0.9; {OFF}: LLaDA's schedule (backbone: off)",
-    )
-    group.add_argument(
-        "--cache",
-        choices=("prefix", "dual", OFF),
-        default=None,
-        help="Fast-dLLM's block-wise KV cache (backbone: off)",
-    )
-    group.add_argument("--cfg-scale", type=float, default=None, help="classifier-free guidance (backbone: 0)")
-    group.add_argument("--seed", type=int, default=None, help="seed of the sampling noise (backbone: 0)")
-    group.add_argument("--batch-size", type=int, default=None, help="problems per batch (backbone: 16)")
+    for name, (kind, text) in _SAMPLING.items():
+        kind = _threshold if name == "threshold" else kind
+        choices = {"choices": kind} if isinstance(kind, tuple) else {"type": kind}
+        group.add_argument(f"--{name.replace('_', '-')}", default=None, help=text, **choices)
 
 
 def _cmd_cache(args: argparse.Namespace) -> int:

@@ -176,9 +176,20 @@ def _override_for(dotted: str, explanation: str, override_keys: Collection[str])
     return named[0][1] if named else None  # the field the message is about; none: the file's value
 
 
+# pydantic's error type -> what was expected, in the words of a YAML file
+_EXPECTED = {
+    "finite_number": "a finite number",
+    **dict.fromkeys(("float_parsing", "float_type"), "a number"),
+    **dict.fromkeys(("int_parsing", "int_type", "int_from_float"), "an integer"),
+    **dict.fromkeys(("bool_parsing", "bool_type"), "true or false"),
+    "string_type": "a string",
+    **dict.fromkeys(("list_type", "tuple_type"), "a list"),
+    **dict.fromkeys(("model_type", "dict_type", "model_attributes_type"), "a section (a mapping of keys)"),
+}
+
+
 def _explain(err: Mapping[str, Any], loc: list[str], schema: type[BaseModel]) -> str:
-    kind = err["type"]
-    value = err.get("input")
+    kind, value, context = err["type"], err.get("input"), err.get("ctx", {})
     if kind == "extra_forbidden":
         known = _section_fields(loc[:-1], schema)
         suggestion = _suggest(loc[-1], known)
@@ -186,25 +197,11 @@ def _explain(err: Mapping[str, Any], loc: list[str], schema: type[BaseModel]) ->
         return f"unknown key; {hint}"
     if kind == "missing":
         return "required key is missing"
-    if kind == "finite_number":
-        return f"expected a finite number, got {value!r}"
-    if kind in {"float_parsing", "float_type"}:
-        return f"expected a number, got {value!r}"
-    if kind in {"int_parsing", "int_type", "int_from_float"}:
-        return f"expected an integer, got {value!r}"
-    if kind in {"bool_parsing", "bool_type"}:
-        return f"expected true or false, got {value!r}"
-    if kind in {"string_type"}:
-        return f"expected a string, got {value!r}"
-    if kind in {"list_type", "tuple_type"}:
-        return f"expected a list, got {value!r}"
-    if kind in {"model_type", "dict_type", "model_attributes_type"}:
-        return f"expected a section (a mapping of keys), got {value!r}"
-    if kind == "literal_error":
-        expected = err.get("ctx", {}).get("expected", "")
-        return f"expected one of {expected}, got {value!r}"
     if kind == "value_error":
-        return str(err.get("ctx", {}).get("error", err["msg"]))
+        return str(context.get("error", err["msg"]))
+    expected = f"one of {context.get('expected', '')}" if kind == "literal_error" else _EXPECTED.get(kind)
+    if expected is not None:
+        return f"expected {expected}, got {value!r}"
     msg = str(err["msg"])
     return f"{msg[:1].lower()}{msg[1:]}, got {value!r}"
 
