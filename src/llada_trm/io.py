@@ -117,21 +117,6 @@ def temporary_name(path: PathLike) -> Path:
     return path.parent / f".{path.name}.{_host_tag()}-{os.getpid()}-{secrets.token_hex(4)}.tmp"
 
 
-def _create_file(path: Path) -> Path:
-    """Create a new empty temporary file for `path` with the umask's permissions (0666 & ~umask); 32
-    random bits name it, so a clash is a FileExistsError."""
-    tmp = temporary_name(path)
-    os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
-    return tmp
-
-
-def _create_directory(path: Path) -> Path:
-    """Create a new empty temporary directory for `path` with the umask's permissions (0777 & ~umask)."""
-    tmp = temporary_name(path)
-    tmp.mkdir(0o777)
-    return tmp
-
-
 def _writer_gone(match: re.Match[str]) -> bool:
     """Whether the process that made a temporary name is gone (only this host's processes can be told)."""
     if match["host"] != _host_tag():
@@ -179,8 +164,9 @@ def atomic_path(path: PathLike) -> Iterator[Path]:
     is fsynced and renamed to `path`, on an exception it goes."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _create_file(path)
-    mode = stat.S_IMODE(tmp.stat().st_mode)  # 0666 & ~umask
+    tmp = temporary_name(path)  # 32 random bits: a clash is a FileExistsError
+    os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+    mode = stat.S_IMODE(tmp.stat().st_mode)  # 0666 & ~umask, as open() gives a new file
     try:
         yield tmp
         os.chmod(tmp, mode)  # a writer that replaced the file (safetensors writes 0600) gets it back
@@ -284,8 +270,9 @@ def atomic_directory(directory: PathLike) -> Iterator[Path]:
     directory.parent.mkdir(parents=True, exist_ok=True)
     recover_directory(directory)
     sweep_temporaries(directory.parent, directory.name)  # what a killed writer left
-    tmp = _create_directory(directory)
-    mode = stat.S_IMODE(tmp.stat().st_mode)  # 0777 & ~umask
+    tmp = temporary_name(directory)
+    tmp.mkdir(0o777)
+    mode = stat.S_IMODE(tmp.stat().st_mode)  # 0777 & ~umask, as mkdir gives a new folder
     try:
         try:
             yield tmp
@@ -334,7 +321,8 @@ def remove_directory(directory: PathLike) -> None:
     directory = Path(directory)
     if not directory.exists():
         return
-    trash = _create_directory(directory)
+    trash = temporary_name(directory)
+    trash.mkdir()
     os.replace(directory, trash)  # rename(2) over an empty directory
     fsync_dir(directory.parent)
     shutil.rmtree(trash, ignore_errors=True)

@@ -110,32 +110,26 @@ class Section(BaseModel):
 def describe(
     exc: ValidationError, source: str, schema: type[BaseModel], override_keys: Collection[str] = ()
 ) -> str:
-    """One line for a validation failure: `source: dotted.key: what is wrong` (+ how many more).
-
-    A class name as `source` (a config built in Python) reads `SlotConfig.n_heads: ...`; a key set by a
-    `--set` override is named as `--set key`.
-    """
-    messages = []
-    for err in exc.errors(include_url=False):
-        loc = [str(p) for p in err["loc"]]
-        dotted = ".".join(loc)
-        explanation = _explain(err, loc, schema)
-        blamed = _override_for(dotted, explanation, override_keys)
-        retired = _retired(loc) if err["type"] == "extra_forbidden" else None
-        if retired is not None:
-            setters = [key for key in override_keys if key == dotted or key.startswith(dotted + ".")]
-            blamed = setters[0] if setters else blamed
-            where = "OLD" if source == schema.__name__ or source.startswith("<") else source
-            fix = "drop the --set" if setters else f"convert the file: {CONVERT_HINT} {where} --out NEW"
-            explanation = f"{_RETIRED[retired]}; {fix}"
-        if blamed is not None:
-            messages.append(f"--set {blamed}: {dotted or blamed}: {explanation}")
-        elif source == schema.__name__:
-            messages.append(f"{source}{'.' + dotted if dotted else ''}: {explanation}")
-        else:
-            messages.append(f"{source}: {dotted + ': ' if dotted else ''}{explanation}")
-    extra = f" (and {len(messages) - 1} more)" if len(messages) > 1 else ""
-    return messages[0] + extra
+    """One line for a validation failure: `source: dotted.key: what is wrong` (+ how many more); a class name
+    as `source` reads `SlotConfig.n_heads: ...`, a key set by an override `--set key: ...`."""
+    errors = exc.errors(include_url=False)  # the line describes the first; it counts the others
+    err, extra = errors[0], f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
+    loc = [str(p) for p in err["loc"]]
+    dotted = ".".join(loc)
+    explanation = _explain(err, loc, schema)
+    blamed = _override_for(dotted, explanation, override_keys)
+    retired = _retired(loc) if err["type"] == "extra_forbidden" else None
+    if retired is not None:
+        setters = [key for key in override_keys if key == dotted or key.startswith(dotted + ".")]
+        blamed = setters[0] if setters else blamed
+        where = "OLD" if source == schema.__name__ or source.startswith("<") else source
+        fix = "drop the --set" if setters else f"convert the file: {CONVERT_HINT} {where} --out NEW"
+        explanation = f"{_RETIRED[retired]}; {fix}"
+    if blamed is not None:
+        return f"--set {blamed}: {dotted or blamed}: {explanation}{extra}"
+    if source == schema.__name__:
+        return f"{source}{'.' + dotted if dotted else ''}: {explanation}{extra}"
+    return f"{source}: {dotted + ': ' if dotted else ''}{explanation}{extra}"
 
 
 # Dotted keys the run schema once had and now fixes (`config.retired_settings`, registered by
