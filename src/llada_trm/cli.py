@@ -713,10 +713,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the CLI; returns the exit status (0 ok, 2 user error, 1 failed run, 130 interrupted).
-
-    Every failure the user can act on (`boundary.describe_failure`: bad input, any OSError, a failed write,
-    input nested too deeply, ...) is one line on stderr; only a bug keeps its traceback (and --debug)."""
+    """Run the CLI; returns the exit status (0 ok, 2 user error, 1 failed run, 130 interrupted)."""
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

@@ -161,11 +161,8 @@ def save_checkpoint(
     config_yaml: str,
     backbone_fingerprint: str | None = None,
 ) -> Path:
-    """Write a checkpoint atomically: into a hidden temporary directory that is then swapped in. The weights
-    file records the names it holds (`TENSORS_KEY`).
-
-    `backbone_fingerprint`: the run's backbone (the trainer always gives it; None writes a checkpoint that
-    loads with a warning, as those saved before fingerprints do)."""
+    """Write a checkpoint atomically; the weights file records the names it holds (`TENSORS_KEY`) and the
+    run's `backbone_fingerprint` (None: it loads with a warning, as those saved before fingerprints do)."""
     directory = Path(directory)
     tensors = {name: t.detach().to("cpu", copy=True).contiguous() for name, t in weights.items()}
     metadata = {
@@ -194,10 +191,8 @@ def prune_snapshots(checkpoint_dir: Path, keep: int) -> None:
 
 
 def resolve_checkpoint_dir(path: str | Path) -> Path:
-    """Accept a checkpoint directory, or a run directory holding `checkpoints/last`; validate the files.
-
-    A checkpoint caught between the two renames of a save (`.last.old` present, `last` not) is read where it
-    is: a reader never renames a run's files (the run's writer, under its lock, puts it back)."""
+    """Accept a checkpoint directory, or a run directory holding `checkpoints/last`; validate the files. One
+    caught between the two renames of a save is read where it is (`io.readable_directory`)."""
     path = Path(path)
     for named in (path, path / "last", path / "checkpoints" / "last"):
         candidate = readable_directory(named)
@@ -281,13 +276,9 @@ def check_weights(
     own: Mapping[str, torch.Tensor],
     require: Iterable[str] = (),
 ) -> None:
-    """Refuse checkpoint `tensors` that do not fit the model's state dict `own`, before anything is copied.
-
-    Every tensor must exist in the model with the same shape, be floating point where the model's is, and
-    hold finite values (a NaN weight would only show up later as a NaN loss or a garbage answer); every
-    name in `require` must be present. Shared by the single-process and the FSDP loader, so that both refuse
-    the same checkpoints with the same one-line messages; `path` only names the file in them.
-    """
+    """Refuse checkpoint `tensors` that do not fit the state dict `own` (shape, floating point, finite:
+    a NaN weight would show up only later, as a NaN loss) or lack a name in `require`, before anything is
+    copied; the single-process and the FSDP loader share it, so both refuse alike."""
     unknown = sorted(set(tensors) - set(own))
     if unknown:
         raise CheckpointError(
@@ -326,12 +317,8 @@ def check_weights(
 def load_weights(
     model: nn.Module, directory: str | Path, *, require: Iterable[str] = ()
 ) -> list[str]:
-    """Load `model.safetensors` into `model`; every tensor must exist in the model with the same shape.
-
-    The file must hold every name it records (`recorded_names`: a tensor lost since the save is refused, not
-    left at the model's initial value) and every name in `require` (the refiner's; the run's trainable
-    parameters when resuming). Returns the loaded names.
-    """
+    """Load `model.safetensors` into `model` (`check_weights`); the file must hold every name it records, so
+    a tensor lost since the save is refused, not left at its initial value. Returns the loaded names."""
     path = Path(directory) / WEIGHTS_FILE
     tensors = read_weights_file(path)
     recorded = recorded_names(path, tensors)

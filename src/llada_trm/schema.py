@@ -337,10 +337,7 @@ SchemaT = TypeVar("SchemaT", bound=BaseModel)
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
-    """`"training.lr=3e-4"` -> (["training", "lr"], 3e-4).
-
-    The value is read as YAML (`[1, 2]`, `true`, `null`); numeric strings are coerced by the schema.
-    """
+    """`"training.lr=3e-4"` -> (["training", "lr"], 3e-4): the value read as YAML, strictly."""
     key, sep, raw = text.partition("=")
     key = key.strip()
     if not sep or not key:
