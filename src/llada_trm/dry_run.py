@@ -94,7 +94,7 @@ class MemoryEstimate:
         return sum(self.parts.values())
 
     def lines(self) -> list[str]:
-        out = [f"  {name:<34} {value / GB:9.2f} GB" for name, value in self.parts.items()]
+        out = ["memory:"] + [f"  {name:<34} {value / GB:9.2f} GB" for name, value in self.parts.items()]
         out.append(f"  {'total (device memory, estimate)':<34} {self.total / GB:9.2f} GB")
         return out + [f"  ({note})" for note in self.notes]
 
@@ -232,11 +232,11 @@ def _sampler_line(options: Any) -> str:
     )
 
 
-def _blocker_lines(source: BackboneSource, blockers: list[str]) -> list[str]:
+def _echo_blockers(source: BackboneSource, blockers: list[str], echo: Echo) -> None:
     items = ([source.weights_note] if source.weights_note else []) + blockers
-    if not items:
-        return ["ready: nothing missing on this machine"]
-    return ["the real run would stop here at:"] + [f"  - {item}" for item in items]
+    echo("the real run would stop here at:" if items else "ready: nothing missing on this machine")
+    for item in items:
+        echo(f"  - {item}")
 
 
 def _sizes(model: Any, plan: Any | None = None) -> str:
@@ -277,14 +277,12 @@ def plan_train(run: RunConfig, echo: Echo = print, *, title: str = "train") -> d
     for line in data:
         echo(line)
     memory = _train_memory(run, model, plan, dtype, 2 if bf16 else 4)
-    echo("memory:")
     for line in memory.lines():
         echo(line)
     echo(_cache_bytes(run, source.config, n_train))
     echo(_sampler_line(run.sampling.options()))
     echo(f"output: {run.output.dir} (best by {run.output.save_best})")
-    for line in _blocker_lines(source, blockers):
-        echo(line)
+    _echo_blockers(source, blockers, echo)
     return {
         "origin": source.origin,
         "total_params": plan.total_params,
@@ -325,20 +323,16 @@ def plan_eval(args: Any, options: Any, echo: Echo = print) -> dict[str, Any]:
     echo(f"checkpoint: {args.checkpoint} ({kind}); backbone built on the meta device from {source.origin}")
     echo(_device_line(args.device, "--device", blockers))
     bf16 = str(args.device).startswith("cuda") or (args.device == "auto" and torch.cuda.is_available())
-    if args.dtype != "auto":
-        dtype = DTYPES[args.dtype]
-    else:
-        dtype = _backbone_dtype(hybrid, source, _backbone_numel(model)[0], True, bf16)
+    numel = _backbone_numel(model)[0]
+    dtype = DTYPES.get(args.dtype) or _backbone_dtype(hybrid, source, numel, True, bf16)  # "auto": derived
     echo(f"precision: backbone {str(dtype).removeprefix('torch.')} (--dtype {args.dtype}); refiners fp32")
     echo(_sizes(model) + (f"; refiner {run.model.refiner}" if run is not None else "; no refiner"))
     records, prompt = _eval_records(args, run, source, options, blockers, echo)
     memory = _eval_memory(model, dtype, options, prompt)
-    echo("memory:")
     for line in memory.lines():
         echo(line)
     echo(_sampler_line(options))
-    for line in _blocker_lines(source, blockers):
-        echo(line)
+    _echo_blockers(source, blockers, echo)
     return {"origin": source.origin, "records": records, "memory": dict(memory.parts), "blockers": blockers}
 
 
