@@ -87,6 +87,7 @@ def test_other_type_errors_are_one_line(tmp_path):
         "training:\n  phase: 4\n": "training.phase: expected one of 1, 2 or 3",
         "training:\n  lr: true\n": "training.lr: expected a number, got True",
         "model:\n  slot: 3\n": "model.slot: expected a section",
+        "model:\n  mlp:\n    param_budget: big\n": "model.mlp.param_budget: expected an integer, got 'big'",
     }
     for text, expected in cases.items():
         with pytest.raises(ConfigError) as info:

@@ -114,7 +114,7 @@ def describe(
     as `source` reads `SlotConfig.n_heads: ...`, a key set by an override `--set key: ...`."""
     errors = exc.errors(include_url=False)  # the line describes the first; it counts the others
     err, extra = errors[0], f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
-    loc = [str(p) for p in err["loc"]]
+    loc = [str(p) for p in err["loc"] if "[" not in str(p)]  # less a union member's tag, `literal['slot']`
     dotted = ".".join(loc)
     explanation = _explain(err, loc, schema)
     blamed = _override_for(dotted, explanation, override_keys)
