@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from tiny_assets import REPO, tiny_run
 
-from llada_trm.study.plots import PlotError, plot_comparison, plot_run, read_metrics
+from llada_trm.study.plots import PlotError, plot_run, read_metrics
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -62,14 +62,6 @@ def test_errors_without_metrics(tmp_path):
     (tmp_path / "training_metrics.csv").write_text("step,loss\n")
     with pytest.raises(PlotError, match="no rows yet"):
         plot_run(tmp_path)
-
-
-def test_comparison_bars(tmp_path):
-    rows = [
-        {"refiner": "none", "accuracy_strict": 0.5, "accuracy_flexible": 0.6, "tokens_per_s": 100.0},
-        {"refiner": "slot", "accuracy_strict": 0.7, "accuracy_flexible": None, "tokens_per_s": 80.0},
-    ]
-    assert is_png(plot_comparison(rows, tmp_path / "sub" / "comparison.png"))
 
 
 # ------------------------------------------------------------------------------- what is drawn (decisions)

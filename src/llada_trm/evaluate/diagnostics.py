@@ -1,38 +1,8 @@
 """Confident-error diagnostics: can the refiner see, and touch, the errors the sampler commits?
 
-While the evaluator samples, :class:`CommitRecorder` (the sampler's ``on_step`` hook) keeps one record per
-answer position: the denoising step that committed it (counted over the whole answer, in the order the
-sampler ran them), the token, the confidence it was committed with (the probability the sampler ranked it
-by), the backbone's own argmax at that step (``StepEvent.base_tokens``) and whether its chunk was refined by
-that step's model call. The evaluator stores them in each prediction as ``commits`` (:func:`commit_fields`),
-with the reference answer's tokens aligned by position, so a report can be recomputed from predictions.jsonl.
-
-Definitions (all against the reference answer, "teacher aligned by position": the reference tokens as
-training sees them, ``answer <|eot_id|> <|endoftext|>`` padded with ``<|endoftext|>`` to gen_length; the
-committed token at answer position p is compared with the reference token at p, as the refiner's training
-target compares them):
-
-- the *answer span* of a problem: positions before the later of the reference's end and the completion's
-  end (one past its first EOS / EoT, where decoding cuts it). Past both ends both are padding that never
-  reaches the text; counting those confident, right padding commits would swamp every figure.
-- a wrong answer's *first error*: its first position, in reading order (the order
-  ``errors.first_deviation`` walks an answer), whose committed token differs from the reference token. A
-  wrong answer can have none (the reference is longer than gen_length): counted as ``no_token_differs``.
-  Its *category* is ``errors.first_deviation``'s, when the reference is the generated task's. Its *first
-  committed error* is the wrong token the sampler committed first (the earliest step; the leftmost of it).
-- *confident*: committed with confidence >= 0.9 (``CONFIDENT``); *skipped*: in a chunk the step's model call
-  did not refine (the confidence rule skipped it, or it held no masked position).
-- a commit is *changed* by the refiner when its chunk was refined at the step that committed it and the
-  committed token differs from the backbone's argmax there; *fixed* when, in addition, the committed token
-  equals the reference token and the backbone's does not; *broke* when the backbone's equals the reference
-  token and the committed one does not; *neither* when both differ from it. At temperature > 0 the
-  sampling noise also moves tokens inside refined chunks: the counts are exact for greedy sampling.
-- *reliability*: answer-span commits binned by confidence (``RELIABILITY_EDGES``, bins [low, high), the
-  last one closed), with the share whose token equals the reference token; ``ece`` is the count-weighted
-  mean |accuracy - mean confidence| over the bins.
-
-Figures that need what a run did not record are None: confidences under ``remasking="random"`` (the sampler
-ranks by a random number, not a probability), backbone tokens and refined chunks for the backbone alone.
+`CommitRecorder` (the sampler's ``on_step`` hook) records every commit; `commit_diagnostics` summarises a
+model's predictions. The definitions (answer span, first error, confident, changed / fixed / broke,
+reliability) are in docs/comparison.md.
 """
 
 from __future__ import annotations

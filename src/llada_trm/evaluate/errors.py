@@ -1,24 +1,5 @@
-"""Where wrong answers to the generated task go wrong: the first deviating step, entity copying, arithmetic.
-
-The generated task's reference answer holds every step's operands, operator, result, person and noun
-(``data.synthetic.parse_solution`` reads them back exactly), so a completion can be walked step by step
-against it. Each wrong answer gets exactly one category, that of its FIRST deviation in reading order:
-
-- ``format_broken``: no parsable ``<<a op b=c>>`` line at all, a ``<<...>>`` that is not ``a op b=c`` at the
-  step reached, or every step right but no ``#### n``;
-- ``result_not_carried``: a line after the first whose first operand is not the previous line's result;
-- ``wrong_operand``: an operand differs from the one the question or the previous result gives (order is
-  free for + and *);
-- ``wrong_result``: operands and operator right, ``c`` wrong;
-- ``wrong_step_count``: every line computed right, but more or fewer lines than the problem has steps;
-- ``other``: anything else (the right operands under another operator, a ``#### n`` that is not the last
-  result); its ``detail`` says which.
-
-Lines are the completion's lines holding ``<<``; prose between them is ignored. A line's values are those
-inside its annotation (the calculator's), not the text around it. Entities (who and what each line names)
-and arithmetic (``c`` given the reference's operands, per operator) are counted over all answers, on
-the lines aligned by position with a reference step; a line whose subject cannot be read counts as neither
-copied nor named in the question.
+"""Error analysis of the generated task: where each wrong answer first leaves the reference, entity
+copying and line arithmetic. The categories and what is counted are defined in docs/comparison.md.
 """
 
 from __future__ import annotations

@@ -1,27 +1,9 @@
 """GSM8K-style accuracy of a model under LLaDA's sampler, with the refiner running inside every step.
 
-For each batch of problems the prompts are left-padded, the sampler (`sample`) denoises the answers (the
-hybrid model refines low-confidence chunks at every denoising step), and the decoded completions are scored
-with strict (`#### n`) and flexible (last number) extraction. Alongside accuracy the summary reports
-
-- refinement efficiency: mean refinement steps per refined chunk, and the fraction of chunks that held a
-  masked position (the ones the refiner could work on) but were skipped because the backbone was confident;
-- speed: generated tokens per second, model calls (NFE) and wall time;
-- confident-error diagnostics (``diagnostics=True``; ``eval`` and ``compare`` turn it on): each
-  prediction's per-position commit records (``commits``: step, token, confidence, the backbone's argmax,
-  refined chunk, reference token), and the summary's ``diagnostics``: first errors committed at p >= 0.9
-  and in skipped chunks, the tokens the refiner changed, fixed and broke, the reliability of the commit
-  confidence.
-
-The first two come from the per-call statistics the sampler sums over the run, the last from its
-``on_step`` hook.
-
-The module also holds the rest of an evaluation: the problems it runs on (`load_eval_records`: a GSM8K split,
-or the generated task's held-out problems, whose knobs come from the training run's `data.synthetic`, else
-the backbone's pretraining summary, else the defaults), the one policy for prompts that do not fit
-(`fit_prompts`, shared with the lm-eval backend: a prompt whose tokens plus `gen_length` exceed the model's
-positions is skipped: not sampled, scored as wrong, counted; cutting would change the question), and the
-Python API behind `LoadedModel.generate` (`answer_questions`: chat-template prompts, answers decoded).
+Besides `evaluate_model` (accuracy, refinement efficiency, speed, and with ``diagnostics`` the
+confident-error records), the rest of an evaluation: the problems (`load_eval_records`), the one policy for
+prompts that do not fit (`fit_prompts`, shared with the lm-eval backend: skipped, scored as wrong, counted;
+cutting would change the question), and the Python API behind `LoadedModel.generate` (`answer_questions`).
 """
 
 from __future__ import annotations

@@ -1,34 +1,10 @@
-"""Load what `--checkpoint` names for evaluation or generation.
-
-Four kinds of checkpoint are accepted, so that one command compares a trained refiner with its backbone:
-
-- a training run's checkpoint (`<run>/checkpoints/last` or `best`, or the run directory itself): the trained
-  tensors, plus the resolved `config.yaml` that says which backbone and refiner they belong to;
-- an exported model (`llada-trm export`, layout below): backbone, refiners, tokenizer and the run's settings
-  in one directory;
-- a plain backbone directory in Hugging Face layout (`config.json`, safetensors, tokenizer): no refiner;
-- `embedded`: the package's tiny backbone.
+"""Load what `--checkpoint` names for evaluation or generation: a run's checkpoint (or run directory), an
+export (`llada-trm export`; its layout is in docs/architecture.md), a Hugging Face-layout backbone directory,
+or `embedded`, so that one command compares a trained refiner with its backbone.
 
 A run's or export's refiners are refused on another backbone than the one they were trained on (the
-fingerprint their weights file records, `model.fingerprint`) unless `allow_backbone_mismatch`.
-
-`refiner` picks what runs: None keeps the checkpoint's own choice, `"none"` evaluates the backbone alone
-(refinement switched off with K = 0, so it costs nothing), `"mlp"` / `"slot"` selects one refiner of a
-checkpoint that has it (the active one of a `hybrid` integration).
-
-The layout of an export, one self-contained Hugging Face-layout directory that names no other file (it is
-read here, with `model.backbone` set to the directory itself; `llada_trm.extras.export` writes it):
-
-    config.json           the backbone's LLaDA fields (so any LLaDA loader reads the backbone), plus under
-                          `llada_trm` what turns it into the trained hybrid: `format_version`, `model` (the
-                          run's HybridConfig fields and dtype), `sampling` (the run's sampler settings),
-                          `data` (the run's data section less its path: the generated task's knobs),
-                          `refiner_file`, and `source` (the run's phase and step, no paths)
-    model.safetensors     the backbone, trained tensors of phases 2/3 included (or HF shards + index)
-    refiner.safetensors   the refiners (`model.hybrid.save_refiner`; records the backbone fingerprint)
-    tokenizer.json, tokenizer_config.json, special_tokens_map.json
-    README.md             the model card with the run's measured table
-
+fingerprint their weights file records) unless `allow_backbone_mismatch`. `refiner` picks what runs: None
+the checkpoint's own choice, `"none"` the backbone alone (K = 0), `"mlp"` / `"slot"` one refiner it has.
 """
 
 from __future__ import annotations

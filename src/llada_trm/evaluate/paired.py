@@ -1,9 +1,5 @@
-"""Two runs' predictions on the same problems, compared pairwise: `llada-trm eval --against RUN`.
-
-The evidence for "b is better than a" is in the problems where they disagree, so the comparison is paired
-(`statistics.paired_summary`: gained / lost, exact McNemar p, paired bootstrap interval of the difference),
-and it refuses two files that did not answer the same problems in the same order: a paired test of
-different problems means nothing.
+"""`llada-trm eval --against RUN`: two runs' predictions on the same problems, compared pairwise
+(`statistics.paired_summary`); two files that did not answer the same problems in the same order are refused.
 """
 
 from __future__ import annotations

@@ -1,12 +1,8 @@
 """Statistics for comparing refiners on the same problems: intervals, paired tests, seeds, and power.
 
-Every comparison here is paired: two runs answered the *same* problems, so the evidence is in the problems
-where they disagree (one right, the other wrong), not in the two accuracies taken apart. The functions are
-pure (numbers in, numbers or JSON-friendly dicts out) and need only numpy and the standard library; the exact
-binomial tails are summed in log space so they stay accurate for tens of thousands of pairs.
-
-Conventions: ``a`` is the baseline and ``b`` the candidate; ``gained`` counts problems ``b`` gets right and
-``a`` wrong, ``lost`` the reverse, and ``diff`` is accuracy(b) - accuracy(a).
+Every comparison is paired (the evidence is in the problems where two runs disagree). Pure functions of
+numbers; the exact binomial tails are summed in log space so they stay accurate for tens of thousands of
+pairs. ``a`` is the baseline and ``b`` the candidate; ``gained`` counts problems only ``b`` gets right.
 """
 
 from __future__ import annotations

@@ -1,19 +1,10 @@
 """`llada-trm export RUN OUT`: a trained run as one self-contained Hugging Face-layout directory.
 
-The run is loaded as evaluation loads it (`load_checkpoint`: its backbone, the tensors it trained, the
-backbone-fingerprint check), then its parts are written into a hidden sibling of OUT that is swapped in
-whole (`io.atomic_directory`): the backbone (`export_backbone_state`, cast to the chosen dtype), the refiners
-(recording the exported backbone's fingerprint), the tokenizer, config.json with the run's settings, and the
-model card. The layout is described, and read, by `evaluate.loading`; `load_checkpoint(OUT)` reads it and
-nothing else.
-
-An existing OUT is refused; with --force a model directory there (an earlier export, a backbone: it has
-config.json) is archived as `OUT.old-<timestamp>`, never deleted, and any other non-empty folder is refused.
-
-The model card (README.md) says what the model is, how to load it, and what its run measured. The measured
-tables are read from the run directory, never computed here: the validation row of the exported step
-(`validation_metrics.csv`; the last row when that step has none) and every evaluation the run holds
-(`eval/*/summary.json`). A run that recorded neither gets a card that says so.
+The run is loaded as evaluation loads it (`load_checkpoint`), its parts written into a hidden sibling of OUT
+that is swapped in whole (`io.atomic_directory`); the layout is in docs/architecture.md and read by
+`evaluate.loading`. --force archives a model directory in OUT as `OUT.old-<timestamp>`, never deletes it.
+The model card's tables are read from the run directory (validation row of the exported step, every
+`eval/*/summary.json`), never computed here.
 """
 
 from __future__ import annotations

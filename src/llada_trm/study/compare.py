@@ -1,20 +1,8 @@
 """The main job: does a recursive refiner help a frozen backbone? `llada-trm compare --config FILE`.
 
-1. check that the test problems are disjoint from every problem the runs train, validate or pick `best` on
-   (hashes of the normalised questions, `build.check_test_split`; refused in one line otherwise);
-2. for each training seed, train the MLP baseline and the slot refiner in phase 1 (backbone frozen), each
-   with the same run config except `model.refiner` and `training.seed`, into OUT/seed<s>/<refiner>;
-3. sample answers with the run's `sampling` settings on the SAME test problems with no refiner (the
-   backbone alone: once when the sampler is deterministic, temperature 0 with low-confidence remasking,
-   else once per seed), the MLP and the slot refiner; validate each on the same noised validation examples;
-4. write the comparison (`study.report`): the table, per seed and pooled accuracies with 95% intervals,
-   paired tests (gained / lost, exact McNemar p, bootstrap interval of the difference), validation
-   differences, error analysis of the generated task (errors.json), the power calculation, comparison.png,
-   and the confident-error diagnostics (diagnostics.json, reliability.png: where first errors were
-   committed, what the refiner changed at commit, the reliability of the commit confidence).
-
-The backbone-alone row's validation figures are the frozen backbone on exactly the masks the refiners were
-validated on (the `_base` logits of the same forward pass).
+Checks the test problems are disjoint from the runs' own, trains each refiner (or arm) per seed, samples them
+and the backbone alone on the same test problems, validates them on the same noised examples, and writes
+the report (`study.report`). docs/comparison.md describes the steps and every file written.
 """
 
 from __future__ import annotations

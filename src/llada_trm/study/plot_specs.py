@@ -1,14 +1,7 @@
 """What `llada-trm plot` draws, decided apart from the drawing (so tests check decisions, not pixels).
 
-A figure is a list of panels; a panel holds the series of one quantity on one axis. The rules:
-- accuracy is shown as the difference from the backbone (in points, around a zero line) wherever the metrics
-  have the backbone's column (`accuracy_base`, `chunk_accuracy_base`); only without it the level itself;
-- steps (refine steps) and fractions (skipped chunks, confidence) never share an axis;
-- the orthogonality penalty is left out for the MLP refiner (it has none: zero throughout);
-- a pretraining run (`pretrain_metrics.csv`) gets its loss, learning rate and gradient norm, and one panel per
-  numeric eval column present (`eval_*`; an empty cell = not evaluated at that step).
-A panel of single points becomes labelled values (`_settle`); a lone one-point series among longer ones is
-drawn as a labelled marker (`plots.draw`).
+A figure is a list of panels, a panel the series of one quantity on one axis. Accuracy is shown as the
+difference from the backbone wherever the backbone's column exists; steps and fractions never share an axis.
 """
 
 from __future__ import annotations

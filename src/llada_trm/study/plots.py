@@ -1,11 +1,6 @@
-"""PNG plots of a run: `llada-trm plot RUN_DIR`.
-
-A training run: the trainer's `training_metrics.csv` and `validation_metrics.csv` (and, when present, the
-evaluation summaries under `RUN_DIR/eval/*/summary.json`), one figure per topic: loss terms, slot norms, gate
-openings, orthogonality, accuracy and refinement efficiency. A pretraining run (`llada-trm pretrain`'s output,
-e.g. the embedded backbone): its `pretrain_metrics.csv`. Which figures, panels and series are drawn is decided
-in `plot_specs` (absent topics skipped, accuracy as differences from the backbone, ...); this module draws
-them with matplotlib's object API on the Agg canvas: no display, no global pyplot state.
+"""PNG plots of a run (`llada-trm plot RUN_DIR`) and of a comparison. What a run's figures hold is decided
+in `plot_specs`; this module draws with matplotlib's object API on the Agg canvas (no display, no pyplot
+state).
 """
 
 from __future__ import annotations
@@ -24,7 +19,6 @@ __all__ = [
     "PlotError",
     "draw",
     "paired_comparison_figure",
-    "plot_comparison",
     "plot_paired_comparison",
     "plot_reliability",
     "plot_run",
@@ -142,15 +136,11 @@ def _draw_panel(ax: Any, panel: Panel) -> None:
 
 def draw(spec: FigureSpec, run_name: str = "") -> Any:
     """The matplotlib Figure of `spec` (panels in rows of three), not yet saved."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
     n = len(spec.panels)
     ncols, nrows = min(n, _COLUMNS), -(-n // _COLUMNS)
     rows = any(panel.categories for panel in spec.panels)  # labelled rows: room for names and annotations
     width = (8.4 if rows else 6.4) * ncols
-    figure = Figure(figsize=(width, 4.2 * nrows))
-    FigureCanvasAgg(figure)
+    figure = _figure(width, 4.2 * nrows)
     axes = figure.subplots(nrows, ncols, squeeze=False).flatten()
     # fixed margins: a layout engine doubles the drawing time, which adds up over a run's plots
     left, right = (1.9 / width, 1 - 1.8 / width) if rows else (0.13 / ncols, 1 - 0.03 / ncols)
@@ -164,10 +154,23 @@ def draw(spec: FigureSpec, run_name: str = "") -> Any:
     return figure
 
 
-def save_figure(figure: Any, path: Path) -> None:
+def _figure(width: float, height: float) -> Any:
+    """A matplotlib Figure on the Agg canvas (no display, no pyplot state)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(width, height))
+    FigureCanvasAgg(figure)
+    return figure
+
+
+def save_figure(figure: Any, path: str | Path) -> Path:
     """PNG via a temporary sibling and a rename: a killed run never leaves a truncated image."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(path) as tmp:
         figure.savefig(tmp, dpi=100, format="png")
+    return path
 
 
 def _eval_points(run_dir: Path) -> tuple[dict[str, float], dict[str, int]]:
@@ -225,45 +228,8 @@ def run_specs(run: Path) -> dict[str, FigureSpec]:
 def plot_run(run_dir: str | Path, out_dir: str | Path | None = None) -> list[Path]:
     """Write the run's PNGs into `out_dir` (default `RUN_DIR/plots`); returns their paths."""
     run = Path(run_dir)
-    specs = run_specs(run)
     out = Path(out_dir) if out_dir is not None else run / "plots"
-    out.mkdir(parents=True, exist_ok=True)
-    written = []
-    for filename, spec in specs.items():
-        save_figure(draw(spec, run.name), out / filename)
-        written.append(out / filename)
-    return written
-
-
-def plot_comparison(results: Sequence[Mapping[str, Any]], path: str | Path) -> Path:
-    """Bars of strict / flexible accuracy and tokens/s for each compared model (`compare`'s rows)."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    labels = [str(row["refiner"]) for row in results]
-    figure = Figure(figsize=(10, 4))
-    FigureCanvasAgg(figure)
-    left, right = figure.subplots(1, 2)
-    figure.subplots_adjust(left=0.07, right=0.98, top=0.9, bottom=0.1, wspace=0.25)
-    width = 0.38
-    positions = list(range(len(labels)))
-    for offset, key in ((-width / 2, "accuracy_strict"), (width / 2, "accuracy_flexible")):
-        values = [float(row.get(key) or 0.0) for row in results]
-        left.bar([p + offset for p in positions], values, width, label=key.replace("accuracy_", ""))
-    left.set_xticks(positions, labels)
-    left.set_ylim(0, 1)
-    left.set_ylabel("accuracy")
-    left.set_title("held-out generated problems")
-    left.legend()
-    speed = [float(row.get("tokens_per_s") or 0.0) for row in results]
-    right.bar(positions, speed, 0.6, color="tab:gray")
-    right.set_xticks(positions, labels)
-    right.set_ylabel("generated tokens / s")
-    right.set_title("sampling speed")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_figure(figure, path)
-    return path
+    return [save_figure(draw(spec, run.name), out / name) for name, spec in run_specs(run).items()]
 
 
 def _seed_rows(
@@ -329,10 +295,7 @@ def _row_notes(ax: Any, drawn: list[list[tuple[float, float, float, int]]], fmt:
 
 def plot_paired_comparison(report: Mapping[str, Any], path: str | Path) -> Path:
     """comparison.png of a `compare` report (`paired_comparison_figure`)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_figure(paired_comparison_figure(report), path)
-    return path
+    return save_figure(paired_comparison_figure(report), path)
 
 
 def paired_comparison_figure(report: Mapping[str, Any]) -> Any:
@@ -340,17 +303,13 @@ def paired_comparison_figure(report: Mapping[str, Any]) -> Any:
     strict accuracy per model with 95% Wilson intervals; right, each paired difference (refiner vs none, arm
     vs slot) with its 95% bootstrap interval. One marker per seed (shape and colour per seed, offset within
     the row), the mean over seeds as an open black diamond, and at each row's end its figures and n."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
     per_seed = report["per_seed"]
     seeds = list(per_seed)
     kinds = list(dict.fromkeys(kind for seed in seeds for kind in per_seed[seed]["accuracy"]))
     pairs = list(dict.fromkeys(name for seed in seeds for name in per_seed[seed]["paired"]))
     rows = max(len(kinds), len(pairs), 3)
     width, height = 16.5, 1.7 + rows * max(0.4, 0.14 * (len(seeds) + 1))  # room for each seed's marker
-    figure = Figure(figsize=(width, height))
-    FigureCanvasAgg(figure)
+    figure = _figure(width, height)
     bottom, top = 0.7 / height, 1 - 0.75 / height
 
     def accuracy(seed: Any, kind: str) -> tuple[float, float, float, int] | None:
@@ -395,14 +354,10 @@ def plot_reliability(reports: Mapping[str, Mapping[str, Any] | None], path: str 
     share of commits equal to the reference token against the bin's mean confidence (one line per model,
     each point labelled with its count; the diagonal is perfect calibration), and the commits per bin.
     None (nothing written) when no model recorded confidences."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
     curves = {name: r["reliability"] for name, r in reports.items() if r and r.get("reliability")}
     if not curves:
         return None
-    figure = Figure(figsize=(11, 4.5))
-    FigureCanvasAgg(figure)
+    figure = _figure(11, 4.5)
     left, right = figure.subplots(1, 2)
     figure.subplots_adjust(left=0.07, right=0.98, top=0.9, bottom=0.18, wspace=0.25)
     left.plot([0, 1], [0, 1], color="tab:gray", linewidth=1, linestyle="--", label="calibrated")
@@ -430,7 +385,4 @@ def plot_reliability(reports: Mapping[str, Mapping[str, Any] | None], path: str 
     right.set_ylabel("commits (answer span)")
     right.set_title("commits per bin")
     right.legend(fontsize="small")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_figure(figure, path)
-    return path
+    return save_figure(figure, path)

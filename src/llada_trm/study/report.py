@@ -1,12 +1,6 @@
-"""The statistics of a comparison (`llada-trm compare`): what comparison.json states and comparison.md says.
-
-Per training seed: each model's accuracy with a 95% Wilson interval, and for each refiner vs the backbone
-alone and slot vs mlp the paired test on the same problems (gained / lost, exact McNemar p, paired bootstrap
-interval of the difference). Across seeds: mean +- std, the McNemar test on all (seed, problem) pairs and
-the stratified sign test (one observation per problem, valid however a problem's seeds correlate). The
-validation figures are paired per example: every model is validated on the same noised examples (the
-validation seed is fixed), so refiner and backbone differ example by example. Functions here take numbers
-and predictions, not models; `compare` runs the models.
+"""The statistics of a comparison (`llada-trm compare`): what comparison.json states and comparison.md
+says (docs/comparison.md reads it section by section). Functions here take numbers and predictions, not
+models; `compare` runs the models.
 """
 
 from __future__ import annotations

@@ -1,12 +1,9 @@
 """`llada-trm compare --resume`: reuse what an earlier comparison (interrupted, or run per seed) finished.
 
-A model's training counts as finished when its run directory holds `compare_training.json` (written after
-its training returned) and its config.yaml is the run this comparison plans; an evaluation when its
-directory holds predictions.jsonl + summary.json for the same problems, sampler and checkpoint (its
-identity, `checkpoint_identity`: which checkpoint of which run, at which step, is recorded in the summary;
-the evaluation directory is keyed by it too, so `best` and `last` never share one). Anything else is
-trained or sampled again (a training cut short starts over: its directory is archived); a finished run
-planned differently is an error, never silently reused.
+A training counts as finished when its run holds `compare_training.json` and its config.yaml is the run this
+comparison plans; an evaluation when its directory holds predictions.jsonl + summary.json for the same
+problems, sampler and checkpoint (`checkpoint_identity`). Anything else runs again; a finished run planned
+differently is an error, never silently reused.
 """
 
 from __future__ import annotations

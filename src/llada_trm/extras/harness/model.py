@@ -1,24 +1,8 @@
 """`llada_trm`: the project's model as an lm-evaluation-harness backend (registered on import).
 
-- `generate_until`: the project's sampler (`sample`) with every option of `SamplingOptions`
-  (steps, gen_length, block_length, temperature, cfg_scale, remasking, threshold, cache, seed), batched,
-  prompts left-padded with an attention mask. Diffusion fills a fixed `gen_length`, so the task's `until`
-  strings are applied after decoding (the answer is cut at the first one) and `max_gen_toks` is ignored.
-  A request's `gen_kwargs` may override any sampler option by name (lm-eval's `--gen_kwargs steps=64`); the
-  task's `temperature` does too, as with lm-eval's own models (`do_sample` is ignored: temperature 0 is
-  greedy). Other keys (top_p, ...) have no meaning here and are ignored with a warning. A prompt whose
-  tokens + gen_length exceed max_length is skipped: answered with an empty string (scored as wrong),
-  warned about and counted under `prompts` in the results' model info — `llada-trm eval`'s policy too.
-- `loglikelihood`: LLaDA's Monte-Carlo masked estimate (`likelihood.py`), `mc_num` draws (default 128)
-  run `mc_batch_size` at a time; `is_greedy` from one forward over the fully masked continuation.
-- `loglikelihood_rolling`: the same estimate over lm-eval's disjoint rolling windows of `max_length`.
-
-Model args: checkpoint (a run dir or checkpoint, a backbone dir, or `embedded`), refiner (`checkpoint` =
-the checkpoint's own choice, `none` = the backbone alone, `mlp`, `slot`), dtype, the sampler options above,
-mc_num, mc_batch_size, max_length (default: the backbone's max_sequence_length). lm-eval's `--device`
-(default cuda:0; give `cpu` or `auto` on a CPU machine) and `--batch_size` (an integer) are used as given.
-A sampler option left out keeps a trained run's `sampling:` setting (LLaDA's defaults for a backbone), as
-`llada-trm eval` does; `threshold=none` / `cache=none` (or `off`) switch those off.
+`generate_until` runs the project's sampler (a request's `gen_kwargs` may override any sampler option; the
+task's `until` strings cut the decoded answer), `loglikelihood` LLaDA's Monte-Carlo bound (`likelihood.py`),
+`loglikelihood_rolling` the same over lm-eval's rolling windows. Model args and behaviour: docs/lm_eval.md.
 One process only: data-parallel lm-eval runs are not supported.
 """
 
@@ -362,12 +346,8 @@ class LLaDATRMLM(TemplateLM):
 
 
 # ---------------------------------------------------------------------------- lm-eval's result folders
-# lm-eval result folders named after the checkpoint evaluated, not a random id.  lm-eval writes
-# `--output_path DIR` results to `DIR/<model name>/results_<time>.json`, the model name read from a
-# `pretrained=` / `model=` / `path=` model arg; `llada_trm` names its checkpoint `checkpoint=` (default
-# `embedded`), which lm-eval does not look for, so every run landed in a fresh random folder. Importing the
-# backend (as `llada-trm-lm-eval` and lm-eval's entry-point discovery do) makes the tracker fall back to the
-# checkpoint: `checkpoint=runs/slot/checkpoints/best` -> `DIR/runs__slot__checkpoints__best/`.
+# lm-eval names a result folder after a `pretrained=` / `model=` / `path=` model arg, which `llada_trm` has
+# not: without this every run landed in a fresh random folder (docs/lm_eval.md).
 
 
 def checkpoint_name(model_args: str | Mapping[str, Any] | None) -> str:
