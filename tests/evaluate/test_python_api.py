@@ -58,6 +58,9 @@ def test_generate_rejects_unknown_settings_and_empty_questions(sampled_run):
         model.generate(["q"], mask_id=3)
     with pytest.raises(ValueError, match="empty question"):
         model.generate(["  "])
+    # every question is answered, so one past the backbone's positions is refused, naming it
+    with pytest.raises(ValueError, match=r"^question 2: a \d+-token prompt \+ gen_length 16 .* exceed the"):
+        model.generate(["q", "one two three " * 100])
     with pytest.raises(ValueError, match="non-empty list"):
         model.generate([])
 

@@ -176,32 +176,6 @@ def _max_positions(model: Any) -> int | None:
     return getattr(getattr(backbone, "config", None), "max_sequence_length", None)
 
 
-def check_lengths(
-    model: Any, tokenizer: PreTrainedTokenizerBase, records: Sequence[GSM8KRecord], options: SamplingOptions
-) -> None:
-    """Refuse a prompt + gen_length beyond the backbone's positions before anything is allocated: past them
-    the positions are ones the model never saw, and the answers come out empty or garbage."""
-    limit = _max_positions(model)
-    if not isinstance(limit, int):
-        return
-    lengths = [len(encode_prompt(tokenizer, record.question)) for record in records]
-    longest = max(range(len(records)), key=lengths.__getitem__)
-    prompt, room = lengths[longest], limit - lengths[longest]
-    if prompt + options.gen_length <= limit:
-        return
-    fix = (
-        f"lower gen_length (--gen-length) to at most {room} (a multiple of block_length) or shorten the "
-        "question"
-        if room >= 1
-        else "the prompt alone fills the backbone's positions; shorten the question"
-    )
-    raise ValueError(
-        f"{records[longest].origin or f'question {longest}'}: a {prompt}-token prompt + gen_length "
-        f"{options.gen_length} = {prompt + options.gen_length} positions exceed the backbone's "
-        f"max_sequence_length {limit}; {fix}"
-    )
-
-
 def sampling_setup(
     model: Any, tokenizer: PreTrainedTokenizerBase, options: SamplingOptions, num_steps: int | None
 ) -> tuple[_CountingModel, SamplingOptions]:
@@ -552,30 +526,41 @@ def prompts_line(record: Mapping[str, Any], gen_length: int) -> str:
 
 
 def fit_prompts(
-    lengths: Sequence[int], gen_length: int | Sequence[int], limit: int | None, *, where: Sequence[str] = ()
+    lengths: Sequence[int],
+    gen_length: int | Sequence[int],
+    limit: int | None,
+    *,
+    where: Sequence[str] = (),
+    every: bool = False,
 ) -> PromptFit:
     """Split prompts of `lengths` tokens into those that fit `limit` positions with their `gen_length` (one
     for all, or one per prompt) and those skipped; None `limit` (unknown) keeps every prompt. Raises
-    ValueError (one line) when none fits; `where` names the prompts (a file:line) for that message."""
+    ValueError (one line) when none fits, or with `every` (the Python API answers every question it is
+    given) when any does not: past the positions the answers come out empty or garbage. `where` names the
+    prompts (a file:line) for that message."""
     gens = [gen_length] * len(lengths) if isinstance(gen_length, int) else list(gen_length)
     if limit is None:
         return PromptFit(limit, list(range(len(lengths))), [])
     kept = [i for i, (n, g) in enumerate(zip(lengths, gens, strict=True)) if n + g <= limit]
     fitting = set(kept)
     skipped = [i for i in range(len(lengths)) if i not in fitting]
-    if lengths and not kept:
-        shortest = min(range(len(lengths)), key=lambda i: lengths[i])
-        name = where[shortest] if shortest < len(where) and where[shortest] else f"prompt {shortest}"
-        room = limit - lengths[shortest]
+    if skipped and (every or not kept):
+        i = max(skipped, key=lengths.__getitem__) if every else min(skipped, key=lengths.__getitem__)
+        name = where[i] if i < len(where) and where[i] else f"prompt {i}"
+        room = limit - lengths[i]
         fix = (
             f"lower gen_length (--gen-length) to at most {room} (a multiple of block_length)"
             if room >= 1
             else "the prompt alone fills the model's positions; shorten the questions"
         )
+        what = (
+            f"{name}: a {lengths[i]}-token prompt"
+            if every
+            else f"none of the {len(lengths)} prompts fits: the shortest ({name}, {lengths[i]} tokens)"
+        )
         raise ValueError(
-            f"none of the {len(lengths)} prompts fits: the shortest ({name}, {lengths[shortest]} tokens) + "
-            f"gen_length {gens[shortest]} = {lengths[shortest] + gens[shortest]} positions exceed the "
-            f"model's {limit} (max_sequence_length); {fix}"
+            f"{what} + gen_length {gens[i]} = {lengths[i] + gens[i]} positions exceed the model's {limit} "
+            f"(max_sequence_length); {fix}"
         )
     return PromptFit(limit, kept, skipped)
 
@@ -645,7 +630,9 @@ def answer_questions(
     """Sample an answer to every question (a bare string counts as one) under `options`; `on_step` is the
     sampler's per-step hook (`diffusion.sampler.StepEvent`, rows of each batch in order)."""
     listed = _questions(questions)
-    check_lengths(model, tokenizer, [GSM8KRecord(question=q, answer="") for q in listed], options)
+    lengths = [len(encode_prompt(tokenizer, question)) for question in listed]
+    names = [f"question {number}" for number in range(1, len(listed) + 1)]
+    fit_prompts(lengths, options.gen_length, _max_positions(model), where=names, every=True)
     counting, sampling = sampling_setup(model, tokenizer, options, num_steps)
     device = _device_of(model)
     generator = torch.Generator(device=device).manual_seed(options.seed)

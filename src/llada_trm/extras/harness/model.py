@@ -23,7 +23,7 @@ from llada_trm.data.tokenizer import decode_generated, pad_token_id, special_tok
 from llada_trm.diffusion.options import SamplingOptions
 from llada_trm.diffusion.sampler import sample
 from llada_trm.errors import ConfigError
-from llada_trm.evaluate.evaluator import POLICY, fit_prompts
+from llada_trm.evaluate.evaluator import POLICY, fit_prompts, sampling_setup
 from llada_trm.evaluate.loading import OFF, load_checkpoint, resolve_sampling
 
 from .likelihood import greedy_matches, mc_log_likelihood
@@ -80,28 +80,6 @@ def _model_arg_sampling(checkpoint: str, batch_size: int, sampling: dict[str, An
     return dataclasses.replace(options, **{key: sampling[key] for key in _TOKEN_IDS if key in sampling})
 
 
-class _Budgeted:
-    """The hybrid called with the checkpoint's refinement budget; keeps the sampler's `masked` keyword."""
-
-    def __init__(self, model: Any, num_steps: int | None) -> None:
-        self.model = model
-        self.num_steps = num_steps
-
-    def __call__(
-        self,
-        input_ids: torch.Tensor,
-        attention_mask: torch.Tensor | None = None,
-        masked: Any = None,
-        **kw: Any,
-    ) -> Any:
-        if self.num_steps is not None:
-            kw["num_steps"] = self.num_steps
-        return self.model(input_ids, attention_mask=attention_mask, masked=masked, **kw)
-
-    def logits(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self(input_ids).logits
-
-
 @register_model(MODEL_NAME)
 class LLaDATRMLM(TemplateLM):
     """lm-eval backend for llada-trm checkpoints (see the module docstring for the model args)."""
@@ -148,7 +126,8 @@ class LLaDATRMLM(TemplateLM):
                 f"llada_trm: max_length={self.max_length} exceeds the backbone's {positions} positions "
                 f"(max_sequence_length); give max_length <= {positions} or leave it out"
             )
-        self.net = _Budgeted(self.loaded.model, self.loaded.num_steps)
+        # the model with the checkpoint's refinement budget, as `llada-trm eval` samples it
+        self.net, _ = sampling_setup(self.loaded.model, self.tokenizer, self.options, self.loaded.num_steps)
         self._generator = torch.Generator(device=self._device).manual_seed(self.options.seed)
         self._mc_generator = torch.Generator().manual_seed(self.options.seed)
         self._warned: set[str] = set()
@@ -234,10 +213,8 @@ class LLaDATRMLM(TemplateLM):
 
     def _sample(self, prompts: list[list[int]], options: SamplingOptions) -> list[str]:
         input_ids, attention_mask = self._left_pad(prompts)
-        # Every option reaches the sampler (the token ids come from this model and its tokenizer).
-        options = dataclasses.replace(
-            options, mask_id=self.loaded.model.mask_token_id, eos_id=self.ids.eos, eot_id=self.ids.eot
-        )
+        # every option reaches the sampler; the token ids are this model's and its tokenizer's
+        _, options = sampling_setup(self.loaded.model, self.tokenizer, options, self.loaded.num_steps)
         result = sample(self.net, input_ids, attention_mask, options, generator=self._generator)
         return decode_generated(self.tokenizer, result.tokens, result.prompt_length)
 
@@ -297,11 +274,14 @@ class LLaDATRMLM(TemplateLM):
             )
         return context[max(0, len(context) + len(continuation) - self.max_length) :]
 
+    def _logits(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.net(input_ids).logits
+
     def _score(self, context: list[int], continuation: list[int]) -> tuple[float, bool]:
         context = self._fit(context, continuation)
         mask_id = self.loaded.model.mask_token_id
         logp = mc_log_likelihood(
-            self.net.logits,
+            self._logits,
             context,
             continuation,
             mask_id=mask_id,
@@ -310,7 +290,7 @@ class LLaDATRMLM(TemplateLM):
             device=self._device,
             generator=self._mc_generator,
         )
-        greedy = greedy_matches(self.net.logits, context, continuation, mask_id=mask_id, device=self._device)
+        greedy = greedy_matches(self._logits, context, continuation, mask_id=mask_id, device=self._device)
         return logp, greedy
 
     def _loglikelihood_tokens(
