@@ -18,7 +18,7 @@ import torch
 from llada_trm.data.gsm8k import DataError
 from llada_trm.data.synthetic import parse_solution
 from llada_trm.diffusion.sampler import StepEvent
-from llada_trm.evaluate.errors import CATEGORIES, first_deviation
+from llada_trm.evaluate.errors import CATEGORIES, first_deviation, markdown_table
 from llada_trm.evaluate.statistics import proportion
 
 __all__ = [
@@ -325,32 +325,28 @@ def diagnostics_markdown(reports: Mapping[str, Mapping[str, Any] | None]) -> str
     (``-``: not recorded for that model)."""
     if not reports:
         raise ValueError("diagnostics_markdown needs at least one model's report")
-    head = "| | " + " | ".join(reports) + " |\n|---|" + "---|" * len(reports) + "\n"
+    header = ["", *reports]
 
-    def row(label: str, cell: Callable[[Mapping[str, Any]], str]) -> str:
-        return f"| {label} | " + " | ".join(cell(r) if r else "-" for r in reports.values()) + " |\n"
+    def row(label: str, cell: Callable[[Mapping[str, Any]], str]) -> list[str]:
+        return [label, *(cell(r) if r else "-" for r in reports.values())]
 
-    table = head + "".join(row(label, cell) for label, cell in _ROWS)
-    present = [name for name in CATEGORIES if any(r and name in r["first_errors"]["by_category"]
-                                                  for r in reports.values())]  # fmt: skip
-    for name in present:  # the generated task's error categories (errors.first_deviation)
-        def cell(r: Mapping[str, Any], name: str = name) -> str:
-            return _category_cell(r["first_errors"]["by_category"].get(name))
-
-        table += row(f"{name}: first error at p >= {CONFIDENT} / not refined", cell)
+    rows = [row(label, cell) for label, cell in _ROWS]
+    for name in CATEGORIES:  # the generated task's error categories (errors.first_deviation)
+        if any(r and name in r["first_errors"]["by_category"] for r in reports.values()):
+            label = f"{name}: first error at p >= {CONFIDENT} / not refined"
+            rows.append(row(label, lambda r, n=name: _category_cell(r["first_errors"]["by_category"].get(n))))
     text = (
         "**Where the first errors were committed, and what the refiner changed** (a wrong answer's first "
         "token that differs from the reference, aligned by position; fixed / broke: the committed token "
-        "right / wrong where the backbone's argmax was wrong / right)\n\n" + table
+        f"right / wrong where the backbone's argmax was wrong / right)\n\n{markdown_table(header, rows)}\n"
     )
     curves = [r["reliability"]["bins"] for r in reports.values() if r and r["reliability"]]
     if curves:
-        last = len(curves[0]) - 1
-        rows = "".join(
-            row(f"[{b['low']:.2f}, {b['high']:.2f}{']' if i == last else ')'}",
-                lambda r, i=i: _bin_cell(r, i))
-            for i, b in enumerate(curves[0])
-        )  # fmt: skip
-        text += ("\n**Reliability of the commit confidence** (answer-span commits per confidence bin: the "
-                 "share equal to the reference token, and the count)\n\n" + head + rows)  # fmt: skip
+        bins = curves[0]
+        labels = [f"[{b['low']:.2f}, {b['high']:.2f}{']' if b is bins[-1] else ')'}" for b in bins]
+        rows = [row(label, lambda r, i=i: _bin_cell(r, i)) for i, label in enumerate(labels)]
+        text += (
+            "\n**Reliability of the commit confidence** (answer-span commits per confidence bin: the share "
+            f"equal to the reference token, and the count)\n\n{markdown_table(header, rows)}\n"
+        )
     return text

@@ -23,6 +23,7 @@ __all__ = [
     "error_report",
     "errors_markdown",
     "first_deviation",
+    "markdown_table",
     "paired_line_comparison",
     "parse_answer_lines",
 ]
@@ -277,6 +278,15 @@ def paired_line_comparison(
 # ----------------------------------------------------------------------------------------------------
 
 
+def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    """A Markdown table (no trailing newline); an empty cell is written `| |`."""
+
+    def line(cells: Sequence[str]) -> str:
+        return "|" + "".join(f" {cell} |" if cell else " |" for cell in cells)
+
+    return "\n".join([line(header), "|" + "---|" * len(header), *map(line, rows)])
+
+
 def _cell_rate(rate: Mapping[str, Any]) -> str:
     if not rate["n"]:
         return "-"
@@ -288,24 +298,22 @@ def errors_markdown(reports: Mapping[str, Mapping[str, Any]]) -> str:
     of wrong answers, then entity copying and line arithmetic given the right operands."""
     if not reports:
         raise ValueError("errors_markdown needs at least one run's report")
-    names = list(reports)
-    head = "| | " + " | ".join(names) + " |\n|---|" + "---|" * len(names) + "\n"
-
-    def row(label: str, cells: Sequence[str]) -> str:
-        return f"| {label} | " + " | ".join(cells) + " |\n"
-
-    first = head + row("wrong answers", [f"{r['wrong']}/{r['problems']}" for r in reports.values()])
+    header = ["", *reports]
+    first = [["wrong answers", *(f"{r['wrong']}/{r['problems']}" for r in reports.values())]]
     for name in CATEGORIES:
         cells = []
         for report in reports.values():
             count, wrong = report["categories"][name], report["wrong"]
             cells.append(f"{count} ({count / wrong:.0%})" if wrong else "0")
-        first += row(name, cells)
-    second = head
+        first.append([name, *cells])
+    second = []
     for label, key in (("person copied", "person_copied"), ("object copied", "object_copied"),
                        ("person not in question", "person_not_in_question")):  # fmt: skip
-        second += row(label, [_cell_rate(r["entities"][key]) for r in reports.values()])
+        second.append([label, *(_cell_rate(r["entities"][key]) for r in reports.values())])
     for op in (*OPERATIONS, "all"):
         label = f"arithmetic {op}" if op != "all" else "arithmetic, all lines"
-        second += row(label, [_cell_rate(r["arithmetic"][op]) for r in reports.values()])
-    return "**First deviation of wrong answers**\n\n" + first + "\n**Answer lines**\n\n" + second
+        second.append([label, *(_cell_rate(r["arithmetic"][op]) for r in reports.values())])
+    return (
+        f"**First deviation of wrong answers**\n\n{markdown_table(header, first)}\n\n"
+        f"**Answer lines**\n\n{markdown_table(header, second)}\n"
+    )

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 
 from llada_trm.evaluate.diagnostics import commit_diagnostics, diagnostics_markdown
-from llada_trm.evaluate.errors import error_report, errors_markdown, paired_line_comparison
+from llada_trm.evaluate.errors import error_report, errors_markdown, markdown_table, paired_line_comparison
 from llada_trm.evaluate.paired import paired_comparison, verdict
 from llada_trm.evaluate.statistics import (
     detectable_difference,
@@ -305,11 +305,6 @@ def _accuracy(rate: Mapping[str, Any]) -> str:
     return f"{rate['p']:.3f} [{rate['low']:.3f}, {rate['high']:.3f}]"
 
 
-def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows])
-
-
 def _mean_std(stats: Mapping[str, Any], scale: float = 1.0, digits: int = 3) -> str:
     std = "" if stats["std"] is None else f" ± {scale * stats['std']:.{digits}f}"
     return f"{scale * stats['mean']:.{digits}f}{std}"
@@ -323,14 +318,14 @@ def statistics_markdown(stats: Mapping[str, Any], validation: Mapping[str, Any] 
             rows.append([seed, name.replace("_", " "), f"+{s['gained']} / -{s['lost']}", _points(s["diff"]),
                          _interval(s["ci_low"], s["ci_high"]), f"{s['p']:.3g}", s["verdict"]])  # fmt: skip
     header = ["seed", "comparison", "gained / lost", "diff (points)", "95% CI (bootstrap)", "McNemar p", ""]
-    text = "**Paired comparisons (strict accuracy, same problems)**\n\n" + _table(header, rows) + "\n"
+    text = "**Paired comparisons (strict accuracy, same problems)**\n\n" + markdown_table(header, rows) + "\n"
     pooled = stats["pooled"]
     if len(pooled["seeds"]) > 1:
         acc_rows = [[kind, _mean_std(a["mean_std"]), _accuracy(a["all_pairs"])]
                     for kind, a in pooled["accuracy"].items()]  # fmt: skip
         header = ["model", "accuracy mean ± std", "all (seed, problem) pairs [95% Wilson]"]
         seeds = ", ".join(map(str, pooled["seeds"]))
-        text += f"\n**Across seeds {seeds}**\n\n" + _table(header, acc_rows) + "\n\n"
+        text += f"\n**Across seeds {seeds}**\n\n" + markdown_table(header, acc_rows) + "\n\n"
         rows = []
         for name, s in pooled["paired"].items():
             mc, st = s["pooled_mcnemar"], s["stratified_sign_test"]
@@ -340,7 +335,7 @@ def statistics_markdown(stats: Mapping[str, Any], validation: Mapping[str, Any] 
                          s["verdict"]])  # fmt: skip
         header = ["comparison", "diff mean ± std (points)", "pooled gained / lost", "pooled McNemar p",
                   "problems better / worse", "stratified sign p", ""]  # fmt: skip
-        text += _table(header, rows) + (
+        text += markdown_table(header, rows) + (
             "\n\nThe pooled McNemar test treats every (seed, problem) pair as independent, which overstates "
             "the evidence; the stratified sign test (one observation per problem) is the one the verdict "
             "uses.\n"
@@ -354,7 +349,8 @@ def statistics_markdown(stats: Mapping[str, Any], validation: Mapping[str, Any] 
                              f"[{loss['low']:+.4f}, {loss['high']:+.4f}]" if loss["low"] is not None else "-",
                              _points(acc["diff"]), _interval(acc["low"], acc["high"])])  # fmt: skip
         header = ["seed", "comparison", "val loss diff", "95% CI", "masked acc diff (points)", "95% CI"]
-        text += f"\n**Validation differences** ({validation['method']})\n\n" + _table(header, rows) + "\n"
+        table = markdown_table(header, rows)
+        text += f"\n**Validation differences** ({validation['method']})\n\n{table}\n"
     return text
 
 
@@ -368,7 +364,8 @@ def errors_section_markdown(errors: Mapping[str, Any], seeds: Sequence[int]) -> 
             rows.append([seed, name.replace("_", " "), str(s["lines"]), f"+{s['gained']} / -{s['lost']}",
                          f"{s['p']:.3g}", verdict(s["p"])])  # fmt: skip
     header = ["seed", "comparison", "lines (same operands)", "gained / lost", "McNemar p", ""]
-    return text + "\n**Line arithmetic given correct operands, paired**\n\n" + _table(header, rows) + "\n"
+    table = markdown_table(header, rows)
+    return f"{text}\n**Line arithmetic given correct operands, paired**\n\n{table}\n"
 
 
 def _training_phrase(config: Any) -> str:
