@@ -89,11 +89,6 @@ def format_table(rows: Sequence[Mapping[str, Any]]) -> str:
     return "\n".join([line(header), rule, *(line(cells) for cells in body)])
 
 
-def _refiner_run(config: CompareConfig, kind: str, seed: int, out: Path) -> RunConfig:
-    """The training run of model `kind` (mlp, slot or an arm's name) under training seed `seed`."""
-    return config.run_for(kind, seed, out / f"seed{seed}" / kind)
-
-
 def is_deterministic(options: Any) -> bool:
     """Temperature 0 with low-confidence remasking draws nothing at random: one backbone run serves every
     seed."""
@@ -287,7 +282,7 @@ def run_compare(
         fell = {(f["seed"], f["refiner"]) for f in fallbacks}
         used = "last" if (row["seed"], row["refiner"]) in fell else ev.checkpoint
         row["checkpoint"] = "backbone" if row["refiner"] == "none" else used
-    sampled = _Sampled(rows, results, validation, fallbacks)
+    sampled = {"rows": rows, "results": results, "validation": validation, "fallbacks": fallbacks}
     return _finish(config, out, sampled, split_check, options, started, files, echo)
 
 
@@ -301,7 +296,7 @@ def _train_refiners(
     trained: dict[tuple[int, str], tuple[dict[str, Any], float]] = {}
     for seed in config.seed_list():
         for kind in config.refiners:
-            run = _refiner_run(config, kind, seed, out)
+            run = config.run_for(kind, seed, out / f"seed{seed}" / kind)
             done = finished_training(Path(run.output.dir), run) if resume else None
             if done is not None:
                 echo(f"\n== reusing the trained {kind}, seed {seed} ({run.output.dir}, --resume) ==")
@@ -340,33 +335,24 @@ def _table_rows(
     return rows
 
 
-@dataclass
-class _Sampled:
-    """What sampling and validating every model gave: the table rows, and per seed and model the
-    evaluation result and the per-example validation columns."""
-
-    rows: list[dict[str, Any]]
-    results: Mapping[int, Mapping[str, Any]]
-    validation: Mapping[int, Mapping[str, Any]]
-    fallbacks: list[dict[str, Any]] = field(default_factory=list)
-
-
 def _finish(
     config: CompareConfig,
     out: Path,
-    sampled: _Sampled,
+    sampled: Mapping[str, Any],
     split_check: Mapping[str, Any],
     options: Any,
     started: float,
     files: list[Path],
     echo: Callable[[str], None],
 ) -> CompareResult:
-    """Statistics, error analysis, plots and the three report files; the console gets the tables."""
+    """Statistics, error analysis, plots and the three report files; the console gets the tables.
+    `sampled`: the table rows, per seed and model the evaluation result and the per-example validation
+    columns, and the `best` -> `last` fallbacks."""
     from llada_trm.study import report as cr
     from llada_trm.study.plots import plot_paired_comparison, plot_reliability, plot_run
 
     ev, data = config.evaluation, config.run.data
-    rows, results, validation = sampled.rows, sampled.results, sampled.validation
+    rows, results, validation = sampled["rows"], sampled["results"], sampled["validation"]
     predictions = {s: {kind: r.predictions for kind, r in models.items()} for s, models in results.items()}
     stats = cr.statistics_sections(predictions, config.reference)
     for row in rows:  # the paired figures against the backbone alone, in the table
@@ -411,7 +397,7 @@ def _finish(
         "diagnostics": None if diagnostics is None else {"file": DIAGNOSTICS_JSON, "plot": RELIABILITY_PNG,
                                                           "pooled": cr.diagnostics_summary(diagnostics)},
         "elapsed_s": elapsed,
-        "checkpoint": {"asked": ev.checkpoint, "fallbacks": sampled.fallbacks},
+        "checkpoint": {"asked": ev.checkpoint, "fallbacks": sampled["fallbacks"]},
         "config": config.model_dump(mode="json"),
     }
     statistics = cr.statistics_markdown(stats, validation_stats)
