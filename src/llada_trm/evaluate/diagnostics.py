@@ -261,49 +261,38 @@ def _share(rate: Mapping[str, Any] | None) -> str:
     return "-" if rate is None else f"{rate['p']:.0%} ({rate['k']}/{rate['n']})"
 
 
-def _median(report: Mapping[str, Any]) -> str:
-    value = report["first_errors"]["median_confidence"]
-    return "-" if value is None else f"{value:.3f}"
-
-
-def _span_commits(report: Mapping[str, Any]) -> str:
-    commits = report["commits"]
-    refined = "-" if commits["refined"] is None else str(commits["refined"])
-    return f"{commits['n']} ({refined})"
-
-
-def _changed(report: Mapping[str, Any]) -> str:
-    commits = report["commits"]
-    if commits["changed"] is None:
-        return "-"
-    share = f" ({commits['changed'] / commits['refined']:.1%} of refined)" if commits["refined"] else ""
-    return f"{commits['changed']}{share}"
-
-
-def _outcome(report: Mapping[str, Any]) -> str:
-    commits = report["commits"]
-    if commits["fixed"] is None:
-        return "-"
-    return f"{commits['fixed']} / {commits['broke']} / {commits['neither']}"
-
-
-def _ece(report: Mapping[str, Any]) -> str:
-    return "-" if report["reliability"] is None else f"{report['reliability']['ece']:.3f}"
-
-
-_ROWS: tuple[tuple[str, Callable[[Mapping[str, Any]], str]], ...] = (
-    ("wrong answers (with a first wrong token)", lambda r: f"{r['wrong']} ({r['first_errors']['n']})"),
-    (f"first error committed at p >= {CONFIDENT}", lambda r: _share(r["first_errors"]["confident"])),
-    ("median confidence of first errors", _median),
-    ("first error in a chunk not refined", lambda r: _share(r["first_errors"]["skipped"])),
-    ("first error changed by the refiner", lambda r: _share(r["first_errors"]["changed_by_refiner"])),
-    (f"first committed error at p >= {CONFIDENT} / not refined",
-     lambda r: _category_cell(r.get("first_committed_errors"))),
-    ("answer-span commits (in refined chunks)", _span_commits),
-    ("tokens the refiner changed at commit", _changed),
-    ("of them fixed / broke / neither", _outcome),
-    ("calibration error (ECE)", _ece),
+_LABELS = (
+    "wrong answers (with a first wrong token)",
+    f"first error committed at p >= {CONFIDENT}",
+    "median confidence of first errors",
+    "first error in a chunk not refined",
+    "first error changed by the refiner",
+    f"first committed error at p >= {CONFIDENT} / not refined",
+    "answer-span commits (in refined chunks)",
+    "tokens the refiner changed at commit",
+    "of them fixed / broke / neither",
+    "calibration error (ECE)",
 )
+
+
+def _column(r: Mapping[str, Any]) -> list[str]:
+    """One model's cells of the first table, in `_LABELS`' order."""
+    first, commits, reliability = r["first_errors"], r["commits"], r["reliability"]
+    median, changed = first["median_confidence"], commits["changed"]
+    if changed is not None and commits["refined"]:
+        changed = f"{changed} ({changed / commits['refined']:.1%} of refined)"
+    return [
+        f"{r['wrong']} ({first['n']})",
+        _share(first["confident"]),
+        "-" if median is None else f"{median:.3f}",
+        _share(first["skipped"]),
+        _share(first["changed_by_refiner"]),
+        _category_cell(r.get("first_committed_errors")),
+        f"{commits['n']} ({'-' if commits['refined'] is None else commits['refined']})",
+        "-" if changed is None else str(changed),
+        "-" if commits["fixed"] is None else " / ".join(str(commits[k]) for k in ("fixed", "broke", "neither")),
+        "-" if reliability is None else f"{reliability['ece']:.3f}",
+    ]
 
 
 def _category_cell(summary: Mapping[str, Any] | None) -> str:
@@ -330,7 +319,8 @@ def diagnostics_markdown(reports: Mapping[str, Mapping[str, Any] | None]) -> str
     def row(label: str, cell: Callable[[Mapping[str, Any]], str]) -> list[str]:
         return [label, *(cell(r) if r else "-" for r in reports.values())]
 
-    rows = [row(label, cell) for label, cell in _ROWS]
+    columns = [_column(r) if r else ["-"] * len(_LABELS) for r in reports.values()]
+    rows = [[label, *cells] for label, *cells in zip(_LABELS, *columns, strict=True)]
     for name in CATEGORIES:  # the generated task's error categories (errors.first_deviation)
         if any(r and name in r["first_errors"]["by_category"] for r in reports.values()):
             label = f"{name}: first error at p >= {CONFIDENT} / not refined"
