@@ -275,6 +275,9 @@ _LABELS = (
 )
 
 
+_OUTCOMES = ("fixed", "broke", "neither")
+
+
 def _column(r: Mapping[str, Any]) -> list[str]:
     """One model's cells of the first table, in `_LABELS`' order."""
     first, commits, reliability = r["first_errors"], r["commits"], r["reliability"]
@@ -290,7 +293,7 @@ def _column(r: Mapping[str, Any]) -> list[str]:
         _category_cell(r.get("first_committed_errors")),
         f"{commits['n']} ({'-' if commits['refined'] is None else commits['refined']})",
         "-" if changed is None else str(changed),
-        "-" if commits["fixed"] is None else " / ".join(str(commits[k]) for k in ("fixed", "broke", "neither")),
+        "-" if commits["fixed"] is None else " / ".join(str(commits[k]) for k in _OUTCOMES),
         "-" if reliability is None else f"{reliability['ece']:.3f}",
     ]
 
