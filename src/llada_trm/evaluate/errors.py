@@ -161,13 +161,6 @@ def _word_in(word: str, text: str) -> bool:
     return bool(word) and re.search(rf"\b{re.escape(word)}", text, re.IGNORECASE) is not None
 
 
-def _checked_lines(completion: str, steps: Sequence[SolutionStep]):
-    """(line, step) for every parsed line aligned with a reference step by position."""
-    for line, step in zip(parse_answer_lines(completion), steps, strict=False):
-        if line is not None:
-            yield line, step
-
-
 def _arithmetic_lines(completion: str, steps: Sequence[SolutionStep]) -> dict[int, tuple[str, bool]]:
     """Step index -> (operator, c right) for lines with the reference's operands and operator."""
     return {
@@ -196,7 +189,9 @@ def error_report(predictions: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
         steps = _steps_of(prediction, position)
         completion = prediction["completion"]
         question = prediction.get("question", "")
-        for line, step in _checked_lines(completion, steps):
+        for line, step in zip(parse_answer_lines(completion), steps, strict=False):  # aligned by position
+            if line is None:
+                continue
             lines += 1
             same_person = line.subject.casefold() == step.subject.casefold()
             same_thing = line.noun.casefold() == step.noun.casefold()
