@@ -162,8 +162,9 @@ def _eval(ctx: Context, checkpoint: Path | str, *extra: str) -> list[str]:
     ]
 
 
-def _generate(ctx: Context, question: str, *extra: str) -> list[str]:
-    return ["generate", "--checkpoint", str(ctx.run), "--device", "cpu", *extra, question]
+def _gen(checkpoint: Path | str, *rest: str, tiny: bool = True) -> list[str]:
+    """`generate` of `checkpoint` on the CPU (the tiny sampler unless not `tiny`); `rest`: flags, question."""
+    return ["generate", "--checkpoint", str(checkpoint), "--device", "cpu", *(TINY if tiny else ()), *rest]
 
 
 def _rewrite_backbone(ctx: Context, name: str, damage: Callable[[dict], None]) -> Path:
@@ -489,20 +490,26 @@ def core_cases() -> list[Case]:  # noqa: PLR0915 - one flat list is the easiest 
     add(
         Case(
             "generate: 1201-token prompt",
-            lambda x: _generate(x, "what is one plus one " * 240),
+            lambda x: _gen(x.run, "what is one plus one " * 240, tiny=False),
             needs_run=True,
             timeout=60,
         )
     )
-    add(Case("generate: empty question", lambda x: _generate(x, "   "), needs_run=True))
+    add(Case("generate: empty question", lambda x: _gen(x.run, "   ", tiny=False), needs_run=True))
     add(
         Case(
             "generate: negative temperature",
-            lambda x: _generate(x, "hi", "--temperature", "-1"),
+            lambda x: _gen(x.run, "--temperature", "-1", "hi", tiny=False),
             needs_run=True,
         )
     )
-    add(Case("generate: threshold 2", lambda x: _generate(x, "hi", "--threshold", "2"), needs_run=True))
+    add(
+        Case(
+            "generate: threshold 2",
+            lambda x: _gen(x.run, "--threshold", "2", "hi", tiny=False),
+            needs_run=True,
+        )
+    )
     add(
         Case(
             "train: resume from a missing checkpoint",
@@ -568,7 +575,7 @@ def core_cases() -> list[Case]:  # noqa: PLR0915 - one flat list is the easiest 
     add(
         Case(
             "control: generate",
-            lambda x: _generate(x, "What is 2 plus 3?", *TINY),
+            lambda x: _gen(x.run, "What is 2 plus 3?"),
             expect="ok",
             needs_run=True,
         )
@@ -623,7 +630,6 @@ except Exception as exc:
     sys.exit(2)
 """
 TINY_SETS = ["sampling.gen_length=16", "sampling.block_length=8", "sampling.steps=4"]
-EMBEDDED_GEN = ["--checkpoint", "embedded", "--device", "cpu", *TINY]
 LM_EVAL = ["--model", "llada_trm", "--tasks", "gsm8k_local", "--limit", "2", "--device", "cpu"]
 LM_TINY = "steps=4,gen_length=16,block_length=8"
 PYTHON_TINY = "steps=4, gen_length=16, block_length=8"
@@ -757,9 +763,7 @@ def _nested_yaml(depth: int = 3000) -> str:
 
 
 def _train_tiny(ctx: Context, *overrides: str, out: str = "scratch_new") -> list[str]:
-    return _train(
-        ctx, *TINY_SETS, "data.n_train=16", "data.n_eval=4", *overrides, out=out
-    )
+    return _train(ctx, *TINY_SETS, "data.n_train=16", "data.n_eval=4", *overrides, out=out)
 
 
 def _pretrain(ctx: Context, *overrides: str, out: str = "pretrain_out") -> list[str]:
@@ -878,7 +882,7 @@ def surface_cases() -> list[Case]:  # noqa: C901, PLR0915 - one flat list is the
         add(
             Case(
                 f"generate: --{flag} {value}",
-                lambda x, f=flag, v=value: ["generate", *EMBEDDED_GEN, f"--{f}={v}", "hi"],
+                lambda x, f=flag, v=value: _gen("embedded", f"--{f}={v}", "hi"),
             )
         )
     for key, value in (
@@ -1057,56 +1061,36 @@ def surface_cases() -> list[Case]:  # noqa: C901, PLR0915 - one flat list is the
         add(
             Case(
                 f"config.json: {label}",
-                lambda x, ch=changes, n=label: [
-                    "generate",
-                    "--checkpoint",
-                    str(_backbone_config(x, "cfg_" + hashlib.md5(n.encode()).hexdigest()[:8], **ch)),
-                    "--device",
-                    "cpu",
-                    *TINY,
-                    "hi",
-                ],
+                lambda x, ch=changes, n=label: _gen(
+                    _backbone_config(x, "cfg_" + hashlib.md5(n.encode()).hexdigest()[:8], **ch), "hi"
+                ),
                 timeout=60,
             )
         )
     add(
         Case(
             "config.json: nested too deeply",
-            lambda x: [
-                "generate",
-                "--checkpoint",
-                str(_write(x.backbone_copy("cfg_deep") / "config.json", "[" * 100000 + "]" * 100000)),
-                "--device",
-                "cpu",
+            lambda x: _gen(
+                _write(x.backbone_copy("cfg_deep") / "config.json", "[" * 100000 + "]" * 100000),
                 "hi",
-            ],
+                tiny=False,
+            ),
         )
     )
     add(
         Case(
             "config.json: not UTF-8",
-            lambda x: [
-                "generate",
-                "--checkpoint",
-                str(_write(x.backbone_copy("cfg_latin") / "config.json", b'{"d_model": 128, "caf\xe9": 1}')),
-                "--device",
-                "cpu",
+            lambda x: _gen(
+                _write(x.backbone_copy("cfg_latin") / "config.json", b'{"d_model": 128, "caf\xe9": 1}'),
                 "hi",
-            ],
+                tiny=False,
+            ),
         )
     )
     add(
         Case(
             "backbone: shard index names ../",
-            lambda x: [
-                "generate",
-                "--checkpoint",
-                str(_edited_backbone(x, "bb_outside", _outside_shards)),
-                "--device",
-                "cpu",
-                *TINY,
-                "hi",
-            ],
+            lambda x: _gen(_edited_backbone(x, "bb_outside", _outside_shards), "hi"),
         )
     )
     add(
@@ -1137,37 +1121,23 @@ def surface_cases() -> list[Case]:  # noqa: C901, PLR0915 - one flat list is the
         add(
             Case(
                 f"chat template: {name}",
-                lambda x, t=template, n=name: [
-                    "generate",
-                    "--checkpoint",
-                    str(_template(x, "tpl_" + hashlib.md5(n.encode()).hexdigest()[:8], t)),
-                    "--device",
-                    "cpu",
-                    *TINY,
-                    "hi",
-                ],
+                lambda x, t=template, n=name: _gen(
+                    _template(x, "tpl_" + hashlib.md5(n.encode()).hexdigest()[:8], t), "hi"
+                ),
                 timeout=60,
             )
         )
     add(
         Case(
             "control: an unknown but benign chat template",
-            lambda x: [
-                "generate",
-                "--checkpoint",
-                str(
-                    _template(
-                        x,
-                        "tpl_benign",
-                        json.loads((x.embedded / "tokenizer_config.json").read_text())["chat_template"]
-                        + "{# #}",
-                    )
+            lambda x: _gen(
+                _template(
+                    x,
+                    "tpl_benign",
+                    json.loads((x.embedded / "tokenizer_config.json").read_text())["chat_template"] + "{# #}",
                 ),
-                "--device",
-                "cpu",
-                *TINY,
                 "What is 2 plus 3?",
-            ],
+            ),
             expect="ok",
         )
     )
@@ -1180,20 +1150,11 @@ def surface_cases() -> list[Case]:  # noqa: C901, PLR0915 - one flat list is the
     )
 
     # --- text that is not text
-    add(
-        Case(
-            "generate: undecodable bytes in the question", lambda x: ["generate", *EMBEDDED_GEN, "caf\udce9?"]
-        )
-    )
+    add(Case("generate: undecodable bytes in the question", lambda x: _gen("embedded", "caf\udce9?")))
     add(
         Case(
             "generate: --file with non-UTF-8 bytes",
-            lambda x: [
-                "generate",
-                *EMBEDDED_GEN,
-                "--file",
-                str(x.file("latin.txt", b"What is caf\xe9 plus 2?\n")),
-            ],
+            lambda x: _gen("embedded", "--file", str(x.file("latin.txt", b"What is caf\xe9 plus 2?\n"))),
         )
     )
     add(
@@ -1312,32 +1273,31 @@ def surface_cases() -> list[Case]:  # noqa: C901, PLR0915 - one flat list is the
     add(
         Case(
             "generate: --html under a file",
-            lambda x: ["generate", *EMBEDDED_GEN, "--html", str(_file_in_the_way(x) / "page.html"), "hi"],
+            lambda x: _gen("embedded", "--html", str(_file_in_the_way(x) / "page.html"), "hi"),
         )
     )
     add(
         Case(
             "generate: --html into /proc",
-            lambda x: ["generate", *EMBEDDED_GEN, "--html", "/proc/page.html", "hi"],
+            lambda x: _gen("embedded", "--html", "/proc/page.html", "hi"),
         )
     )
     add(
         Case(
             "generate: --html is a folder",
-            lambda x: ["generate", *EMBEDDED_GEN, "--html", str(_mkdir(x.work / "html_dir")), "hi"],
+            lambda x: _gen("embedded", "--html", str(_mkdir(x.work / "html_dir")), "hi"),
         )
     )
     add(
         Case(
             "generate: --out under a file",
-            lambda x: [
-                "generate",
-                *EMBEDDED_GEN,
+            lambda x: _gen(
+                "embedded",
                 "--file",
                 str(x.file("q.txt", "What is 2 plus 3?\n")),
                 "--out",
                 str(_file_in_the_way(x) / "answers.jsonl"),
-            ],
+            ),
         )
     )
     add(
@@ -1441,7 +1401,7 @@ def surface_cases() -> list[Case]:  # noqa: C901, PLR0915 - one flat list is the
     add(
         Case(
             "generate: --html on a full disk",
-            lambda x: ["generate", *EMBEDDED_GEN, "--html", str(x.work / "full.html"), "hi"],
+            lambda x: _gen("embedded", "--html", str(x.work / "full.html"), "hi"),
             fsize=1024,
         )
     )
@@ -1879,8 +1839,10 @@ def surface_cases() -> list[Case]:  # noqa: C901, PLR0915 - one flat list is the
             "p = Path('{work}/api_deep.yaml')\n"
             "p.write_text('training: ' + '[' * 5000 + ']' * 5000)\nload_config(p)",
         ),
-        ("export_run into the run",
-         "from llada_trm.extras.export import export_run\nexport_run('{run}', '{run}')"),
+        (
+            "export_run into the run",
+            "from llada_trm.extras.export import export_run\nexport_run('{run}', '{run}')",
+        ),
     ):
         add(Case(f"API: {label}", _api(code), runner="python", needs_run="{run}" in code))
     add(
@@ -1900,36 +1862,21 @@ def surface_cases() -> list[Case]:  # noqa: C901, PLR0915 - one flat list is the
     add(
         Case(
             "trajectory: --html with --file",
-            lambda x: [
-                "generate",
-                *EMBEDDED_GEN,
-                "--html",
-                str(x.work / "t.html"),
-                "--file",
-                str(x.file("q2.txt", "hi\n")),
-            ],
+            lambda x: _gen(
+                "embedded", "--html", str(x.work / "t.html"), "--file", str(x.file("q2.txt", "hi\n"))
+            ),
         )
     )
     add(
         Case(
             "trajectory: --show-steps with undecodable bytes",
-            lambda x: ["generate", *EMBEDDED_GEN, "--show-steps", "caf\udce9"],
+            lambda x: _gen("embedded", "--show-steps", "caf\udce9"),
         )
     )
     add(
         Case(
             "trajectory: --html of an export",
-            lambda x: [
-                "generate",
-                "--checkpoint",
-                str(_exported(x)),
-                "--device",
-                "cpu",
-                *TINY,
-                "--html",
-                str(x.work / "export.html"),
-                "What is 2 plus 3?",
-            ],
+            lambda x: _gen(_exported(x), "--html", str(x.work / "export.html"), "What is 2 plus 3?"),
             needs_run=True,
             expect="ok",
             check=_html_written("export.html"),
@@ -1938,7 +1885,7 @@ def surface_cases() -> list[Case]:  # noqa: C901, PLR0915 - one flat list is the
     add(
         Case(
             "control: trajectory page",
-            lambda x: ["generate", *EMBEDDED_GEN, "--html", str(x.work / "ok.html"), "What is 2 plus 3?"],
+            lambda x: _gen("embedded", "--html", str(x.work / "ok.html"), "What is 2 plus 3?"),
             expect="ok",
             check=_html_written("ok.html"),
         )
@@ -1946,13 +1893,7 @@ def surface_cases() -> list[Case]:  # noqa: C901, PLR0915 - one flat list is the
     add(
         Case(
             "trajectory: HTML in the question is escaped",
-            lambda x: [
-                "generate",
-                *EMBEDDED_GEN,
-                "--html",
-                str(x.work / "xss.html"),
-                "<script>alert(1)</script>",
-            ],
+            lambda x: _gen("embedded", "--html", str(x.work / "xss.html"), "<script>alert(1)</script>"),
             expect="ok",
             check=lambda x, d: "silent" if "<script>alert" in (x.work / "xss.html").read_text() else None,
         )
