@@ -1,18 +1,9 @@
 """`transformers`' Auto classes know model type `llada` once `llada_trm` is imported: no remote code.
 
-    import llada_trm
-    from transformers import AutoConfig, AutoModel
-    model = AutoModel.from_pretrained("exports/tiny_refiner")   # any directory in Hugging Face layout
-
-loads the backbone (an export's, the embedded one, or LLaDA-8B's own download) as `LLaDAModelLM`, a
-`PreTrainedModel` running this package's `LLaDAModel` code under LLaDA's parameter names
-(`model.transformer.*`, exactly the keys of the weight files). An export's refiners are not part of it:
-`llada_trm.load_checkpoint(directory)` loads the hybrid.
-
-`import llada_trm` must stay cheap (the CLI's `--help` imports no torch), and touching
-`transformers.AutoModel` imports torch, so the registration waits for transformers: `install()` registers at
-once when transformers' auto modules are loaded already, and otherwise when they load (an import hook on
-those two modules only).
+`AutoModel.from_pretrained(dir)` loads a backbone (an export's, the embedded one, LLaDA-8B's download) as
+`LLaDAModelLM`, this package's `LLaDAModel` under LLaDA's parameter names; an export's refiners need
+`llada_trm.load_checkpoint`. `import llada_trm` must stay cheap (the CLI's `--help` imports no torch), so
+registration waits for transformers' auto modules to load (an import hook on those two modules only).
 """
 
 from __future__ import annotations

@@ -1,9 +1,6 @@
-"""A denoising trajectory, readable: `llada-trm generate --show-steps` (text) and `--html FILE` (a page).
-
-`Trajectory` is an `on_step` callback of ``diffusion.sampler``: it keeps, for one answer (row 0),
-what each step committed and which chunks the refiner refined and halted. `render_text` prints each step as
-the answer so far (masks as ``░``, end-of-text tokens as ``·``); `render_html` writes one self-contained page:
-the answer coloured by the step that committed each token, and a grid of steps x answer positions.
+"""A denoising trajectory, readable: `llada-trm generate --show-steps` (text) and `--html FILE` (one
+self-contained page: the answer coloured by the step that committed each token, and a grid of steps x
+positions). `Trajectory` is the sampler's `on_step` callback for one answer.
 """
 
 from __future__ import annotations

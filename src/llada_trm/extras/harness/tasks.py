@@ -1,10 +1,6 @@
-"""The offline `gsm8k_local` task: GSM8K read from the project's JSONL layout instead of the Hub.
-
-The task YAML ships as package data (`assets/lm_eval_tasks/`); lm-eval finds it through `--include_path`
-(`llada-trm-lm-eval` adds it by itself). Its data path is never baked into the package: it comes from
-`--metadata '{"gsm8k_data": PATH}'` or else the `LLADA_TRM_GSM8K_DATA` environment variable, and names
-either a directory holding `test.jsonl` (and optionally `train.jsonl`, for few-shot examples) or a single
-JSONL file used as the test split. Records are read with the project's own GSM8K loader.
+"""The offline `gsm8k_local` task: GSM8K read with the project's loader from `--metadata '{"gsm8k_data":
+PATH}'` or `$LLADA_TRM_GSM8K_DATA` (a folder with test.jsonl and optionally train.jsonl, or one JSONL file)
+instead of the Hub; its YAML ships in `assets/lm_eval_tasks/`.
 """
 
 from __future__ import annotations
