@@ -6,7 +6,7 @@ models; `compare` runs the models.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from statistics import NormalDist
 from typing import Any
 
@@ -205,20 +205,26 @@ def validation_sections(
 # ------------------------------------------------------------------------------------------ error analysis
 
 
+def _per_seed_and_pooled(
+    by_seed: Mapping[int, Mapping[str, Predictions]], analyse: Callable[[Predictions], Any]
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """`analyse` of each model's predictions per seed, and pooled over seeds (the (seed, problem) pairs)."""
+    per_seed = {str(s): {kind: analyse(p) for kind, p in models.items()} for s, models in by_seed.items()}
+    kinds = list(next(iter(by_seed.values())))
+    return per_seed, {kind: analyse([p for runs in by_seed.values() for p in runs[kind]]) for kind in kinds}
+
+
 def error_sections(by_seed: Mapping[int, Mapping[str, Predictions]]) -> dict[str, Any]:
-    """errors.json: each model's `error_report` per seed and pooled over seeds (the (seed, problem) pairs),
-    and the paired line-level arithmetic test of each refiner vs the backbone alone, per seed."""
-    per_seed: dict[str, Any] = {}
+    """errors.json: each model's `error_report` per seed and pooled over seeds, and the paired line-level
+    arithmetic test of each refiner vs the backbone alone, per seed."""
+    per_seed, pooled = _per_seed_and_pooled(by_seed, error_report)
     line_level: dict[str, Any] = {}
     for seed, models in by_seed.items():
-        per_seed[str(seed)] = {kind: error_report(predictions) for kind, predictions in models.items()}
         if "none" in models:
             line_level[str(seed)] = {
                 _pair_name(kind, "none"): paired_line_comparison(models["none"], predictions)
                 for kind, predictions in models.items() if kind != "none"
             }  # fmt: skip
-    kinds = list(next(iter(by_seed.values())))
-    pooled = {kind: error_report([p for models in by_seed.values() for p in models[kind]]) for kind in kinds}
     return {"per_seed": per_seed, "pooled": pooled, "line_level": line_level}
 
 
@@ -228,13 +234,7 @@ def error_sections(by_seed: Mapping[int, Mapping[str, Predictions]]) -> dict[str
 def diagnostics_sections(by_seed: Mapping[int, Mapping[str, Predictions]]) -> dict[str, Any] | None:
     """diagnostics.json: each model's `commit_diagnostics` per seed and pooled over seeds (the (seed,
     problem) pairs, as `error_sections` pools); None when no evaluation recorded its commits."""
-    per_seed = {
-        str(seed): {kind: commit_diagnostics(predictions) for kind, predictions in models.items()}
-        for seed, models in by_seed.items()
-    }
-    kinds = list(next(iter(by_seed.values())))
-    pooled = {kind: commit_diagnostics([p for models in by_seed.values() for p in models[kind]])
-              for kind in kinds}  # fmt: skip
+    per_seed, pooled = _per_seed_and_pooled(by_seed, commit_diagnostics)
     if all(report is None for report in pooled.values()):
         return None
     return {"per_seed": per_seed, "pooled": pooled}
