@@ -9,6 +9,7 @@ One process only: data-parallel lm-eval runs are not supported.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import logging
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -247,20 +248,14 @@ class LLaDATRMLM(TemplateLM):
         prepared.sort(key=lambda item: (repr(item[0]), -len(item[1]), item[3]))
         answers = [""] * len(requests)
         bar = tqdm(total=len(prepared), desc="llada_trm generate", disable=disable_tqdm or self.rank != 0)
-        start = 0
-        while start < len(prepared):
-            options = prepared[start][0]
-            end = start
-            while end < len(prepared) and end - start < self.batch_size and prepared[end][0] == options:
-                end += 1
-            batch = prepared[start:end]
-            for (_, _, stops, index), text in zip(
-                batch, self._sample([b[1] for b in batch], options), strict=True
-            ):
-                answers[index] = apply_stop_strings(text, stops)
-                self.cache_hook.add_partial("generate_until", requests[index].args, answers[index])
-            bar.update(len(batch))
-            start = end
+        for options, group in itertools.groupby(prepared, key=lambda item: item[0]):
+            same = list(group)  # requests of one sampler setting, in batches
+            for batch in (same[i : i + self.batch_size] for i in range(0, len(same), self.batch_size)):
+                texts = self._sample([b[1] for b in batch], options)
+                for (_, _, stops, index), text in zip(batch, texts, strict=True):
+                    answers[index] = apply_stop_strings(text, stops)
+                    self.cache_hook.add_partial("generate_until", requests[index].args, answers[index])
+                bar.update(len(batch))
         bar.close()
         return answers
 
