@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Any
 
 from safetensors import safe_open
-from torch import Tensor
 
 from llada_trm.build import resolve_backbone_dir
 from llada_trm.config import RunConfig
@@ -36,7 +35,6 @@ __all__ = [
     "DTYPE_CHOICES",
     "ExportResult",
     "evaluation_table",
-    "export_backbone_state",
     "export_run",
     "export_section",
     "model_card",
@@ -60,16 +58,6 @@ class ExportResult:
     fingerprint: str
     files: list[str]
     archived: Path | None = None
-
-
-def export_backbone_state(loaded: LoadedModel) -> dict[str, Tensor]:
-    """The backbone tensors an export writes: the run's backbone as loaded, i.e. the pretrained weights with
-    the tensors phases 2/3 trained copied in, and LoRA adapters merged (W + alpha/r B A), here and only here
-    (loading a LoRA run merges them already; a backbone still holding adapters is merged now)."""
-    from llada_trm.model.lora import has_lora, merge_lora
-
-    backbone = loaded.model.backbone
-    return dict((merge_lora(backbone) if has_lora(backbone) else backbone).state_dict())
 
 
 def export_run(
@@ -99,8 +87,8 @@ def export_run(
         checkpoint, device="cpu", dtype=dtype, allow_backbone_mismatch=allow_backbone_mismatch
     )
     target = dtype_named(dtype)
-    state = export_backbone_state(loaded)
-    state = {k: (t.to(target) if t.is_floating_point() else t) for k, t in state.items()}
+    backbone = loaded.model.backbone  # as loaded: the tensors phases 2/3 trained copied in, LoRA merged
+    state = {k: (t.to(target) if t.is_floating_point() else t) for k, t in backbone.state_dict().items()}
     source = _source(checkpoint, config.training.phase)
     refiners = loaded.model.refiner_state_dict()
     _check_target(out, checkpoint, force)  # again: OUT may have appeared while the run loaded
