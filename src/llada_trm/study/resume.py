@@ -32,13 +32,10 @@ CHECKPOINT_KEY = "checkpoint_identity"
 def checkpoint_identity(checkpoint: Path, out: Path) -> dict[str, Any]:
     """What an evaluation sampled: a run checkpoint's name (`last` / `best`), its folder relative to the
     comparison and the step it holds; for the backbone alone, its folder."""
-    from llada_trm.run_checkpoint import STATE_FILE
+    from llada_trm.run_checkpoint import STATE_FILE, load_trainer_state
 
-    state_file = checkpoint / STATE_FILE
-    if not state_file.is_file():
+    if not (checkpoint / STATE_FILE).is_file():
         return {"checkpoint": "backbone", "path": str(checkpoint)}
-    from llada_trm.run_checkpoint import load_trainer_state
-
     step = int(load_trainer_state(checkpoint)["train_state"]["step"])
     try:
         where = str(checkpoint.relative_to(out))
