@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
-from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
+from lm_eval.utils import get_rolling_token_windows, make_disjoint_window, simple_parse_args_string
 from tqdm.auto import tqdm
 
 from llada_trm.data.tokenizer import decode_generated, pad_token_id, special_token_ids
@@ -326,15 +326,11 @@ class LLaDATRMLM(TemplateLM):
 
 
 def checkpoint_name(model_args: str | Mapping[str, Any] | None) -> str:
-    """The `checkpoint` model arg (`k=v,k=v` text or a mapping); `embedded` when it is not given."""
-    if isinstance(model_args, Mapping):
-        value = model_args.get("checkpoint")
-        return str(value) if value else DEFAULT_CHECKPOINT
-    for item in (model_args or "").split(","):
-        key, _, value = item.partition("=")
-        if key.strip() == "checkpoint" and value.strip():
-            return value.strip()
-    return DEFAULT_CHECKPOINT
+    """The `checkpoint` model arg (`k=v,k=v` text, read as lm-eval reads it, or a mapping); `embedded` when
+    it is not given."""
+    args = model_args if isinstance(model_args, Mapping) else simple_parse_args_string(model_args or "")
+    value = args.get("checkpoint")
+    return str(value) if value else DEFAULT_CHECKPOINT
 
 
 def name_results_after_checkpoint(model_name: str) -> None:
