@@ -9,8 +9,7 @@ import itertools
 import pytest
 from tiny_assets import REPO
 
-from llada_trm.study.plot_specs import FigureSpec, Panel
-from llada_trm.study.plots import draw, paired_comparison_figure, plot_paired_comparison
+from llada_trm.study.plots import FigureSpec, Panel, draw, paired_comparison_figure, plot_paired_comparison
 
 
 def _report(arms: int, seeds: int, problems: int = 384) -> dict:

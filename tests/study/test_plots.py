@@ -79,7 +79,7 @@ TRAIN = [
 
 
 def test_accuracy_is_drawn_as_differences_from_the_backbone():
-    from llada_trm.study.plot_specs import run_figures
+    from llada_trm.study.plots import run_figures
 
     panels = run_figures([], VAL, {}, "slot")["accuracy.png"].panels
     masked, chunk = panels
@@ -92,7 +92,7 @@ def test_accuracy_is_drawn_as_differences_from_the_backbone():
 
 
 def test_accuracy_without_a_backbone_column_is_the_level():
-    from llada_trm.study.plot_specs import run_figures
+    from llada_trm.study.plots import run_figures
 
     rows = [{"step": 1.0, "accuracy": 0.3}, {"step": 2.0, "accuracy": 0.4}]
     (panel,) = run_figures([], rows, {}, "slot")["accuracy.png"].panels
@@ -100,7 +100,7 @@ def test_accuracy_without_a_backbone_column_is_the_level():
 
 
 def test_steps_and_fractions_never_share_an_axis():
-    from llada_trm.study.plot_specs import run_figures
+    from llada_trm.study.plots import run_figures
 
     steps, fractions = run_figures(TRAIN, VAL, {}, "slot")["refinement.png"].panels
     assert sorted(steps.series) == ["refine_steps (training)", "refine_steps (validation)"]
@@ -109,7 +109,7 @@ def test_steps_and_fractions_never_share_an_axis():
 
 
 def test_no_orthogonality_plot_for_the_mlp_refiner():
-    from llada_trm.study.plot_specs import run_figures
+    from llada_trm.study.plots import run_figures
 
     assert "orthogonality.png" in run_figures(TRAIN, [], {}, "slot")
     assert "orthogonality.png" not in run_figures(TRAIN, [], {}, "mlp")
@@ -118,7 +118,7 @@ def test_no_orthogonality_plot_for_the_mlp_refiner():
 
 
 def test_single_points_become_labelled_values():
-    from llada_trm.study.plot_specs import run_figures
+    from llada_trm.study.plots import run_figures
 
     figures = run_figures([], VAL[:1], {"synthetic-test-slot": 0.25}, "slot")
     masked = figures["accuracy.png"].panels[0]
@@ -129,8 +129,7 @@ def test_single_points_become_labelled_values():
 
 
 def test_short_runs_get_no_offset_on_the_y_axis():
-    from llada_trm.study.plot_specs import FigureSpec, Panel
-    from llada_trm.study.plots import draw
+    from llada_trm.study.plots import FigureSpec, Panel, draw
 
     panel = Panel("loss", "loss", {"loss": ([1.0, 2.0, 3.0], [1000.001, 1000.002, 1000.003])})
     (ax, *_) = draw(FigureSpec("loss", [panel])).axes
