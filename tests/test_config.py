@@ -10,12 +10,13 @@ import yaml
 from tiny_assets import FIXTURES
 
 from llada_trm.build import build_records
-from llada_trm.config import RunConfig, fixed_settings, load_config, parse_config, parse_override, save_config
+from llada_trm.config import RunConfig, fixed_settings, load_config, parse_config, save_config
 from llada_trm.convert import convert_path
 from llada_trm.data.synthetic import SyntheticTaskConfig
 from llada_trm.errors import ConfigError
 from llada_trm.model.hybrid_config import HybridConfig
 from llada_trm.model.refiners.config import MLPSettings, SlotSettings
+from llada_trm.schema import parse_override
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 # Configs of the other commands, each validated by its own schema's loader; everything else is a run config.

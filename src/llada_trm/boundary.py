@@ -11,8 +11,6 @@ import errno
 import re
 from typing import Any
 
-__all__ = ["RUN_FAILED", "USAGE_ERROR", "describe_failure", "one_line", "report"]
-
 USAGE_ERROR = 2
 RUN_FAILED = 1
 

@@ -28,26 +28,6 @@ from llada_trm.model.hybrid import LLaDATRMHybrid
 from llada_trm.model.hybrid_config import HybridConfig
 from llada_trm.model.llada_weights import read_config, stored_weights
 
-__all__ = [
-    "BuiltModel",
-    "apply_backbone_options",
-    "backbone_dtype",
-    "build_datasets",
-    "build_model",
-    "build_records",
-    "check_test_split",
-    "choose_backbone_dtype",
-    "hybrid_config",
-    "inference_dtype",
-    "load_hybrid",
-    "overlap_warning",
-    "resolve_backbone_dir",
-    "resolve_device",
-    "resolve_precision",
-    "sampled_validation_records",
-    "start_run",
-]
-
 logger = logging.getLogger("llada_trm")
 
 

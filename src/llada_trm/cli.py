@@ -21,17 +21,6 @@ from llada_trm.errors import UserError
 from llada_trm.progress import plain_progress
 from llada_trm.text import read_utf8
 
-__all__ = [
-    "OFF",
-    "SAMPLING_FLAGS",
-    "add_sampling_options",
-    "build_parser",
-    "main",
-    "sampling_options",
-    "sampling_source",
-    "split_label",
-]
-
 PROG = "llada-trm"
 INTERRUPTED = 130
 OFF = "off"  # --threshold / --cache: the word `evaluate.loading.resolve_sampling` reads as "switch off"

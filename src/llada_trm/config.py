@@ -30,24 +30,17 @@ from llada_trm.diffusion.options import SamplingOptions
 from llada_trm.errors import ConfigError
 from llada_trm.io import write_text_atomic
 from llada_trm.model.hybrid_config import RETIRED_MODEL_SETTINGS, HybridConfig
-from llada_trm.model.lora import LORA_TARGETS, LoraConfig
-from llada_trm.model.refiners.config import MLPSettings, SlotSettings
+from llada_trm.model.lora import LORA_TARGETS
 from llada_trm.schema import (
-    Float,
-    Fraction,
     Int,
     NonNegFloat,
     NonNegInt,
-    PosFloat,
     PosInt,
     SchemaT,
-    apply_overrides,
     dump_yaml,
     load_schema,
-    parse_override,
     parse_schema,
     register_retired,
-    to_float,
     to_int,
 )
 from llada_trm.schema import Section as _Section
@@ -55,36 +48,6 @@ from llada_trm.schema import Section as _Section
 if TYPE_CHECKING:
     from llada_trm.model.llada_config import LLaDAConfig
 
-__all__ = [
-    "AdvancedConfig",
-    "ArithmeticDataConfig",
-    "DataConfig",
-    "LoraConfig",
-    "MLPSettings",
-    "ModelConfig",
-    "retired_settings",
-    "OutputConfig",
-    "RunConfig",
-    "SamplingConfig",
-    "SlotSettings",
-    "SyntheticDataConfig",
-    "TrainingConfig",
-    "TrainingParamsConfig",
-    "apply_overrides",
-    "FLAGS",
-    "check_backbone_fit",
-    "fixed_settings",
-    "load_config",
-    "load_schema",
-    "parse_config",
-    "parse_override",
-    "save_config",
-    "settings_count",
-    "settings_keys",
-]
-
-__all__ += ["Float", "Fraction", "Int", "NonNegFloat", "NonNegInt", "PosFloat", "PosInt"]
-_to_float, _to_int = to_float, to_int
 
 
 # --------------------------------------------------------------------------------------------------- model

@@ -35,8 +35,6 @@ from llada_trm.model.hybrid_config import HybridConfig
 from llada_trm.model.refiners.config import DELTA_SCALE
 from llada_trm.schema import dump_yaml, plain, read_yaml
 
-__all__ = ["Conversion", "convert_config", "convert_path", "health_thresholds"]
-
 CONFIG_NAME = "config.yaml"  # a run's and a checkpoint's resolved config (run_checkpoint.CONFIG_FILE)
 BOTH = frozenset({"mlp", "slot"})
 # Legacy spellings rewritten to the current key: old dotted key -> (new dotted key, value map).

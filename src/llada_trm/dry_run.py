@@ -21,8 +21,6 @@ from llada_trm.io import DTYPES
 from llada_trm.model.llada_config import LLaDAConfig
 from llada_trm.model.llada_weights import read_config, stored_weights
 
-__all__ = ["BackboneSource", "MemoryEstimate", "backbone_source", "plan_compare", "plan_eval", "plan_train"]
-
 Echo = Callable[[str], None]
 GB = 1e9
 ADAMW_STATES = 2  # exp_avg and exp_avg_sq, fp32 like the trainable parameters

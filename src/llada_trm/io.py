@@ -27,28 +27,6 @@ import torch
 
 from llada_trm.errors import ConfigError
 
-__all__ = [
-    "DTYPES",
-    "atomic_directory",
-    "atomic_path",
-    "copy_directory",
-    "dtype_named",
-    "fsync_dir",
-    "fsync_file",
-    "readable_directory",
-    "recover_directory",
-    "remove_directory",
-    "replace_directory",
-    "resolve_device",
-    "named_write_error",
-    "sweep_temporaries",
-    "temporary_name",
-    "write_bytes_atomic",
-    "write_json",
-    "write_jsonl",
-    "write_text_atomic",
-]
-
 PathLike = str | os.PathLike[str]
 
 DTYPES: dict[str, torch.dtype] = {

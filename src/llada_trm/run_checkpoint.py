@@ -33,32 +33,6 @@ from llada_trm.schema import read_yaml
 if TYPE_CHECKING:
     from llada_trm.config import RunConfig
 
-__all__ = [
-    "CONFIG_FILE",
-    "INIT_FROM_KEY",
-    "REFINER_PREFIX",
-    "STATE_FILE",
-    "TENSORS_KEY",
-    "WEIGHTS_FILE",
-    "InitResult",
-    "TrainState",
-    "capture_rng_state",
-    "check_run_backbone",
-    "check_weights",
-    "init_from_config",
-    "load_trainer_state",
-    "load_weights",
-    "name_list",
-    "prune_snapshots",
-    "read_run_config",
-    "read_weights_file",
-    "recorded_names",
-    "refiner_names",
-    "resolve_checkpoint_dir",
-    "restore_rng_state",
-    "save_checkpoint",
-]
-
 WEIGHTS_FILE = "model.safetensors"
 STATE_FILE = "trainer_state.pt"
 CONFIG_FILE = "config.yaml"

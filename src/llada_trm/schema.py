@@ -21,29 +21,6 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationEr
 from llada_trm.errors import ConfigError
 from llada_trm.text import read_utf8
 
-__all__ = [
-    "Float",
-    "Fraction",
-    "Int",
-    "NonNegFloat",
-    "NonNegInt",
-    "PosFloat",
-    "PosInt",
-    "Section",
-    "apply_overrides",
-    "describe",
-    "dump_yaml",
-    "load_schema",
-    "parse_override",
-    "parse_schema",
-    "plain",
-    "parse_yaml",
-    "read_yaml",
-    "register_retired",
-    "to_float",
-    "to_int",
-]
-
 
 def to_float(value: Any) -> Any:
     """Accept YAML 1.1's string spelling of floats (`5e-4`) and reject booleans posing as numbers."""

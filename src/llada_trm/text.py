@@ -8,8 +8,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-__all__ = ["decode_utf8", "read_utf8"]
-
 
 def decode_utf8(data: bytes, where: str | Path, error: type[ValueError], *, first_line: int = 1) -> str:
     """`data` as text; a non-UTF-8 byte raises `error` naming `where`, the line (counted from `first_line`)

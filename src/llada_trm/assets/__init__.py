@@ -11,8 +11,6 @@ from pathlib import Path
 
 from llada_trm.errors import CheckpointError
 
-__all__ = ["EMBEDDED_NAME", "embedded_backbone_dir"]
-
 EMBEDDED_NAME = "embedded"
 _BACKBONE_DIR = Path(__file__).resolve().parent / "tiny_backbone"
 _REQUIRED = ("config.json", "tokenizer.json")

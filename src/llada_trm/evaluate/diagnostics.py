@@ -21,17 +21,6 @@ from llada_trm.diffusion.sampler import StepEvent
 from llada_trm.evaluate.errors import CATEGORIES, first_deviation, markdown_table
 from llada_trm.evaluate.statistics import proportion
 
-__all__ = [
-    "CONFIDENT",
-    "RELIABILITY_EDGES",
-    "CommitRecorder",
-    "commit_diagnostics",
-    "answer_span",
-    "commit_fields",
-    "diagnostics_markdown",
-    "reference_tokens",
-]
-
 CONFIDENT = 0.9
 RELIABILITY_EDGES = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 1.0)
 

@@ -16,18 +16,6 @@ from llada_trm.data.synthetic import OPERATIONS, SolutionStep, parse_solution
 from llada_trm.evaluate.extraction import extract_strict, is_correct
 from llada_trm.evaluate.statistics import mcnemar_exact, proportion
 
-__all__ = [
-    "CATEGORIES",
-    "AnswerLine",
-    "Deviation",
-    "error_report",
-    "errors_markdown",
-    "first_deviation",
-    "markdown_table",
-    "paired_line_comparison",
-    "parse_answer_lines",
-]
-
 CATEGORIES = (
     "wrong_operand",
     "wrong_result",

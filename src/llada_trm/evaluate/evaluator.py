@@ -35,24 +35,6 @@ from llada_trm.io import write_json, write_jsonl
 from llada_trm.model.hybrid import chunk_sum
 from llada_trm.progress import progress_bar
 
-__all__ = [
-    "DATASETS",
-    "POLICY",
-    "PREDICTIONS_FILE",
-    "SUMMARY_FILE",
-    "Answers",
-    "EvalResult",
-    "PromptFit",
-    "answer_questions",
-    "call_stats",
-    "evaluate_model",
-    "fit_prompts",
-    "load_eval_records",
-    "prompts_line",
-    "sampling_setup",
-    "synthetic_settings",
-]
-
 PREDICTIONS_FILE = "predictions.jsonl"
 SUMMARY_FILE = "summary.json"
 

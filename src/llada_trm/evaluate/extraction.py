@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import re
 
-__all__ = ["extract_flexible", "extract_strict", "is_correct", "normalize_number"]
-
 _STRICT = re.compile(r"#### (-?[0-9.,]+)")
 _FLEXIBLE = re.compile(r"(-?[$0-9.,]{2,})|(-?[0-9]+)")
 _TRAILING_DOT = re.compile(r"\.$")

@@ -39,22 +39,6 @@ from llada_trm.run_checkpoint import (
     resolve_checkpoint_dir,
 )
 
-__all__ = [
-    "EXPORT_FORMAT",
-    "EXPORT_KEY",
-    "REFINER_FILE",
-    "REFINER_CHOICES",
-    "OFF",
-    "LoadedModel",
-    "checkpoint_sampling",
-    "export_run_config",
-    "load_checkpoint",
-    "override_sampling",
-    "read_export_section",
-    "resolve_eval_device",
-    "resolve_sampling",
-]
-
 REFINER_CHOICES = ("none", "mlp", "slot")
 OFF = "off"  # a sampler override that switches off what a run's `sampling:` section switched on
 EXPORT_KEY = "llada_trm"  # an export's section of its config.json

@@ -15,16 +15,6 @@ from llada_trm.evaluate.statistics import paired_summary
 from llada_trm.io import write_json
 from llada_trm.text import read_utf8
 
-__all__ = [
-    "ALPHA",
-    "align_predictions",
-    "describe_paired",
-    "paired_comparison",
-    "read_predictions",
-    "verdict",
-    "write_paired",
-]
-
 ALPHA = 0.05
 PREDICTIONS_FILE = "predictions.jsonl"
 

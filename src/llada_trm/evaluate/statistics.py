@@ -14,20 +14,6 @@ from typing import Any
 
 import numpy as np
 
-__all__ = [
-    "binomial_cdf",
-    "detectable_difference",
-    "mcnemar_exact",
-    "mean_std",
-    "paired_bootstrap_ci",
-    "paired_summary",
-    "pooled_mcnemar",
-    "problems_needed",
-    "proportion",
-    "stratified_sign_test",
-    "wilson_interval",
-]
-
 _BOOTSTRAP_CELLS = 4_000_000  # resampled indices held at once (32 MB of int64)
 
 

@@ -31,16 +31,6 @@ from llada_trm.model.llada_weights import CONFIG_NAME, save_state_dict, stored_d
 from llada_trm.run_checkpoint import WEIGHTS_FILE, load_trainer_state, read_run_config, resolve_checkpoint_dir
 from llada_trm.training.run_dir import archive_run_dir
 
-__all__ = [
-    "DTYPE_CHOICES",
-    "ExportResult",
-    "evaluation_table",
-    "export_run",
-    "export_section",
-    "model_card",
-    "validation_table",
-]
-
 DTYPE_CHOICES = ("auto", "float32", "bfloat16", "float16")
 VALIDATION_FILE = "validation_metrics.csv"
 _SKIP = {"step", "epoch"}

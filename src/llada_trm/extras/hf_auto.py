@@ -16,8 +16,6 @@ from collections.abc import Callable
 from types import ModuleType
 from typing import Any
 
-__all__ = ["MODEL_TYPE", "install", "register_config", "register_model"]
-
 MODEL_TYPE = "llada"
 _CONFIG_MODULE = "transformers.models.auto.configuration_auto"
 _MODEL_MODULE = "transformers.models.auto.modeling_auto"

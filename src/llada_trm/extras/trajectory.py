@@ -11,8 +11,6 @@ from typing import Any
 
 from llada_trm.diffusion.sampler import StepEvent
 
-__all__ = ["MASK_GLYPH", "END_GLYPH", "Step", "Trajectory", "render_html", "render_text", "text_legend"]
-
 MASK_GLYPH = "░"
 END_GLYPH = "·"
 _RUN = 4  # placeholder runs at least this long are written once with a count

@@ -27,8 +27,6 @@ from llada_trm.study.resume import (
     record_training,
 )
 
-__all__ = ["CompareResult", "format_table", "run_compare"]
-
 SUMMARY_JSON = "comparison.json"
 SUMMARY_MD = "comparison.md"
 SUMMARY_PNG = "comparison.png"

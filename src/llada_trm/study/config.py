@@ -11,22 +11,13 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BeforeValidator, Field, ValidationError, model_validator
 
-from llada_trm.config import MAX_PROBLEMS, Int, RunConfig, _Section, load_schema
-from llada_trm.schema import Fraction, describe, to_int
-
-__all__ = [
-    "CompareArm",
-    "CompareConfig",
-    "CompareEvaluation",
-    "CompareOutput",
-    "load_compare_config",
-    "parse_seeds",
-]
+from llada_trm.config import MAX_PROBLEMS, RunConfig
+from llada_trm.schema import Fraction, Int, Section, describe, load_schema, to_int
 
 REFINER_KINDS = ("mlp", "slot")
 
 
-class CompareEvaluation(_Section):
+class CompareEvaluation(Section):
     """The test problems every model answers (the sampler is `run.sampling`, the same for every model) and
     the planned effect behind their number (`planned_difference` at `planned_discordant`, comparison.md)."""
 
@@ -37,7 +28,7 @@ class CompareEvaluation(_Section):
     planned_discordant: Fraction = 0.08
 
 
-class CompareOutput(_Section):
+class CompareOutput(Section):
     dir: str = "runs/compare"
 
 
@@ -52,7 +43,7 @@ def _merge(base: dict[str, Any], changes: Mapping[str, Any]) -> dict[str, Any]:
     return merged
 
 
-class CompareArm(_Section):
+class CompareArm(Section):
     """A named variant of the shared run (a lever or a control): the refiner it trains (`none` trains no
     refiner, e.g. phase 2 on the top backbone layers) and the run settings it changes, as a nested mapping
     merged over `run` (`{model: {carry: true}}`), so one arm differs from the others by what it lists."""
@@ -61,7 +52,7 @@ class CompareArm(_Section):
     run: dict[str, Any] = Field(default_factory=dict)
 
 
-class CompareConfig(_Section):
+class CompareConfig(Section):
     """`run` is the training run shared by every refiner (`model.refiner`, `training.seed` and `output.dir`
     are set per run); `refiners` (`mlp`, `slot`, or names of `arms`) are trained once per seed of `seeds`
     (null = `run.training.seed` alone) and compared with the backbone alone when `baseline` is on, with

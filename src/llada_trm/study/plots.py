@@ -15,22 +15,6 @@ from typing import Any
 
 from llada_trm.io import atomic_path
 
-__all__ = [
-    "FigureSpec",
-    "Panel",
-    "PlotError",
-    "Series",
-    "draw",
-    "paired_comparison_figure",
-    "plot_paired_comparison",
-    "plot_reliability",
-    "plot_run",
-    "pretrain_figures",
-    "read_metrics",
-    "run_figures",
-    "series",
-]
-
 TRAIN_FILE = "training_metrics.csv"
 VALIDATION_FILE = "validation_metrics.csv"
 PRETRAIN_FILE = "pretrain_metrics.csv"

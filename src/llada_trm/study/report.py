@@ -24,20 +24,6 @@ from llada_trm.evaluate.statistics import (
     stratified_sign_test,
 )
 
-__all__ = [
-    "PAIRS",
-    "comparison_pairs",
-    "comparison_markdown",
-    "diagnostics_sections",
-    "diagnostics_summary",
-    "error_sections",
-    "paired_mean_difference",
-    "power_section",
-    "statistics_markdown",
-    "statistics_sections",
-    "validation_difference",
-]
-
 PAIRS = (("mlp", "none"), ("slot", "none"), ("slot", "mlp"))  # (candidate, baseline)
 VALIDATION_METHOD = (
     "per-example paired: every model on the same noised validation examples (fixed data.validation_seed); "

@@ -16,15 +16,6 @@ from llada_trm.config import RunConfig, load_config
 from llada_trm.io import write_json
 from llada_trm.training.run_dir import RunDirError
 
-__all__ = [
-    "CHECKPOINT_KEY",
-    "TRAINED_FILE",
-    "checkpoint_identity",
-    "finished_evaluation",
-    "finished_training",
-    "record_training",
-]
-
 TRAINED_FILE = "compare_training.json"
 CHECKPOINT_KEY = "checkpoint_identity"
 

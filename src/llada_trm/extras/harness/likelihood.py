@@ -21,8 +21,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["greedy_matches", "masked_counts", "mc_log_likelihood", "random_masks"]
-
 LogitsFn = Callable[[Tensor], Tensor]
 
 

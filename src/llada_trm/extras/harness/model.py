@@ -29,14 +29,6 @@ from llada_trm.evaluate.loading import OFF, load_checkpoint, resolve_sampling
 
 from .likelihood import greedy_matches, mc_log_likelihood
 
-__all__ = [
-    "MODEL_NAME",
-    "LLaDATRMLM",
-    "apply_stop_strings",
-    "checkpoint_name",
-    "name_results_after_checkpoint",
-]
-
 MODEL_NAME = "llada_trm"
 DEFAULT_CHECKPOINT = "embedded"
 OWN_REFINER = "checkpoint"

@@ -12,8 +12,6 @@ from typing import Any
 from llada_trm.data.gsm8k import DataError, load_gsm8k
 from llada_trm.errors import ConfigError
 
-__all__ = ["DATA_ENV_VAR", "DATA_METADATA_KEY", "load_gsm8k_local", "resolve_data_path", "tasks_dir"]
-
 DATA_ENV_VAR = "LLADA_TRM_GSM8K_DATA"
 DATA_METADATA_KEY = "gsm8k_data"
 _TASKS_DIR = Path(__file__).resolve().parents[2] / "assets" / "lm_eval_tasks"

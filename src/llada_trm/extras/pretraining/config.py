@@ -11,21 +11,11 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BeforeValidator, Field
 
-from llada_trm.config import (
-    Float,
-    Fraction,
-    Int,
-    NonNegInt,
-    PosInt,
-    RunConfig,
-    SamplingConfig,
-    _Section,
-    _to_float,
-    load_schema,
-)
+from llada_trm.config import RunConfig, SamplingConfig
 from llada_trm.data.arithmetic import ArithmeticTaskConfig
 from llada_trm.data.synthetic import SyntheticTaskConfig
 from llada_trm.diffusion.options import SamplingOptions
+from llada_trm.schema import Float, Fraction, Int, NonNegInt, PosInt, Section, load_schema, to_float
 
 __all__ = [
     "ArchitectureConfig",
@@ -38,10 +28,10 @@ __all__ = [
     "load_pretrain_config",
 ]
 
-PositiveFloat = Annotated[float, BeforeValidator(_to_float), Field(gt=0)]
+PositiveFloat = Annotated[float, BeforeValidator(to_float), Field(gt=0)]
 
 
-class ArchitectureConfig(_Section):
+class ArchitectureConfig(Section):
     """The backbone's shape (LLaDA's field names); everything else is LLaDA-8B's.
 
     `init_from`: a backbone directory in HF layout (e.g. src/llada_trm/assets/tiny_backbone) whose weights
@@ -59,7 +49,7 @@ class ArchitectureConfig(_Section):
     init_from: str | None = None
 
 
-class TaskConfig(_Section):
+class TaskConfig(Section):
     """The generated problems the backbone learns (see `llada_trm.data.SyntheticTaskConfig`, or with
     `dataset: arithmetic` the `arithmetic:` section, `llada_trm.data.arithmetic.ArithmeticTaskConfig`).
 
@@ -94,7 +84,7 @@ class TaskConfig(_Section):
         return SyntheticTaskConfig(**self.model_dump(include=knobs))
 
 
-class StopAt(_Section):
+class StopAt(Section):
     """Targets that end training early, at the first evaluation where every one that is set is met.
 
     Rates are those of the validation problems: `entity_copy` the answer lines naming the question's person
@@ -107,7 +97,7 @@ class StopAt(_Section):
     strict_min: Fraction | None = None
 
 
-class OptimConfig(_Section):
+class OptimConfig(Section):
     """The one loop's AdamW with linear warm-up and cosine decay to `min_lr_ratio` x lr (its weight decay,
     betas and gradient clipping: `config.TrainingConfig`'s constants); checkpoints and evaluations.
 
@@ -159,12 +149,12 @@ class EvaluationConfig(SamplingConfig):  # type: ignore[misc, valid-type]  # a p
         return SamplingOptions(**fields)
 
 
-class PretrainOutputConfig(_Section):
+class PretrainOutputConfig(Section):
     dir: str = "runs/tiny_backbone"
     dtype: str = Field(default="bfloat16", pattern="^(float32|bfloat16)$")
 
 
-class PretrainConfig(_Section):
+class PretrainConfig(Section):
     """`llada-trm pretrain` config; sections mirror the run config's."""
 
     model: ArchitectureConfig = Field(default_factory=ArchitectureConfig)
