@@ -29,7 +29,7 @@ from torch import Tensor, nn
 
 from llada_trm.model.llada import LLaDABlock, rotary_tables
 from llada_trm.model.llada_config import LLaDAConfig
-from llada_trm.model.refiners.slot import TransformerBlock
+from llada_trm.model.refiners.base import TransformerBlock
 
 SDPA = F.scaled_dot_product_attention
 

@@ -38,6 +38,7 @@ from llada_trm.build import build_datasets, hybrid_config, resolve_backbone_dir
 from llada_trm.config import RunConfig, load_config
 from llada_trm.data.collate import collate_batch
 from llada_trm.data.tokenizer import load_tokenizer
+from llada_trm.diffusion.forward_process import draw_noise
 from llada_trm.model.hybrid import LLaDATRMHybrid, chunk_sum
 from llada_trm.model.llada import LLaDAModel
 from llada_trm.model.llada_config import LLaDAConfig
@@ -45,7 +46,6 @@ from llada_trm.training.feature_cache import (
     FeatureCache,
     backbone_fingerprint,
     cached_features,
-    draw_noise,
     expected_manifest,
     write_feature_cache,
 )

@@ -166,3 +166,66 @@ def test_nothing_but_the_entry_point_imports_the_cli():
         if path.name != "__main__.py" and path != PACKAGE / "cli.py" and "llada_trm.cli" in _imports(path)
     ]
     assert not importers, importers
+
+
+def _bound_names(tree: ast.Module) -> tuple[set[str], set[str]]:
+    """(names a module defines, names it only imports), at module level, branches of `if`/`try` included."""
+    defined: set[str] = set()
+    imported: set[str] = set()
+    statements = list(tree.body)
+    while statements:
+        node = statements.pop()
+        if isinstance(node, (ast.If, ast.Try)):
+            statements += [*node.body, *node.orelse, *getattr(node, "finalbody", [])]
+            statements += [stmt for handler in getattr(node, "handlers", []) for stmt in handler.body]
+        elif isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            defined.add(node.name)
+        elif isinstance(node, (ast.Assign, ast.AnnAssign, ast.AugAssign)):
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+            names = [name for target in targets for name in ast.walk(target)]
+            defined |= {name.id for name in names if isinstance(name, ast.Name)}
+        elif isinstance(node, (ast.Import, ast.ImportFrom)):
+            imported |= {alias.asname or alias.name.split(".")[0] for alias in node.names}
+    return defined, imported - defined
+
+
+def _re_exported_imports(roots: list[Path]) -> list[str]:
+    """`from llada_trm.X import name` lines whose `name` X only imports from elsewhere (a re-export)."""
+    bound: dict[str, tuple[set[str], set[str]]] = {}
+    found = []
+    for path in sorted(p for root in roots for p in root.rglob("*.py") if "__pycache__" not in p.parts):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if not (isinstance(node, ast.ImportFrom) and node.level == 0 and node.module):
+                continue
+            if not node.module.startswith("llada_trm."):
+                continue  # the package root is the public API, loaded lazily from the defining modules
+            parts = node.module.split(".")[1:]
+            file = PACKAGE.joinpath(*parts, "__init__.py")
+            file = file if file.exists() else PACKAGE.joinpath(*parts).with_suffix(".py")
+            if not file.exists():
+                continue
+            if node.module not in bound:
+                bound[node.module] = _bound_names(ast.parse(file.read_text(encoding="utf-8")))
+            _, imported = bound[node.module]
+            for alias in node.names:
+                submodule = PACKAGE.joinpath(*parts, alias.name)
+                is_submodule = submodule.exists() or submodule.with_suffix(".py").exists()
+                if alias.name in imported and not is_submodule:
+                    found.append(f"{path}:{node.lineno}: {node.module}.{alias.name}")
+    return found
+
+
+def test_every_import_names_the_module_that_defines_it():
+    """One definition per concept, imported from where it is defined: no module passes another's names on."""
+    roots = [PACKAGE.parents[1] / folder for folder in ("src", "tests", "bench", "scripts", "examples")]
+    offending = _re_exported_imports([root for root in roots if root.is_dir()])
+    assert not offending, offending
+
+
+def test_the_re_export_finder_finds_a_re_export(tmp_path):
+    module = ast.parse("from a import x\nfrom b import y as z\ny = 1\ndef f(): ...\n")
+    defined, imported = _bound_names(module)
+    assert defined == {"y", "f"} and imported == {"x", "z"}
+    user = tmp_path / "user.py"  # config defines load_config; ConfigError it imports from errors
+    user.write_text("from llada_trm.config import load_config\nfrom llada_trm.config import ConfigError\n")
+    assert _re_exported_imports([tmp_path]) == [f"{user}:2: llada_trm.config.ConfigError"]

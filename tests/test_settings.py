@@ -101,8 +101,7 @@ def test_converting_a_run_config_of_the_old_schema(tmp_path):
 
 
 def test_converting_an_old_run_directory_and_checkpoint(tmp_path):
-    from llada_trm.evaluate.loading import read_run_config
-    from llada_trm.run_checkpoint import resolve_checkpoint_dir
+    from llada_trm.run_checkpoint import read_run_config, resolve_checkpoint_dir
 
     before = {p: p.read_bytes() for p in FIXTURE.rglob("*") if p.is_file()}
     with pytest.raises(ConfigError, match="llada-trm convert"):
