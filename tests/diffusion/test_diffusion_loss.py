@@ -9,7 +9,6 @@ import torch
 import torch.nn.functional as F
 
 from llada_trm.diffusion.forward_process import (
-    answer_lengths_from_prompt,
     forward_process,
     masked_diffusion_loss,
     masked_token_accuracy,
@@ -101,8 +100,7 @@ def test_pretraining_flavour_equals_llada_pretraining_normalisation() -> None:
     input_ids = torch.randint(0, 8, (3, 6), generator=generator)
     noisy, masked, p_mask = forward_process(input_ids, None, MASK, generator=generator)
     logits = torch.randn(3, 6, 10, generator=generator)
-    answer_lengths = answer_lengths_from_prompt(None, 3, 6)
-    assert answer_lengths.tolist() == [6, 6, 6]
+    answer_lengths = torch.full((3,), 6)  # no prompt: the whole sequence
 
     ce = F.cross_entropy(logits.reshape(-1, 10), input_ids.reshape(-1), reduction="none").reshape(3, 6)
     expected = (ce / p_mask * masked).sum() / (3 * 6)
@@ -141,10 +139,6 @@ def test_forward_process_with_fixed_t() -> None:
     assert p_mask[1, 0].item() == pytest.approx(0.999 * 0.5 + 0.001)
     assert 0.45 < masked[1].float().mean().item() < 0.55
     assert (noisy[masked] == MASK).all() and (noisy[~masked] == 0).all()
-
-
-def test_answer_lengths_count_padded_eos() -> None:
-    assert answer_lengths_from_prompt(torch.tensor([3, 7]), 2, 10).tolist() == [7, 3]
 
 
 def test_masked_token_accuracy() -> None:

@@ -20,7 +20,7 @@ from pydantic import BeforeValidator, ConfigDict, Field, model_validator
 from llada_trm.schema import Int, NonNegInt, Section, to_float, to_int
 
 from .gsm8k import DataError, GSM8KRecord
-from .synthetic import SPLITS, SyntheticTaskConfig, generate_problems, question_split
+from .synthetic import SyntheticTaskConfig, draw_split, generate_problems
 
 __all__ = [
     "ARITHMETIC_OPERATIONS",
@@ -38,7 +38,6 @@ __all__ = [
 ARITHMETIC_OPERATIONS = ("+", "-", "*")
 MAX_DIGITS = 5
 MAX_CHAIN = 4
-_MAX_MISSES = 5000
 
 Digits = Annotated[int, BeforeValidator(to_int), Field(ge=1, le=MAX_DIGITS)]
 ChainLength = Annotated[int, BeforeValidator(to_int), Field(ge=1, le=MAX_CHAIN)]
@@ -272,29 +271,20 @@ def generate_arithmetic(
     of 20,000 distinct training problems instead of 1/9), taking away the easy facts a model learns first
     (docs/results/arith_backbone_attempts.md). The splits stay disjoint by the hash rule either way.
     """
-    if split not in SPLITS:
-        raise ValueError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
-    if n < 0:
-        raise ValueError(f"n must be >= 0, got {n}")
     seed = config.seed if seed is None else seed
     rng = random.Random(f"llada-trm/arithmetic/{seed}/{split}")
-    problems: list[ArithmeticProblem] = []
-    seen: set[str] = set()
-    misses = 0  # draws in a row that gave nothing new: a long run means the problem space is used up
-    while len(problems) < n and misses < _MAX_MISSES:
-        misses += 1
+
+    def draw() -> ArithmeticProblem | None:
         lines = _sample_lines(config, rng)
         if lines is None:
-            continue
+            return None
         problem = _problem(lines)
-        count, question = problem.carries, problem.record.question
-        if count < config.min_carries or (config.max_carries is not None and count > config.max_carries):
-            continue
-        if question_split(question, config.test_fraction) != split or (split != "train" and question in seen):
-            continue
-        seen.add(question)
-        problems.append(problem)
-        misses = 0
+        count, top = problem.carries, config.max_carries
+        return problem if config.min_carries <= count and (top is None or count <= top) else None
+
+    problems = draw_split(
+        draw, lambda problem: problem.record.question, n, split, config.test_fraction, repeats=True
+    )
     if len(problems) < n:
         top = "+" if config.max_carries is None else f"-{config.max_carries}"
         carries_range = f"{config.min_carries}{top}"

@@ -1,14 +1,11 @@
 """Rendering a model folder's chat template without letting it hang the process or exhaust its memory.
 
-A folder's `chat_template` is code. Jinja's sandbox stops attribute tricks and bounds each `range`, but not
-their product (two nested loops of 100000) nor a string doubled thirty times. So a template is used as is
-(through the tokenizer, as before) only when it is one this package knows: its own (`CHAT_TEMPLATE`, which
-renders what LLaDA-8B-Instruct's renders) or LLaDA-8B-Instruct's. Any other template is rendered here, in a
-sandbox with limits: `TIME_LIMIT_S` of rendering (checked on every line the compiled template runs), at most
-`MEMORY_LIMIT_BYTES` more address space while it renders (an allocation past it fails at once), operators
-that grow strings checked before they run (`*`, `+`, `%`, `**`), a source of at most `MAX_SOURCE_CHARS` and an
-output of at most `MAX_OUTPUT_CHARS`. Past a limit, or on any template error (the sandbox's `SecurityError`
-included), the result is one `ValueError` naming the folder.
+A folder's `chat_template` is code, and Jinja's sandbox bounds each `range` but not their product (two nested
+loops of 100000) nor a string doubled thirty times. So only a template this package knows (`KNOWN_TEMPLATES`:
+its own, which renders what LLaDA-8B-Instruct's renders, and LLaDA-8B-Instruct's) goes through the tokenizer;
+any other renders here under the limits below (time checked on every line the compiled template runs, address
+space, operators that grow a value checked before they run, source and output sizes), and a limit or template
+error (the sandbox's `SecurityError` included) is one `ValueError` naming the folder.
 """
 
 from __future__ import annotations
@@ -178,33 +175,34 @@ def render_limited(
         raise ValueError(f"{where}: the chat template failed ({type(exc).__name__}: {text})") from None
 
 
-def _source(tokenizer: Any) -> str | None:
-    """The template text the tokenizer would render: None when it has none (the tokenizer then says so);
-    of named templates (a dict), the `default` one, as transformers picks it."""
+def _folder(tokenizer: Any) -> str:
+    return str(getattr(tokenizer, "name_or_path", "") or "the tokenizer")
+
+
+def _limited_source(tokenizer: Any, messages: Sequence[Mapping[str, str]]) -> str | None:
+    """The template to render under the limits, or None for a known one (or none: the tokenizer then says so),
+    which the tokenizer renders itself; of named templates (a dict), the `default` one, as transformers picks
+    it. The messages' text is checked first."""
+    for message in messages:
+        check_text(str(message.get("content", "")), "the question")
+    folder = _folder(tokenizer)
     source = tokenizer.chat_template
     if isinstance(source, dict):
         source = source.get("default")
         if not isinstance(source, str):
             raise ValueError(
-                f"{_folder(tokenizer)}: tokenizer_config.json: no 'default' among its named chat templates; "
-                f"{_FIX}"
+                f"{folder}: tokenizer_config.json: no 'default' among its named chat templates; {_FIX}"
             )
     if source is not None and not isinstance(source, str):
-        raise ValueError(f"{_folder(tokenizer)}: tokenizer_config.json: chat_template is not text; {_FIX}")
-    return source
-
-
-def _folder(tokenizer: Any) -> str:
-    return str(getattr(tokenizer, "name_or_path", "") or "the tokenizer")
+        raise ValueError(f"{folder}: tokenizer_config.json: chat_template is not text; {_FIX}")
+    return None if source is None or source in KNOWN_TEMPLATES else source
 
 
 def render_chat(tokenizer: Any, messages: Sequence[Mapping[str, str]], add_generation_prompt: bool) -> str:
     """The tokenizer's chat template applied to `messages`, as text: a known template through the tokenizer,
     any other under the limits (module docstring)."""
-    for message in messages:
-        check_text(str(message.get("content", "")), "the question")
-    source = _source(tokenizer)
-    if source is None or source in KNOWN_TEMPLATES:
+    source = _limited_source(tokenizer, messages)
+    if source is None:
         return tokenizer.apply_chat_template(
             list(messages), tokenize=False, add_generation_prompt=add_generation_prompt
         )
@@ -219,10 +217,7 @@ def render_chat(tokenizer: Any, messages: Sequence[Mapping[str, str]], add_gener
 def encode_chat(tokenizer: Any, messages: Sequence[Mapping[str, str]], add_generation_prompt: bool) -> Any:
     """Token ids of the chat, as `apply_chat_template(tokenize=True)` gives them; an unknown template is
     rendered under the limits and then tokenized without special tokens (what transformers does)."""
-    for message in messages:
-        check_text(str(message.get("content", "")), "the question")
-    source = _source(tokenizer)
-    if source is None or source in KNOWN_TEMPLATES:
+    if _limited_source(tokenizer, messages) is None:
         return tokenizer.apply_chat_template(
             list(messages), add_generation_prompt=add_generation_prompt, tokenize=True
         )

@@ -18,7 +18,7 @@ import random
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Annotated, Literal
+from typing import Annotated, Literal, TypeVar
 
 from pydantic import BeforeValidator, ConfigDict, Field, model_validator
 
@@ -42,6 +42,7 @@ SPLITS = ("train", "validation", "test")
 MAX_STEPS = 8
 _HASH_BUCKETS = 1_000_000
 _MAX_MISSES = 5000
+T = TypeVar("T")
 
 DEFAULT_NAMES = (
     "Tom", "Ann", "Ben", "Mia", "Sam", "Lily", "Max", "Emma", "Leo", "Zoe", "Jack", "Ruby",
@@ -373,36 +374,53 @@ def _sample_problem(config: SyntheticTaskConfig, rng: random.Random) -> GSM8KRec
     return GSM8KRecord(question=" ".join(sentences), answer="\n".join(lines))
 
 
-def generate_problems(
-    config: SyntheticTaskConfig, n: int, split: str = "train", seed: int | None = None
-) -> list[GSM8KRecord]:
-    """``n`` distinct problems of ``split`` ("train", "validation" or "test"), deterministic for ``seed``
-    (or config.seed).
-
-    The first ``k`` problems do not depend on ``n``, so a larger request extends a smaller one. Each split
-    has its own random stream, filtered to the split's hash buckets (``question_split``).
-    """
+def draw_split(
+    draw: Callable[[], T | None],
+    question: Callable[[T], str],
+    n: int,
+    split: str,
+    test_fraction: float,
+    *,
+    repeats: bool = False,
+    max_draws: int | None = None,
+) -> list[T]:
+    """Up to ``n`` drawn problems of ``split`` (by ``question_split``), each question once unless ``repeats``
+    (then only a held-out split's are distinct); fewer when the problem space runs out. ``draw`` gives None
+    for a draw to discard; it alone reads the random stream, so a larger ``n`` extends a smaller one."""
     if split not in SPLITS:
         raise ValueError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
     if n < 0:
         raise ValueError(f"n must be >= 0, got {n}")
+    found: list[T] = []
+    seen: set[str] = set()
+    misses = draws = 0  # misses: draws in a row that gave nothing new (a long run: the space is used up)
+    while len(found) < n and misses < _MAX_MISSES and (max_draws is None or draws < max_draws):
+        draws += 1
+        misses += 1
+        item = draw()
+        if item is None:
+            continue
+        text = question(item)
+        repeated = text in seen and (not repeats or split != "train")
+        if repeated or question_split(text, test_fraction) != split:
+            continue
+        seen.add(text)
+        found.append(item)
+        misses = 0
+    return found
+
+
+def generate_problems(
+    config: SyntheticTaskConfig, n: int, split: str = "train", seed: int | None = None
+) -> list[GSM8KRecord]:
+    """``n`` distinct problems of ``split`` ("train", "validation" or "test"), deterministic for ``seed``
+    (or config.seed); a larger request extends a smaller one. Each split has its own random stream."""
     seed = config.seed if seed is None else seed
     rng = random.Random(f"llada-trm/synthetic/{seed}/{split}")
-    problems: list[GSM8KRecord] = []
-    seen: set[str] = set()
-    misses = 0  # draws in a row that gave nothing new: a long run means the problem space is used up
-    for _ in range(200 * n + 1000):
-        if len(problems) == n or misses >= _MAX_MISSES:
-            break
-        record = _sample_problem(config, rng)
-        misses += 1
-        if record is None or record.question in seen:
-            continue
-        if question_split(record.question, config.test_fraction) != split:
-            continue
-        seen.add(record.question)
-        problems.append(record)
-        misses = 0
+    problems = draw_split(
+        lambda: _sample_problem(config, rng), lambda record: record.question, n, split, config.test_fraction,
+        max_draws=200 * n + 1000,
+    )  # fmt: skip
     if len(problems) < n:
         raise DataError(
             f"could only generate {len(problems)} of {n} distinct {split} problems (steps "

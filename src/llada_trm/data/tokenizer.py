@@ -163,15 +163,10 @@ def save_tokenizer(tokenizer: PreTrainedTokenizerBase, out_dir: str | os.PathLik
 def load_tokenizer(path: str | os.PathLike[str], **kwargs: object) -> PreTrainedTokenizerBase:
     """``AutoTokenizer.from_pretrained(path)`` for our tokenizer or LLaDA-8B's; checks the mask token.
 
-    Loading never runs code from the folder: a ``tokenizer_config.json`` that names custom code (``auto_map``)
-    is refused before transformers sees it, and ``trust_remote_code=False`` is passed anyway, so transformers
-    neither prompts nor imports a Python file, whatever stdin holds. Every failure is a one-line
-    ``ValueError`` naming the folder.
-
-    A backbone directory's ``config.json`` describes a ``llada`` model, which transformers does not know: left
-    to itself, ``AutoTokenizer`` reads it as a generic model config and warns "You are using a model of type
-    `llada` to instantiate a model of type ``". Our tokenizer folders name their class in
-    ``tokenizer_config.json``, so an empty config (what that fallback yields anyway) skips the read.
+    Loading never runs code from the folder: a config naming custom code (``auto_map``) is refused and
+    ``trust_remote_code=False`` is passed anyway. Every failure is a one-line ``ValueError`` naming the
+    folder. The empty ``config`` keeps transformers from reading a backbone folder's ``llada`` config.json as
+    a generic model config (and warning about it); our tokenizer folders name their class themselves.
     """
     directory = Path(path)
     if not any((directory / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json")):

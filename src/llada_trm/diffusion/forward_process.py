@@ -18,27 +18,6 @@ import torch.nn.functional as F
 from torch import Tensor
 
 
-def prompt_mask(prompt_lengths: Tensor | None, batch_size: int, seq_len: int, device: torch.device) -> Tensor:
-    """[B, L] bool, True at positions < prompt_length (the conditioning that is never noised)."""
-    if prompt_lengths is None:
-        return torch.zeros(batch_size, seq_len, dtype=torch.bool, device=device)
-    prompt_lengths = torch.as_tensor(prompt_lengths, device=device).reshape(-1)
-    if prompt_lengths.numel() != batch_size:
-        raise ValueError(
-            f"prompt_lengths has {prompt_lengths.numel()} entries but the batch has {batch_size} rows; "
-            "pass one prompt length per sequence"
-        )
-    positions = torch.arange(seq_len, device=device)
-    return positions[None, :] < prompt_lengths[:, None]
-
-
-def answer_lengths_from_prompt(prompt_lengths: Tensor | None, batch_size: int, seq_len: int) -> Tensor:
-    """[B] answer lengths as LLaDA counts them: everything after the prompt, padded EOS included."""
-    if prompt_lengths is None:
-        return torch.full((batch_size,), seq_len, dtype=torch.long)
-    return seq_len - torch.as_tensor(prompt_lengths).reshape(-1).long()
-
-
 def forward_process(
     input_ids: Tensor,
     prompt_lengths: Tensor | None,
@@ -72,7 +51,14 @@ def forward_process(
     p_mask = ((1 - eps) * t + eps)[:, None].expand(batch_size, seq_len)
 
     masked = torch.rand((batch_size, seq_len), device=device, generator=generator) < p_mask
-    masked &= ~prompt_mask(prompt_lengths, batch_size, seq_len, device)
+    if prompt_lengths is not None:  # the prompt is the conditioning, never noised
+        prompt_lengths = torch.as_tensor(prompt_lengths, device=device).reshape(-1)
+        if prompt_lengths.numel() != batch_size:
+            raise ValueError(
+                f"prompt_lengths has {prompt_lengths.numel()} entries but the batch has {batch_size} rows; "
+                "pass one prompt length per sequence"
+            )
+        masked &= torch.arange(seq_len, device=device)[None, :] >= prompt_lengths[:, None]
     noisy_ids = torch.where(masked, torch.full_like(input_ids, mask_id), input_ids)
     return noisy_ids, masked, p_mask.contiguous()
 
@@ -183,12 +169,8 @@ def masked_token_accuracy(logits: Tensor, targets: Tensor, masked: Tensor) -> Te
     return correct.sum().float() / masked.sum().clamp(min=1).float()
 
 
-# Targeted masks (`training.masks`, docs/training.md): `answer_structure` masks one target of a GSM8K-format
-# answer (a calculator annotation's result or the `####` line), its later copies and each later position with
-# probability u ~ U(0, 1); `backbone_errors` the positions whose probe margin is below HARD_MARGIN and each
-# position after the first of them with probability u. A row with nothing to target keeps its forward-process
-# draw. These masks are not the forward process, so p_mask is 1: the loss is the plain cross-entropy of the
-# masked tokens, divided by the row's answer length and the batch size as for forward-process rows.
+# Targeted masks (`training.masks`; docs/training.md has the distributions): not the forward process, so a
+# targeted row's p_mask is 1 and its loss is the plain cross-entropy of its masked tokens.
 
 MaskKind = Literal["forward", "answer_structure", "backbone_errors"]
 
@@ -274,12 +256,6 @@ class MaskDistribution:
 
     kind: MaskKind = "forward"
     forward_mix: float = 0.0
-
-    def __post_init__(self) -> None:
-        if self.kind not in ("forward", "answer_structure", "backbone_errors"):
-            raise ValueError(f"unknown mask distribution {self.kind!r}")
-        if not 0.0 <= self.forward_mix <= 1.0:
-            raise ValueError(f"forward_mix must lie in [0, 1], got {self.forward_mix}")
 
 
 def draw_training_masks(  # noqa: PLR0913 - the row's identity and what the distributions read

@@ -794,39 +794,11 @@ def generate_with_stats(  # noqa: PLR0913 - LLaDA's public argument list, kept f
 ) -> GenerationResult:
     """Sample answers with LLaDA's argument list (:func:`sample` with the options built from it): the tokens
     [B, prompt_len + gen_length] with the number of model calls, wall time, throughput and model statistics.
-
-    Args:
-        model: ``model(input_ids, attention_mask=None)`` returning logits [B, L, V], or an object (or dict)
-            with ``.logits`` and optionally ``.stats``. A model that declares ``refines_masked_positions =
-            True`` (``LLaDATRMHybrid``; see ``MaskedRefiner``) also gets ``masked`` [B, L],
-            the masked positions of the current block: the sampler reads no other prediction, so the refiner
-            spends nothing on the rest.
-        prompt: [B, prompt_len] ids; a batch of different lengths is left-padded (pad id != ``mask_id``).
-        attention_mask: [B, prompt_len], 1 for real tokens, 0 for left padding; extended with ones over the
-            answer.
-        steps: denoising steps in total, split evenly over the blocks (a multiple of the number of blocks).
-        gen_length: answer length; a multiple of ``block_length``.
-        block_length: semi-autoregressive block size; ``block_length == gen_length`` denoises all at once.
-        temperature: Gumbel-max sampling temperature; 0 is greedy.
-        cfg_scale: unsupervised classifier-free guidance scale (0 disables it).
-        remasking: ``"low_confidence"`` (keep the most probable predictions) or ``"random"``.
-        mask_id: the [MASK] token id; None (default) = the model's own (``config.mask_token_id`` of its
-            backbone) when it names one, else LLaDA's 126336.
-        logits_eos_inf: forbid EOS as a prediction (LLaDA appendix B.4).
-        confidence_eos_eot_inf: lower the confidence of EOS/EoT predictions (LLaDA appendix B.4).
-        threshold: Fast-dLLM parallel decoding: at each step un-mask every masked token of the current block
-            whose confidence is >= threshold, and at least the most confident one; ``steps`` is then ignored.
-            None (default) keeps LLaDA's fixed schedule.
-        cache: Fast-dLLM's block-wise KV cache (approximate: cached keys are not refreshed within a block).
-            None (default): every step runs the whole sequence. ``"prefix"``: each block starts with one full
-            forward that also builds the cache of the positions before the block; the block's later steps run
-            only the block and what follows it. ``"dual"``: the later steps run only the block, reusing the
-            cached keys of the prefix and of the (still masked) suffix. Works with both schedules and with
-            ``threshold``; the model must accept ``use_cache``, ``past_key_values`` and ``cache_position``
-            and return ``past_key_values`` (``LLaDAModel``, ``LLaDATRMHybrid``). See
-            ``denoise_block_cached`` for the step and NFE accounting.
-        eos_id, eot_id: ids used by the two EOS options (LLaDA's 126081 and 126348).
-        generator: random generator for the Gumbel noise and random remasking (default: torch's global one).
+    docs/architecture.md (`llada_trm.diffusion`) describes the model protocol and each argument. Beyond it:
+    ``mask_id`` None takes the model's own (its backbone's ``config.mask_token_id``), else LLaDA's 126336;
+    the two EOS options are LLaDA's appendix B.4; with ``threshold`` the ``steps`` schedule is ignored; the
+    KV ``cache`` is approximate (cached keys are not refreshed within a block, ``denoise_block_cached``);
+    ``generator`` (default: torch's global one) draws the Gumbel noise and the random remasking.
     """
     options = SamplingOptions(
         steps=steps,

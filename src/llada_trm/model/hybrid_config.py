@@ -55,30 +55,11 @@ RETIRED_MODEL_SETTINGS: dict[str, object] = {
 
 
 class HybridConfig(Section):
-    """How `LLaDATRMHybrid` refines the backbone's hidden states.
-
-    refiner: 'none' (the plain backbone), 'mlp' (the baseline) or 'slot'; the kind 'replace' builds.
-    integration: 'replace' builds the one refiner named by `refiner`; 'hybrid' builds both and runs the
-        model's `active_refiner` (slot unless set, e.g. by `llada-trm evaluate --refiner mlp`); 'cascade'
-        runs the MLP for the first K // 2 steps, then the slot refiner (the budget is split, not doubled).
-    max_recursive_steps: K, the step budget, 0..MAX_RECURSIVE_STEPS.
-    delta_scale: the scale of every refiner step's update, one value for whichever refiners are built (h
-        moves by at most delta_scale x 0.5 per coordinate a step; `model.reachability`).
-    chunk_size: positions per chunk (the last may be shorter); at most the backbone's max_sequence_length.
-    confidence_threshold: a chunk whose confidence (the backbone's mean max-softmax probability over its
-        masked positions) is below this is refined; 0.5 is the original system's `min_confidence` (no clear
-        favourite). 0 refines nothing, above 1 every chunk with a masked position.
-    chunk_selection: 'confidence' (the rule above) or 'all' (every chunk with a masked position): the
-        backbone commits most errors confidently (68% of first errors at p >= 0.9 on the embedded default),
-        where the confidence rule never lets a refiner look.
-    halting: 'confidence' (the original rule: after each step a refined chunk stops, its states and logits
-        frozen, once its masked positions' mean max probability reaches `confidence_threshold`) or 'none'
-        (every refined chunk takes all K steps).
-    context_layers: backbone layers whose attention contexts (attn@V), averaged, feed the slot refiner
-        (averaged again with its own blocks'); None or []: none. Default [-1], what every run config used.
-    slot / mlp: the refiners' knobs, `SlotSettings` / `MLPSettings` (dicts accepted); the model adds the
-        derived fields and the architecture's constants (`model.refiners.config`).
-    """
+    """How `LLaDATRMHybrid` refines the backbone's hidden states; each field is described in
+    docs/architecture.md (`llada_trm.model.hybrid`), the integrations in docs/integration.md.
+    `confidence_threshold` 0.5 is the original system's `min_confidence` (no clear favourite);
+    `chunk_selection: all` exists because the backbone commits most errors confidently (68% of first errors at
+    p >= 0.9 on the embedded default), where the confidence rule never lets a refiner look."""
 
     refiner: RefinerKind = "slot"
     integration: Integration = "replace"

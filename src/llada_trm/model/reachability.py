@@ -1,23 +1,12 @@
-"""Can a refiner's update flip the backbone's wrong tokens at all? The update budget against the LM head.
+"""Can a refiner's update flip the backbone's wrong tokens at all? The update budget against the LM head
+(docs/training.md, "The update budget", states the bound and the rule for `delta_scale`).
 
-A refiner step moves the final hidden state h by at most `b = delta_scale * delta_clamp` per coordinate (the
-slot refiner's confidence weight p is at most 1, the MLP has none), so K steps move it by at most `K * b`.
-The logit gap between the right token c and a competitor j changes by (w_c - w_j) . delta, at most
-`K * b * ||w_c - w_j||_1` (w the LM head's rows, `LLaDAModel.lm_head_rows`). A wrong token can therefore be
-flipped only if, for every competitor j whose logit is above c's,
-
-    K * b * ||w_c - w_j||_1 > logit_j - logit_c,  i.e.  K * b > max_j (logit_j - logit_c) / ||w_c - w_j||_1
-
-The right side is the token's *required bound*; `reachable_fraction` is the share of wrong tokens whose
-required bound the budget exceeds. Each condition is necessary (every competitor must be overtaken), not
-sufficient (one delta must overtake them all at once), so the fraction is an upper bound on what any update
-within the budget can fix: below ~0.9 the budget, not the refiner, limits the gain.
-
-The rule the library states for `delta_scale` (slot and MLP, `delta_clamp` 0.5): choose the smallest value
-whose reachability at the trained K is at least `TARGET_REACHABILITY` on validation; `llada-trm
-reachability --config RUN.yaml` prints it. At LLaDA-8B's vocabulary a wrong token can have thousands of
-competitors above it; the exact L1 distance is taken for the `EXACT_COMPETITORS` highest, and the cheaper
-bound ||w_c - w_j||_1 <= ||w_c||_1 + ||w_j||_1 (which can only lower the required bound) for the rest.
+A wrong token can be flipped within K steps of bound b only if K * b > max_j (logit_j - logit_c) /
+||w_c - w_j||_1 over the competitors j above the right token c (w the LM head's rows): the right side is its
+*required bound*. Each condition is necessary, not sufficient (one delta must overtake them all at once), so
+`reachable_fraction` is an upper bound on what any update within the budget can fix. Beyond the
+`EXACT_COMPETITORS` highest competitors, the cheaper ||w_c||_1 + ||w_j||_1 (which can only lower the required
+bound) stands in for the L1 distance (LLaDA-8B's vocabulary can put thousands above c).
 """
 
 from __future__ import annotations
