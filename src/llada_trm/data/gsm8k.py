@@ -191,23 +191,21 @@ def read_parquet(path: str | os.PathLike[str]) -> list[GSM8KRecord]:
         if key not in schema_names:
             raise DataError(f"{path}: missing column {key!r} (columns: {', '.join(schema_names)})")
     table = pq.read_table(path, columns=["question", "answer"])
-    questions, answers = table.column("question").to_pylist(), table.column("answer").to_pylist()
-    records = []
-    for row, (question, answer) in enumerate(zip(questions, answers, strict=True)):
-        records.append(_record_from_row({"question": question, "answer": answer}, f"{path}: row {row}"))
+    records = [
+        _record_from_row(row, f"{path}: row {index}") for index, row in enumerate(table.to_pylist())
+    ]
     if not records:
         raise DataError(f"{path}: no records (the table is empty)")
     return records
 
 
 def write_jsonl(records: Iterable[GSM8KRecord], path: str | os.PathLike[str]) -> Path:
-    """Write records in GSM8K's own JSONL layout (one ``{"question", "answer"}`` object per line)."""
+    """Write records in GSM8K's own JSONL layout (one ``{"question", "answer"}`` object per line), atomically."""
+    from llada_trm.io import write_jsonl as write_rows  # imports torch, which reading records does not need
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", encoding="utf-8") as handle:
-        for record in records:
-            handle.write(json.dumps(record.to_dict(), ensure_ascii=False) + "\n")
-    return path
+    return write_rows(path, [record.to_dict() for record in records])
 
 
 def _read_file(path: Path) -> list[GSM8KRecord]:

@@ -340,10 +340,6 @@ class LLaDATRMHybrid(nn.Module):
             raise ValueError(f"unknown active_refiner {kind!r}; choose one of {list(ACTIVE_CHOICES)}")
         self._active_refiner = kind
 
-    def refiner_parameters(self) -> list[nn.Parameter]:
-        """The parameters of every built refiner (what phase 1 trains)."""
-        return list(self.refinement_head.parameters())
-
     def orthogonality_loss(self) -> Tensor:
         """Sum of the refiners' slot-orthogonality penalties (a zero scalar without refiners)."""
         losses = [refiner.orthogonality_loss() for refiner in self.refinement_head.values()]

@@ -278,12 +278,4 @@ class LLaDAConfig:
             mlp_hidden_size=12288,
             vocab_size=126464,
             embedding_size=126464,
-            rope_theta=500000.0,
-            max_sequence_length=4096,
-            rms_norm_eps=1e-5,
-            weight_tying=False,
-            include_bias=False,
-            mask_token_id=126336,
-            eos_token_id=126081,
-            pad_token_id=126081,
-        )
+        )  # every other field's default is LLaDA-8B's value

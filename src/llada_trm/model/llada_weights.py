@@ -299,13 +299,6 @@ def _plan_shards(state: dict[str, torch.Tensor], limit: int | None) -> list[list
     return shards
 
 
-def _write_text(file: Path, text: str) -> None:
-    with open(file, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-
-
 def save_state_dict(
     state: dict[str, torch.Tensor],
     config: LLaDAConfig,
@@ -328,7 +321,8 @@ def save_state_dict(
     try:
         config_tmp = path / (CONFIG_NAME + tag)
         staged.append((config_tmp, path / CONFIG_NAME))
-        _write_text(config_tmp, json.dumps(config.to_llada_json_dict(), indent=2, sort_keys=True) + "\n")
+        config_tmp.write_text(json.dumps(config.to_llada_json_dict(), indent=2, sort_keys=True) + "\n")
+        fsync_file(config_tmp)
         total = sum(t.numel() * t.element_size() for t in state.values())
         bar = weights_progress(n, total, f"writing weights {path.name}")
         for name, keys in zip(names, shards, strict=True):
@@ -343,12 +337,13 @@ def save_state_dict(
         bar.close()
         if n > 1:  # the index is the entry point of a sharded checkpoint, so it is renamed last
             index = {
-                "metadata": {"total_size": sum(t.numel() * t.element_size() for t in state.values())},
+                "metadata": {"total_size": total},
                 "weight_map": {key: name for name, keys in zip(names, shards, strict=True) for key in keys},
             }
             index_tmp = path / (INDEX_NAME + tag)
             staged.append((index_tmp, path / INDEX_NAME))
-            _write_text(index_tmp, json.dumps(index, indent=2, sort_keys=True) + "\n")
+            index_tmp.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+            fsync_file(index_tmp)
         old_shards = [p for p in path.iterdir() if _SHARD_PATTERN.fullmatch(p.name)]
         for old_entry in (INDEX_NAME, WEIGHTS_NAME):
             (path / old_entry).unlink(missing_ok=True)
