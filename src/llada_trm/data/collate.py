@@ -170,8 +170,6 @@ class SFTDataset(Dataset):
         end_with_eot: bool = True,
         pad_to: int | None = None,
     ) -> None:
-        if overflow not in OVERFLOW_MODES:
-            raise ValueError(f"overflow must be one of {OVERFLOW_MODES}, got {overflow!r}")
         if pad_to is not None and pad_to < max_length:
             raise ValueError(f"pad_to ({pad_to}) must be >= max_length ({max_length})")
         self.max_length = max_length

@@ -200,7 +200,7 @@ def read_parquet(path: str | os.PathLike[str]) -> list[GSM8KRecord]:
 
 
 def write_jsonl(records: Iterable[GSM8KRecord], path: str | os.PathLike[str]) -> Path:
-    """Write records in GSM8K's own JSONL layout (one ``{"question", "answer"}`` object per line), atomically."""
+    """Write records atomically in GSM8K's JSONL layout (one ``{"question", "answer"}`` object per line)."""
     from llada_trm.io import write_jsonl as write_rows  # imports torch, which reading records does not need
 
     path = Path(path)

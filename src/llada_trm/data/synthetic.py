@@ -4,11 +4,8 @@ The embedded default model is trained on these, so every answer looks like a GSM
 line per arithmetic step with a ``<<a*b=c>>`` calculator annotation, then ``#### n``. A problem is a story
 about one running amount (items, boxes or dollars): an opening sentence states it and each step changes it
 with one operation, phrased by one of several templates (buying, giving away, prices, comparisons, sharing,
-packing). A step's answer line is written by `result_line` and read back by `parse_solution`.
-
-Splits are disjoint by construction: a SHA-256 bucket of the question text decides its split
-(`question_split`); the first ``test_fraction`` of the buckets are held out, their lower half ``validation``
-and their upper half ``test``. The train split is the one the embedded backbone was pre-trained on.
+packing). A step's answer line is written by `result_line` and read back by `parse_solution`. Splits are
+disjoint by construction (`question_split`); the train split is the one the embedded backbone was trained on.
 """
 
 from __future__ import annotations
@@ -76,18 +73,13 @@ def cap(text: str) -> str:
     return text[:1].upper() + text[1:]
 
 
-def calc(x: int, op: str, b: int, y: int, money: bool) -> str:
-    """GSM8K's calculator annotation, e.g. ``3*4=<<3*4=12>>12`` (``$`` before ``<<`` for money)."""
-    return f"{x}{op}{b}={'$' if money else ''}<<{x}{op}{b}={y}>>{y}"
-
-
 def result_line(
     subject: str, verb: str, x: int, op: str, b: int, y: int, state: State, tail: str = ""
 ) -> str:
-    """The answer line of one step: ``Tom has 3*4=<<3*4=12>>12 apples.``"""
-    money = state.kind == "money"
-    noun = "" if money else f" {state.noun}"
-    return f"{cap(subject)} {verb} {calc(x, op, b, y, money)}{noun}{tail}."
+    """The answer line of one step, in GSM8K's calculator annotation: ``Tom has 3*4=<<3*4=12>>12 apples.``
+    (``$`` before ``<<`` for money, which is written without a noun)."""
+    money, noun = ("$", "") if state.kind == "money" else ("", f" {state.noun}")
+    return f"{cap(subject)} {verb} {x}{op}{b}={money}<<{x}{op}{b}={y}>>{y}{noun}{tail}."
 
 
 # The ground truth of a generated problem, read back from its own reference answer: `parse_solution` renders
@@ -120,11 +112,9 @@ class SolutionStep:
 def parse_solution(answer: str) -> list[SolutionStep]:
     """The steps of a generated problem, read from its reference answer (every line but ``#### n``).
 
-    Exact by construction rather than by a second record field: every operand, operator, result, subject
-    and noun is written verbatim into the answer by ``result_line``, and each parsed line is rendered back
-    with ``result_line`` and must equal the original, so a parse either reproduces the generator's step or
-    raises (a GSM8K record that was not generated here, or a vocabulary word that breaks the line shape).
-    Each step must also start from the previous result and compute exactly, as generated ones do.
+    Each parsed line is rendered back with ``result_line`` and must equal the original, and must start from
+    the previous result and compute exactly, so a parse either reproduces the generator's step or raises
+    (a record not generated here, or a vocabulary word that breaks the line shape).
     """
     *lines, final = answer.split("\n")
     steps = []

@@ -71,15 +71,6 @@ _MIN_VOCAB = 256 + len(SPECIAL_TOKENS)  # the byte alphabet plus the special tok
 _TEMPLATE_WORDS = ("user", "assistant", "system")
 
 
-def _pre_tokenizer() -> pre_tokenizers.PreTokenizer:
-    return pre_tokenizers.Sequence(
-        [
-            pre_tokenizers.Digits(individual_digits=True),
-            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
-        ]
-    )
-
-
 def _training_texts(texts: Iterable[str], min_frequency: int) -> Iterator[str]:
     for text in texts:
         if not isinstance(text, str):
@@ -106,7 +97,12 @@ def build_tokenizer(
     if vocab_size < _MIN_VOCAB:
         raise ValueError(f"vocab_size must be >= {_MIN_VOCAB} (256 bytes + {len(SPECIAL_TOKENS)} specials)")
     backend = Tokenizer(models.BPE())
-    backend.pre_tokenizer = _pre_tokenizer()
+    backend.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Digits(individual_digits=True),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
+        ]
+    )
     backend.decoder = decoders.ByteLevel()
     backend.post_processor = processors.ByteLevel(trim_offsets=False)
     trainer = trainers.BpeTrainer(
