@@ -7,10 +7,11 @@ story of the mask distributions.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import re
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
@@ -196,18 +197,10 @@ class TokenText:
     exactly, whatever the tokenizer merged around them) and memoised."""
 
     def __init__(self, decode: Callable[[list[int]], str]) -> None:
-        self._decode = decode
-        self._pieces: dict[int, str] = {}
+        self._piece = functools.cache(lambda token: decode([token]))
 
     def pieces(self, ids: Sequence[int]) -> list[str]:
-        out = []
-        for token in ids:
-            token = int(token)
-            piece = self._pieces.get(token)
-            if piece is None:
-                piece = self._pieces[token] = self._decode([token])
-            out.append(piece)
-        return out
+        return [self._piece(int(token)) for token in ids]
 
 
 def _number_value(text: str) -> str | None:
@@ -340,6 +333,7 @@ def _error_mask(margins: Tensor, generator: torch.Generator) -> Tensor | None:
     return chosen | hard
 
 
+@dataclass(eq=False)
 class TrainingMasks:
     """A run's phase-1 masks, for the trainer and the feature cache.
 
@@ -349,25 +343,18 @@ class TrainingMasks:
     re-probe in another batch.
     """
 
-    def __init__(
-        self,
-        distribution: MaskDistribution,
-        mask_id: int,
-        seed: int,
-        *,
-        token_text: TokenText | None = None,
-        probe: Callable[[Tensor, Tensor], Tensor] | None = None,
-    ) -> None:
-        if distribution.kind == "answer_structure" and token_text is None:
+    distribution: MaskDistribution
+    mask_id: int
+    seed: int
+    token_text: TokenText | None = field(default=None, kw_only=True)
+    probe: Callable[[Tensor, Tensor], Tensor] | None = field(default=None, kw_only=True)
+    margins: dict[int, Tensor] = field(default_factory=dict, init=False)  # example -> its answer's, float16
+
+    def __post_init__(self) -> None:
+        if self.distribution.kind == "answer_structure" and self.token_text is None:
             raise ValueError("answer_structure masks need the tokenizer's token texts (token_text)")
-        if distribution.kind == "backbone_errors" and probe is None:
+        if self.distribution.kind == "backbone_errors" and self.probe is None:
             raise ValueError("backbone_errors masks need a probe of the frozen backbone (probe)")
-        self.distribution = distribution
-        self.mask_id = mask_id
-        self.seed = seed
-        self.token_text = token_text
-        self.probe = probe
-        self.margins: dict[int, Tensor] = {}  # example -> its answer positions' margins (float16)
 
     def draw(
         self, batch: Mapping[str, Tensor], examples: Sequence[int], draws: int | Sequence[int]
