@@ -13,6 +13,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any, TypedDict
 
 import torch
+from torch.nn.utils.rnn import pad_sequence
 from torch.utils.data import Dataset
 from transformers import PreTrainedTokenizerBase
 
@@ -144,14 +145,10 @@ def prompt_batch(
     if isinstance(questions, str) or not questions:
         raise ValueError("prompt_batch expects a non-empty list of question strings")
     pad = pad_token_id(tokenizer) if pad_id is None else pad_id
-    prompts = [encode_prompt(tokenizer, question) for question in questions]
-    width = max(len(prompt) for prompt in prompts)
-    input_ids = torch.full((len(prompts), width), pad, dtype=torch.long)
-    attention_mask = torch.zeros((len(prompts), width), dtype=torch.long)
-    for row, prompt in enumerate(prompts):
-        input_ids[row, width - len(prompt) :] = torch.tensor(prompt, dtype=torch.long)
-        attention_mask[row, width - len(prompt) :] = 1
-    return input_ids, attention_mask
+    prompts = [torch.tensor(encode_prompt(tokenizer, question), dtype=torch.long) for question in questions]
+    input_ids = pad_sequence(prompts, batch_first=True, padding_value=pad, padding_side="left")
+    ones = [torch.ones_like(prompt) for prompt in prompts]
+    return input_ids, pad_sequence(ones, batch_first=True, padding_side="left")
 
 
 class SFTDataset(Dataset):

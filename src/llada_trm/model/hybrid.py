@@ -285,7 +285,9 @@ class LLaDATRMHybrid(nn.Module):
         self.mask_token_id = bb.mask_token_id
         # Only the slot refiner reads backbone contexts; without it they are not even requested.
         wanted = config.context_layers if "slot" in config.refiner_kinds else None
-        self.context_layers = self._check_layers(wanted or [], bb.n_layers)
+        self.context_layers = list(backbone.resolve_layers(wanted or []).values())
+        if len(set(self.context_layers)) != len(self.context_layers):
+            raise ConfigError(f"context_layers {wanted} name the same layer twice")
         context_width = bb.n_heads * bb.head_dim
         self.refinement_head = nn.ModuleDict()
         # derived from the hybrid's config; the update scale is one for both refiners
@@ -298,20 +300,6 @@ class LLaDATRMHybrid(nn.Module):
             refiner = build_refiner(kind, bb.d_model, **derived, **settings)
             self.refinement_head[kind] = refiner.to(device=backbone.device)
         self._active_refiner = "slot"  # what 'hybrid' runs; `active_refiner` switches it at run time
-
-    @staticmethod
-    def _check_layers(layers: list[int], n_layers: int) -> list[int]:
-        resolved = []
-        for index in layers:
-            if not -n_layers <= index < n_layers:
-                raise ConfigError(
-                    f"context layer {index} is out of range for a {n_layers}-layer backbone "
-                    f"(use -{n_layers}..{n_layers - 1})"
-                )
-            resolved.append(index % n_layers)
-        if len(set(resolved)) != len(resolved):
-            raise ConfigError(f"context_layers {layers} name the same layer twice")
-        return resolved
 
     # ------------------------------------------------------------------ construction and handles
     @classmethod

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from llada_trm.errors import ConfigError
 from llada_trm.model.llada_config import LLaDAConfig
 from llada_trm.model.llada_weights import (
     DTypeLike,
@@ -338,12 +339,13 @@ class LLaDAModel(nn.Module):
             rows = rows * (1 / math.sqrt(self.config.d_model))
         return rows
 
-    def _resolve_layers(self, context_layers: Sequence[int]) -> dict[int, int]:
+    def resolve_layers(self, context_layers: Sequence[int]) -> dict[int, int]:
+        """Each asked layer index (negative ones count from the end) -> its block index."""
         n = self.config.n_layers
         resolved = {}
         for index in context_layers:
             if isinstance(index, bool) or not isinstance(index, int) or not -n <= index < n:
-                raise ValueError(
+                raise ConfigError(
                     f"context layer {index!r} is out of range for a {n}-layer backbone (use -{n}..{n - 1})"
                 )
             resolved[index] = index % n
@@ -384,7 +386,7 @@ class LLaDAModel(nn.Module):
             shapes = f"{tuple(attention_mask.shape)} != input_ids shape {tuple(input_ids.shape)}"
             raise ValueError(f"attention_mask shape {shapes}")
         start = self._cache_start(past_key_values, cache_position, input_ids.shape)
-        wanted = self._resolve_layers(context_layers)
+        wanted = self.resolve_layers(context_layers)
         x = self.wte(input_ids)
         if self.config.input_emb_norm:
             x = x * (self.config.d_model**0.5)
