@@ -580,14 +580,46 @@ class LLaDATRMHybrid(nn.Module):
         )
 
     def load_refiner(self, path: str | Path, *, allow_backbone_mismatch: bool = False) -> None:
-        """Load weights written by `save_refiner`; names and shapes must match this model's refiners, and
-        the backbone they were saved beside must be this one (unless `allow_backbone_mismatch`)."""
-        stored = read_refiner_weights(
-            path, self.refiner_state_dict(), list(self.refinement_head),
-            backbone_fingerprint=model_fingerprint(self.backbone),
-            allow_backbone_mismatch=allow_backbone_mismatch,
+        """Load weights written by `save_refiner`, refused unless their names and shapes are this model's
+        refiners' and the backbone they record is this one (unless `allow_backbone_mismatch`)."""
+        path, expected = Path(path), self.refiner_state_dict()
+        refiners, actual = ", ".join(self.refinement_head) or "none", model_fingerprint(self.backbone)
+        if not path.is_file():
+            raise CheckpointError(f"refiner weights {path} not found")
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            recorded = (f.metadata() or {}).get(FINGERPRINT_KEY)
+            check_fingerprint(
+                recorded,
+                actual,
+                what=f"refiner weights {path}",
+                backbone="this model's backbone",
+                allow_mismatch=allow_backbone_mismatch,
+            )
+            stored = {name: f.get_tensor(name) for name in f.keys()}
+        missing = sorted(set(expected) - set(stored))
+        unexpected = sorted(set(stored) - set(expected))
+        if missing or unexpected:
+            raise CheckpointError(
+                f"refiner weights {path} do not match this model's refiners ({refiners}): missing "
+                f"{missing[:5]}{' ...' if len(missing) > 5 else ''}, unexpected {unexpected[:5]}"
+                f"{' ...' if len(unexpected) > 5 else ''}; build the model with the HybridConfig they were "
+                "trained with"
+            )
+        bad = sorted(
+            n for n, t in stored.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())
         )
-        self.refinement_head.load_state_dict({name[len(PREFIX):]: t for name, t in stored.items()})
+        if bad:  # as a run checkpoint's are: a NaN refiner would only show up as empty or garbage answers
+            raise CheckpointError(
+                f"refiner weights {path} hold NaN/inf values in {len(bad)} tensor(s) ({', '.join(bad[:3])}"
+                f"{' ...' if len(bad) > 3 else ''}); the file is broken, export or train the run again"
+            )
+        for name, tensor in stored.items():
+            if tensor.shape != expected[name].shape:
+                raise CheckpointError(
+                    f"refiner weights {path}: {name} has shape {list(tensor.shape)}, the model expects "
+                    f"{list(expected[name].shape)}; build the model with the HybridConfig it was trained with"
+                )
+        self.refinement_head.load_state_dict({name[len(PREFIX) :]: t for name, t in stored.items()})
 
 
 # The refiners' weights file (`save_refiner` / `load_refiner`, and run exports): only the
@@ -618,51 +650,3 @@ def write_refiner_weights(
     with atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata=metadata)
     return path
-
-
-def read_refiner_weights(
-    path: str | Path,
-    expected: Mapping[str, Tensor],
-    refiners: Sequence[str],
-    *,
-    backbone_fingerprint: str,
-    allow_backbone_mismatch: bool = False,
-) -> dict[str, Tensor]:
-    """The tensors at `path`, refused unless their names and shapes are `expected`'s (the model's) and
-    the backbone they record is `backbone_fingerprint` (the model's)."""
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"refiner weights {path} not found")
-    with safe_open(str(path), framework="pt", device="cpu") as f:
-        recorded = (f.metadata() or {}).get(FINGERPRINT_KEY)
-        check_fingerprint(
-            recorded,
-            backbone_fingerprint,
-            what=f"refiner weights {path}",
-            backbone="this model's backbone",
-            allow_mismatch=allow_backbone_mismatch,
-        )
-        stored = {name: f.get_tensor(name) for name in f.keys()}
-    missing = sorted(set(expected) - set(stored))
-    unexpected = sorted(set(stored) - set(expected))
-    if missing or unexpected:
-        raise CheckpointError(
-            f"refiner weights {path} do not match this model's refiners "
-            f"({', '.join(refiners) or 'none'}): missing {missing[:5]}"
-            f"{' ...' if len(missing) > 5 else ''}, unexpected {unexpected[:5]}"
-            f"{' ...' if len(unexpected) > 5 else ''}; build the model with the HybridConfig they were "
-            "trained with"
-        )
-    bad = sorted(n for n, t in stored.items() if t.is_floating_point() and not bool(torch.isfinite(t).all()))
-    if bad:  # as a run checkpoint's are: a NaN refiner would only show up as empty or garbage answers
-        raise CheckpointError(
-            f"refiner weights {path} hold NaN/inf values in {len(bad)} tensor(s) ({', '.join(bad[:3])}"
-            f"{' ...' if len(bad) > 3 else ''}); the file is broken, export or train the run again"
-        )
-    for name, tensor in stored.items():
-        if tensor.shape != expected[name].shape:
-            raise CheckpointError(
-                f"refiner weights {path}: {name} has shape {list(tensor.shape)}, the model expects "
-                f"{list(expected[name].shape)}; build the model with the HybridConfig it was trained with"
-            )
-    return stored
