@@ -125,13 +125,10 @@ def masked_diffusion_loss(
     token_weights: Tensor | None = None,
 ) -> Tensor:
     """LLaDA's SFT loss: ``sum_i sum_{masked l} CE(l) / p_mask / answer_length_i / B`` (an upper bound on
-    the NLL; with no prompt, LLaDA's pre-training loss ``sum(CE / p_mask) / (B * L)``).
-
-    logits [B, L, V] (cross-entropy in float32); target_ids, masked [B, L]; p_mask [B, L] or [B];
-    answer_lengths [B], [B, 1] or one int (every token after the prompt, padded EOS included, as LLaDA counts
-    it). reduction: "mean" (LLaDA: summed over rows, divided by B), "sum", or "none" (the [B] per-row
-    losses). token_weights [B, L]: a factor on each term (`llada-trm pretrain` weighs rare-but-decisive
-    tokens up; no longer a likelihood bound then).
+    the NLL; with no prompt, LLaDA's pre-training loss ``sum(CE / p_mask) / (B * L)``); cross-entropy in
+    float32. p_mask [B, L] or [B]; answer_lengths [B], [B, 1] or one int (padded EOS included, as LLaDA
+    counts it); reduction "none" gives the [B] per-row losses. token_weights [B, L]: a factor on each term
+    (`llada-trm pretrain` weighs rare-but-decisive tokens up; no longer a likelihood bound then).
     """
     if logits.dim() != 3 or logits.shape[:2] != target_ids.shape or masked.shape != target_ids.shape:
         raise ValueError(

@@ -31,15 +31,11 @@ _TOKEN_ID = {"recorded": False}
 
 @dataclass(frozen=True)
 class SamplingOptions:
-    """LLaDA's sampler settings, with Fast-dLLM's ``threshold`` decoding and block-wise KV ``cache``.
-
-    The defaults suit the embedded tiny backbone (answers up to ~114 tokens); LLaDA-8B's GSM8K setting is
-    gen_length 256, block_length 8 or 32, steps = gen_length. ``batch_size`` (prompts per sampler call) and
-    ``seed`` (of the run's random generator) are read by the callers that batch and seed a whole run, such
-    as ``evaluate_model``; one ``sample`` call takes the batch and the generator it is given. See
-    :func:`llada_trm.diffusion.sampler.generate_with_stats` for the meaning of each setting.
-    ``digit_order="lsd_first"`` (``sampler.commit_step``) needs ``digit_ids``, the tokenizer's ten digit
-    tokens, which ``evaluate_model`` fills in.
+    """LLaDA's sampler settings, with Fast-dLLM's ``threshold`` decoding and block-wise KV ``cache``
+    (docs/architecture.md, `llada_trm.diffusion`, describes each). The defaults suit the embedded tiny
+    backbone (answers up to ~114 tokens); LLaDA-8B's GSM8K setting is gen_length 256, block_length 8 or 32,
+    steps = gen_length. ``batch_size`` and ``seed`` are read by the callers that batch and seed a whole run
+    (``evaluate_model``, which also fills in ``digit_ids`` for ``digit_order="lsd_first"``).
     """
 
     steps: int = 64

@@ -1,13 +1,9 @@
-"""`LLaDAConfig`: the architecture hyper-parameters, spelled exactly as in LLaDA's own `config.json`.
+"""`LLaDAConfig`: the architecture hyper-parameters, spelled exactly as in LLaDA's own `config.json`, so a
+released checkpoint's config loads as is and one we save loads in LLaDA's code.
 
-Keeping LLaDA's field names means a released checkpoint's `config.json` loads as is, and a config we save
-loads in LLaDA's code. LLaDA inherits its config from OLMo, which has many fields; only those that change the
-network's math are kept here, every other key is ignored on load. Options LLaDA's config allows but no LLaDA
-model uses (ALiBi, QK-norm, a non-llama block, ...) are rejected with a `ConfigError` instead of being
-silently mis-computed.
-
-Defaults are LLaDA-8B's values (OLMo's own defaults describe GPT-2 and would be wrong for every LLaDA model);
-only the fields that fix tensor shapes are required.
+Of OLMo's many fields (LLaDA inherits its config) only those that change the network's math are kept; other
+keys are ignored on load, and variants no LLaDA model uses (ALiBi, QK-norm, a non-llama block, ...) are
+refused rather than silently mis-computed. Defaults are LLaDA-8B's values (OLMo's describe GPT-2).
 """
 
 from __future__ import annotations
