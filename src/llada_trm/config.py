@@ -302,8 +302,8 @@ SamplingConfig = create_model("SamplingConfig", __base__=_SamplingSection, **_sa
 
 
 class RunLoraConfig(_Section):
-    """The run's `lora:` section (`model.lora.LoraConfig`): `rank` > 0 trains adapters of that rank on the
-    backbone in phases 2 and 3; 0 trains none."""
+    """The run's `lora:` section (`model.lora.attach_run_lora`): `rank` > 0 trains adapters of that rank on
+    the backbone in phases 2 and 3; 0 trains none."""
 
     rank: Annotated[int, BeforeValidator(to_int), Field(ge=0, le=4096)] = 0
 

@@ -13,7 +13,7 @@ from llada_trm.data.arithmetic import (
     answer_carries,
     carries,
     generate_arithmetic,
-    generate_arithmetic_records,
+    generate_task_records,
     parse_arithmetic,
 )
 from llada_trm.data.disjoint import check_disjoint
@@ -112,13 +112,13 @@ def test_impossible_carry_target_is_one_clear_error() -> None:
 
 def test_splits_disjoint_by_the_shared_hash_rule_and_deterministic() -> None:
     config = ArithmeticTaskConfig(min_digits=1, max_digits=3, test_fraction=0.2)
-    splits = {name: generate_arithmetic_records(config, 40, name) for name in ("train", "validation", "test")}
+    splits = {name: generate_task_records(config, 40, name) for name in ("train", "validation", "test")}
     assert check_disjoint(splits)["overlaps"] == 0
     for name, records in splits.items():
         assert all(question_split(r.question, 0.2) == name for r in records)
-    assert generate_arithmetic_records(config, 40, "test") == splits["test"]
-    assert generate_arithmetic_records(config, 10, "test") == splits["test"][:10]
-    assert generate_arithmetic_records(config.model_copy(update={"seed": 5}), 40, "test") != splits["test"]
+    assert generate_task_records(config, 40, "test") == splits["test"]
+    assert generate_task_records(config, 10, "test") == splits["test"][:10]
+    assert generate_task_records(config.model_copy(update={"seed": 5}), 40, "test") != splits["test"]
 
 
 def test_run_config_selects_the_task_and_evaluation_reads_it(tmp_path) -> None:

@@ -22,19 +22,6 @@ from llada_trm.schema import Int, NonNegInt, Section, to_float, to_int
 from .gsm8k import DataError, GSM8KRecord
 from .synthetic import SyntheticTaskConfig, draw_split, generate_problems
 
-__all__ = [
-    "ARITHMETIC_OPERATIONS",
-    "ArithmeticLine",
-    "ArithmeticProblem",
-    "ArithmeticTaskConfig",
-    "answer_carries",
-    "carries",
-    "generate_arithmetic",
-    "generate_arithmetic_records",
-    "generate_task_records",
-    "parse_arithmetic",
-]
-
 ARITHMETIC_OPERATIONS = ("+", "-", "*")
 MAX_DIGITS = 5
 MAX_CHAIN = 4
@@ -297,17 +284,10 @@ def generate_arithmetic(
     return problems
 
 
-def generate_arithmetic_records(
-    config: ArithmeticTaskConfig, n: int, split: str = "train", seed: int | None = None
-) -> list[GSM8KRecord]:
-    """The records of `generate_arithmetic` (what training and evaluation read)."""
-    return [problem.record for problem in generate_arithmetic(config, n, split, seed)]
-
-
 def generate_task_records(
     task: SyntheticTaskConfig | ArithmeticTaskConfig, n: int, split: str = "train"
 ) -> list[GSM8KRecord]:
     """Records of either generated task, chosen by the type of its config section."""
     if isinstance(task, ArithmeticTaskConfig):
-        return generate_arithmetic_records(task, n, split)
+        return [problem.record for problem in generate_arithmetic(task, n, split)]
     return generate_problems(task, n, split)

@@ -21,16 +21,6 @@ from typing import Any
 
 from .tokenizer import CHAT_TEMPLATE
 
-__all__ = [
-    "KNOWN_TEMPLATES",
-    "MAX_OUTPUT_CHARS",
-    "MEMORY_LIMIT_BYTES",
-    "TIME_LIMIT_S",
-    "check_text",
-    "encode_chat",
-    "render_limited",
-]
-
 # LLaDA-8B-Instruct's tokenizer_config.json template (Llama-3's layout).
 LLADA_INSTRUCT_TEMPLATE = (
     "{% set loop_messages = messages %}{% for message in loop_messages %}{% set content = "

@@ -20,17 +20,6 @@ from transformers import PreTrainedTokenizerBase
 from .gsm8k import GSM8KRecord
 from .tokenizer import eos_token_id, eot_token_id, pad_token_id
 
-__all__ = [
-    "OVERFLOW_MODES",
-    "EncodedExample",
-    "encode_prompt",
-    "encode_answer",
-    "encode_example",
-    "collate_batch",
-    "prompt_batch",
-    "SFTDataset",
-]
-
 OVERFLOW_MODES = ("skip", "truncate")
 
 

@@ -15,8 +15,6 @@ from typing import Any
 
 from .gsm8k import DataError, GSM8KRecord
 
-__all__ = ["check_disjoint", "question_hash"]
-
 METHOD = "sha256 of the question text, case-folded, whitespace collapsed"
 
 

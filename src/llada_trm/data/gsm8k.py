@@ -19,19 +19,6 @@ from pathlib import Path
 
 from llada_trm.text import decode_utf8
 
-__all__ = [
-    "DataError",
-    "GSM8KRecord",
-    "extract_final_answer",
-    "parse_split",
-    "apply_split",
-    "load_gsm8k",
-    "read_jsonl",
-    "read_parquet",
-    "warn_unanswered",
-    "write_jsonl",
-]
-
 HF_GSM8K_NAMES = ("openai/gsm8k", "gsm8k")
 _JSONL_SUFFIXES = (".jsonl", ".json")
 _PARQUET_SUFFIXES = (".parquet",)

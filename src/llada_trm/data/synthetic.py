@@ -13,7 +13,7 @@ from __future__ import annotations
 import hashlib
 import random
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Annotated, Literal, TypeVar
 
@@ -22,17 +22,6 @@ from pydantic import BeforeValidator, ConfigDict, Field, model_validator
 from llada_trm.schema import Int, PosInt, Section, to_float, to_int
 
 from .gsm8k import DataError, GSM8KRecord
-
-__all__ = [
-    "OPERATIONS",
-    "SolutionStep",
-    "SyntheticTaskConfig",
-    "generate_problems",
-    "is_test_question",
-    "parse_solution",
-    "problem_stats",
-    "question_split",
-]
 
 OPERATIONS = ("+", "-", "*", "/")
 SPLITS = ("train", "validation", "test")
@@ -419,18 +408,3 @@ def generate_problems(
             "widen the task (larger max_number/max_result, more operations, other steps) or ask for fewer"
         )
     return problems
-
-
-def problem_stats(records: Sequence[GSM8KRecord]) -> dict[str, float]:
-    """Mean and max word counts of questions and answer line counts, to check problems stay short."""
-    if not records:
-        return {"n": 0}
-    q_words = [len(r.question.split()) for r in records]
-    a_lines = [len(r.answer.splitlines()) for r in records]
-    return {
-        "n": len(records),
-        "question_words_mean": sum(q_words) / len(q_words),
-        "question_words_max": max(q_words),
-        "answer_lines_mean": sum(a_lines) / len(a_lines),
-        "answer_lines_max": max(a_lines),
-    }

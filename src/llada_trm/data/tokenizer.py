@@ -25,28 +25,6 @@ from transformers import AutoTokenizer, PretrainedConfig, PreTrainedTokenizerBas
 
 from llada_trm.text import read_utf8
 
-__all__ = [
-    "BOS_TOKEN",
-    "EOS_TOKEN",
-    "MASK_TOKEN",
-    "START_HEADER_TOKEN",
-    "END_HEADER_TOKEN",
-    "EOT_TOKEN",
-    "SPECIAL_TOKENS",
-    "CHAT_TEMPLATE",
-    "SpecialTokenIds",
-    "build_tokenizer",
-    "digit_token_ids",
-    "save_tokenizer",
-    "load_tokenizer",
-    "special_token_ids",
-    "mask_token_id",
-    "eos_token_id",
-    "pad_token_id",
-    "eot_token_id",
-    "decode_generated",
-]
-
 BOS_TOKEN = "<|startoftext|>"
 EOS_TOKEN = "<|endoftext|>"
 MASK_TOKEN = "<|mdm_mask|>"

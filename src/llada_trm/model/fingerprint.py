@@ -27,15 +27,6 @@ from llada_trm.model.llada_weights import _weight_map, read_config
 if TYPE_CHECKING:
     from llada_trm.model.llada import LLaDAModel
 
-__all__ = [
-    "FINGERPRINT_KEY",
-    "BackboneMismatchError",
-    "check_fingerprint",
-    "directory_fingerprint",
-    "model_fingerprint",
-    "short",
-]
-
 FINGERPRINT_KEY = "backbone_fingerprint"  # the safetensors metadata key of refiner checkpoints
 OVERRIDE_FLAG = "--allow-backbone-mismatch"
 _VERSION = b"llada-trm backbone fingerprint v1\0"

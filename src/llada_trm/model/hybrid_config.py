@@ -17,16 +17,6 @@ from llada_trm.schema import Int, NonNegFloat, PosFloat, PosInt, Section, to_int
 if TYPE_CHECKING:
     from llada_trm.model.llada_config import LLaDAConfig
 
-__all__ = [
-    "ACTIVE_CHOICES",
-    "HALTING_CHOICES",
-    "INTEGRATION_CHOICES",
-    "MAX_RECURSIVE_STEPS",
-    "REFINER_CHOICES",
-    "RETIRED_MODEL_SETTINGS",
-    "HybridConfig",
-]
-
 # K's ceiling. The refiners are trained and run with K in 1..16; each step is a refiner pass plus an LM-head
 # pass over the refined chunks, kept for deep supervision, so a K in the thousands only exhausts memory.
 MAX_RECURSIVE_STEPS = 64

@@ -11,64 +11,21 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Iterable, Sequence
-from typing import TYPE_CHECKING, Annotated, Any, Literal
+from typing import TYPE_CHECKING, Any
 
-from pydantic import BeforeValidator, Field, model_validator
 from torch import nn
 
 from llada_trm.errors import ConfigError
 from llada_trm.model.llada import LLaDAModel
-from llada_trm.schema import PosFloat, Section, to_float, to_int
 
 if TYPE_CHECKING:
     from llada_trm.config import RunConfig
-
-__all__ = [
-    "ADAPTER_NAME",
-    "LORA_TARGETS",
-    "PEFT_INSTALL",
-    "LoraConfig",
-    "add_lora",
-    "adapter_names",
-    "attach_run_lora",
-    "has_lora",
-    "is_adapter_name",
-    "last_block_indices",
-    "lora_layers",
-    "merge_lora",
-    "require_peft",
-]
 
 
 # The linear layers of a LLaDA block, by LLaDA's own names (model.llada.LLaDABlock).
 LORA_TARGETS: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "attn_out", "ff_proj", "up_proj", "ff_out")
 ADAPTER_NAME = "default"  # peft's adapter name; one adapter per layer
 PEFT_INSTALL = "pip install 'llada-trm[lora]'"
-
-
-class LoraConfig(Section):
-    """The run config's `lora:` section: LoRA adapters on the backbone for phases 2 and 3 (needs
-    `pip install 'llada-trm[lora]'`).
-
-    With `enabled`, the backbone's base weights stay frozen and adapters on `target_modules` of the chosen
-    blocks train instead, at `training.backbone_lr`, beside the refiner: the last
-    `training.unfreeze_last_n_layers` blocks in phase 2, every block in phase 3. The update of a layer is
-    `(alpha / rank) * B @ A`; `dropout` applies to the adapter's input while training.
-    """
-
-    enabled: bool = False
-    rank: Annotated[int, BeforeValidator(to_int), Field(ge=1, le=4096)] = 8
-    alpha: PosFloat = 16.0
-    dropout: Annotated[float, BeforeValidator(to_float), Field(ge=0.0, lt=1.0)] = 0.0
-    target_modules: list[Literal[LORA_TARGETS]] = Field(  # type: ignore[valid-type]
-        default_factory=lambda: list(LORA_TARGETS)
-    )
-
-    @model_validator(mode="after")
-    def _some_targets(self) -> LoraConfig:
-        if not self.target_modules or len(set(self.target_modules)) != len(self.target_modules):
-            raise ValueError(f"target_modules: expected distinct names among {', '.join(LORA_TARGETS)}")
-        return self
 
 
 def require_peft() -> Any:

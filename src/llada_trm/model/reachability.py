@@ -16,15 +16,6 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor
 
-__all__ = [
-    "EXACT_COMPETITORS",
-    "TARGET_REACHABILITY",
-    "reachable_fraction",
-    "required_bounds",
-    "smallest_sufficient_scale",
-    "step_bound",
-]
-
 TARGET_REACHABILITY = 0.9
 EXACT_COMPETITORS = 64
 

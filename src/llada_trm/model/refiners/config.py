@@ -13,20 +13,6 @@ from pydantic import BeforeValidator, ConfigDict, Field, model_validator
 from llada_trm.errors import ConfigError
 from llada_trm.schema import NonNegInt, PosFloat, PosInt, Section, to_float
 
-__all__ = [
-    "DEFAULT_MAX_HIDDEN",
-    "DEFAULT_MAX_INNER",
-    "DELTA_SCALE",
-    "DERIVED_FIELDS",
-    "RETIRED_REFINER_SETTINGS",
-    "MLPRefinerConfig",
-    "MLPSettings",
-    "SlotConfig",
-    "SlotSettings",
-    "mlp_hidden_for_params",
-    "mlp_parameter_count",
-]
-
 DEFAULT_MAX_INNER = 512
 # The MLP refiner is min(2 d_model, 1024) wide (about 8M parameters at LLaDA-8B's d_model, 0.1%) unless
 # `param_budget` sizes it. Every shipped config that built an MLP set `hidden_mult: 2.0` (the same width on
