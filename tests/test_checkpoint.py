@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import random
@@ -39,7 +40,7 @@ def head_weights(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def save(directory, model, step: int, **extra):
-    state = {"train_state": TrainState(step=step, epoch=1, batches_in_epoch=3).to_dict(), **extra}
+    state = {"train_state": dataclasses.asdict(TrainState(step=step, epoch=1, batches_in_epoch=3)), **extra}
     weights = head_weights(model)
     return save_checkpoint(directory, weights=weights, trainer_state=state, config_yaml=f"step: {step}\n")
 
@@ -62,7 +63,7 @@ def test_round_trip(tmp_path):
     assert not torch.equal(fresh.backbone.weight, model.backbone.weight)  # frozen parts are not saved
 
     state = load_trainer_state(directory)
-    assert TrainState.from_dict(state["train_state"]) == TrainState(step=7, epoch=1, batches_in_epoch=3)
+    assert TrainState(**state["train_state"]) == TrainState(step=7, epoch=1, batches_in_epoch=3)
     opt2 = torch.optim.AdamW(fresh.refinement_head.parameters(), lr=1e-3)
     opt2.load_state_dict(state["optimizer"])
     assert opt2.state_dict()["state"][0]["step"] == opt.state_dict()["state"][0]["step"]
@@ -71,18 +72,16 @@ def test_round_trip(tmp_path):
 
 def test_rng_states_restore_every_stream(tmp_path):
     model = Toy()
-    gen = torch.Generator().manual_seed(3)
     random.seed(1)
     np.random.seed(2)
     torch.manual_seed(4)
-    state = capture_rng_state({"noise": gen})
+    state = capture_rng_state()
     directory = save(tmp_path / "c", model, 1, rng=state)
-    first = (random.random(), np.random.rand(), torch.rand(2), torch.rand(2, generator=gen))
-    random.seed(99), np.random.seed(99), torch.manual_seed(99), gen.manual_seed(99)
-    restore_rng_state(load_trainer_state(directory)["rng"], {"noise": gen})
-    again = (random.random(), np.random.rand(), torch.rand(2), torch.rand(2, generator=gen))
-    assert first[0] == again[0] and first[1] == again[1]
-    assert torch.equal(first[2], again[2]) and torch.equal(first[3], again[3])
+    first = (random.random(), np.random.rand(), torch.rand(2))
+    random.seed(99), np.random.seed(99), torch.manual_seed(99)
+    restore_rng_state(load_trainer_state(directory)["rng"])
+    again = (random.random(), np.random.rand(), torch.rand(2))
+    assert first[0] == again[0] and first[1] == again[1] and torch.equal(first[2], again[2])
 
 
 def test_crash_while_writing_keeps_the_old_checkpoint(tmp_path, monkeypatch):

@@ -1,17 +1,15 @@
 """One path from a config to a run's parts: device, precision, backbone, tokenizer, hybrid model, datasets.
 
-Every command builds what it runs here, in the trainer's order (`start_run` seeds before `build_model`, whose
+Every command builds what it runs here, in the trainer's order (the trainer seeds before `build_model`, whose
 refiner draws from the global RNG, then `build_datasets`), so a run draws the same numbers whatever builds it.
 """
 
 from __future__ import annotations
 
 import logging
-import random
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 from transformers import PreTrainedTokenizerBase
 
@@ -21,9 +19,8 @@ from llada_trm.data.collate import SFTDataset
 from llada_trm.data.disjoint import check_disjoint
 from llada_trm.data.gsm8k import DataError, GSM8KRecord, load_gsm8k
 from llada_trm.data.tokenizer import load_tokenizer, mask_token_id
-from llada_trm.dist_utils import init_distributed
 from llada_trm.errors import ConfigError
-from llada_trm.io import DTYPES, dtype_named, resolve_device
+from llada_trm.io import DTYPES, dtype_named
 from llada_trm.model.hybrid import LLaDATRMHybrid
 from llada_trm.model.hybrid_config import HybridConfig
 from llada_trm.model.llada_weights import read_config, stored_weights
@@ -44,18 +41,6 @@ def resolve_precision(mixed_precision: str, device: torch.device) -> torch.dtype
     if device.type == "cuda" and not bf16_gpu:
         raise ConfigError("training.mixed_precision: this GPU has no bf16 support; use fp32 (or auto)")
     return torch.bfloat16
-
-
-def start_run(config: RunConfig) -> tuple[torch.device, torch.dtype | None]:
-    """This process's device (under torchrun: its rank's, after joining the group) and autocast dtype; then
-    every RNG is seeded with `training.seed`, before anything random is built."""
-    t = config.training
-    device = init_distributed(resolve_device(t.device, setting="--device"))
-    amp_dtype = resolve_precision(t.mixed_precision, device)
-    random.seed(t.seed)
-    np.random.seed(t.seed % 2**32)
-    torch.manual_seed(t.seed)  # every device
-    return device, amp_dtype
 
 
 # --------------------------------------------------------------------------------------------- the model
@@ -172,12 +157,6 @@ def load_hybrid(
             f"mask_token_id {model.mask_token_id}; they must come from the same checkpoint"
         )
     return model, tokenizer
-
-
-def apply_backbone_options(model: LLaDATRMHybrid, config: RunConfig) -> None:
-    """`advanced.gradient_checkpointing`, on the backbone (before any wrapping)."""
-    if config.advanced.gradient_checkpointing:
-        model.backbone.gradient_checkpointing = True
 
 
 @dataclass

@@ -7,7 +7,6 @@ into a hidden sibling directory and swapped in (`io.atomic_directory`): a crash 
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import random
@@ -20,13 +19,12 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 import torch.nn as nn
-import yaml
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from llada_trm.errors import CheckpointError, ConfigError
 from llada_trm.io import atomic_directory, readable_directory, remove_directory
-from llada_trm.model.fingerprint import FINGERPRINT_KEY, check_fingerprint, directory_fingerprint
+from llada_trm.model.fingerprint import FINGERPRINT_KEY, check_fingerprint
 from llada_trm.model.hybrid import PREFIX as REFINER_PREFIX
 from llada_trm.schema import read_yaml
 
@@ -39,7 +37,6 @@ CONFIG_FILE = "config.yaml"
 FORMAT_VERSION = 1
 TENSORS_KEY = "tensors"  # model.safetensors metadata: the JSON list of the tensor names the file holds
 INIT_FROM_KEY = "training.init_from"
-_KIND_KEYS = ("refiner", "integration")
 
 logger = logging.getLogger("llada_trm")
 
@@ -55,18 +52,11 @@ class TrainState:
     best_step: int | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> TrainState:
-        return cls(**data)
-
 
 # ------------------------------------------------------------------------------------------------- RNG
 
 
-def capture_rng_state(generators: Mapping[str, torch.Generator] | None = None) -> dict[str, Any]:
+def capture_rng_state() -> dict[str, Any]:
     """Every random state a training step draws from, in types `torch.load(weights_only=True)` accepts."""
     name, keys, pos, has_gauss, cached = np.random.get_state()
     state: dict[str, Any] = {
@@ -80,16 +70,13 @@ def capture_rng_state(generators: Mapping[str, torch.Generator] | None = None) -
         },
         "torch": torch.get_rng_state(),
         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-        "generators": {key: gen.get_state() for key, gen in (generators or {}).items()},
     }
     return state
 
 
-def restore_rng_state(
-    state: Mapping[str, Any], generators: Mapping[str, torch.Generator] | None = None
-) -> None:
+def restore_rng_state(state: Mapping[str, Any]) -> None:
     """Inverse of `capture_rng_state`; CUDA states are restored when the device count matches."""
-    random.setstate(_as_tuple(state["python"]))
+    random.setstate(state["python"])
     np_state = state["numpy"]
     np.random.set_state(
         (
@@ -111,17 +98,6 @@ def restore_rng_state(
                 len(cuda_states),
                 torch.cuda.device_count(),
             )
-    saved = state.get("generators") or {}
-    for key, gen in (generators or {}).items():
-        if key in saved:
-            gen.set_state(saved[key])
-
-
-def _as_tuple(value: Any) -> Any:
-    """`random.setstate` wants nested tuples; serialisation may hand back lists."""
-    if isinstance(value, list | tuple):
-        return tuple(_as_tuple(v) for v in value)
-    return value
 
 
 # ----------------------------------------------------------------------------------------------- saving
@@ -338,60 +314,3 @@ def read_run_config(directory: Path) -> RunConfig:
     except ConfigError as exc:
         raise CheckpointError(str(exc)) from None
     return parse_config(raw, source=str(config_path))
-
-
-# ---------------------------------------------------------------------------------- training.init_from
-
-
-@dataclass(frozen=True)
-class InitResult:
-    """Which checkpoint was read and the tensors copied from it (so later checkpoints can keep them)."""
-
-    directory: Path
-    names: list[str]
-
-
-def init_from_config(
-    model: nn.Module, config: RunConfig, *, backbone_dir: Path, allow_backbone_mismatch: bool = False
-) -> InitResult | None:
-    """Copy the weights `training.init_from` saved into `model` (built on `backbone_dir`, before any wrapping
-    or sharding); None when unset. Unlike `--resume` it restores no optimizer, schedule or step; the
-    checkpoint must have the same refiner and backbone, and hold every refiner tensor."""
-    if config.training.init_from is None:
-        return None
-    try:
-        directory = resolve_checkpoint_dir(Path(config.training.init_from).expanduser())
-    except CheckpointError as exc:
-        raise CheckpointError(f"{INIT_FROM_KEY}: {exc}") from None
-    _check_refiner_kind(directory / CONFIG_FILE, config)
-    try:  # the refiner's every tensor: one the checkpoint lacked would start this run from noise
-        fingerprint = directory_fingerprint(backbone_dir)
-        check_run_backbone(directory, fingerprint, backbone_dir, allow_mismatch=allow_backbone_mismatch)
-        names = load_weights(model, directory, require=refiner_names(model.state_dict()))
-    except CheckpointError as exc:  # the same type (a BackboneMismatchError stays one), the key in front
-        raise type(exc)(f"{INIT_FROM_KEY}: {exc}") from None
-    # a feature cache fingerprints model.backbone's files: it would describe a backbone the run no longer has
-    if config.advanced.feature_cache and any(not name.startswith(REFINER_PREFIX) for name in names):
-        raise ConfigError(
-            f"advanced.feature_cache: training.init_from {directory} holds backbone tensors, "
-            "which the cache's fingerprint of model.backbone does not see; train without the cache"
-        )
-    return InitResult(directory=directory, names=names)
-
-
-def _check_refiner_kind(config_path: Path, config: RunConfig) -> None:
-    """The saved run must have built the same refiner(s), or its tensors would not mean the same thing."""
-    try:
-        saved = yaml.safe_load(config_path.read_text(encoding="utf-8")) or {}
-    except (OSError, yaml.YAMLError) as exc:
-        detail = " ".join(str(exc).split())
-        raise CheckpointError(f"{INIT_FROM_KEY}: {config_path}: unreadable ({detail})") from None
-    model = saved.get("model") if isinstance(saved, dict) else None
-    model = model if isinstance(model, dict) else {}
-    for key in _KIND_KEYS:
-        theirs, ours = model.get(key), getattr(config.model, key)
-        if theirs is not None and theirs != ours:
-            raise CheckpointError(
-                f"{INIT_FROM_KEY}: {config_path} was trained with model.{key}: {theirs}, this run has "
-                f"model.{key}: {ours}; set them alike or point {INIT_FROM_KEY} at a matching run"
-            )

@@ -18,13 +18,15 @@ import contextlib
 import json
 import logging
 import math
+import random
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 from torch.optim.lr_scheduler import LambdaLR
@@ -32,14 +34,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
-from llada_trm.build import (
-    apply_backbone_options,
-    backbone_dtype,
-    build_datasets,
-    build_model,
-    overlap_warning,
-    start_run,
-)
+from llada_trm.build import backbone_dtype, build_datasets, build_model, overlap_warning, resolve_precision
 from llada_trm.config import RunConfig, load_config, save_config
 from llada_trm.data.collate import SFTDataset
 from llada_trm.diffusion.forward_process import TokenText, TrainingMasks, draw_for_epoch
@@ -49,6 +44,7 @@ from llada_trm.dist_utils import (
     clip_grad_norm,
     full_state_dict,
     gradient_sync,
+    init_distributed,
     is_main_process,
     is_sharded,
     load_optimizer_state,
@@ -63,15 +59,17 @@ from llada_trm.dist_utils import (
     wrap_run,
 )
 from llada_trm.errors import CheckpointError, ConfigError
-from llada_trm.io import copy_directory, write_text_atomic
+from llada_trm.io import copy_directory, resolve_device, write_text_atomic
 from llada_trm.model.fingerprint import directory_fingerprint
 from llada_trm.model.lora import attach_run_lora
 from llada_trm.progress import note, progress_bar, validation_line
 from llada_trm.run_checkpoint import (
+    CONFIG_FILE,
+    INIT_FROM_KEY,
+    REFINER_PREFIX,
     TrainState,
     capture_rng_state,
     check_run_backbone,
-    init_from_config,
     load_trainer_state,
     load_weights,
     prune_snapshots,
@@ -100,7 +98,7 @@ from llada_trm.training.objective import (
     TrainStep,
     training_masks_for_run,
 )
-from llada_trm.training.resume_config import check_config_changes, retarget_optimizer
+from llada_trm.training.resume_config import check_config_changes, retarget_optimizer, saved_settings
 from llada_trm.training.run_dir import claim_run_dir, lock_for_run, repair_run_dir, restarts_from_scratch
 from llada_trm.training.validation import (
     VALIDATION_SEED_OFFSET,
@@ -179,7 +177,12 @@ class Trainer:
             claim_run_dir(config.output.dir, force=True)
         self._config_yaml = config.to_yaml()
         # First: under torchrun the rank picks its GPU, and every RNG is seeded before anything random exists.
-        self.device, self.amp_dtype = start_run(config)
+        t = config.training
+        self.device = init_distributed(resolve_device(t.device, setting="--device"))
+        self.amp_dtype = resolve_precision(t.mixed_precision, self.device)
+        random.seed(t.seed)
+        np.random.seed(t.seed % 2**32)
+        torch.manual_seed(t.seed)  # every device
         self._setup_model()  # the refiners' initial weights draw from the freshly seeded global RNG
         self._setup_data()  # needs the tokenizer, and the frozen backbone when it builds the feature cache
         self._setup_optimizer()  # needs FSDP's re-read groups and the epoch geometry (the schedule's length)
@@ -194,19 +197,14 @@ class Trainer:
         self.backbone_fingerprint = directory_fingerprint(self.backbone_dir)
         # init_from loads before any wrapping or sharding; the loaded names are saved by this run's
         # checkpoints too, trained or not (a phase-1 run from a phase-3 checkpoint keeps its backbone).
-        loaded = init_from_config(
-            self.model, config, backbone_dir=self.backbone_dir,
-            allow_backbone_mismatch=self.allow_backbone_mismatch,
-        )
-        self.init_names = loaded.names if loaded is not None else []
-        if loaded is not None:
-            self._say(f"initialised {len(loaded.names)} tensors from {loaded.directory} (training.init_from)")
+        self.init_names = self._init_from() if config.training.init_from is not None else []
         adapters = attach_run_lora(self.model, config)  # after init_from: it loads the base weights' names
         if adapters:
             targets = ", ".join(config.lora.target_modules)
             self._say(f"lora: {len(adapters)} adapter tensors of rank {config.lora.rank} on the backbone's "
                       f"{targets}")  # fmt: skip
-        apply_backbone_options(self.model, config)
+        if config.advanced.gradient_checkpointing:
+            self.model.backbone.gradient_checkpointing = True
         self.plan = freeze_for_run(self.model, config)
         self.mask_id = self.model.mask_token_id
         self.token_text = TokenText(self.tokenizer.decode)  # the answers' structure, for result_accuracy
@@ -218,6 +216,37 @@ class Trainer:
             orthogonality=p.orthogonality_weight, backbone_frozen=self.plan.backbone_frozen,
         )
         self.engine = wrap_run(step, self.plan, self.strategy, device=self.device, param_dtype=self.amp_dtype)
+
+    def _init_from(self) -> list[str]:
+        """Copy the weights `training.init_from` saved (no optimizer, schedule or step); returns their names.
+        The checkpoint must have this run's refiner and backbone and hold every refiner tensor (one it lacked
+        would start this run from noise)."""
+        config = self.config
+        try:
+            directory = resolve_checkpoint_dir(Path(config.training.init_from).expanduser())
+            saved = saved_settings(directory / CONFIG_FILE)  # the same refiner(s): else the tensors differ
+            for key in ("refiner", "integration"):
+                theirs, ours = saved.get(f"model.{key}"), getattr(config.model, key)
+                if theirs is not None and theirs != ours:
+                    raise CheckpointError(
+                        f"{directory / CONFIG_FILE} was trained with model.{key}: {theirs}, this run has "
+                        f"model.{key}: {ours}; set them alike or point {INIT_FROM_KEY} at a matching run"
+                    )
+            check_run_backbone(
+                directory, self.backbone_fingerprint, self.backbone_dir,
+                allow_mismatch=self.allow_backbone_mismatch,
+            )
+            names = load_weights(self.model, directory, require=refiner_names(self.model.state_dict()))
+        except CheckpointError as exc:  # the same type (a BackboneMismatchError stays one), the key in front
+            raise type(exc)(f"{INIT_FROM_KEY}: {exc}") from None
+        # a feature cache fingerprints model.backbone's files: it would describe a backbone the run lacks
+        if config.advanced.feature_cache and any(not name.startswith(REFINER_PREFIX) for name in names):
+            raise ConfigError(
+                f"advanced.feature_cache: {INIT_FROM_KEY} {directory} holds backbone tensors, "
+                "which the cache's fingerprint of model.backbone does not see; train without the cache"
+            )
+        self._say(f"initialised {len(names)} tensors from {directory} ({INIT_FROM_KEY})")
+        return names
 
     def _setup_data(self) -> None:
         """Datasets, the resumable sampler and the loaders; the epoch geometry follows from them."""
@@ -603,7 +632,7 @@ class Trainer:
         window = self._window.state_dict()
         if not is_main_process():
             return None
-        train_state = self.state.to_dict()
+        train_state = asdict(self.state)
         consumed = min(self.state.batches_in_epoch * t.batch_size, self.sampler.num_samples) * world_size()
         train_state["extra"].update(
             world_size=world_size(), batch_size=t.batch_size, samples_in_epoch=consumed
@@ -636,7 +665,7 @@ class Trainer:
                 f"{directory}: optimizer/scheduler state does not fit this run ({exc})"
             ) from None
         restore_rng_state(state["rng"])
-        self.state = TrainState.from_dict(state["train_state"])
+        self.state = TrainState(**state["train_state"])
         t = self.config.training
         # Another world or batch size continues at the same global position.
         self.state.batches_in_epoch = batches_to_skip(

@@ -63,7 +63,7 @@ def changed_settings(saved: Mapping[str, Any], now: Mapping[str, Any]) -> list[t
 def check_config_changes(directory: Path, config: RunConfig) -> list[str]:
     """Compare this run's config with the checkpoint's: refuse a change outside `RESUMABLE` (one line
     listing them all and the fix), return the allowed changes as 'key: old -> new'."""
-    saved = _saved_config(directory / CONFIG_FILE)
+    saved = saved_settings(directory / CONFIG_FILE)
     fix = (
         "start a new run (another output.dir, or --force without --resume) initialised from it with "
         "training.init_from"
@@ -110,7 +110,7 @@ def retarget_optimizer(
 # ------------------------------------------------------------------------------------------------ helpers
 
 
-def _saved_config(path: Path) -> dict[str, Any]:
+def saved_settings(path: Path) -> dict[str, Any]:
     """The checkpoint's config, flat, with this version's defaults filled in where it validates."""
     try:
         raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
