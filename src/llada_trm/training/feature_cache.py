@@ -10,12 +10,13 @@ resuming: docs/feature_cache.md.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -33,8 +34,7 @@ from llada_trm.dist_utils import is_distributed, is_main_process
 from llada_trm.errors import ConfigError
 from llada_trm.io import DTYPES, atomic_path, remove_directory, sweep_temporaries, write_text_atomic
 from llada_trm.model.hybrid import BackboneFeatures, LLaDATRMHybrid
-from llada_trm.progress import Bar, progress_bar
-from llada_trm.training.freezing import FreezePlan
+from llada_trm.progress import progress_bar
 
 __all__ = [
     "FeatureCache",
@@ -47,7 +47,6 @@ __all__ = [
     "open_feature_cache",
     "prepare_feature_cache",
     "remove_store",
-    "require_frozen_backbone",
     "shard_name",
     "write_feature_cache",
 ]
@@ -129,10 +128,6 @@ def expected_manifest(  # noqa: PLR0913 - what a cache is built from, each by na
     `backbone` is `backbone_fingerprint(dir)`. The sections other than `layout` and `complete` must match a
     cache on disk exactly (`check_manifest`); `backbone.path` is informational.
     """
-    if draws < 1:
-        raise ValueError(f"draws must be >= 1, got {draws}")
-    if not examples:
-        raise ValueError("a feature cache needs at least one training example")
     seq_len = max(len(example["input_ids"]) for example in examples)
     layers = list(model.context_layers)
     bb = model.backbone.config
@@ -386,18 +381,6 @@ def open_feature_cache(directory: str | Path, expected: Mapping[str, Any]) -> Fe
 # ------------------------------------------------------------------------------------------------ build
 
 
-def _shard_complete(path: Path, first: int, count: int) -> bool:
-    """A renamed-into-place shard is complete; its metadata must still say which examples it holds."""
-    if not path.is_file():
-        return False
-    try:
-        with safe_open(str(path), framework="pt") as handle:
-            meta = handle.metadata() or {}
-    except (SafetensorError, OSError):
-        return False
-    return meta.get("first_example") == str(first) and meta.get("count") == str(count)
-
-
 # public builder (tests, bench, docs/architecture.md): each keyword is a build knob callers pass by name
 def write_feature_cache(  # noqa: PLR0913
     model: LLaDATRMHybrid,
@@ -422,6 +405,10 @@ def write_feature_cache(  # noqa: PLR0913
     """
     directory = Path(directory)
     device = torch.device(device)
+    if autocast_dtype is None:
+        autocast = contextlib.nullcontext
+    else:
+        autocast = partial(torch.autocast, device_type=device.type, dtype=autocast_dtype)
     stored = read_manifest(directory)
     if stored is not None:
         check_manifest(stored, manifest, directory)
@@ -440,81 +427,51 @@ def write_feature_cache(  # noqa: PLR0913
         directory.mkdir(parents=True, exist_ok=True)
         write_manifest(directory, manifest)
 
-    writer = _ShardWriter(model, examples, manifest, pad_id, batch_size, device, autocast_dtype, masks)
-    n_shards = int(manifest["layout"]["shards"])
-    todo = [k for k in range(n_shards) if not _shard_complete(directory / shard_name(k), *writer.span(k))]
-    total = sum(writer.span(k)[1] for k in todo) * int(manifest["noise"]["draws"])
+    per_shard, n_draws = int(manifest["layout"]["examples_per_shard"]), int(manifest["noise"]["draws"])
+    spans = {k: (k * per_shard, min(per_shard, len(examples) - k * per_shard))  # first example, count
+             for k in range(int(manifest["layout"]["shards"]))}  # fmt: skip
+    todo = [k for k in spans if not (directory / shard_name(k)).is_file()]  # renamed into place: complete
+    total = sum(spans[k][1] for k in todo) * n_draws
+    noise, dtype = manifest["noise"], DTYPES[manifest["features"]["dtype"]]
+    seq_len = int(manifest["data"]["seq_len"])
     every = max(1, total // 20)  # in a log: about 20 plain lines
     with progress_bar(total, desc="feature cache", unit="item", every=every, enabled=progress) as bar:
-        for k in todo:
-            writer.write(k, directory / shard_name(k), bar)
+        for k in todo:  # the frozen backbone over the shard's examples, every draw; written atomically
+            first, count = spans[k]
+            batch = collate_batch(examples[first : first + count], pad_id, pad_to=seq_len)
+            draws: list[dict[str, Tensor]] = []  # per draw: each stored feature of the shard's examples
+            for draw in range(n_draws):
+                parts: list[dict[str, Tensor]] = []
+                for start in range(0, count, batch_size):
+                    rows = slice(start, min(start + batch_size, count))
+                    indices = range(first + rows.start, first + rows.stop)
+                    if masks is None:
+                        noisy, masked, p_mask = draw_noise(
+                            batch["input_ids"][rows], batch["prompt_lengths"][rows], int(noise["mask_id"]),
+                            seed=int(noise["seed"]), examples=indices, draws=draw, eps=float(noise["eps"]),
+                        )
+                    else:
+                        part = {key: value[rows] for key, value in batch.items()}
+                        noisy, masked, p_mask = masks.draw(part, indices, draw)
+                    with torch.no_grad(), autocast():
+                        features = model.features(noisy.to(device))
+                    contexts = features.contexts
+                    parts.append({
+                        "hidden_states": features.hidden_states.to("cpu", dtype),
+                        **({} if contexts is None else {"contexts": contexts.to("cpu", dtype)}),
+                        "masked": masked,
+                        "p_mask": p_mask[:, 0].float(),
+                    })  # fmt: skip
+                    bar.update(len(indices))
+                draws.append({key: torch.cat([part[key] for part in parts]) for key in parts[0]})
+            out = {key: torch.stack([d[key] for d in draws], dim=1).contiguous() for key in draws[0]}
+            out["input_ids"] = batch["input_ids"].to(torch.int32)
+            out["prompt_lengths"] = batch["prompt_lengths"].to(torch.int64)
+            with atomic_path(directory / shard_name(k)) as tmp:
+                save_file(out, str(tmp))
     manifest = {**manifest, "complete": True}
     write_manifest(directory, manifest)
     return FeatureCache(directory, manifest)
-
-
-@dataclass
-class _ShardWriter:
-    """Runs the frozen backbone over one shard's examples (every draw) and writes the shard atomically."""
-
-    model: LLaDATRMHybrid
-    examples: Sequence[EncodedExample]
-    manifest: Mapping[str, Any]
-    pad_id: int
-    batch_size: int
-    device: torch.device
-    autocast_dtype: torch.dtype | None
-    masks: TrainingMasks | None = None
-
-    def span(self, shard: int) -> tuple[int, int]:
-        """The shard's first example and its number of examples."""
-        per_shard = int(self.manifest["layout"]["examples_per_shard"])
-        first = shard * per_shard
-        return first, min(per_shard, len(self.examples) - first)
-
-    def write(self, shard: int, path: Path, bar: Bar) -> None:
-        first, count = self.span(shard)
-        noise, dtype = self.manifest["noise"], DTYPES[self.manifest["features"]["dtype"]]
-        batch = collate_batch(
-            self.examples[first : first + count], self.pad_id, pad_to=int(self.manifest["data"]["seq_len"])
-        )
-        draws: list[dict[str, Tensor]] = []  # per draw: each stored feature of the shard's examples
-        for draw in range(int(noise["draws"])):
-            parts: list[dict[str, Tensor]] = []
-            for start in range(0, count, self.batch_size):
-                rows = slice(start, min(start + self.batch_size, count))
-                examples = range(first + rows.start, first + rows.stop)
-                if self.masks is None:
-                    noisy, masked, p_mask = draw_noise(
-                        batch["input_ids"][rows], batch["prompt_lengths"][rows], int(noise["mask_id"]),
-                        seed=int(noise["seed"]), examples=examples, draws=draw, eps=float(noise["eps"]),
-                    )
-                else:
-                    part = {key: value[rows] for key, value in batch.items()}
-                    noisy, masked, p_mask = self.masks.draw(part, examples, draw)
-                features = self._features(noisy)
-                contexts = features.contexts
-                parts.append({
-                    "hidden_states": features.hidden_states.to("cpu", dtype),
-                    **({} if contexts is None else {"contexts": contexts.to("cpu", dtype)}),
-                    "masked": masked,
-                    "p_mask": p_mask[:, 0].float(),
-                })  # fmt: skip
-                bar.update(len(examples))
-            draws.append({key: torch.cat([part[key] for part in parts]) for key in parts[0]})
-        out = {key: torch.stack([d[key] for d in draws], dim=1).contiguous() for key in draws[0]}
-        out["input_ids"] = batch["input_ids"].to(torch.int32)
-        out["prompt_lengths"] = batch["prompt_lengths"].to(torch.int64)
-        with atomic_path(path) as tmp:
-            save_file(out, str(tmp), metadata={"first_example": str(first), "count": str(count)})
-
-    @torch.no_grad()
-    def _features(self, noisy: Tensor) -> BackboneFeatures:
-        noisy = noisy.to(self.device)
-        if self.autocast_dtype is None:
-            return self.model.features(noisy)
-        with torch.autocast(device_type=self.device.type, dtype=self.autocast_dtype):
-            return self.model.features(noisy)
 
 
 # ----------------------------------------------------------------------------------------- run configs
@@ -561,15 +518,6 @@ def prepare_feature_cache(  # noqa: PLR0913 - the run, its model and data, where
     if not is_main_process():
         cache = open_feature_cache(directory, manifest)
     return cache
-
-
-def require_frozen_backbone(plan: FreezePlan, setting: str = "advanced.feature_cache") -> None:
-    """The cache holds a frozen backbone's outputs: a run that trains backbone parameters cannot use one."""
-    if not plan.backbone_frozen:
-        raise ConfigError(
-            f"{setting}: the cache holds a frozen backbone's outputs, but this run trains "
-            "backbone parameters; use training.phase 1 with trainable_modules inside refinement_head"
-        )
 
 
 def build_feature_cache(config: RunConfig, *, progress: bool = True, rebuild: bool = False) -> Path:

@@ -82,7 +82,6 @@ from llada_trm.training.feature_cache import (
     FeatureCache,
     cached_features,
     prepare_feature_cache,
-    require_frozen_backbone,
 )
 from llada_trm.training.freezing import ParamGroupSpec, freeze_for_run, set_train_mode
 from llada_trm.training.health import HealthMonitor, non_finite_error
@@ -265,7 +264,11 @@ class Trainer:
         train: Dataset = self.train_set
         order: Sampler = self.sampler
         if self.config.advanced.feature_cache:  # phase 1 reads the frozen backbone's outputs from disk
-            require_frozen_backbone(self.plan)
+            if not self.plan.backbone_frozen:
+                raise ConfigError(
+                    "advanced.feature_cache: the cache holds a frozen backbone's outputs, but this run trains"
+                    " backbone parameters; use training.phase 1 with trainable_modules inside refinement_head"
+                )
             self.feature_cache = train = prepare_feature_cache(
                 self.config, self.model, self.train_set.examples, backbone_dir=self.backbone_dir,
                 pad_id=self.train_set.pad_id, device=self.device, autocast_dtype=self.amp_dtype,
