@@ -1,14 +1,7 @@
-"""The training recipe: a `RunConfig` in; metrics CSVs, checkpoints and a summary out.
-
-    Trainer(config).train()                       # a fresh run
-    Trainer(config).resume(dir).train()           # continue exactly where a checkpoint left off
-    run_train("configs/tiny_refiner.yaml", ["training.lr=3e-4"])      # the `llada-trm train` command
-
-One module holds the recipe whole: setup (`Trainer._setup_*`), the loop (`train_step` is one optimizer step
-of `gradient_accumulation_steps` micro-batches) and the run's state (`state_dict` / `load_state_dict`, the
-one list of what a checkpoint holds). Logging, validation and checkpoints happen between optimizer steps,
-and an epoch's order depends only on (seed, epoch) (`EpochSampler`), so a resumed run replays and skips
-nothing (docs/training.md). A training step runs code only here, in the objective, in `dist_utils` and in
+"""The training recipe whole: setup (`Trainer._setup_*`), the loop (`train_step`: one optimizer step) and
+the run's state (`state_dict`: the one list of what a checkpoint holds). `Trainer(config).train()`, or
+`.resume(dir).train()` to continue exactly. An epoch's order depends only on (seed, epoch), so a resumed run
+replays and skips nothing (docs/training.md). A training step runs code only here, in the objective and in
 the model (tests/training/test_train_step.py counts the modules).
 """
 
@@ -349,7 +342,31 @@ class Trainer:
             self._say(f"{path}: the run stopped before its first checkpoint; starting it again from step 0")
             self._claimed = True  # its own directory: train() may write over the killed run's first rows
             return self
-        directory = self._restore(path)
+        directory = resolve_checkpoint_dir(path)
+        state = load_trainer_state(directory)
+        names = self.plan.trainable_names
+        saved_names = list(state.get("trainable_names", []))
+        if sorted(saved_names) != sorted(names):
+            raise CheckpointError(
+                f"{directory}: it trained {len(saved_names)} tensors, this run trains {len(names)}; resume "
+                "with the same training.phase and training_params.trainable_modules (or start a new run)"
+            )
+        changed = check_config_changes(directory, self.config)  # refuses before any weight is loaded
+        check_run_backbone(
+            directory, self.backbone_fingerprint, self.backbone_dir,
+            allow_mismatch=self.allow_backbone_mismatch,
+        )
+        if is_sharded(self.model):  # FSDP: every rank reads the full tensors and keeps its shards
+            load_sharded_weights(self.model, directory, require=names)
+        else:
+            load_weights(self.model, directory, require=names)
+        self.load_state_dict(state, directory)
+        if changed:
+            lr = self.optimizer.param_groups[0]["lr"]
+            logger.warning(
+                "resuming at step %d with changed settings: %s; they apply from here on (next lr %.6g)",
+                self.state.step, "; ".join(changed), lr,
+            )
         self.resumed_from = directory
         self._say(f"resumed from {directory} at step {self.state.step} (epoch {self.state.epoch})")
         return self
@@ -388,12 +405,11 @@ class Trainer:
         if main:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             save_config(cfg, self.output_dir / "config.yaml")
-            self.train_csv = MetricsWriter(self.output_dir / "training_metrics.csv", TRAIN_COLUMNS)
-            val_path = self.output_dir / "validation_metrics.csv"
+            step = self.state.step  # a resumed run logs the rows after it again
+            out = self.output_dir
+            self.train_csv = MetricsWriter(out / "training_metrics.csv", TRAIN_COLUMNS, keep_until=step)
             columns = validation_columns(cfg) + list(self.parts.validation_columns)
-            self.val_csv = MetricsWriter(val_path, columns)
-            self.train_csv.truncate_after(self.state.step)
-            self.val_csv.truncate_after(self.state.step)
+            self.val_csv = MetricsWriter(out / "validation_metrics.csv", columns, keep_until=step)
             self.tensorboard = TensorBoardLog(  # on with `llada-trm train --tensorboard`
                 self.output_dir if cfg.output.tensorboard else None, resumed_step=self.state.step
             )
@@ -687,35 +703,6 @@ class Trainer:
                 "resuming a run planned for %s steps with a config planning %d; from here on the LR "
                 "schedule decays towards the new total", state.get("total_steps"), self.total_steps,
             )
-
-    def _restore(self, path: str | Path) -> Path:
-        """Check a checkpoint against this run, load its weights and state; returns its directory."""
-        directory = resolve_checkpoint_dir(path)
-        state = load_trainer_state(directory)
-        names = self.plan.trainable_names
-        saved_names = list(state.get("trainable_names", []))
-        if sorted(saved_names) != sorted(names):
-            raise CheckpointError(
-                f"{directory}: it trained {len(saved_names)} tensors, this run trains {len(names)}; resume "
-                "with the same training.phase and training_params.trainable_modules (or start a new run)"
-            )
-        changed = check_config_changes(directory, self.config)  # refuses before any weight is loaded
-        check_run_backbone(
-            directory, self.backbone_fingerprint, self.backbone_dir,
-            allow_mismatch=self.allow_backbone_mismatch,
-        )
-        if is_sharded(self.model):  # FSDP: every rank reads the full tensors and keeps its shards
-            load_sharded_weights(self.model, directory, require=names)
-        else:
-            load_weights(self.model, directory, require=names)
-        self.load_state_dict(state, directory)
-        if changed:
-            lr = self.optimizer.param_groups[0]["lr"]
-            logger.warning(
-                "resuming at step %d with changed settings: %s; they apply from here on (next lr %.6g)",
-                self.state.step, "; ".join(changed), lr,
-            )
-        return directory
 
     def _save(self, name: str) -> Path | None:
         """Write checkpoints/<name> (rank 0; every rank calls it); `keep_last` also keeps numbered copies

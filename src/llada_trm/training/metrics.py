@@ -4,7 +4,7 @@ Nothing here runs during a training step: the loop's logging window (`loop.LogWi
 micro-batch's forward statistics as device tensors and reduces them once per logging step through
 `forward_statistics`. Column names (`slot_norm_<slot>`, `gate_<name>`, `delta_norm`, ...) are the ones the
 health checks read. A CSV row is appended in one fsynced `write` (a kill leaves the whole row or none); every
-rewrite (a widened header, `truncate_after` on resume) is atomic (`io.write_bytes_atomic`).
+rewrite (a widened header, rows dropped on resume) is atomic (`io.write_bytes_atomic`).
 """
 
 from __future__ import annotations
@@ -85,22 +85,25 @@ def format_value(value: Any) -> str:
 
 
 class MetricsWriter:
-    """One CSV file of rows keyed by column name; rows are appended and flushed as they come."""
+    """One CSV file of rows keyed by column name; rows are appended and flushed as they come.
 
-    def __init__(self, path: str | Path, columns: Sequence[str] = ()):
+    An existing file is continued: a torn last line (a power cut's) and the rows after `keep_until` (a
+    resumed run logs them again) are dropped, and the header gains the `columns` it lacks.
+    """
+
+    def __init__(self, path: str | Path, columns: Sequence[str] = (), *, keep_until: int | None = None):
         self.path = Path(path)
-        self.columns: list[str] = list(columns)
-        if self.path.is_file() and self.path.stat().st_size > 0:
-            data = self.path.read_bytes()
-            if not data.endswith(b"\n"):  # drop the partial last line a power cut left
-                write_bytes_atomic(self.path, data[: data.rfind(b"\n") + 1])
-            existing = next(csv.reader(io.StringIO(self._text(), newline="")), [])
-            self.columns = existing + [c for c in self.columns if c not in existing]
-            if len(self.columns) != len(existing):
-                self._rewrite(self.read())
-        else:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._rewrite([])
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        data = self.path.read_bytes() if self.path.is_file() else b""
+        complete = data[: data.rfind(b"\n") + 1]
+        text = complete.decode("utf-8", errors="replace")
+        existing = next(csv.reader(io.StringIO(text, newline="")), [])
+        self.columns = existing + [c for c in columns if c not in existing]
+        rows = [dict(row) for row in csv.DictReader(io.StringIO(text, newline=""))]
+        last = float("inf") if keep_until is None else keep_until
+        kept = [row for row in rows if not row.get("step") or int(float(row["step"])) <= last]
+        if not data or complete != data or kept != rows or self.columns != existing:
+            self._rewrite(kept)
 
     def log(self, row: Mapping[str, Any]) -> None:
         new = [key for key in row if key not in self.columns]
@@ -120,23 +123,8 @@ class MetricsWriter:
             os.close(fd)
 
     def read(self) -> list[dict[str, str]]:
-        """All complete rows as strings (empty cells as '')."""
-        if not self.path.is_file():
-            return []
-        return [dict(row) for row in csv.DictReader(io.StringIO(self._text(), newline=""))]
-
-    def _text(self) -> str:
-        """The file's complete lines (a partial last line, without its terminator, is left out)."""
-        text = self.path.read_bytes().decode("utf-8", errors="replace")
-        return text[: text.rfind("\n") + 1]
-
-    def truncate_after(self, step: int) -> int:
-        """Drop rows logged after `step` (a resumed run re-logs them); returns how many were dropped."""
-        rows = self.read()
-        kept = [row for row in rows if not row.get("step") or int(float(row["step"])) <= step]
-        if len(kept) != len(rows):
-            self._rewrite(kept)
-        return len(rows) - len(kept)
+        """All rows as strings (empty cells as '')."""
+        return [dict(row) for row in csv.DictReader(io.StringIO(self.path.read_text("utf-8"), newline=""))]
 
     def _rewrite(self, rows: list[dict[str, str]]) -> None:
         buffer = io.StringIO()
