@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import math
+import statistics
 from collections import deque
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -267,17 +268,13 @@ def _number(value: Any) -> float | None:
 
 def _detrended_rel_std(values: list[float]) -> float:
     """Std of the residuals around a least-squares line over the mean: a steady decline is not noise."""
-    n = len(values)
-    mean = sum(values) / n
-    if mean == 0:
+    mean = statistics.fmean(values)
+    if mean == 0 or len(values) < 2:
         return 0.0
-    xs = range(n)
-    x_mean = (n - 1) / 2
-    var_x = sum((x - x_mean) ** 2 for x in xs)
-    slope = sum((x - x_mean) * (y - mean) for x, y in zip(xs, values, strict=True)) / var_x if var_x else 0.0
-    residuals = [y - (mean + slope * (x - x_mean)) for x, y in zip(xs, values, strict=True)]
-    std = math.sqrt(sum(r * r for r in residuals) / n)
-    return std / abs(mean)
+    xs = range(len(values))
+    slope, intercept = statistics.linear_regression(xs, values)
+    residuals = [y - (intercept + slope * x) for x, y in zip(xs, values, strict=True)]
+    return statistics.pstdev(residuals, 0.0) / abs(mean)
 
 
 def non_finite_error(step: int, what: str, terms: Mapping[str, float], last: Path) -> NonFiniteLossError:
