@@ -1,11 +1,7 @@
-"""Progress that reads well in a terminal and in a log file.
-
-A tqdm bar on a terminal. Elsewhere (a log, `nohup`, a batch scheduler) a bar is a stream of carriage-return
-redraws (a `make run` log held 1,855 of them), so `Progress` prints one plain line every `every` units:
-
-    train: step 20/1855 (1%), loss 1.2345, lr 3.00e-04, 0.52 s/step, ETA 15m53s
-
-`--no-progress` asks for those lines on a terminal too; `enabled=False` prints nothing.
+"""Progress that reads well in a terminal and in a log file: a tqdm bar on a terminal; elsewhere, where a
+bar is a stream of carriage-return redraws (a `make run` log held 1,855 of them), one plain line every
+`every` units (`train: step 20/1855 (1%), loss 1.2345, lr 3.00e-04, 0.52 s/step, ETA 15m53s`), as on a
+terminal under `--no-progress`.
 """
 
 from __future__ import annotations

@@ -1,11 +1,8 @@
 """Frozen-backbone feature cache: phase 1 pays for the backbone once, then every epoch costs only the refiner.
 
-With the backbone frozen, its outputs for a fixed noise draw (`diffusion.forward_process.draw_noise`, seeded
-by (seed, example, draw) as a live step draws it) are a pure function of the data, so they are computed
-once and stored in safetensors shards beside a `manifest.json` of what they were built from; a cache that
-disagrees with the run is refused in one line. Backbone logits are not stored (LLaDA-8B's vocabulary would
-take 250 KB a token): the LM head rebuilds them at the masked positions. Layout, fingerprints and
-resuming: docs/feature_cache.md.
+Shards of the backbone's outputs for fixed noise draws beside a `manifest.json` of what they were built from
+(a cache that disagrees with the run is refused in one line); logits are not stored (LLaDA-8B's vocabulary:
+250 KB a token), the LM head rebuilds them at the masked positions. Layout: docs/feature_cache.md.
 """
 
 from __future__ import annotations

@@ -1,10 +1,8 @@
 """What a run logs: the refiner's statistics, the metrics CSVs and TensorBoard (docs/training.md).
 
-Nothing here runs during a training step: the loop's logging window (`loop.LogWindow`) keeps each
-micro-batch's forward statistics as device tensors and reduces them once per logging step through
-`forward_statistics`. Column names (`slot_norm_<slot>`, `gate_<name>`, `delta_norm`, ...) are the ones the
-health checks read. A CSV row is appended in one fsynced `write` (a kill leaves the whole row or none); every
-rewrite (a widened header, rows dropped on resume) is atomic (`io.write_bytes_atomic`).
+Nothing here runs during a training step (`loop.LogWindow` reduces the statistics at the logging step); the
+column names are the ones the health checks read. A CSV row is appended in one fsynced `write` (a kill leaves
+the whole row or none); every rewrite is atomic.
 """
 
 from __future__ import annotations

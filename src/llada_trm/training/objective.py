@@ -1,12 +1,7 @@
-"""The training objective of the refiner, as one function a DDP wrapper can call.
-
-    L = L_K + w_ds * mean(L_1 .. L_{K-1}) + w_ortho * ortho(slot projections)
-
-L_k is LLaDA's masked-diffusion SFT loss on the logits after refinement step k (L_K on the final logits);
-under the targeted masks of `training.masks` p_mask is 1, since 1/t belongs to the forward process only
-(docs/training.md, "The objective"). Without a refiner, L is the plain SFT loss. `training_masks_for_run`
-gives the run's phase-1 masks to the trainer and the feature cache alike, so a cached step sees exactly
-the masks a live step would have drawn.
+"""The refiner's objective, L = L_K + w_ds * mean(L_1 .. L_{K-1}) + w_ortho * ortho (docs/training.md, "The
+objective"), as a module DDP / FSDP can wrap. Under `training.masks`' targeted masks p_mask is 1: 1/t
+belongs to the forward process only. `training_masks_for_run` gives the trainer and the feature cache the
+same masks, so a cached step sees exactly what a live step would have drawn.
 """
 
 from __future__ import annotations
@@ -63,16 +58,10 @@ def diffusion_objective(  # noqa: PLR0913 - the trainer's keywords, each optiona
     noise: tuple[Tensor, Tensor, Tensor] | None = None,
     features: BackboneFeatures | None = None,
 ) -> ObjectiveResult:
-    """Noise `batch` with LLaDA's forward process, run the hybrid model, and compute every term of L (the
-    module docstring) with its weights.
-
-    `model` is an `LLaDATRMHybrid` (DDP and FSDP wrap `TrainStep`, around this call). With `backbone_frozen`
-    the backbone runs under `torch.no_grad()`: phase 1 never builds a graph through the 8B part. The padding
+    """Noise `batch` (LLaDA's forward process unless `noise` = `(noisy_ids, masked, p_mask)` is given), run
+    the hybrid `model` and compute every term of L. With `backbone_frozen` the backbone runs under no_grad
+    (phase 1 builds no graph through the 8B part); cached `features` replace the backbone pass. The padding
     is attended and trained on, as in LLaDA's SFT, so no attention mask is passed.
-
-    `noise` = `(noisy_ids, masked, p_mask)` replaces the forward-process draw (e.g. the per-example draws of
-    `feature_cache.draw_noise`); `features` (the frozen backbone's outputs for that noise, from the feature
-    cache) replace the backbone pass, so only the refiner and the LM head run.
     """
     input_ids, answer_lengths = batch["input_ids"], batch["answer_lengths"]
     if noise is None:
