@@ -245,21 +245,6 @@ def shard_name(index: int) -> str:
     return f"shard_{index:05d}.safetensors"
 
 
-def shard_layout(manifest: Mapping[str, Any], examples_per_shard: int | None) -> dict[str, int]:
-    """How many examples a shard holds (default: ~256 MiB shards) and how many shards there are."""
-    n = int(manifest["data"]["examples"])
-    if examples_per_shard is None:
-        feats = manifest["features"]
-        width = int(feats["d_model"]) + int(feats["context_dim"] or 0)
-        itemsize = torch.empty((), dtype=DTYPES[feats["dtype"]]).element_size()
-        per_example = int(manifest["noise"]["draws"]) * int(manifest["data"]["seq_len"]) * width * itemsize
-        examples_per_shard = max(1, SHARD_BYTES // per_example)
-    if examples_per_shard < 1:
-        raise ValueError(f"examples_per_shard must be >= 1, got {examples_per_shard}")
-    examples_per_shard = min(examples_per_shard, n)
-    return {"examples_per_shard": examples_per_shard, "shards": math.ceil(n / examples_per_shard)}
-
-
 # ---------------------------------------------------------------------------------- reading a cache
 
 class FeatureCache(Dataset):
@@ -331,7 +316,7 @@ class FeatureCache(Dataset):
 
 
 def cached_features(
-    model: torch.nn.Module, batch: Mapping[str, Tensor]
+    model: LLaDATRMHybrid, batch: Mapping[str, Tensor]
 ) -> tuple[BackboneFeatures, tuple[Tensor, Tensor, Tensor]]:
     """A cached batch as `(BackboneFeatures, (noisy_ids, masked, p_mask))` for `diffusion_objective`.
 
@@ -339,14 +324,13 @@ def cached_features(
     confidence and the halting read nothing else, and elsewhere they stay zero. Call under the same autocast
     as the live step.
     """
-    core = getattr(model, "module", model)
-    dtype = core.backbone.dtype
+    dtype = model.backbone.dtype
     hidden = batch["hidden_states"].to(dtype)
     contexts = batch.get("contexts")
     masked = batch["masked"].bool()
     with torch.no_grad():
         rows = masked.nonzero(as_tuple=True)
-        row_logits = core.lm_head(hidden[rows])
+        row_logits = model.lm_head(hidden[rows])
         base = row_logits.new_zeros(*masked.shape, row_logits.shape[-1]).index_put_(rows, row_logits)
     features = BackboneFeatures(
         hidden_states=hidden,
@@ -354,7 +338,7 @@ def cached_features(
         contexts=None if contexts is None else contexts.to(dtype),
         masked=masked,
     )
-    noisy = torch.where(masked, torch.full_like(batch["input_ids"], core.mask_token_id), batch["input_ids"])
+    noisy = torch.where(masked, torch.full_like(batch["input_ids"], model.mask_token_id), batch["input_ids"])
     return features, (noisy, masked, batch["p_mask"])
 
 
@@ -418,8 +402,14 @@ def write_feature_cache(  # noqa: PLR0913
             f"{directory}: not empty and not a feature cache (no {MANIFEST_FILE}); move it out of the way or "
             "set output.dir to a new directory"
         )
-    else:
-        layout = shard_layout(manifest, examples_per_shard)
+    else:  # a new cache: shards of ~SHARD_BYTES unless `examples_per_shard` is given
+        n, feats = int(manifest["data"]["examples"]), manifest["features"]
+        if examples_per_shard is None:
+            width = int(feats["d_model"]) + int(feats["context_dim"] or 0)
+            per_example = int(manifest["noise"]["draws"]) * int(manifest["data"]["seq_len"]) * width
+            examples_per_shard = max(1, SHARD_BYTES // (per_example * DTYPES[feats["dtype"]].itemsize))
+        per_shard = min(examples_per_shard, n)
+        layout = {"examples_per_shard": per_shard, "shards": math.ceil(n / per_shard)}
         manifest = {**manifest, "layout": layout}
         directory.mkdir(parents=True, exist_ok=True)
         write_manifest(directory, manifest)

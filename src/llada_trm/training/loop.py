@@ -428,7 +428,7 @@ class Trainer:
             self.total_steps, desc="train", unit="step", initial=self.state.step, every=t.log_every,
             enabled=self.progress and main,
         )
-        self._window.restart()
+        self._window.started = time.perf_counter()  # the terms stay: a resumed window goes on
         set_train_mode(self.model)
         self.optimizer.zero_grad(set_to_none=True)
         self._evaluated_at = -1
@@ -842,10 +842,6 @@ class LogWindow:
             self.add({name: float(value) for name, value in terms.items()})
             self.add(forward_statistics(stats, masked, self.chunk_size))
         self._pending.clear()
-
-    def restart(self) -> None:
-        """Start the window's clock (the terms stay: a resumed window goes on)."""
-        self.started = time.perf_counter()
 
     def reset(self) -> None:
         self.sums: dict[str, float] = defaultdict(float)
