@@ -45,11 +45,9 @@ def plain_progress(plain: bool = True) -> Iterator[None]:
         _force_plain = before
 
 
-def use_bars(stream: TextIO | None = None) -> bool:
+def use_bars() -> bool:
     """True where a redrawn bar is readable: stderr is a terminal and `--no-progress` was not given."""
-    stream = stream if stream is not None else sys.stderr
-    isatty = getattr(stream, "isatty", None)
-    return not _force_plain and bool(isatty and isatty())
+    return not _force_plain and sys.stderr is not None and sys.stderr.isatty()
 
 
 def format_duration(seconds: float) -> str:
@@ -89,7 +87,6 @@ class Progress:
         self._postfix: dict[str, Any] = {}
         self._start = self._last_time = time.perf_counter()
         self._start_n = self._last_n = initial
-        self._closed = False
 
     def __enter__(self) -> Progress:
         return self
@@ -107,9 +104,8 @@ class Progress:
             self._line()
 
     def close(self) -> None:
-        if not self._closed and self.enabled and self.n != self._last_n:
+        if self.enabled and self.n != self._last_n:  # a count not yet reported (a second close: none)
             self._line()
-        self._closed = True
 
     def _line(self) -> None:
         now = time.perf_counter()

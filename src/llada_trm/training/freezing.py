@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import fnmatch
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -102,7 +102,11 @@ def matching_parameters(model: nn.Module, patterns: Sequence[str], *, key: str) 
     modules = [name for name, _ in model.named_modules() if name]
     selected: dict[str, nn.Parameter] = {}
     for pattern in patterns:
-        _check_regex(pattern, key)
+        if pattern.startswith("re:"):
+            try:
+                re.compile(pattern[3:])
+            except re.error as exc:
+                raise ConfigError(f"{key}: {pattern!r} is not a valid regular expression ({exc})") from None
         hits = {name: p for name, p in params.items() if match_pattern(pattern, name)}
         if not hits:
             matched_module = any(match_pattern(pattern, name) for name in modules)
@@ -134,7 +138,8 @@ def apply_freezing(
     adapters = any(is_adapter_name(name) for name, _ in model.named_parameters())
     if phase == 2:
         blocks = _last_backbone_blocks(model, unfreeze_last_n_layers)
-        extra = {name: p for name, p in model.named_parameters() if name not in head and _under(name, blocks)}
+        extra = {name: p for name, p in model.named_parameters()
+                 if name not in head and any(name.startswith(block + ".") for block in blocks)}  # fmt: skip
         groups.append(ParamGroupSpec("backbone", backbone_lr, extra))
     elif phase == 3:
         rest = {name: p for name, p in model.named_parameters() if name not in head}
@@ -209,15 +214,3 @@ def _last_backbone_blocks(model: nn.Module, n: int) -> list[str]:
         raise ConfigError(f"training.phase 2 needs a model with '{BACKBONE_ATTR}.blocks' (an nn.ModuleList)")
     wanted = {id(blocks[i]) for i in last_block_indices(len(blocks), n)}
     return [name for name, module in model.named_modules() if id(module) in wanted]
-
-
-def _under(name: str, prefixes: Iterable[str]) -> bool:
-    return any(name.startswith(prefix + ".") for prefix in prefixes)
-
-
-def _check_regex(pattern: str, key: str) -> None:
-    if pattern.startswith("re:"):
-        try:
-            re.compile(pattern[3:])
-        except re.error as exc:
-            raise ConfigError(f"{key}: {pattern!r} is not a valid regular expression ({exc})") from None
