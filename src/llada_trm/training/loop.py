@@ -27,7 +27,14 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
-from llada_trm.build import backbone_dtype, build_datasets, build_model, overlap_warning, resolve_precision
+from llada_trm.build import (
+    backbone_dtype,
+    build_datasets,
+    build_model,
+    overlap_warning,
+    resolve_precision,
+    sampled_validation_records,
+)
 from llada_trm.config import RunConfig, load_config, save_config
 from llada_trm.data.collate import SFTDataset
 from llada_trm.diffusion.forward_process import TokenText, TrainingMasks, draw_for_epoch
@@ -94,12 +101,12 @@ from llada_trm.training.resume_config import check_config_changes, retarget_opti
 from llada_trm.training.run_dir import claim_run_dir, lock_for_run, repair_run_dir, restarts_from_scratch
 from llada_trm.training.validation import (
     VALIDATION_SEED_OFFSET,
-    SampledValidation,
     check_save_best,
     format_reachability,
     improves,
     reachability_report,
     result_accuracy,
+    sampled_accuracy,
     validate,
     validation_columns,
 )
@@ -273,7 +280,9 @@ class Trainer:
         if self.eval_set is not None:  # in dataset order
             in_order = EpochSampler(len(self.eval_set), seed=t.seed, shuffle=False)
             self.eval_loader = self._loader(self.eval_set, in_order)
-        self.sampled_validation = SampledValidation.for_run(self.config)  # None unless val_sampled_problems
+        n = t.val_sampled_problems  # sampled accuracy at each validation (0: off)
+        self.sampled_records = sampled_validation_records(self.config.data, n) if n else []
+        self.sampling = self.config.sampling.options() if n else None  # the sampler a comparison uses
         self.micro_per_epoch = math.ceil(self.sampler.num_samples / t.batch_size)
         self.steps_per_epoch = math.ceil(self.micro_per_epoch / t.gradient_accumulation_steps)
         self.total_steps = t.max_steps or self.steps_per_epoch  # null: one epoch
@@ -595,8 +604,8 @@ class Trainer:
                     self.model, self.eval_loader, self.token_text, mask_id=self.mask_id, device=self.device,
                     autocast=self._autocast,
                 ))  # fmt: skip
-            if row and self.sampled_validation is not None:
-                row.update(self.sampled_validation(self.model, self.tokenizer))
+            if row and self.sampled_records:
+                row.update(sampled_accuracy(self.model, self.tokenizer, self.sampled_records, self.sampling))
             if row and self.parts.validation is not None:
                 row.update(self.parts.validation(self.model, self.tokenizer))
         return {"step": self.state.step, "epoch": self._epoch_progress(), **row} if row else {}

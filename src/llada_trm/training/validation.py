@@ -42,7 +42,6 @@ __all__ = [
     "RESULT_COLUMNS",
     "SAMPLED_COLUMNS",
     "VALIDATION_SEED_OFFSET",
-    "SampledValidation",
     "accuracy_counts",
     "check_save_best",
     "format_reachability",
@@ -50,6 +49,7 @@ __all__ = [
     "per_example_validation",
     "reachability_report",
     "result_accuracy",
+    "sampled_accuracy",
     "validate",
     "validation_columns",
 ]
@@ -210,32 +210,19 @@ def per_example_validation(
     return dict(columns)
 
 
-class SampledValidation:
-    """Sampled accuracy on the first `training.val_sampled_problems` validation problems, answered with the
-    run's `sampling` settings (the same sampler a comparison uses) at every validation."""
+def sampled_accuracy(
+    model: LLaDATRMHybrid, tokenizer: Any, records: list[Any], options: Any
+) -> dict[str, float]:
+    """Sampled accuracy on `records` (the first `training.val_sampled_problems` validation problems),
+    answered with the run's `sampling` settings: the same sampler a comparison uses."""
+    from llada_trm.evaluate.evaluator import evaluate_model
 
-    def __init__(self, records: list[Any], options: Any) -> None:
-        self.records = records
-        self.options = options
-
-    @classmethod
-    def for_run(cls, config: RunConfig) -> SampledValidation | None:
-        """None when `training.val_sampled_problems` is 0 (off)."""
-        from llada_trm.build import sampled_validation_records
-
-        n = config.training.val_sampled_problems
-        return cls(sampled_validation_records(config.data, n), config.sampling.options()) if n else None
-
-    def __call__(self, model: LLaDATRMHybrid, tokenizer: Any) -> dict[str, float]:
-        from llada_trm.evaluate.evaluator import evaluate_model
-
-        was_training = model.training
-        try:
-            result = evaluate_model(model, tokenizer, self.records, self.options, progress=False)
-        finally:
-            set_train_mode(model, was_training)  # evaluate_model's plain model.train() wakes frozen dropout
-        strict, flexible = result.accuracy_strict, result.accuracy_flexible
-        return {"sampled_accuracy": strict, "sampled_accuracy_flexible": flexible}
+    was_training = model.training
+    try:
+        result = evaluate_model(model, tokenizer, records, options, progress=False)
+    finally:
+        set_train_mode(model, was_training)  # evaluate_model's plain model.train() wakes frozen dropout
+    return {"sampled_accuracy": result.accuracy_strict, "sampled_accuracy_flexible": result.accuracy_flexible}
 
 
 @torch.no_grad()
