@@ -80,7 +80,7 @@ class HealthMonitor:
         slot_norms = _prefixed(row, "slot_norm_")
         gates = _prefixed(row, "gate_")
         issued = []
-        for kind, message in (
+        for kind, message in zip(CHECKS, (
             self._slot_collapse(row, slot_norms, gates),
             self._dead_gate(gates),
             self._delta_explosion(row),
@@ -88,7 +88,7 @@ class HealthMonitor:
             self._low_confidence(row),
             self._refiner_idle(row),
             self._unused_context(slot_norms, gates),
-        ):
+        ), strict=True):
             if not self.refiner and kind != "loss_oscillation":
                 continue
             if message is not None and kind not in self.warned:
@@ -118,13 +118,12 @@ class HealthMonitor:
 
     def _slot_collapse(
         self, row: Mapping[str, Any], norms: dict[str, float], gates: dict[str, float]
-    ) -> tuple[str, str | None]:
+    ) -> str | None:
         """Gates that never left 0.5, with slots that look alike: equal norms or overlapping projections.
 
         Slot norms only compare when the slots have equal widths (a LayerNormed slot's norm grows with
         sqrt(width)); the projections' overlap (the `orthogonality` column, in [0, 1]) compares always.
         """
-        kind = "slot_collapse"
         spread = band = 0.0
         alike = ""
         overlap = _number(row.get("orthogonality"))
@@ -139,26 +138,25 @@ class HealthMonitor:
         if gates:
             band = max(abs(g - 0.5) for g in gates.values())
         condition = bool(gates) and bool(alike) and band < self.t.slot_collapse_gate_band
-        if not self._persistent(kind, condition):
-            return kind, None
-        return kind, (
+        if not self._persistent("slot_collapse", condition):
+            return None
+        return (
             f"the slots look collapsed: {alike} and every gate sits within {band:.3f} of 0.5 for "
             f"{self.t.window} logged rows, so the slots carry the same information. "
             "Raise training_params.orthogonality_weight (e.g. 0.01 -> 0.05)."
         )
 
-    def _dead_gate(self, gates: dict[str, float]) -> tuple[str, str | None]:
-        kind = "dead_gate"
+    def _dead_gate(self, gates: dict[str, float]) -> str | None:
         dead = {name: g for name, g in gates.items() if g < self.t.dead_gate}
-        if not self._persistent(kind, bool(dead)):
-            return kind, None
+        if not self._persistent("dead_gate", bool(dead)):
+            return None
         name, value = min(dead.items(), key=lambda item: item[1])
-        return kind, (
+        return (
             f"gate '{name}' has died ({value:.4f} < {self.t.dead_gate}): its slot no longer contributes to "
             "the update. Lower training.lr (a too-large step drives gates into saturation)."
         )
 
-    def _delta_explosion(self, row: Mapping[str, Any]) -> tuple[str, str | None]:
+    def _delta_explosion(self, row: Mapping[str, Any]) -> str | None:
         """An update that is huge (or NaN), or a recursion whose updates grow from step to step.
 
         Growth is judged across the K steps of one forward pass (last step's update vs the first's): a
@@ -166,71 +164,66 @@ class HealthMonitor:
         training time is not a symptom: the refiner starts near the identity and its updates grow as it
         learns.
         """
-        kind = "delta_explosion"
         delta = _number(row.get("delta_norm"))
         if delta is not None and (not math.isfinite(delta) or delta > self.t.delta_norm_max):
-            self._persistent(kind, False)
-            return kind, (
+            self._persistent("delta_explosion", False)
+            return (
                 f"refinement deltas exploded (delta norm {delta:.4g} > {self.t.delta_norm_max:g}). "
                 "Reduce model.delta_scale (e.g. 0.1 -> 0.05) and keep training.max_grad_norm at 1.0 "
                 "or less."
             )
         first, last = _number(row.get("delta_norm_first")), _number(row.get("delta_norm_last"))
         growth = last / first if first and last is not None and first > 0 else 0.0
-        if not self._persistent(kind, growth > self.t.delta_growth):
-            return kind, None
-        return kind, (
+        if not self._persistent("delta_explosion", growth > self.t.delta_growth):
+            return None
+        return (
             f"the recursion diverges: the last refinement step's update is {growth:.1f}x the first's "
             f"(> {self.t.delta_growth:g}x) for {self.t.window} logged rows, so each step overshoots more. "
             "Reduce model.delta_scale (e.g. 0.1 -> 0.05) or model.max_recursive_steps, or lower "
             "training.lr."
         )
 
-    def _loss_oscillation(self, row: Mapping[str, Any]) -> tuple[str, str | None]:
-        kind = "loss_oscillation"
+    def _loss_oscillation(self, row: Mapping[str, Any]) -> str | None:
         loss = _number(row.get("loss"))
         if loss is None or not math.isfinite(loss):
-            return kind, None
+            return None
         self._loss.append(loss)
         if len(self._loss) < self._loss.maxlen:
-            return kind, None
+            return None
         rel = _detrended_rel_std(list(self._loss))
         if rel <= self.t.loss_rel_std:
-            return kind, None
-        return kind, (
+            return None
+        return (
             f"the loss oscillates: around its trend it varies by {rel:.0%} of its mean over the last "
             f"{len(self._loss)} logged rows (> {self.t.loss_rel_std:.0%}). Lower training.lr, reduce "
             "model.delta_scale, or raise training.gradient_accumulation_steps."
         )
 
-    def _low_confidence(self, row: Mapping[str, Any]) -> tuple[str, str | None]:
-        kind = "low_confidence"
+    def _low_confidence(self, row: Mapping[str, Any]) -> str | None:
         skipped = _number(row.get("skipped_fraction_masked", row.get("skipped_fraction")))
         if self.confidence_threshold is not None and self.confidence_threshold >= 1.0:
-            return kind, None  # refining every chunk was asked for
-        if not self._persistent(kind, skipped is not None and skipped == 0.0):
-            return kind, None
+            return None  # refining every chunk was asked for
+        if not self._persistent("low_confidence", skipped is not None and skipped == 0.0):
+            return None
         confidence = _number(row.get("chunk_confidence", row.get("confidence")))
         seen = f" (mean chunk confidence {confidence:.2f})" if confidence is not None else ""
-        return kind, (
+        return (
             f"confidence stays low everywhere: every chunk was refined for {self.t.window} logged "
             f"rows{seen}, so selective refinement saves nothing. Lower model.confidence_threshold "
             "(e.g. 0.5 -> 0.3) or refine every chunk (model.chunk_selection: all)."
         )
 
-    def _refiner_idle(self, row: Mapping[str, Any]) -> tuple[str, str | None]:
-        kind = "refiner_idle"
+    def _refiner_idle(self, row: Mapping[str, Any]) -> str | None:
         skipped = _number(row.get("skipped_fraction_masked", row.get("skipped_fraction")))
-        if not self._persistent(kind, skipped is not None and skipped >= self.t.idle_skipped):
-            return kind, None
-        return kind, (
+        if not self._persistent("refiner_idle", skipped is not None and skipped >= self.t.idle_skipped):
+            return None
+        return (
             f"the refiner is almost never trained: {skipped:.0%} of the chunks were skipped (confident) "
             f"for {self.t.window} logged rows. Raise model.confidence_threshold (e.g. 0.5 -> 0.9; above 1 "
             "refines every chunk)."
         )
 
-    def _unused_context(self, norms: dict[str, float], gates: dict[str, float]) -> tuple[str, str | None]:
-        kind = "unused_context"
+    def _unused_context(self, norms: dict[str, float], gates: dict[str, float]) -> str | None:
         found = None
         for label, values in (("gate", gates), ("norm", norms)):
             ctx = {n: v for n, v in values.items() if any(c in n for c in _CONTEXT_NAMES)}
@@ -242,10 +235,10 @@ class HealthMonitor:
             if reference > 0 and value < self.t.context_ratio * reference:
                 found = (label, name, value, reference)
                 break
-        if not self._persistent(kind, found is not None):
-            return kind, None
+        if not self._persistent("unused_context", found is not None):
+            return None
         label, name, value, reference = found
-        return kind, (
+        return (
             f"the context slot is unused: its {label} '{name}' is {value:.4g} against {reference:.4g} for "
             "the other slots. Check that model.context_layers names backbone layers that exist (attention "
             "contexts feed this slot), or raise training.lr for the head."
