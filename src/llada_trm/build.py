@@ -103,18 +103,14 @@ def choose_backbone_dtype(
     return torch.float32
 
 
-def backbone_dtype(
-    config: RunConfig, amp_dtype: torch.dtype | None, backbone_dir: Path | None = None
-) -> torch.dtype:
+def backbone_dtype(config: RunConfig, amp_dtype: torch.dtype | None) -> torch.dtype:
     """`model.dtype` of a training run; 'auto' by `choose_backbone_dtype` (the backbone is frozen in phase 1
-    and under LoRA, whose adapters are fp32 whatever the base's dtype), reading the checkpoint's dtype from
-    `backbone_dir` (default: `model.backbone`)."""
+    and under LoRA, whose adapters are fp32 whatever the base's dtype)."""
     name = config.model.dtype
     if name != "auto":
         return DTYPES[name]
     frozen = config.training.phase == 1 or config.lora.enabled
-    directory = backbone_dir if backbone_dir is not None else resolve_backbone_dir(config.model.backbone)
-    stored, numel = stored_weights(directory)
+    stored, numel = stored_weights(resolve_backbone_dir(config.model.backbone))
     return choose_backbone_dtype(stored, numel, frozen=frozen, bf16_compute=amp_dtype == torch.bfloat16)
 
 
