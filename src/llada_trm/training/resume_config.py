@@ -54,10 +54,8 @@ def resumable(key: str, allowed: Sequence[str] = RESUMABLE) -> bool:
 
 def changed_settings(saved: Mapping[str, Any], now: Mapping[str, Any]) -> list[tuple[str, Any, Any]]:
     """(key, saved value, new value) for every dotted setting that differs between two flat configs."""
-    missing = object()
-    keys = sorted(set(saved) | set(now))
-    pairs = [(k, saved.get(k, missing), now.get(k, missing)) for k in keys]
-    return [(k, None if a is missing else a, None if b is missing else b) for k, a, b in pairs if a != b]
+    differ = [k for k in sorted({*saved, *now}) if (k in saved, saved.get(k)) != (k in now, now.get(k))]
+    return [(k, saved.get(k), now.get(k)) for k in differ]
 
 
 def check_config_changes(directory: Path, config: RunConfig) -> list[str]:
