@@ -61,12 +61,12 @@ from llada_trm.dist_utils import (
 from llada_trm.errors import CheckpointError, ConfigError
 from llada_trm.io import copy_directory, resolve_device, write_text_atomic
 from llada_trm.model.fingerprint import directory_fingerprint
+from llada_trm.model.hybrid import PREFIX as REFINER_PREFIX
 from llada_trm.model.lora import attach_run_lora
 from llada_trm.progress import note, progress_bar, validation_line
 from llada_trm.run_checkpoint import (
     CONFIG_FILE,
     INIT_FROM_KEY,
-    REFINER_PREFIX,
     TrainState,
     capture_rng_state,
     check_run_backbone,
