@@ -117,7 +117,6 @@ __all__ = [
     "LogWindow",
     "RunParts",
     "Trainer",
-    "batches_to_skip",
     "build_optimizer",
     "build_scheduler",
     "resolve_warmup_steps",
@@ -694,13 +693,24 @@ class Trainer:
             ) from None
         restore_rng_state(state["rng"])
         self.state = TrainState(**state["train_state"])
-        t = self.config.training
-        # Another world or batch size continues at the same global position.
-        self.state.batches_in_epoch = batches_to_skip(
-            self.state.extra, self.state.batches_in_epoch, world=world_size(), batch_size=t.batch_size,
-            accumulation=t.gradient_accumulation_steps, micro_per_epoch=self.micro_per_epoch,
-            train_size=len(self.train_set),
-        )
+        t, extra, world = self.config.training, self.state.extra, world_size()
+        saved_world, saved_batch = int(extra.get("world_size", 1)), int(extra.get("batch_size", t.batch_size))
+        if (saved_world, saved_batch) != (world, t.batch_size):  # the same global position, re-expressed
+            consumed = self.state.batches_in_epoch * saved_batch * saved_world
+            samples = int(extra.get("samples_in_epoch", consumed))
+            if samples >= len(self.train_set):
+                batches = self.micro_per_epoch  # the epoch was complete
+            else:
+                batches = min(samples // world // t.batch_size, self.micro_per_epoch)
+                batches -= batches % t.gradient_accumulation_steps
+            replayed = samples - min(batches * t.batch_size * world, samples)
+            if replayed:
+                logger.warning(
+                    "resuming with %d processes x batch %d (saved: %d x %d): the epoch continues %d examples "
+                    "before the saved position, at an optimizer-step boundary",
+                    world, t.batch_size, saved_world, saved_batch, replayed,
+                )
+            self.state.batches_in_epoch = batches
         self.health.load_state_dict(state.get("health", {}))
         # only rank 0 takes the saved window: it already sums every rank's micro-batches
         self._window.load_state_dict(state.get("log_window") or {}, main=is_main_process())
@@ -987,39 +997,3 @@ def run_train(config_path: str | Path, overrides: Sequence[str] = (), resume: st
     of `trainer_from_cli`). Raises `ConfigError` / `CheckpointError` (bad input, one line) and
     `NonFiniteLossError` (divergence)."""
     return trainer_from_cli(config_path, overrides, resume, **options).train()
-
-
-# ----------------------------------------------------------------------------------- resume
-
-def batches_to_skip(
-    extra: Mapping[str, Any],
-    batches_in_epoch: int,
-    *,
-    world: int,
-    batch_size: int,
-    accumulation: int,
-    micro_per_epoch: int,
-    train_size: int,
-) -> int:
-    """This rank's micro-batches already consumed in the epoch, re-expressed for this world and batch size.
-
-    `extra` is the checkpoint's `train_state.extra` (its world size, batch size and global position).
-    """
-    saved_world = int(extra.get("world_size", 1))
-    saved_batch = int(extra.get("batch_size", batch_size))
-    if (saved_world, saved_batch) == (world, batch_size):
-        return batches_in_epoch  # the same geometry: the micro-batch count is exact
-    samples = int(extra.get("samples_in_epoch", batches_in_epoch * saved_batch * saved_world))
-    if samples >= train_size:
-        batches = micro_per_epoch  # the epoch was complete
-    else:
-        batches = min(samples // world // batch_size, micro_per_epoch)
-        batches -= batches % accumulation
-    replayed = samples - min(batches * batch_size * world, samples)
-    if replayed:
-        logger.warning(
-            "resuming with %d processes x batch %d (saved: %d x %d): the epoch continues %d examples "
-            "before the saved position, at an optimizer-step boundary",
-            world, batch_size, saved_world, saved_batch, replayed,
-        )
-    return batches
