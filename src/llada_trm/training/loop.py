@@ -789,8 +789,6 @@ def build_optimizer(
                 decay = weight_decay if decays else 0.0
                 param_groups.append({"params": params, "lr": group.lr, "weight_decay": decay,
                                      "name": group.name + suffix})  # fmt: skip
-    if not param_groups:
-        raise ValueError("no trainable parameters: check training_params.trainable_modules")
     return torch.optim.AdamW(param_groups, betas=betas, eps=eps)
 
 
