@@ -51,11 +51,8 @@ def has_run(directory: Path) -> bool:
 
 def has_checkpoint(directory: Path) -> bool:
     """Whether a run directory holds a checkpoint (`last`, `best`, a snapshot, or one set aside mid-save)."""
-    checkpoints = directory / "checkpoints"
-    try:
-        return any(p.is_dir() and not p.name.endswith(".tmp") for p in checkpoints.iterdir())
-    except (FileNotFoundError, NotADirectoryError):
-        return False
+    folder = directory / "checkpoints"
+    return folder.is_dir() and any(p.is_dir() and not p.name.endswith(".tmp") for p in folder.iterdir())
 
 
 def restarts_from_scratch(path: str | Path, output_dir: Path) -> bool:
