@@ -15,7 +15,7 @@ import random
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +37,7 @@ from llada_trm.build import (
 )
 from llada_trm.config import RunConfig, load_config, save_config
 from llada_trm.data.collate import SFTDataset
-from llada_trm.diffusion.forward_process import TokenText, TrainingMasks, draw_for_epoch
+from llada_trm.diffusion.forward_process import TokenText, draw_for_epoch
 from llada_trm.dist_utils import (
     all_finite,
     broadcast_object,
@@ -614,11 +614,8 @@ class Trainer:
         (`validation.reachability_report`); {} without a refiner or a validation set."""
         if self.eval_loader is None or self.config.model.refiner == "none":
             return {}
-        seed = self.config.data.validation_seed + VALIDATION_SEED_OFFSET
-        masks = TrainingMasks(
-            self.masks.distribution, self.mask_id, seed, token_text=self.masks.token_text,
-            probe=self.masks.probe,
-        )
+        # the run's masks on the validation noise's seed (and without the run's probed margins)
+        masks = replace(self.masks, seed=self.config.data.validation_seed + VALIDATION_SEED_OFFSET)
         with unsharded(self.engine), self._autocast():
             return reachability_report(
                 self.model, self.eval_loader, masks, self.config, device=self.device, max_batches=max_batches
