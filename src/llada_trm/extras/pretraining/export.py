@@ -4,7 +4,7 @@ The test problems are the first `evaluation.n_test` of the generated task's test
 `llada-trm compare` reports on; a hash check confirms that no training or validation problem is among
 them. The backbone, tokenizer, the run's metrics CSVs, summary, test predictions and card are swapped into
 `output.dir` whole (`io.atomic_directory`), and only then is the run directory (the checkpoint) removed.
-A backbone already in `output.dir` is archived first under --force (`archive_output`), never deleted.
+A backbone already in `output.dir` is archived first under --force, never deleted.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from .card import model_card
 from .config import PretrainConfig
 from .targets import masked_accuracy, sample_predictions, target_metrics
 
-__all__ = ["METRICS_FILES", "PREDICTIONS_FILE", "SUMMARY_FILE", "archive_output", "check_output",
+__all__ = ["METRICS_FILES", "PREDICTIONS_FILE", "SUMMARY_FILE", "check_output",
            "export_backbone", "read_rows"]  # fmt: skip
 
 SUMMARY_FILE = "pretrain_summary.json"
@@ -70,16 +70,6 @@ def check_output(config: PretrainConfig, *, force: bool) -> None:
             f"output.dir {out} is not empty and holds no backbone (no config.json); --force archives only "
             "a backbone: pass --out DIR for a new or empty directory"
         )
-
-
-def archive_output(config: PretrainConfig, *, force: bool) -> Path | None:
-    """Just before the finished backbone is written: check `output.dir` again (it may have appeared during
-    the run) and, with `force`, archive the backbone there; returns where it went."""
-    check_output(config, force=force)
-    out = Path(config.output.dir)
-    if not out.is_dir() or not any(out.iterdir()):
-        return None
-    return archive_run_dir(out)
 
 
 @torch.no_grad()
@@ -150,9 +140,9 @@ def export_backbone(  # noqa: PLR0913 - the run's parts, and --force for output.
         ],
     }
     out = Path(config.output.dir)
-    archived = archive_output(config, force=force)
-    if archived is not None:
-        echo(f"archived the previous {out} as {archived} (--force)")
+    check_output(config, force=force)  # again: a backbone may have appeared there during the run
+    if out.is_dir() and any(out.iterdir()):  # with --force: archived, never deleted
+        echo(f"archived the previous {out} as {archive_run_dir(out)} (--force)")
     with atomic_directory(out) as staging:
         model.to(getattr(torch, config.output.dtype)).save_pretrained(staging)
         save_tokenizer(tokenizer, staging)
