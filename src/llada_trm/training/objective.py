@@ -120,10 +120,8 @@ def training_masks_for_run(
 
     @torch.no_grad()
     def probe(input_ids: torch.Tensor, prompt_lengths: torch.Tensor) -> torch.Tensor:
-        def logits_of(noisy: torch.Tensor) -> torch.Tensor:
-            return model.features(noisy).base_logits
-
-        return probe_margins(logits_of, input_ids.to(device), prompt_lengths.to(device), mask_id)
+        ids, prompts = input_ids.to(device), prompt_lengths.to(device)
+        return probe_margins(lambda noisy: model.features(noisy).base_logits, ids, prompts, mask_id)
 
     return TrainingMasks(
         MaskDistribution(t.masks, t.forward_mix if forward_mix is None else forward_mix),
