@@ -24,32 +24,6 @@ from torch import Tensor, nn
 
 from llada_trm.errors import ConfigError
 
-__all__ = [
-    "all_finite",
-    "broadcast_object",
-    "clip_grad_norm",
-    "full_state_dict",
-    "gather_objects",
-    "gradient_sync",
-    "init_distributed",
-    "is_distributed",
-    "is_main_process",
-    "is_sharded",
-    "load_optimizer_state",
-    "load_sharded_weights",
-    "local_rank",
-    "optimizer_state",
-    "rank",
-    "reduce_sums",
-    "resolve_strategy",
-    "shard_indices",
-    "sync_ignored_gradients",
-    "unsharded",
-    "world_size",
-    "wrap_run",
-]
-
-
 # ------------------------------------------------------------------------------------------------- ranks
 
 

@@ -15,19 +15,6 @@ from typing import TYPE_CHECKING, Any, TextIO, Union
 if TYPE_CHECKING:
     from tqdm.std import tqdm
 
-__all__ = [
-    "Bar",
-    "LARGE_WEIGHTS_BYTES",
-    "Progress",
-    "format_duration",
-    "note",
-    "plain_progress",
-    "progress_bar",
-    "use_bars",
-    "validation_line",
-    "weights_progress",
-]
-
 # Weight files at least this large report their loading / writing (an 8B backbone: ~16 GB in 4-6 shards).
 LARGE_WEIGHTS_BYTES = 256 * 2**20
 

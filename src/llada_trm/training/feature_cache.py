@@ -33,22 +33,6 @@ from llada_trm.io import DTYPES, atomic_path, remove_directory, sweep_temporarie
 from llada_trm.model.hybrid import BackboneFeatures, LLaDATRMHybrid
 from llada_trm.progress import progress_bar
 
-__all__ = [
-    "FeatureCache",
-    "StaleFeatureCacheError",
-    "backbone_fingerprint",
-    "build_feature_cache",
-    "cached_features",
-    "data_fingerprint",
-    "expected_manifest",
-    "open_feature_cache",
-    "prepare_feature_cache",
-    "remove_store",
-    "shard_name",
-    "write_feature_cache",
-]
-
-
 CACHE_FORMAT_VERSION = 1
 MANIFEST_FILE = "manifest.json"
 CACHE_DTYPE = torch.bfloat16  # stored features: half of float32's disk and reads; LLaDA-8B's own precision

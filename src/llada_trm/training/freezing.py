@@ -20,16 +20,6 @@ from llada_trm.model.lora import is_adapter_name, last_block_indices
 if TYPE_CHECKING:
     from llada_trm.config import RunConfig
 
-__all__ = [
-    "FreezePlan",
-    "ParamGroupSpec",
-    "apply_freezing",
-    "freeze_for_run",
-    "match_pattern",
-    "matching_parameters",
-    "set_train_mode",
-]
-
 BACKBONE_ATTR = "backbone"  # the hybrid's backbone submodule: phase 2 unfreezes its last blocks
 
 

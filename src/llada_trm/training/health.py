@@ -18,8 +18,6 @@ from typing import Any
 
 from llada_trm.errors import NonFiniteLossError
 
-__all__ = ["CHECKS", "HealthMonitor", "HealthThresholds", "non_finite_error"]
-
 
 @dataclass(frozen=True)
 class HealthThresholds:

@@ -111,20 +111,6 @@ from llada_trm.training.validation import (
     validation_columns,
 )
 
-__all__ = [
-    "DrawSampler",
-    "EpochSampler",
-    "LogWindow",
-    "RunParts",
-    "Trainer",
-    "build_optimizer",
-    "build_scheduler",
-    "resolve_warmup_steps",
-    "run_train",
-    "trainer_from_cli",
-    "warmup_cosine",
-]
-
 logger = logging.getLogger("llada_trm")
 
 

@@ -22,18 +22,6 @@ from llada_trm.errors import ConfigError
 from llada_trm.io import write_bytes_atomic
 from llada_trm.model.hybrid import chunk_sum
 
-__all__ = [
-    "TRAIN_COLUMNS",
-    "VALIDATION_COLUMNS",
-    "MetricsWriter",
-    "TensorBoardLog",
-    "format_value",
-    "forward_statistics",
-    "mean_of",
-    "parameter_statistics",
-    "require_tensorboard",
-]
-
 TRAIN_COLUMNS: tuple[str, ...] = (
     "step",
     "epoch",

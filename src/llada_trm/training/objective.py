@@ -29,12 +29,6 @@ from llada_trm.model.hybrid import (
     LLaDATRMHybrid,
 )
 
-__all__ = [
-    "ObjectiveResult",
-    "diffusion_objective",
-    "training_masks_for_run",
-]
-
 
 @dataclass
 class ObjectiveResult:

@@ -18,16 +18,6 @@ from llada_trm.errors import CheckpointError, ConfigError
 from llada_trm.run_checkpoint import CONFIG_FILE
 from llada_trm.schema import CONVERT_HINT
 
-__all__ = [
-    "RESUMABLE",
-    "changed_settings",
-    "check_config_changes",
-    "flatten_settings",
-    "refuse_changes",
-    "resumable",
-    "retarget_optimizer",
-]
-
 RESUMABLE: tuple[str, ...] = (
     # the optimiser and its schedule: re-targeted on the restored optimizer and scheduler
     "training.lr",

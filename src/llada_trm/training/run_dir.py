@@ -18,22 +18,6 @@ from typing import Any
 from llada_trm.errors import CheckpointError, ConfigError
 from llada_trm.io import fsync_dir, recover_directory, sweep_temporaries
 
-__all__ = [
-    "LOCK_FILE",
-    "RUN_OUTPUTS",
-    "RunDirError",
-    "RunLock",
-    "archive_run_dir",
-    "claim_compare_dir",
-    "claim_run_dir",
-    "has_checkpoint",
-    "has_run",
-    "lock_for_run",
-    "repair_run_dir",
-    "restarts_from_scratch",
-    "taken_error",
-]
-
 LOCK_FILE = ".lock"
 RUN_OUTPUTS = ("config.yaml", "training_metrics.csv", "validation_metrics.csv", "checkpoints")
 

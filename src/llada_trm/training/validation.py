@@ -38,22 +38,6 @@ from llada_trm.model.refiners.config import DELTA_CLAMP
 from llada_trm.training.freezing import set_train_mode
 from llada_trm.training.metrics import VALIDATION_COLUMNS, forward_statistics
 
-__all__ = [
-    "RESULT_COLUMNS",
-    "SAMPLED_COLUMNS",
-    "VALIDATION_SEED_OFFSET",
-    "accuracy_counts",
-    "check_save_best",
-    "format_reachability",
-    "improves",
-    "per_example_validation",
-    "reachability_report",
-    "result_accuracy",
-    "sampled_accuracy",
-    "validate",
-    "validation_columns",
-]
-
 VALIDATION_SEED_OFFSET = 2_000_003  # validation noise draws from seed data.validation_seed + this
 SAMPLED_COLUMNS = ("sampled_accuracy", "sampled_accuracy_flexible")
 

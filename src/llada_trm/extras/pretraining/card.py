@@ -10,8 +10,6 @@ from llada_trm.data.synthetic import OPERATIONS
 
 from .config import PretrainConfig
 
-__all__ = ["model_card"]
-
 
 def _task_line(data: Any) -> str:
     """The card's task row: the GSM8K-style task's knobs, or the arithmetic task's."""

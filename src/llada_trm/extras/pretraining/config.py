@@ -17,17 +17,6 @@ from llada_trm.data.synthetic import SyntheticTaskConfig
 from llada_trm.diffusion.options import SamplingOptions
 from llada_trm.schema import Float, Fraction, Int, NonNegInt, PosInt, Section, load_schema, to_float
 
-__all__ = [
-    "ArchitectureConfig",
-    "EvaluationConfig",
-    "OptimConfig",
-    "PretrainConfig",
-    "PretrainOutputConfig",
-    "StopAt",
-    "TaskConfig",
-    "load_pretrain_config",
-]
-
 PositiveFloat = Annotated[float, BeforeValidator(to_float), Field(gt=0)]
 
 

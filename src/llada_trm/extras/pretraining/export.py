@@ -32,9 +32,6 @@ from .card import model_card
 from .config import PretrainConfig
 from .targets import masked_accuracy, sample_predictions, target_metrics
 
-__all__ = ["METRICS_FILES", "PREDICTIONS_FILE", "SUMMARY_FILE", "check_output",
-           "export_backbone", "read_rows"]  # fmt: skip
-
 SUMMARY_FILE = "pretrain_summary.json"
 PREDICTIONS_FILE = "test_predictions.jsonl"
 METRICS_FILES = ("training_metrics.csv", "validation_metrics.csv")  # the run's, copied beside the backbone

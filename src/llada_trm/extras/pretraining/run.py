@@ -47,8 +47,6 @@ from .config import ArchitectureConfig, PretrainConfig
 from .export import check_output, export_backbone
 from .targets import TARGET_COLUMNS, sample_predictions, target_metrics, targets_met
 
-__all__ = ["PretrainResult", "object_token_ids", "object_weights", "pad_randomly", "pretrain"]
-
 Echo = Callable[[str], None]
 OLD_LAYOUT = (".pretrain-run", "checkpoint")  # a run of pretraining's own loop, before issue 25
 INITIAL = "initial_backbone"  # a from-scratch run's random weights and new tokenizer, in the run directory

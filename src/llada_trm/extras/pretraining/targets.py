@@ -28,9 +28,6 @@ from llada_trm.model.llada import LLaDAModel
 
 from .config import EvaluationConfig, StopAt
 
-__all__ = ["OPERATOR_NAMES", "TARGET_COLUMNS", "masked_accuracy", "sample_predictions", "target_metrics",
-           "targets_met"]  # fmt: skip
-
 OPERATOR_NAMES = {"+": "add", "-": "sub", "*": "mul", "/": "div"}
 TARGET_COLUMNS = (
     "strict",
