@@ -238,3 +238,32 @@ def test_a_config_yaml_written_before_the_embedding_still_loads(tmp_path):
     now = load_config(CONFIGS / "tiny_refiner.yaml", then)
     assert old == now.model_copy(update={"sampling": old.sampling})  # its sampling: section came later too
     assert "context_layers: [-1]" in old.to_yaml()  # lists of scalars are written on one line
+
+
+@pytest.mark.parametrize(
+    ("command", "text", "belongs_to"),
+    [
+        ("train", "run:\n  training:\n    max_steps: 2\nrefiners: [slot]\n", "compare"),
+        ("compare", "model:\n  refiner: slot\ntraining_params:\n  deep_supervision: true\n", "train"),
+        ("train", "model:\n  d_model: 32\nevaluation:\n  every: 10\n", "pretrain"),
+        ("pretrain", "model:\n  refiner: slot\nsampling:\n  steps: 8\n", "train"),
+    ],
+)
+def test_a_config_given_to_another_command_is_named_for_its_own(tmp_path, capsys, command, text, belongs_to):
+    from llada_trm.cli import main
+
+    path = tmp_path / "config.yaml"
+    path.write_text(text)
+    assert main([command, "--config", str(path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and f"a `llada-trm {belongs_to}` config" in err, err
+    assert f"give it to llada-trm {belongs_to} --config {path}" in err
+
+
+def test_a_config_that_fits_its_command_gets_no_other_command_named(tmp_path):
+    path = tmp_path / "config.yaml"
+    path.write_text("model:\n  refiner: slot\noutput:\n  dir: runs/x\n")  # sections pretrain has too
+    assert load_config(path).model.refiner == "slot"
+    path.write_text("model:\n  refiner: slot\nrefiners: [slot]\n")  # fits no command: the unknown section
+    with pytest.raises(ConfigError, match="refiners: unknown key"):
+        load_config(path)

@@ -701,11 +701,21 @@ def build_parser() -> argparse.ArgumentParser:
 # -------------------------------------------------------------------------------------------------- main
 
 
+def _know_every_config() -> None:
+    """Load every command's config schema (`schema.command_schema`), so that a file given to the wrong command
+    is named for the command it belongs to."""
+    import llada_trm.config
+    import llada_trm.extras.pretraining.config
+    import llada_trm.study.config  # noqa: F401
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the CLI; returns the exit status (0 ok, 2 user error, 1 failed run, 130 interrupted)."""
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
+        if getattr(args, "config", None):
+            _know_every_config()
         with plain_progress(getattr(args, "no_progress", False)):
             return int(args.func(args) or 0)
     except KeyboardInterrupt:

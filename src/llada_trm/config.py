@@ -37,6 +37,7 @@ from llada_trm.schema import (
     NonNegInt,
     PosInt,
     SchemaT,
+    command_schema,
     dump_yaml,
     load_schema,
     parse_schema,
@@ -320,6 +321,7 @@ class RunLoraConfig(_Section):
 # ------------------------------------------------------------------------------------------------ the run
 
 
+@command_schema("train")
 class RunConfig(_Section):
     """A whole run. `RunConfig()` is a valid CPU run on the embedded backbone and the generated task."""
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import difflib
 import re
-from collections.abc import Collection, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
@@ -373,7 +373,37 @@ def load_schema(
     if not path.is_file():
         raise ConfigError(f"{path}: config file not found")
     data = read_yaml(path)  # duplicate keys, alias bombs and non-UTF-8 bytes fail here, naming file:line
+    if isinstance(data, Mapping) and (command := _command_for(schema, set(data))):
+        raise ConfigError(
+            f"{path}: a `llada-trm {command}` config (its sections: {', '.join(data)}); "
+            f"give it to llada-trm {command} --config {path}"
+        )
     return parse_schema(schema, data, source=str(path), overrides=list(overrides or ()))
+
+
+# The command that reads each top-level schema (`command_schema`), so that a config file given to another
+# command is named for the one it belongs to, instead of failing on its first unknown section.
+COMMAND_SCHEMAS: dict[str, type[BaseModel]] = {}
+
+
+def command_schema(command: str) -> Callable[[type[SchemaT]], type[SchemaT]]:
+    """Class decorator: `schema` is the config file of `llada-trm <command>`."""
+
+    def register(schema: type[SchemaT]) -> type[SchemaT]:
+        COMMAND_SCHEMAS[command] = schema
+        return schema
+
+    return register
+
+
+def _command_for(schema: type[BaseModel], sections: set[str]) -> str | None:
+    """Another command whose schema has every one of `sections`, when `schema` lacks one of them."""
+    if sections <= set(schema.model_fields):
+        return None
+    for command, other in COMMAND_SCHEMAS.items():
+        if other is not schema and sections <= set(other.model_fields):
+            return command
+    return None
 
 
 def dump_yaml(data: Any) -> str:

@@ -12,7 +12,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BeforeValidator, Field, ValidationError, model_validator
 
 from llada_trm.config import MAX_PROBLEMS, RunConfig
-from llada_trm.schema import Fraction, Int, Section, describe, load_schema, to_int
+from llada_trm.schema import Fraction, Int, Section, command_schema, describe, load_schema, to_int
 
 REFINER_KINDS = ("mlp", "slot")
 
@@ -52,6 +52,7 @@ class CompareArm(Section):
     run: dict[str, Any] = Field(default_factory=dict)
 
 
+@command_schema("compare")
 class CompareConfig(Section):
     """`run` is the training run shared by every refiner (`model.refiner`, `training.seed` and `output.dir`
     are set per run); `refiners` (`mlp`, `slot`, or names of `arms`) are trained once per seed of `seeds`

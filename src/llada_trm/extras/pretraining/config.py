@@ -15,7 +15,17 @@ from llada_trm.config import RunConfig, SamplingConfig
 from llada_trm.data.arithmetic import ArithmeticTaskConfig
 from llada_trm.data.synthetic import SyntheticTaskConfig
 from llada_trm.diffusion.options import SamplingOptions
-from llada_trm.schema import Float, Fraction, Int, NonNegInt, PosInt, Section, load_schema, to_float
+from llada_trm.schema import (
+    Float,
+    Fraction,
+    Int,
+    NonNegInt,
+    PosInt,
+    Section,
+    command_schema,
+    load_schema,
+    to_float,
+)
 
 PositiveFloat = Annotated[float, BeforeValidator(to_float), Field(gt=0)]
 
@@ -143,6 +153,7 @@ class PretrainOutputConfig(Section):
     dtype: str = Field(default="bfloat16", pattern="^(float32|bfloat16)$")
 
 
+@command_schema("pretrain")
 class PretrainConfig(Section):
     """`llada-trm pretrain` config; sections mirror the run config's."""
 
