@@ -49,7 +49,7 @@ def _model_class() -> Any:
     from torch import nn
     from transformers.modeling_utils import PreTrainedModel
 
-    from llada_trm.model.llada import LLaDAModel, RMSNorm
+    from llada_trm.model.llada import LLaDAModel, init_module
 
     LLaDAHFConfig = _config_class()
 
@@ -71,15 +71,7 @@ def _model_class() -> Any:
             self.post_init()
 
         def _init_weights(self, module: nn.Module) -> None:
-            std = self.config.init_std if hasattr(self.config, "init_std") else 0.02
-            if isinstance(module, nn.Linear | nn.Embedding):
-                nn.init.normal_(module.weight, mean=0.0, std=std)
-                if getattr(module, "bias", None) is not None:
-                    nn.init.zeros_(module.bias)
-            elif isinstance(module, RMSNorm):
-                nn.init.ones_(module.weight)
-                if module.bias is not None:
-                    nn.init.zeros_(module.bias)
+            init_module(module, self.config.init_std if hasattr(self.config, "init_std") else 0.02)
 
         def train(self, mode: bool = True) -> LLaDAModelLM:
             super().train(mode)

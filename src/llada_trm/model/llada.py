@@ -254,6 +254,19 @@ class LLaDABlock(nn.Module):
         return x, context, present
 
 
+def init_module(module: nn.Module, std: float) -> None:
+    """One module's init from scratch: linear and embedding weights N(0, std), RMSNorm weights 1, biases 0;
+    other modules (containers) are left as they are."""
+    if isinstance(module, (nn.Linear, nn.Embedding)):
+        nn.init.normal_(module.weight, mean=0.0, std=std)
+        if getattr(module, "bias", None) is not None:
+            nn.init.zeros_(module.bias)
+    elif isinstance(module, RMSNorm):
+        nn.init.ones_(module.weight)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+
 class LLaDAModel(nn.Module):
     """LLaDA's network under LLaDA's parameter names (`model.transformer.*`)."""
 
@@ -306,19 +319,11 @@ class LLaDAModel(nn.Module):
 
     def reset_parameters(self) -> None:
         """Init for training from scratch: N(0, init_std), residual outputs scaled by 1/sqrt(2 n_layers)."""
-        std = self.config.init_std
         for name, module in self.named_modules():
-            if isinstance(module, (nn.Linear, nn.Embedding)):
-                residual_out = isinstance(module, nn.Linear) and name.endswith((".attn_out", ".ff_out"))
-                residual_out = residual_out and ".blocks." in name
-                scale = 1 / math.sqrt(2 * self.config.n_layers) if residual_out else 1.0
-                nn.init.normal_(module.weight, mean=0.0, std=std * scale)
-                if getattr(module, "bias", None) is not None:
-                    nn.init.zeros_(module.bias)
-            elif isinstance(module, RMSNorm):
-                nn.init.ones_(module.weight)
-                if module.bias is not None:
-                    nn.init.zeros_(module.bias)
+            residual_out = isinstance(module, nn.Linear) and name.endswith((".attn_out", ".ff_out"))
+            residual_out = residual_out and ".blocks." in name
+            scale = 1 / math.sqrt(2 * self.config.n_layers) if residual_out else 1.0
+            init_module(module, self.config.init_std * scale)
 
     # ------------------------------------------------------------------ forward
     def lm_head(self, h: torch.Tensor) -> torch.Tensor:
