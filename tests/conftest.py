@@ -1,4 +1,4 @@
-"""Suite-wide settings: one intra-op thread.
+"""Suite-wide settings (one intra-op thread) and the shared tiny assets' fixtures.
 
 The test models are tiny, so threading buys nothing and on a shared 2-core machine (CI, laptops running other
 work) OpenMP spin-waiting makes each small matmul tens of times slower. One thread also keeps results
@@ -6,9 +6,11 @@ bit-reproducible across machines with different core counts.
 """
 
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import torch
+from tiny_assets import tiny_backbone, tiny_run
 
 torch.set_num_threads(1)
 
@@ -33,3 +35,16 @@ def keep_the_thread_count() -> Iterator[None]:
     yield
     if torch.get_num_threads() != threads:
         torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def backbone_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny backbone every test shares (`tiny_assets.tiny_backbone`); a module that needs another one
+    (another vocabulary, another init) defines its own `backbone_dir`."""
+    return tiny_backbone(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The shared 2-step slot-refiner run (`tiny_assets.tiny_run`)."""
+    return tiny_run(tmp_path_factory)

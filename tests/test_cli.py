@@ -9,22 +9,12 @@ from pathlib import Path
 
 import pytest
 import yaml
-from tiny_assets import TINY_SAMPLING, run_config, tiny_backbone, tiny_run
+from tiny_assets import TINY_SAMPLING, run_config
 
 from llada_trm.cli import main
 
 GSM8K_TEST = Path("/work/shared/data/gsm8k/test.jsonl")
 SAMPLING = [f"--{key.replace('_', '-')}={value}" for key, value in TINY_SAMPLING.items()]
-
-
-@pytest.fixture(scope="module")
-def backbone_dir(tmp_path_factory) -> Path:
-    return tiny_backbone(tmp_path_factory)
-
-
-@pytest.fixture(scope="module")
-def run_dir(tmp_path_factory) -> Path:
-    return tiny_run(tmp_path_factory)
 
 
 def error_line(capsys, argv: list[str]) -> str:

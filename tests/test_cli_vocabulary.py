@@ -7,7 +7,7 @@ import argparse
 
 import pytest
 import yaml
-from tiny_assets import run_config, tiny_backbone, tiny_run
+from tiny_assets import run_config, tiny_run
 
 from llada_trm.cli import build_parser, main
 
@@ -39,11 +39,6 @@ def test_resume_takes_an_optional_directory(command):
     assert parser.parse_args([command, *config, "--resume"]).resume is True
     assert parser.parse_args([command, *config, "--resume", "runs/a"]).resume == "runs/a"
     assert parser.parse_args([command, *config]).resume is None
-
-
-@pytest.fixture(scope="module")
-def backbone_dir(tmp_path_factory):
-    return tiny_backbone(tmp_path_factory)
 
 
 def test_train_out_device_and_resume_without_a_directory(backbone_dir, tmp_path, capsys):

@@ -11,16 +11,11 @@ from pathlib import Path
 
 import pytest
 import yaml
-from tiny_assets import compare_yaml, tiny_backbone
+from tiny_assets import compare_yaml
 
 from llada_trm.cli import main
 from llada_trm.errors import CheckpointError, ConfigError
 from llada_trm.schema import parse_override
-
-
-@pytest.fixture(scope="module")
-def backbone_dir(tmp_path_factory) -> Path:
-    return tiny_backbone(tmp_path_factory)
 
 
 @pytest.fixture(scope="module")

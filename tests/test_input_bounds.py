@@ -23,12 +23,7 @@ from llada_trm.evaluate.evaluator import evaluate_model
 from llada_trm.model.hybrid import LLaDATRMHybrid
 from llada_trm.model.hybrid_config import HybridConfig
 from llada_trm.model.llada import LLaDAModel
-from tests.tiny_assets import make_tiny_backbone, run_config, tiny_backbone
-
-
-@pytest.fixture(scope="module")
-def backbone_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tiny_backbone(tmp_path_factory)  # max_sequence_length 256
+from tests.tiny_assets import make_tiny_backbone, run_config
 
 
 @pytest.mark.parametrize(

@@ -16,7 +16,7 @@ import pytest
 import torch
 import yaml
 from safetensors.torch import load_file, save_file
-from tiny_assets import run_config, tiny_backbone
+from tiny_assets import run_config
 from tiny_assets import tiny_pretrain as tiny
 
 from llada_trm.cli import main
@@ -26,11 +26,6 @@ from llada_trm.io import atomic_directory, atomic_path, write_text_atomic
 from llada_trm.run_checkpoint import load_trainer_state, resolve_checkpoint_dir, save_checkpoint
 from llada_trm.training.loop import Trainer
 from llada_trm.training.run_dir import RunLock
-
-
-@pytest.fixture(scope="module")
-def backbone_dir(tmp_path_factory) -> Path:
-    return tiny_backbone(tmp_path_factory)
 
 
 def precious(directory: Path) -> dict[str, bytes]:

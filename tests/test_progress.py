@@ -5,9 +5,8 @@ from __future__ import annotations
 import io
 import re
 
-import pytest
 import yaml
-from tiny_assets import TINY_SAMPLING, run_config, tiny_backbone, tiny_run
+from tiny_assets import TINY_SAMPLING, run_config, tiny_run
 
 from llada_trm import progress
 from llada_trm.cli import main
@@ -16,11 +15,6 @@ SAMPLING = [f"--{key.replace('_', '-')}={value}" for key, value in TINY_SAMPLING
 TRAIN_LINE = re.compile(
     r"^train: step (\d+)/4 \(\d+%\), loss \d+\.\d{4}, lr \d\.\d\de[-+]\d\d, .*(ETA|done in)"
 )
-
-
-@pytest.fixture(scope="module")
-def backbone_dir(tmp_path_factory):
-    return tiny_backbone(tmp_path_factory)
 
 
 def test_train_piped_prints_plain_lines_every_log_every_steps(backbone_dir, tmp_path, capfd):

@@ -17,7 +17,7 @@ import torch
 import yaml
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
-from tiny_assets import run_config, tiny_backbone, tiny_run
+from tiny_assets import run_config, tiny_run
 
 from llada_trm.cli import main
 from llada_trm.config import parse_config
@@ -26,11 +26,6 @@ from llada_trm.evaluate.loading import load_checkpoint
 from llada_trm.run_checkpoint import TENSORS_KEY, resolve_checkpoint_dir, save_checkpoint
 from llada_trm.training.loop import Trainer, run_train
 from llada_trm.training.metrics import MetricsWriter
-
-
-@pytest.fixture(scope="module")
-def backbone_dir(tmp_path_factory) -> Path:
-    return tiny_backbone(tmp_path_factory)
 
 
 def run_dir():

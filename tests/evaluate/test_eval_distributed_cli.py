@@ -12,8 +12,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-from tiny_assets import TINY_SAMPLING, tiny_run
+from tiny_assets import TINY_SAMPLING
 
 import llada_trm.dist_utils as distributed
 import llada_trm.evaluate.loading
@@ -22,11 +21,6 @@ from llada_trm.evaluate.evaluator import PREDICTIONS_FILE
 
 SAMPLING = [f"--{key.replace('_', '-')}={value}" for key, value in TINY_SAMPLING.items()]
 SUMMARY_LINE = "accuracy strict"
-
-
-@pytest.fixture(scope="module")
-def run_dir(tmp_path_factory) -> Path:
-    return tiny_run(tmp_path_factory)
 
 
 def eval_argv(run_dir: Path, out: Path) -> list[str]:

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from tiny_assets import FIXTURES, TINY_SAMPLING, tiny_backbone, tiny_run
+from tiny_assets import FIXTURES, TINY_SAMPLING
 
 from llada_trm import assets
 from llada_trm.build import resolve_backbone_dir
@@ -28,16 +28,6 @@ from llada_trm.model.hybrid_config import HybridConfig
 
 GSM8K_TEST = Path("/work/shared/data/gsm8k/test.jsonl")
 FIXTURE_GSM8K = FIXTURES / "gsm8k_small.jsonl"
-
-
-@pytest.fixture(scope="module")
-def backbone_dir(tmp_path_factory) -> Path:
-    return tiny_backbone(tmp_path_factory)
-
-
-@pytest.fixture(scope="module")
-def run_dir(tmp_path_factory) -> Path:
-    return tiny_run(tmp_path_factory)
 
 
 @pytest.fixture(scope="module")

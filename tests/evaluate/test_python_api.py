@@ -8,17 +8,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from tiny_assets import REPO, TINY_SAMPLING, run_config, tiny_backbone
+from tiny_assets import REPO, TINY_SAMPLING, run_config
 
 import llada_trm
 from llada_trm import SamplingOptions, generate, load_checkpoint
 from llada_trm.cli import main
 from llada_trm.evaluate.evaluator import call_stats
-
-
-@pytest.fixture(scope="module")
-def backbone_dir(tmp_path_factory) -> Path:
-    return tiny_backbone(tmp_path_factory)
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from tiny_assets import TINY_SAMPLING, run_config, save_tiny_backbone, tiny_backbone
+from tiny_assets import TINY_SAMPLING, run_config, save_tiny_backbone
 
 from llada_trm import load_checkpoint
 from llada_trm.cli import main
@@ -25,11 +25,6 @@ from llada_trm.model.llada import LLaDAModel
 from llada_trm.training.loop import Trainer
 
 QUESTIONS = ["Ann has 3 pens. She buys 2 more. How many pens?", "Bo has 7 cups. He breaks 2. How many?"]
-
-
-@pytest.fixture(scope="module")
-def backbone_dir(tmp_path_factory) -> Path:
-    return tiny_backbone(tmp_path_factory)
 
 
 def _train(raw: dict, **kwargs) -> Trainer:

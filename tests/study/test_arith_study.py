@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from tiny_assets import REPO, tiny_backbone
+from tiny_assets import REPO
 
 from llada_trm.cli import main
 from llada_trm.data.arithmetic import ArithmeticTaskConfig, answer_carries
@@ -16,11 +16,6 @@ from llada_trm.study.config import load_compare_config
 
 ARITH = REPO / "configs" / "arith"
 TASK_FIELDS = set(ArithmeticTaskConfig.model_fields)
-
-
-@pytest.fixture(scope="module")
-def backbone_dir(tmp_path_factory) -> Path:
-    return tiny_backbone(tmp_path_factory)
 
 
 def tiny(backbone_dir: Path, out: Path) -> list[str]:

@@ -7,16 +7,11 @@ import json
 
 import pytest
 import yaml
-from tiny_assets import compare_yaml, tiny_backbone
+from tiny_assets import compare_yaml
 
 from llada_trm.cli import main
 from llada_trm.study.config import CompareConfig
 from llada_trm.study.report import comparison_pairs, validation_sections
-
-
-@pytest.fixture(scope="module")
-def backbone_dir(tmp_path_factory):
-    return tiny_backbone(tmp_path_factory)
 
 
 def test_an_arm_changes_only_what_it_lists():

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from tiny_assets import TINY_SAMPLING, compare_yaml, tiny_backbone
+from tiny_assets import TINY_SAMPLING, compare_yaml
 
 from llada_trm.build import check_test_split
 from llada_trm.cli import main
@@ -18,11 +18,6 @@ from llada_trm.data.gsm8k import DataError, GSM8KRecord
 from llada_trm.data.synthetic import generate_problems
 from llada_trm.errors import ConfigError
 from llada_trm.training.validation import check_save_best
-
-
-@pytest.fixture(scope="module")
-def backbone_dir(tmp_path_factory) -> Path:
-    return tiny_backbone(tmp_path_factory)
 
 
 @pytest.fixture(scope="module")

@@ -7,17 +7,12 @@ from pathlib import Path
 
 import pytest
 import yaml
-from tiny_assets import REPO, compare_yaml, tiny_backbone
+from tiny_assets import REPO, compare_yaml
 
 from llada_trm.cli import main
 from llada_trm.errors import ConfigError
 from llada_trm.study.compare import format_table
 from llada_trm.study.config import load_compare_config
-
-
-@pytest.fixture(scope="module")
-def backbone_dir(tmp_path_factory) -> Path:
-    return tiny_backbone(tmp_path_factory)
 
 
 def test_tiny_compare_prints_the_table_and_writes_results(backbone_dir, tmp_path, capsys):

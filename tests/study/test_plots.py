@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
-from tiny_assets import REPO, tiny_run
+from tiny_assets import REPO
 
 from llada_trm.study.plots import PlotError, plot_run, read_metrics
 
@@ -15,11 +15,6 @@ PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 def is_png(path: Path) -> bool:
     return path.is_file() and path.read_bytes()[:8] == PNG_SIGNATURE and path.stat().st_size > 1000
-
-
-@pytest.fixture(scope="module")
-def run_dir(tmp_path_factory) -> Path:
-    return tiny_run(tmp_path_factory)
 
 
 def test_slot_run_gets_every_plot(run_dir, tmp_path):

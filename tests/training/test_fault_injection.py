@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from tiny_assets import run_config, tiny_backbone
+from tiny_assets import run_config
 
 from llada_trm.build import build_model
 from llada_trm.config import fixed_settings, parse_config
@@ -41,11 +41,6 @@ def keep_two_snapshots():
     """Snapshots of `last` (the retired `output.keep_last`, reached through its hook; forks inherit it)."""
     with fixed_settings({"output.keep_last": 2}):
         yield
-
-
-@pytest.fixture(scope="module")
-def backbone_dir(tmp_path_factory) -> Path:
-    return tiny_backbone(tmp_path_factory)
 
 
 @pytest.fixture(autouse=True)
