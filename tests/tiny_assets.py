@@ -79,21 +79,27 @@ def tiny_backbone(factory: pytest.TempPathFactory) -> Path:
     return _cache["backbone"]
 
 
+def model_section(backbone_dir: Path, **overrides: Any) -> dict[str, Any]:
+    """The `model:` section of the tests' runs: a small slot refiner, K = 2, on the tiny backbone."""
+    return {
+        "backbone": str(backbone_dir),
+        "refiner": "slot",
+        "max_recursive_steps": 2,
+        "chunk_size": 8,
+        "confidence_threshold": 1.5,  # above 1: every chunk holding a masked position is refined
+        "context_layers": [-1],
+        "slot": {"n_heads": 2, "n_blocks": 1},
+        **overrides,
+    }
+
+
 def run_config(backbone_dir: Path, out: Path, refiner: str = "slot", **training: Any) -> dict[str, Any]:
     """A raw run config (as YAML gives it) for a few phase-1 steps on the tiny backbone."""
     settings: dict[str, Any] = {"lr": 3e-3, "batch_size": 8, "max_steps": 2, "warmup_steps": 1}
     settings.update(eval_every=2, save_every=0, seed=0)  # (--device cpu --log-every 1: tests/conftest.py)
     settings.update(training)
     return {
-        "model": {
-            "backbone": str(backbone_dir),
-            "refiner": refiner,
-            "max_recursive_steps": 2,
-            "chunk_size": 8,
-            "confidence_threshold": 1.5,  # above 1: every chunk holding a masked position is refined
-            "context_layers": [-1],
-            "slot": {"n_heads": 2, "n_blocks": 1},
-        },
+        "model": model_section(backbone_dir, refiner=refiner),
         "data": {"max_length": 128, **TINY_COUNTS},  # the run's task: the embedded backbone's (fixed)
         "training": settings,
         "output": {"dir": str(out)},

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from tiny_assets import make_tiny_backbone
+from tiny_assets import make_tiny_backbone, model_section
 
 from llada_trm.config import fixed_settings, parse_config
 from llada_trm.errors import ConfigError
@@ -29,14 +29,7 @@ def raw_config(backbone_dir: Path, out: Path, lora: dict | None = None, **traini
         "max_steps": 4, "warmup_steps": 1, "eval_every": 0, "save_every": 2, "seed": 0, **training,
     }
     return {
-        "model": {
-            "backbone": str(backbone_dir),
-            "refiner": "slot",
-            "max_recursive_steps": 2,
-            "chunk_size": 8,
-            "confidence_threshold": 1.5,
-            "slot": {"n_heads": 2, "n_blocks": 1},
-        },
+        "model": model_section(backbone_dir),
         "data": {
             "max_length": 128,
             "n_train": 24,

@@ -27,7 +27,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 from safetensors.torch import load_file
-from tiny_assets import make_tiny_backbone
+from tiny_assets import make_tiny_backbone, model_section
 
 from llada_trm.build import hybrid_config
 from llada_trm.config import fixed_settings, parse_config
@@ -64,15 +64,7 @@ def run_config(backbone_dir: Path, out: Path, *, threshold: float = 1.5, **train
         **training,
     }
     return {
-        "model": {
-            "backbone": str(backbone_dir),
-            "refiner": "slot",
-            "max_recursive_steps": 2,
-            "chunk_size": 8,
-            "confidence_threshold": threshold,  # 1.5 refines every chunk with a mask, 0 refines none
-            "context_layers": [-1],
-            "slot": {"n_heads": 2, "n_blocks": 1},
-        },
+        "model": model_section(backbone_dir, confidence_threshold=threshold),  # 0 refines no chunk
         "data": {
             "max_length": PAD_TO,
             "n_train": 16,

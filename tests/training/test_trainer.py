@@ -10,7 +10,7 @@ import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
-from tiny_assets import REPO, make_tiny_backbone
+from tiny_assets import REPO, make_tiny_backbone, model_section
 
 from llada_trm.config import fixed_settings, parse_config
 from llada_trm.errors import CheckpointError, ConfigError, NonFiniteLossError
@@ -46,15 +46,7 @@ def raw_config(backbone_dir: Path, out: Path, **training) -> dict:
     defaults.update(warmup_steps=2, eval_every=3, save_every=4)
     training = {**defaults, "seed": 0, **training}
     return {
-        "model": {
-            "backbone": str(backbone_dir),
-            "refiner": "slot",
-            "max_recursive_steps": 2,
-            "chunk_size": 8,
-            "confidence_threshold": 1.5,  # above 1: every chunk with a masked position is refined
-            "context_layers": [-1],
-            "slot": {"n_heads": 2, "n_blocks": 1},
-        },
+        "model": model_section(backbone_dir),
         "data": {
             "max_length": 128,
             "n_train": 40,
